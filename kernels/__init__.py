@@ -1,0 +1,128 @@
+"""seqlab.kernels: the scan, SSD, causal-conv and decode-step ops behind every mixer.
+
+Each op has a float64-capable sequential reference (``ref``, the truth), a vectorised PyTorch path
+(``torch``, the fast CPU path) and, later, Triton kernels (``triton``). The functions here dispatch:
+
+``backend="auto"`` (default) picks Triton for CUDA tensors when Triton kernels are available and the torch
+path otherwise; ``"ref"``, ``"torch"`` and ``"triton"`` force one. Signatures follow mamba_ssm so code ports.
+
+Shapes (b batch, l length, d channels, n state size, g groups, h heads, p head dim, w conv width):
+
+- ``selective_scan(u, delta, A, B, C, ...)``: u/delta/z (b, d, l), A (d, n), B/C (b, n, l) or (b, g, n, l),
+  state (b, d, n).
+- ``ssd_scan(x, dt, A, B, C, chunk_size, ...)``: x (b, l, h, p), dt (b, l, h), A (h,), B/C (b, l, g, n),
+  state (b, h, p, n).
+- ``causal_conv1d(x, weight, ...)``: x (b, d, l), weight (d, w), state (b, d, w - 1): the last w - 1 inputs.
+- decode steps take one element and return ``(y, new_state)`` without touching the state passed in.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .errors import KernelBackendError, KernelInputError
+
+BACKENDS = ("auto", "ref", "torch", "triton")
+
+__all__ = [
+    "BACKENDS",
+    "KernelBackendError",
+    "KernelInputError",
+    "causal_conv1d",
+    "causal_conv1d_update",
+    "resolve_backend",
+    "selective_scan",
+    "selective_state_update",
+    "ssd_scan",
+    "ssd_state_update",
+    "triton_available",
+]
+
+
+def triton_available() -> bool:
+    """True when the Triton kernels of this package can run (they arrive with the Triton kernels issue)."""
+    return False
+
+
+def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
+    """Turn ``backend`` (one of BACKENDS) into the concrete backend for these tensors."""
+    if backend not in BACKENDS:
+        raise KernelInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
+        return "triton" if on_cuda and triton_available() else "torch"
+    if backend == "triton" and not triton_available():
+        raise KernelBackendError(
+            "backend='triton' was asked for, but seqlab's Triton kernels are not available in this build; "
+            "use backend='torch' (vectorised PyTorch, any device) or backend='auto'"
+        )
+    return backend
+
+
+def _pick(op: str, backend: str, tensors, table: dict[str, Callable]) -> Callable:
+    chosen = resolve_backend(backend, *tensors)
+    try:
+        return table[chosen]
+    except KeyError:  # pragma: no cover - every op registers every backend it has
+        raise KernelBackendError(f"{op} has no {chosen!r} implementation") from None
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   initial_state=None, return_final_state=False, *, backend="auto"):
+    """Mamba-1 selective scan. Returns y (b, d, l), or (y, final_state) with ``return_final_state``."""
+    from .selective_scan import ref, torch as fast
+
+    fn = _pick("selective_scan", backend, (u,), {"ref": ref.selective_scan_ref, "torch": fast.selective_scan_torch})
+    return fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+              initial_state=initial_state, return_final_state=return_final_state)
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *,
+                           backend="auto"):
+    """One Mamba-1 decode step: state (b, d, n), x/dt/z (b, d), B/C (b, n) or (b, g, n) -> (y, new_state)."""
+    from .selective_scan import ref, torch as fast
+
+    fn = _pick("selective_state_update", backend, (x,),
+               {"ref": ref.selective_state_update_ref, "torch": fast.selective_state_update_torch})
+    return fn(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+
+
+def ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
+             initial_state=None, return_final_state=False, *, backend="auto"):
+    """Mamba-2 SSD scan. Returns y (b, l, h, p), or (y, final_state) with ``return_final_state``."""
+    from .ssd import ref, torch as fast
+
+    fn = _pick("ssd_scan", backend, (x,), {"ref": ref.ssd_scan_ref, "torch": fast.ssd_scan_torch})
+    return fn(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+              initial_state=initial_state, return_final_state=return_final_state)
+
+
+def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *,
+                     backend="auto"):
+    """One Mamba-2 decode step: state (b, h, p, n), x/z (b, h, p), dt (b, h), B/C (b, g, n) -> (y, new_state)."""
+    from .ssd import ref, torch as fast
+
+    fn = _pick("ssd_state_update", backend, (x,),
+               {"ref": ref.ssd_state_update_ref, "torch": fast.ssd_state_update_torch})
+    return fn(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+
+
+def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, return_final_state=False, *,
+                  backend="auto"):
+    """Causal depthwise conv1d over (b, d, l). Returns y, or (y, final_state (b, d, w - 1))."""
+    from .conv1d import ref, torch as fast
+
+    fn = _pick("causal_conv1d", backend, (x,), {"ref": ref.causal_conv1d_ref, "torch": fast.causal_conv1d_torch})
+    return fn(x, weight, bias=bias, activation=activation, initial_state=initial_state,
+              return_final_state=return_final_state)
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, *, backend="auto"):
+    """One conv step: x (b, d), conv_state (b, d, w - 1) -> (y (b, d), new_state)."""
+    from .conv1d import ref, torch as fast
+
+    fn = _pick("causal_conv1d_update", backend, (x,),
+               {"ref": ref.causal_conv1d_update_ref, "torch": fast.causal_conv1d_update_torch})
+    return fn(x, conv_state, weight, bias=bias, activation=activation)
