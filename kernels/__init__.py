@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from .errors import KernelBackendError, KernelInputError
+from . import selective_scan as _selective_scan_pkg  # noqa: F401 (load it first so the function below keeps the name)
 
 BACKENDS = ("auto", "ref", "torch", "triton")
 

@@ -1,0 +1,1 @@
+"""Interop with other Mamba implementations: ``seqlab.interop.hf`` loads and saves HF transformers models."""

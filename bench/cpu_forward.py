@@ -1,0 +1,274 @@
+"""CPU forward speed: seqlab (torch backend) vs HF transformers' own CPU path, on the same weights.
+
+Config (the issue's): d_model 256, 4 layers, vocab 256, batch 1, fp32; Mamba-1 (d_state 16, expand 2) and
+Mamba-2 (d_state 64, headdim 32, chunk 64). HF models get random weights; seqlab loads the same weights
+through ``seqlab.interop.hf.load``, and the logits are compared on a short input before timing.
+
+Timing: torch.no_grad, one warm-up on min(L, 1024) tokens, then the median of ``--repeats`` forwards
+(time.perf_counter). HF runs with use_cache=False and seqlab with return_state=False (neither returns a
+state). HF beyond ``--hf-max-len`` tokens is skipped and shown as '-'.
+
+Streaming: a fresh subprocess feeds N tokens to the seqlab Mamba-1 model in chunks of 8192, threading the
+state and discarding the logits, and reports its own peak RSS (getrusage ru_maxrss); 100k and 1M tokens each
+run in their own subprocess so their peaks do not mix.
+
+    python bench/cpu_forward.py                    # L = 2k, 8k, 32k; HF up to 8k; streaming 100k vs 1M
+    python bench/cpu_forward.py --quick            # a smoke test in well under a minute
+    python bench/cpu_forward.py --lengths 2048 8192 --skip-stream --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+VOCAB = 256
+D_MODEL = 256
+N_LAYER = 4
+MODELS = {
+    "Mamba-1": dict(ssm="mamba1", d_state=16, expand=2),
+    "Mamba-2": dict(ssm="mamba2", d_state=64, expand=2, headdim=32, chunk_size=64),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small lengths, one repeat, short streams (smoke test)")
+    p.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default 2048 8192 32768)")
+    p.add_argument("--repeats", type=int, help="timed forwards per point; the median is reported (default 3)")
+    p.add_argument("--hf-max-len", type=int, default=8192, help="skip HF above this length (default 8192)")
+    p.add_argument("--skip-hf", action="store_true", help="time seqlab only (builds the models without HF)")
+    p.add_argument("--skip-stream", action="store_true", help="skip the streaming memory test")
+    p.add_argument("--stream-tokens", type=int, nargs=2, metavar=("SHORT", "LONG"),
+                   help="token counts of the streaming test (default 100000 1000000)")
+    p.add_argument("--stream-chunk", type=int, default=8192, help="streaming chunk length (default 8192)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's default)")
+    p.add_argument("--stream-child", type=int, help=argparse.SUPPRESS)  # internal: run one streaming measurement
+    args = p.parse_args(argv)
+    if args.lengths is None:
+        args.lengths = [256, 512] if args.quick else [2048, 8192, 32768]
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
+    if args.stream_tokens is None:
+        args.stream_tokens = [8192, 32768] if args.quick else [100_000, 1_000_000]
+    if args.quick and args.stream_chunk == 8192:
+        args.stream_chunk = 4096
+    for name in ("repeats", "stream_chunk"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if any(n <= 0 for n in args.lengths + args.stream_tokens):
+        p.error("lengths and token counts must be positive")
+    return args
+
+
+# --------------------------------------------------------------------------------------------------
+def machine_line() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (f"machine: {cpu}, {cores} cores available ({os.cpu_count()} logical), {platform.system()} "
+            f"{platform.release()}, python {platform.python_version()}, torch {torch.__version__}, "
+            f"torch threads {torch.get_num_threads()}")
+
+
+def seqlab_config(kind: str):
+    from seqlab import BackboneConfig
+
+    return BackboneConfig(d_model=D_MODEL, n_layer=N_LAYER, **MODELS[kind])
+
+
+def build_hf(kind: str):
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    spec = MODELS[kind]
+    common = dict(vocab_size=VOCAB, hidden_size=D_MODEL, num_hidden_layers=N_LAYER, state_size=spec["d_state"],
+                  expand=spec["expand"])
+    if spec["ssm"] == "mamba1":
+        model = transformers.MambaForCausalLM(transformers.MambaConfig(**common))
+    else:
+        heads = spec["expand"] * D_MODEL // spec["headdim"]
+        model = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
+            **common, head_dim=spec["headdim"], num_heads=heads, n_groups=1, chunk_size=spec["chunk_size"]))
+    # Spread the decay and skip parameters so the agreement check means something.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):
+                p.copy_(torch.log(torch.empty_like(p).uniform_(0.5, 8.0)))
+            elif name.endswith((".D", "norm.weight")):
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def build_pair(kind: str, with_hf: bool):
+    """(seqlab model on the torch backend, HF model or None) with the same weights."""
+    from seqlab import LanguageModel
+    from seqlab.interop import hf as seqlab_hf
+
+    torch.manual_seed(0)
+    if with_hf:
+        hf = build_hf(kind)
+        model = seqlab_hf.load(hf)
+    else:
+        hf = None
+        model = LanguageModel(seqlab_config(kind), vocab_size=VOCAB).eval()
+    return model.set_backend("torch"), hf
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+@torch.no_grad()
+def time_forward(fn, length: int, repeats: int) -> float:
+    """Median seconds of ``fn(ids)`` on ``length`` random tokens, after one warm-up on min(length, 1024)."""
+    gen = torch.Generator().manual_seed(length)
+    fn(torch.randint(0, VOCAB, (1, min(length, 1024)), generator=gen))
+    ids = torch.randint(0, VOCAB, (1, length), generator=gen)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(ids)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def fmt_rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+# --------------------------------------------------------------------------------------------------
+def run_speed(args) -> None:
+    rows = []
+    scaling = []
+    for kind in MODELS:
+        model, hf = build_pair(kind, with_hf=not args.skip_hf)
+        if hf is not None:
+            ids = torch.randint(0, VOCAB, (1, 300), generator=torch.Generator().manual_seed(1))
+            with torch.no_grad():
+                err = rel_err(model(ids, return_state=False).logits, hf(ids, use_cache=False).logits)
+            print(f"{kind}: seqlab vs HF logits on 300 tokens: max|diff|/max|HF| = {err:.2e}", flush=True)
+        rates = {}
+        for length in args.lengths:
+            seconds = time_forward(lambda x: model(x, return_state=False), length, args.repeats)
+            rate = length / seconds
+            rates[length] = rate
+            hf_rate = None
+            if hf is not None and length <= args.hf_max_len:
+                hf_rate = length / time_forward(lambda x: hf(x, use_cache=False), length, args.repeats)
+            ratio = "-" if hf_rate is None else f"{rate / hf_rate:.1f}x"
+            rows.append(f"| {kind} | {length} | {fmt_rate(rate)} | {fmt_rate(hf_rate)} | {ratio} |")
+            print(f"  {kind} L={length}: seqlab {fmt_rate(rate)} tok/s, HF {fmt_rate(hf_rate)} tok/s", flush=True)
+        lo, hi = min(rates), max(rates)
+        if hi != lo:
+            scaling.append(f"{kind}: seqlab tok/s at L={hi} / at L={lo} = {rates[hi] / rates[lo]:.2f}")
+        del model, hf
+
+    print()
+    print("| model | L | seqlab tok/s | HF tok/s | seqlab / HF |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print(row)
+    print()
+    for line in scaling:
+        print(line)
+
+
+def stream_child(total: int, chunk: int) -> None:
+    """Runs in its own process: stream ``total`` tokens through the Mamba-1 model; print peak RSS as JSON."""
+    from seqlab import LanguageModel
+
+    torch.manual_seed(0)
+    model = LanguageModel(seqlab_config("Mamba-1"), vocab_size=VOCAB).eval().set_backend("torch")
+    gen = torch.Generator().manual_seed(0)
+    baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # torch + model, before any token
+    state = None
+    done = 0
+    start = time.perf_counter()
+    with torch.no_grad():
+        while done < total:
+            n = min(chunk, total - done)
+            ids = torch.randint(0, VOCAB, (1, n), generator=gen)
+            state = model(ids, state).state  # logits dropped here
+            done += n
+    seconds = time.perf_counter() - start
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps({"tokens": done, "position": state.position, "seconds": seconds, "peak_rss_kib": peak_kib,
+                      "baseline_rss_kib": baseline_kib}))
+
+
+def run_stream(args) -> None:
+    results = []
+    for total in args.stream_tokens:
+        cmd = [sys.executable, os.path.abspath(__file__), "--stream-child", str(total),
+               "--stream-chunk", str(args.stream_chunk)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stderr)
+            raise SystemExit(f"streaming subprocess for {total} tokens failed (exit {proc.returncode})")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        if result["position"] != total:
+            raise SystemExit(f"streaming subprocess consumed {result['position']} tokens, expected {total}")
+        results.append(result)
+
+    print()
+    print(f"Streaming (seqlab Mamba-1, chunks of {args.stream_chunk}, state threaded, logits discarded; "
+          f"each run in a fresh subprocess):")
+    print()
+    print("| tokens | peak RSS (MiB) | RSS before streaming (MiB) | seconds | tok/s |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['tokens']:,} | {r['peak_rss_kib'] / 1024:.0f} | {r['baseline_rss_kib'] / 1024:.0f} | "
+              f"{r['seconds']:.1f} | {r['tokens'] / r['seconds']:,.0f} |")
+    short, long = results
+    print()
+    print(f"peak RSS {long['tokens']:,} / {short['tokens']:,} tokens = "
+          f"{long['peak_rss_kib'] / short['peak_rss_kib']:.2f}")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.stream_child is not None:
+        stream_child(args.stream_child, args.stream_chunk)
+        return
+    print(machine_line())
+    print(f"config: d_model {D_MODEL}, {N_LAYER} layers, vocab {VOCAB}, batch 1, fp32; "
+          f"Mamba-1 d_state 16 expand 2; Mamba-2 d_state 64 headdim 32 chunk 64; "
+          f"median of {args.repeats} after a warm-up; HF up to L={args.hf_max_len}"
+          + (" (skipped)" if args.skip_hf else ""))
+    print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
+    print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}", flush=True)
+    print()
+    run_speed(args)
+    if not args.skip_stream:
+        run_stream(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""Causal depthwise conv1d: the vectorised PyTorch path (the fast CPU path; runs on any device).
+
+Same signatures and semantics as ``ref.py`` (mamba_ssm's ``causal_conv1d_fn`` / ``causal_conv1d_update``).
+
+The convolution is ``w`` shifted multiply-adds over the sequence (w is 4 in Mamba), never a loop over time:
+``y = bias + sum_k weight[:, k] * x[t - (w-1) + k]``. The output positions are processed in blocks of a few
+thousand, reading the taps straight from ``x`` (only the first w - 1 outputs, which reach back into
+``initial_state``, and inputs that need a dtype conversion are staged), accumulating with ``addcmul_`` into
+the output itself when it has the compute dtype, and applying silu in place: memory beyond the (b, d, l)
+input and output is constant in l.
+
+Inputs stored position-major (the transpose of a contiguous (b, l, d) tensor, as a Mamba mixer produces them)
+are worked on in that layout, and the output keeps it, so a mixer never pays for a transpose.
+
+Autograd: a ``torch.autograd.Function`` runs the same blocked forward (so the grad and no-grad paths give the
+same numbers), saves only its inputs, and computes the backward with the same shifted multiply-adds
+(``g_x`` is the correlation of the pre-activation gradient with the taps, ``g_weight[:, k]`` a dot product per
+tap), the gradient of ``initial_state`` and of the returned final state included. This avoids the im2col /
+oneDNN paths of ``F.conv1d(groups=d)`` (slow for fp64, fp16 and bf16 on CPU) and keeps one code path for every
+dtype and layout. The backward is not itself differentiable (no double backward).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .ref import check_conv_args, check_conv_update_args, compute_dtype
+
+__all__ = ["causal_conv1d_torch", "causal_conv1d_update_torch"]
+
+#: elements of (b, d, positions) per block of the inference forward
+BLOCK_ELEMS = 1 << 18
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    """True for a (b, d, l) tensor stored position-major, e.g. the transpose of a contiguous (b, l, d)."""
+    return x.shape[1] > 1 and x.stride(1) == 1 and x.stride(2) >= x.shape[1]
+
+
+def _empty_like_layout(x: torch.Tensor, dtype) -> torch.Tensor:
+    """A fresh (b, d, l) tensor laid out like ``x`` (position-major or standard)."""
+    b, d, l = x.shape
+    if _channels_last(x):
+        return torch.empty(b, l, d, dtype=dtype, device=x.device).transpose(1, 2)
+    return torch.empty(b, d, l, dtype=dtype, device=x.device)
+
+
+class _Work:
+    """A (b, d, l) tensor seen in the work layout: positions along ``dim`` (2 standard, 1 position-major)."""
+
+    def __init__(self, cl: bool):
+        self.cl = cl
+        self.dim = 1 if cl else 2
+
+    def view(self, x):
+        return x.transpose(1, 2) if self.cl else x
+
+    def per_channel(self, v):
+        """(d,) -> broadcastable over the work layout."""
+        return v if self.cl else v[:, None]
+
+
+def _final_state(x, initial_state, w, state_dtype):
+    """Last w - 1 inputs of [initial_state, x] as a fresh (b, d, w - 1) tensor."""
+    b, d, l = x.shape
+    if l >= w - 1:
+        tail = x[:, :, l - (w - 1):]
+    else:
+        prev = initial_state if initial_state is not None else x.new_zeros(b, d, w - 1)
+        tail = torch.cat([prev[:, :, l:].to(x.dtype), x], dim=-1)
+    return tail.to(state_dtype).clone(memory_format=torch.contiguous_format)
+
+
+def _conv_forward(x, weight, bias, silu, initial_state, cdt, out, block_elems=None):
+    """Blocked shifted multiply-adds into ``out`` (b, d, l), any dtype and layout. Returns ``out``."""
+    b, d, l = x.shape
+    w = weight.shape[1]
+    lay = _Work(_channels_last(x))
+    pd = lay.dim
+    xw, ow = lay.view(x), lay.view(out)
+    taps = [lay.per_channel(weight[:, k].to(cdt)) for k in range(w)]
+    bias_c = lay.per_channel(bias.to(cdt)) if bias is not None else None
+    Lb = max(w, (block_elems or BLOCK_ELEMS) // max(1, b * d))
+    stage = None      # staged input block (with w - 1 positions of history in front)
+    acc_buf = None    # accumulator when ``out`` does not have the compute dtype
+    for s0 in range(0, l, Lb):
+        Lv = min(Lb, l - s0)
+        if s0 >= w - 1 and x.dtype == cdt:
+            xin = xw.narrow(pd, s0 - (w - 1), Lv + w - 1)
+        else:
+            if stage is None:
+                shape = (b, Lb + w - 1, d) if lay.cl else (b, d, Lb + w - 1)
+                stage = torch.empty(shape, dtype=cdt, device=x.device)
+            xin = stage.narrow(pd, 0, Lv + w - 1)
+            if s0 >= w - 1:
+                xin.copy_(xw.narrow(pd, s0 - (w - 1), Lv + w - 1))
+            else:  # the first block reaches back into the initial state
+                head = w - 1 - s0
+                if initial_state is None:
+                    xin.narrow(pd, 0, head).zero_()
+                else:
+                    xin.narrow(pd, 0, head).copy_(lay.view(initial_state).narrow(pd, s0, head))
+                xin.narrow(pd, head, Lv + s0).copy_(xw.narrow(pd, 0, Lv + s0))
+        if out.dtype == cdt:
+            acc = ow.narrow(pd, s0, Lv)
+        else:
+            if acc_buf is None:
+                acc_buf = torch.empty((b, Lb, d) if lay.cl else (b, d, Lb), dtype=cdt, device=x.device)
+            acc = acc_buf.narrow(pd, 0, Lv)
+        if bias_c is not None:
+            acc.copy_(bias_c.expand_as(acc))
+            first = 0
+        else:
+            torch.mul(xin.narrow(pd, 0, Lv), taps[0], out=acc)
+            first = 1
+        for k in range(first, w):
+            acc.addcmul_(xin.narrow(pd, k, Lv), taps[k])
+        if silu:
+            F.silu(acc, inplace=True)
+        if out.dtype != cdt:
+            ow.narrow(pd, s0, Lv).copy_(acc)
+    return out
+
+
+class _CausalConv1dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, initial_state, silu, cdt, block_elems):
+        ctx.set_materialize_grads(False)
+        y = _conv_forward(x, weight, bias, silu, initial_state, cdt, _empty_like_layout(x, x.dtype), block_elems)
+        ctx.save_for_backward(x, weight, bias, initial_state)
+        ctx.silu, ctx.cdt = silu, cdt
+        state_dtype = initial_state.dtype if initial_state is not None else x.dtype
+        return y, _final_state(x, initial_state, weight.shape[1], state_dtype)
+
+    @staticmethod
+    def backward(ctx, gy, g_final):
+        x, weight, bias, initial_state = ctx.saved_tensors
+        cdt = ctx.cdt
+        b, d, l = x.shape
+        w = weight.shape[1]
+        lay = _Work(_channels_last(x))
+        pd = lay.dim
+        # full = [initial_state, x] in the work layout and cdt: positions 0..w-2 are the history
+        prev = initial_state.to(cdt) if initial_state is not None else x.new_zeros(b, d, w - 1, dtype=cdt)
+        full = torch.cat([lay.view(prev), lay.view(x).to(cdt)], dim=pd)
+        if gy is None:
+            g_pre = full.new_zeros(full.shape).narrow(pd, 0, l)
+        else:
+            g_pre = lay.view(gy).to(cdt)
+            if ctx.silu:
+                pre = lay.view(_conv_forward(x, weight, bias, False, initial_state, cdt,
+                                             _empty_like_layout(x, cdt)))
+                s = torch.sigmoid(pre)
+                # d silu(p) / dp = s * (1 + p * (1 - s))
+                g_pre = g_pre * (s * (1 + pre * (1 - s)))
+        g_full = torch.zeros_like(full)
+        taps = weight.to(cdt)
+        for k in range(w):
+            g_full.narrow(pd, k, l).addcmul_(g_pre, lay.per_channel(taps[:, k]))
+        if g_final is not None and w > 1:
+            g_full.narrow(pd, l, w - 1).add_(lay.view(g_final.to(cdt)))
+        reduce_dims = (0, 1) if lay.cl else (0, 2)
+        g_w = None
+        if ctx.needs_input_grad[1]:
+            g_w = torch.stack([(g_pre * full.narrow(pd, k, l)).sum(reduce_dims) for k in range(w)], dim=1)
+            g_w = g_w.to(weight.dtype)
+        g_b = g_pre.sum(reduce_dims).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        g_x = lay.view(g_full.narrow(pd, w - 1, l)).to(x.dtype)
+        g_init = None
+        if initial_state is not None and ctx.needs_input_grad[3]:
+            g_init = lay.view(g_full.narrow(pd, 0, w - 1)).to(initial_state.dtype)
+        return g_x, g_w, g_b, g_init, None, None, None
+
+
+def causal_conv1d_torch(x, weight, bias=None, activation=None, initial_state=None, return_final_state=False, *,
+                        block_elems=None):
+    """Vectorised causal depthwise conv1d. Returns y (b, d, l) in x.dtype (laid out like x), or
+    (y, final_state (b, d, w - 1)), the state in initial_state's dtype (x.dtype when none is given).
+    ``block_elems`` overrides the block size of the forward (tests)."""
+    b, d, l, w, silu = check_conv_args(x, weight, bias, activation, initial_state)
+    cdt = compute_dtype(x, weight, bias, initial_state)
+    tensors = (x, weight, bias, initial_state)
+    needs_grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                                 for t in tensors)
+    if needs_grad:
+        y, final = _CausalConv1dFn.apply(x, weight, bias, initial_state, silu, cdt, block_elems)
+        return (y, final) if return_final_state else y
+    y = _conv_forward(x, weight, bias, silu, initial_state, cdt, _empty_like_layout(x, x.dtype), block_elems)
+    if not return_final_state:
+        return y
+    state_dtype = initial_state.dtype if initial_state is not None else x.dtype
+    return y, _final_state(x, initial_state, w, state_dtype)
+
+
+def causal_conv1d_update_torch(x, conv_state, weight, bias=None, activation=None):
+    """One conv step: x (b, d), conv_state (b, d, w - 1) -> (y (b, d) in x.dtype, new_state in
+    conv_state's dtype). Differentiable; never mutates ``conv_state``."""
+    b, d, w, silu = check_conv_update_args(x, conv_state, weight, bias, activation)
+    cdt = compute_dtype(x, conv_state, weight, bias)
+    window = torch.cat([conv_state.to(cdt), x.to(cdt)[:, :, None]], dim=-1)  # (b, d, w), oldest first
+    y = torch.einsum("bdw,dw->bd", window, weight.to(cdt))
+    if bias is not None:
+        y = y + bias.to(cdt)
+    if silu:
+        y = F.silu(y)
+    return y.to(x.dtype), window[:, :, 1:].to(conv_state.dtype)

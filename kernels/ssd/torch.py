@@ -1,0 +1,339 @@
+"""Mamba-2 SSD scan, chunked ("state space duality") form in plain PyTorch: the fast CPU path.
+
+The sequence is cut into chunks of ``chunk_size`` steps. Inside a chunk the scan is a masked quadratic form
+(an attention-like (q, q) matrix per head: C_i . B_j times the decay from j to i), across chunks a small
+recurrence carries one (h, p, n) state per chunk boundary:
+
+1. intra-chunk:   y_i  += sum_{j <= i} (C_i . B_j) exp(cs_i - cs_j) dt_j x_j        (per head, (q, q) @ (q, p))
+2. chunk states:  S_c   = sum_j exp(cs_end - cs_j) dt_j x_j B_j^T                  (per group, (hg p, q) @ (q, n))
+3. state passing: S_in[c + 1] = exp(cs_end[c]) S_in[c] + S_c                          (a loop over chunks)
+4. state output:  y_i  += exp(cs_i) C_i . S_in                                        (per group, (q, n) @ (n, hg p))
+
+where cs is the running sum of dt * A inside the chunk. Heads of one group share B and C, so steps 2 and 4 are
+one GEMM per (chunk, group) with the heads folded into the GEMM's large side.
+
+Numerics. The running sums are taken in float64 (they are only (b, l, h) numbers), so every per-step decay
+(exp(cs_i), exp(cs_end - cs_j), exp(cs_end)) is the exp of an accurate segment sum, non-positive when A <= 0;
+nothing is ever written as exp(cumsum) * exp(-cumsum). For the (q, q) matrix in float32 each running sum is
+split as cs = hi + lo with hi = float32(cs): hi_i - hi_j is then rounded once, relative to the segment itself
+(not to |cs|, which can be hundreds), and the residue is applied as the factors exp(lo_i) on the rows and
+exp(-lo_j) on the columns, folded into ops that run anyway. (The (q, q) matrix is computed in base 2, as
+2^(log2(e) * segment), because exp2 runs several times faster than exp on CPU.)
+
+Decay factors below exp(-60) (float32; exp(-600) in float64) are treated as negligible: per-step factors become
+exactly 0 and the (q, q) segment sums are clamped to -60 before the exp (a perturbation of ~1e-26 relative).
+Without that, strong decays produce denormals and underflows, which x86 handles tens of times slower, and
+exp(-inf) is several times slower than exp of a normal number. Entries above the diagonal are clamped to the
+same floor and then zeroed through the lower-triangular C.B matrix, so no inf * 0 can appear (A > 0 included).
+
+Two drivers share this math. With autograd recording, plain differentiable ops (memory grows with l, like any
+autograd graph). Under no_grad, chunks are processed in blocks of a bounded number of elements with in-place
+ops, so the working memory stays constant in l beyond the inputs and the output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from .ref import check_scan_args, check_step_args, d_as_hp, prepare_dt
+
+__all__ = ["ssd_scan_torch", "ssd_state_update_torch"]
+
+# Upper bound on b * h * q * (block length) for one block: the (q, q) decay matrices of a block, 8 MiB in
+# float32. Big enough that the GEMMs are efficient, small enough to stay in cache-friendly, reusable buffers.
+_BLOCK_ELEMS = 1 << 21
+
+
+def _blocks(l: int, q: int, b: int, h: int):
+    """Spans (start, chunks, chunk_len): blocks of full chunks, then the tail (l % q steps) as one short chunk."""
+    per_block = max(1, _BLOCK_ELEMS // max(1, b * h * q * q))
+    full = l // q
+    start = 0
+    while full > 0:
+        c = min(per_block, full)
+        yield start, c, q
+        start += c * q
+        full -= c
+    if start < l:
+        yield start, 1, l - start
+
+
+# log of the smallest decay factor that is not treated as zero (see the module docstring)
+_LOG_FLOOR = {torch.float32: -60.0, torch.float64: -600.0}
+_LOG2E = 1.0 / math.log(2.0)
+
+
+def _segment_bounds(q: int, cd: torch.dtype, device):
+    """Clamp bounds for the (q, q) segment sums (base 2) and the 0/1 lower-triangular mask.
+
+    clamp(seg, lower, upper) keeps seg (floored) on and below the diagonal and sets the floor above it.
+    """
+    floor = _LOG_FLOOR[cd] * _LOG2E
+    lower = torch.full((q, q), floor, dtype=cd, device=device)
+    above = torch.ones((q, q), dtype=torch.bool, device=device).triu_(1)
+    upper = torch.full((q, q), float("inf"), dtype=cd, device=device).masked_fill_(above, floor)
+    tril = (~above).to(cd)
+    return lower, upper, tril
+
+
+def _decay_factor(seg: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
+    """exp(seg) (seg in float64) cast to cd, exactly 0 below the floor."""
+    return torch.where(seg >= _LOG_FLOOR[cd], seg.exp(), 0.0).to(cd)
+
+
+def _decays(dtq: torch.Tensor, A: torch.Tensor, cd: torch.dtype, split: bool):
+    """Per-step decay factors of each chunk from dtq (b, c, h, q).
+
+    Returns hi (b, c, h, q): running sums of dt * A in base 2 (times log2(e): exp2 is several times faster than
+    exp on CPU), in float64 unless ``split``, then rounded to the compute dtype with the residue returned as
+    e_lo / e_lo_neg = 2^(+-(cs2 - hi)) (None otherwise); pre = exp(cs_i) (decay from the chunk start through
+    step i), post = exp(cs_end - cs_j) (decay after step j to the chunk end) and chunk = exp(cs_end) (b, c, h).
+    """
+    cs = (dtq.to(torch.float64) * A.to(torch.float64)[:, None]).contiguous().cumsum(-1)
+    cs2 = cs * _LOG2E
+    if cd == torch.float64 or not split:
+        hi, e_lo, e_lo_neg = cs2, None, None
+    else:
+        hi = cs2.to(cd)
+        # The rounding residue is piecewise constant in cs: no gradient flows through it (hi carries it all).
+        lo = (cs2 - hi.to(torch.float64)).detach()
+        e_lo, e_lo_neg = lo.exp2().to(cd), (-lo).exp2().to(cd)
+    total = cs[..., -1:]
+    pre = _decay_factor(cs, cd)
+    post = _decay_factor(total - cs, cd)
+    chunk = _decay_factor(total.squeeze(-1), cd)
+    return hi, e_lo, e_lo_neg, pre, post, chunk
+
+
+def _grouped(t: torch.Tensor, g: int, pattern: str) -> torch.Tensor:
+    return rearrange(t, pattern, g=g)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# autograd driver: differentiable ops only
+
+
+def _block_autograd(xq, dtq, A, Bq, Cq, state, bounds, Dhp, zq, cd, g):
+    """One block of c chunks of q steps. xq/zq (b, c, q, h, p), dtq (b, c, h, q), Bq/Cq (b, c, q, g, n),
+    state (b, h, p, n). Returns y (b, c, q, h, p) and the state after the block."""
+    b, c, q, h, p = xq.shape
+    hi, _, _, pre, post, chunk = _decays(dtq, A, cd, split=False)
+    Cg = rearrange(Cq, "b c q g n -> b c g q n")
+    Bg = rearrange(Bq, "b c q g n -> b c g q n")
+
+    # 1. intra-chunk quadratic term. The segment sums are differences of float64 running sums, rounded once: the
+    #    backward pass then sums their gradients (row sums minus column sums, whose total cancels exactly) in
+    #    float64 too, which keeps dA and ddt accurate under strong decay.
+    lower, upper, tril = bounds
+    seg = (hi[..., :, None] - hi[..., None, :]).to(cd)
+    L = torch.clamp(seg, lower, upper).exp2()  # (b, c, h, q, q)
+    CB = (Cg @ Bg.transpose(-1, -2)) * tril  # (b, c, g, q, q)
+    M = _grouped(L, g, "b c (g hh) i j -> b c g hh i j") * CB[:, :, :, None]
+    xd = _grouped(xq, g, "b c q (g hh) p -> b c g hh q p") * _grouped(dtq, g, "b c (g hh) q -> b c g hh q 1")
+    y_diag = M @ xd  # (b, c, g, hh, q, p)
+
+    # 2. per-chunk states
+    xs = _grouped(xq, g, "b c q (g hh) p -> b c g q hh p") * _grouped(dtq * post, g, "b c (g hh) q -> b c g q hh 1")
+    S_local = rearrange(xs, "b c g q hh p -> b c g (hh p) q") @ Bg  # (b, c, g, hh p, n)
+    S_local = rearrange(S_local, "b c g (hh p) n -> b c (g hh) p n", p=p)
+
+    # 3. state passing across the chunks of the block
+    entering = []
+    s = state
+    for k in range(c):
+        entering.append(s)
+        s = s * chunk[:, k, :, None, None] + S_local[:, k]
+    S_in = torch.stack(entering, dim=1)  # (b, c, h, p, n)
+
+    # 4. state-to-output term
+    y_off = Cg @ _grouped(S_in, g, "b c (g hh) p n -> b c g n (hh p)")  # (b, c, g, q, hh p)
+    y_off = rearrange(y_off, "b c g q (hh p) -> b c q (g hh) p", p=p) * rearrange(pre, "b c h q -> b c q h 1")
+    y = y_off + rearrange(y_diag, "b c g hh q p -> b c q (g hh) p")
+    if Dhp is not None:
+        y = y + xq * Dhp
+    if zq is not None:
+        y = y * F.silu(zq)
+    return y, s
+
+
+# --------------------------------------------------------------------------------------------------------------
+# no_grad driver: same math, in place, one bounded block at a time
+
+
+class _Workspace:
+    """Flat buffers that every block of one call reuses: on this kind of machine a fresh multi-MiB tensor costs
+    a page fault per 4 KiB on first touch, comparable to the arithmetic done on it."""
+
+    def __init__(self, dtype: torch.dtype, device):
+        self.dtype, self.device = dtype, device
+        self._flat: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape) -> torch.Tensor:
+        numel = 1
+        for s in shape:
+            numel *= s
+        flat = self._flat.get(name)
+        if flat is None or flat.numel() < numel:
+            flat = torch.empty(numel, dtype=self.dtype, device=self.device)
+            self._flat[name] = flat
+        return flat[:numel].view(shape)
+
+
+def _block_lean(xq, dtq, A, Bq, Cq, state, bounds, Dhp, zq, cd, g, out, ws):
+    """As _block_autograd, but in place in the workspace ``ws``; writes y into ``out`` (a (b, c, q, g, hh, p)
+    view of the output, any dtype) and returns the state after the block."""
+    b, c, q, h, p = xq.shape
+    n = Bq.shape[-1]
+    hg = h // g
+    hi, e_lo, e_lo_neg, pre, post, chunk = _decays(dtq, A, cd, split=True)
+    Cg = rearrange(Cq, "b c q g n -> b c g q n")
+    Bg = rearrange(Bq, "b c q g n -> b c g q n")
+
+    # 1. intra-chunk quadratic term; M is laid out (b, c, h, q, q) and x (b, c, h, q, p) so that the batched
+    #    matmul runs over contiguous (b c h) without copies.
+    M = ws.get("M", (b, c, h, q, q))
+    torch.sub(hi[..., :, None], hi[..., None, :], out=M)
+    lower, upper, tril = bounds
+    M.clamp_(lower, upper).exp2_()
+    CB = torch.matmul(Cg, Bg.transpose(-1, -2), out=ws.get("CB", (b, c, g, q, q))).mul_(tril)
+    M.view(b, c, g, hg, q, q).mul_(CB[:, :, :, None])
+    coef = dtq if e_lo_neg is None else dtq * e_lo_neg
+    xd = torch.mul(rearrange(xq, "b c q h p -> b c h q p"), coef[..., None], out=ws.get("X", (b, c, h, q, p)))
+    y_diag = torch.matmul(M, xd, out=ws.get("Y", (b, c, h, q, p)))
+
+    # 2. per-chunk states: heads of a group folded into one (hg p, q) @ (q, n) GEMM per chunk
+    xs = torch.mul(_grouped(xq, g, "b c q (g hh) p -> b c g q hh p"),
+                   _grouped(dtq * post, g, "b c (g hh) q -> b c g q hh 1"), out=ws.get("X", (b, c, g, q, hg, p)))
+    S_local = torch.matmul(xs.view(b, c, g, q, hg * p).transpose(-1, -2), Bg,
+                           out=ws.get("S", (b, c, g, hg * p, n))).view(b, c, h, p, n)
+
+    # 3. state passing: S_in[:, k] is the state entering chunk k
+    S_in = ws.get("S_in", (b, c, h, p, n))
+    S_in[:, 0].copy_(state)
+    for k in range(1, c):
+        torch.addcmul(S_local[:, k - 1], S_in[:, k - 1], chunk[:, k - 1, :, None, None], out=S_in[:, k])
+    s_out = torch.addcmul(S_local[:, c - 1], S_in[:, c - 1], chunk[:, c - 1, :, None, None])
+
+    # 4. state-to-output term, then the rest of y accumulated on top of it
+    direct = g == 1 and out.dtype == cd and out.is_contiguous()  # then acc's layout is out's: no final copy
+    acc = out.view(b, c, g, q, hg * p) if direct else ws.get("acc", (b, c, g, q, hg * p))
+    torch.matmul(Cg, S_in.view(b, c, g, hg * p, n).transpose(-1, -2), out=acc)
+    acc = acc.view(b, c, g, q, hg, p)
+    acc.mul_(_grouped(pre, g, "b c (g hh) q -> b c g q hh 1"))
+    y_diag = _grouped(y_diag, g, "b c (g hh) q p -> b c g q hh p")
+    if e_lo is None:
+        acc.add_(y_diag)
+    else:
+        acc.addcmul_(y_diag, _grouped(e_lo, g, "b c (g hh) q -> b c g q hh 1"))
+    if Dhp is not None:
+        acc.addcmul_(_grouped(xq, g, "b c q (g hh) p -> b c g q hh p"), _grouped(Dhp, g, "(g hh) p -> g 1 hh p"))
+    if zq is not None:
+        zg = _grouped(zq, g, "b c q (g hh) p -> b c g q hh p")
+        gate = torch.sigmoid(zg, out=ws.get("X", (b, c, g, q, hg, p))).mul_(zg)  # silu(z)
+        acc.mul_(gate)
+    if not direct:
+        out.copy_(rearrange(acc, "b c g q hh p -> b c q g hh p"))
+    return s_out
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _scan_autograd(x, dt_args, A, B, C, z, Dhp, state, spans, bounds, cd, g):
+    """Differentiable driver: autograd keeps every block's intermediates (some 20-30 KiB per step at h=16, p=32,
+    n=64, q=64). The inputs are cut with split, whose backward is one cat, not with per-block slicing, whose
+    backward would build a full-length zero gradient per block."""
+    b, l, h, p = x.shape
+    if not spans:
+        return x.new_zeros((b, 0, h, p)), state
+    sizes = [c * q for _, c, q in spans]
+    xs = x.to(cd).split(sizes, dim=1)
+    dts = prepare_dt(*dt_args, cd).split(sizes, dim=1)
+    Bs = B.to(cd).split(sizes, dim=1)
+    Cs = C.to(cd).split(sizes, dim=1)
+    zs = z.to(cd).split(sizes, dim=1) if z is not None else [None] * len(spans)
+    pieces = []
+    s = state
+    for i, (_, c, q) in enumerate(spans):
+        args = (rearrange(xs[i], "b (c q) h p -> b c q h p", q=q), rearrange(dts[i], "b (c q) h -> b c h q", q=q),
+                A, rearrange(Bs[i], "b (c q) g n -> b c q g n", q=q), rearrange(Cs[i], "b (c q) g n -> b c q g n", q=q),
+                s, bounds[q], Dhp, None if zs[i] is None else rearrange(zs[i], "b (c q) h p -> b c q h p", q=q),
+                cd, g)
+        yq, s = _block_autograd(*args)
+        pieces.append(rearrange(yq, "b c q h p -> b (c q) h p"))
+    y = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+    return y.to(x.dtype), s
+
+
+def _scan_lean(x, dt_args, A, B, C, z, Dhp, state, spans, bounds, cd, g):
+    """no_grad driver: block by block in a reused workspace, y written into its final tensor; nothing but the
+    output is allocated in proportion to l."""
+    dt, dt_bias, dt_softplus = dt_args
+    b, l, h, p = x.shape
+    ws = _Workspace(cd, x.device)
+    y = torch.empty((b, l, h, p), dtype=x.dtype, device=x.device)
+    s = state
+    for start, c, q in spans:
+        span = slice(start, start + c * q)
+        xq = rearrange(x[:, span].to(cd), "b (c q) h p -> b c q h p", q=q)
+        dtq = rearrange(prepare_dt(dt[:, span], dt_bias, dt_softplus, cd), "b (c q) h -> b c h q", q=q)
+        Bq = rearrange(B[:, span].to(cd), "b (c q) g n -> b c q g n", q=q)
+        Cq = rearrange(C[:, span].to(cd), "b (c q) g n -> b c q g n", q=q)
+        zq = None if z is None else rearrange(z[:, span].to(cd), "b (c q) h p -> b c q h p", q=q)
+        out = rearrange(y[:, span], "b (c q) (g hh) p -> b c q g hh p", q=q, g=g)
+        s = _block_lean(xq, dtq, A, Bq, Cq, s, bounds[q], Dhp, zq, cd, g, out, ws)
+    return y, s
+
+
+def ssd_scan_torch(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
+                   initial_state=None, return_final_state=False):
+    """Chunked SSD scan; same signature and results as ``ssd_scan_ref`` (mamba_chunk_scan_combined semantics).
+
+    ``chunk_size`` only changes how the work is blocked (64 or 128 is right for CPU), never the result.
+    """
+    dims = check_scan_args(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_state=initial_state)
+    b, l, h, p, g, n, cd = dims.b, dims.l, dims.h, dims.p, dims.g, dims.n, dims.compute_dtype
+    chunk_size = int(chunk_size)
+    Ac = A.to(cd)
+    Dhp = d_as_hp(D, cd)
+    if initial_state is None:
+        state = torch.zeros((b, h, p, n), dtype=cd, device=x.device)
+    else:
+        state = initial_state.to(cd)
+    inputs = (x, dt, A, B, C, D, z, dt_bias, initial_state)
+    recording = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
+
+    spans = list(_blocks(l, chunk_size, b, h))
+    bounds = {q: _segment_bounds(q, cd, x.device) for q in {q for _, _, q in spans}}
+    dt_args = (dt, dt_bias, dt_softplus)
+    run = _scan_autograd if recording else _scan_lean
+    y, s = run(x, dt_args, Ac, B, C, z, Dhp, state, spans, bounds, cd, g)
+    if s is initial_state:
+        s = s.clone()  # l == 0: never hand back the caller's own tensor
+    return (y, s) if return_final_state else y
+
+
+def ssd_state_update_torch(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """One decode step: returns (y (b, h, p), new_state (b, h, p, n)); the state passed in is not modified."""
+    dims = check_step_args(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias)
+    b, h, p, g, n, cd = dims.b, dims.h, dims.p, dims.g, dims.n, dims.compute_dtype
+    hg = h // g
+    xc = x.to(cd)
+    dtc = prepare_dt(dt, dt_bias, dt_softplus, cd)
+    decay = torch.exp(dtc * A.to(cd))  # (b, h)
+    xdt = rearrange(xc * dtc[..., None], "b (g hh) p -> b g (hh p) 1", g=g)
+    scaled = rearrange(state.to(cd), "b (g hh) p n -> b g (hh p) n", g=g) * rearrange(
+        decay[..., None].expand(b, h, p), "b (g hh) p -> b g (hh p) 1", g=g)
+    new_state = torch.addcmul(scaled, xdt, B.to(cd)[:, :, None, :])  # (b, g, hh p, n)
+    y = torch.matmul(new_state, C.to(cd)[..., None])  # (b, g, hh p, 1)
+    y = rearrange(y, "b g (hh p) 1 -> b (g hh) p", p=p)
+    Dhp = d_as_hp(D, cd)
+    if Dhp is not None:
+        y = y + xc * Dhp
+    if z is not None:
+        y = y * F.silu(z.to(cd))
+    return y.to(x.dtype), rearrange(new_state, "b g (hh p) n -> b (g hh) p n", p=p)

@@ -1,0 +1,110 @@
+"""Residual blocks: pre-norm mixer (+ optional feed-forward), and the bidirectional variant.
+
+Feed-forward kinds live in a registry like mixers, so a later issue adds MoE layers with ``register_ffn``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seqlab.errors import ConfigError, StateError
+from seqlab.mixers import build_mixer
+from seqlab.norm import RMSNorm
+
+
+class GatedMLP(nn.Module):
+    """SiLU-gated MLP: out(silu(gate(x)) * up(x)); width ``d_ffn`` (default 4 * d_model rounded to 64)."""
+
+    def __init__(self, config, layer_idx: int = 0) -> None:
+        super().__init__()
+        d_ffn = config.d_ffn or 64 * ((8 * config.d_model // 3 + 63) // 64)
+        self.gate_up = nn.Linear(config.d_model, 2 * d_ffn, bias=False)
+        self.down = nn.Linear(d_ffn, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+_FFNS: dict[str, Callable[..., nn.Module]] = {"mlp": GatedMLP}
+
+
+def register_ffn(kind: str, factory: Callable[..., nn.Module]) -> None:
+    """Make ``kind`` usable as ``BackboneConfig.ffn`` / ``LayerOverride.ffn``: factory(config, layer_idx)."""
+    _FFNS[kind] = factory
+
+
+def build_ffn(kind: str, config, layer_idx: int) -> nn.Module:
+    try:
+        return _FFNS[kind](config, layer_idx)
+    except KeyError:
+        raise ConfigError(f"layer {layer_idx}: unknown ffn kind {kind!r}; registered: {sorted(_FFNS)}") from None
+
+
+class Block(nn.Module):
+    """``x + mixer(norm(x))`` then, if configured, ``x + ffn(ffn_norm(x))``; residual stream in fp32 by option."""
+
+    def __init__(self, config, layer_idx: int) -> None:
+        super().__init__()
+        kind, ffn, options = config.layer_spec(layer_idx)
+        self.layer_idx = layer_idx
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
+        self.mixer = build_mixer(kind, config, layer_idx, options)
+        if ffn is not None:
+            self.ffn_norm = RMSNorm(config.d_model, eps=config.norm_eps)
+            self.ffn = build_ffn(ffn, config, layer_idx)
+        else:
+            self.ffn_norm = self.ffn = None
+
+    def _mix(self, residual: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
+        residual = residual.float() if self.residual_in_fp32 else residual
+        residual = residual + mixed
+        if self.ffn is not None:
+            residual = residual + self.ffn(self.ffn_norm(residual.to(self.ffn_norm.weight.dtype)))
+        return residual
+
+    def forward(self, residual, state=None, return_state=True):
+        out, new_state = self.mixer(self.norm(residual.to(self.norm.weight.dtype)), state, return_state)
+        return self._mix(residual, out), new_state
+
+    def step(self, residual, state):
+        out, new_state = self.mixer.step(self.norm(residual.to(self.norm.weight.dtype)), state)
+        return self._mix(residual, out), new_state
+
+    def init_state(self, batch_size: int, device=None):
+        return self.mixer.init_state(batch_size, device)
+
+
+class BidirectionalBlock(Block):
+    """A forward mixer and a second mixer run on the reversed sequence, combined by sum or mean.
+
+    Non-causal (every output sees the whole input), so it has no streaming state.
+    """
+
+    def __init__(self, config, layer_idx: int) -> None:
+        super().__init__(config, layer_idx)
+        kind, _, options = config.layer_spec(layer_idx)
+        self.mixer_rev = build_mixer(kind, config, layer_idx, options)
+        self.combine = config.bidirectional_combine
+
+    def forward(self, residual, state=None, return_state=True):
+        if state is not None:
+            raise StateError("bidirectional blocks see the whole sequence and cannot stream from a state")
+        h = self.norm(residual.to(self.norm.weight.dtype))
+        fwd, _ = self.mixer(h, None, False)
+        rev, _ = self.mixer_rev(h.flip(1), None, False)
+        out = fwd + rev.flip(1)
+        if self.combine == "mean":
+            out = out / 2
+        return self._mix(residual, out), None
+
+    def step(self, residual, state):
+        raise StateError("bidirectional models cannot decode step by step: they need the whole sequence")
+
+    def init_state(self, batch_size: int, device=None):
+        raise StateError("bidirectional models have no streaming state")

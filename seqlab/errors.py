@@ -1,0 +1,53 @@
+"""The one error hierarchy of seqlab. Every message names the argument, file, record or position at fault.
+
+The kernels room raises its own two base classes (it may not import seqlab); the classes here inherit from
+them, so ``except seqlab.errors.InputError`` also catches a bad tensor handed straight to a kernel.
+"""
+
+from __future__ import annotations
+
+from seqlab.kernels.errors import KernelBackendError, KernelInputError
+
+
+class SeqlabError(Exception):
+    """Base class of every error seqlab raises on purpose."""
+
+
+class ConfigError(SeqlabError, ValueError):
+    """A configuration value is invalid or inconsistent; the message names the field."""
+
+
+class InputError(SeqlabError, KernelInputError):
+    """An input (tensor, token ids, file contents) is malformed; the message says where."""
+
+
+class StateError(SeqlabError, ValueError):
+    """A recurrent state cannot be used the way it was asked (e.g. streaming a bidirectional model)."""
+
+
+class StateMismatchError(StateError):
+    """A state was made by another model config, for another batch size, or on another device."""
+
+
+class CorruptFileError(SeqlabError, ValueError):
+    """A file is truncated, altered, of an unknown format or of a newer format version; nothing was loaded."""
+
+
+class FormatVersionError(CorruptFileError):
+    """A file was written by a newer seqlab format version than this one reads."""
+
+
+class BackendUnavailableError(SeqlabError, KernelBackendError):
+    """The requested compute backend cannot run here."""
+
+
+__all__ = [
+    "BackendUnavailableError",
+    "ConfigError",
+    "CorruptFileError",
+    "FormatVersionError",
+    "InputError",
+    "SeqlabError",
+    "StateError",
+    "StateMismatchError",
+]

@@ -1,0 +1,31 @@
+"""What every mixer provides, and the dt/A initialisation both Mamba mixers share."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+LayerState = dict[str, torch.Tensor]
+
+
+class Mixer(nn.Module):
+    """Base class: (b, l, d_model) -> (b, l, d_model) with a carried per-layer state."""
+
+    backend: str = "auto"
+
+    def init_state(self, batch_size: int, device=None) -> LayerState:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, hidden: torch.Tensor, state: LayerState | None = None, return_state: bool = True):
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def step(self, hidden: torch.Tensor, state: LayerState):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def init_dt_bias(n: int, dt_min: float, dt_max: float, floor: float) -> torch.Tensor:
+    """Bias whose softplus is log-uniform in [dt_min, dt_max] (the Mamba initialisation)."""
+    dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
+    return dt + torch.log(-torch.expm1(-dt))  # inverse of softplus

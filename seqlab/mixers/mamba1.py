@@ -1,0 +1,89 @@
+"""The Mamba-1 mixer: in_proj -> causal conv + SiLU -> selective scan (gated by SiLU(z)) -> out_proj.
+
+Parameter names and layouts match mamba_ssm / HF transformers' MambaMixer, so weights map one to one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+
+from seqlab import kernels
+from seqlab.mixers.base import LayerState, Mixer, init_dt_bias
+
+
+class Mamba1Mixer(Mixer):
+    def __init__(self, config, layer_idx: int = 0, **options) -> None:
+        super().__init__()
+        cfg = dataclasses.replace(config, layer_overrides={}, **options) if options else config
+        self.layer_idx = layer_idx
+        self.d_model = cfg.d_model
+        self.d_inner = cfg.d_inner
+        self.d_state = cfg.d_state
+        self.d_conv = cfg.d_conv
+        self.dt_rank = cfg.dt_rank
+
+        self.in_proj = nn.Linear(self.d_model, 2 * self.d_inner, bias=cfg.proj_bias)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, self.d_conv, groups=self.d_inner,
+                                padding=self.d_conv - 1, bias=cfg.conv_bias)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.log(repeat(torch.arange(1, self.d_state + 1, dtype=torch.float32),
+                                                   "n -> d n", d=self.d_inner).contiguous()))
+        self.D = nn.Parameter(torch.ones(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, self.d_model, bias=cfg.proj_bias)
+
+        std = self.dt_rank ** -0.5
+        with torch.no_grad():
+            nn.init.uniform_(self.dt_proj.weight, -std, std)
+            self.dt_proj.bias.copy_(init_dt_bias(self.d_inner, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor))
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
+
+    # ----------------------------------------------------------------------------------------------
+    def init_state(self, batch_size: int, device=None) -> LayerState:
+        return {
+            "conv": torch.zeros(batch_size, self.d_inner, self.d_conv - 1, device=device),
+            "ssm": torch.zeros(batch_size, self.d_inner, self.d_state, device=device),
+        }
+
+    def _conv_weight(self) -> torch.Tensor:
+        return rearrange(self.conv1d.weight, "d 1 w -> d w")
+
+    def _split_x_dbl(self, x_dbl: torch.Tensor):
+        return torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+
+    def forward(self, hidden: torch.Tensor, state: LayerState | None = None, return_state: bool = True):
+        xz = rearrange(self.in_proj(hidden), "b l e -> b e l")
+        x, z = xz.chunk(2, dim=1)
+        conv_out = kernels.causal_conv1d(x, self._conv_weight(), self.conv1d.bias, activation="silu",
+                                         initial_state=None if state is None else state["conv"],
+                                         return_final_state=return_state, backend=self.backend)
+        x, conv_state = conv_out if return_state else (conv_out, None)
+        dt, B, C = self._split_x_dbl(self.x_proj(rearrange(x, "b d l -> b l d")))
+        delta = rearrange(F.linear(dt, self.dt_proj.weight), "b l d -> b d l")
+        scan_out = kernels.selective_scan(
+            x, delta, -torch.exp(self.A_log.float()),
+            rearrange(B, "b l n -> b n l"), rearrange(C, "b l n -> b n l"),
+            D=self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            initial_state=None if state is None else state["ssm"], return_final_state=return_state,
+            backend=self.backend,
+        )
+        y, ssm_state = scan_out if return_state else (scan_out, None)
+        out = self.out_proj(rearrange(y, "b d l -> b l d"))
+        return out, ({"conv": conv_state.float(), "ssm": ssm_state} if return_state else None)
+
+    def step(self, hidden: torch.Tensor, state: LayerState):
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)
+        x, conv_state = kernels.causal_conv1d_update(x, state["conv"], self._conv_weight(), self.conv1d.bias,
+                                                     activation="silu", backend=self.backend)
+        dt, B, C = self._split_x_dbl(self.x_proj(x))
+        y, ssm_state = kernels.selective_state_update(
+            state["ssm"], x, F.linear(dt, self.dt_proj.weight), -torch.exp(self.A_log.float()), B, C,
+            D=self.D.float(), z=z, dt_bias=self.dt_proj.bias.float(), dt_softplus=True, backend=self.backend,
+        )
+        return self.out_proj(y), {"conv": conv_state.float(), "ssm": ssm_state}

@@ -1,0 +1,188 @@
+"""Models on top of the backbone: a token language model and a continuous-input sequence model.
+
+Both follow the one contract ``model(x, state) -> output`` with ``output.state`` the new RecurrentState,
+and ``model.step(x, state)`` for one element per sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from seqlab.backbone import Backbone
+from seqlab.config import BackboneConfig
+from seqlab.errors import ConfigError, InputError
+from seqlab.state import RecurrentState
+
+
+@dataclass(eq=False)
+class ModelOutput:
+    """``output``: the head's result (logits for a LanguageModel); ``state``: the new state (None for a
+    bidirectional model or when ``return_state=False``); ``hidden``: final normalised hidden states."""
+
+    output: torch.Tensor
+    state: RecurrentState | None
+    hidden: torch.Tensor
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self.output
+
+
+class _Model(nn.Module):
+    """What both models share: the backbone, init, state helpers, fingerprint.
+
+    ``inference_block`` (default 2048, None or 0 to turn off): without autograd, a causal model runs longer
+    inputs block by block, threading its state, which keeps memory flat and the working set in cache.
+    """
+
+    inference_block: int | None = 2048
+
+    def __init__(self, config: BackboneConfig) -> None:
+        super().__init__()
+        if not isinstance(config, BackboneConfig):
+            raise ConfigError(f"{type(self).__name__} needs a BackboneConfig, got {type(config).__name__}")
+        self.config = config
+        self.backbone = Backbone(config)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.backbone.fingerprint
+
+    def set_backend(self, backend: str) -> "_Model":
+        self.backbone.set_backend(backend)
+        return self
+
+    def init_state(self, batch_size: int, device=None) -> RecurrentState:
+        if device is None:
+            device = next(self.parameters()).device
+        return self.backbone.init_state(batch_size, device)
+
+    def _init_weights(self) -> None:
+        """Mamba's init: default linear weights with zero biases (dt_proj keeps its dt-range bias),
+        embeddings normal(0, 0.02), residual output projections scaled by 1/sqrt(n_layer)."""
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear) and module.bias is not None and not name.endswith("dt_proj"):
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                if name.endswith(("out_proj.weight", "ffn.down.weight")):
+                    param /= math.sqrt(self.config.n_layer)
+
+    def _run(self, hidden: torch.Tensor, state: RecurrentState | None, return_state: bool) -> ModelOutput:
+        block = self.inference_block
+        length = hidden.shape[1]
+        if block and length > block and not torch.is_grad_enabled() and not self.config.bidirectional:
+            # Long inputs without autograd go through in blocks with the state threaded (exact by the state
+            # contract): the working set stays cache-sized and memory stays flat in the length.
+            heads, hiddens = [], []
+            for start in range(0, length, block):
+                h, state = self.backbone(hidden[:, start:start + block], state, True)
+                hiddens.append(h)
+                heads.append(self.head(h))
+            return ModelOutput(torch.cat(heads, 1), state if return_state else None, torch.cat(hiddens, 1))
+        hidden, new_state = self.backbone(hidden, state, return_state)
+        return ModelOutput(self.head(hidden), new_state, hidden)
+
+    def _run_step(self, hidden: torch.Tensor, state: RecurrentState | None) -> ModelOutput:
+        hidden, new_state = self.backbone.step(hidden, state)
+        return ModelOutput(self.head(hidden), new_state, hidden)
+
+
+class LanguageModel(_Model):
+    """Embedding -> backbone -> LM head (tied to the embedding by default). Token ids (b, l) in, logits out."""
+
+    def __init__(self, config: BackboneConfig, vocab_size: int, tie_embeddings: bool = True) -> None:
+        super().__init__(config)
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
+            raise ConfigError(f"vocab_size must be a positive int, got {vocab_size!r}")
+        self.vocab_size = vocab_size
+        self.tie_embeddings = tie_embeddings
+        self.embeddings = nn.Embedding(vocab_size, config.d_model)
+        self.lm_head = nn.Linear(config.d_model, vocab_size, bias=False)
+        self._init_weights()
+        if tie_embeddings:
+            self.lm_head.weight = self.embeddings.weight
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden.to(self.lm_head.weight.dtype))
+
+    def _check_ids(self, input_ids, expect_dim: int) -> None:
+        if not isinstance(input_ids, torch.Tensor):
+            raise InputError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise InputError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+        if input_ids.dim() != expect_dim:
+            layout = "(batch, length)" if expect_dim == 2 else "(batch,)"
+            raise InputError(f"input_ids must have shape {layout}, got {tuple(input_ids.shape)}")
+        if input_ids.numel() == 0:
+            raise InputError(f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one token")
+        bad = (input_ids < 0) | (input_ids >= self.vocab_size)
+        if bool(bad.any()):
+            where = tuple(int(i) for i in bad.nonzero()[0])
+            raise InputError(
+                f"input_ids[{', '.join(map(str, where))}] = {int(input_ids[where])} is outside the vocabulary "
+                f"[0, {self.vocab_size})"
+            )
+
+    def forward(self, input_ids: torch.Tensor, state: RecurrentState | None = None,
+                return_state: bool = True) -> ModelOutput:
+        self._check_ids(input_ids, 2)
+        return self._run(self.embeddings(input_ids), state, return_state)
+
+    def step(self, input_ids: torch.Tensor, state: RecurrentState | None = None) -> ModelOutput:
+        """One token per sequence: ids (b,) or (b, 1); logits (b, vocab)."""
+        if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[1] == 1:
+            input_ids = input_ids[:, 0]
+        self._check_ids(input_ids, 1)
+        return self._run_step(self.embeddings(input_ids), state)
+
+
+class SequenceModel(_Model):
+    """Continuous inputs (b, l, d_input) -> input projection -> backbone -> linear head (b, l, d_output).
+
+    ``d_output=None`` returns the hidden features themselves (an identity head), for embedding uses.
+    """
+
+    def __init__(self, config: BackboneConfig, d_input: int, d_output: int | None = None) -> None:
+        super().__init__(config)
+        for name, value in (("d_input", d_input), ("d_output", d_output)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"{name} must be a positive int, got {value!r}")
+        self.d_input = d_input
+        self.d_output = d_output
+        self.input_proj = nn.Linear(d_input, config.d_model)
+        self.output_head = nn.Linear(config.d_model, d_output) if d_output is not None else nn.Identity()
+        self._init_weights()
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.output_head(hidden)
+
+    def _check_x(self, x, expect_dim: int) -> None:
+        layout = "(batch, length, d_input)" if expect_dim == 3 else "(batch, d_input)"
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            what = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise InputError(f"x must be a floating-point tensor {layout}, got {what}")
+        if x.dim() != expect_dim or x.shape[-1] != self.d_input:
+            raise InputError(f"x must have shape {layout} with d_input={self.d_input}, got {tuple(x.shape)}")
+        if x.numel() == 0:
+            raise InputError(f"x is empty (shape {tuple(x.shape)}): give at least one element")
+        if not bool(torch.isfinite(x).all()):
+            where = tuple(int(i) for i in (~torch.isfinite(x)).nonzero()[0])
+            raise InputError(f"x{list(where)} is {float(x[where])}: inputs must be finite")
+
+    def forward(self, x: torch.Tensor, state: RecurrentState | None = None, return_state: bool = True) -> ModelOutput:
+        self._check_x(x, 3)
+        return self._run(self.input_proj(x.to(self.input_proj.weight.dtype)), state, return_state)
+
+    def step(self, x: torch.Tensor, state: RecurrentState | None = None) -> ModelOutput:
+        """One element per sequence: x (b, d_input) or (b, 1, d_input)."""
+        if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[1] == 1:
+            x = x[:, 0]
+        self._check_x(x, 2)
+        return self._run_step(self.input_proj(x.to(self.input_proj.weight.dtype)), state)

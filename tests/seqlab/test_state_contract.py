@@ -1,0 +1,128 @@
+"""The four invariants of design.md's state contract, for both mixers and a hybrid stack."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from _models import tiny_lm
+from seqlab.testing import rel_err
+from seqlab import RecurrentState
+from seqlab.errors import StateMismatchError
+
+SSMS = ["mamba1", "mamba2"]
+HYBRID = dict(ssm="mamba1", n_layer=3, ffn="mlp", d_ffn=24,
+              layer_overrides={1: {"mixer": "mamba2", "options": {"headdim": 8, "d_state": 4, "chunk_size": 4}}})
+
+
+def run_chunked(model, ids, cuts):
+    """Feed ids in pieces split at ``cuts``, threading the state; return logits and the final state."""
+    state, outs, start = None, [], 0
+    for stop in list(cuts) + [ids.shape[1]]:
+        if stop > start:
+            out = model(ids[:, start:stop], state)
+            outs.append(out.logits)
+            state = out.state
+        start = stop
+    return torch.cat(outs, dim=1), state
+
+
+def assert_states_close(a: RecurrentState, b: RecurrentState, tol: float) -> None:
+    assert a.position == b.position
+    ta, tb = a.tensors(), b.tensors()
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        assert rel_err(ta[key], tb[key]) <= tol, key
+
+
+def model_for(kind: str, seed: int = 0):
+    return tiny_lm(**HYBRID, seed=seed) if kind == "hybrid" else tiny_lm(kind, seed=seed)
+
+
+@pytest.mark.parametrize("kind", SSMS + ["hybrid"])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_chunking_equals_one_pass(kind, data):
+    model = model_for(kind)
+    batch = data.draw(st.integers(1, 2), label="batch")
+    length = data.draw(st.integers(1, 70), label="length")
+    cuts = sorted(data.draw(st.lists(st.integers(1, max(1, length - 1)), max_size=5), label="cuts"))
+    ids = torch.randint(0, 32, (batch, length), generator=torch.Generator().manual_seed(length))
+    with torch.no_grad():
+        whole = model(ids)
+        pieces, state = run_chunked(model, ids, cuts)
+    assert rel_err(pieces, whole.logits) <= 1e-5
+    assert_states_close(state, whole.state, 1e-5)
+    assert state.position == length
+
+
+@pytest.mark.parametrize("kind", SSMS + ["hybrid"])
+def test_step_equals_forward(kind):
+    model = model_for(kind, seed=1)
+    ids = torch.randint(0, 32, (2, 37), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        whole = model(ids)
+        prefix = model(ids[:, :5])  # steps may also start from a prefilled state
+        state, logits = prefix.state, [prefix.logits]
+        for t in range(5, ids.shape[1]):
+            out = model.step(ids[:, t], state)
+            logits.append(out.logits[:, None])
+            state = out.state
+    assert rel_err(torch.cat(logits, 1), whole.logits) <= 1e-5
+    assert_states_close(state, whole.state, 1e-5)
+
+
+def test_step_from_no_state_equals_forward_of_one_token():
+    model = model_for("mamba2")
+    ids = torch.tensor([[3], [7]])
+    with torch.no_grad():
+        a = model.step(ids)
+        b = model(ids)
+    assert rel_err(a.logits, b.logits[:, 0]) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", SSMS)
+def test_save_load_continue_is_bit_exact(kind, tmp_path):
+    model = model_for(kind, seed=2)
+    ids = torch.randint(0, 32, (2, 50), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        first = model(ids[:, :23])
+        reference = model(ids[:, 23:], first.state)
+        first.state.save(tmp_path / "s.safetensors")
+        loaded = RecurrentState.load(tmp_path / "s.safetensors", model)
+        resumed = model(ids[:, 23:], loaded)
+    assert loaded.position == 23 and loaded.batch_size == 2
+    for key, tensor in first.state.tensors().items():
+        assert torch.equal(loaded.tensors()[key], tensor), key
+    assert torch.equal(resumed.logits, reference.logits)
+    for key, tensor in reference.state.tensors().items():
+        assert torch.equal(resumed.state.tensors()[key], tensor), key
+
+
+def test_state_of_another_config_is_refused(tmp_path):
+    small = model_for("mamba1")
+    other = tiny_lm("mamba1", d_state=4)
+    with torch.no_grad():
+        state = small(torch.zeros(1, 4, dtype=torch.long)).state
+    with pytest.raises(StateMismatchError, match="fingerprint"):
+        other(torch.zeros(1, 4, dtype=torch.long), state)
+    state.save(tmp_path / "s.safetensors")
+    with pytest.raises(StateMismatchError, match="fingerprint"):
+        RecurrentState.load(tmp_path / "s.safetensors", other)
+
+
+def test_same_config_different_weights_share_fingerprint():
+    # The fingerprint names the architecture, so a fine-tuned copy can continue a state.
+    assert model_for("mamba1", seed=0).fingerprint == model_for("mamba1", seed=5).fingerprint
+
+
+@pytest.mark.parametrize("kind", SSMS)
+def test_prefill_on_existing_state_any_length(kind):
+    # Exact prefill of many new tokens on an existing state (mamba_ssm/HF cannot for Mamba-1).
+    model = model_for(kind, seed=3)
+    ids = torch.randint(0, 32, (1, 64), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        whole = model(ids)
+        state = model(ids[:, :1]).state
+        rest = model(ids[:, 1:], state)
+    assert rel_err(rest.logits, whole.logits[:, 1:]) <= 1e-5
