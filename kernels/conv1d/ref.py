@@ -94,7 +94,7 @@ def causal_conv1d_ref(x, weight, bias=None, activation=None, initial_state=None,
     full = torch.cat([prev, x.to(cdt)], dim=-1)  # (b, d, w - 1 + l); position t of x is column t + w - 1
     ys = []
     # window t holds positions t - (w-1) .. t; unbind keeps autograd through the loop linear in l
-    for window in full.unfold(-1, w, 1).unbind(2):
+    for window in (full.unfold(-1, w, 1).unbind(2) if l else ()):
         acc = (window * wt).sum(-1)
         if bias is not None:
             acc = acc + bias.to(cdt)

@@ -95,13 +95,12 @@ def _conv_forward(x, weight, bias, silu, initial_state, cdt, out, block_elems=No
             xin = stage.narrow(pd, 0, Lv + w - 1)
             if s0 >= w - 1:
                 xin.copy_(xw.narrow(pd, s0 - (w - 1), Lv + w - 1))
-            else:  # the first block reaches back into the initial state
-                head = w - 1 - s0
+            else:  # the first block (s0 == 0) reaches back into the initial state
                 if initial_state is None:
-                    xin.narrow(pd, 0, head).zero_()
+                    xin.narrow(pd, 0, w - 1).zero_()
                 else:
-                    xin.narrow(pd, 0, head).copy_(lay.view(initial_state).narrow(pd, s0, head))
-                xin.narrow(pd, head, Lv + s0).copy_(xw.narrow(pd, 0, Lv + s0))
+                    xin.narrow(pd, 0, w - 1).copy_(lay.view(initial_state))
+                xin.narrow(pd, w - 1, Lv).copy_(xw.narrow(pd, 0, Lv))
         if out.dtype == cdt:
             acc = ow.narrow(pd, s0, Lv)
         else:
@@ -109,12 +108,10 @@ def _conv_forward(x, weight, bias, silu, initial_state, cdt, out, block_elems=No
                 acc_buf = torch.empty((b, Lb, d) if lay.cl else (b, d, Lb), dtype=cdt, device=x.device)
             acc = acc_buf.narrow(pd, 0, Lv)
         if bias_c is not None:
-            acc.copy_(bias_c.expand_as(acc))
-            first = 0
+            torch.addcmul(bias_c, xin.narrow(pd, 0, Lv), taps[0], out=acc)
         else:
             torch.mul(xin.narrow(pd, 0, Lv), taps[0], out=acc)
-            first = 1
-        for k in range(first, w):
+        for k in range(1, w):
             acc.addcmul_(xin.narrow(pd, k, Lv), taps[k])
         if silu:
             F.silu(acc, inplace=True)

@@ -4,75 +4,84 @@ Same signatures and semantics as ``ref.py`` (mamba_ssm's ``selective_scan_fn`` /
 
 Algorithm: blocked two-pass chunked scan
 ---------------------------------------
-The sequence is processed in blocks of ``L = C * T`` positions (``C`` chunks of ``T`` positions; the block
-is sized so that its (b, L, n, d) working buffer stays in the last-level cache, 16 MiB by default), carrying
-the exact state from block to block. Inside a block, with ``a_t = exp(delta_t * A)`` and
-``x_t = delta_t * u_t * B_t``:
+The sequence is processed in blocks of ``L = C * T`` positions (``C`` chunks of ``T`` positions; a block's
+(b, L, n, d) buffer holds about ``BLOCK_ELEMS`` elements, so the working set stays cache-sized), carrying the
+exact state from block to block. Inside a block, with ``a_t = exp(delta_t * A)`` and ``x_t = delta_t u_t B_t``:
 
-1. ``a`` for the whole block in one ``mul`` + ``exp2_`` (A is pre-scaled by log2(e); exp2 is ~3x faster than
-   exp on CPU and exactly as stable).
-2. Pass 1: the local state of every chunk from a zero start, ``s = a_t * s + x_t``: a Python loop over the T
-   positions of a chunk, each step one vectorised op over all C chunks (and b, n, d).
-3. The true start state of every chunk by a loop over the C chunks: ``H_c = P_c * H_{c-1} + s_{c-1}`` where
-   ``P_c = exp(A * sum(delta over the chunk))`` is the chunk's total decay.
+1. ``a`` for the whole block in one ``mul`` + ``exp2_`` (A is pre-scaled by log2(e); torch's exp2 is ~3x
+   faster than its exp on CPU, and just as stable).
+2. Pass 1: the local end state of every chunk from a zero start, ``s = a_t * s + x_t``: a Python loop over the
+   T positions of a chunk, each step one vectorised op over all the chunks of the block (and b, n, d).
+3. The true start state of every chunk, by a loop over the C chunks: ``H_c = P_{c-1} * H_{c-1} + s_{c-1}``,
+   where ``P_c = exp(A * sum(delta over chunk c))`` is the chunk's total decay.
 4. Pass 2: the exact recurrence ``h_t = a_t * h_{t-1} + x_t`` again, from the true chunk starts, written in
    place over ``a``; then ``y = C . h`` as one batched matmul over the block.
 
 Why this form: every quantity is a product of factors ``exp(delta * A)`` taken forwards in time, or the
 exponential of a forward sum of ``delta * A``. Nothing is ever divided by a decay (no ``exp(S_t) * exp(-S_s)``
-factorisation), so the result is exact and cannot overflow for any delta and A (decays that underflow simply
-become 0, as in the reference). The work is linear in l (about 2.2 elementwise passes + one exp2 per
-(b, d, n, position)); the Python loop runs T + C times per block of T * C positions, never once per position.
-The working set is a fixed-size block: memory beyond the (b, d, l) inputs/outputs is constant in l and the
-full (b, d, l, n) tensor is never formed.
+factorisation), so the result is exact for any delta and A and cannot overflow unless the true state does
+(decays that underflow become 0, as in the reference). The work is linear in l: one exp2 and about six cheap
+elementwise passes per (b, d, n, position), where a single sequential pass would need one exp2 and three; that
+second pass is the price of running T steps over all C chunks at once instead of l steps one by one. The
+Python loops run 2T + C times per block of T * C positions (T = 16, C = 32 at the benchmark shape), never once
+per position. Memory beyond the (b, d, l) inputs and output is a fixed-size workspace (kept per thread between
+calls: fresh pages cost ~2 us each here), so it is constant in l; the (b, d, l, n) tensor is never formed.
 
-Data layout: inputs arrive as (b, d, l); the block buffers are (b, C, T, g, n, d/g) so that a step's slice
-(b, C, g, n, d/g) has a long contiguous inner run. Inputs are moved to that layout with contiguous staging
-copies followed by 2-D transposes (torch's blocked transpose path, ~4x faster than a strided gather).
+Layouts: the block buffers are (b, C, T, g, n, d/g), so that a step's slice (b, C, g, n, d/g) has a long
+contiguous inner run. (b, d, l) inputs reach that layout through contiguous staging copies and 2-D transposes
+(torch's blocked transpose, ~4x faster than a strided gather). Inputs stored position-major, i.e. the
+transpose of a contiguous (b, l, d) tensor as a Mamba mixer produces them, are used without any transpose,
+and the output then has that layout too.
 
 Autograd
 --------
 Under ``torch.no_grad()`` / ``inference_mode`` (or when nothing requires grad) the whole op, the delta
-preprocessing and the D / z epilogue included, runs in preallocated buffers with ``out=`` / in-place ops.
+preprocessing and the D / z epilogue included, runs in the workspace with ``out=`` / in-place ops.
 
 With gradients, the scan core (u, delta, A, B, C, initial_state -> y, final_state) is a
-``torch.autograd.Function`` whose forward saves only the block-start states (l / L tensors of (b, d, n)) and
-whose backward recomputes each block (newest first) and runs the adjoint recurrence
-``mu_t = C_t * gy_t + a_{t+1} * mu_{t+1}`` with the same two-pass chunked machinery in reverse. This keeps
-training memory at the inputs plus a few block buffers instead of the (b, d, l, n) states that autograd
-through composed ops would store, and it is faster than replaying the graph. The cheap (b, d, l) parts
-(delta bias + softplus, D * u, the silu(z) gate) are composed from differentiable torch ops around it.
+``torch.autograd.Function`` whose forward saves only its inputs and the block-start states (l / L tensors of
+(b, d, n)) and whose backward recomputes each block (newest first) and runs the adjoint recurrence
+``mu_t = C_t gy_t + a_{t+1} mu_{t+1}`` with the same two-pass chunked machinery, backwards. Autograd through
+composed ops would store every (b, d, n) state of the sequence, i.e. the (b, d, l, n) tensor, and replay a
+graph of O(l) nodes; the recomputing backward needs a few block buffers and is faster. The cheap (b, d, l)
+parts (delta bias + softplus, D * u, the silu(z) gate) are composed from differentiable ops around it.
 The backward is not itself differentiable (no double backward).
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 
 from .ref import check_scan_args, check_state_update_args, compute_dtype
 
-__all__ = ["selective_scan_torch", "selective_state_update_torch"]
+__all__ = ["clear_workspace_cache", "selective_scan_torch", "selective_state_update_torch"]
 
 _LOG2E = 1.0 / math.log(2.0)
 
 #: positions per chunk (the length of the per-position loop inside a block)
 CHUNK = 16
-#: elements of one (b, L, n, d) block buffer in inference (16 MiB in fp32: sized to stay in L3)
-BLOCK_ELEMS = 1 << 22
+#: elements of one (b, L, n, d) block buffer in inference (8 MiB in fp32; 4-16 MiB measured within noise)
+BLOCK_ELEMS = 1 << 21
 #: the same for the autograd path, whose backward holds three such buffers at once
 BLOCK_ELEMS_GRAD = 1 << 21
 
 
+#: fewest chunks per block: the per-position Python loops then run at most (2 / MIN_CHUNKS + 1 / T) times per
+#: position even when b * d * n alone exceeds the block budget
+MIN_CHUNKS = 8
+
+
 def _plan(b: int, d: int, n: int, l: int, chunk: int, block_elems: int) -> tuple[int, int]:
-    """(T, C): T positions per chunk, C chunks per block."""
+    """(T, C): T positions per chunk, C chunks per block (block buffers of about ``block_elems`` elements)."""
     T = max(1, min(chunk, l))
     per_position = max(1, b * d * n)
-    L = max(T, (block_elems // per_position) // T * T)
-    L = min(L, -(-l // T) * T)
-    return T, L // T
+    C = max(MIN_CHUNKS, block_elems // (per_position * T))
+    return T, min(C, -(-l // T))
 
 
 _LN2 = math.log(2.0)
@@ -181,6 +190,31 @@ def _winput(ws, x, s0, Lv, slot, cdt):
     if x.dtype == cdt and (ws.cl == _channels_last(x) or x.shape[1] == 1):
         return v
     return ws.work(slot, Lv).copy_(v)
+
+
+_CACHE = threading.local()
+#: workspaces kept per thread between calls (a fresh 30 MB workspace costs ~10 ms of page faults per call)
+CACHE_ENTRIES = 3
+
+
+def _workspace(*key, **counts) -> _Workspace:
+    """A (per-thread, least-recently-used) cached ``_Workspace``; its buffers never leave one call."""
+    full_key = key + tuple(sorted(counts.items()))
+    cache = getattr(_CACHE, "entries", None)
+    if cache is None:
+        cache = _CACHE.entries = OrderedDict()
+    ws = cache.pop(full_key, None)
+    if ws is None:
+        ws = _Workspace(*key, **counts)
+    cache[full_key] = ws
+    while len(cache) > CACHE_ENTRIES:
+        cache.popitem(last=False)
+    return ws
+
+
+def clear_workspace_cache() -> None:
+    """Free the scratch buffers this thread keeps between calls."""
+    _CACHE.entries = OrderedDict()
 
 
 def _state_to_internal(h: torch.Tensor, g: int) -> torch.Tensor:
@@ -309,7 +343,7 @@ def _scan_forward(u, delta, A, B, C, h0, cdt, *, delta_bias=None, softplus=False
     cl = _channels_last(u)
     T, Cmax = _plan(b, d, n, l, chunk, block_elems)
     L = T * Cmax
-    ws = _Workspace(b, d, n, g, T, Cmax, cdt, dev, cl=cl, n_big=1, n_work=8, n_core=3, n_lgn=2, n_chunk=3)
+    ws = _workspace(b, d, n, g, T, Cmax, cdt, dev, cl=cl, n_big=1, n_work=8, n_core=3, n_lgn=2, n_chunk=3)
     A2 = _a_layout(A, g, cdt, _LOG2E)
     carry = torch.zeros(b, g, n, dg, dtype=cdt, device=dev)
     if h0 is not None:
@@ -368,7 +402,7 @@ def _scan_backward(u, delta, A, B, C, starts, gy, g_final, cdt, chunk, block_ele
     cl = _channels_last(u)
     T, Cmax = _plan(b, d, n, l, chunk, block_elems)
     L = T * Cmax
-    ws = _Workspace(b, d, n, g, T, Cmax, cdt, dev, cl=cl, n_big=3, n_work=8, n_core=5, n_lgn=4, n_chunk=4)
+    ws = _workspace(b, d, n, g, T, Cmax, cdt, dev, cl=cl, n_big=3, n_work=8, n_core=5, n_lgn=4, n_chunk=4)
     A2 = _a_layout(A, g, cdt, _LOG2E)
     A_nat = _a_layout(A, g, cdt)
     gu = torch.empty_like(u, dtype=cdt)
@@ -395,8 +429,9 @@ def _scan_backward(u, delta, A, B, C, starts, gy, g_final, cdt, chunk, block_ele
             if Lp > Lv:
                 gyT[:, Lv:].zero_()
         a, H, P, Hs = _forward_block(ws, A2, starts[k].clone(), dT, duT, BT, Cb, H=ws.big6(1, Cb))
+        # g_C = sum_dg gy h, as (1 x dg) @ (dg x n): ~3x faster than the (n x dg) @ (dg x 1) mat-vec form
         gCT = ws.lgnv(2, Lp)
-        torch.bmm(H.view(M, n, dg), gyT.view(M, dg, 1), out=gCT.view(M, n, 1))
+        torch.bmm(gyT.view(M, 1, dg), H.view(M, n, dg).transpose(1, 2), out=gCT.view(M, 1, n))
         gy6 = gyT.view(b, Cb, T, g, 1, dg)
         C6 = CT.view(b, Cb, T, g, n, 1)
         # reverse pass 1 (chunks 1..Cb-1): local adjoints from a zero carry at each chunk end;
@@ -426,7 +461,7 @@ def _scan_backward(u, delta, A, B, C, starts, gy, g_final, cdt, chunk, block_ele
             torch.mul(Mt[t], at[t], out=Ht[t]).mul_(Ht[t - 1] if t > 0 else Hs)
         torch.mul(Mu[:, 0, 0], a[:, 0, 0], out=K)  # dL/d(state before this block)
         gBT = ws.lgnv(3, Lp)
-        torch.bmm(Mu.view(M, n, dg), duT.view(M, dg, 1), out=gBT.view(M, n, 1))
+        torch.bmm(duT.view(M, 1, dg), Mu.view(M, n, dg).transpose(1, 2), out=gBT.view(M, 1, n))
         gduT = ws.core(3, Lp)
         torch.bmm(BT.view(M, 1, n), Mu.view(M, n, dg), out=gduT.view(M, 1, dg))
         XA = torch.mul(H, A_nat, out=a)
@@ -555,12 +590,12 @@ def selective_state_update_torch(state, x, dt, A, B, C, D=None, z=None, dt_bias=
     if dt_softplus:
         dt_ = F.softplus(dt_)
     # grouped views: channel (g, dg) reads B[:, g] without materialising per-channel copies
-    decay = torch.exp(dt_[:, :, None] * A.to(cdt)).view(b, g, dg, n)
-    drive = (dt_ * x_).view(b, g, dg, 1) * B3[:, :, None, :]
-    new_state = torch.addcmul(drive, decay, state.to(cdt).view(b, g, dg, n))
-    y = torch.matmul(new_state, C3[:, :, :, None]).view(b, d)
+    decay = torch.exp(dt_[:, :, None] * A.to(cdt)).reshape(b, g, dg, n)
+    drive = (dt_ * x_).reshape(b, g, dg, 1) * B3[:, :, None, :]
+    new_state = torch.addcmul(drive, decay, state.to(cdt).reshape(b, g, dg, n))
+    y = torch.matmul(new_state, C3[:, :, :, None]).reshape(b, d)
     if D is not None:
         y = y + D.to(cdt) * x_
     if z is not None:
         y = y * F.silu(z.to(cdt))
-    return y.to(x.dtype), new_state.view(b, d, n)
+    return y.to(x.dtype), new_state.reshape(b, d, n)

@@ -14,11 +14,14 @@ one GEMM per (chunk, group) with the heads folded into the GEMM's large side.
 
 Numerics. The running sums are taken in float64 (they are only (b, l, h) numbers), so every per-step decay
 (exp(cs_i), exp(cs_end - cs_j), exp(cs_end)) is the exp of an accurate segment sum, non-positive when A <= 0;
-nothing is ever written as exp(cumsum) * exp(-cumsum). For the (q, q) matrix in float32 each running sum is
-split as cs = hi + lo with hi = float32(cs): hi_i - hi_j is then rounded once, relative to the segment itself
-(not to |cs|, which can be hundreds), and the residue is applied as the factors exp(lo_i) on the rows and
-exp(-lo_j) on the columns, folded into ops that run anyway. (The (q, q) matrix is computed in base 2, as
-2^(log2(e) * segment), because exp2 runs several times faster than exp on CPU.)
+nothing is ever written as exp(cumsum) * exp(-cumsum). The (q, q) matrix needs its segment sums cs_i - cs_j
+accurate relative to the segment itself, not to |cs| (which reaches hundreds under strong decay):
+- no_grad driver: each running sum is split as cs = hi + lo with hi = float32(cs); hi_i - hi_j is rounded once,
+  relative to the segment, and the residue enters as factors exp(lo_i) on the rows and exp(-lo_j) on the
+  columns, folded into ops that run anyway (no extra pass over the (q, q) matrix);
+- autograd driver: the differences are taken in float64 and rounded once, so that the backward pass also sums
+  their gradients (row sums minus column sums, which cancel in total) in float64: dA and ddt stay accurate.
+The (q, q) matrix is computed in base 2, as 2^(log2(e) * segment): exp2 runs several times faster than exp here.
 
 Decay factors below exp(-60) (float32; exp(-600) in float64) are treated as negligible: per-step factors become
 exactly 0 and the (q, q) segment sums are clamped to -60 before the exp (a perturbation of ~1e-26 relative).
@@ -28,12 +31,14 @@ same floor and then zeroed through the lower-triangular C.B matrix, so no inf * 
 
 Two drivers share this math. With autograd recording, plain differentiable ops (memory grows with l, like any
 autograd graph). Under no_grad, chunks are processed in blocks of a bounded number of elements with in-place
-ops, so the working memory stays constant in l beyond the inputs and the output.
+ops in scratch buffers, so the working memory stays constant in l beyond the inputs and the output; the scratch
+buffers (tens of MiB) are kept per thread between calls, as fresh large allocations are slow here.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -165,8 +170,8 @@ def _block_autograd(xq, dtq, A, Bq, Cq, state, bounds, Dhp, zq, cd, g):
 
 
 class _Workspace:
-    """Flat buffers that every block of one call reuses: on this kind of machine a fresh multi-MiB tensor costs
-    a page fault per 4 KiB on first touch, comparable to the arithmetic done on it."""
+    """Flat scratch buffers that every block reuses: a fresh multi-MiB tensor costs a page fault per 4 KiB on
+    first touch, comparable to the arithmetic done on it (at l = 2048 that was 40% of the call)."""
 
     def __init__(self, dtype: torch.dtype, device):
         self.dtype, self.device = dtype, device
@@ -181,6 +186,30 @@ class _Workspace:
             flat = torch.empty(numel, dtype=self.dtype, device=self.device)
             self._flat[name] = flat
         return flat[:numel].view(shape)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._flat.values())
+
+
+# One workspace per thread, dtype and device is kept between calls when it is small (it is bounded by
+# _BLOCK_ELEMS, not by l: about 30 MiB at h=16, p=32, n=64, q=64 in float32).
+_WORKSPACE_KEEP_BYTES = 96 << 20
+_workspaces = threading.local()
+
+
+def _workspace(dtype: torch.dtype, device) -> _Workspace:
+    cache = getattr(_workspaces, "cache", None)
+    if cache is None:
+        cache = _workspaces.cache = {}
+    key = (dtype, str(device))
+    if key not in cache:
+        cache[key] = _Workspace(dtype, device)
+    return cache[key]
+
+
+def _release_if_large(ws: _Workspace) -> None:
+    if ws.nbytes() > _WORKSPACE_KEEP_BYTES:
+        _workspaces.cache.pop((ws.dtype, str(ws.device)), None)
 
 
 def _block_lean(xq, dtq, A, Bq, Cq, state, bounds, Dhp, zq, cd, g, out, ws):
@@ -274,7 +303,7 @@ def _scan_lean(x, dt_args, A, B, C, z, Dhp, state, spans, bounds, cd, g):
     output is allocated in proportion to l."""
     dt, dt_bias, dt_softplus = dt_args
     b, l, h, p = x.shape
-    ws = _Workspace(cd, x.device)
+    ws = _workspace(cd, x.device)
     y = torch.empty((b, l, h, p), dtype=x.dtype, device=x.device)
     s = state
     for start, c, q in spans:
@@ -286,6 +315,7 @@ def _scan_lean(x, dt_args, A, B, C, z, Dhp, state, spans, bounds, cd, g):
         zq = None if z is None else rearrange(z[:, span].to(cd), "b (c q) h p -> b c q h p", q=q)
         out = rearrange(y[:, span], "b (c q) (g hh) p -> b c q g hh p", q=q, g=g)
         s = _block_lean(xq, dtq, A, Bq, Cq, s, bounds[q], Dhp, zq, cd, g, out, ws)
+    _release_if_large(ws)
     return y, s
 
 

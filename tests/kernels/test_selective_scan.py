@@ -351,6 +351,21 @@ def test_extreme_values_are_exact_and_finite():
     assert_rel(state, ref_state, OUT_TOL, "state")
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-13)])
+def test_fast_softplus_matches_log1p_formula(dtype, tol):
+    """The vectorised in-place softplus of the fast path against max(x, 0) + log1p(exp(-|x|)) in float64,
+    relative error over the whole range (tiny results included: that is where a naive log(1 + e^x) fails)."""
+    from seqlab.kernels.selective_scan.torch import _softplus_
+
+    x = torch.cat([torch.linspace(-80, 80, 20001, dtype=torch.float64),
+                   torch.tensor([0.0, 1e-30, -1e-30, 19.99, 20.0, 20.01, 30.0, -30.0], dtype=torch.float64)])
+    x = x.to(dtype)
+    xd = x.double()
+    expected = xd.clamp(min=0) + torch.log1p(torch.exp(-xd.abs()))
+    got = _softplus_(x.clone(), torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)).double()
+    assert ((got - expected).abs() / expected).max().item() <= tol
+
+
 # ------------------------------------------------------------------------------------ exactness invariants
 
 
@@ -399,6 +414,24 @@ def test_decode_steps_equal_scan(gB, gC, step):
     assert_rel(steps, scan_out, OUT_TOL, "decode vs scan outputs")
     assert_rel(state, scan_state, OUT_TOL, "decode vs scan state")
     assert_rel(steps, ref_out, OUT_TOL, "decode vs ref outputs")
+
+
+def test_decode_step_non_contiguous_inputs():
+    """As a mixer calls it: x, z (and dt, B, C) are column slices of one projection; the state a transposed copy."""
+    b, d, n = 3, 4, 5
+    gen = torch.Generator().manual_seed(17)
+    proj = torch.randn(b, 2 * d, generator=gen)
+    x, z = proj.chunk(2, dim=-1)
+    dbc = torch.randn(b, d + 2 * n, generator=gen)
+    dt, Bm, Cm = torch.split(dbc, [d, n, n], dim=-1)
+    state = torch.randn(b, n, d, generator=gen).transpose(1, 2)
+    A, D, bias = -torch.rand(d, n, generator=gen), torch.randn(d, generator=gen), torch.randn(d, generator=gen)
+    assert not (x.is_contiguous() or dt.is_contiguous() or state.is_contiguous())
+    y, s = selective_state_update_torch(state, x, dt, A, Bm, Cm, D=D, z=z, dt_bias=bias, dt_softplus=True)
+    yr, sr = selective_state_update_ref(*(as_f64(t) for t in (state, x, dt, A, Bm, Cm)), D=as_f64(D), z=as_f64(z),
+                                        dt_bias=as_f64(bias), dt_softplus=True)
+    assert_rel(y, yr, OUT_TOL, "y")
+    assert_rel(s, sr, OUT_TOL, "state")
 
 
 def test_decode_step_gradients_and_dtypes():

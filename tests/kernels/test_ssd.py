@@ -366,9 +366,14 @@ def test_positive_and_zero_A_work():
 def test_empty_sequence_returns_the_initial_state():
     inputs = make_inputs(2, 0, 4, 3, 2, 5, seed=0)
     for fn in (ssd_scan_ref, ssd_scan_torch):
-        y, s = run_scan(fn, inputs, 8)
-        assert y.shape == (2, 0, 4, 3)
-        assert torch.equal(s, inputs["initial_state"]) and s is not inputs["initial_state"]
+        for grad in (False, True):
+            s0 = inputs["initial_state"].clone().requires_grad_(grad)
+            y, s = run_scan(fn, dict(inputs, initial_state=s0), 8)
+            assert y.shape == (2, 0, 4, 3)
+            assert torch.equal(s, s0) and s is not s0
+            if grad:
+                s.sum().backward()
+                assert torch.equal(s0.grad, torch.ones_like(s0))
 
 
 def test_inputs_are_not_modified():
@@ -380,6 +385,39 @@ def test_inputs_are_not_modified():
         run_scan(fn, inputs, 16)
     for k, v in before.items():
         assert torch.equal(inputs[k], v), k
+
+
+def test_outputs_do_not_alias_the_reused_scratch_buffers():
+    first = make_inputs(1, 300, 4, 8, 1, 6, seed=43)
+    second = make_inputs(2, 200, 4, 8, 2, 6, seed=44, D="hp")
+    with torch.no_grad():
+        y1, s1 = run_scan(ssd_scan_torch, first, 64)
+        kept = (y1.clone(), s1.clone())
+        run_scan(ssd_scan_torch, second, 64)
+        run_scan(ssd_scan_torch, first, 16)
+    assert torch.equal(y1, kept[0]) and torch.equal(s1, kept[1])
+
+
+def test_concurrent_calls_from_threads_agree():
+    import threading
+
+    cases = [make_inputs(1, 260, 4, 8, 1, 6, seed=50 + i) for i in range(4)]
+    with torch.no_grad():
+        want = [run_scan(ssd_scan_torch, c, 32) for c in cases]
+    got = [None] * len(cases)
+
+    def work(i):
+        with torch.no_grad():
+            for _ in range(3):
+                got[i] = run_scan(ssd_scan_torch, cases[i], 32)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (y, s), (yw, sw) in zip(got, want):  # BLAS may block differently under load: not bit for bit
+        assert rel(y, yw) <= 1e-6 and rel(s, sw) <= 1e-6
 
 
 def test_return_final_state_false_returns_y_only():
@@ -542,6 +580,8 @@ SCAN_ERRORS = [
     (dict(dt=torch.randn(2, 9, 4)), ["dt", "(b, l, h)", "(2, 10, 4)", "(2, 9, 4)"]),
     (dict(dt=torch.randn(2, 10, 3)), ["dt", "(2, 10, 4)", "(2, 10, 3)"]),
     (dict(dt=torch.ones(2, 10, 4, dtype=torch.int32)), ["dt", "floating", "torch.int32"]),
+    (dict(dt=None), ["dt", "torch.Tensor", "NoneType"]),
+    (dict(A=None), ["A", "torch.Tensor", "NoneType"]),
     (dict(A=torch.randn(4, 5)), ["A", "1 dimensions", "(4, 5)"]),
     (dict(A=torch.randn(3)), ["A", "(h,)", "(4,)", "(3,)"]),
     (dict(A=torch.ones(4, dtype=torch.int64)), ["A", "floating"]),
@@ -631,6 +671,15 @@ STEP_ERRORS = [
     (dict(dt_bias=torch.randn(5)), ["dt_bias", "(h,)", "(5,)"]),
     (dict(dt_bias=torch.randn(4, 1)), ["dt_bias", "1 dimensions"]),
     (dict(x=torch.randn(2, 4, 3, device="meta")), ["one device", "x on meta", "state on cpu"]),
+    (dict(state=None), ["state", "torch.Tensor", "NoneType"]),
+    (dict(dt=torch.ones(2, 4, dtype=torch.int64)), ["dt", "floating"]),
+    (dict(A=torch.ones(4, dtype=torch.int64)), ["A", "floating"]),
+    (dict(B=torch.ones(2, 2, 5, dtype=torch.int64)), ["B", "floating"]),
+    (dict(C=torch.ones(2, 2, 5, dtype=torch.int64)), ["C", "floating"]),
+    (dict(D=torch.randn(4, 3, 1)), ["D", "1 or 2 dimensions"]),
+    (dict(D=torch.ones(4, 3, dtype=torch.int64)), ["D", "floating"]),
+    (dict(z=torch.ones(2, 4, 3, dtype=torch.int64)), ["z", "floating"]),
+    (dict(dt_bias=torch.ones(4, dtype=torch.int64)), ["dt_bias", "floating"]),
 ]
 
 

@@ -1,0 +1,165 @@
+"""CPU micro-benchmark of the Mamba-1 selective scan (and the causal conv1d in front of it).
+
+Peers, run side by side in one process on the same inputs:
+
+- ``torch``: seqlab's vectorised path (``kernels/selective_scan/torch.py``), forward under ``no_grad`` and
+  forward + backward;
+- ``naive``: the textbook / HF "slow path" way: materialise exp(delta A) and delta B u as full (b, d, l, n)
+  tensors, then a Python loop over time (forward + backward only up to ``--naive-bwd-max``);
+- ``ref``: the float64-capable sequential reference (run in float32 here; only up to ``--ref-max``, it is slow).
+
+Default shape: the Mamba-1 mixer of a d_model 256 model (b = 1, d = 512, n = 16, fp32) with softplus(delta +
+bias), D and z, at l = 2k / 8k / 32k. Prints ms (best of ``--repeats``), Mtok/s (b * l per second) and the
+speed-up over the naive baseline. Machines here are shared and noisy: the load average is printed with the
+table; compare only numbers taken in one run.
+
+    python bench/kernels_cpu_scan.py                      # the default table (~1-2 minutes)
+    python bench/kernels_cpu_scan.py --layout channels_last --lengths 8192
+    python bench/kernels_cpu_scan.py --d 1536 --n 16 --lengths 2048 --no-backward
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import torch
+
+from seqlab.kernels.conv1d.torch import causal_conv1d_torch
+from seqlab.kernels.selective_scan.ref import selective_scan_ref
+from seqlab.kernels.selective_scan.torch import selective_scan_torch
+
+
+def make_inputs(b, d, n, l, layout, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    def bdl():
+        x = r(b, d, l)
+        return x.transpose(1, 2).contiguous().transpose(1, 2) if layout == "channels_last" else x
+
+    return dict(u=bdl(), delta=bdl() * 0.5 - 1.0, A=-torch.exp(r(d, n) * 0.5), B=r(b, n, l), C=r(b, n, l),
+                D=r(d), z=bdl(), delta_bias=r(d) * 0.1)
+
+
+def naive_scan(u, delta, A, B, C, D, z, delta_bias):
+    """Materialise (b, d, l, n), then loop over time (what HF's slow Mamba path does)."""
+    delta = torch.nn.functional.softplus(delta + delta_bias[:, None])
+    dA = torch.exp(delta[..., None] * A[:, None, :])                     # (b, d, l, n)
+    dBu = (delta * u)[..., None] * B.transpose(1, 2)[:, None]            # (b, d, l, n)
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    ys = []
+    for dA_t, dBu_t, C_t in zip(dA.unbind(2), dBu.unbind(2), C.unbind(2)):
+        h = dA_t * h + dBu_t
+        ys.append(torch.matmul(h, C_t[:, :, None])[..., 0])
+    y = torch.stack(ys, dim=-1) + u * D[:, None]
+    return y * torch.nn.functional.silu(z)
+
+
+def fast_scan(**kw):
+    return selective_scan_torch(**kw, delta_softplus=True)
+
+
+def ref_scan(**kw):
+    return selective_scan_ref(**kw, delta_softplus=True)
+
+
+def best_ms(fn, repeats):
+    fn()  # warm-up (allocator, first-touch page faults)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def run_forward(fn, inputs):
+    def go():
+        with torch.no_grad():
+            fn(**inputs)
+    return go
+
+
+def run_backward(fn, inputs):
+    def go():
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+        fn(**leaves).sum().backward()
+    return go
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--b", type=int, default=1)
+    p.add_argument("--d", type=int, default=512)
+    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--w", type=int, default=4, help="conv width for the conv1d rows")
+    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
+    p.add_argument("--layout", choices=["standard", "channels_last", "both"], default="both",
+                   help="(b, d, l) contiguous, or the transpose of a contiguous (b, l, d) as a mixer makes it")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--ref-max", type=int, default=2048, help="longest l for the sequential reference")
+    p.add_argument("--naive-max", type=int, default=32768, help="longest l for the naive forward")
+    p.add_argument("--naive-bwd-max", type=int, default=2048, help="longest l for the naive backward")
+    p.add_argument("--no-backward", action="store_true")
+    p.add_argument("--no-conv", action="store_true")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    layouts = ["standard", "channels_last"] if args.layout == "both" else [args.layout]
+    print(f"# selective scan, b={args.b} d={args.d} n={args.n} fp32, softplus(delta + bias), D, z")
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+          f"load average {os.getloadavg()[0]:.2f} at start")
+    header = f"{'l':>6} {'layout':<13} {'impl':<6} {'mode':<8} {'ms':>10} {'Mtok/s':>9} {'vs naive':>9}"
+    print(header)
+    print("-" * len(header))
+    per_token = {}
+    for l in args.lengths:
+        for layout in layouts:
+            inputs = make_inputs(args.b, args.d, args.n, l, layout)
+            tok = args.b * l
+            rows = []
+            naive_fwd = naive_bwd = None
+            if l <= args.naive_max and layout == layouts[0]:
+                naive_fwd = best_ms(run_forward(naive_scan, inputs), max(1, args.repeats - 1))
+                rows.append(("naive", "fwd", naive_fwd, naive_fwd))
+                if not args.no_backward and l <= args.naive_bwd_max:
+                    naive_bwd = best_ms(run_backward(naive_scan, inputs), 1)
+                    rows.append(("naive", "fwd+bwd", naive_bwd, naive_bwd))
+            if l <= args.ref_max and layout == layouts[0]:
+                ms = best_ms(run_forward(ref_scan, inputs), 1)
+                rows.append(("ref", "fwd", ms, naive_fwd))
+            ms = best_ms(run_forward(fast_scan, inputs), args.repeats)
+            per_token[(l, layout)] = ms / tok
+            rows.append(("torch", "fwd", ms, naive_fwd))
+            if not args.no_backward:
+                ms = best_ms(run_backward(fast_scan, inputs), max(1, args.repeats - 1))
+                rows.append(("torch", "fwd+bwd", ms, naive_bwd))
+            if not args.no_conv:
+                gen = torch.Generator().manual_seed(1)
+                conv_in = dict(x=inputs["u"], weight=torch.randn(args.d, args.w, generator=gen),
+                               bias=torch.randn(args.d, generator=gen))
+                conv = lambda **kw: causal_conv1d_torch(**kw, activation="silu")  # noqa: E731
+                rows.append(("conv1d", "fwd", best_ms(run_forward(conv, conv_in), args.repeats), None))
+                if not args.no_backward:
+                    rows.append(("conv1d", "fwd+bwd", best_ms(run_backward(conv, conv_in), args.repeats), None))
+            for impl, mode, ms, base in rows:
+                ratio = f"{base / ms:8.1f}x" if base else f"{'':>9}"
+                print(f"{l:>6} {layout:<13} {impl:<6} {mode:<8} {ms:>10.1f} {tok / ms / 1e3:>9.3f} {ratio}",
+                      flush=True)
+    if len(args.lengths) > 1:
+        first, last = min(args.lengths), max(args.lengths)
+        for layout in layouts:
+            a, z = per_token.get((first, layout)), per_token.get((last, layout))
+            if a and z:
+                print(f"# torch fwd tok/s at l={last} is {a / z:.2f}x that at l={first} ({layout})")
+
+
+if __name__ == "__main__":
+    main()
