@@ -53,7 +53,8 @@ def _check_weight_bias(weight, bias, d):
     require_shape("weight", weight, (d, None), what="(d, w)")
     w = weight.shape[1]
     if w < 1:
-        raise KernelInputError(f"weight must have at least one tap: shape (d, w) with w >= 1, got {tuple(weight.shape)}")
+        raise KernelInputError(
+            f"weight must have at least one tap: shape (d, w) with w >= 1, got {tuple(weight.shape)}")
     if bias is not None:
         require_tensor("bias", bias, ndim=1)
         require_shape("bias", bias, (d,), what="(d,)")

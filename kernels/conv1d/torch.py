@@ -146,11 +146,12 @@ class _CausalConv1dFn(torch.autograd.Function):
         else:
             g_pre = lay.view(gy).to(cdt)
             if ctx.silu:
-                pre = lay.view(_conv_forward(x, weight, bias, False, initial_state, cdt,
-                                             _empty_like_layout(x, cdt)))
-                s = torch.sigmoid(pre)
-                # d silu(p) / dp = s * (1 + p * (1 - s))
-                g_pre = g_pre * (s * (1 + pre * (1 - s)))
+                # silu'(p) = s (1 + p - p s) with s = sigmoid(p), built in place over the recomputed p
+                p = lay.view(_conv_forward(x, weight, bias, False, initial_state, cdt,
+                                           _empty_like_layout(x, cdt)))
+                s = torch.sigmoid(p)
+                torch.addcmul(p, p, s, value=-1, out=p).add_(1).mul_(s).mul_(g_pre)
+                g_pre = p
         g_full = torch.zeros_like(full)
         taps = weight.to(cdt)
         for k in range(w):
@@ -160,8 +161,9 @@ class _CausalConv1dFn(torch.autograd.Function):
         reduce_dims = (0, 1) if lay.cl else (0, 2)
         g_w = None
         if ctx.needs_input_grad[1]:
-            g_w = torch.stack([(g_pre * full.narrow(pd, k, l)).sum(reduce_dims) for k in range(w)], dim=1)
-            g_w = g_w.to(weight.dtype)
+            tmp = torch.empty_like(g_pre)
+            g_w = torch.stack([torch.mul(g_pre, full.narrow(pd, k, l), out=tmp).sum(reduce_dims)
+                               for k in range(w)], dim=1).to(weight.dtype)
         g_b = g_pre.sum(reduce_dims).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
         g_x = lay.view(g_full.narrow(pd, w - 1, l)).to(x.dtype)
         g_init = None

@@ -62,15 +62,15 @@ from .ref import check_scan_args, check_state_update_args, compute_dtype
 __all__ = ["clear_workspace_cache", "selective_scan_torch", "selective_state_update_torch"]
 
 _LOG2E = 1.0 / math.log(2.0)
+_LN2 = math.log(2.0)
 
-#: positions per chunk (the length of the per-position loop inside a block)
+#: positions per chunk (the length of the per-position loops inside a block)
 CHUNK = 16
-#: elements of one (b, L, n, d) block buffer in inference (8 MiB in fp32; 4-16 MiB measured within noise)
+#: elements of one (b, L, n, d) block buffer (8 MiB in fp32; 4 to 16 MiB measured alike on a 2-core EPYC).
+#: The backward holds three such buffers.
 BLOCK_ELEMS = 1 << 21
-#: the same for the autograd path, whose backward holds three such buffers at once
+#: the same for the autograd path (its forward must cut the sequence where its backward does)
 BLOCK_ELEMS_GRAD = 1 << 21
-
-
 #: fewest chunks per block: the per-position Python loops then run at most (2 / MIN_CHUNKS + 1 / T) times per
 #: position even when b * d * n alone exceeds the block budget
 MIN_CHUNKS = 8
@@ -82,9 +82,6 @@ def _plan(b: int, d: int, n: int, l: int, chunk: int, block_elems: int) -> tuple
     per_position = max(1, b * d * n)
     C = max(MIN_CHUNKS, block_elems // (per_position * T))
     return T, min(C, -(-l // T))
-
-
-_LN2 = math.log(2.0)
 
 
 def _softplus_(x: torch.Tensor, e: torch.Tensor, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -124,6 +121,14 @@ def _unstage_transposed(dst: torch.Tensor, src: torch.Tensor) -> None:
 def _channels_last(x: torch.Tensor) -> bool:
     """True for a (b, d, l) tensor stored position-major, e.g. the transpose of a contiguous (b, l, d)."""
     return x.shape[1] > 1 and x.stride(1) == 1 and x.stride(2) >= x.shape[1]
+
+
+def _empty_like_layout(x: torch.Tensor, dtype) -> torch.Tensor:
+    """A fresh dense (b, d, l) tensor, position-major when ``x`` is."""
+    b, d, l = x.shape
+    if _channels_last(x):
+        return torch.empty(b, l, d, dtype=dtype, device=x.device).transpose(1, 2)
+    return torch.empty(b, d, l, dtype=dtype, device=x.device)
 
 
 class _Workspace:
@@ -185,10 +190,12 @@ def _wview(x: torch.Tensor, s0: int, Lv: int, cl: bool) -> torch.Tensor:
 
 
 def _winput(ws, x, s0, Lv, slot, cdt):
-    """Block of ``x`` in the work layout and ``cdt``: a view when possible, else staged into work ``slot``."""
+    """Block of ``x`` in the work layout and ``cdt``: a view for position-major inputs of that dtype, else
+    staged into work ``slot``."""
     v = _wview(x, s0, Lv, ws.cl)
-    if x.dtype == cdt and (ws.cl == _channels_last(x) or x.shape[1] == 1):
+    if ws.cl and x.dtype == cdt and _channels_last(x):
         return v
+    # (b, d, l) layout: one contiguous copy, so that the strided rows are read from memory once
     return ws.work(slot, Lv).copy_(v)
 
 
@@ -354,7 +361,7 @@ def _scan_forward(u, delta, A, B, C, h0, cdt, *, delta_bias=None, softplus=False
     D_c = None
     if D is not None:
         D_c = D.to(cdt) if cl else D.to(cdt)[:, None]
-    y = out if out is not None else torch.empty_like(u, dtype=cdt)
+    y = out if out is not None else _empty_like_layout(u, cdt)
     starts = [] if save_starts else None
     for s0 in range(0, l, L):
         Lv = min(L, l - s0)
@@ -405,8 +412,8 @@ def _scan_backward(u, delta, A, B, C, starts, gy, g_final, cdt, chunk, block_ele
     ws = _workspace(b, d, n, g, T, Cmax, cdt, dev, cl=cl, n_big=3, n_work=8, n_core=5, n_lgn=4, n_chunk=4)
     A2 = _a_layout(A, g, cdt, _LOG2E)
     A_nat = _a_layout(A, g, cdt)
-    gu = torch.empty_like(u, dtype=cdt)
-    gdelta = torch.empty_like(u, dtype=cdt)
+    gu = _empty_like_layout(u, cdt)
+    gdelta = _empty_like_layout(u, cdt)
     gB = torch.empty(b, g, n, l, dtype=cdt, device=dev)
     gC = torch.empty(b, g, n, l, dtype=cdt, device=dev)
     gA = torch.zeros(g, n, dg, dtype=cdt, device=dev)
@@ -549,7 +556,7 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     needs_grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
                                                  for t in tensors)
     if not needs_grad:
-        out = torch.empty_like(u)  # keeps u's layout (channels-last inputs give a channels-last output)
+        out = _empty_like_layout(u, u.dtype)  # position-major inputs give a position-major output
         out, final, _ = _scan_forward(u, delta, A, B4, C4, initial_state, cdt, delta_bias=delta_bias,
                                       softplus=delta_softplus, D=D, z=z, out=out, chunk=chunk,
                                       block_elems=block_elems or BLOCK_ELEMS)

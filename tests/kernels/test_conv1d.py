@@ -261,7 +261,8 @@ def test_mixer_like_layouts():
     gen = torch.Generator().manual_seed(18)
     proj = torch.randn(2, 50, 10, generator=gen)
     x = proj[..., :5].transpose(1, 2)  # (b, d, l), position-major with row stride 2d
-    weight, bias, init = torch.randn(5, 4, generator=gen), torch.randn(5, generator=gen), torch.randn(2, 5, 3, generator=gen)
+    weight, bias = torch.randn(5, 4, generator=gen), torch.randn(5, generator=gen)
+    init = torch.randn(2, 5, 3, generator=gen)
     ref_y, ref_state = causal_conv1d_ref(as_f64(x), as_f64(weight), as_f64(bias), "silu", as_f64(init), True)
     for block in BLOCKS:
         y, state = causal_conv1d_torch(x, weight, bias, "silu", init, True, block_elems=block)

@@ -11,7 +11,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -291,6 +290,28 @@ def test_non_contiguous_inputs(how):
     if how == "channels_last":
         assert out.stride(1) == 1  # the output keeps the position-major layout of u
     _grad_check(inputs, True, TILINGS[1:2])
+
+
+def test_mixer_like_inputs():
+    """As a Mamba-1 mixer hands them over: u, z halves of one (b, l, 2d) projection seen as (b, d, l) (position-
+    major views with gaps), delta / B / C transposed views of (b, l, .) tensors."""
+    b, d, n, l = 2, 4, 3, 70
+    gen = torch.Generator().manual_seed(19)
+    xz = torch.randn(b, l, 2 * d, generator=gen)
+    u, z = xz.transpose(1, 2).chunk(2, dim=1)
+    dbc = torch.randn(b, l, d + 2 * n, generator=gen)
+    delta, Bm, Cm = (t.transpose(1, 2) for t in torch.split(dbc, [d, n, n], dim=-1))
+    A, D, bias = -torch.rand(d, n, generator=gen), torch.randn(d, generator=gen), torch.randn(d, generator=gen)
+    inputs = dict(u=u, delta=delta, A=A, B=Bm, C=Cm, D=D, z=z, delta_bias=bias, initial_state=None)
+    ref_out, ref_state = run_ref(inputs, True)
+    for chunk, block in TILINGS[:2]:
+        with torch.no_grad():
+            out, state = selective_scan_torch(**inputs, delta_softplus=True, return_final_state=True,
+                                              chunk_size=chunk, block_elems=block)
+        assert out.stride(1) == 1 and out.stride(2) == d  # a dense position-major output
+        assert_rel(out, ref_out, OUT_TOL, "out")
+        assert_rel(state, ref_state, OUT_TOL, "state")
+    _grad_check({k: (v.detach() if v is not None else None) for k, v in inputs.items()}, True, TILINGS[1:2])
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float16, 1e-3), (torch.bfloat16, 8e-3)])
