@@ -23,6 +23,7 @@ spin and wait on each other when the cores are oversubscribed); ``--threads 1`` 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -36,6 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from seqlab.testing import rel_err  # noqa: E402
 
 VOCAB = 256
 D_MODEL = 256
@@ -53,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default 2048 8192 32768)")
     p.add_argument("--repeats", type=int, help="timed forwards per point; the median is reported (default 3)")
     p.add_argument("--hf-max-len", type=int, default=8192, help="skip HF above this length (default 8192)")
+    p.add_argument("--ref-max-len", type=int, default=2048,
+                   help="time the float64 reference model up to this length (default 2048)")
     p.add_argument("--skip-hf", action="store_true", help="time seqlab only (builds the models without HF)")
     p.add_argument("--skip-stream", action="store_true", help="skip the streaming memory test")
     p.add_argument("--stream-tokens", type=int, nargs=2, metavar=("SHORT", "LONG"),
@@ -140,23 +144,25 @@ def build_pair(kind: str, with_hf: bool):
     return model.set_backend("torch"), hf
 
 
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    got, want = got.double(), want.double()
-    return ((got - want).abs().max() / want.abs().max()).item()
-
-
 @torch.no_grad()
-def time_forward(fn, length: int, repeats: int) -> float:
-    """Median seconds of ``fn(ids)`` on ``length`` random tokens, after one warm-up on min(length, 1024)."""
+def time_peers(fns: dict, length: int, repeats: int) -> dict:
+    """Median seconds of each ``fn(ids)`` on the same ``length`` random tokens.
+
+    The peers take turns within every repeat (seqlab, HF, seqlab, HF, ...), so a slow spell of a shared
+    machine falls on all of them alike and the ratio stays meaningful. One warm-up each on min(length, 1024).
+    """
     gen = torch.Generator().manual_seed(length)
-    fn(torch.randint(0, VOCAB, (1, min(length, 1024)), generator=gen))
+    warm = torch.randint(0, VOCAB, (1, min(length, 1024)), generator=gen)
+    for fn in fns.values():
+        fn(warm)
     ids = torch.randint(0, VOCAB, (1, length), generator=gen)
-    times = []
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn(ids)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn(ids)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def fmt_rate(value: float | None) -> str:
@@ -174,25 +180,32 @@ def run_speed(args) -> None:
             with torch.no_grad():
                 err = rel_err(model(ids, return_state=False).logits, hf(ids, use_cache=False).logits)
             print(f"{kind}: seqlab vs HF logits on {args.check_len} tokens: max|diff|/max|HF| = {err:.2e}", flush=True)
+        reference = copy.deepcopy(model).double().set_backend("ref")
         rates = {}
         for length in args.lengths:
-            seconds = time_forward(lambda x: model(x, return_state=False), length, args.repeats)
-            rate = length / seconds
-            rates[length] = rate
-            hf_rate = None
+            peers = {"seqlab": lambda x: model(x, return_state=False)}
             if hf is not None and length <= args.hf_max_len:
-                hf_rate = length / time_forward(lambda x: hf(x, use_cache=False), length, args.repeats)
-            ratio = "-" if hf_rate is None else f"{rate / hf_rate:.1f}x"
-            rows.append(f"| {kind} | {length} | {fmt_rate(rate)} | {fmt_rate(hf_rate)} | {ratio} |")
-            print(f"  {kind} L={length}: seqlab {fmt_rate(rate)} tok/s, HF {fmt_rate(hf_rate)} tok/s", flush=True)
+                peers["hf"] = lambda x: hf(x, use_cache=False)
+            seconds = time_peers(peers, length, args.repeats)
+            if length <= args.ref_max_len:  # the sequential float64 truth: slow, timed once
+                seconds.update(time_peers({"ref": lambda x: reference(x, return_state=False)}, length, 1))
+            rate = {name: length / s for name, s in seconds.items()}
+            rates[length] = rate["seqlab"]
+            hf_rate, ref_rate = rate.get("hf"), rate.get("ref")
+            ratio = "-" if hf_rate is None else f"{rate['seqlab'] / hf_rate:.1f}x"
+            ref_ratio = "-" if ref_rate is None else f"{rate['seqlab'] / ref_rate:.0f}x"
+            rows.append(f"| {kind} | {length} | {fmt_rate(rate['seqlab'])} | {fmt_rate(hf_rate)} | {ratio} | "
+                        f"{fmt_rate(ref_rate)} | {ref_ratio} |")
+            print(f"  {kind} L={length}: seqlab {fmt_rate(rate['seqlab'])} tok/s, HF {fmt_rate(hf_rate)} tok/s, "
+                  f"float64 ref {fmt_rate(ref_rate)} tok/s", flush=True)
         lo, hi = min(rates), max(rates)
         if hi != lo:
             scaling.append(f"{kind}: seqlab tok/s at L={hi} / at L={lo} = {rates[hi] / rates[lo]:.2f}")
         del model, hf
 
     print()
-    print("| model | L | seqlab tok/s | HF tok/s | seqlab / HF |")
-    print("|---|---|---|---|---|")
+    print("| model | L | seqlab tok/s | HF tok/s | seqlab / HF | float64 ref tok/s | seqlab / ref |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         print(row)
     print()

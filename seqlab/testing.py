@@ -16,3 +16,9 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     scale = want.abs().max().item()
     diff = (got - want).abs().max().item()
     return diff / scale if scale > 0 else diff
+
+
+def assert_rel(got: torch.Tensor, want: torch.Tensor, tol: float, what: str = "") -> None:
+    """Fail with the measured error when ``rel_err(got, want) > tol`` (NaN or inf in ``got`` always fails)."""
+    err = rel_err(got, want)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"

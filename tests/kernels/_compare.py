@@ -4,23 +4,7 @@ from __future__ import annotations
 
 import torch
 
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected| (in float64; 0 for empty tensors)."""
-    assert actual.shape == expected.shape, (tuple(actual.shape), tuple(expected.shape))
-    if expected.numel() == 0:
-        return 0.0
-    a = actual.detach().to(torch.float64)
-    e = expected.detach().to(torch.float64)
-    assert torch.isfinite(a).all(), "non-finite values in the result"
-    scale = e.abs().max().item()
-    diff = (a - e).abs().max().item()
-    return diff / scale if scale > 0 else diff
-
-
-def assert_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:
-    err = rel_err(actual, expected)
-    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+from seqlab.testing import assert_rel, rel_err  # noqa: F401  (re-exported for the kernel tests)
 
 
 def as_f64(x):

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 import seqlab.kernels as K
 import seqlab.kernels.ssd.torch as ssd_torch_module
 from seqlab.kernels import KernelInputError
+from seqlab.testing import rel_err as rel
 from seqlab.kernels.ssd.ref import ssd_scan_ref, ssd_state_update_ref
 from seqlab.kernels.ssd.torch import ssd_scan_torch, ssd_state_update_torch
 
@@ -27,13 +28,6 @@ INPUT_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
-
-
-def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
-    a, ref = a.detach().double(), ref.detach().double()
-    scale = ref.abs().max().item()
-    err = (a - ref).abs().max().item()
-    return err / scale if scale > 0 else err
 
 
 def make_inputs(b=2, l=37, h=4, p=3, g=2, n=5, *, D="h", z=True, dt_bias=True, softplus=True, init=True,
