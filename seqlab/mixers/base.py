@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 LayerState = dict[str, torch.Tensor]
@@ -29,3 +30,19 @@ def init_dt_bias(n: int, dt_min: float, dt_max: float, floor: float) -> torch.Te
     """Bias whose softplus is log-uniform in [dt_min, dt_max] (the Mamba initialisation)."""
     dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
     return dt + torch.log(-torch.expm1(-dt))  # inverse of softplus
+
+
+def project_rows(linear: nn.Linear, hidden: torch.Tensor, sizes) -> list[torch.Tensor]:
+    """``torch.split(linear(hidden), sizes, -1)``, computed as one GEMM per row slice of the weight.
+
+    The numbers are those of the fused projection, but each part comes out contiguous: on CPU, elementwise
+    ops on strided slices of the fused output (SiLU(z), the conv taps, the scan's inputs) ran up to 3x slower,
+    and the whole Mamba-2 model gained about 10% (A/B in one process).
+    """
+    weight, bias = linear.weight, linear.bias
+    parts, start = [], 0
+    for size in sizes:
+        stop = start + size
+        parts.append(F.linear(hidden, weight[start:stop], None if bias is None else bias[start:stop]))
+        start = stop
+    return parts

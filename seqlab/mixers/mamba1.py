@@ -13,7 +13,7 @@ from einops import rearrange, repeat
 from torch import nn
 
 from seqlab import kernels
-from seqlab.mixers.base import LayerState, Mixer, init_dt_bias
+from seqlab.mixers.base import LayerState, Mixer, init_dt_bias, project_rows
 
 
 class Mamba1Mixer(Mixer):
@@ -54,12 +54,14 @@ class Mamba1Mixer(Mixer):
     def _conv_weight(self) -> torch.Tensor:
         return rearrange(self.conv1d.weight, "d 1 w -> d w")
 
+    def _project_in(self, hidden: torch.Tensor):
+        return project_rows(self.in_proj, hidden, (self.d_inner, self.d_inner))
+
     def _split_x_dbl(self, x_dbl: torch.Tensor):
         return torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
 
     def forward(self, hidden: torch.Tensor, state: LayerState | None = None, return_state: bool = True):
-        xz = rearrange(self.in_proj(hidden), "b l e -> b e l")
-        x, z = xz.chunk(2, dim=1)
+        x, z = (rearrange(t, "b l d -> b d l") for t in self._project_in(hidden))
         conv_out = kernels.causal_conv1d(x, self._conv_weight(), self.conv1d.bias, activation="silu",
                                          initial_state=None if state is None else state["conv"],
                                          return_final_state=return_state, backend=self.backend)

@@ -13,7 +13,7 @@ from einops import rearrange
 from torch import nn
 
 from seqlab import kernels
-from seqlab.mixers.base import LayerState, Mixer, init_dt_bias
+from seqlab.mixers.base import LayerState, Mixer, init_dt_bias, project_rows
 from seqlab.norm import GatedRMSNorm
 
 
@@ -57,11 +57,14 @@ class Mamba2Mixer(Mixer):
     def _split_in_proj(self, zxbcdt: torch.Tensor):
         return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
 
+    def _project_in(self, hidden: torch.Tensor):
+        return project_rows(self.in_proj, hidden, (self.d_inner, self.conv_dim, self.nheads))
+
     def _split_xbc(self, xbc: torch.Tensor):
         return torch.split(xbc, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
 
     def forward(self, hidden: torch.Tensor, state: LayerState | None = None, return_state: bool = True):
-        z, xbc, dt = self._split_in_proj(self.in_proj(hidden))
+        z, xbc, dt = self._project_in(hidden)
         conv_out = kernels.causal_conv1d(rearrange(xbc, "b l c -> b c l"), self._conv_weight(), self.conv1d.bias,
                                          activation="silu", initial_state=None if state is None else state["conv"],
                                          return_final_state=return_state, backend=self.backend)
