@@ -26,7 +26,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -37,6 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from _machine import machine_line  # noqa: E402  (bench/ is on sys.path when a bench runs)
 from seqlab.testing import rel_err  # noqa: E402
 
 VOCAB = 256
@@ -83,22 +83,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------------------------------
-def machine_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"machine: {cpu}, {cores} cores available ({os.cpu_count()} logical), {platform.system()} "
-            f"{platform.release()}, python {platform.python_version()}, torch {torch.__version__}, "
-            f"torch threads {torch.get_num_threads()}")
-
-
 def seqlab_config(kind: str):
     from seqlab import BackboneConfig
 
@@ -201,7 +185,6 @@ def run_speed(args) -> None:
         lo, hi = min(rates), max(rates)
         if hi != lo:
             scaling.append(f"{kind}: seqlab tok/s at L={hi} / at L={lo} = {rates[hi] / rates[lo]:.2f}")
-        del model, hf
 
     print()
     print("| model | L | seqlab tok/s | HF tok/s | seqlab / HF | float64 ref tok/s | seqlab / ref |")

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _machine import machine_line  # noqa: E402  (bench/ is on sys.path when a bench runs)
 
 try:
     from seqlab.kernels.ssd.ref import ssd_scan_ref
@@ -106,20 +105,6 @@ def bench_forward_backward(inp, chunk_size, repeats):
         y = call(ssd_scan_torch, leaves, chunk_size)
         y.backward(grad_y)
     return time_runs(run, repeats)
-
-
-def machine_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (f"machine: {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"python {platform.python_version()}")
 
 
 def main(argv=None) -> int:

@@ -25,25 +25,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._layout import channels_last as _channels_last
+from .._layout import empty_like_layout as _empty_like_layout
 from .ref import check_conv_args, check_conv_update_args, compute_dtype
 
 __all__ = ["causal_conv1d_torch", "causal_conv1d_update_torch"]
 
 #: elements of (b, d, positions) per block of the inference forward
 BLOCK_ELEMS = 1 << 18
-
-
-def _channels_last(x: torch.Tensor) -> bool:
-    """True for a (b, d, l) tensor stored position-major, e.g. the transpose of a contiguous (b, l, d)."""
-    return x.shape[1] > 1 and x.stride(1) == 1 and x.stride(2) >= x.shape[1]
-
-
-def _empty_like_layout(x: torch.Tensor, dtype) -> torch.Tensor:
-    """A fresh (b, d, l) tensor laid out like ``x`` (position-major or standard)."""
-    b, d, l = x.shape
-    if _channels_last(x):
-        return torch.empty(b, l, d, dtype=dtype, device=x.device).transpose(1, 2)
-    return torch.empty(b, d, l, dtype=dtype, device=x.device)
 
 
 class _Work:

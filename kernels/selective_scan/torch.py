@@ -57,6 +57,8 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
+from .._layout import channels_last as _channels_last
+from .._layout import empty_like_layout as _empty_like_layout
 from .ref import check_scan_args, check_state_update_args, compute_dtype
 
 __all__ = ["clear_workspace_cache", "selective_scan_torch", "selective_state_update_torch"]
@@ -116,19 +118,6 @@ def _unstage_transposed(dst: torch.Tensor, src: torch.Tensor) -> None:
     Lv = dst.shape[2]
     for i in range(dst.shape[0]):
         dst[i].copy_(src[i, :Lv].t())
-
-
-def _channels_last(x: torch.Tensor) -> bool:
-    """True for a (b, d, l) tensor stored position-major, e.g. the transpose of a contiguous (b, l, d)."""
-    return x.shape[1] > 1 and x.stride(1) == 1 and x.stride(2) >= x.shape[1]
-
-
-def _empty_like_layout(x: torch.Tensor, dtype) -> torch.Tensor:
-    """A fresh dense (b, d, l) tensor, position-major when ``x`` is."""
-    b, d, l = x.shape
-    if _channels_last(x):
-        return torch.empty(b, l, d, dtype=dtype, device=x.device).transpose(1, 2)
-    return torch.empty(b, d, l, dtype=dtype, device=x.device)
 
 
 class _Workspace:

@@ -350,8 +350,7 @@ def ssd_scan_torch(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_
 def ssd_state_update_torch(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
     """One decode step: returns (y (b, h, p), new_state (b, h, p, n)); the state passed in is not modified."""
     dims = check_step_args(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias)
-    b, h, p, g, n, cd = dims.b, dims.h, dims.p, dims.g, dims.n, dims.compute_dtype
-    hg = h // g
+    b, h, p, g, cd = dims.b, dims.h, dims.p, dims.g, dims.compute_dtype
     xc = x.to(cd)
     dtc = prepare_dt(dt, dt_bias, dt_softplus, cd)
     decay = torch.exp(dtc * A.to(cd))  # (b, h)

@@ -25,16 +25,6 @@ OUT_TOL = 1e-5
 GRAD_TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These tensors are tiny: intra-op threads only add fork/join cost, and on a shared 2-core machine an
-    OpenMP team waiting for a descheduled thread turns every op into a scheduler time slice (30x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_inputs(b=2, d=5, l=37, w=4, *, bias=True, init=True, dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
 

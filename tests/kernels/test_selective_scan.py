@@ -25,16 +25,6 @@ OUT_TOL = 1e-5
 GRAD_TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These tensors are tiny: intra-op threads only add fork/join cost, and on a shared 2-core machine an
-    OpenMP team waiting for a descheduled thread turns every op into a scheduler time slice (30x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
 # (chunk_size, block_elems): the default tiling, and small ones that force many blocks, a padded last chunk,

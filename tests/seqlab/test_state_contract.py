@@ -126,3 +126,34 @@ def test_prefill_on_existing_state_any_length(kind):
         state = model(ids[:, :1]).state
         rest = model(ids[:, 1:], state)
     assert rel_err(rest.logits, whole.logits[:, 1:]) <= 1e-5
+
+
+@settings(max_examples=15, deadline=None)
+@given(data=st.data())
+def test_random_configs_stream_and_step_exactly(data):
+    """Invariants 1 and 2 over random shapes of both mixers, not just the fixed tiny configs."""
+    ssm = data.draw(st.sampled_from(SSMS), label="ssm")
+    d_conv = data.draw(st.integers(1, 4), label="d_conv")
+    expand = data.draw(st.integers(1, 2), label="expand")
+    d_state = data.draw(st.integers(1, 8), label="d_state")
+    kw = dict(d_conv=d_conv, expand=expand, d_state=d_state, n_layer=data.draw(st.integers(1, 2), label="n_layer"))
+    if ssm == "mamba1":
+        kw["dt_rank"] = data.draw(st.integers(1, 4), label="dt_rank")
+    else:
+        kw["headdim"] = data.draw(st.sampled_from([2, 4, 8]), label="headdim")
+        heads = 16 * expand // kw["headdim"]
+        kw["ngroups"] = data.draw(st.sampled_from([g for g in (1, 2, 4) if heads % g == 0]), label="ngroups")
+        kw["chunk_size"] = data.draw(st.integers(1, 12), label="chunk_size")
+    model = tiny_lm(ssm, seed=data.draw(st.integers(0, 3), label="seed"), **kw)
+    length = data.draw(st.integers(1, 40), label="length")
+    cuts = sorted(data.draw(st.lists(st.integers(1, max(1, length - 1)), max_size=4), label="cuts"))
+    ids = torch.randint(0, 32, (2, length), generator=torch.Generator().manual_seed(length))
+    with torch.no_grad():
+        whole = model(ids)
+        pieces, state = run_chunked(model, ids, cuts)
+        stepped = model(ids[:, :1]).state
+        for t in range(1, length):
+            stepped = model.step(ids[:, t], stepped).state
+    assert rel_err(pieces, whole.logits) <= 1e-5
+    assert_states_close(state, whole.state, 1e-5)
+    assert_states_close(stepped, whole.state, 1e-5)
