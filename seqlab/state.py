@@ -64,6 +64,30 @@ class RecurrentState:
     def to(self, device=None, dtype: torch.dtype | None = None) -> "RecurrentState":
         return self._map(lambda t: t.to(device=device, dtype=dtype))
 
+    def select(self, index: int) -> "RecurrentState":
+        """Row ``index`` of the batch as a batch-of-one state (a copy; same position)."""
+        if not -self.batch_size <= index < self.batch_size:
+            raise IndexError(f"row {index} is outside the batch of {self.batch_size}")
+        return self._map(lambda t: t[index:index + 1].clone())
+
+    @classmethod
+    def stack(cls, states: "list[RecurrentState]") -> "RecurrentState":
+        """One batch from several states of the same model and position (rows in the order given)."""
+        if not states:
+            raise StateMismatchError("RecurrentState.stack needs at least one state")
+        first = states[0]
+        for i, other in enumerate(states[1:], start=1):
+            if other.fingerprint != first.fingerprint:
+                raise StateMismatchError(f"states[{i}] was made by another model config than states[0]")
+            if other.position != first.position:
+                raise StateMismatchError(
+                    f"states[{i}] is at position {other.position}, states[0] at {first.position}: "
+                    "rows of one state share a position"
+                )
+        layers = [{name: torch.cat([s.layers[i][name] for s in states], dim=0) for name in layer}
+                  for i, layer in enumerate(first.layers)]
+        return cls(layers, first.position, first.fingerprint)
+
     def __repr__(self) -> str:
         return (f"RecurrentState(layers={len(self.layers)}, batch_size={self.batch_size}, position={self.position}, "
                 f"fingerprint={self.fingerprint!r}, bytes={self.nbytes()})")

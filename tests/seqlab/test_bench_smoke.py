@@ -1,4 +1,4 @@
-"""bench/cpu_forward.py --quick runs end to end and prints its tables (no timing assertions)."""
+"""The bench scripts run end to end in --quick mode and print their tables (no timing assertions)."""
 
 from __future__ import annotations
 
@@ -11,18 +11,28 @@ import pytest
 
 pytest.importorskip("transformers")
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "cpu_forward.py"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def run_bench(script: str, *args: str) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # One thread: stable on a shared machine. Each takes seconds; the timeout is only a backstop.
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args, "--threads", "1"], capture_output=True,
+                          text=True, timeout=180, env=env, cwd=BENCH)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("machine:")
+    return proc.stdout
 
 
 def test_cpu_forward_quick_runs_and_prints_the_table():
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    # One thread: stable on a shared machine. About 20-30 s on 2 idle cores; the timeout is only a backstop.
-    proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--threads", "1"], capture_output=True,
-                          text=True, timeout=120, env=env, cwd=BENCH.parent)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
-    assert out.startswith("machine:")
+    out = run_bench("cpu_forward.py", "--quick")
     assert "| model | L | seqlab tok/s | HF tok/s | seqlab / HF |" in out
     assert "| Mamba-1 | 128 |" in out and "| Mamba-2 | 256 |" in out
     assert "seqlab vs HF logits" in out
     assert "| tokens | peak RSS (MiB) |" in out and "peak RSS 16,384 / 4,096 tokens" in out
+
+
+def test_generate_quick_runs_and_prints_the_table():
+    out = run_bench("generate.py", "--quick")
+    assert "| model | context | seqlab decode tok/s | HF decode tok/s | seqlab / HF |" in out
+    assert "| Mamba-1 | 512 |" in out and "| Mamba-2 | decode tok/s at 512 / at 64 |" in out

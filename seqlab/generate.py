@@ -1,0 +1,214 @@
+"""Generation for any LanguageModel: greedy or sampled decoding on the recurrent state.
+
+Each new token costs one ``model.step``, constant in the context length. Prompts of different lengths are
+prefilled one by one (no padding ever enters a state), then decoded together as one batch; each prompt gets
+its own exact final state, which has consumed the prompt and every generated token, so a later call can
+continue from it (agent sessions).
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from seqlab.errors import InputError, StateError, StateMismatchError
+from seqlab.state import RecurrentState
+
+
+@dataclass(eq=False)
+class GenerationOutput:
+    """``tokens[i]``: the ids generated for prompt i (a matched stop sequence included);
+    ``states[i]``: its state after the prompt and every generated token; ``stop_reasons[i]``: "stop" or
+    "length"."""
+
+    tokens: list[list[int]]
+    states: list[RecurrentState]
+    stop_reasons: list[str]
+
+    @property
+    def state(self) -> RecurrentState:
+        """The final state when there was one prompt."""
+        if len(self.states) != 1:
+            raise InputError(f"there are {len(self.states)} prompts: use .states[i]")
+        return self.states[0]
+
+
+def _as_prompts(prompts) -> list[torch.Tensor]:
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() == 1:
+            rows = [prompts]
+        elif prompts.dim() == 2:
+            rows = list(prompts)
+        else:
+            raise InputError(f"prompt tensor must have shape (length,) or (batch, length), got {tuple(prompts.shape)}")
+    elif isinstance(prompts, Sequence) and prompts and all(isinstance(t, numbers.Integral) for t in prompts):
+        rows = [torch.tensor(list(prompts), dtype=torch.long)]
+    elif isinstance(prompts, Sequence) and prompts:
+        rows = [p if isinstance(p, torch.Tensor) else torch.tensor(list(p), dtype=torch.long) for p in prompts]
+    else:
+        raise InputError("prompts must be token ids: a tensor, a list of ints, or a list of such lists")
+    for i, row in enumerate(rows):
+        if row.dim() != 1 or row.numel() == 0:
+            raise InputError(f"prompt {i} is empty or not 1-D (shape {tuple(row.shape)}): give at least one token")
+    return [row.long() for row in rows]
+
+
+def _as_stops(stop) -> list[tuple[int, ...]]:
+    if stop is None:
+        return []
+    out = []
+    for item in stop:
+        seq = (int(item),) if isinstance(item, numbers.Integral) else tuple(int(t) for t in item)
+        if not seq:
+            raise InputError("stop sequences must not be empty")
+        out.append(seq)
+    return out
+
+
+def _check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise InputError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise InputError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise InputError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
+    if min_p is not None and not 0 <= min_p < 1:
+        raise InputError(f"min_p must be in [0, 1), got {min_p!r}")
+    if not repetition_penalty > 0:
+        raise InputError(f"repetition_penalty must be > 0, got {repetition_penalty!r}")
+
+
+def _filter_logits(logits: torch.Tensor, seen: torch.Tensor | None, temperature: float, top_k, top_p, min_p,
+                   repetition_penalty: float) -> torch.Tensor:
+    """Apply, in this order: repetition penalty, temperature, top-k, top-p, min-p. Rows are sequences."""
+    logits = logits.float().clone()
+    if seen is not None and repetition_penalty != 1.0:
+        penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if temperature == 0:
+        return logits
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass of the tokens ranked above each one
+        drop_sorted = before >= top_p  # the top token always stays
+        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
+    if min_p is not None and min_p > 0:
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+    return logits
+
+
+def _initial_states(model, state, n_prompts: int) -> list[RecurrentState | None]:
+    if state is None:
+        return [None] * n_prompts
+    if not isinstance(state, RecurrentState):
+        raise InputError(f"state must be a RecurrentState or None, got {type(state).__name__}")
+    if state.batch_size == 1:
+        return [state] * n_prompts
+    if state.batch_size != n_prompts:
+        raise StateMismatchError(
+            f"state holds a batch of {state.batch_size}; give one row per prompt ({n_prompts}) or a batch of 1"
+        )
+    return [state.select(i) for i in range(n_prompts)]
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens: int = 64, *, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, min_p: float | None = None, repetition_penalty: float = 1.0,
+             seed: int | None = None, stop=None, state: RecurrentState | None = None,
+             callback: Callable[[int, int], None] | None = None) -> GenerationOutput:
+    """Continue each prompt by up to ``max_new_tokens`` tokens.
+
+    ``prompts``: a (batch, length) or (length,) id tensor, a list of ids, or a list of id lists/tensors of any
+    lengths. ``temperature=0`` is greedy. Sampling row i draws from its own generator seeded ``seed + i``, so
+    a batch samples exactly what the prompts would one by one with those seeds (``seed=None``: fresh random).
+    ``stop``: token ids or id sequences; a row stops after generating one. ``state``: continue from it (a
+    batch of 1 for every prompt, or one row per prompt). ``callback(row, token)`` is called for every token
+    as it is generated.
+    """
+    if model.config.bidirectional:
+        raise StateError("bidirectional models see the whole sequence at once and cannot generate token by token")
+    _check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty)
+    rows = _as_prompts(prompts)
+    stops = _as_stops(stop)
+    device = next(model.parameters()).device
+    starts = _initial_states(model, state, len(rows))
+    base_seed = int(torch.seed() if seed is None else seed)
+    generators = [torch.Generator().manual_seed(base_seed + i) for i in range(len(rows))]
+
+    # Prefill each prompt alone: exact, and no padding ever enters a state.
+    last_logits, row_states = [], []
+    for row, start in zip(rows, starts):
+        out = model(row[None].to(device), start)
+        last_logits.append(out.logits[:, -1])
+        row_states.append(out.state)
+    positions = [s.position for s in row_states]
+    # One decoding batch; its own position field is unused (each row's position is tracked in `positions`).
+    batch = RecurrentState([{k: torch.cat([s.layers[i][k] for s in row_states]) for k in layer}
+                            for i, layer in enumerate(row_states[0].layers)], 0, row_states[0].fingerprint)
+    logits = torch.cat(last_logits)
+    vocab = logits.shape[-1]
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=logits.device)
+        for i, row in enumerate(rows):
+            seen[i, row.clamp(0, vocab - 1).to(seen.device)] = True
+
+    tokens: list[list[int]] = [[] for _ in rows]
+    reasons = ["length"] * len(rows)
+    finals: list[RecurrentState | None] = [None] * len(rows)
+    active = list(range(len(rows)))
+    for _ in range(max_new_tokens):
+        if not active:
+            break
+        filtered = _filter_logits(logits, None if seen is None else seen[active], temperature, top_k, top_p,
+                                  min_p, repetition_penalty)
+        if temperature == 0:
+            chosen = filtered.argmax(dim=-1)
+        else:
+            probs = torch.softmax(filtered, dim=-1).cpu()
+            chosen = torch.stack([torch.multinomial(probs[j], 1, generator=generators[i])[0]
+                                  for j, i in enumerate(active)])
+        chosen = chosen.to(device)
+        out = model.step(chosen, batch)  # every generated token enters its row's state
+        keep = []
+        for j, i in enumerate(active):
+            token = int(chosen[j])
+            tokens[i].append(token)
+            positions[i] += 1
+            if seen is not None:
+                seen[i, token] = True
+            if callback is not None:
+                callback(i, token)
+            if any(tuple(tokens[i][-len(s):]) == s for s in stops):
+                reasons[i] = "stop"
+                finals[i] = _row_state(out.state, j, positions[i])
+            else:
+                keep.append(j)
+        if len(keep) < len(active):
+            index = torch.tensor(keep, dtype=torch.long, device=device)
+            batch = RecurrentState([{k: t.index_select(0, index) for k, t in layer.items()}
+                                    for layer in out.state.layers], 0, out.state.fingerprint)
+            logits = out.logits.index_select(0, index)
+            active = [active[j] for j in keep]
+        else:
+            batch, logits = out.state, out.logits
+    for j, i in enumerate(active):  # rows that ran to max_new_tokens (or all rows, when it is 0)
+        finals[i] = _row_state(batch, j, positions[i])
+    return GenerationOutput(tokens, finals, reasons)
+
+
+def _row_state(batch: RecurrentState, row: int, position: int) -> RecurrentState:
+    picked = batch.select(row)
+    picked.position = position
+    return picked
