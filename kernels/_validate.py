@@ -41,3 +41,11 @@ def require_same_device(**tensors) -> None:
 def require_divisible(name: str, value: int, by_name: str, by: int) -> None:
     if by <= 0 or value % by != 0:
         raise KernelInputError(f"{name} ({value}) must be divisible by {by_name} ({by})")
+
+
+def require_optional(name: str, x, expected: Sequence[int | None], *, what: str = "") -> None:
+    """Nothing when ``x`` is None; otherwise a floating tensor of exactly this shape (None = free dimension)."""
+    if x is None:
+        return
+    require_tensor(name, x, ndim=len(expected))
+    require_shape(name, x, expected, what=what)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._validate import require_same_device, require_shape, require_tensor
+from .._validate import require_optional, require_same_device, require_shape, require_tensor
 from ..errors import KernelInputError
 
 __all__ = [
@@ -55,9 +55,7 @@ def _check_weight_bias(weight, bias, d):
     if w < 1:
         raise KernelInputError(
             f"weight must have at least one tap: shape (d, w) with w >= 1, got {tuple(weight.shape)}")
-    if bias is not None:
-        require_tensor("bias", bias, ndim=1)
-        require_shape("bias", bias, (d,), what="(d,)")
+    require_optional("bias", bias, (d,), what="(d,)")
     return w
 
 
@@ -67,9 +65,7 @@ def check_conv_args(x, weight, bias=None, activation=None, initial_state=None):
     b, d, l = x.shape
     w = _check_weight_bias(weight, bias, d)
     silu = check_activation(activation)
-    if initial_state is not None:
-        require_tensor("initial_state", initial_state, ndim=3)
-        require_shape("initial_state", initial_state, (b, d, w - 1), what="(b, d, w - 1)")
+    require_optional("initial_state", initial_state, (b, d, w - 1), what="(b, d, w - 1)")
     require_same_device(x=x, weight=weight, bias=bias, initial_state=initial_state)
     return b, d, l, w, silu
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._validate import require_divisible, require_same_device, require_shape, require_tensor
+from .._validate import require_divisible, require_optional, require_same_device, require_shape, require_tensor
 from ..errors import KernelInputError
 
 __all__ = [
@@ -70,18 +70,10 @@ def check_scan_args(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_
         else:
             require_shape(name, X, (b, None, n, l), what="(b, g, n, l)")
             _check_groups(name, X, d)
-    if D is not None:
-        require_tensor("D", D, ndim=1)
-        require_shape("D", D, (d,), what="(d,)")
-    if z is not None:
-        require_tensor("z", z, ndim=3)
-        require_shape("z", z, (b, d, l), what="(b, d, l)")
-    if delta_bias is not None:
-        require_tensor("delta_bias", delta_bias, ndim=1)
-        require_shape("delta_bias", delta_bias, (d,), what="(d,)")
-    if initial_state is not None:
-        require_tensor("initial_state", initial_state, ndim=3)
-        require_shape("initial_state", initial_state, (b, d, n), what="(b, d, n)")
+    require_optional("D", D, (d,), what="(d,)")
+    require_optional("z", z, (b, d, l), what="(b, d, l)")
+    require_optional("delta_bias", delta_bias, (d,), what="(d,)")
+    require_optional("initial_state", initial_state, (b, d, n), what="(b, d, n)")
     require_same_device(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
                         initial_state=initial_state)
     return b, d, l, n
@@ -107,15 +99,9 @@ def check_state_update_args(state, x, dt, A, B, C, D=None, z=None, dt_bias=None)
         else:
             require_shape(name, X, (b, None, n), what="(b, g, n)")
             _check_groups(name, X, d)
-    if D is not None:
-        require_tensor("D", D, ndim=1)
-        require_shape("D", D, (d,), what="(d,)")
-    if z is not None:
-        require_tensor("z", z, ndim=2)
-        require_shape("z", z, (b, d), what="(b, d)")
-    if dt_bias is not None:
-        require_tensor("dt_bias", dt_bias, ndim=1)
-        require_shape("dt_bias", dt_bias, (d,), what="(d,)")
+    require_optional("D", D, (d,), what="(d,)")
+    require_optional("z", z, (b, d), what="(b, d)")
+    require_optional("dt_bias", dt_bias, (d,), what="(d,)")
     require_same_device(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
     return b, d, n
 

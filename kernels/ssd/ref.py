@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .._validate import require_divisible, require_same_device, require_shape, require_tensor
+from .._validate import require_divisible, require_optional, require_same_device, require_shape, require_tensor
 from ..errors import KernelInputError
 
 __all__ = ["ssd_scan_ref", "ssd_state_update_ref"]
@@ -67,15 +67,9 @@ def check_scan_args(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, in
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size <= 0:
         raise KernelInputError(f"chunk_size must be a positive int, got {chunk_size!r}")
     _check_d(D, h, p)
-    if z is not None:
-        require_tensor("z", z, ndim=4)
-        require_shape("z", z, (b, l, h, p), what="(b, l, h, p)")
-    if dt_bias is not None:
-        require_tensor("dt_bias", dt_bias, ndim=1)
-        require_shape("dt_bias", dt_bias, (h,), what="(h,)")
-    if initial_state is not None:
-        require_tensor("initial_state", initial_state, ndim=4)
-        require_shape("initial_state", initial_state, (b, h, p, n), what="(b, h, p, n)")
+    require_optional("z", z, (b, l, h, p), what="(b, l, h, p)")
+    require_optional("dt_bias", dt_bias, (h,), what="(h,)")
+    require_optional("initial_state", initial_state, (b, h, p, n), what="(b, h, p, n)")
     require_same_device(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, initial_state=initial_state)
     cd = compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_state)
     return ScanDims(b, l, h, p, g, n, cd)
@@ -98,12 +92,8 @@ def check_step_args(state, x, dt, A, B, C, D=None, z=None, dt_bias=None) -> Scan
     require_shape("C", C, (b, g, n), what="(b, g, n)")
     require_divisible("state.shape[1] (heads h)", h, "B.shape[1] (groups g)", g)
     _check_d(D, h, p)
-    if z is not None:
-        require_tensor("z", z, ndim=3)
-        require_shape("z", z, (b, h, p), what="(b, h, p)")
-    if dt_bias is not None:
-        require_tensor("dt_bias", dt_bias, ndim=1)
-        require_shape("dt_bias", dt_bias, (h,), what="(h,)")
+    require_optional("z", z, (b, h, p), what="(b, h, p)")
+    require_optional("dt_bias", dt_bias, (h,), what="(h,)")
     require_same_device(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
     cd = compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
     return ScanDims(b, 1, h, p, g, n, cd)
