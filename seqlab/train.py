@@ -1,0 +1,416 @@
+"""A small, modality-agnostic trainer for seqlab models: truncated BPTT with carried state, AdamW with warmup +
+cosine, gradient clipping and accumulation, bf16 autocast, JSONL logs, atomic checkpoints and exact resume.
+
+The pieces are a model (``model(inputs, state, return_state=True) -> output`` with ``output.state``), a data
+source of windows (``SequenceSource`` or anything with ``num_windows`` and ``window(i) -> (inputs, targets)``),
+a loss ``loss_fn(output, targets) -> scalar tensor`` and a metric ``metric_fn(output, targets) -> number``.
+See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from seqlab.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from seqlab.errors import ConfigError, InputError
+
+# ------------------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 0
+    max_steps: int = 1000
+    min_lr_ratio: float = 0.1
+    grad_clip: float | None = 1.0
+    grad_accum: int = 1
+    batch_size: int = 8
+    window: int = 256
+    carry_state: bool = True
+    bf16: bool = False
+    eval_every: int = 0
+    eval_windows: int = 8
+    log_path: str | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        def number(name, low=None, high=None, low_open=False):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"TrainConfig.{name} must be a finite number, got {value!r}")
+            if low is not None and (value <= low if low_open else value < low):
+                raise ConfigError(f"TrainConfig.{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+            if high is not None and value > high:
+                raise ConfigError(f"TrainConfig.{name} must be <= {high}, got {value!r}")
+
+        def integer(name, low):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"TrainConfig.{name} must be an int >= {low}, got {value!r}")
+
+        def flag(name):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"TrainConfig.{name} must be True or False, got {getattr(self, name)!r}")
+
+        number("lr", 0, low_open=True)
+        number("weight_decay", 0)
+        number("min_lr_ratio", 0, 1)
+        if self.grad_clip is not None:
+            number("grad_clip", 0, low_open=True)
+        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
+            raise ConfigError(f"TrainConfig.betas must be a pair (beta1, beta2), got {self.betas!r}")
+        for b in self.betas:
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1:
+                raise ConfigError(f"TrainConfig.betas must hold two numbers in [0, 1), got {self.betas!r}")
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
+        integer("max_steps", 1)
+        integer("warmup_steps", 0)
+        if self.warmup_steps > self.max_steps:
+            raise ConfigError(f"TrainConfig.warmup_steps ({self.warmup_steps}) must be <= max_steps ({self.max_steps})")
+        integer("grad_accum", 1)
+        integer("batch_size", 1)
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"TrainConfig.batch_size ({self.batch_size}) must be divisible by grad_accum "
+                              f"({self.grad_accum}): each optimizer step splits the batch into grad_accum micro-batches")
+        integer("window", 1)
+        integer("eval_every", 0)
+        integer("eval_windows", 1)
+        integer("checkpoint_every", 0)
+        integer("seed", 0)
+        for name in ("carry_state", "bf16", "progress"):
+            flag(name)
+        for name in ("log_path", "checkpoint_dir"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise ConfigError(f"TrainConfig.{name} must be a path or None, got {value!r}")
+            if value is not None:
+                setattr(self, name, os.fspath(value))
+        if self.checkpoint_every and self.checkpoint_dir is None:
+            raise ConfigError("TrainConfig.checkpoint_dir must be set when checkpoint_every > 0")
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of ``lr`` for optimizer step ``step`` (0-based): linear warmup, then cosine to min_lr_ratio."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        span = max(1, self.max_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def lr_at(self, step: int) -> float:
+        return self.lr * self.lr_factor(step)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+# ------------------------------------------------------------------------------------------------------
+# data
+
+
+class SequenceSource:
+    """Windows for truncated BPTT over one long sequence (or ``(streams, length)`` rows).
+
+    A 1-D sequence (torch tensor, numpy array or ``np.load(..., mmap_mode="r")`` memmap) is cut into
+    ``batch_size`` contiguous streams like a language-model "batchify" (the tail that does not divide is
+    dropped); a 2-D input's rows are the streams and their number must equal ``batch_size``. Window ``i``
+    holds, for every stream, inputs at positions ``[i*window, (i+1)*window)`` and targets shifted by one.
+    Only the window asked for is read, so a memmap never loads whole.
+    """
+
+    def __init__(self, data, batch_size: int, window: int) -> None:
+        if isinstance(data, torch.Tensor):
+            if data.dtype.is_floating_point or data.dtype.is_complex or data.dtype == torch.bool:
+                raise InputError(f"SequenceSource data must hold integer token ids, got dtype {data.dtype}")
+            data = data.detach().cpu()
+        elif isinstance(data, np.ndarray):
+            if data.dtype.kind not in "iu":
+                raise InputError(f"SequenceSource data must hold integer token ids, got dtype {data.dtype}")
+        else:
+            raise InputError(f"SequenceSource data must be a torch tensor or numpy array, got {type(data).__name__}")
+        if data.ndim not in (1, 2):
+            raise InputError(f"SequenceSource data must be 1-D or (streams, length), got shape {tuple(data.shape)}")
+        self.data, self.batch_size, self.window_size = data, int(batch_size), int(window)
+        if data.ndim == 1:
+            self.stream_len = data.shape[0] // self.batch_size
+        else:
+            if data.shape[0] != self.batch_size:
+                raise InputError(f"SequenceSource data has {data.shape[0]} rows, batch_size is {self.batch_size}: "
+                                 "2-D data's rows are the streams")
+            self.stream_len = data.shape[1]
+        self.num_windows = max(0, (self.stream_len - 1) // self.window_size)
+        if self.num_windows == 0:
+            raise InputError(f"SequenceSource data of shape {tuple(data.shape)} is too short for one window of "
+                             f"{self.window_size}+1 tokens in each of {self.batch_size} streams")
+
+    def __len__(self) -> int:
+        return self.num_windows
+
+    def window(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < self.num_windows:
+            raise IndexError(f"window {index} is outside [0, {self.num_windows})")
+        start = index * self.window_size
+        stop = start + self.window_size + 1
+        if self.data.ndim == 1:
+            rows = [self.data[b * self.stream_len + start:b * self.stream_len + stop] for b in range(self.batch_size)]
+        else:
+            rows = [self.data[b, start:stop] for b in range(self.batch_size)]
+        if isinstance(self.data, np.ndarray):
+            chunk = torch.from_numpy(np.stack([np.asarray(r, dtype=np.int64) for r in rows]))
+        else:
+            chunk = torch.stack(rows).long()
+        return chunk[:, :-1], chunk[:, 1:]
+
+
+def next_token_loss(output, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats) of a LanguageModel's logits."""
+    logits = output.logits if hasattr(output, "logits") else output
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def bits_per_token(output, targets: torch.Tensor) -> float:
+    return float(next_token_loss(output, targets)) / math.log(2)
+
+
+# ------------------------------------------------------------------------------------------------------
+# trainer
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay, seen = [], [], set()
+    for _, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (no_decay if p.ndim < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@dataclass
+class _Position:
+    step: int = 0
+    window: int = 0
+    epoch: int = 0
+    tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Trainer:
+    """``Trainer(model, config, train_data).fit()`` trains for ``config.max_steps`` optimizer steps.
+
+    ``train_data`` / ``eval_data``: a ``SequenceSource`` or raw token data (wrapped in one with the config's
+    batch_size and window; eval data may also be a source of another batch size). ``callbacks``: functions
+    ``fn(trainer, record)`` called after each optimizer step (after its log line and checkpoint).
+    """
+
+    def __init__(self, model: torch.nn.Module, config: TrainConfig, train_data, eval_data=None,
+                 loss_fn: Callable | None = None, metric_fn: Callable | None = None,
+                 callbacks: list[Callable] | None = None) -> None:
+        if not isinstance(config, TrainConfig):
+            raise ConfigError(f"Trainer needs a TrainConfig, got {type(config).__name__}")
+        self.model, self.config = model, config
+        self.train_data = self._source(train_data, "train_data")
+        if self.train_data.batch_size != config.batch_size:
+            raise ConfigError(f"TrainConfig.batch_size is {config.batch_size}, train_data yields batches of "
+                              f"{self.train_data.batch_size}")
+        self.eval_data = None if eval_data is None else self._source(eval_data, "eval_data")
+        self.loss_fn = loss_fn or next_token_loss
+        self.metric_fn = metric_fn or bits_per_token
+        self.callbacks = list(callbacks or [])
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed)
+        import random
+        random.seed(config.seed)
+        self.device = next(model.parameters()).device
+        self.optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr,
+                                           betas=config.betas, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, config.lr_factor)
+        self.pos = _Position()
+        self.states: list = [None] * config.grad_accum
+        self.history: list[dict] = []
+
+    def _source(self, data, name):
+        if hasattr(data, "window") and hasattr(data, "num_windows"):
+            return data
+        try:
+            return SequenceSource(data, self.config.batch_size, self.config.window)
+        except InputError as exc:
+            raise InputError(f"{name}: {exc}") from None
+
+    @property
+    def step(self) -> int:
+        return self.pos.step
+
+    # ------------------------------------------------------------------------------------------------
+    @classmethod
+    def resume(cls, checkpoint_dir, model, config: TrainConfig, train_data, eval_data=None, **kwargs) -> Trainer:
+        """A trainer restored from ``checkpoint_dir``'s latest checkpoint (``fit()`` then continues exactly)."""
+        if config.checkpoint_dir is None or os.fspath(checkpoint_dir) != config.checkpoint_dir:
+            from dataclasses import replace
+            config = replace(config, checkpoint_dir=os.fspath(checkpoint_dir))
+        trainer = cls(model, config, train_data, eval_data, **kwargs)
+        trainer.load_checkpoint(checkpoint_dir)
+        return trainer
+
+    def save_checkpoint(self, directory=None) -> Path:
+        directory = directory or self.config.checkpoint_dir
+        if directory is None:
+            raise ConfigError("TrainConfig.checkpoint_dir is not set and no directory was given")
+        c = self.config
+        meta = {"step": self.pos.step, "window": self.pos.window, "epoch": self.pos.epoch, "tokens": self.pos.tokens,
+                "batch_size": c.batch_size, "window_len": c.window, "grad_accum": c.grad_accum,
+                "carry_state": c.carry_state, "config": c.to_dict()}
+        return save_checkpoint(directory, step=self.pos.step, model=self.model, optimizer=self.optimizer,
+                               scheduler=self.scheduler, trainer_meta=meta, states=self.states)
+
+    def load_checkpoint(self, directory=None) -> None:
+        directory = directory or self.config.checkpoint_dir
+        meta, states = load_checkpoint(directory, model=self.model, optimizer=self.optimizer,
+                                       scheduler=self.scheduler)
+        c = self.config
+        for key, have in (("batch_size", c.batch_size), ("window_len", c.window), ("grad_accum", c.grad_accum)):
+            if meta.get(key) != have:
+                field_name = "window" if key == "window_len" else key
+                raise ConfigError(f"TrainConfig.{field_name} is {have}, the checkpoint in {directory} was made with "
+                                  f"{meta.get(key)}: the data position would not match")
+        self.pos = _Position(int(meta["step"]), int(meta["window"]), int(meta["epoch"]), int(meta["tokens"]))
+        self.states = [s.to(self.device) if s is not None else None for s in states] or [None] * c.grad_accum
+        if len(self.states) != c.grad_accum:
+            self.states = [None] * c.grad_accum
+        self._trim_log()
+
+    def _trim_log(self) -> None:
+        """After a resume, drop log lines of steps the resumed run will redo."""
+        path = self.config.log_path
+        if path is None or not Path(path).is_file():
+            return
+        keep = []
+        for line in Path(path).read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= self.pos.step:
+                    keep.append(line)
+            except ValueError:
+                continue
+        Path(path).write_text("".join(k + "\n" for k in keep))
+
+    # ------------------------------------------------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
+
+    def _train_step(self) -> dict:
+        c, model = self.config, self.model
+        inputs, targets = self.train_data.window(self.pos.window)
+        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        micro = c.batch_size // c.grad_accum
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for m in range(c.grad_accum):
+            rows = slice(m * micro, (m + 1) * micro)
+            state = self.states[m] if c.carry_state else None
+            with self._autocast():
+                out = model(inputs[rows], state, return_state=c.carry_state)
+                loss = self.loss_fn(out, targets[rows])
+            (loss / c.grad_accum).backward()
+            total += float(loss.detach()) / c.grad_accum
+            # TBPTT: the state goes on to the next window, but its graph stops here.
+            self.states[m] = out.state.detach() if c.carry_state and out.state is not None else None
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        max_norm = c.grad_clip if c.grad_clip is not None else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.pos.step += 1
+        self.pos.tokens += int(targets.numel())
+        self.pos.window += 1
+        if self.pos.window >= self.train_data.num_windows:  # epoch wraps: back to the start, fresh state
+            self.pos.window, self.pos.epoch = 0, self.pos.epoch + 1
+            self.states = [None] * c.grad_accum
+        return {"step": self.pos.step, "loss": total, "lr": lr, "grad_norm": grad_norm}
+
+    @torch.no_grad()
+    def evaluate(self, windows: int | None = None) -> dict:
+        """Mean loss and metric over the first ``windows`` (default eval_windows) windows of eval_data, with the
+        state carried across them when ``carry_state`` (else reset every window)."""
+        if self.eval_data is None:
+            raise ConfigError("Trainer.evaluate needs eval_data")
+        n = min(windows or self.config.eval_windows, self.eval_data.num_windows)
+        was_training = self.model.training
+        self.model.eval()
+        state, losses, metrics = None, [], []
+        try:
+            for i in range(n):
+                inputs, targets = self.eval_data.window(i)
+                inputs, targets = inputs.to(self.device), targets.to(self.device)
+                with self._autocast():
+                    out = self.model(inputs, state if self.config.carry_state else None,
+                                     return_state=self.config.carry_state)
+                    losses.append(float(self.loss_fn(out, targets)))
+                    metrics.append(float(self.metric_fn(out, targets)))
+                state = out.state if self.config.carry_state else None
+        finally:
+            self.model.train(was_training)
+        return {"eval_loss": sum(losses) / n, "eval_metric": sum(metrics) / n}
+
+    def fit(self, resume: bool = False) -> list[dict]:
+        """Train until ``max_steps``. ``resume=True`` first loads the latest checkpoint in ``checkpoint_dir``
+        when there is one (and starts fresh otherwise). Returns this call's log records."""
+        c = self.config
+        if resume and has_checkpoint(c.checkpoint_dir):
+            self.load_checkpoint()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=c.max_steps, initial=self.pos.step, disable=not c.progress, unit="step")
+        log = open(c.log_path, "a") if c.log_path else None  # noqa: SIM115 - closed in the finally below
+        records = []
+        self.model.train()
+        try:
+            while self.pos.step < c.max_steps:
+                t0 = time.perf_counter()
+                record = self._train_step()
+                record["tokens_per_s"] = (c.batch_size * c.window) / max(time.perf_counter() - t0, 1e-9)
+                record["epoch"] = self.pos.epoch
+                last = self.pos.step == c.max_steps
+                if self.eval_data is not None and c.eval_every and (self.pos.step % c.eval_every == 0 or last):
+                    record.update(self.evaluate())
+                if log is not None:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                if c.checkpoint_every and (self.pos.step % c.checkpoint_every == 0 or last):
+                    self.save_checkpoint()
+                records.append(record)
+                self.history.append(record)
+                shown = {"loss": f"{record['loss']:.4f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
+                if "eval_metric" in record:
+                    shown["metric"] = f"{record['eval_metric']:.4f}"
+                bar.set_postfix(shown, refresh=False)
+                bar.update(1)
+                for fn in self.callbacks:
+                    fn(self, record)
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+        return records
+
+
+__all__ = ["SequenceSource", "TrainConfig", "Trainer", "bits_per_token", "next_token_loss"]
