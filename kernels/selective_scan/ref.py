@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._dt import prepare_dt
 from .._validate import require_divisible, require_optional, require_same_device, require_shape, require_tensor
 from ..errors import KernelInputError
 
@@ -151,11 +152,7 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
     b, d, n = check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
     cdt = compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
     x_ = x.to(cdt)
-    dt_ = dt.to(cdt)
-    if dt_bias is not None:
-        dt_ = dt_ + dt_bias.to(cdt)
-    if dt_softplus:
-        dt_ = F.softplus(dt_)
+    dt_ = prepare_dt(dt, dt_bias, dt_softplus, cdt)
     Bd = _per_channel(B.to(cdt) if B.dim() == 3 else B.to(cdt)[:, None], d, 1)  # (b, d, n)
     Cd = _per_channel(C.to(cdt) if C.dim() == 3 else C.to(cdt)[:, None], d, 1)
     new_state = torch.exp(dt_[:, :, None] * A.to(cdt)) * state.to(cdt) + (dt_ * x_)[:, :, None] * Bd

@@ -57,6 +57,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
+from .._dt import prepare_dt
 from .._layout import channels_last as _channels_last
 from .._layout import empty_like_layout as _empty_like_layout
 from .ref import check_scan_args, check_state_update_args, compute_dtype
@@ -580,11 +581,7 @@ def selective_state_update_torch(state, x, dt, A, B, C, D=None, z=None, dt_bias=
     g = B3.shape[1]
     dg = d // g
     x_ = x.to(cdt)
-    dt_ = dt.to(cdt)
-    if dt_bias is not None:
-        dt_ = dt_ + dt_bias.to(cdt)
-    if dt_softplus:
-        dt_ = F.softplus(dt_)
+    dt_ = prepare_dt(dt, dt_bias, dt_softplus, cdt)
     # grouped views: channel (g, dg) reads B[:, g] without materialising per-channel copies
     decay = torch.exp(dt_[:, :, None] * A.to(cdt)).reshape(b, g, dg, n)
     drive = (dt_ * x_).reshape(b, g, dg, 1) * B3[:, :, None, :]

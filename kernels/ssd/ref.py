@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .._dt import prepare_dt  # noqa: F401  (re-exported for the torch path)
 from .._validate import require_divisible, require_optional, require_same_device, require_shape, require_tensor
 from ..errors import KernelInputError
 
@@ -97,16 +98,6 @@ def check_step_args(state, x, dt, A, B, C, D=None, z=None, dt_bias=None) -> Scan
     require_same_device(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
     cd = compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
     return ScanDims(b, 1, h, p, g, n, cd)
-
-
-def prepare_dt(dt: torch.Tensor, dt_bias, dt_softplus: bool, cd: torch.dtype) -> torch.Tensor:
-    """dt in the compute dtype, with the bias added and softplus applied (threshold 20, as mamba_ssm)."""
-    dt = dt.to(cd)
-    if dt_bias is not None:
-        dt = dt + dt_bias.to(cd)
-    if dt_softplus:
-        dt = F.softplus(dt)
-    return dt
 
 
 def d_as_hp(D, cd: torch.dtype):
