@@ -1,0 +1,229 @@
+"""Data-parallel training of seqlab models with Ray Train (``TorchTrainer`` + DDP).
+
+``train_data_parallel(model_factory, config, train_data)`` starts ``num_workers`` Ray Train workers. Each one
+builds the model, wraps it in DistributedDataParallel (gloo on CPU, NCCL on GPU), takes its own contiguous,
+equal-sized slice of the token sequence and runs seqlab's ``Trainer`` on it; DDP averages the gradients, so
+every rank holds the same weights after every step. All ranks report each step's rank-averaged loss; rank 0
+attaches seqlab checkpoints (safetensors, ``seqlab.checkpoint`` layout) every ``config.checkpoint_every`` steps
+and at the end. ``load_trained_model(result)`` rebuilds a ``LanguageModel`` from the final checkpoint.
+See docs/training.md ("Data-parallel training with Ray Train").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from seqlab.checkpoint import latest_checkpoint, load_model, save_checkpoint
+from seqlab.config import BackboneConfig
+from seqlab.errors import ConfigError, InputError
+from seqlab.models import LanguageModel
+from seqlab.train import TrainConfig, Trainer
+
+MODEL_SPEC_FILE = "seqlab_model.json"
+
+
+# ------------------------------------------------------------------------------------------------------
+# model specs
+
+
+def _build_model(model_factory) -> torch.nn.Module:
+    """``model_factory`` is a picklable zero-argument callable returning a model, or a
+    ``(BackboneConfig | dict, vocab_size)`` spec for a ``LanguageModel``."""
+    if isinstance(model_factory, (tuple, list)):
+        if len(model_factory) != 2:
+            raise ConfigError(f"model spec must be (BackboneConfig or dict, vocab_size), got {model_factory!r}")
+        config, vocab_size = model_factory
+        if isinstance(config, dict):
+            config = BackboneConfig.from_dict(config)
+        return LanguageModel(config, vocab_size)
+    if not callable(model_factory):
+        raise ConfigError(f"model_factory must be a callable or a (config, vocab_size) spec, got "
+                          f"{type(model_factory).__name__}")
+    model = model_factory()
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"model_factory() must return a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def _model_spec(model: torch.nn.Module) -> dict[str, Any]:
+    spec: dict[str, Any] = {"class": type(model).__name__, "fingerprint": getattr(model, "fingerprint", None)}
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        spec["config"] = config.to_dict()
+    if isinstance(model, LanguageModel):
+        spec["vocab_size"] = model.vocab_size
+        spec["tie_embeddings"] = model.tie_embeddings
+    return spec
+
+
+def _shard(train_data, rank: int, world: int):
+    """Rank ``rank``'s contiguous slice of a 1-D token sequence; all slices have the same length."""
+    if isinstance(train_data, torch.Tensor):
+        train_data = train_data.detach().cpu()
+    elif not isinstance(train_data, np.ndarray):
+        raise InputError(f"train_data must be a 1-D torch tensor or numpy array of token ids, got "
+                         f"{type(train_data).__name__}")
+    if train_data.ndim != 1:
+        raise InputError(f"train_data must be 1-D (one token sequence) to shard by rank, got shape "
+                         f"{tuple(train_data.shape)}")
+    size = train_data.shape[0] // world
+    return train_data[rank * size:(rank + 1) * size]
+
+
+# ------------------------------------------------------------------------------------------------------
+# the worker
+
+
+def _weight_checksum(model: torch.nn.Module) -> float:
+    with torch.no_grad():
+        return float(sum(p.detach().double().sum() * (i + 1) for i, p in enumerate(model.parameters())))
+
+
+def _train_loop(loop_config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    user_config: TrainConfig = loop_config["config"]
+    # Ray storage holds the checkpoints (rank 0 writes them below); the Trainer itself saves none, and only
+    # rank 0 writes the JSONL log.
+    config = replace(user_config, checkpoint_every=0, checkpoint_dir=None, progress=False,
+                     log_path=user_config.log_path if rank == 0 else None)
+    torch.manual_seed(config.seed)
+    model = _build_model(loop_config["model_factory"])
+    spec = _model_spec(model)
+    # prepare_model moves the model to this worker's device and wraps it in DDP (rank 0's weights broadcast).
+    ddp = ray.train.torch.prepare_model(model, parallel_strategy="ddp")
+    inner = ddp.module if hasattr(ddp, "module") else ddp
+    shard = _shard(loop_config["train_data"], rank, world)
+    trainer = Trainer(ddp, config, shard, loop_config["eval_data"], loss_fn=loop_config["loss_fn"],
+                      metric_fn=loop_config["metric_fn"])
+    every, max_steps = loop_config["checkpoint_every"], user_config.max_steps
+    losses: list[float] = []
+
+    def report(tr: Trainer, record: dict) -> None:
+        loss = torch.tensor([record["loss"]], dtype=torch.float64)
+        dist.all_reduce(loss)  # the mean of the ranks' losses (each on its own shard)
+        losses.append(float(loss) / world)
+        metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+        metrics.update(loss=losses[-1], rank0_loss=record["loss"], world_size=world)
+        step = tr.step
+        last = step == max_steps
+        if last:
+            sums = [None] * world
+            dist.all_gather_object(sums, _weight_checksum(inner))
+            metrics.update(weight_checksums=sums, losses=list(losses))
+        if (every and step % every == 0) or last:
+            with tempfile.TemporaryDirectory() as tmp:
+                checkpoint = None
+                if rank == 0:
+                    meta = {"step": step, "world_size": world, "config": user_config.to_dict(),
+                            "shard_tokens": int(shard.shape[0])}
+                    save_checkpoint(tmp, step=step, model=inner, optimizer=tr.optimizer, scheduler=tr.scheduler,
+                                    trainer_meta=meta, states=tr.states)
+                    Path(tmp, MODEL_SPEC_FILE).write_text(json.dumps(spec))
+                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report(metrics, checkpoint=checkpoint)
+        else:
+            ray.train.report(metrics)
+
+    trainer.callbacks.append(report)
+    trainer.fit()
+
+
+# ------------------------------------------------------------------------------------------------------
+# driver
+
+
+def train_data_parallel(model_factory: Callable[[], torch.nn.Module] | tuple, config: TrainConfig, train_data,
+                        eval_data=None, *, num_workers: int = 2, use_gpu: bool = False, address: str | None = None,
+                        storage_path: str | os.PathLike | None = None, name: str | None = None,
+                        loss_fn: Callable | None = None, metric_fn: Callable | None = None,
+                        checkpoint_every: int | None = None, backend: str | None = None,
+                        resources_per_worker: dict | None = None):
+    """Train ``model_factory()`` on ``train_data`` with ``num_workers`` data-parallel Ray Train workers.
+
+    ``model_factory``: a picklable zero-argument callable returning the model, or a ``(BackboneConfig or its
+    dict, vocab_size)`` spec for a ``LanguageModel``. ``config``: the per-worker ``TrainConfig`` (each worker
+    steps ``max_steps`` times on batches of ``batch_size`` streams from its shard, so one global step sees
+    ``num_workers * batch_size`` streams). ``train_data``: one 1-D token sequence (tensor or array), cut into
+    ``num_workers`` equal contiguous shards. ``eval_data``: evaluated whole by every rank. ``address``:
+    None starts (or reuses) a local Ray cluster, else joins that cluster. ``storage_path`` (default
+    ``~/ray_results``) and ``name``: where Ray keeps the run and its checkpoints. ``checkpoint_every``: rank 0
+    reports a checkpoint every that many steps (default ``config.checkpoint_every``) and always at the last
+    step; ``config.checkpoint_dir`` is not used (Ray storage holds the checkpoints). ``backend``: the
+    torch.distributed backend (default gloo on CPU, nccl on GPU).
+
+    Returns Ray's ``Result``: ``result.metrics`` (rank 0's last report: ``loss`` averaged over ranks,
+    ``losses`` per step, ``weight_checksums`` per rank), ``result.checkpoint`` (the final seqlab checkpoint;
+    ``load_trained_model(result)`` loads it), ``result.path``.
+    """
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not isinstance(config, TrainConfig):
+        raise ConfigError(f"train_data_parallel needs a TrainConfig, got {type(config).__name__}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+        raise ConfigError(f"num_workers must be an int >= 1, got {num_workers!r}")
+    if isinstance(train_data, torch.Tensor):
+        train_data = train_data.detach().cpu()
+    _shard(train_data, 0, num_workers)  # fail here, not inside a worker
+    every = config.checkpoint_every if checkpoint_every is None else checkpoint_every
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ConfigError(f"checkpoint_every must be an int >= 0, got {every!r}")
+    if not ray.is_initialized():
+        if address is None:
+            ray.init(include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
+    storage = os.path.abspath(os.path.expanduser(os.fspath(storage_path or "~/ray_results")))
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"model_factory": model_factory, "config": config, "train_data": train_data,
+                           "eval_data": eval_data, "loss_fn": loss_fn, "metric_fn": metric_fn,
+                           "checkpoint_every": every},
+        torch_config=TorchConfig(backend=backend or ("nccl" if use_gpu else "gloo")),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources_per_worker),
+        run_config=RunConfig(storage_path=storage, name=name),
+    )
+    return trainer.fit()
+
+
+def load_trained_model(result_or_checkpoint, model: torch.nn.Module | None = None) -> torch.nn.Module:
+    """The weights of a run's final checkpoint in a model: a Ray ``Result``, a ``ray.train.Checkpoint`` or a
+    checkpoint directory. Without ``model`` a ``LanguageModel`` is rebuilt from the saved config and
+    vocab size; with one, the weights load into it (its config fingerprint must match)."""
+    checkpoint = getattr(result_or_checkpoint, "checkpoint", result_or_checkpoint)
+    if checkpoint is None:
+        raise FileNotFoundError("the run has no checkpoint (did it fail? see result.error)")
+    if hasattr(checkpoint, "as_directory"):
+        with checkpoint.as_directory() as directory:
+            return _load_from_directory(Path(directory), model)
+    return _load_from_directory(Path(checkpoint), model)
+
+
+def _load_from_directory(directory: Path, model: torch.nn.Module | None) -> torch.nn.Module:
+    if model is None:
+        spec = json.loads((directory / MODEL_SPEC_FILE).read_text())
+        if spec.get("class") != "LanguageModel" or "vocab_size" not in spec:
+            raise ConfigError(f"{directory}: the checkpoint holds a {spec.get('class')}; pass model= to load it")
+        model = LanguageModel(BackboneConfig.from_dict(spec["config"]), spec["vocab_size"],
+                              tie_embeddings=spec.get("tie_embeddings", True))
+    load_model(latest_checkpoint(directory) / "model.safetensors", model)
+    return model
+
+
+__all__ = ["load_trained_model", "train_data_parallel"]
