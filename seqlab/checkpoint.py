@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from seqlab.errors import CorruptFileError, StateMismatchError
+from seqlab.errors import CorruptFileError
 from seqlab.io import atomic_write_bytes
 from seqlab.safetensors_io import read_tensors, write_tensors
-from seqlab.state import RecurrentState
+from seqlab.state import RecurrentState, require_fingerprint
 
 MODEL_FORMAT = "seqlab.checkpoint.model"
 TRAINER_FORMAT = "seqlab.checkpoint.trainer"
@@ -52,12 +52,7 @@ def save_model(path: str | os.PathLike, model: torch.nn.Module, extra: dict | No
 def load_model(path: str | os.PathLike, model: torch.nn.Module) -> dict:
     """Load weights written by ``save_model`` into ``model`` (in place); refuse another config's weights."""
     tensors, meta = read_tensors(path, kind=MODEL_FORMAT, version=FORMAT_VERSION)
-    fingerprint = getattr(model, "fingerprint", None)
-    if meta.get("fingerprint") != fingerprint:
-        raise StateMismatchError(
-            f"{path}: checkpoint was made by a model with config fingerprint {meta.get('fingerprint')}, "
-            f"this model's is {fingerprint}"
-        )
+    require_fingerprint(meta.get("fingerprint"), model, "checkpoint", str(path))
     own = model.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
@@ -189,12 +184,7 @@ def load_checkpoint(directory: str | os.PathLike, *, model: torch.nn.Module, opt
     folder = latest_checkpoint(directory)
     model_path, trainer_path = folder / "model.safetensors", folder / "trainer.safetensors"
     tensors, meta = read_tensors(trainer_path, kind=TRAINER_FORMAT, version=FORMAT_VERSION)
-    fingerprint = getattr(model, "fingerprint", None)
-    if meta.get("fingerprint") != fingerprint:
-        raise StateMismatchError(
-            f"{trainer_path}: checkpoint was made by a model with config fingerprint {meta.get('fingerprint')}, "
-            f"this model's is {fingerprint}"
-        )
+    require_fingerprint(meta.get("fingerprint"), model, "checkpoint", str(trainer_path))
     states: list[RecurrentState | None] = []
     for i, present in enumerate(meta.get("states", [])):
         states.append(RecurrentState.load(folder / f"state-{i}.safetensors", model) if present else None)

@@ -22,6 +22,16 @@ STATE_FORMAT = "seqlab.recurrent_state"
 STATE_FORMAT_VERSION = 1
 
 
+def require_fingerprint(found, model, what: str = "state", where: str = "") -> None:
+    """Raise StateMismatchError unless ``found`` is ``model``'s config fingerprint. ``where`` names a file."""
+    expected = getattr(model, "fingerprint", None)
+    if found != expected:
+        prefix = f"{where}: " if where else ""
+        raise StateMismatchError(
+            f"{prefix}{what} was made by a model with config fingerprint {found}, this model's is {expected}"
+        )
+
+
 @dataclass(eq=False)
 class RecurrentState:
     layers: list[dict[str, torch.Tensor]]
@@ -95,11 +105,7 @@ class RecurrentState:
     # ------------------------------------------------------------------------------------------------
     def check_compatible(self, model, batch_size: int | None = None, device: torch.device | None = None) -> None:
         """Raise StateMismatchError unless this state can feed ``model`` (and a batch of ``batch_size``)."""
-        if self.fingerprint != model.fingerprint:
-            raise StateMismatchError(
-                f"state was made by a model with config fingerprint {self.fingerprint}, "
-                f"this model's is {model.fingerprint}"
-            )
+        require_fingerprint(self.fingerprint, model)
         if len(self.layers) != model.config.n_layer:
             raise StateMismatchError(f"state has {len(self.layers)} layers, the model has {model.config.n_layer}")
         if batch_size is not None and self.batch_size != batch_size:
@@ -118,11 +124,7 @@ class RecurrentState:
     def load(cls, path: str | os.PathLike, model, device=None) -> "RecurrentState":
         """Read a state saved by ``save`` and check that it belongs to ``model`` (same config fingerprint)."""
         tensors, meta = read_tensors(path, kind=STATE_FORMAT, version=STATE_FORMAT_VERSION)
-        if meta.get("fingerprint") != model.fingerprint:
-            raise StateMismatchError(
-                f"{path}: state was made by a model with config fingerprint {meta.get('fingerprint')}, "
-                f"this model's is {model.fingerprint}"
-            )
+        require_fingerprint(meta.get("fingerprint"), model, where=str(path))
         try:
             layers = [{name: tensors[f"layers.{i}.{name}"] for name in names} for i, names in enumerate(meta["layers"])]
             position = int(meta["position"])

@@ -80,7 +80,7 @@ class Mamba1Mixer(Mixer):
         return out, ({"conv": conv_state.float(), "ssm": ssm_state} if return_state else None)
 
     def step(self, hidden: torch.Tensor, state: LayerState):
-        x, z = self.in_proj(hidden).chunk(2, dim=-1)
+        x, z = self._project_in(hidden)
         x, conv_state = kernels.causal_conv1d_update(x, state["conv"], self._conv_weight(), self.conv1d.bias,
                                                      activation="silu", backend=self.backend)
         dt, B, C = self._split_x_dbl(self.x_proj(x))

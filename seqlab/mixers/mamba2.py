@@ -54,9 +54,6 @@ class Mamba2Mixer(Mixer):
     def _conv_weight(self) -> torch.Tensor:
         return rearrange(self.conv1d.weight, "d 1 w -> d w")
 
-    def _split_in_proj(self, zxbcdt: torch.Tensor):
-        return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
-
     def _project_in(self, hidden: torch.Tensor):
         return project_rows(self.in_proj, hidden, (self.d_inner, self.conv_dim, self.nheads))
 
@@ -83,7 +80,7 @@ class Mamba2Mixer(Mixer):
         return out, ({"conv": conv_state.float(), "ssm": ssm_state} if return_state else None)
 
     def step(self, hidden: torch.Tensor, state: LayerState):
-        z, xbc, dt = self._split_in_proj(self.in_proj(hidden))
+        z, xbc, dt = self._project_in(hidden)
         xbc, conv_state = kernels.causal_conv1d_update(xbc, state["conv"], self._conv_weight(), self.conv1d.bias,
                                                        activation="silu", backend=self.backend)
         x, B, C = self._split_xbc(xbc)
