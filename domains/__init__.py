@@ -1,0 +1,8 @@
+"""seqlab.domains: one adapter per modality (raw bytes, audio, DNA, video frames, agent memory streams), all with
+the small protocol of ``seqlab.domains.base``. Adapter modules import their optional dependencies lazily."""
+
+from .base import (ADAPTERS, Adapter, InputSpec, TokenAdapter, adapter_from_checkpoint, adapter_from_info,
+                   get_adapter, register_adapter)
+
+__all__ = ["ADAPTERS", "Adapter", "InputSpec", "TokenAdapter", "adapter_from_checkpoint", "adapter_from_info",
+           "get_adapter", "register_adapter"]

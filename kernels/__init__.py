@@ -1,7 +1,7 @@
 """seqlab.kernels: the scan, SSD, causal-conv and decode-step ops behind every mixer.
 
 Each op has a float64-capable sequential reference (``ref``, the truth), a vectorised PyTorch path
-(``torch``, the fast CPU path) and, later, Triton kernels (``triton``). The functions here dispatch:
+(``torch``, the fast CPU path) and Triton kernels (``triton``, CUDA or the Triton interpreter). The functions here dispatch:
 
 ``backend="auto"`` (default) picks Triton for CUDA tensors when Triton kernels are available and the torch
 path otherwise; ``"ref"``, ``"torch"`` and ``"triton"`` force one. Signatures follow mamba_ssm so code ports.
@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from ._triton import triton_available
 from .errors import KernelBackendError, KernelInputError
 from . import selective_scan as _selective_scan_pkg  # noqa: F401 (load it first so the function below keeps the name)
 
@@ -42,11 +43,6 @@ __all__ = [
 ]
 
 
-def triton_available() -> bool:
-    """True when the Triton kernels of this package can run (they arrive with the Triton kernels issue)."""
-    return False
-
-
 def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     """Turn ``backend`` (one of BACKENDS) into the concrete backend for these tensors."""
     if backend not in BACKENDS:
@@ -55,8 +51,11 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
         on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
         return "triton" if on_cuda and triton_available() else "torch"
     if backend == "triton" and not triton_available():
+        from ._triton import triton_import_error
+
+        reason = triton_import_error() or "no CUDA device is visible and TRITON_INTERPRET is not set"
         raise KernelBackendError(
-            "backend='triton' was asked for, but seqlab's Triton kernels are not available in this build; "
+            f"backend='triton' was asked for, but seqlab's Triton kernels cannot run here ({reason}); "
             "use backend='torch' (vectorised PyTorch, any device) or backend='auto'"
         )
     return backend
@@ -64,10 +63,28 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
 
 def _pick(op: str, backend: str, tensors, table: dict[str, Callable]) -> Callable:
     chosen = resolve_backend(backend, *tensors)
+    if chosen == "triton":
+        # imported only when asked for, so CPU users never pay for (or depend on) importing triton
+        import importlib
+
+        module = importlib.import_module(f".{op_module(op)}.triton", __name__)
+        return getattr(module, f"{op}_triton")
     try:
         return table[chosen]
     except KeyError:  # pragma: no cover - every op registers every backend it has
         raise KernelBackendError(f"{op} has no {chosen!r} implementation") from None
+
+
+_OP_MODULES = {
+    "selective_scan": "selective_scan", "selective_state_update": "selective_scan",
+    "ssd_scan": "ssd", "ssd_state_update": "ssd",
+    "causal_conv1d": "conv1d", "causal_conv1d_update": "conv1d",
+}
+
+
+def op_module(op: str) -> str:
+    """The kernels subpackage that holds ``op``."""
+    return _OP_MODULES[op]
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

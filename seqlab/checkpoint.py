@@ -39,9 +39,13 @@ def step_dirname(step: int) -> str:
 
 # ------------------------------------------------------------------------------------------------------
 def save_model(path: str | os.PathLike, model: torch.nn.Module, extra: dict | None = None) -> Path:
-    """Weights of ``model`` (tied parameters are written once per name, as copies) with its fingerprint."""
+    """Weights of ``model`` (tied parameters are written once per name, as copies) with its fingerprint, its
+    config and, for a model built by a domain adapter, the adapter's name and settings (``adapter_info``)."""
     tensors = {name: t.detach().clone() for name, t in model.state_dict().items()}
     meta: dict[str, Any] = {"fingerprint": getattr(model, "fingerprint", None)}
+    adapter_info = getattr(model, "adapter_info", None)
+    if adapter_info is not None:
+        meta["adapter"] = _jsonable(adapter_info)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         meta["config"] = config.to_dict()

@@ -1,0 +1,238 @@
+"""The one small protocol every domain adapter follows (design.md, "Data flow").
+
+raw signal -> ``adapter.encode`` -> tensor (token ids, or continuous frames) -> ``model(x, state)`` ->
+``(outputs, new_state)`` -> head -> ``adapter.decode`` / ``adapter.metric``.
+
+An adapter knows its modality and nothing about pipelines:
+
+- ``encode(raw)`` / ``decode(tensor)``: the modality's natural value <-> the model's input tensor.
+- ``read(path)`` / ``iter_windows(path, window)`` / ``write(path, raw)``: its real file formats; ``iter_windows``
+  streams, so a file larger than memory is read window by window, and concatenating its windows equals
+  ``encode(read(path))`` (tested for every adapter).
+- ``input_spec``: a vocabulary (token models) or a continuous width; ``build_model(config)`` builds the matching
+  ``LanguageModel`` / ``SequenceModel`` and stamps it with the adapter's name and settings, which
+  ``seqlab.checkpoint.save_model`` then records, so a checkpoint remembers how its inputs were encoded
+  (``adapter_from_checkpoint`` rebuilds the adapter).
+- ``loss(output, targets)`` (training objective, nats) and ``metric(output, targets)`` (the modality's number:
+  bits per byte, bits per base, bits per sample, ...), both on the model output and the next-element targets.
+- ``settings()``: JSON-able constructor arguments; ``type(adapter)(**adapter.settings())`` is an equal adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from seqlab.config import BackboneConfig
+from seqlab.errors import ConfigError, CorruptFileError, InputError
+
+__all__ = [
+    "ADAPTERS",
+    "Adapter",
+    "InputSpec",
+    "TokenAdapter",
+    "adapter_from_checkpoint",
+    "adapter_from_info",
+    "get_adapter",
+    "register_adapter",
+]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the model eats and emits.
+
+    ``kind="tokens"``: integer ids in ``[0, vocab_size)``, a ``LanguageModel`` with a ``vocab_size`` head.
+    ``kind="continuous"``: float frames of ``width`` features, a ``SequenceModel`` with ``output_width`` outputs
+    (``None``: the head is the identity and the model returns features).
+    """
+
+    kind: str
+    vocab_size: int | None = None
+    width: int | None = None
+    output_width: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind == "tokens":
+            if not isinstance(self.vocab_size, int) or self.vocab_size < 2:
+                raise ConfigError(f"InputSpec(kind='tokens') needs vocab_size >= 2, got {self.vocab_size!r}")
+        elif self.kind == "continuous":
+            if not isinstance(self.width, int) or self.width < 1:
+                raise ConfigError(f"InputSpec(kind='continuous') needs width >= 1, got {self.width!r}")
+        else:
+            raise ConfigError(f"InputSpec.kind must be 'tokens' or 'continuous', got {self.kind!r}")
+
+
+ADAPTERS: dict[str, type["Adapter"]] = {}
+
+
+def register_adapter(cls: type["Adapter"]) -> type["Adapter"]:
+    """Class decorator: make ``cls`` findable by its ``name`` (checkpoints, stores and the CLI use the name)."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"adapter class {cls.__name__} needs a non-empty class attribute 'name'")
+    if name in ADAPTERS and ADAPTERS[name] is not cls:
+        raise ConfigError(f"an adapter named {name!r} is already registered ({ADAPTERS[name].__name__})")
+    ADAPTERS[name] = cls
+    return cls
+
+
+def _load_builtin_adapters() -> None:
+    # importing the modules registers them; optional dependencies are imported lazily inside each adapter
+    import importlib
+
+    for module in ("bytes", "audio", "dna", "video", "memory"):
+        try:
+            importlib.import_module(f"seqlab.domains.{module}")
+        except ModuleNotFoundError as exc:  # an adapter module that is not in this build
+            if exc.name != f"seqlab.domains.{module}":
+                raise
+
+
+def get_adapter(name: str) -> type["Adapter"]:
+    """The adapter class registered under ``name``."""
+    if name not in ADAPTERS:
+        _load_builtin_adapters()
+    try:
+        return ADAPTERS[name]
+    except KeyError:
+        raise ConfigError(f"no adapter named {name!r}; known: {sorted(ADAPTERS)}") from None
+
+
+def adapter_from_info(info: dict) -> "Adapter":
+    """Rebuild an adapter from ``adapter.info()`` (``{"name": ..., "settings": {...}}``)."""
+    if not isinstance(info, dict) or "name" not in info:
+        raise ConfigError(f"adapter info must be a dict with a 'name', got {info!r}")
+    cls = get_adapter(info["name"])
+    try:
+        return cls(**dict(info.get("settings") or {}))
+    except TypeError as exc:
+        raise ConfigError(f"adapter {info['name']!r} cannot be rebuilt from settings {info.get('settings')}: {exc}") \
+            from None
+
+
+def adapter_from_checkpoint(path: str | os.PathLike) -> "Adapter":
+    """The adapter a model file (``save_model``) or a training checkpoint directory was trained with."""
+    from seqlab.checkpoint import FORMAT_VERSION, MODEL_FORMAT, latest_checkpoint
+    from seqlab.safetensors_io import read_tensors
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(latest_checkpoint(path), "model.safetensors")
+    _, meta = read_tensors(path, kind=MODEL_FORMAT, version=FORMAT_VERSION)
+    info = meta.get("adapter")
+    if not info:
+        raise CorruptFileError(f"{path}: this model file records no adapter (it was not built with "
+                               "Adapter.build_model)")
+    return adapter_from_info(info)
+
+
+class Adapter(ABC):
+    """Base class of every modality adapter (see the module docstring for the protocol)."""
+
+    name: ClassVar[str] = ""
+    metric_name: ClassVar[str] = "bits_per_element"
+
+    # -- identity --------------------------------------------------------------------------------------
+    @abstractmethod
+    def settings(self) -> dict[str, Any]:
+        """JSON-able constructor arguments: ``type(self)(**self.settings())`` equals ``self``."""
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "settings": self.settings()}
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.settings() == self.settings()  # type: ignore[union-attr]
+
+    def __hash__(self) -> int:
+        return hash((self.name, json.dumps(self.settings(), sort_keys=True, default=str)))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.settings().items())
+        return f"{type(self).__name__}({args})"
+
+    # -- the modality ----------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def input_spec(self) -> InputSpec:
+        """Vocabulary or continuous width of the model input."""
+
+    @abstractmethod
+    def encode(self, raw) -> torch.Tensor:
+        """The modality's value -> the model input tensor (1-D ids, or (T, width) float frames)."""
+
+    @abstractmethod
+    def decode(self, tensor: torch.Tensor):
+        """Model input (or predicted) tensor -> the modality's value."""
+
+    @abstractmethod
+    def read(self, path: str | os.PathLike, **options):
+        """The whole file as the modality's value (what ``encode`` takes)."""
+
+    @abstractmethod
+    def iter_windows(self, path: str | os.PathLike, window: int, **options) -> Iterator[torch.Tensor]:
+        """Stream the encoded file in windows of ``window`` elements (the last may be shorter), reading only a
+        bounded amount at a time. ``torch.cat(list(iter_windows(path, w)))`` equals ``encode(read(path))``."""
+
+    @abstractmethod
+    def write(self, path: str | os.PathLike, raw) -> None:
+        """Write the modality's value to a file of the adapter's format (atomically)."""
+
+    # -- models, losses, metrics -----------------------------------------------------------------------
+    def build_model(self, config: BackboneConfig, **options) -> torch.nn.Module:
+        """A model whose input and head fit this adapter, stamped with ``adapter_info`` for checkpoints."""
+        from seqlab.models import LanguageModel, SequenceModel
+
+        spec = self.input_spec
+        if spec.kind == "tokens":
+            model = LanguageModel(config, vocab_size=spec.vocab_size, **options)
+        else:
+            model = SequenceModel(config, d_input=spec.width, d_output=spec.output_width, **options)
+        model.adapter_info = self.info()
+        return model
+
+    @abstractmethod
+    def loss(self, output, targets: torch.Tensor) -> torch.Tensor:
+        """Training objective (a scalar tensor) of the model output against the next-element targets."""
+
+    @abstractmethod
+    def metric(self, output, targets: torch.Tensor) -> float:
+        """The modality's number (named ``metric_name``), lower is better."""
+
+    def uniform_baseline(self) -> float | None:
+        """The metric of a model that knows nothing (e.g. 8 bits per byte), or None when it has no meaning."""
+        return None
+
+
+class TokenAdapter(Adapter):
+    """An adapter whose inputs are token ids: cross-entropy loss, metric in bits per token."""
+
+    metric_name: ClassVar[str] = "bits_per_token"
+
+    def loss(self, output, targets: torch.Tensor) -> torch.Tensor:
+        logits = output.logits if hasattr(output, "logits") else output
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    def metric(self, output, targets: torch.Tensor) -> float:
+        return float(self.loss(output, targets)) / math.log(2)
+
+    def uniform_baseline(self) -> float | None:
+        return math.log2(self.input_spec.vocab_size)
+
+    def check_ids(self, ids: torch.Tensor, where: str = "ids") -> torch.Tensor:
+        """Refuse ids outside the vocabulary, naming the first bad position."""
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise InputError(f"{where}: token ids must be an integer tensor, got dtype {ids.dtype}")
+        vocab = self.input_spec.vocab_size
+        bad = (ids < 0) | (ids >= vocab)
+        if bool(bad.any()):
+            first = tuple(int(i) for i in bad.nonzero()[0])
+            raise InputError(f"{where}: id {int(ids[first])} at position {first} is outside [0, {vocab})")
+        return ids
