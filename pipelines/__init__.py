@@ -1,0 +1,24 @@
+"""seqlab.pipelines: Zarr v3 sequence stores, windowed streaming with carried state, Ray jobs and Ray Train.
+
+Names are imported on first use, so ``import seqlab.pipelines`` needs neither zarr nor ray.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "SequenceStore": "store", "SequenceInfo": "store", "StoreSource": "store", "ingest": "store",
+    "IngestResult": "store", "IngestProgress": "store",
+    "stream": "stream", "stream_output": "stream", "StreamWindow": "stream",
+    "train_data_parallel": "ray_train", "load_trained_model": "ray_train",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'seqlab.pipelines' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)

@@ -1,0 +1,404 @@
+"""Zarr v3 sequence stores: ingest through adapters, windows, append, list/describe/delete, crash semantics
+(a writer killed with SIGKILL, then resumed), concurrent writers, bounded memory, corrupt chunks, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from seqlab.domains import Adapter, InputSpec, register_adapter
+from seqlab.errors import CorruptFileError, InputError
+from seqlab.pipelines.store import SequenceStore, ingest, sequence_name
+
+# The same small streaming adapter, as source text, so that the writer subprocesses below use it too.
+ADAPTER_SOURCE = '''
+import numpy as np
+import torch
+from seqlab.domains import InputSpec, TokenAdapter, register_adapter
+
+
+@register_adapter
+class BlockBytes(TokenAdapter):
+    """Raw bytes (shifted by ``offset``) as tokens, read ``window`` bytes at a time."""
+
+    name = "test-store-bytes"
+
+    def __init__(self, offset: int = 0):
+        self.offset = offset
+
+    def settings(self):
+        return {"offset": self.offset}
+
+    @property
+    def input_spec(self):
+        return InputSpec("tokens", vocab_size=256)
+
+    def encode(self, raw):
+        return torch.from_numpy((np.frombuffer(bytes(raw), np.uint8).astype(np.int64) + self.offset) % 256)
+
+    def decode(self, tensor):
+        return bytes(((tensor.numpy() - self.offset) % 256).astype(np.uint8))
+
+    def read(self, path, **options):
+        return open(path, "rb").read()
+
+    def iter_windows(self, path, window, **options):
+        with open(path, "rb") as handle:
+            while block := handle.read(window):
+                yield self.encode(block)
+
+    def write(self, path, raw):
+        open(path, "wb").write(bytes(raw))
+'''
+exec(compile(ADAPTER_SOURCE, "<test-store-adapter>", "exec"))  # noqa: S102 - our own text: defines BlockBytes
+BlockBytes = globals()["BlockBytes"]
+
+
+@register_adapter
+class _Frames(Adapter):
+    """Continuous frames of width 3 (for multichannel sequences)."""
+
+    name = "test-store-frames"
+
+    def settings(self):
+        return {}
+
+    @property
+    def input_spec(self):
+        return InputSpec("continuous", width=3, output_width=3)
+
+    def encode(self, raw):
+        return torch.as_tensor(raw, dtype=torch.float32)
+
+    def decode(self, tensor):
+        return tensor.numpy()
+
+    def read(self, path, **options):
+        return np.load(path)
+
+    def iter_windows(self, path, window, **options):
+        data = np.load(path, mmap_mode="r")
+        for start in range(0, data.shape[0], window):
+            yield self.encode(np.array(data[start:start + window]))
+
+    def write(self, path, raw):
+        np.save(path, np.asarray(raw))
+
+    def loss(self, output, targets):
+        return torch.nn.functional.mse_loss(output.output, targets)
+
+    def metric(self, output, targets):
+        return float(self.loss(output, targets))
+
+
+def _random_file(path: Path, size: int, seed: int = 0) -> bytes:
+    data = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+    path.write_bytes(data)
+    return data
+
+
+def _ids(data: bytes, offset: int = 0) -> np.ndarray:
+    return (np.frombuffer(data, np.uint8).astype(np.int64) + offset) % 256
+
+
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_ingest_round_trip_attrs_and_layout(tmp_path):
+    data = _random_file(tmp_path / "page.txt", 10_500)
+    calls = []
+    results = ingest(tmp_path / "s.zarr", tmp_path / "page.txt", BlockBytes(offset=3), window=777,
+                     chunk_elements=1000, progress=calls.append)
+    assert [(r.name, r.action, r.resumed_from) for r in results] == [("page", "written", 0)]
+    store = SequenceStore(tmp_path / "s.zarr", mode="r")
+    info = store.describe("page")
+    assert info.length == 10_500 and info.complete and info.kind == "tokens" and info.dtype == "uint8"
+    assert info.domain == "test-store-bytes" and info.adapter == {"name": "test-store-bytes", "settings": {"offset": 3}}
+    assert info.vocab_size == 256 and info.chunk_elements == 1000 and info.shard_elements is None
+    assert info.source["name"] == "page.txt" and info.source["bytes"] == 10_500
+    import hashlib
+    assert info.source["sha256"] == hashlib.sha256(data).hexdigest()
+    assert info.created and info.updated
+    # progress: after every committed chunk, then once at the end
+    assert [c.elements for c in calls] == [*range(1000, 10_001, 1000), 10_500, 10_500]
+    assert calls[-1].done and not calls[0].done and calls[0].sequence == "page"
+
+    expected = _ids(data, 3)
+    whole = store.read("page")
+    assert whole.dtype == torch.int64 and np.array_equal(whole.numpy(), expected)
+    for start, stop in [(0, 1), (999, 1001), (2500, 7321), (10_499, 10_500), (4000, 4000)]:
+        assert np.array_equal(store.read("page", start, stop).numpy(), expected[start:stop])
+    raw = store.read("page", 10, 20, raw=True)
+    assert raw.dtype == np.uint8 and np.array_equal(raw, expected[10:20])
+
+    # on disk: a Zarr v3 group, one array folder, one compressed chunk file per 1000 elements
+    group_meta = json.loads((tmp_path / "s.zarr" / "zarr.json").read_text())
+    assert group_meta["zarr_format"] == 3 and group_meta["attributes"]["seqlab_store"]["version"] == 1
+    array_meta = json.loads((tmp_path / "s.zarr" / "page" / "zarr.json").read_text())
+    assert array_meta["shape"] == [10_500] and array_meta["attributes"]["complete"] is True
+    assert any(c["name"] == "zstd" for c in array_meta["codecs"])
+    chunk_files = sorted(p.name for p in (tmp_path / "s.zarr" / "page" / "c").iterdir())
+    assert chunk_files == sorted(str(i) for i in range(11))
+    assert sum(p.stat().st_size for p in (tmp_path / "s.zarr" / "page" / "c").iterdir()) < 10_500 + 11 * 64
+
+
+def test_default_chunks_are_megabytes_and_frames_are_multichannel(tmp_path):
+    store = SequenceStore(tmp_path / "s.zarr")
+    frames = np.random.default_rng(1).normal(size=(5000, 3)).astype(np.float32)
+    np.save(tmp_path / "clip.npy", frames)
+    ingest(store, tmp_path / "clip.npy", _Frames(), window=333)
+    info = store.describe("clip")
+    assert info.shape == (5000, 3) and info.kind == "continuous" and info.dtype == "float32"
+    assert 1 << 20 <= info.chunk_elements * 3 * 4 <= 4 << 20  # default chunk: about 1-4 MB
+    got = store.read("clip", 100, 4100)
+    assert got.shape == (4000, 3) and torch.equal(got, torch.from_numpy(frames[100:4100]))
+
+    # sharded, and a different chunk size per sequence
+    ingest(store, tmp_path / "clip.npy", _Frames(), names="sharded", window=400, chunk_elements=128, shard_chunks=4)
+    info = store.describe("sharded")
+    assert (info.chunk_elements, info.shard_elements) == (128, 512)
+    shard_files = [p for p in (tmp_path / "s.zarr" / "sharded" / "c").rglob("*") if p.is_file()]
+    assert len(shard_files) == -(-5000 // 512)  # one file per shard of 4 chunks
+    assert torch.equal(store.read("sharded", 500, 1600), torch.from_numpy(frames[500:1600]))
+    assert torch.equal(store.read("sharded"), torch.from_numpy(frames))
+
+
+def test_ingest_again_skips_refuses_or_replaces(tmp_path):
+    path = tmp_path / "a.bin"
+    _random_file(path, 3000, seed=1)
+    store = SequenceStore(tmp_path / "s.zarr")
+    ingest(store, path, BlockBytes(), chunk_elements=512)
+    assert ingest(store, path, BlockBytes(), chunk_elements=512)[0].action == "skipped"
+    new = _random_file(path, 2000, seed=2)
+    with pytest.raises(InputError, match=r"already holds a complete sequence 'a'.*overwrite=True"):
+        ingest(store, path, BlockBytes())
+    result = ingest(store, path, BlockBytes(), overwrite=True, chunk_elements=512)[0]
+    assert result.action == "replaced" and result.info.length == 2000
+    assert np.array_equal(store.read("a").numpy(), _ids(new))
+    # another adapter's settings is another encoding: never mixed into the old sequence
+    with pytest.raises(InputError, match="already holds"):
+        ingest(store, path, BlockBytes(offset=1))
+
+
+def test_append_list_describe_delete(tmp_path):
+    store = SequenceStore(tmp_path / "s.zarr")
+    store.append("agent", torch.tensor([1, 2, 3]), adapter=BlockBytes(), chunk_elements=4)
+    store.append("agent", np.array([4, 5, 6, 7, 8]))
+    store.append("agent", torch.tensor([], dtype=torch.long))
+    info = store.append("agent", [9])
+    assert info.length == 9 and info.complete and info.dtype == "uint8" and info.domain == "test-store-bytes"
+    assert store.read("agent").tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    with pytest.raises(InputError, match=r"id 300 at position 1 is outside \[0, 256\)"):
+        store.append("agent", [1, 300])
+    with pytest.raises(InputError, match="written by adapter"):
+        store.append("agent", [1], adapter=BlockBytes(offset=2))
+    assert store.describe("agent").length == 9  # a refused append wrote nothing
+
+    frames = np.ones((4, 3), np.float32)
+    store.append("sensor", frames)
+    with pytest.raises(InputError, match=r"element shape \(2,\).*\(3,\)"):
+        store.append("sensor", np.ones((2, 2), np.float32))
+    with pytest.raises(InputError, match="not finite"):
+        store.append("sensor", np.full((1, 3), np.nan, np.float32))
+    assert store.list() == ["agent", "sensor"] and "agent" in store and len(store) == 2
+    store.delete("sensor")
+    assert store.list() == ["agent"] and not (tmp_path / "s.zarr" / "sensor").exists()
+    with pytest.raises(InputError, match="has no sequence 'sensor'"):
+        store.delete("sensor")
+
+
+def test_bad_input_names_store_sequence_and_position(tmp_path):
+    with pytest.raises(InputError, match=r"sequence store .*nowhere.zarr does not exist"):
+        SequenceStore(tmp_path / "nowhere.zarr", mode="r")
+    import zarr
+    zarr.open_group(tmp_path / "plain.zarr", mode="w").create_array("x", shape=(3,), dtype="int8")
+    with pytest.raises(InputError, match="not a seqlab sequence store"):
+        SequenceStore(tmp_path / "plain.zarr")
+
+    _random_file(tmp_path / "f.bin", 100)
+    ingest(tmp_path / "s.zarr", tmp_path / "f.bin", BlockBytes(), names="seq-1")
+    store = SequenceStore(tmp_path / "s.zarr", mode="r")
+    with pytest.raises(InputError, match=r"s.zarr has no sequence 'seq-2' \(it holds: seq-1\)"):
+        store.read("seq-2")
+    with pytest.raises(InputError, match=r"s.zarr: sequence 'seq-1': window \[90, 120\) is out of range: .* 100"):
+        store.read("seq-1", 90, 120)
+    with pytest.raises(InputError, match=r"window \[-1, 5\)"):
+        store.read("seq-1", -1, 5)
+    with pytest.raises(InputError, match="read-only"):
+        store.append("seq-1", [1])
+    with pytest.raises(InputError, match="not valid"):
+        store.read("../etc")
+    with pytest.raises(InputError, match="does not exist or is not a file"):
+        ingest(tmp_path / "s.zarr", tmp_path / "missing.bin", BlockBytes())
+    assert sequence_name("gi|123|ref NC_1.1") == "gi_123_ref_NC_1.1" and sequence_name("..") == "sequence"
+
+
+def test_corrupt_chunks_name_sequence_and_positions(tmp_path):
+    _random_file(tmp_path / "f.bin", 5000)
+    store = SequenceStore(tmp_path / "s.zarr")
+    ingest(store, tmp_path / "f.bin", BlockBytes(), names="genome", chunk_elements=1000)
+    chunks = tmp_path / "s.zarr" / "genome" / "c"
+    damaged = bytearray((chunks / "2").read_bytes())
+    damaged[len(damaged) // 2] ^= 0x5A
+    (chunks / "2").write_bytes(bytes(damaged))
+    assert store.read("genome", 0, 2000).shape == (2000,)  # the chunks around it still read
+    with pytest.raises(CorruptFileError, match=r"sequence 'genome': chunk 2 \(positions \[2000, 3000\)\) cannot be"):
+        store.read("genome", 1500, 2500)
+    (chunks / "3").write_bytes(b"\x00" * 7)  # truncated
+    with pytest.raises(CorruptFileError, match=r"s.zarr: sequence 'genome': chunk 3 \(positions \[3000, 4000\)\)"):
+        store.read("genome", 3000, 3001)
+    (chunks / "4").unlink()  # lost: would otherwise read back as zeros
+    with pytest.raises(CorruptFileError, match=r"chunk 4 \(positions \[4000, 5000\)\) is missing"):
+        store.read("genome", 4990, 5000)
+    (tmp_path / "s.zarr" / "genome" / "zarr.json").write_text("{not json")
+    with pytest.raises(CorruptFileError, match="sequence 'genome': metadata is unreadable"):
+        store.read("genome")
+
+
+def test_all_zero_chunks_are_kept_not_mistaken_for_missing(tmp_path):
+    store = SequenceStore(tmp_path / "s.zarr")
+    store.write("silence", [np.zeros(2500, np.int64)], adapter=BlockBytes(), chunk_elements=1000)
+    assert len(list((tmp_path / "s.zarr" / "silence" / "c").iterdir())) == 3
+    assert store.read("silence").sum() == 0 and store.read("silence").shape == (2500,)
+
+
+def test_zip_store_reads(tmp_path):
+    import shutil
+
+    import zarr
+
+    data = _random_file(tmp_path / "f.bin", 3000)
+    ingest(tmp_path / "s.zarr", tmp_path / "f.bin", BlockBytes(), chunk_elements=700)
+    shutil.make_archive(str(tmp_path / "s"), "zip", tmp_path / "s.zarr")
+    store = SequenceStore(zarr.storage.ZipStore(tmp_path / "s.zip", mode="r"), mode="r")
+    assert store.list() == ["f"] and np.array_equal(store.read("f", 650, 2100).numpy(), _ids(data)[650:2100])
+
+
+def test_multi_record_files_give_one_sequence_per_record(tmp_path):
+    store = SequenceStore(tmp_path / "s.zarr")
+
+    def records(path, window):  # the "sequences of a file" hook: here, lines of a text file
+        for i, line in enumerate(Path(path).read_bytes().splitlines()):
+            yield f"line{i}", (BlockBytes().encode(line[s:s + window]) for s in range(0, len(line), window))
+
+    (tmp_path / "lines.txt").write_bytes(b"alpha\nbeta gamma\nz\n")
+    results = ingest(store, tmp_path / "lines.txt", BlockBytes(), sequences=records, window=3)
+    assert [r.name for r in results] == ["line0", "line1", "line2"]
+    assert BlockBytes().decode(store.read("line1")) == b"beta gamma"
+
+    dna = pytest.importorskip("seqlab.domains.dna")
+    pytest.importorskip("Bio")
+    adapter = dna.DNAAdapter()
+    (tmp_path / "g.fa").write_text(">chr1 first\nACGTNN\nACG\n>chr2\nTTTT\n>scaffold|7\nGATTACA\n")
+    results = ingest(store, tmp_path / "g.fa", adapter, window=4)
+    assert [r.name for r in results] == ["chr1", "chr2", "scaffold_7"]
+    assert [r.info.record for r in results] == ["chr1", "chr2", "scaffold|7"]
+    assert torch.equal(store.read("chr1"), adapter.encode("ACGTNNACG"))
+    assert torch.equal(store.read("scaffold_7"), adapter.encode("GATTACA"))
+    assert [r.action for r in ingest(store, tmp_path / "g.fa", adapter, window=4)] == ["skipped"] * 3
+    # or one sequence for the whole file
+    whole = ingest(store, tmp_path / "g.fa", adapter, window=4, split_records=False)[0]
+    assert whole.name == "g" and torch.equal(store.read("g"), torch.cat(list(adapter.iter_windows(tmp_path / "g.fa", 5))))
+
+
+def test_ingest_memory_is_bounded_by_window_not_file(tmp_path):
+    size = 12 << 20
+    _random_file(tmp_path / "big.bin", size)
+    store = SequenceStore(tmp_path / "s.zarr")
+    tracemalloc.start()
+    try:
+        ingest(store, tmp_path / "big.bin", BlockBytes(), window=64 << 10, chunk_elements=256 << 10)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert store.describe("big").length == size
+    assert peak < size / 4, f"ingest peaked at {peak} bytes for a {size}-byte file"
+    # and reading a window decodes only the chunks it touches
+    reader = store.reader("big")
+    reader.read(300 << 10, (300 << 10) + 100)
+    assert reader.chunk_reads == 1
+
+
+WRITER_SCRIPT = ADAPTER_SOURCE + '''
+import sys, time
+from seqlab.pipelines.store import ingest
+
+store, path, name, pause, go = sys.argv[1:6]
+print("READY", flush=True)  # imports done: the parent starts both writers together
+while go != "-" and not __import__("os").path.exists(go):
+    time.sleep(0.005)
+
+def progress(p):
+    print(p.elements, flush=True)
+    time.sleep(float(pause))
+
+ingest(store, path, BlockBytes(), names=name, window=50_000, chunk_elements=int(sys.argv[6]), progress=progress)
+print("DONE", flush=True)
+'''
+
+
+def _writer(tmp_path, store, path, name, pause, go="-", chunk=64 << 10):
+    return subprocess.Popen([sys.executable, "-c", WRITER_SCRIPT, str(store), str(path), name, str(pause), str(go),
+                             str(chunk)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+
+
+def _ready(proc) -> None:
+    assert proc.stdout.readline() == "READY\n", proc.stderr.read()
+
+
+def test_killed_ingest_leaves_a_readable_store_and_resumes(tmp_path):
+    data = _random_file(tmp_path / "big.bin", 4 << 20, seed=5)
+    proc = _writer(tmp_path, tmp_path / "s.zarr", tmp_path / "big.bin", "big", pause=0.05)
+    try:
+        _ready(proc)
+        committed = 0
+        while committed < 6 * (64 << 10):
+            line = proc.stdout.readline()
+            assert line, f"writer ended early: {proc.stderr.read()}"
+            committed = int(line)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    store = SequenceStore(tmp_path / "s.zarr", mode="r")
+    info = store.describe("big")
+    assert not info.complete and 0 < info.length < len(data) and info.length % (64 << 10) == 0
+    assert store.list() == ["big"] and store.list(incomplete=False) == []
+    with pytest.raises(InputError, match=r"sequence 'big' is incomplete .*allow_incomplete=True"):
+        store.read("big", 0, 10)
+    assert np.array_equal(store.read("big", allow_incomplete=True).numpy(), _ids(data)[:info.length])
+
+    result = ingest(tmp_path / "s.zarr", tmp_path / "big.bin", BlockBytes(), names="big", window=50_000)
+    assert result[0].action == "resumed" and result[0].resumed_from == info.length
+    done = SequenceStore(tmp_path / "s.zarr", mode="r")
+    assert done.describe("big").complete and done.describe("big").length == len(data)
+    assert np.array_equal(done.read("big").numpy(), _ids(data))
+
+
+def test_concurrent_writers_of_different_sequences(tmp_path):
+    sources = {name: _random_file(tmp_path / f"{name}.bin", 1 << 20, seed=i) for i, name in enumerate(["a", "b"])}
+    go = tmp_path / "go"
+    procs = [_writer(tmp_path, tmp_path / "shared.zarr", tmp_path / f"{n}.bin", n, 0.005, go, chunk=32 << 10)
+             for n in sources]
+    for proc in procs:
+        _ready(proc)
+    go.touch()  # both have imported everything and wait for this: their writes overlap
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and out.endswith("DONE\n"), err
+        assert out.splitlines()[-2] == str(1 << 20)  # the last progress line: every element committed
+    store = SequenceStore(tmp_path / "shared.zarr", mode="r")
+    assert store.list(incomplete=False) == ["a", "b"]
+    for name, data in sources.items():
+        assert np.array_equal(store.read(name).numpy(), _ids(data))
