@@ -362,11 +362,53 @@ class DNAAdapter(TokenAdapter):
         for index, (rid, seq) in enumerate(self.records(path, format)):
             yield self._wrap(*self._encode_text(seq, _record_name(rid, index), path))
 
-    def _fasta_pieces(self, path: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def iter_records(self, path: str | os.PathLike, window: int,
+                     format: str | None = None) -> Iterator[tuple[str, Iterator[torch.Tensor]]]:
+        """Stream ``(record id, windows of that record's encoded ids)`` pairs; a FASTA record is never held
+        whole (chromosome-scale records stream through the line reader). Consume each record's windows
+        before asking for the next record (``seqlab.pipelines.ingest`` does); ``torch.cat`` of a record's
+        windows equals ``encode((id, seq))`` of that record."""
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ConfigError(f"window must be a positive int, got {window!r}")
+        path = os.fspath(path)
+        fmt = self._format(path, format)
+        if fmt == "fastq":
+            pieces = ((index, rid, self._wrap(*self._encode_text(seq, _record_name(rid, index), path))[0])
+                      for index, (rid, seq) in enumerate(self.records(path, format)))
+        else:
+            pieces = ((index, rid, ids) for index, rid, ids, _ in self._fasta_pieces(path, with_records=True))
+        current: list = [next(pieces, None)]
+
+        def windows(index: int) -> Iterator[torch.Tensor]:
+            buf, held = [], 0
+            while current[0] is not None and current[0][0] == index:
+                buf.append(current[0][2])
+                held += current[0][2].size
+                current[0] = next(pieces, None)
+                if held >= window:
+                    ids = np.concatenate(buf)
+                    stop = (held // window) * window
+                    for start in range(0, stop, window):
+                        yield torch.from_numpy(ids[start:start + window].astype(np.int64))
+                    buf, held = [ids[stop:]], held - stop
+            if held:
+                yield torch.from_numpy(np.concatenate(buf).astype(np.int64))
+
+        while current[0] is not None:
+            index, rid = current[0][0], current[0][1]
+            record = windows(index)
+            yield rid, record
+            for _ in record:  # the caller skipped (part of) this record: move past it
+                pass
+
+    def _fasta_pieces(self, path: str, with_records: bool = False) -> Iterator[tuple]:
         """The line reader: same records and letters as ``SimpleFastaParser`` (text before the first '>' is
         skipped, lines are right-stripped, spaces and stray carriage returns dropped), without joining a
         record into one string."""
-        index, name, offset, count, chunk, held = -1, "", 0, 0, [], 0
+        index, name, rid, offset, count, chunk, held = -1, "", "", 0, 0, [], 0
+
+        def tag(piece):
+            return (index, rid, *piece) if with_records else piece
 
         def flush():
             nonlocal offset, chunk, held
@@ -388,13 +430,14 @@ class DNAAdapter(TokenAdapter):
                 for line in handle:
                     if line[0] == ">":
                         if index >= 0:
-                            yield close_record()
+                            yield tag(close_record())
                         title = line[1:].rstrip()
                         index += 1
-                        name = _record_name(title.split(None, 1)[0] if title.strip() else "", index)
+                        rid = title.split(None, 1)[0] if title.strip() else ""
+                        name = _record_name(rid, index)
                         offset, count = 0, count + 1
                         if self.add_bos_eos:
-                            yield np.array([BOS], np.uint8), np.zeros(1, bool)
+                            yield tag((np.array([BOS], np.uint8), np.zeros(1, bool)))
                         continue
                     if index < 0:
                         continue
@@ -402,12 +445,12 @@ class DNAAdapter(TokenAdapter):
                     chunk.append(piece)
                     held += len(piece)
                     if held >= _CHUNK_CHARS:
-                        yield flush()
+                        yield tag(flush())
             except (OSError, EOFError, zlib.error) as exc:
                 raise CorruptFileError(f"{path}: corrupt gzip stream in record {name or '(none yet)'}: {exc}") \
                     from None
             if index >= 0:
-                yield close_record()
+                yield tag(close_record())
         if count == 0:
             raise InputError(f"{path}: empty file (no FASTA records)")
 
