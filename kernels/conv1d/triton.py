@@ -1,0 +1,457 @@
+"""Causal depthwise conv1d: Triton kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
+
+Same signatures, semantics and return conventions as ``torch.py`` / ``ref.py`` (mamba_ssm's
+``causal_conv1d_fn`` / ``causal_conv1d_update``)::
+
+    y_t = act(bias + sum_{k=0}^{w-1} weight[:, k] * x_{t - (w-1) + k})        x (b, d, l), weight (d, w)
+
+with the w - 1 inputs before position 0 taken from ``initial_state`` (zeros when None), and ``final_state`` the
+last w - 1 inputs of ``[initial_state, x]``. Arithmetic is float32 for fp16 / bf16 / fp32 inputs and float64
+when any input is float64 (a constexpr accumulator dtype; float64 is slow on most GPUs but exact to the
+reference). ``y`` comes back in ``x.dtype`` with x's layout (a position-major x, i.e. the transpose of a
+contiguous (b, l, d) as a Mamba mixer hands it over, gives a position-major y); the state holds raw inputs
+and keeps the dtype of the state passed in (``x.dtype`` when none is), exactly like the torch path.
+
+Kernels
+-------
+``_conv_fwd_kernel`` (one launch): grid (time blocks, channel blocks, batch). A program owns a
+(BLOCK_D, BLOCK_L) tile of y. For each tap k it loads the tile of ``[initial_state, x]`` shifted by
+k - (w - 1) positions (the w - 1 halo in front of the tile comes from x, or from ``initial_state`` for the
+first block); the w shifted loads overlap and are served from L1/L2, so DRAM sees each input once. It fuses
+bias, silu, the cast to the output dtype and, in the last time block, the final-state write.
+
+``_conv_bwd_kernel`` (one launch): grid (time chunks, channel blocks, batch). A program walks its chunk of
+the sequence in BLOCK_L tiles and, from x, weight, bias, gy and g_final, recomputes the pre-activation where
+silu needs it (never stored by the forward), and produces
+
+- ``dx_t = sum_k weight[:, k] * gp_{t + (w-1) - k}`` (+ g_final for the last w - 1 positions), where
+  ``gp = gy * silu'(pre)`` is recomputed at the w shifted positions (with silu, w (w + 2) tile loads per
+  tile, all but about three of them (x, gy, dx's neighbours) served from L1/L2; a shared-memory staging of
+  the x tile would cut the L1 traffic and is the obvious next step if the backward is L1-bound on a GPU);
+- per-chunk partial ``dweight[:, k] = sum_t gp_t * x_{t - (w-1) + k}`` and ``dbias = sum_t gp_t`` in
+  fp32 registers, written once per program to a small (chunks * b, w, d) buffer that the host sums
+  (deterministic, no atomics);
+- ``dinitial_state`` from the program holding t = 0 (the same formula at positions -(w-1) .. -1, plus the
+  g_final entries that pass straight through when l < w - 1).
+
+``_conv_update_kernel`` (decode step, one launch): grid (channel blocks, batch); a (BLOCK_D, w) window of
+[conv_state, x] is reduced against the taps, bias + silu fused, and the shifted window is written to a fresh
+state (the state passed in is never written).
+
+Minimum bytes moved (the benchmark's roofline; s = element size of x/y, s_st of the state):
+forward ``b*d*l*(s_x + s_y) + d*w*s_w`` (+ ``2*b*d*(w-1)*s_st`` with states); forward + backward adds
+``b*d*l*(s_x + s_gy + s_dx)`` (x is re-read, the pre-activation recomputed); decode step
+``b*d*(s_x + s_y + 2*(w-1)*s_st) + d*w*s_w``.
+
+Block sizes are picked from the layout (no autotune, so the interpreter runs the same code): position-major
+x (stride 1 along d) gets wide channel tiles (coalesced along d), standard x wide time tiles (coalesced along
+l). Strides are passed as arguments, so channels-last views, strided views and expanded gradients need no copy.
+
+Autograd: ``torch.autograd.Function`` around the two kernels, with gradients for x, weight, bias and
+initial_state, through both y and the returned final state. The backward is not itself differentiable.
+The decode step has no Triton backward: when a gradient is needed (grad mode on and an input requires
+grad) it runs the differentiable torch path (``causal_conv1d_update_torch``), which gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._layout import channels_last as _channels_last
+from .._layout import empty_like_layout as _empty_like_layout
+from .._triton import interpreting, require_triton_device
+from .ref import check_conv_args, check_conv_update_args, compute_dtype
+
+__all__ = ["causal_conv1d_triton", "causal_conv1d_update_triton"]
+
+#: programs the backward aims for (time chunks x channel blocks x batch): enough to fill a large GPU a few
+#: times over while keeping the per-chunk dweight partials small
+_BWD_TARGET_PROGRAMS = 1024
+
+
+# ---------------------------------------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def _load_full(x_ptr, init_ptr, x_base, i_base, d_idx, d_mask, pos, l, s_xd, s_xl, s_id, s_il,
+               W: tl.constexpr, HAS_INIT: tl.constexpr, ACC: tl.constexpr):
+    """[initial_state, x] at x-time ``pos`` (negative positions read the state), 0 outside, in ACC."""
+    in_x = (pos >= 0) & (pos < l) & d_mask
+    v = tl.load(x_ptr + x_base + d_idx * s_xd + pos * s_xl, mask=in_x, other=0.0).to(ACC)
+    if HAS_INIT:
+        in_s = (pos < 0) & (pos >= 1 - W) & d_mask
+        v += tl.load(init_ptr + i_base + d_idx * s_id + (pos + (W - 1)) * s_il, mask=in_s, other=0.0).to(ACC)
+    return v
+
+
+@triton.jit
+def _pre_act(x_ptr, init_ptr, w_ptr, b_ptr, x_base, i_base, d_idx, d_mask, pos, l, s_xd, s_xl, s_id, s_il,
+             s_wd, s_wk, s_b, W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+             ACC: tl.constexpr):
+    """bias + sum_k weight[:, k] * full[pos - (W-1) + k]: the pre-activation at ``pos``."""
+    w0 = tl.load(w_ptr + d_idx * s_wd, mask=d_mask, other=0.0).to(ACC)
+    acc = w0 * _load_full(x_ptr, init_ptr, x_base, i_base, d_idx, d_mask, pos - (W - 1), l,
+                          s_xd, s_xl, s_id, s_il, W, HAS_INIT, ACC)
+    for k in tl.static_range(1, W):
+        wk = tl.load(w_ptr + d_idx * s_wd + k * s_wk, mask=d_mask, other=0.0).to(ACC)
+        acc += wk * _load_full(x_ptr, init_ptr, x_base, i_base, d_idx, d_mask, pos - (W - 1) + k, l,
+                               s_xd, s_xl, s_id, s_il, W, HAS_INIT, ACC)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + d_idx * s_b, mask=d_mask, other=0.0).to(ACC)
+    return acc
+
+
+@triton.jit
+def _grad_pre(x_ptr, init_ptr, w_ptr, b_ptr, gy_ptr, x_base, i_base, g_base, d_idx, d_mask, pos, l,
+              s_xd, s_xl, s_id, s_il, s_wd, s_wk, s_b, s_gd, s_gl,
+              W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+              ACC: tl.constexpr):
+    """dL/d(pre-activation) at ``pos``: gy * silu'(pre), 0 outside [0, l)."""
+    g = tl.load(gy_ptr + g_base + d_idx * s_gd + pos * s_gl, mask=(pos >= 0) & (pos < l) & d_mask,
+                other=0.0).to(ACC)
+    if SILU:
+        p = _pre_act(x_ptr, init_ptr, w_ptr, b_ptr, x_base, i_base, d_idx, d_mask, pos, l, s_xd, s_xl,
+                     s_id, s_il, s_wd, s_wk, s_b, W, HAS_INIT, HAS_BIAS, ACC)
+        s = 1.0 / (1.0 + tl.exp(-p))
+        g = g * (s * (1.0 + p * (1.0 - s)))
+    return g
+
+
+@triton.jit
+def _grad_full(x_ptr, init_ptr, w_ptr, b_ptr, gy_ptr, gf_ptr, x_base, i_base, g_base, f_base, d_idx, d_mask,
+               pos, l, s_xd, s_xl, s_id, s_il, s_wd, s_wk, s_b, s_gd, s_gl, s_fd, s_fl,
+               W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+               HAS_GY: tl.constexpr, HAS_GFINAL: tl.constexpr, ACC: tl.constexpr):
+    """dL/d full[pos] (full = [initial_state, x]) through y and through the final state."""
+    acc = tl.zeros_like(pos + d_idx).to(ACC)
+    if HAS_GY:
+        for k in tl.static_range(W):
+            wk = tl.load(w_ptr + d_idx * s_wd + k * s_wk, mask=d_mask, other=0.0).to(ACC)
+            acc += wk * _grad_pre(x_ptr, init_ptr, w_ptr, b_ptr, gy_ptr, x_base, i_base, g_base, d_idx, d_mask,
+                                  pos + (W - 1 - k), l, s_xd, s_xl, s_id, s_il, s_wd, s_wk, s_b, s_gd, s_gl,
+                                  W, HAS_INIT, HAS_BIAS, SILU, ACC)
+    if HAS_GFINAL:
+        j = pos - l + (W - 1)  # index into the final state
+        in_f = (j >= 0) & (j < W - 1) & d_mask
+        acc += tl.load(gf_ptr + f_base + d_idx * s_fd + j * s_fl, mask=in_f, other=0.0).to(ACC)
+    return acc
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _conv_fwd_kernel(x_ptr, init_ptr, w_ptr, b_ptr, y_ptr, fs_ptr,
+                     d, l, n_tblocks,
+                     s_xb, s_xd, s_xl, s_ib, s_id, s_il, s_wd, s_wk, s_b, s_yb, s_yd, s_yl, s_fb, s_fd, s_fl,
+                     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, SP: tl.constexpr, W: tl.constexpr,
+                     HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                     WRITE_STATE: tl.constexpr, ACC: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    d_idx = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)[:, None]
+    d_mask = d_idx < d
+    x_base = pid_b * s_xb
+    i_base = pid_b * s_ib
+    t = pid_t * BLOCK_L + tl.arange(0, BLOCK_L)[None, :]
+    acc = _pre_act(x_ptr, init_ptr, w_ptr, b_ptr, x_base, i_base, d_idx, d_mask, t, l, s_xd, s_xl, s_id, s_il,
+                   s_wd, s_wk, s_b, W, HAS_INIT, HAS_BIAS, ACC)
+    if SILU:
+        acc = acc / (1.0 + tl.exp(-acc))
+    tl.store(y_ptr + pid_b * s_yb + d_idx * s_yd + t * s_yl, acc.to(y_ptr.dtype.element_ty),
+             mask=d_mask & (t < l))
+    if WRITE_STATE:
+        if pid_t == n_tblocks - 1:
+            j = tl.arange(0, SP)[None, :]
+            v = _load_full(x_ptr, init_ptr, x_base, i_base, d_idx, d_mask, l - (W - 1) + j, l,
+                           s_xd, s_xl, s_id, s_il, W, HAS_INIT, ACC)
+            tl.store(fs_ptr + pid_b * s_fb + d_idx * s_fd + j * s_fl, v.to(fs_ptr.dtype.element_ty),
+                     mask=d_mask & (j < W - 1))
+
+
+@triton.jit
+def _conv_bwd_kernel(x_ptr, init_ptr, w_ptr, b_ptr, gy_ptr, gf_ptr, dx_ptr, di_ptr, dw_ptr, db_ptr,
+                     batch, d, l, chunk_len,
+                     s_xb, s_xd, s_xl, s_ib, s_id, s_il, s_wd, s_wk, s_b, s_gb, s_gd, s_gl, s_fb, s_fd, s_fl,
+                     s_dxb, s_dxd, s_dxl, s_dib, s_did, s_dil,
+                     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, SP: tl.constexpr, WP: tl.constexpr,
+                     W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                     HAS_GY: tl.constexpr, HAS_GFINAL: tl.constexpr, WANT_DINIT: tl.constexpr,
+                     WANT_DW: tl.constexpr, WANT_DB: tl.constexpr, ACC: tl.constexpr):
+    pid_c = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    d_idx = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)[:, None]
+    d_mask = d_idx < d
+    x_base = pid_b * s_xb
+    i_base = pid_b * s_ib
+    g_base = pid_b * s_gb
+    f_base = pid_b * s_fb
+    k_col = tl.arange(0, WP)[None, :]
+    dw_acc = tl.zeros([BLOCK_D, WP], dtype=ACC)
+    db_acc = tl.zeros([BLOCK_D], dtype=ACC)
+    c_start = pid_c * chunk_len
+    c_end = tl.minimum(c_start + chunk_len, l)
+    for t0 in range(c_start, c_end, BLOCK_L):
+        t = t0 + tl.arange(0, BLOCK_L)[None, :]
+        dx = tl.zeros([BLOCK_D, BLOCK_L], dtype=ACC)
+        if HAS_GY:
+            for k in tl.static_range(W):
+                # gp at t + (W-1) - k feeds dx_t through tap k; k = W-1 is gp_t itself (dweight, dbias)
+                gp = _grad_pre(x_ptr, init_ptr, w_ptr, b_ptr, gy_ptr, x_base, i_base, g_base, d_idx, d_mask,
+                               t + (W - 1 - k), l, s_xd, s_xl, s_id, s_il, s_wd, s_wk, s_b, s_gd, s_gl,
+                               W, HAS_INIT, HAS_BIAS, SILU, ACC)
+                wk = tl.load(w_ptr + d_idx * s_wd + k * s_wk, mask=d_mask, other=0.0).to(ACC)
+                dx += wk * gp
+                if k == W - 1:
+                    if WANT_DB:
+                        db_acc += tl.sum(gp, axis=1)
+                    if WANT_DW:
+                        for kk in tl.static_range(W):
+                            xs = _load_full(x_ptr, init_ptr, x_base, i_base, d_idx, d_mask, t - (W - 1) + kk, l,
+                                            s_xd, s_xl, s_id, s_il, W, HAS_INIT, ACC)
+                            part = tl.sum(gp * xs, axis=1)
+                            dw_acc += tl.where(k_col == kk, part[:, None], 0.0)
+        if HAS_GFINAL:
+            j = t - l + (W - 1)
+            in_f = (j >= 0) & (j < W - 1) & d_mask
+            dx += tl.load(gf_ptr + f_base + d_idx * s_fd + j * s_fl, mask=in_f, other=0.0).to(ACC)
+        tl.store(dx_ptr + pid_b * s_dxb + d_idx * s_dxd + t * s_dxl, dx.to(dx_ptr.dtype.element_ty),
+                 mask=d_mask & (t < l))
+    part_row = pid_c.to(tl.int64) * batch + pid_b
+    if WANT_DW:
+        tl.store(dw_ptr + part_row * (W * d) + k_col * d + d_idx, dw_acc, mask=d_mask & (k_col < W))
+    if WANT_DB:
+        d_vec = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        tl.store(db_ptr + part_row * d + d_vec, db_acc, mask=d_vec < d)
+    if WANT_DINIT:
+        if pid_c == 0:
+            jj = tl.arange(0, SP)[None, :]
+            g = _grad_full(x_ptr, init_ptr, w_ptr, b_ptr, gy_ptr, gf_ptr, x_base, i_base, g_base, f_base, d_idx,
+                           d_mask, jj - (W - 1), l, s_xd, s_xl, s_id, s_il, s_wd, s_wk, s_b, s_gd, s_gl, s_fd,
+                           s_fl, W, HAS_INIT, HAS_BIAS, SILU, HAS_GY, HAS_GFINAL, ACC)
+            tl.store(di_ptr + pid_b * s_dib + d_idx * s_did + jj * s_dil, g.to(di_ptr.dtype.element_ty),
+                     mask=d_mask & (jj < W - 1))
+
+
+@triton.jit
+def _conv_update_kernel(x_ptr, st_ptr, w_ptr, b_ptr, y_ptr, ns_ptr, d,
+                        s_xb, s_xd, s_sb, s_sd, s_sk, s_wd, s_wk, s_b, s_yb, s_yd, s_nb, s_nd, s_nk,
+                        BLOCK_D: tl.constexpr, WP: tl.constexpr, W: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        SILU: tl.constexpr, ACC: tl.constexpr):
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    d_vec = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_idx = d_vec[:, None]
+    d_mask = d_idx < d
+    i = tl.arange(0, WP)[None, :]
+    s_base = st_ptr + pid_b * s_sb + d_idx * s_sd
+    xv = tl.load(x_ptr + pid_b * s_xb + d_idx * s_xd, mask=d_mask, other=0.0).to(ACC)  # (BLOCK_D, 1)
+    # the window [conv_state, x], oldest first: column i < W-1 from the state, column W-1 is x
+    sv = tl.load(s_base + i * s_sk, mask=d_mask & (i < W - 1), other=0.0).to(ACC)
+    win = tl.where(i == W - 1, xv, sv)
+    taps = tl.load(w_ptr + d_idx * s_wd + i * s_wk, mask=d_mask & (i < W), other=0.0).to(ACC)
+    acc = tl.sum(win * taps, axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + d_vec * s_b, mask=d_vec < d, other=0.0).to(ACC)
+    if SILU:
+        acc = acc / (1.0 + tl.exp(-acc))
+    tl.store(y_ptr + pid_b * s_yb + d_vec * s_yd, acc.to(y_ptr.dtype.element_ty), mask=d_vec < d)
+    # the new state is the window shifted by one: column j holds window[j + 1]
+    nv = tl.load(s_base + (i + 1) * s_sk, mask=d_mask & (i + 1 < W - 1), other=0.0).to(ACC)
+    nv = tl.where(i + 1 == W - 1, xv, nv)
+    tl.store(ns_ptr + pid_b * s_nb + d_idx * s_nd + i * s_nk, nv.to(ns_ptr.dtype.element_ty),
+             mask=d_mask & (i < W - 1))
+
+
+# ---------------------------------------------------------------------------------------------- host side
+
+
+def _acc_dtype(cdt: torch.dtype):
+    return tl.float64 if cdt == torch.float64 else tl.float32
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(1, int(n)))
+
+
+def _tiles(x: torch.Tensor, d: int, l: int, elems: int, block_l=None, block_d=None):
+    """(BLOCK_D, BLOCK_L) for a tile of about ``elems`` elements, long along the unit-stride dimension."""
+    if _channels_last(x):
+        bd = min(64, _pow2(d))
+        bl = max(16, min(elems // bd, _pow2(l)))
+    else:
+        bl = max(16, min(256, _pow2(l)))
+        bd = max(1, min(elems // bl, _pow2(d)))
+    return int(block_d or bd), int(block_l or bl)
+
+
+def _strides3(t, fallback=(0, 0, 0)):
+    return tuple(t.stride()) if t is not None else fallback
+
+
+def _or(t, fallback):
+    """A real tensor for a pointer argument: Triton cannot take None, nor an empty tensor on every device."""
+    return t if t is not None and t.numel() > 0 else fallback
+
+
+def _num_warps(elems: int) -> int:
+    return 4 if elems <= 2048 else 8
+
+
+def _conv_forward(x, weight, bias, initial_state, silu, cdt, want_state, block_l=None, block_d=None):
+    b, d, l = x.shape
+    w = weight.shape[1]
+    y = _empty_like_layout(x, x.dtype)
+    state_dtype = initial_state.dtype if initial_state is not None else x.dtype
+    final = torch.empty(b, d, w - 1, dtype=state_dtype, device=x.device) if want_state else None
+    if b * d == 0:
+        return y, final
+    bd, bl = _tiles(x, d, l, 4096, block_l, block_d)
+    n_tblocks = max(1, triton.cdiv(l, bl))
+    has_init = initial_state is not None and w > 1
+    write_state = want_state and w > 1
+    init = initial_state if has_init else None
+    grid = (n_tblocks, triton.cdiv(d, bd), b)
+    _conv_fwd_kernel[grid](
+        x, _or(init, x), weight, _or(bias, weight), y, _or(final if write_state else None, y),
+        d, l, n_tblocks,
+        *x.stride(), *_strides3(init), *weight.stride(), bias.stride(0) if bias is not None else 0,
+        *y.stride(), *_strides3(final if write_state else None),
+        BLOCK_D=bd, BLOCK_L=bl, SP=_pow2(w - 1), W=w, HAS_INIT=has_init, HAS_BIAS=bias is not None,
+        SILU=silu, WRITE_STATE=write_state, ACC=_acc_dtype(cdt), num_warps=_num_warps(bd * bl))
+    return y, final
+
+
+def _conv_backward(x, weight, bias, initial_state, gy, g_final, silu, cdt, needs, block_l=None, block_d=None,
+                   bwd_chunk=None):
+    """Gradients (dx, dweight, dbias, dinitial_state); ``needs`` = which of them are wanted."""
+    b, d, l = x.shape
+    w = weight.shape[1]
+    dev = x.device
+    need_x, need_w, need_b, need_i = needs
+    has_init = initial_state is not None and w > 1
+    has_gy = gy is not None and l > 0
+    has_gf = g_final is not None and w > 1
+    dx = _empty_like_layout(x, x.dtype)
+    di = torch.empty(b, d, w - 1, dtype=initial_state.dtype, device=dev) \
+        if initial_state is not None and need_i else None
+    want_di = di is not None and w > 1
+    if di is not None and w == 1:
+        di.zero_()
+    want_dw = bool(need_w) and has_gy
+    want_db = bias is not None and bool(need_b) and has_gy
+    bd, bl = _tiles(x, d, l, 2048, block_l, block_d)
+    n_dblocks = triton.cdiv(d, bd)
+    n_tblocks = max(1, triton.cdiv(l, bl))
+    if bwd_chunk is not None:
+        chunk_blocks = int(bwd_chunk)
+    else:
+        n_chunks = min(n_tblocks, max(1, triton.cdiv(_BWD_TARGET_PROGRAMS, b * n_dblocks)))
+        if interpreting():
+            n_chunks = 1  # the interpreter runs programs one after another: fewer, longer ones are faster
+        chunk_blocks = triton.cdiv(n_tblocks, n_chunks)
+    n_chunks = max(1, triton.cdiv(n_tblocks, chunk_blocks))
+    dw_part = torch.empty(n_chunks * b, w, d, dtype=torch.float32 if cdt != torch.float64 else cdt, device=dev) \
+        if want_dw else None
+    db_part = torch.empty(n_chunks * b, d, dtype=torch.float32 if cdt != torch.float64 else cdt, device=dev) \
+        if want_db else None
+    if b * d > 0:
+        init = initial_state if has_init else None
+        gf = g_final if has_gf else None
+        gy_arg = gy if has_gy else None
+        grid = (n_chunks, n_dblocks, b)
+        _conv_bwd_kernel[grid](
+            x, _or(init, x), weight, _or(bias, weight), _or(gy_arg, x), _or(gf, x), dx,
+            _or(di if want_di else None, dx), _or(dw_part, dx), _or(db_part, dx),
+            b, d, l, chunk_blocks * bl,
+            *x.stride(), *_strides3(init), *weight.stride(), bias.stride(0) if bias is not None else 0,
+            *_strides3(gy_arg), *_strides3(gf), *dx.stride(), *_strides3(di if want_di else None),
+            BLOCK_D=bd, BLOCK_L=bl, SP=_pow2(w - 1), WP=_pow2(w), W=w, HAS_INIT=has_init,
+            HAS_BIAS=bias is not None, SILU=silu, HAS_GY=has_gy, HAS_GFINAL=has_gf, WANT_DINIT=want_di,
+            WANT_DW=want_dw, WANT_DB=want_db, ACC=_acc_dtype(cdt), num_warps=_num_warps(bd * bl))
+    g_x = dx if need_x else None
+    g_w = None
+    if need_w:
+        g_w = dw_part.sum(0).t().to(weight.dtype) if want_dw else torch.zeros_like(weight)
+    g_b = None
+    if bias is not None and need_b:
+        g_b = db_part.sum(0).to(bias.dtype) if want_db else torch.zeros_like(bias)
+    return g_x, g_w, g_b, di
+
+
+class _CausalConv1dTritonFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, initial_state, silu, cdt, tiles):
+        ctx.set_materialize_grads(False)
+        y, final = _conv_forward(x, weight, bias, initial_state, silu, cdt, True, *tiles[:2])
+        ctx.save_for_backward(x, weight, bias, initial_state)
+        ctx.silu, ctx.cdt, ctx.tiles = silu, cdt, tiles
+        return y, final
+
+    @staticmethod
+    def backward(ctx, gy, g_final):
+        x, weight, bias, initial_state = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:4]
+        g_x, g_w, g_b, g_i = _conv_backward(x, weight, bias, initial_state, gy, g_final, ctx.silu, ctx.cdt,
+                                            needs, *ctx.tiles)
+        return g_x, g_w, g_b, g_i, None, None, None
+
+
+def causal_conv1d_triton(x, weight, bias=None, activation=None, initial_state=None, return_final_state=False, *,
+                         block_l=None, block_d=None, bwd_chunk=None):
+    """Causal depthwise conv1d on Triton. Returns y (b, d, l) in x.dtype (laid out like x), or
+    (y, final_state (b, d, w - 1)), the state in initial_state's dtype (x.dtype when none is).
+
+    float64 inputs are computed in float64. ``block_l`` / ``block_d`` (tile sizes, powers of two) and
+    ``bwd_chunk`` (time tiles per backward program) override the heuristics (tests)."""
+    require_triton_device("causal_conv1d", x, weight, bias, initial_state)
+    b, d, l, w, silu = check_conv_args(x, weight, bias, activation, initial_state)
+    cdt = compute_dtype(x, weight, bias, initial_state)
+    tensors = (x, weight, bias, initial_state)
+    needs_grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                                 for t in tensors)
+    if needs_grad:
+        y, final = _CausalConv1dTritonFn.apply(x, weight, bias, initial_state, silu, cdt,
+                                              (block_l, block_d, bwd_chunk))
+        return (y, final) if return_final_state else y
+    y, final = _conv_forward(x, weight, bias, initial_state, silu, cdt, return_final_state, block_l, block_d)
+    if not return_final_state:
+        return y
+    if w == 1:
+        final = torch.empty(b, d, 0, dtype=final.dtype, device=x.device)
+    return y, final
+
+
+def causal_conv1d_update_triton(x, conv_state, weight, bias=None, activation=None):
+    """One conv decode step on Triton: x (b, d), conv_state (b, d, w - 1) -> (y (b, d) in x.dtype, new_state
+    in conv_state's dtype). ``conv_state`` is never written. One kernel launch; float64 inputs compute in
+    float64. No Triton backward: when grad mode is on and an input requires grad, the differentiable torch
+    path runs instead (same numbers)."""
+    require_triton_device("causal_conv1d_update", x, conv_state, weight, bias)
+    b, d, w, silu = check_conv_update_args(x, conv_state, weight, bias, activation)
+    tensors = (x, conv_state, weight, bias)
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        from .torch import causal_conv1d_update_torch
+
+        return causal_conv1d_update_torch(x, conv_state, weight, bias, activation)
+    cdt = compute_dtype(x, conv_state, weight, bias)
+    y = torch.empty(b, d, dtype=x.dtype, device=x.device)
+    new_state = torch.empty(b, d, w - 1, dtype=conv_state.dtype, device=x.device)
+    if b * d == 0:
+        return y, new_state
+    bd = min(256, _pow2(d))
+    has_state = w > 1
+    st = conv_state if has_state else None
+    ns = new_state if has_state else None
+    grid = (triton.cdiv(d, bd), b)
+    _conv_update_kernel[grid](
+        x, _or(st, x), weight, _or(bias, weight), y, _or(ns, y), d,
+        *x.stride(), *_strides3(st), *weight.stride(), bias.stride(0) if bias is not None else 0,
+        *y.stride(), *_strides3(ns),
+        BLOCK_D=bd, WP=_pow2(w), W=w, HAS_BIAS=bias is not None, SILU=silu, ACC=_acc_dtype(cdt),
+        num_warps=4)
+    return y, new_state
