@@ -36,3 +36,14 @@ def test_generate_quick_runs_and_prints_the_table():
     out = run_bench("generate.py", "--quick")
     assert "| model | context | seqlab decode tok/s | HF decode tok/s | seqlab / HF |" in out
     assert "| Mamba-1 | 512 |" in out and "| Mamba-2 | decode tok/s at 512 / at 64 |" in out
+
+
+def test_gpu_kernels_bench_runs_without_a_gpu():
+    """Without CUDA the GPU kernel bench falls back to its CPU smoke mode, says so, and prints the table; the
+    Triton interpreter runs the conv and decode kernels here (the scans take seconds per call interpreted)."""
+    out = run_bench("gpu_kernels.py", "--smoke", "--ops", "causal_conv1d", "decode", "--lengths", "32",
+                    "--contexts", "8")
+    assert "| op | shape | L | mode | min bytes | seqlab triton |" in out
+    assert "Targets" in out
+    if not os.path.exists("/dev/nvidiactl"):
+        assert "NO GPU FOUND" in out
