@@ -2,7 +2,7 @@
 the small protocol of ``seqlab.domains.base``. Adapter modules import their optional dependencies lazily."""
 
 from .base import (ADAPTERS, Adapter, InputSpec, TokenAdapter, adapter_from_checkpoint, adapter_from_info,
-                   get_adapter, register_adapter)
+                   get_adapter, model_from_checkpoint, register_adapter)
 
 __all__ = ["ADAPTERS", "Adapter", "InputSpec", "TokenAdapter", "adapter_from_checkpoint", "adapter_from_info",
-           "get_adapter", "register_adapter"]
+           "get_adapter", "model_from_checkpoint", "register_adapter"]

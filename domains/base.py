@@ -41,6 +41,7 @@ __all__ = [
     "adapter_from_checkpoint",
     "adapter_from_info",
     "get_adapter",
+    "model_from_checkpoint",
     "register_adapter",
 ]
 
@@ -134,6 +135,31 @@ def adapter_from_checkpoint(path: str | os.PathLike) -> "Adapter":
     return adapter_from_info(info)
 
 
+def model_from_checkpoint(path: str | os.PathLike, device=None) -> tuple[torch.nn.Module, "Adapter"]:
+    """Rebuild ``(model, adapter)`` from a model file (``save_model``) or a training checkpoint directory alone:
+    the adapter from its recorded settings, the model by ``adapter.build_model(config, **options)`` with the
+    recorded config and build options, then the weights (fingerprint-checked). Returns the model in eval mode."""
+    from seqlab.checkpoint import FORMAT_VERSION, MODEL_FORMAT, latest_checkpoint, load_model
+    from seqlab.safetensors_io import read_tensors
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(latest_checkpoint(path), "model.safetensors")
+    _, meta = read_tensors(path, kind=MODEL_FORMAT, version=FORMAT_VERSION)
+    info, config = meta.get("adapter"), meta.get("config")
+    if not info:
+        raise CorruptFileError(f"{path}: this model file records no adapter (it was not built with "
+                               "Adapter.build_model); build the model yourself and use seqlab.checkpoint.load_model")
+    if not config:
+        raise CorruptFileError(f"{path}: this model file records no backbone config")
+    adapter = adapter_from_info(info)
+    model = adapter.build_model(BackboneConfig.from_dict(config), **dict(info.get("model") or {}))
+    if device is not None:
+        model = model.to(device)
+    load_model(path, model)
+    return model.eval(), adapter
+
+
 class Adapter(ABC):
     """Base class of every modality adapter (see the module docstring for the protocol)."""
 
@@ -187,7 +213,9 @@ class Adapter(ABC):
 
     # -- models, losses, metrics -----------------------------------------------------------------------
     def build_model(self, config: BackboneConfig, **options) -> torch.nn.Module:
-        """A model whose input and head fit this adapter, stamped with ``adapter_info`` for checkpoints."""
+        """A model whose input and head fit this adapter, stamped with ``adapter_info`` for checkpoints (the
+        build ``options`` are recorded under ``adapter_info["model"]``, so ``model_from_checkpoint`` can rebuild
+        the same model; they must be JSON-able)."""
         from seqlab.models import LanguageModel, SequenceModel
 
         spec = self.input_spec
@@ -195,7 +223,7 @@ class Adapter(ABC):
             model = LanguageModel(config, vocab_size=spec.vocab_size, **options)
         else:
             model = SequenceModel(config, d_input=spec.width, d_output=spec.output_width, **options)
-        model.adapter_info = self.info()
+        model.adapter_info = {**self.info(), "model": dict(options)} if options else self.info()
         return model
 
     @abstractmethod

@@ -164,3 +164,21 @@ def test_training_checkpoint_directory_remembers_its_adapter(tmp_path):
                       checkpoint_every=1, progress=False)
     Trainer(model, cfg, data).fit()
     assert adapter_from_checkpoint(tmp_path / "ckpt") == _DigitsAdapter(offset=2)
+
+
+def test_model_from_checkpoint_rebuilds_model_options_and_weights(tmp_path):
+    from seqlab.domains import model_from_checkpoint
+
+    torch.manual_seed(3)
+    model = _DigitsAdapter(offset=1).build_model(CONFIG, tie_embeddings=False).eval()
+    assert model.adapter_info["model"] == {"tie_embeddings": False}
+    path = save_model(tmp_path / "m.safetensors", model)
+    rebuilt, adapter = model_from_checkpoint(path)
+    assert adapter == _DigitsAdapter(offset=1) and not rebuilt.training
+    ids = torch.randint(0, 10, (2, 9))
+    assert torch.equal(rebuilt(ids).logits, model(ids).logits)
+    assert rebuilt.lm_head.weight.data_ptr() != rebuilt.embeddings.weight.data_ptr()
+
+    save_model(tmp_path / "plain.safetensors", LanguageModel(CONFIG, vocab_size=10))
+    with pytest.raises(CorruptFileError, match="records no adapter"):
+        model_from_checkpoint(tmp_path / "plain.safetensors")
