@@ -249,7 +249,8 @@ class TokenAdapter(Adapter):
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
     def metric(self, output, targets: torch.Tensor) -> float:
-        return float(self.loss(output, targets)) / math.log(2)
+        with torch.no_grad():
+            return float(self.loss(output, targets)) / math.log(2)
 
     def uniform_baseline(self) -> float | None:
         return math.log2(self.input_spec.vocab_size)

@@ -34,14 +34,6 @@ RATES = [8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000]
 MU = 255  # the mu of the companding law for 256 levels
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tone(rate: int, seconds: float, channels: int = 1, seed: int = 0) -> np.ndarray:
     """A band-limited test tone (frames, channels): harmonics under 4 kHz with a slow amplitude envelope and a
     little noise; each channel has its own pitch, so channel handling is visible."""

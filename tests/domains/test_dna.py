@@ -35,16 +35,6 @@ REAL = {  # file -> (format, records, bases)
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: one intra-op thread is several times faster than two that
-    # contend with other test processes.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def bio_records(path: Path, fmt: str) -> list[tuple[str, str]]:
     """The SeqRecord path, as a reference for ours."""
     opener = gzip.open if path.suffix == ".gz" else open

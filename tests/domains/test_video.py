@@ -24,14 +24,6 @@ from seqlab.train import TrainConfig, Trainer
 TINY = BackboneConfig(d_model=16, n_layer=2, d_state=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_video(frames=6, h=8, w=12, c=3, seed=0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(frames, h, w, c), dtype=np.uint8)
 

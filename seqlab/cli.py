@@ -1,0 +1,131 @@
+"""The ``seqlab`` command line.
+
+Each subcommand lives in the room that owns its work and is registered here by name; the module is imported
+only when its command runs (or when ``--help`` lists the commands), so ``seqlab ingest`` never imports Ray.
+A command module exposes ``register(subparsers)``, which adds its parser(s) with ``set_defaults(func=handler)``;
+a handler takes the parsed arguments and returns an exit code.
+
+Settings come from flags or from a TOML file (``--config run.toml``): keys of its top level and of the table
+named after the command (``[ingest]``) become the defaults of that command's flags (dashes or underscores),
+and flags on the command line win. Bad input gives exit code 2 and one line on stderr naming what is wrong;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from seqlab.errors import SeqlabError
+
+#: command -> module with ``register(subparsers)`` (the module may register several commands)
+COMMAND_MODULES: dict[str, str] = {
+    "ingest": "seqlab.pipelines.cli",
+    "describe": "seqlab.pipelines.cli",
+}
+
+EXIT_BAD_INPUT = 2
+
+
+def register_command(name: str, module: str) -> None:
+    """Add a subcommand provided by ``module``'s ``register(subparsers)``."""
+    COMMAND_MODULES[name] = module
+
+
+def _load_toml(path: str) -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise SeqlabError(f"--config {path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SeqlabError(f"--config {path}: not valid TOML ({exc})") from None
+
+
+def _config_defaults(parser: argparse.ArgumentParser, table: dict, path: str, command: str) -> dict:
+    """Defaults for ``parser`` from a TOML table (unknown keys are refused, naming the file)."""
+    known = {a.dest: a for a in parser._actions if a.dest not in ("help", "func")}
+    out = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            continue  # another command's table
+        dest = key.replace("-", "_")
+        if dest not in known:
+            raise SeqlabError(f"--config {path}: unknown setting {key!r} for 'seqlab {command}' "
+                              f"(known: {', '.join(sorted(known))})")
+        out[dest] = value
+    return out
+
+
+def build_parser(commands: Sequence[str] | None = None) -> tuple[argparse.ArgumentParser, dict]:
+    parser = argparse.ArgumentParser(prog="seqlab", description="Mamba state space models for long signals.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    parser.add_argument("--config", metavar="TOML", help="read settings from a TOML file (flags win)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    parsers: dict[str, argparse.ArgumentParser] = {}
+    modules = dict.fromkeys(COMMAND_MODULES[c] for c in (commands or COMMAND_MODULES) if c in COMMAND_MODULES)
+    for module in modules:
+        before = set(sub.choices)
+        importlib.import_module(module).register(sub)
+        for name in set(sub.choices) - before:
+            parsers[name] = sub.choices[name]
+    return parser, parsers
+
+
+def _config_path(argv: list[str]) -> str | None:
+    """The --config value (before the command), read first so that its settings become the flags' defaults."""
+    for i, arg in enumerate(argv):
+        if arg in COMMAND_MODULES:
+            return None
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    # import only the module of the command asked for (all of them for a bare --help)
+    wanted = [a for a in argv if a in COMMAND_MODULES][:1] or None
+    try:
+        parser, parsers = build_parser(wanted)
+        config = _config_path(argv)
+        if config and wanted:
+            table = _load_toml(config)
+            parsers[wanted[0]].set_defaults(**_config_defaults(
+                parsers[wanted[0]], {**table, **table.get(wanted[0], {})}, config, wanted[0]))
+        args = parser.parse_args(argv)
+        return int(args.func(args) or 0)
+    except (SeqlabError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+        if debug:
+            raise
+        command = f" {wanted[0]}" if wanted else ""
+        message = " ".join(str(exc).split())  # one line
+        print(f"seqlab{command}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("seqlab: interrupted", file=sys.stderr)
+        return 130
+
+
+def require(args, *names: str) -> None:
+    """Refuse a run whose required settings came neither from flags nor from --config (argparse's own
+    ``required=True`` would ignore the TOML defaults)."""
+    from seqlab.errors import ConfigError
+
+    missing = ["--" + n.replace("_", "-") for n in names if getattr(args, n, None) in (None, "")]
+    if missing:
+        raise ConfigError(f"missing required setting(s) {', '.join(missing)} (a flag, or a key in --config)")
+
+
+if __name__ == "__main__":  # python -m seqlab.cli
+    sys.exit(main())

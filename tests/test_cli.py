@@ -1,0 +1,82 @@
+"""The ``seqlab`` command line, end to end in a subprocess: happy paths, TOML settings, and one-line errors with
+exit code 2 on bad input (a traceback only with --debug)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("zarr")
+
+
+def seqlab(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "seqlab.cli", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.fixture
+def fasta(tmp_path):
+    path = tmp_path / "g.fa"
+    path.write_text(">chr1 first\nACGTACGTNN\nacgt\n>chr2\nGGGG\n")
+    return path
+
+
+def test_ingest_then_describe(tmp_path, fasta):
+    out = seqlab("ingest", "s.zarr", fasta, "--adapter", "dna", "--quiet", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["chr1\twritten\t14 elements", "chr2\twritten\t4 elements"]
+    again = seqlab("ingest", "s.zarr", fasta, "--adapter", "dna", "--quiet", cwd=tmp_path)
+    assert "chr1\tskipped" in again.stdout
+    desc = seqlab("describe", "s.zarr", cwd=tmp_path)
+    assert desc.returncode == 0, desc.stderr
+    assert desc.stdout.splitlines()[0].split("\t")[:2] == ["chr1", "14"]
+    assert "dna\tcomplete" in desc.stdout
+
+    from seqlab.domains.dna import DNAAdapter
+    from seqlab.pipelines import SequenceStore
+
+    assert SequenceStore(tmp_path / "s.zarr", "r").read("chr1").tolist() == DNAAdapter().encode("ACGTACGTNNACGT").tolist()
+
+
+def test_settings_from_a_toml_file_and_flags_win(tmp_path, fasta):
+    (tmp_path / "run.toml").write_text('[ingest]\nadapter = "dna"\nquiet = true\nwhole-file = true\n')
+    out = seqlab("--config", "run.toml", "ingest", "s.zarr", fasta, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["g\twritten\t18 elements"]  # one sequence for the whole file
+    (tmp_path / "bad.toml").write_text('[ingest]\ncolour = "red"\n')
+    bad = seqlab("--config", "bad.toml", "ingest", "s.zarr", fasta, "--adapter", "dna", cwd=tmp_path)
+    assert bad.returncode == 2 and "unknown setting 'colour'" in bad.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (("ingest", "s.zarr", "missing.fa", "--adapter", "dna", "--quiet"), "missing.fa does not exist"),
+    (("ingest", "s.zarr", "g.fa", "--adapter", "nope", "--quiet"), "no adapter named 'nope'"),
+    (("ingest", "s.zarr", "g.fa", "--adapter", "dna", "--adapter-settings", "{oops", "--quiet"),
+     "--adapter-settings must be a JSON object"),
+    (("describe", "absent.zarr"), "absent.zarr"),
+    (("ingest", "s.zarr", "g.fa", "--quiet"), "missing required setting(s) --adapter"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, fasta, args, message):
+    out = seqlab(*args, cwd=tmp_path)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("seqlab ") and message in lines[0], out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    out = seqlab("--debug", "ingest", "s.zarr", "missing.fa", "--adapter", "dna", cwd=tmp_path)
+    assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+def test_invalid_dna_letter_is_named_in_the_one_line_error(tmp_path):
+    (tmp_path / "bad.fa").write_text(">r1\nACGTXACGT\n")
+    out = seqlab("ingest", "s.zarr", "bad.fa", "--adapter", "dna", "--quiet", cwd=tmp_path)
+    assert out.returncode == 2 and "record 'r1' (#1 in the file), position 5" in out.stderr, out.stderr
+
+
+def test_help_lists_commands(tmp_path):
+    out = seqlab("--help", cwd=tmp_path)
+    assert out.returncode == 0 and "ingest" in out.stdout and "describe" in out.stdout
