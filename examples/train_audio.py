@@ -102,7 +102,7 @@ def main() -> None:
           f"({held.shape[0] / adapter.sample_rate:.2f} s of {args.files[-1].name}, never trained on)")
 
     model = adapter.build_model(BackboneConfig(d_model=args.d_model, n_layer=2, d_state=16))
-    config = TrainConfig(lr=3e-3, warmup_steps=50, max_steps=args.steps, batch_size=8, window=256,
+    config = TrainConfig(lr=3e-3, warmup_steps=min(50, args.steps), max_steps=args.steps, batch_size=8, window=256,
                          weight_decay=0.0, progress=False, seed=0)
     t0 = time.perf_counter()
     every = max(1, args.steps // 4)

@@ -34,7 +34,7 @@ def train(adapter: VideoAdapter, config: BackboneConfig, steps: int, lr: float, 
     train_data = VideoSource(adapter, clips, BATCH, labels=labels if classify else None)
     test = VideoSource(adapter, held_out, 256, labels=held_labels if classify else None)
     model = adapter.build_model(config)
-    tc = TrainConfig(lr=lr, max_steps=steps, warmup_steps=20, batch_size=BATCH, window=train_data.window_size,
+    tc = TrainConfig(lr=lr, max_steps=steps, warmup_steps=min(20, steps), batch_size=BATCH, window=train_data.window_size,
                      carry_state=False, weight_decay=0.0, progress=False, seed=seed)
     start = time.perf_counter()
     Trainer(model, tc, train_data, loss_fn=adapter.loss, metric_fn=adapter.metric).fit()
