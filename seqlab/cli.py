@@ -24,6 +24,7 @@ from seqlab.errors import SeqlabError
 COMMAND_MODULES: dict[str, str] = {
     "ingest": "seqlab.pipelines.cli",
     "describe": "seqlab.pipelines.cli",
+    "memory": "seqlab.domains.cli_memory",
 }
 
 EXIT_BAD_INPUT = 2

@@ -37,6 +37,10 @@ class FormatVersionError(CorruptFileError):
     """A file was written by a newer seqlab format version than this one reads."""
 
 
+class SessionLockedError(SeqlabError):
+    """Another process holds an agent memory session open for writing."""
+
+
 class BackendUnavailableError(SeqlabError, KernelBackendError):
     """The requested compute backend cannot run here."""
 
@@ -48,6 +52,7 @@ __all__ = [
     "FormatVersionError",
     "InputError",
     "SeqlabError",
+    "SessionLockedError",
     "StateError",
     "StateMismatchError",
 ]
