@@ -47,3 +47,8 @@ def test_gpu_kernels_bench_runs_without_a_gpu():
     assert "Targets" in out
     if not os.path.exists("/dev/nvidiactl"):
         assert "NO GPU FOUND" in out
+
+
+def test_memory_bench_quick_runs_and_prints_the_table():
+    out = run_bench("memory.py", "--quick")
+    assert "| events observed |" in out and "KV cache" in out
