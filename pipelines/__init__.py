@@ -11,6 +11,7 @@ _EXPORTS = {
     "SequenceStore": "store", "SequenceInfo": "store", "StoreSource": "store", "ingest": "store",
     "IngestResult": "store", "IngestProgress": "store",
     "stream": "stream", "stream_output": "stream", "StreamWindow": "stream",
+    "run_job": "ray_jobs", "JobResult": "ray_jobs", "SequenceStoreDatasource": "ray_jobs",
     "train_data_parallel": "ray_train", "load_trained_model": "ray_train",
 }
 

@@ -25,6 +25,9 @@ COMMAND_MODULES: dict[str, str] = {
     "ingest": "seqlab.pipelines.cli",
     "describe": "seqlab.pipelines.cli",
     "memory": "seqlab.domains.cli_memory",
+    "score": "seqlab.pipelines.cli_jobs",
+    "embed": "seqlab.pipelines.cli_jobs",
+    "generate": "seqlab.pipelines.cli_jobs",
 }
 
 EXIT_BAD_INPUT = 2

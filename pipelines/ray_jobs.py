@@ -1,0 +1,655 @@
+"""Ray Data batch jobs over sequence stores: ``score``, ``embed`` and ``generate`` (see docs/ray-jobs.md).
+
+How a job runs:
+
+1. The driver checks the input (store, sequences, the model's adapter against the store's) and plans work
+   items: one per sequence (``mode="exact"``), or one per segment of ``segment_length`` elements
+   (``mode="segments"``). Items whose output is already complete for the same job key are skipped (resume).
+2. ``SequenceStoreDatasource`` (a ``ray.data.Datasource``; Ray's own ``read_zarr`` reads only Zarr v2) turns
+   the items into rows holding only names and ranges, never data.
+3. ``ds.map_batches(JobWorker, concurrency=N, num_cpus=..., num_gpus=...)``: an actor pool; each actor loads the
+   model once from the model file (``model_from_checkpoint``), and per item streams its range from the store
+   with carried state (``pipelines.stream``) and writes the result into a staging array of the output store.
+   A finished staging array is moved into place by a directory rename, so a finished output is never seen
+   half-written and a failed or killed worker never touches finished outputs. Actors are restarted and their
+   tasks retried when a worker process dies (``max_restarts`` / ``max_task_retries``).
+4. Segments of one sequence are joined by the driver once all are staged; in segments mode the driver then
+   measures the deviation from an exact run on a sample.
+
+Output store (a local directory, shared by every node on a real cluster): one array per input sequence, same
+name; attrs ``seqlab_job`` (the job's config, model file hash and fingerprint) and ``totals``; the group's
+attrs hold ``seqlab_job`` too. Re-running with another config is refused unless ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ray.data import Datasource
+from ray.data.block import BlockMetadata
+from ray.data.datasource import ReadTask
+
+from seqlab.errors import ConfigError, InputError, SeqlabError
+
+from .store import SequenceStore, check_model_fits
+
+__all__ = [
+    "JobProgress",
+    "JobResult",
+    "JobWorker",
+    "SequenceStoreDatasource",
+    "embed",
+    "generate",
+    "plan_items",
+    "run_job",
+    "score",
+]
+
+JOBS = ("score", "embed", "generate")
+MODES = ("exact", "segments")
+STAGING = "_staging"          # subgroup of the output store holding outputs and segments being written
+JOB_FORMAT = 1
+
+
+# ------------------------------------------------------------------------------------------------------
+# plans and results
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    """Passed to a job's ``progress`` callable after every finished work item."""
+
+    done: int              # items finished in this run
+    total: int             # items this run had to do
+    sequence: str
+    segment: int
+    elements: int          # elements this item covered
+    seconds: float         # wall time since the job started
+
+
+@dataclass
+class JobResult:
+    """What a job did: ``outputs`` (sequence -> output description), ``totals`` (sequence -> totals dict),
+    ``skipped`` (sequences already finished by an earlier run), ``deviation`` (segments mode: exact vs
+    segments on a sample), ``summary`` (job-wide totals, e.g. mean bits for ``score``)."""
+
+    job: str
+    output: str
+    config: dict
+    totals: dict[str, dict] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    done: list[str] = field(default_factory=list)
+    deviation: dict | None = None
+    summary: dict = field(default_factory=dict)
+    workers: dict[str, list[int]] = field(default_factory=dict)  # sequence -> worker pids that finished it
+    seconds: float = 0.0
+
+
+def _check_int(value, what: str, low: int = 1, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{what} must be an int >= {low}, got {value!r}")
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _span(job: str, length: int) -> int:
+    """Elements of work (positions of output) a sequence of ``length`` gives: score predicts elements 1..L-1
+    (output position i = bits of element i+1 given elements 0..i); embed and generate read all of it."""
+    return max(length - 1, 0) if job == "score" else length
+
+
+def plan_items(store: SequenceStore, names: list[str], job: str, mode: str, segment_length: int | None,
+               burn_in: int) -> list[dict]:
+    """Work items (names and ranges only): ``name``, ``segment``, ``n_segments``, ``start``, ``stop`` (output
+    positions; for embed, element positions that are whole windows) and ``warm`` (where the zero-state
+    burn-in starts; == ``start`` for exact items and first segments)."""
+    items = []
+    for name in names:
+        length = _span(job, store.describe(name).length)
+        if mode == "exact" or length <= (segment_length or length):
+            items.append({"name": name, "segment": 0, "n_segments": 1, "start": 0, "stop": length, "warm": 0})
+            continue
+        bounds = list(range(0, length, segment_length))
+        for k, start in enumerate(bounds):
+            stop = min(start + segment_length, length)
+            items.append({"name": name, "segment": k, "n_segments": len(bounds), "start": start, "stop": stop,
+                          "warm": max(0, start - burn_in)})
+    return items
+
+
+def _part_name(item: dict) -> str:
+    if item["n_segments"] == 1:
+        return f"{item['name']}.whole"
+    return f"{item['name']}.seg-{item['segment']:06d}-of-{item['n_segments']:06d}"
+
+
+# ------------------------------------------------------------------------------------------------------
+# the datasource
+
+
+class SequenceStoreDatasource(Datasource):
+    """Rows of work over a Zarr v3 sequence store: one row per (sequence, segment) with names and ranges only
+    (``plan_items``); the workers read the data themselves, a window at a time."""
+
+    def __init__(self, items: list[dict]) -> None:
+        super().__init__()
+        self.items = list(items)
+
+    def get_name(self) -> str:
+        return "SeqlabSequenceStore"
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return 64 * len(self.items)
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context=None) -> list[ReadTask]:
+        import pyarrow as pa
+
+        if not self.items:
+            return []
+        groups = max(1, min(int(parallelism) if parallelism and parallelism > 0 else len(self.items),
+                            len(self.items)))
+        tasks = []
+        for g in range(groups):
+            rows = self.items[g::groups]
+
+            def read(rows=rows):
+                yield pa.Table.from_pylist(rows)
+
+            meta = BlockMetadata(num_rows=len(rows), size_bytes=64 * len(rows), exec_stats=None, input_files=None)
+            tasks.append(ReadTask(read, meta))
+        return tasks
+
+
+# ------------------------------------------------------------------------------------------------------
+# the work of one item (runs in an actor; also used by the driver for the deviation sample)
+
+
+def _score_range(model, store: SequenceStore, name: str, warm: int, start: int, stop: int, window: int,
+                 sink: Callable[[np.ndarray], None]) -> tuple[float, int]:
+    """Bits of elements ``start+1 .. stop`` (inputs ``[start, stop)``), warmed up on ``[warm, start)`` from
+    a zero state; ``sink`` receives float32 pieces in order. Returns (sum of bits, count)."""
+    from .stream import stream
+
+    state = None
+    if warm < start:
+        for step in stream(model, store, name, window, start=warm, stop=start):
+            state = step.state
+    reader = store.reader(name, cache_chunks=2)
+    total, count = 0.0, 0
+    if stop <= start:
+        return total, count
+    for step in stream(model, store, name, window, state=state, start=start, stop=stop):
+        logits = step.output[0].float()
+        targets = reader.read(step.start + 1, step.stop + 1).to(logits.device)
+        logp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
+        bits = (-logp / math.log(2)).cpu().numpy().astype(np.float32)
+        total += float(bits.astype(np.float64).sum())
+        count += bits.shape[0]
+        sink(bits)
+    return total, count
+
+
+def _embed_range(model, store: SequenceStore, name: str, warm: int, start: int, stop: int, window: int,
+                 sink: Callable[[np.ndarray], None]) -> tuple[float, int]:
+    """Mean-pooled hidden features of each window in ``[start, stop)`` (rows of (d_model,))."""
+    from .stream import stream
+
+    state = None
+    if warm < start:
+        for step in stream(model, store, name, window, start=warm, stop=start):
+            state = step.state
+    count = 0
+    if stop <= start:
+        return 0.0, 0
+    for step in stream(model, store, name, window, state=state, start=start, stop=stop):
+        pooled = step.hidden[0].float().mean(dim=0, keepdim=True).cpu().numpy().astype(np.float32)
+        sink(pooled)
+        count += 1
+    return 0.0, count
+
+
+def _generate_one(model, store: SequenceStore, name: str, window: int, options: dict,
+                  sink: Callable[[np.ndarray], None]) -> tuple[float, int]:
+    """Continue the stored sequence (its last ``prompt_length`` elements, or all of it), prefilled in windows
+    with carried state; the continuation's ids go to ``sink``."""
+    from seqlab.generate import generate as _generate
+
+    from .stream import stream
+
+    length = store.describe(name).length
+    if length == 0:
+        raise InputError(f"sequence store {store.where}: sequence {name!r} is empty: there is no prompt")
+    first = 0 if options.get("prompt_length") is None else max(0, length - int(options["prompt_length"]))
+    state = None
+    if first < length - 1:
+        for step in stream(model, store, name, window, start=first, stop=length - 1):
+            state = step.state
+    last = store.read(name, length - 1, length)
+    seed = (int(options.get("seed") or 0) + zlib.crc32(name.encode())) % (1 << 31)
+    out = _generate(model, last, options["max_new_tokens"], temperature=options.get("temperature", 1.0),
+                    top_k=options.get("top_k"), top_p=options.get("top_p"), seed=seed, state=state)
+    tokens = np.asarray(out.tokens[0], dtype=np.int64)
+    sink(tokens)
+    return 0.0, int(tokens.shape[0])
+
+
+class JobWorker:
+    """The callable class of ``map_batches``: loads the model once per actor, then does one item per row.
+
+    Every item's result is written to ``_staging/<part>`` of the output store and marked complete; an exact
+    item (a whole sequence) is then moved into place. Rows out: ``name``, ``segment``, ``elements``,
+    ``total`` (sum of bits for score), ``count``, ``pid``.
+    """
+
+    def __init__(self, model_path: str, output: str, job: str, window: int, job_attrs: dict,
+                 options: dict | None = None, input_store: str = "", num_threads: int | None = None,
+                 fault: dict | None = None) -> None:
+        from seqlab.domains.base import model_from_checkpoint
+
+        if num_threads:
+            torch.set_num_threads(int(num_threads))
+        device = "cuda" if torch.cuda.is_available() and options and options.get("device") == "cuda" else None
+        self.model, self.adapter = model_from_checkpoint(model_path, device=device)
+        self.store = SequenceStore(input_store, "r")
+        self.output, self.job, self.window = output, job, window
+        self.job_attrs, self.options = job_attrs, dict(options or {})
+        self.fault = fault
+
+    def _maybe_fail(self, item: dict, when: str) -> None:
+        """Test hook: die for real (SIGKILL of this worker process) or raise, once, at a marked item."""
+        fault = self.fault
+        if not fault or fault.get("name") != item["name"] or fault.get("segment", item["segment"]) != \
+                item["segment"] or fault.get("when", "mid") != when:
+            return
+        marker = Path(fault["marker"])
+        if fault.get("how") == "raise":
+            raise RuntimeError(f"injected failure at {item['name']} segment {item['segment']}")
+        if marker.exists():
+            return
+        marker.write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def __call__(self, batch: dict) -> dict:
+        rows = {"name": [], "segment": [], "elements": [], "total": [], "count": [], "pid": []}
+        for i in range(len(batch["name"])):
+            item = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
+            item["name"] = str(item["name"])
+            total, count = self._run(item)
+            rows["name"].append(item["name"])
+            rows["segment"].append(int(item["segment"]))
+            rows["elements"].append(int(item["stop"] - item["start"]))
+            rows["total"].append(float(total))
+            rows["count"].append(int(count))
+            rows["pid"].append(os.getpid())
+        return {k: np.asarray(v) for k, v in rows.items()}
+
+    def _run(self, item: dict) -> tuple[float, int]:
+        staging = SequenceStore(os.path.join(self.output, STAGING), "a")
+        part = _part_name(item)
+        chunk = self.options.get("output_chunk_elements")
+        token_out = self.job == "generate"
+        writer = staging.writer(part, adapter=self.adapter if token_out else None, chunk_elements=chunk)
+        state = {"pieces": 0}
+
+        def sink(values: np.ndarray) -> None:
+            writer.write(values)
+            state["pieces"] += 1
+            if state["pieces"] == 2:
+                self._maybe_fail(item, "mid")
+
+        name, warm, start, stop = item["name"], int(item["warm"]), int(item["start"]), int(item["stop"])
+        if self.job == "score":
+            total, count = _score_range(self.model, self.store, name, warm, start, stop, self.window, sink)
+        elif self.job == "embed":
+            total, count = _embed_range(self.model, self.store, name, warm, start, stop, self.window, sink)
+        else:
+            total, count = _generate_one(self.model, self.store, name, self.window, self.options, sink)
+        self._maybe_fail(item, "mid")  # an item too short for two pieces still dies mid-item
+        if writer.array is None:  # nothing written (an empty range): an empty output of the right kind
+            d = getattr(self.model.config, "d_model", 1)
+            writer.write(np.zeros((0, d), np.float32) if self.job == "embed" else
+                         np.zeros(0, np.int64 if token_out else np.float32))
+        totals = {"sum": total, "count": count, "start": start, "stop": stop, "warm": warm}
+        writer.array.update_attributes({"seqlab_job": self.job_attrs, "seqlab_part": totals})
+        writer.finish()
+        if item["n_segments"] == 1:
+            _promote(self.output, part, name, _sequence_totals(self.job, [totals]))
+        return total, count
+
+
+def _sequence_totals(job: str, parts: list[dict]) -> dict:
+    total = sum(p["sum"] for p in parts)
+    count = sum(p["count"] for p in parts)
+    if job == "score":
+        return {"bits": total, "positions": count, "mean_bits": total / count if count else None}
+    if job == "embed":
+        return {"windows": count}
+    return {"tokens": count}
+
+
+def _promote(output: str, part: str, name: str, totals: dict) -> None:
+    """Move a complete staging array into place as ``name``: its totals are written first, then the old output
+    (if any) is removed and the staging folder renamed (a crash in between leaves the sequence to redo)."""
+    staging = SequenceStore(os.path.join(output, STAGING), "a")
+    staging._array(part).update_attributes({"totals": totals})
+    final = os.path.join(output, name)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.rename(os.path.join(output, STAGING, part), final)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the driver
+
+
+def _job_key(attrs: dict) -> dict:
+    return {k: v for k, v in attrs.items() if k not in ("started", "summary", "deviation")}
+
+
+def _finished(out: SequenceStore, name: str, key: dict) -> bool:
+    if name not in out:
+        return False
+    try:
+        info = out.describe(name)
+    except SeqlabError:
+        return False
+    return info.complete and _job_key(info.attrs.get("seqlab_job") or {}) == key and "totals" in info.attrs
+
+
+def _unwrap(exc: BaseException) -> BaseException | None:
+    """The seqlab error inside a Ray task error (Ray wraps user exceptions in its own)."""
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)  # a RayTaskError carries the worker's exception here
+        if isinstance(cause, SeqlabError):
+            return cause
+        if isinstance(e, SeqlabError) and type(e).__module__.startswith("seqlab"):
+            return e
+        stack.extend([cause, e.__cause__, e.__context__])
+    return None
+
+
+def run_job(job: str, model_path, store, output, *, names=None, window: int = 4096, mode: str = "exact",
+            segment_length: int | None = None, burn_in: int = 4096, concurrency: int = 2, num_cpus: float = 1,
+            num_gpus: float = 0, address: str | None = None, overwrite: bool = False,
+            deviation_sample: int | None = 4, progress: bool | Callable[[JobProgress], None] | None = None,
+            max_restarts: int = 3, output_chunk_elements: int | None = None, options: dict | None = None,
+            _fault: dict | None = None) -> JobResult:
+    """Run ``job`` ("score", "embed", "generate") of the model file ``model_path`` over sequences of
+    ``store``, writing one output array per sequence into the Zarr store ``output`` (a local directory).
+
+    ``mode="exact"``: each sequence streamed whole in windows of ``window`` with carried state (sequences in
+    parallel). ``mode="segments"``: sequences longer than ``segment_length`` are cut into segments processed
+    in parallel, each warmed up from a zero state on the ``burn_in`` preceding elements; the deviation from
+    exact is measured on the first ``deviation_sample`` segment boundaries (None/0: not measured).
+    ``concurrency``: actors in the pool; ``num_cpus`` / ``num_gpus``: resources per actor. ``address``: join
+    a running Ray cluster (None: use the running one or start a local one). ``progress``: True for a bar, or a
+    callable taking ``JobProgress``. ``max_restarts``: how often a dead actor is restarted (its task retried).
+    """
+    started = time.time()
+    if job not in JOBS:
+        raise ConfigError(f"job must be one of {JOBS}, got {job!r}")
+    if mode not in MODES:
+        raise ConfigError(f"mode must be 'exact' or 'segments', got {mode!r}")
+    _check_int(window, "window")
+    _check_int(concurrency, "concurrency")
+    _check_int(burn_in, "burn_in", low=0)
+    _check_int(output_chunk_elements, "output_chunk_elements", allow_none=True)
+    if not isinstance(num_cpus, (int, float)) or isinstance(num_cpus, bool) or num_cpus < 0:
+        raise ConfigError(f"num_cpus must be a number >= 0, got {num_cpus!r}")
+    if not isinstance(num_gpus, (int, float)) or isinstance(num_gpus, bool) or num_gpus < 0:
+        raise ConfigError(f"num_gpus must be a number >= 0, got {num_gpus!r}")
+    if mode == "segments":
+        if job == "generate":
+            raise ConfigError("generate continues each sequence from its end: it has no segments mode")
+        _check_int(segment_length, "segment_length")
+        if job == "embed" and segment_length % window:
+            raise ConfigError(f"embed in segments mode needs segment_length ({segment_length}) to be a multiple "
+                              f"of window ({window}), so segments hold whole windows")
+    options = dict(options or {})
+    if job == "generate":
+        _check_int(options.get("max_new_tokens"), "max_new_tokens", low=0)
+        _check_int(options.get("prompt_length"), "prompt_length", allow_none=True)
+
+    model_path = os.path.abspath(os.fspath(model_path))
+    if not os.path.isfile(model_path) and not os.path.isdir(model_path):
+        raise InputError(f"model file {model_path} does not exist")
+    if not isinstance(output, (str, os.PathLike)) or "://" in os.fspath(output):
+        raise ConfigError(f"output must be a local directory (shared by all nodes on a cluster), got {output!r}")
+    output = os.path.abspath(os.fspath(output))
+    store_path = os.path.abspath(os.fspath(store)) if isinstance(store, (str, os.PathLike)) and \
+        "://" not in os.fspath(store) else os.fspath(store) if isinstance(store, (str, os.PathLike)) else None
+    if store_path is None:
+        raise ConfigError("store must be a path (workers open it themselves)")
+    source = SequenceStore(store_path, "r")
+    names = source.list() if names is None else ([names] if isinstance(names, str) else list(names))
+    if not names:
+        raise InputError(f"sequence store {source.where} holds no sequences")
+
+    from seqlab.domains.base import model_from_checkpoint
+
+    model, adapter = model_from_checkpoint(model_path)
+    for name in names:
+        info = source.describe(name)  # a missing sequence: InputError naming the store and what it holds
+        where = f"sequence store {source.where}: sequence {name!r}"
+        if not info.complete:
+            raise InputError(f"{where} is incomplete ({info.length} elements committed): finish its ingest first")
+        check_model_fits(model, info, where)
+        if job in ("score", "generate") and getattr(model, "vocab_size", None) is None:
+            raise InputError(f"{job} needs a token model (next-element probabilities); the model in {model_path} "
+                             f"(adapter {adapter.name!r}) predicts continuous frames")
+        if job == "score" and info.length < 2:
+            raise InputError(f"{where} holds {info.length} element(s): score needs at least 2")
+
+    job_attrs = {"format": JOB_FORMAT, "job": job, "mode": mode, "window": window,
+                 "segment_length": segment_length if mode == "segments" else None,
+                 "burn_in": burn_in if mode == "segments" else None,
+                 "model": {"path": model_path, "sha256": _file_sha256(model_path) if os.path.isfile(model_path)
+                           else None, "fingerprint": getattr(model, "fingerprint", None),
+                           "adapter": adapter.info()},
+                 "store": source.where, "options": {k: v for k, v in options.items() if k != "device"}}
+    key = _job_key(job_attrs)
+    out = SequenceStore(output, "a")
+    recorded = out.group.attrs.get("seqlab_job")
+    if recorded is not None and _job_key(recorded) != key and not overwrite:
+        raise InputError(f"output store {output} holds results of another job config ({recorded}); pass "
+                         "overwrite=True (--overwrite) to replace them, or choose another output")
+    out.group.update_attributes({"seqlab_job": {**job_attrs, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}})
+
+    replace = overwrite and recorded is not None and _job_key(recorded) != key
+    todo = list(names) if replace else [n for n in names if not _finished(out, n, key)]
+    skipped = [n for n in names if n not in todo]
+    items = plan_items(source, todo, job, mode, segment_length, burn_in)
+    staging = SequenceStore(os.path.join(output, STAGING), "a")
+    staged = set(staging.list())
+    pending = []
+    for item in items:  # segments finished by an earlier run of the same job are kept
+        part = _part_name(item)
+        if item["n_segments"] > 1 and part in staged:
+            info = staging.describe(part)
+            if info.complete and _job_key(info.attrs.get("seqlab_job") or {}) == key:
+                continue
+        pending.append(item)
+
+    result = JobResult(job, output, job_attrs, skipped=skipped)
+    if pending:
+        result.workers = _execute(pending, model_path, output, job, window, job_attrs, options, store_path,
+                                  concurrency, num_cpus, num_gpus, address, progress, max_restarts,
+                                  output_chunk_elements, _fault, started)
+    for name in todo:  # join the segments of split sequences
+        parts = [i for i in items if i["name"] == name]
+        if len(parts) > 1:
+            _join(output, job, name, parts, job_attrs)
+    if mode == "segments" and deviation_sample and todo:
+        result.deviation = _deviation(model, source, out, job, todo, items, window, int(deviation_sample))
+    for name in names:
+        info = out.describe(name)
+        result.totals[name] = dict(info.attrs.get("totals") or {})
+    result.done = list(todo)
+    if job == "score":
+        bits = sum(t.get("bits", 0.0) for t in result.totals.values())
+        positions = sum(t.get("positions", 0) for t in result.totals.values())
+        result.summary = {"bits": bits, "positions": positions, "mean_bits": bits / positions if positions else None}
+    result.seconds = time.time() - started
+    out.group.update_attributes({"seqlab_job": {**job_attrs, "summary": result.summary,
+                                                "deviation": result.deviation}})
+    return result
+
+
+def _execute(items, model_path, output, job, window, job_attrs, options, store_path, concurrency,
+             num_cpus, num_gpus, address, progress, max_restarts, output_chunk_elements, fault, started) -> dict:
+    import ray
+
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address)
+        else:  # an embedded local cluster
+            ray.init(include_dashboard=False)
+    context = ray.data.DataContext.get_current()
+    original = context.raise_original_map_exception
+    context.raise_original_map_exception = True  # a worker's seqlab error reaches the driver as itself
+    done, workers = 0, {}
+    bar = None
+    try:
+        # the read only emits names and ranges: it takes no CPU, so a pool that fills the cluster cannot starve it
+        ds = ray.data.read_datasource(SequenceStoreDatasource(items), override_num_blocks=min(len(items), 64),
+                                      num_cpus=0)
+        worker_options = {**options, "output_chunk_elements": output_chunk_elements,
+                          "device": "cuda" if num_gpus else None}
+        mapped = ds.map_batches(
+            JobWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=num_cpus,
+            num_gpus=num_gpus or None,
+            fn_constructor_kwargs={"model_path": model_path, "output": output, "job": job, "window": window,
+                                   "job_attrs": job_attrs, "options": worker_options, "input_store": store_path,
+                                   "num_threads": max(1, int(num_cpus)), "fault": fault},
+            # a dead actor (its worker process killed, OOM, node lost) is restarted and its task retried, at most
+            # max_restarts times (Ray Data's default is without limit). Ray 2.60 warns that remote args passed this
+            # way are deprecated, but names no replacement for these two.
+            max_restarts=max_restarts, max_task_retries=max_restarts)
+        if progress is True:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(items), unit="item", desc=f"seqlab {job}")
+        for row in mapped.iter_rows():
+            done += 1
+            workers.setdefault(str(row["name"]), []).append(int(row["pid"]))
+            if bar is not None:
+                bar.update(1)
+            elif callable(progress):
+                progress(JobProgress(done, len(items), str(row["name"]), int(row["segment"]),
+                                     int(row["elements"]), time.time() - started))
+    except Exception as exc:  # Ray may wrap the worker's error: raise ours, which names where
+        inner = _unwrap(exc)
+        if inner is not None:
+            raise type(inner)(str(inner)) from None
+        raise
+    finally:
+        context.raise_original_map_exception = original
+        if bar is not None:
+            bar.close()
+    return workers
+
+
+def _join(output: str, job: str, name: str, parts: list[dict], job_attrs: dict) -> None:
+    """Concatenate a sequence's staged segments into one staging array, then move it into place."""
+    staging = SequenceStore(os.path.join(output, STAGING), "a")
+    joined = f"{name}.joined"
+    totals, writer = [], None
+    for item in sorted(parts, key=lambda i: i["segment"]):
+        part = _part_name(item)
+        info = staging.describe(part)
+        if writer is None:
+            writer = staging.writer(joined, chunk_elements=info.chunk_elements)
+        reader = staging.reader(part)
+        for lo in range(0, reader.length, info.chunk_elements):
+            writer.write(reader.read(lo, min(lo + info.chunk_elements, reader.length), raw=True))
+        totals.append(info.attrs["seqlab_part"])
+    writer.array.update_attributes({"seqlab_job": job_attrs})
+    writer.finish()
+    _promote(output, joined, name, _sequence_totals(job, totals))
+    for item in parts:
+        staging.delete(_part_name(item))
+
+
+def _deviation(model, source, out, job, todo, items, window, sample: int) -> dict | None:
+    """Exact vs segments at the first ``sample`` segment boundaries: the exact run streams the sequence from
+    its start (state carried) through each sampled segment, on the driver."""
+    split = [i for i in items if i["n_segments"] > 1 and i["segment"] > 0][:sample]
+    if not split:
+        return None
+    diffs, positions, total_exact, total_seg = [], 0, 0.0, 0.0
+    for item in split:
+        name, start, stop = item["name"], item["start"], item["stop"]
+        lo, hi = (start // window, -(-stop // window)) if job == "embed" else (start, stop)
+        got = out.read(name, lo, hi, raw=True).astype(np.float64)
+        pieces: list[np.ndarray] = []
+        runner = _score_range if job == "score" else _embed_range
+        # exact: warm up on everything before the segment (start == warm means no burn-in limit)
+        runner(model, source, name, 0, start, stop, window, pieces.append)
+        exact = np.concatenate(pieces).astype(np.float64)
+        diffs.append(np.abs(got - exact).reshape(got.shape[0], -1).max(axis=-1))
+        positions += got.shape[0]
+        total_exact += float(exact.sum())
+        total_seg += float(got.sum())
+    every = np.concatenate(diffs)
+    report = {"segments": len(split), "positions": positions, "max_abs": float(every.max()),
+              "mean_abs": float(every.mean()), "what": "bits per position" if job == "score" else
+              "pooled hidden, max over features"}
+    if job == "score":
+        report.update(mean_bits_exact=total_exact / positions, mean_bits_segments=total_seg / positions)
+    return report
+
+
+def score(model_path, store, output, **options) -> JobResult:
+    """Bits (-log2 p) of every element after the first, per sequence, with totals; see ``run_job``."""
+    return run_job("score", model_path, store, output, **options)
+
+
+def embed(model_path, store, output, **options) -> JobResult:
+    """Mean-pooled hidden features of every window, ``(n_windows, d_model)`` per sequence; see ``run_job``."""
+    return run_job("embed", model_path, store, output, **options)
+
+
+def generate(model_path, store, output, *, max_new_tokens: int = 64, prompt_length: int | None = None,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             **options) -> JobResult:
+    """Continue every stored sequence (its last ``prompt_length`` elements, default all of it) by
+    ``max_new_tokens`` tokens; sequence ``name`` samples with seed ``seed + crc32(name)``, so re-runs and
+    retries give the same tokens."""
+    gen = {"max_new_tokens": max_new_tokens, "prompt_length": prompt_length, "temperature": temperature,
+           "top_k": top_k, "top_p": top_p, "seed": seed}
+    return run_job("generate", model_path, store, output, options=gen, **options)
+
+
+def _describe(result: JobResult) -> dict[str, Any]:
+    return json.loads(json.dumps({"job": result.job, "output": result.output, "done": result.done,
+                                  "skipped": result.skipped, "summary": result.summary,
+                                  "deviation": result.deviation, "seconds": round(result.seconds, 2)},
+                                 default=str))

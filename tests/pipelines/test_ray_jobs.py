@@ -1,0 +1,254 @@
+"""Ray Data batch jobs (score, embed, generate) over sequence stores: outputs, resume, a worker killed for real,
+segments vs exact, bad input. One local Ray cluster for the module; tiny byte models."""
+
+import math
+import shutil
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from seqlab.domains.bytes import ByteAdapter
+from seqlab.pipelines import ray_jobs
+from seqlab.pipelines.ray_jobs import JobProgress, embed, generate, score
+from seqlab.pipelines.store import SequenceStore
+
+from seqlab.checkpoint import save_model
+from seqlab.config import BackboneConfig
+from seqlab.errors import ConfigError, CorruptFileError, InputError
+
+ROOT = Path(__file__).resolve().parents[2]
+WINDOW = 128
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny byte model file and a store of two real-text sequences (chunks of 256 bytes)."""
+    root = tmp_path_factory.mktemp("jobs")
+    torch.manual_seed(0)
+    adapter = ByteAdapter()
+    model = adapter.build_model(BackboneConfig(d_model=16, n_layer=1, d_state=4)).eval()
+    save_model(root / "model.safetensors", model)
+    text = (ROOT / "docs" / "stores.md").read_bytes()
+    store = SequenceStore(root / "in.zarr", "w")
+    store.write("a", [adapter.encode(text[:1500])], adapter=adapter, chunk_elements=256)
+    store.write("b", [adapter.encode(text[1500:2200])], adapter=adapter, chunk_elements=256)
+    return {"root": root, "model": model, "adapter": adapter, "model_path": str(root / "model.safetensors"),
+            "store": str(root / "in.zarr")}
+
+
+def direct_bits(model, ids):
+    with torch.no_grad():
+        logits = model(ids[None]).logits[0, :-1].float()
+    return (-torch.log_softmax(logits, -1).gather(1, ids[1:, None])[:, 0] / math.log(2)).numpy()
+
+
+def outputs(path, names=("a", "b")):
+    out = SequenceStore(path, "r")
+    return {n: out.read(n, raw=True) for n in names}
+
+
+@pytest.fixture(scope="module")
+def clean(ray_cluster, setup):
+    """One uninterrupted exact score run: the reference for resume and fault tests."""
+    seen = []
+    result = score(setup["model_path"], setup["store"], setup["root"] / "clean.zarr", window=WINDOW,
+                   concurrency=2, output_chunk_elements=64, progress=seen.append)
+    return result, outputs(setup["root"] / "clean.zarr"), seen
+
+
+def test_score_exact_matches_one_pass_and_records_config(setup, clean):
+    result, out, seen = clean
+    store = SequenceStore(setup["store"], "r")
+    for name in ("a", "b"):
+        expected = direct_bits(setup["model"], store.read(name))
+        assert out[name].shape == (store.describe(name).length - 1,)
+        np.testing.assert_allclose(out[name], expected, rtol=0, atol=1e-4)
+        totals = result.totals[name]
+        assert totals["positions"] == expected.shape[0]
+        assert totals["bits"] == pytest.approx(float(expected.sum()), rel=1e-5)
+    assert result.summary["positions"] == 1499 + 699
+    assert result.summary["mean_bits"] == pytest.approx(
+        (result.totals["a"]["bits"] + result.totals["b"]["bits"]) / 2198)
+    # progress: one report per finished item
+    assert sorted(p.sequence for p in seen) == ["a", "b"] and all(isinstance(p, JobProgress) for p in seen)
+    assert seen[-1].done == 2 and seen[-1].total == 2
+    # the job's config is recorded on every output and on the store
+    info = SequenceStore(setup["root"] / "clean.zarr", "r").describe("a")
+    job = info.attrs["seqlab_job"]
+    assert job["job"] == "score" and job["mode"] == "exact" and job["window"] == WINDOW
+    assert job["model"]["fingerprint"] == setup["model"].fingerprint and len(job["model"]["sha256"]) == 64
+    assert info.complete and info.attrs["totals"]["positions"] == 1499
+    group = SequenceStore(setup["root"] / "clean.zarr", "r").group.attrs["seqlab_job"]
+    assert group["summary"]["positions"] == 2198
+
+
+def test_rerun_skips_finished_and_refuses_another_config(setup, clean):
+    path = setup["root"] / "clean.zarr"
+    before = {n: SequenceStore(path, "r").describe(n).updated for n in ("a", "b")}
+    again = score(setup["model_path"], setup["store"], path, window=WINDOW, output_chunk_elements=64)
+    assert sorted(again.skipped) == ["a", "b"] and again.done == []
+    assert again.totals == clean[0].totals
+    assert {n: SequenceStore(path, "r").describe(n).updated for n in ("a", "b")} == before
+    with pytest.raises(InputError, match="another job config"):
+        score(setup["model_path"], setup["store"], path, window=WINDOW * 2)
+
+
+def test_interrupted_job_resumes_to_the_same_outputs(setup, clean):
+    path = setup["root"] / "interrupted.zarr"
+    fault = {"name": "b", "how": "raise", "marker": str(setup["root"] / "unused")}
+    with pytest.raises(Exception, match="injected failure"):
+        score(setup["model_path"], setup["store"], path, window=WINDOW, concurrency=1, output_chunk_elements=64,
+              _fault=fault)
+    out = SequenceStore(path, "r")
+    # b failed half-way: its output is not in place (only an incomplete staging array)
+    assert "b" not in out.list()
+    staged = SequenceStore(path / ray_jobs.STAGING, "r")
+    assert any(n.startswith("b.") and not staged.describe(n).complete for n in staged.list())
+    resumed = score(setup["model_path"], setup["store"], path, window=WINDOW, concurrency=1,
+                    output_chunk_elements=64)
+    assert "b" in resumed.done
+    got = outputs(path)
+    for name in ("a", "b"):
+        np.testing.assert_array_equal(got[name], clean[1][name])
+    assert resumed.totals == clean[0].totals
+
+
+def test_worker_killed_mid_job_is_retried_with_identical_outputs(setup, clean):
+    marker = setup["root"] / "killed.pid"
+    path = setup["root"] / "killed.zarr"
+    fault = {"name": "a", "how": "kill", "marker": str(marker)}
+    result = score(setup["model_path"], setup["store"], path, window=WINDOW, concurrency=2,
+                   output_chunk_elements=64, _fault=fault)
+    assert marker.exists(), "the worker was not killed"
+    killed = int(marker.read_text())
+    # the item was finished by a live process, not the one that died
+    assert result.workers["a"] and killed not in result.workers["a"]
+    got = outputs(path)
+    for name in ("a", "b"):
+        np.testing.assert_array_equal(got[name], clean[1][name])
+    assert result.totals == clean[0].totals
+
+
+def test_segments_join_and_report_deviation_from_exact(setup, clean):
+    path = setup["root"] / "segments.zarr"
+    result = score(setup["model_path"], setup["store"], path, window=WINDOW, mode="segments",
+                   segment_length=512, burn_in=64, concurrency=2, deviation_sample=2)
+    got = outputs(path)
+    exact = clean[1]
+    for name in ("a", "b"):
+        assert got[name].shape == exact[name].shape
+        np.testing.assert_allclose(got[name][:512], exact[name][:512], atol=1e-4)  # first segment: exact
+    assert result.totals["a"]["positions"] == 1499
+    dev = result.deviation
+    assert dev["segments"] == 2 and dev["positions"] == 512 + 475  # a: [512, 1024) and [1024, 1499)
+    # the reported deviation is the real difference at the sampled segments (a's segments 1 and 2)
+    real = np.abs(got["a"][512:1499].astype(np.float64) - exact["a"][512:1499])
+    assert dev["max_abs"] == pytest.approx(float(real.max()), rel=1e-3, abs=1e-5)
+    assert dev["max_abs"] > 0  # 64 elements of burn-in do not recover the exact state of this model
+    assert not any(n.startswith("a.seg") for n in SequenceStore(path / ray_jobs.STAGING, "r").list())
+
+
+def test_embed_pools_hidden_per_window(ray_cluster, setup):
+    path = setup["root"] / "embed.zarr"
+    result = embed(setup["model_path"], setup["store"], path, window=WINDOW, concurrency=2)
+    store = SequenceStore(setup["store"], "r")
+    ids = store.read("a")
+    with torch.no_grad():
+        hidden = setup["model"](ids[None]).hidden[0]
+    expected = np.stack([hidden[s:s + WINDOW].mean(0).numpy() for s in range(0, ids.shape[0], WINDOW)])
+    got = SequenceStore(path, "r").read("a", raw=True)
+    assert got.shape == (math.ceil(1500 / WINDOW), 16)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert result.totals["b"]["windows"] == math.ceil(700 / WINDOW)
+
+
+def test_generate_continues_each_sequence(ray_cluster, setup):
+    path = setup["root"] / "generate.zarr"
+    result = generate(setup["model_path"], setup["store"], path, window=WINDOW, max_new_tokens=12,
+                      prompt_length=300, temperature=0.0, seed=5, concurrency=2)
+    store, out = SequenceStore(setup["store"], "r"), SequenceStore(path, "r")
+    for name in ("a", "b"):
+        prompt = store.read(name)[-300:]
+        direct = setup["model"].generate(prompt, 12, temperature=0.0, seed=5 + zlib.crc32(name.encode()))
+        assert out.read(name).tolist() == direct.tokens[0]
+        assert out.describe(name).adapter == setup["adapter"].info()
+        assert result.totals[name]["tokens"] == 12
+
+
+def test_bad_input_is_refused_with_clear_errors(setup, tmp_path):
+    model, store = setup["model_path"], setup["store"]
+    with pytest.raises(InputError, match="nowhere.zarr does not exist"):
+        score(model, tmp_path / "nowhere.zarr", tmp_path / "o1")
+    with pytest.raises(InputError, match=r"in\.zarr has no sequence 'zz'.*holds: a, b"):
+        score(model, store, tmp_path / "o2", names=["a", "zz"])
+    with pytest.raises(ConfigError, match="window must be an int >= 1"):
+        score(model, store, tmp_path / "o3", window=0)
+    with pytest.raises(ConfigError, match="segment_length"):
+        score(model, store, tmp_path / "o4", mode="segments")
+    with pytest.raises(ConfigError, match="no segments mode"):
+        generate(model, store, tmp_path / "o5", mode="segments", segment_length=100)
+    with pytest.raises(InputError, match="model file .* does not exist"):
+        score(tmp_path / "missing.safetensors", store, tmp_path / "o6")
+    # a store written by another adapter than the model's
+    other = SequenceStore(tmp_path / "utf8.zarr", "w")
+    utf8 = ByteAdapter(utf8=True)
+    other.write("t", [utf8.encode("hello there")], adapter=utf8)
+    with pytest.raises(InputError, match=r"utf8.zarr: sequence 't' was written by adapter"):
+        score(model, tmp_path / "utf8.zarr", tmp_path / "o7")
+    assert not (tmp_path / "o7").exists() or SequenceStore(tmp_path / "o7", "r").list() == []
+
+
+def test_corrupt_chunk_names_position_and_leaves_finished_outputs(setup, clean, tmp_path):
+    broken = tmp_path / "broken.zarr"
+    shutil.copytree(setup["store"], broken)
+    chunk = broken / "b" / "c" / "1"
+    chunk.write_bytes(b"\x00garbage" + chunk.read_bytes()[8:])
+    path = tmp_path / "out.zarr"
+    score(setup["model_path"], broken, path, names=["a"], window=WINDOW, output_chunk_elements=64)
+    before = SequenceStore(path, "r").describe("a")
+    with pytest.raises(CorruptFileError, match=r"broken.zarr: sequence 'b': chunk 1 \(positions \[256, 512\)\)"):
+        score(setup["model_path"], broken, path, window=WINDOW, output_chunk_elements=64)
+    out = SequenceStore(path, "r")
+    assert out.list() == ["a"]
+    assert out.describe("a").updated == before.updated and out.describe("a").complete
+    np.testing.assert_array_equal(out.read("a", raw=True), clean[1]["a"])
+
+
+def test_cli_score_resumes_and_reports_bad_input(setup, clean, capsys):
+    from seqlab import cli
+
+    path = str(setup["root"] / "clean.zarr")
+    code = cli.main(["score", setup["store"], path, "--model", setup["model_path"], "--window", str(WINDOW),
+                     "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0 and "a\tskipped" in out and "b\tskipped" in out and '"mean_bits"' in out
+    assert cli.main(["embed", setup["store"], path]) == 2
+    assert "missing required setting(s) --model" in capsys.readouterr().err
+    code = cli.main(["generate", str(setup["root"] / "none.zarr"), path, "--model", setup["model_path"]])
+    assert code == 2 and "none.zarr does not exist" in capsys.readouterr().err
+
+
+def test_max_restarts_zero_lets_a_killed_worker_fail_the_job(setup, clean):
+    marker = setup["root"] / "killed-no-retry.pid"
+    path = setup["root"] / "no-retry.zarr"
+    fault = {"name": "b", "how": "kill", "marker": str(marker)}
+    with pytest.raises(ray.exceptions.ActorDiedError, match="died unexpectedly"):
+        score(setup["model_path"], setup["store"], path, window=WINDOW, concurrency=1, max_restarts=0,
+              output_chunk_elements=64, _fault=fault)
+    assert marker.exists()
+    assert "b" not in SequenceStore(path, "r").list()
