@@ -26,16 +26,6 @@ WINDOW = 128
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny byte model file and a store of two real-text sequences (chunks of 256 bytes)."""
     root = tmp_path_factory.mktemp("jobs")

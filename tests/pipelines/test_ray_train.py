@@ -14,16 +14,6 @@ from seqlab.models import LanguageModel
 from seqlab.train import TrainConfig
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
 def test_two_workers_train_average_gradients_and_checkpoint(ray_cluster, tmp_path):
     backbone = BackboneConfig(d_model=16, n_layer=1)
     pattern = torch.tensor([3, 1, 4, 1, 5, 9, 2], dtype=torch.long)
