@@ -1,6 +1,8 @@
 """seqlab.pipelines: Zarr v3 sequence stores, windowed streaming with carried state, Ray jobs and Ray Train.
 
-Names are imported on first use, so ``import seqlab.pipelines`` needs neither zarr nor ray.
+Names are imported on first use, so ``import seqlab.pipelines`` needs neither zarr nor ray. The function
+``stream`` is imported from its module (``from seqlab.pipelines.stream import stream``): the package attribute
+``stream`` is that submodule.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import importlib
 _EXPORTS = {
     "SequenceStore": "store", "SequenceInfo": "store", "StoreSource": "store", "ingest": "store",
     "IngestResult": "store", "IngestProgress": "store",
-    "stream": "stream", "stream_output": "stream", "StreamWindow": "stream",
+    "stream_output": "stream", "StreamWindow": "stream",
     "run_job": "ray_jobs", "JobResult": "ray_jobs", "SequenceStoreDatasource": "ray_jobs",
     "train_data_parallel": "ray_train", "load_trained_model": "ray_train",
 }
