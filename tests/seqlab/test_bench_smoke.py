@@ -52,3 +52,11 @@ def test_gpu_kernels_bench_runs_without_a_gpu():
 def test_memory_bench_quick_runs_and_prints_the_table():
     out = run_bench("memory.py", "--quick")
     assert "| events observed |" in out and "KV cache" in out
+
+
+@pytest.mark.parametrize("script", ["stream_scale.py", "ray_scale.py"])
+def test_pipeline_scale_benches_quick(script):
+    pytest.importorskip("zarr")
+    out = run_bench(script, "--quick")
+    assert "\n| " in out
+    assert ("peak RSS" if script == "stream_scale.py" else "overhead vs in-process") in out
