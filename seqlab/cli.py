@@ -32,6 +32,10 @@ COMMAND_MODULES: dict[str, str] = {
 
 EXIT_BAD_INPUT = 2
 
+#: optional top-level package -> the seqlab extra that installs it
+EXTRAS = {"zarr": "store", "ray": "ray", "soundfile": "audio", "torchaudio": "audio", "Bio": "dna",
+          "PIL": "video", "triton": "triton", "transformers": "hf"}
+
 
 def register_command(name: str, module: str) -> None:
     """Add a subcommand provided by ``module``'s ``register(subparsers)``."""
@@ -115,6 +119,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = f" {wanted[0]}" if wanted else ""
         message = " ".join(str(exc).split())  # one line
         print(f"seqlab{command}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ModuleNotFoundError as exc:
+        top = (exc.name or "").split(".")[0]
+        if debug or top not in EXTRAS:
+            raise
+        command = f" {wanted[0]}" if wanted else ""
+        print(f"seqlab{command}: error: this needs the optional package {top!r}: "
+              f"pip install 'seqlab[{EXTRAS[top]}]'", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("seqlab: interrupted", file=sys.stderr)

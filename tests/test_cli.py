@@ -80,3 +80,19 @@ def test_invalid_dna_letter_is_named_in_the_one_line_error(tmp_path):
 def test_help_lists_commands(tmp_path):
     out = seqlab("--help", cwd=tmp_path)
     assert out.returncode == 0 and "ingest" in out.stdout and "describe" in out.stdout
+
+
+def test_a_missing_optional_package_names_its_extra(tmp_path, fasta):
+    # a sitecustomize that hides zarr, as on an install without the [store] extra
+    (tmp_path / "hide").mkdir()
+    (tmp_path / "hide" / "sitecustomize.py").write_text(
+        "import sys\nclass _Hide:\n    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'zarr' or name.startswith('zarr.'):\n"
+        "            raise ModuleNotFoundError(\"No module named 'zarr'\", name='zarr')\n"
+        "sys.meta_path.insert(0, _Hide())\n")
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "hide")}
+    out = subprocess.run([sys.executable, "-m", "seqlab.cli", "ingest", "s.zarr", str(fasta), "--adapter", "dna"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2 and "pip install 'seqlab[store]'" in out.stderr, out.stderr
