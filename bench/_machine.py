@@ -23,3 +23,15 @@ def machine_line() -> str:
     return (f"machine: {cpu}, {cores} cores available ({os.cpu_count()} logical), {platform.system()} "
             f"{platform.release()}, python {platform.python_version()}, torch {torch.__version__}, "
             f"torch threads {torch.get_num_threads()}{load}")
+
+
+def vm_hwm_kib() -> int | None:
+    """This process's own peak RSS from /proc (Linux), a cross-check of ru_maxrss; None elsewhere."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None

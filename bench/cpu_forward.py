@@ -36,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from _machine import machine_line  # noqa: E402  (bench/ is on sys.path when a bench runs)
+from _machine import machine_line, vm_hwm_kib  # noqa: E402  (bench/ is on sys.path when a bench runs)
 from seqlab.testing import rel_err  # noqa: E402
 
 VOCAB = 256
@@ -196,17 +196,6 @@ def run_speed(args) -> None:
         print(line)
 
 
-def _vm_hwm_kib() -> int | None:
-    """This process's own peak RSS from /proc (Linux), a cross-check of ru_maxrss."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
 
 def stream_child(total: int, chunk: int) -> None:
     """Runs in its own process: stream ``total`` tokens through the Mamba-1 model; print peak RSS as JSON."""
@@ -228,7 +217,7 @@ def stream_child(total: int, chunk: int) -> None:
     seconds = time.perf_counter() - start
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     print(json.dumps({"tokens": done, "position": state.position, "seconds": seconds, "peak_rss_kib": peak_kib,
-                      "baseline_rss_kib": baseline_kib, "vm_hwm_kib": _vm_hwm_kib()}))
+                      "baseline_rss_kib": baseline_kib, "vm_hwm_kib": vm_hwm_kib()}))
 
 
 # Linux carries the high-water mark of the memory a process had before exec into its ru_maxrss, and a child

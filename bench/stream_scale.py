@@ -41,7 +41,7 @@ import time
 
 import numpy as np
 import torch
-from _machine import machine_line  # bench/ is on sys.path when a bench runs
+from _machine import machine_line, vm_hwm_kib  # bench/ is on sys.path when a bench runs
 
 D_MODEL = 64
 N_LAYER = 2
@@ -67,16 +67,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--window must be positive and sizes at least 2")
     return args
 
-
-def _vm_hwm_kib() -> int | None:
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def _peak_kib() -> int:
@@ -123,7 +113,7 @@ def child(phase: str, path: str, store_path: str, window: int) -> None:
             raise SystemExit(f"stream ended at position {getattr(state, 'position', None)}, expected {size}")
         result["windows"] = windows
     result["peak_kib"] = _peak_kib()
-    result["vm_hwm_kib"] = _vm_hwm_kib()
+    result["vm_hwm_kib"] = vm_hwm_kib()
     print(json.dumps(result))
 
 

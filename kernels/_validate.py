@@ -49,3 +49,9 @@ def require_optional(name: str, x, expected: Sequence[int | None], *, what: str 
         return
     require_tensor(name, x, ndim=len(expected))
     require_shape(name, x, expected, what=what)
+
+
+def records_grad(*tensors) -> bool:
+    """True when autograd is on and any of ``tensors`` (None entries allowed) requires grad: the op must then
+    take its differentiable path."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from .._layout import channels_last as _channels_last
 from .._layout import empty_like_layout as _empty_like_layout
+from .._validate import records_grad
 from .ref import check_conv_args, check_conv_update_args, compute_dtype
 
 __all__ = ["causal_conv1d_torch", "causal_conv1d_update_torch"]
@@ -169,8 +170,7 @@ def causal_conv1d_torch(x, weight, bias=None, activation=None, initial_state=Non
     b, d, l, w, silu = check_conv_args(x, weight, bias, activation, initial_state)
     cdt = compute_dtype(x, weight, bias, initial_state)
     tensors = (x, weight, bias, initial_state)
-    needs_grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
-                                                 for t in tensors)
+    needs_grad = records_grad(*tensors)
     if needs_grad:
         y, final = _CausalConv1dFn.apply(x, weight, bias, initial_state, silu, cdt, block_elems)
         return (y, final) if return_final_state else y

@@ -62,6 +62,7 @@ import triton.language as tl
 from .._layout import channels_last as _channels_last
 from .._layout import empty_like_layout as _empty_like_layout
 from .._triton import interpreting, require_triton_device
+from .._validate import records_grad
 from .ref import check_conv_args, check_conv_update_args, compute_dtype
 
 __all__ = ["causal_conv1d_triton", "causal_conv1d_update_triton"]
@@ -412,8 +413,7 @@ def causal_conv1d_triton(x, weight, bias=None, activation=None, initial_state=No
     b, d, l, w, silu = check_conv_args(x, weight, bias, activation, initial_state)
     cdt = compute_dtype(x, weight, bias, initial_state)
     tensors = (x, weight, bias, initial_state)
-    needs_grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
-                                                 for t in tensors)
+    needs_grad = records_grad(*tensors)
     if needs_grad:
         y, final = _CausalConv1dTritonFn.apply(x, weight, bias, initial_state, silu, cdt,
                                               (block_l, block_d, bwd_chunk))
@@ -434,7 +434,7 @@ def causal_conv1d_update_triton(x, conv_state, weight, bias=None, activation=Non
     require_triton_device("causal_conv1d_update", x, conv_state, weight, bias)
     b, d, w, silu = check_conv_update_args(x, conv_state, weight, bias, activation)
     tensors = (x, conv_state, weight, bias)
-    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+    if records_grad(*tensors):
         from .torch import causal_conv1d_update_torch
 
         return causal_conv1d_update_torch(x, conv_state, weight, bias, activation)

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from .._dt import prepare_dt
 from .._layout import channels_last as _channels_last
 from .._layout import empty_like_layout as _empty_like_layout
+from .._validate import records_grad
 from .ref import check_scan_args, check_state_update_args, compute_dtype
 
 __all__ = ["clear_workspace_cache", "selective_scan_torch", "selective_state_update_torch"]
@@ -543,8 +544,7 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     B4, C4 = _common_groups(_normalise_bc(B), _normalise_bc(C))
     chunk = chunk_size or CHUNK
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    needs_grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
-                                                 for t in tensors)
+    needs_grad = records_grad(*tensors)
     if not needs_grad:
         out = _empty_like_layout(u, u.dtype)  # position-major inputs give a position-major output
         out, final, _ = _scan_forward(u, delta, A, B4, C4, initial_state, cdt, delta_bias=delta_bias,

@@ -70,6 +70,8 @@ import triton.language as tl
 
 from .._layout import empty_like_layout
 from .._triton import interpreting, require_triton_device
+from .._validate import records_grad
+from .torch import _empty_scan  # the l == 0 result, shared with the torch path
 from .ref import check_scan_args, check_state_update_args, compute_dtype
 
 __all__ = ["selective_scan_triton", "selective_state_update_triton"]
@@ -530,15 +532,6 @@ class _SelectiveScanFn(torch.autograd.Function):
                 None if h0_dtype is None else dh0.to(h0_dtype), None, None, None, None)
 
 
-def _empty_scan(u, initial_state, b, d, n, cdt, return_final_state):
-    out = u.new_empty(b, d, 0)
-    if not return_final_state:
-        return out
-    if initial_state is None:
-        return out, torch.zeros(b, d, n, dtype=cdt, device=u.device)
-    return out, initial_state.to(cdt) * 1  # a fresh tensor that still carries autograd
-
-
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           initial_state=None, return_final_state=False, *, block_l=None, block_d=None,
                           sub_blocks=None):
@@ -558,7 +551,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     geo = _Geometry(u, A, B4, C4)
     plan = _plan(b, n, geo.dG, geo.G, u.device, block_l, block_d, sub_blocks)
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    needs_grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+    needs_grad = records_grad(*tensors)
     if needs_grad:
         out, final = _SelectiveScanFn.apply(u, delta, A, B4, C4, D, z, delta_bias, initial_state,
                                             bool(delta_softplus), cdt, plan, geo)
@@ -636,7 +629,7 @@ def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias
     B3 = B if B.dim() == 3 else B.unsqueeze(1)
     C3 = C if C.dim() == 3 else C.unsqueeze(1)
     tensors = (state, x, dt, A, B, C, D, z, dt_bias)
-    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+    if records_grad(*tensors):
         return _StateUpdateFn.apply(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus), cdt,
                                     B3.detach(), C3.detach())
     return _state_update_forward(state, x, dt, A, B3, C3, D, z, dt_bias, dt_softplus, cdt)

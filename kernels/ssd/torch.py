@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from .._validate import records_grad
 from .ref import check_scan_args, check_step_args, d_as_hp, prepare_dt
 
 __all__ = ["ssd_scan_torch", "ssd_state_update_torch"]
@@ -335,7 +336,7 @@ def ssd_scan_torch(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_
     else:
         state = initial_state.to(cd)
     inputs = (x, dt, A, B, C, D, z, dt_bias, initial_state)
-    recording = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
+    recording = records_grad(*inputs)
 
     spans = list(_blocks(l, chunk_size, b, h))
     bounds = {q: _segment_bounds(q, cd, x.device) for q in {q for _, _, q in spans}}

@@ -77,6 +77,7 @@ from .._triton import interpreting, require_triton_device
 from ..errors import KernelInputError
 from . import triton_bwd as _bwd
 from . import triton_fwd as _fwd
+from .._validate import records_grad
 from .ref import check_scan_args, check_step_args
 from .torch import ssd_state_update_torch
 
@@ -349,7 +350,7 @@ def ssd_scan_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt
             s = s.clone() if s is initial_state else s
         return (y, s) if return_final_state else y
     inputs = (x, dt, A, B, C, D, z, dt_bias, initial_state)
-    recording = torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad for v in inputs)
+    recording = records_grad(*inputs)
     if recording:
         y, s = _SSDScanFn.apply(x, dt, A, B, C, D, z, dt_bias, initial_state, int(chunk_size), bool(dt_softplus))
     else:
@@ -366,7 +367,7 @@ def ssd_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
     require_triton_device("ssd_state_update", state, x, dt, A, B, C, D, z, dt_bias)
     _refuse_float64("ssd_state_update", dims.compute_dtype)
     inputs = (state, x, dt, A, B, C, D, z, dt_bias)
-    if torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad for v in inputs):
+    if records_grad(*inputs):
         return ssd_state_update_torch(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
     b, h, p, n, g = dims.b, dims.h, dims.p, dims.n, dims.g
     y = torch.empty((b, h, p), dtype=x.dtype, device=x.device)

@@ -20,6 +20,7 @@ from seqlab.kernels.selective_scan.ref import selective_scan_ref, selective_stat
 from seqlab.kernels.selective_scan.torch import selective_scan_torch, selective_state_update_torch
 
 from _compare import as_f64, assert_rel, channels_last, rel_err, strided
+from _compare import scan_inputs as make_inputs
 
 OUT_TOL = 1e-5
 GRAD_TOL = 1e-4
@@ -30,28 +31,6 @@ NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 # (chunk_size, block_elems): the default tiling, and small ones that force many blocks, a padded last chunk,
 # chunks of one position and odd chunk lengths (b * d * n = 24 elements per position in most tests).
 TILINGS = [(None, None), (8, 24 * 40), (1, 24 * 5), (5, 24 * 7)]
-
-
-def make_inputs(b=2, d=4, n=3, l=37, *, gB=None, gC=None, D=True, z=True, bias=True, init=True,
-                dtype=torch.float32, seed=0, delta_scale=0.5, a_range=(-2.0, -0.1), positive_delta=False):
-    gen = torch.Generator().manual_seed(seed)
-
-    def r(*shape):
-        return torch.randn(*shape, generator=gen)
-
-    lo, hi = a_range
-    inputs = {
-        "u": r(b, d, l),
-        "delta": (r(b, d, l).abs() if positive_delta else r(b, d, l)) * delta_scale,
-        "A": lo + (hi - lo) * torch.rand(d, n, generator=gen),
-        "B": r(b, n, l) if gB is None else r(b, gB, n, l),
-        "C": r(b, n, l) if gC is None else r(b, gC, n, l),
-        "D": r(d) if D else None,
-        "z": r(b, d, l) if z else None,
-        "delta_bias": r(d) * 0.3 if bias else None,
-        "initial_state": r(b, d, n) if init else None,
-    }
-    return {k: (None if v is None else v.to(dtype)) for k, v in inputs.items()}
 
 
 def run_ref(inputs, softplus, final=True):

@@ -25,7 +25,7 @@ from seqlab.kernels import KernelInputError
 from seqlab.kernels._triton import interpreting, triton_available
 from seqlab.kernels.selective_scan.ref import selective_scan_ref, selective_state_update_ref
 
-from _compare import as_f64, assert_rel, channels_last, strided
+from _compare import as_f64, assert_rel, channels_last, scan_inputs, strided
 
 if not triton_available():  # pragma: no cover - triton is a dev dependency; the conftest enables the interpreter
     pytest.skip("Triton kernels cannot run here (no triton, or no CUDA and no TRITON_INTERPRET)",
@@ -95,26 +95,8 @@ T_SHORT = dict(block_l=8, block_d=2, sub_blocks=1)
 T_LONG = dict(block_l=64, block_d=4, sub_blocks=1)
 
 
-def make_inputs(b=2, d=4, n=3, l=37, *, gB=None, gC=None, D=True, z=True, bias=True, init=True,
-                dtype=torch.float32, seed=0, delta_scale=0.5, a_range=(-2.0, -0.1), positive_delta=False):
-    gen = torch.Generator().manual_seed(seed)
-
-    def r(*shape):
-        return torch.randn(*shape, generator=gen)
-
-    lo, hi = a_range
-    inputs = {
-        "u": r(b, d, l),
-        "delta": (r(b, d, l).abs() if positive_delta else r(b, d, l)) * delta_scale,
-        "A": lo + (hi - lo) * torch.rand(d, n, generator=gen),
-        "B": r(b, n, l) if gB is None else r(b, gB, n, l),
-        "C": r(b, n, l) if gC is None else r(b, gC, n, l),
-        "D": r(d) if D else None,
-        "z": r(b, d, l) if z else None,
-        "delta_bias": r(d) * 0.3 if bias else None,
-        "initial_state": r(b, d, n) if init else None,
-    }
-    return {k: (None if v is None else v.to(dtype).to(DEVICE)) for k, v in inputs.items()}
+def make_inputs(*args, **kwargs):
+    return {k: (None if v is None else v.to(DEVICE)) for k, v in scan_inputs(*args, **kwargs).items()}
 
 
 def run_ref(inputs, softplus, final=True):
