@@ -17,13 +17,12 @@ y, the final state and (when a backward will follow) the state at the start of e
 ((b, nchunks, d, n), fp32) reach memory. Nothing divides by a decay, so decays that underflow are exact zeros
 and growing states (raw negative delta) are reproduced, as in the reference.
 
-A program owns ``SUB`` consecutive channel blocks of one group and, per chunk, loads the (N, BLOCK_L) tiles of B
-and C once for all of them; the per-block carried states live in the (L1-resident) final-state buffer. Grid
-axis 0 runs over (lcm of the B and C group counts) x (programs per group), so a program's channels read one
-group of B and one group of C, and B / C with different group counts are read in place (no repeat).
-Such program-private global scratch (carried state / adjoint, the dA / dD / ddelta_bias accumulators) is
-read-modify-written, and a (BLOCK_D, N) value may be held by several threads, so every block reads all of it,
-then ``tl.debug_barrier()``, then writes; another barrier ends each chunk.
+A program owns ``SUB`` consecutive channel blocks of one group (1 by default) and carries each block's state in
+registers from chunk to chunk. Grid axis 0 runs over (lcm of the B and C group counts) x (programs per group),
+so a program's channels read one group of B and one group of C, and B / C with different group counts are read
+in place (no repeat). In the backward, program-private global scratch (carried adjoint, the dA / dD /
+ddelta_bias accumulators) is read-modify-written, and a (BLOCK_D, N) value may be held by several threads, so
+every block reads all of it, then ``tl.debug_barrier()``, then writes; another barrier ends each chunk.
 
 ``_ss_bwd_kernel`` (same grid). Walks the chunks newest first; per chunk and channel block it recomputes the
 states from the stored chunk-start state (the same scan), then the adjoint ``mu_t = dL/dh_t`` with a reverse
@@ -54,9 +53,9 @@ b, d, l, n, g as usual; P = programs per batch row of the backward; BLOCK_L = 64
 - decode step: read the state s b d n and write the new state 4 b d n (fp32; 8 for float64); x, dt, z, y
   4 e b d; B, C 2 e b g n.
 
-Without D / z / delta_bias, their terms drop. Performance on a GPU has NOT been measured (written and tested on
-a machine without one, under the interpreter); the kernels were compiled for sm_90 with ptxas (no register
-spills at the default tiles), but block sizes, warps and SUB are untuned heuristics, see ``_plan``.
+Without D / z / delta_bias, their terms drop. Measured on an H100 (docs/benchmarks.md): 4-5% of copy bandwidth
+forward. The cost is the warp shuffles of the tile scan and of the reductions over N and over the chunk, not
+bytes; ``_plan``'s GPU tiling comes from ``bench/tune_selective_scan.py``.
 """
 
 from __future__ import annotations
@@ -139,47 +138,48 @@ def _ss_fwd_kernel(
     C_base = C_ptr + bi * s_Cb + (gi // rC) * s_Cg
     h_base = h_ptr + bi * d * n
     st_base = st_ptr + bi * nchunks * d * n
-    for c in range(nchunks):
-        t = c * BLOCK_L + offs_l
-        mask_t = t < l
-        bc_mask = mask_n[:, None] & mask_t[None, :]
-        Bt = tl.load(B_base + offs_n[:, None] * s_Bn + t[None, :] * s_Bl, mask=bc_mask, other=0.0).to(CDT)
-        Ct = tl.load(C_base + offs_n[:, None] * s_Cn + t[None, :] * s_Cl, mask=bc_mask, other=0.0).to(CDT)
-        for s in range(SUB):
-            ch_loc = (j * SUB + s) * BLOCK_D + offs_bd
-            mask_d = ch_loc < dG
-            ch = gi * dG + ch_loc
-            dn_mask = mask_d[:, None] & mask_n[None, :]
+    for s in range(SUB):
+        ch_loc = (j * SUB + s) * BLOCK_D + offs_bd
+        mask_d = ch_loc < dG
+        ch = gi * dG + ch_loc
+        dn_mask = mask_d[:, None] & mask_n[None, :]
+        h_ptrs = h_base + ch[:, None] * n + offs_n[None, :]
+        A = tl.load(A_ptr + ch[:, None] * s_Ad + offs_n[None, :] * s_An, mask=dn_mask, other=0.0).to(CDT)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + ch * s_bias, mask=mask_d, other=0.0).to(CDT)
+        if HAS_D:
+            Dv = tl.load(D_ptr + ch * s_D, mask=mask_d, other=0.0).to(CDT)
+        # the carried state stays in registers across the chunks of this channel block
+        h = tl.load(h_ptrs, mask=dn_mask, other=0.0).to(CDT)
+        for c in range(nchunks):
+            t = c * BLOCK_L + offs_l
+            mask_t = t < l
+            bc_mask = mask_n[:, None] & mask_t[None, :]
             dl_mask = mask_d[:, None] & mask_t[None, :]
-            h_ptrs = h_base + ch[:, None] * n + offs_n[None, :]
-            h0 = tl.load(h_ptrs, mask=dn_mask, other=0.0)
-            # every thread holding a (replicated) element of h0 has read it before any writes h_end below
-            tl.debug_barrier()
-            if STORE_STATES:
-                tl.store(st_base + c * d * n + ch[:, None] * n + offs_n[None, :], h0, mask=dn_mask)
-            A = tl.load(A_ptr + ch[:, None] * s_Ad + offs_n[None, :] * s_An, mask=dn_mask, other=0.0).to(CDT)
+            Bt = tl.load(B_base + offs_n[:, None] * s_Bn + t[None, :] * s_Bl, mask=bc_mask, other=0.0).to(CDT)
+            Ct = tl.load(C_base + offs_n[:, None] * s_Cn + t[None, :] * s_Cl, mask=bc_mask, other=0.0).to(CDT)
             uu = tl.load(u_base + ch[:, None] * s_ud + t[None, :] * s_ul, mask=dl_mask, other=0.0).to(CDT)
             x = tl.load(dl_base + ch[:, None] * s_dd + t[None, :] * s_dl, mask=dl_mask, other=0.0).to(CDT)
+            if STORE_STATES:
+                tl.store(st_base + c * d * n + ch[:, None] * n + offs_n[None, :], h, mask=dn_mask)
             if HAS_BIAS:
-                x += tl.load(bias_ptr + ch * s_bias, mask=mask_d, other=0.0).to(CDT)[:, None]
+                x += bias[:, None]
             if SOFTPLUS:
                 x = _softplus(x)
             dt = tl.where(dl_mask, x, 0.0)  # padding: decay 1, drive 0 -> the state passes through unchanged
             dA = tl.exp(dt[:, None, :] * A[:, :, None])
             drive = (dt * uu)[:, None, :] * Bt[None, :, :]
             a_cum, h_loc = tl.associative_scan((dA, drive), 2, _recurrence_combine)
-            hh = h_loc + a_cum * h0[:, :, None]
+            hh = h_loc + a_cum * h[:, :, None]
             y = tl.sum(hh * Ct[None, :, :], axis=1)
-            h_end = tl.sum(tl.where(offs_l[None, None, :] == BLOCK_L - 1, hh, 0.0), axis=2)
-            tl.store(h_ptrs, h_end, mask=dn_mask)
+            h = tl.sum(tl.where(offs_l[None, None, :] == BLOCK_L - 1, hh, 0.0), axis=2)
             if HAS_D:
-                y += tl.load(D_ptr + ch * s_D, mask=mask_d, other=0.0).to(CDT)[:, None] * uu
+                y += Dv[:, None] * uu
             if HAS_Z:
                 zz = tl.load(z_base + ch[:, None] * s_zd + t[None, :] * s_zl, mask=dl_mask, other=0.0).to(CDT)
                 y *= zz / (1.0 + tl.exp(-zz))
             tl.store(o_base + ch[:, None] * s_od + t[None, :] * s_ol, y.to(out_ptr.dtype.element_ty), mask=dl_mask)
-        # the carried states in h_ptr are re-read (by other threads, maybe) in the next chunk
-        tl.debug_barrier()
+        tl.store(h_ptrs, h, mask=dn_mask)
 
 
 @triton.jit
@@ -386,10 +386,12 @@ def _sub_for(b: int, G: int, nblk: int, max_sub: int, min_programs: int) -> int:
 
 def _plan(b, n, dG, G, device, block_l=None, block_d=None, sub_blocks=None) -> _Plan:
     NP = triton.next_power_of_2(n)
+    interp = interpreting()
     if block_l is None:
-        # GPU: 64 positions per chunk (chunk states cost 4 n / 64 bytes per (b, d, l) element); the interpreter's
-        # cost is per tile element, padding included, so short chunks waste less there
-        block_l = 16 if interpreting() else (64 if NP <= 16 else 32)
+        # GPU: 32 positions per chunk for n <= 16 (chosen by bench/tune_selective_scan.py on an H100; the chunk
+        # states cost 4 n / BLOCK_L bytes per (b, d, l) element); the interpreter's cost is per tile element,
+        # padding included, so short chunks waste less there
+        block_l = 16 if interp else (32 if NP <= 16 else 16)
     BLOCK_L = triton.next_power_of_2(block_l)
     dGp = triton.next_power_of_2(dG)
 
@@ -398,20 +400,26 @@ def _plan(b, n, dG, G, device, block_l=None, block_d=None, sub_blocks=None) -> _
             return triton.next_power_of_2(block_d)
         return max(1, min(dGp, _pow2_floor(tile_elems // (NP * BLOCK_L))))
 
-    # register tiles (BLOCK_D, NP, BLOCK_L): ~4096 elements forward, ~2048 backward, ~256 per warp. Checked with
-    # ptxas for sm_90 (n = 16, BLOCK_L = 64): forward 181 registers, backward 255 without spills, at 8 warps
-    fwd_bd, bwd_bd = bd(4096), bd(2048)
+    if interp:
+        # the interpreter runs a program's tile ops in numpy: fewer, larger tiles are faster there
+        fwd_bd, bwd_bd = bd(4096), bd(2048)
+    else:
+        # GPU (H100 sweep, n = 16, bf16, b = 1, d = 1536 / 5120): one channel per program and few warps are
+        # fastest in both directions. The scan's cost is warp shuffles and cross-warp exchanges of the
+        # (channel, n, position) tile, which grow with the warps a tile spans; there are d / BLOCK_D programs
+        # per batch row, plenty to fill the GPU at Mamba widths.
+        fwd_bd, bwd_bd = bd(NP * BLOCK_L), bd(NP * BLOCK_L)
 
     def warps(block_d):
-        return max(1, min(8, _pow2_floor(block_d * NP * BLOCK_L // 256)))
+        return max(1, min(8, _pow2_floor(block_d * NP * BLOCK_L // 256)))  # ~8 tile elements per thread
 
     sms = _sm_count(device)
     if sub_blocks is not None:
         fwd_sub = bwd_sub = sub_blocks
     else:
-        # forward: a few blocks per program share the B / C tile loads; backward: more, because the dB / dC
-        # partial rows (one per program, (n, l) fp32 each) cost bandwidth; both keep >= 4 programs per SM
-        fwd_sub = _sub_for(b, G, -(-dG // fwd_bd), 4, 4 * sms)
+        fwd_sub = 1  # the forward carries each channel block's state in registers: sub-blocks would run in turn
+        # backward: several channel blocks per program, because the dB / dC partial rows (one per program,
+        # (n, l) fp32 each) cost bandwidth; it keeps >= 4 programs per SM
         bwd_sub = _sub_for(b, G, -(-dG // bwd_bd), max(1, 32 // bwd_bd), 4 * sms)
     return _Plan(NP, BLOCK_L, fwd_bd, fwd_sub, warps(fwd_bd), bwd_bd, bwd_sub, warps(bwd_bd))
 
