@@ -7,7 +7,8 @@ a handler takes the parsed arguments and returns an exit code.
 
 Settings come from flags or from a TOML file (``--config run.toml``): keys of its top level and of the table
 named after the command (``[ingest]``) become the defaults of that command's flags (dashes or underscores),
-and flags on the command line win. Bad input gives exit code 2 and one line on stderr naming what is wrong;
+a command with actions reads its action's table too (``[memory.ask]`` for ``seqlab memory ask``), and flags on
+the command line win. Bad input gives exit code 2 and one line on stderr naming what is wrong;
 ``--debug`` shows the traceback instead.
 """
 
@@ -18,7 +19,7 @@ import importlib
 import sys
 from typing import Sequence
 
-from seqlab.errors import SeqlabError
+from seqlab.errors import ConfigError, SeqlabError
 
 #: command -> module with ``register(subparsers)`` (the module may register several commands)
 COMMAND_MODULES: dict[str, str] = {
@@ -28,13 +29,16 @@ COMMAND_MODULES: dict[str, str] = {
     "score": "seqlab.pipelines.cli_jobs",
     "embed": "seqlab.pipelines.cli_jobs",
     "generate": "seqlab.pipelines.cli_jobs",
+    "train": "seqlab.cli_train",
+    "eval": "seqlab.cli_train",
+    "bench": "seqlab.cli_bench",
 }
 
 EXIT_BAD_INPUT = 2
 
 #: optional top-level package -> the seqlab extra that installs it
 EXTRAS = {"zarr": "store", "ray": "ray", "soundfile": "audio", "torchaudio": "audio", "Bio": "dna",
-          "PIL": "video", "triton": "triton", "transformers": "hf"}
+          "PIL": "video", "triton": "triton", "transformers": "hf", "matplotlib": "demo"}
 
 
 def register_command(name: str, module: str) -> None:
@@ -71,8 +75,16 @@ def _config_defaults(parser: argparse.ArgumentParser, table: dict, path: str, co
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's own complaints (an unknown flag, a bad number, a missing value) become a one-line ConfigError
+    with exit code 2, like every other bad input; subcommand parsers inherit the class."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see '{self.prog} --help')")
+
+
 def build_parser(commands: Sequence[str] | None = None) -> tuple[argparse.ArgumentParser, dict]:
-    parser = argparse.ArgumentParser(prog="seqlab", description="Mamba state space models for long signals.")
+    parser = _Parser(prog="seqlab", description="Mamba state space models for long signals.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     parser.add_argument("--config", metavar="TOML", help="read settings from a TOML file (flags win)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -99,6 +111,29 @@ def _config_path(argv: list[str]) -> str | None:
     return None
 
 
+def _action(parser: argparse.ArgumentParser, argv: list[str], command: str):
+    """(name, parser) of the action chosen after ``command`` (``seqlab memory observe``), or (None, None)."""
+    for act in parser._actions:
+        if isinstance(act, argparse._SubParsersAction):
+            rest = argv[argv.index(command) + 1:]
+            for arg in rest:
+                if arg in act.choices:
+                    return arg, act.choices[arg]
+    return None, None
+
+
+def _apply_config(parser: argparse.ArgumentParser, command: str, table: dict, path: str, argv: list[str]) -> None:
+    """TOML settings become flag defaults: top-level keys and ``[command]`` for the command, and for a command
+    with actions (``seqlab memory observe``) also the ``[command.action]`` table for the action's flags."""
+    own = table.get(command, {})
+    if not isinstance(own, dict):
+        raise SeqlabError(f"--config {path}: {command!r} must be a table ([{command}]), got {own!r}")
+    parser.set_defaults(**_config_defaults(parser, {**table, **own}, path, command))
+    name, action_parser = _action(parser, argv, command)
+    if action_parser is not None and isinstance(own.get(name), dict):
+        action_parser.set_defaults(**_config_defaults(action_parser, own[name], path, f"{command} {name}"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -108,9 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser, parsers = build_parser(wanted)
         config = _config_path(argv)
         if config and wanted:
-            table = _load_toml(config)
-            parsers[wanted[0]].set_defaults(**_config_defaults(
-                parsers[wanted[0]], {**table, **table.get(wanted[0], {})}, config, wanted[0]))
+            _apply_config(parsers[wanted[0]], wanted[0], _load_toml(config), config, argv)
         args = parser.parse_args(argv)
         return int(args.func(args) or 0)
     except (SeqlabError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
@@ -136,8 +169,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def require(args, *names: str) -> None:
     """Refuse a run whose required settings came neither from flags nor from --config (argparse's own
     ``required=True`` would ignore the TOML defaults)."""
-    from seqlab.errors import ConfigError
-
     missing = ["--" + n.replace("_", "-") for n in names if getattr(args, n, None) in (None, "")]
     if missing:
         raise ConfigError(f"missing required setting(s) {', '.join(missing)} (a flag, or a key in --config)")

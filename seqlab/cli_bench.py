@@ -1,0 +1,207 @@
+"""``seqlab bench``: a quick forward-throughput comparison on this machine, in one process, on the same weights.
+
+Peers: the model's fast PyTorch path (``backend="torch"``, float32), its float64 twin on the sequential reference
+kernels (``backend="ref"``: the truth the fast paths are tested against), and, when a CUDA GPU is present, the
+torch path and the Triton kernels on that GPU. Each peer's output is compared with the float64 reference on the
+timed input (max absolute difference). Timings are the median of ``--repeats`` forwards after a warm-up, the
+peers taking turns within each repeat so that a slow spell of a shared machine falls on all of them alike; the
+reference is timed once (it is slow). The fuller benches with HF comparisons and memory tests live in
+``bench/`` of the source tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import time
+
+from seqlab.errors import ConfigError
+
+VOCAB = 256
+FULL = {"d_model": 256, "n_layer": 4, "length": 2048, "repeats": 3}
+QUICK = {"d_model": 64, "n_layer": 2, "length": 256, "repeats": 1}
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info = {"cpu": cpu, "cores": cores, "logical_cpus": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    if hasattr(os, "getloadavg"):
+        info["load_average"] = round(os.getloadavg()[0], 2)
+    return info
+
+
+def _machine_line(m: dict) -> str:
+    load = f", load average {m['load_average']:.2f}" if "load_average" in m else ""
+    gpu = f", GPU {m['gpu']}" if m["gpu"] else ", no CUDA GPU"
+    return (f"machine: {m['cpu']}, {m['cores']} cores available ({m['logical_cpus']} logical), python "
+            f"{m['python']}, torch {m['torch']}, torch threads {m['torch_threads']}{gpu}{load}")
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peers(model, with_ref: bool) -> dict:
+    """name -> (model, device) on the same weights."""
+    import torch
+
+    from seqlab.kernels import triton_available
+
+    peers = {"torch (cpu, fp32)": (model.set_backend("torch"), torch.device("cpu"))}
+    if with_ref:
+        peers["float64 ref (cpu)"] = (copy.deepcopy(model).double().set_backend("ref"), torch.device("cpu"))
+    if torch.cuda.is_available():
+        gpu = torch.device("cuda")
+        peers["torch (cuda, fp32)"] = (copy.deepcopy(model).to(gpu).set_backend("torch"), gpu)
+        if triton_available():
+            peers["triton (cuda, fp32)"] = (copy.deepcopy(model).to(gpu).set_backend("triton"), gpu)
+    return peers
+
+
+def bench_one(ssm: str, args) -> list[dict]:
+    import torch
+
+    from seqlab import BackboneConfig, LanguageModel
+
+    sizes = {"d_model": args.d_model, "n_layer": args.n_layer, "ssm": ssm}
+    for name in ("d_state", "headdim", "chunk_size", "expand"):
+        if getattr(args, name) is not None:
+            sizes[name] = getattr(args, name)
+    try:
+        config = BackboneConfig(**sizes)
+    except ConfigError as exc:
+        from seqlab.cli_train import _flag_names
+
+        raise ConfigError(_flag_names(str(exc), "BackboneConfig", {k: k for k in sizes})) from None
+    torch.manual_seed(args.seed)
+    model = LanguageModel(config, vocab_size=VOCAB).eval()
+    peers = _peers(model, not args.no_ref)
+    gen = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, VOCAB, (args.batch, args.length), generator=gen)
+    short = ids[:, :min(args.length, 64)]  # the slow reference warms up on a few tokens only
+    outputs, times = {}, {name: [] for name in peers}
+
+    def forward(name):
+        net, device = peers[name]
+        x = ids.to(device)
+        _sync(device)
+        start = time.perf_counter()
+        logits = net(x, return_state=False).logits
+        _sync(device)
+        return time.perf_counter() - start, logits
+
+    with torch.no_grad():
+        for name, (net, device) in peers.items():  # warm-up on the timed shape (kernel compilation, allocator)
+            net((short if name.startswith("float64") else ids).to(device), return_state=False)
+            _sync(device)
+        for repeat in range(args.repeats):
+            for name in peers:
+                if name.startswith("float64") and repeat > 0:
+                    continue  # the sequential reference is timed once
+                seconds, logits = forward(name)
+                times[name].append(seconds)
+                if repeat == 0:
+                    outputs[name] = logits.detach().to("cpu", torch.float64)
+    truth = outputs.get("float64 ref (cpu)")
+    base = statistics.median(times["torch (cpu, fp32)"])
+    rows = []
+    for name in peers:
+        seconds = statistics.median(times[name])
+        row = {"ssm": ssm, "peer": name, "length": args.length, "batch": args.batch,
+               "tokens_per_s": args.batch * args.length / seconds, "seconds": seconds,
+               "vs_torch_cpu": base / seconds, "max_abs_diff_vs_ref": None}
+        if truth is not None:
+            row["max_abs_diff_vs_ref"] = float((outputs[name] - truth).abs().max())
+        rows.append(row)
+    return rows
+
+
+def _bench(args) -> int:
+    import torch
+
+    defaults = QUICK if args.quick else FULL
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name in ("d_model", "n_layer", "length", "batch", "repeats"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    info = machine()
+    rows = []
+    for ssm in args.ssm:
+        rows.extend(bench_one(ssm, args))
+    if args.json:
+        print(json.dumps({"machine": info, "config": _config_line(args), "rows": rows}))
+        return 0
+    print(_machine_line(info))
+    print(_config_line(args))
+    print()
+    header = f"{'ssm':<8} {'peer':<20} {'tok/s':>12} {'x torch cpu':>12} {'max|out - float64 ref|':>24}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        diff = "-" if r["max_abs_diff_vs_ref"] is None else f"{r['max_abs_diff_vs_ref']:.2e}"
+        print(f"{r['ssm']:<8} {r['peer']:<20} {r['tokens_per_s']:>12,.0f} {r['vs_torch_cpu']:>11.2f}x {diff:>24}")
+    return 0
+
+
+def _config_line(args) -> str:
+    extra = "".join(f", {n} {getattr(args, n)}" for n in ("d_state", "headdim", "chunk_size", "expand")
+                    if getattr(args, n) is not None)
+    return (f"config: LanguageModel vocab {VOCAB}, d_model {args.d_model}, {args.n_layer} layers{extra}; "
+            f"batch {args.batch} x length {args.length}; forward without state, torch.no_grad; median of "
+            f"{args.repeats} after a warm-up (float64 reference: timed once)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    b = sub.add_parser(
+        "bench", help="forward tok/s of the fast path vs the float64 reference (and Triton on a GPU) here",
+        description="Time the forward pass (tok/s) of a LanguageModel on this machine, in one process and on the "
+        "same weights: the fast PyTorch path (float32), its float64 twin on the sequential reference kernels, and, "
+        "with a CUDA GPU, the torch path and the Triton kernels on the GPU. Prints the machine, tok/s, the ratio "
+        "to the CPU fast path, and each peer's max abs difference from the float64 reference. Median of --repeats "
+        "after a warm-up, the peers taking turns; the reference is timed once.",
+        epilog="examples: seqlab bench --quick;  seqlab bench --ssm mamba2 --length 8192 --threads 1 --no-ref")
+    b.add_argument("--ssm", nargs="+", choices=("mamba1", "mamba2"), default=["mamba1", "mamba2"],
+                   help="mixer kinds to time (default both)")
+    b.add_argument("--d-model", type=int, default=None, help="model width (default 256; --quick 64)")
+    b.add_argument("--n-layer", type=int, default=None, help="layers (default 4; --quick 2)")
+    b.add_argument("--d-state", type=int, default=None, help="SSM state size (default the mixer's)")
+    b.add_argument("--headdim", type=int, default=None, help="Mamba-2 head size (default 64)")
+    b.add_argument("--chunk-size", type=int, default=None, help="Mamba-2 SSD chunk (default 256)")
+    b.add_argument("--expand", type=int, default=None, help="inner width / d_model (default 2)")
+    b.add_argument("--length", type=int, default=None, help="tokens per sequence (default 2048; --quick 256)")
+    b.add_argument("--batch", type=int, default=1, help="sequences per forward (default 1)")
+    b.add_argument("--repeats", type=int, default=None, help="timed forwards; the median is shown (default 3; "
+                   "--quick 1)")
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's; 1 is steadiest "
+                   "on a shared machine)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the weights and the input (default 0)")
+    b.add_argument("--no-ref", action="store_true", help="skip the float64 reference (slow at long lengths)")
+    b.add_argument("--quick", action="store_true", help="a small model and a short input: a few seconds")
+    b.add_argument("--json", action="store_true", help="print the machine and the rows as one JSON object")
+    b.set_defaults(func=_bench)
