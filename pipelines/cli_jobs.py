@@ -1,5 +1,6 @@
 """``seqlab score``, ``seqlab embed`` and ``seqlab generate``: Ray Data batch jobs over a sequence store
-(see docs/ray-jobs.md). ``--address`` joins a running Ray cluster; without it a local one is started."""
+(see docs/ray-jobs.md). ``--address`` joins a running Ray cluster; without it a local one is started.
+``seqlab generate --prompt TEXT`` continues prompts in this process instead (no store, no Ray)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import argparse
 import json
 
 
-def _common(p: argparse.ArgumentParser, segments: bool = True) -> None:
-    p.add_argument("store", help="input sequence store (a Zarr v3 directory written by seqlab ingest)")
-    p.add_argument("output", help="output store directory (created when missing; resumable)")
+def _common(p: argparse.ArgumentParser, segments: bool = True, optional_stores: bool = False) -> None:
+    nargs = "?" if optional_stores else None
+    p.add_argument("store", nargs=nargs, help="input sequence store (a Zarr v3 directory written by seqlab ingest)")
+    p.add_argument("output", nargs=nargs, help="output store directory (created when missing; resumable)")
     p.add_argument("--model", help="model file written by seqlab.checkpoint.save_model (required)")
     p.add_argument("--name", action="append", dest="names", help="sequence to process (repeat; default: all)")
     p.add_argument("--window", type=int, default=4096, help="elements per streamed window (default 4096)")
@@ -68,12 +70,46 @@ def _embed(args) -> int:
     return _report(embed(args.model, args.store, args.output, **_options(args)))
 
 
+def _generate_prompts(args) -> int:
+    """Continue --prompt / --prompt-file texts with the model, in this process, and print each continuation."""
+    from seqlab.domains import model_from_checkpoint
+    from seqlab.errors import ConfigError
+
+    if args.store or args.output:
+        raise ConfigError("generate: give either --prompt/--prompt-file or a STORE and OUTPUT, not both")
+    prompts = list(args.prompt or [])
+    for path in args.prompt_file or []:
+        with open(path, "rb") as fh:
+            prompts.append(fh.read())
+    model, adapter = model_from_checkpoint(args.model)
+    if adapter.input_spec.kind != "tokens":
+        raise ConfigError(f"generate --prompt: the model's adapter {adapter.name!r} takes continuous frames; "
+                          "prompts need a token adapter (bytes, memory, dna)")
+    ids = [adapter.encode(p) for p in prompts]
+    for i, row in enumerate(ids):
+        if row.numel() == 0:
+            raise ConfigError(f"generate: prompt {i + 1} is empty")
+    out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, seed=args.seed)
+    for tokens in out.tokens:
+        value = adapter.decode(tokens)
+        text = value.decode("utf-8", errors="replace") if isinstance(value, (bytes, bytearray)) else str(value)
+        print(text if len(prompts) == 1 else json.dumps(text))
+    return 0
+
+
 def _generate(args) -> int:
     from seqlab.cli import require
 
     from .ray_jobs import generate
 
     require(args, "model")
+    if args.prompt or args.prompt_file:
+        return _generate_prompts(args)
+    if not (args.store and args.output):
+        from seqlab.errors import ConfigError
+
+        raise ConfigError("generate: give STORE and OUTPUT (a Ray job over a store), or --prompt/--prompt-file")
     return _report(generate(args.model, args.store, args.output, max_new_tokens=args.max_new_tokens,
                             prompt_length=args.prompt_length, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, **_options(args)))
@@ -92,10 +128,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(e)
     e.set_defaults(func=_embed)
 
-    g = sub.add_parser("generate", help="continue every stored sequence with a model (Ray Data)",
+    g = sub.add_parser("generate", help="continue prompts, or every stored sequence (Ray Data), with a model",
                        description="Generate a continuation of each stored sequence (its last --prompt-length "
-                       "elements, or all of it) and write the new token ids to an output store.")
-    _common(g, segments=False)
+                       "elements, or all of it) and write the new token ids to an output store. With --prompt "
+                       "or --prompt-file instead of STORE OUTPUT: continue those texts in this process and print "
+                       "each continuation (one line of JSON per prompt when there are several).")
+    _common(g, segments=False, optional_stores=True)
+    g.add_argument("--prompt", action="append", help="a prompt text to continue (repeat for several)")
+    g.add_argument("--prompt-file", action="append", metavar="FILE", help="a file whose bytes are a prompt")
     g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     g.add_argument("--prompt-length", type=int, default=None, help="prompt = the last N elements (default all)")
     g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")

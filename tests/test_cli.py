@@ -57,12 +57,14 @@ def test_settings_from_a_toml_file_and_flags_win(tmp_path, fasta):
      "--adapter-settings must be a JSON object"),
     (("describe", "absent.zarr"), "absent.zarr"),
     (("ingest", "s.zarr", "g.fa", "--quiet"), "missing required setting(s) --adapter"),
+    (("ingest", "s.zarr", "g.fa", "--adapter", "dna", "--window", "x"), "argument --window: invalid int value"),
+    (("nothing",), "invalid choice: 'nothing'"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, fasta, args, message):
     out = seqlab(*args, cwd=tmp_path)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("seqlab ") and message in lines[0], out.stderr
+    assert len(lines) == 1 and lines[0].startswith(("seqlab ", "seqlab: ")) and message in lines[0], out.stderr
     assert "Traceback" not in out.stderr
 
 
@@ -96,3 +98,39 @@ def test_a_missing_optional_package_names_its_extra(tmp_path, fasta):
     out = subprocess.run([sys.executable, "-m", "seqlab.cli", "ingest", "s.zarr", str(fasta), "--adapter", "dna"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 2 and "pip install 'seqlab[store]'" in out.stderr, out.stderr
+
+
+def test_generate_from_prompts_in_process(tmp_path):
+    """`seqlab generate --model M --prompt TEXT` continues prompts without a store or Ray; greedy output equals the
+    library's own generation with the same model file."""
+    import json
+
+    import torch
+
+    from seqlab import BackboneConfig
+    from seqlab.checkpoint import save_model
+    from seqlab.domains import model_from_checkpoint
+    from seqlab.domains.bytes import ByteAdapter
+
+    torch.manual_seed(0)
+    save_model(tmp_path / "m.safetensors", ByteAdapter().build_model(BackboneConfig(d_model=32, n_layer=1, d_state=8)))
+    model, adapter = model_from_checkpoint(tmp_path / "m.safetensors")
+    expected = [adapter.decode(t).decode("utf-8", errors="replace") for t in
+                model.generate([adapter.encode("def f"), adapter.encode("abc")], 6, temperature=0).tokens]
+
+    out = seqlab("generate", "--model", "m.safetensors", "--prompt", "def f", "--max-new-tokens", "6",
+                 "--temperature", "0", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == expected[0] + "\n"
+    (tmp_path / "p.txt").write_bytes(b"abc")
+    out = seqlab("generate", "--model", "m.safetensors", "--prompt", "def f", "--prompt-file", "p.txt",
+                 "--max-new-tokens", "6", "--temperature", "0", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert [json.loads(line) for line in out.stdout.splitlines()] == expected
+
+    for args, message in [(("--prompt", "x", "s.zarr", "o.zarr"), "not both"),
+                          ((), "give STORE and OUTPUT"),
+                          (("--prompt", ""), "prompt 1 is empty"),
+                          (("--prompt-file", "missing.txt"), "missing.txt")]:
+        bad = seqlab("generate", "--model", "m.safetensors", *args, cwd=tmp_path)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
