@@ -669,7 +669,11 @@ class SequenceReader:
 def check_model_fits(model, info: SequenceInfo, where: str) -> None:
     """Refuse a model built by another adapter than the one that wrote the sequence (or of the wrong kind)."""
     model_info = getattr(model, "adapter_info", None)
-    if model_info is not None and info.adapter is not None and _jsonable(model_info) != _jsonable(info.adapter):
+
+    def encoding(adapter_info: dict) -> dict:  # what decides the encoding; the model's build options do not
+        return _jsonable({k: adapter_info.get(k) for k in ("name", "settings")})
+
+    if model_info is not None and info.adapter is not None and encoding(model_info) != encoding(info.adapter):
         raise InputError(f"{where} was written by adapter {info.adapter}, but the model was built by adapter "
                          f"{model_info}: encode the data with the model's adapter (or use a model built by "
                          f"{info.adapter.get('name')!r})")

@@ -245,6 +245,10 @@ def test_stream_refuses_bad_input(tmp_path, lm):
         stream(_model(_Tokens(vocab=32)), store, "seq")
     with pytest.raises(InputError, match="written by adapter"):
         store.source("seq", 2, 16, model=_model(_Tokens(vocab=32)))
+    # the model's build options (recorded beside the adapter in adapter_info) are not part of the encoding
+    built = _model(_Tokens())
+    built.adapter_info = {**built.adapter_info, "model": {"tie_embeddings": False}}
+    assert stream_output(built, store, "seq", window=64)[1].position == 200
     # models that do not say their adapter are still checked for the kind of input they take
     with pytest.raises(InputError, match="sequence 'clip' holds continuous frames, the model takes token ids"):
         stream(LanguageModel(CONFIG, vocab_size=16), store, "clip")
