@@ -410,6 +410,20 @@ def test_cli_observe_ask_info_rollback(model_file, tmp_path):
     r = seqlab("ask", "s", "what now?", "--max-new-tokens", "8", "--time", "5", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["event"]["role"] == "assistant"
+    # settings of an action from a TOML table [memory.ask]; flags win; unknown keys are refused
+    (tmp_path / "m.toml").write_text('[memory.ask]\nrole = "tool"\nmax-new-tokens = 4\n'
+                                     '[memory.observe]\nrole = "system"\n')
+
+    def with_config(*args):
+        return subprocess.run([sys.executable, "-c", script, "--config", "m.toml", "memory", *args],
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    r = with_config("ask", "s", "and now?", "--time", "6", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["event"]["role"] == "tool", r.stderr
+    r = with_config("ask", "s", "and now?", "--time", "6", "--json", "--role", "assistant")
+    assert json.loads(r.stdout)["event"]["role"] == "assistant", r.stderr
+    (tmp_path / "m.toml").write_text('[memory.ask]\ncolour = "red"\n')
+    r = with_config("ask", "s", "--json")
+    assert r.returncode == 2 and "unknown setting 'colour' for 'seqlab memory ask'" in r.stderr
     r = seqlab("info", "s")
     info = json.loads(r.stdout)
     assert info["events"] == 4 and info["snapshot"] == 2 and len(info["snapshot_list"]) == 3
