@@ -1,6 +1,7 @@
 # README's two commands: `make demo` and `make test`. Each creates .venv when needed and installs the
 # project (editable) with what it needs; reinstalls only when pyproject.toml changes.
 PYTHON ?= python3
+DEMO_ARGS ?=
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.seqlab-installed
@@ -16,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/seqlab demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -32,6 +32,7 @@ COMMAND_MODULES: dict[str, str] = {
     "train": "seqlab.cli_train",
     "eval": "seqlab.cli_train",
     "bench": "seqlab.cli_bench",
+    "demo": "seqlab.demo",
 }
 
 EXIT_BAD_INPUT = 2
