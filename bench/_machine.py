@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import platform
-
-import torch
+from seqlab.cli_bench import machine
 
 
 def machine_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = f", load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
-    return (f"machine: {cpu}, {cores} cores available ({os.cpu_count()} logical), {platform.system()} "
-            f"{platform.release()}, python {platform.python_version()}, torch {torch.__version__}, "
-            f"torch threads {torch.get_num_threads()}{load}")
+    m = machine()  # the same description `seqlab bench` prints
+    load = f", load average {m['load_average']:.2f}" if "load_average" in m else ""
+    return (f"machine: {m['cpu']}, {m['cores']} cores available ({m['logical_cpus']} logical), {m['os']}, "
+            f"python {m['python']}, torch {m['torch']}, torch threads {m['torch_threads']}{load}")
 
 
 def vm_hwm_kib() -> int | None:

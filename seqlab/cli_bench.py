@@ -39,7 +39,8 @@ def machine() -> dict:
     except OSError:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    info = {"cpu": cpu, "cores": cores, "logical_cpus": os.cpu_count(), "python": platform.python_version(),
+    info = {"cpu": cpu, "cores": cores, "logical_cpus": os.cpu_count(),
+            "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     if hasattr(os, "getloadavg"):

@@ -364,7 +364,8 @@ def step_score(out: Path, workers: int, progress: bool, regions: list[dict], dev
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
         try:
             if own_cluster:
-                ray.init(num_cpus=workers, include_dashboard=False, logging_level=logging.ERROR,
+                # address="local": always a new embedded cluster, even when RAY_ADDRESS names another one
+                ray.init(address="local", num_cpus=workers, include_dashboard=False, logging_level=logging.ERROR,
                          log_to_driver=False)
             context = ray.data.DataContext.get_current()
             context.enable_progress_bars = False  # the job's own bar (or none with --quiet)
