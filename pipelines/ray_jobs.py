@@ -5,8 +5,10 @@ How a job runs:
 1. The driver checks the input (store, sequences, the model's adapter against the store's) and plans work
    items: one per sequence (``mode="exact"``), or one per segment of ``segment_length`` elements
    (``mode="segments"``). Items whose output is already complete for the same job key are skipped (resume).
-2. ``SequenceStoreDatasource`` (a ``ray.data.Datasource``; Ray's own ``read_zarr`` reads only Zarr v2) turns
-   the items into rows holding only names and ranges, never data.
+2. The items become a Ray Data dataset built in the driver (``ray.data.from_items``, one block per item): rows
+   holding only names and ranges, never data. No read tasks: each would cost a worker process of its own.
+   (``SequenceStoreDatasource``, a ``ray.data.Datasource`` over the same rows, is there for pipelines of your
+   own; Ray's ``read_zarr`` reads only Zarr v2.)
 3. ``ds.map_batches(JobWorker, concurrency=N, num_cpus=..., num_gpus=...)``: an actor pool; each actor loads the
    model once from the model file (``model_from_checkpoint``), and per item streams its range from the store
    with carried state (``pipelines.stream``) and writes the result into a staging array of the output store.
@@ -62,6 +64,7 @@ JOBS = ("score", "embed", "generate")
 MODES = ("exact", "segments")
 STAGING = "_staging"          # subgroup of the output store holding outputs and segments being written
 JOB_FORMAT = 1
+MAX_BLOCKS = 1024             # rows of work handed to Ray Data in at most this many blocks (one item per block below)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -78,6 +81,7 @@ class JobProgress:
     segment: int
     elements: int          # elements this item covered
     seconds: float         # wall time since the job started
+    work_seconds: float = 0.0  # wall time the worker spent on this item (model forward, reads, output writes)
 
 
 @dataclass
@@ -96,6 +100,7 @@ class JobResult:
     summary: dict = field(default_factory=dict)
     workers: dict[str, list[int]] = field(default_factory=dict)  # sequence -> worker pids that finished it
     seconds: float = 0.0
+    work_seconds: float = 0.0  # summed over this run's items: time the workers spent on the items themselves
 
 
 def _check_int(value, what: str, low: int = 1, allow_none: bool = False) -> None:
@@ -260,7 +265,7 @@ class JobWorker:
 
     Every item's result is written to ``_staging/<part>`` of the output store and marked complete; an exact
     item (a whole sequence) is then moved into place. Rows out: ``name``, ``segment``, ``elements``,
-    ``total`` (sum of bits for score), ``count``, ``pid``.
+    ``total`` (sum of bits for score), ``count``, ``pid``, ``seconds`` (the item's wall time in this worker).
     """
 
     def __init__(self, model_path: str, output: str, job: str, window: int, job_attrs: dict,
@@ -292,11 +297,13 @@ class JobWorker:
         os.kill(os.getpid(), signal.SIGKILL)
 
     def __call__(self, batch: dict) -> dict:
-        rows = {"name": [], "segment": [], "elements": [], "total": [], "count": [], "pid": []}
+        rows = {"name": [], "segment": [], "elements": [], "total": [], "count": [], "pid": [], "seconds": []}
         for i in range(len(batch["name"])):
             item = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
             item["name"] = str(item["name"])
+            began = time.perf_counter()
             total, count = self._run(item)
+            rows["seconds"].append(time.perf_counter() - began)
             rows["name"].append(item["name"])
             rows["segment"].append(int(item["segment"]))
             rows["elements"].append(int(item["stop"] - item["start"]))
@@ -500,9 +507,9 @@ def run_job(job: str, model_path, store, output, *, names=None, window: int = 40
 
     result = JobResult(job, output, job_attrs, skipped=skipped)
     if pending:
-        result.workers = _execute(pending, model_path, output, job, window, job_attrs, options, store_path,
-                                  concurrency, num_cpus, num_gpus, address, progress, max_restarts,
-                                  output_chunk_elements, _fault, started)
+        result.workers, result.work_seconds = _execute(
+            pending, model_path, output, job, window, job_attrs, options, store_path, concurrency, num_cpus,
+            num_gpus, address, progress, max_restarts, output_chunk_elements, _fault, started)
     for name in todo:  # join the segments of split sequences
         parts = [i for i in items if i["name"] == name]
         if len(parts) > 1:
@@ -524,7 +531,8 @@ def run_job(job: str, model_path, store, output, *, names=None, window: int = 40
 
 
 def _execute(items, model_path, output, job, window, job_attrs, options, store_path, concurrency,
-             num_cpus, num_gpus, address, progress, max_restarts, output_chunk_elements, fault, started) -> dict:
+             num_cpus, num_gpus, address, progress, max_restarts, output_chunk_elements, fault,
+             started) -> tuple[dict, float]:
     import ray
 
     if not ray.is_initialized():
@@ -535,16 +543,21 @@ def _execute(items, model_path, output, job, window, job_attrs, options, store_p
     context = ray.data.DataContext.get_current()
     original = context.raise_original_map_exception
     context.raise_original_map_exception = True  # a worker's seqlab error reaches the driver as itself
-    done, workers = 0, {}
+    done, workers, work_seconds = 0, {}, 0.0
     bar = None
     try:
-        # the read only emits names and ranges: it takes no CPU, so a pool that fills the cluster cannot starve it
-        ds = ray.data.read_datasource(SequenceStoreDatasource(items), override_num_blocks=min(len(items), 64),
-                                      num_cpus=0)
+        # The rows (names and ranges, a few bytes each) are built here in the driver, one block per item (up to
+        # MAX_BLOCKS), not by read tasks: every read task needs a worker process of its own, which imports Ray
+        # Data, this module and torch (~2 CPU-seconds each, measured in bench/ray_scale.py), CPU taken from the
+        # actors on a small machine.
+        ds = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS))
         worker_options = {**options, "output_chunk_elements": output_chunk_elements,
                           "device": "cuda" if num_gpus else None}
         mapped = ds.map_batches(
-            JobWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=num_cpus,
+            JobWorker, batch_size=1, num_cpus=num_cpus,
+            # one item running and one queued per actor: no idle gap between items, and the items left at the end
+            # go to whichever actor is free (Ray Data's default queues 4 per actor)
+            compute=ray.data.ActorPoolStrategy(size=concurrency, max_tasks_in_flight_per_actor=2),
             num_gpus=num_gpus or None,
             fn_constructor_kwargs={"model_path": model_path, "output": output, "job": job, "window": window,
                                    "job_attrs": job_attrs, "options": worker_options, "input_store": store_path,
@@ -557,14 +570,20 @@ def _execute(items, model_path, output, job, window, job_attrs, options, store_p
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(items), unit="item", desc=f"seqlab {job}")
-        for row in mapped.iter_rows():
+        # every finished item as soon as it arrives (iter_rows prefetches a block, holding a finished item back
+        # until the next one finishes)
+        finished = (dict(zip(block, values)) for block in
+                    mapped.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0)
+                    for values in zip(*block.values()))
+        for row in finished:
             done += 1
             workers.setdefault(str(row["name"]), []).append(int(row["pid"]))
+            work_seconds += float(row["seconds"])
             if bar is not None:
                 bar.update(1)
             elif callable(progress):
                 progress(JobProgress(done, len(items), str(row["name"]), int(row["segment"]),
-                                     int(row["elements"]), time.time() - started))
+                                     int(row["elements"]), time.time() - started, float(row["seconds"])))
     except Exception as exc:  # Ray may wrap the worker's error: raise ours, which names where
         inner = _unwrap(exc)
         if inner is not None:
@@ -574,7 +593,7 @@ def _execute(items, model_path, output, job, window, job_attrs, options, store_p
         context.raise_original_map_exception = original
         if bar is not None:
             bar.close()
-    return workers
+    return workers, work_seconds
 
 
 def _join(output: str, job: str, name: str, parts: list[dict], job_attrs: dict) -> None:

@@ -77,6 +77,9 @@ def test_score_exact_matches_one_pass_and_records_config(setup, clean):
     # progress: one report per finished item
     assert sorted(p.sequence for p in seen) == ["a", "b"] and all(isinstance(p, JobProgress) for p in seen)
     assert seen[-1].done == 2 and seen[-1].total == 2
+    # each item's own time in its worker: positive, within the job's wall time, summed on the result
+    assert all(0 < p.work_seconds <= p.seconds for p in seen)
+    assert result.work_seconds == pytest.approx(sum(p.work_seconds for p in seen))
     # the job's config is recorded on every output and on the store
     info = SequenceStore(setup["root"] / "clean.zarr", "r").describe("a")
     job = info.attrs["seqlab_job"]
@@ -242,3 +245,15 @@ def test_max_restarts_zero_lets_a_killed_worker_fail_the_job(setup, clean):
               output_chunk_elements=64, _fault=fault)
     assert marker.exists()
     assert "b" not in SequenceStore(path, "r").list()
+
+
+def test_sequence_store_datasource_yields_the_work_rows(ray_cluster):
+    """The public Datasource (for Ray Data pipelines of your own) reads back exactly the rows it was given, spread
+    over as many read tasks as asked, never more than rows."""
+    from seqlab.pipelines.ray_jobs import SequenceStoreDatasource
+
+    items = [{"name": f"s{i}", "segment": i % 2, "warm": 0, "start": 10 * i, "stop": 10 * i + 7} for i in range(5)]
+    source = SequenceStoreDatasource(items)
+    assert len(source.get_read_tasks(3)) == 3 and len(source.get_read_tasks(64)) == 5
+    rows = ray_cluster.data.read_datasource(source, override_num_blocks=3).take_all()
+    assert sorted(rows, key=lambda r: r["name"]) == items
