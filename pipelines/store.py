@@ -188,6 +188,9 @@ class SequenceStore:
             self.where = getattr(store, "path", None) or getattr(store, "root", None) or repr(store)
             self.where = os.fspath(self.where) if isinstance(self.where, (os.PathLike,)) else str(self.where)
             local = False
+        if isinstance(store, (str, os.PathLike)) and self.where.startswith("file://"):
+            # fsspec's local filesystem does not create parent folders unless asked; local paths do
+            storage_options = {"auto_mkdir": True, **(storage_options or {})}
         if local and mode == "r" and not Path(self.where, "zarr.json").is_file():
             what = "does not exist" if not Path(self.where).exists() else "is not a Zarr v3 group (no zarr.json)"
             raise InputError(f"sequence store {self.where} {what}")

@@ -283,6 +283,27 @@ def test_zip_store_reads(tmp_path):
     assert store.list() == ["f"] and np.array_equal(store.read("f", 650, 2100).numpy(), _ids(data)[650:2100])
 
 
+@pytest.mark.parametrize("scheme", ["file", "memory"])
+def test_fsspec_url_stores_ingest_append_and_read(tmp_path, scheme):
+    """A store named by an fsspec URL (any filesystem fsspec knows: file://, memory://, s3://, ...) works like a
+    local folder: ingest, append, windows, reopen read-only; a missing one is refused naming the URL."""
+    pytest.importorskip("fsspec")
+    data = _random_file(tmp_path / "f.bin", 3000)
+    url = f"file://{tmp_path}/u.zarr" if scheme == "file" else f"memory://{tmp_path.name}/u.zarr"
+    ingest(url, tmp_path / "f.bin", BlockBytes(), chunk_elements=700)
+    store = SequenceStore(url)
+    store.append("f", _ids(data)[:10], adapter=BlockBytes())
+    back = SequenceStore(url, "r")
+    assert back.list() == ["f"] and back.describe("f").length == 3010
+    assert np.array_equal(back.read("f", 650, 2100).numpy(), _ids(data)[650:2100])
+    assert np.array_equal(back.read("f", 3000, 3010).numpy(), _ids(data)[:10])
+    if scheme == "file":
+        assert (tmp_path / "u.zarr" / "zarr.json").is_file()  # the same bytes as a local store
+        assert SequenceStore(tmp_path / "u.zarr", "r").read("f", 0, 5).tolist() == _ids(data)[:5].tolist()
+    with pytest.raises(InputError, match="missing.zarr"):
+        SequenceStore(url.replace("u.zarr", "missing.zarr"), "r")
+
+
 def test_multi_record_files_give_one_sequence_per_record(tmp_path):
     store = SequenceStore(tmp_path / "s.zarr")
 
