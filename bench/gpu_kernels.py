@@ -595,7 +595,8 @@ def bench_decode(args, timer, device, dtype, tnote) -> list[Row]:
             timer, forward_fn(seqlab_op("selective_state_update", "triton"), step1, dt_softplus=True),
             *tri_reps(args, reps))
         row.cells["seqlab triton graph"] = Cell(note=tnote) if tnote else graph_measure(
-            timer, forward_fn(seqlab_op("selective_state_update", "triton"), step1, dt_softplus=True), args.warmup, max(3, reps // 10))
+            timer, forward_fn(seqlab_op("selective_state_update", "triton"), step1, dt_softplus=True),
+            args.warmup, max(3, reps // 10))
         row.cells["seqlab torch"] = measure(
             timer, forward_fn(seqlab_op("selective_state_update", "torch"), step1, dt_softplus=True),
             args.warmup, reps)
@@ -624,7 +625,8 @@ def bench_decode(args, timer, device, dtype, tnote) -> list[Row]:
             timer, forward_fn(seqlab_op("ssd_state_update", "triton"), step2, dt_softplus=True),
             *tri_reps(args, reps))
         row.cells["seqlab triton graph"] = Cell(note=tnote) if tnote else graph_measure(
-            timer, forward_fn(seqlab_op("ssd_state_update", "triton"), step2, dt_softplus=True), args.warmup, max(3, reps // 10))
+            timer, forward_fn(seqlab_op("ssd_state_update", "triton"), step2, dt_softplus=True),
+            args.warmup, max(3, reps // 10))
         row.cells["seqlab torch"] = measure(
             timer, forward_fn(seqlab_op("ssd_state_update", "torch"), step2, dt_softplus=True), args.warmup, reps)
         if sel_fn is None or not timer.cuda:
@@ -652,7 +654,8 @@ def bench_decode(args, timer, device, dtype, tnote) -> list[Row]:
             timer, forward_fn(seqlab_op("causal_conv1d_update", "triton"), stepc, activation="silu"),
             *tri_reps(args, reps))
         row.cells["seqlab triton graph"] = Cell(note=tnote) if tnote else graph_measure(
-            timer, forward_fn(seqlab_op("causal_conv1d_update", "triton"), stepc, activation="silu"), args.warmup, max(3, reps // 10))
+            timer, forward_fn(seqlab_op("causal_conv1d_update", "triton"), stepc, activation="silu"),
+            args.warmup, max(3, reps // 10))
         row.cells["seqlab torch"] = measure(
             timer, forward_fn(seqlab_op("causal_conv1d_update", "torch"), stepc, activation="silu"),
             args.warmup, reps)

@@ -94,7 +94,8 @@ def main(argv=None) -> int:
                                  True, cdt, plan, geo, store_states)
 
     rows = []
-    configs = [c for c in itertools.product(args.block_d, args.block_l, args.warps) if c[0] * 16 * c[1] <= args.max_tile]
+    configs = [c for c in itertools.product(args.block_d, args.block_l, args.warps)
+               if c[0] * 16 * c[1] <= args.max_tile]
     check = inputs(96, 1000, torch.float32, seed=1)
     y_ref, s_ref = selective_scan_torch(**check, return_final_state=True)
     for bd, bl, w in configs:

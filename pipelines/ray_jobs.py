@@ -537,7 +537,13 @@ def _execute(items, model_path, output, job, window, job_attrs, options, store_p
 
     if not ray.is_initialized():
         if address:
-            ray.init(address=address)
+            try:
+                ray.init(address=address)
+            except Exception as exc:  # no cluster there, refused, wrong auth token: one clear line
+                lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+                reason = next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else "")
+                raise InputError(f"cannot join the Ray cluster at {address!r}: {type(exc).__name__}: "
+                                 f"{reason[:300]}") from exc
         else:  # an embedded local cluster
             ray.init(include_dashboard=False)
     context = ray.data.DataContext.get_current()

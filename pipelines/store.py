@@ -897,7 +897,8 @@ def _ingest_one(store: SequenceStore, name, rid, pieces, adapter, path, identity
             action, resume = "resumed", True
         elif info is not None and info.complete and not overwrite:
             raise InputError(f"sequence store {store.where} already holds a complete sequence {name!r} from "
-                             f"{(info.source or {}).get('path')}: pass overwrite=True to replace it")
+                             f"{(info.source or {}).get('path')}: pass overwrite=True (seqlab ingest --overwrite) "
+                             "to replace it")
         else:
             action = "replaced"
             store.delete(name)

@@ -36,7 +36,6 @@ def test_cli_walkthrough_runs_as_written(tmp_path):
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, f"block {i + 1}:\n{block}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
         outputs.append(result.stdout)
-    text = "\n".join(outputs)
 
     # what the walkthrough promises
     assert re.search(r"^corpus\t60\d\d\d\ttokens\tuint8\tbytes\tcomplete$", outputs[0], re.M), outputs[0]

@@ -42,7 +42,7 @@ still runs the Triton kernel and the backward recomputes the step with the diffe
 (``selective_state_update_torch``) and differentiates that.
 
 Minimum DRAM bytes (e = bytes per activation element, s = bytes per state element: 4, or 8 for float64;
-b, d, l, n, g as usual; P = programs per batch row of the backward; BLOCK_L = 64 on GPUs for n <= 16):
+b, d, l, n, g as usual; P = programs per batch row of the backward; BLOCK_L = 32 on GPUs for n <= 16):
 
 - forward: read u, delta, z 3 e b d l; read B, C 2 e b g n l; write y e b d l; read h0 and write the final
   state 2 s b d n; with a backward to follow, also write the chunk-start states s b d n ceil(l / BLOCK_L).

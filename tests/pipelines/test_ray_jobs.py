@@ -257,3 +257,76 @@ def test_sequence_store_datasource_yields_the_work_rows(ray_cluster):
     assert len(source.get_read_tasks(3)) == 3 and len(source.get_read_tasks(64)) == 5
     rows = ray_cluster.data.read_datasource(source, override_num_blocks=3).take_all()
     assert sorted(rows, key=lambda r: r["name"]) == items
+
+
+def test_cli_score_joins_a_running_cluster_by_address(setup, tmp_path):
+    """`seqlab score --address HOST:PORT` joins a cluster started separately with `ray start --head` (its own
+    processes, ports and temp dir, as a real cluster's head would be) and writes the same bits as a direct pass."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / "ray").exists() or not (bin_dir / "seqlab").exists():
+        pytest.skip("needs the ray and seqlab commands beside this python (make install)")
+
+    def free_port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    port = free_port()
+    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths live under it
+    # token authentication, as Ray >= 2.59 turns on for clusters started with `ray start`: head and job share a token
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": os.urandom(16).hex()}
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=1",
+         "--include-dashboard=false", f"--temp-dir={temp}", f"--dashboard-agent-listen-port={free_port()}",
+         f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+         f"--metrics-export-port={free_port()}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            assert head.poll() is None, f"ray start failed: {head.stderr.read().decode()[-2000:]}"
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert time.time() < deadline, "the Ray head did not open its port in 90 s"
+            time.sleep(0.5)
+        out = subprocess.run(
+            [str(bin_dir / "seqlab"), "score", setup["store"], str(tmp_path / "o.zarr"), "--model",
+             setup["model_path"], "--address", f"127.0.0.1:{port}", "--concurrency", "1", "--window",
+             str(WINDOW), "--quiet"], env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+            timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "a\tdone" in out.stdout and "b\tdone" in out.stdout
+        # a job without the cluster's token is refused with one line of ours, naming the address (Ray's own
+        # native client logs its retries on stderr before that)
+        bad = subprocess.run(
+            [str(bin_dir / "seqlab"), "score", setup["store"], str(tmp_path / "bad.zarr"), "--model",
+             setup["model_path"], "--address", f"127.0.0.1:{port}", "--quiet"],
+            env={**env, "RAY_AUTH_TOKEN": "0" * 32}, capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+        assert bad.stderr.strip().splitlines()[-1].startswith(
+            f"seqlab score: error: cannot join the Ray cluster at '127.0.0.1:{port}'"), bad.stderr[-3000:]
+    finally:  # stop the head and everything it started (its own process group), never the test's cluster
+        for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, None)):
+            try:
+                os.killpg(head.pid, sig)
+                head.wait(timeout=wait)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        shutil.rmtree(temp, ignore_errors=True)
+    store = SequenceStore(setup["store"], "r")
+    got = outputs(tmp_path / "o.zarr")
+    for name in ("a", "b"):
+        np.testing.assert_allclose(got[name], direct_bits(setup["model"], store.read(name)), rtol=0, atol=1e-4)
