@@ -550,7 +550,7 @@ def _execute(items, model_path, output, job, window, job_attrs, options, store_p
     original = context.raise_original_map_exception
     context.raise_original_map_exception = True  # a worker's seqlab error reaches the driver as itself
     done, workers, work_seconds = 0, {}, 0.0
-    bar = None
+    bar = finished = batches = None
     try:
         # The rows (names and ranges, a few bytes each) are built here in the driver, one block per item (up to
         # MAX_BLOCKS), not by read tasks: every read task needs a worker process of its own, which imports Ray
@@ -578,9 +578,8 @@ def _execute(items, model_path, output, job, window, job_attrs, options, store_p
             bar = tqdm(total=len(items), unit="item", desc=f"seqlab {job}")
         # every finished item as soon as it arrives (iter_rows prefetches a block, holding a finished item back
         # until the next one finishes)
-        finished = (dict(zip(block, values)) for block in
-                    mapped.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0)
-                    for values in zip(*block.values()))
+        batches = mapped.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0)
+        finished = (dict(zip(block, values)) for block in batches for values in zip(*block.values()))
         for row in finished:
             done += 1
             workers.setdefault(str(row["name"]), []).append(int(row["pid"]))
@@ -596,6 +595,12 @@ def _execute(items, model_path, output, job, window, job_attrs, options, store_p
             raise type(inner)(str(inner)) from None
         raise
     finally:
+        # close the iteration now, not when the garbage collector gets to it (an exception's traceback keeps it
+        # alive): that shuts the actor pool down and frees its CPUs for whatever runs next on the cluster
+        for it in (finished, batches):
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
         context.raise_original_map_exception = original
         if bar is not None:
             bar.close()

@@ -234,6 +234,20 @@ def test_cli_score_resumes_and_reports_bad_input(setup, clean, capsys):
     assert "missing required setting(s) --model" in capsys.readouterr().err
     code = cli.main(["generate", str(setup["root"] / "none.zarr"), path, "--model", setup["model_path"]])
     assert code == 2 and "none.zarr does not exist" in capsys.readouterr().err
+    # the happy paths of embed and of generate over a store
+    emb = str(setup["root"] / "cli-embed.zarr")
+    assert cli.main(["embed", setup["store"], emb, "--model", setup["model_path"], "--window", str(WINDOW),
+                     "--concurrency", "1", "--quiet"]) == 0, capsys.readouterr().err
+    assert "a\tdone" in capsys.readouterr().out
+    got = SequenceStore(emb, "r").read("a", raw=True)
+    n = SequenceStore(setup["store"], "r").describe("a").length
+    assert got.shape == (math.ceil(n / WINDOW), setup["model"].config.d_model) and np.isfinite(got).all()
+    gen = str(setup["root"] / "cli-gen.zarr")
+    assert cli.main(["generate", setup["store"], gen, "--model", setup["model_path"], "--max-new-tokens", "5",
+                     "--temperature", "0", "--prompt-length", "64", "--concurrency", "1", "--quiet"]) == 0
+    ids = SequenceStore(setup["store"], "r").read("b")[-64:]
+    expected = setup["model"].generate(ids, 5, temperature=0).tokens[0]
+    assert SequenceStore(gen, "r").read("b", raw=True).tolist() == expected
 
 
 def test_max_restarts_zero_lets_a_killed_worker_fail_the_job(setup, clean):
@@ -243,6 +257,13 @@ def test_max_restarts_zero_lets_a_killed_worker_fail_the_job(setup, clean):
     with pytest.raises(ray.exceptions.ActorDiedError, match="died unexpectedly"):
         score(setup["model_path"], setup["store"], path, window=WINDOW, concurrency=1, max_restarts=0,
               output_chunk_elements=64, _fault=fault)
+    # a failed job releases its actor pool at once: the cluster's CPUs are free for what runs next
+    import time
+
+    deadline = time.time() + 15
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
+        assert time.time() < deadline, f"CPUs still held after the failed job: {ray.available_resources()}"
+        time.sleep(0.2)
     assert marker.exists()
     assert "b" not in SequenceStore(path, "r").list()
 
