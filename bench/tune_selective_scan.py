@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main(argv=None) -> int:
@@ -48,22 +48,12 @@ def main(argv=None) -> int:
     from seqlab.kernels.selective_scan.ref import compute_dtype
 
     dev = torch.device("cuda")
-    flush = torch.empty(256 * 2**20 // 4, device=dev)
+    from gpu_kernels import Timer  # the same event timing, median and L2 flush as the kernel bench
+
+    timer = Timer(dev, flush=True)
 
     def timed(fn, warmup=2, repeats=args.repeats):
-        for _ in range(warmup):
-            fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(repeats):
-            flush.zero_()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        return statistics.median(times)
+        return timer(fn, warmup, repeats)
 
     src = torch.randn(256 * 2**20, device=dev)
     dst = torch.empty_like(src)
