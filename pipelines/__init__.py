@@ -12,7 +12,7 @@ import importlib
 _EXPORTS = {
     "SequenceStore": "store", "SequenceInfo": "store", "StoreSource": "store", "ingest": "store",
     "IngestResult": "store", "IngestProgress": "store",
-    "stream_output": "stream", "StreamWindow": "stream",
+    "stream_output": "stream", "stream_bits": "stream", "StreamWindow": "stream",
     "run_job": "ray_jobs", "JobResult": "ray_jobs", "SequenceStoreDatasource": "ray_jobs",
     "train_data_parallel": "ray_train", "load_trained_model": "ray_train",
 }

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import signal
@@ -195,25 +194,9 @@ def _score_range(model, store: SequenceStore, name: str, warm: int, start: int, 
                  sink: Callable[[np.ndarray], None]) -> tuple[float, int]:
     """Bits of elements ``start+1 .. stop`` (inputs ``[start, stop)``), warmed up on ``[warm, start)`` from
     a zero state; ``sink`` receives float32 pieces in order. Returns (sum of bits, count)."""
-    from .stream import stream
+    from .stream import stream_bits
 
-    state = None
-    if warm < start:
-        for step in stream(model, store, name, window, start=warm, stop=start):
-            state = step.state
-    reader = store.reader(name, cache_chunks=2)
-    total, count = 0.0, 0
-    if stop <= start:
-        return total, count
-    for step in stream(model, store, name, window, state=state, start=start, stop=stop):
-        logits = step.output[0].float()
-        targets = reader.read(step.start + 1, step.stop + 1).to(logits.device)
-        logp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
-        bits = (-logp / math.log(2)).cpu().numpy().astype(np.float32)
-        total += float(bits.astype(np.float64).sum())
-        count += bits.shape[0]
-        sink(bits)
-    return total, count
+    return stream_bits(model, store, name, window, start=start, stop=stop, warm=warm, sink=sink)
 
 
 def _embed_range(model, store: SequenceStore, name: str, warm: int, start: int, stop: int, window: int,

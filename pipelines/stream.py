@@ -8,10 +8,12 @@ model over the whole sequence, and memory stays that of one window whatever the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from einops import rearrange
 
@@ -20,7 +22,7 @@ from seqlab.state import RecurrentState
 
 from .store import SequenceReader, check_model_fits, open_store
 
-__all__ = ["StreamWindow", "stream", "stream_output"]
+__all__ = ["StreamWindow", "stream", "stream_bits", "stream_output"]
 
 
 @dataclass(eq=False)
@@ -113,3 +115,31 @@ def stream_output(model, store, name: str, window: int = 4096, **options) -> tup
     if not outputs:
         raise InputError(f"stream of {name!r} covered no elements")
     return torch.cat(outputs, dim=1), state
+
+
+def stream_bits(model, store, name: str, window: int = 4096, *, start: int = 0, stop: int | None = None,
+                warm: int | None = None, sink: Callable[[np.ndarray], None] | None = None) -> tuple[float, int]:
+    """Bits (-log2 p) of the next element for inputs ``[start, stop)`` of a stored token sequence (default:
+    every prediction, ``stop = length - 1``), streamed with the state carried. ``warm``: begin from a zero
+    state at ``warm`` and run ``[warm, start)`` first (default ``start``: a zero state at ``start``). ``sink``
+    receives each window's float32 bits in order. Returns (sum of bits, predictions)."""
+    store = open_store(store, "r")
+    reader = store.reader(name, cache_chunks=2)
+    stop = reader.length - 1 if stop is None else stop
+    warm = start if warm is None else warm
+    state = None
+    for step in (stream(model, store, name, window, start=warm, stop=start) if warm < start else ()):
+        state = step.state
+    total, count = 0.0, 0
+    if stop <= start:
+        return total, count
+    for step in stream(model, store, name, window, state=state, start=start, stop=stop):
+        logits = step.output[0].float()
+        targets = reader.read(step.start + 1, step.stop + 1).to(logits.device)
+        logp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
+        bits = (-logp / math.log(2)).cpu().numpy().astype(np.float32)
+        total += float(bits.astype(np.float64).sum())
+        count += bits.shape[0]
+        if sink is not None:
+            sink(bits)
+    return total, count

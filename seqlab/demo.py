@@ -259,23 +259,6 @@ def memory_events(text: bytes, limit: int = 600) -> list:
     return events
 
 
-def streamed_bits(model, store, name: str, window: int = 4096) -> tuple[float, int]:
-    """(sum of bits, predictions) of every next element of a stored sequence, streamed with the state carried."""
-    import torch
-
-    from seqlab.pipelines.stream import stream
-
-    reader = store.reader(name)
-    total, count = 0.0, 0
-    for step in stream(model, store, name, window, stop=reader.length - 1):
-        logits = step.output[0].float()
-        targets = reader.read(step.start + 1, step.stop + 1)
-        logp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
-        total += float(-logp.double().sum()) / math.log(2)
-        count += targets.numel()
-    return total, count
-
-
 def step_train(out: Path, budget: Budget, seed: int, progress: bool):
     """Train on ``train`` from the store; held-out bits per byte before and after. Returns (model, report)."""
     import torch
@@ -284,6 +267,7 @@ def step_train(out: Path, budget: Budget, seed: int, progress: bool):
     from seqlab.config import BackboneConfig
     from seqlab.domains.bytes import ByteAdapter
     from seqlab.pipelines.store import SequenceStore, StoreSource
+    from seqlab.pipelines.stream import stream_bits
     from seqlab.train import TrainConfig, Trainer
 
     adapter = ByteAdapter()
@@ -298,13 +282,13 @@ def step_train(out: Path, budget: Budget, seed: int, progress: bool):
                          log_path=str(out / "train-log.jsonl"), checkpoint_dir=str(out / "checkpoint"))
     trainer = Trainer(model, config, source, loss_fn=adapter.loss, metric_fn=adapter.metric)
     model.eval()
-    bits0, _ = streamed_bits(model, store, "heldout")
+    bits0, _ = stream_bits(model, store, "heldout")
     started = time.perf_counter()
     records = trainer.fit()
     seconds = time.perf_counter() - started
     trainer.save_checkpoint()
     model.eval()
-    bits, scored = streamed_bits(model, store, "heldout")
+    bits, scored = stream_bits(model, store, "heldout")
     model_path = save_model(out / "model.safetensors", model)
     tokens = budget.steps * budget.batch_size * budget.window
     last = records[-min(20, len(records)):]

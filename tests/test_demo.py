@@ -142,7 +142,7 @@ def test_scores_hold_one_value_per_position_and_the_printed_mean(demo):
 
 
 def test_summary_numbers_are_finite_and_the_model_file_reproduces_them(demo, one_thread):
-    from seqlab.demo import streamed_bits
+    from seqlab.pipelines.stream import stream_bits
     from seqlab.domains import model_from_checkpoint
     from seqlab.domains.bytes import ByteAdapter
     from seqlab.pipelines.store import SequenceStore
@@ -152,7 +152,7 @@ def test_summary_numbers_are_finite_and_the_model_file_reproduces_them(demo, one
     t = demo.summary["train"]
     assert t["heldout_bpb"] < t["heldout_bpb_untrained"] and t["heldout_bpb"] < t["uniform_bpb"] == 8.0
     model, _ = model_from_checkpoint(demo.out / "model.safetensors")
-    bits, count = streamed_bits(model, SequenceStore(demo.out / "store.zarr", "r"), "heldout")
+    bits, count = stream_bits(model, SequenceStore(demo.out / "store.zarr", "r"), "heldout")
     assert count == t["heldout_predictions"] and abs(bits / count - t["heldout_bpb"]) < 1e-6
     g = demo.summary["generate"]
     again = model.generate(ByteAdapter().encode(g["prompt"]), g["new_bytes"], temperature=g["temperature"],

@@ -18,7 +18,7 @@ from seqlab.domains import Adapter, InputSpec, TokenAdapter, register_adapter
 from seqlab.errors import CorruptFileError, InputError, StateMismatchError
 from seqlab.models import LanguageModel, SequenceModel
 from seqlab.pipelines.store import SequenceStore, StoreSource
-from seqlab.pipelines.stream import stream, stream_output
+from seqlab.pipelines.stream import stream, stream_bits, stream_output
 from seqlab.train import SequenceSource, TrainConfig, Trainer
 
 CONFIG = BackboneConfig(d_model=16, n_layer=2, d_state=8)
@@ -285,3 +285,28 @@ def test_corrupt_chunk_mid_stream_names_the_positions(tmp_path, lm):
         for step in stream(lm, store, "seq", window=50):
             seen.append(step.stop)
     assert seen == [50, 100, 150, 200, 250, 300]  # every window before the damaged chunk came through
+
+
+def test_stream_bits_equal_a_direct_pass_for_any_range_and_warm_up(tmp_path):
+    """stream_bits: the bits of every prediction (default), or of a range warmed up on what precedes it, equal
+    those of one direct pass (the same pass when the warm-up starts at 0), window size aside."""
+    import math
+
+    ids = _tokens(700, seed=3)
+    store = SequenceStore(tmp_path / "s.zarr")
+    store.write("seq", [ids], adapter=_Tokens(), chunk_elements=64)
+    model = _model(_Tokens())
+    x = torch.as_tensor(ids, dtype=torch.long)
+    with torch.no_grad():
+        logits = model(x[None]).logits[0, :-1].double()
+    direct = (-torch.log_softmax(logits, -1).gather(1, x[1:, None])[:, 0] / math.log(2)).numpy()
+
+    pieces = []
+    total, count = stream_bits(model, store, "seq", window=50, sink=pieces.append)
+    assert count == 699 and np.allclose(np.concatenate(pieces), direct, atol=1e-4)
+    assert math.isclose(total, direct.sum(), rel_tol=1e-6)
+    total, count = stream_bits(model, store, "seq", window=64, start=300, stop=500, warm=0)
+    assert count == 200 and math.isclose(total, direct[300:500].sum(), rel_tol=1e-5)
+    cold, _ = stream_bits(model, store, "seq", window=64, start=300, stop=500)  # a zero state at 300
+    assert not math.isclose(cold, total, rel_tol=1e-5)
+    assert stream_bits(model, store, "seq", start=10, stop=10) == (0.0, 0)
