@@ -234,6 +234,11 @@ class Adapter(ABC):
     def metric(self, output, targets: torch.Tensor) -> float:
         """The modality's number (named ``metric_name``), lower is better."""
 
+    def metric_weight(self, targets: torch.Tensor) -> int:
+        """How many targets ``metric`` averages over, so that metrics of consecutive windows combine exactly
+        (weighted by this): every target id, or every frame of continuous targets (b, t, width)."""
+        return int(targets.shape[-2]) if self.input_spec.kind == "continuous" else int(targets.numel())
+
     def uniform_baseline(self) -> float | None:
         """The metric of a model that knows nothing (e.g. 8 bits per byte), or None when it has no meaning."""
         return None

@@ -520,6 +520,10 @@ class DNAAdapter(TokenAdapter):
         """Bits per base (uniform over A/C/G/T: 2.0; lower is better)."""
         return self.bits_per_base(output, targets)
 
+    def metric_weight(self, targets: torch.Tensor) -> int:
+        """Bits per base count bases only, not specials or -100."""
+        return int((targets >= A).sum())
+
     def perplexity(self, output, targets: torch.Tensor) -> float:
         """Per-base perplexity, ``2 ** bits_per_base`` (uniform over A/C/G/T: 4.0)."""
         return 2.0 ** self.bits_per_base(output, targets)

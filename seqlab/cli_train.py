@@ -155,17 +155,6 @@ def _source(adapter, data, batch_size: int, window: int, where: str):
         raise InputError(f"{where}: {exc} (use fewer --batch-size streams or a shorter --window)") from None
 
 
-def _metric_weight(adapter, targets) -> int:
-    """How many targets the adapter's metric averages over (so window metrics combine exactly)."""
-    if adapter.name == "dna":
-        from seqlab.domains.dna import A
-
-        return int((targets >= A).sum())  # bits per base counts bases only, not specials
-    if adapter.input_spec.kind == "continuous":
-        return int(targets.shape[-2])  # frames (each holds the same number of values)
-    return int(targets.numel())
-
-
 @dataclass
 class HeldOut:
     """One held-out input: a name and a function giving its encoded pieces in order."""
@@ -191,7 +180,7 @@ def stream_metric(model, adapter, pieces, device, bar=None) -> tuple[float, int]
             inputs, targets = seq[:-1][None].to(device), seq[1:][None].to(device)
             out = model(inputs, state, return_state=True)
             state = out.state
-            weight = _metric_weight(adapter, targets)
+            weight = adapter.metric_weight(targets)
             if weight:
                 value = float(adapter.metric(out, targets))
                 total += value * weight

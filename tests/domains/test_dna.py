@@ -478,3 +478,23 @@ def test_iter_records_streams_each_record(tmp_path, monkeypatch, chunk_chars, wi
     fastq.write_text("@r1\nACGT\n+\nIIII\n@r2\nGG\n+\nII\n")
     assert [(rid, torch.cat(list(ws)).tolist()) for rid, ws in DNAAdapter().iter_records(fastq, 3)] == \
         [("r1", DNAAdapter().encode("ACGT").tolist()), ("r2", DNAAdapter().encode("GG").tolist())]
+
+
+def test_metric_weight_counts_bases_so_window_metrics_combine_exactly():
+    """bits per base averages over bases only: weighting each window's metric by metric_weight gives the
+    whole-sequence metric, where weighting by the number of targets would not."""
+    from seqlab.domains.dna import BOS, EOS, DNAAdapter
+
+    adapter = DNAAdapter()
+    gen = torch.Generator().manual_seed(0)
+    targets = torch.cat([torch.tensor([BOS]), adapter.encode("ACGTNACGGT" * 3), torch.tensor([EOS, BOS]),
+                         adapter.encode("TTGCA"), torch.tensor([EOS])])[None]
+    logits = torch.randn(1, targets.shape[1], adapter.input_spec.vocab_size, generator=gen)
+    whole = adapter.metric(logits, targets)
+    cuts = [(0, 7), (7, 33), (33, targets.shape[1])]
+    parts = [(adapter.metric(logits[:, a:b], targets[:, a:b]), adapter.metric_weight(targets[:, a:b]))
+             for a, b in cuts]
+    assert [w for _, w in parts] == [6, 24, 5]
+    assert sum(m * w for m, w in parts) / sum(w for _, w in parts) == pytest.approx(whole, rel=1e-6)
+    naive = sum(m * (b - a) for (m, _), (a, b) in zip(parts, cuts)) / targets.shape[1]
+    assert naive != pytest.approx(whole, rel=1e-6)
