@@ -257,11 +257,13 @@ def test_max_restarts_zero_lets_a_killed_worker_fail_the_job(setup, clean):
     with pytest.raises(ray.exceptions.ActorDiedError, match="died unexpectedly"):
         score(setup["model_path"], setup["store"], path, window=WINDOW, concurrency=1, max_restarts=0,
               output_chunk_elements=64, _fault=fault)
+    assert marker.exists()
+    assert "b" not in SequenceStore(path, "r").list()
 
 
 @pytest.mark.xfail(strict=False, reason="known bug, open: after a job fails because its actor died, Ray Data's "
                    "pool can keep a replacement actor pending with 1 CPU reserved until the garbage collector "
-                   "frees the failed dataset (seen in the fresh-clone CI run and in this file run alone)")
+                   "frees the failed dataset (seen once in a fresh-clone CI run of the full suite; intermittent)")
 def test_a_failed_job_releases_its_cpus_at_once(ray_cluster, setup):
     """After a job fails (its only actor killed, no restarts), the cluster's CPUs are free for what runs next."""
     import time
@@ -275,8 +277,6 @@ def test_a_failed_job_releases_its_cpus_at_once(ray_cluster, setup):
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
         assert time.time() < deadline, f"CPUs still held after the failed job: {ray.available_resources()}"
         time.sleep(0.2)
-    assert marker.exists()
-    assert "b" not in SequenceStore(path, "r").list()
 
 
 def test_sequence_store_datasource_yields_the_work_rows(ray_cluster):
