@@ -254,16 +254,27 @@ class JobWorker:
     def __init__(self, model_path: str, output: str, job: str, window: int, job_attrs: dict,
                  options: dict | None = None, input_store: str = "", num_threads: int | None = None,
                  fault: dict | None = None) -> None:
-        from seqlab.domains.base import model_from_checkpoint
-
-        if num_threads:
-            torch.set_num_threads(int(num_threads))
-        device = "cuda" if torch.cuda.is_available() and options and options.get("device") == "cuda" else None
-        self.model, self.adapter = model_from_checkpoint(model_path, device=device)
         self.store = SequenceStore(input_store, "r")
         self.output, self.job, self.window = output, job, window
         self.job_attrs, self.options = job_attrs, dict(options or {})
         self.fault = fault
+        self._model_path, self._num_threads = model_path, num_threads
+        self.model = self.adapter = None
+
+    def _load(self) -> None:
+        """Set torch's threads and load the model, on the thread that calls the worker (not in ``__init__``).
+
+        Ray Data builds the class on the actor's main thread but calls it from a thread of its own. torch's OpenMP
+        runtime (libgomp) keeps a thread team per thread that runs parallel work: two teams on C cores are more
+        threads than cores, so libgomp's barriers sleep instead of spinning, and with 2 torch threads every item took
+        about 2x as long in an actor as in-process (bench/ray_scale.py, docs/benchmarks.md). Loading here keeps all of
+        a worker's torch work on one thread."""
+        from seqlab.domains.base import model_from_checkpoint
+
+        if self._num_threads:
+            torch.set_num_threads(int(self._num_threads))
+        device = "cuda" if torch.cuda.is_available() and self.options.get("device") == "cuda" else None
+        self.model, self.adapter = model_from_checkpoint(self._model_path, device=device)
 
     def _maybe_fail(self, item: dict, when: str) -> None:
         """Test hook: die for real (SIGKILL of this worker process) or raise, once, at a marked item."""
@@ -280,6 +291,8 @@ class JobWorker:
         os.kill(os.getpid(), signal.SIGKILL)
 
     def __call__(self, batch: dict) -> dict:
+        if self.model is None:
+            self._load()
         rows = {"name": [], "segment": [], "elements": [], "total": [], "count": [], "pid": [], "seconds": []}
         for i in range(len(batch["name"])):
             item = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}

@@ -137,6 +137,41 @@ def test_worker_killed_mid_job_is_retried_with_identical_outputs(setup, clean):
     assert result.totals == clean[0].totals
 
 
+def test_worker_loads_its_model_on_the_thread_that_calls_it(setup, clean, monkeypatch, tmp_path):
+    """Ray Data builds the worker on the actor's main thread and calls it from another thread; torch work on two
+    threads means two OpenMP teams, which made 2-thread actors ~2x slower (docs/benchmarks.md). So the constructor
+    does no torch work: the model is loaded (and torch's threads set) by the first call, on the calling thread, and
+    the worker gives the same outputs as the job's."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from seqlab.domains import base
+
+    loaded_on = []
+    real = base.model_from_checkpoint
+
+    def recording(*args, **kwargs):
+        loaded_on.append(threading.get_ident())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(base, "model_from_checkpoint", recording)
+    out = tmp_path / "direct.zarr"
+    SequenceStore(out, "w")
+    worker = ray_jobs.JobWorker(setup["model_path"], str(out), "score", WINDOW, clean[0].config,
+                                options={"output_chunk_elements": 64}, input_store=setup["store"], num_threads=1)
+    assert worker.model is None and loaded_on == []
+    length = SequenceStore(setup["store"], "r").describe("a").length
+    batch = {"name": np.asarray(["a"]), "segment": np.asarray([0]), "n_segments": np.asarray([1]),
+             "warm": np.asarray([0]), "start": np.asarray([0]), "stop": np.asarray([length - 1])}
+    with ThreadPoolExecutor(1) as pool:
+        caller = pool.submit(threading.get_ident).result()
+        rows = pool.submit(worker, batch).result()
+        pool.submit(worker, batch).result()  # a second call reuses the loaded model
+    assert loaded_on == [caller] and caller != threading.get_ident()
+    assert rows["total"][0] == pytest.approx(clean[0].totals["a"]["bits"], rel=1e-6)
+    np.testing.assert_array_equal(outputs(out, ("a",))["a"], clean[1]["a"])
+
+
 def test_segments_join_and_report_deviation_from_exact(setup, clean):
     path = setup["root"] / "segments.zarr"
     result = score(setup["model_path"], setup["store"], path, window=WINDOW, mode="segments",
@@ -275,8 +310,21 @@ def test_a_failed_job_releases_its_cpus_at_once(ray_cluster, setup):
               max_restarts=0, output_chunk_elements=64, _fault=fault)
     deadline = time.time() + 15
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
-        assert time.time() < deadline, f"CPUs still held after the failed job: {ray.available_resources()}"
+        assert time.time() < deadline, (f"CPUs still held after the failed job: {ray.available_resources()}; "
+                                        f"actors not dead: {_live_actors()}")
         time.sleep(0.2)
+
+
+def _live_actors() -> list:
+    """Class, state and pid of every actor the cluster has not marked dead (for a failure message only: Ray's public
+    state API needs the dashboard, which the test cluster does not run)."""
+    try:
+        from ray._private import state
+
+        return [(a.get("ActorClassName"), a.get("State"), a.get("Pid"), a.get("JobID"))
+                for a in state.actors().values() if a.get("State") != "DEAD"]
+    except Exception as exc:  # a private API: its failure must not hide the assertion
+        return [f"unavailable: {exc!r}"]
 
 
 def test_sequence_store_datasource_yields_the_work_rows(ray_cluster):
