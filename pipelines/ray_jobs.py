@@ -566,7 +566,8 @@ def _execute(items, model_path, output, job, window, job_attrs, options, store_p
                                    "num_threads": max(1, int(num_cpus)), "fault": fault},
             # a dead actor (its worker process killed, OOM, node lost) is restarted and its task retried, at most
             # max_restarts times (Ray Data's default is without limit). Ray 2.60 warns that remote args passed this
-            # way are deprecated, but names no replacement for these two.
+            # way (and ray_remote_args_fn) go away in Ray 2.64, but names no replacement for these two: pyproject
+            # caps ray below 2.64.
             max_restarts=max_restarts, max_task_retries=max_restarts)
         if progress is True:
             from tqdm.auto import tqdm
