@@ -10,8 +10,9 @@ import torch
 
 from seqlab.checkpoint import save_model
 from seqlab.config import BackboneConfig
-from seqlab.domains import (ADAPTERS, Adapter, InputSpec, TokenAdapter, adapter_from_checkpoint, adapter_from_info,
+from seqlab.domains import (ADAPTERS, InputSpec, TokenAdapter, adapter_from_checkpoint, adapter_from_info,
                             get_adapter, register_adapter)
+from seqlab.domains.testing import FramesTestAdapter
 from seqlab.errors import ConfigError, CorruptFileError, InputError
 from seqlab.models import LanguageModel, SequenceModel
 
@@ -54,36 +55,8 @@ class _DigitsAdapter(TokenAdapter):
 
 
 @register_adapter
-class _FramesAdapter(Adapter):
+class _FramesAdapter(FramesTestAdapter):
     name = "test-frames"
-
-    def settings(self):
-        return {}
-
-    @property
-    def input_spec(self):
-        return InputSpec("continuous", width=3, output_width=3)
-
-    def encode(self, raw):
-        return torch.as_tensor(raw, dtype=torch.float32)
-
-    def decode(self, tensor):
-        return tensor.numpy()
-
-    def read(self, path, **options):
-        raise NotImplementedError
-
-    def iter_windows(self, path, window, **options):
-        raise NotImplementedError
-
-    def write(self, path, raw):
-        raise NotImplementedError
-
-    def loss(self, output, targets):
-        return torch.nn.functional.mse_loss(output.output, targets)
-
-    def metric(self, output, targets):
-        return float(self.loss(output, targets))
 
 
 def test_input_spec_is_validated():

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from seqlab.domains import Adapter, InputSpec, register_adapter
+from seqlab.domains import register_adapter
+from seqlab.domains.testing import FramesTestAdapter
 from seqlab.errors import CorruptFileError, InputError
 from seqlab.pipelines.store import SequenceStore, ingest, sequence_name
 
@@ -64,40 +65,10 @@ BlockBytes = globals()["BlockBytes"]
 
 
 @register_adapter
-class _Frames(Adapter):
-    """Continuous frames of width 3 (for multichannel sequences)."""
+class _Frames(FramesTestAdapter):
+    """Continuous frames of width 3 (multichannel sequences), in .npy files."""
 
     name = "test-store-frames"
-
-    def settings(self):
-        return {}
-
-    @property
-    def input_spec(self):
-        return InputSpec("continuous", width=3, output_width=3)
-
-    def encode(self, raw):
-        return torch.as_tensor(raw, dtype=torch.float32)
-
-    def decode(self, tensor):
-        return tensor.numpy()
-
-    def read(self, path, **options):
-        return np.load(path)
-
-    def iter_windows(self, path, window, **options):
-        data = np.load(path, mmap_mode="r")
-        for start in range(0, data.shape[0], window):
-            yield self.encode(np.array(data[start:start + window]))
-
-    def write(self, path, raw):
-        np.save(path, np.asarray(raw))
-
-    def loss(self, output, targets):
-        return torch.nn.functional.mse_loss(output.output, targets)
-
-    def metric(self, output, targets):
-        return float(self.loss(output, targets))
 
 
 def _random_file(path: Path, size: int, seed: int = 0) -> bytes:

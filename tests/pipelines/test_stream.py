@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from seqlab.config import BackboneConfig
-from seqlab.domains import Adapter, InputSpec, TokenAdapter, register_adapter
+from seqlab.domains import InputSpec, TokenAdapter, register_adapter
+from seqlab.domains.testing import FramesTestAdapter
 from seqlab.errors import CorruptFileError, InputError, StateMismatchError
 from seqlab.models import LanguageModel, SequenceModel
 from seqlab.pipelines.store import SequenceStore, StoreSource
@@ -55,36 +56,9 @@ class _Tokens(TokenAdapter):
 
 
 @register_adapter
-class _Frames(Adapter):
+class _Frames(FramesTestAdapter):
     name = "test-stream-frames"
-
-    def settings(self):
-        return {}
-
-    @property
-    def input_spec(self):
-        return InputSpec("continuous", width=3, output_width=2)
-
-    def encode(self, raw):
-        return torch.as_tensor(raw, dtype=torch.float32)
-
-    def decode(self, tensor):
-        return tensor.numpy()
-
-    def read(self, path, **options):
-        raise NotImplementedError
-
-    def iter_windows(self, path, window, **options):
-        raise NotImplementedError
-
-    def write(self, path, raw):
-        raise NotImplementedError
-
-    def loss(self, output, targets):
-        return torch.nn.functional.mse_loss(output.output, targets[..., :2])
-
-    def metric(self, output, targets):
-        return float(self.loss(output, targets))
+    output_width = 2
 
 
 def _model(adapter, seed=0):
