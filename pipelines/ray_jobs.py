@@ -31,6 +31,7 @@ import os
 import shutil
 import signal
 import time
+import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -526,6 +527,23 @@ def run_job(job: str, model_path, store, output, *, names=None, window: int = 40
     return result
 
 
+def _map(ds, concurrency, num_cpus, num_gpus, max_restarts, worker_kwargs):
+    """The job's ``map_batches``: an actor pool of ``JobWorker``, one item per call."""
+    import ray
+
+    return ds.map_batches(
+        JobWorker, batch_size=1, num_cpus=num_cpus,
+        # one item running and one queued per actor: no idle gap between items, and the items left at the end go to
+        # whichever actor is free (Ray Data's default queues 4 per actor)
+        compute=ray.data.ActorPoolStrategy(size=concurrency, max_tasks_in_flight_per_actor=2),
+        num_gpus=num_gpus or None, fn_constructor_kwargs=worker_kwargs,
+        # a dead actor (its worker process killed, OOM, node lost) is restarted and its task retried, at most
+        # max_restarts times (Ray Data's default is without limit). Ray 2.60 warns that remote args passed this way
+        # (and ray_remote_args_fn) go away in Ray 2.64, but names no replacement for these two: pyproject caps ray
+        # below 2.64.
+        max_restarts=max_restarts, max_task_retries=max_restarts)
+
+
 def _execute(items, model_path, output, job, window, job_attrs, options, store_path, concurrency,
              num_cpus, num_gpus, address, progress, max_restarts, output_chunk_elements, fault,
              started) -> tuple[dict, float]:
@@ -555,20 +573,12 @@ def _execute(items, model_path, output, job, window, job_attrs, options, store_p
         ds = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS))
         worker_options = {**options, "output_chunk_elements": output_chunk_elements,
                           "device": "cuda" if num_gpus else None}
-        mapped = ds.map_batches(
-            JobWorker, batch_size=1, num_cpus=num_cpus,
-            # one item running and one queued per actor: no idle gap between items, and the items left at the end
-            # go to whichever actor is free (Ray Data's default queues 4 per actor)
-            compute=ray.data.ActorPoolStrategy(size=concurrency, max_tasks_in_flight_per_actor=2),
-            num_gpus=num_gpus or None,
-            fn_constructor_kwargs={"model_path": model_path, "output": output, "job": job, "window": window,
-                                   "job_attrs": job_attrs, "options": worker_options, "input_store": store_path,
-                                   "num_threads": max(1, int(num_cpus)), "fault": fault},
-            # a dead actor (its worker process killed, OOM, node lost) is restarted and its task retried, at most
-            # max_restarts times (Ray Data's default is without limit). Ray 2.60 warns that remote args passed this
-            # way (and ray_remote_args_fn) go away in Ray 2.64, but names no replacement for these two: pyproject
-            # caps ray below 2.64.
-            max_restarts=max_restarts, max_task_retries=max_restarts)
+        with warnings.catch_warnings():  # the deprecation below is known and handled: not the user's business
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            mapped = _map(ds, concurrency, num_cpus, num_gpus, max_restarts, {
+                "model_path": model_path, "output": output, "job": job, "window": window, "job_attrs": job_attrs,
+                "options": worker_options, "input_store": store_path, "num_threads": max(1, int(num_cpus)),
+                "fault": fault})
         if progress is True:
             from tqdm.auto import tqdm
 
