@@ -296,9 +296,10 @@ def test_max_restarts_zero_lets_a_killed_worker_fail_the_job(setup, clean):
     assert "b" not in SequenceStore(path, "r").list()
 
 
-@pytest.mark.xfail(strict=False, reason="known bug, open: after a job fails because its actor died, Ray Data's "
-                   "pool can keep a replacement actor pending with 1 CPU reserved until the garbage collector "
-                   "frees the failed dataset (seen once in a fresh-clone CI run of the full suite; intermittent)")
+@pytest.mark.xfail(strict=False, reason="known bug, open: after a job failed because its actor died, one of the "
+                   "cluster's CPUs stayed reserved (seen in 2 fresh-clone full-suite runs on 2026-11-22 while other "
+                   "test runs loaded the machine; not reproduced in 9 runs since, alone, in the full suite and under "
+                   "4 busy loops). If it fails, the message lists the actors the cluster still holds")
 def test_a_failed_job_releases_its_cpus_at_once(ray_cluster, setup):
     """After a job fails (its only actor killed, no restarts), the cluster's CPUs are free for what runs next."""
     import time
