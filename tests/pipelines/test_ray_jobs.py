@@ -298,8 +298,9 @@ def test_max_restarts_zero_lets_a_killed_worker_fail_the_job(setup, clean):
 
 @pytest.mark.xfail(strict=False, reason="known bug, open: after a job failed because its actor died, one of the "
                    "cluster's CPUs stayed reserved (seen in 2 fresh-clone full-suite runs on 2026-11-22 while other "
-                   "test runs loaded the machine; not reproduced since in 7 test runs (alone, in the full suite, and under "
-                   "4 busy loops) nor 4 scripted repeats). If it fails, the message lists the actors the cluster holds")
+                   "test runs loaded the machine; not reproduced since in 7 test runs, alone, in the full suite and "
+                   "under 4 busy loops, nor in 4 scripted repeats). If it fails, the message lists the actors the "
+                   "cluster holds")
 def test_a_failed_job_releases_its_cpus_at_once(ray_cluster, setup):
     """After a job fails (its only actor killed, no restarts), the cluster's CPUs are free for what runs next."""
     import time
