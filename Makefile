@@ -1,17 +1,27 @@
-# README's two commands: `make demo` and `make test`. Each creates .venv when needed and installs the
-# project (editable) with what it needs; reinstalls only when pyproject.toml changes.
+# README's two commands: `make demo` and `make test`. Each creates .venv when needed and installs the project
+# (editable) with what it needs, at the exact versions of requirements/dev-lock.txt (a pip constraints file that is
+# known to pass the suite); it reinstalls only when pyproject.toml or the lock changes. docs/development.md says
+# when to refresh the lock (`make lock`) and what `make test-latest` is for.
 PYTHON ?= python3
-DEMO_ARGS ?=
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.seqlab-installed
+LOCK   := requirements/dev-lock.txt
+LATEST := .venv-latest
+DEMO_ARGS ?=
+# pytest-xdist workers (2: measured on the 2-core VM, docs/development.md) and extra pytest arguments,
+# e.g. `make test TEST_WORKERS=0 PYTEST_ARGS="-k ssd"`
+TEST_WORKERS ?= 2
+PYTEST_ARGS ?=
+PYTEST := pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
-.PHONY: demo test bench install clean
+.PHONY: demo test test-latest lock bench install clean
 
-$(STAMP): pyproject.toml
+# --no-build-isolation: seqlab is built with the locked setuptools in .venv, not with whatever setuptools is newest
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade "pip>=23" "setuptools>=68" wheel
-	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -m pip install -c $(LOCK) pip setuptools wheel
+	$(BIN)/python -m pip install -c $(LOCK) --no-build-isolation -e ".[dev]"
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -19,11 +29,29 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/seqlab demo $(DEMO_ARGS)
 
+# pytest's own command (not `python -m pytest`, which puts the working directory on sys.path)
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/$(PYTEST)
+
+# The newest versions pyproject allows, in a fresh environment of their own, through the whole suite: run it to
+# find the next break on purpose (it is not part of `make test`). The versions it used: $(LATEST)/versions.txt.
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --upgrade pip setuptools wheel
+	$(LATEST)/bin/python -m pip install --no-build-isolation -e ".[dev]"
+	$(LATEST)/bin/python -m pip freeze --all --exclude-editable > $(LATEST)/versions.txt
+	$(LATEST)/bin/$(PYTEST)
+
+# Refresh the lock: `make test-latest`, and only if the whole suite passed there, its versions become the lock.
+lock: test-latest
+	{ sed -n '/^# /p' $(LOCK) | grep -v '^# refreshed'; \
+	  echo "# refreshed $$(date -u +%F) by make lock: $$($(LATEST)/bin/python -c 'import platform as p; print(p.python_implementation(), p.python_version(), p.system(), p.machine())')"; \
+	  cat $(LATEST)/versions.txt; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
 
 bench: $(STAMP)
 	$(BIN)/python bench/cpu_forward.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(LATEST) build dist *.egg-info .pytest_cache .hypothesis

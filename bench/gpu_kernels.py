@@ -70,19 +70,13 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine_line  # noqa: E402  (bench/ is on sys.path when a bench runs)
 
-try:
-    import seqlab.kernels as K  # noqa: E402
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import seqlab.kernels as K  # type: ignore[no-redef]  # noqa: E402
+import seqlab.kernels as K  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 OPS = ("selective_scan", "ssd_scan", "causal_conv1d", "decode")

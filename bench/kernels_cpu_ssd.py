@@ -17,18 +17,12 @@ import math
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from _machine import machine_line  # noqa: E402  (bench/ is on sys.path when a bench runs)
 
-try:
-    from seqlab.kernels.ssd.ref import ssd_scan_ref
-    from seqlab.kernels.ssd.torch import ssd_scan_torch
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from kernels.ssd.ref import ssd_scan_ref  # type: ignore[no-redef]
-    from kernels.ssd.torch import ssd_scan_torch  # type: ignore[no-redef]
+from seqlab.kernels.ssd.ref import ssd_scan_ref
+from seqlab.kernels.ssd.torch import ssd_scan_torch
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

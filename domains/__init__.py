@@ -1,8 +1,13 @@
 """seqlab.domains: one adapter per modality (raw bytes, audio, DNA, video frames, agent memory streams), all with
 the small protocol of ``seqlab.domains.base``. Adapter modules import their optional dependencies lazily."""
 
-from .base import (ADAPTERS, Adapter, InputSpec, TokenAdapter, adapter_from_checkpoint, adapter_from_info,
-                   get_adapter, model_from_checkpoint, register_adapter)
+if __name__ != "seqlab.domains":  # this folder imported as a bare 'domains' from a checkout's root: seqlab/_checkout.py
+    from seqlab._checkout import hand_over
+
+    hand_over(__name__, __file__)
+else:
+    from .base import (ADAPTERS, Adapter, InputSpec, TokenAdapter, adapter_from_checkpoint, adapter_from_info,
+                       get_adapter, model_from_checkpoint, register_adapter)
 
 __all__ = ["ADAPTERS", "Adapter", "InputSpec", "TokenAdapter", "adapter_from_checkpoint", "adapter_from_info",
            "get_adapter", "model_from_checkpoint", "register_adapter"]

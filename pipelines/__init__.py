@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import importlib
 
+if __name__ != "seqlab.pipelines":  # this folder imported as a bare 'pipelines' from a checkout's root: see
+    from seqlab._checkout import hand_over  # seqlab/_checkout.py
+
+    hand_over(__name__, __file__)
+
 _EXPORTS = {
     "SequenceStore": "store", "SequenceInfo": "store", "StoreSource": "store", "ingest": "store",
     "IngestResult": "store", "IngestProgress": "store",

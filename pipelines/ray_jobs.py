@@ -25,7 +25,9 @@ attrs hold ``seqlab_job`` too. Re-running with another config is refused unless 
 
 from __future__ import annotations
 
+import gc
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -382,22 +384,57 @@ def _finished(out: SequenceStore, name: str, key: dict) -> bool:
     return info.complete and _job_key(info.attrs.get("seqlab_job") or {}) == key and "totals" in info.attrs
 
 
-def _unwrap(exc: BaseException) -> BaseException | None:
-    """The seqlab error inside a Ray task error (Ray wraps user exceptions in its own)."""
-    seen = set()
-    stack = [exc]
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and every exception linked to it: causes, contexts, and the worker's exception inside a Ray task
+    error (Ray wraps user exceptions in its own and keeps the original in ``cause``)."""
+    seen, found, stack = set(), [], [exc]
     while stack:
         e = stack.pop()
-        if e is None or id(e) in seen:
+        if not isinstance(e, BaseException) or id(e) in seen:
             continue
         seen.add(id(e))
-        cause = getattr(e, "cause", None)  # a RayTaskError carries the worker's exception here
+        found.append(e)
+        stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
+    return found
+
+
+def _unwrap(exc: BaseException) -> BaseException | None:
+    """The seqlab error inside a Ray task error."""
+    for e in _chain(exc):
+        cause = getattr(e, "cause", None)
         if isinstance(cause, SeqlabError):
             return cause
         if isinstance(e, SeqlabError) and type(e).__module__.startswith("seqlab"):
             return e
-        stack.extend([cause, e.__cause__, e.__context__])
     return None
+
+
+def _release_frames(exc: BaseException) -> None:
+    """Clear the local variables of the finished frames that ``exc``'s tracebacks reach, callers included (file
+    and line stay, so the tracebacks still print).
+
+    A task's failure reaches the driver with tracebacks through Ray Data's scheduling loop. Their frames, and the
+    frames that called them, hold the failed task and, through its done-callback, the handle of the actor that ran
+    it. Ray ends an actor when its last handle goes, so while anything kept the exception (a caller, pytest.raises,
+    a log record) the actor stayed alive with its CPU reserved, until a garbage collection happened to break the
+    frame <-> traceback cycle: the "a failed job keeps a CPU" bug (issue 14). Found with gc.get_referrers on the
+    live handle after a job that failed with a raised error. Frames still executing (this thread's callers) and
+    generator frames (clearing one would close its generator) are left alone."""
+    skip = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+    seen = set()
+    for e in _chain(exc):
+        tb = e.__traceback__
+        while tb is not None:
+            frame = tb.tb_frame
+            while frame is not None and id(frame) not in seen:
+                seen.add(id(frame))
+                if not frame.f_code.co_flags & skip:
+                    try:
+                        frame.clear()
+                    except RuntimeError:  # still executing
+                        pass
+                frame = frame.f_back
+            tb = tb.tb_next
 
 
 def run_job(job: str, model_path, store, output, *, names=None, window: int = 4096, mode: str = "exact",
@@ -564,7 +601,7 @@ def _execute(items, model_path, output, job, window, job_attrs, options, store_p
     original = context.raise_original_map_exception
     context.raise_original_map_exception = True  # a worker's seqlab error reaches the driver as itself
     done, workers, work_seconds = 0, {}, 0.0
-    bar = finished = batches = None
+    bar = finished = batches = mapped = ds = failure = None
     try:
         # The rows (names and ranges, a few bytes each) are built here in the driver, one block per item (up to
         # MAX_BLOCKS), not by read tasks: every read task needs a worker process of its own, which imports Ray
@@ -598,9 +635,8 @@ def _execute(items, model_path, output, job, window, job_attrs, options, store_p
                                      int(row["elements"]), time.time() - started, float(row["seconds"])))
     except Exception as exc:  # Ray may wrap the worker's error: raise ours, which names where
         inner = _unwrap(exc)
-        if inner is not None:
-            raise type(inner)(str(inner)) from None
-        raise
+        failure = exc if inner is None else type(inner)(str(inner))
+        _release_frames(exc)  # the failed tasks' actors end now, not at the next garbage collection
     finally:
         # close the iteration now, not when the garbage collector gets to it (an exception's traceback keeps it
         # alive): that shuts the actor pool down and frees its CPUs for whatever runs next on the cluster
@@ -608,9 +644,17 @@ def _execute(items, model_path, output, job, window, job_attrs, options, store_p
             close = getattr(it, "close", None)
             if close is not None:
                 close()
+        finished = batches = mapped = ds = None  # nothing of the job stays reachable from this frame
+        if failure is not None:
+            # Ray Data's executor, its metadata fetcher and the failed tasks form reference cycles that still hold
+            # the actors' handles; with the frames above cleared nothing live reaches them, so collect them now
+            # (once per failed job, well under a second) rather than at some later garbage collection
+            gc.collect()
         context.raise_original_map_exception = original
         if bar is not None:
             bar.close()
+    if failure is not None:
+        raise failure  # raised here, after the except block, so it carries no context back into Ray's frames
     return workers, work_seconds
 
 

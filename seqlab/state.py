@@ -4,7 +4,7 @@ Per layer a dict of named fp32 tensors (for the Mamba mixers: ``conv``, the last
 and ``ssm``, the scan state), plus the absolute ``position`` (elements consumed so far) and the fingerprint
 of the backbone config that made it. The design's invariants (split anywhere and thread the state, step
 equals forward, save/load/continue is bit-exact, refuse another config's state) are tested in
-tests/seqlab/test_state_contract.py.
+tests/test_core/test_state_contract.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Comparison helpers for checking a fast path against its reference twin (used by seqlab's own tests)."""
+"""Helpers for seqlab's own tests, importable from the installed package (the tests never put the repository root
+or a test folder on ``sys.path``; docs/testing.md): comparison of a fast path against its reference twin, small
+model factories, and the kernel tests' random inputs and memory layouts."""
 
 from __future__ import annotations
 
@@ -22,3 +24,70 @@ def assert_rel(got: torch.Tensor, want: torch.Tensor, tol: float, what: str = ""
     """Fail with the measured error when ``rel_err(got, want) > tol`` (NaN or inf in ``got`` always fails)."""
     err = rel_err(got, want)
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+def tiny_config(ssm: str = "mamba1", **kw):
+    """A two-layer, 16-wide ``BackboneConfig`` (Mamba-2 with head dim 8 and chunk size 8); ``kw`` overrides."""
+    from seqlab.config import BackboneConfig
+
+    base = dict(d_model=16, n_layer=2, ssm=ssm, d_state=8)
+    if ssm == "mamba2":
+        base.update(headdim=8, chunk_size=8)
+    base.update(kw)
+    return BackboneConfig(**base)
+
+
+def tiny_lm(ssm: str = "mamba1", vocab: int = 32, seed: int = 0, **kw):
+    """A ``LanguageModel`` on ``tiny_config`` in eval mode, with D and the norm weights spread over [0.5, 1.5] so
+    that the scan's decay, conv tail and gating all matter in a test."""
+    from seqlab.models import LanguageModel
+
+    torch.manual_seed(seed)
+    model = LanguageModel(tiny_config(ssm, **kw), vocab_size=vocab)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("D") or name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def as_f64(x):
+    """A detached float64 copy (``None`` stays ``None``)."""
+    return None if x is None else x.detach().to(torch.float64)
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """The same (b, d, l) values stored position-major: the transpose of a contiguous (b, l, d)."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def strided(x: torch.Tensor) -> torch.Tensor:
+    """The same values as a non-contiguous view with gaps (every other element of a larger tensor)."""
+    big = torch.empty(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
+    view = big[..., ::2]
+    view.copy_(x)
+    return view
+
+
+def scan_inputs(b=2, d=4, n=3, l=37, *, gB=None, gC=None, D=True, z=True, bias=True, init=True,
+                dtype=torch.float32, seed=0, delta_scale=0.5, a_range=(-2.0, -0.1), positive_delta=False):
+    """Random selective-scan inputs (u, delta, A, B, C, D, z, delta_bias, initial_state) on the CPU; each optional
+    input can be switched off, B / C grouped with gB / gC groups."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    lo, hi = a_range
+    inputs = {
+        "u": r(b, d, l),
+        "delta": (r(b, d, l).abs() if positive_delta else r(b, d, l)) * delta_scale,
+        "A": lo + (hi - lo) * torch.rand(d, n, generator=gen),
+        "B": r(b, n, l) if gB is None else r(b, gB, n, l),
+        "C": r(b, n, l) if gC is None else r(b, gC, n, l),
+        "D": r(d) if D else None,
+        "z": r(b, d, l) if z else None,
+        "delta_bias": r(d) * 0.3 if bias else None,
+        "initial_state": r(b, d, n) if init else None,
+    }
+    return {k: (None if v is None else v.to(dtype)) for k, v in inputs.items()}

@@ -11,3 +11,15 @@ import torch  # noqa: E402
 # Deterministic and quiet on a 2-core machine.
 torch.manual_seed(0)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs two workers), every test that uses the shared local Ray cluster
+    (the `ray_cluster` fixture) goes to one worker, so the suite starts one such cluster, not one per worker, and
+    checks of the cluster's free CPUs see only their own jobs. Tests that start a Ray of their own (the demo, the
+    CLI walkthrough, `--address`) run on either worker."""
+    import pytest
+
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("ray"))

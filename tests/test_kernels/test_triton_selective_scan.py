@@ -25,7 +25,7 @@ from seqlab.kernels import KernelInputError
 from seqlab.kernels._triton import interpreting, triton_available
 from seqlab.kernels.selective_scan.ref import selective_scan_ref, selective_state_update_ref
 
-from _compare import as_f64, assert_rel, channels_last, scan_inputs, strided
+from seqlab.testing import as_f64, assert_rel, channels_last, scan_inputs, strided
 
 if not triton_available():  # pragma: no cover - triton is a dev dependency; the conftest enables the interpreter
     pytest.skip("Triton kernels cannot run here (no triton, or no CUDA and no TRITON_INTERPRET)",

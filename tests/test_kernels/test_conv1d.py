@@ -19,7 +19,7 @@ from seqlab.kernels import KernelInputError
 from seqlab.kernels.conv1d.ref import causal_conv1d_ref, causal_conv1d_update_ref
 from seqlab.kernels.conv1d.torch import causal_conv1d_torch, causal_conv1d_update_torch
 
-from _compare import as_f64, assert_rel, channels_last, strided
+from seqlab.testing import as_f64, assert_rel, channels_last, strided
 
 OUT_TOL = 1e-5
 GRAD_TOL = 1e-4

@@ -27,7 +27,7 @@ from seqlab.kernels import KernelInputError
 from seqlab.kernels._triton import interpreting, triton_available
 from seqlab.kernels.ssd.ref import ssd_scan_ref, ssd_state_update_ref
 
-from _compare import assert_rel, strided
+from seqlab.testing import assert_rel, strided
 
 if not triton_available():  # pragma: no cover - triton is a dev dependency; the conftest enables the interpreter
     pytest.skip("Triton kernels cannot run here (no triton, or no CUDA and no TRITON_INTERPRET)",

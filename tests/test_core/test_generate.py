@@ -4,7 +4,7 @@ by one, continuing from a saved state equals continuing the original run, stops,
 import pytest
 import torch
 
-from _models import tiny_lm
+from seqlab.testing import tiny_lm
 from seqlab import RecurrentState
 from seqlab.errors import InputError, StateError, StateMismatchError
 from seqlab.generate import _filter_logits

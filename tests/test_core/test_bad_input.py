@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from _models import tiny_config, tiny_lm
+from seqlab.testing import tiny_config, tiny_lm
 from seqlab import BackboneConfig, LanguageModel, RecurrentState, SequenceModel
 from seqlab.errors import (ConfigError, CorruptFileError, FormatVersionError, InputError, SeqlabError,
                            StateMismatchError)

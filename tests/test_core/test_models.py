@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from _models import tiny_config, tiny_lm
+from seqlab.testing import tiny_config, tiny_lm
 from seqlab import LanguageModel, SequenceModel
 from seqlab.errors import StateError
 from seqlab.testing import rel_err

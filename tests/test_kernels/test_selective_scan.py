@@ -19,8 +19,8 @@ from seqlab.kernels import KernelInputError
 from seqlab.kernels.selective_scan.ref import selective_scan_ref, selective_state_update_ref
 from seqlab.kernels.selective_scan.torch import selective_scan_torch, selective_state_update_torch
 
-from _compare import as_f64, assert_rel, channels_last, rel_err, strided
-from _compare import scan_inputs as make_inputs
+from seqlab.testing import as_f64, assert_rel, channels_last, rel_err, strided
+from seqlab.testing import scan_inputs as make_inputs
 
 OUT_TOL = 1e-5
 GRAD_TOL = 1e-4

@@ -12,10 +12,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _models import tiny_lm
-
 from seqlab.checkpoint import save_model
+from seqlab.testing import tiny_lm
 from seqlab.train import TrainConfig, Trainer
 
 

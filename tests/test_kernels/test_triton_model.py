@@ -3,17 +3,11 @@ backend="torch": logits, final states, parameter gradients, streaming in pieces 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import seqlab.kernels as K
-from seqlab.testing import rel_err
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "seqlab"))
-from _models import tiny_lm  # noqa: E402
+from seqlab.testing import rel_err, tiny_lm
 
 pytestmark = pytest.mark.skipif(not K.triton_available(), reason="Triton cannot run here (import failed)")
 

@@ -22,7 +22,7 @@ from seqlab.kernels import KernelBackendError, KernelInputError
 from seqlab.kernels._triton import interpreting, triton_available
 from seqlab.kernels.conv1d.ref import causal_conv1d_ref, causal_conv1d_update_ref
 
-from _compare import as_f64, assert_rel, channels_last, strided
+from seqlab.testing import as_f64, assert_rel, channels_last, strided
 
 if not triton_available():  # pragma: no cover - triton is a dev dependency; the conftest enables the interpreter
     pytest.skip("Triton kernels cannot run here (no triton, or no CUDA and no TRITON_INTERPRET)",

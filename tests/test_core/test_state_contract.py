@@ -5,7 +5,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _models import tiny_lm
+from seqlab.testing import tiny_lm
 from seqlab.testing import rel_err
 from seqlab import RecurrentState
 from seqlab.errors import StateMismatchError

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _models import tiny_lm
+from seqlab.testing import tiny_lm
 from safetensors.torch import load_file
 
 from seqlab.checkpoint import latest_checkpoint
