@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import inspect
 import json
 import os
 import shutil
 import signal
 import time
+import uuid
 import warnings
 import zlib
 from collections.abc import Callable
@@ -246,6 +246,48 @@ def _generate_one(model, store: SequenceStore, name: str, window: int, options: 
     return 0.0, int(tokens.shape[0])
 
 
+ENDED_POLL_SECONDS = 0.5
+JOBS_DIR = "_jobs"  # under STAGING: one empty file per finished job run, the signal for its actors to end
+
+
+def _end_with_the_job(marker: str) -> None:
+    """In a job's actor: end this actor (for good: no restart) once the driver marks the job run as over.
+
+    The driver writes ``marker`` when the job returns or raises. Ray Data then lets its actors go by dropping their
+    handles, but a failed job's handles stay reachable from the error's traceback and from cycles inside Ray Data
+    (docs/ray-jobs.md), so without this an actor of a failed job kept its CPU until those were gone. Outside an
+    actor (a JobWorker built in-process) this does nothing."""
+    import threading
+
+    import ray
+
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return
+    me = ray.get_runtime_context().current_actor
+
+    def watch() -> None:
+        while not os.path.exists(marker):
+            time.sleep(ENDED_POLL_SECONDS)
+        ray.kill(me, no_restart=True)
+
+    threading.Thread(target=watch, name="seqlab-job-end", daemon=True).start()
+
+
+def _job_marker(output: str) -> str:
+    """A fresh marker path for one run of a job into ``output``; markers of earlier runs that every actor has had
+    time to see are removed."""
+    folder = os.path.join(output, STAGING, JOBS_DIR)
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        try:
+            if time.time() - os.path.getmtime(path) > 60 * ENDED_POLL_SECONDS:
+                os.remove(path)
+        except OSError:  # another driver's cleanup got there first
+            pass
+    return os.path.join(folder, f"{uuid.uuid4().hex}.ended")
+
+
 class JobWorker:
     """The callable class of ``map_batches``: loads the model once per actor, then does one item per row.
 
@@ -256,7 +298,9 @@ class JobWorker:
 
     def __init__(self, model_path: str, output: str, job: str, window: int, job_attrs: dict,
                  options: dict | None = None, input_store: str = "", num_threads: int | None = None,
-                 fault: dict | None = None) -> None:
+                 fault: dict | None = None, ended_marker: str | None = None) -> None:
+        if ended_marker:
+            _end_with_the_job(ended_marker)
         self.store = SequenceStore(input_store, "r")
         self.output, self.job, self.window = output, job, window
         self.job_attrs, self.options = job_attrs, dict(options or {})
@@ -413,14 +457,15 @@ def _release_frames(exc: BaseException) -> None:
     """Clear the local variables of the finished frames that ``exc``'s tracebacks reach, callers included (file
     and line stay, so the tracebacks still print).
 
-    A task's failure reaches the driver with tracebacks through Ray Data's scheduling loop. Their frames, and the
-    frames that called them, hold the failed task and, through its done-callback, the handle of the actor that ran
-    it. Ray ends an actor when its last handle goes, so while anything kept the exception (a caller, pytest.raises,
-    a log record) the actor stayed alive with its CPU reserved, until a garbage collection happened to break the
-    frame <-> traceback cycle: the "a failed job keeps a CPU" bug (issue 14). Found with gc.get_referrers on the
-    live handle after a job that failed with a raised error. Frames still executing (this thread's callers) and
-    generator frames (clearing one would close its generator) are left alone."""
-    skip = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+    A task's failure reaches the driver with tracebacks through Ray Data's scheduling loop and its iterators, whose
+    frames (and the frames that called them) hold the executor, its metadata fetcher (which keeps the failed tasks
+    after shutdown), the job's blocks and, through each task's done-callback, the handle of the actor that ran it.
+    Whoever kept the error (a caller, pytest.raises) kept all of that alive; Ray ends an actor only when its last
+    handle goes, so this was half of the "a failed job keeps a CPU" bug (issue 14, found with gc.get_referrers on
+    the live handles). The other half is a holder the job cannot reach: Ray Data logs the error with a traceback of
+    its own, and a logging handler that keeps records (pytest's log capture does) keeps it. ``_end_with_the_job``
+    ends the actors whatever holds them. Frames still executing (this thread's callers) cannot be cleared and are
+    left alone; the job's finished generator frames (Ray Data's iterators) are cleared too."""
     seen = set()
     for e in _chain(exc):
         tb = e.__traceback__
@@ -428,11 +473,10 @@ def _release_frames(exc: BaseException) -> None:
             frame = tb.tb_frame
             while frame is not None and id(frame) not in seen:
                 seen.add(id(frame))
-                if not frame.f_code.co_flags & skip:
-                    try:
-                        frame.clear()
-                    except RuntimeError:  # still executing
-                        pass
+                try:
+                    frame.clear()
+                except RuntimeError:  # still executing (or, from Python 3.13, a suspended generator's)
+                    pass
                 frame = frame.f_back
             tb = tb.tb_next
 
@@ -597,6 +641,7 @@ def _execute(items, model_path, output, job, window, job_attrs, options, store_p
                                  f"{reason[:300]}") from exc
         else:  # an embedded local cluster
             ray.init(include_dashboard=False)
+    ended_marker = _job_marker(output)
     context = ray.data.DataContext.get_current()
     original = context.raise_original_map_exception
     context.raise_original_map_exception = True  # a worker's seqlab error reaches the driver as itself
@@ -615,7 +660,7 @@ def _execute(items, model_path, output, job, window, job_attrs, options, store_p
             mapped = _map(ds, concurrency, num_cpus, num_gpus, max_restarts, {
                 "model_path": model_path, "output": output, "job": job, "window": window, "job_attrs": job_attrs,
                 "options": worker_options, "input_store": store_path, "num_threads": max(1, int(num_cpus)),
-                "fault": fault})
+                "fault": fault, "ended_marker": ended_marker})
         if progress is True:
             from tqdm.auto import tqdm
 
@@ -636,7 +681,7 @@ def _execute(items, model_path, output, job, window, job_attrs, options, store_p
     except Exception as exc:  # Ray may wrap the worker's error: raise ours, which names where
         inner = _unwrap(exc)
         failure = exc if inner is None else type(inner)(str(inner))
-        _release_frames(exc)  # the failed tasks' actors end now, not at the next garbage collection
+        _release_frames(exc)  # what the job held goes with the job, not when the caller drops the error
     finally:
         # close the iteration now, not when the garbage collector gets to it (an exception's traceback keeps it
         # alive): that shuts the actor pool down and frees its CPUs for whatever runs next on the cluster
@@ -645,10 +690,12 @@ def _execute(items, model_path, output, job, window, job_attrs, options, store_p
             if close is not None:
                 close()
         finished = batches = mapped = ds = None  # nothing of the job stays reachable from this frame
+        with open(ended_marker, "wb"):  # the job's actors end themselves now (_end_with_the_job)
+            pass
         if failure is not None:
-            # Ray Data's executor, its metadata fetcher and the failed tasks form reference cycles that still hold
-            # the actors' handles; with the frames above cleared nothing live reaches them, so collect them now
-            # (once per failed job, well under a second) rather than at some later garbage collection
+            # Ray Data's executor, its metadata fetcher and the failed tasks form reference cycles (with the job's
+            # blocks and the actors' handles); with the frames above cleared nothing live reaches them, so free them
+            # now (once per failed job, well under a second) rather than at some later garbage collection
             gc.collect()
         context.raise_original_map_exception = original
         if bar is not None:

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 from argparse import Namespace
-from pathlib import Path
 
 import pytest
 
@@ -20,8 +19,6 @@ pytest.importorskip("zarr")
 pytest.importorskip("ray")
 pytest.importorskip("matplotlib")
 pytest.importorskip("PIL")
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def seqlab(*args, cwd, timeout=600):

@@ -309,7 +309,9 @@ def _wait_until_all_cpus_are_free(what: str, seconds: float = 15) -> None:
 @pytest.fixture
 def no_gc():
     """No automatic garbage collection during the test: a handle kept alive only by a reference cycle stays alive,
-    so a leak shows every time instead of when a collection happens not to run (how the bug hid for weeks)."""
+    so a leak shows every time instead of when a collection happens not to run (how the bug hid for weeks). pytest's
+    log capture also keeps Ray Data's error records, with tracebacks that reach the actors' handles, until the test
+    ends: the actors must end anyway (docs/ray-jobs.md)."""
     import gc
 
     gc.disable()
@@ -333,9 +335,10 @@ def test_a_failed_job_releases_its_cpus_at_once(ray_cluster, setup, no_gc):
 @pytest.mark.parametrize("how", ["raise", "corrupt"])
 def test_a_job_that_raised_releases_its_actors_while_its_error_is_held(ray_cluster, setup, no_gc, tmp_path, how):
     """The cause of the old intermittent failure above: a job that failed with an error raised in its worker left
-    that worker's actor alive (and its CPU reserved) for as long as the error was referenced, and then until a
-    garbage collection; the CPU check failed whenever an earlier test's job had failed that way. Both a plain error
-    and a seqlab error (a corrupt chunk, re-raised as CorruptFileError) are checked, with the error held."""
+    its actors alive (and their CPUs reserved) for as long as the error or Ray Data's log record of it was
+    referenced, and then until a garbage collection; the CPU check failed whenever an earlier test's job had failed
+    that way. Both a plain error and a seqlab error (a corrupt chunk, re-raised as CorruptFileError) are checked,
+    with the error held, garbage collection off and pytest keeping the log records."""
     store = setup["store"]
     if how == "corrupt":
         store = tmp_path / "broken.zarr"
