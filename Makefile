@@ -13,7 +13,7 @@ DEMO_ARGS ?=
 # e.g. `make test TEST_WORKERS=0 PYTEST_ARGS="-k ssd"`
 TEST_WORKERS ?= 2
 PYTEST_ARGS ?=
-PYTEST := pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+PYTEST := pytest -n $(TEST_WORKERS) --dist loadgroup --durations=15 $(PYTEST_ARGS)
 
 .PHONY: demo test test-latest lock bench install clean
 

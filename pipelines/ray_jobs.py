@@ -685,13 +685,18 @@ def _execute(items, model_path, output, job, window, job_attrs, options, store_p
     finally:
         # close the iteration now, not when the garbage collector gets to it (an exception's traceback keeps it
         # alive): that shuts the actor pool down and frees its CPUs for whatever runs next on the cluster
-        for it in (finished, batches):
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
-        finished = batches = mapped = ds = None  # nothing of the job stays reachable from this frame
-        with open(ended_marker, "wb"):  # the job's actors end themselves now (_end_with_the_job)
-            pass
+        try:
+            for it in (finished, batches):
+                close = getattr(it, "close", None)
+                if close is not None:
+                    close()
+        finally:
+            finished = batches = mapped = ds = None  # nothing of the job stays reachable from this frame
+            try:
+                with open(ended_marker, "wb"):  # the job's actors end themselves now (_end_with_the_job)
+                    pass
+            except OSError:  # the output folder went away: the actors end when Ray Data lets their handles go
+                pass
         if failure is not None:
             # Ray Data's executor, its metadata fetcher and the failed tasks form reference cycles (with the job's
             # blocks and the actors' handles); with the frames above cleared nothing live reaches them, so free them
