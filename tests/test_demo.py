@@ -20,10 +20,6 @@ pytest.importorskip("ray")
 pytest.importorskip("matplotlib")
 pytest.importorskip("PIL")
 
-# all on one xdist worker: the module's demo run (about 45 s) is a module fixture, made once per worker that runs
-# a test of the module
-pytestmark = pytest.mark.xdist_group("demo")
-
 
 def seqlab(*args, cwd, timeout=600):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # seqlab as installed: the checkout is never put on sys.path
