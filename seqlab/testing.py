@@ -1,5 +1,5 @@
 """Helpers for seqlab's own tests, importable from the installed package (the tests never put the repository root
-or a test folder on ``sys.path``; docs/testing.md): comparison of a fast path against its reference twin, small
+or a test folder on ``sys.path``; docs/development.md): comparison of a fast path against its reference twin, small
 model factories, and the kernel tests' random inputs and memory layouts."""
 
 from __future__ import annotations
