@@ -8,10 +8,9 @@ import torch
 
 from ._triton import triton_available
 from .errors import KernelBackendError, KernelInputError
-from . import selective_scan as _selective_scan_pkg  # noqa: F401 (load it first so the function below keeps the name)
+from . import selective_scan as _selective_scan_pkg  # noqa: F401 (loaded first, so the package re-exports the function, not the subpackage, under this name)
 
 BACKENDS = ("auto", "ref", "torch", "triton")
-
 
 
 def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:

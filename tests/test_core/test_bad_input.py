@@ -5,10 +5,10 @@ import os
 import pytest
 import torch
 
-from seqlab.testing import tiny_config, tiny_lm
 from seqlab import BackboneConfig, LanguageModel, RecurrentState, SequenceModel
 from seqlab.errors import (ConfigError, CorruptFileError, FormatVersionError, InputError, SeqlabError,
                            StateMismatchError)
+from seqlab.testing import tiny_config, tiny_lm
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -4,11 +4,10 @@ by one, continuing from a saved state equals continuing the original run, stops,
 import pytest
 import torch
 
-from seqlab.testing import tiny_lm
 from seqlab import RecurrentState
 from seqlab.errors import InputError, StateError, StateMismatchError
 from seqlab.generate import _filter_logits
-from seqlab.testing import rel_err
+from seqlab.testing import rel_err, tiny_lm
 
 
 @pytest.fixture(scope="module", params=["mamba1", "mamba2"])

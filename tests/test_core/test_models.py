@@ -5,10 +5,9 @@ import copy
 import pytest
 import torch
 
-from seqlab.testing import tiny_config, tiny_lm
 from seqlab import LanguageModel, SequenceModel
 from seqlab.errors import StateError
-from seqlab.testing import rel_err
+from seqlab.testing import rel_err, tiny_config, tiny_lm
 
 
 @pytest.mark.parametrize("ssm", ["mamba1", "mamba2"])

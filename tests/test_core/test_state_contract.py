@@ -5,10 +5,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from seqlab.testing import tiny_lm
-from seqlab.testing import rel_err
 from seqlab import RecurrentState
 from seqlab.errors import StateMismatchError
+from seqlab.testing import rel_err, tiny_lm
 
 SSMS = ["mamba1", "mamba2"]
 HYBRID = dict(ssm="mamba1", n_layer=3, ffn="mlp", d_ffn=24,

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from seqlab.testing import tiny_lm
 from safetensors.torch import load_file
 
 from seqlab.checkpoint import latest_checkpoint
 from seqlab.errors import ConfigError, CorruptFileError, StateMismatchError
+from seqlab.testing import tiny_lm
 from seqlab.train import SequenceSource, TrainConfig, Trainer
 
 HERE = Path(__file__).resolve().parent

@@ -241,11 +241,17 @@ def test_bad_input_is_refused_with_clear_errors(setup, tmp_path):
     assert not (tmp_path / "o7").exists() or SequenceStore(tmp_path / "o7", "r").list() == []
 
 
-def test_corrupt_chunk_names_position_and_leaves_finished_outputs(setup, clean, tmp_path):
+def _with_a_corrupt_chunk(store, tmp_path) -> Path:
+    """A copy of the store at tmp_path/broken.zarr whose sequence 'b' has garbage in chunk 1 (positions 256-511)."""
     broken = tmp_path / "broken.zarr"
-    shutil.copytree(setup["store"], broken)
+    shutil.copytree(store, broken)
     chunk = broken / "b" / "c" / "1"
     chunk.write_bytes(b"\x00garbage" + chunk.read_bytes()[8:])
+    return broken
+
+
+def test_corrupt_chunk_names_position_and_leaves_finished_outputs(setup, clean, tmp_path):
+    broken = _with_a_corrupt_chunk(setup["store"], tmp_path)
     path = tmp_path / "out.zarr"
     score(setup["model_path"], broken, path, names=["a"], window=WINDOW, output_chunk_elements=64)
     before = SequenceStore(path, "r").describe("a")
@@ -339,18 +345,34 @@ def test_a_job_that_raised_releases_its_actors_while_its_error_is_held(ray_clust
     referenced, and then until a garbage collection; the CPU check failed whenever an earlier test's job had failed
     that way. Both a plain error and a seqlab error (a corrupt chunk, re-raised as CorruptFileError) are checked,
     with the error held, garbage collection off and pytest keeping the log records."""
-    store = setup["store"]
-    if how == "corrupt":
-        store = tmp_path / "broken.zarr"
-        shutil.copytree(setup["store"], store)
-        chunk = store / "b" / "c" / "1"
-        chunk.write_bytes(b"\x00garbage" + chunk.read_bytes()[8:])
+    store = _with_a_corrupt_chunk(setup["store"], tmp_path) if how == "corrupt" else setup["store"]
     fault = {"name": "b", "how": "raise", "marker": str(tmp_path / "unused")} if how == "raise" else None
     with pytest.raises(CorruptFileError if how == "corrupt" else Exception) as caught:
         score(setup["model_path"], store, tmp_path / "out.zarr", window=WINDOW, concurrency=2,
               output_chunk_elements=64, _fault=fault)
     _wait_until_all_cpus_are_free(f"a job that failed with {type(caught.value).__name__}")
     assert ("injected failure" if how == "raise" else "chunk 1") in str(caught.value)
+
+
+def test_each_run_gets_a_fresh_end_marker_and_old_ones_are_removed(tmp_path):
+    """The end markers of job runs (the actors' signal to end, _end_with_the_job) live in _staging/_jobs: a run gets a
+    new one, markers old enough for every actor to have seen them are removed, recent ones are left for their actors,
+    and the folder holds no zarr array (the staging store's listing does not change)."""
+    import os
+    import time
+
+    out = tmp_path / "out.zarr"
+    SequenceStore(out / ray_jobs.STAGING, "w")
+    first = ray_jobs._job_marker(str(out))
+    Path(first).touch()
+    old = Path(first).with_name("old.ended")
+    old.touch()
+    long_ago = time.time() - 61 * ray_jobs.ENDED_POLL_SECONDS
+    os.utime(old, (long_ago, long_ago))
+    second = ray_jobs._job_marker(str(out))
+    assert second != first and Path(second).parent == Path(first).parent == out / ray_jobs.STAGING / ray_jobs.JOBS_DIR
+    assert Path(first).exists() and not old.exists() and not Path(second).exists()
+    assert SequenceStore(out / ray_jobs.STAGING, "r").list() == []
 
 
 def _live_actors() -> list:
