@@ -260,13 +260,33 @@ class TokenAdapter(Adapter):
     def uniform_baseline(self) -> float | None:
         return math.log2(self.input_spec.vocab_size)
 
+    #: ids that ``decode`` drops or cannot show (padding, masks, framing); generation never samples them
+    #: unless asked to (``generation_options(allow_specials=True)``)
+    special_ids: ClassVar[tuple[int, ...]] = ()
+    #: the id that ends a generated sequence (it is kept in the output and stops the row), or None
+    eos_id: ClassVar[int | None] = None
+
+    def generation_options(self, allow_specials: bool = False) -> dict[str, Any]:
+        """Keyword arguments for ``generate`` that keep its output decodable by this adapter:
+        ``suppress_tokens`` (the special ids, never sampled) and ``eos_token_id`` (stops a row). With
+        ``allow_specials=True`` every id may be sampled, and the end token still stops the row."""
+        options: dict[str, Any] = {}
+        suppressed = [i for i in self.special_ids if i != self.eos_id]
+        if suppressed and not allow_specials:
+            options["suppress_tokens"] = suppressed
+        if self.eos_id is not None:
+            options["eos_token_id"] = self.eos_id
+        return options
+
     def check_ids(self, ids: torch.Tensor, where: str = "ids") -> torch.Tensor:
-        """Refuse ids outside the vocabulary, naming the first bad position."""
+        """Refuse ids outside the vocabulary, naming the first bad position. Any integer dtype is accepted
+        (stores hold bytes and bases as uint8); the check runs in int64, so it cannot overflow."""
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise InputError(f"{where}: token ids must be an integer tensor, got dtype {ids.dtype}")
         vocab = self.input_spec.vocab_size
-        bad = (ids < 0) | (ids >= vocab)
+        wide = ids.to(torch.int64) if ids.dtype != torch.int64 else ids
+        bad = (wide < 0) | (wide >= vocab)
         if bool(bad.any()):
             first = tuple(int(i) for i in bad.nonzero()[0])
-            raise InputError(f"{where}: id {int(ids[first])} at position {first} is outside [0, {vocab})")
+            raise InputError(f"{where}: id {int(wide[first])} at position {first} is outside [0, {vocab})")
         return ids
