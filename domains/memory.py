@@ -362,6 +362,10 @@ class MemoryStreamAdapter(TokenAdapter):
     name = "memory"
     metric_name = "bits_per_byte"
     stop_tokens = (END,)  # ``model.generate(..., stop=adapter.stop_tokens)`` ends a reply with its event
+    # a reply is the content of one event: the framing markers and the reserved bytes 0xFA..0xFF are never
+    # sampled (they would end the content early or make the stream undecodable), and 0xF9 ends the reply
+    special_ids = tuple(range(EVENT, 0x100))
+    eos_id = END
 
     def settings(self) -> dict[str, Any]:
         return {}

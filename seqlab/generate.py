@@ -68,6 +68,27 @@ def _as_stops(stop) -> list[tuple[int, ...]]:
     return out
 
 
+def _as_ids(value, name: str, vocab: int) -> list[int]:
+    """An int or a sequence of ints, each in [0, vocab) (``suppress_tokens``, ``eos_token_id``)."""
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor) and not (value.dtype.is_floating_point or value.dtype == torch.bool):
+        items = value.reshape(-1).tolist()
+    elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        items = [value]
+    elif isinstance(value, (list, tuple, range)):
+        items = list(value)
+    else:
+        raise InputError(f"{name} must be a token id or a list of token ids, got {value!r}")
+    ids = [int(i) for i in items if isinstance(i, numbers.Integral) and not isinstance(i, bool)]
+    if len(ids) != len(items):
+        raise InputError(f"{name} must be a token id or a list of token ids, got {value!r}")
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise InputError(f"{name}: id {bad[0]} is outside the vocabulary [0, {vocab})")
+    return ids
+
+
 def _check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -126,6 +147,7 @@ def _initial_states(model, state, n_prompts: int) -> list[RecurrentState | None]
 def generate(model, prompts, max_new_tokens: int = 64, *, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, min_p: float | None = None, repetition_penalty: float = 1.0,
              seed: int | None = None, stop=None, state: RecurrentState | None = None,
+             suppress_tokens=None, eos_token_id=None,
              callback: Callable[[int, int], None] | None = None) -> GenerationOutput:
     """Continue each prompt by up to ``max_new_tokens`` tokens.
 
@@ -133,8 +155,11 @@ def generate(model, prompts, max_new_tokens: int = 64, *, temperature: float = 1
     lengths. ``temperature=0`` is greedy. Sampling row i draws from its own generator seeded ``seed + i``, so
     a batch samples exactly what the prompts would one by one with those seeds (``seed=None``: fresh random).
     ``stop``: token ids or id sequences; a row stops after generating one. ``state``: continue from it (a
-    batch of 1 for every prompt, or one row per prompt). ``callback(row, token)`` is called for every token
-    as it is generated.
+    batch of 1 for every prompt, or one row per prompt). ``suppress_tokens``: ids that are never generated
+    (their logits are set to -inf before any other filter). ``eos_token_id``: an id (or ids) that ends a row,
+    like a one-token stop sequence (kept in the output, stop reason "stop"). An adapter gives both for its
+    vocabulary: ``generate(model, ids, **adapter.generation_options())`` generates only what the adapter can
+    decode and stops at its end token. ``callback(row, token)`` is called for every token as it is generated.
     """
     if model.config.bidirectional:
         raise StateError("bidirectional models see the whole sequence at once and cannot generate token by token")
@@ -158,6 +183,11 @@ def generate(model, prompts, max_new_tokens: int = 64, *, temperature: float = 1
                             for i, layer in enumerate(row_states[0].layers)], 0, row_states[0].fingerprint)
     logits = torch.cat(last_logits)
     vocab = logits.shape[-1]
+    suppressed = _as_ids(suppress_tokens, "suppress_tokens", vocab)
+    stops += [(i,) for i in _as_ids(eos_token_id, "eos_token_id", vocab)]
+    if len(set(suppressed)) >= vocab:
+        raise InputError(f"suppress_tokens covers the whole vocabulary ({vocab} ids): nothing is left to generate")
+    banned = torch.tensor(sorted(set(suppressed)), dtype=torch.long, device=logits.device) if suppressed else None
     seen = None
     if repetition_penalty != 1.0:
         seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=logits.device)
@@ -171,6 +201,8 @@ def generate(model, prompts, max_new_tokens: int = 64, *, temperature: float = 1
     for _ in range(max_new_tokens):
         if not active:
             break
+        if banned is not None:
+            logits = logits.index_fill(-1, banned, float("-inf"))
         filtered = _filter_logits(logits, None if seen is None else seen[active], temperature, top_k, top_p,
                                   min_p, repetition_penalty)
         if temperature == 0:

@@ -112,7 +112,8 @@ class LanguageModel(_Model):
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden.to(self.lm_head.weight.dtype))
 
-    def _check_ids(self, input_ids, expect_dim: int) -> None:
+    def _check_ids(self, input_ids, expect_dim: int) -> torch.Tensor:
+        """The ids as int64 (what the embedding takes), after checking type, shape and vocabulary range."""
         if not isinstance(input_ids, torch.Tensor):
             raise InputError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
         if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
@@ -122,17 +123,21 @@ class LanguageModel(_Model):
             raise InputError(f"input_ids must have shape {layout}, got {tuple(input_ids.shape)}")
         if input_ids.numel() == 0:
             raise InputError(f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one token")
-        bad = (input_ids < 0) | (input_ids >= self.vocab_size)
+        # every integer dtype a store can hold (uint8 bytes and bases, int16, uint32, ...) is checked in int64, so
+        # a comparison with the vocabulary size cannot wrap around (256 is 0 in uint8)
+        wide = input_ids.to(torch.int64)
+        bad = (wide < 0) | (wide >= self.vocab_size)
         if bool(bad.any()):
             where = tuple(int(i) for i in bad.nonzero()[0])
             raise InputError(
-                f"input_ids[{', '.join(map(str, where))}] = {int(input_ids[where])} is outside the vocabulary "
+                f"input_ids[{', '.join(map(str, where))}] = {int(wide[where])} is outside the vocabulary "
                 f"[0, {self.vocab_size})"
             )
+        return wide
 
     def forward(self, input_ids: torch.Tensor, state: RecurrentState | None = None,
                 return_state: bool = True) -> ModelOutput:
-        self._check_ids(input_ids, 2)
+        input_ids = self._check_ids(input_ids, 2)
         return self._run(self.embeddings(input_ids), state, return_state)
 
     def generate(self, prompts, max_new_tokens: int = 64, **options):
@@ -145,7 +150,7 @@ class LanguageModel(_Model):
         """One token per sequence: ids (b,) or (b, 1); logits (b, vocab)."""
         if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[1] == 1:
             input_ids = input_ids[:, 0]
-        self._check_ids(input_ids, 1)
+        input_ids = self._check_ids(input_ids, 1)
         return self._run_step(self.embeddings(input_ids), state)
 
 
