@@ -117,6 +117,9 @@ class DNAAdapter(TokenAdapter):
     name: ClassVar[str] = "dna"
     metric_name: ClassVar[str] = "bits_per_base"
     vocab: ClassVar[tuple[str, ...]] = VOCAB
+    # generation samples bases only (decode drops the specials) and stops at <eos>
+    special_ids: ClassVar[tuple[int, ...]] = SPECIALS
+    eos_id: ClassVar[int | None] = EOS
 
     def __init__(self, iupac: str = "n", invalid: str = "error", lowercase: str = "upper",
                  add_bos_eos: bool = False) -> None:
@@ -602,7 +605,7 @@ class RCEquivariantLM(nn.Module):
             raise StateError("an RC-equivariant model sees both strands of the whole sequence and has no streaming "
                              "state: call it with state=None")
         lm = self.model
-        lm._check_ids(input_ids, 2)
+        input_ids = lm._check_ids(input_ids, 2)
         both_ids = torch.cat([input_ids, self._rc_ids(input_ids)], 0)
         if self.mode == "conjoin":
             out = lm(both_ids, None, return_state=False)
