@@ -51,6 +51,8 @@ def _as_prompts(prompts) -> list[torch.Tensor]:
     else:
         raise InputError("prompts must be token ids: a tensor, a list of ints, or a list of such lists")
     for i, row in enumerate(rows):
+        if row.dtype.is_floating_point or row.dtype.is_complex or row.dtype == torch.bool:
+            raise InputError(f"prompt {i}: token ids must be integers, got dtype {row.dtype}")
         if row.dim() != 1 or row.numel() == 0:
             raise InputError(f"prompt {i} is empty or not 1-D (shape {tuple(row.shape)}): give at least one token")
     return [row.long() for row in rows]

@@ -66,10 +66,12 @@ def test_eos_token_ends_a_row_and_is_kept(lm):
     (dict(eos_token_id=-1), "eos_token_id: id -1 is outside"),
     (dict(eos_token_id=True), "eos_token_id must be"),
     (dict(suppress_tokens=list(range(32))), "whole vocabulary"),
+    (dict(prompts=torch.tensor([1.7, 2.2])), "prompt 0: token ids must be integers"),
 ])
 def test_bad_suppress_and_eos_arguments(lm, kwargs, message):
+    kwargs.setdefault("prompts", [[1]])
     with pytest.raises(InputError, match=message):
-        lm.generate([[1]], 2, **kwargs)
+        lm.generate(max_new_tokens=2, **kwargs)
 
 
 def test_dna_generation_samples_bases_only_and_stops_at_eos():
