@@ -4,27 +4,114 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
+import time
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+#: a temp file whose writer pid is gone is removed at once; one with no pid in its name (older seqlab) or whose
+#: pid lives on (perhaps reused) only once it is this old
+STALE_AFTER_S = 24 * 3600.0
+OLD_STYLE_STALE_AFTER_S = 60.0
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask would, for a moment, for every thread)."""
+    try:
+        with open("/proc/self/status", "rb") as handle:
+            for line in handle:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)  # pragma: no cover - no /proc: the classic read-and-restore
+    os.umask(old)
+    return old
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not ours to judge
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's) or cannot tell: keep
+    return True
+
+
+def _temp_pattern(name: str) -> re.Pattern:
+    """Temp files of target ``name``: ``.{name}.{pid}.{8 chars}.tmp`` (and ``.{name}.{8 chars}.tmp`` of older
+    seqlab versions). No other target's temp files match: the middle holds exactly one dot or none."""
+    return re.compile(re.escape(f".{name}.") + r"(?:(\d+)\.)?([A-Za-z0-9_]{8})\.tmp")
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove temp files left by interrupted ``atomic_write_bytes`` calls for ``path`` (a killed writer).
+
+    Only temp files of this very target are touched, and only those no live writer holds: the writer's pid
+    (part of the name) is dead, or the file is older than ``STALE_AFTER_S``. Returns what was removed."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    pattern = _temp_pattern(path.name)
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None:
+            continue
+        try:
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+            if not entry.is_file(follow_symlinks=False):
+                continue
+        except OSError:
+            continue
+        pid = match.group(1)
+        if pid is None:
+            stale = age > OLD_STYLE_STALE_AFTER_S
+        else:
+            stale = age > STALE_AFTER_S or (int(pid) != os.getpid() and not _pid_alive(int(pid)))
+        if stale:
+            try:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+            except OSError:
+                pass  # removed by another writer meanwhile, or not ours to remove
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` so that a crash leaves either the old file whole or the new one whole.
 
-    The bytes go to a temporary file in the same folder (same filesystem, so the rename is atomic), are
-    fsynced, then renamed over ``path``; the folder is fsynced so the rename itself survives a power cut.
-    On any failure the temporary file is removed and the old file is untouched.
+    The bytes go to a temporary file ``.{name}.{pid}.{random}.tmp`` in the same folder (same filesystem, so
+    the rename is atomic), are fsynced, then renamed over ``path``; the folder is fsynced so the rename itself
+    survives a power cut. On any failure the temporary file is removed and the old file is untouched; temp
+    files of earlier writers that were killed (kill -9, power cut) are removed by the next write to ``path``.
+    The file gets the mode a plain ``open(path, "wb")`` would give it: an existing file's mode, else
+    ``0o666 & ~umask``.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise FileNotFoundError(f"cannot write {path}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    remove_stale_temps(path)
+    try:
+        mode = os.stat(path).st_mode & 0o777
+    except OSError:
+        mode = 0o666 & ~_umask()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -52,8 +139,10 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.close(dir_fd)
 
 
-def tensors_checksum(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+def tensors_checksum(tensors: Iterable[tuple[str, "torch.Tensor"]]) -> str:
     """SHA-256 over names, dtypes, shapes and raw bytes, in the order given (callers sort the names)."""
+    import torch
+
     digest = hashlib.sha256()
     for name, tensor in tensors:
         t = tensor.detach().to("cpu").contiguous()
