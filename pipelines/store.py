@@ -27,7 +27,9 @@ import json
 import math
 import os
 import re
+import shutil
 import warnings
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -38,17 +40,28 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from seqlab.errors import ConfigError, CorruptFileError, InputError
+from seqlab.errors import ConfigError, CorruptFileError, FormatVersionError, InputError, SeqlabError
 
 STORE_FORMAT = "seqlab.sequence_store"
 STORE_VERSION = 1
-SEQUENCE_VERSION = 1
+SEQUENCE_VERSION = 2  # 2: the seqlab attrs carry a checksum (seqlab_check); 1 is still read
 DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024
 DEFAULT_INGEST_WINDOW = 1 << 20
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+#: the group holding sequences an ingest is replacing until their source file is verified (never a sequence name)
+STAGING = "_seqlab_staging"
+#: the smallest chunk ``chunk_bytes`` may ask for (smaller chunks mean thousands of tiny files and slow reads)
+MIN_CHUNK_BYTES = 1024
+#: the largest chunk (a chunk is decoded whole in memory)
+MAX_CHUNK_BYTES = 1 << 30
+#: the largest ``window`` / ``chunk_elements``
+MAX_ELEMENTS = 1 << 30
+#: the most chunks per shard file
+MAX_SHARD_CHUNKS = 1 << 16
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
+    "DamagedSequenceWarning",
     "IngestProgress",
     "IngestResult",
     "SequenceInfo",
@@ -83,6 +96,42 @@ def _check_name(name) -> str:
         raise InputError(f"sequence name {name!r} is not valid: use letters, digits, '.', '_', '-' (first a letter "
                          "or digit, at most 200); seqlab.pipelines.store.sequence_name(text) makes one")
     return name
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+#: the attrs ``seqlab_check`` covers (others, e.g. a job's, may be added without it)
+_CHECKED = ("seqlab_sequence", "domain", "adapter", "kind", "vocab_size", "source", "record", "length", "complete",
+            "created", "updated")
+
+
+def _attrs_check(attrs: dict) -> str:
+    """CRC32 of the seqlab attrs: a bit flip that leaves zarr.json valid JSON still shows."""
+    core = json.dumps({k: attrs.get(k) for k in _CHECKED}, sort_keys=True, separators=(",", ":"), default=str)
+    return f"crc32:{zlib.crc32(core.encode()):08x}"
+
+
+def _update_attrs(array, updates: dict) -> None:
+    """Update seqlab attrs of a sequence array and their checksum, in one metadata write."""
+    merged = {**dict(array.attrs), **updates}
+    array.update_attributes({**updates, "seqlab_check": _attrs_check(merged)})
+
+
+def _check_chunk_bytes(value) -> None:
+    if not _is_int(value) or not MIN_CHUNK_BYTES <= value <= MAX_CHUNK_BYTES:
+        raise ConfigError(f"chunk_bytes must be an int in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}], got {value!r} "
+                          "(about 1-4 MB reads well)")
+
+
+def _check_shard_chunks(value) -> None:
+    if value is not None and (not _is_int(value) or not 1 <= value <= MAX_SHARD_CHUNKS):
+        raise ConfigError(f"shard_chunks must be None or an int in [1, {MAX_SHARD_CHUNKS}], got {value!r}")
+
+
+class DamagedSequenceWarning(UserWarning):
+    """``SequenceStore.list`` left out sequences whose metadata cannot be read (``SequenceStore.damaged()``)."""
 
 
 def _token_dtype(vocab_size: int) -> np.dtype:
@@ -171,13 +220,12 @@ class SequenceStore:
 
         if mode not in ("r", "a", "w"):
             raise ConfigError(f"SequenceStore mode must be 'r', 'a' or 'w', got {mode!r}")
-        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
-            raise ConfigError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
-        if shard_chunks is not None and (isinstance(shard_chunks, bool) or not isinstance(shard_chunks, int)
-                                         or shard_chunks < 1):
-            raise ConfigError(f"shard_chunks must be a positive int or None, got {shard_chunks!r}")
+        _check_chunk_bytes(chunk_bytes)
+        _check_shard_chunks(shard_chunks)
         if compression not in ("zstd", None):
             raise ConfigError(f"compression must be 'zstd' or None, got {compression!r}")
+        if not _is_int(compression_level) or not 1 <= compression_level <= 22:
+            raise ConfigError(f"compression_level must be an int in [1, 22] (zstd levels), got {compression_level!r}")
         self.chunk_bytes, self.shard_chunks = chunk_bytes, shard_chunks
         self.compression, self.compression_level = compression, int(compression_level)
         self.mode = mode
@@ -212,17 +260,25 @@ class SequenceStore:
                 self.group = zarr.open_group(store, mode="r", storage_options=storage_options)
         except (FileNotFoundError, KeyError) as exc:
             raise InputError(f"sequence store {self.where} does not exist or cannot be opened: {exc}") from None
-        except (json.JSONDecodeError, ValueError, TypeError) as exc:
-            if isinstance(exc, InputError):
-                raise
-            raise CorruptFileError(f"sequence store {self.where}: group metadata is unreadable: {exc}") from None
-        marker = self.group.attrs.get("seqlab_store")
+        except (SeqlabError, OSError):
+            raise  # PermissionError and the like: the CLI names them
+        except Exception as exc:  # noqa: BLE001 - zarr raises many kinds (JSON, validation, TypeError ...)
+            raise CorruptFileError(f"sequence store {self.where}: {self.where}/zarr.json: group metadata is "
+                                   f"unreadable: {type(exc).__name__}: {exc}") from None
+        try:
+            marker = self.group.attrs.get("seqlab_store")
+        except Exception as exc:  # noqa: BLE001
+            raise CorruptFileError(f"sequence store {self.where}: {self.where}/zarr.json: attributes are unreadable: "
+                                   f"{type(exc).__name__}: {exc}") from None
         if not isinstance(marker, dict) or marker.get("format") != STORE_FORMAT:
             raise InputError(f"{self.where} is a Zarr group but not a seqlab sequence store "
-                             "(no attrs['seqlab_store'])")
-        if int(marker.get("version", 0)) > STORE_VERSION:
-            from seqlab.errors import FormatVersionError
-            raise FormatVersionError(f"sequence store {self.where} has format version {marker.get('version')}, "
+                             f"(no attrs['seqlab_store'] in {self.where}/zarr.json)")
+        version = marker.get("version")
+        if not _is_int(version) or version < 1:
+            raise CorruptFileError(f"sequence store {self.where}: {self.where}/zarr.json: attrs['seqlab_store']"
+                                   f"['version'] is {version!r}, not a format version")
+        if version > STORE_VERSION:
+            raise FormatVersionError(f"sequence store {self.where} has format version {version}, "
                                      f"this seqlab reads up to {STORE_VERSION}")
 
     @staticmethod
@@ -236,21 +292,83 @@ class SequenceStore:
         if self.mode == "r":
             raise InputError(f"sequence store {self.where} was opened read-only (mode='r')")
 
+    # -- raw keys --------------------------------------------------------------------------------------
+    def _key(self, *parts: str) -> str:
+        return "/".join(p for p in (self.group.store_path.path, *parts) if p)
+
+    def _get_bytes(self, *parts: str) -> bytes | None:
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+
+        try:
+            buffer = sync(self.group.store_path.store.get(self._key(*parts), prototype=default_buffer_prototype()))
+        except (IsADirectoryError, NotADirectoryError):
+            return None
+        return None if buffer is None else buffer.to_bytes()
+
+    def _children(self) -> list[str]:
+        from zarr.core.sync import sync
+
+        store, prefix = self.group.store_path.store, self._key()
+
+        async def collect():
+            return [child async for child in store.list_dir(prefix)]
+
+        return sorted(set(sync(collect())))
+
+    def metadata_file(self, name: str | None = None) -> str:
+        """Where the metadata of a sequence (or, without a name, of the store) lives."""
+        return f"{self.where}/{name}/zarr.json" if name else f"{self.where}/zarr.json"
+
+    def _node_type(self, name: str) -> str | None:
+        """``"array"``, ``"group"``, ``"damaged"`` (metadata that is not a JSON node description) or None (no
+        metadata: not a node, e.g. a folder left by a writer killed before its first metadata write)."""
+        raw = self._get_bytes(name, "zarr.json")
+        if raw is None:
+            return None
+        try:
+            meta = json.loads(raw)
+        except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, absurd nesting
+            return "damaged"
+        kind = meta.get("node_type") if isinstance(meta, dict) else None
+        return kind if kind in ("array", "group") else "damaged"
+
     # -- listing -----------------------------------------------------------------------------------------
     def _member_names(self) -> Iterator[str]:
-        with warnings.catch_warnings():  # a folder left by a writer killed before its zarr.json: not a member
-            warnings.simplefilter("ignore")
-            yield from self.group.array_keys()
+        """Names of the sequences, healthy or damaged (not validated)."""
+        for child in self._children():
+            if _NAME.match(child) and self._node_type(child) in ("array", "damaged"):
+                yield child
+
+    def _scan(self) -> tuple[dict[str, SequenceInfo], dict[str, str]]:
+        healthy, damaged = {}, {}
+        for name in self._member_names():
+            try:
+                healthy[name] = self.describe(name)
+            except (CorruptFileError, InputError) as exc:
+                damaged[name] = str(exc)
+        return healthy, damaged
 
     def list(self, incomplete: bool = True) -> list[str]:
-        """Sorted sequence names; ``incomplete=False`` leaves out sequences whose writer has not finished."""
-        names = sorted(self._member_names())
-        if incomplete:
-            return names
-        return [n for n in names if self.describe(n).complete]
+        """Sorted sequence names; ``incomplete=False`` leaves out sequences whose writer has not finished.
+
+        Sequences whose metadata is damaged are left out with a ``DamagedSequenceWarning`` naming them;
+        ``damaged()`` says what is wrong with each."""
+        healthy, damaged = self._scan()
+        if damaged:
+            warnings.warn(f"sequence store {self.where}: {len(damaged)} damaged sequence(s) left out of the list: "
+                          f"{', '.join(sorted(damaged))} (SequenceStore.damaged() says why)",
+                          DamagedSequenceWarning, stacklevel=2)
+        return sorted(n for n, info in healthy.items() if incomplete or info.complete)
+
+    def damaged(self) -> dict[str, str]:
+        """``{name: what is wrong}`` for every sequence whose metadata cannot be read (``list`` leaves them out;
+        ``describe``/``read`` raise CorruptFileError naming the file; ``delete`` removes them)."""
+        return self._scan()[1]
 
     def __contains__(self, name: str) -> bool:
-        return name in set(self._member_names())
+        """True when a sequence of that name is stored (damaged or not)."""
+        return isinstance(name, str) and bool(_NAME.match(name)) and self._node_type(name) in ("array", "damaged")
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.list())
@@ -262,15 +380,23 @@ class SequenceStore:
         import zarr
 
         _check_name(name)
+        node_type = self._node_type(name)
+        if node_type is None:
+            held = sorted(self._member_names())
+            shown = ", ".join(held[:10]) + (f", ... ({len(held)} in all)" if len(held) > 10 else "")
+            raise InputError(f"sequence store {self.where} has no sequence {name!r} (it holds: {shown or 'none'})")
+        if node_type == "group":
+            raise InputError(f"sequence store {self.where}: {name!r} is a group, not a sequence")
+        file = self.metadata_file(name)
+        if node_type == "damaged":
+            raise CorruptFileError(f"sequence store {self.where}: sequence {name!r}: metadata is unreadable: {file} "
+                                   "is not a JSON array description (empty, cut short or altered): ingest it "
+                                   "again with overwrite=True (seqlab ingest --overwrite), or delete it "
+                                   "(SequenceStore.delete)")
         try:
             node = self.group[name]
-        except KeyError:
-            held = self.list()
-            shown = ", ".join(held[:10]) + (f", ... ({len(held)} in all)" if len(held) > 10 else "")
-            raise InputError(f"sequence store {self.where} has no sequence {name!r} (it holds: {shown or 'none'})") \
-                from None
         except Exception as exc:  # noqa: BLE001 - zarr raises many kinds for a damaged zarr.json
-            raise CorruptFileError(f"sequence store {self.where}: sequence {name!r}: metadata is unreadable: "
+            raise CorruptFileError(f"sequence store {self.where}: sequence {name!r}: metadata is unreadable: {file}: "
                                    f"{type(exc).__name__}: {exc}") from None
         if not isinstance(node, zarr.Array):
             raise InputError(f"sequence store {self.where}: {name!r} is a group, not a sequence")
@@ -280,28 +406,138 @@ class SequenceStore:
         return self._info(name, self._array(name))
 
     def _info(self, name: str, array) -> SequenceInfo:
-        attrs = dict(array.attrs)
+        file = self.metadata_file(name)
+        where = f"sequence store {self.where}: sequence {name!r}: {file}"
+        try:
+            attrs = dict(array.attrs)
+            shape, chunks = tuple(int(n) for n in array.shape), tuple(int(n) for n in array.chunks)
+            dtype = np.dtype(array.dtype)
+            shards = getattr(array, "shards", None)
+        except Exception as exc:  # noqa: BLE001
+            raise CorruptFileError(f"sequence store {self.where}: sequence {name!r}: metadata is unreadable: {file}: "
+                                   f"{type(exc).__name__}: {exc}") from None
         if "seqlab_sequence" not in attrs or "length" not in attrs:
             raise CorruptFileError(f"sequence store {self.where}: {name!r} is a Zarr array without seqlab "
-                                   "sequence attrs (length, complete, ...)")
-        length = int(attrs["length"])
-        if length > array.shape[0]:
+                                   f"sequence attrs (length, complete, ...) in {file}")
+
+        def bad(attr: str, what: str) -> CorruptFileError:
+            return CorruptFileError(f"{where}: attr {attr!r} is {attrs.get(attr)!r}, {what}")
+
+        version = attrs["seqlab_sequence"]
+        if not _is_int(version) or version < 1:
+            raise bad("seqlab_sequence", "not a format version")
+        if version > SEQUENCE_VERSION:
+            raise FormatVersionError(f"{where}: sequence format version {version}, this seqlab reads up to "
+                                     f"{SEQUENCE_VERSION}")
+        if version >= 2 or "seqlab_check" in attrs:
+            if attrs.get("seqlab_check") != _attrs_check(attrs):
+                raise CorruptFileError(f"{where}: the seqlab attrs do not match their checksum (seqlab_check "
+                                       f"{attrs.get('seqlab_check')!r}): the file was damaged or edited")
+        length = attrs["length"]
+        if not _is_int(length) or length < 0:
+            raise bad("length", "not a count of elements")
+        if not shape:
+            raise CorruptFileError(f"{where}: the array is 0-dimensional, not a sequence")
+        if length > shape[0]:
             raise CorruptFileError(f"sequence store {self.where}: sequence {name!r} records length {length} but its "
-                                   f"array holds only {array.shape[0]} elements")
-        shards = getattr(array, "shards", None)
+                                   f"array holds only {shape[0]} elements ({file})")
+        if not isinstance(attrs.get("complete"), bool):
+            raise bad("complete", "not true or false")
+        kind = attrs.get("kind")
+        if kind not in ("tokens", "continuous"):
+            raise bad("kind", "not 'tokens' or 'continuous'")
+        if dtype.kind not in ("iu" if kind == "tokens" else "f"):
+            raise CorruptFileError(f"{where}: a {kind} sequence stored as {dtype}")
+        vocab = attrs.get("vocab_size")
+        if vocab is not None and (not _is_int(vocab) or vocab < 1):
+            raise bad("vocab_size", "not a vocabulary size")
+        adapter = attrs.get("adapter")
+        if adapter is not None and not (isinstance(adapter, dict) and isinstance(adapter.get("name"), str)):
+            raise bad("adapter", "not an adapter description ({'name', 'settings'})")
+        for attr in ("domain", "record", "created", "updated"):
+            if attrs.get(attr) is not None and not isinstance(attrs[attr], str):
+                raise bad(attr, "not a string")
+        if attrs.get("source") is not None and not isinstance(attrs["source"], dict):
+            raise bad("source", "not a file description")
         return SequenceInfo(
-            name=name, length=length, complete=bool(attrs.get("complete")), kind=str(attrs.get("kind")),
-            dtype=str(array.dtype), frame_shape=tuple(int(s) for s in array.shape[1:]),
-            chunk_elements=int(array.chunks[0]), shard_elements=int(shards[0]) if shards else None,
-            domain=attrs.get("domain"), adapter=attrs.get("adapter"), vocab_size=attrs.get("vocab_size"),
+            name=name, length=int(length), complete=attrs["complete"], kind=kind,
+            dtype=str(dtype), frame_shape=shape[1:],
+            chunk_elements=chunks[0], shard_elements=int(shards[0]) if shards else None,
+            domain=attrs.get("domain"), adapter=adapter, vocab_size=vocab,
             source=attrs.get("source"), record=attrs.get("record"), created=attrs.get("created"),
             updated=attrs.get("updated"), attrs=attrs)
 
     def delete(self, name: str) -> None:
-        """Remove a sequence and all its chunks."""
+        """Remove a sequence and all its chunks (a damaged one too)."""
         self._writable()
-        self._array(name)
-        del self.group[name]
+        if name not in self:
+            self._array(name)  # the InputError naming what the store holds
+        self._delete_node(name)
+
+    def _delete_node(self, name: str) -> None:
+        from zarr.core.sync import sync
+
+        sync(self.group.store_path.store.delete_dir(self._key(name)))
+
+    # -- staged replacements (ingest) --------------------------------------------------------------------
+    def _staging(self) -> SequenceStore:
+        """The same store rooted at its staging group, where ``ingest`` writes a replacement of a sequence
+        until its source file is verified (the group's name is not a sequence name: never listed)."""
+        sub = object.__new__(SequenceStore)
+        sub.__dict__.update(self.__dict__)
+        sub.group = self.group.require_group(STAGING)
+        sub.where = f"{self.where}/{STAGING}"
+        return sub
+
+    def _local_dir(self, *parts: str) -> Path | None:
+        from zarr.storage import LocalStore
+
+        store = self.group.store_path.store
+        return Path(store.root, self._key(*parts)) if isinstance(store, LocalStore) else None
+
+    def _swap_in(self, staging: SequenceStore, name: str) -> None:
+        """Put the staged (verified, complete) sequence ``name`` in place of the stored one.
+
+        Local stores: two renames (the old folder aside, the new one in), then the old one is removed; a kill
+        between them leaves the old one in the staging group, put back by the next ingest of that name.
+        Other stores: the old keys are deleted and the new ones copied, metadata last."""
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+
+        final, staged = self._local_dir(name), staging._local_dir(name)
+        if final is not None and staged is not None:
+            aside = staging._local_dir(f"{name}.replaced")
+            if aside.exists():
+                shutil.rmtree(aside)
+            had = final.exists()
+            if had:
+                os.rename(final, aside)
+            os.rename(staged, final)
+            if had:
+                shutil.rmtree(aside, ignore_errors=True)
+            return
+        store = self.group.store_path.store
+        source_prefix = staging._key(name) + "/"
+
+        async def keys():
+            return [key async for key in store.list_prefix(source_prefix)]
+
+        found = sorted(sync(keys()), key=lambda key: key.endswith("zarr.json"))  # metadata last
+        if name in self:
+            self._delete_node(name)
+        for key in found:
+            data = sync(store.get(key, prototype=default_buffer_prototype()))
+            sync(store.set(self._key(name, key[len(source_prefix):]), data))
+        staging._delete_node(name)
+
+    def _recover(self, name: str) -> None:
+        """Put back a sequence left aside by an ingest killed in the middle of ``_swap_in`` (local stores)."""
+        final = self._local_dir(name)
+        if final is None or final.exists() or not self._local_dir(STAGING).is_dir():
+            return
+        aside = self._local_dir(STAGING, f"{name}.replaced")
+        if aside.is_dir():
+            os.rename(aside, final)
 
     # -- reading -----------------------------------------------------------------------------------------
     def reader(self, name: str, allow_incomplete: bool = False, cache_chunks: int = 2) -> SequenceReader:
@@ -324,15 +560,19 @@ class SequenceStore:
     # -- writing -----------------------------------------------------------------------------------------
     def _layout(self, dtype: np.dtype, frame_shape: tuple[int, ...], chunk_elements: int | None,
                 chunk_bytes: int | None, shard_chunks: int | None) -> tuple[int, int | None]:
+        per = max(dtype.itemsize * math.prod(frame_shape), 1)
         if chunk_elements is None:
-            per = dtype.itemsize * math.prod(frame_shape)
-            chunk_elements = max(1, (chunk_bytes or self.chunk_bytes) // max(per, 1))
-        elif isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) or chunk_elements < 1:
-            raise ConfigError(f"chunk_elements must be a positive int, got {chunk_elements!r}")
+            if chunk_bytes is not None:
+                _check_chunk_bytes(chunk_bytes)
+            chunk_elements = max(1, (chunk_bytes or self.chunk_bytes) // per)
+        elif not _is_int(chunk_elements) or not 1 <= chunk_elements <= MAX_ELEMENTS:
+            raise ConfigError(f"chunk_elements must be an int in [1, {MAX_ELEMENTS}], got {chunk_elements!r}")
+        chunk_elements = int(chunk_elements)
+        if chunk_elements * per > MAX_CHUNK_BYTES:
+            raise ConfigError(f"chunk_elements={chunk_elements} of {per} bytes each make chunks over "
+                              f"{MAX_CHUNK_BYTES} bytes (a chunk is decoded whole in memory)")
         shard_chunks = self.shard_chunks if shard_chunks is None else shard_chunks
-        if shard_chunks is not None and (isinstance(shard_chunks, bool) or not isinstance(shard_chunks, int)
-                                         or shard_chunks < 1):
-            raise ConfigError(f"shard_chunks must be a positive int or None, got {shard_chunks!r}")
+        _check_shard_chunks(shard_chunks)
         return chunk_elements, (chunk_elements * shard_chunks if shard_chunks else None)
 
     def _create(self, name: str, dtype: np.dtype, frame_shape: tuple[int, ...], attrs: dict,
@@ -346,12 +586,13 @@ class SequenceStore:
         compressors = [ZstdCodec(level=self.compression_level, checksum=True)] if self.compression == "zstd" \
             else [Crc32cCodec()]
         now = _now()
-        attrs = {"seqlab_sequence": SEQUENCE_VERSION, **attrs, "length": 0, "complete": False, "created": now,
-                 "updated": now}
+        attrs = _jsonable({"seqlab_sequence": SEQUENCE_VERSION, **attrs, "length": 0, "complete": False,
+                           "created": now, "updated": now})
+        attrs["seqlab_check"] = _attrs_check(attrs)
         return self.group.create_array(
             name, shape=(0, *frame_shape), dtype=dtype, chunks=(chunk, *frame_shape),
             shards=(shard, *frame_shape) if shard else None, compressors=compressors, fill_value=0,
-            attributes=_jsonable(attrs), overwrite=True,
+            attributes=attrs, overwrite=True,
             # every chunk is written even when it is all zeros, so a missing chunk file means damage
             config={"write_empty_chunks": True})
 
@@ -394,7 +635,7 @@ class SequenceStore:
             frame = tuple(values.shape[1:])
             array = self._create(name, dtype, frame, {**spec_attrs, "source": None, "record": None},
                                  chunk_elements, chunk_bytes)
-            array.update_attributes({"complete": True})
+            _update_attrs(array, {"complete": True})
             info = self._info(name, array)
         values = _fit(values, info, f"sequence store {self.where}: append to {name!r}")
         length = info.length
@@ -403,7 +644,7 @@ class SequenceStore:
             if array.shape[0] < new_length:
                 array.resize((new_length, *info.frame_shape))
             array[length:new_length] = values
-        array.update_attributes({"length": new_length, "updated": _now()})
+        _update_attrs(array, {"length": new_length, "updated": _now()})
         return self._info(name, array)
 
 
@@ -555,12 +796,13 @@ class SequenceWriter:
             self.array.resize((capacity, *self.info.frame_shape))
         self.array[start:stop] = values
         self.committed = stop
-        self.array.update_attributes({"length": stop, "updated": _now()})
+        _update_attrs(self.array, {"length": stop, "updated": _now()})
         if self.progress is not None:
             self.progress(stop)
 
-    def finish(self) -> SequenceInfo:
-        """Write what is buffered, trim to the exact length and mark the sequence complete."""
+    def finish(self, complete: bool = True) -> SequenceInfo:
+        """Write what is buffered, trim to the exact length and mark the sequence complete (``complete=False``:
+        leave that to the caller, e.g. ``ingest`` once the whole source file has been read and verified)."""
         if self.finished:
             return self.info
         if self.skip:
@@ -575,7 +817,7 @@ class SequenceWriter:
             self._buffer, self._held = [], 0
         if self.array.shape[0] != self.committed:
             self.array.resize((self.committed, *self.info.frame_shape))
-        self.array.update_attributes({"length": self.committed, "complete": True, "updated": _now()})
+        _update_attrs(self.array, {"length": self.committed, "complete": complete, "updated": _now()})
         self.finished = True
         self.info = self.store._info(self.name, self.array)
         return self.info
@@ -839,8 +1081,14 @@ def ingest(store, paths, adapter, *, names=None, window: int = DEFAULT_INGEST_WI
         names = [names] if isinstance(names, str) else list(names)
         if len(names) != len(paths):
             raise ConfigError(f"ingest got {len(paths)} paths but {len(names)} names")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ConfigError(f"ingest window must be a positive int, got {window!r}")
+    if not _is_int(window) or not 1 <= window <= MAX_ELEMENTS:
+        raise ConfigError(f"ingest window must be an int in [1, {MAX_ELEMENTS}], got {window!r}")
+    window = int(window)
+    if chunk_bytes is not None:
+        _check_chunk_bytes(chunk_bytes)
+    if chunk_elements is not None and (not _is_int(chunk_elements) or not 1 <= chunk_elements <= MAX_ELEMENTS):
+        raise ConfigError(f"ingest chunk_elements must be an int in [1, {MAX_ELEMENTS}], got {chunk_elements!r}")
+    _check_shard_chunks(shard_chunks)
     bar = None
     if progress is True:
         from tqdm.auto import tqdm
@@ -851,25 +1099,71 @@ def ingest(store, paths, adapter, *, names=None, window: int = DEFAULT_INGEST_WI
     try:
         for i, path in enumerate(paths):
             path = os.fspath(path)
-            if not os.path.isfile(path):
-                raise InputError(f"ingest: {path} does not exist or is not a file")
-            identity = _file_identity(path, checksum)
-            base = names[i] if names is not None else None
-            if sequences is not None:
-                pairs = ((_check_name(n), None, it) for n, it in sequences(path, window))
-            else:
-                pairs = ((_sequence_of(base, path, rid), rid, it)
-                         for rid, it in _record_windows(adapter, path, window, split_records))
-            for name, rid, pieces in pairs:
-                if name in seen:
-                    raise InputError(f"ingest: two sequences would be named {name!r} ({path}); pass names=")
-                seen.add(name)
-                results.append(_ingest_one(store, name, rid, pieces, adapter, path, identity, overwrite,
-                                           (chunk_elements, chunk_bytes, shard_chunks), progress, bar))
+            results.extend(_ingest_file(store, path, i, names[i] if names is not None else None, adapter, window,
+                                        sequences, split_records, overwrite, checksum, seen,
+                                        (chunk_elements, chunk_bytes, shard_chunks), progress, bar))
     finally:
         if bar is not None:
             bar.close()
     return results
+
+
+def _ingest_file(store: SequenceStore, path: str, index: int, base, adapter, window, sequences, split_records,
+                 overwrite, checksum, seen, layout, progress, bar) -> list[IngestResult]:
+    """One input file, all or nothing: its sequences stay ``complete: False`` (replacements stay in the staging
+    group) until the adapter has read the whole file, end-of-stream checks included (a gzip CRC covers the
+    whole member, so bases decoded before it may be wrong); then all are marked complete. On an error, every
+    sequence this call wrote for the file is removed (earlier data and replaced sequences are untouched)."""
+    touched: list[tuple[str, bool]] = []   # (name, staged) in the order written
+    results: list[IngestResult] = []
+    try:
+        if not os.path.isfile(path):
+            raise InputError(f"ingest: {path} does not exist or is not a file")
+        identity = _file_identity(path, checksum)
+        if sequences is not None:
+            pairs = ((_check_name(n), None, it) for n, it in sequences(path, window))
+        else:
+            pairs = ((_sequence_of(base, path, rid), rid, it)
+                     for rid, it in _record_windows(adapter, path, window, split_records))
+        for name, rid, pieces in pairs:
+            if name in seen:
+                raise InputError(f"ingest: two sequences would be named {name!r} ({path}); pass names=")
+            seen.add(name)
+            results.append(_ingest_one(store, name, rid, pieces, adapter, path, identity, overwrite, layout,
+                                       progress, bar, touched))
+        # the adapter has read the file to its end: mark what it gave complete, replacements swapped in
+        staging = None
+        for name, staged in touched:
+            if staged:
+                staging = staging or store._staging()
+                _update_attrs(staging._array(name), {"complete": True, "updated": _now()})
+                store._swap_in(staging, name)
+            else:
+                _update_attrs(store._array(name), {"complete": True, "updated": _now()})
+    except Exception as exc:
+        kept = _roll_back(store, touched)
+        note = (f"ingest of {path} was rolled back: "
+                + (f"the {len(touched)} sequence(s) written from it were removed" if touched
+                   else "nothing was written from it")
+                + (f" ({kept} could not be removed and stay incomplete)" if kept else "")
+                + (f"; the {index} file(s) before it stay ingested" if index else ""))
+        if isinstance(exc, SeqlabError):
+            raise type(exc)(f"{exc}; {note}").with_traceback(exc.__traceback__) from None
+        exc.add_note(note)
+        raise
+    return [IngestResult(r.name, r.action, r.resumed_from, store.describe(r.name)) if r.action != "skipped" else r
+            for r in results]
+
+
+def _roll_back(store: SequenceStore, touched: list[tuple[str, bool]]) -> int:
+    """Remove what an ingest wrote for one file; returns how many could not be removed."""
+    failed = 0
+    for name, staged in reversed(touched):
+        try:
+            (store._staging() if staged else store)._delete_node(name)
+        except Exception:  # noqa: BLE001 - the original error matters more; the sequence stays incomplete
+            failed += 1
+    return failed
 
 
 def _sequence_of(base: str | None, path: str, rid: str | None) -> str:
@@ -879,12 +1173,16 @@ def _sequence_of(base: str | None, path: str, rid: str | None) -> str:
 
 
 def _ingest_one(store: SequenceStore, name, rid, pieces, adapter, path, identity, overwrite, layout, progress,
-                bar) -> IngestResult:
-    action, resume = "written", False
+                bar, touched) -> IngestResult:
+    action, resume, target = "written", False, store
+    store._recover(name)
     if name in store:
         try:
             info = store.describe(name)
-        except CorruptFileError:
+        except CorruptFileError as exc:
+            if not overwrite:
+                raise CorruptFileError(f"{exc}; ingest replaces a damaged sequence only with overwrite=True") \
+                    from None
             info = None
         same = info is not None and _same_source(info.source, identity) and \
             _jsonable(info.adapter) == _jsonable(adapter.info())
@@ -899,9 +1197,8 @@ def _ingest_one(store: SequenceStore, name, rid, pieces, adapter, path, identity
             raise InputError(f"sequence store {store.where} already holds a complete sequence {name!r} from "
                              f"{(info.source or {}).get('path')}: pass overwrite=True (seqlab ingest --overwrite) "
                              "to replace it")
-        else:
-            action = "replaced"
-            store.delete(name)
+        else:  # written aside, swapped in once the whole file is verified: a failure leaves the old one
+            action, target = "replaced", store._staging()
     last = [0]
 
     def report(elements: int, done: bool = False) -> None:
@@ -912,13 +1209,13 @@ def _ingest_one(store: SequenceStore, name, rid, pieces, adapter, path, identity
             progress(IngestProgress(path, name, elements, done))
 
     chunk_elements, chunk_bytes, shard_chunks = layout
-    writer = store.writer(name, adapter=adapter, source=identity, record=rid, chunk_elements=chunk_elements,
-                          chunk_bytes=chunk_bytes, shard_chunks=shard_chunks, resume=resume, progress=report)
+    touched.append((name, target is not store))
+    writer = target.writer(name, adapter=adapter, source=identity, record=rid, chunk_elements=chunk_elements,
+                           chunk_bytes=chunk_bytes, shard_chunks=shard_chunks, resume=resume, progress=report)
     resumed_from = writer.committed
     last[0] = resumed_from
     for piece in pieces:
         writer.write(piece)
-    info = writer.finish()
+    info = writer.finish(complete=False)
     report(info.length, done=True)
     return IngestResult(name, action, resumed_from, info)
-
