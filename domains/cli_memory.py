@@ -1,17 +1,49 @@
-"""``seqlab memory observe|ask|info|rollback SESSION ...``: an agent memory session from the command line.
+"""``seqlab memory observe|ask|info|rollback|compact|repair SESSION ...``: an agent memory session from the command line.
 
 A session remembers its model file (path and sha256, recorded by ``observe --create --model FILE``), so later
 commands need no ``--model``. Events come as JSON Lines files (``--events``, one ``{"role", "content", "time",
 "metadata"}`` object per line, ``-`` for stdin) or one event from flags (``--role``, ``--content``, ``--time``).
+Errors whose advice names an API argument are reworded in terms of the flags (``_cli_errors``).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 
-from seqlab.errors import ConfigError, InputError
+from seqlab.cli_args import count, number, seed, temperature, top_p
+from seqlab.errors import ConfigError, InputError, SeqlabError
+
+#: event times: from year 1 to year 9999 in Unix seconds
+_TIME = number(-62135596800.0, 253402300799.0)
+#: waiting for another writer: up to a day
+_TIMEOUT = number(0.0, 86400.0)
+#: a reply's length in bytes
+_MAX_NEW_TOKENS = count(1, 1 << 20)
+#: top-k over the 256 byte values
+_TOP_K = count(1, 256)
+#: snapshot numbers (eight digits in the file names)
+_SNAPSHOT_NUMBER = count(0, 99_999_999, "a snapshot number")
+_KEEP = count(1, 1_000_000)
+
+
+def _cli_errors(func):
+    """Give the command-line wording of an error when it has one (``--timeout``, not ``timeout=``)."""
+
+    @functools.wraps(func)
+    def run(args) -> int:
+        try:
+            return func(args)
+        except (SeqlabError, OSError) as exc:
+            text = getattr(exc, "cli_message", None)
+            if text is None:
+                raise
+            again = type(exc)(text)
+            raise again from None
+
+    return run
 
 
 def _open(args, mode: str, create: bool = False):
@@ -41,13 +73,13 @@ def _read_events(args) -> list:
         else:
             with open(name, encoding="utf-8") as handle:
                 lines = handle.read().splitlines()
-        for number, line in enumerate(lines, start=1):
+        for number_, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
                 events.append(Event.from_json(json.loads(line)))
             except (ValueError, InputError) as exc:
-                raise InputError(f"{name}: line {number}: not an event record ({exc})") from None
+                raise InputError(f"{name}: line {number_}: not an event record ({exc})") from None
     if args.content is not None:
         events.append(Event(args.role, args.content, time.time() if args.time is None else args.time))
     if not events:
@@ -55,6 +87,7 @@ def _read_events(args) -> list:
     return events
 
 
+@_cli_errors
 def _observe(args) -> int:
     from pathlib import Path
 
@@ -62,17 +95,27 @@ def _observe(args) -> int:
     events = _read_events(args)
     with _open(args, "w", create=create) as session:
         total = session.observe(events)
-        snapshot = None if args.no_save else session.save()
+        snapshot = None
+        if not args.no_save:
+            try:
+                snapshot = session.save()
+            except (SeqlabError, OSError) as exc:
+                # the events are logged (fsynced) and will be replayed: a retry must not observe them again
+                reason = " ".join(str(exc).split())
+                raise SeqlabError(f"{args.session}: the {len(events)} events were observed and are kept in the "
+                                  f"log ({total} in all; do not observe them again), but the snapshot failed: "
+                                  f"{reason}") from None
         print(f"observed {len(events)} events ({total} in all, position {session.position})"
               + ("" if snapshot is None else f"; snapshot {snapshot}"))
     return 0
 
 
+@_cli_errors
 def _ask(args) -> int:
     with _open(args, "r") as session:
         answer = session.ask(args.prompt, args.max_new_tokens, role=args.role, prompt_role=args.prompt_role,
                              time=args.time, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                             seed=args.seed)
+                             seed=args.seed, allow_specials=args.allow_specials)
     if args.json:
         print(json.dumps({"event": answer.event.to_json(), "stop_reason": answer.stop_reason}, ensure_ascii=False))
     else:
@@ -80,6 +123,7 @@ def _ask(args) -> int:
     return 0
 
 
+@_cli_errors
 def _info(args) -> int:
     with _open(args, "r") as session:
         info = session.info()
@@ -88,6 +132,7 @@ def _info(args) -> int:
     return 0
 
 
+@_cli_errors
 def _rollback(args) -> int:
     with _open(args, "w") as session:
         session.rollback(args.snapshot)
@@ -95,18 +140,48 @@ def _rollback(args) -> int:
     return 0
 
 
+@_cli_errors
+def _compact(args) -> int:
+    with _open(args, "w") as session:
+        done = session.compact(args.keep)
+    print(f"removed {len(done['removed_snapshots'])} snapshots ({done['bytes_freed']} bytes) and "
+          f"{len(done['removed_temp_files'])} temporary files; kept snapshots {done['kept_snapshots']}; "
+          "every event is still in the logs")
+    return 0
+
+
+@_cli_errors
+def _repair(args) -> int:
+    from .session import MemorySession
+
+    report = MemorySession.repair(args.session, timeout=args.timeout)
+    if args.json:
+        print(json.dumps(report, indent=1, sort_keys=True))
+    elif not report["repaired"]:
+        print(f"{args.session}: nothing to repair ({report['events']} events)")
+    else:
+        for note in report["notes"]:
+            print(note)
+        lost = ", ".join(f"{a}..{b - 1}" for a, b in report["lost_events"]) or "none"
+        print(f"repaired {args.session}: {report['events']} events follow from snapshot {report['snapshot']}; "
+              f"events recorded as lost: {lost}; the original bytes are in {args.session}/{report['aside']} "
+              "(with report.json); see repair.log")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("memory", help="agent memory sessions: observe events, ask, inspect, roll back",
+    p = sub.add_parser("memory", help="agent memory sessions: observe events, ask, inspect, roll back, repair",
                        description="Persistent agent memory sessions (see docs/agent-memory.md).")
     commands = p.add_subparsers(dest="memory_command", metavar="ACTION")
     commands.required = True
 
-    def common(q, writer: bool) -> None:
+    def common(q, writer: bool, model: bool = True) -> None:
         q.add_argument("session", help="session directory")
-        q.add_argument("--model", help="model file (save_model); default: the one recorded in the session")
+        if model:
+            q.add_argument("--model", help="model file (save_model); default: the one recorded in the session")
         if writer:
-            q.add_argument("--timeout", type=float, default=None,
-                           help="seconds to wait for another writer to finish (default: fail at once)")
+            q.add_argument("--timeout", type=_TIMEOUT, default=None, metavar="SECONDS",
+                           help="seconds to wait for another writer to finish, 0 to 86400 (default: fail at once)")
 
     o = commands.add_parser("observe", help="log events and advance the session's state (then save a snapshot)")
     common(o, True)
@@ -114,21 +189,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--events", action="append", metavar="JSONL", help="JSON Lines file of events ('-': stdin)")
     o.add_argument("--role", default="user", help="role of the --content event (default user)")
     o.add_argument("--content", help="content of one event to observe")
-    o.add_argument("--time", type=float, help="time of the --content event in Unix seconds (default now)")
+    o.add_argument("--time", type=_TIME, help="time of the --content event in Unix seconds (default now)")
     o.add_argument("--no-save", action="store_true", help="do not write a snapshot (the log keeps the events)")
     o.set_defaults(func=_observe)
 
     a = commands.add_parser("ask", help="generate the next event on a copy of the state (the session is unchanged)")
     common(a, False)
     a.add_argument("prompt", nargs="?", default=None, help="text of a prompt event read first (optional)")
-    a.add_argument("--max-new-tokens", type=int, default=256)
+    a.add_argument("--max-new-tokens", type=_MAX_NEW_TOKENS, default=256, help="1 to 1048576 (default 256)")
     a.add_argument("--role", default="assistant", help="role of the generated event (default assistant)")
     a.add_argument("--prompt-role", default="user", help="role of the prompt event (default user)")
-    a.add_argument("--time", type=float, help="time of the prompt and reply events (default now)")
-    a.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    a.add_argument("--top-k", type=int)
-    a.add_argument("--top-p", type=float)
-    a.add_argument("--seed", type=int)
+    a.add_argument("--time", type=_TIME, help="time of the prompt and reply events (default now)")
+    a.add_argument("--temperature", type=temperature, default=0.0, help="0 (greedy, the default) to 100")
+    a.add_argument("--top-k", type=_TOP_K, help="1 to 256")
+    a.add_argument("--top-p", type=top_p, help="in (0, 1]")
+    a.add_argument("--seed", type=seed)
+    a.add_argument("--allow-specials", action="store_true",
+                   help="let the event framing bytes be sampled (by default the reply holds only content bytes)")
     a.add_argument("--json", action="store_true", help="print the reply event as JSON")
     a.set_defaults(func=_ask)
 
@@ -138,5 +215,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     r = commands.add_parser("rollback", help="return to snapshot N, dropping later events and snapshots")
     common(r, True)
-    r.add_argument("snapshot", type=int, help="snapshot number (see 'info')")
+    r.add_argument("snapshot", type=_SNAPSHOT_NUMBER, help="snapshot number (see 'info')")
     r.set_defaults(func=_rollback)
+
+    c = commands.add_parser("compact", help="delete old snapshots (the logs keep every event) and stale temp files")
+    common(c, True)
+    c.add_argument("--keep", type=_KEEP, default=None,
+                   help="newest snapshots to keep besides snapshot 0, 1 to 1000000 (default 8)")
+    c.set_defaults(func=_compact)
+
+    f = commands.add_parser("repair", help="keep every verifiable event of a damaged session; damaged bytes go aside")
+    common(f, True, model=False)
+    f.add_argument("--json", action="store_true", help="print the repair report as JSON")
+    f.set_defaults(func=_repair)
