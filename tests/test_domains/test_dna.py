@@ -275,7 +275,8 @@ def test_wrong_formats(tmp_path, stream):
     with pytest.raises(CorruptFileError, match=r"cut\.fastq: malformed FASTQ after record #1 \('r1'\)"):
         list(a.iter_windows(truncated, 4)) if stream else a.read(truncated)
     mismatch = write_text(tmp_path / "len.fq", "@r1\nACGT\n+\nIII\n")
-    with pytest.raises(CorruptFileError, match=r"len\.fq: malformed FASTQ.*Lengths"):
+    with pytest.raises(CorruptFileError, match=r"len\.fq: malformed FASTQ: line 4, record #1 \('r1'\): the quality "
+                                               r"has 3 characters, the sequence 4"):
         list(a.iter_windows(mismatch, 4)) if stream else a.read(mismatch)
     with pytest.raises(InputError, match="no such file"):
         a.read(tmp_path / "missing.fa")
@@ -498,3 +499,123 @@ def test_metric_weight_counts_bases_so_window_metrics_combine_exactly():
     assert sum(m * w for m, w in parts) / sum(w for _, w in parts) == pytest.approx(whole, rel=1e-6)
     naive = sum(m * (b - a) for (m, _), (a, b) in zip(parts, cuts)) / targets.shape[1]
     assert naive != pytest.approx(whole, rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------
+# FASTQ strictness: what Biopython's SeqIO "fastq" parser refuses, we refuse, naming the record and the line
+
+
+def bio_fastq(path: Path) -> list[tuple[str, str]] | Exception:
+    """Biopython's verdict on a FASTQ file: its records, or the exception it raised."""
+    try:
+        with open(path, encoding="latin-1") as handle:
+            return [(r.id, str(r.seq)) for r in SeqIO.parse(handle, "fastq")]
+    except Exception as exc:  # noqa: BLE001 - ValueError, IndexError (no title), InvalidCharError ...
+        return exc
+
+
+BAD_FASTQ = [  # (content, line named, what the message says)
+    ("@\nACGT\n+\nIIII\n", 1, "no title"),
+    ("@   \nACGT\n+\nIIII\n", 1, "no title"),
+    ("@r1\nACGT\n", 2, r"ends before the record's '\+' line"),
+    ("@r1\nACGT\nACGT", 3, r"ends before the record's '\+' line"),
+    ("@r1\nACGT\n+\n", 3, "quality line is missing"),
+    ("@r1\nACGT\n+r2\nIIII\n", 3, "repeats another title"),
+    ("@r1 x\nACGT\n+r1\nIIII\n", 3, "repeats another title"),
+    ("@r1\nAC GT\n+\nIIIII\n", 2, "whitespace or control character ' '"),
+    ("@r1\nACGT\nA\tC\n+\nIIIIIII\n", 3, "whitespace or control character '\\\\t'"),
+    ("@r1\nAC\x00GT\n+\nIIIII\n", 2, "control character"),
+    ("@r1\nACGT\n+\nIII\n", 4, "the quality has 3 characters, the sequence 4"),
+    ("@r1\nACGT\n+\nIIIII\n", 4, "the quality has 5 characters, the sequence 4"),
+    ("@r1\nACGT\n+\nII\nIII\n", 4, "the quality has 5 characters"),
+    ("@r1\nACGT\n+\nI II\n", 4, "quality character ' ' is outside"),
+    ("@r1\nACGT\n+\nII\x7fI\n", 4, "quality character '\\\\x7f' is outside"),
+    ("@r1\nACGT\n+\nII\x1fI\n", 4, "quality character '\\\\x1f' is outside"),
+    ("@r1\nACGT\n+\nII\xe9I\n", 4, "non-ASCII character"),
+    ("@r1\nACGT\n+\nIIII\n@r2\nACGT\n@r3\nACGT\n+\nIIII\n", 10, r"2 \('r2'\): the quality has 4 characters, "
+     "the sequence 11"),  # r2's '+' line is missing: r3's lines read as r2's sequence, as Biopython reads them
+    ("@r1\nACGT\n+\nIIII\n@r2\nAC\n+\nII\n@r3\n", 9, r"3 \('r3'\): the file ends before"),
+    ("\n@r1\nACGT\n+\nIIII\n", 1, "starts with an '@' title line, this line starts with '\\\\n'"),
+]
+
+
+@pytest.mark.parametrize("content,line,what", BAD_FASTQ)
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip"])
+def test_fastq_refuses_what_biopython_refuses_naming_record_and_line(tmp_path, content, line, what, compress):
+    path = write_text(tmp_path / "reads.fq", content, compress)
+    plain = write_text(tmp_path / "plain.fq", content)
+    assert isinstance(bio_fastq(plain), Exception), "Biopython accepts this: not a rejection case"
+    a = DNAAdapter()
+    for read in (lambda: a.read(path), lambda: list(a.iter_windows(path, 3)),
+                 lambda: [list(w) for _, w in a.iter_records(path, 3)]):
+        with pytest.raises(CorruptFileError, match=rf"reads\.fq: malformed FASTQ.*line {line}, record #.*{what}"):
+            read()
+
+
+def test_fastq_accepts_what_biopython_accepts(tmp_path):
+    # '@' and '+' starting quality lines, multi-line sequence and quality, a repeated title, blank lines at the end
+    tricky = ("@r1 first read\nACGT\nAC\n+r1 first read\n@III\n+I\n@r2\nGG\n+\n@@\n\n@r3\n\n+\n\n\n")
+    path = write_text(tmp_path / "tricky.fq", tricky)
+    assert bio_fastq(path) == [("r1", "ACGTAC"), ("r2", "GG"), ("r3", "")]
+    assert list(DNAAdapter().records(path)) == bio_fastq(path)
+    assert [list(map(len, w)) for _, w in DNAAdapter().iter_records(path, 4)] == [[4, 2], [2], []]
+
+
+def _fastq_text(records, repeat_title: bool, width: int) -> str:
+    out = []
+    for rid, seq, qual in records:
+        out.append(f"@{rid}\n")
+        out.extend(seq[i:i + width] + "\n" for i in range(0, len(seq), width))
+        out.append(f"+{rid if repeat_title else ''}\n")
+        out.extend(qual[i:i + width] + "\n" for i in range(0, len(qual), width))
+    return "".join(out)
+
+
+_PIECES = ["", "+", "+r0", "@", "@r9", "@r0", "ACGT", "II I", "A\tC", "!!", "~~~~", "\x7f", "\r", " "]
+
+
+@st.composite
+def _mutated_fastq(draw):
+    n = draw(st.integers(1, 3))
+    records = []
+    for k in range(n):
+        seq = draw(st.text(alphabet="ACGTN", min_size=0, max_size=9))
+        qual = draw(st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), min_size=len(seq),
+                            max_size=len(seq)))
+        records.append((f"r{k}", seq, qual))
+    text = _fastq_text(records, draw(st.booleans()), draw(st.integers(2, 6)))
+    for _ in range(draw(st.integers(1, 3))):
+        lines = text.split("\n")
+        op = draw(st.sampled_from(["char", "delete", "insert", "duplicate", "truncate"]))
+        at = draw(st.integers(0, max(len(text) - 1, 0)))
+        row = draw(st.integers(0, len(lines) - 1))
+        if op == "char" and text:
+            char = draw(st.sampled_from(list(" \t\x00\x0b\x7f@+!~-IAN") + ["\n"]))
+            text = text[:at] + char + text[at + 1:]
+        elif op == "delete":
+            text = "\n".join(lines[:row] + lines[row + 1:])
+        elif op == "insert":
+            text = "\n".join(lines[:row] + [draw(st.sampled_from(_PIECES))] + lines[row:])
+        elif op == "duplicate":
+            text = "\n".join(lines[:row] + [lines[row]] + lines[row:])
+        else:
+            text = text[:at]
+    return text
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=_mutated_fastq())
+def test_fastq_mutations_agree_with_biopython(tmp_path, text):
+    path = write_text(tmp_path / "m.fq", text)
+    verdict = bio_fastq(path)
+    a = DNAAdapter()
+    if isinstance(verdict, list) and verdict:
+        assert list(a.records(path, format="fastq")) == verdict
+        return
+    with pytest.raises((CorruptFileError, InputError)) as caught:
+        list(a.records(path, format="fastq"))
+    message = str(caught.value)
+    if isinstance(verdict, Exception) and "malformed FASTQ" in message:
+        assert "line " in message and "record #" in message, message
+    else:  # no record at all, or a first line that is not FASTQ: said so
+        assert "empty file" in message or "FASTA" in message or "not FASTA or FASTQ" in message, message
