@@ -5,36 +5,74 @@ Layout of a checkpoint directory::
     <dir>/step-00000040/model.safetensors     weights (kind "seqlab.checkpoint.model")
     <dir>/step-00000040/trainer.safetensors   optimizer tensors + RNG tensors, JSON rest in the metadata
     <dir>/step-00000040/state-<i>.safetensors carried RecurrentState of micro-batch i (when there is one)
-    <dir>/latest                              "step-00000040", written atomically *last*
+    <dir>/latest                              "step-00000040" and its checksum, written atomically *last*
 
 Every file is written atomically (temp file + fsync + rename), and ``latest`` is only moved once the whole
 step folder is on disk, so a crash mid-save leaves the previous checkpoint as ``latest``. Nothing is pickled:
-tensors are safetensors, the rest is JSON; a truncated or altered file raises ``CorruptFileError`` naming it.
+tensors are safetensors, the rest is JSON. Format version 2: every byte of every file is checksummed (the
+JSON metadata too: optimizer settings, scheduler step, RNG states, trainer position, model config and adapter
+settings), and ``latest`` carries a checksum of its line; a truncated or altered file raises
+``CorruptFileError`` naming it. Version 1 checkpoints and model files (tensor bytes checksummed only) still load.
+Older step folders are pruned after each save (``prune_checkpoints``, keep-last-N); the one ``latest`` names is
+never removed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from seqlab.errors import CorruptFileError
-from seqlab.io import atomic_write_bytes
+from seqlab.errors import ConfigError, CorruptFileError, SeqlabError
+from seqlab.io import atomic_write_bytes, fsync_dir
 from seqlab.safetensors_io import read_tensors, write_tensors
 from seqlab.state import RecurrentState, require_fingerprint
 
 MODEL_FORMAT = "seqlab.checkpoint.model"
 TRAINER_FORMAT = "seqlab.checkpoint.trainer"
-FORMAT_VERSION = 1
+#: 2: the checksum covers every byte of a file (metadata included); 1: tensor bytes only (still read)
+FORMAT_VERSION = 2
+FULL_CHECKSUM_SINCE = 2
 LATEST = "latest"
+_STEP_DIR = re.compile(r"step-(\d{8,})")
+_DELETING = ".deleting"
 
 
 def step_dirname(step: int) -> str:
     return f"step-{int(step):08d}"
+
+
+def read_model_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """``(tensors, metadata)`` of a model file written by ``save_model`` (checked: format, version, checksum)."""
+    return read_tensors(path, kind=MODEL_FORMAT, version=FORMAT_VERSION, full_checksum_since=FULL_CHECKSUM_SINCE)
+
+
+def read_trainer_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """``(tensors, metadata)`` of a checkpoint's ``trainer.safetensors`` (checked: format, version, checksum)."""
+    return read_tensors(path, kind=TRAINER_FORMAT, version=FORMAT_VERSION, full_checksum_since=FULL_CHECKSUM_SINCE)
+
+
+def model_file_config(path: str | os.PathLike, meta: dict):
+    """The ``BackboneConfig`` recorded in a model file's metadata (None when it records none); a bad key or
+    value is a ``CorruptFileError`` naming the file and the key."""
+    from seqlab.config import BackboneConfig
+
+    config = meta.get("config")
+    if config is None:
+        return None
+    if not isinstance(config, dict):
+        raise CorruptFileError(f"{path}: the recorded model config is not a JSON object")
+    try:
+        return BackboneConfig.from_dict(config)
+    except ConfigError as exc:
+        raise CorruptFileError(f"{path}: recorded model config: {exc}") from None
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -55,7 +93,7 @@ def save_model(path: str | os.PathLike, model: torch.nn.Module, extra: dict | No
 
 def load_model(path: str | os.PathLike, model: torch.nn.Module) -> dict:
     """Load weights written by ``save_model`` into ``model`` (in place); refuse another config's weights."""
-    tensors, meta = read_tensors(path, kind=MODEL_FORMAT, version=FORMAT_VERSION)
+    tensors, meta = read_model_file(path)
     require_fingerprint(meta.get("fingerprint"), model, "checkpoint", str(path))
     own = model.state_dict()
     missing = sorted(set(own) - set(tensors))
@@ -66,6 +104,8 @@ def load_model(path: str | os.PathLike, model: torch.nn.Module) -> dict:
         if tensor.shape != own[name].shape:
             raise CorruptFileError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model's is "
                                    f"{tuple(own[name].shape)}")
+        if tensor.dtype != own[name].dtype:
+            raise CorruptFileError(f"{path}: {name} has dtype {tensor.dtype}, the model's is {own[name].dtype}")
     model.load_state_dict(tensors)
     return meta
 
@@ -158,20 +198,90 @@ def save_checkpoint(directory: str | os.PathLike, *, step: int, model: torch.nn.
             "fingerprint": getattr(model, "fingerprint", None)}
     write_tensors(folder / "trainer.safetensors", {**opt_tensors, **rng_tensors}, kind=TRAINER_FORMAT,
                   version=FORMAT_VERSION, meta=meta)
-    atomic_write_bytes(directory / LATEST, (folder.name + "\n").encode())
+    atomic_write_bytes(directory / LATEST, _latest_bytes(folder.name))
     return folder
 
 
+def _latest_bytes(name: str) -> bytes:
+    """``latest``'s bytes: the step folder's name and the SHA-256 of that name on one line (format 1: the name
+    alone; a truncated line of format 2 is never a valid format 1 line, it lacks the newline)."""
+    return f"{name} sha256:{hashlib.sha256(name.encode()).hexdigest()}\n".encode()
+
+
+def _step_folders(directory: Path) -> list[tuple[int, Path]]:
+    out = []
+    for entry in directory.iterdir() if directory.is_dir() else []:
+        match = _STEP_DIR.fullmatch(entry.name)
+        if match and entry.is_dir():
+            out.append((int(match.group(1)), entry))
+    return sorted(out)
+
+
 def latest_checkpoint(directory: str | os.PathLike) -> Path:
-    """The step folder ``latest`` points to; FileNotFoundError when there is no checkpoint."""
+    """The step folder ``latest`` points to; FileNotFoundError when there is no checkpoint, CorruptFileError
+    when ``latest`` is damaged or names no step folder (the message lists the step folders there)."""
     directory = Path(directory)
     pointer = directory / LATEST
     if not pointer.is_file():
         raise FileNotFoundError(f"{directory}: no checkpoint here (no '{LATEST}' file)")
-    name = pointer.read_bytes().decode("utf-8", "replace").strip()
-    if not name.startswith("step-") or "/" in name or not (directory / name).is_dir():
-        raise CorruptFileError(f"{pointer}: points to {name!r}, which is not a step folder in {directory}")
+    data = pointer.read_bytes()
+    name = data.split(b" ", 1)[0].split(b"\n", 1)[0].decode("utf-8", "replace")
+    legacy = data == (name + "\n").encode()  # format 1: the name alone
+    if not _STEP_DIR.fullmatch(name) or not (legacy or data == _latest_bytes(name)):
+        raise CorruptFileError(f"{pointer}: damaged (it should name a step folder and its checksum); "
+                               + _repair_hint(directory))
+    if not (directory / name).is_dir():
+        raise CorruptFileError(f"{pointer}: points to {name!r}, which is not a step folder in {directory}; "
+                               + _repair_hint(directory))
     return directory / name
+
+
+def _repair_hint(directory: Path) -> str:
+    folders = [p.name for _, p in _step_folders(directory)]
+    if not folders:
+        return "there is no step folder to resume from"
+    return (f"step folders here: {', '.join(folders[-5:])}; write the name of one into {LATEST} "
+            f"(e.g. seqlab.checkpoint.set_latest) to resume from it")
+
+
+def set_latest(directory: str | os.PathLike, step_folder: str | os.PathLike) -> Path:
+    """Point ``latest`` at ``step_folder`` (a repair after a damaged ``latest``); the folder must exist."""
+    directory, name = Path(directory), Path(step_folder).name
+    if not _STEP_DIR.fullmatch(name) or not (directory / name).is_dir():
+        raise FileNotFoundError(f"{directory / name}: no such step folder")
+    atomic_write_bytes(directory / LATEST, _latest_bytes(name))
+    return directory / name
+
+
+def prune_checkpoints(directory: str | os.PathLike, keep: int | None) -> list[Path]:
+    """Remove all but the newest ``keep`` step folders up to ``latest`` (None: keep all). The folder ``latest``
+    names is always kept, and so are folders of later steps than it (left by an interrupted run; resuming
+    rewrites them). Each folder is first renamed to ``.step-XXXXXXXX.deleting`` and then removed, so a crash
+    mid-prune leaves only whole step folders under their names; leftovers are removed by the next prune."""
+    directory = Path(directory)
+    removed: list[Path] = []
+    for entry in directory.iterdir() if directory.is_dir() else []:
+        if entry.name.startswith(".step-") and entry.name.endswith(_DELETING) and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+    if keep is None:
+        return removed
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ConfigError(f"keep_checkpoints must be an int >= 1 or None (keep all), got {keep!r}")
+    try:
+        latest = latest_checkpoint(directory)
+    except (FileNotFoundError, CorruptFileError):
+        return removed  # never guess which checkpoint a resume would pick
+    latest_step = int(_STEP_DIR.fullmatch(latest.name).group(1))
+    older = [p for step, p in _step_folders(directory) if step <= latest_step and p != latest]
+    for folder in older[:max(0, len(older) - (keep - 1))]:
+        doomed = folder.with_name(f".{folder.name}{_DELETING}")
+        os.replace(folder, doomed)
+        removed.append(folder)
+    if removed:
+        fsync_dir(directory)
+    for folder in removed:
+        shutil.rmtree(folder.with_name(f".{folder.name}{_DELETING}"), ignore_errors=True)
+    return removed
 
 
 def has_checkpoint(directory: str | os.PathLike | None) -> bool:
@@ -187,23 +297,63 @@ def load_checkpoint(directory: str | os.PathLike, *, model: torch.nn.Module, opt
     """
     folder = latest_checkpoint(directory)
     model_path, trainer_path = folder / "model.safetensors", folder / "trainer.safetensors"
-    tensors, meta = read_tensors(trainer_path, kind=TRAINER_FORMAT, version=FORMAT_VERSION)
+    tensors, meta = read_trainer_file(trainer_path)
     require_fingerprint(meta.get("fingerprint"), model, "checkpoint", str(trainer_path))
     states: list[RecurrentState | None] = []
-    for i, present in enumerate(meta.get("states", [])):
+    present_list = meta.get("states", [])
+    if not isinstance(present_list, list):
+        raise CorruptFileError(f"{trainer_path}: trainer metadata 'states' is not a list")
+    for i, present in enumerate(present_list):
         states.append(RecurrentState.load(folder / f"state-{i}.safetensors", model) if present else None)
     try:
         opt_state = _optimizer_join(tensors, meta["optimizer"])
         sched_state = dict(meta["scheduler"])
         rng_meta, trainer_meta = meta["rng"], meta["trainer"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CorruptFileError(f"{trainer_path}: trainer metadata is incomplete ({exc})") from None
-    load_model(model_path, model)
-    optimizer.load_state_dict(opt_state)
-    sched_state["lr_lambdas"] = [None] * len(optimizer.param_groups)
-    scheduler.load_state_dict(sched_state)
-    rng_restore(tensors, rng_meta)
+        if not isinstance(trainer_meta, dict):
+            raise TypeError("'trainer' is not an object")
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CorruptFileError(f"{trainer_path}: trainer metadata is incomplete ({exc!r})") from None
+    # a transaction: what does not fit raises CorruptFileError and the live objects are rolled back
+    old_opt, old_sched, old_rng = optimizer.state_dict(), scheduler.state_dict(), rng_snapshot()
+    try:
+        _check_scheduler(trainer_path, scheduler, sched_state)
+        optimizer.load_state_dict(opt_state)
+        sched_state["lr_lambdas"] = [None] * len(optimizer.param_groups)
+        scheduler.load_state_dict(sched_state)
+        rng_restore(tensors, rng_meta)
+        load_model(model_path, model)  # checks every weight before it changes the model
+    except BaseException as exc:
+        optimizer.load_state_dict(old_opt)
+        scheduler.load_state_dict(old_sched)
+        rng_restore(*old_rng)
+        if isinstance(exc, (SeqlabError, OSError)) or not isinstance(exc, Exception):
+            raise
+        raise CorruptFileError(f"{trainer_path}: optimizer, scheduler or RNG state does not fit this run "
+                               f"({' '.join(repr(exc).split())})") from None
     return trainer_meta, states
 
 
-__all__ = ["has_checkpoint", "latest_checkpoint", "load_checkpoint", "load_model", "save_checkpoint", "save_model"]
+def _check_scheduler(where, scheduler, state: dict) -> None:
+    """The stored scheduler state has the live scheduler's keys with values of the same kinds."""
+    own = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    if set(state) != set(own):
+        raise CorruptFileError(f"{where}: scheduler state has keys {sorted(state)}, expected {sorted(own)}")
+
+    def kind(value):
+        if isinstance(value, bool):
+            return "bool"
+        if isinstance(value, (int, float)):
+            return "number" if isinstance(value, float) or not isinstance(value, int) else "int"
+        if isinstance(value, (list, tuple)):
+            return ("list", len(value), tuple(kind(v) for v in value))
+        return type(value).__name__
+
+    for key, value in own.items():
+        have, want = kind(state[key]), kind(value)
+        if have != want and not (want == "number" and have == "int"):
+            raise CorruptFileError(f"{where}: scheduler state {key} = {state[key]!r} does not fit ({value!r} now)")
+
+
+__all__ = ["has_checkpoint", "latest_checkpoint", "load_checkpoint", "load_model", "model_file_config",
+           "prune_checkpoints", "read_model_file", "read_trainer_file", "save_checkpoint", "save_model",
+           "set_latest"]

@@ -386,7 +386,8 @@ def _holds_run(out: Path) -> str | None:
     from seqlab.checkpoint import has_checkpoint
 
     if has_checkpoint(out):
-        return f"a checkpoint ({(out / 'latest').read_text().strip()})"
+        words = (out / "latest").read_bytes().decode("utf-8", "replace").split()
+        return f"a checkpoint ({words[0] if words else 'latest'})"
     for name in (MODEL_FILE, RUN_FILE):
         if (out / name).exists():
             return f"a training run ({name})"

@@ -10,16 +10,67 @@ tests/test_core/test_state_contract.py.
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from seqlab.errors import CorruptFileError, StateMismatchError
+from seqlab.errors import CorruptFileError, StateError, StateMismatchError
 from seqlab.safetensors_io import read_tensors, write_tensors
 
 STATE_FORMAT = "seqlab.recurrent_state"
-STATE_FORMAT_VERSION = 1
+#: 2: the checksum covers every byte of the file (position and fingerprint included); version 1 files (tensor
+#: checksum only) still load
+STATE_FORMAT_VERSION = 2
+FULL_CHECKSUM_SINCE = 2
+
+# model -> per layer {tensor name: (shape without the batch dim, dtype)}; configs are frozen, so this never changes
+_LAYOUTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def state_layout(model) -> list[dict[str, tuple[tuple[int, ...], torch.dtype]]]:
+    """What ``model``'s state holds per layer: ``{name: (shape without the batch dim, dtype)}``."""
+    try:
+        return _LAYOUTS[model]
+    except (KeyError, TypeError):
+        pass
+    layout = [{name: (tuple(t.shape[1:]), t.dtype) for name, t in layer.items()}
+              for layer in model.init_state(1, device="meta").layers]
+    try:
+        _LAYOUTS[model] = layout
+    except TypeError:  # pragma: no cover - an object that cannot be weakly referenced
+        pass
+    return layout
+
+
+def check_state_tensors(layers, model, where: str = "state", error=StateMismatchError) -> None:
+    """Raise ``error`` unless ``layers`` hold exactly the tensors ``model``'s state has: the same names per layer,
+    one batch size, the model's shapes and state dtype. The message names the layer, tensor and expected shape."""
+    layout = state_layout(model)
+    if not isinstance(layers, (list, tuple)):
+        raise error(f"{where}: layers must be a list of dicts of tensors, got {type(layers).__name__}")
+    if len(layers) != len(layout):
+        raise error(f"{where}: holds {len(layers)} layers, the model has {len(layout)}")
+    batch = None
+    for i, (have, want) in enumerate(zip(layers, layout)):
+        if not isinstance(have, dict) or set(have) != set(want):
+            names = sorted(have) if isinstance(have, dict) else type(have).__name__
+            raise error(f"{where}: layers.{i} holds {names}, the model's state has {sorted(want)}")
+        for name, (shape, dtype) in want.items():
+            tensor = have[name]
+            if not isinstance(tensor, torch.Tensor):
+                raise error(f"{where}: layers.{i}.{name} is a {type(tensor).__name__}, not a tensor")
+            if tensor.dtype != dtype:
+                raise error(f"{where}: layers.{i}.{name} has dtype {tensor.dtype}, the model's state dtype is {dtype}")
+            if tensor.dim() != len(shape) + 1 or tuple(tensor.shape[1:]) != shape:
+                raise error(f"{where}: layers.{i}.{name} has shape {tuple(tensor.shape)}, the model's is "
+                            f"(batch, {', '.join(map(str, shape))})")
+            if batch is None:
+                batch = tensor.shape[0]
+            elif tensor.shape[0] != batch:
+                raise error(f"{where}: layers.{i}.{name} holds a batch of {tensor.shape[0]}, layers.0 a batch of "
+                            f"{batch}")
 
 
 def require_fingerprint(found, model, what: str = "state", where: str = "") -> None:
@@ -108,6 +159,9 @@ class RecurrentState:
         require_fingerprint(self.fingerprint, model)
         if len(self.layers) != model.config.n_layer:
             raise StateMismatchError(f"state has {len(self.layers)} layers, the model has {model.config.n_layer}")
+        if isinstance(self.position, bool) or not isinstance(self.position, int) or self.position < 0:
+            raise StateError(f"state position must be an int >= 0, got {self.position!r}")
+        check_state_tensors(self.layers, model)
         if batch_size is not None and self.batch_size != batch_size:
             raise StateMismatchError(f"state holds a batch of {self.batch_size}, the input a batch of {batch_size}")
         if device is not None and self.device.type != torch.device(device).type:
@@ -115,28 +169,42 @@ class RecurrentState:
 
     # ------------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """Write atomically as safetensors + JSON metadata with a checksum; a failed save leaves the old file."""
+        """Write atomically as safetensors + JSON metadata with a checksum over every byte of the file; a failed
+        save leaves the old file."""
+        if isinstance(self.position, bool) or not isinstance(self.position, int) or self.position < 0:
+            raise StateError(f"state position must be an int >= 0, got {self.position!r}: not saved to {path}")
         meta = {"fingerprint": self.fingerprint, "position": int(self.position), "batch_size": self.batch_size,
                 "layers": [sorted(layer) for layer in self.layers]}
         return write_tensors(path, self.tensors(), kind=STATE_FORMAT, version=STATE_FORMAT_VERSION, meta=meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model, device=None) -> "RecurrentState":
-        """Read a state saved by ``save`` and check that it belongs to ``model`` (same config fingerprint)."""
-        tensors, meta = read_tensors(path, kind=STATE_FORMAT, version=STATE_FORMAT_VERSION)
-        require_fingerprint(meta.get("fingerprint"), model, where=str(path))
+        """Read a state saved by ``save`` and check that it belongs to ``model`` (same config fingerprint), holds
+        the model's tensors (names, shapes, state dtype), finite values and a position >= 0."""
+        return cls.from_file_contents(*read_tensors(path, kind=STATE_FORMAT, version=STATE_FORMAT_VERSION,
+                                                    full_checksum_since=FULL_CHECKSUM_SINCE),
+                                      model, str(path), device)
+
+    @classmethod
+    def from_file_contents(cls, tensors: dict, meta: dict, model, where: str, device=None) -> "RecurrentState":
+        """A state from a file's checked tensors and metadata (``load``), with every value checked."""
+        require_fingerprint(meta.get("fingerprint"), model, where=where)
         try:
-            layers = [{name: tensors[f"layers.{i}.{name}"] for name in names} for i, names in enumerate(meta["layers"])]
-            position = int(meta["position"])
+            names = meta["layers"]
+            layers = [{name: tensors[f"layers.{i}.{name}"] for name in layer} for i, layer in enumerate(names)]
+            position = meta["position"]
         except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptFileError(f"{path}: state metadata does not match its tensors ({exc})") from None
+            raise CorruptFileError(f"{where}: state metadata does not match its tensors ({exc!r})") from None
+        if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+            raise CorruptFileError(f"{where}: position must be an int >= 0, got {position!r}")
+        used = {f"layers.{i}.{name}" for i, layer in enumerate(layers) for name in layer}
+        extra = sorted(set(tensors) - used)
+        if extra:
+            raise CorruptFileError(f"{where}: holds tensors the state metadata does not list: {extra}")
+        check_state_tensors(layers, model, where, CorruptFileError)
+        for i, layer in enumerate(layers):
+            for name, tensor in layer.items():
+                if not bool(torch.isfinite(tensor).all()):
+                    raise CorruptFileError(f"{where}: layers.{i}.{name} holds NaN or infinite values")
         state = cls(layers, position, meta["fingerprint"])
-        expected = model.init_state(state.batch_size, device="meta")
-        for i, (have, want) in enumerate(zip(state.layers, expected.layers)):
-            for name, tensor in want.items():
-                if name not in have or have[name].shape != tensor.shape:
-                    got = tuple(have[name].shape) if name in have else "nothing"
-                    raise CorruptFileError(f"{path}: layers.{i}.{name} should have shape {tuple(tensor.shape)}, got {got}")
-        if len(state.layers) != len(expected.layers):
-            raise CorruptFileError(f"{path}: {len(state.layers)} layers stored, the model has {len(expected.layers)}")
         return state.to(device) if device is not None else state

@@ -115,3 +115,288 @@ def test_write_into_a_read_only_folder_fails_and_keeps_the_old_file(tmp_path):
     finally:
         folder.chmod(0o700)
     assert (folder / "f").read_bytes() == b"old" and _temps(folder, "f") == []
+
+
+# ------------------------------------------------------------------------------------------------------
+# every byte of state, model and checkpoint files is checksummed
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+import struct  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+import torch  # noqa: E402
+from safetensors.torch import save as st_save  # noqa: E402
+
+from seqlab.checkpoint import (  # noqa: E402
+    MODEL_FORMAT,
+    TRAINER_FORMAT,
+    latest_checkpoint,
+    load_model,
+    save_model,
+)
+from seqlab.errors import FormatVersionError, StateError, StateMismatchError  # noqa: E402
+from seqlab.io import tensors_checksum  # noqa: E402
+from seqlab.state import STATE_FORMAT, RecurrentState  # noqa: E402
+from seqlab.testing import tiny_lm  # noqa: E402
+from seqlab.train import TrainConfig, Trainer  # noqa: E402
+
+FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+def _model():
+    return tiny_lm(vocab=16, d_model=16, n_layer=1)
+
+
+def _data():
+    return torch.tensor([3, 1, 4, 1, 5, 9, 2, 6] * 50)
+
+
+def _config(folder, **kw):
+    base = dict(lr=1e-2, max_steps=2, warmup_steps=0, batch_size=4, window=8, progress=False,
+                checkpoint_dir=str(folder), checkpoint_every=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("files")
+    model = _model()
+    out = model(torch.tensor([[1, 2, 3, 4, 5]]), return_state=True)
+    state = replace(out.state, position=5)
+    state.save(root / "s.safetensors")
+    save_model(root / "m.safetensors", model)
+    Trainer(_model(), _config(root / "ckpt"), _data()).fit()
+    return root
+
+
+def _loader(kind, where):
+    """A function that loads the file of ``kind`` found under ``where``."""
+    if kind == "state":
+        return lambda: RecurrentState.load(where / "s.safetensors", _model())
+    if kind == "model":
+        return lambda: load_model(where / "m.safetensors", _model())
+    return lambda: Trainer.resume(where / "ckpt", _model(), _config(where / "ckpt"), _data())
+
+
+KINDS = {"state": "s.safetensors", "model": "m.safetensors",
+         "checkpoint model": "ckpt/step-00000002/model.safetensors",
+         "checkpoint trainer": "ckpt/step-00000002/trainer.safetensors",
+         "checkpoint state": "ckpt/step-00000002/state-0.safetensors", "checkpoint latest": "ckpt/latest"}
+
+
+def _region(data: bytes, region: str, fraction: float) -> int:
+    """An offset in ``region`` of a safetensors file: header length, JSON header, the seqlab metadata's values,
+    the tensor bytes."""
+    if len(data) < 8 or data.startswith(b"step-"):
+        return int(fraction * (len(data) - 1))
+    (header_len,) = struct.unpack("<Q", data[:8])
+    lo, hi = {"length": (0, 8), "header": (8, 8 + header_len), "tensors": (8 + header_len, len(data))}.get(
+        region, (8, 8 + header_len))
+    if region == "meta values":  # the digits and letters of metadata values: position, step, lr, adapter ...
+        start = data.index(b"__metadata__")
+        candidates = [i for i in range(start, 8 + header_len) if chr(data[i]).isalnum()]
+        return candidates[int(fraction * (len(candidates) - 1))]
+    return lo + int(fraction * max(0, hi - lo - 1))
+
+
+def _check_refused(kind, where, path):
+    with pytest.raises(CorruptFileError) as info:
+        _loader(kind.split()[0] if kind in ("state", "model") else "checkpoint", where)()
+    assert path.name in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.fixture()
+def copy(files, tmp_path):
+    shutil.copytree(files, tmp_path / "c")
+    return tmp_path / "c"
+
+
+@FUZZ
+@given(kind=st.sampled_from(sorted(KINDS)), region=st.sampled_from(["length", "header", "meta values", "tensors"]),
+       fraction=st.floats(0, 1), bit=st.integers(0, 7))
+def test_a_bit_flip_anywhere_is_refused_naming_the_file(copy, kind, region, fraction, bit):
+    path = copy / KINDS[kind]
+    good = path.read_bytes()
+    try:
+        bad = bytearray(good)
+        bad[_region(good, region, fraction)] ^= 1 << bit
+        path.write_bytes(bytes(bad))
+        _check_refused(kind, copy, path)
+    finally:
+        path.write_bytes(good)
+
+
+@FUZZ
+@given(kind=st.sampled_from(sorted(KINDS)), cut=st.floats(0, 1), extra=st.binary(min_size=1, max_size=64))
+def test_truncated_or_extended_files_are_refused(copy, kind, cut, extra):
+    path = copy / KINDS[kind]
+    good = path.read_bytes()
+    try:
+        path.write_bytes(good[:int(cut * (len(good) - 1))])
+        _check_refused(kind, copy, path)
+        path.write_bytes(good + extra)
+        _check_refused(kind, copy, path)
+    finally:
+        path.write_bytes(good)
+
+
+def _legacy(tensors, kind, meta):
+    """A file as format version 1 wrote it: the checksum covers the tensors only."""
+    flat = {k: v.detach().clone().contiguous() for k, v in tensors.items()}
+    header = {"format": kind, "format_version": 1, **meta, "checksum": tensors_checksum(sorted(flat.items()))}
+    return st_save(flat, metadata={"seqlab": json.dumps(header, sort_keys=True)})
+
+
+def test_same_length_edits_of_metadata_are_refused(copy):
+    """The issue's cases: position in a state file, an adapter setting or config in a model file, the scheduler's
+    step in a checkpoint; each edited in place, same length."""
+    for name, old, new in [("s.safetensors", b'position\\": 5', b'position\\": 7'),
+                           ("m.safetensors", b'd_conv\\": 4', b'd_conv\\": 3'),
+                           ("ckpt/step-00000002/trainer.safetensors", b'last_epoch\\": 2', b'last_epoch\\": 1')]:
+        path = copy / name
+        good = path.read_bytes()
+        assert good.count(old) == 1, name
+        path.write_bytes(good.replace(old, new))
+        kind = {"s.safetensors": "state", "m.safetensors": "model"}.get(name, "checkpoint trainer")
+        _check_refused(kind, copy, path)
+        path.write_bytes(good)
+
+
+def test_version_1_files_still_load_with_their_tensor_checksum(tmp_path):
+    model = _model()
+    state = model(torch.tensor([[1, 2, 3]]), return_state=True).state
+    meta = {"fingerprint": state.fingerprint, "position": 3, "batch_size": 1,
+            "layers": [sorted(layer) for layer in state.layers]}
+    (tmp_path / "s1").write_bytes(_legacy(state.tensors(), STATE_FORMAT, meta))
+    loaded = RecurrentState.load(tmp_path / "s1", model)
+    assert loaded.position == 3 and all(torch.equal(a, b) for a, b in zip(loaded.tensors().values(),
+                                                                           state.tensors().values()))
+    (tmp_path / "m1").write_bytes(_legacy(model.state_dict(), MODEL_FORMAT, {"fingerprint": model.fingerprint}))
+    load_model(tmp_path / "m1", _model())
+    damaged = bytearray((tmp_path / "s1").read_bytes())
+    damaged[-2] ^= 1
+    (tmp_path / "s1").write_bytes(bytes(damaged))
+    with pytest.raises(CorruptFileError, match="s1: checksum mismatch"):
+        RecurrentState.load(tmp_path / "s1", model)
+    # a version 2 file must carry the whole-file checksum: one relabelled as version 1 with a forged tensor checksum
+    # would load, but a version 2 file without one is refused
+    body = {k: v for k, v in meta.items()}
+    flat = {k: v.contiguous() for k, v in state.tensors().items()}
+    header = {"format": STATE_FORMAT, "format_version": 2, **body, "checksum": tensors_checksum(sorted(flat.items()))}
+    (tmp_path / "s2").write_bytes(st_save(flat, metadata={"seqlab": json.dumps(header)}))
+    with pytest.raises(CorruptFileError, match="s2: no file checksum"):
+        RecurrentState.load(tmp_path / "s2", model)
+
+
+def test_a_future_version_is_refused_with_its_own_error(files, tmp_path):
+    data = (files / "s.safetensors").read_bytes()
+    (tmp_path / "f").write_bytes(data.replace(b'format_version\\": 2', b'format_version\\": 9'))
+    with pytest.raises(FormatVersionError, match="version 9"):
+        RecurrentState.load(tmp_path / "f", _model())
+
+
+# ------------------------------------------------------------------------------------------------------
+# state values: finite, the model's dtype and shapes, a position >= 0
+
+
+def _state(model, batch=1):
+    return model(torch.tensor([[1, 2, 3]] * batch), return_state=True).state
+
+
+_MODELS: dict = {}
+
+
+def _scratch(factory):
+    if "scratch" not in _MODELS:
+        _MODELS["scratch"] = factory.mktemp("scratch")
+    return _MODELS["scratch"]
+
+
+def _cached(ssm, batch):
+    """A tiny model of kind ``ssm`` and a state of it with ``batch`` rows, built once (hypothesis reuses them)."""
+    if (ssm, batch) not in _MODELS:
+        model = tiny_lm(ssm)
+        _MODELS[ssm, batch] = model, _state(model, batch)
+    model, state = _MODELS[ssm, batch]
+    return model, state.clone()
+
+
+@pytest.mark.parametrize("ssm", ["mamba1", "mamba2"])
+@FUZZ
+@given(data=st.data())
+def test_saved_states_with_bad_values_are_refused_naming_file_and_tensor(tmp_path_factory, ssm, data):
+    model, state = _cached(ssm, 1)
+    layer = data.draw(st.integers(0, len(state.layers) - 1))
+    name = data.draw(st.sampled_from(sorted(state.layers[layer])))
+    bad = data.draw(st.sampled_from([float("nan"), float("inf"), float("-inf")]))
+    tensor = state.layers[layer][name].clone()
+    flat = tensor.view(-1)
+    flat[data.draw(st.integers(0, flat.numel() - 1))] = bad
+    state.layers[layer][name] = tensor
+    path = _scratch(tmp_path_factory) / "s.safetensors"
+    state.save(path)
+    with pytest.raises(CorruptFileError, match=rf"s\.safetensors: layers\.{layer}\.{name} holds NaN or infinite"):
+        RecurrentState.load(path, model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16, torch.int32])
+def test_a_state_file_of_another_dtype_is_refused(tmp_path, dtype):
+    model = _model()
+    _state(model).to(dtype=dtype).save(tmp_path / "s")
+    with pytest.raises(CorruptFileError, match=rf"s: layers\.0\.\w+ has dtype {dtype}, the model's state dtype is "
+                                               "torch.float32"):
+        RecurrentState.load(tmp_path / "s", model)
+
+
+def test_negative_positions_are_refused(tmp_path):
+    model = _model()
+    state = _state(model)
+    with pytest.raises(StateError, match="position must be an int >= 0, got -1"):
+        replace(state, position=-1).save(tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+    # a file that says so anyway (written with the low-level writer, so its checksum is right)
+    from seqlab.safetensors_io import write_tensors
+    meta = {"fingerprint": state.fingerprint, "position": -4, "batch_size": 1,
+            "layers": [sorted(layer) for layer in state.layers]}
+    write_tensors(tmp_path / "s", state.tensors(), kind=STATE_FORMAT, version=2, meta=meta)
+    with pytest.raises(CorruptFileError, match="s: position must be an int >= 0, got -4"):
+        RecurrentState.load(tmp_path / "s", model)
+    with pytest.raises(StateError, match="position must be an int >= 0"):
+        model(torch.tensor([[1]]), replace(state, position=-1))
+
+
+@pytest.mark.parametrize("ssm", ["mamba1", "mamba2"])
+@FUZZ
+@given(data=st.data())
+def test_hand_built_states_of_the_wrong_shape_or_dtype_are_a_state_mismatch(ssm, data):
+    model, state = _cached(ssm, 2)
+    layer = data.draw(st.integers(0, len(state.layers) - 1))
+    name = data.draw(st.sampled_from(sorted(state.layers[layer])))
+    tensor = state.layers[layer][name]
+    how = data.draw(st.sampled_from(["shorter", "longer", "extra dim", "fewer dims", "dtype", "missing", "batch"]))
+    if how == "shorter":
+        dim = data.draw(st.integers(1, tensor.dim() - 1))
+        tensor = tensor.narrow(dim, 0, tensor.shape[dim] - 1)
+    elif how == "longer":
+        dim = data.draw(st.integers(1, tensor.dim() - 1))
+        tensor = torch.cat([tensor, tensor.narrow(dim, 0, 1)], dim)
+    elif how == "extra dim":
+        tensor = tensor[..., None]
+    elif how == "fewer dims":
+        tensor = tensor.flatten(-2)
+    elif how == "dtype":
+        tensor = tensor.to(data.draw(st.sampled_from([torch.float64, torch.float16, torch.int64])))
+    elif how == "batch":
+        tensor = tensor[:1]
+    layers = [dict(lay) for lay in state.layers]
+    if how == "missing":
+        del layers[layer][name]
+    else:
+        layers[layer][name] = tensor
+    bad = RecurrentState(layers, state.position, state.fingerprint)
+    with pytest.raises(StateMismatchError, match=rf"layers\.{layer}"):
+        model(torch.tensor([[1], [2]]), bad)
+    with pytest.raises(StateMismatchError, match=rf"layers\.{layer}"):
+        model.step(torch.tensor([1, 2]), bad)
