@@ -16,6 +16,14 @@ import sys
 from seqlab.cli_args import count, number, seed, temperature, top_p
 from seqlab.errors import ConfigError, InputError, SeqlabError
 
+
+def _temperature(text: str) -> float:
+    """0 (greedy) or in [0.001, 100]: a temperature like 1e-300 overflows the logits to inf and NaN."""
+    value = temperature(text)
+    if 0 < value < 1e-3:
+        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or a number in [0.001, 100], got {text!r}")
+    return value
+
 #: event times: from year 1 to year 9999 in Unix seconds
 _TIME = number(-62135596800.0, 253402300799.0)
 #: waiting for another writer: up to a day
@@ -40,8 +48,9 @@ def _cli_errors(func):
             text = getattr(exc, "cli_message", None)
             if text is None:
                 raise
-            again = type(exc)(text)
-            raise again from None
+            if isinstance(exc, OSError):
+                raise type(exc)(exc.errno, text, exc.filename) from None
+            raise type(exc)(text) from None
 
     return run
 
@@ -200,7 +209,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--role", default="assistant", help="role of the generated event (default assistant)")
     a.add_argument("--prompt-role", default="user", help="role of the prompt event (default user)")
     a.add_argument("--time", type=_TIME, help="time of the prompt and reply events (default now)")
-    a.add_argument("--temperature", type=temperature, default=0.0, help="0 (greedy, the default) to 100")
+    a.add_argument("--temperature", type=_temperature, default=0.0,
+                   help="0 (greedy, the default) or 0.001 to 100")
     a.add_argument("--top-k", type=_TOP_K, help="1 to 256")
     a.add_argument("--top-p", type=top_p, help="in (0, 1]")
     a.add_argument("--seed", type=seed)

@@ -90,9 +90,13 @@ def _log_name(n: int) -> str:
     return f"log-{n:08d}.wal"
 
 
-def _advice(cls, message: str, api: str, cli: str) -> Exception:
-    """An error whose advice speaks API (``str``) or, via ``cli_message``, command line (seqlab memory ...)."""
-    exc = cls(f"{message}; {api}")
+def _advice(cls, message: str, api: str, cli: str, *, code: int | None = None, filename=None) -> Exception:
+    """An error whose advice speaks API (``str``) or, via ``cli_message``, command line (seqlab memory ...).
+    An ``OSError`` class gets ``code`` (its errno) and ``filename``; its message then does not repeat the path."""
+    if issubclass(cls, OSError):
+        exc = cls(code, f"{message}; {api}", None if filename is None else os.fspath(filename))
+    else:
+        exc = cls(f"{message}; {api}")
     exc.cli_message = f"{message}; {cli}"
     return exc
 
@@ -371,8 +375,8 @@ class MemorySession:
             if not create:
                 if path.exists() and not path.is_dir():
                     raise CorruptFileError(f"{path}: not a session directory")
-                raise _advice(FileNotFoundError, f"{path}: no memory session here", "pass create=True to make one",
-                              "give --create and --model FILE to make one")
+                raise _advice(FileNotFoundError, "no memory session here", "pass create=True to make one",
+                              "give --create and --model FILE to make one", code=errno.ENOENT, filename=path)
             if mode == "r":
                 raise ConfigError(f"{path}: cannot create a session read-only (mode='r')")
             cls._create(path, model, adapter, model_file)
@@ -396,7 +400,8 @@ class MemorySession:
         creator never leaves a half-made session)."""
         parent = path.parent if str(path.parent) else Path(".")
         if not parent.is_dir():
-            raise FileNotFoundError(f"cannot create session {path}: folder {parent} does not exist")
+            raise FileNotFoundError(errno.ENOENT, f"cannot create session {path}: the folder does not exist",
+                                    os.fspath(parent))
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise ConfigError(f"{path}: exists and is not a memory session (no {_SESSION_FILE})")
         record = None
@@ -460,9 +465,9 @@ class MemorySession:
         """A writer must be able to write the folder (snapshots, logs) before it logs anything: an event logged
         and then reported as failed would be observed twice by a retry."""
         if not os.access(self.path, os.W_OK | os.X_OK):
-            raise _advice(PermissionError, f"{self.path}: the session folder is not writable, so nothing can be "
-                          "observed or saved (nothing was logged)", "open it with mode='r' to read",
-                          "ask and info still work (read-only)")
+            raise _advice(PermissionError, "the session folder is not writable, so nothing can be observed or "
+                          "saved (nothing was logged)", "open it with mode='r' to read",
+                          "ask and info still work (read-only)", code=errno.EACCES, filename=self.path)
 
     def _acquire_lock(self, timeout: float | None) -> None:
         fd = os.open(self.path / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
@@ -940,7 +945,7 @@ class MemorySession:
             raise ConfigError(f"timeout must be a finite number of seconds >= 0 or None, got {timeout!r}")
         path = Path(path)
         if not (path / _SESSION_FILE).exists():
-            raise FileNotFoundError(f"{path}: no memory session here")
+            raise FileNotFoundError(errno.ENOENT, "no memory session here", os.fspath(path))
         self = cls._bare(path, "w")
         try:
             self.meta = cls._read_meta(path)
@@ -1147,9 +1152,10 @@ def model_for_session(path: str | os.PathLike, model_file: str | os.PathLike | N
         try:
             meta = json.loads(where.read_bytes())
         except FileNotFoundError:
-            raise _advice(FileNotFoundError, f"{path}: no memory session here",
+            raise _advice(FileNotFoundError, "no memory session here",
                           "create it with MemorySession.open(path, model, create=True)",
-                          "create it with 'seqlab memory observe SESSION --create --model FILE ...'") from None
+                          "create it with 'seqlab memory observe SESSION --create --model FILE ...'",
+                          code=errno.ENOENT, filename=path) from None
         except ValueError:
             raise CorruptFileError(f"{where}: not JSON (the file was truncated or altered)") from None
         record = meta.get("model_file") if isinstance(meta, dict) else None
@@ -1158,8 +1164,8 @@ def model_for_session(path: str | os.PathLike, model_file: str | os.PathLike | N
                           "give the model with --model FILE")
         model_file = Path(record["path"])
         if not model_file.exists():
-            raise _advice(FileNotFoundError, f"{where}: the session's model file {model_file} is gone",
-                          "give model_file=", "give the model with --model FILE")
+            raise _advice(FileNotFoundError, f"the model file recorded in {where} is gone", "give model_file=",
+                          "give the model with --model FILE", code=errno.ENOENT, filename=model_file)
         if _file_sha256(model_file) != record.get("sha256"):
             raise _advice(StateMismatchError, f"{model_file}: the model file changed since session {path} was "
                           "created (sha256 differs)", "give the right one with model_file=",
