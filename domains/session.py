@@ -515,6 +515,11 @@ class MemorySession:
             target = record["to"]
             if type(target) is not int or target < 0:
                 raise TypeError
+            # checksummed since format 2 (a flipped digit must not roll back to another snapshot); a bare
+            # {"to": n} is what earlier seqlab wrote
+            if set(record) != {"to"} and (set(record) != {"to", "checksum"}
+                                          or record["checksum"] != _json_checksum(record)):
+                raise ValueError
             return target
         except FileNotFoundError:
             return None
@@ -844,7 +849,9 @@ class MemorySession:
         if n not in snaps:
             raise InputError(f"{self.path}: no snapshot {n} (there are {snaps})")
         self._read_snapshot(n)  # refuse a damaged target before touching anything
-        atomic_write_bytes(self.path / _ROLLBACK_FILE, json.dumps({"to": n}).encode())
+        intent = {"to": n}
+        intent["checksum"] = _json_checksum(intent)
+        atomic_write_bytes(self.path / _ROLLBACK_FILE, json.dumps(intent).encode())
         self._log_handle.close()
         self._log_handle = None
         self._finish_rollback(n)

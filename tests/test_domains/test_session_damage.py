@@ -346,6 +346,22 @@ def test_damaged_newest_snapshot_is_refused_then_set_aside_by_repair(chain, mode
         assert s.save() == 3  # numbers go on after the newest log
 
 
+def test_a_damaged_rollback_intent_rolls_nothing_back(chain, model, tmp_path):
+    """A rollback record is checksummed: a flipped digit must not send a writer to another snapshot."""
+    path = copy_of(chain, tmp_path)
+    with MemorySession.open(path, model) as s:
+        s.rollback(2)  # writes and finishes a checksummed intent
+    intent = {"to": 1, "checksum": session_module._json_checksum({"to": 2})}  # a rollback to 2, digit flipped
+    (path / "rollback.json").write_text(json.dumps(intent))
+    for mode in ("w", "r"):
+        with pytest.raises(CorruptFileError, match="rollback.json"):
+            MemorySession.open(path, model, mode=mode)
+    report = MemorySession.repair(path)
+    assert report["set_aside"] == ["rollback.json"]
+    with MemorySession.open(path, model) as s:
+        assert s.event_count == 3 and [x["number"] for x in s.snapshots()] == [0, 1, 2]
+
+
 def test_repair_needs_the_lock_and_a_sound_session_json(chain, model, tmp_path):
     path = copy_of(chain, tmp_path)
     with MemorySession.open(path, model):
