@@ -7,6 +7,29 @@ from __future__ import annotations
 import argparse
 import json
 
+from seqlab.cli_args import count, number, seed, temperature, top_p
+
+#: actors in a job's pool
+MAX_CONCURRENCY = 1024
+#: the most new tokens one run generates per prompt or sequence
+MAX_NEW_TOKENS = 1 << 20
+_per_actor = number(1e-4, 1024.0)
+
+
+def resource(text: str) -> float:
+    """--num-cpus / --num-gpus: what Ray can schedule per actor: 0, or a finite number in [0.0001, 1024] (Ray counts
+    resources in units of 1/10000)."""
+    try:
+        if float(str(text).strip()) == 0:
+            return 0.0
+        return _per_actor(text)
+    except (argparse.ArgumentTypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be 0 or a number in [0.0001, 1024] (Ray's resource unit is "
+                                         f"0.0001), got {text!r}") from None
+
+
+resource.__name__ = "number"  # a float flag (seqlab.cli checks --config values by this name)
+
 
 def _common(p: argparse.ArgumentParser, segments: bool = True, optional_stores: bool = False) -> None:
     nargs = "?" if optional_stores else None
@@ -14,19 +37,20 @@ def _common(p: argparse.ArgumentParser, segments: bool = True, optional_stores: 
     p.add_argument("output", nargs=nargs, help="output store directory (created when missing; resumable)")
     p.add_argument("--model", help="model file written by seqlab.checkpoint.save_model (required)")
     p.add_argument("--name", action="append", dest="names", help="sequence to process (repeat; default: all)")
-    p.add_argument("--window", type=int, default=4096, help="elements per streamed window (default 4096)")
+    p.add_argument("--window", type=count(1), default=4096, help="elements per streamed window (default 4096)")
     if segments:
         p.add_argument("--mode", choices=("exact", "segments"), default="exact",
                        help="exact: whole sequences with carried state; segments: split long sequences across "
                        "workers, each warmed up on --burn-in elements (default exact)")
-        p.add_argument("--segment-length", type=int, default=None, help="elements per segment (segments mode)")
-        p.add_argument("--burn-in", type=int, default=4096, help="warm-up elements before each segment "
+        p.add_argument("--segment-length", type=count(1), default=None, help="elements per segment (segments mode)")
+        p.add_argument("--burn-in", type=count(0), default=4096, help="warm-up elements before each segment "
                        "(default 4096)")
-        p.add_argument("--deviation-sample", type=int, default=4,
-                       help="segment boundaries at which the deviation from exact is measured (default 4)")
-    p.add_argument("--concurrency", type=int, default=2, help="actors in the pool (default 2)")
-    p.add_argument("--num-cpus", type=float, default=1, help="CPUs per actor (default 1)")
-    p.add_argument("--num-gpus", type=float, default=0, help="GPUs per actor (default 0)")
+        p.add_argument("--deviation-sample", type=count(0), default=4,
+                       help="segment boundaries at which the deviation from exact is measured (default 4; "
+                       "0: not measured)")
+    p.add_argument("--concurrency", type=count(1, MAX_CONCURRENCY), default=2, help="actors in the pool (default 2)")
+    p.add_argument("--num-cpus", type=resource, default=1, help="CPUs per actor (default 1)")
+    p.add_argument("--num-gpus", type=resource, default=0, help="GPUs per actor (default 0)")
     p.add_argument("--address", default=None, help="Ray cluster address to join (default: a local cluster)")
     p.add_argument("--overwrite", action="store_true", help="replace outputs of another job config")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -77,20 +101,31 @@ def _generate_prompts(args) -> int:
 
     if args.store or args.output:
         raise ConfigError("generate: give either --prompt/--prompt-file or a STORE and OUTPUT, not both")
-    prompts = list(args.prompt or [])
+    from seqlab.errors import InputError
+
+    prompts = [(f"--prompt {i + 1}", p) for i, p in enumerate(args.prompt or [])]
     for path in args.prompt_file or []:
         with open(path, "rb") as fh:
-            prompts.append(fh.read())
+            prompts.append((f"--prompt-file {path}", fh.read()))
     model, adapter = model_from_checkpoint(args.model)
     if adapter.input_spec.kind != "tokens":
         raise ConfigError(f"generate --prompt: the model's adapter {adapter.name!r} takes continuous frames; "
                           "prompts need a token adapter (bytes, memory, dna)")
-    ids = [adapter.encode(p) for p in prompts]
-    for i, row in enumerate(ids):
+    ids = []
+    for i, (where, prompt) in enumerate(prompts):
+        try:
+            row = adapter.encode(prompt)
+        except UnicodeError as exc:  # undecodable bytes for a text adapter, or an argument that is not text
+            raise InputError(f"generate {where}: not valid text for the {adapter.name!r} adapter ({exc.reason} at "
+                             f"position {exc.start})") from None
+        except InputError as exc:  # the adapter's own words, said of this prompt
+            raise InputError(f"generate {where}: not valid input for the {adapter.name!r} adapter: {exc}") from None
         if row.numel() == 0:
             raise ConfigError(f"generate: prompt {i + 1} is empty")
+        ids.append(row)
     out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, seed=args.seed)
+                         top_p=args.top_p, seed=args.seed,
+                         **adapter.generation_options(allow_specials=args.allow_specials))
     for tokens in out.tokens:
         value = adapter.decode(tokens)
         text = value.decode("utf-8", errors="replace") if isinstance(value, (bytes, bytearray)) else str(value)
@@ -112,7 +147,8 @@ def _generate(args) -> int:
         raise ConfigError("generate: give STORE and OUTPUT (a Ray job over a store), or --prompt/--prompt-file")
     return _report(generate(args.model, args.store, args.output, max_new_tokens=args.max_new_tokens,
                             prompt_length=args.prompt_length, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, **_options(args)))
+                            top_p=args.top_p, seed=args.seed, allow_specials=args.allow_specials,
+                            **_options(args)))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -136,10 +172,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(g, segments=False, optional_stores=True)
     g.add_argument("--prompt", action="append", help="a prompt text to continue (repeat for several)")
     g.add_argument("--prompt-file", action="append", metavar="FILE", help="a file whose bytes are a prompt")
-    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    g.add_argument("--prompt-length", type=int, default=None, help="prompt = the last N elements (default all)")
-    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--seed", type=int, default=0, help="base seed (sequence NAME uses seed + crc32(NAME))")
+    g.add_argument("--max-new-tokens", type=count(1, MAX_NEW_TOKENS), default=64,
+                   help="tokens to generate (default 64; fewer when the adapter's end token comes first)")
+    g.add_argument("--prompt-length", type=count(1), default=None, help="prompt = the last N elements (default all)")
+    g.add_argument("--temperature", type=temperature, default=1.0, help="0 = greedy (default 1.0; at most 100)")
+    g.add_argument("--top-k", type=count(1), default=None, help="sample from the k likeliest tokens (default all)")
+    g.add_argument("--top-p", type=top_p, default=None, help="sample from the smallest set of tokens whose "
+                   "probability reaches p, in (0, 1] (default 1)")
+    g.add_argument("--seed", type=seed, default=0, help="base seed (sequence NAME uses seed + crc32(NAME))")
+    g.add_argument("--allow-specials", action="store_true",
+                   help="let the model generate the adapter's special tokens too (by default they are never "
+                   "generated, so the output always decodes; the end token stops a continuation either way)")
     g.set_defaults(func=_generate)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -46,7 +47,7 @@ from ray.data import Datasource
 from ray.data.block import BlockMetadata
 from ray.data.datasource import ReadTask
 
-from seqlab.errors import ConfigError, InputError, SeqlabError
+from seqlab.errors import BackendUnavailableError, ConfigError, InputError, SeqlabError
 
 from .store import SequenceStore, check_model_fits
 
@@ -110,6 +111,39 @@ def _check_int(value, what: str, low: int = 1, allow_none: bool = False) -> None
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(f"{what} must be an int >= {low}, got {value!r}")
+
+
+def _check_resource(value, what: str) -> None:
+    """A per-actor resource amount Ray can schedule: finite, >= 0, and 0 or at least its unit of 0.0001."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
+            or 0 < value < 1e-4:
+        raise ConfigError(f"{what} must be 0 or a finite number >= 0.0001 (Ray's resource unit), got {value!r}")
+
+
+def _check_resources(num_cpus: float, num_gpus: float, concurrency: int, address: str | None) -> None:
+    """Refuse a job whose actors cannot run on the cluster it joined: not even one actor's CPUs or GPUs are
+    there (Ray would queue it forever, printing autoscaler lines). A request that fits once but not
+    ``concurrency`` times runs with the actors that fit (Ray queues the others): a warning says so."""
+    import ray
+
+    have = ray.cluster_resources()
+    where = f"the Ray cluster at {address!r}" if address else "this machine's Ray cluster"
+    queued = []
+    for resource, per_actor, name in (("CPU", num_cpus, "num_cpus"), ("GPU", num_gpus, "num_gpus")):
+        if not per_actor:
+            continue
+        total = float(have.get(resource, 0.0))
+        flag = "--" + name.replace("_", "-")
+        if per_actor > total + 1e-9:
+            raise BackendUnavailableError(
+                f"{name}={per_actor:g} ({flag} {per_actor:g}: {resource}s per actor) is more than {where} has: "
+                f"{total:g} {resource}s in all; not even one actor could start. Lower {flag}, or join a cluster "
+                f"with {resource}s (--address)")
+        if per_actor * concurrency > total + 1e-9:
+            queued.append(f"{resource}: {per_actor:g} x {concurrency} actors > {total:g}")
+    if queued:
+        warnings.warn(f"{where} cannot run all {concurrency} actors at once ({'; '.join(queued)}): the others wait "
+                      f"for a free slot; lower --concurrency to match", stacklevel=3)
 
 
 def _file_sha256(path: str) -> str:
@@ -222,9 +256,10 @@ def _embed_range(model, store: SequenceStore, name: str, warm: int, start: int, 
 
 
 def _generate_one(model, store: SequenceStore, name: str, window: int, options: dict,
-                  sink: Callable[[np.ndarray], None]) -> tuple[float, int]:
+                  sink: Callable[[np.ndarray], None], adapter=None) -> tuple[float, int]:
     """Continue the stored sequence (its last ``prompt_length`` elements, or all of it), prefilled in windows
-    with carried state; the continuation's ids go to ``sink``."""
+    with carried state; the continuation's ids go to ``sink``. With the model's ``adapter``, its special tokens
+    are never generated (unless ``options["allow_specials"]``) and its end token stops the continuation."""
     from seqlab.generate import generate as _generate
 
     from .stream import stream
@@ -239,8 +274,9 @@ def _generate_one(model, store: SequenceStore, name: str, window: int, options: 
             state = step.state
     last = store.read(name, length - 1, length)
     seed = (int(options.get("seed") or 0) + zlib.crc32(name.encode())) % (1 << 31)
+    special = {} if adapter is None else adapter.generation_options(allow_specials=bool(options.get("allow_specials")))
     out = _generate(model, last, options["max_new_tokens"], temperature=options.get("temperature", 1.0),
-                    top_k=options.get("top_k"), top_p=options.get("top_p"), seed=seed, state=state)
+                    top_k=options.get("top_k"), top_p=options.get("top_p"), seed=seed, state=state, **special)
     tokens = np.asarray(out.tokens[0], dtype=np.int64)
     sink(tokens)
     return 0.0, int(tokens.shape[0])
@@ -375,7 +411,7 @@ class JobWorker:
         elif self.job == "embed":
             total, count = _embed_range(self.model, self.store, name, warm, start, stop, self.window, sink)
         else:
-            total, count = _generate_one(self.model, self.store, name, self.window, self.options, sink)
+            total, count = _generate_one(self.model, self.store, name, self.window, self.options, sink, self.adapter)
         self._maybe_fail(item, "mid")  # an item too short for two pieces still dies mid-item
         if writer.array is None:  # nothing written (an empty range): an empty output of the right kind
             d = getattr(self.model.config, "d_model", 1)
@@ -507,10 +543,8 @@ def run_job(job: str, model_path, store, output, *, names=None, window: int = 40
     _check_int(concurrency, "concurrency")
     _check_int(burn_in, "burn_in", low=0)
     _check_int(output_chunk_elements, "output_chunk_elements", allow_none=True)
-    if not isinstance(num_cpus, (int, float)) or isinstance(num_cpus, bool) or num_cpus < 0:
-        raise ConfigError(f"num_cpus must be a number >= 0, got {num_cpus!r}")
-    if not isinstance(num_gpus, (int, float)) or isinstance(num_gpus, bool) or num_gpus < 0:
-        raise ConfigError(f"num_gpus must be a number >= 0, got {num_gpus!r}")
+    _check_resource(num_cpus, "num_cpus")
+    _check_resource(num_gpus, "num_gpus")
     if mode == "segments":
         if job == "generate":
             raise ConfigError("generate continues each sequence from its end: it has no segments mode")
@@ -641,6 +675,7 @@ def _execute(items, model_path, output, job, window, job_attrs, options, store_p
                                  f"{reason[:300]}") from exc
         else:  # an embedded local cluster
             ray.init(include_dashboard=False)
+    _check_resources(num_cpus, num_gpus, concurrency, address)
     ended_marker = _job_marker(output)
     context = ray.data.DataContext.get_current()
     original = context.raise_original_map_exception
@@ -772,12 +807,27 @@ def embed(model_path, store, output, **options) -> JobResult:
 
 def generate(model_path, store, output, *, max_new_tokens: int = 64, prompt_length: int | None = None,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             **options) -> JobResult:
-    """Continue every stored sequence (its last ``prompt_length`` elements, default all of it) by
+             allow_specials: bool = False, **options) -> JobResult:
+    """Continue every stored sequence (its last ``prompt_length`` elements, default all of it) by up to
     ``max_new_tokens`` tokens; sequence ``name`` samples with seed ``seed + crc32(name)``, so re-runs and
-    retries give the same tokens."""
+    retries give the same tokens. The model adapter's special tokens are never generated unless
+    ``allow_specials=True``; its end token (if it has one) ends a continuation early either way."""
+    from seqlab.generate import _check_sampling
+
+    for what, value in (("temperature", temperature), ("top_p", top_p)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            raise ConfigError(f"{what} must be a finite number, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed must be an int >= 0, got {seed!r}")
+    if not isinstance(allow_specials, bool):
+        raise ConfigError(f"allow_specials must be True or False, got {allow_specials!r}")
+    try:
+        _check_sampling(max_new_tokens, temperature, top_k, top_p, None, 1.0)
+    except InputError as exc:
+        raise ConfigError(str(exc)) from None
     gen = {"max_new_tokens": max_new_tokens, "prompt_length": prompt_length, "temperature": temperature,
-           "top_k": top_k, "top_p": top_p, "seed": seed}
+           "top_k": top_k, "top_p": top_p, "seed": seed, "allow_specials": allow_specials}
     return run_job("generate", model_path, store, output, options=gen, **options)
 
 

@@ -15,7 +15,9 @@ the command line win. Bad input gives exit code 2 and one line on stderr naming 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -59,10 +61,51 @@ def _load_toml(path: str) -> dict:
         raise SeqlabError(f"--config {path}: no such file") from None
     except tomllib.TOMLDecodeError as exc:
         raise SeqlabError(f"--config {path}: not valid TOML ({exc})") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8 text
+        raise SeqlabError(f"--config {path}: not valid TOML (not UTF-8 text: byte {exc.start})") from None
+
+
+def _type_name(action: argparse.Action) -> str:
+    """What a TOML value for ``action`` must be: "bool", "int", "float" or "str"."""
+    if action.nargs == 0:  # store_true / store_false / store_const
+        return "bool"
+    kind = action.type
+    name = getattr(kind, "__name__", "")
+    if kind is int or name == "count":
+        return "int"
+    if kind is float or name == "number":
+        return "float"
+    return "str"
+
+
+_TOML_KIND = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
+
+
+def _toml_value(action: argparse.Action, value, where: str):
+    """One TOML value for ``action``, checked like a command-line value: its TOML type must match the flag's kind,
+    then it goes through the flag's ``type`` (range checks) and ``choices``. Returns the converted value."""
+    kind = _type_name(action)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be {_TOML_KIND[kind]}, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, {"int": (int,), "float": (int, float),
+                                                         "str": (str,)}[kind]):
+        raise ConfigError(f"{where} must be {_TOML_KIND[kind]}, got {type(value).__name__} {value!r}")
+    if action.type is not None and callable(action.type):
+        try:
+            value = action.type(value if kind == "str" else repr(value) if isinstance(value, float) else str(value))
+        except (argparse.ArgumentTypeError, TypeError, ValueError) as exc:
+            reason = str(exc) if isinstance(exc, argparse.ArgumentTypeError) else f"invalid value {value!r}"
+            raise ConfigError(f"{where}: {reason}") from None
+    if action.choices is not None and value not in action.choices:
+        raise ConfigError(f"{where} must be one of {', '.join(map(repr, action.choices))}, got {value!r}")
+    return value
 
 
 def _config_defaults(parser: argparse.ArgumentParser, table: dict, path: str, command: str) -> dict:
-    """Defaults for ``parser`` from a TOML table (unknown keys are refused, naming the file)."""
+    """Defaults for ``parser`` from a TOML table (unknown keys are refused, naming the file). Each value is checked
+    as its flag would check it on the command line (``type``, ``choices``): --config cannot bypass a range check."""
     known = {a.dest: a for a in parser._actions if a.dest not in ("help", "func")}
     out = {}
     for key, value in table.items():
@@ -72,7 +115,23 @@ def _config_defaults(parser: argparse.ArgumentParser, table: dict, path: str, co
         if dest not in known:
             raise SeqlabError(f"--config {path}: unknown setting {key!r} for 'seqlab {command}' "
                               f"(known: {', '.join(sorted(known))})")
-        out[dest] = value
+        action = known[dest]
+        if isinstance(action, argparse._SubParsersAction):
+            raise ConfigError(f"--config {path}: setting {key!r} of 'seqlab {command}' names an action: give it "
+                              f"on the command line ({', '.join(action.choices)})")
+        flag = action.option_strings[-1] if action.option_strings else action.dest.upper()
+        where = f"--config {path}: setting {key!r} of 'seqlab {command}' ({flag})"
+        many = action.nargs in ("+", "*") or isinstance(action.nargs, int) and action.nargs > 1 or \
+            isinstance(action, argparse._AppendAction)
+        if many:
+            values = value if isinstance(value, list) else [value]
+            if action.nargs == "+" and not values:
+                raise ConfigError(f"{where} needs at least one value, got an empty list")
+            out[dest] = [_toml_value(action, v, f"{where} item {i + 1}") for i, v in enumerate(values)]
+        elif isinstance(value, list):
+            raise ConfigError(f"{where} takes one value, got a list {value!r}")
+        else:
+            out[dest] = _toml_value(action, value, where)
     return out
 
 
@@ -135,11 +194,73 @@ def _apply_config(parser: argparse.ArgumentParser, command: str, table: dict, pa
         action_parser.set_defaults(**_config_defaults(action_parser, own[name], path, f"{command} {name}"))
 
 
+#: OSError kinds a user causes (a path of the wrong kind, no permission, a full or read-only disk ...): one line
+#: naming the path, not a traceback. Other OSErrors (EIO, a broken pipe, EBADF ...) are not the user's doing.
+USER_OS_ERRORS = frozenset(getattr(errno, name) for name in (
+    "ENOENT", "EACCES", "EPERM", "EISDIR", "ENOTDIR", "ENOSPC", "EDQUOT", "EROFS", "ELOOP", "ENAMETOOLONG",
+    "EEXIST", "ENOTEMPTY", "EFBIG", "EMLINK", "EXDEV", "ETXTBSY") if hasattr(errno, name))
+
+#: what torch says when an allocation fails (CPU: RuntimeError from DefaultCPUAllocator; CUDA: OutOfMemoryError,
+#: a RuntimeError subclass)
+_OUT_OF_MEMORY = ("can't allocate memory", "out of memory", "Cannot allocate memory")
+
+
+def _os_message(exc: OSError) -> str:
+    """``PATH: what went wrong`` (both paths of a rename or link)."""
+    reason = exc.strerror or type(exc).__name__
+    if exc.errno == errno.ENOSPC:
+        reason += " (the disk is full: nothing was replaced; free space and run the command again)"
+    where = [os.fsdecode(p) for p in (exc.filename, exc.filename2) if p is not None]
+    return f"{' -> '.join(where)}: {reason}" if where else f"{reason}: {exc}"
+
+
+def _decode_message(exc: UnicodeError) -> str:
+    """Undecodable (or unencodable) text, naming the file being read when our code had one in hand."""
+    kind = "decode" if isinstance(exc, UnicodeDecodeError) else "encode"
+    position = getattr(exc, "start", None)
+    text = f"cannot {kind} text as {exc.encoding}: {exc.reason}" + (
+        f" at position {position}" if position is not None else "")
+    path = _path_in_traceback(exc)
+    return f"{path}: {text}" if path else f"{text} (input text must be {exc.encoding})"
+
+
+def _path_in_traceback(exc: BaseException) -> str | None:
+    """The innermost file path (a local ``path``/``filename``/``file`` naming an existing file) of the frames
+    ``exc`` went through, if any."""
+    tb, found = exc.__traceback__, None
+    while tb is not None:
+        for name in ("path", "filename", "file", "source"):
+            value = tb.tb_frame.f_locals.get(name)
+            if isinstance(value, (str, os.PathLike)) and not isinstance(value, bytes):
+                try:
+                    if os.path.isfile(value):
+                        found = os.fspath(value)
+                        break
+                except (OSError, ValueError, TypeError):
+                    pass
+        tb = tb.tb_next
+    return found
+
+
+def _memory_message(exc: BaseException) -> str:
+    detail = " ".join(str(exc).split())
+    detail = detail.split(" (Triggered internally", 1)[0][:300]
+    return ("out of memory" + (f": {detail}" if detail else "") +
+            "; use a smaller model, batch, window or length (or more memory)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     # import only the module of the command asked for (all of them for a bare --help)
     wanted = [a for a in argv if a in COMMAND_MODULES][:1] or None
+    command = f" {wanted[0]}" if wanted else ""
+
+    def fail(message: str) -> int:
+        message = " ".join(message.split())  # one line
+        print(f"seqlab{command}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
     try:
         parser, parsers = build_parser(wanted)
         config = _config_path(argv)
@@ -147,21 +268,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             _apply_config(parsers[wanted[0]], wanted[0], _load_toml(config), config, argv)
         args = parser.parse_args(argv)
         return int(args.func(args) or 0)
-    except (SeqlabError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+    except SeqlabError as exc:
         if debug:
             raise
-        command = f" {wanted[0]}" if wanted else ""
-        message = " ".join(str(exc).split())  # one line
-        print(f"seqlab{command}: error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return fail(str(exc))
+    except OSError as exc:  # FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ENOSPC ...
+        if debug or exc.errno not in USER_OS_ERRORS:
+            raise
+        return fail(_os_message(exc))
+    except UnicodeError as exc:  # undecodable input text, or a command-line argument that is not valid text
+        if debug:
+            raise
+        return fail(_decode_message(exc))
+    except MemoryError as exc:  # numpy's "Unable to allocate ..." is one
+        if debug:
+            raise
+        return fail(_memory_message(exc))
+    except RuntimeError as exc:  # torch's failed allocations; any other RuntimeError is a bug: its traceback shows
+        if debug or not any(marker in str(exc) for marker in _OUT_OF_MEMORY):
+            raise
+        return fail(_memory_message(exc))
     except ModuleNotFoundError as exc:
         top = (exc.name or "").split(".")[0]
         if debug or top not in EXTRAS:
             raise
-        command = f" {wanted[0]}" if wanted else ""
-        print(f"seqlab{command}: error: this needs the optional package {top!r}: "
-              f"pip install 'seqlab[{EXTRAS[top]}]'", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return fail(f"this needs the optional package {top!r}: pip install 'seqlab[{EXTRAS[top]}]'")
     except KeyboardInterrupt:
         print("seqlab: interrupted", file=sys.stderr)
         return 130

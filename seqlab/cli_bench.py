@@ -19,6 +19,7 @@ import platform
 import statistics
 import time
 
+from seqlab.cli_args import BIG, count, seed, threads
 from seqlab.errors import ConfigError
 
 VOCAB = 256
@@ -79,21 +80,73 @@ def _peers(model, with_ref: bool) -> dict:
     return peers
 
 
-def bench_one(ssm: str, args) -> list[dict]:
-    import torch
-
-    from seqlab import BackboneConfig, LanguageModel
+def _config(ssm: str, args):
+    from seqlab import BackboneConfig
 
     sizes = {"d_model": args.d_model, "n_layer": args.n_layer, "ssm": ssm}
     for name in ("d_state", "headdim", "chunk_size", "expand"):
         if getattr(args, name) is not None:
             sizes[name] = getattr(args, name)
     try:
-        config = BackboneConfig(**sizes)
+        return BackboneConfig(**sizes)
     except ConfigError as exc:
         from seqlab.cli_train import _flag_names
 
         raise ConfigError(_flag_names(str(exc), "BackboneConfig", {k: k for k in sizes})) from None
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still take (MemAvailable of /proc/meminfo, else the physical memory)."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def estimate_bytes(config, args) -> int:
+    """A lower bound of the CPU memory a bench of ``config`` takes: the weights (float32, and float64 for the
+    reference) and the float64 logits each CPU peer keeps for the comparison (the forwards' activations come on
+    top; measured peaks were 1.2 to 2 times this). The weights are counted on PyTorch's meta device (nothing is
+    allocated)."""
+    import torch
+
+    from seqlab import LanguageModel
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in LanguageModel(config, vocab_size=VOCAB).parameters())
+    tokens = args.batch * args.length
+    peers = 1 if args.no_ref else 2
+    return params * (4 + 8 * (peers - 1)) + tokens * (8 + VOCAB * 8 * peers)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def check_memory(config, args) -> None:
+    """Refuse, up front, a bench that cannot fit in this machine's free memory (a failed allocation deep in torch
+    can take the process down, or push the machine into swap, before Python sees a MemoryError)."""
+    need, have = estimate_bytes(config, args), available_memory()
+    if have is not None and need > have:
+        raise ConfigError(f"--d-model {args.d_model}, --n-layer {args.n_layer}, --batch {args.batch} x --length "
+                          f"{args.length} need at least {_gib(need)} of memory ({config.ssm}); this machine has "
+                          f"{_gib(have)} free: lower them{'' if args.no_ref else ', or pass --no-ref'}")
+
+
+def bench_one(ssm: str, args) -> list[dict]:
+    import torch
+
+    from seqlab import LanguageModel
+
+    config = _config(ssm, args)
+    check_memory(config, args)
     torch.manual_seed(args.seed)
     model = LanguageModel(config, vocab_size=VOCAB).eval()
     peers = _peers(model, not args.no_ref)
@@ -151,6 +204,8 @@ def _bench(args) -> int:
         if args.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    for ssm in args.ssm:  # every refusal before any work
+        check_memory(_config(ssm, args), args)
     info = machine()
     rows = []
     for ssm in args.ssm:
@@ -189,19 +244,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="examples: seqlab bench --quick;  seqlab bench --ssm mamba2 --length 8192 --threads 1 --no-ref")
     b.add_argument("--ssm", nargs="+", choices=("mamba1", "mamba2"), default=["mamba1", "mamba2"],
                    help="mixer kinds to time (default both)")
-    b.add_argument("--d-model", type=int, default=None, help="model width (default 256; --quick 64)")
-    b.add_argument("--n-layer", type=int, default=None, help="layers (default 4; --quick 2)")
-    b.add_argument("--d-state", type=int, default=None, help="SSM state size (default the mixer's)")
-    b.add_argument("--headdim", type=int, default=None, help="Mamba-2 head size (default 64)")
-    b.add_argument("--chunk-size", type=int, default=None, help="Mamba-2 SSD chunk (default 256)")
-    b.add_argument("--expand", type=int, default=None, help="inner width / d_model (default 2)")
-    b.add_argument("--length", type=int, default=None, help="tokens per sequence (default 2048; --quick 256)")
-    b.add_argument("--batch", type=int, default=1, help="sequences per forward (default 1)")
-    b.add_argument("--repeats", type=int, default=None, help="timed forwards; the median is shown (default 3; "
+    b.add_argument("--d-model", type=count(1, 1 << 16), default=None, help="model width (default 256; --quick 64)")
+    b.add_argument("--n-layer", type=count(1, 1024), default=None, help="layers (default 4; --quick 2)")
+    b.add_argument("--d-state", type=count(1, 1024), default=None, help="SSM state size (default the mixer's)")
+    b.add_argument("--headdim", type=count(1, 1 << 12), default=None, help="Mamba-2 head size (default 64)")
+    b.add_argument("--chunk-size", type=count(1, 1 << 16), default=None, help="Mamba-2 SSD chunk (default 256)")
+    b.add_argument("--expand", type=count(1, 64), default=None, help="inner width / d_model (default 2)")
+    b.add_argument("--length", type=count(1, BIG), default=None, help="tokens per sequence (default 2048; --quick 256)")
+    b.add_argument("--batch", type=count(1, 1 << 20), default=1, help="sequences per forward (default 1)")
+    b.add_argument("--repeats", type=count(1, 1000), default=None, help="timed forwards; the median is shown (default 3; "
                    "--quick 1)")
-    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's; 1 is steadiest "
+    b.add_argument("--threads", type=threads, default=None, help="torch CPU threads (default torch's; 1 is steadiest "
                    "on a shared machine)")
-    b.add_argument("--seed", type=int, default=0, help="seed of the weights and the input (default 0)")
+    b.add_argument("--seed", type=seed, default=0, help="seed of the weights and the input (default 0)")
     b.add_argument("--no-ref", action="store_true", help="skip the float64 reference (slow at long lengths)")
     b.add_argument("--quick", action="store_true", help="a small model and a short input: a few seconds")
     b.add_argument("--json", action="store_true", help="print the machine and the rows as one JSON object")

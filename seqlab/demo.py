@@ -34,6 +34,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from seqlab.cli_args import count, seed, threads
 from seqlab.errors import ConfigError, InputError
 
 MARKER = ".seqlab-demo"
@@ -624,7 +625,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "the demo's own outputs there, other files are left alone)")
     p.add_argument("--quick", action="store_true", help=f"tiny budget ({QUICK.steps} training steps): well under "
                    "two minutes on 2 cores")
-    p.add_argument("--steps", type=int, default=None, help=f"training steps (default {FULL.steps}, "
+    p.add_argument("--steps", type=count(1, 1 << 24), default=None, help=f"training steps (default {FULL.steps}, "
                    f"{QUICK.steps} with --quick; the memory fine-tune takes {FULL.memory_steps} more, "
                    f"{QUICK.memory_steps} with --quick)")
     p.add_argument("--text", nargs="+", metavar="FILE", default=None,
@@ -633,10 +634,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="score this file as the long sequence (default: 1 MiB of the corpus + stdlib sources)")
     p.add_argument("--prompt", default=None, help=f"prompt to continue (default {DEFAULT_PROMPT!r}, or the start "
                    "of the held-out text with --text)")
-    p.add_argument("--workers", type=int, default=2, help="Ray workers (CPUs of the local cluster; default 2)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of the demo process (default 1: a model "
+    p.add_argument("--workers", type=count(1, 256), default=2, help="Ray workers (CPUs of the local cluster; default 2)")
+    p.add_argument("--threads", type=threads, default=1, help="torch threads of the demo process (default 1: a model "
                    "this small trains fastest on one thread, and on a busy machine many times faster)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the model init, training and sampling (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the model init, training and sampling (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_handler)
 

@@ -57,7 +57,8 @@ def test_settings_from_a_toml_file_and_flags_win(tmp_path, fasta):
      "--adapter-settings must be a JSON object"),
     (("describe", "absent.zarr"), "absent.zarr"),
     (("ingest", "s.zarr", "g.fa", "--quiet"), "missing required setting(s) --adapter"),
-    (("ingest", "s.zarr", "g.fa", "--adapter", "dna", "--window", "x"), "argument --window: invalid int value"),
+    (("ingest", "s.zarr", "g.fa", "--adapter", "dna", "--window", "x"),
+     "argument --window: must be an integer in [1, 1073741824], got 'x'"),
     (("nothing",), "invalid choice: 'nothing'"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, fasta, args, message):

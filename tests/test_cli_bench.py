@@ -87,14 +87,16 @@ def test_json_rows_are_consistent(runs):
 
 def test_bad_settings_exit_2_with_one_line(runs, capsys):
     stdout, stderr, code = runs["bad"]
-    assert code == 2 and stderr.strip() == "seqlab bench: error: --length must be >= 1, got 0" and not stdout
+    assert code == 2 and not stdout and stderr.strip() == ("seqlab bench: error: argument --length: must be an integer "
+                                                           "in [1, 1073741824], got '0' (see 'seqlab bench --help')")
 
     from seqlab.cli import main
 
     for args, message in ((("--ssm", "mamba3"), "argument --ssm: invalid choice: 'mamba3'"),
-                          (("--repeats", "0"), "--repeats must be >= 1, got 0"),
-                          (("--threads", "0"), "--threads must be >= 1, got 0"),
-                          (("--batch", "x"), "argument --batch: invalid int value: 'x'"),
+                          (("--repeats", "0"), "argument --repeats: must be an integer in [1, 1000], got '0'"),
+                          (("--threads", "0"), "argument --threads: must be an integer in [1, 1024], got '0'"),
+                          (("--batch", "x"), "argument --batch: must be an integer in [1, 1048576], got 'x'"),
+                          (("--d-model", "1e300"), "argument --d-model: must be an integer in [1, 65536]"),
                           (("--quick", "--ssm", "mamba2", "--headdim", "48"), "divisible by headdim (48)")):
         assert main(["bench", *args]) == 2
         err = capsys.readouterr().err.strip()

@@ -470,3 +470,59 @@ def test_cli_score_joins_a_running_cluster_by_address(setup, tmp_path):
     got = outputs(tmp_path / "o.zarr")
     for name in ("a", "b"):
         np.testing.assert_allclose(got[name], direct_bits(setup["model"], store.read(name)), rtol=0, atol=1e-4)
+
+
+def test_a_request_no_actor_can_meet_fails_at_once_in_one_line(ray_cluster, setup, tmp_path, capsys):
+    """Issue 15: a GPU asked of a cluster without one (or more CPUs per actor than it has) is refused up front,
+    naming the resource, the request and what the cluster has, instead of waiting forever for an actor; a request
+    that fits once but not `concurrency` times runs (Ray queues the other actors) with a warning."""
+    import warnings
+
+    from seqlab import cli
+    from seqlab.errors import BackendUnavailableError
+
+    total = ray.cluster_resources().get("CPU", 0)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    with pytest.raises(BackendUnavailableError, match=rf"num_gpus={gpus + 1:g} \(--num-gpus {gpus + 1:g}: GPUs per "
+                       rf"actor\) is more than this machine's Ray cluster has: {gpus:g} GPUs in all"):
+        embed(setup["model_path"], setup["store"], tmp_path / "gpu.zarr", window=WINDOW, num_gpus=gpus + 1)
+    code = cli.main(["score", setup["store"], str(tmp_path / "cpu.zarr"), "--model", setup["model_path"],
+                     "--num-cpus", str(total + 1), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"--num-cpus {total + 1:g}: CPUs per actor) is more than this machine's Ray cluster has: {total:g} CPUs" \
+        in err, err
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        result = score(setup["model_path"], setup["store"], tmp_path / "queued.zarr", window=WINDOW,
+                       num_cpus=total, concurrency=2, names=["b"])
+    assert result.done == ["b"]
+    assert any("cannot run all 2 actors at once" in str(w.message) for w in seen), [str(w.message) for w in seen]
+
+
+def test_generate_one_suppresses_the_adapters_specials_and_stops_at_its_end(tmp_path):
+    """The generate job's work item asks the model's adapter for its generation options: a DNA model never emits
+    its special ids (unless allow_specials) and stops at <eos>; the job's options record allow_specials."""
+    from seqlab.domains.dna import DNAAdapter
+    from seqlab.generate import generate as direct
+
+    torch.manual_seed(3)
+    adapter = DNAAdapter()
+    model = adapter.build_model(BackboneConfig(d_model=16, n_layer=1, d_state=4)).eval()
+    store = SequenceStore(tmp_path / "dna.zarr", "w")
+    store.write("s", [adapter.encode("ACGTACGGTTACGATCGA")], adapter=adapter)
+    options = adapter.generation_options()
+    assert options["suppress_tokens"]  # the test means something only if there are specials to suppress
+    for allow in (False, True):
+        got = []
+        ray_jobs._generate_one(model, store, "s", 8, {"max_new_tokens": 40, "temperature": 3.0, "seed": 1,
+                                                      "allow_specials": allow}, got.append, adapter)
+        prompt = store.read("s")
+        seed = (1 + zlib.crc32(b"s")) % (1 << 31)
+        expected = direct(model, prompt, 40, temperature=3.0, seed=seed,
+                          **adapter.generation_options(allow_specials=allow)).tokens[0]
+        assert got[0].tolist() == expected
+        if not allow:
+            assert not set(expected) & set(options["suppress_tokens"])
+    with pytest.raises(ConfigError, match="allow_specials must be True or False"):
+        generate(tmp_path / "m", store.where, tmp_path / "o", allow_specials="yes")
