@@ -171,7 +171,7 @@ def _repair(args) -> int:
     else:
         for note in report["notes"]:
             print(note)
-        lost = ", ".join(f"{a}..{b - 1}" for a, b in report["lost_events"]) or "none"
+        lost = ", ".join(f"{a}..{b - 1}" if b > a + 1 else str(a) for a, b in report["lost_events"]) or "none"
         print(f"repaired {args.session}: {report['events']} events follow from snapshot {report['snapshot']}; "
               f"events recorded as lost: {lost}; the original bytes are in {args.session}/{report['aside']} "
               "(with report.json); see repair.log")

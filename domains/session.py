@@ -1036,8 +1036,8 @@ class MemorySession:
                     expected = following
                     continue
                 changes[name], end = rebuilt(k, log, expected, following, True)
-                notes.append(f"{name}: {why(log)}; kept events {expected}..{end - 1}"
-                             + (f", recorded events {end}..{following - 1} as lost" if following > end else ""))
+                notes.append(f"{name}: {why(log)}; kept {_span(expected, end)}"
+                             + (f", recorded {_span(end, following)} as lost" if following > end else ""))
                 expected = following
                 continue
             if k == current:
@@ -1053,7 +1053,7 @@ class MemorySession:
                 expected = log.end
                 continue
             changes[name], end = rebuilt(k, log, expected, None, False)
-            notes.append(f"{name}: {why(log)}; kept events {expected}..{end - 1} of it, set the rest aside")
+            notes.append(f"{name}: {why(log)}; kept {_span(expected, end)} of it, set the rest aside")
             for j in (j for j in logs if j > k):
                 changes[_log_name(j)] = None
                 notes.append(f"{_log_name(j)}: follows the damage in {name}; set aside")
@@ -1116,6 +1116,10 @@ class MemorySession:
 
 
 # ------------------------------------------------------------------------------------------------------
+def _span(a: int, b: int) -> str:
+    return "no events" if b <= a else f"event {a}" if b == a + 1 else f"events {a}..{b - 1}"
+
+
 def _check_keep(keep, what: str) -> int | None:
     if keep is not None and (type(keep) is not int or keep < 1):
         raise ConfigError(f"{what} must be an integer >= 1 or None, got {keep!r}")
