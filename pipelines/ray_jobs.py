@@ -548,10 +548,10 @@ def run_job(job: str, model_path, store, output, *, names=None, window: int = 40
     if mode == "segments":
         if job == "generate":
             raise ConfigError("generate continues each sequence from its end: it has no segments mode")
-        _check_int(segment_length, "segment_length")
+        _check_int(segment_length, "segment_length (--segment-length; segments mode needs it)")
         if job == "embed" and segment_length % window:
-            raise ConfigError(f"embed in segments mode needs segment_length ({segment_length}) to be a multiple "
-                              f"of window ({window}), so segments hold whole windows")
+            raise ConfigError(f"embed in segments mode needs segment_length (--segment-length {segment_length}) to be "
+                              f"a multiple of window (--window {window}), so segments hold whole windows")
     options = dict(options or {})
     if job == "generate":
         _check_int(options.get("max_new_tokens"), "max_new_tokens", low=0)

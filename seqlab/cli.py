@@ -194,11 +194,15 @@ def _apply_config(parser: argparse.ArgumentParser, command: str, table: dict, pa
         action_parser.set_defaults(**_config_defaults(action_parser, own[name], path, f"{command} {name}"))
 
 
-#: OSError kinds a user causes (a path of the wrong kind, no permission, a full or read-only disk ...): one line
-#: naming the path, not a traceback. Other OSErrors (EIO, a broken pipe, EBADF ...) are not the user's doing.
+#: OSError kinds a user or the machine causes (a path of the wrong kind, no permission, a full or read-only disk, a
+#: device that fails to read ...): one line naming the path, not a traceback. Others (EBADF, EINVAL, a broken
+#: pipe ...) point at our code: their traceback shows.
 USER_OS_ERRORS = frozenset(getattr(errno, name) for name in (
     "ENOENT", "EACCES", "EPERM", "EISDIR", "ENOTDIR", "ENOSPC", "EDQUOT", "EROFS", "ELOOP", "ENAMETOOLONG",
-    "EEXIST", "ENOTEMPTY", "EFBIG", "EMLINK", "EXDEV", "ETXTBSY") if hasattr(errno, name))
+    "EEXIST", "ENOTEMPTY", "EFBIG", "EMLINK", "EXDEV", "ETXTBSY", "EBUSY", "EIO", "ENXIO", "ENODEV", "ESTALE")
+    if hasattr(errno, name))
+#: raised by our own code with a message and no errno (``FileNotFoundError("x: no checkpoint here")``)
+USER_OS_CLASSES = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
 
 #: what torch says when an allocation fails (CPU: RuntimeError from DefaultCPUAllocator; CUDA: OutOfMemoryError,
 #: a RuntimeError subclass)
@@ -207,11 +211,15 @@ _OUT_OF_MEMORY = ("can't allocate memory", "out of memory", "Cannot allocate mem
 
 def _os_message(exc: OSError) -> str:
     """``PATH: what went wrong`` (both paths of a rename or link)."""
+    if exc.errno is None:  # raised by our code with its own message
+        return str(exc)
     reason = exc.strerror or type(exc).__name__
     if exc.errno == errno.ENOSPC:
         reason += " (the disk is full: nothing was replaced; free space and run the command again)"
     where = [os.fsdecode(p) for p in (exc.filename, exc.filename2) if p is not None]
-    return f"{' -> '.join(where)}: {reason}" if where else f"{reason}: {exc}"
+    if not where:  # a read or write on an open file: the file our code had in hand
+        where = [p for p in [_path_in_traceback(exc)] if p]
+    return f"{' -> '.join(where)}: {reason}" if where else f"{reason} ({exc})"
 
 
 def _decode_message(exc: UnicodeError) -> str:
@@ -273,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         return fail(str(exc))
     except OSError as exc:  # FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ENOSPC ...
-        if debug or exc.errno not in USER_OS_ERRORS:
+        if debug or not (exc.errno in USER_OS_ERRORS or isinstance(exc, USER_OS_CLASSES)):
             raise
         return fail(_os_message(exc))
     except UnicodeError as exc:  # undecodable input text, or a command-line argument that is not valid text

@@ -290,7 +290,7 @@ def _decode_in(path):
 @pytest.mark.parametrize("number, name", [(errno.ENOSPC, "ENOSPC"), (errno.EROFS, "EROFS"), (errno.EACCES, "EACCES"),
                                           (errno.ELOOP, "ELOOP"), (errno.ENAMETOOLONG, "ENAMETOOLONG"),
                                           (errno.EISDIR, "EISDIR"), (errno.ENOTDIR, "ENOTDIR"),
-                                          (errno.EDQUOT, "EDQUOT")])
+                                          (errno.EDQUOT, "EDQUOT"), (errno.EIO, "EIO")])
 def test_os_errors_a_user_causes_are_one_line_naming_the_path(boom, capsys, number, name):
     code, _, err = boom(_raise(OSError(number, os.strerror(number), "/data/out.zarr/c/0")), capsys)
     line = one_line(err)
@@ -319,7 +319,7 @@ def test_out_of_memory_is_one_line_saying_what(boom, capsys, exc, shown):
 
 
 @pytest.mark.parametrize("exc", [ValueError("a bug"), RuntimeError("shape mismatch in our code"), TypeError("bug"),
-                                 OSError(errno.EIO, "Input/output error"), KeyError("k")])
+                                 OSError(errno.EBADF, "Bad file descriptor"), KeyError("k")])
 def test_a_real_bug_still_shows_its_traceback(boom, capsys, exc):
     with pytest.raises(type(exc)):
         boom(_raise(exc), capsys)
@@ -354,10 +354,14 @@ def test_prompt_file_of_the_wrong_kind_is_one_line(tmp_path, capsys, byte_model)
     for path, reason in [(tmp_path / "loop", "Too many levels of symbolic links"),
                          (tmp_path / ("n" * 5000), "File name too long"),
                          (tmp_path, "Is a directory"),
-                         (tmp_path / "f.txt" / "x", "Not a directory")]:
+                         (tmp_path / "f.txt" / "x", "Not a directory")] + \
+            ([("/proc/self/mem", "Input/output error")] if os.path.exists("/proc/self/mem") else []):
         code, _, err = run(["generate", "--model", byte_model, "--prompt-file", path], capsys)
         line = one_line(err)
         assert code == 2 and reason in line and str(path)[:100] in line, line
+    # a folder given as the model: our FileNotFoundError with its own message (no errno) is one line too
+    code, _, err = run(["generate", "--model", tmp_path, "--prompt", "x"], capsys)
+    assert code == 2 and f"{tmp_path}: no checkpoint here" in one_line(err)
 
 
 def test_a_prompt_that_is_not_text_is_one_line(capsys, byte_model):
@@ -399,3 +403,16 @@ def test_bench_too_big_for_memory_is_refused_up_front(capsys):
     line = one_line(err)
     assert code == 2 and out == ""
     assert "--length 1073741824 need at least" in line and "GiB of memory" in line and "free" in line, line
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["score", "--mode", "segments"], "segment_length (--segment-length; segments mode needs it) must be"),
+    (["embed", "--mode", "segments", "--segment-length", "100", "--window", "64"],
+     "(--segment-length 100) to be a multiple of window (--window 64)"),
+])
+def test_job_settings_are_named_in_cli_terms(tmp_path, capsys, argv, words):
+    """Refused before any store, model or cluster is touched; the line names the flags."""
+    code, _, err = run([argv[0], tmp_path / "in.zarr", tmp_path / "out.zarr", "--model", tmp_path / "m", *argv[1:]],
+                       capsys)
+    assert code == 2 and words in one_line(err)
+    assert not (tmp_path / "out.zarr").exists()
