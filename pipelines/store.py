@@ -417,8 +417,8 @@ class SequenceStore:
             raise CorruptFileError(f"sequence store {self.where}: sequence {name!r}: metadata is unreadable: {file}: "
                                    f"{type(exc).__name__}: {exc}") from None
         if "seqlab_sequence" not in attrs or "length" not in attrs:
-            raise CorruptFileError(f"sequence store {self.where}: {name!r} is a Zarr array without seqlab "
-                                   f"sequence attrs (length, complete, ...) in {file}")
+            raise CorruptFileError(f"sequence store {self.where}: sequence {name!r}: {file}: a Zarr array without "
+                                   "seqlab sequence attrs (seqlab_sequence, length, complete, ...)")
 
         def bad(attr: str, what: str) -> CorruptFileError:
             return CorruptFileError(f"{where}: attr {attr!r} is {attrs.get(attr)!r}, {what}")

@@ -5,19 +5,24 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import tracemalloc
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from seqlab.domains import register_adapter
 from seqlab.domains.testing import FramesTestAdapter
-from seqlab.errors import CorruptFileError, InputError
+from seqlab.errors import CorruptFileError, InputError, SeqlabError
 from seqlab.pipelines.store import SequenceStore, ingest, sequence_name
 
 # The same small streaming adapter, as source text, so that the writer subprocesses below use it too.
@@ -394,3 +399,141 @@ def test_concurrent_writers_of_different_sequences(tmp_path):
     assert store.list(incomplete=False) == ["a", "b"]
     for name, data in sources.items():
         assert np.array_equal(store.read(name).numpy(), _ids(data))
+
+
+# ------------------------------------------------------------------------------------------------------
+# damaged metadata: the damaged sequence is named, listing and the healthy sequences keep working
+
+_SEQUENCES = {"a": [1, 2, 3, 4, 5], "b": [7, 8, 9], "c": [250, 0, 13, 13]}
+
+
+def _small_store(path: Path) -> Path:
+    store = SequenceStore(path, mode="w")
+    for name, values in _SEQUENCES.items():
+        store.append(name, torch.tensor(values), adapter=BlockBytes(), chunk_elements=2)
+    return path
+
+
+def _edit_attr(raw: bytes, attr: str, value) -> bytes:
+    meta = json.loads(raw)
+    meta["attributes"][attr] = value
+    return json.dumps(meta).encode()
+
+
+_DAMAGES = st.one_of(
+    st.just(("empty",)),
+    st.tuples(st.just("cut"), st.floats(0, 1, exclude_max=True)),
+    st.tuples(st.just("flip"), st.floats(0, 1, exclude_max=True), st.integers(0, 7)),
+    st.tuples(st.just("bytes"), st.binary(max_size=40)),
+    st.tuples(st.just("attr"), st.sampled_from(["length", "complete", "kind", "adapter", "seqlab_sequence",
+                                                "vocab_size", "source", "record", "seqlab_check"]),
+              st.sampled_from([None, -1, 2, 10**20, 1.5, True, "x", [], {}, {"name": 5}])),
+)
+
+
+def _damage(raw: bytes, damage) -> bytes:
+    kind = damage[0]
+    if kind == "empty":
+        return b""
+    if kind == "cut":
+        return raw[:int(damage[1] * len(raw))]
+    if kind == "flip":
+        at = int(damage[1] * len(raw))
+        return raw[:at] + bytes([raw[at] ^ (1 << damage[2])]) + raw[at + 1:]
+    if kind == "bytes":
+        return damage[1]
+    return _edit_attr(raw, damage[1], damage[2])
+
+
+@pytest.fixture(scope="module")
+def template_store(tmp_path_factory):
+    return _small_store(tmp_path_factory.mktemp("template") / "s.zarr")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(damage=_DAMAGES)
+def test_a_damaged_sequence_metadata_is_named_and_the_others_still_work(template_store, tmp_path, damage):
+    with tempfile.TemporaryDirectory(dir=tmp_path) as folder:
+        path = Path(folder) / "s.zarr"
+        shutil.copytree(template_store, path)
+        meta = path / "b" / "zarr.json"
+        meta.write_bytes(_damage(meta.read_bytes(), damage))
+        store = SequenceStore(path, mode="r")
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            listed = store.list()
+        damaged = store.damaged()
+        assert {"a", "c"} <= set(listed) and set(listed) | set(damaged) == set(_SEQUENCES)
+        assert "a" in store and "b" in store and "c" in store and "d" not in store
+        for name in ("a", "c"):
+            assert store.read(name).tolist() == _SEQUENCES[name]
+        if "b" in listed:  # harmless damage (e.g. a byte zarr does not use): the data reads back whole or not at all
+            try:
+                assert store.read("b").tolist() == _SEQUENCES["b"]
+            except SeqlabError as exc:
+                assert "'b'" in str(exc)
+        else:
+            assert "'b'" in damaged["b"] and "b/zarr.json" in damaged["b"]
+            with pytest.raises(CorruptFileError, match=r"sequence 'b'.*b/zarr\.json"):
+                store.describe("b")
+            with pytest.raises(CorruptFileError, match=r"sequence 'b'.*b/zarr\.json"):
+                store.read("b")
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(damage=_DAMAGES.filter(lambda d: d[0] != "attr"))
+def test_a_damaged_store_metadata_is_named_and_never_overwritten(template_store, tmp_path, damage):
+    with tempfile.TemporaryDirectory(dir=tmp_path) as folder:
+        path = Path(folder) / "s.zarr"
+        shutil.copytree(template_store, path)
+        meta = path / "zarr.json"
+        broken = _damage(meta.read_bytes(), damage)
+        meta.write_bytes(broken)
+        for mode in ("r", "a"):
+            try:
+                store = SequenceStore(path, mode=mode)
+            except SeqlabError as exc:  # named: the store, and the file when its content is at fault
+                assert str(path) in str(exc)
+                assert meta.read_bytes() == broken  # mode "a" did not "repair" it by starting a new store
+                continue
+            assert store.list() == sorted(_SEQUENCES)
+            assert all(store.read(n).tolist() == v for n, v in _SEQUENCES.items())
+
+
+def test_seqlab_attrs_carry_a_checksum(tmp_path):
+    path = _small_store(tmp_path / "s.zarr")
+    meta = path / "a" / "zarr.json"
+    meta.write_bytes(_edit_attr(meta.read_bytes(), "length", 4))  # valid JSON, a plausible length: still caught
+    store = SequenceStore(path, mode="r")
+    with pytest.warns(UserWarning, match=r"1 damaged sequence\(s\) left out of the list: a"):
+        assert store.list() == ["b", "c"]
+    with pytest.raises(CorruptFileError, match=r"sequence 'a': .*a/zarr\.json: the seqlab attrs do not match their "
+                                               "checksum"):
+        store.read("a")
+
+
+def test_damaged_sequences_in_describe_ingest_and_delete(tmp_path, capsys):
+    from seqlab.cli import main
+
+    path = _small_store(tmp_path / "s.zarr")
+    (path / "b" / "zarr.json").write_bytes(b"")
+    assert main(["describe", str(path)]) == 1
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["a", "b", "c"]
+    assert lines[0].split("\t")[1:3] == ["5", "tokens"] and lines[2].endswith("complete")
+    assert "DAMAGED" in lines[1] and "b/zarr.json" in lines[1]
+    assert err.count("\n") == 1 and "damaged sequence 'b'" in err and "Traceback" not in err
+    assert main(["describe", str(path), "a"]) == 0
+    capsys.readouterr()
+    # ingest does not replace a damaged sequence unless asked; delete removes it
+    source = tmp_path / "b.bin"
+    source.write_bytes(b"xyz")
+    with pytest.raises(CorruptFileError, match=r"sequence 'b'.*replaces a damaged sequence only with overwrite=True"):
+        ingest(path, source, BlockBytes())
+    assert ingest(path, source, BlockBytes(), overwrite=True)[0].action == "replaced"
+    assert SequenceStore(path).read("b").tolist() == list(b"xyz")
+    (path / "c" / "zarr.json").write_bytes(b"{")
+    store = SequenceStore(path)
+    store.delete("c")
+    assert store.list() == ["a", "b"] and store.damaged() == {}
