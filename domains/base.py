@@ -127,12 +127,15 @@ def adapter_from_checkpoint(path: str | os.PathLike) -> "Adapter":
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(latest_checkpoint(path), "model.safetensors")
-    _, meta = read_tensors(path, kind=MODEL_FORMAT, version=FORMAT_VERSION)
+    _, meta = read_tensors(path, kind=MODEL_FORMAT, version=FORMAT_VERSION, full_checksum_since=2)
     info = meta.get("adapter")
     if not info:
         raise CorruptFileError(f"{path}: this model file records no adapter (it was not built with "
                                "Adapter.build_model)")
-    return adapter_from_info(info)
+    try:
+        return adapter_from_info(info)
+    except ConfigError as exc:
+        raise CorruptFileError(f"{path}: recorded adapter: {exc}") from None
 
 
 def model_from_checkpoint(path: str | os.PathLike, device=None) -> tuple[torch.nn.Module, "Adapter"]:
@@ -145,15 +148,21 @@ def model_from_checkpoint(path: str | os.PathLike, device=None) -> tuple[torch.n
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(latest_checkpoint(path), "model.safetensors")
-    _, meta = read_tensors(path, kind=MODEL_FORMAT, version=FORMAT_VERSION)
+    _, meta = read_tensors(path, kind=MODEL_FORMAT, version=FORMAT_VERSION, full_checksum_since=2)
     info, config = meta.get("adapter"), meta.get("config")
     if not info:
         raise CorruptFileError(f"{path}: this model file records no adapter (it was not built with "
                                "Adapter.build_model); build the model yourself and use seqlab.checkpoint.load_model")
     if not config:
         raise CorruptFileError(f"{path}: this model file records no backbone config")
-    adapter = adapter_from_info(info)
-    model = adapter.build_model(BackboneConfig.from_dict(config), **dict(info.get("model") or {}))
+    from seqlab.checkpoint import model_file_config
+
+    backbone = model_file_config(path, meta)  # a bad key or value: CorruptFileError naming the file and key
+    try:
+        adapter = adapter_from_info(info)
+        model = adapter.build_model(backbone, **dict(info.get("model") or {}))
+    except (ConfigError, TypeError, ValueError, AttributeError) as exc:
+        raise CorruptFileError(f"{path}: recorded adapter or model options do not build a model: {exc}") from None
     if device is not None:
         model = model.to(device)
     load_model(path, model)

@@ -29,7 +29,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from seqlab.errors import ConfigError, InputError
+from seqlab import cli_args
+from seqlab.errors import ConfigError, CorruptFileError, InputError
 
 RUN_FILE = "run.json"
 MODEL_FILE = "model.safetensors"
@@ -46,8 +47,33 @@ TRAIN_FLAGS = {"steps": "max_steps", "batch_size": "batch_size", "window": "wind
                "min_lr_ratio": "min_lr_ratio", "weight_decay": "weight_decay", "warmup": "warmup_steps",
                "grad_accum": "grad_accum", "grad_clip": "grad_clip", "eval_every": "eval_every",
                "eval_windows": "eval_windows", "checkpoint_every": "checkpoint_every", "seed": "seed",
-               "bf16": "bf16", "carry_state": "carry_state"}
+               "bf16": "bf16", "carry_state": "carry_state", "keep_checkpoints": "keep_checkpoints"}
 CLI_TRAIN_DEFAULTS = {"checkpoint_every": 100, "eval_every": 100}
+RUN_FORMAT_VERSION = 2           # run.json: 2 carries a checksum of its contents
+
+
+def _keep(text: str):
+    """--keep-checkpoints: an int >= 1, or 'all' (kept as the string; TrainConfig gets None)."""
+    if str(text).strip().lower() == "all":
+        return "all"
+    try:
+        return cli_args.count(1, cli_args.BIG)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be an integer in [1, {cli_args.BIG}] or 'all', got {text!r}") from None
+
+
+#: argparse types of the numeric options (seqlab.cli_args); TrainConfig and BackboneConfig check the same ranges
+#: for values that come from a --config TOML file or a recorded run, which argparse never converts
+TRAIN_TYPES = {"steps": cli_args.count(1), "batch_size": cli_args.count(1), "window": cli_args.count(1),
+               "lr": cli_args.number(1e-12, 100), "min_lr_ratio": cli_args.number(0, 1),
+               "weight_decay": cli_args.number(0, 100), "warmup": cli_args.count(0),
+               "grad_accum": cli_args.count(1), "grad_clip": cli_args.number(1e-12, 1e12),
+               "eval_every": cli_args.count(0), "eval_windows": cli_args.count(1),
+               "checkpoint_every": cli_args.count(1), "seed": cli_args.seed, "keep_checkpoints": _keep}
+MODEL_TYPES = {"d_model": cli_args.count(1, 1 << 16), "n_layer": cli_args.count(1, 1024),
+               "d_state": cli_args.count(1, 1 << 12), "d_conv": cli_args.count(1, 64), "expand": cli_args.count(1, 64),
+               "headdim": cli_args.count(1, 1 << 12), "chunk_size": cli_args.count(1, 1 << 16)}
+EVAL_FRACTION = cli_args.number(0, 1, low_open=True, high_open=True)
 
 
 def _flag(name: str) -> str:
@@ -57,10 +83,11 @@ def _flag(name: str) -> str:
 def _torch_setup(args) -> None:
     import torch
 
-    if getattr(args, "threads", None) is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cli_args.MAX_THREADS:
+            raise ConfigError(f"--threads must be an integer in [1, {cli_args.MAX_THREADS}], got {threads!r}")
+        torch.set_num_threads(threads)
 
 
 def _device(name: str | None):
@@ -350,36 +377,62 @@ def _reader_pieces(reader, window: int) -> Iterator:
 # seqlab train
 
 
+def _run_checksum(record: dict) -> str:
+    import hashlib
+
+    body = {k: v for k, v in record.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _write_run(out: Path, record: dict) -> None:
+    """run.json, with a checksum of its contents (a resume trusts its data and settings)."""
+    from seqlab.io import atomic_write_bytes
+
+    record = {k: v for k, v in record.items() if k != "checksum"}
+    record["format_version"] = RUN_FORMAT_VERSION
+    record["checksum"] = _run_checksum(record)
+    atomic_write_bytes(out / RUN_FILE, (json.dumps(record, indent=2) + "\n").encode())
+
+
 def _read_run(out: Path) -> dict:
+    """The run recorded in ``out/run.json`` ({} when there is none); a damaged or edited file is refused."""
     path = out / RUN_FILE
     if not path.is_file():
         return {}
     try:
-        run = json.loads(path.read_text())
-    except ValueError as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from None
+        run = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as exc:
+        raise CorruptFileError(f"{path}: not valid JSON, damaged or truncated ({' '.join(str(exc).split())})") \
+            from None
     if not isinstance(run, dict):
-        raise InputError(f"{path}: not a seqlab train run file")
+        raise CorruptFileError(f"{path}: not a seqlab train run file (not a JSON object)")
+    version = run.get("format_version", 1)
+    if "checksum" in run or version != 1:
+        if run.get("checksum") != _run_checksum(run):
+            raise CorruptFileError(f"{path}: checksum mismatch, the file was altered or damaged (start over with "
+                                   "--overwrite, or restore the file)")
+    for key, kind in (("train", dict), ("data", dict), ("model", dict), ("adapter", dict)):
+        if key in run and not isinstance(run[key], kind):
+            raise CorruptFileError(f"{path}: {key} is not a JSON object")
     return run
 
 
 def _checkpoint_settings(out: Path) -> tuple[dict, dict, dict]:
     """(adapter info, backbone config dict, train config dict) recorded in the latest checkpoint of ``out``."""
-    from seqlab.checkpoint import (
-        FORMAT_VERSION,
-        MODEL_FORMAT,
-        TRAINER_FORMAT,
-        latest_checkpoint,
-    )
-    from seqlab.safetensors_io import read_tensors
+    from seqlab.checkpoint import latest_checkpoint, model_file_config, read_model_file, read_trainer_file
 
     folder = latest_checkpoint(out)
-    _, meta = read_tensors(folder / "model.safetensors", kind=MODEL_FORMAT, version=FORMAT_VERSION)
-    _, trainer_meta = read_tensors(folder / "trainer.safetensors", kind=TRAINER_FORMAT, version=FORMAT_VERSION)
+    _, meta = read_model_file(folder / "model.safetensors")
+    _, trainer_meta = read_trainer_file(folder / "trainer.safetensors")
     if not meta.get("adapter") or not meta.get("config"):
         raise InputError(f"{folder}: the checkpoint records no adapter or model config (not made by seqlab train "
                          "or a model built by an adapter): it cannot be resumed from the command line")
-    return meta["adapter"], meta["config"], dict((trainer_meta.get("trainer") or {}).get("config") or {})
+    model_file_config(folder / "model.safetensors", meta)  # a bad key or value names the file
+    trainer = trainer_meta.get("trainer")
+    config = trainer.get("config") if isinstance(trainer, dict) else None
+    if not isinstance(meta["adapter"], dict) or not isinstance(config or {}, dict):
+        raise CorruptFileError(f"{folder}: the recorded adapter or training settings are not JSON objects")
+    return meta["adapter"], meta["config"], dict(config or {})
 
 
 def _holds_run(out: Path) -> str | None:
@@ -406,6 +459,39 @@ def _set_aside_previous_run(out: Path) -> None:
             entry.rename(previous / entry.name)
 
 
+def _check_args(args, train: bool) -> None:
+    """Settings from a --config TOML file reach ``args`` without argparse's types (a TOML number or list is never
+    converted): check each one as its flag would be, so that a bad value is refused naming the flag."""
+    types = ({**TRAIN_TYPES, **MODEL_TYPES, "eval_fraction": EVAL_FRACTION, "threads": cli_args.threads} if train
+             else {"window": cli_args.count(1), "threads": cli_args.threads})
+    for name, parse in types.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{_flag(name)} must be a number, got {value!r}")
+        try:
+            setattr(args, name, parse(str(value)))
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(f"{_flag(name)}: {exc}") from None
+    flags = ("resume", "overwrite", "quiet", "json", "bf16", "carry_state") if train else ("quiet", "json")
+    for name in flags:
+        value = getattr(args, name, None)
+        if value is not None and not isinstance(value, bool):
+            raise ConfigError(f"{_flag(name)} must be true or false, got {value!r}")
+    lists = ("files", "eval", "sequences", "eval_sequences") if train else ("files", "sequences")
+    for name in lists:
+        value = getattr(args, name, None)
+        if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
+            raise ConfigError(f"{_flag(name) if name != 'files' else 'FILE...'} must be a list of names, "
+                              f"got {value!r}")
+    texts = ("out", "domain", "store", "device") if train else ("model", "store", "device")
+    for name in texts:
+        value = getattr(args, name, None)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{_flag(name) if name != 'model' else 'MODEL'} must be a string, got {value!r}")
+
+
 def _train_settings(args, recorded: dict, resuming: bool) -> dict:
     from seqlab.train import TrainConfig
 
@@ -427,6 +513,8 @@ def _train_config(settings: dict, out: Path, progress: bool, has_eval: bool):
     if not has_eval:
         settings["eval_every"] = 0
     settings.update(checkpoint_dir=str(out), log_path=str(out / LOG_FILE), progress=progress)
+    if settings.get("keep_checkpoints") == "all":
+        settings["keep_checkpoints"] = None
     if settings.get("checkpoint_every", 0) == 0:
         raise ConfigError("--checkpoint-every must be >= 1 (seqlab train always keeps a checkpoint to resume from)")
     try:
@@ -497,10 +585,10 @@ def _train(args) -> int:
 
     from seqlab.checkpoint import has_checkpoint, save_model
     from seqlab.cli import require
-    from seqlab.io import atomic_write_bytes
     from seqlab.train import Trainer
 
     require(args, "out")
+    _check_args(args, train=True)
     _torch_setup(args)
     if args.resume and args.overwrite:
         raise ConfigError("--resume continues the run in --out, --overwrite replaces it: give one of them")
@@ -512,17 +600,29 @@ def _train(args) -> int:
         raise InputError(f"--out {out} already holds {held}: pass --resume to continue it or --overwrite to "
                          "start over")
     resuming = bool(args.resume and has_checkpoint(out))
-    run = _read_run(out) if resuming else {}
+    run = _read_run(out) if args.resume else {}
+    restarting = bool(args.resume and not resuming and run.get("data"))
     if resuming:
         adapter_info, model_config, recorded_train = _checkpoint_settings(out)
         recorded_train = {**recorded_train, **run.get("train", {})}
+    elif restarting:  # stopped before its first checkpoint: the same run again, from step 0
+        adapter_info, model_config = run.get("adapter"), run.get("model")
+        from seqlab.config import BackboneConfig
+
+        try:
+            BackboneConfig.from_dict(model_config or {})
+        except ConfigError as exc:
+            raise CorruptFileError(f"{out / RUN_FILE}: recorded model config: {exc}") from None
+        recorded_train = dict(run.get("train") or {})
+        print(f"seqlab train: no checkpoint in {out} yet (the run stopped before its first one): starting it again "
+              f"from step 0 with the data and settings in {out / RUN_FILE}", file=sys.stderr)
     else:
         adapter_info, model_config, recorded_train = None, None, {}
-        if args.resume and not args.quiet:
+        if args.resume:
             print(f"seqlab train: no checkpoint in {out} yet: starting a new run", file=sys.stderr)
     progress = not args.quiet
     device = _device(args.device)
-    settings = _train_settings(args, recorded_train, resuming)
+    settings = _train_settings(args, recorded_train, resuming or restarting)
     backbone = _backbone(args, model_config)
     spec = _data_spec(args, run.get("data"))
     batch_size, window = settings.get("batch_size", 8), settings.get("window", 256)
@@ -570,7 +670,7 @@ def _train(args) -> int:
               "model_options": options, "train": {k: v for k, v in config.to_dict().items()
                                                   if k not in ("checkpoint_dir", "log_path", "progress")},
               "data": data.spec, "train_elements": data.train_elements}
-    atomic_write_bytes(out / RUN_FILE, (json.dumps(record, indent=2) + "\n").encode())
+    _write_run(out, record)
     start_step, started = trainer.step, time.perf_counter()
     records = trainer.fit()  # checkpoints every --checkpoint-every steps and at the last one
     seconds = time.perf_counter() - started
@@ -588,7 +688,7 @@ def _train(args) -> int:
         summary.update(held_out=result["metric"], held_out_targets=result["targets"],
                        held_out_inputs=result["inputs"])
     record["summary"] = summary
-    atomic_write_bytes(out / RUN_FILE, (json.dumps(record, indent=2) + "\n").encode())
+    _write_run(out, record)
     if (out / PREVIOUS).exists():
         shutil.rmtree(out / PREVIOUS)
     _print_train_summary(summary, args.json)
@@ -645,9 +745,8 @@ def _eval(args) -> int:
 
     if not args.model:
         raise ConfigError("missing MODEL: a model file (model.safetensors) or a training checkpoint folder")
+    _check_args(args, train=False)
     _torch_setup(args)
-    if isinstance(args.window, bool) or args.window < 1:
-        raise ConfigError(f"--window must be >= 1, got {args.window}")
     if bool(args.files) == bool(args.store):
         raise ConfigError("give the held-out data as FILE... or as --store S.zarr (one of them)")
     if not os.path.exists(args.model):
@@ -712,7 +811,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--adapter-settings", metavar="JSON", help='adapter settings, e.g. \'{"utf8": true}\'')
     data.add_argument("--eval", nargs="+", metavar="FILE", help="held-out files (put this after the training "
                       "files)")
-    data.add_argument("--eval-fraction", type=float, metavar="F", help="hold out the last F of the encoded data")
+    data.add_argument("--eval-fraction", type=EVAL_FRACTION, metavar="F", help="hold out the last F of the encoded data")
     data.add_argument("--store", metavar="S.zarr", help="train from a sequence store (written by seqlab ingest)")
     data.add_argument("--sequences", nargs="+", metavar="NAME", help="stored sequences to train on (default: all "
                       "complete ones but the --eval-sequences)")
@@ -724,36 +823,40 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--overwrite", action="store_true", help="start over in an --out that holds another run "
                      "(kept in DIR/.previous-run until the new run has finished)")
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    run.add_argument("--threads", type=cli_args.threads, default=None, help="torch CPU threads (default: torch's "
+                     "choice)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     model = t.add_argument_group("model (a new run; a resumed run keeps its own)")
     model.add_argument("--ssm", choices=("mamba1", "mamba2"), default=None, help="mixer kind (default mamba1)")
-    model.add_argument("--d-model", type=int, default=None, help="model width (default 128)")
-    model.add_argument("--n-layer", type=int, default=None, help="layers (default 4)")
-    model.add_argument("--d-state", type=int, default=None, help="SSM state size (default 16 mamba1, 128 mamba2)")
-    model.add_argument("--d-conv", type=int, default=None, help="causal conv width (default 4)")
-    model.add_argument("--expand", type=int, default=None, help="inner width / d_model (default 2)")
-    model.add_argument("--headdim", type=int, default=None, help="Mamba-2 head size (default 64)")
-    model.add_argument("--chunk-size", type=int, default=None, help="Mamba-2 SSD chunk (default 256)")
+    model.add_argument("--d-model", type=MODEL_TYPES["d_model"], default=None, help="model width (default 128)")
+    model.add_argument("--n-layer", type=MODEL_TYPES["n_layer"], default=None, help="layers (default 4)")
+    model.add_argument("--d-state", type=MODEL_TYPES["d_state"], default=None, help="SSM state size (default 16 mamba1, 128 mamba2)")
+    model.add_argument("--d-conv", type=MODEL_TYPES["d_conv"], default=None, help="causal conv width (default 4)")
+    model.add_argument("--expand", type=MODEL_TYPES["expand"], default=None, help="inner width / d_model (default 2)")
+    model.add_argument("--headdim", type=MODEL_TYPES["headdim"], default=None, help="Mamba-2 head size (default 64)")
+    model.add_argument("--chunk-size", type=MODEL_TYPES["chunk_size"], default=None, help="Mamba-2 SSD chunk (default 256)")
     opt = t.add_argument_group("training")
-    opt.add_argument("--steps", type=int, default=None, help="optimizer steps in all (default 1000)")
-    opt.add_argument("--batch-size", type=int, default=None, help="streams per step (default 8)")
-    opt.add_argument("--window", type=int, default=None, help="TBPTT window: elements per stream per step "
+    opt.add_argument("--steps", type=TRAIN_TYPES["steps"], default=None, help="optimizer steps in all (default 1000)")
+    opt.add_argument("--batch-size", type=TRAIN_TYPES["batch_size"], default=None, help="streams per step (default 8)")
+    opt.add_argument("--window", type=TRAIN_TYPES["window"], default=None, help="TBPTT window: elements per stream per step "
                      "(default 256)")
-    opt.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3)")
-    opt.add_argument("--min-lr-ratio", type=float, default=None, help="cosine ends at this * lr (default 0.1)")
-    opt.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0.1)")
-    opt.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default 0)")
-    opt.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step (default 1)")
-    opt.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm (default 1.0)")
-    opt.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps and at the end "
+    opt.add_argument("--lr", type=TRAIN_TYPES["lr"], default=None, help="peak learning rate (default 1e-3)")
+    opt.add_argument("--min-lr-ratio", type=TRAIN_TYPES["min_lr_ratio"], default=None, help="cosine ends at this * lr (default 0.1)")
+    opt.add_argument("--weight-decay", type=TRAIN_TYPES["weight_decay"], default=None, help="AdamW weight decay (default 0.1)")
+    opt.add_argument("--warmup", type=TRAIN_TYPES["warmup"], default=None, help="linear warmup steps (default 0)")
+    opt.add_argument("--grad-accum", type=TRAIN_TYPES["grad_accum"], default=None, help="micro-batches per step (default 1)")
+    opt.add_argument("--grad-clip", type=TRAIN_TYPES["grad_clip"], default=None, help="clip the gradient norm (default 1.0)")
+    opt.add_argument("--eval-every", type=TRAIN_TYPES["eval_every"], default=None, help="evaluate every N steps and at the end "
                      "(default 100; 0: only the final full evaluation)")
-    opt.add_argument("--eval-windows", type=int, default=None, help="held-out windows per periodic evaluation "
+    opt.add_argument("--eval-windows", type=TRAIN_TYPES["eval_windows"], default=None, help="held-out windows per periodic evaluation "
                      "(default 8)")
-    opt.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps and at the end "
+    opt.add_argument("--checkpoint-every", type=TRAIN_TYPES["checkpoint_every"], default=None, help="checkpoint every N steps and at the end "
                      "(default 100)")
-    opt.add_argument("--seed", type=int, default=None, help="seed of the initial weights and the RNGs (default 0)")
+    opt.add_argument("--keep-checkpoints", type=TRAIN_TYPES["keep_checkpoints"], default=None, metavar="N|all",
+                     help="step folders kept: the newest N (default 3; the one 'latest' names is always kept), or "
+                     "'all'")
+    opt.add_argument("--seed", type=TRAIN_TYPES["seed"], default=None, help="seed of the initial weights and the RNGs (default 0)")
     opt.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                      help="bfloat16 autocast (default off)")
     opt.add_argument("--carry-state", action=argparse.BooleanOptionalAction, default=None,
@@ -770,9 +873,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("files", nargs="*", help="files to measure (encoded by the model's adapter)")
     e.add_argument("--store", metavar="S.zarr", help="measure stored sequences instead of files")
     e.add_argument("--sequences", nargs="+", metavar="NAME", help="stored sequences (default: all complete ones)")
-    e.add_argument("--window", type=int, default=4096, help="elements per streamed window (default 4096)")
+    e.add_argument("--window", type=cli_args.count(1), default=4096, help="elements per streamed window (default 4096)")
     e.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    e.add_argument("--threads", type=cli_args.threads, default=None, help="torch CPU threads")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.add_argument("--json", action="store_true", help="print the result as one JSON object")
     e.set_defaults(func=_eval)

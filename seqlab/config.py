@@ -17,6 +17,8 @@ from typing import Any, Mapping
 from seqlab.errors import ConfigError
 
 SSM_KINDS = ("mamba1", "mamba2")
+#: the largest width, layer count, state size ... a config accepts (a guard against absurd values from files)
+MAX_DIM = 1 << 20
 BIDIRECTIONAL_COMBINE = ("add", "mean")
 
 
@@ -73,34 +75,58 @@ class BackboneConfig:
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"BackboneConfig.{name} must be a positive int, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_DIM:
+                raise ConfigError(f"BackboneConfig.{name} must be a positive int (at most {MAX_DIM}), got {value!r}")
+
+        def number(name: str, positive: bool = True) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or (value <= 0 if positive else value < 0):
+                raise ConfigError(f"BackboneConfig.{name} must be a finite number {'> 0' if positive else '>= 0'}, "
+                                  f"got {value!r}")
+
+        def flag(name: str) -> None:
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"BackboneConfig.{name} must be true or false, got {getattr(self, name)!r}")
 
         for name in ("d_model", "n_layer", "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
             positive_int(name)
-        if self.ssm not in SSM_KINDS:
+        if not isinstance(self.ssm, str) or self.ssm not in SSM_KINDS:
             raise ConfigError(f"BackboneConfig.ssm must be one of {SSM_KINDS}, got {self.ssm!r}")
         if self.d_state is None:
             object.__setattr__(self, "d_state", 16 if self.ssm == "mamba1" else 128)
         positive_int("d_state")
-        if self.dt_rank == "auto":
+        if isinstance(self.dt_rank, str) and self.dt_rank == "auto":
             object.__setattr__(self, "dt_rank", math.ceil(self.d_model / 16))
         positive_int("dt_rank")
-        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
-            raise ConfigError(f"BackboneConfig.norm_eps must be a positive number, got {self.norm_eps!r}")
-        if self.bidirectional_combine not in BIDIRECTIONAL_COMBINE:
+        number("norm_eps")
+        for name in ("residual_in_fp32", "bidirectional", "conv_bias", "proj_bias"):
+            flag(name)
+        if not isinstance(self.bidirectional_combine, str) or self.bidirectional_combine not in BIDIRECTIONAL_COMBINE:
             raise ConfigError(
                 f"BackboneConfig.bidirectional_combine must be one of {BIDIRECTIONAL_COMBINE}, "
                 f"got {self.bidirectional_combine!r}"
             )
+        for name in ("dt_min", "dt_max"):
+            number(name)
+        number("dt_init_floor", positive=False)
         if not (0 < self.dt_min <= self.dt_max):
             raise ConfigError(f"BackboneConfig needs 0 < dt_min <= dt_max, got {self.dt_min} and {self.dt_max}")
-        lo, hi = self.A_init_range
+        pair = self.A_init_range
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or any(
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in pair):
+            raise ConfigError(f"BackboneConfig.A_init_range must be two finite numbers, got {pair!r}")
+        lo, hi = pair
         if not (0 < lo <= hi):
             raise ConfigError(f"BackboneConfig.A_init_range must satisfy 0 < low <= high, got {self.A_init_range}")
         object.__setattr__(self, "A_init_range", (float(lo), float(hi)))
+        if self.ffn is not None and not isinstance(self.ffn, str):
+            raise ConfigError(f"BackboneConfig.ffn must be a feed-forward kind name or None, got {self.ffn!r}")
         if self.d_ffn is not None:
             positive_int("d_ffn")
+        if not isinstance(self.layer_overrides, Mapping):
+            raise ConfigError(f"BackboneConfig.layer_overrides must be a mapping of layer index to override, got "
+                              f"{type(self.layer_overrides).__name__}")
 
         overrides: dict[int, LayerOverride] = {}
         for key, value in dict(self.layer_overrides).items():
@@ -113,8 +139,16 @@ class BackboneConfig:
             if isinstance(value, Mapping):
                 unknown = set(value) - {"mixer", "ffn", "options"}
                 if unknown:
-                    raise ConfigError(f"layer_overrides[{key}] has unknown fields {sorted(unknown)}")
+                    raise ConfigError(f"layer_overrides[{key}] has unknown fields {sorted(unknown, key=str)}")
                 value = LayerOverride(**value)
+            if isinstance(value, LayerOverride):
+                for name in ("mixer", "ffn"):
+                    if getattr(value, name) is not None and not isinstance(getattr(value, name), str):
+                        raise ConfigError(f"layer_overrides[{key}].{name} must be a kind name or None, got "
+                                          f"{getattr(value, name)!r}")
+                if not isinstance(value.options, Mapping) or not all(isinstance(k, str) for k in value.options):
+                    raise ConfigError(f"layer_overrides[{key}].options must be a mapping of setting names to values, "
+                                      f"got {value.options!r}")
             if not isinstance(value, LayerOverride):
                 raise ConfigError(f"layer_overrides[{key}] must be a LayerOverride or a dict, got {type(value).__name__}")
             overrides[key] = value
@@ -171,12 +205,20 @@ class BackboneConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "BackboneConfig":
+        """A config from ``to_dict``'s output (e.g. read from a file); every key and value is checked."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"BackboneConfig.from_dict needs a mapping, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ConfigError(f"BackboneConfig has no fields {sorted(unknown)}")
+            raise ConfigError(f"BackboneConfig has no fields {sorted(map(str, unknown))}")
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.name not in data and f.default is dataclasses.MISSING
+                         and f.default_factory is dataclasses.MISSING)
+        if missing:
+            raise ConfigError(f"BackboneConfig needs the fields {missing}")
         data = dict(data)
-        if "A_init_range" in data:
+        if isinstance(data.get("A_init_range"), list):
             data["A_init_range"] = tuple(data["A_init_range"])
         return cls(**data)
 

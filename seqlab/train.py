@@ -22,8 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from seqlab.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
-from seqlab.errors import ConfigError, InputError
+from seqlab.checkpoint import has_checkpoint, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from seqlab.errors import ConfigError, CorruptFileError, InputError
+from seqlab.io import atomic_write_bytes
+
+#: the largest step count, batch, window ... a TrainConfig accepts (as the CLI's count types)
+BIG = 1 << 30
 
 # ------------------------------------------------------------------------------------------------------
 # config
@@ -48,6 +52,7 @@ class TrainConfig:
     log_path: str | None = None
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
+    keep_checkpoints: int | None = 3
     seed: int = 0
     progress: bool = True
 
@@ -61,20 +66,25 @@ class TrainConfig:
             if high is not None and value > high:
                 raise ConfigError(f"TrainConfig.{name} must be <= {high}, got {value!r}")
 
-        def integer(name, low):
+        def integer(name, low, high=BIG):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"TrainConfig.{name} must be an int >= {low}, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(f"TrainConfig.{name} must be an int in [{low}, {high}], got {value!r}")
 
         def flag(name):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"TrainConfig.{name} must be True or False, got {getattr(self, name)!r}")
 
-        number("lr", 0, low_open=True)
-        number("weight_decay", 0)
+        number("lr", 0, 100, low_open=True)
+        if self.lr < 1e-12:
+            raise ConfigError(f"TrainConfig.lr must be >= 1e-12 (smaller steps change no float32 weight), got "
+                              f"{self.lr!r}")
+        number("weight_decay", 0, 100)
         number("min_lr_ratio", 0, 1)
         if self.grad_clip is not None:
-            number("grad_clip", 0, low_open=True)
+            number("grad_clip", 0, 1e12, low_open=True)
+            if self.grad_clip < 1e-12:
+                raise ConfigError(f"TrainConfig.grad_clip must be >= 1e-12 or None, got {self.grad_clip!r}")
         if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
             raise ConfigError(f"TrainConfig.betas must be a pair (beta1, beta2), got {self.betas!r}")
         for b in self.betas:
@@ -94,7 +104,9 @@ class TrainConfig:
         integer("eval_every", 0)
         integer("eval_windows", 1)
         integer("checkpoint_every", 0)
-        integer("seed", 0)
+        integer("seed", 0, 2**63 - 1)
+        if self.keep_checkpoints is not None:
+            integer("keep_checkpoints", 1)
         for name in ("carry_state", "bf16", "progress"):
             flag(name)
         for name in ("log_path", "checkpoint_dir"):
@@ -279,20 +291,43 @@ class Trainer:
         meta = {"step": self.pos.step, "window": self.pos.window, "epoch": self.pos.epoch, "tokens": self.pos.tokens,
                 "batch_size": c.batch_size, "window_len": c.window, "grad_accum": c.grad_accum,
                 "carry_state": c.carry_state, "config": c.to_dict()}
-        return save_checkpoint(directory, step=self.pos.step, model=self.model, optimizer=self.optimizer,
-                               scheduler=self.scheduler, trainer_meta=meta, states=self.states)
+        folder = save_checkpoint(directory, step=self.pos.step, model=self.model, optimizer=self.optimizer,
+                                 scheduler=self.scheduler, trainer_meta=meta, states=self.states)
+        try:
+            prune_checkpoints(directory, self.config.keep_checkpoints)  # never the one just written (latest)
+        except OSError as exc:  # the new checkpoint is safe; an old folder that cannot go stays
+            import warnings
+
+            warnings.warn(f"could not remove old checkpoints in {directory}: {exc}", RuntimeWarning, stacklevel=2)
+        return folder
 
     def load_checkpoint(self, directory=None) -> None:
         directory = directory or self.config.checkpoint_dir
-        meta, states = load_checkpoint(directory, model=self.model, optimizer=self.optimizer,
-                                       scheduler=self.scheduler)
         c = self.config
+        # checked against this run before anything changes (the model, optimizer and RNGs stay as they are)
+        trainer_file = latest_checkpoint(directory) / "trainer.safetensors"
+        from seqlab.checkpoint import read_trainer_file
+
+        meta = read_trainer_file(trainer_file)[1].get("trainer")
+        if not isinstance(meta, dict):
+            raise CorruptFileError(f"{trainer_file}: trainer metadata is incomplete (no 'trainer' object)")
         for key, have in (("batch_size", c.batch_size), ("window_len", c.window), ("grad_accum", c.grad_accum)):
             if meta.get(key) != have:
                 field_name = "window" if key == "window_len" else key
                 raise ConfigError(f"TrainConfig.{field_name} is {have}, the checkpoint in {directory} was made with "
                                   f"{meta.get(key)}: the data position would not match")
-        self.pos = _Position(int(meta["step"]), int(meta["window"]), int(meta["epoch"]), int(meta["tokens"]))
+        position = []
+        for key in ("step", "window", "epoch", "tokens"):
+            value = meta.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise CorruptFileError(f"{trainer_file}: trainer {key} must be an int >= 0, got {value!r}")
+            position.append(value)
+        if position[1] >= self.train_data.num_windows:
+            raise ConfigError(f"the checkpoint in {directory} is at window {position[1]} of the data, the data now "
+                              f"has {self.train_data.num_windows} windows: give the run's data")
+        meta, states = load_checkpoint(directory, model=self.model, optimizer=self.optimizer,
+                                       scheduler=self.scheduler)
+        self.pos = _Position(*position)
         self.states = [s.to(self.device) if s is not None else None for s in states] or [None] * c.grad_accum
         if len(self.states) != c.grad_accum:
             self.states = [None] * c.grad_accum
@@ -304,13 +339,14 @@ class Trainer:
         if path is None or not Path(path).is_file():
             return
         keep = []
-        for line in Path(path).read_text().splitlines():
+        for line in Path(path).read_bytes().decode("utf-8", "replace").splitlines():
             try:
-                if json.loads(line).get("step", 0) <= self.pos.step:
+                step = json.loads(line).get("step", 0)
+                if isinstance(step, (int, float)) and step <= self.pos.step:
                     keep.append(line)
-            except ValueError:
+            except (ValueError, AttributeError, TypeError):
                 continue
-        Path(path).write_text("".join(k + "\n" for k in keep))
+        atomic_write_bytes(path, "".join(k + "\n" for k in keep).encode())  # a kill leaves the old log whole
 
     # ------------------------------------------------------------------------------------------------
     def _autocast(self):

@@ -146,7 +146,7 @@ def test_resume_continues_the_step_count_with_the_runs_own_settings(work, tmp_pa
     assert summary["steps"] == 40 and summary["steps_this_run"] == 10
     log = [json.loads(line) for line in (tmp_path / "run" / "train.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 41))
-    assert (tmp_path / "run" / "latest").read_text().strip() == "step-00000040"
+    assert (tmp_path / "run" / "latest").read_text().split()[0] == "step-00000040"
     assert (tmp_path / "run" / "model.safetensors").read_bytes() != before
     assert summary["held_out"] == pytest.approx(
         direct_bits(tmp_path / "run" / "model.safetensors", (root / "held.txt").read_bytes()), abs=1e-5)
@@ -221,11 +221,11 @@ BAD = {
     "out holds a run": (("train", "corpus.txt", "--domain", "bytes", "--out", "run"),
                         "already holds a checkpoint (step-00000030): pass --resume"),
     "not a number": (("train", "corpus.txt", "--domain", "bytes", "--out", "o3", "--steps", "ten"),
-                     "argument --steps: invalid int value: 'ten'"),
+                     "argument --steps: must be an integer in [1, 1073741824], got 'ten'"),
     "bad number": (("train", "corpus.txt", "--domain", "bytes", "--out", "o4", "--steps", "0"),
-                   "--steps must be an int >= 1, got 0"),
+                   "argument --steps: must be an integer in [1, 1073741824], got '0'"),
     "bad fraction": (("train", "corpus.txt", "--domain", "bytes", "--out", "o5", "--eval-fraction", "1.5"),
-                     "--eval-fraction must be a number in (0, 1)"),
+                     "argument --eval-fraction: must be a finite number in (0, 1), got '1.5'"),
     "bad adapter settings": (("train", "corpus.txt", "--domain", "bytes", "--adapter-settings", '{"utf9": 1}',
                               "--out", "o7"), "do not fit the 'bytes' adapter"),
     "window too long": (("train", "held.txt", "--domain", "bytes", "--out", "o8", "--window", "4096"),
@@ -284,12 +284,12 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_is_done(work, tmp_path, c
     # a start that fails on its data does not touch the old run
     code, _, _ = in_process(capsys, "train", root / "missing.txt", "--domain", "bytes", "--out", tmp_path / "run",
                             "--overwrite")
-    assert code == 2 and (tmp_path / "run" / "latest").read_text().strip() == "step-00000030"
+    assert code == 2 and (tmp_path / "run" / "latest").read_text().split()[0] == "step-00000030"
     code, out, err = in_process(capsys, "train", root / "held.txt", "--domain", "bytes", "--out", tmp_path / "run",
                                 "--overwrite", "--steps", 3, "--json", *TINY)
     assert code == 0, err
     assert json.loads(out)["steps"] == 3
-    assert (tmp_path / "run" / "latest").read_text().strip() == "step-00000003"
+    assert (tmp_path / "run" / "latest").read_text().split()[0] == "step-00000003"
     assert not (tmp_path / "run" / ".previous-run").exists() and not (tmp_path / "run" / "step-00000030").exists()
 
 
@@ -343,3 +343,139 @@ def test_help_of_train_and_eval(capsys):
         assert exit_.value.code == 0
         text = capsys.readouterr().out
         assert all(w in text for w in words), text
+
+
+# ------------------------------------------------------------------------------------------------------
+# every numeric option is range-checked, from a flag and from a --config TOML file
+
+HUGE = "1" + "0" * 30
+#: option -> values that are in its range (all others of BAD_NUMBERS must be refused)
+NUMBER_OPTIONS = {
+    "--steps": (), "--batch-size": (), "--window": (), "--lr": (), "--min-lr-ratio": ("0", "1e-300"),
+    "--weight-decay": ("0", "1e-300"), "--warmup": ("0",), "--grad-accum": (), "--grad-clip": (),
+    "--eval-every": ("0",), "--eval-windows": (), "--checkpoint-every": (), "--seed": ("0",),
+    "--threads": (), "--d-model": (), "--n-layer": (), "--d-state": (), "--d-conv": (), "--expand": (),
+    "--headdim": (), "--chunk-size": (), "--eval-fraction": ("1e-300",), "--keep-checkpoints": (),
+}
+BAD_NUMBERS = ("-5", "0", "nan", "inf", "-inf", "1e-300", HUGE, "abc", "", "2.5e400")
+
+
+@pytest.mark.parametrize("option", sorted(NUMBER_OPTIONS))
+def test_every_numeric_train_option_refuses_bad_values_naming_it(tmp_path, capsys, monkeypatch, option):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.txt").write_text("some text " * 50)
+    for value in BAD_NUMBERS:
+        if value in NUMBER_OPTIONS[option]:
+            continue
+        code, _, err = in_process(capsys, "train", "c.txt", "--domain", "bytes", "--out", "o", f"{option}={value}")
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and f"argument {option}: must be" in lines[0], (option, value, err)
+        assert "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("option", ["--window", "--threads"])
+def test_eval_numeric_options_refuse_bad_values(tmp_path, capsys, option):
+    for value in BAD_NUMBERS:
+        code, _, err = in_process(capsys, "eval", tmp_path / "m.safetensors", tmp_path / "c.txt", f"{option}={value}")
+        assert code == 2 and len(err.strip().splitlines()) == 1 and f"argument {option}: must be" in err, err
+
+
+TOML_BAD = [("steps", "-5", "--steps"), ("steps", "1e3", "--steps"), ("steps", "nan", "--steps"),
+            ("lr", "nan", "--lr"), ("lr", "inf", "--lr"), ("lr", "1e-300", "--lr"), ("lr", '"abc"', "--lr"),
+            ("lr", "true", "--lr"), ("batch_size", "0", "--batch-size"), ("window", HUGE[:19], "--window"),
+            ("min-lr-ratio", "2.0", "--min-lr-ratio"), ("weight-decay", "-1", "--weight-decay"),
+            ("grad-clip", "0", "--grad-clip"), ("seed", "-1", "--seed"), ("threads", "0", "--threads"),
+            ("threads", "100000", "--threads"), ("d-model", "0", "--d-model"), ("n-layer", "[1, 2]", "--n-layer"),
+            ("keep-checkpoints", "0", "--keep-checkpoints"), ("keep-checkpoints", '"some"', "--keep-checkpoints"),
+            ("eval-fraction", "1.0", "--eval-fraction"), ("checkpoint-every", "0", "--checkpoint-every"),
+            ("bf16", '"yes"', "--bf16"), ("resume", '"no"', "--resume"), ("eval", "5", "--eval"), ("device", "[1]", "--device"),
+            ("quiet", "1", "--quiet")]
+
+
+@pytest.mark.parametrize("key, value, flag", TOML_BAD)
+def test_bad_values_in_a_config_file_exit_2_naming_the_setting(tmp_path, capsys, monkeypatch, key, value, flag):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.txt").write_text("some text " * 50)
+    (tmp_path / "run.toml").write_text(f'[train]\ndomain = "bytes"\nout = "o"\n{key} = {value}\n')
+    code, _, err = in_process(capsys, "--config", "run.toml", "train", "c.txt")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert flag in lines[0] or f"'{key}'" in lines[0], err  # the flag, or the key of the file
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------------------
+# resume before the first checkpoint, keep-last-N checkpoints, run.json checksum
+
+SMALL = ["--d-model", "16", "--n-layer", "1", "--d-state", "4", "--batch-size", "2", "--window", "32",
+         "--threads", "1", "--quiet"]
+
+
+def test_resume_after_ctrl_c_before_the_first_checkpoint_restarts_the_recorded_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.txt").write_text(corpus_text()[:5000])
+    from seqlab.train import Trainer
+
+    real_step = Trainer._train_step
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_train_step", interrupted)
+    code, _, err = in_process(capsys, "train", "c.txt", "--domain", "bytes", "--out", "r", "--steps", 4,
+                              "--checkpoint-every", 2, "--lr", "0.004", *SMALL)
+    assert code == 130 and (tmp_path / "r" / "run.json").is_file() and not (tmp_path / "r" / "latest").exists()
+    monkeypatch.setattr(Trainer, "_train_step", real_step)
+    code, out, err = in_process(capsys, "train", "--out", "r", "--resume", "--json", "--threads", "1")
+    assert code == 0, err
+    assert "no checkpoint in r yet (the run stopped before its first one): starting it again from step 0" in err
+    summary = json.loads(out)
+    assert summary["steps"] == 4 and summary["steps_this_run"] == 4
+    recorded = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert recorded["train"]["lr"] == 0.004 and recorded["model"]["d_model"] == 16  # the recorded settings
+    assert recorded["data"]["files"] == [str(tmp_path / "c.txt")]
+    # the same run straight through gives the same model
+    code, out, err = in_process(capsys, "train", "c.txt", "--domain", "bytes", "--out", "s", "--steps", 4,
+                                "--checkpoint-every", 2, "--lr", "0.004", *SMALL)
+    assert code == 0, err
+    assert (tmp_path / "s" / "model.safetensors").read_bytes() == (tmp_path / "r" / "model.safetensors").read_bytes()
+
+
+def test_keep_checkpoints_prunes_old_step_folders(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.txt").write_text(corpus_text()[:5000])
+    code, _, err = in_process(capsys, "train", "c.txt", "--domain", "bytes", "--out", "r", "--steps", 8,
+                              "--checkpoint-every", 1, *SMALL)
+    assert code == 0, err
+    steps = sorted(p.name for p in (tmp_path / "r").iterdir() if p.name.startswith("step-"))
+    assert steps == ["step-00000006", "step-00000007", "step-00000008"]  # the default keeps 3
+    code, _, err = in_process(capsys, "train", "--out", "r", "--resume", "--steps", 10, "--keep-checkpoints", "all",
+                              "--threads", "1", "--quiet")
+    assert code == 0, err
+    steps = sorted(p.name for p in (tmp_path / "r").iterdir() if p.name.startswith("step-"))
+    assert steps == ["step-00000006", "step-00000007", "step-00000008", "step-00000009", "step-00000010"]
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["train"]["keep_checkpoints"] is None
+    code, _, err = in_process(capsys, "train", "--out", "r", "--resume", "--steps", 11, "--keep-checkpoints", 1,
+                              "--threads", "1", "--quiet")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "r").iterdir() if p.name.startswith(("step-", ".step"))) == \
+        ["step-00000011"]
+
+
+def test_an_edited_run_json_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.txt").write_text(corpus_text()[:5000])
+    code, _, err = in_process(capsys, "train", "c.txt", "--domain", "bytes", "--out", "r", "--steps", 2,
+                              "--checkpoint-every", 2, "--lr", "0.004", *SMALL)
+    assert code == 0, err
+    path = tmp_path / "r" / "run.json"
+    good = path.read_bytes()
+    for old, new in ((b'"lr": 0.004', b'"lr": 0.005'), (b'"d_model": 16', b'"d_model": 17'), (b"{", b"[")):
+        assert good.count(old) >= 1
+        path.write_bytes(good.replace(old, new, 1))
+        code, _, err = in_process(capsys, "train", "--out", "r", "--resume", "--steps", 3, "--threads", "1")
+        assert code == 2 and "run.json" in err and len(err.strip().splitlines()) == 1, err
+    path.write_bytes(good[:-20])
+    code, _, err = in_process(capsys, "train", "--out", "r", "--resume", "--steps", 3, "--threads", "1")
+    assert code == 2 and "run.json: not valid JSON" in err, err

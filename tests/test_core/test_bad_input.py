@@ -140,7 +140,7 @@ def test_foreign_and_future_files(saved, tmp_path):
     future = tmp_path / "future.safetensors"
     write_tensors(future, state.tensors(), kind=STATE_FORMAT, version=STATE_FORMAT_VERSION + 1,
                   meta={"fingerprint": state.fingerprint, "position": 9, "layers": [["conv", "ssm"]] * 2})
-    with pytest.raises(FormatVersionError, match="version 2"):
+    with pytest.raises(FormatVersionError, match=f"format version {STATE_FORMAT_VERSION + 1};"):
         RecurrentState.load(future, model)
     with pytest.raises(FileNotFoundError, match="no such file"):
         RecurrentState.load(tmp_path / "missing.safetensors", model)
@@ -160,3 +160,31 @@ def test_failed_save_keeps_the_good_file(saved, monkeypatch):
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left behind
     assert RecurrentState.load(path, model).position == 9
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("colour", "red", r"no fields \['colour'\]"),
+    ("d_conv", "4", "d_conv must be a positive int"),
+    ("d_model", 10**12, "d_model must be a positive int"),
+    ("norm_eps", -1.0, "norm_eps must be a finite number"),
+    ("residual_in_fp32", "yes", "residual_in_fp32 must be true or false"),
+    ("A_init_range", [1.0], "A_init_range must be two finite numbers"),
+    ("layer_overrides", {"0": {"options": [1]}}, r"layer_overrides\[0\]\.options"),
+    ("dt_min", "x", "dt_min must be a finite number"),
+])
+def test_a_bad_config_key_in_a_model_file_names_the_file_and_key(tmp_path, key, value, message):
+    """A model file whose recorded config has an unknown key or a bad value (its checksum is right: written by
+    the low-level writer) is a CorruptFileError naming the file and the key, not a ConfigError or TypeError."""
+    from seqlab.checkpoint import FORMAT_VERSION, MODEL_FORMAT, save_model
+    from seqlab.domains.base import model_from_checkpoint
+    from seqlab.domains.bytes import ByteAdapter
+    from seqlab.safetensors_io import read_tensors, write_tensors
+
+    model = ByteAdapter().build_model(tiny_config())
+    save_model(tmp_path / "m.safetensors", model)
+    tensors, meta = read_tensors(tmp_path / "m.safetensors", kind=MODEL_FORMAT, version=FORMAT_VERSION)
+    meta["config"] = {**meta["config"], key: value}
+    write_tensors(tmp_path / "bad.safetensors", tensors, kind=MODEL_FORMAT, version=FORMAT_VERSION, meta=meta)
+    with pytest.raises(CorruptFileError, match=rf"bad\.safetensors: recorded model config: .*{message}"):
+        model_from_checkpoint(tmp_path / "bad.safetensors")
+    model_from_checkpoint(tmp_path / "m.safetensors")  # the good one loads

@@ -223,3 +223,90 @@ def test_config_cross_field_errors():
         TrainConfig(checkpoint_every=5)
     with pytest.raises(ConfigError, match="warmup_steps"):
         TrainConfig(warmup_steps=10, max_steps=5)
+
+
+# ------------------------------------------------------------------------------------------------------
+# keep-last-N checkpoints
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import seqlab.checkpoint  # noqa: E402
+from seqlab.checkpoint import prune_checkpoints  # noqa: E402
+
+
+def _steps(folder: Path) -> list[int]:
+    return sorted(int(p.name[5:]) for p in folder.iterdir() if p.name.startswith("step-"))
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@given(keep=st.one_of(st.none(), st.integers(1, 3)), steps=st.integers(1, 5), every=st.integers(1, 2))
+def test_keep_checkpoints_keeps_the_newest_n_and_resume_works(tmp_path_factory, keep, steps, every):
+    ckpt = tmp_path_factory.mktemp("keep") / "ckpt"
+    config = cfg(max_steps=steps, warmup_steps=0, checkpoint_dir=str(ckpt), checkpoint_every=every,
+                 keep_checkpoints=keep)
+    Trainer(tiny_lm(vocab=16, d_model=16, n_layer=1), config, pattern_data(4 * 100)).fit()
+    written = [s for s in range(1, steps + 1) if s % every == 0 or s == steps]
+    assert _steps(ckpt) == (written if keep is None else written[-keep:])
+    assert latest_checkpoint(ckpt).name == f"step-{steps:08d}"
+    Trainer.resume(ckpt, tiny_lm(vocab=16, d_model=16, n_layer=1), config, pattern_data(4 * 100))
+
+
+def test_a_crash_while_pruning_leaves_a_loadable_latest(tmp_path, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    config = cfg(max_steps=4, checkpoint_dir=str(ckpt), checkpoint_every=1, keep_checkpoints=None)
+    Trainer(tiny_lm(vocab=16, d_model=16, n_layer=1), config, pattern_data(4 * 100)).fit()
+    assert _steps(ckpt) == [1, 2, 3, 4]
+    calls = []
+
+    def dies_on_the_second_rmtree(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # a crash between removing one folder and the next
+        return real_rmtree(path, *args, **kwargs)
+
+    real_rmtree = seqlab.checkpoint.shutil.rmtree
+    monkeypatch.setattr(seqlab.checkpoint.shutil, "rmtree", dies_on_the_second_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        prune_checkpoints(ckpt, 1)
+    monkeypatch.undo()
+    # folders are renamed out of the way before they are removed: what keeps a step name is whole
+    assert _steps(ckpt) == [4] and latest_checkpoint(ckpt).name == "step-00000004"
+    assert any(p.name.endswith(".deleting") for p in ckpt.iterdir())
+    trainer = Trainer.resume(ckpt, tiny_lm(vocab=16, d_model=16, n_layer=1), replace_cfg(config, max_steps=5),
+                             pattern_data(4 * 100))
+    assert trainer.step == 4
+    trainer.fit()
+    assert not any(p.name.endswith(".deleting") for p in ckpt.iterdir())  # the next prune finished the job
+    assert _steps(ckpt) == [4, 5]
+
+
+def test_pruning_never_removes_what_latest_names(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    config = cfg(max_steps=3, checkpoint_dir=str(ckpt), checkpoint_every=1, keep_checkpoints=None)
+    Trainer(tiny_lm(vocab=16, d_model=16, n_layer=1), config, pattern_data(4 * 100)).fit()
+    from seqlab.checkpoint import set_latest
+
+    set_latest(ckpt, "step-00000001")  # e.g. a repair pointed latest back at an older checkpoint
+    prune_checkpoints(ckpt, 1)
+    assert _steps(ckpt) == [1, 2, 3]  # later folders are left for the resumed run to rewrite
+    (ckpt / "latest").write_bytes(b"garbage")
+    prune_checkpoints(ckpt, 1)  # a damaged latest: nothing is removed
+    assert _steps(ckpt) == [1, 2, 3]
+    with pytest.raises(CorruptFileError, match="latest: damaged.*step-00000001, step-00000002, step-00000003"):
+        latest_checkpoint(ckpt)
+
+
+def replace_cfg(config, **kw):
+    from dataclasses import replace
+
+    return replace(config, **kw)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("lr", 1e-300), ("lr", 1e30), ("grad_clip", 1e-300), ("max_steps", 10**30), ("window", 2**40),
+    ("seed", 2**64), ("keep_checkpoints", 0), ("keep_checkpoints", "all"), ("weight_decay", float("inf")),
+])
+def test_config_ranges_name_the_field(field, value):
+    with pytest.raises(ConfigError, match=rf"TrainConfig\.{field}\b"):
+        TrainConfig(**{field: value})
