@@ -537,3 +537,18 @@ def test_damaged_sequences_in_describe_ingest_and_delete(tmp_path, capsys):
     store = SequenceStore(path)
     store.delete("c")
     assert store.list() == ["a", "b"] and store.damaged() == {}
+
+
+@pytest.mark.parametrize("content", [
+    b"null", b"[1, 2]", b"\xff\xfe",
+    b'{"zarr_format": 3, "node_type": "group", "attributes": {"seqlab_store": {"format": "seqlab.sequence_store", '
+    b'"version": "x"}}}',
+    b'{"zarr_format": 3, "node_type": "group", "attributes": {"seqlab_store": {"format": "seqlab.sequence_store", '
+    b'"version": [1]}}}'])
+def test_store_metadata_of_the_wrong_shape_names_the_file(tmp_path, content):
+    path = _small_store(tmp_path / "s.zarr")
+    (path / "zarr.json").write_bytes(content)
+    for mode in ("r", "a"):
+        with pytest.raises(CorruptFileError, match=r"s\.zarr/zarr\.json"):
+            SequenceStore(path, mode=mode)
+    assert (path / "zarr.json").read_bytes() == content
