@@ -13,6 +13,8 @@ from seqlab.cli_args import count, number, seed, temperature, top_p
 MAX_CONCURRENCY = 1024
 #: the most new tokens one run generates per prompt or sequence
 MAX_NEW_TOKENS = 1 << 20
+#: the largest --prompt-file read
+MAX_PROMPT_BYTES = 64 << 20
 _per_actor = number(1e-4, 1024.0)
 
 
@@ -105,8 +107,12 @@ def _generate_prompts(args) -> int:
 
     prompts = [(f"--prompt {i + 1}", p) for i, p in enumerate(args.prompt or [])]
     for path in args.prompt_file or []:
-        with open(path, "rb") as fh:
-            prompts.append((f"--prompt-file {path}", fh.read()))
+        with open(path, "rb") as fh:  # at most MAX_PROMPT_BYTES: /dev/zero or a huge file is refused, not read
+            data = fh.read(MAX_PROMPT_BYTES + 1)
+        if len(data) > MAX_PROMPT_BYTES:
+            raise InputError(f"generate --prompt-file {path}: larger than {MAX_PROMPT_BYTES:,} bytes; give the "
+                             "end of it that the model should continue")
+        prompts.append((f"--prompt-file {path}", data))
     model, adapter = model_from_checkpoint(args.model)
     if adapter.input_spec.kind != "tokens":
         raise ConfigError(f"generate --prompt: the model's adapter {adapter.name!r} takes continuous frames; "

@@ -146,6 +146,34 @@ def _check_resources(num_cpus: float, num_gpus: float, concurrency: int, address
                       f"for a free slot; lower --concurrency to match", stacklevel=3)
 
 
+def _check_output(output: str, store_path: str) -> None:
+    """Refuse an output that is not a job's own: the input store itself (or a folder inside or around it), a file,
+    a folder of other files, or a sequence store that no job wrote. A job replaces ``<output>/<sequence name>``
+    folders when it moves finished outputs into place: pointed at anything else it would delete what is there."""
+    real_out, real_in = os.path.realpath(output), os.path.realpath(store_path)
+    if real_out == real_in or real_out.startswith(real_in + os.sep) or real_in.startswith(real_out + os.sep):
+        what = "the input store" if real_out == real_in else "inside the input store" \
+            if real_out.startswith(real_in) else "a folder holding the input store"
+        raise ConfigError(f"output {output} is {what} {store_path}: choose another output (a job replaces the "
+                          "output's sequence folders)")
+    if not os.path.lexists(output):
+        return
+    if not os.path.isdir(output):
+        raise InputError(f"output {output} exists and is not a folder: choose a new or empty folder")
+    entries = set(os.listdir(output))
+    if "zarr.json" not in entries:
+        if entries:
+            raise InputError(f"output {output} is a folder with other files in it ({', '.join(sorted(entries)[:3])}"
+                             f"{' ...' if len(entries) > 3 else ''}), not a job's output store: choose a new or empty "
+                             "folder")
+        return
+    existing = SequenceStore(output, "r")
+    if existing.group.attrs.get("seqlab_job") is None and existing.list():
+        raise InputError(f"output {output} is a sequence store that no seqlab job wrote (it holds "
+                         f"{', '.join(existing.list()[:3])}{' ...' if len(existing.list()) > 3 else ''}): a job would "
+                         "replace those sequences; choose another output")
+
+
 def _file_sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -478,11 +506,21 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return found
 
 
+_OUT_OF_MEMORY = ("can't allocate memory", "out of memory")
+
+
+def _user_error(e: BaseException | None) -> bool:
+    """A seqlab error, or a worker out of memory (a window too large for the model): raised to the caller as
+    itself (the CLI prints one line), not wrapped in Ray's task error."""
+    return isinstance(e, (SeqlabError, MemoryError)) or \
+        isinstance(e, RuntimeError) and any(m in str(e) for m in _OUT_OF_MEMORY)
+
+
 def _unwrap(exc: BaseException) -> BaseException | None:
-    """The seqlab error inside a Ray task error."""
+    """The seqlab error (or out-of-memory error) inside a Ray task error."""
     for e in _chain(exc):
         cause = getattr(e, "cause", None)
-        if isinstance(cause, SeqlabError):
+        if _user_error(cause):
             return cause
         if isinstance(e, SeqlabError) and type(e).__module__.startswith("seqlab"):
             return e
@@ -568,6 +606,7 @@ def run_job(job: str, model_path, store, output, *, names=None, window: int = 40
     if store_path is None:
         raise ConfigError("store must be a path (workers open it themselves)")
     source = SequenceStore(store_path, "r")
+    _check_output(output, store_path)
     names = source.list() if names is None else ([names] if isinstance(names, str) else list(names))
     if not names:
         raise InputError(f"sequence store {source.where} holds no sequences")

@@ -12,6 +12,7 @@ See docs/training.md ("Data-parallel training with Ray Train").
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -24,7 +25,7 @@ import torch
 
 from seqlab.checkpoint import latest_checkpoint, load_model, save_checkpoint
 from seqlab.config import BackboneConfig
-from seqlab.errors import ConfigError, InputError
+from seqlab.errors import BackendUnavailableError, ConfigError, InputError
 from seqlab.models import LanguageModel
 from seqlab.train import TrainConfig, Trainer
 
@@ -146,6 +147,31 @@ def _train_loop(loop_config: dict) -> None:
 # driver
 
 
+def _check_cluster(scaling, num_workers: int, address: str | None) -> None:
+    """Refuse a run the cluster cannot place: Ray Train starts all ``num_workers`` workers at once (one placement
+    group), so a request beyond the cluster's total (a GPU on a cluster without one) would wait forever while Ray
+    prints autoscaler lines."""
+    import ray
+
+    try:
+        per_worker = scaling._resources_per_worker_not_none
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"resources_per_worker: {exc}") from None
+    have = ray.cluster_resources()
+    where = f"the Ray cluster at {address!r}" if address else "this machine's Ray cluster"
+    for resource, amount in per_worker.items():
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount) \
+                or amount < 0:
+            raise ConfigError(f"resources_per_worker[{resource!r}] must be a finite number >= 0, got {amount!r}")
+        need, total = amount * num_workers, float(have.get(resource, 0.0))
+        if need > total + 1e-9:
+            asked = "use_gpu=True" if resource == "GPU" and scaling.use_gpu else f"{amount:g} {resource} per worker"
+            raise BackendUnavailableError(
+                f"{num_workers} worker(s) with {asked} need {need:g} {resource} at once, more than {where} has "
+                f"({total:g}); Ray Train would wait for them forever. Lower num_workers or the request, or join a "
+                f"cluster that has them (address=)")
+
+
 def train_data_parallel(model_factory: Callable[[], torch.nn.Module] | tuple, config: TrainConfig, train_data,
                         eval_data=None, *, num_workers: int = 2, use_gpu: bool = False, address: str | None = None,
                         storage_path: str | os.PathLike | None = None, name: str | None = None,
@@ -188,6 +214,8 @@ def train_data_parallel(model_factory: Callable[[], torch.nn.Module] | tuple, co
             ray.init(include_dashboard=False, log_to_driver=False)
         else:
             ray.init(address=address, log_to_driver=False)
+    scaling = ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker)
+    _check_cluster(scaling, num_workers, address)
     storage = os.path.abspath(os.path.expanduser(os.fspath(storage_path or "~/ray_results")))
     trainer = TorchTrainer(
         _train_loop,
@@ -195,8 +223,7 @@ def train_data_parallel(model_factory: Callable[[], torch.nn.Module] | tuple, co
                            "eval_data": eval_data, "loss_fn": loss_fn, "metric_fn": metric_fn,
                            "checkpoint_every": every},
         torch_config=TorchConfig(backend=backend or ("nccl" if use_gpu else "gloo")),
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources_per_worker),
+        scaling_config=scaling,
         run_config=RunConfig(storage_path=storage, name=name),
     )
     return trainer.fit()

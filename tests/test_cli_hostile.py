@@ -416,3 +416,11 @@ def test_job_settings_are_named_in_cli_terms(tmp_path, capsys, argv, words):
                        capsys)
     assert code == 2 and words in one_line(err)
     assert not (tmp_path / "out.zarr").exists()
+
+
+def test_an_endless_prompt_file_is_refused_not_read(capsys, byte_model, monkeypatch):
+    from seqlab.pipelines import cli_jobs
+
+    monkeypatch.setattr(cli_jobs, "MAX_PROMPT_BYTES", 1 << 16)  # the same check, on a smaller read
+    code, _, err = run(["generate", "--model", byte_model, "--prompt-file", "/dev/zero"], capsys)
+    assert code == 2 and "generate --prompt-file /dev/zero: larger than 65,536 bytes" in one_line(err)

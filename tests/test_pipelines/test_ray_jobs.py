@@ -2,6 +2,7 @@
 segments vs exact, bad input. One local Ray cluster for the module; tiny byte models."""
 
 import math
+import re
 import shutil
 import zlib
 from pathlib import Path
@@ -526,3 +527,74 @@ def test_generate_one_suppresses_the_adapters_specials_and_stops_at_its_end(tmp_
             assert not set(expected) & set(options["suppress_tokens"])
     with pytest.raises(ConfigError, match="allow_specials must be True or False"):
         generate(tmp_path / "m", store.where, tmp_path / "o", allow_specials="yes")
+
+
+def test_ray_train_refuses_workers_the_cluster_cannot_place(ray_cluster, tmp_path):
+    """pipelines/ray_train.py (tested here, with the jobs' resource check): Ray Train places all workers at once, so
+    a GPU asked of a cluster without one, or more workers than its CPUs, fails at once instead of waiting."""
+    from seqlab.errors import BackendUnavailableError
+    from seqlab.pipelines.ray_train import train_data_parallel
+    from seqlab.train import TrainConfig
+
+    have = ray.cluster_resources()
+    spec = (BackboneConfig(d_model=16, n_layer=1).to_dict(), 16)
+    config = TrainConfig(max_steps=1, batch_size=1, window=8, progress=False)
+    tokens = torch.arange(64) % 16
+    if not have.get("GPU"):
+        with pytest.raises(BackendUnavailableError, match=r"1 worker\(s\) with use_gpu=True need 1 GPU at once, "
+                           r"more than this machine's Ray cluster has \(0\)"):
+            train_data_parallel(spec, config, tokens, num_workers=1, use_gpu=True, storage_path=tmp_path)
+    workers = int(have["CPU"]) + 1
+    with pytest.raises(BackendUnavailableError, match=rf"{workers} worker\(s\) with 1 CPU per worker need {workers:g} "
+                       rf"CPU at once, more than this machine's Ray cluster has \({have['CPU']:g}\)"):
+        train_data_parallel(spec, config, tokens, num_workers=workers, storage_path=tmp_path)
+    with pytest.raises(ConfigError, match=r"resources_per_worker\['CPU'\] must be a finite number"):
+        train_data_parallel(spec, config, tokens, num_workers=1, resources_per_worker={"CPU": float("nan")},
+                            storage_path=tmp_path)
+
+
+def test_an_output_that_is_not_a_jobs_own_is_refused_and_left_alone(setup, tmp_path):
+    """A job moves finished outputs into place by replacing <output>/<name> folders: pointed at the input store, at a
+    folder of other files or at a store that ingest wrote, it would have deleted the data there. Refused up front,
+    before any cluster starts, and nothing there changes."""
+    import hashlib
+
+    def snapshot(root):
+        return {p.relative_to(root): hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(root).rglob("*")
+                if p.is_file()}
+
+    model, store = setup["model_path"], setup["store"]
+    plain = tmp_path / "plain"
+    (plain / "a").mkdir(parents=True)
+    (plain / "a" / "notes.txt").write_text("keep me")
+    ingested = tmp_path / "ingested.zarr"
+    shutil.copytree(store, ingested)
+    (tmp_path / "file").write_text("keep me too")
+    before = {p: snapshot(p) for p in (Path(store), plain, ingested)}
+    for output, error, words in [(store, ConfigError, "is the input store"),
+                                 (Path(store) / "inner", ConfigError, "is inside the input store"),
+                                 (plain, InputError, "is a folder with other files in it (a)"),
+                                 (ingested, InputError, "is a sequence store that no seqlab job wrote (it holds a, b)"),
+                                 (tmp_path / "file", InputError, "exists and is not a folder")]:
+        with pytest.raises(error, match=re.escape(words)):
+            score(model, store, output, window=WINDOW)
+        with pytest.raises(error, match=re.escape(words)):
+            generate(model, store, output, window=WINDOW, overwrite=True)
+    assert {p: snapshot(p) for p in before} == before
+    assert (tmp_path / "file").read_text() == "keep me too" and not (Path(store) / "inner").exists()
+    assert not (plain / "zarr.json").exists()
+
+
+def test_a_worker_out_of_memory_reaches_the_caller_as_itself():
+    """A window too large for the model fails in a worker: the job raises the MemoryError (or torch's allocation
+    error) itself, which the CLI prints as one line, not Ray's task error; a bug stays wrapped."""
+
+    class TaskError(Exception):  # what Ray raises in the driver: the worker's exception in .cause
+        def __init__(self, cause):
+            super().__init__(f"task failed: {cause}")
+            self.cause = cause
+
+    for cause in (MemoryError("Unable to allocate 64.0 GiB"),
+                  RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")):
+        assert ray_jobs._unwrap(TaskError(cause)) is cause
+    assert ray_jobs._unwrap(TaskError(RuntimeError("index out of range in self"))) is None
