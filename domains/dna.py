@@ -1,9 +1,10 @@
 """DNA: FASTA and FASTQ (plain or gzip) as a character vocabulary of 5 specials and A, C, G, T, N.
 
-Reading goes through Biopython's low-level parsers (``SimpleFastaParser``, ``FastqGeneralIterator``: plain
-string tuples, no ``SeqRecord``), except ``iter_windows`` over FASTA, which uses a small line reader of our own
-so that a chromosome-scale record streams window by window instead of being joined into one string (it is
-tested to equal the Biopython path). gzip is recognised by its magic bytes, FASTA/FASTQ by the first
+FASTA goes through Biopython's ``SimpleFastaParser`` (plain string tuples, no ``SeqRecord``), except
+``iter_windows`` / ``iter_records``, which use a small line reader of our own so that a chromosome-scale record
+streams window by window instead of being joined into one string (it is tested to equal the Biopython path).
+FASTQ goes through ``_fastq_records``, our reader, which refuses what Biopython's ``SeqIO.parse(..., "fastq")``
+refuses and names the record and the line. gzip is recognised by its magic bytes, FASTA/FASTQ by the first
 non-blank character, never only by the file name.
 
 Letter policy (``DNAAdapter`` settings, see docs/domains/dna.md):
