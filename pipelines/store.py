@@ -8,8 +8,8 @@ Layout (see docs/stores.md)::
         c/0  c/1  ...            chunk files (or shard files), written whole, each replace atomic
 
 Per-sequence attrs: ``seqlab_sequence`` (format version), ``seqlab_check`` (CRC32 of these attrs), ``domain``,
-``adapter`` (``{"name", "settings"}``), ``kind`` and ``vocab_size``, ``source`` (path, size, mtime, sha256), ``record``, ``length`` (elements committed),
-``complete``, ``created``, ``updated``.
+``adapter`` (``{"name", "settings"}``), ``kind`` and ``vocab_size``, ``source`` (path, size, mtime, sha256),
+``record``, ``length`` (elements committed), ``complete``, ``created``, ``updated``.
 
 Crash semantics: writers fill whole chunks (whole shards when sharded) in order and record the committed
 ``length`` in the attrs after each one; ``complete`` turns True only after the last chunk and the final
@@ -20,8 +20,9 @@ whole file (end-of-stream checks such as a gzip CRC included); a failure in the 
 it wrote for that file, and a replacement waits in the ``_seqlab_staging`` group until then, so the old
 sequence survives a failed one. Readers trust only ``length``: elements past it (a capacity reserved by the
 writer) are never returned. The seqlab attrs carry a CRC32 (``seqlab_check``); a sequence whose metadata is
-unreadable is left out of ``list()`` with a warning and named by ``damaged()``. Different sequences are different folders, so processes writing different sequences at once do
-not touch each other's files (one writer per sequence at a time).
+unreadable is left out of ``list()`` with a warning and named by ``damaged()``. Different sequences are
+different folders, so processes writing different sequences at once do not touch each other's files (one
+writer per sequence at a time).
 """
 
 from __future__ import annotations
