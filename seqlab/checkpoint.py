@@ -240,8 +240,8 @@ def _repair_hint(directory: Path) -> str:
     folders = [p.name for _, p in _step_folders(directory)]
     if not folders:
         return "there is no step folder to resume from"
-    return (f"step folders here: {', '.join(folders[-5:])}; write the name of one into {LATEST} "
-            f"(e.g. seqlab.checkpoint.set_latest) to resume from it")
+    return (f"step folders here: {', '.join(folders[-5:])}; to resume from one, write its name into "
+            f"{directory / LATEST} (echo {folders[-1]} > {directory / LATEST}, or seqlab.checkpoint.set_latest)")
 
 
 def set_latest(directory: str | os.PathLike, step_folder: str | os.PathLike) -> Path:

@@ -86,10 +86,10 @@ def decode_tensors(data: bytes, where: str | os.PathLike, *, kind: str, version:
         header = json.loads(raw)
         meta = json.loads(header["__metadata__"][_META_KEY])
     except (ValueError, KeyError, TypeError, IndexError, RecursionError):
-        raise CorruptFileError(f"{where}: not a seqlab {kind} file (no readable seqlab metadata: damaged, "
-                               "or another program's file)") from None
+        raise CorruptFileError(f"{where}: not a readable {kind} file (its header or seqlab metadata is damaged, "
+                               "or it is another program's file)") from None
     if not isinstance(meta, dict) or not isinstance(header, dict):
-        raise CorruptFileError(f"{where}: not a seqlab {kind} file (its seqlab metadata is not a JSON object)")
+        raise CorruptFileError(f"{where}: not a readable {kind} file (its seqlab metadata is not a JSON object)")
     if meta.get("format") != kind:
         raise CorruptFileError(f"{where}: holds a {meta.get('format')!r}, expected a {kind!r}")
     file_version = meta.get("format_version")

@@ -68,6 +68,8 @@ def check_state_tensors(layers, model, where: str = "state", error=StateMismatch
                             f"(batch, {', '.join(map(str, shape))})")
             if batch is None:
                 batch = tensor.shape[0]
+                if batch < 1:
+                    raise error(f"{where}: layers.{i}.{name} holds a batch of 0 rows")
             elif tensor.shape[0] != batch:
                 raise error(f"{where}: layers.{i}.{name} holds a batch of {tensor.shape[0]}, layers.0 a batch of "
                             f"{batch}")

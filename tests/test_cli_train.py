@@ -13,6 +13,8 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("zarr")
 
@@ -479,3 +481,39 @@ def test_an_edited_run_json_is_refused(tmp_path, capsys, monkeypatch):
     path.write_bytes(good[:-20])
     code, _, err = in_process(capsys, "train", "--out", "r", "--resume", "--steps", 3, "--threads", "1")
     assert code == 2 and "run.json: not valid JSON" in err, err
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("small_run")
+    (root / "c.txt").write_text(corpus_text()[:5000])
+    from seqlab.cli import main
+
+    assert main(["train", str(root / "c.txt"), "--domain", "bytes", "--out", str(root / "r"), "--steps", "2",
+                 "--checkpoint-every", "2", *SMALL]) == 0
+    return root
+
+
+RUN_FILES = ["model.safetensors", "step-00000002/model.safetensors", "step-00000002/trainer.safetensors",
+             "step-00000002/state-0.safetensors", "latest", "run.json"]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(name=st.sampled_from(RUN_FILES), fraction=st.floats(0, 1), bit=st.integers(0, 7))
+def test_a_bit_flip_in_any_file_of_a_run_is_one_line_naming_it(small_run, capsys, name, fraction, bit):
+    path = small_run / "r" / name
+    good = path.read_bytes()
+    bad = bytearray(good)
+    bad[int(fraction * (len(good) - 1))] ^= 1 << bit
+    try:
+        path.write_bytes(bytes(bad))
+        if name in ("model.safetensors", "latest"):
+            target = small_run / "r" / ("model.safetensors" if name == "model.safetensors" else "")
+            code, _, err = in_process(capsys, "eval", target, small_run / "c.txt", "--quiet")
+        else:
+            code, _, err = in_process(capsys, "train", "--out", small_run / "r", "--resume", "--steps", 3,
+                                      "--threads", 1, "--quiet")
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and path.name in lines[0] and "Traceback" not in err, err
+    finally:
+        path.write_bytes(good)

@@ -127,7 +127,7 @@ def test_foreign_and_future_files(saved, tmp_path):
 
     foreign = tmp_path / "weights.safetensors"
     save_file({"w": torch.zeros(2)}, foreign)
-    with pytest.raises(CorruptFileError, match="not a seqlab"):
+    with pytest.raises(CorruptFileError, match="not a readable seqlab.recurrent_state file"):
         RecurrentState.load(foreign, model)
     not_safetensors = tmp_path / "junk.bin"
     not_safetensors.write_bytes(b"hello world, not a tensor file at all")
