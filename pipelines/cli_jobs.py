@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from seqlab.cli_args import count, number, seed, temperature, top_p
+from seqlab.cli_args import count, number, seed, temperature
 
 #: actors in a job's pool
 MAX_CONCURRENCY = 1024
@@ -31,6 +31,20 @@ def resource(text: str) -> float:
 
 
 resource.__name__ = "number"  # a float flag (seqlab.cli checks --config values by this name)
+
+
+def sampling_temperature(text: str) -> float:
+    """--temperature: 0 (greedy) or a finite number in [0.001, 100]; a smaller one overflows the logits (1e-300
+    made torch.multinomial fail on NaN probabilities)."""
+    value = temperature(text)
+    if 0 < value < 1e-3:
+        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or a number in [0.001, 100], got {text!r}")
+    return value
+
+
+sampling_temperature.__name__ = "number"
+#: --top-p: a nucleus of at least 0.001 of the probability (a tinier one, like 1e-300, made sampling fail)
+sampling_top_p = number(1e-3, 1.0)
 
 
 def _common(p: argparse.ArgumentParser, segments: bool = True, optional_stores: bool = False) -> None:
@@ -181,10 +195,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-new-tokens", type=count(1, MAX_NEW_TOKENS), default=64,
                    help="tokens to generate (default 64; fewer when the adapter's end token comes first)")
     g.add_argument("--prompt-length", type=count(1), default=None, help="prompt = the last N elements (default all)")
-    g.add_argument("--temperature", type=temperature, default=1.0, help="0 = greedy (default 1.0; at most 100)")
+    g.add_argument("--temperature", type=sampling_temperature, default=1.0,
+                   help="0 = greedy, or 0.001 to 100 (default 1.0)")
     g.add_argument("--top-k", type=count(1), default=None, help="sample from the k likeliest tokens (default all)")
-    g.add_argument("--top-p", type=top_p, default=None, help="sample from the smallest set of tokens whose "
-                   "probability reaches p, in (0, 1] (default 1)")
+    g.add_argument("--top-p", type=sampling_top_p, default=None, help="sample from the smallest set of tokens whose "
+                   "probability reaches p, in [0.001, 1] (default 1)")
     g.add_argument("--seed", type=seed, default=0, help="base seed (sequence NAME uses seed + crc32(NAME))")
     g.add_argument("--allow-specials", action="store_true",
                    help="let the model generate the adapter's special tokens too (by default they are never "

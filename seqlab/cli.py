@@ -66,7 +66,8 @@ def _load_toml(path: str) -> dict:
 
 
 def _type_name(action: argparse.Action) -> str:
-    """What a TOML value for ``action`` must be: "bool", "int", "float" or "str"."""
+    """What a TOML value for ``action`` must be: "bool", "int", "float", "str", or "scalar" for a type of the
+    command's own (a string or a number, which the type then checks, e.g. ``--keep-checkpoints 3|all``)."""
     if action.nargs == 0:  # store_true / store_false / store_const
         return "bool"
     kind = action.type
@@ -75,10 +76,14 @@ def _type_name(action: argparse.Action) -> str:
         return "int"
     if kind is float or name == "number":
         return "float"
-    return "str"
+    if kind is None or kind is str:
+        return "str"
+    return "scalar"
 
 
-_TOML_KIND = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
+_TOML_KIND = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
+              "scalar": "a string or a number"}
+_TOML_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "scalar": (str, int, float)}
 
 
 def _toml_value(action: argparse.Action, value, where: str):
@@ -89,12 +94,12 @@ def _toml_value(action: argparse.Action, value, where: str):
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be {_TOML_KIND[kind]}, got {value!r}")
         return value
-    if isinstance(value, bool) or not isinstance(value, {"int": (int,), "float": (int, float),
-                                                         "str": (str,)}[kind]):
+    if isinstance(value, bool) or not isinstance(value, _TOML_TYPES[kind]):
         raise ConfigError(f"{where} must be {_TOML_KIND[kind]}, got {type(value).__name__} {value!r}")
     if action.type is not None and callable(action.type):
         try:
-            value = action.type(value if kind == "str" else repr(value) if isinstance(value, float) else str(value))
+            value = action.type(value if isinstance(value, str) else repr(value) if isinstance(value, float)
+                                else str(value))
         except (argparse.ArgumentTypeError, TypeError, ValueError) as exc:
             reason = str(exc) if isinstance(exc, argparse.ArgumentTypeError) else f"invalid value {value!r}"
             raise ConfigError(f"{where}: {reason}") from None
