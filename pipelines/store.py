@@ -1147,9 +1147,12 @@ def _ingest_file(store: SequenceStore, path: str, index: int, base, adapter, win
                 _update_attrs(store._array(name), {"complete": True, "updated": _now()})
     except Exception as exc:
         kept = _roll_back(store, touched)
+        replacements = sum(staged for _, staged in touched)
         note = (f"ingest of {path} was rolled back: "
                 + (f"the {len(touched)} sequence(s) written from it were removed" if touched
                    else "nothing was written from it")
+                + (f" ({replacements} of them replacements: the sequences they were to replace are kept)"
+                   if replacements else "")
                 + (f" ({kept} could not be removed and stay incomplete)" if kept else "")
                 + (f"; the {index} file(s) before it stay ingested" if index else ""))
         if isinstance(exc, SeqlabError):

@@ -228,3 +228,32 @@ def test_ingest_library_refuses_bad_numbers(tmp_path, options):
 def test_store_options_are_range_checked(tmp_path, options):
     with pytest.raises(ConfigError, match=next(iter(options))):
         SequenceStore(tmp_path / "s.zarr", "a", **options)
+
+
+def test_replacement_in_a_store_that_cannot_rename(tmp_path):
+    import zarr
+
+    memory = SequenceStore(zarr.storage.MemoryStore(), "a")
+    path = _write(tmp_path / "g.fa", fasta(RECORDS[:2]))
+    ingest(memory, path, DNAAdapter(), chunk_elements=256)
+    new = [(rid, seq[::-1]) for rid, seq in RECORDS[:2]]
+    _write(path, fasta(new) + b">bad\nAXA\n")
+    with pytest.raises(SeqlabError, match=r"invalid letter 'X'.*2 of them replacements: the sequences they were to "
+                                          "replace are kept"):
+        ingest(memory, path, DNAAdapter(), overwrite=True, chunk_elements=256)
+    dna = DNAAdapter()
+    assert {n: dna.decode(memory.read(n)) for n in memory.list()} == dict(RECORDS[:2])
+    _write(path, fasta(new))
+    assert [r.action for r in ingest(memory, path, DNAAdapter(), overwrite=True)] == ["replaced"] * 2
+    assert {n: dna.decode(memory.read(n)) for n in memory.list()} == dict(new)
+    assert memory._staging().list() == []
+
+
+def test_a_sequence_left_aside_by_a_kill_during_the_swap_is_put_back(tmp_path):
+    path = _write(tmp_path / "g.fa", fasta(RECORDS[:2]))
+    ingest(tmp_path / "s.zarr", path, DNAAdapter())
+    (tmp_path / "s.zarr" / STAGING).mkdir()
+    os.rename(tmp_path / "s.zarr" / "chr0", tmp_path / "s.zarr" / STAGING / "chr0.replaced")  # the first rename
+    assert SequenceStore(tmp_path / "s.zarr", "r").list() == ["chr1"]
+    assert [r.action for r in ingest(tmp_path / "s.zarr", path, DNAAdapter())] == ["skipped", "skipped"]
+    assert stored(tmp_path / "s.zarr") == dict(RECORDS[:2])
