@@ -706,11 +706,13 @@ def _last_loss(records: list[dict], log: Path) -> float | None:
     if records:
         return records[-1]["loss"]
     if log.is_file():  # nothing trained in this call (the run had reached --steps): the log's last step
-        for line in reversed(log.read_text().splitlines()):
+        for line in reversed(log.read_bytes().decode("utf-8", "replace").splitlines()):
             try:
-                return json.loads(line)["loss"]
-            except (ValueError, KeyError):
+                loss = json.loads(line)["loss"]
+            except (ValueError, KeyError, TypeError, IndexError):
                 continue
+            if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+                return float(loss)
     return None
 
 

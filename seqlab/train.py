@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import time
 from collections.abc import Callable
@@ -59,6 +60,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         def number(name, low=None, high=None, low_open=False):
             value = getattr(self, name)
+            if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+                value = float(value)  # numpy floats and 0-d tensors' .item() alike
+                setattr(self, name, value)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ConfigError(f"TrainConfig.{name} must be a finite number, got {value!r}")
             if low is not None and (value <= low if low_open else value < low):
@@ -68,6 +72,9 @@ class TrainConfig:
 
         def integer(name, low, high=BIG):
             value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                value = int(value)  # numpy and torch integers too
+                setattr(self, name, value)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise ConfigError(f"TrainConfig.{name} must be an int in [{low}, {high}], got {value!r}")
 
@@ -94,12 +101,13 @@ class TrainConfig:
         integer("max_steps", 1)
         integer("warmup_steps", 0)
         if self.warmup_steps > self.max_steps:
-            raise ConfigError(f"TrainConfig.warmup_steps ({self.warmup_steps}) must be <= max_steps ({self.max_steps})")
+            raise ConfigError(f"TrainConfig.warmup_steps ({self.warmup_steps}) must be <= TrainConfig.max_steps "
+                              f"({self.max_steps})")
         integer("grad_accum", 1)
         integer("batch_size", 1)
         if self.batch_size % self.grad_accum:
-            raise ConfigError(f"TrainConfig.batch_size ({self.batch_size}) must be divisible by grad_accum "
-                              f"({self.grad_accum}): each optimizer step splits the batch into grad_accum micro-batches")
+            raise ConfigError(f"TrainConfig.batch_size ({self.batch_size}) must be divisible by TrainConfig.grad_accum "
+                              f"({self.grad_accum}): each optimizer step splits the batch into that many micro-batches")
         integer("window", 1)
         integer("eval_every", 0)
         integer("eval_windows", 1)
