@@ -619,3 +619,14 @@ def test_fastq_mutations_agree_with_biopython(tmp_path, text):
         assert "line " in message and "record #" in message, message
     else:  # no record at all, or a first line that is not FASTQ: said so
         assert "empty file" in message or "FASTA" in message or "not FASTA or FASTQ" in message, message
+
+
+def test_fastq_gzip_damage_names_the_record_being_read(tmp_path):
+    reads = "".join(f"@r{k}\n{'ACGT' * 30}\n+\n{'I' * 120}\n" for k in range(3))
+    data = bytearray(gzip.compress(reads.encode(), compresslevel=0))  # stored blocks: the text is in it verbatim
+    data[data.index(b"@r1") + 10] = ord("T") if data[data.index(b"@r1") + 10] != ord("T") else ord("A")
+    path = tmp_path / "reads.fq.gz"
+    path.write_bytes(bytes(data))  # decodes to valid FASTQ with one altered base; only the CRC at the end tells
+    with pytest.raises(CorruptFileError, match=r"reads\.fq\.gz: corrupt gzip stream in record #3 \('r2', from line "
+                                               r"9\), after line \d+: CRC check failed"):
+        DNAAdapter().read(path)
