@@ -687,7 +687,7 @@ def _adapter_attrs(adapter, first: np.ndarray | None) -> tuple[dict, np.dtype]:
         raise InputError("a sequence without an adapter needs data to learn its dtype from")
     if first.dtype.kind in "iub":
         return {"domain": None, "adapter": None, "kind": "tokens", "vocab_size": None}, \
-            (np.dtype(np.int64) if first.dtype.kind != "u" else first.dtype)
+            (first.dtype if first.dtype.kind == "u" and first.dtype.itemsize <= 4 else np.dtype(np.int64))
     return {"domain": None, "adapter": None, "kind": "continuous", "vocab_size": None}, np.dtype(np.float32)
 
 
@@ -703,16 +703,25 @@ def _fit(values: np.ndarray, info_or_kind, where: str, position: int = 0) -> np.
     if kind == "tokens":
         if values.dtype.kind == "f":
             raise InputError(f"{where}: token ids must be integers, got dtype {values.dtype} at position {position}")
-        high = vocab if vocab is not None else (np.iinfo(dtype).max + 1)
-        bad = (values < 0) | (values >= high)
+        if values.dtype == np.bool_:
+            values = values.astype(np.uint8)
+        # ids are read back as int64: nothing at or above 2**63, whatever the stored dtype
+        high = vocab if vocab is not None else min(int(np.iinfo(dtype).max), 2**63 - 1) + 1
+        bad = (values < 0) | (values > high - 1)
         if bool(bad.any()):
             first = int(np.flatnonzero(bad)[0])
             raise InputError(f"{where}: id {int(values.reshape(-1)[first])} at position {position + first} is "
                              f"outside [0, {high})")
-    elif not bool(np.isfinite(values).all()):
-        first = int(np.flatnonzero(~np.isfinite(values.reshape(values.shape[0], -1)).all(axis=1))[0])
-        raise InputError(f"{where}: frame at position {position + first} is not finite")
-    return values.astype(dtype, copy=False)
+        return values.astype(dtype, copy=False)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = values.astype(dtype, copy=False)
+    finite = np.isfinite(out.reshape(out.shape[0], -1)).all(axis=1)
+    if not bool(finite.all()):
+        first = int(np.flatnonzero(~finite)[0])
+        why = "is not finite" if not np.isfinite(values[first]).all() else \
+            f"holds a value beyond the range of {dtype} (about +-3.4e38)"
+        raise InputError(f"{where}: frame at position {position + first} {why}")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------

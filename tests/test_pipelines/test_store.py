@@ -552,3 +552,28 @@ def test_store_metadata_of_the_wrong_shape_names_the_file(tmp_path, content):
         with pytest.raises(CorruptFileError, match=r"s\.zarr/zarr\.json"):
             SequenceStore(path, mode=mode)
     assert (path / "zarr.json").read_bytes() == content
+
+
+@pytest.mark.parametrize("values,error", [
+    (np.array([2**63 + 5], np.uint64), r"id 9223372036854775813 at position 0 is outside \[0, 9223372036854775808\)"),
+    (np.array([[1.0], [1e300]]), r"frame at position 1 holds a value beyond the range of float32"),
+    (np.array([[1.0], [np.nan]]), r"frame at position 1 is not finite"),
+    (np.array([-3], np.int8), r"id -3 at position 0 is outside"),
+    (np.array([1j]), r"expected integer ids or float frames, got dtype complex128"),
+])
+def test_odd_dtypes_and_numbers_are_refused_by_append(tmp_path, values, error):
+    store = SequenceStore(tmp_path / "s.zarr")
+    with pytest.raises(InputError, match=error):
+        store.append("odd", values)
+    assert "odd" not in store or store.read("odd").numel() == 0
+
+
+@pytest.mark.parametrize("values,expected", [
+    (np.array([True, False, True]), [1, 0, 1]),
+    (np.array([2**63 - 1, 0], np.uint64), [2**63 - 1, 0]),
+    (np.array([[0.5], [-2.0]], np.float16), [[0.5], [-2.0]]),
+])
+def test_odd_dtypes_that_fit_read_back_equal(tmp_path, values, expected):
+    store = SequenceStore(tmp_path / "s.zarr")
+    store.append("odd", values)
+    assert store.read("odd").tolist() == expected
