@@ -490,7 +490,14 @@ class SequenceStore:
         until its source file is verified (the group's name is not a sequence name: never listed)."""
         sub = object.__new__(SequenceStore)
         sub.__dict__.update(self.__dict__)
-        sub.group = self.group.require_group(STAGING)
+        try:
+            sub.group = self.group.require_group(STAGING)
+        except OSError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a damaged zarr.json of the staging group
+            raise CorruptFileError(f"sequence store {self.where}: {self.where}/{STAGING}/zarr.json is unreadable "
+                                   f"({type(exc).__name__}: {exc}); the {STAGING} group holds only replacements "
+                                   "in progress: remove it if no ingest is running") from None
         sub.where = f"{self.where}/{STAGING}"
         return sub
 

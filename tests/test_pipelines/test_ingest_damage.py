@@ -257,3 +257,13 @@ def test_a_sequence_left_aside_by_a_kill_during_the_swap_is_put_back(tmp_path):
     assert SequenceStore(tmp_path / "s.zarr", "r").list() == ["chr1"]
     assert [r.action for r in ingest(tmp_path / "s.zarr", path, DNAAdapter())] == ["skipped", "skipped"]
     assert stored(tmp_path / "s.zarr") == dict(RECORDS[:2])
+
+
+def test_a_damaged_staging_group_is_named_and_the_old_sequence_kept(tmp_path):
+    path = _write(tmp_path / "g.fa", fasta(RECORDS[:1]))
+    ingest(tmp_path / "s.zarr", path, DNAAdapter())
+    (tmp_path / "s.zarr" / STAGING).mkdir()
+    (tmp_path / "s.zarr" / STAGING / "zarr.json").write_bytes(b"{")
+    with pytest.raises(CorruptFileError, match=rf"s\.zarr/{STAGING}/zarr\.json is unreadable"):
+        ingest(tmp_path / "s.zarr", path, DNAAdapter(), overwrite=True)
+    assert SequenceStore(tmp_path / "s.zarr", "r").read("chr0").numel() == 1500
