@@ -510,10 +510,21 @@ _OUT_OF_MEMORY = ("can't allocate memory", "out of memory")
 
 
 def _user_error(e: BaseException | None) -> bool:
-    """A seqlab error, or a worker out of memory (a window too large for the model): raised to the caller as
-    itself (the CLI prints one line), not wrapped in Ray's task error."""
+    """A seqlab error, a worker out of memory (a window too large for the model) or an OSError of the machine (a
+    full disk, no permission, a read-only file system: seqlab.cli.USER_OS_ERRORS): raised to the caller as itself
+    (the CLI prints one line), not wrapped in Ray's task error."""
+    from seqlab.cli import USER_OS_CLASSES, USER_OS_ERRORS
+
     return isinstance(e, (SeqlabError, MemoryError)) or \
-        isinstance(e, RuntimeError) and any(m in str(e) for m in _OUT_OF_MEMORY)
+        isinstance(e, RuntimeError) and any(m in str(e) for m in _OUT_OF_MEMORY) or \
+        isinstance(e, OSError) and (e.errno in USER_OS_ERRORS or isinstance(e, USER_OS_CLASSES))
+
+
+def _fresh(e: BaseException) -> BaseException:
+    """The same error without Ray's frames and context: an OSError keeps its errno, message and path."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return type(e)(e.errno, e.strerror, *(p for p in (e.filename,) if p is not None))
+    return type(e)(str(e))
 
 
 def _unwrap(exc: BaseException) -> BaseException | None:
@@ -754,7 +765,7 @@ def _execute(items, model_path, output, job, window, job_attrs, options, store_p
                                      int(row["elements"]), time.time() - started, float(row["seconds"])))
     except Exception as exc:  # Ray may wrap the worker's error: raise ours, which names where
         inner = _unwrap(exc)
-        failure = exc if inner is None else type(inner)(str(inner))
+        failure = exc if inner is None else _fresh(inner)
         _release_frames(exc)  # what the job held goes with the job, not when the caller drops the error
     finally:
         # close the iteration now, not when the garbage collector gets to it (an exception's traceback keeps it

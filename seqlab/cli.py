@@ -114,9 +114,9 @@ def _config_defaults(parser: argparse.ArgumentParser, table: dict, path: str, co
     known = {a.dest: a for a in parser._actions if a.dest not in ("help", "func")}
     out = {}
     for key, value in table.items():
-        if isinstance(value, dict):
-            continue  # another command's table
         dest = key.replace("-", "_")
+        if isinstance(value, dict) and dest not in known:
+            continue  # another command's or an action's table (checked by _apply_config)
         if dest not in known:
             raise SeqlabError(f"--config {path}: unknown setting {key!r} for 'seqlab {command}' "
                               f"(known: {', '.join(sorted(known))})")
@@ -193,6 +193,17 @@ def _apply_config(parser: argparse.ArgumentParser, command: str, table: dict, pa
     own = table.get(command, {})
     if not isinstance(own, dict):
         raise SeqlabError(f"--config {path}: {command!r} must be a table ([{command}]), got {own!r}")
+    # a table nothing reads is a typo, not a setting to drop without a word
+    for key, value in table.items():
+        if isinstance(value, dict) and key not in COMMAND_MODULES:
+            raise ConfigError(f"--config {path}: unknown table [{key}] (tables are named after commands: "
+                              f"{', '.join(sorted(COMMAND_MODULES))})")
+    actions = next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
+    for key, value in own.items():
+        if isinstance(value, dict) and key not in actions and key.replace("-", "_") not in \
+                {a.dest for a in parser._actions}:
+            raise ConfigError(f"--config {path}: unknown table [{command}.{key}]" + (
+                f" (actions: {', '.join(actions)})" if actions else f" ('seqlab {command}' has no actions)"))
     parser.set_defaults(**_config_defaults(parser, {**table, **own}, path, command))
     name, action_parser = _action(parser, argv, command)
     if action_parser is not None and isinstance(own.get(name), dict):

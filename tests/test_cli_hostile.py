@@ -242,6 +242,9 @@ def test_config_values_are_checked_like_flags(value):
     ("[score]\nnum-gpus = 1e-300\n", "(--num-gpus): must be 0 or a number in [0.0001, 1024]"),
     ("[generate]\ntemperature = inf\n", "(--temperature): must be a finite number"),
     ("seed = -1\n[generate]\n", "'seed' of 'seqlab generate' (--seed): must be a seed"),
+    ("[bench]\nlength = {a = 1}\n", "(--length) must be an integer, got dict {'a': 1}"),
+    ("[bench]\nrepeats = 2\n[bnech]\nlength = 5\n", "unknown table [bnech] (tables are named after commands"),
+    ("[bench]\n[bench.fast]\nlength = 5\n", "unknown table [bench.fast] ('seqlab bench' has no actions)"),
 ])
 def test_bad_config_values_exit_2_naming_file_and_key(tmp_path, capsys, stubbed, toml, message):
     (tmp_path / "run.toml").write_text(toml)

@@ -585,9 +585,10 @@ def test_an_output_that_is_not_a_jobs_own_is_refused_and_left_alone(setup, tmp_p
     assert not (plain / "zarr.json").exists()
 
 
-def test_a_worker_out_of_memory_reaches_the_caller_as_itself():
-    """A window too large for the model fails in a worker: the job raises the MemoryError (or torch's allocation
-    error) itself, which the CLI prints as one line, not Ray's task error; a bug stays wrapped."""
+def test_a_workers_out_of_memory_or_full_disk_reaches_the_caller_as_itself():
+    """A window too large for the model, or a full disk, fails in a worker: the job raises the MemoryError (or
+    torch's allocation error, or the OSError with its path) itself, which the CLI prints as one line, not Ray's task
+    error; a bug stays wrapped."""
 
     class TaskError(Exception):  # what Ray raises in the driver: the worker's exception in .cause
         def __init__(self, cause):
@@ -598,3 +599,8 @@ def test_a_worker_out_of_memory_reaches_the_caller_as_itself():
                   RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")):
         assert ray_jobs._unwrap(TaskError(cause)) is cause
     assert ray_jobs._unwrap(TaskError(RuntimeError("index out of range in self"))) is None
+    full = OSError(28, "No space left on device", "/out.zarr/_staging/a.whole/c/3")  # a worker's disk is full
+    assert ray_jobs._unwrap(TaskError(full)) is full
+    again = ray_jobs._fresh(full)
+    assert (type(again), again.errno, again.filename, again.__traceback__) == (OSError, 28, full.filename, None)
+    assert ray_jobs._unwrap(TaskError(OSError(9, "Bad file descriptor"))) is None  # ours: stays wrapped
