@@ -813,7 +813,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--adapter-settings", metavar="JSON", help='adapter settings, e.g. \'{"utf8": true}\'')
     data.add_argument("--eval", nargs="+", metavar="FILE", help="held-out files (put this after the training "
                       "files)")
-    data.add_argument("--eval-fraction", type=EVAL_FRACTION, metavar="F", help="hold out the last F of the encoded data")
+    data.add_argument("--eval-fraction", type=EVAL_FRACTION, metavar="F",
+                      help="hold out the last F of the encoded data")
     data.add_argument("--store", metavar="S.zarr", help="train from a sequence store (written by seqlab ingest)")
     data.add_argument("--sequences", nargs="+", metavar="NAME", help="stored sequences to train on (default: all "
                       "complete ones but the --eval-sequences)")
@@ -831,34 +832,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     model = t.add_argument_group("model (a new run; a resumed run keeps its own)")
     model.add_argument("--ssm", choices=("mamba1", "mamba2"), default=None, help="mixer kind (default mamba1)")
-    model.add_argument("--d-model", type=MODEL_TYPES["d_model"], default=None, help="model width (default 128)")
-    model.add_argument("--n-layer", type=MODEL_TYPES["n_layer"], default=None, help="layers (default 4)")
-    model.add_argument("--d-state", type=MODEL_TYPES["d_state"], default=None, help="SSM state size (default 16 mamba1, 128 mamba2)")
-    model.add_argument("--d-conv", type=MODEL_TYPES["d_conv"], default=None, help="causal conv width (default 4)")
-    model.add_argument("--expand", type=MODEL_TYPES["expand"], default=None, help="inner width / d_model (default 2)")
-    model.add_argument("--headdim", type=MODEL_TYPES["headdim"], default=None, help="Mamba-2 head size (default 64)")
-    model.add_argument("--chunk-size", type=MODEL_TYPES["chunk_size"], default=None, help="Mamba-2 SSD chunk (default 256)")
+    model_help = {"d_model": "model width (default 128)", "n_layer": "layers (default 4)",
+                  "d_state": "SSM state size (default 16 mamba1, 128 mamba2)",
+                  "d_conv": "causal conv width (default 4)", "expand": "inner width / d_model (default 2)",
+                  "headdim": "Mamba-2 head size (default 64)", "chunk_size": "Mamba-2 SSD chunk (default 256)"}
+    for name, text in model_help.items():
+        model.add_argument(_flag(name), type=MODEL_TYPES[name], default=None, help=text)
     opt = t.add_argument_group("training")
-    opt.add_argument("--steps", type=TRAIN_TYPES["steps"], default=None, help="optimizer steps in all (default 1000)")
-    opt.add_argument("--batch-size", type=TRAIN_TYPES["batch_size"], default=None, help="streams per step (default 8)")
-    opt.add_argument("--window", type=TRAIN_TYPES["window"], default=None, help="TBPTT window: elements per stream per step "
-                     "(default 256)")
-    opt.add_argument("--lr", type=TRAIN_TYPES["lr"], default=None, help="peak learning rate (default 1e-3)")
-    opt.add_argument("--min-lr-ratio", type=TRAIN_TYPES["min_lr_ratio"], default=None, help="cosine ends at this * lr (default 0.1)")
-    opt.add_argument("--weight-decay", type=TRAIN_TYPES["weight_decay"], default=None, help="AdamW weight decay (default 0.1)")
-    opt.add_argument("--warmup", type=TRAIN_TYPES["warmup"], default=None, help="linear warmup steps (default 0)")
-    opt.add_argument("--grad-accum", type=TRAIN_TYPES["grad_accum"], default=None, help="micro-batches per step (default 1)")
-    opt.add_argument("--grad-clip", type=TRAIN_TYPES["grad_clip"], default=None, help="clip the gradient norm (default 1.0)")
-    opt.add_argument("--eval-every", type=TRAIN_TYPES["eval_every"], default=None, help="evaluate every N steps and at the end "
-                     "(default 100; 0: only the final full evaluation)")
-    opt.add_argument("--eval-windows", type=TRAIN_TYPES["eval_windows"], default=None, help="held-out windows per periodic evaluation "
-                     "(default 8)")
-    opt.add_argument("--checkpoint-every", type=TRAIN_TYPES["checkpoint_every"], default=None, help="checkpoint every N steps and at the end "
-                     "(default 100)")
-    opt.add_argument("--keep-checkpoints", type=TRAIN_TYPES["keep_checkpoints"], default=None, metavar="N|all",
-                     help="step folders kept: the newest N (default 3; the one 'latest' names is always kept), or "
-                     "'all'")
-    opt.add_argument("--seed", type=TRAIN_TYPES["seed"], default=None, help="seed of the initial weights and the RNGs (default 0)")
+    train_help = {
+        "steps": "optimizer steps in all (default 1000)", "batch_size": "streams per step (default 8)",
+        "window": "TBPTT window: elements per stream per step (default 256)",
+        "lr": "peak learning rate (default 1e-3)", "min_lr_ratio": "cosine ends at this * lr (default 0.1)",
+        "weight_decay": "AdamW weight decay (default 0.1)", "warmup": "linear warmup steps (default 0)",
+        "grad_accum": "micro-batches per step (default 1)", "grad_clip": "clip the gradient norm (default 1.0)",
+        "eval_every": "evaluate every N steps and at the end (default 100; 0: only the final full evaluation)",
+        "eval_windows": "held-out windows per periodic evaluation (default 8)",
+        "checkpoint_every": "checkpoint every N steps and at the end (default 100)",
+        "keep_checkpoints": "step folders kept: the newest N (default 3; the one 'latest' names is always kept), "
+                            "or 'all'",
+        "seed": "seed of the initial weights and the RNGs (default 0)",
+    }
+    for name, text in train_help.items():
+        opt.add_argument(_flag(name), type=TRAIN_TYPES[name], default=None, help=text,
+                         metavar="N|all" if name == "keep_checkpoints" else None)
     opt.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                      help="bfloat16 autocast (default off)")
     opt.add_argument("--carry-state", action=argparse.BooleanOptionalAction, default=None,

@@ -150,7 +150,8 @@ class BackboneConfig:
                     raise ConfigError(f"layer_overrides[{key}].options must be a mapping of setting names to values, "
                                       f"got {value.options!r}")
             if not isinstance(value, LayerOverride):
-                raise ConfigError(f"layer_overrides[{key}] must be a LayerOverride or a dict, got {type(value).__name__}")
+                raise ConfigError(f"layer_overrides[{key}] must be a LayerOverride or a dict, got "
+                                  f"{type(value).__name__}")
             overrides[key] = value
         object.__setattr__(self, "layer_overrides", dict(sorted(overrides.items())))
         # Shape checks that need the resolved per-layer kinds.

@@ -395,8 +395,8 @@ TOML_BAD = [("steps", "-5", "--steps"), ("steps", "1e3", "--steps"), ("steps", "
             ("threads", "100000", "--threads"), ("d-model", "0", "--d-model"), ("n-layer", "[1, 2]", "--n-layer"),
             ("keep-checkpoints", "0", "--keep-checkpoints"), ("keep-checkpoints", '"some"', "--keep-checkpoints"),
             ("eval-fraction", "1.0", "--eval-fraction"), ("checkpoint-every", "0", "--checkpoint-every"),
-            ("bf16", '"yes"', "--bf16"), ("resume", '"no"', "--resume"), ("eval", "5", "--eval"), ("device", "[1]", "--device"),
-            ("quiet", "1", "--quiet")]
+            ("bf16", '"yes"', "--bf16"), ("resume", '"no"', "--resume"), ("eval", "5", "--eval"),
+            ("device", "[1]", "--device"), ("quiet", "1", "--quiet")]
 
 
 @pytest.mark.parametrize("key, value, flag", TOML_BAD)

@@ -75,7 +75,8 @@ def test_kill_9_mid_write_leaves_a_whole_file_and_the_next_write_cleans_up(tmp_p
     n = 4 << 20
     atomic_write_bytes(target, b"\x00" * n)
     for delay in (0.02, 0.1, 0.25):
-        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(target), str(n), seqlab.io.__file__], stdout=subprocess.PIPE)
+        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(target), str(n), seqlab.io.__file__],
+                                stdout=subprocess.PIPE)
         assert proc.stdout.readline().strip() == b"ready"
         time.sleep(delay)
         os.kill(proc.pid, signal.SIGKILL)
@@ -400,3 +401,67 @@ def test_hand_built_states_of_the_wrong_shape_or_dtype_are_a_state_mismatch(ssm,
         model(torch.tensor([[1], [2]]), bad)
     with pytest.raises(StateMismatchError, match=rf"layers\.{layer}"):
         model.step(torch.tensor([1, 2]), bad)
+
+
+# ------------------------------------------------------------------------------------------------------
+# files with a right checksum but odd contents (written by another tool, or by hand): seqlab errors only
+
+from seqlab.checkpoint import read_trainer_file  # noqa: E402
+from seqlab.errors import SeqlabError  # noqa: E402
+from seqlab.safetensors_io import read_tensors, write_tensors  # noqa: E402
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                max_size=3), max_leaves=6)
+
+
+def _replace_at(tree, path, value):
+    """``tree`` with the value at ``path`` (keys / indices) replaced."""
+    if not path:
+        return value
+    head, rest = path[0], path[1:]
+    if isinstance(tree, dict):
+        return {**tree, head: _replace_at(tree[head], rest, value)}
+    copy = list(tree)
+    copy[head] = _replace_at(copy[head], rest, value)
+    return copy
+
+
+def _paths(tree, prefix=()):
+    yield prefix
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree[:4]):
+            yield from _paths(v, prefix + (i,))
+
+
+@FUZZ
+@given(data=st.data())
+def test_odd_metadata_with_a_right_checksum_is_a_seqlab_error(copy, data):
+    kind = data.draw(st.sampled_from(["state", "model", "checkpoint trainer", "checkpoint state"]))
+    path = copy / KINDS[kind]
+    fmt = {"state": STATE_FORMAT, "model": MODEL_FORMAT, "checkpoint trainer": TRAINER_FORMAT,
+           "checkpoint state": STATE_FORMAT}[kind]
+    good = path.read_bytes()
+    tensors, meta = read_tensors(path, kind=fmt, version=2)
+    body = {k: v for k, v in meta.items() if k not in ("format", "format_version", "file_sha256")}
+    where = data.draw(st.sampled_from(sorted((p for p in _paths(body) if p), key=repr)))
+    body = _replace_at(body, where, data.draw(JSON))
+    if data.draw(st.booleans()) and tensors:  # and perhaps an odd tensor too
+        name = data.draw(st.sampled_from(sorted(tensors)))
+        t = tensors[name]
+        odd = [t.double(), t.flatten(), t.reshape(-1)[:0], t.to(torch.int8)]
+        tensors = {**tensors, name: data.draw(st.sampled_from(odd))}
+    try:
+        write_tensors(path, tensors, kind=fmt, version=2, meta=body)
+        try:
+            loaded = _loader(kind.split()[0] if kind in ("state", "model") else "checkpoint", copy)()
+        except (SeqlabError, FileNotFoundError):
+            return
+        # loaded anyway: only an edit that does not change what was loaded may pass
+        if kind == "state":
+            assert isinstance(loaded.position, int) and loaded.position >= 0
+    finally:
+        path.write_bytes(good)
