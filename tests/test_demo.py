@@ -224,8 +224,8 @@ def test_a_missing_text_file_exits_2_with_one_line_in_a_subprocess(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (("--big", "absent.bin"), "--big absent.bin: no such file"),
     (("--text", "tiny.txt"), "the demo needs at least"),
-    (("--steps", "0"), "--steps must be >= 1"),
-    (("--workers", "0"), "--workers must be >= 1"),
+    (("--steps", "0"), "argument --steps: must be an integer in [1, 16777216], got '0'"),
+    (("--workers", "0"), "argument --workers: must be an integer in [1, 256], got '0'"),
     (("--out", "users-folder"), "is not a seqlab demo folder"),
     (("--out", "users-folder/thesis.tex"), "exists and is not a folder"),
 ])
