@@ -89,10 +89,13 @@ def _config(ssm: str, args):
             sizes[name] = getattr(args, name)
     try:
         return BackboneConfig(**sizes)
-    except ConfigError as exc:
-        from seqlab.cli_train import _flag_names
+    except ConfigError as exc:  # in the flags' words: "divisible by headdim (48)" -> "divisible by --headdim (48)"
+        import re
 
-        raise ConfigError(_flag_names(str(exc), "BackboneConfig", {k: k for k in sizes})) from None
+        message = re.sub(r"\bBackboneConfig\.", "", str(exc))
+        message = re.sub(r"(?<![\w-])(d_model|n_layer|d_state|headdim|chunk_size|expand)\b",
+                         lambda m: "--" + m.group(1).replace("_", "-"), message)
+        raise ConfigError(message) from None
 
 
 def available_memory() -> int | None:

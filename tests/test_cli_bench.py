@@ -97,7 +97,7 @@ def test_bad_settings_exit_2_with_one_line(runs, capsys):
                           (("--threads", "0"), "argument --threads: must be an integer in [1, 1024], got '0'"),
                           (("--batch", "x"), "argument --batch: must be an integer in [1, 1048576], got 'x'"),
                           (("--d-model", "1e300"), "argument --d-model: must be an integer in [1, 65536]"),
-                          (("--quick", "--ssm", "mamba2", "--headdim", "48"), "divisible by headdim (48)")):
+                          (("--quick", "--ssm", "mamba2", "--headdim", "48"), "divisible by --headdim (48)")):
         assert main(["bench", *args]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("seqlab bench: error: ") and message in err, err
