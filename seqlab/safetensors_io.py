@@ -47,7 +47,8 @@ def _file_digest(data: bytes | memoryview, start: int) -> str:
     return digest.hexdigest()
 
 
-def encode_tensors(tensors: Mapping[str, torch.Tensor], *, kind: str, version: int, meta: Mapping[str, Any]) -> bytes:
+def encode_tensors(tensors: Mapping[str, torch.Tensor], *, kind: str, version: int,
+                   meta: Mapping[str, Any]) -> bytearray:
     """The bytes ``write_tensors`` writes: safetensors with the seqlab metadata and a whole-file checksum."""
     flat = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     body = {k: v for k, v in meta.items() if k not in (FILE_CHECKSUM, LEGACY_CHECKSUM)}
@@ -59,7 +60,7 @@ def encode_tensors(tensors: Mapping[str, torch.Tensor], *, kind: str, version: i
         raise RuntimeError("seqlab metadata: cannot place the file checksum")
     start = 8 + raw.index(_MARKER) + len(_MARKER)
     data[start:start + 64] = _file_digest(data, start).encode()
-    return bytes(data)
+    return data  # not copied into bytes: a model file can be large
 
 
 def write_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], *, kind: str, version: int,

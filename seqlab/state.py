@@ -48,6 +48,9 @@ def check_state_tensors(layers, model, where: str = "state", error=StateMismatch
     """Raise ``error`` unless ``layers`` hold exactly the tensors ``model``'s state has: the same names per layer,
     one batch size, the model's shapes and state dtype. The message names the layer, tensor and expected shape."""
     layout = state_layout(model)
+    # a float64 model (model.double()) carries its scan state in float64; every other model in float32
+    first = next(model.parameters(), None) if hasattr(model, "parameters") else None
+    wide = first is not None and first.dtype == torch.float64
     if not isinstance(layers, (list, tuple)):
         raise error(f"{where}: layers must be a list of dicts of tensors, got {type(layers).__name__}")
     if len(layers) != len(layout):
@@ -61,7 +64,7 @@ def check_state_tensors(layers, model, where: str = "state", error=StateMismatch
             tensor = have[name]
             if not isinstance(tensor, torch.Tensor):
                 raise error(f"{where}: layers.{i}.{name} is a {type(tensor).__name__}, not a tensor")
-            if tensor.dtype != dtype:
+            if tensor.dtype != dtype and not (wide and tensor.dtype == torch.float64):
                 raise error(f"{where}: layers.{i}.{name} has dtype {tensor.dtype}, the model's state dtype is {dtype}")
             if tensor.dim() != len(shape) + 1 or tuple(tensor.shape[1:]) != shape:
                 raise error(f"{where}: layers.{i}.{name} has shape {tuple(tensor.shape)}, the model's is "

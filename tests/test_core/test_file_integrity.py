@@ -88,6 +88,19 @@ def test_kill_9_mid_write_leaves_a_whole_file_and_the_next_write_cleans_up(tmp_p
     assert _temps(tmp_path, "big.bin") == []
 
 
+def test_two_concurrent_writers_never_remove_each_others_temp_files(tmp_path):
+    target = tmp_path / "shared.bin"
+    script = _WRITER.replace("while True:", "for _ in range(60):")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(target), str(64 << 10), seqlab.io.__file__],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err.decode()  # a removed temp file would fail its writer's rename
+    data = target.read_bytes()
+    assert len(data) == 64 << 10 and data == data[:1] * len(data)
+    assert _temps(tmp_path, "shared.bin") == []
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
 def test_mode_follows_the_umask_like_open(tmp_path, umask):
     old = os.umask(umask)
@@ -465,3 +478,15 @@ def test_odd_metadata_with_a_right_checksum_is_a_seqlab_error(copy, data):
             assert isinstance(loaded.position, int) and loaded.position >= 0
     finally:
         path.write_bytes(good)
+
+
+@pytest.mark.parametrize("ssm", ["mamba1", "mamba2"])
+def test_a_float64_model_streams_saves_and_loads_its_own_state(tmp_path, ssm):
+    model = tiny_lm(ssm).double()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    state = model(ids[:, :2], return_state=True).state
+    state.save(tmp_path / "s")
+    again = RecurrentState.load(tmp_path / "s", model)
+    assert torch.equal(model(ids[:, 2:], again).logits, model(ids[:, 2:], state).logits)
+    with pytest.raises(CorruptFileError, match="dtype torch.float64"):
+        RecurrentState.load(tmp_path / "s", tiny_lm(ssm))  # ... but a float32 model refuses it
