@@ -20,6 +20,7 @@ never removed.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import random
 import re
@@ -333,25 +334,33 @@ def load_checkpoint(directory: str | os.PathLike, *, model: torch.nn.Module, opt
     return trainer_meta, states
 
 
-def _check_scheduler(where, scheduler, state: dict) -> None:
-    """The stored scheduler state has the live scheduler's keys with values of the same kinds."""
-    own = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-    if set(state) != set(own):
-        raise CorruptFileError(f"{where}: scheduler state has keys {sorted(state)}, expected {sorted(own)}")
+_SCHEDULER_KEYS = ("last_epoch", "_step_count", "base_lrs", "_last_lr")
 
-    def kind(value):
-        if isinstance(value, bool):
-            return "bool"
-        if isinstance(value, (int, float)):
-            return "number" if isinstance(value, float) or not isinstance(value, int) else "int"
-        if isinstance(value, (list, tuple)):
-            return ("list", len(value), tuple(kind(v) for v in value))
-        return type(value).__name__
+
+def _check_scheduler(where, scheduler, state: dict) -> None:
+    """The stored scheduler state holds the keys a resume needs, and every key the live scheduler also has holds
+    a value of the same kind (keys another torch version adds or drops are left alone)."""
+    own = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    missing = [k for k in _SCHEDULER_KEYS if k in own and k not in state]
+    if missing:
+        raise CorruptFileError(f"{where}: scheduler state lacks {missing}")
+
+    def fits(have, want) -> bool:
+        if isinstance(want, bool) or isinstance(have, bool):
+            return isinstance(want, bool) and isinstance(have, bool)
+        if isinstance(want, int):
+            return isinstance(have, int)
+        if isinstance(want, float):
+            return isinstance(have, (int, float)) and math.isfinite(have)
+        if isinstance(want, (list, tuple)):
+            return isinstance(have, (list, tuple)) and len(have) == len(want) and all(map(fits, have, want))
+        return want is None or type(have) is type(want)
 
     for key, value in own.items():
-        have, want = kind(state[key]), kind(value)
-        if have != want and not (want == "number" and have == "int"):
+        if key in state and not fits(state[key], value):
             raise CorruptFileError(f"{where}: scheduler state {key} = {state[key]!r} does not fit ({value!r} now)")
+    if isinstance(state.get("last_epoch"), int) and state["last_epoch"] < -1:
+        raise CorruptFileError(f"{where}: scheduler state last_epoch = {state['last_epoch']} is negative")
 
 
 __all__ = ["has_checkpoint", "latest_checkpoint", "load_checkpoint", "load_model", "model_file_config",

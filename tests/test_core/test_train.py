@@ -310,3 +310,34 @@ def replace_cfg(config, **kw):
 def test_config_ranges_name_the_field(field, value):
     with pytest.raises(ConfigError, match=rf"TrainConfig\.{field}\b"):
         TrainConfig(**{field: value})
+
+
+@pytest.mark.parametrize("edit", ["one param group", "scheduler step", "rng"])
+def test_a_restore_that_does_not_fit_changes_nothing(tmp_path, edit):
+    """A trainer file with a right checksum whose optimizer, scheduler or RNG state does not fit: CorruptFileError
+    naming it, and the model, optimizer, scheduler and RNGs are as they were."""
+    from seqlab.checkpoint import FORMAT_VERSION, TRAINER_FORMAT, read_trainer_file
+    from seqlab.safetensors_io import write_tensors
+
+    ckpt, config = _checkpointed(tmp_path)
+    path = ckpt / "step-00000002" / "trainer.safetensors"
+    tensors, meta = read_trainer_file(path)
+    body = {k: v for k, v in meta.items() if k not in ("format", "format_version", "file_sha256")}
+    if edit == "one param group":
+        body["optimizer"]["param_groups"] = body["optimizer"]["param_groups"][:1]
+    elif edit == "scheduler step":
+        body["scheduler"]["last_epoch"] = "two"
+    else:
+        body["rng"]["python"] = [3, [1, 2, 3], None]
+    write_tensors(path, tensors, kind=TRAINER_FORMAT, version=FORMAT_VERSION, meta=body)
+    trainer = Trainer(tiny_lm(vocab=16, d_model=16, n_layer=1), config, pattern_data(4 * 100))
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    sched, rng = trainer.scheduler.state_dict(), torch.get_rng_state()
+    import random
+    py_rng = random.getstate()
+    with pytest.raises(CorruptFileError, match="trainer.safetensors"):
+        trainer.load_checkpoint()
+    assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in weights.items())
+    assert trainer.optimizer.state_dict()["state"] == {} and trainer.scheduler.state_dict() == sched
+    assert torch.equal(torch.get_rng_state(), rng) and random.getstate() == py_rng
+    assert trainer.step == 0
