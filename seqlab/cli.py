@@ -38,6 +38,8 @@ COMMAND_MODULES: dict[str, str] = {
 }
 
 EXIT_BAD_INPUT = 2
+#: the largest --config file read
+MAX_CONFIG_BYTES = 1 << 20
 
 #: optional top-level package -> the seqlab extra that installs it
 EXTRAS = {"zarr": "store", "ray": "ray", "soundfile": "audio", "torchaudio": "audio", "Bio": "dna",
@@ -56,7 +58,10 @@ def _load_toml(path: str) -> dict:
         import tomli as tomllib  # type: ignore[no-redef]
     try:
         with open(path, "rb") as fh:
-            return tomllib.load(fh)
+            text = fh.read(MAX_CONFIG_BYTES + 1)  # not /dev/zero until memory runs out
+        if len(text) > MAX_CONFIG_BYTES:
+            raise SeqlabError(f"--config {path}: larger than {MAX_CONFIG_BYTES:,} bytes: not a settings file")
+        return tomllib.loads(text.decode("utf-8"))
     except FileNotFoundError:
         raise SeqlabError(f"--config {path}: no such file") from None
     except tomllib.TOMLDecodeError as exc:
@@ -162,6 +167,23 @@ def build_parser(commands: Sequence[str] | None = None) -> tuple[argparse.Argume
         for name in set(sub.choices) - before:
             parsers[name] = sub.choices[name]
     return parser, parsers
+
+
+def _command_index(argv: list[str]) -> int | None:
+    """Where the command is in ``argv``: the first word that is not a top-level option or the --config value (a
+    config file named ``bench`` is not the command)."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config":
+            i += 2
+            continue
+        if arg in COMMAND_MODULES:
+            return i
+        if not arg.startswith("-"):
+            return None  # not a command: argparse says so
+        i += 1
+    return None
 
 
 def _config_path(argv: list[str]) -> str | None:
@@ -275,9 +297,10 @@ def _memory_message(exc: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
+    at = _command_index(argv)
+    debug = "--debug" in argv[:at]
     # import only the module of the command asked for (all of them for a bare --help)
-    wanted = [a for a in argv if a in COMMAND_MODULES][:1] or None
+    wanted = None if at is None else [argv[at]]
     command = f" {wanted[0]}" if wanted else ""
 
     def fail(message: str) -> int:
@@ -289,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser, parsers = build_parser(wanted)
         config = _config_path(argv)
         if config and wanted:
-            _apply_config(parsers[wanted[0]], wanted[0], _load_toml(config), config, argv)
+            _apply_config(parsers[wanted[0]], wanted[0], _load_toml(config), config, argv[at:])
         args = parser.parse_args(argv)
         return int(args.func(args) or 0)
     except SeqlabError as exc:
@@ -304,6 +327,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         return fail(_decode_message(exc))
+    except ValueError as exc:  # a path with a NUL character (from --config: TOML strings may hold one)
+        if debug or "embedded null" not in str(exc):
+            raise
+        return fail(f"a path holds a NUL character ({exc}): {_path_in_traceback(exc) or 'check the paths given'}")
     except MemoryError as exc:  # numpy's "Unable to allocate ..." is one
         if debug:
             raise

@@ -467,3 +467,22 @@ def test_config_values_for_a_commands_own_types_are_checked_by_them():
             cli._config_defaults(train, table, "run.toml", "train")
     with pytest.raises(ConfigError, match=r"\(--temperature\).*nan"):
         cli._config_defaults(ask, {"temperature": float("nan")}, "run.toml", "memory ask")
+
+
+def test_a_config_file_named_like_a_command_is_not_the_command(tmp_path, capsys, stubbed, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bench").write_text("[score]\nwindow = 5\n")
+    code, _, err = run(["--config", "bench", "score", "in.zarr", "out.zarr"], capsys)
+    assert code == 0, err
+    assert stubbed[-1].command == "score" and stubbed[-1].window == 5
+
+
+def test_an_endless_config_file_is_refused_not_read(capsys):
+    code, _, err = run(["--config", "/dev/zero", "bench"], capsys)
+    assert code == 2 and "--config /dev/zero: larger than 1,048,576 bytes" in one_line(err)
+
+
+def test_a_path_with_a_nul_character_is_one_line(tmp_path, capsys):
+    (tmp_path / "run.toml").write_text('[generate]\nprompt-file = ["a\\u0000b"]\nmodel = "m.safetensors"\n')
+    code, _, err = run(["--config", tmp_path / "run.toml", "generate"], capsys)
+    assert code == 2 and "a path holds a NUL character" in one_line(err)
