@@ -9,6 +9,7 @@ tests/test_core/test_state_contract.py.
 
 from __future__ import annotations
 
+import numbers
 import os
 import weakref
 from dataclasses import dataclass
@@ -164,7 +165,7 @@ class RecurrentState:
         require_fingerprint(self.fingerprint, model)
         if len(self.layers) != model.config.n_layer:
             raise StateMismatchError(f"state has {len(self.layers)} layers, the model has {model.config.n_layer}")
-        if isinstance(self.position, bool) or not isinstance(self.position, int) or self.position < 0:
+        if isinstance(self.position, bool) or not isinstance(self.position, numbers.Integral) or self.position < 0:
             raise StateError(f"state position must be an int >= 0, got {self.position!r}")
         check_state_tensors(self.layers, model)
         if batch_size is not None and self.batch_size != batch_size:
@@ -176,7 +177,7 @@ class RecurrentState:
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically as safetensors + JSON metadata with a checksum over every byte of the file; a failed
         save leaves the old file."""
-        if isinstance(self.position, bool) or not isinstance(self.position, int) or self.position < 0:
+        if isinstance(self.position, bool) or not isinstance(self.position, numbers.Integral) or self.position < 0:
             raise StateError(f"state position must be an int >= 0, got {self.position!r}: not saved to {path}")
         meta = {"fingerprint": self.fingerprint, "position": int(self.position), "batch_size": self.batch_size,
                 "layers": [sorted(layer) for layer in self.layers]}
