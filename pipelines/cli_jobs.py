@@ -82,6 +82,24 @@ def _options(args) -> dict:
     return options
 
 
+def _job(fn, *args, **kwargs):
+    """Run a job; a worker that died for good (killed again and again, out of memory, its node lost: Ray's own
+    errors, after the retries) is one line: the finished outputs are kept and the same command resumes."""
+    import ray.exceptions
+
+    from seqlab.errors import BackendUnavailableError
+
+    died = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+            ray.exceptions.OutOfMemoryError, ray.exceptions.ObjectLostError)
+    try:
+        return fn(*args, **kwargs)
+    except died as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise BackendUnavailableError(f"a Ray worker of the job died and was not brought back ({type(exc).__name__}: "
+                                      f"{first[:200]}); finished outputs are kept: run the same command again to "
+                                      "resume") from exc
+
+
 def _report(result) -> int:
     from .ray_jobs import _describe
 
@@ -98,7 +116,7 @@ def _score(args) -> int:
     from .ray_jobs import score
 
     require(args, "model")
-    return _report(score(args.model, args.store, args.output, **_options(args)))
+    return _report(_job(score, args.model, args.store, args.output, **_options(args)))
 
 
 def _embed(args) -> int:
@@ -107,7 +125,7 @@ def _embed(args) -> int:
     from .ray_jobs import embed
 
     require(args, "model")
-    return _report(embed(args.model, args.store, args.output, **_options(args)))
+    return _report(_job(embed, args.model, args.store, args.output, **_options(args)))
 
 
 def _generate_prompts(args) -> int:
@@ -165,10 +183,9 @@ def _generate(args) -> int:
         from seqlab.errors import ConfigError
 
         raise ConfigError("generate: give STORE and OUTPUT (a Ray job over a store), or --prompt/--prompt-file")
-    return _report(generate(args.model, args.store, args.output, max_new_tokens=args.max_new_tokens,
-                            prompt_length=args.prompt_length, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, allow_specials=args.allow_specials,
-                            **_options(args)))
+    return _report(_job(generate, args.model, args.store, args.output, max_new_tokens=args.max_new_tokens,
+                        prompt_length=args.prompt_length, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, seed=args.seed, allow_specials=args.allow_specials, **_options(args)))
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -486,3 +486,20 @@ def test_a_path_with_a_nul_character_is_one_line(tmp_path, capsys):
     (tmp_path / "run.toml").write_text('[generate]\nprompt-file = ["a\\u0000b"]\nmodel = "m.safetensors"\n')
     code, _, err = run(["--config", tmp_path / "run.toml", "generate"], capsys)
     assert code == 2 and "a path holds a NUL character" in one_line(err)
+
+
+@pytest.mark.parametrize("command", ["score", "embed", "generate"])
+def test_a_worker_that_died_for_good_is_one_line_saying_how_to_resume(tmp_path, capsys, monkeypatch, command):
+    """After its retries a job fails with Ray's own error (a worker killed again and again, out of memory, its node
+    lost): the CLI says so in one line, and that the same command resumes; the library still raises Ray's error."""
+    exceptions = pytest.importorskip("ray.exceptions")
+    from seqlab.pipelines import ray_jobs
+
+    def died(*args, **kwargs):
+        raise exceptions.ActorDiedError()
+
+    monkeypatch.setattr(ray_jobs, command, died)
+    code, _, err = run([command, tmp_path / "in.zarr", tmp_path / "out.zarr", "--model", tmp_path / "m"], capsys)
+    line = one_line(err)
+    assert code == 2 and "a Ray worker of the job died" in line and "ActorDiedError: The actor died" in line
+    assert "run the same command again to resume" in line
