@@ -253,7 +253,7 @@ def _os_message(exc: OSError) -> str:
         return str(exc)
     reason = exc.strerror or type(exc).__name__
     if exc.errno == errno.ENOSPC:
-        reason += " (the disk is full: nothing was replaced; free space and run the command again)"
+        reason += " (free space, then run the command again)"
     where = [os.fsdecode(p) for p in (exc.filename, exc.filename2) if p is not None]
     if not where:  # a read or write on an open file: the file our code had in hand
         where = [p for p in [_path_in_traceback(exc)] if p]
