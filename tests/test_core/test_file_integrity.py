@@ -117,18 +117,37 @@ def test_mode_follows_the_umask_like_open(tmp_path, umask):
     assert (tmp_path / "new.bin").stat().st_mode & 0o777 == 0o640
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_write_into_a_read_only_folder_fails_and_keeps_the_old_file(tmp_path):
+def test_write_into_a_read_only_folder_fails_and_keeps_the_old_file(tmp_path, monkeypatch):
     folder = tmp_path / "ro"
     folder.mkdir()
     atomic_write_bytes(folder / "f", b"old")
     folder.chmod(0o500)
+    if os.geteuid() == 0:  # root writes anyway: the same refusal, as the kernel would give it to a user
+        def refused(*args, **kwargs):
+            raise PermissionError(13, "Permission denied", str(folder))
+
+        monkeypatch.setattr(seqlab.io.tempfile, "mkstemp", refused)
     try:
         with pytest.raises(PermissionError):
             atomic_write_bytes(folder / "f", b"new")
     finally:
         folder.chmod(0o700)
     assert (folder / "f").read_bytes() == b"old" and _temps(folder, "f") == []
+
+
+def test_a_permission_failure_in_the_cli_is_one_line(tmp_path, monkeypatch, capsys):
+    from seqlab.cli import main
+
+    (tmp_path / "c.txt").write_text("some text to train on " * 40)
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "o"))
+
+    monkeypatch.setattr(seqlab.io.tempfile, "mkstemp", refused)
+    code = main(["train", str(tmp_path / "c.txt"), "--domain", "bytes", "--out", str(tmp_path / "o"), "--steps", "1",
+                 "--d-model", "8", "--n-layer", "1", "--batch-size", "1", "--window", "8", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Permission denied" in err, err
 
 
 # ------------------------------------------------------------------------------------------------------
