@@ -509,3 +509,41 @@ def test_a_float64_model_streams_saves_and_loads_its_own_state(tmp_path, ssm):
     assert torch.equal(model(ids[:, 2:], again).logits, model(ids[:, 2:], state).logits)
     with pytest.raises(CorruptFileError, match="dtype torch.float64"):
         RecurrentState.load(tmp_path / "s", tiny_lm(ssm))  # ... but a float32 model refuses it
+
+
+_TRAINER = textwrap.dedent("""
+    import sys
+    import torch
+    from seqlab.testing import tiny_lm
+    from seqlab.train import TrainConfig, Trainer
+    torch.set_num_threads(1)
+    config = TrainConfig(lr=1e-2, max_steps=100000, batch_size=4, window=8, progress=False, checkpoint_dir=sys.argv[1],
+                         checkpoint_every=1, keep_checkpoints=1)
+    def ready(trainer, record):
+        if trainer.step == 2:
+            print("ready", flush=True)
+    Trainer(tiny_lm(vocab=16, d_model=16, n_layer=1), config, torch.tensor([3, 1, 4, 1, 5, 9, 2, 6] * 50),
+            callbacks=[ready]).fit()
+""")
+
+
+def test_kill_9_while_checkpointing_and_pruning_leaves_a_checkpoint_that_resumes(tmp_path):
+    """A trainer saving and pruning a checkpoint every step, killed at a random moment: latest names a whole
+    checkpoint that resumes, and every step folder left under its name is whole."""
+    import random
+
+    ckpt = tmp_path / "ckpt"
+    proc = subprocess.Popen([sys.executable, "-c", _TRAINER, str(ckpt)], stdout=subprocess.PIPE)
+    assert proc.stdout.readline().strip() == b"ready"
+    time.sleep(random.uniform(0.05, 0.6))
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    config = _config(ckpt, max_steps=10**5, window=8, keep_checkpoints=1, checkpoint_every=1)
+    trainer = Trainer.resume(ckpt, _model(), config, _data())
+    assert trainer.step >= 2 and latest_checkpoint(ckpt).name == f"step-{trainer.step:08d}"
+    from seqlab.checkpoint import read_model_file, read_trainer_file
+
+    for folder in ckpt.glob("step-*"):
+        if int(folder.name[5:]) <= trainer.step:  # later ones: a save that never reached latest
+            read_model_file(folder / "model.safetensors")
+            read_trainer_file(folder / "trainer.safetensors")
