@@ -547,3 +547,20 @@ def test_kill_9_while_checkpointing_and_pruning_leaves_a_checkpoint_that_resumes
         if int(folder.name[5:]) <= trainer.step:  # later ones: a save that never reached latest
             read_model_file(folder / "model.safetensors")
             read_trainer_file(folder / "trainer.safetensors")
+
+
+def test_a_version_1_checkpoint_still_resumes(copy):
+    """A checkpoint folder as seqlab wrote it before format version 2: tensor checksums only, latest holding the
+    folder name alone."""
+    folder = copy / "ckpt" / "step-00000002"
+    for name, fmt in (("model.safetensors", MODEL_FORMAT), ("trainer.safetensors", TRAINER_FORMAT),
+                      ("state-0.safetensors", STATE_FORMAT)):
+        tensors, meta = read_tensors(folder / name, kind=fmt, version=2)
+        body = {k: v for k, v in meta.items() if k not in ("format", "format_version", "file_sha256")}
+        (folder / name).write_bytes(_legacy(tensors, fmt, body))
+    (copy / "ckpt" / "latest").write_text("step-00000002\n")
+    trainer = Trainer.resume(copy / "ckpt", _model(), _config(copy / "ckpt", max_steps=3), _data())
+    assert trainer.step == 2
+    trainer.fit()
+    assert latest_checkpoint(copy / "ckpt").name == "step-00000003"
+    assert (copy / "ckpt" / "latest").read_text().startswith("step-00000003 sha256:")  # new saves: version 2
