@@ -234,7 +234,7 @@ BAD = {
                         "too short for one window"),
     "no out": (("train", "corpus.txt", "--domain", "bytes"), "missing required setting(s) --out"),
     "model too large": (("train", "corpus.txt", "--domain", "bytes", "--out", "o3", "--d-model", "65536",
-                         "--n-layer", "16"), "parameters (--d-model 65536 --n-layer 16) needs about"),
+                         "--n-layer", "16"), "parameters (--d-model 65536 --n-layer 16) needs over"),
     "warmup over steps": (("train", "corpus.txt", "--domain", "bytes", "--out", "o3", "--warmup", "10", "--steps",
                            "5"), "--warmup (10) must be <= --steps (5)"),
     "batch over accum": (("train", "corpus.txt", "--domain", "bytes", "--out", "o3", "--batch-size", "6",
