@@ -96,24 +96,25 @@ def decode_tensors(data: bytes, where: str | os.PathLike, *, kind: str, version:
     file_version = meta.get("format_version")
     if isinstance(file_version, bool) or not isinstance(file_version, int) or file_version < 1:
         raise CorruptFileError(f"{where}: format_version is missing or not a positive integer")
-    if file_version > version:
-        raise FormatVersionError(
-            f"{where}: written in {kind} format version {file_version}; this seqlab reads up to version {version}"
-            " (upgrade seqlab; or the file is damaged)"
-        )
     digest = meta.get(FILE_CHECKSUM)
-    if digest is not None:
+    if digest is not None:  # checked first: a damaged version number is damage, not a newer seqlab's file
         if not isinstance(digest, str) or not _HEX64.fullmatch(digest) or raw.count(_MARKER) != 1 \
                 or raw.count(_MARKER + digest.encode()) != 1:
             raise CorruptFileError(f"{where}: checksum field is damaged")
         start = 8 + raw.index(_MARKER) + len(_MARKER)
         if _file_digest(data, start) != digest:
             raise CorruptFileError(f"{where}: checksum mismatch, the file was altered or damaged")
-    elif full_checksum_since is not None and file_version >= full_checksum_since:
-        raise CorruptFileError(f"{where}: no file checksum (format version {file_version} files carry one): "
-                               "the file was altered or damaged")
-    elif LEGACY_CHECKSUM not in meta:
-        raise CorruptFileError(f"{where}: no checksum: the file was altered or damaged")
+    if file_version > version:
+        raise FormatVersionError(
+            f"{where}: written in {kind} format version {file_version}; this seqlab reads up to version {version}"
+            " (upgrade seqlab)"
+        )
+    if digest is None:
+        if full_checksum_since is not None and file_version >= full_checksum_since:
+            raise CorruptFileError(f"{where}: no file checksum (format version {file_version} files carry one): "
+                                   "the file was altered or damaged")
+        if LEGACY_CHECKSUM not in meta:
+            raise CorruptFileError(f"{where}: no checksum: the file was altered or damaged")
     try:
         tensors = st_load(bytes(data))
     except Exception as exc:  # safetensors raises its own SafetensorError

@@ -323,11 +323,17 @@ def test_version_1_files_still_load_with_their_tensor_checksum(tmp_path):
         RecurrentState.load(tmp_path / "s2", model)
 
 
-def test_a_future_version_is_refused_with_its_own_error(files, tmp_path):
-    data = (files / "s.safetensors").read_bytes()
-    (tmp_path / "f").write_bytes(data.replace(b'format_version\\": 2', b'format_version\\": 9'))
-    with pytest.raises(FormatVersionError, match="version 9"):
+def test_a_future_version_is_refused_with_its_own_error_and_a_damaged_version_is_damage(files, tmp_path):
+    tensors, meta = read_tensors(files / "s.safetensors", kind=STATE_FORMAT, version=2)
+    body = {k: v for k, v in meta.items() if k not in ("format", "format_version", "file_sha256")}
+    write_tensors(tmp_path / "f", tensors, kind=STATE_FORMAT, version=9, meta=body)
+    with pytest.raises(FormatVersionError, match="f: written in seqlab.recurrent_state format version 9"):
         RecurrentState.load(tmp_path / "f", _model())
+    data = (files / "s.safetensors").read_bytes()  # a bit flip turns the 2 into a 3: damage, not the future
+    (tmp_path / "d").write_bytes(data.replace(b'format_version\\": 2', b'format_version\\": 3'))
+    with pytest.raises(CorruptFileError, match="d: checksum mismatch") as info:
+        RecurrentState.load(tmp_path / "d", _model())
+    assert not isinstance(info.value, FormatVersionError)
 
 
 # ------------------------------------------------------------------------------------------------------
