@@ -154,8 +154,8 @@ def _compact(args) -> int:
     with _open(args, "w") as session:
         done = session.compact(args.keep)
     print(f"removed {len(done['removed_snapshots'])} snapshots ({done['bytes_freed']} bytes) and "
-          f"{len(done['removed_temp_files'])} temporary files; kept snapshots {done['kept_snapshots']}; "
-          "every event is still in the logs")
+          f"{len(done['removed_temp_files'])} temporary files; merged logs {done['merged_logs'] or 'none'}; kept "
+          f"snapshots {done['kept_snapshots']}; every event is still in the logs")
     return 0
 
 

@@ -62,6 +62,8 @@ LOG_VERSION = 2
 FORMAT_VERSION = SESSION_VERSION  # what info() reports
 #: snapshots kept by default besides snapshot 0 (the logs are always kept whole)
 DEFAULT_KEEP_SNAPSHOTS = 8
+#: ``save`` merges the logs older than every kept snapshot into one file once this many have gathered
+MERGE_LOGS_AT = 64
 
 _SESSION_FILE = "session.json"
 _LOCK_FILE = "lock"
@@ -139,6 +141,7 @@ class _Log:
     version: int = LOG_VERSION
     header: dict | None = None
     start: int | None = None  # first event number (from the header)
+    through: int | None = None  # the last snapshot number whose events it holds (> its own number once merged)
     end: int | None = None  # event number after the last verified record
     batches: list = field(default_factory=list)  # [(first event number, [Event])]
     lost: list = field(default_factory=list)  # [(first, end)] event ranges a repair recorded as lost
@@ -227,7 +230,12 @@ def _parse_log(path: Path) -> _Log:
     if isinstance(start, bool) or not isinstance(start, int) or start < 0:
         log.damage, log.torn, log.valid = (0, f"header first_event {start!r} is not an event number"), False, 0
         return log
-    log.header, log.start = header, start
+    number, through = header.get("snapshot"), header.get("through", header.get("snapshot"))
+    if type(number) is not int or type(through) is not int or not 0 <= number <= through:
+        log.damage, log.torn, log.valid = (0, f"header snapshot {number!r} / through {through!r} are not log "
+                                           "numbers"), False, 0
+        return log
+    log.header, log.start, log.through = header, start, through
     expected = start
     for i, (at, record) in enumerate(records[1:], start=1):
         problem = None
@@ -555,10 +563,15 @@ class MemorySession:
         current = snaps[-1]
         state, logits, events = self._read_snapshot(current)
         top = max([current, *logs])
-        chain = self._check_chain(logs, top, current, events)
+        # a missing log of the newest snapshot is a crash only while a rollback is under way, or in a session of
+        # earlier seqlab (which wrote a snapshot before its log); since format 2 the log is written first
+        legacy = target is not None or self.meta.get("format_version", 0) < 2
+        chain, leftovers = self._check_chain(logs, top, current, events, legacy)
         replayed = [e for k in sorted(chain) if k >= current for _, batch in chain[k].batches for e in batch]
         self._snapshot, self._snapshot_events, self._top = current, events, top
         if self.mode == "w":
+            for k in leftovers:  # logs a merge had copied into a merged log when a crash stopped it
+                (self.path / _log_name(k)).unlink(missing_ok=True)
             self._prepare_log(chain.get(top))
         state, new_logits = _advance(self.model, self.adapter, state, replayed)
         self._state = state
@@ -566,16 +579,20 @@ class MemorySession:
         self._events = events + len(replayed)
         self._lost = [list(span) for k in sorted(chain) for span in chain[k].lost]
 
-    def _check_chain(self, logs: list[int], top: int, current: int, snapshot_events: int) -> dict[int, _Log]:
-        """Read and verify every log 0..top; they must follow each other event for event. Raises on damage."""
-        present, chain = set(logs), {}
-        expected = self._first_event()
-        for k in range(top + 1):
+    def _check_chain(self, logs: list[int], top: int, current: int, snapshot_events: int,
+                     legacy: bool) -> tuple[dict[int, _Log], list[int]]:
+        """Read and verify every log up to ``top``; they must follow each other event for event (a merged log
+        stands for the logs ``snapshot..through``). Raises on damage. Returns ``({number: log}, leftovers)``:
+        leftovers are logs inside a merged log's range (a merge a crash interrupted; their events are in it)."""
+        chain, leftovers = {}, []
+        expected, nxt = self._first_event(), 0
+        for k in sorted(logs):
             where = self.path / _log_name(k)
-            if k not in present:
-                if k == top == current:
-                    break  # a save died between its log and its snapshot, or a rollback is under way
-                raise _damaged(f"{where}: missing (the events it held are gone)")
+            if k < nxt:
+                leftovers.append(k)
+                continue
+            if k != nxt:
+                raise _damaged(f"{self.path / _log_name(nxt)}: missing (the events it held are gone)")
             log = _parse_log(where)
             if log.problem():
                 raise _damaged(log.problem())
@@ -583,6 +600,8 @@ class MemorySession:
                 raise _damaged(f"{where}: byte {log.valid}: a record is cut short, but a later log follows")
             if log.header.get("snapshot") != k:
                 raise _damaged(f"{where}: its header says log {log.header.get('snapshot')!r}")
+            if log.through != k and log.through >= current:
+                raise _damaged(f"{where}: a merged log reaching snapshot {current}")
             if log.start != expected:
                 raise _damaged(f"{where}: starts at event {log.start}, but the log before it ends at event "
                                f"{expected} (events are missing or repeated)")
@@ -592,11 +611,14 @@ class MemorySession:
             if k >= current and log.lost:
                 raise _damaged(f"{where}: a lost-events record after the newest snapshot")
             chain[k] = log
-            expected = log.end
-        if current not in chain and expected != snapshot_events:
-            raise _damaged(f"{self.path / _snapshot_name(current)}: holds {snapshot_events} events, but the logs "
-                           f"before it end at event {expected}")
-        return chain
+            expected, nxt = log.end, log.through + 1
+        if current not in chain:
+            if nxt != current or not legacy:
+                raise _damaged(f"{self.path / _log_name(nxt)}: missing (the events it held are gone)")
+            if expected != snapshot_events:
+                raise _damaged(f"{self.path / _snapshot_name(current)}: holds {snapshot_events} events, but the "
+                               f"logs before it end at event {expected}")
+        return chain, leftovers
 
     def _prepare_log(self, log: _Log | None) -> None:
         """The writer's log: made when missing, a proven torn tail cut off, a format-1 log rewritten as format 2."""
@@ -798,6 +820,7 @@ class MemorySession:
         self._snapshot, self._snapshot_events = n, self._events
         if self.keep_snapshots is not None:
             self._prune(self.keep_snapshots)
+        self._merge_logs(MERGE_LOGS_AT)
         return n
 
     def _prune(self, keep: int) -> list[int]:
@@ -810,6 +833,53 @@ class MemorySession:
             fsync_dir(self.path)
         return removed
 
+    def _merge_logs(self, least: int, everything: bool = False) -> list[list[int]]:
+        """Merge runs of logs older than every kept snapshot but 0 into one log each (its header says
+        ``through``); returns the merged ``[first, last]`` log-number ranges. ``save`` merges the single logs
+        once ``least`` have gathered (a listing tells them: a merged log k is followed by its through + 1, a
+        single one by k + 1); ``everything`` (``compact``) merges all of them, merged ones too, into one.
+
+        Every event stays: the merged log is written (atomically, the verified records copied) before the logs
+        it replaces are removed; a crash in between leaves them as leftovers that readers skip and writers
+        delete."""
+        snaps, logs = self._listing()
+        floor = min([n for n in snaps if n > 0] + [self._snapshot])
+        present = set(logs)
+        if everything:
+            candidates = [k for k in logs if k < floor]
+        else:
+            candidates = [k for k in logs if k < floor and k + 1 in present]
+            if len(candidates) < least:
+                return []
+        parsed, nxt = [], 0
+        for k in candidates:
+            if k < nxt:
+                continue  # a leftover (the writer deletes those when it opens)
+            log = _parse_log(self.path / _log_name(k))
+            if log.problem() or log.torn:
+                raise _damaged(log.problem() or f"{log.path}: byte {log.valid}: a record is cut short")
+            parsed.append((k, log))
+            nxt = log.through + 1
+        runs, run = [], []
+        for k, log in parsed:
+            if run and (k != run[-1][1].through + 1 or run[-1][1].end != log.start):
+                runs.append(run)
+                run = []
+            run.append((k, log))
+        runs.append(run)
+        merged = []
+        for run in (r for r in runs if len(r) >= 2):
+            first, last = run[0], run[-1]
+            header = {**first[1].header, "format_version": LOG_VERSION, "through": last[1].through}
+            records = [r for _, log in run for r in _log_records(log)]
+            atomic_write_bytes(self.path / _log_name(first[0]), b"".join(_frame(r) for r in [header, *records]))
+            for k, _ in run[1:]:
+                (self.path / _log_name(k)).unlink(missing_ok=True)
+            merged.append([first[0], last[1].through])
+        if merged:
+            fsync_dir(self.path)
+        return merged
+
     def compact(self, keep: int | None = None) -> dict[str, Any]:
         """Delete all snapshots but snapshot 0 and the newest ``keep`` (default: this session's
         ``keep_snapshots``, else 8), and the temporary files of writes a crash interrupted. The logs are kept
@@ -820,9 +890,10 @@ class MemorySession:
             keep = self.keep_snapshots if self.keep_snapshots is not None else DEFAULT_KEEP_SNAPSHOTS
         sizes = {n: (self.path / _snapshot_name(n)).stat().st_size for n in self._listing()[0]}
         removed = self._prune(keep)
+        merged = self._merge_logs(2, everything=True)
         temp = self._clean_temp_files()
-        return {"removed_snapshots": removed, "kept_snapshots": self._listing()[0], "removed_temp_files": temp,
-                "bytes_freed": sum(sizes[n] for n in removed)}
+        return {"removed_snapshots": removed, "kept_snapshots": self._listing()[0], "merged_logs": merged,
+                "removed_temp_files": temp, "bytes_freed": sum(sizes[n] for n in removed)}
 
     def snapshots(self) -> list[dict]:
         """Each snapshot: ``{"number", "events", "position", "bytes"}`` (oldest first)."""
@@ -901,14 +972,15 @@ class MemorySession:
         (``info()["forked_from"]``), nor events a ``repair`` recorded as lost (``info()["lost_events"]``)."""
         self._require_open()
         out: list[Event] = []
-        for n in range(self._top + 1):
-            where = self.path / _log_name(n)
-            if n == self._top and not where.exists():
+        nxt = 0
+        for n in self._listing()[1]:
+            if n < nxt or n > self._top:  # inside a merged log's range, or not part of this view
                 continue
-            log = _parse_log(where)
+            log = _parse_log(self.path / _log_name(n))
             if log.problem():
                 raise _damaged(log.problem())
             out.extend(e for first, batch in log.batches for i, e in enumerate(batch, first) if i < self._events)
+            nxt = log.through + 1
         return out
 
     def info(self) -> dict[str, Any]:
@@ -995,7 +1067,8 @@ class MemorySession:
             log = parsed.get(j)
             return log.start if log is not None and log.start is not None else None
 
-        def rebuilt(k: int, log: _Log | None, first: int, limit: int | None, allow_lost: bool) -> tuple[bytes, int]:
+        def rebuilt(k: int, log: _Log | None, first: int, limit: int | None, allow_lost: bool,
+                    through: int | None = None) -> tuple[bytes, int]:
             records, end = [], first
             for record in (_log_records(log) if log is not None and log.start is not None else []):
                 if "lost" in record:
@@ -1012,7 +1085,7 @@ class MemorySession:
             if limit is not None and limit > end:
                 records.append({"lost": [end, limit]})
                 lost.append([end, limit])
-            return b"".join(_frame(r) for r in [_log_header(k, first, self.meta), *records]), end
+            return b"".join(_frame(r) for r in [_log_header(k, first, self.meta, through), *records]), end
 
         def why(log: _Log | None) -> str:
             if log is None:
@@ -1023,33 +1096,53 @@ class MemorySession:
                 return f"byte {log.valid}: a record is cut short"
             return "does not follow the log before it"
 
+        # history (logs before the newest good snapshot; the state does not depend on them): units of one log
+        # each (a merged log stands for its range); a missing range becomes a log of its own with a lost record
+        units, nxt = [], 0
+        for k in (k for k in logs if k < current):
+            log = parsed[k]
+            if k < nxt:
+                changes[_log_name(k)] = None
+                notes.append(f"{_log_name(k)}: inside a merged log's range (its events are there); set aside")
+                continue
+            if k > nxt:
+                units.append((nxt, k - 1, None))
+            through = log.through if log.through is not None and log.start is not None else k
+            units.append((k, min(max(through, k), current - 1), log))
+            nxt = units[-1][1] + 1
+        if nxt < current:
+            units.append((nxt, current - 1, None))
         expected = self._first_event()
-        for k in range(top + 1):
-            name, log = _log_name(k), parsed.get(k)
-            if k < current:  # history: the state (a later snapshot) does not depend on it
-                following = next(s for j in range(k + 1, current + 1) if (s := start_of(j)) is not None)
-                if following < expected:
-                    raise CorruptFileError(f"{self.path / name}: the logs claim overlapping events ({expected} and "
-                                           f"{following}); cannot repair this automatically (nothing was changed)")
-                if (log is not None and log.problem() is None and not log.torn and log.start == expected
-                        and log.end == following and log.header.get("snapshot") == k):
-                    expected = following
-                    continue
-                changes[name], end = rebuilt(k, log, expected, following, True)
-                notes.append(f"{name}: {why(log)}; kept {_span(expected, end)}"
-                             + (f", recorded {_span(end, following)} as lost" if following > end else ""))
+        for i, (k, through, log) in enumerate(units):
+            name = _log_name(k)
+            following = next(s for j in [u[0] for u in units[i + 1:]] + [current] if (s := start_of(j)) is not None)
+            if following < expected:
+                raise CorruptFileError(f"{self.path / name}: the logs claim overlapping events ({expected} and "
+                                       f"{following}); cannot repair this automatically (nothing was changed)")
+            if (log is not None and log.problem() is None and not log.torn and log.start == expected
+                    and log.end == following and log.header.get("snapshot") == k and log.through == through):
                 expected = following
                 continue
-            if k == current:
-                expected = snap_events[current]
+            changes[name], end = rebuilt(k, log, expected, following, True, through)
+            notes.append(f"{name}: {why(log)}; kept {_span(expected, end)}"
+                         + (f", recorded {_span(end, following)} as lost" if following > end else ""))
+            expected = following
+        # the state's own chain: snapshot `current`, its log and the logs after it, one log per number
+        expected = snap_events[current]
+        for k in range(current, top + 1):
+            name, log = _log_name(k), parsed.get(k)
             if log is None:
-                if k != top:
-                    for j in (j for j in logs if j > k):
-                        changes[_log_name(j)] = None
-                        notes.append(f"{_log_name(j)}: follows the missing {name}; set aside")
+                if k == current:
+                    changes[name] = _frame(_log_header(k, expected, self.meta))
+                    notes.append(f"{name}: missing; started it empty (any events logged after snapshot {k} are "
+                                 "gone)")
+                later = [j for j in logs if j > k]
+                for j in later:
+                    changes[_log_name(j)] = None
+                    notes.append(f"{_log_name(j)}: follows the missing {name}; set aside")
                 break
             if (log.problem() is None and not log.torn and log.start == expected and not log.lost
-                    and log.header.get("snapshot") == k):
+                    and log.header.get("snapshot") == k and log.through == k):
                 expected = log.end
                 continue
             changes[name], end = rebuilt(k, log, expected, None, False)
@@ -1133,9 +1226,12 @@ def _write_durable(where: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
-def _log_header(snapshot: int, first_event: int, meta: dict) -> dict:
-    return {"format": LOG_FORMAT, "format_version": LOG_VERSION, "snapshot": snapshot, "first_event": first_event,
-            "fingerprint": meta["fingerprint"]}
+def _log_header(snapshot: int, first_event: int, meta: dict, through: int | None = None) -> dict:
+    header = {"format": LOG_FORMAT, "format_version": LOG_VERSION, "snapshot": snapshot, "first_event": first_event,
+              "fingerprint": meta["fingerprint"]}
+    if through is not None and through != snapshot:
+        header["through"] = through  # a merged log: it holds the events of logs snapshot..through
+    return header
 
 
 def _snapshot_meta_body(meta: dict) -> dict:

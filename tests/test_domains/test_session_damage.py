@@ -320,6 +320,16 @@ def test_a_missing_log_or_snapshot(chain, model, tmp_path):
     assert report["lost_events"] == [[2, 3]]
     with MemorySession.open(path, model) as s:
         assert s.event_count == 7 and s.events() == EVENTS[:2] + EVENTS[3:]
+    # the newest snapshot's log deleted: its events are gone, and open says so (failed before: it opened
+    # without them)
+    path = copy_of(chain, tmp_path / "c")
+    (path / "log-00000002.wal").unlink()
+    with pytest.raises(CorruptFileError, match="log-00000002.wal: missing"):
+        MemorySession.open(path, model)
+    report = MemorySession.repair(path)
+    assert report["rewritten"] == ["log-00000002.wal"] and "started it empty" in report["notes"][0]
+    with MemorySession.open(path, model) as s:
+        assert s.events() == EVENTS[:3]
     # a deleted newest snapshot: the logs are the truth, the state is replayed from the one before, exactly
     path = copy_of(chain, tmp_path / "b")
     (path / "snapshot-00000002.safetensors").unlink()
@@ -405,6 +415,57 @@ def test_retention_keeps_newest_snapshots_and_every_event(model, tmp_path):
     junk.write_bytes(b"x")
     MemorySession.open(path, model).close()  # a writer clears what killed atomic writes left
     assert not junk.exists()
+
+
+def test_old_logs_are_merged_and_every_event_stays(model, tmp_path, monkeypatch):
+    monkeypatch.setattr(session_module, "MERGE_LOGS_AT", 3)
+    path = tmp_path / "s"
+    events = [make_event(i) for i in range(12)]
+    with MemorySession.open(path, model, create=True, keep_snapshots=2) as s:
+        for i in range(10):
+            s.observe(events[i])
+            s.save()
+        # snapshots 0, 9, 10; logs 0 (0-2), 3 (3-5), 6 (6-8), 9, 10: a file per three saves, not one per save
+        assert sorted(p.name for p in path.glob("log-*.wal")) == [f"log-{k:08d}.wal" for k in (0, 3, 6, 9, 10)]
+        assert s.events() == events[:10]
+        s.observe(events[10])
+    with MemorySession.open(path, model, mode="r") as r:
+        assert r.events() == events[:11] and same_state(r.state, replay_state(model, events[:11]))
+    with MemorySession.open(path, model) as s:
+        done = s.compact(keep=1)  # snapshots 0 and 10 stay; everything before 10 becomes one log
+        assert done["removed_snapshots"] == [9] and done["merged_logs"] == [[0, 9]]
+        s.observe(events[11])
+    assert sorted(p.name for p in path.glob("log-*.wal")) == ["log-00000000.wal", "log-00000010.wal"]
+    with MemorySession.open(path, model) as s:
+        assert s.events() == events and same_state(s.state, replay_state(model, events))
+        s.rollback(0)  # snapshot 0 is always kept
+        assert s.event_count == 0 and s.events() == []
+    # a merge a crash stopped: the merged log is written, one log it replaced is still there
+    path = tmp_path / "t"
+    monkeypatch.setattr(session_module, "MERGE_LOGS_AT", 64)
+    with MemorySession.open(path, model, create=True, keep_snapshots=1) as s:
+        for i in range(4):
+            s.observe(events[i])
+            s.save()
+        leftover = (path / "log-00000001.wal").read_bytes()
+        s.compact()
+    (path / "log-00000001.wal").write_bytes(leftover)
+    with MemorySession.open(path, model, mode="r") as r:
+        assert r.events() == events[:4]
+    with MemorySession.open(path, model) as s:
+        assert s.events() == events[:4]
+    assert not (path / "log-00000001.wal").exists()
+    # damage in a merged log is found and repaired like any other
+    log = path / "log-00000000.wal"
+    data = bytearray(log.read_bytes())
+    data[-2] ^= 0x08
+    log.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match="log-00000000.wal: byte"):
+        MemorySession.open(path, model, mode="r")
+    report = MemorySession.repair(path)
+    with MemorySession.open(path, model) as s:
+        assert s.event_count == 4 and s.info()["lost_events"] == report["lost_events"] == [[3, 4]]
+        assert s.events() == events[:3] and same_state(s.state, replay_state(model, events[:4]))
 
 
 KILL_CHILD = r'''
