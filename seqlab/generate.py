@@ -8,6 +8,7 @@ continue from it (agent sessions).
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -94,16 +95,16 @@ def _as_ids(value, name: str, vocab: int) -> list[int]:
 def _check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if not temperature >= 0:
-        raise InputError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if not 0 <= temperature < math.inf:
+        raise InputError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise InputError(f"top_k must be a positive int or None, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
     if min_p is not None and not 0 <= min_p < 1:
         raise InputError(f"min_p must be in [0, 1), got {min_p!r}")
-    if not repetition_penalty > 0:
-        raise InputError(f"repetition_penalty must be > 0, got {repetition_penalty!r}")
+    if not 1e-6 <= repetition_penalty <= 1e6:  # beyond these a float32 logit overflows to inf, or all go to -inf
+        raise InputError(f"repetition_penalty must be in [1e-6, 1e6] (1 = none), got {repetition_penalty!r}")
 
 
 def _filter_logits(logits: torch.Tensor, seen: torch.Tensor | None, temperature: float, top_k, top_p, min_p,
@@ -115,7 +116,12 @@ def _filter_logits(logits: torch.Tensor, seen: torch.Tensor | None, temperature:
         logits = torch.where(seen, penalised, logits)
     if temperature == 0:
         return logits
-    logits = logits / temperature
+    scaled = logits / temperature
+    if (scaled.isnan() | (scaled.isinf() & logits.isfinite())).any():
+        # A tiny temperature (1e-300 is 0 in float32) overflows: shift each row's maximum to 0 and divide in float64,
+        # so the others go to -inf, not inf - inf = NaN, and sampling becomes greedy as it should.
+        scaled = ((logits - logits.max(dim=-1, keepdim=True).values).double() / temperature).float()
+    logits = scaled
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -123,7 +129,8 @@ def _filter_logits(logits: torch.Tensor, seen: torch.Tensor | None, temperature:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         before = torch.cumsum(probs, dim=-1) - probs  # mass of the tokens ranked above each one
-        drop_sorted = before >= top_p  # the top token always stays
+        drop_sorted = before >= top_p
+        drop_sorted[..., 0] = False  # the top token always stays (top_p=1e-300 is 0 in float32)
         logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
     if min_p is not None and min_p > 0:
         probs = torch.softmax(logits, dim=-1)

@@ -141,3 +141,20 @@ def test_ids_outside_the_vocabulary_are_refused_in_every_dtype(lm, dtype):
         lm(torch.tensor([[1, bad]], dtype=dtype))
     with pytest.raises(InputError, match=f"id {bad} at position"):
         DNAAdapter().check_ids(torch.tensor([1, bad], dtype=dtype))
+
+
+@pytest.mark.parametrize("settings", [{"temperature": 1e-300}, {"temperature": 1.0, "top_p": 1e-300},
+                                      {"temperature": 1e-300, "top_p": 1e-300, "repetition_penalty": 1e-6}])
+def test_vanishing_temperature_or_top_p_is_greedy_not_a_crash(settings):
+    model = tiny_lm()
+    prompt = torch.tensor([1, 2, 3])
+    greedy = model.generate(prompt, 8, temperature=0, repetition_penalty=settings.get("repetition_penalty", 1.0))
+    assert model.generate(prompt, 8, seed=3, **settings).tokens == greedy.tokens
+
+
+@pytest.mark.parametrize("name,value", [("temperature", float("inf")), ("temperature", float("nan")),
+                                        ("repetition_penalty", float("inf")), ("repetition_penalty", 1e-300),
+                                        ("top_p", float("nan"))])
+def test_non_finite_sampling_settings_are_refused(name, value):
+    with pytest.raises(InputError, match=name):
+        tiny_lm().generate(torch.tensor([1, 2]), 4, **{name: value})
