@@ -19,6 +19,7 @@ import errno
 import importlib
 import os
 import sys
+import warnings
 from typing import Sequence
 
 from seqlab.errors import ConfigError, SeqlabError
@@ -295,8 +296,34 @@ def _memory_message(exc: BaseException) -> str:
             "; use a smaller model, batch, window or length (or more memory)")
 
 
+def _ours(filename: str) -> bool:
+    """Whether a warning was issued from seqlab's own code (its four packages, wherever they are installed)."""
+    roots = [os.path.dirname(module.__file__) + os.sep
+             for module in map(sys.modules.get, ("seqlab", "seqlab.domains", "seqlab.pipelines", "seqlab.kernels"))
+             if module is not None and getattr(module, "__file__", None)]
+    return any(os.path.abspath(filename).startswith(root) for root in roots)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. seqlab's own warnings (a damaged sequence left out, old checkpoints not removed, actors that
+    must queue) print as one line ``seqlab CMD: warning: ...``; other libraries' warnings keep Python's format."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    at = _command_index(argv)
+    prefix = f"seqlab {argv[at]}" if at is not None else "seqlab"
+    with warnings.catch_warnings():
+        python_format = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if _ours(filename):
+                print(f"{prefix}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+            else:
+                python_format(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     at = _command_index(argv)
     debug = "--debug" in argv[:at]
     # import only the module of the command asked for (all of them for a bare --help)

@@ -523,3 +523,21 @@ def test_a_bit_flip_in_any_file_of_a_run_is_one_line_naming_it(small_run, capsys
         assert code == 2 and len(lines) == 1 and path.name in lines[0] and "Traceback" not in err, err
     finally:
         path.write_bytes(good)
+
+
+def test_a_damaged_sequence_in_the_store_is_one_warning_line_and_training_uses_the_rest(tmp_path, capsys):
+    text = corpus_text()
+    (tmp_path / "a.txt").write_text(text[:20000])
+    (tmp_path / "b.txt").write_text(text[20000:40000])
+    store = tmp_path / "s.zarr"
+    code, _, err = in_process(capsys, "ingest", store, tmp_path / "a.txt", tmp_path / "b.txt", "--adapter", "bytes",
+                              "--quiet")
+    assert code == 0, err
+    (store / "b" / "zarr.json").write_bytes(b"")
+    code, _, err = in_process(capsys, "train", "--store", store, "--out", tmp_path / "run", "--steps", 2, *TINY)
+    assert code == 0, err
+    warning = [line for line in err.splitlines() if "damaged" in line]
+    assert len(warning) == 1 and warning[0].startswith("seqlab train: warning: sequence store "), err
+    assert "left out of the list: b (" in warning[0], err
+    assert "warnings.warn" not in err and "DamagedSequenceWarning" not in err
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["data"]["sequences"] == ["a"]
