@@ -51,6 +51,21 @@ def tiny_lm(ssm: str = "mamba1", vocab: int = 32, seed: int = 0, **kw):
     return model.eval()
 
 
+def memory_model_file(folder) -> "Path":
+    """Save a one-layer, 16-wide memory-stream model (seed 0) to ``folder/memory.safetensors``: the model the
+    memory-session tests open sessions with. Returns the path."""
+    from pathlib import Path
+
+    from seqlab.checkpoint import save_model
+    from seqlab.domains.memory import MemoryStreamAdapter
+
+    torch.manual_seed(0)
+    model = MemoryStreamAdapter().build_model(tiny_config(n_layer=1, d_state=4)).eval()
+    path = Path(folder) / "memory.safetensors"
+    save_model(path, model)
+    return path
+
+
 def as_f64(x):
     """A detached float64 copy (``None`` stays ``None``)."""
     return None if x is None else x.detach().to(torch.float64)

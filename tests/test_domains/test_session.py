@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from seqlab.checkpoint import save_model
 from seqlab.config import BackboneConfig
 from seqlab.domains import model_from_checkpoint
 from seqlab.domains.memory import Event, MemoryStreamAdapter
 from seqlab.domains.session import MemorySession, SessionLockedError, replay_state
 from seqlab.errors import CorruptFileError, FormatVersionError, StateError, StateMismatchError
 from seqlab.safetensors_io import read_tensors, write_tensors
+from seqlab.testing import memory_model_file
 
 CHILD = r'''
 import json, os, random, sys, time
@@ -100,11 +100,7 @@ def make_event(i: int) -> Event:
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = MemoryStreamAdapter().build_model(BackboneConfig(d_model=16, n_layer=1, d_state=4)).eval()
-    path = tmp_path_factory.mktemp("model") / "memory.safetensors"
-    save_model(path, model)
-    return path
+    return memory_model_file(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,12 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from seqlab import cli
-from seqlab.checkpoint import save_model
 from seqlab.domains import model_from_checkpoint
 from seqlab.domains import session as session_module
 from seqlab.domains.memory import Event, MemoryStreamAdapter
 from seqlab.domains.session import MemorySession, replay_state
 from seqlab.errors import ConfigError, CorruptFileError, InputError, SessionLockedError
-from seqlab.testing import tiny_config
+from seqlab.testing import memory_model_file
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 FRAME = 44  # format-2 record header: magic, length, sha256, crc32
@@ -45,11 +44,7 @@ EVENTS = [make_event(i) for i in range(7)]
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = MemoryStreamAdapter().build_model(tiny_config(n_layer=1, d_state=4)).eval()
-    path = tmp_path_factory.mktemp("model") / "memory.safetensors"
-    save_model(path, model)
-    return path
+    return memory_model_file(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")
