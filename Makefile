@@ -15,7 +15,7 @@ TEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 PYTEST := pytest -n $(TEST_WORKERS) --dist loadgroup --durations=15 $(PYTEST_ARGS)
 
-.PHONY: demo test test-latest lock bench install clean
+.PHONY: demo test lint format test-latest lock bench install clean
 
 # --no-build-isolation: seqlab is built with the locked setuptools in .venv, not with whatever setuptools is newest
 $(STAMP): pyproject.toml $(LOCK)
@@ -32,6 +32,18 @@ demo: $(STAMP)
 # pytest's own command (not `python -m pytest`, which puts the working directory on sys.path)
 test: $(STAMP)
 	$(BIN)/$(PYTEST)
+
+# ruff (lint and format check, settings in pyproject.toml) over the whole tree, then mypy on seqlab/; .ci/run runs it
+# before the tests. `make format` rewrites the files in ruff's format and applies its safe fixes.
+LINT_PATHS := seqlab kernels domains pipelines tests bench examples
+lint: $(STAMP)
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix $(LINT_PATHS)
+	$(BIN)/ruff format $(LINT_PATHS)
 
 # The newest versions pyproject allows, in a fresh environment of their own, through the whole suite: run it to
 # find the next break on purpose (it is not part of `make test`). The versions it used: $(LATEST)/versions.txt.
