@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -153,27 +154,44 @@ def _initial_states(model, state, n_prompts: int) -> list[RecurrentState | None]
 
 
 @torch.no_grad()
-def generate(model, prompts, max_new_tokens: int = 64, *, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, min_p: float | None = None, repetition_penalty: float = 1.0,
-             seed: int | None = None, stop=None, state: RecurrentState | None = None,
-             suppress_tokens=None, eos_token_id=None,
-             callback: Callable[[int, int], None] | None = None) -> GenerationOutput:
-    """Continue each prompt by up to ``max_new_tokens`` tokens.
+def generate(model, input_ids=None, max_new_tokens: int = 64, *, do_sample: bool | None = None,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             min_p: float | None = None, repetition_penalty: float = 1.0, seed: int | None = None, stop=None,
+             state: RecurrentState | None = None, suppress_tokens=None, eos_token_id=None,
+             callback: Callable[[int, int], None] | None = None, prompts=None) -> GenerationOutput:
+    """Continue each prompt by up to ``max_new_tokens`` tokens (Hugging Face's argument names).
 
-    ``prompts``: a (batch, length) or (length,) id tensor, a list of ids, or a list of id lists/tensors of any
-    lengths. ``temperature=0`` is greedy. Sampling row i draws from its own generator seeded ``seed + i``, so
-    a batch samples exactly what the prompts would one by one with those seeds (``seed=None``: fresh random).
-    ``stop``: token ids or id sequences; a row stops after generating one. ``state``: continue from it (a
-    batch of 1 for every prompt, or one row per prompt). ``suppress_tokens``: ids that are never generated
-    (their logits are set to -inf before any other filter). ``eos_token_id``: an id (or ids) that ends a row,
-    like a one-token stop sequence (kept in the output, stop reason "stop"). An adapter gives both for its
-    vocabulary: ``generate(model, ids, **adapter.generation_options())`` generates only what the adapter can
-    decode and stops at its end token. ``callback(row, token)`` is called for every token as it is generated.
+    ``input_ids``: a (batch, length) or (length,) id tensor, a list of ids, or a list of id lists/tensors of
+    any lengths (``prompts=`` is its deprecated old name). ``do_sample=False`` is greedy decoding (argmax after
+    ``repetition_penalty`` and ``suppress_tokens``; the sampling filters do not apply); ``do_sample=True``
+    samples with ``temperature``, ``top_k``, ``top_p``, ``min_p`` (``temperature=0`` still picks the argmax);
+    ``do_sample=None`` samples unless ``temperature=0``. Sampling row i draws from its own generator seeded
+    ``seed + i``, so a batch samples exactly what the prompts would one by one with those seeds (``seed=None``:
+    fresh random). ``stop``: token ids or id sequences; a row stops after generating one. ``state``: continue
+    from it (a batch of 1 for every prompt, or one row per prompt). ``suppress_tokens``: ids that are never
+    generated (their logits are set to -inf before any other filter). ``eos_token_id``: an id (or ids) that
+    ends a row, like a one-token stop sequence (kept in the output, stop reason "stop"). An adapter gives both
+    for its vocabulary: ``generate(model, ids, **adapter.generation_options())`` generates only what the
+    adapter can decode and stops at its end token. ``callback(row, token)`` is called for every token as it is
+    generated.
     """
+    if prompts is not None:
+        if input_ids is not None:
+            raise InputError("give input_ids or its deprecated old name prompts, not both")
+        warnings.warn("generate(prompts=...) is deprecated: pass input_ids=... (or the ids as first argument)",
+                      FutureWarning, stacklevel=2)
+        input_ids = prompts
+    if input_ids is None:
+        raise InputError("input_ids is missing: give the prompt token ids")
+    if do_sample is not None and not isinstance(do_sample, bool):
+        raise InputError(f"do_sample must be True or False, got {do_sample!r}")
     if model.config.bidirectional:
         raise StateError("bidirectional models see the whole sequence at once and cannot generate token by token")
     _check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty)
-    rows = _as_prompts(prompts)
+    if do_sample is None:
+        do_sample = temperature != 0
+    greedy = not do_sample or temperature == 0
+    rows = _as_prompts(input_ids)
     stops = _as_stops(stop)
     device = next(model.parameters()).device
     starts = _initial_states(model, state, len(rows))
@@ -212,9 +230,9 @@ def generate(model, prompts, max_new_tokens: int = 64, *, temperature: float = 1
             break
         if banned is not None:
             logits = logits.index_fill(-1, banned, float("-inf"))
-        filtered = _filter_logits(logits, None if seen is None else seen[active], temperature, top_k, top_p,
-                                  min_p, repetition_penalty)
-        if temperature == 0:
+        filtered = _filter_logits(logits, None if seen is None else seen[active], 0 if greedy else temperature,
+                                  top_k, top_p, min_p, repetition_penalty)
+        if greedy:
             chosen = filtered.argmax(dim=-1)
         else:
             probs = torch.softmax(filtered, dim=-1).cpu()

@@ -140,11 +140,11 @@ class LanguageModel(_Model):
         input_ids = self._check_ids(input_ids, 2)
         return self._run(self.embeddings(input_ids), state, return_state)
 
-    def generate(self, prompts, max_new_tokens: int = 64, **options):
+    def generate(self, input_ids=None, max_new_tokens: int = 64, **options):
         """Greedy or sampled continuation of token-id prompts; see ``seqlab.generate.generate``."""
         from seqlab.generate import generate
 
-        return generate(self, prompts, max_new_tokens, **options)
+        return generate(self, input_ids, max_new_tokens, **options)
 
     def step(self, input_ids: torch.Tensor, state: RecurrentState | None = None) -> ModelOutput:
         """One token per sequence: ids (b,) or (b, 1); logits (b, vocab)."""

@@ -94,6 +94,23 @@ def test_filters_reduce_to_greedy_at_their_limits(model):
     assert model.generate([7, 7, 1], 0).tokens == [[]]
 
 
+def test_do_sample_false_is_greedy_whatever_the_sampling_options(model):
+    greedy = model.generate([7, 7, 1], 8, temperature=0).tokens
+    assert model.generate([7, 7, 1], 8, do_sample=False, temperature=1.7, top_k=5, seed=1).tokens == greedy
+    assert model.generate([7, 7, 1], 8, do_sample=True, temperature=0).tokens == greedy
+    sampled = model.generate([7, 7, 1], 8, do_sample=True, temperature=1.7, seed=1).tokens
+    assert sampled != greedy
+    assert model.generate([7, 7, 1], 8, do_sample=True, temperature=1.7, seed=1).tokens == sampled
+
+
+def test_prompts_is_a_deprecated_name_of_input_ids(model):
+    want = model.generate(input_ids=[3, 4], max_new_tokens=5, temperature=0).tokens
+    with pytest.warns(FutureWarning, match="input_ids"):
+        assert model.generate(prompts=[3, 4], max_new_tokens=5, temperature=0).tokens == want
+    with pytest.raises(InputError, match="not both"):
+        model.generate([3, 4], 5, prompts=[3, 4])
+
+
 def test_filter_logits_semantics():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     inf = float("-inf")
@@ -117,17 +134,19 @@ def test_repetition_penalty_discourages_repeats(model):
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    (dict(prompts=[]), InputError, "token ids"),
-    (dict(prompts=[[1], []]), InputError, "prompt 1 is empty"),
-    (dict(prompts=[[1]], temperature=-1), InputError, "temperature"),
-    (dict(prompts=[[1]], top_p=0), InputError, "top_p"),
-    (dict(prompts=[[1]], top_k=0), InputError, "top_k"),
-    (dict(prompts=[[1]], min_p=1), InputError, "min_p"),
-    (dict(prompts=[[1]], repetition_penalty=0), InputError, "repetition_penalty"),
-    (dict(prompts=[[1]], max_new_tokens=-2), InputError, "max_new_tokens"),
-    (dict(prompts=[[1]], stop=[[]]), InputError, "stop sequences"),
-    (dict(prompts=[[99]]), InputError, "outside the vocabulary"),
-    (dict(prompts=torch.zeros(1, 2, 3, dtype=torch.long)), InputError, "shape"),
+    (dict(input_ids=[]), InputError, "token ids"),
+    (dict(input_ids=[[1], []]), InputError, "prompt 1 is empty"),
+    (dict(input_ids=[[1]], temperature=-1), InputError, "temperature"),
+    (dict(input_ids=[[1]], top_p=0), InputError, "top_p"),
+    (dict(input_ids=[[1]], top_k=0), InputError, "top_k"),
+    (dict(input_ids=[[1]], min_p=1), InputError, "min_p"),
+    (dict(input_ids=[[1]], repetition_penalty=0), InputError, "repetition_penalty"),
+    (dict(input_ids=[[1]], max_new_tokens=-2), InputError, "max_new_tokens"),
+    (dict(input_ids=[[1]], stop=[[]]), InputError, "stop sequences"),
+    (dict(input_ids=[[1]], do_sample="yes"), InputError, "do_sample must be"),
+    (dict(), InputError, "input_ids is missing"),
+    (dict(input_ids=[[99]]), InputError, "outside the vocabulary"),
+    (dict(input_ids=torch.zeros(1, 2, 3, dtype=torch.long)), InputError, "shape"),
 ])
 def test_bad_generation_input(model, kwargs, error, message):
     kwargs.setdefault("max_new_tokens", 3)

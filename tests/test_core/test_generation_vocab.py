@@ -66,10 +66,10 @@ def test_eos_token_ends_a_row_and_is_kept(lm):
     (dict(eos_token_id=-1), "eos_token_id: id -1 is outside"),
     (dict(eos_token_id=True), "eos_token_id must be"),
     (dict(suppress_tokens=list(range(32))), "whole vocabulary"),
-    (dict(prompts=torch.tensor([1.7, 2.2])), "prompt 0: token ids must be integers"),
+    (dict(input_ids=torch.tensor([1.7, 2.2])), "prompt 0: token ids must be integers"),
 ])
 def test_bad_suppress_and_eos_arguments(lm, kwargs, message):
-    kwargs.setdefault("prompts", [[1]])
+    kwargs.setdefault("input_ids", [[1]])
     with pytest.raises(InputError, match=message):
         lm.generate(max_new_tokens=2, **kwargs)
 
