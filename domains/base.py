@@ -1,4 +1,4 @@
-"""The one small protocol every domain adapter follows (design.md, "Data flow").
+"""The one small protocol every domain adapter follows (docs/architecture.md, "Data flow").
 
 raw signal -> ``adapter.encode`` -> tensor (token ids, or continuous frames) -> ``model(x, state)`` ->
 ``(outputs, new_state)`` -> head -> ``adapter.decode`` / ``adapter.metric``.
@@ -13,8 +13,17 @@ An adapter knows its modality and nothing about pipelines:
   ``LanguageModel`` / ``SequenceModel`` and stamps it with the adapter's name and settings, which
   ``seqlab.checkpoint.save_model`` then records, so a checkpoint remembers how its inputs were encoded
   (``adapter_from_checkpoint`` rebuilds the adapter).
-- ``loss(output, targets)`` (training objective, nats) and ``metric(output, targets)`` (the modality's number:
-  bits per byte, bits per base, bits per sample, ...), both on the model output and the next-element targets.
+- ``loss(output, targets)`` (training objective: nats, or a mean squared error when ``loss_unit == "mse"``) and
+  ``metric(output, targets)`` (the modality's number: bits per byte, bits per base, bits per sample, ...), both
+  on the model output and the next-element targets; ``report_loss`` puts a loss in ``loss_unit`` (bits: nats /
+  ln 2). ``position_metric(output, targets)`` is the metric per predicted position, (b, t) float32, so that
+  streams of any length combine exactly: its mean is ``metric`` and its count of values ``metric_weight``;
+  positions the metric does not count (DNA's special tokens, masked-LM ``-100`` targets) are NaN, so combine
+  with ``torch.nansum`` / ``(~isnan).sum()`` (``metric_totals`` does).
+- ``continuous``: whether inputs are float frames (``input_spec.kind == "continuous"``) rather than ids; generic
+  code asks this (and the other members), never the adapter's name.
+- ``source(data, batch_size, window, **options)``: the training source (a ``seqlab.train.WindowSource``) over
+  encoded in-memory data (1-D ids or (T, *frame) frames); adapters with their own needs add options.
 - ``settings()``: JSON-able constructor arguments; ``type(adapter)(**adapter.settings())`` is an equal adapter.
 """
 
@@ -43,6 +52,7 @@ __all__ = [
     "get_adapter",
     "model_from_checkpoint",
     "register_adapter",
+    "token_bits",
 ]
 
 
@@ -174,6 +184,9 @@ class Adapter(ABC):
 
     name: ClassVar[str] = ""
     metric_name: ClassVar[str] = "bits_per_element"
+    #: the unit the training loss is reported in: "bits" (``loss`` is a likelihood in nats, reported divided by
+    #: ln 2) or "mse" (``loss`` is a mean squared error, reported as is)
+    loss_unit: ClassVar[str] = "bits"
 
     # -- identity --------------------------------------------------------------------------------------
     @abstractmethod
@@ -220,6 +233,27 @@ class Adapter(ABC):
     def write(self, path: str | os.PathLike, raw) -> None:
         """Write the modality's value to a file of the adapter's format (atomically)."""
 
+    @property
+    def continuous(self) -> bool:
+        """True when the model input is float frames, False when it is token ids."""
+        return self.input_spec.kind == "continuous"
+
+    # -- training data ---------------------------------------------------------------------------------
+    def source(self, data, batch_size: int, window: int, **options):
+        """A ``seqlab.train.WindowSource`` for the ``Trainer`` over encoded in-memory ``data``: token ids (1-D)
+        -> ``SequenceSource``; continuous frames (T, *frame) -> ``FrameSource`` over (T, features). Subclasses
+        with special needs override it with this signature and their own ``options``."""
+        from seqlab.train import FrameSource, SequenceSource
+
+        if options:
+            raise InputError(f"{type(self).__name__}.source takes no options, got {sorted(options)}")
+        if self.continuous:
+            if not isinstance(data, torch.Tensor) or data.dim() < 2:
+                what = f"shape {tuple(data.shape)}" if isinstance(data, torch.Tensor) else type(data).__name__
+                raise InputError(f"{type(self).__name__}.source needs encoded frames (T, *frame), got {what}")
+            return FrameSource(data.reshape(data.shape[0], -1).float(), batch_size, window)
+        return SequenceSource(data, batch_size, window)
+
     # -- models, losses, metrics -----------------------------------------------------------------------
     def build_model(self, config: BackboneConfig, **options) -> torch.nn.Module:
         """A model whose input and head fit this adapter, stamped with ``adapter_info`` for checkpoints (the
@@ -243,14 +277,46 @@ class Adapter(ABC):
     def metric(self, output, targets: torch.Tensor) -> float:
         """The modality's number (named ``metric_name``), lower is better."""
 
+    def position_metric(self, output, targets: torch.Tensor) -> torch.Tensor:
+        """The metric of every predicted position, (b, t) float32: ``metric`` is its mean and ``metric_weight``
+        its number of values; a position the metric does not count is NaN. Every built-in adapter gives the
+        true per-position values; this default (for adapters of your own) spreads the window's ``metric``
+        evenly over its positions, which keeps means over windows and streams exact."""
+        shape = targets.shape[:-1] if self.continuous else targets.shape
+        return torch.full(tuple(shape), float(self.metric(output, targets)), dtype=torch.float32,
+                          device=targets.device)
+
     def metric_weight(self, targets: torch.Tensor) -> int:
         """How many targets ``metric`` averages over, so that metrics of consecutive windows combine exactly
         (weighted by this): every target id, or every frame of continuous targets (b, t, width)."""
-        return int(targets.shape[-2]) if self.input_spec.kind == "continuous" else int(targets.numel())
+        return int(targets.shape[:-1].numel()) if self.continuous else int(targets.numel())
+
+    def metric_totals(self, output, targets: torch.Tensor) -> tuple[float, int]:
+        """(sum of ``position_metric`` over the positions it counts, their number): add these up over windows
+        and divide to get the metric of a whole stream."""
+        with torch.no_grad():
+            values = self.position_metric(output, targets).double()
+            counted = ~torch.isnan(values)
+            return float(values[counted].sum()), int(counted.sum())
+
+    def report_loss(self, loss: float) -> float:
+        """A value of ``loss(...)`` in ``loss_unit``: nats / ln 2 for ``"bits"``, as is for ``"mse"``."""
+        return float(loss) / math.log(2) if self.loss_unit == "bits" else float(loss)
 
     def uniform_baseline(self) -> float | None:
         """The metric of a model that knows nothing (e.g. 8 bits per byte), or None when it has no meaning."""
         return None
+
+
+def token_bits(output, targets: torch.Tensor) -> torch.Tensor:
+    """-log2 p(target) of every target id under the logits of ``output`` (a ``ModelOutput`` or the logits),
+    float32 of the targets' shape; targets of -100 ("not asked") are NaN."""
+    logits = output.logits if hasattr(output, "logits") else output
+    with torch.no_grad():
+        nats = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none",
+                               ignore_index=-100)
+        bits = (nats / math.log(2)).reshape(targets.shape)
+        return bits.masked_fill(targets == -100, math.nan)
 
 
 class TokenAdapter(Adapter):
@@ -265,6 +331,10 @@ class TokenAdapter(Adapter):
     def metric(self, output, targets: torch.Tensor) -> float:
         with torch.no_grad():
             return float(self.loss(output, targets)) / math.log(2)
+
+    def position_metric(self, output, targets: torch.Tensor) -> torch.Tensor:
+        """-log2 p(target) of every target token, (b, t) float32."""
+        return token_bits(output, targets)
 
     def uniform_baseline(self) -> float | None:
         return math.log2(self.input_spec.vocab_size)

@@ -2,8 +2,9 @@
 cosine, gradient clipping and accumulation, bf16 autocast, JSONL logs, atomic checkpoints and exact resume.
 
 The pieces are a model (``model(inputs, state, return_state=True) -> output`` with ``output.state``), a data
-source of windows (``SequenceSource`` or anything with ``num_windows`` and ``window(i) -> (inputs, targets)``),
-a loss ``loss_fn(output, targets) -> scalar tensor`` and a metric ``metric_fn(output, targets) -> number``.
+source of windows (a ``WindowSource``: ``SequenceSource``, ``FrameSource``, ``adapter.source(...)``, or anything
+with ``batch_size``, ``num_windows`` and ``window(i) -> (inputs, targets)``), a loss ``loss_fn(output, targets) ->
+scalar tensor`` (reported in ``loss_unit``) and a metric ``metric_fn(output, targets) -> number``.
 See docs/training.md.
 """
 
@@ -17,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -147,8 +148,78 @@ class TrainConfig:
 # data
 
 
-class SequenceSource:
-    """Windows for truncated BPTT over one long sequence (or ``(streams, length)`` rows).
+@runtime_checkable
+class WindowSource(Protocol):
+    """What the ``Trainer`` reads: ``num_windows`` windows of ``batch_size`` rows, ``window(i) -> (inputs,
+    targets)``. ``SequenceSource`` (token ids), ``FrameSource`` (float frames), the domain sources (DNA's
+    masked-LM and RC-augmented windows, video clips) and ``seqlab.pipelines``' ``StoreSource`` all satisfy it."""
+
+    batch_size: int
+    num_windows: int
+
+    def window(self, index: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+_NUMPY_DTYPES = {torch.int64: np.int64, torch.float32: np.float32}
+
+
+class ArraySource:
+    """The one window implementation over in-memory data (a torch tensor, a numpy array or a memmap).
+
+    The data is viewed as ``(groups * batch_size, stream_len, *features)`` streams; windows go group by group
+    (one group: ``batch_size`` streams side by side), and in time order within a group. ``span(i)`` reads the
+    elements ``[p*window, (p+1)*window + overlap)`` of the streams of window ``i``'s group (``p``: the window's
+    place in its group), and only those: a memmap never loads whole. ``window(i)`` is next-element prediction
+    over that span (``overlap=1``): inputs all but the last element, targets all but the first. Subclasses
+    check and lay out their data, then call ``_setup``; sources that encode their windows (video) override
+    ``window`` and build on ``span``.
+    """
+
+    overlap: int = 1
+    #: the dtype windows come out as (int64 ids, float32 frames); None: the data's own (a numpy span stays one)
+    dtype: torch.dtype | None = torch.int64
+
+    def _setup(self, data, streams, batch_size: int, window: int) -> None:
+        """``data``: what the user gave (kept as ``self.data``); ``streams``: its (groups * batch, length, ...)
+        view."""
+        self.data, self.streams = data, streams
+        self.batch_size, self.window_size = int(batch_size), int(window)
+        self.groups = int(streams.shape[0]) // self.batch_size
+        self.stream_len = int(streams.shape[1])
+        self.per_group = max(0, (self.stream_len - self.overlap) // self.window_size)
+        self.num_windows = self.groups * self.per_group
+
+    def __len__(self) -> int:
+        return self.num_windows
+
+    def span(self, index: int):
+        """The streams of window ``index``'s group over its elements plus ``overlap``: (batch, window + overlap,
+        ...)."""
+        if not 0 <= index < self.num_windows:
+            raise IndexError(f"window {index} is outside [0, {self.num_windows})")
+        group, part = divmod(index, self.per_group)
+        start = part * self.window_size
+        chunk = self.streams[group * self.batch_size:(group + 1) * self.batch_size,
+                             start:start + self.window_size + self.overlap]
+        if self.dtype is None:
+            return chunk
+        if isinstance(chunk, np.ndarray):  # copies: a window never shares memory with the data
+            return torch.from_numpy(np.array(chunk, dtype=_NUMPY_DTYPES[self.dtype]))
+        return chunk.to(self.dtype, copy=True)
+
+    def window(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        chunk = self.span(index)
+        return chunk[:, :-1], chunk[:, 1:]
+
+
+def _as_streams(data, batch_size: int):
+    """A flat (N, *features) sequence -> its (batch_size, N // batch_size, *features) view (the tail dropped)."""
+    length = data.shape[0] // batch_size
+    return data[:batch_size * length].reshape(batch_size, length, *data.shape[1:])
+
+
+class SequenceSource(ArraySource):
+    """Windows for truncated BPTT over one long sequence of token ids (or ``(streams, length)`` rows).
 
     A 1-D sequence (torch tensor, numpy array or ``np.load(..., mmap_mode="r")`` memmap) is cut into
     ``batch_size`` contiguous streams like a language-model "batchify" (the tail that does not divide is
@@ -169,36 +240,38 @@ class SequenceSource:
             raise InputError(f"SequenceSource data must be a torch tensor or numpy array, got {type(data).__name__}")
         if data.ndim not in (1, 2):
             raise InputError(f"SequenceSource data must be 1-D or (streams, length), got shape {tuple(data.shape)}")
-        self.data, self.batch_size, self.window_size = data, int(batch_size), int(window)
-        if data.ndim == 1:
-            self.stream_len = data.shape[0] // self.batch_size
-        else:
-            if data.shape[0] != self.batch_size:
-                raise InputError(f"SequenceSource data has {data.shape[0]} rows, batch_size is {self.batch_size}: "
-                                 "2-D data's rows are the streams")
-            self.stream_len = data.shape[1]
-        self.num_windows = max(0, (self.stream_len - 1) // self.window_size)
+        batch_size = int(batch_size)
+        if data.ndim == 2 and data.shape[0] != batch_size:
+            raise InputError(f"SequenceSource data has {data.shape[0]} rows, batch_size is {batch_size}: "
+                             "2-D data's rows are the streams")
+        self._setup(data, _as_streams(data, batch_size) if data.ndim == 1 else data, batch_size, window)
         if self.num_windows == 0:
             raise InputError(f"SequenceSource data of shape {tuple(data.shape)} is too short for one window of "
                              f"{self.window_size}+1 tokens in each of {self.batch_size} streams")
 
-    def __len__(self) -> int:
-        return self.num_windows
 
-    def window(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not 0 <= index < self.num_windows:
-            raise IndexError(f"window {index} is outside [0, {self.num_windows})")
-        start = index * self.window_size
-        stop = start + self.window_size + 1
-        if self.data.ndim == 1:
-            rows = [self.data[b * self.stream_len + start:b * self.stream_len + stop] for b in range(self.batch_size)]
-        else:
-            rows = [self.data[b, start:stop] for b in range(self.batch_size)]
-        if isinstance(self.data, np.ndarray):
-            chunk = torch.from_numpy(np.stack([np.asarray(r, dtype=np.int64) for r in rows]))
-        else:
-            chunk = torch.stack(rows).long()
-        return chunk[:, :-1], chunk[:, 1:]
+class FrameSource(ArraySource):
+    """Windows of float frames for the ``Trainer`` (``SequenceSource`` takes integer ids only).
+
+    ``frames``: ``(T, C)`` float. Cut into ``batch_size`` contiguous streams (the tail that does not divide is
+    dropped), window ``i`` gives inputs ``(batch, window, C)`` = frames ``[i*window, (i+1)*window)`` of every
+    stream and targets = the same shifted by one frame.
+    """
+
+    dtype = torch.float32
+
+    def __init__(self, frames: torch.Tensor, batch_size: int, window: int) -> None:
+        if not isinstance(frames, torch.Tensor) or not frames.is_floating_point() or frames.dim() != 2:
+            what = f"{frames.dtype} {tuple(frames.shape)}" if isinstance(frames, torch.Tensor) else type(frames)
+            raise InputError(f"FrameSource needs float frames of shape (T, C), got {what}")
+        for name, value in (("batch_size", batch_size), ("window", window)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"FrameSource.{name} must be a positive int, got {value!r}")
+        frames = frames.detach().cpu().float()
+        self._setup(frames, _as_streams(frames, batch_size), batch_size, window)
+        if self.num_windows == 0:
+            raise InputError(f"FrameSource: {frames.shape[0]} frames are too few for one window of {window}+1 "
+                             f"frames in each of {batch_size} streams")
 
 
 def next_token_loss(output, targets: torch.Tensor) -> torch.Tensor:
@@ -237,16 +310,26 @@ class _Position:
 class Trainer:
     """``Trainer(model, config, train_data).fit()`` trains for ``config.max_steps`` optimizer steps.
 
-    ``train_data`` / ``eval_data``: a ``SequenceSource`` or raw token data (wrapped in one with the config's
-    batch_size and window; eval data may also be a source of another batch size). ``callbacks``: functions
-    ``fn(trainer, record)`` called after each optimizer step (after its log line and checkpoint).
+    ``train_data`` / ``eval_data``: a ``WindowSource`` (e.g. ``SequenceSource``, ``adapter.source(...)``) or raw
+    token data (wrapped in a ``SequenceSource`` with the config's batch_size and window; eval data may also be a
+    source of another batch size). ``callbacks``: functions ``fn(trainer, record)`` called after each optimizer
+    step (after its log line and checkpoint).
+
+    ``loss_unit``: the unit the ``loss`` and ``eval_loss`` of each record are reported in (``adapter.loss_unit``):
+    ``"bits"`` (the default: ``loss_fn`` is a likelihood in nats, reported divided by ln 2, like the metrics) or
+    ``"mse"`` (a mean squared error, reported as is). Each record and the progress bar name it.
     """
+
+    LOSS_UNITS = ("bits", "mse")
 
     def __init__(self, model: torch.nn.Module, config: TrainConfig, train_data, eval_data=None,
                  loss_fn: Callable | None = None, metric_fn: Callable | None = None,
-                 callbacks: list[Callable] | None = None) -> None:
+                 callbacks: list[Callable] | None = None, loss_unit: str = "bits") -> None:
         if not isinstance(config, TrainConfig):
             raise ConfigError(f"Trainer needs a TrainConfig, got {type(config).__name__}")
+        if loss_unit not in self.LOSS_UNITS:
+            raise ConfigError(f"Trainer loss_unit must be one of {self.LOSS_UNITS}, got {loss_unit!r}")
+        self.loss_unit = loss_unit
         self.model, self.config = model, config
         self.train_data = self._source(train_data, "train_data")
         if self.train_data.batch_size != config.batch_size:
@@ -269,7 +352,7 @@ class Trainer:
         self.history: list[dict] = []
 
     def _source(self, data, name):
-        if hasattr(data, "window") and hasattr(data, "num_windows"):
+        if isinstance(data, WindowSource):
             return data
         try:
             return SequenceSource(data, self.config.batch_size, self.config.window)
@@ -279,6 +362,10 @@ class Trainer:
     @property
     def step(self) -> int:
         return self.pos.step
+
+    def report_loss(self, loss: float) -> float:
+        """A value of ``loss_fn`` in ``loss_unit`` (nats / ln 2 for bits, as is for mse)."""
+        return loss / math.log(2) if self.loss_unit == "bits" else loss
 
     # ------------------------------------------------------------------------------------------------
     @classmethod
@@ -389,12 +476,13 @@ class Trainer:
         if self.pos.window >= self.train_data.num_windows:  # epoch wraps: back to the start, fresh state
             self.pos.window, self.pos.epoch = 0, self.pos.epoch + 1
             self.states = [None] * c.grad_accum
-        return {"step": self.pos.step, "loss": total, "lr": lr, "grad_norm": grad_norm}
+        return {"step": self.pos.step, "loss": self.report_loss(total), "loss_unit": self.loss_unit, "lr": lr,
+                "grad_norm": grad_norm}
 
     @torch.no_grad()
     def evaluate(self, windows: int | None = None) -> dict:
-        """Mean loss and metric over the first ``windows`` (default eval_windows) windows of eval_data, with the
-        state carried across them when ``carry_state`` (else reset every window)."""
+        """Mean loss (in ``loss_unit``) and metric over the first ``windows`` (default eval_windows) windows of
+        eval_data, with the state carried across them when ``carry_state`` (else reset every window)."""
         if self.eval_data is None:
             raise ConfigError("Trainer.evaluate needs eval_data")
         n = min(windows or self.config.eval_windows, self.eval_data.num_windows)
@@ -413,7 +501,7 @@ class Trainer:
                 state = out.state if self.config.carry_state else None
         finally:
             self.model.train(was_training)
-        return {"eval_loss": sum(losses) / n, "eval_metric": sum(metrics) / n}
+        return {"eval_loss": self.report_loss(sum(losses) / n), "eval_metric": sum(metrics) / n}
 
     def fit(self, resume: bool = False) -> list[dict]:
         """Train until ``max_steps``. ``resume=True`` first loads the latest checkpoint in ``checkpoint_dir``
@@ -443,7 +531,7 @@ class Trainer:
                     self.save_checkpoint()
                 records.append(record)
                 self.history.append(record)
-                shown = {"loss": f"{record['loss']:.4f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
+                shown = {"loss": f"{record['loss']:.4f} {self.loss_unit}", "tok/s": f"{record['tokens_per_s']:.0f}"}
                 if "eval_metric" in record:
                     shown["metric"] = f"{record['eval_metric']:.4f}"
                 bar.set_postfix(shown, refresh=False)
@@ -457,4 +545,5 @@ class Trainer:
         return records
 
 
-__all__ = ["SequenceSource", "TrainConfig", "Trainer", "bits_per_token", "next_token_loss"]
+__all__ = ["ArraySource", "FrameSource", "SequenceSource", "TrainConfig", "Trainer", "WindowSource", "bits_per_token",
+           "next_token_loss"]

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from seqlab.checkpoint import latest_checkpoint
 from seqlab.errors import ConfigError, CorruptFileError, StateMismatchError
 from seqlab.testing import tiny_lm
-from seqlab.train import SequenceSource, TrainConfig, Trainer
+from seqlab.train import FrameSource, SequenceSource, TrainConfig, Trainer, WindowSource
 
 HERE = Path(__file__).resolve().parent
 
@@ -125,10 +125,46 @@ def test_jsonl_log_has_the_fields(tmp_path):
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3, 4]
     for r in lines:
-        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(r)
+        assert {"step", "loss", "loss_unit", "lr", "grad_norm", "tokens_per_s"} <= set(r)
         assert all(math.isfinite(r[k]) for k in ("loss", "lr", "grad_norm", "tokens_per_s"))
+        assert r["loss_unit"] == "bits"
     assert "eval_metric" in lines[1] and "eval_metric" not in lines[0]
-    assert lines[1]["eval_metric"] == pytest.approx(lines[1]["eval_loss"] / math.log(2))
+    # the loss is reported in bits, like the metric (bits per token): the two are the same number here
+    assert lines[1]["eval_metric"] == pytest.approx(lines[1]["eval_loss"])
+
+
+def test_loss_unit_bits_divides_nats_by_ln2_and_mse_reports_as_is():
+    """The same run (same seed) logged in bits and in the loss's own unit: bits = nats / ln 2."""
+    records = {}
+    for unit in ("bits", "mse"):
+        model = tiny_lm(vocab=16, d_model=16, n_layer=1, seed=0)
+        records[unit] = Trainer(model, cfg(max_steps=3, eval_every=3, eval_windows=2), pattern_data(4 * 100),
+                                pattern_data(4 * 40), loss_unit=unit).fit()
+    for bits, raw in zip(records["bits"], records["mse"]):
+        assert (bits["loss_unit"], raw["loss_unit"]) == ("bits", "mse")
+        assert bits["loss"] == pytest.approx(raw["loss"] / math.log(2))
+    assert records["bits"][-1]["eval_loss"] == pytest.approx(records["mse"][-1]["eval_loss"] / math.log(2))
+    with pytest.raises(ConfigError, match="loss_unit"):
+        Trainer(tiny_lm(vocab=16, d_model=16, n_layer=1), cfg(), pattern_data(4 * 100), loss_unit="nats")
+
+
+def test_window_sources_satisfy_the_protocol_and_frames_match_ids():
+    """SequenceSource and FrameSource are WindowSources with one window implementation: frames holding the
+    ids as floats give the same windows, as float32."""
+    ids = torch.arange(103) % 13
+    seq, frames = SequenceSource(ids, 3, 8), FrameSource(ids[:, None].float(), 3, 8)
+    assert isinstance(seq, WindowSource) and isinstance(frames, WindowSource)
+    assert not isinstance(ids, WindowSource)
+    assert (seq.num_windows, frames.num_windows) == (4, 4)
+    for i in range(seq.num_windows):
+        (x, y), (fx, fy) = seq.window(i), frames.window(i)
+        assert x.dtype == torch.int64 and fx.dtype == torch.float32 and fx.shape == (3, 8, 1)
+        assert torch.equal(fx[..., 0], x.float()) and torch.equal(fy[..., 0], y.float())
+    # a memmap-like numpy array is read window by window, with the same windows as the tensor
+    array = SequenceSource(ids.numpy().astype(np.uint8), 3, 8)
+    assert all(torch.equal(array.window(i)[1], seq.window(i)[1]) for i in range(4))
+    with pytest.raises(IndexError):
+        frames.window(4)
 
 
 def test_bf16_autocast_trains_with_fp32_params():
