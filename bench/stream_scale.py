@@ -10,7 +10,7 @@ Each size runs two fresh subprocesses, one per phase, so neither phase's peak hi
 
 * ingest: ``pipelines.store.ingest(store, file, ByteAdapter())`` into a new Zarr v3 store (default chunking:
   2 MB chunks, zstd; ingest window 1 Mi bytes; sha256 of the source included);
-* stream: ``pipelines.stream.stream(model, store, name, window=...)`` over the whole sequence, threading the
+* stream: ``seqlab.pipelines.stream(model, store, name, window=...)`` over the whole sequence, threading the
   state, dropping each window's logits (the next window is prefetched in a background thread as usual); the
   final ``state.position`` is checked against the size.
 
@@ -78,11 +78,10 @@ def _peak_kib() -> int:
 
 
 def child(phase: str, path: str, store_path: str, window: int) -> None:
-    from seqlab.domains.bytes import ByteAdapter
-    from seqlab.pipelines.store import SequenceStore, ingest
-    from seqlab.pipelines.stream import stream
-
     from seqlab.config import BackboneConfig
+    from seqlab.domains.bytes import ByteAdapter
+    from seqlab.pipelines import stream
+    from seqlab.pipelines.store import SequenceStore, ingest
 
     adapter = ByteAdapter()
     torch.manual_seed(0)

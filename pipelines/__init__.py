@@ -1,8 +1,11 @@
 """seqlab.pipelines: Zarr v3 sequence stores, windowed streaming with carried state, Ray jobs and Ray Train.
 
-Names are imported on first use, so ``import seqlab.pipelines`` needs neither zarr nor ray. The function
-``stream`` is imported from its module (``from seqlab.pipelines.stream import stream``): the package attribute
-``stream`` is that submodule.
+Names are imported on first use, so ``import seqlab.pipelines`` needs neither zarr nor ray. Modules by job:
+``store_format`` (format, attrs, checks), ``store`` (``SequenceStore``), ``reader`` / ``writer``,
+``store_ingest`` (``ingest``), ``sources`` (``StoreSource``, ``check_model_fits``), ``store_stream``
+(``stream``, ``stream_bits``), ``ray_cluster`` (starting or joining Ray, ``quiet``), ``ray_datasource``,
+``ray_work`` (what a job's actor does), ``ray_errors``, ``ray_jobs`` (``run_job``, ``score``, ``embed``,
+``generate``) and ``ray_train`` (``train_data_parallel``).
 """
 
 from __future__ import annotations
@@ -15,10 +18,15 @@ if __name__ != "seqlab.pipelines":  # this folder imported as a bare 'pipelines'
     hand_over(__name__, __file__)
 
 _EXPORTS = {
-    "SequenceStore": "store", "SequenceInfo": "store", "StoreSource": "store", "ingest": "store",
-    "IngestResult": "store", "IngestProgress": "store",
-    "stream_output": "stream", "stream_bits": "stream", "StreamWindow": "stream",
-    "run_job": "ray_jobs", "JobResult": "ray_jobs", "SequenceStoreDatasource": "ray_jobs",
+    "SequenceStore": "store", "open_store": "store",
+    "SequenceInfo": "store_format", "sequence_name": "store_format", "DamagedSequenceWarning": "store_format",
+    "SequenceReader": "reader", "SequenceWriter": "writer",
+    "StoreSource": "sources", "check_model_fits": "sources",
+    "ingest": "store_ingest", "IngestResult": "store_ingest", "IngestProgress": "store_ingest",
+    "stream": "store_stream", "stream_output": "store_stream", "stream_bits": "store_stream",
+    "StreamWindow": "store_stream",
+    "run_job": "ray_jobs", "JobResult": "ray_jobs", "JobProgress": "ray_jobs",
+    "SequenceStoreDatasource": "ray_datasource",
     "train_data_parallel": "ray_train", "load_trained_model": "ray_train",
 }
 

@@ -49,7 +49,8 @@ from ray.data.datasource import ReadTask
 
 from seqlab.errors import BackendUnavailableError, ConfigError, InputError, SeqlabError
 
-from .store import SequenceStore, check_model_fits
+from .sources import check_model_fits
+from .store import SequenceStore
 
 __all__ = [
     "JobProgress",
@@ -259,7 +260,7 @@ def _score_range(model, store: SequenceStore, name: str, warm: int, start: int, 
                  sink: Callable[[np.ndarray], None]) -> tuple[float, int]:
     """Bits of elements ``start+1 .. stop`` (inputs ``[start, stop)``), warmed up on ``[warm, start)`` from
     a zero state; ``sink`` receives float32 pieces in order. Returns (sum of bits, count)."""
-    from .stream import stream_bits
+    from .store_stream import stream_bits
 
     return stream_bits(model, store, name, window, start=start, stop=stop, warm=warm, sink=sink)
 
@@ -267,7 +268,7 @@ def _score_range(model, store: SequenceStore, name: str, warm: int, start: int, 
 def _embed_range(model, store: SequenceStore, name: str, warm: int, start: int, stop: int, window: int,
                  sink: Callable[[np.ndarray], None]) -> tuple[float, int]:
     """Mean-pooled hidden features of each window in ``[start, stop)`` (rows of (d_model,))."""
-    from .stream import stream
+    from .store_stream import stream
 
     state = None
     if warm < start:
@@ -290,7 +291,7 @@ def _generate_one(model, store: SequenceStore, name: str, window: int, options: 
     are never generated (unless ``options["allow_specials"]``) and its end token stops the continuation."""
     from seqlab.generate import generate as _generate
 
-    from .stream import stream
+    from .store_stream import stream
 
     length = store.describe(name).length
     if length == 0:
@@ -511,9 +512,9 @@ _OUT_OF_MEMORY = ("can't allocate memory", "out of memory")
 
 def _user_error(e: BaseException | None) -> bool:
     """A seqlab error, a worker out of memory (a window too large for the model) or an OSError of the machine (a
-    full disk, no permission, a read-only file system: seqlab.cli.USER_OS_ERRORS): raised to the caller as itself
+    full disk, no permission, a read-only file system: seqlab.errors.USER_OS_ERRORS): raised to the caller as itself
     (the CLI prints one line), not wrapped in Ray's task error."""
-    from seqlab.cli import USER_OS_CLASSES, USER_OS_ERRORS
+    from seqlab.errors import USER_OS_CLASSES, USER_OS_ERRORS
 
     return isinstance(e, (SeqlabError, MemoryError)) or \
         isinstance(e, RuntimeError) and any(m in str(e) for m in _OUT_OF_MEMORY) or \

@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from seqlab.cli import main
 from seqlab.domains.dna import DNAAdapter
 from seqlab.errors import ConfigError, CorruptFileError, SeqlabError
-from seqlab.pipelines.store import SequenceStore, ingest
+from seqlab.pipelines import SequenceStore, ingest
+from seqlab.pipelines.store_ingest import _staging
 
 STAGING = "_seqlab_staging"  # where replacements wait for their file to be verified
 
@@ -246,7 +247,7 @@ def test_replacement_in_a_store_that_cannot_rename(tmp_path):
     _write(path, fasta(new))
     assert [r.action for r in ingest(memory, path, DNAAdapter(), overwrite=True)] == ["replaced"] * 2
     assert {n: dna.decode(memory.read(n)) for n in memory.list()} == dict(new)
-    assert memory._staging().list() == []
+    assert _staging(memory).list() == []
 
 
 def test_a_sequence_left_aside_by_a_kill_during_the_swap_is_put_back(tmp_path):

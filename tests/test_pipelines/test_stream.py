@@ -18,8 +18,7 @@ from seqlab.domains import InputSpec, TokenAdapter, register_adapter
 from seqlab.domains.testing import FramesTestAdapter
 from seqlab.errors import CorruptFileError, InputError, StateMismatchError
 from seqlab.models import LanguageModel, SequenceModel
-from seqlab.pipelines.store import SequenceStore, StoreSource
-from seqlab.pipelines.stream import stream, stream_bits, stream_output
+from seqlab.pipelines import SequenceStore, StoreSource, stream, stream_bits, stream_output
 from seqlab.train import SequenceSource, TrainConfig, Trainer
 
 CONFIG = BackboneConfig(d_model=16, n_layer=2, d_state=8)
