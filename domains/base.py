@@ -254,6 +254,17 @@ class Adapter(ABC):
             return FrameSource(data.reshape(data.shape[0], -1).float(), batch_size, window)
         return SequenceSource(data, batch_size, window)
 
+    def map_file(self, path: str | os.PathLike):
+        """The file's encoded ids as a read-only numpy memory map when the file's bytes are its ids (then it
+        trains and is held out without being read whole: ``source`` and ``split_point`` take the map), or None
+        (this default): the file is encoded through ``iter_windows``."""
+        return None
+
+    def split_point(self, data, index: int) -> int:
+        """Where encoded ``data`` may be cut into ``data[:point]`` (training) and ``data[point:]`` (held out):
+        ``index`` (this default), or the nearest valid point before it."""
+        return index
+
     # -- models, losses, metrics -----------------------------------------------------------------------
     def build_model(self, config: BackboneConfig, **options) -> torch.nn.Module:
         """A model whose input and head fit this adapter, stamped with ``adapter_info`` for checkpoints (the

@@ -229,12 +229,36 @@ class ByteAdapter(TokenAdapter):
         atomic_write_bytes(path, self._checked(data, path))
 
     # -- training ------------------------------------------------------------------------------------------
+    def map_file(self, path: str | os.PathLike):
+        """The file's bytes (its ids) as a read-only ``np.memmap`` (never read whole; a ``utf8`` adapter checks
+        the file first, 1 MiB at a time), or None for an empty file (``iter_windows`` refuses it)."""
+        where = os.fspath(path)
+        open_input(where).close()
+        if os.path.getsize(where) == 0:
+            return None
+        array = np.memmap(where, dtype=np.uint8, mode="r")
+        if self.utf8:
+            validator = Utf8Validator(where)
+            for i in range(0, array.shape[0], _VALIDATE_CHUNK):
+                validator.feed(array[i:i + _VALIDATE_CHUNK].tobytes())
+            validator.finish()
+        return array
+
+    def split_point(self, data, index: int) -> int:
+        """``index``, moved back to the start of a character when ``utf8`` (a held-out part never starts inside
+        one)."""
+        if self.utf8:
+            while 0 < index < data.shape[0] and 0x80 <= int(data[index]) < 0xC0:
+                index -= 1
+        return index
+
     def source(self, data, batch_size: int, window: int, *, start: int = 0, stop: int | None = None):
         """A ``seqlab.train.SequenceSource`` of byte ids for ``Trainer``.
 
-        ``data``: a path (``str`` or ``os.PathLike``; the file is memory-mapped, never read whole) or bytes-like
-        (pass text as ``text.encode()``). ``start``/``stop``: the byte range to use (e.g. the last 10% as a
-        held-out split). A ``utf8`` adapter checks the range first, 1 MiB at a time.
+        ``data``: a path (``str`` or ``os.PathLike``; the file is memory-mapped, never read whole), bytes-like
+        (pass text as ``text.encode()``), or encoded ids (a tensor, or a numpy array such as ``map_file``'s).
+        ``start``/``stop``: the byte range to use (e.g. the last 10% as a held-out split). A ``utf8`` adapter
+        checks the range of a path or bytes first, 1 MiB at a time (ids were checked where they were encoded).
         """
         from seqlab.train import SequenceSource
 
@@ -244,6 +268,8 @@ class ByteAdapter(TokenAdapter):
             if os.path.getsize(where) == 0:
                 raise InputError(f"{where}: file is empty (0 bytes): nothing to train on")
             array = np.memmap(where, dtype=np.uint8, mode="r")
+        elif isinstance(data, (np.ndarray, torch.Tensor)):
+            where, array = "source ids", data
         else:
             where = "source data"
             array = np.frombuffer(to_bytes(data, where), dtype=np.uint8)
@@ -251,7 +277,7 @@ class ByteAdapter(TokenAdapter):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ConfigError(f"{name} must be an int byte offset, got {value!r}")
         array = array[start:stop]
-        if self.utf8:
+        if self.utf8 and where != "source ids":
             validator = Utf8Validator(where if not start else f"{where} (from byte {start})")
             for i in range(0, array.shape[0], _VALIDATE_CHUNK):
                 validator.feed(array[i:i + _VALIDATE_CHUNK].tobytes())
