@@ -1,4 +1,4 @@
-"""CPU forward speed: seqlab (torch backend) vs HF transformers' own CPU path, on the same weights.
+"""CPU forward speed: seqlab (chunked backend) vs HF transformers' own CPU path, on the same weights.
 
 Config (the issue's): d_model 256, 4 layers, vocab 256, batch 1, fp32; Mamba-1 (d_state 16, expand 2) and
 Mamba-2 (d_state 64, headdim 32, chunk 64). HF models get random weights; seqlab loads the same weights
@@ -114,7 +114,7 @@ def build_hf(kind: str):
 
 
 def build_pair(kind: str, with_hf: bool):
-    """(seqlab model on the torch backend, HF model or None) with the same weights."""
+    """(seqlab model on the chunked backend, HF model or None) with the same weights."""
     from seqlab import LanguageModel
     from seqlab.interop import hf as seqlab_hf
 
@@ -125,7 +125,7 @@ def build_pair(kind: str, with_hf: bool):
     else:
         hf = None
         model = LanguageModel(seqlab_config(kind), vocab_size=VOCAB).eval()
-    return model.set_backend("torch"), hf
+    return model.set_backend("chunked"), hf
 
 
 @torch.no_grad()
@@ -202,7 +202,7 @@ def stream_child(total: int, chunk: int) -> None:
     from seqlab import LanguageModel
 
     torch.manual_seed(0)
-    model = LanguageModel(seqlab_config("Mamba-1"), vocab_size=VOCAB).eval().set_backend("torch")
+    model = LanguageModel(seqlab_config("Mamba-1"), vocab_size=VOCAB).eval().set_backend("chunked")
     gen = torch.Generator().manual_seed(0)
     baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # torch + model, before any token
     state = None

@@ -3,8 +3,8 @@ decode steps, against the memory roofline and, when importable, mamba_ssm / caus
 
 For every op and length it prints, side by side on the same inputs:
 
-- ``seqlab triton``: the dispatcher with ``backend="triton"`` (``kernels/<op>/triton.py``);
-- ``seqlab torch``: the vectorised torch path (``backend="torch"``), up to ``--torch-max-len``;
+- ``seqlab triton``: the dispatcher with ``backend="triton"`` (``kernels/<op>/triton_ops.py``);
+- ``seqlab chunked``: the vectorised, chunked PyTorch path (``backend="chunked"``), up to ``--chunked-max-len``;
 - ``mamba_ssm``: ``selective_scan_fn`` (Mamba-1, its CUDA kernel), ``mamba_chunk_scan_combined`` (Mamba-2, its
   Triton SSD), ``selective_state_update`` (both decode steps; it updates the state in place), and for the conv
   the ``causal_conv1d`` package mamba_ssm builds on (``causal_conv1d_fn`` / ``causal_conv1d_update``);
@@ -51,7 +51,7 @@ Targets checked at the end: Mamba-1 scan forward >= 70% of the copy bandwidth at
 as fast as mamba_ssm's Triton SSD; decode-step latency flat in context length (max / min <= 1.25).
 
 ``--smoke`` runs tiny shapes with few repeats. Without CUDA the script switches to it by itself and runs on
-the CPU: the torch path, the Triton column through Triton's interpreter when ``TRITON_INTERPRET=1`` is set (one
+the CPU: the chunked path, the Triton column through Triton's interpreter when ``TRITON_INTERPRET=1`` is set (one
 call per cell: the interpreter is slow) and "no GPU" otherwise; the table layout is the same and the header
 says that no GPU was found. CPU numbers measure nothing about GPU kernels.
 
@@ -80,7 +80,7 @@ import seqlab.kernels as K  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 OPS = ("selective_scan", "ssd_scan", "causal_conv1d", "decode")
-PEERS = ("seqlab triton", "seqlab torch", "mamba_ssm", "fla")
+PEERS = ("seqlab triton", "seqlab chunked", "mamba_ssm", "fla")
 COPY_TARGET = 0.70     # Mamba-1 scan forward, fraction of the copy bandwidth, at L >= 8k
 FLAT_TARGET = 1.25     # decode: max / min latency over the context lengths
 
@@ -110,8 +110,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed calls before timing (default 3; smoke 1)")
     p.add_argument("--repeats", type=int, help="timed calls, the median is reported (default 20; smoke 3)")
     p.add_argument("--decode-repeats", type=int, help="timed decode steps (default 200; smoke 5)")
-    p.add_argument("--torch-max-len", type=int, default=16384,
-                   help="time the seqlab torch path up to this length (default 16384)")
+    p.add_argument("--chunked-max-len", "--torch-max-len", type=int, default=16384, dest="chunked_max_len",
+                   help="time the seqlab chunked path up to this length (default 16384; --torch-max-len is its old "
+                        "name)")
     p.add_argument("--no-backward", action="store_true", help="forward rows only")
     p.add_argument("--no-peers", action="store_true", help="skip mamba_ssm / causal-conv1d / fla")
     p.add_argument("--skip-triton", action="store_true",
@@ -431,8 +432,8 @@ def bench_selective_scan(args, timer, device, dtype, tnote) -> list[Row]:
                 reps = max(3, args.repeats // 2) if bwd else args.repeats
                 row.cells["seqlab triton"] = Cell(note=tnote) if tnote else \
                     measure(timer, make(seqlab_op("selective_scan", "triton")), *tri_reps(args, reps))
-                row.cells["seqlab torch"] = Cell(note="skipped") if l > args.torch_max_len else \
-                    measure(timer, make(seqlab_op("selective_scan", "torch")), min(args.warmup, 1), max(1, reps // 4))
+                row.cells["seqlab chunked"] = Cell(note="skipped") if l > args.chunked_max_len else \
+                    measure(timer, make(seqlab_op("selective_scan", "chunked")), min(args.warmup, 1), max(1, reps // 4))
                 if mamba_fn is None or not timer.cuda:
                     row.cells["mamba_ssm"] = Cell(note=mamba_note or "needs CUDA")
                 else:
@@ -487,8 +488,8 @@ def bench_ssd(args, timer, device, dtype, tnote) -> list[Row]:
             make = maker(bwd, inputs, grads, args.seed, **fixed)
             row.cells["seqlab triton"] = Cell(note=tnote) if tnote else \
                 measure(timer, make(seqlab_op("ssd_scan", "triton")), *tri_reps(args, reps))
-            row.cells["seqlab torch"] = Cell(note="skipped") if l > args.torch_max_len else \
-                measure(timer, make(seqlab_op("ssd_scan", "torch")), min(args.warmup, 1), max(1, reps // 4))
+            row.cells["seqlab chunked"] = Cell(note="skipped") if l > args.chunked_max_len else \
+                measure(timer, make(seqlab_op("ssd_scan", "chunked")), min(args.warmup, 1), max(1, reps // 4))
             if mamba_fn is None or not timer.cuda:
                 row.cells["mamba_ssm"] = Cell(note=mamba_note or "needs CUDA")
             else:
@@ -531,8 +532,8 @@ def bench_conv(args, timer, device, dtype, tnote) -> list[Row]:
                 reps = max(3, args.repeats // 2) if bwd else args.repeats
                 row.cells["seqlab triton"] = Cell(note=tnote) if tnote else \
                     measure(timer, make(seqlab_op("causal_conv1d", "triton")), *tri_reps(args, reps))
-                row.cells["seqlab torch"] = Cell(note="skipped") if l > args.torch_max_len else \
-                    measure(timer, make(seqlab_op("causal_conv1d", "torch")), min(args.warmup, 1), max(1, reps // 2))
+                row.cells["seqlab chunked"] = Cell(note="skipped") if l > args.chunked_max_len else \
+                    measure(timer, make(seqlab_op("causal_conv1d", "chunked")), min(args.warmup, 1), max(1, reps // 2))
                 if conv_fn is None or not timer.cuda:
                     row.cells["mamba_ssm"] = Cell(note=conv_note or "needs CUDA")
                 else:
@@ -591,8 +592,8 @@ def bench_decode(args, timer, device, dtype, tnote) -> list[Row]:
         row.cells["seqlab triton graph"] = Cell(note=tnote) if tnote else graph_measure(
             timer, forward_fn(seqlab_op("selective_state_update", "triton"), step1, dt_softplus=True),
             args.warmup, max(3, reps // 10))
-        row.cells["seqlab torch"] = measure(
-            timer, forward_fn(seqlab_op("selective_state_update", "torch"), step1, dt_softplus=True),
+        row.cells["seqlab chunked"] = measure(
+            timer, forward_fn(seqlab_op("selective_state_update", "chunked"), step1, dt_softplus=True),
             args.warmup, reps)
         if sel_fn is None or not timer.cuda:
             row.cells["mamba_ssm"] = Cell(note=sel_note or "needs CUDA")
@@ -621,8 +622,8 @@ def bench_decode(args, timer, device, dtype, tnote) -> list[Row]:
         row.cells["seqlab triton graph"] = Cell(note=tnote) if tnote else graph_measure(
             timer, forward_fn(seqlab_op("ssd_state_update", "triton"), step2, dt_softplus=True),
             args.warmup, max(3, reps // 10))
-        row.cells["seqlab torch"] = measure(
-            timer, forward_fn(seqlab_op("ssd_state_update", "torch"), step2, dt_softplus=True), args.warmup, reps)
+        row.cells["seqlab chunked"] = measure(
+            timer, forward_fn(seqlab_op("ssd_state_update", "chunked"), step2, dt_softplus=True), args.warmup, reps)
         if sel_fn is None or not timer.cuda:
             row.cells["mamba_ssm"] = Cell(note=sel_note or "needs CUDA")
         else:
@@ -650,8 +651,8 @@ def bench_decode(args, timer, device, dtype, tnote) -> list[Row]:
         row.cells["seqlab triton graph"] = Cell(note=tnote) if tnote else graph_measure(
             timer, forward_fn(seqlab_op("causal_conv1d_update", "triton"), stepc, activation="silu"),
             args.warmup, max(3, reps // 10))
-        row.cells["seqlab torch"] = measure(
-            timer, forward_fn(seqlab_op("causal_conv1d_update", "torch"), stepc, activation="silu"),
+        row.cells["seqlab chunked"] = measure(
+            timer, forward_fn(seqlab_op("causal_conv1d_update", "chunked"), stepc, activation="silu"),
             args.warmup, reps)
         if conv_fn is None or not timer.cuda:
             row.cells["mamba_ssm"] = Cell(note=conv_note or "needs CUDA")
@@ -677,7 +678,7 @@ def print_progress(row: Row) -> None:
 
 def print_table(rows: list[Row], copy_gbs: float) -> None:
     print()
-    print("| op | shape | L | mode | min bytes | seqlab triton | % of copy BW | seqlab torch | mamba_ssm | fla |")
+    print("| op | shape | L | mode | min bytes | seqlab triton | % of copy BW | seqlab chunked | mamba_ssm | fla |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         tri = r.cells.get("seqlab triton", Cell())
@@ -745,7 +746,7 @@ def main(argv=None) -> None:
         interp = "on: the Triton column runs in the interpreter" if K._triton.interpreting() else \
             "off: the Triton column is skipped"
         print(f"device: NO GPU FOUND (torch.cuda.is_available() is False); running tiny shapes on the CPU with "
-              f"the torch path; TRITON_INTERPRET {interp}. These timings say nothing about GPU kernels.")
+              f"the chunked path; TRITON_INTERPRET {interp}. These timings say nothing about GPU kernels.")
     try:
         import triton
 

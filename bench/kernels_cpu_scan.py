@@ -2,7 +2,7 @@
 
 Peers, run side by side in one process on the same inputs:
 
-- ``torch``: seqlab's vectorised path (``kernels/selective_scan/torch.py``), forward under ``no_grad`` and
+- ``chunked``: seqlab's vectorised path (``kernels/scan/chunked.py``), forward under ``no_grad`` and
   forward + backward;
 - ``naive``: the textbook / HF "slow path" way: materialise exp(delta A) and delta B u as full (b, d, l, n)
   tensors, then a Python loop over time (forward + backward only up to ``--naive-bwd-max``);
@@ -31,9 +31,9 @@ import time
 
 import torch
 
-from seqlab.kernels.conv1d.torch import causal_conv1d_torch
-from seqlab.kernels.selective_scan.ref import selective_scan_ref
-from seqlab.kernels.selective_scan.torch import selective_scan_torch
+from seqlab.kernels.conv1d.chunked import causal_conv1d_chunked
+from seqlab.kernels.scan.ref import selective_scan_ref
+from seqlab.kernels.scan.chunked import selective_scan_chunked
 
 
 def make_inputs(b, d, n, l, layout, seed=0):
@@ -65,7 +65,7 @@ def naive_scan(u, delta, A, B, C, D, z, delta_bias):
 
 
 def fast_scan(**kw):
-    return selective_scan_torch(**kw, delta_softplus=True)
+    return selective_scan_chunked(**kw, delta_softplus=True)
 
 
 def ref_scan(**kw):
@@ -143,15 +143,15 @@ def main(argv=None):
                 rows.append(("ref", "fwd", ms, naive_fwd))
             ms = best_ms(run_forward(fast_scan, inputs), args.repeats)
             per_token[(l, layout)] = ms / tok
-            rows.append(("torch", "fwd", ms, naive_fwd))
+            rows.append(("chunked", "fwd", ms, naive_fwd))
             if not args.no_backward:
                 ms = best_ms(run_backward(fast_scan, inputs), max(1, args.repeats - 1))
-                rows.append(("torch", "fwd+bwd", ms, naive_bwd))
+                rows.append(("chunked", "fwd+bwd", ms, naive_bwd))
             if not args.no_conv:
                 gen = torch.Generator().manual_seed(1)
                 conv_in = dict(x=inputs["u"], weight=torch.randn(args.d, args.w, generator=gen),
                                bias=torch.randn(args.d, generator=gen))
-                conv = lambda **kw: causal_conv1d_torch(**kw, activation="silu")  # noqa: E731
+                conv = lambda **kw: causal_conv1d_chunked(**kw, activation="silu")  # noqa: E731
                 rows.append(("conv1d", "fwd", best_ms(run_forward(conv, conv_in), args.repeats), None))
                 if not args.no_backward:
                     rows.append(("conv1d", "fwd+bwd", best_ms(run_backward(conv, conv_in), args.repeats), None))
@@ -164,7 +164,7 @@ def main(argv=None):
         for layout in layouts:
             a, z = per_token.get((first, layout)), per_token.get((last, layout))
             if a and z:
-                print(f"# torch fwd, {layout}: tok/s at l={last} = {a / z:.2f} x tok/s at l={first}")
+                print(f"# chunked fwd, {layout}: tok/s at l={last} = {a / z:.2f} x tok/s at l={first}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Tile sweep for the Triton Mamba-1 selective-scan forward (and forward+backward) on a CUDA GPU.
 
 For each tiling (positions per chunk ``block_l``, channels per program ``block_d``, warps) it first checks the
-forward against the torch path on fresh random inputs (relative error of y and of the final state, fp32), then
+forward against the chunked path on fresh random inputs (relative error of y and of the final state, fp32), then
 times the bf16 forward (and, with ``--backward``, forward+backward) at the shapes of ``bench/gpu_kernels.py``
 (b=1, d=1536 / 5120, n=16, D, z, delta_bias, softplus), with CUDA events, the median of ``--repeats`` calls,
 L2 flushed before each. Prints one row per tiling and shape with GB/s against the minimum bytes and the
@@ -40,9 +40,9 @@ def main(argv=None) -> int:
         print("NO GPU FOUND: this sweep times CUDA kernels only")
         return 0
 
-    from seqlab.kernels.selective_scan import triton as sst  # noqa: F401 (the module, not the function)
-    from seqlab.kernels.selective_scan.torch import selective_scan_torch
-    from seqlab.kernels.selective_scan.ref import compute_dtype
+    from seqlab.kernels.scan import triton_ops as sst  # noqa: F401 (the module, not the function)
+    from seqlab.kernels.scan.chunked import selective_scan_chunked
+    from seqlab.kernels.scan.ref import compute_dtype
 
     dev = torch.device("cuda")
     from gpu_kernels import Timer  # the same event timing, median and L2 flush as the kernel bench
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     configs = [c for c in itertools.product(args.block_d, args.block_l, args.warps)
                if c[0] * 16 * c[1] <= args.max_tile]
     check = inputs(96, 1000, torch.float32, seed=1)
-    y_ref, s_ref = selective_scan_torch(**check, return_final_state=True)
+    y_ref, s_ref = selective_scan_chunked(**check, return_final_state=True)
     for bd, bl, w in configs:
         plan = plan_for(bd, bl, w)
         try:
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
                 bl, bbd, bw, _, _, ms = min(cand, key=lambda r: r[5])
                 print(f"  d {d} L {l}: block_l {bl} bwd block_d {bbd} warps {bw}: {ms * 1e3:.1f} us")
     if args.backward:
-        from seqlab.kernels.selective_scan.triton import selective_scan_triton
+        from seqlab.kernels.scan.triton_ops import selective_scan_triton
         for d, l in itertools.product(args.d, args.lengths):
             kw = inputs(d, l, torch.bfloat16, seed=3)
             for k in ("u", "delta", "B", "C", "z"):

@@ -1,10 +1,14 @@
 """seqlab.kernels: the scan, SSD, causal-conv and decode-step ops behind every mixer.
 
-Each op has a float64-capable sequential reference (``ref``, the truth), a vectorised PyTorch path
-(``torch``, the fast CPU path) and Triton kernels (``triton``, CUDA or the Triton interpreter). The functions here dispatch:
+Each op has a float64-capable sequential reference (backend ``"ref"``, the truth), a vectorised, chunked
+PyTorch path (``"chunked"``, the fast CPU path) and Triton kernels (``"triton"``, CUDA or the Triton
+interpreter), in the subpackages ``scan/`` (Mamba-1 selective scan), ``ssd/`` (Mamba-2) and ``conv1d/``, each
+with the modules ``ref``, ``chunked`` and ``triton_ops``. ``_dispatch.BACKEND_TABLE`` names every op's
+function per backend; the functions here dispatch through it:
 
-``backend="auto"`` (default) picks Triton for CUDA tensors when Triton kernels are available and the torch
-path otherwise; ``"ref"``, ``"torch"`` and ``"triton"`` force one. Signatures follow mamba_ssm so code ports.
+``backend="auto"`` (default) picks Triton for CUDA tensors when Triton kernels are available and the chunked
+path otherwise; ``"ref"``, ``"chunked"`` and ``"triton"`` force one (``"torch"``, the old name of
+``"chunked"``, still works with a FutureWarning). Signatures follow mamba_ssm so code ports.
 
 Shapes (b batch, l length, d channels, n state size, g groups, h heads, p head dim, w conv width):
 
@@ -21,14 +25,18 @@ if __name__ != "seqlab.kernels":  # this folder imported as a bare 'kernels' fro
 
     hand_over(__name__, __file__)
 else:
-    from ._dispatch import (BACKENDS, KernelBackendError, KernelInputError, causal_conv1d,  # noqa: F401
-                            causal_conv1d_update, op_module, resolve_backend, selective_scan,
-                            selective_state_update, ssd_scan, ssd_state_update, triton_available)
+    from ._dispatch import (BACKEND_TABLE, BACKENDS, DEPRECATED_BACKENDS, KernelBackendError,  # noqa: F401
+                            KernelInputError, canonical_backend, causal_conv1d, causal_conv1d_update,
+                            resolve_backend, selective_scan, selective_state_update, ssd_scan, ssd_state_update,
+                            triton_available)
 
 __all__ = [
     "BACKENDS",
+    "BACKEND_TABLE",
+    "DEPRECATED_BACKENDS",
     "KernelBackendError",
     "KernelInputError",
+    "canonical_backend",
     "causal_conv1d",
     "causal_conv1d_update",
     "resolve_backend",

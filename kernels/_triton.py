@@ -44,7 +44,7 @@ def require_triton_device(op: str, *tensors) -> None:
     if not triton_available():
         reason = triton_import_error() or "no CUDA device is visible and TRITON_INTERPRET is not set"
         raise KernelBackendError(f"{op}: the Triton backend is not available here ({reason}); "
-                                 "use backend='torch' or backend='auto'")
+                                 "use backend='chunked' or backend='auto'")
     for t in tensors:
         if not isinstance(t, torch.Tensor):
             continue
@@ -54,4 +54,4 @@ def require_triton_device(op: str, *tensors) -> None:
             continue
         raise KernelBackendError(
             f"{op}: the Triton kernels need CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
-            f"got a tensor on {t.device}; move the inputs with .cuda() or use backend='torch'")
+            f"got a tensor on {t.device}; move the inputs with .cuda() or use backend='chunked'")

@@ -8,7 +8,7 @@ from torch import nn
 from seqlab.blocks import BidirectionalBlock, Block
 from seqlab.config import BackboneConfig
 from seqlab.errors import ConfigError, InputError, StateError
-from seqlab.kernels import BACKENDS
+from seqlab.kernels import BACKENDS, KernelInputError, canonical_backend
 from seqlab.norm import RMSNorm
 from seqlab.state import RecurrentState
 
@@ -30,10 +30,13 @@ class Backbone(nn.Module):
     def fingerprint(self) -> str:
         return self._fingerprint
 
-    def set_backend(self, backend: str) -> None:
-        """Pick the kernel backend of every mixer: "auto" (default), "ref", "torch" or "triton"."""
-        if backend not in BACKENDS:
-            raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    def set_backend(self, backend: str, *, _stacklevel: int = 1) -> None:
+        """Pick the kernel backend of every mixer: "auto" (default), "ref", "chunked" or "triton" ("torch", the
+        old name of "chunked", works with a FutureWarning)."""
+        try:
+            backend = canonical_backend(backend, stacklevel=_stacklevel + 1)
+        except KernelInputError:
+            raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}") from None
         for module in self.modules():
             if hasattr(module, "backend") and module is not self:
                 module.backend = backend

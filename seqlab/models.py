@@ -53,7 +53,8 @@ class _Model(nn.Module):
         return self.backbone.fingerprint
 
     def set_backend(self, backend: str) -> "_Model":
-        self.backbone.set_backend(backend)
+        """Pick the kernel backend of every layer (see ``Backbone.set_backend``); returns the model."""
+        self.backbone.set_backend(backend, _stacklevel=2)
         return self
 
     def init_state(self, batch_size: int, device=None) -> RecurrentState:

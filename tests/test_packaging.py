@@ -15,9 +15,9 @@ def test_wheel_contents(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert tops == {"seqlab"}, tops
-    for needed in ("seqlab/__init__.py", "seqlab/kernels/__init__.py", "seqlab/kernels/selective_scan/ref.py",
-                   "seqlab/kernels/selective_scan/torch.py", "seqlab/kernels/ssd/ref.py", "seqlab/kernels/ssd/torch.py",
-                   "seqlab/kernels/conv1d/ref.py", "seqlab/kernels/conv1d/torch.py", "seqlab/domains/__init__.py",
+    for needed in ("seqlab/__init__.py", "seqlab/kernels/__init__.py", "seqlab/kernels/scan/ref.py",
+                   "seqlab/kernels/scan/chunked.py", "seqlab/kernels/ssd/ref.py", "seqlab/kernels/ssd/chunked.py",
+                   "seqlab/kernels/conv1d/ref.py", "seqlab/kernels/conv1d/chunked.py", "seqlab/domains/__init__.py",
                    "seqlab/pipelines/__init__.py", "seqlab/mixers/mamba2.py", "seqlab/interop/hf.py"):
         assert needed in names, needed
     assert not any(n.startswith("tests/") for n in names)

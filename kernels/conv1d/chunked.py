@@ -30,7 +30,7 @@ from .._layout import empty_like_layout as _empty_like_layout
 from .._validate import records_grad
 from .ref import check_conv_args, check_conv_update_args, compute_dtype
 
-__all__ = ["causal_conv1d_torch", "causal_conv1d_update_torch"]
+__all__ = ["causal_conv1d_chunked", "causal_conv1d_update_chunked"]
 
 #: elements of (b, d, positions) per block of the inference forward
 BLOCK_ELEMS = 1 << 18
@@ -162,7 +162,7 @@ class _CausalConv1dFn(torch.autograd.Function):
         return g_x, g_w, g_b, g_init, None, None, None
 
 
-def causal_conv1d_torch(x, weight, bias=None, activation=None, initial_state=None, return_final_state=False, *,
+def causal_conv1d_chunked(x, weight, bias=None, activation=None, initial_state=None, return_final_state=False, *,
                         block_elems=None):
     """Vectorised causal depthwise conv1d. Returns y (b, d, l) in x.dtype (laid out like x), or
     (y, final_state (b, d, w - 1)), the state in initial_state's dtype (x.dtype when none is given).
@@ -181,7 +181,7 @@ def causal_conv1d_torch(x, weight, bias=None, activation=None, initial_state=Non
     return y, _final_state(x, initial_state, w, state_dtype)
 
 
-def causal_conv1d_update_torch(x, conv_state, weight, bias=None, activation=None):
+def causal_conv1d_update_chunked(x, conv_state, weight, bias=None, activation=None):
     """One conv step: x (b, d), conv_state (b, d, w - 1) -> (y (b, d) in x.dtype, new_state in
     conv_state's dtype). Differentiable; never mutates ``conv_state``."""
     b, d, w, silu = check_conv_update_args(x, conv_state, weight, bias, activation)

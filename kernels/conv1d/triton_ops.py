@@ -1,6 +1,6 @@
 """Causal depthwise conv1d: Triton kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 
-Same signatures, semantics and return conventions as ``torch.py`` / ``ref.py`` (mamba_ssm's
+Same signatures, semantics and return conventions as ``chunked.py`` / ``ref.py`` (mamba_ssm's
 ``causal_conv1d_fn`` / ``causal_conv1d_update``)::
 
     y_t = act(bias + sum_{k=0}^{w-1} weight[:, k] * x_{t - (w-1) + k})        x (b, d, l), weight (d, w)
@@ -10,7 +10,7 @@ last w - 1 inputs of ``[initial_state, x]``. Arithmetic is float32 for fp16 / bf
 when any input is float64 (a constexpr accumulator dtype; float64 is slow on most GPUs but exact to the
 reference). ``y`` comes back in ``x.dtype`` with x's layout (a position-major x, i.e. the transpose of a
 contiguous (b, l, d) as a Mamba mixer hands it over, gives a position-major y); the state holds raw inputs
-and keeps the dtype of the state passed in (``x.dtype`` when none is), exactly like the torch path.
+and keeps the dtype of the state passed in (``x.dtype`` when none is), exactly like the chunked path.
 
 Kernels
 -------
@@ -50,7 +50,7 @@ l). Strides are passed as arguments, so channels-last views, strided views and e
 Autograd: ``torch.autograd.Function`` around the two kernels, with gradients for x, weight, bias and
 initial_state, through both y and the returned final state. The backward is not itself differentiable.
 The decode step has no Triton backward: when a gradient is needed (grad mode on and an input requires
-grad) it runs the differentiable torch path (``causal_conv1d_update_torch``), which gives the same numbers.
+grad) it runs the differentiable chunked path (``causal_conv1d_update_chunked``), which gives the same numbers.
 """
 
 from __future__ import annotations
@@ -435,9 +435,9 @@ def causal_conv1d_update_triton(x, conv_state, weight, bias=None, activation=Non
     b, d, w, silu = check_conv_update_args(x, conv_state, weight, bias, activation)
     tensors = (x, conv_state, weight, bias)
     if records_grad(*tensors):
-        from .torch import causal_conv1d_update_torch
+        from .chunked import causal_conv1d_update_chunked
 
-        return causal_conv1d_update_torch(x, conv_state, weight, bias, activation)
+        return causal_conv1d_update_chunked(x, conv_state, weight, bias, activation)
     cdt = compute_dtype(x, conv_state, weight, bias)
     y = torch.empty(b, d, dtype=x.dtype, device=x.device)
     new_state = torch.empty(b, d, w - 1, dtype=conv_state.dtype, device=x.device)

@@ -63,7 +63,7 @@ from .._layout import empty_like_layout as _empty_like_layout
 from .._validate import records_grad
 from .ref import check_scan_args, check_state_update_args, compute_dtype
 
-__all__ = ["clear_workspace_cache", "selective_scan_torch", "selective_state_update_torch"]
+__all__ = ["clear_workspace_cache", "selective_scan_chunked", "selective_state_update_chunked"]
 
 _LOG2E = 1.0 / math.log(2.0)
 _LN2 = math.log(2.0)
@@ -530,7 +530,7 @@ def _empty_scan(u, initial_state, b, d, n, cdt, return_final_state):
     return out, initial_state.to(cdt) * 1  # a fresh tensor that still carries autograd
 
 
-def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                          initial_state=None, return_final_state=False, *, chunk_size=None, block_elems=None):
     """Vectorised Mamba-1 selective scan (see the module docstring for the algorithm).
 
@@ -566,7 +566,7 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     return (out, final) if return_final_state else out
 
 
-def selective_state_update_torch(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+def selective_state_update_chunked(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
     """One Mamba-1 decode step, vectorised over (b, d, n); differentiable; never mutates ``state``.
 
     Returns (y (b, d) in x.dtype, new_state (b, d, n) float32, or float64 when any input is float64).

@@ -1,6 +1,6 @@
 """Mamba-1 selective scan: Triton kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 
-Same signatures, semantics and argument checks as ``ref.py`` / ``torch.py`` (mamba_ssm's ``selective_scan_fn`` /
+Same signatures, semantics and argument checks as ``ref.py`` / ``chunked.py`` (mamba_ssm's ``selective_scan_fn`` /
 ``selective_state_update``, real A only). float16 / bfloat16 / float32 inputs are computed with float32 states;
 float64 inputs are computed entirely in float64 (a constexpr compute dtype; slow on GPUs, but exact, so every
 backend agrees on what float64 means). The state returned is float32 (float64 for float64 inputs).
@@ -38,8 +38,8 @@ torch afterwards), dA (per batch row, summed over b in torch), dD, ddelta_bias. 
 reading it and writing the new state (never in place), y with D and the gate applied.
 
 Gradients of the decode step: generation runs under ``no_grad``; when an input does require grad, the forward
-still runs the Triton kernel and the backward recomputes the step with the differentiable torch path
-(``selective_state_update_torch``) and differentiates that.
+still runs the Triton kernel and the backward recomputes the step with the differentiable chunked path
+(``selective_state_update_chunked``) and differentiates that.
 
 Minimum DRAM bytes (e = bytes per activation element, s = bytes per state element: 4, or 8 for float64;
 b, d, l, n, g as usual; P = programs per batch row of the backward; BLOCK_L = 32 on GPUs for n <= 16):
@@ -70,7 +70,7 @@ import triton.language as tl
 from .._layout import empty_like_layout
 from .._triton import interpreting, require_triton_device
 from .._validate import records_grad
-from .torch import _empty_scan  # the l == 0 result, shared with the torch path
+from .chunked import _empty_scan  # the l == 0 result, shared with the chunked path
 from .ref import check_scan_args, check_state_update_args, compute_dtype
 
 __all__ = ["selective_scan_triton", "selective_state_update_triton"]
@@ -594,7 +594,7 @@ def _state_update_forward(state, x, dt, A, B3, C3, D, z, bias, softplus, cdt):
 
 
 class _StateUpdateFn(torch.autograd.Function):
-    """Triton forward; the backward differentiates the torch path (generation normally runs under no_grad)."""
+    """Triton forward; the backward differentiates the chunked path (generation normally runs under no_grad)."""
 
     @staticmethod
     def forward(ctx, state, x, dt, A, B, C, D, z, bias, softplus, cdt, B3, C3):
@@ -604,13 +604,13 @@ class _StateUpdateFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy, gstate):
-        from .torch import selective_state_update_torch
+        from .chunked import selective_state_update_chunked
 
         saved = ctx.saved_tensors
         with torch.enable_grad():
             inputs = [None if t is None else t.detach().requires_grad_(needs)
                       for t, needs in zip(saved, ctx.needs_input_grad)]
-            y, new_state = selective_state_update_torch(*inputs[:6], D=inputs[6], z=inputs[7], dt_bias=inputs[8],
+            y, new_state = selective_state_update_chunked(*inputs[:6], D=inputs[6], z=inputs[7], dt_bias=inputs[8],
                                                         dt_softplus=ctx.softplus)
             wanted = [t for t in inputs if t is not None and t.requires_grad]
             outs, grads_out = [], []
@@ -629,7 +629,7 @@ def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias
     written. The new state is float32, or float64 (computed in float64) when any input is float64.
 
     Differentiable: the forward is the Triton kernel; when an input requires grad, the backward recomputes the
-    step with ``selective_state_update_torch`` and differentiates it.
+    step with ``selective_state_update_chunked`` and differentiates it.
     """
     check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
     require_triton_device("selective_state_update", state, x, dt, A, B, C, D, z, dt_bias)

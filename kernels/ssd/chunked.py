@@ -47,7 +47,7 @@ from einops import rearrange
 from .._validate import records_grad
 from .ref import check_scan_args, check_step_args, d_as_hp, prepare_dt
 
-__all__ = ["ssd_scan_torch", "ssd_state_update_torch"]
+__all__ = ["ssd_scan_chunked", "ssd_state_update_chunked"]
 
 # Upper bound on b * h * q * (block length) for one block: the (q, q) decay matrices of a block, 8 MiB in
 # float32. Big enough that the GEMMs are efficient, small enough to stay in cache-friendly, reusable buffers.
@@ -320,7 +320,7 @@ def _scan_lean(x, dt_args, A, B, C, z, Dhp, state, spans, bounds, cd, g):
     return y, s
 
 
-def ssd_scan_torch(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
+def ssd_scan_chunked(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
                    initial_state=None, return_final_state=False):
     """Chunked SSD scan; same signature and results as ``ssd_scan_ref`` (mamba_chunk_scan_combined semantics).
 
@@ -348,7 +348,7 @@ def ssd_scan_torch(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_
     return (y, s) if return_final_state else y
 
 
-def ssd_state_update_torch(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+def ssd_state_update_chunked(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
     """One decode step: returns (y (b, h, p), new_state (b, h, p, n)); the state passed in is not modified."""
     dims = check_step_args(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias)
     b, h, p, g, cd = dims.b, dims.h, dims.p, dims.g, dims.compute_dtype

@@ -6,7 +6,7 @@ Per head (head i reads group i // (h / g) of B and C), with dt = softplus?(dt + 
     y_t (p,)       = state_t @ C_t + D * x_t,        then y_t *= silu(z_t) when z is given
 
 The math runs in float64 when any input is float64 and in float32 otherwise (fp16/bf16 included); y is cast back
-to x.dtype, the state stays in the compute dtype. The argument checks here are shared with the torch path.
+to x.dtype, the state stays in the compute dtype. The argument checks here are shared with the chunked path.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .._dt import prepare_dt  # noqa: F401  (re-exported for the torch path)
+from .._dt import prepare_dt  # noqa: F401  (re-exported for the chunked path)
 from .._validate import require_divisible, require_optional, require_same_device, require_shape, require_tensor
 from ..errors import KernelInputError
 

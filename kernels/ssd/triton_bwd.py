@@ -1,4 +1,4 @@
-"""Backward Triton kernels of the chunked SSD scan (used by ``triton.py``; buffers as in ``triton_fwd.py``).
+"""Backward Triton kernels of the chunked SSD scan (used by ``triton_ops.py``; buffers as in ``triton_fwd.py``).
 
 With dy the gradient of y before the z gate, G[c] = d(loss)/d(state leaving chunk c) and a_k = dt_k A the
 per-step log decay (cs its in-chunk running sum, T the chunk total), the gradients are

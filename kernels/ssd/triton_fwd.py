@@ -1,4 +1,4 @@
-"""Forward Triton kernels of the chunked SSD scan (used by ``triton.py``; the backward re-runs the first four).
+"""Forward Triton kernels of the chunked SSD scan (used by ``triton_ops.py``; the backward re-runs the first four).
 
 Internal buffers (all float32, contiguous, written by these kernels; ``Lp = nc * Q`` is the length padded to
 whole chunks, the padded steps have dt = 0 so they neither decay nor add anything):

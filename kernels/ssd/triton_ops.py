@@ -1,9 +1,9 @@
 """Mamba-2 SSD scan and decode step: Triton kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 
-Same signatures, argument checks, semantics and return conventions as ``ref.py`` / ``torch.py``
+Same signatures, argument checks, semantics and return conventions as ``ref.py`` / ``chunked.py``
 (mamba_ssm's ``mamba_chunk_scan_combined`` / ``selective_state_update`` for Mamba-2): y in ``x.dtype``, states
 float32. Arithmetic is float32 for fp16 / bf16 / fp32 inputs; float64 inputs are refused with a
-KernelInputError (use ``backend='torch'``, vectorised and exact in float64, or ``backend='ref'``).
+KernelInputError (use ``backend='chunked'``, vectorised and exact in float64, or ``backend='ref'``).
 
 The chunked SSD algorithm (Q = chunk size, nc = cdiv(l, Q) chunks, the last one may be short; Q is clamped
 to l, which changes no result), kernels in ``triton_fwd.py`` / ``triton_bwd.py``:
@@ -32,8 +32,8 @@ Backward (recomputes 1-4, nothing big is saved but the inputs and, with z, y bef
   partials (dA, dD, dt_bias, per-head dB/dC over a group, dT, p-block partials) are summed in torch.
 
 Decode step: ``_state_update_kernel`` grid (b*h, p/BP), one launch; it has no Triton backward: when grad mode
-is on and an input requires grad, ``ssd_state_update_triton`` runs the differentiable torch path
-(``ssd_state_update_torch``, the same numbers), since generation runs under no_grad.
+is on and an input requires grad, ``ssd_state_update_triton`` runs the differentiable chunked path
+(``ssd_state_update_chunked``, the same numbers), since generation runs under no_grad.
 
 GEMM operands: fp16 inputs (x, B, C all fp16) and bf16 inputs on a GPU feed the tensor cores in their own dtype
 (the decay / dt weighted operands and the float32 states are rounded to it, as mamba_ssm does), accumulating in
@@ -79,7 +79,7 @@ from . import triton_bwd as _bwd
 from . import triton_fwd as _fwd
 from .._validate import records_grad
 from .ref import check_scan_args, check_step_args
-from .torch import ssd_state_update_torch
+from .chunked import ssd_state_update_chunked
 
 __all__ = ["ssd_scan_triton", "ssd_state_update_triton"]
 
@@ -327,7 +327,7 @@ def _refuse_float64(op: str, cd: torch.dtype) -> None:
     if cd == torch.float64:
         raise KernelInputError(
             f"{op}: the Triton kernels compute in float32 and do not take float64 inputs; "
-            "use backend='torch' (vectorised, float64 throughout) or backend='ref'")
+            "use backend='chunked' (vectorised, float64 throughout) or backend='ref'")
 
 
 def ssd_scan_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
@@ -362,13 +362,13 @@ def ssd_scan_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt
 def ssd_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
     """One decode step in one Triton launch: returns (y (b, h, p) in x.dtype, new_state (b, h, p, n) float32);
     the state passed in is never written. float64 is refused. When a gradient is needed (grad mode on and an
-    input requires grad) it runs the differentiable torch path instead (same results; no Triton backward)."""
+    input requires grad) it runs the differentiable chunked path instead (same results; no Triton backward)."""
     dims = check_step_args(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias)
     require_triton_device("ssd_state_update", state, x, dt, A, B, C, D, z, dt_bias)
     _refuse_float64("ssd_state_update", dims.compute_dtype)
     inputs = (state, x, dt, A, B, C, D, z, dt_bias)
     if records_grad(*inputs):
-        return ssd_state_update_torch(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+        return ssd_state_update_chunked(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
     b, h, p, n, g = dims.b, dims.h, dims.p, dims.n, dims.g
     y = torch.empty((b, h, p), dtype=x.dtype, device=x.device)
     new = torch.empty((b, h, p, n), dtype=torch.float32, device=x.device)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import seqlab.kernels as K
 from seqlab.kernels import KernelInputError
 from seqlab.kernels.conv1d.ref import causal_conv1d_ref, causal_conv1d_update_ref
-from seqlab.kernels.conv1d.torch import causal_conv1d_torch, causal_conv1d_update_torch
+from seqlab.kernels.conv1d.chunked import causal_conv1d_chunked, causal_conv1d_update_chunked
 
 from seqlab.testing import as_f64, assert_rel, channels_last, strided
 
@@ -81,12 +81,12 @@ def test_forward_matches_reference(l, w, activation, bias, init):
     ref_y, ref_state = run_ref(inputs, activation)
     for block in BLOCKS:
         with torch.no_grad():
-            y, state = causal_conv1d_torch(**inputs, activation=activation, return_final_state=True,
+            y, state = causal_conv1d_chunked(**inputs, activation=activation, return_final_state=True,
                                            block_elems=block)
         assert y.dtype == torch.float32 and state.shape == (2, 5, w - 1)
         assert_rel(y, ref_y, OUT_TOL, f"y, block {block}")
         assert torch.equal(state, ref_state.float()), "the final state holds inputs: it is exact"
-        assert torch.equal(causal_conv1d_torch(**inputs, activation=activation, block_elems=block), y)
+        assert torch.equal(causal_conv1d_chunked(**inputs, activation=activation, block_elems=block), y)
 
 
 def _grad_check(inputs, activation, blocks, *, y_weight=True, state_weight=True, seed=1):
@@ -100,7 +100,7 @@ def _grad_check(inputs, activation, blocks, *, y_weight=True, state_weight=True,
     ref_grads = torch.autograd.grad(loss, [ref_in[k] for k in names], allow_unused=True)
     for block in blocks:
         fast_in = {k: (v.detach().clone().requires_grad_() if v is not None else None) for k, v in inputs.items()}
-        y, state = causal_conv1d_torch(**fast_in, activation=activation, return_final_state=True,
+        y, state = causal_conv1d_chunked(**fast_in, activation=activation, return_final_state=True,
                                        block_elems=block)
         loss = 0
         if y_weight:
@@ -133,11 +133,11 @@ def test_gradients_through_one_output(which):
 def test_no_grad_path_equals_grad_path():
     inputs = make_inputs(l=300, seed=4)
     with torch.no_grad():
-        y0, s0 = causal_conv1d_torch(**inputs, activation="silu", return_final_state=True)
+        y0, s0 = causal_conv1d_chunked(**inputs, activation="silu", return_final_state=True)
     with torch.inference_mode():
-        y1, s1 = causal_conv1d_torch(**inputs, activation="silu", return_final_state=True)
+        y1, s1 = causal_conv1d_chunked(**inputs, activation="silu", return_final_state=True)
     grad_in = {k: v.clone().requires_grad_() for k, v in inputs.items()}
-    y2, s2 = causal_conv1d_torch(**grad_in, activation="silu", return_final_state=True)
+    y2, s2 = causal_conv1d_chunked(**grad_in, activation="silu", return_final_state=True)
     assert y2.requires_grad and s2.requires_grad
     for y, s in ((y1, s1), (y2, s2)):
         assert torch.equal(y, y0) and torch.equal(s, s0)  # one forward kernel for both paths
@@ -145,7 +145,7 @@ def test_no_grad_path_equals_grad_path():
 
 def test_empty_sequence():
     inputs = make_inputs(l=0)
-    y, state = causal_conv1d_torch(**inputs, return_final_state=True)
+    y, state = causal_conv1d_chunked(**inputs, return_final_state=True)
     assert y.shape == (2, 5, 0) and torch.equal(state, inputs["initial_state"])
     assert state.data_ptr() != inputs["initial_state"].data_ptr()
     _, ref_state = run_ref(inputs, None)
@@ -165,7 +165,7 @@ def test_non_contiguous_inputs(how):
     ref_y, ref_state = run_ref(base, "silu")
     for block in BLOCKS:
         with torch.no_grad():
-            y, state = causal_conv1d_torch(**inputs, activation="silu", return_final_state=True, block_elems=block)
+            y, state = causal_conv1d_chunked(**inputs, activation="silu", return_final_state=True, block_elems=block)
         assert_rel(y, ref_y, OUT_TOL, "y")
         assert torch.equal(state, ref_state.float())
         if how == "channels_last":
@@ -178,19 +178,19 @@ def test_low_precision_inputs(dtype, tol):
     inputs = make_inputs(l=90, seed=6, dtype=dtype)
     ref_y, ref_state = run_ref(inputs, "silu")
     for block in BLOCKS[:2]:
-        y, state = causal_conv1d_torch(**inputs, activation="silu", return_final_state=True, block_elems=block)
+        y, state = causal_conv1d_chunked(**inputs, activation="silu", return_final_state=True, block_elems=block)
         assert y.dtype == dtype and state.dtype == dtype
         assert_rel(y, ref_y, tol, "y")
         assert torch.equal(state, ref_state.to(dtype))
     # an fp32 state with bf16 activations keeps its dtype; no state -> the state comes back in x.dtype
     mixed = dict(inputs, initial_state=inputs["initial_state"].float())
-    _, st32 = causal_conv1d_torch(**mixed, return_final_state=True)
+    _, st32 = causal_conv1d_chunked(**mixed, return_final_state=True)
     assert st32.dtype == torch.float32
-    _, st_none = causal_conv1d_torch(**dict(inputs, initial_state=None), return_final_state=True)
+    _, st_none = causal_conv1d_chunked(**dict(inputs, initial_state=None), return_final_state=True)
     assert st_none.dtype == dtype
     # gradients in the input dtypes
     fast_in = {k: v.clone().requires_grad_() for k, v in inputs.items()}
-    y, s = causal_conv1d_torch(**fast_in, activation="silu", return_final_state=True)
+    y, s = causal_conv1d_chunked(**fast_in, activation="silu", return_final_state=True)
     (y.float().sum() + s.float().sum()).backward()
     ref_in = {k: as_f64(v).requires_grad_() for k, v in inputs.items()}
     ry, rs = causal_conv1d_ref(**ref_in, activation="silu", return_final_state=True)
@@ -202,7 +202,7 @@ def test_low_precision_inputs(dtype, tol):
 
 def test_float64_inputs():
     inputs = {k: as_f64(v) for k, v in make_inputs(l=40, seed=7).items()}
-    y = causal_conv1d_torch(**inputs, activation="silu", block_elems=2 * 5 * 8)
+    y = causal_conv1d_chunked(**inputs, activation="silu", block_elems=2 * 5 * 8)
     assert y.dtype == torch.float64
     assert_rel(y, run_ref(inputs, "silu", final=False), 1e-14, "y")
 
@@ -215,24 +215,24 @@ def test_float64_inputs():
        block=st.sampled_from([None, 10, 40]), seed=st.integers(0, 10_000))
 def test_split_and_thread_state_equals_one_pass(l, cuts, w, block, seed):
     inputs = make_inputs(l=l, w=w, seed=seed)
-    full_y, full_state = causal_conv1d_torch(**inputs, activation="silu", return_final_state=True)
+    full_y, full_state = causal_conv1d_chunked(**inputs, activation="silu", return_final_state=True)
     bounds = [0, *sorted({c for c in cuts if c < l}), l]
     state = inputs["initial_state"]
     pieces = []
     for s0, s1 in zip(bounds[:-1], bounds[1:]):
-        y, state = causal_conv1d_torch(inputs["x"][..., s0:s1], inputs["weight"], inputs["bias"], "silu", state,
+        y, state = causal_conv1d_chunked(inputs["x"][..., s0:s1], inputs["weight"], inputs["bias"], "silu", state,
                                        True, block_elems=block)
         pieces.append(y)
     assert_rel(torch.cat(pieces, dim=-1), full_y, OUT_TOL, "split outputs")
     assert torch.equal(state, full_state)
 
 
-@pytest.mark.parametrize("step", [causal_conv1d_update_torch, causal_conv1d_update_ref])
+@pytest.mark.parametrize("step", [causal_conv1d_update_chunked, causal_conv1d_update_ref])
 @pytest.mark.parametrize("w", [1, 4])
 def test_decode_steps_equal_conv(step, w):
     l = 30
     inputs = make_inputs(l=l, w=w, seed=8)
-    full_y, full_state = causal_conv1d_torch(**inputs, activation="silu", return_final_state=True)
+    full_y, full_state = causal_conv1d_chunked(**inputs, activation="silu", return_final_state=True)
     state = inputs["initial_state"].clone()
     before = state.clone()
     ys = []
@@ -255,10 +255,10 @@ def test_mixer_like_layouts():
     init = torch.randn(2, 5, 3, generator=gen)
     ref_y, ref_state = causal_conv1d_ref(as_f64(x), as_f64(weight), as_f64(bias), "silu", as_f64(init), True)
     for block in BLOCKS:
-        y, state = causal_conv1d_torch(x, weight, bias, "silu", init, True, block_elems=block)
+        y, state = causal_conv1d_chunked(x, weight, bias, "silu", init, True, block_elems=block)
         assert_rel(y, ref_y, OUT_TOL, "y")
         assert torch.equal(state, ref_state.float())
-    step_y, step_state = causal_conv1d_update_torch(proj[:, 0, :5], init, weight, bias, "silu")
+    step_y, step_state = causal_conv1d_update_chunked(proj[:, 0, :5], init, weight, bias, "silu")
     assert_rel(step_y, ref_y[..., 0], OUT_TOL, "decode y")
 
 
@@ -270,22 +270,22 @@ def test_decode_step_gradients():
     y, s = causal_conv1d_update_ref(**ref_in, activation="silu")
     (y.sin().sum() + s.cos().sum()).backward()
     fast_in = {k: v.clone().requires_grad_() for k, v in args.items()}
-    y2, s2 = causal_conv1d_update_torch(**fast_in, activation="silu")
+    y2, s2 = causal_conv1d_update_chunked(**fast_in, activation="silu")
     (y2.sin().sum() + s2.cos().sum()).backward()
     assert_rel(y2, y, OUT_TOL, "y")
     for k in args:
         assert_rel(fast_in[k].grad, ref_in[k].grad, GRAD_TOL, f"grad of {k}")
-    lp_y, lp_s = causal_conv1d_update_torch(args["x"].bfloat16(), args["conv_state"], args["weight"])
+    lp_y, lp_s = causal_conv1d_update_chunked(args["x"].bfloat16(), args["conv_state"], args["weight"])
     assert lp_y.dtype == torch.bfloat16 and lp_s.dtype == torch.float32
 
 
 def test_dispatcher_routes_to_both_backends():
     inputs = make_inputs(l=20, seed=10)
     a = K.causal_conv1d(**inputs, activation="silu", backend="ref")
-    b = K.causal_conv1d(**inputs, activation="silu", backend="torch")
+    b = K.causal_conv1d(**inputs, activation="silu", backend="chunked")
     assert_rel(b, a, OUT_TOL, "torch vs ref")
     assert torch.equal(b, K.causal_conv1d(**inputs, activation="silu"))
-    y, s = K.causal_conv1d_update(inputs["x"][:, :, 0], inputs["initial_state"], inputs["weight"], backend="torch")
+    y, s = K.causal_conv1d_update(inputs["x"][:, :, 0], inputs["initial_state"], inputs["weight"], backend="chunked")
     assert y.shape == (2, 5) and s.shape == (2, 5, 3)
 
 
@@ -316,8 +316,8 @@ CONV_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("impl", [causal_conv1d_ref, causal_conv1d_torch,
-                                  lambda *a, **k: K.causal_conv1d(*a, **k, backend="torch")],
+@pytest.mark.parametrize("impl", [causal_conv1d_ref, causal_conv1d_chunked,
+                                  lambda *a, **k: K.causal_conv1d(*a, **k, backend="chunked")],
                          ids=["ref", "torch", "dispatch"])
 @pytest.mark.parametrize("case, changes, message", CONV_ERRORS, ids=[c[0] for c in CONV_ERRORS])
 def test_conv_argument_errors(impl, case, changes, message):
@@ -347,7 +347,7 @@ STEP_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("impl", [causal_conv1d_update_ref, causal_conv1d_update_torch], ids=["ref", "torch"])
+@pytest.mark.parametrize("impl", [causal_conv1d_update_ref, causal_conv1d_update_chunked], ids=["ref", "chunked"])
 @pytest.mark.parametrize("case, changes, message", STEP_ERRORS, ids=[c[0] for c in STEP_ERRORS])
 def test_step_argument_errors(impl, case, changes, message):
     with pytest.raises(KernelInputError) as info:

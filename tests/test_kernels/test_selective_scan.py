@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 import seqlab.kernels as K
 from seqlab.kernels import KernelInputError
-from seqlab.kernels.selective_scan.ref import selective_scan_ref, selective_state_update_ref
-from seqlab.kernels.selective_scan.torch import selective_scan_torch, selective_state_update_torch
+from seqlab.kernels.scan.ref import selective_scan_ref, selective_state_update_ref
+from seqlab.kernels.scan.chunked import selective_scan_chunked, selective_state_update_chunked
 
 from seqlab.testing import as_f64, assert_rel, channels_last, rel_err, strided
 from seqlab.testing import scan_inputs as make_inputs
@@ -99,7 +99,7 @@ def test_reference_group_mapping_by_hand():
     # channels 0, 1 read group 0 (B = [1, 0]); channels 2, 3 read group 1 (B = [0, 10])
     expected = torch.tensor([0.5 * 1 * 1, 0.5 * 2 * 1, 0.5 * 3 * 10, 0.5 * 4 * 10], dtype=torch.float64)
     assert torch.allclose(out[0, :, 0], expected, rtol=1e-14, atol=0)
-    assert torch.allclose(selective_scan_torch(u, delta, A, B, C)[0, :, 0], expected, rtol=1e-14, atol=0)
+    assert torch.allclose(selective_scan_chunked(u, delta, A, B, C)[0, :, 0], expected, rtol=1e-14, atol=0)
 
 
 # ------------------------------------------------------------------------------------ forward and gradients
@@ -113,13 +113,13 @@ def test_forward_matches_reference(l, option):
     ref_out, ref_state = run_ref(inputs, softplus)
     for chunk, block in TILINGS:
         with torch.no_grad():
-            out, state = selective_scan_torch(**inputs, delta_softplus=softplus, return_final_state=True,
+            out, state = selective_scan_chunked(**inputs, delta_softplus=softplus, return_final_state=True,
                                               chunk_size=chunk, block_elems=block)
         assert out.dtype == torch.float32 and state.dtype == torch.float32
         assert state.shape == (2, 4, 3)
         assert_rel(out, ref_out, OUT_TOL, f"out, tiling {chunk, block}")
         assert_rel(state, ref_state, OUT_TOL, f"final state, tiling {chunk, block}")
-        plain = selective_scan_torch(**inputs, delta_softplus=softplus, chunk_size=chunk, block_elems=block)
+        plain = selective_scan_chunked(**inputs, delta_softplus=softplus, chunk_size=chunk, block_elems=block)
         assert torch.equal(plain, out)
 
 
@@ -132,7 +132,7 @@ def test_realistic_width(layout):
     ref_out, ref_state = run_ref(inputs, True)
     for chunk, block in [(None, None), (16, 96 * 16 * 64)]:
         with torch.no_grad():
-            out, state = selective_scan_torch(**inputs, delta_softplus=True, return_final_state=True,
+            out, state = selective_scan_chunked(**inputs, delta_softplus=True, return_final_state=True,
                                               chunk_size=chunk, block_elems=block)
         assert_rel(out, ref_out, OUT_TOL, "out")
         assert_rel(state, ref_state, OUT_TOL, "state")
@@ -155,7 +155,7 @@ def _grad_check(inputs, softplus, tilings, *, out_weight=True, state_weight=True
     ref_grads = torch.autograd.grad(loss, [ref_in[k] for k in names], allow_unused=True)
     for chunk, block in tilings:
         fast_in = {k: (v.detach().clone().requires_grad_() if v is not None else None) for k, v in inputs.items()}
-        out, state = selective_scan_torch(**fast_in, delta_softplus=softplus, return_final_state=True,
+        out, state = selective_scan_chunked(**fast_in, delta_softplus=softplus, return_final_state=True,
                                           chunk_size=chunk, block_elems=block)
         loss = 0
         if out_weight:
@@ -197,7 +197,7 @@ def test_gradient_without_final_state():
     ref_in = {k: as_f64(v).requires_grad_() for k, v in inputs.items()}
     selective_scan_ref(**ref_in, delta_softplus=True).square().sum().backward()
     fast_in = {k: v.clone().requires_grad_() for k, v in inputs.items()}
-    selective_scan_torch(**fast_in, delta_softplus=True, chunk_size=4, block_elems=24 * 8).square().sum().backward()
+    selective_scan_chunked(**fast_in, delta_softplus=True, chunk_size=4, block_elems=24 * 8).square().sum().backward()
     for k in NAMES:
         assert_rel(fast_in[k].grad, ref_in[k].grad, GRAD_TOL, k)
 
@@ -205,23 +205,23 @@ def test_gradient_without_final_state():
 def test_no_grad_path_equals_grad_path():
     inputs = make_inputs(l=300, seed=6, gB=2, gC=2)
     with torch.no_grad():
-        out0, st0 = selective_scan_torch(**inputs, delta_softplus=True, return_final_state=True)
+        out0, st0 = selective_scan_chunked(**inputs, delta_softplus=True, return_final_state=True)
     with torch.inference_mode():
-        out1, st1 = selective_scan_torch(**inputs, delta_softplus=True, return_final_state=True)
+        out1, st1 = selective_scan_chunked(**inputs, delta_softplus=True, return_final_state=True)
     grad_in = {k: v.clone().requires_grad_() for k, v in inputs.items()}
-    out2, st2 = selective_scan_torch(**grad_in, delta_softplus=True, return_final_state=True)
+    out2, st2 = selective_scan_chunked(**grad_in, delta_softplus=True, return_final_state=True)
     assert out2.requires_grad and st2.requires_grad
     assert torch.equal(out0, out1) and torch.equal(st0, st1)
     # same scan core; the delta preprocessing and D / z epilogue are composed ops here, fused ops there
     assert rel_err(out2, out0) <= 1e-6 and rel_err(st2, st0) <= 1e-6
     # nothing requires grad -> the fused path even with grad mode on
-    out3 = selective_scan_torch(**inputs, delta_softplus=True)
+    out3 = selective_scan_chunked(**inputs, delta_softplus=True)
     assert not out3.requires_grad and torch.equal(out3, out0)
 
 
 def test_empty_sequence():
     inputs = make_inputs(l=0)
-    out, state = selective_scan_torch(**inputs, delta_softplus=True, return_final_state=True)
+    out, state = selective_scan_chunked(**inputs, delta_softplus=True, return_final_state=True)
     ref_out, ref_state = run_ref(inputs, True)
     assert out.shape == ref_out.shape == (2, 4, 0)
     assert torch.equal(state, inputs["initial_state"]) and state.data_ptr() != inputs["initial_state"].data_ptr()
@@ -252,7 +252,7 @@ def test_non_contiguous_inputs(how):
     ref_out, ref_state = run_ref(base, True)
     for chunk, block in TILINGS[:2]:
         with torch.no_grad():
-            out, state = selective_scan_torch(**inputs, delta_softplus=True, return_final_state=True,
+            out, state = selective_scan_chunked(**inputs, delta_softplus=True, return_final_state=True,
                                               chunk_size=chunk, block_elems=block)
         assert_rel(out, ref_out, OUT_TOL, "out")
         assert_rel(state, ref_state, OUT_TOL, "state")
@@ -275,7 +275,7 @@ def test_mixer_like_inputs():
     ref_out, ref_state = run_ref(inputs, True)
     for chunk, block in TILINGS[:2]:
         with torch.no_grad():
-            out, state = selective_scan_torch(**inputs, delta_softplus=True, return_final_state=True,
+            out, state = selective_scan_chunked(**inputs, delta_softplus=True, return_final_state=True,
                                               chunk_size=chunk, block_elems=block)
         assert out.stride(1) == 1 and out.stride(2) == d  # a dense position-major output
         assert_rel(out, ref_out, OUT_TOL, "out")
@@ -290,7 +290,7 @@ def test_low_precision_inputs(dtype, tol, a_fp32):
     if a_fp32:
         inputs["A"] = inputs["A"].float()
     ref_out, ref_state = run_ref(inputs, True)   # the same (rounded) values, in float64
-    out, state = selective_scan_torch(**inputs, delta_softplus=True, return_final_state=True, chunk_size=8)
+    out, state = selective_scan_chunked(**inputs, delta_softplus=True, return_final_state=True, chunk_size=8)
     assert out.dtype == dtype and state.dtype == torch.float32
     assert_rel(out, ref_out, tol, "out")
     # the state is accumulated in fp32 from exactly representable inputs: fp32 accuracy
@@ -299,7 +299,7 @@ def test_low_precision_inputs(dtype, tol, a_fp32):
     assert ref_lp_out.dtype == dtype and ref_lp_state.dtype == torch.float32
     # gradients come back in the input dtypes
     fast_in = {k: v.clone().requires_grad_() for k, v in inputs.items()}
-    o, s = selective_scan_torch(**fast_in, delta_softplus=True, return_final_state=True, chunk_size=8)
+    o, s = selective_scan_chunked(**fast_in, delta_softplus=True, return_final_state=True, chunk_size=8)
     (o.float().sum() + s.sum()).backward()
     ref_in = {k: as_f64(v).requires_grad_() for k, v in inputs.items()}
     ro, rs = selective_scan_ref(**ref_in, delta_softplus=True, return_final_state=True)
@@ -311,7 +311,7 @@ def test_low_precision_inputs(dtype, tol, a_fp32):
 
 def test_float64_inputs_give_float64_state():
     inputs = {k: as_f64(v) for k, v in make_inputs(l=40, seed=9).items()}
-    out, state = selective_scan_torch(**inputs, delta_softplus=True, return_final_state=True, chunk_size=4)
+    out, state = selective_scan_chunked(**inputs, delta_softplus=True, return_final_state=True, chunk_size=4)
     ref_out, ref_state = run_ref(inputs, True)
     assert out.dtype == state.dtype == torch.float64
     assert_rel(out, ref_out, 1e-12, "out")
@@ -326,7 +326,7 @@ def test_extreme_values_are_exact_and_finite():
     ref_out, ref_state = run_ref(inputs, True)
     for chunk, block in TILINGS:
         with torch.no_grad():
-            out, state = selective_scan_torch(**inputs, delta_softplus=True, return_final_state=True,
+            out, state = selective_scan_chunked(**inputs, delta_softplus=True, return_final_state=True,
                                               chunk_size=chunk, block_elems=block)
         assert_rel(out, ref_out, OUT_TOL, "out")
         assert_rel(state, ref_state, OUT_TOL, "state")
@@ -335,7 +335,7 @@ def test_extreme_values_are_exact_and_finite():
     grow = make_inputs(l=64, seed=12, D=False, z=False, bias=False, init=True, a_range=(-1.0, -0.5))
     grow["delta"] = -grow["delta"].abs() * 0.3
     ref_out, ref_state = run_ref(grow, False)
-    out, state = selective_scan_torch(**grow, return_final_state=True, chunk_size=8)
+    out, state = selective_scan_chunked(**grow, return_final_state=True, chunk_size=8)
     assert ref_state.abs().max() > 100
     assert_rel(out, ref_out, OUT_TOL, "out")
     assert_rel(state, ref_state, OUT_TOL, "state")
@@ -345,7 +345,7 @@ def test_extreme_values_are_exact_and_finite():
 def test_fast_softplus_matches_log1p_formula(dtype, tol):
     """The vectorised in-place softplus of the fast path against max(x, 0) + log1p(exp(-|x|)) in float64,
     relative error over the whole range (tiny results included: that is where a naive log(1 + e^x) fails)."""
-    from seqlab.kernels.selective_scan.torch import _softplus_
+    from seqlab.kernels.scan.chunked import _softplus_
 
     x = torch.cat([torch.linspace(-80, 80, 20001, dtype=torch.float64),
                    torch.tensor([0.0, 1e-30, -1e-30, 19.99, 20.0, 20.01, 30.0, -30.0], dtype=torch.float64)])
@@ -364,7 +364,7 @@ def test_fast_softplus_matches_log1p_formula(dtype, tol):
        seed=st.integers(0, 10_000))
 def test_split_and_thread_state_equals_one_pass(l, cuts, chunk, seed):
     inputs = make_inputs(l=l, seed=seed, gB=2, gC=2)
-    full_out, full_state = selective_scan_torch(**inputs, delta_softplus=True, return_final_state=True)
+    full_out, full_state = selective_scan_chunked(**inputs, delta_softplus=True, return_final_state=True)
     points = sorted({c for c in cuts if c < l})
     bounds = [0, *points, l]
     state = inputs["initial_state"]
@@ -374,7 +374,7 @@ def test_split_and_thread_state_equals_one_pass(l, cuts, chunk, seed):
         for k in ("u", "delta", "z", "B", "C"):
             part[k] = inputs[k][..., s0:s1]
         part["initial_state"] = state
-        out, state = selective_scan_torch(**part, delta_softplus=True, return_final_state=True,
+        out, state = selective_scan_chunked(**part, delta_softplus=True, return_final_state=True,
                                           chunk_size=chunk, block_elems=24 * 2 * chunk)
         pieces.append(out)
     assert_rel(torch.cat(pieces, dim=-1), full_out, OUT_TOL, "split outputs")
@@ -382,12 +382,12 @@ def test_split_and_thread_state_equals_one_pass(l, cuts, chunk, seed):
 
 
 @pytest.mark.parametrize("gB, gC", [(None, None), (2, 2), (4, None)])
-@pytest.mark.parametrize("step", [selective_state_update_torch, selective_state_update_ref])
+@pytest.mark.parametrize("step", [selective_state_update_chunked, selective_state_update_ref])
 def test_decode_steps_equal_scan(gB, gC, step):
     l = 40
     inputs = make_inputs(l=l, seed=13, gB=gB, gC=gC)
     ref_out, ref_state = run_ref(inputs, True)
-    scan_out, scan_state = selective_scan_torch(**inputs, delta_softplus=True, return_final_state=True)
+    scan_out, scan_state = selective_scan_chunked(**inputs, delta_softplus=True, return_final_state=True)
     state = inputs["initial_state"].clone()
     before = state.clone()
     ys = []
@@ -417,7 +417,7 @@ def test_decode_step_non_contiguous_inputs():
     state = torch.randn(b, n, d, generator=gen).transpose(1, 2)
     A, D, bias = -torch.rand(d, n, generator=gen), torch.randn(d, generator=gen), torch.randn(d, generator=gen)
     assert not (x.is_contiguous() or dt.is_contiguous() or state.is_contiguous())
-    y, s = selective_state_update_torch(state, x, dt, A, Bm, Cm, D=D, z=z, dt_bias=bias, dt_softplus=True)
+    y, s = selective_state_update_chunked(state, x, dt, A, Bm, Cm, D=D, z=z, dt_bias=bias, dt_softplus=True)
     yr, sr = selective_state_update_ref(*(as_f64(t) for t in (state, x, dt, A, Bm, Cm)), D=as_f64(D), z=as_f64(z),
                                         dt_bias=as_f64(bias), dt_softplus=True)
     assert_rel(y, yr, OUT_TOL, "y")
@@ -433,7 +433,7 @@ def test_decode_step_gradients_and_dtypes():
     y, s = selective_state_update_ref(**ref_in, dt_softplus=True)
     (y.sin().sum() + s.cos().sum()).backward()
     fast_in = {k: v.clone().requires_grad_() for k, v in args.items()}
-    y2, s2 = selective_state_update_torch(**fast_in, dt_softplus=True)
+    y2, s2 = selective_state_update_chunked(**fast_in, dt_softplus=True)
     (y2.sin().sum() + s2.cos().sum()).backward()
     assert_rel(y2, y, OUT_TOL, "y")
     assert_rel(s2, s, OUT_TOL, "state")
@@ -441,7 +441,7 @@ def test_decode_step_gradients_and_dtypes():
         assert_rel(fast_in[k].grad, ref_in[k].grad, GRAD_TOL, f"grad of {k}")
     # bf16 activations with an fp32 state: y in bf16, state in fp32
     lp = {k: (v.bfloat16() if k in ("x", "dt", "z", "B", "C") else v) for k, v in args.items()}
-    y3, s3 = selective_state_update_torch(**lp, dt_softplus=True)
+    y3, s3 = selective_state_update_chunked(**lp, dt_softplus=True)
     assert y3.dtype == torch.bfloat16 and s3.dtype == torch.float32
 
 
@@ -451,12 +451,12 @@ def test_decode_step_gradients_and_dtypes():
 def test_dispatcher_routes_to_both_backends():
     inputs = make_inputs(l=20, seed=15)
     a = K.selective_scan(**inputs, delta_softplus=True, backend="ref")
-    b = K.selective_scan(**inputs, delta_softplus=True, backend="torch")
+    b = K.selective_scan(**inputs, delta_softplus=True, backend="chunked")
     c = K.selective_scan(**inputs, delta_softplus=True)
-    assert_rel(b, a, OUT_TOL, "torch vs ref")
+    assert_rel(b, a, OUT_TOL, "chunked vs ref")
     assert torch.equal(b, c)
     y, s = K.selective_state_update(inputs["initial_state"], inputs["u"][:, :, 0], inputs["delta"][:, :, 0],
-                                    inputs["A"], inputs["B"][..., 0], inputs["C"][..., 0], backend="torch")
+                                    inputs["A"], inputs["B"][..., 0], inputs["C"][..., 0], backend="chunked")
     assert y.shape == (2, 4) and s.shape == (2, 4, 3)
 
 
@@ -500,8 +500,8 @@ SCAN_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("impl", [selective_scan_ref, selective_scan_torch,
-                                  lambda *a, **k: K.selective_scan(*a, **k, backend="torch")],
+@pytest.mark.parametrize("impl", [selective_scan_ref, selective_scan_chunked,
+                                  lambda *a, **k: K.selective_scan(*a, **k, backend="chunked")],
                          ids=["ref", "torch", "dispatch"])
 @pytest.mark.parametrize("case, changes, message", SCAN_ERRORS, ids=[c[0] for c in SCAN_ERRORS])
 def test_scan_argument_errors(impl, case, changes, message):
@@ -537,7 +537,7 @@ STEP_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("impl", [selective_state_update_ref, selective_state_update_torch], ids=["ref", "torch"])
+@pytest.mark.parametrize("impl", [selective_state_update_ref, selective_state_update_chunked], ids=["ref", "chunked"])
 @pytest.mark.parametrize("case, changes, message", STEP_ERRORS, ids=[c[0] for c in STEP_ERRORS])
 def test_step_argument_errors(impl, case, changes, message):
     with pytest.raises(KernelInputError) as info:

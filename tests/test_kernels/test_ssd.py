@@ -16,11 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import seqlab.kernels as K
-import seqlab.kernels.ssd.torch as ssd_torch_module
+import seqlab.kernels.ssd.chunked as ssd_torch_module
 from seqlab.kernels import KernelInputError
 from seqlab.testing import rel_err as rel
 from seqlab.kernels.ssd.ref import ssd_scan_ref, ssd_state_update_ref
-from seqlab.kernels.ssd.torch import ssd_scan_torch, ssd_state_update_torch
+from seqlab.kernels.ssd.chunked import ssd_scan_chunked, ssd_state_update_chunked
 
 OUT_TOL = 1e-5
 GRAD_TOL = 1e-4
@@ -178,7 +178,7 @@ def test_torch_path_matches_reference(case):
     inputs = make_inputs(b, l, h, p, g, n, seed=l + q, **opts)
     y_ref, s_ref = run_scan(ssd_scan_ref, as64(inputs), q)
     with torch.no_grad():
-        y, s = run_scan(ssd_scan_torch, inputs, q)
+        y, s = run_scan(ssd_scan_chunked, inputs, q)
     assert y.dtype == torch.float32 and s.dtype == torch.float32
     assert y.shape == (b, l, h, p) and s.shape == (b, h, p, n)
     assert rel(y, y_ref) <= OUT_TOL
@@ -204,7 +204,7 @@ def test_gradients_match_reference(case):
     wy = torch.randn(b, l, h, p, generator=gen, dtype=torch.float64)
     ws = torch.randn(b, h, p, n, generator=gen, dtype=torch.float64)
     y_ref, s_ref, g_ref = grads_of(ssd_scan_ref, as64(inputs), q, wy, ws)
-    y, s, g_fast = grads_of(ssd_scan_torch, inputs, q, wy, ws)
+    y, s, g_fast = grads_of(ssd_scan_chunked, inputs, q, wy, ws)
     expected = {k for k in INPUT_NAMES if inputs.get(k) is not None}
     assert set(g_fast) == expected == set(g_ref)
     assert rel(y, y_ref) <= OUT_TOL and rel(s, s_ref) <= OUT_TOL
@@ -213,7 +213,7 @@ def test_gradients_match_reference(case):
         assert rel(g_fast[name], g_ref[name]) <= GRAD_TOL, name
     # the autograd driver and the no_grad driver compute the same thing
     with torch.no_grad():
-        y_ng, s_ng = run_scan(ssd_scan_torch, inputs, q)
+        y_ng, s_ng = run_scan(ssd_scan_chunked, inputs, q)
     assert rel(y_ng, y) <= 1e-6 and rel(s_ng, s) <= 1e-6
 
 
@@ -224,10 +224,10 @@ def test_blocked_no_grad_driver_matches_reference(small_blocks, chunks_per_block
     inputs = make_inputs(b, l, h, p, g, n, seed=chunks_per_block)
     y_ref, s_ref = run_scan(ssd_scan_ref, as64(inputs), q)
     with torch.no_grad():
-        y, s = run_scan(ssd_scan_torch, inputs, q)
+        y, s = run_scan(ssd_scan_chunked, inputs, q)
     assert rel(y, y_ref) <= OUT_TOL and rel(s, s_ref) <= OUT_TOL
     # and the autograd driver, blocked the same way
-    y_g, s_g = run_scan(ssd_scan_torch, {**inputs, "x": inputs["x"].clone().requires_grad_(True)}, q)
+    y_g, s_g = run_scan(ssd_scan_chunked, {**inputs, "x": inputs["x"].clone().requires_grad_(True)}, q)
     assert rel(y_g, y_ref) <= OUT_TOL and rel(s_g, s_ref) <= OUT_TOL
 
 
@@ -236,7 +236,7 @@ def test_single_batch_single_group_writes_the_output_in_place():
     inputs = make_inputs(1, 200, 4, 8, 1, 6, seed=3)
     y_ref, s_ref = run_scan(ssd_scan_ref, as64(inputs), 32)
     with torch.no_grad():
-        y, s = run_scan(ssd_scan_torch, inputs, 32)
+        y, s = run_scan(ssd_scan_chunked, inputs, 32)
     assert y.is_contiguous()
     assert rel(y, y_ref) <= OUT_TOL and rel(s, s_ref) <= OUT_TOL
 
@@ -246,7 +246,7 @@ def test_result_does_not_depend_on_chunk_size():
     y_ref, s_ref = run_scan(ssd_scan_ref, as64(inputs), 1)
     for q in (1, 7, 16, 64, 256, 299, 300, 301, 1000):
         with torch.no_grad():
-            y, s = run_scan(ssd_scan_torch, inputs, q)
+            y, s = run_scan(ssd_scan_chunked, inputs, q)
         assert rel(y, y_ref) <= OUT_TOL and rel(s, s_ref) <= OUT_TOL, q
     # the reference ignores chunk_size entirely
     y2, s2 = run_scan(ssd_scan_ref, as64(inputs), 64)
@@ -272,7 +272,7 @@ def test_non_contiguous_inputs():
     assert not any(views[k].is_contiguous() for k in ("x", "dt", "B", "C", "z", "D", "A", "initial_state"))
     y_ref, s_ref = run_scan(ssd_scan_ref, as64(base), q)
     with torch.no_grad():
-        y, s = run_scan(ssd_scan_torch, views, q)
+        y, s = run_scan(ssd_scan_chunked, views, q)
     assert rel(y, y_ref) <= OUT_TOL and rel(s, s_ref) <= OUT_TOL
     y_r2, s_r2 = run_scan(ssd_scan_ref, as64(views), q)
     assert rel(y_r2, y_ref) <= 1e-12 and rel(s_r2, s_ref) <= 1e-12
@@ -280,7 +280,7 @@ def test_non_contiguous_inputs():
     wy = torch.randn(b, l, h, p, dtype=torch.float64, generator=gen)
     ws = torch.randn(b, h, p, n, dtype=torch.float64, generator=gen)
     _, _, g_ref = grads_of(ssd_scan_ref, as64(base), q, wy, ws)
-    _, _, g_fast = grads_of(ssd_scan_torch, views, q, wy, ws)
+    _, _, g_fast = grads_of(ssd_scan_chunked, views, q, wy, ws)
     for name in g_ref:
         assert rel(g_fast[name], g_ref[name]) <= GRAD_TOL, name
 
@@ -290,7 +290,7 @@ def test_half_precision_inputs(dtype, tol):
     inputs = make_inputs(2, 100, 4, 3, 2, 5, seed=9, dtype=dtype, D="hp")
     y_ref, s_ref = run_scan(ssd_scan_ref, as64(inputs), 32)  # the float64 truth of the same rounded values
     with torch.no_grad():
-        y, s = run_scan(ssd_scan_torch, inputs, 32)
+        y, s = run_scan(ssd_scan_chunked, inputs, 32)
     assert y.dtype == dtype and s.dtype == torch.float32
     assert rel(y, y_ref) <= tol  # y is rounded to dtype once at the end
     assert rel(s, s_ref) <= OUT_TOL  # the state is accumulated and returned in float32
@@ -301,7 +301,7 @@ def test_half_precision_inputs(dtype, tol):
     # a common mix: activations in half precision, A and D parameters in float32
     mixed = dict(inputs, A=inputs["A"].float(), D=inputs["D"].float())
     with torch.no_grad():
-        y_m, s_m = run_scan(ssd_scan_torch, mixed, 32)
+        y_m, s_m = run_scan(ssd_scan_chunked, mixed, 32)
     assert y_m.dtype == dtype and s_m.dtype == torch.float32 and rel(y_m, y_ref) <= tol
 
 
@@ -309,7 +309,7 @@ def test_float64_inputs_run_in_float64():
     inputs = as64(make_inputs(2, 90, 4, 3, 2, 5, seed=13))
     y_ref, s_ref = run_scan(ssd_scan_ref, inputs, 16)
     with torch.no_grad():
-        y, s = run_scan(ssd_scan_torch, inputs, 16)
+        y, s = run_scan(ssd_scan_chunked, inputs, 16)
     assert y.dtype == torch.float64 and s.dtype == torch.float64
     assert rel(y, y_ref) <= 1e-12 and rel(s, s_ref) <= 1e-12
 
@@ -331,7 +331,7 @@ def test_strong_decay_stays_finite_and_accurate(q):
     assert (a_sums[:2] < -450).all()
     y_ref, s_ref = run_scan(ssd_scan_ref, as64(inputs), q)
     with torch.no_grad():
-        y, s = run_scan(ssd_scan_torch, inputs, q)
+        y, s = run_scan(ssd_scan_chunked, inputs, q)
     assert torch.isfinite(y).all() and torch.isfinite(s).all()
     assert rel(y, y_ref) <= OUT_TOL and rel(s, s_ref) <= OUT_TOL
     for head in range(h):  # each head on its own scale, so a weak head cannot hide behind a strong one
@@ -340,7 +340,7 @@ def test_strong_decay_stays_finite_and_accurate(q):
     wy = torch.randn(b, l, h, p, dtype=torch.float64, generator=gen)
     ws = torch.randn(b, h, p, n, dtype=torch.float64, generator=gen)
     _, _, g_ref = grads_of(ssd_scan_ref, as64(inputs), q, wy, ws)
-    _, _, g_fast = grads_of(ssd_scan_torch, inputs, q, wy, ws)
+    _, _, g_fast = grads_of(ssd_scan_chunked, inputs, q, wy, ws)
     for name in g_ref:
         assert torch.isfinite(g_fast[name]).all(), name
         assert rel(g_fast[name], g_ref[name]) <= GRAD_TOL, name
@@ -353,13 +353,13 @@ def test_positive_and_zero_A_work():
     inputs["A"][1] = 0.25
     y_ref, s_ref = run_scan(ssd_scan_ref, as64(inputs), 32)
     with torch.no_grad():
-        y, s = run_scan(ssd_scan_torch, inputs, 32)
+        y, s = run_scan(ssd_scan_chunked, inputs, 32)
     assert rel(y, y_ref) <= OUT_TOL and rel(s, s_ref) <= OUT_TOL
 
 
 def test_empty_sequence_returns_the_initial_state():
     inputs = make_inputs(2, 0, 4, 3, 2, 5, seed=0)
-    for fn in (ssd_scan_ref, ssd_scan_torch):
+    for fn in (ssd_scan_ref, ssd_scan_chunked):
         for grad in (False, True):
             s0 = inputs["initial_state"].clone().requires_grad_(grad)
             y, s = run_scan(fn, dict(inputs, initial_state=s0), 8)
@@ -373,7 +373,7 @@ def test_empty_sequence_returns_the_initial_state():
 def test_inputs_are_not_modified():
     inputs = make_inputs(2, 70, 4, 3, 2, 5, seed=23, D="hp")
     before = {k: v.clone() for k, v in inputs.items() if isinstance(v, torch.Tensor)}
-    for fn in (ssd_scan_ref, ssd_scan_torch):
+    for fn in (ssd_scan_ref, ssd_scan_chunked):
         with torch.no_grad():
             run_scan(fn, inputs, 16)
         run_scan(fn, inputs, 16)
@@ -385,10 +385,10 @@ def test_outputs_do_not_alias_the_reused_scratch_buffers():
     first = make_inputs(1, 300, 4, 8, 1, 6, seed=43)
     second = make_inputs(2, 200, 4, 8, 2, 6, seed=44, D="hp")
     with torch.no_grad():
-        y1, s1 = run_scan(ssd_scan_torch, first, 64)
+        y1, s1 = run_scan(ssd_scan_chunked, first, 64)
         kept = (y1.clone(), s1.clone())
-        run_scan(ssd_scan_torch, second, 64)
-        run_scan(ssd_scan_torch, first, 16)
+        run_scan(ssd_scan_chunked, second, 64)
+        run_scan(ssd_scan_chunked, first, 16)
     assert torch.equal(y1, kept[0]) and torch.equal(s1, kept[1])
 
 
@@ -397,13 +397,13 @@ def test_concurrent_calls_from_threads_agree():
 
     cases = [make_inputs(1, 260, 4, 8, 1, 6, seed=50 + i) for i in range(4)]
     with torch.no_grad():
-        want = [run_scan(ssd_scan_torch, c, 32) for c in cases]
+        want = [run_scan(ssd_scan_chunked, c, 32) for c in cases]
     got = [None] * len(cases)
 
     def work(i):
         with torch.no_grad():
             for _ in range(3):
-                got[i] = run_scan(ssd_scan_torch, cases[i], 32)
+                got[i] = run_scan(ssd_scan_chunked, cases[i], 32)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
     for t in threads:
@@ -417,7 +417,7 @@ def test_concurrent_calls_from_threads_agree():
 def test_return_final_state_false_returns_y_only():
     inputs = make_inputs(1, 20, 4, 3, 2, 5, seed=2)
     kw = dict(inputs)
-    for fn in (ssd_scan_ref, ssd_scan_torch):
+    for fn in (ssd_scan_ref, ssd_scan_chunked):
         y = fn(kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"], 8, D=kw["D"], z=kw["z"], dt_bias=kw["dt_bias"],
                dt_softplus=True, initial_state=kw["initial_state"])
         assert isinstance(y, torch.Tensor) and y.shape == (1, 20, 4, 3)
@@ -428,7 +428,7 @@ def test_dispatcher_routes_to_both_backends():
     kw = dict(inputs)
     args = (kw.pop("x"), kw.pop("dt"), kw.pop("A"), kw.pop("B"), kw.pop("C"), 16)
     y_ref, s_ref = K.ssd_scan(*args, **kw, return_final_state=True, backend="ref")
-    for backend in ("torch", "auto"):
+    for backend in ("chunked", "auto"):
         y, s = K.ssd_scan(*args, **kw, return_final_state=True, backend=backend)
         assert rel(y, y_ref) <= OUT_TOL and rel(s, s_ref) <= OUT_TOL
     st_in = torch.randn(1, 4, 3, 5)
@@ -436,7 +436,7 @@ def test_dispatcher_routes_to_both_backends():
     y1, n1 = K.ssd_state_update(st_in, args[0][:, 0], args[1][:, 0], args[2], args[3][:, 0], args[4][:, 0],
                                 **step, backend="ref")
     y2, n2 = K.ssd_state_update(st_in, args[0][:, 0], args[1][:, 0], args[2], args[3][:, 0], args[4][:, 0],
-                                **step, backend="torch")
+                                **step, backend="chunked")
     assert rel(y2, y1) <= OUT_TOL and rel(n2, n1) <= OUT_TOL
 
 
@@ -456,7 +456,7 @@ def test_dispatcher_routes_to_both_backends():
 def test_splitting_and_threading_state_equals_one_pass(l, cuts, chunk_size, g, options, seed):
     inputs = make_inputs(1, l, 4, 3, g, 5, seed=seed, **options)
     with torch.no_grad():
-        y_one, s_one = run_scan(ssd_scan_torch, inputs, chunk_size)
+        y_one, s_one = run_scan(ssd_scan_chunked, inputs, chunk_size)
         points = sorted({int(c * l) for c in cuts} - {0, l})
         bounds = [0, *points, l]
         state, ys = inputs["initial_state"], []
@@ -465,7 +465,7 @@ def test_splitting_and_threading_state_equals_one_pass(l, cuts, chunk_size, g, o
             for k in ("x", "dt", "B", "C", "z"):
                 if part[k] is not None:
                     part[k] = inputs[k][:, lo:hi]
-            y_part, state = run_scan(ssd_scan_torch, part, chunk_size)
+            y_part, state = run_scan(ssd_scan_chunked, part, chunk_size)
             ys.append(y_part)
     assert rel(torch.cat(ys, dim=1), y_one) <= OUT_TOL
     assert rel(state, s_one) <= OUT_TOL
@@ -482,9 +482,9 @@ def test_decode_steps_equal_the_scan(D):
     b, l, h, p, g, n = 2, 40, 4, 3, 2, 5
     inputs = make_inputs(b, l, h, p, g, n, seed=31, D=D)
     with torch.no_grad():
-        y_scan, s_scan = run_scan(ssd_scan_torch, inputs, 16)
+        y_scan, s_scan = run_scan(ssd_scan_chunked, inputs, 16)
     y_ref, s_ref = run_scan(ssd_scan_ref, as64(inputs), 16)
-    for step_fn in (ssd_state_update_torch, ssd_state_update_ref):
+    for step_fn in (ssd_state_update_chunked, ssd_state_update_ref):
         state, ys = inputs["initial_state"], []
         for t in range(l):
             kept = state.clone()
@@ -502,11 +502,11 @@ def test_decode_steps_equal_the_scan(D):
 def test_decode_step_dtypes_and_float64():
     inputs = make_inputs(2, 3, 4, 3, 2, 5, seed=37, dtype=torch.bfloat16)
     s0 = torch.randn(2, 4, 3, 5)
-    y, new = ssd_state_update_torch(s0, **_step_inputs(inputs, 0))
+    y, new = ssd_state_update_chunked(s0, **_step_inputs(inputs, 0))
     assert y.dtype == torch.bfloat16 and new.dtype == torch.float32
     y_ref, new_ref = ssd_state_update_ref(s0.double(), **_step_inputs(as64(inputs), 0))
     assert rel(y, y_ref) <= 1.2e-2 and rel(new, new_ref) <= OUT_TOL
-    y64, new64 = ssd_state_update_torch(s0.double(), **_step_inputs(as64(inputs), 0))
+    y64, new64 = ssd_state_update_chunked(s0.double(), **_step_inputs(as64(inputs), 0))
     assert y64.dtype == torch.float64 and new64.dtype == torch.float64
     assert rel(y64, y_ref) <= 1e-13 and rel(new64, new_ref) <= 1e-13
 
@@ -528,7 +528,7 @@ def test_decode_step_gradients_match_reference():
         return out
 
     g_ref = grads(ssd_state_update_ref, as64(inputs), s0.double())
-    g_fast = grads(ssd_state_update_torch, inputs, s0)
+    g_fast = grads(ssd_state_update_chunked, inputs, s0)
     for name in g_ref:
         assert rel(g_fast[name], g_ref[name]) <= GRAD_TOL, name
 
@@ -547,8 +547,8 @@ def test_blocks_cover_the_sequence_in_bounded_pieces():
 
 # ------------------------------------------------------------------------------------------- bad inputs
 
-SCAN_FNS = [ssd_scan_ref, ssd_scan_torch]
-STEP_FNS = [ssd_state_update_ref, ssd_state_update_torch]
+SCAN_FNS = [ssd_scan_ref, ssd_scan_chunked]
+STEP_FNS = [ssd_state_update_ref, ssd_state_update_chunked]
 
 
 def _scan_args(**over):
@@ -614,7 +614,7 @@ SCAN_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("fn", SCAN_FNS, ids=["ref", "torch"])
+@pytest.mark.parametrize("fn", SCAN_FNS, ids=["ref", "chunked"])
 @pytest.mark.parametrize("override,words", SCAN_ERRORS, ids=[str(i) for i in range(len(SCAN_ERRORS))])
 def test_scan_rejects_bad_arguments_naming_them(fn, override, words):
     with pytest.raises(KernelInputError) as info:
@@ -629,7 +629,7 @@ def test_numpy_integer_chunk_size_is_accepted():
     args = _scan_args(chunk_size=np.int64(4))
     y_ref = _call_scan(ssd_scan_ref, args)
     with torch.no_grad():
-        y = _call_scan(ssd_scan_torch, args)
+        y = _call_scan(ssd_scan_chunked, args)
     assert rel(y, y_ref) <= OUT_TOL
 
 
@@ -677,7 +677,7 @@ STEP_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("fn", STEP_FNS, ids=["ref", "torch"])
+@pytest.mark.parametrize("fn", STEP_FNS, ids=["ref", "chunked"])
 @pytest.mark.parametrize("override,words", STEP_ERRORS, ids=[str(i) for i in range(len(STEP_ERRORS))])
 def test_step_rejects_bad_arguments_naming_them(fn, override, words):
     with pytest.raises(KernelInputError) as info:

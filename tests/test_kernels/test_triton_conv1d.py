@@ -1,4 +1,4 @@
-"""Causal depthwise conv1d on Triton (``kernels/conv1d/triton.py``) against the float64 sequential reference.
+"""Causal depthwise conv1d on Triton (``kernels/conv1d/triton_ops.py``) against the float64 sequential reference.
 
 Runs on CUDA tensors when a GPU is present, otherwise on CPU tensors through Triton's interpreter
 (tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported). Shapes are small: the interpreter runs
@@ -28,7 +28,7 @@ if not triton_available():  # pragma: no cover - triton is a dev dependency; the
     pytest.skip("Triton kernels cannot run here (no triton, or no CUDA and no TRITON_INTERPRET)",
                 allow_module_level=True)
 
-from seqlab.kernels.conv1d.triton import causal_conv1d_triton, causal_conv1d_update_triton  # noqa: E402
+from seqlab.kernels.conv1d.triton_ops import causal_conv1d_triton, causal_conv1d_update_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
 OUT_TOL = 1e-5

@@ -1,5 +1,5 @@
 """The whole model on backend="triton" (Triton interpreter on CPU here, real kernels on a GPU) against
-backend="torch": logits, final states, parameter gradients, streaming in pieces and the decode steps."""
+backend="chunked": logits, final states, parameter gradients, streaming in pieces and the decode steps."""
 
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ def triton_calls(monkeypatch):
     import importlib
 
     calls = {}
-    for module_name, ops in (("selective_scan", ("selective_scan", "selective_state_update")),
+    for module_name, ops in (("scan", ("selective_scan", "selective_state_update")),
                              ("ssd", ("ssd_scan", "ssd_state_update")),
                              ("conv1d", ("causal_conv1d", "causal_conv1d_update"))):
-        module = importlib.import_module(f"seqlab.kernels.{module_name}.triton")
+        module = importlib.import_module(f"seqlab.kernels.{module_name}.triton_ops")
         for op in ops:
             real = getattr(module, f"{op}_triton")
 
@@ -36,7 +36,7 @@ def triton_calls(monkeypatch):
 
 
 def _pair(ssm):
-    torch_model = tiny_lm(ssm, vocab=32, seed=1).to(DEVICE).set_backend("torch")
+    torch_model = tiny_lm(ssm, vocab=32, seed=1).to(DEVICE).set_backend("chunked")
     triton_model = tiny_lm(ssm, vocab=32, seed=1).to(DEVICE).set_backend("triton")
     return torch_model, triton_model
 

@@ -1,4 +1,4 @@
-"""Mamba-1 selective scan on Triton (``kernels/selective_scan/triton.py``) against the float64 sequential reference.
+"""Mamba-1 selective scan on Triton (``kernels/scan/triton_ops.py``) against the float64 sequential reference.
 
 Runs on CUDA tensors when a GPU is present, otherwise on CPU tensors through Triton's interpreter
 (tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported). The interpreter runs every program one
@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 import seqlab.kernels as K
 from seqlab.kernels import KernelInputError
 from seqlab.kernels._triton import interpreting, triton_available
-from seqlab.kernels.selective_scan.ref import selective_scan_ref, selective_state_update_ref
+from seqlab.kernels.scan.ref import selective_scan_ref, selective_state_update_ref
 
 from seqlab.testing import as_f64, assert_rel, channels_last, scan_inputs, strided
 
@@ -31,7 +31,7 @@ if not triton_available():  # pragma: no cover - triton is a dev dependency; the
     pytest.skip("Triton kernels cannot run here (no triton, or no CUDA and no TRITON_INTERPRET)",
                 allow_module_level=True)
 
-from seqlab.kernels.selective_scan.triton import (  # noqa: E402
+from seqlab.kernels.scan.triton_ops import (  # noqa: E402
     _adjoint_combine,
     _recurrence_combine,
     selective_scan_triton,

@@ -1,4 +1,4 @@
-"""Mamba-2 SSD scan and decode step on Triton (``kernels/ssd/triton.py``) against the float64 sequential
+"""Mamba-2 SSD scan and decode step on Triton (``kernels/ssd/triton_ops.py``) against the float64 sequential
 reference (``kernels/ssd/ref.py``): outputs, final states and the gradients of every input.
 
 Runs on CUDA tensors when a GPU is present, otherwise on CPU tensors through Triton's interpreter
@@ -33,8 +33,8 @@ if not triton_available():  # pragma: no cover - triton is a dev dependency; the
     pytest.skip("Triton kernels cannot run here (no triton, or no CUDA and no TRITON_INTERPRET)",
                 allow_module_level=True)
 
-import seqlab.kernels.ssd.triton as ssd_triton  # noqa: E402
-from seqlab.kernels.ssd.triton import ssd_scan_triton, ssd_state_update_triton  # noqa: E402
+import seqlab.kernels.ssd.triton_ops as ssd_triton  # noqa: E402
+from seqlab.kernels.ssd.triton_ops import ssd_scan_triton, ssd_state_update_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
 OUT_TOL = 1e-5
@@ -313,7 +313,7 @@ def test_half_precision_inputs(dtype):
 
 def test_float64_is_refused_with_a_pointer_to_the_other_backends():
     inputs = as64(make_inputs(1, 10, 2, 3, 1, 5, seed=1))
-    with pytest.raises(KernelInputError, match="float64.*backend='torch'"):
+    with pytest.raises(KernelInputError, match="float64.*backend='chunked'"):
         run_scan(ssd_scan_triton, {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v)
                                    for k, v in inputs.items()}, 8)
     st_in = torch.zeros(1, 2, 3, 5, dtype=torch.float64, device=DEVICE)
