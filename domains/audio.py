@@ -27,7 +27,7 @@ from einops import rearrange
 from seqlab.errors import ConfigError, CorruptFileError, InputError
 from seqlab.io import atomic_write_bytes
 
-from .base import Adapter, InputSpec, register_adapter
+from .base import Adapter, InputSpec, register_adapter, token_bits
 
 __all__ = ["PCM16_STEP", "AudioAdapter", "FrameSource", "StreamingResampler", "Waveform"]
 
@@ -625,6 +625,16 @@ class AudioAdapter(Adapter):
             return nats / math.log(2)
         return nats / math.log(2) - math.log2(PCM16_STEP)
 
+    def position_metric(self, output, targets: torch.Tensor) -> torch.Tensor:
+        """Bits per sample of every predicted position (b, t): mu-law, -log2 p of each target id; continuous,
+        the mean over the frame's channels of ``-log2(p(x) * PCM16_STEP)``."""
+        if self.mode == "mulaw":
+            return token_bits(output, targets)
+        with torch.no_grad():
+            mean, var = self._gaussian(output, targets)
+            nats = F.gaussian_nll_loss(mean, targets.float(), var, full=True, eps=1e-12, reduction="none")
+            return (nats.mean(-1) / math.log(2) - math.log2(PCM16_STEP)).float()
+
     def uniform_baseline(self) -> float:
         # continuous: a uniform density 1/2 on [-1, 1) puts 2**-16 on every 16-bit level: 16 bits
         return math.log2(self.mu) if self.mode == "mulaw" else math.log2(2.0 / PCM16_STEP)
@@ -636,12 +646,10 @@ class AudioAdapter(Adapter):
             return out.argmax(-1)
         return out[..., :self.out_channels].float()
 
-    def source(self, encoded: torch.Tensor, batch_size: int, window: int):
+    def source(self, data: torch.Tensor, batch_size: int, window: int, **options):
         """A ``Trainer`` data source over an encoded signal: ``SequenceSource`` for ids (trimmed so every stream
         starts on a frame boundary when channels are interleaved), ``FrameSource`` for frames."""
-        if self.mode == "continuous":
-            return FrameSource(encoded, batch_size, window)
-        from seqlab.train import SequenceSource
-
+        if self.mode == "continuous" or options:
+            return super().source(data, batch_size, window, **options)
         step = batch_size * self.out_channels
-        return SequenceSource(encoded[:encoded.shape[0] - encoded.shape[0] % step], batch_size, window)
+        return super().source(data[:data.shape[0] - data.shape[0] % step], batch_size, window)

@@ -41,8 +41,9 @@ from torch import nn
 from seqlab.config import BackboneConfig
 from seqlab.errors import ConfigError, CorruptFileError, InputError, StateError
 from seqlab.io import atomic_write_bytes
+from seqlab.train import ArraySource, WindowSource
 
-from .base import InputSpec, TokenAdapter, register_adapter
+from .base import InputSpec, TokenAdapter, register_adapter, token_bits
 
 __all__ = [
     "BOS", "COMPLEMENT", "EOS", "MASK", "PAD", "UNK", "VOCAB", "A", "C", "DNAAdapter", "G", "MaskedBaseSource",
@@ -528,6 +529,10 @@ class DNAAdapter(TokenAdapter):
         """Bits per base (uniform over A/C/G/T: 2.0; lower is better)."""
         return self.bits_per_base(output, targets)
 
+    def position_metric(self, output, targets: torch.Tensor) -> torch.Tensor:
+        """-log2 p(target) of every target (b, t); targets that are not bases (specials, -100) are NaN."""
+        return token_bits(output, targets.masked_fill(targets < A, -100))
+
     def metric_weight(self, targets: torch.Tensor) -> int:
         """Bits per base count bases only, not specials or -100."""
         return int((targets >= A).sum())
@@ -728,28 +733,26 @@ def mask_bases(ids: torch.Tensor, rate: float = 0.15, generator: torch.Generator
     return ids.masked_fill(chosen, MASK), torch.where(chosen, ids, torch.full_like(ids, -100))
 
 
-class MaskedBaseSource:
+class MaskedBaseSource(ArraySource):
     """Trainer source for masked-LM training (``TrainConfig(carry_state=False)``): window ``i`` is
-    ``batch_size`` rows of ``window`` ids cut from ``ids`` like ``SequenceSource``, masked by ``mask_bases``
-    with a generator seeded by ``(seed, i)``, so a resumed run sees the same masks."""
+    ``batch_size`` rows of ``window`` ids cut from ``ids`` like ``SequenceSource`` (the same ``ArraySource``
+    windows, without the one-element overlap), masked by ``mask_bases`` with a generator seeded by
+    ``(seed, i)``, so a resumed run sees the same masks."""
+
+    overlap = 0
 
     def __init__(self, ids: torch.Tensor, batch_size: int, window: int, rate: float = 0.15, seed: int = 0) -> None:
         ids = torch.as_tensor(ids).reshape(-1).long()
-        self.batch_size, self.window_size, self.rate, self.seed = int(batch_size), int(window), rate, int(seed)
-        self.stream_len = ids.numel() // self.batch_size
-        self.num_windows = self.stream_len // self.window_size
+        self.rate, self.seed = rate, int(seed)
+        batch_size = int(batch_size)
+        length = ids.numel() // batch_size
+        self._setup(ids, ids[:length * batch_size].reshape(batch_size, length), batch_size, window)
         if self.num_windows == 0:
             raise InputError(f"MaskedBaseSource: {ids.numel()} ids are too few for one window of {window} in each "
                              f"of {batch_size} rows")
-        self.data = ids[:self.stream_len * self.batch_size].reshape(self.batch_size, self.stream_len)
-
-    def __len__(self) -> int:
-        return self.num_windows
 
     def window(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not 0 <= index < self.num_windows:
-            raise IndexError(f"window {index} is outside [0, {self.num_windows})")
-        rows = self.data[:, index * self.window_size:(index + 1) * self.window_size]
+        rows = self.span(index)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         return mask_bases(rows, self.rate, generator)
 
@@ -763,6 +766,9 @@ class RCAugmentedSource:
     def __init__(self, source, p: float = 0.5, seed: int = 0) -> None:
         if not 0 <= p <= 1:
             raise ConfigError(f"RCAugmentedSource p must be in [0, 1], got {p!r}")
+        if not isinstance(source, WindowSource):
+            raise ConfigError(f"RCAugmentedSource wraps a training source (a WindowSource such as SequenceSource), "
+                              f"got {type(source).__name__}")
         self.source, self.p, self.seed = source, p, int(seed)
         self.batch_size, self.num_windows = source.batch_size, source.num_windows
 

@@ -484,11 +484,19 @@ class MemoryStreamAdapter(TokenAdapter):
 
     # -- training ------------------------------------------------------------------------------------------
     def source(self, data, batch_size: int, window: int, format: str | None = None):
-        """A ``seqlab.train.SequenceSource`` over the encoded stream of ``data``: events, or a path (a ``.mem``
-        stream file is memory-mapped after a streaming check; a JSON Lines file is encoded in memory)."""
+        """A ``seqlab.train.SequenceSource`` over the encoded stream of ``data``: encoded byte ids (a 1-D tensor
+        or array, checked to decode as whole events), events, or a path (a ``.mem`` stream file is memory-mapped
+        after a streaming check; a JSON Lines file is encoded in memory)."""
         from seqlab.train import SequenceSource
 
-        if isinstance(data, (str, os.PathLike)):
+        if isinstance(data, (torch.Tensor, np.ndarray)):
+            where = "source ids"
+            raw = ids_to_bytes(data, where)
+            decoder = StreamDecoder(where)
+            decoder.feed(raw)
+            decoder.finish("raise")
+            array = np.frombuffer(raw, dtype=np.uint8)
+        elif isinstance(data, (str, os.PathLike)):
             where = os.fspath(data)
             if _format_of(where, format) == "stream":
                 for _ in _iter_stream(where, _READ_CHUNK):

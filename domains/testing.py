@@ -17,6 +17,7 @@ __all__ = ["FramesTestAdapter"]
 
 class FramesTestAdapter(Adapter):
     name = "test-frames-base"
+    loss_unit = "mse"
     width = 3
     output_width = 3
 
@@ -49,3 +50,8 @@ class FramesTestAdapter(Adapter):
 
     def metric(self, output, targets):
         return float(self.loss(output, targets))
+
+    def position_metric(self, output, targets):
+        with torch.no_grad():
+            error = output.output.float() - targets[..., :self.output_width].float()
+            return (error * error).mean(-1)

@@ -43,6 +43,7 @@ from torch import nn
 from seqlab.config import BackboneConfig
 from seqlab.errors import ConfigError, CorruptFileError, InputError, StateError
 from seqlab.io import atomic_write_bytes
+from seqlab.train import ArraySource
 
 from .base import Adapter, InputSpec, register_adapter
 
@@ -331,6 +332,11 @@ class VideoAdapter(Adapter):
     def metric_name(self) -> str:  # type: ignore[override]
         return "mse" if self.task == "next_frame" else "bits_per_clip"
 
+    @property
+    def loss_unit(self) -> str:  # type: ignore[override]
+        """next_frame: the loss is a mean squared error ("mse"); classify: a cross-entropy, reported in bits."""
+        return "mse" if self.task == "next_frame" else "bits"
+
     # -- layout ----------------------------------------------------------------------------------------
     @property
     def tubelets_per_slab(self) -> int:
@@ -589,6 +595,36 @@ class VideoAdapter(Adapter):
         labels = self._labels(pred, targets)
         return float(F.cross_entropy(pred[:, -1], labels)) / math.log(2)
 
+    def position_metric(self, output, targets: torch.Tensor) -> torch.Tensor:
+        """next_frame: the MSE of every predicted step (b, s). classify: the clip's prediction is its last
+        step, so one value per clip (b, 1): the cross-entropy in bits of the last step's logits."""
+        with torch.no_grad():
+            pred = self._output(output).float()
+            if self.task == "next_frame":
+                if pred.shape != targets.shape:
+                    raise InputError(f"predicted patches {tuple(pred.shape)} and targets {tuple(targets.shape)} "
+                                     "differ")
+                return ((pred - targets.float()) ** 2).mean(-1)
+            labels = self._labels(pred, targets)
+            return (F.cross_entropy(pred[:, -1], labels, reduction="none") / math.log(2))[:, None]
+
+    def metric_weight(self, targets: torch.Tensor) -> int:
+        """next_frame: every predicted step; classify: every clip (``targets`` are its labels (b,))."""
+        return int(targets.shape[0]) if self.task == "classify" else super().metric_weight(targets)
+
+    def source(self, data, batch_size: int, window: int | None, labels=None, **options):
+        """A ``Trainer`` source. ``data``: clips (n, T, H, W, C) -> ``VideoSource`` (``window`` steps per window,
+        None: whole clips; ``labels`` (n,) for classify); encoded patches (S, width) of one long video ->
+        next-slab windows over ``batch_size`` streams of it (``FrameSource``)."""
+        clips = isinstance(data, (np.ndarray, torch.Tensor)) and data.ndim == 5
+        if clips:
+            if options:
+                raise InputError(f"VideoAdapter.source takes no options besides labels, got {sorted(options)}")
+            return VideoSource(self, data, batch_size, window, labels=labels)
+        if self.task == "classify" or labels is not None:
+            raise InputError("VideoAdapter.source for task='classify' needs clips (n, T, H, W, C) and their labels")
+        return super().source(data, batch_size, window, **options)
+
     def accuracy(self, output, labels: torch.Tensor) -> float:
         """classify: fraction of clips whose last-step argmax is the label."""
         pred = self._output(output)
@@ -618,7 +654,7 @@ class VideoAdapter(Adapter):
 # training data
 
 
-class VideoSource:
+class VideoSource(ArraySource):
     """Trainer windows from a set of clips (n, T, H, W, C) (uint8 or float [0, 1]; numpy, memmap or torch).
 
     Clips go ``batch_size`` at a time. ``task="next_frame"``: each batch of clips is cut into windows of
@@ -626,8 +662,11 @@ class VideoSource:
     the same shifted by one step; the windows of one batch come in time order, so ``carry_state=True`` threads
     the state through each clip (use ``n == batch_size`` for one long video cut into streams, or whole-clip
     windows with ``carry_state=False``). ``task="classify"``: inputs whole clips, targets ``labels`` (n,).
-    Only the clips of the window asked for are read and encoded.
+    Only the clips of the window asked for are read and encoded (``seqlab.train.ArraySource`` cuts the
+    windows: the clips are its streams of slabs).
     """
+
+    dtype = None  # spans stay raw frames; ``window`` encodes them
 
     def __init__(self, adapter: VideoAdapter, clips, batch_size: int, window: int | None = None,
                  labels=None) -> None:
@@ -636,9 +675,8 @@ class VideoSource:
         if not isinstance(clips, np.ndarray) or clips.ndim != 5:
             raise InputError(f"VideoSource clips must be an array (n, T, H, W, C), got "
                              f"{getattr(clips, 'shape', type(clips).__name__)}")
-        self.adapter, self.clips, self.batch_size = adapter, clips, int(batch_size)
-        self.groups = clips.shape[0] // self.batch_size
-        if self.groups == 0:
+        self.adapter, self.clips, batch_size = adapter, clips, int(batch_size)
+        if clips.shape[0] // batch_size == 0:
             raise InputError(f"VideoSource has {clips.shape[0]} clips, fewer than batch_size={batch_size}")
         t = adapter.tubelet[0]
         steps = clips.shape[1] // t
@@ -651,35 +689,26 @@ class VideoSource:
                                  f"({clips.shape[0]},)")
             if window is not None:
                 raise ConfigError("VideoSource window is for task='next_frame'; classify windows are whole clips")
-            self.window_size, self.per_group = steps, 1
+            self.overlap, window = 0, steps
         else:
             self.labels = None
-            self.window_size = steps - 1 if window is None else int(window)
-            if self.window_size <= 0:
+            window = steps - 1 if window is None else int(window)
+            if window <= 0:
                 raise InputError(f"VideoSource clips of {clips.shape[1]} frames are too short: next-frame needs at "
                                  f"least two slabs of {t} frame(s)")
-            self.per_group = (steps - 1) // self.window_size
-            if self.per_group == 0:
-                raise InputError(f"VideoSource clips have {steps} steps, too few for one window of "
-                                 f"{self.window_size}+1")
-        self.num_windows = self.groups * self.per_group
-
-    def __len__(self) -> int:
-        return self.num_windows
+            if (steps - 1) // window == 0:
+                raise InputError(f"VideoSource clips have {steps} steps, too few for one window of {window}+1")
+        groups = clips.shape[0] // batch_size
+        slabs = clips[:groups * batch_size, :steps * t]  # a view: nothing is read yet
+        self._setup(clips, slabs.reshape(slabs.shape[0], steps, t, *slabs.shape[2:]), batch_size, window)
 
     def window(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not 0 <= index < self.num_windows:
-            raise IndexError(f"window {index} is outside [0, {self.num_windows})")
-        group, part = divmod(index, self.per_group)
-        rows = slice(group * self.batch_size, (group + 1) * self.batch_size)
-        a, t = self.adapter, self.adapter.tubelet[0]
+        chunk = self.span(index)  # (batch, steps, t, H, W, C) raw frames
+        a = self.adapter
+        patches = torch.stack([a.encode(clip.reshape(-1, *clip.shape[2:])) for clip in chunk])
         if a.task == "classify":
-            clips = self.clips[rows, :self.window_size * t]
-            patches = torch.stack([a.encode(clip) for clip in clips])
-            return patches, self.labels[rows]
-        start = part * self.window_size
-        clips = self.clips[rows, start * t:(start + self.window_size + 1) * t]
-        patches = torch.stack([a.encode(clip) for clip in clips])
+            group = index // self.per_group
+            return patches, self.labels[group * self.batch_size:(group + 1) * self.batch_size]
         return patches[:, :-1], patches[:, 1:]
 
 

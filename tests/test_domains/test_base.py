@@ -155,3 +155,100 @@ def test_model_from_checkpoint_rebuilds_model_options_and_weights(tmp_path):
     save_model(tmp_path / "plain.safetensors", LanguageModel(CONFIG, vocab_size=10))
     with pytest.raises(CorruptFileError, match="records no adapter"):
         model_from_checkpoint(tmp_path / "plain.safetensors")
+
+
+# ------------------------------------------------------------------------------------------------------
+# the protocol's generic members, for every built-in adapter: continuous, loss_unit, source, position_metric
+
+
+def _builtin_cases():
+    """(label, adapter, encoded input of one stream, targets-maker) for every built-in adapter and mode."""
+    import numpy as np
+
+    from seqlab.domains.audio import AudioAdapter, Waveform
+    from seqlab.domains.bytes import ByteAdapter
+    from seqlab.domains.dna import DNAAdapter
+    from seqlab.domains.memory import Event, MemoryStreamAdapter
+    from seqlab.domains.video import VideoAdapter, moving_square_clips
+
+    t = torch.arange(400) / 8000
+    wave = Waveform(torch.stack([torch.sin(2 * math.pi * 440 * t), 0.5 * torch.sin(2 * math.pi * 97 * t)]), 8000)
+    clips, labels = moving_square_clips(2, 6, size=8, square=2)
+    return [
+        ("bytes", ByteAdapter(), ByteAdapter().encode("the cat sat on the mat, and the mat sat still. " * 3)),
+        ("memory", MemoryStreamAdapter(),
+         MemoryStreamAdapter().encode([Event("user", "hi there", 1.5), Event("tool", "ok {x}", 2.0, {"a": 1})])),
+        ("dna", DNAAdapter(add_bos_eos=True), DNAAdapter(add_bos_eos=True).encode(["ACGTNACGGT", "TTAGC", "GGA"])),
+        ("audio-mulaw", AudioAdapter(8000, channels="keep", num_channels=2),
+         AudioAdapter(8000, channels="keep", num_channels=2).encode(wave)),
+        ("audio-continuous", AudioAdapter(8000, mode="continuous", channels="keep", num_channels=2),
+         AudioAdapter(8000, mode="continuous", channels="keep", num_channels=2).encode(wave)),
+        ("video-next", VideoAdapter((8, 8), 1, (1, 4, 4), embed_dim=4),
+         VideoAdapter((8, 8), 1, (1, 4, 4), embed_dim=4).encode(np.asarray(clips[0]))),
+        ("video-classify", VideoAdapter((8, 8), 1, (1, 4, 4), task="classify", num_classes=4, embed_dim=4),
+         (torch.stack([VideoAdapter((8, 8), 1, (1, 4, 4)).encode(c) for c in clips]), torch.as_tensor(labels))),
+        ("frames", FramesTestAdapter(), torch.randn(40, 3, generator=torch.Generator().manual_seed(0))),
+    ]
+
+
+CASES = _builtin_cases()
+
+
+@pytest.mark.parametrize("label,adapter,encoded", CASES, ids=[c[0] for c in CASES])
+def test_position_metric_averages_to_the_metric_and_counts_its_weight(label, adapter, encoded):
+    torch.manual_seed(0)
+    model = adapter.build_model(CONFIG).eval()
+    if label == "video-classify":
+        inputs, targets = encoded
+    else:
+        inputs, targets = encoded[:-1][None].repeat(2, *[1] * encoded.dim()), encoded[1:][None]
+        targets = targets.repeat(2, *[1] * encoded.dim())
+    with torch.no_grad():
+        out = model(inputs)
+    values = adapter.position_metric(out, targets)
+    assert values.dtype == torch.float32
+    assert values.shape == ((2, 1) if label == "video-classify" else tuple(inputs.shape[:2]))
+    counted = ~torch.isnan(values)
+    assert int(counted.sum()) == adapter.metric_weight(targets)
+    assert float(values[counted].double().mean()) == pytest.approx(adapter.metric(out, targets), rel=1e-5, abs=1e-6)
+    assert adapter.metric_totals(out, targets) == (pytest.approx(float(values[counted].double().sum())),
+                                                   int(counted.sum()))
+    if label == "dna":  # the specials among the targets are left out, the bases are not
+        assert 0 < int(counted.sum()) < values.numel()
+    if label != "video-classify":  # real per-position values, not the window's metric spread out
+        assert float(values[counted].std()) > 0
+
+
+@pytest.mark.parametrize("label,adapter,encoded", CASES, ids=[c[0] for c in CASES])
+def test_generic_members_continuous_loss_unit_and_source(label, adapter, encoded):
+    from seqlab.train import WindowSource
+
+    assert adapter.continuous == (adapter.input_spec.kind == "continuous")
+    assert adapter.loss_unit in ("bits", "mse")
+    mse = label in ("video-next", "frames")
+    assert adapter.loss_unit == ("mse" if mse else "bits")
+    assert adapter.report_loss(2.0) == pytest.approx(2.0 if mse else 2.0 / math.log(2))
+    if label == "video-classify":
+        clips, labels = encoded
+        from seqlab.domains.video import moving_square_clips
+
+        raw, labels = moving_square_clips(4, 6, size=8, square=2)
+        source = adapter.source(raw, 2, None, labels=labels)
+        with pytest.raises(InputError, match="classify"):
+            adapter.source(clips[0], 2, 2)
+    else:
+        source = adapter.source(encoded, 2, 2 if label == "video-next" else 4)
+    assert isinstance(source, WindowSource) and source.batch_size == 2 and source.num_windows >= 1
+    inputs, targets = source.window(0)
+    assert inputs.shape[0] == 2
+    if adapter.continuous:
+        assert inputs.is_floating_point()
+    else:
+        assert inputs.dtype == torch.int64 and torch.equal(inputs[:, 1:], targets[:, :-1])
+
+
+def test_source_refuses_options_it_does_not_know():
+    with pytest.raises(InputError, match="no options"):
+        FramesTestAdapter().source(torch.zeros(40, 3), 2, 4, start=3)
+    with pytest.raises(InputError, match=r"frames \(T, \*frame\)"):
+        FramesTestAdapter().source(torch.zeros(40), 2, 4)
