@@ -111,7 +111,7 @@ def main() -> None:
         if record["step"] % every == 0 or record["step"] == args.steps:
             bits = held_out_bits(adapter, trainer.model, held)
             trainer.model.train()
-            print(f"step {record['step']:5d}  train loss {record['loss']:.3f} nats  held-out {bits:.3f} "
+            print(f"step {record['step']:5d}  train loss {record['loss']:.3f} {record['loss_unit']}  held-out {bits:.3f} "
                   f"bits/sample  ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     Trainer(model, config, adapter.source(train, 8, 256), loss_fn=adapter.loss, metric_fn=adapter.metric,

@@ -101,7 +101,7 @@ def main() -> None:
     seconds = time.perf_counter() - started
     after, scored = streamed_bits_per_byte(model, adapter, held_out)
     print(f"model: {params:,} parameters; {args.steps} steps of {args.batch_size}x{args.window} bytes "
-          f"in {seconds:.0f} s; last train loss {records[-1]['loss'] / math.log(2):.3f} bits/byte")
+          f"in {seconds:.0f} s; last train loss {records[-1]['loss']:.3f} bits/byte")
     print(f"held-out bits per byte: {after:.3f} (untrained {before:.3f}, uniform baseline "
           f"{adapter.uniform_baseline():.1f}) over {scored:,} predictions")
 

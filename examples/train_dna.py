@@ -87,7 +87,7 @@ def main() -> None:
     records = trainer.fit()
     elapsed = time.time() - start
     print(f"trained {args.steps} steps ({sum(p.numel() for p in model.parameters()):,} parameters) in "
-          f"{elapsed:.0f} s; last training loss {records[-1]['loss'] / math.log(2):.3f} bits/token")
+          f"{elapsed:.0f} s; last training loss {records[-1]['loss']:.3f} bits/token")
 
     model.eval()
     with torch.no_grad():  # the whole tail in one pass (blocks of 2048 with the state threaded)
