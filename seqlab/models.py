@@ -1,7 +1,8 @@
 """Models on top of the backbone: a token language model and a continuous-input sequence model.
 
-Both follow the one contract ``model(x, state) -> output`` with ``output.state`` the new RecurrentState,
-and ``model.step(x, state)`` for one element per sequence.
+Both follow the one contract ``model(x, state) -> (output, new_state)``: the ModelOutput they return unpacks
+as that pair (and keeps ``.output`` / ``.logits``, ``.state``, ``.hidden``); ``model.step(x, state)`` does the
+same for one element per sequence.
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ from seqlab.state import RecurrentState
 @dataclass(eq=False)
 class ModelOutput:
     """``output``: the head's result (logits for a LanguageModel); ``state``: the new state (None for a
-    bidirectional model or when ``return_state=False``); ``hidden``: final normalised hidden states."""
+    bidirectional model or when ``return_state=False``); ``hidden``: final normalised hidden states.
+
+    It unpacks as ``(output, state)``, the contract ``model(x, state) -> (output, new_state)``:
+    ``out, state = model(ids)``; ``result[0]`` / ``result[1]`` and ``len(result) == 2`` agree with that.
+    """
 
     output: torch.Tensor
     state: RecurrentState | None
@@ -30,6 +35,15 @@ class ModelOutput:
     @property
     def logits(self) -> torch.Tensor:
         return self.output
+
+    def __iter__(self):
+        return iter((self.output, self.state))
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index):
+        return (self.output, self.state)[index]
 
 
 class _Model(nn.Module):

@@ -134,3 +134,33 @@ def test_blockwise_inference_equals_one_pass(ssm):
     for key, tensor in whole.state.tensors().items():
         assert rel_err(blocked.state.tensors()[key], tensor) <= 1e-5, key
     assert blocked.state.position == 45 and no_state.state is None
+
+
+@pytest.mark.parametrize("model_kind", ["language", "sequence"])
+@pytest.mark.parametrize("ssm", ["mamba1", "mamba2"])
+def test_model_output_unpacks_as_output_and_state(model_kind, ssm):
+    """``out, state = model(x, state)``, the README's contract, for both models; a state continued by unpacking
+    equals the one-pass result; the attributes stay."""
+    torch.manual_seed(3)
+    if model_kind == "language":
+        model = tiny_lm(ssm, seed=3)
+        x = torch.randint(0, 32, (2, 23), generator=torch.Generator().manual_seed(5))
+    else:
+        model = SequenceModel(tiny_config(ssm), d_input=5, d_output=3).eval()
+        x = torch.randn(2, 23, 5)
+    with torch.no_grad():
+        whole = model(x)
+        first, state = model(x[:, :9])
+        rest, state = model(x[:, 9:], state)
+        step_out, step_state = model.step(x[:, 0], None)
+    assert len(whole) == 2 and whole[0] is whole.output and whole[1] is whole.state and whole[-1] is whole.state
+    assert list(whole) == [whole.output, whole.state] and whole.hidden.shape[:2] == (2, 23)
+    with pytest.raises(IndexError):
+        whole[2]
+    assert rel_err(torch.cat([first, rest], 1), whole.output) <= 1e-5
+    assert state.position == 23 == whole.state.position
+    for key, tensor in whole.state.tensors().items():
+        assert rel_err(state.tensors()[key], tensor) <= 1e-5, key
+    assert rel_err(step_out, whole.output[:, 0]) <= 1e-5 and step_state.position == 1
+    output, none = model(x, return_state=False)
+    assert none is None and rel_err(output, whole.output) <= 1e-5
