@@ -25,10 +25,22 @@ if __name__ != "seqlab.kernels":  # this folder imported as a bare 'kernels' fro
 
     hand_over(__name__, __file__)
 else:
-    from ._dispatch import (BACKEND_TABLE, BACKENDS, DEPRECATED_BACKENDS, KernelBackendError,  # noqa: F401
-                            KernelInputError, canonical_backend, causal_conv1d, causal_conv1d_update,
-                            resolve_backend, selective_scan, selective_state_update, ssd_scan, ssd_state_update,
-                            triton_available)
+    from ._dispatch import (  # noqa: F401
+        BACKEND_TABLE,
+        BACKENDS,
+        DEPRECATED_BACKENDS,
+        KernelBackendError,
+        KernelInputError,
+        canonical_backend,
+        causal_conv1d,
+        causal_conv1d_update,
+        resolve_backend,
+        selective_scan,
+        selective_state_update,
+        ssd_scan,
+        ssd_state_update,
+        triton_available,
+    )
 
 __all__ = [
     "BACKENDS",

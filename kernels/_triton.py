@@ -16,7 +16,7 @@ from .errors import KernelBackendError
 __all__ = ["interpreting", "require_triton_device", "triton_available", "triton_import_error"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_import_error() -> str | None:
     """None when ``import triton`` works, else the reason it does not."""
     try:

@@ -288,7 +288,7 @@ def _scan_autograd(x, dt_args, A, B, C, z, Dhp, state, spans, bounds, cd, g):
     zs = z.to(cd).split(sizes, dim=1) if z is not None else [None] * len(spans)
     pieces = []
     s = state
-    for i, (_, c, q) in enumerate(spans):
+    for i, (_, _c, q) in enumerate(spans):
         args = (rearrange(xs[i], "b (c q) h p -> b c q h p", q=q), rearrange(dts[i], "b (c q) h -> b c h q", q=q),
                 A, rearrange(Bs[i], "b (c q) g n -> b c q g n", q=q), rearrange(Cs[i], "b (c q) g n -> b c q g n", q=q),
                 s, bounds[q], Dhp, None if zs[i] is None else rearrange(zs[i], "b (c q) h p -> b c q h p", q=q),

@@ -74,12 +74,12 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from .._triton import interpreting, require_triton_device
+from .._validate import records_grad
 from ..errors import KernelInputError
 from . import triton_bwd as _bwd
 from . import triton_fwd as _fwd
-from .._validate import records_grad
-from .ref import check_scan_args, check_step_args
 from .chunked import ssd_state_update_chunked
+from .ref import check_scan_args, check_step_args
 
 __all__ = ["ssd_scan_triton", "ssd_state_update_triton"]
 

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import seqlab.kernels as K
-import seqlab.kernels.ssd.chunked as ssd_torch_module
+import seqlab.kernels.ssd.chunked as ssd_chunked_module
 from seqlab.kernels import KernelInputError
 from seqlab.testing import rel_err as rel
 from seqlab.kernels.ssd.ref import ssd_scan_ref, ssd_state_update_ref
@@ -82,7 +82,7 @@ def grads_of(fn, inputs: dict, chunk_size: int, wy: torch.Tensor, ws: torch.Tens
 def small_blocks(monkeypatch):
     """Force the no_grad driver to cut even small test inputs into several blocks of chunks."""
     def set_chunks_per_block(b, h, q, chunks):
-        monkeypatch.setattr(ssd_torch_module, "_BLOCK_ELEMS", b * h * q * q * chunks)
+        monkeypatch.setattr(ssd_chunked_module, "_BLOCK_ELEMS", b * h * q * q * chunks)
     return set_chunks_per_block
 
 
@@ -535,12 +535,12 @@ def test_decode_step_gradients_match_reference():
 
 def test_blocks_cover_the_sequence_in_bounded_pieces():
     for l, q, b, h in [(0, 8, 1, 4), (1, 64, 1, 16), (8192, 64, 1, 16), (1000, 7, 3, 8), (500, 256, 2, 16)]:
-        spans = list(ssd_torch_module._blocks(l, q, b, h))
+        spans = list(ssd_chunked_module._blocks(l, q, b, h))
         covered = 0
         for start, c, qq in spans:
             assert start == covered
             assert qq == q or (c == 1 and qq < q and start + qq == l)
-            assert c == 1 or b * h * qq * qq * c <= ssd_torch_module._BLOCK_ELEMS
+            assert c == 1 or b * h * qq * qq * c <= ssd_chunked_module._BLOCK_ELEMS
             covered += c * qq
         assert covered == l
 

@@ -31,12 +31,8 @@ if not triton_available():  # pragma: no cover - triton is a dev dependency; the
     pytest.skip("Triton kernels cannot run here (no triton, or no CUDA and no TRITON_INTERPRET)",
                 allow_module_level=True)
 
-from seqlab.kernels.scan.triton_ops import (  # noqa: E402
-    _adjoint_combine,
-    _recurrence_combine,
-    selective_scan_triton,
-    selective_state_update_triton,
-)
+from seqlab.kernels.scan.triton_kernels import _adjoint_combine, _recurrence_combine  # noqa: E402
+from seqlab.kernels.scan.triton_ops import selective_scan_triton, selective_state_update_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
 
