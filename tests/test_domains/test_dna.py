@@ -461,7 +461,7 @@ def test_rc_equivariant_masked_lm_learns_planted_repeats():
 def test_iter_records_streams_each_record(tmp_path, monkeypatch, chunk_chars, window):
     """Per-record streaming (what the store's ingest uses) equals encoding each record whole, also when the
     line reader cuts records into many small pieces, and when a caller skips a record's windows."""
-    import seqlab.domains.dna as dna_module
+    import seqlab.domains.dna.files as dna_module
 
     monkeypatch.setattr(dna_module, "_CHUNK_CHARS", chunk_chars)
     path = tmp_path / "multi.fa"
