@@ -46,8 +46,8 @@ __all__ = [
     "training_source",
 ]
 
-ENCODE_WINDOW = 1 << 20   # elements encoded at a time when reading files
-EVAL_WINDOW = 8192        # elements per streamed piece of the final held-out evaluation
+ENCODE_WINDOW = 1 << 20  # elements encoded at a time when reading files
+EVAL_WINDOW = 8192  # elements per streamed piece of the final held-out evaluation
 _HINT = "(use fewer --batch-size streams or a shorter --window)"
 
 
@@ -101,8 +101,10 @@ def adapter_for(domain: str, settings: dict | str | None = None):
 def check_trainable(adapter) -> None:
     """Refuse an adapter whose model is not a next-element model (a video adapter with ``task='classify'``)."""
     if getattr(adapter, "task", None) == "classify":
-        raise ConfigError("seqlab train and eval handle next-element models; a video adapter with task='classify' "
-                          "needs clip labels: train it with seqlab.domains.video.VideoSource and Trainer")
+        raise ConfigError(
+            "seqlab train and eval handle next-element models; a video adapter with task='classify' "
+            "needs clip labels: train it with seqlab.domains.video.VideoSource and Trainer"
+        )
 
 
 def check_file(path: str | os.PathLike) -> str:
@@ -141,7 +143,7 @@ def tensor_pieces(data, window: int) -> Iterator[torch.Tensor]:
     """Consecutive pieces of ``window`` elements of encoded ``data`` (a tensor, or a numpy array / memmap of ids,
     read one piece at a time)."""
     for start in range(0, data.shape[0], window):
-        piece = data[start:start + window]
+        piece = data[start : start + window]
         yield torch.from_numpy(np.asarray(piece, dtype=np.int64)) if isinstance(piece, np.ndarray) else piece
 
 
@@ -161,8 +163,9 @@ def training_source(adapter, data, batch_size: int, window: int, where: str):
 def _check_fraction(fraction, evals: list[str]):
     if fraction is not None and evals:
         raise ConfigError("give held-out data either as --eval FILE... or as --eval-fraction, not both")
-    if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
-                                 or not 0 < fraction < 1):
+    if fraction is not None and (
+        isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1
+    ):
         raise ConfigError(f"--eval-fraction must be a number in (0, 1), got {fraction!r}")
     return fraction
 
@@ -201,18 +204,24 @@ def files_data(spec: dict, batch_size: int, window: int, progress: bool = False)
     held_out: list[HeldOut] = []
     if fraction:
         if eval_data.shape[0] < 2:
-            raise InputError(f"--eval-fraction {fraction} leaves {eval_data.shape[0]} elements of held-out data: "
-                             "at least 2 are needed")
-        held_out.append(HeldOut(f"last {fraction:g} of the data", lambda: tensor_pieces(eval_data, EVAL_WINDOW),
-                                int(eval_data.shape[0])))
+            raise InputError(
+                f"--eval-fraction {fraction} leaves {eval_data.shape[0]} elements of held-out data: "
+                "at least 2 are needed"
+            )
+        held_out.append(
+            HeldOut(
+                f"last {fraction:g} of the data", lambda: tensor_pieces(eval_data, EVAL_WINDOW), int(eval_data.shape[0])
+            )
+        )
     held_out += file_inputs(adapter, evals, EVAL_WINDOW)
     if evals:
         eval_data = encode_files(adapter, evals)
     eval_source = None
     if eval_data is not None:
         if eval_data.shape[0] < 2:
-            raise InputError(f"held-out data {', '.join(evals)} holds {eval_data.shape[0]} elements: at least 2 "
-                             "are needed")
+            raise InputError(
+                f"held-out data {', '.join(evals)} holds {eval_data.shape[0]} elements: at least 2 are needed"
+            )
         eval_source = training_source(adapter, eval_data, 1, min(window, eval_data.shape[0] - 1), "held-out data")
     return TrainData(adapter, train, split, eval_source, held_out, spec)
 
@@ -245,5 +254,10 @@ def evaluate(model, adapter, inputs: list[HeldOut], device=None, progress: bool 
         bar.close()
     n = sum(r["targets"] for r in rows)
     total = sum(r["metric"] * r["targets"] for r in rows if r["targets"]) / n if n else None
-    return {"metric_name": adapter.metric_name, "inputs": rows, "metric": total, "targets": n,
-            "uniform_baseline": adapter.uniform_baseline()}
+    return {
+        "metric_name": adapter.metric_name,
+        "inputs": rows,
+        "metric": total,
+        "targets": n,
+        "uniform_baseline": adapter.uniform_baseline(),
+    }

@@ -26,8 +26,9 @@ def reader_pieces(reader, window: int) -> Iterator:
         yield reader.read(start, min(start + window, reader.length))
 
 
-def store_data(spec: dict, batch_size: int, window: int,
-               model_for: Callable | None = None) -> tuple[TrainData, object | None]:
+def store_data(
+    spec: dict, batch_size: int, window: int, model_for: Callable | None = None
+) -> tuple[TrainData, object | None]:
     """A run's data from a store. ``spec``: ``{"store": path, "sequences": [...] | None, "eval_sequences": [...] |
     None, "domain": name | None}`` (training sequences default to every complete one but the held-out ones;
     ``domain``, when given, must be the store's adapter). ``model_for(adapter)`` builds the model, which the
@@ -43,20 +44,26 @@ def store_data(spec: dict, batch_size: int, window: int,
     if not names:
         names = [n for n in store.list(incomplete=False) if n not in eval_names]
         if not names:
-            raise InputError(f"sequence store {store.where} holds no complete sequence to train on"
-                             + (" besides --eval-sequences" if eval_names else ""))
+            raise InputError(
+                f"sequence store {store.where} holds no complete sequence to train on"
+                + (" besides --eval-sequences" if eval_names else "")
+            )
     overlap = sorted(set(names) & set(eval_names))
     if overlap:
         raise ConfigError(f"--eval-sequences {overlap} are also training sequences: held-out data must be unseen")
     info = store.describe(names[0])
     if not info.adapter:
-        raise InputError(f"sequence store {store.where}: sequence {names[0]!r} records no adapter (it was not "
-                         "written by seqlab ingest or an adapter), so seqlab train cannot know how it was encoded")
+        raise InputError(
+            f"sequence store {store.where}: sequence {names[0]!r} records no adapter (it was not "
+            "written by seqlab ingest or an adapter), so seqlab train cannot know how it was encoded"
+        )
     adapter = adapter_from_info(info.adapter)
     check_trainable(adapter)
     if spec.get("domain") and spec["domain"] != adapter.name:
-        raise ConfigError(f"--domain {spec['domain']!r}, but sequence store {store.where} was encoded by the "
-                          f"{adapter.name!r} adapter ({info.adapter}); leave out --domain with --store")
+        raise ConfigError(
+            f"--domain {spec['domain']!r}, but sequence store {store.where} was encoded by the "
+            f"{adapter.name!r} adapter ({info.adapter}); leave out --domain with --store"
+        )
     model = model_for(adapter) if model_for else None
     try:
         train = StoreSource(store, names, batch_size, window, model=model)
@@ -70,8 +77,7 @@ def store_data(spec: dict, batch_size: int, window: int,
             raise InputError(f"--eval-sequences {eval_names} hold {total} elements: at least 2 are needed")
         eval_source = StoreSource(store, eval_names, 1, min(window, total - 1), model=model)
         for reader in readers:
-            held_out.append(HeldOut(reader.info.name, lambda r=reader: reader_pieces(r, EVAL_WINDOW),
-                                    reader.length))
+            held_out.append(HeldOut(reader.info.name, lambda r=reader: reader_pieces(r, EVAL_WINDOW), reader.length))
     where = spec["store"] if "://" in str(spec["store"]) else os.path.abspath(spec["store"])
     spec = {**spec, "store": where, "sequences": names, "eval_sequences": eval_names, "domain": adapter.name}
     return TrainData(adapter, train, train.total, eval_source, held_out, spec), model

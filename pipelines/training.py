@@ -26,8 +26,18 @@ from seqlab.errors import ConfigError, CorruptFileError, InputError
 __all__ = ["data_spec", "evaluate_model", "train_run"]
 
 
-def data_spec(*, files=None, domain=None, adapter_settings=None, eval_files=None, eval_fraction=None, store=None,
-              sequences=None, eval_sequences=None, recorded: dict | None = None) -> dict:
+def data_spec(
+    *,
+    files=None,
+    domain=None,
+    adapter_settings=None,
+    eval_files=None,
+    eval_fraction=None,
+    store=None,
+    sequences=None,
+    eval_sequences=None,
+    recorded: dict | None = None,
+) -> dict:
     """The data spec of a run (recorded in run.json): files with their adapter and held-out data, or a store
     with its sequences; with neither, the ``recorded`` spec of the run being resumed."""
     if files and store:
@@ -36,10 +46,10 @@ def data_spec(*, files=None, domain=None, adapter_settings=None, eval_files=None
         if eval_files or eval_fraction is not None:
             raise ConfigError("with --store, held-out data comes from --eval-sequences (not --eval/--eval-fraction)")
         if adapter_settings:
-            raise ConfigError("with --store, the adapter is the one the store was encoded with: leave out "
-                              "--adapter-settings")
-        return {"store": os.fspath(store), "sequences": sequences, "eval_sequences": eval_sequences,
-                "domain": domain}
+            raise ConfigError(
+                "with --store, the adapter is the one the store was encoded with: leave out --adapter-settings"
+            )
+        return {"store": os.fspath(store), "sequences": sequences, "eval_sequences": eval_sequences, "domain": domain}
     if files:
         if sequences or eval_sequences:
             raise ConfigError("--sequences and --eval-sequences go with --store")
@@ -48,8 +58,13 @@ def data_spec(*, files=None, domain=None, adapter_settings=None, eval_files=None
             adapter_settings = recorded.get("adapter_settings") if adapter_settings is None else adapter_settings
         if domain in (None, ""):
             raise ConfigError("missing required setting(s) --domain (a flag, or a key in --config)")
-        return {"files": [os.path.abspath(f) for f in files], "domain": domain, "adapter_settings": adapter_settings,
-                "eval": [os.path.abspath(f) for f in eval_files or []], "eval_fraction": eval_fraction}
+        return {
+            "files": [os.path.abspath(f) for f in files],
+            "domain": domain,
+            "adapter_settings": adapter_settings,
+            "eval": [os.path.abspath(f) for f in eval_files or []],
+            "eval_fraction": eval_fraction,
+        }
     if recorded:
         return recorded
     raise ConfigError("no training data: give FILE... (with --domain) or --store S.zarr")
@@ -68,10 +83,24 @@ def _notify(message: str) -> None:
     warnings.warn(message, stacklevel=3)
 
 
-def train_run(out, *, files=None, domain: str | None = None, adapter_settings=None, eval_files=None,
-              eval_fraction: float | None = None, store=None, sequences=None, eval_sequences=None,
-              options: dict[str, Any] | None = None, resume: bool = False, overwrite: bool = False, device=None,
-              progress: bool = True, notify: Callable[[str], None] | None = None) -> dict:
+def train_run(
+    out,
+    *,
+    files=None,
+    domain: str | None = None,
+    adapter_settings=None,
+    eval_files=None,
+    eval_fraction: float | None = None,
+    store=None,
+    sequences=None,
+    eval_sequences=None,
+    options: dict[str, Any] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    device=None,
+    progress: bool = True,
+    notify: Callable[[str], None] | None = None,
+) -> dict:
     """Train a model for a domain adapter into the run folder ``out`` and return the run's summary.
 
     Data: ``files`` with ``domain`` (an adapter name), ``adapter_settings`` and held-out ``eval_files`` or
@@ -99,8 +128,7 @@ def train_run(out, *, files=None, domain: str | None = None, adapter_settings=No
         raise InputError(f"--out {out} is a file, not a folder")
     held = runs.holds_run(out) if out.is_dir() else None
     if held and not (resume or overwrite):
-        raise InputError(f"--out {out} already holds {held}: pass --resume to continue it or --overwrite to "
-                         "start over")
+        raise InputError(f"--out {out} already holds {held}: pass --resume to continue it or --overwrite to start over")
     resuming = bool(resume and has_checkpoint(out))
     run = runs.read_run(out) if resume else {}
     restarting = bool(resume and not resuming and run.get("data"))
@@ -116,8 +144,10 @@ def train_run(out, *, files=None, domain: str | None = None, adapter_settings=No
         except ConfigError as exc:
             raise CorruptFileError(f"{out / runs.RUN_FILE}: recorded model config: {exc}") from None
         recorded_train = dict(run.get("train") or {})
-        notify(f"no checkpoint in {out} yet (the run stopped before its first one): starting it again from step 0 "
-               f"with the data and settings in {out / runs.RUN_FILE}")
+        notify(
+            f"no checkpoint in {out} yet (the run stopped before its first one): starting it again from step 0 "
+            f"with the data and settings in {out / runs.RUN_FILE}"
+        )
     else:
         adapter_info, model_config, recorded_train = None, None, {}
         if resume:
@@ -125,9 +155,17 @@ def train_run(out, *, files=None, domain: str | None = None, adapter_settings=No
     device = runs.resolve_device(device)
     settings = runs.train_settings(options, recorded_train, resuming or restarting)
     backbone = runs.backbone_config(options, model_config)
-    spec = data_spec(files=files, domain=domain, adapter_settings=adapter_settings, eval_files=eval_files,
-                     eval_fraction=eval_fraction, store=store, sequences=sequences, eval_sequences=eval_sequences,
-                     recorded=run.get("data"))
+    spec = data_spec(
+        files=files,
+        domain=domain,
+        adapter_settings=adapter_settings,
+        eval_files=eval_files,
+        eval_fraction=eval_fraction,
+        store=store,
+        sequences=sequences,
+        eval_sequences=eval_sequences,
+        recorded=run.get("data"),
+    )
     batch_size, window = settings.get("batch_size", 8), settings.get("window", 256)
     for name, value in (("batch_size", batch_size), ("window", window)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -150,12 +188,16 @@ def train_run(out, *, files=None, domain: str | None = None, adapter_settings=No
         model = build(data.adapter)
     adapter = data.adapter
     if adapter_info is not None and _plain(adapter_info, drop="model") != _plain(adapter.info()):
-        raise ConfigError(f"the run in {out} was trained with adapter {adapter_info}, the data now given is "
-                          f"encoded by {adapter.info()}: give the run's data, or start over with --overwrite")
+        raise ConfigError(
+            f"the run in {out} was trained with adapter {adapter_info}, the data now given is "
+            f"encoded by {adapter.info()}: give the run's data, or start over with --overwrite"
+        )
     if resuming and run.get("train_elements") not in (None, data.train_elements):
-        raise ConfigError(f"the training data now holds {data.train_elements} elements, the run in {out} was "
-                          f"made on {run['train_elements']}: the data position would not match (give the same "
-                          "data, or start over with --overwrite)")
+        raise ConfigError(
+            f"the training data now holds {data.train_elements} elements, the run in {out} was "
+            f"made on {run['train_elements']}: the data position would not match (give the same "
+            "data, or start over with --overwrite)"
+        )
     config = runs.run_train_config(settings, out, progress, data.eval_source is not None)
     hooks = {"loss_fn": adapter.loss, "metric_fn": adapter.metric, "loss_unit": adapter.loss_unit}
     if resuming:  # loads the checkpoint (and checks it fits these settings) before anything is written
@@ -170,34 +212,46 @@ def train_run(out, *, files=None, domain: str | None = None, adapter_settings=No
     out.mkdir(parents=True, exist_ok=True)
     if held and not resuming:  # overwrite, or a resume of a run that never reached a checkpoint
         runs.set_aside_previous_run(out)
-    record = {"seqlab": "train", "adapter": adapter.info(), "model": backbone.to_dict(),
-              "model_options": build_options, "train": {k: v for k, v in config.to_dict().items()
-                                                        if k not in ("checkpoint_dir", "log_path", "progress")},
-              "data": data.spec, "train_elements": data.train_elements}
+    record = {
+        "seqlab": "train",
+        "adapter": adapter.info(),
+        "model": backbone.to_dict(),
+        "model_options": build_options,
+        "train": {k: v for k, v in config.to_dict().items() if k not in ("checkpoint_dir", "log_path", "progress")},
+        "data": data.spec,
+        "train_elements": data.train_elements,
+    }
     runs.write_run(out, record)
     start_step, started = trainer.step, time.perf_counter()
     records = trainer.fit()  # checkpoints every checkpoint_every steps and at the last one
     seconds = time.perf_counter() - started
     model_path = save_model(out / runs.MODEL_FILE, model, {"step": trainer.step})
 
-    summary = {"steps": trainer.step, "steps_this_run": trainer.step - start_step,
-               "tokens": trainer.pos.tokens, "seconds": seconds,
-               "train_loss": runs.last_loss(records, out / runs.LOG_FILE), "loss_unit": adapter.loss_unit,
-               "metric_name": adapter.metric_name, "uniform_baseline": adapter.uniform_baseline(),
-               "model": str(model_path), "out": str(out)}
+    summary = {
+        "steps": trainer.step,
+        "steps_this_run": trainer.step - start_step,
+        "tokens": trainer.pos.tokens,
+        "seconds": seconds,
+        "train_loss": runs.last_loss(records, out / runs.LOG_FILE),
+        "loss_unit": adapter.loss_unit,
+        "metric_name": adapter.metric_name,
+        "uniform_baseline": adapter.uniform_baseline(),
+        "model": str(model_path),
+        "out": str(out),
+    }
     if data.held_out:
         model.eval()
         result = evaluate(model, adapter, data.held_out, device, progress)
-        summary.update(held_out=result["metric"], held_out_targets=result["targets"],
-                       held_out_inputs=result["inputs"])
+        summary.update(held_out=result["metric"], held_out_targets=result["targets"], held_out_inputs=result["inputs"])
     record["summary"] = summary
     runs.write_run(out, record)
     runs.remove_previous_run(out)
     return summary
 
 
-def evaluate_model(model_path, *, files=None, store=None, sequences=None, window: int = 4096, device=None,
-                   progress: bool = False) -> dict:
+def evaluate_model(
+    model_path, *, files=None, store=None, sequences=None, window: int = 4096, device=None, progress: bool = False
+) -> dict:
     """The held-out metric of a trained model (a model file or a training checkpoint folder) over ``files``
     (encoded by the model's adapter) or a ``store``'s ``sequences`` (default: every complete one), each streamed
     ``window`` elements at a time with the state carried (exact: one pass over it). Returns ``{"model",

@@ -56,18 +56,39 @@ __all__ = [
 RUN_FILE = "run.json"
 MODEL_FILE = "model.safetensors"
 LOG_FILE = "train.jsonl"
-PREVIOUS_RUN = ".previous-run"   # an overwritten run waits here until the new run has finished
-RUN_FORMAT_VERSION = 2           # run.json: 2 carries a checksum of its contents
+PREVIOUS_RUN = ".previous-run"  # an overwritten run waits here until the new run has finished
+RUN_FORMAT_VERSION = 2  # run.json: 2 carries a checksum of its contents
 
 #: model option -> the BackboneConfig field of the same name, with the default of a new run
-MODEL_OPTIONS: dict[str, Any] = {"ssm": "mamba1", "d_model": 128, "n_layer": 4, "d_state": None, "d_conv": 4,
-                                 "expand": 2, "headdim": 64, "chunk_size": 256}
+MODEL_OPTIONS: dict[str, Any] = {
+    "ssm": "mamba1",
+    "d_model": 128,
+    "n_layer": 4,
+    "d_state": None,
+    "d_conv": 4,
+    "expand": 2,
+    "headdim": 64,
+    "chunk_size": 256,
+}
 #: training option -> TrainConfig field (defaults: TrainConfig's, except RUN_DEFAULTS)
 TRAIN_OPTIONS: dict[str, str] = {
-    "steps": "max_steps", "batch_size": "batch_size", "window": "window", "lr": "lr", "min_lr_ratio": "min_lr_ratio",
-    "weight_decay": "weight_decay", "warmup": "warmup_steps", "grad_accum": "grad_accum", "grad_clip": "grad_clip",
-    "eval_every": "eval_every", "eval_windows": "eval_windows", "checkpoint_every": "checkpoint_every",
-    "seed": "seed", "bf16": "bf16", "carry_state": "carry_state", "keep_checkpoints": "keep_checkpoints"}
+    "steps": "max_steps",
+    "batch_size": "batch_size",
+    "window": "window",
+    "lr": "lr",
+    "min_lr_ratio": "min_lr_ratio",
+    "weight_decay": "weight_decay",
+    "warmup": "warmup_steps",
+    "grad_accum": "grad_accum",
+    "grad_clip": "grad_clip",
+    "eval_every": "eval_every",
+    "eval_windows": "eval_windows",
+    "checkpoint_every": "checkpoint_every",
+    "seed": "seed",
+    "bf16": "bf16",
+    "carry_state": "carry_state",
+    "keep_checkpoints": "keep_checkpoints",
+}
 #: a run's own defaults where they differ from TrainConfig's (a run always checkpoints; option names)
 RUN_DEFAULTS: dict[str, Any] = {"checkpoint_every": 100, "eval_every": 100}
 
@@ -114,15 +135,16 @@ def read_run(out: str | os.PathLike) -> dict:
     try:
         run = json.loads(path.read_bytes())
     except (ValueError, RecursionError) as exc:
-        raise CorruptFileError(f"{path}: not valid JSON, damaged or truncated ({' '.join(str(exc).split())})") \
-            from None
+        raise CorruptFileError(f"{path}: not valid JSON, damaged or truncated ({' '.join(str(exc).split())})") from None
     if not isinstance(run, dict):
         raise CorruptFileError(f"{path}: not a seqlab train run file (not a JSON object)")
     version = run.get("format_version", 1)
     if "checksum" in run or version != 1:
         if run.get("checksum") != run_checksum(run):
-            raise CorruptFileError(f"{path}: checksum mismatch, the file was altered or damaged (start over with "
-                                   "--overwrite, or restore the file)")
+            raise CorruptFileError(
+                f"{path}: checksum mismatch, the file was altered or damaged (start over with "
+                "--overwrite, or restore the file)"
+            )
     for key in ("train", "data", "model", "adapter"):
         if key in run and not isinstance(run[key], dict):
             raise CorruptFileError(f"{path}: {key} is not a JSON object")
@@ -141,8 +163,10 @@ def checkpoint_settings(out: str | os.PathLike) -> tuple[dict, dict, dict]:
     _, meta = read_model_file(folder / "model.safetensors")
     _, trainer_meta = read_trainer_file(folder / "trainer.safetensors")
     if not meta.get("adapter") or not meta.get("config"):
-        raise InputError(f"{folder}: the checkpoint records no adapter or model config (not made by seqlab train "
-                         "or a model built by an adapter): it cannot be resumed from the command line")
+        raise InputError(
+            f"{folder}: the checkpoint records no adapter or model config (not made by seqlab train "
+            "or a model built by an adapter): it cannot be resumed from the command line"
+        )
     model_file_config(folder / "model.safetensors", meta)  # a bad key or value names the file
     trainer = trainer_meta.get("trainer")
     config = trainer.get("config") if isinstance(trainer, dict) else None
@@ -174,8 +198,9 @@ def set_aside_previous_run(out: str | os.PathLike) -> None:
         shutil.rmtree(previous)
     previous.mkdir()
     for entry in out.iterdir():
-        if entry.name in (MODEL_FILE, RUN_FILE, LOG_FILE, "latest") or (entry.is_dir()
-                                                                        and entry.name.startswith("step-")):
+        if entry.name in (MODEL_FILE, RUN_FILE, LOG_FILE, "latest") or (
+            entry.is_dir() and entry.name.startswith("step-")
+        ):
             entry.rename(previous / entry.name)
 
 
@@ -254,8 +279,10 @@ def backbone_config(given: dict[str, Any], recorded: dict | None):
         for option in MODEL_OPTIONS:
             value = given.get(option)
             if value is not None and value != getattr(config, option):
-                raise ConfigError(f"{option_flag(option)} {value} differs from the run being resumed ({option} = "
-                                  f"{getattr(config, option)}): leave it out, or start over with --overwrite")
+                raise ConfigError(
+                    f"{option_flag(option)} {value} differs from the run being resumed ({option} = "
+                    f"{getattr(config, option)}): leave it out, or start over with --overwrite"
+                )
         return config
     values = {k: (given[k] if given.get(k) is not None else default) for k, default in MODEL_OPTIONS.items()}
     try:
@@ -305,6 +332,8 @@ def check_model_fits(backbone, device) -> None:
     count = backbone.n_layer * 3 * backbone.d_model * backbone.d_inner
     need, have = count * 16, memory_bytes(device)  # fp32 weights, gradients and two AdamW moments
     if have is not None and need > have:
-        raise ConfigError(f"a model of over {count:,} parameters (--d-model {backbone.d_model} --n-layer "
-                          f"{backbone.n_layer}) needs over {need / 2**30:,.1f} GiB to train, this machine has "
-                          f"{have / 2**30:,.1f} GiB ({device.type}): use a smaller --d-model or --n-layer")
+        raise ConfigError(
+            f"a model of over {count:,} parameters (--d-model {backbone.d_model} --n-layer "
+            f"{backbone.n_layer}) needs over {need / 2**30:,.1f} GiB to train, this machine has "
+            f"{have / 2**30:,.1f} GiB ({device.type}): use a smaller --d-model or --n-layer"
+        )

@@ -23,8 +23,14 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-RECORD = {"seqlab": "train", "adapter": {"name": "bytes", "settings": {"utf8": False}}, "model": {"d_model": 16},
-          "train": {"lr": 0.004}, "data": {"files": ["/x/c.txt"]}, "train_elements": 5000}
+RECORD = {
+    "seqlab": "train",
+    "adapter": {"name": "bytes", "settings": {"utf8": False}},
+    "model": {"d_model": 16},
+    "train": {"lr": 0.004},
+    "data": {"files": ["/x/c.txt"]},
+    "train_elements": 5000,
+}
 
 
 def test_run_json_round_trips_with_a_checksum_and_an_edit_is_refused(tmp_path):
@@ -62,8 +68,16 @@ def checkpointed(tmp_path):
     """A real run directory: two Trainer steps of a tiny model stamped with an adapter, checkpointed at step 2."""
     model = tiny_lm(vocab=16, d_model=16, n_layer=1)
     model.adapter_info = {"name": "bytes", "settings": {"utf8": False}}
-    config = TrainConfig(max_steps=2, batch_size=2, window=8, checkpoint_every=2, checkpoint_dir=str(tmp_path),
-                         log_path=str(tmp_path / runs.LOG_FILE), progress=False, lr=4e-3)
+    config = TrainConfig(
+        max_steps=2,
+        batch_size=2,
+        window=8,
+        checkpoint_every=2,
+        checkpoint_dir=str(tmp_path),
+        log_path=str(tmp_path / runs.LOG_FILE),
+        progress=False,
+        lr=4e-3,
+    )
     records = Trainer(model, config, SequenceSource(torch.arange(400) % 16, 2, 8)).fit()
     return tmp_path, model, records
 
@@ -79,8 +93,9 @@ def test_a_checkpoint_gives_its_adapter_model_and_training_settings(checkpointed
 
 def test_a_checkpoint_of_a_model_without_an_adapter_cannot_be_resumed(tmp_path):
     model = tiny_lm(vocab=16, d_model=16, n_layer=1)
-    config = TrainConfig(max_steps=1, batch_size=2, window=8, checkpoint_every=1, checkpoint_dir=str(tmp_path),
-                         progress=False)
+    config = TrainConfig(
+        max_steps=1, batch_size=2, window=8, checkpoint_every=1, checkpoint_dir=str(tmp_path), progress=False
+    )
     Trainer(model, config, SequenceSource(torch.arange(400) % 16, 2, 8)).fit()
     with pytest.raises(Exception, match="records no adapter or model config"):
         runs.checkpoint_settings(tmp_path)
@@ -93,8 +108,13 @@ def test_what_a_folder_holds_and_setting_a_previous_run_aside(checkpointed):
     (out / "notes.txt").write_text("mine")
     runs.set_aside_previous_run(out)
     previous = out / runs.PREVIOUS_RUN
-    assert sorted(p.name for p in previous.iterdir()) == ["latest", "model.safetensors", "run.json",
-                                                          "step-00000002", "train.jsonl"]
+    assert sorted(p.name for p in previous.iterdir()) == [
+        "latest",
+        "model.safetensors",
+        "run.json",
+        "step-00000002",
+        "train.jsonl",
+    ]
     assert sorted(p.name for p in out.iterdir()) == [".previous-run", "notes.txt"]  # not a run file: it stays
     assert runs.holds_run(out) is None
     runs.write_run(out, RECORD)
@@ -123,8 +143,12 @@ def test_settings_merge_defaults_then_recorded_then_given_options():
 
 
 def test_the_train_config_of_a_run_names_options_at_fault(tmp_path):
-    config = runs.run_train_config({"max_steps": 5, "checkpoint_every": 2, "eval_every": 3, "keep_checkpoints": "all"},
-                                   tmp_path, progress=False, has_eval=False)
+    config = runs.run_train_config(
+        {"max_steps": 5, "checkpoint_every": 2, "eval_every": 3, "keep_checkpoints": "all"},
+        tmp_path,
+        progress=False,
+        has_eval=False,
+    )
     assert config.checkpoint_dir == str(tmp_path) and config.log_path == str(tmp_path / "train.jsonl")
     assert config.eval_every == 0 and config.keep_checkpoints is None and config.progress is False
     with pytest.raises(ConfigError, match=r"^--warmup \(10\) must be <= --steps \(5\)"):

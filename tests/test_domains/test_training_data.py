@@ -8,8 +8,17 @@ import pytest
 import torch
 
 from seqlab.config import BackboneConfig
-from seqlab.domains.training_data import (EVAL_WINDOW, HeldOut, adapter_for, check_trainable, encode_files,
-                                          evaluate, file_inputs, files_data, tensor_pieces)
+from seqlab.domains.training_data import (
+    EVAL_WINDOW,
+    HeldOut,
+    adapter_for,
+    check_trainable,
+    encode_files,
+    evaluate,
+    file_inputs,
+    files_data,
+    tensor_pieces,
+)
 from seqlab.errors import ConfigError, InputError
 from seqlab.train import FrameSource, WindowSource
 
@@ -17,8 +26,13 @@ TEXT = "Mamba streams with a state carried from window to window. " * 40
 
 
 def spec(files, domain="bytes", **kw):
-    return {"files": [str(f) for f in files], "domain": domain, "adapter_settings": kw.pop("settings", None),
-            "eval": [str(f) for f in kw.pop("eval", [])], "eval_fraction": kw.pop("fraction", None)}
+    return {
+        "files": [str(f) for f in files],
+        "domain": domain,
+        "adapter_settings": kw.pop("settings", None),
+        "eval": [str(f) for f in kw.pop("eval", [])],
+        "eval_fraction": kw.pop("fraction", None),
+    }
 
 
 def test_one_bytes_file_is_memory_mapped_and_its_last_fraction_held_out(tmp_path):
@@ -32,11 +46,13 @@ def test_one_bytes_file_is_memory_mapped_and_its_last_fraction_held_out(tmp_path
     ids = torch.tensor(list(raw), dtype=torch.int64)
     inputs, targets = data.train.window(1)
     stream = split // 2
-    assert torch.equal(inputs[1], ids[stream + 16:stream + 32]) and torch.equal(targets[1], ids[stream + 17:stream + 33])
+    assert torch.equal(inputs[1], ids[stream + 16 : stream + 32]) and torch.equal(
+        targets[1], ids[stream + 17 : stream + 33]
+    )
     (held,) = data.held_out
     assert held.name == "last 0.25 of the data" and held.length == len(raw) - split
     assert torch.equal(torch.cat(list(held.pieces())), ids[split:])
-    assert data.eval_source.batch_size == 1 and torch.equal(data.eval_source.window(0)[0][0], ids[split:split + 16])
+    assert data.eval_source.batch_size == 1 and torch.equal(data.eval_source.window(0)[0][0], ids[split : split + 16])
     assert data.spec["eval_fraction"] == 0.25
 
 
@@ -81,8 +97,13 @@ def test_continuous_frames_train_as_frames(tmp_path):
     soundfile = pytest.importorskip("soundfile")
     t = np.arange(3000) / 8000
     soundfile.write(tmp_path / "s.wav", (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 8000)
-    data = files_data(spec([tmp_path / "s.wav"], domain="audio", fraction=0.2,
-                           settings='{"sample_rate": 8000, "mode": "continuous"}'), batch_size=2, window=32)
+    data = files_data(
+        spec(
+            [tmp_path / "s.wav"], domain="audio", fraction=0.2, settings='{"sample_rate": 8000, "mode": "continuous"}'
+        ),
+        batch_size=2,
+        window=32,
+    )
     assert isinstance(data.train, FrameSource) and data.train.window(0)[0].dtype == torch.float32
     frames = encode_files(data.adapter, [str(tmp_path / "s.wav")])
     assert frames.dim() == 2 and data.train_elements == frames.shape[0] - int(frames.shape[0] * 0.2)

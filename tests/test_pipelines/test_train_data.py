@@ -21,8 +21,16 @@ from seqlab.pipelines.train_data import reader_pieces, store_data, store_inputs 
 from seqlab.pipelines.training import data_spec, evaluate_model, train_run  # noqa: E402
 
 TEXT = "".join(f"line {i}: the state is carried from window to window, exactly.\n" for i in range(120))
-TINY = {"d_model": 16, "n_layer": 1, "d_state": 4, "batch_size": 2, "window": 32, "lr": 4e-3, "steps": 3,
-        "checkpoint_every": 3}
+TINY = {
+    "d_model": 16,
+    "n_layer": 1,
+    "d_state": 4,
+    "batch_size": 2,
+    "window": 32,
+    "lr": 4e-3,
+    "steps": 3,
+    "checkpoint_every": 3,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -53,12 +61,16 @@ def test_store_data_trains_on_the_files_windows_and_holds_out_sequences(files):
     spec = {"store": str(files / "s.zarr"), "sequences": None, "eval_sequences": ["held"], "domain": None}
     data, model = store_data(spec, batch_size=2, window=32)
     assert model is None and data.adapter == ByteAdapter()
-    assert data.spec == {"store": str(files / "s.zarr"), "sequences": ["corpus"], "eval_sequences": ["held"],
-                         "domain": "bytes"}
+    assert data.spec == {
+        "store": str(files / "s.zarr"),
+        "sequences": ["corpus"],
+        "eval_sequences": ["held"],
+        "domain": "bytes",
+    }
     assert data.train_elements == 5000
     ids = torch.tensor(list((files / "corpus.txt").read_bytes()))
     inputs, targets = data.train.window(2)
-    assert torch.equal(inputs[1], ids[2500 + 64:2500 + 96]) and torch.equal(targets[0], ids[65:97])
+    assert torch.equal(inputs[1], ids[2500 + 64 : 2500 + 96]) and torch.equal(targets[0], ids[65:97])
     (held,) = data.held_out
     assert held.name == "held" and held.length == 1500
     assert bytes(torch.cat(list(held.pieces())).tolist()) == (files / "held.txt").read_bytes()
@@ -99,27 +111,42 @@ def test_data_spec_of_files_store_or_the_recorded_run(files):
     recorded = {"files": ["/x/a.txt"], "domain": "dna", "adapter_settings": {"add_bos_eos": True}}
     assert data_spec(files=["b.txt"], recorded=recorded)["adapter_settings"] == {"add_bos_eos": True}
     assert data_spec(recorded=recorded) == recorded
-    for kwargs, message in (({"files": ["a"], "store": "s"}, "either as FILE... or as --store"),
-                            ({"store": "s", "eval_fraction": 0.1}, "with --store, held-out data comes from"),
-                            ({"store": "s", "adapter_settings": {"utf8": True}}, "leave out --adapter-settings"),
-                            ({"files": ["a"], "domain": "bytes", "sequences": ["x"]}, "go with --store"),
-                            ({"files": ["a"]}, r"missing required setting\(s\) --domain"),
-                            ({}, "no training data")):
+    for kwargs, message in (
+        ({"files": ["a"], "store": "s"}, "either as FILE... or as --store"),
+        ({"store": "s", "eval_fraction": 0.1}, "with --store, held-out data comes from"),
+        ({"store": "s", "adapter_settings": {"utf8": True}}, "leave out --adapter-settings"),
+        ({"files": ["a"], "domain": "bytes", "sequences": ["x"]}, "go with --store"),
+        ({"files": ["a"]}, r"missing required setting\(s\) --domain"),
+        ({}, "no training data"),
+    ):
         with pytest.raises(ConfigError, match=message):
             data_spec(**kwargs)
 
 
 def test_a_run_from_files_then_resumed_and_evaluated(files, tmp_path):
     out = tmp_path / "run"
-    summary = train_run(out, files=[files / "corpus.txt"], domain="bytes", eval_files=[files / "held.txt"],
-                        options={**TINY, "eval_every": 2}, device="cpu", progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["latest", "model.safetensors", "run.json", "step-00000003",
-                                                     "train.jsonl"]
+    summary = train_run(
+        out,
+        files=[files / "corpus.txt"],
+        domain="bytes",
+        eval_files=[files / "held.txt"],
+        options={**TINY, "eval_every": 2},
+        device="cpu",
+        progress=False,
+    )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "latest",
+        "model.safetensors",
+        "run.json",
+        "step-00000003",
+        "train.jsonl",
+    ]
     log = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
     assert summary["steps"] == summary["steps_this_run"] == 3 and summary["tokens"] == 3 * 2 * 32
     assert summary["train_loss"] == log[-1]["loss"] and summary["loss_unit"] == "bits"
-    assert summary["held_out"] == pytest.approx(one_pass(out / "model.safetensors",
-                                                         (files / "held.txt").read_bytes()), abs=1e-5)
+    assert summary["held_out"] == pytest.approx(
+        one_pass(out / "model.safetensors", (files / "held.txt").read_bytes()), abs=1e-5
+    )
     assert summary["held_out_targets"] == 1499 and summary["uniform_baseline"] == 8.0
     record = runs.read_run(out)
     assert record["summary"] == json.loads(json.dumps(summary)) and record["train_elements"] == 5000
@@ -142,10 +169,11 @@ def test_a_run_from_files_then_resumed_and_evaluated(files, tmp_path):
     assert stored["inputs"][0]["name"] == "held" and stored["metric"] == pytest.approx(result["metric"], abs=1e-5)
     (tmp_path / "one.txt").write_text("x")
     for kwargs, error, message in (
-            ({"files": [str(tmp_path / "one.txt")]}, InputError, "one.txt: too short to measure"),
-            ({"files": [str(tmp_path / "none.txt")]}, InputError, "none.txt: no such file"),
-            ({}, ConfigError, "give the held-out data as FILE... or as --store"),
-            ({"files": ["a"], "sequences": ["b"]}, ConfigError, "--sequences goes with --store")):
+        ({"files": [str(tmp_path / "one.txt")]}, InputError, "one.txt: too short to measure"),
+        ({"files": [str(tmp_path / "none.txt")]}, InputError, "none.txt: no such file"),
+        ({}, ConfigError, "give the held-out data as FILE... or as --store"),
+        ({"files": ["a"], "sequences": ["b"]}, ConfigError, "--sequences goes with --store"),
+    ):
         with pytest.raises(error, match=message):
             evaluate_model(out / "model.safetensors", **kwargs)
     with pytest.raises(InputError, match="nothing.safetensors: no such model file"):
@@ -153,17 +181,18 @@ def test_a_run_from_files_then_resumed_and_evaluated(files, tmp_path):
 
 
 def test_a_store_run_ends_on_the_same_loss_as_the_same_run_from_the_file(files, tmp_path):
-    from_store = train_run(tmp_path / "s", store=files / "s.zarr", eval_sequences=["held"], options=TINY,
-                           progress=False)
-    from_file = train_run(tmp_path / "f", files=[files / "corpus.txt"], domain="bytes", options=TINY,
-                          progress=False)
+    from_store = train_run(
+        tmp_path / "s", store=files / "s.zarr", eval_sequences=["held"], options=TINY, progress=False
+    )
+    from_file = train_run(tmp_path / "f", files=[files / "corpus.txt"], domain="bytes", options=TINY, progress=False)
     assert from_store["train_loss"] == from_file["train_loss"] and "held_out" not in from_file
     assert runs.read_run(tmp_path / "s")["data"]["sequences"] == ["corpus"]
     assert from_store["held_out_inputs"][0]["name"] == "held"
 
 
 def test_a_resume_before_the_first_checkpoint_restarts_the_recorded_run_and_overwrite_keeps_the_old_one(
-        files, tmp_path, monkeypatch):
+    files, tmp_path, monkeypatch
+):
     from seqlab.train import Trainer
 
     real_step = Trainer._train_step
@@ -179,15 +208,24 @@ def test_a_resume_before_the_first_checkpoint_restarts_the_recorded_run_and_over
     notices = []
     summary = train_run(tmp_path / "r", resume=True, progress=False, notify=notices.append)
     assert summary["steps_this_run"] == 3
-    assert notices == [f"no checkpoint in {tmp_path / 'r'} yet (the run stopped before its first one): starting it "
-                       f"again from step 0 with the data and settings in {tmp_path / 'r' / 'run.json'}"]
+    assert notices == [
+        f"no checkpoint in {tmp_path / 'r'} yet (the run stopped before its first one): starting it "
+        f"again from step 0 with the data and settings in {tmp_path / 'r' / 'run.json'}"
+    ]
     straight = train_run(tmp_path / "s", files=[files / "corpus.txt"], domain="bytes", options=TINY, progress=False)
     assert straight["train_loss"] == summary["train_loss"]
     assert (tmp_path / "s" / "model.safetensors").read_bytes() == (tmp_path / "r" / "model.safetensors").read_bytes()
 
     # a new run in a fresh folder with resume=True says so
-    train_run(tmp_path / "n", resume=True, files=[files / "held.txt"], domain="bytes", progress=False,
-              options={**TINY, "steps": 1, "checkpoint_every": 1}, notify=notices.append)
+    train_run(
+        tmp_path / "n",
+        resume=True,
+        files=[files / "held.txt"],
+        domain="bytes",
+        progress=False,
+        options={**TINY, "steps": 1, "checkpoint_every": 1},
+        notify=notices.append,
+    )
     assert notices[-1] == f"no checkpoint in {tmp_path / 'n'} yet: starting a new run"
     # overwrite: a start that fails on its data leaves the old run as it was; one that succeeds replaces it
     before = {p: p.read_bytes() for p in (tmp_path / "r").rglob("*") if p.is_file()}
@@ -196,7 +234,13 @@ def test_a_resume_before_the_first_checkpoint_restarts_the_recorded_run_and_over
     assert {p: p.read_bytes() for p in (tmp_path / "r").rglob("*") if p.is_file()} == before
     with pytest.raises(ConfigError, match="give one of them"):
         train_run(tmp_path / "r", overwrite=True, resume=True)
-    done = train_run(tmp_path / "r", overwrite=True, files=[files / "held.txt"], domain="bytes", progress=False,
-                     options={**TINY, "steps": 1, "checkpoint_every": 1})
+    done = train_run(
+        tmp_path / "r",
+        overwrite=True,
+        files=[files / "held.txt"],
+        domain="bytes",
+        progress=False,
+        options={**TINY, "steps": 1, "checkpoint_every": 1},
+    )
     assert done["steps"] == 1 and not (tmp_path / "r" / runs.PREVIOUS_RUN).exists()
     assert not (tmp_path / "r" / "step-00000003").exists()
