@@ -31,7 +31,7 @@ def store_data(
 ) -> tuple[TrainData, object | None]:
     """A run's data from a store. ``spec``: ``{"store": path, "sequences": [...] | None, "eval_sequences": [...] |
     None, "domain": name | None}`` (training sequences default to every complete one but the held-out ones;
-    ``domain``, when given, must be the store's adapter). ``model_for(adapter)`` builds the model, which the
+    ``domain``, when given, must be the name of the store's adapter). ``model_for(adapter)`` builds the model, which the
     sources then check against the stored encoding. Returns ``(TrainData, model or None)``; the TrainData's spec
     records the store's absolute path, the sequence lists and the adapter's name."""
     from seqlab.domains.base import adapter_from_info
@@ -61,8 +61,8 @@ def store_data(
     check_trainable(adapter)
     if spec.get("domain") and spec["domain"] != adapter.name:
         raise ConfigError(
-            f"--domain {spec['domain']!r}, but sequence store {store.where} was encoded by the "
-            f"{adapter.name!r} adapter ({info.adapter}); leave out --domain with --store"
+            f"--adapter {spec['domain']!r}, but sequence store {store.where} was encoded by the "
+            f"{adapter.name!r} adapter ({info.adapter}); leave out --adapter with --store"
         )
     model = model_for(adapter) if model_for else None
     try:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from seqlab import runs
-from seqlab.domains.training_data import check_file, check_trainable, evaluate, file_inputs, files_data
+from seqlab.domains.training_data import check_trainable, evaluate, file_inputs, files_data
 from seqlab.errors import ConfigError, CorruptFileError, InputError
 
 __all__ = ["data_spec", "evaluate_model", "train_run"]
@@ -29,7 +29,7 @@ __all__ = ["data_spec", "evaluate_model", "train_run"]
 def data_spec(
     *,
     files=None,
-    domain=None,
+    adapter=None,
     adapter_settings=None,
     eval_files=None,
     eval_fraction=None,
@@ -49,25 +49,25 @@ def data_spec(
             raise ConfigError(
                 "with --store, the adapter is the one the store was encoded with: leave out --adapter-settings"
             )
-        return {"store": os.fspath(store), "sequences": sequences, "eval_sequences": eval_sequences, "domain": domain}
+        return {"store": os.fspath(store), "sequences": sequences, "eval_sequences": eval_sequences, "domain": adapter}
     if files:
         if sequences or eval_sequences:
             raise ConfigError("--sequences and --eval-sequences go with --store")
-        if domain is None and recorded and "files" in recorded:  # a resume: the run's adapter
-            domain = recorded.get("domain")
+        if adapter is None and recorded and "files" in recorded:  # a resume: the run's adapter
+            adapter = recorded.get("domain")
             adapter_settings = recorded.get("adapter_settings") if adapter_settings is None else adapter_settings
-        if domain in (None, ""):
-            raise ConfigError("missing required setting(s) --domain (a flag, or a key in --config)")
+        if adapter in (None, ""):
+            raise ConfigError("missing required setting(s) --adapter (a flag, or a key in --config)")
         return {
             "files": [os.path.abspath(f) for f in files],
-            "domain": domain,
+            "domain": adapter,
             "adapter_settings": adapter_settings,
             "eval": [os.path.abspath(f) for f in eval_files or []],
             "eval_fraction": eval_fraction,
         }
     if recorded:
         return recorded
-    raise ConfigError("no training data: give FILE... (with --domain) or --store S.zarr")
+    raise ConfigError("no training data: give FILE... (with --adapter) or --store S.zarr")
 
 
 def _plain(value, drop: str | None = None):
@@ -87,7 +87,7 @@ def train_run(
     out,
     *,
     files=None,
-    domain: str | None = None,
+    adapter: str | None = None,
     adapter_settings=None,
     eval_files=None,
     eval_fraction: float | None = None,
@@ -103,7 +103,7 @@ def train_run(
 ) -> dict:
     """Train a model for a domain adapter into the run folder ``out`` and return the run's summary.
 
-    Data: ``files`` with ``domain`` (an adapter name), ``adapter_settings`` and held-out ``eval_files`` or
+    Data: ``files`` with ``adapter`` (an adapter's name), ``adapter_settings`` and held-out ``eval_files`` or
     ``eval_fraction``; or a ``store`` with ``sequences`` and held-out ``eval_sequences``; a resumed run may give
     neither (its recorded data). ``options``: model and training settings by option name (``runs.MODEL_OPTIONS``,
     ``runs.TRAIN_OPTIONS``; None or missing: the default, or the resumed run's value). ``device``: a name or
@@ -157,7 +157,7 @@ def train_run(
     backbone = runs.backbone_config(options, model_config)
     spec = data_spec(
         files=files,
-        domain=domain,
+        adapter=adapter,
         adapter_settings=adapter_settings,
         eval_files=eval_files,
         eval_fraction=eval_fraction,
@@ -174,10 +174,10 @@ def train_run(
     seed = settings.get("seed", 0)
     build_options = dict((adapter_info or {}).get("model") or {})
 
-    def build(adapter):
+    def build(encoder):
         runs.check_model_fits(backbone, device)
         torch.manual_seed(seed)  # the initial weights follow the seed
-        return adapter.build_model(backbone, **build_options).to(device)
+        return encoder.build_model(backbone, **build_options).to(device)
 
     if "store" in spec:
         from seqlab.pipelines.train_data import store_data
@@ -186,11 +186,10 @@ def train_run(
     else:
         data = files_data(spec, batch_size, window, progress)
         model = build(data.adapter)
-    adapter = data.adapter
-    if adapter_info is not None and _plain(adapter_info, drop="model") != _plain(adapter.info()):
+    if adapter_info is not None and _plain(adapter_info, drop="model") != _plain(data.adapter.info()):
         raise ConfigError(
             f"the run in {out} was trained with adapter {adapter_info}, the data now given is "
-            f"encoded by {adapter.info()}: give the run's data, or start over with --overwrite"
+            f"encoded by {data.adapter.info()}: give the run's data, or start over with --overwrite"
         )
     if resuming and run.get("train_elements") not in (None, data.train_elements):
         raise ConfigError(
@@ -199,7 +198,7 @@ def train_run(
             "data, or start over with --overwrite)"
         )
     config = runs.run_train_config(settings, out, progress, data.eval_source is not None)
-    hooks = {"loss_fn": adapter.loss, "metric_fn": adapter.metric, "loss_unit": adapter.loss_unit}
+    hooks = {"loss_fn": data.adapter.loss, "metric_fn": data.adapter.metric, "loss_unit": data.adapter.loss_unit}
     if resuming:  # loads the checkpoint (and checks it fits these settings) before anything is written
         try:
             trainer = Trainer.resume(out, model, config, data.train, data.eval_source, **hooks)
@@ -214,7 +213,7 @@ def train_run(
         runs.set_aside_previous_run(out)
     record = {
         "seqlab": "train",
-        "adapter": adapter.info(),
+        "adapter": data.adapter.info(),
         "model": backbone.to_dict(),
         "model_options": build_options,
         "train": {k: v for k, v in config.to_dict().items() if k not in ("checkpoint_dir", "log_path", "progress")},
@@ -233,15 +232,15 @@ def train_run(
         "tokens": trainer.pos.tokens,
         "seconds": seconds,
         "train_loss": runs.last_loss(records, out / runs.LOG_FILE),
-        "loss_unit": adapter.loss_unit,
-        "metric_name": adapter.metric_name,
-        "uniform_baseline": adapter.uniform_baseline(),
+        "loss_unit": data.adapter.loss_unit,
+        "metric_name": data.adapter.metric_name,
+        "uniform_baseline": data.adapter.uniform_baseline(),
         "model": str(model_path),
         "out": str(out),
     }
     if data.held_out:
         model.eval()
-        result = evaluate(model, adapter, data.held_out, device, progress)
+        result = evaluate(model, data.adapter, data.held_out, device, progress)
         summary.update(held_out=result["metric"], held_out_targets=result["targets"], held_out_inputs=result["inputs"])
     record["summary"] = summary
     runs.write_run(out, record)
@@ -277,8 +276,6 @@ def evaluate_model(
     else:
         if sequences:
             raise ConfigError("--sequences goes with --store")
-        for path in files:
-            check_file(path)
         inputs = file_inputs(adapter, files, window)
     result = evaluate(model, adapter, inputs, device, progress)
     for row in result["inputs"]:

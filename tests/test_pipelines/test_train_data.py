@@ -91,7 +91,7 @@ def test_store_data_refusals_name_the_setting(files):
     where = str(files / "s.zarr")
     with pytest.raises(ConfigError, match=r"--eval-sequences \['corpus'\] are also training sequences"):
         store_data({"store": where, "sequences": ["corpus"], "eval_sequences": ["corpus"]}, 2, 32)
-    with pytest.raises(ConfigError, match="encoded by the 'bytes' adapter"):
+    with pytest.raises(ConfigError, match="--adapter 'dna', but sequence store .* encoded by the 'bytes' adapter"):
         store_data({"store": where, "domain": "dna"}, 2, 32)
     with pytest.raises(InputError, match="too few for one window.*use fewer --batch-size streams"):
         store_data({"store": where, "sequences": ["held"]}, 2, 4096)
@@ -106,7 +106,7 @@ def test_store_data_refusals_name_the_setting(files):
 
 
 def test_data_spec_of_files_store_or_the_recorded_run(files):
-    spec = data_spec(files=["a.txt"], domain="bytes", eval_fraction=0.1)
+    spec = data_spec(files=["a.txt"], adapter="bytes", eval_fraction=0.1)
     assert spec["files"][0].endswith("/a.txt") and spec["eval"] == [] and spec["eval_fraction"] == 0.1
     recorded = {"files": ["/x/a.txt"], "domain": "dna", "adapter_settings": {"add_bos_eos": True}}
     assert data_spec(files=["b.txt"], recorded=recorded)["adapter_settings"] == {"add_bos_eos": True}
@@ -115,8 +115,8 @@ def test_data_spec_of_files_store_or_the_recorded_run(files):
         ({"files": ["a"], "store": "s"}, "either as FILE... or as --store"),
         ({"store": "s", "eval_fraction": 0.1}, "with --store, held-out data comes from"),
         ({"store": "s", "adapter_settings": {"utf8": True}}, "leave out --adapter-settings"),
-        ({"files": ["a"], "domain": "bytes", "sequences": ["x"]}, "go with --store"),
-        ({"files": ["a"]}, r"missing required setting\(s\) --domain"),
+        ({"files": ["a"], "adapter": "bytes", "sequences": ["x"]}, "go with --store"),
+        ({"files": ["a"]}, r"missing required setting\(s\) --adapter"),
         ({}, "no training data"),
     ):
         with pytest.raises(ConfigError, match=message):
@@ -128,7 +128,7 @@ def test_a_run_from_files_then_resumed_and_evaluated(files, tmp_path):
     summary = train_run(
         out,
         files=[files / "corpus.txt"],
-        domain="bytes",
+        adapter="bytes",
         eval_files=[files / "held.txt"],
         options={**TINY, "eval_every": 2},
         device="cpu",
@@ -153,11 +153,11 @@ def test_a_run_from_files_then_resumed_and_evaluated(files, tmp_path):
     assert record["data"]["files"] == [str(files / "corpus.txt")] and record["train"]["max_steps"] == 3
 
     with pytest.raises(InputError, match="already holds a checkpoint \\(step-00000003\\): pass --resume"):
-        train_run(out, files=[files / "corpus.txt"], domain="bytes", options=TINY)
+        train_run(out, files=[files / "corpus.txt"], adapter="bytes", options=TINY)
     with pytest.raises(ConfigError, match=r"--d-model 64 differs from the run being resumed"):
         train_run(out, resume=True, options={"d_model": 64})
     with pytest.raises(ConfigError, match="the training data now holds 1500 elements"):
-        train_run(out, resume=True, files=[files / "held.txt"], domain="bytes", options={"steps": 4})
+        train_run(out, resume=True, files=[files / "held.txt"], adapter="bytes", options={"steps": 4})
     resumed = train_run(out, resume=True, options={"steps": 5}, progress=False)  # data and settings recorded
     assert resumed["steps"] == 5 and resumed["steps_this_run"] == 2
     assert [json.loads(line)["step"] for line in (out / "train.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
@@ -184,7 +184,7 @@ def test_a_store_run_ends_on_the_same_loss_as_the_same_run_from_the_file(files, 
     from_store = train_run(
         tmp_path / "s", store=files / "s.zarr", eval_sequences=["held"], options=TINY, progress=False
     )
-    from_file = train_run(tmp_path / "f", files=[files / "corpus.txt"], domain="bytes", options=TINY, progress=False)
+    from_file = train_run(tmp_path / "f", files=[files / "corpus.txt"], adapter="bytes", options=TINY, progress=False)
     assert from_store["train_loss"] == from_file["train_loss"] and "held_out" not in from_file
     assert runs.read_run(tmp_path / "s")["data"]["sequences"] == ["corpus"]
     assert from_store["held_out_inputs"][0]["name"] == "held"
@@ -202,7 +202,7 @@ def test_a_resume_before_the_first_checkpoint_restarts_the_recorded_run_and_over
 
     monkeypatch.setattr(Trainer, "_train_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train_run(tmp_path / "r", files=[files / "corpus.txt"], domain="bytes", options=TINY, progress=False)
+        train_run(tmp_path / "r", files=[files / "corpus.txt"], adapter="bytes", options=TINY, progress=False)
     assert (tmp_path / "r" / "run.json").is_file() and not (tmp_path / "r" / "latest").exists()
     monkeypatch.setattr(Trainer, "_train_step", real_step)
     notices = []
@@ -212,7 +212,7 @@ def test_a_resume_before_the_first_checkpoint_restarts_the_recorded_run_and_over
         f"no checkpoint in {tmp_path / 'r'} yet (the run stopped before its first one): starting it "
         f"again from step 0 with the data and settings in {tmp_path / 'r' / 'run.json'}"
     ]
-    straight = train_run(tmp_path / "s", files=[files / "corpus.txt"], domain="bytes", options=TINY, progress=False)
+    straight = train_run(tmp_path / "s", files=[files / "corpus.txt"], adapter="bytes", options=TINY, progress=False)
     assert straight["train_loss"] == summary["train_loss"]
     assert (tmp_path / "s" / "model.safetensors").read_bytes() == (tmp_path / "r" / "model.safetensors").read_bytes()
 
@@ -221,7 +221,7 @@ def test_a_resume_before_the_first_checkpoint_restarts_the_recorded_run_and_over
         tmp_path / "n",
         resume=True,
         files=[files / "held.txt"],
-        domain="bytes",
+        adapter="bytes",
         progress=False,
         options={**TINY, "steps": 1, "checkpoint_every": 1},
         notify=notices.append,
@@ -230,7 +230,7 @@ def test_a_resume_before_the_first_checkpoint_restarts_the_recorded_run_and_over
     # overwrite: a start that fails on its data leaves the old run as it was; one that succeeds replaces it
     before = {p: p.read_bytes() for p in (tmp_path / "r").rglob("*") if p.is_file()}
     with pytest.raises(InputError, match="missing.txt: no such file"):
-        train_run(tmp_path / "r", overwrite=True, files=[files / "missing.txt"], domain="bytes", options=TINY)
+        train_run(tmp_path / "r", overwrite=True, files=[files / "missing.txt"], adapter="bytes", options=TINY)
     assert {p: p.read_bytes() for p in (tmp_path / "r").rglob("*") if p.is_file()} == before
     with pytest.raises(ConfigError, match="give one of them"):
         train_run(tmp_path / "r", overwrite=True, resume=True)
@@ -238,7 +238,7 @@ def test_a_resume_before_the_first_checkpoint_restarts_the_recorded_run_and_over
         tmp_path / "r",
         overwrite=True,
         files=[files / "held.txt"],
-        domain="bytes",
+        adapter="bytes",
         progress=False,
         options={**TINY, "steps": 1, "checkpoint_every": 1},
     )
