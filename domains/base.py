@@ -24,6 +24,9 @@ An adapter knows its modality and nothing about pipelines:
   code asks this (and the other members), never the adapter's name.
 - ``source(data, batch_size, window, **options)``: the training source (a ``seqlab.train.WindowSource``) over
   encoded in-memory data (1-D ids or (T, *frame) frames); adapters with their own needs add options.
+  ``map_file(path)``: the file's ids memory-mapped when its bytes are its ids (bytes: a file larger than memory
+  trains without being read whole), else None; ``split_point(data, i)``: where encoded data may be cut into
+  training and held-out parts (a UTF-8 bytes adapter never cuts a character).
 - ``settings()``: JSON-able constructor arguments; ``type(adapter)(**adapter.settings())`` is an equal adapter.
 """
 
