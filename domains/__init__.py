@@ -6,8 +6,17 @@ if __name__ != "seqlab.domains":  # this folder imported as a bare 'domains' fro
 
     hand_over(__name__, __file__)
 else:
-    from .base import (ADAPTERS, Adapter, InputSpec, TokenAdapter, adapter_from_checkpoint, adapter_from_info,
-                       get_adapter, model_from_checkpoint, register_adapter)
+    from .base import (
+        ADAPTERS,
+        Adapter,
+        InputSpec,
+        TokenAdapter,
+        adapter_from_checkpoint,
+        adapter_from_info,
+        get_adapter,
+        model_from_checkpoint,
+        register_adapter,
+    )
 
 __all__ = ["ADAPTERS", "Adapter", "InputSpec", "TokenAdapter", "adapter_from_checkpoint", "adapter_from_info",
            "get_adapter", "model_from_checkpoint", "register_adapter"]

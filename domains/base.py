@@ -36,8 +36,9 @@ import json
 import math
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -84,10 +85,10 @@ class InputSpec:
             raise ConfigError(f"InputSpec.kind must be 'tokens' or 'continuous', got {self.kind!r}")
 
 
-ADAPTERS: dict[str, type["Adapter"]] = {}
+ADAPTERS: dict[str, type[Adapter]] = {}
 
 
-def register_adapter(cls: type["Adapter"]) -> type["Adapter"]:
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
     """Class decorator: make ``cls`` findable by its ``name`` (checkpoints, stores and the CLI use the name)."""
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name:
@@ -110,7 +111,7 @@ def _load_builtin_adapters() -> None:
                 raise
 
 
-def get_adapter(name: str) -> type["Adapter"]:
+def get_adapter(name: str) -> type[Adapter]:
     """The adapter class registered under ``name``."""
     if name not in ADAPTERS:
         _load_builtin_adapters()
@@ -120,7 +121,7 @@ def get_adapter(name: str) -> type["Adapter"]:
         raise ConfigError(f"no adapter named {name!r}; known: {sorted(ADAPTERS)}") from None
 
 
-def adapter_from_info(info: dict) -> "Adapter":
+def adapter_from_info(info: dict) -> Adapter:
     """Rebuild an adapter from ``adapter.info()`` (``{"name": ..., "settings": {...}}``)."""
     if not isinstance(info, dict) or "name" not in info:
         raise ConfigError(f"adapter info must be a dict with a 'name', got {info!r}")
@@ -132,7 +133,7 @@ def adapter_from_info(info: dict) -> "Adapter":
             from None
 
 
-def adapter_from_checkpoint(path: str | os.PathLike) -> "Adapter":
+def adapter_from_checkpoint(path: str | os.PathLike) -> Adapter:
     """The adapter a model file (``save_model``) or a training checkpoint directory was trained with."""
     from seqlab.checkpoint import FORMAT_VERSION, MODEL_FORMAT, latest_checkpoint
     from seqlab.safetensors_io import read_tensors
@@ -151,7 +152,7 @@ def adapter_from_checkpoint(path: str | os.PathLike) -> "Adapter":
         raise CorruptFileError(f"{path}: recorded adapter: {exc}") from None
 
 
-def model_from_checkpoint(path: str | os.PathLike, device=None) -> tuple[torch.nn.Module, "Adapter"]:
+def model_from_checkpoint(path: str | os.PathLike, device=None) -> tuple[torch.nn.Module, Adapter]:
     """Rebuild ``(model, adapter)`` from a model file (``save_model``) or a training checkpoint directory alone:
     the adapter from its recorded settings, the model by ``adapter.build_model(config, **options)`` with the
     recorded config and build options, then the weights (fingerprint-checked). Returns the model in eval mode."""
