@@ -58,7 +58,7 @@ def continue_signal(adapter: AudioAdapter, model, prompt: torch.Tensor, steps: i
     """Prompt + ``steps`` sampled elements (ids, or frames drawn from the predicted Gaussians)."""
     model.eval()
     if adapter.mode == "mulaw":
-        out = model.generate(prompt[None], max_new_tokens=steps, temperature=1.0, seed=seed)
+        out = model.generate(prompt[None], max_new_tokens=steps, do_sample=True, temperature=1.0, seed=seed)
         return torch.cat([prompt, torch.tensor(out.tokens[0], dtype=prompt.dtype)])
     generator = torch.Generator().manual_seed(seed)
     out = model(prompt[None])

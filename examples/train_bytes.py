@@ -110,7 +110,7 @@ def main() -> None:
     restored = restored_adapter.build_model(BackboneConfig(d_model=args.d_model, n_layer=args.n_layer, d_state=16))
     load_model(path, restored)
     prompt = restored_adapter.encode('The "with" statement\n')
-    result = restored.eval().generate(prompt, 160, temperature=0.7, top_k=20, seed=0)
+    result = restored.eval().generate(prompt, 160, do_sample=True, temperature=0.7, top_k=20, seed=0)
     print(f"saved {path} (adapter {restored_adapter!r}); a sample continuing 'The \"with\" statement':")
     print(restored_adapter.decode_text(torch.cat([prompt, torch.tensor(result.tokens[0])])))
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -153,8 +155,20 @@ def _initial_states(model, state, n_prompts: int) -> list[RecurrentState | None]
     return [state.select(i) for i in range(n_prompts)]
 
 
+def _user_stacklevel() -> int:
+    """The ``warnings.warn`` stacklevel, from ``generate``, of the first frame outside this module,
+    ``LanguageModel.generate`` and torch's ``no_grad`` wrapper: the user's call."""
+    skip = (os.path.abspath(__file__), os.path.join(os.path.dirname(os.path.abspath(__file__)), "models.py"))
+    level, frame = 1, sys._getframe(1)  # the frame of generate itself is stacklevel 1
+    wrapper = os.path.join("torch", "utils", "_contextlib.py")
+    while frame is not None and (os.path.abspath(frame.f_code.co_filename) in skip
+                                 or frame.f_code.co_filename.endswith(wrapper)):
+        level, frame = level + 1, frame.f_back
+    return level
+
+
 @torch.no_grad()
-def generate(model, input_ids=None, max_new_tokens: int = 64, *, do_sample: bool | None = None,
+def generate(model, input_ids=None, max_new_tokens: int = 64, *, do_sample: bool = False,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              min_p: float | None = None, repetition_penalty: float = 1.0, seed: int | None = None, stop=None,
              state: RecurrentState | None = None, suppress_tokens=None, eos_token_id=None,
@@ -162,34 +176,39 @@ def generate(model, input_ids=None, max_new_tokens: int = 64, *, do_sample: bool
     """Continue each prompt by up to ``max_new_tokens`` tokens (Hugging Face's argument names).
 
     ``input_ids``: a (batch, length) or (length,) id tensor, a list of ids, or a list of id lists/tensors of
-    any lengths (``prompts=`` is its deprecated old name). ``do_sample=False`` is greedy decoding (argmax after
-    ``repetition_penalty`` and ``suppress_tokens``; the sampling filters do not apply); ``do_sample=True``
-    samples with ``temperature``, ``top_k``, ``top_p``, ``min_p`` (``temperature=0`` still picks the argmax);
-    ``do_sample=None`` samples unless ``temperature=0``. Sampling row i draws from its own generator seeded
-    ``seed + i``, so a batch samples exactly what the prompts would one by one with those seeds (``seed=None``:
-    fresh random). ``stop``: token ids or id sequences; a row stops after generating one. ``state``: continue
-    from it (a batch of 1 for every prompt, or one row per prompt). ``suppress_tokens``: ids that are never
-    generated (their logits are set to -inf before any other filter). ``eos_token_id``: an id (or ids) that
-    ends a row, like a one-token stop sequence (kept in the output, stop reason "stop"). An adapter gives both
-    for its vocabulary: ``generate(model, ids, **adapter.generation_options())`` generates only what the
-    adapter can decode and stops at its end token. ``callback(row, token)`` is called for every token as it is
-    generated.
+    any lengths (``prompts=`` is its deprecated old name). ``do_sample=False`` (the default, as in Hugging Face)
+    is greedy decoding: the argmax after ``repetition_penalty`` and ``suppress_tokens``; the sampling options
+    ``temperature``, ``top_k``, ``top_p``, ``min_p`` then do not apply (a UserWarning says so when one is set).
+    ``do_sample=True`` samples with them (``temperature=0`` still picks the argmax). Sampling row i draws from
+    its own generator seeded ``seed + i``, so a batch samples exactly what the prompts would one by one with
+    those seeds (``seed=None``: fresh random). ``stop``: token ids or id sequences; a row stops after generating
+    one. ``state``: continue from it (a batch of 1 for every prompt, or one row per prompt). ``suppress_tokens``:
+    ids that are never generated (their logits are set to -inf before any other filter). ``eos_token_id``: an id
+    (or ids) that ends a row, like a one-token stop sequence (kept in the output, stop reason "stop"). An adapter
+    gives both for its vocabulary: ``generate(model, ids, **adapter.generation_options())`` generates only what
+    the adapter can decode and stops at its end token. ``callback(row, token)`` is called for every token as it
+    is generated.
     """
     if prompts is not None:
         if input_ids is not None:
             raise InputError("give input_ids or its deprecated old name prompts, not both")
         warnings.warn("generate(prompts=...) is deprecated: pass input_ids=... (or the ids as first argument)",
-                      FutureWarning, stacklevel=2)
+                      FutureWarning, stacklevel=_user_stacklevel())
         input_ids = prompts
     if input_ids is None:
         raise InputError("input_ids is missing: give the prompt token ids")
-    if do_sample is not None and not isinstance(do_sample, bool):
+    if not isinstance(do_sample, bool):
         raise InputError(f"do_sample must be True or False, got {do_sample!r}")
     if model.config.bidirectional:
         raise StateError("bidirectional models see the whole sequence at once and cannot generate token by token")
     _check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty)
-    if do_sample is None:
-        do_sample = temperature != 0
+    if not do_sample:
+        unused = [name for name, value, neutral in (("temperature", temperature, (0, 1.0)), ("top_k", top_k, (None,)),
+                                                    ("top_p", top_p, (None,)), ("min_p", min_p, (None,)))
+                  if value not in neutral]
+        if unused:
+            warnings.warn(f"generate: {', '.join(unused)} set, but sampling options apply only with do_sample=True; "
+                          "do_sample=False (the default) decodes greedily", UserWarning, stacklevel=_user_stacklevel())
     greedy = not do_sample or temperature == 0
     rows = _as_prompts(input_ids)
     stops = _as_stops(stop)

@@ -66,7 +66,7 @@ class _Model(nn.Module):
     def fingerprint(self) -> str:
         return self.backbone.fingerprint
 
-    def set_backend(self, backend: str) -> "_Model":
+    def set_backend(self, backend: str) -> _Model:
         """Pick the kernel backend of every layer (see ``Backbone.set_backend``); returns the model."""
         self.backbone.set_backend(backend, _stacklevel=2)
         return self

@@ -1,12 +1,14 @@
 """Generation: greedy equals step-by-step argmax, seeded sampling is reproducible, ragged batches equal one
 by one, continuing from a saved state equals continuing the original run, stops, filters, bad input."""
 
+import warnings
+
 import pytest
 import torch
 
 from seqlab import RecurrentState
 from seqlab.errors import InputError, StateError, StateMismatchError
-from seqlab.generate import _filter_logits
+from seqlab.generate import _filter_logits, generate
 from seqlab.testing import rel_err, tiny_lm
 
 
@@ -38,7 +40,7 @@ def test_greedy_equals_step_by_step_argmax(model):
 
 
 def test_seeded_sampling_is_reproducible(model):
-    kw = dict(temperature=1.3, top_k=20, top_p=0.95, seed=123)
+    kw = dict(do_sample=True, temperature=1.3, top_k=20, top_p=0.95, seed=123)
     a = model.generate([3, 4, 5], 15, **kw)
     b = model.generate([3, 4, 5], 15, **kw)
     c = model.generate([3, 4, 5], 15, **{**kw, "seed": 124})
@@ -48,10 +50,10 @@ def test_seeded_sampling_is_reproducible(model):
 
 def test_ragged_batch_equals_one_by_one(model):
     prompts = [[1, 2, 3, 4, 5, 6, 7], [8], [9, 10, 11]]
-    batch = model.generate(prompts, 9, temperature=0.9, seed=40)
+    batch = model.generate(prompts, 9, do_sample=True, temperature=0.9, seed=40)
     greedy = model.generate(prompts, 9, temperature=0)
     for i, prompt in enumerate(prompts):
-        alone = model.generate(prompt, 9, temperature=0.9, seed=40 + i)
+        alone = model.generate(prompt, 9, do_sample=True, temperature=0.9, seed=40 + i)
         assert batch.tokens[i] == alone.tokens[0]
         assert batch.states[i].position == len(prompt) + 9
         for key, tensor in alone.state.tensors().items():
@@ -88,15 +90,24 @@ def test_stop_sequences_and_streaming_callback(model):
 
 def test_filters_reduce_to_greedy_at_their_limits(model):
     greedy = model.generate([7, 7, 1], 8, temperature=0).tokens
-    assert model.generate([7, 7, 1], 8, top_k=1, seed=0).tokens == greedy
-    assert model.generate([7, 7, 1], 8, top_p=1e-6, seed=0).tokens == greedy
-    assert model.generate([7, 7, 1], 8, min_p=0.999, seed=0).tokens == greedy
+    assert model.generate([7, 7, 1], 8, do_sample=True, top_k=1, seed=0).tokens == greedy
+    assert model.generate([7, 7, 1], 8, do_sample=True, top_p=1e-6, seed=0).tokens == greedy
+    assert model.generate([7, 7, 1], 8, do_sample=True, min_p=0.999, seed=0).tokens == greedy
     assert model.generate([7, 7, 1], 0).tokens == [[]]
 
 
-def test_do_sample_false_is_greedy_whatever_the_sampling_options(model):
+def test_greedy_is_the_default_and_do_sample_false_ignores_the_sampling_options(model):
     greedy = model.generate([7, 7, 1], 8, temperature=0).tokens
-    assert model.generate([7, 7, 1], 8, do_sample=False, temperature=1.7, top_k=5, seed=1).tokens == greedy
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither a neutral temperature nor a seed warns
+        assert model.generate([7, 7, 1], 8, seed=1).tokens == greedy
+        assert model.generate([7, 7, 1], 8, do_sample=False, temperature=1.0, seed=1).tokens == greedy
+    with pytest.warns(UserWarning, match="temperature, top_k set, but sampling options apply only with do_sa") as rec:
+        assert model.generate([7, 7, 1], 8, do_sample=False, temperature=1.7, top_k=5, seed=1).tokens == greedy
+    assert rec[0].filename == __file__
+    with pytest.warns(UserWarning, match="top_p set") as record:
+        assert generate(model, [7, 7, 1], 8, top_p=0.5).tokens == greedy
+    assert record[0].filename == __file__
     assert model.generate([7, 7, 1], 8, do_sample=True, temperature=0).tokens == greedy
     sampled = model.generate([7, 7, 1], 8, do_sample=True, temperature=1.7, seed=1).tokens
     assert sampled != greedy
@@ -105,8 +116,9 @@ def test_do_sample_false_is_greedy_whatever_the_sampling_options(model):
 
 def test_prompts_is_a_deprecated_name_of_input_ids(model):
     want = model.generate(input_ids=[3, 4], max_new_tokens=5, temperature=0).tokens
-    with pytest.warns(FutureWarning, match="input_ids"):
+    with pytest.warns(FutureWarning, match="input_ids") as record:
         assert model.generate(prompts=[3, 4], max_new_tokens=5, temperature=0).tokens == want
+    assert record[0].filename == __file__
     with pytest.raises(InputError, match="not both"):
         model.generate([3, 4], 5, prompts=[3, 4])
 
@@ -161,7 +173,7 @@ def test_state_batch_must_match_prompts(model):
     two = model.generate([[1], [2], [3]], 2, temperature=0, state=state)
     assert [s.position for s in two.states] == [3, 3, 3]
     with pytest.raises(InputError, match="use .states"):
-        two.state
+        _ = two.state
 
 
 def test_bidirectional_models_cannot_generate():

@@ -30,7 +30,7 @@ def _adapter_model(adapter, seed=0):
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), banned=st.sets(st.integers(0, 31), min_size=1, max_size=30))
 def test_suppressed_tokens_are_never_sampled(lm, seed, banned):
-    out = lm.generate([[1, 2, 3]], 12, temperature=1.5, seed=seed, suppress_tokens=sorted(banned))
+    out = lm.generate([[1, 2, 3]], 12, do_sample=True, temperature=1.5, seed=seed, suppress_tokens=sorted(banned))
     assert not set(out.tokens[0]) & banned
 
 
@@ -78,14 +78,14 @@ def test_dna_generation_samples_bases_only_and_stops_at_eos():
     adapter = DNAAdapter()
     model = _adapter_model(adapter, seed=1)
     prompt = adapter.encode("ACGTACGT")
-    plain = model.generate(prompt, 40, temperature=1.0, seed=0)
+    plain = model.generate(prompt, 40, do_sample=True, temperature=1.0, seed=0)
     # random weights: about half the mass is on the five specials, so the bare call samples them
     assert set(plain.tokens[0]) & set(dna_mod.SPECIALS)
     options = adapter.generation_options()
     assert options == {"suppress_tokens": [dna_mod.PAD, dna_mod.MASK, dna_mod.UNK, dna_mod.BOS],
                        "eos_token_id": dna_mod.EOS}
     for seed in range(8):
-        out = model.generate(prompt, 40, temperature=1.0, seed=seed, **options)
+        out = model.generate(prompt, 40, do_sample=True, temperature=1.0, seed=seed, **options)
         tokens = out.tokens[0]
         body = tokens[:-1] if out.stop_reasons[0] == "stop" else tokens
         assert all(t >= dna_mod.A for t in body)
@@ -102,7 +102,8 @@ def test_memory_replies_never_hold_framing_bytes():
     model = _adapter_model(adapter, seed=2)
     header = adapter.prompt_for("assistant", time=0.0)
     for seed in range(4):
-        out = model.generate(header, 30, temperature=1.0, seed=seed, **adapter.generation_options())
+        out = model.generate(header, 30, do_sample=True, temperature=1.0, seed=seed,
+                             **adapter.generation_options())
         tokens = out.tokens[0]
         assert not [t for t in tokens[:-1] if t >= mem_mod.EVENT]
         if out.stop_reasons[0] == "stop":
@@ -149,7 +150,7 @@ def test_vanishing_temperature_or_top_p_is_greedy_not_a_crash(settings):
     model = tiny_lm()
     prompt = torch.tensor([1, 2, 3])
     greedy = model.generate(prompt, 8, temperature=0, repetition_penalty=settings.get("repetition_penalty", 1.0))
-    assert model.generate(prompt, 8, seed=3, **settings).tokens == greedy.tokens
+    assert model.generate(prompt, 8, do_sample=True, seed=3, **settings).tokens == greedy.tokens
 
 
 @pytest.mark.parametrize("name,value", [("temperature", float("inf")), ("temperature", float("nan")),
