@@ -1,4 +1,4 @@
-"""The four invariants of design.md's state contract, for both mixers and a hybrid stack."""
+"""The four invariants of the state contract (docs/architecture.md), for both mixers and a hybrid stack."""
 
 import pytest
 import torch
