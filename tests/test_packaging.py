@@ -17,7 +17,9 @@ def test_wheel_contents(tmp_path):
     assert tops == {"seqlab"}, tops
     for needed in ("seqlab/__init__.py", "seqlab/kernels/__init__.py", "seqlab/kernels/scan/ref.py",
                    "seqlab/kernels/scan/chunked.py", "seqlab/kernels/ssd/ref.py", "seqlab/kernels/ssd/chunked.py",
-                   "seqlab/kernels/conv1d/ref.py", "seqlab/kernels/conv1d/chunked.py", "seqlab/domains/__init__.py",
+                   "seqlab/kernels/conv1d/ref.py", "seqlab/kernels/conv1d/chunked.py",
+                   "seqlab/kernels/scan/triton_ops.py", "seqlab/kernels/scan/chunked_blocks.py",
+                   "seqlab/domains/__init__.py",
                    "seqlab/pipelines/__init__.py", "seqlab/mixers/mamba2.py", "seqlab/interop/hf.py"):
         assert needed in names, needed
     assert not any(n.startswith("tests/") for n in names)
