@@ -6,6 +6,8 @@ them, so ``except seqlab.errors.InputError`` also catches a bad tensor handed st
 
 from __future__ import annotations
 
+import errno
+
 from seqlab.kernels.errors import KernelBackendError, KernelInputError
 
 
@@ -45,6 +47,22 @@ class BackendUnavailableError(SeqlabError, KernelBackendError):
     """The requested compute backend cannot run here."""
 
 
+#: OSError kinds a user or the machine causes (a path of the wrong kind, no permission, a full or read-only disk, a
+#: device that fails to read ...): the command line shows one line naming the path, and a Ray job raises them to its
+#: caller as themselves. Others (EBADF, EINVAL, a broken pipe ...) point at our code: their traceback shows.
+USER_OS_ERRORS = frozenset(getattr(errno, name) for name in (
+    "ENOENT", "EACCES", "EPERM", "EISDIR", "ENOTDIR", "ENOSPC", "EDQUOT", "EROFS", "ELOOP", "ENAMETOOLONG",
+    "EEXIST", "ENOTEMPTY", "EFBIG", "EMLINK", "EXDEV", "ETXTBSY", "EBUSY", "EIO", "ENXIO", "ENODEV", "ESTALE")
+    if hasattr(errno, name))
+#: raised by our own code with a message and no errno (``FileNotFoundError("x: no checkpoint here")``)
+USER_OS_CLASSES = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
+def is_user_os_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is an OSError a user or the machine caused (see :data:`USER_OS_ERRORS`)."""
+    return isinstance(exc, OSError) and (exc.errno in USER_OS_ERRORS or isinstance(exc, USER_OS_CLASSES))
+
+
 __all__ = [
     "BackendUnavailableError",
     "ConfigError",
@@ -55,4 +73,7 @@ __all__ = [
     "SessionLockedError",
     "StateError",
     "StateMismatchError",
+    "USER_OS_CLASSES",
+    "USER_OS_ERRORS",
+    "is_user_os_error",
 ]

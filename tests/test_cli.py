@@ -130,8 +130,169 @@ def test_generate_from_prompts_in_process(tmp_path):
     assert [json.loads(line) for line in out.stdout.splitlines()] == expected
 
     for args, message in [(("--prompt", "x", "s.zarr", "o.zarr"), "not both"),
-                          ((), "give STORE and OUTPUT"),
+                          ((), "give STORE and OUT "),
                           (("--prompt", ""), "prompt 1 is empty"),
                           (("--prompt-file", "missing.txt"), "missing.txt")]:
         bad = seqlab("generate", "--model", "m.safetensors", *args, cwd=tmp_path)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+# ------------------------------------------------------------------------------------------------------
+# one vocabulary, the front door's own flags
+
+
+def _walk(parser, path):
+    import argparse
+
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _walk(sub, (*path, name))
+
+
+def _every_option():
+    """(command path, action) of every argument of every command and action of the real parser."""
+    from seqlab.cli import build_parser
+
+    parser, parsers = build_parser()
+    yield from (((), a) for a in parser._actions)
+    for name, sub in parsers.items():
+        for path, p in _walk(sub, (name,)):
+            yield from ((path, a) for a in p._actions)
+
+
+def test_one_vocabulary_across_every_command():
+    """Walks every parser: each dest is a declared idea of seqlab.cli._args.VOCABULARY; each idea has one option
+    spelling in every command, and each option string one idea; a dest keeps its kind (switch or value) and its
+    choices everywhere; numeric options use the range-checked types of seqlab.cli._args; the old spellings are
+    gone."""
+    import argparse
+
+    from seqlab.cli import _args
+
+    spellings, owners, kinds, choices, problems = {}, {}, {}, {}, []
+    commands = set()
+    for path, action in _every_option():
+        commands.add(path[:1])
+        where = " ".join(path) or "seqlab"
+        if action.dest not in _args.VOCABULARY:
+            problems.append(f"{where}: dest {action.dest!r} ({action.option_strings}) is not in VOCABULARY")
+        if action.option_strings:
+            spellings.setdefault(action.dest, set()).add(tuple(action.option_strings))
+            for option in action.option_strings:
+                owners.setdefault(option, set()).add(action.dest)
+        if isinstance(action, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)):
+            continue
+        kinds.setdefault(action.dest, set()).add("switch" if action.nargs == 0 else "value")
+        if action.choices is not None:
+            choices.setdefault(action.dest, set()).add(tuple(action.choices))
+        if action.option_strings and action.nargs != 0 and action.type not in (None, str):
+            if getattr(action.type, "__module__", None) != _args.__name__:
+                problems.append(f"{where} {action.option_strings[-1]}: type {action.type!r} is not one of "
+                                "seqlab.cli._args's range-checked types")
+    problems += [f"dest {d!r} is spelled {sorted(s)}" for d, s in spellings.items() if len(s) > 1]
+    problems += [f"option {o} means {sorted(d)}" for o, d in owners.items() if len(d) > 1]
+    problems += [f"dest {d!r} is both a switch and a value" for d, k in kinds.items() if len(k) > 1]
+    problems += [f"dest {d!r} has choices {sorted(c)}" for d, c in choices.items() if len(c) > 1]
+    for old in ("--name", "--domain", "--batch", "--names"):
+        if old in owners:
+            problems.append(f"the old spelling {old} is still there")
+    assert not problems, "\n".join(problems)
+    # the probe is not vacuous: every command was walked, and the shared ideas are where they belong
+    assert len(commands) == 11  # the front door + 10 commands
+    assert spellings["sequences"] == {("--sequences",)} and spellings["model"] == {("--model",)}
+    assert spellings["adapter"] == {("--adapter",)} and spellings["batch_size"] == {("--batch-size",)}
+    assert spellings["config"] == {("--config",)}
+
+
+def test_the_vocabulary_test_catches_a_flag_spelled_two_ways(monkeypatch):
+    """The walk above fails on a command that spells an idea another way (a stub command with --name)."""
+    from seqlab import cli
+
+    def register(sub):
+        p = sub.add_parser("vocab-probe")
+        p.add_argument("--name", action="append", dest="sequences")
+
+    import types
+
+    module = types.ModuleType("vocab_probe")
+    module.register = register
+    monkeypatch.setitem(sys.modules, "vocab_probe", module)
+    monkeypatch.setitem(cli.COMMAND_MODULES, "vocab-probe", "vocab_probe")
+    with pytest.raises(AssertionError, match=r"dest 'sequences' is spelled .*--name"):
+        test_one_vocabulary_across_every_command()
+
+
+def test_version_and_python_dash_m_seqlab(tmp_path):
+    from seqlab import __version__
+    from seqlab.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    out = subprocess.run([sys.executable, "-m", "seqlab", "--help"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "usage: seqlab" in out.stdout and "ingest" in out.stdout, out.stderr
+    version = subprocess.run([sys.executable, "-m", "seqlab", "--version"], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=120)
+    assert version.returncode == 0 and version.stdout.strip() == f"seqlab {__version__}", version
+
+
+def test_config_after_the_command(tmp_path, fasta, capsys, monkeypatch):
+    """`seqlab ingest --config run.toml ...` reads the file like `seqlab --config run.toml ingest ...`; given twice
+    it is refused."""
+    from seqlab.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.toml").write_text('[ingest]\nadapter = "dna"\nquiet = true\nwhole-file = true\n')
+    assert main(["ingest", "s.zarr", str(fasta), "--config", "run.toml"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["g\twritten\t18 elements"]
+    assert main(["ingest", "t.zarr", str(fasta), "--config=run.toml", "--sequence-names", "genome"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["genome\twritten\t18 elements"]
+    assert main(["--config", "run.toml", "describe", "s.zarr", "--config", "run.toml"]) == 2
+    assert "--config is given 2 times" in capsys.readouterr().err
+
+
+def test_in_process_generate_never_imports_ray(tmp_path):
+    """`seqlab generate --prompt` runs without Ray: not even imported (a subprocess, so nothing else loaded it)."""
+    import torch
+
+    from seqlab import BackboneConfig
+    from seqlab.checkpoint import save_model
+    from seqlab.domains.bytes import ByteAdapter
+
+    torch.manual_seed(0)
+    save_model(tmp_path / "m.safetensors", ByteAdapter().build_model(BackboneConfig(d_model=16, n_layer=1, d_state=4)))
+    script = ("import sys\nfrom seqlab.cli import main\n"
+              "code = main(['generate', '--model', 'm.safetensors', '--prompt', 'ab', '--max-new-tokens', '3'])\n"
+              "print('RAY' if 'ray' in sys.modules else 'NO-RAY', code)\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == "NO-RAY 0", out.stdout
+
+
+def test_a_quiet_ray_job_prints_nothing_but_its_result(tmp_path):
+    """`seqlab score ... --quiet` in a fresh process (Ray started by the job): stdout holds the result only (a line
+    per sequence and the job's JSON), stderr nothing at all: no progress bar, no Ray log lines."""
+    import json
+
+    pytest.importorskip("ray")
+    import torch
+
+    from seqlab import BackboneConfig
+    from seqlab.checkpoint import save_model
+    from seqlab.domains.bytes import ByteAdapter
+    from seqlab.pipelines import ingest
+
+    torch.manual_seed(0)
+    save_model(tmp_path / "m.safetensors", ByteAdapter().build_model(BackboneConfig(d_model=16, n_layer=1, d_state=4)))
+    (tmp_path / "a.txt").write_text("quiet please " * 40)
+    ingest(tmp_path / "s.zarr", tmp_path / "a.txt", ByteAdapter(), progress=False)
+    out = seqlab("score", "s.zarr", "scores.zarr", "--model", "m.safetensors", "--window", "128", "--concurrency", "1",
+                 "--num-cpus", "0.5", "--quiet", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == "", out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("a\tdone\t{"), out.stdout
+    assert json.loads(lines[1])["job"] == "score"

@@ -43,7 +43,7 @@ def direct_max_diff(ssm: str, length: int) -> float:
         model = LanguageModel(BackboneConfig(d_model=64, n_layer=2, ssm=ssm), vocab_size=256).eval()
         ids = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            fast = model.set_backend("torch")(ids, return_state=False).logits
+            fast = model.set_backend("chunked")(ids, return_state=False).logits
             ref = copy.deepcopy(model).double().set_backend("ref")(ids, return_state=False).logits
         return float((fast.double() - ref).abs().max())
     finally:
@@ -95,7 +95,7 @@ def test_bad_settings_exit_2_with_one_line(runs, capsys):
     for args, message in ((("--ssm", "mamba3"), "argument --ssm: invalid choice: 'mamba3'"),
                           (("--repeats", "0"), "argument --repeats: must be an integer in [1, 1000], got '0'"),
                           (("--threads", "0"), "argument --threads: must be an integer in [1, 1024], got '0'"),
-                          (("--batch", "x"), "argument --batch: must be an integer in [1, 1048576], got 'x'"),
+                          (("--batch-size", "x"), "argument --batch-size: must be an integer in [1, 1048576], got 'x'"),
                           (("--d-model", "1e300"), "argument --d-model: must be an integer in [1, 65536]"),
                           (("--quick", "--ssm", "mamba2", "--headdim", "48"), "divisible by --headdim (48)")):
         assert main(["bench", *args]) == 2

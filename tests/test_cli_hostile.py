@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from seqlab import cli
-from seqlab.cli_args import count, number
+from seqlab.cli._args import count, number
 from seqlab.errors import ConfigError
 
 pytest.importorskip("zarr")
@@ -445,9 +445,9 @@ def test_job_settings_are_named_in_cli_terms(tmp_path, capsys, argv, words):
 
 
 def test_an_endless_prompt_file_is_refused_not_read(capsys, byte_model, monkeypatch):
-    from seqlab.pipelines import cli_jobs
+    from seqlab.cli import generate as cli_generate
 
-    monkeypatch.setattr(cli_jobs, "MAX_PROMPT_BYTES", 1 << 16)  # the same check, on a smaller read
+    monkeypatch.setattr(cli_generate, "MAX_PROMPT_BYTES", 1 << 16)  # the same check, on a smaller read
     code, _, err = run(["generate", "--model", byte_model, "--prompt-file", "/dev/zero"], capsys)
     assert code == 2 and "generate --prompt-file /dev/zero: larger than 65,536 bytes" in one_line(err)
 

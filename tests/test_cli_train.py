@@ -66,7 +66,7 @@ def work(tmp_path_factory):
     text = corpus_text()
     (root / "corpus.txt").write_text(text[:12000])
     (root / "held.txt").write_text(text[12000:14000])
-    out = seqlab("train", "corpus.txt", "--domain", "bytes", "--eval", "held.txt", "--out", "run", "--steps", 30,
+    out = seqlab("train", "corpus.txt", "--adapter", "bytes", "--eval", "held.txt", "--out", "run", "--steps", 30,
                  "--eval-every", 10, "--checkpoint-every", 10, "--json", *TINY, cwd=root)
     assert out.returncode == 0, out.stderr
     return root, json.loads(out.stdout)
@@ -110,8 +110,8 @@ def test_eval_streams_files_exactly_and_generate_runs_from_the_output(work):
     root, summary = work
     procs = [subprocess.Popen(command(*args), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=ENV) for args in (
-        ("eval", "run/model.safetensors", "held.txt", "corpus.txt", "--window", 100, "--json", "--quiet"),
-        ("eval", "run", "held.txt", "--quiet"))]  # the checkpoint folder works too
+        ("eval", "--model", "run/model.safetensors", "held.txt", "corpus.txt", "--window", 100, "--json", "--quiet"),
+        ("eval", "--model", "run", "held.txt", "--quiet"))]  # the checkpoint folder works too
     (out, err), (text, text_err) = (p.communicate(timeout=180) for p in procs)
     assert procs[0].returncode == 0, err
     assert procs[1].returncode == 0, text_err
@@ -160,7 +160,7 @@ def test_train_and_eval_from_a_store_made_by_ingest(work, capsys):
     ingest, same = (subprocess.Popen(command(*args), cwd=root, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, env=ENV) for args in (
         ("ingest", "s.zarr", "corpus.txt", "held.txt", "--adapter", "bytes", "--quiet"),
-        ("train", "corpus.txt", "--domain", "bytes", "--out", "frun", "--steps", 12, "--json", *TINY)))
+        ("train", "corpus.txt", "--adapter", "bytes", "--out", "frun", "--steps", 12, "--json", *TINY)))
     same_out, same_err = same.communicate(timeout=180)
     assert ingest.wait(timeout=180) == 0 and same.returncode == 0, same_err
     out = seqlab("train", "--store", "s.zarr", "--eval-sequences", "held", "--out", "srun", "--steps", 12, "--json",
@@ -177,8 +177,8 @@ def test_train_and_eval_from_a_store_made_by_ingest(work, capsys):
     # the store's training windows are the file's: the same run from the file ends on the same loss
     assert json.loads(same_out)["train_loss"] == summary["train_loss"]
 
-    code, out, err = in_process(capsys, "eval", root / "srun" / "model.safetensors", "--store", root / "s.zarr",
-                                "--sequences", "held", "--json", "--quiet")
+    code, out, err = in_process(capsys, "eval", "--model", root / "srun" / "model.safetensors", "--store",
+                                root / "s.zarr", "--sequences", "held", "--json", "--quiet")
     assert code == 0, err
     assert json.loads(out)["metric"] == pytest.approx(summary["held_out"], abs=1e-5)
 
@@ -187,7 +187,7 @@ def test_settings_from_a_toml_file_and_flags_win(work, tmp_path, capsys, monkeyp
     root, _ = work
     monkeypatch.chdir(tmp_path)
     (tmp_path / "run.toml").write_text(
-        '[train]\ndomain = "bytes"\nout = "trun"\nsteps = 50\nd-model = 32\nn_layer = 1\nd-state = 8\n'
+        '[train]\nadapter = "bytes"\nout = "trun"\nsteps = 50\nd-model = 32\nn_layer = 1\nd-state = 8\n'
         'batch-size = 2\nwindow = 32\nlr = 0.002\neval-fraction = 0.25\nquiet = true\nthreads = 1\n')
     shutil.copy(root / "held.txt", tmp_path / "held.txt")
     code, out, err = in_process(capsys, "--config", "run.toml", "train", "held.txt", "--steps", 6, "--json")
@@ -218,26 +218,26 @@ def dna_store(work):
 
 
 BAD = {
-    "missing file": (("train", "missing.txt", "--domain", "bytes", "--out", "o1"), "missing.txt: no such file"),
-    "unknown domain": (("train", "corpus.txt", "--domain", "nope", "--out", "o2"), "no adapter named 'nope'"),
-    "out holds a run": (("train", "corpus.txt", "--domain", "bytes", "--out", "run"),
+    "missing file": (("train", "missing.txt", "--adapter", "bytes", "--out", "o1"), "missing.txt: no such file"),
+    "unknown domain": (("train", "corpus.txt", "--adapter", "nope", "--out", "o2"), "no adapter named 'nope'"),
+    "out holds a run": (("train", "corpus.txt", "--adapter", "bytes", "--out", "run"),
                         "already holds a checkpoint (step-00000030): pass --resume"),
-    "not a number": (("train", "corpus.txt", "--domain", "bytes", "--out", "o3", "--steps", "ten"),
+    "not a number": (("train", "corpus.txt", "--adapter", "bytes", "--out", "o3", "--steps", "ten"),
                      "argument --steps: must be an integer in [1, 1073741824], got 'ten'"),
-    "bad number": (("train", "corpus.txt", "--domain", "bytes", "--out", "o4", "--steps", "0"),
+    "bad number": (("train", "corpus.txt", "--adapter", "bytes", "--out", "o4", "--steps", "0"),
                    "argument --steps: must be an integer in [1, 1073741824], got '0'"),
-    "bad fraction": (("train", "corpus.txt", "--domain", "bytes", "--out", "o5", "--eval-fraction", "1.5"),
+    "bad fraction": (("train", "corpus.txt", "--adapter", "bytes", "--out", "o5", "--eval-fraction", "1.5"),
                      "argument --eval-fraction: must be a finite number in (0, 1), got '1.5'"),
-    "bad adapter settings": (("train", "corpus.txt", "--domain", "bytes", "--adapter-settings", '{"utf9": 1}',
+    "bad adapter settings": (("train", "corpus.txt", "--adapter", "bytes", "--adapter-settings", '{"utf9": 1}',
                               "--out", "o7"), "do not fit the 'bytes' adapter"),
-    "window too long": (("train", "held.txt", "--domain", "bytes", "--out", "o8", "--window", "4096"),
+    "window too long": (("train", "held.txt", "--adapter", "bytes", "--out", "o8", "--window", "4096"),
                         "too short for one window"),
-    "no out": (("train", "corpus.txt", "--domain", "bytes"), "missing required setting(s) --out"),
-    "model too large": (("train", "corpus.txt", "--domain", "bytes", "--out", "o3", "--d-model", "65536",
+    "no out": (("train", "corpus.txt", "--adapter", "bytes"), "missing required setting(s) --out"),
+    "model too large": (("train", "corpus.txt", "--adapter", "bytes", "--out", "o3", "--d-model", "65536",
                          "--n-layer", "16"), "parameters (--d-model 65536 --n-layer 16) needs over"),
-    "warmup over steps": (("train", "corpus.txt", "--domain", "bytes", "--out", "o3", "--warmup", "10", "--steps",
+    "warmup over steps": (("train", "corpus.txt", "--adapter", "bytes", "--out", "o3", "--warmup", "10", "--steps",
                            "5"), "--warmup (10) must be <= --steps (5)"),
-    "batch over accum": (("train", "corpus.txt", "--domain", "bytes", "--out", "o3", "--batch-size", "6",
+    "batch over accum": (("train", "corpus.txt", "--adapter", "bytes", "--out", "o3", "--batch-size", "6",
                           "--grad-accum", "4"), "--batch-size (6) must be divisible by --grad-accum (4)"),
     "no data": (("train", "--out", "o9"), "no training data"),
     "resume with another size": (("train", "--out", "run", "--resume", "--d-model", "64"),
@@ -245,13 +245,14 @@ BAD = {
     "resume with another batch": (("train", "--out", "run", "--resume", "--batch-size", "2"),
                                   "--batch-size is 2, the checkpoint in run was made with 4"),
     "resume and overwrite": (("train", "--out", "run", "--resume", "--overwrite"), "give one of them"),
-    "store of another adapter": (("eval", "run/model.safetensors", "--store", "dna.zarr"),
+    "store of another adapter": (("eval", "--model", "run/model.safetensors", "--store", "dna.zarr"),
                                  "was written by adapter {'name': 'dna'"),
-    "train domain vs store": (("train", "--store", "dna.zarr", "--domain", "bytes", "--out", "o6"),
+    "train domain vs store": (("train", "--store", "dna.zarr", "--adapter", "bytes", "--out", "o6"),
                               "encoded by the 'dna' adapter"),
-    "eval missing model": (("eval", "nothing.safetensors", "held.txt"), "nothing.safetensors: no such model file"),
-    "eval missing file": (("eval", "run/model.safetensors", "missing.txt"), "missing.txt: no such file"),
-    "eval no data": (("eval", "run/model.safetensors"), "give the held-out data as FILE... or as --store"),
+    "eval missing model": (("eval", "--model", "nothing.safetensors", "held.txt"),
+                           "nothing.safetensors: no such model file"),
+    "eval missing file": (("eval", "--model", "run/model.safetensors", "missing.txt"), "missing.txt: no such file"),
+    "eval no data": (("eval", "--model", "run/model.safetensors"), "give the held-out data as FILE... or as --store"),
 }
 IN_SUBPROCESS = ("missing file", "store of another adapter")
 
@@ -290,10 +291,10 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_is_done(work, tmp_path, c
     root, _ = work
     shutil.copytree(root / "run", tmp_path / "run")
     # a start that fails on its data does not touch the old run
-    code, _, _ = in_process(capsys, "train", root / "missing.txt", "--domain", "bytes", "--out", tmp_path / "run",
+    code, _, _ = in_process(capsys, "train", root / "missing.txt", "--adapter", "bytes", "--out", tmp_path / "run",
                             "--overwrite")
     assert code == 2 and (tmp_path / "run" / "latest").read_text().split()[0] == "step-00000030"
-    code, out, err = in_process(capsys, "train", root / "held.txt", "--domain", "bytes", "--out", tmp_path / "run",
+    code, out, err = in_process(capsys, "train", root / "held.txt", "--adapter", "bytes", "--out", tmp_path / "run",
                                 "--overwrite", "--steps", 3, "--json", *TINY)
     assert code == 0, err
     assert json.loads(out)["steps"] == 3
@@ -326,11 +327,12 @@ def test_other_domains_train_and_eval_equals_one_pass(tmp_path, capsys, domain, 
 
     path = tmp_path / ("data.fa" if domain == "dna" else "data.wav")
     write(path)
-    code, out, err = in_process(capsys, "train", path, "--domain", domain, "--adapter-settings", settings,
+    code, out, err = in_process(capsys, "train", path, "--adapter", domain, "--adapter-settings", settings,
                                 "--eval-fraction", 0.2, "--out", tmp_path / "run", "--steps", 4, "--json", *TINY)
     assert code == 0, err
     assert math.isfinite(json.loads(out)["held_out"])
-    code, out, err = in_process(capsys, "eval", tmp_path / "run", path, "--window", 50, "--json", "--quiet")
+    code, out, err = in_process(capsys, "eval", "--model", tmp_path / "run", path, "--window", 50, "--json",
+                                "--quiet")
     assert code == 0, err
     result = json.loads(out)
     model, adapter = model_from_checkpoint(tmp_path / "run")
@@ -345,7 +347,7 @@ def test_help_of_train_and_eval(capsys):
     from seqlab.cli import main
 
     for name, words in (("train", ("--resume", "--store", "--d-model", "--eval-fraction", "--checkpoint-every")),
-                        ("eval", ("--store", "--json", "uniform baseline"))):
+                        ("eval", ("--model", "--store", "--json", "uniform baseline"))):
         with pytest.raises(SystemExit) as exit_:
             main([name, "--help"])
         assert exit_.value.code == 0
@@ -375,7 +377,7 @@ def test_every_numeric_train_option_refuses_bad_values_naming_it(tmp_path, capsy
     for value in BAD_NUMBERS:
         if value in NUMBER_OPTIONS[option]:
             continue
-        code, _, err = in_process(capsys, "train", "c.txt", "--domain", "bytes", "--out", "o", f"{option}={value}")
+        code, _, err = in_process(capsys, "train", "c.txt", "--adapter", "bytes", "--out", "o", f"{option}={value}")
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and f"argument {option}: must be" in lines[0], (option, value, err)
         assert "Traceback" not in err
@@ -385,7 +387,8 @@ def test_every_numeric_train_option_refuses_bad_values_naming_it(tmp_path, capsy
 @pytest.mark.parametrize("option", ["--window", "--threads"])
 def test_eval_numeric_options_refuse_bad_values(tmp_path, capsys, option):
     for value in BAD_NUMBERS:
-        code, _, err = in_process(capsys, "eval", tmp_path / "m.safetensors", tmp_path / "c.txt", f"{option}={value}")
+        code, _, err = in_process(capsys, "eval", "--model", tmp_path / "m.safetensors", tmp_path / "c.txt",
+                                  f"{option}={value}")
         assert code == 2 and len(err.strip().splitlines()) == 1 and f"argument {option}: must be" in err, err
 
 
@@ -405,7 +408,7 @@ TOML_BAD = [("steps", "-5", "--steps"), ("steps", "1e3", "--steps"), ("steps", "
 def test_bad_values_in_a_config_file_exit_2_naming_the_setting(tmp_path, capsys, monkeypatch, key, value, flag):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "c.txt").write_text("some text " * 50)
-    (tmp_path / "run.toml").write_text(f'[train]\ndomain = "bytes"\nout = "o"\n{key} = {value}\n')
+    (tmp_path / "run.toml").write_text(f'[train]\nadapter = "bytes"\nout = "o"\n{key} = {value}\n')
     code, _, err = in_process(capsys, "--config", "run.toml", "train", "c.txt")
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
@@ -431,7 +434,7 @@ def test_resume_after_ctrl_c_before_the_first_checkpoint_restarts_the_recorded_r
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Trainer, "_train_step", interrupted)
-    code, _, err = in_process(capsys, "train", "c.txt", "--domain", "bytes", "--out", "r", "--steps", 4,
+    code, _, err = in_process(capsys, "train", "c.txt", "--adapter", "bytes", "--out", "r", "--steps", 4,
                               "--checkpoint-every", 2, "--lr", "0.004", *SMALL)
     assert code == 130 and (tmp_path / "r" / "run.json").is_file() and not (tmp_path / "r" / "latest").exists()
     monkeypatch.setattr(Trainer, "_train_step", real_step)
@@ -444,7 +447,7 @@ def test_resume_after_ctrl_c_before_the_first_checkpoint_restarts_the_recorded_r
     assert recorded["train"]["lr"] == 0.004 and recorded["model"]["d_model"] == 16  # the recorded settings
     assert recorded["data"]["files"] == [str(tmp_path / "c.txt")]
     # the same run straight through gives the same model
-    code, out, err = in_process(capsys, "train", "c.txt", "--domain", "bytes", "--out", "s", "--steps", 4,
+    code, out, err = in_process(capsys, "train", "c.txt", "--adapter", "bytes", "--out", "s", "--steps", 4,
                                 "--checkpoint-every", 2, "--lr", "0.004", *SMALL)
     assert code == 0, err
     assert (tmp_path / "s" / "model.safetensors").read_bytes() == (tmp_path / "r" / "model.safetensors").read_bytes()
@@ -453,7 +456,7 @@ def test_resume_after_ctrl_c_before_the_first_checkpoint_restarts_the_recorded_r
 def test_keep_checkpoints_prunes_old_step_folders(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "c.txt").write_text(corpus_text()[:5000])
-    code, _, err = in_process(capsys, "train", "c.txt", "--domain", "bytes", "--out", "r", "--steps", 8,
+    code, _, err = in_process(capsys, "train", "c.txt", "--adapter", "bytes", "--out", "r", "--steps", 8,
                               "--checkpoint-every", 1, *SMALL)
     assert code == 0, err
     steps = sorted(p.name for p in (tmp_path / "r").iterdir() if p.name.startswith("step-"))
@@ -474,7 +477,7 @@ def test_keep_checkpoints_prunes_old_step_folders(tmp_path, capsys, monkeypatch)
 def test_an_edited_run_json_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "c.txt").write_text(corpus_text()[:5000])
-    code, _, err = in_process(capsys, "train", "c.txt", "--domain", "bytes", "--out", "r", "--steps", 2,
+    code, _, err = in_process(capsys, "train", "c.txt", "--adapter", "bytes", "--out", "r", "--steps", 2,
                               "--checkpoint-every", 2, "--lr", "0.004", *SMALL)
     assert code == 0, err
     path = tmp_path / "r" / "run.json"
@@ -495,7 +498,7 @@ def small_run(tmp_path_factory):
     (root / "c.txt").write_text(corpus_text()[:5000])
     from seqlab.cli import main
 
-    assert main(["train", str(root / "c.txt"), "--domain", "bytes", "--out", str(root / "r"), "--steps", "2",
+    assert main(["train", str(root / "c.txt"), "--adapter", "bytes", "--out", str(root / "r"), "--steps", "2",
                  "--checkpoint-every", "2", *SMALL]) == 0
     return root
 
@@ -515,7 +518,7 @@ def test_a_bit_flip_in_any_file_of_a_run_is_one_line_naming_it(small_run, capsys
         path.write_bytes(bytes(bad))
         if name in ("model.safetensors", "latest"):
             target = small_run / "r" / ("model.safetensors" if name == "model.safetensors" else "")
-            code, _, err = in_process(capsys, "eval", target, small_run / "c.txt", "--quiet")
+            code, _, err = in_process(capsys, "eval", "--model", target, small_run / "c.txt", "--quiet")
         else:
             code, _, err = in_process(capsys, "train", "--out", small_run / "r", "--resume", "--steps", 3,
                                       "--threads", 1, "--quiet")

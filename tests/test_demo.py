@@ -95,7 +95,7 @@ def test_every_promised_file_exists_and_is_valid(demo):
 
 
 def test_the_store_holds_the_real_corpus_and_a_1mib_sequence(demo):
-    from seqlab.demo import LONG_BYTES, python_docs, stdlib_sources
+    from seqlab.cli.demo_inputs import LONG_BYTES, python_docs, stdlib_sources
     from seqlab.pipelines.store import SequenceStore
 
     store = SequenceStore(demo.out / "store.zarr", "r")
@@ -139,7 +139,7 @@ def test_scores_hold_one_value_per_position_and_the_printed_mean(demo):
 
 
 def test_summary_numbers_are_finite_and_the_model_file_reproduces_them(demo, one_thread):
-    from seqlab.pipelines.stream import stream_bits
+    from seqlab.pipelines import stream_bits
     from seqlab.domains import model_from_checkpoint
     from seqlab.domains.bytes import ByteAdapter
     from seqlab.pipelines.store import SequenceStore
@@ -152,13 +152,13 @@ def test_summary_numbers_are_finite_and_the_model_file_reproduces_them(demo, one
     bits, count = stream_bits(model, SequenceStore(demo.out / "store.zarr", "r"), "heldout")
     assert count == t["heldout_predictions"] and abs(bits / count - t["heldout_bpb"]) < 1e-6
     g = demo.summary["generate"]
-    again = model.generate(ByteAdapter().encode(g["prompt"]), g["new_bytes"], temperature=g["temperature"],
-                           top_k=g["top_k"], seed=g["seed"])
+    again = model.generate(ByteAdapter().encode(g["prompt"]), g["new_bytes"], do_sample=True,
+                           temperature=g["temperature"], top_k=g["top_k"], seed=g["seed"])
     assert bytes(again.tokens[0]).decode("utf-8", errors="replace") == g["continuation"]
 
 
 def test_the_reopened_memory_session_answers_like_the_live_one(demo, one_thread):
-    from seqlab.demo import EVENT_TIME
+    from seqlab.cli.demo_inputs import EVENT_TIME
     from seqlab.domains.session import MemorySession, model_for_session
 
     m = demo.summary["memory"]
@@ -174,7 +174,8 @@ def test_the_reopened_memory_session_answers_like_the_live_one(demo, one_thread)
 
 
 def test_text_and_big_options_use_the_users_files(tmp_path):
-    from seqlab.demo import LONG_BYTES, prepare_out, resolve_inputs, step_ingest
+    from seqlab.cli.demo_inputs import LONG_BYTES, prepare_out, resolve_inputs
+    from seqlab.cli.demo_steps import step_ingest
     from seqlab.pipelines.store import SequenceStore
 
     text = tmp_path / "mine.txt"
@@ -201,7 +202,7 @@ def test_text_and_big_options_use_the_users_files(tmp_path):
 
 
 def test_a_rerun_replaces_only_the_demos_own_outputs(tmp_path):
-    from seqlab.demo import MARKER, prepare_out
+    from seqlab.cli.demo_inputs import MARKER, prepare_out
 
     out = prepare_out(tmp_path / "d")
     (out / "store.zarr").mkdir()
@@ -247,7 +248,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, monkeypatc
 
 
 def test_memory_events_cover_a_text_without_paragraphs():
-    from seqlab.demo import memory_events
+    from seqlab.cli.demo_inputs import memory_events
 
     text = b"short line\n\n" * 2000
     events = memory_events(text)

@@ -1,6 +1,6 @@
 """``seqlab bench``: a quick forward-throughput comparison on this machine, in one process, on the same weights.
 
-Peers: the model's fast PyTorch path (``backend="torch"``, float32), its float64 twin on the sequential reference
+Peers: the model's fast PyTorch path (``backend="chunked"``, float32), its float64 twin on the sequential reference
 kernels (``backend="ref"``: the truth the fast paths are tested against), and, when a CUDA GPU is present, the
 torch path and the Triton kernels on that GPU. Each peer's output is compared with the float64 reference on the
 timed input (max absolute difference). Timings are the median of ``--repeats`` forwards after a warm-up, the
@@ -14,46 +14,16 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
 import statistics
 import time
 
-from seqlab.cli_args import BIG, count, seed, threads
+from seqlab.cli._args import BIG, MODEL_TYPES, add_json, add_seed, add_threads, count, flag
 from seqlab.errors import ConfigError
+from seqlab.machine import available_memory, machine, machine_line
 
 VOCAB = 256
 FULL = {"d_model": 256, "n_layer": 4, "length": 2048, "repeats": 3}
 QUICK = {"d_model": 64, "n_layer": 2, "length": 256, "repeats": 1}
-
-
-def machine() -> dict:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    info = {"cpu": cpu, "cores": cores, "logical_cpus": os.cpu_count(),
-            "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    if hasattr(os, "getloadavg"):
-        info["load_average"] = round(os.getloadavg()[0], 2)
-    return info
-
-
-def _machine_line(m: dict) -> str:
-    load = f", load average {m['load_average']:.2f}" if "load_average" in m else ""
-    gpu = f", GPU {m['gpu']}" if m["gpu"] else ", no CUDA GPU"
-    return (f"machine: {m['cpu']}, {m['cores']} cores available ({m['logical_cpus']} logical), python "
-            f"{m['python']}, torch {m['torch']}, torch threads {m['torch_threads']}{gpu}{load}")
 
 
 def _sync(device) -> None:
@@ -69,12 +39,12 @@ def _peers(model, with_ref: bool) -> dict:
 
     from seqlab.kernels import triton_available
 
-    peers = {"torch (cpu, fp32)": (model.set_backend("torch"), torch.device("cpu"))}
+    peers = {"torch (cpu, fp32)": (model.set_backend("chunked"), torch.device("cpu"))}
     if with_ref:
         peers["float64 ref (cpu)"] = (copy.deepcopy(model).double().set_backend("ref"), torch.device("cpu"))
     if torch.cuda.is_available():
         gpu = torch.device("cuda")
-        peers["torch (cuda, fp32)"] = (copy.deepcopy(model).to(gpu).set_backend("torch"), gpu)
+        peers["torch (cuda, fp32)"] = (copy.deepcopy(model).to(gpu).set_backend("chunked"), gpu)
         if triton_available():
             peers["triton (cuda, fp32)"] = (copy.deepcopy(model).to(gpu).set_backend("triton"), gpu)
     return peers
@@ -98,21 +68,6 @@ def _config(ssm: str, args):
         raise ConfigError(message) from None
 
 
-def available_memory() -> int | None:
-    """Bytes of memory this process can still take (MemAvailable of /proc/meminfo, else the physical memory)."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def estimate_bytes(config, args) -> int:
     """A lower bound of the CPU memory a bench of ``config`` takes: the weights (float32, and float64 for the
     reference) and the float64 logits each CPU peer keeps for the comparison (the forwards' activations come on
@@ -124,7 +79,7 @@ def estimate_bytes(config, args) -> int:
 
     with torch.device("meta"):
         params = sum(p.numel() for p in LanguageModel(config, vocab_size=VOCAB).parameters())
-    tokens = args.batch * args.length
+    tokens = args.batch_size * args.length
     peers = 1 if args.no_ref else 2
     return params * (4 + 8 * (peers - 1)) + tokens * (8 + VOCAB * 8 * peers)
 
@@ -138,7 +93,7 @@ def check_memory(config, args) -> None:
     can take the process down, or push the machine into swap, before Python sees a MemoryError)."""
     need, have = estimate_bytes(config, args), available_memory()
     if have is not None and need > have:
-        raise ConfigError(f"--d-model {args.d_model}, --n-layer {args.n_layer}, --batch {args.batch} x --length "
+        raise ConfigError(f"--d-model {args.d_model}, --n-layer {args.n_layer}, --batch-size {args.batch_size} x --length "
                           f"{args.length} need at least {_gib(need)} of memory ({config.ssm}); this machine has "
                           f"{_gib(have)} free: lower them{'' if args.no_ref else ', or pass --no-ref'}")
 
@@ -154,7 +109,7 @@ def bench_one(ssm: str, args) -> list[dict]:
     model = LanguageModel(config, vocab_size=VOCAB).eval()
     peers = _peers(model, not args.no_ref)
     gen = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(0, VOCAB, (args.batch, args.length), generator=gen)
+    ids = torch.randint(0, VOCAB, (args.batch_size, args.length), generator=gen)
     short = ids[:, :min(args.length, 64)]  # the slow reference warms up on a few tokens only
     outputs, times = {}, {name: [] for name in peers}
 
@@ -184,8 +139,8 @@ def bench_one(ssm: str, args) -> list[dict]:
     rows = []
     for name in peers:
         seconds = statistics.median(times[name])
-        row = {"ssm": ssm, "peer": name, "length": args.length, "batch": args.batch,
-               "tokens_per_s": args.batch * args.length / seconds, "seconds": seconds,
+        row = {"ssm": ssm, "peer": name, "length": args.length, "batch": args.batch_size,
+               "tokens_per_s": args.batch_size * args.length / seconds, "seconds": seconds,
                "vs_torch_cpu": base / seconds, "max_abs_diff_vs_ref": None}
         if truth is not None:
             row["max_abs_diff_vs_ref"] = float((outputs[name] - truth).abs().max())
@@ -200,9 +155,9 @@ def _bench(args) -> int:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    for name in ("d_model", "n_layer", "length", "batch", "repeats"):
+    for name in ("d_model", "n_layer", "length", "batch_size", "repeats"):
         if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise ConfigError(f"{flag(name)} must be >= 1, got {getattr(args, name)}")
     if args.threads is not None:
         if args.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}")
@@ -216,7 +171,7 @@ def _bench(args) -> int:
     if args.json:
         print(json.dumps({"machine": info, "config": _config_line(args), "rows": rows}))
         return 0
-    print(_machine_line(info))
+    print(machine_line(info, with_os=False))
     print(_config_line(args))
     print()
     header = f"{'ssm':<8} {'peer':<20} {'tok/s':>12} {'x torch cpu':>12} {'max|out - float64 ref|':>24}"
@@ -232,7 +187,7 @@ def _config_line(args) -> str:
     extra = "".join(f", {n} {getattr(args, n)}" for n in ("d_state", "headdim", "chunk_size", "expand")
                     if getattr(args, n) is not None)
     return (f"config: LanguageModel vocab {VOCAB}, d_model {args.d_model}, {args.n_layer} layers{extra}; "
-            f"batch {args.batch} x length {args.length}; forward without state, torch.no_grad; median of "
+            f"batch {args.batch_size} x length {args.length}; forward without state, torch.no_grad; median of "
             f"{args.repeats} after a warm-up (float64 reference: timed once)")
 
 
@@ -247,20 +202,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="examples: seqlab bench --quick;  seqlab bench --ssm mamba2 --length 8192 --threads 1 --no-ref")
     b.add_argument("--ssm", nargs="+", choices=("mamba1", "mamba2"), default=["mamba1", "mamba2"],
                    help="mixer kinds to time (default both)")
-    b.add_argument("--d-model", type=count(1, 1 << 16), default=None, help="model width (default 256; --quick 64)")
-    b.add_argument("--n-layer", type=count(1, 1024), default=None, help="layers (default 4; --quick 2)")
-    b.add_argument("--d-state", type=count(1, 1024), default=None, help="SSM state size (default the mixer's)")
-    b.add_argument("--headdim", type=count(1, 1 << 12), default=None, help="Mamba-2 head size (default 64)")
-    b.add_argument("--chunk-size", type=count(1, 1 << 16), default=None, help="Mamba-2 SSD chunk (default 256)")
-    b.add_argument("--expand", type=count(1, 64), default=None, help="inner width / d_model (default 2)")
+    sizes = {"d_model": "model width (default 256; --quick 64)", "n_layer": "layers (default 4; --quick 2)",
+             "d_state": "SSM state size (default the mixer's)", "headdim": "Mamba-2 head size (default 64)",
+             "chunk_size": "Mamba-2 SSD chunk (default 256)", "expand": "inner width / d_model (default 2)"}
+    for name, text in sizes.items():
+        b.add_argument(flag(name), type=MODEL_TYPES[name], default=None, help=text)
     b.add_argument("--length", type=count(1, BIG), default=None, help="tokens per sequence (default 2048; --quick 256)")
-    b.add_argument("--batch", type=count(1, 1 << 20), default=1, help="sequences per forward (default 1)")
+    b.add_argument("--batch-size", type=count(1, 1 << 20), default=1, help="sequences per forward (default 1)")
     b.add_argument("--repeats", type=count(1, 1000), default=None, help="timed forwards; the median is shown (default 3; "
                    "--quick 1)")
-    b.add_argument("--threads", type=threads, default=None, help="torch CPU threads (default torch's; 1 is steadiest "
-                   "on a shared machine)")
-    b.add_argument("--seed", type=seed, default=0, help="seed of the weights and the input (default 0)")
+    add_threads(b, None, "torch CPU threads (default torch's; 1 is steadiest on a shared machine)")
+    add_seed(b, 0, "seed of the weights and the input (default 0)")
     b.add_argument("--no-ref", action="store_true", help="skip the float64 reference (slow at long lengths)")
     b.add_argument("--quick", action="store_true", help="a small model and a short input: a few seconds")
-    b.add_argument("--json", action="store_true", help="print the machine and the rows as one JSON object")
+    add_json(b, "print the machine and the rows as one JSON object")
     b.set_defaults(func=_bench)

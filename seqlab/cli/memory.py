@@ -13,28 +13,8 @@ import functools
 import json
 import sys
 
-from seqlab.cli_args import count, number, seed, temperature, top_p
+from seqlab.cli._args import add_json, add_model, add_sampling, count, event_time, snapshot_number, timeout
 from seqlab.errors import ConfigError, InputError, SeqlabError
-
-
-def _temperature(text: str) -> float:
-    """0 (greedy) or in [0.001, 100]: a temperature like 1e-300 overflows the logits to inf and NaN."""
-    value = temperature(text)
-    if 0 < value < 1e-3:
-        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or a number in [0.001, 100], got {text!r}")
-    return value
-
-#: event times: from year 1 to year 9999 in Unix seconds
-_TIME = number(-62135596800.0, 253402300799.0)
-#: waiting for another writer: up to a day
-_TIMEOUT = number(0.0, 86400.0)
-#: a reply's length in bytes
-_MAX_NEW_TOKENS = count(1, 1 << 20)
-#: top-k over the 256 byte values
-_TOP_K = count(1, 256)
-#: snapshot numbers (eight digits in the file names)
-_SNAPSHOT_NUMBER = count(0, 99_999_999, "a snapshot number")
-_KEEP = count(1, 1_000_000)
 
 
 def _cli_errors(func):
@@ -56,14 +36,15 @@ def _cli_errors(func):
 
 
 def _open(args, mode: str, create: bool = False):
-    from .session import MemorySession, model_for_session
+    from seqlab.domains.memory import MemoryStreamAdapter
+    from seqlab.domains.session import MemorySession, model_for_session
 
     if create:
         from seqlab.cli import require
 
         require(args, "model")
     model, adapter = model_for_session(args.session, args.model)
-    if type(adapter).__name__ != "MemoryStreamAdapter":
+    if not isinstance(adapter, MemoryStreamAdapter):
         raise ConfigError(f"--model {args.model}: the model was built for the {adapter.name!r} adapter, "
                           "a memory session needs a 'memory' model")
     return MemorySession.open(args.session, model, create=create, mode=mode, adapter=adapter,
@@ -73,7 +54,7 @@ def _open(args, mode: str, create: bool = False):
 def _read_events(args) -> list:
     import time
 
-    from .memory import Event
+    from seqlab.domains.memory import Event
 
     events = []
     for name in args.events or []:
@@ -123,8 +104,9 @@ def _observe(args) -> int:
 def _ask(args) -> int:
     with _open(args, "r") as session:
         answer = session.ask(args.prompt, args.max_new_tokens, role=args.role, prompt_role=args.prompt_role,
-                             time=args.time, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                             seed=args.seed, allow_specials=args.allow_specials)
+                             time=args.time, temperature=args.temperature if args.do_sample else 0.0,
+                             top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                             allow_specials=args.allow_specials)
     if args.json:
         print(json.dumps({"event": answer.event.to_json(), "stop_reason": answer.stop_reason}, ensure_ascii=False))
     else:
@@ -161,7 +143,7 @@ def _compact(args) -> int:
 
 @_cli_errors
 def _repair(args) -> int:
-    from .session import MemorySession
+    from seqlab.domains.session import MemorySession
 
     report = MemorySession.repair(args.session, timeout=args.timeout)
     if args.json:
@@ -187,9 +169,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     def common(q, writer: bool, model: bool = True) -> None:
         q.add_argument("session", help="session directory")
         if model:
-            q.add_argument("--model", help="model file (save_model); default: the one recorded in the session")
+            add_model(q, "model file (save_model); default: the one recorded in the session")
         if writer:
-            q.add_argument("--timeout", type=_TIMEOUT, default=None, metavar="SECONDS",
+            q.add_argument("--timeout", type=timeout, default=None, metavar="SECONDS",
                            help="seconds to wait for another writer to finish, 0 to 86400 (default: fail at once)")
 
     o = commands.add_parser("observe", help="log events and advance the session's state (then save a snapshot)")
@@ -198,25 +180,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--events", action="append", metavar="JSONL", help="JSON Lines file of events ('-': stdin)")
     o.add_argument("--role", default="user", help="role of the --content event (default user)")
     o.add_argument("--content", help="content of one event to observe")
-    o.add_argument("--time", type=_TIME, help="time of the --content event in Unix seconds (default now)")
+    o.add_argument("--time", type=event_time, help="time of the --content event in Unix seconds (default now)")
     o.add_argument("--no-save", action="store_true", help="do not write a snapshot (the log keeps the events)")
     o.set_defaults(func=_observe)
 
     a = commands.add_parser("ask", help="generate the next event on a copy of the state (the session is unchanged)")
     common(a, False)
     a.add_argument("prompt", nargs="?", default=None, help="text of a prompt event read first (optional)")
-    a.add_argument("--max-new-tokens", type=_MAX_NEW_TOKENS, default=256, help="1 to 1048576 (default 256)")
     a.add_argument("--role", default="assistant", help="role of the generated event (default assistant)")
     a.add_argument("--prompt-role", default="user", help="role of the prompt event (default user)")
-    a.add_argument("--time", type=_TIME, help="time of the prompt and reply events (default now)")
-    a.add_argument("--temperature", type=_temperature, default=0.0,
-                   help="0 (greedy, the default) or 0.001 to 100")
-    a.add_argument("--top-k", type=_TOP_K, help="1 to 256")
-    a.add_argument("--top-p", type=top_p, help="in (0, 1]")
-    a.add_argument("--seed", type=seed)
-    a.add_argument("--allow-specials", action="store_true",
-                   help="let the event framing bytes be sampled (by default the reply holds only content bytes)")
-    a.add_argument("--json", action="store_true", help="print the reply event as JSON")
+    a.add_argument("--time", type=event_time, help="time of the prompt and reply events (default now)")
+    add_sampling(a, 256, "bytes of the reply, 1 to 1048576 (default 256; fewer when the event ends first)",
+                 vocab=256)
+    add_json(a, "print the reply event as JSON")
     a.set_defaults(func=_ask)
 
     i = commands.add_parser("info", help="position, events, snapshots, model and sizes (JSON)")
@@ -225,16 +201,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     r = commands.add_parser("rollback", help="return to snapshot N, dropping later events and snapshots")
     common(r, True)
-    r.add_argument("snapshot", type=_SNAPSHOT_NUMBER, help="snapshot number (see 'info')")
+    r.add_argument("snapshot", type=snapshot_number, help="snapshot number (see 'info')")
     r.set_defaults(func=_rollback)
 
     c = commands.add_parser("compact", help="delete old snapshots (the logs keep every event) and stale temp files")
     common(c, True)
-    c.add_argument("--keep", type=_KEEP, default=None,
+    c.add_argument("--keep", type=count(1, 1_000_000), default=None,
                    help="newest snapshots to keep besides snapshot 0, 1 to 1000000 (default 8)")
     c.set_defaults(func=_compact)
 
     f = commands.add_parser("repair", help="keep every verifiable event of a damaged session; damaged bytes go aside")
     common(f, True, model=False)
-    f.add_argument("--json", action="store_true", help="print the repair report as JSON")
+    add_json(f, "print the repair report as JSON")
     f.set_defaults(func=_repair)

@@ -6,39 +6,36 @@ import argparse
 import json
 import sys
 
-from seqlab.cli_args import count, number
-from seqlab.errors import ConfigError
-
-#: --chunk-mb range: 0.001 MB (about 1 KiB, the store's smallest chunk) to 1024 MB (a chunk is decoded whole)
-CHUNK_MB_MIN, CHUNK_MB_MAX = 0.001, 1024.0
+from seqlab.cli._args import CHUNK_MB_MAX, CHUNK_MB_MIN, add_adapter, add_quiet, add_sequences, chunk_mb, count
 
 
-def _adapter_from_args(args):
+def adapter_from_flags(name: str, settings_json) -> object:
+    """The adapter ``--adapter NAME --adapter-settings JSON`` asks for (a ConfigError naming the flag if not)."""
     from seqlab.domains import get_adapter
+    from seqlab.errors import ConfigError
 
     settings = {}
-    if args.adapter_settings:
+    if settings_json:
         try:
-            settings = json.loads(args.adapter_settings)
+            settings = json.loads(settings_json) if isinstance(settings_json, str) else settings_json
         except ValueError as exc:
-            raise ConfigError(f"--adapter-settings must be a JSON object, got {args.adapter_settings!r} ({exc})") \
-                from None
+            raise ConfigError(f"--adapter-settings must be a JSON object, got {settings_json!r} ({exc})") from None
         if not isinstance(settings, dict):
-            raise ConfigError(f"--adapter-settings must be a JSON object, got {args.adapter_settings!r}")
+            raise ConfigError(f"--adapter-settings must be a JSON object, got {settings_json!r}")
+    cls = get_adapter(name)
     try:
-        return get_adapter(args.adapter)(**settings)
+        return cls(**settings)
     except TypeError as exc:
-        raise ConfigError(f"--adapter-settings {settings} do not fit the {args.adapter!r} adapter: {exc}") from None
+        raise ConfigError(f"--adapter-settings {settings} do not fit the {name!r} adapter: {exc}") from None
 
 
 def _ingest(args) -> int:
     from seqlab.cli import require
-
-    from .store import ingest
+    from seqlab.pipelines import ingest
 
     require(args, "adapter")
-    adapter = _adapter_from_args(args)
-    results = ingest(args.store, args.files, adapter, names=args.name, window=args.window,
+    adapter = adapter_from_flags(args.adapter, args.adapter_settings)
+    results = ingest(args.store, args.files, adapter, names=args.sequence_names, window=args.window,
                      overwrite=args.overwrite, checksum=not args.no_checksum,
                      split_records=False if args.whole_file else None,
                      chunk_bytes=round(args.chunk_mb * (1 << 20)) if args.chunk_mb is not None else None,
@@ -52,18 +49,21 @@ def _describe(args) -> int:
     """One line per sequence; a sequence whose metadata is damaged gets a DAMAGED line saying why (the healthy
     ones are still listed), and the exit code is then 1."""
     from seqlab.errors import CorruptFileError
-
-    from .store import SequenceStore
+    from seqlab.pipelines import SequenceStore
 
     store = SequenceStore(args.store, "r")
-    if args.names:
-        names = args.names
+    if args.sequences:
+        names = args.sequences
         for name in names:
             if name not in store:
                 store.describe(name)  # the InputError naming what the store holds
     else:
-        healthy, damaged = store._scan()  # both kinds, each reported below
-        names = sorted([*healthy, *damaged])
+        import warnings
+
+        broken = store.damaged()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the damaged ones are listed below, each with why
+            names = sorted([*store.list(), *broken])
     damaged = 0
     for name in names:
         try:
@@ -89,17 +89,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "written from it is removed (files before it stay ingested).")
     p.add_argument("store", help="store directory (created when missing) or a zarr store URL")
     p.add_argument("files", nargs="+", help="input files (FASTA/FASTQ, audio, text/bytes, .npy frames, ...)")
-    p.add_argument("--adapter", help="adapter name: bytes, audio, dna, video, memory (required)")
-    p.add_argument("--adapter-settings", metavar="JSON", help='adapter settings, e.g. \'{"sample_rate": 16000}\'')
-    p.add_argument("--name", action="append", help="sequence name per file (default: the file's stem)")
+    add_adapter(p, "adapter name: bytes, audio, dna, video, memory (required)")
+    p.add_argument("--sequence-names", nargs="+", metavar="NAME",
+                   help="names of the sequences written, one per file (default: each file's stem)")
     p.add_argument("--window", type=count(1), default=1 << 20,
                    help="elements encoded at a time, in [1, 2**30] (default 1Mi)")
-    p.add_argument("--chunk-mb", type=number(CHUNK_MB_MIN, CHUNK_MB_MAX), default=None,
+    p.add_argument("--chunk-mb", type=chunk_mb, default=None,
                    help=f"target chunk size in MB, in [{CHUNK_MB_MIN}, {CHUNK_MB_MAX:g}] (default 2)")
     p.add_argument("--whole-file", action="store_true", help="one sequence per file, even for multi-record files")
     p.add_argument("--overwrite", action="store_true", help="replace sequences that already exist")
     p.add_argument("--no-checksum", action="store_true", help="identify sources by size and mtime, not sha256")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet(p, "no progress bar")
     p.set_defaults(func=_ingest)
 
     d = sub.add_parser("describe", help="list the sequences of a store with their length, type and adapter",
@@ -107,5 +107,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "INCOMPLETE. A sequence whose metadata is damaged is listed as DAMAGED with the reason "
                        "(also on stderr) and the exit code is 1; the healthy ones are listed as usual.")
     d.add_argument("store", help="store directory or URL")
-    d.add_argument("names", nargs="*", help="sequences to describe (default: all)")
+    add_sequences(d, "sequences to describe (default: all)")
     d.set_defaults(func=_describe)

@@ -144,7 +144,7 @@ def test_a_permission_failure_in_the_cli_is_one_line(tmp_path, monkeypatch, caps
         raise PermissionError(13, "Permission denied", str(tmp_path / "o"))
 
     monkeypatch.setattr(seqlab.io.tempfile, "mkstemp", refused)
-    code = main(["train", str(tmp_path / "c.txt"), "--domain", "bytes", "--out", str(tmp_path / "o"), "--steps", "1",
+    code = main(["train", str(tmp_path / "c.txt"), "--adapter", "bytes", "--out", str(tmp_path / "o"), "--steps", "1",
                  "--d-model", "8", "--n-layer", "1", "--batch-size", "1", "--window", "8", "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Permission denied" in err, err

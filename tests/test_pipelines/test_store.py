@@ -524,7 +524,7 @@ def test_damaged_sequences_in_describe_ingest_and_delete(tmp_path, capsys):
     assert lines[0].split("\t")[1:3] == ["5", "tokens"] and lines[2].endswith("complete")
     assert "DAMAGED" in lines[1] and "b/zarr.json" in lines[1]
     assert err.count("\n") == 1 and "damaged sequence 'b'" in err and "Traceback" not in err
-    assert main(["describe", str(path), "a"]) == 0
+    assert main(["describe", str(path), "--sequences", "a"]) == 0
     capsys.readouterr()
     # ingest does not replace a damaged sequence unless asked; delete removes it
     source = tmp_path / "b.bin"
