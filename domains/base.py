@@ -247,7 +247,7 @@ class Adapter(ABC):
         """A ``seqlab.train.WindowSource`` for the ``Trainer`` over encoded in-memory ``data``: token ids (1-D)
         -> ``SequenceSource``; continuous frames (T, *frame) -> ``FrameSource`` over (T, features). Subclasses
         with special needs override it with this signature and their own ``options``."""
-        from seqlab.train import FrameSource, SequenceSource
+        from seqlab.windows import FrameSource, SequenceSource
 
         if options:
             raise InputError(f"{type(self).__name__}.source takes no options, got {sorted(options)}")

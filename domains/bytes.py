@@ -260,7 +260,7 @@ class ByteAdapter(TokenAdapter):
         ``start``/``stop``: the byte range to use (e.g. the last 10% as a held-out split). A ``utf8`` adapter
         checks the range of a path or bytes first, 1 MiB at a time (ids were checked where they were encoded).
         """
-        from seqlab.train import SequenceSource
+        from seqlab.windows import SequenceSource
 
         if isinstance(data, (str, os.PathLike)):
             where = os.fspath(data)

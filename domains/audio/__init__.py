@@ -9,7 +9,7 @@ TorchCodec). soundfile and torchaudio are imported when first needed (``pip inst
 See docs/domains/audio.md for the formats, options, metric and a runnable example.
 """
 
-from seqlab.train import FrameSource
+from seqlab.windows import FrameSource
 
 from .adapter import PCM16_STEP, AudioAdapter
 from .files import Waveform

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from seqlab.errors import ConfigError, InputError
-from seqlab.train import ArraySource, WindowSource
+from seqlab.windows import ArraySource, WindowSource
 
 from .vocab import MASK, A, reverse_complement
 

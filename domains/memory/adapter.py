@@ -157,7 +157,7 @@ class MemoryStreamAdapter(TokenAdapter):
         """A ``seqlab.train.SequenceSource`` over the encoded stream of ``data``: encoded byte ids (a 1-D tensor
         or array, checked to decode as whole events), events, or a path (a ``.mem`` stream file is memory-mapped
         after a streaming check; a JSON Lines file is encoded in memory)."""
-        from seqlab.train import SequenceSource
+        from seqlab.windows import SequenceSource
 
         if isinstance(data, (torch.Tensor, np.ndarray)):
             where = "source ids"

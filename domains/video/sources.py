@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from seqlab.errors import ConfigError, InputError
-from seqlab.train import ArraySource
+from seqlab.windows import ArraySource
 
 if TYPE_CHECKING:  # pragma: no cover
     from .adapter import VideoAdapter
@@ -25,7 +25,7 @@ class VideoSource(ArraySource):
     the same shifted by one step; the windows of one batch come in time order, so ``carry_state=True`` threads
     the state through each clip (use ``n == batch_size`` for one long video cut into streams, or whole-clip
     windows with ``carry_state=False``). ``task="classify"``: inputs whole clips, targets ``labels`` (n,).
-    Only the clips of the window asked for are read and encoded (``seqlab.train.ArraySource`` cuts the
+    Only the clips of the window asked for are read and encoded (``seqlab.windows.ArraySource`` cuts the
     windows: the clips are its streams of slabs).
     """
 
