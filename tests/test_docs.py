@@ -77,7 +77,7 @@ class Block:
 
 
 FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})(.*)$")
-DIRECTIVE = re.compile(r"<!--\s*docs-test:(.*?)-->")
+DIRECTIVE = re.compile(r"^\s*<!--\s*docs-test\b:?(.*?)-->\s*$")   # a line that is only such a comment
 SKIP = re.compile(r"^\s*skip:\s*(\S.*?)\s*$")
 
 
@@ -89,7 +89,7 @@ def parse(text: str, doc: str) -> tuple[list[Block], list[str]]:
     while i < len(lines):
         m = FENCE.match(lines[i])
         if not m:
-            if "docs-test:" in lines[i]:
+            if DIRECTIVE.match(lines[i]):
                 nxt = lines[i + 1] if i + 1 < len(lines) else ""
                 if not FENCE.match(nxt):
                     problems.append(f"{doc}:{i + 1}: a docs-test comment must be on the line just before a fence")
@@ -105,7 +105,7 @@ def parse(text: str, doc: str) -> tuple[list[Block], list[str]]:
             problems.append(f"{doc}:{i + 1}: fence never closed")
         body = [line[len(indent):] if line.startswith(indent) else line.lstrip() for line in lines[i + 1:j]]
         block = Block(doc, i + 1, tag, "\n".join(body) + "\n")
-        directive = DIRECTIVE.search(lines[i - 1]) if i > 0 else None
+        directive = DIRECTIVE.match(lines[i - 1]) if i > 0 else None
         if directive:
             skip = SKIP.match(directive.group(1))
             if skip is None:
@@ -216,7 +216,8 @@ def test_skipped_blocks_are_few():
 
 def test_checks_catch_what_they_should():
     """The parser is not vacuous: it finds what this test must refuse."""
-    text = "a\n```\nx\n```\n```pyhton\nx\n```\n<!-- docs-test: skip: -->\n```python\nx\n```\n" \
+    text = "a `<!-- docs-test: skip: R -->` in prose\n```\nx\n```\n```pyhton\nx\n```\n<!-- docs-test: skip: -->\n" \
+           "```python\nx\n```\n" \
            "<!-- docs-test: skip: needs a GPU -->\n```bash\nnvidia-smi\n```\n<!-- docs-test: skip: x -->\n\n```text\n"
     blocks, problems = parse(text, "t.md")
     assert [b.tag for b in blocks] == ["", "pyhton", "python", "bash", "text"]
