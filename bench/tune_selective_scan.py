@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     from seqlab.kernels.scan.ref import compute_dtype
 
     dev = torch.device("cuda")
-    from gpu_kernels import Timer  # the same event timing, median and L2 flush as the kernel bench
+    from _gpu_measure import Timer  # the same event timing, median and L2 flush as the kernel bench
 
     timer = Timer(dev, flush=True)
 
