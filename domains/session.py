@@ -22,34 +22,26 @@ grouping of ``observe`` calls, so observing A then B gives bit for bit the state
 replaying the log repeats exactly the calls of the original run (the replay is ``seqlab.streaming.stream_pieces``
 with one event per piece). See docs/agent-memory.md.
 
-The jobs are split by file: ``session_files`` (the folder: names, session.json, lock, rollback intent),
-``session_log`` (the write-ahead log format and chain), ``session_snapshots`` (snapshots, pruning, log merging,
-rollback, new folders) and ``session_repair``; this module holds ``MemorySession`` and the public names.
+The jobs are split by file: ``session_files`` (the folder: names, session.json, the lock, the rollback intent, the
+recorded model file), ``session_log`` (the write-ahead log format and the chain of logs), ``session_snapshots``
+(snapshots, pruning, log merging, rollback, new folders), ``session_replay`` (the state from the files),
+``session_queries`` (``ask``, ``score``) and ``session_repair``; this module holds ``MemorySession`` and keeps the
+public names (``from seqlab.domains.session import MemorySession, replay_state, ...``).
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import os
-import shutil
-import tempfile
 import time as _time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from seqlab.errors import ConfigError, CorruptFileError, InputError, SessionLockedError, StateError, StateMismatchError
-from seqlab.io import fsync_dir
-from seqlab.state import RecurrentState, require_fingerprint
-from seqlab.streaming import stream_pieces
+from seqlab.errors import ConfigError, CorruptFileError, InputError, SessionLockedError, StateError
+from seqlab.state import RecurrentState
 
 from .memory import Event, MemoryStreamAdapter
-
-# the names below are this module's too (tests and tools reach them here); each lives in the module of its job
 from .session_files import (  # noqa: F401
     _LOG,
     _SESSION_FILE,
@@ -62,30 +54,32 @@ from .session_files import (  # noqa: F401
     _check_keep,
     _check_timeout,
     _clean_temp_files,
-    _damaged,
-    _file_sha256,
-    _first_event,
     _json_checksum,
     _listing,
-    _log_name,
     _pending_rollback,
     _read_meta,
+    _read_session_meta,
     _release_lock,
     _require_writable,
     _snapshot_name,
     _write_rollback_intent,
+    model_for_session,
 )
-from .session_log import LOG_FORMAT, LOG_VERSION, _append, _check_chain, _frame, _open_writer_log, _read_events  # noqa: F401
+from .session_log import LOG_FORMAT, LOG_VERSION, _append, _frame, _open_writer_log, _read_events  # noqa: F401
+from .session_queries import Answer, Score, _reply, _score
 from .session_repair import _repair
+from .session_replay import _advance, _load_view, replay_state
+
+# save() reads MERGE_LOGS_AT and _write_snapshot from this module (tests set them here)
 from .session_snapshots import (  # noqa: F401
     MERGE_LOGS_AT,
     SNAPSHOT_FORMAT,
     SNAPSHOT_VERSION,
-    _fill_new_session,
+    _create_session,
     _finish_rollback,
     _list_snapshots,
     _merge_logs,
-    _model_device,
+    _place_new_session,
     _prune,
     _read_snapshot,
     _write_snapshot,
@@ -95,48 +89,6 @@ __all__ = ["Answer", "DEFAULT_KEEP_SNAPSHOTS", "MemorySession", "Score", "Sessio
 
 #: snapshots kept by default besides snapshot 0 (the logs are always kept whole)
 DEFAULT_KEEP_SNAPSHOTS = 8
-
-
-def _advance(model, adapter, state: RecurrentState | None, events: Sequence[Event]):
-    """Feed ``events`` one event per forward call (the canonical chunking; see the module docstring). Returns the
-    state after them and the next-byte logits after the last one (None when there are no events)."""
-    logits = None
-    for step in stream_pieces(model, (adapter.encode(event) for event in events), state=state, adapter=adapter):
-        state, logits = step.state, step.output.logits[:, -1].float()
-    return state, logits
-
-
-def replay_state(model, events: Iterable[Event], adapter: MemoryStreamAdapter | None = None) -> RecurrentState:
-    """The state a fresh session reaches after observing ``events`` (bit for bit, on the same machine)."""
-    adapter = adapter or MemoryStreamAdapter()
-    state = model.init_state(1)
-    state, _ = _advance(model, adapter, state, list(events))
-    return state
-
-
-@dataclass
-class Answer:
-    """What ``ask`` generated: the reply ``event``, its raw ``tokens`` and ``stop_reason`` ("stop" or "length")."""
-
-    event: Event
-    tokens: list[int]
-    stop_reason: str
-
-    @property
-    def text(self) -> str:
-        return self.event.content
-
-
-@dataclass
-class Score:
-    """``bits``: -log2 p of the scored bytes given the memory; ``bytes``: how many were scored."""
-
-    bits: float
-    bytes: int
-
-    @property
-    def bits_per_byte(self) -> float:
-        return self.bits / self.bytes if self.bytes else float("nan")
 
 
 class MemorySession:
@@ -150,7 +102,7 @@ class MemorySession:
         raise TypeError("use MemorySession.open(path, model, ...)")
 
     @classmethod
-    def _bare(cls, path: Path, mode: str) -> "MemorySession":
+    def _bare(cls, path: Path, mode: str) -> MemorySession:
         self = object.__new__(cls)
         self.path, self.mode = path, mode
         self._lock_fd = None
@@ -161,10 +113,18 @@ class MemorySession:
     # ------------------------------------------------------------------------------------------------
     # opening
     @classmethod
-    def open(cls, path: str | os.PathLike, model, *, create: bool = False, mode: str = "w",
-             timeout: float | None = None, model_file: str | os.PathLike | None = None,
-             adapter: MemoryStreamAdapter | None = None,
-             keep_snapshots: int | None = DEFAULT_KEEP_SNAPSHOTS) -> "MemorySession":
+    def open(
+        cls,
+        path: str | os.PathLike,
+        model,
+        *,
+        create: bool = False,
+        mode: str = "w",
+        timeout: float | None = None,
+        model_file: str | os.PathLike | None = None,
+        adapter: MemoryStreamAdapter | None = None,
+        keep_snapshots: int | None = DEFAULT_KEEP_SNAPSHOTS,
+    ) -> MemorySession:
         """Open (or with ``create=True`` make) the session at ``path`` for ``model``.
 
         ``mode="w"``: the one writer; a second writer gets ``SessionLockedError`` at once, or after waiting up to
@@ -189,15 +149,21 @@ class MemorySession:
             if not create:
                 if path.exists() and not path.is_dir():
                     raise CorruptFileError(f"{path}: not a session directory")
-                raise _advice(FileNotFoundError, "no memory session here", "pass create=True to make one",
-                              "give --create and --model FILE to make one", code=errno.ENOENT, filename=path)
+                raise _advice(
+                    FileNotFoundError,
+                    "no memory session here",
+                    "pass create=True to make one",
+                    "give --create and --model FILE to make one",
+                    code=errno.ENOENT,
+                    filename=path,
+                )
             if mode == "r":
                 raise ConfigError(f"{path}: cannot create a session read-only (mode='r')")
-            cls._create(path, model, adapter, model_file)
+            _create_session(path, model, adapter, model_file)
         self = cls._bare(path, mode)
         self.model, self.adapter, self.keep_snapshots = model, adapter, keep_snapshots
         try:
-            self.meta = cls._read_session_file(path, model, adapter)
+            self.meta = _read_session_meta(path, model, adapter)
             if mode == "w":
                 _require_writable(path)
                 self._lock_fd = _acquire_lock(path, timeout)
@@ -208,93 +174,15 @@ class MemorySession:
             raise
         return self
 
-    @staticmethod
-    def _create(path: Path, model, adapter: MemoryStreamAdapter, model_file) -> None:
-        """Build the new session in a temporary folder and rename it into place (atomic: a crash or a racing
-        creator never leaves a half-made session)."""
-        parent = path.parent if str(path.parent) else Path(".")
-        if not parent.is_dir():
-            raise FileNotFoundError(errno.ENOENT, f"cannot create session {path}: the folder does not exist",
-                                    os.fspath(parent))
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise ConfigError(f"{path}: exists and is not a memory session (no {_SESSION_FILE})")
-        record = None
-        if model_file is not None:
-            model_file = Path(model_file).resolve()
-            record = {"path": str(model_file), "sha256": _file_sha256(model_file)}
-        meta = {"format": SESSION_FORMAT, "format_version": SESSION_VERSION, "fingerprint": model.fingerprint,
-                "config": model.config.to_dict(), "adapter": adapter.info(), "model_file": record,
-                "created": _time.time()}
-        meta["checksum"] = _json_checksum(meta)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".new", dir=parent))
-        try:
-            _fill_new_session(tmp, meta, model.init_state(1), None, 0)
-            try:
-                if path.exists():
-                    path.rmdir()  # an empty folder the user made for it
-                os.rename(tmp, path)
-            except OSError as exc:
-                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise
-                # another process created it first: fall through and open theirs
-            fsync_dir(parent)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-
-    @staticmethod
-    def _read_session_file(path: Path, model, adapter) -> dict:
-        where = path / _SESSION_FILE
-        meta = _read_meta(path)
-        require_fingerprint(meta.get("fingerprint"), model, "session", str(where))
-        if meta.get("adapter") != adapter.info():
-            raise StateMismatchError(f"{where}: session was made with adapter {meta.get('adapter')}, "
-                                     f"this one is {adapter.info()}")
-        return meta
-
     # ------------------------------------------------------------------------------------------------
     # loading and recovery
     def _load(self) -> None:
-        """Newest snapshot + the logs after it replayed. A reader retries when a writer moves files under it."""
-        for attempt in range(20):
-            try:
-                self._load_once()
-                return
-            except FileNotFoundError:
-                if self.mode == "w" or attempt == 19:
-                    raise
-                _time.sleep(0.01)
-
-    def _load_once(self) -> None:
-        target = _pending_rollback(self.path)
-        if target is not None and self.mode == "w":
-            _finish_rollback(self.path, target, self.meta)
-            target = None
-        snaps, logs = _listing(self.path)
-        if target is not None:  # a reader sees the rollback as done: log `target` restarts empty
-            snaps = [n for n in snaps if n <= target]
-            logs = [n for n in logs if n < target]
-        if not snaps:
-            raise CorruptFileError(f"{self.path}: the session has no snapshot file")
-        current = snaps[-1]
-        state, logits, events = _read_snapshot(self.path, current, self.model, self.adapter)
-        top = max([current, *logs])
-        # a missing log of the newest snapshot is a crash only while a rollback is under way, or in a session of
-        # earlier seqlab (which wrote a snapshot before its log); since format 2 the log is written first
-        legacy = target is not None or self.meta.get("format_version", 0) < 2
-        chain, leftovers = _check_chain(self.path, logs, top, current, events, _first_event(self.meta), legacy)
-        replayed = [e for k in sorted(chain) if k >= current for _, batch in chain[k].batches for e in batch]
-        self._snapshot, self._snapshot_events, self._top = current, events, top
-        if self.mode == "w":
-            for k in leftovers:  # logs a merge had copied into a merged log when a crash stopped it
-                (self.path / _log_name(k)).unlink(missing_ok=True)
-            self._log_handle, self.meta = _open_writer_log(self.path, top, chain.get(top), events, self.meta)
-        state, new_logits = _advance(self.model, self.adapter, state, replayed)
-        self._state = state
-        self._logits = new_logits if replayed else logits
-        self._events = events + len(replayed)
-        self._lost = [list(span) for k in sorted(chain) for span in chain[k].lost]
-
+        """Newest snapshot + the logs after it replayed (``session_replay``); a writer also opens its log."""
+        view = _load_view(self.path, self.meta, self.model, self.adapter, writer=self.mode == "w")
+        if view.log_handle is not None:
+            self._log_handle, self.meta = view.log_handle, view.meta
+        self._state, self._logits, self._events, self._lost = view.state, view.logits, view.events, view.lost
+        self._snapshot, self._snapshot_events, self._top = view.snapshot, view.snapshot_events, view.top
 
     # ------------------------------------------------------------------------------------------------
     # the memory
@@ -352,11 +240,23 @@ class MemorySession:
             self._log_handle = None
         self._load()
 
-    def ask(self, prompt: str | Event | Sequence[Event] | None = None, max_new_tokens: int = 256, *,
-            role: str = "assistant", prompt_role: str = "user", time=None, metadata: dict | None = None,
-            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-            min_p: float | None = None, repetition_penalty: float = 1.0, seed: int | None = None,
-            allow_specials: bool = False) -> Answer:
+    def ask(
+        self,
+        prompt: str | Event | Sequence[Event] | None = None,
+        max_new_tokens: int = 256,
+        *,
+        role: str = "assistant",
+        prompt_role: str = "user",
+        time=None,
+        metadata: dict | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        allow_specials: bool = False,
+    ) -> Answer:
         """Generate the next event of ``role`` on a copy of the state; the session does not change.
 
         ``prompt``: text (an event of ``prompt_role`` at ``time``), an Event or events read first, or None.
@@ -366,27 +266,25 @@ class MemorySession:
         Observe the prompt and ``answer.event`` to make them part of the memory.
         """
         self._require_open()
-        stamp = _time.time() if time is None else time
-        if prompt is None:
-            context: list[Event] = []
-        elif isinstance(prompt, str):
-            context = [Event(prompt_role, prompt, stamp)]
-        elif isinstance(prompt, Event):
-            context = [prompt]
-        else:
-            context = list(prompt)
-        header = self.adapter.prompt_for(role, time=stamp, metadata=metadata)
-        ids = torch.cat([self.adapter.encode(context), header]) if context else header
-        greedy = isinstance(temperature, (int, float)) and temperature == 0
-        out = self.model.generate(ids, max_new_tokens, do_sample=not greedy, temperature=temperature, top_k=top_k,
-                                  top_p=top_p,
-                                  min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-                                  stop=self.adapter.stop_tokens, state=self._state.clone(),
-                                  **self.adapter.generation_options(allow_specials=bool(allow_specials)))
-        tokens = out.tokens[0]
-        return Answer(self.adapter.reply_event(header, tokens), tokens, out.stop_reasons[0])
+        return _reply(
+            self.model,
+            self.adapter,
+            self._state.clone(),
+            prompt,
+            max_new_tokens,
+            role=role,
+            prompt_role=prompt_role,
+            time=time,
+            metadata=metadata,
+            allow_specials=allow_specials,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+        )
 
-    @torch.no_grad()
     def score(self, text: str | bytes | Event | Sequence[Event]) -> Score:
         """Bits the model needs for ``text`` (raw UTF-8 / bytes, or encoded events) right after the memory.
 
@@ -394,25 +292,7 @@ class MemorySession:
         that has observed nothing yet, the first byte has no prediction and is not scored.
         """
         self._require_open()
-        if isinstance(text, str):
-            ids = torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
-        elif isinstance(text, (bytes, bytearray)):
-            ids = torch.tensor(list(text), dtype=torch.long)
-        else:
-            ids = self.adapter.encode(text)
-        if ids.numel() == 0:
-            return Score(0.0, 0)
-        ids = ids.to(_model_device(self.model))
-        out = self.model(ids[None], self._state.clone())
-        logits = out.logits[0, :-1].float()
-        targets = ids[1:]
-        if self._logits is not None:
-            logits = torch.cat([self._logits.reshape(1, -1), logits])
-            targets = ids
-        if targets.numel() == 0:
-            return Score(0.0, 0)
-        nats = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
-        return Score(float(nats) / float(torch.log(torch.tensor(2.0))), int(targets.numel()))
+        return _score(self.model, self.adapter, self._state.clone(), self._logits, text)
 
     # ------------------------------------------------------------------------------------------------
     # snapshots
@@ -448,8 +328,13 @@ class MemorySession:
         removed = _prune(self.path, self._snapshot, keep)
         merged = _merge_logs(self.path, self._snapshot, 2, everything=True)
         temp = _clean_temp_files(self.path)
-        return {"removed_snapshots": removed, "kept_snapshots": _listing(self.path)[0], "merged_logs": merged,
-                "removed_temp_files": temp, "bytes_freed": sum(sizes[n] for n in removed)}
+        return {
+            "removed_snapshots": removed,
+            "kept_snapshots": _listing(self.path)[0],
+            "merged_logs": merged,
+            "removed_temp_files": temp,
+            "bytes_freed": sum(sizes[n] for n in removed),
+        }
 
     def snapshots(self) -> list[dict]:
         """Each snapshot: ``{"number", "events", "position", "bytes"}`` (oldest first)."""
@@ -473,27 +358,20 @@ class MemorySession:
         _finish_rollback(self.path, n, self.meta)
         self._load()
 
-    def fork(self, path: str | os.PathLike) -> "MemorySession":
+    def fork(self, path: str | os.PathLike) -> MemorySession:
         """A new session at ``path`` starting from this one's current state (its snapshot 0); opened for writing."""
         self._require_open()
         path = Path(path)
         if (path / _SESSION_FILE).exists() or (path.exists() and (not path.is_dir() or any(path.iterdir()))):
             raise ConfigError(f"{path}: already exists; fork into a new folder")
-        parent = path.parent if str(path.parent) else Path(".")
-        meta = {**{k: v for k, v in self.meta.items() if k != "checksum"}, "created": _time.time(),
-                "format_version": SESSION_VERSION,
-                "forked_from": {"path": str(self.path.resolve()), "events": self._events}}
+        meta = {
+            **{k: v for k, v in self.meta.items() if k != "checksum"},
+            "created": _time.time(),
+            "format_version": SESSION_VERSION,
+            "forked_from": {"path": str(self.path.resolve()), "events": self._events},
+        }
         meta["checksum"] = _json_checksum(meta)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".new", dir=parent))
-        try:
-            _fill_new_session(tmp, meta, self._state, self._logits, self._events)
-            if path.exists():
-                path.rmdir()
-            os.rename(tmp, path)
-            fsync_dir(parent)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        _place_new_session(path, meta, self._state, self._logits, self._events)
         return MemorySession.open(path, self.model, adapter=self.adapter, keep_snapshots=self.keep_snapshots)
 
     def events(self) -> list[Event]:
@@ -505,22 +383,35 @@ class MemorySession:
     def info(self) -> dict[str, Any]:
         """Position, event counts, snapshot, model and sizes on disk (bytes)."""
         self._require_open()
-        files = {name: (self.path / name).stat().st_size for name in os.listdir(self.path)
-                 if (self.path / name).is_file()}
+        files = {
+            name: (self.path / name).stat().st_size for name in os.listdir(self.path) if (self.path / name).is_file()
+        }
         return {
-            "path": str(self.path), "mode": self.mode, "position": self._state.position, "events": self._events,
-            "unsaved_events": self._events - self._snapshot_events, "snapshot": self._snapshot,
-            "snapshots": len(_listing(self.path)[0]), "keep_snapshots": self.keep_snapshots, "log": self._top,
+            "path": str(self.path),
+            "mode": self.mode,
+            "position": self._state.position,
+            "events": self._events,
+            "unsaved_events": self._events - self._snapshot_events,
+            "snapshot": self._snapshot,
+            "snapshots": len(_listing(self.path)[0]),
+            "keep_snapshots": self.keep_snapshots,
+            "log": self._top,
             "lost_events": self._lost,
-            "model": {"fingerprint": self.meta["fingerprint"], "file": self.meta.get("model_file"),
-                      "config": self.meta.get("config")},
-            "adapter": self.meta.get("adapter"), "format_version": self.meta.get("format_version"),
+            "model": {
+                "fingerprint": self.meta["fingerprint"],
+                "file": self.meta.get("model_file"),
+                "config": self.meta.get("config"),
+            },
+            "adapter": self.meta.get("adapter"),
+            "format_version": self.meta.get("format_version"),
             "forked_from": self.meta.get("forked_from"),
-            "sizes": {"state_bytes": self._state.nbytes(),
-                      "snapshot_file_bytes": files.get(_snapshot_name(self._snapshot), 0),
-                      "log_bytes": sum(v for k, v in files.items() if _LOG.fullmatch(k)),
-                      "snapshots_bytes": sum(v for k, v in files.items() if _SNAPSHOT.fullmatch(k)),
-                      "total_bytes": sum(files.values())},
+            "sizes": {
+                "state_bytes": self._state.nbytes(),
+                "snapshot_file_bytes": files.get(_snapshot_name(self._snapshot), 0),
+                "log_bytes": sum(v for k, v in files.items() if _LOG.fullmatch(k)),
+                "snapshots_bytes": sum(v for k, v in files.items() if _SNAPSHOT.fullmatch(k)),
+                "total_bytes": sum(files.values()),
+            },
         }
 
     # ------------------------------------------------------------------------------------------------
@@ -565,45 +456,14 @@ class MemorySession:
             self._lock_fd = None
         self._closed = True
 
-    def __enter__(self) -> "MemorySession":
+    def __enter__(self) -> MemorySession:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"MemorySession({str(self.path)!r}, mode={self.mode!r}, events={self._events}, "
-                f"position={self._state.position}, snapshot={self._snapshot})")
-
-
-
-
-def model_for_session(path: str | os.PathLike, model_file: str | os.PathLike | None = None, device=None):
-    """``(model, adapter)`` for the session at ``path``: from ``model_file`` when given, else from the model file
-    recorded at creation (its sha256 must still match, so a changed file is refused, naming it)."""
-    from .base import model_from_checkpoint
-
-    where = Path(path) / _SESSION_FILE
-    if model_file is None:
-        try:
-            meta = json.loads(where.read_bytes())
-        except FileNotFoundError:
-            raise _advice(FileNotFoundError, "no memory session here",
-                          "create it with MemorySession.open(path, model, create=True)",
-                          "create it with 'seqlab memory observe SESSION --create --model FILE ...'",
-                          code=errno.ENOENT, filename=path) from None
-        except ValueError:
-            raise CorruptFileError(f"{where}: not JSON (the file was truncated or altered)") from None
-        record = meta.get("model_file") if isinstance(meta, dict) else None
-        if not record or not isinstance(record, dict) or not isinstance(record.get("path"), str):
-            raise _advice(ConfigError, f"{where}: this session records no model file", "give model_file=",
-                          "give the model with --model FILE")
-        model_file = Path(record["path"])
-        if not model_file.exists():
-            raise _advice(FileNotFoundError, f"the model file recorded in {where} is gone", "give model_file=",
-                          "give the model with --model FILE", code=errno.ENOENT, filename=model_file)
-        if _file_sha256(model_file) != record.get("sha256"):
-            raise _advice(StateMismatchError, f"{model_file}: the model file changed since session {path} was "
-                          "created (sha256 differs)", "give the right one with model_file=",
-                          "give the right one with --model FILE")
-    return model_from_checkpoint(model_file, device=device)
+        return (
+            f"MemorySession({str(self.path)!r}, mode={self.mode!r}, events={self._events}, "
+            f"position={self._state.position}, snapshot={self._snapshot})"
+        )

@@ -1,6 +1,7 @@
 """A memory session's folder: its file names, ``session.json``, the JSON checksums, the one writer's lock, the
-rollback intent, and the errors that speak API or command line (``seqlab.domains.session`` ties them together;
-docs/agent-memory.md describes the folder)."""
+rollback intent, the errors that speak API or command line, and the model file a session records
+(``model_for_session``). ``seqlab.domains.session`` ties them together; docs/agent-memory.md describes the
+folder."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import re
 import time as _time
 from pathlib import Path
 
-from seqlab.errors import ConfigError, CorruptFileError, FormatVersionError, SessionLockedError
+from seqlab.errors import ConfigError, CorruptFileError, FormatVersionError, SessionLockedError, StateMismatchError
 from seqlab.io import atomic_write_bytes
+from seqlab.state import require_fingerprint
 
 SESSION_FORMAT = "seqlab.memory_session"
 #: session.json: 2 since the self-verifying log (a seqlab that reads only version 1 logs refuses the session)
@@ -29,10 +31,12 @@ _SNAPSHOT = re.compile(r"snapshot-(\d{8})\.safetensors")
 _LOG = re.compile(r"log-(\d{8})\.wal")
 # the temporary files of seqlab.io.atomic_write_bytes for this folder's own files (left by a kill -9)
 _TEMP = re.compile(r"\.(session\.json|rollback\.json|snapshot-\d{8}\.safetensors|log-\d{8}\.wal)\..+\.tmp")
-_REPAIR_API = "repair it with MemorySession.repair(path) (keeps every event before the damage, moves the damaged " \
-              "bytes aside)"
-_REPAIR_CLI = "repair it with 'seqlab memory repair SESSION' (keeps every event before the damage, moves the " \
-              "damaged bytes aside)"
+_REPAIR_API = (
+    "repair it with MemorySession.repair(path) (keeps every event before the damage, moves the damaged bytes aside)"
+)
+_REPAIR_CLI = (
+    "repair it with 'seqlab memory repair SESSION' (keeps every event before the damage, moves the damaged bytes aside)"
+)
 
 
 def _snapshot_name(n: int) -> str:
@@ -82,8 +86,9 @@ def _check_keep(keep, what: str) -> int | None:
 
 
 def _check_timeout(timeout) -> None:
-    if isinstance(timeout, bool) or (timeout is not None and not (isinstance(timeout, (int, float))
-                                                                   and 0 <= timeout < float("inf"))):
+    if isinstance(timeout, bool) or (
+        timeout is not None and not (isinstance(timeout, (int, float)) and 0 <= timeout < float("inf"))
+    ):
         raise ConfigError(f"timeout must be a finite number of seconds >= 0 or None, got {timeout!r}")
 
 
@@ -123,10 +128,24 @@ def _read_meta(path: Path) -> dict:
     if not isinstance(version, int) or isinstance(version, bool):
         raise CorruptFileError(f"{where}: format_version is missing or not an integer")
     if version > SESSION_VERSION:
-        raise FormatVersionError(f"{where}: written in {SESSION_FORMAT} format version {version}; this seqlab "
-                                 f"reads up to version {SESSION_VERSION} (upgrade seqlab)")
+        raise FormatVersionError(
+            f"{where}: written in {SESSION_FORMAT} format version {version}; this seqlab "
+            f"reads up to version {SESSION_VERSION} (upgrade seqlab)"
+        )
     if meta.get("checksum") != _json_checksum(meta):
         raise CorruptFileError(f"{where}: checksum mismatch, the file was altered or damaged")
+    return meta
+
+
+def _read_session_meta(path: Path, model, adapter) -> dict:
+    """session.json verified (``_read_meta``) and checked to belong to ``model`` and ``adapter``."""
+    where = path / _SESSION_FILE
+    meta = _read_meta(path)
+    require_fingerprint(meta.get("fingerprint"), model, "session", str(where))
+    if meta.get("adapter") != adapter.info():
+        raise StateMismatchError(
+            f"{where}: session was made with adapter {meta.get('adapter')}, this one is {adapter.info()}"
+        )
     return meta
 
 
@@ -156,8 +175,9 @@ def _pending_rollback(path: Path) -> int | None:
             raise TypeError
         # checksummed since format 2 (a flipped digit must not roll back to another snapshot); a bare
         # {"to": n} is what earlier seqlab wrote
-        if set(record) != {"to"} and (set(record) != {"to", "checksum"}
-                                      or record["checksum"] != _json_checksum(record)):
+        if set(record) != {"to"} and (
+            set(record) != {"to", "checksum"} or record["checksum"] != _json_checksum(record)
+        ):
             raise ValueError
         return target
     except FileNotFoundError:
@@ -180,9 +200,14 @@ def _require_writable(path: Path) -> None:
     """A writer must be able to write the folder (snapshots, logs) before it logs anything: an event logged
     and then reported as failed would be observed twice by a retry."""
     if not os.access(path, os.W_OK | os.X_OK):
-        raise _advice(PermissionError, "the session folder is not writable, so nothing can be observed or "
-                      "saved (nothing was logged)", "open it with mode='r' to read",
-                      "ask and info still work (read-only)", code=errno.EACCES, filename=path)
+        raise _advice(
+            PermissionError,
+            "the session folder is not writable, so nothing can be observed or saved (nothing was logged)",
+            "open it with mode='r' to read",
+            "ask and info still work (read-only)",
+            code=errno.EACCES,
+            filename=path,
+        )
 
 
 def _acquire_lock(path: Path, timeout: float | None) -> int:
@@ -197,11 +222,12 @@ def _acquire_lock(path: Path, timeout: float | None) -> int:
             if deadline is None or _time.monotonic() >= deadline:
                 os.close(fd)
                 waited = "" if deadline is None else f" (waited {timeout} s)"
-                raise _advice(SessionLockedError,
-                              f"{path}: another process has this session open for writing{waited}",
-                              "open it with mode='r' to read, or pass timeout= to wait",
-                              "give --timeout SECONDS to wait for it (ask and info read without waiting)"
-                              ) from None
+                raise _advice(
+                    SessionLockedError,
+                    f"{path}: another process has this session open for writing{waited}",
+                    "open it with mode='r' to read, or pass timeout= to wait",
+                    "give --timeout SECONDS to wait for it (ask and info read without waiting)",
+                ) from None
             _time.sleep(0.02)
 
 
@@ -221,3 +247,51 @@ def _clean_temp_files(path: Path) -> list[str]:
             except FileNotFoundError:
                 pass
     return removed
+
+
+def model_for_session(path: str | os.PathLike, model_file: str | os.PathLike | None = None, device=None):
+    """``(model, adapter)`` for the session at ``path``: from ``model_file`` when given, else from the model file
+    recorded at creation (its sha256 must still match, so a changed file is refused, naming it)."""
+    from .base import model_from_checkpoint
+
+    where = Path(path) / _SESSION_FILE
+    if model_file is None:
+        try:
+            meta = json.loads(where.read_bytes())
+        except FileNotFoundError:
+            raise _advice(
+                FileNotFoundError,
+                "no memory session here",
+                "create it with MemorySession.open(path, model, create=True)",
+                "create it with 'seqlab memory observe SESSION --create --model FILE ...'",
+                code=errno.ENOENT,
+                filename=path,
+            ) from None
+        except ValueError:
+            raise CorruptFileError(f"{where}: not JSON (the file was truncated or altered)") from None
+        record = meta.get("model_file") if isinstance(meta, dict) else None
+        if not record or not isinstance(record, dict) or not isinstance(record.get("path"), str):
+            raise _advice(
+                ConfigError,
+                f"{where}: this session records no model file",
+                "give model_file=",
+                "give the model with --model FILE",
+            )
+        model_file = Path(record["path"])
+        if not model_file.exists():
+            raise _advice(
+                FileNotFoundError,
+                f"the model file recorded in {where} is gone",
+                "give model_file=",
+                "give the model with --model FILE",
+                code=errno.ENOENT,
+                filename=model_file,
+            )
+        if _file_sha256(model_file) != record.get("sha256"):
+            raise _advice(
+                StateMismatchError,
+                f"{model_file}: the model file changed since session {path} was created (sha256 differs)",
+                "give the right one with model_file=",
+                "give the right one with --model FILE",
+            )
+    return model_from_checkpoint(model_file, device=device)

@@ -69,7 +69,9 @@ def _verifies_v1(data: bytes, at: int) -> bool:
         return False
     magic, length, digest = _FRAME_V1.unpack_from(data, at)
     end = at + _FRAME_V1.size + length
-    return magic == _MAGIC_V1 and end <= len(data) and hashlib.sha256(data[at + _FRAME_V1.size:end]).digest() == digest
+    return (
+        magic == _MAGIC_V1 and end <= len(data) and hashlib.sha256(data[at + _FRAME_V1.size : end]).digest() == digest
+    )
 
 
 def _parse_log(path: Path) -> _Log:
@@ -88,7 +90,7 @@ def _parse_log(path: Path) -> _Log:
     while offset < len(data):
         rest = len(data) - offset
         if rest < frame.size:  # a partial record header can only be a torn final write if what is there fits
-            if data[offset:offset + min(rest, 4)] == magic[:min(rest, 4)]:
+            if data[offset : offset + min(rest, 4)] == magic[: min(rest, 4)]:
                 log.torn = True
             else:
                 log.damage = (offset, "the bytes after the last record are not a record (bad magic)")
@@ -97,7 +99,7 @@ def _parse_log(path: Path) -> _Log:
         if fields[0] != magic:
             log.damage = (offset, "not a log record (bad magic)")
             break
-        if log.version == 2 and zlib.crc32(data[offset:offset + 40]) != fields[3]:
+        if log.version == 2 and zlib.crc32(data[offset : offset + 40]) != fields[3]:
             log.damage = (offset, "record header checksum mismatch (its length or checksum field is damaged)")
             break
         end = offset + frame.size + fields[1]
@@ -109,7 +111,7 @@ def _parse_log(path: Path) -> _Log:
             else:
                 log.torn = True
             break
-        payload = data[offset + frame.size:end]
+        payload = data[offset + frame.size : end]
         if hashlib.sha256(payload).digest() != fields[2]:
             log.damage = (offset, "record checksum mismatch (its contents are damaged)")
             break
@@ -133,16 +135,21 @@ def _parse_log(path: Path) -> _Log:
         log.damage, log.torn, log.valid = (0, "format_version is missing or not an integer"), False, 0
         return log
     if version > LOG_VERSION:
-        raise FormatVersionError(f"{path}: written in {LOG_FORMAT} format version {version}; this seqlab reads up "
-                                 f"to version {LOG_VERSION} (upgrade seqlab)")
+        raise FormatVersionError(
+            f"{path}: written in {LOG_FORMAT} format version {version}; this seqlab reads up "
+            f"to version {LOG_VERSION} (upgrade seqlab)"
+        )
     start = header.get("first_event")
     if isinstance(start, bool) or not isinstance(start, int) or start < 0:
         log.damage, log.torn, log.valid = (0, f"header first_event {start!r} is not an event number"), False, 0
         return log
     number, through = header.get("snapshot"), header.get("through", header.get("snapshot"))
     if type(number) is not int or type(through) is not int or not 0 <= number <= through:
-        log.damage, log.torn, log.valid = (0, f"header snapshot {number!r} / through {through!r} are not log "
-                                           "numbers"), False, 0
+        log.damage, log.torn, log.valid = (
+            (0, f"header snapshot {number!r} / through {through!r} are not log numbers"),
+            False,
+            0,
+        )
         return log
     log.header, log.start, log.through = header, start, through
     expected = start
@@ -150,8 +157,13 @@ def _parse_log(path: Path) -> _Log:
         problem = None
         if isinstance(record, dict) and "lost" in record:
             span = record.get("lost")
-            if (not isinstance(span, list) or len(span) != 2 or not all(type(v) is int for v in span)
-                    or span[0] != expected or span[1] < span[0]):
+            if (
+                not isinstance(span, list)
+                or len(span) != 2
+                or not all(type(v) is int for v in span)
+                or span[0] != expected
+                or span[1] < span[0]
+            ):
                 problem = f"record {i} is not a valid lost-events record"
             else:
                 log.lost.append((span[0], span[1]))
@@ -194,20 +206,25 @@ def _log_records(log: _Log) -> list[dict]:
 
 
 def _log_header(snapshot: int, first_event: int, meta: dict, through: int | None = None) -> dict:
-    header = {"format": LOG_FORMAT, "format_version": LOG_VERSION, "snapshot": snapshot, "first_event": first_event,
-              "fingerprint": meta["fingerprint"]}
+    header = {
+        "format": LOG_FORMAT,
+        "format_version": LOG_VERSION,
+        "snapshot": snapshot,
+        "first_event": first_event,
+        "fingerprint": meta["fingerprint"],
+    }
     if through is not None and through != snapshot:
         header["through"] = through  # a merged log: it holds the events of logs snapshot..through
     return header
-
 
 
 # ------------------------------------------------------------------------------------------------------
 # the chain of logs, and the writer's log
 
 
-def _check_chain(path: Path, logs: list[int], top: int, current: int, snapshot_events: int, first_event: int,
-                 legacy: bool) -> tuple[dict[int, _Log], list[int]]:
+def _check_chain(
+    path: Path, logs: list[int], top: int, current: int, snapshot_events: int, first_event: int, legacy: bool
+) -> tuple[dict[int, _Log], list[int]]:
     """Read and verify every log up to ``top``; they must follow each other event for event (a merged log
     stands for the logs ``snapshot..through``), from ``first_event`` on. Raises on damage. Returns ``({number:
     log}, leftovers)``: leftovers are logs inside a merged log's range (a merge a crash interrupted; their events
@@ -231,11 +248,14 @@ def _check_chain(path: Path, logs: list[int], top: int, current: int, snapshot_e
         if log.through != k and log.through >= current:
             raise _damaged(f"{where}: a merged log reaching snapshot {current}")
         if log.start != expected:
-            raise _damaged(f"{where}: starts at event {log.start}, but the log before it ends at event "
-                           f"{expected} (events are missing or repeated)")
+            raise _damaged(
+                f"{where}: starts at event {log.start}, but the log before it ends at event "
+                f"{expected} (events are missing or repeated)"
+            )
         if k == current and log.start != snapshot_events:
-            raise _damaged(f"{where}: starts at event {log.start}, but {_snapshot_name(current)} holds "
-                           f"{snapshot_events} events")
+            raise _damaged(
+                f"{where}: starts at event {log.start}, but {_snapshot_name(current)} holds {snapshot_events} events"
+            )
         if k >= current and log.lost:
             raise _damaged(f"{where}: a lost-events record after the newest snapshot")
         chain[k] = log
@@ -244,8 +264,10 @@ def _check_chain(path: Path, logs: list[int], top: int, current: int, snapshot_e
         if nxt != current or not legacy:
             raise _damaged(f"{path / _log_name(nxt)}: missing (the events it held are gone)")
         if expected != snapshot_events:
-            raise _damaged(f"{path / _snapshot_name(current)}: holds {snapshot_events} events, but the "
-                           f"logs before it end at event {expected}")
+            raise _damaged(
+                f"{path / _snapshot_name(current)}: holds {snapshot_events} events, but the "
+                f"logs before it end at event {expected}"
+            )
     return chain, leftovers
 
 

@@ -14,8 +14,17 @@ from typing import Any
 from seqlab.errors import CorruptFileError, StateMismatchError
 from seqlab.io import atomic_write_bytes, fsync_dir
 
-from .session_files import (_REPAIR_LOG, _ROLLBACK_FILE, _first_event, _listing, _log_name, _pending_rollback,
-                            _snapshot_name, _span, _write_durable)
+from .session_files import (
+    _REPAIR_LOG,
+    _ROLLBACK_FILE,
+    _first_event,
+    _listing,
+    _log_name,
+    _pending_rollback,
+    _snapshot_name,
+    _span,
+    _write_durable,
+)
 from .session_log import _frame, _Log, _log_header, _log_records, _parse_log
 from .session_snapshots import _finish_rollback, _snapshot_meta
 
@@ -43,8 +52,7 @@ def _repair(path: Path, meta: dict) -> dict[str, Any]:
             changes[_snapshot_name(n)] = None
             notes.append(f"{_snapshot_name(n)}: {' '.join(str(exc).split())}; set aside")
     if not snap_events:
-        raise CorruptFileError(f"{path}: no snapshot verifies, so the session cannot be repaired "
-                               "(nothing was changed)")
+        raise CorruptFileError(f"{path}: no snapshot verifies, so the session cannot be repaired (nothing was changed)")
     current = max(snap_events)
     top = max([current, *logs])
     parsed = {k: _parse_log(path / _log_name(k)) for k in logs}
@@ -55,10 +63,11 @@ def _repair(path: Path, meta: dict) -> dict[str, Any]:
         log = parsed.get(j)
         return log.start if log is not None and log.start is not None else None
 
-    def rebuilt(k: int, log: _Log | None, first: int, limit: int | None, allow_lost: bool,
-                through: int | None = None) -> tuple[bytes, int]:
+    def rebuilt(
+        k: int, log: _Log | None, first: int, limit: int | None, allow_lost: bool, through: int | None = None
+    ) -> tuple[bytes, int]:
         records, end = [], first
-        for record in (_log_records(log) if log is not None and log.start is not None else []):
+        for record in _log_records(log) if log is not None and log.start is not None else []:
             if "lost" in record:
                 a, b = record["lost"]
                 if not allow_lost or a != end or (limit is not None and b > limit):
@@ -103,17 +112,28 @@ def _repair(path: Path, meta: dict) -> dict[str, Any]:
     expected = _first_event(meta)
     for i, (k, through, log) in enumerate(units):
         name = _log_name(k)
-        following = next(s for j in [u[0] for u in units[i + 1:]] + [current] if (s := start_of(j)) is not None)
+        following = next(s for j in [u[0] for u in units[i + 1 :]] + [current] if (s := start_of(j)) is not None)
         if following < expected:
-            raise CorruptFileError(f"{path / name}: the logs claim overlapping events ({expected} and "
-                                   f"{following}); cannot repair this automatically (nothing was changed)")
-        if (log is not None and log.problem() is None and not log.torn and log.start == expected
-                and log.end == following and log.header.get("snapshot") == k and log.through == through):
+            raise CorruptFileError(
+                f"{path / name}: the logs claim overlapping events ({expected} and "
+                f"{following}); cannot repair this automatically (nothing was changed)"
+            )
+        if (
+            log is not None
+            and log.problem() is None
+            and not log.torn
+            and log.start == expected
+            and log.end == following
+            and log.header.get("snapshot") == k
+            and log.through == through
+        ):
             expected = following
             continue
         changes[name], end = rebuilt(k, log, expected, following, True, through)
-        notes.append(f"{name}: {why(log)}; kept {_span(expected, end)}"
-                     + (f", recorded {_span(end, following)} as lost" if following > end else ""))
+        notes.append(
+            f"{name}: {why(log)}; kept {_span(expected, end)}"
+            + (f", recorded {_span(end, following)} as lost" if following > end else "")
+        )
         expected = following
     # the state's own chain: snapshot `current`, its log and the logs after it, one log per number
     expected = snap_events[current]
@@ -122,15 +142,20 @@ def _repair(path: Path, meta: dict) -> dict[str, Any]:
         if log is None:
             if k == current:
                 changes[name] = _frame(_log_header(k, expected, meta))
-                notes.append(f"{name}: missing; started it empty (any events logged after snapshot {k} are "
-                             "gone)")
+                notes.append(f"{name}: missing; started it empty (any events logged after snapshot {k} are gone)")
             later = [j for j in logs if j > k]
             for j in later:
                 changes[_log_name(j)] = None
                 notes.append(f"{_log_name(j)}: follows the missing {name}; set aside")
             break
-        if (log.problem() is None and not log.torn and log.start == expected and not log.lost
-                and log.header.get("snapshot") == k and log.through == k):
+        if (
+            log.problem() is None
+            and not log.torn
+            and log.start == expected
+            and not log.lost
+            and log.header.get("snapshot") == k
+            and log.through == k
+        ):
             expected = log.end
             continue
         changes[name], end = rebuilt(k, log, expected, None, False)
@@ -140,11 +165,18 @@ def _repair(path: Path, meta: dict) -> dict[str, Any]:
             notes.append(f"{_log_name(j)}: follows the damage in {name}; set aside")
         expected = end
         break
-    report: dict[str, Any] = {"session": str(path), "repaired": bool(changes), "events": expected,
-                              "snapshot": current, "lost_events": lost, "notes": notes,
-                              "rewritten": sorted(n for n, d in changes.items() if d is not None),
-                              "set_aside": sorted(n for n, d in changes.items() if d is None), "aside": None,
-                              "time": _time.strftime("%Y-%m-%dT%H:%M:%SZ", _time.gmtime())}
+    report: dict[str, Any] = {
+        "session": str(path),
+        "repaired": bool(changes),
+        "events": expected,
+        "snapshot": current,
+        "lost_events": lost,
+        "notes": notes,
+        "rewritten": sorted(n for n, d in changes.items() if d is not None),
+        "set_aside": sorted(n for n, d in changes.items() if d is None),
+        "aside": None,
+        "time": _time.strftime("%Y-%m-%dT%H:%M:%SZ", _time.gmtime()),
+    }
     if not changes:
         return report
     # 1. every original byte goes aside first (a folder renamed into place whole), 2. then the session changes

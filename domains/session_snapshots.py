@@ -1,20 +1,37 @@
 """A memory session's snapshots (``snapshot-<n>.safetensors``: the state, the next-byte logits and checksummed
 JSON metadata) and what keeps the folder small and consistent: pruning old snapshots, merging old logs
-(compaction), finishing a rollback, and building a new session folder (create, fork)."""
+(compaction), finishing a rollback, and placing a new session folder (create, fork)."""
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+import tempfile
+import time as _time
 from pathlib import Path
 
 import torch
 
-from seqlab.errors import CorruptFileError, StateMismatchError
+from seqlab.errors import ConfigError, CorruptFileError, StateMismatchError
 from seqlab.io import atomic_write_bytes, fsync_dir
 from seqlab.safetensors_io import read_tensors, write_tensors
 from seqlab.state import RecurrentState, require_fingerprint
 
-from .session_files import (_LOCK_FILE, _ROLLBACK_FILE, _SESSION_FILE, _damaged, _json_checksum, _listing, _log_name,
-                            _snapshot_name, _write_session_file)
+from .session_files import (
+    _LOCK_FILE,
+    _ROLLBACK_FILE,
+    _SESSION_FILE,
+    SESSION_FORMAT,
+    SESSION_VERSION,
+    _damaged,
+    _file_sha256,
+    _json_checksum,
+    _listing,
+    _log_name,
+    _snapshot_name,
+    _write_session_file,
+)
 from .session_log import LOG_VERSION, _frame, _log_header, _log_records, _parse_log
 
 SNAPSHOT_FORMAT = "seqlab.memory_session.snapshot"
@@ -32,9 +49,14 @@ def _write_snapshot(where: Path, state: RecurrentState, logits, events: int, ses
     tensors = dict(state.tensors())
     if logits is not None:
         tensors[_NEXT_LOGITS] = logits
-    meta = {"fingerprint": state.fingerprint, "adapter": session_meta["adapter"], "position": int(state.position),
-            "events": int(events), "layers": [sorted(layer) for layer in state.layers],
-            "model_file": session_meta.get("model_file")}
+    meta = {
+        "fingerprint": state.fingerprint,
+        "adapter": session_meta["adapter"],
+        "position": int(state.position),
+        "events": int(events),
+        "layers": [sorted(layer) for layer in state.layers],
+        "model_file": session_meta.get("model_file"),
+    }
     meta["meta_checksum"] = _json_checksum(_snapshot_meta_body(meta))
     write_tensors(where, tensors, kind=SNAPSHOT_FORMAT, version=SNAPSHOT_VERSION, meta=meta)
 
@@ -61,8 +83,9 @@ def _read_snapshot(path: Path, n: int, model, adapter):
         raise CorruptFileError(f"{where}: metadata checksum mismatch, the file was altered or damaged")
     require_fingerprint(meta.get("fingerprint"), model, "snapshot", str(where))
     if meta.get("adapter") != adapter.info():
-        raise StateMismatchError(f"{where}: snapshot was made with adapter {meta.get('adapter')}, "
-                                 f"this session uses {adapter.info()}")
+        raise StateMismatchError(
+            f"{where}: snapshot was made with adapter {meta.get('adapter')}, this session uses {adapter.info()}"
+        )
     try:
         layers = [{name: tensors[f"layers.{i}.{name}"] for name in names} for i, names in enumerate(meta["layers"])]
         position, events = int(meta["position"]), int(meta["events"])
@@ -94,8 +117,9 @@ def _list_snapshots(path: Path, rolled_back_to: int | None) -> list[dict]:
             continue
         where = path / _snapshot_name(n)
         _, meta = read_tensors(where, kind=SNAPSHOT_FORMAT, version=SNAPSHOT_VERSION)
-        out.append({"number": n, "events": meta.get("events"), "position": meta.get("position"),
-                    "bytes": where.stat().st_size})
+        out.append(
+            {"number": n, "events": meta.get("events"), "position": meta.get("position"), "bytes": where.stat().st_size}
+        )
     return out
 
 
@@ -174,10 +198,57 @@ def _finish_rollback(path: Path, n: int, session_meta: dict) -> None:
     fsync_dir(path)
 
 
-def _fill_new_session(folder: Path, meta: dict, state: RecurrentState, logits, events: int) -> None:
-    """Write a whole session into the (temporary, empty) ``folder``: snapshot 0 of ``state`` after ``events``
-    events, its empty log, the lock file and session.json (last: it marks the folder as a session)."""
-    _write_snapshot(folder / _snapshot_name(0), state, logits, events, meta)
-    atomic_write_bytes(folder / _log_name(0), _frame(_log_header(0, events, meta)))
-    (folder / _LOCK_FILE).touch()
-    _write_session_file(folder, meta)
+def _place_new_session(
+    path: Path, meta: dict, state: RecurrentState, logits, events: int, *, keep_theirs: bool = False
+) -> None:
+    """Build a whole session in a temporary folder beside ``path`` (snapshot 0 of ``state`` after ``events``
+    events, its empty log, the lock file, session.json last) and rename it into place: atomic, so a crash or a
+    racing creator never leaves a half-made session. An empty folder at ``path`` is replaced. ``keep_theirs``:
+    when another process created ``path`` first, keep theirs (and return) instead of failing."""
+    parent = path.parent if str(path.parent) else Path(".")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".new", dir=parent))
+    try:
+        _write_snapshot(tmp / _snapshot_name(0), state, logits, events, meta)
+        atomic_write_bytes(tmp / _log_name(0), _frame(_log_header(0, events, meta)))
+        (tmp / _LOCK_FILE).touch()
+        _write_session_file(tmp, meta)
+        try:
+            if path.exists():
+                path.rmdir()  # an empty folder the user made for it
+            os.rename(tmp, path)
+        except OSError as exc:
+            if not keep_theirs or exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            # another process created it first: the caller opens theirs
+        fsync_dir(parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _create_session(path: Path, model, adapter, model_file) -> None:
+    """Make a new session for ``model`` and ``adapter`` at ``path`` (a missing or empty folder): snapshot 0 of a
+    zero state, placed atomically; ``model_file`` is recorded with its sha256. When a racing creator made it
+    first, theirs stays."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(
+            errno.ENOENT, f"cannot create session {path}: the folder does not exist", os.fspath(parent)
+        )
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ConfigError(f"{path}: exists and is not a memory session (no {_SESSION_FILE})")
+    record = None
+    if model_file is not None:
+        model_file = Path(model_file).resolve()
+        record = {"path": str(model_file), "sha256": _file_sha256(model_file)}
+    meta = {
+        "format": SESSION_FORMAT,
+        "format_version": SESSION_VERSION,
+        "fingerprint": model.fingerprint,
+        "config": model.config.to_dict(),
+        "adapter": adapter.info(),
+        "model_file": record,
+        "created": _time.time(),
+    }
+    meta["checksum"] = _json_checksum(meta)
+    _place_new_session(path, meta, model.init_state(1), None, 0, keep_theirs=True)

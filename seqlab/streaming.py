@@ -42,7 +42,7 @@ class StreamStep:
     index: int
     start: int
     stop: int
-    output: "ModelOutput"
+    output: ModelOutput
     state: RecurrentState
     targets: torch.Tensor | None = None
     metric: torch.Tensor | None = None
@@ -67,9 +67,18 @@ def _check_start(start) -> int:
     return start
 
 
-def stream_pieces(model, pieces: Iterable[torch.Tensor], *, state: RecurrentState | None = None, start: int = 0,
-                  adapter=None, targets: bool = False, device=None, grad: bool = False,
-                  progress=None) -> Iterator[StreamStep]:
+def stream_pieces(
+    model,
+    pieces: Iterable[torch.Tensor],
+    *,
+    state: RecurrentState | None = None,
+    start: int = 0,
+    adapter=None,
+    targets: bool = False,
+    device=None,
+    grad: bool = False,
+    progress=None,
+) -> Iterator[StreamStep]:
     """Run ``model`` over ``pieces``, consecutive encoded pieces of one stream (1-D token ids, or continuous
     frames ``(t, *frame)``, flattened to ``(t, features)``), with the state carried; yield a ``StreamStep`` per
     model call. ``state``: continue a stream from it (batch of one). ``start``: the absolute position of the first
@@ -97,14 +106,14 @@ def _piece(model, piece, i: int, continuous: bool, device) -> torch.Tensor:
         raise InputError(f"stream pieces[{i}] must be a torch.Tensor, got {type(piece).__name__}")
     if continuous:
         if piece.dim() < 2:
-            raise InputError(f"stream pieces[{i}] must hold continuous frames (t, *frame), got shape "
-                             f"{tuple(piece.shape)}")
+            raise InputError(
+                f"stream pieces[{i}] must hold continuous frames (t, *frame), got shape {tuple(piece.shape)}"
+            )
         if piece.dim() > 2:
             piece = piece.flatten(1)
         width = getattr(model, "d_input", None)
         if width is not None and piece.shape[0] and piece.shape[1] != width:
-            raise InputError(f"stream pieces[{i}] has {piece.shape[1]} features per element, the model takes "
-                             f"{width}")
+            raise InputError(f"stream pieces[{i}] has {piece.shape[1]} features per element, the model takes {width}")
     elif piece.dim() != 1:
         raise InputError(f"stream pieces[{i}] must be 1-D token ids, got shape {tuple(piece.shape)}")
     return piece.to(device)
@@ -134,8 +143,10 @@ def _steps(model, pieces, state, start, adapter, targets, device, grad, progress
                     with torch.no_grad():
                         metric = adapter.position_metric(out, next_elements).detach().float().reshape(-1)
                     if metric.shape[0] != n:
-                        raise InputError(f"{type(adapter).__name__}.position_metric gave {metric.shape[0]} values "
-                                         f"for {n} predicted positions")
+                        raise InputError(
+                            f"{type(adapter).__name__}.position_metric gave {metric.shape[0]} values "
+                            f"for {n} predicted positions"
+                        )
             yield StreamStep(index, position, position + n, out, state, next_elements, metric)
             index += 1
             position += n
@@ -143,15 +154,17 @@ def _steps(model, pieces, state, start, adapter, targets, device, grad, progress
             progress.update(length)
 
 
-def stream_metric(model, adapter, pieces: Iterable[torch.Tensor], *, state: RecurrentState | None = None,
-                  device=None, progress=None) -> tuple[float | None, int]:
+def stream_metric(
+    model, adapter, pieces: Iterable[torch.Tensor], *, state: RecurrentState | None = None, device=None, progress=None
+) -> tuple[float | None, int]:
     """The adapter's metric of ``model`` over one stream given as encoded ``pieces``, streamed with the state
     carried (exact: equals one pass over the whole stream): ``(metric averaged over every predicted position,
     number of positions)``; ``(None, 0)`` when nothing is predicted. A position whose ``position_metric`` is NaN
     is one the metric does not count (e.g. a target that is not a base, for bits per base)."""
     total, count = 0.0, 0
-    for step in stream_pieces(model, pieces, state=state, adapter=adapter, targets=True, device=device,
-                              progress=progress):
+    for step in stream_pieces(
+        model, pieces, state=state, adapter=adapter, targets=True, device=device, progress=progress
+    ):
         values = step.metric.double()
         counted = ~torch.isnan(values)
         total += float(values[counted].sum())

@@ -65,7 +65,7 @@ def frames(length, seed=0):
 def split(seq, sizes):
     pieces, at = [], 0
     for n in sizes:
-        pieces.append(seq[at:at + n])
+        pieces.append(seq[at : at + n])
         at += n
     return pieces
 
@@ -164,8 +164,11 @@ def test_nan_positions_are_not_counted():
 def test_a_state_continues_the_stream(targets):
     model, seq = lm(), tokens(60, seed=5)
     first = list(stream_pieces(model, [seq[:25]], targets=targets))
-    rest = list(stream_pieces(model, [seq[24:] if targets else seq[25:]], state=first[-1].state,
-                              start=first[-1].stop, targets=targets))
+    rest = list(
+        stream_pieces(
+            model, [seq[24:] if targets else seq[25:]], state=first[-1].state, start=first[-1].stop, targets=targets
+        )
+    )
     whole = list(stream_pieces(model, [seq], targets=targets))
     assert rest[0].start == first[-1].stop
     assert rest[-1].stop == whole[-1].stop
@@ -226,11 +229,14 @@ def test_a_step_is_a_stream_step():
 # bad input
 
 
-@pytest.mark.parametrize("piece, message", [
-    (torch.zeros(2, 3, dtype=torch.long), r"pieces\[1\] must be 1-D token ids, got shape \(2, 3\)"),
-    (torch.tensor(3), r"pieces\[1\] must be 1-D token ids"),
-    ([1, 2, 3], r"pieces\[1\] must be a torch.Tensor, got list"),
-])
+@pytest.mark.parametrize(
+    "piece, message",
+    [
+        (torch.zeros(2, 3, dtype=torch.long), r"pieces\[1\] must be 1-D token ids, got shape \(2, 3\)"),
+        (torch.tensor(3), r"pieces\[1\] must be 1-D token ids"),
+        ([1, 2, 3], r"pieces\[1\] must be a torch.Tensor, got list"),
+    ],
+)
 def test_bad_token_pieces(piece, message):
     with pytest.raises(InputError, match=message):
         list(stream_pieces(lm(), [tokens(4), piece]))
