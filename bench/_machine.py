@@ -8,8 +8,10 @@ from seqlab.machine import machine
 def machine_line() -> str:
     m = machine()  # the same description `seqlab bench` prints (seqlab.machine)
     load = f", load average {m['load_average']:.2f}" if "load_average" in m else ""
-    return (f"machine: {m['cpu']}, {m['cores']} cores available ({m['logical_cpus']} logical), {m['os']}, "
-            f"python {m['python']}, torch {m['torch']}, torch threads {m['torch_threads']}{load}")
+    return (
+        f"machine: {m['cpu']}, {m['cores']} cores available ({m['logical_cpus']} logical), {m['os']}, "
+        f"python {m['python']}, torch {m['torch']}, torch threads {m['torch_threads']}{load}"
+    )
 
 
 def vm_hwm_kib() -> int | None:

@@ -14,8 +14,17 @@ from types import ModuleType
 from seqlab.errors import ConfigError
 
 #: optional top-level package -> the seqlab extra that installs it
-EXTRAS = {"zarr": "store", "ray": "ray", "soundfile": "audio", "torchaudio": "audio", "Bio": "dna",
-          "PIL": "video", "triton": "triton", "transformers": "hf", "matplotlib": "demo"}
+EXTRAS = {
+    "zarr": "store",
+    "ray": "ray",
+    "soundfile": "audio",
+    "torchaudio": "audio",
+    "Bio": "dna",
+    "PIL": "video",
+    "triton": "triton",
+    "transformers": "hf",
+    "matplotlib": "demo",
+}
 
 
 def missing_extra(exc: ModuleNotFoundError) -> str | None:

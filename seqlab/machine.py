@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import platform
+from typing import Any
 
 
-def machine() -> dict:
+def machine() -> dict[str, Any]:
     """This machine and process: ``cpu``, ``cores`` (available to this process), ``logical_cpus``, ``os``,
     ``python``, ``torch``, ``torch_threads``, ``gpu`` (CUDA device 0's name or None) and, where the OS has it,
     ``load_average`` (1 minute)."""
@@ -26,10 +27,16 @@ def machine() -> dict:
     except OSError:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    info = {"cpu": cpu, "cores": cores, "logical_cpus": os.cpu_count(),
-            "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": cores,
+        "logical_cpus": os.cpu_count(),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
     if hasattr(os, "getloadavg"):
         info["load_average"] = round(os.getloadavg()[0], 2)
     return info
@@ -41,8 +48,10 @@ def machine_line(info: dict | None = None, *, with_os: bool = True) -> str:
     load = f", load average {m['load_average']:.2f}" if "load_average" in m else ""
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no CUDA GPU"
     system = f", {m['os']}" if with_os else ""
-    return (f"machine: {m['cpu']}, {m['cores']} cores available ({m['logical_cpus']} logical){system}, python "
-            f"{m['python']}, torch {m['torch']}, torch threads {m['torch_threads']}{gpu}{load}")
+    return (
+        f"machine: {m['cpu']}, {m['cores']} cores available ({m['logical_cpus']} logical){system}, python "
+        f"{m['python']}, torch {m['torch']}, torch threads {m['torch_threads']}{gpu}{load}"
+    )
 
 
 def available_memory() -> int | None:

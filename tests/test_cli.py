@@ -12,8 +12,9 @@ pytest.importorskip("zarr")
 
 
 def seqlab(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "seqlab.cli", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "seqlab.cli", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.fixture
@@ -37,7 +38,8 @@ def test_ingest_then_describe(tmp_path, fasta):
     from seqlab.domains.dna import DNAAdapter
     from seqlab.pipelines import SequenceStore
 
-    assert SequenceStore(tmp_path / "s.zarr", "r").read("chr1").tolist() == DNAAdapter().encode("ACGTACGTNNACGT").tolist()
+    stored = SequenceStore(tmp_path / "s.zarr", "r").read("chr1").tolist()
+    assert stored == DNAAdapter().encode("ACGTACGTNNACGT").tolist()
 
 
 def test_settings_from_a_toml_file_and_flags_win(tmp_path, fasta):
@@ -50,17 +52,24 @@ def test_settings_from_a_toml_file_and_flags_win(tmp_path, fasta):
     assert bad.returncode == 2 and "unknown setting 'colour'" in bad.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (("ingest", "s.zarr", "missing.fa", "--adapter", "dna", "--quiet"), "missing.fa does not exist"),
-    (("ingest", "s.zarr", "g.fa", "--adapter", "nope", "--quiet"), "no adapter named 'nope'"),
-    (("ingest", "s.zarr", "g.fa", "--adapter", "dna", "--adapter-settings", "{oops", "--quiet"),
-     "--adapter-settings must be a JSON object"),
-    (("describe", "absent.zarr"), "absent.zarr"),
-    (("ingest", "s.zarr", "g.fa", "--quiet"), "missing required setting(s) --adapter"),
-    (("ingest", "s.zarr", "g.fa", "--adapter", "dna", "--window", "x"),
-     "argument --window: must be an integer in [1, 1073741824], got 'x'"),
-    (("nothing",), "invalid choice: 'nothing'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("ingest", "s.zarr", "missing.fa", "--adapter", "dna", "--quiet"), "missing.fa does not exist"),
+        (("ingest", "s.zarr", "g.fa", "--adapter", "nope", "--quiet"), "no adapter named 'nope'"),
+        (
+            ("ingest", "s.zarr", "g.fa", "--adapter", "dna", "--adapter-settings", "{oops", "--quiet"),
+            "--adapter-settings must be a JSON object",
+        ),
+        (("describe", "absent.zarr"), "absent.zarr"),
+        (("ingest", "s.zarr", "g.fa", "--quiet"), "missing required setting(s) --adapter"),
+        (
+            ("ingest", "s.zarr", "g.fa", "--adapter", "dna", "--window", "x"),
+            "argument --window: must be an integer in [1, 1073741824], got 'x'",
+        ),
+        (("nothing",), "invalid choice: 'nothing'"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line(tmp_path, fasta, args, message):
     out = seqlab(*args, cwd=tmp_path)
     assert out.returncode == 2
@@ -92,12 +101,19 @@ def test_a_missing_optional_package_names_its_extra(tmp_path, fasta):
         "import sys\nclass _Hide:\n    def find_spec(self, name, path=None, target=None):\n"
         "        if name == 'zarr' or name.startswith('zarr.'):\n"
         "            raise ModuleNotFoundError(\"No module named 'zarr'\", name='zarr')\n"
-        "sys.meta_path.insert(0, _Hide())\n")
+        "sys.meta_path.insert(0, _Hide())\n"
+    )
     import os
 
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "hide")}
-    out = subprocess.run([sys.executable, "-m", "seqlab.cli", "ingest", "s.zarr", str(fasta), "--adapter", "dna"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "seqlab.cli", "ingest", "s.zarr", str(fasta), "--adapter", "dna"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert out.returncode == 2 and "pip install 'seqlab[store]'" in out.stderr, out.stderr
 
 
@@ -116,23 +132,49 @@ def test_generate_from_prompts_in_process(tmp_path):
     torch.manual_seed(0)
     save_model(tmp_path / "m.safetensors", ByteAdapter().build_model(BackboneConfig(d_model=32, n_layer=1, d_state=8)))
     model, adapter = model_from_checkpoint(tmp_path / "m.safetensors")
-    expected = [adapter.decode(t).decode("utf-8", errors="replace") for t in
-                model.generate([adapter.encode("def f"), adapter.encode("abc")], 6, temperature=0).tokens]
+    expected = [
+        adapter.decode(t).decode("utf-8", errors="replace")
+        for t in model.generate([adapter.encode("def f"), adapter.encode("abc")], 6, temperature=0).tokens
+    ]
 
-    out = seqlab("generate", "--model", "m.safetensors", "--prompt", "def f", "--max-new-tokens", "6",
-                 "--temperature", "0", cwd=tmp_path)
+    out = seqlab(
+        "generate",
+        "--model",
+        "m.safetensors",
+        "--prompt",
+        "def f",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout == expected[0] + "\n"
     (tmp_path / "p.txt").write_bytes(b"abc")
-    out = seqlab("generate", "--model", "m.safetensors", "--prompt", "def f", "--prompt-file", "p.txt",
-                 "--max-new-tokens", "6", "--temperature", "0", cwd=tmp_path)
+    out = seqlab(
+        "generate",
+        "--model",
+        "m.safetensors",
+        "--prompt",
+        "def f",
+        "--prompt-file",
+        "p.txt",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     assert [json.loads(line) for line in out.stdout.splitlines()] == expected
 
-    for args, message in [(("--prompt", "x", "s.zarr", "o.zarr"), "not both"),
-                          ((), "give STORE and OUT "),
-                          (("--prompt", ""), "prompt 1 is empty"),
-                          (("--prompt-file", "missing.txt"), "missing.txt")]:
+    for args, message in [
+        (("--prompt", "x", "s.zarr", "o.zarr"), "not both"),
+        ((), "give STORE and OUT "),
+        (("--prompt", ""), "prompt 1 is empty"),
+        (("--prompt-file", "missing.txt"), "missing.txt"),
+    ]:
         bad = seqlab("generate", "--model", "m.safetensors", *args, cwd=tmp_path)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
 
@@ -189,8 +231,10 @@ def test_one_vocabulary_across_every_command():
             choices.setdefault(action.dest, set()).add(tuple(action.choices))
         if action.option_strings and action.nargs != 0 and action.type not in (None, str):
             if getattr(action.type, "__module__", None) != _args.__name__:
-                problems.append(f"{where} {action.option_strings[-1]}: type {action.type!r} is not one of "
-                                "seqlab.cli._args's range-checked types")
+                problems.append(
+                    f"{where} {action.option_strings[-1]}: type {action.type!r} is not one of "
+                    "seqlab.cli._args's range-checked types"
+                )
     problems += [f"dest {d!r} is spelled {sorted(s)}" for d, s in spellings.items() if len(s) > 1]
     problems += [f"option {o} means {sorted(d)}" for o, d in owners.items() if len(d) > 1]
     problems += [f"dest {d!r} is both a switch and a value" for d, k in kinds.items() if len(k) > 1]
@@ -231,11 +275,13 @@ def test_version_and_python_dash_m_seqlab(tmp_path):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0
-    out = subprocess.run([sys.executable, "-m", "seqlab", "--help"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "seqlab", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0 and "usage: seqlab" in out.stdout and "ingest" in out.stdout, out.stderr
-    version = subprocess.run([sys.executable, "-m", "seqlab", "--version"], cwd=tmp_path, capture_output=True,
-                             text=True, timeout=120)
+    version = subprocess.run(
+        [sys.executable, "-m", "seqlab", "--version"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert version.returncode == 0 and version.stdout.strip() == f"seqlab {__version__}", version
 
 
@@ -252,6 +298,12 @@ def test_config_after_the_command(tmp_path, fasta, capsys, monkeypatch):
     assert capsys.readouterr().out.splitlines() == ["genome\twritten\t18 elements"]
     assert main(["--config", "run.toml", "describe", "s.zarr", "--config", "run.toml"]) == 2
     assert "--config is given 2 times" in capsys.readouterr().err
+    # seqlab train --config run.toml: its [train] table is read (and checked) like before the command
+    (tmp_path / "train.toml").write_text('[train]\nadapter = "bytes"\nout = "run"\nsteps = 0\n')
+    assert main(["train", "notes.txt", "--config", "train.toml"]) == 2
+    err = capsys.readouterr().err
+    assert "--config train.toml: setting 'steps' of 'seqlab train' (--steps): must be an integer in [1," in err, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_in_process_generate_never_imports_ray(tmp_path):
@@ -264,9 +316,11 @@ def test_in_process_generate_never_imports_ray(tmp_path):
 
     torch.manual_seed(0)
     save_model(tmp_path / "m.safetensors", ByteAdapter().build_model(BackboneConfig(d_model=16, n_layer=1, d_state=4)))
-    script = ("import sys\nfrom seqlab.cli import main\n"
-              "code = main(['generate', '--model', 'm.safetensors', '--prompt', 'ab', '--max-new-tokens', '3'])\n"
-              "print('RAY' if 'ray' in sys.modules else 'NO-RAY', code)\n")
+    script = (
+        "import sys\nfrom seqlab.cli import main\n"
+        "code = main(['generate', '--model', 'm.safetensors', '--prompt', 'ab', '--max-new-tokens', '3'])\n"
+        "print('RAY' if 'ray' in sys.modules else 'NO-RAY', code)\n"
+    )
     out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[-1] == "NO-RAY 0", out.stdout
@@ -289,8 +343,21 @@ def test_a_quiet_ray_job_prints_nothing_but_its_result(tmp_path):
     save_model(tmp_path / "m.safetensors", ByteAdapter().build_model(BackboneConfig(d_model=16, n_layer=1, d_state=4)))
     (tmp_path / "a.txt").write_text("quiet please " * 40)
     ingest(tmp_path / "s.zarr", tmp_path / "a.txt", ByteAdapter(), progress=False)
-    out = seqlab("score", "s.zarr", "scores.zarr", "--model", "m.safetensors", "--window", "128", "--concurrency", "1",
-                 "--num-cpus", "0.5", "--quiet", cwd=tmp_path)
+    out = seqlab(
+        "score",
+        "s.zarr",
+        "scores.zarr",
+        "--model",
+        "m.safetensors",
+        "--window",
+        "128",
+        "--concurrency",
+        "1",
+        "--num-cpus",
+        "0.5",
+        "--quiet",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stderr == "", out.stderr
     lines = out.stdout.splitlines()

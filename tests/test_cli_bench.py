@@ -16,17 +16,25 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def start(*args, cwd):
-    return subprocess.Popen([sys.executable, "-m", "seqlab.cli", "bench", *map(str, args)], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    return subprocess.Popen(
+        [sys.executable, "-m", "seqlab.cli", "bench", *map(str, args)],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The text and JSON runs and a refused one, at once (each a fresh interpreter)."""
     cwd = tmp_path_factory.mktemp("bench")
-    procs = {"text": start("--quick", "--threads", 1, cwd=cwd),
-             "json": start("--quick", "--threads", 1, "--ssm", "mamba2", "--length", 100, "--json", cwd=cwd),
-             "bad": start("--quick", "--length", 0, cwd=cwd)}
+    procs = {
+        "text": start("--quick", "--threads", 1, cwd=cwd),
+        "json": start("--quick", "--threads", 1, "--ssm", "mamba2", "--length", 100, "--json", cwd=cwd),
+        "bad": start("--quick", "--length", 0, cwd=cwd),
+    }
     return {name: (*p.communicate(timeout=300), p.returncode) for name, p in procs.items()}
 
 
@@ -87,17 +95,26 @@ def test_json_rows_are_consistent(runs):
 
 def test_bad_settings_exit_2_with_one_line(runs, capsys):
     stdout, stderr, code = runs["bad"]
-    assert code == 2 and not stdout and stderr.strip() == ("seqlab bench: error: argument --length: must be an integer "
-                                                           "in [1, 1073741824], got '0' (see 'seqlab bench --help')")
+    assert (
+        code == 2
+        and not stdout
+        and stderr.strip()
+        == (
+            "seqlab bench: error: argument --length: must be an integer "
+            "in [1, 1073741824], got '0' (see 'seqlab bench --help')"
+        )
+    )
 
     from seqlab.cli import main
 
-    for args, message in ((("--ssm", "mamba3"), "argument --ssm: invalid choice: 'mamba3'"),
-                          (("--repeats", "0"), "argument --repeats: must be an integer in [1, 1000], got '0'"),
-                          (("--threads", "0"), "argument --threads: must be an integer in [1, 1024], got '0'"),
-                          (("--batch-size", "x"), "argument --batch-size: must be an integer in [1, 1048576], got 'x'"),
-                          (("--d-model", "1e300"), "argument --d-model: must be an integer in [1, 65536]"),
-                          (("--quick", "--ssm", "mamba2", "--headdim", "48"), "divisible by --headdim (48)")):
+    for args, message in (
+        (("--ssm", "mamba3"), "argument --ssm: invalid choice: 'mamba3'"),
+        (("--repeats", "0"), "argument --repeats: must be an integer in [1, 1000], got '0'"),
+        (("--threads", "0"), "argument --threads: must be an integer in [1, 1024], got '0'"),
+        (("--batch-size", "x"), "argument --batch-size: must be an integer in [1, 1048576], got 'x'"),
+        (("--d-model", "1e300"), "argument --d-model: must be an integer in [1, 65536]"),
+        (("--quick", "--ssm", "mamba2", "--headdim", "48"), "divisible by --headdim (48)"),
+    ):
         assert main(["bench", *args]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("seqlab bench: error: ") and message in err, err

@@ -60,8 +60,12 @@ def _numeric(action: argparse.Action) -> bool:
 
 
 def numeric_options() -> list[tuple[tuple[str, ...], str, argparse.Action]]:
-    return [(path, action.option_strings[-1], action) for path, parser in _all_parsers()
-            for action in parser._actions if _numeric(action)]
+    return [
+        (path, action.option_strings[-1], action)
+        for path, parser in _all_parsers()
+        for action in parser._actions
+        if _numeric(action)
+    ]
 
 
 _INTERVAL = re.compile(r"([\[(])\s*(-inf|-?[0-9.e+-]+),\s*(inf|-?[0-9.e+-]+)\s*([\])])")
@@ -84,7 +88,7 @@ def _declared(message: str, kind: str):
     if not found:
         return None
     left, low, high, right = found.groups()
-    zero = re.search(r"\b0\b[^\[(]*\bor\b", message[:found.start()]) is not None  # "0 (greedy) or a number in"
+    zero = re.search(r"\b0\b[^\[(]*\bor\b", message[: found.start()]) is not None  # "0 (greedy) or a number in"
     return (kind, float(low), float(high), left == "(", right == ")", zero)
 
 
@@ -141,10 +145,19 @@ def one_line(err: str) -> str:
 def test_the_probe_covers_every_command():
     """The table is not vacuous: it holds the numeric options of every command that has any."""
     found = {(path[0], flag) for path, flag, _ in numeric_options()}
-    for expected in [("score", "--window"), ("score", "--num-gpus"), ("embed", "--burn-in"),
-                     ("generate", "--max-new-tokens"), ("generate", "--top-p"), ("bench", "--d-model"),
-                     ("bench", "--threads"), ("demo", "--workers"), ("ingest", "--window"), ("train", "--steps"),
-                     ("memory", "--max-new-tokens")]:
+    for expected in [
+        ("score", "--window"),
+        ("score", "--num-gpus"),
+        ("embed", "--burn-in"),
+        ("generate", "--max-new-tokens"),
+        ("generate", "--top-p"),
+        ("bench", "--d-model"),
+        ("bench", "--threads"),
+        ("demo", "--workers"),
+        ("ingest", "--window"),
+        ("train", "--steps"),
+        ("memory", "--max-new-tokens"),
+    ]:
         assert expected in found, expected
     assert len(found) > 40
 
@@ -164,8 +177,7 @@ def test_every_numeric_option_refuses_hostile_values(stubbed, capsys):
                 except argparse.ArgumentTypeError as exc:  # fine if its own message declares a range without it
                     narrower = _declared(str(exc), cli._type_name(action))
                     if narrower is None or inside(value, narrower):
-                        failures.append(f"{' '.join(path)} {flag} {value!r}: inside the declared range, refused: "
-                                        f"{exc}")
+                        failures.append(f"{' '.join(path)} {flag} {value!r}: inside the declared range, refused: {exc}")
                 continue
             try:
                 code, _, err = run(argv, capsys)
@@ -173,9 +185,15 @@ def test_every_numeric_option_refuses_hostile_values(stubbed, capsys):
                 failures.append(f"{' '.join(path)} {flag} {value!r}: raised {type(exc).__name__}: {exc}")
                 continue
             lines = err.strip().splitlines()
-            if code != 2 or len(lines) != 1 or "Traceback" in err or \
-                    not any(f"argument {s}" in lines[0] or f"{s}:" in lines[0] or f"{s} " in lines[0]
-                            for s in action.option_strings):
+            if (
+                code != 2
+                or len(lines) != 1
+                or "Traceback" in err
+                or not any(
+                    f"argument {s}" in lines[0] or f"{s}:" in lines[0] or f"{s} " in lines[0]
+                    for s in action.option_strings
+                )
+            ):
                 failures.append(f"{' '.join(path)} {flag} {value!r}: exit {code}, stderr {err.strip()[:200]!r}")
     assert not failures, f"{len(failures)} hostile values not refused properly:\n" + "\n".join(failures)
 
@@ -210,18 +228,30 @@ def _toy(path="run.toml"):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.one_of(st.integers(), st.floats(allow_nan=True, allow_infinity=True), st.booleans(), st.text(max_size=5),
-                 st.lists(st.integers(0, 200), max_size=3), st.none()))
+@given(
+    st.one_of(
+        st.integers(),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.booleans(),
+        st.text(max_size=5),
+        st.lists(st.integers(0, 200), max_size=3),
+        st.none(),
+    )
+)
 def test_config_values_are_checked_like_flags(value):
     """A TOML value for a flag is accepted only when the flag would accept it (type of TOML value, range, choices);
     otherwise a ConfigError names the file, the key and the flag."""
     parser = _toy()
-    for key, ok in [("window", isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 100),
-                    ("rate", isinstance(value, (int, float)) and not isinstance(value, bool)
-                     and math.isfinite(value) and 0 < value <= 1),
-                    ("mode", value in ("a", "b")),
-                    ("quiet", isinstance(value, bool)),
-                    ("name", isinstance(value, str) or isinstance(value, list) and not value)]:
+    for key, ok in [
+        ("window", isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 100),
+        (
+            "rate",
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 < value <= 1,
+        ),
+        ("mode", value in ("a", "b")),
+        ("quiet", isinstance(value, bool)),
+        ("name", isinstance(value, str) or isinstance(value, list) and not value),
+    ]:
         if ok:
             assert key in cli._config_defaults(parser, {key: value}, "run.toml", "toy")
         else:
@@ -231,21 +261,24 @@ def test_config_values_are_checked_like_flags(value):
             assert f"--{key}" in str(err.value)
 
 
-@pytest.mark.parametrize("toml, message", [
-    ("[bench]\nlength = -5\n", "'length' of 'seqlab bench' (--length): must be an integer in [1,"),
-    ("[bench]\nthreads = \"4\"\n", "'threads' of 'seqlab bench' (--threads) must be an integer, got str '4'"),
-    ("[bench]\nlength = 1.5\n", "(--length) must be an integer, got float 1.5"),
-    ("[bench]\nlength = [1, 2]\n", "(--length) takes one value, got a list"),
-    ("[bench]\nssm = [\"mamba3\"]\n", "(--ssm) item 1 must be one of 'mamba1', 'mamba2', got 'mamba3'"),
-    ("[bench]\nno-ref = \"yes\"\n", "(--no-ref) must be true or false"),
-    ("[score]\nnum-cpus = nan\n", "(--num-cpus): must be 0 or a number in [0.0001, 1024]"),
-    ("[score]\nnum-gpus = 1e-300\n", "(--num-gpus): must be 0 or a number in [0.0001, 1024]"),
-    ("[generate]\ntemperature = inf\n", "(--temperature): must be a finite number"),
-    ("seed = -1\n[generate]\n", "'seed' of 'seqlab generate' (--seed): must be a seed"),
-    ("[bench]\nlength = {a = 1}\n", "(--length) must be an integer, got dict {'a': 1}"),
-    ("[bench]\nrepeats = 2\n[bnech]\nlength = 5\n", "unknown table [bnech] (tables are named after commands"),
-    ("[bench]\n[bench.fast]\nlength = 5\n", "unknown table [bench.fast] ('seqlab bench' has no actions)"),
-])
+@pytest.mark.parametrize(
+    "toml, message",
+    [
+        ("[bench]\nlength = -5\n", "'length' of 'seqlab bench' (--length): must be an integer in [1,"),
+        ('[bench]\nthreads = "4"\n', "'threads' of 'seqlab bench' (--threads) must be an integer, got str '4'"),
+        ("[bench]\nlength = 1.5\n", "(--length) must be an integer, got float 1.5"),
+        ("[bench]\nlength = [1, 2]\n", "(--length) takes one value, got a list"),
+        ('[bench]\nssm = ["mamba3"]\n', "(--ssm) item 1 must be one of 'mamba1', 'mamba2', got 'mamba3'"),
+        ('[bench]\nno-ref = "yes"\n', "(--no-ref) must be true or false"),
+        ("[score]\nnum-cpus = nan\n", "(--num-cpus): must be 0 or a number in [0.0001, 1024]"),
+        ("[score]\nnum-gpus = 1e-300\n", "(--num-gpus): must be 0 or a number in [0.0001, 1024]"),
+        ("[generate]\ntemperature = inf\n", "(--temperature): must be a finite number"),
+        ("seed = -1\n[generate]\n", "'seed' of 'seqlab generate' (--seed): must be a seed"),
+        ("[bench]\nlength = {a = 1}\n", "(--length) must be an integer, got dict {'a': 1}"),
+        ("[bench]\nrepeats = 2\n[bnech]\nlength = 5\n", "unknown table [bnech] (tables are named after commands"),
+        ("[bench]\n[bench.fast]\nlength = 5\n", "unknown table [bench.fast] ('seqlab bench' has no actions)"),
+    ],
+)
 def test_bad_config_values_exit_2_naming_file_and_key(tmp_path, capsys, stubbed, toml, message):
     (tmp_path / "run.toml").write_text(toml)
     command = re.search(r"\[(\w+)\]", toml).group(1)
@@ -256,8 +289,10 @@ def test_bad_config_values_exit_2_naming_file_and_key(tmp_path, capsys, stubbed,
 
 
 def test_good_config_values_become_typed_defaults(tmp_path, capsys, stubbed):
-    (tmp_path / "run.toml").write_text("[bench]\nlength = 100\nno-ref = true\nssm = [\"mamba2\"]\n"
-                                       "[generate]\ntemperature = 0\ntop-p = 1\nprompt = [\"a\", \"b\"]\n")
+    (tmp_path / "run.toml").write_text(
+        '[bench]\nlength = 100\nno-ref = true\nssm = ["mamba2"]\n'
+        '[generate]\ntemperature = 0\ntop-p = 1\nprompt = ["a", "b"]\n'
+    )
     assert run(["--config", tmp_path / "run.toml", "bench"], capsys)[0] == 0
     args = stubbed[-1]
     assert (args.length, args.no_ref, args.ssm) == (100, True, ["mamba2"])
@@ -301,6 +336,7 @@ def boom(monkeypatch):
 def _raise(exc):
     def f():
         raise exc
+
     return f
 
 
@@ -308,18 +344,32 @@ def _decode_in(path):
     def f():
         with open(path, encoding="utf-8") as fh:
             fh.read()
+
     return f
 
 
-@pytest.mark.parametrize("number, name", [(errno.ENOSPC, "ENOSPC"), (errno.EROFS, "EROFS"), (errno.EACCES, "EACCES"),
-                                          (errno.ELOOP, "ELOOP"), (errno.ENAMETOOLONG, "ENAMETOOLONG"),
-                                          (errno.EISDIR, "EISDIR"), (errno.ENOTDIR, "ENOTDIR"),
-                                          (errno.EDQUOT, "EDQUOT"), (errno.EIO, "EIO")])
+@pytest.mark.parametrize(
+    "number, name",
+    [
+        (errno.ENOSPC, "ENOSPC"),
+        (errno.EROFS, "EROFS"),
+        (errno.EACCES, "EACCES"),
+        (errno.ELOOP, "ELOOP"),
+        (errno.ENAMETOOLONG, "ENAMETOOLONG"),
+        (errno.EISDIR, "EISDIR"),
+        (errno.ENOTDIR, "ENOTDIR"),
+        (errno.EDQUOT, "EDQUOT"),
+        (errno.EIO, "EIO"),
+    ],
+)
 def test_os_errors_a_user_causes_are_one_line_naming_the_path(boom, capsys, number, name):
     code, _, err = boom(_raise(OSError(number, os.strerror(number), "/data/out.zarr/c/0")), capsys)
     line = one_line(err)
-    assert code == 2 and line.startswith("seqlab hostile-boom: error: /data/out.zarr/c/0: ") and \
-        os.strerror(number) in line, line
+    assert (
+        code == 2
+        and line.startswith("seqlab hostile-boom: error: /data/out.zarr/c/0: ")
+        and os.strerror(number) in line
+    ), line
 
 
 def test_undecodable_text_names_the_file(boom, capsys, tmp_path):
@@ -329,21 +379,36 @@ def test_undecodable_text_names_the_file(boom, capsys, tmp_path):
     assert code == 2 and f"{tmp_path / 'notes.txt'}: cannot decode text as utf-8" in line, line
 
 
-@pytest.mark.parametrize("exc, shown", [
-    (MemoryError("Unable to allocate 8.00 EiB for an array with shape (2**60,)"), "Unable to allocate 8.00 EiB"),
-    (RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: you tried "
-                  "to allocate 1099511627776 bytes. Error code 12 (Cannot allocate memory)"),
-     "you tried to allocate 1099511627776 bytes"),
-    (MemoryError(), "out of memory; use a smaller"),
-])
+@pytest.mark.parametrize(
+    "exc, shown",
+    [
+        (MemoryError("Unable to allocate 8.00 EiB for an array with shape (2**60,)"), "Unable to allocate 8.00 EiB"),
+        (
+            RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: you tried "
+                "to allocate 1099511627776 bytes. Error code 12 (Cannot allocate memory)"
+            ),
+            "you tried to allocate 1099511627776 bytes",
+        ),
+        (MemoryError(), "out of memory; use a smaller"),
+    ],
+)
 def test_out_of_memory_is_one_line_saying_what(boom, capsys, exc, shown):
     code, _, err = boom(_raise(exc), capsys)
     line = one_line(err)
     assert code == 2 and "out of memory" in line and shown in line, line
 
 
-@pytest.mark.parametrize("exc", [ValueError("a bug"), RuntimeError("shape mismatch in our code"), TypeError("bug"),
-                                 OSError(errno.EBADF, "Bad file descriptor"), KeyError("k")])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ValueError("a bug"),
+        RuntimeError("shape mismatch in our code"),
+        TypeError("bug"),
+        OSError(errno.EBADF, "Bad file descriptor"),
+        KeyError("k"),
+    ],
+)
 def test_a_real_bug_still_shows_its_traceback(boom, capsys, exc):
     with pytest.raises(type(exc)):
         boom(_raise(exc), capsys)
@@ -375,11 +440,12 @@ def byte_model(tmp_path_factory):
 def test_prompt_file_of_the_wrong_kind_is_one_line(tmp_path, capsys, byte_model):
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     (tmp_path / "f.txt").write_text("x")
-    for path, reason in [(tmp_path / "loop", "Too many levels of symbolic links"),
-                         (tmp_path / ("n" * 5000), "File name too long"),
-                         (tmp_path, "Is a directory"),
-                         (tmp_path / "f.txt" / "x", "Not a directory")] + \
-            ([("/proc/self/mem", "Input/output error")] if os.path.exists("/proc/self/mem") else []):
+    for path, reason in [
+        (tmp_path / "loop", "Too many levels of symbolic links"),
+        (tmp_path / ("n" * 5000), "File name too long"),
+        (tmp_path, "Is a directory"),
+        (tmp_path / "f.txt" / "x", "Not a directory"),
+    ] + ([("/proc/self/mem", "Input/output error")] if os.path.exists("/proc/self/mem") else []):
         code, _, err = run(["generate", "--model", byte_model, "--prompt-file", path], capsys)
         line = one_line(err)
         assert code == 2 and reason in line and str(path)[:100] in line, line
@@ -407,8 +473,21 @@ def test_generate_passes_the_adapters_generation_options(capsys, byte_model, mon
 
     monkeypatch.setattr(ByteAdapter, "generation_options", spy)
     for extra, expected in [([], False), (["--allow-specials"], True)]:
-        code, out, err = run(["generate", "--model", byte_model, "--prompt", "ab", "--max-new-tokens", "3",
-                              "--temperature", "0", *extra], capsys)
+        code, out, err = run(
+            [
+                "generate",
+                "--model",
+                byte_model,
+                "--prompt",
+                "ab",
+                "--max-new-tokens",
+                "3",
+                "--temperature",
+                "0",
+                *extra,
+            ],
+            capsys,
+        )
         assert code == 0, err
         assert asked[-1] is expected
 
@@ -416,30 +495,39 @@ def test_generate_passes_the_adapters_generation_options(capsys, byte_model, mon
 def test_generate_takes_the_smallest_temperature_and_top_p_its_ranges_declare(capsys, byte_model):
     """The smallest values --temperature and --top-p accept run (1e-300 overflowed the logits: refused now)."""
     for flag in ("--temperature", "--top-p"):
-        code, out, err = run(["generate", "--model", byte_model, "--prompt", "ab", "--max-new-tokens", "3",
-                              flag, "0.001"], capsys)
+        code, out, err = run(
+            ["generate", "--model", byte_model, "--prompt", "ab", "--max-new-tokens", "3", flag, "0.001"], capsys
+        )
         assert code == 0 and out, err
         code, _, err = run(["generate", "--model", byte_model, "--prompt", "ab", flag, "1e-300"], capsys)
         assert code == 2 and f"argument {flag}: must be" in one_line(err)
 
 
 def test_bench_too_big_for_memory_is_refused_up_front(capsys):
-    code, out, err = run(["bench", "--d-model", "1024", "--n-layer", "2", "--length", str(1 << 30), "--no-ref",
-                          "--ssm", "mamba1"], capsys)
+    code, out, err = run(
+        ["bench", "--d-model", "1024", "--n-layer", "2", "--length", str(1 << 30), "--no-ref", "--ssm", "mamba1"],
+        capsys,
+    )
     line = one_line(err)
     assert code == 2 and out == ""
     assert "--length 1073741824 need at least" in line and "GiB of memory" in line and "free" in line, line
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["score", "--mode", "segments"], "segment_length (--segment-length; segments mode needs it) must be"),
-    (["embed", "--mode", "segments", "--segment-length", "100", "--window", "64"],
-     "(--segment-length 100) to be a multiple of window (--window 64)"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["score", "--mode", "segments"], "segment_length (--segment-length; segments mode needs it) must be"),
+        (
+            ["embed", "--mode", "segments", "--segment-length", "100", "--window", "64"],
+            "(--segment-length 100) to be a multiple of window (--window 64)",
+        ),
+    ],
+)
 def test_job_settings_are_named_in_cli_terms(tmp_path, capsys, argv, words):
     """Refused before any store, model or cluster is touched; the line names the flags."""
-    code, _, err = run([argv[0], tmp_path / "in.zarr", tmp_path / "out.zarr", "--model", tmp_path / "m", *argv[1:]],
-                       capsys)
+    code, _, err = run(
+        [argv[0], tmp_path / "in.zarr", tmp_path / "out.zarr", "--model", tmp_path / "m", *argv[1:]], capsys
+    )
     assert code == 2 and words in one_line(err)
     assert not (tmp_path / "out.zarr").exists()
 
@@ -462,8 +550,11 @@ def test_config_values_for_a_commands_own_types_are_checked_by_them():
     assert "keep_checkpoints" in cli._config_defaults(train, {"keep-checkpoints": "all"}, "run.toml", "train")
     assert "keep_checkpoints" in cli._config_defaults(train, {"keep-checkpoints": 3}, "run.toml", "train")
     for table in ({"keep-checkpoints": -3}, {"keep-checkpoints": True}, {"keep-checkpoints": [3]}):
-        with pytest.raises(ConfigError, match=r"--config run.toml: setting 'keep-checkpoints' of 'seqlab train' "
-                           r"\(--keep-checkpoints\)"):
+        with pytest.raises(
+            ConfigError,
+            match=r"--config run.toml: setting 'keep-checkpoints' of 'seqlab train' "
+            r"\(--keep-checkpoints\)",
+        ):
             cli._config_defaults(train, table, "run.toml", "train")
     with pytest.raises(ConfigError, match=r"\(--temperature\).*nan"):
         cli._config_defaults(ask, {"temperature": float("nan")}, "run.toml", "memory ask")

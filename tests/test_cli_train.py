@@ -18,8 +18,23 @@ from hypothesis import strategies as st
 
 pytest.importorskip("zarr")
 
-TINY = ["--d-model", "32", "--n-layer", "1", "--d-state", "8", "--batch-size", "4", "--window", "64",
-        "--lr", "3e-3", "--threads", "1", "--quiet"]
+TINY = [
+    "--d-model",
+    "32",
+    "--n-layer",
+    "1",
+    "--d-state",
+    "8",
+    "--batch-size",
+    "4",
+    "--window",
+    "64",
+    "--lr",
+    "3e-3",
+    "--threads",
+    "1",
+    "--quiet",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -40,8 +55,7 @@ def command(*args):
 
 
 def seqlab(*args, cwd):
-    return subprocess.run(command(*args), check=False, cwd=cwd, capture_output=True, text=True, timeout=180,
-                          env=ENV)
+    return subprocess.run(command(*args), check=False, cwd=cwd, capture_output=True, text=True, timeout=180, env=ENV)
 
 
 def in_process(capsys, *args) -> tuple[int, str, str]:
@@ -66,8 +80,25 @@ def work(tmp_path_factory):
     text = corpus_text()
     (root / "corpus.txt").write_text(text[:12000])
     (root / "held.txt").write_text(text[12000:14000])
-    out = seqlab("train", "corpus.txt", "--adapter", "bytes", "--eval", "held.txt", "--out", "run", "--steps", 30,
-                 "--eval-every", 10, "--checkpoint-every", 10, "--json", *TINY, cwd=root)
+    out = seqlab(
+        "train",
+        "corpus.txt",
+        "--adapter",
+        "bytes",
+        "--eval",
+        "held.txt",
+        "--out",
+        "run",
+        "--steps",
+        30,
+        "--eval-every",
+        10,
+        "--checkpoint-every",
+        10,
+        "--json",
+        *TINY,
+        cwd=root,
+    )
     assert out.returncode == 0, out.stderr
     return root, json.loads(out.stdout)
 
@@ -75,6 +106,7 @@ def work(tmp_path_factory):
 def direct_bits(model_path, data: bytes) -> float:
     """The held-out metric computed straight from the library: one pass over the whole file."""
     import torch
+
     from seqlab.domains import model_from_checkpoint
 
     model, adapter = model_from_checkpoint(model_path)
@@ -87,8 +119,15 @@ def direct_bits(model_path, data: bytes) -> float:
 def test_train_writes_checkpoints_model_log_and_a_computed_summary(work):
     root, summary = work
     run = root / "run"
-    assert sorted(p.name for p in run.iterdir()) == ["latest", "model.safetensors", "run.json", "step-00000010",
-                                                     "step-00000020", "step-00000030", "train.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "latest",
+        "model.safetensors",
+        "run.json",
+        "step-00000010",
+        "step-00000020",
+        "step-00000030",
+        "train.jsonl",
+    ]
     assert summary["steps"] == 30 and summary["steps_this_run"] == 30 and summary["tokens"] == 30 * 4 * 64
     log = [json.loads(line) for line in (run / "train.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 31))
@@ -108,10 +147,23 @@ def test_train_writes_checkpoints_model_log_and_a_computed_summary(work):
 
 def test_eval_streams_files_exactly_and_generate_runs_from_the_output(work):
     root, summary = work
-    procs = [subprocess.Popen(command(*args), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=ENV) for args in (
-        ("eval", "--model", "run/model.safetensors", "held.txt", "corpus.txt", "--window", 100, "--json", "--quiet"),
-        ("eval", "--model", "run", "held.txt", "--quiet"))]  # the checkpoint folder works too
+    procs = [
+        subprocess.Popen(command(*args), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        for args in (
+            (
+                "eval",
+                "--model",
+                "run/model.safetensors",
+                "held.txt",
+                "corpus.txt",
+                "--window",
+                100,
+                "--json",
+                "--quiet",
+            ),
+            ("eval", "--model", "run", "held.txt", "--quiet"),
+        )
+    ]  # the checkpoint folder works too
     (out, err), (text, text_err) = (p.communicate(timeout=180) for p in procs)
     assert procs[0].returncode == 0, err
     assert procs[1].returncode == 0, text_err
@@ -121,8 +173,9 @@ def test_eval_streams_files_exactly_and_generate_runs_from_the_output(work):
     assert held["name"] == "held.txt" and held["targets"] == n_held and corpus["targets"] == n_corpus
     # windows of 100 with the state carried equal one pass over the file (and the train summary's number)
     assert held["metric"] == pytest.approx(summary["held_out"], abs=1e-5)
-    assert corpus["metric"] == pytest.approx(direct_bits(root / "run" / "model.safetensors",
-                                                         (root / "corpus.txt").read_bytes()), abs=1e-5)
+    assert corpus["metric"] == pytest.approx(
+        direct_bits(root / "run" / "model.safetensors", (root / "corpus.txt").read_bytes()), abs=1e-5
+    )
     total = (held["metric"] * n_held + corpus["metric"] * n_corpus) / (n_held + n_corpus)
     assert result["metric"] == pytest.approx(total, abs=1e-9) and result["uniform_baseline"] == 8.0
 
@@ -151,20 +204,36 @@ def test_resume_continues_the_step_count_with_the_runs_own_settings(work, tmp_pa
     assert (tmp_path / "run" / "latest").read_text().split()[0] == "step-00000040"
     assert (tmp_path / "run" / "model.safetensors").read_bytes() != before
     assert summary["held_out"] == pytest.approx(
-        direct_bits(tmp_path / "run" / "model.safetensors", (root / "held.txt").read_bytes()), abs=1e-5)
+        direct_bits(tmp_path / "run" / "model.safetensors", (root / "held.txt").read_bytes()), abs=1e-5
+    )
 
 
 def test_train_and_eval_from_a_store_made_by_ingest(work, capsys):
     root, _ = work
     # the store is made by seqlab ingest while the same run trains from the file itself
-    ingest, same = (subprocess.Popen(command(*args), cwd=root, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=ENV) for args in (
-        ("ingest", "s.zarr", "corpus.txt", "held.txt", "--adapter", "bytes", "--quiet"),
-        ("train", "corpus.txt", "--adapter", "bytes", "--out", "frun", "--steps", 12, "--json", *TINY)))
+    ingest, same = (
+        subprocess.Popen(command(*args), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        for args in (
+            ("ingest", "s.zarr", "corpus.txt", "held.txt", "--adapter", "bytes", "--quiet"),
+            ("train", "corpus.txt", "--adapter", "bytes", "--out", "frun", "--steps", 12, "--json", *TINY),
+        )
+    )
     same_out, same_err = same.communicate(timeout=180)
     assert ingest.wait(timeout=180) == 0 and same.returncode == 0, same_err
-    out = seqlab("train", "--store", "s.zarr", "--eval-sequences", "held", "--out", "srun", "--steps", 12, "--json",
-                 *TINY, cwd=root)
+    out = seqlab(
+        "train",
+        "--store",
+        "s.zarr",
+        "--eval-sequences",
+        "held",
+        "--out",
+        "srun",
+        "--steps",
+        12,
+        "--json",
+        *TINY,
+        cwd=root,
+    )
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
     recorded = json.loads((root / "srun" / "run.json").read_text())
@@ -173,12 +242,23 @@ def test_train_and_eval_from_a_store_made_by_ingest(work, capsys):
     assert recorded["train_elements"] == (root / "corpus.txt").stat().st_size
     assert summary["steps"] == 12 and summary["held_out_inputs"][0]["name"] == "held"
     assert summary["held_out"] == pytest.approx(
-        direct_bits(root / "srun" / "model.safetensors", (root / "held.txt").read_bytes()), abs=1e-5)
+        direct_bits(root / "srun" / "model.safetensors", (root / "held.txt").read_bytes()), abs=1e-5
+    )
     # the store's training windows are the file's: the same run from the file ends on the same loss
     assert json.loads(same_out)["train_loss"] == summary["train_loss"]
 
-    code, out, err = in_process(capsys, "eval", "--model", root / "srun" / "model.safetensors", "--store",
-                                root / "s.zarr", "--sequences", "held", "--json", "--quiet")
+    code, out, err = in_process(
+        capsys,
+        "eval",
+        "--model",
+        root / "srun" / "model.safetensors",
+        "--store",
+        root / "s.zarr",
+        "--sequences",
+        "held",
+        "--json",
+        "--quiet",
+    )
     assert code == 0, err
     assert json.loads(out)["metric"] == pytest.approx(summary["held_out"], abs=1e-5)
 
@@ -188,7 +268,8 @@ def test_settings_from_a_toml_file_and_flags_win(work, tmp_path, capsys, monkeyp
     monkeypatch.chdir(tmp_path)
     (tmp_path / "run.toml").write_text(
         '[train]\nadapter = "bytes"\nout = "trun"\nsteps = 50\nd-model = 32\nn_layer = 1\nd-state = 8\n'
-        'batch-size = 2\nwindow = 32\nlr = 0.002\neval-fraction = 0.25\nquiet = true\nthreads = 1\n')
+        "batch-size = 2\nwindow = 32\nlr = 0.002\neval-fraction = 0.25\nquiet = true\nthreads = 1\n"
+    )
     shutil.copy(root / "held.txt", tmp_path / "held.txt")
     code, out, err = in_process(capsys, "--config", "run.toml", "train", "held.txt", "--steps", 6, "--json")
     assert code == 0, err
@@ -202,8 +283,9 @@ def test_settings_from_a_toml_file_and_flags_win(work, tmp_path, capsys, monkeyp
     split = len(data) - int(len(data) * 0.25)
     assert recorded["train_elements"] == split and summary["held_out_targets"] == len(data) - split - 1
     assert math.isfinite(summary["held_out"])
-    assert summary["held_out"] == pytest.approx(direct_bits(tmp_path / "trun" / "model.safetensors", data[split:]),
-                                                abs=1e-5)
+    assert summary["held_out"] == pytest.approx(
+        direct_bits(tmp_path / "trun" / "model.safetensors", data[split:]), abs=1e-5
+    )
 
 
 @pytest.fixture(scope="module")
@@ -220,37 +302,65 @@ def dna_store(work):
 BAD = {
     "missing file": (("train", "missing.txt", "--adapter", "bytes", "--out", "o1"), "missing.txt: no such file"),
     "unknown domain": (("train", "corpus.txt", "--adapter", "nope", "--out", "o2"), "no adapter named 'nope'"),
-    "out holds a run": (("train", "corpus.txt", "--adapter", "bytes", "--out", "run"),
-                        "already holds a checkpoint (step-00000030): pass --resume"),
-    "not a number": (("train", "corpus.txt", "--adapter", "bytes", "--out", "o3", "--steps", "ten"),
-                     "argument --steps: must be an integer in [1, 1073741824], got 'ten'"),
-    "bad number": (("train", "corpus.txt", "--adapter", "bytes", "--out", "o4", "--steps", "0"),
-                   "argument --steps: must be an integer in [1, 1073741824], got '0'"),
-    "bad fraction": (("train", "corpus.txt", "--adapter", "bytes", "--out", "o5", "--eval-fraction", "1.5"),
-                     "argument --eval-fraction: must be a finite number in (0, 1), got '1.5'"),
-    "bad adapter settings": (("train", "corpus.txt", "--adapter", "bytes", "--adapter-settings", '{"utf9": 1}',
-                              "--out", "o7"), "do not fit the 'bytes' adapter"),
-    "window too long": (("train", "held.txt", "--adapter", "bytes", "--out", "o8", "--window", "4096"),
-                        "too short for one window"),
+    "out holds a run": (
+        ("train", "corpus.txt", "--adapter", "bytes", "--out", "run"),
+        "already holds a checkpoint (step-00000030): pass --resume",
+    ),
+    "not a number": (
+        ("train", "corpus.txt", "--adapter", "bytes", "--out", "o3", "--steps", "ten"),
+        "argument --steps: must be an integer in [1, 1073741824], got 'ten'",
+    ),
+    "bad number": (
+        ("train", "corpus.txt", "--adapter", "bytes", "--out", "o4", "--steps", "0"),
+        "argument --steps: must be an integer in [1, 1073741824], got '0'",
+    ),
+    "bad fraction": (
+        ("train", "corpus.txt", "--adapter", "bytes", "--out", "o5", "--eval-fraction", "1.5"),
+        "argument --eval-fraction: must be a finite number in (0, 1), got '1.5'",
+    ),
+    "bad adapter settings": (
+        ("train", "corpus.txt", "--adapter", "bytes", "--adapter-settings", '{"utf9": 1}', "--out", "o7"),
+        "do not fit the 'bytes' adapter",
+    ),
+    "window too long": (
+        ("train", "held.txt", "--adapter", "bytes", "--out", "o8", "--window", "4096"),
+        "too short for one window",
+    ),
     "no out": (("train", "corpus.txt", "--adapter", "bytes"), "missing required setting(s) --out"),
-    "model too large": (("train", "corpus.txt", "--adapter", "bytes", "--out", "o3", "--d-model", "65536",
-                         "--n-layer", "16"), "parameters (--d-model 65536 --n-layer 16) needs over"),
-    "warmup over steps": (("train", "corpus.txt", "--adapter", "bytes", "--out", "o3", "--warmup", "10", "--steps",
-                           "5"), "--warmup (10) must be <= --steps (5)"),
-    "batch over accum": (("train", "corpus.txt", "--adapter", "bytes", "--out", "o3", "--batch-size", "6",
-                          "--grad-accum", "4"), "--batch-size (6) must be divisible by --grad-accum (4)"),
+    "model too large": (
+        ("train", "corpus.txt", "--adapter", "bytes", "--out", "o3", "--d-model", "65536", "--n-layer", "16"),
+        "parameters (--d-model 65536 --n-layer 16) needs over",
+    ),
+    "warmup over steps": (
+        ("train", "corpus.txt", "--adapter", "bytes", "--out", "o3", "--warmup", "10", "--steps", "5"),
+        "--warmup (10) must be <= --steps (5)",
+    ),
+    "batch over accum": (
+        ("train", "corpus.txt", "--adapter", "bytes", "--out", "o3", "--batch-size", "6", "--grad-accum", "4"),
+        "--batch-size (6) must be divisible by --grad-accum (4)",
+    ),
     "no data": (("train", "--out", "o9"), "no training data"),
-    "resume with another size": (("train", "--out", "run", "--resume", "--d-model", "64"),
-                                 "--d-model 64 differs from the run being resumed (d_model = 32)"),
-    "resume with another batch": (("train", "--out", "run", "--resume", "--batch-size", "2"),
-                                  "--batch-size is 2, the checkpoint in run was made with 4"),
+    "resume with another size": (
+        ("train", "--out", "run", "--resume", "--d-model", "64"),
+        "--d-model 64 differs from the run being resumed (d_model = 32)",
+    ),
+    "resume with another batch": (
+        ("train", "--out", "run", "--resume", "--batch-size", "2"),
+        "--batch-size is 2, the checkpoint in run was made with 4",
+    ),
     "resume and overwrite": (("train", "--out", "run", "--resume", "--overwrite"), "give one of them"),
-    "store of another adapter": (("eval", "--model", "run/model.safetensors", "--store", "dna.zarr"),
-                                 "was written by adapter {'name': 'dna'"),
-    "train domain vs store": (("train", "--store", "dna.zarr", "--adapter", "bytes", "--out", "o6"),
-                              "encoded by the 'dna' adapter"),
-    "eval missing model": (("eval", "--model", "nothing.safetensors", "held.txt"),
-                           "nothing.safetensors: no such model file"),
+    "store of another adapter": (
+        ("eval", "--model", "run/model.safetensors", "--store", "dna.zarr"),
+        "was written by adapter {'name': 'dna'",
+    ),
+    "train domain vs store": (
+        ("train", "--store", "dna.zarr", "--adapter", "bytes", "--out", "o6"),
+        "encoded by the 'dna' adapter",
+    ),
+    "eval missing model": (
+        ("eval", "--model", "nothing.safetensors", "held.txt"),
+        "nothing.safetensors: no such model file",
+    ),
     "eval missing file": (("eval", "--model", "run/model.safetensors", "missing.txt"), "missing.txt: no such file"),
     "eval no data": (("eval", "--model", "run/model.safetensors"), "give the held-out data as FILE... or as --store"),
 }
@@ -268,8 +378,17 @@ def check_one_line(code, stderr, case):
 def test_bad_input_in_a_subprocess_exits_2_with_one_line(work, dna_store):
     root, _ = work
     names = sorted(os.listdir(root / "run"))
-    procs = {case: subprocess.Popen(command(*BAD[case][0], "--quiet"), cwd=root, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True, env=ENV) for case in IN_SUBPROCESS}
+    procs = {
+        case: subprocess.Popen(
+            command(*BAD[case][0], "--quiet"),
+            cwd=root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        )
+        for case in IN_SUBPROCESS
+    }
     for case, proc in procs.items():
         _, stderr = proc.communicate(timeout=180)
         check_one_line(proc.returncode, stderr, case)
@@ -291,11 +410,24 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_is_done(work, tmp_path, c
     root, _ = work
     shutil.copytree(root / "run", tmp_path / "run")
     # a start that fails on its data does not touch the old run
-    code, _, _ = in_process(capsys, "train", root / "missing.txt", "--adapter", "bytes", "--out", tmp_path / "run",
-                            "--overwrite")
+    code, _, _ = in_process(
+        capsys, "train", root / "missing.txt", "--adapter", "bytes", "--out", tmp_path / "run", "--overwrite"
+    )
     assert code == 2 and (tmp_path / "run" / "latest").read_text().split()[0] == "step-00000030"
-    code, out, err = in_process(capsys, "train", root / "held.txt", "--adapter", "bytes", "--out", tmp_path / "run",
-                                "--overwrite", "--steps", 3, "--json", *TINY)
+    code, out, err = in_process(
+        capsys,
+        "train",
+        root / "held.txt",
+        "--adapter",
+        "bytes",
+        "--out",
+        tmp_path / "run",
+        "--overwrite",
+        "--steps",
+        3,
+        "--json",
+        *TINY,
+    )
     assert code == 0, err
     assert json.loads(out)["steps"] == 3
     assert (tmp_path / "run" / "latest").read_text().split()[0] == "step-00000003"
@@ -317,22 +449,41 @@ def _write_audio(path):
     soundfile.write(path, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 8000)
 
 
-@pytest.mark.parametrize("domain, settings, write", [
-    ("dna", '{"add_bos_eos": true}', _write_dna),              # specials in the targets are not counted
-    ("audio", '{"sample_rate": 8000, "mode": "continuous"}', _write_audio),
-], ids=["dna", "audio-continuous"])
+@pytest.mark.parametrize(
+    "domain, settings, write",
+    [
+        ("dna", '{"add_bos_eos": true}', _write_dna),  # specials in the targets are not counted
+        ("audio", '{"sample_rate": 8000, "mode": "continuous"}', _write_audio),
+    ],
+    ids=["dna", "audio-continuous"],
+)
 def test_other_domains_train_and_eval_equals_one_pass(tmp_path, capsys, domain, settings, write):
     import torch
+
     from seqlab.domains import model_from_checkpoint
 
     path = tmp_path / ("data.fa" if domain == "dna" else "data.wav")
     write(path)
-    code, out, err = in_process(capsys, "train", path, "--adapter", domain, "--adapter-settings", settings,
-                                "--eval-fraction", 0.2, "--out", tmp_path / "run", "--steps", 4, "--json", *TINY)
+    code, out, err = in_process(
+        capsys,
+        "train",
+        path,
+        "--adapter",
+        domain,
+        "--adapter-settings",
+        settings,
+        "--eval-fraction",
+        0.2,
+        "--out",
+        tmp_path / "run",
+        "--steps",
+        4,
+        "--json",
+        *TINY,
+    )
     assert code == 0, err
     assert math.isfinite(json.loads(out)["held_out"])
-    code, out, err = in_process(capsys, "eval", "--model", tmp_path / "run", path, "--window", 50, "--json",
-                                "--quiet")
+    code, out, err = in_process(capsys, "eval", "--model", tmp_path / "run", path, "--window", 50, "--json", "--quiet")
     assert code == 0, err
     result = json.loads(out)
     model, adapter = model_from_checkpoint(tmp_path / "run")
@@ -346,8 +497,10 @@ def test_other_domains_train_and_eval_equals_one_pass(tmp_path, capsys, domain, 
 def test_help_of_train_and_eval(capsys):
     from seqlab.cli import main
 
-    for name, words in (("train", ("--resume", "--store", "--d-model", "--eval-fraction", "--checkpoint-every")),
-                        ("eval", ("--model", "--store", "--json", "uniform baseline"))):
+    for name, words in (
+        ("train", ("--resume", "--store", "--d-model", "--eval-fraction", "--checkpoint-every")),
+        ("eval", ("--model", "--store", "--json", "uniform baseline")),
+    ):
         with pytest.raises(SystemExit) as exit_:
             main([name, "--help"])
         assert exit_.value.code == 0
@@ -361,11 +514,29 @@ def test_help_of_train_and_eval(capsys):
 HUGE = "1" + "0" * 30
 #: option -> values that are in its range (all others of BAD_NUMBERS must be refused)
 NUMBER_OPTIONS = {
-    "--steps": (), "--batch-size": (), "--window": (), "--lr": (), "--min-lr-ratio": ("0", "1e-300"),
-    "--weight-decay": ("0", "1e-300"), "--warmup": ("0",), "--grad-accum": (), "--grad-clip": (),
-    "--eval-every": ("0",), "--eval-windows": (), "--checkpoint-every": (), "--seed": ("0",),
-    "--threads": (), "--d-model": (), "--n-layer": (), "--d-state": (), "--d-conv": (), "--expand": (),
-    "--headdim": (), "--chunk-size": (), "--eval-fraction": ("1e-300",), "--keep-checkpoints": (),
+    "--steps": (),
+    "--batch-size": (),
+    "--window": (),
+    "--lr": (),
+    "--min-lr-ratio": ("0", "1e-300"),
+    "--weight-decay": ("0", "1e-300"),
+    "--warmup": ("0",),
+    "--grad-accum": (),
+    "--grad-clip": (),
+    "--eval-every": ("0",),
+    "--eval-windows": (),
+    "--checkpoint-every": (),
+    "--seed": ("0",),
+    "--threads": (),
+    "--d-model": (),
+    "--n-layer": (),
+    "--d-state": (),
+    "--d-conv": (),
+    "--expand": (),
+    "--headdim": (),
+    "--chunk-size": (),
+    "--eval-fraction": ("1e-300",),
+    "--keep-checkpoints": (),
 }
 BAD_NUMBERS = ("-5", "0", "nan", "inf", "-inf", "1e-300", HUGE, "abc", "", "2.5e400")
 
@@ -387,21 +558,41 @@ def test_every_numeric_train_option_refuses_bad_values_naming_it(tmp_path, capsy
 @pytest.mark.parametrize("option", ["--window", "--threads"])
 def test_eval_numeric_options_refuse_bad_values(tmp_path, capsys, option):
     for value in BAD_NUMBERS:
-        code, _, err = in_process(capsys, "eval", "--model", tmp_path / "m.safetensors", tmp_path / "c.txt",
-                                  f"{option}={value}")
+        code, _, err = in_process(
+            capsys, "eval", "--model", tmp_path / "m.safetensors", tmp_path / "c.txt", f"{option}={value}"
+        )
         assert code == 2 and len(err.strip().splitlines()) == 1 and f"argument {option}: must be" in err, err
 
 
-TOML_BAD = [("steps", "-5", "--steps"), ("steps", "1e3", "--steps"), ("steps", "nan", "--steps"),
-            ("lr", "nan", "--lr"), ("lr", "inf", "--lr"), ("lr", "1e-300", "--lr"), ("lr", '"abc"', "--lr"),
-            ("lr", "true", "--lr"), ("batch_size", "0", "--batch-size"), ("window", HUGE[:19], "--window"),
-            ("min-lr-ratio", "2.0", "--min-lr-ratio"), ("weight-decay", "-1", "--weight-decay"),
-            ("grad-clip", "0", "--grad-clip"), ("seed", "-1", "--seed"), ("threads", "0", "--threads"),
-            ("threads", "100000", "--threads"), ("d-model", "0", "--d-model"), ("n-layer", "[1, 2]", "--n-layer"),
-            ("keep-checkpoints", "0", "--keep-checkpoints"), ("keep-checkpoints", '"some"', "--keep-checkpoints"),
-            ("eval-fraction", "1.0", "--eval-fraction"), ("checkpoint-every", "0", "--checkpoint-every"),
-            ("bf16", '"yes"', "--bf16"), ("resume", '"no"', "--resume"), ("eval", "5", "--eval"),
-            ("device", "[1]", "--device"), ("quiet", "1", "--quiet")]
+TOML_BAD = [
+    ("steps", "-5", "--steps"),
+    ("steps", "1e3", "--steps"),
+    ("steps", "nan", "--steps"),
+    ("lr", "nan", "--lr"),
+    ("lr", "inf", "--lr"),
+    ("lr", "1e-300", "--lr"),
+    ("lr", '"abc"', "--lr"),
+    ("lr", "true", "--lr"),
+    ("batch_size", "0", "--batch-size"),
+    ("window", HUGE[:19], "--window"),
+    ("min-lr-ratio", "2.0", "--min-lr-ratio"),
+    ("weight-decay", "-1", "--weight-decay"),
+    ("grad-clip", "0", "--grad-clip"),
+    ("seed", "-1", "--seed"),
+    ("threads", "0", "--threads"),
+    ("threads", "100000", "--threads"),
+    ("d-model", "0", "--d-model"),
+    ("n-layer", "[1, 2]", "--n-layer"),
+    ("keep-checkpoints", "0", "--keep-checkpoints"),
+    ("keep-checkpoints", '"some"', "--keep-checkpoints"),
+    ("eval-fraction", "1.0", "--eval-fraction"),
+    ("checkpoint-every", "0", "--checkpoint-every"),
+    ("bf16", '"yes"', "--bf16"),
+    ("resume", '"no"', "--resume"),
+    ("eval", "5", "--eval"),
+    ("device", "[1]", "--device"),
+    ("quiet", "1", "--quiet"),
+]
 
 
 @pytest.mark.parametrize("key, value, flag", TOML_BAD)
@@ -419,8 +610,21 @@ def test_bad_values_in_a_config_file_exit_2_naming_the_setting(tmp_path, capsys,
 # ------------------------------------------------------------------------------------------------------
 # resume before the first checkpoint, keep-last-N checkpoints, run.json checksum
 
-SMALL = ["--d-model", "16", "--n-layer", "1", "--d-state", "4", "--batch-size", "2", "--window", "32",
-         "--threads", "1", "--quiet"]
+SMALL = [
+    "--d-model",
+    "16",
+    "--n-layer",
+    "1",
+    "--d-state",
+    "4",
+    "--batch-size",
+    "2",
+    "--window",
+    "32",
+    "--threads",
+    "1",
+    "--quiet",
+]
 
 
 def test_resume_after_ctrl_c_before_the_first_checkpoint_restarts_the_recorded_run(tmp_path, capsys, monkeypatch):
@@ -434,8 +638,22 @@ def test_resume_after_ctrl_c_before_the_first_checkpoint_restarts_the_recorded_r
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Trainer, "_train_step", interrupted)
-    code, _, err = in_process(capsys, "train", "c.txt", "--adapter", "bytes", "--out", "r", "--steps", 4,
-                              "--checkpoint-every", 2, "--lr", "0.004", *SMALL)
+    code, _, err = in_process(
+        capsys,
+        "train",
+        "c.txt",
+        "--adapter",
+        "bytes",
+        "--out",
+        "r",
+        "--steps",
+        4,
+        "--checkpoint-every",
+        2,
+        "--lr",
+        "0.004",
+        *SMALL,
+    )
     assert code == 130 and (tmp_path / "r" / "run.json").is_file() and not (tmp_path / "r" / "latest").exists()
     monkeypatch.setattr(Trainer, "_train_step", real_step)
     code, out, err = in_process(capsys, "train", "--out", "r", "--resume", "--json", "--threads", "1")
@@ -447,8 +665,22 @@ def test_resume_after_ctrl_c_before_the_first_checkpoint_restarts_the_recorded_r
     assert recorded["train"]["lr"] == 0.004 and recorded["model"]["d_model"] == 16  # the recorded settings
     assert recorded["data"]["files"] == [str(tmp_path / "c.txt")]
     # the same run straight through gives the same model
-    code, out, err = in_process(capsys, "train", "c.txt", "--adapter", "bytes", "--out", "s", "--steps", 4,
-                                "--checkpoint-every", 2, "--lr", "0.004", *SMALL)
+    code, out, err = in_process(
+        capsys,
+        "train",
+        "c.txt",
+        "--adapter",
+        "bytes",
+        "--out",
+        "s",
+        "--steps",
+        4,
+        "--checkpoint-every",
+        2,
+        "--lr",
+        "0.004",
+        *SMALL,
+    )
     assert code == 0, err
     assert (tmp_path / "s" / "model.safetensors").read_bytes() == (tmp_path / "r" / "model.safetensors").read_bytes()
 
@@ -456,29 +688,58 @@ def test_resume_after_ctrl_c_before_the_first_checkpoint_restarts_the_recorded_r
 def test_keep_checkpoints_prunes_old_step_folders(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "c.txt").write_text(corpus_text()[:5000])
-    code, _, err = in_process(capsys, "train", "c.txt", "--adapter", "bytes", "--out", "r", "--steps", 8,
-                              "--checkpoint-every", 1, *SMALL)
+    code, _, err = in_process(
+        capsys, "train", "c.txt", "--adapter", "bytes", "--out", "r", "--steps", 8, "--checkpoint-every", 1, *SMALL
+    )
     assert code == 0, err
     steps = sorted(p.name for p in (tmp_path / "r").iterdir() if p.name.startswith("step-"))
     assert steps == ["step-00000006", "step-00000007", "step-00000008"]  # the default keeps 3
-    code, _, err = in_process(capsys, "train", "--out", "r", "--resume", "--steps", 10, "--keep-checkpoints", "all",
-                              "--threads", "1", "--quiet")
+    code, _, err = in_process(
+        capsys,
+        "train",
+        "--out",
+        "r",
+        "--resume",
+        "--steps",
+        10,
+        "--keep-checkpoints",
+        "all",
+        "--threads",
+        "1",
+        "--quiet",
+    )
     assert code == 0, err
     steps = sorted(p.name for p in (tmp_path / "r").iterdir() if p.name.startswith("step-"))
     assert steps == ["step-00000006", "step-00000007", "step-00000008", "step-00000009", "step-00000010"]
     assert json.loads((tmp_path / "r" / "run.json").read_text())["train"]["keep_checkpoints"] is None
-    code, _, err = in_process(capsys, "train", "--out", "r", "--resume", "--steps", 11, "--keep-checkpoints", 1,
-                              "--threads", "1", "--quiet")
+    code, _, err = in_process(
+        capsys, "train", "--out", "r", "--resume", "--steps", 11, "--keep-checkpoints", 1, "--threads", "1", "--quiet"
+    )
     assert code == 0, err
-    assert sorted(p.name for p in (tmp_path / "r").iterdir() if p.name.startswith(("step-", ".step"))) == \
-        ["step-00000011"]
+    assert sorted(p.name for p in (tmp_path / "r").iterdir() if p.name.startswith(("step-", ".step"))) == [
+        "step-00000011"
+    ]
 
 
 def test_an_edited_run_json_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "c.txt").write_text(corpus_text()[:5000])
-    code, _, err = in_process(capsys, "train", "c.txt", "--adapter", "bytes", "--out", "r", "--steps", 2,
-                              "--checkpoint-every", 2, "--lr", "0.004", *SMALL)
+    code, _, err = in_process(
+        capsys,
+        "train",
+        "c.txt",
+        "--adapter",
+        "bytes",
+        "--out",
+        "r",
+        "--steps",
+        2,
+        "--checkpoint-every",
+        2,
+        "--lr",
+        "0.004",
+        *SMALL,
+    )
     assert code == 0, err
     path = tmp_path / "r" / "run.json"
     good = path.read_bytes()
@@ -498,13 +759,35 @@ def small_run(tmp_path_factory):
     (root / "c.txt").write_text(corpus_text()[:5000])
     from seqlab.cli import main
 
-    assert main(["train", str(root / "c.txt"), "--adapter", "bytes", "--out", str(root / "r"), "--steps", "2",
-                 "--checkpoint-every", "2", *SMALL]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(root / "c.txt"),
+                "--adapter",
+                "bytes",
+                "--out",
+                str(root / "r"),
+                "--steps",
+                "2",
+                "--checkpoint-every",
+                "2",
+                *SMALL,
+            ]
+        )
+        == 0
+    )
     return root
 
 
-RUN_FILES = ["model.safetensors", "step-00000002/model.safetensors", "step-00000002/trainer.safetensors",
-             "step-00000002/state-0.safetensors", "latest", "run.json"]
+RUN_FILES = [
+    "model.safetensors",
+    "step-00000002/model.safetensors",
+    "step-00000002/trainer.safetensors",
+    "step-00000002/state-0.safetensors",
+    "latest",
+    "run.json",
+]
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
@@ -520,8 +803,9 @@ def test_a_bit_flip_in_any_file_of_a_run_is_one_line_naming_it(small_run, capsys
             target = small_run / "r" / ("model.safetensors" if name == "model.safetensors" else "")
             code, _, err = in_process(capsys, "eval", "--model", target, small_run / "c.txt", "--quiet")
         else:
-            code, _, err = in_process(capsys, "train", "--out", small_run / "r", "--resume", "--steps", 3,
-                                      "--threads", 1, "--quiet")
+            code, _, err = in_process(
+                capsys, "train", "--out", small_run / "r", "--resume", "--steps", 3, "--threads", 1, "--quiet"
+            )
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and path.name in lines[0] and "Traceback" not in err, err
     finally:
@@ -533,8 +817,9 @@ def test_a_damaged_sequence_in_the_store_is_one_warning_line_and_training_uses_t
     (tmp_path / "a.txt").write_text(text[:20000])
     (tmp_path / "b.txt").write_text(text[20000:40000])
     store = tmp_path / "s.zarr"
-    code, _, err = in_process(capsys, "ingest", store, tmp_path / "a.txt", tmp_path / "b.txt", "--adapter", "bytes",
-                              "--quiet")
+    code, _, err = in_process(
+        capsys, "ingest", store, tmp_path / "a.txt", tmp_path / "b.txt", "--adapter", "bytes", "--quiet"
+    )
     assert code == 0, err
     (store / "b" / "zarr.json").write_bytes(b"")
     code, _, err = in_process(capsys, "train", "--store", store, "--out", tmp_path / "run", "--steps", 2, *TINY)

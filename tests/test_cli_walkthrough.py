@@ -28,24 +28,34 @@ def test_cli_walkthrough_runs_as_written(tmp_path):
         pytest.skip(f"no seqlab command beside {sys.executable} (install the project: make install)")
     blocks = bash_blocks(ROOT / "docs" / "cli.md")
     assert len(blocks) >= 5
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1",
-           "RAY_DEDUP_LOGS": "0"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "OMP_NUM_THREADS": "1",
+        "RAY_DEDUP_LOGS": "0",
+    }
     outputs = []
     for i, block in enumerate(blocks):
-        result = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env,
-                                capture_output=True, text=True, timeout=600)
+        result = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", block],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert result.returncode == 0, f"block {i + 1}:\n{block}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
         outputs.append(result.stdout)
 
     # what the walkthrough promises
     assert re.search(r"^corpus\t60\d\d\d\ttokens\tuint8\tbytes\tcomplete$", outputs[0], re.M), outputs[0]
     run = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert run["summary"]["steps"] == 80                                          # train, then --resume to 80
+    assert run["summary"]["steps"] == 80  # train, then --resume to 80
     assert (tmp_path / "run" / "model.safetensors").is_file()
     eval_line = next(line for line in outputs[2].splitlines() if line.startswith("held_out"))
     bits = float(re.search(r"(\d+\.\d+)", eval_line.split("\t", 1)[1]).group(1))
-    assert 0 < bits < 8.0, eval_line                                              # below the uniform baseline
-    assert (tmp_path / "scores.zarr").is_dir() and "corpus" in outputs[3]       # score job output
-    info = json.loads(outputs[4][outputs[4].index("{\n") if "{\n" in outputs[4] else outputs[4].rindex("{"):])
-    assert info["events"] == 1                      # one observed event; `ask` works on a copy of the state
+    assert 0 < bits < 8.0, eval_line  # below the uniform baseline
+    assert (tmp_path / "scores.zarr").is_dir() and "corpus" in outputs[3]  # score job output
+    info = json.loads(outputs[4][outputs[4].index("{\n") if "{\n" in outputs[4] else outputs[4].rindex("{") :])
+    assert info["events"] == 1  # one observed event; `ask` works on a copy of the state
     assert "tok/s" in outputs[5]

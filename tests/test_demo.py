@@ -23,8 +23,15 @@ pytest.importorskip("PIL")
 
 def seqlab(*args, cwd, timeout=600):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # seqlab as installed: the checkout is never put on sys.path
-    return subprocess.run([sys.executable, "-m", "seqlab.cli", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=env, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "seqlab.cli", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +86,18 @@ def test_every_promised_file_exists_and_is_valid(demo):
     from PIL import Image
 
     out = demo.out
-    for name in ("store.zarr", "scores.zarr", "model.safetensors", "memory-model.safetensors", "bpb.png",
-                 "summary.json", "train-log.jsonl", "checkpoint/latest", "memory.session/session.json", ".seqlab-demo"):
+    for name in (
+        "store.zarr",
+        "scores.zarr",
+        "model.safetensors",
+        "memory-model.safetensors",
+        "bpb.png",
+        "summary.json",
+        "train-log.jsonl",
+        "checkpoint/latest",
+        "memory.session/session.json",
+        ".seqlab-demo",
+    ):
         assert (out / name).exists(), name
     for key, path in demo.summary["paths"].items():  # as given on the command line: relative to its cwd
         assert (demo.cwd / path).exists(), (key, path)
@@ -106,11 +123,13 @@ def test_the_store_holds_the_real_corpus_and_a_1mib_sequence(demo):
     assert train + heldout == docs and len(heldout) == demo.summary["ingest"]["sequences"]["heldout"]
     long = store.read("long", raw=True).tobytes()
     assert len(long) == LONG_BYTES >= 1_000_000
-    assert long[:len(docs)] == docs  # the docs text, then the stdlib's own sources
+    assert long[: len(docs)] == docs  # the docs text, then the stdlib's own sources
     first_source = stdlib_sources()[0].read_bytes()
-    assert long[len(docs):len(docs) + 200] == first_source[:200]
-    assert all(store.describe(n).complete and store.describe(n).adapter["name"] == "bytes"
-               for n in ("train", "heldout", "long"))
+    assert long[len(docs) : len(docs) + 200] == first_source[:200]
+    assert all(
+        store.describe(n).complete and store.describe(n).adapter["name"] == "bytes"
+        for n in ("train", "heldout", "long")
+    )
     # the memory stream: the events file written by the run, encoded by the memory adapter
     from seqlab.domains.memory import MemoryStreamAdapter
 
@@ -133,15 +152,15 @@ def test_scores_hold_one_value_per_position_and_the_printed_mean(demo):
     assert np.isfinite(bits).all() and (bits >= 0).all()
     assert abs(bits.mean() - s["mean_bpb"]) < 1e-6
     for region in s["regions"]:
-        assert abs(bits[max(region["start"] - 1, 0):region["stop"] - 1].mean() - region["mean_bpb"]) < 1e-6
+        assert abs(bits[max(region["start"] - 1, 0) : region["stop"] - 1].mean() - region["mean_bpb"]) < 1e-6
     assert [r["what"] for r in s["regions"]] == ["trained-on text", "held-out text", "stdlib .py code (unseen)"]
     assert s["mode"] == "segments" and s["segments"] == 8 and s["workers"] == 2
 
 
 def test_summary_numbers_are_finite_and_the_model_file_reproduces_them(demo, one_thread):
-    from seqlab.pipelines import stream_bits
     from seqlab.domains import model_from_checkpoint
     from seqlab.domains.bytes import ByteAdapter
+    from seqlab.pipelines import stream_bits
     from seqlab.pipelines.store import SequenceStore
 
     numbers = list(_numbers(demo.summary))
@@ -152,8 +171,14 @@ def test_summary_numbers_are_finite_and_the_model_file_reproduces_them(demo, one
     bits, count = stream_bits(model, SequenceStore(demo.out / "store.zarr", "r"), "heldout")
     assert count == t["heldout_predictions"] and abs(bits / count - t["heldout_bpb"]) < 1e-6
     g = demo.summary["generate"]
-    again = model.generate(ByteAdapter().encode(g["prompt"]), g["new_bytes"], do_sample=True,
-                           temperature=g["temperature"], top_k=g["top_k"], seed=g["seed"])
+    again = model.generate(
+        ByteAdapter().encode(g["prompt"]),
+        g["new_bytes"],
+        do_sample=True,
+        temperature=g["temperature"],
+        top_k=g["top_k"],
+        seed=g["seed"],
+    )
     assert bytes(again.tokens[0]).decode("utf-8", errors="replace") == g["continuation"]
 
 
@@ -191,7 +216,7 @@ def test_text_and_big_options_use_the_users_files(tmp_path):
     long = store.read("long", raw=True).tobytes()
     assert len(long) == LONG_BYTES and long.startswith(corpus)
     assert report["corpus"] == f"{text}, {more}" and "stdlib" in report["long_source"]
-    assert inputs.prompt and corpus[-report["sequences"]["heldout"]:].decode().strip().startswith(inputs.prompt)
+    assert inputs.prompt and corpus[-report["sequences"]["heldout"] :].decode().strip().startswith(inputs.prompt)
 
     big = tmp_path / "big.bin"
     big.write_bytes(bytes(range(256)) * 64)
@@ -222,14 +247,17 @@ def test_a_missing_text_file_exits_2_with_one_line_in_a_subprocess(tmp_path):
     assert proc.stdout == "" and not (tmp_path / "fresh").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--big", "absent.bin"), "--big absent.bin: no such file"),
-    (("--text", "tiny.txt"), "the demo needs at least"),
-    (("--steps", "0"), "argument --steps: must be an integer in [1, 16777216], got '0'"),
-    (("--workers", "0"), "argument --workers: must be an integer in [1, 256], got '0'"),
-    (("--out", "users-folder"), "is not a seqlab demo folder"),
-    (("--out", "users-folder/thesis.tex"), "exists and is not a folder"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--big", "absent.bin"), "--big absent.bin: no such file"),
+        (("--text", "tiny.txt"), "the demo needs at least"),
+        (("--steps", "0"), "argument --steps: must be an integer in [1, 16777216], got '0'"),
+        (("--workers", "0"), "argument --workers: must be an integer in [1, 256], got '0'"),
+        (("--out", "users-folder"), "is not a seqlab demo folder"),
+        (("--out", "users-folder/thesis.tex"), "exists and is not a folder"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, args, message):
     from seqlab.cli import main
 

@@ -22,7 +22,8 @@ CASES = {
 def test_example_runs(script, tmp_path):
     args, expect = CASES[script]
     args = [a.format(out=tmp_path / "out") for a in args]
-    proc = subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert expect in proc.stdout, proc.stdout[-2000:]

@@ -123,9 +123,11 @@ def _command_index(argv: list[str]) -> int | None:
 
 def _ours(filename: str) -> bool:
     """Whether a warning was issued from seqlab's own code (its four packages, wherever they are installed)."""
-    roots = [os.path.dirname(module.__file__) + os.sep
-             for module in map(sys.modules.get, ("seqlab", "seqlab.domains", "seqlab.pipelines", "seqlab.kernels"))
-             if module is not None and getattr(module, "__file__", None)]
+    roots = [
+        os.path.dirname(path) + os.sep
+        for module in map(sys.modules.get, ("seqlab", "seqlab.domains", "seqlab.pipelines", "seqlab.kernels"))
+        if module is not None and (path := getattr(module, "__file__", None))
+    ]
     return any(os.path.abspath(filename).startswith(root) for root in roots)
 
 
@@ -152,10 +154,7 @@ def _main(argv: list[str]) -> int:
     at = _command_index(argv)
     debug = "--debug" in argv[:at]
     # import only the module of the command asked for (all of them for a bare --help, none for --version)
-    if at is not None:
-        wanted = [argv[at]]
-    else:
-        wanted = [] if "--version" in argv else None
+    wanted: list[str] | None = [argv[at]] if at is not None else [] if "--version" in argv else None
     command = f" {wanted[0]}" if wanted else ""
     try:
         parser, parsers = build_parser(wanted)

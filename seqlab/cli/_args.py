@@ -104,8 +104,9 @@ def resource(text: str) -> float:
             return 0.0
         return _per_actor(text)
     except (argparse.ArgumentTypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"must be 0 or a number in [0.0001, 1024] (Ray's resource unit is "
-                                         f"0.0001), got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"must be 0 or a number in [0.0001, 1024] (Ray's resource unit is 0.0001), got {text!r}"
+        ) from None
 
 
 resource.__name__ = "number"
@@ -136,15 +137,32 @@ snapshot_number = count(0, 99_999_999, "a snapshot number")
 MAX_CONCURRENCY = 1024
 
 #: model size flag -> its type (seqlab train and seqlab bench); BackboneConfig checks the same ranges
-MODEL_TYPES = {"d_model": count(1, 1 << 16), "n_layer": count(1, 1024), "d_state": count(1, 1 << 12),
-               "d_conv": count(1, 64), "expand": count(1, 64), "headdim": count(1, 1 << 12),
-               "chunk_size": count(1, 1 << 16)}
+MODEL_TYPES = {
+    "d_model": count(1, 1 << 16),
+    "n_layer": count(1, 1024),
+    "d_state": count(1, 1 << 12),
+    "d_conv": count(1, 64),
+    "expand": count(1, 64),
+    "headdim": count(1, 1 << 12),
+    "chunk_size": count(1, 1 << 16),
+}
 #: training flag -> its type; TrainConfig checks the same ranges for values from --config or a recorded run
-TRAIN_TYPES = {"steps": count(1), "batch_size": count(1), "window": count(1), "lr": number(1e-12, 100),
-               "min_lr_ratio": number(0, 1), "weight_decay": number(0, 100), "warmup": count(0),
-               "grad_accum": count(1), "grad_clip": number(1e-12, 1e12), "eval_every": count(0),
-               "eval_windows": count(1), "checkpoint_every": count(1), "seed": seed,
-               "keep_checkpoints": keep_checkpoints}
+TRAIN_TYPES = {
+    "steps": count(1),
+    "batch_size": count(1),
+    "window": count(1),
+    "lr": number(1e-12, 100),
+    "min_lr_ratio": number(0, 1),
+    "weight_decay": number(0, 100),
+    "warmup": count(0),
+    "grad_accum": count(1),
+    "grad_clip": number(1e-12, 1e12),
+    "eval_every": count(0),
+    "eval_windows": count(1),
+    "checkpoint_every": count(1),
+    "seed": seed,
+    "keep_checkpoints": keep_checkpoints,
+}
 
 
 def flag(dest: str) -> str:
@@ -166,7 +184,7 @@ def add_sequences(p, text: str = "stored sequences to use (default: all complete
 
 def add_adapter(p, text: str = "adapter name: bytes, dna, audio, video, memory") -> None:
     p.add_argument("--adapter", help=text)
-    p.add_argument("--adapter-settings", metavar="JSON", help='adapter settings, e.g. \'{"sample_rate": 16000}\'')
+    p.add_argument("--adapter-settings", metavar="JSON", help="adapter settings, e.g. '{\"sample_rate\": 16000}'")
 
 
 def add_window(p, default, text: str) -> None:
@@ -193,66 +211,143 @@ def add_json(p, text: str = "print the result as one JSON object") -> None:
     p.add_argument("--json", action="store_true", help=text)
 
 
-def add_sampling(p, max_tokens_default: int, max_tokens_text: str, seed_default: int | None = None,
-                 seed_text: str = "seed of the sampling (default: fresh randomness)", vocab: int = BIG) -> None:
+def add_sampling(
+    p,
+    max_tokens_default: int,
+    max_tokens_text: str,
+    seed_default: int | None = None,
+    seed_text: str = "seed of the sampling (default: fresh randomness)",
+    vocab: int = BIG,
+) -> None:
     """--max-new-tokens, --do-sample, --temperature, --top-k, --top-p, --seed, --allow-specials (Hugging Face's
     names: greedy unless --do-sample). ``vocab``: the largest --top-k (a fixed vocabulary, e.g. 256 bytes)."""
     p.add_argument("--max-new-tokens", type=max_new_tokens, default=max_tokens_default, help=max_tokens_text)
-    p.add_argument("--do-sample", action="store_true",
-                   help="sample with --temperature, --top-k, --top-p (default: greedy, the likeliest token)")
-    p.add_argument("--temperature", type=temperature, default=1.0,
-                   help="with --do-sample: 0 = greedy, or 0.001 to 100 (default 1.0)")
-    p.add_argument("--top-k", type=count(1, vocab), default=None,
-                   help="with --do-sample: sample from the k likeliest tokens (default all)")
-    p.add_argument("--top-p", type=top_p, default=None, help="with --do-sample: sample from the smallest set of "
-                   "tokens whose probability reaches p, in [0.001, 1] (default 1)")
+    p.add_argument(
+        "--do-sample",
+        action="store_true",
+        help="sample with --temperature, --top-k, --top-p (default: greedy, the likeliest token)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=temperature,
+        default=1.0,
+        help="with --do-sample: 0 = greedy, or 0.001 to 100 (default 1.0)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=count(1, vocab),
+        default=None,
+        help="with --do-sample: sample from the k likeliest tokens (default all)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=top_p,
+        default=None,
+        help="with --do-sample: sample from the smallest set of "
+        "tokens whose probability reaches p, in [0.001, 1] (default 1)",
+    )
     add_seed(p, seed_default, seed_text)
-    p.add_argument("--allow-specials", action="store_true",
-                   help="let the model generate the adapter's special tokens too (by default they are never "
-                   "generated, so the output always decodes; the end token stops a continuation either way)")
+    p.add_argument(
+        "--allow-specials",
+        action="store_true",
+        help="let the model generate the adapter's special tokens too (by default they are never "
+        "generated, so the output always decodes; the end token stops a continuation either way)",
+    )
 
 
 #: every dest a command uses -> its one meaning (a new flag is added here; a dest is never reused for another idea)
 VOCABULARY = {
     # the front door
-    "help": "show the help", "version": "print the version", "debug": "tracebacks instead of one-line errors",
-    "config": "a TOML settings file", "command": "the command", "memory_command": "the memory action",
+    "help": "show the help",
+    "version": "print the version",
+    "debug": "tracebacks instead of one-line errors",
+    "config": "a TOML settings file",
+    "command": "the command",
+    "memory_command": "the memory action",
     # data and files
-    "store": "a sequence store (Zarr v3) to read", "out": "the output folder or store a command writes",
-    "files": "input files", "sequences": "stored sequences to use", "sequence_names": "names of the sequences ingest "
-    "writes, one per file", "adapter": "the domain adapter's name", "adapter_settings": "the adapter's settings "
-    "(JSON)", "model": "a model file or checkpoint folder", "session": "an agent memory session folder",
-    "overwrite": "replace what the output already holds", "window": "elements per window",
-    "chunk_mb": "target chunk size (MB)", "whole_file": "one sequence per file", "no_checksum": "identify sources "
-    "by size and mtime", "events": "JSON Lines event files",
+    "store": "a sequence store (Zarr v3) to read",
+    "out": "the output folder or store a command writes",
+    "files": "input files",
+    "sequences": "stored sequences to use",
+    "sequence_names": "names of the sequences ingest writes, one per file",
+    "adapter": "the domain adapter's name",
+    "adapter_settings": "the adapter's settings (JSON)",
+    "model": "a model file or checkpoint folder",
+    "session": "an agent memory session folder",
+    "overwrite": "replace what the output already holds",
+    "window": "elements per window",
+    "chunk_mb": "target chunk size (MB)",
+    "whole_file": "one sequence per file",
+    "no_checksum": "identify sources by size and mtime",
+    "events": "JSON Lines event files",
     # running
-    "device": "torch device", "threads": "torch CPU threads", "seed": "random seed", "quiet": "no progress output",
-    "json": "print JSON", "timeout": "seconds to wait for another writer",
+    "device": "torch device",
+    "threads": "torch CPU threads",
+    "seed": "random seed",
+    "quiet": "no progress output",
+    "json": "print JSON",
+    "timeout": "seconds to wait for another writer",
     # Ray jobs
-    "mode": "exact or segments", "segment_length": "elements per segment", "burn_in": "warm-up elements before a "
-    "segment", "deviation_sample": "segment boundaries measured against exact", "concurrency": "actors in the pool",
-    "num_cpus": "CPUs per actor", "num_gpus": "GPUs per actor", "address": "a Ray cluster address",
+    "mode": "exact or segments",
+    "segment_length": "elements per segment",
+    "burn_in": "warm-up elements before a segment",
+    "deviation_sample": "segment boundaries measured against exact",
+    "concurrency": "actors in the pool",
+    "num_cpus": "CPUs per actor",
+    "num_gpus": "GPUs per actor",
+    "address": "a Ray cluster address",
     # generation
-    "prompt": "prompt text", "prompt_file": "files whose bytes are prompts", "prompt_length": "the last N elements "
-    "are the prompt", "max_new_tokens": "the most tokens generated", "do_sample": "sample instead of greedy",
-    "temperature": "sampling temperature", "top_k": "sample from the k likeliest", "top_p": "nucleus sampling",
+    "prompt": "prompt text",
+    "prompt_file": "files whose bytes are prompts",
+    "prompt_length": "the last N elements are the prompt",
+    "max_new_tokens": "the most tokens generated",
+    "do_sample": "sample instead of greedy",
+    "temperature": "sampling temperature",
+    "top_k": "sample from the k likeliest",
+    "top_p": "nucleus sampling",
     "allow_specials": "the adapter's special tokens may be generated",
     # memory sessions
-    "create": "create the session", "role": "role of the event this command writes", "prompt_role": "role of "
-    "the prompt event", "content": "content of one event", "time": "time of the events (Unix seconds)",
-    "no_save": "no snapshot", "snapshot": "a snapshot number", "keep": "snapshots to keep",
+    "create": "create the session",
+    "role": "role of the event this command writes",
+    "prompt_role": "role of the prompt event",
+    "content": "content of one event",
+    "time": "time of the events (Unix seconds)",
+    "no_save": "no snapshot",
+    "snapshot": "a snapshot number",
+    "keep": "snapshots to keep",
     # models and training
-    "ssm": "the mixer kind", "d_model": "model width", "n_layer": "layers", "d_state": "SSM state size",
-    "d_conv": "causal conv width", "expand": "inner width / d_model", "headdim": "Mamba-2 head size",
-    "chunk_size": "Mamba-2 SSD chunk", "steps": "optimizer steps", "batch_size": "sequences or streams per batch",
-    "lr": "peak learning rate", "min_lr_ratio": "final lr / lr", "weight_decay": "AdamW weight decay",
-    "warmup": "warmup steps", "grad_accum": "micro-batches per step", "grad_clip": "gradient norm clip",
-    "eval_every": "steps between evaluations", "eval_windows": "held-out windows per evaluation",
-    "checkpoint_every": "steps between checkpoints", "keep_checkpoints": "step folders kept", "bf16": "bfloat16 "
-    "autocast", "carry_state": "carry the state across windows", "eval": "held-out files", "eval_fraction":
-    "fraction held out", "eval_sequences": "stored sequences held out", "resume": "continue the run in --out",
+    "ssm": "the mixer kind",
+    "d_model": "model width",
+    "n_layer": "layers",
+    "d_state": "SSM state size",
+    "d_conv": "causal conv width",
+    "expand": "inner width / d_model",
+    "headdim": "Mamba-2 head size",
+    "chunk_size": "Mamba-2 SSD chunk",
+    "steps": "optimizer steps",
+    "batch_size": "sequences or streams per batch",
+    "lr": "peak learning rate",
+    "min_lr_ratio": "final lr / lr",
+    "weight_decay": "AdamW weight decay",
+    "warmup": "warmup steps",
+    "grad_accum": "micro-batches per step",
+    "grad_clip": "gradient norm clip",
+    "eval_every": "steps between evaluations",
+    "eval_windows": "held-out windows per evaluation",
+    "checkpoint_every": "steps between checkpoints",
+    "keep_checkpoints": "step folders kept",
+    "bf16": "bfloat16 autocast",
+    "carry_state": "carry the state across windows",
+    "eval": "held-out files",
+    "eval_fraction": "fraction held out",
+    "eval_sequences": "stored sequences held out",
+    "resume": "continue the run in --out",
     # bench and demo
-    "length": "tokens per sequence", "repeats": "timed repeats", "no_ref": "skip the float64 reference",
-    "quick": "a small, fast budget", "text": "text files to train on", "big": "the long sequence to score",
+    "length": "tokens per sequence",
+    "repeats": "timed repeats",
+    "no_ref": "skip the float64 reference",
+    "quick": "a small, fast budget",
+    "text": "text files to train on",
+    "big": "the long sequence to score",
     "workers": "Ray workers",
 }

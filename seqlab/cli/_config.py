@@ -23,7 +23,7 @@ def _load_toml(path: str) -> dict:
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
+        import tomli as tomllib
     try:
         with open(path, "rb") as fh:
             text = fh.read(MAX_CONFIG_BYTES + 1)  # not /dev/zero until memory runs out
@@ -54,8 +54,13 @@ def _type_name(action: argparse.Action) -> str:
     return "scalar"
 
 
-_TOML_KIND = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
-              "scalar": "a string or a number"}
+_TOML_KIND = {
+    "bool": "true or false",
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "scalar": "a string or a number",
+}
 _TOML_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "scalar": (str, int, float)}
 
 
@@ -71,8 +76,9 @@ def _toml_value(action: argparse.Action, value, where: str):
         raise ConfigError(f"{where} must be {_TOML_KIND[kind]}, got {type(value).__name__} {value!r}")
     if action.type is not None and callable(action.type):
         try:
-            value = action.type(value if isinstance(value, str) else repr(value) if isinstance(value, float)
-                                else str(value))
+            value = action.type(
+                value if isinstance(value, str) else repr(value) if isinstance(value, float) else str(value)
+            )
         except (argparse.ArgumentTypeError, TypeError, ValueError) as exc:
             reason = str(exc) if isinstance(exc, argparse.ArgumentTypeError) else f"invalid value {value!r}"
             raise ConfigError(f"{where}: {reason}") from None
@@ -91,16 +97,23 @@ def _config_defaults(parser: argparse.ArgumentParser, table: dict, path: str, co
         if isinstance(value, dict) and dest not in known:
             continue  # another command's or an action's table (checked by _apply_config)
         if dest not in known:
-            raise SeqlabError(f"--config {path}: unknown setting {key!r} for 'seqlab {command}' "
-                              f"(known: {', '.join(sorted(known))})")
+            raise SeqlabError(
+                f"--config {path}: unknown setting {key!r} for 'seqlab {command}' (known: {', '.join(sorted(known))})"
+            )
         action = known[dest]
         if isinstance(action, argparse._SubParsersAction):
-            raise ConfigError(f"--config {path}: setting {key!r} of 'seqlab {command}' names an action: give it "
-                              f"on the command line ({', '.join(action.choices)})")
+            raise ConfigError(
+                f"--config {path}: setting {key!r} of 'seqlab {command}' names an action: give it "
+                f"on the command line ({', '.join(action.choices)})"
+            )
         flag = action.option_strings[-1] if action.option_strings else action.dest.upper()
         where = f"--config {path}: setting {key!r} of 'seqlab {command}' ({flag})"
-        many = action.nargs in ("+", "*") or isinstance(action.nargs, int) and action.nargs > 1 or \
-            isinstance(action, argparse._AppendAction)
+        many = (
+            action.nargs in ("+", "*")
+            or isinstance(action.nargs, int)
+            and action.nargs > 1
+            or isinstance(action, argparse._AppendAction)
+        )
         if many:
             values = value if isinstance(value, list) else [value]
             if action.nargs == "+" and not values:
@@ -117,15 +130,16 @@ def _action(parser: argparse.ArgumentParser, argv: list[str], command: str):
     """(name, parser) of the action chosen after ``command`` (``seqlab memory observe``), or (None, None)."""
     for act in parser._actions:
         if isinstance(act, argparse._SubParsersAction):
-            rest = argv[argv.index(command) + 1:]
+            rest = argv[argv.index(command) + 1 :]
             for arg in rest:
                 if arg in act.choices:
                     return arg, act.choices[arg]
     return None, None
 
 
-def _apply_config(parser: argparse.ArgumentParser, command: str, table: dict, path: str, argv: list[str],
-                  commands: Iterable[str]) -> None:
+def _apply_config(
+    parser: argparse.ArgumentParser, command: str, table: dict, path: str, argv: list[str], commands: Iterable[str]
+) -> None:
     """TOML settings become flag defaults: top-level keys and ``[command]`` for the command, and for a command
     with actions (``seqlab memory observe``) also the ``[command.action]`` table for the action's flags."""
     own = table.get(command, {})
@@ -135,14 +149,20 @@ def _apply_config(parser: argparse.ArgumentParser, command: str, table: dict, pa
     commands = sorted(commands)
     for key, value in table.items():
         if isinstance(value, dict) and key not in commands:
-            raise ConfigError(f"--config {path}: unknown table [{key}] (tables are named after commands: "
-                              f"{', '.join(commands)})")
+            raise ConfigError(
+                f"--config {path}: unknown table [{key}] (tables are named after commands: {', '.join(commands)})"
+            )
     actions = next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
     for key, value in own.items():
-        if isinstance(value, dict) and key not in actions and key.replace("-", "_") not in \
-                {a.dest for a in parser._actions}:
-            raise ConfigError(f"--config {path}: unknown table [{command}.{key}]" + (
-                f" (actions: {', '.join(actions)})" if actions else f" ('seqlab {command}' has no actions)"))
+        if (
+            isinstance(value, dict)
+            and key not in actions
+            and key.replace("-", "_") not in {a.dest for a in parser._actions}
+        ):
+            raise ConfigError(
+                f"--config {path}: unknown table [{command}.{key}]"
+                + (f" (actions: {', '.join(actions)})" if actions else f" ('seqlab {command}' has no actions)")
+            )
     parser.set_defaults(**_config_defaults(parser, {**table, **own}, path, command))
     name, action_parser = _action(parser, argv, command)
     if action_parser is not None and isinstance(own.get(name), dict):

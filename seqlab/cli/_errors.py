@@ -52,10 +52,10 @@ def _decode_message(exc: UnicodeError) -> str:
     """Undecodable (or unencodable) text, naming the file being read when our code had one in hand."""
     kind = "decode" if isinstance(exc, UnicodeDecodeError) else "encode"
     position = getattr(exc, "start", None)
-    text = f"cannot {kind} text as {exc.encoding}: {exc.reason}" + (
-        f" at position {position}" if position is not None else "")
+    encoding, reason = getattr(exc, "encoding", "utf-8"), getattr(exc, "reason", str(exc))
+    text = f"cannot {kind} text as {encoding}: {reason}" + (f" at position {position}" if position is not None else "")
     path = _path_in_traceback(exc)
-    return f"{path}: {text}" if path else f"{text} (input text must be {exc.encoding})"
+    return f"{path}: {text}" if path else f"{text} (input text must be {encoding})"
 
 
 def _path_in_traceback(exc: BaseException) -> str | None:
@@ -79,5 +79,8 @@ def _path_in_traceback(exc: BaseException) -> str | None:
 def _memory_message(exc: BaseException) -> str:
     detail = " ".join(str(exc).split())
     detail = detail.split(" (Triggered internally", 1)[0][:300]
-    return ("out of memory" + (f": {detail}" if detail else "") +
-            "; use a smaller model, batch, window or length (or more memory)")
+    return (
+        "out of memory"
+        + (f": {detail}" if detail else "")
+        + "; use a smaller model, batch, window or length (or more memory)"
+    )

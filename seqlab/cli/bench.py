@@ -63,8 +63,11 @@ def _config(ssm: str, args):
         import re
 
         message = re.sub(r"\bBackboneConfig\.", "", str(exc))
-        message = re.sub(r"(?<![\w-])(d_model|n_layer|d_state|headdim|chunk_size|expand)\b",
-                         lambda m: "--" + m.group(1).replace("_", "-"), message)
+        message = re.sub(
+            r"(?<![\w-])(d_model|n_layer|d_state|headdim|chunk_size|expand)\b",
+            lambda m: "--" + m.group(1).replace("_", "-"),
+            message,
+        )
         raise ConfigError(message) from None
 
 
@@ -93,9 +96,11 @@ def check_memory(config, args) -> None:
     can take the process down, or push the machine into swap, before Python sees a MemoryError)."""
     need, have = estimate_bytes(config, args), available_memory()
     if have is not None and need > have:
-        raise ConfigError(f"--d-model {args.d_model}, --n-layer {args.n_layer}, --batch-size {args.batch_size} x --length "
-                          f"{args.length} need at least {_gib(need)} of memory ({config.ssm}); this machine has "
-                          f"{_gib(have)} free: lower them{'' if args.no_ref else ', or pass --no-ref'}")
+        raise ConfigError(
+            f"--d-model {args.d_model}, --n-layer {args.n_layer}, --batch-size {args.batch_size} x "
+            f"--length {args.length} need at least {_gib(need)} of memory ({config.ssm}); this machine "
+            f"has {_gib(have)} free: lower them{'' if args.no_ref else ', or pass --no-ref'}"
+        )
 
 
 def bench_one(ssm: str, args) -> list[dict]:
@@ -110,8 +115,9 @@ def bench_one(ssm: str, args) -> list[dict]:
     peers = _peers(model, not args.no_ref)
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, VOCAB, (args.batch_size, args.length), generator=gen)
-    short = ids[:, :min(args.length, 64)]  # the slow reference warms up on a few tokens only
-    outputs, times = {}, {name: [] for name in peers}
+    short = ids[:, : min(args.length, 64)]  # the slow reference warms up on a few tokens only
+    outputs: dict = {}
+    times: dict[str, list[float]] = {name: [] for name in peers}
 
     def forward(name):
         net, device = peers[name]
@@ -139,9 +145,16 @@ def bench_one(ssm: str, args) -> list[dict]:
     rows = []
     for name in peers:
         seconds = statistics.median(times[name])
-        row = {"ssm": ssm, "peer": name, "length": args.length, "batch": args.batch_size,
-               "tokens_per_s": args.batch_size * args.length / seconds, "seconds": seconds,
-               "vs_torch_cpu": base / seconds, "max_abs_diff_vs_ref": None}
+        row = {
+            "ssm": ssm,
+            "peer": name,
+            "length": args.length,
+            "batch": args.batch_size,
+            "tokens_per_s": args.batch_size * args.length / seconds,
+            "seconds": seconds,
+            "vs_torch_cpu": base / seconds,
+            "max_abs_diff_vs_ref": None,
+        }
         if truth is not None:
             row["max_abs_diff_vs_ref"] = float((outputs[name] - truth).abs().max())
         rows.append(row)
@@ -184,33 +197,54 @@ def _bench(args) -> int:
 
 
 def _config_line(args) -> str:
-    extra = "".join(f", {n} {getattr(args, n)}" for n in ("d_state", "headdim", "chunk_size", "expand")
-                    if getattr(args, n) is not None)
-    return (f"config: LanguageModel vocab {VOCAB}, d_model {args.d_model}, {args.n_layer} layers{extra}; "
-            f"batch {args.batch_size} x length {args.length}; forward without state, torch.no_grad; median of "
-            f"{args.repeats} after a warm-up (float64 reference: timed once)")
+    extra = "".join(
+        f", {n} {getattr(args, n)}"
+        for n in ("d_state", "headdim", "chunk_size", "expand")
+        if getattr(args, n) is not None
+    )
+    return (
+        f"config: LanguageModel vocab {VOCAB}, d_model {args.d_model}, {args.n_layer} layers{extra}; "
+        f"batch {args.batch_size} x length {args.length}; forward without state, torch.no_grad; median of "
+        f"{args.repeats} after a warm-up (float64 reference: timed once)"
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser(
-        "bench", help="forward tok/s of the fast path vs the float64 reference (and Triton on a GPU) here",
+        "bench",
+        help="forward tok/s of the fast path vs the float64 reference (and Triton on a GPU) here",
         description="Time the forward pass (tok/s) of a LanguageModel on this machine, in one process and on the "
         "same weights: the fast PyTorch path (float32), its float64 twin on the sequential reference kernels, and, "
         "with a CUDA GPU, the torch path and the Triton kernels on the GPU. Prints the machine, tok/s, the ratio "
         "to the CPU fast path, and each peer's max abs difference from the float64 reference. Median of --repeats "
         "after a warm-up, the peers taking turns; the reference is timed once.",
-        epilog="examples: seqlab bench --quick;  seqlab bench --ssm mamba2 --length 8192 --threads 1 --no-ref")
-    b.add_argument("--ssm", nargs="+", choices=("mamba1", "mamba2"), default=["mamba1", "mamba2"],
-                   help="mixer kinds to time (default both)")
-    sizes = {"d_model": "model width (default 256; --quick 64)", "n_layer": "layers (default 4; --quick 2)",
-             "d_state": "SSM state size (default the mixer's)", "headdim": "Mamba-2 head size (default 64)",
-             "chunk_size": "Mamba-2 SSD chunk (default 256)", "expand": "inner width / d_model (default 2)"}
+        epilog="examples: seqlab bench --quick;  seqlab bench --ssm mamba2 --length 8192 --threads 1 --no-ref",
+    )
+    b.add_argument(
+        "--ssm",
+        nargs="+",
+        choices=("mamba1", "mamba2"),
+        default=["mamba1", "mamba2"],
+        help="mixer kinds to time (default both)",
+    )
+    sizes = {
+        "d_model": "model width (default 256; --quick 64)",
+        "n_layer": "layers (default 4; --quick 2)",
+        "d_state": "SSM state size (default the mixer's)",
+        "headdim": "Mamba-2 head size (default 64)",
+        "chunk_size": "Mamba-2 SSD chunk (default 256)",
+        "expand": "inner width / d_model (default 2)",
+    }
     for name, text in sizes.items():
         b.add_argument(flag(name), type=MODEL_TYPES[name], default=None, help=text)
     b.add_argument("--length", type=count(1, BIG), default=None, help="tokens per sequence (default 2048; --quick 256)")
     b.add_argument("--batch-size", type=count(1, 1 << 20), default=1, help="sequences per forward (default 1)")
-    b.add_argument("--repeats", type=count(1, 1000), default=None, help="timed forwards; the median is shown (default 3; "
-                   "--quick 1)")
+    b.add_argument(
+        "--repeats",
+        type=count(1, 1000),
+        default=None,
+        help="timed forwards; the median is shown (default 3; --quick 1)",
+    )
     add_threads(b, None, "torch CPU threads (default torch's; 1 is steadiest on a shared machine)")
     add_seed(b, 0, "seed of the weights and the input (default 0)")
     b.add_argument("--no-ref", action="store_true", help="skip the float64 reference (slow at long lengths)")

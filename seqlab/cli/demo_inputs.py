@@ -15,13 +15,23 @@ from seqlab.errors import ConfigError, InputError
 
 MARKER = ".seqlab-demo"
 #: what a demo run writes in its folder (and replaces when run again there); nothing else is touched
-OUTPUTS = ("data", "store.zarr", "train-log.jsonl", "checkpoint", "model.safetensors", "scores.zarr", "bpb.png",
-           "memory-model.safetensors", "memory.session", "summary.json")
-LONG_BYTES = 1 << 20            # the long sequence scored in step 4 (built from the corpus + stdlib sources)
+OUTPUTS = (
+    "data",
+    "store.zarr",
+    "train-log.jsonl",
+    "checkpoint",
+    "model.safetensors",
+    "scores.zarr",
+    "bpb.png",
+    "memory-model.safetensors",
+    "memory.session",
+    "summary.json",
+)
+LONG_BYTES = 1 << 20  # the long sequence scored in step 4 (built from the corpus + stdlib sources)
 HELDOUT_FRACTION = 0.05
 HELDOUT_MAX = 64 * 1024
 MIN_CORPUS = 8 * 1024
-EVENT_TIME = 1714564800.0       # the memory events' timestamps (fixed, so a re-run observes the same bytes)
+EVENT_TIME = 1714564800.0  # the memory events' timestamps (fixed, so a re-run observes the same bytes)
 DEFAULT_PROMPT = 'The "with" statement'
 
 
@@ -37,7 +47,7 @@ class Budget:
     window: int = 128
     lr: float = 4e-3
     new_tokens: int = 200
-    memory_steps: int = 150       # fine-tuning on the memory stream before the session
+    memory_steps: int = 150  # fine-tuning on the memory stream before the session
     answer_tokens: int = 120
 
 
@@ -51,8 +61,8 @@ class Inputs:
 
     corpus: bytes
     corpus_what: str
-    big: Path | None = None               # the user's long sequence (used as is)
-    long_parts: list[dict] = field(default_factory=list)   # {"what", "bytes"} for a built long sequence
+    big: Path | None = None  # the user's long sequence (used as is)
+    long_parts: list[dict] = field(default_factory=list)  # {"what", "bytes"} for a built long sequence
     prompt: str = DEFAULT_PROMPT
 
 
@@ -88,12 +98,17 @@ def resolve_inputs(texts: list[str] | None = None, big: str | None = None, promp
         corpus = b"".join(_read_user_file(t, "--text") for t in texts)
         what = ", ".join(texts) if len(texts) <= 3 else f"{texts[0]} and {len(texts) - 1} more files"
         if len(corpus) < MIN_CORPUS:
-            raise InputError(f"--text {what}: {len(corpus):,} bytes in all, the demo needs at least {MIN_CORPUS:,} "
-                             "(a training part and a held-out tail)")
-        default_prompt = corpus[-_heldout_size(len(corpus)):][:24].decode("utf-8", errors="ignore").strip() or "The"
+            raise InputError(
+                f"--text {what}: {len(corpus):,} bytes in all, the demo needs at least {MIN_CORPUS:,} "
+                "(a training part and a held-out tail)"
+            )
+        default_prompt = corpus[-_heldout_size(len(corpus)) :][:24].decode("utf-8", errors="ignore").strip() or "The"
     else:
-        corpus, what, default_prompt = python_docs(), "the CPython documentation text (pydoc_data.topics)", \
-            DEFAULT_PROMPT
+        corpus, what, default_prompt = (
+            python_docs(),
+            "the CPython documentation text (pydoc_data.topics)",
+            DEFAULT_PROMPT,
+        )
     inputs = Inputs(corpus, what, prompt=default_prompt if prompt is None else prompt)
     if not inputs.prompt:
         raise ConfigError("--prompt must not be empty")
@@ -117,9 +132,13 @@ def resolve_inputs(texts: list[str] | None = None, big: str | None = None, promp
             files.append(path)
             need -= size
     if files:
-        inputs.long_parts.append({"what": f"Python stdlib sources ({len(files)} .py files, {files[0].name} .. "
-                                          f"{files[-1].name})", "bytes": LONG_BYTES - take - need,
-                                  "files": [str(f) for f in files]})
+        inputs.long_parts.append(
+            {
+                "what": f"Python stdlib sources ({len(files)} .py files, {files[0].name} .. {files[-1].name})",
+                "bytes": LONG_BYTES - take - need,
+                "files": [str(f) for f in files],
+            }
+        )
     return inputs
 
 
@@ -134,8 +153,10 @@ def prepare_out(out: str | os.PathLike) -> Path:
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
-        raise InputError(f"--out {out}: the folder is not empty and is not a seqlab demo folder (no {MARKER}); "
-                         "choose a new or empty folder")
+        raise InputError(
+            f"--out {out}: the folder is not empty and is not a seqlab demo folder (no {MARKER}); "
+            "choose a new or empty folder"
+        )
     out.mkdir(parents=True, exist_ok=True)
     for name in OUTPUTS:
         target = out / name
@@ -154,7 +175,8 @@ def memory_events(text: bytes, limit: int = 600) -> list:
     from seqlab.domains.memory import Event
 
     chars = text.decode("utf-8", errors="replace")
-    events, covered = [], 0
+    events: list = []
+    covered = 0
     for paragraph in chars.split("\n\n"):
         first, _, rest = paragraph.strip("\n").partition("\n")
         first, rest = first.strip(), rest.strip("\n")
@@ -167,5 +189,5 @@ def memory_events(text: bytes, limit: int = 600) -> list:
         events = []
         for i in range(0, len(chars), limit):
             t = EVENT_TIME - 10_000_000 + 2 * len(events)
-            events += [Event("user", "Continue.", t), Event("assistant", chars[i:i + limit], t + 1)]
+            events += [Event("user", "Continue.", t), Event("assistant", chars[i : i + limit], t + 1)]
     return events

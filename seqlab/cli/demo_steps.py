@@ -21,12 +21,12 @@ def step_ingest(inputs: Inputs, out: Path, progress: bool) -> dict:
     data.mkdir(exist_ok=True)
     n = len(inputs.corpus)
     held = _heldout_size(n)
-    adapter.write(data / "train.bin", inputs.corpus[:n - held])
-    adapter.write(data / "heldout.bin", inputs.corpus[n - held:])
+    adapter.write(data / "train.bin", inputs.corpus[: n - held])
+    adapter.write(data / "heldout.bin", inputs.corpus[n - held :])
     paths, names = [data / "train.bin", data / "heldout.bin"], ["train", "heldout"]
     if inputs.big is None:
         pieces, remaining = [inputs.corpus[:LONG_BYTES]], LONG_BYTES - min(n, LONG_BYTES)
-        for path in (inputs.long_parts[1]["files"] if len(inputs.long_parts) > 1 else []):
+        for path in inputs.long_parts[1]["files"] if len(inputs.long_parts) > 1 else []:
             piece = Path(path).read_bytes()[:remaining]
             pieces.append(piece)
             remaining -= len(piece)
@@ -42,10 +42,9 @@ def step_ingest(inputs: Inputs, out: Path, progress: bool) -> dict:
     from seqlab.domains.memory import MemoryStreamAdapter
 
     memory = MemoryStreamAdapter()
-    events = memory_events(inputs.corpus[:n - held])
+    events = memory_events(inputs.corpus[: n - held])
     memory.write(data / "memory-events.jsonl", events)
-    results += ingest(store, data / "memory-events.jsonl", memory, names="memory", overwrite=True,
-                      progress=progress)
+    results += ingest(store, data / "memory-events.jsonl", memory, names="memory", overwrite=True, progress=progress)
     lengths = {r.name: r.info.length for r in results}
     regions = []  # where each kind of text lies in the long sequence (element ranges)
     if inputs.big is None:
@@ -61,11 +60,17 @@ def step_ingest(inputs: Inputs, out: Path, progress: bool) -> dict:
             start += part["bytes"]
     else:
         regions.append({"what": str(inputs.big), "start": 0, "stop": lengths["long"]})
-    return {"store": str(store_path), "sequences": lengths, "corpus_bytes": n, "corpus": inputs.corpus_what,
-            "memory_events": len(events),
-            "long_source": str(inputs.big) if inputs.big is not None else
-            " + ".join(f"{p['what']} ({p['bytes']:,})" for p in inputs.long_parts),
-            "long_regions": regions}
+    return {
+        "store": str(store_path),
+        "sequences": lengths,
+        "corpus_bytes": n,
+        "corpus": inputs.corpus_what,
+        "memory_events": len(events),
+        "long_source": str(inputs.big)
+        if inputs.big is not None
+        else " + ".join(f"{p['what']} ({p['bytes']:,})" for p in inputs.long_parts),
+        "long_regions": regions,
+    }
 
 
 def step_train(out: Path, budget: Budget, seed: int, progress: bool):
@@ -82,13 +87,20 @@ def step_train(out: Path, budget: Budget, seed: int, progress: bool):
     adapter = ByteAdapter()
     store = SequenceStore(out / "store.zarr", "r")
     torch.manual_seed(seed)
-    model = adapter.build_model(BackboneConfig(d_model=budget.d_model, n_layer=budget.n_layer,
-                                               d_state=budget.d_state))
+    model = adapter.build_model(BackboneConfig(d_model=budget.d_model, n_layer=budget.n_layer, d_state=budget.d_state))
     params = sum(p.numel() for p in model.parameters())
     source = StoreSource(store, "train", budget.batch_size, budget.window, model=model)
-    config = TrainConfig(max_steps=budget.steps, batch_size=budget.batch_size, window=budget.window, lr=budget.lr,
-                         warmup_steps=min(20, budget.steps), progress=progress, seed=seed,
-                         log_path=str(out / "train-log.jsonl"), checkpoint_dir=str(out / "checkpoint"))
+    config = TrainConfig(
+        max_steps=budget.steps,
+        batch_size=budget.batch_size,
+        window=budget.window,
+        lr=budget.lr,
+        warmup_steps=min(20, budget.steps),
+        progress=progress,
+        seed=seed,
+        log_path=str(out / "train-log.jsonl"),
+        checkpoint_dir=str(out / "checkpoint"),
+    )
     trainer = Trainer(model, config, source, loss_fn=adapter.loss, metric_fn=adapter.metric)
     model.eval()
     bits0, _ = stream_bits(model, store, "heldout")
@@ -100,17 +112,26 @@ def step_train(out: Path, budget: Budget, seed: int, progress: bool):
     bits, scored = stream_bits(model, store, "heldout")
     model_path = save_model(out / "model.safetensors", model)
     tokens = budget.steps * budget.batch_size * budget.window
-    last = records[-min(20, len(records)):]
+    last = records[-min(20, len(records)) :]
     return model, {
         "model": f"MambaByte ({model.config.ssm}, d_model={budget.d_model}, n_layer={budget.n_layer}, "
-                 f"d_state={budget.d_state})",
-        "parameters": params, "steps": budget.steps, "batch_size": budget.batch_size, "window": budget.window,
+        f"d_state={budget.d_state})",
+        "parameters": params,
+        "steps": budget.steps,
+        "batch_size": budget.batch_size,
+        "window": budget.window,
         "epochs": records[-1]["epoch"] + (trainer.pos.window / source.num_windows),
-        "train_seconds": seconds, "train_bytes_per_s": tokens / seconds,
+        "train_seconds": seconds,
+        "train_bytes_per_s": tokens / seconds,
         "train_loss_bpb_last20": sum(r["loss"] for r in last) / len(last),
-        "heldout_bpb_untrained": bits0 / scored, "heldout_bpb": bits / scored, "heldout_predictions": scored,
-        "uniform_bpb": adapter.uniform_baseline(), "model_file": str(model_path),
-        "checkpoint": str(out / "checkpoint"), "log": str(out / "train-log.jsonl")}
+        "heldout_bpb_untrained": bits0 / scored,
+        "heldout_bpb": bits / scored,
+        "heldout_predictions": scored,
+        "uniform_bpb": adapter.uniform_baseline(),
+        "model_file": str(model_path),
+        "checkpoint": str(out / "checkpoint"),
+        "log": str(out / "train-log.jsonl"),
+    }
 
 
 def step_generate(model, prompt: str, new_tokens: int, seed: int) -> dict:
@@ -122,9 +143,16 @@ def step_generate(model, prompt: str, new_tokens: int, seed: int) -> dict:
     result = model.generate(ids, new_tokens, do_sample=True, temperature=0.7, top_k=20, seed=seed)
     seconds = time.perf_counter() - started
     tokens = result.tokens[0]
-    return {"prompt": prompt, "continuation": adapter.decode_text(tokens), "new_bytes": len(tokens),
-            "temperature": 0.7, "top_k": 20, "seed": seed, "generate_seconds": seconds,
-            "bytes_per_s": len(tokens) / seconds if seconds > 0 else None}
+    return {
+        "prompt": prompt,
+        "continuation": adapter.decode_text(tokens),
+        "new_bytes": len(tokens),
+        "temperature": 0.7,
+        "top_k": 20,
+        "seed": seed,
+        "generate_seconds": seconds,
+        "bytes_per_s": len(tokens) / seconds if seconds > 0 else None,
+    }
 
 
 def step_score(out: Path, workers: int, progress: bool, regions: list[dict], deviation_sample: int = 1) -> dict:
@@ -158,16 +186,31 @@ def step_score(out: Path, workers: int, progress: bool, regions: list[dict], dev
         try:
             if own_cluster:
                 # address="local": always a new embedded cluster, even when RAY_ADDRESS names another one
-                ray.init(address="local", num_cpus=workers, include_dashboard=False, logging_level=logging.ERROR,
-                         log_to_driver=False)
+                ray.init(
+                    address="local",
+                    num_cpus=workers,
+                    include_dashboard=False,
+                    logging_level=logging.ERROR,
+                    log_to_driver=False,
+                )
             context = ray.data.DataContext.get_current()
             context.enable_progress_bars = False  # the job's own bar (or none with --quiet)
             ray_seconds = time.perf_counter() - started
-            result = score(str(out / "model.safetensors"), str(out / "store.zarr"), str(out / "scores.zarr"),
-                           names=["long"], window=4096, mode="segments" if segments > 1 else "exact",
-                           segment_length=segment_length if segments > 1 else None, burn_in=4096,
-                           deviation_sample=deviation_sample, concurrency=workers, num_cpus=1, progress=progress,
-                           overwrite=True)
+            result = score(
+                str(out / "model.safetensors"),
+                str(out / "store.zarr"),
+                str(out / "scores.zarr"),
+                names=["long"],
+                window=4096,
+                mode="segments" if segments > 1 else "exact",
+                segment_length=segment_length if segments > 1 else None,
+                burn_in=4096,
+                deviation_sample=deviation_sample,
+                concurrency=workers,
+                num_cpus=1,
+                progress=progress,
+                overwrite=True,
+            )
         finally:
             if own_cluster:
                 ray.shutdown()
@@ -176,11 +219,20 @@ def step_score(out: Path, workers: int, progress: bool, regions: list[dict], dev
             for name, level in quiet_loggers.items():
                 logging.getLogger(name).setLevel(level)
     bits = SequenceStore(out / "scores.zarr", "r").read("long", raw=True).astype(np.float64)
-    report = {"output": str(out / "scores.zarr"), "sequence_bytes": length, "positions": int(bits.shape[0]),
-              "mean_bpb": result.summary["mean_bits"], "mode": "segments" if segments > 1 else "exact",
-              "segments": segments, "workers": workers, "ray_start_seconds": ray_seconds,
-              "job_seconds": result.seconds, "bytes_per_s": positions / result.seconds,
-              "deviation": result.deviation, "regions": []}
+    report = {
+        "output": str(out / "scores.zarr"),
+        "sequence_bytes": length,
+        "positions": int(bits.shape[0]),
+        "mean_bpb": result.summary["mean_bits"],
+        "mode": "segments" if segments > 1 else "exact",
+        "segments": segments,
+        "workers": workers,
+        "ray_start_seconds": ray_seconds,
+        "job_seconds": result.seconds,
+        "bytes_per_s": positions / result.seconds,
+        "deviation": result.deviation,
+        "regions": [],
+    }
     for region in regions:  # score position i holds the bits of element i + 1
         lo, hi = max(region["start"] - 1, 0), min(region["stop"] - 1, bits.shape[0])
         if hi > lo:
@@ -206,8 +258,13 @@ def plot_bpb(bits, regions: list[dict], mean: float, path: Path) -> str:
     fig, ax = plt.subplots(figsize=(9, 3.6), dpi=100)
     shades = ["#dbe9f6", "#fde3c8", "#e3f1dc", "#eee"]
     for k, region in enumerate(regions):
-        ax.axvspan(region["start"], region["stop"], color=shades[k % len(shades)], lw=0,
-                   label=f"{region['what']}: {region['mean_bpb']:.2f}")
+        ax.axvspan(
+            region["start"],
+            region["stop"],
+            color=shades[k % len(shades)],
+            lw=0,
+            label=f"{region['what']}: {region['mean_bpb']:.2f}",
+        )
     ax.plot(ends - smooth / 2, averaged, color="#1f4e9a", lw=1.2, label=f"bits/byte ({smooth:,}-byte moving mean)")
     ax.axhline(8.0, color="#c0392b", ls="--", lw=1, label="uniform baseline 8")
     ax.axhline(mean, color="#2e7d32", ls=":", lw=1.4, label=f"mean {mean:.3f}")
@@ -238,22 +295,32 @@ def step_memory(model, out: Path, budget: Budget, seed: int, progress: bool) -> 
     adapter = MemoryStreamAdapter()
     memory_model = adapter.build_model(model.config)
     memory_model.load_state_dict(model.state_dict())
-    source = StoreSource(SequenceStore(out / "store.zarr", "r"), "memory", budget.batch_size, budget.window,
-                         model=memory_model)
-    config = TrainConfig(max_steps=budget.memory_steps, batch_size=budget.batch_size, window=budget.window,
-                         lr=budget.lr / 2, warmup_steps=min(10, budget.memory_steps), progress=progress, seed=seed)
+    source = StoreSource(
+        SequenceStore(out / "store.zarr", "r"), "memory", budget.batch_size, budget.window, model=memory_model
+    )
+    config = TrainConfig(
+        max_steps=budget.memory_steps,
+        batch_size=budget.batch_size,
+        window=budget.window,
+        lr=budget.lr / 2,
+        warmup_steps=min(10, budget.memory_steps),
+        progress=progress,
+        seed=seed,
+    )
     started = time.perf_counter()
     records = Trainer(memory_model, config, source, loss_fn=adapter.loss, metric_fn=adapter.metric).fit()
     tune_seconds = time.perf_counter() - started
-    last = records[-min(20, len(records)):]
+    last = records[-min(20, len(records)) :]
     memory_model.eval()
     model_file = save_model(out / "memory-model.safetensors", memory_model)
     path = out / "memory.session"
     sampling = {"temperature": 0.7, "top_k": 20, "seed": seed}
-    events = [Event("system", "You answer questions about Python from its documentation.", EVENT_TIME),
-              Event("user", "What does the with statement do?", EVENT_TIME + 1),
-              Event("assistant", "It wraps a block in the methods of a context manager.", EVENT_TIME + 2),
-              Event("user", "And the return statement?", EVENT_TIME + 3)]
+    events = [
+        Event("system", "You answer questions about Python from its documentation.", EVENT_TIME),
+        Event("user", "What does the with statement do?", EVENT_TIME + 1),
+        Event("assistant", "It wraps a block in the methods of a context manager.", EVENT_TIME + 2),
+        Event("user", "And the return statement?", EVENT_TIME + 3),
+    ]
     with torch.no_grad():
         live = MemorySession.open(path, memory_model, create=True, model_file=model_file)
         try:
@@ -274,16 +341,30 @@ def step_memory(model, out: Path, budget: Budget, seed: int, progress: bool) -> 
         replayed = replay_state(restored_model, events, restored_adapter)
     names = sorted(live_state.tensors())
     same_state = names == sorted(state.tensors()) and all(
-        torch.equal(live_state.tensors()[k], state.tensors()[k]) for k in names)
+        torch.equal(live_state.tensors()[k], state.tensors()[k]) for k in names
+    )
     same_replay = all(torch.equal(replayed.tensors()[k], state.tensors()[k]) for k in names)
-    return {"finetune_steps": budget.memory_steps, "finetune_seconds": tune_seconds,
-            "finetune_loss_bpb_last20": sum(r["loss"] for r in last) / len(last),
-            "session": str(path), "model_file": str(model_file), "events": count, "events_in_snapshot": 3,
-            "events_replayed_from_log": count - 3, "snapshot": snapshot, "position": position,
-            "state_bytes": live_state.nbytes(), "state_tensors": len(names),
-            "sampling": sampling, "answer": answer.text, "answer_bytes": len(answer.tokens),
-            "answer_stop": answer.stop_reason,
-            "restored_answer": again.text, "restored_answer_identical": again.tokens == answer.tokens,
-            "restored_state_identical": bool(same_state and position == live_position and count == live_events),
-            "replayed_state_identical": bool(same_replay), "files": sorted(os.listdir(path)),
-            "sizes": info.get("sizes")}
+    return {
+        "finetune_steps": budget.memory_steps,
+        "finetune_seconds": tune_seconds,
+        "finetune_loss_bpb_last20": sum(r["loss"] for r in last) / len(last),
+        "session": str(path),
+        "model_file": str(model_file),
+        "events": count,
+        "events_in_snapshot": 3,
+        "events_replayed_from_log": count - 3,
+        "snapshot": snapshot,
+        "position": position,
+        "state_bytes": live_state.nbytes(),
+        "state_tensors": len(names),
+        "sampling": sampling,
+        "answer": answer.text,
+        "answer_bytes": len(answer.tokens),
+        "answer_stop": answer.stop_reason,
+        "restored_answer": again.text,
+        "restored_answer_identical": again.tokens == answer.tokens,
+        "restored_state_identical": bool(same_state and position == live_position and count == live_events),
+        "replayed_state_identical": bool(same_replay),
+        "files": sorted(os.listdir(path)),
+        "sizes": info.get("sizes"),
+    }

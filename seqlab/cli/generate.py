@@ -23,8 +23,10 @@ def _prompts(args) -> list[tuple[str, bytes | str]]:
         with open(path, "rb") as fh:  # at most MAX_PROMPT_BYTES: /dev/zero or a huge file is refused, not read
             data = fh.read(MAX_PROMPT_BYTES + 1)
         if len(data) > MAX_PROMPT_BYTES:
-            raise InputError(f"generate --prompt-file {path}: larger than {MAX_PROMPT_BYTES:,} bytes; give the "
-                             "end of it that the model should continue")
+            raise InputError(
+                f"generate --prompt-file {path}: larger than {MAX_PROMPT_BYTES:,} bytes; give the "
+                "end of it that the model should continue"
+            )
         prompts.append((f"--prompt-file {path}", data))
     return prompts
 
@@ -39,23 +41,34 @@ def _generate_prompts(args) -> int:
     prompts = _prompts(args)
     model, adapter = model_from_checkpoint(args.model)
     if adapter.continuous:
-        raise ConfigError(f"generate --prompt: the model's adapter {adapter.name!r} takes continuous frames; "
-                          "prompts need a token adapter (bytes, memory, dna)")
+        raise ConfigError(
+            f"generate --prompt: the model's adapter {adapter.name!r} takes continuous frames; "
+            "prompts need a token adapter (bytes, memory, dna)"
+        )
     ids = []
     for i, (where, prompt) in enumerate(prompts):
         try:
             row = adapter.encode(prompt)
         except UnicodeError as exc:  # undecodable bytes for a text adapter, or an argument that is not text
-            raise InputError(f"generate {where}: not valid text for the {adapter.name!r} adapter ({exc.reason} at "
-                             f"position {exc.start})") from None
+            reason, start = getattr(exc, "reason", str(exc)), getattr(exc, "start", "?")
+            raise InputError(
+                f"generate {where}: not valid text for the {adapter.name!r} adapter ({reason} at position {start})"
+            ) from None
         except InputError as exc:  # the adapter's own words, said of this prompt
             raise InputError(f"generate {where}: not valid input for the {adapter.name!r} adapter: {exc}") from None
         if row.numel() == 0:
             raise ConfigError(f"generate: prompt {i + 1} is empty")
         ids.append(row)
-    out = model.generate(ids, args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                         **adapter.generation_options(allow_specials=args.allow_specials))
+    out = model.generate(
+        ids,
+        args.max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        **adapter.generation_options(allow_specials=args.allow_specials),
+    )
     for tokens in out.tokens:
         value = adapter.decode(tokens)
         text = value.decode("utf-8", errors="replace") if isinstance(value, (bytes, bytearray)) else str(value)
@@ -74,24 +87,44 @@ def _generate(args) -> int:
         raise ConfigError("generate: give STORE and OUT (a Ray job over a store), or --prompt/--prompt-file")
     from seqlab.cli.jobs import job_options, report, run_job
 
-    return report(run_job("generate", args.model, args.store, args.out, max_new_tokens=args.max_new_tokens,
-                          prompt_length=args.prompt_length, do_sample=args.do_sample,
-                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                          allow_specials=args.allow_specials, **job_options(args)))
+    # the job samples unless its temperature is 0: greedy (0) unless --do-sample
+    return report(
+        run_job(
+            "generate",
+            args.model,
+            args.store,
+            args.out,
+            max_new_tokens=args.max_new_tokens,
+            prompt_length=args.prompt_length,
+            temperature=args.temperature if args.do_sample else 0.0,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            allow_specials=args.allow_specials,
+            **job_options(args),
+        )
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    g = sub.add_parser("generate", help="continue prompts, or every stored sequence (Ray Data), with a model",
-                       description="Continue --prompt or --prompt-file texts in this process and print each "
-                       "continuation (one line of JSON per prompt when there are several). With STORE OUT "
-                       "instead: continue each stored sequence (its last --prompt-length elements, or all of it) "
-                       "as a Ray Data job and write the new token ids to the OUT store. Greedy unless "
-                       "--do-sample.")
+    g = sub.add_parser(
+        "generate",
+        help="continue prompts, or every stored sequence (Ray Data), with a model",
+        description="Continue --prompt or --prompt-file texts in this process and print each "
+        "continuation (one line of JSON per prompt when there are several). With STORE OUT "
+        "instead: continue each stored sequence (its last --prompt-length elements, or all of it) "
+        "as a Ray Data job and write the new token ids to the OUT store. Greedy unless "
+        "--do-sample.",
+    )
     add_job_options(g, segments=False, optional_stores=True)
     g.add_argument("--prompt", action="append", help="a prompt text to continue (repeat for several)")
     g.add_argument("--prompt-file", action="append", metavar="FILE", help="a file whose bytes are a prompt")
     g.add_argument("--prompt-length", type=count(1), default=None, help="prompt = the last N elements (default all)")
-    add_sampling(g, 64, "tokens to generate (default 64; fewer when the adapter's end token comes first)",
-                 seed_default=0, seed_text="seed of the sampling (default 0; sequence NAME of a store uses "
-                 "seed + crc32(NAME))")
+    add_sampling(
+        g,
+        64,
+        "tokens to generate (default 64; fewer when the adapter's end token comes first)",
+        seed_default=0,
+        seed_text="seed of the sampling (default 0; sequence NAME of a store uses seed + crc32(NAME))",
+    )
     g.set_defaults(func=_generate)

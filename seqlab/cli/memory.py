@@ -1,4 +1,5 @@
-"""``seqlab memory observe|ask|info|rollback|compact|repair SESSION ...``: an agent memory session from the command line.
+"""``seqlab memory observe|ask|info|rollback|compact|repair SESSION ...``: an agent memory session from the command
+line.
 
 A session remembers its model file (path and sha256, recorded by ``observe --create --model FILE``), so later
 commands need no ``--model``. Events come as JSON Lines files (``--events``, one ``{"role", "content", "time",
@@ -45,10 +46,19 @@ def _open(args, mode: str, create: bool = False):
         require(args, "model")
     model, adapter = model_for_session(args.session, args.model)
     if not isinstance(adapter, MemoryStreamAdapter):
-        raise ConfigError(f"--model {args.model}: the model was built for the {adapter.name!r} adapter, "
-                          "a memory session needs a 'memory' model")
-    return MemorySession.open(args.session, model, create=create, mode=mode, adapter=adapter,
-                              timeout=getattr(args, "timeout", None), model_file=args.model if create else None)
+        raise ConfigError(
+            f"--model {args.model}: the model was built for the {adapter.name!r} adapter, "
+            "a memory session needs a 'memory' model"
+        )
+    return MemorySession.open(
+        args.session,
+        model,
+        create=create,
+        mode=mode,
+        adapter=adapter,
+        timeout=getattr(args, "timeout", None),
+        model_file=args.model if create else None,
+    )
 
 
 def _read_events(args) -> list:
@@ -92,21 +102,33 @@ def _observe(args) -> int:
             except (SeqlabError, OSError) as exc:
                 # the events are logged (fsynced) and will be replayed: a retry must not observe them again
                 reason = " ".join(str(exc).split())
-                raise SeqlabError(f"{args.session}: the {len(events)} events were observed and are kept in the "
-                                  f"log ({total} in all; do not observe them again), but the snapshot failed: "
-                                  f"{reason}") from None
-        print(f"observed {len(events)} events ({total} in all, position {session.position})"
-              + ("" if snapshot is None else f"; snapshot {snapshot}"))
+                raise SeqlabError(
+                    f"{args.session}: the {len(events)} events were observed and are kept in the "
+                    f"log ({total} in all; do not observe them again), but the snapshot failed: "
+                    f"{reason}"
+                ) from None
+        print(
+            f"observed {len(events)} events ({total} in all, position {session.position})"
+            + ("" if snapshot is None else f"; snapshot {snapshot}")
+        )
     return 0
 
 
 @_cli_errors
 def _ask(args) -> int:
     with _open(args, "r") as session:
-        answer = session.ask(args.prompt, args.max_new_tokens, role=args.role, prompt_role=args.prompt_role,
-                             time=args.time, temperature=args.temperature if args.do_sample else 0.0,
-                             top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                             allow_specials=args.allow_specials)
+        answer = session.ask(
+            args.prompt,
+            args.max_new_tokens,
+            role=args.role,
+            prompt_role=args.prompt_role,
+            time=args.time,
+            temperature=args.temperature if args.do_sample else 0.0,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            allow_specials=args.allow_specials,
+        )
     if args.json:
         print(json.dumps({"event": answer.event.to_json(), "stop_reason": answer.stop_reason}, ensure_ascii=False))
     else:
@@ -135,9 +157,11 @@ def _rollback(args) -> int:
 def _compact(args) -> int:
     with _open(args, "w") as session:
         done = session.compact(args.keep)
-    print(f"removed {len(done['removed_snapshots'])} snapshots ({done['bytes_freed']} bytes) and "
-          f"{len(done['removed_temp_files'])} temporary files; merged logs {done['merged_logs'] or 'none'}; kept "
-          f"snapshots {done['kept_snapshots']}; every event is still in the logs")
+    print(
+        f"removed {len(done['removed_snapshots'])} snapshots ({done['bytes_freed']} bytes) and "
+        f"{len(done['removed_temp_files'])} temporary files; merged logs {done['merged_logs'] or 'none'}; kept "
+        f"snapshots {done['kept_snapshots']}; every event is still in the logs"
+    )
     return 0
 
 
@@ -154,15 +178,20 @@ def _repair(args) -> int:
         for note in report["notes"]:
             print(note)
         lost = ", ".join(f"{a}..{b - 1}" if b > a + 1 else str(a) for a, b in report["lost_events"]) or "none"
-        print(f"repaired {args.session}: {report['events']} events follow from snapshot {report['snapshot']}; "
-              f"events recorded as lost: {lost}; the original bytes are in {args.session}/{report['aside']} "
-              "(with report.json); see repair.log")
+        print(
+            f"repaired {args.session}: {report['events']} events follow from snapshot {report['snapshot']}; "
+            f"events recorded as lost: {lost}; the original bytes are in {args.session}/{report['aside']} "
+            "(with report.json); see repair.log"
+        )
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("memory", help="agent memory sessions: observe events, ask, inspect, roll back, repair",
-                       description="Persistent agent memory sessions (see docs/agent-memory.md).")
+    p = sub.add_parser(
+        "memory",
+        help="agent memory sessions: observe events, ask, inspect, roll back, repair",
+        description="Persistent agent memory sessions (see docs/agent-memory.md).",
+    )
     commands = p.add_subparsers(dest="memory_command", metavar="ACTION")
     commands.required = True
 
@@ -171,8 +200,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         if model:
             add_model(q, "model file (save_model); default: the one recorded in the session")
         if writer:
-            q.add_argument("--timeout", type=timeout, default=None, metavar="SECONDS",
-                           help="seconds to wait for another writer to finish, 0 to 86400 (default: fail at once)")
+            q.add_argument(
+                "--timeout",
+                type=timeout,
+                default=None,
+                metavar="SECONDS",
+                help="seconds to wait for another writer to finish, 0 to 86400 (default: fail at once)",
+            )
 
     o = commands.add_parser("observe", help="log events and advance the session's state (then save a snapshot)")
     common(o, True)
@@ -190,8 +224,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--role", default="assistant", help="role of the generated event (default assistant)")
     a.add_argument("--prompt-role", default="user", help="role of the prompt event (default user)")
     a.add_argument("--time", type=event_time, help="time of the prompt and reply events (default now)")
-    add_sampling(a, 256, "bytes of the reply, 1 to 1048576 (default 256; fewer when the event ends first)",
-                 vocab=256)
+    add_sampling(a, 256, "bytes of the reply, 1 to 1048576 (default 256; fewer when the event ends first)", vocab=256)
     add_json(a, "print the reply event as JSON")
     a.set_defaults(func=_ask)
 
@@ -206,8 +239,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     c = commands.add_parser("compact", help="delete old snapshots (the logs keep every event) and stale temp files")
     common(c, True)
-    c.add_argument("--keep", type=count(1, 1_000_000), default=None,
-                   help="newest snapshots to keep besides snapshot 0, 1 to 1000000 (default 8)")
+    c.add_argument(
+        "--keep",
+        type=count(1, 1_000_000),
+        default=None,
+        help="newest snapshots to keep besides snapshot 0, 1 to 1000000 (default 8)",
+    )
     c.set_defaults(func=_compact)
 
     f = commands.add_parser("repair", help="keep every verifiable event of a damaged session; damaged bytes go aside")

@@ -3,43 +3,30 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from seqlab.cli._args import CHUNK_MB_MAX, CHUNK_MB_MIN, add_adapter, add_quiet, add_sequences, chunk_mb, count
 
 
-def adapter_from_flags(name: str, settings_json) -> object:
-    """The adapter ``--adapter NAME --adapter-settings JSON`` asks for (a ConfigError naming the flag if not)."""
-    from seqlab.domains import get_adapter
-    from seqlab.errors import ConfigError
-
-    settings = {}
-    if settings_json:
-        try:
-            settings = json.loads(settings_json) if isinstance(settings_json, str) else settings_json
-        except ValueError as exc:
-            raise ConfigError(f"--adapter-settings must be a JSON object, got {settings_json!r} ({exc})") from None
-        if not isinstance(settings, dict):
-            raise ConfigError(f"--adapter-settings must be a JSON object, got {settings_json!r}")
-    cls = get_adapter(name)
-    try:
-        return cls(**settings)
-    except TypeError as exc:
-        raise ConfigError(f"--adapter-settings {settings} do not fit the {name!r} adapter: {exc}") from None
-
-
 def _ingest(args) -> int:
     from seqlab.cli import require
+    from seqlab.domains.training_data import adapter_for
     from seqlab.pipelines import ingest
 
     require(args, "adapter")
-    adapter = adapter_from_flags(args.adapter, args.adapter_settings)
-    results = ingest(args.store, args.files, adapter, names=args.sequence_names, window=args.window,
-                     overwrite=args.overwrite, checksum=not args.no_checksum,
-                     split_records=False if args.whole_file else None,
-                     chunk_bytes=round(args.chunk_mb * (1 << 20)) if args.chunk_mb is not None else None,
-                     progress=not args.quiet)
+    adapter = adapter_for(args.adapter, args.adapter_settings)
+    results = ingest(
+        args.store,
+        args.files,
+        adapter,
+        names=args.sequence_names,
+        window=args.window,
+        overwrite=args.overwrite,
+        checksum=not args.no_checksum,
+        split_records=False if args.whole_file else None,
+        chunk_bytes=round(args.chunk_mb * (1 << 20)) if args.chunk_mb is not None else None,
+        progress=not args.quiet,
+    )
     for r in results:
         print(f"{r.name}\t{r.action}\t{r.info.length} elements")
     return 0
@@ -81,31 +68,46 @@ def _describe(args) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ingest", help="encode files into a Zarr v3 sequence store (streaming, resumable)",
-                       description="Encode files with a domain adapter into a Zarr v3 sequence store, a window at a "
-                       "time (a file larger than memory is never loaded). Re-running skips finished sequences "
-                       "and resumes an interrupted one. Each file is all or nothing: its sequences are marked "
-                       "complete only once the whole file has been read and verified; on an error, what was "
-                       "written from it is removed (files before it stay ingested).")
+    p = sub.add_parser(
+        "ingest",
+        help="encode files into a Zarr v3 sequence store (streaming, resumable)",
+        description="Encode files with a domain adapter into a Zarr v3 sequence store, a window at a "
+        "time (a file larger than memory is never loaded). Re-running skips finished sequences "
+        "and resumes an interrupted one. Each file is all or nothing: its sequences are marked "
+        "complete only once the whole file has been read and verified; on an error, what was "
+        "written from it is removed (files before it stay ingested).",
+    )
     p.add_argument("store", help="store directory (created when missing) or a zarr store URL")
     p.add_argument("files", nargs="+", help="input files (FASTA/FASTQ, audio, text/bytes, .npy frames, ...)")
     add_adapter(p, "adapter name: bytes, audio, dna, video, memory (required)")
-    p.add_argument("--sequence-names", nargs="+", metavar="NAME",
-                   help="names of the sequences written, one per file (default: each file's stem)")
-    p.add_argument("--window", type=count(1), default=1 << 20,
-                   help="elements encoded at a time, in [1, 2**30] (default 1Mi)")
-    p.add_argument("--chunk-mb", type=chunk_mb, default=None,
-                   help=f"target chunk size in MB, in [{CHUNK_MB_MIN}, {CHUNK_MB_MAX:g}] (default 2)")
+    p.add_argument(
+        "--sequence-names",
+        nargs="+",
+        metavar="NAME",
+        help="names of the sequences written, one per file (default: each file's stem)",
+    )
+    p.add_argument(
+        "--window", type=count(1), default=1 << 20, help="elements encoded at a time, in [1, 2**30] (default 1Mi)"
+    )
+    p.add_argument(
+        "--chunk-mb",
+        type=chunk_mb,
+        default=None,
+        help=f"target chunk size in MB, in [{CHUNK_MB_MIN}, {CHUNK_MB_MAX:g}] (default 2)",
+    )
     p.add_argument("--whole-file", action="store_true", help="one sequence per file, even for multi-record files")
     p.add_argument("--overwrite", action="store_true", help="replace sequences that already exist")
     p.add_argument("--no-checksum", action="store_true", help="identify sources by size and mtime, not sha256")
     add_quiet(p, "no progress bar")
     p.set_defaults(func=_ingest)
 
-    d = sub.add_parser("describe", help="list the sequences of a store with their length, type and adapter",
-                       description="One line per sequence: name, length, kind, dtype, adapter, complete or "
-                       "INCOMPLETE. A sequence whose metadata is damaged is listed as DAMAGED with the reason "
-                       "(also on stderr) and the exit code is 1; the healthy ones are listed as usual.")
+    d = sub.add_parser(
+        "describe",
+        help="list the sequences of a store with their length, type and adapter",
+        description="One line per sequence: name, length, kind, dtype, adapter, complete or "
+        "INCOMPLETE. A sequence whose metadata is damaged is listed as DAMAGED with the reason "
+        "(also on stderr) and the exit code is 1; the healthy ones are listed as usual.",
+    )
     d.add_argument("store", help="store directory or URL")
     add_sequences(d, "sequences to describe (default: all)")
     d.set_defaults(func=_describe)

@@ -39,12 +39,18 @@ from seqlab.cli._args import (
 from seqlab.errors import ConfigError
 
 #: what each kind of setting must be when it comes from a --config TOML file (argparse never converts those)
-_TRAIN_CHECKS = {"numbers": {**TRAIN_TYPES, **MODEL_TYPES, "eval_fraction": eval_fraction, "threads": threads},
-                 "flags": ("resume", "overwrite", "quiet", "json", "bf16", "carry_state"),
-                 "lists": ("files", "eval", "sequences", "eval_sequences"),
-                 "texts": ("out", "adapter", "store", "device")}
-_EVAL_CHECKS = {"numbers": {"window": count(1), "threads": threads}, "flags": ("quiet", "json"),
-                "lists": ("files", "sequences"), "texts": ("model", "store", "device")}
+_TRAIN_CHECKS = {
+    "numbers": {**TRAIN_TYPES, **MODEL_TYPES, "eval_fraction": eval_fraction, "threads": threads},
+    "flags": ("resume", "overwrite", "quiet", "json", "bf16", "carry_state"),
+    "lists": ("files", "eval", "sequences", "eval_sequences"),
+    "texts": ("out", "adapter", "store", "device"),
+}
+_EVAL_CHECKS = {
+    "numbers": {"window": count(1), "threads": threads},
+    "flags": ("quiet", "json"),
+    "lists": ("files", "sequences"),
+    "texts": ("model", "store", "device"),
+}
 
 
 def _check_args(args, checks: dict) -> None:
@@ -67,8 +73,7 @@ def _check_args(args, checks: dict) -> None:
     for name in checks["lists"]:
         value = getattr(args, name, None)
         if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
-            raise ConfigError(f"{flag(name) if name != 'files' else 'FILE...'} must be a list of names, "
-                              f"got {value!r}")
+            raise ConfigError(f"{flag(name) if name != 'files' else 'FILE...'} must be a list of names, got {value!r}")
     for name in checks["texts"]:
         value = getattr(args, name, None)
         if value is not None and not isinstance(value, str):
@@ -91,11 +96,23 @@ def _train(args) -> int:
     _check_args(args, _TRAIN_CHECKS)
     _torch_threads(args)
     options = {name: getattr(args, name) for name in (*MODEL_OPTIONS, *TRAIN_OPTIONS)}
-    summary = train_run(args.out, files=args.files, adapter=args.adapter, adapter_settings=args.adapter_settings,
-                        eval_files=args.eval, eval_fraction=args.eval_fraction, store=args.store,
-                        sequences=args.sequences, eval_sequences=args.eval_sequences, options=options,
-                        resume=args.resume, overwrite=args.overwrite, device=args.device, progress=not args.quiet,
-                        notify=lambda message: print(f"seqlab train: {message}", file=sys.stderr))
+    summary = train_run(
+        args.out,
+        files=args.files,
+        adapter=args.adapter,
+        adapter_settings=args.adapter_settings,
+        eval_files=args.eval,
+        eval_fraction=args.eval_fraction,
+        store=args.store,
+        sequences=args.sequences,
+        eval_sequences=args.eval_sequences,
+        options=options,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        device=args.device,
+        progress=not args.quiet,
+        notify=lambda message: print(f"seqlab train: {message}", file=sys.stderr),
+    )
     _print_train_summary(summary, args.json)
     return 0
 
@@ -109,8 +126,11 @@ def _print_train_summary(s: dict, as_json: bool) -> None:
         print(json.dumps(s))
         return
     rate = s["steps_this_run"] and s["seconds"] > 0
-    print(f"steps       {s['steps']} ({s['steps_this_run']} in this run"
-          + (f", {s['seconds']:.1f} s" if rate else "") + ")")
+    print(
+        f"steps       {s['steps']} ({s['steps_this_run']} in this run"
+        + (f", {s['seconds']:.1f} s" if rate else "")
+        + ")"
+    )
     print(f"train loss  {_fmt(s['train_loss'])} {s['loss_unit']} (last step)")
     baseline = s["uniform_baseline"]
     base = f" (uniform baseline {_fmt(baseline)})" if baseline is not None else ""
@@ -132,8 +152,15 @@ def _eval(args) -> int:
     require(args, "model")
     _check_args(args, _EVAL_CHECKS)
     _torch_threads(args)
-    result = evaluate_model(args.model, files=args.files, store=args.store, sequences=args.sequences,
-                            window=args.window, device=args.device, progress=not args.quiet)
+    result = evaluate_model(
+        args.model,
+        files=args.files,
+        store=args.store,
+        sequences=args.sequences,
+        window=args.window,
+        device=args.device,
+        progress=not args.quiet,
+    )
     if args.json:
         print(json.dumps(result))
         return 0
@@ -141,23 +168,34 @@ def _eval(args) -> int:
     for row in result["inputs"]:
         print(f"{row['name']}\t{_fmt(row['metric'])} {name}\t{row['targets']} targets")
     baseline = result["uniform_baseline"]
-    print(f"total\t{_fmt(result['metric'])} {name}\t{result['targets']} targets"
-          + (f"\tuniform baseline {_fmt(baseline)}" if baseline is not None else ""))
+    print(
+        f"total\t{_fmt(result['metric'])} {name}\t{result['targets']} targets"
+        + (f"\tuniform baseline {_fmt(baseline)}" if baseline is not None else "")
+    )
     return 0
 
 
 # ------------------------------------------------------------------------------------------------------
 
-_MODEL_HELP = {"d_model": "model width (default 128)", "n_layer": "layers (default 4)",
-               "d_state": "SSM state size (default 16 mamba1, 128 mamba2)",
-               "d_conv": "causal conv width (default 4)", "expand": "inner width / d_model (default 2)",
-               "headdim": "Mamba-2 head size (default 64)", "chunk_size": "Mamba-2 SSD chunk (default 256)"}
+_MODEL_HELP = {
+    "d_model": "model width (default 128)",
+    "n_layer": "layers (default 4)",
+    "d_state": "SSM state size (default 16 mamba1, 128 mamba2)",
+    "d_conv": "causal conv width (default 4)",
+    "expand": "inner width / d_model (default 2)",
+    "headdim": "Mamba-2 head size (default 64)",
+    "chunk_size": "Mamba-2 SSD chunk (default 256)",
+}
 _TRAIN_HELP = {
-    "steps": "optimizer steps in all (default 1000)", "batch_size": "streams per step (default 8)",
+    "steps": "optimizer steps in all (default 1000)",
+    "batch_size": "streams per step (default 8)",
     "window": "TBPTT window: elements per stream per step (default 256)",
-    "lr": "peak learning rate (default 1e-3)", "min_lr_ratio": "cosine ends at this * lr (default 0.1)",
-    "weight_decay": "AdamW weight decay (default 0.1)", "warmup": "linear warmup steps (default 0)",
-    "grad_accum": "micro-batches per step (default 1)", "grad_clip": "clip the gradient norm (default 1.0)",
+    "lr": "peak learning rate (default 1e-3)",
+    "min_lr_ratio": "cosine ends at this * lr (default 0.1)",
+    "weight_decay": "AdamW weight decay (default 0.1)",
+    "warmup": "linear warmup steps (default 0)",
+    "grad_accum": "micro-batches per step (default 1)",
+    "grad_clip": "clip the gradient norm (default 1.0)",
     "eval_every": "evaluate every N steps and at the end (default 100; 0: only the final full evaluation)",
     "eval_windows": "held-out windows per periodic evaluation (default 8)",
     "checkpoint_every": "checkpoint every N steps and at the end (default 100)",
@@ -168,7 +206,8 @@ _TRAIN_HELP = {
 
 def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser(
-        "train", help="train a model for a domain adapter from files or a sequence store",
+        "train",
+        help="train a model for a domain adapter from files or a sequence store",
         description="Train a Mamba model for a domain adapter with truncated BPTT (state carried across windows "
         "and detached), from files (encoded in memory; one bytes file is memory-mapped) or from a sequence "
         "store (--store; only the chunks each window needs are read, so a chromosome or hours of audio train "
@@ -176,24 +215,33 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--out; --resume continues from the latest checkpoint there. The loss is shown in bits per element "
         "(a video model's in mse). Settings may come from a TOML file (seqlab train --config run.toml ...; "
         "keys of its [train] table).",
-        epilog="example: seqlab train notes.txt --adapter bytes --eval-fraction 0.1 --steps 500 --out runs/notes")
-    t.add_argument("files", nargs="*", help="training files (text/bytes, FASTA/FASTQ, audio, .npy video, memory "
-                   "events)")
+        epilog="example: seqlab train notes.txt --adapter bytes --eval-fraction 0.1 --steps 500 --out runs/notes",
+    )
+    t.add_argument(
+        "files", nargs="*", help="training files (text/bytes, FASTA/FASTQ, audio, .npy video, memory events)"
+    )
     data = t.add_argument_group("data")
     add_adapter(data, "adapter for FILE...: bytes, dna, audio, video, memory (with --store: the store's)")
-    data.add_argument("--eval", nargs="+", metavar="FILE", help="held-out files (put this after the training "
-                      "files)")
-    data.add_argument("--eval-fraction", type=eval_fraction, metavar="F",
-                      help="hold out the last F of the encoded data")
+    data.add_argument("--eval", nargs="+", metavar="FILE", help="held-out files (put this after the training files)")
+    data.add_argument(
+        "--eval-fraction", type=eval_fraction, metavar="F", help="hold out the last F of the encoded data"
+    )
     data.add_argument("--store", metavar="S.zarr", help="train from a sequence store (written by seqlab ingest)")
     add_sequences(data, "stored sequences to train on (default: all complete ones but the --eval-sequences)")
     data.add_argument("--eval-sequences", nargs="+", metavar="NAME", help="stored sequences held out for eval")
     run = t.add_argument_group("run")
     run.add_argument("--out", metavar="DIR", help="output folder (required)")
-    run.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint "
-                     "(a new run when there is none yet); flags left out keep the run's settings")
-    run.add_argument("--overwrite", action="store_true", help="start over in an --out that holds another run "
-                     "(kept in DIR/.previous-run until the new run has finished)")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its latest checkpoint "
+        "(a new run when there is none yet); flags left out keep the run's settings",
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an --out that holds another run (kept in DIR/.previous-run until the new run has finished)",
+    )
     add_device(run)
     add_threads(run)
     add_quiet(run)
@@ -204,20 +252,32 @@ def register(sub: argparse._SubParsersAction) -> None:
         model.add_argument(flag(name), type=MODEL_TYPES[name], default=None, help=text)
     opt = t.add_argument_group("training")
     for name, text in _TRAIN_HELP.items():
-        opt.add_argument(flag(name), type=TRAIN_TYPES[name], default=None, help=text,
-                         metavar="N|all" if name == "keep_checkpoints" else None)
-    opt.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                     help="bfloat16 autocast (default off)")
-    opt.add_argument("--carry-state", action=argparse.BooleanOptionalAction, default=None,
-                     help="carry the state across windows (default on)")
+        opt.add_argument(
+            flag(name),
+            type=TRAIN_TYPES[name],
+            default=None,
+            help=text,
+            metavar="N|all" if name == "keep_checkpoints" else None,
+        )
+    opt.add_argument(
+        "--bf16", action=argparse.BooleanOptionalAction, default=None, help="bfloat16 autocast (default off)"
+    )
+    opt.add_argument(
+        "--carry-state",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="carry the state across windows (default on)",
+    )
     t.set_defaults(func=_train)
 
     e = sub.add_parser(
-        "eval", help="held-out metric of a trained model over files or stored sequences",
+        "eval",
+        help="held-out metric of a trained model over files or stored sequences",
         description="Measure a trained model (a model file or a training checkpoint folder) on files or stored "
         "sequences: each input is streamed in windows with the state carried (equal to one pass over it, in "
         "constant memory). Prints the adapter's metric per input and in total, with the uniform baseline.",
-        epilog="example: seqlab eval --model runs/notes/model.safetensors test.txt")
+        epilog="example: seqlab eval --model runs/notes/model.safetensors test.txt",
+    )
     add_model(e)
     e.add_argument("files", nargs="*", help="files to measure (encoded by the model's adapter)")
     e.add_argument("--store", metavar="S.zarr", help="measure stored sequences instead of files")
