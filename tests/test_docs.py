@@ -4,7 +4,9 @@
   what an earlier one defined). Each block keeps its line numbers: a traceback's line is the doc's line.
 - ``bash``/``sh``/``shell``/``console``: a doc's shell blocks, in order, run as one ``bash -e -o pipefail`` script
   in the same scratch folder, after its Python script (a walkthrough uses files the Python example wrote), with
-  this environment's ``bin`` first on the PATH. A ``console`` block runs its ``$ `` lines; the others are output.
+  this environment's ``bin`` first on the PATH. Both run with ``OMP_NUM_THREADS=1`` (two pytest workers share two
+  cores) in a process session of their own, killed whole after a timeout. A ``console`` block runs its ``$ ``
+  lines; the others are output.
 - ``toml``: parsed; a ``--config`` file of the ``seqlab`` command (its first line ``# NAME.toml`` and the doc
   says ``--config NAME.toml``) is also read by ``seqlab --config NAME.toml COMMAND [ACTION] --help`` for each
   of its tables, which refuses an unknown key or a value its flag would refuse.
@@ -38,8 +40,16 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 BIN = Path(sys.executable).parent
 
 PYTHON, SHELL, CONSOLE, TOML, TEXT = "python", "shell", "console", "toml", "text"
-KINDS = {"python": PYTHON, "py": PYTHON, "bash": SHELL, "sh": SHELL, "shell": SHELL, "console": CONSOLE,
-         "toml": TOML, "text": TEXT}
+KINDS = {
+    "python": PYTHON,
+    "py": PYTHON,
+    "bash": SHELL,
+    "sh": SHELL,
+    "shell": SHELL,
+    "console": CONSOLE,
+    "toml": TOML,
+    "text": TEXT,
+}
 
 #: the most blocks that may be skipped (each names its reason in the doc); raising it is a deliberate edit
 MAX_SKIPS = 6
@@ -47,7 +57,7 @@ MAX_SKIPS = 6
 #: shell commands that cannot run inside a test, and the file that runs or defines the same work instead, with a
 #: string that file must contain
 COMMANDS_RUN_ELSEWHERE = {
-    "make demo": ("tests/test_demo.py", '"demo", "--quick"'),          # `seqlab demo --quick`, every output checked
+    "make demo": ("tests/test_demo.py", '"demo", "--quick"'),  # `seqlab demo --quick`, every output checked
     "make test": ("Makefile", "\ntest: $(STAMP)\n\t$(BIN)/$(PYTEST)"),  # the suite this test is part of
     ".venv/bin/python examples/train_bytes.py": ("tests/test_examples.py", '"train_bytes.py"'),  # 3 steps
 }
@@ -56,14 +66,14 @@ SHELL_RUN_ELSEWHERE = {"docs/cli.md": ("tests/test_cli_walkthrough.py", '"docs" 
 #: Python blocks (a doc, a string in the block) another test runs; here only their imports run
 PYTHON_RUN_ELSEWHERE = {
     ("docs/training.md", "train_data_parallel("):  # Ray Train, 2 workers: about 70 s on 2 cores
-        ("tests/test_pipelines/test_ray_train.py", "num_workers=2"),
+    ("tests/test_pipelines/test_ray_train.py", "num_workers=2"),
 }
 
 
 @dataclass
 class Block:
-    doc: str      # path relative to the repository root
-    line: int     # 1-based line of the opening fence
+    doc: str  # path relative to the repository root
+    line: int  # 1-based line of the opening fence
     tag: str
     code: str
     skip: str | None = None
@@ -77,7 +87,7 @@ class Block:
 
 
 FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})(.*)$")
-DIRECTIVE = re.compile(r"^\s*<!--\s*docs-test\b:?(.*?)-->\s*$")   # a line that is only such a comment
+DIRECTIVE = re.compile(r"^\s*<!--\s*docs-test\b:?(.*?)-->\s*$")  # a line that is only such a comment
 SKIP = re.compile(r"^\s*skip:\s*(\S.*?)\s*$")
 
 
@@ -103,14 +113,16 @@ def parse(text: str, doc: str) -> tuple[list[Block], list[str]]:
             j += 1
         if j == len(lines):
             problems.append(f"{doc}:{i + 1}: fence never closed")
-        body = [line[len(indent):] if line.startswith(indent) else line.lstrip() for line in lines[i + 1:j]]
+        body = [line[len(indent) :] if line.startswith(indent) else line.lstrip() for line in lines[i + 1 : j]]
         block = Block(doc, i + 1, tag, "\n".join(body) + "\n")
         directive = DIRECTIVE.match(lines[i - 1]) if i > 0 else None
         if directive:
             skip = SKIP.match(directive.group(1))
             if skip is None:
-                problems.append(f"{doc}:{i}: expected '<!-- docs-test: skip: REASON -->' (a reason is required), "
-                                f"got {directive.group(0)!r}")
+                problems.append(
+                    f"{doc}:{i}: expected '<!-- docs-test: skip: REASON -->' (a reason is required), "
+                    f"got {directive.group(0)!r}"
+                )
             else:
                 block.skip = skip.group(1)
         if not tag:
@@ -130,8 +142,9 @@ BLOCKS = {str(d.relative_to(ROOT)): doc_blocks(d) for d in DOCS}
 
 
 def covered_python(block: Block) -> tuple[str, str] | None:
-    return next((by for (doc, marker), by in PYTHON_RUN_ELSEWHERE.items()
-                 if doc == block.doc and marker in block.code), None)
+    return next(
+        (by for (doc, marker), by in PYTHON_RUN_ELSEWHERE.items() if doc == block.doc and marker in block.code), None
+    )
 
 
 def python_script(blocks: list[Block]) -> str:
@@ -142,8 +155,12 @@ def python_script(blocks: list[Block]) -> str:
         code = block.code
         if covered_python(block):
             tree = ast.parse(code)
-            kept = {n for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
-                    for n in range(node.lineno, node.end_lineno + 1)}
+            kept = {
+                n
+                for node in tree.body
+                if isinstance(node, (ast.Import, ast.ImportFrom))
+                for n in range(node.lineno, node.end_lineno + 1)
+            }
             code = "\n".join(line if n in kept else "" for n, line in enumerate(code.splitlines(), 1))
         lines += [""] * (block.line - len(lines))
         lines += code.splitlines()
@@ -189,14 +206,17 @@ def runnable(doc: str, kind: str) -> list[Block]:
 def run(argv: list[str], cwd: Path, what: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run in a session of its own, so that a timeout kills what it started too (Ray's processes)."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         pytest.fail(f"{what} took more than {timeout} s (killed)\nstdout:\n{out[-3000:]}\nstderr:\n{err[-5000:]}")
+    with contextlib.suppress(ProcessLookupError):  # whatever it left running in its session
+        os.killpg(proc.pid, signal.SIGKILL)
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
@@ -216,29 +236,47 @@ def test_skipped_blocks_are_few():
 
 def test_checks_catch_what_they_should():
     """The parser is not vacuous: it finds what this test must refuse."""
-    text = "a `<!-- docs-test: skip: R -->` in prose\n```\nx\n```\n```pyhton\nx\n```\n<!-- docs-test: skip: -->\n" \
-           "```python\nx\n```\n" \
-           "<!-- docs-test: skip: needs a GPU -->\n```bash\nnvidia-smi\n```\n<!-- docs-test: skip: x -->\n\n```text\n"
+    text = (
+        "a `<!-- docs-test: skip: R -->` in prose\n```\nx\n```\n```pyhton\nx\n```\n<!-- docs-test: skip: -->\n"
+        "```python\nx\n```\n"
+        "<!-- docs-test: skip: needs a GPU -->\n```bash\nnvidia-smi\n```\n<!-- docs-test: skip: x -->\n\n```text\n"
+    )
     blocks, problems = parse(text, "t.md")
     assert [b.tag for b in blocks] == ["", "pyhton", "python", "bash", "text"]
     assert [b.skip for b in blocks] == [None, None, None, "needs a GPU", None]
     assert [p.split(": ", 1)[0] for p in problems] == ["t.md:2", "t.md:5", "t.md:8", "t.md:16", "t.md:18"]
     console = Block("t.md", 1, "console", "$ seqlab describe s.zarr \\\n    --quiet\nnotes 9000\n$ make demo\n")
-    assert shell_lines(console) == ["seqlab describe s.zarr \\", "    --quiet", "",
-                                    ": run by tests/test_demo.py: make demo"]
+    assert shell_lines(console) == [
+        "seqlab describe s.zarr \\",
+        "    --quiet",
+        "",
+        ": run by tests/test_demo.py: make demo",
+    ]
 
 
 def test_commands_run_elsewhere_are_run_there():
     for table in (COMMANDS_RUN_ELSEWHERE, SHELL_RUN_ELSEWHERE, PYTHON_RUN_ELSEWHERE):
         for key, (path, marker) in table.items():
             assert marker in (ROOT / path).read_text(), f"{key}: {path} does not contain {marker!r}"
-    for doc in SHELL_RUN_ELSEWHERE:   # the walkthrough test reads ```bash blocks
+    for doc in SHELL_RUN_ELSEWHERE:  # the walkthrough test reads ```bash blocks
         assert {b.tag for b in BLOCKS[doc] if b.kind in (SHELL, CONSOLE)} <= {"bash"}, doc
-    used = {c for blocks in BLOCKS.values() for b in blocks if b.kind in (SHELL, CONSOLE)
-            for c in COMMANDS_RUN_ELSEWHERE if c in b.code}
+    used = {
+        c
+        for blocks in BLOCKS.values()
+        for b in blocks
+        if b.kind in (SHELL, CONSOLE)
+        for c in COMMANDS_RUN_ELSEWHERE
+        if c in b.code
+    }
     assert used == set(COMMANDS_RUN_ELSEWHERE), "an entry no doc uses any more"
-    found = {(b.doc, m) for blocks in BLOCKS.values() for b in blocks if b.kind == PYTHON
-             for (d, m) in PYTHON_RUN_ELSEWHERE if d == b.doc and m in b.code}
+    found = {
+        (b.doc, m)
+        for blocks in BLOCKS.values()
+        for b in blocks
+        if b.kind == PYTHON
+        for (d, m) in PYTHON_RUN_ELSEWHERE
+        if d == b.doc and m in b.code
+    }
     assert found == set(PYTHON_RUN_ELSEWHERE), "an entry no doc uses any more"
 
 
@@ -254,7 +292,7 @@ def test_doc_blocks_run(doc, tmp_path):
     work.mkdir()
     name = doc.replace("/", "_")
     if blocks := runnable(doc, PYTHON):
-        script = tmp_path / f"{name}.py"   # tracebacks name the doc, at its line numbers
+        script = tmp_path / f"{name}.py"  # tracebacks name the doc, at its line numbers
         script.write_text(python_script(blocks))
         result = run([sys.executable, str(script)], work, f"{doc}: its Python blocks")
         assert result.returncode == 0, f"{doc} (Python blocks):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
@@ -268,23 +306,31 @@ def test_doc_blocks_run(doc, tmp_path):
 TOML_DOCS = [d for d, blocks in BLOCKS.items() if any(b.kind == TOML and not b.skip for b in blocks)]
 
 
+def toml_module():
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: what the CLI reads TOML with there
+        tomllib = pytest.importorskip("tomli")
+    return tomllib
+
+
 def check_config(path: Path) -> list[str]:
     """What ``seqlab --config PATH COMMAND [ACTION] --help`` says is wrong with each table of the file."""
-    import tomllib
-
     from seqlab.cli import main
+
+    tomllib = toml_module()
 
     problems = []
     for command, table in tomllib.loads(path.read_text()).items():
         if not isinstance(table, dict):
-            continue   # a top-level key: read with each command's table
+            continue  # a top-level key: read with each command's table
         actions = [[a] for a, sub in table.items() if isinstance(sub, dict)] or [[]]
         for action in actions:
             out, err = io.StringIO(), io.StringIO()
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 try:
                     code = main(["--config", str(path), command, *action, "--help"])
-                except SystemExit as exc:   # --help
+                except SystemExit as exc:  # --help
                     code = exc.code
             if code != 0 or err.getvalue():
                 problems.append(f"[{'.'.join([command, *action])}]: exit {code}: {err.getvalue().strip()}")
@@ -293,7 +339,7 @@ def check_config(path: Path) -> list[str]:
 
 @pytest.mark.parametrize("doc", TOML_DOCS)
 def test_toml_blocks_parse_and_configs_fit_their_commands(doc, tmp_path):
-    tomllib = pytest.importorskip("tomllib")
+    tomllib = toml_module()
     text = (ROOT / doc).read_text()
     for block in (b for b in BLOCKS[doc] if b.kind == TOML and not b.skip):
         try:
@@ -309,7 +355,6 @@ def test_toml_blocks_parse_and_configs_fit_their_commands(doc, tmp_path):
 
 
 def test_config_check_refuses_a_bad_key(tmp_path):
-    pytest.importorskip("tomllib")
     path = tmp_path / "run.toml"
     path.write_text("[bench]\nno-such-setting = 1\n")
     assert check_config(path) and "no-such-setting" in check_config(path)[0]
