@@ -5,6 +5,7 @@ sources build on it). See docs/training.md.
 
 from __future__ import annotations
 
+import numbers
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -107,6 +108,9 @@ class SequenceSource(ArraySource):
             raise InputError(f"SequenceSource data must be a torch tensor or numpy array, got {type(data).__name__}")
         if data.ndim not in (1, 2):
             raise InputError(f"SequenceSource data must be 1-D or (streams, length), got shape {tuple(data.shape)}")
+        for name, value in (("batch_size", batch_size), ("window", window)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise InputError(f"SequenceSource {name} must be a positive int, got {value!r}")
         batch_size = int(batch_size)
         if data.ndim == 2 and data.shape[0] != batch_size:
             raise InputError(f"SequenceSource data has {data.shape[0]} rows, batch_size is {batch_size}: "

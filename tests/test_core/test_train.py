@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from seqlab.checkpoint import latest_checkpoint
-from seqlab.errors import ConfigError, CorruptFileError, StateMismatchError
+from seqlab.errors import ConfigError, CorruptFileError, InputError, StateMismatchError
 from seqlab.testing import tiny_lm
 from seqlab.train import FrameSource, SequenceSource, TrainConfig, Trainer, WindowSource
 
@@ -165,6 +165,9 @@ def test_window_sources_satisfy_the_protocol_and_frames_match_ids():
     assert all(torch.equal(array.window(i)[1], seq.window(i)[1]) for i in range(4))
     with pytest.raises(IndexError):
         frames.window(4)
+    for bad in ({"batch_size": 0}, {"window": 0}, {"window": -3}, {"batch_size": True}):
+        with pytest.raises(InputError, match=next(iter(bad))):
+            SequenceSource(ids, **{"batch_size": 3, "window": 8, **bad})
 
 
 def test_bf16_autocast_trains_with_fp32_params():
