@@ -57,7 +57,7 @@ def _model_device(model) -> torch.device:
 
 def _is_continuous(model, adapter) -> bool:
     if adapter is not None:
-        return adapter.input_spec.kind == "continuous"
+        return bool(adapter.continuous)
     return getattr(model, "d_input", None) is not None
 
 
@@ -161,10 +161,13 @@ def stream_metric(
     carried (exact: equals one pass over the whole stream): ``(metric averaged over every predicted position,
     number of positions)``; ``(None, 0)`` when nothing is predicted. A position whose ``position_metric`` is NaN
     is one the metric does not count (e.g. a target that is not a base, for bits per base)."""
+    if adapter is None:
+        raise InputError("stream_metric needs the adapter whose position_metric it averages, got None")
     total, count = 0.0, 0
     for step in stream_pieces(
         model, pieces, state=state, adapter=adapter, targets=True, device=device, progress=progress
     ):
+        assert step.metric is not None  # targets=True with an adapter
         values = step.metric.double()
         counted = ~torch.isnan(values)
         total += float(values[counted].sum())

@@ -20,15 +20,10 @@ FRAME = (2, 3)  # continuous frames (t, 2, 3) -> (t, 6) features
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-class _Spec:
-    def __init__(self, kind):
-        self.kind = kind
-
-
 class BitsAdapter:
     """The least an adapter needs for streaming: an input kind and a per-position metric (-log2 p(target))."""
 
-    input_spec = _Spec("tokens")
+    continuous = False
 
     def position_metric(self, output, targets):
         logp = torch.log_softmax(output.logits.float(), dim=-1)
@@ -38,7 +33,7 @@ class BitsAdapter:
 class SquaredErrorAdapter:
     """Continuous frames: the mean squared error of the predicted next frame, per position."""
 
-    input_spec = _Spec("continuous")
+    continuous = True
 
     def position_metric(self, output, targets):
         return ((output.output.float() - targets.float()) ** 2).mean(-1)
@@ -143,6 +138,46 @@ def test_stream_metric_equals_the_whole_pass_cross_entropy():
     value, count = stream_metric(model, BitsAdapter(), split(seq, [1, 0, 37, 1, 1, 60, 100]))
     assert count == 199
     assert value == pytest.approx(want, rel=1e-5)
+
+
+def _dna():
+    from seqlab.domains.dna import DNAAdapter
+
+    adapter = DNAAdapter(add_bos_eos=True)  # <bos>/<eos> targets are not bases: NaN positions, not counted
+    return adapter, adapter.encode([("r1", "ACGTNACGGTTACAGT" * 3), ("r2", "TTGACNNAC")])
+
+
+def _bytes():
+    from seqlab.domains.bytes import ByteAdapter
+
+    adapter = ByteAdapter()
+    return adapter, adapter.encode(b"streamed bytes, state carried: " * 3)
+
+
+def _frames():
+    from seqlab.domains.testing import FramesTestAdapter
+
+    class Wide(FramesTestAdapter):  # predicts the first 2 of 6 features
+        width, output_width = 6, 2
+
+    return Wide(), torch.randn((70, 2, 3), generator=torch.Generator().manual_seed(7))
+
+
+@pytest.mark.parametrize("make", [_dna, _bytes, _frames])
+def test_real_adapters_stream_metric_equals_their_metric_of_one_pass(make):
+    """What the eval command relies on: the adapter's own ``metric`` over one pass (weighted by
+    ``metric_weight``), whatever the pieces."""
+    adapter, seq = make()
+    torch.manual_seed(0)
+    model = adapter.build_model(tiny_config()).eval()
+    inputs, targets = flat(seq)[:-1][None], flat(seq)[1:][None]
+    with torch.no_grad():
+        want = adapter.metric(model(inputs), targets)
+    weight = adapter.metric_weight(targets)
+    for sizes in ([len(seq)], [1, 0, 9, 1, 30, len(seq)]):
+        value, count = stream_metric(model, adapter, split(seq, sizes))
+        assert count == weight
+        assert value == pytest.approx(want, rel=1e-5)
 
 
 def test_nan_positions_are_not_counted():
@@ -275,6 +310,11 @@ def test_not_a_state_and_a_bad_start_are_refused():
     for start in (-1, 1.5, True):
         with pytest.raises(InputError, match="start must be an int"):
             stream_pieces(lm(), [tokens(5)], start=start)
+
+
+def test_stream_metric_needs_an_adapter():
+    with pytest.raises(InputError, match="needs the adapter"):
+        stream_metric(lm(), None, [tokens(5)])
 
 
 def test_a_bidirectional_model_cannot_stream():
