@@ -229,6 +229,10 @@ class Trainer:
     def _source(self, data, name):
         if isinstance(data, WindowSource):
             return data
+        if hasattr(data, "window") and not isinstance(data, (torch.Tensor, np.ndarray)):
+            missing = [m for m in ("batch_size", "num_windows", "window") if not hasattr(data, m)]
+            raise InputError(f"{name}: a {type(data).__name__} is not a training source (a WindowSource): it has no "
+                             f"{', '.join(missing)}")
         try:
             return SequenceSource(data, self.config.batch_size, self.config.window)
         except InputError as exc:

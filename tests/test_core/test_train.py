@@ -165,6 +165,15 @@ def test_window_sources_satisfy_the_protocol_and_frames_match_ids():
     assert all(torch.equal(array.window(i)[1], seq.window(i)[1]) for i in range(4))
     with pytest.raises(IndexError):
         frames.window(4)
+    class NoBatch:  # a source of the old kind, without batch_size: refused by name, not taken for token data
+        num_windows = 2
+
+        def window(self, index):
+            return seq.window(index)
+
+    model = tiny_lm(vocab=16, d_model=16, n_layer=1)
+    with pytest.raises(InputError, match="eval_data: a NoBatch is not a training source .*no batch_size"):
+        Trainer(model, cfg(batch_size=3, window=8), seq, NoBatch())
     for bad in ({"batch_size": 0}, {"window": 0}, {"window": -3}, {"batch_size": True}):
         with pytest.raises(InputError, match=next(iter(bad))):
             SequenceSource(ids, **{"batch_size": 3, "window": 8, **bad})
