@@ -37,7 +37,7 @@ def train(adapter: VideoAdapter, config: BackboneConfig, steps: int, lr: float, 
     tc = TrainConfig(lr=lr, max_steps=steps, warmup_steps=min(20, steps), batch_size=BATCH, window=train_data.window_size,
                      carry_state=False, weight_decay=0.0, progress=False, seed=seed)
     start = time.perf_counter()
-    Trainer(model, tc, train_data, loss_fn=adapter.loss, metric_fn=adapter.metric).fit()
+    Trainer(model, tc, train_data, loss_fn=adapter.loss, metric_fn=adapter.metric, loss_unit=adapter.loss_unit).fit()
     seconds = time.perf_counter() - start
     model.eval()
     x, y = test.window(0)

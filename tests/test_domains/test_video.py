@@ -459,7 +459,7 @@ def test_tiny_model_learns_motion_well_below_the_copy_previous_frame_baseline():
     model.eval()
     with torch.no_grad():
         before = a.metric(model(x), y)
-    Trainer(model, config, train, loss_fn=a.loss, metric_fn=a.metric).fit()
+    Trainer(model, config, train, loss_fn=a.loss, metric_fn=a.metric, loss_unit=a.loss_unit).fit()
     model.eval()
     with torch.no_grad():
         after = a.metric(model(x), y)
