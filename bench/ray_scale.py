@@ -10,7 +10,7 @@ this process may use).
 
 * in-process: one ``JobWorker`` (the class Ray's actors run, so the per-sequence work is the very same: load the
   model file, stream each sequence exactly with carried state in windows of ``--window`` via
-  ``pipelines.stream``, score, write each output into a Zarr store) called in a loop in this process, torch
+  ``seqlab.pipelines.stream``, score, write each output into a Zarr store) called in a loop in this process, torch
   threads = C. Timed from the worker's construction (model load) to the last output.
 * Ray, 1 worker: ``score(..., concurrency=1, num_cpus=C)`` (the worker sets C torch threads);
 * Ray, C workers: ``score(..., concurrency=C, num_cpus=1)`` (1 torch thread each); skipped when C = 1.
@@ -91,11 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_inputs(workdir: str, args) -> tuple[str, str, list[str]]:
-    from seqlab.domains.bytes import ByteAdapter
-    from seqlab.pipelines.store import SequenceStore
-
     from seqlab.checkpoint import save_model
     from seqlab.config import BackboneConfig
+    from seqlab.domains.bytes import ByteAdapter
+    from seqlab.pipelines import SequenceStore
 
     adapter = ByteAdapter()
     torch.manual_seed(0)
@@ -113,8 +112,9 @@ def make_inputs(workdir: str, args) -> tuple[str, str, list[str]]:
 
 def run_in_process(model_path: str, store_path: str, names: list[str], output: str, args) -> dict:
     """The same per-item work as a Ray actor (``JobWorker``), in a loop in this process."""
-    from seqlab.pipelines.ray_jobs import JobWorker, _file_sha256
-    from seqlab.pipelines.store import SequenceStore
+    from seqlab.pipelines import SequenceStore
+    from seqlab.pipelines.ray_plan import _file_sha256
+    from seqlab.pipelines.ray_work import JobWorker
 
     torch.set_num_threads(args.threads)
     job_attrs = {"format": 1, "job": "score", "mode": "exact", "window": args.window, "segment_length": None,
@@ -235,8 +235,8 @@ def main(argv=None) -> None:
 
     print(f"load average (1 min): {load_before:.2f} before, {load_after:.2f} after; {args.repeat} round(s), "
           "median round shown")
-    print("| configuration | workers x torch threads | seconds (median) | range | elements/s | overhead vs in-process | "
-          "per-round overheads | start-up s | s per item in worker | overhead with ray.init |")
+    print("| configuration | workers x torch threads | seconds (median) | range | elements/s | "
+          "overhead vs in-process | per-round overheads | start-up s | s per item in worker | overhead with ray.init |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     print(f"| in-process loop | 1 x {cores} | {base['seconds']:.1f} | {spread(bases)} | {base_rate:,.0f} | - | - | - | "
           f"{base['item']:.2f} | - |")

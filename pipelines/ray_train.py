@@ -29,6 +29,8 @@ from seqlab.errors import BackendUnavailableError, ConfigError, InputError
 from seqlab.models import LanguageModel
 from seqlab.train import TrainConfig, Trainer
 
+from .ray_cluster import connect
+
 MODEL_SPEC_FILE = "seqlab_model.json"
 
 
@@ -177,7 +179,7 @@ def train_data_parallel(model_factory: Callable[[], torch.nn.Module] | tuple, co
                         storage_path: str | os.PathLike | None = None, name: str | None = None,
                         loss_fn: Callable | None = None, metric_fn: Callable | None = None,
                         checkpoint_every: int | None = None, backend: str | None = None,
-                        resources_per_worker: dict | None = None):
+                        resources_per_worker: dict | None = None, quiet: bool = False):
     """Train ``model_factory()`` on ``train_data`` with ``num_workers`` data-parallel Ray Train workers.
 
     ``model_factory``: a picklable zero-argument callable returning the model, or a ``(BackboneConfig or its
@@ -189,13 +191,13 @@ def train_data_parallel(model_factory: Callable[[], torch.nn.Module] | tuple, co
     ``~/ray_results``) and ``name``: where Ray keeps the run and its checkpoints. ``checkpoint_every``: rank 0
     reports a checkpoint every that many steps (default ``config.checkpoint_every``) and always at the last
     step; ``config.checkpoint_dir`` is not used (Ray storage holds the checkpoints). ``backend``: the
-    torch.distributed backend (default gloo on CPU, nccl on GPU).
+    torch.distributed backend (default gloo on CPU, nccl on GPU). ``quiet``: Ray's own log lines off (start-up
+    notices, Ray Train's progress reports and status tables: ``seqlab.pipelines.ray_cluster``).
 
     Returns Ray's ``Result``: ``result.metrics`` (rank 0's last report: ``loss`` averaged over ranks,
     ``losses`` per step, ``weight_checksums`` per rank), ``result.checkpoint`` (the final seqlab checkpoint;
     ``load_trained_model(result)`` loads it), ``result.path``.
     """
-    import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -209,11 +211,7 @@ def train_data_parallel(model_factory: Callable[[], torch.nn.Module] | tuple, co
     every = config.checkpoint_every if checkpoint_every is None else checkpoint_every
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
         raise ConfigError(f"checkpoint_every must be an int >= 0, got {every!r}")
-    if not ray.is_initialized():
-        if address is None:
-            ray.init(include_dashboard=False, log_to_driver=False)
-        else:
-            ray.init(address=address, log_to_driver=False)
+    connect(address, quiet=quiet, log_to_driver=False)
     scaling = ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker)
     _check_cluster(scaling, num_workers, address)
     storage = os.path.abspath(os.path.expanduser(os.fspath(storage_path or "~/ray_results")))

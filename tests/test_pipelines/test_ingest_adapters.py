@@ -6,10 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
-from seqlab.pipelines.store import SequenceStore, ingest
+from seqlab.pipelines import SequenceStore, ingest
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 

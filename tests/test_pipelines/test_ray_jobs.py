@@ -13,14 +13,12 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from seqlab.domains.bytes import ByteAdapter
-from seqlab.pipelines import ray_jobs
-from seqlab.pipelines.ray_jobs import JobProgress, embed, generate, score
-from seqlab.pipelines.store import SequenceStore
-
-from seqlab.checkpoint import save_model
-from seqlab.config import BackboneConfig
-from seqlab.errors import ConfigError, CorruptFileError, InputError
+from seqlab.checkpoint import save_model  # noqa: E402 (after the skip: the modules below import ray)
+from seqlab.config import BackboneConfig  # noqa: E402
+from seqlab.domains.bytes import ByteAdapter  # noqa: E402
+from seqlab.errors import ConfigError, CorruptFileError, InputError  # noqa: E402
+from seqlab.pipelines import SequenceStore, ray_errors, ray_jobs, ray_work  # noqa: E402
+from seqlab.pipelines.ray_jobs import JobProgress, embed, generate, score  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 WINDOW = 128
@@ -158,7 +156,7 @@ def test_worker_loads_its_model_on_the_thread_that_calls_it(setup, clean, monkey
     monkeypatch.setattr(base, "model_from_checkpoint", recording)
     out = tmp_path / "direct.zarr"
     SequenceStore(out, "w")
-    worker = ray_jobs.JobWorker(setup["model_path"], str(out), "score", WINDOW, clean[0].config,
+    worker = ray_work.JobWorker(setup["model_path"], str(out), "score", WINDOW, clean[0].config,
                                 options={"output_chunk_elements": 64}, input_store=setup["store"], num_threads=1)
     assert worker.model is None and loaded_on == []
     length = SequenceStore(setup["store"], "r").describe("a").length
@@ -364,14 +362,14 @@ def test_each_run_gets_a_fresh_end_marker_and_old_ones_are_removed(tmp_path):
 
     out = tmp_path / "out.zarr"
     SequenceStore(out / ray_jobs.STAGING, "w")
-    first = ray_jobs._job_marker(str(out))
+    first = ray_work._job_marker(str(out))
     Path(first).touch()
     old = Path(first).with_name("old.ended")
     old.touch()
-    long_ago = time.time() - 61 * ray_jobs.ENDED_POLL_SECONDS
+    long_ago = time.time() - 61 * ray_work.ENDED_POLL_SECONDS
     os.utime(old, (long_ago, long_ago))
-    second = ray_jobs._job_marker(str(out))
-    assert second != first and Path(second).parent == Path(first).parent == out / ray_jobs.STAGING / ray_jobs.JOBS_DIR
+    second = ray_work._job_marker(str(out))
+    assert second != first and Path(second).parent == Path(first).parent == out / ray_jobs.STAGING / ray_work.JOBS_DIR
     assert Path(first).exists() and not old.exists() and not Path(second).exists()
     assert SequenceStore(out / ray_jobs.STAGING, "r").list() == []
 
@@ -391,7 +389,7 @@ def _live_actors() -> list:
 def test_sequence_store_datasource_yields_the_work_rows(ray_cluster):
     """The public Datasource (for Ray Data pipelines of your own) reads back exactly the rows it was given, spread
     over as many read tasks as asked, never more than rows."""
-    from seqlab.pipelines.ray_jobs import SequenceStoreDatasource
+    from seqlab.pipelines import SequenceStoreDatasource
 
     items = [{"name": f"s{i}", "segment": i % 2, "warm": 0, "start": 10 * i, "stop": 10 * i + 7} for i in range(5)]
     source = SequenceStoreDatasource(items)
@@ -517,11 +515,11 @@ def test_generate_one_suppresses_the_adapters_specials_and_stops_at_its_end(tmp_
     assert options["suppress_tokens"]  # the test means something only if there are specials to suppress
     for allow in (False, True):
         got = []
-        ray_jobs._generate_one(model, store, "s", 8, {"max_new_tokens": 40, "temperature": 3.0, "seed": 1,
+        ray_work._generate_one(model, store, "s", 8, {"max_new_tokens": 40, "temperature": 3.0, "seed": 1,
                                                       "allow_specials": allow}, got.append, adapter)
         prompt = store.read("s")
         seed = (1 + zlib.crc32(b"s")) % (1 << 31)
-        expected = direct(model, prompt, 40, temperature=3.0, seed=seed,
+        expected = direct(model, prompt, 40, do_sample=True, temperature=3.0, seed=seed,
                           **adapter.generation_options(allow_specials=allow)).tokens[0]
         assert got[0].tolist() == expected
         if not allow:
@@ -598,10 +596,57 @@ def test_a_workers_out_of_memory_or_full_disk_reaches_the_caller_as_itself():
 
     for cause in (MemoryError("Unable to allocate 64.0 GiB"),
                   RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")):
-        assert ray_jobs._unwrap(TaskError(cause)) is cause
-    assert ray_jobs._unwrap(TaskError(RuntimeError("index out of range in self"))) is None
+        assert ray_errors._unwrap(TaskError(cause)) is cause
+    assert ray_errors._unwrap(TaskError(RuntimeError("index out of range in self"))) is None
     full = OSError(28, "No space left on device", "/out.zarr/_staging/a.whole/c/3")  # a worker's disk is full
-    assert ray_jobs._unwrap(TaskError(full)) is full
-    again = ray_jobs._fresh(full)
+    assert ray_errors._unwrap(TaskError(full)) is full
+    again = ray_errors._fresh(full)
     assert (type(again), again.errno, again.filename, again.__traceback__) == (OSError, 28, full.filename, None)
-    assert ray_jobs._unwrap(TaskError(OSError(9, "Bad file descriptor"))) is None  # ours: stays wrapped
+    assert ray_errors._unwrap(TaskError(OSError(9, "Bad file descriptor"))) is None  # ours: stays wrapped
+
+
+#: a line of Ray's own: its Python loggers ("INFO streaming_executor.py:215 -- ..."), its C++ logs
+#: ("core_worker.cc:2465: ..."), Ray Data's progress log, a worker's forwarded output ("(MapWorker pid=...)")
+RAY_LINE = re.compile(r"\b(INFO|WARNING|ERROR)\b \S+\.py:\d+ --|\.cc:\d+[:\]]|Running Dataset|\(MapWorker")
+
+
+def test_a_quiet_job_prints_nothing_on_the_shared_cluster(setup, ray_cluster, tmp_path, capfd):
+    """quiet=True on a cluster that is up already (the session's, started with ``connect(quiet=True)``): nothing at
+    all on stdout or stderr at the file-descriptor level (without quiet our bar shows here; Ray Data's console
+    handler keeps the stream it was set up with, so Ray's own lines are checked in a fresh process below), and Ray
+    Data's settings are given back."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    settings = ("enable_progress_bars", "enable_operator_progress_bars", "print_on_execution_start",
+                "enable_auto_log_stats")
+    before = {name: getattr(context, name) for name in settings}
+    capfd.readouterr()
+    result = score(setup["model_path"], setup["store"], tmp_path / "quiet.zarr", window=WINDOW, concurrency=1,
+                   quiet=True, progress=True)  # quiet wins over our own bar too
+    out, err = capfd.readouterr()
+    assert result.summary["positions"] == 2198
+    assert (out, err) == ("", "")
+    assert {name: getattr(context, name) for name in settings} == before
+
+
+def test_a_quiet_job_that_starts_ray_itself_prints_nothing_and_a_loud_one_does(setup, tmp_path):
+    """In a fresh process a quiet job starts its own local Ray: none of Ray's start-up lines (the token notice,
+    "Started a local Ray instance", the C++ core worker's lines) nor the job's appear, on either stream. The next
+    job without quiet prints Ray Data's lines through the same capture, so the check can fail."""
+    import subprocess
+    import sys
+
+    script = (f"import sys\n"
+              f"from seqlab.pipelines.ray_jobs import score\n"
+              f"r = score({setup['model_path']!r}, {setup['store']!r}, {str(tmp_path / 'q.zarr')!r}, "
+              f"window={WINDOW}, concurrency=1, quiet=True)\n"
+              f"print('positions', r.summary['positions'], flush=True)\n"
+              f"print('LOUD', file=sys.stderr, flush=True)\n"
+              f"score({setup['model_path']!r}, {setup['store']!r}, {str(tmp_path / 'loud.zarr')!r}, "
+              f"window={WINDOW}, concurrency=1)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    quiet, _, loud = done.stderr.partition("LOUD\n")
+    assert (done.stdout, quiet) == ("positions 2198\n", "")
+    assert RAY_LINE.search(loud), done.stderr

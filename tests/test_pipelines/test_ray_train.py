@@ -9,11 +9,10 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from seqlab.pipelines.ray_train import load_trained_model, train_data_parallel
-
-from seqlab.config import BackboneConfig
-from seqlab.models import LanguageModel
-from seqlab.train import TrainConfig
+from seqlab.config import BackboneConfig  # noqa: E402 (after the skip: ray_train imports ray)
+from seqlab.models import LanguageModel  # noqa: E402
+from seqlab.pipelines.ray_train import load_trained_model, train_data_parallel  # noqa: E402
+from seqlab.train import TrainConfig  # noqa: E402
 
 
 def test_two_workers_train_average_gradients_and_checkpoint(ray_cluster, tmp_path):

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from seqlab.domains import register_adapter
 from seqlab.domains.testing import FramesTestAdapter
 from seqlab.errors import CorruptFileError, InputError, SeqlabError
-from seqlab.pipelines.store import SequenceStore, ingest, sequence_name
+from seqlab.pipelines import SequenceStore, ingest, sequence_name
 
 # The same small streaming adapter, as source text, so that the writer subprocesses below use it too.
 ADAPTER_SOURCE = '''
@@ -304,7 +304,8 @@ def test_multi_record_files_give_one_sequence_per_record(tmp_path):
     assert [r.action for r in ingest(store, tmp_path / "g.fa", adapter, window=4)] == ["skipped"] * 3
     # or one sequence for the whole file
     whole = ingest(store, tmp_path / "g.fa", adapter, window=4, split_records=False)[0]
-    assert whole.name == "g" and torch.equal(store.read("g"), torch.cat(list(adapter.iter_windows(tmp_path / "g.fa", 5))))
+    assert whole.name == "g"
+    assert torch.equal(store.read("g"), torch.cat(list(adapter.iter_windows(tmp_path / "g.fa", 5))))
 
 
 def test_ingest_memory_is_bounded_by_window_not_file(tmp_path):

@@ -1,6 +1,6 @@
-"""Streaming stored sequences through models with carried state: equals one pass (design.md invariant 1) for
-any window and store chunking, bounded reads and memory, refusal of another adapter's model, and a store as
-a training source for the Trainer."""
+"""Streaming stored sequences through models with carried state: equals one pass (docs/architecture.md, the state
+contract) for any window and store chunking, bounded reads and memory, refusal of another adapter's model, and a
+store as a training source for the Trainer."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from seqlab.domains.testing import FramesTestAdapter
 from seqlab.errors import CorruptFileError, InputError, StateMismatchError
 from seqlab.models import LanguageModel, SequenceModel
 from seqlab.pipelines import SequenceStore, StoreSource, stream, stream_bits, stream_output
-from seqlab.train import SequenceSource, TrainConfig, Trainer
+from seqlab.train import SequenceSource, TrainConfig, Trainer, WindowSource
 
 CONFIG = BackboneConfig(d_model=16, n_layer=2, d_state=8)
 
@@ -183,6 +183,7 @@ def test_store_is_a_training_source(tmp_path):
     store.write("b", [tokens[1700:]], adapter=_Tokens(), chunk_elements=100)
 
     source = store.source(["a", "b"], batch_size=3, window=64)
+    assert isinstance(source, WindowSource)  # what the Trainer asks of its data (seqlab.train)
     reference = SequenceSource(torch.from_numpy(tokens), batch_size=3, window=64)
     assert source.num_windows == reference.num_windows == len(source)
     for i in range(source.num_windows):
