@@ -16,9 +16,8 @@ from hypothesis import strategies as st
 
 import seqlab.kernels as K
 from seqlab.kernels import KernelInputError
-from seqlab.kernels.conv1d.ref import causal_conv1d_ref, causal_conv1d_update_ref
 from seqlab.kernels.conv1d.chunked import causal_conv1d_chunked, causal_conv1d_update_chunked
-
+from seqlab.kernels.conv1d.ref import causal_conv1d_ref, causal_conv1d_update_ref
 from seqlab.testing import as_f64, assert_rel, channels_last, strided
 
 OUT_TOL = 1e-5

@@ -16,9 +16,8 @@ from hypothesis import strategies as st
 
 import seqlab.kernels as K
 from seqlab.kernels import KernelInputError
-from seqlab.kernels.scan.ref import selective_scan_ref, selective_state_update_ref
 from seqlab.kernels.scan.chunked import selective_scan_chunked, selective_state_update_chunked
-
+from seqlab.kernels.scan.ref import selective_scan_ref, selective_state_update_ref
 from seqlab.testing import as_f64, assert_rel, channels_last, rel_err, strided
 from seqlab.testing import scan_inputs as make_inputs
 

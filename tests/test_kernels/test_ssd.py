@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 import seqlab.kernels as K
 import seqlab.kernels.ssd.chunked as ssd_chunked_module
 from seqlab.kernels import KernelInputError
-from seqlab.testing import rel_err as rel
-from seqlab.kernels.ssd.ref import ssd_scan_ref, ssd_state_update_ref
 from seqlab.kernels.ssd.chunked import ssd_scan_chunked, ssd_state_update_chunked
+from seqlab.kernels.ssd.ref import ssd_scan_ref, ssd_state_update_ref
+from seqlab.testing import rel_err as rel
 
 OUT_TOL = 1e-5
 GRAD_TOL = 1e-4

@@ -21,7 +21,6 @@ import seqlab.kernels as K
 from seqlab.kernels import KernelBackendError, KernelInputError
 from seqlab.kernels._triton import interpreting, triton_available
 from seqlab.kernels.conv1d.ref import causal_conv1d_ref, causal_conv1d_update_ref
-
 from seqlab.testing import as_f64, assert_rel, channels_last, strided
 
 if not triton_available():  # pragma: no cover - triton is a dev dependency; the conftest enables the interpreter

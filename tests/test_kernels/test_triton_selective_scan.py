@@ -24,7 +24,6 @@ import seqlab.kernels as K
 from seqlab.kernels import KernelInputError
 from seqlab.kernels._triton import interpreting, triton_available
 from seqlab.kernels.scan.ref import selective_scan_ref, selective_state_update_ref
-
 from seqlab.testing import as_f64, assert_rel, channels_last, scan_inputs, strided
 
 if not triton_available():  # pragma: no cover - triton is a dev dependency; the conftest enables the interpreter

@@ -26,7 +26,6 @@ import seqlab.kernels as K
 from seqlab.kernels import KernelInputError
 from seqlab.kernels._triton import interpreting, triton_available
 from seqlab.kernels.ssd.ref import ssd_scan_ref, ssd_state_update_ref
-
 from seqlab.testing import assert_rel, strided
 
 if not triton_available():  # pragma: no cover - triton is a dev dependency; the conftest enables the interpreter
