@@ -224,7 +224,8 @@ class DnaFiles:
         number = 0
         with self._open_text(path) as handle:
             try:
-                for number, line in enumerate(handle, 1):
+                for line in handle:
+                    number += 1
                     if line[0] == ">":
                         if index >= 0:
                             yield tag(close_record())

@@ -171,7 +171,7 @@ def test_streaming_reads_a_bounded_amount(tmp_path):
     limit = resampler.segment_len + 4096
     assert first.numel() == 1600 and handle.tell() <= limit < 264600 // 4
     count = 1
-    for window in windows:
+    for _ in windows:
         consumed = count * 1600 * 44100 / 16000  # input frames behind the windows yielded so far
         assert resampler._buffer.shape[1] <= limit and handle.tell() - consumed <= 2 * limit
         count += 1

@@ -10,8 +10,15 @@ import torch
 
 from seqlab.checkpoint import save_model
 from seqlab.config import BackboneConfig
-from seqlab.domains import (ADAPTERS, InputSpec, TokenAdapter, adapter_from_checkpoint, adapter_from_info,
-                            get_adapter, register_adapter)
+from seqlab.domains import (
+    ADAPTERS,
+    InputSpec,
+    TokenAdapter,
+    adapter_from_checkpoint,
+    adapter_from_info,
+    get_adapter,
+    register_adapter,
+)
 from seqlab.domains.testing import FramesTestAdapter
 from seqlab.errors import ConfigError, CorruptFileError, InputError
 from seqlab.models import LanguageModel, SequenceModel

@@ -15,11 +15,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from seqlab.domains import adapter_from_checkpoint, get_adapter
-from seqlab.domains.bytes import ByteAdapter
 
 from seqlab.checkpoint import save_model
 from seqlab.config import BackboneConfig
+from seqlab.domains import adapter_from_checkpoint, get_adapter
+from seqlab.domains.bytes import ByteAdapter
 from seqlab.errors import ConfigError, InputError
 from seqlab.models import LanguageModel
 from seqlab.train import SequenceSource, TrainConfig, Trainer

@@ -21,8 +21,20 @@ from hypothesis import strategies as st
 from seqlab.checkpoint import load_model, save_model
 from seqlab.config import BackboneConfig
 from seqlab.domains import adapter_from_checkpoint, adapter_from_info, get_adapter
-from seqlab.domains.dna import (BOS, COMPLEMENT, EOS, MASK, PAD, VOCAB, DNAAdapter, MaskedBaseSource,
-                                RCAugmentedSource, mask_bases, reverse_complement, reverse_complement_logits)
+from seqlab.domains.dna import (
+    BOS,
+    COMPLEMENT,
+    EOS,
+    MASK,
+    PAD,
+    VOCAB,
+    DNAAdapter,
+    MaskedBaseSource,
+    RCAugmentedSource,
+    mask_bases,
+    reverse_complement,
+    reverse_complement_logits,
+)
 from seqlab.errors import ConfigError, CorruptFileError, InputError, StateError
 from seqlab.train import SequenceSource, TrainConfig, Trainer
 

@@ -17,12 +17,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from seqlab.domains import adapter_from_checkpoint, get_adapter
-from seqlab.domains.bytes import ByteAdapter
-from seqlab.domains.memory import CONTENT, END, EVENT, META, TIME, Event, MemoryStreamAdapter, StreamDecoder
 
 from seqlab.checkpoint import load_model, save_model
 from seqlab.config import BackboneConfig
+from seqlab.domains import adapter_from_checkpoint, get_adapter
+from seqlab.domains.bytes import ByteAdapter
+from seqlab.domains.memory import CONTENT, END, EVENT, META, TIME, Event, MemoryStreamAdapter, StreamDecoder
 from seqlab.errors import ConfigError, InputError
 from seqlab.models import LanguageModel
 from seqlab.train import TrainConfig, Trainer

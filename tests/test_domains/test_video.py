@@ -17,7 +17,7 @@ from PIL import Image
 from seqlab.checkpoint import load_model, save_model
 from seqlab.config import BackboneConfig
 from seqlab.domains import adapter_from_checkpoint, adapter_from_info, get_adapter
-from seqlab.domains.video import (VideoAdapter, VideoModel, VideoSource, moving_square_clips, natural_key)
+from seqlab.domains.video import VideoAdapter, VideoModel, VideoSource, moving_square_clips, natural_key
 from seqlab.errors import ConfigError, CorruptFileError, InputError, StateError
 from seqlab.train import TrainConfig, Trainer
 
