@@ -164,7 +164,9 @@ def bits_per_token(output, targets: torch.Tensor) -> float:
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay, seen = [], [], set()
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    seen: set[int] = set()
     for _, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
@@ -301,7 +303,7 @@ class Trainer:
                               f"has {self.train_data.num_windows} windows: give the run's data")
         meta, states = load_checkpoint(directory, model=self.model, optimizer=self.optimizer,
                                        scheduler=self.scheduler)
-        self.pos = _Position(*position)
+        self.pos = _Position(step=position[0], window=position[1], epoch=position[2], tokens=position[3])
         self.states = [s.to(self.device) if s is not None else None for s in states] or [None] * c.grad_accum
         if len(self.states) != c.grad_accum:
             self.states = [None] * c.grad_accum
