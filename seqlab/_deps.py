@@ -11,8 +11,6 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from seqlab.errors import ConfigError
-
 #: optional top-level package -> the seqlab extra that installs it
 EXTRAS = {
     "zarr": "store",
@@ -38,6 +36,8 @@ def missing_extra(exc: ModuleNotFoundError) -> str | None:
 
 def require_module(name: str, what: str) -> ModuleType:
     """Import the optional package ``name`` (needed for ``what``), or raise a ConfigError naming its extra."""
+    from seqlab.errors import ConfigError
+
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:

@@ -363,3 +363,18 @@ def test_a_quiet_ray_job_prints_nothing_but_its_result(tmp_path):
     lines = out.stdout.splitlines()
     assert len(lines) == 2 and lines[0].startswith("a\tdone\t{"), out.stdout
     assert json.loads(lines[1])["job"] == "score"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["train", "--help"], ["memory", "ask", "--help"]])
+def test_help_and_version_import_neither_torch_nor_ray(tmp_path, argv):
+    """The front door and every command's parser are light: heavy imports happen in the handlers."""
+    script = (
+        "import sys\nfrom seqlab.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+        "    assert e.code == 0, e.code\n"
+        "print(sorted(m for m in ('torch', 'ray', 'zarr', 'numpy') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == "[]", out.stdout[-500:]

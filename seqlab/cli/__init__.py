@@ -5,10 +5,13 @@ One module per command group, imported only when its command runs (or when ``--h
 
     store.py     ingest, describe            train.py   train, eval         generate.py  generate (--prompt)
     jobs.py      score, embed, generate over a store (Ray Data)             memory.py    memory ACTION
-    bench.py     bench                       demo.py    demo                _args.py     the flags' vocabulary
+    bench.py     bench                       demo.py    demo (its inputs and steps: demo_inputs.py, demo_steps.py)
+    _args.py     the flags' vocabulary       _config.py --config TOML          _errors.py   one-line errors
 
-A command module exposes ``register(subparsers)``, which adds its parser(s) with ``set_defaults(func=handler)``;
-a handler takes the parsed arguments, calls public library functions, prints, and returns an exit code.
+Modules here import the library (even ``seqlab.errors``, which loads torch through ``seqlab.kernels``) inside
+functions only, so that building the parser stays light (tests/test_cli.py checks it). A command module exposes
+``register(subparsers)``, which adds its parser(s) with ``set_defaults(func=handler)``; a handler takes the
+parsed arguments, calls public library functions, prints, and returns an exit code.
 
 Settings come from flags or from a TOML file (``--config run.toml``, before or after the command; ``_config.py``).
 Bad input gives exit code 2 and one line on stderr naming what is wrong (``_errors.py``); ``--debug`` shows the
@@ -34,7 +37,6 @@ from seqlab.cli._config import (  # noqa: F401
     config_path,
 )
 from seqlab.cli._errors import user_message
-from seqlab.errors import ConfigError
 
 #: command -> module with ``register(subparsers)`` (the module may register several commands)
 COMMAND_MODULES: dict[str, str] = {
@@ -64,6 +66,8 @@ class _Parser(argparse.ArgumentParser):
     with exit code 2, like every other bad input; subcommand parsers inherit the class."""
 
     def error(self, message: str):
+        from seqlab.errors import ConfigError
+
         raise ConfigError(f"{message} (see '{self.prog} --help')")
 
 
@@ -177,6 +181,8 @@ def _main(argv: list[str]) -> int:
 def require(args, *names: str) -> None:
     """Refuse a run whose required settings came neither from flags nor from --config (argparse's own
     ``required=True`` would ignore the TOML defaults)."""
+    from seqlab.errors import ConfigError
+
     missing = ["--" + n.replace("_", "-") for n in names if getattr(args, n, None) in (None, "")]
     if missing:
         raise ConfigError(f"missing required setting(s) {', '.join(missing)} (a flag, or a key in --config)")

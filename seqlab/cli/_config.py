@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterable
 
-from seqlab.errors import ConfigError, SeqlabError
-
 #: the largest --config file read
 MAX_CONFIG_BYTES = 1 << 20
 #: dests that are not settings (the parser's own)
@@ -20,6 +18,8 @@ _NOT_SETTINGS = ("help", "func", "config", "version")
 
 
 def _load_toml(path: str) -> dict:
+    from seqlab.errors import SeqlabError
+
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
@@ -67,6 +67,8 @@ _TOML_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "scalar": (s
 def _toml_value(action: argparse.Action, value, where: str):
     """One TOML value for ``action``, checked like a command-line value: its TOML type must match the flag's kind,
     then it goes through the flag's ``type`` (range checks) and ``choices``. Returns the converted value."""
+    from seqlab.errors import ConfigError
+
     kind = _type_name(action)
     if kind == "bool":
         if not isinstance(value, bool):
@@ -90,6 +92,8 @@ def _toml_value(action: argparse.Action, value, where: str):
 def _config_defaults(parser: argparse.ArgumentParser, table: dict, path: str, command: str) -> dict:
     """Defaults for ``parser`` from a TOML table (unknown keys are refused, naming the file). Each value is checked
     as its flag would check it on the command line (``type``, ``choices``): --config cannot bypass a range check."""
+    from seqlab.errors import ConfigError, SeqlabError
+
     known = {a.dest: a for a in parser._actions if a.dest not in _NOT_SETTINGS}
     out = {}
     for key, value in table.items():
@@ -142,6 +146,8 @@ def _apply_config(
 ) -> None:
     """TOML settings become flag defaults: top-level keys and ``[command]`` for the command, and for a command
     with actions (``seqlab memory observe``) also the ``[command.action]`` table for the action's flags."""
+    from seqlab.errors import ConfigError, SeqlabError
+
     own = table.get(command, {})
     if not isinstance(own, dict):
         raise SeqlabError(f"--config {path}: {command!r} must be a table ([{command}]), got {own!r}")
@@ -187,5 +193,7 @@ def config_path(argv: list[str]) -> str | None:
             found.append(arg.split("=", 1)[1])
         i += 1
     if len(found) > 1:
+        from seqlab.errors import ConfigError
+
         raise ConfigError(f"--config is given {len(found)} times ({', '.join(found)}): give one settings file")
     return found[0] if found else None

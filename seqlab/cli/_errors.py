@@ -7,7 +7,6 @@ import errno
 import os
 
 from seqlab._deps import missing_extra
-from seqlab.errors import SeqlabError, is_user_os_error
 
 #: what torch says when an allocation fails (CPU: RuntimeError from DefaultCPUAllocator; CUDA: OutOfMemoryError,
 #: a RuntimeError subclass)
@@ -16,6 +15,8 @@ _OUT_OF_MEMORY = ("can't allocate memory", "out of memory", "Cannot allocate mem
 
 def user_message(exc: BaseException) -> str | None:
     """The one-line message for an error the user (or the machine) caused, None for a bug."""
+    from seqlab.errors import SeqlabError, is_user_os_error
+
     if isinstance(exc, SeqlabError):
         return str(exc)
     if isinstance(exc, OSError):  # FileNotFoundError, PermissionError, IsADirectoryError, ENOSPC ...

@@ -18,7 +18,6 @@ import statistics
 import time
 
 from seqlab.cli._args import BIG, MODEL_TYPES, add_json, add_seed, add_threads, count, flag
-from seqlab.errors import ConfigError
 from seqlab.machine import available_memory, machine, machine_line
 
 VOCAB = 256
@@ -52,6 +51,7 @@ def _peers(model, with_ref: bool) -> dict:
 
 def _config(ssm: str, args):
     from seqlab import BackboneConfig
+    from seqlab.errors import ConfigError
 
     sizes = {"d_model": args.d_model, "n_layer": args.n_layer, "ssm": ssm}
     for name in ("d_state", "headdim", "chunk_size", "expand"):
@@ -94,6 +94,8 @@ def _gib(n: float) -> str:
 def check_memory(config, args) -> None:
     """Refuse, up front, a bench that cannot fit in this machine's free memory (a failed allocation deep in torch
     can take the process down, or push the machine into swap, before Python sees a MemoryError)."""
+    from seqlab.errors import ConfigError
+
     need, have = estimate_bytes(config, args), available_memory()
     if have is not None and need > have:
         raise ConfigError(
@@ -163,6 +165,8 @@ def bench_one(ssm: str, args) -> list[dict]:
 
 def _bench(args) -> int:
     import torch
+
+    from seqlab.errors import ConfigError
 
     defaults = QUICK if args.quick else FULL
     for name, value in defaults.items():

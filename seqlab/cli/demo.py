@@ -30,7 +30,6 @@ from dataclasses import asdict
 from seqlab.cli._args import add_quiet, add_seed, add_threads, count
 from seqlab.cli.demo_inputs import DEFAULT_PROMPT, FULL, OUTPUTS, QUICK, Budget, prepare_out, resolve_inputs
 from seqlab.cli.demo_steps import step_generate, step_ingest, step_memory, step_score, step_train
-from seqlab.errors import ConfigError
 
 # ------------------------------------------------------------------------------------------------------
 # the command
@@ -43,6 +42,8 @@ def _short(text: str, limit: int = 200) -> str:
 
 def run(args) -> dict:
     """Run the demo for parsed ``args``; returns the summary (also written to ``summary.json``)."""
+    from seqlab.errors import ConfigError
+
     started = time.perf_counter()
     budget = QUICK if args.quick else FULL
     if args.steps is not None:

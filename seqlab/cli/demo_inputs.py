@@ -11,8 +11,6 @@ import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from seqlab.errors import ConfigError, InputError
-
 MARKER = ".seqlab-demo"
 #: what a demo run writes in its folder (and replaces when run again there); nothing else is touched
 OUTPUTS = (
@@ -80,6 +78,8 @@ def stdlib_sources() -> list[Path]:
 
 
 def _read_user_file(path: str, flag: str) -> bytes:
+    from seqlab.errors import InputError
+
     p = Path(path)
     if not p.exists():
         raise InputError(f"{flag} {path}: no such file")
@@ -94,6 +94,8 @@ def _read_user_file(path: str, flag: str) -> bytes:
 def resolve_inputs(texts: list[str] | None = None, big: str | None = None, prompt: str | None = None) -> Inputs:
     """Check and read the inputs (nothing is written): the corpus from ``texts`` (default the CPython docs text)
     and either the user's ``big`` file or the parts of a 1 MiB sequence made of the corpus and stdlib sources."""
+    from seqlab.errors import ConfigError, InputError
+
     if texts:
         corpus = b"".join(_read_user_file(t, "--text") for t in texts)
         what = ", ".join(texts) if len(texts) <= 3 else f"{texts[0]} and {len(texts) - 1} more files"
@@ -149,6 +151,8 @@ def _heldout_size(n: int) -> int:
 def prepare_out(out: str | os.PathLike) -> Path:
     """The output folder, ready for a run: created when missing; in an earlier demo folder (it holds the marker
     file) the demo's own outputs are removed and other files are left; any other non-empty folder is refused."""
+    from seqlab.errors import InputError
+
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a folder")

@@ -15,7 +15,6 @@ import json
 import sys
 
 from seqlab.cli._args import add_json, add_model, add_sampling, count, event_time, snapshot_number, timeout
-from seqlab.errors import ConfigError, InputError, SeqlabError
 
 
 def _cli_errors(func):
@@ -23,6 +22,8 @@ def _cli_errors(func):
 
     @functools.wraps(func)
     def run(args) -> int:
+        from seqlab.errors import SeqlabError
+
         try:
             return func(args)
         except (SeqlabError, OSError) as exc:
@@ -39,6 +40,7 @@ def _cli_errors(func):
 def _open(args, mode: str, create: bool = False):
     from seqlab.domains.memory import MemoryStreamAdapter
     from seqlab.domains.session import MemorySession, model_for_session
+    from seqlab.errors import ConfigError
 
     if create:
         from seqlab.cli import require
@@ -65,6 +67,7 @@ def _read_events(args) -> list:
     import time
 
     from seqlab.domains.memory import Event
+    from seqlab.errors import ConfigError, InputError
 
     events = []
     for name in args.events or []:
@@ -90,6 +93,8 @@ def _read_events(args) -> list:
 @_cli_errors
 def _observe(args) -> int:
     from pathlib import Path
+
+    from seqlab.errors import SeqlabError
 
     create = args.create and not (Path(args.session) / "session.json").exists()
     events = _read_events(args)

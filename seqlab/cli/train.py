@@ -36,7 +36,6 @@ from seqlab.cli._args import (
     flag,
     threads,
 )
-from seqlab.errors import ConfigError
 
 #: what each kind of setting must be when it comes from a --config TOML file (argparse never converts those)
 _TRAIN_CHECKS = {
@@ -56,6 +55,8 @@ _EVAL_CHECKS = {
 def _check_args(args, checks: dict) -> None:
     """Settings from a --config TOML file reach ``args`` without argparse's types (a TOML number or list is never
     converted): check each one as its flag would be, so that a bad value is refused naming the flag."""
+    from seqlab.errors import ConfigError
+
     for name, parse in checks["numbers"].items():
         value = getattr(args, name, None)
         if value is None:
