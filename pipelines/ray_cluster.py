@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import warnings
 from collections.abc import Iterator
@@ -47,6 +48,8 @@ def connect(address: str | None = None, *, quiet: bool = False, log_to_driver: b
     options: dict = {"log_to_driver": log_to_driver}
     if quiet:
         options.update(log_to_driver=False, logging_level=logging.ERROR, configure_logging=True)
+    if address:
+        _check_reachable(address)
     with _backend_level(quiet):
         if address:
             try:
@@ -59,6 +62,28 @@ def connect(address: str | None = None, *, quiet: bool = False, log_to_driver: b
         else:  # an embedded local cluster
             ray.init(include_dashboard=False, num_cpus=num_cpus, **options)
     return True
+
+
+#: how long ``connect`` waits for the cluster's address to answer before saying nothing does
+REACH_TIMEOUT_S = 5.0
+
+
+def _check_reachable(address: str, timeout: float = REACH_TIMEOUT_S) -> None:
+    """Refuse at once an address where nothing answers: ``ray.init`` would retry its GCS connection 20 times over
+    some 4 minutes (5 s connect timeouts and 1 s sleeps), silently, before failing. ``HOST:PORT`` and
+    ``ray://HOST:PORT`` are tried with one TCP connection; other forms (``auto``) are left to Ray."""
+    target = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port = target.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        why = exc.strerror or str(exc) or type(exc).__name__
+        raise InputError(f"cannot join the Ray cluster at {address!r}: nothing answers at {host}:{port} ({why}); "
+                         f"check the address, or start the cluster there (ray start --head --port={port})") from None
 
 
 @contextmanager

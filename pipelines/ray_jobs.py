@@ -107,7 +107,7 @@ def run_job(job: str, model_path, store, output, *, names=None, window: int = 40
     parallel). ``mode="segments"``: sequences longer than ``segment_length`` are cut into segments processed
     in parallel, each warmed up from a zero state on the ``burn_in`` preceding elements; the deviation from
     exact is measured on the first ``deviation_sample`` segment boundaries (None/0: not measured).
-    ``concurrency``: actors in the pool; ``num_cpus`` / ``num_gpus``: resources per actor. ``address``: join
+    ``concurrency``: actors in the pool (at most one per work item); ``num_cpus`` / ``num_gpus``: resources per actor. ``address``: join
     a running Ray cluster (None: use the running one or start a local one). ``progress``: True for a bar, or a
     callable taking ``JobProgress``. ``max_restarts``: how often a dead actor is restarted (its task retried).
     ``quiet``: Ray's own log lines off (progress log and bars, start-up notices, workers' output: ``ray_cluster``),
@@ -243,6 +243,8 @@ def _execute(items, model_path, output, job, window, job_attrs, options, store_p
              num_cpus, num_gpus, address, progress, max_restarts, output_chunk_elements, fault,
              started, quiet) -> tuple[dict, float]:
     connect(address, quiet=quiet)
+    # no more actors than items: each costs a worker start and a model load, and Ray Data warns of the idle ones
+    concurrency = min(concurrency, len(items))
     check_resources(num_cpus, num_gpus, concurrency, address)
     with quiet_ray(quiet):
         return _run_items(items, model_path, output, job, window, job_attrs, options, store_path, concurrency,

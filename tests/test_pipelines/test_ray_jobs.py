@@ -495,8 +495,8 @@ def test_a_request_no_actor_can_meet_fails_at_once_in_one_line(ray_cluster, setu
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         result = score(setup["model_path"], setup["store"], tmp_path / "queued.zarr", window=WINDOW,
-                       num_cpus=total, concurrency=2, names=["b"])
-    assert result.done == ["b"]
+                       num_cpus=total, concurrency=2)  # two items: a pool of 2 actors (one per item at most)
+    assert result.done == ["a", "b"]
     assert any("cannot run all 2 actors at once" in str(w.message) for w in seen), [str(w.message) for w in seen]
 
 
@@ -650,3 +650,26 @@ def test_a_quiet_job_that_starts_ray_itself_prints_nothing_and_a_loud_one_does(s
     quiet, _, loud = done.stderr.partition("LOUD\n")
     assert (done.stdout, quiet) == ("positions 2198\n", "")
     assert RAY_LINE.search(loud), done.stderr
+
+
+def test_joining_an_address_where_nothing_answers_fails_at_once(monkeypatch):
+    """``connect`` (how every job and train_data_parallel get into Ray) tries the address first: nothing there is
+    one InputError naming it within seconds, not ray.init's four silent minutes of GCS retries (the hang that
+    docs/ray-jobs.md's shell block had with ``--address head-node:6379``). Other forms are left to Ray."""
+    import time
+
+    from seqlab.pipelines import ray_cluster
+
+    def never(*args, **kwargs):
+        raise AssertionError("ray.init must not be reached")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", never)
+    for address in ("127.0.0.1:9", "ray://127.0.0.1:9", "head-node.invalid:6379"):
+        began = time.monotonic()
+        with pytest.raises(InputError, match=rf"cannot join the Ray cluster at '{re.escape(address)}': nothing "
+                                             r"answers at [\w.-]+:\d+ \(.+\)"):
+            ray_cluster.connect(address, quiet=True)
+        assert time.monotonic() - began < 15
+    with pytest.raises(InputError, match="AssertionError: ray.init must not be reached"):  # "auto": Ray's to find
+        ray_cluster.connect("auto")
