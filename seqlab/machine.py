@@ -69,16 +69,4 @@ def available_memory() -> int | None:
         return None
 
 
-def total_memory(device) -> int | None:
-    """Bytes of memory of ``device`` (a CUDA device's, or this machine's physical memory), None when unknown."""
-    import torch
-
-    try:
-        if device.type == "cuda":
-            return int(torch.cuda.get_device_properties(device).total_memory)
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError, RuntimeError):  # pragma: no cover - no way to tell
-        return None
-
-
-__all__ = ["available_memory", "machine", "machine_line", "total_memory"]
+__all__ = ["available_memory", "machine", "machine_line"]
