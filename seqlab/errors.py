@@ -50,10 +50,11 @@ class BackendUnavailableError(SeqlabError, KernelBackendError):
 #: OSError kinds a user or the machine causes (a path of the wrong kind, no permission, a full or read-only disk, a
 #: device that fails to read ...): the command line shows one line naming the path, and a Ray job raises them to its
 #: caller as themselves. Others (EBADF, EINVAL, a broken pipe ...) point at our code: their traceback shows.
-USER_OS_ERRORS = frozenset(getattr(errno, name) for name in (
-    "ENOENT", "EACCES", "EPERM", "EISDIR", "ENOTDIR", "ENOSPC", "EDQUOT", "EROFS", "ELOOP", "ENAMETOOLONG",
-    "EEXIST", "ENOTEMPTY", "EFBIG", "EMLINK", "EXDEV", "ETXTBSY", "EBUSY", "EIO", "ENXIO", "ENODEV", "ESTALE")
-    if hasattr(errno, name))
+_USER_OS_NAMES = (
+    "ENOENT EACCES EPERM EISDIR ENOTDIR ENOSPC EDQUOT EROFS ELOOP ENAMETOOLONG EEXIST ENOTEMPTY EFBIG EMLINK EXDEV "
+    "ETXTBSY EBUSY EIO ENXIO ENODEV ESTALE"
+)
+USER_OS_ERRORS = frozenset(getattr(errno, name) for name in _USER_OS_NAMES.split() if hasattr(errno, name))
 #: raised by our own code with a message and no errno (``FileNotFoundError("x: no checkpoint here")``)
 USER_OS_CLASSES = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
 
