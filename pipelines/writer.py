@@ -62,7 +62,7 @@ class SequenceWriter:
             unit = info.shard_elements or info.chunk_elements
             self.committed = self.skip = (info.length // unit) * unit
             self.array, self.info = array, info
-        elif adapter is not None and adapter.input_spec.kind == "tokens":
+        elif adapter is not None and not adapter.continuous:
             self._open(np.zeros(0, dtype=np.int64))  # token layout is known up front: visible at once
 
     @property
@@ -128,7 +128,7 @@ class SequenceWriter:
                              "already stored: it is not the source the incomplete sequence was started from")
         if self.array is None:
             self._open(np.zeros((0, self.adapter.input_spec.width) if self.adapter is not None
-                                and self.adapter.input_spec.kind == "continuous" else 0, dtype=np.float32))
+                                and self.adapter.continuous else 0, dtype=np.float32))
         if self._held:
             data = np.concatenate(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
             self._put(data)
