@@ -62,17 +62,25 @@ TARGET = 0.15
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="few short sequences (smoke test)")
     p.add_argument("--sequences", type=int, help="number of sequences (default 16)")
     p.add_argument("--length", type=int, help="elements per sequence (default 131072)")
     p.add_argument("--window", type=int, default=16384, help="stream window in elements (default 16384)")
-    p.add_argument("--threads", type=int,
-                   help="cores C for every configuration: in-process torch threads, ray.init(num_cpus=C) "
-                        "(default: the cores this process may use)")
-    p.add_argument("--repeat", type=int, help="rounds of (in-process, every Ray configuration), interleaved; the "
-                                              "median round is shown (default 3, --quick 1)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="cores C for every configuration: in-process torch threads, ray.init(num_cpus=C) "
+        "(default: the cores this process may use)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        help="rounds of (in-process, every Ray configuration), interleaved; the "
+        "median round is shown (default 3, --quick 1)",
+    )
     p.add_argument("--workdir", help="where the stores go (default: a temporary directory, removed)")
     args = p.parse_args(argv)
     if args.repeat is None:
@@ -117,25 +125,53 @@ def run_in_process(model_path: str, store_path: str, names: list[str], output: s
     from seqlab.pipelines.ray_work import JobWorker
 
     torch.set_num_threads(args.threads)
-    job_attrs = {"format": 1, "job": "score", "mode": "exact", "window": args.window, "segment_length": None,
-                 "burn_in": None, "model": {"path": model_path, "sha256": _file_sha256(model_path)},
-                 "store": store_path, "options": {}}
+    job_attrs = {
+        "format": 1,
+        "job": "score",
+        "mode": "exact",
+        "window": args.window,
+        "segment_length": None,
+        "burn_in": None,
+        "model": {"path": model_path, "sha256": _file_sha256(model_path)},
+        "store": store_path,
+        "options": {},
+    }
     SequenceStore(output, "w")
     start = time.perf_counter()
-    worker = JobWorker(model_path, output, "score", args.window, job_attrs, options={}, input_store=store_path,
-                       num_threads=args.threads)
+    worker = JobWorker(
+        model_path,
+        output,
+        "score",
+        args.window,
+        job_attrs,
+        options={},
+        input_store=store_path,
+        num_threads=args.threads,
+    )
     bits = positions = 0
     items = []
     for name in names:
         length = worker.store.describe(name).length
         began = time.perf_counter()
-        row = worker({"name": np.asarray([name]), "segment": np.asarray([0]), "n_segments": np.asarray([1]),
-                      "start": np.asarray([0]), "stop": np.asarray([length - 1]), "warm": np.asarray([0])})
+        row = worker(
+            {
+                "name": np.asarray([name]),
+                "segment": np.asarray([0]),
+                "n_segments": np.asarray([1]),
+                "start": np.asarray([0]),
+                "stop": np.asarray([length - 1]),
+                "warm": np.asarray([0]),
+            }
+        )
         items.append(time.perf_counter() - began)
         bits += float(row["total"][0])
         positions += int(row["count"][0])
-    return {"seconds": time.perf_counter() - start, "bits": bits, "positions": positions,
-            "item": statistics.mean(items)}
+    return {
+        "seconds": time.perf_counter() - start,
+        "bits": bits,
+        "positions": positions,
+        "item": statistics.mean(items),
+    }
 
 
 def run_ray(model_path: str, store_path: str, output: str, concurrency: int, num_cpus: int, args) -> dict:
@@ -143,15 +179,30 @@ def run_ray(model_path: str, store_path: str, output: str, concurrency: int, num
 
     seen = []
     start = time.perf_counter()
-    result = score(model_path, store_path, output, window=args.window, concurrency=concurrency,
-                   num_cpus=num_cpus, deviation_sample=None, overwrite=True, progress=seen.append)
+    result = score(
+        model_path,
+        store_path,
+        output,
+        window=args.window,
+        concurrency=concurrency,
+        num_cpus=num_cpus,
+        deviation_sample=None,
+        overwrite=True,
+        progress=seen.append,
+    )
     seconds = time.perf_counter() - start
     pids = {pid for pids in result.workers.values() for pid in pids}
     # JobProgress.seconds counts from run_job's start (a few ms after ours): the first item began in its worker
     # work_seconds before the driver saw it finish
     startup = min(p.seconds - p.work_seconds for p in seen)
-    return {"seconds": seconds, "bits": result.summary["bits"], "positions": result.summary["positions"],
-            "pids": len(pids), "startup": startup, "item": result.work_seconds / len(seen)}
+    return {
+        "seconds": seconds,
+        "bits": result.summary["bits"],
+        "positions": result.summary["positions"],
+        "pids": len(pids),
+        "startup": startup,
+        "item": result.work_seconds / len(seen),
+    }
 
 
 def quiet_ray() -> None:
@@ -169,9 +220,11 @@ def main(argv=None) -> None:
     torch.set_num_threads(cores)
     print(machine_line())
     total = args.sequences * (args.length - 1)
-    print(f"config: score (mode exact) of {args.sequences} sequences x {args.length:,} random bytes "
-          f"({total:,} positions), window {args.window}; ByteAdapter model, Mamba-1 d_model {D_MODEL}, "
-          f"{N_LAYER} layers, fp32; C = {cores} cores for every configuration")
+    print(
+        f"config: score (mode exact) of {args.sequences} sequences x {args.length:,} random bytes "
+        f"({total:,} positions), window {args.window}; ByteAdapter model, Mamba-1 d_model {D_MODEL}, "
+        f"{N_LAYER} layers, fp32; C = {cores} cores for every configuration"
+    )
     print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
     print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}", flush=True)
     print()
@@ -186,11 +239,15 @@ def main(argv=None) -> None:
         import ray
 
         for rnd in range(args.repeat):
-            base = run_in_process(model_path, store_path, names, os.path.join(workdir, f"out-inprocess-{rnd}.zarr"),
-                                  args)
+            base = run_in_process(
+                model_path, store_path, names, os.path.join(workdir, f"out-inprocess-{rnd}.zarr"), args
+            )
             bases.append(base)
-            print(f"  round {rnd + 1}: in-process, {cores} torch threads: {base['seconds']:.1f} s, "
-                  f"{base['positions'] / base['seconds']:,.0f} positions/s, {base['item']:.2f} s per item", flush=True)
+            print(
+                f"  round {rnd + 1}: in-process, {cores} torch threads: {base['seconds']:.1f} s, "
+                f"{base['positions'] / base['seconds']:,.0f} positions/s, {base['item']:.2f} s per item",
+                flush=True,
+            )
             if ray_init is None:
                 start = time.perf_counter()
                 ray.init(num_cpus=cores, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
@@ -202,20 +259,33 @@ def main(argv=None) -> None:
                         ctx.print_on_execution_start = False
                 print(f"  ray.init(num_cpus={cores}): {ray_init:.1f} s", flush=True)
             for concurrency, num_cpus in configs:
-                r = run_ray(model_path, store_path, os.path.join(workdir, f"out-ray-{concurrency}-{rnd}.zarr"),
-                            concurrency, num_cpus, args)
+                r = run_ray(
+                    model_path,
+                    store_path,
+                    os.path.join(workdir, f"out-ray-{concurrency}-{rnd}.zarr"),
+                    concurrency,
+                    num_cpus,
+                    args,
+                )
                 if r["positions"] != base["positions"]:
                     raise SystemExit(f"Ray scored {r['positions']} positions, in-process {base['positions']}")
                 drift = abs(r["bits"] - base["bits"]) / abs(base["bits"])
                 if drift > 1e-4:
                     raise SystemExit(f"Ray's summed bits differ from in-process by {drift:.2e} (relative)")
-                r.update(concurrency=concurrency, num_cpus=num_cpus, drift=drift,
-                         overhead=1 - (r["positions"] / r["seconds"]) / (base["positions"] / base["seconds"]))
+                r.update(
+                    concurrency=concurrency,
+                    num_cpus=num_cpus,
+                    drift=drift,
+                    overhead=1 - (r["positions"] / r["seconds"]) / (base["positions"] / base["seconds"]),
+                )
                 runs[(concurrency, num_cpus)].append(r)
-                print(f"  round {rnd + 1}: Ray {concurrency} worker(s) x {num_cpus} thread(s): {r['seconds']:.1f} s, "
-                      f"{r['positions'] / r['seconds']:,.0f} positions/s ({r['pids']} worker process(es) used), "
-                      f"start-up {r['startup']:.1f} s, {r['item']:.2f} s per item in the workers; overhead vs this "
-                      f"round's in-process run {r['overhead']:+.1%}", flush=True)
+                print(
+                    f"  round {rnd + 1}: Ray {concurrency} worker(s) x {num_cpus} thread(s): {r['seconds']:.1f} s, "
+                    f"{r['positions'] / r['seconds']:,.0f} positions/s ({r['pids']} worker process(es) used), "
+                    f"start-up {r['startup']:.1f} s, {r['item']:.2f} s per item in the workers; overhead vs this "
+                    f"round's in-process run {r['overhead']:+.1%}",
+                    flush=True,
+                )
         ray.shutdown()
     finally:
         if args.workdir is None:
@@ -233,36 +303,50 @@ def main(argv=None) -> None:
     def spread(rs: list[dict]) -> str:
         return f"{min(r['seconds'] for r in rs):.1f}-{max(r['seconds'] for r in rs):.1f}"
 
-    print(f"load average (1 min): {load_before:.2f} before, {load_after:.2f} after; {args.repeat} round(s), "
-          "median round shown")
-    print("| configuration | workers x torch threads | seconds (median) | range | elements/s | "
-          "overhead vs in-process | per-round overheads | start-up s | s per item in worker | overhead with ray.init |")
+    print(
+        f"load average (1 min): {load_before:.2f} before, {load_after:.2f} after; {args.repeat} round(s), "
+        "median round shown"
+    )
+    print(
+        "| configuration | workers x torch threads | seconds (median) | range | elements/s | "
+        "overhead vs in-process | per-round overheads | start-up s | s per item in worker | overhead with ray.init |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| in-process loop | 1 x {cores} | {base['seconds']:.1f} | {spread(bases)} | {base_rate:,.0f} | - | - | - | "
-          f"{base['item']:.2f} | - |")
+    print(
+        f"| in-process loop | 1 x {cores} | {base['seconds']:.1f} | {spread(bases)} | {base_rate:,.0f} | - | - | - | "
+        f"{base['item']:.2f} | - |"
+    )
     for r, c in zip(rows, configs):
         rate = r["positions"] / r["seconds"]
         with_init = r["seconds"] + ray_init
         per_round = ", ".join(f"{x['overhead']:+.0%}" for x in runs[c])
-        print(f"| Ray score | {r['concurrency']} x {r['num_cpus']} | {r['seconds']:.1f} | {spread(runs[c])} | "
-              f"{rate:,.0f} | {1 - rate / base_rate:+.1%} | {per_round} | {r['startup']:.1f} | {r['item']:.2f} | "
-              f"{1 - (r['positions'] / with_init) / base_rate:+.1%} |")
+        print(
+            f"| Ray score | {r['concurrency']} x {r['num_cpus']} | {r['seconds']:.1f} | {spread(runs[c])} | "
+            f"{rate:,.0f} | {1 - rate / base_rate:+.1%} | {per_round} | {r['startup']:.1f} | {r['item']:.2f} | "
+            f"{1 - (r['positions'] / with_init) / base_rate:+.1%} |"
+        )
     print()
-    print(f"ray.init(num_cpus={cores}, include_dashboard=False): {ray_init:.1f} s (once). elements = scored positions "
-          f"(length - 1 per sequence). Summed bits agree with in-process to "
-          f"{max(r['drift'] for rs in runs.values() for r in rs):.1e} (relative). Overheads compare medians; "
-          "\"per-round overheads\" compare each Ray run with its own round's in-process run.")
+    print(
+        f"ray.init(num_cpus={cores}, include_dashboard=False): {ray_init:.1f} s (once). elements = scored positions "
+        f"(length - 1 per sequence). Summed bits agree with in-process to "
+        f"{max(r['drift'] for rs in runs.values() for r in rs):.1e} (relative). Overheads compare medians; "
+        '"per-round overheads" compare each Ray run with its own round\'s in-process run.'
+    )
     for r in rows:
         overhead = 1 - (r["positions"] / r["seconds"]) / base_rate
         verdict = "met" if overhead <= TARGET else "MISSED"
-        line = (f"Ray {r['concurrency']} x {r['num_cpus']}: overhead {overhead:+.1%} without ray.init "
-                f"(target <= {TARGET:.0%}: {verdict})")
+        line = (
+            f"Ray {r['concurrency']} x {r['num_cpus']}: overhead {overhead:+.1%} without ray.init "
+            f"(target <= {TARGET:.0%}: {verdict})"
+        )
         if overhead > 0:
             # a Ray run = a fixed start-up S + the rest, k times the in-process time B of the same items; overhead(B)
             # = 1 - B / (k B + S) <= TARGET  <=>  B >= (1 - TARGET) S / (1 - (1 - TARGET) k)
             startup, k = r["startup"], (r["seconds"] - r["startup"]) / base["seconds"]
-            line += (f"; {r['seconds'] - base['seconds']:.1f} s more than in-process, of which start-up "
-                     f"{startup:.1f} s; after start-up Ray runs at {1 / k:.2f}x the in-process speed")
+            line += (
+                f"; {r['seconds'] - base['seconds']:.1f} s more than in-process, of which start-up "
+                f"{startup:.1f} s; after start-up Ray runs at {1 / k:.2f}x the in-process speed"
+            )
             if (1 - TARGET) * k < 1:
                 need = (1 - TARGET) * startup / (1 - (1 - TARGET) * k)
                 line += f", so the target holds for jobs of >= {need:.0f} s in-process"

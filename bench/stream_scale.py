@@ -49,11 +49,17 @@ TARGET = 1.10  # peak RSS at the larger size / at the smaller size
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
-    p.add_argument("--sizes", type=int, nargs=2, metavar=("SMALL", "LARGE"),
-                   help="sequence lengths in elements (default 1000000 10000000)")
+    p.add_argument(
+        "--sizes",
+        type=int,
+        nargs=2,
+        metavar=("SMALL", "LARGE"),
+        help="sequence lengths in elements (default 1000000 10000000)",
+    )
     p.add_argument("--window", type=int, default=16384, help="stream window in elements (default 16384)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's default)")
     p.add_argument("--workdir", help="where the files and stores go (default: a temporary directory, removed)")
@@ -66,7 +72,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.window <= 0 or any(n < 2 for n in args.sizes):
         p.error("--window must be positive and sizes at least 2")
     return args
-
 
 
 def _peak_kib() -> int:
@@ -95,8 +100,9 @@ def child(phase: str, path: str, store_path: str, window: int) -> None:
         (done,) = ingest(store, path, adapter, names=["seq"])
         result["seconds"] = time.perf_counter() - start
         if done.info.length != size or not done.info.complete:
-            raise SystemExit(f"ingest stored {done.info.length} elements (complete={done.info.complete}), "
-                             f"expected {size}")
+            raise SystemExit(
+                f"ingest stored {done.info.length} elements (complete={done.info.complete}), expected {size}"
+            )
     else:
         store = SequenceStore(store_path, "r")
         with torch.no_grad():  # one warm-up window, outside the timing (stream runs under no_grad itself)
@@ -123,8 +129,20 @@ _LAUNCHER = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
 
 
 def run_child(args, phase: str, path: str, store_path: str) -> dict:
-    cmd = [sys.executable, "-S", "-c", _LAUNCHER, sys.executable, os.path.abspath(__file__),
-           "--child", phase, path, store_path, "--window", str(args.window)]
+    cmd = [
+        sys.executable,
+        "-S",
+        "-c",
+        _LAUNCHER,
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        phase,
+        path,
+        store_path,
+        "--window",
+        str(args.window),
+    ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
@@ -156,9 +174,11 @@ def main(argv=None) -> None:
         child(*args.child, window=args.window)
         return
     print(machine_line())
-    print(f"config: ByteAdapter model, Mamba-1 d_model {D_MODEL}, {N_LAYER} layers, d_state 16, expand 2, vocab 256, "
-          f"fp32, batch 1; random bytes; store: default chunks (2 MB, zstd); stream window {args.window}; "
-          f"each phase of each size in a fresh subprocess")
+    print(
+        f"config: ByteAdapter model, Mamba-1 d_model {D_MODEL}, {N_LAYER} layers, d_state 16, expand 2, vocab 256, "
+        f"fp32, batch 1; random bytes; store: default chunks (2 MB, zstd); stream window {args.window}; "
+        f"each phase of each size in a fresh subprocess"
+    )
     print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
     print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}", flush=True)
     print()
@@ -171,11 +191,17 @@ def main(argv=None) -> None:
             store_path = os.path.join(workdir, f"store-{size}.zarr")
             write_random_bytes(path, size)
             ing = run_child(args, "ingest", path, store_path)
-            print(f"  {size:,} elements: ingest {ing['seconds']:.2f} s ({size / ing['seconds']:,.0f} el/s), "
-                  f"peak RSS {mib(ing['peak_kib'])} MiB", flush=True)
+            print(
+                f"  {size:,} elements: ingest {ing['seconds']:.2f} s ({size / ing['seconds']:,.0f} el/s), "
+                f"peak RSS {mib(ing['peak_kib'])} MiB",
+                flush=True,
+            )
             st = run_child(args, "stream", path, store_path)
-            print(f"  {size:,} elements: stream {st['seconds']:.1f} s ({size / st['seconds']:,.0f} el/s), "
-                  f"peak RSS {mib(st['peak_kib'])} MiB", flush=True)
+            print(
+                f"  {size:,} elements: stream {st['seconds']:.1f} s ({size / st['seconds']:,.0f} el/s), "
+                f"peak RSS {mib(st['peak_kib'])} MiB",
+                flush=True,
+            )
             results.append((size, ing, st))
             os.remove(path)
             shutil.rmtree(store_path, ignore_errors=True)
@@ -188,15 +214,19 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|")
     for size, ing, st in results:
         for name, r in (("ingest", ing), ("stream", st)):
-            print(f"| {size:,} | {name} | {r['seconds']:.2f} | {size / r['seconds']:,.0f} | {mib(r['peak_kib'])} | "
-                  f"{mib(r['vm_hwm_kib'])} | {mib(r['before_kib'])} |")
+            print(
+                f"| {size:,} | {name} | {r['seconds']:.2f} | {size / r['seconds']:,.0f} | {mib(r['peak_kib'])} | "
+                f"{mib(r['vm_hwm_kib'])} | {mib(r['before_kib'])} |"
+            )
     (small, ing_s, st_s), (large, ing_l, st_l) = results
     print()
     for name, a, b in (("ingest", ing_s, ing_l), ("stream", st_s, st_l)):
         ratio = b["peak_kib"] / a["peak_kib"]
         verdict = "met" if ratio <= TARGET else "MISSED"
-        print(f"{name}: peak RSS {large:,} / {small:,} elements = {ratio:.3f} (target <= {TARGET:.2f}: {verdict}); "
-              f"elements/s {large:,} / {small:,} = {(large / b['seconds']) / (small / a['seconds']):.2f}")
+        print(
+            f"{name}: peak RSS {large:,} / {small:,} elements = {ratio:.3f} (target <= {TARGET:.2f}: {verdict}); "
+            f"elements/s {large:,} / {small:,} = {(large / b['seconds']) / (small / a['seconds']):.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -35,8 +35,9 @@ __all__ = ["check_resources", "connect", "quiet_ray"]
 QUIET_BACKEND_LEVEL = "fatal"
 
 
-def connect(address: str | None = None, *, quiet: bool = False, log_to_driver: bool | None = None,
-            num_cpus: int | None = None) -> bool:
+def connect(
+    address: str | None = None, *, quiet: bool = False, log_to_driver: bool | None = None, num_cpus: int | None = None
+) -> bool:
     """Start an embedded local Ray cluster (``address=None``; ``num_cpus``: its CPUs, default all of this
     machine's) or join the one at ``address``, unless Ray is initialized already in this process. ``quiet``:
     Ray's own log lines off (module docstring). A cluster that cannot be joined raises InputError naming the
@@ -57,8 +58,9 @@ def connect(address: str | None = None, *, quiet: bool = False, log_to_driver: b
             except Exception as exc:  # no cluster there, refused, wrong auth token: one clear line
                 lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
                 reason = next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else "")
-                raise InputError(f"cannot join the Ray cluster at {address!r}: {type(exc).__name__}: "
-                                 f"{reason[:300]}") from exc
+                raise InputError(
+                    f"cannot join the Ray cluster at {address!r}: {type(exc).__name__}: {reason[:300]}"
+                ) from exc
         else:  # an embedded local cluster
             ray.init(include_dashboard=False, num_cpus=num_cpus, **options)
     return True
@@ -72,7 +74,7 @@ def _check_reachable(address: str, timeout: float = REACH_TIMEOUT_S) -> None:
     """Refuse at once an address where nothing answers: ``ray.init`` would retry its GCS connection 20 times over
     some 4 minutes (5 s connect timeouts and 1 s sleeps), silently, before failing. ``HOST:PORT`` and
     ``ray://HOST:PORT`` are tried with one TCP connection; other forms (``auto``) are left to Ray."""
-    target = address[len("ray://"):] if address.startswith("ray://") else address
+    target = address[len("ray://") :] if address.startswith("ray://") else address
     host, sep, port = target.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit():
@@ -82,8 +84,10 @@ def _check_reachable(address: str, timeout: float = REACH_TIMEOUT_S) -> None:
             pass
     except OSError as exc:
         why = exc.strerror or str(exc) or type(exc).__name__
-        raise InputError(f"cannot join the Ray cluster at {address!r}: nothing answers at {host}:{port} ({why}); "
-                         f"check the address, or start the cluster there (ray start --head --port={port})") from None
+        raise InputError(
+            f"cannot join the Ray cluster at {address!r}: nothing answers at {host}:{port} ({why}); "
+            f"check the address, or start the cluster there (ray start --head --port={port})"
+        ) from None
 
 
 @contextmanager
@@ -143,14 +147,21 @@ def quiet_ray(quiet: bool = True) -> Iterator[None]:
     import ray.data
 
     context = ray.data.DataContext.get_current()
-    settings = {"enable_progress_bars": False, "enable_operator_progress_bars": False,
-                "print_on_execution_start": False, "enable_auto_log_stats": False}
+    settings = {
+        "enable_progress_bars": False,
+        "enable_operator_progress_bars": False,
+        "print_on_execution_start": False,
+        "enable_auto_log_stats": False,
+    }
     saved = {name: getattr(context, name) for name in settings if hasattr(context, name)}
     for name in saved:
         setattr(context, name, settings[name])
     silence = _Silence()
-    consoles = [h for h in logging.getLogger("ray.data").handlers
-                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    consoles = [
+        h
+        for h in logging.getLogger("ray.data").handlers
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+    ]
     for handler in consoles:
         handler.addFilter(silence)
     try:
@@ -180,9 +191,13 @@ def check_resources(num_cpus: float, num_gpus: float, concurrency: int, address:
             raise BackendUnavailableError(
                 f"{name}={per_actor:g} ({flag} {per_actor:g}: {resource}s per actor) is more than {where} has: "
                 f"{total:g} {resource}s in all; not even one actor could start. Lower {flag}, or join a cluster "
-                f"with {resource}s (--address)")
+                f"with {resource}s (--address)"
+            )
         if per_actor * concurrency > total + 1e-9:
             queued.append(f"{resource}: {per_actor:g} x {concurrency} actors > {total:g}")
     if queued:
-        warnings.warn(f"{where} cannot run all {concurrency} actors at once ({'; '.join(queued)}): the others wait "
-                      f"for a free slot; lower --concurrency to match", stacklevel=3)
+        warnings.warn(
+            f"{where} cannot run all {concurrency} actors at once ({'; '.join(queued)}): the others wait "
+            f"for a free slot; lower --concurrency to match",
+            stacklevel=3,
+        )

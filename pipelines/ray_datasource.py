@@ -10,7 +10,6 @@ from ray.data.datasource import ReadTask
 __all__ = ["SequenceStoreDatasource"]
 
 
-
 class SequenceStoreDatasource(Datasource):
     """Rows of work over a Zarr v3 sequence store: one row per (sequence, segment) with names and ranges only
     (``plan_items``); the workers read the data themselves, a window at a time."""
@@ -25,14 +24,14 @@ class SequenceStoreDatasource(Datasource):
     def estimate_inmemory_data_size(self) -> int | None:
         return 64 * len(self.items)
 
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
-                       data_context=None) -> list[ReadTask]:
+    def get_read_tasks(
+        self, parallelism: int, per_task_row_limit: int | None = None, data_context=None
+    ) -> list[ReadTask]:
         import pyarrow as pa
 
         if not self.items:
             return []
-        groups = max(1, min(int(parallelism) if parallelism and parallelism > 0 else len(self.items),
-                            len(self.items)))
+        groups = max(1, min(int(parallelism) if parallelism and parallelism > 0 else len(self.items), len(self.items)))
         tasks = []
         for g in range(groups):
             rows = self.items[g::groups]

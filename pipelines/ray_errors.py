@@ -29,9 +29,13 @@ def _user_error(e: BaseException | None) -> bool:
     (the CLI prints one line), not wrapped in Ray's task error."""
     from seqlab.errors import USER_OS_CLASSES, USER_OS_ERRORS
 
-    return isinstance(e, (SeqlabError, MemoryError)) or \
-        isinstance(e, RuntimeError) and any(m in str(e) for m in _OUT_OF_MEMORY) or \
-        isinstance(e, OSError) and (e.errno in USER_OS_ERRORS or isinstance(e, USER_OS_CLASSES))
+    return (
+        isinstance(e, (SeqlabError, MemoryError))
+        or isinstance(e, RuntimeError)
+        and any(m in str(e) for m in _OUT_OF_MEMORY)
+        or isinstance(e, OSError)
+        and (e.errno in USER_OS_ERRORS or isinstance(e, USER_OS_CLASSES))
+    )
 
 
 def _fresh(e: BaseException) -> BaseException:

@@ -20,7 +20,8 @@ How a job runs:
    measures the deviation from an exact run on a sample.
 
 Modules: ray_plan.py (settings, items, results), ray_cluster.py (starting or joining Ray, ``quiet``),
-ray_work.py (one item, in an actor), ray_errors.py (what a failed job raises), this one (the driver).
+ray_execute.py (the items through the actor pool), ray_work.py (one item, in an actor), ray_errors.py (what a
+failed job raises), this one (the job: checks, plan, resume, joins, deviation).
 
 Output store (a local directory, shared by every node on a real cluster): one array per input sequence, same
 name; attrs ``seqlab_job`` (the job's config, model file hash and fingerprint) and ``totals``; the group's
@@ -29,12 +30,10 @@ attrs hold ``seqlab_job`` too. Re-running with another config is refused unless 
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -42,13 +41,11 @@ import numpy as np
 
 from seqlab.errors import ConfigError, InputError, SeqlabError
 
-from .ray_cluster import check_resources, connect, quiet_ray
 from .ray_datasource import SequenceStoreDatasource
-from .ray_errors import _fresh, _release_frames, _unwrap
+from .ray_execute import _execute
 from .ray_plan import (
     JOB_FORMAT,
     JOBS,
-    MAX_BLOCKS,
     MODES,
     STAGING,
     JobProgress,
@@ -60,7 +57,7 @@ from .ray_plan import (
     _part_name,
     plan_items,
 )
-from .ray_work import JobWorker, _embed_range, _job_marker, _promote, _score_range, _sequence_totals
+from .ray_work import JobWorker, _embed_range, _promote, _score_range, _sequence_totals
 from .sources import check_model_fits
 from .store import SequenceStore
 
@@ -94,12 +91,30 @@ def _finished(out: SequenceStore, name: str, key: dict) -> bool:
     return info.complete and _job_key(info.attrs.get("seqlab_job") or {}) == key and "totals" in info.attrs
 
 
-def run_job(job: str, model_path, store, output, *, names=None, window: int = 4096, mode: str = "exact",
-            segment_length: int | None = None, burn_in: int = 4096, concurrency: int = 2, num_cpus: float = 1,
-            num_gpus: float = 0, address: str | None = None, overwrite: bool = False,
-            deviation_sample: int | None = 4, progress: bool | Callable[[JobProgress], None] | None = None,
-            max_restarts: int = 3, output_chunk_elements: int | None = None, options: dict | None = None,
-            quiet: bool = False, _fault: dict | None = None) -> JobResult:
+def run_job(
+    job: str,
+    model_path,
+    store,
+    output,
+    *,
+    names=None,
+    window: int = 4096,
+    mode: str = "exact",
+    segment_length: int | None = None,
+    burn_in: int = 4096,
+    concurrency: int = 2,
+    num_cpus: float = 1,
+    num_gpus: float = 0,
+    address: str | None = None,
+    overwrite: bool = False,
+    deviation_sample: int | None = 4,
+    progress: bool | Callable[[JobProgress], None] | None = None,
+    max_restarts: int = 3,
+    output_chunk_elements: int | None = None,
+    options: dict | None = None,
+    quiet: bool = False,
+    _fault: dict | None = None,
+) -> JobResult:
     """Run ``job`` ("score", "embed", "generate") of the model file ``model_path`` over sequences of
     ``store``, writing one output array per sequence into the Zarr store ``output`` (a local directory).
 
@@ -107,9 +122,10 @@ def run_job(job: str, model_path, store, output, *, names=None, window: int = 40
     parallel). ``mode="segments"``: sequences longer than ``segment_length`` are cut into segments processed
     in parallel, each warmed up from a zero state on the ``burn_in`` preceding elements; the deviation from
     exact is measured on the first ``deviation_sample`` segment boundaries (None/0: not measured).
-    ``concurrency``: actors in the pool (at most one per work item); ``num_cpus`` / ``num_gpus``: resources per actor. ``address``: join
-    a running Ray cluster (None: use the running one or start a local one). ``progress``: True for a bar, or a
-    callable taking ``JobProgress``. ``max_restarts``: how often a dead actor is restarted (its task retried).
+    ``concurrency``: actors in the pool (at most one per work item); ``num_cpus`` / ``num_gpus``: resources per
+    actor. ``address``: join a running Ray cluster (None: use the running one or start a local one).
+    ``progress``: True for a bar, or a callable taking ``JobProgress``. ``max_restarts``: how often a dead actor
+    is restarted (its task retried).
     ``quiet``: Ray's own log lines off (progress log and bars, start-up notices, workers' output: ``ray_cluster``),
     and no progress bar of ours (a ``progress`` callable is still called).
     """
@@ -129,8 +145,10 @@ def run_job(job: str, model_path, store, output, *, names=None, window: int = 40
             raise ConfigError("generate continues each sequence from its end: it has no segments mode")
         _check_int(segment_length, "segment_length (--segment-length; segments mode needs it)")
         if job == "embed" and segment_length % window:
-            raise ConfigError(f"embed in segments mode needs segment_length (--segment-length {segment_length}) to be "
-                              f"a multiple of window (--window {window}), so segments hold whole windows")
+            raise ConfigError(
+                f"embed in segments mode needs segment_length (--segment-length {segment_length}) to be "
+                f"a multiple of window (--window {window}), so segments hold whole windows"
+            )
     options = dict(options or {})
     if job == "generate":
         _check_int(options.get("max_new_tokens"), "max_new_tokens", low=0)
@@ -142,8 +160,13 @@ def run_job(job: str, model_path, store, output, *, names=None, window: int = 40
     if not isinstance(output, (str, os.PathLike)) or "://" in os.fspath(output):
         raise ConfigError(f"output must be a local directory (shared by all nodes on a cluster), got {output!r}")
     output = os.path.abspath(os.fspath(output))
-    store_path = os.path.abspath(os.fspath(store)) if isinstance(store, (str, os.PathLike)) and \
-        "://" not in os.fspath(store) else os.fspath(store) if isinstance(store, (str, os.PathLike)) else None
+    store_path = (
+        os.path.abspath(os.fspath(store))
+        if isinstance(store, (str, os.PathLike)) and "://" not in os.fspath(store)
+        else os.fspath(store)
+        if isinstance(store, (str, os.PathLike))
+        else None
+    )
     if store_path is None:
         raise ConfigError("store must be a path (workers open it themselves)")
     source = SequenceStore(store_path, "r")
@@ -162,24 +185,37 @@ def run_job(job: str, model_path, store, output, *, names=None, window: int = 40
             raise InputError(f"{where} is incomplete ({info.length} elements committed): finish its ingest first")
         check_model_fits(model, info, where)
         if job in ("score", "generate") and getattr(model, "vocab_size", None) is None:
-            raise InputError(f"{job} needs a token model (next-element probabilities); the model in {model_path} "
-                             f"(adapter {adapter.name!r}) predicts continuous frames")
+            raise InputError(
+                f"{job} needs a token model (next-element probabilities); the model in {model_path} "
+                f"(adapter {adapter.name!r}) predicts continuous frames"
+            )
         if job == "score" and info.length < 2:
             raise InputError(f"{where} holds {info.length} element(s): score needs at least 2")
 
-    job_attrs = {"format": JOB_FORMAT, "job": job, "mode": mode, "window": window,
-                 "segment_length": segment_length if mode == "segments" else None,
-                 "burn_in": burn_in if mode == "segments" else None,
-                 "model": {"path": model_path, "sha256": _file_sha256(model_path) if os.path.isfile(model_path)
-                           else None, "fingerprint": getattr(model, "fingerprint", None),
-                           "adapter": adapter.info()},
-                 "store": source.where, "options": {k: v for k, v in options.items() if k != "device"}}
+    job_attrs = {
+        "format": JOB_FORMAT,
+        "job": job,
+        "mode": mode,
+        "window": window,
+        "segment_length": segment_length if mode == "segments" else None,
+        "burn_in": burn_in if mode == "segments" else None,
+        "model": {
+            "path": model_path,
+            "sha256": _file_sha256(model_path) if os.path.isfile(model_path) else None,
+            "fingerprint": getattr(model, "fingerprint", None),
+            "adapter": adapter.info(),
+        },
+        "store": source.where,
+        "options": {k: v for k, v in options.items() if k != "device"},
+    }
     key = _job_key(job_attrs)
     out = SequenceStore(output, "a")
     recorded = out.group.attrs.get("seqlab_job")
     if recorded is not None and _job_key(recorded) != key and not overwrite:
-        raise InputError(f"output store {output} holds results of another job config ({recorded}); pass "
-                         "overwrite=True (--overwrite) to replace them, or choose another output")
+        raise InputError(
+            f"output store {output} holds results of another job config ({recorded}); pass "
+            "overwrite=True (--overwrite) to replace them, or choose another output"
+        )
     out.group.update_attributes({"seqlab_job": {**job_attrs, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}})
 
     replace = overwrite and recorded is not None and _job_key(recorded) != key
@@ -200,8 +236,25 @@ def run_job(job: str, model_path, store, output, *, names=None, window: int = 40
     result = JobResult(job, output, job_attrs, skipped=skipped)
     if pending:
         result.workers, result.work_seconds = _execute(
-            pending, model_path, output, job, window, job_attrs, options, store_path, concurrency, num_cpus,
-            num_gpus, address, progress, max_restarts, output_chunk_elements, _fault, started, quiet)
+            pending,
+            model_path,
+            output,
+            job,
+            window,
+            job_attrs,
+            options,
+            store_path,
+            concurrency,
+            num_cpus,
+            num_gpus,
+            address,
+            progress,
+            max_restarts,
+            output_chunk_elements,
+            _fault,
+            started,
+            quiet,
+        )
     for name in todo:  # join the segments of split sequences
         parts = [i for i in items if i["name"] == name]
         if len(parts) > 1:
@@ -217,113 +270,8 @@ def run_job(job: str, model_path, store, output, *, names=None, window: int = 40
         positions = sum(t.get("positions", 0) for t in result.totals.values())
         result.summary = {"bits": bits, "positions": positions, "mean_bits": bits / positions if positions else None}
     result.seconds = time.time() - started
-    out.group.update_attributes({"seqlab_job": {**job_attrs, "summary": result.summary,
-                                                "deviation": result.deviation}})
+    out.group.update_attributes({"seqlab_job": {**job_attrs, "summary": result.summary, "deviation": result.deviation}})
     return result
-
-
-def _map(ds, concurrency, num_cpus, num_gpus, max_restarts, worker_kwargs):
-    """The job's ``map_batches``: an actor pool of ``JobWorker``, one item per call."""
-    import ray
-
-    return ds.map_batches(
-        JobWorker, batch_size=1, num_cpus=num_cpus,
-        # one item running and one queued per actor: no idle gap between items, and the items left at the end go to
-        # whichever actor is free (Ray Data's default queues 4 per actor)
-        compute=ray.data.ActorPoolStrategy(size=concurrency, max_tasks_in_flight_per_actor=2),
-        num_gpus=num_gpus or None, fn_constructor_kwargs=worker_kwargs,
-        # a dead actor (its worker process killed, OOM, node lost) is restarted and its task retried, at most
-        # max_restarts times (Ray Data's default is without limit). Ray 2.60 warns that remote args passed this way
-        # (and ray_remote_args_fn) go away in Ray 2.64, but names no replacement for these two: pyproject caps ray
-        # below 2.64.
-        max_restarts=max_restarts, max_task_retries=max_restarts)
-
-
-def _execute(items, model_path, output, job, window, job_attrs, options, store_path, concurrency,
-             num_cpus, num_gpus, address, progress, max_restarts, output_chunk_elements, fault,
-             started, quiet) -> tuple[dict, float]:
-    connect(address, quiet=quiet)
-    # no more actors than items: each costs a worker start and a model load, and Ray Data warns of the idle ones
-    concurrency = min(concurrency, len(items))
-    check_resources(num_cpus, num_gpus, concurrency, address)
-    with quiet_ray(quiet):
-        return _run_items(items, model_path, output, job, window, job_attrs, options, store_path, concurrency,
-                          num_cpus, num_gpus, None if quiet and progress is True else progress, max_restarts,
-                          output_chunk_elements, fault, started)
-
-
-def _run_items(items, model_path, output, job, window, job_attrs, options, store_path, concurrency, num_cpus,
-               num_gpus, progress, max_restarts, output_chunk_elements, fault, started) -> tuple[dict, float]:
-    """The job's items through the actor pool, each finished item reported as soon as it arrives."""
-    import ray
-
-    ended_marker = _job_marker(output)
-    context = ray.data.DataContext.get_current()
-    original = context.raise_original_map_exception
-    context.raise_original_map_exception = True  # a worker's seqlab error reaches the driver as itself
-    done, workers, work_seconds = 0, {}, 0.0
-    bar = finished = batches = mapped = ds = failure = None
-    try:
-        # The rows (names and ranges, a few bytes each) are built here in the driver, one block per item (up to
-        # MAX_BLOCKS), not by read tasks: every read task needs a worker process of its own, which imports Ray
-        # Data, this module and torch (~2 CPU-seconds each, measured in bench/ray_scale.py), CPU taken from the
-        # actors on a small machine.
-        ds = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS))
-        worker_options = {**options, "output_chunk_elements": output_chunk_elements,
-                          "device": "cuda" if num_gpus else None}
-        with warnings.catch_warnings():  # the deprecation below is known and handled: not the user's business
-            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-            mapped = _map(ds, concurrency, num_cpus, num_gpus, max_restarts, {
-                "model_path": model_path, "output": output, "job": job, "window": window, "job_attrs": job_attrs,
-                "options": worker_options, "input_store": store_path, "num_threads": max(1, int(num_cpus)),
-                "fault": fault, "ended_marker": ended_marker})
-        if progress is True:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(items), unit="item", desc=f"seqlab {job}")
-        # every finished item as soon as it arrives (iter_rows prefetches a block, holding a finished item back
-        # until the next one finishes)
-        batches = mapped.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0)
-        finished = (dict(zip(block, values)) for block in batches for values in zip(*block.values()))
-        for row in finished:
-            done += 1
-            workers.setdefault(str(row["name"]), []).append(int(row["pid"]))
-            work_seconds += float(row["seconds"])
-            if bar is not None:
-                bar.update(1)
-            elif callable(progress):
-                progress(JobProgress(done, len(items), str(row["name"]), int(row["segment"]),
-                                     int(row["elements"]), time.time() - started, float(row["seconds"])))
-    except Exception as exc:  # Ray may wrap the worker's error: raise ours, which names where
-        inner = _unwrap(exc)
-        failure = exc if inner is None else _fresh(inner)
-        _release_frames(exc)  # what the job held goes with the job, not when the caller drops the error
-    finally:
-        # close the iteration now, not when the garbage collector gets to it (an exception's traceback keeps it
-        # alive): that shuts the actor pool down and frees its CPUs for whatever runs next on the cluster
-        try:
-            for it in (finished, batches):
-                close = getattr(it, "close", None)
-                if close is not None:
-                    close()
-        finally:
-            finished = batches = mapped = ds = None  # nothing of the job stays reachable from this frame
-            try:
-                with open(ended_marker, "wb"):  # the job's actors end themselves now (_end_with_the_job)
-                    pass
-            except OSError:  # the output folder went away: the actors end when Ray Data lets their handles go
-                pass
-        if failure is not None:
-            # Ray Data's executor, its metadata fetcher and the failed tasks form reference cycles (with the job's
-            # blocks and the actors' handles); with the frames above cleared nothing live reaches them, so free them
-            # now (once per failed job, well under a second) rather than at some later garbage collection
-            gc.collect()
-        context.raise_original_map_exception = original
-        if bar is not None:
-            bar.close()
-    if failure is not None:
-        raise failure  # raised here, after the except block, so it carries no context back into Ray's frames
-    return workers, work_seconds
 
 
 def _join(output: str, job: str, name: str, parts: list[dict], job_attrs: dict) -> None:
@@ -368,9 +316,13 @@ def _deviation(model, source, out, job, todo, items, window, sample: int) -> dic
         total_exact += float(exact.sum())
         total_seg += float(got.sum())
     every = np.concatenate(diffs)
-    report = {"segments": len(split), "positions": positions, "max_abs": float(every.max()),
-              "mean_abs": float(every.mean()), "what": "bits per position" if job == "score" else
-              "pooled hidden, max over features"}
+    report = {
+        "segments": len(split),
+        "positions": positions,
+        "max_abs": float(every.max()),
+        "mean_abs": float(every.mean()),
+        "what": "bits per position" if job == "score" else "pooled hidden, max over features",
+    }
     if job == "score":
         report.update(mean_bits_exact=total_exact / positions, mean_bits_segments=total_seg / positions)
     return report
@@ -386,9 +338,20 @@ def embed(model_path, store, output, **options) -> JobResult:
     return run_job("embed", model_path, store, output, **options)
 
 
-def generate(model_path, store, output, *, max_new_tokens: int = 64, prompt_length: int | None = None,
-             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             allow_specials: bool = False, **options) -> JobResult:
+def generate(
+    model_path,
+    store,
+    output,
+    *,
+    max_new_tokens: int = 64,
+    prompt_length: int | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    allow_specials: bool = False,
+    **options,
+) -> JobResult:
     """Continue every stored sequence (its last ``prompt_length`` elements, default all of it) by up to
     ``max_new_tokens`` tokens; sequence ``name`` samples with seed ``seed + crc32(name)``, so re-runs and
     retries give the same tokens. The model adapter's special tokens are never generated unless
@@ -396,8 +359,9 @@ def generate(model_path, store, output, *, max_new_tokens: int = 64, prompt_leng
     from seqlab.generate import _check_sampling
 
     for what, value in (("temperature", temperature), ("top_p", top_p)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not math.isfinite(value)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+        ):
             raise ConfigError(f"{what} must be a finite number, got {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"seed must be an int >= 0, got {seed!r}")
@@ -407,13 +371,30 @@ def generate(model_path, store, output, *, max_new_tokens: int = 64, prompt_leng
         _check_sampling(max_new_tokens, temperature, top_k, top_p, None, 1.0)
     except InputError as exc:
         raise ConfigError(str(exc)) from None
-    gen = {"max_new_tokens": max_new_tokens, "prompt_length": prompt_length, "temperature": temperature,
-           "top_k": top_k, "top_p": top_p, "seed": seed, "allow_specials": allow_specials}
+    gen = {
+        "max_new_tokens": max_new_tokens,
+        "prompt_length": prompt_length,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "seed": seed,
+        "allow_specials": allow_specials,
+    }
     return run_job("generate", model_path, store, output, options=gen, **options)
 
 
 def _describe(result: JobResult) -> dict[str, Any]:
-    return json.loads(json.dumps({"job": result.job, "output": result.output, "done": result.done,
-                                  "skipped": result.skipped, "summary": result.summary,
-                                  "deviation": result.deviation, "seconds": round(result.seconds, 2)},
-                                 default=str))
+    return json.loads(
+        json.dumps(
+            {
+                "job": result.job,
+                "output": result.output,
+                "done": result.done,
+                "skipped": result.skipped,
+                "summary": result.summary,
+                "deviation": result.deviation,
+                "seconds": round(result.seconds, 2),
+            },
+            default=str,
+        )
+    )

@@ -16,9 +16,9 @@ __all__ = ["JobProgress", "JobResult", "plan_items"]
 
 JOBS = ("score", "embed", "generate")
 MODES = ("exact", "segments")
-STAGING = "_staging"          # subgroup of the output store holding outputs and segments being written
+STAGING = "_staging"  # subgroup of the output store holding outputs and segments being written
 JOB_FORMAT = 1
-MAX_BLOCKS = 1024             # rows of work handed to Ray Data in at most this many blocks (one item per block below)
+MAX_BLOCKS = 1024  # rows of work handed to Ray Data in at most this many blocks (one item per block below)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -29,12 +29,12 @@ MAX_BLOCKS = 1024             # rows of work handed to Ray Data in at most this 
 class JobProgress:
     """Passed to a job's ``progress`` callable after every finished work item."""
 
-    done: int              # items finished in this run
-    total: int             # items this run had to do
+    done: int  # items finished in this run
+    total: int  # items this run had to do
     sequence: str
     segment: int
-    elements: int          # elements this item covered
-    seconds: float         # wall time since the job started
+    elements: int  # elements this item covered
+    seconds: float  # wall time since the job started
     work_seconds: float = 0.0  # wall time the worker spent on this item (model forward, reads, output writes)
 
 
@@ -66,9 +66,15 @@ def _check_int(value, what: str, low: int = 1, allow_none: bool = False) -> None
 
 def _check_resource(value, what: str) -> None:
     """A per-actor resource amount Ray can schedule: finite, >= 0, and 0 or at least its unit of 0.0001."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
-            or 0 < value < 1e-4:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+        or 0 < value < 1e-4
+    ):
         raise ConfigError(f"{what} must be 0 or a finite number >= 0.0001 (Ray's resource unit), got {value!r}")
+
 
 def _check_output(output: str, store_path: str) -> None:
     """Refuse an output that is not a job's own: the input store itself (or a folder inside or around it), a file,
@@ -76,10 +82,17 @@ def _check_output(output: str, store_path: str) -> None:
     folders when it moves finished outputs into place: pointed at anything else it would delete what is there."""
     real_out, real_in = os.path.realpath(output), os.path.realpath(store_path)
     if real_out == real_in or real_out.startswith(real_in + os.sep) or real_in.startswith(real_out + os.sep):
-        what = "the input store" if real_out == real_in else "inside the input store" \
-            if real_out.startswith(real_in) else "a folder holding the input store"
-        raise ConfigError(f"output {output} is {what} {store_path}: choose another output (a job replaces the "
-                          "output's sequence folders)")
+        what = (
+            "the input store"
+            if real_out == real_in
+            else "inside the input store"
+            if real_out.startswith(real_in)
+            else "a folder holding the input store"
+        )
+        raise ConfigError(
+            f"output {output} is {what} {store_path}: choose another output (a job replaces the "
+            "output's sequence folders)"
+        )
     if not os.path.lexists(output):
         return
     if not os.path.isdir(output):
@@ -87,15 +100,19 @@ def _check_output(output: str, store_path: str) -> None:
     entries = set(os.listdir(output))
     if "zarr.json" not in entries:
         if entries:
-            raise InputError(f"output {output} is a folder with other files in it ({', '.join(sorted(entries)[:3])}"
-                             f"{' ...' if len(entries) > 3 else ''}), not a job's output store: choose a new or empty "
-                             "folder")
+            raise InputError(
+                f"output {output} is a folder with other files in it ({', '.join(sorted(entries)[:3])}"
+                f"{' ...' if len(entries) > 3 else ''}), not a job's output store: choose a new or empty "
+                "folder"
+            )
         return
     existing = SequenceStore(output, "r")
     if existing.group.attrs.get("seqlab_job") is None and existing.list():
-        raise InputError(f"output {output} is a sequence store that no seqlab job wrote (it holds "
-                         f"{', '.join(existing.list()[:3])}{' ...' if len(existing.list()) > 3 else ''}): a job would "
-                         "replace those sequences; choose another output")
+        raise InputError(
+            f"output {output} is a sequence store that no seqlab job wrote (it holds "
+            f"{', '.join(existing.list()[:3])}{' ...' if len(existing.list()) > 3 else ''}): a job would "
+            "replace those sequences; choose another output"
+        )
 
 
 def _file_sha256(path: str) -> str:
@@ -112,8 +129,9 @@ def _span(job: str, length: int) -> int:
     return max(length - 1, 0) if job == "score" else length
 
 
-def plan_items(store: SequenceStore, names: list[str], job: str, mode: str, segment_length: int | None,
-               burn_in: int) -> list[dict]:
+def plan_items(
+    store: SequenceStore, names: list[str], job: str, mode: str, segment_length: int | None, burn_in: int
+) -> list[dict]:
     """Work items (names and ranges only): ``name``, ``segment``, ``n_segments``, ``start``, ``stop`` (output
     positions; for embed, element positions that are whole windows) and ``warm`` (where the zero-state
     burn-in starts; == ``start`` for exact items and first segments)."""
@@ -126,8 +144,16 @@ def plan_items(store: SequenceStore, names: list[str], job: str, mode: str, segm
         bounds = list(range(0, length, segment_length))
         for k, start in enumerate(bounds):
             stop = min(start + segment_length, length)
-            items.append({"name": name, "segment": k, "n_segments": len(bounds), "start": start, "stop": stop,
-                          "warm": max(0, start - burn_in)})
+            items.append(
+                {
+                    "name": name,
+                    "segment": k,
+                    "n_segments": len(bounds),
+                    "start": start,
+                    "stop": stop,
+                    "warm": max(0, start - burn_in),
+                }
+            )
     return items
 
 

@@ -49,8 +49,9 @@ def _build_model(model_factory) -> torch.nn.Module:
             config = BackboneConfig.from_dict(config)
         return LanguageModel(config, vocab_size)
     if not callable(model_factory):
-        raise ConfigError(f"model_factory must be a callable or a (config, vocab_size) spec, got "
-                          f"{type(model_factory).__name__}")
+        raise ConfigError(
+            f"model_factory must be a callable or a (config, vocab_size) spec, got {type(model_factory).__name__}"
+        )
     model = model_factory()
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model_factory() must return a torch.nn.Module, got {type(model).__name__}")
@@ -73,13 +74,15 @@ def _shard(train_data, rank: int, world: int):
     if isinstance(train_data, torch.Tensor):
         train_data = train_data.detach().cpu()
     elif not isinstance(train_data, np.ndarray):
-        raise InputError(f"train_data must be a 1-D torch tensor or numpy array of token ids, got "
-                         f"{type(train_data).__name__}")
+        raise InputError(
+            f"train_data must be a 1-D torch tensor or numpy array of token ids, got {type(train_data).__name__}"
+        )
     if train_data.ndim != 1:
-        raise InputError(f"train_data must be 1-D (one token sequence) to shard by rank, got shape "
-                         f"{tuple(train_data.shape)}")
+        raise InputError(
+            f"train_data must be 1-D (one token sequence) to shard by rank, got shape {tuple(train_data.shape)}"
+        )
     size = train_data.shape[0] // world
-    return train_data[rank * size:(rank + 1) * size]
+    return train_data[rank * size : (rank + 1) * size]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -101,8 +104,13 @@ def _train_loop(loop_config: dict) -> None:
     user_config: TrainConfig = loop_config["config"]
     # Ray storage holds the checkpoints (rank 0 writes them below); the Trainer itself saves none, and only
     # rank 0 writes the JSONL log.
-    config = replace(user_config, checkpoint_every=0, checkpoint_dir=None, progress=False,
-                     log_path=user_config.log_path if rank == 0 else None)
+    config = replace(
+        user_config,
+        checkpoint_every=0,
+        checkpoint_dir=None,
+        progress=False,
+        log_path=user_config.log_path if rank == 0 else None,
+    )
     torch.manual_seed(config.seed)
     model = _build_model(loop_config["model_factory"])
     spec = _model_spec(model)
@@ -110,8 +118,9 @@ def _train_loop(loop_config: dict) -> None:
     ddp = ray.train.torch.prepare_model(model, parallel_strategy="ddp")
     inner = ddp.module if hasattr(ddp, "module") else ddp
     shard = _shard(loop_config["train_data"], rank, world)
-    trainer = Trainer(ddp, config, shard, loop_config["eval_data"], loss_fn=loop_config["loss_fn"],
-                      metric_fn=loop_config["metric_fn"])
+    trainer = Trainer(
+        ddp, config, shard, loop_config["eval_data"], loss_fn=loop_config["loss_fn"], metric_fn=loop_config["metric_fn"]
+    )
     every, max_steps = loop_config["checkpoint_every"], user_config.max_steps
     losses: list[float] = []
 
@@ -131,10 +140,21 @@ def _train_loop(loop_config: dict) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 checkpoint = None
                 if rank == 0:
-                    meta = {"step": step, "world_size": world, "config": user_config.to_dict(),
-                            "shard_tokens": int(shard.shape[0])}
-                    save_checkpoint(tmp, step=step, model=inner, optimizer=tr.optimizer, scheduler=tr.scheduler,
-                                    trainer_meta=meta, states=tr.states)
+                    meta = {
+                        "step": step,
+                        "world_size": world,
+                        "config": user_config.to_dict(),
+                        "shard_tokens": int(shard.shape[0]),
+                    }
+                    save_checkpoint(
+                        tmp,
+                        step=step,
+                        model=inner,
+                        optimizer=tr.optimizer,
+                        scheduler=tr.scheduler,
+                        trainer_meta=meta,
+                        states=tr.states,
+                    )
                     Path(tmp, MODEL_SPEC_FILE).write_text(json.dumps(spec))
                     checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report(metrics, checkpoint=checkpoint)
@@ -162,8 +182,7 @@ def _check_cluster(scaling, num_workers: int, address: str | None) -> None:
     have = ray.cluster_resources()
     where = f"the Ray cluster at {address!r}" if address else "this machine's Ray cluster"
     for resource, amount in per_worker.items():
-        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount) \
-                or amount < 0:
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount) or amount < 0:
             raise ConfigError(f"resources_per_worker[{resource!r}] must be a finite number >= 0, got {amount!r}")
         need, total = amount * num_workers, float(have.get(resource, 0.0))
         if need > total + 1e-9:
@@ -171,15 +190,28 @@ def _check_cluster(scaling, num_workers: int, address: str | None) -> None:
             raise BackendUnavailableError(
                 f"{num_workers} worker(s) with {asked} need {need:g} {resource} at once, more than {where} has "
                 f"({total:g}); Ray Train would wait for them forever. Lower num_workers or the request, or join a "
-                f"cluster that has them (address=)")
+                f"cluster that has them (address=)"
+            )
 
 
-def train_data_parallel(model_factory: Callable[[], torch.nn.Module] | tuple, config: TrainConfig, train_data,
-                        eval_data=None, *, num_workers: int = 2, use_gpu: bool = False, address: str | None = None,
-                        storage_path: str | os.PathLike | None = None, name: str | None = None,
-                        loss_fn: Callable | None = None, metric_fn: Callable | None = None,
-                        checkpoint_every: int | None = None, backend: str | None = None,
-                        resources_per_worker: dict | None = None, quiet: bool = False):
+def train_data_parallel(
+    model_factory: Callable[[], torch.nn.Module] | tuple,
+    config: TrainConfig,
+    train_data,
+    eval_data=None,
+    *,
+    num_workers: int = 2,
+    use_gpu: bool = False,
+    address: str | None = None,
+    storage_path: str | os.PathLike | None = None,
+    name: str | None = None,
+    loss_fn: Callable | None = None,
+    metric_fn: Callable | None = None,
+    checkpoint_every: int | None = None,
+    backend: str | None = None,
+    resources_per_worker: dict | None = None,
+    quiet: bool = False,
+):
     """Train ``model_factory()`` on ``train_data`` with ``num_workers`` data-parallel Ray Train workers.
 
     ``model_factory``: a picklable zero-argument callable returning the model, or a ``(BackboneConfig or its
@@ -217,9 +249,15 @@ def train_data_parallel(model_factory: Callable[[], torch.nn.Module] | tuple, co
     storage = os.path.abspath(os.path.expanduser(os.fspath(storage_path or "~/ray_results")))
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"model_factory": model_factory, "config": config, "train_data": train_data,
-                           "eval_data": eval_data, "loss_fn": loss_fn, "metric_fn": metric_fn,
-                           "checkpoint_every": every},
+        train_loop_config={
+            "model_factory": model_factory,
+            "config": config,
+            "train_data": train_data,
+            "eval_data": eval_data,
+            "loss_fn": loss_fn,
+            "metric_fn": metric_fn,
+            "checkpoint_every": every,
+        },
         torch_config=TorchConfig(backend=backend or ("nccl" if use_gpu else "gloo")),
         scaling_config=scaling,
         run_config=RunConfig(storage_path=storage, name=name),
@@ -245,8 +283,11 @@ def _load_from_directory(directory: Path, model: torch.nn.Module | None) -> torc
         spec = json.loads((directory / MODEL_SPEC_FILE).read_text())
         if spec.get("class") != "LanguageModel" or "vocab_size" not in spec:
             raise ConfigError(f"{directory}: the checkpoint holds a {spec.get('class')}; pass model= to load it")
-        model = LanguageModel(BackboneConfig.from_dict(spec["config"]), spec["vocab_size"],
-                              tie_embeddings=spec.get("tie_embeddings", True))
+        model = LanguageModel(
+            BackboneConfig.from_dict(spec["config"]),
+            spec["vocab_size"],
+            tie_embeddings=spec.get("tie_embeddings", True),
+        )
     load_model(latest_checkpoint(directory) / "model.safetensors", model)
     return model
 

@@ -24,9 +24,16 @@ from .store import SequenceStore
 __all__ = ["JobWorker"]
 
 
-
-def _score_range(model, store: SequenceStore, name: str, warm: int, start: int, stop: int, window: int,
-                 sink: Callable[[np.ndarray], None]) -> tuple[float, int]:
+def _score_range(
+    model,
+    store: SequenceStore,
+    name: str,
+    warm: int,
+    start: int,
+    stop: int,
+    window: int,
+    sink: Callable[[np.ndarray], None],
+) -> tuple[float, int]:
     """Bits of elements ``start+1 .. stop`` (inputs ``[start, stop)``), warmed up on ``[warm, start)`` from
     a zero state; ``sink`` receives float32 pieces in order. Returns (sum of bits, count)."""
     from .store_stream import stream_bits
@@ -34,8 +41,16 @@ def _score_range(model, store: SequenceStore, name: str, warm: int, start: int, 
     return stream_bits(model, store, name, window, start=start, stop=stop, warm=warm, sink=sink)
 
 
-def _embed_range(model, store: SequenceStore, name: str, warm: int, start: int, stop: int, window: int,
-                 sink: Callable[[np.ndarray], None]) -> tuple[float, int]:
+def _embed_range(
+    model,
+    store: SequenceStore,
+    name: str,
+    warm: int,
+    start: int,
+    stop: int,
+    window: int,
+    sink: Callable[[np.ndarray], None],
+) -> tuple[float, int]:
     """Mean-pooled hidden features of each window in ``[start, stop)`` (rows of (d_model,))."""
     from .store_stream import stream
 
@@ -53,8 +68,9 @@ def _embed_range(model, store: SequenceStore, name: str, warm: int, start: int, 
     return 0.0, count
 
 
-def _generate_one(model, store: SequenceStore, name: str, window: int, options: dict,
-                  sink: Callable[[np.ndarray], None], adapter=None) -> tuple[float, int]:
+def _generate_one(
+    model, store: SequenceStore, name: str, window: int, options: dict, sink: Callable[[np.ndarray], None], adapter=None
+) -> tuple[float, int]:
     """Continue the stored sequence (its last ``prompt_length`` elements, or all of it), prefilled in windows
     with carried state; the continuation's ids go to ``sink``. With the model's ``adapter``, its special tokens
     are never generated (unless ``options["allow_specials"]``) and its end token stops the continuation."""
@@ -74,9 +90,18 @@ def _generate_one(model, store: SequenceStore, name: str, window: int, options: 
     seed = (int(options.get("seed") or 0) + zlib.crc32(name.encode())) % (1 << 31)
     special = {} if adapter is None else adapter.generation_options(allow_specials=bool(options.get("allow_specials")))
     # the job samples (seeded per sequence); temperature 0 still picks the argmax
-    out = _generate(model, last, options["max_new_tokens"], do_sample=True,
-                    temperature=options.get("temperature", 1.0), top_k=options.get("top_k"),
-                    top_p=options.get("top_p"), seed=seed, state=state, **special)
+    out = _generate(
+        model,
+        last,
+        options["max_new_tokens"],
+        do_sample=True,
+        temperature=options.get("temperature", 1.0),
+        top_k=options.get("top_k"),
+        top_p=options.get("top_p"),
+        seed=seed,
+        state=state,
+        **special,
+    )
     tokens = np.asarray(out.tokens[0], dtype=np.int64)
     sink(tokens)
     return 0.0, int(tokens.shape[0])
@@ -132,9 +157,19 @@ class JobWorker:
     ``total`` (sum of bits for score), ``count``, ``pid``, ``seconds`` (the item's wall time in this worker).
     """
 
-    def __init__(self, model_path: str, output: str, job: str, window: int, job_attrs: dict,
-                 options: dict | None = None, input_store: str = "", num_threads: int | None = None,
-                 fault: dict | None = None, ended_marker: str | None = None) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        output: str,
+        job: str,
+        window: int,
+        job_attrs: dict,
+        options: dict | None = None,
+        input_store: str = "",
+        num_threads: int | None = None,
+        fault: dict | None = None,
+        ended_marker: str | None = None,
+    ) -> None:
         if ended_marker:
             _end_with_the_job(ended_marker)
         self.store = SequenceStore(input_store, "r")
@@ -162,8 +197,12 @@ class JobWorker:
     def _maybe_fail(self, item: dict, when: str) -> None:
         """Test hook: die for real (SIGKILL of this worker process) or raise, once, at a marked item."""
         fault = self.fault
-        if not fault or fault.get("name") != item["name"] or fault.get("segment", item["segment"]) != \
-                item["segment"] or fault.get("when", "mid") != when:
+        if (
+            not fault
+            or fault.get("name") != item["name"]
+            or fault.get("segment", item["segment"]) != item["segment"]
+            or fault.get("when", "mid") != when
+        ):
             return
         marker = Path(fault["marker"])
         if fault.get("how") == "raise":
@@ -215,8 +254,11 @@ class JobWorker:
         self._maybe_fail(item, "mid")  # an item too short for two pieces still dies mid-item
         if writer.array is None:  # nothing written (an empty range): an empty output of the right kind
             d = getattr(self.model.config, "d_model", 1)
-            writer.write(np.zeros((0, d), np.float32) if self.job == "embed" else
-                         np.zeros(0, np.int64 if token_out else np.float32))
+            writer.write(
+                np.zeros((0, d), np.float32)
+                if self.job == "embed"
+                else np.zeros(0, np.int64 if token_out else np.float32)
+            )
         totals = {"sum": total, "count": count, "start": start, "stop": stop, "warm": warm}
         writer.array.update_attributes({"seqlab_job": self.job_attrs, "seqlab_part": totals})
         writer.finish()

@@ -27,8 +27,10 @@ class SequenceReader:
         self.info = store._info(name, self.array)
         self.where = f"sequence store {store.where}: sequence {name!r}"
         if not self.info.complete and not allow_incomplete:
-            raise InputError(f"{self.where} is incomplete (its writer stopped after {self.info.length} elements): "
-                             "run the ingest again to finish it, or pass allow_incomplete=True")
+            raise InputError(
+                f"{self.where} is incomplete (its writer stopped after {self.info.length} elements): "
+                "run the ingest again to finish it, or pass allow_incomplete=True"
+            )
         self.length = self.info.length
         self.chunk = self.info.chunk_elements
         self.cache_chunks = max(1, int(cache_chunks))
@@ -59,8 +61,9 @@ class SequenceReader:
         try:
             values = np.asarray(self.array[lo:hi])
         except Exception as exc:  # noqa: BLE001 - the codecs raise RuntimeError, ValueError, ...
-            raise CorruptFileError(f"{self.where}: chunk {index} (positions [{lo}, {hi})) cannot be decoded: "
-                                   f"{type(exc).__name__}: {exc}") from None
+            raise CorruptFileError(
+                f"{self.where}: chunk {index} (positions [{lo}, {hi})) cannot be decoded: {type(exc).__name__}: {exc}"
+            ) from None
         if not values.any() and self._missing(index):
             raise CorruptFileError(f"{self.where}: chunk {index} (positions [{lo}, {hi})) is missing from the store")
         self.chunk_reads += 1
@@ -77,8 +80,9 @@ class SequenceReader:
                 raise InputError(f"{self.where}: {what} must be an int, got {value!r}")
         start, stop = int(start), int(stop)
         if not 0 <= start <= stop <= self.length:
-            raise InputError(f"{self.where}: window [{start}, {stop}) is out of range: the sequence holds "
-                             f"{self.length} elements")
+            raise InputError(
+                f"{self.where}: window [{start}, {stop}) is out of range: the sequence holds {self.length} elements"
+            )
         if start == stop:
             values = np.zeros((0, *self.info.frame_shape), dtype=self.info.dtype)
         else:
@@ -86,7 +90,7 @@ class SequenceReader:
             parts = []
             for index in range(first, last + 1):
                 base = index * self.chunk
-                parts.append(self._chunk(index)[max(start - base, 0):stop - base])
+                parts.append(self._chunk(index)[max(start - base, 0) : stop - base])
             values = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return values if raw else self.to_tensor(values)
 
@@ -94,4 +98,3 @@ class SequenceReader:
         if self.info.kind == "tokens":
             return torch.from_numpy(values.astype(np.int64))
         return torch.from_numpy(np.array(values, dtype=np.float32))
-

@@ -25,9 +25,11 @@ def check_model_fits(model, info: SequenceInfo, where: str) -> None:
         return _jsonable({k: adapter_info.get(k) for k in ("name", "settings")})
 
     if model_info is not None and info.adapter is not None and encoding(model_info) != encoding(info.adapter):
-        raise InputError(f"{where} was written by adapter {info.adapter}, but the model was built by adapter "
-                         f"{model_info}: encode the data with the model's adapter (or use a model built by "
-                         f"{info.adapter.get('name')!r})")
+        raise InputError(
+            f"{where} was written by adapter {info.adapter}, but the model was built by adapter "
+            f"{model_info}: encode the data with the model's adapter (or use a model built by "
+            f"{info.adapter.get('name')!r})"
+        )
     vocab = getattr(model, "vocab_size", None)
     d_input = getattr(model, "d_input", None)
     if vocab is not None:
@@ -40,8 +42,9 @@ def check_model_fits(model, info: SequenceInfo, where: str) -> None:
             raise InputError(f"{where} holds token ids, the model takes continuous frames of width {d_input}")
         width = math.prod(info.frame_shape)
         if width != d_input:
-            raise InputError(f"{where} holds frames of shape {info.frame_shape} ({width} values), the model takes "
-                             f"d_input={d_input}")
+            raise InputError(
+                f"{where} holds frames of shape {info.frame_shape} ({width} values), the model takes d_input={d_input}"
+            )
 
 
 class StoreSource:
@@ -54,8 +57,17 @@ class StoreSource:
     ``model``: when given, refused unless built by the adapter that wrote the sequences.
     """
 
-    def __init__(self, store, names, batch_size: int, window: int, *, model=None, allow_incomplete: bool = False,
-                 cache_chunks: int | None = None) -> None:
+    def __init__(
+        self,
+        store,
+        names,
+        batch_size: int,
+        window: int,
+        *,
+        model=None,
+        allow_incomplete: bool = False,
+        cache_chunks: int | None = None,
+    ) -> None:
         store = open_store(store, "r")
         names = [names] if isinstance(names, str) else list(names)
         if not names:
@@ -70,10 +82,15 @@ class StoreSource:
         first = self.readers[0].info
         for reader in self.readers[1:]:
             info = reader.info
-            if (info.kind, info.frame_shape, _jsonable(info.adapter)) != (first.kind, first.frame_shape,
-                                                                          _jsonable(first.adapter)):
-                raise InputError(f"sequence store {store.where}: sequences {first.name!r} and {info.name!r} were "
-                                 "encoded differently (adapter, kind or frame shape): they cannot be one source")
+            if (info.kind, info.frame_shape, _jsonable(info.adapter)) != (
+                first.kind,
+                first.frame_shape,
+                _jsonable(first.adapter),
+            ):
+                raise InputError(
+                    f"sequence store {store.where}: sequences {first.name!r} and {info.name!r} were "
+                    "encoded differently (adapter, kind or frame shape): they cannot be one source"
+                )
         if model is not None:
             for reader in self.readers:
                 check_model_fits(model, reader.info, reader.where)
@@ -82,8 +99,10 @@ class StoreSource:
         self.stream_len = self.total // batch_size
         self.num_windows = max(0, (self.stream_len - 1) // window)
         if self.num_windows == 0:
-            raise InputError(f"sequence store {store.where}: sequences {names} hold {self.total} elements, too few "
-                             f"for one window of {window}+1 in each of {batch_size} streams")
+            raise InputError(
+                f"sequence store {store.where}: sequences {names} hold {self.total} elements, too few "
+                f"for one window of {window}+1 in each of {batch_size} streams"
+            )
 
     def __len__(self) -> int:
         return self.num_windows
@@ -108,10 +127,11 @@ class StoreSource:
         if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < self.num_windows:
             raise IndexError(f"window {index} is outside [0, {self.num_windows})")
         start = int(index) * self.window_size
-        rows = [self._span(b * self.stream_len + start, b * self.stream_len + start + self.window_size + 1)
-                for b in range(self.batch_size)]
+        rows = [
+            self._span(b * self.stream_len + start, b * self.stream_len + start + self.window_size + 1)
+            for b in range(self.batch_size)
+        ]
         chunk = self.readers[0].to_tensor(np.stack(rows))
         if chunk.dim() > 3:  # (batch, time, *frame) -> (batch, time, features) for a SequenceModel
             chunk = rearrange(chunk, "b t ... -> b t (...)")
         return chunk[:, :-1], chunk[:, 1:]
-

@@ -67,8 +67,13 @@ __all__ = [
 ]
 
 #: names this module held before it was split by job (docs/architecture.md), still importable from it
-_MOVED = {"StoreSource": "sources", "check_model_fits": "sources", "ingest": "store_ingest",
-          "IngestResult": "store_ingest", "IngestProgress": "store_ingest"}
+_MOVED = {
+    "StoreSource": "sources",
+    "check_model_fits": "sources",
+    "ingest": "store_ingest",
+    "IngestResult": "store_ingest",
+    "IngestProgress": "store_ingest",
+}
 
 
 def __getattr__(name: str):
@@ -101,9 +106,17 @@ class SequenceStore:
     ``compression`` (``"zstd"`` or None) and ``compression_level`` are the defaults for new sequences.
     """
 
-    def __init__(self, store, mode: str = "a", *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 shard_chunks: int | None = None, compression: str | None = "zstd", compression_level: int = 3,
-                 storage_options: dict | None = None) -> None:
+    def __init__(
+        self,
+        store,
+        mode: str = "a",
+        *,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        shard_chunks: int | None = None,
+        compression: str | None = "zstd",
+        compression_level: int = 3,
+        storage_options: dict | None = None,
+    ) -> None:
         import zarr
         from zarr.errors import ContainsGroupError
 
@@ -133,14 +146,16 @@ class SequenceStore:
             raise InputError(f"sequence store {self.where} {what}")
         try:
             if mode == "w":
-                self.group = zarr.open_group(store, mode="w", zarr_format=3, storage_options=storage_options,
-                                             attributes=self._store_attrs())
+                self.group = zarr.open_group(
+                    store, mode="w", zarr_format=3, storage_options=storage_options, attributes=self._store_attrs()
+                )
             elif mode == "a":
                 # the marker goes in with the group's creation (one atomic zarr.json), so processes that
                 # create the same store at once all find it
                 try:
-                    self.group = zarr.open_group(store, mode="a", zarr_format=3, storage_options=storage_options,
-                                                 attributes=self._store_attrs())
+                    self.group = zarr.open_group(
+                        store, mode="a", zarr_format=3, storage_options=storage_options, attributes=self._store_attrs()
+                    )
                 except ContainsGroupError:  # another process created it between zarr's look and its create
                     self.group = zarr.open_group(store, mode="r+", storage_options=storage_options)
                 if "seqlab_store" not in self.group.attrs and not any(True for _ in self._member_names()):
@@ -152,23 +167,32 @@ class SequenceStore:
         except (SeqlabError, OSError):
             raise  # PermissionError and the like: the CLI names them
         except Exception as exc:  # noqa: BLE001 - zarr raises many kinds (JSON, validation, TypeError ...)
-            raise CorruptFileError(f"sequence store {self.where}: {self.where}/zarr.json: group metadata is "
-                                   f"unreadable: {type(exc).__name__}: {exc}") from None
+            raise CorruptFileError(
+                f"sequence store {self.where}: {self.where}/zarr.json: group metadata is "
+                f"unreadable: {type(exc).__name__}: {exc}"
+            ) from None
         try:
             marker = self.group.attrs.get("seqlab_store")
         except Exception as exc:  # noqa: BLE001
-            raise CorruptFileError(f"sequence store {self.where}: {self.where}/zarr.json: attributes are unreadable: "
-                                   f"{type(exc).__name__}: {exc}") from None
+            raise CorruptFileError(
+                f"sequence store {self.where}: {self.where}/zarr.json: attributes are unreadable: "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
         if not isinstance(marker, dict) or marker.get("format") != STORE_FORMAT:
-            raise InputError(f"{self.where} is a Zarr group but not a seqlab sequence store "
-                             f"(no attrs['seqlab_store'] in {self.where}/zarr.json)")
+            raise InputError(
+                f"{self.where} is a Zarr group but not a seqlab sequence store "
+                f"(no attrs['seqlab_store'] in {self.where}/zarr.json)"
+            )
         version = marker.get("version")
         if not _is_int(version) or version < 1:
-            raise CorruptFileError(f"sequence store {self.where}: {self.where}/zarr.json: attrs['seqlab_store']"
-                                   f"['version'] is {version!r}, not a format version")
+            raise CorruptFileError(
+                f"sequence store {self.where}: {self.where}/zarr.json: attrs['seqlab_store']"
+                f"['version'] is {version!r}, not a format version"
+            )
         if version > STORE_VERSION:
-            raise FormatVersionError(f"sequence store {self.where} has format version {version}, "
-                                     f"this seqlab reads up to {STORE_VERSION}")
+            raise FormatVersionError(
+                f"sequence store {self.where} has format version {version}, this seqlab reads up to {STORE_VERSION}"
+            )
 
     @staticmethod
     def _store_attrs() -> dict:
@@ -245,9 +269,12 @@ class SequenceStore:
         ``damaged()`` says what is wrong with each."""
         healthy, damaged = self._scan()
         if damaged:
-            warnings.warn(f"sequence store {self.where}: {len(damaged)} damaged sequence(s) left out of the list: "
-                          f"{', '.join(sorted(damaged))} (SequenceStore.damaged() says why)",
-                          DamagedSequenceWarning, stacklevel=2)
+            warnings.warn(
+                f"sequence store {self.where}: {len(damaged)} damaged sequence(s) left out of the list: "
+                f"{', '.join(sorted(damaged))} (SequenceStore.damaged() says why)",
+                DamagedSequenceWarning,
+                stacklevel=2,
+            )
         return sorted(n for n, info in healthy.items() if incomplete or info.complete)
 
     def damaged(self) -> dict[str, str]:
@@ -278,22 +305,25 @@ class SequenceStore:
             raise InputError(f"sequence store {self.where}: {name!r} is a group, not a sequence")
         file = self.metadata_file(name)
         if node_type == "damaged":
-            raise CorruptFileError(f"sequence store {self.where}: sequence {name!r}: metadata is unreadable: {file} "
-                                   "is not a JSON array description (empty, cut short or altered): ingest it "
-                                   "again with overwrite=True (seqlab ingest --overwrite), or delete it "
-                                   "(SequenceStore.delete)")
+            raise CorruptFileError(
+                f"sequence store {self.where}: sequence {name!r}: metadata is unreadable: {file} "
+                "is not a JSON array description (empty, cut short or altered): ingest it "
+                "again with overwrite=True (seqlab ingest --overwrite), or delete it "
+                "(SequenceStore.delete)"
+            )
         try:
             node = self.group[name]
         except Exception as exc:  # noqa: BLE001 - zarr raises many kinds for a damaged zarr.json
-            raise CorruptFileError(f"sequence store {self.where}: sequence {name!r}: metadata is unreadable: {file}: "
-                                   f"{type(exc).__name__}: {exc}") from None
+            raise CorruptFileError(
+                f"sequence store {self.where}: sequence {name!r}: metadata is unreadable: {file}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
         if not isinstance(node, zarr.Array):
             raise InputError(f"sequence store {self.where}: {name!r} is a group, not a sequence")
         return node
 
     def describe(self, name: str) -> SequenceInfo:
         return self._info(name, self._array(name))
-
 
     def _info(self, name: str, array) -> SequenceInfo:
         file = self.metadata_file(name)
@@ -303,8 +333,10 @@ class SequenceStore:
             dtype = np.dtype(array.dtype)
             shards = getattr(array, "shards", None)
         except Exception as exc:  # noqa: BLE001
-            raise CorruptFileError(f"sequence store {self.where}: sequence {name!r}: metadata is unreadable: {file}: "
-                                   f"{type(exc).__name__}: {exc}") from None
+            raise CorruptFileError(
+                f"sequence store {self.where}: sequence {name!r}: metadata is unreadable: {file}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
         return sequence_info(name, attrs, shape, chunks, dtype, shards, store=self.where, file=file)
 
     def delete(self, name: str) -> None:
@@ -324,32 +356,61 @@ class SequenceStore:
         """A reader of one sequence that decodes each chunk once while windows move forward."""
         return SequenceReader(self, name, allow_incomplete=allow_incomplete, cache_chunks=cache_chunks)
 
-    def read(self, name: str, start: int = 0, stop: int | None = None, *, allow_incomplete: bool = False,
-             raw: bool = False):
+    def read(
+        self, name: str, start: int = 0, stop: int | None = None, *, allow_incomplete: bool = False, raw: bool = False
+    ):
         """Elements ``[start, stop)`` of a sequence: a LongTensor of ids or a float32 tensor of frames
         (``raw=True``: the stored numpy array)."""
         reader = self.reader(name, allow_incomplete=allow_incomplete, cache_chunks=1)
         return reader.read(start, reader.length if stop is None else stop, raw=raw)
 
-    def source(self, names, batch_size: int, window: int, *, model=None, allow_incomplete: bool = False,
-               cache_chunks: int | None = None) -> StoreSource:
+    def source(
+        self,
+        names,
+        batch_size: int,
+        window: int,
+        *,
+        model=None,
+        allow_incomplete: bool = False,
+        cache_chunks: int | None = None,
+    ) -> StoreSource:
         """A training source (``Trainer(model, config, store.source(...))``); see ``StoreSource``."""
         from .sources import StoreSource
 
-        return StoreSource(self, names, batch_size, window, model=model, allow_incomplete=allow_incomplete,
-                           cache_chunks=cache_chunks)
+        return StoreSource(
+            self, names, batch_size, window, model=model, allow_incomplete=allow_incomplete, cache_chunks=cache_chunks
+        )
 
     # -- writing -----------------------------------------------------------------------------------------
-    def writer(self, name: str, *, adapter=None, source: dict | None = None, record: str | None = None,
-               chunk_elements: int | None = None, chunk_bytes: int | None = None, shard_chunks: int | None = None,
-               resume: bool = False, progress: Callable[[int], None] | None = None) -> SequenceWriter:
+    def writer(
+        self,
+        name: str,
+        *,
+        adapter=None,
+        source: dict | None = None,
+        record: str | None = None,
+        chunk_elements: int | None = None,
+        chunk_bytes: int | None = None,
+        shard_chunks: int | None = None,
+        resume: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ) -> SequenceWriter:
         """A chunk-aligned writer of a new sequence (``resume=True``: continue an incomplete one after its
         committed length, skipping that many incoming elements). Use as a context manager or call ``finish``."""
         self._writable()
         _check_name(name)
-        return SequenceWriter(self, name, adapter=adapter, source=source, record=record,
-                              chunk_elements=chunk_elements, chunk_bytes=chunk_bytes, shard_chunks=shard_chunks,
-                              resume=resume, progress=progress)
+        return SequenceWriter(
+            self,
+            name,
+            adapter=adapter,
+            source=source,
+            record=record,
+            chunk_elements=chunk_elements,
+            chunk_bytes=chunk_bytes,
+            shard_chunks=shard_chunks,
+            resume=resume,
+            progress=progress,
+        )
 
     def write(self, name: str, windows: Iterable, **options) -> SequenceInfo:
         """Write a whole sequence from an iterable of windows (tensors or arrays); returns its description."""
@@ -358,8 +419,9 @@ class SequenceStore:
                 w.write(piece)
         return self.describe(name)
 
-    def append(self, name: str, data, *, adapter=None, chunk_elements: int | None = None,
-               chunk_bytes: int | None = None) -> SequenceInfo:
+    def append(
+        self, name: str, data, *, adapter=None, chunk_elements: int | None = None, chunk_bytes: int | None = None
+    ) -> SequenceInfo:
         """Append elements to a growing sequence (created on first use; agent streams). Each call is committed
         when it returns: data first, then the new length (a crash in between leaves the old length)."""
         self._writable()

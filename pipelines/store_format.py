@@ -45,8 +45,6 @@ __all__ = [
 ]
 
 
-
-
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -64,8 +62,10 @@ def sequence_name(text: str) -> str:
 
 def _check_name(name) -> str:
     if not isinstance(name, str) or not _NAME.match(name):
-        raise InputError(f"sequence name {name!r} is not valid: use letters, digits, '.', '_', '-' (first a letter "
-                         "or digit, at most 200); seqlab.pipelines.sequence_name(text) makes one")
+        raise InputError(
+            f"sequence name {name!r} is not valid: use letters, digits, '.', '_', '-' (first a letter "
+            "or digit, at most 200); seqlab.pipelines.sequence_name(text) makes one"
+        )
     return name
 
 
@@ -74,8 +74,19 @@ def _is_int(value) -> bool:
 
 
 #: the attrs ``seqlab_check`` covers (others, e.g. a job's, may be added without it)
-_CHECKED = ("seqlab_sequence", "domain", "adapter", "kind", "vocab_size", "source", "record", "length", "complete",
-            "created", "updated")
+_CHECKED = (
+    "seqlab_sequence",
+    "domain",
+    "adapter",
+    "kind",
+    "vocab_size",
+    "source",
+    "record",
+    "length",
+    "complete",
+    "created",
+    "updated",
+)
 
 
 def _attrs_check(attrs: dict) -> str:
@@ -92,8 +103,10 @@ def _update_attrs(array, updates: dict) -> None:
 
 def _check_chunk_bytes(value) -> None:
     if not _is_int(value) or not MIN_CHUNK_BYTES <= value <= MAX_CHUNK_BYTES:
-        raise ConfigError(f"chunk_bytes must be an int in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}], got {value!r} "
-                          "(about 1-4 MB reads well)")
+        raise ConfigError(
+            f"chunk_bytes must be an int in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}], got {value!r} "
+            "(about 1-4 MB reads well)"
+        )
 
 
 def _check_shard_chunks(value) -> None:
@@ -123,9 +136,9 @@ class SequenceInfo:
     name: str
     length: int
     complete: bool
-    kind: str                      # "tokens" or "continuous"
-    dtype: str                     # stored dtype
-    frame_shape: tuple[int, ...]   # () for token ids, (width,) or (h, w, c) ... for frames
+    kind: str  # "tokens" or "continuous"
+    dtype: str  # stored dtype
+    frame_shape: tuple[int, ...]  # () for token ids, (width,) or (h, w, c) ... for frames
     chunk_elements: int
     shard_elements: int | None
     domain: str | None
@@ -142,14 +155,24 @@ class SequenceInfo:
         return (self.length, *self.frame_shape)
 
 
-def sequence_info(name: str, attrs: dict, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: np.dtype,
-                  shards, *, store: str, file: str) -> SequenceInfo:
+def sequence_info(
+    name: str,
+    attrs: dict,
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...],
+    dtype: np.dtype,
+    shards,
+    *,
+    store: str,
+    file: str,
+) -> SequenceInfo:
     """Check a sequence's seqlab attrs against its array (``store``: where the store is, ``file``: its
     ``zarr.json``, both for the messages) and describe it; CorruptFileError / FormatVersionError name the file."""
     where = f"sequence store {store}: sequence {name!r}: {file}"
     if "seqlab_sequence" not in attrs or "length" not in attrs:
-        raise CorruptFileError(f"{where}: a Zarr array without seqlab sequence attrs (seqlab_sequence, length, "
-                               "complete, ...)")
+        raise CorruptFileError(
+            f"{where}: a Zarr array without seqlab sequence attrs (seqlab_sequence, length, complete, ...)"
+        )
 
     def bad(attr: str, what: str) -> CorruptFileError:
         return CorruptFileError(f"{where}: attr {attr!r} is {attrs.get(attr)!r}, {what}")
@@ -158,20 +181,25 @@ def sequence_info(name: str, attrs: dict, shape: tuple[int, ...], chunks: tuple[
     if not _is_int(version) or version < 1:
         raise bad("seqlab_sequence", "not a format version")
     if version > SEQUENCE_VERSION:
-        raise FormatVersionError(f"{where}: sequence format version {version}, this seqlab reads up to "
-                                 f"{SEQUENCE_VERSION}")
+        raise FormatVersionError(
+            f"{where}: sequence format version {version}, this seqlab reads up to {SEQUENCE_VERSION}"
+        )
     if version >= 2 or "seqlab_check" in attrs:
         if attrs.get("seqlab_check") != _attrs_check(attrs):
-            raise CorruptFileError(f"{where}: the seqlab attrs do not match their checksum (seqlab_check "
-                                   f"{attrs.get('seqlab_check')!r}): the file was damaged or edited")
+            raise CorruptFileError(
+                f"{where}: the seqlab attrs do not match their checksum (seqlab_check "
+                f"{attrs.get('seqlab_check')!r}): the file was damaged or edited"
+            )
     length = attrs["length"]
     if not _is_int(length) or length < 0:
         raise bad("length", "not a count of elements")
     if not shape:
         raise CorruptFileError(f"{where}: the array is 0-dimensional, not a sequence")
     if length > shape[0]:
-        raise CorruptFileError(f"sequence store {store}: sequence {name!r} records length {length} but its "
-                               f"array holds only {shape[0]} elements ({file})")
+        raise CorruptFileError(
+            f"sequence store {store}: sequence {name!r} records length {length} but its "
+            f"array holds only {shape[0]} elements ({file})"
+        )
     if not isinstance(attrs.get("complete"), bool):
         raise bad("complete", "not true or false")
     kind = attrs.get("kind")
@@ -191,12 +219,23 @@ def sequence_info(name: str, attrs: dict, shape: tuple[int, ...], chunks: tuple[
     if attrs.get("source") is not None and not isinstance(attrs["source"], dict):
         raise bad("source", "not a file description")
     return SequenceInfo(
-        name=name, length=int(length), complete=attrs["complete"], kind=kind,
-        dtype=str(dtype), frame_shape=shape[1:],
-        chunk_elements=chunks[0], shard_elements=int(shards[0]) if shards else None,
-        domain=attrs.get("domain"), adapter=adapter, vocab_size=vocab,
-        source=attrs.get("source"), record=attrs.get("record"), created=attrs.get("created"),
-        updated=attrs.get("updated"), attrs=attrs)
+        name=name,
+        length=int(length),
+        complete=attrs["complete"],
+        kind=kind,
+        dtype=str(dtype),
+        frame_shape=shape[1:],
+        chunk_elements=chunks[0],
+        shard_elements=int(shards[0]) if shards else None,
+        domain=attrs.get("domain"),
+        adapter=adapter,
+        vocab_size=vocab,
+        source=attrs.get("source"),
+        record=attrs.get("record"),
+        created=attrs.get("created"),
+        updated=attrs.get("updated"),
+        attrs=attrs,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -225,25 +264,36 @@ def _adapter_attrs(adapter, first: np.ndarray | None) -> tuple[dict, np.dtype]:
     """Attrs describing the encoding, and the stored dtype, from the adapter (or the first data seen)."""
     if adapter is not None:
         spec = adapter.input_spec
-        attrs = {"domain": adapter.name, "adapter": adapter.info(), "kind": spec.kind,
-                 "vocab_size": spec.vocab_size if spec.kind == "tokens" else None}
+        attrs = {
+            "domain": adapter.name,
+            "adapter": adapter.info(),
+            "kind": spec.kind,
+            "vocab_size": spec.vocab_size if spec.kind == "tokens" else None,
+        }
         dtype = _token_dtype(spec.vocab_size) if spec.kind == "tokens" else np.dtype(np.float32)
         return attrs, dtype
     if first is None:
         raise InputError("a sequence without an adapter needs data to learn its dtype from")
     if first.dtype.kind in "iub":
-        return {"domain": None, "adapter": None, "kind": "tokens", "vocab_size": None}, \
-            (first.dtype if first.dtype.kind == "u" and first.dtype.itemsize <= 4 else np.dtype(np.int64))
+        return {"domain": None, "adapter": None, "kind": "tokens", "vocab_size": None}, (
+            first.dtype if first.dtype.kind == "u" and first.dtype.itemsize <= 4 else np.dtype(np.int64)
+        )
     return {"domain": None, "adapter": None, "kind": "continuous", "vocab_size": None}, np.dtype(np.float32)
 
 
 def _fit(values: np.ndarray, info_or_kind, where: str, position: int = 0) -> np.ndarray:
     """Check a piece against the sequence (ids in range, frame shape, finite) and cast to its stored dtype."""
-    kind, vocab, frame, dtype = (info_or_kind.kind, info_or_kind.vocab_size, info_or_kind.frame_shape,
-                                 np.dtype(info_or_kind.dtype))
+    kind, vocab, frame, dtype = (
+        info_or_kind.kind,
+        info_or_kind.vocab_size,
+        info_or_kind.frame_shape,
+        np.dtype(info_or_kind.dtype),
+    )
     if tuple(values.shape[1:]) != tuple(frame):
-        raise InputError(f"{where}: a piece at position {position} has element shape {tuple(values.shape[1:])}, "
-                         f"the sequence's is {tuple(frame)}")
+        raise InputError(
+            f"{where}: a piece at position {position} has element shape {tuple(values.shape[1:])}, "
+            f"the sequence's is {tuple(frame)}"
+        )
     if values.size == 0:
         return values.astype(dtype)
     if kind == "tokens":
@@ -256,16 +306,19 @@ def _fit(values: np.ndarray, info_or_kind, where: str, position: int = 0) -> np.
         bad = (values < 0) | (values > high - 1)
         if bool(bad.any()):
             first = int(np.flatnonzero(bad)[0])
-            raise InputError(f"{where}: id {int(values.reshape(-1)[first])} at position {position + first} is "
-                             f"outside [0, {high})")
+            raise InputError(
+                f"{where}: id {int(values.reshape(-1)[first])} at position {position + first} is outside [0, {high})"
+            )
         return values.astype(dtype, copy=False)
     with np.errstate(over="ignore", invalid="ignore"):
         out = values.astype(dtype, copy=False)
     finite = np.isfinite(out.reshape(out.shape[0], -1)).all(axis=1)
     if not bool(finite.all()):
         first = int(np.flatnonzero(~finite)[0])
-        why = "is not finite" if not np.isfinite(values[first]).all() else \
-            f"holds a value beyond the range of {dtype} (about +-3.4e38)"
+        why = (
+            "is not finite"
+            if not np.isfinite(values[first]).all()
+            else f"holds a value beyond the range of {dtype} (about +-3.4e38)"
+        )
         raise InputError(f"{where}: frame at position {position + first} {why}")
     return out
-

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,6 @@ from .store import SequenceStore, open_store
 from .store_format import (
     DEFAULT_INGEST_WINDOW,
     MAX_ELEMENTS,
-    STAGING,
     SequenceInfo,
     _check_chunk_bytes,
     _check_name,
@@ -33,6 +31,7 @@ from .store_format import (
     _update_attrs,
     sequence_name,
 )
+from .store_staging import _recover, _staging, _swap_in
 
 __all__ = ["IngestProgress", "IngestResult", "ingest"]
 
@@ -43,7 +42,7 @@ class IngestProgress:
 
     path: str
     sequence: str
-    elements: int          # elements committed to the sequence so far
+    elements: int  # elements committed to the sequence so far
     done: bool
 
 
@@ -58,87 +57,18 @@ class IngestResult:
 
 
 # ------------------------------------------------------------------------------------------------------
-# staged replacements: a sequence being replaced waits in the store's staging group until its file is verified
-
-
-def _staging(store: SequenceStore) -> SequenceStore:
-    """The same store rooted at its staging group, where ``ingest`` writes a replacement of a sequence until its
-    source file is verified (the group's name is not a sequence name: never listed)."""
-    sub = object.__new__(SequenceStore)
-    sub.__dict__.update(store.__dict__)
-    try:
-        sub.group = store.group.require_group(STAGING)
-    except OSError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a damaged zarr.json of the staging group
-        raise CorruptFileError(f"sequence store {store.where}: {store.where}/{STAGING}/zarr.json is unreadable "
-                               f"({type(exc).__name__}: {exc}); the {STAGING} group holds only replacements "
-                               "in progress: remove it if no ingest is running") from None
-    sub.where = f"{store.where}/{STAGING}"
-    return sub
-
-
-def _local_dir(store: SequenceStore, *parts: str) -> Path | None:
-    from zarr.storage import LocalStore
-
-    zarr_store = store.group.store_path.store
-    return Path(zarr_store.root, store._key(*parts)) if isinstance(zarr_store, LocalStore) else None
-
-
-def _swap_in(store: SequenceStore, staging: SequenceStore, name: str) -> None:
-    """Put the staged (verified, complete) sequence ``name`` in place of the stored one.
-
-    Local stores: two renames (the old folder aside, the new one in), then the old one is removed; a kill
-    between them leaves the old one in the staging group, put back by the next ingest of that name.
-    Other stores: the old keys are deleted and the new ones copied, metadata last."""
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
-    final, staged = _local_dir(store, name), _local_dir(staging, name)
-    if final is not None and staged is not None:
-        aside = _local_dir(staging, f"{name}.replaced")
-        if aside.exists():
-            shutil.rmtree(aside)
-        had = final.exists()
-        if had:
-            os.rename(final, aside)
-        os.rename(staged, final)
-        if had:
-            shutil.rmtree(aside, ignore_errors=True)
-        return
-    zarr_store = store.group.store_path.store
-    source_prefix = staging._key(name) + "/"
-
-    async def keys():
-        return [key async for key in zarr_store.list_prefix(source_prefix)]
-
-    found = sorted(sync(keys()), key=lambda key: key.endswith("zarr.json"))  # metadata last
-    if name in store:
-        store._delete_node(name)
-    for key in found:
-        data = sync(zarr_store.get(key, prototype=default_buffer_prototype()))
-        sync(zarr_store.set(store._key(name, key[len(source_prefix):]), data))
-    staging._delete_node(name)
-
-
-def _recover(store: SequenceStore, name: str) -> None:
-    """Put back a sequence left aside by an ingest killed in the middle of ``_swap_in`` (local stores)."""
-    final = _local_dir(store, name)
-    if final is None or final.exists() or not _local_dir(store, STAGING).is_dir():
-        return
-    aside = _local_dir(store, STAGING, f"{name}.replaced")
-    if aside.is_dir():
-        os.rename(aside, final)
-
-
-# ------------------------------------------------------------------------------------------------------
 # ingest
 
 
 def _file_identity(path: str, checksum: bool) -> dict:
     stat = os.stat(path)
-    identity = {"path": os.path.abspath(path), "name": os.path.basename(path), "bytes": stat.st_size,
-                "mtime_ns": stat.st_mtime_ns, "sha256": None}
+    identity = {
+        "path": os.path.abspath(path),
+        "name": os.path.basename(path),
+        "bytes": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "sha256": None,
+    }
     if checksum:
         digest = hashlib.sha256()
         with open(path, "rb") as handle:
@@ -166,9 +96,11 @@ def _record_windows(adapter, path: str, window: int, split_records: bool | None)
     if split_records is not False and hasattr(adapter, "records"):
         # whole records in memory, one at a time: a stopgap for adapters without a streaming iter_records
         for rid, raw in adapter.records(path):
+
             def pieces(raw=raw):
                 for start in range(0, len(raw), window):
-                    yield adapter.encode(raw[start:start + window])
+                    yield adapter.encode(raw[start : start + window])
+
             yield rid, pieces()
         return
     if split_records:
@@ -176,11 +108,22 @@ def _record_windows(adapter, path: str, window: int, split_records: bool | None)
     yield None, adapter.iter_windows(path, window)
 
 
-def ingest(store, paths, adapter, *, names=None, window: int = DEFAULT_INGEST_WINDOW,
-           sequences: Callable[[str, int], Iterable[tuple[str, Iterator]]] | None = None,
-           split_records: bool | None = None, overwrite: bool = False, checksum: bool = True,
-           chunk_elements: int | None = None, chunk_bytes: int | None = None, shard_chunks: int | None = None,
-           progress: bool | Callable[[IngestProgress], None] | None = None) -> list[IngestResult]:
+def ingest(
+    store,
+    paths,
+    adapter,
+    *,
+    names=None,
+    window: int = DEFAULT_INGEST_WINDOW,
+    sequences: Callable[[str, int], Iterable[tuple[str, Iterator]]] | None = None,
+    split_records: bool | None = None,
+    overwrite: bool = False,
+    checksum: bool = True,
+    chunk_elements: int | None = None,
+    chunk_bytes: int | None = None,
+    shard_chunks: int | None = None,
+    progress: bool | Callable[[IngestProgress], None] | None = None,
+) -> list[IngestResult]:
     """Encode files with ``adapter`` into ``store``, streaming ``window`` elements at a time.
 
     ``paths``: one file or a list. Each file gives one sequence named ``names[i]`` (default: the file's
@@ -220,22 +163,51 @@ def ingest(store, paths, adapter, *, names=None, window: int = DEFAULT_INGEST_WI
     try:
         for i, path in enumerate(paths):
             path = os.fspath(path)
-            results.extend(_ingest_file(store, path, i, names[i] if names is not None else None, adapter, window,
-                                        sequences, split_records, overwrite, checksum, seen,
-                                        (chunk_elements, chunk_bytes, shard_chunks), progress, bar))
+            results.extend(
+                _ingest_file(
+                    store,
+                    path,
+                    i,
+                    names[i] if names is not None else None,
+                    adapter,
+                    window,
+                    sequences,
+                    split_records,
+                    overwrite,
+                    checksum,
+                    seen,
+                    (chunk_elements, chunk_bytes, shard_chunks),
+                    progress,
+                    bar,
+                )
+            )
     finally:
         if bar is not None:
             bar.close()
     return results
 
 
-def _ingest_file(store: SequenceStore, path: str, index: int, base, adapter, window, sequences, split_records,
-                 overwrite, checksum, seen, layout, progress, bar) -> list[IngestResult]:
+def _ingest_file(
+    store: SequenceStore,
+    path: str,
+    index: int,
+    base,
+    adapter,
+    window,
+    sequences,
+    split_records,
+    overwrite,
+    checksum,
+    seen,
+    layout,
+    progress,
+    bar,
+) -> list[IngestResult]:
     """One input file, all or nothing: its sequences stay ``complete: False`` (replacements stay in the staging
     group) until the adapter has read the whole file, end-of-stream checks included (a gzip CRC covers the
     whole member, so bases decoded before it may be wrong); then all are marked complete. On an error, every
     sequence this call wrote for the file is removed (earlier data and replaced sequences are untouched)."""
-    touched: list[tuple[str, bool]] = []   # (name, staged) in the order written
+    touched: list[tuple[str, bool]] = []  # (name, staged) in the order written
     results: list[IngestResult] = []
     try:
         if not os.path.isfile(path):
@@ -244,14 +216,19 @@ def _ingest_file(store: SequenceStore, path: str, index: int, base, adapter, win
         if sequences is not None:
             pairs = ((_check_name(n), None, it) for n, it in sequences(path, window))
         else:
-            pairs = ((_sequence_of(base, path, rid), rid, it)
-                     for rid, it in _record_windows(adapter, path, window, split_records))
+            pairs = (
+                (_sequence_of(base, path, rid), rid, it)
+                for rid, it in _record_windows(adapter, path, window, split_records)
+            )
         for name, rid, pieces in pairs:
             if name in seen:
                 raise InputError(f"ingest: two sequences would be named {name!r} ({path}); pass names=")
             seen.add(name)
-            results.append(_ingest_one(store, name, rid, pieces, adapter, path, identity, overwrite, layout,
-                                       progress, bar, touched))
+            results.append(
+                _ingest_one(
+                    store, name, rid, pieces, adapter, path, identity, overwrite, layout, progress, bar, touched
+                )
+            )
         # the adapter has read the file to its end: mark what it gave complete, replacements swapped in
         staging = None
         for name, staged in touched:
@@ -264,19 +241,29 @@ def _ingest_file(store: SequenceStore, path: str, index: int, base, adapter, win
     except Exception as exc:
         kept = _roll_back(store, touched)
         replacements = sum(staged for _, staged in touched)
-        note = (f"ingest of {path} was rolled back: "
-                + (f"the {len(touched)} sequence(s) written from it were removed" if touched
-                   else "nothing was written from it")
-                + (f" ({replacements} of them replacements: the sequences they were to replace are kept)"
-                   if replacements else "")
-                + (f" ({kept} could not be removed and stay incomplete)" if kept else "")
-                + (f"; the {index} file(s) before it stay ingested" if index else ""))
+        note = (
+            f"ingest of {path} was rolled back: "
+            + (
+                f"the {len(touched)} sequence(s) written from it were removed"
+                if touched
+                else "nothing was written from it"
+            )
+            + (
+                f" ({replacements} of them replacements: the sequences they were to replace are kept)"
+                if replacements
+                else ""
+            )
+            + (f" ({kept} could not be removed and stay incomplete)" if kept else "")
+            + (f"; the {index} file(s) before it stay ingested" if index else "")
+        )
         if isinstance(exc, SeqlabError):
             raise type(exc)(f"{exc}; {note}").with_traceback(exc.__traceback__) from None
         exc.add_note(note)
         raise
-    return [IngestResult(r.name, r.action, r.resumed_from, store.describe(r.name)) if r.action != "skipped" else r
-            for r in results]
+    return [
+        IngestResult(r.name, r.action, r.resumed_from, store.describe(r.name)) if r.action != "skipped" else r
+        for r in results
+    ]
 
 
 def _roll_back(store: SequenceStore, touched: list[tuple[str, bool]]) -> int:
@@ -296,8 +283,9 @@ def _sequence_of(base: str | None, path: str, rid: str | None) -> str:
     return sequence_name(f"{base}.{rid}" if base is not None else rid)
 
 
-def _ingest_one(store: SequenceStore, name, rid, pieces, adapter, path, identity, overwrite, layout, progress,
-                bar, touched) -> IngestResult:
+def _ingest_one(
+    store: SequenceStore, name, rid, pieces, adapter, path, identity, overwrite, layout, progress, bar, touched
+) -> IngestResult:
     action, resume, target = "written", False, store
     _recover(store, name)
     if name in store:
@@ -305,11 +293,13 @@ def _ingest_one(store: SequenceStore, name, rid, pieces, adapter, path, identity
             info = store.describe(name)
         except CorruptFileError as exc:
             if not overwrite:
-                raise CorruptFileError(f"{exc}; ingest replaces a damaged sequence only with overwrite=True") \
-                    from None
+                raise CorruptFileError(f"{exc}; ingest replaces a damaged sequence only with overwrite=True") from None
             info = None
-        same = info is not None and _same_source(info.source, identity) and \
-            _jsonable(info.adapter) == _jsonable(adapter.info())
+        same = (
+            info is not None
+            and _same_source(info.source, identity)
+            and _jsonable(info.adapter) == _jsonable(adapter.info())
+        )
         if info is not None and info.complete and same and not overwrite:
             if rid is not None:  # records come in file order: walk past this one to reach the next
                 for _ in pieces:
@@ -318,9 +308,11 @@ def _ingest_one(store: SequenceStore, name, rid, pieces, adapter, path, identity
         if info is not None and not info.complete and same and not overwrite:
             action, resume = "resumed", True
         elif info is not None and info.complete and not overwrite:
-            raise InputError(f"sequence store {store.where} already holds a complete sequence {name!r} from "
-                             f"{(info.source or {}).get('path')}: pass overwrite=True (seqlab ingest --overwrite) "
-                             "to replace it")
+            raise InputError(
+                f"sequence store {store.where} already holds a complete sequence {name!r} from "
+                f"{(info.source or {}).get('path')}: pass overwrite=True (seqlab ingest --overwrite) "
+                "to replace it"
+            )
         else:  # written aside, swapped in once the whole file is verified: a failure leaves the old one
             action, target = "replaced", _staging(store)
     last = [0]
@@ -334,8 +326,17 @@ def _ingest_one(store: SequenceStore, name, rid, pieces, adapter, path, identity
 
     chunk_elements, chunk_bytes, shard_chunks = layout
     touched.append((name, target is not store))
-    writer = target.writer(name, adapter=adapter, source=identity, record=rid, chunk_elements=chunk_elements,
-                           chunk_bytes=chunk_bytes, shard_chunks=shard_chunks, resume=resume, progress=report)
+    writer = target.writer(
+        name,
+        adapter=adapter,
+        source=identity,
+        record=rid,
+        chunk_elements=chunk_elements,
+        chunk_bytes=chunk_bytes,
+        shard_chunks=shard_chunks,
+        resume=resume,
+        progress=report,
+    )
     resumed_from = writer.committed
     last[0] = resumed_from
     for piece in pieces:

@@ -60,9 +60,19 @@ def _check_window(window) -> None:
         raise ConfigError(f"stream window must be a positive int, got {window!r}")
 
 
-def stream(model, store, name: str, window: int = 4096, state: RecurrentState | None = None, *,
-           start: int | None = None, stop: int | None = None, prefetch: bool = True,
-           allow_incomplete: bool = False, grad: bool = False) -> Iterator[StreamWindow]:
+def stream(
+    model,
+    store,
+    name: str,
+    window: int = 4096,
+    state: RecurrentState | None = None,
+    *,
+    start: int | None = None,
+    stop: int | None = None,
+    prefetch: bool = True,
+    allow_incomplete: bool = False,
+    grad: bool = False,
+) -> Iterator[StreamWindow]:
     """Run ``model`` over sequence ``name`` of ``store`` (a ``SequenceStore`` or a path) in windows.
 
     ``state``: continue from it (batch of one); ``start`` defaults to ``state.position`` (0 without a state),
@@ -80,8 +90,10 @@ def stream(model, store, name: str, window: int = 4096, state: RecurrentState | 
         if isinstance(value, bool) or not isinstance(value, int):
             raise InputError(f"{reader.where}: stream {what} must be an int, got {value!r}")
     if not 0 <= begin <= end <= reader.length:
-        raise InputError(f"{reader.where}: stream range [{begin}, {end}) is out of range: the sequence holds "
-                         f"{reader.length} elements")
+        raise InputError(
+            f"{reader.where}: stream range [{begin}, {end}) is out of range: the sequence holds "
+            f"{reader.length} elements"
+        )
     spans = [(lo, min(lo + window, end)) for lo in range(begin, end, window)]
     return _windows(model, reader, spans, state, begin, prefetch, grad)
 
@@ -115,8 +127,7 @@ def _device(model) -> torch.device:
 def _steps(model, reader, spans, state, begin, prefetch, grad, targets: bool):
     """``stream_pieces`` over the spans read ahead, both generators closed when the caller stops early."""
     pieces = _read_ahead(reader, spans, prefetch)
-    steps = stream_pieces(model, pieces, state=state, start=begin, targets=targets, device=_device(model),
-                          grad=grad)
+    steps = stream_pieces(model, pieces, state=state, start=begin, targets=targets, device=_device(model), grad=grad)
     try:
         yield from steps
     finally:
@@ -126,8 +137,9 @@ def _steps(model, reader, spans, state, begin, prefetch, grad, targets: bool):
 
 def _windows(model, reader, spans, state, begin, prefetch, grad) -> Iterator[StreamWindow]:
     for step in _steps(model, reader, spans, state, begin, prefetch, grad, targets=False):
-        yield StreamWindow(step.index, step.start, step.stop, step.output.output, step.output.hidden, step.state,
-                           reader.chunk_reads)
+        yield StreamWindow(
+            step.index, step.start, step.stop, step.output.output, step.output.hidden, step.state, reader.chunk_reads
+        )
 
 
 def stream_output(model, store, name: str, window: int = 4096, **options) -> tuple[torch.Tensor, RecurrentState]:
@@ -141,8 +153,17 @@ def stream_output(model, store, name: str, window: int = 4096, **options) -> tup
     return torch.cat(outputs, dim=1), state
 
 
-def stream_bits(model, store, name: str, window: int = 4096, *, start: int = 0, stop: int | None = None,
-                warm: int | None = None, sink: Callable[[np.ndarray], None] | None = None) -> tuple[float, int]:
+def stream_bits(
+    model,
+    store,
+    name: str,
+    window: int = 4096,
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    warm: int | None = None,
+    sink: Callable[[np.ndarray], None] | None = None,
+) -> tuple[float, int]:
     """Bits (-log2 p) of the next element for inputs ``[start, stop)`` of a stored token sequence (default:
     every prediction, ``stop = length - 1``), streamed with the state carried. ``warm``: begin from a zero
     state at ``warm`` and run ``[warm, start)`` first (default ``start``: a zero state at ``start``). ``sink``
@@ -155,8 +176,10 @@ def stream_bits(model, store, name: str, window: int = 4096, *, start: int = 0, 
         if isinstance(value, bool) or not isinstance(value, int):
             raise InputError(f"{reader.where}: stream_bits {what} must be an int, got {value!r}")
     if warm < start and not 0 <= warm <= start <= reader.length:
-        raise InputError(f"{reader.where}: stream range [{warm}, {start}) is out of range: the sequence holds "
-                         f"{reader.length} elements")
+        raise InputError(
+            f"{reader.where}: stream range [{warm}, {start}) is out of range: the sequence holds "
+            f"{reader.length} elements"
+        )
     state = None
     if warm < start:
         warm_up = [(lo, min(lo + window, start)) for lo in range(warm, start, window)]
@@ -166,8 +189,10 @@ def stream_bits(model, store, name: str, window: int = 4096, *, start: int = 0, 
     if stop <= start:
         return total, count
     if not 0 <= start < stop < reader.length:
-        raise InputError(f"{reader.where}: stream_bits inputs [{start}, {stop}) are out of range: the sequence holds "
-                         f"{reader.length} elements, the last input needs one after it")
+        raise InputError(
+            f"{reader.where}: stream_bits inputs [{start}, {stop}) are out of range: the sequence holds "
+            f"{reader.length} elements, the last input needs one after it"
+        )
     # pieces [start, start+window] then windows shifted by one: with the one-element tail stream_pieces carries,
     # each model call takes inputs [lo, lo + window) and the targets after them, the windows of ``stream``
     spans = [(start, min(start + window, stop) + 1)]

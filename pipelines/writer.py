@@ -40,16 +40,28 @@ class SequenceWriter:
     sets ``complete``. Leaving the ``with`` block by an exception leaves the sequence incomplete (resumable).
     """
 
-    def __init__(self, store: SequenceStore, name: str, *, adapter=None, source=None, record=None,
-                 chunk_elements=None, chunk_bytes=None, shard_chunks=None, resume=False, progress=None) -> None:
+    def __init__(
+        self,
+        store: SequenceStore,
+        name: str,
+        *,
+        adapter=None,
+        source=None,
+        record=None,
+        chunk_elements=None,
+        chunk_bytes=None,
+        shard_chunks=None,
+        resume=False,
+        progress=None,
+    ) -> None:
         self.store, self.name, self.adapter = store, name, adapter
         self.source, self.record, self.progress = source, record, progress
         self._layout_args = (chunk_elements, chunk_bytes, shard_chunks)
         self.array = None
         self.info: SequenceInfo | None = None
         self.committed = 0
-        self.skip = 0            # incoming elements already on disk (resume)
-        self.seen = 0            # incoming elements so far
+        self.skip = 0  # incoming elements already on disk (resume)
+        self.seen = 0  # incoming elements so far
         self._buffer: list[np.ndarray] = []
         self._held = 0
         self.finished = False
@@ -101,7 +113,7 @@ class SequenceWriter:
             data = np.concatenate(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
             whole = (self._held // self.unit) * self.unit
             for start in range(0, whole, self.unit):
-                self._put(data[start:start + self.unit])
+                self._put(data[start : start + self.unit])
             rest = data[whole:]
             self._buffer, self._held = ([rest.copy()] if rest.shape[0] else []), rest.shape[0]
 
@@ -124,11 +136,17 @@ class SequenceWriter:
         if self.finished:
             return self.info
         if self.skip:
-            raise InputError(f"{self.where}: the source ended after {self.seen} elements, but {self.committed} were "
-                             "already stored: it is not the source the incomplete sequence was started from")
+            raise InputError(
+                f"{self.where}: the source ended after {self.seen} elements, but {self.committed} were "
+                "already stored: it is not the source the incomplete sequence was started from"
+            )
         if self.array is None:
-            self._open(np.zeros((0, self.adapter.input_spec.width) if self.adapter is not None
-                                and self.adapter.continuous else 0, dtype=np.float32))
+            self._open(
+                np.zeros(
+                    (0, self.adapter.input_spec.width) if self.adapter is not None and self.adapter.continuous else 0,
+                    dtype=np.float32,
+                )
+            )
         if self._held:
             data = np.concatenate(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
             self._put(data)
@@ -145,8 +163,14 @@ class SequenceWriter:
 # new arrays and appends
 
 
-def _layout(store: SequenceStore, dtype: np.dtype, frame_shape: tuple[int, ...], chunk_elements: int | None,
-            chunk_bytes: int | None, shard_chunks: int | None) -> tuple[int, int | None]:
+def _layout(
+    store: SequenceStore,
+    dtype: np.dtype,
+    frame_shape: tuple[int, ...],
+    chunk_elements: int | None,
+    chunk_bytes: int | None,
+    shard_chunks: int | None,
+) -> tuple[int, int | None]:
     """(chunk elements, shard elements or None) of a new sequence: the options given, else the store's."""
     per = max(dtype.itemsize * math.prod(frame_shape), 1)
     if chunk_elements is None:
@@ -157,54 +181,84 @@ def _layout(store: SequenceStore, dtype: np.dtype, frame_shape: tuple[int, ...],
         raise ConfigError(f"chunk_elements must be an int in [1, {MAX_ELEMENTS}], got {chunk_elements!r}")
     chunk_elements = int(chunk_elements)
     if chunk_elements * per > MAX_CHUNK_BYTES:
-        raise ConfigError(f"chunk_elements={chunk_elements} of {per} bytes each make chunks over "
-                          f"{MAX_CHUNK_BYTES} bytes (a chunk is decoded whole in memory)")
+        raise ConfigError(
+            f"chunk_elements={chunk_elements} of {per} bytes each make chunks over "
+            f"{MAX_CHUNK_BYTES} bytes (a chunk is decoded whole in memory)"
+        )
     shard_chunks = store.shard_chunks if shard_chunks is None else shard_chunks
     _check_shard_chunks(shard_chunks)
     return chunk_elements, (chunk_elements * shard_chunks if shard_chunks else None)
 
 
-def create_array(store: SequenceStore, name: str, dtype: np.dtype, frame_shape: tuple[int, ...], attrs: dict,
-                 chunk_elements: int | None = None, chunk_bytes: int | None = None,
-                 shard_chunks: int | None = None):
+def create_array(
+    store: SequenceStore,
+    name: str,
+    dtype: np.dtype,
+    frame_shape: tuple[int, ...],
+    attrs: dict,
+    chunk_elements: int | None = None,
+    chunk_bytes: int | None = None,
+    shard_chunks: int | None = None,
+):
     """A new empty sequence array of ``store`` (length 0, incomplete) with the seqlab ``attrs`` and checksum."""
     from zarr.codecs import Crc32cCodec, ZstdCodec
 
     chunk, shard = _layout(store, dtype, frame_shape, chunk_elements, chunk_bytes, shard_chunks)
     # zstd frames carry a content checksum, so a damaged chunk fails to decode instead of reading wrong
     # values; without compression a crc32c codec does the same job.
-    compressors = [ZstdCodec(level=store.compression_level, checksum=True)] if store.compression == "zstd" \
-        else [Crc32cCodec()]
+    compressors = (
+        [ZstdCodec(level=store.compression_level, checksum=True)] if store.compression == "zstd" else [Crc32cCodec()]
+    )
     now = _now()
-    attrs = _jsonable({"seqlab_sequence": SEQUENCE_VERSION, **attrs, "length": 0, "complete": False,
-                       "created": now, "updated": now})
+    attrs = _jsonable(
+        {"seqlab_sequence": SEQUENCE_VERSION, **attrs, "length": 0, "complete": False, "created": now, "updated": now}
+    )
     attrs["seqlab_check"] = _attrs_check(attrs)
     return store.group.create_array(
-        name, shape=(0, *frame_shape), dtype=dtype, chunks=(chunk, *frame_shape),
-        shards=(shard, *frame_shape) if shard else None, compressors=compressors, fill_value=0,
-        attributes=attrs, overwrite=True,
+        name,
+        shape=(0, *frame_shape),
+        dtype=dtype,
+        chunks=(chunk, *frame_shape),
+        shards=(shard, *frame_shape) if shard else None,
+        compressors=compressors,
+        fill_value=0,
+        attributes=attrs,
+        overwrite=True,
         # every chunk is written even when it is all zeros, so a missing chunk file means damage
-        config={"write_empty_chunks": True})
+        config={"write_empty_chunks": True},
+    )
 
 
-def append_to(store: SequenceStore, name: str, data, *, adapter=None, chunk_elements: int | None = None,
-              chunk_bytes: int | None = None) -> SequenceInfo:
+def append_to(
+    store: SequenceStore,
+    name: str,
+    data,
+    *,
+    adapter=None,
+    chunk_elements: int | None = None,
+    chunk_bytes: int | None = None,
+) -> SequenceInfo:
     """``SequenceStore.append``: data first, then the new length (a crash in between leaves the old length)."""
     values = _as_numpy(data, f"append to {name!r}")
     if name in store:
         array = store._array(name)
         info = store._info(name, array)
         if not info.complete:
-            raise InputError(f"sequence store {store.where}: sequence {name!r} is being ingested (incomplete): "
-                             "finish or delete it before appending")
+            raise InputError(
+                f"sequence store {store.where}: sequence {name!r} is being ingested (incomplete): "
+                "finish or delete it before appending"
+            )
         if adapter is not None and info.adapter is not None and _jsonable(adapter.info()) != info.adapter:
-            raise InputError(f"sequence store {store.where}: sequence {name!r} was written by adapter "
-                             f"{info.adapter}, not {adapter.info()}")
+            raise InputError(
+                f"sequence store {store.where}: sequence {name!r} was written by adapter "
+                f"{info.adapter}, not {adapter.info()}"
+            )
     else:
         spec_attrs, dtype = _adapter_attrs(adapter, values)
         frame = tuple(values.shape[1:])
-        array = create_array(store, name, dtype, frame, {**spec_attrs, "source": None, "record": None},
-                             chunk_elements, chunk_bytes)
+        array = create_array(
+            store, name, dtype, frame, {**spec_attrs, "source": None, "record": None}, chunk_elements, chunk_bytes
+        )
         _update_attrs(array, {"complete": True})
         info = store._info(name, array)
     values = _fit(values, info, f"sequence store {store.where}: append to {name!r}")

@@ -21,7 +21,7 @@ from seqlab.cli import main
 from seqlab.domains.dna import DNAAdapter
 from seqlab.errors import ConfigError, CorruptFileError, SeqlabError
 from seqlab.pipelines import SequenceStore, ingest
-from seqlab.pipelines.store_ingest import _staging
+from seqlab.pipelines.store_staging import _staging
 
 STAGING = "_seqlab_staging"  # where replacements wait for their file to be verified
 
@@ -30,8 +30,9 @@ RECORDS = [(f"chr{k}", "".join(RNG.choice("ACGT") for _ in range(1500))) for k i
 
 
 def fasta(records) -> bytes:
-    return "".join(f">{rid}\n" + "".join(seq[i:i + 60] + "\n" for i in range(0, len(seq), 60))
-                   for rid, seq in records).encode()
+    return "".join(
+        f">{rid}\n" + "".join(seq[i : i + 60] + "\n" for i in range(0, len(seq), 60)) for rid, seq in records
+    ).encode()
 
 
 def fastq(records) -> bytes:
@@ -67,9 +68,12 @@ def altered_gzip(records, record: int) -> bytes:
 def test_gzip_with_altered_bases_keeps_nothing_from_the_file(tmp_path):
     path = tmp_path / "genome.fa.gz"
     path.write_bytes(altered_gzip(RECORDS, 1))
-    with pytest.raises(CorruptFileError, match=r"genome\.fa\.gz: corrupt gzip stream in record 'chr4' \(#5 in the "
-                                               r"file\), after line \d+: CRC check failed.*ingest of .*genome\.fa\.gz "
-                                               r"was rolled back: the \d sequence\(s\) written from it were removed"):
+    with pytest.raises(
+        CorruptFileError,
+        match=r"genome\.fa\.gz: corrupt gzip stream in record 'chr4' \(#5 in the "
+        r"file\), after line \d+: CRC check failed.*ingest of .*genome\.fa\.gz "
+        r"was rolled back: the \d sequence\(s\) written from it were removed",
+    ):
         ingest(tmp_path / "s.zarr", path, DNAAdapter(), chunk_elements=512)
     assert stored(tmp_path / "s.zarr") == {}  # before: chr0..chr3 stayed, complete, chr1 with a wrong base
 
@@ -77,8 +81,11 @@ def test_gzip_with_altered_bases_keeps_nothing_from_the_file(tmp_path):
 def test_fastq_failing_part_way_keeps_nothing_from_the_file(tmp_path):
     path = tmp_path / "reads.fq"
     path.write_bytes(fastq(RECORDS[:3]) + b"@bad\nACGT\n+\nIII\n")
-    with pytest.raises(CorruptFileError, match=r"reads\.fq: malformed FASTQ after record #3 \('chr2'\): line 16, "
-                                               r"record #4 \('bad'\): the quality has 3 characters.*rolled back"):
+    with pytest.raises(
+        CorruptFileError,
+        match=r"reads\.fq: malformed FASTQ after record #3 \('chr2'\): line 16, "
+        r"record #4 \('bad'\): the quality has 3 characters.*rolled back",
+    ):
         ingest(tmp_path / "s.zarr", path, DNAAdapter())
     assert stored(tmp_path / "s.zarr") == {}
 
@@ -118,8 +125,11 @@ def test_multi_file_ingest_keeps_the_files_before_the_failing_one(tmp_path):
     good = _write(tmp_path / "good.fa", fasta(RECORDS[:2]))
     bad = _write(tmp_path / "bad.fq", fastq(RECORDS[2:4]) + b"@cut\nACGT\n")
     later = _write(tmp_path / "later.fa", fasta(RECORDS[4:]))
-    with pytest.raises(CorruptFileError, match=r"bad\.fq was rolled back: the 2 sequence\(s\) written from it were "
-                                               r"removed; the 1 file\(s\) before it stay ingested"):
+    with pytest.raises(
+        CorruptFileError,
+        match=r"bad\.fq was rolled back: the 2 sequence\(s\) written from it were "
+        r"removed; the 1 file\(s\) before it stay ingested",
+    ):
         ingest(tmp_path / "s.zarr", [good, bad, later], DNAAdapter())
     assert stored(tmp_path / "s.zarr") == dict(RECORDS[:2])
     assert complete(tmp_path / "s.zarr") == ["chr0", "chr1"]
@@ -148,7 +158,7 @@ def test_any_byte_flip_or_cut_of_a_gzip_fasta_is_all_or_nothing(tmp_path, level,
             assert complete(Path(folder) / "s.zarr") == ["chr0", "chr1", "chr2"]
 
 
-KILLED_INGEST = '''
+KILLED_INGEST = """
 import sys, time
 from seqlab.domains.dna import DNAAdapter
 from seqlab.pipelines.store import ingest
@@ -159,14 +169,18 @@ def progress(p):
 
 ingest(sys.argv[1], sys.argv[2], DNAAdapter(), chunk_elements=4096, window=4096, progress=progress)
 print("DONE", flush=True)
-'''
+"""
 
 
 def test_kill_9_in_the_middle_of_a_file_leaves_nothing_complete_and_the_rerun_finishes(tmp_path):
     records = [(f"r{k}", "".join(RNG.choice("ACGT") for _ in range(20_000))) for k in range(6)]
     path = _write(tmp_path / "genome.fa", fasta(records))
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_INGEST, str(tmp_path / "s.zarr"), str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_INGEST, str(tmp_path / "s.zarr"), str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         while True:
             line = proc.stdout.readline()
@@ -205,17 +219,43 @@ def test_ingest_refuses_bad_numbers_in_one_line(tmp_path, capsys, option, value)
 
 def test_ingest_number_limits_that_work(tmp_path, capsys):
     path = _write(tmp_path / "g.fa", fasta(RECORDS[:1]))
-    assert main(["ingest", str(tmp_path / "s.zarr"), str(path), "--adapter", "dna", "--quiet", "--window=1",
-                 "--chunk-mb=0.001"]) == 0
+    assert (
+        main(
+            [
+                "ingest",
+                str(tmp_path / "s.zarr"),
+                str(path),
+                "--adapter",
+                "dna",
+                "--quiet",
+                "--window=1",
+                "--chunk-mb=0.001",
+            ]
+        )
+        == 0
+    )
     info = SequenceStore(tmp_path / "s.zarr", "r").describe("chr0")
     assert info.length == 1500 and info.chunk_elements == round(0.001 * (1 << 20))  # uint8: one byte a base
     assert "chr0\twritten\t1500 elements" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("options", [
-    {"window": 0}, {"window": -1}, {"window": 2**31}, {"window": True}, {"window": 1.5},
-    {"chunk_bytes": 1}, {"chunk_bytes": 10**30}, {"chunk_bytes": 2.5e6}, {"chunk_elements": 0},
-    {"chunk_elements": 2**40}, {"shard_chunks": 0}, {"shard_chunks": 2**40}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"window": 0},
+        {"window": -1},
+        {"window": 2**31},
+        {"window": True},
+        {"window": 1.5},
+        {"chunk_bytes": 1},
+        {"chunk_bytes": 10**30},
+        {"chunk_bytes": 2.5e6},
+        {"chunk_elements": 0},
+        {"chunk_elements": 2**40},
+        {"shard_chunks": 0},
+        {"shard_chunks": 2**40},
+    ],
+)
 def test_ingest_library_refuses_bad_numbers(tmp_path, options):
     path = _write(tmp_path / "g.fa", fasta(RECORDS[:1]))
     with pytest.raises(ConfigError, match=next(iter(options)).split("_")[-1]):
@@ -223,8 +263,17 @@ def test_ingest_library_refuses_bad_numbers(tmp_path, options):
     assert SequenceStore(tmp_path / "s.zarr", "a").list() == []
 
 
-@pytest.mark.parametrize("options", [{"chunk_bytes": 0}, {"chunk_bytes": 10**30}, {"chunk_bytes": 1e6},
-                                     {"shard_chunks": -1}, {"compression_level": 99}, {"compression_level": "3"}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"chunk_bytes": 0},
+        {"chunk_bytes": 10**30},
+        {"chunk_bytes": 1e6},
+        {"shard_chunks": -1},
+        {"compression_level": 99},
+        {"compression_level": "3"},
+    ],
+)
 def test_store_options_are_range_checked(tmp_path, options):
     with pytest.raises(ConfigError, match=next(iter(options))):
         SequenceStore(tmp_path / "s.zarr", "a", **options)
@@ -238,8 +287,11 @@ def test_replacement_in_a_store_that_cannot_rename(tmp_path):
     ingest(memory, path, DNAAdapter(), chunk_elements=256)
     new = [(rid, seq[::-1]) for rid, seq in RECORDS[:2]]
     _write(path, fasta(new) + b">bad\nAXA\n")
-    with pytest.raises(SeqlabError, match=r"invalid letter 'X'.*2 of them replacements: the sequences they were to "
-                                          "replace are kept"):
+    with pytest.raises(
+        SeqlabError,
+        match=r"invalid letter 'X'.*2 of them replacements: the sequences they were to "
+        "replace are kept",
+    ):
         ingest(memory, path, DNAAdapter(), overwrite=True, chunk_elements=256)
     dna = DNAAdapter()
     assert {n: dna.decode(memory.read(n)) for n in memory.list()} == dict(RECORDS[:2])

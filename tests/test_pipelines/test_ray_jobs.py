@@ -36,8 +36,13 @@ def setup(tmp_path_factory):
     store = SequenceStore(root / "in.zarr", "w")
     store.write("a", [adapter.encode(text[:1500])], adapter=adapter, chunk_elements=256)
     store.write("b", [adapter.encode(text[1500:2200])], adapter=adapter, chunk_elements=256)
-    return {"root": root, "model": model, "adapter": adapter, "model_path": str(root / "model.safetensors"),
-            "store": str(root / "in.zarr")}
+    return {
+        "root": root,
+        "model": model,
+        "adapter": adapter,
+        "model_path": str(root / "model.safetensors"),
+        "store": str(root / "in.zarr"),
+    }
 
 
 def direct_bits(model, ids):
@@ -55,8 +60,15 @@ def outputs(path, names=("a", "b")):
 def clean(ray_cluster, setup):
     """One uninterrupted exact score run: the reference for resume and fault tests."""
     seen = []
-    result = score(setup["model_path"], setup["store"], setup["root"] / "clean.zarr", window=WINDOW,
-                   concurrency=2, output_chunk_elements=64, progress=seen.append)
+    result = score(
+        setup["model_path"],
+        setup["store"],
+        setup["root"] / "clean.zarr",
+        window=WINDOW,
+        concurrency=2,
+        output_chunk_elements=64,
+        progress=seen.append,
+    )
     return result, outputs(setup["root"] / "clean.zarr"), seen
 
 
@@ -72,7 +84,8 @@ def test_score_exact_matches_one_pass_and_records_config(setup, clean):
         assert totals["bits"] == pytest.approx(float(expected.sum()), rel=1e-5)
     assert result.summary["positions"] == 1499 + 699
     assert result.summary["mean_bits"] == pytest.approx(
-        (result.totals["a"]["bits"] + result.totals["b"]["bits"]) / 2198)
+        (result.totals["a"]["bits"] + result.totals["b"]["bits"]) / 2198
+    )
     # progress: one report per finished item
     assert sorted(p.sequence for p in seen) == ["a", "b"] and all(isinstance(p, JobProgress) for p in seen)
     assert seen[-1].done == 2 and seen[-1].total == 2
@@ -104,15 +117,21 @@ def test_interrupted_job_resumes_to_the_same_outputs(setup, clean):
     path = setup["root"] / "interrupted.zarr"
     fault = {"name": "b", "how": "raise", "marker": str(setup["root"] / "unused")}
     with pytest.raises(Exception, match="injected failure"):
-        score(setup["model_path"], setup["store"], path, window=WINDOW, concurrency=1, output_chunk_elements=64,
-              _fault=fault)
+        score(
+            setup["model_path"],
+            setup["store"],
+            path,
+            window=WINDOW,
+            concurrency=1,
+            output_chunk_elements=64,
+            _fault=fault,
+        )
     out = SequenceStore(path, "r")
     # b failed half-way: its output is not in place (only an incomplete staging array)
     assert "b" not in out.list()
     staged = SequenceStore(path / ray_jobs.STAGING, "r")
     assert any(n.startswith("b.") and not staged.describe(n).complete for n in staged.list())
-    resumed = score(setup["model_path"], setup["store"], path, window=WINDOW, concurrency=1,
-                    output_chunk_elements=64)
+    resumed = score(setup["model_path"], setup["store"], path, window=WINDOW, concurrency=1, output_chunk_elements=64)
     assert "b" in resumed.done
     got = outputs(path)
     for name in ("a", "b"):
@@ -124,8 +143,9 @@ def test_worker_killed_mid_job_is_retried_with_identical_outputs(setup, clean):
     marker = setup["root"] / "killed.pid"
     path = setup["root"] / "killed.zarr"
     fault = {"name": "a", "how": "kill", "marker": str(marker)}
-    result = score(setup["model_path"], setup["store"], path, window=WINDOW, concurrency=2,
-                   output_chunk_elements=64, _fault=fault)
+    result = score(
+        setup["model_path"], setup["store"], path, window=WINDOW, concurrency=2, output_chunk_elements=64, _fault=fault
+    )
     assert marker.exists(), "the worker was not killed"
     killed = int(marker.read_text())
     # the item was finished by a live process, not the one that died
@@ -156,12 +176,26 @@ def test_worker_loads_its_model_on_the_thread_that_calls_it(setup, clean, monkey
     monkeypatch.setattr(base, "model_from_checkpoint", recording)
     out = tmp_path / "direct.zarr"
     SequenceStore(out, "w")
-    worker = ray_work.JobWorker(setup["model_path"], str(out), "score", WINDOW, clean[0].config,
-                                options={"output_chunk_elements": 64}, input_store=setup["store"], num_threads=1)
+    worker = ray_work.JobWorker(
+        setup["model_path"],
+        str(out),
+        "score",
+        WINDOW,
+        clean[0].config,
+        options={"output_chunk_elements": 64},
+        input_store=setup["store"],
+        num_threads=1,
+    )
     assert worker.model is None and loaded_on == []
     length = SequenceStore(setup["store"], "r").describe("a").length
-    batch = {"name": np.asarray(["a"]), "segment": np.asarray([0]), "n_segments": np.asarray([1]),
-             "warm": np.asarray([0]), "start": np.asarray([0]), "stop": np.asarray([length - 1])}
+    batch = {
+        "name": np.asarray(["a"]),
+        "segment": np.asarray([0]),
+        "n_segments": np.asarray([1]),
+        "warm": np.asarray([0]),
+        "start": np.asarray([0]),
+        "stop": np.asarray([length - 1]),
+    }
     with ThreadPoolExecutor(1) as pool:
         caller = pool.submit(threading.get_ident).result()
         rows = pool.submit(worker, batch).result()
@@ -173,8 +207,17 @@ def test_worker_loads_its_model_on_the_thread_that_calls_it(setup, clean, monkey
 
 def test_segments_join_and_report_deviation_from_exact(setup, clean):
     path = setup["root"] / "segments.zarr"
-    result = score(setup["model_path"], setup["store"], path, window=WINDOW, mode="segments",
-                   segment_length=512, burn_in=64, concurrency=2, deviation_sample=2)
+    result = score(
+        setup["model_path"],
+        setup["store"],
+        path,
+        window=WINDOW,
+        mode="segments",
+        segment_length=512,
+        burn_in=64,
+        concurrency=2,
+        deviation_sample=2,
+    )
     got = outputs(path)
     exact = clean[1]
     for name in ("a", "b"):
@@ -197,7 +240,7 @@ def test_embed_pools_hidden_per_window(ray_cluster, setup):
     ids = store.read("a")
     with torch.no_grad():
         hidden = setup["model"](ids[None]).hidden[0]
-    expected = np.stack([hidden[s:s + WINDOW].mean(0).numpy() for s in range(0, ids.shape[0], WINDOW)])
+    expected = np.stack([hidden[s : s + WINDOW].mean(0).numpy() for s in range(0, ids.shape[0], WINDOW)])
     got = SequenceStore(path, "r").read("a", raw=True)
     assert got.shape == (math.ceil(1500 / WINDOW), 16)
     np.testing.assert_allclose(got, expected, atol=1e-4)
@@ -206,8 +249,17 @@ def test_embed_pools_hidden_per_window(ray_cluster, setup):
 
 def test_generate_continues_each_sequence(ray_cluster, setup):
     path = setup["root"] / "generate.zarr"
-    result = generate(setup["model_path"], setup["store"], path, window=WINDOW, max_new_tokens=12,
-                      prompt_length=300, temperature=0.0, seed=5, concurrency=2)
+    result = generate(
+        setup["model_path"],
+        setup["store"],
+        path,
+        window=WINDOW,
+        max_new_tokens=12,
+        prompt_length=300,
+        temperature=0.0,
+        seed=5,
+        concurrency=2,
+    )
     store, out = SequenceStore(setup["store"], "r"), SequenceStore(path, "r")
     for name in ("a", "b"):
         prompt = store.read(name)[-300:]
@@ -266,8 +318,7 @@ def test_cli_score_resumes_and_reports_bad_input(setup, clean, capsys):
     from seqlab import cli
 
     path = str(setup["root"] / "clean.zarr")
-    code = cli.main(["score", setup["store"], path, "--model", setup["model_path"], "--window", str(WINDOW),
-                     "--quiet"])
+    code = cli.main(["score", setup["store"], path, "--model", setup["model_path"], "--window", str(WINDOW), "--quiet"])
     out = capsys.readouterr().out
     assert code == 0 and "a\tskipped" in out and "b\tskipped" in out and '"mean_bits"' in out
     assert cli.main(["embed", setup["store"], path]) == 2
@@ -276,15 +327,49 @@ def test_cli_score_resumes_and_reports_bad_input(setup, clean, capsys):
     assert code == 2 and "none.zarr does not exist" in capsys.readouterr().err
     # the happy paths of embed and of generate over a store
     emb = str(setup["root"] / "cli-embed.zarr")
-    assert cli.main(["embed", setup["store"], emb, "--model", setup["model_path"], "--window", str(WINDOW),
-                     "--concurrency", "1", "--quiet"]) == 0, capsys.readouterr().err
+    assert (
+        cli.main(
+            [
+                "embed",
+                setup["store"],
+                emb,
+                "--model",
+                setup["model_path"],
+                "--window",
+                str(WINDOW),
+                "--concurrency",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     assert "a\tdone" in capsys.readouterr().out
     got = SequenceStore(emb, "r").read("a", raw=True)
     n = SequenceStore(setup["store"], "r").describe("a").length
     assert got.shape == (math.ceil(n / WINDOW), setup["model"].config.d_model) and np.isfinite(got).all()
     gen = str(setup["root"] / "cli-gen.zarr")
-    assert cli.main(["generate", setup["store"], gen, "--model", setup["model_path"], "--max-new-tokens", "5",
-                     "--temperature", "0", "--prompt-length", "64", "--concurrency", "1", "--quiet"]) == 0
+    assert (
+        cli.main(
+            [
+                "generate",
+                setup["store"],
+                gen,
+                "--model",
+                setup["model_path"],
+                "--max-new-tokens",
+                "5",
+                "--temperature",
+                "0",
+                "--prompt-length",
+                "64",
+                "--concurrency",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     ids = SequenceStore(setup["store"], "r").read("b")[-64:]
     expected = setup["model"].generate(ids, 5, temperature=0).tokens[0]
     assert SequenceStore(gen, "r").read("b", raw=True).tolist() == expected
@@ -295,8 +380,16 @@ def test_max_restarts_zero_lets_a_killed_worker_fail_the_job(setup, clean):
     path = setup["root"] / "no-retry.zarr"
     fault = {"name": "b", "how": "kill", "marker": str(marker)}
     with pytest.raises(ray.exceptions.ActorDiedError, match="died unexpectedly"):
-        score(setup["model_path"], setup["store"], path, window=WINDOW, concurrency=1, max_restarts=0,
-              output_chunk_elements=64, _fault=fault)
+        score(
+            setup["model_path"],
+            setup["store"],
+            path,
+            window=WINDOW,
+            concurrency=1,
+            max_restarts=0,
+            output_chunk_elements=64,
+            _fault=fault,
+        )
     assert marker.exists()
     assert "b" not in SequenceStore(path, "r").list()
 
@@ -306,8 +399,10 @@ def _wait_until_all_cpus_are_free(what: str, seconds: float = 15) -> None:
 
     deadline = time.time() + seconds
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
-        assert time.time() < deadline, (f"CPUs still held {seconds:.0f} s after {what}: "
-                                        f"{ray.available_resources()}; actors not dead: {_live_actors()}")
+        assert time.time() < deadline, (
+            f"CPUs still held {seconds:.0f} s after {what}: "
+            f"{ray.available_resources()}; actors not dead: {_live_actors()}"
+        )
         time.sleep(0.2)
 
 
@@ -331,8 +426,16 @@ def test_a_failed_job_releases_its_cpus_at_once(ray_cluster, setup, no_gc):
     marker = setup["root"] / "killed-release.pid"
     fault = {"name": "b", "how": "kill", "marker": str(marker)}
     with pytest.raises(ray.exceptions.ActorDiedError) as caught:
-        score(setup["model_path"], setup["store"], setup["root"] / "release.zarr", window=WINDOW, concurrency=1,
-              max_restarts=0, output_chunk_elements=64, _fault=fault)
+        score(
+            setup["model_path"],
+            setup["store"],
+            setup["root"] / "release.zarr",
+            window=WINDOW,
+            concurrency=1,
+            max_restarts=0,
+            output_chunk_elements=64,
+            _fault=fault,
+        )
     _wait_until_all_cpus_are_free("a job whose actor was killed")
     assert "died" in str(caught.value)  # the error is still there, whole, for whoever holds it
 
@@ -347,8 +450,15 @@ def test_a_job_that_raised_releases_its_actors_while_its_error_is_held(ray_clust
     store = _with_a_corrupt_chunk(setup["store"], tmp_path) if how == "corrupt" else setup["store"]
     fault = {"name": "b", "how": "raise", "marker": str(tmp_path / "unused")} if how == "raise" else None
     with pytest.raises(CorruptFileError if how == "corrupt" else Exception) as caught:
-        score(setup["model_path"], store, tmp_path / "out.zarr", window=WINDOW, concurrency=2,
-              output_chunk_elements=64, _fault=fault)
+        score(
+            setup["model_path"],
+            store,
+            tmp_path / "out.zarr",
+            window=WINDOW,
+            concurrency=2,
+            output_chunk_elements=64,
+            _fault=fault,
+        )
     _wait_until_all_cpus_are_free(f"a job that failed with {type(caught.value).__name__}")
     assert ("injected failure" if how == "raise" else "chunk 1") in str(caught.value)
 
@@ -380,8 +490,11 @@ def _live_actors() -> list:
     try:
         from ray._private import state
 
-        return [(a.get("ActorClassName"), a.get("State"), a.get("Pid"), a.get("JobID"))
-                for a in state.actors().values() if a.get("State") != "DEAD"]
+        return [
+            (a.get("ActorClassName"), a.get("State"), a.get("Pid"), a.get("JobID"))
+            for a in state.actors().values()
+            if a.get("State") != "DEAD"
+        ]
     except Exception as exc:  # a private API: its failure must not hide the assertion
         return [f"unavailable: {exc!r}"]
 
@@ -421,14 +534,33 @@ def test_cli_score_joins_a_running_cluster_by_address(setup, tmp_path):
     port = free_port()
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths live under it
     # token authentication, as Ray >= 2.59 turns on for clusters started with `ray start`: head and job share a token
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": os.urandom(16).hex()}
+    env = {
+        **os.environ,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_ADDRESS": "",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": os.urandom(16).hex(),
+    }
     head = subprocess.Popen(
-        [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=1",
-         "--include-dashboard=false", f"--temp-dir={temp}", f"--dashboard-agent-listen-port={free_port()}",
-         f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-         f"--metrics-export-port={free_port()}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        [
+            str(bin_dir / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--num-cpus=1",
+            "--include-dashboard=false",
+            f"--temp-dir={temp}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 90
         while True:
@@ -439,21 +571,53 @@ def test_cli_score_joins_a_running_cluster_by_address(setup, tmp_path):
             assert time.time() < deadline, "the Ray head did not open its port in 90 s"
             time.sleep(0.5)
         out = subprocess.run(
-            [str(bin_dir / "seqlab"), "score", setup["store"], str(tmp_path / "o.zarr"), "--model",
-             setup["model_path"], "--address", f"127.0.0.1:{port}", "--concurrency", "1", "--window",
-             str(WINDOW), "--quiet"], env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-            timeout=300)
+            [
+                str(bin_dir / "seqlab"),
+                "score",
+                setup["store"],
+                str(tmp_path / "o.zarr"),
+                "--model",
+                setup["model_path"],
+                "--address",
+                f"127.0.0.1:{port}",
+                "--concurrency",
+                "1",
+                "--window",
+                str(WINDOW),
+                "--quiet",
+            ],
+            env={**env, "OMP_NUM_THREADS": "1"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert out.returncode == 0, out.stderr[-3000:]
         assert "a\tdone" in out.stdout and "b\tdone" in out.stdout
         # a job without the cluster's token is refused with one line of ours, naming the address (Ray's own
         # native client logs its retries on stderr before that)
         bad = subprocess.run(
-            [str(bin_dir / "seqlab"), "score", setup["store"], str(tmp_path / "bad.zarr"), "--model",
-             setup["model_path"], "--address", f"127.0.0.1:{port}", "--quiet"],
-            env={**env, "RAY_AUTH_TOKEN": "0" * 32}, capture_output=True, text=True, timeout=300)
+            [
+                str(bin_dir / "seqlab"),
+                "score",
+                setup["store"],
+                str(tmp_path / "bad.zarr"),
+                "--model",
+                setup["model_path"],
+                "--address",
+                f"127.0.0.1:{port}",
+                "--quiet",
+            ],
+            env={**env, "RAY_AUTH_TOKEN": "0" * 32},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
-        assert bad.stderr.strip().splitlines()[-1].startswith(
-            f"seqlab score: error: cannot join the Ray cluster at '127.0.0.1:{port}'"), bad.stderr[-3000:]
+        assert (
+            bad.stderr.strip()
+            .splitlines()[-1]
+            .startswith(f"seqlab score: error: cannot join the Ray cluster at '127.0.0.1:{port}'")
+        ), bad.stderr[-3000:]
     finally:  # stop the head and everything it started (its own process group), never the test's cluster
         for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, None)):
             try:
@@ -482,20 +646,35 @@ def test_a_request_no_actor_can_meet_fails_at_once_in_one_line(ray_cluster, setu
 
     total = ray.cluster_resources().get("CPU", 0)
     gpus = ray.cluster_resources().get("GPU", 0)
-    with pytest.raises(BackendUnavailableError, match=rf"num_gpus={gpus + 1:g} \(--num-gpus {gpus + 1:g}: GPUs per "
-                       rf"actor\) is more than this machine's Ray cluster has: {gpus:g} GPUs in all"):
+    with pytest.raises(
+        BackendUnavailableError,
+        match=rf"num_gpus={gpus + 1:g} \(--num-gpus {gpus + 1:g}: GPUs per "
+        rf"actor\) is more than this machine's Ray cluster has: {gpus:g} GPUs in all",
+    ):
         embed(setup["model_path"], setup["store"], tmp_path / "gpu.zarr", window=WINDOW, num_gpus=gpus + 1)
-    code = cli.main(["score", setup["store"], str(tmp_path / "cpu.zarr"), "--model", setup["model_path"],
-                     "--num-cpus", str(total + 1), "--quiet"])
+    code = cli.main(
+        [
+            "score",
+            setup["store"],
+            str(tmp_path / "cpu.zarr"),
+            "--model",
+            setup["model_path"],
+            "--num-cpus",
+            str(total + 1),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
-    assert f"--num-cpus {total + 1:g}: CPUs per actor) is more than this machine's Ray cluster has: {total:g} CPUs" \
-        in err, err
+    assert (
+        f"--num-cpus {total + 1:g}: CPUs per actor) is more than this machine's Ray cluster has: {total:g} CPUs" in err
+    ), err
     _wait_until_all_cpus_are_free("the earlier tests' jobs")  # the one actor below needs every CPU
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        result = score(setup["model_path"], setup["store"], tmp_path / "queued.zarr", window=WINDOW,
-                       num_cpus=total, concurrency=2)  # two items: a pool of 2 actors (one per item at most)
+        result = score(
+            setup["model_path"], setup["store"], tmp_path / "queued.zarr", window=WINDOW, num_cpus=total, concurrency=2
+        )  # two items: a pool of 2 actors (one per item at most)
     assert result.done == ["a", "b"]
     assert any("cannot run all 2 actors at once" in str(w.message) for w in seen), [str(w.message) for w in seen]
 
@@ -515,12 +694,26 @@ def test_generate_one_suppresses_the_adapters_specials_and_stops_at_its_end(tmp_
     assert options["suppress_tokens"]  # the test means something only if there are specials to suppress
     for allow in (False, True):
         got = []
-        ray_work._generate_one(model, store, "s", 8, {"max_new_tokens": 40, "temperature": 3.0, "seed": 1,
-                                                      "allow_specials": allow}, got.append, adapter)
+        ray_work._generate_one(
+            model,
+            store,
+            "s",
+            8,
+            {"max_new_tokens": 40, "temperature": 3.0, "seed": 1, "allow_specials": allow},
+            got.append,
+            adapter,
+        )
         prompt = store.read("s")
         seed = (1 + zlib.crc32(b"s")) % (1 << 31)
-        expected = direct(model, prompt, 40, do_sample=True, temperature=3.0, seed=seed,
-                          **adapter.generation_options(allow_specials=allow)).tokens[0]
+        expected = direct(
+            model,
+            prompt,
+            40,
+            do_sample=True,
+            temperature=3.0,
+            seed=seed,
+            **adapter.generation_options(allow_specials=allow),
+        ).tokens[0]
         assert got[0].tolist() == expected
         if not allow:
             assert not set(expected) & set(options["suppress_tokens"])
@@ -540,16 +733,23 @@ def test_ray_train_refuses_workers_the_cluster_cannot_place(ray_cluster, tmp_pat
     config = TrainConfig(max_steps=1, batch_size=1, window=8, progress=False)
     tokens = torch.arange(64) % 16
     if not have.get("GPU"):
-        with pytest.raises(BackendUnavailableError, match=r"1 worker\(s\) with use_gpu=True need 1 GPU at once, "
-                           r"more than this machine's Ray cluster has \(0\)"):
+        with pytest.raises(
+            BackendUnavailableError,
+            match=r"1 worker\(s\) with use_gpu=True need 1 GPU at once, "
+            r"more than this machine's Ray cluster has \(0\)",
+        ):
             train_data_parallel(spec, config, tokens, num_workers=1, use_gpu=True, storage_path=tmp_path)
     workers = int(have["CPU"]) + 1
-    with pytest.raises(BackendUnavailableError, match=rf"{workers} worker\(s\) with 1 CPU per worker need {workers:g} "
-                       rf"CPU at once, more than this machine's Ray cluster has \({have['CPU']:g}\)"):
+    with pytest.raises(
+        BackendUnavailableError,
+        match=rf"{workers} worker\(s\) with 1 CPU per worker need {workers:g} "
+        rf"CPU at once, more than this machine's Ray cluster has \({have['CPU']:g}\)",
+    ):
         train_data_parallel(spec, config, tokens, num_workers=workers, storage_path=tmp_path)
     with pytest.raises(ConfigError, match=r"resources_per_worker\['CPU'\] must be a finite number"):
-        train_data_parallel(spec, config, tokens, num_workers=1, resources_per_worker={"CPU": float("nan")},
-                            storage_path=tmp_path)
+        train_data_parallel(
+            spec, config, tokens, num_workers=1, resources_per_worker={"CPU": float("nan")}, storage_path=tmp_path
+        )
 
 
 def test_an_output_that_is_not_a_jobs_own_is_refused_and_left_alone(setup, tmp_path):
@@ -559,8 +759,11 @@ def test_an_output_that_is_not_a_jobs_own_is_refused_and_left_alone(setup, tmp_p
     import hashlib
 
     def snapshot(root):
-        return {p.relative_to(root): hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(root).rglob("*")
-                if p.is_file()}
+        return {
+            p.relative_to(root): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in Path(root).rglob("*")
+            if p.is_file()
+        }
 
     model, store = setup["model_path"], setup["store"]
     plain = tmp_path / "plain"
@@ -570,11 +773,13 @@ def test_an_output_that_is_not_a_jobs_own_is_refused_and_left_alone(setup, tmp_p
     shutil.copytree(store, ingested)
     (tmp_path / "file").write_text("keep me too")
     before = {p: snapshot(p) for p in (Path(store), plain, ingested)}
-    for output, error, words in [(store, ConfigError, "is the input store"),
-                                 (Path(store) / "inner", ConfigError, "is inside the input store"),
-                                 (plain, InputError, "is a folder with other files in it (a)"),
-                                 (ingested, InputError, "is a sequence store that no seqlab job wrote (it holds a, b)"),
-                                 (tmp_path / "file", InputError, "exists and is not a folder")]:
+    for output, error, words in [
+        (store, ConfigError, "is the input store"),
+        (Path(store) / "inner", ConfigError, "is inside the input store"),
+        (plain, InputError, "is a folder with other files in it (a)"),
+        (ingested, InputError, "is a sequence store that no seqlab job wrote (it holds a, b)"),
+        (tmp_path / "file", InputError, "exists and is not a folder"),
+    ]:
         with pytest.raises(error, match=re.escape(words)):
             score(model, store, output, window=WINDOW)
         with pytest.raises(error, match=re.escape(words)):
@@ -594,8 +799,10 @@ def test_a_workers_out_of_memory_or_full_disk_reaches_the_caller_as_itself():
             super().__init__(f"task failed: {cause}")
             self.cause = cause
 
-    for cause in (MemoryError("Unable to allocate 64.0 GiB"),
-                  RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")):
+    for cause in (
+        MemoryError("Unable to allocate 64.0 GiB"),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes"),
+    ):
         assert ray_errors._unwrap(TaskError(cause)) is cause
     assert ray_errors._unwrap(TaskError(RuntimeError("index out of range in self"))) is None
     full = OSError(28, "No space left on device", "/out.zarr/_staging/a.whole/c/3")  # a worker's disk is full
@@ -618,12 +825,23 @@ def test_a_quiet_job_prints_nothing_on_the_shared_cluster(setup, ray_cluster, tm
     import ray.data
 
     context = ray.data.DataContext.get_current()
-    settings = ("enable_progress_bars", "enable_operator_progress_bars", "print_on_execution_start",
-                "enable_auto_log_stats")
+    settings = (
+        "enable_progress_bars",
+        "enable_operator_progress_bars",
+        "print_on_execution_start",
+        "enable_auto_log_stats",
+    )
     before = {name: getattr(context, name) for name in settings}
     capfd.readouterr()
-    result = score(setup["model_path"], setup["store"], tmp_path / "quiet.zarr", window=WINDOW, concurrency=1,
-                   quiet=True, progress=True)  # quiet wins over our own bar too
+    result = score(
+        setup["model_path"],
+        setup["store"],
+        tmp_path / "quiet.zarr",
+        window=WINDOW,
+        concurrency=1,
+        quiet=True,
+        progress=True,
+    )  # quiet wins over our own bar too
     out, err = capfd.readouterr()
     assert result.summary["positions"] == 2198
     assert (out, err) == ("", "")
@@ -637,14 +855,16 @@ def test_a_quiet_job_that_starts_ray_itself_prints_nothing_and_a_loud_one_does(s
     import subprocess
     import sys
 
-    script = (f"import sys\n"
-              f"from seqlab.pipelines.ray_jobs import score\n"
-              f"r = score({setup['model_path']!r}, {setup['store']!r}, {str(tmp_path / 'q.zarr')!r}, "
-              f"window={WINDOW}, concurrency=1, quiet=True)\n"
-              f"print('positions', r.summary['positions'], flush=True)\n"
-              f"print('LOUD', file=sys.stderr, flush=True)\n"
-              f"score({setup['model_path']!r}, {setup['store']!r}, {str(tmp_path / 'loud.zarr')!r}, "
-              f"window={WINDOW}, concurrency=1)\n")
+    script = (
+        f"import sys\n"
+        f"from seqlab.pipelines.ray_jobs import score\n"
+        f"r = score({setup['model_path']!r}, {setup['store']!r}, {str(tmp_path / 'q.zarr')!r}, "
+        f"window={WINDOW}, concurrency=1, quiet=True)\n"
+        f"print('positions', r.summary['positions'], flush=True)\n"
+        f"print('LOUD', file=sys.stderr, flush=True)\n"
+        f"score({setup['model_path']!r}, {setup['store']!r}, {str(tmp_path / 'loud.zarr')!r}, "
+        f"window={WINDOW}, concurrency=1)\n"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     quiet, _, loud = done.stderr.partition("LOUD\n")
@@ -667,8 +887,11 @@ def test_joining_an_address_where_nothing_answers_fails_at_once(monkeypatch):
     monkeypatch.setattr(ray, "init", never)
     for address in ("127.0.0.1:9", "ray://127.0.0.1:9", "head-node.invalid:6379"):
         began = time.monotonic()
-        with pytest.raises(InputError, match=rf"cannot join the Ray cluster at '{re.escape(address)}': nothing "
-                                             r"answers at [\w.-]+:\d+ \(.+\)"):
+        with pytest.raises(
+            InputError,
+            match=rf"cannot join the Ray cluster at '{re.escape(address)}': nothing "
+            r"answers at [\w.-]+:\d+ \(.+\)",
+        ):
             ray_cluster.connect(address, quiet=True)
         assert time.monotonic() - began < 15
     with pytest.raises(InputError, match="AssertionError: ray.init must not be reached"):  # "auto": Ray's to find

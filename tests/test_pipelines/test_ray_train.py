@@ -21,19 +21,25 @@ def test_two_workers_train_average_gradients_and_checkpoint(ray_cluster, tmp_pat
     tokens = pattern.repeat(343)  # 2401 tokens: 1200 per worker (the last one dropped)
     # The period does not divide the shard size, so the two ranks see different windows and gradients.
     assert not torch.equal(tokens[:1200], tokens[1200:2400])
-    config = TrainConfig(lr=1e-2, weight_decay=0.0, max_steps=20, batch_size=4, window=32, progress=False,
-                         seed=0)
+    config = TrainConfig(lr=1e-2, weight_decay=0.0, max_steps=20, batch_size=4, window=32, progress=False, seed=0)
     # the two workers need both of the shared cluster's CPUs: an actor another test left alive would make Ray
     # Train wait forever, so say so instead
     deadline = time.time() + 60
     while ray_cluster.available_resources().get("CPU", 0) < 2:
-        assert time.time() < deadline, (f"2 CPUs never came free on the shared cluster: "
-                                        f"{ray_cluster.available_resources()}")
+        assert time.time() < deadline, (
+            f"2 CPUs never came free on the shared cluster: {ray_cluster.available_resources()}"
+        )
         gc.collect()
         time.sleep(0.5)
-    result = train_data_parallel((backbone.to_dict(), 16), config, tokens, num_workers=2,
-                                 storage_path=os.fspath(tmp_path / "ray"), name="ddp-smoke",
-                                 checkpoint_every=10)
+    result = train_data_parallel(
+        (backbone.to_dict(), 16),
+        config,
+        tokens,
+        num_workers=2,
+        storage_path=os.fspath(tmp_path / "ray"),
+        name="ddp-smoke",
+        checkpoint_every=10,
+    )
 
     assert result.error is None
     metrics = result.metrics

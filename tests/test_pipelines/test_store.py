@@ -92,8 +92,14 @@ def _ids(data: bytes, offset: int = 0) -> np.ndarray:
 def test_ingest_round_trip_attrs_and_layout(tmp_path):
     data = _random_file(tmp_path / "page.txt", 10_500)
     calls = []
-    results = ingest(tmp_path / "s.zarr", tmp_path / "page.txt", BlockBytes(offset=3), window=777,
-                     chunk_elements=1000, progress=calls.append)
+    results = ingest(
+        tmp_path / "s.zarr",
+        tmp_path / "page.txt",
+        BlockBytes(offset=3),
+        window=777,
+        chunk_elements=1000,
+        progress=calls.append,
+    )
     assert [(r.name, r.action, r.resumed_from) for r in results] == [("page", "written", 0)]
     store = SequenceStore(tmp_path / "s.zarr", mode="r")
     info = store.describe("page")
@@ -102,6 +108,7 @@ def test_ingest_round_trip_attrs_and_layout(tmp_path):
     assert info.vocab_size == 256 and info.chunk_elements == 1000 and info.shard_elements is None
     assert info.source["name"] == "page.txt" and info.source["bytes"] == 10_500
     import hashlib
+
     assert info.source["sha256"] == hashlib.sha256(data).hexdigest()
     assert info.created and info.updated
     # progress: after every committed chunk, then once at the end
@@ -196,6 +203,7 @@ def test_bad_input_names_store_sequence_and_position(tmp_path):
     with pytest.raises(InputError, match=r"sequence store .*nowhere.zarr does not exist"):
         SequenceStore(tmp_path / "nowhere.zarr", mode="r")
     import zarr
+
     zarr.open_group(tmp_path / "plain.zarr", mode="w").create_array("x", shape=(3,), dtype="int8")
     with pytest.raises(InputError, match="not a seqlab sequence store"):
         SequenceStore(tmp_path / "plain.zarr")
@@ -285,7 +293,7 @@ def test_multi_record_files_give_one_sequence_per_record(tmp_path):
 
     def records(path, window):  # the "sequences of a file" hook: here, lines of a text file
         for i, line in enumerate(Path(path).read_bytes().splitlines()):
-            yield f"line{i}", (BlockBytes().encode(line[s:s + window]) for s in range(0, len(line), window))
+            yield f"line{i}", (BlockBytes().encode(line[s : s + window]) for s in range(0, len(line), window))
 
     (tmp_path / "lines.txt").write_bytes(b"alpha\nbeta gamma\nz\n")
     results = ingest(store, tmp_path / "lines.txt", BlockBytes(), sequences=records, window=3)
@@ -326,7 +334,9 @@ def test_ingest_memory_is_bounded_by_window_not_file(tmp_path):
     assert reader.chunk_reads == 1
 
 
-WRITER_SCRIPT = ADAPTER_SOURCE + '''
+WRITER_SCRIPT = (
+    ADAPTER_SOURCE
+    + """
 import sys, time
 from seqlab.pipelines.store import ingest
 
@@ -341,12 +351,18 @@ def progress(p):
 
 ingest(store, path, BlockBytes(), names=name, window=50_000, chunk_elements=int(sys.argv[6]), progress=progress)
 print("DONE", flush=True)
-'''
+"""
+)
 
 
 def _writer(tmp_path, store, path, name, pause, go="-", chunk=64 << 10):
-    return subprocess.Popen([sys.executable, "-c", WRITER_SCRIPT, str(store), str(path), name, str(pause), str(go),
-                             str(chunk)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    return subprocess.Popen(
+        [sys.executable, "-c", WRITER_SCRIPT, str(store), str(path), name, str(pause), str(go), str(chunk)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
 
 
 def _ready(proc) -> None:
@@ -375,7 +391,7 @@ def test_killed_ingest_leaves_a_readable_store_and_resumes(tmp_path):
     assert store.list() == ["big"] and store.list(incomplete=False) == []
     with pytest.raises(InputError, match=r"sequence 'big' is incomplete .*allow_incomplete=True"):
         store.read("big", 0, 10)
-    assert np.array_equal(store.read("big", allow_incomplete=True).numpy(), _ids(data)[:info.length])
+    assert np.array_equal(store.read("big", allow_incomplete=True).numpy(), _ids(data)[: info.length])
 
     result = ingest(tmp_path / "s.zarr", tmp_path / "big.bin", BlockBytes(), names="big", window=50_000)
     assert result[0].action == "resumed" and result[0].resumed_from == info.length
@@ -387,8 +403,10 @@ def test_killed_ingest_leaves_a_readable_store_and_resumes(tmp_path):
 def test_concurrent_writers_of_different_sequences(tmp_path):
     sources = {name: _random_file(tmp_path / f"{name}.bin", 1 << 20, seed=i) for i, name in enumerate(["a", "b"])}
     go = tmp_path / "go"
-    procs = [_writer(tmp_path, tmp_path / "shared.zarr", tmp_path / f"{n}.bin", n, 0.005, go, chunk=32 << 10)
-             for n in sources]
+    procs = [
+        _writer(tmp_path, tmp_path / "shared.zarr", tmp_path / f"{n}.bin", n, 0.005, go, chunk=32 << 10)
+        for n in sources
+    ]
     for proc in procs:
         _ready(proc)
     go.touch()  # both have imported everything and wait for this: their writes overlap
@@ -426,9 +444,23 @@ _DAMAGES = st.one_of(
     st.tuples(st.just("cut"), st.floats(0, 1, exclude_max=True)),
     st.tuples(st.just("flip"), st.floats(0, 1, exclude_max=True), st.integers(0, 7)),
     st.tuples(st.just("bytes"), st.binary(max_size=40)),
-    st.tuples(st.just("attr"), st.sampled_from(["length", "complete", "kind", "adapter", "seqlab_sequence",
-                                                "vocab_size", "source", "record", "seqlab_check"]),
-              st.sampled_from([None, -1, 2, 10**20, 1.5, True, "x", [], {}, {"name": 5}])),
+    st.tuples(
+        st.just("attr"),
+        st.sampled_from(
+            [
+                "length",
+                "complete",
+                "kind",
+                "adapter",
+                "seqlab_sequence",
+                "vocab_size",
+                "source",
+                "record",
+                "seqlab_check",
+            ]
+        ),
+        st.sampled_from([None, -1, 2, 10**20, 1.5, True, "x", [], {}, {"name": 5}]),
+    ),
 )
 
 
@@ -437,10 +469,10 @@ def _damage(raw: bytes, damage) -> bytes:
     if kind == "empty":
         return b""
     if kind == "cut":
-        return raw[:int(damage[1] * len(raw))]
+        return raw[: int(damage[1] * len(raw))]
     if kind == "flip":
         at = int(damage[1] * len(raw))
-        return raw[:at] + bytes([raw[at] ^ (1 << damage[2])]) + raw[at + 1:]
+        return raw[:at] + bytes([raw[at] ^ (1 << damage[2])]) + raw[at + 1 :]
     if kind == "bytes":
         return damage[1]
     return _edit_attr(raw, damage[1], damage[2])
@@ -508,8 +540,11 @@ def test_seqlab_attrs_carry_a_checksum(tmp_path):
     store = SequenceStore(path, mode="r")
     with pytest.warns(UserWarning, match=r"1 damaged sequence\(s\) left out of the list: a"):
         assert store.list() == ["b", "c"]
-    with pytest.raises(CorruptFileError, match=r"sequence 'a': .*a/zarr\.json: the seqlab attrs do not match their "
-                                               "checksum"):
+    with pytest.raises(
+        CorruptFileError,
+        match=r"sequence 'a': .*a/zarr\.json: the seqlab attrs do not match their "
+        "checksum",
+    ):
         store.read("a")
 
 
@@ -540,12 +575,18 @@ def test_damaged_sequences_in_describe_ingest_and_delete(tmp_path, capsys):
     assert store.list() == ["a", "b"] and store.damaged() == {}
 
 
-@pytest.mark.parametrize("content", [
-    b"null", b"[1, 2]", b"\xff\xfe",
-    b'{"zarr_format": 3, "node_type": "group", "attributes": {"seqlab_store": {"format": "seqlab.sequence_store", '
-    b'"version": "x"}}}',
-    b'{"zarr_format": 3, "node_type": "group", "attributes": {"seqlab_store": {"format": "seqlab.sequence_store", '
-    b'"version": [1]}}}'])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"null",
+        b"[1, 2]",
+        b"\xff\xfe",
+        b'{"zarr_format": 3, "node_type": "group", "attributes": {"seqlab_store": {"format": "seqlab.sequence_store", '
+        b'"version": "x"}}}',
+        b'{"zarr_format": 3, "node_type": "group", "attributes": {"seqlab_store": {"format": "seqlab.sequence_store", '
+        b'"version": [1]}}}',
+    ],
+)
 def test_store_metadata_of_the_wrong_shape_names_the_file(tmp_path, content):
     path = _small_store(tmp_path / "s.zarr")
     (path / "zarr.json").write_bytes(content)
@@ -555,13 +596,19 @@ def test_store_metadata_of_the_wrong_shape_names_the_file(tmp_path, content):
     assert (path / "zarr.json").read_bytes() == content
 
 
-@pytest.mark.parametrize("values,error", [
-    (np.array([2**63 + 5], np.uint64), r"id 9223372036854775813 at position 0 is outside \[0, 9223372036854775808\)"),
-    (np.array([[1.0], [1e300]]), r"frame at position 1 holds a value beyond the range of float32"),
-    (np.array([[1.0], [np.nan]]), r"frame at position 1 is not finite"),
-    (np.array([-3], np.int8), r"id -3 at position 0 is outside"),
-    (np.array([1j]), r"expected integer ids or float frames, got dtype complex128"),
-])
+@pytest.mark.parametrize(
+    "values,error",
+    [
+        (
+            np.array([2**63 + 5], np.uint64),
+            r"id 9223372036854775813 at position 0 is outside \[0, 9223372036854775808\)",
+        ),
+        (np.array([[1.0], [1e300]]), r"frame at position 1 holds a value beyond the range of float32"),
+        (np.array([[1.0], [np.nan]]), r"frame at position 1 is not finite"),
+        (np.array([-3], np.int8), r"id -3 at position 0 is outside"),
+        (np.array([1j]), r"expected integer ids or float frames, got dtype complex128"),
+    ],
+)
 def test_odd_dtypes_and_numbers_are_refused_by_append(tmp_path, values, error):
     store = SequenceStore(tmp_path / "s.zarr")
     with pytest.raises(InputError, match=error):
@@ -569,11 +616,14 @@ def test_odd_dtypes_and_numbers_are_refused_by_append(tmp_path, values, error):
     assert "odd" not in store or store.read("odd").numel() == 0
 
 
-@pytest.mark.parametrize("values,expected", [
-    (np.array([True, False, True]), [1, 0, 1]),
-    (np.array([2**63 - 1, 0], np.uint64), [2**63 - 1, 0]),
-    (np.array([[0.5], [-2.0]], np.float16), [[0.5], [-2.0]]),
-])
+@pytest.mark.parametrize(
+    "values,expected",
+    [
+        (np.array([True, False, True]), [1, 0, 1]),
+        (np.array([2**63 - 1, 0], np.uint64), [2**63 - 1, 0]),
+        (np.array([[0.5], [-2.0]], np.float16), [[0.5], [-2.0]]),
+    ],
+)
 def test_odd_dtypes_that_fit_read_back_equal(tmp_path, values, expected):
     store = SequenceStore(tmp_path / "s.zarr")
     store.append("odd", values)

@@ -70,7 +70,7 @@ def _tokens(n, seed=0, vocab=16):
 
 
 def _pieces(data, size):
-    return [data[i:i + size] for i in range(0, len(data), size)]
+    return [data[i : i + size] for i in range(0, len(data), size)]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -214,8 +214,11 @@ def test_stream_refuses_bad_input(tmp_path, lm):
     store = SequenceStore(tmp_path / "s.zarr")
     store.write("seq", [_tokens(200)], adapter=_Tokens(), chunk_elements=64)
     store.write("clip", [np.zeros((10, 3), np.float32)], adapter=_Frames())
-    with pytest.raises(InputError, match=r"s.zarr: sequence 'seq' was written by adapter .*'vocab': 16.*"
-                                         r"built by adapter .*'vocab': 32"):
+    with pytest.raises(
+        InputError,
+        match=r"s.zarr: sequence 'seq' was written by adapter .*'vocab': 16.*"
+        r"built by adapter .*'vocab': 32",
+    ):
         stream(_model(_Tokens(vocab=32)), store, "seq")
     with pytest.raises(InputError, match="written by adapter"):
         store.source("seq", 2, 16, model=_model(_Tokens(vocab=32)))
