@@ -65,8 +65,8 @@ COMMANDS_RUN_ELSEWHERE = {
 SHELL_RUN_ELSEWHERE = {"docs/cli.md": ("tests/test_cli_walkthrough.py", '"docs" / "cli.md"')}
 #: Python blocks (a doc, a string in the block) another test runs; here only their imports run
 PYTHON_RUN_ELSEWHERE = {
-    ("docs/training.md", "train_data_parallel("):  # Ray Train, 2 workers: about 70 s on 2 cores
-    ("tests/test_pipelines/test_ray_train.py", "num_workers=2"),
+    # Ray Train with 2 workers, about 70 s on 2 cores: that test makes the same call and checks what it returns
+    ("docs/training.md", "train_data_parallel("): ("tests/test_pipelines/test_ray_train.py", "num_workers=2"),
 }
 
 
