@@ -21,8 +21,9 @@ class Timer:
     def __init__(self, device: torch.device, flush: bool):
         self.device = device
         self.cuda = device.type == "cuda"
-        self.flush_buf = torch.empty(256 * 2**20 // 4, dtype=torch.float32, device=device) \
-            if flush and self.cuda else None
+        self.flush_buf = (
+            torch.empty(256 * 2**20 // 4, dtype=torch.float32, device=device) if flush and self.cuda else None
+        )
 
     def sync(self):
         if self.cuda:
@@ -179,13 +180,15 @@ def forward_fn(fn: Callable, inputs: dict, **fixed) -> Callable[[], object]:
     def go():
         with torch.no_grad():
             return fn(**inputs, **fixed)
+
     return go
 
 
 def backward_fn(fn: Callable, inputs: dict, grad_names, seed: int, **fixed) -> Callable[[], object]:
     """One forward with grad and the gradients of ``grad_names`` against a fixed random dy."""
-    leaves = {k: (v.detach().clone().requires_grad_() if k in grad_names and v is not None else v)
-              for k, v in inputs.items()}
+    leaves = {
+        k: (v.detach().clone().requires_grad_() if k in grad_names and v is not None else v) for k, v in inputs.items()
+    }
     wrt = [leaves[k] for k in grad_names if leaves.get(k) is not None]
     state = {}
 
@@ -196,6 +199,7 @@ def backward_fn(fn: Callable, inputs: dict, grad_names, seed: int, **fixed) -> C
             gen = torch.Generator(device=y.device).manual_seed(seed)
             state["dy"] = torch.randn(y.shape, generator=gen, device=y.device, dtype=torch.float32).to(y.dtype)
         return torch.autograd.grad(y, wrt, state["dy"])
+
     return go
 
 
@@ -211,6 +215,7 @@ def seqlab_op(op: str, backend: str) -> Callable:
 
     def call(**kw):
         return fn(**kw, backend=backend)
+
     return call
 
 
@@ -224,33 +229,46 @@ def rand(gen, *shape, device, dtype, scale=1.0, shift=0.0):
 def mamba1_inputs(b, d, n, l, device, dtype, seed):
     gen = torch.Generator(device=device).manual_seed(seed)
     f32 = torch.float32
-    return dict(u=rand(gen, b, d, l, device=device, dtype=dtype),
-                delta=rand(gen, b, d, l, device=device, dtype=dtype, scale=0.5, shift=-1.0),
-                A=-torch.exp(rand(gen, d, n, device=device, dtype=f32, scale=0.5)),
-                B=rand(gen, b, n, l, device=device, dtype=dtype), C=rand(gen, b, n, l, device=device, dtype=dtype),
-                D=rand(gen, d, device=device, dtype=f32), z=rand(gen, b, d, l, device=device, dtype=dtype),
-                delta_bias=rand(gen, d, device=device, dtype=f32, scale=0.1))
+    return dict(
+        u=rand(gen, b, d, l, device=device, dtype=dtype),
+        delta=rand(gen, b, d, l, device=device, dtype=dtype, scale=0.5, shift=-1.0),
+        A=-torch.exp(rand(gen, d, n, device=device, dtype=f32, scale=0.5)),
+        B=rand(gen, b, n, l, device=device, dtype=dtype),
+        C=rand(gen, b, n, l, device=device, dtype=dtype),
+        D=rand(gen, d, device=device, dtype=f32),
+        z=rand(gen, b, d, l, device=device, dtype=dtype),
+        delta_bias=rand(gen, d, device=device, dtype=f32, scale=0.1),
+    )
 
 
 def mamba2_inputs(b, l, h, p, g, n, device, dtype, seed):
     gen = torch.Generator(device=device).manual_seed(seed)
     f32 = torch.float32
-    dt_bias = torch.log(torch.expm1(torch.exp(torch.rand(h, generator=gen, device=device)
-                                              * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))))
-    return dict(x=rand(gen, b, l, h, p, device=device, dtype=dtype),
-                dt=rand(gen, b, l, h, device=device, dtype=dtype, scale=0.5),
-                A=-torch.empty(h, device=device).uniform_(1, 16, generator=gen),
-                B=rand(gen, b, l, g, n, device=device, dtype=dtype),
-                C=rand(gen, b, l, g, n, device=device, dtype=dtype),
-                D=rand(gen, h, device=device, dtype=f32), dt_bias=dt_bias.to(f32))
+    dt_bias = torch.log(
+        torch.expm1(
+            torch.exp(torch.rand(h, generator=gen, device=device) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        )
+    )
+    return dict(
+        x=rand(gen, b, l, h, p, device=device, dtype=dtype),
+        dt=rand(gen, b, l, h, device=device, dtype=dtype, scale=0.5),
+        A=-torch.empty(h, device=device).uniform_(1, 16, generator=gen),
+        B=rand(gen, b, l, g, n, device=device, dtype=dtype),
+        C=rand(gen, b, l, g, n, device=device, dtype=dtype),
+        D=rand(gen, h, device=device, dtype=f32),
+        dt_bias=dt_bias.to(f32),
+    )
 
 
 def conv_inputs(b, d, l, w, device, dtype, seed):
     gen = torch.Generator(device=device).manual_seed(seed)
     # position-major (the transpose of a contiguous (b, l, d)), as a Mamba mixer hands it to the conv
     x = rand(gen, b, l, d, device=device, dtype=dtype).transpose(1, 2)
-    return dict(x=x, weight=rand(gen, d, w, device=device, dtype=dtype, scale=0.5),
-                bias=rand(gen, d, device=device, dtype=dtype, scale=0.1))
+    return dict(
+        x=x,
+        weight=rand(gen, d, w, device=device, dtype=dtype, scale=0.5),
+        bias=rand(gen, d, device=device, dtype=dtype, scale=0.1),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- minimum bytes

@@ -37,6 +37,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 from _machine import machine_line, vm_hwm_kib  # noqa: E402  (bench/ is on sys.path when a bench runs)
+
 from seqlab.testing import rel_err  # noqa: E402
 
 VOCAB = 256
@@ -49,18 +50,28 @@ MODELS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="small lengths, one repeat, short streams (smoke test)")
     p.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default 2048 8192 32768)")
     p.add_argument("--repeats", type=int, help="timed forwards per point; the median is reported (default 3)")
     p.add_argument("--hf-max-len", type=int, default=8192, help="skip HF above this length (default 8192)")
-    p.add_argument("--ref-max-len", type=int, default=2048,
-                   help="time the float64 reference model up to this length (default 2048)")
+    p.add_argument(
+        "--ref-max-len",
+        type=int,
+        default=2048,
+        help="time the float64 reference model up to this length (default 2048)",
+    )
     p.add_argument("--skip-hf", action="store_true", help="time seqlab only (builds the models without HF)")
     p.add_argument("--skip-stream", action="store_true", help="skip the streaming memory test")
-    p.add_argument("--stream-tokens", type=int, nargs=2, metavar=("SHORT", "LONG"),
-                   help="token counts of the streaming test (default 100000 1000000)")
+    p.add_argument(
+        "--stream-tokens",
+        type=int,
+        nargs=2,
+        metavar=("SHORT", "LONG"),
+        help="token counts of the streaming test (default 100000 1000000)",
+    )
     p.add_argument("--stream-chunk", type=int, default=8192, help="streaming chunk length (default 8192)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's default)")
     p.add_argument("--stream-child", type=int, help=argparse.SUPPRESS)  # internal: run one streaming measurement
@@ -95,14 +106,22 @@ def build_hf(kind: str):
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     spec = MODELS[kind]
-    common = dict(vocab_size=VOCAB, hidden_size=D_MODEL, num_hidden_layers=N_LAYER, state_size=spec["d_state"],
-                  expand=spec["expand"])
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=D_MODEL,
+        num_hidden_layers=N_LAYER,
+        state_size=spec["d_state"],
+        expand=spec["expand"],
+    )
     if spec["ssm"] == "mamba1":
         model = transformers.MambaForCausalLM(transformers.MambaConfig(**common))
     else:
         heads = spec["expand"] * D_MODEL // spec["headdim"]
-        model = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
-            **common, head_dim=spec["headdim"], num_heads=heads, n_groups=1, chunk_size=spec["chunk_size"]))
+        model = transformers.Mamba2ForCausalLM(
+            transformers.Mamba2Config(
+                **common, head_dim=spec["headdim"], num_heads=heads, n_groups=1, chunk_size=spec["chunk_size"]
+            )
+        )
     # Spread the decay and skip parameters so the agreement check means something.
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -178,10 +197,15 @@ def run_speed(args) -> None:
             hf_rate, ref_rate = rate.get("hf"), rate.get("ref")
             ratio = "-" if hf_rate is None else f"{rate['seqlab'] / hf_rate:.1f}x"
             ref_ratio = "-" if ref_rate is None else f"{rate['seqlab'] / ref_rate:.0f}x"
-            rows.append(f"| {kind} | {length} | {fmt_rate(rate['seqlab'])} | {fmt_rate(hf_rate)} | {ratio} | "
-                        f"{fmt_rate(ref_rate)} | {ref_ratio} |")
-            print(f"  {kind} L={length}: seqlab {fmt_rate(rate['seqlab'])} tok/s, HF {fmt_rate(hf_rate)} tok/s, "
-                  f"float64 ref {fmt_rate(ref_rate)} tok/s", flush=True)
+            rows.append(
+                f"| {kind} | {length} | {fmt_rate(rate['seqlab'])} | {fmt_rate(hf_rate)} | {ratio} | "
+                f"{fmt_rate(ref_rate)} | {ref_ratio} |"
+            )
+            print(
+                f"  {kind} L={length}: seqlab {fmt_rate(rate['seqlab'])} tok/s, HF {fmt_rate(hf_rate)} tok/s, "
+                f"float64 ref {fmt_rate(ref_rate)} tok/s",
+                flush=True,
+            )
         lo, hi = min(rates), max(rates)
         if hi != lo:
             scaling.append(f"{kind}: seqlab tok/s at L={hi} / at L={lo} = {rates[hi] / rates[lo]:.2f}")
@@ -194,7 +218,6 @@ def run_speed(args) -> None:
     print()
     for line in scaling:
         print(line)
-
 
 
 def stream_child(total: int, chunk: int) -> None:
@@ -216,8 +239,18 @@ def stream_child(total: int, chunk: int) -> None:
             done += n
     seconds = time.perf_counter() - start
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    print(json.dumps({"tokens": done, "position": state.position, "seconds": seconds, "peak_rss_kib": peak_kib,
-                      "baseline_rss_kib": baseline_kib, "vm_hwm_kib": vm_hwm_kib()}))
+    print(
+        json.dumps(
+            {
+                "tokens": done,
+                "position": state.position,
+                "seconds": seconds,
+                "peak_rss_kib": peak_kib,
+                "baseline_rss_kib": baseline_kib,
+                "vm_hwm_kib": vm_hwm_kib(),
+            }
+        )
+    )
 
 
 # Linux carries the high-water mark of the memory a process had before exec into its ru_maxrss, and a child
@@ -230,9 +263,18 @@ _LAUNCHER = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
 def run_stream(args) -> None:
     results = []
     for total in args.stream_tokens:
-        cmd = [sys.executable, "-S", "-c", _LAUNCHER,
-               sys.executable, os.path.abspath(__file__), "--stream-child", str(total),
-               "--stream-chunk", str(args.stream_chunk)]
+        cmd = [
+            sys.executable,
+            "-S",
+            "-c",
+            _LAUNCHER,
+            sys.executable,
+            os.path.abspath(__file__),
+            "--stream-child",
+            str(total),
+            "--stream-chunk",
+            str(args.stream_chunk),
+        ]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -245,19 +287,24 @@ def run_stream(args) -> None:
         results.append(result)
 
     print()
-    print(f"Streaming (seqlab Mamba-1, chunks of {args.stream_chunk}, state threaded, logits discarded; "
-          f"each run in a fresh subprocess; peak RSS = its getrusage ru_maxrss, VmHWM = /proc cross-check):")
+    print(
+        f"Streaming (seqlab Mamba-1, chunks of {args.stream_chunk}, state threaded, logits discarded; "
+        f"each run in a fresh subprocess; peak RSS = its getrusage ru_maxrss, VmHWM = /proc cross-check):"
+    )
     print()
     print("| tokens | peak RSS (MiB) | VmHWM (MiB) | RSS before streaming (MiB) | seconds | tok/s |")
     print("|---|---|---|---|---|---|")
     for r in results:
         hwm = "-" if r["vm_hwm_kib"] is None else f"{r['vm_hwm_kib'] / 1024:.0f}"
-        print(f"| {r['tokens']:,} | {r['peak_rss_kib'] / 1024:.0f} | {hwm} | {r['baseline_rss_kib'] / 1024:.0f} | "
-              f"{r['seconds']:.1f} | {r['tokens'] / r['seconds']:,.0f} |")
+        print(
+            f"| {r['tokens']:,} | {r['peak_rss_kib'] / 1024:.0f} | {hwm} | {r['baseline_rss_kib'] / 1024:.0f} | "
+            f"{r['seconds']:.1f} | {r['tokens'] / r['seconds']:,.0f} |"
+        )
     short, long = results
     print()
-    print(f"peak RSS {long['tokens']:,} / {short['tokens']:,} tokens = "
-          f"{long['peak_rss_kib'] / short['peak_rss_kib']:.2f}")
+    print(
+        f"peak RSS {long['tokens']:,} / {short['tokens']:,} tokens = {long['peak_rss_kib'] / short['peak_rss_kib']:.2f}"
+    )
 
 
 def main(argv=None) -> None:
@@ -268,10 +315,12 @@ def main(argv=None) -> None:
         stream_child(args.stream_child, args.stream_chunk)
         return
     print(machine_line())
-    print(f"config: d_model {D_MODEL}, {N_LAYER} layers, vocab {VOCAB}, batch 1, fp32; "
-          f"Mamba-1 d_state 16 expand 2; Mamba-2 d_state 64 headdim 32 chunk 64; "
-          f"median of {args.repeats} after a warm-up; HF up to L={args.hf_max_len}"
-          + (" (skipped)" if args.skip_hf else ""))
+    print(
+        f"config: d_model {D_MODEL}, {N_LAYER} layers, vocab {VOCAB}, batch 1, fp32; "
+        f"Mamba-1 d_state 16 expand 2; Mamba-2 d_state 64 headdim 32 chunk 64; "
+        f"median of {args.repeats} after a warm-up; HF up to L={args.hf_max_len}"
+        + (" (skipped)" if args.skip_hf else "")
+    )
     print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
     print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}", flush=True)
     print()

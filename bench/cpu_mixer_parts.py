@@ -28,25 +28,46 @@ def mean_ms(fn, repeats: int) -> float:
 
 
 def mamba1_parts(tokens: int, repeats: int) -> dict[str, float]:
-    mixer = LanguageModel(BackboneConfig(d_model=256, n_layer=4, ssm="mamba1", d_state=16), 256).backbone.layers[0].mixer
+    mixer = (
+        LanguageModel(BackboneConfig(d_model=256, n_layer=4, ssm="mamba1", d_state=16), 256).backbone.layers[0].mixer
+    )
     h = torch.randn(1, tokens, 256)
     x, z = (rearrange(t, "b l d -> b d l") for t in mixer._project_in(h))
-    conv = lambda: kernels.causal_conv1d(x, mixer._conv_weight(), mixer.conv1d.bias, activation="silu",  # noqa: E731
-                                         return_final_state=True)
+    conv = lambda: kernels.causal_conv1d(  # noqa: E731
+        x,
+        mixer._conv_weight(),
+        mixer.conv1d.bias,
+        activation="silu",
+        return_final_state=True,
+    )
     xc = rearrange(conv()[0], "b d l -> b l d")
     dt, B, C = mixer._split_x_dbl(mixer.x_proj(xc))
     delta = rearrange(F.linear(dt, mixer.dt_proj.weight), "b l d -> b d l")
-    scan_args = (rearrange(xc, "b l d -> b d l"), delta, -torch.exp(mixer.A_log.float()),
-                 rearrange(B, "b l n -> b n l"), rearrange(C, "b l n -> b n l"))
+    scan_args = (
+        rearrange(xc, "b l d -> b d l"),
+        delta,
+        -torch.exp(mixer.A_log.float()),
+        rearrange(B, "b l n -> b n l"),
+        rearrange(C, "b l n -> b n l"),
+    )
     y = torch.randn(1, tokens, mixer.d_inner)
     return {
         "in_proj (GEMMs)": mean_ms(lambda: mixer._project_in(h), repeats),
         "causal conv1d + SiLU": mean_ms(conv, repeats),
-        "x_proj + dt_proj (GEMMs)": mean_ms(lambda: F.linear(mixer._split_x_dbl(mixer.x_proj(xc))[0],
-                                                             mixer.dt_proj.weight), repeats),
-        "scan": mean_ms(lambda: kernels.selective_scan(*scan_args, D=mixer.D.float(), z=z,
-                                                       delta_bias=mixer.dt_proj.bias.float(), delta_softplus=True,
-                                                       return_final_state=True), repeats),
+        "x_proj + dt_proj (GEMMs)": mean_ms(
+            lambda: F.linear(mixer._split_x_dbl(mixer.x_proj(xc))[0], mixer.dt_proj.weight), repeats
+        ),
+        "scan": mean_ms(
+            lambda: kernels.selective_scan(
+                *scan_args,
+                D=mixer.D.float(),
+                z=z,
+                delta_bias=mixer.dt_proj.bias.float(),
+                delta_softplus=True,
+                return_final_state=True,
+            ),
+            repeats,
+        ),
         "out_proj (GEMM)": mean_ms(lambda: mixer.out_proj(y), repeats),
         "whole mixer": mean_ms(lambda: mixer(h, None, True), repeats),
     }
@@ -57,18 +78,32 @@ def mamba2_parts(tokens: int, repeats: int) -> dict[str, float]:
     mixer = LanguageModel(cfg, 256).backbone.layers[0].mixer
     h = torch.randn(1, tokens, 256)
     z, xbc, dt = mixer._project_in(h)
-    conv = lambda: kernels.causal_conv1d(rearrange(xbc, "b l c -> b c l"), mixer._conv_weight(),  # noqa: E731
-                                         mixer.conv1d.bias, activation="silu", return_final_state=True)
+    conv = lambda: kernels.causal_conv1d(  # noqa: E731
+        rearrange(xbc, "b l c -> b c l"),
+        mixer._conv_weight(),
+        mixer.conv1d.bias,
+        activation="silu",
+        return_final_state=True,
+    )
     x, B, C = mixer._split_xbc(rearrange(conv()[0], "b c l -> b l c"))
-    scan_args = (rearrange(x, "b l (h p) -> b l h p", p=mixer.headdim), dt, -torch.exp(mixer.A_log.float()),
-                 rearrange(B, "b l (g n) -> b l g n", g=mixer.ngroups),
-                 rearrange(C, "b l (g n) -> b l g n", g=mixer.ngroups), mixer.chunk_size)
+    scan_args = (
+        rearrange(x, "b l (h p) -> b l h p", p=mixer.headdim),
+        dt,
+        -torch.exp(mixer.A_log.float()),
+        rearrange(B, "b l (g n) -> b l g n", g=mixer.ngroups),
+        rearrange(C, "b l (g n) -> b l g n", g=mixer.ngroups),
+        mixer.chunk_size,
+    )
     y = torch.randn(1, tokens, mixer.d_inner)
     return {
         "in_proj (GEMMs)": mean_ms(lambda: mixer._project_in(h), repeats),
         "causal conv1d + SiLU": mean_ms(conv, repeats),
-        "scan": mean_ms(lambda: kernels.ssd_scan(*scan_args, D=mixer.D.float(), dt_bias=mixer.dt_bias.float(),
-                                                 dt_softplus=True, return_final_state=True), repeats),
+        "scan": mean_ms(
+            lambda: kernels.ssd_scan(
+                *scan_args, D=mixer.D.float(), dt_bias=mixer.dt_bias.float(), dt_softplus=True, return_final_state=True
+            ),
+            repeats,
+        ),
         "gated RMSNorm": mean_ms(lambda: mixer.norm(y, z), repeats),
         "out_proj (GEMM)": mean_ms(lambda: mixer.out_proj(y), repeats),
         "whole mixer": mean_ms(lambda: mixer(h, None, True), repeats),

@@ -20,7 +20,6 @@ import statistics
 import time
 
 import torch
-
 from _machine import machine_line
 from cpu_forward import MODELS, VOCAB, build_pair
 
@@ -80,8 +79,9 @@ def main(argv=None) -> None:
     rows = []
     for kind in MODELS:
         model, hf = build_pair(kind, with_hf=not args.skip_hf)
-        prompts = {c: torch.randint(0, VOCAB, (1, c), generator=torch.Generator().manual_seed(c))
-                   for c in args.contexts}
+        prompts = {
+            c: torch.randint(0, VOCAB, (1, c), generator=torch.Generator().manual_seed(c)) for c in args.contexts
+        }
         model.generate([1, 2, 3], 2, temperature=0)  # warm-up
         rates = seqlab_decode_rates(model, prompts, args.new_tokens, args.repeats)
         for context, prompt in prompts.items():
@@ -90,10 +90,14 @@ def main(argv=None) -> None:
             if hf is not None and context <= args.hf_max_context:
                 hf_rate = hf_decode_rate(hf, prompt, args.new_tokens)
             ratio = "-" if hf_rate is None else f"{rate / hf_rate:.1f}x"
-            rows.append(f"| {kind} | {context} | {rate:,.0f} | {'-' if hf_rate is None else f'{hf_rate:,.0f}'} | "
-                        f"{ratio} |")
-            print(f"  {kind} C={context}: seqlab {rate:,.0f} tok/s, HF "
-                  f"{'-' if hf_rate is None else f'{hf_rate:,.0f}'} tok/s", flush=True)
+            rows.append(
+                f"| {kind} | {context} | {rate:,.0f} | {'-' if hf_rate is None else f'{hf_rate:,.0f}'} | {ratio} |"
+            )
+            print(
+                f"  {kind} C={context}: seqlab {rate:,.0f} tok/s, HF "
+                f"{'-' if hf_rate is None else f'{hf_rate:,.0f}'} tok/s",
+                flush=True,
+            )
         lo, hi = min(rates), max(rates)
         rows.append(f"| {kind} | decode tok/s at {hi} / at {lo} | {rates[hi] / rates[lo]:.2f} | | |")
     print()

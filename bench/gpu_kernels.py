@@ -78,18 +78,24 @@ import seqlab.kernels as K
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 OPS = ("selective_scan", "ssd_scan", "causal_conv1d", "decode")
 PEERS = ("seqlab triton", "seqlab chunked", "mamba_ssm", "fla")
-COPY_TARGET = 0.70     # Mamba-1 scan forward, fraction of the copy bandwidth, at L >= 8k
-FLAT_TARGET = 1.25     # decode: max / min latency over the context lengths
+COPY_TARGET = 0.70  # Mamba-1 scan forward, fraction of the copy bandwidth, at L >= 8k
+FLAT_TARGET = 1.25  # decode: max / min latency over the context lengths
 
 
 # ---------------------------------------------------------------------------------------------- arguments
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--smoke", "--quick", dest="smoke", action="store_true",
-                   help="tiny shapes, few repeats (the automatic mode without CUDA)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
+    p.add_argument(
+        "--smoke",
+        "--quick",
+        dest="smoke",
+        action="store_true",
+        help="tiny shapes, few repeats (the automatic mode without CUDA)",
+    )
     p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     p.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default 2k 8k 16k 32k 64k)")
     p.add_argument("--contexts", type=int, nargs="+", help="decode context lengths (default 2k 8k 32k 64k)")
@@ -107,13 +113,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed calls before timing (default 3; smoke 1)")
     p.add_argument("--repeats", type=int, help="timed calls, the median is reported (default 20; smoke 3)")
     p.add_argument("--decode-repeats", type=int, help="timed decode steps (default 200; smoke 5)")
-    p.add_argument("--chunked-max-len", "--torch-max-len", type=int, default=16384, dest="chunked_max_len",
-                   help="time the seqlab chunked path up to this length (default 16384; --torch-max-len is its old "
-                        "name)")
+    p.add_argument(
+        "--chunked-max-len",
+        "--torch-max-len",
+        type=int,
+        default=16384,
+        dest="chunked_max_len",
+        help="time the seqlab chunked path up to this length (default 16384; --torch-max-len is its old name)",
+    )
     p.add_argument("--no-backward", action="store_true", help="forward rows only")
     p.add_argument("--no-peers", action="store_true", help="skip mamba_ssm / causal-conv1d / fla")
-    p.add_argument("--skip-triton", action="store_true",
-                   help="skip seqlab's Triton column (e.g. a CPU smoke run with TRITON_INTERPRET=1 in the environment)")
+    p.add_argument(
+        "--skip-triton",
+        action="store_true",
+        help="skip seqlab's Triton column (e.g. a CPU smoke run with TRITON_INTERPRET=1 in the environment)",
+    )
     p.add_argument("--copy-mib", type=int, help="size of the copy-bandwidth probe (default 1024 MiB; smoke 64)")
     p.add_argument("--no-flush", action="store_true", help="do not evict L2 between timed calls")
     p.add_argument("--threads", type=int, help="torch intra-op threads (CPU runs)")
@@ -160,8 +174,10 @@ def print_table(rows: list[Row], copy_gbs: float) -> None:
         tri = r.cells.get("seqlab triton", Cell())
         pct = "-" if tri.ms is None else fmt_pct(100 * r.nbytes / (tri.ms * 1e-3) / 1e9 / copy_gbs)
         cells = [r.cells.get(peer, Cell(note="-")).text(r.nbytes) for peer in PEERS]
-        print(f"| {r.op} | {r.shape} | {r.length} | {r.mode} | {fmt_bytes(r.nbytes)} | {cells[0]} | {pct} | "
-              f"{cells[1]} | {cells[2]} | {cells[3]} |")
+        print(
+            f"| {r.op} | {r.shape} | {r.length} | {r.mode} | {fmt_bytes(r.nbytes)} | {cells[0]} | {pct} | "
+            f"{cells[1]} | {cells[2]} | {cells[3]} |"
+        )
 
 
 def print_targets(rows: list[Row], copy_gbs: float, smoke: bool) -> None:
@@ -177,8 +193,10 @@ def print_targets(rows: list[Row], copy_gbs: float, smoke: bool) -> None:
             continue
         frac = r.nbytes / (tri.ms * 1e-3) / 1e9 / copy_gbs
         lines.append(f"{r.shape} L={r.length}: {100 * frac:.0f}% {'PASS' if frac >= COPY_TARGET else 'MISS'}")
-    print(f"- Mamba-1 scan forward >= {100 * COPY_TARGET:.0f}% of copy bandwidth at L >= 8k: "
-          + ("; ".join(lines) if lines else "no row with L >= 8192"))
+    print(
+        f"- Mamba-1 scan forward >= {100 * COPY_TARGET:.0f}% of copy bandwidth at L >= 8k: "
+        + ("; ".join(lines) if lines else "no row with L >= 8192")
+    )
     # 2. SSD forward at least as fast as mamba_ssm's Triton SSD
     lines = []
     for r in (r for r in rows if r.op == "ssd_scan" and r.mode == "fwd"):
@@ -188,12 +206,16 @@ def print_targets(rows: list[Row], copy_gbs: float, smoke: bool) -> None:
             continue
         ratio = ref.ms / tri.ms
         lines.append(f"L={r.length}: {ratio:.2f}x mamba_ssm's speed {'PASS' if ratio >= 1 else 'MISS'}")
-    print("- SSD forward at least as fast as mamba_ssm's mamba_chunk_scan_combined: "
-          + ("; ".join(lines) if lines else "no SSD rows"))
+    print(
+        "- SSD forward at least as fast as mamba_ssm's mamba_chunk_scan_combined: "
+        + ("; ".join(lines) if lines else "no SSD rows")
+    )
     # 3. decode latency flat in context length: the device time per step (CUDA graph) when measured, and the
     # per-call time with the host's launch cost
-    for cell, what in (("seqlab triton graph", "device time per step, CUDA graph"),
-                       ("seqlab triton", "per call, host launch included")):
+    for cell, what in (
+        ("seqlab triton graph", "device time per step, CUDA graph"),
+        ("seqlab triton", "per call, host launch included"),
+    ):
         lines = []
         for op in dict.fromkeys(r.op for r in rows if r.op.startswith("decode")):
             times = [r.cells.get(cell, Cell()).ms for r in rows if r.op == op]
@@ -201,10 +223,14 @@ def print_targets(rows: list[Row], copy_gbs: float, smoke: bool) -> None:
                 lines.append(f"{op.split(': ')[1]}: not measured")
                 continue
             ratio = max(times) / min(times)
-            lines.append(f"{op.split(': ')[1]}: {fmt_ms(min(times))}-{fmt_ms(max(times))}, max/min {ratio:.2f} "
-                         f"{'PASS' if ratio <= FLAT_TARGET else 'MISS'}")
-        print(f"- decode step latency flat in context length (max/min <= {FLAT_TARGET}; {what}): "
-              + ("; ".join(lines) if lines else "no decode rows"))
+            lines.append(
+                f"{op.split(': ')[1]}: {fmt_ms(min(times))}-{fmt_ms(max(times))}, max/min {ratio:.2f} "
+                f"{'PASS' if ratio <= FLAT_TARGET else 'MISS'}"
+            )
+        print(
+            f"- decode step latency flat in context length (max/min <= {FLAT_TARGET}; {what}): "
+            + ("; ".join(lines) if lines else "no decode rows")
+        )
 
 
 def main(argv=None) -> None:
@@ -216,23 +242,33 @@ def main(argv=None) -> None:
     print(machine_line())
     if args.cuda:
         props = torch.cuda.get_device_properties(device)
-        print(f"device: {props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs, "
-              f"CUDA {torch.version.cuda}" + (", --smoke shapes" if args.smoke else ""))
+        print(
+            f"device: {props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs, "
+            f"CUDA {torch.version.cuda}" + (", --smoke shapes" if args.smoke else "")
+        )
     else:
-        interp = "on: the Triton column runs in the interpreter" if K._triton.interpreting() else \
-            "off: the Triton column is skipped"
-        print(f"device: NO GPU FOUND (torch.cuda.is_available() is False); running tiny shapes on the CPU with "
-              f"the chunked path; TRITON_INTERPRET {interp}. These timings say nothing about GPU kernels.")
+        interp = (
+            "on: the Triton column runs in the interpreter"
+            if K._triton.interpreting()
+            else "off: the Triton column is skipped"
+        )
+        print(
+            f"device: NO GPU FOUND (torch.cuda.is_available() is False); running tiny shapes on the CPU with "
+            f"the chunked path; TRITON_INTERPRET {interp}. These timings say nothing about GPU kernels."
+        )
     try:
         import triton
 
         tver = triton.__version__
     except Exception:
         tver = "not installed"
-    print(f"triton {tver}, dtype {args.dtype}, batch {args.batch}, decode batch {args.decode_batch}, "
-          f"warm-up {args.warmup}, median of {args.repeats} (fwd+bwd: {max(3, args.repeats // 2)}; decode: "
-          f"{args.decode_repeats}" + ("; the interpreted Triton column: 1 call, no warm-up" if args.interp else "")
-          + f"), L2 flushed between calls: {args.cuda and not args.no_flush}")
+    print(
+        f"triton {tver}, dtype {args.dtype}, batch {args.batch}, decode batch {args.decode_batch}, "
+        f"warm-up {args.warmup}, median of {args.repeats} (fwd+bwd: {max(3, args.repeats // 2)}; decode: "
+        f"{args.decode_repeats}"
+        + ("; the interpreted Triton column: 1 call, no warm-up" if args.interp else "")
+        + f"), L2 flushed between calls: {args.cuda and not args.no_flush}"
+    )
     print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
     print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}", flush=True)
     timer = Timer(device, flush=not args.no_flush)
@@ -240,16 +276,22 @@ def main(argv=None) -> None:
     print(f"device-to-device copy bandwidth ({args.copy_mib} MiB, read + write): {copy_gbs:,.0f} GB/s", flush=True)
     tnote = triton_note(args)
     rows: list[Row] = []
-    benches = {"selective_scan": bench_selective_scan, "ssd_scan": bench_ssd, "causal_conv1d": bench_conv,
-               "decode": bench_decode}
+    benches = {
+        "selective_scan": bench_selective_scan,
+        "ssd_scan": bench_ssd,
+        "causal_conv1d": bench_conv,
+        "decode": bench_decode,
+    }
     for op in args.ops:
         rows += benches[op](args, timer, device, dtype, tnote)
         if args.cuda:
             torch.cuda.empty_cache()
     print_table(rows, copy_gbs)
     print()
-    print(f"Cells: median time (achieved GB/s = min bytes / time). Copy bandwidth {copy_gbs:,.0f} GB/s. "
-          "min bytes: what each op must move at least (formulas in this script's docstring).")
+    print(
+        f"Cells: median time (achieved GB/s = min bytes / time). Copy bandwidth {copy_gbs:,.0f} GB/s. "
+        "min bytes: what each op must move at least (formulas in this script's docstring)."
+    )
     print_targets(rows, copy_gbs, args.smoke)
 
 

@@ -32,8 +32,8 @@ import time
 import torch
 
 from seqlab.kernels.conv1d.chunked import causal_conv1d_chunked
-from seqlab.kernels.scan.ref import selective_scan_ref
 from seqlab.kernels.scan.chunked import selective_scan_chunked
+from seqlab.kernels.scan.ref import selective_scan_ref
 
 
 def make_inputs(b, d, n, l, layout, seed=0):
@@ -46,15 +46,23 @@ def make_inputs(b, d, n, l, layout, seed=0):
         x = r(b, d, l)
         return x.transpose(1, 2).contiguous().transpose(1, 2) if layout == "channels_last" else x
 
-    return dict(u=bdl(), delta=bdl() * 0.5 - 1.0, A=-torch.exp(r(d, n) * 0.5), B=r(b, n, l), C=r(b, n, l),
-                D=r(d), z=bdl(), delta_bias=r(d) * 0.1)
+    return dict(
+        u=bdl(),
+        delta=bdl() * 0.5 - 1.0,
+        A=-torch.exp(r(d, n) * 0.5),
+        B=r(b, n, l),
+        C=r(b, n, l),
+        D=r(d),
+        z=bdl(),
+        delta_bias=r(d) * 0.1,
+    )
 
 
 def naive_scan(u, delta, A, B, C, D, z, delta_bias):
     """Materialise (b, d, l, n), then loop over time (what HF's slow Mamba path does)."""
     delta = torch.nn.functional.softplus(delta + delta_bias[:, None])
-    dA = torch.exp(delta[..., None] * A[:, None, :])                     # (b, d, l, n)
-    dBu = (delta * u)[..., None] * B.transpose(1, 2)[:, None]            # (b, d, l, n)
+    dA = torch.exp(delta[..., None] * A[:, None, :])  # (b, d, l, n)
+    dBu = (delta * u)[..., None] * B.transpose(1, 2)[:, None]  # (b, d, l, n)
     h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
     ys = []
     for dA_t, dBu_t, C_t in zip(dA.unbind(2), dBu.unbind(2), C.unbind(2)):
@@ -87,6 +95,7 @@ def run_forward(fn, inputs):
     def go():
         with torch.no_grad():
             fn(**inputs)
+
     return go
 
 
@@ -94,6 +103,7 @@ def run_backward(fn, inputs):
     def go():
         leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
         fn(**leaves).sum().backward()
+
     return go
 
 
@@ -104,8 +114,12 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--w", type=int, default=4, help="conv width for the conv1d rows")
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
-    p.add_argument("--layout", choices=["standard", "channels_last", "both"], default="both",
-                   help="(b, d, l) contiguous, or the transpose of a contiguous (b, l, d) as a mixer makes it")
+    p.add_argument(
+        "--layout",
+        choices=["standard", "channels_last", "both"],
+        default="both",
+        help="(b, d, l) contiguous, or the transpose of a contiguous (b, l, d) as a mixer makes it",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--ref-max", type=int, default=2048, help="longest l for the sequential reference")
@@ -119,8 +133,10 @@ def main(argv=None):
 
     layouts = ["standard", "channels_last"] if args.layout == "both" else [args.layout]
     print(f"# selective scan, b={args.b} d={args.d} n={args.n} fp32, softplus(delta + bias), D, z")
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.2f} at start")
+    print(
+        f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.2f} at start"
+    )
     header = f"{'l':>6} {'layout':<13} {'impl':<6} {'mode':<8} {'ms':>10} {'Mtok/s':>9} {'vs naive':>9}"
     print(header)
     print("-" * len(header))
@@ -149,16 +165,18 @@ def main(argv=None):
                 rows.append(("chunked", "fwd+bwd", ms, naive_bwd))
             if not args.no_conv:
                 gen = torch.Generator().manual_seed(1)
-                conv_in = dict(x=inputs["u"], weight=torch.randn(args.d, args.w, generator=gen),
-                               bias=torch.randn(args.d, generator=gen))
+                conv_in = dict(
+                    x=inputs["u"],
+                    weight=torch.randn(args.d, args.w, generator=gen),
+                    bias=torch.randn(args.d, generator=gen),
+                )
                 conv = lambda **kw: causal_conv1d_chunked(**kw, activation="silu")  # noqa: E731
                 rows.append(("conv1d", "fwd", best_ms(run_forward(conv, conv_in), args.repeats), None))
                 if not args.no_backward:
                     rows.append(("conv1d", "fwd+bwd", best_ms(run_backward(conv, conv_in), args.repeats), None))
             for impl, mode, ms, base in rows:
                 ratio = f"{base / ms:8.1f}x" if base else f"{'':>9}"
-                print(f"{l:>6} {layout:<13} {impl:<6} {mode:<8} {ms:>10.1f} {tok / ms / 1e3:>9.3f} {ratio}",
-                      flush=True)
+                print(f"{l:>6} {layout:<13} {impl:<6} {mode:<8} {ms:>10.1f} {tok / ms / 1e3:>9.3f} {ratio}", flush=True)
     if len(args.lengths) > 1:
         first, last = min(args.lengths), max(args.lengths)
         for layout in layouts:

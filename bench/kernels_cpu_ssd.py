@@ -21,8 +21,8 @@ import time
 import torch
 from _machine import machine_line  # noqa: E402  (bench/ is on sys.path when a bench runs)
 
-from seqlab.kernels.ssd.ref import ssd_scan_ref
 from seqlab.kernels.ssd.chunked import ssd_scan_chunked
+from seqlab.kernels.ssd.ref import ssd_scan_ref
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -60,13 +60,31 @@ def make_inputs(args, l: int):
     def rnd(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen) * scale).to(dtype)
 
-    return dict(x=rnd(b, l, h, p), dt=rnd(b, l, h, scale=0.5), A=A, B=rnd(b, l, g, n), C=rnd(b, l, g, n),
-                D=torch.randn(h, generator=gen), z=rnd(b, l, h, p) if args.z else None, dt_bias=dt_bias)
+    return dict(
+        x=rnd(b, l, h, p),
+        dt=rnd(b, l, h, scale=0.5),
+        A=A,
+        B=rnd(b, l, g, n),
+        C=rnd(b, l, g, n),
+        D=torch.randn(h, generator=gen),
+        z=rnd(b, l, h, p) if args.z else None,
+        dt_bias=dt_bias,
+    )
 
 
 def call(fn, inp, chunk_size):
-    return fn(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], chunk_size, D=inp["D"], z=inp["z"],
-              dt_bias=inp["dt_bias"], dt_softplus=True)
+    return fn(
+        inp["x"],
+        inp["dt"],
+        inp["A"],
+        inp["B"],
+        inp["C"],
+        chunk_size,
+        D=inp["D"],
+        z=inp["z"],
+        dt_bias=inp["dt_bias"],
+        dt_softplus=True,
+    )
 
 
 def time_runs(f, repeats: int, warmup: int = 1):
@@ -84,12 +102,15 @@ def bench_forward(fn, inp, chunk_size, repeats, warmup=1):
     def run():
         with torch.no_grad():
             call(fn, inp, chunk_size)
+
     return time_runs(run, repeats, warmup)
 
 
 def bench_forward_backward(inp, chunk_size, repeats):
-    leaves = {k: (v.detach().clone().requires_grad_(v.is_floating_point()) if isinstance(v, torch.Tensor) else v)
-              for k, v in inp.items()}
+    leaves = {
+        k: (v.detach().clone().requires_grad_(v.is_floating_point()) if isinstance(v, torch.Tensor) else v)
+        for k, v in inp.items()
+    }
     grad_y = torch.randn_like(leaves["x"])
 
     def run():
@@ -98,6 +119,7 @@ def bench_forward_backward(inp, chunk_size, repeats):
                 v.grad = None
         y = call(ssd_scan_chunked, leaves, chunk_size)
         y.backward(grad_y)
+
     return time_runs(run, repeats)
 
 
@@ -106,10 +128,14 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(machine_line())
-    print(f"shape: b={args.batch} h={args.heads} p={args.headdim} n={args.dstate} g={args.groups} "
-          f"chunk_size={args.chunk_size} dtype={args.dtype} dt_bias+softplus, D{', z' if args.z else ''}")
-    print(f"timings: min over {args.repeats} runs (forward), {args.backward_repeats} (forward+backward); "
-          "median in brackets\n")
+    print(
+        f"shape: b={args.batch} h={args.heads} p={args.headdim} n={args.dstate} g={args.groups} "
+        f"chunk_size={args.chunk_size} dtype={args.dtype} dt_bias+softplus, D{', z' if args.z else ''}"
+    )
+    print(
+        f"timings: min over {args.repeats} runs (forward), {args.backward_repeats} (forward+backward); "
+        "median in brackets\n"
+    )
     rows = []
     base_fwd = None
     ref_ms = None

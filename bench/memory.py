@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from _machine import machine_line
+
 from seqlab.config import BackboneConfig
 from seqlab.domains.memory import Event, MemoryStreamAdapter
 from seqlab.domains.session import MemorySession
@@ -67,8 +67,10 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     config = BackboneConfig(d_model=args.d_model, n_layer=args.n_layer, d_state=16)
     model = MemoryStreamAdapter().build_model(config).eval()
-    print(f"memory model d_model {args.d_model}, {args.n_layer} layers, d_state 16, fp32; events ~{len(event(0).content) + 20} "
-          f"bytes each; medians of {args.repeats}")
+    print(
+        f"memory model d_model {args.d_model}, {args.n_layer} layers, d_state 16, fp32; "
+        f"events ~{len(event(0).content) + 20} bytes each; medians of {args.repeats}"
+    )
     rows = []
     folder = Path(tempfile.mkdtemp(prefix="seqlab-bench-memory-"))
     try:
@@ -102,19 +104,27 @@ def main(argv=None) -> None:
 
             open_s = median_time(reopen, args.repeats)
             kv = 2 * args.n_layer * args.d_model * 4 * info["position"]
-            rows.append((n, info["position"], info["sizes"]["snapshot_file_bytes"], kv, save_s, open_s, observe_s,
-                         fill / n))
-            print(f"  N={n}: snapshot {info['sizes']['snapshot_file_bytes']:,} B, save {save_s * 1e3:.2f} ms, "
-                  f"open {open_s * 1e3:.2f} ms, observe {observe_s * 1e3:.2f} ms", flush=True)
+            rows.append(
+                (n, info["position"], info["sizes"]["snapshot_file_bytes"], kv, save_s, open_s, observe_s, fill / n)
+            )
+            print(
+                f"  N={n}: snapshot {info['sizes']['snapshot_file_bytes']:,} B, save {save_s * 1e3:.2f} ms, "
+                f"open {open_s * 1e3:.2f} ms, observe {observe_s * 1e3:.2f} ms",
+                flush=True,
+            )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     print()
-    print("| events observed | bytes of history | snapshot on disk (B) | same-width Transformer KV cache (B) | "
-          "save (ms) | open (ms) | observe 1 event (ms) | observe, per event, first N (ms) |")
+    print(
+        "| events observed | bytes of history | snapshot on disk (B) | same-width Transformer KV cache (B) | "
+        "save (ms) | open (ms) | observe 1 event (ms) | observe, per event, first N (ms) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for n, pos, snap, kv, save_s, open_s, obs_s, fill in rows:
-        print(f"| {n:,} | {pos:,} | {snap:,} | {kv:,} | {save_s * 1e3:.2f} | {open_s * 1e3:.2f} | {obs_s * 1e3:.2f} | "
-              f"{fill * 1e3:.2f} |")
+        print(
+            f"| {n:,} | {pos:,} | {snap:,} | {kv:,} | {save_s * 1e3:.2f} | {open_s * 1e3:.2f} | {obs_s * 1e3:.2f} | "
+            f"{fill * 1e3:.2f} |"
+        )
 
 
 if __name__ == "__main__":

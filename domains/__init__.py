@@ -18,5 +18,14 @@ else:
         register_adapter,
     )
 
-__all__ = ["ADAPTERS", "Adapter", "InputSpec", "TokenAdapter", "adapter_from_checkpoint", "adapter_from_info",
-           "get_adapter", "model_from_checkpoint", "register_adapter"]
+__all__ = [
+    "ADAPTERS",
+    "Adapter",
+    "InputSpec",
+    "TokenAdapter",
+    "adapter_from_checkpoint",
+    "adapter_from_info",
+    "get_adapter",
+    "model_from_checkpoint",
+    "register_adapter",
+]

@@ -210,8 +210,7 @@ class Adapter(ABC):
         true per-position values; this default (for adapters of your own) spreads the window's ``metric``
         evenly over its positions, which keeps means over windows and streams exact."""
         shape = targets.shape[:-1] if self.continuous else targets.shape
-        return torch.full(tuple(shape), float(self.metric(output, targets)), dtype=torch.float32,
-                          device=targets.device)
+        return torch.full(tuple(shape), float(self.metric(output, targets)), dtype=torch.float32, device=targets.device)
 
     def metric_weight(self, targets: torch.Tensor) -> int:
         """How many targets ``metric`` averages over, so that metrics of consecutive windows combine exactly
@@ -240,8 +239,9 @@ def token_bits(output, targets: torch.Tensor) -> torch.Tensor:
     float32 of the targets' shape; targets of -100 ("not asked") are NaN."""
     logits = output.logits if hasattr(output, "logits") else output
     with torch.no_grad():
-        nats = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none",
-                               ignore_index=-100)
+        nats = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none", ignore_index=-100
+        )
         bits = (nats / math.log(2)).reshape(targets.shape)
         return bits.masked_fill(targets == -100, math.nan)
 

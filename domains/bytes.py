@@ -37,8 +37,9 @@ def to_bytes(raw, where: str = "input") -> bytes:
         try:
             return raw.encode("utf-8")
         except UnicodeEncodeError as exc:  # lone surrogates have no UTF-8 form
-            raise InputError(f"{where}: character {exc.start} ({raw[exc.start]!r}) cannot be encoded as UTF-8 "
-                             f"({exc.reason})") from None
+            raise InputError(
+                f"{where}: character {exc.start} ({raw[exc.start]!r}) cannot be encoded as UTF-8 ({exc.reason})"
+            ) from None
     if isinstance(raw, (bytes, bytearray)):
         return bytes(raw)
     if isinstance(raw, memoryview):
@@ -97,11 +98,12 @@ class Utf8Validator:
         except UnicodeDecodeError as exc:
             # exc positions count from the start of held + data
             start = self._offset - len(held) + exc.start
-            line = self._lines + 1 + data[:max(0, exc.start - len(held))].count(b"\n")
-            bad = (held + data)[exc.start:exc.start + 1]
+            line = self._lines + 1 + data[: max(0, exc.start - len(held))].count(b"\n")
+            bad = (held + data)[exc.start : exc.start + 1]
             what = f"byte 0x{bad[0]:02X}" if bad else "end of data"
-            raise InputError(f"{self.where}: invalid UTF-8 at byte offset {start} (line {line}): {what} "
-                             f"({exc.reason})") from None
+            raise InputError(
+                f"{self.where}: invalid UTF-8 at byte offset {start} (line {line}): {what} ({exc.reason})"
+            ) from None
         self._offset += len(data)
         self._lines += data.count(b"\n")
 
@@ -240,7 +242,7 @@ class ByteAdapter(TokenAdapter):
         if self.utf8:
             validator = Utf8Validator(where)
             for i in range(0, array.shape[0], _VALIDATE_CHUNK):
-                validator.feed(array[i:i + _VALIDATE_CHUNK].tobytes())
+                validator.feed(array[i : i + _VALIDATE_CHUNK].tobytes())
             validator.finish()
         return array
 
@@ -280,7 +282,7 @@ class ByteAdapter(TokenAdapter):
         if self.utf8 and where != "source ids":
             validator = Utf8Validator(where if not start else f"{where} (from byte {start})")
             for i in range(0, array.shape[0], _VALIDATE_CHUNK):
-                validator.feed(array[i:i + _VALIDATE_CHUNK].tobytes())
+                validator.feed(array[i : i + _VALIDATE_CHUNK].tobytes())
             validator.finish()
         try:
             return SequenceSource(array, batch_size, window)

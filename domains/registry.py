@@ -13,8 +13,14 @@ from seqlab.errors import ConfigError, CorruptFileError
 if TYPE_CHECKING:  # pragma: no cover
     from .base import Adapter
 
-__all__ = ["ADAPTERS", "adapter_from_checkpoint", "adapter_from_info", "get_adapter", "model_from_checkpoint",
-           "register_adapter"]
+__all__ = [
+    "ADAPTERS",
+    "adapter_from_checkpoint",
+    "adapter_from_info",
+    "get_adapter",
+    "model_from_checkpoint",
+    "register_adapter",
+]
 
 ADAPTERS: dict[str, type[Adapter]] = {}
 
@@ -60,8 +66,9 @@ def adapter_from_info(info: dict) -> Adapter:
     try:
         return cls(**dict(info.get("settings") or {}))
     except TypeError as exc:
-        raise ConfigError(f"adapter {info['name']!r} cannot be rebuilt from settings {info.get('settings')}: {exc}") \
-            from None
+        raise ConfigError(
+            f"adapter {info['name']!r} cannot be rebuilt from settings {info.get('settings')}: {exc}"
+        ) from None
 
 
 def adapter_from_checkpoint(path: str | os.PathLike) -> Adapter:
@@ -75,8 +82,9 @@ def adapter_from_checkpoint(path: str | os.PathLike) -> Adapter:
     _, meta = read_tensors(path, kind=MODEL_FORMAT, version=FORMAT_VERSION, full_checksum_since=2)
     info = meta.get("adapter")
     if not info:
-        raise CorruptFileError(f"{path}: this model file records no adapter (it was not built with "
-                               "Adapter.build_model)")
+        raise CorruptFileError(
+            f"{path}: this model file records no adapter (it was not built with Adapter.build_model)"
+        )
     try:
         return adapter_from_info(info)
     except ConfigError as exc:
@@ -96,8 +104,10 @@ def model_from_checkpoint(path: str | os.PathLike, device=None) -> tuple[torch.n
     _, meta = read_tensors(path, kind=MODEL_FORMAT, version=FORMAT_VERSION, full_checksum_since=2)
     info, config = meta.get("adapter"), meta.get("config")
     if not info:
-        raise CorruptFileError(f"{path}: this model file records no adapter (it was not built with "
-                               "Adapter.build_model); build the model yourself and use seqlab.checkpoint.load_model")
+        raise CorruptFileError(
+            f"{path}: this model file records no adapter (it was not built with "
+            "Adapter.build_model); build the model yourself and use seqlab.checkpoint.load_model"
+        )
     if not config:
         raise CorruptFileError(f"{path}: this model file records no backbone config")
     from seqlab.checkpoint import model_file_config

@@ -40,18 +40,18 @@ class FramesTestAdapter(Adapter):
     def iter_windows(self, path, window, **options):
         data = np.load(path, mmap_mode="r")
         for start in range(0, data.shape[0], window):
-            yield self.encode(np.array(data[start:start + window]))
+            yield self.encode(np.array(data[start : start + window]))
 
     def write(self, path, raw):
         np.save(path, np.asarray(raw))
 
     def loss(self, output, targets):
-        return torch.nn.functional.mse_loss(output.output, targets[..., :self.output_width])
+        return torch.nn.functional.mse_loss(output.output, targets[..., : self.output_width])
 
     def metric(self, output, targets):
         return float(self.loss(output, targets))
 
     def position_metric(self, output, targets):
         with torch.no_grad():
-            error = output.output.float() - targets[..., :self.output_width].float()
+            error = output.output.float() - targets[..., : self.output_width].float()
             return (error * error).mean(-1)

@@ -31,7 +31,7 @@ def bits_per_byte(model: LanguageModel, data: torch.Tensor, window: int) -> floa
     state, total, count = None, 0.0, 0
     with torch.no_grad():
         for start in range(0, data.numel() - 1, window):
-            chunk = data[start:start + window + 1]
+            chunk = data[start : start + window + 1]
             out = model(chunk[None, :-1], state)
             total += F.cross_entropy(out.logits[0], chunk[1:], reduction="sum").item()
             count += chunk.numel() - 1
@@ -51,12 +51,15 @@ def main() -> None:
     raw = corpus(args.text)
     data = torch.tensor(list(raw), dtype=torch.long)
     split = int(0.95 * data.numel())
-    train, held_out = data[:split], data[split:split + 32_768]
-    print(f"corpus: {len(raw):,} bytes ({'CPython docs' if not args.text else args.text}); "
-          f"held-out {held_out.numel():,} bytes")
+    train, held_out = data[:split], data[split : split + 32_768]
+    print(
+        f"corpus: {len(raw):,} bytes ({'CPython docs' if not args.text else args.text}); "
+        f"held-out {held_out.numel():,} bytes"
+    )
 
-    config = BackboneConfig(d_model=128, n_layer=2, ssm=args.ssm, d_state=16 if args.ssm == "mamba1" else 32,
-                            headdim=32, chunk_size=64)
+    config = BackboneConfig(
+        d_model=128, n_layer=2, ssm=args.ssm, d_state=16 if args.ssm == "mamba1" else 32, headdim=32, chunk_size=64
+    )
     model = LanguageModel(config, vocab_size=256)
     print(f"model: {args.ssm}, {sum(p.numel() for p in model.parameters()):,} parameters")
 
@@ -67,7 +70,7 @@ def main() -> None:
     started = time.perf_counter()
     for step in range(1, args.steps + 1):
         starts = torch.randint(0, train.numel() - window - 1, (batch,))
-        seq = torch.stack([train[s:s + window + 1] for s in starts.tolist()])
+        seq = torch.stack([train[s : s + window + 1] for s in starts.tolist()])
         logits = model(seq[:, :-1], return_state=False).logits
         loss = F.cross_entropy(logits.flatten(0, 1), seq[:, 1:].flatten())
         opt.zero_grad()
@@ -87,7 +90,7 @@ def main() -> None:
         whole = model(sample)
         state, pieces = None, []
         for start in range(0, sample.shape[1], 1024):
-            out = model(sample[:, start:start + 1024], state)
+            out = model(sample[:, start : start + 1024], state)
             pieces.append(out.logits)
             state = out.state
     diff = (torch.cat(pieces, 1) - whole.logits).abs().max().item()
@@ -96,7 +99,7 @@ def main() -> None:
     # Save the state, restore it, continue a prompt one byte at a time (greedy).
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    prompt = "The return statement".encode()
+    prompt = b"The return statement"
     with torch.no_grad():
         prefill = model(torch.tensor([list(prompt)]))
         path = prefill.state.save(out_dir / "prompt_state.safetensors")

@@ -33,7 +33,7 @@ def held_out_bits(adapter: AudioAdapter, model, encoded: torch.Tensor) -> float:
     model.eval()
     total, count, state = 0.0, 0, None
     for start in range(0, encoded.shape[0] - 1, 4096):
-        chunk = encoded[start:start + 4097]
+        chunk = encoded[start : start + 4097]
         out = model(chunk[None, :-1], state)
         n = chunk.shape[0] - 1
         total += adapter.metric(out, chunk[None, 1:]) * n
@@ -93,17 +93,29 @@ def main() -> None:
     for path in args.files:
         wave = adapter.read(path)
         encoded.append(adapter.encode(wave))
-        print(f"{path.name}: {wave.num_channels} ch, {wave.sample_rate} Hz, {wave.duration:.2f} s -> "
-              f"{encoded[-1].shape[0]:,} samples at {adapter.sample_rate} Hz")
+        print(
+            f"{path.name}: {wave.num_channels} ch, {wave.sample_rate} Hz, {wave.duration:.2f} s -> "
+            f"{encoded[-1].shape[0]:,} samples at {adapter.sample_rate} Hz"
+        )
     split = int(0.75 * encoded[-1].shape[0])
     train = torch.cat([*encoded[:-1], encoded[-1][:split]])
     held = encoded[-1][split:]
-    print(f"train {train.shape[0]:,} samples, held out {held.shape[0]:,} samples "
-          f"({held.shape[0] / adapter.sample_rate:.2f} s of {args.files[-1].name}, never trained on)")
+    print(
+        f"train {train.shape[0]:,} samples, held out {held.shape[0]:,} samples "
+        f"({held.shape[0] / adapter.sample_rate:.2f} s of {args.files[-1].name}, never trained on)"
+    )
 
     model = adapter.build_model(BackboneConfig(d_model=args.d_model, n_layer=2, d_state=16))
-    config = TrainConfig(lr=3e-3, warmup_steps=min(50, args.steps), max_steps=args.steps, batch_size=8, window=256,
-                         weight_decay=0.0, progress=False, seed=0)
+    config = TrainConfig(
+        lr=3e-3,
+        warmup_steps=min(50, args.steps),
+        max_steps=args.steps,
+        batch_size=8,
+        window=256,
+        weight_decay=0.0,
+        progress=False,
+        seed=0,
+    )
     t0 = time.perf_counter()
     every = max(1, args.steps // 4)
 
@@ -111,11 +123,15 @@ def main() -> None:
         if record["step"] % every == 0 or record["step"] == args.steps:
             bits = held_out_bits(adapter, trainer.model, held)
             trainer.model.train()
-            print(f"step {record['step']:5d}  train loss {record['loss']:.3f} {record['loss_unit']}  held-out {bits:.3f} "
-                  f"bits/sample  ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(
+                f"step {record['step']:5d}  train loss {record['loss']:.3f} {record['loss_unit']}  held-out {bits:.3f} "
+                f"bits/sample  ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
 
-    Trainer(model, config, adapter.source(train, 8, 256), loss_fn=adapter.loss, metric_fn=adapter.metric,
-            callbacks=[report]).fit()
+    Trainer(
+        model, config, adapter.source(train, 8, 256), loss_fn=adapter.loss, metric_fn=adapter.metric, callbacks=[report]
+    ).fit()
 
     bits = held_out_bits(adapter, model, held)
     print(f"\nheld-out {adapter.metric_name} ({args.mode}): {bits:.3f}")
@@ -125,14 +141,16 @@ def main() -> None:
 
     # a continuation of the first 0.25 s of the held-out speech, decoded and written as a WAV
     args.out.mkdir(parents=True, exist_ok=True)
-    prompt = held[:adapter.sample_rate // 4]
+    prompt = held[: adapter.sample_rate // 4]
     t0 = time.perf_counter()
     signal = continue_signal(adapter, model, prompt, int(args.seconds * adapter.sample_rate), seed=0)
     wave: Waveform = adapter.decode(signal)
     adapter.write(args.out / "continuation.wav", wave)
     adapter.write(args.out / "prompt.wav", adapter.decode(prompt))
-    print(f"\nwrote {args.out / 'continuation.wav'}: {wave.duration:.2f} s at {wave.sample_rate} Hz "
-          f"(0.25 s real prompt + {args.seconds:.2f} s generated in {time.perf_counter() - t0:.0f} s)")
+    print(
+        f"\nwrote {args.out / 'continuation.wav'}: {wave.duration:.2f} s at {wave.sample_rate} Hz "
+        f"(0.25 s real prompt + {args.seconds:.2f} s generated in {time.perf_counter() - t0:.0f} s)"
+    )
 
 
 if __name__ == "__main__":

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from seqlab.domains import adapter_from_checkpoint
-from seqlab.domains.bytes import ByteAdapter
 
 from seqlab import BackboneConfig
 from seqlab.checkpoint import load_model, save_model
+from seqlab.domains import adapter_from_checkpoint
+from seqlab.domains.bytes import ByteAdapter
 from seqlab.train import TrainConfig, Trainer
 
 
@@ -64,8 +64,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=4e-3)
     parser.add_argument("--file", help="train on this file instead of the CPython docs text")
     parser.add_argument("--out", default="out/train_bytes", help="folder for the corpus copy and the model")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); 1 is "
-                        "faster for tiny models on a busy machine")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0: torch's default); 1 is faster for tiny models on a busy machine",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -91,8 +95,14 @@ def main() -> None:
     model = adapter.build_model(BackboneConfig(d_model=args.d_model, n_layer=args.n_layer, d_state=16))
     params = sum(p.numel() for p in model.parameters())
     train = adapter.source(corpus, batch_size=args.batch_size, window=args.window, stop=split)
-    config = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, window=args.window, lr=args.lr,
-                         warmup_steps=min(20, args.steps), progress=False)
+    config = TrainConfig(
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        window=args.window,
+        lr=args.lr,
+        warmup_steps=min(20, args.steps),
+        progress=False,
+    )
     trainer = Trainer(model, config, train, loss_fn=adapter.loss, metric_fn=adapter.metric)
 
     before, _ = streamed_bits_per_byte(model, adapter, held_out)
@@ -100,10 +110,14 @@ def main() -> None:
     records = trainer.fit()
     seconds = time.perf_counter() - started
     after, scored = streamed_bits_per_byte(model, adapter, held_out)
-    print(f"model: {params:,} parameters; {args.steps} steps of {args.batch_size}x{args.window} bytes "
-          f"in {seconds:.0f} s; last train loss {records[-1]['loss']:.3f} bits/byte")
-    print(f"held-out bits per byte: {after:.3f} (untrained {before:.3f}, uniform baseline "
-          f"{adapter.uniform_baseline():.1f}) over {scored:,} predictions")
+    print(
+        f"model: {params:,} parameters; {args.steps} steps of {args.batch_size}x{args.window} bytes "
+        f"in {seconds:.0f} s; last train loss {records[-1]['loss']:.3f} bits/byte"
+    )
+    print(
+        f"held-out bits per byte: {after:.3f} (untrained {before:.3f}, uniform baseline "
+        f"{adapter.uniform_baseline():.1f}) over {scored:,} predictions"
+    )
 
     path = save_model(out / "model.safetensors", model)
     restored_adapter = adapter_from_checkpoint(path)

@@ -35,9 +35,10 @@ DEFAULT_FASTA = Path(__file__).resolve().parents[1] / "tests" / "data" / "dna" /
 
 def markov_bits(train: np.ndarray, test: np.ndarray, order: int) -> float:
     """Bits per base of an order-``order`` Markov chain over A/C/G/T/N with add-one smoothing."""
+
     def contexts(ids):
         for i in range(order, len(ids)):
-            yield tuple(ids[i - order:i]), ids[i]
+            yield tuple(ids[i - order : i]), ids[i]
 
     counts: dict[tuple, Counter] = {}
     for ctx, nxt in contexts(train.tolist()):
@@ -71,32 +72,45 @@ def main() -> None:
     ids = torch.cat(list(adapter.iter_windows(args.fasta, 1 << 16)))  # streamed, checked letter by letter
     split = int(len(ids) * (1 - args.holdout))
     train, test = ids[:split], ids[split:]
-    print(f"{args.fasta.name}: {len(ids):,} bases; training on the first {len(train):,}, "
-          f"scoring the last {len(test):,}")
+    print(
+        f"{args.fasta.name}: {len(ids):,} bases; training on the first {len(train):,}, scoring the last {len(test):,}"
+    )
 
     config = BackboneConfig(d_model=args.d_model, n_layer=args.layers, d_state=16)
     model = adapter.build_model(config)
     train_source = SequenceSource(train, args.batch, args.window)
     if args.rc_augment:
         train_source = RCAugmentedSource(train_source, p=0.5, seed=args.seed)
-    tconfig = TrainConfig(lr=args.lr, warmup_steps=min(50, args.steps // 10), max_steps=args.steps,
-                          batch_size=args.batch, window=args.window, weight_decay=0.01,
-                          carry_state=not args.rc_augment, progress=False, seed=args.seed)
+    tconfig = TrainConfig(
+        lr=args.lr,
+        warmup_steps=min(50, args.steps // 10),
+        max_steps=args.steps,
+        batch_size=args.batch,
+        window=args.window,
+        weight_decay=0.01,
+        carry_state=not args.rc_augment,
+        progress=False,
+        seed=args.seed,
+    )
     trainer = Trainer(model, tconfig, train_source, loss_fn=adapter.loss, metric_fn=adapter.metric)
     start = time.time()
     records = trainer.fit()
     elapsed = time.time() - start
-    print(f"trained {args.steps} steps ({sum(p.numel() for p in model.parameters()):,} parameters) in "
-          f"{elapsed:.0f} s; last training loss {records[-1]['loss']:.3f} bits/token")
+    print(
+        f"trained {args.steps} steps ({sum(p.numel() for p in model.parameters()):,} parameters) in "
+        f"{elapsed:.0f} s; last training loss {records[-1]['loss']:.3f} bits/token"
+    )
 
     model.eval()
     with torch.no_grad():  # the whole tail in one pass (blocks of 2048 with the state threaded)
         out = model(test[:-1].unsqueeze(0))
     bits = adapter.metric(out, test[1:].unsqueeze(0))
     train_np, test_np = (t.numpy() - A for t in (train, test))
-    print(f"held-out bits/base: {bits:.4f}  (per-base perplexity {2 ** bits:.3f})")
-    print(f"baselines on the same tail: uniform {adapter.uniform_baseline():.4f}, "
-          f"order-0 {markov_bits(train_np, test_np, 0):.4f}, order-4 Markov {markov_bits(train_np, test_np, 4):.4f}")
+    print(f"held-out bits/base: {bits:.4f}  (per-base perplexity {2**bits:.3f})")
+    print(
+        f"baselines on the same tail: uniform {adapter.uniform_baseline():.4f}, "
+        f"order-0 {markov_bits(train_np, test_np, 0):.4f}, order-4 Markov {markov_bits(train_np, test_np, 4):.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -34,8 +34,17 @@ def train(adapter: VideoAdapter, config: BackboneConfig, steps: int, lr: float, 
     train_data = VideoSource(adapter, clips, BATCH, labels=labels if classify else None)
     test = VideoSource(adapter, held_out, 256, labels=held_labels if classify else None)
     model = adapter.build_model(config)
-    tc = TrainConfig(lr=lr, max_steps=steps, warmup_steps=min(20, steps), batch_size=BATCH, window=train_data.window_size,
-                     carry_state=False, weight_decay=0.0, progress=False, seed=seed)
+    tc = TrainConfig(
+        lr=lr,
+        max_steps=steps,
+        warmup_steps=min(20, steps),
+        batch_size=BATCH,
+        window=train_data.window_size,
+        carry_state=False,
+        weight_decay=0.0,
+        progress=False,
+        seed=seed,
+    )
     start = time.perf_counter()
     Trainer(model, tc, train_data, loss_fn=adapter.loss, metric_fn=adapter.metric, loss_unit=adapter.loss_unit).fit()
     seconds = time.perf_counter() - start
@@ -75,8 +84,10 @@ def main() -> None:
     model, x, y, out, seconds = train(nf, config, args.steps, 1e-2, seed=0)
     mse, copy = nf.metric(out, y), nf.copy_baseline(x, y)
     params = sum(p.numel() for p in model.parameters())
-    print(f"next-frame  {params} params, {args.steps} steps in {seconds:.0f} s, 256 held-out clips of {FRAMES} "
-          f"frames {SIZE}x{SIZE}, tubelet (2, 4, 4)")
+    print(
+        f"next-frame  {params} params, {args.steps} steps in {seconds:.0f} s, 256 held-out clips of {FRAMES} "
+        f"frames {SIZE}x{SIZE}, tubelet (2, 4, 4)"
+    )
     print(f"  model:              MSE {mse:.5f}  PSNR {nf.psnr(mse):.2f} dB")
     print(f"  copy-previous-frame MSE {copy:.5f}  PSNR {nf.psnr(copy):.2f} dB   (ratio {mse / copy:.2f})")
 
@@ -89,22 +100,27 @@ def main() -> None:
     patches = nf.encode(video)[None]
     long_mse = nf.metric(streamed[:, :-1], patches[:, 1:])
     long_copy = nf.copy_baseline(patches[:, :-1], patches[:, 1:])
-    print(f"  long video ({len(video)} frames, streamed in {len(outs)} windows): MSE {long_mse:.5f} vs copy "
-          f"{long_copy:.5f}; streamed == one pass: max |diff| {float((streamed - whole).abs().max()):.1e}")
+    print(
+        f"  long video ({len(video)} frames, streamed in {len(outs)} windows): MSE {long_mse:.5f} vs copy "
+        f"{long_copy:.5f}; streamed == one pass: max |diff| {float((streamed - whole).abs().max()):.1e}"
+    )
     predicted = nf.decode(streamed[0, :-1])  # uint8 frames 2..T-1 as the model saw them coming
     nf.write(out_dir / "predicted", predicted[:24])
     print(f"  decoded predictions: {predicted.shape} {predicted.dtype}, first 24 written to {out_dir / 'predicted'}")
 
     # 2. classification of the motion direction ------------------------------------------------------
     for bidirectional in (False, True):
-        cl = VideoAdapter(frame_size=(SIZE, SIZE), channels=1, tubelet=(2, 4, 4), task="classify", num_classes=4,
-                          embed_dim=16)
+        cl = VideoAdapter(
+            frame_size=(SIZE, SIZE), channels=1, tubelet=(2, 4, 4), task="classify", num_classes=4, embed_dim=16
+        )
         cfg = BackboneConfig(d_model=64, n_layer=2, d_state=16, bidirectional=bidirectional)
         steps = args.steps // 2
         _, x, y, out, seconds = train(cl, cfg, steps, 3e-3, seed=1)
         name = "bidirectional" if bidirectional else "causal"
-        print(f"classify ({name:13s}) {steps} steps in {seconds:.0f} s: accuracy {cl.accuracy(out, y):.3f} "
-              f"(chance 0.25), cross-entropy {cl.metric(out, y):.3f} bits (uniform {cl.uniform_baseline():.0f})")
+        print(
+            f"classify ({name:13s}) {steps} steps in {seconds:.0f} s: accuracy {cl.accuracy(out, y):.3f} "
+            f"(chance 0.25), cross-entropy {cl.metric(out, y):.3f} bits (uniform {cl.uniform_baseline():.0f})"
+        )
 
 
 if __name__ == "__main__":

@@ -58,8 +58,11 @@ def canonical_backend(backend: str, *, stacklevel: int = 1) -> str:
     or that many frames further out."""
     if isinstance(backend, str) and backend in DEPRECATED_BACKENDS:
         new = DEPRECATED_BACKENDS[backend]
-        warnings.warn(f"backend={backend!r} is deprecated: use backend={new!r} (the same vectorised PyTorch path)",
-                      FutureWarning, stacklevel=stacklevel + 1)
+        warnings.warn(
+            f"backend={backend!r} is deprecated: use backend={new!r} (the same vectorised PyTorch path)",
+            FutureWarning,
+            stacklevel=stacklevel + 1,
+        )
         return new
     if backend not in BACKENDS:
         raise KernelInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -99,42 +102,91 @@ def _pick(op: str, backend: str, tensor: torch.Tensor) -> Callable:
     return implementation(op, resolve_backend(backend, tensor, stacklevel=3))
 
 
-def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   initial_state=None, return_final_state=False, *, backend="auto"):
+def selective_scan(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    initial_state=None,
+    return_final_state=False,
+    *,
+    backend="auto",
+):
     """Mamba-1 selective scan. Returns y (b, d, l), or (y, final_state) with ``return_final_state``."""
     return _pick("selective_scan", backend, u)(
-        u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
-        initial_state=initial_state, return_final_state=return_final_state)
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D=D,
+        z=z,
+        delta_bias=delta_bias,
+        delta_softplus=delta_softplus,
+        initial_state=initial_state,
+        return_final_state=return_final_state,
+    )
 
 
-def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *,
-                           backend="auto"):
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *, backend="auto"):
     """One Mamba-1 decode step: state (b, d, n), x/dt/z (b, d), B/C (b, n) or (b, g, n) -> (y, new_state)."""
     return _pick("selective_state_update", backend, x)(
-        state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+        state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus
+    )
 
 
-def ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
-             initial_state=None, return_final_state=False, *, backend="auto"):
+def ssd_scan(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    chunk_size,
+    D=None,
+    z=None,
+    dt_bias=None,
+    dt_softplus=False,
+    initial_state=None,
+    return_final_state=False,
+    *,
+    backend="auto",
+):
     """Mamba-2 SSD scan. Returns y (b, l, h, p), or (y, final_state) with ``return_final_state``."""
     return _pick("ssd_scan", backend, x)(
-        x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
-        initial_state=initial_state, return_final_state=return_final_state)
+        x,
+        dt,
+        A,
+        B,
+        C,
+        chunk_size,
+        D=D,
+        z=z,
+        dt_bias=dt_bias,
+        dt_softplus=dt_softplus,
+        initial_state=initial_state,
+        return_final_state=return_final_state,
+    )
 
 
-def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *,
-                     backend="auto"):
+def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *, backend="auto"):
     """One Mamba-2 decode step: state (b, h, p, n), x/z (b, h, p), dt (b, h), B/C (b, g, n) -> (y, new_state)."""
     return _pick("ssd_state_update", backend, x)(
-        state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+        state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus
+    )
 
 
-def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, return_final_state=False, *,
-                  backend="auto"):
+def causal_conv1d(
+    x, weight, bias=None, activation=None, initial_state=None, return_final_state=False, *, backend="auto"
+):
     """Causal depthwise conv1d over (b, d, l). Returns y, or (y, final_state (b, d, w - 1))."""
     return _pick("causal_conv1d", backend, x)(
-        x, weight, bias=bias, activation=activation, initial_state=initial_state,
-        return_final_state=return_final_state)
+        x, weight, bias=bias, activation=activation, initial_state=initial_state, return_final_state=return_final_state
+    )
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, *, backend="auto"):

@@ -43,8 +43,9 @@ def require_triton_device(op: str, *tensors) -> None:
     """Refuse tensors the Triton kernels cannot run on, naming the op and the device."""
     if not triton_available():
         reason = triton_import_error() or "no CUDA device is visible and TRITON_INTERPRET is not set"
-        raise KernelBackendError(f"{op}: the Triton backend is not available here ({reason}); "
-                                 "use backend='chunked' or backend='auto'")
+        raise KernelBackendError(
+            f"{op}: the Triton backend is not available here ({reason}); use backend='chunked' or backend='auto'"
+        )
     for t in tensors:
         if not isinstance(t, torch.Tensor):
             continue
@@ -54,4 +55,5 @@ def require_triton_device(op: str, *tensors) -> None:
             continue
         raise KernelBackendError(
             f"{op}: the Triton kernels need CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
-            f"got a tensor on {t.device}; move the inputs with .cuda() or use backend='chunked'")
+            f"got a tensor on {t.device}; move the inputs with .cuda() or use backend='chunked'"
+        )

@@ -53,14 +53,17 @@ def hand_over(name: str, init_file: str) -> None:
         return
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
+    assert spec.loader is not None  # a spec found on a path has a loader
     spec.loader.exec_module(module)
 
 
 def _stray_folder(name: str, folder: str, root: str) -> types.ModuleType:
     """An empty namespace package named ``name``, as Python makes for a folder without ``__init__.py``; any
     attribute looked up on it raises an ``AttributeError`` that says what happened."""
-    why = (f"{name!r} here is the folder {folder}, seqlab's source of 'seqlab.{name}' (import it by that name); no "
-           f"installed package is called {name!r}, and the folder was found only because {root} is on sys.path")
+    why = (
+        f"{name!r} here is the folder {folder}, seqlab's source of 'seqlab.{name}' (import it by that name); no "
+        f"installed package is called {name!r}, and the folder was found only because {root} is on sys.path"
+    )
     module = types.ModuleType(name, f"Not a package: {why}.")
     module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
     module.__path__ = []
@@ -69,5 +72,5 @@ def _stray_folder(name: str, folder: str, root: str) -> types.ModuleType:
     def __getattr__(attribute: str):
         raise AttributeError(f"module {name!r} has no attribute {attribute!r}: {why}")
 
-    module.__getattr__ = __getattr__
+    setattr(module, "__getattr__", __getattr__)  # noqa: B010 (a module attribute, not a method)
     return module

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -30,6 +32,10 @@ class Backbone(nn.Module):
     def fingerprint(self) -> str:
         return self._fingerprint
 
+    def _blocks(self) -> list[Block | BidirectionalBlock]:
+        """The layers, typed (nn.ModuleList hands out plain modules)."""
+        return [cast("Block | BidirectionalBlock", layer) for layer in self.layers]
+
     def set_backend(self, backend: str, *, _stacklevel: int = 1) -> None:
         """Pick the kernel backend of every mixer: "auto" (default), "ref", "chunked" or "triton" ("torch", the
         old name of "chunked", works with a FutureWarning)."""
@@ -39,14 +45,14 @@ class Backbone(nn.Module):
             raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}") from None
         for module in self.modules():
             if hasattr(module, "backend") and module is not self:
-                module.backend = backend
+                setattr(module, "backend", backend)  # noqa: B010 (mixers are typed as nn.Module here)
 
     def init_state(self, batch_size: int, device=None) -> RecurrentState:
         if self.config.bidirectional:
             raise StateError("bidirectional models have no streaming state: they need the whole sequence at once")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
-        return RecurrentState([layer.init_state(batch_size, device) for layer in self.layers], 0, self.fingerprint)
+        return RecurrentState([layer.init_state(batch_size, device) for layer in self._blocks()], 0, self.fingerprint)
 
     def _check_state(self, state: RecurrentState | None, hidden: torch.Tensor) -> None:
         if state is None:
@@ -70,13 +76,13 @@ class Backbone(nn.Module):
         position = (0 if state is None else state.position) + hidden.shape[1]
         return hidden, RecurrentState(new_layers, position, self.fingerprint)
 
-    def step(self, hidden: torch.Tensor, state: RecurrentState):
+    def step(self, hidden: torch.Tensor, state: RecurrentState | None):
         """One element per sequence: hidden (b, d_model)."""
         if state is None:
             state = self.init_state(hidden.shape[0], hidden.device)
         self._check_state(state, hidden)
         new_layers = []
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self._blocks()):
             hidden, layer_state = layer.step(hidden, state.layers[i])
             new_layers.append(layer_state)
         hidden = self.norm_f(hidden.to(self.norm_f.weight.dtype))

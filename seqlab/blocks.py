@@ -5,7 +5,7 @@ Feed-forward kinds live in a registry like mixers, so a later issue adds MoE lay
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -55,16 +55,18 @@ class Block(nn.Module):
         self.residual_in_fp32 = config.residual_in_fp32
         self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.mixer = build_mixer(kind, config, layer_idx, options)
+        self.ffn_norm: RMSNorm | None
+        self.ffn: nn.Module | None
         if ffn is not None:
             self.ffn_norm = RMSNorm(config.d_model, eps=config.norm_eps)
             self.ffn = build_ffn(ffn, config, layer_idx)
         else:
-            self.ffn_norm = self.ffn = None
+            self.ffn_norm, self.ffn = None, None
 
     def _mix(self, residual: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
         residual = residual.float() if self.residual_in_fp32 else residual
         residual = residual + mixed
-        if self.ffn is not None:
+        if self.ffn is not None and self.ffn_norm is not None:
             residual = residual + self.ffn(self.ffn_norm(residual.to(self.ffn_norm.weight.dtype)))
         return residual
 

@@ -103,8 +103,9 @@ def load_model(path: str | os.PathLike, model: torch.nn.Module) -> dict:
         raise CorruptFileError(f"{path}: weights do not match the model (missing {missing}, unexpected {unexpected})")
     for name, tensor in tensors.items():
         if tensor.shape != own[name].shape:
-            raise CorruptFileError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model's is "
-                                   f"{tuple(own[name].shape)}")
+            raise CorruptFileError(
+                f"{path}: {name} has shape {tuple(tensor.shape)}, the model's is {tuple(own[name].shape)}"
+            )
         if tensor.dtype != own[name].dtype:
             raise CorruptFileError(f"{path}: {name} has dtype {tensor.dtype}, the model's is {own[name].dtype}")
     model.load_state_dict(tensors)
@@ -162,8 +163,7 @@ def rng_snapshot() -> tuple[dict[str, torch.Tensor], dict]:
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     tensors["rng.numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
-    meta = {"python": [version, list(internal), gauss],
-            "numpy": [kind, int(pos), int(has_gauss), float(cached)]}
+    meta = {"python": [version, list(internal), gauss], "numpy": [kind, int(pos), int(has_gauss), float(cached)]}
     return tensors, meta
 
 
@@ -179,9 +179,16 @@ def rng_restore(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------
-def save_checkpoint(directory: str | os.PathLike, *, step: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler, trainer_meta: dict,
-                    states: list[RecurrentState | None] | None = None) -> Path:
+def save_checkpoint(
+    directory: str | os.PathLike,
+    *,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    trainer_meta: dict,
+    states: list[RecurrentState | None] | None = None,
+) -> Path:
     """Write ``<directory>/step-XXXXXXXX/`` and then move ``latest`` to it. Returns the step folder."""
     directory = Path(directory)
     folder = directory / step_dirname(step)
@@ -194,11 +201,22 @@ def save_checkpoint(directory: str | os.PathLike, *, step: int, model: torch.nn.
     for i, state in enumerate(states):
         if state is not None:
             state.save(folder / f"state-{i}.safetensors")
-    meta = {"step": int(step), "optimizer": opt_meta, "scheduler": sched, "rng": rng_meta,
-            "trainer": _jsonable(trainer_meta), "states": [s is not None for s in states],
-            "fingerprint": getattr(model, "fingerprint", None)}
-    write_tensors(folder / "trainer.safetensors", {**opt_tensors, **rng_tensors}, kind=TRAINER_FORMAT,
-                  version=FORMAT_VERSION, meta=meta)
+    meta = {
+        "step": int(step),
+        "optimizer": opt_meta,
+        "scheduler": sched,
+        "rng": rng_meta,
+        "trainer": _jsonable(trainer_meta),
+        "states": [s is not None for s in states],
+        "fingerprint": getattr(model, "fingerprint", None),
+    }
+    write_tensors(
+        folder / "trainer.safetensors",
+        {**opt_tensors, **rng_tensors},
+        kind=TRAINER_FORMAT,
+        version=FORMAT_VERSION,
+        meta=meta,
+    )
     atomic_write_bytes(directory / LATEST, _latest_bytes(folder.name))
     return folder
 
@@ -229,11 +247,13 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path:
     name = data.split(b" ", 1)[0].split(b"\n", 1)[0].decode("utf-8", "replace")
     legacy = data == (name + "\n").encode()  # format 1: the name alone
     if not _STEP_DIR.fullmatch(name) or not (legacy or data == _latest_bytes(name)):
-        raise CorruptFileError(f"{pointer}: damaged (it should name a step folder and its checksum); "
-                               + _repair_hint(directory))
+        raise CorruptFileError(
+            f"{pointer}: damaged (it should name a step folder and its checksum); " + _repair_hint(directory)
+        )
     if not (directory / name).is_dir():
-        raise CorruptFileError(f"{pointer}: points to {name!r}, which is not a step folder in {directory}; "
-                               + _repair_hint(directory))
+        raise CorruptFileError(
+            f"{pointer}: points to {name!r}, which is not a step folder in {directory}; " + _repair_hint(directory)
+        )
     return directory / name
 
 
@@ -241,8 +261,10 @@ def _repair_hint(directory: Path) -> str:
     folders = [p.name for _, p in _step_folders(directory)]
     if not folders:
         return "there is no step folder to resume from"
-    return (f"step folders here: {', '.join(folders[-5:])}; to resume from one, write its name into "
-            f"{directory / LATEST} (echo {folders[-1]} > {directory / LATEST}, or seqlab.checkpoint.set_latest)")
+    return (
+        f"step folders here: {', '.join(folders[-5:])}; to resume from one, write its name into "
+        f"{directory / LATEST} (echo {folders[-1]} > {directory / LATEST}, or seqlab.checkpoint.set_latest)"
+    )
 
 
 def set_latest(directory: str | os.PathLike, step_folder: str | os.PathLike) -> Path:
@@ -272,9 +294,11 @@ def prune_checkpoints(directory: str | os.PathLike, keep: int | None) -> list[Pa
         latest = latest_checkpoint(directory)
     except (FileNotFoundError, CorruptFileError):
         return removed  # never guess which checkpoint a resume would pick
-    latest_step = int(_STEP_DIR.fullmatch(latest.name).group(1))
+    match = _STEP_DIR.fullmatch(latest.name)
+    assert match is not None  # latest_checkpoint only returns step folders
+    latest_step = int(match.group(1))
     older = [p for step, p in _step_folders(directory) if step <= latest_step and p != latest]
-    for folder in older[:max(0, len(older) - (keep - 1))]:
+    for folder in older[: max(0, len(older) - (keep - 1))]:
         doomed = folder.with_name(f".{folder.name}{_DELETING}")
         os.replace(folder, doomed)
         removed.append(folder)
@@ -289,8 +313,9 @@ def has_checkpoint(directory: str | os.PathLike | None) -> bool:
     return directory is not None and (Path(directory) / LATEST).is_file()
 
 
-def load_checkpoint(directory: str | os.PathLike, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler) -> tuple[dict, list[RecurrentState | None]]:
+def load_checkpoint(
+    directory: str | os.PathLike, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler
+) -> tuple[dict, list[RecurrentState | None]]:
     """Restore model, optimizer, scheduler and RNG states in place from ``latest``.
 
     Returns ``(trainer_meta, states)``. All files are read and checked before anything is changed, so a
@@ -329,8 +354,9 @@ def load_checkpoint(directory: str | os.PathLike, *, model: torch.nn.Module, opt
         rng_restore(*old_rng)
         if isinstance(exc, (SeqlabError, OSError)) or not isinstance(exc, Exception):
             raise
-        raise CorruptFileError(f"{trainer_path}: optimizer, scheduler or RNG state does not fit this run "
-                               f"({' '.join(repr(exc).split())})") from None
+        raise CorruptFileError(
+            f"{trainer_path}: optimizer, scheduler or RNG state does not fit this run ({' '.join(repr(exc).split())})"
+        ) from None
     return trainer_meta, states
 
 
@@ -363,6 +389,16 @@ def _check_scheduler(where, scheduler, state: dict) -> None:
         raise CorruptFileError(f"{where}: scheduler state last_epoch = {state['last_epoch']} is negative")
 
 
-__all__ = ["has_checkpoint", "latest_checkpoint", "load_checkpoint", "load_model", "model_file_config",
-           "prune_checkpoints", "read_model_file", "read_trainer_file", "save_checkpoint", "save_model",
-           "set_latest"]
+__all__ = [
+    "has_checkpoint",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_model",
+    "model_file_config",
+    "prune_checkpoints",
+    "read_model_file",
+    "read_trainer_file",
+    "save_checkpoint",
+    "save_model",
+    "set_latest",
+]

@@ -11,8 +11,9 @@ import dataclasses
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from seqlab.errors import ConfigError
 
@@ -80,10 +81,15 @@ class BackboneConfig:
 
         def number(name: str, positive: bool = True) -> None:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or (value <= 0 if positive else value < 0):
-                raise ConfigError(f"BackboneConfig.{name} must be a finite number {'> 0' if positive else '>= 0'}, "
-                                  f"got {value!r}")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or (value <= 0 if positive else value < 0)
+            ):
+                raise ConfigError(
+                    f"BackboneConfig.{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}"
+                )
 
         def flag(name: str) -> None:
             if not isinstance(getattr(self, name), bool):
@@ -113,8 +119,11 @@ class BackboneConfig:
         if not (0 < self.dt_min <= self.dt_max):
             raise ConfigError(f"BackboneConfig needs 0 < dt_min <= dt_max, got {self.dt_min} and {self.dt_max}")
         pair = self.A_init_range
-        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or any(
-                isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in pair):
+        if (
+            not isinstance(pair, (tuple, list))
+            or len(pair) != 2
+            or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in pair)
+        ):
             raise ConfigError(f"BackboneConfig.A_init_range must be two finite numbers, got {pair!r}")
         lo, hi = pair
         if not (0 < lo <= hi):
@@ -125,8 +134,10 @@ class BackboneConfig:
         if self.d_ffn is not None:
             positive_int("d_ffn")
         if not isinstance(self.layer_overrides, Mapping):
-            raise ConfigError(f"BackboneConfig.layer_overrides must be a mapping of layer index to override, got "
-                              f"{type(self.layer_overrides).__name__}")
+            raise ConfigError(
+                f"BackboneConfig.layer_overrides must be a mapping of layer index to override, got "
+                f"{type(self.layer_overrides).__name__}"
+            )
 
         overrides: dict[int, LayerOverride] = {}
         for key, value in dict(self.layer_overrides).items():
@@ -144,14 +155,18 @@ class BackboneConfig:
             if isinstance(value, LayerOverride):
                 for name in ("mixer", "ffn"):
                     if getattr(value, name) is not None and not isinstance(getattr(value, name), str):
-                        raise ConfigError(f"layer_overrides[{key}].{name} must be a kind name or None, got "
-                                          f"{getattr(value, name)!r}")
+                        raise ConfigError(
+                            f"layer_overrides[{key}].{name} must be a kind name or None, got {getattr(value, name)!r}"
+                        )
                 if not isinstance(value.options, Mapping) or not all(isinstance(k, str) for k in value.options):
-                    raise ConfigError(f"layer_overrides[{key}].options must be a mapping of setting names to values, "
-                                      f"got {value.options!r}")
+                    raise ConfigError(
+                        f"layer_overrides[{key}].options must be a mapping of setting names to values, "
+                        f"got {value.options!r}"
+                    )
             if not isinstance(value, LayerOverride):
-                raise ConfigError(f"layer_overrides[{key}] must be a LayerOverride or a dict, got "
-                                  f"{type(value).__name__}")
+                raise ConfigError(
+                    f"layer_overrides[{key}] must be a LayerOverride or a dict, got {type(value).__name__}"
+                )
             overrides[key] = value
         object.__setattr__(self, "layer_overrides", dict(sorted(overrides.items())))
         # Shape checks that need the resolved per-layer kinds.
@@ -205,7 +220,7 @@ class BackboneConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "BackboneConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> BackboneConfig:
         """A config from ``to_dict``'s output (e.g. read from a file); every key and value is checked."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"BackboneConfig.from_dict needs a mapping, got {type(data).__name__}")
@@ -213,9 +228,11 @@ class BackboneConfig:
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"BackboneConfig has no fields {sorted(map(str, unknown))}")
-        missing = sorted(f.name for f in dataclasses.fields(cls)
-                         if f.name not in data and f.default is dataclasses.MISSING
-                         and f.default_factory is dataclasses.MISSING)
+        missing = sorted(
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        )
         if missing:
             raise ConfigError(f"BackboneConfig needs the fields {missing}")
         data = dict(data)

@@ -15,6 +15,7 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import FrameType
 
 import torch
 
@@ -110,8 +111,9 @@ def _check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition
         raise InputError(f"repetition_penalty must be in [1e-6, 1e6] (1 = none), got {repetition_penalty!r}")
 
 
-def _filter_logits(logits: torch.Tensor, seen: torch.Tensor | None, temperature: float, top_k, top_p, min_p,
-                   repetition_penalty: float) -> torch.Tensor:
+def _filter_logits(
+    logits: torch.Tensor, seen: torch.Tensor | None, temperature: float, top_k, top_p, min_p, repetition_penalty: float
+) -> torch.Tensor:
     """Apply, in this order: repetition penalty, temperature, top-k, top-p, min-p. Rows are sequences."""
     logits = logits.float().clone()
     if seen is not None and repetition_penalty != 1.0:
@@ -159,20 +161,36 @@ def _user_stacklevel() -> int:
     """The ``warnings.warn`` stacklevel, from ``generate``, of the first frame outside this module,
     ``LanguageModel.generate`` and torch's ``no_grad`` wrapper: the user's call."""
     skip = (os.path.abspath(__file__), os.path.join(os.path.dirname(os.path.abspath(__file__)), "models.py"))
-    level, frame = 1, sys._getframe(1)  # the frame of generate itself is stacklevel 1
+    level = 1  # the frame of generate itself is stacklevel 1
+    frame: FrameType | None = sys._getframe(1)
     wrapper = os.path.join("torch", "utils", "_contextlib.py")
-    while frame is not None and (os.path.abspath(frame.f_code.co_filename) in skip
-                                 or frame.f_code.co_filename.endswith(wrapper)):
+    while frame is not None and (
+        os.path.abspath(frame.f_code.co_filename) in skip or frame.f_code.co_filename.endswith(wrapper)
+    ):
         level, frame = level + 1, frame.f_back
     return level
 
 
 @torch.no_grad()
-def generate(model, input_ids=None, max_new_tokens: int = 64, *, do_sample: bool = False,
-             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             min_p: float | None = None, repetition_penalty: float = 1.0, seed: int | None = None, stop=None,
-             state: RecurrentState | None = None, suppress_tokens=None, eos_token_id=None,
-             callback: Callable[[int, int], None] | None = None, prompts=None) -> GenerationOutput:
+def generate(
+    model,
+    input_ids=None,
+    max_new_tokens: int = 64,
+    *,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    stop=None,
+    state: RecurrentState | None = None,
+    suppress_tokens=None,
+    eos_token_id=None,
+    callback: Callable[[int, int], None] | None = None,
+    prompts=None,
+) -> GenerationOutput:
     """Continue each prompt by up to ``max_new_tokens`` tokens (Hugging Face's argument names).
 
     ``input_ids``: a (batch, length) or (length,) id tensor, a list of ids, or a list of id lists/tensors of
@@ -192,8 +210,11 @@ def generate(model, input_ids=None, max_new_tokens: int = 64, *, do_sample: bool
     if prompts is not None:
         if input_ids is not None:
             raise InputError("give input_ids or its deprecated old name prompts, not both")
-        warnings.warn("generate(prompts=...) is deprecated: pass input_ids=... (or the ids as first argument)",
-                      FutureWarning, stacklevel=_user_stacklevel())
+        warnings.warn(
+            "generate(prompts=...) is deprecated: pass input_ids=... (or the ids as first argument)",
+            FutureWarning,
+            stacklevel=_user_stacklevel(),
+        )
         input_ids = prompts
     if input_ids is None:
         raise InputError("input_ids is missing: give the prompt token ids")
@@ -203,12 +224,23 @@ def generate(model, input_ids=None, max_new_tokens: int = 64, *, do_sample: bool
         raise StateError("bidirectional models see the whole sequence at once and cannot generate token by token")
     _check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty)
     if not do_sample:
-        unused = [name for name, value, neutral in (("temperature", temperature, (0, 1.0)), ("top_k", top_k, (None,)),
-                                                    ("top_p", top_p, (None,)), ("min_p", min_p, (None,)))
-                  if value not in neutral]
+        unused = [
+            name
+            for name, value, neutral in (
+                ("temperature", temperature, (0, 1.0)),
+                ("top_k", top_k, (None,)),
+                ("top_p", top_p, (None,)),
+                ("min_p", min_p, (None,)),
+            )
+            if value not in neutral
+        ]
         if unused:
-            warnings.warn(f"generate: {', '.join(unused)} set, but sampling options apply only with do_sample=True; "
-                          "do_sample=False (the default) decodes greedily", UserWarning, stacklevel=_user_stacklevel())
+            warnings.warn(
+                f"generate: {', '.join(unused)} set, but sampling options apply only with do_sample=True; "
+                "do_sample=False (the default) decodes greedily",
+                UserWarning,
+                stacklevel=_user_stacklevel(),
+            )
     greedy = not do_sample or temperature == 0
     rows = _as_prompts(input_ids)
     stops = _as_stops(stop)
@@ -225,8 +257,14 @@ def generate(model, input_ids=None, max_new_tokens: int = 64, *, do_sample: bool
         row_states.append(out.state)
     positions = [s.position for s in row_states]
     # One decoding batch; its own position field is unused (each row's position is tracked in `positions`).
-    batch = RecurrentState([{k: torch.cat([s.layers[i][k] for s in row_states]) for k in layer}
-                            for i, layer in enumerate(row_states[0].layers)], 0, row_states[0].fingerprint)
+    batch = RecurrentState(
+        [
+            {k: torch.cat([s.layers[i][k] for s in row_states]) for k in layer}
+            for i, layer in enumerate(row_states[0].layers)
+        ],
+        0,
+        row_states[0].fingerprint,
+    )
     logits = torch.cat(last_logits)
     vocab = logits.shape[-1]
     suppressed = _as_ids(suppress_tokens, "suppress_tokens", vocab)
@@ -249,14 +287,22 @@ def generate(model, input_ids=None, max_new_tokens: int = 64, *, do_sample: bool
             break
         if banned is not None:
             logits = logits.index_fill(-1, banned, float("-inf"))
-        filtered = _filter_logits(logits, None if seen is None else seen[active], 0 if greedy else temperature,
-                                  top_k, top_p, min_p, repetition_penalty)
+        filtered = _filter_logits(
+            logits,
+            None if seen is None else seen[active],
+            0 if greedy else temperature,
+            top_k,
+            top_p,
+            min_p,
+            repetition_penalty,
+        )
         if greedy:
             chosen = filtered.argmax(dim=-1)
         else:
             probs = torch.softmax(filtered, dim=-1).cpu()
-            chosen = torch.stack([torch.multinomial(probs[j], 1, generator=generators[i])[0]
-                                  for j, i in enumerate(active)])
+            chosen = torch.stack(
+                [torch.multinomial(probs[j], 1, generator=generators[i])[0] for j, i in enumerate(active)]
+            )
         chosen = chosen.to(device)
         out = model.step(chosen, batch)  # every generated token enters its row's state
         keep = []
@@ -268,22 +314,27 @@ def generate(model, input_ids=None, max_new_tokens: int = 64, *, do_sample: bool
                 seen[i, token] = True
             if callback is not None:
                 callback(i, token)
-            if any(tuple(tokens[i][-len(s):]) == s for s in stops):
+            if any(tuple(tokens[i][-len(s) :]) == s for s in stops):
                 reasons[i] = "stop"
                 finals[i] = _row_state(out.state, j, positions[i])
             else:
                 keep.append(j)
         if len(keep) < len(active):
             index = torch.tensor(keep, dtype=torch.long, device=device)
-            batch = RecurrentState([{k: t.index_select(0, index) for k, t in layer.items()}
-                                    for layer in out.state.layers], 0, out.state.fingerprint)
+            batch = RecurrentState(
+                [{k: t.index_select(0, index) for k, t in layer.items()} for layer in out.state.layers],
+                0,
+                out.state.fingerprint,
+            )
             logits = out.logits.index_select(0, index)
             active = [active[j] for j in keep]
         else:
             batch, logits = out.state, out.logits
     for j, i in enumerate(active):  # rows that ran to max_new_tokens (or all rows, when it is 0)
         finals[i] = _row_state(batch, j, positions[i])
-    return GenerationOutput(tokens, finals, reasons)
+    states = [s for s in finals if s is not None]
+    assert len(states) == len(rows)  # every row ended (stop or length) and recorded its state
+    return GenerationOutput(tokens, states, reasons)
 
 
 def _row_state(batch: RecurrentState, row: int, position: int) -> RecurrentState:

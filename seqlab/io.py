@@ -7,8 +7,9 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -59,7 +60,7 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     pattern = _temp_pattern(path.name)
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(os.scandir(folder))
     except OSError:
@@ -89,7 +90,7 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | bytearray) -> Path:
     """Write ``data`` to ``path`` so that a crash leaves either the old file whole or the new one whole.
 
     The bytes go to a temporary file ``.{name}.{pid}.{random}.tmp`` in the same folder (same filesystem, so
@@ -139,7 +140,7 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.close(dir_fd)
 
 
-def tensors_checksum(tensors: Iterable[tuple[str, "torch.Tensor"]]) -> str:
+def tensors_checksum(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     """SHA-256 over names, dtypes, shapes and raw bytes, in the order given (callers sort the names)."""
     import torch
 

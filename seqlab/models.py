@@ -87,7 +87,10 @@ class _Model(nn.Module):
         with torch.no_grad():
             for name, param in self.named_parameters():
                 if name.endswith(("out_proj.weight", "ffn.down.weight")):
-                    param /= math.sqrt(self.config.n_layer)
+                    param.div_(math.sqrt(self.config.n_layer))
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:  # pragma: no cover - each model defines its head
+        raise NotImplementedError
 
     def _run(self, hidden: torch.Tensor, state: RecurrentState | None, return_state: bool) -> ModelOutput:
         block = self.inference_block
@@ -97,7 +100,7 @@ class _Model(nn.Module):
             # contract): the working set stays cache-sized and memory stays flat in the length.
             heads, hiddens = [], []
             for start in range(0, length, block):
-                h, state = self.backbone(hidden[:, start:start + block], state, True)
+                h, state = self.backbone(hidden[:, start : start + block], state, True)
                 hiddens.append(h)
                 heads.append(self.head(h))
             return ModelOutput(torch.cat(heads, 1), state if return_state else None, torch.cat(hiddens, 1))
@@ -150,8 +153,9 @@ class LanguageModel(_Model):
             )
         return wide
 
-    def forward(self, input_ids: torch.Tensor, state: RecurrentState | None = None,
-                return_state: bool = True) -> ModelOutput:
+    def forward(
+        self, input_ids: torch.Tensor, state: RecurrentState | None = None, return_state: bool = True
+    ) -> ModelOutput:
         input_ids = self._check_ids(input_ids, 2)
         return self._run(self.embeddings(input_ids), state, return_state)
 

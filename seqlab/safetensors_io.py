@@ -17,8 +17,9 @@ import json
 import os
 import re
 import struct
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
@@ -37,40 +38,43 @@ _MARKER = b'"' + FILE_CHECKSUM.encode() + b'\\": \\"'
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
-def _file_digest(data: bytes | memoryview, start: int) -> str:
+def _file_digest(data: bytes | bytearray | memoryview, start: int) -> str:
     """SHA-256 of ``data`` with the 64 bytes at ``start`` read as ``0`` digits."""
     view = memoryview(data)
     digest = hashlib.sha256()
     digest.update(view[:start])
     digest.update(_PLACEHOLDER)
-    digest.update(view[start + 64:])
+    digest.update(view[start + 64 :])
     return digest.hexdigest()
 
 
-def encode_tensors(tensors: Mapping[str, torch.Tensor], *, kind: str, version: int,
-                   meta: Mapping[str, Any]) -> bytearray:
+def encode_tensors(
+    tensors: Mapping[str, torch.Tensor], *, kind: str, version: int, meta: Mapping[str, Any]
+) -> bytearray:
     """The bytes ``write_tensors`` writes: safetensors with the seqlab metadata and a whole-file checksum."""
     flat = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     body = {k: v for k, v in meta.items() if k not in (FILE_CHECKSUM, LEGACY_CHECKSUM)}
     header = {**body, "format": kind, "format_version": version, FILE_CHECKSUM: _PLACEHOLDER.decode()}
     data = bytearray(st_save(flat, metadata={_META_KEY: json.dumps(header, sort_keys=True)}))
     (header_len,) = struct.unpack("<Q", data[:8])
-    raw = bytes(data[8:8 + header_len])
+    raw = bytes(data[8 : 8 + header_len])
     if raw.count(_MARKER) != 1:  # pragma: no cover - json.dumps escapes every quote inside a value
         raise RuntimeError("seqlab metadata: cannot place the file checksum")
     start = 8 + raw.index(_MARKER) + len(_MARKER)
-    data[start:start + 64] = _file_digest(data, start).encode()
+    data[start : start + 64] = _file_digest(data, start).encode()
     return data  # not copied into bytes: a model file can be large
 
 
-def write_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], *, kind: str, version: int,
-                  meta: Mapping[str, Any]) -> Path:
+def write_tensors(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], *, kind: str, version: int, meta: Mapping[str, Any]
+) -> Path:
     """Atomically write ``tensors`` with ``meta`` (JSON-able) and a checksum over every byte of the file."""
     return atomic_write_bytes(path, encode_tensors(tensors, kind=kind, version=version, meta=meta))
 
 
-def decode_tensors(data: bytes, where: str | os.PathLike, *, kind: str, version: int,
-                   full_checksum_since: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+def decode_tensors(
+    data: bytes, where: str | os.PathLike, *, kind: str, version: int, full_checksum_since: int | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
     """Check and parse the bytes of a file written by ``write_tensors``; ``where`` names it in errors.
 
     ``version``: the newest format version this reader knows (a newer file is a ``FormatVersionError``).
@@ -80,15 +84,19 @@ def decode_tensors(data: bytes, where: str | os.PathLike, *, kind: str, version:
         raise CorruptFileError(f"{where}: file is {len(data)} bytes, too short to be a safetensors file")
     (header_len,) = struct.unpack("<Q", data[:8])
     if header_len > len(data) - 8:
-        raise CorruptFileError(f"{where}: truncated or damaged (header length says {header_len} bytes, the file "
-                               f"has {len(data) - 8} after it)")
-    raw = data[8:8 + header_len]
+        raise CorruptFileError(
+            f"{where}: truncated or damaged (header length says {header_len} bytes, the file "
+            f"has {len(data) - 8} after it)"
+        )
+    raw = data[8 : 8 + header_len]
     try:
         header = json.loads(raw)
         meta = json.loads(header["__metadata__"][_META_KEY])
     except (ValueError, KeyError, TypeError, IndexError, RecursionError):
-        raise CorruptFileError(f"{where}: not a readable {kind} file (its header or seqlab metadata is damaged, "
-                               "or it is another program's file)") from None
+        raise CorruptFileError(
+            f"{where}: not a readable {kind} file (its header or seqlab metadata is damaged, "
+            "or it is another program's file)"
+        ) from None
     if not isinstance(meta, dict) or not isinstance(header, dict):
         raise CorruptFileError(f"{where}: not a readable {kind} file (its seqlab metadata is not a JSON object)")
     if meta.get("format") != kind:
@@ -98,8 +106,12 @@ def decode_tensors(data: bytes, where: str | os.PathLike, *, kind: str, version:
         raise CorruptFileError(f"{where}: format_version is missing or not a positive integer")
     digest = meta.get(FILE_CHECKSUM)
     if digest is not None:  # checked first: a damaged version number is damage, not a newer seqlab's file
-        if not isinstance(digest, str) or not _HEX64.fullmatch(digest) or raw.count(_MARKER) != 1 \
-                or raw.count(_MARKER + digest.encode()) != 1:
+        if (
+            not isinstance(digest, str)
+            or not _HEX64.fullmatch(digest)
+            or raw.count(_MARKER) != 1
+            or raw.count(_MARKER + digest.encode()) != 1
+        ):
             raise CorruptFileError(f"{where}: checksum field is damaged")
         start = 8 + raw.index(_MARKER) + len(_MARKER)
         if _file_digest(data, start) != digest:
@@ -111,8 +123,10 @@ def decode_tensors(data: bytes, where: str | os.PathLike, *, kind: str, version:
         )
     if digest is None:
         if full_checksum_since is not None and file_version >= full_checksum_since:
-            raise CorruptFileError(f"{where}: no file checksum (format version {file_version} files carry one): "
-                                   "the file was altered or damaged")
+            raise CorruptFileError(
+                f"{where}: no file checksum (format version {file_version} files carry one): "
+                "the file was altered or damaged"
+            )
         if LEGACY_CHECKSUM not in meta:
             raise CorruptFileError(f"{where}: no checksum: the file was altered or damaged")
     try:
@@ -124,8 +138,9 @@ def decode_tensors(data: bytes, where: str | os.PathLike, *, kind: str, version:
     return tensors, meta
 
 
-def read_tensors(path: str | os.PathLike, *, kind: str, version: int,
-                 full_checksum_since: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+def read_tensors(
+    path: str | os.PathLike, *, kind: str, version: int, full_checksum_since: int | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a file written by ``write_tensors``; check format name, version and checksum (``decode_tensors``)."""
     path = Path(path)
     try:

@@ -27,7 +27,7 @@ STATE_FORMAT_VERSION = 2
 FULL_CHECKSUM_SINCE = 2
 
 # model -> per layer {tensor name: (shape without the batch dim, dtype)}; configs are frozen, so this never changes
-_LAYOUTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def state_layout(model) -> list[dict[str, tuple[tuple[int, ...], torch.dtype]]]:
@@ -36,8 +36,10 @@ def state_layout(model) -> list[dict[str, tuple[tuple[int, ...], torch.dtype]]]:
         return _LAYOUTS[model]
     except (KeyError, TypeError):
         pass
-    layout = [{name: (tuple(t.shape[1:]), t.dtype) for name, t in layer.items()}
-              for layer in model.init_state(1, device="meta").layers]
+    layout = [
+        {name: (tuple(t.shape[1:]), t.dtype) for name, t in layer.items()}
+        for layer in model.init_state(1, device="meta").layers
+    ]
     try:
         _LAYOUTS[model] = layout
     except TypeError:  # pragma: no cover - an object that cannot be weakly referenced
@@ -68,15 +70,18 @@ def check_state_tensors(layers, model, where: str = "state", error=StateMismatch
             if tensor.dtype != dtype and not (wide and tensor.dtype == torch.float64):
                 raise error(f"{where}: layers.{i}.{name} has dtype {tensor.dtype}, the model's state dtype is {dtype}")
             if tensor.dim() != len(shape) + 1 or tuple(tensor.shape[1:]) != shape:
-                raise error(f"{where}: layers.{i}.{name} has shape {tuple(tensor.shape)}, the model's is "
-                            f"(batch, {', '.join(map(str, shape))})")
+                raise error(
+                    f"{where}: layers.{i}.{name} has shape {tuple(tensor.shape)}, the model's is "
+                    f"(batch, {', '.join(map(str, shape))})"
+                )
             if batch is None:
                 batch = tensor.shape[0]
                 if batch < 1:
                     raise error(f"{where}: layers.{i}.{name} holds a batch of 0 rows")
             elif tensor.shape[0] != batch:
-                raise error(f"{where}: layers.{i}.{name} holds a batch of {tensor.shape[0]}, layers.0 a batch of "
-                            f"{batch}")
+                raise error(
+                    f"{where}: layers.{i}.{name} holds a batch of {tensor.shape[0]}, layers.0 a batch of {batch}"
+                )
 
 
 def require_fingerprint(found, model, what: str = "state", where: str = "") -> None:
@@ -117,28 +122,29 @@ class RecurrentState:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
-    def _map(self, fn) -> "RecurrentState":
-        return RecurrentState([{k: fn(v) for k, v in layer.items()} for layer in self.layers],
-                              self.position, self.fingerprint)
+    def _map(self, fn) -> RecurrentState:
+        return RecurrentState(
+            [{k: fn(v) for k, v in layer.items()} for layer in self.layers], self.position, self.fingerprint
+        )
 
-    def clone(self) -> "RecurrentState":
+    def clone(self) -> RecurrentState:
         return self._map(lambda t: t.clone())
 
-    def detach(self) -> "RecurrentState":
+    def detach(self) -> RecurrentState:
         """Cut the autograd graph (truncated BPTT carries detached states between windows)."""
         return self._map(lambda t: t.detach())
 
-    def to(self, device=None, dtype: torch.dtype | None = None) -> "RecurrentState":
+    def to(self, device=None, dtype: torch.dtype | None = None) -> RecurrentState:
         return self._map(lambda t: t.to(device=device, dtype=dtype))
 
-    def select(self, index: int) -> "RecurrentState":
+    def select(self, index: int) -> RecurrentState:
         """Row ``index`` of the batch as a batch-of-one state (a copy; same position)."""
         if not -self.batch_size <= index < self.batch_size:
             raise IndexError(f"row {index} is outside the batch of {self.batch_size}")
-        return self._map(lambda t: t[index:index + 1].clone())
+        return self._map(lambda t: t[index : index + 1].clone())
 
     @classmethod
-    def stack(cls, states: "list[RecurrentState]") -> "RecurrentState":
+    def stack(cls, states: list[RecurrentState]) -> RecurrentState:
         """One batch from several states of the same model and position (rows in the order given)."""
         if not states:
             raise StateMismatchError("RecurrentState.stack needs at least one state")
@@ -151,13 +157,17 @@ class RecurrentState:
                     f"states[{i}] is at position {other.position}, states[0] at {first.position}: "
                     "rows of one state share a position"
                 )
-        layers = [{name: torch.cat([s.layers[i][name] for s in states], dim=0) for name in layer}
-                  for i, layer in enumerate(first.layers)]
+        layers = [
+            {name: torch.cat([s.layers[i][name] for s in states], dim=0) for name in layer}
+            for i, layer in enumerate(first.layers)
+        ]
         return cls(layers, first.position, first.fingerprint)
 
     def __repr__(self) -> str:
-        return (f"RecurrentState(layers={len(self.layers)}, batch_size={self.batch_size}, position={self.position}, "
-                f"fingerprint={self.fingerprint!r}, bytes={self.nbytes()})")
+        return (
+            f"RecurrentState(layers={len(self.layers)}, batch_size={self.batch_size}, position={self.position}, "
+            f"fingerprint={self.fingerprint!r}, bytes={self.nbytes()})"
+        )
 
     # ------------------------------------------------------------------------------------------------
     def check_compatible(self, model, batch_size: int | None = None, device: torch.device | None = None) -> None:
@@ -179,20 +189,29 @@ class RecurrentState:
         save leaves the old file."""
         if isinstance(self.position, bool) or not isinstance(self.position, numbers.Integral) or self.position < 0:
             raise StateError(f"state position must be an int >= 0, got {self.position!r}: not saved to {path}")
-        meta = {"fingerprint": self.fingerprint, "position": int(self.position), "batch_size": self.batch_size,
-                "layers": [sorted(layer) for layer in self.layers]}
+        meta = {
+            "fingerprint": self.fingerprint,
+            "position": int(self.position),
+            "batch_size": self.batch_size,
+            "layers": [sorted(layer) for layer in self.layers],
+        }
         return write_tensors(path, self.tensors(), kind=STATE_FORMAT, version=STATE_FORMAT_VERSION, meta=meta)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model, device=None) -> "RecurrentState":
+    def load(cls, path: str | os.PathLike, model, device=None) -> RecurrentState:
         """Read a state saved by ``save`` and check that it belongs to ``model`` (same config fingerprint), holds
         the model's tensors (names, shapes, state dtype), finite values and a position >= 0."""
-        return cls.from_file_contents(*read_tensors(path, kind=STATE_FORMAT, version=STATE_FORMAT_VERSION,
-                                                    full_checksum_since=FULL_CHECKSUM_SINCE),
-                                      model, str(path), device)
+        return cls.from_file_contents(
+            *read_tensors(
+                path, kind=STATE_FORMAT, version=STATE_FORMAT_VERSION, full_checksum_since=FULL_CHECKSUM_SINCE
+            ),
+            model,
+            str(path),
+            device,
+        )
 
     @classmethod
-    def from_file_contents(cls, tensors: dict, meta: dict, model, where: str, device=None) -> "RecurrentState":
+    def from_file_contents(cls, tensors: dict, meta: dict, model, where: str, device=None) -> RecurrentState:
         """A state from a file's checked tensors and metadata (``load``), with every value checked."""
         require_fingerprint(meta.get("fingerprint"), model, where=where)
         try:

@@ -4,6 +4,9 @@ model factories, and the kernel tests' random inputs and memory layouts."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 
 
@@ -30,7 +33,7 @@ def tiny_config(ssm: str = "mamba1", **kw):
     """A two-layer, 16-wide ``BackboneConfig`` (Mamba-2 with head dim 8 and chunk size 8); ``kw`` overrides."""
     from seqlab.config import BackboneConfig
 
-    base = dict(d_model=16, n_layer=2, ssm=ssm, d_state=8)
+    base: dict[str, Any] = dict(d_model=16, n_layer=2, ssm=ssm, d_state=8)
     if ssm == "mamba2":
         base.update(headdim=8, chunk_size=8)
     base.update(kw)
@@ -51,7 +54,7 @@ def tiny_lm(ssm: str = "mamba1", vocab: int = 32, seed: int = 0, **kw):
     return model.eval()
 
 
-def memory_model_file(folder) -> "Path":
+def memory_model_file(folder) -> Path:
     """Save a one-layer, 16-wide memory-stream model (seed 0) to ``folder/memory.safetensors``: the model the
     memory-session tests open sessions with. Returns the path."""
     from pathlib import Path
@@ -84,8 +87,24 @@ def strided(x: torch.Tensor) -> torch.Tensor:
     return view
 
 
-def scan_inputs(b=2, d=4, n=3, l=37, *, gB=None, gC=None, D=True, z=True, bias=True, init=True,
-                dtype=torch.float32, seed=0, delta_scale=0.5, a_range=(-2.0, -0.1), positive_delta=False):
+def scan_inputs(
+    b=2,
+    d=4,
+    n=3,
+    l=37,
+    *,
+    gB=None,
+    gC=None,
+    D=True,
+    z=True,
+    bias=True,
+    init=True,
+    dtype=torch.float32,
+    seed=0,
+    delta_scale=0.5,
+    a_range=(-2.0, -0.1),
+    positive_delta=False,
+):
     """Random selective-scan inputs (u, delta, A, B, C, D, z, delta_bias, initial_state) on the CPU; each optional
     input can be switched off, B / C grouped with gB / gC groups."""
     gen = torch.Generator().manual_seed(seed)

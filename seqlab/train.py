@@ -86,8 +86,9 @@ class TrainConfig:
 
         number("lr", 0, 100, low_open=True)
         if self.lr < 1e-12:
-            raise ConfigError(f"TrainConfig.lr must be >= 1e-12 (smaller steps change no float32 weight), got "
-                              f"{self.lr!r}")
+            raise ConfigError(
+                f"TrainConfig.lr must be >= 1e-12 (smaller steps change no float32 weight), got {self.lr!r}"
+            )
         number("weight_decay", 0, 100)
         number("min_lr_ratio", 0, 1)
         if self.grad_clip is not None:
@@ -103,13 +104,16 @@ class TrainConfig:
         integer("max_steps", 1)
         integer("warmup_steps", 0)
         if self.warmup_steps > self.max_steps:
-            raise ConfigError(f"TrainConfig.warmup_steps ({self.warmup_steps}) must be <= TrainConfig.max_steps "
-                              f"({self.max_steps})")
+            raise ConfigError(
+                f"TrainConfig.warmup_steps ({self.warmup_steps}) must be <= TrainConfig.max_steps ({self.max_steps})"
+            )
         integer("grad_accum", 1)
         integer("batch_size", 1)
         if self.batch_size % self.grad_accum:
-            raise ConfigError(f"TrainConfig.batch_size ({self.batch_size}) must be divisible by TrainConfig.grad_accum "
-                              f"({self.grad_accum}): each optimizer step splits the batch into that many micro-batches")
+            raise ConfigError(
+                f"TrainConfig.batch_size ({self.batch_size}) must be divisible by TrainConfig.grad_accum "
+                f"({self.grad_accum}): each optimizer step splits the batch into that many micro-batches"
+            )
         integer("window", 1)
         integer("eval_every", 0)
         integer("eval_windows", 1)
@@ -199,9 +203,17 @@ class Trainer:
 
     LOSS_UNITS = ("bits", "mse")
 
-    def __init__(self, model: torch.nn.Module, config: TrainConfig, train_data, eval_data=None,
-                 loss_fn: Callable | None = None, metric_fn: Callable | None = None,
-                 callbacks: list[Callable] | None = None, loss_unit: str = "bits") -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: TrainConfig,
+        train_data,
+        eval_data=None,
+        loss_fn: Callable | None = None,
+        metric_fn: Callable | None = None,
+        callbacks: list[Callable] | None = None,
+        loss_unit: str = "bits",
+    ) -> None:
         if not isinstance(config, TrainConfig):
             raise ConfigError(f"Trainer needs a TrainConfig, got {type(config).__name__}")
         if loss_unit not in self.LOSS_UNITS:
@@ -210,8 +222,10 @@ class Trainer:
         self.model, self.config = model, config
         self.train_data = self._source(train_data, "train_data")
         if self.train_data.batch_size != config.batch_size:
-            raise ConfigError(f"TrainConfig.batch_size is {config.batch_size}, train_data yields batches of "
-                              f"{self.train_data.batch_size}")
+            raise ConfigError(
+                f"TrainConfig.batch_size is {config.batch_size}, train_data yields batches of "
+                f"{self.train_data.batch_size}"
+            )
         self.eval_data = None if eval_data is None else self._source(eval_data, "eval_data")
         self.loss_fn = loss_fn or next_token_loss
         self.metric_fn = metric_fn or bits_per_token
@@ -219,10 +233,15 @@ class Trainer:
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         import random
+
         random.seed(config.seed)
         self.device = next(model.parameters()).device
-        self.optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr,
-                                           betas=config.betas, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            _param_groups(model, config.weight_decay),
+            lr=config.lr,
+            betas=config.betas,
+            weight_decay=config.weight_decay,
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, config.lr_factor)
         self.pos = _Position()
         self.states: list = [None] * config.grad_accum
@@ -233,8 +252,10 @@ class Trainer:
             return data
         if hasattr(data, "window") and not isinstance(data, (torch.Tensor, np.ndarray)):
             missing = [m for m in ("batch_size", "num_windows", "window") if not hasattr(data, m)]
-            raise InputError(f"{name}: a {type(data).__name__} is not a training source (a WindowSource): it has no "
-                             f"{', '.join(missing)}")
+            raise InputError(
+                f"{name}: a {type(data).__name__} is not a training source (a WindowSource): it has no "
+                f"{', '.join(missing)}"
+            )
         try:
             return SequenceSource(data, self.config.batch_size, self.config.window)
         except InputError as exc:
@@ -254,6 +275,7 @@ class Trainer:
         """A trainer restored from ``checkpoint_dir``'s latest checkpoint (``fit()`` then continues exactly)."""
         if config.checkpoint_dir is None or os.fspath(checkpoint_dir) != config.checkpoint_dir:
             from dataclasses import replace
+
             config = replace(config, checkpoint_dir=os.fspath(checkpoint_dir))
         trainer = cls(model, config, train_data, eval_data, **kwargs)
         trainer.load_checkpoint(checkpoint_dir)
@@ -264,11 +286,26 @@ class Trainer:
         if directory is None:
             raise ConfigError("TrainConfig.checkpoint_dir is not set and no directory was given")
         c = self.config
-        meta = {"step": self.pos.step, "window": self.pos.window, "epoch": self.pos.epoch, "tokens": self.pos.tokens,
-                "batch_size": c.batch_size, "window_len": c.window, "grad_accum": c.grad_accum,
-                "carry_state": c.carry_state, "config": c.to_dict()}
-        folder = save_checkpoint(directory, step=self.pos.step, model=self.model, optimizer=self.optimizer,
-                                 scheduler=self.scheduler, trainer_meta=meta, states=self.states)
+        meta = {
+            "step": self.pos.step,
+            "window": self.pos.window,
+            "epoch": self.pos.epoch,
+            "tokens": self.pos.tokens,
+            "batch_size": c.batch_size,
+            "window_len": c.window,
+            "grad_accum": c.grad_accum,
+            "carry_state": c.carry_state,
+            "config": c.to_dict(),
+        }
+        folder = save_checkpoint(
+            directory,
+            step=self.pos.step,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            trainer_meta=meta,
+            states=self.states,
+        )
         try:
             prune_checkpoints(directory, self.config.keep_checkpoints)  # never the one just written (latest)
         except OSError as exc:  # the new checkpoint is safe; an old folder that cannot go stays
@@ -290,8 +327,10 @@ class Trainer:
         for key, have in (("batch_size", c.batch_size), ("window_len", c.window), ("grad_accum", c.grad_accum)):
             if meta.get(key) != have:
                 field_name = "window" if key == "window_len" else key
-                raise ConfigError(f"TrainConfig.{field_name} is {have}, the checkpoint in {directory} was made with "
-                                  f"{meta.get(key)}: the data position would not match")
+                raise ConfigError(
+                    f"TrainConfig.{field_name} is {have}, the checkpoint in {directory} was made with "
+                    f"{meta.get(key)}: the data position would not match"
+                )
         position = []
         for key in ("step", "window", "epoch", "tokens"):
             value = meta.get(key)
@@ -299,10 +338,11 @@ class Trainer:
                 raise CorruptFileError(f"{trainer_file}: trainer {key} must be an int >= 0, got {value!r}")
             position.append(value)
         if position[1] >= self.train_data.num_windows:
-            raise ConfigError(f"the checkpoint in {directory} is at window {position[1]} of the data, the data now "
-                              f"has {self.train_data.num_windows} windows: give the run's data")
-        meta, states = load_checkpoint(directory, model=self.model, optimizer=self.optimizer,
-                                       scheduler=self.scheduler)
+            raise ConfigError(
+                f"the checkpoint in {directory} is at window {position[1]} of the data, the data now "
+                f"has {self.train_data.num_windows} windows: give the run's data"
+            )
+        meta, states = load_checkpoint(directory, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
         self.pos = _Position(step=position[0], window=position[1], epoch=position[2], tokens=position[3])
         self.states = [s.to(self.device) if s is not None else None for s in states] or [None] * c.grad_accum
         if len(self.states) != c.grad_accum:
@@ -357,8 +397,13 @@ class Trainer:
         if self.pos.window >= self.train_data.num_windows:  # epoch wraps: back to the start, fresh state
             self.pos.window, self.pos.epoch = 0, self.pos.epoch + 1
             self.states = [None] * c.grad_accum
-        return {"step": self.pos.step, "loss": self.report_loss(total), "loss_unit": self.loss_unit, "lr": lr,
-                "grad_norm": grad_norm}
+        return {
+            "step": self.pos.step,
+            "loss": self.report_loss(total),
+            "loss_unit": self.loss_unit,
+            "lr": lr,
+            "grad_norm": grad_norm,
+        }
 
     @torch.no_grad()
     def evaluate(self, windows: int | None = None) -> dict:
@@ -375,8 +420,9 @@ class Trainer:
                 inputs, targets = self.eval_data.window(i)
                 inputs, targets = inputs.to(self.device), targets.to(self.device)
                 with self._autocast():
-                    out = self.model(inputs, state if self.config.carry_state else None,
-                                     return_state=self.config.carry_state)
+                    out = self.model(
+                        inputs, state if self.config.carry_state else None, return_state=self.config.carry_state
+                    )
                     losses.append(float(self.loss_fn(out, targets)))
                     metrics.append(float(self.metric_fn(out, targets)))
                 state = out.state if self.config.carry_state else None
@@ -426,5 +472,13 @@ class Trainer:
         return records
 
 
-__all__ = ["ArraySource", "FrameSource", "SequenceSource", "TrainConfig", "Trainer", "WindowSource", "bits_per_token",
-           "next_token_loss"]
+__all__ = [
+    "ArraySource",
+    "FrameSource",
+    "SequenceSource",
+    "TrainConfig",
+    "Trainer",
+    "WindowSource",
+    "bits_per_token",
+    "next_token_loss",
+]

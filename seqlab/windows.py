@@ -67,8 +67,9 @@ class ArraySource:
             raise IndexError(f"window {index} is outside [0, {self.num_windows})")
         group, part = divmod(index, self.per_group)
         start = part * self.window_size
-        chunk = self.streams[group * self.batch_size:(group + 1) * self.batch_size,
-                             start:start + self.window_size + self.overlap]
+        chunk = self.streams[
+            group * self.batch_size : (group + 1) * self.batch_size, start : start + self.window_size + self.overlap
+        ]
         if self.dtype is None:
             return chunk
         if isinstance(chunk, np.ndarray):  # copies: a window never shares memory with the data
@@ -83,7 +84,7 @@ class ArraySource:
 def _as_streams(data, batch_size: int):
     """A flat (N, *features) sequence -> its (batch_size, N // batch_size, *features) view (the tail dropped)."""
     length = data.shape[0] // batch_size
-    return data[:batch_size * length].reshape(batch_size, length, *data.shape[1:])
+    return data[: batch_size * length].reshape(batch_size, length, *data.shape[1:])
 
 
 class SequenceSource(ArraySource):
@@ -113,12 +114,16 @@ class SequenceSource(ArraySource):
                 raise InputError(f"SequenceSource {name} must be a positive int, got {value!r}")
         batch_size = int(batch_size)
         if data.ndim == 2 and data.shape[0] != batch_size:
-            raise InputError(f"SequenceSource data has {data.shape[0]} rows, batch_size is {batch_size}: "
-                             "2-D data's rows are the streams")
+            raise InputError(
+                f"SequenceSource data has {data.shape[0]} rows, batch_size is {batch_size}: "
+                "2-D data's rows are the streams"
+            )
         self._setup(data, _as_streams(data, batch_size) if data.ndim == 1 else data, batch_size, window)
         if self.num_windows == 0:
-            raise InputError(f"SequenceSource data of shape {tuple(data.shape)} is too short for one window of "
-                             f"{self.window_size}+1 tokens in each of {self.batch_size} streams")
+            raise InputError(
+                f"SequenceSource data of shape {tuple(data.shape)} is too short for one window of "
+                f"{self.window_size}+1 tokens in each of {self.batch_size} streams"
+            )
 
 
 class FrameSource(ArraySource):
@@ -141,5 +146,7 @@ class FrameSource(ArraySource):
         frames = frames.detach().cpu().float()
         self._setup(frames, _as_streams(frames, batch_size), batch_size, window)
         if self.num_windows == 0:
-            raise InputError(f"FrameSource: {frames.shape[0]} frames are too few for one window of {window}+1 "
-                             f"frames in each of {batch_size} streams")
+            raise InputError(
+                f"FrameSource: {frames.shape[0]} frames are too few for one window of {window}+1 "
+                f"frames in each of {batch_size} streams"
+            )

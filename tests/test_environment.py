@@ -41,7 +41,7 @@ def test_the_suite_has_neither_the_root_nor_a_test_folder_on_sys_path():
     assert not [p for p in sys.path if p and Path(p).resolve().is_relative_to(tests)], sys.path
     # `python -m pytest` itself puts the working directory first; `make test` runs the pytest command, which does not
     started_with_m = "-m" in getattr(sys, "orig_argv", [])
-    entries = [p for p in sys.path[1 if started_with_m else 0:] if _same(p, ROOT)]
+    entries = [p for p in sys.path[1 if started_with_m else 0 :] if _same(p, ROOT)]
     assert not entries, f"the repository root is on sys.path: {sys.path}"
 
 
@@ -71,8 +71,14 @@ print(json.dumps(out))
 
 def _probe(prefix: str = "") -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
-    proc = subprocess.run([sys.executable, "-c", prefix + PROBE], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={**env, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", prefix + PROBE],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -119,9 +125,11 @@ def test_a_non_editable_install_run_from_the_root_still_finds_the_subpackages():
     """From the root, `import seqlab` finds the checkout's seqlab/ even when a non-editable copy is installed; the
     subpackages are then found beside it (seqlab/__init__.py). Simulated by taking the editable finder away."""
     pytest.importorskip("transformers")
-    prefix = ("import sys\n"
-              "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in repr(f)]\n"
-              "sys.path_hooks[:] = [h for h in sys.path_hooks if '__editable__' not in repr(h)]\n")
+    prefix = (
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in repr(f)]\n"
+        "sys.path_hooks[:] = [h for h in sys.path_hooks if '__editable__' not in repr(h)]\n"
+    )
     out = _probe(prefix)
     for name in FOLDERS:
         assert Path(out[f"seqlab.{name}"]).resolve() == ROOT / name / "__init__.py"
@@ -136,8 +144,9 @@ def _lock() -> dict[str, str]:
             continue
         req = Requirement(line)
         spec = list(req.specifier)
-        assert len(spec) == 1 and spec[0].operator == "==" and not req.marker, \
+        assert len(spec) == 1 and spec[0].operator == "==" and not req.marker, (
             f"requirements/dev-lock.txt:{number}: not an exact pin: {line!r}"
+        )
         pins[canonicalize_name(req.name)] = spec[0].version
     return pins
 
@@ -151,7 +160,8 @@ def test_the_lock_pins_every_requirement_of_dev_inside_pyprojects_ranges():
             continue
         name = canonicalize_name(req.name)
         assert name in pins, f"{req.name} is required by pyproject but not pinned in requirements/dev-lock.txt"
-        assert req.specifier.contains(pins[name], prereleases=True), \
+        assert req.specifier.contains(pins[name], prereleases=True), (
             f"the lock pins {req.name}=={pins[name]}, outside pyproject's {req.specifier}"
+        )
     for tool in ("pip", "setuptools", "wheel"):  # what builds and installs the environment is pinned too
         assert tool in pins, tool

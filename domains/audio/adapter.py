@@ -21,7 +21,7 @@ from .resample import StreamingResampler, _torchaudio_functional
 __all__ = ["PCM16_STEP", "AudioAdapter"]
 
 #: width of one 16-bit PCM level on the [-1, 1) scale: the bin the continuous metric is measured on
-PCM16_STEP = 2.0 ** -15
+PCM16_STEP = 2.0**-15
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -44,22 +44,34 @@ class AudioAdapter(AudioFiles, Adapter):
     metric_name: ClassVar[str] = "bits_per_sample"
     MODES: ClassVar[tuple[str, ...]] = ("mulaw", "continuous")
 
-    def __init__(self, sample_rate: int = 16000, mode: str = "mulaw", channels: str | int = "mix",
-                 num_channels: int | None = None, mu: int = 256, resample: bool = True) -> None:
+    def __init__(
+        self,
+        sample_rate: int = 16000,
+        mode: str = "mulaw",
+        channels: str | int = "mix",
+        num_channels: int | None = None,
+        mu: int = 256,
+        resample: bool = True,
+    ) -> None:
         if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 0:
             raise ConfigError(f"AudioAdapter.sample_rate must be a positive int (Hz), got {sample_rate!r}")
         if mode not in self.MODES:
             raise ConfigError(f"AudioAdapter.mode must be one of {self.MODES}, got {mode!r}")
-        if isinstance(channels, bool) or not (channels in ("mix", "keep")
-                                              or (isinstance(channels, int) and channels >= 0)):
+        if isinstance(channels, bool) or not (
+            channels in ("mix", "keep") or (isinstance(channels, int) and channels >= 0)
+        ):
             raise ConfigError(f"AudioAdapter.channels must be 'mix', 'keep' or a channel index >= 0, got {channels!r}")
         if channels == "keep":
             if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
-                raise ConfigError("AudioAdapter(channels='keep') needs num_channels, the channel count every file "
-                                  f"must have (it fixes the model's input), got {num_channels!r}")
+                raise ConfigError(
+                    "AudioAdapter(channels='keep') needs num_channels, the channel count every file "
+                    f"must have (it fixes the model's input), got {num_channels!r}"
+                )
         elif num_channels is not None:
-            raise ConfigError(f"AudioAdapter.num_channels only applies to channels='keep' (channels={channels!r} "
-                              f"gives one channel), got {num_channels!r}")
+            raise ConfigError(
+                f"AudioAdapter.num_channels only applies to channels='keep' (channels={channels!r} "
+                f"gives one channel), got {num_channels!r}"
+            )
         if isinstance(mu, bool) or not isinstance(mu, int) or not 2 <= mu <= 65536:
             raise ConfigError(f"AudioAdapter.mu (quantisation levels) must be an int in [2, 65536], got {mu!r}")
         if not isinstance(resample, bool):
@@ -69,8 +81,14 @@ class AudioAdapter(AudioFiles, Adapter):
 
     # -- identity --------------------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
-        return {"sample_rate": self.sample_rate, "mode": self.mode, "channels": self.channels,
-                "num_channels": self.num_channels, "mu": self.mu, "resample": self.resample}
+        return {
+            "sample_rate": self.sample_rate,
+            "mode": self.mode,
+            "channels": self.channels,
+            "num_channels": self.num_channels,
+            "mu": self.mu,
+            "resample": self.resample,
+        }
 
     @property
     def out_channels(self) -> int:
@@ -101,15 +119,17 @@ class AudioAdapter(AudioFiles, Adapter):
             raise ConfigError(f"the model was built for the {info.get('name')!r} adapter, not {self.name!r}")
         theirs = info.get("settings", {})
         if theirs.get("sample_rate") != self.sample_rate:
-            raise InputError(f"sample-rate mismatch: the model was trained on audio at {theirs.get('sample_rate')} "
-                             f"Hz, this adapter encodes at {self.sample_rate} Hz; use AudioAdapter.from_model(model)")
+            raise InputError(
+                f"sample-rate mismatch: the model was trained on audio at {theirs.get('sample_rate')} "
+                f"Hz, this adapter encodes at {self.sample_rate} Hz; use AudioAdapter.from_model(model)"
+            )
         # ``resample`` only decides which files are accepted; every other setting changes what an input means
         differ = {k: (theirs.get(k), v) for k, v in self.settings().items() if k != "resample" and theirs.get(k) != v}
         if differ:
             listed = ", ".join(f"{k}: model {a!r} vs adapter {b!r}" for k, (a, b) in differ.items())
-            raise InputError(f"the model was trained with other audio settings ({listed}); "
-                             "use AudioAdapter.from_model(model)")
-
+            raise InputError(
+                f"the model was trained with other audio settings ({listed}); use AudioAdapter.from_model(model)"
+            )
 
     def _select(self, x: torch.Tensor) -> torch.Tensor:
         """(file channels, frames) -> (out_channels, frames)."""
@@ -117,7 +137,7 @@ class AudioAdapter(AudioFiles, Adapter):
             return x.mean(0, keepdim=True) if x.shape[0] > 1 else x
         if self.channels == "keep":
             return x
-        return x[self.channels:self.channels + 1]
+        return x[self.channels : self.channels + 1]
 
     def _resampler(self, rate: int, where: str) -> StreamingResampler | None:
         self._check_rate(rate, where)
@@ -160,15 +180,19 @@ class AudioAdapter(AudioFiles, Adapter):
         """Ids (mu-law mode) or ``(frames, channels)`` frames (continuous mode) -> a ``Waveform`` at the
         adapter's rate. ``sample_rate``, when given, must be that rate: encoded samples have no other."""
         if sample_rate is not None and sample_rate != self.sample_rate:
-            raise InputError(f"sample-rate mismatch: these samples were encoded at {self.sample_rate} Hz, "
-                             f"decode was asked for {sample_rate} Hz; decode, then resample the Waveform")
+            raise InputError(
+                f"sample-rate mismatch: these samples were encoded at {self.sample_rate} Hz, "
+                f"decode was asked for {sample_rate} Hz; decode, then resample the Waveform"
+            )
         if not isinstance(tensor, torch.Tensor):
             raise InputError(f"decode takes a torch tensor, got {type(tensor).__name__}")
         channels = self.out_channels
         if self.mode == "continuous":
             if not tensor.is_floating_point() or tensor.dim() != 2 or tensor.shape[1] != channels:
-                raise InputError(f"continuous-mode decode takes float frames (frames, {channels}), got "
-                                 f"{tensor.dtype} {tuple(tensor.shape)}")
+                raise InputError(
+                    f"continuous-mode decode takes float frames (frames, {channels}), got "
+                    f"{tensor.dtype} {tuple(tensor.shape)}"
+                )
             samples = rearrange(tensor.detach().cpu().float(), "t c -> c t").contiguous()
             self._check_finite(samples, "frames")
             return Waveform(samples, self.sample_rate)
@@ -178,8 +202,10 @@ class AudioAdapter(AudioFiles, Adapter):
         bad = (ids < 0) | (ids >= self.mu)
         if bool(bad.any()):
             first = int(bad.nonzero()[0, 0])
-            raise InputError(f"ids: id {int(ids[first])} at position {first} (frame {first // channels}, channel "
-                             f"{first % channels}) is outside [0, {self.mu})")
+            raise InputError(
+                f"ids: id {int(ids[first])} at position {first} (frame {first // channels}, channel "
+                f"{first % channels}) is outside [0, {self.mu})"
+            )
         if ids.numel() % channels:
             raise InputError(f"ids: {ids.numel()} ids do not make whole frames of {channels} interleaved channels")
         samples = _torchaudio_functional().mu_law_decoding(ids.long(), self.mu).float()
@@ -192,9 +218,11 @@ class AudioAdapter(AudioFiles, Adapter):
         out = output.output if hasattr(output, "output") else output
         channels = self.out_channels
         if out.shape[-1] != 2 * channels or targets.shape[-1] != channels or out.shape[:-1] != targets.shape[:-1]:
-            raise InputError(f"continuous audio head output must be (..., {2 * channels}) with targets (..., "
-                             f"{channels}) of the same leading shape, got {tuple(out.shape)} and "
-                             f"{tuple(targets.shape)}")
+            raise InputError(
+                f"continuous audio head output must be (..., {2 * channels}) with targets (..., "
+                f"{channels}) of the same leading shape, got {tuple(out.shape)} and "
+                f"{tuple(targets.shape)}"
+            )
         mean = out[..., :channels].float()
         scale = PCM16_STEP + F.softplus(out[..., channels:].float())
         return mean, scale * scale
@@ -236,7 +264,7 @@ class AudioAdapter(AudioFiles, Adapter):
         out = output.output if hasattr(output, "output") else output
         if self.mode == "mulaw":
             return out.argmax(-1)
-        return out[..., :self.out_channels].float()
+        return out[..., : self.out_channels].float()
 
     def source(self, data: torch.Tensor, batch_size: int, window: int, **options):
         """A ``Trainer`` data source over an encoded signal: ``SequenceSource`` for ids (trimmed so every stream
@@ -244,4 +272,4 @@ class AudioAdapter(AudioFiles, Adapter):
         if self.mode == "continuous" or options:
             return super().source(data, batch_size, window, **options)
         step = batch_size * self.out_channels
-        return super().source(data[:data.shape[0] - data.shape[0] % step], batch_size, window)
+        return super().source(data[: data.shape[0] - data.shape[0] % step], batch_size, window)

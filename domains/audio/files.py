@@ -34,7 +34,6 @@ def _soundfile():
     return soundfile
 
 
-
 # ------------------------------------------------------------------------------------------------------
 # the modality's value
 
@@ -63,8 +62,9 @@ class Waveform:
         if samples.dim() == 1:
             samples = samples[None]
         if samples.dim() != 2:
-            raise InputError(f"{where}: samples must have shape (channels, frames) or (frames,), "
-                             f"got {tuple(samples.shape)}")
+            raise InputError(
+                f"{where}: samples must have shape (channels, frames) or (frames,), got {tuple(samples.shape)}"
+            )
         self.samples = samples
         rate = self.sample_rate
         if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or rate <= 0:
@@ -85,7 +85,6 @@ class Waveform:
         return self.num_frames / self.sample_rate
 
 
-
 # ------------------------------------------------------------------------------------------------------
 # files
 
@@ -96,15 +95,19 @@ class AudioFiles:
     # -- checks shared by files and in-memory waveforms ------------------------------------------------
     def _check_channel_count(self, count: int, where: str) -> None:
         if self.channels == "keep" and count != self.num_channels:
-            raise InputError(f"{where}: has {count} channel(s), the adapter keeps {self.num_channels} "
-                             f"(channels='keep', num_channels={self.num_channels})")
+            raise InputError(
+                f"{where}: has {count} channel(s), the adapter keeps {self.num_channels} "
+                f"(channels='keep', num_channels={self.num_channels})"
+            )
         if isinstance(self.channels, int) and not isinstance(self.channels, bool) and self.channels >= count:
             raise InputError(f"{where}: has {count} channel(s), the adapter takes channel {self.channels} (0-based)")
 
     def _check_rate(self, rate: int, where: str) -> None:
         if rate != self.sample_rate and not self.resample:
-            raise InputError(f"{where}: sample-rate mismatch: the audio is at {rate} Hz, the adapter's rate is "
-                             f"{self.sample_rate} Hz and resample=False")
+            raise InputError(
+                f"{where}: sample-rate mismatch: the audio is at {rate} Hz, the adapter's rate is "
+                f"{self.sample_rate} Hz and resample=False"
+            )
 
     @staticmethod
     def _check_finite(x: torch.Tensor, where: str, offset: int = 0) -> None:
@@ -114,8 +117,10 @@ class AudioFiles:
             bad = (~finite).nonzero()
             first = bad[torch.argmin(bad[:, 1] * x.shape[0] + bad[:, 0])]
             channel, sample = int(first[0]), int(first[1])
-            raise InputError(f"{where}: sample {offset + sample} (channel {channel}) is {float(x[channel, sample])}: "
-                             "audio samples must be finite")
+            raise InputError(
+                f"{where}: sample {offset + sample} (channel {channel}) is {float(x[channel, sample])}: "
+                "audio samples must be finite"
+            )
 
     # -- files -----------------------------------------------------------------------------------------
     def _open(self, path: str | os.PathLike):
@@ -130,8 +135,9 @@ class AudioFiles:
             handle = sf.SoundFile(path)
         except (RuntimeError, TypeError) as exc:
             reason = getattr(exc, "error_string", None) or str(exc)
-            raise CorruptFileError(f"{path}: not a readable audio file (libsndfile: {reason}); "
-                                   "expected WAV, FLAC or OGG") from None
+            raise CorruptFileError(
+                f"{path}: not a readable audio file (libsndfile: {reason}); expected WAV, FLAC or OGG"
+            ) from None
         try:
             self._check_header(handle, path)
         except BaseException:
@@ -145,8 +151,10 @@ class AudioFiles:
         # ("data : 64000 (should be 31956)"); a data length of 0xFFFFFFFF is a streaming writer's placeholder.
         cut = re.search(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", log, flags=re.MULTILINE)
         if cut and int(cut.group(1)) > int(cut.group(2)) and int(cut.group(1)) < 0xFFFFFF00:
-            raise CorruptFileError(f"{path}: truncated: its header declares {int(cut.group(1)):,} bytes of samples, "
-                                   f"the file holds {int(cut.group(2)):,}")
+            raise CorruptFileError(
+                f"{path}: truncated: its header declares {int(cut.group(1)):,} bytes of samples, "
+                f"the file holds {int(cut.group(2)):,}"
+            )
         if "ended unexpectedly" in log:
             raise CorruptFileError(f"{path}: truncated: the {handle.format} stream ends without its end marker")
         if handle.frames == 0:
@@ -163,8 +171,10 @@ class AudioFiles:
             except RuntimeError as exc:
                 reason = getattr(exc, "error_string", None) or str(exc)
                 stop = min(offset + block_frames, handle.frames)
-                raise CorruptFileError(f"{path}: corrupt or truncated: decoding failed within samples "
-                                       f"[{offset}, {stop}) of {handle.frames} (libsndfile: {reason})") from None
+                raise CorruptFileError(
+                    f"{path}: corrupt or truncated: decoding failed within samples "
+                    f"[{offset}, {stop}) of {handle.frames} (libsndfile: {reason})"
+                ) from None
             if len(data) == 0:
                 break
             block = torch.from_numpy(np.ascontiguousarray(data.T))
@@ -172,8 +182,9 @@ class AudioFiles:
             offset += block.shape[1]
             yield block
         if offset < handle.frames:
-            raise CorruptFileError(f"{path}: truncated: the header declares {handle.frames} frames, only {offset} "
-                                   "could be read")
+            raise CorruptFileError(
+                f"{path}: truncated: the header declares {handle.frames} frames, only {offset} could be read"
+            )
 
     @staticmethod
     def _check_block_frames(block_frames) -> int:
@@ -191,8 +202,9 @@ class AudioFiles:
             rate = handle.samplerate
         return Waveform(torch.cat(blocks, 1), rate, source=path)
 
-    def iter_windows(self, path: str | os.PathLike, window: int,
-                     block_frames: int = _DEFAULT_BLOCK_FRAMES) -> Iterator[torch.Tensor]:
+    def iter_windows(
+        self, path: str | os.PathLike, window: int, block_frames: int = _DEFAULT_BLOCK_FRAMES
+    ) -> Iterator[torch.Tensor]:
         """Encoded windows of ``window`` elements (token ids, or frames for continuous mode), the last one
         shorter; the file is read ``block_frames`` frames at a time. The file is opened and checked now;
         sample errors (NaN/inf, a cut-off stream) are raised when the iteration reaches them."""
@@ -219,15 +231,14 @@ class AudioFiles:
                     joined = torch.cat(pending, 0)
                     full = count - count % window if not final else count
                     for start in range(0, full, window):
-                        yield joined[start:start + window]
+                        yield joined[start : start + window]
                     pending = [joined[full:]] if full < count else []
                     count -= full
 
             for block in self._read_blocks(handle, path, block_frames):
                 y = self._select(block)
                 yield from pieces(resampler.push(y) if resampler else y, final=False)
-            yield from pieces(resampler.finish() if resampler else torch.zeros(self.out_channels, 0),
-                              final=True)
+            yield from pieces(resampler.finish() if resampler else torch.zeros(self.out_channels, 0), final=True)
 
     def write(self, path: str | os.PathLike, raw, sample_rate: int | None = None, subtype: str | None = None) -> None:
         """Write a waveform to ``path`` atomically; the format follows the extension (.wav, .flac, .ogg).
@@ -242,29 +253,35 @@ class AudioFiles:
         path = os.fspath(path)
         fmt = _FORMATS.get(os.path.splitext(path)[1].lower())
         if fmt is None:
-            raise ConfigError(f"{path}: cannot tell the audio format from the extension; use one of "
-                              f"{sorted(_FORMATS)}")
+            raise ConfigError(f"{path}: cannot tell the audio format from the extension; use one of {sorted(_FORMATS)}")
         if isinstance(raw, Waveform):
             wave = raw
             if sample_rate is not None and sample_rate != wave.sample_rate:
-                raise InputError(f"{path}: sample-rate mismatch: the waveform is at {wave.sample_rate} Hz, "
-                                 f"sample_rate={sample_rate} was asked; resample it first")
+                raise InputError(
+                    f"{path}: sample-rate mismatch: the waveform is at {wave.sample_rate} Hz, "
+                    f"sample_rate={sample_rate} was asked; resample it first"
+                )
         else:
             if isinstance(raw, torch.Tensor) and not raw.is_floating_point():
-                raise InputError(f"{path}: write takes float samples, got a {raw.dtype} tensor (decode token ids "
-                                 "with adapter.decode first)")
+                raise InputError(
+                    f"{path}: write takes float samples, got a {raw.dtype} tensor (decode token ids "
+                    "with adapter.decode first)"
+                )
             if sample_rate is not None and sample_rate != self.sample_rate:
-                raise InputError(f"{path}: sample-rate mismatch: these samples are at the adapter's rate "
-                                 f"{self.sample_rate} Hz, sample_rate={sample_rate} was asked; resample them or "
-                                 "pass a Waveform with its own rate")
+                raise InputError(
+                    f"{path}: sample-rate mismatch: these samples are at the adapter's rate "
+                    f"{self.sample_rate} Hz, sample_rate={sample_rate} was asked; resample them or "
+                    "pass a Waveform with its own rate"
+                )
             wave = Waveform(raw, self.sample_rate, source=path)
         if wave.num_frames == 0:
             raise InputError(f"{path}: refusing to write a waveform with no samples")
         self._check_finite(wave.samples, f"{path} (writing)")
         subtype = subtype or ("VORBIS" if fmt == "OGG" else "PCM_16")
         if not sf.check_format(fmt, subtype):
-            raise ConfigError(f"{path}: {fmt} files cannot hold subtype {subtype!r}; "
-                              f"available: {sorted(sf.available_subtypes(fmt))}")
+            raise ConfigError(
+                f"{path}: {fmt} files cannot hold subtype {subtype!r}; available: {sorted(sf.available_subtypes(fmt))}"
+            )
         samples = wave.samples.detach().cpu()
         if subtype not in ("FLOAT", "DOUBLE"):
             samples = samples.clamp(-1.0, 1.0)

@@ -25,7 +25,6 @@ def _torchaudio_functional():
     return taf
 
 
-
 class StreamingResampler:
     """``torchaudio.functional.resample`` fed piece by piece, with the whole-signal result.
 
@@ -43,10 +42,22 @@ class StreamingResampler:
     ``ceil(n_in * new / orig)`` samples. Memory is O(group + w) samples per channel.
     """
 
-    def __init__(self, orig_rate: int, new_rate: int, channels: int, group_frames: int = 32768,
-                 lowpass_filter_width: int = 6, rolloff: float = 0.99) -> None:
-        for name, value in (("orig_rate", orig_rate), ("new_rate", new_rate), ("channels", channels),
-                            ("group_frames", group_frames), ("lowpass_filter_width", lowpass_filter_width)):
+    def __init__(
+        self,
+        orig_rate: int,
+        new_rate: int,
+        channels: int,
+        group_frames: int = 32768,
+        lowpass_filter_width: int = 6,
+        rolloff: float = 0.99,
+    ) -> None:
+        for name, value in (
+            ("orig_rate", orig_rate),
+            ("new_rate", new_rate),
+            ("channels", channels),
+            ("group_frames", group_frames),
+            ("lowpass_filter_width", lowpass_filter_width),
+        ):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
                 raise ConfigError(f"StreamingResampler: {name} must be a positive int, got {value!r}")
         if not 0 < rolloff <= 1:
@@ -60,9 +71,11 @@ class StreamingResampler:
         self.width = math.ceil(self.lowpass_filter_width * self.o / (min(self.o, self.n) * self.rolloff)) + 1
         taps = self.n * (2 * self.width + self.o)
         if self.o != self.n and taps > _MAX_FILTER_TAPS:
-            raise ConfigError(f"resampling {self.orig_rate} Hz -> {self.new_rate} Hz: the rates' gcd is {gcd}, "
-                              f"so the polyphase filter would need {taps:,} taps; resample to a rate with a larger "
-                              "common divisor first")
+            raise ConfigError(
+                f"resampling {self.orig_rate} Hz -> {self.new_rate} Hz: the rates' gcd is {gcd}, "
+                f"so the polyphase filter would need {taps:,} taps; resample to a rate with a larger "
+                "common divisor first"
+            )
         self.left_blocks = -(-self.width // self.o)  # blocks of left context, so context >= width samples
         self.group = max(1, -(-int(group_frames) // self.o))
         self.segment_len = (self.left_blocks + self.group) * self.o + self.width
@@ -81,21 +94,23 @@ class StreamingResampler:
         return frames_in if self.passthrough else -(-frames_in * self.n // self.o)
 
     def _segment(self) -> torch.Tensor:
-        seg = self._buffer[:, :self.segment_len]
+        seg = self._buffer[:, : self.segment_len]
         if seg.shape[1] < self.segment_len:  # the end of the signal: zeros, as the whole-signal padding
             seg = torch.cat([seg, seg.new_zeros(self.channels, self.segment_len - seg.shape[1])], 1)
-        out = _torchaudio_functional().resample(seg, self.orig_rate, self.new_rate, self.lowpass_filter_width,
-                                                self.rolloff)
-        self._buffer = self._buffer[:, self.group * self.o:]
-        return out[:, self.left_blocks * self.n:(self.left_blocks + self.group) * self.n]
+        out = _torchaudio_functional().resample(
+            seg, self.orig_rate, self.new_rate, self.lowpass_filter_width, self.rolloff
+        )
+        self._buffer = self._buffer[:, self.group * self.o :]
+        return out[:, self.left_blocks * self.n : (self.left_blocks + self.group) * self.n]
 
     def push(self, x: torch.Tensor) -> torch.Tensor:
         """Take the next ``(channels, frames)`` input samples; return the outputs that are now final."""
         if self._finished:
             raise InputError("StreamingResampler.push after finish(): make a new resampler for a new signal")
         if x.dim() != 2 or x.shape[0] != self.channels or not x.is_floating_point():
-            raise InputError(f"StreamingResampler expects float ({self.channels}, frames) input, got "
-                             f"{tuple(x.shape)} {x.dtype}")
+            raise InputError(
+                f"StreamingResampler expects float ({self.channels}, frames) input, got {tuple(x.shape)} {x.dtype}"
+            )
         self.frames_in += int(x.shape[1])
         if self.passthrough:
             self.frames_out += int(x.shape[1])
@@ -126,4 +141,3 @@ class StreamingResampler:
         """The whole signal at once (the same bits as pushing it in pieces)."""
         head = self.push(x)
         return torch.cat([head, self.finish()], 1)
-

@@ -44,7 +44,24 @@ from .vocab import (
 )
 
 __all__ = [
-    "BOS", "COMPLEMENT", "EOS", "MASK", "PAD", "SPECIALS", "UNK", "VOCAB", "A", "C", "DNAAdapter", "G",
-    "MaskedBaseSource", "N", "RCAugmentedSource", "RCEquivariantLM", "T", "mask_bases", "reverse_complement",
+    "BOS",
+    "COMPLEMENT",
+    "EOS",
+    "MASK",
+    "PAD",
+    "SPECIALS",
+    "UNK",
+    "VOCAB",
+    "A",
+    "C",
+    "DNAAdapter",
+    "G",
+    "MaskedBaseSource",
+    "N",
+    "RCAugmentedSource",
+    "RCEquivariantLM",
+    "T",
+    "mask_bases",
+    "reverse_complement",
     "reverse_complement_logits",
 ]

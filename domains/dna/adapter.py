@@ -21,7 +21,7 @@ from .vocab import BOS, EOS, IUPAC_AMBIGUOUS, PAD, SPECIALS, TEXT_ENCODING, UNK,
 
 __all__ = ["DNAAdapter"]
 
-_BAD_LETTER = -1   # lookup-table codes that stop encoding with an error
+_BAD_LETTER = -1  # lookup-table codes that stop encoding with an error
 _BAD_IUPAC = -2
 
 
@@ -46,10 +46,14 @@ class DNAAdapter(DnaFiles, TokenAdapter):
     special_ids: ClassVar[tuple[int, ...]] = SPECIALS
     eos_id: ClassVar[int | None] = EOS
 
-    def __init__(self, iupac: str = "n", invalid: str = "error", lowercase: str = "upper",
-                 add_bos_eos: bool = False) -> None:
-        for field, value, allowed in (("iupac", iupac, ("n", "error")), ("invalid", invalid, ("error", "n", "unk")),
-                                      ("lowercase", lowercase, ("upper", "n"))):
+    def __init__(
+        self, iupac: str = "n", invalid: str = "error", lowercase: str = "upper", add_bos_eos: bool = False
+    ) -> None:
+        for field, value, allowed in (
+            ("iupac", iupac, ("n", "error")),
+            ("invalid", invalid, ("error", "n", "unk")),
+            ("lowercase", lowercase, ("upper", "n")),
+        ):
             if value not in allowed:
                 raise ConfigError(f"DNAAdapter.{field} must be one of {allowed}, got {value!r}")
         if not isinstance(add_bos_eos, bool):
@@ -58,8 +62,12 @@ class DNAAdapter(DnaFiles, TokenAdapter):
         self._lut = self._lookup_table()
 
     def settings(self) -> dict[str, Any]:
-        return {"iupac": self.iupac, "invalid": self.invalid, "lowercase": self.lowercase,
-                "add_bos_eos": self.add_bos_eos}
+        return {
+            "iupac": self.iupac,
+            "invalid": self.invalid,
+            "lowercase": self.lowercase,
+            "add_bos_eos": self.add_bos_eos,
+        }
 
     @property
     def input_spec(self) -> InputSpec:
@@ -86,10 +94,12 @@ class DNAAdapter(DnaFiles, TokenAdapter):
             pos = int(np.argmax(ids < 0))
             letter = text[pos]
             if ids[pos] == _BAD_IUPAC:
-                why = (f"ambiguous IUPAC code {letter!r} (iupac='error'; DNAAdapter(iupac='n') reads it as N)")
+                why = f"ambiguous IUPAC code {letter!r} (iupac='error'; DNAAdapter(iupac='n') reads it as N)"
             else:
-                why = (f"invalid letter {letter!r} (not a nucleotide or IUPAC code; DNAAdapter(invalid='n' or "
-                       "'unk') maps such letters instead of raising)")
+                why = (
+                    f"invalid letter {letter!r} (not a nucleotide or IUPAC code; DNAAdapter(invalid='n' or "
+                    "'unk') maps such letters instead of raising)"
+                )
             raise InputError(f"{where}: record {record}, position {offset + pos + 1} (1-based): {why}")
         soft = (raw >= ord("a")) & (raw <= ord("z"))
         return ids.astype(np.uint8), soft
@@ -97,12 +107,15 @@ class DNAAdapter(DnaFiles, TokenAdapter):
     def _wrap(self, ids: np.ndarray, soft: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if not self.add_bos_eos:
             return ids, soft
-        return (np.concatenate([np.array([BOS], np.uint8), ids, np.array([EOS], np.uint8)]),
-                np.concatenate([[False], soft, [False]]))
+        return (
+            np.concatenate([np.array([BOS], np.uint8), ids, np.array([EOS], np.uint8)]),
+            np.concatenate([[False], soft, [False]]),
+        )
 
     @staticmethod
     def _as_records(raw) -> list[tuple[str, str]]:
         """A str, an (id, sequence) pair, a SeqRecord, or an iterable of those -> [(id, sequence), ...]."""
+
         def one(item, index):
             if isinstance(item, str):
                 return f"#{index + 1}", item
@@ -110,17 +123,24 @@ class DNAAdapter(DnaFiles, TokenAdapter):
                 return str(item[0]), item[1]
             if hasattr(item, "seq") and hasattr(item, "id"):  # a Bio.SeqRecord
                 return str(item.id), str(item.seq)
-            raise InputError(f"DNA record {index + 1}: expected a str, an (id, sequence) pair or a SeqRecord, "
-                             f"got {type(item).__name__}")
+            raise InputError(
+                f"DNA record {index + 1}: expected a str, an (id, sequence) pair or a SeqRecord, "
+                f"got {type(item).__name__}"
+            )
 
-        if isinstance(raw, str) or (isinstance(raw, tuple) and len(raw) == 2 and isinstance(raw[1], str)) \
-                or hasattr(raw, "seq"):
+        if (
+            isinstance(raw, str)
+            or (isinstance(raw, tuple) and len(raw) == 2 and isinstance(raw[1], str))
+            or hasattr(raw, "seq")
+        ):
             return [one(raw, 0)]
         try:
             items = list(raw)
         except TypeError:
-            raise InputError(f"DNA input must be a str, an (id, sequence) pair, a SeqRecord or an iterable of "
-                             f"them, got {type(raw).__name__}") from None
+            raise InputError(
+                f"DNA input must be a str, an (id, sequence) pair, a SeqRecord or an iterable of "
+                f"them, got {type(raw).__name__}"
+            ) from None
         return [one(item, i) for i, item in enumerate(items)]
 
     def encode(self, raw, return_soft_mask: bool = False):
@@ -141,7 +161,7 @@ class DNAAdapter(DnaFiles, TokenAdapter):
         """ids -> letters. Specials are dropped (``specials=True`` writes them as ``<pad>``, ``<bos>``, ...);
         ``soft_mask`` (from ``encode(..., return_soft_mask=True)``) restores lower case."""
         ids = self.check_ids(torch.as_tensor(tensor).reshape(-1), "DNAAdapter.decode")
-        table = np.array(VOCAB if specials else ("",) * len(SPECIALS) + VOCAB[len(SPECIALS):], dtype=object)
+        table = np.array(VOCAB if specials else ("",) * len(SPECIALS) + VOCAB[len(SPECIALS) :], dtype=object)
         letters = table[ids.numpy()]
         if soft_mask is not None:
             soft_mask = torch.as_tensor(soft_mask).reshape(-1)
@@ -183,9 +203,11 @@ class DNAAdapter(DnaFiles, TokenAdapter):
         if mode not in ("ps", "conjoin"):
             raise ConfigError(f"rc_equivariant must be False, True, 'ps' or 'conjoin', got {rc_equivariant!r}")
         if not config.bidirectional:
-            raise ConfigError("rc_equivariant needs BackboneConfig(bidirectional=True): an RC-equivariant model "
-                              "sees both strands, hence the whole sequence, so it is trained as a masked LM; "
-                              "a causal next-base model cannot be RC-equivariant")
+            raise ConfigError(
+                "rc_equivariant needs BackboneConfig(bidirectional=True): an RC-equivariant model "
+                "sees both strands, hence the whole sequence, so it is trained as a masked LM; "
+                "a causal next-base model cannot be RC-equivariant"
+            )
         wrapped = RCEquivariantLM(model, mode)
         wrapped.adapter_info = {**self.info(), "model": {"rc_equivariant": mode}}
         return wrapped

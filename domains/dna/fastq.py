@@ -36,9 +36,11 @@ def fastq_records(handle, path: str) -> Iterator[tuple[str, str]]:
             line = next(lines, None)
         except (OSError, EOFError, zlib.error) as exc:
             where = f"in record #{count + 1} ({rid!r}, from line {start})" if start else after_record(count, last)
-            raise CorruptFileError(f"{path}: corrupt gzip stream {where}, after line {number}: {exc} (bases "
-                                   "decoded before it may be wrong too: the gzip checksum covers the whole "
-                                   "stream)") from None
+            raise CorruptFileError(
+                f"{path}: corrupt gzip stream {where}, after line {number}: {exc} (bases "
+                "decoded before it may be wrong too: the gzip checksum covers the whole "
+                "stream)"
+            ) from None
         if line is not None:
             number += 1
         return line
@@ -68,8 +70,7 @@ def fastq_records(handle, path: str) -> Iterator[tuple[str, str]]:
         while True:
             line = read()
             if line is None:
-                raise fail(number, "the file ends before the record's '+' line (truncated, or the '+' line is "
-                                   "missing)")
+                raise fail(number, "the file ends before the record's '+' line (truncated, or the '+' line is missing)")
             if line[0] == "+":
                 break
             sequence.append((number, line.rstrip()))
@@ -95,9 +96,11 @@ def fastq_records(handle, path: str) -> Iterator[tuple[str, str]]:
         if bad is not None:
             raise fail(bad[0], f"non-ASCII character {bad[1]!r} in the quality")
         if held != length:
-            raise fail(quality[0][0] if quality else plus,
-                       f"the quality has {held} characters, the sequence {length} (they must be equal; "
-                       "truncated or damaged record)")
+            raise fail(
+                quality[0][0] if quality else plus,
+                f"the quality has {held} characters, the sequence {length} (they must be equal; "
+                "truncated or damaged record)",
+            )
         bad = first_bad(quality, lambda c: not 33 <= ord(c) <= 126)
         if bad is not None:
             raise fail(bad[0], f"quality character {bad[1]!r} is outside '!'..'~' (ASCII 33-126)")

@@ -28,7 +28,7 @@ from .vocab import BOS, EOS, TEXT_ENCODING
 
 __all__ = ["DnaFiles"]
 
-_CHUNK_CHARS = 1 << 16      # the line reader encodes about this many bases at a time
+_CHUNK_CHARS = 1 << 16  # the line reader encodes about this many bases at a time
 
 
 class DnaFiles:
@@ -70,8 +70,10 @@ class DnaFiles:
             return "fasta"
         if first == "@":
             return "fastq"
-        raise CorruptFileError(f"{path}: not FASTA or FASTQ: the first line starts with {first!r} (FASTA records "
-                               "start with '>', FASTQ records with '@')")
+        raise CorruptFileError(
+            f"{path}: not FASTA or FASTQ: the first line starts with {first!r} (FASTA records "
+            "start with '>', FASTQ records with '@')"
+        )
 
     def _format(self, path: str, format: str | None) -> str:
         found = self.detect_format(path)
@@ -119,8 +121,9 @@ class DnaFiles:
             out.append((rid, seq))
         return out
 
-    def iter_windows(self, path: str | os.PathLike, window: int, format: str | None = None,
-                     return_soft_mask: bool = False) -> Iterator[torch.Tensor]:
+    def iter_windows(
+        self, path: str | os.PathLike, window: int, format: str | None = None, return_soft_mask: bool = False
+    ) -> Iterator[torch.Tensor]:
         """Encoded ids of the whole file in windows of ``window`` (the last may be shorter), across records.
 
         FASTA goes through a line reader that holds about 64 k bases at a time, however long the record;
@@ -142,8 +145,9 @@ class DnaFiles:
             all_ids, all_soft = np.concatenate(buf_ids), np.concatenate(buf_soft)
             stop = (held // window) * window
             for start in range(0, stop, window):
-                yield self._window_out(all_ids[start:start + window], all_soft[start:start + window],
-                                       return_soft_mask)
+                yield self._window_out(
+                    all_ids[start : start + window], all_soft[start : start + window], return_soft_mask
+                )
             buf_ids, buf_soft, held = [all_ids[stop:]], [all_soft[stop:]], held - stop
         if held:
             yield self._window_out(np.concatenate(buf_ids), np.concatenate(buf_soft), return_soft_mask)
@@ -158,8 +162,9 @@ class DnaFiles:
         for index, (rid, seq) in enumerate(self.records(path, format)):
             yield self._wrap(*self._encode_text(seq, record_name(rid, index), path))
 
-    def iter_records(self, path: str | os.PathLike, window: int,
-                     format: str | None = None) -> Iterator[tuple[str, Iterator[torch.Tensor]]]:
+    def iter_records(
+        self, path: str | os.PathLike, window: int, format: str | None = None
+    ) -> Iterator[tuple[str, Iterator[torch.Tensor]]]:
         """Stream ``(record id, windows of that record's encoded ids)`` pairs; a FASTA record is never held
         whole (chromosome-scale records stream through the line reader). Consume each record's windows
         before asking for the next record (``seqlab.pipelines.ingest`` does); ``torch.cat`` of a record's
@@ -169,8 +174,10 @@ class DnaFiles:
         path = os.fspath(path)
         fmt = self._format(path, format)
         if fmt == "fastq":
-            pieces = ((index, rid, self._wrap(*self._encode_text(seq, record_name(rid, index), path))[0])
-                      for index, (rid, seq) in enumerate(self.records(path, format)))
+            pieces = (
+                (index, rid, self._wrap(*self._encode_text(seq, record_name(rid, index), path))[0])
+                for index, (rid, seq) in enumerate(self.records(path, format))
+            )
         else:
             pieces = ((index, rid, ids) for index, rid, ids, _ in self._fasta_pieces(path, with_records=True))
         current: list = [next(pieces, None)]
@@ -185,7 +192,7 @@ class DnaFiles:
                     ids = np.concatenate(buf)
                     stop = (held // window) * window
                     for start in range(0, stop, window):
-                        yield torch.from_numpy(ids[start:start + window].astype(np.int64))
+                        yield torch.from_numpy(ids[start : start + window].astype(np.int64))
                     buf, held = [ids[stop:]], held - stop
             if held:
                 yield torch.from_numpy(np.concatenate(buf).astype(np.int64))
@@ -245,9 +252,11 @@ class DnaFiles:
                     if held >= _CHUNK_CHARS:
                         yield tag(flush())
             except (OSError, EOFError, zlib.error) as exc:
-                raise CorruptFileError(f"{path}: corrupt gzip stream in record {name or '(none yet)'}, after line "
-                                       f"{number}: {exc} (bases decoded before it may be wrong too: the gzip "
-                                       "checksum covers the whole stream)") from None
+                raise CorruptFileError(
+                    f"{path}: corrupt gzip stream in record {name or '(none yet)'}, after line "
+                    f"{number}: {exc} (bases decoded before it may be wrong too: the gzip "
+                    "checksum covers the whole stream)"
+                ) from None
             if index >= 0:
                 yield tag(close_record())
         if count == 0:
@@ -269,7 +278,8 @@ class DnaFiles:
             self._encode_text(seq, record_name(rid, index), path)
         text = io.StringIO()
         FastaWriter(text, wrap=line_width).write_file(
-            SeqRecord(Seq(seq), id=rid, description="") for rid, seq in records)
+            SeqRecord(Seq(seq), id=rid, description="") for rid, seq in records
+        )
         data = text.getvalue().encode(TEXT_ENCODING)
         if path.endswith(".gz"):
             data = gzip.compress(data, mtime=0)

@@ -68,8 +68,10 @@ class RCEquivariantLM(nn.Module):
         from seqlab.models import ModelOutput
 
         if state is not None:
-            raise StateError("an RC-equivariant model sees both strands of the whole sequence and has no streaming "
-                             "state: call it with state=None")
+            raise StateError(
+                "an RC-equivariant model sees both strands of the whole sequence and has no streaming "
+                "state: call it with state=None"
+            )
         lm = self.model
         input_ids = lm._check_ids(input_ids, 2)
         both_ids = torch.cat([input_ids, self._rc_ids(input_ids)], 0)

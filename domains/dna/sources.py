@@ -13,8 +13,11 @@ from .vocab import MASK, A, reverse_complement
 __all__ = ["MaskedBaseSource", "RCAugmentedSource", "mask_bases"]
 
 
-def mask_bases(ids: torch.Tensor, rate: float = 0.15, generator: torch.Generator | None = None,
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_bases(
+    ids: torch.Tensor,
+    rate: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked-LM pair: ``(inputs, targets)`` with about ``rate`` of the base positions replaced by ``<mask>``
     in ``inputs``; ``targets`` holds the true id there and -100 elsewhere (ignored by loss and metric)."""
     if not 0 < rate <= 1:
@@ -36,10 +39,12 @@ class MaskedBaseSource(ArraySource):
         self.rate, self.seed = rate, int(seed)
         batch_size = int(batch_size)
         length = ids.numel() // batch_size
-        self._setup(ids, ids[:length * batch_size].reshape(batch_size, length), batch_size, window)
+        self._setup(ids, ids[: length * batch_size].reshape(batch_size, length), batch_size, window)
         if self.num_windows == 0:
-            raise InputError(f"MaskedBaseSource: {ids.numel()} ids are too few for one window of {window} in each "
-                             f"of {batch_size} rows")
+            raise InputError(
+                f"MaskedBaseSource: {ids.numel()} ids are too few for one window of {window} in each "
+                f"of {batch_size} rows"
+            )
 
     def window(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.span(index)
@@ -57,8 +62,10 @@ class RCAugmentedSource:
         if not 0 <= p <= 1:
             raise ConfigError(f"RCAugmentedSource p must be in [0, 1], got {p!r}")
         if not isinstance(source, WindowSource):
-            raise ConfigError(f"RCAugmentedSource wraps a training source (a WindowSource such as SequenceSource), "
-                              f"got {type(source).__name__}")
+            raise ConfigError(
+                f"RCAugmentedSource wraps a training source (a WindowSource such as SequenceSource), "
+                f"got {type(source).__name__}"
+            )
         self.source, self.p, self.seed = source, p, int(seed)
         self.batch_size, self.num_windows = source.batch_size, source.num_windows
 

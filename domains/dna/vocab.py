@@ -7,8 +7,24 @@ import torch
 
 from seqlab.errors import InputError
 
-__all__ = ["A", "BOS", "C", "COMPLEMENT", "EOS", "G", "IUPAC_AMBIGUOUS", "MASK", "N", "PAD", "SPECIALS", "T", "UNK",
-           "VOCAB", "reverse_complement", "reverse_complement_logits"]
+__all__ = [
+    "A",
+    "BOS",
+    "C",
+    "COMPLEMENT",
+    "EOS",
+    "G",
+    "IUPAC_AMBIGUOUS",
+    "MASK",
+    "N",
+    "PAD",
+    "SPECIALS",
+    "T",
+    "UNK",
+    "VOCAB",
+    "reverse_complement",
+    "reverse_complement_logits",
+]
 
 # The vocabulary is fixed (checkpoints depend on it): ids 0-4 are specials, 5-9 the bases.
 VOCAB = ("<pad>", "<mask>", "<unk>", "<bos>", "<eos>", "A", "C", "G", "T", "N")
@@ -45,6 +61,8 @@ def reverse_complement_logits(logits: torch.Tensor) -> torch.Tensor:
     """The reverse complement of per-position vocabulary scores (b, l, vocab): reverse the length axis and
     permute the vocabulary channels by the complement, so that ``argmax`` commutes with ``reverse_complement``."""
     if logits.shape[-1] != len(VOCAB):
-        raise InputError(f"reverse_complement_logits needs a last axis of {len(VOCAB)} vocabulary scores, "
-                         f"got shape {tuple(logits.shape)}")
+        raise InputError(
+            f"reverse_complement_logits needs a last axis of {len(VOCAB)} vocabulary scores, "
+            f"got shape {tuple(logits.shape)}"
+        )
     return logits.flip(-2)[..., _complement_table(logits.device)]

@@ -24,5 +24,4 @@ from .adapter import MemoryStreamAdapter
 from .decoder import StreamDecoder
 from .events import CONTENT, END, EVENT, META, TIME, Event, encode_event
 
-__all__ = ["CONTENT", "END", "EVENT", "META", "TIME", "Event", "MemoryStreamAdapter", "StreamDecoder",
-           "encode_event"]
+__all__ = ["CONTENT", "END", "EVENT", "META", "TIME", "Event", "MemoryStreamAdapter", "StreamDecoder", "encode_event"]

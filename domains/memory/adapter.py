@@ -93,7 +93,7 @@ class MemoryStreamAdapter(TokenAdapter):
             raise InputError("prompt: expected the ids of one event header (from prompt_for)")
         text = ids_to_bytes(generated, "generated")
         cut = _MARKER.search(text)
-        content = text[:cut.start() if cut else len(text)].decode("utf-8", errors="replace")
+        content = text[: cut.start() if cut else len(text)].decode("utf-8", errors="replace")
         return dataclasses.replace(events[0], content=content)
 
     # -- files ---------------------------------------------------------------------------------------------
@@ -111,8 +111,9 @@ class MemoryStreamAdapter(TokenAdapter):
             return _iter_jsonl(path)
         return (event for _, events in _iter_stream(path, _READ_CHUNK) for event in events)
 
-    def iter_windows(self, path: str | os.PathLike, window: int, format: str | None = None,
-                     **options) -> Iterator[torch.Tensor]:
+    def iter_windows(
+        self, path: str | os.PathLike, window: int, format: str | None = None, **options
+    ) -> Iterator[torch.Tensor]:
         """The encoded stream of the file's events, ``window`` byte ids at a time (the last may be shorter)."""
         window = _check_window(window)
         path = os.fspath(path)
@@ -128,7 +129,7 @@ class MemoryStreamAdapter(TokenAdapter):
             if len(buffer) >= window:
                 full = len(buffer) - len(buffer) % window
                 for start in range(0, full, window):
-                    yield bytes_to_ids(bytes(buffer[start:start + window]))
+                    yield bytes_to_ids(bytes(buffer[start : start + window]))
                 del buffer[:full]
         if buffer:
             yield bytes_to_ids(bytes(buffer))

@@ -39,12 +39,15 @@ class StreamDecoder:
 
     def _error(self, position: int, message: str) -> InputError:
         """``position``: counted from the start of the event being read."""
-        return InputError(f"{self.where}: event {self.events} (starting at byte {self.offset}), byte offset "
-                          f"{self.offset + position}: {message}")
+        return InputError(
+            f"{self.where}: event {self.events} (starting at byte {self.offset}), byte offset "
+            f"{self.offset + position}: {message}"
+        )
 
     def _outside(self, buffer: bytearray, start: int) -> InputError:
-        return self._error(0, f"byte 0x{buffer[start]:02X} outside an event (an event starts with "
-                              f"{_marker_name(EVENT)})")
+        return self._error(
+            0, f"byte 0x{buffer[start]:02X} outside an event (an event starts with {_marker_name(EVENT)})"
+        )
 
     def feed(self, data) -> list[Event]:
         if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -65,12 +68,15 @@ class StreamDecoder:
                 raise self._outside(buffer, start)
             expected = _ORDER[len(self._markers)]
             if byte != expected:
-                raise self._error(position - start, f"found {_marker_name(byte)} where {_marker_name(expected)} "
-                                  "was expected" + (" (the event was never closed)" if byte == EVENT else ""))
+                raise self._error(
+                    position - start,
+                    f"found {_marker_name(byte)} where {_marker_name(expected)} "
+                    "was expected" + (" (the event was never closed)" if byte == EVENT else ""),
+                )
             self._markers.append(position)
             self._scan = position + 1
             if byte == END:
-                done.append(self._parse(bytes(buffer[start:position + 1]), [p - start for p in self._markers]))
+                done.append(self._parse(bytes(buffer[start : position + 1]), [p - start for p in self._markers]))
                 self.events += 1
                 self.offset += position + 1 - start
                 start, self._markers = position + 1, []
@@ -91,12 +97,13 @@ class StreamDecoder:
         role = self._field(data, 1, t, "role")
         if not role:
             raise self._error(1, "the role is empty")
-        time_text = data[t + 1:m]
+        time_text = data[t + 1 : m]
         if not _TIME_TEXT.fullmatch(time_text):
             raise self._error(t + 1, f"the time {time_text[:40]!r} is not a decimal number of seconds")
         meta_text = self._field(data, m + 1, c, "metadata")
         metadata = None
         if meta_text:
+
             def no_constant(name):
                 raise ValueError(f"{name} is not JSON")
 
@@ -121,6 +128,9 @@ class StreamDecoder:
             raise ConfigError(f"partial must be 'raise' or 'drop', got {partial!r}")
         if self._buffer and partial == "raise":
             expected = _ORDER[len(self._markers)]
-            raise self._error(len(self._buffer), f"the stream ends inside an event ({len(self._buffer)} bytes, "
-                                                 f"waiting for {_marker_name(expected)}); "
-                                                 "decode with partial='drop' to keep the complete events")
+            raise self._error(
+                len(self._buffer),
+                f"the stream ends inside an event ({len(self._buffer)} bytes, "
+                f"waiting for {_marker_name(expected)}); "
+                "decode with partial='drop' to keep the complete events",
+            )

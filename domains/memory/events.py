@@ -35,8 +35,9 @@ def _check_text(value, field: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise InputError(f"Event.{field}: character {exc.start} ({value[exc.start]!r}) has no UTF-8 form "
-                         f"({exc.reason})") from None
+        raise InputError(
+            f"Event.{field}: character {exc.start} ({value[exc.start]!r}) has no UTF-8 form ({exc.reason})"
+        ) from None
     return value
 
 
@@ -61,8 +62,10 @@ def _check_json(value, where: str) -> None:
             _check_text(key, f"{where} key")
             _check_json(item, f"{where}[{key!r}]")
         return
-    raise InputError(f"Event.{where} is a {type(value).__name__}: metadata holds only JSON values "
-                     "(dict with str keys, list, str, int, float, bool, None)")
+    raise InputError(
+        f"Event.{where} is a {type(value).__name__}: metadata holds only JSON values "
+        "(dict with str keys, list, str, int, float, bool, None)"
+    )
 
 
 def _as_timestamp(value) -> float:
@@ -72,8 +75,10 @@ def _as_timestamp(value) -> float:
         value = float(value)
     elif isinstance(value, _dt.datetime):
         if value.tzinfo is None or value.utcoffset() is None:
-            raise InputError(f"Event.time {value.isoformat()} has no time zone: give an aware datetime "
-                             "(e.g. tzinfo=datetime.timezone.utc)")
+            raise InputError(
+                f"Event.time {value.isoformat()} has no time zone: give an aware datetime "
+                "(e.g. tzinfo=datetime.timezone.utc)"
+            )
         value = value.timestamp()
     elif isinstance(value, str):
         text = value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value
@@ -83,8 +88,10 @@ def _as_timestamp(value) -> float:
             raise InputError(f"Event.time {value!r} is not an ISO-8601 date-time") from None
         return _as_timestamp(parsed)
     else:
-        raise InputError(f"Event.time must be seconds since the Unix epoch (float), an aware datetime or an "
-                         f"ISO-8601 string, got {type(value).__name__}")
+        raise InputError(
+            f"Event.time must be seconds since the Unix epoch (float), an aware datetime or an "
+            f"ISO-8601 string, got {type(value).__name__}"
+        )
     if not math.isfinite(value):
         raise InputError(f"Event.time must be finite, got {value}")
     return value
@@ -132,8 +139,10 @@ class Event:
         missing = sorted({"role", "content", "time"} - set(record))
         unknown = sorted(set(record) - _EVENT_KEYS)
         if missing or unknown:
-            raise InputError(f"event record has missing keys {missing} / unknown keys {unknown}; the keys are "
-                             "role, content, time and optionally metadata")
+            raise InputError(
+                f"event record has missing keys {missing} / unknown keys {unknown}; the keys are "
+                "role, content, time and optionally metadata"
+            )
         return cls(record["role"], record["content"], record["time"], record.get("metadata"))
 
 
@@ -144,8 +153,17 @@ def _metadata_bytes(metadata: dict | None) -> bytes:
 
 
 def _header(role: str, time: float, metadata: dict | None) -> bytes:
-    return b"".join((bytes((EVENT,)), role.encode("utf-8"), bytes((TIME,)), repr(time).encode("ascii"),
-                     bytes((META,)), _metadata_bytes(metadata), bytes((CONTENT,))))
+    return b"".join(
+        (
+            bytes((EVENT,)),
+            role.encode("utf-8"),
+            bytes((TIME,)),
+            repr(time).encode("ascii"),
+            bytes((META,)),
+            _metadata_bytes(metadata),
+            bytes((CONTENT,)),
+        )
+    )
 
 
 def encode_event(event: Event) -> bytes:

@@ -36,8 +36,7 @@ def _iter_jsonl(path: str) -> Iterator[Event]:
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise InputError(f"{where}: invalid UTF-8 at byte offset {start + exc.start} ({exc.reason})") \
-                    from None
+                raise InputError(f"{where}: invalid UTF-8 at byte offset {start + exc.start} ({exc.reason})") from None
             try:
                 record = json.loads(text)
             except ValueError as exc:

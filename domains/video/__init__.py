@@ -33,5 +33,13 @@ from .files import IMAGE_SUFFIXES, natural_key
 from .model import PatchHead, TubeletEmbedding, VideoModel
 from .sources import VideoSource, moving_square_clips
 
-__all__ = ["IMAGE_SUFFIXES", "PatchHead", "TubeletEmbedding", "VideoAdapter", "VideoModel", "VideoSource",
-           "moving_square_clips", "natural_key"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "PatchHead",
+    "TubeletEmbedding",
+    "VideoAdapter",
+    "VideoModel",
+    "VideoSource",
+    "moving_square_clips",
+    "natural_key",
+]

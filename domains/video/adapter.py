@@ -33,6 +33,7 @@ def _int_tuple(value, n: int, name: str) -> tuple[int, ...]:
         raise ConfigError(f"VideoAdapter.{name} must hold positive ints, got {value!r}")
     return tuple(int(v) for v in value)
 
+
 @register_adapter
 class VideoAdapter(VideoFiles, Adapter):
     """Video clips of ``frame_size`` (H, W) and ``channels`` (1 grey, 2 grey + alpha, 3 RGB, 4 RGBA), embedded
@@ -45,9 +46,15 @@ class VideoAdapter(VideoFiles, Adapter):
 
     name: ClassVar[str] = "video"
 
-    def __init__(self, frame_size: Sequence[int] = (64, 64), channels: int = 3,
-                 tubelet: Sequence[int] = (1, 8, 8), task: str = "next_frame", num_classes: int | None = None,
-                 embed_dim: int = 32) -> None:
+    def __init__(
+        self,
+        frame_size: Sequence[int] = (64, 64),
+        channels: int = 3,
+        tubelet: Sequence[int] = (1, 8, 8),
+        task: str = "next_frame",
+        num_classes: int | None = None,
+        embed_dim: int = 32,
+    ) -> None:
         self.frame_size = _int_tuple(frame_size, 2, "frame_size")
         self.tubelet = _int_tuple(tubelet, 3, "tubelet")
         if channels not in _PIL_MODE or isinstance(channels, bool):
@@ -60,8 +67,9 @@ class VideoAdapter(VideoFiles, Adapter):
             if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
                 raise ConfigError(f"VideoAdapter(task='classify') needs num_classes >= 2, got {num_classes!r}")
         elif num_classes is not None:
-            raise ConfigError(f"VideoAdapter.num_classes is for task='classify', got {num_classes!r} with "
-                              f"task={task!r}")
+            raise ConfigError(
+                f"VideoAdapter.num_classes is for task='classify', got {num_classes!r} with task={task!r}"
+            )
         self.num_classes = num_classes
         if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim <= 0:
             raise ConfigError(f"VideoAdapter.embed_dim must be a positive int, got {embed_dim!r}")
@@ -72,8 +80,14 @@ class VideoAdapter(VideoFiles, Adapter):
 
     # -- identity --------------------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
-        return {"frame_size": list(self.frame_size), "channels": self.channels, "tubelet": list(self.tubelet),
-                "task": self.task, "num_classes": self.num_classes, "embed_dim": self.embed_dim}
+        return {
+            "frame_size": list(self.frame_size),
+            "channels": self.channels,
+            "tubelet": list(self.tubelet),
+            "task": self.task,
+            "num_classes": self.num_classes,
+            "embed_dim": self.embed_dim,
+        }
 
     @property
     def metric_name(self) -> str:  # type: ignore[override]
@@ -110,8 +124,10 @@ class VideoAdapter(VideoFiles, Adapter):
         ``unpatchify``. ``T`` must be a multiple of the tubelet's ``t``."""
         t, ph, pw = self.tubelet
         if frames.shape[-4] % t:
-            raise InputError(f"the video has {frames.shape[-4]} frames, not a multiple of the tubelet's t={t}: "
-                             f"trim it to {frames.shape[-4] - frames.shape[-4] % t} frames")
+            raise InputError(
+                f"the video has {frames.shape[-4]} frames, not a multiple of the tubelet's t={t}: "
+                f"trim it to {frames.shape[-4] - frames.shape[-4] % t} frames"
+            )
         return rearrange(frames, "... (s t) (gh ph) (gw pw) c -> ... s (gh gw t ph pw c)", t=t, ph=ph, pw=pw)
 
     def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
@@ -120,21 +136,23 @@ class VideoAdapter(VideoFiles, Adapter):
             raise InputError(f"patches have width {patches.shape[-1]}, this adapter's is {self.width}")
         t, ph, pw = self.tubelet
         gh, gw = self.frame_size[0] // ph, self.frame_size[1] // pw
-        return rearrange(patches, "... s (gh gw t ph pw c) -> ... (s t) (gh ph) (gw pw) c",
-                         gh=gh, gw=gw, t=t, ph=ph, pw=pw)
+        return rearrange(
+            patches, "... s (gh gw t ph pw c) -> ... (s t) (gh ph) (gw pw) c", gh=gh, gw=gw, t=t, ph=ph, pw=pw
+        )
 
     def _frames_to_float(self, frames: torch.Tensor, where: str, batched: bool = False) -> torch.Tensor:
         h, w = self.frame_size
         dims = 5 if batched else 4
         if frames.dim() != dims or tuple(frames.shape[-3:]) != (h, w, self.channels):
             layout = "(batch, T, H, W, C)" if batched else "(T, H, W, C)"
-            raise InputError(f"{where}: frames must be {layout} with H, W, C = {h}, {w}, {self.channels}, got "
-                             f"shape {tuple(frames.shape)}")
+            raise InputError(
+                f"{where}: frames must be {layout} with H, W, C = {h}, {w}, {self.channels}, got "
+                f"shape {tuple(frames.shape)}"
+            )
         if frames.dtype == torch.uint8:
             return frames.float() / 255.0
         if not frames.is_floating_point():
-            raise InputError(f"{where}: frames have dtype {frames.dtype}; give uint8 pixels or float pixels in "
-                             "[0, 1]")
+            raise InputError(f"{where}: frames have dtype {frames.dtype}; give uint8 pixels or float pixels in [0, 1]")
         bad = ~torch.isfinite(frames)
         kind = "not finite"
         if not bool(bad.any()):
@@ -144,8 +162,10 @@ class VideoAdapter(VideoFiles, Adapter):
             idx = tuple(int(i) for i in bad.nonzero()[0])
             prefix = f"clip {idx[0]}, " if batched else ""
             f, y, x, c = idx[-4:]
-            raise InputError(f"{where}: {prefix}frame {f} has value {float(frames[idx])} at (row {y}, column {x}, "
-                             f"channel {c}): {kind}")
+            raise InputError(
+                f"{where}: {prefix}frame {f} has value {float(frames[idx])} at (row {y}, column {x}, "
+                f"channel {c}): {kind}"
+            )
         return frames
 
     # -- the modality ----------------------------------------------------------------------------------
@@ -153,8 +173,10 @@ class VideoAdapter(VideoFiles, Adapter):
         """Frames (T, H, W, C) (numpy or torch; uint8, or float in [0, 1]; (T, H, W) when channels=1) ->
         patches (S, width) float32 on the [0, 1] scale."""
         if isinstance(raw, (str, os.PathLike)):
-            raise InputError(f"encode takes frames, got the path {os.fspath(raw)!r}: read a file with "
-                             "adapter.read(path) or stream it with adapter.iter_windows(path, window)")
+            raise InputError(
+                f"encode takes frames, got the path {os.fspath(raw)!r}: read a file with "
+                "adapter.read(path) or stream it with adapter.iter_windows(path, window)"
+            )
         if isinstance(raw, (list, tuple)):
             raw = self._stack(raw)
         frames = _Frames(self, raw)
@@ -166,8 +188,10 @@ class VideoAdapter(VideoFiles, Adapter):
         arrays = [f.detach().cpu().numpy() if isinstance(f, torch.Tensor) else np.asarray(f) for f in frames]
         for i, a in enumerate(arrays):
             if a.shape != arrays[0].shape or a.dtype != arrays[0].dtype:
-                raise InputError(f"frames[{i}] has shape {a.shape} and dtype {a.dtype}, frames[0] has "
-                                 f"{arrays[0].shape} and {arrays[0].dtype}")
+                raise InputError(
+                    f"frames[{i}] has shape {a.shape} and dtype {a.dtype}, frames[0] has "
+                    f"{arrays[0].shape} and {arrays[0].dtype}"
+                )
         return np.stack(arrays)
 
     def _encode_chunk(self, chunk: np.ndarray) -> torch.Tensor:
@@ -181,8 +205,9 @@ class VideoAdapter(VideoFiles, Adapter):
         if hasattr(tensor, "output"):
             tensor = tensor.output
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.dim() not in (2, 3):
-            what = (f"{tensor.dtype} {tuple(tensor.shape)}" if isinstance(tensor, torch.Tensor)
-                    else type(tensor).__name__)
+            what = (
+                f"{tensor.dtype} {tuple(tensor.shape)}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            )
             raise InputError(f"decode takes float patches (S, width) or (b, S, width), got {what}")
         if torch.isnan(tensor).any():
             idx = tuple(int(i) for i in torch.isnan(tensor).nonzero()[0])
@@ -203,13 +228,16 @@ class VideoAdapter(VideoFiles, Adapter):
         """Run a causal ``model`` over a long video ``window`` steps at a time with the state carried; yields one
         ``ModelOutput`` per window (its ``.state`` continues the video). Equal to one pass over the whole video."""
         if model.config.bidirectional:
-            raise StateError("a bidirectional video model cannot stream a video window by window: it needs the "
-                             "whole clip at once (model(clip) with state=None)")
+            raise StateError(
+                "a bidirectional video model cannot stream a video window by window: it needs the "
+                "whole clip at once (model(clip) with state=None)"
+            )
         from seqlab.streaming import stream_pieces
 
         # the one streaming routine; gradients as the caller has them (a training loop may stream too)
-        steps = stream_pieces(model, self.iter_windows(source, window), state=state, adapter=self,
-                              grad=torch.is_grad_enabled())
+        steps = stream_pieces(
+            model, self.iter_windows(source, window), state=state, adapter=self, grad=torch.is_grad_enabled()
+        )
         for step in steps:
             yield step.output
 
@@ -226,13 +254,16 @@ class VideoAdapter(VideoFiles, Adapter):
                 raise InputError(f"predicted patches {tuple(pred.shape)} and targets {tuple(targets.shape)} differ")
             return F.mse_loss(pred, targets.float())
         labels = self._labels(pred, targets)
-        return F.cross_entropy(rearrange(pred, "b s k -> (b s) k"),
-                               labels[:, None].expand(-1, pred.shape[1]).reshape(-1))
+        return F.cross_entropy(
+            rearrange(pred, "b s k -> (b s) k"), labels[:, None].expand(-1, pred.shape[1]).reshape(-1)
+        )
 
     def _labels(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if logits.dim() != 3 or targets.dim() != 1 or targets.shape[0] != logits.shape[0]:
-            raise InputError(f"classify needs logits (b, steps, {self.num_classes}) and labels (b,), got "
-                             f"{tuple(logits.shape)} and {tuple(targets.shape)}")
+            raise InputError(
+                f"classify needs logits (b, steps, {self.num_classes}) and labels (b,), got "
+                f"{tuple(logits.shape)} and {tuple(targets.shape)}"
+            )
         bad = (targets < 0) | (targets >= self.num_classes)
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
@@ -255,8 +286,7 @@ class VideoAdapter(VideoFiles, Adapter):
             pred = self._output(output).float()
             if self.task == "next_frame":
                 if pred.shape != targets.shape:
-                    raise InputError(f"predicted patches {tuple(pred.shape)} and targets {tuple(targets.shape)} "
-                                     "differ")
+                    raise InputError(f"predicted patches {tuple(pred.shape)} and targets {tuple(targets.shape)} differ")
                 return ((pred - targets.float()) ** 2).mean(-1)
             labels = self._labels(pred, targets)
             return (F.cross_entropy(pred[:, -1], labels, reduction="none") / math.log(2))[:, None]
@@ -293,7 +323,7 @@ class VideoAdapter(VideoFiles, Adapter):
         frame of the current one. A model must beat this to have learned motion."""
         frames = self.unpatchify(inputs.float())
         t = self.tubelet[0]
-        last = frames[..., t - 1::t, :, :, :]
+        last = frames[..., t - 1 :: t, :, :, :]
         guess = self.patchify(torch.repeat_interleave(last, t, dim=-4))
         return float(F.mse_loss(guess, targets.float()))
 

@@ -46,19 +46,28 @@ class _Frames:
             path = Path(source)
             self.where = str(path)
             if path.is_dir():
-                self.files = sorted((p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
-                                     and p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: natural_key(p.name))
+                self.files = sorted(
+                    (
+                        p
+                        for p in path.iterdir()
+                        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+                    ),
+                    key=lambda p: natural_key(p.name),
+                )
                 if not self.files:
-                    raise InputError(f"{path}: the folder holds no image frames (looked for "
-                                     f"{', '.join(IMAGE_SUFFIXES)})")
+                    raise InputError(
+                        f"{path}: the folder holds no image frames (looked for {', '.join(IMAGE_SUFFIXES)})"
+                    )
                 self.length = len(self.files)
                 self.array = None
                 return
             if not path.exists():
                 raise FileNotFoundError(f"{path}: no such file or folder")
             if path.suffix.lower() != ".npy":
-                raise InputError(f"{path}: unknown video format {path.suffix!r}: give a .npy file or a folder of "
-                                 f"image frames ({', '.join(IMAGE_SUFFIXES)})")
+                raise InputError(
+                    f"{path}: unknown video format {path.suffix!r}: give a .npy file or a folder of "
+                    f"image frames ({', '.join(IMAGE_SUFFIXES)})"
+                )
             if path.stat().st_size == 0:
                 raise CorruptFileError(f"{path}: the file is empty (0 bytes), not a .npy array")
             try:
@@ -73,8 +82,10 @@ class _Frames:
             self.where = "frames"
             array = source
         else:
-            raise InputError(f"a video must be a numpy array, a torch tensor, a .npy path or a folder of images, "
-                             f"got {type(source).__name__}")
+            raise InputError(
+                f"a video must be a numpy array, a torch tensor, a .npy path or a folder of images, "
+                f"got {type(source).__name__}"
+            )
         self.array = adapter._check_layout(array, self.where)
         self.length = self.array.shape[0]
 
@@ -97,8 +108,10 @@ class _Frames:
                 image.load()
                 mode = image.mode
                 if mode not in _EIGHT_BIT_MODES:
-                    raise InputError(f"{path}: frame {index} has image mode {mode!r}; video frames must be 8-bit "
-                                     "images (L, RGB, RGBA, P, ...)")
+                    raise InputError(
+                        f"{path}: frame {index} has image mode {mode!r}; video frames must be 8-bit "
+                        "images (L, RGB, RGBA, P, ...)"
+                    )
                 array = np.asarray(image.convert(_PIL_MODE[self.adapter.channels]))
         except InputError:
             raise
@@ -112,10 +125,11 @@ class _Frames:
             if index > 0:
                 with Image.open(self.files[0]) as image0:
                     first = f"; the first frame {self.files[0].name} is {image0.height}x{image0.width}"
-            raise InputError(f"{path}: frame {index} is {array.shape[0]}x{array.shape[1]} (HxW), the adapter's "
-                             f"frame_size is {h}x{w}{first}")
+            raise InputError(
+                f"{path}: frame {index} is {array.shape[0]}x{array.shape[1]} (HxW), the adapter's "
+                f"frame_size is {h}x{w}{first}"
+            )
         return array
-
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -134,11 +148,15 @@ class VideoFiles:
         h, w = self.frame_size
         expect = (h, w, self.channels)
         if array.ndim != 4 or tuple(array.shape[1:]) != expect:
-            raise InputError(f"{where}: frames have shape {tuple(array.shape)}, expected (T, {h}, {w}, "
-                             f"{self.channels}) for frame_size={list(self.frame_size)}, channels={self.channels}")
+            raise InputError(
+                f"{where}: frames have shape {tuple(array.shape)}, expected (T, {h}, {w}, "
+                f"{self.channels}) for frame_size={list(self.frame_size)}, channels={self.channels}"
+            )
         if not (array.dtype == np.uint8 or array.dtype.kind == "f"):
-            raise InputError(f"{where}: frames have dtype {array.dtype}; give uint8 pixels (0..255) or float "
-                             "pixels already scaled to [0, 1]")
+            raise InputError(
+                f"{where}: frames have dtype {array.dtype}; give uint8 pixels (0..255) or float "
+                "pixels already scaled to [0, 1]"
+            )
         if array.shape[0] == 0:
             raise InputError(f"{where}: the video has no frames")
         return array
@@ -153,8 +171,10 @@ class VideoFiles:
             kind = "outside [0, 1] (float frames must be pixels / 255)"
         if bad.any():
             f, y, x, c = (int(i) for i in np.argwhere(bad)[0])
-            raise InputError(f"{where}: frame {first_frame + f} has value {chunk[f, y, x, c]} at (row {y}, column "
-                             f"{x}, channel {c}): {kind}")
+            raise InputError(
+                f"{where}: frame {first_frame + f} has value {chunk[f, y, x, c]} at (row {y}, column "
+                f"{x}, channel {c}): {kind}"
+            )
         return chunk.astype(np.float32, copy=False)
 
     # -- files -----------------------------------------------------------------------------------------
@@ -184,8 +204,9 @@ class VideoFiles:
         t = self.tubelet[0]
         frames = _Frames(self, path)
         if len(frames) % t:
-            raise InputError(f"{frames.where}: the video has {len(frames)} frames, not a multiple of the tubelet's "
-                             f"t={t}")
+            raise InputError(
+                f"{frames.where}: the video has {len(frames)} frames, not a multiple of the tubelet's t={t}"
+            )
         for start in range(0, len(frames), window * t):
             yield self._encode_chunk(frames.get(start, min(start + window * t, len(frames))))
 
@@ -207,13 +228,16 @@ class VideoFiles:
             atomic_write_bytes(path, buffer.getvalue())
             return
         if path.suffix.lower() in IMAGE_SUFFIXES:
-            raise InputError(f"{path}: a video is written as a .npy file or a folder of PNG frames, not as one "
-                             "image file")
+            raise InputError(
+                f"{path}: a video is written as a .npy file or a folder of PNG frames, not as one image file"
+            )
         path.mkdir(parents=True, exist_ok=True)
         old = [p.name for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
         if old:
-            raise InputError(f"{path}: the folder already holds image files ({min(old)}, ...); write a video "
-                             "into a new or empty folder so that frames of two videos never mix")
+            raise InputError(
+                f"{path}: the folder already holds image files ({min(old)}, ...); write a video "
+                "into a new or empty folder so that frames of two videos never mix"
+            )
         digits = max(6, len(str(len(frames) - 1)))
         for i, frame in enumerate(frames):
             image = Image.fromarray(frame[:, :, 0] if self.channels == 1 else frame, _PIL_MODE[self.channels])

@@ -40,8 +40,9 @@ class PatchHead(nn.Module):
     """Hidden (b, S, d_model) -> patches of the next slab (b, S, width): a linear map to one ``embed_dim`` code
     per tubelet, then ``ConvTranspose3d`` (the embedding's shape, transposed) from codes to pixels."""
 
-    def __init__(self, d_model: int, channels: int, frame_size: tuple[int, int], tubelet: tuple[int, int, int],
-                 embed_dim: int) -> None:
+    def __init__(
+        self, d_model: int, channels: int, frame_size: tuple[int, int], tubelet: tuple[int, int, int], embed_dim: int
+    ) -> None:
         super().__init__()
         _, ph, pw = tubelet
         self.grid = (frame_size[0] // ph, frame_size[1] // pw)
@@ -52,8 +53,9 @@ class PatchHead(nn.Module):
         b = hidden.shape[0]
         codes = rearrange(self.codes(hidden), "b s (gh gw e) -> (b s) e 1 gh gw", gh=self.grid[0], gw=self.grid[1])
         pixels = self.pixels(F.gelu(codes))
-        return rearrange(pixels, "(b s) c t (gh ph) (gw pw) -> b s (gh gw t ph pw c)", b=b,
-                         gh=self.grid[0], gw=self.grid[1])
+        return rearrange(
+            pixels, "(b s) c t (gh ph) (gw pw) -> b s (gh gw t ph pw c)", b=b, gh=self.grid[0], gw=self.grid[1]
+        )
 
 
 class VideoModel(nn.Module):
@@ -73,14 +75,17 @@ class VideoModel(nn.Module):
         if not isinstance(config, BackboneConfig):
             raise ConfigError(f"VideoModel needs a BackboneConfig, got {type(config).__name__}")
         if config.bidirectional and adapter.task != "classify":
-            raise ConfigError("BackboneConfig(bidirectional=True) is for task='classify' only: next-frame "
-                              "prediction must be causal in time (a bidirectional model would see the answer)")
+            raise ConfigError(
+                "BackboneConfig(bidirectional=True) is for task='classify' only: next-frame "
+                "prediction must be causal in time (a bidirectional model would see the answer)"
+            )
         self.adapter = adapter
         self.embed = TubeletEmbedding(adapter.channels, adapter.tubelet, adapter.embed_dim)
         self.core = SequenceModel(config, d_input=adapter.tubelets_per_slab * adapter.embed_dim, d_output=None)
         if adapter.task == "next_frame":
-            self.head = PatchHead(config.d_model, adapter.channels, adapter.frame_size, adapter.tubelet,
-                                  adapter.embed_dim)
+            self.head = PatchHead(
+                config.d_model, adapter.channels, adapter.frame_size, adapter.tubelet, adapter.embed_dim
+            )
         else:
             self.head = nn.Linear(config.d_model, adapter.num_classes)
 
@@ -108,16 +113,21 @@ class VideoModel(nn.Module):
         if x.dim() == patch_dim:  # encoded patches
             if not x.is_floating_point() or x.shape[-1] != a.width:
                 layout = "(batch, width)" if step else "(batch, steps, width)"
-                raise InputError(f"video patches must be a float tensor {layout} with width={a.width}, got "
-                                 f"{x.dtype} {tuple(x.shape)}")
+                raise InputError(
+                    f"video patches must be a float tensor {layout} with width={a.width}, got "
+                    f"{x.dtype} {tuple(x.shape)}"
+                )
             if step:
                 x = x[:, None]
             frames = a.unpatchify(x)
         elif x.dim() == 5:
             frames = x
         else:
-            what = "(batch, width) patches or (batch, t, H, W, C) frames" if step else \
-                "(batch, steps, width) patches or (batch, T, H, W, C) frames"
+            what = (
+                "(batch, width) patches or (batch, t, H, W, C) frames"
+                if step
+                else "(batch, steps, width) patches or (batch, T, H, W, C) frames"
+            )
             raise InputError(f"video model input must be {what}, got shape {tuple(x.shape)}")
         frames = a._frames_to_float(frames, "input", batched=True)
         if step and frames.shape[1] != a.tubelet[0]:
@@ -128,8 +138,10 @@ class VideoModel(nn.Module):
         from seqlab.models import ModelOutput
 
         if state is not None and self.config.bidirectional:
-            raise StateError("a bidirectional video model cannot stream with a carried state: give it the whole "
-                             "clip at once with state=None")
+            raise StateError(
+                "a bidirectional video model cannot stream with a carried state: give it the whole "
+                "clip at once with state=None"
+            )
         out = self.core(self.embed(self._frames(x, step=False)), state, return_state)
         return ModelOutput(self.head(out.hidden), out.state, out.hidden)
 

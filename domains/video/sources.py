@@ -31,13 +31,14 @@ class VideoSource(ArraySource):
 
     dtype = None  # spans stay raw frames; ``window`` encodes them
 
-    def __init__(self, adapter: VideoAdapter, clips, batch_size: int, window: int | None = None,
-                 labels=None) -> None:
+    def __init__(self, adapter: VideoAdapter, clips, batch_size: int, window: int | None = None, labels=None) -> None:
         if isinstance(clips, torch.Tensor):
             clips = clips.detach().cpu().numpy()
         if not isinstance(clips, np.ndarray) or clips.ndim != 5:
-            raise InputError(f"VideoSource clips must be an array (n, T, H, W, C), got "
-                             f"{getattr(clips, 'shape', type(clips).__name__)}")
+            raise InputError(
+                f"VideoSource clips must be an array (n, T, H, W, C), got "
+                f"{getattr(clips, 'shape', type(clips).__name__)}"
+            )
         self.adapter, self.clips, batch_size = adapter, clips, int(batch_size)
         if clips.shape[0] // batch_size == 0:
             raise InputError(f"VideoSource has {clips.shape[0]} clips, fewer than batch_size={batch_size}")
@@ -48,8 +49,9 @@ class VideoSource(ArraySource):
                 raise InputError("VideoSource for task='classify' needs labels (one per clip)")
             self.labels = torch.as_tensor(np.asarray(labels)).long()
             if self.labels.shape != (clips.shape[0],):
-                raise InputError(f"VideoSource labels have shape {tuple(self.labels.shape)}, expected "
-                                 f"({clips.shape[0]},)")
+                raise InputError(
+                    f"VideoSource labels have shape {tuple(self.labels.shape)}, expected ({clips.shape[0]},)"
+                )
             if window is not None:
                 raise ConfigError("VideoSource window is for task='next_frame'; classify windows are whole clips")
             self.overlap, window = 0, steps
@@ -57,12 +59,14 @@ class VideoSource(ArraySource):
             self.labels = None
             window = steps - 1 if window is None else int(window)
             if window <= 0:
-                raise InputError(f"VideoSource clips of {clips.shape[1]} frames are too short: next-frame needs at "
-                                 f"least two slabs of {t} frame(s)")
+                raise InputError(
+                    f"VideoSource clips of {clips.shape[1]} frames are too short: next-frame needs at "
+                    f"least two slabs of {t} frame(s)"
+                )
             if (steps - 1) // window == 0:
                 raise InputError(f"VideoSource clips have {steps} steps, too few for one window of {window}+1")
         groups = clips.shape[0] // batch_size
-        slabs = clips[:groups * batch_size, :steps * t]  # a view: nothing is read yet
+        slabs = clips[: groups * batch_size, : steps * t]  # a view: nothing is read yet
         self._setup(clips, slabs.reshape(slabs.shape[0], steps, t, *slabs.shape[2:]), batch_size, window)
 
     def window(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +75,7 @@ class VideoSource(ArraySource):
         patches = torch.stack([a.encode(clip.reshape(-1, *clip.shape[2:])) for clip in chunk])
         if a.task == "classify":
             group = index // self.per_group
-            return patches, self.labels[group * self.batch_size:(group + 1) * self.batch_size]
+            return patches, self.labels[group * self.batch_size : (group + 1) * self.batch_size]
         return patches[:, :-1], patches[:, 1:]
 
 
@@ -82,8 +86,9 @@ class VideoSource(ArraySource):
 DIRECTIONS = ((0, 1), (0, -1), (1, 0), (-1, 0))  # (dy, dx): right, left, down, up
 
 
-def moving_square_clips(n: int, frames: int, size: int = 16, square: int = 4, channels: int = 1,
-                        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def moving_square_clips(
+    n: int, frames: int, size: int = 16, square: int = 4, channels: int = 1, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """``n`` uint8 clips (n, frames, size, size, channels): a bright square on a dark, faintly textured
     background moving one pixel per frame in one of four directions (wrapping at the edges), and the direction
     labels (n,) (0 right, 1 left, 2 down, 3 up). Start positions and directions are drawn from ``seed``."""

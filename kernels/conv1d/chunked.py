@@ -55,7 +55,7 @@ def _final_state(x, initial_state, w, state_dtype):
     """Last w - 1 inputs of [initial_state, x] as a fresh (b, d, w - 1) tensor."""
     b, d, l = x.shape
     if l >= w - 1:
-        tail = x[:, :, l - (w - 1):]
+        tail = x[:, :, l - (w - 1) :]
     else:
         prev = initial_state if initial_state is not None else x.new_zeros(b, d, w - 1)
         tail = torch.cat([prev[:, :, l:].to(x.dtype), x], dim=-1)
@@ -72,8 +72,8 @@ def _conv_forward(x, weight, bias, silu, initial_state, cdt, out, block_elems=No
     taps = [lay.per_channel(weight[:, k].to(cdt)) for k in range(w)]
     bias_c = lay.per_channel(bias.to(cdt)) if bias is not None else None
     Lb = max(w, (block_elems or BLOCK_ELEMS) // max(1, b * d))
-    stage = None      # staged input block (with w - 1 positions of history in front)
-    acc_buf = None    # accumulator when ``out`` does not have the compute dtype
+    stage = None  # staged input block (with w - 1 positions of history in front)
+    acc_buf = None  # accumulator when ``out`` does not have the compute dtype
     for s0 in range(0, l, Lb):
         Lv = min(Lb, l - s0)
         if s0 >= w - 1 and x.dtype == cdt:
@@ -137,8 +137,7 @@ class _CausalConv1dFn(torch.autograd.Function):
             g_pre = lay.view(gy).to(cdt)
             if ctx.silu:
                 # silu'(p) = s (1 + p - p s) with s = sigmoid(p), built in place over the recomputed p
-                p = lay.view(_conv_forward(x, weight, bias, False, initial_state, cdt,
-                                           _empty_like_layout(x, cdt)))
+                p = lay.view(_conv_forward(x, weight, bias, False, initial_state, cdt, _empty_like_layout(x, cdt)))
                 s = torch.sigmoid(p)
                 torch.addcmul(p, p, s, value=-1, out=p).add_(1).mul_(s).mul_(g_pre)
                 g_pre = p
@@ -152,8 +151,9 @@ class _CausalConv1dFn(torch.autograd.Function):
         g_w = None
         if ctx.needs_input_grad[1]:
             tmp = torch.empty_like(g_pre)
-            g_w = torch.stack([torch.mul(g_pre, full.narrow(pd, k, l), out=tmp).sum(reduce_dims)
-                               for k in range(w)], dim=1).to(weight.dtype)
+            g_w = torch.stack(
+                [torch.mul(g_pre, full.narrow(pd, k, l), out=tmp).sum(reduce_dims) for k in range(w)], dim=1
+            ).to(weight.dtype)
         g_b = g_pre.sum(reduce_dims).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
         g_x = lay.view(g_full.narrow(pd, w - 1, l)).to(x.dtype)
         g_init = None
@@ -162,8 +162,9 @@ class _CausalConv1dFn(torch.autograd.Function):
         return g_x, g_w, g_b, g_init, None, None, None
 
 
-def causal_conv1d_chunked(x, weight, bias=None, activation=None, initial_state=None, return_final_state=False, *,
-                        block_elems=None):
+def causal_conv1d_chunked(
+    x, weight, bias=None, activation=None, initial_state=None, return_final_state=False, *, block_elems=None
+):
     """Vectorised causal depthwise conv1d. Returns y (b, d, l) in x.dtype (laid out like x), or
     (y, final_state (b, d, w - 1)), the state in initial_state's dtype (x.dtype when none is given).
     ``block_elems`` overrides the block size of the forward (tests)."""

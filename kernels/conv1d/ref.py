@@ -37,8 +37,11 @@ ACTIVATIONS = (None, "silu", "swish")
 
 def compute_dtype(*tensors) -> torch.dtype:
     """float64 when any given tensor is float64, else float32 (fp16/bf16 inputs are computed in fp32)."""
-    return torch.float64 if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tensors) \
+    return (
+        torch.float64
+        if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tensors)
         else torch.float32
+    )
 
 
 def check_activation(activation) -> bool:
@@ -54,7 +57,8 @@ def _check_weight_bias(weight, bias, d):
     w = weight.shape[1]
     if w < 1:
         raise KernelInputError(
-            f"weight must have at least one tap: shape (d, w) with w >= 1, got {tuple(weight.shape)}")
+            f"weight must have at least one tap: shape (d, w) with w >= 1, got {tuple(weight.shape)}"
+        )
     require_optional("bias", bias, (d,), what="(d,)")
     return w
 
@@ -91,7 +95,7 @@ def causal_conv1d_ref(x, weight, bias=None, activation=None, initial_state=None,
     full = torch.cat([prev, x.to(cdt)], dim=-1)  # (b, d, w - 1 + l); position t of x is column t + w - 1
     ys = []
     # window t holds positions t - (w-1) .. t; unbind keeps autograd through the loop linear in l
-    for window in (full.unfold(-1, w, 1).unbind(2) if l else ()):
+    for window in full.unfold(-1, w, 1).unbind(2) if l else ():
         acc = (window * wt).sum(-1)
         if bias is not None:
             acc = acc + bias.to(cdt)

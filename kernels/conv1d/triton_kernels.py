@@ -12,8 +12,23 @@ import triton.language as tl
 
 
 @triton.jit
-def _load_full(x_ptr, init_ptr, x_base, i_base, d_idx, d_mask, pos, l, s_xd, s_xl, s_id, s_il,
-               W: tl.constexpr, HAS_INIT: tl.constexpr, ACC: tl.constexpr):
+def _load_full(
+    x_ptr,
+    init_ptr,
+    x_base,
+    i_base,
+    d_idx,
+    d_mask,
+    pos,
+    l,
+    s_xd,
+    s_xl,
+    s_id,
+    s_il,
+    W: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """[initial_state, x] at x-time ``pos`` (negative positions read the state), 0 outside, in ACC."""
     in_x = (pos >= 0) & (pos < l) & d_mask
     v = tl.load(x_ptr + x_base + d_idx * s_xd + pos * s_xl, mask=in_x, other=0.0).to(ACC)
@@ -24,51 +39,186 @@ def _load_full(x_ptr, init_ptr, x_base, i_base, d_idx, d_mask, pos, l, s_xd, s_x
 
 
 @triton.jit
-def _pre_act(x_ptr, init_ptr, w_ptr, b_ptr, x_base, i_base, d_idx, d_mask, pos, l, s_xd, s_xl, s_id, s_il,
-             s_wd, s_wk, s_b, W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-             ACC: tl.constexpr):
+def _pre_act(
+    x_ptr,
+    init_ptr,
+    w_ptr,
+    b_ptr,
+    x_base,
+    i_base,
+    d_idx,
+    d_mask,
+    pos,
+    l,
+    s_xd,
+    s_xl,
+    s_id,
+    s_il,
+    s_wd,
+    s_wk,
+    s_b,
+    W: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """bias + sum_k weight[:, k] * full[pos - (W-1) + k]: the pre-activation at ``pos``."""
     w0 = tl.load(w_ptr + d_idx * s_wd, mask=d_mask, other=0.0).to(ACC)
-    acc = w0 * _load_full(x_ptr, init_ptr, x_base, i_base, d_idx, d_mask, pos - (W - 1), l,
-                          s_xd, s_xl, s_id, s_il, W, HAS_INIT, ACC)
+    acc = w0 * _load_full(
+        x_ptr, init_ptr, x_base, i_base, d_idx, d_mask, pos - (W - 1), l, s_xd, s_xl, s_id, s_il, W, HAS_INIT, ACC
+    )
     for k in tl.static_range(1, W):
         wk = tl.load(w_ptr + d_idx * s_wd + k * s_wk, mask=d_mask, other=0.0).to(ACC)
-        acc += wk * _load_full(x_ptr, init_ptr, x_base, i_base, d_idx, d_mask, pos - (W - 1) + k, l,
-                               s_xd, s_xl, s_id, s_il, W, HAS_INIT, ACC)
+        acc += wk * _load_full(
+            x_ptr,
+            init_ptr,
+            x_base,
+            i_base,
+            d_idx,
+            d_mask,
+            pos - (W - 1) + k,
+            l,
+            s_xd,
+            s_xl,
+            s_id,
+            s_il,
+            W,
+            HAS_INIT,
+            ACC,
+        )
     if HAS_BIAS:
         acc += tl.load(b_ptr + d_idx * s_b, mask=d_mask, other=0.0).to(ACC)
     return acc
 
 
 @triton.jit
-def _grad_pre(x_ptr, init_ptr, w_ptr, b_ptr, gy_ptr, x_base, i_base, g_base, d_idx, d_mask, pos, l,
-              s_xd, s_xl, s_id, s_il, s_wd, s_wk, s_b, s_gd, s_gl,
-              W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-              ACC: tl.constexpr):
+def _grad_pre(
+    x_ptr,
+    init_ptr,
+    w_ptr,
+    b_ptr,
+    gy_ptr,
+    x_base,
+    i_base,
+    g_base,
+    d_idx,
+    d_mask,
+    pos,
+    l,
+    s_xd,
+    s_xl,
+    s_id,
+    s_il,
+    s_wd,
+    s_wk,
+    s_b,
+    s_gd,
+    s_gl,
+    W: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SILU: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """dL/d(pre-activation) at ``pos``: gy * silu'(pre), 0 outside [0, l)."""
-    g = tl.load(gy_ptr + g_base + d_idx * s_gd + pos * s_gl, mask=(pos >= 0) & (pos < l) & d_mask,
-                other=0.0).to(ACC)
+    g = tl.load(gy_ptr + g_base + d_idx * s_gd + pos * s_gl, mask=(pos >= 0) & (pos < l) & d_mask, other=0.0).to(ACC)
     if SILU:
-        p = _pre_act(x_ptr, init_ptr, w_ptr, b_ptr, x_base, i_base, d_idx, d_mask, pos, l, s_xd, s_xl,
-                     s_id, s_il, s_wd, s_wk, s_b, W, HAS_INIT, HAS_BIAS, ACC)
+        p = _pre_act(
+            x_ptr,
+            init_ptr,
+            w_ptr,
+            b_ptr,
+            x_base,
+            i_base,
+            d_idx,
+            d_mask,
+            pos,
+            l,
+            s_xd,
+            s_xl,
+            s_id,
+            s_il,
+            s_wd,
+            s_wk,
+            s_b,
+            W,
+            HAS_INIT,
+            HAS_BIAS,
+            ACC,
+        )
         s = 1.0 / (1.0 + tl.exp(-p))
         g = g * (s * (1.0 + p * (1.0 - s)))
     return g
 
 
 @triton.jit
-def _grad_full(x_ptr, init_ptr, w_ptr, b_ptr, gy_ptr, gf_ptr, x_base, i_base, g_base, f_base, d_idx, d_mask,
-               pos, l, s_xd, s_xl, s_id, s_il, s_wd, s_wk, s_b, s_gd, s_gl, s_fd, s_fl,
-               W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-               HAS_GY: tl.constexpr, HAS_GFINAL: tl.constexpr, ACC: tl.constexpr):
+def _grad_full(
+    x_ptr,
+    init_ptr,
+    w_ptr,
+    b_ptr,
+    gy_ptr,
+    gf_ptr,
+    x_base,
+    i_base,
+    g_base,
+    f_base,
+    d_idx,
+    d_mask,
+    pos,
+    l,
+    s_xd,
+    s_xl,
+    s_id,
+    s_il,
+    s_wd,
+    s_wk,
+    s_b,
+    s_gd,
+    s_gl,
+    s_fd,
+    s_fl,
+    W: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SILU: tl.constexpr,
+    HAS_GY: tl.constexpr,
+    HAS_GFINAL: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """dL/d full[pos] (full = [initial_state, x]) through y and through the final state."""
     acc = tl.zeros_like(pos + d_idx).to(ACC)
     if HAS_GY:
         for k in tl.static_range(W):
             wk = tl.load(w_ptr + d_idx * s_wd + k * s_wk, mask=d_mask, other=0.0).to(ACC)
-            acc += wk * _grad_pre(x_ptr, init_ptr, w_ptr, b_ptr, gy_ptr, x_base, i_base, g_base, d_idx, d_mask,
-                                  pos + (W - 1 - k), l, s_xd, s_xl, s_id, s_il, s_wd, s_wk, s_b, s_gd, s_gl,
-                                  W, HAS_INIT, HAS_BIAS, SILU, ACC)
+            acc += wk * _grad_pre(
+                x_ptr,
+                init_ptr,
+                w_ptr,
+                b_ptr,
+                gy_ptr,
+                x_base,
+                i_base,
+                g_base,
+                d_idx,
+                d_mask,
+                pos + (W - 1 - k),
+                l,
+                s_xd,
+                s_xl,
+                s_id,
+                s_il,
+                s_wd,
+                s_wk,
+                s_b,
+                s_gd,
+                s_gl,
+                W,
+                HAS_INIT,
+                HAS_BIAS,
+                SILU,
+                ACC,
+            )
     if HAS_GFINAL:
         j = pos - l + (W - 1)  # index into the final state
         in_f = (j >= 0) & (j < W - 1) & d_mask
@@ -80,12 +230,41 @@ def _grad_full(x_ptr, init_ptr, w_ptr, b_ptr, gy_ptr, gf_ptr, x_base, i_base, g_
 
 
 @triton.jit
-def _conv_fwd_kernel(x_ptr, init_ptr, w_ptr, b_ptr, y_ptr, fs_ptr,
-                     d, l, n_tblocks,
-                     s_xb, s_xd, s_xl, s_ib, s_id, s_il, s_wd, s_wk, s_b, s_yb, s_yd, s_yl, s_fb, s_fd, s_fl,
-                     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, SP: tl.constexpr, W: tl.constexpr,
-                     HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                     WRITE_STATE: tl.constexpr, ACC: tl.constexpr):
+def _conv_fwd_kernel(
+    x_ptr,
+    init_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    fs_ptr,
+    d,
+    l,
+    n_tblocks,
+    s_xb,
+    s_xd,
+    s_xl,
+    s_ib,
+    s_id,
+    s_il,
+    s_wd,
+    s_wk,
+    s_b,
+    s_yb,
+    s_yd,
+    s_yl,
+    s_fb,
+    s_fd,
+    s_fl,
+    BLOCK_D: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    SP: tl.constexpr,
+    W: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SILU: tl.constexpr,
+    WRITE_STATE: tl.constexpr,
+    ACC: tl.constexpr,
+):
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -94,30 +273,111 @@ def _conv_fwd_kernel(x_ptr, init_ptr, w_ptr, b_ptr, y_ptr, fs_ptr,
     x_base = pid_b * s_xb
     i_base = pid_b * s_ib
     t = pid_t * BLOCK_L + tl.arange(0, BLOCK_L)[None, :]
-    acc = _pre_act(x_ptr, init_ptr, w_ptr, b_ptr, x_base, i_base, d_idx, d_mask, t, l, s_xd, s_xl, s_id, s_il,
-                   s_wd, s_wk, s_b, W, HAS_INIT, HAS_BIAS, ACC)
+    acc = _pre_act(
+        x_ptr,
+        init_ptr,
+        w_ptr,
+        b_ptr,
+        x_base,
+        i_base,
+        d_idx,
+        d_mask,
+        t,
+        l,
+        s_xd,
+        s_xl,
+        s_id,
+        s_il,
+        s_wd,
+        s_wk,
+        s_b,
+        W,
+        HAS_INIT,
+        HAS_BIAS,
+        ACC,
+    )
     if SILU:
         acc = acc / (1.0 + tl.exp(-acc))
-    tl.store(y_ptr + pid_b * s_yb + d_idx * s_yd + t * s_yl, acc.to(y_ptr.dtype.element_ty),
-             mask=d_mask & (t < l))
+    tl.store(y_ptr + pid_b * s_yb + d_idx * s_yd + t * s_yl, acc.to(y_ptr.dtype.element_ty), mask=d_mask & (t < l))
     if WRITE_STATE:
         if pid_t == n_tblocks - 1:
             j = tl.arange(0, SP)[None, :]
-            v = _load_full(x_ptr, init_ptr, x_base, i_base, d_idx, d_mask, l - (W - 1) + j, l,
-                           s_xd, s_xl, s_id, s_il, W, HAS_INIT, ACC)
-            tl.store(fs_ptr + pid_b * s_fb + d_idx * s_fd + j * s_fl, v.to(fs_ptr.dtype.element_ty),
-                     mask=d_mask & (j < W - 1))
+            v = _load_full(
+                x_ptr,
+                init_ptr,
+                x_base,
+                i_base,
+                d_idx,
+                d_mask,
+                l - (W - 1) + j,
+                l,
+                s_xd,
+                s_xl,
+                s_id,
+                s_il,
+                W,
+                HAS_INIT,
+                ACC,
+            )
+            tl.store(
+                fs_ptr + pid_b * s_fb + d_idx * s_fd + j * s_fl,
+                v.to(fs_ptr.dtype.element_ty),
+                mask=d_mask & (j < W - 1),
+            )
 
 
 @triton.jit
-def _conv_bwd_kernel(x_ptr, init_ptr, w_ptr, b_ptr, gy_ptr, gf_ptr, dx_ptr, di_ptr, dw_ptr, db_ptr,
-                     batch, d, l, chunk_len,
-                     s_xb, s_xd, s_xl, s_ib, s_id, s_il, s_wd, s_wk, s_b, s_gb, s_gd, s_gl, s_fb, s_fd, s_fl,
-                     s_dxb, s_dxd, s_dxl, s_dib, s_did, s_dil,
-                     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, SP: tl.constexpr, WP: tl.constexpr,
-                     W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                     HAS_GY: tl.constexpr, HAS_GFINAL: tl.constexpr, WANT_DINIT: tl.constexpr,
-                     WANT_DW: tl.constexpr, WANT_DB: tl.constexpr, ACC: tl.constexpr):
+def _conv_bwd_kernel(
+    x_ptr,
+    init_ptr,
+    w_ptr,
+    b_ptr,
+    gy_ptr,
+    gf_ptr,
+    dx_ptr,
+    di_ptr,
+    dw_ptr,
+    db_ptr,
+    batch,
+    d,
+    l,
+    chunk_len,
+    s_xb,
+    s_xd,
+    s_xl,
+    s_ib,
+    s_id,
+    s_il,
+    s_wd,
+    s_wk,
+    s_b,
+    s_gb,
+    s_gd,
+    s_gl,
+    s_fb,
+    s_fd,
+    s_fl,
+    s_dxb,
+    s_dxd,
+    s_dxl,
+    s_dib,
+    s_did,
+    s_dil,
+    BLOCK_D: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    SP: tl.constexpr,
+    WP: tl.constexpr,
+    W: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SILU: tl.constexpr,
+    HAS_GY: tl.constexpr,
+    HAS_GFINAL: tl.constexpr,
+    WANT_DINIT: tl.constexpr,
+    WANT_DW: tl.constexpr,
+    WANT_DB: tl.constexpr,
+    ACC: tl.constexpr,
+):
     pid_c = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -138,9 +398,34 @@ def _conv_bwd_kernel(x_ptr, init_ptr, w_ptr, b_ptr, gy_ptr, gf_ptr, dx_ptr, di_p
         if HAS_GY:
             for k in tl.static_range(W):
                 # gp at t + (W-1) - k feeds dx_t through tap k; k = W-1 is gp_t itself (dweight, dbias)
-                gp = _grad_pre(x_ptr, init_ptr, w_ptr, b_ptr, gy_ptr, x_base, i_base, g_base, d_idx, d_mask,
-                               t + (W - 1 - k), l, s_xd, s_xl, s_id, s_il, s_wd, s_wk, s_b, s_gd, s_gl,
-                               W, HAS_INIT, HAS_BIAS, SILU, ACC)
+                gp = _grad_pre(
+                    x_ptr,
+                    init_ptr,
+                    w_ptr,
+                    b_ptr,
+                    gy_ptr,
+                    x_base,
+                    i_base,
+                    g_base,
+                    d_idx,
+                    d_mask,
+                    t + (W - 1 - k),
+                    l,
+                    s_xd,
+                    s_xl,
+                    s_id,
+                    s_il,
+                    s_wd,
+                    s_wk,
+                    s_b,
+                    s_gd,
+                    s_gl,
+                    W,
+                    HAS_INIT,
+                    HAS_BIAS,
+                    SILU,
+                    ACC,
+                )
                 wk = tl.load(w_ptr + d_idx * s_wd + k * s_wk, mask=d_mask, other=0.0).to(ACC)
                 dx += wk * gp
                 if k == W - 1:
@@ -148,16 +433,32 @@ def _conv_bwd_kernel(x_ptr, init_ptr, w_ptr, b_ptr, gy_ptr, gf_ptr, dx_ptr, di_p
                         db_acc += tl.sum(gp, axis=1)
                     if WANT_DW:
                         for kk in tl.static_range(W):
-                            xs = _load_full(x_ptr, init_ptr, x_base, i_base, d_idx, d_mask, t - (W - 1) + kk, l,
-                                            s_xd, s_xl, s_id, s_il, W, HAS_INIT, ACC)
+                            xs = _load_full(
+                                x_ptr,
+                                init_ptr,
+                                x_base,
+                                i_base,
+                                d_idx,
+                                d_mask,
+                                t - (W - 1) + kk,
+                                l,
+                                s_xd,
+                                s_xl,
+                                s_id,
+                                s_il,
+                                W,
+                                HAS_INIT,
+                                ACC,
+                            )
                             part = tl.sum(gp * xs, axis=1)
                             dw_acc += tl.where(k_col == kk, part[:, None], 0.0)
         if HAS_GFINAL:
             j = t - l + (W - 1)
             in_f = (j >= 0) & (j < W - 1) & d_mask
             dx += tl.load(gf_ptr + f_base + d_idx * s_fd + j * s_fl, mask=in_f, other=0.0).to(ACC)
-        tl.store(dx_ptr + pid_b * s_dxb + d_idx * s_dxd + t * s_dxl, dx.to(dx_ptr.dtype.element_ty),
-                 mask=d_mask & (t < l))
+        tl.store(
+            dx_ptr + pid_b * s_dxb + d_idx * s_dxd + t * s_dxl, dx.to(dx_ptr.dtype.element_ty), mask=d_mask & (t < l)
+        )
     part_row = pid_c.to(tl.int64) * batch + pid_b
     if WANT_DW:
         tl.store(dw_ptr + part_row * (W * d) + k_col * d + d_idx, dw_acc, mask=d_mask & (k_col < W))
@@ -167,18 +468,76 @@ def _conv_bwd_kernel(x_ptr, init_ptr, w_ptr, b_ptr, gy_ptr, gf_ptr, dx_ptr, di_p
     if WANT_DINIT:
         if pid_c == 0:
             jj = tl.arange(0, SP)[None, :]
-            g = _grad_full(x_ptr, init_ptr, w_ptr, b_ptr, gy_ptr, gf_ptr, x_base, i_base, g_base, f_base, d_idx,
-                           d_mask, jj - (W - 1), l, s_xd, s_xl, s_id, s_il, s_wd, s_wk, s_b, s_gd, s_gl, s_fd,
-                           s_fl, W, HAS_INIT, HAS_BIAS, SILU, HAS_GY, HAS_GFINAL, ACC)
-            tl.store(di_ptr + pid_b * s_dib + d_idx * s_did + jj * s_dil, g.to(di_ptr.dtype.element_ty),
-                     mask=d_mask & (jj < W - 1))
+            g = _grad_full(
+                x_ptr,
+                init_ptr,
+                w_ptr,
+                b_ptr,
+                gy_ptr,
+                gf_ptr,
+                x_base,
+                i_base,
+                g_base,
+                f_base,
+                d_idx,
+                d_mask,
+                jj - (W - 1),
+                l,
+                s_xd,
+                s_xl,
+                s_id,
+                s_il,
+                s_wd,
+                s_wk,
+                s_b,
+                s_gd,
+                s_gl,
+                s_fd,
+                s_fl,
+                W,
+                HAS_INIT,
+                HAS_BIAS,
+                SILU,
+                HAS_GY,
+                HAS_GFINAL,
+                ACC,
+            )
+            tl.store(
+                di_ptr + pid_b * s_dib + d_idx * s_did + jj * s_dil,
+                g.to(di_ptr.dtype.element_ty),
+                mask=d_mask & (jj < W - 1),
+            )
 
 
 @triton.jit
-def _conv_update_kernel(x_ptr, st_ptr, w_ptr, b_ptr, y_ptr, ns_ptr, d,
-                        s_xb, s_xd, s_sb, s_sd, s_sk, s_wd, s_wk, s_b, s_yb, s_yd, s_nb, s_nd, s_nk,
-                        BLOCK_D: tl.constexpr, WP: tl.constexpr, W: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        SILU: tl.constexpr, ACC: tl.constexpr):
+def _conv_update_kernel(
+    x_ptr,
+    st_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    ns_ptr,
+    d,
+    s_xb,
+    s_xd,
+    s_sb,
+    s_sd,
+    s_sk,
+    s_wd,
+    s_wk,
+    s_b,
+    s_yb,
+    s_yd,
+    s_nb,
+    s_nd,
+    s_nk,
+    BLOCK_D: tl.constexpr,
+    WP: tl.constexpr,
+    W: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SILU: tl.constexpr,
+    ACC: tl.constexpr,
+):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     d_vec = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -200,5 +559,4 @@ def _conv_update_kernel(x_ptr, st_ptr, w_ptr, b_ptr, y_ptr, ns_ptr, d,
     # the new state is the window shifted by one: column j holds window[j + 1]
     nv = tl.load(s_base + (i + 1) * s_sk, mask=d_mask & (i + 1 < W - 1), other=0.0).to(ACC)
     nv = tl.where(i + 1 == W - 1, xv, nv)
-    tl.store(ns_ptr + pid_b * s_nb + d_idx * s_nd + i * s_nk, nv.to(ns_ptr.dtype.element_ty),
-             mask=d_mask & (i < W - 1))
+    tl.store(ns_ptr + pid_b * s_nb + d_idx * s_nd + i * s_nk, nv.to(ns_ptr.dtype.element_ty), mask=d_mask & (i < W - 1))

@@ -123,17 +123,38 @@ def _conv_forward(x, weight, bias, initial_state, silu, cdt, want_state, block_l
     init = initial_state if has_init else None
     grid = (n_tblocks, triton.cdiv(d, bd), b)
     _conv_fwd_kernel[grid](
-        x, _or(init, x), weight, _or(bias, weight), y, _or(final if write_state else None, y),
-        d, l, n_tblocks,
-        *x.stride(), *_strides3(init), *weight.stride(), bias.stride(0) if bias is not None else 0,
-        *y.stride(), *_strides3(final if write_state else None),
-        BLOCK_D=bd, BLOCK_L=bl, SP=_pow2(w - 1), W=w, HAS_INIT=has_init, HAS_BIAS=bias is not None,
-        SILU=silu, WRITE_STATE=write_state, ACC=_acc_dtype(cdt), num_warps=_num_warps(bd * bl))
+        x,
+        _or(init, x),
+        weight,
+        _or(bias, weight),
+        y,
+        _or(final if write_state else None, y),
+        d,
+        l,
+        n_tblocks,
+        *x.stride(),
+        *_strides3(init),
+        *weight.stride(),
+        bias.stride(0) if bias is not None else 0,
+        *y.stride(),
+        *_strides3(final if write_state else None),
+        BLOCK_D=bd,
+        BLOCK_L=bl,
+        SP=_pow2(w - 1),
+        W=w,
+        HAS_INIT=has_init,
+        HAS_BIAS=bias is not None,
+        SILU=silu,
+        WRITE_STATE=write_state,
+        ACC=_acc_dtype(cdt),
+        num_warps=_num_warps(bd * bl),
+    )
     return y, final
 
 
-def _conv_backward(x, weight, bias, initial_state, gy, g_final, silu, cdt, needs, block_l=None, block_d=None,
-                   bwd_chunk=None):
+def _conv_backward(
+    x, weight, bias, initial_state, gy, g_final, silu, cdt, needs, block_l=None, block_d=None, bwd_chunk=None
+):
     """Gradients (dx, dweight, dbias, dinitial_state); ``needs`` = which of them are wanted."""
     b, d, l = x.shape
     w = weight.shape[1]
@@ -143,8 +164,11 @@ def _conv_backward(x, weight, bias, initial_state, gy, g_final, silu, cdt, needs
     has_gy = gy is not None and l > 0
     has_gf = g_final is not None and w > 1
     dx = _empty_like_layout(x, x.dtype)
-    di = torch.empty(b, d, w - 1, dtype=initial_state.dtype, device=dev) \
-        if initial_state is not None and need_i else None
+    di = (
+        torch.empty(b, d, w - 1, dtype=initial_state.dtype, device=dev)
+        if initial_state is not None and need_i
+        else None
+    )
     want_di = di is not None and w > 1
     if di is not None and w == 1:
         di.zero_()
@@ -161,24 +185,60 @@ def _conv_backward(x, weight, bias, initial_state, gy, g_final, silu, cdt, needs
             n_chunks = 1  # the interpreter runs programs one after another: fewer, longer ones are faster
         chunk_blocks = triton.cdiv(n_tblocks, n_chunks)
     n_chunks = max(1, triton.cdiv(n_tblocks, chunk_blocks))
-    dw_part = torch.empty(n_chunks * b, w, d, dtype=torch.float32 if cdt != torch.float64 else cdt, device=dev) \
-        if want_dw else None
-    db_part = torch.empty(n_chunks * b, d, dtype=torch.float32 if cdt != torch.float64 else cdt, device=dev) \
-        if want_db else None
+    dw_part = (
+        torch.empty(n_chunks * b, w, d, dtype=torch.float32 if cdt != torch.float64 else cdt, device=dev)
+        if want_dw
+        else None
+    )
+    db_part = (
+        torch.empty(n_chunks * b, d, dtype=torch.float32 if cdt != torch.float64 else cdt, device=dev)
+        if want_db
+        else None
+    )
     if b * d > 0:
         init = initial_state if has_init else None
         gf = g_final if has_gf else None
         gy_arg = gy if has_gy else None
         grid = (n_chunks, n_dblocks, b)
         _conv_bwd_kernel[grid](
-            x, _or(init, x), weight, _or(bias, weight), _or(gy_arg, x), _or(gf, x), dx,
-            _or(di if want_di else None, dx), _or(dw_part, dx), _or(db_part, dx),
-            b, d, l, chunk_blocks * bl,
-            *x.stride(), *_strides3(init), *weight.stride(), bias.stride(0) if bias is not None else 0,
-            *_strides3(gy_arg), *_strides3(gf), *dx.stride(), *_strides3(di if want_di else None),
-            BLOCK_D=bd, BLOCK_L=bl, SP=_pow2(w - 1), WP=_pow2(w), W=w, HAS_INIT=has_init,
-            HAS_BIAS=bias is not None, SILU=silu, HAS_GY=has_gy, HAS_GFINAL=has_gf, WANT_DINIT=want_di,
-            WANT_DW=want_dw, WANT_DB=want_db, ACC=_acc_dtype(cdt), num_warps=_num_warps(bd * bl))
+            x,
+            _or(init, x),
+            weight,
+            _or(bias, weight),
+            _or(gy_arg, x),
+            _or(gf, x),
+            dx,
+            _or(di if want_di else None, dx),
+            _or(dw_part, dx),
+            _or(db_part, dx),
+            b,
+            d,
+            l,
+            chunk_blocks * bl,
+            *x.stride(),
+            *_strides3(init),
+            *weight.stride(),
+            bias.stride(0) if bias is not None else 0,
+            *_strides3(gy_arg),
+            *_strides3(gf),
+            *dx.stride(),
+            *_strides3(di if want_di else None),
+            BLOCK_D=bd,
+            BLOCK_L=bl,
+            SP=_pow2(w - 1),
+            WP=_pow2(w),
+            W=w,
+            HAS_INIT=has_init,
+            HAS_BIAS=bias is not None,
+            SILU=silu,
+            HAS_GY=has_gy,
+            HAS_GFINAL=has_gf,
+            WANT_DINIT=want_di,
+            WANT_DW=want_dw,
+            WANT_DB=want_db,
+            ACC=_acc_dtype(cdt),
+            num_warps=_num_warps(bd * bl),
+        )
     g_x = dx if need_x else None
     g_w = None
     if need_w:
@@ -202,13 +262,24 @@ class _CausalConv1dTritonFn(torch.autograd.Function):
     def backward(ctx, gy, g_final):
         x, weight, bias, initial_state = ctx.saved_tensors
         needs = ctx.needs_input_grad[:4]
-        g_x, g_w, g_b, g_i = _conv_backward(x, weight, bias, initial_state, gy, g_final, ctx.silu, ctx.cdt,
-                                            needs, *ctx.tiles)
+        g_x, g_w, g_b, g_i = _conv_backward(
+            x, weight, bias, initial_state, gy, g_final, ctx.silu, ctx.cdt, needs, *ctx.tiles
+        )
         return g_x, g_w, g_b, g_i, None, None, None
 
 
-def causal_conv1d_triton(x, weight, bias=None, activation=None, initial_state=None, return_final_state=False, *,
-                         block_l=None, block_d=None, bwd_chunk=None):
+def causal_conv1d_triton(
+    x,
+    weight,
+    bias=None,
+    activation=None,
+    initial_state=None,
+    return_final_state=False,
+    *,
+    block_l=None,
+    block_d=None,
+    bwd_chunk=None,
+):
     """Causal depthwise conv1d on Triton. Returns y (b, d, l) in x.dtype (laid out like x), or
     (y, final_state (b, d, w - 1)), the state in initial_state's dtype (x.dtype when none is).
 
@@ -220,8 +291,7 @@ def causal_conv1d_triton(x, weight, bias=None, activation=None, initial_state=No
     tensors = (x, weight, bias, initial_state)
     needs_grad = records_grad(*tensors)
     if needs_grad:
-        y, final = _CausalConv1dTritonFn.apply(x, weight, bias, initial_state, silu, cdt,
-                                              (block_l, block_d, bwd_chunk))
+        y, final = _CausalConv1dTritonFn.apply(x, weight, bias, initial_state, silu, cdt, (block_l, block_d, bwd_chunk))
         return (y, final) if return_final_state else y
     y, final = _conv_forward(x, weight, bias, initial_state, silu, cdt, return_final_state, block_l, block_d)
     if not return_final_state:
@@ -254,9 +324,25 @@ def causal_conv1d_update_triton(x, conv_state, weight, bias=None, activation=Non
     ns = new_state if has_state else None
     grid = (triton.cdiv(d, bd), b)
     _conv_update_kernel[grid](
-        x, _or(st, x), weight, _or(bias, weight), y, _or(ns, y), d,
-        *x.stride(), *_strides3(st), *weight.stride(), bias.stride(0) if bias is not None else 0,
-        *y.stride(), *_strides3(ns),
-        BLOCK_D=bd, WP=_pow2(w), W=w, HAS_BIAS=bias is not None, SILU=silu, ACC=_acc_dtype(cdt),
-        num_warps=4)
+        x,
+        _or(st, x),
+        weight,
+        _or(bias, weight),
+        y,
+        _or(ns, y),
+        d,
+        *x.stride(),
+        *_strides3(st),
+        *weight.stride(),
+        bias.stride(0) if bias is not None else 0,
+        *y.stride(),
+        *_strides3(ns),
+        BLOCK_D=bd,
+        WP=_pow2(w),
+        W=w,
+        HAS_BIAS=bias is not None,
+        SILU=silu,
+        ACC=_acc_dtype(cdt),
+        num_warps=4,
+    )
     return y, new_state

@@ -111,8 +111,24 @@ def _common_groups(B: torch.Tensor, C: torch.Tensor):
     return B.repeat_interleave(g // gB, dim=1), C.repeat_interleave(g // gC, dim=1)
 
 
-def _scan_forward(u, delta, A, B, C, h0, cdt, *, delta_bias=None, softplus=False, D=None, z=None,
-                  out=None, save_starts=False, chunk=CHUNK, block_elems=BLOCK_ELEMS):
+def _scan_forward(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    h0,
+    cdt,
+    *,
+    delta_bias=None,
+    softplus=False,
+    D=None,
+    z=None,
+    out=None,
+    save_starts=False,
+    chunk=CHUNK,
+    block_elems=BLOCK_ELEMS,
+):
     """Blocked forward; B, C are (b, g, n, l). Returns (y, final_state (b, d, n), starts or None).
 
     With ``out`` given, the delta preprocessing and the D / z epilogue are fused in and the result is written
@@ -145,8 +161,7 @@ def _scan_forward(u, delta, A, B, C, h0, cdt, *, delta_bias=None, softplus=False
         Lp = Cb * T
         if save_starts:
             starts.append(carry.clone())
-        dT, duT, BT, CT, _, u_w = _stage_block(ws, s0, Lv, Lp, delta, u, B, C, cdt, bias=bias,
-                                               softplus=softplus)
+        dT, duT, BT, CT, _, u_w = _stage_block(ws, s0, Lv, Lp, delta, u, B, C, cdt, bias=bias, softplus=softplus)
         _, H, _, _ = _forward_block(ws, A2, carry, dT, duT, BT, Cb)
         yT = _contract_c(ws, H, CT, Lp, ws.core(2, Lp))
         if cl:
@@ -159,7 +174,7 @@ def _scan_forward(u, delta, A, B, C, h0, cdt, *, delta_bias=None, softplus=False
         y_dst = _wview(y, s0, Lv, cl)
         if z is not None:
             z_w = _winput(ws, z, s0, Lv, 7, cdt)
-            gate = torch.sigmoid(z_w, out=ws.work(3, Lv)).mul_(z_w)   # silu(z)
+            gate = torch.sigmoid(z_w, out=ws.work(3, Lv)).mul_(z_w)  # silu(z)
             if y.dtype == cdt:
                 torch.mul(y_w, gate, out=y_dst)
                 continue
@@ -260,8 +275,8 @@ def _scan_backward(u, delta, A, B, C, starts, gy, g_final, cdt, chunk, block_ele
             _unstage_transposed(gda_w, gdaT)
         torch.mul(gdu_w, d_w, out=_wview(gu, s0, Lv, cl))
         torch.addcmul(gda_w, gdu_w, u_w, out=_wview(gdelta, s0, Lv, cl))
-        gB[:, :, :, s0:s0 + Lv].copy_(gBT[:, :Lv].permute(0, 2, 3, 1))
-        gC[:, :, :, s0:s0 + Lv].copy_(gCT[:, :Lv].permute(0, 2, 3, 1))
+        gB[:, :, :, s0 : s0 + Lv].copy_(gBT[:, :Lv].permute(0, 2, 3, 1))
+        gC[:, :, :, s0 : s0 + Lv].copy_(gCT[:, :Lv].permute(0, 2, 3, 1))
     gA_ext = gA.transpose(1, 2).reshape(d, n)
     return gu, gdelta, gA_ext, gB, gC, _state_to_external(K)
 
@@ -286,8 +301,9 @@ class _SelectiveScanCore(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, h0, cdt, chunk, block_elems):
         ctx.set_materialize_grads(False)
-        y, final, starts = _scan_forward(u, delta, A, B, C, h0, cdt, save_starts=True, chunk=chunk,
-                                         block_elems=block_elems)
+        y, final, starts = _scan_forward(
+            u, delta, A, B, C, h0, cdt, save_starts=True, chunk=chunk, block_elems=block_elems
+        )
         ctx.save_for_backward(u, delta, A, B, C, starts)
         ctx.cdt, ctx.chunk, ctx.block_elems = cdt, chunk, block_elems
         ctx.h0_meta = None if h0 is None else h0.dtype
@@ -299,11 +315,21 @@ class _SelectiveScanCore(torch.autograd.Function):
         cdt = ctx.cdt
         gy_c = None if gy is None else gy.to(cdt)
         gf_c = None if g_final is None else g_final.to(cdt)
-        gu, gdelta, gA, gB, gC, gh0 = _scan_backward(u, delta, A, B, C, starts, gy_c, gf_c, cdt,
-                                                     ctx.chunk, ctx.block_elems)
+        gu, gdelta, gA, gB, gC, gh0 = _scan_backward(
+            u, delta, A, B, C, starts, gy_c, gf_c, cdt, ctx.chunk, ctx.block_elems
+        )
         gh0 = None if ctx.h0_meta is None else gh0.to(ctx.h0_meta)
-        return (gu.to(u.dtype), gdelta.to(delta.dtype), gA.to(A.dtype), gB.to(B.dtype), gC.to(C.dtype),
-                gh0, None, None, None)
+        return (
+            gu.to(u.dtype),
+            gdelta.to(delta.dtype),
+            gA.to(A.dtype),
+            gB.to(B.dtype),
+            gC.to(C.dtype),
+            gh0,
+            None,
+            None,
+            None,
+        )
 
 
 def _empty_scan(u, initial_state, b, d, n, cdt, return_final_state):
@@ -315,8 +341,22 @@ def _empty_scan(u, initial_state, b, d, n, cdt, return_final_state):
     return out, initial_state.to(cdt) * 1  # a fresh tensor that still carries autograd
 
 
-def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                         initial_state=None, return_final_state=False, *, chunk_size=None, block_elems=None):
+def selective_scan_chunked(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    initial_state=None,
+    return_final_state=False,
+    *,
+    chunk_size=None,
+    block_elems=None,
+):
     """Vectorised Mamba-1 selective scan (see the module docstring for the algorithm).
 
     Returns out (b, d, l) in u.dtype, or (out, final_state (b, d, n)) with ``return_final_state``; the state
@@ -332,17 +372,29 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     needs_grad = records_grad(*tensors)
     if not needs_grad:
         out = _empty_like_layout(u, u.dtype)  # position-major inputs give a position-major output
-        out, final, _ = _scan_forward(u, delta, A, B4, C4, initial_state, cdt, delta_bias=delta_bias,
-                                      softplus=delta_softplus, D=D, z=z, out=out, chunk=chunk,
-                                      block_elems=block_elems or BLOCK_ELEMS)
+        out, final, _ = _scan_forward(
+            u,
+            delta,
+            A,
+            B4,
+            C4,
+            initial_state,
+            cdt,
+            delta_bias=delta_bias,
+            softplus=delta_softplus,
+            D=D,
+            z=z,
+            out=out,
+            chunk=chunk,
+            block_elems=block_elems or BLOCK_ELEMS,
+        )
         return (out, final) if return_final_state else out
     dt = delta.to(cdt)
     if delta_bias is not None:
         dt = dt + delta_bias.to(cdt)[:, None]
     if delta_softplus:
         dt = _Softplus.apply(dt)
-    y, final = _SelectiveScanCore.apply(u, dt, A, B4, C4, initial_state, cdt, chunk,
-                                        block_elems or BLOCK_ELEMS_GRAD)
+    y, final = _SelectiveScanCore.apply(u, dt, A, B4, C4, initial_state, cdt, chunk, block_elems or BLOCK_ELEMS_GRAD)
     if D is not None:
         y = y + u.to(cdt) * D.to(cdt)[:, None]
     if z is not None:

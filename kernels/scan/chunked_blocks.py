@@ -27,10 +27,10 @@ def _softplus_(x: torch.Tensor, e: torch.Tensor, v: torch.Tensor, w: torch.Tenso
     take torch's ``threshold=20`` shortcut: for x > 20 the two differ by less than 3e-9.
     """
     torch.abs(x, out=e)
-    e.mul_(-_LOG2E).exp2_()              # e = exp(-|x|) in (0, 1]
-    torch.add(e, 1.0, out=v)             # v = fl(1 + e)
+    e.mul_(-_LOG2E).exp2_()  # e = exp(-|x|) in (0, 1]
+    torch.add(e, 1.0, out=v)  # v = fl(1 + e)
     torch.sub(v, 1.0, out=w)
-    w.sub_(e).div_(v)                    # w = ((v - 1) - e) / v
+    w.sub_(e).div_(v)  # w = ((v - 1) - e) / v
     v.log2_()
     x.clamp_(min=0).add_(v, alpha=_LN2).sub_(w)
     return x
@@ -75,7 +75,8 @@ class _Workspace:
 
     def big6(self, i, Cb):
         return self.big[i][: self.b * Cb * self.T * self.g * self.n * self.dg].view(
-            self.b, Cb, self.T, self.g, self.n, self.dg)
+            self.b, Cb, self.T, self.g, self.n, self.dg
+        )
 
     def core(self, i, Lp):
         """(b, Lp, d) core buffer ``i``."""
@@ -99,13 +100,12 @@ class _Workspace:
         return self.lgn[i][: self.b * Lp * self.g * self.n].view(self.b, Lp, self.g, self.n)
 
     def chunkv(self, i, Cb):
-        return self.chunk[i][: self.b * Cb * self.g * self.n * self.dg].view(
-            self.b, Cb, self.g, self.n, self.dg)
+        return self.chunk[i][: self.b * Cb * self.g * self.n * self.dg].view(self.b, Cb, self.g, self.n, self.dg)
 
 
 def _wview(x: torch.Tensor, s0: int, Lv: int, cl: bool) -> torch.Tensor:
     """Block [s0, s0 + Lv) of a (b, d, l) tensor in the work layout (a view)."""
-    v = x[:, :, s0:s0 + Lv]
+    v = x[:, :, s0 : s0 + Lv]
     return v.transpose(1, 2) if cl else v
 
 
@@ -183,8 +183,8 @@ def _stage_block(ws, s0, Lv, Lp, delta, u, B, C, cdt, *, bias=None, softplus=Fal
     torch.mul(d_w, u_w, out=du_w)
     ws.to_core(duT, du_w)
     BT, CT = ws.lgnv(0, Lp), ws.lgnv(1, Lp)
-    BT[:, :Lv].copy_(B[:, :, :, s0:s0 + Lv].permute(0, 3, 1, 2))
-    CT[:, :Lv].copy_(C[:, :, :, s0:s0 + Lv].permute(0, 3, 1, 2))
+    BT[:, :Lv].copy_(B[:, :, :, s0 : s0 + Lv].permute(0, 3, 1, 2))
+    CT[:, :Lv].copy_(C[:, :, :, s0 : s0 + Lv].permute(0, 3, 1, 2))
     if Lp > Lv:  # padding: delta = 0 and delta * u = 0 give a = 1, x = 0: the state passes through unchanged
         for X in (dT, duT, BT, CT):
             X[:, Lv:].zero_()

@@ -35,8 +35,11 @@ __all__ = [
 
 def compute_dtype(*tensors) -> torch.dtype:
     """float64 when any given tensor is float64, else float32 (fp16/bf16 inputs are computed in fp32)."""
-    return torch.float64 if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tensors) \
+    return (
+        torch.float64
+        if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tensors)
         else torch.float32
+    )
 
 
 def _require_real(name: str, x) -> None:
@@ -75,8 +78,7 @@ def check_scan_args(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_
     require_optional("z", z, (b, d, l), what="(b, d, l)")
     require_optional("delta_bias", delta_bias, (d,), what="(d,)")
     require_optional("initial_state", initial_state, (b, d, n), what="(b, d, n)")
-    require_same_device(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
-                        initial_state=initial_state)
+    require_same_device(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state)
     return b, d, l, n
 
 
@@ -112,8 +114,19 @@ def _per_channel(X: torch.Tensor, d: int, group_dim: int) -> torch.Tensor:
     return X.repeat_interleave(d // X.shape[group_dim], dim=group_dim)
 
 
-def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       initial_state=None, return_final_state=False):
+def selective_scan_ref(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    initial_state=None,
+    return_final_state=False,
+):
     """Sequential Mamba-1 selective scan. Returns out (b, d, l) in u.dtype, or (out, final_state (b, d, n))."""
     b, d, l, n = check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
     cdt = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)

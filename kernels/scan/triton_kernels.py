@@ -47,14 +47,59 @@ def _adjoint_combine(f_late, p_late, s_late, f_early, p_early, s_early):
 
 @triton.jit
 def _ss_fwd_kernel(
-    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, h_ptr, st_ptr,
-    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_Ad, s_An,
-    s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl,
-    s_D, s_zb, s_zd, s_zl, s_bias, s_ob, s_od, s_ol,
-    d, n, l, dG, ppg, rB, rC, nchunks,
-    BLOCK_D: tl.constexpr, NP: tl.constexpr, BLOCK_L: tl.constexpr, SUB: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    STORE_STATES: tl.constexpr, CDT: tl.constexpr,
+    u_ptr,
+    dl_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    bias_ptr,
+    out_ptr,
+    h_ptr,
+    st_ptr,
+    s_ub,
+    s_ud,
+    s_ul,
+    s_db,
+    s_dd,
+    s_dl,
+    s_Ad,
+    s_An,
+    s_Bb,
+    s_Bg,
+    s_Bn,
+    s_Bl,
+    s_Cb,
+    s_Cg,
+    s_Cn,
+    s_Cl,
+    s_D,
+    s_zb,
+    s_zd,
+    s_zl,
+    s_bias,
+    s_ob,
+    s_od,
+    s_ol,
+    d,
+    n,
+    l,
+    dG,
+    ppg,
+    rB,
+    rC,
+    nchunks,
+    BLOCK_D: tl.constexpr,
+    NP: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    SUB: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    STORE_STATES: tl.constexpr,
+    CDT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bi = tl.program_id(1).to(tl.int64)
@@ -118,15 +163,75 @@ def _ss_fwd_kernel(
 
 @triton.jit
 def _ss_bwd_kernel(
-    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, g_ptr, st_ptr, k_ptr,
-    du_ptr, ddl_ptr, dz_ptr, dBp_ptr, dCp_ptr, dA_ptr, dD_ptr, dbias_ptr,
-    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_Ad, s_An,
-    s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl,
-    s_D, s_zb, s_zd, s_zl, s_bias, s_gb, s_gd, s_gl,
-    s_dub, s_dud, s_dul, s_ddb, s_ddd, s_ddl, s_dzb, s_dzd, s_dzl,
-    d, n, l, dG, ppg, rB, rC, nchunks, nprog,
-    BLOCK_D: tl.constexpr, NP: tl.constexpr, BLOCK_L: tl.constexpr, SUB: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    u_ptr,
+    dl_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    bias_ptr,
+    g_ptr,
+    st_ptr,
+    k_ptr,
+    du_ptr,
+    ddl_ptr,
+    dz_ptr,
+    dBp_ptr,
+    dCp_ptr,
+    dA_ptr,
+    dD_ptr,
+    dbias_ptr,
+    s_ub,
+    s_ud,
+    s_ul,
+    s_db,
+    s_dd,
+    s_dl,
+    s_Ad,
+    s_An,
+    s_Bb,
+    s_Bg,
+    s_Bn,
+    s_Bl,
+    s_Cb,
+    s_Cg,
+    s_Cn,
+    s_Cl,
+    s_D,
+    s_zb,
+    s_zd,
+    s_zl,
+    s_bias,
+    s_gb,
+    s_gd,
+    s_gl,
+    s_dub,
+    s_dud,
+    s_dul,
+    s_ddb,
+    s_ddd,
+    s_ddl,
+    s_dzb,
+    s_dzd,
+    s_dzl,
+    d,
+    n,
+    l,
+    dG,
+    ppg,
+    rB,
+    rC,
+    nchunks,
+    nprog,
+    BLOCK_D: tl.constexpr,
+    NP: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    SUB: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
     CDT: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -203,12 +308,14 @@ def _ss_bwd_kernel(
                     y_pre += Dv[:, None] * uu
                 sz = 1.0 / (1.0 + tl.exp(-zz))
                 gz = gy * y_pre * sz * (1.0 + zz * (1.0 - sz))
-                tl.store(dz_base + ch[:, None] * s_dzd + t[None, :] * s_dzl, gz.to(dz_ptr.dtype.element_ty),
-                         mask=dl_mask)
+                tl.store(
+                    dz_base + ch[:, None] * s_dzd + t[None, :] * s_dzl, gz.to(dz_ptr.dtype.element_ty), mask=dl_mask
+                )
                 gy = gy * zz * sz
             # adjoint mu_t = C_t gy_t + a_{t+1} mu_{t+1}, plus the adjoint K carried in from the next chunk
-            _, p_ex, s_loc = tl.associative_scan((dA, ones, Ct[None, :, :] * gy[:, None, :]), 2,
-                                                 _adjoint_combine, reverse=True)
+            _, p_ex, s_loc = tl.associative_scan(
+                (dA, ones, Ct[None, :, :] * gy[:, None, :]), 2, _adjoint_combine, reverse=True
+            )
             mu = s_loc + p_ex * K[:, :, None]
             dC_acc += tl.sum(hh * gy[:, None, :], axis=0)
             dB_acc += tl.sum(mu * dtu[:, None, :], axis=0)
@@ -227,10 +334,10 @@ def _ss_bwd_kernel(
             g_x = tl.where(dl_mask, g_x, 0.0)
             if HAS_BIAS:
                 tl.store(dbias_ptr + bi * d + ch, dbias_old + tl.sum(g_x, axis=1), mask=mask_d)
-            tl.store(du_base + ch[:, None] * s_dud + t[None, :] * s_dul, g_u.to(du_ptr.dtype.element_ty),
-                     mask=dl_mask)
-            tl.store(ddl_base + ch[:, None] * s_ddd + t[None, :] * s_ddl, g_x.to(ddl_ptr.dtype.element_ty),
-                     mask=dl_mask)
+            tl.store(du_base + ch[:, None] * s_dud + t[None, :] * s_dul, g_u.to(du_ptr.dtype.element_ty), mask=dl_mask)
+            tl.store(
+                ddl_base + ch[:, None] * s_ddd + t[None, :] * s_ddl, g_x.to(ddl_ptr.dtype.element_ty), mask=dl_mask
+            )
             tl.store(dA_base + dn_offs, dA_old + dA_c, mask=dn_mask)
             # dL/d(state before the chunk) = a_0 mu_0
             K_new = tl.sum(tl.where(offs_l[None, None, :] == 0, dA * mu, 0.0), axis=2)
@@ -242,12 +349,48 @@ def _ss_bwd_kernel(
 
 @triton.jit
 def _ss_step_kernel(
-    st_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, new_ptr,
-    s_sb, s_sd, s_sn, s_xb, s_xd, s_tb, s_td, s_Ad, s_An, s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn,
-    s_D, s_zb, s_zd, s_bias, s_yb, s_yd,
-    d, n, dgB, dgC,
-    BLOCK_D: tl.constexpr, NP: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    st_ptr,
+    x_ptr,
+    dt_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    bias_ptr,
+    y_ptr,
+    new_ptr,
+    s_sb,
+    s_sd,
+    s_sn,
+    s_xb,
+    s_xd,
+    s_tb,
+    s_td,
+    s_Ad,
+    s_An,
+    s_Bb,
+    s_Bg,
+    s_Bn,
+    s_Cb,
+    s_Cg,
+    s_Cn,
+    s_D,
+    s_zb,
+    s_zd,
+    s_bias,
+    s_yb,
+    s_yd,
+    d,
+    n,
+    dgB,
+    dgC,
+    BLOCK_D: tl.constexpr,
+    NP: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
     CDT: tl.constexpr,
 ):
     bi = tl.program_id(0).to(tl.int64)
@@ -264,10 +407,8 @@ def _ss_step_kernel(
         dt = _softplus(dt)
     A = tl.load(A_ptr + ch[:, None] * s_Ad + offs_n[None, :] * s_An, mask=mask, other=0.0).to(CDT)
     # channel i reads group i // (d / g); neighbouring channels hit the same cached B / C row
-    Bv = tl.load(B_ptr + bi * s_Bb + (ch // dgB)[:, None] * s_Bg + offs_n[None, :] * s_Bn, mask=mask,
-                 other=0.0).to(CDT)
-    Cv = tl.load(C_ptr + bi * s_Cb + (ch // dgC)[:, None] * s_Cg + offs_n[None, :] * s_Cn, mask=mask,
-                 other=0.0).to(CDT)
+    Bv = tl.load(B_ptr + bi * s_Bb + (ch // dgB)[:, None] * s_Bg + offs_n[None, :] * s_Bn, mask=mask, other=0.0).to(CDT)
+    Cv = tl.load(C_ptr + bi * s_Cb + (ch // dgC)[:, None] * s_Cg + offs_n[None, :] * s_Cn, mask=mask, other=0.0).to(CDT)
     h = tl.exp(dt[:, None] * A) * h + (dt * xv)[:, None] * Bv
     tl.store(new_ptr + bi * d * n + ch[:, None] * n + offs_n[None, :], h, mask=mask)
     y = tl.sum(h * Cv, axis=1)

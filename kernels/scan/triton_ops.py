@@ -175,36 +175,67 @@ class _Geometry:
         self.rB, self.rC = self.G // self.gB, self.G // self.gC
 
 
-def _scan_forward(u, delta, A, B4, C4, D, z, bias, h0, softplus, cdt, plan: _Plan, geo: _Geometry,
-                  store_states: bool):
+def _scan_forward(u, delta, A, B4, C4, D, z, bias, h0, softplus, cdt, plan: _Plan, geo: _Geometry, store_states: bool):
     b, d, l, n = geo.b, geo.d, geo.l, geo.n
     nchunks = -(-l // plan.BLOCK_L)
     out = empty_like_layout(u, u.dtype)
     h = torch.zeros(b, d, n, dtype=cdt, device=u.device)  # the carried state, per channel block; ends final
     if h0 is not None:
         h.copy_(h0.detach())
-    states = (torch.empty(b, nchunks, d, n, dtype=cdt, device=u.device) if store_states
-              else torch.empty(0, dtype=cdt, device=u.device))
+    states = (
+        torch.empty(b, nchunks, d, n, dtype=cdt, device=u.device)
+        if store_states
+        else torch.empty(0, dtype=cdt, device=u.device)
+    )
     nblk = -(-geo.dG // plan.fwd_bd)
     ppg = -(-nblk // plan.fwd_sub)
     grid = (geo.G * ppg, b)
     dummy = u
     _ss_fwd_kernel[grid](
-        u, delta, A, B4, C4, D if D is not None else dummy, z if z is not None else dummy,
-        bias if bias is not None else dummy, out, h, states,
-        *u.stride(), *delta.stride(), *A.stride(), *B4.stride(), *C4.stride(),
-        D.stride(0) if D is not None else 0, *_strides3(z), bias.stride(0) if bias is not None else 0,
+        u,
+        delta,
+        A,
+        B4,
+        C4,
+        D if D is not None else dummy,
+        z if z is not None else dummy,
+        bias if bias is not None else dummy,
+        out,
+        h,
+        states,
+        *u.stride(),
+        *delta.stride(),
+        *A.stride(),
+        *B4.stride(),
+        *C4.stride(),
+        D.stride(0) if D is not None else 0,
+        *_strides3(z),
+        bias.stride(0) if bias is not None else 0,
         *out.stride(),
-        d, n, l, geo.dG, ppg, geo.rB, geo.rC, nchunks,
-        BLOCK_D=plan.fwd_bd, NP=plan.NP, BLOCK_L=plan.BLOCK_L, SUB=plan.fwd_sub,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=bool(softplus),
-        STORE_STATES=store_states, CDT=_tl_dtype(cdt), num_warps=plan.fwd_warps,
+        d,
+        n,
+        l,
+        geo.dG,
+        ppg,
+        geo.rB,
+        geo.rC,
+        nchunks,
+        BLOCK_D=plan.fwd_bd,
+        NP=plan.NP,
+        BLOCK_L=plan.BLOCK_L,
+        SUB=plan.fwd_sub,
+        HAS_D=D is not None,
+        HAS_Z=z is not None,
+        HAS_BIAS=bias is not None,
+        SOFTPLUS=bool(softplus),
+        STORE_STATES=store_states,
+        CDT=_tl_dtype(cdt),
+        num_warps=plan.fwd_warps,
     )
     return out, h, (states if store_states else None)
 
 
-def _scan_backward(u, delta, A, B4, C4, D, z, bias, states, gout, gfinal, softplus, cdt, plan: _Plan,
-                   geo: _Geometry):
+def _scan_backward(u, delta, A, B4, C4, D, z, bias, states, gout, gfinal, softplus, cdt, plan: _Plan, geo: _Geometry):
     b, d, l, n = geo.b, geo.d, geo.l, geo.n
     dev = u.device
     nchunks = states.shape[1]
@@ -227,23 +258,71 @@ def _scan_backward(u, delta, A, B4, C4, D, z, bias, states, gout, gfinal, softpl
         gout = torch.zeros(b, d, l, dtype=u.dtype, device=dev)
     dummy = u
     _ss_bwd_kernel[(nprog, b)](
-        u, delta, A, B4, C4, D if D is not None else dummy, z if z is not None else dummy,
-        bias if bias is not None else dummy, gout, states, K,
-        du, ddelta, dz if dz is not None else du, dBp, dCp, dA, dD if dD is not None else dA,
+        u,
+        delta,
+        A,
+        B4,
+        C4,
+        D if D is not None else dummy,
+        z if z is not None else dummy,
+        bias if bias is not None else dummy,
+        gout,
+        states,
+        K,
+        du,
+        ddelta,
+        dz if dz is not None else du,
+        dBp,
+        dCp,
+        dA,
+        dD if dD is not None else dA,
         dbias if dbias is not None else dA,
-        *u.stride(), *delta.stride(), *A.stride(), *B4.stride(), *C4.stride(),
-        D.stride(0) if D is not None else 0, *_strides3(z), bias.stride(0) if bias is not None else 0,
-        *gout.stride(), *du.stride(), *ddelta.stride(), *_strides3(dz),
-        d, n, l, geo.dG, ppg, geo.rB, geo.rC, nchunks, nprog,
-        BLOCK_D=plan.bwd_bd, NP=plan.NP, BLOCK_L=plan.BLOCK_L, SUB=plan.bwd_sub,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=bool(softplus),
-        CDT=_tl_dtype(cdt), num_warps=plan.bwd_warps,
+        *u.stride(),
+        *delta.stride(),
+        *A.stride(),
+        *B4.stride(),
+        *C4.stride(),
+        D.stride(0) if D is not None else 0,
+        *_strides3(z),
+        bias.stride(0) if bias is not None else 0,
+        *gout.stride(),
+        *du.stride(),
+        *ddelta.stride(),
+        *_strides3(dz),
+        d,
+        n,
+        l,
+        geo.dG,
+        ppg,
+        geo.rB,
+        geo.rC,
+        nchunks,
+        nprog,
+        BLOCK_D=plan.bwd_bd,
+        NP=plan.NP,
+        BLOCK_L=plan.BLOCK_L,
+        SUB=plan.bwd_sub,
+        HAS_D=D is not None,
+        HAS_Z=z is not None,
+        HAS_BIAS=bias is not None,
+        SOFTPLUS=bool(softplus),
+        CDT=_tl_dtype(cdt),
+        num_warps=plan.bwd_warps,
     )
     # partial rows of one B (C) group are consecutive: lcm-group major, then programs
     dB = dBp.view(b, geo.gB, geo.rB * ppg, n, l).sum(2)
     dC = dCp.view(b, geo.gC, geo.rC * ppg, n, l).sum(2)
-    return (du, ddelta, dA.sum(0), dB, dC, None if dD is None else dD.sum(0), dz,
-            None if dbias is None else dbias.sum(0), K)
+    return (
+        du,
+        ddelta,
+        dA.sum(0),
+        dB,
+        dC,
+        None if dD is None else dD.sum(0),
+        dz,
+        None if dbias is None else dbias.sum(0),
+        K,
+    )
 
 
 class _SelectiveScanFn(torch.autograd.Function):
@@ -252,8 +331,9 @@ class _SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B4, C4, D, z, bias, h0, softplus, cdt, plan, geo):
         ctx.set_materialize_grads(False)
-        out, final, states = _scan_forward(u, delta, A, B4, C4, D, z, bias, h0, softplus, cdt, plan, geo,
-                                           store_states=True)
+        out, final, states = _scan_forward(
+            u, delta, A, B4, C4, D, z, bias, h0, softplus, cdt, plan, geo, store_states=True
+        )
         ctx.save_for_backward(u, delta, A, B4, C4, D, z, bias, states)
         ctx.meta = (softplus, cdt, plan, geo, None if h0 is None else h0.dtype)
         return out, final
@@ -263,18 +343,46 @@ class _SelectiveScanFn(torch.autograd.Function):
         u, delta, A, B4, C4, D, z, bias, states = ctx.saved_tensors
         softplus, cdt, plan, geo, h0_dtype = ctx.meta
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _scan_backward(
-            u, delta, A, B4, C4, D, z, bias, states, gout, gfinal, softplus, cdt, plan, geo)
+            u, delta, A, B4, C4, D, z, bias, states, gout, gfinal, softplus, cdt, plan, geo
+        )
 
         def cast(g, like):
             return None if g is None or like is None else g.to(like.dtype)
 
-        return (du, ddelta, cast(dA, A), cast(dB, B4), cast(dC, C4), cast(dD, D), dz, cast(dbias, bias),
-                None if h0_dtype is None else dh0.to(h0_dtype), None, None, None, None)
+        return (
+            du,
+            ddelta,
+            cast(dA, A),
+            cast(dB, B4),
+            cast(dC, C4),
+            cast(dD, D),
+            dz,
+            cast(dbias, bias),
+            None if h0_dtype is None else dh0.to(h0_dtype),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                          initial_state=None, return_final_state=False, *, block_l=None, block_d=None,
-                          sub_blocks=None):
+def selective_scan_triton(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    initial_state=None,
+    return_final_state=False,
+    *,
+    block_l=None,
+    block_d=None,
+    sub_blocks=None,
+):
     """Fused Triton Mamba-1 selective scan (see the module docstring for the kernels).
 
     Returns out (b, d, l) in u.dtype (laid out position-major when u is), or (out, final_state (b, d, n)) with
@@ -293,11 +401,13 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     needs_grad = records_grad(*tensors)
     if needs_grad:
-        out, final = _SelectiveScanFn.apply(u, delta, A, B4, C4, D, z, delta_bias, initial_state,
-                                            bool(delta_softplus), cdt, plan, geo)
+        out, final = _SelectiveScanFn.apply(
+            u, delta, A, B4, C4, D, z, delta_bias, initial_state, bool(delta_softplus), cdt, plan, geo
+        )
     else:
-        out, final, _ = _scan_forward(u, delta, A, B4, C4, D, z, delta_bias, initial_state, delta_softplus, cdt,
-                                      plan, geo, store_states=False)
+        out, final, _ = _scan_forward(
+            u, delta, A, B4, C4, D, z, delta_bias, initial_state, delta_softplus, cdt, plan, geo, store_states=False
+        )
     return (out, final) if return_final_state else out
 
 
@@ -313,14 +423,39 @@ def _state_update_forward(state, x, dt, A, B3, C3, D, z, bias, softplus, cdt):
     new_state = torch.empty(b, d, n, dtype=cdt, device=x.device)
     dummy = x
     _ss_step_kernel[(b, triton.cdiv(d, BLOCK_D))](
-        state, x, dt, A, B3, C3, D if D is not None else dummy, z if z is not None else dummy,
-        bias if bias is not None else dummy, y, new_state,
-        *state.stride(), *x.stride(), *dt.stride(), *A.stride(), *B3.stride(), *C3.stride(),
-        D.stride(0) if D is not None else 0, *(z.stride() if z is not None else (0, 0)),
-        bias.stride(0) if bias is not None else 0, *y.stride(),
-        d, n, d // B3.shape[1], d // C3.shape[1],
-        BLOCK_D=BLOCK_D, NP=NP, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
-        SOFTPLUS=bool(softplus), CDT=_tl_dtype(cdt), num_warps=4,
+        state,
+        x,
+        dt,
+        A,
+        B3,
+        C3,
+        D if D is not None else dummy,
+        z if z is not None else dummy,
+        bias if bias is not None else dummy,
+        y,
+        new_state,
+        *state.stride(),
+        *x.stride(),
+        *dt.stride(),
+        *A.stride(),
+        *B3.stride(),
+        *C3.stride(),
+        D.stride(0) if D is not None else 0,
+        *(z.stride() if z is not None else (0, 0)),
+        bias.stride(0) if bias is not None else 0,
+        *y.stride(),
+        d,
+        n,
+        d // B3.shape[1],
+        d // C3.shape[1],
+        BLOCK_D=BLOCK_D,
+        NP=NP,
+        HAS_D=D is not None,
+        HAS_Z=z is not None,
+        HAS_BIAS=bias is not None,
+        SOFTPLUS=bool(softplus),
+        CDT=_tl_dtype(cdt),
+        num_warps=4,
     )
     return y, new_state
 
@@ -340,10 +475,12 @@ class _StateUpdateFn(torch.autograd.Function):
 
         saved = ctx.saved_tensors
         with torch.enable_grad():
-            inputs = [None if t is None else t.detach().requires_grad_(needs)
-                      for t, needs in zip(saved, ctx.needs_input_grad)]
-            y, new_state = selective_state_update_chunked(*inputs[:6], D=inputs[6], z=inputs[7], dt_bias=inputs[8],
-                                                        dt_softplus=ctx.softplus)
+            inputs = [
+                None if t is None else t.detach().requires_grad_(needs) for t, needs in zip(saved, ctx.needs_input_grad)
+            ]
+            y, new_state = selective_state_update_chunked(
+                *inputs[:6], D=inputs[6], z=inputs[7], dt_bias=inputs[8], dt_softplus=ctx.softplus
+            )
             wanted = [t for t in inputs if t is not None and t.requires_grad]
             outs, grads_out = [], []
             for o, g in ((y, gy), (new_state, gstate)):
@@ -370,6 +507,7 @@ def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias
     C3 = C if C.dim() == 3 else C.unsqueeze(1)
     tensors = (state, x, dt, A, B, C, D, z, dt_bias)
     if records_grad(*tensors):
-        return _StateUpdateFn.apply(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus), cdt,
-                                    B3.detach(), C3.detach())
+        return _StateUpdateFn.apply(
+            state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus), cdt, B3.detach(), C3.detach()
+        )
     return _state_update_forward(state, x, dt, A, B3, C3, D, z, dt_bias, dt_softplus, cdt)

@@ -236,10 +236,14 @@ def _block_lean(xq, dtq, A, Bq, Cq, state, bounds, Dhp, zq, cd, g, out, ws):
     y_diag = torch.matmul(M, xd, out=ws.get("Y", (b, c, h, q, p)))
 
     # 2. per-chunk states: heads of a group folded into one (hg p, q) @ (q, n) GEMM per chunk
-    xs = torch.mul(_grouped(xq, g, "b c q (g hh) p -> b c g q hh p"),
-                   _grouped(dtq * post, g, "b c (g hh) q -> b c g q hh 1"), out=ws.get("X", (b, c, g, q, hg, p)))
-    S_local = torch.matmul(xs.view(b, c, g, q, hg * p).transpose(-1, -2), Bg,
-                           out=ws.get("S", (b, c, g, hg * p, n))).view(b, c, h, p, n)
+    xs = torch.mul(
+        _grouped(xq, g, "b c q (g hh) p -> b c g q hh p"),
+        _grouped(dtq * post, g, "b c (g hh) q -> b c g q hh 1"),
+        out=ws.get("X", (b, c, g, q, hg, p)),
+    )
+    S_local = torch.matmul(
+        xs.view(b, c, g, q, hg * p).transpose(-1, -2), Bg, out=ws.get("S", (b, c, g, hg * p, n))
+    ).view(b, c, h, p, n)
 
     # 3. state passing: S_in[:, k] is the state entering chunk k
     S_in = ws.get("S_in", (b, c, h, p, n))
@@ -289,10 +293,19 @@ def _scan_autograd(x, dt_args, A, B, C, z, Dhp, state, spans, bounds, cd, g):
     pieces = []
     s = state
     for i, (_, _c, q) in enumerate(spans):
-        args = (rearrange(xs[i], "b (c q) h p -> b c q h p", q=q), rearrange(dts[i], "b (c q) h -> b c h q", q=q),
-                A, rearrange(Bs[i], "b (c q) g n -> b c q g n", q=q), rearrange(Cs[i], "b (c q) g n -> b c q g n", q=q),
-                s, bounds[q], Dhp, None if zs[i] is None else rearrange(zs[i], "b (c q) h p -> b c q h p", q=q),
-                cd, g)
+        args = (
+            rearrange(xs[i], "b (c q) h p -> b c q h p", q=q),
+            rearrange(dts[i], "b (c q) h -> b c h q", q=q),
+            A,
+            rearrange(Bs[i], "b (c q) g n -> b c q g n", q=q),
+            rearrange(Cs[i], "b (c q) g n -> b c q g n", q=q),
+            s,
+            bounds[q],
+            Dhp,
+            None if zs[i] is None else rearrange(zs[i], "b (c q) h p -> b c q h p", q=q),
+            cd,
+            g,
+        )
         yq, s = _block_autograd(*args)
         pieces.append(rearrange(yq, "b c q h p -> b (c q) h p"))
     y = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
@@ -320,8 +333,20 @@ def _scan_lean(x, dt_args, A, B, C, z, Dhp, state, spans, bounds, cd, g):
     return y, s
 
 
-def ssd_scan_chunked(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
-                   initial_state=None, return_final_state=False):
+def ssd_scan_chunked(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    chunk_size,
+    D=None,
+    z=None,
+    dt_bias=None,
+    dt_softplus=False,
+    initial_state=None,
+    return_final_state=False,
+):
     """Chunked SSD scan; same signature and results as ``ssd_scan_ref`` (mamba_chunk_scan_combined semantics).
 
     ``chunk_size`` only changes how the work is blocked (64 or 128 is right for CPU), never the result.
@@ -357,7 +382,8 @@ def ssd_state_update_chunked(state, x, dt, A, B, C, D=None, z=None, dt_bias=None
     decay = torch.exp(dtc * A.to(cd))  # (b, h)
     xdt = rearrange(xc * dtc[..., None], "b (g hh) p -> b g (hh p) 1", g=g)
     scaled = rearrange(state.to(cd), "b (g hh) p n -> b g (hh p) n", g=g) * rearrange(
-        decay[..., None].expand(b, h, p), "b (g hh) p -> b g (hh p) 1", g=g)
+        decay[..., None].expand(b, h, p), "b (g hh) p -> b g (hh p) 1", g=g
+    )
     new_state = torch.addcmul(scaled, xdt, B.to(cd)[:, :, None, :])  # (b, g, hh p, n)
     y = torch.matmul(new_state, C.to(cd)[..., None])  # (b, g, hh p, 1)
     y = rearrange(y, "b g (hh p) 1 -> b (g hh) p", p=p)

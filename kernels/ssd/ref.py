@@ -116,8 +116,20 @@ def _step(state, x, dt, A, B, C):
     return y, state
 
 
-def ssd_scan_ref(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
-                 initial_state=None, return_final_state=False):
+def ssd_scan_ref(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    chunk_size,
+    D=None,
+    z=None,
+    dt_bias=None,
+    dt_softplus=False,
+    initial_state=None,
+    return_final_state=False,
+):
     """Sequential SSD scan, one time step at a time. ``chunk_size`` is validated and otherwise unused."""
     dims = check_scan_args(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_state=initial_state)
     cd = dims.compute_dtype

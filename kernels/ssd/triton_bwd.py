@@ -23,10 +23,24 @@ _NEG = tl.constexpr(-1.0e30)
 
 @triton.jit
 def _gate_bwd_kernel(
-    dout_ptr, z_ptr, pre_ptr, dy_ptr, dz_ptr,
-    l, h, p,
-    s_o_b, s_o_l, s_o_h, s_o_p, s_z_b, s_z_l, s_z_h, s_z_p,
-    BLOCK_L: tl.constexpr, BLOCK_HP: tl.constexpr,
+    dout_ptr,
+    z_ptr,
+    pre_ptr,
+    dy_ptr,
+    dz_ptr,
+    l,
+    h,
+    p,
+    s_o_b,
+    s_o_l,
+    s_o_h,
+    s_o_p,
+    s_z_b,
+    s_z_l,
+    s_z_h,
+    s_z_p,
+    BLOCK_L: tl.constexpr,
+    BLOCK_HP: tl.constexpr,
 ):
     """grid (b, cdiv(l, BLOCK_L), cdiv(h * p, BLOCK_HP)): dy = dout * silu(z), dz = dout * pre * silu'(z)
     (pre = y before the gate, saved by the forward); both written contiguous (b, l, h, p)."""
@@ -50,10 +64,26 @@ def _gate_bwd_kernel(
 
 @triton.jit
 def _state_pass_bwd_kernel(
-    dS_ptr, S_ptr, cs_ptr, dfinal_ptr, dinit_ptr, dT_ptr,
-    h, p, n, Q, nc, Lp, nblk,
-    s_f_b, s_f_h, s_f_p, s_f_n,
-    HAS_DFINAL: tl.constexpr, HAS_INIT: tl.constexpr, BLOCK: tl.constexpr,
+    dS_ptr,
+    S_ptr,
+    cs_ptr,
+    dfinal_ptr,
+    dinit_ptr,
+    dT_ptr,
+    h,
+    p,
+    n,
+    Q,
+    nc,
+    Lp,
+    nblk,
+    s_f_b,
+    s_f_h,
+    s_f_p,
+    s_f_n,
+    HAS_DFINAL: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """grid (b * h, cdiv(p * n, BLOCK)): the recurrence S[c + 1] = exp(T_c) S[c] + own_c backwards over chunks.
     On entry dS[c] holds d(loss)/d(S[c]) through chunk c's outputs; on exit it holds G[c] = d(loss)/d(S[c + 1])
@@ -67,8 +97,9 @@ def _state_pass_bwd_kernel(
     m = idx < p * n
     pn = p * n
     if HAS_DFINAL:
-        gacc = tl.load(dfinal_ptr + bi * s_f_b + hi * s_f_h + (idx // n) * s_f_p + (idx % n) * s_f_n,
-                       mask=m, other=0.0).to(tl.float32)
+        gacc = tl.load(
+            dfinal_ptr + bi * s_f_b + hi * s_f_h + (idx // n) * s_f_p + (idx % n) * s_f_n, mask=m, other=0.0
+        ).to(tl.float32)
     else:
         gacc = tl.zeros((BLOCK,), dtype=tl.float32)
     cs_last = cs_ptr + (bi * h + hi) * Lp + Q - 1
@@ -87,12 +118,51 @@ def _state_pass_bwd_kernel(
 
 @triton.jit
 def _chunk_bwd_dx_kernel(
-    x_ptr, B_ptr, dy_ptr, D_ptr, CB_ptr, G_ptr, dtp_ptr, cs_ptr, csl_ptr,
-    dx_ptr, ddt_ptr, w_ptr, dD_ptr,
-    l, b, h, p, n, Q, nc, Lp, g, hpg, n_mblk,
-    s_x_b, s_x_l, s_x_h, s_x_p, s_b_b, s_b_l, s_b_g, s_b_n, s_y_b, s_y_l, s_y_h, s_y_p, s_d_h, s_d_p,
-    HAS_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    x_ptr,
+    B_ptr,
+    dy_ptr,
+    D_ptr,
+    CB_ptr,
+    G_ptr,
+    dtp_ptr,
+    cs_ptr,
+    csl_ptr,
+    dx_ptr,
+    ddt_ptr,
+    w_ptr,
+    dD_ptr,
+    l,
+    b,
+    h,
+    p,
+    n,
+    Q,
+    nc,
+    Lp,
+    g,
+    hpg,
+    n_mblk,
+    s_x_b,
+    s_x_l,
+    s_x_h,
+    s_x_p,
+    s_b_b,
+    s_b_l,
+    s_b_g,
+    s_b_n,
+    s_y_b,
+    s_y_l,
+    s_y_h,
+    s_y_p,
+    s_d_h,
+    s_d_p,
+    HAS_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """grid (b * nc * h, cdiv(Q, BLOCK_M), cdiv(p, BLOCK_P)): rows s of one chunk and head.
 
@@ -150,15 +220,15 @@ def _chunk_bwd_dx_kernel(
         acc += tl.dot((cbt * decay).to(DOT), dyt.to(DOT), input_precision=PREC)
 
     m2 = smask[:, None] & pmask[None, :]
-    xs = tl.load(x_ptr + bi * s_x_b + (ci * Q + s[:, None]) * s_x_l + hi * s_x_h + pp[None, :] * s_x_p,
-                 mask=m2, other=0.0).to(tl.float32)
+    xs = tl.load(
+        x_ptr + bi * s_x_b + (ci * Q + s[:, None]) * s_x_l + hi * s_x_h + pp[None, :] * s_x_p, mask=m2, other=0.0
+    ).to(tl.float32)
     dx = acc * dt_s[:, None]
     if HAS_D:
         dys = tl.load(dy_base + s[:, None] * s_y_l, mask=m2, other=0.0).to(tl.float32)
         dv = tl.load(D_ptr + hi * s_d_h + pp * s_d_p, mask=pmask, other=0.0).to(tl.float32)
         dx += dys * dv[None, :]
-        tl.store(dD_ptr + (((bi * nc + ci) * n_mblk + pm) * h + hi) * p + pp, tl.sum(dys * xs, axis=0),
-                 mask=pmask)
+        tl.store(dD_ptr + (((bi * nc + ci) * n_mblk + pm) * h + hi) * p + pp, tl.sum(dys * xs, axis=0), mask=pmask)
     tl.store(dx_ptr + ((bi * l + ci * Q + s[:, None]) * h + hi) * p + pp[None, :], dx, mask=m2)
     part = ((pb * b + bi) * h + hi) * Lp + ci * Q + s
     tl.store(ddt_ptr + part, tl.sum(xs * acc, axis=1), mask=smask)
@@ -167,13 +237,52 @@ def _chunk_bwd_dx_kernel(
 
 @triton.jit
 def _chunk_bwd_dbc_kernel(
-    x_ptr, B_ptr, C_ptr, dy_ptr, CB_ptr, S_ptr, G_ptr, dtp_ptr, cs_ptr, csl_ptr,
-    dB_ptr, dC_ptr, r_ptr, da_ptr,
-    l, h, p, n, Q, nc, Lp, g, hpg, n_mblk,
-    s_x_b, s_x_l, s_x_h, s_x_p, s_b_b, s_b_l, s_b_g, s_b_n, s_c_b, s_c_l, s_c_g, s_c_n,
-    s_y_b, s_y_l, s_y_h, s_y_p,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT: tl.constexpr, PREC: tl.constexpr,
+    x_ptr,
+    B_ptr,
+    C_ptr,
+    dy_ptr,
+    CB_ptr,
+    S_ptr,
+    G_ptr,
+    dtp_ptr,
+    cs_ptr,
+    csl_ptr,
+    dB_ptr,
+    dC_ptr,
+    r_ptr,
+    da_ptr,
+    l,
+    h,
+    p,
+    n,
+    Q,
+    nc,
+    Lp,
+    g,
+    hpg,
+    n_mblk,
+    s_x_b,
+    s_x_l,
+    s_x_h,
+    s_x_p,
+    s_b_b,
+    s_b_l,
+    s_b_g,
+    s_b_n,
+    s_c_b,
+    s_c_l,
+    s_c_g,
+    s_c_n,
+    s_y_b,
+    s_y_l,
+    s_y_h,
+    s_y_p,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """grid (b * nc * h, cdiv(Q, BLOCK_M)): per head (summed over the group on the host), a block of rows:
 
@@ -267,11 +376,31 @@ def _chunk_bwd_dbc_kernel(
 
 @triton.jit
 def _cumsum_bwd_kernel(
-    dt_ptr, bias_ptr, A_ptr, dtp_ptr, ddt_acc_ptr, r_ptr, w_ptr, da_ptr,
-    ddt_ptr, dA_ptr, dbias_ptr,
-    l, h, Q, nc, Lp,
-    s_dt_b, s_dt_l, s_dt_h, s_bias, s_A,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr,
+    dt_ptr,
+    bias_ptr,
+    A_ptr,
+    dtp_ptr,
+    ddt_acc_ptr,
+    r_ptr,
+    w_ptr,
+    da_ptr,
+    ddt_ptr,
+    dA_ptr,
+    dbias_ptr,
+    l,
+    h,
+    Q,
+    nc,
+    Lp,
+    s_dt_b,
+    s_dt_l,
+    s_dt_h,
+    s_bias,
+    s_A,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
 ):
     """grid (b * nc, cdiv(h, BLOCK_H)): da_k = da_direct_k + sum_{t >= k} r_t + sum_{s < k} w_s over the chunk,
     then ddt = ddt_direct + da A, the dA and dbias partials per (b, chunk), and the chain through softplus

@@ -36,10 +36,26 @@ def softplus_fwd(v):
 
 @triton.jit
 def _cumsum_fwd_kernel(
-    dt_ptr, bias_ptr, A_ptr, dtp_ptr, cs_ptr, csl_ptr,
-    l, h, Q, nc, Lp,
-    s_dt_b, s_dt_l, s_dt_h, s_bias, s_A,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr,
+    dt_ptr,
+    bias_ptr,
+    A_ptr,
+    dtp_ptr,
+    cs_ptr,
+    csl_ptr,
+    l,
+    h,
+    Q,
+    nc,
+    Lp,
+    s_dt_b,
+    s_dt_l,
+    s_dt_h,
+    s_bias,
+    s_A,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
 ):
     """grid (b * nc, cdiv(h, BLOCK_H)): one chunk of BLOCK_H heads. dt (+ bias, softplus) and its in-chunk
     running sum of dt * A, both stored (b, h, Lp); steps past the end of the sequence get dt = 0."""
@@ -74,10 +90,26 @@ def _cumsum_fwd_kernel(
 
 @triton.jit
 def _bmm_cb_kernel(
-    C_ptr, B_ptr, CB_ptr,
-    l, Q, nc, g, n,
-    s_c_b, s_c_l, s_c_g, s_c_n, s_b_b, s_b_l, s_b_g, s_b_n,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    C_ptr,
+    B_ptr,
+    CB_ptr,
+    l,
+    Q,
+    nc,
+    g,
+    n,
+    s_c_b,
+    s_c_l,
+    s_c_g,
+    s_c_n,
+    s_b_b,
+    s_b_l,
+    s_b_g,
+    s_b_n,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """grid (b * nc * g, cdiv(Q, BLOCK_M), cdiv(Q, BLOCK_M)): one (BLOCK_M, BLOCK_M) tile of C_chunk @ B_chunk^T,
     K = n in BLOCK_N steps. Tiles strictly above the diagonal are skipped (never read)."""
@@ -99,23 +131,53 @@ def _bmm_cb_kernel(
         for k0 in range(0, n, BLOCK_N):
             kk = k0 + tl.arange(0, BLOCK_N)
             kmask = kk < n
-            c = tl.load(C_ptr + bi * s_c_b + prow[:, None] * s_c_l + gi * s_c_g + kk[None, :] * s_c_n,
-                        mask=rmask[:, None] & kmask[None, :], other=0.0)
-            bt = tl.load(B_ptr + bi * s_b_b + pcol[None, :] * s_b_l + gi * s_b_g + kk[:, None] * s_b_n,
-                         mask=kmask[:, None] & cmask[None, :], other=0.0)
+            c = tl.load(
+                C_ptr + bi * s_c_b + prow[:, None] * s_c_l + gi * s_c_g + kk[None, :] * s_c_n,
+                mask=rmask[:, None] & kmask[None, :],
+                other=0.0,
+            )
+            bt = tl.load(
+                B_ptr + bi * s_b_b + pcol[None, :] * s_b_l + gi * s_b_g + kk[:, None] * s_b_n,
+                mask=kmask[:, None] & cmask[None, :],
+                other=0.0,
+            )
             acc += tl.dot(c.to(DOT), bt.to(DOT), input_precision=PREC)
         base = ((bi * nc + ci) * g + gi) * Q * Q
-        tl.store(CB_ptr + base + rows[:, None] * Q + cols[None, :], acc,
-                 mask=(rows < Q)[:, None] & (cols < Q)[None, :])
+        tl.store(CB_ptr + base + rows[:, None] * Q + cols[None, :], acc, mask=(rows < Q)[:, None] & (cols < Q)[None, :])
 
 
 @triton.jit
 def _chunk_state_kernel(
-    X_ptr, Y_ptr, dtp_ptr, cs_ptr, csl_ptr, out_ptr,
-    l, h, p, n, Q, nc, Lp, hpg, nc_out, OUT_SHIFT,
-    s_x_b, s_x_l, s_x_h, s_x_p, s_y_b, s_y_l, s_y_g, s_y_n,
-    BACKWARD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT: tl.constexpr, PREC: tl.constexpr,
+    X_ptr,
+    Y_ptr,
+    dtp_ptr,
+    cs_ptr,
+    csl_ptr,
+    out_ptr,
+    l,
+    h,
+    p,
+    n,
+    Q,
+    nc,
+    Lp,
+    hpg,
+    nc_out,
+    OUT_SHIFT,
+    s_x_b,
+    s_x_l,
+    s_x_h,
+    s_x_p,
+    s_y_b,
+    s_y_l,
+    s_y_g,
+    s_y_n,
+    BACKWARD: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """grid (b * nc * h, cdiv(p, BLOCK_P), cdiv(n, BLOCK_N)): out[b, c + OUT_SHIFT, h] (p, n) =
     sum_t X_t^T w_t Y_t over the chunk, K = the chunk's steps in BLOCK_K steps.
@@ -160,10 +222,21 @@ def _chunk_state_kernel(
 
 @triton.jit
 def _state_pass_fwd_kernel(
-    S_ptr, init_ptr, cs_ptr,
-    h, p, n, Q, nc, Lp,
-    s_i_b, s_i_h, s_i_p, s_i_n,
-    HAS_INIT: tl.constexpr, BLOCK: tl.constexpr,
+    S_ptr,
+    init_ptr,
+    cs_ptr,
+    h,
+    p,
+    n,
+    Q,
+    nc,
+    Lp,
+    s_i_b,
+    s_i_h,
+    s_i_p,
+    s_i_n,
+    HAS_INIT: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """grid (b * h, cdiv(p * n, BLOCK)): the sequential recurrence over chunks, in place in S:
     S[c + 1] = exp(T_c) S[c] + (chunk c's own contribution, which S[c + 1] holds on entry); S[0] = initial."""
@@ -173,8 +246,9 @@ def _state_pass_fwd_kernel(
     idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = idx < p * n
     if HAS_INIT:
-        s = tl.load(init_ptr + bi * s_i_b + hi * s_i_h + (idx // n) * s_i_p + (idx % n) * s_i_n,
-                    mask=m, other=0.0).to(tl.float32)
+        s = tl.load(init_ptr + bi * s_i_b + hi * s_i_h + (idx // n) * s_i_p + (idx % n) * s_i_n, mask=m, other=0.0).to(
+            tl.float32
+        )
     else:
         s = tl.zeros((BLOCK,), dtype=tl.float32)
     pn = p * n
@@ -191,12 +265,49 @@ def _state_pass_fwd_kernel(
 
 @triton.jit
 def _chunk_scan_fwd_kernel(
-    x_ptr, C_ptr, z_ptr, D_ptr, CB_ptr, S_ptr, dtp_ptr, cs_ptr, csl_ptr, out_ptr, pre_ptr,
-    l, h, p, n, Q, nc, Lp, g, hpg,
-    s_x_b, s_x_l, s_x_h, s_x_p, s_c_b, s_c_l, s_c_g, s_c_n, s_z_b, s_z_l, s_z_h, s_z_p, s_d_h, s_d_p,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, STORE_PRE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT: tl.constexpr, PREC: tl.constexpr,
+    x_ptr,
+    C_ptr,
+    z_ptr,
+    D_ptr,
+    CB_ptr,
+    S_ptr,
+    dtp_ptr,
+    cs_ptr,
+    csl_ptr,
+    out_ptr,
+    pre_ptr,
+    l,
+    h,
+    p,
+    n,
+    Q,
+    nc,
+    Lp,
+    g,
+    hpg,
+    s_x_b,
+    s_x_l,
+    s_x_h,
+    s_x_p,
+    s_c_b,
+    s_c_l,
+    s_c_g,
+    s_c_n,
+    s_z_b,
+    s_z_l,
+    s_z_h,
+    s_z_p,
+    s_d_h,
+    s_d_p,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    STORE_PRE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """grid (b * nc * h, cdiv(Q, BLOCK_M), cdiv(p, BLOCK_P)): one (BLOCK_M steps, BLOCK_P) tile of y:
 
@@ -260,20 +371,58 @@ def _chunk_scan_fwd_kernel(
     if STORE_PRE:
         tl.store(pre_ptr + out_off, acc, mask=m2)
     if HAS_Z:
-        zt = tl.load(z_ptr + bi * s_z_b + (ci * Q + t[:, None]) * s_z_l + hi * s_z_h + pp[None, :] * s_z_p,
-                     mask=m2, other=0.0).to(tl.float32)
+        zt = tl.load(
+            z_ptr + bi * s_z_b + (ci * Q + t[:, None]) * s_z_l + hi * s_z_h + pp[None, :] * s_z_p, mask=m2, other=0.0
+        ).to(tl.float32)
         acc = acc * zt * tl.sigmoid(zt)
     tl.store(out_ptr + out_off, acc, mask=m2)
 
 
 @triton.jit
 def _state_update_kernel(
-    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, new_ptr,
-    h, p, n, hpg,
-    s_s_b, s_s_h, s_s_p, s_s_n, s_x_b, s_x_h, s_x_p, s_dt_b, s_dt_h, s_A, s_b_b, s_b_g, s_b_n,
-    s_c_b, s_c_g, s_c_n, s_d_h, s_d_p, s_z_b, s_z_h, s_z_p, s_bias,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    state_ptr,
+    x_ptr,
+    dt_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    bias_ptr,
+    y_ptr,
+    new_ptr,
+    h,
+    p,
+    n,
+    hpg,
+    s_s_b,
+    s_s_h,
+    s_s_p,
+    s_s_n,
+    s_x_b,
+    s_x_h,
+    s_x_p,
+    s_dt_b,
+    s_dt_h,
+    s_A,
+    s_b_b,
+    s_b_g,
+    s_b_n,
+    s_c_b,
+    s_c_g,
+    s_c_n,
+    s_d_h,
+    s_d_p,
+    s_z_b,
+    s_z_h,
+    s_z_p,
+    s_bias,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """grid (b * h, cdiv(p, BLOCK_P)): one decode step for a (BLOCK_P, n) slice of one head's state:
     new = exp(dt A) state + dt x B^T, y = new C + D x, y *= silu(z). new is written to a fresh (b, h, p, n)
@@ -293,8 +442,9 @@ def _state_update_kernel(
     if SOFTPLUS:
         d = softplus_fwd(d)
     decay = tl.exp(d * tl.load(A_ptr + hi * s_A).to(tl.float32))
-    st = tl.load(state_ptr + bi * s_s_b + hi * s_s_h + pp[:, None] * s_s_p + nn[None, :] * s_s_n,
-                 mask=m2, other=0.0).to(tl.float32)
+    st = tl.load(
+        state_ptr + bi * s_s_b + hi * s_s_h + pp[:, None] * s_s_p + nn[None, :] * s_s_n, mask=m2, other=0.0
+    ).to(tl.float32)
     xv = tl.load(x_ptr + bi * s_x_b + hi * s_x_h + pp * s_x_p, mask=pmask, other=0.0).to(tl.float32)
     bv = tl.load(B_ptr + bi * s_b_b + gi * s_b_g + nn * s_b_n, mask=nmask, other=0.0).to(tl.float32)
     cv = tl.load(C_ptr + bi * s_c_b + gi * s_c_g + nn * s_c_n, mask=nmask, other=0.0).to(tl.float32)

@@ -106,9 +106,12 @@ def _tiles(Q: int, p: int, n: int) -> dict:
     cap = _TILE_CAP
     bm = max(16, min(cap, _np2(Q)))
     return dict(
-        BM=bm, BK=bm,
-        BP=max(16, min(cap, _np2(p))), BN=max(16, min(cap, _np2(n))),
-        BPF=max(16, _np2(p)), BNF=max(16, _np2(n)),  # full p and n (the dB/dC kernel)
+        BM=bm,
+        BK=bm,
+        BP=max(16, min(cap, _np2(p))),
+        BN=max(16, min(cap, _np2(n))),
+        BPF=max(16, _np2(p)),
+        BNF=max(16, _np2(n)),  # full p and n (the dB/dC kernel)
         BQ=_np2(Q),
         NW=_GEMM_WARPS if bm >= 64 else 4,
     )
@@ -163,28 +166,86 @@ def _forward_states(geo, x, dt, A, B, C, dt_bias, dt_softplus, initial_state, do
     bh = _head_block(h, t["BQ"])
     bias = dt_bias if dt_bias is not None else A
     _fwd._cumsum_fwd_kernel[(b * nc, triton.cdiv(h, bh))](
-        dt, bias, A, dtp, cs, csl, l, h, Q, nc, Lp,
-        dt.stride(0), dt.stride(1), dt.stride(2), bias.stride(0), A.stride(0),
-        HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), BLOCK_H=bh, BLOCK_Q=t["BQ"], num_warps=4)
+        dt,
+        bias,
+        A,
+        dtp,
+        cs,
+        csl,
+        l,
+        h,
+        Q,
+        nc,
+        Lp,
+        dt.stride(0),
+        dt.stride(1),
+        dt.stride(2),
+        bias.stride(0),
+        A.stride(0),
+        HAS_BIAS=dt_bias is not None,
+        SOFTPLUS=bool(dt_softplus),
+        BLOCK_H=bh,
+        BLOCK_Q=t["BQ"],
+        num_warps=4,
+    )
 
     CB = torch.empty((b, nc, g, Q, Q), dtype=f32, device=dev)
     nm = triton.cdiv(Q, t["BM"])
     _fwd._bmm_cb_kernel[(b * nc * g, nm, nm)](
-        C, B, CB, l, Q, nc, g, n, *C.stride(), *B.stride(),
-        BLOCK_M=t["BM"], BLOCK_N=t["BN"], DOT=dot[0], PREC=dot[1], num_warps=t["NW"], num_stages=_stages(dot))
+        C,
+        B,
+        CB,
+        l,
+        Q,
+        nc,
+        g,
+        n,
+        *C.stride(),
+        *B.stride(),
+        BLOCK_M=t["BM"],
+        BLOCK_N=t["BN"],
+        DOT=dot[0],
+        PREC=dot[1],
+        num_warps=t["NW"],
+        num_stages=_stages(dot),
+    )
 
     S = torch.empty((b, nc + 1, h, p, n), dtype=f32, device=dev)
     _fwd._chunk_state_kernel[(b * nc * h, triton.cdiv(p, t["BP"]), triton.cdiv(n, t["BN"]))](
-        x, B, dtp, cs, csl, S, l, h, p, n, Q, nc, Lp, geo.hpg, nc + 1, 1, *x.stride(), *B.stride(),
-        BACKWARD=False, BLOCK_P=t["BP"], BLOCK_N=t["BN"], BLOCK_K=t["BK"], DOT=dot[0], PREC=dot[1],
-        num_warps=t["NW"], num_stages=_stages(dot))
+        x,
+        B,
+        dtp,
+        cs,
+        csl,
+        S,
+        l,
+        h,
+        p,
+        n,
+        Q,
+        nc,
+        Lp,
+        geo.hpg,
+        nc + 1,
+        1,
+        *x.stride(),
+        *B.stride(),
+        BACKWARD=False,
+        BLOCK_P=t["BP"],
+        BLOCK_N=t["BN"],
+        BLOCK_K=t["BK"],
+        DOT=dot[0],
+        PREC=dot[1],
+        num_warps=t["NW"],
+        num_stages=_stages(dot),
+    )
 
     init = initial_state if initial_state is not None else S
     init_strides = initial_state.stride() if initial_state is not None else (0, 0, 0, 0)
     block = min(_STATE_BLOCK, _np2(p * n))
     _fwd._state_pass_fwd_kernel[(b * h, triton.cdiv(p * n, block))](
-        S, init, cs, h, p, n, Q, nc, Lp, *init_strides,
-        HAS_INIT=initial_state is not None, BLOCK=block, num_warps=4)
+        S, init, cs, h, p, n, Q, nc, Lp, *init_strides, HAS_INIT=initial_state is not None, BLOCK=block, num_warps=4
+    )
     return dtp, (cs, csl), CB, S
 
 
@@ -199,12 +260,41 @@ def _forward(geo, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, sto
     DD = D if D is not None else A
     d_strides = _strides_d(D) if D is not None else (0, 0)
     _fwd._chunk_scan_fwd_kernel[(b * nc * h, triton.cdiv(Q, t["BM"]), triton.cdiv(p, t["BP"]))](
-        x, C, zz, DD, CB, S, dtp, *cs, out, pre if pre is not None else out,
-        l, h, p, n, Q, nc, Lp, geo.g, geo.hpg,
-        *x.stride(), *C.stride(), *zz.stride(), *d_strides,
-        HAS_D=D is not None, HAS_Z=z is not None, STORE_PRE=pre is not None,
-        BLOCK_M=t["BM"], BLOCK_K=t["BK"], BLOCK_P=t["BP"], BLOCK_N=t["BN"], DOT=dot[0], PREC=dot[1],
-        num_warps=t["NW"], num_stages=_stages(dot))
+        x,
+        C,
+        zz,
+        DD,
+        CB,
+        S,
+        dtp,
+        *cs,
+        out,
+        pre if pre is not None else out,
+        l,
+        h,
+        p,
+        n,
+        Q,
+        nc,
+        Lp,
+        geo.g,
+        geo.hpg,
+        *x.stride(),
+        *C.stride(),
+        *zz.stride(),
+        *d_strides,
+        HAS_D=D is not None,
+        HAS_Z=z is not None,
+        STORE_PRE=pre is not None,
+        BLOCK_M=t["BM"],
+        BLOCK_K=t["BK"],
+        BLOCK_P=t["BP"],
+        BLOCK_N=t["BN"],
+        DOT=dot[0],
+        PREC=dot[1],
+        num_warps=t["NW"],
+        num_stages=_stages(dot),
+    )
     final = S[:, nc].clone()  # not a view: the (nc + 1)-state buffer is freed
     return out, final, pre
 
@@ -227,25 +317,65 @@ def _backward(geo, saved, dt_softplus, dout, dfinal):
         bhp = min(256, _np2(h * p))
         bl = max(1, min(_np2(l), 2048 // bhp))
         _bwd._gate_bwd_kernel[(b, triton.cdiv(l, bl), triton.cdiv(h * p, bhp))](
-            dout, z, pre, dy, dz, l, h, p, *dout.stride(), *z.stride(), BLOCK_L=bl, BLOCK_HP=bhp, num_warps=4)
+            dout, z, pre, dy, dz, l, h, p, *dout.stride(), *z.stride(), BLOCK_L=bl, BLOCK_HP=bhp, num_warps=4
+        )
     else:
         dy = dout
 
     # d(loss)/d(state entering chunk c) through chunk c's outputs, then the reverse recurrence over chunks
     dS = torch.empty((b, nc, h, p, n), dtype=f32, device=dev)
     _fwd._chunk_state_kernel[(b * nc * h, triton.cdiv(p, t["BP"]), triton.cdiv(n, t["BN"]))](
-        dy, C, dtp, *cs, dS, l, h, p, n, Q, nc, Lp, geo.hpg, nc, 0, *dy.stride(), *C.stride(),
-        BACKWARD=True, BLOCK_P=t["BP"], BLOCK_N=t["BN"], BLOCK_K=t["BK"], DOT=dot[0], PREC=dot[1],
-        num_warps=t["NW"], num_stages=_stages(dot))
+        dy,
+        C,
+        dtp,
+        *cs,
+        dS,
+        l,
+        h,
+        p,
+        n,
+        Q,
+        nc,
+        Lp,
+        geo.hpg,
+        nc,
+        0,
+        *dy.stride(),
+        *C.stride(),
+        BACKWARD=True,
+        BLOCK_P=t["BP"],
+        BLOCK_N=t["BN"],
+        BLOCK_K=t["BK"],
+        DOT=dot[0],
+        PREC=dot[1],
+        num_warps=t["NW"],
+        num_stages=_stages(dot),
+    )
     block = min(_STATE_BLOCK, _np2(p * n))
     nblk = triton.cdiv(p * n, block)
     dT = torch.empty((b, h, nc, nblk), dtype=f32, device=dev)
     dinit = torch.empty((b, h, p, n), dtype=f32, device=dev) if initial_state is not None else None
     df = dfinal if dfinal is not None else dS
     _bwd._state_pass_bwd_kernel[(b * h, nblk)](
-        dS, S, cs[0], df, dinit if dinit is not None else dS, dT, h, p, n, Q, nc, Lp, nblk,
+        dS,
+        S,
+        cs[0],
+        df,
+        dinit if dinit is not None else dS,
+        dT,
+        h,
+        p,
+        n,
+        Q,
+        nc,
+        Lp,
+        nblk,
         *(dfinal.stride() if dfinal is not None else (0, 0, 0, 0)),
-        HAS_DFINAL=dfinal is not None, HAS_INIT=dinit is not None, BLOCK=block, num_warps=4)
+        HAS_DFINAL=dfinal is not None,
+        HAS_INIT=dinit is not None,
+        BLOCK=block,
+        num_warps=4,
+    )
     G = dS  # now G[c] = d(loss)/d(state leaving chunk c)
 
     # dx, direct ddt, w, dD
@@ -257,11 +387,43 @@ def _backward(geo, saved, dt_softplus, dout, dfinal):
     dD_part = torch.empty((b * nc * nm, h, p), dtype=f32, device=dev) if D is not None else None
     DD = D if D is not None else A
     _bwd._chunk_bwd_dx_kernel[(b * nc * h, nm, npb)](
-        x, B, dy, DD, CB, G, dtp, *cs, dx, ddt_acc, w, dD_part if dD_part is not None else w,
-        l, b, h, p, n, Q, nc, Lp, g, geo.hpg, nm,
-        *x.stride(), *B.stride(), *dy.stride(), *(_strides_d(D) if D is not None else (0, 0)),
-        HAS_D=D is not None, BLOCK_M=t["BM"], BLOCK_K=t["BK"], BLOCK_P=t["BP"], BLOCK_N=t["BN"],
-        DOT=dot[0], PREC=dot[1], num_warps=t["NW"], num_stages=_stages(dot))
+        x,
+        B,
+        dy,
+        DD,
+        CB,
+        G,
+        dtp,
+        *cs,
+        dx,
+        ddt_acc,
+        w,
+        dD_part if dD_part is not None else w,
+        l,
+        b,
+        h,
+        p,
+        n,
+        Q,
+        nc,
+        Lp,
+        g,
+        geo.hpg,
+        nm,
+        *x.stride(),
+        *B.stride(),
+        *dy.stride(),
+        *(_strides_d(D) if D is not None else (0, 0)),
+        HAS_D=D is not None,
+        BLOCK_M=t["BM"],
+        BLOCK_K=t["BK"],
+        BLOCK_P=t["BP"],
+        BLOCK_N=t["BN"],
+        DOT=dot[0],
+        PREC=dot[1],
+        num_warps=t["NW"],
+        num_stages=_stages(dot),
+    )
 
     # per-head dB, dC, r and the intra-chunk d(log decay)
     dB_h = torch.empty((b, l, h, n), dtype=f32, device=dev)
@@ -272,11 +434,42 @@ def _backward(geo, saved, dt_softplus, dout, dfinal):
     nm_bc = triton.cdiv(Q, bm)
     da = torch.zeros((b, h, nc, nm_bc, Q), dtype=f32, device=dev)
     _bwd._chunk_bwd_dbc_kernel[(b * nc * h, nm_bc)](
-        x, B, C, dy, CB, S, G, dtp, *cs, dB_h, dC_h, r, da,
-        l, h, p, n, Q, nc, Lp, g, geo.hpg, nm_bc,
-        *x.stride(), *B.stride(), *C.stride(), *dy.stride(),
-        BLOCK_M=bm, BLOCK_K=bm, BLOCK_P=t["BPF"], BLOCK_N=t["BNF"], DOT=dot[0], PREC=dot[1],
-        num_warps=4 if t["BPF"] * t["BNF"] <= 64 * 64 else 8, num_stages=_stages(dot))
+        x,
+        B,
+        C,
+        dy,
+        CB,
+        S,
+        G,
+        dtp,
+        *cs,
+        dB_h,
+        dC_h,
+        r,
+        da,
+        l,
+        h,
+        p,
+        n,
+        Q,
+        nc,
+        Lp,
+        g,
+        geo.hpg,
+        nm_bc,
+        *x.stride(),
+        *B.stride(),
+        *C.stride(),
+        *dy.stride(),
+        BLOCK_M=bm,
+        BLOCK_K=bm,
+        BLOCK_P=t["BPF"],
+        BLOCK_N=t["BNF"],
+        DOT=dot[0],
+        PREC=dot[1],
+        num_warps=4 if t["BPF"] * t["BNF"] <= 64 * 64 else 8,
+        num_stages=_stages(dot),
+    )
 
     # the per-block partials, summed here; then d(log decay) -> ddt, dA, dt_bias
     da_direct = (da.sum(3) + dT.sum(3)[..., None]).reshape(b, h, Lp)
@@ -288,10 +481,33 @@ def _backward(geo, saved, dt_softplus, dout, dfinal):
     bh = _head_block(h, t["BQ"])
     bias = dt_bias if dt_bias is not None else A
     _bwd._cumsum_bwd_kernel[(b * nc, triton.cdiv(h, bh))](
-        dt, bias, A, dtp, ddt_acc, r, w, da_direct, ddt, dA_part,
+        dt,
+        bias,
+        A,
+        dtp,
+        ddt_acc,
+        r,
+        w,
+        da_direct,
+        ddt,
+        dA_part,
         dbias_part if dbias_part is not None else dA_part,
-        l, h, Q, nc, Lp, dt.stride(0), dt.stride(1), dt.stride(2), bias.stride(0), A.stride(0),
-        HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), BLOCK_H=bh, BLOCK_Q=t["BQ"], num_warps=4)
+        l,
+        h,
+        Q,
+        nc,
+        Lp,
+        dt.stride(0),
+        dt.stride(1),
+        dt.stride(2),
+        bias.stride(0),
+        A.stride(0),
+        HAS_BIAS=dt_bias is not None,
+        SOFTPLUS=bool(dt_softplus),
+        BLOCK_H=bh,
+        BLOCK_Q=t["BQ"],
+        num_warps=4,
+    )
 
     dA = dA_part.sum(0).to(A.dtype)
     dB = dB_h.view(b, l, g, geo.hpg, n).sum(3).to(B.dtype)
@@ -327,11 +543,24 @@ def _refuse_float64(op: str, cd: torch.dtype) -> None:
     if cd == torch.float64:
         raise KernelInputError(
             f"{op}: the Triton kernels compute in float32 and do not take float64 inputs; "
-            "use backend='chunked' (vectorised, float64 throughout) or backend='ref'")
+            "use backend='chunked' (vectorised, float64 throughout) or backend='ref'"
+        )
 
 
-def ssd_scan_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
-                    initial_state=None, return_final_state=False):
+def ssd_scan_triton(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    chunk_size,
+    D=None,
+    z=None,
+    dt_bias=None,
+    dt_softplus=False,
+    initial_state=None,
+    return_final_state=False,
+):
     """Chunked SSD scan in Triton; same arguments, checks and results as ``ssd_scan_ref`` (float64 refused).
 
     Differentiable in every tensor input (x, dt, A, B, C, D, z, dt_bias, initial_state) through y and the
@@ -377,9 +606,36 @@ def ssd_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
     zz = z if z is not None else x
     bias = dt_bias if dt_bias is not None else A
     _fwd._state_update_kernel[(b * h, triton.cdiv(p, bp))](
-        state, x, dt, A, B, C, DD, zz, bias, y, new, h, p, n, h // g,
-        *state.stride(), *x.stride(), *dt.stride(), A.stride(0), *B.stride(), *C.stride(),
-        *(_strides_d(D) if D is not None else (0, 0)), *zz.stride(), bias.stride(0),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
-        BLOCK_P=bp, BLOCK_N=_np2(n), num_warps=4)
+        state,
+        x,
+        dt,
+        A,
+        B,
+        C,
+        DD,
+        zz,
+        bias,
+        y,
+        new,
+        h,
+        p,
+        n,
+        h // g,
+        *state.stride(),
+        *x.stride(),
+        *dt.stride(),
+        A.stride(0),
+        *B.stride(),
+        *C.stride(),
+        *(_strides_d(D) if D is not None else (0, 0)),
+        *zz.stride(),
+        bias.stride(0),
+        HAS_D=D is not None,
+        HAS_Z=z is not None,
+        HAS_BIAS=dt_bias is not None,
+        SOFTPLUS=bool(dt_softplus),
+        BLOCK_P=bp,
+        BLOCK_N=_np2(n),
+        num_warps=4,
+    )
     return y, new

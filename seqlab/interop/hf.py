@@ -36,8 +36,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -65,17 +66,44 @@ _ARCHITECTURE_OF = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM"}
 # (Values of transformers' MambaConfig / Mamba2Config; unchanged from 4.44 to 5.23.)
 _HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "mamba": {
-        "vocab_size": 50280, "hidden_size": 768, "state_size": 16, "num_hidden_layers": 32,
-        "layer_norm_epsilon": 1e-5, "expand": 2, "conv_kernel": 4, "use_bias": False, "use_conv_bias": True,
-        "hidden_act": "silu", "residual_in_fp32": True, "time_step_rank": "auto", "time_step_min": 0.001,
-        "time_step_max": 0.1, "time_step_floor": 1e-4, "tie_word_embeddings": True,
+        "vocab_size": 50280,
+        "hidden_size": 768,
+        "state_size": 16,
+        "num_hidden_layers": 32,
+        "layer_norm_epsilon": 1e-5,
+        "expand": 2,
+        "conv_kernel": 4,
+        "use_bias": False,
+        "use_conv_bias": True,
+        "hidden_act": "silu",
+        "residual_in_fp32": True,
+        "time_step_rank": "auto",
+        "time_step_min": 0.001,
+        "time_step_max": 0.1,
+        "time_step_floor": 1e-4,
+        "tie_word_embeddings": True,
     },
     "mamba2": {
-        "num_heads": 128, "head_dim": 64, "vocab_size": 32768, "hidden_size": 4096, "state_size": 128,
-        "num_hidden_layers": 64, "layer_norm_epsilon": 1e-5, "expand": 2, "conv_kernel": 4, "n_groups": 8,
-        "use_bias": False, "use_conv_bias": True, "hidden_act": "silu", "residual_in_fp32": True,
-        "time_step_min": 0.001, "time_step_max": 0.1, "time_step_floor": 1e-4,
-        "time_step_limit": (0.0, math.inf), "chunk_size": 256, "tie_word_embeddings": False,
+        "num_heads": 128,
+        "head_dim": 64,
+        "vocab_size": 32768,
+        "hidden_size": 4096,
+        "state_size": 128,
+        "num_hidden_layers": 64,
+        "layer_norm_epsilon": 1e-5,
+        "expand": 2,
+        "conv_kernel": 4,
+        "n_groups": 8,
+        "use_bias": False,
+        "use_conv_bias": True,
+        "hidden_act": "silu",
+        "residual_in_fp32": True,
+        "time_step_min": 0.001,
+        "time_step_max": 0.1,
+        "time_step_floor": 1e-4,
+        "time_step_limit": (0.0, math.inf),
+        "chunk_size": 256,
+        "tie_word_embeddings": False,
     },
 }
 
@@ -130,8 +158,10 @@ def config_from_hf(hf_config: Mapping[str, Any], where: str = "HF config") -> tu
             f"{where}: model_type is {model_type!r}; seqlab loads 'mamba' (MambaForCausalLM) and "
             f"'mamba2' (Mamba2ForCausalLM)"
         )
-    cfg = {**_HF_DEFAULTS[model_type], **{k: v for k, v in hf_config.items() if v is not None or k not in
-                                            _HF_DEFAULTS[model_type]}}
+    cfg = {
+        **_HF_DEFAULTS[model_type],
+        **{k: v for k, v in hf_config.items() if v is not None or k not in _HF_DEFAULTS[model_type]},
+    }
     ssm = _SSM_OF[model_type]
 
     if cfg["hidden_act"] != "silu":
@@ -187,20 +217,28 @@ def config_from_hf(hf_config: Mapping[str, Any], where: str = "HF config") -> tu
         limit = _decode_float(cfg["time_step_limit"])
         if isinstance(limit, (list, tuple)):
             limit = [_decode_float(v) for v in limit]
-        ok = (isinstance(limit, (list, tuple)) and len(limit) == 2
-              and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in limit)
-              and limit[0] <= 0 and limit[1] == math.inf)
+        ok = (
+            isinstance(limit, (list, tuple))
+            and len(limit) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in limit)
+            and limit[0] <= 0
+            and limit[1] == math.inf
+        )
         if not ok:
             raise ConfigError(
                 f"{where}: time_step_limit is {limit!r}; seqlab does not clamp dt, so only (0.0, inf) (no clamping) "
                 f"is supported"
             )
         if cfg.get("rms_norm", True) is not True:
-            raise ConfigError(f"{where}: rms_norm is {cfg['rms_norm']!r}; seqlab's Mamba-2 always applies the "
-                              f"gated RMSNorm (rms_norm: true)")
+            raise ConfigError(
+                f"{where}: rms_norm is {cfg['rms_norm']!r}; seqlab's Mamba-2 always applies the "
+                f"gated RMSNorm (rms_norm: true)"
+            )
         if cfg.get("norm_before_gate", False) is not False:
-            raise ConfigError(f"{where}: norm_before_gate is {cfg['norm_before_gate']!r}; seqlab (like transformers) "
-                              f"computes norm(y * silu(z)), i.e. norm_before_gate: false")
+            raise ConfigError(
+                f"{where}: norm_before_gate is {cfg['norm_before_gate']!r}; seqlab (like transformers) "
+                f"computes norm(y * silu(z)), i.e. norm_before_gate: false"
+            )
         if cfg.get("d_mlp"):
             raise ConfigError(f"{where}: d_mlp is {cfg['d_mlp']!r}; seqlab's Mamba-2 has no parallel MLP in in_proj")
         fields.update(headdim=head_dim, ngroups=n_groups, chunk_size=_as_int(cfg, "chunk_size", where))
@@ -214,8 +252,9 @@ def config_from_hf(hf_config: Mapping[str, Any], where: str = "HF config") -> tu
     return config, vocab_size, tie
 
 
-def config_to_hf(config: BackboneConfig, vocab_size: int, tie_embeddings: bool,
-                 dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+def config_to_hf(
+    config: BackboneConfig, vocab_size: int, tie_embeddings: bool, dtype: torch.dtype = torch.float32
+) -> dict[str, Any]:
     """The config.json transformers needs for ``config``; ``ConfigError`` for what it cannot represent."""
     if config.bidirectional:
         raise ConfigError("bidirectional=True: transformers' Mamba models are causal only; cannot save as HF")
@@ -251,8 +290,9 @@ def config_to_hf(config: BackboneConfig, vocab_size: int, tie_embeddings: bool,
         out.update(time_step_rank=config.dt_rank, intermediate_size=config.d_inner)
     else:
         # time_step_limit is left to its default (0, inf): no clamping, what seqlab computes.
-        out.update(num_heads=config.nheads, head_dim=config.headdim, n_groups=config.ngroups,
-                   chunk_size=config.chunk_size)
+        out.update(
+            num_heads=config.nheads, head_dim=config.headdim, n_groups=config.ngroups, chunk_size=config.chunk_size
+        )
     return out
 
 
@@ -284,8 +324,15 @@ def _resolve_dtype(dtype, default: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def _build(config: BackboneConfig, vocab_size: int, tie: bool, hf_tensors: Mapping[str, torch.Tensor],
-           dtype, where: str, copy: bool) -> LanguageModel:
+def _build(
+    config: BackboneConfig,
+    vocab_size: int,
+    tie: bool,
+    hf_tensors: Mapping[str, torch.Tensor],
+    dtype,
+    where: str,
+    copy: bool,
+) -> LanguageModel:
     """Check names and shapes of ``hf_tensors`` against the model ``config`` describes, then build it with them."""
     with torch.device("meta"):
         # On the meta device nothing is allocated or randomly initialised: every parameter is replaced below.
@@ -306,8 +353,11 @@ def _build(config: BackboneConfig, vocab_size: int, tie: bool, hf_tensors: Mappi
     if tie and "embeddings.weight" in mapped:
         head = mapped.get("lm_head.weight")
         embeddings = mapped["embeddings.weight"]
-        if head is not None and head is not embeddings and (
-                head.shape != embeddings.shape or not torch.equal(head.to(embeddings.dtype), embeddings)):
+        if (
+            head is not None
+            and head is not embeddings
+            and (head.shape != embeddings.shape or not torch.equal(head.to(embeddings.dtype), embeddings))
+        ):
             raise CorruptFileError(
                 f"{where}: tie_word_embeddings is true but lm_head.weight differs from backbone.embeddings.weight; "
                 f"set tie_word_embeddings to false to load a separate LM head"
@@ -340,8 +390,10 @@ def _build(config: BackboneConfig, vocab_size: int, tie: bool, hf_tensors: Mappi
         elif tensor.is_meta:
             problems.append(f"{source[name]} is on the meta device (offloaded?); load the model's weights first")
     if problems:
-        raise CorruptFileError(f"{where} does not match its config ({config.ssm}, {config.n_layer} layers, "
-                               f"d_model {config.d_model}): " + "; ".join(problems))
+        raise CorruptFileError(
+            f"{where} does not match its config ({config.ssm}, {config.n_layer} layers, "
+            f"d_model {config.d_model}): " + "; ".join(problems)
+        )
 
     dtype = _resolve_dtype(dtype, mapped["embeddings.weight"].dtype)
     made: dict[int, nn.Parameter] = {}

@@ -8,9 +8,7 @@ and ``init_state(batch_size, device)``. Later issues register more kinds (attent
 
 from __future__ import annotations
 
-from typing import Callable
-
-from torch import nn
+from collections.abc import Callable
 
 from seqlab.errors import ConfigError
 
@@ -22,11 +20,12 @@ _MIXERS: dict[str, Callable[..., Mixer]] = {"mamba1": Mamba1Mixer, "mamba2": Mam
 
 
 def register_mixer(kind: str, factory: Callable[..., Mixer]) -> None:
-    """Make ``kind`` usable in ``BackboneConfig.ssm`` / ``LayerOverride.mixer``: factory(config, layer_idx, **options)."""
+    """Make ``kind`` usable in ``BackboneConfig.ssm`` / ``LayerOverride.mixer``:
+    ``factory(config, layer_idx, **options)``."""
     _MIXERS[kind] = factory
 
 
-def build_mixer(kind: str, config, layer_idx: int, options: dict) -> nn.Module:
+def build_mixer(kind: str, config, layer_idx: int, options: dict) -> Mixer:
     try:
         factory = _MIXERS[kind]
     except KeyError:

@@ -28,21 +28,26 @@ class Mamba1Mixer(Mixer):
         self.dt_rank = cfg.dt_rank
 
         self.in_proj = nn.Linear(self.d_model, 2 * self.d_inner, bias=cfg.proj_bias)
-        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, self.d_conv, groups=self.d_inner,
-                                padding=self.d_conv - 1, bias=cfg.conv_bias)
+        self.conv1d = nn.Conv1d(
+            self.d_inner, self.d_inner, self.d_conv, groups=self.d_inner, padding=self.d_conv - 1, bias=cfg.conv_bias
+        )
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
-        self.A_log = nn.Parameter(torch.log(repeat(torch.arange(1, self.d_state + 1, dtype=torch.float32),
-                                                   "n -> d n", d=self.d_inner).contiguous()))
+        self.A_log = nn.Parameter(
+            torch.log(
+                repeat(torch.arange(1, self.d_state + 1, dtype=torch.float32), "n -> d n", d=self.d_inner).contiguous()
+            )
+        )
         self.D = nn.Parameter(torch.ones(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, self.d_model, bias=cfg.proj_bias)
 
-        std = self.dt_rank ** -0.5
+        std = self.dt_rank**-0.5
         with torch.no_grad():
             nn.init.uniform_(self.dt_proj.weight, -std, std)
             self.dt_proj.bias.copy_(init_dt_bias(self.d_inner, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor))
-        self.A_log._no_weight_decay = True
-        self.D._no_weight_decay = True
+        # the optimizer reads this mark (seqlab.train._param_groups), as in mamba_ssm
+        self.A_log._no_weight_decay = True  # type: ignore[attr-defined]
+        self.D._no_weight_decay = True  # type: ignore[attr-defined]
 
     # ----------------------------------------------------------------------------------------------
     def init_state(self, batch_size: int, device=None) -> LayerState:
@@ -62,30 +67,56 @@ class Mamba1Mixer(Mixer):
 
     def forward(self, hidden: torch.Tensor, state: LayerState | None = None, return_state: bool = True):
         x, z = (rearrange(t, "b l d -> b d l") for t in self._project_in(hidden))
-        conv_out = kernels.causal_conv1d(x, self._conv_weight(), self.conv1d.bias, activation="silu",
-                                         initial_state=None if state is None else state["conv"],
-                                         return_final_state=return_state, backend=self.backend)
+        conv_out = kernels.causal_conv1d(
+            x,
+            self._conv_weight(),
+            self.conv1d.bias,
+            activation="silu",
+            initial_state=None if state is None else state["conv"],
+            return_final_state=return_state,
+            backend=self.backend,
+        )
         x, conv_state = conv_out if return_state else (conv_out, None)
         dt, B, C = self._split_x_dbl(self.x_proj(rearrange(x, "b d l -> b l d")))
         delta = rearrange(F.linear(dt, self.dt_proj.weight), "b l d -> b d l")
         scan_out = kernels.selective_scan(
-            x, delta, -torch.exp(self.A_log.float()),
-            rearrange(B, "b l n -> b n l"), rearrange(C, "b l n -> b n l"),
-            D=self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-            initial_state=None if state is None else state["ssm"], return_final_state=return_state,
+            x,
+            delta,
+            -torch.exp(self.A_log.float()),
+            rearrange(B, "b l n -> b n l"),
+            rearrange(C, "b l n -> b n l"),
+            D=self.D.float(),
+            z=z,
+            delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True,
+            initial_state=None if state is None else state["ssm"],
+            return_final_state=return_state,
             backend=self.backend,
         )
         y, ssm_state = scan_out if return_state else (scan_out, None)
         out = self.out_proj(rearrange(y, "b d l -> b l d"))
-        return out, ({"conv": conv_state.float(), "ssm": ssm_state} if return_state else None)
+        if not return_state:
+            return out, None
+        assert conv_state is not None  # the conv ran with return_final_state=True
+        return out, {"conv": conv_state.float(), "ssm": ssm_state}
 
     def step(self, hidden: torch.Tensor, state: LayerState):
         x, z = self._project_in(hidden)
-        x, conv_state = kernels.causal_conv1d_update(x, state["conv"], self._conv_weight(), self.conv1d.bias,
-                                                     activation="silu", backend=self.backend)
+        x, conv_state = kernels.causal_conv1d_update(
+            x, state["conv"], self._conv_weight(), self.conv1d.bias, activation="silu", backend=self.backend
+        )
         dt, B, C = self._split_x_dbl(self.x_proj(x))
         y, ssm_state = kernels.selective_state_update(
-            state["ssm"], x, F.linear(dt, self.dt_proj.weight), -torch.exp(self.A_log.float()), B, C,
-            D=self.D.float(), z=z, dt_bias=self.dt_proj.bias.float(), dt_softplus=True, backend=self.backend,
+            state["ssm"],
+            x,
+            F.linear(dt, self.dt_proj.weight),
+            -torch.exp(self.A_log.float()),
+            B,
+            C,
+            D=self.D.float(),
+            z=z,
+            dt_bias=self.dt_proj.bias.float(),
+            dt_softplus=True,
+            backend=self.backend,
         )
         return self.out_proj(y), {"conv": conv_state.float(), "ssm": ssm_state}

@@ -33,8 +33,9 @@ class Mamba2Mixer(Mixer):
         self.conv_dim = self.d_inner + 2 * self.ngroups * self.d_state
 
         self.in_proj = nn.Linear(self.d_model, self.d_inner + self.conv_dim + self.nheads, bias=cfg.proj_bias)
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.d_conv, groups=self.conv_dim,
-                                padding=self.d_conv - 1, bias=cfg.conv_bias)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, self.d_conv, groups=self.conv_dim, padding=self.d_conv - 1, bias=cfg.conv_bias
+        )
         self.dt_bias = nn.Parameter(init_dt_bias(self.nheads, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor))
         lo, hi = cfg.A_init_range
         self.A_log = nn.Parameter(torch.log(torch.empty(self.nheads).uniform_(lo, hi)))
@@ -42,7 +43,7 @@ class Mamba2Mixer(Mixer):
         self.norm = GatedRMSNorm(self.d_inner, group_size=self.d_inner // self.ngroups, eps=cfg.norm_eps)
         self.out_proj = nn.Linear(self.d_inner, self.d_model, bias=cfg.proj_bias)
         for p in (self.dt_bias, self.A_log, self.D):
-            p._no_weight_decay = True
+            p._no_weight_decay = True  # type: ignore[attr-defined]
 
     # ----------------------------------------------------------------------------------------------
     def init_state(self, batch_size: int, device=None) -> LayerState:
@@ -62,32 +63,56 @@ class Mamba2Mixer(Mixer):
 
     def forward(self, hidden: torch.Tensor, state: LayerState | None = None, return_state: bool = True):
         z, xbc, dt = self._project_in(hidden)
-        conv_out = kernels.causal_conv1d(rearrange(xbc, "b l c -> b c l"), self._conv_weight(), self.conv1d.bias,
-                                         activation="silu", initial_state=None if state is None else state["conv"],
-                                         return_final_state=return_state, backend=self.backend)
+        conv_out = kernels.causal_conv1d(
+            rearrange(xbc, "b l c -> b c l"),
+            self._conv_weight(),
+            self.conv1d.bias,
+            activation="silu",
+            initial_state=None if state is None else state["conv"],
+            return_final_state=return_state,
+            backend=self.backend,
+        )
         xbc, conv_state = conv_out if return_state else (conv_out, None)
         x, B, C = self._split_xbc(rearrange(xbc, "b c l -> b l c"))
         scan_out = kernels.ssd_scan(
-            rearrange(x, "b l (h p) -> b l h p", p=self.headdim), dt, -torch.exp(self.A_log.float()),
-            rearrange(B, "b l (g n) -> b l g n", g=self.ngroups), rearrange(C, "b l (g n) -> b l g n", g=self.ngroups),
-            self.chunk_size, D=self.D.float(), dt_bias=self.dt_bias.float(), dt_softplus=True,
-            initial_state=None if state is None else state["ssm"], return_final_state=return_state,
+            rearrange(x, "b l (h p) -> b l h p", p=self.headdim),
+            dt,
+            -torch.exp(self.A_log.float()),
+            rearrange(B, "b l (g n) -> b l g n", g=self.ngroups),
+            rearrange(C, "b l (g n) -> b l g n", g=self.ngroups),
+            self.chunk_size,
+            D=self.D.float(),
+            dt_bias=self.dt_bias.float(),
+            dt_softplus=True,
+            initial_state=None if state is None else state["ssm"],
+            return_final_state=return_state,
             backend=self.backend,
         )
         y, ssm_state = scan_out if return_state else (scan_out, None)
         y = self.norm(rearrange(y, "b l h p -> b l (h p)"), z)
         out = self.out_proj(y)
-        return out, ({"conv": conv_state.float(), "ssm": ssm_state} if return_state else None)
+        if not return_state:
+            return out, None
+        assert conv_state is not None  # the conv ran with return_final_state=True
+        return out, {"conv": conv_state.float(), "ssm": ssm_state}
 
     def step(self, hidden: torch.Tensor, state: LayerState):
         z, xbc, dt = self._project_in(hidden)
-        xbc, conv_state = kernels.causal_conv1d_update(xbc, state["conv"], self._conv_weight(), self.conv1d.bias,
-                                                       activation="silu", backend=self.backend)
+        xbc, conv_state = kernels.causal_conv1d_update(
+            xbc, state["conv"], self._conv_weight(), self.conv1d.bias, activation="silu", backend=self.backend
+        )
         x, B, C = self._split_xbc(xbc)
         y, ssm_state = kernels.ssd_state_update(
-            state["ssm"], rearrange(x, "b (h p) -> b h p", p=self.headdim), dt, -torch.exp(self.A_log.float()),
-            rearrange(B, "b (g n) -> b g n", g=self.ngroups), rearrange(C, "b (g n) -> b g n", g=self.ngroups),
-            D=self.D.float(), dt_bias=self.dt_bias.float(), dt_softplus=True, backend=self.backend,
+            state["ssm"],
+            rearrange(x, "b (h p) -> b h p", p=self.headdim),
+            dt,
+            -torch.exp(self.A_log.float()),
+            rearrange(B, "b (g n) -> b g n", g=self.ngroups),
+            rearrange(C, "b (g n) -> b g n", g=self.ngroups),
+            D=self.D.float(),
+            dt_bias=self.dt_bias.float(),
+            dt_softplus=True,
+            backend=self.backend,
         )
         y = self.norm(rearrange(y, "b h p -> b (h p)"), z)
         return self.out_proj(y), {"conv": conv_state.float(), "ssm": ssm_state}

@@ -25,14 +25,26 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     data = torch.randint(0, 32, (4 * 120,), generator=g)  # 7 windows: the epoch wraps at step 7
     model = tiny_lm(vocab=32, d_model=16, n_layer=2)
-    config = TrainConfig(lr=3e-3, max_steps=12, warmup_steps=3, batch_size=4, window=16, grad_accum=2,
-                         checkpoint_dir=str(out / "ckpt"), checkpoint_every=4, log_path=str(out / "log.jsonl"),
-                         progress=False, seed=7)
+    config = TrainConfig(
+        lr=3e-3,
+        max_steps=12,
+        warmup_steps=3,
+        batch_size=4,
+        window=16,
+        grad_accum=2,
+        checkpoint_dir=str(out / "ckpt"),
+        checkpoint_every=4,
+        log_path=str(out / "log.jsonl"),
+        progress=False,
+        seed=7,
+    )
     callbacks = []
     if kill_after is not None:
+
         def die(trainer, record):
             if trainer.step == kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
+
         callbacks.append(die)
     if mode == "resume":
         trainer = Trainer.resume(out / "ckpt", model, config, data, callbacks=callbacks)

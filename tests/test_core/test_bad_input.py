@@ -6,25 +6,27 @@ import pytest
 import torch
 
 from seqlab import BackboneConfig, LanguageModel, RecurrentState, SequenceModel
-from seqlab.errors import (ConfigError, CorruptFileError, FormatVersionError, InputError, SeqlabError,
-                           StateMismatchError)
+from seqlab.errors import ConfigError, CorruptFileError, FormatVersionError, InputError, SeqlabError, StateMismatchError
 from seqlab.testing import tiny_config, tiny_lm
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(d_model=0, n_layer=1), "d_model must be a positive int"),
-    (dict(d_model=8, n_layer=1.5), "n_layer must be a positive int"),
-    (dict(d_model=8, n_layer=1, ssm="lstm"), "ssm must be one of"),
-    (dict(d_model=8, n_layer=1, d_state=-1), "d_state must be a positive int"),
-    (dict(d_model=8, n_layer=1, ssm="mamba2", headdim=5), "divisible by headdim"),
-    (dict(d_model=16, n_layer=1, ssm="mamba2", headdim=8, ngroups=3), "divisible by ngroups"),
-    (dict(d_model=8, n_layer=1, norm_eps=0), "norm_eps"),
-    (dict(d_model=8, n_layer=1, bidirectional_combine="concat"), "bidirectional_combine"),
-    (dict(d_model=8, n_layer=1, dt_min=0.2, dt_max=0.1), "dt_min <= dt_max"),
-    (dict(d_model=8, n_layer=1, A_init_range=(0, 1)), "A_init_range"),
-    (dict(d_model=8, n_layer=2, layer_overrides={2: {}}), "layer indices in \\[0, 2\\)"),
-    (dict(d_model=8, n_layer=2, layer_overrides={0: {"kind": "x"}}), "unknown fields"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(d_model=0, n_layer=1), "d_model must be a positive int"),
+        (dict(d_model=8, n_layer=1.5), "n_layer must be a positive int"),
+        (dict(d_model=8, n_layer=1, ssm="lstm"), "ssm must be one of"),
+        (dict(d_model=8, n_layer=1, d_state=-1), "d_state must be a positive int"),
+        (dict(d_model=8, n_layer=1, ssm="mamba2", headdim=5), "divisible by headdim"),
+        (dict(d_model=16, n_layer=1, ssm="mamba2", headdim=8, ngroups=3), "divisible by ngroups"),
+        (dict(d_model=8, n_layer=1, norm_eps=0), "norm_eps"),
+        (dict(d_model=8, n_layer=1, bidirectional_combine="concat"), "bidirectional_combine"),
+        (dict(d_model=8, n_layer=1, dt_min=0.2, dt_max=0.1), "dt_min <= dt_max"),
+        (dict(d_model=8, n_layer=1, A_init_range=(0, 1)), "A_init_range"),
+        (dict(d_model=8, n_layer=2, layer_overrides={2: {}}), "layer indices in \\[0, 2\\)"),
+        (dict(d_model=8, n_layer=2, layer_overrides={0: {"kind": "x"}}), "unknown fields"),
+    ],
+)
 def test_config_errors_name_the_field(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         BackboneConfig(**kwargs)
@@ -138,8 +140,13 @@ def test_foreign_and_future_files(saved, tmp_path):
     from seqlab.state import STATE_FORMAT, STATE_FORMAT_VERSION
 
     future = tmp_path / "future.safetensors"
-    write_tensors(future, state.tensors(), kind=STATE_FORMAT, version=STATE_FORMAT_VERSION + 1,
-                  meta={"fingerprint": state.fingerprint, "position": 9, "layers": [["conv", "ssm"]] * 2})
+    write_tensors(
+        future,
+        state.tensors(),
+        kind=STATE_FORMAT,
+        version=STATE_FORMAT_VERSION + 1,
+        meta={"fingerprint": state.fingerprint, "position": 9, "layers": [["conv", "ssm"]] * 2},
+    )
     with pytest.raises(FormatVersionError, match=f"format version {STATE_FORMAT_VERSION + 1};"):
         RecurrentState.load(future, model)
     with pytest.raises(FileNotFoundError, match="no such file"):
@@ -162,16 +169,19 @@ def test_failed_save_keeps_the_good_file(saved, monkeypatch):
     assert RecurrentState.load(path, model).position == 9
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("colour", "red", r"no fields \['colour'\]"),
-    ("d_conv", "4", "d_conv must be a positive int"),
-    ("d_model", 10**12, "d_model must be a positive int"),
-    ("norm_eps", -1.0, "norm_eps must be a finite number"),
-    ("residual_in_fp32", "yes", "residual_in_fp32 must be true or false"),
-    ("A_init_range", [1.0], "A_init_range must be two finite numbers"),
-    ("layer_overrides", {"0": {"options": [1]}}, r"layer_overrides\[0\]\.options"),
-    ("dt_min", "x", "dt_min must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("colour", "red", r"no fields \['colour'\]"),
+        ("d_conv", "4", "d_conv must be a positive int"),
+        ("d_model", 10**12, "d_model must be a positive int"),
+        ("norm_eps", -1.0, "norm_eps must be a finite number"),
+        ("residual_in_fp32", "yes", "residual_in_fp32 must be true or false"),
+        ("A_init_range", [1.0], "A_init_range must be two finite numbers"),
+        ("layer_overrides", {"0": {"options": [1]}}, r"layer_overrides\[0\]\.options"),
+        ("dt_min", "x", "dt_min must be a finite number"),
+    ],
+)
 def test_a_bad_config_key_in_a_model_file_names_the_file_and_key(tmp_path, key, value, message):
     """A model file whose recorded config has an unknown key or a bad value (its checksum is right: written by
     the low-level writer) is a CorruptFileError naming the file and the key, not a ConfigError or TypeError."""

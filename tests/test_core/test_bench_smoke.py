@@ -17,8 +17,14 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 def run_bench(script: str, *args: str) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     # One thread: stable on a shared machine. Each takes seconds; the timeout is only a backstop.
-    proc = subprocess.run([sys.executable, str(BENCH / script), *args, "--threads", "1"], capture_output=True,
-                          text=True, timeout=180, env=env, cwd=BENCH)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args, "--threads", "1"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        cwd=BENCH,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("machine:")
     return proc.stdout
@@ -41,8 +47,9 @@ def test_generate_quick_runs_and_prints_the_table():
 def test_gpu_kernels_bench_runs_without_a_gpu():
     """Without CUDA the GPU kernel bench falls back to its CPU smoke mode, says so, and prints the table; the
     Triton interpreter runs the conv and decode kernels here (the scans take seconds per call interpreted)."""
-    out = run_bench("gpu_kernels.py", "--smoke", "--ops", "causal_conv1d", "decode", "--lengths", "32",
-                    "--contexts", "8")
+    out = run_bench(
+        "gpu_kernels.py", "--smoke", "--ops", "causal_conv1d", "decode", "--lengths", "32", "--contexts", "8"
+    )
     assert "| op | shape | L | mode | min bytes | seqlab triton |" in out
     assert "Targets" in out
     if not os.path.exists("/dev/nvidiactl"):

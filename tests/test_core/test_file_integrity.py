@@ -40,7 +40,7 @@ def test_stale_temps_of_dead_writers_are_removed_on_the_next_write(tmp_path):
     try:
         stale = tmp_path / f".a.bin.{dead}.abcd1234.tmp"
         held = tmp_path / f".a.bin.{live.pid}.efgh5678.tmp"
-        old_style = tmp_path / ".a.bin.zz99yy88.tmp"      # an older seqlab's temp name (no pid), an hour old
+        old_style = tmp_path / ".a.bin.zz99yy88.tmp"  # an older seqlab's temp name (no pid), an hour old
         fresh_old_style = tmp_path / ".a.bin.qq11rr22.tmp"  # ... and one just made: perhaps a live old writer
         other = tmp_path / f".a.bin.x.{dead}.abcd1234.tmp"  # a temp of another target, a.bin.x
         for p in (stale, held, old_style, fresh_old_style, other):
@@ -75,8 +75,9 @@ def test_kill_9_mid_write_leaves_a_whole_file_and_the_next_write_cleans_up(tmp_p
     n = 4 << 20
     atomic_write_bytes(target, b"\x00" * n)
     for delay in (0.02, 0.1, 0.25):
-        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(target), str(n), seqlab.io.__file__],
-                                stdout=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(target), str(n), seqlab.io.__file__], stdout=subprocess.PIPE
+        )
         assert proc.stdout.readline().strip() == b"ready"
         time.sleep(delay)
         os.kill(proc.pid, signal.SIGKILL)
@@ -91,8 +92,14 @@ def test_kill_9_mid_write_leaves_a_whole_file_and_the_next_write_cleans_up(tmp_p
 def test_two_concurrent_writers_never_remove_each_others_temp_files(tmp_path):
     target = tmp_path / "shared.bin"
     script = _WRITER.replace("while True:", "for _ in range(60):")
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(target), str(64 << 10), seqlab.io.__file__],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(target), str(64 << 10), seqlab.io.__file__],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
     for proc in procs:
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err.decode()  # a removed temp file would fail its writer's rename
@@ -123,6 +130,7 @@ def test_write_into_a_read_only_folder_fails_and_keeps_the_old_file(tmp_path, mo
     atomic_write_bytes(folder / "f", b"old")
     folder.chmod(0o500)
     if os.geteuid() == 0:  # root writes anyway: the same refusal, as the kernel would give it to a user
+
         def refused(*args, **kwargs):
             raise PermissionError(13, "Permission denied", str(folder))
 
@@ -144,8 +152,27 @@ def test_a_permission_failure_in_the_cli_is_one_line(tmp_path, monkeypatch, caps
         raise PermissionError(13, "Permission denied", str(tmp_path / "o"))
 
     monkeypatch.setattr(seqlab.io.tempfile, "mkstemp", refused)
-    code = main(["train", str(tmp_path / "c.txt"), "--adapter", "bytes", "--out", str(tmp_path / "o"), "--steps", "1",
-                 "--d-model", "8", "--n-layer", "1", "--batch-size", "1", "--window", "8", "--quiet"])
+    code = main(
+        [
+            "train",
+            str(tmp_path / "c.txt"),
+            "--adapter",
+            "bytes",
+            "--out",
+            str(tmp_path / "o"),
+            "--steps",
+            "1",
+            "--d-model",
+            "8",
+            "--n-layer",
+            "1",
+            "--batch-size",
+            "1",
+            "--window",
+            "8",
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Permission denied" in err, err
 
@@ -186,8 +213,16 @@ def _data():
 
 
 def _config(folder, **kw):
-    base = dict(lr=1e-2, max_steps=2, warmup_steps=0, batch_size=4, window=8, progress=False,
-                checkpoint_dir=str(folder), checkpoint_every=2)
+    base = dict(
+        lr=1e-2,
+        max_steps=2,
+        warmup_steps=0,
+        batch_size=4,
+        window=8,
+        progress=False,
+        checkpoint_dir=str(folder),
+        checkpoint_every=2,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -213,10 +248,14 @@ def _loader(kind, where):
     return lambda: Trainer.resume(where / "ckpt", _model(), _config(where / "ckpt"), _data())
 
 
-KINDS = {"state": "s.safetensors", "model": "m.safetensors",
-         "checkpoint model": "ckpt/step-00000002/model.safetensors",
-         "checkpoint trainer": "ckpt/step-00000002/trainer.safetensors",
-         "checkpoint state": "ckpt/step-00000002/state-0.safetensors", "checkpoint latest": "ckpt/latest"}
+KINDS = {
+    "state": "s.safetensors",
+    "model": "m.safetensors",
+    "checkpoint model": "ckpt/step-00000002/model.safetensors",
+    "checkpoint trainer": "ckpt/step-00000002/trainer.safetensors",
+    "checkpoint state": "ckpt/step-00000002/state-0.safetensors",
+    "checkpoint latest": "ckpt/latest",
+}
 
 
 def _region(data: bytes, region: str, fraction: float) -> int:
@@ -226,7 +265,8 @@ def _region(data: bytes, region: str, fraction: float) -> int:
         return int(fraction * (len(data) - 1))
     (header_len,) = struct.unpack("<Q", data[:8])
     lo, hi = {"length": (0, 8), "header": (8, 8 + header_len), "tensors": (8 + header_len, len(data))}.get(
-        region, (8, 8 + header_len))
+        region, (8, 8 + header_len)
+    )
     if region == "meta values":  # the digits and letters of metadata values: position, step, lr, adapter ...
         start = data.index(b"__metadata__")
         candidates = [i for i in range(start, 8 + header_len) if chr(data[i]).isalnum()]
@@ -247,8 +287,12 @@ def copy(files, tmp_path):
 
 
 @FUZZ
-@given(kind=st.sampled_from(sorted(KINDS)), region=st.sampled_from(["length", "header", "meta values", "tensors"]),
-       fraction=st.floats(0, 1), bit=st.integers(0, 7))
+@given(
+    kind=st.sampled_from(sorted(KINDS)),
+    region=st.sampled_from(["length", "header", "meta values", "tensors"]),
+    fraction=st.floats(0, 1),
+    bit=st.integers(0, 7),
+)
 def test_a_bit_flip_anywhere_is_refused_naming_the_file(copy, kind, region, fraction, bit):
     path = copy / KINDS[kind]
     good = path.read_bytes()
@@ -267,7 +311,7 @@ def test_truncated_or_extended_files_are_refused(copy, kind, cut, extra):
     path = copy / KINDS[kind]
     good = path.read_bytes()
     try:
-        path.write_bytes(good[:int(cut * (len(good) - 1))])
+        path.write_bytes(good[: int(cut * (len(good) - 1))])
         _check_refused(kind, copy, path)
         path.write_bytes(good + extra)
         _check_refused(kind, copy, path)
@@ -285,9 +329,11 @@ def _legacy(tensors, kind, meta):
 def test_same_length_edits_of_metadata_are_refused(copy):
     """The issue's cases: position in a state file, an adapter setting or config in a model file, the scheduler's
     step in a checkpoint; each edited in place, same length."""
-    for name, old, new in [("s.safetensors", b'position\\": 5', b'position\\": 7'),
-                           ("m.safetensors", b'd_conv\\": 4', b'd_conv\\": 3'),
-                           ("ckpt/step-00000002/trainer.safetensors", b'last_epoch\\": 2', b'last_epoch\\": 1')]:
+    for name, old, new in [
+        ("s.safetensors", b'position\\": 5', b'position\\": 7'),
+        ("m.safetensors", b'd_conv\\": 4', b'd_conv\\": 3'),
+        ("ckpt/step-00000002/trainer.safetensors", b'last_epoch\\": 2', b'last_epoch\\": 1'),
+    ]:
         path = copy / name
         good = path.read_bytes()
         assert good.count(old) == 1, name
@@ -300,12 +346,17 @@ def test_same_length_edits_of_metadata_are_refused(copy):
 def test_version_1_files_still_load_with_their_tensor_checksum(tmp_path):
     model = _model()
     state = model(torch.tensor([[1, 2, 3]]), return_state=True).state
-    meta = {"fingerprint": state.fingerprint, "position": 3, "batch_size": 1,
-            "layers": [sorted(layer) for layer in state.layers]}
+    meta = {
+        "fingerprint": state.fingerprint,
+        "position": 3,
+        "batch_size": 1,
+        "layers": [sorted(layer) for layer in state.layers],
+    }
     (tmp_path / "s1").write_bytes(_legacy(state.tensors(), STATE_FORMAT, meta))
     loaded = RecurrentState.load(tmp_path / "s1", model)
-    assert loaded.position == 3 and all(torch.equal(a, b) for a, b in zip(loaded.tensors().values(),
-                                                                           state.tensors().values()))
+    assert loaded.position == 3 and all(
+        torch.equal(a, b) for a, b in zip(loaded.tensors().values(), state.tensors().values())
+    )
     (tmp_path / "m1").write_bytes(_legacy(model.state_dict(), MODEL_FORMAT, {"fingerprint": model.fingerprint}))
     load_model(tmp_path / "m1", _model())
     damaged = bytearray((tmp_path / "s1").read_bytes())
@@ -384,8 +435,11 @@ def test_saved_states_with_bad_values_are_refused_naming_file_and_tensor(tmp_pat
 def test_a_state_file_of_another_dtype_is_refused(tmp_path, dtype):
     model = _model()
     _state(model).to(dtype=dtype).save(tmp_path / "s")
-    with pytest.raises(CorruptFileError, match=rf"s: layers\.0\.\w+ has dtype {dtype}, the model's state dtype is "
-                                               "torch.float32"):
+    with pytest.raises(
+        CorruptFileError,
+        match=rf"s: layers\.0\.\w+ has dtype {dtype}, the model's state dtype is "
+        "torch.float32",
+    ):
         RecurrentState.load(tmp_path / "s", model)
 
 
@@ -397,8 +451,13 @@ def test_negative_positions_are_refused(tmp_path):
     assert not (tmp_path / "s").exists()
     # a file that says so anyway (written with the low-level writer, so its checksum is right)
     from seqlab.safetensors_io import write_tensors
-    meta = {"fingerprint": state.fingerprint, "position": -4, "batch_size": 1,
-            "layers": [sorted(layer) for layer in state.layers]}
+
+    meta = {
+        "fingerprint": state.fingerprint,
+        "position": -4,
+        "batch_size": 1,
+        "layers": [sorted(layer) for layer in state.layers],
+    }
     write_tensors(tmp_path / "s", state.tensors(), kind=STATE_FORMAT, version=2, meta=meta)
     with pytest.raises(CorruptFileError, match="s: position must be an int >= 0, got -4"):
         RecurrentState.load(tmp_path / "s", model)
@@ -448,9 +507,11 @@ from seqlab.checkpoint import read_trainer_file  # noqa: E402
 from seqlab.errors import SeqlabError  # noqa: E402
 from seqlab.safetensors_io import read_tensors, write_tensors  # noqa: E402
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8),
-                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
-                                                                                max_size=3), max_leaves=6)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
 
 
 def _replace_at(tree, path, value):
@@ -480,8 +541,12 @@ def _paths(tree, prefix=()):
 def test_odd_metadata_with_a_right_checksum_is_a_seqlab_error(copy, data):
     kind = data.draw(st.sampled_from(["state", "model", "checkpoint trainer", "checkpoint state"]))
     path = copy / KINDS[kind]
-    fmt = {"state": STATE_FORMAT, "model": MODEL_FORMAT, "checkpoint trainer": TRAINER_FORMAT,
-           "checkpoint state": STATE_FORMAT}[kind]
+    fmt = {
+        "state": STATE_FORMAT,
+        "model": MODEL_FORMAT,
+        "checkpoint trainer": TRAINER_FORMAT,
+        "checkpoint state": STATE_FORMAT,
+    }[kind]
     good = path.read_bytes()
     tensors, meta = read_tensors(path, kind=fmt, version=2)
     body = {k: v for k, v in meta.items() if k not in ("format", "format_version", "file_sha256")}
@@ -547,7 +612,7 @@ def test_kill_9_while_checkpointing_and_pruning_leaves_a_checkpoint_that_resumes
     config = _config(ckpt, max_steps=10**5, window=8, keep_checkpoints=1, checkpoint_every=1)
     trainer = Trainer.resume(ckpt, _model(), config, _data())
     assert trainer.step >= 2 and latest_checkpoint(ckpt).name == f"step-{trainer.step:08d}"
-    from seqlab.checkpoint import read_model_file, read_trainer_file
+    from seqlab.checkpoint import read_model_file
 
     for folder in ckpt.glob("step-*"):
         if int(folder.name[5:]) <= trainer.step:  # later ones: a save that never reached latest
@@ -559,8 +624,11 @@ def test_a_version_1_checkpoint_still_resumes(copy):
     """A checkpoint folder as seqlab wrote it before format version 2: tensor checksums only, latest holding the
     folder name alone."""
     folder = copy / "ckpt" / "step-00000002"
-    for name, fmt in (("model.safetensors", MODEL_FORMAT), ("trainer.safetensors", TRAINER_FORMAT),
-                      ("state-0.safetensors", STATE_FORMAT)):
+    for name, fmt in (
+        ("model.safetensors", MODEL_FORMAT),
+        ("trainer.safetensors", TRAINER_FORMAT),
+        ("state-0.safetensors", STATE_FORMAT),
+    ):
         tensors, meta = read_tensors(folder / name, kind=fmt, version=2)
         body = {k: v for k, v in meta.items() if k not in ("format", "format_version", "file_sha256")}
         (folder / name).write_bytes(_legacy(tensors, fmt, body))

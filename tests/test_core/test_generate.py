@@ -77,8 +77,13 @@ def test_stop_sequences_and_streaming_callback(model):
     free = model.generate([2, 3], 10, temperature=0).tokens[0]
     stop_token = free[3]
     seen = []
-    out = model.generate([[2, 3], [2, 3]], 10, temperature=0, stop=[stop_token, [31, 31, 31]],
-                         callback=lambda row, token: seen.append((row, token)))
+    out = model.generate(
+        [[2, 3], [2, 3]],
+        10,
+        temperature=0,
+        stop=[stop_token, [31, 31, 31]],
+        callback=lambda row, token: seen.append((row, token)),
+    )
     cut = free.index(stop_token) + 1
     assert out.tokens == [free[:cut]] * 2 and out.stop_reasons == ["stop", "stop"]
     assert [t for r, t in seen if r == 0] == free[:cut]
@@ -145,21 +150,24 @@ def test_repetition_penalty_discourages_repeats(model):
     assert len(set(penalised)) == len(penalised) and not {5, 6} & set(penalised)
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    (dict(input_ids=[]), InputError, "token ids"),
-    (dict(input_ids=[[1], []]), InputError, "prompt 1 is empty"),
-    (dict(input_ids=[[1]], temperature=-1), InputError, "temperature"),
-    (dict(input_ids=[[1]], top_p=0), InputError, "top_p"),
-    (dict(input_ids=[[1]], top_k=0), InputError, "top_k"),
-    (dict(input_ids=[[1]], min_p=1), InputError, "min_p"),
-    (dict(input_ids=[[1]], repetition_penalty=0), InputError, "repetition_penalty"),
-    (dict(input_ids=[[1]], max_new_tokens=-2), InputError, "max_new_tokens"),
-    (dict(input_ids=[[1]], stop=[[]]), InputError, "stop sequences"),
-    (dict(input_ids=[[1]], do_sample="yes"), InputError, "do_sample must be"),
-    (dict(), InputError, "input_ids is missing"),
-    (dict(input_ids=[[99]]), InputError, "outside the vocabulary"),
-    (dict(input_ids=torch.zeros(1, 2, 3, dtype=torch.long)), InputError, "shape"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(input_ids=[]), InputError, "token ids"),
+        (dict(input_ids=[[1], []]), InputError, "prompt 1 is empty"),
+        (dict(input_ids=[[1]], temperature=-1), InputError, "temperature"),
+        (dict(input_ids=[[1]], top_p=0), InputError, "top_p"),
+        (dict(input_ids=[[1]], top_k=0), InputError, "top_k"),
+        (dict(input_ids=[[1]], min_p=1), InputError, "min_p"),
+        (dict(input_ids=[[1]], repetition_penalty=0), InputError, "repetition_penalty"),
+        (dict(input_ids=[[1]], max_new_tokens=-2), InputError, "max_new_tokens"),
+        (dict(input_ids=[[1]], stop=[[]]), InputError, "stop sequences"),
+        (dict(input_ids=[[1]], do_sample="yes"), InputError, "do_sample must be"),
+        (dict(), InputError, "input_ids is missing"),
+        (dict(input_ids=[[99]]), InputError, "outside the vocabulary"),
+        (dict(input_ids=torch.zeros(1, 2, 3, dtype=torch.long)), InputError, "shape"),
+    ],
+)
 def test_bad_generation_input(model, kwargs, error, message):
     kwargs.setdefault("max_new_tokens", 3)
     with pytest.raises(error, match=message):

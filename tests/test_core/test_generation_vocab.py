@@ -59,15 +59,18 @@ def test_eos_token_ends_a_row_and_is_kept(lm):
     assert out.states[0].position == 2
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(suppress_tokens=[99]), "suppress_tokens: id 99 is outside"),
-    (dict(suppress_tokens="ab"), "suppress_tokens must be"),
-    (dict(suppress_tokens=[1.5]), "suppress_tokens must be"),
-    (dict(eos_token_id=-1), "eos_token_id: id -1 is outside"),
-    (dict(eos_token_id=True), "eos_token_id must be"),
-    (dict(suppress_tokens=list(range(32))), "whole vocabulary"),
-    (dict(input_ids=torch.tensor([1.7, 2.2])), "prompt 0: token ids must be integers"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(suppress_tokens=[99]), "suppress_tokens: id 99 is outside"),
+        (dict(suppress_tokens="ab"), "suppress_tokens must be"),
+        (dict(suppress_tokens=[1.5]), "suppress_tokens must be"),
+        (dict(eos_token_id=-1), "eos_token_id: id -1 is outside"),
+        (dict(eos_token_id=True), "eos_token_id must be"),
+        (dict(suppress_tokens=list(range(32))), "whole vocabulary"),
+        (dict(input_ids=torch.tensor([1.7, 2.2])), "prompt 0: token ids must be integers"),
+    ],
+)
 def test_bad_suppress_and_eos_arguments(lm, kwargs, message):
     kwargs.setdefault("input_ids", [[1]])
     with pytest.raises(InputError, match=message):
@@ -82,8 +85,10 @@ def test_dna_generation_samples_bases_only_and_stops_at_eos():
     # random weights: about half the mass is on the five specials, so the bare call samples them
     assert set(plain.tokens[0]) & set(dna_mod.SPECIALS)
     options = adapter.generation_options()
-    assert options == {"suppress_tokens": [dna_mod.PAD, dna_mod.MASK, dna_mod.UNK, dna_mod.BOS],
-                       "eos_token_id": dna_mod.EOS}
+    assert options == {
+        "suppress_tokens": [dna_mod.PAD, dna_mod.MASK, dna_mod.UNK, dna_mod.BOS],
+        "eos_token_id": dna_mod.EOS,
+    }
     for seed in range(8):
         out = model.generate(prompt, 40, do_sample=True, temperature=1.0, seed=seed, **options)
         tokens = out.tokens[0]
@@ -102,8 +107,7 @@ def test_memory_replies_never_hold_framing_bytes():
     model = _adapter_model(adapter, seed=2)
     header = adapter.prompt_for("assistant", time=0.0)
     for seed in range(4):
-        out = model.generate(header, 30, do_sample=True, temperature=1.0, seed=seed,
-                             **adapter.generation_options())
+        out = model.generate(header, 30, do_sample=True, temperature=1.0, seed=seed, **adapter.generation_options())
         tokens = out.tokens[0]
         assert not [t for t in tokens[:-1] if t >= mem_mod.EVENT]
         if out.stop_reasons[0] == "stop":
@@ -144,8 +148,14 @@ def test_ids_outside_the_vocabulary_are_refused_in_every_dtype(lm, dtype):
         DNAAdapter().check_ids(torch.tensor([1, bad], dtype=dtype))
 
 
-@pytest.mark.parametrize("settings", [{"temperature": 1e-300}, {"temperature": 1.0, "top_p": 1e-300},
-                                      {"temperature": 1e-300, "top_p": 1e-300, "repetition_penalty": 1e-6}])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"temperature": 1e-300},
+        {"temperature": 1.0, "top_p": 1e-300},
+        {"temperature": 1e-300, "top_p": 1e-300, "repetition_penalty": 1e-6},
+    ],
+)
 def test_vanishing_temperature_or_top_p_is_greedy_not_a_crash(settings):
     model = tiny_lm()
     prompt = torch.tensor([1, 2, 3])
@@ -153,9 +163,16 @@ def test_vanishing_temperature_or_top_p_is_greedy_not_a_crash(settings):
     assert model.generate(prompt, 8, do_sample=True, seed=3, **settings).tokens == greedy.tokens
 
 
-@pytest.mark.parametrize("name,value", [("temperature", float("inf")), ("temperature", float("nan")),
-                                        ("repetition_penalty", float("inf")), ("repetition_penalty", 1e-300),
-                                        ("top_p", float("nan"))])
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("temperature", float("inf")),
+        ("temperature", float("nan")),
+        ("repetition_penalty", float("inf")),
+        ("repetition_penalty", 1e-300),
+        ("top_p", float("nan")),
+    ],
+)
 def test_non_finite_sampling_settings_are_refused(name, value):
     with pytest.raises(InputError, match=name):
         tiny_lm().generate(torch.tensor([1, 2]), 4, **{name: value})

@@ -33,21 +33,59 @@ TOL = 1e-4
 
 # name -> (config class, model class, config kwargs)
 CASES = {
-    "mamba1": (MambaConfig, MambaForCausalLM,
-               dict(hidden_size=32, num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4, time_step_rank=4)),
-    "mamba1_bias_untied": (MambaConfig, MambaForCausalLM,
-                           dict(hidden_size=48, num_hidden_layers=2, state_size=16, conv_kernel=3, use_bias=True,
-                                tie_word_embeddings=False, layer_norm_epsilon=1e-4)),
-    "mamba2_g2": (Mamba2Config, Mamba2ForCausalLM,
-                  dict(hidden_size=64, num_hidden_layers=2, state_size=16, num_heads=8, head_dim=16, n_groups=2,
-                       chunk_size=16)),
-    "mamba2_g1_tied_bias": (Mamba2Config, Mamba2ForCausalLM,
-                            dict(hidden_size=32, num_hidden_layers=2, state_size=8, num_heads=4, head_dim=16,
-                                 n_groups=1, chunk_size=8, use_bias=True, tie_word_embeddings=True)),
+    "mamba1": (
+        MambaConfig,
+        MambaForCausalLM,
+        dict(hidden_size=32, num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4, time_step_rank=4),
+    ),
+    "mamba1_bias_untied": (
+        MambaConfig,
+        MambaForCausalLM,
+        dict(
+            hidden_size=48,
+            num_hidden_layers=2,
+            state_size=16,
+            conv_kernel=3,
+            use_bias=True,
+            tie_word_embeddings=False,
+            layer_norm_epsilon=1e-4,
+        ),
+    ),
+    "mamba2_g2": (
+        Mamba2Config,
+        Mamba2ForCausalLM,
+        dict(hidden_size=64, num_hidden_layers=2, state_size=16, num_heads=8, head_dim=16, n_groups=2, chunk_size=16),
+    ),
+    "mamba2_g1_tied_bias": (
+        Mamba2Config,
+        Mamba2ForCausalLM,
+        dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            state_size=8,
+            num_heads=4,
+            head_dim=16,
+            n_groups=1,
+            chunk_size=8,
+            use_bias=True,
+            tie_word_embeddings=True,
+        ),
+    ),
     # Codestral Mamba's layout shape-wise (head_dim 64, n_groups 8, untied head), kept tiny.
-    "mamba2_codestral": (Mamba2Config, Mamba2ForCausalLM,
-                         dict(hidden_size=256, num_hidden_layers=1, state_size=16, num_heads=8, head_dim=64,
-                              n_groups=8, chunk_size=32, tie_word_embeddings=False)),
+    "mamba2_codestral": (
+        Mamba2Config,
+        Mamba2ForCausalLM,
+        dict(
+            hidden_size=256,
+            num_hidden_layers=1,
+            state_size=16,
+            num_heads=8,
+            head_dim=64,
+            n_groups=8,
+            chunk_size=32,
+            tie_word_embeddings=False,
+        ),
+    ),
 }
 LENGTHS = (1, 7, 33, 50)
 
@@ -212,16 +250,19 @@ def test_extra_mlp_rows_in_in_proj(mamba2_dir):
         seqlab_hf.load(mamba2_dir)
 
 
-@pytest.mark.parametrize("changes, field", [
-    (dict(model_type="llama"), "model_type"),
-    (dict(time_step_limit=[0.0, 0.1]), "time_step_limit"),
-    (dict(rms_norm=False), "rms_norm"),
-    (dict(norm_before_gate=True), "norm_before_gate"),
-    (dict(hidden_act="gelu"), "hidden_act"),
-    (dict(num_heads=4), "num_heads"),
-    (dict(n_groups=3), "n_groups"),
-    (dict(expand=1.5), "expand"),
-])
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        (dict(model_type="llama"), "model_type"),
+        (dict(time_step_limit=[0.0, 0.1]), "time_step_limit"),
+        (dict(rms_norm=False), "rms_norm"),
+        (dict(norm_before_gate=True), "norm_before_gate"),
+        (dict(hidden_act="gelu"), "hidden_act"),
+        (dict(num_heads=4), "num_heads"),
+        (dict(n_groups=3), "n_groups"),
+        (dict(expand=1.5), "expand"),
+    ],
+)
 def test_unsupported_config_is_refused_naming_the_field(mamba2_dir, changes, field):
     edit_config(mamba2_dir, **changes)
     with pytest.raises(ConfigError, match=field) as info:
@@ -233,7 +274,8 @@ def test_infinite_time_step_limit_spellings_are_accepted(mamba2_dir):
     config = json.loads((mamba2_dir / "config.json").read_text())
     assert config["time_step_limit"][1] == {"__float__": "Infinity"}  # transformers 5's spelling
     (mamba2_dir / "config.json").write_text(
-        json.dumps({**config, "time_step_limit": [0.0, float("inf")], "rms_norm": True}))  # older: bare Infinity
+        json.dumps({**config, "time_step_limit": [0.0, float("inf")], "rms_norm": True})
+    )  # older: bare Infinity
     assert seqlab_hf.load(mamba2_dir).config.ssm == "mamba2"
 
 
@@ -268,11 +310,14 @@ def test_tied_head_that_differs_is_refused(hf_models, tmp_path):
         seqlab_hf.load(tmp_path)
 
 
-@pytest.mark.parametrize("kw, field", [
-    (dict(bidirectional=True), "bidirectional"),
-    (dict(layer_overrides={1: {"mixer": "mamba2"}}), "layer_overrides"),
-    (dict(ffn="mlp"), "ffn"),
-])
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        (dict(bidirectional=True), "bidirectional"),
+        (dict(layer_overrides={1: {"mixer": "mamba2"}}), "layer_overrides"),
+        (dict(ffn="mlp"), "ffn"),
+    ],
+)
 def test_save_refuses_what_hf_cannot_represent(tmp_path, kw, field):
     model = LanguageModel(BackboneConfig(d_model=16, n_layer=2, d_state=4, headdim=8, **kw), vocab_size=VOCAB)
     with pytest.raises(ConfigError, match=field):

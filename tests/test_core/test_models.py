@@ -86,8 +86,12 @@ def test_bidirectional_refuses_to_stream():
 
 
 def test_hybrid_layers_follow_overrides():
-    cfg = tiny_config("mamba1", n_layer=3, ffn="mlp",
-                      layer_overrides={1: {"mixer": "mamba2", "ffn": "none", "options": {"headdim": 8}}})
+    cfg = tiny_config(
+        "mamba1",
+        n_layer=3,
+        ffn="mlp",
+        layer_overrides={1: {"mixer": "mamba2", "ffn": "none", "options": {"headdim": 8}}},
+    )
     model = LanguageModel(cfg, vocab_size=32)
     kinds = [type(layer.mixer).__name__ for layer in model.backbone.layers]
     assert kinds == ["Mamba1Mixer", "Mamba2Mixer", "Mamba1Mixer"]

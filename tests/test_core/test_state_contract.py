@@ -10,8 +10,13 @@ from seqlab.errors import StateMismatchError
 from seqlab.testing import rel_err, tiny_lm
 
 SSMS = ["mamba1", "mamba2"]
-HYBRID = dict(ssm="mamba1", n_layer=3, ffn="mlp", d_ffn=24,
-              layer_overrides={1: {"mixer": "mamba2", "options": {"headdim": 8, "d_state": 4, "chunk_size": 4}}})
+HYBRID = dict(
+    ssm="mamba1",
+    n_layer=3,
+    ffn="mlp",
+    d_ffn=24,
+    layer_overrides={1: {"mixer": "mamba2", "options": {"headdim": 8, "d_state": 4, "chunk_size": 4}}},
+)
 
 
 def run_chunked(model, ids, cuts):

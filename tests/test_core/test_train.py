@@ -32,8 +32,15 @@ def pattern_data(n: int) -> torch.Tensor:
 
 
 def cfg(**kw) -> TrainConfig:
-    base = {"lr": 1e-2, "max_steps": 20, "warmup_steps": 2, "batch_size": 4, "window": 16, "progress": False,
-            "weight_decay": 0.0}
+    base = {
+        "lr": 1e-2,
+        "max_steps": 20,
+        "warmup_steps": 2,
+        "batch_size": 4,
+        "window": 16,
+        "progress": False,
+        "weight_decay": 0.0,
+    }
     base.update(kw)
     return TrainConfig(**base)
 
@@ -53,8 +60,11 @@ def test_schedule_warmup_then_cosine():
     assert c.lr_at(14) == pytest.approx(0.1)
     # the trainer's optimizer follows it
     model = tiny_lm(vocab=16, d_model=16, n_layer=1)
-    records = Trainer(model, TrainConfig(lr=1e-2, warmup_steps=4, max_steps=14, min_lr_ratio=0.1, batch_size=2,
-                                         window=8, progress=False), pattern_data(2 * 200)).fit()
+    records = Trainer(
+        model,
+        TrainConfig(lr=1e-2, warmup_steps=4, max_steps=14, min_lr_ratio=0.1, batch_size=2, window=8, progress=False),
+        pattern_data(2 * 200),
+    ).fit()
     assert [r["lr"] for r in records] == pytest.approx([1e-2 * c.lr_factor(s) for s in range(14)])
 
 
@@ -91,8 +101,12 @@ def test_carried_state_beats_reset_state_on_long_range_data():
     losses = {}
     for carry in (True, False):
         model = tiny_lm(vocab=32, d_model=32, n_layer=2)
-        trainer = Trainer(model, cfg(max_steps=300, warmup_steps=5, batch_size=8, window=4, carry_state=carry,
-                                     seed=0), keyed_noise(8 * 20, 0), keyed_noise(8 * 4, 1))
+        trainer = Trainer(
+            model,
+            cfg(max_steps=300, warmup_steps=5, batch_size=8, window=4, carry_state=carry, seed=0),
+            keyed_noise(8 * 20, 0),
+            keyed_noise(8 * 4, 1),
+        )
         trainer.fit()
         losses[carry] = trainer.evaluate(windows=100)["eval_loss"]
     assert losses[True] < losses[False] - 0.1, losses
@@ -120,8 +134,12 @@ def test_epoch_wraps_and_state_resets():
 def test_jsonl_log_has_the_fields(tmp_path):
     log = tmp_path / "log.jsonl"
     model = tiny_lm(vocab=16, d_model=16, n_layer=1)
-    Trainer(model, cfg(max_steps=4, eval_every=2, eval_windows=2, log_path=str(log)), pattern_data(4 * 100),
-            pattern_data(4 * 40)).fit()
+    Trainer(
+        model,
+        cfg(max_steps=4, eval_every=2, eval_windows=2, log_path=str(log)),
+        pattern_data(4 * 100),
+        pattern_data(4 * 40),
+    ).fit()
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3, 4]
     for r in lines:
@@ -138,8 +156,13 @@ def test_loss_unit_bits_divides_nats_by_ln2_and_mse_reports_as_is():
     records = {}
     for unit in ("bits", "mse"):
         model = tiny_lm(vocab=16, d_model=16, n_layer=1, seed=0)
-        records[unit] = Trainer(model, cfg(max_steps=3, eval_every=3, eval_windows=2), pattern_data(4 * 100),
-                                pattern_data(4 * 40), loss_unit=unit).fit()
+        records[unit] = Trainer(
+            model,
+            cfg(max_steps=3, eval_every=3, eval_windows=2),
+            pattern_data(4 * 100),
+            pattern_data(4 * 40),
+            loss_unit=unit,
+        ).fit()
     for bits, raw in zip(records["bits"], records["mse"]):
         assert (bits["loss_unit"], raw["loss_unit"]) == ("bits", "mse")
         assert bits["loss"] == pytest.approx(raw["loss"] / math.log(2))
@@ -165,6 +188,7 @@ def test_window_sources_satisfy_the_protocol_and_frames_match_ids():
     assert all(torch.equal(array.window(i)[1], seq.window(i)[1]) for i in range(4))
     with pytest.raises(IndexError):
         frames.window(4)
+
     class NoBatch:  # a source of the old kind, without batch_size: refused by name, not taken for token data
         num_windows = 2
 
@@ -187,8 +211,13 @@ def test_bf16_autocast_trains_with_fp32_params():
 
 
 def _run_worker(out: Path, *args: str) -> int:
-    return subprocess.run([sys.executable, str(HERE / "_train_worker.py"), str(out), *args],
-                          check=False, capture_output=True, text=True, timeout=120).returncode
+    return subprocess.run(
+        [sys.executable, str(HERE / "_train_worker.py"), str(out), *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).returncode
 
 
 def test_exact_resume_after_kill_9(tmp_path):
@@ -216,6 +245,7 @@ def _checkpointed(tmp_path) -> tuple[Path, TrainConfig]:
 def test_resume_via_fit_continues(tmp_path):
     ckpt, config = _checkpointed(tmp_path)
     from dataclasses import replace
+
     trainer = Trainer(tiny_lm(vocab=16, d_model=16, n_layer=1), replace(config, max_steps=4), pattern_data(4 * 100))
     records = trainer.fit(resume=True)
     assert [r["step"] for r in records] == [3, 4]
@@ -243,8 +273,8 @@ def test_missing_latest_and_foreign_model(tmp_path):
         Trainer.resume(ckpt, tiny_lm(vocab=16, d_model=24, n_layer=1), config, pattern_data(4 * 100))
     with pytest.raises(ConfigError, match="window"):
         from dataclasses import replace
-        Trainer.resume(ckpt, tiny_lm(vocab=16, d_model=16, n_layer=1), replace(config, window=8),
-                       pattern_data(4 * 100))
+
+        Trainer.resume(ckpt, tiny_lm(vocab=16, d_model=16, n_layer=1), replace(config, window=8), pattern_data(4 * 100))
     (ckpt / "latest").unlink()
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         Trainer.resume(ckpt, tiny_lm(vocab=16, d_model=16, n_layer=1), config, pattern_data(4 * 100))
@@ -253,12 +283,31 @@ def test_missing_latest_and_foreign_model(tmp_path):
         Trainer.resume(ckpt, tiny_lm(vocab=16, d_model=16, n_layer=1), config, pattern_data(4 * 100))
 
 
-@pytest.mark.parametrize("field,value", [
-    ("lr", 0.0), ("lr", float("nan")), ("weight_decay", -1.0), ("betas", (0.9,)), ("betas", (0.9, 1.5)),
-    ("warmup_steps", -1), ("max_steps", 0), ("min_lr_ratio", 2.0), ("grad_clip", 0.0), ("grad_accum", 0),
-    ("batch_size", 0), ("window", 0), ("carry_state", 1), ("bf16", "yes"), ("eval_every", -1),
-    ("eval_windows", 0), ("checkpoint_every", -1), ("seed", -1), ("progress", None), ("log_path", 3),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("lr", 0.0),
+        ("lr", float("nan")),
+        ("weight_decay", -1.0),
+        ("betas", (0.9,)),
+        ("betas", (0.9, 1.5)),
+        ("warmup_steps", -1),
+        ("max_steps", 0),
+        ("min_lr_ratio", 2.0),
+        ("grad_clip", 0.0),
+        ("grad_accum", 0),
+        ("batch_size", 0),
+        ("window", 0),
+        ("carry_state", 1),
+        ("bf16", "yes"),
+        ("eval_every", -1),
+        ("eval_windows", 0),
+        ("checkpoint_every", -1),
+        ("seed", -1),
+        ("progress", None),
+        ("log_path", 3),
+    ],
+)
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ConfigError, match=rf"TrainConfig\.{field}\b"):
         TrainConfig(**{field: value})
@@ -291,8 +340,9 @@ def _steps(folder: Path) -> list[int]:
 @given(keep=st.one_of(st.none(), st.integers(1, 3)), steps=st.integers(1, 5), every=st.integers(1, 2))
 def test_keep_checkpoints_keeps_the_newest_n_and_resume_works(tmp_path_factory, keep, steps, every):
     ckpt = tmp_path_factory.mktemp("keep") / "ckpt"
-    config = cfg(max_steps=steps, warmup_steps=0, checkpoint_dir=str(ckpt), checkpoint_every=every,
-                 keep_checkpoints=keep)
+    config = cfg(
+        max_steps=steps, warmup_steps=0, checkpoint_dir=str(ckpt), checkpoint_every=every, keep_checkpoints=keep
+    )
     Trainer(tiny_lm(vocab=16, d_model=16, n_layer=1), config, pattern_data(4 * 100)).fit()
     written = [s for s in range(1, steps + 1) if s % every == 0 or s == steps]
     assert _steps(ckpt) == (written if keep is None else written[-keep:])
@@ -321,8 +371,9 @@ def test_a_crash_while_pruning_leaves_a_loadable_latest(tmp_path, monkeypatch):
     # folders are renamed out of the way before they are removed: what keeps a step name is whole
     assert _steps(ckpt) == [4] and latest_checkpoint(ckpt).name == "step-00000004"
     assert any(p.name.endswith(".deleting") for p in ckpt.iterdir())
-    trainer = Trainer.resume(ckpt, tiny_lm(vocab=16, d_model=16, n_layer=1), replace_cfg(config, max_steps=5),
-                             pattern_data(4 * 100))
+    trainer = Trainer.resume(
+        ckpt, tiny_lm(vocab=16, d_model=16, n_layer=1), replace_cfg(config, max_steps=5), pattern_data(4 * 100)
+    )
     assert trainer.step == 4
     trainer.fit()
     assert not any(p.name.endswith(".deleting") for p in ckpt.iterdir())  # the next prune finished the job
@@ -351,10 +402,20 @@ def replace_cfg(config, **kw):
     return replace(config, **kw)
 
 
-@pytest.mark.parametrize("field,value", [
-    ("lr", 1e-300), ("lr", 1e30), ("grad_clip", 1e-300), ("max_steps", 10**30), ("window", 2**40),
-    ("seed", 2**64), ("keep_checkpoints", 0), ("keep_checkpoints", "all"), ("weight_decay", float("inf")),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("lr", 1e-300),
+        ("lr", 1e30),
+        ("grad_clip", 1e-300),
+        ("max_steps", 10**30),
+        ("window", 2**40),
+        ("seed", 2**64),
+        ("keep_checkpoints", 0),
+        ("keep_checkpoints", "all"),
+        ("weight_decay", float("inf")),
+    ],
+)
 def test_config_ranges_name_the_field(field, value):
     with pytest.raises(ConfigError, match=rf"TrainConfig\.{field}\b"):
         TrainConfig(**{field: value})
@@ -382,6 +443,7 @@ def test_a_restore_that_does_not_fit_changes_nothing(tmp_path, edit):
     weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     sched, rng = trainer.scheduler.state_dict(), torch.get_rng_state()
     import random
+
     py_rng = random.getstate()
     with pytest.raises(CorruptFileError, match="trainer.safetensors"):
         trainer.load_checkpoint()

@@ -64,8 +64,11 @@ def compand(x: torch.Tensor) -> torch.Tensor:
 
 def test_settings_registry_and_models(tmp_path):
     assert get_adapter("audio") is AudioAdapter
-    for adapter in (AudioAdapter(), AudioAdapter(sample_rate=8000, mode="continuous", channels="keep",
-                                                 num_channels=2, resample=False), AudioAdapter(channels=1, mu=16)):
+    for adapter in (
+        AudioAdapter(),
+        AudioAdapter(sample_rate=8000, mode="continuous", channels="keep", num_channels=2, resample=False),
+        AudioAdapter(channels=1, mu=16),
+    ):
         assert AudioAdapter(**adapter.settings()) == adapter
     assert AudioAdapter() != AudioAdapter(sample_rate=22050)
 
@@ -88,12 +91,21 @@ def test_settings_registry_and_models(tmp_path):
     assert AudioAdapter.from_model(seq) == stereo
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"sample_rate": 0}, "sample_rate"), ({"sample_rate": 16000.0}, "sample_rate"), ({"mode": "pcm"}, "mode"),
-    ({"channels": "left"}, "channels"), ({"channels": -1}, "channels"), ({"channels": True}, "channels"),
-    ({"channels": "keep"}, "num_channels"), ({"num_channels": 2}, "num_channels"), ({"mu": 1}, "mu"),
-    ({"resample": "yes"}, "resample"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"sample_rate": 0}, "sample_rate"),
+        ({"sample_rate": 16000.0}, "sample_rate"),
+        ({"mode": "pcm"}, "mode"),
+        ({"channels": "left"}, "channels"),
+        ({"channels": -1}, "channels"),
+        ({"channels": True}, "channels"),
+        ({"channels": "keep"}, "num_channels"),
+        ({"num_channels": 2}, "num_channels"),
+        ({"mu": 1}, "mu"),
+        ({"resample": "yes"}, "resample"),
+    ],
+)
 def test_bad_settings(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         AudioAdapter(**kwargs)
@@ -104,8 +116,13 @@ def test_bad_settings(kwargs, field):
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(orig=st.sampled_from(RATES), new=st.sampled_from(RATES), length=st.integers(1, 6000),
-       cuts=st.lists(st.integers(1, 6000), max_size=6), group=st.sampled_from([500, 4096]))
+@given(
+    orig=st.sampled_from(RATES),
+    new=st.sampled_from(RATES),
+    length=st.integers(1, 6000),
+    cuts=st.lists(st.integers(1, 6000), max_size=6),
+    group=st.sampled_from([500, 4096]),
+)
 def test_streaming_resampler_equals_whole_signal(orig, new, length, cuts, group):
     x = torch.from_numpy(tone(orig, length / orig, channels=2, seed=length).T.copy())[:, :length]
     if x.shape[1] < length:
@@ -188,7 +205,7 @@ def test_streaming_reads_a_bounded_amount(tmp_path):
 # files the test writes: several formats and rates, round trips within their bounds
 
 
-FORMATS = [("wav", "PCM_16", PCM16_STEP), ("flac", "PCM_24", 2.0 ** -22), ("wav", "FLOAT", 0.0)]
+FORMATS = [("wav", "PCM_16", PCM16_STEP), ("flac", "PCM_24", 2.0**-22), ("wav", "FLOAT", 0.0)]
 
 
 @pytest.mark.parametrize("rate", [8000, 16000, 22050, 44100, 48000])
@@ -223,8 +240,9 @@ def test_mu_law_code_book_is_exact():
     assert bool((decoded.samples[0, 1:] > decoded.samples[0, :-1]).all())
 
 
-@pytest.mark.parametrize("ext, subtype, bound", [("wav", None, PCM16_STEP), ("flac", None, PCM16_STEP),
-                                                 ("wav", "FLOAT", 0.0)])
+@pytest.mark.parametrize(
+    "ext, subtype, bound", [("wav", None, PCM16_STEP), ("flac", None, PCM16_STEP), ("wav", "FLOAT", 0.0)]
+)
 def test_decode_then_write_round_trips(tmp_path, ext, subtype, bound):
     adapter = AudioAdapter(channels="keep", num_channels=2)
     ids = adapter.encode(Waveform(torch.from_numpy(tone(22050, 0.3, channels=2).T.copy()), 22050))
@@ -247,11 +265,12 @@ def test_ogg_vorbis_round_trip_is_lossy_but_faithful(tmp_path):
     assert sf.info(str(tmp_path / "tone.ogg")).format == "OGG"
     back = adapter.read(tmp_path / "tone.ogg")
     assert back.sample_rate == 16000 and back.num_channels == 1 and back.num_frames == signal.numel()
-    snr = 10 * math.log10(float((signal ** 2).sum() / ((back.samples[0] - signal) ** 2).sum()))
+    snr = 10 * math.log10(float((signal**2).sum() / ((back.samples[0] - signal) ** 2).sum()))
     assert snr > 15, snr  # Vorbis is lossy: no quantisation bound, but the tone survives
     # and the stream reads exactly as whole-file reading
-    assert torch.equal(torch.cat(list(adapter.iter_windows(tmp_path / "tone.ogg", 500, block_frames=1024))),
-                       adapter.encode(back))
+    assert torch.equal(
+        torch.cat(list(adapter.iter_windows(tmp_path / "tone.ogg", 500, block_frames=1024))), adapter.encode(back)
+    )
 
 
 def test_write_is_atomic_and_checks_its_input(tmp_path):
@@ -386,8 +405,11 @@ def test_truncated_files(tmp_path, ext, subtype):
 
 def test_sample_rate_mismatches(tmp_path):
     strict = AudioAdapter(resample=False)
-    with pytest.raises(InputError, match=rf"{EN_22K.name}: sample-rate mismatch: the audio is at 22050 Hz, "
-                                         r"the adapter's rate is 16000 Hz"):
+    with pytest.raises(
+        InputError,
+        match=rf"{EN_22K.name}: sample-rate mismatch: the audio is at 22050 Hz, "
+        r"the adapter's rate is 16000 Hz",
+    ):
         strict.iter_windows(EN_22K, 100)
     assert strict.encode(strict.read(DIGITS_16K)).numel() == sf.info(str(DIGITS_16K)).frames
     with pytest.raises(InputError, match="sample-rate mismatch"):
@@ -445,10 +467,17 @@ def test_bad_tensors():
 def _fit(adapter, train, held, steps, d_model, lr):
     torch.manual_seed(0)
     model = adapter.build_model(BackboneConfig(d_model=d_model, n_layer=2, d_state=16))
-    config = TrainConfig(lr=lr, warmup_steps=10, max_steps=steps, batch_size=4, window=128, weight_decay=0.0,
-                         progress=False)
-    trainer = Trainer(model, config, adapter.source(train, 4, 128), adapter.source(held, 1, held.shape[0] - 1),
-                      loss_fn=adapter.loss, metric_fn=adapter.metric)
+    config = TrainConfig(
+        lr=lr, warmup_steps=10, max_steps=steps, batch_size=4, window=128, weight_decay=0.0, progress=False
+    )
+    trainer = Trainer(
+        model,
+        config,
+        adapter.source(train, 4, 128),
+        adapter.source(held, 1, held.shape[0] - 1),
+        loss_fn=adapter.loss,
+        metric_fn=adapter.metric,
+    )
     trainer.fit()
     return trainer.evaluate(1)["eval_metric"]
 
@@ -473,8 +502,9 @@ def test_continuous_training_beats_uniform_and_iid_gaussian_on_real_speech():
     train, held = frames[:split], frames[split:]
     # an i.i.d. Gaussian fitted to the training samples, measured the same way (bits on the 16-bit grid)
     mean, std = train.mean(), train.std()
-    iid = float((0.5 * ((held - mean) / std) ** 2 + torch.log(std) + 0.5 * math.log(2 * math.pi)).mean()) \
-        / math.log(2) - math.log2(PCM16_STEP)
+    iid = float((0.5 * ((held - mean) / std) ** 2 + torch.log(std) + 0.5 * math.log(2 * math.pi)).mean()) / math.log(
+        2
+    ) - math.log2(PCM16_STEP)
     bits = _fit(adapter, train, held, steps=150, d_model=16, lr=1e-2)
     assert bits < 13.0 and bits < iid - 1.0, (bits, iid)  # uniform: 16 bits, iid Gaussian: ~13.5 bits
     assert adapter.point_prediction(torch.zeros(2, 5, 2)).shape == (2, 5, 1)

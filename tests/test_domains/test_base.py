@@ -55,7 +55,7 @@ class _DigitsAdapter(TokenAdapter):
     def iter_windows(self, path, window, **options):
         text = self.read(path)
         for i in range(0, len(text), window):
-            yield self.encode(text[i:i + window])
+            yield self.encode(text[i : i + window])
 
     def write(self, path, raw):
         open(path, "w").write(raw)
@@ -140,8 +140,9 @@ def test_training_checkpoint_directory_remembers_its_adapter(tmp_path):
 
     model = _DigitsAdapter(offset=2).build_model(CONFIG)
     data = torch.arange(400) % 10
-    cfg = TrainConfig(max_steps=2, batch_size=2, window=16, checkpoint_dir=str(tmp_path / "ckpt"),
-                      checkpoint_every=1, progress=False)
+    cfg = TrainConfig(
+        max_steps=2, batch_size=2, window=16, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=1, progress=False
+    )
     Trainer(model, cfg, data).fit()
     assert adapter_from_checkpoint(tmp_path / "ckpt") == _DigitsAdapter(offset=2)
 
@@ -183,17 +184,32 @@ def _builtin_cases():
     clips, labels = moving_square_clips(2, 6, size=8, square=2)
     return [
         ("bytes", ByteAdapter(), ByteAdapter().encode("the cat sat on the mat, and the mat sat still. " * 3)),
-        ("memory", MemoryStreamAdapter(),
-         MemoryStreamAdapter().encode([Event("user", "hi there", 1.5), Event("tool", "ok {x}", 2.0, {"a": 1})])),
+        (
+            "memory",
+            MemoryStreamAdapter(),
+            MemoryStreamAdapter().encode([Event("user", "hi there", 1.5), Event("tool", "ok {x}", 2.0, {"a": 1})]),
+        ),
         ("dna", DNAAdapter(add_bos_eos=True), DNAAdapter(add_bos_eos=True).encode(["ACGTNACGGT", "TTAGC", "GGA"])),
-        ("audio-mulaw", AudioAdapter(8000, channels="keep", num_channels=2),
-         AudioAdapter(8000, channels="keep", num_channels=2).encode(wave)),
-        ("audio-continuous", AudioAdapter(8000, mode="continuous", channels="keep", num_channels=2),
-         AudioAdapter(8000, mode="continuous", channels="keep", num_channels=2).encode(wave)),
-        ("video-next", VideoAdapter((8, 8), 1, (1, 4, 4), embed_dim=4),
-         VideoAdapter((8, 8), 1, (1, 4, 4), embed_dim=4).encode(np.asarray(clips[0]))),
-        ("video-classify", VideoAdapter((8, 8), 1, (1, 4, 4), task="classify", num_classes=4, embed_dim=4),
-         (torch.stack([VideoAdapter((8, 8), 1, (1, 4, 4)).encode(c) for c in clips]), torch.as_tensor(labels))),
+        (
+            "audio-mulaw",
+            AudioAdapter(8000, channels="keep", num_channels=2),
+            AudioAdapter(8000, channels="keep", num_channels=2).encode(wave),
+        ),
+        (
+            "audio-continuous",
+            AudioAdapter(8000, mode="continuous", channels="keep", num_channels=2),
+            AudioAdapter(8000, mode="continuous", channels="keep", num_channels=2).encode(wave),
+        ),
+        (
+            "video-next",
+            VideoAdapter((8, 8), 1, (1, 4, 4), embed_dim=4),
+            VideoAdapter((8, 8), 1, (1, 4, 4), embed_dim=4).encode(np.asarray(clips[0])),
+        ),
+        (
+            "video-classify",
+            VideoAdapter((8, 8), 1, (1, 4, 4), task="classify", num_classes=4, embed_dim=4),
+            (torch.stack([VideoAdapter((8, 8), 1, (1, 4, 4)).encode(c) for c in clips]), torch.as_tensor(labels)),
+        ),
         ("frames", FramesTestAdapter(), torch.randn(40, 3, generator=torch.Generator().manual_seed(0))),
     ]
 
@@ -218,8 +234,10 @@ def test_position_metric_averages_to_the_metric_and_counts_its_weight(label, ada
     counted = ~torch.isnan(values)
     assert int(counted.sum()) == adapter.metric_weight(targets)
     assert float(values[counted].double().mean()) == pytest.approx(adapter.metric(out, targets), rel=1e-5, abs=1e-6)
-    assert adapter.metric_totals(out, targets) == (pytest.approx(float(values[counted].double().sum())),
-                                                   int(counted.sum()))
+    assert adapter.metric_totals(out, targets) == (
+        pytest.approx(float(values[counted].double().sum())),
+        int(counted.sum()),
+    )
     if label == "dna":  # the specials among the targets are left out, the bases are not
         assert 0 < int(counted.sum()) < values.numel()
     if label != "video-classify":  # real per-position values, not the window's metric spread out

@@ -69,26 +69,32 @@ def test_decode_text_replaces_invalid_utf8_and_strict_names_the_offset():
         ADAPTER.decode_text(ids, errors="strict")
 
 
-@pytest.mark.parametrize("ids, message", [
-    (torch.tensor([1, 2, 256]), r"id 256 at position 2 is outside \[0, 256\)"),
-    (torch.tensor([-1, 2]), r"id -1 at position 0"),
-    ([0, 300], r"id 300 at position 1"),
-    (np.array([7, 9, 1000]), r"id 1000 at position 2"),
-    (torch.tensor([1.0, 2.0]), r"integer tensor, got dtype torch.float32"),
-    (torch.tensor([True]), r"integer tensor, got dtype torch.bool"),
-    (torch.zeros(2, 3, dtype=torch.long), r"1-D .* shape \(2, 3\)"),
-    (["a"], r"must be integers"),
-])
+@pytest.mark.parametrize(
+    "ids, message",
+    [
+        (torch.tensor([1, 2, 256]), r"id 256 at position 2 is outside \[0, 256\)"),
+        (torch.tensor([-1, 2]), r"id -1 at position 0"),
+        ([0, 300], r"id 300 at position 1"),
+        (np.array([7, 9, 1000]), r"id 1000 at position 2"),
+        (torch.tensor([1.0, 2.0]), r"integer tensor, got dtype torch.float32"),
+        (torch.tensor([True]), r"integer tensor, got dtype torch.bool"),
+        (torch.zeros(2, 3, dtype=torch.long), r"1-D .* shape \(2, 3\)"),
+        (["a"], r"must be integers"),
+    ],
+)
 def test_decode_refuses_bad_ids(ids, message):
     with pytest.raises(InputError, match=message):
         ADAPTER.decode(ids)
 
 
-@pytest.mark.parametrize("raw, message", [
-    (123, "expected str or bytes-like"),
-    ([65, 66], "expected str or bytes-like"),
-    ("ok \ud800", r"character 3 \('\\ud800'\) cannot be encoded as UTF-8"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (123, "expected str or bytes-like"),
+        ([65, 66], "expected str or bytes-like"),
+        ("ok \ud800", r"character 3 \('\\ud800'\) cannot be encoded as UTF-8"),
+    ],
+)
 def test_encode_refuses_non_bytes(raw, message):
     with pytest.raises(InputError, match=message):
         ADAPTER.encode(raw)
@@ -271,8 +277,9 @@ def test_tiny_model_learns_english_well_below_8_bits_per_byte(tmp_path, one_thre
     held_out = adapter.source(path, batch_size=4, window=256, start=split)
     torch.manual_seed(0)
     model = adapter.build_model(BackboneConfig(d_model=32, n_layer=2, d_state=16))
-    config = TrainConfig(max_steps=200, batch_size=8, window=128, lr=5e-3, warmup_steps=10, eval_windows=8,
-                         progress=False)
+    config = TrainConfig(
+        max_steps=200, batch_size=8, window=128, lr=5e-3, warmup_steps=10, eval_windows=8, progress=False
+    )
     trainer = Trainer(model, config, train, held_out, loss_fn=adapter.loss, metric_fn=adapter.metric)
     before = trainer.evaluate()["eval_metric"]
     trainer.fit()

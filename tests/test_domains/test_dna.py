@@ -91,7 +91,7 @@ def test_encode_decode_round_trip(seqs, bos_eos):
     ids, soft = a.encode(records, return_soft_mask=True)
     assert ids.dtype == torch.int64 and ids.shape == soft.shape
     assert ids.numel() == sum(len(s) for s in seqs) + (2 * len(seqs) if bos_eos else 0)
-    assert a.decode(ids, soft_mask=soft) == "".join(seqs)       # case restored by the soft mask
+    assert a.decode(ids, soft_mask=soft) == "".join(seqs)  # case restored by the soft mask
     assert a.decode(ids) == "".join(seqs).upper()
     if bos_eos:
         assert a.decode_records(ids) == [s.upper() for s in seqs]
@@ -159,8 +159,8 @@ def test_streaming_equals_whole_file(name, bos_eos):
 def test_real_reads_are_soft_masked_and_genome_rc_matches_biopython():
     a = DNAAdapter()
     _, soft = a.encode(a.read(DATA / "longreads_original_sanger.fastq"), return_soft_mask=True)
-    assert 0.1 < float(soft.float().mean()) < 0.5           # these Sanger reads carry lower-case stretches
-    (rid, seq), = a.read(DATA / "NC_000932.fasta.gz")
+    assert 0.1 < float(soft.float().mean()) < 0.5  # these Sanger reads carry lower-case stretches
+    ((rid, seq),) = a.read(DATA / "NC_000932.fasta.gz")
     assert rid == "NC_000932.1"
     assert a.decode(reverse_complement(a.encode(seq))) == bio_reverse_complement(seq)
 
@@ -168,16 +168,21 @@ def test_real_reads_are_soft_masked_and_genome_rc_matches_biopython():
 # the line reader (FASTA iter_windows) against SimpleFastaParser on awkward but legal files
 _fasta_line = st.one_of(
     st.text(alphabet="ACGTNacgtnRY", min_size=0, max_size=70),
-    st.text(alphabet="ACGT ", min_size=1, max_size=20),                     # spaces inside a line
-    st.just(""),                                                            # blank lines
+    st.text(alphabet="ACGT ", min_size=1, max_size=20),  # spaces inside a line
+    st.just(""),  # blank lines
 )
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(preamble=st.lists(st.sampled_from(["", "; a comment", "# notes"]), max_size=2),
-       records=st.lists(st.tuples(st.text(alphabet="abc12 |._", max_size=12), st.lists(_fasta_line, max_size=6)),
-                        min_size=1, max_size=4),
-       crlf=st.booleans(), compress=st.booleans(), window=st.integers(1, 50))
+@given(
+    preamble=st.lists(st.sampled_from(["", "; a comment", "# notes"]), max_size=2),
+    records=st.lists(
+        st.tuples(st.text(alphabet="abc12 |._", max_size=12), st.lists(_fasta_line, max_size=6)), min_size=1, max_size=4
+    ),
+    crlf=st.booleans(),
+    compress=st.booleans(),
+    window=st.integers(1, 50),
+)
 def test_line_reader_equals_simple_fasta_parser(tmp_path, preamble, records, crlf, compress, window):
     newline = "\r\n" if crlf else "\n"
     text = newline.join([*preamble, *(f">{title}{newline}{newline.join(lines)}" for title, lines in records)])
@@ -192,7 +197,7 @@ def test_line_reader_equals_simple_fasta_parser(tmp_path, preamble, records, crl
 def test_chromosome_scale_record_streams_in_bounded_memory(tmp_path):
     rng = np.random.default_rng(0)
     seq = np.frombuffer(b"ACGT", np.uint8)[rng.integers(0, 4, 3_000_000)].tobytes().decode()
-    lines = [seq[i:i + 80] for i in range(0, len(seq), 80)]
+    lines = [seq[i : i + 80] for i in range(0, len(seq), 80)]
     path = write_text(tmp_path / "chr.fa.gz", ">chrBig one huge record\n" + "\n".join(lines) + "\n", compress=True)
     a = DNAAdapter()
     tracemalloc.start()
@@ -239,7 +244,7 @@ def test_write_read_round_trip(tmp_path):
     before = (tmp_path / "out.fa").read_bytes()
     with pytest.raises(InputError, match=r"out.fa: record 'bad'.*position 3"):
         a.write(tmp_path / "out.fa", [("ok", "AC"), ("bad", "ACZ")])
-    assert (tmp_path / "out.fa").read_bytes() == before            # nothing written on refusal
+    assert (tmp_path / "out.fa").read_bytes() == before  # nothing written on refusal
     with pytest.raises(ConfigError, match="FASTA only"):
         a.write(tmp_path / "x.fastq.gz", records)
 
@@ -250,22 +255,28 @@ def test_write_read_round_trip(tmp_path):
 
 @pytest.mark.parametrize("stream", [False, True], ids=["read", "iter_windows"])
 def test_invalid_letter_names_file_record_and_position(tmp_path, stream):
-    path = write_text(tmp_path / "bad.fa.gz", ">ok first\nACGT\n>seq2 second\n" + "A" * 60 + "\nACGTJ\n",
-                      compress=True)
+    path = write_text(tmp_path / "bad.fa.gz", ">ok first\nACGT\n>seq2 second\n" + "A" * 60 + "\nACGTJ\n", compress=True)
     a = DNAAdapter()
-    with pytest.raises(InputError, match=r"bad\.fa\.gz: record 'seq2' \(#2 in the file\), position 65 "
-                                         r"\(1-based\): invalid letter 'J'"):
+    with pytest.raises(
+        InputError,
+        match=r"bad\.fa\.gz: record 'seq2' \(#2 in the file\), position 65 "
+        r"\(1-based\): invalid letter 'J'",
+    ):
         list(a.iter_windows(path, 8)) if stream else a.read(path)
     fq = write_text(tmp_path / "bad.fq", "@r1\nACGT\n+\nIIII\n@r2\nAC.T\n+\nIIII\n")
     with pytest.raises(InputError, match=r"bad\.fq: record 'r2' \(#2 in the file\), position 3 .*'\.'"):
         list(a.iter_windows(fq, 8)) if stream else a.read(fq)
-    assert DNAAdapter(invalid="n").read(path)[1][1].endswith("ACGTJ")   # read keeps letters, encode maps them
-    assert DNAAdapter(invalid="n").decode(torch.cat(list(DNAAdapter(invalid="n").iter_windows(path, 8)))
-                                          ).endswith("ACGTN")
+    assert DNAAdapter(invalid="n").read(path)[1][1].endswith("ACGTJ")  # read keeps letters, encode maps them
+    assert (
+        DNAAdapter(invalid="n").decode(torch.cat(list(DNAAdapter(invalid="n").iter_windows(path, 8)))).endswith("ACGTN")
+    )
 
 
-@pytest.mark.parametrize("content,compress", [(b"", False), (b"\n \n\t\n", False), (b"", True)],
-                         ids=["zero-bytes", "blank-lines", "empty-gzip"])
+@pytest.mark.parametrize(
+    "content,compress",
+    [(b"", False), (b"\n \n\t\n", False), (b"", True)],
+    ids=["zero-bytes", "blank-lines", "empty-gzip"],
+)
 @pytest.mark.parametrize("stream", [False, True], ids=["read", "iter_windows"])
 def test_empty_files(tmp_path, content, compress, stream):
     path = tmp_path / "empty.fa"
@@ -287,8 +298,11 @@ def test_wrong_formats(tmp_path, stream):
     with pytest.raises(CorruptFileError, match=r"cut\.fastq: malformed FASTQ after record #1 \('r1'\)"):
         list(a.iter_windows(truncated, 4)) if stream else a.read(truncated)
     mismatch = write_text(tmp_path / "len.fq", "@r1\nACGT\n+\nIII\n")
-    with pytest.raises(CorruptFileError, match=r"len\.fq: malformed FASTQ: line 4, record #1 \('r1'\): the quality "
-                                               r"has 3 characters, the sequence 4"):
+    with pytest.raises(
+        CorruptFileError,
+        match=r"len\.fq: malformed FASTQ: line 4, record #1 \('r1'\): the quality "
+        r"has 3 characters, the sequence 4",
+    ):
         list(a.iter_windows(mismatch, 4)) if stream else a.read(mismatch)
     with pytest.raises(InputError, match="no such file"):
         a.read(tmp_path / "missing.fa")
@@ -321,7 +335,7 @@ def test_reverse_complement_on_ids():
     ids = a.encode("AACGTN")
     rc = reverse_complement(ids)
     assert a.decode(rc) == "NACGTT"
-    assert rc[0] == EOS and rc[-1] == BOS                               # specials keep their id
+    assert rc[0] == EOS and rc[-1] == BOS  # specials keep their id
     x = torch.randint(0, 10, (3, 17))
     assert torch.equal(reverse_complement(reverse_complement(x)), x)
     logits = torch.randn(3, 17, 10)
@@ -339,10 +353,10 @@ def test_rc_augmented_source():
     assert torch.equal(torch.cat([always[0], always[1][:, -1:]], 1), reverse_complement(never))
     half = RCAugmentedSource(base, p=0.5, seed=3)
     inputs, targets = half.window(2)
-    assert torch.equal(inputs[:, 1:], targets[:, :-1])                   # still a next-element pair
+    assert torch.equal(inputs[:, 1:], targets[:, :-1])  # still a next-element pair
     flipped = [not torch.equal(inputs[r], base.window(2)[0][r]) for r in range(8)]
     assert 0 < sum(flipped) < 8
-    assert torch.equal(half.window(2)[0], inputs)                        # deterministic per window
+    assert torch.equal(half.window(2)[0], inputs)  # deterministic per window
 
 
 def test_mask_bases_and_source():
@@ -352,7 +366,7 @@ def test_mask_bases_and_source():
     masked = inputs == MASK
     assert 0.2 < float(masked.float().mean()) < 0.4
     assert torch.equal(targets[masked], ids[masked]) and bool((targets[~masked] == -100).all())
-    assert inputs[0] == BOS and inputs[-1] == EOS                        # specials are never masked
+    assert inputs[0] == BOS and inputs[-1] == EOS  # specials are never masked
     src = MaskedBaseSource(ids.repeat(10), batch_size=4, window=32, rate=0.2, seed=1)
     assert torch.equal(src.window(3)[0], src.window(3)[0]) and src.window(3)[0].shape == (4, 32)
 
@@ -415,13 +429,13 @@ def test_metric_bits_per_base():
     a = DNAAdapter()
     assert a.metric_name == "bits_per_base" and a.uniform_baseline() == 2.0
     logits = torch.full((2, 6, 10), -1e4)
-    logits[..., 5:9] = 0.0                                              # uniform over A, C, G, T
+    logits[..., 5:9] = 0.0  # uniform over A, C, G, T
     targets = torch.tensor([[5, 6, 7, 8, EOS, PAD], [8, 8, -100, 6, 5, 7]])
-    assert a.metric(logits, targets) == pytest.approx(2.0, abs=1e-6)    # specials and -100 not counted
+    assert a.metric(logits, targets) == pytest.approx(2.0, abs=1e-6)  # specials and -100 not counted
     assert a.perplexity(logits, targets) == pytest.approx(4.0, abs=1e-5)
-    logits[0, 0, 5] = 20.0                                              # certain of the first A
+    logits[0, 0, 5] = 20.0  # certain of the first A
     assert a.metric(logits, targets) == pytest.approx(2.0 * 8 / 9, abs=1e-4)
-    ignored = targets.masked_fill(targets == PAD, -100)                 # the loss skips <pad> targets
+    ignored = targets.masked_fill(targets == PAD, -100)  # the loss skips <pad> targets
     assert float(a.loss(logits, targets)) == pytest.approx(float(a.loss(logits, ignored)))
     counting_pad = torch.nn.functional.cross_entropy(logits.reshape(-1, 10), targets.clamp(min=0).reshape(-1))
     assert float(a.loss(logits, targets)) != pytest.approx(float(counting_pad))
@@ -440,14 +454,23 @@ def test_tiny_model_learns_planted_repeats_below_two_bits(tmp_path):
     train, held_out = (torch.cat(list(a.iter_windows(tmp_path / n, 4096))) for n in ("train.fa.gz", "eval.fa.gz"))
     torch.manual_seed(0)
     model = a.build_model(BackboneConfig(d_model=32, n_layer=1, d_state=8))
-    config = TrainConfig(lr=1e-2, warmup_steps=10, max_steps=120, batch_size=8, window=64, weight_decay=0.0,
-                         eval_every=120, eval_windows=4, progress=False)
+    config = TrainConfig(
+        lr=1e-2,
+        warmup_steps=10,
+        max_steps=120,
+        batch_size=8,
+        window=64,
+        weight_decay=0.0,
+        eval_every=120,
+        eval_windows=4,
+        progress=False,
+    )
     trainer = Trainer(model, config, train, held_out, loss_fn=a.loss, metric_fn=a.metric)
     first = trainer.evaluate()["eval_metric"]
     records = trainer.fit()
     bits = records[-1]["eval_metric"]
-    assert first > 1.9                                   # it starts at (or above) the uniform baseline
-    assert bits < 1.0, bits                              # and ends well below it
+    assert first > 1.9  # it starts at (or above) the uniform baseline
+    assert bits < 1.0, bits  # and ends well below it
 
 
 def test_rc_equivariant_masked_lm_learns_planted_repeats():
@@ -459,10 +482,26 @@ def test_rc_equivariant_masked_lm_learns_planted_repeats():
     train, held_out = (a.encode("".join(rng.choice(motifs) for _ in range(n))) for n in (3400, 400))
     torch.manual_seed(0)
     model = a.build_model(BackboneConfig(d_model=32, n_layer=1, d_state=8, bidirectional=True), rc_equivariant=True)
-    config = TrainConfig(lr=2e-2, warmup_steps=10, max_steps=150, batch_size=8, window=64, weight_decay=0.0,
-                         carry_state=False, eval_every=150, eval_windows=4, progress=False)
-    trainer = Trainer(model, config, MaskedBaseSource(train, 8, 64, rate=0.15, seed=0),
-                      MaskedBaseSource(held_out, 8, 48, rate=0.15, seed=1), loss_fn=a.loss, metric_fn=a.metric)
+    config = TrainConfig(
+        lr=2e-2,
+        warmup_steps=10,
+        max_steps=150,
+        batch_size=8,
+        window=64,
+        weight_decay=0.0,
+        carry_state=False,
+        eval_every=150,
+        eval_windows=4,
+        progress=False,
+    )
+    trainer = Trainer(
+        model,
+        config,
+        MaskedBaseSource(train, 8, 64, rate=0.15, seed=0),
+        MaskedBaseSource(held_out, 8, 48, rate=0.15, seed=1),
+        loss_fn=a.loss,
+        metric_fn=a.metric,
+    )
     first = trainer.evaluate()["eval_metric"]
     bits = trainer.fit()[-1]["eval_metric"]
     assert first > 2.0 and bits < 1.5, (first, bits)
@@ -489,8 +528,10 @@ def test_iter_records_streams_each_record(tmp_path, monkeypatch, chunk_chars, wi
         assert skipped == [rid for rid, _ in records]
     fastq = tmp_path / "r.fastq"
     fastq.write_text("@r1\nACGT\n+\nIIII\n@r2\nGG\n+\nII\n")
-    assert [(rid, torch.cat(list(ws)).tolist()) for rid, ws in DNAAdapter().iter_records(fastq, 3)] == \
-        [("r1", DNAAdapter().encode("ACGT").tolist()), ("r2", DNAAdapter().encode("GG").tolist())]
+    assert [(rid, torch.cat(list(ws)).tolist()) for rid, ws in DNAAdapter().iter_records(fastq, 3)] == [
+        ("r1", DNAAdapter().encode("ACGT").tolist()),
+        ("r2", DNAAdapter().encode("GG").tolist()),
+    ]
 
 
 def test_metric_weight_counts_bases_so_window_metrics_combine_exactly():
@@ -500,13 +541,19 @@ def test_metric_weight_counts_bases_so_window_metrics_combine_exactly():
 
     adapter = DNAAdapter()
     gen = torch.Generator().manual_seed(0)
-    targets = torch.cat([torch.tensor([BOS]), adapter.encode("ACGTNACGGT" * 3), torch.tensor([EOS, BOS]),
-                         adapter.encode("TTGCA"), torch.tensor([EOS])])[None]
+    targets = torch.cat(
+        [
+            torch.tensor([BOS]),
+            adapter.encode("ACGTNACGGT" * 3),
+            torch.tensor([EOS, BOS]),
+            adapter.encode("TTGCA"),
+            torch.tensor([EOS]),
+        ]
+    )[None]
     logits = torch.randn(1, targets.shape[1], adapter.input_spec.vocab_size, generator=gen)
     whole = adapter.metric(logits, targets)
     cuts = [(0, 7), (7, 33), (33, targets.shape[1])]
-    parts = [(adapter.metric(logits[:, a:b], targets[:, a:b]), adapter.metric_weight(targets[:, a:b]))
-             for a, b in cuts]
+    parts = [(adapter.metric(logits[:, a:b], targets[:, a:b]), adapter.metric_weight(targets[:, a:b])) for a, b in cuts]
     assert [w for _, w in parts] == [6, 24, 5]
     assert sum(m * w for m, w in parts) / sum(w for _, w in parts) == pytest.approx(whole, rel=1e-6)
     naive = sum(m * (b - a) for (m, _), (a, b) in zip(parts, cuts)) / targets.shape[1]
@@ -544,8 +591,12 @@ BAD_FASTQ = [  # (content, line named, what the message says)
     ("@r1\nACGT\n+\nII\x7fI\n", 4, "quality character '\\\\x7f' is outside"),
     ("@r1\nACGT\n+\nII\x1fI\n", 4, "quality character '\\\\x1f' is outside"),
     ("@r1\nACGT\n+\nII\xe9I\n", 4, "non-ASCII character"),
-    ("@r1\nACGT\n+\nIIII\n@r2\nACGT\n@r3\nACGT\n+\nIIII\n", 10, r"2 \('r2'\): the quality has 4 characters, "
-     "the sequence 11"),  # r2's '+' line is missing: r3's lines read as r2's sequence, as Biopython reads them
+    (
+        "@r1\nACGT\n+\nIIII\n@r2\nACGT\n@r3\nACGT\n+\nIIII\n",
+        10,
+        r"2 \('r2'\): the quality has 4 characters, "
+        "the sequence 11",
+    ),  # r2's '+' line is missing: r3's lines read as r2's sequence, as Biopython reads them
     ("@r1\nACGT\n+\nIIII\n@r2\nAC\n+\nII\n@r3\n", 9, r"3 \('r3'\): the file ends before"),
     ("\n@r1\nACGT\n+\nIIII\n", 1, "starts with an '@' title line, this line starts with '\\\\n'"),
 ]
@@ -558,15 +609,18 @@ def test_fastq_refuses_what_biopython_refuses_naming_record_and_line(tmp_path, c
     plain = write_text(tmp_path / "plain.fq", content)
     assert isinstance(bio_fastq(plain), Exception), "Biopython accepts this: not a rejection case"
     a = DNAAdapter()
-    for read in (lambda: a.read(path), lambda: list(a.iter_windows(path, 3)),
-                 lambda: [list(w) for _, w in a.iter_records(path, 3)]):
+    for read in (
+        lambda: a.read(path),
+        lambda: list(a.iter_windows(path, 3)),
+        lambda: [list(w) for _, w in a.iter_records(path, 3)],
+    ):
         with pytest.raises(CorruptFileError, match=rf"reads\.fq: malformed FASTQ.*line {line}, record #.*{what}"):
             read()
 
 
 def test_fastq_accepts_what_biopython_accepts(tmp_path):
     # '@' and '+' starting quality lines, multi-line sequence and quality, a repeated title, blank lines at the end
-    tricky = ("@r1 first read\nACGT\nAC\n+r1 first read\n@III\n+I\n@r2\nGG\n+\n@@\n\n@r3\n\n+\n\n\n")
+    tricky = "@r1 first read\nACGT\nAC\n+r1 first read\n@III\n+I\n@r2\nGG\n+\n@@\n\n@r3\n\n+\n\n\n"
     path = write_text(tmp_path / "tricky.fq", tricky)
     assert bio_fastq(path) == [("r1", "ACGTAC"), ("r2", "GG"), ("r3", "")]
     assert list(DNAAdapter().records(path)) == bio_fastq(path)
@@ -577,9 +631,9 @@ def _fastq_text(records, repeat_title: bool, width: int) -> str:
     out = []
     for rid, seq, qual in records:
         out.append(f"@{rid}\n")
-        out.extend(seq[i:i + width] + "\n" for i in range(0, len(seq), width))
+        out.extend(seq[i : i + width] + "\n" for i in range(0, len(seq), width))
         out.append(f"+{rid if repeat_title else ''}\n")
-        out.extend(qual[i:i + width] + "\n" for i in range(0, len(qual), width))
+        out.extend(qual[i : i + width] + "\n" for i in range(0, len(qual), width))
     return "".join(out)
 
 
@@ -592,8 +646,9 @@ def _mutated_fastq(draw):
     records = []
     for k in range(n):
         seq = draw(st.text(alphabet="ACGTN", min_size=0, max_size=9))
-        qual = draw(st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), min_size=len(seq),
-                            max_size=len(seq)))
+        qual = draw(
+            st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), min_size=len(seq), max_size=len(seq))
+        )
         records.append((f"r{k}", seq, qual))
     text = _fastq_text(records, draw(st.booleans()), draw(st.integers(2, 6)))
     for _ in range(draw(st.integers(1, 3))):
@@ -603,9 +658,9 @@ def _mutated_fastq(draw):
         row = draw(st.integers(0, len(lines) - 1))
         if op == "char" and text:
             char = draw(st.sampled_from(list(" \t\x00\x0b\x7f@+!~-IAN") + ["\n"]))
-            text = text[:at] + char + text[at + 1:]
+            text = text[:at] + char + text[at + 1 :]
         elif op == "delete":
-            text = "\n".join(lines[:row] + lines[row + 1:])
+            text = "\n".join(lines[:row] + lines[row + 1 :])
         elif op == "insert":
             text = "\n".join(lines[:row] + [draw(st.sampled_from(_PIECES))] + lines[row:])
         elif op == "duplicate":
@@ -639,6 +694,9 @@ def test_fastq_gzip_damage_names_the_record_being_read(tmp_path):
     data[data.index(b"@r1") + 10] = ord("T") if data[data.index(b"@r1") + 10] != ord("T") else ord("A")
     path = tmp_path / "reads.fq.gz"
     path.write_bytes(bytes(data))  # decodes to valid FASTQ with one altered base; only the CRC at the end tells
-    with pytest.raises(CorruptFileError, match=r"reads\.fq\.gz: corrupt gzip stream in record #3 \('r2', from line "
-                                               r"9\), after line \d+: CRC check failed"):
+    with pytest.raises(
+        CorruptFileError,
+        match=r"reads\.fq\.gz: corrupt gzip stream in record #3 \('r2', from line "
+        r"9\), after line \d+: CRC check failed",
+    ):
         DNAAdapter().read(path)

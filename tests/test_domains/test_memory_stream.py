@@ -30,13 +30,26 @@ from seqlab.train import TrainConfig, Trainer
 ADAPTER = MemoryStreamAdapter()
 
 # -- strategies ------------------------------------------------------------------------------------------
-json_scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False,
-                                                                                    allow_infinity=False) | st.text()
-json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text()
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
 metadata = st.none() | st.dictionaries(st.text(max_size=8), json_values, max_size=4)
-events = st.builds(Event, role=st.text(min_size=1, max_size=12), content=st.text(max_size=60),
-                   time=st.floats(allow_nan=False, allow_infinity=False), metadata=metadata)
+events = st.builds(
+    Event,
+    role=st.text(min_size=1, max_size=12),
+    content=st.text(max_size=60),
+    time=st.floats(allow_nan=False, allow_infinity=False),
+    metadata=metadata,
+)
 event_lists = st.lists(events, max_size=6)
 
 
@@ -87,15 +100,18 @@ def test_truncated_stream_keeps_complete_events_and_reports_the_partial_one(item
     parts = [as_bytes(ADAPTER.encode(e)) for e in items]
     data = b"".join(parts)
     cut %= len(data) + 1
-    ends = [sum(len(p) for p in parts[:i + 1]) for i in range(len(parts))]
+    ends = [sum(len(p) for p in parts[: i + 1]) for i in range(len(parts))]
     complete = [e for e, end in zip(items, ends) if end <= cut]
     assert ADAPTER.decode(data[:cut], partial="drop") == complete
     if cut == 0 or cut in ends:
         assert ADAPTER.decode(data[:cut]) == complete
     else:
         start = max([0] + [end for end in ends if end <= cut])
-        with pytest.raises(InputError, match=rf"event {len(complete)} \(starting at byte {start}\), byte offset "
-                                             rf"{cut}: the stream ends inside an event"):
+        with pytest.raises(
+            InputError,
+            match=rf"event {len(complete)} \(starting at byte {start}\), byte offset "
+            rf"{cut}: the stream ends inside an event",
+        ):
             ADAPTER.decode(data[:cut])
         decoder = StreamDecoder()
         assert decoder.feed(data[:cut]) == complete and decoder.pending == data[start:cut]
@@ -130,23 +146,26 @@ def test_event_times():
     assert Event("a", "", -0.5).time == -0.5
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(role=""), "role must not be empty"),
-    (dict(role=3), "role must be a str"),
-    (dict(content=b"x"), "content must be a str"),
-    (dict(content="a\ud800"), r"content: character 1 .* has no UTF-8 form"),
-    (dict(time=float("nan")), "time must be finite"),
-    (dict(time=float("inf")), "time must be finite"),
-    (dict(time=True), "number of seconds"),
-    (dict(time=dt.datetime(2024, 5, 1)), "has no time zone"),
-    (dict(time="yesterday"), "not an ISO-8601"),
-    (dict(time=None), "seconds since the Unix epoch"),
-    (dict(metadata=[1, 2]), "metadata must be a dict or None"),
-    (dict(metadata={"a": (1, 2)}), r"metadata\['a'\] is a tuple"),
-    (dict(metadata={1: "x"}), "key 1 of type int"),
-    (dict(metadata={"a": [float("nan")]}), "JSON has no NaN"),
-    (dict(metadata={"a": {1, 2}}), "is a set"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(role=""), "role must not be empty"),
+        (dict(role=3), "role must be a str"),
+        (dict(content=b"x"), "content must be a str"),
+        (dict(content="a\ud800"), r"content: character 1 .* has no UTF-8 form"),
+        (dict(time=float("nan")), "time must be finite"),
+        (dict(time=float("inf")), "time must be finite"),
+        (dict(time=True), "number of seconds"),
+        (dict(time=dt.datetime(2024, 5, 1)), "has no time zone"),
+        (dict(time="yesterday"), "not an ISO-8601"),
+        (dict(time=None), "seconds since the Unix epoch"),
+        (dict(metadata=[1, 2]), "metadata must be a dict or None"),
+        (dict(metadata={"a": (1, 2)}), r"metadata\['a'\] is a tuple"),
+        (dict(metadata={1: "x"}), "key 1 of type int"),
+        (dict(metadata={"a": [float("nan")]}), "JSON has no NaN"),
+        (dict(metadata={"a": {1, 2}}), "is a set"),
+    ],
+)
 def test_event_validation(kwargs, message):
     fields = dict(role="user", content="x", time=1.0, metadata=None)
     fields.update(kwargs)
@@ -172,32 +191,35 @@ def test_encode_refuses_non_events():
 GOOD = b"\xf5user\xf61.5\xf7\xf8hi\xf9"  # 14 bytes
 
 
-@pytest.mark.parametrize("data, message", [
-    (b"hello" + GOOD, r"event 0 \(starting at byte 0\), byte offset 0: byte 0x68 outside an event"),
-    (GOOD + b"\n" + GOOD, r"event 1 \(starting at byte 14\), byte offset 14: byte 0x0A outside an event"),
-    (GOOD + b"x", r"event 1 .* byte offset 14: byte 0x78 outside an event"),
-    (b"\xf5user\xf61.5\xf7\xf8h\xfai\xf9", r"byte offset 12: found 0xFA \(reserved\) where 0xF9 \(end of event\)"),
-    (b"\xf5user\xf61.5\xf8hi\xf9", r"byte offset 9: found 0xF8 \(content\) where 0xF7 \(metadata\)"),
-    (b"\xf5user\xf61.5\xf7\xf8hi" + GOOD, r"byte offset 13: found 0xF5 \(event start\) .*never closed"),
-    (GOOD + b"\xf9", r"event 1 .* byte offset 14: found 0xF9 \(end of event\) where 0xF5 \(event start\)"),
-    (b"\xf5\xf61.5\xf7\xf8hi\xf9", r"byte offset 1: the role is empty"),
-    (b"\xf5us\xc3(\xf61.5\xf7\xf8hi\xf9", r"byte offset 3: invalid UTF-8 in the role"),
-    (b"\xf5user\xf61.5\xf7\xf8h\xc3(i\xf9", r"byte offset 12: invalid UTF-8 in the content"),
-    (b"\xf5user\xf6\xf7\xf8hi\xf9", r"byte offset 6: the time b'' is not a decimal number"),
-    (b"\xf5user\xf6nan\xf7\xf8hi\xf9", r"byte offset 6: the time b'nan' is not a decimal"),
-    (b"\xf5user\xf61e999\xf7\xf8hi\xf9", r"byte offset 6: the time b'1e999' is not a finite number"),
-    (b"\xf5user\xf61.5\xf7{\"a\":1e999}\xf8hi\xf9", r"byte offset 10: .*JSON has no NaN or infinity"),
-    (b"\xf5user\xf61.5\xf7{\"a\":\xf8hi\xf9", r"byte offset 10: the metadata is not valid JSON"),
-    (b"\xf5user\xf61.5\xf7[1]\xf8hi\xf9", r"byte offset 10: the metadata must be a JSON object, got list"),
-    (b"\xf5user\xf61.5\xf7{\"a\":NaN}\xf8hi\xf9", r"byte offset 10: the metadata is not valid JSON.*NaN"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"hello" + GOOD, r"event 0 \(starting at byte 0\), byte offset 0: byte 0x68 outside an event"),
+        (GOOD + b"\n" + GOOD, r"event 1 \(starting at byte 14\), byte offset 14: byte 0x0A outside an event"),
+        (GOOD + b"x", r"event 1 .* byte offset 14: byte 0x78 outside an event"),
+        (b"\xf5user\xf61.5\xf7\xf8h\xfai\xf9", r"byte offset 12: found 0xFA \(reserved\) where 0xF9 \(end of event\)"),
+        (b"\xf5user\xf61.5\xf8hi\xf9", r"byte offset 9: found 0xF8 \(content\) where 0xF7 \(metadata\)"),
+        (b"\xf5user\xf61.5\xf7\xf8hi" + GOOD, r"byte offset 13: found 0xF5 \(event start\) .*never closed"),
+        (GOOD + b"\xf9", r"event 1 .* byte offset 14: found 0xF9 \(end of event\) where 0xF5 \(event start\)"),
+        (b"\xf5\xf61.5\xf7\xf8hi\xf9", r"byte offset 1: the role is empty"),
+        (b"\xf5us\xc3(\xf61.5\xf7\xf8hi\xf9", r"byte offset 3: invalid UTF-8 in the role"),
+        (b"\xf5user\xf61.5\xf7\xf8h\xc3(i\xf9", r"byte offset 12: invalid UTF-8 in the content"),
+        (b"\xf5user\xf6\xf7\xf8hi\xf9", r"byte offset 6: the time b'' is not a decimal number"),
+        (b"\xf5user\xf6nan\xf7\xf8hi\xf9", r"byte offset 6: the time b'nan' is not a decimal"),
+        (b"\xf5user\xf61e999\xf7\xf8hi\xf9", r"byte offset 6: the time b'1e999' is not a finite number"),
+        (b'\xf5user\xf61.5\xf7{"a":1e999}\xf8hi\xf9', r"byte offset 10: .*JSON has no NaN or infinity"),
+        (b'\xf5user\xf61.5\xf7{"a":\xf8hi\xf9', r"byte offset 10: the metadata is not valid JSON"),
+        (b"\xf5user\xf61.5\xf7[1]\xf8hi\xf9", r"byte offset 10: the metadata must be a JSON object, got list"),
+        (b'\xf5user\xf61.5\xf7{"a":NaN}\xf8hi\xf9', r"byte offset 10: the metadata is not valid JSON.*NaN"),
+    ],
+)
 def test_malformed_streams_name_the_byte_offset(data, message):
     with pytest.raises(InputError, match=message):
         ADAPTER.decode(data)
     with pytest.raises(InputError, match=message):  # the same error fed one byte at a time
         decoder = StreamDecoder("decode")
         for i in range(len(data)):
-            decoder.feed(data[i:i + 1])
+            decoder.feed(data[i : i + 1])
         decoder.finish()
 
 
@@ -238,27 +260,41 @@ def test_jsonl_is_one_readable_object_per_line(tmp_path):
     ADAPTER.write(path, items)
     lines = path.read_text(encoding="utf-8").splitlines()
     assert len(lines) == len(items)
-    assert json.loads(lines[0]) == {"role": "user", "content": "Hi!\nWhat's 2+2? 😀", "time": 1714564800.0,
-                                    "metadata": None}
+    assert json.loads(lines[0]) == {
+        "role": "user",
+        "content": "Hi!\nWhat's 2+2? 😀",
+        "time": 1714564800.0,
+        "metadata": None,
+    }
     # hand-written files may use ISO-8601 times, omit metadata and have blank lines
-    path.write_text('{"role": "user", "content": "hi", "time": "2024-05-01T12:00:00+00:00"}\n\n'
-                    '{"role": "tool", "content": "", "time": 3, "metadata": {"a": 1}}\n', encoding="utf-8")
+    path.write_text(
+        '{"role": "user", "content": "hi", "time": "2024-05-01T12:00:00+00:00"}\n\n'
+        '{"role": "tool", "content": "", "time": 3, "metadata": {"a": 1}}\n',
+        encoding="utf-8",
+    )
     assert ADAPTER.read(path) == [Event("user", "hi", 1714564800.0), Event("tool", "", 3.0, {"a": 1})]
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", r"bad.jsonl: no events \(the file is empty or blank\)"),
-    (b"\n  \n", r"bad.jsonl: no events"),
-    (b'{"role": "a", "content": "x", "time": 1}\n{"role": "a", "content": "\xe9", "time": 2}\n',
-     r"bad.jsonl: line 2 \(byte 41\): invalid UTF-8 at byte offset 67"),
-    (b'{"role": "a", "content": "x", "time": 1}\n{"role": "a", "content": \n',
-     r"bad.jsonl: line 2 \(byte 41\): not a JSON event record"),
-    (b'[1, 2]\n', r"line 1 \(byte 0\): an event record must be a JSON object, got list"),
-    (b'{"role": "a", "time": 1}\n', r"line 1 .*missing keys \['content'\]"),
-    (b'{"role": "a", "content": "", "time": 1, "text": "x"}\n', r"line 1 .*unknown keys \['text'\]"),
-    (b'{"role": "a", "content": "", "time": "noon"}\n', r"line 1 .*not an ISO-8601"),
-    (b'{"role": "", "content": "", "time": 1}\n', r"line 1 .*role must not be empty"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", r"bad.jsonl: no events \(the file is empty or blank\)"),
+        (b"\n  \n", r"bad.jsonl: no events"),
+        (
+            b'{"role": "a", "content": "x", "time": 1}\n{"role": "a", "content": "\xe9", "time": 2}\n',
+            r"bad.jsonl: line 2 \(byte 41\): invalid UTF-8 at byte offset 67",
+        ),
+        (
+            b'{"role": "a", "content": "x", "time": 1}\n{"role": "a", "content": \n',
+            r"bad.jsonl: line 2 \(byte 41\): not a JSON event record",
+        ),
+        (b"[1, 2]\n", r"line 1 \(byte 0\): an event record must be a JSON object, got list"),
+        (b'{"role": "a", "time": 1}\n', r"line 1 .*missing keys \['content'\]"),
+        (b'{"role": "a", "content": "", "time": 1, "text": "x"}\n', r"line 1 .*unknown keys \['text'\]"),
+        (b'{"role": "a", "content": "", "time": "noon"}\n', r"line 1 .*not an ISO-8601"),
+        (b'{"role": "", "content": "", "time": 1}\n', r"line 1 .*role must not be empty"),
+    ],
+)
 def test_bad_jsonl_files(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(content)
@@ -278,8 +314,11 @@ def test_bad_stream_files(tmp_path):
         ADAPTER.read(empty)
     truncated = tmp_path / "cut.mem"
     truncated.write_bytes(GOOD + GOOD[:-1])
-    with pytest.raises(InputError, match=r"cut.mem: event 1 \(starting at byte 14\), byte offset 27: the stream "
-                                         r"ends inside an event"):
+    with pytest.raises(
+        InputError,
+        match=r"cut.mem: event 1 \(starting at byte 14\), byte offset 27: the stream "
+        r"ends inside an event",
+    ):
         ADAPTER.read(truncated)
     with pytest.raises(InputError, match=r"cut.mem: event 1"):
         list(ADAPTER.iter_windows(truncated, 5))
@@ -359,10 +398,12 @@ def scripted_dialogue(turns: int, seed: int) -> list[Event]:
     t, out = 1714564800.0, []
     for _ in range(turns):
         city, temp, cond = rng.choice(CITIES), rng.randint(-5, 35), rng.choice(CONDITIONS)
-        for role, content, meta in (("user", f"What is the weather in {city}?", None),
-                                    ("assistant", f"Let me check {city}.", {"tool": "weather", "city": city}),
-                                    ("tool", f"{city}: {temp} C, {cond}", None),
-                                    ("assistant", f"It is {temp} degrees and {cond} in {city}.", None)):
+        for role, content, meta in (
+            ("user", f"What is the weather in {city}?", None),
+            ("assistant", f"Let me check {city}.", {"tool": "weather", "city": city}),
+            ("tool", f"{city}: {temp} C, {cond}", None),
+            ("assistant", f"It is {temp} degrees and {cond} in {city}.", None),
+        ):
             t += rng.choice([1.0, 2.0, 4.0])
             out.append(Event(role, content, t, meta))
     return out
@@ -376,8 +417,9 @@ def test_tiny_model_learns_a_memory_stream_and_answers_in_a_well_formed_event(tm
     held_out = ADAPTER.source(scripted_dialogue(60, seed=1), batch_size=4, window=256)
     torch.manual_seed(0)
     model = ADAPTER.build_model(BackboneConfig(d_model=32, n_layer=2, d_state=16))
-    config = TrainConfig(max_steps=120, batch_size=8, window=128, lr=6e-3, warmup_steps=10, eval_windows=4,
-                         progress=False)
+    config = TrainConfig(
+        max_steps=120, batch_size=8, window=128, lr=6e-3, warmup_steps=10, eval_windows=4, progress=False
+    )
     trainer = Trainer(model, config, train, held_out, loss_fn=ADAPTER.loss, metric_fn=ADAPTER.metric)
     before = trainer.evaluate()["eval_metric"]
     trainer.fit()
@@ -389,8 +431,7 @@ def test_tiny_model_learns_a_memory_stream_and_answers_in_a_well_formed_event(tm
     history = scripted_dialogue(1, seed=5)[:3]
     prompt = ADAPTER.prompt_for("assistant", time=history[-1].time + 1.0)
     model.eval()
-    result = model.generate(torch.cat([ADAPTER.encode(history), prompt]), 120, temperature=0,
-                            stop=ADAPTER.stop_tokens)
+    result = model.generate(torch.cat([ADAPTER.encode(history), prompt]), 120, temperature=0, stop=ADAPTER.stop_tokens)
     assert result.stop_reasons == ["stop"] and result.tokens[0][-1] == END
     reply = ADAPTER.reply_event(prompt, result.tokens[0])
     assert reply.role == "assistant" and reply.content

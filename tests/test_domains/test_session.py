@@ -25,7 +25,7 @@ from seqlab.errors import CorruptFileError, FormatVersionError, StateError, Stat
 from seqlab.safetensors_io import read_tensors, write_tensors
 from seqlab.testing import memory_model_file
 
-CHILD = r'''
+CHILD = r"""
 import json, os, random, sys, time
 import torch
 torch.set_num_threads(1)
@@ -34,7 +34,8 @@ from seqlab.domains.memory import Event
 from seqlab.domains.session import MemorySession, SessionLockedError, replay_state
 
 def make_event(i):
-    return Event("user" if i % 2 else "assistant", f"event {i} " + "xyz" * (i % 5), float(i), None if i % 3 else {"i": i})
+    role = "user" if i % 2 else "assistant"
+    return Event(role, f"event {i} " + "xyz" * (i % 5), float(i), None if i % 3 else {"i": i})
 
 action, model_file, session = sys.argv[1], sys.argv[2], sys.argv[3]
 args = sys.argv[4:]
@@ -91,11 +92,13 @@ elif action == "reader_loop":  # read-only opens while a writer works: each view
         r.close()
         checked += 1
     out(checked=checked)
-'''
+"""
+
 
 def make_event(i: int) -> Event:
-    return Event("user" if i % 2 else "assistant", f"event {i} " + "xyz" * (i % 5), float(i),
-                 None if i % 3 else {"i": i})
+    return Event(
+        "user" if i % 2 else "assistant", f"event {i} " + "xyz" * (i % 5), float(i), None if i % 3 else {"i": i}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +113,14 @@ def model(model_file):
 
 def child(*args, **kw) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", CHILD, *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        **kw,
+    )
 
 
 def run_child(*args) -> list[dict]:
@@ -319,7 +328,7 @@ def test_truncated_and_bit_flipped_snapshots_are_refused_untouched(model, saved_
     damaged = [good[:n] for n in (0, 7, 100, len(good) // 2, len(good) - 1)]
     for _ in range(12):
         at = rng.randrange(len(good))
-        damaged.append(good[:at] + bytes([good[at] ^ (1 << rng.randrange(8))]) + good[at + 1:])
+        damaged.append(good[:at] + bytes([good[at] ^ (1 << rng.randrange(8))]) + good[at + 1 :])
     damaged.append(good[:-200] + bytes(b ^ 0xFF for b in good[-200:]))  # the tensor data itself
     for bad in damaged:
         snap.write_bytes(bad)
@@ -369,8 +378,17 @@ def test_wrong_model_and_future_versions_are_refused(model, saved_session):
 
     log = saved_session / "log-00000001.wal"
     log_good = log.read_bytes()
-    log.write_bytes(_frame({"format": "seqlab.memory_session.log", "format_version": 3, "snapshot": 1,
-                            "first_event": 2, "fingerprint": model.fingerprint}))
+    log.write_bytes(
+        _frame(
+            {
+                "format": "seqlab.memory_session.log",
+                "format_version": 3,
+                "snapshot": 1,
+                "first_event": 2,
+                "fingerprint": model.fingerprint,
+            }
+        )
+    )
     with pytest.raises(FormatVersionError, match="version 3"):
         MemorySession.open(saved_session, model)
     log.write_bytes(log_good)
@@ -393,8 +411,14 @@ def test_cli_observe_ask_info_rollback(model_file, tmp_path):
     script = "import sys\nfrom seqlab import cli\nsys.exit(cli.main())\n"
 
     def seqlab(*args, stdin=None):
-        return subprocess.run([sys.executable, "-c", script, "memory", *map(str, args)], input=stdin,
-                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        return subprocess.run(
+            [sys.executable, "-c", script, "memory", *map(str, args)],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
 
     r = seqlab("observe", "s", "--create", "--content", "hi")
     assert r.returncode == 2 and "--model" in r.stderr
@@ -407,12 +431,19 @@ def test_cli_observe_ask_info_rollback(model_file, tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["event"]["role"] == "assistant"
     # settings of an action from a TOML table [memory.ask]; flags win; unknown keys are refused
-    (tmp_path / "m.toml").write_text('[memory.ask]\nrole = "tool"\nmax-new-tokens = 4\n'
-                                     '[memory.observe]\nrole = "system"\n')
+    (tmp_path / "m.toml").write_text(
+        '[memory.ask]\nrole = "tool"\nmax-new-tokens = 4\n[memory.observe]\nrole = "system"\n'
+    )
 
     def with_config(*args):
-        return subprocess.run([sys.executable, "-c", script, "--config", "m.toml", "memory", *args],
-                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        return subprocess.run(
+            [sys.executable, "-c", script, "--config", "m.toml", "memory", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
+
     r = with_config("ask", "s", "and now?", "--time", "6", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["event"]["role"] == "tool", r.stderr
     r = with_config("ask", "s", "and now?", "--time", "6", "--json", "--role", "assistant")

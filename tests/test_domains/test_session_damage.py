@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from seqlab import cli
 from seqlab.domains import model_from_checkpoint
@@ -35,8 +36,9 @@ FRAME = 44  # format-2 record header: magic, length, sha256, crc32
 
 
 def make_event(i: int) -> Event:
-    return Event("user" if i % 2 else "assistant", f"event {i} " + "xyz" * (i % 4), float(i),
-                 None if i % 3 else {"i": i})
+    return Event(
+        "user" if i % 2 else "assistant", f"event {i} " + "xyz" * (i % 4), float(i), None if i % 3 else {"i": i}
+    )
 
 
 EVENTS = [make_event(i) for i in range(7)]
@@ -90,7 +92,7 @@ def records(data: bytes) -> list[tuple[int, int, dict]]:
     while at < len(data):
         length = struct.unpack_from("<I", data, at + 4)[0]
         end = at + FRAME + length
-        out.append((at, end, json.loads(data[at + FRAME:end])))
+        out.append((at, end, json.loads(data[at + FRAME : end])))
         at = end
     return out
 
@@ -179,7 +181,7 @@ def test_truncating_an_older_log_anywhere_is_refused(chain, model, which, where)
         path = copy_of(chain, Path(tmp))
         log = path / f"log-{which:08d}.wal"
         whole = log.read_bytes()
-        cut = whole[:int(where * len(whole))]
+        cut = whole[: int(where * len(whole))]
         log.write_bytes(cut)  # even at a record boundary: the next log's first event says what is missing
         for mode in ("w", "r"):
             with pytest.raises(CorruptFileError, match="log-0000000"):
@@ -463,7 +465,7 @@ def test_old_logs_are_merged_and_every_event_stays(model, tmp_path, monkeypatch)
         assert s.events() == events[:3] and same_state(s.state, replay_state(model, events[:4]))
 
 
-KILL_CHILD = r'''
+KILL_CHILD = r"""
 import json, sys
 import torch
 torch.set_num_threads(1)
@@ -479,15 +481,20 @@ while True:
     print(json.dumps({"acked": n}), flush=True)
     if n % 2:
         s.save()
-'''
+"""
 
 
 def test_kill_9_while_observing_saving_and_pruning_loses_nothing(model_file, model, tmp_path):
     rng = random.Random(5)
     path = tmp_path / "s"
-    for trial in range(2):
-        proc = subprocess.Popen([sys.executable, "-c", KILL_CHILD, str(model_file), str(path)], text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for _trial in range(2):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", KILL_CHILD, str(model_file), str(path)],
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         first = json.loads(proc.stdout.readline() or "{}")
         assert "ready" in first, proc.stderr.read()
         time.sleep(rng.uniform(0.2, 0.6))

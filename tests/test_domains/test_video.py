@@ -41,8 +41,16 @@ def write_pngs(folder, frames, names=None):
 
 
 @settings(max_examples=40, deadline=None)
-@given(t=st.integers(1, 3), ph=st.integers(1, 4), pw=st.integers(1, 4), gh=st.integers(1, 3), gw=st.integers(1, 3),
-       slabs=st.integers(1, 4), c=st.sampled_from([1, 3, 4]), batch=st.booleans())
+@given(
+    t=st.integers(1, 3),
+    ph=st.integers(1, 4),
+    pw=st.integers(1, 4),
+    gh=st.integers(1, 3),
+    gw=st.integers(1, 3),
+    slabs=st.integers(1, 4),
+    c=st.sampled_from([1, 3, 4]),
+    batch=st.booleans(),
+)
 def test_patchify_and_unpatchify_are_exact_inverses(t, ph, pw, gh, gw, slabs, c, batch):
     a = VideoAdapter(frame_size=(gh * ph, gw * pw), channels=c, tubelet=(t, ph, pw))
     shape = (slabs * t, gh * ph, gw * pw, c)
@@ -61,8 +69,8 @@ def test_token_layout_is_one_slab_per_step_tubelets_in_raster_order():
     assert patches.shape == (2, 4 * 2 * 2 * 3 * 2)  # 2 slabs of 2 frames; 2x2 grid of tubelets of 24 values
     for s in range(2):
         for k, (gy, gx) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):  # row of the patch grid, then column
-            tubelet = frames[2 * s:2 * s + 2, 2 * gy:2 * gy + 2, 3 * gx:3 * gx + 3, :]  # (t, ph, pw, C) order
-            assert torch.equal(patches[s, k * 24:(k + 1) * 24], tubelet.reshape(-1))
+            tubelet = frames[2 * s : 2 * s + 2, 2 * gy : 2 * gy + 2, 3 * gx : 3 * gx + 3, :]  # (t, ph, pw, C) order
+            assert torch.equal(patches[s, k * 24 : (k + 1) * 24], tubelet.reshape(-1))
 
 
 def test_encode_decode_round_trip_every_pixel_value():
@@ -129,8 +137,19 @@ def test_folder_frames_come_in_natural_order_and_other_files_are_ignored(tmp_pat
 
 def test_jpeg_and_colour_conversion(tmp_path):
     ramp = np.linspace(0, 255, 16)
-    video = np.stack([np.stack([ramp[None, :] + 0 * ramp[:, None], ramp[:, None] + 0 * ramp[None, :],
-                                np.full((16, 16), 40.0 * i)], -1) for i in range(3)]).round().astype(np.uint8)
+    video = (
+        np.stack(
+            [
+                np.stack(
+                    [ramp[None, :] + 0 * ramp[:, None], ramp[:, None] + 0 * ramp[None, :], np.full((16, 16), 40.0 * i)],
+                    -1,
+                )
+                for i in range(3)
+            ]
+        )
+        .round()
+        .astype(np.uint8)
+    )
     folder = tmp_path / "jpg"
     folder.mkdir()
     for i, frame in enumerate(video):
@@ -267,14 +286,17 @@ def test_bad_files_name_file_and_frame(tmp_path):
     truncated = tmp_path / "truncated"
     write_pngs(truncated, frames)
     data = (truncated / "f1.png").read_bytes()
-    (truncated / "f1.png").write_bytes(data[:len(data) // 2])
+    (truncated / "f1.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(CorruptFileError, match=r"f1\.png: frame 1 cannot be read"):
         a.read(truncated)
 
     mixed = write_pngs(tmp_path / "mixed", frames)
     Image.fromarray(random_video(frames=1, h=8, w=10)[0]).save(mixed / "f3.png")
-    with pytest.raises(InputError, match=r"f3\.png: frame 3 is 8x10 \(HxW\), the adapter's frame_size is 8x8; the "
-                                         r"first frame f0\.png is 8x8"):
+    with pytest.raises(
+        InputError,
+        match=r"f3\.png: frame 3 is 8x10 \(HxW\), the adapter's frame_size is 8x8; the "
+        r"first frame f0\.png is 8x8",
+    ):
         a.read(mixed)
 
     deep = tmp_path / "deep"
@@ -355,8 +377,8 @@ def test_model_streams_windows_with_carried_state_equal_to_one_pass(tmp_path):
         # step: one slab at a time (patches or frames) equals forward
         state = None
         for s in range(4):
-            x = a.encode(video[2 * s:2 * s + 2])
-            out = model.step(x if s % 2 else torch.from_numpy(video[None, 2 * s:2 * s + 2]), state)
+            x = a.encode(video[2 * s : 2 * s + 2])
+            out = model.step(x if s % 2 else torch.from_numpy(video[None, 2 * s : 2 * s + 2]), state)
             state = out.state
             assert torch.allclose(out.output, whole.output[:, s], atol=1e-5)
     # the predicted patches decode to frames
@@ -453,8 +475,16 @@ def test_tiny_model_learns_motion_well_below_the_copy_previous_frame_baseline():
     held_out, _ = moving_square_clips(64, 12, size=16, seed=2)
     model = a.build_model(BackboneConfig(d_model=32, n_layer=2, d_state=16))
     train, test = VideoSource(a, clips, batch), VideoSource(a, held_out, 64)
-    config = TrainConfig(lr=1e-2, max_steps=steps, warmup_steps=10, batch_size=batch, window=train.window_size,
-                         carry_state=False, weight_decay=0.0, progress=False)
+    config = TrainConfig(
+        lr=1e-2,
+        max_steps=steps,
+        warmup_steps=10,
+        batch_size=batch,
+        window=train.window_size,
+        carry_state=False,
+        weight_decay=0.0,
+        progress=False,
+    )
     x, y = test.window(0)
     model.eval()
     with torch.no_grad():

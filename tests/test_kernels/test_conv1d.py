@@ -30,13 +30,18 @@ def make_inputs(b=2, d=5, l=37, w=4, *, bias=True, init=True, dtype=torch.float3
     def r(*shape):
         return torch.randn(*shape, generator=gen).to(dtype)
 
-    return {"x": r(b, d, l), "weight": r(d, w), "bias": r(d) if bias else None,
-            "initial_state": r(b, d, w - 1) if init else None}
+    return {
+        "x": r(b, d, l),
+        "weight": r(d, w),
+        "bias": r(d) if bias else None,
+        "initial_state": r(b, d, w - 1) if init else None,
+    }
 
 
 def run_ref(inputs, activation, final=True):
-    return causal_conv1d_ref(**{k: as_f64(v) for k, v in inputs.items()}, activation=activation,
-                             return_final_state=final)
+    return causal_conv1d_ref(
+        **{k: as_f64(v) for k, v in inputs.items()}, activation=activation, return_final_state=final
+    )
 
 
 # block sizes (elements of (b, d, positions)): the default, and small ones that force many blocks
@@ -60,8 +65,9 @@ def test_reference_matches_hand_computation():
     silu = [v / (1 + math.exp(-v)) for v in expected]
     assert torch.allclose(y_silu[0, 0], torch.tensor(silu, **t64), rtol=1e-14, atol=0)
     # l = 1 < w - 1: the final state still holds the last w - 1 inputs, one from the old state
-    _, short_state = causal_conv1d_ref(args[0][..., :1], args[1], args[2],
-                                       initial_state=torch.tensor([[init]], **t64), return_final_state=True)
+    _, short_state = causal_conv1d_ref(
+        args[0][..., :1], args[1], args[2], initial_state=torch.tensor([[init]], **t64), return_final_state=True
+    )
     assert short_state.tolist() == [[[5.0, 1.0]]]
     # the decode step gives the first output and shifts the state
     y0, s0 = causal_conv1d_update_ref(args[0][..., 0], torch.tensor([[init]], **t64), args[1], args[2])
@@ -73,15 +79,17 @@ def test_reference_matches_hand_computation():
 
 @pytest.mark.parametrize("l", [1, 2, 63, 257, 1000])
 @pytest.mark.parametrize("w", [1, 2, 4])
-@pytest.mark.parametrize("activation, bias, init", [("silu", True, True), (None, False, False),
-                                                     ("swish", False, True), (None, True, False)])
+@pytest.mark.parametrize(
+    "activation, bias, init", [("silu", True, True), (None, False, False), ("swish", False, True), (None, True, False)]
+)
 def test_forward_matches_reference(l, w, activation, bias, init):
     inputs = make_inputs(l=l, w=w, bias=bias, init=init, seed=l + w)
     ref_y, ref_state = run_ref(inputs, activation)
     for block in BLOCKS:
         with torch.no_grad():
-            y, state = causal_conv1d_chunked(**inputs, activation=activation, return_final_state=True,
-                                           block_elems=block)
+            y, state = causal_conv1d_chunked(
+                **inputs, activation=activation, return_final_state=True, block_elems=block
+            )
         assert y.dtype == torch.float32 and state.shape == (2, 5, w - 1)
         assert_rel(y, ref_y, OUT_TOL, f"y, block {block}")
         assert torch.equal(state, ref_state.float()), "the final state holds inputs: it is exact"
@@ -99,8 +107,7 @@ def _grad_check(inputs, activation, blocks, *, y_weight=True, state_weight=True,
     ref_grads = torch.autograd.grad(loss, [ref_in[k] for k in names], allow_unused=True)
     for block in blocks:
         fast_in = {k: (v.detach().clone().requires_grad_() if v is not None else None) for k, v in inputs.items()}
-        y, state = causal_conv1d_chunked(**fast_in, activation=activation, return_final_state=True,
-                                       block_elems=block)
+        y, state = causal_conv1d_chunked(**fast_in, activation=activation, return_final_state=True, block_elems=block)
         loss = 0
         if y_weight:
             loss = loss + (y * g_y.to(y.dtype)).sum()
@@ -123,10 +130,20 @@ def test_gradients_match_reference(l, w, activation):
 
 @pytest.mark.parametrize("which", ["y_only", "state_only"])
 def test_gradients_through_one_output(which):
-    _grad_check(make_inputs(l=3, w=4, seed=2), "silu", BLOCKS[:2], y_weight=which == "y_only",
-                state_weight=which == "state_only")
-    _grad_check(make_inputs(l=30, w=4, seed=3), "silu", BLOCKS[:2], y_weight=which == "y_only",
-                state_weight=which == "state_only")
+    _grad_check(
+        make_inputs(l=3, w=4, seed=2),
+        "silu",
+        BLOCKS[:2],
+        y_weight=which == "y_only",
+        state_weight=which == "state_only",
+    )
+    _grad_check(
+        make_inputs(l=30, w=4, seed=3),
+        "silu",
+        BLOCKS[:2],
+        y_weight=which == "y_only",
+        state_weight=which == "state_only",
+    )
 
 
 def test_no_grad_path_equals_grad_path():
@@ -210,8 +227,13 @@ def test_float64_inputs():
 
 
 @settings(max_examples=25, deadline=None)
-@given(l=st.integers(1, 120), cuts=st.lists(st.integers(1, 119), max_size=4), w=st.sampled_from([1, 2, 4]),
-       block=st.sampled_from([None, 10, 40]), seed=st.integers(0, 10_000))
+@given(
+    l=st.integers(1, 120),
+    cuts=st.lists(st.integers(1, 119), max_size=4),
+    w=st.sampled_from([1, 2, 4]),
+    block=st.sampled_from([None, 10, 40]),
+    seed=st.integers(0, 10_000),
+)
 def test_split_and_thread_state_equals_one_pass(l, cuts, w, block, seed):
     inputs = make_inputs(l=l, w=w, seed=seed)
     full_y, full_state = causal_conv1d_chunked(**inputs, activation="silu", return_final_state=True)
@@ -219,8 +241,9 @@ def test_split_and_thread_state_equals_one_pass(l, cuts, w, block, seed):
     state = inputs["initial_state"]
     pieces = []
     for s0, s1 in zip(bounds[:-1], bounds[1:]):
-        y, state = causal_conv1d_chunked(inputs["x"][..., s0:s1], inputs["weight"], inputs["bias"], "silu", state,
-                                       True, block_elems=block)
+        y, state = causal_conv1d_chunked(
+            inputs["x"][..., s0:s1], inputs["weight"], inputs["bias"], "silu", state, True, block_elems=block
+        )
         pieces.append(y)
     assert_rel(torch.cat(pieces, dim=-1), full_y, OUT_TOL, "split outputs")
     assert torch.equal(state, full_state)
@@ -263,8 +286,9 @@ def test_mixer_like_layouts():
 
 def test_decode_step_gradients():
     inputs = make_inputs(l=1, seed=9)
-    args = dict(x=inputs["x"][:, :, 0], conv_state=inputs["initial_state"], weight=inputs["weight"],
-                bias=inputs["bias"])
+    args = dict(
+        x=inputs["x"][:, :, 0], conv_state=inputs["initial_state"], weight=inputs["weight"], bias=inputs["bias"]
+    )
     ref_in = {k: as_f64(v).requires_grad_() for k, v in args.items()}
     y, s = causal_conv1d_update_ref(**ref_in, activation="silu")
     (y.sin().sum() + s.cos().sum()).backward()
@@ -308,16 +332,21 @@ CONV_ERRORS = [
     ("bias wrong", dict(bias=torch.randn(4)), "bias must have shape (d,) (5,), got (4,)"),
     ("activation relu", dict(activation="relu"), "activation must be None, 'silu' or 'swish', got 'relu'"),
     ("activation True", dict(activation=True), "activation must be None, 'silu' or 'swish', got True"),
-    ("initial_state wrong w", dict(initial_state=torch.randn(2, 5, 4)),
-     "initial_state must have shape (b, d, w - 1) (2, 5, 3), got (2, 5, 4)"),
+    (
+        "initial_state wrong w",
+        dict(initial_state=torch.randn(2, 5, 4)),
+        "initial_state must have shape (b, d, w - 1) (2, 5, 3), got (2, 5, 4)",
+    ),
     ("initial_state 2-D", dict(initial_state=torch.randn(2, 5)), "initial_state must have 3 dimensions"),
     ("bias on another device", dict(bias=torch.empty(5, device="meta")), "all tensors must be on one device"),
 ]
 
 
-@pytest.mark.parametrize("impl", [causal_conv1d_ref, causal_conv1d_chunked,
-                                  lambda *a, **k: K.causal_conv1d(*a, **k, backend="chunked")],
-                         ids=["ref", "torch", "dispatch"])
+@pytest.mark.parametrize(
+    "impl",
+    [causal_conv1d_ref, causal_conv1d_chunked, lambda *a, **k: K.causal_conv1d(*a, **k, backend="chunked")],
+    ids=["ref", "torch", "dispatch"],
+)
 @pytest.mark.parametrize("case, changes, message", CONV_ERRORS, ids=[c[0] for c in CONV_ERRORS])
 def test_conv_argument_errors(impl, case, changes, message):
     with pytest.raises(KernelInputError) as info:
@@ -326,23 +355,37 @@ def test_conv_argument_errors(impl, case, changes, message):
 
 
 def _step_case(**changes):
-    base = dict(x=torch.randn(2, 5), conv_state=torch.randn(2, 5, 3), weight=torch.randn(5, 4),
-                bias=torch.randn(5), activation=None)
+    base = dict(
+        x=torch.randn(2, 5),
+        conv_state=torch.randn(2, 5, 3),
+        weight=torch.randn(5, 4),
+        bias=torch.randn(5),
+        activation=None,
+    )
     base.update(changes)
     return base
 
 
 STEP_ERRORS = [
     ("x 3-D", dict(x=torch.randn(2, 5, 1)), "x must have 2 dimensions"),
-    ("conv_state wrong w", dict(conv_state=torch.randn(2, 5, 4)),
-     "conv_state must have shape (b, d, w - 1) (2, 5, 3), got (2, 5, 4)"),
-    ("conv_state integer", dict(conv_state=torch.ones(2, 5, 3, dtype=torch.int64)),
-     "conv_state must be a floating-point tensor"),
+    (
+        "conv_state wrong w",
+        dict(conv_state=torch.randn(2, 5, 4)),
+        "conv_state must have shape (b, d, w - 1) (2, 5, 3), got (2, 5, 4)",
+    ),
+    (
+        "conv_state integer",
+        dict(conv_state=torch.ones(2, 5, 3, dtype=torch.int64)),
+        "conv_state must be a floating-point tensor",
+    ),
     ("weight wrong d", dict(weight=torch.randn(6, 4)), "weight must have shape (d, w)"),
     ("bias 2-D", dict(bias=torch.randn(5, 1)), "bias must have 1 dimensions"),
     ("activation gelu", dict(activation="gelu"), "activation must be None, 'silu' or 'swish'"),
-    ("conv_state on another device", dict(conv_state=torch.empty(2, 5, 3, device="meta")),
-     "all tensors must be on one device"),
+    (
+        "conv_state on another device",
+        dict(conv_state=torch.empty(2, 5, 3, device="meta")),
+        "all tensors must be on one device",
+    ),
 ]
 
 

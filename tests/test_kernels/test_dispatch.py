@@ -14,8 +14,14 @@ from seqlab.errors import ConfigError
 from seqlab.kernels import KernelInputError
 from seqlab.testing import scan_inputs, tiny_lm
 
-OPS = ("selective_scan", "selective_state_update", "ssd_scan", "ssd_state_update", "causal_conv1d",
-       "causal_conv1d_update")
+OPS = (
+    "selective_scan",
+    "selective_state_update",
+    "ssd_scan",
+    "ssd_state_update",
+    "causal_conv1d",
+    "causal_conv1d_update",
+)
 
 
 def test_the_table_names_every_backend_of_every_public_op():

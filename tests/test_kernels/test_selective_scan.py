@@ -33,8 +33,9 @@ TILINGS = [(None, None), (8, 24 * 40), (1, 24 * 5), (5, 24 * 7)]
 
 
 def run_ref(inputs, softplus, final=True):
-    return selective_scan_ref(**{k: as_f64(v) for k, v in inputs.items()}, delta_softplus=softplus,
-                              return_final_state=final)
+    return selective_scan_ref(
+        **{k: as_f64(v) for k, v in inputs.items()}, delta_softplus=softplus, return_final_state=final
+    )
 
 
 OPTIONS = {
@@ -52,8 +53,17 @@ OPTIONS = {
 
 def test_reference_matches_hand_computation():
     """l = 2, d = 1, n = 1 with every option on, computed here with plain float arithmetic."""
-    u, dr, A, Bv, Cv, Dv, zv, db, h0 = [1.0, 2.0], [0.5, -1.0], -0.7, [0.3, -0.4], [1.5, 0.25], 0.2, \
-        [0.1, -0.3], 0.1, 0.6
+    u, dr, A, Bv, Cv, Dv, zv, db, h0 = (
+        [1.0, 2.0],
+        [0.5, -1.0],
+        -0.7,
+        [0.3, -0.4],
+        [1.5, 0.25],
+        0.2,
+        [0.1, -0.3],
+        0.1,
+        0.6,
+    )
 
     def softplus(x):
         return math.log1p(math.exp(x))
@@ -69,20 +79,35 @@ def test_reference_matches_hand_computation():
 
     t64 = dict(dtype=torch.float64)
     out, hT = selective_scan_ref(
-        torch.tensor([[u]], **t64), torch.tensor([[dr]], **t64), torch.tensor([[A]], **t64),
-        torch.tensor([[Bv]], **t64)[:, None], torch.tensor([[Cv]], **t64)[:, None],
-        D=torch.tensor([Dv], **t64), z=torch.tensor([[zv]], **t64), delta_bias=torch.tensor([db], **t64),
-        delta_softplus=True, initial_state=torch.tensor([[[h0]]], **t64), return_final_state=True)
+        torch.tensor([[u]], **t64),
+        torch.tensor([[dr]], **t64),
+        torch.tensor([[A]], **t64),
+        torch.tensor([[Bv]], **t64)[:, None],
+        torch.tensor([[Cv]], **t64)[:, None],
+        D=torch.tensor([Dv], **t64),
+        z=torch.tensor([[zv]], **t64),
+        delta_bias=torch.tensor([db], **t64),
+        delta_softplus=True,
+        initial_state=torch.tensor([[[h0]]], **t64),
+        return_final_state=True,
+    )
     assert out.shape == (1, 1, 2) and hT.shape == (1, 1, 1)
     assert torch.allclose(out[0, 0], torch.tensor(outs, **t64), rtol=1e-13, atol=0)
     assert abs(hT.item() - h) < 1e-13
 
     # the decode step of the reference gives the same first element
     y1, h1 = selective_state_update_ref(
-        torch.tensor([[[h0]]], **t64), torch.tensor([[u[0]]], **t64), torch.tensor([[dr[0]]], **t64),
-        torch.tensor([[A]], **t64), torch.tensor([[Bv[0]]], **t64), torch.tensor([[Cv[0]]], **t64),
-        D=torch.tensor([Dv], **t64), z=torch.tensor([[zv[0]]], **t64), dt_bias=torch.tensor([db], **t64),
-        dt_softplus=True)
+        torch.tensor([[[h0]]], **t64),
+        torch.tensor([[u[0]]], **t64),
+        torch.tensor([[dr[0]]], **t64),
+        torch.tensor([[A]], **t64),
+        torch.tensor([[Bv[0]]], **t64),
+        torch.tensor([[Cv[0]]], **t64),
+        D=torch.tensor([Dv], **t64),
+        z=torch.tensor([[zv[0]]], **t64),
+        dt_bias=torch.tensor([db], **t64),
+        dt_softplus=True,
+    )
     assert abs(y1.item() - outs[0]) < 1e-13
 
 
@@ -92,7 +117,7 @@ def test_reference_group_mapping_by_hand():
     u = torch.tensor([[[1.0], [2.0], [3.0], [4.0]]], dtype=torch.float64)
     delta = torch.full((1, d, 1), 0.5, dtype=torch.float64)
     A = -torch.ones(d, n, dtype=torch.float64)
-    B = torch.tensor([[[[1.0], [0.0]], [[0.0], [10.0]]]], dtype=torch.float64)   # (1, g=2, n=2, 1)
+    B = torch.tensor([[[[1.0], [0.0]], [[0.0], [10.0]]]], dtype=torch.float64)  # (1, g=2, n=2, 1)
     C = torch.tensor([[[[1.0], [1.0]], [[1.0], [1.0]]]], dtype=torch.float64)
     out = selective_scan_ref(u, delta, A, B, C)
     # channels 0, 1 read group 0 (B = [1, 0]); channels 2, 3 read group 1 (B = [0, 10])
@@ -112,8 +137,9 @@ def test_forward_matches_reference(l, option):
     ref_out, ref_state = run_ref(inputs, softplus)
     for chunk, block in TILINGS:
         with torch.no_grad():
-            out, state = selective_scan_chunked(**inputs, delta_softplus=softplus, return_final_state=True,
-                                              chunk_size=chunk, block_elems=block)
+            out, state = selective_scan_chunked(
+                **inputs, delta_softplus=softplus, return_final_state=True, chunk_size=chunk, block_elems=block
+            )
         assert out.dtype == torch.float32 and state.dtype == torch.float32
         assert state.shape == (2, 4, 3)
         assert_rel(out, ref_out, OUT_TOL, f"out, tiling {chunk, block}")
@@ -131,8 +157,9 @@ def test_realistic_width(layout):
     ref_out, ref_state = run_ref(inputs, True)
     for chunk, block in [(None, None), (16, 96 * 16 * 64)]:
         with torch.no_grad():
-            out, state = selective_scan_chunked(**inputs, delta_softplus=True, return_final_state=True,
-                                              chunk_size=chunk, block_elems=block)
+            out, state = selective_scan_chunked(
+                **inputs, delta_softplus=True, return_final_state=True, chunk_size=chunk, block_elems=block
+            )
         assert_rel(out, ref_out, OUT_TOL, "out")
         assert_rel(state, ref_state, OUT_TOL, "state")
     short = {k: (v[..., :100] if k in ("u", "delta", "z", "B", "C") else v) for k, v in inputs.items()}
@@ -154,8 +181,9 @@ def _grad_check(inputs, softplus, tilings, *, out_weight=True, state_weight=True
     ref_grads = torch.autograd.grad(loss, [ref_in[k] for k in names], allow_unused=True)
     for chunk, block in tilings:
         fast_in = {k: (v.detach().clone().requires_grad_() if v is not None else None) for k, v in inputs.items()}
-        out, state = selective_scan_chunked(**fast_in, delta_softplus=softplus, return_final_state=True,
-                                          chunk_size=chunk, block_elems=block)
+        out, state = selective_scan_chunked(
+            **fast_in, delta_softplus=softplus, return_final_state=True, chunk_size=chunk, block_elems=block
+        )
         loss = 0
         if out_weight:
             loss = loss + (out * g_out.to(out.dtype)).sum()
@@ -187,8 +215,13 @@ def test_gradients_long_sequence():
 def test_gradients_through_one_output(which):
     """Only one of (out, final_state) feeds the loss: the other's gradient arrives as None."""
     kwargs, softplus = OPTIONS["full"]
-    _grad_check(make_inputs(l=50, seed=4, **kwargs), softplus, TILINGS[:2],
-                out_weight=which == "out_only", state_weight=which == "state_only")
+    _grad_check(
+        make_inputs(l=50, seed=4, **kwargs),
+        softplus,
+        TILINGS[:2],
+        out_weight=which == "out_only",
+        state_weight=which == "state_only",
+    )
 
 
 def test_gradient_without_final_state():
@@ -234,8 +267,11 @@ def _relayout(inputs, how):
     out = dict(inputs)
     for k in ("u", "delta", "z"):
         if out[k] is not None:
-            out[k] = {"channels_last": channels_last, "strided": strided,
-                      "mixed": channels_last if k == "u" else strided}[how](out[k])
+            out[k] = {
+                "channels_last": channels_last,
+                "strided": strided,
+                "mixed": channels_last if k == "u" else strided,
+            }[how](out[k])
     for k in ("B", "C"):
         # (b, n, l) as the transpose of a contiguous (b, l, n), as a mixer's x_proj produces it
         out[k] = out[k].transpose(-1, -2).contiguous().transpose(-1, -2)
@@ -251,8 +287,9 @@ def test_non_contiguous_inputs(how):
     ref_out, ref_state = run_ref(base, True)
     for chunk, block in TILINGS[:2]:
         with torch.no_grad():
-            out, state = selective_scan_chunked(**inputs, delta_softplus=True, return_final_state=True,
-                                              chunk_size=chunk, block_elems=block)
+            out, state = selective_scan_chunked(
+                **inputs, delta_softplus=True, return_final_state=True, chunk_size=chunk, block_elems=block
+            )
         assert_rel(out, ref_out, OUT_TOL, "out")
         assert_rel(state, ref_state, OUT_TOL, "state")
     if how == "channels_last":
@@ -274,8 +311,9 @@ def test_mixer_like_inputs():
     ref_out, ref_state = run_ref(inputs, True)
     for chunk, block in TILINGS[:2]:
         with torch.no_grad():
-            out, state = selective_scan_chunked(**inputs, delta_softplus=True, return_final_state=True,
-                                              chunk_size=chunk, block_elems=block)
+            out, state = selective_scan_chunked(
+                **inputs, delta_softplus=True, return_final_state=True, chunk_size=chunk, block_elems=block
+            )
         assert out.stride(1) == 1 and out.stride(2) == d  # a dense position-major output
         assert_rel(out, ref_out, OUT_TOL, "out")
         assert_rel(state, ref_state, OUT_TOL, "state")
@@ -288,7 +326,7 @@ def test_low_precision_inputs(dtype, tol, a_fp32):
     inputs = make_inputs(l=90, seed=8, gB=2, gC=2, dtype=dtype)
     if a_fp32:
         inputs["A"] = inputs["A"].float()
-    ref_out, ref_state = run_ref(inputs, True)   # the same (rounded) values, in float64
+    ref_out, ref_state = run_ref(inputs, True)  # the same (rounded) values, in float64
     out, state = selective_scan_chunked(**inputs, delta_softplus=True, return_final_state=True, chunk_size=8)
     assert out.dtype == dtype and state.dtype == torch.float32
     assert_rel(out, ref_out, tol, "out")
@@ -320,13 +358,14 @@ def test_float64_inputs_give_float64_state():
 def test_extreme_values_are_exact_and_finite():
     """delta up to ~10 after softplus, A down to -100, and tiny decays: no overflow, no NaN, matches the ref."""
     inputs = make_inputs(l=300, seed=11, gB=2, gC=2, delta_scale=6.0, a_range=(-100.0, -1e-4))
-    inputs["delta"][:, :, ::7] = 10.0   # softplus(10 + bias) ~ 10: decays exp(-1000) underflow to 0
+    inputs["delta"][:, :, ::7] = 10.0  # softplus(10 + bias) ~ 10: decays exp(-1000) underflow to 0
     inputs["delta"][:, :, 3::11] = -30.0  # softplus ~ 1e-13: decays of exactly 1 in float32
     ref_out, ref_state = run_ref(inputs, True)
     for chunk, block in TILINGS:
         with torch.no_grad():
-            out, state = selective_scan_chunked(**inputs, delta_softplus=True, return_final_state=True,
-                                              chunk_size=chunk, block_elems=block)
+            out, state = selective_scan_chunked(
+                **inputs, delta_softplus=True, return_final_state=True, chunk_size=chunk, block_elems=block
+            )
         assert_rel(out, ref_out, OUT_TOL, "out")
         assert_rel(state, ref_state, OUT_TOL, "state")
     _grad_check(inputs, True, TILINGS[1:2])
@@ -346,8 +385,12 @@ def test_fast_softplus_matches_log1p_formula(dtype, tol):
     relative error over the whole range (tiny results included: that is where a naive log(1 + e^x) fails)."""
     from seqlab.kernels.scan.chunked import _softplus_
 
-    x = torch.cat([torch.linspace(-80, 80, 20001, dtype=torch.float64),
-                   torch.tensor([0.0, 1e-30, -1e-30, 19.99, 20.0, 20.01, 30.0, -30.0], dtype=torch.float64)])
+    x = torch.cat(
+        [
+            torch.linspace(-80, 80, 20001, dtype=torch.float64),
+            torch.tensor([0.0, 1e-30, -1e-30, 19.99, 20.0, 20.01, 30.0, -30.0], dtype=torch.float64),
+        ]
+    )
     x = x.to(dtype)
     xd = x.double()
     expected = xd.clamp(min=0) + torch.log1p(torch.exp(-xd.abs()))
@@ -359,8 +402,12 @@ def test_fast_softplus_matches_log1p_formula(dtype, tol):
 
 
 @settings(max_examples=25, deadline=None)
-@given(l=st.integers(1, 150), cuts=st.lists(st.integers(1, 149), max_size=4), chunk=st.sampled_from([1, 3, 8, 16]),
-       seed=st.integers(0, 10_000))
+@given(
+    l=st.integers(1, 150),
+    cuts=st.lists(st.integers(1, 149), max_size=4),
+    chunk=st.sampled_from([1, 3, 8, 16]),
+    seed=st.integers(0, 10_000),
+)
 def test_split_and_thread_state_equals_one_pass(l, cuts, chunk, seed):
     inputs = make_inputs(l=l, seed=seed, gB=2, gC=2)
     full_out, full_state = selective_scan_chunked(**inputs, delta_softplus=True, return_final_state=True)
@@ -373,8 +420,9 @@ def test_split_and_thread_state_equals_one_pass(l, cuts, chunk, seed):
         for k in ("u", "delta", "z", "B", "C"):
             part[k] = inputs[k][..., s0:s1]
         part["initial_state"] = state
-        out, state = selective_scan_chunked(**part, delta_softplus=True, return_final_state=True,
-                                          chunk_size=chunk, block_elems=24 * 2 * chunk)
+        out, state = selective_scan_chunked(
+            **part, delta_softplus=True, return_final_state=True, chunk_size=chunk, block_elems=24 * 2 * chunk
+        )
         pieces.append(out)
     assert_rel(torch.cat(pieces, dim=-1), full_out, OUT_TOL, "split outputs")
     assert_rel(state, full_state, OUT_TOL, "split final state")
@@ -391,9 +439,18 @@ def test_decode_steps_equal_scan(gB, gC, step):
     before = state.clone()
     ys = []
     for t in range(l):
-        y, new_state = step(state, inputs["u"][:, :, t], inputs["delta"][:, :, t], inputs["A"],
-                            inputs["B"][..., t], inputs["C"][..., t], D=inputs["D"], z=inputs["z"][:, :, t],
-                            dt_bias=inputs["delta_bias"], dt_softplus=True)
+        y, new_state = step(
+            state,
+            inputs["u"][:, :, t],
+            inputs["delta"][:, :, t],
+            inputs["A"],
+            inputs["B"][..., t],
+            inputs["C"][..., t],
+            D=inputs["D"],
+            z=inputs["z"][:, :, t],
+            dt_bias=inputs["delta_bias"],
+            dt_softplus=True,
+        )
         assert y.shape == (2, 4) and new_state.shape == (2, 4, 3) and new_state.dtype == torch.float32
         if t == 0:
             assert torch.equal(state, before), "the decode step mutated the state passed in"
@@ -417,17 +474,30 @@ def test_decode_step_non_contiguous_inputs():
     A, D, bias = -torch.rand(d, n, generator=gen), torch.randn(d, generator=gen), torch.randn(d, generator=gen)
     assert not (x.is_contiguous() or dt.is_contiguous() or state.is_contiguous())
     y, s = selective_state_update_chunked(state, x, dt, A, Bm, Cm, D=D, z=z, dt_bias=bias, dt_softplus=True)
-    yr, sr = selective_state_update_ref(*(as_f64(t) for t in (state, x, dt, A, Bm, Cm)), D=as_f64(D), z=as_f64(z),
-                                        dt_bias=as_f64(bias), dt_softplus=True)
+    yr, sr = selective_state_update_ref(
+        *(as_f64(t) for t in (state, x, dt, A, Bm, Cm)),
+        D=as_f64(D),
+        z=as_f64(z),
+        dt_bias=as_f64(bias),
+        dt_softplus=True,
+    )
     assert_rel(y, yr, OUT_TOL, "y")
     assert_rel(s, sr, OUT_TOL, "state")
 
 
 def test_decode_step_gradients_and_dtypes():
     inputs = make_inputs(l=1, seed=14, gB=2, gC=2)
-    args = dict(state=inputs["initial_state"], x=inputs["u"][:, :, 0], dt=inputs["delta"][:, :, 0], A=inputs["A"],
-                B=inputs["B"][..., 0], C=inputs["C"][..., 0], D=inputs["D"], z=inputs["z"][:, :, 0],
-                dt_bias=inputs["delta_bias"])
+    args = dict(
+        state=inputs["initial_state"],
+        x=inputs["u"][:, :, 0],
+        dt=inputs["delta"][:, :, 0],
+        A=inputs["A"],
+        B=inputs["B"][..., 0],
+        C=inputs["C"][..., 0],
+        D=inputs["D"],
+        z=inputs["z"][:, :, 0],
+        dt_bias=inputs["delta_bias"],
+    )
     ref_in = {k: as_f64(v).requires_grad_() for k, v in args.items()}
     y, s = selective_state_update_ref(**ref_in, dt_softplus=True)
     (y.sin().sum() + s.cos().sum()).backward()
@@ -454,8 +524,15 @@ def test_dispatcher_routes_to_both_backends():
     c = K.selective_scan(**inputs, delta_softplus=True)
     assert_rel(b, a, OUT_TOL, "chunked vs ref")
     assert torch.equal(b, c)
-    y, s = K.selective_state_update(inputs["initial_state"], inputs["u"][:, :, 0], inputs["delta"][:, :, 0],
-                                    inputs["A"], inputs["B"][..., 0], inputs["C"][..., 0], backend="chunked")
+    y, s = K.selective_state_update(
+        inputs["initial_state"],
+        inputs["u"][:, :, 0],
+        inputs["delta"][:, :, 0],
+        inputs["A"],
+        inputs["B"][..., 0],
+        inputs["C"][..., 0],
+        backend="chunked",
+    )
     assert y.shape == (2, 4) and s.shape == (2, 4, 3)
 
 
@@ -492,16 +569,21 @@ SCAN_ERRORS = [
     ("z wrong shape", dict(z=torch.randn(2, 4, 4)), "z must have shape (b, d, l)"),
     ("z integer", dict(z=torch.ones(2, 4, 5, dtype=torch.int64)), "z must be a floating-point tensor"),
     ("delta_bias wrong", dict(delta_bias=torch.randn(5)), "delta_bias must have shape (d,) (4,), got (5,)"),
-    ("initial_state wrong n", dict(initial_state=torch.randn(2, 4, 2)),
-     "initial_state must have shape (b, d, n) (2, 4, 3), got (2, 4, 2)"),
+    (
+        "initial_state wrong n",
+        dict(initial_state=torch.randn(2, 4, 2)),
+        "initial_state must have shape (b, d, n) (2, 4, 3), got (2, 4, 2)",
+    ),
     ("initial_state 2-D", dict(initial_state=torch.randn(2, 4)), "initial_state must have 3 dimensions"),
     ("D on another device", dict(D=torch.empty(4, device="meta")), "all tensors must be on one device"),
 ]
 
 
-@pytest.mark.parametrize("impl", [selective_scan_ref, selective_scan_chunked,
-                                  lambda *a, **k: K.selective_scan(*a, **k, backend="chunked")],
-                         ids=["ref", "torch", "dispatch"])
+@pytest.mark.parametrize(
+    "impl",
+    [selective_scan_ref, selective_scan_chunked, lambda *a, **k: K.selective_scan(*a, **k, backend="chunked")],
+    ids=["ref", "torch", "dispatch"],
+)
 @pytest.mark.parametrize("case, changes, message", SCAN_ERRORS, ids=[c[0] for c in SCAN_ERRORS])
 def test_scan_argument_errors(impl, case, changes, message):
     with pytest.raises(KernelInputError) as info:
@@ -510,9 +592,17 @@ def test_scan_argument_errors(impl, case, changes, message):
 
 
 def _step_case(**changes):
-    base = dict(state=torch.randn(2, 4, 3), x=torch.randn(2, 4), dt=torch.randn(2, 4), A=-torch.rand(4, 3),
-                B=torch.randn(2, 3), C=torch.randn(2, 2, 3), D=torch.randn(4), z=torch.randn(2, 4),
-                dt_bias=torch.randn(4))
+    base = dict(
+        state=torch.randn(2, 4, 3),
+        x=torch.randn(2, 4),
+        dt=torch.randn(2, 4),
+        A=-torch.rand(4, 3),
+        B=torch.randn(2, 3),
+        C=torch.randn(2, 2, 3),
+        D=torch.randn(4),
+        z=torch.randn(2, 4),
+        dt_bias=torch.randn(4),
+    )
     base.update(changes)
     return base
 

@@ -30,8 +30,24 @@ INPUT_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
 # ----------------------------------------------------------------------------------------------------- helpers
 
 
-def make_inputs(b=2, l=37, h=4, p=3, g=2, n=5, *, D="h", z=True, dt_bias=True, softplus=True, init=True,
-                dtype=torch.float32, seed=0, a_range=(-3.0, -0.3), dt_scale=1.0):
+def make_inputs(
+    b=2,
+    l=37,
+    h=4,
+    p=3,
+    g=2,
+    n=5,
+    *,
+    D="h",
+    z=True,
+    dt_bias=True,
+    softplus=True,
+    init=True,
+    dtype=torch.float32,
+    seed=0,
+    a_range=(-3.0, -0.3),
+    dt_scale=1.0,
+):
     """Random SSD inputs as a dict of keyword arguments (chunk_size not included)."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -64,14 +80,16 @@ def as64(inputs: dict) -> dict:
 
 def run_scan(fn, inputs: dict, chunk_size: int):
     kw = dict(inputs)
-    return fn(kw.pop("x"), kw.pop("dt"), kw.pop("A"), kw.pop("B"), kw.pop("C"), chunk_size, return_final_state=True,
-              **kw)
+    return fn(
+        kw.pop("x"), kw.pop("dt"), kw.pop("A"), kw.pop("B"), kw.pop("C"), chunk_size, return_final_state=True, **kw
+    )
 
 
 def grads_of(fn, inputs: dict, chunk_size: int, wy: torch.Tensor, ws: torch.Tensor):
     """Gradients of <y, wy> + <final_state, ws> w.r.t. every tensor input."""
-    leaves = {k: (v.detach().clone().requires_grad_(True) if isinstance(v, torch.Tensor) else v)
-              for k, v in inputs.items()}
+    leaves = {
+        k: (v.detach().clone().requires_grad_(True) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()
+    }
     y, s = run_scan(fn, leaves, chunk_size)
     loss = (y.double() * wy).sum() + (s.double() * ws).sum()
     loss.backward()
@@ -81,8 +99,10 @@ def grads_of(fn, inputs: dict, chunk_size: int, wy: torch.Tensor, ws: torch.Tens
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Force the no_grad driver to cut even small test inputs into several blocks of chunks."""
+
     def set_chunks_per_block(b, h, q, chunks):
         monkeypatch.setattr(ssd_chunked_module, "_BLOCK_ELEMS", b * h * q * q * chunks)
+
     return set_chunks_per_block
 
 
@@ -107,9 +127,20 @@ def test_reference_matches_a_hand_computation():
         state = math.exp(d * A) * state + d * x * B
         want.append((state * C + D * x) * _silu(z))
     t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
-    y, s = ssd_scan_ref(t(xs).view(1, 2, 1, 1), t(dts).view(1, 2, 1), t([A]), t(Bs).view(1, 2, 1, 1),
-                        t(Cs).view(1, 2, 1, 1), 1, D=t([D]), z=t(zs).view(1, 2, 1, 1), dt_bias=t([bias]),
-                        dt_softplus=True, initial_state=t([s0]).view(1, 1, 1, 1), return_final_state=True)
+    y, s = ssd_scan_ref(
+        t(xs).view(1, 2, 1, 1),
+        t(dts).view(1, 2, 1),
+        t([A]),
+        t(Bs).view(1, 2, 1, 1),
+        t(Cs).view(1, 2, 1, 1),
+        1,
+        D=t([D]),
+        z=t(zs).view(1, 2, 1, 1),
+        dt_bias=t([bias]),
+        dt_softplus=True,
+        initial_state=t([s0]).view(1, 1, 1, 1),
+        return_final_state=True,
+    )
     assert y.flatten().tolist() == pytest.approx(want, rel=1e-13, abs=1e-13)
     assert s.item() == pytest.approx(state, rel=1e-13)
 
@@ -117,9 +148,15 @@ def test_reference_matches_a_hand_computation():
 def test_reference_matches_a_hand_computation_without_options():
     # y_1 = C_1 dt_1 x_1 B_1; y_2 = C_2 (e^{dt_2 A} dt_1 x_1 B_1 + dt_2 x_2 B_2)
     t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
-    y, s = ssd_scan_ref(t([1.0, 2.0]).view(1, 2, 1, 1), t([0.5, 1.0]).view(1, 2, 1), t([-math.log(2.0)]),
-                        t([2.0, 1.0]).view(1, 2, 1, 1), t([3.0, -1.0]).view(1, 2, 1, 1), 5,
-                        return_final_state=True)
+    y, s = ssd_scan_ref(
+        t([1.0, 2.0]).view(1, 2, 1, 1),
+        t([0.5, 1.0]).view(1, 2, 1),
+        t([-math.log(2.0)]),
+        t([2.0, 1.0]).view(1, 2, 1, 1),
+        t([3.0, -1.0]).view(1, 2, 1, 1),
+        5,
+        return_final_state=True,
+    )
     h1 = 0.5 * 1.0 * 2.0  # 1.0
     h2 = 0.5 * h1 + 1.0 * 2.0 * 1.0  # e^{-ln 2} = 0.5 -> 2.5
     assert y.flatten().tolist() == pytest.approx([3.0 * h1, -1.0 * h2], rel=1e-14)
@@ -130,9 +167,18 @@ def test_reference_step_matches_a_hand_computation():
     t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     state = t([[[[0.3, -0.1]]]])  # (b, h, p, n) = (1, 1, 1, 2)
     d = _softplus(0.2 + 0.1)
-    y, new = ssd_state_update_ref(state, t([[[2.0]]]), t([[0.2]]), t([-0.7]), t([[[3.0, 1.0]]]),
-                                  t([[[1.5, -2.0]]]), D=t([0.25]), z=t([[[1.0]]]), dt_bias=t([0.1]),
-                                  dt_softplus=True)
+    y, new = ssd_state_update_ref(
+        state,
+        t([[[2.0]]]),
+        t([[0.2]]),
+        t([-0.7]),
+        t([[[3.0, 1.0]]]),
+        t([[[1.5, -2.0]]]),
+        D=t([0.25]),
+        z=t([[[1.0]]]),
+        dt_bias=t([0.1]),
+        dt_softplus=True,
+    )
     decay = math.exp(d * -0.7)
     s0 = decay * 0.3 + d * 2.0 * 3.0
     s1 = decay * -0.1 + d * 2.0 * 1.0
@@ -418,8 +464,19 @@ def test_return_final_state_false_returns_y_only():
     inputs = make_inputs(1, 20, 4, 3, 2, 5, seed=2)
     kw = dict(inputs)
     for fn in (ssd_scan_ref, ssd_scan_chunked):
-        y = fn(kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"], 8, D=kw["D"], z=kw["z"], dt_bias=kw["dt_bias"],
-               dt_softplus=True, initial_state=kw["initial_state"])
+        y = fn(
+            kw["x"],
+            kw["dt"],
+            kw["A"],
+            kw["B"],
+            kw["C"],
+            8,
+            D=kw["D"],
+            z=kw["z"],
+            dt_bias=kw["dt_bias"],
+            dt_softplus=True,
+            initial_state=kw["initial_state"],
+        )
         assert isinstance(y, torch.Tensor) and y.shape == (1, 20, 4, 3)
 
 
@@ -433,10 +490,12 @@ def test_dispatcher_routes_to_both_backends():
         assert rel(y, y_ref) <= OUT_TOL and rel(s, s_ref) <= OUT_TOL
     st_in = torch.randn(1, 4, 3, 5)
     step = dict(D=kw["D"], z=args[0][:, 0] * 0 + 1, dt_bias=kw["dt_bias"], dt_softplus=True)
-    y1, n1 = K.ssd_state_update(st_in, args[0][:, 0], args[1][:, 0], args[2], args[3][:, 0], args[4][:, 0],
-                                **step, backend="ref")
-    y2, n2 = K.ssd_state_update(st_in, args[0][:, 0], args[1][:, 0], args[2], args[3][:, 0], args[4][:, 0],
-                                **step, backend="chunked")
+    y1, n1 = K.ssd_state_update(
+        st_in, args[0][:, 0], args[1][:, 0], args[2], args[3][:, 0], args[4][:, 0], **step, backend="ref"
+    )
+    y2, n2 = K.ssd_state_update(
+        st_in, args[0][:, 0], args[1][:, 0], args[2], args[3][:, 0], args[4][:, 0], **step, backend="chunked"
+    )
     assert rel(y2, y1) <= OUT_TOL and rel(n2, n1) <= OUT_TOL
 
 
@@ -449,8 +508,7 @@ def test_dispatcher_routes_to_both_backends():
     cuts=st.lists(st.floats(0.0, 1.0), max_size=4),
     chunk_size=st.integers(1, 70),
     g=st.sampled_from([1, 2, 4]),
-    options=st.fixed_dictionaries({"D": st.sampled_from([None, "h", "hp"]), "z": st.booleans(),
-                                   "init": st.booleans()}),
+    options=st.fixed_dictionaries({"D": st.sampled_from([None, "h", "hp"]), "z": st.booleans(), "init": st.booleans()}),
     seed=st.integers(0, 2**16),
 )
 def test_splitting_and_threading_state_equals_one_pass(l, cuts, chunk_size, g, options, seed):
@@ -472,9 +530,17 @@ def test_splitting_and_threading_state_equals_one_pass(l, cuts, chunk_size, g, o
 
 
 def _step_inputs(inputs, t):
-    return dict(x=inputs["x"][:, t], dt=inputs["dt"][:, t], A=inputs["A"], B=inputs["B"][:, t],
-                C=inputs["C"][:, t], D=inputs["D"], z=None if inputs["z"] is None else inputs["z"][:, t],
-                dt_bias=inputs["dt_bias"], dt_softplus=inputs["dt_softplus"])
+    return dict(
+        x=inputs["x"][:, t],
+        dt=inputs["dt"][:, t],
+        A=inputs["A"],
+        B=inputs["B"][:, t],
+        C=inputs["C"][:, t],
+        D=inputs["D"],
+        z=None if inputs["z"] is None else inputs["z"][:, t],
+        dt_bias=inputs["dt_bias"],
+        dt_softplus=inputs["dt_softplus"],
+    )
 
 
 @pytest.mark.parametrize("D", ["h", "hp", None])
@@ -518,8 +584,10 @@ def test_decode_step_gradients_match_reference():
     wy, ws = torch.randn(2, 4, 3, generator=gen).double(), torch.randn(2, 4, 3, 5, generator=gen).double()
 
     def grads(fn, base, state):
-        leaves = {k: (v.detach().clone().requires_grad_(True) if isinstance(v, torch.Tensor) else v)
-                  for k, v in _step_inputs(base, 0).items()}
+        leaves = {
+            k: (v.detach().clone().requires_grad_(True) if isinstance(v, torch.Tensor) else v)
+            for k, v in _step_inputs(base, 0).items()
+        }
         st_leaf = state.detach().clone().requires_grad_(True)
         y, new = fn(st_leaf, **leaves)
         ((y.double() * wy).sum() + (new.double() * ws).sum()).backward()
@@ -553,9 +621,18 @@ STEP_FNS = [ssd_state_update_ref, ssd_state_update_chunked]
 
 def _scan_args(**over):
     b, l, h, p, g, n = 2, 10, 4, 3, 2, 5
-    args = dict(x=torch.randn(b, l, h, p), dt=torch.randn(b, l, h), A=-torch.rand(h), B=torch.randn(b, l, g, n),
-                C=torch.randn(b, l, g, n), chunk_size=4, D=torch.randn(h), z=torch.randn(b, l, h, p),
-                dt_bias=torch.randn(h), initial_state=torch.randn(b, h, p, n))
+    args = dict(
+        x=torch.randn(b, l, h, p),
+        dt=torch.randn(b, l, h),
+        A=-torch.rand(h),
+        B=torch.randn(b, l, g, n),
+        C=torch.randn(b, l, g, n),
+        chunk_size=4,
+        D=torch.randn(h),
+        z=torch.randn(b, l, h, p),
+        dt_bias=torch.randn(h),
+        initial_state=torch.randn(b, h, p, n),
+    )
     args.update(over)
     return args
 
@@ -587,8 +664,10 @@ SCAN_ERRORS = [
     (dict(C=torch.randn(2, 10, 1, 5)), ["C", "(2, 10, 2, 5)", "(2, 10, 1, 5)"]),
     (dict(C=torch.randn(2, 10, 10)), ["C", "4 dimensions"]),
     (dict(C=torch.ones(2, 10, 2, 5, dtype=torch.bool)), ["C", "floating", "torch.bool"]),
-    (dict(B=torch.randn(2, 10, 3, 5), C=torch.randn(2, 10, 3, 5)), ["x.shape[2] (heads h)", "(4)",
-                                                                     "B.shape[2] (groups g)", "(3)", "divisible"]),
+    (
+        dict(B=torch.randn(2, 10, 3, 5), C=torch.randn(2, 10, 3, 5)),
+        ["x.shape[2] (heads h)", "(4)", "B.shape[2] (groups g)", "(3)", "divisible"],
+    ),
     (dict(chunk_size=0), ["chunk_size", "positive int", "0"]),
     (dict(chunk_size=-64), ["chunk_size", "positive int", "-64"]),
     (dict(chunk_size=64.0), ["chunk_size", "positive int", "64.0"]),
@@ -609,8 +688,7 @@ SCAN_ERRORS = [
     (dict(initial_state=torch.randn(2, 4, 5, 3)), ["initial_state", "(b, h, p, n)", "(2, 4, 3, 5)", "(2, 4, 5, 3)"]),
     (dict(initial_state=torch.randn(1, 4, 3, 5)), ["initial_state", "(2, 4, 3, 5)", "(1, 4, 3, 5)"]),
     (dict(initial_state=torch.ones(2, 4, 3, 5, dtype=torch.int64)), ["initial_state", "floating"]),
-    (dict(initial_state=torch.randn(2, 4, 3, 5, device="meta")), ["one device", "initial_state on meta",
-                                                                    "x on cpu"]),
+    (dict(initial_state=torch.randn(2, 4, 3, 5, device="meta")), ["one device", "initial_state on meta", "x on cpu"]),
 ]
 
 
@@ -635,9 +713,17 @@ def test_numpy_integer_chunk_size_is_accepted():
 
 def _step_args(**over):
     b, h, p, g, n = 2, 4, 3, 2, 5
-    args = dict(state=torch.randn(b, h, p, n), x=torch.randn(b, h, p), dt=torch.randn(b, h), A=-torch.rand(h),
-                B=torch.randn(b, g, n), C=torch.randn(b, g, n), D=torch.randn(h, p), z=torch.randn(b, h, p),
-                dt_bias=torch.randn(h))
+    args = dict(
+        state=torch.randn(b, h, p, n),
+        x=torch.randn(b, h, p),
+        dt=torch.randn(b, h),
+        A=-torch.rand(h),
+        B=torch.randn(b, g, n),
+        C=torch.randn(b, g, n),
+        D=torch.randn(h, p),
+        z=torch.randn(b, h, p),
+        dt_bias=torch.randn(h),
+    )
     args.update(over)
     return args
 
@@ -656,8 +742,10 @@ STEP_ERRORS = [
     (dict(B=torch.randn(2, 2, 6)), ["B", "(b, g, n)", "(2, '*', 5)", "(2, 2, 6)"]),
     (dict(C=torch.randn(2, 1, 5)), ["C", "(b, g, n)", "(2, 2, 5)", "(2, 1, 5)"]),
     (dict(C=torch.randn(2, 2, 5, 1)), ["C", "3 dimensions"]),
-    (dict(B=torch.randn(2, 3, 5), C=torch.randn(2, 3, 5)), ["state.shape[1] (heads h)", "B.shape[1] (groups g)",
-                                                            "divisible"]),
+    (
+        dict(B=torch.randn(2, 3, 5), C=torch.randn(2, 3, 5)),
+        ["state.shape[1] (heads h)", "B.shape[1] (groups g)", "divisible"],
+    ),
     (dict(D=torch.randn(4, 2)), ["D", "(h, p)", "(4, 3)", "(4, 2)"]),
     (dict(D=torch.randn(3)), ["D", "(h,)", "(4,)", "(3,)"]),
     (dict(z=torch.randn(2, 4, 2)), ["z", "(b, h, p)", "(2, 4, 2)"]),

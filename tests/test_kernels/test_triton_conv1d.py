@@ -24,8 +24,9 @@ from seqlab.kernels.conv1d.ref import causal_conv1d_ref, causal_conv1d_update_re
 from seqlab.testing import as_f64, assert_rel, channels_last, strided
 
 if not triton_available():  # pragma: no cover - triton is a dev dependency; the conftest enables the interpreter
-    pytest.skip("Triton kernels cannot run here (no triton, or no CUDA and no TRITON_INTERPRET)",
-                allow_module_level=True)
+    pytest.skip(
+        "Triton kernels cannot run here (no triton, or no CUDA and no TRITON_INTERPRET)", allow_module_level=True
+    )
 
 from seqlab.kernels.conv1d.triton_ops import causal_conv1d_triton, causal_conv1d_update_triton  # noqa: E402
 
@@ -45,13 +46,18 @@ def make_inputs(b=2, d=5, l=37, w=4, *, bias=True, init=True, dtype=torch.float3
     def r(*shape):
         return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
 
-    return {"x": r(b, d, l), "weight": r(d, w), "bias": r(d) if bias else None,
-            "initial_state": r(b, d, w - 1) if init else None}
+    return {
+        "x": r(b, d, l),
+        "weight": r(d, w),
+        "bias": r(d) if bias else None,
+        "initial_state": r(b, d, w - 1) if init else None,
+    }
 
 
 def run_ref(inputs, activation, final=True):
-    return causal_conv1d_ref(**{k: as_f64(v) for k, v in inputs.items()}, activation=activation,
-                             return_final_state=final)
+    return causal_conv1d_ref(
+        **{k: as_f64(v) for k, v in inputs.items()}, activation=activation, return_final_state=final
+    )
 
 
 def grad_check(inputs, activation, tiles=({},), *, y_weight=True, state_weight=True, tol=GRAD_TOL, seed=1):
@@ -92,9 +98,17 @@ def grad_check(inputs, activation, tiles=({},), *, y_weight=True, state_weight=T
 
 # (l, w, activation, bias, init): odd lengths incl. l < w - 1, every width, each option on and off
 FWD_CASES = [
-    (1, 4, "silu", True, True), (2, 4, None, False, True), (1, 3, None, True, False), (2, 3, "silu", True, True),
-    (63, 2, "silu", False, True), (63, 4, None, True, True), (257, 3, "swish", True, False),
-    (257, 4, "silu", True, True), (1000, 4, "silu", True, True), (9, 1, "silu", True, True), (5, 1, None, False, False),
+    (1, 4, "silu", True, True),
+    (2, 4, None, False, True),
+    (1, 3, None, True, False),
+    (2, 3, "silu", True, True),
+    (63, 2, "silu", False, True),
+    (63, 4, None, True, True),
+    (257, 3, "swish", True, False),
+    (257, 4, "silu", True, True),
+    (1000, 4, "silu", True, True),
+    (9, 1, "silu", True, True),
+    (5, 1, None, False, False),
     (40, 5, "silu", True, True),
 ]
 
@@ -135,13 +149,21 @@ def test_no_grad_path_equals_grad_path():
 # ------------------------------------------------------------------------------------ gradients
 
 
-@pytest.mark.parametrize("l, w, activation, bias, init", [
-    (1, 4, "silu", True, True), (2, 3, None, True, True), (63, 4, "silu", True, True), (63, 2, None, False, True),
-    (257, 3, "silu", False, False), (1, 1, "silu", True, False),
-])
+@pytest.mark.parametrize(
+    "l, w, activation, bias, init",
+    [
+        (1, 4, "silu", True, True),
+        (2, 3, None, True, True),
+        (63, 4, "silu", True, True),
+        (63, 2, None, False, True),
+        (257, 3, "silu", False, False),
+        (1, 1, "silu", True, False),
+    ],
+)
 def test_gradients_match_reference(l, w, activation, bias, init):
-    grad_check(make_inputs(l=l, w=w, bias=bias, init=init, seed=10 + l + w), activation,
-               TILES if l <= 63 else TILES[:1])
+    grad_check(
+        make_inputs(l=l, w=w, bias=bias, init=init, seed=10 + l + w), activation, TILES if l <= 63 else TILES[:1]
+    )
 
 
 def test_gradients_long_sequence():
@@ -152,8 +174,9 @@ def test_gradients_long_sequence():
 @pytest.mark.parametrize("l", [2, 30])
 def test_gradients_through_one_output(which, l):
     # l = 2 < w - 1: part of the initial state passes straight into the final state
-    grad_check(make_inputs(l=l, w=4, seed=2 + l), "silu", TILES, y_weight=which == "y_only",
-               state_weight=which == "state_only")
+    grad_check(
+        make_inputs(l=l, w=4, seed=2 + l), "silu", TILES, y_weight=which == "y_only", state_weight=which == "state_only"
+    )
 
 
 def test_only_some_inputs_require_grad():
@@ -162,8 +185,9 @@ def test_only_some_inputs_require_grad():
     y = causal_conv1d_triton(x, inputs["weight"], inputs["bias"], "silu", inputs["initial_state"])
     (g_x,) = torch.autograd.grad((y * y).sum(), [x])
     ref_x = as_f64(inputs["x"]).requires_grad_()
-    ref_y = causal_conv1d_ref(ref_x, *(as_f64(inputs[k]) for k in ("weight", "bias")), "silu",
-                              as_f64(inputs["initial_state"]))
+    ref_y = causal_conv1d_ref(
+        ref_x, *(as_f64(inputs[k]) for k in ("weight", "bias")), "silu", as_f64(inputs["initial_state"])
+    )
     (ref_g,) = torch.autograd.grad((ref_y * ref_y).sum(), [ref_x])
     assert_rel(g_x, ref_g, GRAD_TOL, "grad of x alone")
 
@@ -246,8 +270,13 @@ def test_float64_inputs_compute_in_float64():
 
 
 @settings(max_examples=10, deadline=None)
-@given(l=st.integers(1, 60), cuts=st.lists(st.integers(1, 59), max_size=3), w=st.sampled_from([2, 3, 4]),
-       block_l=st.sampled_from([None, 16]), seed=st.integers(0, 10_000))
+@given(
+    l=st.integers(1, 60),
+    cuts=st.lists(st.integers(1, 59), max_size=3),
+    w=st.sampled_from([2, 3, 4]),
+    block_l=st.sampled_from([None, 16]),
+    seed=st.integers(0, 10_000),
+)
 def test_split_and_thread_state_equals_one_pass(l, cuts, w, block_l, seed):
     inputs = make_inputs(l=l, w=w, seed=seed)
     with torch.no_grad():
@@ -256,8 +285,9 @@ def test_split_and_thread_state_equals_one_pass(l, cuts, w, block_l, seed):
         state = inputs["initial_state"]
         pieces = []
         for s0, s1 in zip(bounds[:-1], bounds[1:]):
-            y, state = causal_conv1d_triton(inputs["x"][..., s0:s1], inputs["weight"], inputs["bias"], "silu",
-                                            state, True, block_l=block_l)
+            y, state = causal_conv1d_triton(
+                inputs["x"][..., s0:s1], inputs["weight"], inputs["bias"], "silu", state, True, block_l=block_l
+            )
             pieces.append(y)
     assert_rel(torch.cat(pieces, dim=-1), full_y, OUT_TOL, "split outputs")
     assert torch.equal(state, full_state)
@@ -273,12 +303,14 @@ def test_decode_steps_equal_conv(w):
     ys = []
     with torch.no_grad():
         for t in range(l):
-            y, new_state = causal_conv1d_update_triton(inputs["x"][:, :, t], state, inputs["weight"],
-                                                       inputs["bias"], "silu")
+            y, new_state = causal_conv1d_update_triton(
+                inputs["x"][:, :, t], state, inputs["weight"], inputs["bias"], "silu"
+            )
             if t == 0:
                 assert torch.equal(state, before), "the decode step mutated the state passed in"
-                r0, rs0 = causal_conv1d_update_ref(*(as_f64(v) for v in (inputs["x"][:, :, 0], before,
-                                                                          inputs["weight"], inputs["bias"])), "silu")
+                r0, rs0 = causal_conv1d_update_ref(
+                    *(as_f64(v) for v in (inputs["x"][:, :, 0], before, inputs["weight"], inputs["bias"])), "silu"
+                )
                 assert_rel(y, r0, OUT_TOL, "first step vs the step reference")
                 assert torch.equal(new_state, rs0.float())
             assert y.shape == (2, 5) and new_state.shape == (2, 5, w - 1)
@@ -321,8 +353,9 @@ def test_decode_step_layouts_dtypes_and_options():
 
 def test_decode_step_gradients_fall_back_to_torch():
     inputs = make_inputs(l=1, seed=9)
-    args = dict(x=inputs["x"][:, :, 0], conv_state=inputs["initial_state"], weight=inputs["weight"],
-                bias=inputs["bias"])
+    args = dict(
+        x=inputs["x"][:, :, 0], conv_state=inputs["initial_state"], weight=inputs["weight"], bias=inputs["bias"]
+    )
     ref_in = {k: as_f64(v).requires_grad_() for k, v in args.items()}
     y, s = causal_conv1d_update_ref(**ref_in, activation="silu")
     (y.sin().sum() + s.cos().sum()).backward()
@@ -344,10 +377,12 @@ def test_dispatcher_routes_to_triton():
     assert_rel(b, a, OUT_TOL, "triton vs ref")
     assert torch.equal(b, causal_conv1d_triton(**inputs, activation="silu"))
     assert torch.equal(sb, inputs["x"][..., -3:])
-    y, s = K.causal_conv1d_update(inputs["x"][:, :, 0], inputs["initial_state"], inputs["weight"], inputs["bias"],
-                                  "silu", backend="triton")
-    ry, rs = causal_conv1d_update_ref(inputs["x"][:, :, 0], inputs["initial_state"], inputs["weight"],
-                                      inputs["bias"], "silu")
+    y, s = K.causal_conv1d_update(
+        inputs["x"][:, :, 0], inputs["initial_state"], inputs["weight"], inputs["bias"], "silu", backend="triton"
+    )
+    ry, rs = causal_conv1d_update_ref(
+        inputs["x"][:, :, 0], inputs["initial_state"], inputs["weight"], inputs["bias"], "silu"
+    )
     assert_rel(y, ry, OUT_TOL, "decode via the dispatcher")
     assert torch.equal(s, rs)
     if DEVICE == "cuda":  # pragma: no cover - GPU machines: "auto" picks Triton for CUDA tensors
@@ -368,8 +403,11 @@ CONV_ERRORS = [
     ("weight no taps", dict(weight=torch.randn(5, 0), initial_state=None), "weight must have at least one tap"),
     ("bias wrong", dict(bias=torch.randn(4)), "bias must have shape (d,) (5,), got (4,)"),
     ("activation relu", dict(activation="relu"), "activation must be None, 'silu' or 'swish', got 'relu'"),
-    ("initial_state wrong w", dict(initial_state=torch.randn(2, 5, 4)),
-     "initial_state must have shape (b, d, w - 1) (2, 5, 3), got (2, 5, 4)"),
+    (
+        "initial_state wrong w",
+        dict(initial_state=torch.randn(2, 5, 4)),
+        "initial_state must have shape (b, d, w - 1) (2, 5, 3), got (2, 5, 4)",
+    ),
 ]
 
 
@@ -384,18 +422,29 @@ def test_conv_argument_errors(case, changes, message):
 
 STEP_ERRORS = [
     ("x 3-D", dict(x=torch.randn(2, 5, 1)), "x must have 2 dimensions"),
-    ("conv_state wrong w", dict(conv_state=torch.randn(2, 5, 4)),
-     "conv_state must have shape (b, d, w - 1) (2, 5, 3), got (2, 5, 4)"),
-    ("conv_state integer", dict(conv_state=torch.ones(2, 5, 3, dtype=torch.int64)),
-     "conv_state must be a floating-point tensor"),
+    (
+        "conv_state wrong w",
+        dict(conv_state=torch.randn(2, 5, 4)),
+        "conv_state must have shape (b, d, w - 1) (2, 5, 3), got (2, 5, 4)",
+    ),
+    (
+        "conv_state integer",
+        dict(conv_state=torch.ones(2, 5, 3, dtype=torch.int64)),
+        "conv_state must be a floating-point tensor",
+    ),
     ("activation gelu", dict(activation="gelu"), "activation must be None, 'silu' or 'swish'"),
 ]
 
 
 @pytest.mark.parametrize("case, changes, message", STEP_ERRORS, ids=[c[0] for c in STEP_ERRORS])
 def test_step_argument_errors(case, changes, message):
-    base = dict(x=torch.randn(2, 5), conv_state=torch.randn(2, 5, 3), weight=torch.randn(5, 4),
-                bias=torch.randn(5), activation=None)
+    base = dict(
+        x=torch.randn(2, 5),
+        conv_state=torch.randn(2, 5, 3),
+        weight=torch.randn(5, 4),
+        bias=torch.randn(5),
+        activation=None,
+    )
     base.update(changes)
     base = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in base.items()}
     with pytest.raises(KernelInputError) as info:

@@ -20,9 +20,11 @@ def triton_calls(monkeypatch):
     import importlib
 
     calls = {}
-    for module_name, ops in (("scan", ("selective_scan", "selective_state_update")),
-                             ("ssd", ("ssd_scan", "ssd_state_update")),
-                             ("conv1d", ("causal_conv1d", "causal_conv1d_update"))):
+    for module_name, ops in (
+        ("scan", ("selective_scan", "selective_state_update")),
+        ("ssd", ("ssd_scan", "ssd_state_update")),
+        ("conv1d", ("causal_conv1d", "causal_conv1d_update")),
+    ):
         module = importlib.import_module(f"seqlab.kernels.{module_name}.triton_ops")
         for op in ops:
             real = getattr(module, f"{op}_triton")

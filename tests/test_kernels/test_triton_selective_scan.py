@@ -27,8 +27,9 @@ from seqlab.kernels.scan.ref import selective_scan_ref, selective_state_update_r
 from seqlab.testing import as_f64, assert_rel, channels_last, scan_inputs, strided
 
 if not triton_available():  # pragma: no cover - triton is a dev dependency; the conftest enables the interpreter
-    pytest.skip("Triton kernels cannot run here (no triton, or no CUDA and no TRITON_INTERPRET)",
-                allow_module_level=True)
+    pytest.skip(
+        "Triton kernels cannot run here (no triton, or no CUDA and no TRITON_INTERPRET)", allow_module_level=True
+    )
 
 from seqlab.kernels.scan.triton_kernels import _adjoint_combine, _recurrence_combine  # noqa: E402
 from seqlab.kernels.scan.triton_ops import selective_scan_triton, selective_state_update_triton  # noqa: E402
@@ -95,8 +96,9 @@ def make_inputs(*args, **kwargs):
 
 
 def run_ref(inputs, softplus, final=True):
-    return selective_scan_ref(**{k: as_f64(v) for k, v in inputs.items()}, delta_softplus=softplus,
-                              return_final_state=final)
+    return selective_scan_ref(
+        **{k: as_f64(v) for k, v in inputs.items()}, delta_softplus=softplus, return_final_state=final
+    )
 
 
 OPTIONS = {
@@ -104,9 +106,9 @@ OPTIONS = {
     # step size is (negative ones make the states grow; test_extreme_values has that case)
     "full": (dict(gB=2, gC=2), True),
     "bare": (dict(D=False, z=False, bias=False, init=False, positive_delta=True), False),
-    "mixed": (dict(gB=4, gC=None, z=False, bias=False), True),            # B grouped, C not
+    "mixed": (dict(gB=4, gC=None, z=False, bias=False), True),  # B grouped, C not
     "gate_only": (dict(gB=None, gC=2, D=False, init=False, positive_delta=True), False),
-    "groups_4_2": (dict(gB=4, gC=2, bias=False), True),                    # different group counts
+    "groups_4_2": (dict(gB=4, gC=2, bias=False), True),  # different group counts
 }
 
 
@@ -125,8 +127,7 @@ def check_forward(inputs, softplus, tiling, *, out_tol=OUT_TOL, state_tol=OUT_TO
     return out, state
 
 
-def check_grads(inputs, softplus, tiling, *, out_weight=True, state_weight=True, tol=GRAD_TOL,
-                out_tol=OUT_TOL, seed=1):
+def check_grads(inputs, softplus, tiling, *, out_weight=True, state_weight=True, tol=GRAD_TOL, out_tol=OUT_TOL, seed=1):
     """Gradients of every input through the output and / or the final state, against the reference; also the
     output and state of the autograd forward (which stores the chunk states)."""
     names = [k for k, v in inputs.items() if v is not None]
@@ -167,11 +168,18 @@ def check_grads(inputs, softplus, tiling, *, out_weight=True, state_weight=True,
 
 CASES = [
     # (option, l, tiling): every option at l = 1 and 63, the odd l = 257 with two option sets; tilings rotate
-    ("full", 1, T_DEFAULT), ("full", 63, T_SUB), ("full", 257, dict(block_l=32)),
-    ("bare", 1, T_SHORT), ("bare", 63, T_LONG), ("bare", 257, dict(block_l=32, block_d=2, sub_blocks=2)),
-    ("mixed", 1, T_SUB), ("mixed", 63, T_LONG),
-    ("gate_only", 1, T_LONG), ("gate_only", 63, T_DEFAULT),
-    ("groups_4_2", 1, T_SHORT), ("groups_4_2", 63, T_LONG),
+    ("full", 1, T_DEFAULT),
+    ("full", 63, T_SUB),
+    ("full", 257, dict(block_l=32)),
+    ("bare", 1, T_SHORT),
+    ("bare", 63, T_LONG),
+    ("bare", 257, dict(block_l=32, block_d=2, sub_blocks=2)),
+    ("mixed", 1, T_SUB),
+    ("mixed", 63, T_LONG),
+    ("gate_only", 1, T_LONG),
+    ("gate_only", 63, T_DEFAULT),
+    ("groups_4_2", 1, T_SHORT),
+    ("groups_4_2", 63, T_LONG),
 ]
 
 
@@ -194,8 +202,13 @@ def test_long_sequence():
 def test_gradients_through_one_output(which):
     """Only one of (out, final_state) feeds the loss: the other's gradient arrives as None."""
     kwargs, softplus = OPTIONS["full"]
-    check_grads(make_inputs(l=21, seed=4, **kwargs), softplus, T_SHORT,
-                out_weight=which == "out_only", state_weight=which == "state_only")
+    check_grads(
+        make_inputs(l=21, seed=4, **kwargs),
+        softplus,
+        T_SHORT,
+        out_weight=which == "out_only",
+        state_weight=which == "state_only",
+    )
 
 
 def test_initial_state_gradient_without_final_state():
@@ -307,8 +320,12 @@ def test_float64_inputs_are_computed_in_float64():
 
 
 @settings(max_examples=5, deadline=None)
-@given(l=st.integers(1, 40), cuts=st.lists(st.integers(1, 39), max_size=2),
-       block_l=st.sampled_from([8, 16, 32]), seed=st.integers(0, 10_000))
+@given(
+    l=st.integers(1, 40),
+    cuts=st.lists(st.integers(1, 39), max_size=2),
+    block_l=st.sampled_from([8, 16, 32]),
+    seed=st.integers(0, 10_000),
+)
 def test_split_and_thread_state_equals_one_pass(l, cuts, block_l, seed):
     """Running the pieces of a sequence one after another, each starting from the state the previous one
     returned, gives the outputs and the final state of one call over the whole sequence."""
@@ -323,8 +340,7 @@ def test_split_and_thread_state_equals_one_pass(l, cuts, block_l, seed):
             for k in ("u", "delta", "z", "B", "C"):
                 part[k] = inputs[k][..., s0:s1]
             part["initial_state"] = state
-            out, state = selective_scan_triton(**part, delta_softplus=True, return_final_state=True,
-                                               block_l=block_l)
+            out, state = selective_scan_triton(**part, delta_softplus=True, return_final_state=True, block_l=block_l)
             pieces.append(out)
     assert_rel(torch.cat(pieces, dim=-1), full_out, OUT_TOL, "split outputs")
     assert_rel(state, full_state, OUT_TOL, "split final state")
@@ -334,9 +350,17 @@ def test_split_and_thread_state_equals_one_pass(l, cuts, block_l, seed):
 
 
 def _step_args(inputs, t):
-    return dict(state=inputs["initial_state"], x=inputs["u"][:, :, t], dt=inputs["delta"][:, :, t],
-                A=inputs["A"], B=inputs["B"][..., t], C=inputs["C"][..., t], D=inputs["D"],
-                z=None if inputs["z"] is None else inputs["z"][:, :, t], dt_bias=inputs["delta_bias"])
+    return dict(
+        state=inputs["initial_state"],
+        x=inputs["u"][:, :, t],
+        dt=inputs["delta"][:, :, t],
+        A=inputs["A"],
+        B=inputs["B"][..., t],
+        C=inputs["C"][..., t],
+        D=inputs["D"],
+        z=None if inputs["z"] is None else inputs["z"][:, :, t],
+        dt_bias=inputs["delta_bias"],
+    )
 
 
 @pytest.mark.parametrize("option", ["full", "bare", "groups_4_2"])
@@ -439,8 +463,11 @@ SCAN_ERRORS = [
     ("delta wrong l", dict(delta=torch.randn(2, 4, 6)), "delta must have shape (b, d, l) (2, 4, 5), got (2, 4, 6)"),
     ("A complex", dict(A=torch.randn(4, 3, dtype=torch.complex64)), "A must be a real floating-point tensor"),
     ("C groups not dividing d", dict(C=torch.randn(2, 3, 3, 5)), "groups g of C (3)"),
-    ("initial_state wrong n", dict(initial_state=torch.randn(2, 4, 2)),
-     "initial_state must have shape (b, d, n) (2, 4, 3), got (2, 4, 2)"),
+    (
+        "initial_state wrong n",
+        dict(initial_state=torch.randn(2, 4, 2)),
+        "initial_state must have shape (b, d, n) (2, 4, 3), got (2, 4, 2)",
+    ),
     ("D on another device", dict(D=torch.empty(4, device="meta")), "all tensors must be on one device"),
 ]
 
@@ -463,14 +490,12 @@ def test_step_argument_errors():
         selective_state_update_triton(**args)
 
 
-
 # ------------------------------------------------------------------------------------ the test harness itself
 
 
 @triton.jit
 def _scan_probe_kernel(a_ptr, b_ptr, c_ptr, o_ptr, R: tl.constexpr, N: tl.constexpr, L: tl.constexpr):
-    offs = ((tl.arange(0, R)[:, None, None] * N + tl.arange(0, N)[None, :, None]) * L
-            + tl.arange(0, L)[None, None, :])
+    offs = (tl.arange(0, R)[:, None, None] * N + tl.arange(0, N)[None, :, None]) * L + tl.arange(0, L)[None, None, :]
     a = tl.load(a_ptr + offs)
     b = tl.load(b_ptr + offs)
     c = tl.load(c_ptr + offs)
@@ -505,4 +530,4 @@ def test_vectorised_interpreter_scan():
     for t in reversed(range(L)):  # the adjoint s_t = c_t + a_{t+1} s_{t+1}; p_t = a_{t+1} ... a_{L-1}
         m = c[..., t] + (a[..., t + 1] * m if t + 1 < L else 0)
         assert torch.allclose(fast[2, ..., t], m)
-        assert torch.allclose(fast[1, ..., t], a[..., t + 1:].prod(-1))
+        assert torch.allclose(fast[1, ..., t], a[..., t + 1 :].prod(-1))

@@ -29,8 +29,9 @@ from seqlab.kernels.ssd.ref import ssd_scan_ref, ssd_state_update_ref
 from seqlab.testing import assert_rel, strided
 
 if not triton_available():  # pragma: no cover - triton is a dev dependency; the conftest enables the interpreter
-    pytest.skip("Triton kernels cannot run here (no triton, or no CUDA and no TRITON_INTERPRET)",
-                allow_module_level=True)
+    pytest.skip(
+        "Triton kernels cannot run here (no triton, or no CUDA and no TRITON_INTERPRET)", allow_module_level=True
+    )
 
 import seqlab.kernels.ssd.triton_ops as ssd_triton  # noqa: E402
 from seqlab.kernels.ssd.triton_ops import ssd_scan_triton, ssd_state_update_triton  # noqa: E402
@@ -48,8 +49,23 @@ INPUT_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
 # ----------------------------------------------------------------------------------------------------- helpers
 
 
-def make_inputs(b=1, l=37, h=2, p=3, g=1, n=5, *, D="h", z=True, dt_bias=True, softplus=True, init=True,
-                dtype=torch.float32, seed=0, a_range=(-3.0, -0.3)):
+def make_inputs(
+    b=1,
+    l=37,
+    h=2,
+    p=3,
+    g=1,
+    n=5,
+    *,
+    D="h",
+    z=True,
+    dt_bias=True,
+    softplus=True,
+    init=True,
+    dtype=torch.float32,
+    seed=0,
+    a_range=(-3.0, -0.3),
+):
     """Random SSD inputs (keyword arguments of ssd_scan, chunk_size excluded) on DEVICE."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -62,9 +78,11 @@ def make_inputs(b=1, l=37, h=2, p=3, g=1, n=5, *, D="h", z=True, dt_bias=True, s
     else:
         dt = (torch.rand(b, l, h, generator=gen, dtype=torch.float64) * 0.5 + 0.05).to(dtype).to(DEVICE)
     return dict(
-        x=rnd(b, l, h, p), dt=dt,
+        x=rnd(b, l, h, p),
+        dt=dt,
         A=(torch.rand(h, generator=gen, dtype=torch.float64) * (hi - lo) + lo).to(dtype).to(DEVICE),
-        B=rnd(b, l, g, n), C=rnd(b, l, g, n),
+        B=rnd(b, l, g, n),
+        C=rnd(b, l, g, n),
         D={"h": rnd(h), "hp": rnd(h, p), None: None}[D],
         z=rnd(b, l, h, p) if z else None,
         dt_bias=rnd(h, scale=0.5) if dt_bias else None,
@@ -79,14 +97,16 @@ def as64(inputs: dict) -> dict:
 
 def run_scan(fn, inputs: dict, chunk_size: int, final=True):
     kw = dict(inputs)
-    return fn(kw.pop("x"), kw.pop("dt"), kw.pop("A"), kw.pop("B"), kw.pop("C"), chunk_size,
-              return_final_state=final, **kw)
+    return fn(
+        kw.pop("x"), kw.pop("dt"), kw.pop("A"), kw.pop("B"), kw.pop("C"), chunk_size, return_final_state=final, **kw
+    )
 
 
 def grads_of(fn, inputs: dict, chunk_size: int, wy: torch.Tensor, ws: torch.Tensor):
     """y, final state and the gradients of <y, wy> + <final_state, ws> w.r.t. every tensor input."""
-    leaves = {k: (v.detach().clone().requires_grad_(True) if isinstance(v, torch.Tensor) else v)
-              for k, v in inputs.items()}
+    leaves = {
+        k: (v.detach().clone().requires_grad_(True) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()
+    }
     y, s = run_scan(fn, leaves, chunk_size)
     loss = (y.double() * wy.to(y.device)).sum() + (s.double() * ws.to(s.device)).sum()
     loss.backward()
@@ -95,17 +115,21 @@ def grads_of(fn, inputs: dict, chunk_size: int, wy: torch.Tensor, ws: torch.Tens
 
 def weights(b, l, h, p, n, seed):
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, l, h, p, generator=gen, dtype=torch.float64),
-            torch.randn(b, h, p, n, generator=gen, dtype=torch.float64))
+    return (
+        torch.randn(b, l, h, p, generator=gen, dtype=torch.float64),
+        torch.randn(b, h, p, n, generator=gen, dtype=torch.float64),
+    )
 
 
 @pytest.fixture
 def tiles(monkeypatch):
     """Lower the kernels' tile cap (and the state-passing block) for one test."""
+
     def set_tiles(cap):
         if cap is not None:
             monkeypatch.setattr(ssd_triton, "_TILE_CAP", cap)
             monkeypatch.setattr(ssd_triton, "_STATE_BLOCK", 64)
+
     return set_tiles
 
 
@@ -184,8 +208,10 @@ def test_gradients_through_y_only_and_through_the_state_only():
     for only in ("y", "state"):
         wy_, ws_ = (wy, ws * 0) if only == "y" else (wy * 0, ws)
         _, _, g_ref = grads_of(ssd_scan_ref, as64(inputs), q, wy_, ws_)
-        leaves = {k: (v.detach().clone().requires_grad_(True) if isinstance(v, torch.Tensor) else v)
-                  for k, v in inputs.items()}
+        leaves = {
+            k: (v.detach().clone().requires_grad_(True) if isinstance(v, torch.Tensor) else v)
+            for k, v in inputs.items()
+        }
         y, s = run_scan(ssd_scan_triton, leaves, q)
         loss = (y.double() * wy_.to(DEVICE)).sum() if only == "y" else (s.double() * ws_.to(DEVICE)).sum()
         loss.backward()
@@ -275,8 +301,9 @@ def test_non_contiguous_inputs_and_output_gradients():
     # gradients through the views, with non-contiguous output gradients: y's gradient arrives transposed and the
     # state's as a broadcast (stride-0) tensor
     wy, _ = weights(b, l, h, p, n, seed=6)
-    leaves_ref = {k: (v.clone().requires_grad_(True) if isinstance(v, torch.Tensor) else v)
-                  for k, v in as64(base).items()}
+    leaves_ref = {
+        k: (v.clone().requires_grad_(True) if isinstance(v, torch.Tensor) else v) for k, v in as64(base).items()
+    }
     y_r, s_r = run_scan(ssd_scan_ref, leaves_ref, q)
     ((y_r.transpose(1, 2) * wy.transpose(1, 2)).sum() + s_r.sum()).backward()
     leaves = {k: (v.detach().requires_grad_(True) if isinstance(v, torch.Tensor) else v) for k, v in views.items()}
@@ -301,8 +328,13 @@ def test_half_precision_inputs(dtype):
         assert g_tri[name].dtype == dtype, name
         assert_rel(g_tri[name], g_ref[name], g_tol, f"d{name}")
     # a common mix: activations in half precision, A, D, dt_bias and the state in float32
-    mixed = dict(inputs, A=inputs["A"].float(), D=inputs["D"].float(), dt_bias=inputs["dt_bias"].float(),
-                 initial_state=inputs["initial_state"].float())
+    mixed = dict(
+        inputs,
+        A=inputs["A"].float(),
+        D=inputs["D"].float(),
+        dt_bias=inputs["dt_bias"].float(),
+        initial_state=inputs["initial_state"].float(),
+    )
     with torch.no_grad():
         y_m, s_m = run_scan(ssd_scan_triton, mixed, q)
     assert y_m.dtype == dtype and s_m.dtype == torch.float32
@@ -313,8 +345,9 @@ def test_half_precision_inputs(dtype):
 def test_float64_is_refused_with_a_pointer_to_the_other_backends():
     inputs = as64(make_inputs(1, 10, 2, 3, 1, 5, seed=1))
     with pytest.raises(KernelInputError, match="float64.*backend='chunked'"):
-        run_scan(ssd_scan_triton, {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v)
-                                   for k, v in inputs.items()}, 8)
+        run_scan(
+            ssd_scan_triton, {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}, 8
+        )
     st_in = torch.zeros(1, 2, 3, 5, dtype=torch.float64, device=DEVICE)
     with pytest.raises(KernelInputError, match="float64"):
         ssd_state_update_triton(st_in, **_step_inputs(make_inputs(1, 1, 2, 3, 1, 5, seed=2), 0))
@@ -329,8 +362,7 @@ def test_float64_is_refused_with_a_pointer_to_the_other_backends():
     cuts=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=2),
     chunk_size=st.sampled_from([16, 32, 64]),
     g=st.sampled_from([1, 2]),
-    options=st.fixed_dictionaries({"D": st.sampled_from([None, "h", "hp"]), "z": st.booleans(),
-                                   "init": st.booleans()}),
+    options=st.fixed_dictionaries({"D": st.sampled_from([None, "h", "hp"]), "z": st.booleans(), "init": st.booleans()}),
 )
 def test_splitting_and_threading_state_equals_one_pass(l, cuts, chunk_size, g, options):
     inputs = make_inputs(1, l, 2, 3, g, 5, seed=l, **options)
@@ -360,8 +392,9 @@ def test_gradients_flow_through_a_threaded_state():
     inputs = make_inputs(b, l, h, p, g, n, seed=8, D="hp")
     wy, ws = weights(b, l, h, p, n, seed=9)
     _, _, g_ref = grads_of(ssd_scan_ref, as64(inputs), q, wy, ws)
-    leaves = {k: (v.detach().clone().requires_grad_(True) if isinstance(v, torch.Tensor) else v)
-              for k, v in inputs.items()}
+    leaves = {
+        k: (v.detach().clone().requires_grad_(True) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()
+    }
     first = {k: (v[:, :cut] if k in ("x", "dt", "B", "C", "z") else v) for k, v in leaves.items()}
     y1, s1 = run_scan(ssd_scan_triton, first, q)
     second = {k: (v[:, cut:] if k in ("x", "dt", "B", "C", "z") else v) for k, v in leaves.items()}
@@ -399,8 +432,12 @@ def test_inputs_are_not_modified():
 def test_bad_arguments_are_refused_like_the_other_backends():
     b, l, h, p, g, n = 1, 10, 4, 3, 2, 5
     good = make_inputs(b, l, h, p, g, n, seed=1)
-    for over in (dict(dt=torch.randn(b, l + 1, h)), dict(B=torch.randn(b, l, 3, n), C=torch.randn(b, l, 3, n)),
-                 dict(D=torch.randn(h, p + 1)), dict(initial_state=torch.randn(b, h, n, p))):
+    for over in (
+        dict(dt=torch.randn(b, l + 1, h)),
+        dict(B=torch.randn(b, l, 3, n), C=torch.randn(b, l, 3, n)),
+        dict(D=torch.randn(h, p + 1)),
+        dict(initial_state=torch.randn(b, h, n, p)),
+    ):
         args = dict(good, **{k: v.to(DEVICE) for k, v in over.items()})
         for fn in (ssd_scan_ref, ssd_scan_triton):
             with pytest.raises(KernelInputError) as info:
@@ -417,13 +454,24 @@ def test_bad_arguments_are_refused_like_the_other_backends():
 
 
 def _step_inputs(inputs, t):
-    return dict(x=inputs["x"][:, t], dt=inputs["dt"][:, t], A=inputs["A"], B=inputs["B"][:, t],
-                C=inputs["C"][:, t], D=inputs["D"], z=None if inputs["z"] is None else inputs["z"][:, t],
-                dt_bias=inputs["dt_bias"], dt_softplus=inputs["dt_softplus"])
+    return dict(
+        x=inputs["x"][:, t],
+        dt=inputs["dt"][:, t],
+        A=inputs["A"],
+        B=inputs["B"][:, t],
+        C=inputs["C"][:, t],
+        D=inputs["D"],
+        z=None if inputs["z"] is None else inputs["z"][:, t],
+        dt_bias=inputs["dt_bias"],
+        dt_softplus=inputs["dt_softplus"],
+    )
 
 
-@pytest.mark.parametrize("opts", [dict(D="h"), dict(D="hp", z=False), dict(D=None, softplus=False, dt_bias=False)],
-                         ids=["D_h", "D_hp-no_z", "plain"])
+@pytest.mark.parametrize(
+    "opts",
+    [dict(D="h"), dict(D="hp", z=False), dict(D=None, softplus=False, dt_bias=False)],
+    ids=["D_h", "D_hp-no_z", "plain"],
+)
 def test_decode_steps_match_the_reference(opts):
     b, l, h, p, g, n = 2, 6, 4, 3, 2, 5
     inputs = make_inputs(b, l, h, p, g, n, seed=31, **opts)
@@ -464,8 +512,10 @@ def test_decode_step_gradients_fall_back_to_the_torch_path():
     wy, ws = torch.randn(2, 4, 3, generator=gen).double(), torch.randn(2, 4, 3, 5, generator=gen).double()
 
     def grads(fn, base, state):
-        leaves = {k: (v.detach().clone().requires_grad_(True) if isinstance(v, torch.Tensor) else v)
-                  for k, v in _step_inputs(base, 0).items()}
+        leaves = {
+            k: (v.detach().clone().requires_grad_(True) if isinstance(v, torch.Tensor) else v)
+            for k, v in _step_inputs(base, 0).items()
+        }
         st_leaf = state.detach().clone().requires_grad_(True)
         y, new = fn(st_leaf, **leaves)
         ((y.double().cpu() * wy).sum() + (new.double().cpu() * ws).sum()).backward()
@@ -489,8 +539,12 @@ def test_dispatcher_routes_to_the_triton_kernels(monkeypatch):
     calls = []
     real = ssd_triton._SSDScanFn.apply
     monkeypatch.setattr(ssd_triton._SSDScanFn, "apply", lambda *a: calls.append(1) or real(*a))
-    y_ref, s_ref = K.ssd_scan(*[a.double().cpu() if isinstance(a, torch.Tensor) else a for a in args],
-                              **as64(kw), return_final_state=True, backend="ref")
+    y_ref, s_ref = K.ssd_scan(
+        *[a.double().cpu() if isinstance(a, torch.Tensor) else a for a in args],
+        **as64(kw),
+        return_final_state=True,
+        backend="ref",
+    )
     leaf = args[0].clone().requires_grad_(True)
     y, s = K.ssd_scan(leaf, *args[1:], **kw, return_final_state=True, backend="triton")
     assert calls, "backend='triton' did not reach the Triton autograd function"
