@@ -1,5 +1,6 @@
 """seqlab.domains: one adapter per modality (raw bytes, audio, DNA, video frames, agent memory streams), all with
-the small protocol of ``seqlab.domains.base``. Adapter modules import their optional dependencies lazily."""
+the small protocol of ``seqlab.domains.base``. Adapter modules import their optional dependencies lazily.
+This room imports the core and the kernels, never the pipelines or the CLI (docs/architecture.md)."""
 
 if __name__ != "seqlab.domains":  # this folder imported as a bare 'domains' from a checkout's root: seqlab/_checkout.py
     from seqlab._checkout import hand_over

@@ -1,4 +1,5 @@
 """seqlab.pipelines: Zarr v3 sequence stores, windowed streaming with carried state, Ray jobs and Ray Train.
+The top room of the library: it imports domains and the core, never the CLI (docs/architecture.md).
 
 Names are imported on first use, so ``import seqlab.pipelines`` needs neither zarr nor ray. Modules by job:
 ``store_format`` (format, attrs, checks), ``store`` (``SequenceStore``), ``reader`` / ``writer``,

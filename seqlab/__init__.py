@@ -1,6 +1,7 @@
 """seqlab: Mamba state space models for long signals.
 
-The top-level names load lazily, so ``import seqlab.kernels`` stays light.
+The top-level names load lazily, so ``import seqlab.kernels`` stays light. The rooms (kernels, core, domains,
+pipelines, cli), the arrows between them and the contracts: docs/architecture.md.
 """
 
 from __future__ import annotations

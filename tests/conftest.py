@@ -1,6 +1,6 @@
 import os
 
-# Triton's interpreter must be switched on before triton is first imported (design.md, "Kernels conventions"):
+# Triton's interpreter must be switched on before triton is first imported (docs/architecture.md, "Kernel conventions"):
 # on a machine without a GPU the Triton kernels then run on CPU tensors and are checked against the reference.
 # On a CUDA machine the real kernels run (set TRITON_INTERPRET=1 yourself to force the interpreter).
 if not os.path.exists("/dev/nvidiactl"):
