@@ -125,3 +125,34 @@ def scan_inputs(
         "initial_state": r(b, d, n) if init else None,
     }
     return {k: (None if v is None else v.to(dtype)) for k, v in inputs.items()}
+
+
+# -- the command line ---------------------------------------------------------------------------------------
+
+
+def walk_parsers(parser, path: tuple[str, ...] = ()):
+    """(command path, parser) of an argparse ``parser`` and of every sub-command parser below it."""
+    import argparse
+
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from walk_parsers(sub, (*path, name))
+
+
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    """``seqlab.cli.main(argv)`` in this process: (exit code, stdout, stderr) captured by pytest's ``capsys``."""
+    from seqlab import cli
+
+    code = cli.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_line(err: str) -> str:
+    """The one line a user's mistake prints on stderr (fails when there are several, or a traceback)."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]

@@ -6,6 +6,7 @@ import os
 if not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # Deterministic and quiet on a 2-core machine.
@@ -18,8 +19,31 @@ def pytest_collection_modifyitems(config, items):
     (the `ray_cluster` fixture) goes to one worker, so the suite starts one such cluster, not one per worker, and
     checks of the cluster's free CPUs see only their own jobs. Tests that start a Ray of their own (the demo, the
     CLI walkthrough, `--address`) run on either worker."""
-    import pytest
-
     for item in items:
         if "ray_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("ray"))
+
+
+@pytest.fixture
+def stubbed(monkeypatch):
+    """Every ``seqlab`` command's handler records its parsed arguments (returned list) instead of running."""
+    from seqlab import cli
+    from seqlab.testing import walk_parsers
+
+    seen = []
+    build = cli.build_parser
+
+    def stub(args):
+        seen.append(args)
+        return 0
+
+    def build_stubbed(commands=None):
+        parser, parsers = build(commands)
+        for name, p in parsers.items():
+            for _, q in walk_parsers(p, (name,)):
+                if q.get_default("func") is not None:
+                    q.set_defaults(func=stub)
+        return parser, parsers
+
+    monkeypatch.setattr(cli, "build_parser", build_stubbed)
+    return seen

@@ -15,52 +15,12 @@ import pytest
 
 from seqlab import cli
 from seqlab.errors import ConfigError
+from seqlab.testing import one_line, run_cli
 
 pytest.importorskip("zarr")
 
 
-def _walk(parser: argparse.ArgumentParser, path: tuple[str, ...]):
-    """(command path, parser) of ``parser`` and every action parser below it."""
-    yield path, parser
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                yield from _walk(sub, (*path, name))
-
-
-@pytest.fixture
-def stubbed(monkeypatch):
-    """Every command's handler records its arguments instead of running."""
-    seen = []
-    build = cli.build_parser
-
-    def stub(args):
-        seen.append(args)
-        return 0
-
-    def build_stubbed(commands=None):
-        parser, parsers = build(commands)
-        for name, p in parsers.items():
-            for _, q in _walk(p, (name,)):
-                if q.get_default("func") is not None:
-                    q.set_defaults(func=stub)
-        return parser, parsers
-
-    monkeypatch.setattr(cli, "build_parser", build_stubbed)
-    return seen
-
-
-def run(argv, capsys):
-    code = cli.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def one_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
+run = run_cli
 
 
 # ------------------------------------------------------------------------------------------------------
