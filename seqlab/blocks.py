@@ -1,6 +1,7 @@
 """Residual blocks: pre-norm mixer (+ optional feed-forward), and the bidirectional variant.
 
-Feed-forward kinds live in a registry like mixers, so a later issue adds MoE layers with ``register_ffn``.
+Feed-forward kinds live in a registry like mixers: ``"mlp"`` (here) and ``"moe"`` (``seqlab.ffn.moe``); a new
+kind joins with ``register_ffn``.
 """
 
 from __future__ import annotations
@@ -12,16 +13,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqlab.errors import ConfigError, StateError
+from seqlab.ffn.moe import MoEFeedForward
 from seqlab.mixers import build_mixer
 from seqlab.norm import RMSNorm
 
 
 class GatedMLP(nn.Module):
-    """SiLU-gated MLP: out(silu(gate(x)) * up(x)); width ``d_ffn`` (default 4 * d_model rounded to 64)."""
+    """SiLU-gated MLP: down(silu(gate(x)) * up(x)); width ``config.d_ffn_resolved`` (``d_ffn``, default 8/3 *
+    d_model rounded up to a multiple of 64)."""
 
     def __init__(self, config, layer_idx: int = 0) -> None:
         super().__init__()
-        d_ffn = config.d_ffn or 64 * ((8 * config.d_model // 3 + 63) // 64)
+        d_ffn = config.d_ffn_resolved
         self.gate_up = nn.Linear(config.d_model, 2 * d_ffn, bias=False)
         self.down = nn.Linear(d_ffn, config.d_model, bias=False)
 
@@ -30,7 +33,7 @@ class GatedMLP(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
-_FFNS: dict[str, Callable[..., nn.Module]] = {"mlp": GatedMLP}
+_FFNS: dict[str, Callable[..., nn.Module]] = {"mlp": GatedMLP, "moe": MoEFeedForward}
 
 
 def register_ffn(kind: str, factory: Callable[..., nn.Module]) -> None:

@@ -41,12 +41,45 @@ class LayerOverride:
 
 
 @dataclass(frozen=True)
+class MoESettings:
+    """An MoE feed-forward's settings (``BackboneConfig.moe_settings()``; each is ``BackboneConfig.moe_<name>``).
+
+    ``experts`` (8): the number of experts. ``top_k`` (1, as in Switch and MoE-Mamba): experts per token; with
+    k = 1 the output is the chosen expert's times its router probability, with k > 1 the k probabilities are
+    renormalised to sum to 1. ``d_expert``: each expert's gated-MLP width (default the dense ``d_ffn``, so a
+    top-1 MoE has a dense layer's active parameters). ``capacity_factor`` (1.25): while training, each expert
+    takes at most ``ceil(capacity_factor * tokens * top_k / experts)`` tokens of a batch; the rest pass on the
+    residual path (the MoE adds nothing for them). At evaluation and generation there is no capacity limit.
+    ``jitter`` (0): while training, the router's input is multiplied by uniform noise in
+    [1 - jitter, 1 + jitter] (Switch). ``balance_weight`` (0.01): the weight of the Switch load-balancing loss
+    ``experts * sum_i f_i * P_i`` (1 under uniform routing). ``z_weight`` (0.001): the weight of the router
+    z-loss ``mean(logsumexp(logits)^2)`` (ST-MoE). ``every`` (1): with ``ffn="moe"``, layer i is an MoE layer
+    when ``(i + 1) % every == 0`` and a dense ``"mlp"`` layer otherwise.
+    """
+
+    experts: int
+    top_k: int
+    d_expert: int
+    capacity_factor: float = 1.25
+    jitter: float = 0.0
+    balance_weight: float = 0.01
+    z_weight: float = 0.001
+    every: int = 1
+
+
+@dataclass(frozen=True)
 class BackboneConfig:
     """Shape and behaviour of a Mamba backbone.
 
     Mamba-1 (``ssm="mamba1"``) uses ``d_state`` (16 by default), ``dt_rank`` and ``d_conv``; Mamba-2
     (``ssm="mamba2"``) uses ``d_state`` (128 by default), ``headdim``, ``ngroups`` and ``chunk_size``.
     ``d_inner = expand * d_model``.
+
+    ``ffn``: the feed-forward kind after every mixer (``"mlp"``: a gated MLP of width ``d_ffn``; ``"moe"``: a
+    mixture of experts; None: none). The ``moe_*`` fields set the MoE layers (see ``MoESettings`` for their
+    defaults and meaning) and are refused when no layer is an MoE layer. ``ffn="moe"`` is the MoE-Mamba
+    layout (every mixer followed by an MoE); with ``moe_every=2`` only every second layer's feed-forward is an
+    MoE (layers 1, 3, ...) and the others are dense ``"mlp"`` layers.
     """
 
     d_model: int
@@ -71,6 +104,14 @@ class BackboneConfig:
     A_init_range: tuple[float, float] = (1.0, 16.0)
     ffn: str | None = None
     d_ffn: int | None = None
+    moe_experts: int | None = None
+    moe_top_k: int | None = None
+    moe_d_expert: int | None = None
+    moe_capacity_factor: float | None = None
+    moe_jitter: float | None = None
+    moe_balance_weight: float | None = None
+    moe_z_weight: float | None = None
+    moe_every: int | None = None
     layer_overrides: Mapping[int, LayerOverride] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -133,6 +174,29 @@ class BackboneConfig:
             raise ConfigError(f"BackboneConfig.ffn must be a feed-forward kind name or None, got {self.ffn!r}")
         if self.d_ffn is not None:
             positive_int("d_ffn")
+        for name in ("moe_experts", "moe_top_k", "moe_d_expert", "moe_every"):
+            if getattr(self, name) is not None:
+                positive_int(name)
+        for name, positive in (
+            ("moe_capacity_factor", True),
+            ("moe_jitter", False),
+            ("moe_balance_weight", False),
+            ("moe_z_weight", False),
+        ):
+            if getattr(self, name) is not None:
+                number(name, positive=positive)
+        if self.moe_jitter is not None and self.moe_jitter >= 1:
+            raise ConfigError(f"BackboneConfig.moe_jitter must be in [0, 1), got {self.moe_jitter!r}")
+        if self.moe_every is not None and self.ffn != "moe":
+            raise ConfigError(
+                f"BackboneConfig.moe_every is set ({self.moe_every}) but ffn is {self.ffn!r}: moe_every picks which "
+                "layers of an ffn='moe' model get an MoE"
+            )
+        if self.moe_every is not None and self.moe_every > self.n_layer:
+            raise ConfigError(
+                f"BackboneConfig.moe_every is {self.moe_every}, more than n_layer ({self.n_layer}): no layer would "
+                "be an MoE layer"
+            )
         if not isinstance(self.layer_overrides, Mapping):
             raise ConfigError(
                 f"BackboneConfig.layer_overrides must be a mapping of layer index to override, got "
@@ -172,6 +236,24 @@ class BackboneConfig:
         # Shape checks that need the resolved per-layer kinds.
         for i in range(self.n_layer):
             self.validate_layer(i)
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        moe_layers = [i for i in range(self.n_layer) if self.layer_spec(i)[1] == "moe"]
+        if not moe_layers:
+            given = [name for name in MOE_FIELDS if getattr(self, name) is not None]
+            if given:
+                raise ConfigError(
+                    f"BackboneConfig.{given[0]} is set but no layer has an MoE feed-forward: the moe_* fields apply "
+                    "only with ffn='moe' (or a layer_overrides entry with ffn='moe')"
+                )
+            return
+        settings = self.moe_settings()
+        if settings.top_k > settings.experts:
+            raise ConfigError(
+                f"BackboneConfig.moe_top_k is {settings.top_k}, more than moe_experts ({settings.experts}): each "
+                "token picks top_k distinct experts"
+            )
 
     # ----------------------------------------------------------------------------------------------
     @property
@@ -184,12 +266,30 @@ class BackboneConfig:
 
     def layer_spec(self, index: int) -> tuple[str, str | None, dict[str, Any]]:
         """(mixer kind, ffn kind or None, mixer options) for layer ``index``."""
+        default_ffn = self.ffn
+        if default_ffn == "moe" and (index + 1) % (self.moe_every or 1):
+            default_ffn = "mlp"  # MoE on every moe_every-th layer, dense feed-forwards between
         override = self.layer_overrides.get(index)
         if override is None:
-            return self.ssm, self.ffn, {}
+            return self.ssm, default_ffn, {}
         mixer = override.mixer or self.ssm
-        ffn = override.ffn if override.ffn is not None else self.ffn
+        ffn = override.ffn if override.ffn is not None else default_ffn
         return mixer, (None if ffn == "none" else ffn), dict(override.options)
+
+    @property
+    def d_ffn_resolved(self) -> int:
+        """The dense feed-forward width: ``d_ffn``, or 8/3 * d_model rounded up to a multiple of 64."""
+        return self.d_ffn or 64 * ((8 * self.d_model // 3 + 63) // 64)
+
+    def moe_settings(self) -> MoESettings:
+        """The MoE layers' settings with the defaults filled in (see ``MoESettings``)."""
+        defaults = MoESettings(experts=8, top_k=1, d_expert=self.d_ffn_resolved)
+        values = {
+            name: getattr(self, "moe_" + name)
+            for name in (f.name for f in dataclasses.fields(MoESettings))
+            if getattr(self, "moe_" + name) is not None
+        }
+        return dataclasses.replace(defaults, **values)
 
     def validate_layer(self, index: int) -> None:
         mixer, _, options = self.layer_spec(index)
@@ -244,11 +344,29 @@ class BackboneConfig:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
     def fingerprint(self) -> str:
-        """Stable hash of everything that shapes the state and its meaning (not the weights, not init ranges)."""
-        arch = {k: v for k, v in self.to_dict().items() if k not in _INIT_ONLY}
+        """Stable hash of everything that shapes the state and its meaning (not the weights, not init ranges,
+        not the MoE training-only settings; an unset moe_* field leaves the hash as it was before MoE existed)."""
+        arch = {
+            k: v
+            for k, v in self.to_dict().items()
+            if k not in _INIT_ONLY and k not in _TRAIN_ONLY and not (k in MOE_FIELDS and v is None)
+        }
         text = json.dumps(arch, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 # Fields that only shape the random initialisation, not what a trained model computes.
 _INIT_ONLY = frozenset({"dt_min", "dt_max", "dt_init_floor", "A_init_range"})
+#: the MoE fields of BackboneConfig (all None unless a layer is an MoE layer)
+MOE_FIELDS = (
+    "moe_experts",
+    "moe_top_k",
+    "moe_d_expert",
+    "moe_capacity_factor",
+    "moe_jitter",
+    "moe_balance_weight",
+    "moe_z_weight",
+    "moe_every",
+)
+# MoE settings that act only while training (capacity drops, jitter, auxiliary losses).
+_TRAIN_ONLY = frozenset({"moe_capacity_factor", "moe_jitter", "moe_balance_weight", "moe_z_weight"})

@@ -86,7 +86,7 @@ class _Model(nn.Module):
                 nn.init.normal_(module.weight, std=0.02)
         with torch.no_grad():
             for name, param in self.named_parameters():
-                if name.endswith(("out_proj.weight", "ffn.down.weight")):
+                if name.endswith(("out_proj.weight", "ffn.down.weight", "ffn.down")):
                     param.div_(math.sqrt(self.config.n_layer))
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:  # pragma: no cover - each model defines its head

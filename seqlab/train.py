@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from seqlab.checkpoint import has_checkpoint, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from seqlab.errors import ConfigError, CorruptFileError, InputError
+from seqlab.ffn import RouterLosses, router_losses
 from seqlab.io import atomic_write_bytes
 from seqlab.windows import ArraySource, FrameSource, SequenceSource, WindowSource
 
@@ -179,6 +180,25 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _router_record(routers: list) -> dict:
+    """The MoE ``moe_*`` log fields of one optimizer step: the micro-batches' router measurements averaged, and
+    a ``warnings`` list naming each layer whose router collapsed (one expert taking > 90% of the tokens)."""
+    records = [r.record() for r in routers]
+    out: dict[str, Any] = {}
+    for key in ("moe_balance_loss", "moe_z_loss", "moe_dropped_fraction", "moe_max_expert_fraction"):
+        out[key] = sum(r[key] for r in records) / len(records)
+    layers = records[0]["moe_expert_fraction"]
+    out["moe_expert_fraction"] = {
+        layer: [sum(r["moe_expert_fraction"][layer][e] for r in records) / len(records) for e in range(len(shares))]
+        for layer, shares in layers.items()
+    }
+    averaged = RouterLosses(torch.zeros(()), 0.0, 0.0, 0.0, {int(k): v for k, v in out["moe_expert_fraction"].items()})
+    warnings = averaged.collapsed()
+    if warnings:
+        out["warnings"] = warnings
+    return out
+
+
 @dataclass
 class _Position:
     step: int = 0
@@ -246,6 +266,7 @@ class Trainer:
         self.pos = _Position()
         self.states: list = [None] * config.grad_accum
         self.history: list[dict] = []
+        self._collapsed: set[str] = set()  # MoE layers whose router is collapsed (warned once until they recover)
 
     def _source(self, data, name):
         if isinstance(data, WindowSource):
@@ -375,13 +396,19 @@ class Trainer:
         micro = c.batch_size // c.grad_accum
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
+        routers = []
         for m in range(c.grad_accum):
             rows = slice(m * micro, (m + 1) * micro)
             state = self.states[m] if c.carry_state else None
             with self._autocast():
                 out = model(inputs[rows], state, return_state=c.carry_state)
                 loss = self.loss_fn(out, targets[rows])
-            (loss / c.grad_accum).backward()
+            router = router_losses(model)  # MoE layers: auxiliary losses and utilisation (None for dense models)
+            if router is not None:
+                routers.append(router)
+                ((loss + router.loss) / c.grad_accum).backward()
+            else:
+                (loss / c.grad_accum).backward()
             total += float(loss.detach()) / c.grad_accum
             # TBPTT: the state goes on to the next window, but its graph stops here.
             self.states[m] = out.state.detach() if c.carry_state and out.state is not None else None
@@ -397,13 +424,16 @@ class Trainer:
         if self.pos.window >= self.train_data.num_windows:  # epoch wraps: back to the start, fresh state
             self.pos.window, self.pos.epoch = 0, self.pos.epoch + 1
             self.states = [None] * c.grad_accum
-        return {
+        record = {
             "step": self.pos.step,
             "loss": self.report_loss(total),
             "loss_unit": self.loss_unit,
             "lr": lr,
             "grad_norm": grad_norm,
         }
+        if routers:
+            record.update(_router_record(routers))
+        return record
 
     @torch.no_grad()
     def evaluate(self, windows: int | None = None) -> dict:
@@ -430,6 +460,17 @@ class Trainer:
             self.model.train(was_training)
         return {"eval_loss": self.report_loss(sum(losses) / n), "eval_metric": sum(metrics) / n}
 
+    def _warn_collapse(self, record: dict) -> None:
+        """A RuntimeWarning when an MoE layer's router collapses (the log record carries ``warnings`` every step
+        it stays collapsed; the warning is raised again only after the layer recovered)."""
+        now = {line.split(":")[0] for line in record.get("warnings", [])}
+        for line in record.get("warnings", []):
+            if line.split(":")[0] not in self._collapsed:
+                import warnings
+
+                warnings.warn(f"step {record['step']}: {line}", RuntimeWarning, stacklevel=3)
+        self._collapsed = now
+
     def fit(self, resume: bool = False) -> list[dict]:
         """Train until ``max_steps``. ``resume=True`` first loads the latest checkpoint in ``checkpoint_dir``
         when there is one (and starts fresh otherwise). Returns this call's log records."""
@@ -446,6 +487,7 @@ class Trainer:
             while self.pos.step < c.max_steps:
                 t0 = time.perf_counter()
                 record = self._train_step()
+                self._warn_collapse(record)
                 record["tokens_per_s"] = (c.batch_size * c.window) / max(time.perf_counter() - t0, 1e-9)
                 record["epoch"] = self.pos.epoch
                 last = self.pos.step == c.max_steps
