@@ -18,6 +18,7 @@ else:
         model_from_checkpoint,
         register_adapter,
     )
+    from .registry import describe_model
 
 __all__ = [
     "ADAPTERS",
@@ -26,6 +27,7 @@ __all__ = [
     "TokenAdapter",
     "adapter_from_checkpoint",
     "adapter_from_info",
+    "describe_model",
     "get_adapter",
     "model_from_checkpoint",
     "register_adapter",

@@ -1,5 +1,6 @@
 """The adapter registry (adapters are found by name: checkpoints, stores and the CLI record the name) and
-rebuilding an adapter, or an adapter and its model, from a model file or checkpoint that recorded them."""
+rebuilding an adapter, or an adapter and its model, from a model file or checkpoint that recorded them;
+``describe_model`` summarises such a file (``seqlab describe MODEL``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from seqlab.errors import ConfigError, CorruptFileError
+from seqlab.errors import ConfigError, CorruptFileError, FormatVersionError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .base import Adapter
@@ -17,6 +18,7 @@ __all__ = [
     "ADAPTERS",
     "adapter_from_checkpoint",
     "adapter_from_info",
+    "describe_model",
     "get_adapter",
     "model_from_checkpoint",
     "register_adapter",
@@ -122,3 +124,70 @@ def model_from_checkpoint(path: str | os.PathLike, device=None) -> tuple[torch.n
         model = model.to(device)
     load_model(path, model)
     return model.eval(), adapter
+
+
+def _model_file(path: str | os.PathLike) -> str:
+    """The model file a path names: the file itself, or a checkpoint folder's latest ``model.safetensors`` (a run
+    folder of ``seqlab train --out`` holds both; its latest checkpoint is its final model)."""
+    from seqlab.checkpoint import latest_checkpoint
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "latest")) and os.path.isfile(os.path.join(path, "model.safetensors")):
+            return os.path.join(path, "model.safetensors")
+        return os.path.join(latest_checkpoint(path), "model.safetensors")
+    return path
+
+
+def describe_model(path: str | os.PathLike, device=None) -> dict:
+    """What a model file (``save_model``: ``seqlab train``'s ``model.safetensors``, a checkpoint's) or a
+    checkpoint folder holds: ``seqlab.models.model_summary`` of the model it rebuilds (class, fingerprint, config,
+    MoE settings, total and active parameters), with ``path`` (the model file read), ``adapter`` (its recorded
+    info, None when it records none) and ``step`` (the recorded training step, or None).
+
+    A file made by an adapter is rebuilt by ``model_from_checkpoint``; one that records no adapter but a config
+    and a language model's ``embeddings.weight`` and ``lm_head.weight`` (``train_data_parallel``'s checkpoints, a
+    ``LanguageModel`` saved by hand) is rebuilt as a ``LanguageModel``, tied when the two tensors are equal. The
+    file is read as safetensors only (never unpickled) and every weight is checked: a damaged file, or one that is
+    not a seqlab model file, raises ``CorruptFileError`` naming it."""
+    from seqlab.checkpoint import load_model, model_file_config, read_model_file
+    from seqlab.models import LanguageModel, model_summary
+
+    file = _model_file(path)
+    try:
+        tensors, meta = read_model_file(file)
+    except FormatVersionError:
+        raise
+    except CorruptFileError as exc:  # "truncated or damaged" alone would mislead about a text file or a store
+        reason = str(exc).removeprefix(f"{file}: ")
+        raise CorruptFileError(f"{file}: not a seqlab model file, or a damaged one ({reason})") from None
+    if meta.get("adapter"):
+        del tensors
+        model, adapter = model_from_checkpoint(file, device=device)
+        info: dict | None = adapter.info()
+    else:
+        config = model_file_config(file, meta)
+        embeddings, head = tensors.get("embeddings.weight"), tensors.get("lm_head.weight")
+        if config is None or embeddings is None or head is None or embeddings.dim() != 2:
+            raise CorruptFileError(
+                f"{file}: this model file records no adapter, and no config and language-model weights to rebuild "
+                "it from; build the model yourself and use seqlab.checkpoint.load_model"
+            )
+        tied = head.shape == embeddings.shape and torch.equal(head, embeddings)
+        del tensors
+        try:
+            model = LanguageModel(config, int(embeddings.shape[0]), tie_embeddings=tied)
+        except ConfigError as exc:
+            raise CorruptFileError(f"{file}: recorded model does not build: {exc}") from None
+        if device is not None:
+            model = model.to(device)
+        load_model(file, model)
+        model.eval()
+        info = None
+    step = meta.get("step")
+    return {
+        "path": file,
+        "adapter": info,
+        "step": step if isinstance(step, int) and not isinstance(step, bool) else None,
+        **model_summary(model),
+    }

@@ -3,7 +3,8 @@
 ``train_data_parallel(model_factory, config, train_data)`` starts ``num_workers`` Ray Train workers. Each one
 builds the model, wraps it in DistributedDataParallel (gloo on CPU, NCCL on GPU), takes its own contiguous,
 equal-sized slice of the token sequence and runs seqlab's ``Trainer`` on it; DDP averages the gradients, so
-every rank holds the same weights after every step. All ranks report each step's rank-averaged loss; rank 0
+every rank holds the same weights after every step. All ranks report each step's rank-averaged loss (and, for
+an MoE model, the rank-averaged ``moe_*`` router fields: auxiliary losses and expert utilisation); rank 0
 attaches seqlab checkpoints (safetensors, ``seqlab.checkpoint`` layout) every ``config.checkpoint_every`` steps
 and at the end. ``load_trained_model(result)`` rebuilds a ``LanguageModel`` from the final checkpoint.
 See docs/training.md ("Data-parallel training with Ray Train").
@@ -94,6 +95,37 @@ def _weight_checksum(model: torch.nn.Module) -> float:
         return float(sum(p.detach().double().sum() * (i + 1) for i, p in enumerate(model.parameters())))
 
 
+#: the scalar MoE fields of a step record (seqlab.ffn.RouterLosses.record), averaged over the ranks
+MOE_SCALARS = ("moe_balance_loss", "moe_z_loss", "moe_dropped_fraction", "moe_max_expert_fraction")
+
+
+def _average_moe(record: dict, world: int, all_reduce: Callable[[torch.Tensor], None]) -> dict:
+    """The ``moe_*`` fields of this rank's step record averaged over the ``world`` ranks (each rank trains on an
+    equal share of the tokens, so the mean of the ranks' shares is the global batch's share), with ``warnings``
+    recomputed from the averaged expert fractions. ``all_reduce`` sums a float64 tensor over the ranks in place.
+    Every rank must call this with records of the same layers (the same model); {} for a dense model."""
+    from seqlab.ffn import RouterLosses
+
+    if "moe_expert_fraction" not in record:
+        return {}
+    layers = sorted(record["moe_expert_fraction"], key=int)
+    shares = [record["moe_expert_fraction"][layer] for layer in layers]
+    flat = [float(record[key]) for key in MOE_SCALARS] + [float(v) for row in shares for v in row]
+    values = torch.tensor(flat, dtype=torch.float64)
+    all_reduce(values)
+    values = (values / world).tolist()
+    out: dict[str, Any] = dict(zip(MOE_SCALARS, values[: len(MOE_SCALARS)]))
+    fractions, at = {}, len(MOE_SCALARS)
+    for layer, row in zip(layers, shares):
+        fractions[layer] = values[at : at + len(row)]
+        at += len(row)
+    out["moe_expert_fraction"] = fractions
+    collapsed = RouterLosses(torch.zeros(()), 0.0, 0.0, 0.0, {int(k): v for k, v in fractions.items()}).collapsed()
+    if collapsed:
+        out["warnings"] = collapsed
+    return out
+
+
 def _train_loop(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -130,6 +162,8 @@ def _train_loop(loop_config: dict) -> None:
         losses.append(float(loss) / world)
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
         metrics.update(loss=losses[-1], rank0_loss=record["loss"], world_size=world)
+        # MoE: the router's losses and utilisation of the global batch, not rank 0's share of it
+        metrics.update(_average_moe(record, world, dist.all_reduce))
         step = tr.step
         last = step == max_steps
         if last:
@@ -227,7 +261,9 @@ def train_data_parallel(
     notices, Ray Train's progress reports and status tables: ``seqlab.pipelines.ray_cluster``).
 
     Returns Ray's ``Result``: ``result.metrics`` (rank 0's last report: ``loss`` averaged over ranks,
-    ``losses`` per step, ``weight_checksums`` per rank), ``result.checkpoint`` (the final seqlab checkpoint;
+    ``losses`` per step, ``weight_checksums`` per rank; an MoE model's ``moe_balance_loss``, ``moe_z_loss``,
+    ``moe_dropped_fraction``, ``moe_max_expert_fraction`` and per-layer ``moe_expert_fraction`` averaged over
+    ranks, with ``warnings`` when a layer's router collapsed), ``result.checkpoint`` (the final seqlab checkpoint;
     ``load_trained_model(result)`` loads it), ``result.path``.
     """
     from ray.train import RunConfig, ScalingConfig

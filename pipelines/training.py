@@ -100,23 +100,30 @@ def train_run(
     device=None,
     progress: bool = True,
     notify: Callable[[str], None] | None = None,
+    on_start: Callable[[dict], None] | None = None,
 ) -> dict:
     """Train a model for a domain adapter into the run folder ``out`` and return the run's summary.
 
     Data: ``files`` with ``adapter`` (an adapter's name), ``adapter_settings`` and held-out ``eval_files`` or
     ``eval_fraction``; or a ``store`` with ``sequences`` and held-out ``eval_sequences``; a resumed run may give
     neither (its recorded data). ``options``: model and training settings by option name (``runs.MODEL_OPTIONS``,
-    ``runs.TRAIN_OPTIONS``; None or missing: the default, or the resumed run's value). ``device``: a name or
-    torch.device (default: cuda when available). ``notify``: told a resume's one-line notices (default: a
-    Python warning). Nothing in ``out`` changes until every setting and the data are checked.
+    ``runs.MOE_OPTIONS``, ``runs.TRAIN_OPTIONS``; None or missing: the default, or the resumed run's value).
+    ``device``: a name or torch.device (default: cuda when available). ``notify``: told a resume's one-line
+    notices (default: a Python warning). ``on_start``: told once everything is checked, just before the first
+    step, the model's ``seqlab.models.model_summary`` (class, config, MoE settings, ``parameters`` total and
+    active) with ``step`` (where training starts) and ``resumed``. Nothing in ``out`` changes until every setting
+    and the data are checked. An MoE model's training log (``train.jsonl``) holds the router's ``moe_*`` fields
+    each step, and a router collapse is a ``RuntimeWarning`` (``seqlab.train.Trainer``).
 
     The summary: ``steps``, ``steps_this_run``, ``tokens``, ``seconds``, ``train_loss`` (the last step's, in
     ``loss_unit``: the adapter's, bits or mse), ``metric_name``, ``uniform_baseline``, ``model`` (the final
-    model file), ``out``, and with held-out data ``held_out`` (the metric over it), ``held_out_targets`` and
+    model file), ``out``, ``parameters`` (``{"total", "active"}``: an MoE model's active parameters are those one
+    token uses), and with held-out data ``held_out`` (the metric over it), ``held_out_targets`` and
     ``held_out_inputs`` (per input)."""
     import torch
 
     from seqlab.checkpoint import has_checkpoint, save_model
+    from seqlab.models import model_summary
     from seqlab.train import Trainer
 
     notify = notify or _notify
@@ -221,6 +228,9 @@ def train_run(
         "train_elements": data.train_elements,
     }
     runs.write_run(out, record)
+    description = model_summary(model)
+    if on_start is not None:
+        on_start({**description, "step": trainer.step, "resumed": resuming})
     start_step, started = trainer.step, time.perf_counter()
     records = trainer.fit()  # checkpoints every checkpoint_every steps and at the last one
     seconds = time.perf_counter() - started
@@ -237,6 +247,7 @@ def train_run(
         "uniform_baseline": data.adapter.uniform_baseline(),
         "model": str(model_path),
         "out": str(out),
+        "parameters": description["parameters"],
     }
     if data.held_out:
         model.eval()

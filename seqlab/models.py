@@ -216,3 +216,33 @@ class SequenceModel(_Model):
             x = x[:, 0]
         self._check_x(x, 2)
         return self._run_step(self.input_proj(x.to(self.input_proj.weight.dtype)), state)
+
+
+def model_summary(model: nn.Module) -> dict:
+    """What a model is, as plain data (``seqlab describe MODEL`` prints it): ``class``; ``fingerprint``;
+    ``parameters`` ``{"total", "active"}`` (``seqlab.ffn.parameter_counts``: an MoE layer counts its router and
+    ``top_k`` experts as active, so a dense model has total == active); ``config`` (the ``BackboneConfig`` as a
+    dict, None for a model without one); ``moe`` (None without MoE layers, else the ``MoESettings`` fields with
+    ``layers``, the indices of the MoE layers); ``vocab_size`` for a ``LanguageModel``, ``d_input`` and
+    ``d_output`` for a ``SequenceModel``."""
+    import dataclasses
+
+    from seqlab.ffn import parameter_counts
+
+    config = getattr(model, "config", None)
+    summary: dict = {
+        "class": type(model).__name__,
+        "fingerprint": getattr(model, "fingerprint", None),
+        "parameters": parameter_counts(model),
+        "config": config.to_dict() if isinstance(config, BackboneConfig) else None,
+        "moe": None,
+    }
+    if isinstance(config, BackboneConfig):
+        layers = [i for i in range(config.n_layer) if config.layer_spec(i)[1] == "moe"]
+        if layers:
+            summary["moe"] = {**dataclasses.asdict(config.moe_settings()), "layers": layers}
+    if isinstance(model, LanguageModel):
+        summary["vocab_size"] = model.vocab_size
+    elif isinstance(model, SequenceModel):
+        summary.update(d_input=model.d_input, d_output=model.d_output)
+    return summary

@@ -30,6 +30,7 @@ __all__ = [
     "LOG_FILE",
     "MODEL_FILE",
     "MODEL_OPTIONS",
+    "MOE_OPTIONS",
     "PREVIOUS_RUN",
     "RUN_DEFAULTS",
     "RUN_FILE",
@@ -70,6 +71,18 @@ MODEL_OPTIONS: dict[str, Any] = {
     "headdim": 64,
     "chunk_size": 256,
 }
+#: MoE options: each the BackboneConfig field of the same name (None: MoESettings' default). ``moe_experts``
+#: turns every layer's feed-forward into a mixture of experts (``ffn="moe"``); the others need it.
+MOE_OPTIONS: tuple[str, ...] = (
+    "moe_experts",
+    "moe_top_k",
+    "moe_d_expert",
+    "moe_capacity_factor",
+    "moe_jitter",
+    "moe_balance_weight",
+    "moe_z_weight",
+    "moe_every",
+)
 #: training option -> TrainConfig field (defaults: TrainConfig's, except RUN_DEFAULTS)
 TRAIN_OPTIONS: dict[str, str] = {
     "steps": "max_steps",
@@ -271,7 +284,8 @@ def run_train_config(settings: dict[str, Any], out: str | os.PathLike, progress:
 
 def backbone_config(given: dict[str, Any], recorded: dict | None):
     """The BackboneConfig of a run: the ``recorded`` one (a resumed run; a ``given`` option that differs is
-    refused), else the given options over ``MODEL_OPTIONS``' defaults."""
+    refused), else the given options over ``MODEL_OPTIONS``' defaults. ``moe_experts`` (``MOE_OPTIONS``) makes
+    every layer's feed-forward a mixture of experts (``ffn="moe"``); the other MoE options need it."""
     from seqlab.config import BackboneConfig
 
     if recorded is not None:
@@ -283,12 +297,43 @@ def backbone_config(given: dict[str, Any], recorded: dict | None):
                     f"{option_flag(option)} {value} differs from the run being resumed ({option} = "
                     f"{getattr(config, option)}): leave it out, or start over with --overwrite"
                 )
+        _check_recorded_moe(given, config)
         return config
     values = {k: (given[k] if given.get(k) is not None else default) for k, default in MODEL_OPTIONS.items()}
+    moe = {k: given[k] for k in MOE_OPTIONS if given.get(k) is not None}
+    if moe and "moe_experts" not in moe:
+        raise ConfigError(
+            f"{option_flag(next(iter(moe)))} sets the MoE layers: give --moe-experts N too (it turns the model's "
+            "feed-forwards into mixtures of N experts)"
+        )
+    if moe:
+        values.update(ffn="moe", **moe)
     try:
         return BackboneConfig(**values)
     except ConfigError as exc:
-        raise ConfigError(option_names(str(exc), "BackboneConfig", {k: k for k in MODEL_OPTIONS})) from None
+        names = {k: k for k in (*MODEL_OPTIONS, *MOE_OPTIONS)}
+        raise ConfigError(option_names(str(exc), "BackboneConfig", names)) from None
+
+
+def _check_recorded_moe(given: dict[str, Any], config) -> None:
+    """A resumed run keeps its MoE settings: a given MoE option must equal the run's (its default included)."""
+    moe = any(config.layer_spec(i)[1] == "moe" for i in range(config.n_layer))
+    settings = config.moe_settings() if moe else None
+    for option in MOE_OPTIONS:
+        value = given.get(option)
+        if value is None:
+            continue
+        if settings is None:
+            raise ConfigError(
+                f"{option_flag(option)} {value}: the run being resumed has no MoE layers (a dense model): leave "
+                "it out, or start over with --overwrite"
+            )
+        have = getattr(settings, option.removeprefix("moe_"))
+        if value != have:
+            raise ConfigError(
+                f"{option_flag(option)} {value} differs from the run being resumed ({option} = {have}): leave it "
+                "out, or start over with --overwrite"
+            )
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -327,13 +372,23 @@ def memory_bytes(device) -> int | None:
 
 def check_model_fits(backbone, device) -> None:
     """Refuse a model too large to train here (d_model 65536 with 1024 layers would otherwise allocate until the
-    kernel kills the process). The count is a lower bound: every Mamba layer has at least its input and output
-    projections, 3 * d_model * d_inner weights."""
+    kernel kills the process; so would 4096 experts). The count is a lower bound: every Mamba layer has at least
+    its input and output projections, 3 * d_model * d_inner weights, and its feed-forward (a gated MLP, or an MoE's
+    experts) 3 * d_model * width per MLP."""
     count = backbone.n_layer * 3 * backbone.d_model * backbone.d_inner
+    ffns = [backbone.layer_spec(i)[1] for i in range(backbone.n_layer)]
+    moe_layers = ffns.count("moe")
+    # a gated MLP has 3 * d_model * width weights; an MoE layer has that per expert
+    count += ffns.count("mlp") * 3 * backbone.d_model * backbone.d_ffn_resolved
+    sizes = f"--d-model {backbone.d_model} --n-layer {backbone.n_layer}"
+    if moe_layers:
+        settings = backbone.moe_settings()
+        count += moe_layers * settings.experts * 3 * backbone.d_model * settings.d_expert
+        sizes += f" --moe-experts {settings.experts} --moe-d-expert {settings.d_expert}"
     need, have = count * 16, memory_bytes(device)  # fp32 weights, gradients and two AdamW moments
     if have is not None and need > have:
         raise ConfigError(
-            f"a model of over {count:,} parameters (--d-model {backbone.d_model} --n-layer "
-            f"{backbone.n_layer}) needs over {need / 2**30:,.1f} GiB to train, this machine has "
-            f"{have / 2**30:,.1f} GiB ({device.type}): use a smaller --d-model or --n-layer"
+            f"a model of over {count:,} parameters ({sizes}) needs over {need / 2**30:,.1f} GiB to train, this "
+            f"machine has {have / 2**30:,.1f} GiB ({device.type}): use a smaller "
+            + ("--d-model, --n-layer, --moe-experts or --moe-d-expert" if moe_layers else "--d-model or --n-layer")
         )

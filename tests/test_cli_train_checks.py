@@ -147,6 +147,14 @@ NUMBER_OPTIONS = {
     "--chunk-size": (),
     "--eval-fraction": ("1e-300",),
     "--keep-checkpoints": (),
+    "--moe-experts": (),
+    "--moe-top-k": (),
+    "--moe-d-expert": (),
+    "--moe-capacity-factor": ("1e-300",),
+    "--moe-jitter": ("0", "1e-300"),
+    "--moe-balance-weight": ("0", "1e-300"),
+    "--moe-z-weight": ("0", "1e-300"),
+    "--moe-every": (),
 }
 BAD_NUMBERS = ("-5", "0", "nan", "inf", "-inf", "1e-300", HUGE, "abc", "", "2.5e400")
 
@@ -192,6 +200,9 @@ TOML_BAD = [
     ("threads", "0", "--threads"),
     ("threads", "100000", "--threads"),
     ("d-model", "0", "--d-model"),
+    ("moe-experts", "0", "--moe-experts"),
+    ("moe-jitter", "1.0", "--moe-jitter"),
+    ("moe-capacity-factor", "nan", "--moe-capacity-factor"),
     ("n-layer", "[1, 2]", "--n-layer"),
     ("keep-checkpoints", "0", "--keep-checkpoints"),
     ("keep-checkpoints", '"some"', "--keep-checkpoints"),

@@ -27,7 +27,7 @@ def test_cli_walkthrough_runs_as_written(tmp_path):
     if not (BIN / "seqlab").exists():
         pytest.skip(f"no seqlab command beside {sys.executable} (install the project: make install)")
     blocks = bash_blocks(ROOT / "docs" / "cli.md")
-    assert len(blocks) >= 5
+    assert len(blocks) >= 7
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -58,4 +58,9 @@ def test_cli_walkthrough_runs_as_written(tmp_path):
     assert (tmp_path / "scores.zarr").is_dir() and "corpus" in outputs[3]  # score job output
     info = json.loads(outputs[4][outputs[4].index("{\n") if "{\n" in outputs[4] else outputs[4].rindex("{") :])
     assert info["events"] == 1  # one observed event; `ask` works on a copy of the state
-    assert "tok/s" in outputs[5]
+    # the MoE model: its summary counts fewer active parameters than total ones
+    moe = dict(line.split(None, 1) for line in outputs[5].splitlines() if line.strip() and " " in line)
+    assert moe["config"].endswith("ffn moe") and moe["moe"].startswith("4 experts, top-1, d_expert 64"), outputs[5]
+    total, active = re.fullmatch(r"([\d,]+) total, ([\d,]+) active per token", moe["parameters"]).groups()
+    assert int(active.replace(",", "")) < int(total.replace(",", "")), moe["parameters"]
+    assert "tok/s" in outputs[6]

@@ -146,6 +146,17 @@ MODEL_TYPES = {
     "headdim": count(1, 1 << 12),
     "chunk_size": count(1, 1 << 16),
 }
+#: MoE flag -> its type (seqlab train); BackboneConfig checks the same ranges (and top-k <= experts, every <= layers)
+MOE_TYPES = {
+    "moe_experts": count(1, 4096),
+    "moe_top_k": count(1, 4096),
+    "moe_d_expert": count(1, 1 << 16),
+    "moe_capacity_factor": number(0, 1024, low_open=True),
+    "moe_jitter": number(0, 1, high_open=True),
+    "moe_balance_weight": number(0, 1000),
+    "moe_z_weight": number(0, 1000),
+    "moe_every": count(1, 1024),
+}
 #: training flag -> its type; TrainConfig checks the same ranges for values from --config or a recorded run
 TRAIN_TYPES = {
     "steps": count(1),
@@ -324,6 +335,14 @@ VOCABULARY = {
     "expand": "inner width / d_model",
     "headdim": "Mamba-2 head size",
     "chunk_size": "Mamba-2 SSD chunk",
+    "moe_experts": "experts per MoE layer (makes the feed-forwards mixtures of experts)",
+    "moe_top_k": "experts per token",
+    "moe_d_expert": "each expert's MLP width",
+    "moe_capacity_factor": "MoE expert capacity factor",
+    "moe_jitter": "MoE router input jitter",
+    "moe_balance_weight": "MoE load-balancing loss weight",
+    "moe_z_weight": "MoE router z-loss weight",
+    "moe_every": "every Nth layer is an MoE layer",
     "steps": "optimizer steps",
     "batch_size": "sequences or streams per batch",
     "lr": "peak learning rate",

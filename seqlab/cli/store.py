@@ -1,4 +1,6 @@
-"""``seqlab ingest`` and ``seqlab describe``: fill a Zarr sequence store from files, and list what a store holds."""
+"""``seqlab ingest`` and ``seqlab describe``: fill a Zarr sequence store from files, and list what a store holds
+or summarise a model file (``seqlab.domains.describe_model``: class, config, MoE settings, total and active
+parameters, fingerprint)."""
 
 from __future__ import annotations
 
@@ -32,11 +34,62 @@ def _ingest(args) -> int:
     return 0
 
 
+def _is_model(path: str) -> bool:
+    """Whether ``seqlab describe PATH`` names a model: a file (a store is a folder or a URL), or a folder with a
+    checkpoint (``latest``) or a ``model.safetensors`` that is not a store."""
+    import os
+
+    if os.path.isfile(path):
+        return True
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "zarr.json")):
+        return any(os.path.exists(os.path.join(path, name)) for name in ("latest", "model.safetensors"))
+    return False
+
+
+def _describe_model(args) -> int:
+    from seqlab.cli.train import moe_text, parameters_text
+    from seqlab.domains import describe_model
+    from seqlab.errors import ConfigError
+
+    if args.sequences:
+        raise ConfigError(f"--sequences goes with a store; {args.store} is a model")
+    d = describe_model(args.store, device="cpu")
+    config = d["config"] or {}
+    adapter = d["adapter"]
+    print(f"model        {d['path']}" + (f" (step {d['step']})" if d["step"] is not None else ""))
+    kind = d["class"] + (f", adapter {adapter['name']}" if adapter else "")
+    if "vocab_size" in d:
+        kind += f", vocabulary {d['vocab_size']}"
+    print(f"class        {kind}")
+    if config:
+        shape = [f"{config['ssm']}", f"d_model {config['d_model']}", f"n_layer {config['n_layer']}"]
+        shape += [f"d_state {config['d_state']}", f"expand {config['expand']}"]
+        if config["ssm"] == "mamba2":
+            shape.append(f"headdim {config['headdim']}")
+        shape.append(f"ffn {config['ffn'] or 'none'}")
+        if config.get("bidirectional"):
+            shape.append("bidirectional")
+        print(f"config       {', '.join(shape)}")
+    moe = d["moe"]
+    if moe:
+        print(
+            f"moe          {moe_text(moe, config['n_layer'])}; while training: capacity factor "
+            f"{moe['capacity_factor']:g}, jitter {moe['jitter']:g}, balance weight {moe['balance_weight']:g}, "
+            f"z weight {moe['z_weight']:g}"
+        )
+    print(f"parameters   {parameters_text(d['parameters'])}")
+    print(f"fingerprint  {d['fingerprint']}")
+    return 0
+
+
 def _describe(args) -> int:
-    """One line per sequence; a sequence whose metadata is damaged gets a DAMAGED line saying why (the healthy
-    ones are still listed), and the exit code is then 1."""
+    """A model file or checkpoint folder: its summary. A store: one line per sequence; a sequence whose metadata
+    is damaged gets a DAMAGED line saying why (the healthy ones are still listed), and the exit code is then 1."""
     from seqlab.errors import CorruptFileError
     from seqlab.pipelines import SequenceStore
+
+    if _is_model(args.store):
+        return _describe_model(args)
 
     store = SequenceStore(args.store, "r")
     if args.sequences:
@@ -103,11 +156,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     d = sub.add_parser(
         "describe",
-        help="list the sequences of a store with their length, type and adapter",
-        description="One line per sequence: name, length, kind, dtype, adapter, complete or "
+        help="list the sequences of a store, or summarise a model file (total and active parameters)",
+        description="A store: one line per sequence: name, length, kind, dtype, adapter, complete or "
         "INCOMPLETE. A sequence whose metadata is damaged is listed as DAMAGED with the reason "
-        "(also on stderr) and the exit code is 1; the healthy ones are listed as usual.",
+        "(also on stderr) and the exit code is 1; the healthy ones are listed as usual. A model file "
+        "(model.safetensors) or a checkpoint or run folder: the model's class, adapter, config, MoE settings, "
+        "total and active parameters (dense models: all active) and fingerprint.",
+        epilog="examples: seqlab describe store.zarr;  seqlab describe run/model.safetensors",
     )
-    d.add_argument("store", help="store directory or URL")
+    d.add_argument(
+        "store", metavar="STORE|MODEL", help="store directory or URL, or a model file or checkpoint/run folder"
+    )
     add_sequences(d, "sequences to describe (default: all)")
     d.set_defaults(func=_describe)

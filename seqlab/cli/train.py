@@ -22,6 +22,7 @@ import sys
 
 from seqlab.cli._args import (
     MODEL_TYPES,
+    MOE_TYPES,
     TRAIN_TYPES,
     add_adapter,
     add_device,
@@ -39,7 +40,7 @@ from seqlab.cli._args import (
 
 #: what each kind of setting must be when it comes from a --config TOML file (argparse never converts those)
 _TRAIN_CHECKS = {
-    "numbers": {**TRAIN_TYPES, **MODEL_TYPES, "eval_fraction": eval_fraction, "threads": threads},
+    "numbers": {**TRAIN_TYPES, **MODEL_TYPES, **MOE_TYPES, "eval_fraction": eval_fraction, "threads": threads},
     "flags": ("resume", "overwrite", "quiet", "json", "bf16", "carry_state"),
     "lists": ("files", "eval", "sequences", "eval_sequences"),
     "texts": ("out", "adapter", "store", "device"),
@@ -91,12 +92,16 @@ def _torch_threads(args) -> None:
 def _train(args) -> int:
     from seqlab.cli import require
     from seqlab.pipelines.training import train_run
-    from seqlab.runs import MODEL_OPTIONS, TRAIN_OPTIONS
+    from seqlab.runs import MODEL_OPTIONS, MOE_OPTIONS, TRAIN_OPTIONS
 
     require(args, "out")
     _check_args(args, _TRAIN_CHECKS)
     _torch_threads(args)
-    options = {name: getattr(args, name) for name in (*MODEL_OPTIONS, *TRAIN_OPTIONS)}
+    options = {name: getattr(args, name) for name in (*MODEL_OPTIONS, *MOE_OPTIONS, *TRAIN_OPTIONS)}
+
+    def say(message: str) -> None:
+        print(f"seqlab train: {message}", file=sys.stderr)
+
     summary = train_run(
         args.out,
         files=args.files,
@@ -112,10 +117,36 @@ def _train(args) -> int:
         overwrite=args.overwrite,
         device=args.device,
         progress=not args.quiet,
-        notify=lambda message: print(f"seqlab train: {message}", file=sys.stderr),
+        notify=say,
+        on_start=None if args.quiet else lambda model: say(_model_line(model)),
     )
     _print_train_summary(summary, args.json)
     return 0
+
+
+def parameters_text(counts: dict) -> str:
+    """``1,234 (dense: all active)``, or ``5,678 total, 1,234 active per token`` (an MoE model)."""
+    total, active = counts["total"], counts["active"]
+    if total == active:
+        return f"{total:,} (dense: all active)"
+    return f"{total:,} total, {active:,} active per token"
+
+
+def moe_text(moe: dict, n_layer: int) -> str:
+    """``4 experts, top-1, d_expert 128, every layer`` (an MoE summary of seqlab.models.model_summary)."""
+    layers = moe["layers"]
+    where = "every layer" if len(layers) == n_layer else f"layers {', '.join(map(str, layers))}"
+    return f"{moe['experts']} experts, top-{moe['top_k']}, d_expert {moe['d_expert']}, {where}"
+
+
+def _model_line(model: dict) -> str:
+    """The line printed when training starts: what trains, and its total and active parameters."""
+    config = model.get("config") or {}
+    shape = f"{config.get('ssm')}, d_model {config.get('d_model')}, n_layer {config.get('n_layer')}"
+    if model.get("moe"):
+        shape += f", MoE ({moe_text(model['moe'], config.get('n_layer', 0))})"
+    start = f" from step {model['step']}" if model.get("resumed") else ""
+    return f"training {model['class']} ({shape}){start}, parameters {parameters_text(model['parameters'])}"
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -139,6 +170,8 @@ def _print_train_summary(s: dict, as_json: bool) -> None:
         print(f"held-out    {_fmt(s['held_out'])} {s['metric_name']} over {s['held_out_targets']} targets{base}")
     else:
         print(f"held-out    - (no held-out data: give --eval FILE, --eval-fraction or --eval-sequences){base}")
+    if "parameters" in s:
+        print(f"parameters  {parameters_text(s['parameters'])}")
     print(f"model       {s['model']}")
 
 
@@ -186,6 +219,17 @@ _MODEL_HELP = {
     "expand": "inner width / d_model (default 2)",
     "headdim": "Mamba-2 head size (default 64)",
     "chunk_size": "Mamba-2 SSD chunk (default 256)",
+}
+_MOE_HELP = {
+    "moe_experts": "experts per MoE layer: makes the model an MoE-Mamba (default: no MoE, a dense model)",
+    "moe_top_k": "experts each token uses (default 1)",
+    "moe_d_expert": "each expert's gated-MLP width (default 8/3 * d_model rounded up to 64)",
+    "moe_capacity_factor": "while training, an expert takes at most this * its even share of a batch's tokens "
+    "(default 1.25; the rest skip the layer)",
+    "moe_jitter": "while training, multiply the router's input by noise in [1 - J, 1 + J] (default 0)",
+    "moe_balance_weight": "weight of the load-balancing loss (default 0.01)",
+    "moe_z_weight": "weight of the router z-loss (default 0.001)",
+    "moe_every": "every Nth layer is an MoE layer, the others dense MLPs (default 1: every layer)",
 }
 _TRAIN_HELP = {
     "steps": "optimizer steps in all (default 1000)",
@@ -251,6 +295,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     model.add_argument("--ssm", choices=("mamba1", "mamba2"), default=None, help="mixer kind (default mamba1)")
     for name, text in _MODEL_HELP.items():
         model.add_argument(flag(name), type=MODEL_TYPES[name], default=None, help=text)
+    moe = t.add_argument_group(
+        "mixture of experts (MoE-Mamba; a new run; a resumed run keeps its own)",
+        "--moe-experts N turns every layer's feed-forward into a mixture of N experts (the others need it); "
+        "see docs/moe.md",
+    )
+    for name, text in _MOE_HELP.items():
+        moe.add_argument(flag(name), type=MOE_TYPES[name], default=None, help=text)
     opt = t.add_argument_group("training")
     for name, text in _TRAIN_HELP.items():
         opt.add_argument(
