@@ -60,6 +60,8 @@ COMMANDS_RUN_ELSEWHERE = {
     "make demo": ("tests/test_demo.py", '"demo", "--quick"'),  # `seqlab demo --quick`, every output checked
     "make test": ("Makefile", "\ntest: $(STAMP)\n\t$(BIN)/$(PYTEST)"),  # the suite this test is part of
     ".venv/bin/python examples/train_bytes.py": ("tests/test_examples.py", '"train_bytes.py"'),  # 3 steps
+    # 3 seeds x 2 models x 2 corpora, 1000 steps: 17 min on 2 shared cores; the test runs --quick (24 steps)
+    ".venv/bin/python examples/moe_bytes.py": ("tests/test_examples.py", '"moe_bytes.py"'),
 }
 #: docs whose shell blocks (all ```bash) another test runs as written and checks the output of
 SHELL_RUN_ELSEWHERE = {"docs/cli.md": ("tests/test_cli_walkthrough.py", '"docs" / "cli.md"')}

@@ -1,7 +1,11 @@
-"""Every training example runs end to end with a tiny budget (the docs quote their full-budget output)."""
+"""Every training example runs end to end with a tiny budget (the docs quote their full-budget output).
+
+A case is (arguments, a string its output must hold[, files it must write under --out]); a .json file must parse,
+a .png must be a PNG."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,15 +19,38 @@ CASES = {
     "train_dna.py": (["--steps", "3"], "held-out bits/base"),
     "train_audio.py": (["--steps", "3", "--seconds", "0.05", "--out", "{out}"], "continuation.wav"),
     "train_video.py": (["--steps", "3", "--out", "{out}"], "classify (bidirectional)"),
+    # 2 corpora x dense/MoE x 1 seed, 24 steps each: the table, its JSON (every curve) and the PNG, in ~5 s
+    "moe_bytes.py": (
+        ["--quick", "--out", "{out}"],
+        "steps ratio (dense steps / MoE steps to the same held-out loss)",
+        ["moe_bytes.json", "moe_bytes.png"],
+    ),
 }
 
 
 @pytest.mark.parametrize("script", sorted(CASES))
 def test_example_runs(script, tmp_path):
-    args, expect = CASES[script]
+    args, expect, *files = CASES[script]
     args = [a.format(out=tmp_path / "out") for a in args]
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / script), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert expect in proc.stdout, proc.stdout[-2000:]
+    for name in files[0] if files else []:
+        path = tmp_path / "out" / name
+        assert path.is_file() and path.stat().st_size > 0, f"{script} did not write {name}"
+        if name.endswith(".json"):
+            json.loads(path.read_text())
+        if name.endswith(".png"):
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    if script == "moe_bytes.py":  # both corpora, both models, a curve and a ratio for each
+        result = json.loads((tmp_path / "out" / "moe_bytes.json").read_text())
+        assert {(r["corpus"], r["model"]) for r in result["runs"]} == {
+            (c, m) for c in ("python-docs", "austen") for m in ("dense", "moe")
+        }
+        assert all(len(r["steps"]) == len(r["bpb"]) > 2 and r["bpb"][-1] < r["bpb"][0] for r in result["runs"])
+        assert all(row["ratio"] > 0 for t in result["table"].values() for row in t["rows"])
+        dense, moe, s = result["parameters"]["dense"], result["parameters"]["moe"], result["settings"]
+        assert moe["active"] - dense["active"] == s["n_layer"] * s["d_model"] * s["experts"]  # the routers only
+        assert moe["total"] > dense["total"]
