@@ -67,3 +67,11 @@ def test_pipeline_scale_benches_quick(script):
     out = run_bench(script, "--quick")
     assert "\n| " in out
     assert ("peak RSS" if script == "stream_scale.py" else "overhead vs in-process") in out
+
+
+def test_moe_bench_quick_runs_and_prints_the_table():
+    out = run_bench("moe.py", "--quick")
+    assert "| experts | batch x length | mode | MoE tok/s | dense tok/s | MoE / dense time" in out
+    assert "| 8 | 1 x 256 | train fwd+bwd |" in out and "| 4 | 2 x 64 | eval fwd (drop-free) |" in out
+    assert "target: MoE train fwd+bwd time <= 1.5x dense" in out
+    assert "| batch x length | mode | layer | peak RSS (MiB) |" in out and "| MoE E=8 |" in out
