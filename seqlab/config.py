@@ -17,7 +17,10 @@ from typing import Any
 
 from seqlab.errors import ConfigError
 
-SSM_KINDS = ("mamba1", "mamba2")
+#: the built-in mixer kinds a config's ``ssm`` may name (its default mixer; "attention" makes a Transformer stack)
+SSM_KINDS = ("mamba1", "mamba2", "attention")
+#: the rope_scaling types the attention mixer implements (HF transformers' names)
+ROPE_SCALING_TYPES = ("linear", "llama3")
 #: the largest width, layer count, state size ... a config accepts (a guard against absurd values from files)
 MAX_DIM = 1 << 20
 BIDIRECTIONAL_COMBINE = ("add", "mean")
@@ -68,6 +71,118 @@ class MoESettings:
 
 
 @dataclass(frozen=True)
+class AttentionSettings:
+    """An attention layer's settings (``BackboneConfig.attention_settings(i)``; each is ``BackboneConfig.attn_<name>``).
+
+    ``heads``: query heads (default ``d_model // head_dim``). ``kv_heads``: key/value heads (default ``heads``;
+    fewer is grouped-query attention, ``heads`` must be a multiple). ``head_dim`` (default ``d_model // heads``,
+    or 64 when neither is given). ``rope_theta`` (10000.0): the rotary base. ``rope_dim``: how many dims of each
+    head rotate (default ``head_dim``; 0 = no position encoding, as in Jamba's attention layers; the first
+    ``rope_dim`` dims rotate in the half-split layout of Llama/NeoX). ``rope_scaling``: None, or HF's
+    ``{"rope_type": "linear", "factor": f}`` or ``{"rope_type": "llama3", "factor", "low_freq_factor",
+    "high_freq_factor", "original_max_position_embeddings"}``. ``window``: sliding-window size (a query sees
+    itself and the ``window - 1`` tokens before it; None = the whole past). ``bias``: biases on the q/k/v
+    projections (False); ``out_bias``: on the output projection (False).
+    """
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rope_dim: int = 0
+    rope_scaling: Mapping[str, Any] | None = None
+    window: int | None = None
+    bias: bool = False
+    out_bias: bool = False
+
+    @classmethod
+    def resolve(cls, d_model: int, values: Mapping[str, Any], where: str = "BackboneConfig") -> AttentionSettings:
+        def pos_int(name: str, allow_zero: bool = False) -> int | None:
+            value = values.get(name)
+            if value is None:
+                return None
+            low = 0 if allow_zero else 1
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_DIM:
+                raise ConfigError(f"{where}: {name} must be an int in [{low}, {MAX_DIM}], got {value!r}")
+            return value
+
+        heads, kv_heads, head_dim = pos_int("attn_heads"), pos_int("attn_kv_heads"), pos_int("attn_head_dim")
+        if heads is None:
+            head_dim = head_dim or min(64, d_model)
+            if d_model % head_dim:
+                raise ConfigError(
+                    f"{where}: attn_heads is not set and d_model ({d_model}) is not a multiple of attn_head_dim "
+                    f"({head_dim}): set attn_heads"
+                )
+            heads = d_model // head_dim
+        if head_dim is None:
+            if d_model % heads:
+                raise ConfigError(
+                    f"{where}: attn_head_dim is not set and d_model ({d_model}) is not a multiple of attn_heads "
+                    f"({heads}): set attn_head_dim"
+                )
+            head_dim = d_model // heads
+        kv_heads = kv_heads or heads
+        if heads % kv_heads:
+            raise ConfigError(
+                f"{where}: attn_heads ({heads}) must be a multiple of attn_kv_heads ({kv_heads}) (grouped-query "
+                "attention shares each key/value head among attn_heads / attn_kv_heads query heads)"
+            )
+        theta = values.get("attn_rope_theta")
+        if theta is None:
+            theta = 10000.0
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 1:
+            raise ConfigError(f"{where}: attn_rope_theta must be a finite number > 1, got {theta!r}")
+        rope_dim = pos_int("attn_rope_dim", allow_zero=True)
+        rope_dim = head_dim if rope_dim is None else rope_dim
+        if rope_dim > head_dim or rope_dim % 2:
+            raise ConfigError(
+                f"{where}: attn_rope_dim must be even and at most attn_head_dim ({head_dim}), got {rope_dim}"
+            )
+        scaling = values.get("attn_rope_scaling")
+        if scaling is not None:
+            scaling = check_rope_scaling(scaling, f"{where}: attn_rope_scaling")
+        window = pos_int("attn_window")
+        flags = {}
+        for name in ("attn_bias", "attn_out_bias"):
+            value = values.get(name)
+            if value is not None and not isinstance(value, bool):
+                raise ConfigError(f"{where}: {name} must be true or false, got {value!r}")
+            flags[name] = bool(value)
+        return cls(
+            heads,
+            kv_heads,
+            head_dim,
+            float(theta),
+            rope_dim,
+            scaling,
+            window,
+            flags["attn_bias"],
+            flags["attn_out_bias"],
+        )
+
+
+def check_rope_scaling(scaling: Any, where: str) -> dict[str, Any]:
+    """A checked copy of an HF-style rope_scaling mapping; unsupported types are an error naming the type."""
+    if not isinstance(scaling, Mapping):
+        raise ConfigError(f"{where} must be a mapping like {{'rope_type': 'linear', 'factor': 2.0}}, got {scaling!r}")
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ROPE_SCALING_TYPES:
+        raise ConfigError(f"{where}: rope_type {kind!r} is not supported; seqlab implements {ROPE_SCALING_TYPES}")
+    needed = {
+        "linear": ("factor",),
+        "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    }[kind]
+    out: dict[str, Any] = {"rope_type": kind}
+    for name in needed:
+        value = scaling.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{where}: {kind} scaling needs {name} > 0, got {value!r}")
+        out[name] = value
+    return out
+
+
+@dataclass(frozen=True)
 class BackboneConfig:
     """Shape and behaviour of a Mamba backbone.
 
@@ -80,6 +195,10 @@ class BackboneConfig:
     defaults and meaning) and are refused when no layer is an MoE layer. ``ffn="moe"`` is the MoE-Mamba
     layout (every mixer followed by an MoE); with ``moe_every=2`` only every second layer's feed-forward is an
     MoE (layers 1, 3, ...) and the others are dense ``"mlp"`` layers.
+
+    ``ssm="attention"`` (or ``layer_overrides={i: {"mixer": "attention"}}`` for a hybrid) selects causal
+    multi-head attention, set by the ``attn_*`` fields (see ``AttentionSettings``; refused when no layer is an
+    attention layer).
     """
 
     d_model: int
@@ -112,6 +231,15 @@ class BackboneConfig:
     moe_balance_weight: float | None = None
     moe_z_weight: float | None = None
     moe_every: int | None = None
+    attn_heads: int | None = None
+    attn_kv_heads: int | None = None
+    attn_head_dim: int | None = None
+    attn_rope_theta: float | None = None
+    attn_rope_dim: int | None = None
+    attn_rope_scaling: Mapping[str, Any] | None = None
+    attn_window: int | None = None
+    attn_bias: bool | None = None
+    attn_out_bias: bool | None = None
     layer_overrides: Mapping[int, LayerOverride] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -237,6 +365,47 @@ class BackboneConfig:
         for i in range(self.n_layer):
             self.validate_layer(i)
         self._check_moe()
+        self._check_attention()
+
+    def _attention_fields_given(self) -> list[str]:
+        return [name for name in ATTN_FIELDS if getattr(self, name) is not None]
+
+    def _check_attention(self) -> None:
+        attn_layers = [i for i in range(self.n_layer) if self.layer_spec(i)[0] == "attention"]
+        given = self._attention_fields_given()
+        if not attn_layers:
+            if given:
+                raise ConfigError(
+                    f"BackboneConfig.{given[0]} is set but no layer is an attention layer: the attn_* fields apply "
+                    "only with ssm='attention' or a layer_overrides entry with mixer='attention'"
+                )
+            return
+        for i in attn_layers:
+            self.attention_settings(i)  # raises ConfigError naming the field
+
+    def with_layer_options(self, kind: str, options: Mapping[str, Any]) -> BackboneConfig:
+        """This config as one layer of mixer ``kind`` with ``options`` sees it: the options replace fields, and the
+        other layers' kinds and attention fields drop out (a Mamba layer's options never mean attention)."""
+        cleared = {name: None for name in ATTN_FIELDS if name not in options}
+        return dataclasses.replace(self, ssm=kind, layer_overrides={}, **cleared, **options)
+
+    def attention_settings(self, index: int | None = None) -> AttentionSettings:
+        """Layer ``index``'s attention settings (the config's attn_* fields, then that layer's options), with the
+        defaults filled in and every value checked."""
+        values = {name: getattr(self, name) for name in ATTN_FIELDS}
+        where = "BackboneConfig"
+        if index is not None:
+            _, _, options = self.layer_spec(index)
+            unknown = sorted(set(options) - set(ATTN_FIELDS))
+            if unknown and self.layer_spec(index)[0] == "attention":
+                raise ConfigError(
+                    f"layer {index}: bad options {unknown} for mixer 'attention': it takes the attn_* fields "
+                    f"{list(ATTN_FIELDS)}"
+                )
+            values.update({k: v for k, v in options.items() if k in ATTN_FIELDS})
+            if index in self.layer_overrides:
+                where = f"layer {index}"
+        return AttentionSettings.resolve(self.d_model, values, where)
 
     def _check_moe(self) -> None:
         moe_layers = [i for i in range(self.n_layer) if self.layer_spec(i)[1] == "moe"]
@@ -345,15 +514,31 @@ class BackboneConfig:
 
     def fingerprint(self) -> str:
         """Stable hash of everything that shapes the state and its meaning (not the weights, not init ranges,
-        not the MoE training-only settings; an unset moe_* field leaves the hash as it was before MoE existed)."""
+        not the MoE training-only settings; an unset moe_* or attn_* field leaves the hash as it was before those
+        fields existed)."""
         arch = {
             k: v
             for k, v in self.to_dict().items()
-            if k not in _INIT_ONLY and k not in _TRAIN_ONLY and not (k in MOE_FIELDS and v is None)
+            if k not in _INIT_ONLY
+            and k not in _TRAIN_ONLY
+            and not ((k in MOE_FIELDS or k in ATTN_FIELDS) and v is None)
         }
         text = json.dumps(arch, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
+
+#: the attention fields of BackboneConfig (all None unless a layer is an attention layer)
+ATTN_FIELDS = (
+    "attn_heads",
+    "attn_kv_heads",
+    "attn_head_dim",
+    "attn_rope_theta",
+    "attn_rope_dim",
+    "attn_rope_scaling",
+    "attn_window",
+    "attn_bias",
+    "attn_out_bias",
+)
 
 # Fields that only shape the random initialisation, not what a trained model computes.
 _INIT_ONLY = frozenset({"dt_min", "dt_max", "dt_init_floor", "A_init_range"})

@@ -20,7 +20,7 @@ from types import FrameType
 import torch
 
 from seqlab.errors import InputError, StateError, StateMismatchError
-from seqlab.state import RecurrentState
+from seqlab.state import RecurrentState, concat_rows
 
 
 @dataclass(eq=False)
@@ -257,14 +257,7 @@ def generate(
         row_states.append(out.state)
     positions = [s.position for s in row_states]
     # One decoding batch; its own position field is unused (each row's position is tracked in `positions`).
-    batch = RecurrentState(
-        [
-            {k: torch.cat([s.layers[i][k] for s in row_states]) for k in layer}
-            for i, layer in enumerate(row_states[0].layers)
-        ],
-        0,
-        row_states[0].fingerprint,
-    )
+    batch = RecurrentState(concat_rows([s.layers for s in row_states]), 0, row_states[0].fingerprint)
     logits = torch.cat(last_logits)
     vocab = logits.shape[-1]
     suppressed = _as_ids(suppress_tokens, "suppress_tokens", vocab)

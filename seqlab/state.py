@@ -26,7 +26,9 @@ STATE_FORMAT = "seqlab.recurrent_state"
 STATE_FORMAT_VERSION = 2
 FULL_CHECKSUM_SINCE = 2
 
-# model -> per layer {tensor name: (shape without the batch dim, dtype)}; configs are frozen, so this never changes
+# model -> per layer {tensor name: (shape without the batch dim, dtype)}; configs are frozen, so this never changes.
+# A dim that a fresh state holds at size 0 grows with the sequence (an attention layer's KV cache): its entry in
+# the shape is None, any size is accepted there, and rows are right-aligned along it (padding on the left).
 _LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -37,7 +39,7 @@ def state_layout(model) -> list[dict[str, tuple[tuple[int, ...], torch.dtype]]]:
     except (KeyError, TypeError):
         pass
     layout = [
-        {name: (tuple(t.shape[1:]), t.dtype) for name, t in layer.items()}
+        {name: (tuple(None if n == 0 else n for n in t.shape[1:]), t.dtype) for name, t in layer.items()}
         for layer in model.init_state(1, device="meta").layers
     ]
     try:
@@ -69,10 +71,12 @@ def check_state_tensors(layers, model, where: str = "state", error=StateMismatch
                 raise error(f"{where}: layers.{i}.{name} is a {type(tensor).__name__}, not a tensor")
             if tensor.dtype != dtype and not (wide and tensor.dtype == torch.float64):
                 raise error(f"{where}: layers.{i}.{name} has dtype {tensor.dtype}, the model's state dtype is {dtype}")
-            if tensor.dim() != len(shape) + 1 or tuple(tensor.shape[1:]) != shape:
+            if tensor.dim() != len(shape) + 1 or any(
+                want_n is not None and n != want_n for n, want_n in zip(tensor.shape[1:], shape)
+            ):
                 raise error(
                     f"{where}: layers.{i}.{name} has shape {tuple(tensor.shape)}, the model's is "
-                    f"(batch, {', '.join(map(str, shape))})"
+                    f"(batch, {', '.join('any' if n is None else str(n) for n in shape)})"
                 )
             if batch is None:
                 batch = tensor.shape[0]
@@ -92,6 +96,31 @@ def require_fingerprint(found, model, what: str = "state", where: str = "") -> N
         raise StateMismatchError(
             f"{prefix}{what} was made by a model with config fingerprint {found}, this model's is {expected}"
         )
+
+
+def concat_rows(per_state_layers: list[list[dict[str, torch.Tensor]]]) -> list[dict[str, torch.Tensor]]:
+    """The layers of several states as one batch (rows in the order given). Tensors whose non-batch dims differ
+    (a KV cache's slots: states at different positions) are left-padded with zeros to the longest, which is
+    the right-aligned layout such tensors use: the padding is never read."""
+    first = per_state_layers[0]
+    out = []
+    for i, layer in enumerate(first):
+        merged = {}
+        for name in layer:
+            parts = [layers[i][name] for layers in per_state_layers]
+            sizes = [p.shape[1:] for p in parts]
+            if any(size != sizes[0] for size in sizes):
+                longest = [max(dims) for dims in zip(*sizes)]
+                padded = []
+                for p in parts:
+                    pad: list[int] = []
+                    for have, want in zip(reversed(p.shape[1:]), reversed(longest)):
+                        pad += [want - have, 0]  # F.pad order: last dim first, (left, right)
+                    padded.append(torch.nn.functional.pad(p, pad))
+                parts = padded
+            merged[name] = torch.cat(parts, dim=0)
+        out.append(merged)
+    return out
 
 
 @dataclass(eq=False)
@@ -135,7 +164,8 @@ class RecurrentState:
         return self._map(lambda t: t.detach())
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> RecurrentState:
-        return self._map(lambda t: t.to(device=device, dtype=dtype))
+        """Move the state; ``dtype`` applies to the floating tensors (counters such as ``seen`` stay int64)."""
+        return self._map(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
 
     def select(self, index: int) -> RecurrentState:
         """Row ``index`` of the batch as a batch-of-one state (a copy; same position)."""
@@ -157,11 +187,7 @@ class RecurrentState:
                     f"states[{i}] is at position {other.position}, states[0] at {first.position}: "
                     "rows of one state share a position"
                 )
-        layers = [
-            {name: torch.cat([s.layers[i][name] for s in states], dim=0) for name in layer}
-            for i, layer in enumerate(first.layers)
-        ]
-        return cls(layers, first.position, first.fingerprint)
+        return cls(concat_rows([s.layers for s in states]), first.position, first.fingerprint)
 
     def __repr__(self) -> str:
         return (

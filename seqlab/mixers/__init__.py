@@ -2,8 +2,9 @@
 
 A mixer maps hidden states (b, l, d_model) to (b, l, d_model) and carries a per-layer state, a dict of
 named fp32 tensors. Every mixer implements ``forward(hidden, state, return_state)``, ``step(hidden, state)``
-and ``init_state(batch_size, device)``. Later issues register more kinds (attention, ...) with
-``register_mixer`` and select them per layer through ``BackboneConfig.layer_overrides``.
+and ``init_state(batch_size, device)``. ``"attention"`` (seqlab.mixers.attention) keeps a KV cache as its
+state. More kinds join with ``register_mixer`` and select them per layer through
+``BackboneConfig.layer_overrides``.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from collections.abc import Callable
 
 from seqlab.errors import ConfigError
 
+from .attention import AttentionMixer
 from .base import Mixer
 from .mamba1 import Mamba1Mixer
 from .mamba2 import Mamba2Mixer
 
-_MIXERS: dict[str, Callable[..., Mixer]] = {"mamba1": Mamba1Mixer, "mamba2": Mamba2Mixer}
+_MIXERS: dict[str, Callable[..., Mixer]] = {"mamba1": Mamba1Mixer, "mamba2": Mamba2Mixer, "attention": AttentionMixer}
 
 
 def register_mixer(kind: str, factory: Callable[..., Mixer]) -> None:
@@ -36,4 +38,4 @@ def build_mixer(kind: str, config, layer_idx: int, options: dict) -> Mixer:
         raise ConfigError(f"layer {layer_idx}: bad options {sorted(options)} for mixer {kind!r}: {exc}") from None
 
 
-__all__ = ["Mamba1Mixer", "Mamba2Mixer", "Mixer", "build_mixer", "register_mixer"]
+__all__ = ["AttentionMixer", "Mamba1Mixer", "Mamba2Mixer", "Mixer", "build_mixer", "register_mixer"]

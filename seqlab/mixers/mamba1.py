@@ -5,8 +5,6 @@ Parameter names and layouts match mamba_ssm / HF transformers' MambaMixer, so we
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
@@ -19,7 +17,7 @@ from seqlab.mixers.base import LayerState, Mixer, init_dt_bias, project_rows
 class Mamba1Mixer(Mixer):
     def __init__(self, config, layer_idx: int = 0, **options) -> None:
         super().__init__()
-        cfg = dataclasses.replace(config, layer_overrides={}, **options) if options else config
+        cfg = config.with_layer_options("mamba1", options) if options else config
         self.layer_idx = layer_idx
         self.d_model = cfg.d_model
         self.d_inner = cfg.d_inner

@@ -6,8 +6,6 @@ ngroups > 1), so weights map one to one.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from einops import rearrange
 from torch import nn
@@ -20,7 +18,7 @@ from seqlab.norm import GatedRMSNorm
 class Mamba2Mixer(Mixer):
     def __init__(self, config, layer_idx: int = 0, **options) -> None:
         super().__init__()
-        cfg = dataclasses.replace(config, layer_overrides={}, **options) if options else config
+        cfg = config.with_layer_options("mamba2", options) if options else config
         self.layer_idx = layer_idx
         self.d_model = cfg.d_model
         self.d_inner = cfg.d_inner

@@ -1,5 +1,7 @@
-"""The four invariants of the state contract (docs/architecture.md), for both mixers, a hybrid stack and an MoE
-stack (top-2 routing: drop-free and token-local at evaluation, so chunking cannot change what a token gets)."""
+"""The four invariants of the state contract (docs/architecture.md), for both mixers, a hybrid stack, an MoE
+stack (top-2 routing: drop-free and token-local at evaluation, so chunking cannot change what a token gets), a
+Mamba + attention hybrid (grouped-query heads, KV cache in the state) and a sliding-window attention stack
+(window 5, shorter than most inputs: the cache stays bounded and old tokens must drop out exactly)."""
 
 import pytest
 import torch
@@ -41,14 +43,28 @@ def assert_states_close(a: RecurrentState, b: RecurrentState, tol: float) -> Non
 
 
 MOE = dict(ssm="mamba1", n_layer=2, ffn="moe", d_ffn=24, moe_experts=4, moe_top_k=2)
-STACKS = {"hybrid": HYBRID, "moe": MOE}
+ATTN_HYBRID = dict(
+    ssm="mamba1",
+    n_layer=3,
+    ffn="mlp",
+    d_ffn=24,
+    attn_heads=4,
+    attn_kv_heads=2,
+    layer_overrides={
+        1: {"mixer": "attention"},
+        2: {"mixer": "mamba2", "options": {"headdim": 8, "d_state": 4, "chunk_size": 4}},
+    },
+)
+WINDOW = dict(ssm="attention", n_layer=2, ffn="mlp", d_ffn=24, attn_heads=2, attn_window=5, attn_bias=True)
+STACKS = {"hybrid": HYBRID, "moe": MOE, "attn_hybrid": ATTN_HYBRID, "window": WINDOW}
+ATTN = ["attn_hybrid", "window"]
 
 
 def model_for(kind: str, seed: int = 0):
     return tiny_lm(**STACKS[kind], seed=seed) if kind in STACKS else tiny_lm(kind, seed=seed)
 
 
-@pytest.mark.parametrize("kind", SSMS + ["hybrid", "moe"])
+@pytest.mark.parametrize("kind", SSMS + ["hybrid", "moe"] + ATTN)
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_any_chunking_equals_one_pass(kind, data):
@@ -65,7 +81,7 @@ def test_any_chunking_equals_one_pass(kind, data):
     assert state.position == length
 
 
-@pytest.mark.parametrize("kind", SSMS + ["hybrid", "moe"])
+@pytest.mark.parametrize("kind", SSMS + ["hybrid", "moe"] + ATTN)
 def test_step_equals_forward(kind):
     model = model_for(kind, seed=1)
     ids = torch.randint(0, 32, (2, 37), generator=torch.Generator().manual_seed(3))
@@ -90,7 +106,7 @@ def test_step_from_no_state_equals_forward_of_one_token():
     assert rel_err(a.logits, b.logits[:, 0]) <= 1e-5
 
 
-@pytest.mark.parametrize("kind", SSMS + ["moe"])
+@pytest.mark.parametrize("kind", SSMS + ["moe"] + ATTN)
 def test_save_load_continue_is_bit_exact(kind, tmp_path):
     model = model_for(kind, seed=2)
     ids = torch.randint(0, 32, (2, 50), generator=torch.Generator().manual_seed(4))
@@ -125,7 +141,7 @@ def test_same_config_different_weights_share_fingerprint():
     assert model_for("mamba1", seed=0).fingerprint == model_for("mamba1", seed=5).fingerprint
 
 
-@pytest.mark.parametrize("kind", SSMS + ["moe"])
+@pytest.mark.parametrize("kind", SSMS + ["moe"] + ATTN)
 def test_prefill_on_existing_state_any_length(kind):
     # Exact prefill of many new tokens on an existing state (mamba_ssm/HF cannot for Mamba-1).
     model = model_for(kind, seed=3)

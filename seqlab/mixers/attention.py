@@ -1,0 +1,149 @@
+"""Causal multi-head attention as a mixer: grouped-query heads, rotary positions, optional sliding window.
+
+The layer's state is its KV cache: ``k`` and ``v`` of shape (batch, kv_heads, slots, head_dim) and ``seen``
+(batch,), the number of tokens each row has consumed (int64). The cache grows along ``slots`` (the only state
+dim that starts at size 0, which is how ``seqlab.state`` knows it may grow) and is right-aligned: row b's real
+entries are its last ``min(seen[b], slots)`` slots, older slots are padding. That layout lets rows of different
+lengths share one batch (``generate``'s ragged prompts pad on the left) and lets a sliding window keep only its
+last ``window`` slots, so the state of a windowed layer stays bounded. Without a window the cache costs
+``2 * kv_heads * head_dim * 4`` bytes per token per layer (fp32).
+
+Parameter names are Llama's (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``) so HF weights map one to one;
+rotary embeddings use the half-split layout of HF's ``rotate_half`` on the first ``rope_dim`` dims of each head.
+The math is torch's ``scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seqlab.config import ATTN_FIELDS, AttentionSettings
+from seqlab.mixers.base import LayerState, Mixer
+
+
+def rope_inverse_frequencies(settings: AttentionSettings) -> torch.Tensor:
+    """The rotary frequencies (rope_dim / 2,), with HF's "linear" or "llama3" scaling applied (float64)."""
+    dim = settings.rope_dim
+    inv = 1.0 / settings.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    scaling = settings.rope_scaling
+    if scaling is None:
+        return inv
+    factor = float(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        return inv / factor
+    # llama3: long wavelengths divided by factor, short ones kept, a smooth blend between
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    original = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > original / low, inv / factor, inv)
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    middle = (wavelen >= original / high) & (wavelen <= original / low)
+    return torch.where(middle, blended, scaled)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dim: int) -> torch.Tensor:
+    """Rotate the first ``rope_dim`` dims of x (b, heads, l, head_dim) by positions' cos/sin (b, 1, l, rope_dim)."""
+    if rope_dim == 0:
+        return x
+    rot, rest = x[..., :rope_dim], x[..., rope_dim:]
+    half = rope_dim // 2
+    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+    out = rot * cos + rotated * sin
+    return torch.cat((out.to(x.dtype), rest), dim=-1) if rest.shape[-1] else out.to(x.dtype)
+
+
+class AttentionMixer(Mixer):
+    def __init__(self, config, layer_idx: int = 0, **options) -> None:
+        super().__init__()
+        if options:  # built directly with options (a Block passes the layer's override, already merged below)
+            unknown = sorted(set(options) - set(ATTN_FIELDS))
+            if unknown:
+                raise TypeError(f"unknown options {unknown}; attention takes {list(ATTN_FIELDS)}")
+            values = {name: getattr(config, name) for name in ATTN_FIELDS} | dict(options)
+            settings = AttentionSettings.resolve(config.d_model, values, f"layer {layer_idx}")
+        else:
+            settings = config.attention_settings(layer_idx)
+        self.settings = settings
+        self.layer_idx = layer_idx
+        self.d_model = config.d_model
+        self.heads, self.kv_heads, self.head_dim = settings.heads, settings.kv_heads, settings.head_dim
+        self.window = settings.window
+        self.q_proj = nn.Linear(self.d_model, self.heads * self.head_dim, bias=settings.bias)
+        self.k_proj = nn.Linear(self.d_model, self.kv_heads * self.head_dim, bias=settings.bias)
+        self.v_proj = nn.Linear(self.d_model, self.kv_heads * self.head_dim, bias=settings.bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, self.d_model, bias=settings.out_bias)
+        self.register_buffer("inv_freq", rope_inverse_frequencies(settings).float(), persistent=False)
+
+    # ----------------------------------------------------------------------------------------------
+    def init_state(self, batch_size: int, device=None) -> LayerState:
+        return {
+            "k": torch.zeros(batch_size, self.kv_heads, 0, self.head_dim, device=device),
+            "v": torch.zeros(batch_size, self.kv_heads, 0, self.head_dim, device=device),
+            "seen": torch.zeros(batch_size, dtype=torch.long, device=device),
+        }
+
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos, sin of shape (b, 1, l, rope_dim) for absolute positions (b, l)."""
+        angles = positions.to(torch.float64)[..., None] * self.inv_freq.to(torch.float64)
+        angles = torch.cat((angles, angles), dim=-1)[:, None]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def forward(self, hidden: torch.Tensor, state: LayerState | None = None, return_state: bool = True):
+        b, length, _ = hidden.shape
+        q = self.q_proj(hidden).view(b, length, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden).view(b, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden).view(b, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        seen = torch.zeros(b, dtype=torch.long, device=hidden.device) if state is None else state["seen"]
+        positions = seen[:, None] + torch.arange(length, device=hidden.device)
+        if self.settings.rope_dim:
+            cos, sin = self._rope(positions, torch.float32 if q.dtype != torch.float64 else q.dtype)
+            q, k = apply_rope(q, cos, sin, self.settings.rope_dim), apply_rope(k, cos, sin, self.settings.rope_dim)
+        slots = 0 if state is None else state["k"].shape[2]
+        if slots:
+            keys = torch.cat((state["k"].to(k.dtype), k), dim=2)
+            values = torch.cat((state["v"].to(v.dtype), v), dim=2)
+        else:
+            keys, values = k, v
+        if slots == 0 and self.window is None:
+            mask, causal = None, length > 1
+        else:
+            mask, causal = self._mask(seen, slots, length), False
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=self.kv_heads != self.heads
+        )
+        out = self.o_proj(out.transpose(1, 2).reshape(b, length, self.heads * self.head_dim))
+        if not return_state:
+            return out, None
+        new_seen = seen + length
+        keep = int(new_seen.max())  # slots before every row's first real entry are padding: drop them
+        if self.window is not None:
+            keep = min(keep, self.window)
+        keep = min(keep, keys.shape[2])
+        state_dtype = torch.float64 if keys.dtype == torch.float64 else torch.float32
+        new = {
+            "k": keys[:, :, keys.shape[2] - keep :].to(state_dtype).contiguous(),
+            "v": values[:, :, values.shape[2] - keep :].to(state_dtype).contiguous(),
+            "seen": new_seen,
+        }
+        return out, new
+
+    def _mask(self, seen: torch.Tensor, slots: int, length: int) -> torch.Tensor:
+        """(b, 1, length, slots + length) bool: True where a query may look (real, causal, inside the window)."""
+        device = seen.device
+        slot = torch.arange(slots + length, device=device)
+        # absolute position of every key slot per row: cached slots end at seen - 1, new ones start at seen
+        key_pos = seen[:, None] - slots + slot[None, :]  # (b, slots + length)
+        query_pos = seen[:, None] + torch.arange(length, device=device)[None, :]  # (b, length)
+        ok = (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= query_pos[:, :, None])
+        if self.window is not None:
+            ok = ok & (key_pos[:, None, :] > query_pos[:, :, None] - self.window)
+        return ok[:, None]
+
+    def step(self, hidden: torch.Tensor, state: LayerState):
+        out, new = self.forward(hidden[:, None], state, True)
+        return out[:, 0], new
