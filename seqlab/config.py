@@ -68,6 +68,7 @@ class MoESettings:
     balance_weight: float = 0.01
     z_weight: float = 0.001
     every: int = 1
+    renormalize: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,10 @@ class BackboneConfig:
     ``ssm="attention"`` (or ``layer_overrides={i: {"mixer": "attention"}}`` for a hybrid) selects causal
     multi-head attention, set by the ``attn_*`` fields (see ``AttentionSettings``; refused when no layer is an
     attention layer).
+
+    ``mamba_inner_norms``: None (default) or False: the Mamba-1 mixer as in mamba_ssm; True: RMSNorms (eps
+    ``norm_eps``) on its dt, B and C right after ``x_proj`` (``dt_layernorm``, ``b_layernorm``, ``c_layernorm``),
+    as in Jamba. Refused when no layer is a Mamba-1 layer. ``moe_renormalize``: see ``MoESettings.renormalize``.
     """
 
     d_model: int
@@ -231,6 +236,8 @@ class BackboneConfig:
     moe_balance_weight: float | None = None
     moe_z_weight: float | None = None
     moe_every: int | None = None
+    moe_renormalize: bool | None = None
+    mamba_inner_norms: bool | None = None
     attn_heads: int | None = None
     attn_kv_heads: int | None = None
     attn_head_dim: int | None = None
@@ -313,6 +320,9 @@ class BackboneConfig:
         ):
             if getattr(self, name) is not None:
                 number(name, positive=positive)
+        for name in ("moe_renormalize", "mamba_inner_norms"):
+            if getattr(self, name) is not None:
+                flag(name)
         if self.moe_jitter is not None and self.moe_jitter >= 1:
             raise ConfigError(f"BackboneConfig.moe_jitter must be in [0, 1), got {self.moe_jitter!r}")
         if self.moe_every is not None and self.ffn != "moe":
@@ -366,6 +376,13 @@ class BackboneConfig:
             self.validate_layer(i)
         self._check_moe()
         self._check_attention()
+        if self.mamba_inner_norms is not None and not any(
+            self.layer_spec(i)[0] == "mamba1" for i in range(self.n_layer)
+        ):
+            raise ConfigError(
+                "BackboneConfig.mamba_inner_norms is set but no layer is a Mamba-1 layer: it applies only to "
+                "mixer 'mamba1'"
+            )
 
     def _attention_fields_given(self) -> list[str]:
         return [name for name in ATTN_FIELDS if getattr(self, name) is not None]
@@ -386,7 +403,9 @@ class BackboneConfig:
     def with_layer_options(self, kind: str, options: Mapping[str, Any]) -> BackboneConfig:
         """This config as one layer of mixer ``kind`` with ``options`` sees it: the options replace fields, and the
         other layers' kinds and attention fields drop out (a Mamba layer's options never mean attention)."""
-        cleared = {name: None for name in ATTN_FIELDS if name not in options}
+        cleared: dict[str, Any] = {name: None for name in ATTN_FIELDS if name not in options}
+        if kind != "mamba1" and "mamba_inner_norms" not in options:
+            cleared["mamba_inner_norms"] = None
         return dataclasses.replace(self, ssm=kind, layer_overrides={}, **cleared, **options)
 
     def attention_settings(self, index: int | None = None) -> AttentionSettings:
@@ -422,6 +441,11 @@ class BackboneConfig:
             raise ConfigError(
                 f"BackboneConfig.moe_top_k is {settings.top_k}, more than moe_experts ({settings.experts}): each "
                 "token picks top_k distinct experts"
+            )
+        if settings.renormalize is True and settings.top_k == 1:
+            raise ConfigError(
+                "BackboneConfig.moe_renormalize is True with moe_top_k 1: renormalising one probability makes every "
+                "gate 1 and cuts the router off from the task loss; leave it None (or False) for top-1"
             )
 
     # ----------------------------------------------------------------------------------------------
@@ -514,14 +538,14 @@ class BackboneConfig:
 
     def fingerprint(self) -> str:
         """Stable hash of everything that shapes the state and its meaning (not the weights, not init ranges,
-        not the MoE training-only settings; an unset moe_* or attn_* field leaves the hash as it was before those
-        fields existed)."""
+        not the MoE training-only settings; an unset moe_*, attn_* or mamba_inner_norms field leaves the hash as it
+        was before those fields existed)."""
         arch = {
             k: v
             for k, v in self.to_dict().items()
             if k not in _INIT_ONLY
             and k not in _TRAIN_ONLY
-            and not ((k in MOE_FIELDS or k in ATTN_FIELDS) and v is None)
+            and not ((k in MOE_FIELDS or k in ATTN_FIELDS or k == "mamba_inner_norms") and v is None)
         }
         text = json.dumps(arch, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -552,6 +576,7 @@ MOE_FIELDS = (
     "moe_balance_weight",
     "moe_z_weight",
     "moe_every",
+    "moe_renormalize",
 )
 # MoE settings that act only while training (capacity drops, jitter, auxiliary losses).
 _TRAIN_ONLY = frozenset({"moe_capacity_factor", "moe_jitter", "moe_balance_weight", "moe_z_weight"})

@@ -44,11 +44,13 @@ class RouterStats:
 
 
 def route(
-    h: torch.Tensor, router_weight: torch.Tensor, top_k: int, jitter: float = 0.0
+    h: torch.Tensor, router_weight: torch.Tensor, top_k: int, jitter: float = 0.0, renormalize: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Router logits (N, E) in fp32, the chosen experts (N, k) and their gate weights (N, k) for tokens h (N, d).
 
-    k = 1: the gate is the chosen expert's probability (Switch); k > 1: the k probabilities renormalised."""
+    k = 1: the gate is the chosen expert's probability (Switch); k > 1: the k probabilities renormalised.
+    ``renormalize`` (``MoESettings.renormalize``): None is that rule, False keeps the k probabilities as they are
+    (Jamba), True renormalises for any k."""
     x = h.float()
     if jitter > 0:
         x = x * torch.empty_like(x).uniform_(1.0 - jitter, 1.0 + jitter)
@@ -56,8 +58,13 @@ def route(
         logits = F.linear(x, router_weight.float())
     probs = logits.softmax(dim=-1)
     top_p, top_i = probs.topk(top_k, dim=-1)
-    gates = top_p if top_k == 1 else top_p / top_p.sum(dim=-1, keepdim=True)
+    gates = top_p / top_p.sum(dim=-1, keepdim=True) if _renormalizes(top_k, renormalize) else top_p
     return logits, top_i, gates
+
+
+def _renormalizes(top_k: int, renormalize: bool | None) -> bool:
+    """Whether the top-k gate weights are divided by their sum (``MoESettings.renormalize``)."""
+    return top_k > 1 if renormalize is None else renormalize
 
 
 def capacity_for(tokens: int, settings: MoESettings) -> int:
@@ -330,7 +337,11 @@ class MoEFeedForward(nn.Module):
         s = self.settings
         h = x.reshape(-1, x.shape[-1])
         training = self.training and torch.is_grad_enabled()
-        logits, experts, gates = route(h, self.router.weight, s.top_k, s.jitter if training else 0.0)
+        jitter = s.jitter if training else 0.0
+        if s.renormalize is None:  # route's four-argument form, which wrappers of it (tests, tools) may assume
+            logits, experts, gates = route(h, self.router.weight, s.top_k, jitter)
+        else:
+            logits, experts, gates = route(h, self.router.weight, s.top_k, jitter, renormalize=s.renormalize)
         capacity = capacity_for(h.shape[0], s) if training else None
         out, kept = dispatch(h, experts, gates, self.gate_up, self.down, capacity)
         if training:
@@ -363,7 +374,7 @@ def moe_reference(layer: MoEFeedForward, x: torch.Tensor, capacity: int | None =
         probs = probs / probs.sum()
         top = sorted(range(s.experts), key=lambda e: (-float(probs[e].detach()), e))[: s.top_k]
         weights = [probs[e] for e in top]
-        if s.top_k > 1:
+        if _renormalizes(s.top_k, s.renormalize):
             total = sum(weights)
             weights = [w / total for w in weights]
         choices.append(list(zip(top, weights)))

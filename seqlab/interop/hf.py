@@ -155,8 +155,8 @@ def config_from_hf(hf_config: Mapping[str, Any], where: str = "HF config") -> tu
     model_type = hf_config.get("model_type")
     if model_type not in _SSM_OF:
         raise ConfigError(
-            f"{where}: model_type is {model_type!r}; seqlab loads 'mamba' (MambaForCausalLM) and "
-            f"'mamba2' (Mamba2ForCausalLM)"
+            f"{where}: model_type is {model_type!r}; seqlab loads 'mamba' (MambaForCausalLM), "
+            f"'mamba2' (Mamba2ForCausalLM), 'llama', 'jamba' and 'bamba'"
         )
     cfg = {
         **_HF_DEFAULTS[model_type],
@@ -470,8 +470,17 @@ def _looks_like_hf_model(obj: Any) -> bool:
     return isinstance(obj, nn.Module) and hasattr(obj, "config") and hasattr(obj.config, "to_dict")
 
 
+def _family_for(hf_config: Any, where: str):
+    """The Llama / Jamba / Bamba family that loads ``hf_config``, or None (Mamba, Mamba-2: this module)."""
+    from seqlab.interop.hf_common import family_for  # it imports this module
+
+    return family_for(hf_config, where)
+
+
 def load(path_or_model, *, dtype=None) -> LanguageModel:
-    """A seqlab ``LanguageModel`` with the weights of a transformers ``MambaForCausalLM`` / ``Mamba2ForCausalLM``.
+    """A seqlab ``LanguageModel`` with the weights of a transformers ``MambaForCausalLM`` / ``Mamba2ForCausalLM``
+    (or ``LlamaForCausalLM`` / ``JambaForCausalLM`` / ``BambaForCausalLM``, by model_type: ``hf_llama``,
+    ``hf_hybrid``).
 
     ``path_or_model``: an in-memory transformers model (its parameters are copied; the seqlab model lives on
     the same device) or a local directory with config.json and model.safetensors. ``dtype``: the parameter
@@ -482,6 +491,11 @@ def load(path_or_model, *, dtype=None) -> LanguageModel:
     if _looks_like_hf_model(path_or_model):
         hf = path_or_model
         where = f"{type(hf).__name__} (in memory)"
+        family = _family_for(hf.config.to_dict(), where)
+        if family is not None:
+            if not hasattr(hf, "lm_head") and not hf.config.to_dict().get("tie_word_embeddings"):
+                raise ConfigError(f"{where}: has no lm_head; give a {family.architecture}")
+            return family.load(hf.config.to_dict(), dict(hf.state_dict()), dtype, where, where, copy=True)
         config, vocab_size, tie = config_from_hf(hf.config.to_dict(), where)
         if not hasattr(hf, "lm_head") and not tie:
             raise ConfigError(f"{where}: has no lm_head; give a {_ARCHITECTURE_OF[_MODEL_TYPE_OF[config.ssm]]}")
@@ -499,7 +513,13 @@ def load(path_or_model, *, dtype=None) -> LanguageModel:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such directory (load reads a local transformers model directory)")
     config_path = folder / CONFIG_NAME
-    config, vocab_size, tie = config_from_hf(_read_json(config_path, CONFIG_NAME), str(config_path))
+    hf_config = _read_json(config_path, CONFIG_NAME)
+    family = _family_for(hf_config, str(config_path))
+    if family is not None:
+        family.config_from_hf(hf_config, str(config_path))  # config errors come before reading the weights
+        tensors, weights_where = _read_weights(folder)
+        return family.load(hf_config, tensors, dtype, str(config_path), weights_where, copy=False)
+    config, vocab_size, tie = config_from_hf(hf_config, str(config_path))
     tensors, weights_where = _read_weights(folder)
     return _build(config, vocab_size, tie, tensors, dtype, weights_where, copy=False)
 
@@ -518,6 +538,11 @@ def save(model: LanguageModel, path: str | os.PathLike) -> Path:
             f"save writes a LanguageModel as MambaForCausalLM / Mamba2ForCausalLM, got {type(model).__name__}; "
             f"transformers has no equivalent of other seqlab models"
         )
+    from seqlab.interop.hf_common import family_of_config
+
+    family = family_of_config(model.config)  # attention, hybrid or feed-forward stacks: Llama, Jamba, Bamba
+    if family is not None:
+        return family.save(model, path)
     tied = model.lm_head.weight is model.embeddings.weight
     dtype = model.embeddings.weight.dtype
     hf_config = config_to_hf(model.config, model.vocab_size, tied, dtype)

@@ -1,6 +1,8 @@
 """The Mamba-1 mixer: in_proj -> causal conv + SiLU -> selective scan (gated by SiLU(z)) -> out_proj.
 
-Parameter names and layouts match mamba_ssm / HF transformers' MambaMixer, so weights map one to one.
+Parameter names and layouts match mamba_ssm / HF transformers' MambaMixer, so weights map one to one. With
+``BackboneConfig.mamba_inner_norms`` the mixer also normalises dt, B and C (RMSNorm each, after ``x_proj``) as
+Jamba's mixer does, with Jamba's parameter names (``dt_layernorm``, ``b_layernorm``, ``c_layernorm``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from torch import nn
 
 from seqlab import kernels
 from seqlab.mixers.base import LayerState, Mixer, init_dt_bias, project_rows
+from seqlab.norm import RMSNorm
 
 
 class Mamba1Mixer(Mixer):
@@ -38,6 +41,13 @@ class Mamba1Mixer(Mixer):
         )
         self.D = nn.Parameter(torch.ones(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, self.d_model, bias=cfg.proj_bias)
+        self.dt_layernorm: RMSNorm | None = None
+        self.b_layernorm: RMSNorm | None = None
+        self.c_layernorm: RMSNorm | None = None
+        if cfg.mamba_inner_norms:
+            self.dt_layernorm = RMSNorm(self.dt_rank, eps=cfg.norm_eps)
+            self.b_layernorm = RMSNorm(self.d_state, eps=cfg.norm_eps)
+            self.c_layernorm = RMSNorm(self.d_state, eps=cfg.norm_eps)
 
         std = self.dt_rank**-0.5
         with torch.no_grad():
@@ -61,7 +71,10 @@ class Mamba1Mixer(Mixer):
         return project_rows(self.in_proj, hidden, (self.d_inner, self.d_inner))
 
     def _split_x_dbl(self, x_dbl: torch.Tensor):
-        return torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.dt_layernorm is not None and self.b_layernorm is not None and self.c_layernorm is not None:
+            dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
+        return dt, B, C
 
     def forward(self, hidden: torch.Tensor, state: LayerState | None = None, return_state: bool = True):
         x, z = (rearrange(t, "b l d -> b d l") for t in self._project_in(hidden))
