@@ -48,6 +48,7 @@ COMMAND_MODULES: dict[str, str] = {
     "generate": "seqlab.cli.generate",
     "train": "seqlab.cli.train",
     "eval": "seqlab.cli.train",
+    "distill": "seqlab.cli.distill",
     "bench": "seqlab.cli.bench",
     "demo": "seqlab.cli.demo",
 }
