@@ -470,13 +470,6 @@ def _looks_like_hf_model(obj: Any) -> bool:
     return isinstance(obj, nn.Module) and hasattr(obj, "config") and hasattr(obj.config, "to_dict")
 
 
-def _family_for(hf_config: Any, where: str):
-    """The Llama / Jamba / Bamba family that loads ``hf_config``, or None (Mamba, Mamba-2: this module)."""
-    from seqlab.interop.hf_common import family_for  # it imports this module
-
-    return family_for(hf_config, where)
-
-
 def load(path_or_model, *, dtype=None) -> LanguageModel:
     """A seqlab ``LanguageModel`` with the weights of a transformers ``MambaForCausalLM`` / ``Mamba2ForCausalLM``
     (or ``LlamaForCausalLM`` / ``JambaForCausalLM`` / ``BambaForCausalLM``, by model_type: ``hf_llama``,
@@ -488,6 +481,8 @@ def load(path_or_model, *, dtype=None) -> LanguageModel:
     """
     if isinstance(path_or_model, LanguageModel):
         raise InputError("load converts a transformers model; this is already a seqlab LanguageModel")
+    from seqlab.interop.hf_common import family_for as _family_for  # Llama, Jamba, Bamba (it imports this module)
+
     if _looks_like_hf_model(path_or_model):
         hf = path_or_model
         where = f"{type(hf).__name__} (in memory)"
