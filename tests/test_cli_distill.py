@@ -1,0 +1,58 @@
+"""``seqlab distill`` end to end on a tiny attention teacher file over bytes: the summary, the run folder, the
+student model file (loads as a LanguageModel with Mamba-2 layers), --resume of a finished run, and refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from seqlab.checkpoint import read_model_file, save_model
+from seqlab.cli import main
+from seqlab.cli.distill import parse_replace
+from seqlab.config import BackboneConfig
+from seqlab.models import LanguageModel
+
+
+@pytest.fixture
+def files(tmp_path):
+    torch.manual_seed(0)
+    config = BackboneConfig(d_model=32, n_layer=2, ssm="attention", attn_heads=4, attn_kv_heads=2, ffn="mlp", d_ffn=32)
+    model = LanguageModel(config, 256)
+    save_model(tmp_path / "teacher.safetensors", model)
+    text = tmp_path / "text.txt"
+    text.write_bytes(("the quick brown fox jumps over the lazy dog. " * 60).encode())
+    return tmp_path / "teacher.safetensors", text
+
+
+def test_cli_distill_runs_and_writes_a_student(files, tmp_path, capsys):
+    teacher, text = files
+    out = tmp_path / "run"
+    args = [
+        "distill", str(text), "--teacher", str(teacher), "--replace", "1", "--stages", "1", "--steps", "2",
+        "--e2e-steps", "2", "--batch-size", "2", "--window", "32", "--eval-fraction", "0.2", "--out", str(out),
+        "--quiet", "--json",
+    ]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["layers"] == [1] and [s["name"] for s in summary["stages"]] == ["align1", "e2e"]
+    assert summary["eval_kl"] >= 0
+    tensors, meta = read_model_file(out / "student.safetensors")
+    config = BackboneConfig.from_dict(meta["config"])
+    assert [config.layer_spec(i)[0] for i in range(2)] == ["attention", "mamba2"]
+    # a finished run resumed: nothing to do but the summary
+    assert main([*args, "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out)["stages"] == []
+    # the same folder without --resume or --overwrite is refused with one line
+    assert main(args[:-1]) == 2
+    assert "--resume or --overwrite" in capsys.readouterr().err
+
+
+def test_cli_distill_refusals(files, tmp_path, capsys):
+    teacher, text = files
+    assert main(["distill", str(text), "--teacher", str(teacher), "--replace", "7", "--out", str(tmp_path / "x")]) == 2
+    assert main(["distill", str(text), "--teacher", str(teacher), "--replace", "0.", "--out", str(tmp_path / "x")]) == 2
+    assert main(["distill", str(text), "--out", str(tmp_path / "x")]) == 2
+    assert "--teacher" in capsys.readouterr().err
+    assert parse_replace("0.5") == 0.5 and parse_replace("1.0") == 1.0 and parse_replace("1,3") == [1, 3]
