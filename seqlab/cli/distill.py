@@ -73,6 +73,11 @@ def _distill(args) -> int:
     from seqlab.runs import resolve_device
 
     require(args, "teacher", "out")
+    if args.replace is not None:
+        try:
+            args.replace = parse_replace(args.replace)
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(f"--replace: {exc}") from None
     if args.threads is not None:
         import torch
 
@@ -180,7 +185,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--teacher", metavar="MODEL", help="teacher: model file, run folder or HF directory (required)")
     run.add_argument(
         "--replace",
-        type=parse_replace,
         metavar="F|I,J,..",
         help="attention layers to replace: a fraction (default 0.5, spread over the stack) or indices 1,3,5",
     )
