@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -242,53 +243,44 @@ def distill(
         )
         folder.mkdir(parents=True, exist_ok=True)
         unit = "mse" if stage["mode"] == "align" else "bits"
-        log = open(out / LOG_FILE, "a")  # noqa: SIM115 - closed below
         first: list[float] = []
 
-        def write_log(trainer, step_record, stage=stage, loss_fn=loss_fn, log=log, first=first):
+        def write_log(trainer, step_record, stage=stage, loss_fn=loss_fn, first=first):
             line = {"stage": stage["name"], "step": step_record["step"], "loss": step_record["loss"], **loss_fn.last}
             for key in ("eval_loss", "eval_metric"):
                 if key in step_record:
                     line[key] = step_record[key]
-            first.append(step_record["loss"]) if not first else None
-            log.write(json.dumps(line) + "\n")
-            log.flush()
+            if not first:
+                first.append(step_record["loss"])
+            with open(out / LOG_FILE, "a") as log:
+                log.write(json.dumps(line) + "\n")
 
         started = time.perf_counter()
         if progress:
             notify(f"stage {k + 1}/{len(plan)} {stage['name']}: {stage['mode']} on layers {stage['layers']}")
-        try:
-            if ray_workers:
-                last, losses = _run_ray(
-                    model,
-                    stage,
-                    config,
-                    train_data,
-                    eval_data,
-                    loss_fn,
-                    ray_workers,
-                    data_parallel,
-                    ray_options,
-                    objective,
-                )
-                for step, value in enumerate(losses, 1):
-                    write_log(None, {"step": step, "loss": value})
+        checksums = None
+        if ray_workers:
+            ray_run = {"storage_path": str(out / "ray"), "name": folder.name, **dict(ray_options or {})}
+            last, losses, checksums = _run_ray(
+                model, stage, config, train_data, loss_fn, ray_workers, data_parallel, ray_run, objective
+            )
+            for step, value in enumerate(losses, 1):
+                write_log(None, {"step": step, "loss": value})
+        else:
+            hooks: dict[str, Any] = {
+                "loss_fn": loss_fn,
+                "metric_fn": distill_metric,
+                "loss_unit": unit,
+                "callbacks": [write_log],
+            }
+            if resume and has_checkpoint(folder):
+                trainer = Trainer.resume(folder, model, config, train_data, eval_data, **hooks)
+                notify(f"stage {stage['name']}: resuming at step {trainer.step}")
+                _trim_log(out / LOG_FILE, stage["name"], trainer.step)
             else:
-                hooks: dict[str, Any] = {
-                    "loss_fn": loss_fn,
-                    "metric_fn": distill_metric,
-                    "loss_unit": unit,
-                    "callbacks": [write_log],
-                }
-                if resume and has_checkpoint(folder):
-                    trainer = Trainer.resume(folder, model, config, train_data, eval_data, **hooks)
-                    notify(f"stage {stage['name']}: resuming at step {trainer.step}")
-                else:
-                    trainer = Trainer(model, config, train_data, eval_data, **hooks)
-                records = trainer.fit()
-                last = records[-1]["loss"] if records else None
-        finally:
-            log.close()
+                trainer = Trainer(model, config, train_data, eval_data, **hooks)
+            records = trainer.fit()
+            last = records[-1]["loss"] if records else None
         save_model(done, student, {"stage": stage["name"], "distill": {"layers": stage["layers"]}})
         summaries.append(
             {
@@ -300,6 +292,7 @@ def distill(
                 "last_loss": last,
                 "loss_unit": unit,
                 "seconds": time.perf_counter() - started,
+                **({"weight_checksums": checksums} if checksums is not None else {}),
             }
         )
     assert student is not None
@@ -312,10 +305,26 @@ def distill(
     return summary
 
 
-def _run_ray(model, stage, config, train_data, eval_data, loss_fn, workers, data_parallel, ray_options, objective):
+def _trim_log(path: Path, stage: str, step: int) -> None:
+    """Drop the log lines of ``stage`` after ``step`` (a resumed stage redoes them)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("stage") != stage or record.get("step", 0) <= step:
+            keep.append(line)
+    atomic_write_bytes(path, "".join(k + "\n" for k in keep).encode())
+
+
+def _run_ray(model, stage, config, train_data, loss_fn, workers, data_parallel, ray_options, objective):
     """One stage on ``workers`` Ray Train workers through ``data_parallel`` (``train_data_parallel``'s
     signature; the caller passes it, since this room may not import the pipelines); the final weights come back
-    into ``model``'s student. Returns the last step's loss (averaged over the workers)."""
+    into ``model``'s student. Returns the last step's loss and every step's (averaged over the workers) and the
+    workers' weight checksums (equal: DDP kept the replicas in step)."""
     from seqlab.checkpoint import latest_checkpoint
 
     if data_parallel is None:
@@ -323,9 +332,9 @@ def _run_ray(model, stage, config, train_data, eval_data, loss_fn, workers, data
     factory = StageFactory(model.__dict__["teacher"], model.student, stage["layers"], stage["mode"], objective)
     result = data_parallel(
         factory,
-        dc_replace(config, checkpoint_dir=None, log_path=None),
+        dc_replace(config, checkpoint_dir=None, checkpoint_every=0, log_path=None),
         _one_d_tokens(train_data),
-        eval_data,
+        None,  # the held-out evaluation runs here, after the last stage
         num_workers=workers,
         loss_fn=loss_fn,
         metric_fn=distill_metric,
@@ -336,8 +345,10 @@ def _run_ray(model, stage, config, train_data, eval_data, loss_fn, workers, data
         raise result.error
     with result.checkpoint.as_directory() as directory:
         load_model(latest_checkpoint(directory) / "model.safetensors", model)
-    losses = result.metrics.get("losses") or []
-    return losses[-1] if losses else result.metrics.get("loss"), losses
+    # the workers' Trainer reports every loss in bits (loss / ln 2): an alignment MSE is given back as is
+    scale = math.log(2) if stage["mode"] == "align" else 1.0
+    losses = [value * scale for value in result.metrics.get("losses") or []]
+    return losses[-1] if losses else None, losses, result.metrics.get("weight_checksums")
 
 
 @torch.no_grad()
