@@ -56,3 +56,46 @@ def test_cli_distill_refusals(files, tmp_path, capsys):
     assert main(["distill", str(text), "--out", str(tmp_path / "x")]) == 2
     assert "--teacher" in capsys.readouterr().err
     assert parse_replace("0.5") == 0.5 and parse_replace("1.0") == 1.0 and parse_replace("1,3") == [1, 3]
+
+
+def test_cli_distill_on_two_ray_train_workers(files, tmp_path, capsys):
+    """One 2-worker Ray Train run (the end-to-end stage only, 3 steps; a local cluster of 2 CPUs, as the pipelines'
+    Ray tests); about 25 s of Ray start-up on 2 cores."""
+    pytest.importorskip("ray")
+    from seqlab.pipelines.ray_cluster import connect
+
+    started = connect(quiet=True, log_to_driver=False, num_cpus=2)
+    try:
+        teacher, text = files
+        out = tmp_path / "ray-run"
+        args = [
+            "distill", str(text), "--teacher", str(teacher), "--replace", "1.0", "--stages", "1", "--steps", "0",
+            "--e2e-steps", "3", "--batch-size", "2", "--window", "16", "--out", str(out), "--ray-workers", "2",
+            "--quiet", "--json",
+        ]  # fmt: skip
+        assert main(args) == 0
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    summary = json.loads(capsys.readouterr().out)
+    assert [s["name"] for s in summary["stages"]] == ["e2e"]
+    for stage in summary["stages"]:
+        sums = stage["weight_checksums"]
+        assert len(sums) == 2 and sums[0] == sums[1]  # DDP kept both replicas equal
+    lines = [json.loads(line) for line in (out / "distill.jsonl").read_text().splitlines()]
+    assert [(line["stage"], line["step"]) for line in lines] == [("e2e", 1), ("e2e", 2), ("e2e", 3)]
+    tensors, meta = read_model_file(out / "student.safetensors")
+    config = BackboneConfig.from_dict(meta["config"])
+    assert all(config.layer_spec(i)[0] == "mamba2" for i in range(2))
+    # the workers' training came back: the student is not the attention-initialised one
+    fresh = build_student_like(teacher)
+    assert any(not torch.equal(tensors[k], v) for k, v in fresh.items() if k in tensors)
+
+
+def build_student_like(teacher_path):
+    from seqlab.distill import build_student
+    from seqlab.distill.teacher import load_teacher
+
+    return build_student(load_teacher(teacher_path), [0, 1]).state_dict()
