@@ -20,7 +20,7 @@ from types import FrameType
 import torch
 
 from seqlab.errors import InputError, StateError, StateMismatchError
-from seqlab.state import RecurrentState, concat_rows
+from seqlab.state import RecurrentState, concat_rows, state_layout
 
 
 @dataclass(eq=False)
@@ -309,7 +309,7 @@ def generate(
                 callback(i, token)
             if any(tuple(tokens[i][-len(s) :]) == s for s in stops):
                 reasons[i] = "stop"
-                finals[i] = _row_state(out.state, j, positions[i])
+                finals[i] = _row_state(model, out.state, j, positions[i])
             else:
                 keep.append(j)
         if len(keep) < len(active):
@@ -324,13 +324,23 @@ def generate(
         else:
             batch, logits = out.state, out.logits
     for j, i in enumerate(active):  # rows that ran to max_new_tokens (or all rows, when it is 0)
-        finals[i] = _row_state(batch, j, positions[i])
+        finals[i] = _row_state(model, batch, j, positions[i])
     states = [s for s in finals if s is not None]
     assert len(states) == len(rows)  # every row ended (stop or length) and recorded its state
     return GenerationOutput(tokens, states, reasons)
 
 
-def _row_state(batch: RecurrentState, row: int, position: int) -> RecurrentState:
+def _row_state(model, batch: RecurrentState, row: int, position: int) -> RecurrentState:
+    """Row ``row`` of the decoding batch as its own state. A growing tensor (a KV cache) was left-padded to the
+    batch's longest row; the padding is dropped, so the state equals the one the prompt would get alone."""
     picked = batch.select(row)
     picked.position = position
+    for layer, layout in zip(picked.layers, state_layout(model)):
+        if "seen" not in layer:
+            continue
+        real = int(layer["seen"].max())  # a right-aligned cache's real entries are its last `seen` slots
+        for name, (shape, _) in layout.items():
+            for dim, size in enumerate(shape, start=1):
+                if size is None and layer[name].shape[dim] > real:
+                    layer[name] = layer[name].narrow(dim, layer[name].shape[dim] - real, real).contiguous()
     return picked

@@ -32,7 +32,7 @@ FULL_CHECKSUM_SINCE = 2
 _LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def state_layout(model) -> list[dict[str, tuple[tuple[int, ...], torch.dtype]]]:
+def state_layout(model) -> list[dict[str, tuple[tuple[int | None, ...], torch.dtype]]]:
     """What ``model``'s state holds per layer: ``{name: (shape without the batch dim, dtype)}``."""
     try:
         return _LAYOUTS[model]
@@ -60,11 +60,17 @@ def check_state_tensors(layers, model, where: str = "state", error=StateMismatch
         raise error(f"{where}: layers must be a list of dicts of tensors, got {type(layers).__name__}")
     if len(layers) != len(layout):
         raise error(f"{where}: holds {len(layers)} layers, the model has {len(layout)}")
+    checks = _layer_checks(model)
     batch = None
     for i, (have, want) in enumerate(zip(layers, layout)):
         if not isinstance(have, dict) or set(have) != set(want):
             names = sorted(have) if isinstance(have, dict) else type(have).__name__
             raise error(f"{where}: layers.{i} holds {names}, the model's state has {sorted(want)}")
+        check = checks[i] if i < len(checks) else None
+        if check is not None and all(isinstance(t, torch.Tensor) for t in have.values()):
+            problem = check(have)  # what the layer's mixer knows beyond the layout (a KV cache's heads, slots)
+            if problem:
+                raise error(f"{where}: layers.{i}: {problem}")
         for name, (shape, dtype) in want.items():
             tensor = have[name]
             if not isinstance(tensor, torch.Tensor):
@@ -86,6 +92,14 @@ def check_state_tensors(layers, model, where: str = "state", error=StateMismatch
                 raise error(
                     f"{where}: layers.{i}.{name} holds a batch of {tensor.shape[0]}, layers.0 a batch of {batch}"
                 )
+
+
+def _layer_checks(model) -> list:
+    """Per layer, its mixer's ``check_state(layer_state) -> problem or None``, where the mixer has one."""
+    blocks = getattr(getattr(model, "backbone", model), "layers", None)
+    if blocks is None:
+        return []
+    return [getattr(getattr(block, "mixer", None), "check_state", None) for block in blocks]
 
 
 def require_fingerprint(found, model, what: str = "state", where: str = "") -> None:

@@ -58,6 +58,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dim: 
 
 
 class AttentionMixer(Mixer):
+    inv_freq: torch.Tensor
+    _exact_inv_freq: torch.Tensor | None = None
+
     def __init__(self, config, layer_idx: int = 0, **options) -> None:
         super().__init__()
         if options:  # built directly with options (a Block passes the layer's override, already merged below)
@@ -87,9 +90,43 @@ class AttentionMixer(Mixer):
             "seen": torch.zeros(batch_size, dtype=torch.long, device=device),
         }
 
+    def check_state(self, state: LayerState) -> str | None:
+        """What makes ``state`` unusable as this layer's KV cache (None when nothing does): k and v must have this
+        layer's key/value heads and head_dim and the same number of slots, at most ``window`` of them, and every
+        row's ``seen`` must be >= 0. ``seqlab.state.check_state_tensors`` calls it for every state it checks."""
+        k, v, seen = state["k"], state["v"], state["seen"]
+        for name, t in (("k", k), ("v", v)):
+            if t.dim() != 4:
+                return f"{name} has shape {tuple(t.shape)}: an attention layer's is (batch, kv_heads, slots, head_dim)"
+            if t.shape[1] != self.kv_heads:
+                return (
+                    f"{name} has {t.shape[1]} key/value heads (shape {tuple(t.shape)}), this attention layer has "
+                    f"{self.kv_heads} (attn_kv_heads)"
+                )
+            if t.shape[3] != self.head_dim:
+                return f"{name} has head_dim {t.shape[3]}, this attention layer's is {self.head_dim} (attn_head_dim)"
+        if k.shape[2] != v.shape[2]:
+            return f"k holds {k.shape[2]} slots and v {v.shape[2]}: one layer's k and v hold the same slots"
+        if self.window is not None and k.shape[2] > self.window:
+            return f"k and v hold {k.shape[2]} slots, more than the layer's window ({self.window})"
+        if seen.dim() == 1 and seen.numel() and bool((seen < 0).any()):
+            return f"seen holds {int(seen.min())}: the number of tokens a row has consumed is >= 0"
+        return None
+
+    def _frequencies(self, device: torch.device) -> torch.Tensor:
+        """The rotary frequencies (fp32 values, as HF's ``inv_freq``) in float64, from the settings, cached per
+        device. Not the ``inv_freq`` buffer: ``model.to(torch.bfloat16)`` casts buffers too, which would round each
+        frequency to 8 bits (and ``.float()`` afterwards would not undo it), turning every angle at distance d by
+        up to d / 256 of its own size."""
+        exact = self._exact_inv_freq
+        if exact is None or exact.device != device:
+            exact = rope_inverse_frequencies(self.settings).float().to(device=device, dtype=torch.float64)
+            self._exact_inv_freq = exact
+        return exact
+
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
         """cos, sin of shape (b, 1, l, rope_dim) for absolute positions (b, l)."""
-        angles = positions.to(torch.float64)[..., None] * self.inv_freq.to(torch.float64)
+        angles = positions.to(torch.float64)[..., None] * self._frequencies(positions.device)
         angles = torch.cat((angles, angles), dim=-1)[:, None]
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -104,7 +141,7 @@ class AttentionMixer(Mixer):
             cos, sin = self._rope(positions, torch.float32 if q.dtype != torch.float64 else q.dtype)
             q, k = apply_rope(q, cos, sin, self.settings.rope_dim), apply_rope(k, cos, sin, self.settings.rope_dim)
         slots = 0 if state is None else state["k"].shape[2]
-        if slots:
+        if state is not None and slots:
             keys = torch.cat((state["k"].to(k.dtype), k), dim=2)
             values = torch.cat((state["v"].to(v.dtype), v), dim=2)
         else:
