@@ -75,3 +75,15 @@ def test_moe_bench_quick_runs_and_prints_the_table():
     assert "| 8 | 1 x 256 | train fwd+bwd |" in out and "| 4 | 2 x 64 | eval fwd (drop-free) |" in out
     assert "target: MoE train fwd+bwd time <= 1.5x dense" in out
     assert "| batch x length | mode | layer | peak RSS (MiB) |" in out and "| MoE E=8 |" in out
+
+
+def test_hybrid_bench_quick_runs_and_prints_the_table():
+    out = run_bench("hybrid.py", "--quick")
+    assert (
+        "| model | context | prefill s | decode tok/s | ms / token | state bytes | KV cache part | per token |" in out
+    )
+    assert "| attention | 32 |" in out and "| hybrid | 256 |" in out and "| mamba2 | 256 |" in out
+    assert "| context | hybrid / attention decode tok/s | mamba2 / attention decode tok/s |" in out
+    assert "mamba2: decode tok/s at 256 / at 32 = " in out
+    row = next(line for line in out.splitlines() if line.startswith("| attention | 256 | "))
+    assert "| 2.0 MiB | 2.0 MiB |" in row  # 256 tokens x 2 x 4 heads x 64 x 4 bytes x 4 layers
