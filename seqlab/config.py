@@ -180,6 +180,11 @@ def check_rope_scaling(scaling: Any, where: str) -> dict[str, Any]:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise ConfigError(f"{where}: {kind} scaling needs {name} > 0, got {value!r}")
         out[name] = value
+    if kind == "llama3" and out["high_freq_factor"] <= out["low_freq_factor"]:
+        raise ConfigError(
+            f"{where}: llama3 scaling needs high_freq_factor > low_freq_factor (the blend between them divides by "
+            f"their difference), got {out['high_freq_factor']!r} and {out['low_freq_factor']!r}"
+        )
     return out
 
 

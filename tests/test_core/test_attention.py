@@ -400,6 +400,10 @@ BAD_FIELDS = {
         dict(ssm="attention", attn_rope_scaling={"rope_type": "llama3", "factor": 8.0}),
         r"llama3 scaling needs low_freq_factor",
     ),
+    "llama3_bands": (
+        dict(ssm="attention", attn_rope_scaling={**LLAMA3, "high_freq_factor": 1.0}),
+        r"llama3 scaling needs high_freq_factor > low_freq_factor",
+    ),
     "no_attention_layer": (dict(ssm="mamba1", attn_heads=2), r"attn_heads is set but no layer is an attention layer"),
     "no_attention_layer_hybrid": (
         dict(ssm="mamba1", attn_window=4, layer_overrides={1: {"mixer": "mamba2", "options": {"headdim": 8}}}),
