@@ -17,6 +17,7 @@ from seqlab.config import BackboneConfig
 from seqlab.distill import (
     DistillModel,
     build_student,
+    calibrate_norms,
     choose_layers,
     distill,
     distill_loss,
@@ -231,3 +232,17 @@ def test_ddp_trains_the_distillation_module(tmp_path):
             assert grads and all(g is not None for g in grads)
     finally:
         dist.destroy_process_group()
+
+
+def test_calibrate_norms_sets_the_teachers_output_scale():
+    model = teacher(n_layer=2)
+    student = build_student(model, [0, 1])
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(2))
+    seen = {}
+    hook = model.backbone.layers[1].mixer.o_proj.register_forward_hook(lambda m, args, out: seen.update(x=args[0]))
+    with torch.no_grad():
+        model(ids)
+    hook.remove()
+    calibrate_norms(model, student, [0, 1], ids)
+    want = seen["x"].pow(2).mean(dim=(0, 1)).sqrt()
+    assert torch.allclose(student.backbone.layers[1].mixer.norm.weight.detach(), want, rtol=1e-5)

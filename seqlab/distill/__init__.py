@@ -8,6 +8,7 @@
 from seqlab.distill.mapping import (
     attention_layers,
     build_student,
+    calibrate_norms,
     choose_layers,
     init_from_attention,
     mamba2_options,
@@ -22,6 +23,7 @@ __all__ = [
     "DistillOutput",
     "attention_layers",
     "build_student",
+    "calibrate_norms",
     "choose_layers",
     "distill",
     "distill_loss",

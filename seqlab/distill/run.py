@@ -25,7 +25,14 @@ from typing import Any
 import torch
 
 from seqlab.checkpoint import has_checkpoint, load_model, save_model
-from seqlab.distill.mapping import DEFAULT_DECAY, INIT_KINDS, build_student, choose_layers, stage_groups
+from seqlab.distill.mapping import (
+    DEFAULT_DECAY,
+    INIT_KINDS,
+    build_student,
+    calibrate_norms,
+    choose_layers,
+    stage_groups,
+)
 from seqlab.distill.objective import DistillModel, distill_metric, distill_parts
 from seqlab.errors import ConfigError, CorruptFileError, InputError
 from seqlab.io import atomic_write_bytes
@@ -34,7 +41,18 @@ PLAN_FILE = "distill.json"
 LOG_FILE = "distill.jsonl"
 STUDENT_FILE = "student.safetensors"
 #: settings a resumed run keeps from its plan (a different value given is an error naming it)
-PLAN_KEYS = ("layers", "stages", "steps", "e2e_steps", "init", "decay", "freeze_mlp", "batch_size", "window")
+PLAN_KEYS = (
+    "layers",
+    "stages",
+    "steps",
+    "e2e_steps",
+    "init",
+    "decay",
+    "calibrate",
+    "freeze_mlp",
+    "batch_size",
+    "window",
+)
 
 
 class PartsLoss:
@@ -86,6 +104,13 @@ def _count(name: str, value, low: int = 0) -> int:
     return value
 
 
+def _first_window(train_data, batch_size: int, window: int) -> torch.Tensor:
+    from seqlab.windows import SequenceSource, WindowSource
+
+    source = train_data if isinstance(train_data, WindowSource) else SequenceSource(train_data, batch_size, window)
+    return source.window(0)[0]
+
+
 def _one_d_tokens(train_data):
     data = getattr(train_data, "data", train_data)
     if isinstance(data, torch.Tensor) or hasattr(data, "ndim"):
@@ -122,6 +147,7 @@ def distill(
     progress: bool = True,
     notify: Callable[[str], None] | None = None,
     teacher_source: str | None = None,
+    calibrate: bool = True,
 ) -> dict:
     """Distil ``teacher`` (a ``LanguageModel`` with attention layers) into a student with ``replace`` (a
     fraction or a list of layer indices) of its attention layers as Mamba-2 layers; return the run's summary.
@@ -129,10 +155,11 @@ def distill(
     ``train_data``: a ``WindowSource`` (batch size and window as ``train_options``) or 1-D token ids (with
     ``ray_workers``, 1-D ids only). ``stages`` progressive alignment stages of ``steps`` steps each, then
     ``e2e_steps`` (default ``steps``; 0: none) of KL(teacher || student) + ``ce_weight`` * CE. ``init``:
-    ``"attention"`` (the mapping of ``seqlab.distill.mapping``) or ``"random"``. ``train_options``:
-    ``seqlab.train.TrainConfig`` fields (lr, batch_size, window, checkpoint_every, seed ...). ``resume``: go on
-    from the run in ``out`` (finished stages are skipped, the running one continues from its latest
-    checkpoint; with Ray from its start). ``ray_workers``: N > 0 runs every stage data-parallel on N Ray Train
+    ``"attention"`` (the mapping of ``seqlab.distill.mapping``; with ``calibrate``, each mapped layer's norm
+    weight is then set from the teacher on the first training window: ``calibrate_norms``) or ``"random"``.
+    ``train_options``: ``seqlab.train.TrainConfig`` fields (lr, batch_size, window, checkpoint_every, seed ...).
+    ``resume``: go on from the run in ``out`` (finished stages are skipped, the running one continues from its
+    latest checkpoint; with Ray from its start). ``ray_workers``: N > 0 runs every stage data-parallel on N Ray Train
     workers through ``data_parallel`` (``seqlab.pipelines.ray_train.train_data_parallel``; ``ray_options``: its
     keywords, e.g. ``storage_path``, ``quiet``). ``notify`` gets one-line notices; ``progress``
     shows a bar per stage.
@@ -162,6 +189,7 @@ def distill(
         "e2e_steps": e2e_steps,
         "init": init,
         "decay": decay,
+        "calibrate": bool(calibrate),
         "freeze_mlp": bool(freeze_mlp),
         "batch_size": options["batch_size"],
         "window": options["window"],
@@ -220,7 +248,11 @@ def distill(
         done = folder / STUDENT_FILE
         if k < first_stage:
             continue
+        fresh = [i for i in stage["new"] if init == "attention"]
         student = build_student(teacher, stage["layers"], init, decay, seed + k, base=student)
+        if fresh and calibrate:  # the mapped layers' output scale: the teacher's on the first training window
+            first_inputs = _first_window(train_data, options["batch_size"], options["window"])
+            calibrate_norms(teacher, student, fresh, first_inputs.to(next(student.parameters()).device))
         model = DistillModel(
             teacher,
             student,
