@@ -107,6 +107,8 @@ def main() -> None:
     parser.add_argument("--e2e-steps", type=int)
     parser.add_argument("--teacher-steps", type=int)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--decay", type=float, default=None, help="mapped layers' per-step decay (default 0.999)")
+    parser.add_argument("--no-calibrate", action="store_true", help="mapped layers keep norm weight 1")
     args = parser.parse_args()
     import torch
 
@@ -120,8 +122,11 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from seqlab.distill import build_student, choose_layers, distill, evaluate_distillation
+    from seqlab.distill import build_student, calibrate_norms, choose_layers, distill, evaluate_distillation
+    from seqlab.distill.mapping import DEFAULT_DECAY
     from seqlab.distill.teacher import load_teacher
+
+    decay = DEFAULT_DECAY if args.decay is None else args.decay
     from seqlab.windows import SequenceSource
 
     data = torch.tensor(list(corpus(s.bytes)), dtype=torch.long)
@@ -141,22 +146,28 @@ def main() -> None:
         for init in INITS:
             for seed in range(s.seeds):
                 t0 = time.perf_counter()
-                start = build_student(teacher, choose_layers(teacher.config, fraction), init, seed=seed)
-                before = evaluate_distillation(teacher, start, held_source, s.eval_windows)
                 rotated = torch.roll(train, -seed * len(train) // 3)  # a seed's data order (same for both inits)
+                source = SequenceSource(rotated, s.batch_size, s.window)
+                layers = choose_layers(teacher.config, fraction)
+                start = build_student(teacher, layers, init, decay, seed=seed)
+                if init == "attention" and not args.no_calibrate:  # as distill() does before its first stage
+                    calibrate_norms(teacher, start, layers, source.window(0)[0])
+                before = evaluate_distillation(teacher, start, held_source, s.eval_windows)
                 summary = distill(
                     teacher,
-                    SequenceSource(rotated, s.batch_size, s.window),
+                    source,
                     out / "runs" / f"f{fraction}-{init}-s{seed}",
                     replace=fraction,
                     stages=2,
                     steps=s.align_steps,
                     e2e_steps=s.e2e_steps,
                     init=init,
+                    decay=decay,
                     train_options={"lr": s.lr, "seed": seed, "warmup_steps": 10 if not args.quick else 0},
                     eval_data=held_source,
                     overwrite=True,
                     progress=False,
+                    calibrate=not args.no_calibrate,
                 )
                 from seqlab.checkpoint import load_model
 
@@ -192,6 +203,8 @@ def main() -> None:
     teacher_bpb = runs[0]["teacher_bpb"]
     result = {
         "settings": asdict(s),
+        "calibrate": not args.no_calibrate,
+        "decay": decay,
         "teacher": {"saved_as": kind, "bpb": teacher_bpb, "seconds": teacher_seconds},
         "held_out_bytes": len(held),
         "eval_bytes": min(s.eval_windows, held_source.num_windows) * s.window,
