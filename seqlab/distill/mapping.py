@@ -24,9 +24,9 @@ Two nonlinearities of the Mamba-2 layer have no counterpart in attention and sta
 the output (group size ``d_inner / ngroups = P``). The norm takes the place of linear attention's normaliser
 (the sum of scores, unsafe here since SiLU scores can be negative): each head's output is scaled to unit RMS,
 then by the norm's weight (1 here; ``calibrate_norms`` then sets it to the teacher's output scale, which
-``seqlab.distill.distill`` does on the first training window). Rotary positions are dropped (the recurrence's order and decay carry position).
-``tests/test_distill.py`` checks that such a layer with no decay equals this normalised SiLU linear attention
-computed directly in float64.
+``seqlab.distill.distill`` does on the first training window). Rotary positions are dropped (the recurrence's
+order and decay carry position). ``tests/test_distill.py`` checks that such a layer with no decay equals this
+normalised SiLU linear attention computed directly in float64.
 """
 
 from __future__ import annotations
