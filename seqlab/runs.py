@@ -24,6 +24,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from seqlab.config import MOE_FIELDS
 from seqlab.errors import ConfigError, CorruptFileError, InputError
 
 __all__ = [
@@ -73,16 +74,7 @@ MODEL_OPTIONS: dict[str, Any] = {
 }
 #: MoE options: each the BackboneConfig field of the same name (None: MoESettings' default). ``moe_experts``
 #: turns every layer's feed-forward into a mixture of experts (``ffn="moe"``); the others need it.
-MOE_OPTIONS: tuple[str, ...] = (
-    "moe_experts",
-    "moe_top_k",
-    "moe_d_expert",
-    "moe_capacity_factor",
-    "moe_jitter",
-    "moe_balance_weight",
-    "moe_z_weight",
-    "moe_every",
-)
+MOE_OPTIONS: tuple[str, ...] = tuple(name for name in MOE_FIELDS if name != "moe_renormalize")  # Jamba's, HF only
 #: training option -> TrainConfig field (defaults: TrainConfig's, except RUN_DEFAULTS)
 TRAIN_OPTIONS: dict[str, str] = {
     "steps": "max_steps",
