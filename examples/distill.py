@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--e2e-steps", type=int)
     parser.add_argument("--teacher-steps", type=int)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--decay", type=float, default=None, help="mapped layers' per-step decay (default 0.999)")
+    parser.add_argument("--decay", type=float, default=None, help="mapped layers' per-step decay (default 0.9)")
     parser.add_argument("--no-calibrate", action="store_true", help="mapped layers keep norm weight 1")
     args = parser.parse_args()
     import torch

@@ -34,6 +34,7 @@ _args.VOCABULARY.update(
         "stages": "progressive distillation stages",
         "e2e_steps": "steps of the end-to-end distillation stage",
         "init": "how replaced layers start (attention or random)",
+        "decay": "per-step state decay of the mapped layers",
         "freeze_mlp": "keep the feed-forwards frozen",
         "kd_temperature": "distillation softmax temperature",
         "kl_weight": "weight of KL(teacher || student)",
@@ -45,6 +46,7 @@ _args.VOCABULARY.update(
 _STEPS = count(0)
 _WEIGHT = number(0, 1000)
 _KD_TEMPERATURE = number(0.01, 100)
+_DECAY = number(0, 1, low_open=True)
 
 
 def parse_replace(text: str):
@@ -68,6 +70,7 @@ def parse_replace(text: str):
 def _distill(args) -> int:
     from seqlab.cli import require
     from seqlab.distill import distill
+    from seqlab.distill.mapping import DEFAULT_DECAY
     from seqlab.distill.teacher import load_teacher
     from seqlab.errors import ConfigError
     from seqlab.runs import resolve_device
@@ -128,6 +131,7 @@ def _distill(args) -> int:
         steps=args.steps if args.steps is not None else 100,
         e2e_steps=args.e2e_steps,
         init=args.init or "attention",
+        decay=DEFAULT_DECAY if args.decay is None else args.decay,
         freeze_mlp=bool(args.freeze_mlp),
         eval_data=data.eval_source,
         train_options=options,
@@ -192,6 +196,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--steps", type=_STEPS, help="steps per alignment stage (default 100; 0: none)")
     run.add_argument("--e2e-steps", type=_STEPS, help="steps of the end-to-end stage (default --steps; 0: none)")
     run.add_argument("--init", choices=("attention", "random"), help="replaced layers' start (default attention)")
+    run.add_argument(
+        "--decay", type=_DECAY, help="mapped layers' per-step state decay exp(dt*A) (default 0.9; see docs)"
+    )
     run.add_argument("--freeze-mlp", action="store_true", default=None, help="keep the feed-forwards frozen")
     run.add_argument("--kd-temperature", type=_KD_TEMPERATURE, help="softmax temperature of the KL (default 1)")
     run.add_argument("--kl-weight", type=_WEIGHT, help="weight of KL(teacher || student) (default 1)")
