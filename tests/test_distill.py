@@ -246,3 +246,24 @@ def test_calibrate_norms_sets_the_teachers_output_scale():
     calibrate_norms(model, student, [0, 1], ids)
     want = seen["x"].pow(2).mean(dim=(0, 1)).sqrt()
     assert torch.allclose(student.backbone.layers[1].mixer.norm.weight.detach(), want, rtol=1e-5)
+
+
+def test_load_teacher_from_an_hf_llama_directory_a_model_file_and_a_run_folder(tmp_path):
+    from seqlab.checkpoint import save_model
+    from seqlab.distill.teacher import load_teacher
+    from seqlab.interop.hf import save
+
+    model = teacher(n_layer=2)
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = model(ids).logits
+    save(model, tmp_path / "hf")
+    (tmp_path / "run").mkdir()
+    save_model(tmp_path / "run" / "model.safetensors", model)
+    for where in (tmp_path / "hf", tmp_path / "run", tmp_path / "run" / "model.safetensors"):
+        loaded = load_teacher(where)
+        assert not any(p.requires_grad for p in loaded.parameters())
+        with torch.no_grad():
+            assert torch.allclose(loaded(ids).logits, want, atol=1e-5), where
+    with pytest.raises(InputError):
+        load_teacher(tmp_path / "missing.safetensors")
