@@ -44,6 +44,12 @@ def test_cli_distill_runs_and_writes_a_student(files, tmp_path, capsys):
     # a finished run resumed: nothing to do but the summary
     assert main([*args, "--resume"]) == 0
     assert json.loads(capsys.readouterr().out)["stages"] == []
+    # flags left out keep the run's settings; a different one is refused, naming it
+    short = ["distill", str(text), "--teacher", str(teacher), "--out", str(out), "--resume", "--quiet", "--json"]
+    assert main(short) == 0
+    assert json.loads(capsys.readouterr().out)["layers"] == [1]
+    assert main([*short, "--steps", "5"]) == 2
+    assert "planned with steps=2" in capsys.readouterr().err
     # the same folder without --resume or --overwrite is refused with one line
     assert main(args[:-1]) == 2
     assert "--resume or --overwrite" in capsys.readouterr().err

@@ -70,7 +70,7 @@ def parse_replace(text: str):
 def _distill(args) -> int:
     from seqlab.cli import require
     from seqlab.distill import distill
-    from seqlab.distill.mapping import DEFAULT_DECAY
+    from seqlab.distill.run import read_plan
     from seqlab.distill.teacher import load_teacher
     from seqlab.errors import ConfigError
     from seqlab.runs import resolve_device
@@ -87,7 +87,9 @@ def _distill(args) -> int:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     teacher = load_teacher(args.teacher, device=device)
-    batch_size, window = args.batch_size or 8, args.window or 256
+    recorded = (read_plan(args.out) or {}) if args.resume else {}  # a resumed run keeps what is left out
+    batch_size = args.batch_size or recorded.get("batch_size") or 8
+    window = args.window or recorded.get("window") or 256
     adapter = args.adapter or (getattr(teacher, "adapter_info", None) or {}).get("name") or "bytes"
     if args.store:
         from seqlab.pipelines.train_data import store_data
@@ -126,13 +128,13 @@ def _distill(args) -> int:
         teacher,
         data.train,
         args.out,
-        replace=args.replace if args.replace is not None else 0.5,
-        stages=args.stages or 3,
-        steps=args.steps if args.steps is not None else 100,
+        replace=args.replace,
+        stages=args.stages,
+        steps=args.steps,
         e2e_steps=args.e2e_steps,
-        init=args.init or "attention",
-        decay=DEFAULT_DECAY if args.decay is None else args.decay,
-        freeze_mlp=bool(args.freeze_mlp),
+        init=args.init,
+        decay=args.decay,
+        freeze_mlp=args.freeze_mlp,
         eval_data=data.eval_source,
         train_options=options,
         temperature=args.kd_temperature or 1.0,
@@ -204,7 +206,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--kl-weight", type=_WEIGHT, help="weight of KL(teacher || student) (default 1)")
     run.add_argument("--ce-weight", type=_WEIGHT, help="weight of the next-token cross-entropy (default 0)")
     run.add_argument("--out", metavar="DIR", help="output folder (required)")
-    run.add_argument("--resume", action="store_true", default=None, help="continue the run in --out")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        default=None,
+        help="continue the run in --out (flags left out keep the run's settings)",
+    )
     run.add_argument("--overwrite", action="store_true", default=None, help="replace the run in --out")
     run.add_argument("--ray-workers", type=count(0, 1024), help="run each stage on N Ray Train workers")
     opt = d.add_argument_group("training")

@@ -81,6 +81,20 @@ class StageFactory:
         )
 
 
+def read_plan(out) -> dict | None:
+    """The plan recorded in a run folder (``distill.json``), or None when there is none."""
+    path = Path(out) / PLAN_FILE
+    if not path.is_file():
+        return None
+    try:
+        plan = json.loads(path.read_text())
+    except ValueError as exc:
+        raise CorruptFileError(f"{path}: not JSON ({exc})") from None
+    if not isinstance(plan, dict) or plan.get("seqlab") != "distill":
+        raise CorruptFileError(f"{path}: not a seqlab distillation plan")
+    return plan
+
+
 def plan_stages(layers: list[int], stages: int, steps: int, e2e_steps: int) -> list[dict]:
     """The stages: one ``align`` stage per progressive group (each replaces its group on top of the earlier
     ones and aligns every replaced layer), then one ``e2e`` stage over the whole student (left out when
@@ -127,13 +141,13 @@ def distill(
     train_data,
     out,
     *,
-    replace=0.5,
-    stages: int = 3,
-    steps: int = 100,
+    replace=None,
+    stages: int | None = None,
+    steps: int | None = None,
     e2e_steps: int | None = None,
-    init: str = "attention",
-    decay: float = DEFAULT_DECAY,
-    freeze_mlp: bool = False,
+    init: str | None = None,
+    decay: float | None = None,
+    freeze_mlp: bool | None = None,
     eval_data=None,
     train_options: dict[str, Any] | None = None,
     temperature: float = 1.0,
@@ -147,7 +161,7 @@ def distill(
     progress: bool = True,
     notify: Callable[[str], None] | None = None,
     teacher_source: str | None = None,
-    calibrate: bool = True,
+    calibrate: bool | None = None,
 ) -> dict:
     """Distil ``teacher`` (a ``LanguageModel`` with attention layers) into a student with ``replace`` (a
     fraction or a list of layer indices) of its attention layers as Mamba-2 layers; return the run's summary.
@@ -159,14 +173,17 @@ def distill(
     weight is then set from the teacher on the first training window: ``calibrate_norms``) or ``"random"``.
     ``train_options``: ``seqlab.train.TrainConfig`` fields (lr, batch_size, window, checkpoint_every, seed ...).
     ``resume``: go on from the run in ``out`` (finished stages are skipped, the running one continues from its
-    latest checkpoint; with Ray from its start). ``ray_workers``: N > 0 runs every stage data-parallel on N Ray Train
-    workers through ``data_parallel`` (``seqlab.pipelines.ray_train.train_data_parallel``; ``ray_options``: its
-    keywords, e.g. ``storage_path``, ``quiet``). ``notify`` gets one-line notices; ``progress``
-    shows a bar per stage.
+    latest checkpoint; with Ray from its start); settings left None keep the run's own, a different one is
+    refused. Left None in a new run: ``replace`` 0.5, ``stages`` 3, ``steps`` 100, ``init`` "attention",
+    ``decay`` ``DEFAULT_DECAY``, ``calibrate`` True, ``freeze_mlp`` False. ``ray_workers``: N > 0 runs every
+    stage data-parallel on N Ray Train workers through ``data_parallel``
+    (``seqlab.pipelines.ray_train.train_data_parallel``; ``ray_options``: its keywords, e.g. ``storage_path``,
+    ``quiet``). ``notify`` gets one-line notices; ``progress`` shows a bar per stage.
 
     The summary: ``layers``, ``stages`` (per stage: ``name``, ``mode``, ``layers``, ``steps``, ``first_loss``,
-    ``last_loss``, ``seconds``), ``student`` (the model file), ``out``, and with ``eval_data`` the held-out
-    ``eval_kl`` (nats per token) and the student's and teacher's ``eval_bits_per_token``.
+    ``last_loss``, ``seconds``; on Ray ``weight_checksums``), ``student`` (the model file), ``out``, and with
+    ``eval_data`` the held-out ``eval_kl`` (nats per token) and the student's and teacher's
+    ``eval_bits_per_token``.
     """
     from seqlab.train import TrainConfig, Trainer
 
@@ -174,10 +191,24 @@ def distill(
     out = Path(out)
     if resume and overwrite:
         raise ConfigError("--resume continues the run in --out, --overwrite replaces it: give one of them")
+    plan_path = out / PLAN_FILE
+    recorded = read_plan(out) if resume else None
+    mine = recorded or {}
+    replace = mine.get("layers", 0.5) if replace is None else replace
+    stages = mine.get("stages", 3) if stages is None else stages
+    steps = mine.get("steps", 100) if steps is None else steps
+    e2e_steps = mine.get("e2e_steps") if e2e_steps is None else e2e_steps
+    init = mine.get("init", "attention") if init is None else init
+    decay = mine.get("decay", DEFAULT_DECAY) if decay is None else decay
+    calibrate = mine.get("calibrate", True) if calibrate is None else calibrate
+    freeze_mlp = mine.get("freeze_mlp", False) if freeze_mlp is None else freeze_mlp
     if init not in INIT_KINDS:
         raise ConfigError(f"--init must be one of {INIT_KINDS}, got {init!r}")
     _count("--ray-workers", ray_workers)
     options = dict(train_options or {})
+    for key in ("batch_size", "window"):
+        if key in mine:
+            options.setdefault(key, mine[key])
     options.setdefault("batch_size", getattr(train_data, "batch_size", 8))
     options.setdefault("window", getattr(train_data, "window_size", 256))
     steps = _count("--steps", steps)
@@ -194,15 +225,9 @@ def distill(
         "batch_size": options["batch_size"],
         "window": options["window"],
     }
-    plan_path = out / PLAN_FILE
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file, not a folder")
-    recorded = None
-    if plan_path.is_file() and resume:
-        try:
-            recorded = json.loads(plan_path.read_text())
-        except ValueError as exc:
-            raise CorruptFileError(f"{plan_path}: not JSON ({exc})") from None
+    if recorded is not None:
         for key in PLAN_KEYS:
             if recorded.get(key) != given[key]:
                 raise ConfigError(
@@ -423,4 +448,4 @@ def evaluate_distillation(teacher, student, eval_data, windows: int | None = Non
     }
 
 
-__all__ = ["PartsLoss", "StageFactory", "distill", "evaluate_distillation", "plan_stages"]
+__all__ = ["PartsLoss", "StageFactory", "distill", "evaluate_distillation", "plan_stages", "read_plan"]
