@@ -15,8 +15,15 @@ from seqlab.distill.mapping import (
     stage_groups,
     student_config,
 )
-from seqlab.distill.objective import DistillModel, DistillOutput, distill_loss, distill_parts, kl_divergence
-from seqlab.distill.run import distill, evaluate_distillation, plan_stages
+from seqlab.distill.objective import (
+    DistillModel,
+    DistillOutput,
+    distill_loss,
+    distill_parts,
+    evaluate_distillation,
+    kl_divergence,
+)
+from seqlab.distill.run import distill, plan_stages, read_plan
 
 __all__ = [
     "DistillModel",
@@ -33,6 +40,7 @@ __all__ = [
     "kl_divergence",
     "mamba2_options",
     "plan_stages",
+    "read_plan",
     "stage_groups",
     "student_config",
 ]

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqlab.errors import ConfigError
+from seqlab.errors import ConfigError, InputError
 
 MODES = ("align", "e2e")
 
@@ -172,3 +172,38 @@ def distill_metric(output: DistillOutput, targets: torch.Tensor) -> float:
     assert output.logits is not None
     logits = output.logits.float()
     return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))) / math.log(2)
+
+
+@torch.no_grad()
+def evaluate_distillation(teacher, student, eval_data, windows: int | None = None) -> dict:
+    """Held-out ``eval_kl`` (KL(teacher || student), nats per token) and ``eval_bits_per_token`` of the student
+    and ``teacher_bits_per_token``, over ``eval_data``'s windows (a WindowSource or 1-D ids, windows of 256)."""
+    from seqlab.windows import SequenceSource, WindowSource
+
+    source = eval_data if isinstance(eval_data, WindowSource) else SequenceSource(eval_data, 1, 256)
+    n = source.num_windows if windows is None else min(windows, source.num_windows)
+    was = student.training
+    student.eval()
+    kl = ce_s = ce_t = 0.0
+    tokens = 0
+    device = next(student.parameters()).device
+    try:
+        for i in range(n):
+            inputs, targets = (x.to(device) for x in source.window(i))
+            s = student(inputs, None, return_state=False).logits.float()
+            t = teacher(inputs, None, return_state=False).logits.float()
+            count = targets.numel()
+            kl += float(kl_divergence(s, t)) * count
+            ce_s += float(F.cross_entropy(s.reshape(-1, s.shape[-1]), targets.reshape(-1), reduction="sum"))
+            ce_t += float(F.cross_entropy(t.reshape(-1, t.shape[-1]), targets.reshape(-1), reduction="sum"))
+            tokens += count
+    finally:
+        student.train(was)
+    if not tokens:
+        raise InputError("the held-out data holds no window to evaluate")
+    return {
+        "eval_kl": kl / tokens,
+        "eval_bits_per_token": ce_s / tokens / math.log(2),
+        "teacher_bits_per_token": ce_t / tokens / math.log(2),
+        "eval_tokens": tokens,
+    }

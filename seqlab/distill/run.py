@@ -33,7 +33,7 @@ from seqlab.distill.mapping import (
     choose_layers,
     stage_groups,
 )
-from seqlab.distill.objective import DistillModel, distill_metric, distill_parts
+from seqlab.distill.objective import DistillModel, distill_metric, distill_parts, evaluate_distillation
 from seqlab.errors import ConfigError, CorruptFileError, InputError
 from seqlab.io import atomic_write_bytes
 
@@ -408,44 +408,4 @@ def _run_ray(model, stage, config, train_data, loss_fn, workers, data_parallel, 
     return losses[-1] if losses else None, losses, result.metrics.get("weight_checksums")
 
 
-@torch.no_grad()
-def evaluate_distillation(teacher, student, eval_data, windows: int | None = None) -> dict:
-    """Held-out ``eval_kl`` (KL(teacher || student), nats per token) and ``eval_bits_per_token`` of the student
-    and ``teacher_bits_per_token``, over ``eval_data``'s windows (a WindowSource or 1-D ids, windows of 256)."""
-    import math
-
-    import torch.nn.functional as F
-
-    from seqlab.distill.objective import kl_divergence
-    from seqlab.windows import SequenceSource, WindowSource
-
-    source = eval_data if isinstance(eval_data, WindowSource) else SequenceSource(eval_data, 1, 256)
-    n = source.num_windows if windows is None else min(windows, source.num_windows)
-    was = student.training
-    student.eval()
-    kl = ce_s = ce_t = 0.0
-    tokens = 0
-    device = next(student.parameters()).device
-    try:
-        for i in range(n):
-            inputs, targets = (x.to(device) for x in source.window(i))
-            s = student(inputs, None, return_state=False).logits.float()
-            t = teacher(inputs, None, return_state=False).logits.float()
-            count = targets.numel()
-            kl += float(kl_divergence(s, t)) * count
-            ce_s += float(F.cross_entropy(s.reshape(-1, s.shape[-1]), targets.reshape(-1), reduction="sum"))
-            ce_t += float(F.cross_entropy(t.reshape(-1, t.shape[-1]), targets.reshape(-1), reduction="sum"))
-            tokens += count
-    finally:
-        student.train(was)
-    if not tokens:
-        raise InputError("the held-out data holds no window to evaluate")
-    return {
-        "eval_kl": kl / tokens,
-        "eval_bits_per_token": ce_s / tokens / math.log(2),
-        "teacher_bits_per_token": ce_t / tokens / math.log(2),
-        "eval_tokens": tokens,
-    }
-
-
-__all__ = ["PartsLoss", "StageFactory", "distill", "evaluate_distillation", "plan_stages", "read_plan"]
+__all__ = ["PartsLoss", "StageFactory", "distill", "plan_stages", "read_plan"]
