@@ -223,7 +223,9 @@ def model_summary(model: nn.Module) -> dict:
     ``parameters`` ``{"total", "active"}`` (``seqlab.ffn.parameter_counts``: an MoE layer counts its router and
     ``top_k`` experts as active, so a dense model has total == active); ``config`` (the ``BackboneConfig`` as a
     dict, None for a model without one); ``moe`` (None without MoE layers, else the ``MoESettings`` fields with
-    ``layers``, the indices of the MoE layers); ``vocab_size`` for a ``LanguageModel``, ``d_input`` and
+    ``layers``, the indices of the MoE layers); ``mixers`` (each layer's mixer kind); ``attention`` (None without
+    attention layers, else the first attention layer's ``AttentionSettings`` fields with ``layers``);
+    ``vocab_size`` for a ``LanguageModel``, ``d_input`` and
     ``d_output`` for a ``SequenceModel``."""
     import dataclasses
 
@@ -236,8 +238,15 @@ def model_summary(model: nn.Module) -> dict:
         "parameters": parameter_counts(model),
         "config": config.to_dict() if isinstance(config, BackboneConfig) else None,
         "moe": None,
+        "mixers": None,
+        "attention": None,
     }
     if isinstance(config, BackboneConfig):
+        summary["mixers"] = [config.layer_spec(i)[0] for i in range(config.n_layer)]
+        attention = [i for i, kind in enumerate(summary["mixers"]) if kind == "attention"]
+        if attention:
+            settings = dataclasses.asdict(config.attention_settings(attention[0]))
+            summary["attention"] = {**settings, "layers": attention}
         layers = [i for i in range(config.n_layer) if config.layer_spec(i)[1] == "moe"]
         if layers:
             summary["moe"] = {**dataclasses.asdict(config.moe_settings()), "layers": layers}

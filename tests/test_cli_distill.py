@@ -41,6 +41,14 @@ def test_cli_distill_runs_and_writes_a_student(files, tmp_path, capsys):
     tensors, meta = read_model_file(out / "student.safetensors")
     config = BackboneConfig.from_dict(meta["config"])
     assert [config.layer_spec(i)[0] for i in range(2)] == ["attention", "mamba2"]
+    # a teacher without an adapter: the student records the data's (bytes), so the other commands take it
+    assert meta["adapter"]["name"] == "bytes"
+    gen = ["generate", "--model", str(out / "student.safetensors"), "--prompt", "the ", "--max-new-tokens", "4"]
+    assert main(gen) == 0
+    capsys.readouterr()
+    assert main(["describe", str(out / "student.safetensors")]) == 0
+    described = capsys.readouterr().out
+    assert "layers       attention, mamba2" in described and "4 heads, 2 key/value heads, head_dim 8" in described
     # a finished run resumed: nothing to do but the summary
     assert main([*args, "--resume"]) == 0
     assert json.loads(capsys.readouterr().out)["stages"] == []

@@ -25,6 +25,8 @@ CASES = {
         "steps ratio (dense steps / MoE steps to the same held-out loss)",
         ["moe_bytes.json", "moe_bytes.png"],
     ),
+    # teacher through an HF directory, 50%/100% x attention/random students, 1 seed: table, JSON, PNG in ~6 s
+    "distill.py": (["--quick", "--out", "{out}"], "teacher", ["distill.json", "distill.png"]),
 }
 
 
@@ -44,6 +46,12 @@ def test_example_runs(script, tmp_path):
             json.loads(path.read_text())
         if name.endswith(".png"):
             assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    if script == "distill.py":  # every student measured before and after, against the loaded HF teacher
+        result = json.loads((tmp_path / "out" / "distill.json").read_text())
+        assert {(r["fraction"], r["init"]) for r in result["runs"]} == {
+            (f, i) for f in (0.5, 1.0) for i in ("attention", "random")
+        }
+        assert all(r["kl"] < r["kl_before"] for r in result["runs"])
     if script == "moe_bytes.py":  # both corpora, both models, a curve and a ratio for each
         result = json.loads((tmp_path / "out" / "moe_bytes.json").read_text())
         assert {(r["corpus"], r["model"]) for r in result["runs"]} == {

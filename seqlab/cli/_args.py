@@ -369,4 +369,16 @@ VOCABULARY = {
     "text": "text files to train on",
     "big": "the long sequence to score",
     "workers": "Ray workers",
+    # seqlab distill
+    "teacher": "the teacher model of a distillation (model file, run folder or HF directory)",
+    "replace": "the attention layers a distillation replaces (fraction or indices)",
+    "stages": "progressive distillation stages",
+    "e2e_steps": "steps of the end-to-end distillation stage",
+    "init": "how replaced layers start (attention or random)",
+    "decay": "per-step state decay of the mapped layers",
+    "freeze_mlp": "keep the feed-forwards frozen",
+    "kd_temperature": "distillation softmax temperature",
+    "kl_weight": "weight of KL(teacher || student)",
+    "ce_weight": "weight of the next-token cross-entropy",
+    "ray_workers": "Ray Train data-parallel workers",
 }

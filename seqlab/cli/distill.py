@@ -11,7 +11,6 @@ import argparse
 import json
 import sys
 
-from seqlab.cli import _args
 from seqlab.cli._args import (
     TRAIN_TYPES,
     add_adapter,
@@ -24,23 +23,6 @@ from seqlab.cli._args import (
     eval_fraction,
     flag,
     number,
-)
-
-# The flags only this command has, declared in the shared vocabulary (tests/test_cli.py walks every parser).
-_args.VOCABULARY.update(
-    {
-        "teacher": "the teacher model of a distillation (model file, run folder or HF directory)",
-        "replace": "the attention layers a distillation replaces (fraction or indices)",
-        "stages": "progressive distillation stages",
-        "e2e_steps": "steps of the end-to-end distillation stage",
-        "init": "how replaced layers start (attention or random)",
-        "decay": "per-step state decay of the mapped layers",
-        "freeze_mlp": "keep the feed-forwards frozen",
-        "kd_temperature": "distillation softmax temperature",
-        "kl_weight": "weight of KL(teacher || student)",
-        "ce_weight": "weight of the next-token cross-entropy",
-        "ray_workers": "Ray Train data-parallel workers",
-    }
 )
 
 _STEPS = count(0)
@@ -106,6 +88,8 @@ def _distill(args) -> int:
     vocab = getattr(data.adapter, "vocab_size", None)
     if vocab is not None and vocab > teacher.vocab_size:
         raise ConfigError(f"the {data.adapter.name} adapter has {vocab} tokens, the teacher {teacher.vocab_size}")
+    if getattr(teacher, "adapter_info", None) is None:  # an HF teacher: the student records its data's encoding,
+        teacher.adapter_info = data.adapter.info()  # so seqlab eval/generate can use the student file
     options = {
         name: getattr(args, name)
         for name in ("lr", "seed", "checkpoint_every", "grad_accum", "weight_decay", "warmup")

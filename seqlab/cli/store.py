@@ -70,6 +70,17 @@ def _describe_model(args) -> int:
         if config.get("bidirectional"):
             shape.append("bidirectional")
         print(f"config       {', '.join(shape)}")
+    mixers = d.get("mixers") or []
+    if len(set(mixers)) > 1:
+        print(f"layers       {', '.join(mixers)}")
+    attention = d.get("attention")
+    if attention:
+        window = attention["window"] or "none"
+        print(
+            f"attention    {attention['heads']} heads, {attention['kv_heads']} key/value heads, head_dim "
+            f"{attention['head_dim']}, rope dims {attention['rope_dim']} (theta {attention['rope_theta']:g}), "
+            f"window {window}"
+        )
     moe = d["moe"]
     if moe:
         print(
