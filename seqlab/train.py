@@ -208,6 +208,20 @@ class _Position:
     extra: dict = field(default_factory=dict)
 
 
+def _refuse_growing_state(model: torch.nn.Module) -> None:
+    """Truncated BPTT carries the state from window to window for the whole run: an attention layer without a
+    window would keep every training token in its KV cache (memory and time growing without bound)."""
+    from seqlab.mixers.attention import AttentionMixer
+
+    layers = [m.layer_idx for m in model.modules() if isinstance(m, AttentionMixer) and m.window is None]
+    if layers:
+        raise ConfigError(
+            f"attention layer(s) {layers} have no attn_window: carried across training windows their KV cache "
+            "would grow with every step. Set attn_window (a bounded cache), or TrainConfig.carry_state=False "
+            "(each window starts fresh)"
+        )
+
+
 class Trainer:
     """``Trainer(model, config, train_data).fit()`` trains for ``config.max_steps`` optimizer steps.
 
@@ -240,6 +254,8 @@ class Trainer:
             raise ConfigError(f"Trainer loss_unit must be one of {self.LOSS_UNITS}, got {loss_unit!r}")
         self.loss_unit = loss_unit
         self.model, self.config = model, config
+        if config.carry_state:
+            _refuse_growing_state(model)
         self.train_data = self._source(train_data, "train_data")
         if self.train_data.batch_size != config.batch_size:
             raise ConfigError(

@@ -426,3 +426,23 @@ def test_bad_attention_fields_are_config_errors(case):
     fields, message = BAD_FIELDS[case]
     with pytest.raises(ConfigError, match=message):
         BackboneConfig(**{"d_model": 16, "n_layer": 2, **fields})
+
+
+def test_training_carries_only_a_bounded_kv_cache():
+    """TBPTT carries the state through the whole run: an attention layer without a window is refused (its cache
+    would grow every step); with a window it trains and its cache stays at the window; without carrying it trains."""
+    from seqlab.errors import ConfigError
+    from seqlab.testing import tiny_lm
+    from seqlab.train import TrainConfig, Trainer
+
+    data = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6] * 200)
+    settings = dict(lr=1e-2, max_steps=6, batch_size=2, window=16, progress=False, weight_decay=0.0)
+    hybrid = dict(n_layer=2, attn_heads=2, layer_overrides={1: {"mixer": "attention"}})
+    with pytest.raises(ConfigError, match=r"attention layer\(s\) \[1\] have no attn_window"):
+        Trainer(tiny_lm(vocab=16, **hybrid), TrainConfig(**settings), data)
+    trainer = Trainer(tiny_lm(vocab=16, **hybrid, attn_window=8), TrainConfig(**settings), data)
+    records = trainer.fit()
+    assert len(records) == 6 and all(math.isfinite(r["loss"]) for r in records)
+    assert trainer.states[0] is not None and trainer.states[0].layers[1]["k"].shape[2] == 8
+    fresh = Trainer(tiny_lm(vocab=16, **hybrid), TrainConfig(**settings, carry_state=False), data).fit()
+    assert len(fresh) == 6
