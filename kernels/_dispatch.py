@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import torch
 
+from ._states_at import check_positions, conv_tails, scan_in_pieces
 from ._triton import triton_available
 from .errors import KernelBackendError, KernelInputError
 
@@ -115,21 +116,46 @@ def selective_scan(
     initial_state=None,
     return_final_state=False,
     *,
+    states_at=None,
     backend="auto",
 ):
-    """Mamba-1 selective scan. Returns y (b, d, l), or (y, final_state) with ``return_final_state``."""
-    return _pick("selective_scan", backend, u)(
-        u,
-        delta,
-        A,
-        B,
-        C,
-        D=D,
-        z=z,
-        delta_bias=delta_bias,
-        delta_softplus=delta_softplus,
-        initial_state=initial_state,
-        return_final_state=return_final_state,
+    """Mamba-1 selective scan. Returns y (b, d, l), or (y, final_state) with ``return_final_state``.
+
+    ``states_at`` (strictly increasing positions in 1..l): also return the states after those positions,
+    (b, k, d, n), as the last item: (y, final_state, states) or (y, states). ``ref`` keeps them as it walks;
+    the other backends split the call at the positions and thread the state (``kernels/_states_at.py``)."""
+    fn = _pick("selective_scan", backend, u)
+    if states_at is None:
+        return fn(
+            u,
+            delta,
+            A,
+            B,
+            C,
+            D=D,
+            z=z,
+            delta_bias=delta_bias,
+            delta_softplus=delta_softplus,
+            initial_state=initial_state,
+            return_final_state=return_final_state,
+        )
+    fixed = dict(A=A, D=D, delta_bias=delta_bias, delta_softplus=delta_softplus)
+    positions = check_positions(states_at, u.shape[-1] if isinstance(u, torch.Tensor) and u.dim() == 3 else 0)
+    if fn.__name__ == "selective_scan_ref":
+        return fn(
+            u,
+            delta,
+            B=B,
+            C=C,
+            z=z,
+            initial_state=initial_state,
+            return_final_state=return_final_state,
+            states_at=positions,
+            **fixed,
+        )
+    sequences = dict(u=u, delta=delta, B=B, C=C, z=z)
+    return scan_in_pieces(
+        lambda **kw: fn(**kw, **fixed), sequences, -1, u.shape[-1], initial_state, positions, return_final_state
     )
 
 
@@ -154,22 +180,46 @@ def ssd_scan(
     initial_state=None,
     return_final_state=False,
     *,
+    states_at=None,
     backend="auto",
 ):
-    """Mamba-2 SSD scan. Returns y (b, l, h, p), or (y, final_state) with ``return_final_state``."""
-    return _pick("ssd_scan", backend, x)(
-        x,
-        dt,
-        A,
-        B,
-        C,
-        chunk_size,
-        D=D,
-        z=z,
-        dt_bias=dt_bias,
-        dt_softplus=dt_softplus,
-        initial_state=initial_state,
-        return_final_state=return_final_state,
+    """Mamba-2 SSD scan. Returns y (b, l, h, p), or (y, final_state) with ``return_final_state``.
+
+    ``states_at`` (strictly increasing positions in 1..l): also return the states after those positions,
+    (b, k, h, p, n), as the last item, as ``selective_scan`` does."""
+    fn = _pick("ssd_scan", backend, x)
+    if states_at is None:
+        return fn(
+            x,
+            dt,
+            A,
+            B,
+            C,
+            chunk_size,
+            D=D,
+            z=z,
+            dt_bias=dt_bias,
+            dt_softplus=dt_softplus,
+            initial_state=initial_state,
+            return_final_state=return_final_state,
+        )
+    fixed = dict(A=A, chunk_size=chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus)
+    positions = check_positions(states_at, x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 4 else 0)
+    if fn.__name__ == "ssd_scan_ref":
+        return fn(
+            x,
+            dt,
+            B=B,
+            C=C,
+            z=z,
+            initial_state=initial_state,
+            return_final_state=return_final_state,
+            states_at=positions,
+            **fixed,
+        )
+    sequences = dict(x=x, dt=dt, B=B, C=C, z=z)
+    return scan_in_pieces(
+        lambda **kw: fn(**kw, **fixed), sequences, 1, x.shape[1], initial_state, positions, return_final_state
     )
 
 
@@ -181,12 +231,28 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
 
 
 def causal_conv1d(
-    x, weight, bias=None, activation=None, initial_state=None, return_final_state=False, *, backend="auto"
+    x,
+    weight,
+    bias=None,
+    activation=None,
+    initial_state=None,
+    return_final_state=False,
+    *,
+    states_at=None,
+    backend="auto",
 ):
-    """Causal depthwise conv1d over (b, d, l). Returns y, or (y, final_state (b, d, w - 1))."""
-    return _pick("causal_conv1d", backend, x)(
+    """Causal depthwise conv1d over (b, d, l). Returns y, or (y, final_state (b, d, w - 1)).
+
+    ``states_at`` (strictly increasing positions in 1..l): also return the conv states (the last w - 1 inputs)
+    after those positions, (b, k, d, w - 1), as the last item: (y, final_state, states) or (y, states)."""
+    out = _pick("causal_conv1d", backend, x)(
         x, weight, bias=bias, activation=activation, initial_state=initial_state, return_final_state=return_final_state
     )
+    if states_at is None:
+        return out
+    positions = check_positions(states_at, x.shape[-1])
+    tails = conv_tails(x, initial_state, weight.shape[1], positions)
+    return (*out, tails) if return_final_state else (out, tails)
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, *, backend="auto"):

@@ -11,6 +11,7 @@ from seqlab.blocks import BidirectionalBlock, Block
 from seqlab.config import BackboneConfig
 from seqlab.errors import ConfigError, InputError, StateError
 from seqlab.kernels import BACKENDS, KernelInputError, canonical_backend
+from seqlab.mixers.base import check_states_at
 from seqlab.norm import RMSNorm
 from seqlab.state import RecurrentState
 
@@ -63,8 +64,15 @@ class Backbone(nn.Module):
             raise InputError(f"state must be a RecurrentState or None, got {type(state).__name__}")
         state.check_compatible(self, batch_size=hidden.shape[0], device=hidden.device)
 
-    def forward(self, hidden: torch.Tensor, state: RecurrentState | None = None, return_state: bool = True):
+    def forward(
+        self, hidden: torch.Tensor, state: RecurrentState | None = None, return_state: bool = True, states_at=None
+    ):
+        """(hidden, new_state). With ``states_at`` (strictly increasing offsets 1..l within this call: the state
+        after the first p elements), (hidden, new_state, states): one ``RecurrentState`` per position, at
+        ``position`` = start + p, from this one forward (see docs/generation.md)."""
         self._check_state(state, hidden)
+        if states_at is not None:
+            return self._forward_states_at(hidden, state, return_state, states_at)
         return_state = return_state and not self.config.bidirectional
         new_layers = []
         for i, layer in enumerate(self.layers):
@@ -87,3 +95,21 @@ class Backbone(nn.Module):
             new_layers.append(layer_state)
         hidden = self.norm_f(hidden.to(self.norm_f.weight.dtype))
         return hidden, RecurrentState(new_layers, state.position + 1, self.fingerprint)
+
+    def _forward_states_at(self, hidden: torch.Tensor, state: RecurrentState | None, return_state: bool, states_at):
+        if self.config.bidirectional:
+            raise StateError("bidirectional models have no streaming state: there are no states at positions")
+        positions = check_states_at(states_at, hidden.shape[1])
+        new_layers, at_layers = [], []
+        for i, layer in enumerate(self._blocks()):
+            hidden, layer_state, at = layer(hidden, None if state is None else state.layers[i], True, positions)
+            new_layers.append(layer_state)
+            at_layers.append(at)
+        hidden = self.norm_f(hidden.to(self.norm_f.weight.dtype))
+        start = 0 if state is None else state.position
+        states = [
+            RecurrentState([at_layers[i][j] for i in range(len(at_layers))], start + p, self.fingerprint)
+            for j, p in enumerate(positions)
+        ]
+        new_state = RecurrentState(new_layers, start + hidden.shape[1], self.fingerprint) if return_state else None
+        return hidden, new_state, states

@@ -73,8 +73,13 @@ class Block(nn.Module):
             residual = residual + self.ffn(self.ffn_norm(residual.to(self.ffn_norm.weight.dtype)))
         return residual
 
-    def forward(self, residual, state=None, return_state=True):
-        out, new_state = self.mixer(self.norm(residual.to(self.norm.weight.dtype)), state, return_state)
+    def forward(self, residual, state=None, return_state=True, states_at=None):
+        """(residual, new_state); with ``states_at``: (residual, new_state, the layer states at those positions)."""
+        h = self.norm(residual.to(self.norm.weight.dtype))
+        if states_at is not None:
+            out, new_state, at = self.mixer(h, state, True, states_at=states_at)
+            return self._mix(residual, out), new_state, at
+        out, new_state = self.mixer(h, state, return_state)
         return self._mix(residual, out), new_state
 
     def step(self, residual, state):
@@ -97,7 +102,9 @@ class BidirectionalBlock(Block):
         self.mixer_rev = build_mixer(kind, config, layer_idx, options)
         self.combine = config.bidirectional_combine
 
-    def forward(self, residual, state=None, return_state=True):
+    def forward(self, residual, state=None, return_state=True, states_at=None):
+        if states_at is not None:
+            raise StateError("bidirectional blocks have no streaming state: there are no states at positions")
         if state is not None:
             raise StateError("bidirectional blocks see the whole sequence and cannot stream from a state")
         h = self.norm(residual.to(self.norm.weight.dtype))

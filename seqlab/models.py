@@ -16,13 +16,16 @@ from torch import nn
 from seqlab.backbone import Backbone
 from seqlab.config import BackboneConfig
 from seqlab.errors import ConfigError, InputError
+from seqlab.mixers.base import check_states_at
 from seqlab.state import RecurrentState
 
 
 @dataclass(eq=False)
 class ModelOutput:
     """``output``: the head's result (logits for a LanguageModel); ``state``: the new state (None for a
-    bidirectional model or when ``return_state=False``); ``hidden``: final normalised hidden states.
+    bidirectional model or when ``return_state=False``); ``hidden``: final normalised hidden states;
+    ``states_at``: with ``model(x, state, states_at=[p1, ...])``, the states after the first p1, ... elements of
+    this call (one ``RecurrentState`` each, at position start + p), else None.
 
     It unpacks as ``(output, state)``, the contract ``model(x, state) -> (output, new_state)``:
     ``out, state = model(ids)``; ``result[0]`` / ``result[1]`` and ``len(result) == 2`` agree with that.
@@ -31,6 +34,7 @@ class ModelOutput:
     output: torch.Tensor
     state: RecurrentState | None
     hidden: torch.Tensor
+    states_at: list[RecurrentState] | None = None
 
     @property
     def logits(self) -> torch.Tensor:
@@ -92,7 +96,11 @@ class _Model(nn.Module):
     def head(self, hidden: torch.Tensor) -> torch.Tensor:  # pragma: no cover - each model defines its head
         raise NotImplementedError
 
-    def _run(self, hidden: torch.Tensor, state: RecurrentState | None, return_state: bool) -> ModelOutput:
+    def _run(
+        self, hidden: torch.Tensor, state: RecurrentState | None, return_state: bool, states_at=None
+    ) -> ModelOutput:
+        if states_at is not None:
+            return self._run_states_at(hidden, state, return_state, states_at)
         block = self.inference_block
         length = hidden.shape[1]
         if block and length > block and not torch.is_grad_enabled() and not self.config.bidirectional:
@@ -106,6 +114,25 @@ class _Model(nn.Module):
             return ModelOutput(torch.cat(heads, 1), state if return_state else None, torch.cat(hiddens, 1))
         hidden, new_state = self.backbone(hidden, state, return_state)
         return ModelOutput(self.head(hidden), new_state, hidden)
+
+    def _run_states_at(self, hidden: torch.Tensor, state: RecurrentState | None, return_state: bool, states_at):
+        """``_run`` that also returns the states at ``states_at`` (offsets 1..l in this call), block by block like
+        ``_run`` for long inputs without autograd (each block gets the positions that fall inside it)."""
+        length = hidden.shape[1]
+        positions = check_states_at(states_at, length)
+        block = self.inference_block
+        if not (block and length > block and not torch.is_grad_enabled()):
+            hidden, new_state, states = self.backbone(hidden, state, return_state, states_at=positions)
+            return ModelOutput(self.head(hidden), new_state, hidden, states)
+        heads, hiddens, states = [], [], []
+        for start in range(0, length, block):
+            piece = hidden[:, start : start + block]
+            inside = [p - start for p in positions if start < p <= start + piece.shape[1]]
+            h, state, at = self.backbone(piece, state, True, states_at=inside)
+            hiddens.append(h)
+            heads.append(self.head(h))
+            states.extend(at)
+        return ModelOutput(torch.cat(heads, 1), state if return_state else None, torch.cat(hiddens, 1), states)
 
     def _run_step(self, hidden: torch.Tensor, state: RecurrentState | None) -> ModelOutput:
         hidden, new_state = self.backbone.step(hidden, state)
@@ -154,10 +181,13 @@ class LanguageModel(_Model):
         return wide
 
     def forward(
-        self, input_ids: torch.Tensor, state: RecurrentState | None = None, return_state: bool = True
+        self, input_ids: torch.Tensor, state: RecurrentState | None = None, return_state: bool = True, states_at=None
     ) -> ModelOutput:
+        """Logits (b, l, vocab) and the new state. ``states_at=[p1, p2, ...]`` (strictly increasing offsets in
+        1..l): ``out.states_at`` also holds the states after the first p1, p2, ... tokens of this call, from this one
+        forward (a speculative verifier's rollback points; docs/generation.md)."""
         input_ids = self._check_ids(input_ids, 2)
-        return self._run(self.embeddings(input_ids), state, return_state)
+        return self._run(self.embeddings(input_ids), state, return_state, states_at)
 
     def generate(self, input_ids=None, max_new_tokens: int = 64, **options):
         """Greedy or sampled continuation of token-id prompts; see ``seqlab.generate.generate``."""
@@ -206,9 +236,12 @@ class SequenceModel(_Model):
             where = tuple(int(i) for i in (~torch.isfinite(x)).nonzero()[0])
             raise InputError(f"x{list(where)} is {float(x[where])}: inputs must be finite")
 
-    def forward(self, x: torch.Tensor, state: RecurrentState | None = None, return_state: bool = True) -> ModelOutput:
+    def forward(
+        self, x: torch.Tensor, state: RecurrentState | None = None, return_state: bool = True, states_at=None
+    ) -> ModelOutput:
+        """Outputs (b, l, d_output) and the new state; ``states_at`` as in ``LanguageModel.forward``."""
         self._check_x(x, 3)
-        return self._run(self.input_proj(x.to(self.input_proj.weight.dtype)), state, return_state)
+        return self._run(self.input_proj(x.to(self.input_proj.weight.dtype)), state, return_state, states_at)
 
     def step(self, x: torch.Tensor, state: RecurrentState | None = None) -> ModelOutput:
         """One element per sequence: x (b, d_input) or (b, 1, d_input)."""

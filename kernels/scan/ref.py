@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .._dt import prepare_dt
+from .._states_at import check_positions
 from .._validate import require_divisible, require_optional, require_same_device, require_shape, require_tensor
 from ..errors import KernelInputError
 
@@ -126,8 +127,12 @@ def selective_scan_ref(
     delta_softplus=False,
     initial_state=None,
     return_final_state=False,
+    states_at=None,
 ):
-    """Sequential Mamba-1 selective scan. Returns out (b, d, l) in u.dtype, or (out, final_state (b, d, n))."""
+    """Sequential Mamba-1 selective scan. Returns out (b, d, l) in u.dtype, or (out, final_state (b, d, n)).
+
+    ``states_at`` (strictly increasing positions in 1..l): also return the states after those positions,
+    (b, k, d, n), as the last item: (out, final_state, states) or (out, states)."""
     b, d, l, n = check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
     cdt = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     u_ = u.to(cdt)
@@ -140,20 +145,28 @@ def selective_scan_ref(
     Bd = _per_channel(B.to(cdt) if B.dim() == 4 else B.to(cdt)[:, None], d, 1)  # (b, d, n, l)
     Cd = _per_channel(C.to(cdt) if C.dim() == 4 else C.to(cdt)[:, None], d, 1)
     h = u_.new_zeros(b, d, n) if initial_state is None else initial_state.to(cdt)
+    wanted = set() if states_at is None else set(check_positions(states_at, l))
+    kept = []
     ys = []
     # unbind (not x[..., t]) so that autograd through the loop stays linear in l
-    for dt_t, u_t, B_t, C_t in zip(dt.unbind(-1), u_.unbind(-1), Bd.unbind(-1), Cd.unbind(-1)):
+    for t, (dt_t, u_t, B_t, C_t) in enumerate(zip(dt.unbind(-1), u_.unbind(-1), Bd.unbind(-1), Cd.unbind(-1))):
         decay = torch.exp(dt_t[:, :, None] * A_)
         h = decay * h + (dt_t * u_t)[:, :, None] * B_t
         ys.append((h * C_t).sum(-1))
+        if t + 1 in wanted:
+            kept.append(h)
     y = torch.stack(ys, dim=-1) if ys else u_.new_zeros(b, d, 0)
     if D is not None:
         y = y + D.to(cdt)[:, None] * u_
     if z is not None:
         y = y * F.silu(z.to(cdt))
     out = y.to(u.dtype)
+    final = h if l or initial_state is None else h.clone()
+    if states_at is not None:
+        states = torch.stack(kept, dim=1) if kept else h.new_zeros(b, 0, d, n)
+        return (out, final, states) if return_final_state else (out, states)
     if return_final_state:
-        return out, (h if l or initial_state is None else h.clone())
+        return out, final
     return out
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .._dt import prepare_dt  # noqa: F401  (re-exported for the chunked path)
+from .._states_at import check_positions
 from .._validate import require_divisible, require_optional, require_same_device, require_shape, require_tensor
 from ..errors import KernelInputError
 
@@ -129,8 +130,12 @@ def ssd_scan_ref(
     dt_softplus=False,
     initial_state=None,
     return_final_state=False,
+    states_at=None,
 ):
-    """Sequential SSD scan, one time step at a time. ``chunk_size`` is validated and otherwise unused."""
+    """Sequential SSD scan, one time step at a time. ``chunk_size`` is validated and otherwise unused.
+
+    ``states_at`` (strictly increasing positions in 1..l): also return the states after those positions,
+    (b, k, h, p, n), as the last item: (y, final_state, states) or (y, states)."""
     dims = check_scan_args(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_state=initial_state)
     cd = dims.compute_dtype
     heads_per_group = dims.h // dims.g
@@ -143,10 +148,13 @@ def ssd_scan_ref(
         state = torch.zeros(dims.b, dims.h, dims.p, dims.n, dtype=cd, device=x.device)
     else:
         state = initial_state.to(cd)
-    ys = []
+    wanted = set() if states_at is None else set(check_positions(states_at, dims.l))
+    ys, kept = [], []
     for t in range(dims.l):
         y_t, state = _step(state, xc[:, t], dtc[:, t], Ac, Bh[:, t], Ch[:, t])
         ys.append(y_t)
+        if t + 1 in wanted:
+            kept.append(state)
     if ys:
         y = torch.stack(ys, dim=1)
     else:
@@ -159,6 +167,9 @@ def ssd_scan_ref(
     y = y.to(x.dtype)
     if initial_state is not None and dims.l == 0:
         state = state.clone()  # never hand back the caller's tensor itself
+    if states_at is not None:
+        states = torch.stack(kept, dim=1) if kept else state.new_zeros(dims.b, 0, dims.h, dims.p, dims.n)
+        return (y, state, states) if return_final_state else (y, states)
     return (y, state) if return_final_state else y
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqlab.config import ATTN_FIELDS, AttentionSettings
-from seqlab.mixers.base import LayerState, Mixer
+from seqlab.mixers.base import LayerState, Mixer, check_states_at
 
 
 def rope_inverse_frequencies(settings: AttentionSettings) -> torch.Tensor:
@@ -130,8 +130,12 @@ class AttentionMixer(Mixer):
         angles = torch.cat((angles, angles), dim=-1)[:, None]
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def forward(self, hidden: torch.Tensor, state: LayerState | None = None, return_state: bool = True):
+    def forward(self, hidden: torch.Tensor, state: LayerState | None = None, return_state: bool = True, states_at=None):
+        """(out, new_state); with ``states_at`` (strictly increasing positions 1..l of this call) also the KV
+        caches after those positions: (out, new_state, [cache at p for p in states_at])."""
         b, length, _ = hidden.shape
+        if states_at is not None:
+            states_at = check_states_at(states_at, length)
         q = self.q_proj(hidden).view(b, length, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden).view(b, length, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden).view(b, length, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -154,20 +158,31 @@ class AttentionMixer(Mixer):
             q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=self.kv_heads != self.heads
         )
         out = self.o_proj(out.transpose(1, 2).reshape(b, length, self.heads * self.head_dim))
+        if states_at is not None:
+            at = [self._cache_at(keys, values, seen, slots + p, p) for p in states_at]
+            return out, self._cache_at(keys, values, seen, keys.shape[2], length), at
         if not return_state:
             return out, None
-        new_seen = seen + length
+        return out, self._cache_at(keys, values, seen, keys.shape[2], length)
+
+    def _cache_at(
+        self, keys: torch.Tensor, values: torch.Tensor, seen: torch.Tensor, end: int, consumed: int
+    ) -> LayerState:
+        """The cache after ``consumed`` tokens of this call: the slots of cat(old cache, new keys) up to ``end``
+        (slots + consumed), cut as a step-by-step run cuts them: to the longest row's ``seen`` (older slots are
+        padding) and to the window. Taken from the full, uncut keys, so a windowed layer's earlier cache still has
+        the entries the final cut drops."""
+        new_seen = seen + consumed
         keep = int(new_seen.max())  # slots before every row's first real entry are padding: drop them
         if self.window is not None:
             keep = min(keep, self.window)
-        keep = min(keep, keys.shape[2])
+        keep = min(keep, end)
         state_dtype = torch.float64 if keys.dtype == torch.float64 else torch.float32
-        new = {
-            "k": keys[:, :, keys.shape[2] - keep :].to(state_dtype).contiguous(),
-            "v": values[:, :, values.shape[2] - keep :].to(state_dtype).contiguous(),
+        return {
+            "k": keys[:, :, end - keep : end].to(state_dtype).contiguous(),
+            "v": values[:, :, end - keep : end].to(state_dtype).contiguous(),
             "seen": new_seen,
         }
-        return out, new
 
     def _mask(self, seen: torch.Tensor, slots: int, length: int) -> torch.Tensor:
         """(b, 1, length, slots + length) bool: True where a query may look (real, causal, inside the window)."""

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from seqlab.errors import InputError
 
 LayerState = dict[str, torch.Tensor]
 
@@ -24,6 +27,27 @@ class Mixer(nn.Module):
 
     def step(self, hidden: torch.Tensor, state: LayerState):  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def check_states_at(states_at, length: int) -> tuple[int, ...]:
+    """``states_at`` as a tuple of ints, strictly increasing, each in ``1..length`` (the state after the first p
+    elements of a call of ``length``); InputError naming the offending value otherwise."""
+    if isinstance(states_at, (str, bytes, torch.Tensor)) or not hasattr(states_at, "__iter__"):
+        raise InputError(f"states_at must be a list of int positions, got {type(states_at).__name__}")
+    positions: list[int] = []
+    for i, p in enumerate(states_at):
+        if isinstance(p, bool) or not isinstance(p, numbers.Integral):
+            raise InputError(f"states_at[{i}] = {p!r} is not an int position")
+        p = int(p)
+        if not 1 <= p <= length:
+            raise InputError(f"states_at[{i}] = {p} is outside 1..{length} (the number of elements in this call)")
+        if positions and p <= positions[-1]:
+            raise InputError(
+                f"states_at[{i}] = {p} does not come after states_at[{i - 1}] = {positions[-1]}: positions must be "
+                "strictly increasing (sorted, no repeats)"
+            )
+        positions.append(p)
+    return tuple(positions)
 
 
 def init_dt_bias(n: int, dt_min: float, dt_max: float, floor: float) -> torch.Tensor:

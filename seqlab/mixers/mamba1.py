@@ -76,7 +76,11 @@ class Mamba1Mixer(Mixer):
             dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
         return dt, B, C
 
-    def forward(self, hidden: torch.Tensor, state: LayerState | None = None, return_state: bool = True):
+    def forward(self, hidden: torch.Tensor, state: LayerState | None = None, return_state: bool = True, states_at=None):
+        """(out, new_state); with ``states_at`` (strictly increasing positions 1..l of this call) also the layer
+        states after those positions: (out, new_state, [state at p for p in states_at])."""
+        if states_at is not None:
+            return self._forward_states_at(hidden, state, states_at)
         x, z = (rearrange(t, "b l d -> b d l") for t in self._project_in(hidden))
         conv_out = kernels.causal_conv1d(
             x,
@@ -131,3 +135,41 @@ class Mamba1Mixer(Mixer):
             backend=self.backend,
         )
         return self.out_proj(y), {"conv": conv_state.float(), "ssm": ssm_state}
+
+    def _forward_states_at(self, hidden: torch.Tensor, state: LayerState | None, states_at):
+        """The forward with the states at ``states_at``: the conv tails (raw inputs before the conv) and the scan
+        states at those positions, from the kernels' ``states_at`` (the prefix is never re-run)."""
+        x, z = (rearrange(t, "b l d -> b d l") for t in self._project_in(hidden))
+        x, conv_state, conv_tails = kernels.causal_conv1d(
+            x,
+            self._conv_weight(),
+            self.conv1d.bias,
+            activation="silu",
+            initial_state=None if state is None else state["conv"],
+            return_final_state=True,
+            states_at=states_at,
+            backend=self.backend,
+        )
+        dt, B, C = self._split_x_dbl(self.x_proj(rearrange(x, "b d l -> b l d")))
+        delta = rearrange(F.linear(dt, self.dt_proj.weight), "b l d -> b d l")
+        y, ssm_state, ssm_states = kernels.selective_scan(
+            x,
+            delta,
+            -torch.exp(self.A_log.float()),
+            rearrange(B, "b l n -> b n l"),
+            rearrange(C, "b l n -> b n l"),
+            D=self.D.float(),
+            z=z,
+            delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True,
+            initial_state=None if state is None else state["ssm"],
+            return_final_state=True,
+            states_at=states_at,
+            backend=self.backend,
+        )
+        out = self.out_proj(rearrange(y, "b d l -> b l d"))
+        at = [
+            {"conv": conv_tails[:, i].float().contiguous(), "ssm": ssm_states[:, i].contiguous()}
+            for i in range(ssm_states.shape[1])
+        ]
+        return out, {"conv": conv_state.float(), "ssm": ssm_state}, at

@@ -59,7 +59,11 @@ class Mamba2Mixer(Mixer):
     def _split_xbc(self, xbc: torch.Tensor):
         return torch.split(xbc, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
 
-    def forward(self, hidden: torch.Tensor, state: LayerState | None = None, return_state: bool = True):
+    def forward(self, hidden: torch.Tensor, state: LayerState | None = None, return_state: bool = True, states_at=None):
+        """(out, new_state); with ``states_at`` (strictly increasing positions 1..l of this call) also the layer
+        states after those positions: (out, new_state, [state at p for p in states_at])."""
+        if states_at is not None:
+            return self._forward_states_at(hidden, state, states_at)
         z, xbc, dt = self._project_in(hidden)
         conv_out = kernels.causal_conv1d(
             rearrange(xbc, "b l c -> b c l"),
@@ -114,3 +118,40 @@ class Mamba2Mixer(Mixer):
         )
         y = self.norm(rearrange(y, "b h p -> b (h p)"), z)
         return self.out_proj(y), {"conv": conv_state.float(), "ssm": ssm_state}
+
+    def _forward_states_at(self, hidden: torch.Tensor, state: LayerState | None, states_at):
+        """The forward with the states at ``states_at``: the conv tails (raw xBC inputs before the conv) and the
+        SSD states at those positions, from the kernels' ``states_at`` (the prefix is never re-run)."""
+        z, xbc, dt = self._project_in(hidden)
+        xbc, conv_state, conv_tails = kernels.causal_conv1d(
+            rearrange(xbc, "b l c -> b c l"),
+            self._conv_weight(),
+            self.conv1d.bias,
+            activation="silu",
+            initial_state=None if state is None else state["conv"],
+            return_final_state=True,
+            states_at=states_at,
+            backend=self.backend,
+        )
+        x, B, C = self._split_xbc(rearrange(xbc, "b c l -> b l c"))
+        y, ssm_state, ssm_states = kernels.ssd_scan(
+            rearrange(x, "b l (h p) -> b l h p", p=self.headdim),
+            dt,
+            -torch.exp(self.A_log.float()),
+            rearrange(B, "b l (g n) -> b l g n", g=self.ngroups),
+            rearrange(C, "b l (g n) -> b l g n", g=self.ngroups),
+            self.chunk_size,
+            D=self.D.float(),
+            dt_bias=self.dt_bias.float(),
+            dt_softplus=True,
+            initial_state=None if state is None else state["ssm"],
+            return_final_state=True,
+            states_at=states_at,
+            backend=self.backend,
+        )
+        out = self.out_proj(self.norm(rearrange(y, "b l h p -> b l (h p)"), z))
+        at = [
+            {"conv": conv_tails[:, i].float().contiguous(), "ssm": ssm_states[:, i].contiguous()}
+            for i in range(ssm_states.shape[1])
+        ]
+        return out, {"conv": conv_state.float(), "ssm": ssm_state}, at
