@@ -122,8 +122,9 @@ def selective_scan(
     """Mamba-1 selective scan. Returns y (b, d, l), or (y, final_state) with ``return_final_state``.
 
     ``states_at`` (strictly increasing positions in 1..l): also return the states after those positions,
-    (b, k, d, n), as the last item: (y, final_state, states) or (y, states). ``ref`` keeps them as it walks;
-    the other backends split the call at the positions and thread the state (``kernels/_states_at.py``)."""
+    (b, k, d, n), as the last item: (y, final_state, states) or (y, states). ``ref`` keeps them as it walks,
+    ``chunked`` copies them out of its blocks (without autograd); ``triton`` splits the call at the positions and
+    threads the state (``kernels/_states_at.py``)."""
     fn = _pick("selective_scan", backend, u)
     if states_at is None:
         return fn(
@@ -141,7 +142,7 @@ def selective_scan(
         )
     fixed = dict(A=A, D=D, delta_bias=delta_bias, delta_softplus=delta_softplus)
     positions = check_positions(states_at, u.shape[-1] if isinstance(u, torch.Tensor) and u.dim() == 3 else 0)
-    if fn.__name__ == "selective_scan_ref":
+    if fn.__name__ in ("selective_scan_ref", "selective_scan_chunked"):
         return fn(
             u,
             delta,
@@ -186,7 +187,8 @@ def ssd_scan(
     """Mamba-2 SSD scan. Returns y (b, l, h, p), or (y, final_state) with ``return_final_state``.
 
     ``states_at`` (strictly increasing positions in 1..l): also return the states after those positions,
-    (b, k, h, p, n), as the last item, as ``selective_scan`` does."""
+    (b, k, h, p, n), as the last item, as ``selective_scan`` does (``chunked``: directly from the segment sums
+    for short calls, ``ssd/chunked.py``; ``triton``: split and threaded)."""
     fn = _pick("ssd_scan", backend, x)
     if states_at is None:
         return fn(
@@ -205,7 +207,7 @@ def ssd_scan(
         )
     fixed = dict(A=A, chunk_size=chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus)
     positions = check_positions(states_at, x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 4 else 0)
-    if fn.__name__ == "ssd_scan_ref":
+    if fn.__name__ in ("ssd_scan_ref", "ssd_scan_chunked"):
         return fn(
             x,
             dt,

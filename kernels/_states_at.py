@@ -7,9 +7,13 @@ elements of this call (counted from ``initial_state``). The ops return them stac
 - The causal conv's state is its last ``w - 1`` raw inputs, so the tail at ``p`` is a slice of
   ``cat(initial_state, x)``: every backend gets it for free (``conv_tails``).
 - The ``ref`` scans walk the positions anyway and keep the states they pass.
-- The ``chunked`` and ``triton`` scans split the call at the positions and thread the state from piece to piece
-  (``scan_in_pieces``): exact by the kernels' chunking contract, the prefix is never re-run, and the cost is one
-  kernel call per requested position (k + 1 small calls for a verifier's k + 1 tokens) instead of one call.
+- The ``chunked`` Mamba-1 scan copies them out of its blocks' second pass, which holds every position's state
+  (without autograd; with autograd it splits as below).
+- The ``chunked`` Mamba-2 scan computes them from the running sums of dt * A in one contraction (short calls;
+  ``ssd/chunked.py``'s ``_states_at_direct``).
+- The ``triton`` scans (and the chunked ones where the above does not apply) split the call at the positions and
+  thread the state from piece to piece (``scan_in_pieces``): exact by the kernels' chunking contract, the prefix
+  is never re-run, and the cost is one kernel call per requested position (k + 1 small calls for a verifier).
 """
 
 from __future__ import annotations

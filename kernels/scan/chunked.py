@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from .._dt import prepare_dt
 from .._layout import channels_last as _channels_last
 from .._layout import empty_like_layout as _empty_like_layout
+from .._states_at import check_positions, scan_in_pieces
 from .._validate import records_grad
 from .chunked_blocks import (
     _LOG2E,
@@ -128,8 +129,13 @@ def _scan_forward(
     save_starts=False,
     chunk=CHUNK,
     block_elems=BLOCK_ELEMS,
+    states_at=(),
+    kept=None,
 ):
     """Blocked forward; B, C are (b, g, n, l). Returns (y, final_state (b, d, n), starts or None).
+
+    ``states_at`` (checked positions in 1..l): pass 2 holds every position's state of a block, so the states at
+    those positions are copied out of it, (b, d, n) each, appended to ``kept``.
 
     With ``out`` given, the delta preprocessing and the D / z epilogue are fused in and the result is written
     into ``out`` (b, d, l) (any dtype); otherwise y is the raw scan output ``sum_n C h`` in ``cdt`` (laid out
@@ -163,6 +169,11 @@ def _scan_forward(
             starts.append(carry.clone())
         dT, duT, BT, CT, _, u_w = _stage_block(ws, s0, Lv, Lp, delta, u, B, C, cdt, bias=bias, softplus=softplus)
         _, H, _, _ = _forward_block(ws, A2, carry, dT, duT, BT, Cb)
+        if kept is not None:
+            for p in states_at:
+                if s0 < p <= s0 + Lv:
+                    c, t = divmod(p - 1 - s0, T)
+                    kept.append(_state_to_external(H[:, c, t]))
         yT = _contract_c(ws, H, CT, Lp, ws.core(2, Lp))
         if cl:
             y_w = yT[:, :Lv]
@@ -356,21 +367,36 @@ def selective_scan_chunked(
     *,
     chunk_size=None,
     block_elems=None,
+    states_at=None,
 ):
     """Vectorised Mamba-1 selective scan (see the module docstring for the algorithm).
+
+    ``states_at`` (strictly increasing positions in 1..l): also return the states after those positions,
+    (b, k, d, n), as the last item: (out, final_state, states) or (out, states). Without autograd they are copied
+    out of the blocks' pass-2 states (no extra scan work); with autograd the call is split at the positions and
+    the state threaded (``kernels/_states_at.py``).
 
     Returns out (b, d, l) in u.dtype, or (out, final_state (b, d, n)) with ``return_final_state``; the state
     is float32 (float64 for float64 inputs). ``chunk_size`` / ``block_elems`` override the tiling (tests).
     """
     b, d, l, n = check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
     cdt = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    needs_grad = records_grad(*tensors)
+    if states_at is not None:
+        positions = check_positions(states_at, l)
+        if needs_grad or l == 0:
+            fixed = dict(A=A, D=D, delta_bias=delta_bias, delta_softplus=delta_softplus)
+            fixed |= dict(chunk_size=chunk_size, block_elems=block_elems)
+            sequences = dict(u=u, delta=delta, B=B, C=C, z=z)
+            run = lambda **kw: selective_scan_chunked(**kw, **fixed)  # noqa: E731
+            return scan_in_pieces(run, sequences, -1, l, initial_state, positions, return_final_state)
     if l == 0:
         return _empty_scan(u, initial_state, b, d, n, cdt, return_final_state)
     B4, C4 = _common_groups(_normalise_bc(B), _normalise_bc(C))
     chunk = chunk_size or CHUNK
-    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    needs_grad = records_grad(*tensors)
     if not needs_grad:
+        kept: list | None = None if states_at is None else []
         out = _empty_like_layout(u, u.dtype)  # position-major inputs give a position-major output
         out, final, _ = _scan_forward(
             u,
@@ -387,7 +413,12 @@ def selective_scan_chunked(
             out=out,
             chunk=chunk,
             block_elems=block_elems or BLOCK_ELEMS,
+            states_at=positions if kept is not None else (),
+            kept=kept,
         )
+        if kept is not None:
+            states = torch.stack(kept, dim=1)
+            return (out, final, states) if return_final_state else (out, states)
         return (out, final) if return_final_state else out
     dt = delta.to(cdt)
     if delta_bias is not None:

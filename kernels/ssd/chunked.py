@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from .._states_at import check_positions, scan_in_pieces
 from .._validate import records_grad
 from .ref import check_scan_args, check_step_args, d_as_hp, prepare_dt
 
@@ -346,11 +347,27 @@ def ssd_scan_chunked(
     dt_softplus=False,
     initial_state=None,
     return_final_state=False,
+    states_at=None,
 ):
     """Chunked SSD scan; same signature and results as ``ssd_scan_ref`` (mamba_chunk_scan_combined semantics).
 
     ``chunk_size`` only changes how the work is blocked (64 or 128 is right for CPU), never the result.
+    ``states_at`` (strictly increasing positions in 1..l): also return the states after those positions,
+    (b, k, h, p, n), as the last item: (y, final_state, states) or (y, states); see ``_states_at_direct``.
     """
+    if states_at is not None:
+        positions = check_positions(states_at, x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 4 else 0)
+        y, final = ssd_scan_chunked(
+            x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_state, return_final_state=True
+        )
+        if len(positions) * x.shape[1] <= _DIRECT_STATES_MAX:
+            states = _states_at_direct(x, dt, A, B, dt_bias, dt_softplus, initial_state, positions, final)
+        else:  # long calls with many positions: split and thread (kernels/_states_at.py)
+            fixed = dict(A=A, chunk_size=chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus)
+            sequences = dict(x=x, dt=dt, B=B, C=C, z=z)
+            run = lambda **kw: ssd_scan_chunked(**kw, **fixed)  # noqa: E731
+            y, final, states = scan_in_pieces(run, sequences, 1, x.shape[1], initial_state, positions, True)
+        return (y, final, states) if return_final_state else (y, states)
     dims = check_scan_args(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_state=initial_state)
     b, l, h, p, g, n, cd = dims.b, dims.l, dims.h, dims.p, dims.g, dims.n, dims.compute_dtype
     chunk_size = int(chunk_size)
@@ -371,6 +388,35 @@ def ssd_scan_chunked(
     if s is initial_state:
         s = s.clone()  # l == 0: never hand back the caller's own tensor
     return (y, s) if return_final_state else y
+
+
+#: largest (positions x length) for which ``_states_at_direct`` forms its (b, k, l, h) decay matrix
+_DIRECT_STATES_MAX = 1 << 12
+
+
+def _states_at_direct(x, dt, A, B, dt_bias, dt_softplus, initial_state, positions, final):
+    """The states after ``positions`` directly, without walking the positions one by one:
+
+        S_p = exp(cs_p) S_0 + sum_{j <= p} exp(cs_p - cs_j) dt_j outer(x_j, B_j)
+
+    with cs the running sum of dt * A in float64 (so every decay is the exp of an accurate segment sum,
+    non-positive for A <= 0). One (b, k, l, h) decay matrix and one contraction: meant for a verifier's short
+    calls (k * l bounded by ``_DIRECT_STATES_MAX``). Differentiable."""
+    cd = final.dtype
+    b, l, h, _ = x.shape
+    dtc = prepare_dt(dt, dt_bias, dt_softplus, cd)  # (b, l, h)
+    cs = torch.cumsum(dtc.to(torch.float64) * A.to(torch.float64), dim=1)
+    at = torch.tensor([p - 1 for p in positions], dtype=torch.long, device=x.device)
+    seg = cs[:, at, None, :] - cs[:, None, :, :]  # (b, k, l, h): cs_p - cs_j
+    causal = (torch.arange(l, device=x.device)[None, :] <= at[:, None])[None, :, :, None]
+    # the entries past p are zeroed before the exp too, so that neither the value nor its gradient can be inf * 0
+    weights = torch.where(causal, torch.exp(torch.where(causal, seg, 0.0)), 0.0).to(cd)
+    Bh = B.to(cd).repeat_interleave(h // B.shape[2], dim=2)  # (b, l, h, n)
+    drive = dtc[..., None] * x.to(cd)  # (b, l, h, p)
+    states = torch.einsum("bklh,blhp,blhn->bkhpn", weights, drive, Bh)
+    if initial_state is not None:
+        states = states + torch.exp(cs[:, at]).to(cd)[..., None, None] * initial_state.to(cd)[:, None]
+    return states
 
 
 def ssd_state_update_chunked(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):

@@ -210,3 +210,71 @@ def test_kernels_states_at_match_ref():
     assert torch.equal(tails[:, 0, :, 2], u[:, :, 0])
     with pytest.raises(kernels.KernelInputError, match=r"states_at\[0\] = 10 is outside 1\.\.9"):
         kernels.selective_scan(u, delta, A, B, C, states_at=[10], backend="chunked")
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_chunked_scan_copies_states_out_of_its_blocks(grad):
+    """Without autograd the chunked scan copies the states out of its blocks' pass 2; small chunks and blocks put
+    the positions in several chunks and blocks. With autograd it splits and threads; both equal ref."""
+    from seqlab.kernels.scan.chunked import selective_scan_chunked
+    from seqlab.kernels.scan.ref import selective_scan_ref
+
+    gen = torch.Generator().manual_seed(8)
+    b, d, n, l = 2, 4, 3, 23
+    u, delta = torch.randn(b, d, l, generator=gen), torch.randn(b, d, l, generator=gen)
+    A = -torch.rand(d, n, generator=gen)
+    B, C = torch.randn(b, 2, n, l, generator=gen), torch.randn(b, 2, n, l, generator=gen)
+    z, h0 = torch.randn(b, d, l, generator=gen), torch.randn(b, d, n, generator=gen)
+    positions = [1, 2, 7, 8, 16, 17, 22, 23]
+    options = dict(D=torch.rand(d, generator=gen), z=z, delta_softplus=True, initial_state=h0)
+    want = selective_scan_ref(u, delta, A, B, C, return_final_state=True, states_at=positions, **options)
+    u_in = u.clone().requires_grad_(grad)
+    got = selective_scan_chunked(
+        u_in, delta, A, B, C, return_final_state=True, states_at=positions, chunk_size=2, block_elems=64, **options
+    )
+    assert got[2].shape == (b, len(positions), d, n)
+    for have, ref in zip(got, want):
+        assert rel_err(have, ref) <= 1e-5
+    if grad:
+        got[2].sum().backward()
+        assert u_in.grad is not None
+    only = selective_scan_chunked(u, delta, A, B, C, states_at=[5], chunk_size=2, block_elems=64, **options)
+    ref_only = selective_scan_ref(u, delta, A, B, C, states_at=[5], **options)
+    assert len(only) == 2 and rel_err(only[1], ref_only[1]) <= 1e-5
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_chunked_ssd_states_directly_and_split(grad):
+    """The chunked SSD scan's states at positions, from the segment sums for short calls and split and threaded
+    for long ones (monkeypatched bound), equal ref's; gradients flow."""
+    from seqlab.kernels.ssd import chunked
+    from seqlab.kernels.ssd.ref import ssd_scan_ref
+
+    gen = torch.Generator().manual_seed(9)
+    b, l, h, p, g, n = 2, 13, 4, 3, 2, 5
+    x, dt = torch.randn(b, l, h, p, generator=gen), torch.randn(b, l, h, generator=gen)
+    A = -torch.rand(h, generator=gen) * 2
+    B, C = torch.randn(b, l, g, n, generator=gen), torch.randn(b, l, g, n, generator=gen)
+    options = dict(
+        D=torch.rand(h, generator=gen),
+        z=torch.randn(b, l, h, p, generator=gen),
+        dt_bias=torch.rand(h, generator=gen),
+        dt_softplus=True,
+        initial_state=torch.randn(b, h, p, n, generator=gen),
+        return_final_state=True,
+    )
+    positions = [1, 4, 5, 12, 13]
+    want = ssd_scan_ref(x, dt, A, B, C, 4, states_at=positions, **options)
+    x_in = x.clone().requires_grad_(grad)
+    for bound in (chunked._DIRECT_STATES_MAX, 0):
+        old, chunked._DIRECT_STATES_MAX = chunked._DIRECT_STATES_MAX, bound
+        try:
+            got = chunked.ssd_scan_chunked(x_in, dt, A, B, C, 4, states_at=positions, **options)
+        finally:
+            chunked._DIRECT_STATES_MAX = old
+        assert got[2].shape == (b, len(positions), h, p, n)
+        for have, ref in zip(got, want):
+            assert rel_err(have, ref) <= 1e-5
+        if grad:
+            got[2].sum().backward()
+            assert x_in.grad is not None and bool(torch.isfinite(x_in.grad).all())
