@@ -32,6 +32,7 @@ class GenerationOutput:
     tokens: list[list[int]]
     states: list[RecurrentState]
     stop_reasons: list[str]
+    stats: object | None = None  # a SpeculativeStats when generate ran with a draft
 
     @property
     def state(self) -> RecurrentState:
@@ -190,6 +191,8 @@ def generate(
     eos_token_id=None,
     callback: Callable[[int, int], None] | None = None,
     prompts=None,
+    draft=None,
+    speculate: int | None = None,
 ) -> GenerationOutput:
     """Continue each prompt by up to ``max_new_tokens`` tokens (Hugging Face's argument names).
 
@@ -206,6 +209,11 @@ def generate(
     gives both for its vocabulary: ``generate(model, ids, **adapter.generation_options())`` generates only what
     the adapter can decode and stops at its end token. ``callback(row, token)`` is called for every token as it
     is generated.
+
+    ``draft``: speculative decoding (docs/generation.md): a smaller LanguageModel of the same vocabulary, or a
+    ``seqlab.decoding`` drafter (``MaxGramDrafter``, ``SubwordDrafter``, a ``cascade``), proposes ``speculate``
+    tokens (default 4) per round and the model verifies them in one forward. The output has exactly the
+    distribution of plain decoding (greedy: the same tokens); ``out.stats`` counts rounds and accepted tokens.
     """
     if prompts is not None:
         if input_ids is not None:
@@ -248,6 +256,11 @@ def generate(
     starts = _initial_states(model, state, len(rows))
     base_seed = int(torch.seed() if seed is None else seed)
     generators = [torch.Generator().manual_seed(base_seed + i) for i in range(len(rows))]
+    if draft is not None or speculate is not None:
+        return _speculative(
+            model, rows, starts, draft, speculate, max_new_tokens, greedy, temperature, top_k, top_p, min_p,
+            repetition_penalty, generators, stops, suppress_tokens, eos_token_id, callback,
+        )  # fmt: skip
 
     # Prefill each prompt alone: exact, and no padding ever enters a state.
     last_logits, row_states = [], []
@@ -328,6 +341,35 @@ def generate(
     states = [s for s in finals if s is not None]
     assert len(states) == len(rows)  # every row ended (stop or length) and recorded its state
     return GenerationOutput(tokens, states, reasons)
+
+
+def _speculative(
+    model, rows, starts, draft, speculate, max_new_tokens, greedy, temperature, top_k, top_p, min_p,
+    repetition_penalty, generators, stops, suppress_tokens, eos_token_id, callback,
+) -> GenerationOutput:  # fmt: skip
+    """``generate`` with a drafter (seqlab.decoding.speculative)."""
+    from seqlab.decoding.acceptance import Sampling
+    from seqlab.decoding.speculative import as_drafter, check_speculate, speculative_decode
+
+    if draft is None:
+        raise InputError("speculate is set but draft is None: give draft=<a smaller model or a drafter>")
+    k = check_speculate(4 if speculate is None else speculate)
+    if repetition_penalty != 1.0:
+        raise InputError(
+            "repetition_penalty is not supported with a draft: the penalty changes inside a draft, so the "
+            "verified distribution would not be the one plain decoding samples"
+        )
+    drafter = as_drafter(draft, model)
+    vocab = model.vocab_size
+    suppressed = _as_ids(suppress_tokens, "suppress_tokens", vocab)
+    if len(set(suppressed)) >= vocab:
+        raise InputError(f"suppress_tokens covers the whole vocabulary ({vocab} ids): nothing is left to generate")
+    stops = stops + [(i,) for i in _as_ids(eos_token_id, "eos_token_id", vocab)]
+    sampling = Sampling(greedy, temperature, top_k, top_p, min_p, tuple(sorted(set(suppressed))))
+    tokens, states, reasons, stats = speculative_decode(
+        model, rows, starts, drafter, k, max_new_tokens, sampling, generators, stops, callback
+    )
+    return GenerationOutput(tokens, states, reasons, stats)
 
 
 def _row_state(model, batch: RecurrentState, row: int, position: int) -> RecurrentState:

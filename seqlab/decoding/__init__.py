@@ -1,0 +1,19 @@
+"""Decoding strategies beyond one token per step: exact speculative decoding with state rollback (a model,
+statistical or subword drafter, Cascade Speculative Drafting) and DRµGS. ``generate(model, ids, draft=...,
+speculate=k)`` is the front door; docs/generation.md explains each."""
+
+from seqlab.decoding.acceptance import Sampling, accept_draft, output_law
+from seqlab.decoding.cursor import ModelCursor
+from seqlab.decoding.drafters import Drafter, MaxGramDrafter, ModelDrafter
+from seqlab.decoding.speculative import SpeculativeStats
+
+__all__ = [
+    "Drafter",
+    "MaxGramDrafter",
+    "ModelCursor",
+    "ModelDrafter",
+    "Sampling",
+    "SpeculativeStats",
+    "accept_draft",
+    "output_law",
+]

@@ -1,0 +1,106 @@
+"""The speculative acceptance rule and the sampling distribution both the target and the drafters use.
+
+Exactness (Leviathan et al. 2023, Chen et al. 2023): a draft token x drawn from q is kept with probability
+min(1, p(x)/q(x)); on rejection the output is drawn from the residual max(0, p - q) / sum(max(0, p - q)). The
+output is then distributed exactly as p: q(x) min(1, p(x)/q(x)) + (1 - sum_y min(p(y), q(y))) * residual(x)
+= min(q(x), p(x)) + max(0, p(x) - q(x)) = p(x). A point-mass draft (q one-hot at b, as from a deterministic
+n-gram or subword drafter) is the special case: keep b with probability p(b), else draw from p with b removed,
+renormalised. Greedy decoding is the case where p is one-hot at the target's argmax: a draft token is kept
+exactly when it is the argmax, and the residual is the argmax.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from seqlab.errors import InputError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a model's logits become the distribution a token is drawn from (the filters of ``generate``)."""
+
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    banned: tuple[int, ...] = ()
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """(..., V) logits -> (..., V) float64 probabilities: one-hot at the argmax when greedy."""
+        from seqlab.generate import _filter_logits
+
+        shape = logits.shape
+        flat = logits.reshape(-1, shape[-1])
+        if self.banned:
+            index = torch.tensor(self.banned, dtype=torch.long, device=flat.device)
+            flat = flat.index_fill(-1, index, float("-inf"))
+        filtered = _filter_logits(
+            flat, None, 0 if self.greedy else self.temperature, self.top_k, self.top_p, self.min_p, 1.0
+        )
+        if self.greedy:
+            out = torch.zeros(flat.shape, dtype=torch.float64, device=flat.device)
+            out.scatter_(-1, filtered.argmax(-1, keepdim=True), 1.0)
+        else:
+            out = torch.softmax(filtered.double(), dim=-1)
+        return out.reshape(shape)
+
+    def draw(self, probs: torch.Tensor, generator: torch.Generator) -> int:
+        """One token from a (V,) distribution (the argmax when greedy, consuming no randomness)."""
+        if self.greedy:
+            return int(probs.argmax())
+        return int(torch.multinomial(probs.cpu().float(), 1, generator=generator)[0])
+
+
+def accept_draft(
+    p: torch.Tensor, q: torch.Tensor, draft: list[int], generator: torch.Generator, *, rule: str = "exact"
+) -> tuple[int, int]:
+    """Verify one row's draft. ``p``: (k+1, V) target probabilities after the context and after each draft
+    prefix; ``q``: (k, V) the distributions the draft tokens were drawn from; ``draft``: the k tokens. Returns
+    ``(n, token)``: the first n draft tokens are kept and ``token`` follows them (the resampled token at the
+    first rejection, or the bonus token drawn from p[k] when all k are kept).
+
+    ``rule="exact"`` is the rule above. ``rule="always"`` (keep every draft token) exists only as the negative
+    control of the exactness tests: its output follows q, not p.
+    """
+    if rule not in ("exact", "always"):
+        raise InputError(f"rule must be 'exact' or 'always', got {rule!r}")
+    k = len(draft)
+    if p.shape[0] != k + 1 or q.shape[0] != k:
+        raise InputError(f"p must have k+1 = {k + 1} rows and q k = {k} rows, got {p.shape[0]} and {q.shape[0]}")
+    p = p.double().cpu()
+    q = q.double().cpu()
+    for j, x in enumerate(draft):
+        if rule == "always":
+            continue
+        px, qx = float(p[j, x]), float(q[j, x])
+        if qx <= 0:
+            raise InputError(f"draft token {x} at position {j} has probability 0 under its own draft distribution")
+        # keep with probability min(1, p/q): u * q < p with u uniform in [0, 1)
+        if px >= qx or float(torch.rand((), generator=generator, dtype=torch.float64)) * qx < px:
+            continue
+        residual = (p[j] - q[j]).clamp_min(0)
+        total = float(residual.sum())
+        if not total > 0 or not math.isfinite(total):  # p == q up to rounding: rejection had probability ~0
+            residual, total = p[j], float(p[j].sum())
+        return j, int(torch.multinomial((residual / total).float(), 1, generator=generator)[0])
+    last = p[k]
+    if float(last.max()) >= 1.0:  # one-hot (greedy): no randomness used
+        return k, int(last.argmax())
+    return k, int(torch.multinomial(last.float(), 1, generator=generator)[0])
+
+
+def output_law(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The distribution of the first output token of a one-token draft under the exact rule, computed in
+    closed form from (V,) p and q: q(x) min(1, p(x)/q(x)) + rejection mass * residual(x). Equals p; the tests
+    check it on enumerated distributions."""
+    p, q = p.double(), q.double()
+    kept = torch.minimum(p, q)
+    rejected = 1.0 - kept.sum()
+    residual = (p - q).clamp_min(0)
+    total = residual.sum()
+    return kept + (rejected * residual / total if total > 0 else torch.zeros_like(p))

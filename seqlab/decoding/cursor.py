@@ -1,0 +1,148 @@
+"""A model's recurrent state kept in step with growing token sequences, with rollback for free.
+
+Speculative decoding feeds tokens that may later be thrown away. ``ModelCursor`` remembers a checkpoint (the
+state after every token it fed, from ``states_at`` of one forward), and ``sync(sequences)`` moves each row to
+the furthest checkpoint whose tokens are a prefix of the row's sequence, then consumes whatever is new. The prefix
+is never run again: a rejected draft costs nothing but the forward that verified it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from seqlab.state import RecurrentState, concat_rows
+
+
+@dataclass
+class _Checkpoint:
+    length: int  # tokens of the row's sequence this state has consumed
+    state: RecurrentState  # a batch; the row is `row`
+    row: int
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo] and a[:hi] != b[:hi]: bisect on prefix equality (C-speed slices)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+class ModelCursor:
+    """Rows of token sequences and a model's state over them.
+
+    ``sync(sequences, rows, stable)`` leaves, for each listed row, a state that has consumed all of its
+    sequence but the last token (which is pending); ``feed(tokens)`` consumes the pending token and ``tokens``
+    (b, e) in one forward and returns the logits after each ((b, 1 + e, V)). ``stable[i]``: a length of row i's
+    sequence that will never be rolled back (checkpoints before it are dropped, so memory stays bounded).
+    """
+
+    def __init__(self, model, sequences: list[list[int]], starts: list[RecurrentState | None]) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.tokens: list[list[int]] = []  # the tokens each row's newest checkpoint line has consumed
+        self.checkpoints: list[list[_Checkpoint]] = []
+        self.start_positions: list[int] = []
+        for seq, start in zip(sequences, starts):
+            if start is None:
+                start = model.init_state(1, self.device)
+            self.start_positions.append(start.position)
+            head = seq[:-1]
+            if head:
+                start = model(torch.tensor([head], dtype=torch.long, device=self.device), start).state
+            self.tokens.append(list(head))
+            self.checkpoints.append([_Checkpoint(len(head), start, 0)])
+        self.rows: list[int] = []
+        self.pending: torch.Tensor | None = None
+        self.state: RecurrentState | None = None
+        self.calls = 0  # model forwards made by sync and feed
+
+    def sync(self, sequences: list[list[int]], rows: list[int], stable: list[int] | None = None) -> None:
+        """``sequences[j]`` is the whole sequence of row ``rows[j]`` (at least one token longer than what was
+        consumed at the cursor's creation)."""
+        chosen: list[_Checkpoint] = []
+        catch_up: dict[int, list[int]] = {}  # number of tokens to consume -> positions j
+        for j, (i, seq) in enumerate(zip(rows, sequences)):
+            usable = min(_common_prefix(self.tokens[i], seq), len(seq) - 1)
+            best = None
+            for point in self.checkpoints[i]:
+                if point.length <= usable and (best is None or point.length > best.length):
+                    best = point
+            if best is None:
+                raise RuntimeError(f"row {i}: no checkpoint is a prefix of its sequence (rolled back past stable)")
+            floor = min(stable[j], best.length) if stable is not None else best.length
+            keep = [c for c in self.checkpoints[i] if c.length >= floor and c.length <= usable]
+            floor_point = max((c for c in self.checkpoints[i] if c.length <= floor), key=lambda c: c.length)
+            self.checkpoints[i] = sorted({id(c): c for c in [floor_point, *keep]}.values(), key=lambda c: c.length)
+            self.tokens[i] = seq[: best.length]
+            chosen.append(best)
+            missing = len(seq) - 1 - best.length
+            if missing:
+                catch_up.setdefault(missing, []).append(j)
+        for count, members in catch_up.items():
+            batch = RecurrentState(
+                concat_rows([self._row_layers(chosen[j]) for j in members]), 0, self.model.fingerprint
+            )
+            ids = torch.tensor(
+                [sequences[j][chosen[j].length : chosen[j].length + count] for j in members],
+                dtype=torch.long,
+                device=self.device,
+            )
+            state = self.model(ids, batch).state
+            self.calls += 1
+            for m, j in enumerate(members):
+                i = rows[j]
+                point = _Checkpoint(chosen[j].length + count, state, m)
+                self.checkpoints[i].append(point)
+                self.tokens[i] = list(sequences[j][: point.length])
+                chosen[j] = point
+        self.rows = list(rows)
+        self.state = RecurrentState(concat_rows([self._row_layers(c) for c in chosen]), 0, self.model.fingerprint)
+        self.pending = torch.tensor([[seq[-1]] for seq in sequences], dtype=torch.long, device=self.device)
+        self._pending_tokens = [seq[-1] for seq in sequences]
+
+    @staticmethod
+    def _row_layers(point: _Checkpoint) -> list[dict[str, torch.Tensor]]:
+        if point.state.batch_size == 1:
+            return point.state.layers
+        return [{k: t[point.row : point.row + 1] for k, t in layer.items()} for layer in point.state.layers]
+
+    def feed(self, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Consume the pending token (if any) and ``tokens`` (b, e); logits after each consumed token."""
+        parts = [] if self.pending is None else [self.pending]
+        if tokens is not None and tokens.numel():
+            parts.append(tokens.to(self.device).long())
+        ids = torch.cat(parts, dim=1)
+        length = ids.shape[1]
+        if length > 1:
+            out = self.model(ids, self.state, states_at=list(range(1, length + 1)))
+            states = out.states_at
+        else:
+            out = self.model(ids, self.state)
+            states = [out.state]
+        self.calls += 1
+        fed = ids.tolist()
+        for j, i in enumerate(self.rows):
+            for m in range(length):
+                self.tokens[i].append(fed[j][m])
+                self.checkpoints[i].append(_Checkpoint(len(self.tokens[i]), states[m], j))
+        self.state, self.pending = out.state, None
+        return out.logits
+
+    def final_state(self, row: int) -> RecurrentState:
+        """Row ``row``'s state after every token it has consumed (call after ``sync`` + ``feed()``), at its
+        true position, a KV cache's batch padding dropped."""
+        from seqlab.generate import _row_state
+
+        point = max(self.checkpoints[row], key=lambda c: c.length)
+        if point.length != len(self.tokens[row]):
+            raise RuntimeError("final_state: the row's newest checkpoint is not its newest token")
+        return _row_state(self.model, point.state, point.row, self.start_positions[row] + point.length)
