@@ -49,7 +49,12 @@ def build_ffn(kind: str, config, layer_idx: int) -> nn.Module:
 
 
 class Block(nn.Module):
-    """``x + mixer(norm(x))`` then, if configured, ``x + ffn(ffn_norm(x))``; residual stream in fp32 by option."""
+    """``x + mixer(norm(x))`` then, if configured, ``x + ffn(ffn_norm(x))``; residual stream in fp32 by option.
+
+    ``_perturb`` (None unless DRµGS installs one, seqlab.decoding.drugs) is called at the sites "mixer_in" (the
+    normalised input of the mixer), "mixer_out" (its output) and "residual" (the stream leaving the block)."""
+
+    _perturb: Callable[[str, torch.Tensor], torch.Tensor] | None = None
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__()
@@ -76,15 +81,27 @@ class Block(nn.Module):
     def forward(self, residual, state=None, return_state=True, states_at=None):
         """(residual, new_state); with ``states_at``: (residual, new_state, the layer states at those positions)."""
         h = self.norm(residual.to(self.norm.weight.dtype))
+        perturb = self._perturb
+        if perturb is not None:
+            h = perturb("mixer_in", h)
         if states_at is not None:
             out, new_state, at = self.mixer(h, state, True, states_at=states_at)
-            return self._mix(residual, out), new_state, at
+            return self._output(residual, out, perturb), new_state, at
         out, new_state = self.mixer(h, state, return_state)
-        return self._mix(residual, out), new_state
+        return self._output(residual, out, perturb), new_state
 
     def step(self, residual, state):
-        out, new_state = self.mixer.step(self.norm(residual.to(self.norm.weight.dtype)), state)
-        return self._mix(residual, out), new_state
+        h = self.norm(residual.to(self.norm.weight.dtype))
+        perturb = self._perturb
+        if perturb is not None:
+            h = perturb("mixer_in", h)
+        out, new_state = self.mixer.step(h, state)
+        return self._output(residual, out, perturb), new_state
+
+    def _output(self, residual, out, perturb):
+        if perturb is None:
+            return self._mix(residual, out)
+        return perturb("residual", self._mix(residual, perturb("mixer_out", out)))
 
     def init_state(self, batch_size: int, device=None):
         return self.mixer.init_state(batch_size, device)

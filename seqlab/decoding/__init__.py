@@ -5,15 +5,19 @@ speculate=k)`` is the front door; docs/generation.md explains each."""
 from seqlab.decoding.acceptance import Sampling, accept_draft, output_law
 from seqlab.decoding.cursor import ModelCursor
 from seqlab.decoding.drafters import Drafter, MaxGramDrafter, ModelDrafter
+from seqlab.decoding.drugs import Drugs, DrugsHandle, apply_drugs
 from seqlab.decoding.speculative import SpeculativeStats
 
 __all__ = [
     "Drafter",
+    "Drugs",
+    "DrugsHandle",
     "MaxGramDrafter",
     "ModelCursor",
     "ModelDrafter",
     "Sampling",
     "SpeculativeStats",
     "accept_draft",
+    "apply_drugs",
     "output_law",
 ]

@@ -144,6 +144,9 @@ class AttentionMixer(Mixer):
         if self.settings.rope_dim:
             cos, sin = self._rope(positions, torch.float32 if q.dtype != torch.float64 else q.dtype)
             q, k = apply_rope(q, cos, sin, self.settings.rope_dim), apply_rope(k, cos, sin, self.settings.rope_dim)
+        perturb = self._perturb
+        if perturb is not None:  # DRµGS sites, per head (b, heads, l, head_dim): k and v enter the cache perturbed
+            q, k, v = perturb("q", q), perturb("k", k), perturb("v", v)
         slots = 0 if state is None else state["k"].shape[2]
         if state is not None and slots:
             keys = torch.cat((state["k"].to(k.dtype), k), dim=2)
@@ -157,6 +160,8 @@ class AttentionMixer(Mixer):
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=self.kv_heads != self.heads
         )
+        if perturb is not None:
+            out = perturb("attn_out", out)
         out = self.o_proj(out.transpose(1, 2).reshape(b, length, self.heads * self.head_dim))
         if states_at is not None:
             at = [self._cache_at(keys, values, seen, slots + p, p) for p in states_at]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,9 @@ class Mixer(nn.Module):
     """Base class: (b, l, d_model) -> (b, l, d_model) with a carried per-layer state."""
 
     backend: str = "auto"
+    # A perturbation hook, ``perturb(site, tensor) -> tensor``, called at this mixer's named sites (DRµGS,
+    # seqlab.decoding.drugs, installs it for a while). None, the default, costs one attribute test per call.
+    _perturb: Callable[[str, torch.Tensor], torch.Tensor] | None = None
 
     def init_state(self, batch_size: int, device=None) -> LayerState:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -94,6 +94,10 @@ class Mamba1Mixer(Mixer):
         x, conv_state = conv_out if return_state else (conv_out, None)
         dt, B, C = self._split_x_dbl(self.x_proj(rearrange(x, "b d l -> b l d")))
         delta = rearrange(F.linear(dt, self.dt_proj.weight), "b l d -> b d l")
+        perturb = self._perturb
+        if perturb is not None:  # DRµGS sites: the scan's inputs x, B, C (dt comes from the unperturbed x)
+            x = rearrange(perturb("x", rearrange(x, "b d l -> b l d")), "b l d -> b d l")
+            B, C = perturb("B", B), perturb("C", C)
         scan_out = kernels.selective_scan(
             x,
             delta,
@@ -121,6 +125,9 @@ class Mamba1Mixer(Mixer):
             x, state["conv"], self._conv_weight(), self.conv1d.bias, activation="silu", backend=self.backend
         )
         dt, B, C = self._split_x_dbl(self.x_proj(x))
+        perturb = self._perturb
+        if perturb is not None:
+            x, B, C = perturb("x", x), perturb("B", B), perturb("C", C)
         y, ssm_state = kernels.selective_state_update(
             state["ssm"],
             x,
@@ -152,6 +159,10 @@ class Mamba1Mixer(Mixer):
         )
         dt, B, C = self._split_x_dbl(self.x_proj(rearrange(x, "b d l -> b l d")))
         delta = rearrange(F.linear(dt, self.dt_proj.weight), "b l d -> b d l")
+        perturb = self._perturb
+        if perturb is not None:
+            x = rearrange(perturb("x", rearrange(x, "b d l -> b l d")), "b l d -> b d l")
+            B, C = perturb("B", B), perturb("C", C)
         y, ssm_state, ssm_states = kernels.selective_scan(
             x,
             delta,

@@ -76,6 +76,9 @@ class Mamba2Mixer(Mixer):
         )
         xbc, conv_state = conv_out if return_state else (conv_out, None)
         x, B, C = self._split_xbc(rearrange(xbc, "b c l -> b l c"))
+        perturb = self._perturb
+        if perturb is not None:  # DRµGS sites: the scan's inputs x, B, C
+            x, B, C = perturb("x", x), perturb("B", B), perturb("C", C)
         scan_out = kernels.ssd_scan(
             rearrange(x, "b l (h p) -> b l h p", p=self.headdim),
             dt,
@@ -104,6 +107,9 @@ class Mamba2Mixer(Mixer):
             xbc, state["conv"], self._conv_weight(), self.conv1d.bias, activation="silu", backend=self.backend
         )
         x, B, C = self._split_xbc(xbc)
+        perturb = self._perturb
+        if perturb is not None:
+            x, B, C = perturb("x", x), perturb("B", B), perturb("C", C)
         y, ssm_state = kernels.ssd_state_update(
             state["ssm"],
             rearrange(x, "b (h p) -> b h p", p=self.headdim),
@@ -134,6 +140,9 @@ class Mamba2Mixer(Mixer):
             backend=self.backend,
         )
         x, B, C = self._split_xbc(rearrange(xbc, "b c l -> b l c"))
+        perturb = self._perturb
+        if perturb is not None:
+            x, B, C = perturb("x", x), perturb("B", B), perturb("C", C)
         y, ssm_state, ssm_states = kernels.ssd_scan(
             rearrange(x, "b l (h p) -> b l h p", p=self.headdim),
             dt,
