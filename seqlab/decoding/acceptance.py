@@ -67,31 +67,57 @@ def accept_draft(
     ``rule="exact"`` is the rule above. ``rule="always"`` (keep every draft token) exists only as the negative
     control of the exactness tests: its output follows q, not p.
     """
+    kept, extra = accept_drafts(p[None], q[None], torch.tensor([draft], dtype=torch.long), [generator], rule=rule)
+    return kept[0], extra[0]
+
+
+def accept_drafts(
+    p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, generators, *, rule: str = "exact", limits=None
+) -> tuple[list[int], list[int]]:
+    """``accept_draft`` for a batch: p (b, k+1, V), q (b, k, V), drafts (b, k); ``generators[j]`` is row j's.
+    ``limits[j]`` (default k): row j verifies only its first limits[j] draft tokens (a row near its token
+    budget). Each row draws k uniforms, then one token, from its own generator whatever the others do, so a row
+    samples the same in any batch."""
     if rule not in ("exact", "always"):
         raise InputError(f"rule must be 'exact' or 'always', got {rule!r}")
-    k = len(draft)
-    if p.shape[0] != k + 1 or q.shape[0] != k:
-        raise InputError(f"p must have k+1 = {k + 1} rows and q k = {k} rows, got {p.shape[0]} and {q.shape[0]}")
+    b, k = drafts.shape
+    if p.shape[:2] != (b, k + 1) or q.shape[:2] != (b, k):
+        raise InputError(
+            f"p must be (b, k+1, V) = ({b}, {k + 1}, V) and q ({b}, {k}, V), got {tuple(p.shape)}, {tuple(q.shape)}"
+        )
     p = p.double().cpu()
     q = q.double().cpu()
-    for j, x in enumerate(draft):
-        if rule == "always":
-            continue
-        px, qx = float(p[j, x]), float(q[j, x])
-        if qx <= 0:
-            raise InputError(f"draft token {x} at position {j} has probability 0 under its own draft distribution")
-        # keep with probability min(1, p/q): u * q < p with u uniform in [0, 1)
-        if px >= qx or float(torch.rand((), generator=generator, dtype=torch.float64)) * qx < px:
-            continue
-        residual = (p[j] - q[j]).clamp_min(0)
-        total = float(residual.sum())
-        if not total > 0 or not math.isfinite(total):  # p == q up to rounding: rejection had probability ~0
-            residual, total = p[j], float(p[j].sum())
-        return j, int(torch.multinomial((residual / total).float(), 1, generator=generator)[0])
-    last = p[k]
-    if float(last.max()) >= 1.0:  # one-hot (greedy): no randomness used
-        return k, int(last.argmax())
-    return k, int(torch.multinomial(last.float(), 1, generator=generator)[0])
+    drafts = drafts.cpu()
+    px = p[:, :k].gather(-1, drafts[..., None])[..., 0]  # (b, k)
+    qx = q.gather(-1, drafts[..., None])[..., 0]
+    if k and bool((qx <= 0).any()):
+        j, pos = (qx <= 0).nonzero()[0].tolist()
+        raise InputError(
+            f"row {j}: draft token {int(drafts[j, pos])} at position {pos} has probability 0 under its own draft law"
+        )
+    uniforms = torch.stack([torch.rand(k, generator=g, dtype=torch.float64) for g in generators]) if k else px
+    # keep with probability min(1, p/q): u * q < p with u uniform in [0, 1)
+    keep = (uniforms * qx < px) | (px >= qx) if rule == "exact" else torch.ones_like(px, dtype=torch.bool)
+    rejected = ~keep
+    first = torch.where(rejected.any(-1), rejected.int().argmax(-1), torch.full((b,), k)).tolist()
+    verified = [k] * b if limits is None else [min(k, int(limit)) for limit in limits]
+    kept, extra = [], []
+    for j, (n, limit) in enumerate(zip(first, verified)):
+        if n >= limit:  # every verified token kept
+            n = limit
+            law = p[j, n]  # the bonus token after them
+        else:  # the first rejection: draw from the residual
+            law = (p[j, n] - q[j, n]).clamp_min(0)
+            total = float(law.sum())
+            if not total > 0 or not math.isfinite(total):  # p == q up to rounding: rejection had probability ~0
+                law, total = p[j, n], float(p[j, n].sum())
+            law = law / total
+        kept.append(n)
+        if float(law.max()) >= 1.0:  # one-hot (greedy): no randomness used
+            extra.append(int(law.argmax()))
+        else:
+            extra.append(int(torch.multinomial(law.float(), 1, generator=generators[j])[0]))
+    return kept, extra
 
 
 def output_law(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -88,9 +88,7 @@ class ModelCursor:
             if missing:
                 catch_up.setdefault(missing, []).append(j)
         for count, members in catch_up.items():
-            batch = RecurrentState(
-                concat_rows([self._row_layers(chosen[j]) for j in members]), 0, self.model.fingerprint
-            )
+            batch = RecurrentState(self._gather([chosen[j] for j in members]), 0, self.model.fingerprint)
             ids = torch.tensor(
                 [sequences[j][chosen[j].length : chosen[j].length + count] for j in members],
                 dtype=torch.long,
@@ -105,15 +103,35 @@ class ModelCursor:
                 self.tokens[i] = list(sequences[j][: point.length])
                 chosen[j] = point
         self.rows = list(rows)
-        self.state = RecurrentState(concat_rows([self._row_layers(c) for c in chosen]), 0, self.model.fingerprint)
+        self.state = RecurrentState(self._gather(chosen), 0, self.model.fingerprint)
         self.pending = torch.tensor([[seq[-1]] for seq in sequences], dtype=torch.long, device=self.device)
         self._pending_tokens = [seq[-1] for seq in sequences]
 
     @staticmethod
-    def _row_layers(point: _Checkpoint) -> list[dict[str, torch.Tensor]]:
-        if point.state.batch_size == 1:
-            return point.state.layers
-        return [{k: t[point.row : point.row + 1] for k, t in layer.items()} for layer in point.state.layers]
+    def _gather(points: list[_Checkpoint]) -> list[dict[str, torch.Tensor]]:
+        """One batch of the checkpoints' rows, in order: one index_select per source state (a round has k + 2 of
+        them at most, whatever the batch size), then one reordering."""
+        groups: dict[int, list[int]] = {}
+        for j, point in enumerate(points):
+            groups.setdefault(id(point.state), []).append(j)
+        parts, order = [], []
+        for members in groups.values():
+            source = points[members[0]].state
+            rows = [points[j].row for j in members]
+            if rows == list(range(source.batch_size)):
+                parts.append(source.layers)
+            else:
+                index = torch.tensor(rows, dtype=torch.long)
+                parts.append(
+                    [{k: t.index_select(0, index.to(t.device)) for k, t in layer.items()} for layer in source.layers]
+                )
+            order.extend(members)
+        merged = parts[0] if len(parts) == 1 else concat_rows(parts)
+        if order == list(range(len(points))):
+            return merged
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        return [{k: t.index_select(0, inverse.to(t.device)) for k, t in layer.items()} for layer in merged]
 
     def feed(self, tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Consume the pending token (if any) and ``tokens`` (b, e); logits after each consumed token."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from seqlab.decoding.acceptance import Sampling, accept_draft
+from seqlab.decoding.acceptance import Sampling, accept_drafts
 from seqlab.decoding.cursor import ModelCursor
 from seqlab.decoding.drafters import Drafter, ModelDrafter
 from seqlab.errors import InputError
@@ -97,8 +97,10 @@ def speculative_decode(
     active = [i for i in range(n) if max_new_tokens > 0]
     with torch.no_grad():
         while active:
-            left = max(max_new_tokens - len(tokens[i]) for i in active)
-            kk = min(k, left)
+            # Every round drafts k tokens (a row's draws never depend on the others); a row near its budget
+            # verifies fewer.
+            kk = k
+            limits = [min(k, max_new_tokens - len(tokens[i]) - 1) for i in active]
             seqs = [sequences[i] for i in active]
             stable = [len(s) for s in seqs]
             draft, q = drafter.draft(seqs, active, kk, stable, sampling, draft_generators)
@@ -109,10 +111,11 @@ def speculative_decode(
             p = sampling.probs(logits)
             stats.rounds += 1
             still = []
+            kept_rows, extras = accept_drafts(p, q, draft, [generators[i] for i in active], rule=rule, limits=limits)
+            proposals = draft.tolist()
             for j, i in enumerate(active):
-                proposal = draft[j].tolist()
-                kept, extra = accept_draft(p[j], q[j], proposal, generators[i], rule=rule)
-                stats.drafted += kk
+                proposal, kept, extra = proposals[j], kept_rows[j], extras[j]
+                stats.drafted += limits[j]
                 stats.accepted += kept
                 stats.accepted_per_round[i].append(kept)
                 done = False
