@@ -27,6 +27,8 @@ An adapter knows its modality and nothing about pipelines:
   ``map_file(path)``: the file's ids memory-mapped when its bytes are its ids (bytes: a file larger than memory
   trains without being read whole), else None; ``split_point(data, i)``: where encoded data may be cut into
   training and held-out parts (a UTF-8 bytes adapter never cuts a character).
+- ``fitted(texts)``: the adapter ready for a training run's data (itself, or one that learned its encoding on
+  the raw ``texts``: the subword adapter's BPE).
 - ``settings()``: JSON-able constructor arguments; ``type(adapter)(**adapter.settings())`` is an equal adapter.
 """
 
@@ -169,6 +171,13 @@ class Adapter(ABC):
                 raise InputError(f"{type(self).__name__}.source needs encoded frames (T, *frame), got {what}")
             return FrameSource(data.reshape(data.shape[0], -1).float(), batch_size, window)
         return SequenceSource(data, batch_size, window)
+
+    def fitted(self, texts) -> Adapter:
+        """This adapter, ready to encode a training run's data: itself (this default), or, for an adapter that
+        learns its encoding from the training data (the subword adapter's BPE), a new adapter learned on
+        ``texts`` (an iterable of raw values, what ``encode`` takes). A training run calls it once, before
+        anything is encoded; an adapter that needs nothing learned never reads ``texts``."""
+        return self
 
     def map_file(self, path: str | os.PathLike):
         """The file's encoded ids as a read-only numpy memory map when the file's bytes are its ids (then it

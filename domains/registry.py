@@ -42,7 +42,7 @@ def _load_builtin_adapters() -> None:
     # importing the modules registers them; optional dependencies are imported lazily inside each adapter
     import importlib
 
-    for module in ("bytes", "audio", "dna", "video", "memory"):
+    for module in ("bytes", "subword", "audio", "dna", "video", "memory"):
         try:
             importlib.import_module(f"seqlab.domains.{module}")
         except ModuleNotFoundError as exc:  # an adapter module that is not in this build

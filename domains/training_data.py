@@ -187,6 +187,7 @@ def files_data(spec: dict, batch_size: int, window: int, progress: bool = False)
     check_trainable(adapter)
     files = [check_file(f) for f in spec["files"]]
     evals = [check_file(f) for f in spec.get("eval") or []]
+    adapter = adapter.fitted(adapter.read(f) for f in files)  # the training files only, never held-out files
     fraction = _check_fraction(spec.get("eval_fraction"), evals)
     mapped = adapter.map_file(files[0]) if len(files) == 1 else None
     if mapped is not None:  # memory-mapped: a file larger than memory is never read whole

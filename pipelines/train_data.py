@@ -60,6 +60,9 @@ def store_data(
     adapter = adapter_from_info(info.adapter)
     check_trainable(adapter)
     if spec.get("domain") and spec["domain"] != adapter.name:
+        reencoded = _reencoded(store, adapter, spec, names, eval_names, batch_size, window, model_for)
+        if reencoded is not None:
+            return reencoded
         raise ConfigError(
             f"--adapter {spec['domain']!r}, but sequence store {store.where} was encoded by the "
             f"{adapter.name!r} adapter ({info.adapter}); leave out --adapter with --store"
@@ -81,6 +84,41 @@ def store_data(
     where = spec["store"] if "://" in str(spec["store"]) else os.path.abspath(spec["store"])
     spec = {**spec, "store": where, "sequences": names, "eval_sequences": eval_names, "domain": adapter.name}
     return TrainData(adapter, train, train.total, eval_source, held_out, spec), model
+
+
+def _reencoded(store, stored, spec, names, eval_names, batch_size, window, model_for):
+    """A run of an adapter that learns its encoding (``Adapter.fitted``: a subword BPE) on a store written by
+    another one (bytes): the training sequences are decoded to their raw values (read whole, so this suits a
+    drafter's text, not a chromosome), the adapter learns on them and re-encodes them in memory. None when
+    the requested adapter learns nothing (then the store's adapter must be used)."""
+    from seqlab.domains.training_data import adapter_for, tensor_pieces, training_source
+
+    wanted = adapter_for(spec["domain"])
+    check_trainable(wanted)
+
+    def raws(which):
+        for name in which:
+            reader = store.reader(name)
+            yield stored.decode(reader.read(0, reader.length))
+
+    adapter = wanted.fitted(raws(names))
+    if adapter is wanted or adapter.continuous:
+        return None
+    import torch
+
+    data = torch.cat([adapter.encode(raw) for raw in raws(names)])
+    train = training_source(adapter, data, batch_size, window, f"sequence store {store.where}")
+    held_out, eval_source = [], None
+    if eval_names:
+        held = torch.cat([adapter.encode(raw) for raw in raws(eval_names)])
+        if held.shape[0] < 2:
+            raise InputError(f"--eval-sequences {eval_names} hold {held.shape[0]} {adapter.name} tokens: at least 2")
+        eval_source = training_source(adapter, held, 1, min(window, held.shape[0] - 1), "held-out data")
+        held_out.append(HeldOut(", ".join(eval_names), lambda: tensor_pieces(held, EVAL_WINDOW), int(held.shape[0])))
+    model = model_for(adapter) if model_for else None
+    where = spec["store"] if "://" in str(spec["store"]) else os.path.abspath(spec["store"])
+    spec = {**spec, "store": where, "sequences": names, "eval_sequences": eval_names, "domain": adapter.name}
+    return TrainData(adapter, train, int(data.shape[0]), eval_source, held_out, spec), model
 
 
 def store_inputs(store, names: list[str] | None, window: int, model=None) -> list[HeldOut]:

@@ -22,6 +22,7 @@ EXTRAS = {
     "triton": "triton",
     "transformers": "hf",
     "matplotlib": "demo",
+    "tokenizers": "subword",
 }
 
 

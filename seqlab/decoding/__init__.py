@@ -7,6 +7,7 @@ from seqlab.decoding.cursor import ModelCursor
 from seqlab.decoding.drafters import Drafter, MaxGramDrafter, ModelDrafter
 from seqlab.decoding.drugs import Drugs, DrugsHandle, apply_drugs
 from seqlab.decoding.speculative import SpeculativeStats
+from seqlab.decoding.subword import SubwordDrafter
 
 __all__ = [
     "Drafter",
@@ -17,6 +18,7 @@ __all__ = [
     "ModelDrafter",
     "Sampling",
     "SpeculativeStats",
+    "SubwordDrafter",
     "accept_draft",
     "apply_drugs",
     "output_law",
