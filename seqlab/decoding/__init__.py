@@ -3,6 +3,7 @@ statistical or subword drafter, Cascade Speculative Drafting) and DRµGS. ``gene
 speculate=k)`` is the front door; docs/generation.md explains each."""
 
 from seqlab.decoding.acceptance import Sampling, accept_draft, output_law
+from seqlab.decoding.cascade import HorizontalCascade, SpeculativeDrafter, cascade
 from seqlab.decoding.cursor import ModelCursor
 from seqlab.decoding.drafters import Drafter, MaxGramDrafter, ModelDrafter
 from seqlab.decoding.drugs import Drugs, DrugsHandle, apply_drugs
@@ -11,6 +12,9 @@ from seqlab.decoding.subword import SubwordDrafter
 
 __all__ = [
     "Drafter",
+    "HorizontalCascade",
+    "SpeculativeDrafter",
+    "cascade",
     "Drugs",
     "DrugsHandle",
     "MaxGramDrafter",
