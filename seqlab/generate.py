@@ -8,6 +8,7 @@ continue from it (agent sessions).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -193,6 +194,7 @@ def generate(
     prompts=None,
     draft=None,
     speculate: int | None = None,
+    drugs=None,
 ) -> GenerationOutput:
     """Continue each prompt by up to ``max_new_tokens`` tokens (Hugging Face's argument names).
 
@@ -214,6 +216,11 @@ def generate(
     ``seqlab.decoding`` drafter (``MaxGramDrafter``, ``SubwordDrafter``, a ``cascade``), proposes ``speculate``
     tokens (default 4) per round and the model verifies them in one forward. The output has exactly the
     distribution of plain decoding (greedy: the same tokens); ``out.stats`` counts rounds and accepted tokens.
+
+    ``drugs``: DRµGS (``seqlab.decoding.Drugs(theta=...)``): hidden vectors are turned by a small random angle
+    at the chosen sites during the decode steps (the prompt is never perturbed), then the token is chosen as set
+    above (greedy argmax or sampling). Row i's rotations come from its own generator seeded from ``seed``, so a
+    row gets the same rotations alone or in a batch; ``theta=0`` is plain decoding, bit for bit.
     """
     if prompts is not None:
         if input_ids is not None:
@@ -256,6 +263,16 @@ def generate(
     starts = _initial_states(model, state, len(rows))
     base_seed = int(torch.seed() if seed is None else seed)
     generators = [torch.Generator().manual_seed(base_seed + i) for i in range(len(rows))]
+    if drugs is not None:
+        from seqlab.decoding.drugs import Drugs
+
+        if not isinstance(drugs, Drugs):
+            raise InputError(f"drugs must be a seqlab.decoding.Drugs(theta=...), got {type(drugs).__name__}")
+        if draft is not None or speculate is not None:
+            raise InputError(
+                "drugs cannot be combined with draft: DRµGS perturbs the model, so there is no fixed target "
+                "distribution for speculative decoding to reproduce"
+            )
     if draft is not None or speculate is not None:
         return _speculative(
             model, rows, starts, draft, speculate, max_new_tokens, greedy, temperature, top_k, top_p, min_p,
@@ -288,6 +305,31 @@ def generate(
     reasons = ["length"] * len(rows)
     finals: list[RecurrentState | None] = [None] * len(rows)
     active = list(range(len(rows)))
+    with contextlib.ExitStack() as stack:
+        handle = None
+        if drugs is not None:
+            from seqlab.decoding.drugs import apply_drugs
+
+            rotations = [torch.Generator().manual_seed(base_seed + i + 104729) for i in range(len(rows))]
+            handle = stack.enter_context(apply_drugs(model, drugs, rotations))
+        batch, logits = _decode_loop(
+            model, batch, logits, rows, active, tokens, positions, finals, reasons, max_new_tokens, greedy,
+            temperature, top_k, top_p, min_p, repetition_penalty, seen, banned, generators, stops, callback,
+            device, handle,
+        )  # fmt: skip
+    for j, i in enumerate(active):  # rows that ran to max_new_tokens (or all rows, when it is 0)
+        finals[i] = _row_state(model, batch, j, positions[i])
+    states = [s for s in finals if s is not None]
+    assert len(states) == len(rows)  # every row ended (stop or length) and recorded its state
+    return GenerationOutput(tokens, states, reasons)
+
+
+def _decode_loop(
+    model, batch, logits, rows, active, tokens, positions, finals, reasons, max_new_tokens, greedy, temperature,
+    top_k, top_p, min_p, repetition_penalty, seen, banned, generators, stops, callback, device, handle,
+):  # fmt: skip
+    """The token-by-token loop of ``generate``; ``active`` shrinks in place as rows stop. Returns the final
+    (batch, logits) of the rows still active."""
     for _ in range(max_new_tokens):
         if not active:
             break
@@ -333,14 +375,12 @@ def generate(
                 out.state.fingerprint,
             )
             logits = out.logits.index_select(0, index)
-            active = [active[j] for j in keep]
+            active[:] = [active[j] for j in keep]
+            if handle is not None:
+                handle.rows = list(active)  # DRµGS: row i keeps drawing from its own generator
         else:
             batch, logits = out.state, out.logits
-    for j, i in enumerate(active):  # rows that ran to max_new_tokens (or all rows, when it is 0)
-        finals[i] = _row_state(model, batch, j, positions[i])
-    states = [s for s in finals if s is not None]
-    assert len(states) == len(rows)  # every row ended (stop or length) and recorded its state
-    return GenerationOutput(tokens, states, reasons)
+    return batch, logits
 
 
 def _speculative(
