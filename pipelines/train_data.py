@@ -59,6 +59,10 @@ def store_data(
         )
     adapter = adapter_from_info(info.adapter)
     check_trainable(adapter)
+    if spec.get("adapter_settings") and spec.get("domain") in (None, adapter.name):
+        raise ConfigError(
+            "with --store, the adapter is the one the store was encoded with: leave out --adapter-settings"
+        )
     if spec.get("domain") and spec["domain"] != adapter.name:
         reencoded = _reencoded(store, adapter, spec, names, eval_names, batch_size, window, model_for)
         if reencoded is not None:
@@ -93,7 +97,7 @@ def _reencoded(store, stored, spec, names, eval_names, batch_size, window, model
     the requested adapter learns nothing (then the store's adapter must be used)."""
     from seqlab.domains.training_data import adapter_for, tensor_pieces, training_source
 
-    wanted = adapter_for(spec["domain"])
+    wanted = adapter_for(spec["domain"], spec.get("adapter_settings"))
     check_trainable(wanted)
 
     def raws(which):

@@ -45,11 +45,14 @@ def data_spec(
     if store:
         if eval_files or eval_fraction is not None:
             raise ConfigError("with --store, held-out data comes from --eval-sequences (not --eval/--eval-fraction)")
-        if adapter_settings:
+        if adapter_settings and not adapter:
             raise ConfigError(
                 "with --store, the adapter is the one the store was encoded with: leave out --adapter-settings"
             )
-        return {"store": os.fspath(store), "sequences": sequences, "eval_sequences": eval_sequences, "domain": adapter}
+        spec = {"store": os.fspath(store), "sequences": sequences, "eval_sequences": eval_sequences, "domain": adapter}
+        if adapter_settings:  # an adapter that learns its encoding on the store (subword on bytes): its settings
+            spec["adapter_settings"] = adapter_settings
+        return spec
     if files:
         if sequences or eval_sequences:
             raise ConfigError("--sequences and --eval-sequences go with --store")

@@ -122,6 +122,10 @@ def keep_checkpoints(text: str):
         raise argparse.ArgumentTypeError(f"must be an integer in [1, {BIG}] or 'all', got {text!r}") from None
 
 
+#: --subword-vocab: the subword adapter's BPE vocabulary (seqlab.byte_bpe.MIN_VOCAB, MAX_VOCAB)
+subword_vocab = count(256, 1 << 16)
+#: --speculate: draft tokens per round of speculative decoding
+speculate = count(1, 1024)
 #: --eval-fraction
 eval_fraction = number(0, 1, low_open=True, high_open=True)
 #: --chunk-mb range: 0.001 MB (about 1 KiB, the store's smallest chunk) to 1024 MB (a chunk is decoded whole)
@@ -283,6 +287,7 @@ VOCABULARY = {
     "sequence_names": "names of the sequences ingest writes, one per file",
     "adapter": "the domain adapter's name",
     "adapter_settings": "the adapter's settings (JSON)",
+    "subword_vocab": "the subword adapter's BPE vocabulary size",
     "model": "a model file or checkpoint folder",
     "session": "an agent memory session folder",
     "overwrite": "replace what the output already holds",
@@ -317,6 +322,8 @@ VOCABULARY = {
     "top_k": "sample from the k likeliest",
     "top_p": "nucleus sampling",
     "allow_specials": "the adapter's special tokens may be generated",
+    "draft": "the drafter of speculative decoding (a model file, run folder, or maxgram)",
+    "speculate": "draft tokens per round of speculative decoding",
     # memory sessions
     "create": "create the session",
     "role": "role of the event this command writes",

@@ -35,12 +35,20 @@ from seqlab.cli._args import (
     count,
     eval_fraction,
     flag,
+    subword_vocab,
     threads,
 )
 
 #: what each kind of setting must be when it comes from a --config TOML file (argparse never converts those)
 _TRAIN_CHECKS = {
-    "numbers": {**TRAIN_TYPES, **MODEL_TYPES, **MOE_TYPES, "eval_fraction": eval_fraction, "threads": threads},
+    "numbers": {
+        **TRAIN_TYPES,
+        **MODEL_TYPES,
+        **MOE_TYPES,
+        "eval_fraction": eval_fraction,
+        "threads": threads,
+        "subword_vocab": subword_vocab,
+    },
     "flags": ("resume", "overwrite", "quiet", "json", "bf16", "carry_state"),
     "lists": ("files", "eval", "sequences", "eval_sequences"),
     "texts": ("out", "adapter", "store", "device"),
@@ -106,7 +114,7 @@ def _train(args) -> int:
         args.out,
         files=args.files,
         adapter=args.adapter,
-        adapter_settings=args.adapter_settings,
+        adapter_settings=_adapter_settings(args),
         eval_files=args.eval,
         eval_fraction=args.eval_fraction,
         store=args.store,
@@ -122,6 +130,30 @@ def _train(args) -> int:
     )
     _print_train_summary(summary, args.json)
     return 0
+
+
+def _adapter_settings(args):
+    """--adapter-settings, with --subword-vocab N as the subword adapter's ``vocab_size``."""
+    from seqlab.errors import ConfigError
+
+    if getattr(args, "subword_vocab", None) is None:
+        return args.adapter_settings
+    if args.adapter != "subword":
+        raise ConfigError(
+            f"--subword-vocab goes with --adapter subword (the byte-level BPE learned on the training data), "
+            f"got --adapter {args.adapter!r}"
+        )
+    settings = args.adapter_settings or {}
+    if isinstance(settings, str):
+        try:
+            settings = json.loads(settings)
+        except ValueError as exc:
+            raise ConfigError(
+                f"--adapter-settings must be a JSON object, got {args.adapter_settings!r} ({exc})"
+            ) from None
+    if not isinstance(settings, dict):
+        raise ConfigError(f"--adapter-settings must be a JSON object, got {args.adapter_settings!r}")
+    return {**settings, "vocab_size": args.subword_vocab}
 
 
 def parameters_text(counts: dict) -> str:
@@ -266,7 +298,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "files", nargs="*", help="training files (text/bytes, FASTA/FASTQ, audio, .npy video, memory events)"
     )
     data = t.add_argument_group("data")
-    add_adapter(data, "adapter for FILE...: bytes, dna, audio, video, memory (with --store: the store's)")
+    add_adapter(
+        data,
+        "adapter for FILE...: bytes, subword, dna, audio, video, memory (with --store: the store's, or subword "
+        "on a bytes store)",
+    )
+    data.add_argument(
+        "--subword-vocab",
+        type=subword_vocab,
+        metavar="N",
+        help="with --adapter subword: tokens of the byte-level BPE learned on the training data, 256 to 65536 "
+        "(default 512); a subword model drafts for a byte model (seqlab generate --draft)",
+    )
     data.add_argument("--eval", nargs="+", metavar="FILE", help="held-out files (put this after the training files)")
     data.add_argument(
         "--eval-fraction", type=eval_fraction, metavar="F", help="hold out the last F of the encoded data"
