@@ -27,6 +27,12 @@ CASES = {
     ),
     # teacher through an HF directory, 50%/100% x attention/random students, 1 seed: table, JSON, PNG in ~6 s
     "distill.py": (["--quick", "--out", "{out}"], "teacher", ["distill.json", "distill.png"]),
+    # a tiny byte model, every method (temperature, top-p, DRµGS argmax/x-B-C/sampling) at 1-2 settings x 2 seeds
+    "drugs_diversity.py": (
+        ["--quick", "--out", "{out}"],
+        "greedy (no randomness)",
+        ["drugs_diversity.json", "drugs_diversity.txt", "drugs_diversity.png"],
+    ),
 }
 
 
@@ -52,6 +58,12 @@ def test_example_runs(script, tmp_path):
             (f, i) for f in (0.5, 1.0) for i in ("attention", "random")
         }
         assert all(r["kl"] < r["kl_before"] for r in result["runs"])
+    if script == "drugs_diversity.py":  # every method measured over both seeds; greedy samples are all alike
+        result = json.loads((tmp_path / "out" / "drugs_diversity.json").read_text())
+        methods = {"temperature", "top_p", "drugs_residual", "drugs_xbc", "drugs_sampling"}
+        assert {r["method"] for r in result["summary"]} == methods
+        assert all(r["seeds"] == 2 and 0 < r["nll_bpb"] < 20 and 0 <= r["diversity"] <= 1 for r in result["summary"])
+        assert result["greedy"]["diversity"] == 0
     if script == "moe_bytes.py":  # both corpora, both models, a curve and a ratio for each
         result = json.loads((tmp_path / "out" / "moe_bytes.json").read_text())
         assert {(r["corpus"], r["model"]) for r in result["runs"]} == {

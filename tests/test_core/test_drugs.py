@@ -361,3 +361,26 @@ def test_bad_settings_for_a_model():
     # the sites that exist somewhere are enough: "q" on a hybrid perturbs its attention layer only
     log = captured(build("hybrid"), Drugs(theta=0.2, sites=("q", "x")), steps=1)
     assert {(i, s) for i, s, *_ in log} == {(1, "q"), (0, "x"), (2, "x")}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# generate inside the context (prefill outside the perturbation by protect_prompt, steps inside)
+
+
+def test_generate_inside_the_context(model):
+    rows = [list(range(3, 9)), list(range(10, 14))]
+    plain = model.generate(rows, 8, do_sample=True, temperature=0.8, seed=0)
+    with apply_drugs(model, Drugs(theta=0.0, sites=MODEL_SITES[model.kind]), torch.Generator()):
+        same = model.generate(rows, 8, do_sample=True, temperature=0.8, seed=0)
+    assert same.tokens == plain.tokens
+    assert all(states_equal(a, b) for a, b in zip(same.states, plain.states))
+    drugs = Drugs(theta=1.2, sites="residual")
+    runs = []
+    for _ in range(2):
+        with apply_drugs(model, drugs, [torch.Generator().manual_seed(i) for i in range(2)]) as handle:
+            runs.append(model.generate(rows, 8))
+        assert handle.steps == 8 and handle.rotations > 0
+    assert runs[0].tokens == runs[1].tokens
+    greedy = model.generate(rows, 8)
+    assert runs[0].tokens != greedy.tokens
+    assert [t[0] for t in runs[0].tokens] == [t[0] for t in greedy.tokens]  # the first token: the prompt's logits
