@@ -283,7 +283,9 @@ def plot(rows: list[dict], greedy: dict, reference: float, s: Settings, info: st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    top = 3.4  # NLL axis cut here: a few extreme settings are far above; they are named below the plot
+    off = [r for r in rows if r["nll_bpb"] > top]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.6))
     for ax, (key, xlabel) in zip(
         axes,
         (
@@ -309,22 +311,57 @@ def plot(rows: list[dict], greedy: dict, reference: float, s: Settings, info: st
                 label=label,
             )
             for r, x, y in zip(mine, xs, ys):
-                ax.annotate(f"{r['value']:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
-        ax.plot([greedy[key]], [greedy["nll_bpb"]], "k*", ms=10, label="greedy")
+                if y <= top:
+                    ax.annotate(
+                        f"{r['value']:g}",
+                        (x, y),
+                        textcoords="offset points",
+                        xytext=(-4, 5),
+                        fontsize=7,
+                        color=COLORS[method],
+                    )
+        ax.axhline(
+            greedy["nll_bpb"], color="black", ls=":", lw=0.9, label=f"greedy ({greedy['nll_bpb']:.2f}; diversity 0)"
+        )
         ax.axhline(reference, color="gray", ls="--", lw=0.8, label=f"held-out text itself ({reference:.2f})")
+        lowest = min(r[key] for r in rows)
+        ax.set_xlim(lowest - 0.03, 1.01)
+        ax.set_ylim(min(greedy["nll_bpb"], min(r["nll_bpb"] for r in rows)) - 0.1, top)
         ax.set_xlabel(xlabel, fontsize=8)
-        ax.set_ylabel("model's own NLL of the samples (bits/byte, lower = more likely)")
+        ax.set_ylabel("model's own NLL of the samples (bits/byte, lower = more likely)", fontsize=8)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7, loc="upper left")
+    note = "; ".join(
+        f"{METHODS[r['method']][0]} {METHODS[r['method']][1]}={r['value']:g}: {r['nll_bpb']:.2f}" for r in off
+    )
     fig.suptitle(
         f"DRµGS vs temperature and top-p on a MambaByte model ({info}); {s.prompts} held-out prompts x {s.samples} "
         f"samples x {s.new_bytes} bytes,\nmean ± std over {s.seeds} sampling seeds; labels: T, p or θ (radians). "
         "Lower right is better: more diverse at the same likelihood.",
         fontsize=9,
     )
-    fig.tight_layout()
+    if note:
+        fig.text(0.5, 0.01, f"above the chart (NLL bits/byte): {note}", ha="center", fontsize=7)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def describe(s: Settings, params: int, bpb: float) -> str:
+    return f"d_model {s.d_model}, {s.n_layer} Mamba-1 layers, {params:,} parameters, held-out {bpb:.2f} bits/byte"
+
+
+def replot(out: Path, docs: bool) -> None:
+    """Redraw the PNG from drugs_diversity.json in ``out`` (no training, no sampling)."""
+    result = json.loads((out / "drugs_diversity.json").read_text())
+    s = Settings(**result["settings"])
+    m = result["model"]
+    info = describe(s, m["parameters"], m["held_out_bpb"])
+    plot(result["summary"], result["greedy"], result["reference_nll_bpb"], s, info, out / "drugs_diversity.png")
+    print(f"redrew {out / 'drugs_diversity.png'}")
+    if docs:
+        shutil.copyfile(out / "drugs_diversity.png", DOCS_PNG)
+        print(f"copied the PNG to {DOCS_PNG}")
 
 
 def main() -> None:
@@ -340,7 +377,11 @@ def main() -> None:
         default=1,
         help="torch threads (default 1: on 2 cores shared with other work, 2 threads made decoding 60x slower)",
     )
+    parser.add_argument("--replot", action="store_true", help="only redraw the PNG from --out/drugs_diversity.json")
     args = parser.parse_args()
+    if args.replot:
+        replot(Path(args.out), docs=not args.quick and not args.no_docs)
+        return
 
     import torch
 
@@ -366,7 +407,7 @@ def main() -> None:
     trained = f"trained in {seconds:.0f} s" if seconds is not None else f"loaded from {out / 'model.safetensors'}"
     params = sum(p.numel() for p in model.parameters())
     bpb = held_out_bpb(model, data, split)
-    info = f"d_model {s.d_model}, {s.n_layer} Mamba-1 layers, {params:,} parameters, held-out {bpb:.2f} bits/byte"
+    info = describe(s, params, bpb)
     print(f"model: {info}; {s.steps} steps of {s.batch_size} x {s.window} bytes, {trained}")
 
     pairs = pick_prompts(data, split, s)
