@@ -160,6 +160,9 @@ def test_train_a_subword_drafter_on_a_byte_store(capsys, work, tmp_path):
 
     model, adapter = model_from_checkpoint(tmp_path / "sub")
     assert adapter.name == "subword" and model.vocab_size == 280
+    # a resume learns the same tokenizer again (deterministic) and continues
+    code, out, err = run_cli(["train", "--out", tmp_path / "sub", "--resume", "--steps", "5", "--quiet"], capsys)
+    assert code == 0 and out.startswith("steps       5 (2 in this run"), err
     code, plain, _ = _generate(capsys, work)
     code, out, err = _generate(capsys, work, "--draft", tmp_path / "sub", "--speculate", "2")
     assert code == 0 and out == plain, err
