@@ -43,13 +43,14 @@ class ByteBPE:
         self._tokenizer = tokenizer
         size = tokenizer.get_vocab_size(with_added_tokens=True)
         table: list[bytes | None] = [None] * size
-        for token, index in tokenizer.get_vocab(with_added_tokens=True).items():
+        vocab = sorted(tokenizer.get_vocab(with_added_tokens=True).items(), key=lambda item: (item[1], item[0]))
+        for token, index in vocab:  # strings first, then ids: the same complaint whatever the vocabulary's order
+            if any(ord(c) > 0xFF for c in token):
+                raise ConfigError(f"byte-level BPE: token {token!r} (id {index}) is not a byte string")
+        for token, index in vocab:
             if not 0 <= index < size or table[index] is not None:
                 raise ConfigError(f"byte-level BPE: token id {index} is out of range or used twice")
-            try:
-                table[index] = token.encode("latin-1")
-            except UnicodeEncodeError:
-                raise ConfigError(f"byte-level BPE: token {token!r} (id {index}) is not a byte string") from None
+            table[index] = token.encode("latin-1")
         if any(t is None or not t for t in table):
             raise ConfigError("byte-level BPE: the token ids are not 0..n-1 with a non-empty byte string each")
         self.token_bytes: list[bytes] = [t for t in table if t is not None]
