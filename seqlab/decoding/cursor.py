@@ -143,8 +143,9 @@ class ModelCursor:
         if length > 1:
             out = self.model(ids, self.state, states_at=list(range(1, length + 1)))
             states = out.states_at
-        else:
-            out = self.model(ids, self.state)
+        else:  # one token: the recurrent step, cheaper than a forward of length 1
+            out = self.model.step(ids[:, 0], self.state)
+            out.output = out.output[:, None]
             states = [out.state]
         self.calls += 1
         fed = ids.tolist()
