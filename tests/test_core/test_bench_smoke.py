@@ -87,3 +87,14 @@ def test_hybrid_bench_quick_runs_and_prints_the_table():
     assert "mamba2: decode tok/s at 256 / at 32 = " in out
     row = next(line for line in out.splitlines() if line.startswith("| attention | 256 | "))
     assert "| 2.0 MiB | 2.0 MiB |" in row  # 256 tokens x 2 x 4 heads x 64 x 4 bytes x 4 layers
+
+
+def test_decoding_bench_quick_runs_and_prints_both_tables():
+    """Trains tiny target, byte draft and subword draft for a few steps, then decodes with every method; greedy
+    rows must produce the target's own greedy bytes (the script checks and marks them "(same)")."""
+    out = run_bench("decoding.py", "--quick")
+    assert "| method | bytes/s | target forwards per byte | acceptance | speed vs plain |" in out
+    assert "greedy" in out and "sampling T=1" in out
+    for method in ("plain", "byte draft, k=2", "Max-Gram, k=4", "subword draft", "cascade"):
+        assert f"| {method}" in out, method
+    assert out.count("(same)") >= 5 and "DIFFERS" not in out
