@@ -41,6 +41,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int)
     p.add_argument("--quick", action="store_true", help="tiny models and few steps (smoke test)")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument(
+        "--allocations",
+        nargs="+",
+        metavar="JSON",
+        help="instead of the main tables, sweep these cascade allocations for the byte draft, e.g. '[[3,1],[2]]' "
+        "'[[4,1],[2]]' (the target's draft length is the first row's total)",
+    )
     args = p.parse_args(argv)
     args.prompts = args.prompts or (2 if args.quick else 6)
     args.new_tokens = args.new_tokens or (24 if args.quick else 256)
@@ -174,6 +181,37 @@ def call_costs(named_models, repeats: int = 200) -> dict[str, tuple[float, float
     return costs
 
 
+def table(target, prompts, methods: dict, mode: str, options: dict, args) -> list[dict]:
+    """Decode every prompt with every method, print one markdown row per method, return the rows as dicts; the
+    first method is the baseline, and in greedy mode every other method must give its exact bytes."""
+    print("| method | bytes/s | target forwards per byte | acceptance | speed vs plain |\n|---|---|---|---|---|")
+    rows: list[dict] = []
+    base, plain_tokens = None, None
+    for name, extra in methods.items():
+        seconds, generated, calls, accepted, drafted = 0.0, 0, 0, 0, 0
+        outputs = []
+        for prompt in prompts:
+            t, out = run(target, [prompt], args.new_tokens, args.repeats, **options, **extra)
+            seconds += t
+            generated += len(out.tokens[0])
+            outputs.append(out.tokens[0])
+            stats = out.stats
+            calls += stats.target_calls if stats else len(out.tokens[0])
+            accepted += stats.accepted if stats else 0
+            drafted += stats.drafted if stats else 0
+        rate = generated / seconds
+        base = base or rate
+        plain_tokens = plain_tokens or outputs
+        same = ""
+        if "do_sample" not in options and rows:
+            same = " (same)" if outputs == plain_tokens else " (DIFFERS)"
+        acceptance = f"{accepted / drafted:.2f}" if drafted else "-"
+        print(f"| {name}{same} | {rate:.0f} | {calls / generated:.3f} | {acceptance} | {rate / base:.2f} |")
+        rows.append({"mode": mode, "method": name, "bytes_per_s": rate, "forwards_per_byte": calls / generated,
+                     "acceptance": accepted / drafted if drafted else None, "ratio": rate / base})  # fmt: skip
+    return rows
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
@@ -203,35 +241,22 @@ def main(argv=None) -> None:
         model = {"target": target, "byte draft": draft, "subword draft": subword}[name]
         params = sum(p.numel() for p in model.parameters())
         print(f"| {name} | {params:,} | {model.config.n_layer} | {step_ms:.3f} | {verify_ms:.3f} |")
+    modes = (("greedy", {}), ("sampling T=1", {"do_sample": True, "temperature": 1.0}))
     results = []
-    for mode, options in (("greedy", {}), ("sampling T=1", {"do_sample": True, "temperature": 1.0})):
-        print(f"\n{mode}\n| method | bytes/s | target forwards per byte | acceptance | speed vs plain |")
-        print("|---|---|---|---|---|")
-        base = None
-        plain_tokens = None
-        for name, extra in methods.items():
-            seconds, generated, calls, accepted, drafted = 0.0, 0, 0, 0, 0
-            outputs = []
-            for prompt in prompts:
-                t, out = run(target, [prompt], args.new_tokens, args.repeats, **options, **extra)
-                seconds += t
-                generated += len(out.tokens[0])
-                outputs.append(out.tokens[0])
-                stats = out.stats
-                calls += stats.target_calls if stats else len(out.tokens[0])
-                accepted += stats.accepted if stats else 0
-                drafted += stats.drafted if stats else 0
-            rate = generated / seconds
-            base = base or rate
-            if name == "plain":
-                plain_tokens = outputs
-            same = ""
-            if mode == "greedy" and name != "plain":
-                same = " (same)" if outputs == plain_tokens else " (DIFFERS)"
-            acceptance = f"{accepted / drafted:.2f}" if drafted else "-"
-            print(f"| {name}{same} | {rate:.0f} | {calls / generated:.3f} | {acceptance} | {rate / base:.2f} |")
-            results.append({"mode": mode, "method": name, "bytes_per_s": rate, "forwards_per_byte": calls / generated,
-                            "acceptance": accepted / drafted if drafted else None, "ratio": rate / base})  # fmt: skip
+    for mode, options in modes if not args.allocations else ():
+        print(f"\n{mode}")
+        results += table(target, prompts, methods, mode, options, args)
+    if args.allocations:
+        allocations = [json.loads(a) for a in args.allocations]
+        sweep = {"plain": {}}
+        for allocation in allocations:
+            sweep[f"cascade {json.dumps(allocation)}, k={sum(allocation[0])}"] = {
+                "draft": cascade([draft], allocation),
+                "speculate": sum(allocation[0]),
+            }
+        for mode, options in modes:
+            print(f"\ncascade allocations (byte draft over Max-Gram), {mode}")
+            results += table(target, prompts, sweep, f"allocations, {mode}", options, args)
     if args.json:
         args.json.write_text(json.dumps({"info": info, "costs_ms": costs, "results": results}, indent=1))
 

@@ -116,7 +116,9 @@ def cascade(models: list, allocation: list[list[int]] | None = None, max_n: int 
     ``allocation[i]`` (one row per level i = 0..len(models)): the counts of the tokens drafted for level i (0 =
     the target, i = models[i-1]) by models[i], models[i+1], ..., then Max-Gram; row i has len(models) - i + 1
     entries. A row's total is that level's draft length (the target's ``speculate`` may differ: the last drafter
-    fills). Default for one model: [[3, 1], [2]] (bench/decoding.py measured it; docs/generation.md)."""
+    fills). Default for one model: [[3, 1], [2]], tied best of eight allocations by wall clock in
+    ``bench/decoding.py --allocations`` (docs/benchmarks.md, "Speculative decoding (CPU)"); the default for more
+    models extends that row and is not measured."""
     from seqlab.models import LanguageModel
 
     if not models:
