@@ -40,6 +40,23 @@ def tiny_config(ssm: str = "mamba1", **kw):
     return BackboneConfig(**base)
 
 
+def tiny_hybrid_options() -> dict[str, Any]:
+    """``tiny_config`` keywords of a three-layer hybrid with dense MLPs: Mamba-1, then attention (4 heads over 2
+    key/value heads), then Mamba-2 (head dim 8, state 4, chunk 4). A fresh dict each call."""
+    return dict(
+        ssm="mamba1",
+        n_layer=3,
+        ffn="mlp",
+        d_ffn=24,
+        attn_heads=4,
+        attn_kv_heads=2,
+        layer_overrides={
+            1: {"mixer": "attention"},
+            2: {"mixer": "mamba2", "options": {"headdim": 8, "d_state": 4, "chunk_size": 4}},
+        },
+    )
+
+
 def tiny_lm(ssm: str = "mamba1", vocab: int = 32, seed: int = 0, **kw):
     """A ``LanguageModel`` on ``tiny_config`` in eval mode, with D and the norm weights spread over [0.5, 1.5] so
     that the scan's decay, conv tail and gating all matter in a test."""

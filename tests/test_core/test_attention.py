@@ -24,7 +24,7 @@ from seqlab.config import AttentionSettings, BackboneConfig
 from seqlab.errors import ConfigError, CorruptFileError, StateMismatchError
 from seqlab.generate import generate
 from seqlab.mixers.attention import AttentionMixer, rope_inverse_frequencies
-from seqlab.testing import rel_err, tiny_lm
+from seqlab.testing import rel_err, tiny_hybrid_options, tiny_lm
 
 # --------------------------------------------------------------------------------------------------------------
 # the reference twin
@@ -207,18 +207,7 @@ def test_rope_frequencies_follow_the_definitions_and_hf():
 # --------------------------------------------------------------------------------------------------------------
 # attention in stacks
 
-HYBRID = dict(
-    ssm="mamba1",
-    n_layer=3,
-    ffn="mlp",
-    d_ffn=24,
-    attn_heads=4,
-    attn_kv_heads=2,
-    layer_overrides={
-        1: {"mixer": "attention"},
-        2: {"mixer": "mamba2", "options": {"headdim": 8, "d_state": 4, "chunk_size": 4}},
-    },
-)
+HYBRID = tiny_hybrid_options()
 WINDOW_HYBRID = dict(ssm="mamba1", n_layer=2, attn_heads=2, attn_window=6, layer_overrides={1: {"mixer": "attention"}})
 STACKS = {"hybrid": HYBRID, "window_hybrid": WINDOW_HYBRID}
 

@@ -17,20 +17,9 @@ import torch
 from seqlab.decoding import Drugs, apply_drugs
 from seqlab.decoding.drugs import PROFILES, SITES, profile_factors, rotate
 from seqlab.errors import InputError
-from seqlab.testing import tiny_lm
+from seqlab.testing import tiny_hybrid_options, tiny_lm
 
-HYBRID = dict(
-    ssm="mamba1",
-    n_layer=3,
-    ffn="mlp",
-    d_ffn=24,
-    attn_heads=4,
-    attn_kv_heads=2,
-    layer_overrides={
-        1: {"mixer": "attention"},
-        2: {"mixer": "mamba2", "options": {"headdim": 8, "d_state": 4, "chunk_size": 4}},
-    },
-)
+HYBRID = tiny_hybrid_options()
 MAMBA_ONLY = ("residual", "mixer_in", "mixer_out", "x", "B", "C")
 MODEL_SITES = {"mamba1": MAMBA_ONLY, "mamba2": MAMBA_ONLY, "hybrid": SITES}
 

@@ -13,17 +13,9 @@ import torch
 from seqlab.decoding import MaxGramDrafter, ModelDrafter, Sampling, accept_draft, output_law
 from seqlab.decoding.speculative import speculative_decode
 from seqlab.errors import InputError
-from seqlab.testing import rel_err, tiny_lm
+from seqlab.testing import rel_err, tiny_hybrid_options, tiny_lm
 
-ATTN_HYBRID = dict(
-    ssm="mamba1",
-    n_layer=3,
-    ffn="mlp",
-    d_ffn=24,
-    attn_heads=4,
-    attn_kv_heads=2,
-    layer_overrides={1: {"mixer": "attention"}, 2: {"mixer": "mamba2", "options": {"headdim": 8, "d_state": 4}}},
-)
+ATTN_HYBRID = tiny_hybrid_options()
 
 
 def make(kind: str, vocab: int = 32, seed: int = 0, spread: float = 1.0):

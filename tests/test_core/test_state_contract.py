@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from seqlab import RecurrentState
 from seqlab.errors import StateMismatchError
-from seqlab.testing import rel_err, tiny_lm
+from seqlab.testing import rel_err, tiny_hybrid_options, tiny_lm
 
 SSMS = ["mamba1", "mamba2"]
 HYBRID = dict(
@@ -43,18 +43,7 @@ def assert_states_close(a: RecurrentState, b: RecurrentState, tol: float) -> Non
 
 
 MOE = dict(ssm="mamba1", n_layer=2, ffn="moe", d_ffn=24, moe_experts=4, moe_top_k=2)
-ATTN_HYBRID = dict(
-    ssm="mamba1",
-    n_layer=3,
-    ffn="mlp",
-    d_ffn=24,
-    attn_heads=4,
-    attn_kv_heads=2,
-    layer_overrides={
-        1: {"mixer": "attention"},
-        2: {"mixer": "mamba2", "options": {"headdim": 8, "d_state": 4, "chunk_size": 4}},
-    },
-)
+ATTN_HYBRID = tiny_hybrid_options()
 WINDOW = dict(ssm="attention", n_layer=2, ffn="mlp", d_ffn=24, attn_heads=2, attn_window=5, attn_bias=True)
 STACKS = {"hybrid": HYBRID, "moe": MOE, "attn_hybrid": ATTN_HYBRID, "window": WINDOW}
 ATTN = ["attn_hybrid", "window"]

@@ -11,21 +11,10 @@ import torch
 from seqlab import RecurrentState
 from seqlab.errors import InputError
 from seqlab.kernels import triton_available
-from seqlab.testing import rel_err, tiny_lm
+from seqlab.testing import rel_err, tiny_hybrid_options, tiny_lm
 
 MOE = dict(ssm="mamba1", n_layer=2, ffn="moe", d_ffn=24, moe_experts=4, moe_top_k=2)
-ATTN_HYBRID = dict(
-    ssm="mamba1",
-    n_layer=3,
-    ffn="mlp",
-    d_ffn=24,
-    attn_heads=4,
-    attn_kv_heads=2,
-    layer_overrides={
-        1: {"mixer": "attention"},
-        2: {"mixer": "mamba2", "options": {"headdim": 8, "d_state": 4, "chunk_size": 4}},
-    },
-)
+ATTN_HYBRID = tiny_hybrid_options()
 WINDOW = dict(ssm="attention", n_layer=2, ffn="mlp", d_ffn=24, attn_heads=2, attn_window=5, attn_bias=True)
 STACKS = {"moe": MOE, "attn_hybrid": ATTN_HYBRID, "window": WINDOW}
 KINDS = ["mamba1", "mamba2", "attn_hybrid", "window", "moe"]
