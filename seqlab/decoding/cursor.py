@@ -48,18 +48,30 @@ class ModelCursor:
     def __init__(self, model, sequences: list[list[int]], starts: list[RecurrentState | None]) -> None:
         self.model = model
         self.device = next(model.parameters()).device
-        self.tokens: list[list[int]] = []  # the tokens each row's newest checkpoint line has consumed
-        self.checkpoints: list[list[_Checkpoint]] = []
-        self.start_positions: list[int] = []
-        for seq, start in zip(sequences, starts):
-            if start is None:
-                start = model.init_state(1, self.device)
-            self.start_positions.append(start.position)
-            head = seq[:-1]
+        self.tokens: list[list[int]] = [list(seq[:-1]) for seq in sequences]  # what each row's newest line consumed
+        self.start_positions = [0 if start is None else start.position for start in starts]
+        # Rows that share a start (None, or the same state object) and a head length start together: one
+        # init_state and one forward per group, not one per row (a batch of drafts starts from None).
+        groups: dict[tuple[int | None, int], list[int]] = {}
+        for i, (seq, start) in enumerate(zip(sequences, starts)):
+            groups.setdefault((None if start is None else id(start), len(seq) - 1), []).append(i)
+        self.checkpoints: list[list[_Checkpoint]] = [[] for _ in sequences]
+        for (_, head), members in groups.items():
+            shared = starts[members[0]]
+            if shared is not None and shared.batch_size != 1:
+                raise ValueError(f"ModelCursor: each row's start must be a batch of one, got {shared.batch_size}")
+            if shared is None:
+                start = model.init_state(len(members), self.device)
+            elif len(members) > 1 and head:
+                rows = self._gather([_Checkpoint(0, shared, 0)] * len(members))
+                start = RecurrentState(rows, shared.position, model.fingerprint)
+            else:
+                start = shared
             if head:
-                start = model(torch.tensor([head], dtype=torch.long, device=self.device), start).state
-            self.tokens.append(list(head))
-            self.checkpoints.append([_Checkpoint(len(head), start, 0)])
+                ids = torch.tensor([self.tokens[i] for i in members], dtype=torch.long, device=self.device)
+                start = model(ids, start).state
+            for m, i in enumerate(members):
+                self.checkpoints[i].append(_Checkpoint(head, start, m if start.batch_size > 1 else 0))
         self.rows: list[int] = []
         self.pending: torch.Tensor | None = None
         self.state: RecurrentState | None = None
