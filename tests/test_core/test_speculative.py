@@ -327,3 +327,25 @@ def test_bad_cascades():
     small_vocab = cascade([make("mamba1", vocab=16)])
     with pytest.raises(InputError, match="vocabulary has 16 ids"):
         model.generate([1], 3, draft=small_vocab)
+
+
+@pytest.mark.parametrize("kind", ["mamba1", "hybrid"])
+def test_cursor_starts_grouped_rows_as_it_would_start_each_alone(kind):
+    """Rows sharing a start (None or one state object) and a head length start in one batch; each row's state
+    equals a lone forward over its head from its own start."""
+    from seqlab.decoding import ModelCursor
+
+    model = make(kind, seed=3)
+    shared = model(torch.tensor([[5, 6, 7]])).state
+    sequences = [[1, 2, 3], [4, 5, 6], [9], [8, 8, 1, 2], [3, 3, 3, 4], [2, 7]]
+    starts = [None, None, None, shared, shared, shared]
+    cursor = ModelCursor(model, sequences, starts)
+    with torch.no_grad():
+        for i, (seq, start) in enumerate(zip(sequences, starts)):
+            want = start if start is not None else model.init_state(1)
+            if len(seq) > 1:
+                want = model(torch.tensor([seq[:-1]]), want).state
+            point = cursor.checkpoints[i][-1]
+            assert point.length == len(seq) - 1
+            got = point.state.select(point.row)
+            assert_same_states(got, want)
