@@ -48,6 +48,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="instead of the main tables, sweep these cascade allocations for the byte draft, e.g. '[[3,1],[2]]' "
         "'[[4,1],[2]]' (the target's draft length is the first row's total)",
     )
+    p.add_argument(
+        "--leniency",
+        type=lambda v: None if v == "exact" else float(v),
+        nargs="+",
+        metavar="L",
+        help="with --allocations: each allocation at these lossy leniencies ('exact' for none), e.g. exact 2 4",
+    )
     args = p.parse_args(argv)
     args.prompts = args.prompts or (2 if args.quick else 6)
     args.new_tokens = args.new_tokens or (24 if args.quick else 256)
@@ -181,14 +188,26 @@ def call_costs(named_models, repeats: int = 200) -> dict[str, tuple[float, float
     return costs
 
 
+def inner_counts(drafter) -> tuple[int, int]:
+    """(accepted, drafted) so far at a cascade's speculative draft-model levels ((0, 0) for other drafters)."""
+    from seqlab.decoding import HorizontalCascade, SpeculativeDrafter
+
+    parts = [d for d, _ in drafter.parts] if isinstance(drafter, HorizontalCascade) else [drafter]
+    levels = [d for d in parts if isinstance(d, SpeculativeDrafter)]
+    return sum(d.accepted for d in levels), sum(d.drafted for d in levels)
+
+
 def table(target, prompts, methods: dict, mode: str, options: dict, args) -> list[dict]:
     """Decode every prompt with every method, print one markdown row per method, return the rows as dicts; the
     first method is the baseline, and in greedy mode every other method must give its exact bytes."""
-    print("| method | bytes/s | target forwards per byte | acceptance | speed vs plain |\n|---|---|---|---|---|")
+    header = "| method | bytes/s | target forwards per byte | acceptance | speed vs plain"
+    print(f"{header} | draft model's level acceptance |")
+    print("|---|---|---|---|---|---|")
     rows: list[dict] = []
     base, plain_tokens = None, None
     for name, extra in methods.items():
         seconds, generated, calls, accepted, drafted = 0.0, 0, 0, 0, 0
+        inner_before = inner_counts(extra.get("draft"))
         outputs = []
         for prompt in prompts:
             t, out = run(target, [prompt], args.new_tokens, args.repeats, **options, **extra)
@@ -206,9 +225,14 @@ def table(target, prompts, methods: dict, mode: str, options: dict, args) -> lis
         if "do_sample" not in options and rows:
             same = " (same)" if outputs == plain_tokens else " (DIFFERS)"
         acceptance = f"{accepted / drafted:.2f}" if drafted else "-"
-        print(f"| {name}{same} | {rate:.0f} | {calls / generated:.3f} | {acceptance} | {rate / base:.2f} |")
+        inner_after = inner_counts(extra.get("draft"))
+        inner_drafted = inner_after[1] - inner_before[1]
+        level = (inner_after[0] - inner_before[0]) / inner_drafted if inner_drafted else None
+        inner = "-" if level is None else f"{level:.2f}"
+        print(f"| {name}{same} | {rate:.0f} | {calls / generated:.3f} | {acceptance} | {rate / base:.2f} | {inner} |")
         rows.append({"mode": mode, "method": name, "bytes_per_s": rate, "forwards_per_byte": calls / generated,
-                     "acceptance": accepted / drafted if drafted else None, "ratio": rate / base})  # fmt: skip
+                     "acceptance": accepted / drafted if drafted else None, "ratio": rate / base,
+                     "inner_acceptance": level})  # fmt: skip
     return rows
 
 
@@ -250,10 +274,12 @@ def main(argv=None) -> None:
         allocations = [json.loads(a) for a in args.allocations]
         sweep = {"plain": {}}
         for allocation in allocations:
-            sweep[f"cascade {json.dumps(allocation)}, k={sum(allocation[0])}"] = {
-                "draft": cascade([draft], allocation),
-                "speculate": sum(allocation[0]),
-            }
+            for leniency in args.leniency or [None]:
+                lossy = "" if leniency is None else f", lossy_leniency={leniency:g}"
+                sweep[f"cascade {json.dumps(allocation)}{lossy}, k={sum(allocation[0])}"] = {
+                    "draft": cascade([draft], allocation, lossy_leniency=leniency),
+                    "speculate": sum(allocation[0]),
+                }
         for mode, options in modes:
             print(f"\ncascade allocations (byte draft over Max-Gram), {mode}")
             results += table(target, prompts, sweep, f"allocations, {mode}", options, args)

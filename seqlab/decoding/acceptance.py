@@ -72,12 +72,22 @@ def accept_draft(
 
 
 def accept_drafts(
-    p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, generators, *, rule: str = "exact", limits=None
+    p: torch.Tensor,
+    q: torch.Tensor,
+    drafts: torch.Tensor,
+    generators,
+    *,
+    rule: str = "exact",
+    limits=None,
+    lenient: torch.Tensor | None = None,
 ) -> tuple[list[int], list[int]]:
     """``accept_draft`` for a batch: p (b, k+1, V), q (b, k, V), drafts (b, k); ``generators[j]`` is row j's.
     ``limits[j]`` (default k): row j verifies only its first limits[j] draft tokens (a row near its token
     budget). Each row draws k uniforms, then one token, from its own generator whatever the others do, so a row
-    samples the same in any batch."""
+    samples the same in any batch.
+
+    ``lenient`` (b, k) bool, LOSSY: draft tokens kept whatever the rule says (CS Drafting's leniency at an inner
+    level of a cascade; ``cascade.SpeculativeDrafter``). The output is then not guaranteed to follow p."""
     if rule not in ("exact", "always"):
         raise InputError(f"rule must be 'exact' or 'always', got {rule!r}")
     b, k = drafts.shape
@@ -98,6 +108,8 @@ def accept_drafts(
     uniforms = torch.stack([torch.rand(k, generator=g, dtype=torch.float64) for g in generators]) if k else px
     # keep with probability min(1, p/q): u * q < p with u uniform in [0, 1)
     keep = (uniforms * qx < px) | (px >= qx) if rule == "exact" else torch.ones_like(px, dtype=torch.bool)
+    if lenient is not None:
+        keep = keep | lenient.cpu()
     rejected = ~keep
     first = torch.where(rejected.any(-1), rejected.int().argmax(-1), torch.full((b,), k)).tolist()
     verified = [k] * b if limits is None else [min(k, int(limit)) for limit in limits]

@@ -11,16 +11,23 @@
   tokens drafted for level i (0 = the target, i = models[i-1]) come from drafter j of the levels below it
   (models[i], models[i+1], ..., then Max-Gram).
 
-Every level accepts exactly (the paper's lossy "leniency" is not offered).
+Every level accepts exactly unless ``lossy_leniency`` is set. The paper's leniency l > 1 (its code applies it to
+the inner levels only, never to the target's check): an inner level also keeps a draft token x whenever its
+model gives x probability above q(x) / l. The target still verifies exactly, so GREEDY output stays the target's
+own greedy output (the target keeps only its argmax, whatever proposed it); SAMPLED output loses its guarantee: the
+inner level's tokens no longer follow the law it reports upward, so the target's check no longer corrects to its
+own law. Hence the name.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from seqlab.decoding.acceptance import Sampling, accept_drafts
 from seqlab.decoding.cursor import ModelCursor
-from seqlab.decoding.drafters import Drafter, MaxGramDrafter, _all_rows, _nones
+from seqlab.decoding.drafters import Drafter, MaxGramDrafter, _all_rows, _nones, one_hot
 from seqlab.errors import InputError
 
 
@@ -28,10 +35,11 @@ class SpeculativeDrafter:
     """``model`` drafts for the level above by speculative decoding with ``lower`` proposing ``k`` tokens per
     round. ``stats``: this level's rounds and accepted tokens."""
 
-    def __init__(self, model, lower: Drafter, k: int) -> None:
+    def __init__(self, model, lower: Drafter, k: int, lossy_leniency: float | None = None) -> None:
         from seqlab.decoding.speculative import as_drafter, check_speculate
 
         self.k = check_speculate(k)
+        self.leniency = check_leniency(lossy_leniency)
         self.lower = as_drafter(lower, model)
         self.model = model.eval()
         self.vocab_size = model.vocab_size
@@ -59,19 +67,46 @@ class SpeculativeDrafter:
                 sub_stable = [stable[j] for j in need]
                 draft, q = self.lower.draft(seqs, sub_rows, self.k, sub_stable, sampling, generators)
                 self.cursor.sync(seqs, sub_rows, sub_stable)
-                p = sampling.probs(self.cursor.feed(draft))
+                logits = self.cursor.feed(draft)
+                p = sampling.probs(logits)
                 limits = [min(self.k, k - len(produced[j]) - 1) for j in need]
-                kept, extra = accept_drafts(p, q, draft, [generators[i] for i in sub_rows], limits=limits)
+                lenient = None
+                if self.leniency is not None:  # the model's unfiltered-by-greedy law, as the paper's code uses
+                    soft = p if not sampling.greedy else _soft(sampling).probs(logits)
+                    sx = soft[:, :-1].double().cpu().gather(-1, draft.cpu()[..., None])[..., 0]
+                    qx = q.double().cpu().gather(-1, draft.cpu()[..., None])[..., 0]
+                    lenient = sx * self.leniency > qx
+                kept, extra = accept_drafts(
+                    p, q, draft, [generators[i] for i in sub_rows], limits=limits, lenient=lenient
+                )
                 self.rounds += 1
                 proposals = draft.tolist()
                 for m, j in enumerate(need):
                     n = kept[m]
                     self.drafted += limits[m]
                     self.accepted += n
-                    produced[j].extend([*proposals[m][:n], extra[m]])
-                    laws[j].extend(p[m, : n + 1].cpu())  # each output token follows this model's law there
+                    out = [*proposals[m][:n], extra[m]]
+                    produced[j].extend(out)
+                    if sampling.greedy:  # a point mass at what was produced (the model's argmax unless lenient)
+                        laws[j].extend(one_hot(torch.tensor(out), self.vocab_size))
+                    else:  # each output token follows this model's law there (exactly, unless lenient)
+                        laws[j].extend(p[m, : n + 1].cpu())
         tokens = torch.tensor([row[:k] for row in produced], dtype=torch.long)
         return tokens, torch.stack([torch.stack(row[:k]) for row in laws])
+
+
+def check_leniency(value) -> float | None:
+    """None (exact) or a float >= 1 (1 is exact too)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 1:
+        raise InputError(f"lossy_leniency must be a finite number >= 1 (or None for exact), got {value!r}")
+    return float(value)
+
+
+def _soft(sampling: Sampling) -> Sampling:
+    """The same filters without the argmax: the law a greedy level's leniency compares against."""
+    return Sampling(False, 1.0, sampling.top_k, sampling.top_p, sampling.min_p, sampling.banned)
 
 
 class HorizontalCascade:
@@ -110,7 +145,9 @@ class HorizontalCascade:
         return torch.cat(tokens, dim=1), torch.cat(laws, dim=1)
 
 
-def cascade(models: list, allocation: list[list[int]] | None = None, max_n: int = 8) -> Drafter:
+def cascade(
+    models: list, allocation: list[list[int]] | None = None, max_n: int = 8, lossy_leniency: float | None = None
+) -> Drafter:
     """The drafter for a target from draft ``models`` (largest first) and a Max-Gram bottom.
 
     ``allocation[i]`` (one row per level i = 0..len(models)): the counts of the tokens drafted for level i (0 =
@@ -118,9 +155,13 @@ def cascade(models: list, allocation: list[list[int]] | None = None, max_n: int 
     entries. A row's total is that level's draft length (the target's ``speculate`` may differ: the last drafter
     fills). Default for one model: [[3, 1], [2]], tied best of eight allocations by wall clock in
     ``bench/decoding.py --allocations`` (docs/benchmarks.md, "Speculative decoding (CPU)"); the default for more
-    models extends that row and is not measured."""
+    models extends that row and is not measured.
+
+    ``lossy_leniency`` (None, or l >= 1): every draft model's level also keeps tokens its model gives more than
+    q / l (module docstring): greedy output is still the target's, sampled output is not guaranteed exact."""
     from seqlab.models import LanguageModel
 
+    leniency = check_leniency(lossy_leniency)
     if not models:
         raise InputError("cascade needs at least one draft model (the bottom Max-Gram drafter is added)")
     for j, model in enumerate(models):
@@ -147,9 +188,8 @@ def cascade(models: list, allocation: list[list[int]] | None = None, max_n: int 
         for j, count in enumerate(row[:-1]):
             if count:
                 index = level + j  # models[index] sits at level index + 1
-                parts.append(
-                    (SpeculativeDrafter(models[index], drafter_for(index + 1), sum(allocation[index + 1])), count)
-                )
+                lower = drafter_for(index + 1)
+                parts.append((SpeculativeDrafter(models[index], lower, sum(allocation[index + 1]), leniency), count))
         if row[-1] or not parts:
             parts.append((MaxGramDrafter(vocab, max_n), row[-1]))
         return parts[0][0] if len(parts) == 1 else HorizontalCascade(parts)

@@ -93,7 +93,7 @@ def test_decoding_bench_quick_runs_and_prints_both_tables():
     """Trains tiny target, byte draft and subword draft for a few steps, then decodes with every method; greedy
     rows must produce the target's own greedy bytes (the script checks and marks them "(same)")."""
     out = run_bench("decoding.py", "--quick")
-    assert "| method | bytes/s | target forwards per byte | acceptance | speed vs plain |" in out
+    assert "| method | bytes/s | target forwards per byte | acceptance | speed vs plain | draft model's level" in out
     assert "greedy" in out and "sampling T=1" in out
     for method in ("plain", "byte draft, k=2", "Max-Gram, k=4", "subword draft", "cascade"):
         assert f"| {method}" in out, method

@@ -298,6 +298,27 @@ def test_cascade_greedy_equals_plain_decoding():
     assert len(levels) == 2 and all(level.rounds > 0 for level in levels)
 
 
+def test_cascade_lossy_leniency_keeps_the_greedy_output_and_more_inner_drafts():
+    """CS Drafting's leniency at the inner level: it keeps more of Max-Gram's tokens (all of them at a huge
+    leniency), and the target's exact check still gives its own greedy tokens and states."""
+    from seqlab.decoding import SpeculativeDrafter, cascade
+
+    target = make("hybrid", seed=1)
+    small = make("mamba2", seed=2)
+    prompts = [[1, 2, 3, 1, 2, 3, 1], [4, 5]]
+    plain = target.generate(prompts, 16)
+    rates = {}
+    for leniency in (None, 1e9):
+        drafter = cascade([small], [[3, 1], [3]], lossy_leniency=leniency)
+        fast = target.generate(prompts, 16, draft=drafter, speculate=4)
+        assert fast.tokens == plain.tokens
+        for a, b in zip(fast.states, plain.states):
+            assert_same_states(a, b)
+        level = next(d for d, _ in drafter.parts if isinstance(d, SpeculativeDrafter))
+        rates[leniency] = level.accepted / level.drafted
+    assert rates[1e9] == 1.0 and rates[None] < 1.0, rates
+
+
 def test_cascade_sampling_follows_the_target_law():
     from seqlab.decoding import cascade
 
@@ -324,6 +345,9 @@ def test_bad_cascades():
         cascade([])
     with pytest.raises(InputError, match="share one vocabulary"):
         HorizontalCascade([(MaxGramDrafter(32), 1), (MaxGramDrafter(64), 1)])
+    for bad in (0.5, float("nan"), True, "2"):
+        with pytest.raises(InputError, match="lossy_leniency must be a finite number >= 1"):
+            cascade([model], lossy_leniency=bad)
     small_vocab = cascade([make("mamba1", vocab=16)])
     with pytest.raises(InputError, match="vocabulary has 16 ids"):
         model.generate([1], 3, draft=small_vocab)
