@@ -1,0 +1,348 @@
+"""The AQLM quantized linear layer (issue 20): a lookup-table matmul for decode, dequantise-then-GEMM for prefill.
+
+Weight format (what ``seqlab.quant``'s quantizer produces; this module only consumes tensors):
+
+- ``W`` is (out_features, in_features); the group size ``g`` divides in_features; ``G = in_features // g``.
+- ``codes``: integers (out_features, G, M) in ``[0, 2**B)``: M codebooks of B bits each.
+- ``codebooks``: (M, 2**B, g); ``scales``: (out_features,); optional ``bias``: (out_features,).
+- ``W_hat[o, j*g:(j+1)*g] = scales[o] * sum_m codebooks[m, codes[o, j, m]]``.
+
+Two ways to compute ``x @ W_hat.T``, picked per call by the number of input rows (``x.numel() // in_features``):
+
+- **Lookup table** (rows <= ``lut_max_rows``, default 8: decode). For every group ``j`` and codebook ``m`` the
+  input's slice ``x[..., j*g:(j+1)*g]`` is dotted with all ``2**B`` codewords once (one small GEMM,
+  ``(rows*G, g) @ (g, M*2**B)``: the table), then each output is the gather-and-sum
+  ``out[o] = scales[o] * sum_{j,m} lut[j, m, codes[o, j, m]]``. The gather indexes the table flattened over
+  ``(j, m, c)`` with one precomputed int32 index per code, so a single ``index_select`` (one row) or
+  ``embedding_bag(mode="sum")`` (several rows: the table is laid out (G*M*2**B, rows) so that one index fetches
+  every row's value) does all of it. The (out, in) matrix is never formed. Work: ``rows * in * M * 2**B``
+  multiply-adds for the table plus ``out * G * M`` gathered adds, against ``rows * out * in`` for a dense layer;
+  with 2x8g8 that is 4x fewer (scalar, random-access) operations than the dense layer's (vectorised, streaming)
+  ones, which on CPU is roughly a draw (``bench/quant_linear.py``). With 1x16 the table alone costs as much as a
+  dense layer with 65,536 outputs, so the lookup table only pays for very wide layers.
+- **Dequantise, then GEMM** (longer inputs: prefill, training on windows): ``F.linear(x, dequantize(), bias)``;
+  the weight is formed once per call and the GEMM amortises it over the rows.
+
+Both paths are plain differentiable torch ops, so gradients reach ``x``, ``codebooks``, ``scales`` and ``bias``
+(a later fine-tune trains the codebooks and scales; the codes are integers and stay fixed), equal to those of
+:meth:`AQLMLinear.forward_reference` (tested).
+
+Memory: ``codes`` is kept as an **int32** buffer (4 bytes per code rather than int64's 8; every code is below
+2**16). The gather needs flat indices ``(j*M + m) * 2**B + code`` (LUT) and ``m * 2**B + code`` (dequantise); each
+is an int32 (out, G*M) tensor built on first use and rebuilt when ``codes`` changes (an in-place write such as
+``load_state_dict`` bumps the tensor's version counter, which is the cache key), so a decoded layer holds about
+8 bytes per code: 2 bytes per weight at 2x8g8, 1/2 of fp32, or 1 byte per weight at 1x16g8. The compact form is
+the packed one (:mod:`seqlab.quant.packing`), used for storage; :meth:`AQLMLinear.bits` counts that.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seqlab.errors import ConfigError, InputError
+from seqlab.quant.packing import MAX_BITS, packed_nbytes
+
+#: rows (tokens) up to which forward uses the lookup table; above, dequantise-then-GEMM
+DEFAULT_LUT_MAX_ROWS = 8
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+class AQLMLinear(nn.Module):
+    """A linear layer whose weight is stored as AQLM codes, codebooks and per-output scales (module docstring).
+
+    ``codes`` (int32 buffer, (out_features, G, M)) are fixed; ``codebooks`` (M, 2**B, g) and ``scales``
+    (out_features,) are parameters, as is the optional ``bias``. A layer built with the constructor holds zero
+    codes, zero codebooks and unit scales, to be filled by ``load_state_dict``; :meth:`from_parts` builds one from
+    a quantizer's tensors. ``lut_max_rows`` is the largest number of input rows that take the lookup-table path
+    (settable; 0 sends every call to dequantise-then-GEMM). ``path_counts`` counts the calls of each path.
+    """
+
+    codes: torch.Tensor
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_codebooks: int,
+        codebook_bits: int,
+        group_size: int,
+        bias: bool = True,
+        *,
+        lut_max_rows: int = DEFAULT_LUT_MAX_ROWS,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        in_features = _positive_int("in_features", in_features)
+        out_features = _positive_int("out_features", out_features)
+        num_codebooks = _positive_int("num_codebooks", num_codebooks)
+        group_size = _positive_int("group_size", group_size)
+        if isinstance(codebook_bits, bool) or not isinstance(codebook_bits, int) or not 1 <= codebook_bits <= MAX_BITS:
+            raise ConfigError(f"codebook_bits must be an integer in 1..{MAX_BITS}, got {codebook_bits!r}")
+        if in_features % group_size:
+            raise ConfigError(
+                f"group_size {group_size} does not divide in_features {in_features} (the layer's input width)"
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.num_codebooks = num_codebooks
+        self.codebook_bits = codebook_bits
+        self.group_size = group_size
+        self.lut_max_rows = lut_max_rows
+        self.path_counts = {"lut": 0, "gemm": 0}
+        groups = in_features // group_size
+        size = 1 << codebook_bits
+        factory = {"device": device, "dtype": dtype}
+        self.register_buffer(
+            "codes", torch.zeros(out_features, groups, num_codebooks, dtype=torch.int32, device=device)
+        )
+        self.codebooks = nn.Parameter(torch.zeros(num_codebooks, size, group_size, **factory))  # type: ignore[arg-type]
+        self.scales = nn.Parameter(torch.ones(out_features, **factory))  # type: ignore[arg-type]
+        self.bias: nn.Parameter | None
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, **factory))  # type: ignore[arg-type]
+        else:
+            self.register_parameter("bias", None)
+        self._index_cache: dict[str, tuple[tuple[int, int, torch.device], torch.Tensor]] = {}
+
+    # ---------------------------------------------------------------------------------------------- building
+
+    @classmethod
+    def from_parts(
+        cls,
+        codes: torch.Tensor,
+        codebooks: torch.Tensor,
+        scales: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        lut_max_rows: int = DEFAULT_LUT_MAX_ROWS,
+        dtype: torch.dtype | None = None,
+    ) -> AQLMLinear:
+        """A layer holding these tensors (the format in the module docstring); ``codebooks``, ``scales`` and ``bias``
+        are copied into parameters of ``dtype`` (default: torch's default dtype, float32: fp16 arithmetic is slow
+        on CPU), ``codes`` into the int32 buffer. Raises InputError naming the shapes when they disagree, when the
+        codebook size is not a power of two, or when a code is outside ``[0, 2**B)``."""
+        for name, t in (("codes", codes), ("codebooks", codebooks), ("scales", scales)):
+            if not isinstance(t, torch.Tensor):
+                raise InputError(f"{name} must be a tensor, got {type(t).__name__}")
+        if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+            raise InputError(f"codes must be an integer tensor, got {codes.dtype}")
+        if codes.dim() != 3:
+            raise InputError(f"codes must be (out_features, groups, num_codebooks), got shape {tuple(codes.shape)}")
+        if codebooks.dim() != 3:
+            raise InputError(
+                f"codebooks must be (num_codebooks, 2**bits, group_size), got shape {tuple(codebooks.shape)}"
+            )
+        out_features, groups, num_codebooks = codes.shape
+        m, size, group_size = codebooks.shape
+        if m != num_codebooks:
+            raise InputError(
+                f"codes of shape {tuple(codes.shape)} use {num_codebooks} codebooks but codebooks of shape "
+                f"{tuple(codebooks.shape)} hold {m}"
+            )
+        if size < 2 or size & (size - 1) or size > 1 << MAX_BITS:
+            raise InputError(
+                f"codebooks of shape {tuple(codebooks.shape)}: the codebook size {size} must be a power of two "
+                f"in 2..{1 << MAX_BITS}"
+            )
+        if out_features < 1 or groups < 1 or group_size < 1:
+            raise InputError(f"codes {tuple(codes.shape)} and codebooks {tuple(codebooks.shape)} must not be empty")
+        if tuple(scales.shape) != (out_features,):
+            raise InputError(
+                f"scales must be (out_features,) = ({out_features},) for codes of shape {tuple(codes.shape)}, "
+                f"got {tuple(scales.shape)}"
+            )
+        if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_features,)):
+            got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise InputError(f"bias must be (out_features,) = ({out_features},), got {got}")
+        _check_code_range(codes, size)
+        layer = cls(
+            groups * group_size,
+            out_features,
+            num_codebooks,
+            size.bit_length() - 1,
+            group_size,
+            bias=bias is not None,
+            lut_max_rows=lut_max_rows,
+            device=codebooks.device,
+            dtype=dtype,
+        )
+        with torch.no_grad():
+            layer.codes.copy_(codes)
+            layer.codebooks.copy_(codebooks)
+            layer.scales.copy_(scales)
+            if bias is not None:
+                assert layer.bias is not None
+                layer.bias.copy_(bias)
+        return layer
+
+    # ---------------------------------------------------------------------------------------------- indices
+
+    @property
+    def groups(self) -> int:
+        return self.in_features // self.group_size
+
+    @property
+    def codebook_size(self) -> int:
+        return 1 << self.codebook_bits
+
+    def _index(self, kind: str) -> torch.Tensor:
+        """The flat int32 gather index, (out, G*M): "lut" -> ``(j*M + m) * K + code``, "dequant" -> ``m*K + code``.
+        Cached; rebuilt (and the codes range-checked) when ``codes`` is replaced or written in place."""
+        codes = self.codes
+        key = (codes.data_ptr(), codes._version, codes.device)
+        hit = self._index_cache.get(kind)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        expected = (self.out_features, self.groups, self.num_codebooks)
+        if tuple(codes.shape) != expected:
+            raise InputError(f"codes must be {expected} for this layer, got shape {tuple(codes.shape)}")
+        size = self.codebook_size
+        _check_code_range(codes, size)
+        m_offsets = torch.arange(self.num_codebooks, device=codes.device, dtype=torch.int64) * size
+        if kind == "lut":
+            j_offsets = torch.arange(self.groups, device=codes.device, dtype=torch.int64) * (self.num_codebooks * size)
+            offsets = j_offsets[:, None] + m_offsets  # (G, M)
+            if self.groups * self.num_codebooks * size >= 2**31:
+                raise InputError(f"the lookup table of {self.groups * self.num_codebooks * size} entries is too large")
+        else:
+            offsets = m_offsets.expand(self.groups, -1)
+        index = (codes.to(torch.int64) + offsets).to(torch.int32).reshape(self.out_features, -1).contiguous()
+        self._index_cache[kind] = (key, index)
+        return index
+
+    def _apply(self, fn, recurse=True):
+        self._index_cache.clear()  # .to(device) etc. replace the codes tensor; the caches follow on next use
+        return super()._apply(fn, recurse)
+
+    # ---------------------------------------------------------------------------------------------- compute
+
+    def dequantize(self) -> torch.Tensor:
+        """``W_hat`` (out_features, in_features) in the parameters' dtype, differentiable in codebooks and scales."""
+        index = self._index("dequant").view(self.out_features * self.groups, self.num_codebooks)
+        flat = self.codebooks.reshape(-1, self.group_size)  # (M*K, g)
+        if self.num_codebooks == 1:
+            words = F.embedding(index.view(-1), flat)  # (out*G, g)
+        else:
+            words = F.embedding_bag(index, flat, mode="sum")  # (out*G, g): the M codewords summed per group
+        return words.view(self.out_features, self.in_features) * self.scales.unsqueeze(1)
+
+    def path_for(self, x: torch.Tensor) -> str:
+        """Which path :meth:`forward` takes for ``x``: "lut" (rows <= lut_max_rows, rows > 0) or "gemm"."""
+        rows = x.numel() // self.in_features if self.in_features else 0
+        return "lut" if 0 < rows <= self.lut_max_rows else "gemm"
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"x must be a tensor, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise InputError(
+                f"x must be (..., in_features) = (..., {self.in_features}) for this layer, got shape {tuple(x.shape)}"
+            )
+        if x.dtype != self.codebooks.dtype:
+            raise InputError(f"x has dtype {x.dtype} but the layer's codebooks are {self.codebooks.dtype}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W_hat.T + bias`` for ``x`` (..., in_features), by the lookup table or dequantise-then-GEMM."""
+        self._check_input(x)
+        path = self.path_for(x)
+        self.path_counts[path] += 1
+        if path == "gemm":
+            return F.linear(x, self.dequantize(), self.bias)
+        return self._forward_lut(x)
+
+    def forward_lut(self, x: torch.Tensor) -> torch.Tensor:
+        """The lookup-table path whatever the number of rows (for tests and benches; :meth:`forward` chooses)."""
+        self._check_input(x)
+        if x.numel() == 0:
+            return F.linear(x, self.dequantize(), self.bias)
+        return self._forward_lut(x)
+
+    def forward_gemm(self, x: torch.Tensor) -> torch.Tensor:
+        """The dequantise-then-GEMM path whatever the number of rows (for tests and benches)."""
+        self._check_input(x)
+        return F.linear(x, self.dequantize(), self.bias)
+
+    def _forward_lut(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        rows = x.numel() // self.in_features
+        groups, m, size, g = self.groups, self.num_codebooks, self.codebook_size, self.group_size
+        index = self._index("lut")  # (out, G*M) int32
+        # the table: every group slice of every row dotted with every codeword, one GEMM (rows*G, g) @ (g, M*K)
+        lut = x.reshape(rows * groups, g) @ self.codebooks.reshape(m * size, g).t()  # (rows*G, M*K)
+        if rows == 1:
+            # one row: a flat gather then a row sum (measured faster than embedding_bag's per-index loop at dim 1)
+            gathered = lut.reshape(-1).index_select(0, index.view(-1))  # (out*G*M,)
+            out = gathered.view(self.out_features, groups * m).sum(dim=1).unsqueeze(0)  # (1, out)
+        else:
+            table = lut.view(rows, groups * m * size).t().contiguous()  # (G*M*K, rows): one index fetches all rows
+            out = F.embedding_bag(index, table, mode="sum").t()  # (rows, out)
+        out = out * self.scales
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*lead, self.out_features)
+
+    def forward_reference(self, x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The plain definition, for tests: ``F.linear(x, W_hat, bias)`` with everything cast to ``dtype``
+        (float64 by default). Differentiable like :meth:`forward`."""
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise InputError(f"x must be (..., in_features) = (..., {self.in_features}) for this layer, got {got}")
+        codes = self.codes.to(torch.int64)
+        words = torch.stack([self.codebooks[i].to(dtype)[codes[:, :, i]] for i in range(self.num_codebooks)])
+        weight = words.sum(0).reshape(self.out_features, self.in_features) * self.scales.to(dtype)[:, None]
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        return F.linear(x.to(dtype), weight, bias)
+
+    # ---------------------------------------------------------------------------------------------- accounting
+
+    def bits_breakdown(self) -> dict[str, int]:
+        """Storage bits of each part as written to a checkpoint: "codes" packed (``ceil(n*B/8)`` bytes, see
+        :mod:`seqlab.quant.packing`), "codebooks" and "scales" in fp16, and "bias" (fp16 too; 0 without a bias)."""
+        n_codes = self.out_features * self.groups * self.num_codebooks
+        return {
+            "codes": 8 * packed_nbytes(n_codes, self.codebook_bits),
+            "codebooks": 16 * self.num_codebooks * self.codebook_size * self.group_size,
+            "scales": 16 * self.out_features,
+            "bias": 16 * self.out_features if self.bias is not None else 0,
+        }
+
+    def bits(self) -> int:
+        """Exact storage bits of the quantized weight: packed codes + fp16 codebooks + fp16 scales. The bias is
+        not a weight and is not counted here (it would be 16 * out_features more in fp16: :meth:`bits_breakdown`)."""
+        parts = self.bits_breakdown()
+        return parts["codes"] + parts["codebooks"] + parts["scales"]
+
+    def bits_per_weight(self) -> float:
+        """:meth:`bits` over ``out_features * in_features``."""
+        return self.bits() / (self.out_features * self.in_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"config={self.num_codebooks}x{self.codebook_bits}g{self.group_size}, bias={self.bias is not None}, "
+            f"lut_max_rows={self.lut_max_rows}, bits_per_weight={self.bits_per_weight():.3f}"
+        )
+
+
+def _check_code_range(codes: torch.Tensor, size: int) -> None:
+    if codes.numel() == 0:
+        return
+    low, high = int(codes.min()), int(codes.max())
+    if low < 0 or high >= size:
+        raise InputError(
+            f"codes of shape {tuple(codes.shape)} must lie in [0, {size}) (codebooks of {size} = "
+            f"2**{int(math.log2(size))} entries), got values from {low} to {high}"
+        )
+
+
+__all__ = ["DEFAULT_LUT_MAX_ROWS", "AQLMLinear"]

@@ -1,0 +1,224 @@
+"""seqlab.quant's AQLM linear layer and code packing (issue 20): both forward paths equal the plain definition,
+in outputs and in gradients; the row threshold picks the path; packing round-trips at every width; bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from seqlab.errors import ConfigError, InputError
+from seqlab.quant.linear import AQLMLinear
+from seqlab.quant.packing import pack_codes, packed_nbytes, unpack_codes
+
+# ------------------------------------------------------------------------------------------------------ packing
+
+
+@pytest.mark.parametrize("bits", range(1, 17))
+@pytest.mark.parametrize("count", [1, 7, 13, 64])
+def test_pack_round_trip_every_width_and_exact_size(bits, count):
+    gen = torch.Generator().manual_seed(bits * 100 + count)
+    codes = torch.randint(0, 1 << bits, (count,), generator=gen)
+    codes[0] = (1 << bits) - 1  # the largest code, every bit set
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.dim() == 1
+    assert packed.numel() == math.ceil(count * bits / 8) == packed_nbytes(count, bits)
+    back = unpack_codes(packed, bits, (count,))
+    assert back.dtype == torch.int64 and torch.equal(back, codes)
+
+
+@pytest.mark.parametrize("bits", [3, 5, 12])
+def test_pack_multi_dim_odd_widths(bits):
+    codes = torch.randint(0, 1 << bits, (5, 3, 2), dtype=torch.int32)  # 30 codes: 30*bits not a multiple of 8...
+    packed = pack_codes(codes, bits)
+    assert packed.numel() == (30 * bits + 7) // 8
+    assert torch.equal(unpack_codes(packed, bits, codes.shape), codes.long())
+
+
+def test_pack_layout_is_a_little_endian_bit_stream():
+    # 3-bit codes 1, 2, 7 -> stream bits (LSB first) 100 010 111 -> byte 0 = 0b11010001, byte 1 = 0b1
+    assert pack_codes(torch.tensor([1, 2, 7]), 3).tolist() == [0b11010001, 0b1]
+    assert pack_codes(torch.tensor([0x1234]), 16).tolist() == [0x34, 0x12]
+    assert pack_codes(torch.tensor([5, 255]), 8).tolist() == [5, 255]
+    assert pack_codes(torch.zeros(0, dtype=torch.int64), 5).numel() == 0
+    assert unpack_codes(torch.zeros(0, dtype=torch.uint8), 5, (0, 3)).shape == (0, 3)
+
+
+def test_pack_errors():
+    with pytest.raises(InputError, match=r"\[0, 8\).*from 0 to 8"):
+        pack_codes(torch.tensor([0, 8]), 3)
+    with pytest.raises(InputError, match="from -1"):
+        pack_codes(torch.tensor([-1, 2]), 3)
+    for bits in (0, 17, 2.0, True):
+        with pytest.raises(InputError, match="bits must be an integer in 1..16"):
+            pack_codes(torch.tensor([0]), bits)
+        with pytest.raises(InputError, match="bits must be an integer in 1..16"):
+            unpack_codes(torch.zeros(1, dtype=torch.uint8), bits, (1,))
+    with pytest.raises(InputError, match="integer tensor"):
+        pack_codes(torch.tensor([0.0]), 3)
+    with pytest.raises(InputError, match="must be 4 bytes, got 5 bytes"):
+        unpack_codes(torch.zeros(5, dtype=torch.uint8), 3, (10,))
+    with pytest.raises(InputError, match="1-D torch.uint8"):
+        unpack_codes(torch.zeros(4, dtype=torch.int64), 3, (10,))
+
+
+# ------------------------------------------------------------------------------------------------------ the layer
+
+
+def make_layer(out_features=24, in_features=32, m=2, bits=4, g=8, bias=True, dtype=torch.float64, seed=0) -> AQLMLinear:
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (out_features, in_features // g, m), generator=gen)
+    codebooks = torch.randn(m, 1 << bits, g, generator=gen, dtype=torch.float64)
+    scales = torch.rand(out_features, generator=gen, dtype=torch.float64) + 0.5
+    b = torch.randn(out_features, generator=gen, dtype=torch.float64) if bias else None
+    return AQLMLinear.from_parts(codes, codebooks, scales, b, dtype=dtype)
+
+
+CONFIGS = [  # (out, in, M, B, g): "2x8g8"-style and "1x16g8"-style at small B, odd group sizes and widths
+    (24, 32, 2, 4, 8),
+    (24, 32, 1, 6, 8),
+    (10, 12, 3, 3, 4),
+    (17, 30, 2, 5, 5),
+    (5, 16, 1, 16, 8),  # a real 16-bit codebook (65,536 codewords) at tiny size
+]
+SHAPES = [(1, "in"), ("in",), (2, 3, "in"), (5, "in"), (40, "in")]
+
+
+def x_of(shape, in_features, dtype, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*[in_features if s == "in" else s for s in shape], generator=gen, dtype=torch.float64).to(dtype)
+
+
+def test_dequantize_is_the_format_definition():
+    layer = make_layer(m=2, bits=4, g=8)
+    w = layer.dequantize()
+    codes, cb, s = layer.codes.long(), layer.codebooks, layer.scales
+    for o in (0, 7, 23):
+        for j in range(4):
+            expect = s[o] * (cb[0, codes[o, j, 0]] + cb[1, codes[o, j, 1]])
+            assert torch.allclose(w[o, j * 8 : (j + 1) * 8], expect, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c[0]}x{c[1]}_{c[2]}x{c[3]}g{c[4]}")
+@pytest.mark.parametrize("bias", [True, False])
+def test_both_paths_equal_the_reference(config, bias):
+    out_features, in_features, m, bits, g = config
+    for dtype, rtol, atol in ((torch.float64, 1e-12, 1e-12), (torch.float32, 1e-5, 1e-5)):
+        layer = make_layer(out_features, in_features, m, bits, g, bias=bias, dtype=dtype)
+        for shape in SHAPES:
+            x = x_of(shape, in_features, dtype)
+            ref = layer.forward_reference(x)
+            assert ref.shape == (*x.shape[:-1], out_features)
+            scale = ref.abs().max().item() + 1
+            for name, y in (("forward", layer(x)), ("lut", layer.forward_lut(x)), ("gemm", layer.forward_gemm(x))):
+                assert y.dtype == dtype and y.shape == ref.shape, name
+                torch.testing.assert_close(y.double(), ref, rtol=rtol, atol=atol * scale, msg=f"{name} {shape}")
+
+
+@pytest.mark.parametrize("config", CONFIGS[:4], ids=lambda c: f"{c[2]}x{c[3]}g{c[4]}")
+@pytest.mark.parametrize("rows", [1, 3, 12])
+def test_gradients_equal_the_references(config, rows):
+    out_features, in_features, m, bits, g = config
+    layer = make_layer(out_features, in_features, m, bits, g, bias=True)
+    x = x_of((rows, "in"), in_features, torch.float64)
+    upstream = torch.randn(rows, out_features, dtype=torch.float64)
+    params = [layer.codebooks, layer.scales, layer.bias]
+
+    def grads(fn):
+        xx = x.clone().requires_grad_(True)
+        for p in params:
+            p.grad = None
+        (fn(xx) * upstream).sum().backward()
+        return [xx.grad] + [p.grad.clone() for p in params]
+
+    ref = grads(layer.forward_reference)
+    for name, fn in (("forward", layer), ("lut", layer.forward_lut), ("gemm", layer.forward_gemm)):
+        for got, want, what in zip(grads(fn), ref, ("x", "codebooks", "scales", "bias")):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=f"{name}: grad of {what}")
+    assert layer.codes.grad is None and not layer.codes.requires_grad
+
+
+def test_threshold_picks_the_path_and_counts():
+    layer = make_layer(dtype=torch.float32)
+    assert layer.lut_max_rows == 8
+    cases = [((1, 32), "lut"), ((32,), "lut"), ((2, 4, 32), "lut"), ((9, 32), "gemm"), ((3, 3, 32), "gemm")]
+    for shape, path in cases:
+        x = torch.randn(*shape)
+        assert layer.path_for(x) == path, shape
+        before = dict(layer.path_counts)
+        layer(x)
+        assert layer.path_counts[path] == before[path] + 1, shape
+    layer.lut_max_rows = 0
+    assert layer.path_for(torch.randn(1, 32)) == "gemm"
+    layer.lut_max_rows = 100
+    assert layer.path_for(torch.randn(9, 32)) == "lut"
+    assert layer.path_for(torch.randn(0, 32)) == "gemm"  # no rows: nothing to tabulate
+    assert layer(torch.randn(0, 32)).shape == (0, 24)
+
+
+def test_codes_written_in_place_rebuild_the_index():
+    layer = make_layer(dtype=torch.float64)
+    x = torch.randn(1, 32, dtype=torch.float64)
+    layer(x)  # builds and caches the gather index
+    other = make_layer(dtype=torch.float64, seed=5)
+    layer.load_state_dict(other.state_dict())
+    torch.testing.assert_close(layer(x), other.forward_reference(x))
+    torch.testing.assert_close(layer.forward_gemm(x), other.forward_reference(x))
+    with torch.no_grad():
+        layer.codes[0, 0, 0] = 99  # out of range for 4-bit codebooks: caught when the index is rebuilt
+    with pytest.raises(InputError, match=r"\[0, 16\).*99"):
+        layer(x)
+
+
+def test_module_state_and_accounting():
+    layer = make_layer(out_features=24, in_features=32, m=2, bits=4, g=8, dtype=torch.float32)
+    assert layer.codes.dtype == torch.int32 and "codes" in dict(layer.named_buffers())
+    assert {n for n, _ in layer.named_parameters()} == {"codebooks", "scales", "bias"}
+    parts = layer.bits_breakdown()
+    assert parts == {"codes": 24 * 4 * 2 * 4, "codebooks": 16 * 2 * 16 * 8, "scales": 16 * 24, "bias": 16 * 24}
+    assert layer.bits() == parts["codes"] + parts["codebooks"] + parts["scales"]
+    assert layer.bits_per_weight() == layer.bits() / (24 * 32)
+    # the packed codes in a checkpoint take exactly the bytes counted
+    assert 8 * pack_codes(layer.codes, 4).numel() == parts["codes"]
+    text = repr(layer)
+    assert "in_features=32, out_features=24" in text and "config=2x4g8" in text and "bias=True" in text
+    fresh = AQLMLinear(32, 24, 2, 4, 8, bias=False)
+    assert fresh.bias is None and fresh(torch.randn(2, 32)).abs().max() == 0  # zero codebooks until loaded
+    # a 2-bit-per-weight 2x8g8 layer at a realistic width: codes dominate, close to 2 bits per weight
+    big = AQLMLinear(768, 3072, 2, 8, 8, bias=False)
+    assert 2.0 < big.bits_per_weight() < 2.1
+
+
+def test_bad_inputs_name_the_shapes():
+    layer = make_layer(dtype=torch.float32)
+    with pytest.raises(InputError, match=r"\(\.\.\., 32\).*\(2, 31\)"):
+        layer(torch.randn(2, 31))
+    with pytest.raises(InputError, match="dtype torch.float64"):
+        layer(torch.randn(2, 32, dtype=torch.float64))
+    codes = torch.randint(0, 16, (24, 4, 2))
+    cb = torch.randn(2, 16, 8)
+    s = torch.ones(24)
+    with pytest.raises(InputError, match=r"codes of shape \(24, 4, 2\) use 2 codebooks.*\(3, 16, 8\) hold 3"):
+        AQLMLinear.from_parts(codes, torch.randn(3, 16, 8), s)
+    with pytest.raises(InputError, match=r"\[0, 16\).*from 16 to 16"):
+        AQLMLinear.from_parts(torch.full((24, 4, 2), 16), cb, s)
+    with pytest.raises(InputError, match=r"\[0, 16\).*from -3"):
+        AQLMLinear.from_parts(torch.full((24, 4, 2), -3), cb, s)
+    with pytest.raises(InputError, match="power of two"):
+        AQLMLinear.from_parts(codes % 12, torch.randn(2, 12, 8), s)
+    with pytest.raises(InputError, match=r"scales must be \(out_features,\) = \(24,\).*\(23,\)"):
+        AQLMLinear.from_parts(codes, cb, torch.ones(23))
+    with pytest.raises(InputError, match=r"bias must be \(out_features,\) = \(24,\), got \(24, 1\)"):
+        AQLMLinear.from_parts(codes, cb, s, torch.ones(24, 1))
+    with pytest.raises(InputError, match=r"codes must be \(out_features, groups, num_codebooks\).*\(24, 8\)"):
+        AQLMLinear.from_parts(codes.view(24, 8), cb, s)
+    with pytest.raises(InputError, match="integer tensor"):
+        AQLMLinear.from_parts(codes.float(), cb, s)
+    with pytest.raises(ConfigError, match="group_size 5 does not divide in_features 32"):
+        AQLMLinear(32, 24, 2, 4, 5)
+    for bits in (0, 17):
+        with pytest.raises(ConfigError, match="codebook_bits must be an integer in 1..16"):
+            AQLMLinear(32, 24, 2, bits, 8)
+    with pytest.raises(ConfigError, match="num_codebooks"):
+        AQLMLinear(32, 24, 0, 4, 8)
