@@ -134,7 +134,7 @@ def quantize_gptq(
             w_hat = zero.double() + scale.double() * code
             q[:, col] = code
             err = (wc - w_hat) / u_block[i, i]
-            block[:, i + 1 :] -= torch.outer(err, u_block[i, i + 1 :])
+            block[:, i + 1 :].addr_(err, u_block[i, i + 1 :], alpha=-1.0)
             errors[:, i] = err
         w[:, stop:] -= errors @ u[start:stop, stop:]
     return ScalarQuantWeight(q=q.to(torch.uint8), scales=scales, zeros=zeros, bits=bits, group_size=group_size)
