@@ -196,3 +196,23 @@ def test_layer_filters_and_head():
     m = Moments(torch.zeros(3, 3, dtype=torch.float64))
     m.add(torch.ones(2, 4, 3))
     assert m.count == 8 and torch.equal(m.xtx, torch.full((3, 3), 8.0, dtype=torch.float64))
+
+
+def test_calibrated_gptq_beats_rtn_on_a_tiny_hybrid():
+    """End to end: the collected moments drive GPTQ, which lowers the summed output error of the hybrid's layers."""
+    from seqlab.quant.gptq import layer_error, quantize_gptq
+    from seqlab.quant.rtn import quantize_rtn
+
+    model = MODELS["hybrid"]()
+    g = torch.Generator().manual_seed(0)
+    moments = collect_input_moments(model, [torch.randint(0, VOCAB, (2, 64), generator=g) for _ in range(2)])
+    total_rtn = total_gptq = 0.0
+    for target in linear_layers(model):
+        w = target.weight.detach()
+        group = 8 if w.shape[1] % 8 == 0 else w.shape[1]
+        xtx = moments[target.name].xtx
+        rtn = layer_error(w, quantize_rtn(w, 2, group).dequantize(), xtx)
+        gptq = layer_error(w, quantize_gptq(w, xtx, 2, group).dequantize(), xtx)
+        assert gptq <= 1.05 * rtn, target.name
+        total_rtn, total_gptq = total_rtn + rtn, total_gptq + gptq
+    assert total_gptq < 0.9 * total_rtn

@@ -122,6 +122,14 @@ def test_gptq_dead_inputs_are_rounded_as_they_are():
     assert layer_error(w, deq, xtx) < rtn
 
 
+def test_gptq_with_no_calibration_tokens_is_rtn():
+    """An MoE expert no calibration token reached has xtx = 0: every input is dead, so GPTQ rounds to nearest."""
+    w = _weight()
+    got = quantize_gptq(w, torch.zeros(64, 64, dtype=torch.float64), 3, 16)
+    want = quantize_rtn(w, 3, 16)
+    assert torch.equal(got.q, want.q) and torch.equal(got.scales, want.scales) and torch.equal(got.zeros, want.zeros)
+
+
 def test_layer_error_is_the_output_error():
     g = torch.Generator().manual_seed(5)
     x = torch.randn(50, 16, generator=g, dtype=torch.float64)
