@@ -215,13 +215,16 @@ def collect_input_moments(
     """{target name: Moments} of the inputs that reached each selected target while ``windows`` ran through
     ``model`` (a seqlab ``LanguageModel``); see the module docstring for how, and for the streaming.
 
-    ``windows``: an iterable of LongTensor token windows (b, l) (a 1-D window is one sequence), each streamed from
-    a fresh state in chunks of ``chunk_size`` tokens. ``layers``: None for ``linear_layers(model)``, a predicate
-    on those names, or a list of target names (the head ``"lm_head"`` and routers may be named). ``progress``:
-    called as ``progress(windows_done, tokens_done)`` after each window. Raises InputError for an empty
-    calibration set or a window with token ids outside the vocabulary (naming the window and the id)."""
+    ``windows``: an iterable of LongTensor token windows (b, l) (a 1-D window is one sequence; a lone tensor is one
+    window), each streamed from a fresh state in chunks of ``chunk_size`` tokens. ``layers``: None for
+    ``linear_layers(model)``, a predicate on those names, or a list of target names (the head ``"lm_head"`` and
+    routers may be named). ``progress``: called as ``progress(windows_done, tokens_done)`` after each window.
+    Raises InputError for an empty calibration set or a window with token ids outside the vocabulary (naming the
+    window and the id)."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ConfigError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if isinstance(windows, torch.Tensor):  # one window, not an iterable of its rows
+        windows = [windows]
     targets = _select(model, layers)
     device = next(model.parameters()).device
     moments = {

@@ -58,8 +58,18 @@ class ScalarQuantWeight:
         groups = (out_features, in_features // self.group_size)
         for name in ("scales", "zeros"):
             value = getattr(self, name)
-            if tuple(value.shape) != groups:
-                raise InputError(f"ScalarQuantWeight.{name} must have shape {groups}, got {tuple(value.shape)}")
+            if tuple(value.shape) != groups or value.dtype != torch.float16:
+                raise InputError(
+                    f"ScalarQuantWeight.{name} must be float16 of shape {groups}, got {value.dtype} "
+                    f"{tuple(value.shape)}"
+                )
+        if self.q.dtype.is_floating_point or self.q.dtype == torch.bool:
+            raise InputError(f"ScalarQuantWeight.q must hold integer codes, got {self.q.dtype}")
+        if self.q.numel() and not 0 <= int(self.q.min()) <= int(self.q.max()) < 2**self.bits:
+            raise InputError(
+                f"ScalarQuantWeight.q has codes in [{int(self.q.min())}, {int(self.q.max())}], outside "
+                f"[0, {2**self.bits}) for {self.bits} bits"
+            )
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -216,3 +216,11 @@ def test_calibrated_gptq_beats_rtn_on_a_tiny_hybrid():
         assert gptq <= 1.05 * rtn, target.name
         total_rtn, total_gptq = total_rtn + rtn, total_gptq + gptq
     assert total_gptq < 0.9 * total_rtn
+
+
+def test_a_lone_tensor_is_one_window():
+    model = MODELS["mamba2"]()
+    ids = _windows()[0]
+    lone = collect_input_moments(model, ids)
+    listed = collect_input_moments(model, [ids])
+    assert all(lone[n].count == 46 and torch.equal(lone[n].xtx, listed[n].xtx) for n in listed)

@@ -79,6 +79,16 @@ def test_rtn_errors_name_the_value():
         quantize_gptq(w, torch.eye(10), 4, 10)
 
 
+def test_scalar_quant_weight_checks_its_fields():
+    qw = quantize_rtn(_weight(4, 16), 2, 8)
+    with pytest.raises(InputError, match=r"codes in \[0, 5\], outside \[0, 4\) for 2 bits"):
+        ScalarQuantWeight(qw.q.clone().fill_(5).index_fill_(1, torch.tensor([0]), 0), qw.scales, qw.zeros, 2, 8)
+    with pytest.raises(InputError, match="scales must be float16 of shape"):
+        ScalarQuantWeight(qw.q, qw.scales.float(), qw.zeros, 2, 8)
+    with pytest.raises(ConfigError, match="group_size 3 does not divide"):
+        ScalarQuantWeight(qw.q, qw.scales, qw.zeros, 2, 3)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_gptq_beats_rtn_on_correlated_inputs(bits):
     w, xtx = _weight(), _correlated_xtx()
