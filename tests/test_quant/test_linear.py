@@ -162,9 +162,13 @@ def test_codes_written_in_place_rebuild_the_index():
     x = torch.randn(1, 32, dtype=torch.float64)
     layer(x)  # builds and caches the gather index
     other = make_layer(dtype=torch.float64, seed=5)
+    layer(x.expand(3, 32))  # and the several-row index
     layer.load_state_dict(other.state_dict())
     torch.testing.assert_close(layer(x), other.forward_reference(x))
+    torch.testing.assert_close(layer(x.expand(3, 32)), other.forward_reference(x.expand(3, 32)))
     torch.testing.assert_close(layer.forward_gemm(x), other.forward_reference(x))
+    single = layer.float()  # a cast keeps the codes' values; the cached indices are rebuilt, the results hold
+    torch.testing.assert_close(single(x.float()).double(), other.forward_reference(x), rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         layer.codes[0, 0, 0] = 99  # out of range for 4-bit codebooks: caught when the index is rebuilt
     with pytest.raises(InputError, match=r"\[0, 16\).*99"):
@@ -222,3 +226,25 @@ def test_bad_inputs_name_the_shapes():
             AQLMLinear(32, 24, 2, bits, 8)
     with pytest.raises(ConfigError, match="num_codebooks"):
         AQLMLinear(32, 24, 0, 4, 8)
+
+
+def test_bench_quick_runs_in_process(monkeypatch, capsys):
+    """bench/quant_linear.py --quick prints the machine line first and its table (no timing assertions)."""
+    import importlib.util
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[2] / "bench"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("bench_quant_linear", bench / "quant_linear.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        module.main(["--quick", "--threads", "1", "--repeats", "1", "--iters", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert out.startswith("machine:")
+    assert "| layer | in -> out | rows | peer | bits/weight | us per call | vs fp32 | forward() path |" in out
+    assert "| tiny in_proj | 64 -> 256 | 1 | AQLM 2x8g8 LUT |" in out and "| 64 | AQLM 1x16g8 dequant+GEMM |" in out
+    assert "LUT skipped" in out  # 1x16 at 64 rows: the table exceeds the quick limit
