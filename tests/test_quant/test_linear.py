@@ -139,6 +139,27 @@ def test_gradients_equal_the_references(config, rows):
     assert layer.codes.grad is None and not layer.codes.requires_grad
 
 
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[3]], ids=lambda c: f"{c[0]}x{c[1]}_{c[2]}x{c[3]}g{c[4]}")
+def test_gemm_path_by_blocks_of_rows_equals_the_reference(monkeypatch, config):
+    """The GEMM path dequantises a few output rows at a time (uneven last block here); outputs and gradients still
+    equal the reference's."""
+    from seqlab.quant import linear
+
+    out_features, in_features, m, bits, g = config
+    monkeypatch.setattr(linear, "GEMM_BLOCK_WEIGHTS", 5 * in_features)  # blocks of 5 rows: 24 = 5*4 + 4, 17 = 5*3 + 2
+    layer = make_layer(out_features, in_features, m, bits, g, bias=True)
+    x = x_of((2, 7, "in"), in_features, torch.float64).requires_grad_(True)
+    upstream = torch.randn(2, 7, out_features, dtype=torch.float64)
+    got = layer.forward_gemm(x)
+    torch.testing.assert_close(got, layer.forward_reference(x), rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad((got * upstream).sum(), [x, layer.codebooks, layer.scales, layer.bias])
+    want = torch.autograd.grad(
+        (layer.forward_reference(x) * upstream).sum(), [x, layer.codebooks, layer.scales, layer.bias]
+    )
+    for a, b, what in zip(grads, want, ("x", "codebooks", "scales", "bias")):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"grad of {what}")
+
+
 def test_threshold_picks_the_path_and_counts():
     layer = make_layer(dtype=torch.float32)
     assert layer.lut_max_rows == 8
