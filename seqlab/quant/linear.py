@@ -13,17 +13,18 @@ Two ways to compute ``x @ W_hat.T``, picked per call by the number of input rows
   input's slice ``x[..., j*g:(j+1)*g]`` is dotted with all ``2**B`` codewords once (one small GEMM,
   ``(rows*G, g) @ (g, M*2**B)``: the table), then each output is the gather-and-sum
   ``out[o] = scales[o] * sum_{j,m} lut[j, m, codes[o, j, m]]``. The gather indexes the table flattened over
-  ``(j, m, c)`` with one precomputed int32 index per code, so one op does all of it. One row: ``index_select``
-  with the index laid out (G*M, out), then a sum over the first dimension: consecutive gathers then read the
-  same (j, m) slice of the table (1 KiB at B = 8, in L1) and the sum adds contiguous rows; measured 15-30%
-  faster than the (out, G*M) layout on a 2048 -> 8192 layer, and faster than ``embedding_bag``, whose per-index
-  loop is slow at width 1. Several rows: ``embedding_bag(mode="sum")`` over bags of the (out, G*M) layout, the
-  table laid out (G*M*2**B, rows) so that one index fetches every row's value. The (out, in) matrix is never
-  formed. Work: ``rows * in * M * 2**B``
-  multiply-adds for the table plus ``out * G * M`` gathered adds, against ``rows * out * in`` for a dense layer;
-  with 2x8g8 that is 4x fewer (scalar, random-access) operations than the dense layer's (vectorised, streaming)
-  ones, which on CPU is roughly a draw (``bench/quant_linear.py``). With 1x16 the table alone costs as much as a
-  dense layer with 65,536 outputs, so the lookup table only pays for very wide layers.
+  ``(j, m, c)`` with one precomputed int32 index per code, so few ops do all of it. One row: ``index_select``
+  per block of outputs (about 2**18 gathered values, so they stay in cache until summed) with the index laid out
+  (G*M, block), then a sum over the first dimension: consecutive gathers read the same (j, m) slice of the
+  table (1 KiB at B = 8, in L1) and the sum adds contiguous rows; measured 15-30% faster than the (out, G*M)
+  layout on a 2048 -> 8192 layer, and faster than ``embedding_bag``, whose per-index loop is slow at width 1.
+  Several rows: ``embedding_bag(mode="sum")`` over bags of the (out, G*M) layout, the table laid out
+  (G*M*2**B, rows) so that one index fetches every row's value. The (out, in) matrix is never formed. Work:
+  ``rows * in * M * 2**B`` multiply-adds for the table plus ``out * G * M`` gathered adds, against
+  ``rows * out * in`` for a dense layer; with 2x8g8 that is 4x fewer (scalar, random-access) operations than the
+  dense layer's (vectorised, streaming) ones, which on CPU is roughly a draw (``bench/quant_linear.py``). With
+  1x16 the table alone costs as much as a dense layer with 65,536 outputs, so the lookup table only pays for
+  very wide layers.
 - **Dequantise, then GEMM** (longer inputs: prefill, training on windows): ``F.linear`` on the dequantised
   weight, formed by blocks of output rows (about 2**18 weights each) so that the whole fp32 matrix never exists
   at once either; the GEMM amortises the dequantisation over the rows.
@@ -54,6 +55,9 @@ from seqlab.quant.packing import MAX_BITS, packed_nbytes
 
 #: rows (tokens) up to which forward uses the lookup table; above, dequantise-then-GEMM
 DEFAULT_LUT_MAX_ROWS = 8
+#: values gathered at a time by the one-row lookup (1 MiB of fp32, in cache until summed): measured 10-15% faster
+#: than one gather of all out*G*M values on a 2048 -> 8192 layer
+LUT_BLOCK_GATHERS = 1 << 18
 #: weights dequantised at a time by the GEMM path (1 MiB of fp32): see ``AQLMLinear._forward_gemm``
 GEMM_BLOCK_WEIGHTS = 1 << 18
 
@@ -226,9 +230,16 @@ class AQLMLinear(nn.Module):
         else:
             offsets = m_offsets.expand(self.groups, -1)
         index = (codes.to(torch.int64) + offsets).to(torch.int32).reshape(self.out_features, -1)
-        index = index.t().contiguous() if kind == "lut_t" else index.contiguous()
+        if kind == "lut_t":  # blocks of outputs, each laid out (G*M, block outputs), concatenated flat
+            block = self._lut_block()
+            index = torch.cat([index[start : start + block].t().reshape(-1) for start in range(0, len(index), block)])
+        index = index.contiguous()
         self._index_cache[kind] = (key, index)
         return index
+
+    def _lut_block(self) -> int:
+        """Outputs per block of the one-row lookup: about :data:`LUT_BLOCK_GATHERS` gathered values."""
+        return max(1, LUT_BLOCK_GATHERS // (self.groups * self.num_codebooks))
 
     def _apply(self, fn, recurse=True):
         self._index_cache.clear()  # .to(device) etc. replace the codes tensor; the caches follow on next use
@@ -307,9 +318,14 @@ class AQLMLinear(nn.Module):
         # the table: every group slice of every row dotted with every codeword, one GEMM (rows*G, g) @ (g, M*K)
         lut = x.reshape(rows * groups, g) @ self.codebooks.reshape(m * size, g).t()  # (rows*G, M*K)
         if rows == 1:
-            # one row: a flat gather in the (G*M, out) layout, then a sum of G*M contiguous rows (module docstring)
-            gathered = lut.reshape(-1).index_select(0, self._index("lut_t").view(-1))  # (G*M*out,)
-            out = gathered.view(groups * m, self.out_features).sum(dim=0).unsqueeze(0)  # (1, out)
+            # one row: per block of outputs, a flat gather in the (G*M, block) layout, then a sum of G*M contiguous
+            # rows (module docstring)
+            flat, index, block, pieces = lut.reshape(-1), self._index("lut_t"), self._lut_block(), []
+            for start in range(0, self.out_features, block):
+                n = min(block, self.out_features - start)
+                part = index[start * groups * m : (start + n) * groups * m]
+                pieces.append(flat.index_select(0, part).view(groups * m, n).sum(dim=0))
+            out = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).unsqueeze(0)  # (1, out)
         else:
             index = self._index("lut")  # (out, G*M): one bag per output
             table = lut.view(rows, groups * m * size).t().contiguous()  # (G*M*K, rows): one index fetches all rows
@@ -373,4 +389,4 @@ def _check_code_range(codes: torch.Tensor, size: int) -> None:
         )
 
 
-__all__ = ["DEFAULT_LUT_MAX_ROWS", "GEMM_BLOCK_WEIGHTS", "AQLMLinear"]
+__all__ = ["DEFAULT_LUT_MAX_ROWS", "GEMM_BLOCK_WEIGHTS", "LUT_BLOCK_GATHERS", "AQLMLinear"]

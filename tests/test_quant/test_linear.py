@@ -151,6 +151,26 @@ def test_gemm_path_by_blocks_of_rows_equals_the_reference(monkeypatch, config):
     x = x_of((2, 7, "in"), in_features, torch.float64).requires_grad_(True)
     upstream = torch.randn(2, 7, out_features, dtype=torch.float64)
     got = layer.forward_gemm(x)
+    check_against_reference(layer, x, got, upstream)
+
+
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[3]], ids=lambda c: f"{c[0]}x{c[1]}_{c[2]}x{c[3]}g{c[4]}")
+def test_one_row_lookup_by_blocks_of_outputs_equals_the_reference(monkeypatch, config):
+    """The one-row lookup gathers a few outputs at a time (uneven last block); outputs and gradients still equal."""
+    from seqlab.quant import linear
+
+    out_features, in_features, m, bits, g = config
+    groups = in_features // g
+    monkeypatch.setattr(linear, "LUT_BLOCK_GATHERS", 5 * groups * m)  # blocks of 5 outputs
+    layer = make_layer(out_features, in_features, m, bits, g, bias=True)
+    assert layer._lut_block() == 5
+    x = x_of((1, "in"), in_features, torch.float64).requires_grad_(True)
+    upstream = torch.randn(1, out_features, dtype=torch.float64)
+    assert layer.path_for(x) == "lut"
+    check_against_reference(layer, x, layer(x), upstream)
+
+
+def check_against_reference(layer, x, got, upstream):
     torch.testing.assert_close(got, layer.forward_reference(x), rtol=1e-12, atol=1e-12)
     grads = torch.autograd.grad((got * upstream).sum(), [x, layer.codebooks, layer.scales, layer.bias])
     want = torch.autograd.grad(
