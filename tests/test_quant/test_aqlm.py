@@ -289,3 +289,15 @@ def test_a_beam_as_wide_as_the_search_space_finds_the_exact_optimum():
             for b in range(4)
         )
         assert got[o].tolist() == [[best[1], best[2]]], (o, got[o], best)
+
+
+def test_none_is_the_identity_and_zero_rows_are_fine():
+    weight = _structured(16, 32, seed=12)
+    weight[3] = 0.0
+    cfg = AQLMConfig(1, 4, 4)
+    kw = {"max_rounds": 2, "adam_steps": 5, "num_threads": 1}
+    a = quantize_aqlm(weight, None, cfg, **kw)
+    b = quantize_aqlm(weight, torch.eye(32, dtype=torch.float64), cfg, **kw)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.codebooks, b.codebooks)
+    assert bool(torch.isfinite(a.dequantize()).all())
+    assert a.history[-1] == pytest.approx(objective(weight, a.dequantize()), rel=1e-2)
