@@ -37,8 +37,9 @@ Algorithm (``quantize_aqlm``)
       ``2^B`` values of its code there, and the ``beam_size`` best expansions (over all beams) become the new beams.
       Because ``L`` is quadratic in ``W_hat``, the change from replacing codeword ``c`` by ``c'`` at group ``j`` is
       exact and cheap: with ``r = e H`` and ``d = s (c' - c)``, ``dL = -2 <d, r_j> + d^T H_jj d``, which expands into
-      one ``(rows, g) x (g, 2^B)`` product per position plus precomputed ``c'^T H_jj c'``; ``r`` is then updated by
-      ``d H[j-block, :]``. This is the paper's idea (exploit the quadratic form and search codes one position at a time
+      one ``(rows * beams, g + 1) x (g + 1, 2^B)`` product per position (the last column carries the precomputed
+      ``c'^T H_jj c'``); ``r`` is then updated by ``d H[j-block, :]`` (within a group only ``r``'s own entries; the
+      rest once per group). This is the paper's idea (exploit the quadratic form and search codes one position at a time
       with a beam); our simplification is the schedule: exactly one sweep per round, positions in a fixed order
       (group-major, then codebook), the beams collapsed to the best one at the end of the sweep; we do not claim to
       reproduce the reference implementation's search schedule. The beams stay distinct with no bookkeeping: they
@@ -58,6 +59,7 @@ Algorithm (``quantize_aqlm``)
       lowers ``L`` (it does, up to rounding).
 
    Hence the recorded objective (``AQLMWeight.history``: after initialisation, then after each round) never increases.
+   It is measured before the final rounding of codebooks and scales to fp16, which moves ``L`` by well under 1%.
 Everything is seeded from ``seed`` and runs on the CPU generator: the result is deterministic for a seed.
 """
 

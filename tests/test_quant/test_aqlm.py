@@ -3,7 +3,7 @@ calibration, a round-to-nearest yardstick, determinism and bad input.
 
 The quality checks here are checks of the calibration objective ||(W - W_hat) X^T||^2 on synthetic matrices, not
 claims about a model's quality. Every call runs on one torch thread (``num_threads=1``): many small tensor operations
-run several times faster so on a CPU shared with other test workers."""
+run several times faster that way on a CPU shared with other test workers."""
 
 from __future__ import annotations
 
