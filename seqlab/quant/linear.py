@@ -7,11 +7,13 @@ Weight format (what ``seqlab.quant``'s quantizer produces; this module only cons
 - ``codebooks``: (M, 2**B, g); ``scales``: (out_features,); optional ``bias``: (out_features,).
 - ``W_hat[o, j*g:(j+1)*g] = scales[o] * sum_m codebooks[m, codes[o, j, m]]``.
 
-Two ways to compute ``x @ W_hat.T``, picked per call by the number of input rows (``x.numel() // in_features``):
+Two ways to compute ``x @ W_hat.T``, picked per call by the number of input rows (``x.numel() // in_features``)
+and the codebook size (:meth:`AQLMLinear.path_for`):
 
-- **Lookup table** (rows <= ``lut_max_rows``, default 8: decode). For every group ``j`` and codebook ``m`` the
-  input's slice ``x[..., j*g:(j+1)*g]`` is dotted with all ``2**B`` codewords once (one small GEMM,
-  ``(rows*G, g) @ (g, M*2**B)``: the table), then each output is the gather-and-sum
+- **Lookup table** (rows <= ``lut_max_rows``, default 8: decode; and ``2**B <= out_features``). For every
+  group ``j`` and codebook ``m`` the input's slice ``x[..., j*g:(j+1)*g]`` is dotted with all ``2**B``
+  codewords once (one small GEMM, ``(rows*G, g) @ (g, M*2**B)``: the table), then each output is the
+  gather-and-sum
   ``out[o] = scales[o] * sum_{j,m} lut[j, m, codes[o, j, m]]``. The gather indexes the table flattened over
   ``(j, m, c)`` with one precomputed int32 index per code, so few ops do all of it. One row: ``index_select``
   per block of outputs (about 2**18 gathered values, so they stay in cache until summed) with the index laid out
@@ -276,9 +278,14 @@ class AQLMLinear(nn.Module):
         return out + self.bias if self.bias is not None else out
 
     def path_for(self, x: torch.Tensor) -> str:
-        """Which path :meth:`forward` takes for ``x``: "lut" (rows <= lut_max_rows, rows > 0) or "gemm"."""
+        """Which path :meth:`forward` takes for ``x``: "lut" when ``0 < rows <= lut_max_rows`` and the codebooks
+        are no longer than the layer is wide (``2**B <= out_features``), else "gemm". The second condition says
+        that a row's table (G*M*2**B dot products) costs no more than the gathers it serves (out*G*M): a 1x16
+        layer narrower than 65,536 outputs tabulates more than it looks up, and dequantise-then-GEMM is faster
+        (5x at 768 -> 3072, one row, ``bench/quant_linear.py``)."""
         rows = x.numel() // self.in_features if self.in_features else 0
-        return "lut" if 0 < rows <= self.lut_max_rows else "gemm"
+        lut = 0 < rows <= self.lut_max_rows and self.codebook_size <= self.out_features
+        return "lut" if lut else "gemm"
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
