@@ -289,6 +289,7 @@ def test_bench_quick_runs_in_process(monkeypatch, capsys):
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert out.startswith("machine:")
-    assert "| layer | in -> out | rows | peer | bits/weight | us per call | vs fp32 | forward() path |" in out
-    assert "| tiny in_proj | 64 -> 256 | 1 | AQLM 2x8g8 LUT |" in out and "| 64 | AQLM 1x16g8 dequant+GEMM |" in out
+    assert "| layer | in -> out | weights | rows | peer | bits/weight | us per call | vs fp32 | forward() path |" in out
+    assert "| tiny in_proj | 64 -> 256 | hot | 1 | AQLM 2x8g8 LUT |" in out
+    assert "| hot | 64 | AQLM 1x16g8 dequant+GEMM |" in out and "| tiny out_proj | 128 -> 64 | cold x32 | 1 |" in out
     assert "LUT skipped" in out  # 1x16 at 64 rows: the table exceeds the quick limit
