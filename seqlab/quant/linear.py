@@ -38,10 +38,10 @@ Both paths are plain differentiable torch ops, so gradients reach ``x``, ``codeb
 Memory: ``codes`` is kept as an **int32** buffer (4 bytes per code rather than int64's 8; every code is below
 2**16). The gather needs flat indices ``(j*M + m) * 2**B + code`` (LUT) and ``m * 2**B + code`` (dequantise); each
 is an int32 (out, G*M) tensor built on first use and rebuilt when ``codes`` changes (an in-place write such as
-``load_state_dict`` bumps the tensor's version counter, which is the cache key), so a decoded layer holds about
-8 bytes per code: 2 bytes per weight at 2x8g8, 1/2 of fp32, or 1 byte per weight at 1x16g8. The compact form is
-the packed one (:mod:`seqlab.quant.packing`), used for storage; :meth:`AQLMLinear.bits` counts that. (The
-one-row and several-row lookups use the same index in two layouts; a layer that takes both holds both.)
+``load_state_dict`` bumps the tensor's version counter, which is the cache key), so a layer used by one path
+holds 8 bytes per code: 2 bytes per weight at 2x8g8 (1/2 of fp32) or 1 byte per weight at 1x16g8; each further
+path used (one-row lookup, several-row lookup, GEMM: three index layouts) adds 4 bytes per code. The compact
+form is the packed one (:mod:`seqlab.quant.packing`), used for storage; :meth:`AQLMLinear.bits` counts that.
 """
 
 from __future__ import annotations
@@ -211,8 +211,8 @@ class AQLMLinear(nn.Module):
 
     def _index(self, kind: str) -> torch.Tensor:
         """The flat int32 gather index, (out, G*M): "lut" -> ``(j*M + m) * K + code``, "dequant" -> ``m*K + code``;
-        "lut_t" is "lut" transposed to (G*M, out), contiguous. Cached; rebuilt (and the codes range-checked) when
-        ``codes`` is replaced or written in place."""
+        "lut_t" is "lut" by blocks of :meth:`_lut_block` outputs, each block transposed to (G*M, block), all flat.
+        Cached; rebuilt (and the codes range-checked) when ``codes`` is replaced or written in place."""
         codes = self.codes
         key = (codes.data_ptr(), codes._version, codes.device)
         hit = self._index_cache.get(kind)
