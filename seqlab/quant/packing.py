@@ -13,7 +13,8 @@ little-endian bytes. The last byte is padded with zero bits, so ``n`` codes take
 (:func:`packed_nbytes`). The shape is not stored: the caller keeps it (the layer's shape determines it).
 
 Both directions are vectorised: the codes are expanded into a (n, bits) tensor of 0/1 bytes, which is then
-regrouped by eight (one uint8 temporary of n*bits bytes, i.e. 8x the packed size).
+regrouped by eight (one uint8 temporary of n*bits bytes, i.e. 8x the packed size, and an int32 one 4x that);
+widths 8 and 16 are byte-aligned and take a direct path (each code's little-endian bytes).
 """
 
 from __future__ import annotations
@@ -60,8 +61,11 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
                 f"codes must lie in [0, {1 << bits}) for bits={bits}; codes of shape {tuple(codes.shape)} hold "
                 f"values from {low} to {high}"
             )
-    shifts = torch.arange(bits, device=flat.device, dtype=torch.int64)
-    stream = ((flat.unsqueeze(1) >> shifts) & 1).to(torch.uint8).reshape(-1)  # (n*bits,) 0/1, LSB first
+    if bits % 8 == 0:  # byte-aligned: the little-endian bytes of each code, no bit expansion
+        shifts = torch.arange(0, bits, 8, device=flat.device, dtype=torch.int64)
+        return ((flat.unsqueeze(1) >> shifts) & 0xFF).to(torch.uint8).reshape(-1)
+    shifts32 = torch.arange(bits, device=flat.device, dtype=torch.int32)
+    stream = ((flat.to(torch.int32).unsqueeze(1) >> shifts32) & 1).to(torch.uint8).reshape(-1)  # (n*bits,) LSB first
     pad = (-stream.numel()) % 8
     if pad:
         stream = torch.cat([stream, stream.new_zeros(pad)])
@@ -92,6 +96,9 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: Sequence[int] | torch.S
         raise InputError(
             f"packed codes for shape {shape} at {bits} bits must be {expected} bytes, got {packed.numel()} bytes"
         )
+    if bits % 8 == 0:  # byte-aligned: each code is bits // 8 little-endian bytes
+        weights8 = torch.tensor([1 << k for k in range(0, bits, 8)], dtype=torch.int64, device=packed.device)
+        return (packed.view(n, bits // 8).to(torch.int64) * weights8).sum(dim=1).reshape(shape)
     shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
     stream = ((packed.unsqueeze(1) >> shifts) & 1).reshape(-1)[: n * bits]  # (n*bits,) 0/1, LSB first
     weights = torch.tensor([1 << k for k in range(bits)], dtype=torch.int64, device=packed.device)
