@@ -117,7 +117,7 @@ def measure(label: str, n_in: int, n_out: int, copies: int, args, check_lines: l
                 check_lines.append(f"{label}, {rows} rows: {skipped}")
             peers[f"AQLM {name} dequant+GEMM"] = lambda name=name: pick()[0][name].forward_gemm(x)
             for key in (f"AQLM {name} LUT", f"AQLM {name} dequant+GEMM"):
-                bits[key] = layer.bits_per_weight()
+                bits[key] = layer.bits_per_parameter()
                 path[key] = layer.path_for(x)
         if args.iters:
             iters = args.iters

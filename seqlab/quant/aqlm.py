@@ -159,7 +159,7 @@ class AQLMWeight:
             scales = scales.half().float()
         return _reconstruct(self.codes, codebooks, scales)
 
-    def bits(self) -> int:
+    def storage_bits(self) -> int:
         """Exact storage bits: codes ``out * G * M * B``, codebooks ``M * 2^B * g * 16`` (fp16), scales ``out * 16``."""
         cfg = self.config
         out, groups = int(self.codes.shape[0]), int(self.codes.shape[1])
@@ -168,8 +168,8 @@ class AQLMWeight:
         return codes + codebooks + out * 16
 
     def bits_per_parameter(self) -> float:
-        """``bits() / (out * in)``: codebook and scale overhead included."""
-        return self.bits() / (self.out_features * self.in_features)
+        """``storage_bits() / (out * in)``: codebook and scale overhead included."""
+        return self.storage_bits() / (self.out_features * self.in_features)
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ is an int32 (out, G*M) tensor built on first use and rebuilt when ``codes`` chan
 ``load_state_dict`` bumps the tensor's version counter, which is the cache key), so a layer used by one path
 holds 8 bytes per code: 2 bytes per weight at 2x8g8 (1/2 of fp32) or 1 byte per weight at 1x16g8; each further
 path used (one-row lookup, several-row lookup, GEMM: three index layouts) adds 4 bytes per code. The compact
-form is the packed one (:mod:`seqlab.quant.packing`), used for storage; :meth:`AQLMLinear.bits` counts that.
+form is the packed one (:mod:`seqlab.quant.packing`), used for storage; :meth:`AQLMLinear.storage_bits` counts that.
 """
 
 from __future__ import annotations
@@ -370,21 +370,21 @@ class AQLMLinear(nn.Module):
             "bias": 16 * self.out_features if self.bias is not None else 0,
         }
 
-    def bits(self) -> int:
+    def storage_bits(self) -> int:
         """Exact storage bits of the quantized weight: packed codes + fp16 codebooks + fp16 scales. The bias is
         not a weight and is not counted here (it would be 16 * out_features more in fp16: :meth:`bits_breakdown`)."""
         parts = self.bits_breakdown()
         return parts["codes"] + parts["codebooks"] + parts["scales"]
 
-    def bits_per_weight(self) -> float:
+    def bits_per_parameter(self) -> float:
         """:meth:`bits` over ``out_features * in_features``."""
-        return self.bits() / (self.out_features * self.in_features)
+        return self.storage_bits() / (self.out_features * self.in_features)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"config={self.num_codebooks}x{self.codebook_bits}g{self.group_size}, bias={self.bias is not None}, "
-            f"lut_max_rows={self.lut_max_rows}, bits_per_weight={self.bits_per_weight():.3f}"
+            f"lut_max_rows={self.lut_max_rows}, bits_per_parameter={self.bits_per_parameter():.3f}"
         )
 
 

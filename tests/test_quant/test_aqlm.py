@@ -108,7 +108,7 @@ def test_bits_accounting_exact_and_about_two_bits_on_a_large_layer():
     cfg = AQLMConfig(2, 8, 8)
     q = AQLMWeight(torch.zeros(64, 16, 2, dtype=torch.int64), torch.zeros(2, 256, 8), torch.ones(64), cfg)
     # codes 64 rows * 16 groups * 2 codebooks * 8 bits = 16384; codebooks 2 * 256 * 8 * 16 = 65536; scales 64 * 16
-    assert q.bits() == 16384 + 65536 + 1024 == 82944
+    assert q.storage_bits() == 16384 + 65536 + 1024 == 82944
     assert q.bits_per_parameter() == 82944 / (64 * 128)
 
     out, inp = 4096, 4096  # a large layer: the codes cost 2 bits per weight, the rest is overhead
@@ -121,7 +121,7 @@ def test_bits_accounting_exact_and_about_two_bits_on_a_large_layer():
             cfg,
         )
         overhead = (codebook_bits + out * 16) / (out * inp)
-        assert big.bits() == 2 * out * inp + codebook_bits + out * 16
+        assert big.storage_bits() == 2 * out * inp + codebook_bits + out * 16
         assert big.bits_per_parameter() == pytest.approx(2 + overhead, rel=1e-12)
     assert 2.0 < AQLMWeight.bits_per_parameter(big) < 2.51  # 1x16g8: 65536 fp16 codewords are 0.5 bit at 4096^2
 

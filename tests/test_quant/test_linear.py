@@ -225,8 +225,8 @@ def test_module_state_and_accounting():
     assert {n for n, _ in layer.named_parameters()} == {"codebooks", "scales", "bias"}
     parts = layer.bits_breakdown()
     assert parts == {"codes": 24 * 4 * 2 * 4, "codebooks": 16 * 2 * 16 * 8, "scales": 16 * 24, "bias": 16 * 24}
-    assert layer.bits() == parts["codes"] + parts["codebooks"] + parts["scales"]
-    assert layer.bits_per_weight() == layer.bits() / (24 * 32)
+    assert layer.storage_bits() == parts["codes"] + parts["codebooks"] + parts["scales"]
+    assert layer.bits_per_parameter() == layer.storage_bits() / (24 * 32)
     # the packed codes in a checkpoint take exactly the bytes counted
     assert 8 * pack_codes(layer.codes, 4).numel() == parts["codes"]
     text = repr(layer)
@@ -235,7 +235,7 @@ def test_module_state_and_accounting():
     assert fresh.bias is None and fresh(torch.randn(2, 32)).abs().max() == 0  # zero codebooks until loaded
     # a 2-bit-per-weight 2x8g8 layer at a realistic width: codes dominate, close to 2 bits per weight
     big = AQLMLinear(768, 3072, 2, 8, 8, bias=False)
-    assert 2.0 < big.bits_per_weight() < 2.1
+    assert 2.0 < big.bits_per_parameter() < 2.1
 
 
 def test_bad_inputs_name_the_shapes():
