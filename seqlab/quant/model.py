@@ -1,0 +1,159 @@
+"""Quantize every linear map of a model with one method and measure what it cost (issue 20, in progress).
+
+``quantize_weights(model, windows, method)`` is *simulated* quantization: each target's weight (``linear_layers``)
+is quantized with RTN, GPTQ or AQLM, and the model's weight is replaced by the dequantized matrix W_hat (the values
+the quantized model computes with). The model keeps its fp32 modules, so every part of seqlab (generation,
+evaluation, the state contract) runs on it unchanged; it is how the quality of a method at a bit budget is
+measured. Storing and running the quantized form (``AQLMLinear``, packed codes in a checkpoint) is the next step.
+
+All layers are calibrated once on the full-precision model (``collect_input_moments``), then quantized
+independently; GPTQ's paper quantizes layer by layer with inputs re-collected from the already-quantized layers
+before, which is not done here. The model's weights are replaced only after every layer has been quantized, so a
+failure (a bad setting, an interrupt) leaves the model as it was.
+
+A layer whose input width the group size does not divide stays at full precision (e.g. a Mamba ``dt_proj`` with a
+dt rank of 12 under groups of 8); the report lists it and counts its parameters at ``full_precision_bits``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from seqlab.errors import ConfigError, InputError
+from seqlab.quant.aqlm import AQLMConfig, AQLMWeight, quantize_aqlm
+from seqlab.quant.calibrate import collect_input_moments, linear_layers
+from seqlab.quant.gptq import layer_error, quantize_gptq
+from seqlab.quant.rtn import ScalarQuantWeight, quantize_rtn
+
+METHODS = ("rtn", "gptq", "aqlm")
+
+
+@dataclass
+class LayerReport:
+    """One target: ``bits`` its exact storage (None when ``skipped``), ``error`` the calibration objective
+    trace((W - W_hat) XtX (W - W_hat)^T) (None without calibration data), ``skipped`` why it stayed in full
+    precision (None when quantized)."""
+
+    name: str
+    shape: tuple[int, int]
+    bits: int | None
+    error: float | None = None
+    skipped: str | None = None
+
+    @property
+    def params(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+@dataclass
+class QuantReport:
+    """What ``quantize_weights`` did, layer by layer."""
+
+    method: str
+    setting: str
+    layers: list[LayerReport] = field(default_factory=list)
+    full_precision_bits: int = 16
+
+    def total_bits(self) -> int:
+        """Storage of every target: quantized layers exactly, skipped ones at ``full_precision_bits`` each."""
+        return sum(r.bits if r.bits is not None else r.params * self.full_precision_bits for r in self.layers)
+
+    def bits_per_parameter(self) -> float:
+        params = sum(r.params for r in self.layers)
+        return self.total_bits() / params if params else 0.0
+
+    def table(self) -> str:
+        """A markdown table: one row per layer, then the total."""
+        rows = ["| layer | shape | bits/param | calibration error |", "|---|---|---|---|"]
+        for r in self.layers:
+            bpp = f"{r.bits / r.params:.3f}" if r.bits is not None else f"{self.full_precision_bits} ({r.skipped})"
+            error = "-" if r.error is None else f"{r.error:.4g}"
+            rows.append(f"| {r.name} | {r.shape[0]}x{r.shape[1]} | {bpp} | {error} |")
+        rows.append(f"| total ({self.method} {self.setting}) | | {self.bits_per_parameter():.3f} | |")
+        return "\n".join(rows)
+
+
+def quantize_weights(
+    model: nn.Module,
+    windows: Iterable[torch.Tensor] | None,
+    method: str,
+    *,
+    bits: int | None = None,
+    group_size: int = 64,
+    config: AQLMConfig | str | None = None,
+    layers=None,
+    seed: int = 0,
+    full_precision_bits: int = 16,
+    aqlm_options: dict | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> QuantReport:
+    """Replace every target weight of ``model`` by its quantized-then-dequantized value; return the report.
+
+    ``method``: ``"rtn"`` or ``"gptq"`` (``bits`` 2..8 with per-group scales of ``group_size``) or ``"aqlm"``
+    (``config``: an ``AQLMConfig`` or its name such as ``"2x8g8"``; ``aqlm_options`` go to ``quantize_aqlm``).
+    ``windows``: calibration token windows (``collect_input_moments``); required by GPTQ and AQLM, optional for RTN
+    (then used only to report the calibration error). ``layers``: as in ``collect_input_moments``.
+    ``progress(name, done, total)`` after each layer."""
+    if method not in METHODS:
+        raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method in ("rtn", "gptq"):
+        if bits is None:
+            raise ConfigError(f"method {method!r} needs bits (2..8)")
+        if config is not None:
+            raise ConfigError(f"config is an AQLM setting; method {method!r} takes bits and group_size")
+        setting = f"{bits}-bit g{group_size}"
+        width = group_size
+    else:
+        if bits is not None:
+            raise ConfigError("method 'aqlm' takes config (e.g. '2x8g8'), not bits")
+        aqlm = AQLMConfig.parse(config) if isinstance(config, str) else (config or AQLMConfig())
+        if not isinstance(aqlm, AQLMConfig):
+            raise ConfigError(f"config must be an AQLMConfig or a name like '2x8g8', got {type(config).__name__}")
+        setting = aqlm.name
+        width = aqlm.group_size
+    if isinstance(full_precision_bits, bool) or full_precision_bits not in (16, 32):
+        raise ConfigError(f"full_precision_bits must be 16 or 32, got {full_precision_bits!r}")
+    if windows is None and method != "rtn":
+        raise InputError(f"method {method!r} is calibrated: pass calibration windows (token id tensors)")
+
+    moments = collect_input_moments(model, windows, layers=layers) if windows is not None else {}
+    targets = linear_layers(model) if windows is None else [t for t in linear_layers(model, head=True, router=True)
+                                                           if t.name in moments]  # fmt: skip
+    if windows is None and layers is not None:
+        names = set(layers) if not callable(layers) else None
+        targets = [t for t in targets if (layers(t.name) if names is None else t.name in names)]
+    report = QuantReport(method, setting, full_precision_bits=full_precision_bits)
+    new_weights: list[tuple[torch.Tensor, torch.Tensor]] = []
+    # AQLM trains its codebooks with autograd, so the loop runs with gradients enabled (weights detached)
+    for done, target in enumerate(targets, start=1):
+        weight = target.weight
+        out_features, in_features = weight.shape
+        shape = (int(out_features), int(in_features))
+        if in_features % width:
+            why = f"group size {width} does not divide {in_features}"
+            report.layers.append(LayerReport(target.name, shape, None, skipped=why))
+        else:
+            w = weight.detach().float()
+            xtx = moments[target.name].xtx if target.name in moments else None
+            q: ScalarQuantWeight | AQLMWeight
+            if method == "rtn":
+                q = quantize_rtn(w, bits, group_size)  # type: ignore[arg-type]
+            elif method == "gptq":
+                assert xtx is not None
+                q = quantize_gptq(w, xtx, bits, group_size)  # type: ignore[arg-type]
+            else:
+                q = quantize_aqlm(w, xtx, aqlm, seed=seed, **(aqlm_options or {}))
+            w_hat = q.dequantize().detach().to(weight.dtype)
+            error = float(layer_error(w, w_hat.float(), xtx)) if xtx is not None else None
+            report.layers.append(LayerReport(target.name, shape, q.storage_bits(), error))
+            new_weights.append((weight, w_hat))
+        if progress is not None:
+            progress(target.name, done, len(targets))
+    with torch.no_grad():  # only now: a failure above leaves the model as it was
+        for weight, w_hat in new_weights:
+            weight.copy_(w_hat)
+    return report
