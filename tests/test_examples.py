@@ -28,6 +28,8 @@ CASES = {
     # teacher through an HF directory, 50%/100% x attention/random students, 1 seed: table, JSON, PNG in ~6 s
     "distill.py": (["--quick", "--out", "{out}"], "teacher", ["distill.json", "distill.png"]),
     # a tiny byte model, every method (temperature, top-p, DRµGS argmax/x-B-C/sampling) at 1-2 settings x 2 seeds
+    # a tiny byte model, RTN/GPTQ at 2 bits and AQLM 2x4g8: the table and its JSON in a few seconds
+    "quant_compare.py": (["--quick", "--out", "{out}"], "| method | setting | bits/param |", ["quant_compare.json"]),
     "drugs_diversity.py": (
         ["--quick", "--out", "{out}"],
         "greedy (no randomness)",
