@@ -13,7 +13,7 @@ import torch
 from seqlab.decoding import MaxGramDrafter, ModelDrafter, Sampling, accept_draft, output_law
 from seqlab.decoding.speculative import speculative_decode
 from seqlab.errors import InputError
-from seqlab.testing import rel_err, tiny_hybrid_options, tiny_lm
+from seqlab.testing import chi_square_pvalue, rel_err, tiny_hybrid_options, tiny_lm
 
 ATTN_HYBRID = tiny_hybrid_options()
 
@@ -24,19 +24,6 @@ def make(kind: str, vocab: int = 32, seed: int = 0, spread: float = 1.0):
         with torch.no_grad():
             model.embeddings.weight.mul_(spread)  # tied head: sharper, more varied next-token laws
     return model
-
-
-def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson's chi-square goodness of fit; cells with expected count < 5 are pooled into one."""
-    counts, probs = counts.double().flatten(), probs.double().flatten()
-    expected = probs * counts.sum()
-    small = expected < 5
-    obs = torch.cat([counts[~small], counts[small].sum()[None]])
-    exp = torch.cat([expected[~small], expected[small].sum()[None]])
-    keep = exp > 0
-    stat = float((((obs - exp) ** 2)[keep] / exp[keep]).sum())
-    df = int(keep.sum()) - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), torch.tensor(stat / 2.0)))
 
 
 # ------------------------------------------------------------------------------------------------------------

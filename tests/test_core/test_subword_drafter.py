@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from seqlab.errors import ConfigError, CorruptFileError, InputError
-from seqlab.testing import rel_err, tiny_config, tiny_lm
+from seqlab.testing import chi_square_pvalue, rel_err, tiny_config, tiny_lm
 
 pytest.importorskip("tokenizers")
 
@@ -279,19 +279,6 @@ def test_bad_drafter_arguments(adapter):
 ALLOWED = list(b"ab c")
 BANNED = tuple(sorted(set(range(256)) - set(ALLOWED)))
 PROMPT = list(b"ab ca b")
-
-
-def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson's chi-square goodness of fit; cells with expected count < 5 are pooled into one."""
-    counts, probs = counts.double().flatten(), probs.double().flatten()
-    expected = probs * counts.sum()
-    small = expected < 5
-    obs = torch.cat([counts[~small], counts[small].sum()[None]])
-    exp = torch.cat([expected[~small], expected[small].sum()[None]])
-    keep = exp > 0
-    stat = float((((obs - exp) ** 2)[keep] / exp[keep]).sum())
-    df = int(keep.sum()) - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), torch.tensor(stat / 2.0)))
 
 
 def enumerated_law(model, sampling: Sampling) -> torch.Tensor:
