@@ -5,9 +5,9 @@ the model file given with ``--model`` (e.g. the target ``bench/decoding.py`` tra
 ``out/bench-decoding/target.safetensors``). Calibration: ``--calib`` windows of 256 bytes drawn (seed
 ``--seed``) from the training part. Each method quantizes every linear map of the backbone (``quantize_weights``:
 simulated quantization, the weights replaced by their dequantized values; layers whose input width the group
-size does not divide stay at 16 bits and are counted so) and the held-out text is scored in windows of 1024
-bytes. Prints a markdown table (exact bits per parameter of the targets, held-out bits per byte, seconds) and
-writes it as JSON.
+size does not divide stay at 16 bits and are counted so) and the held-out text is scored as one stream (pieces of
+1024 bytes, state carried). Prints a markdown table (exact bits per parameter of the targets, held-out bits per
+byte, seconds) and writes it as JSON.
 
     python examples/quant_compare.py --model out/bench-decoding/target.safetensors --out out/quant-compare
     python examples/quant_compare.py --quick --out /tmp/qc     # a tiny model trained for a few steps
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import time
 from pathlib import Path
 
@@ -59,17 +58,16 @@ def train_model(data: bytes, quick: bool):
     return model.eval()
 
 
-def bits_per_byte(model, held: torch.Tensor, window: int = 1024) -> float:
-    total, count = 0.0, 0
+def bits_per_byte(model, held: torch.Tensor, piece: int = 1024) -> float:
+    """Held-out bits per byte over the whole held-out text as one stream, in pieces of ``piece`` bytes with the
+    state carried (``seqlab.streaming.stream_metric``: equal to one pass over the whole text)."""
+    from seqlab.domains.bytes import ByteAdapter
+    from seqlab.streaming import stream_metric
+
     with torch.no_grad():
-        for i in range(0, len(held) - 1, window):
-            x = held[i : i + window + 1]
-            if len(x) < 2:
-                break
-            logits = model(x[None, :-1]).logits[0].float()
-            total += float(torch.nn.functional.cross_entropy(logits, x[1:], reduction="sum"))
-            count += len(x) - 1
-    return total / count / math.log(2)
+        value, _ = stream_metric(model, ByteAdapter(), held.split(piece))
+    assert value is not None
+    return value
 
 
 def main(argv=None) -> None:

@@ -115,7 +115,7 @@ def linear_layers(model: nn.Module, *, head: bool = False, router: bool = False)
     return targets
 
 
-def _select(model: nn.Module, layers) -> list[LinearTarget]:
+def select_targets(model: nn.Module, layers) -> list[LinearTarget]:
     """The targets ``layers`` picks: None: ``linear_layers(model)``; a callable: those of ``linear_layers(model)``
     whose name it accepts; an iterable of names: those targets (head and routers may be named)."""
     if layers is None:
@@ -225,7 +225,7 @@ def collect_input_moments(
         raise ConfigError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if isinstance(windows, torch.Tensor):  # one window, not an iterable of its rows
         windows = [windows]
-    targets = _select(model, layers)
+    targets = select_targets(model, layers)
     device = next(model.parameters()).device
     moments = {
         t.name: Moments(torch.zeros(t.in_features, t.in_features, dtype=torch.float64, device=device)) for t in targets

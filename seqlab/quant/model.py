@@ -25,7 +25,7 @@ from torch import nn
 
 from seqlab.errors import ConfigError, InputError
 from seqlab.quant.aqlm import AQLMConfig, AQLMWeight, quantize_aqlm
-from seqlab.quant.calibrate import collect_input_moments, linear_layers
+from seqlab.quant.calibrate import collect_input_moments, select_targets
 from seqlab.quant.gptq import layer_error, quantize_gptq
 from seqlab.quant.rtn import ScalarQuantWeight, quantize_rtn
 
@@ -120,12 +120,8 @@ def quantize_weights(
     if windows is None and method != "rtn":
         raise InputError(f"method {method!r} is calibrated: pass calibration windows (token id tensors)")
 
+    targets = select_targets(model, layers)  # the same choice collect_input_moments makes (unknown names refused)
     moments = collect_input_moments(model, windows, layers=layers) if windows is not None else {}
-    targets = linear_layers(model) if windows is None else [t for t in linear_layers(model, head=True, router=True)
-                                                           if t.name in moments]  # fmt: skip
-    if windows is None and layers is not None:
-        names = set(layers) if not callable(layers) else None
-        targets = [t for t in targets if (layers(t.name) if names is None else t.name in names)]
     report = QuantReport(method, setting, full_precision_bits=full_precision_bits)
     new_weights: list[tuple[torch.Tensor, torch.Tensor]] = []
     # AQLM trains its codebooks with autograd, so the loop runs with gradients enabled (weights detached)

@@ -360,3 +360,5 @@ def test_cursor_starts_grouped_rows_as_it_would_start_each_alone(kind):
             assert point.length == len(seq) - 1
             got = point.state.select(point.row)
             assert_same_states(got, want)
+    with pytest.raises(ValueError, match="each row's start must be a batch of one, got 2"):
+        ModelCursor(model, [[1, 2]], [model.init_state(2)])

@@ -74,6 +74,15 @@ def test_aqlm_bits_follow_its_config():
             assert r.bits == groups * 4 + 1 * 16 * 8 * 16 + r.shape[0] * 16  # codes + fp16 codebook + fp16 scales
 
 
+def test_layers_pick_the_targets_with_or_without_calibration():
+    model = tiny_lm("mamba1", vocab=VOCAB, seed=6)
+    picked = [t.name for t in linear_layers(model) if t.name.endswith("out_proj")]
+    for data in (None, windows(1)):
+        report = quantize_weights(model, data, "rtn", bits=4, group_size=8, layers=lambda name: name in picked)
+        assert [r.name for r in report.layers] == picked
+        assert all((r.error is None) == (data is None) for r in report.layers)
+
+
 def test_a_failure_leaves_the_model_as_it_was():
     model = tiny_lm("mamba1", vocab=VOCAB, seed=4)
     before = weights(model)
@@ -100,6 +109,7 @@ def test_a_failure_leaves_the_model_as_it_was():
         ((None, "gptq"), {"bits": 3}, InputError, "pass calibration windows"),
         ((None, "rtn"), {"bits": 4, "full_precision_bits": 8}, ConfigError, "full_precision_bits must be 16 or 32"),
         (([],), {"method": "gptq", "bits": 3}, InputError, "calibration set is empty"),
+        ((None, "rtn"), {"bits": 4, "layers": ["backbone.nope"]}, ConfigError, "names no quantizable linear layer"),
     ],
 )
 def test_bad_settings_are_named(args, kwargs, error, words):
