@@ -80,7 +80,18 @@ def model_file_config(path: str | os.PathLike, meta: dict):
 def save_model(path: str | os.PathLike, model: torch.nn.Module, extra: dict | None = None) -> Path:
     """Weights of ``model`` (tied parameters are written once per name, as copies) with its fingerprint, its
     config and, for a model built by a domain adapter, the adapter's name and settings (``adapter_info``)."""
+    if getattr(model, "quantization", None):  # a model quantized by seqlab.quant.quantize_model: packed codes
+        from seqlab.quant.storage import save_quantized
+
+        return save_quantized(path, model, extra)
     tensors = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    meta = model_meta(model)
+    meta.update(extra or {})
+    return write_tensors(path, tensors, kind=MODEL_FORMAT, version=FORMAT_VERSION, meta=meta)
+
+
+def model_meta(model: torch.nn.Module) -> dict[str, Any]:
+    """The metadata a model file records about ``model``: fingerprint, config and adapter info."""
     meta: dict[str, Any] = {"fingerprint": getattr(model, "fingerprint", None)}
     adapter_info = getattr(model, "adapter_info", None)
     if adapter_info is not None:
@@ -88,14 +99,17 @@ def save_model(path: str | os.PathLike, model: torch.nn.Module, extra: dict | No
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         meta["config"] = config.to_dict()
-    meta.update(extra or {})
-    return write_tensors(path, tensors, kind=MODEL_FORMAT, version=FORMAT_VERSION, meta=meta)
+    return meta
 
 
 def load_model(path: str | os.PathLike, model: torch.nn.Module) -> dict:
     """Load weights written by ``save_model`` into ``model`` (in place); refuse another config's weights."""
     tensors, meta = read_model_file(path)
     require_fingerprint(meta.get("fingerprint"), model, "checkpoint", str(path))
+    if meta.get("quantization") is not None:  # seqlab.quant's quantized model file: the layers are swapped in
+        from seqlab.quant.storage import load_quantized
+
+        return load_quantized(path, model, tensors, meta)
     own = model.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))

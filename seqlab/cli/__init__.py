@@ -6,6 +6,7 @@ One module per command group, imported only when its command runs (or when ``--h
     store.py     ingest, describe            train.py   train, eval         generate.py  generate (--prompt)
     jobs.py      score, embed, generate over a store (Ray Data)             memory.py    memory ACTION
     bench.py     bench                       demo.py    demo (its inputs and steps: demo_inputs.py, demo_steps.py)
+    distill.py   distill                     quantize.py  quantize
     _args.py     the flags' vocabulary       _config.py --config TOML          _errors.py   one-line errors
 
 Modules here import the library (even ``seqlab.errors``, which loads torch through ``seqlab.kernels``) inside
@@ -49,6 +50,7 @@ COMMAND_MODULES: dict[str, str] = {
     "train": "seqlab.cli.train",
     "eval": "seqlab.cli.train",
     "distill": "seqlab.cli.distill",
+    "quantize": "seqlab.cli.quantize",
     "bench": "seqlab.cli.bench",
     "demo": "seqlab.cli.demo",
 }

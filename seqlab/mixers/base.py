@@ -67,6 +67,8 @@ def project_rows(linear: nn.Linear, hidden: torch.Tensor, sizes) -> list[torch.T
     ops on strided slices of the fused output (SiLU(z), the conv taps, the scan's inputs) ran up to 3x slower,
     and the whole Mamba-2 model gained about 10% (A/B in one process).
     """
+    if not isinstance(linear, nn.Linear):  # a quantized layer (seqlab.quant.AQLMLinear): one call, then split
+        return [part.contiguous() for part in torch.split(linear(hidden), list(sizes), dim=-1)]
     weight, bias = linear.weight, linear.bias
     parts, start = [], 0
     for size in sizes:
@@ -74,3 +76,11 @@ def project_rows(linear: nn.Linear, hidden: torch.Tensor, sizes) -> list[torch.T
         parts.append(F.linear(hidden, weight[start:stop], None if bias is None else bias[start:stop]))
         start = stop
     return parts
+
+
+def project_no_bias(linear: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """``hidden @ W.T`` without the layer's bias (Mamba-1's dt_proj: its bias goes into the scan as ``delta_bias``).
+    An ``nn.Linear`` is computed on its weight; any other layer (seqlab.quant.AQLMLinear) by its ``matmul``."""
+    if isinstance(linear, nn.Linear):
+        return F.linear(hidden, linear.weight)
+    return linear.matmul(hidden)  # type: ignore[operator]

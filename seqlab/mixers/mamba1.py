@@ -8,12 +8,11 @@ Jamba's mixer does, with Jamba's parameter names (``dt_layernorm``, ``b_layernor
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
 from seqlab import kernels
-from seqlab.mixers.base import LayerState, Mixer, init_dt_bias, project_rows
+from seqlab.mixers.base import LayerState, Mixer, init_dt_bias, project_no_bias, project_rows
 from seqlab.norm import RMSNorm
 
 
@@ -93,7 +92,7 @@ class Mamba1Mixer(Mixer):
         )
         x, conv_state = conv_out if return_state else (conv_out, None)
         dt, B, C = self._split_x_dbl(self.x_proj(rearrange(x, "b d l -> b l d")))
-        delta = rearrange(F.linear(dt, self.dt_proj.weight), "b l d -> b d l")
+        delta = rearrange(project_no_bias(self.dt_proj, dt), "b l d -> b d l")
         perturb = self._perturb
         if perturb is not None:  # DRµGS sites: the scan's inputs x, B, C (dt comes from the unperturbed x)
             x = rearrange(perturb("x", rearrange(x, "b d l -> b l d")), "b l d -> b d l")
@@ -131,7 +130,7 @@ class Mamba1Mixer(Mixer):
         y, ssm_state = kernels.selective_state_update(
             state["ssm"],
             x,
-            F.linear(dt, self.dt_proj.weight),
+            project_no_bias(self.dt_proj, dt),
             -torch.exp(self.A_log.float()),
             B,
             C,
@@ -158,7 +157,7 @@ class Mamba1Mixer(Mixer):
             backend=self.backend,
         )
         dt, B, C = self._split_x_dbl(self.x_proj(rearrange(x, "b d l -> b l d")))
-        delta = rearrange(F.linear(dt, self.dt_proj.weight), "b l d -> b d l")
+        delta = rearrange(project_no_bias(self.dt_proj, dt), "b l d -> b d l")
         perturb = self._perturb
         if perturb is not None:
             x = rearrange(perturb("x", rearrange(x, "b d l -> b l d")), "b l d -> b d l")

@@ -266,7 +266,7 @@ class AQLMLinear(nn.Module):
         """``W_hat`` (out_features, in_features) in the parameters' dtype, differentiable in codebooks and scales."""
         return self._words(0, self.out_features) * self.scales.unsqueeze(1)
 
-    def _forward_gemm(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_gemm(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """Dequantise-then-GEMM by blocks of output rows (:data:`GEMM_BLOCK_WEIGHTS` weights each), the scales and
         bias applied to the output. Blocks keep each dequantised piece in cache between its write and the GEMM's
         read, and small enough that the allocator reuses its memory: a fresh (out, in) fp32 matrix per call costs
@@ -278,7 +278,7 @@ class AQLMLinear(nn.Module):
             for start in range(0, self.out_features, block)
         ]
         out = (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)) * self.scales
-        return out + self.bias if self.bias is not None else out
+        return out + self.bias if bias and self.bias is not None else out
 
     def path_for(self, x: torch.Tensor) -> str:
         """Which path :meth:`forward` takes for ``x``: "lut" when ``0 < rows <= lut_max_rows`` and the codebooks
@@ -302,12 +302,20 @@ class AQLMLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W_hat.T + bias`` for ``x`` (..., in_features), by the lookup table or dequantise-then-GEMM."""
+        return self._run(x, bias=True)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W_hat.T`` without the bias (what ``F.linear(x, weight)`` is for an ``nn.Linear``: Mamba-1's
+        dt_proj, whose bias goes into the scan; ``seqlab.mixers.base.project_no_bias``), path as :meth:`forward`."""
+        return self._run(x, bias=False)
+
+    def _run(self, x: torch.Tensor, bias: bool) -> torch.Tensor:
         self._check_input(x)
         path = self.path_for(x)
         self.path_counts[path] += 1
         if path == "gemm":
-            return self._forward_gemm(x)
-        return self._forward_lut(x)
+            return self._forward_gemm(x, bias)
+        return self._forward_lut(x, bias)
 
     def forward_lut(self, x: torch.Tensor) -> torch.Tensor:
         """The lookup-table path whatever the number of rows (for tests and benches; :meth:`forward` chooses)."""
@@ -321,7 +329,7 @@ class AQLMLinear(nn.Module):
         self._check_input(x)
         return self._forward_gemm(x)
 
-    def _forward_lut(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_lut(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         lead = x.shape[:-1]
         rows = x.numel() // self.in_features
         groups, m, size, g = self.groups, self.num_codebooks, self.codebook_size, self.group_size
@@ -341,7 +349,7 @@ class AQLMLinear(nn.Module):
             table = lut.view(rows, groups * m * size).t().contiguous()  # (G*M*K, rows): one index fetches all rows
             out = F.embedding_bag(index, table, mode="sum").t()  # (rows, out)
         out = out * self.scales
-        if self.bias is not None:
+        if bias and self.bias is not None:
             out = out + self.bias
         return out.reshape(*lead, self.out_features)
 

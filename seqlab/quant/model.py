@@ -25,8 +25,9 @@ from torch import nn
 
 from seqlab.errors import ConfigError, InputError
 from seqlab.quant.aqlm import AQLMConfig, AQLMWeight, quantize_aqlm
-from seqlab.quant.calibrate import collect_input_moments, select_targets
+from seqlab.quant.calibrate import LinearTarget, collect_input_moments, select_targets
 from seqlab.quant.gptq import layer_error, quantize_gptq
+from seqlab.quant.linear import DEFAULT_LUT_MAX_ROWS
 from seqlab.quant.rtn import ScalarQuantWeight, quantize_rtn
 
 METHODS = ("rtn", "gptq", "aqlm")
@@ -77,27 +78,22 @@ class QuantReport:
         return "\n".join(rows)
 
 
-def quantize_weights(
+def _quantize_targets(
     model: nn.Module,
     windows: Iterable[torch.Tensor] | None,
     method: str,
     *,
-    bits: int | None = None,
-    group_size: int = 64,
-    config: AQLMConfig | str | None = None,
-    layers=None,
-    seed: int = 0,
-    full_precision_bits: int = 16,
-    aqlm_options: dict | None = None,
-    progress: Callable[[str, int, int], None] | None = None,
-) -> QuantReport:
-    """Replace every target weight of ``model`` by its quantized-then-dequantized value; return the report.
-
-    ``method``: ``"rtn"`` or ``"gptq"`` (``bits`` 2..8 with per-group scales of ``group_size``) or ``"aqlm"``
-    (``config``: an ``AQLMConfig`` or its name such as ``"2x8g8"``; ``aqlm_options`` go to ``quantize_aqlm``).
-    ``windows``: calibration token windows (``collect_input_moments``); required by GPTQ and AQLM, optional for RTN
-    (then used only to report the calibration error). ``layers``: as in ``collect_input_moments``.
-    ``progress(name, done, total)`` after each layer."""
+    bits: int | None,
+    group_size: int,
+    config: AQLMConfig | str | None,
+    layers,
+    seed: int,
+    full_precision_bits: int,
+    aqlm_options: dict | None,
+    progress: Callable[[str, int, int], None] | None,
+) -> tuple[QuantReport, list[tuple[LinearTarget, ScalarQuantWeight | AQLMWeight, torch.Tensor]]]:
+    """Quantize every selected target without touching the model: the report, and per quantized target
+    (target, quantized weight, W_hat in the weight's dtype)."""
     if method not in METHODS:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if method in ("rtn", "gptq"):
@@ -123,7 +119,7 @@ def quantize_weights(
     targets = select_targets(model, layers)  # the same choice collect_input_moments makes (unknown names refused)
     moments = collect_input_moments(model, windows, layers=layers) if windows is not None else {}
     report = QuantReport(method, setting, full_precision_bits=full_precision_bits)
-    new_weights: list[tuple[torch.Tensor, torch.Tensor]] = []
+    done_list: list[tuple[LinearTarget, ScalarQuantWeight | AQLMWeight, torch.Tensor]] = []
     # AQLM trains its codebooks with autograd, so the loop runs with gradients enabled (weights detached)
     for done, target in enumerate(targets, start=1):
         weight = target.weight
@@ -146,10 +142,86 @@ def quantize_weights(
             w_hat = q.dequantize().detach().to(weight.dtype)
             error = float(layer_error(w, w_hat.float(), xtx)) if xtx is not None else None
             report.layers.append(LayerReport(target.name, shape, q.storage_bits(), error))
-            new_weights.append((weight, w_hat))
+            done_list.append((target, q, w_hat))
         if progress is not None:
             progress(target.name, done, len(targets))
+    return report, done_list
+
+
+def quantize_weights(
+    model: nn.Module,
+    windows: Iterable[torch.Tensor] | None,
+    method: str,
+    *,
+    bits: int | None = None,
+    group_size: int = 64,
+    config: AQLMConfig | str | None = None,
+    layers=None,
+    seed: int = 0,
+    full_precision_bits: int = 16,
+    aqlm_options: dict | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> QuantReport:
+    """Replace every target weight of ``model`` by its quantized-then-dequantized value; return the report.
+
+    ``method``: ``"rtn"`` or ``"gptq"`` (``bits`` 2..8 with per-group scales of ``group_size``) or ``"aqlm"``
+    (``config``: an ``AQLMConfig`` or its name such as ``"2x8g8"``; ``aqlm_options`` go to ``quantize_aqlm``).
+    ``windows``: calibration token windows (``collect_input_moments``); required by GPTQ and AQLM, optional for RTN
+    (then used only to report the calibration error). ``layers``: as in ``collect_input_moments``.
+    ``progress(name, done, total)`` after each layer."""
+    report, done = _quantize_targets(
+        model, windows, method, bits=bits, group_size=group_size, config=config, layers=layers, seed=seed,
+        full_precision_bits=full_precision_bits, aqlm_options=aqlm_options, progress=progress,
+    )  # fmt: skip
     with torch.no_grad():  # only now: a failure above leaves the model as it was
-        for weight, w_hat in new_weights:
-            weight.copy_(w_hat)
+        for target, _, w_hat in done:
+            target.weight.copy_(w_hat)
+    return report
+
+
+def quantize_model(
+    model: nn.Module,
+    windows: Iterable[torch.Tensor],
+    config: AQLMConfig | str = "2x8g8",
+    *,
+    layers=None,
+    seed: int = 0,
+    full_precision_bits: int = 16,
+    aqlm_options: dict | None = None,
+    lut_max_rows: int = DEFAULT_LUT_MAX_ROWS,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> QuantReport:
+    """Quantize ``model`` with AQLM **in place, for real**: every selected ``nn.Linear`` becomes an ``AQLMLinear``
+    (codes, fp16-valued codebooks and scales; the lookup table for decode), each selected MoE expert slice takes its
+    dequantized value (experts are stacked tensors run by one fused function; they are stored compressed and
+    dequantized in memory), and every other floating-point parameter and buffer is rounded to
+    ``full_precision_bits`` (16: fp16 values, as a quantized checkpoint stores them; the tensors keep their dtype).
+    Biases of quantized layers are rounded to fp16 as well. The model records ``model.quantization`` (the layout
+    :func:`seqlab.quant.storage.save_quantized` writes; ``seqlab.checkpoint.save_model`` uses it).
+
+    ``windows``: calibration token windows (``collect_input_moments``). ``layers``, ``seed``, ``aqlm_options``,
+    ``progress``: as in :func:`quantize_weights`. Layers whose input width the group size does not divide stay
+    ``nn.Linear`` (at ``full_precision_bits``). Nothing in the model changes until every layer is quantized.
+    Returns the report (exact bits of every target)."""
+    from seqlab.quant.storage import install_layers, round_rest
+
+    if getattr(model, "quantization", None):
+        raise ConfigError("this model is already quantized (model.quantization is set); start from the fp model")
+    report, done = _quantize_targets(
+        model, windows, "aqlm", bits=None, group_size=64, config=config, layers=layers, seed=seed,
+        full_precision_bits=full_precision_bits, aqlm_options=aqlm_options, progress=progress,
+    )  # fmt: skip
+    weights = {target.name: q for target, q, _ in done if isinstance(q, AQLMWeight)}
+    assert len(weights) == len(done)
+    round_rest(model, full_precision_bits)  # first: the experts' dequantized values below are stored exactly
+    install_layers(model, weights, lut_max_rows=lut_max_rows)
+    model._aqlm_experts = {n: q for n, q in weights.items() if "[" in n}  # type: ignore[assignment]
+    model.quantization = {  # type: ignore[assignment]
+        "method": "aqlm",
+        "config": report.setting,
+        "full_precision_bits": full_precision_bits,
+        "layers": {
+            name: {"config": q.config.name, "shape": [q.out_features, q.in_features]} for name, q in weights.items()
+        },
+    }
     return report
