@@ -155,7 +155,9 @@ class LanguageModel(_Model):
             self.lm_head.weight = self.embeddings.weight
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden.to(self.lm_head.weight.dtype))
+        head = self.lm_head  # an nn.Linear, or a quantized layer (seqlab.quant.AQLMLinear: no .weight)
+        dtype = head.weight.dtype if isinstance(head, nn.Linear) else next(head.parameters()).dtype
+        return head(hidden.to(dtype))
 
     def _check_ids(self, input_ids, expect_dim: int) -> torch.Tensor:
         """The ids as int64 (what the embedding takes), after checking type, shape and vocabulary range."""

@@ -388,4 +388,24 @@ VOCABULARY = {
     "kl_weight": "weight of KL(teacher || student)",
     "ce_weight": "weight of the next-token cross-entropy",
     "ray_workers": "Ray Train data-parallel workers",
+    # seqlab quantize
+    "calib_windows": "calibration windows drawn",
+    "aqlm": "an AQLM setting MxBgG (M codebooks of 2^B codewords over groups of G weights)",
+    "full_precision_bits": "storage bits of what is not quantized (16 or 32)",
+    "max_rounds": "AQLM rounds of code search and codebook update",
+    "beam_size": "AQLM code search beam",
+    "head": "quantize the LM head too",
+    "fine_tune_steps": "KL fine-tune steps after quantization",
+    "fine_tune_lr": "KL fine-tune learning rate",
 }
+
+
+def aqlm_config(text: str):
+    """An argparse type: an AQLM setting such as ``2x8g8`` (``seqlab.quant.AQLMConfig.parse``)."""
+    from seqlab.errors import ConfigError
+    from seqlab.quant.aqlm import AQLMConfig
+
+    try:
+        return AQLMConfig.parse(str(text))
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

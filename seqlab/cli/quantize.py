@@ -17,17 +17,17 @@ import os
 import sys
 import time
 
-from seqlab.cli._args import add_device, add_json, add_quiet, add_seed, add_sequences, add_threads, count
-
-
-def _aqlm_config(text: str):
-    from seqlab.errors import ConfigError
-    from seqlab.quant import AQLMConfig
-
-    try:
-        return AQLMConfig.parse(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+from seqlab.cli._args import (
+    add_device,
+    add_json,
+    add_quiet,
+    add_seed,
+    add_sequences,
+    add_threads,
+    aqlm_config,
+    count,
+    number,
+)
 
 
 def _check_out(model_path: str, out: str, overwrite: bool) -> None:
@@ -95,10 +95,16 @@ def _quantize(args) -> int:
 
     options = {k: v for k, v in (("max_rounds", args.max_rounds), ("beam_size", args.beam_size)) if v is not None}
     try:
+        layers = None
+        if args.head:
+            from seqlab.quant import linear_layers
+
+            layers = [t.name for t in linear_layers(model, head=True)]
         report = quantize_model(
             model,
             windows,
             args.aqlm,
+            layers=layers,
             seed=args.seed,
             full_precision_bits=args.full_precision_bits,
             aqlm_options=options,
@@ -184,21 +190,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     aq.add_argument(
         "--aqlm",
         metavar="MxBgG",
-        type=_aqlm_config,
+        type=aqlm_config,
         default="2x8g8",
         help="MxBgG: M codebooks of 2^B codewords over groups of G weights (default 2x8g8; 1x16g8, 2x6g8, ...)",
     )
     aq.add_argument(
         "--full-precision-bits",
-        type=int,
+        type=count(16, 32),
         choices=(16, 32),
         default=16,
         help="storage of everything not quantized: norms, SSM parameters, embedding (default 16)",
     )
+    aq.add_argument("--head", action="store_true", help="quantize the LM head too (a tied embedding stays fp16)")
     aq.add_argument("--max-rounds", type=count(1, 1000), help="alternating rounds of code search and codebook update")
     aq.add_argument("--beam-size", type=count(1, 1024), help="code search beam (default the quantizer's)")
     aq.add_argument("--fine-tune-steps", type=count(0), default=0, help="KL fine-tune steps after (default 0)")
-    aq.add_argument("--fine-tune-lr", type=float, default=1e-4, help="fine-tune learning rate (default 1e-4)")
+    aq.add_argument(
+        "--fine-tune-lr", type=number(0, 1, low_open=True), default=1e-4, help="fine-tune learning rate (default 1e-4)"
+    )
     add_device(q)
     add_threads(q)
     add_quiet(q)
