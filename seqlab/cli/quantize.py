@@ -2,8 +2,8 @@
 (``seqlab quantize --help``; docs/quantization.md).
 
 Reads the model (``model_from_checkpoint``), draws calibration windows with the library
-(``seqlab.quant.data.calibration_windows``: files encoded by the model's adapter, or stored sequences written by
-that adapter), quantizes in place (``seqlab.quant.quantize_model``), optionally fine-tunes against the
+(``seqlab.pipelines.calibration.calibration_windows``: files encoded by the model's adapter, or stored sequences
+written by that adapter), quantizes in place (``seqlab.quant.quantize_model``), optionally fine-tunes against the
 full-precision model (``seqlab.quant.finetune.finetune_quantized``), and writes ``--out`` with
 ``seqlab.checkpoint.save_model`` (atomic: a failure leaves whatever was there). ``--out`` may never be the source
 model file; an existing ``--out`` is replaced only with ``--overwrite``.
@@ -52,8 +52,8 @@ def _quantize(args) -> int:
     from seqlab.cli import require
     from seqlab.domains.registry import model_from_checkpoint
     from seqlab.errors import ConfigError, InputError
+    from seqlab.pipelines.calibration import calibration_windows
     from seqlab.quant import quantize_model
-    from seqlab.quant.data import calibration_windows
 
     require(args, "model", "out")
     if bool(args.files) == bool(args.store):

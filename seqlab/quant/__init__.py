@@ -4,7 +4,8 @@ round-to-nearest and a GPTQ-style second-order method as baselines, calibrated o
 - per matrix: ``quantize_aqlm``, ``quantize_rtn``, ``quantize_gptq``; every format counts its exact storage
   (``storage_bits()``, ``bits_per_parameter()``);
 - calibration: ``linear_layers`` (the targets of every block kind), ``collect_input_moments`` (X^T X streamed with
-  the state threaded), ``calibration_windows`` (from files or a store, the adapter checked);
+  the state threaded), and ``seqlab.pipelines.calibration.calibration_windows`` (from files or a store, the
+  adapter checked);
 - whole models: ``quantize_weights`` (simulated: weights replaced by their dequantized values, to measure quality
   of any method) and ``quantize_model`` (AQLM for real: ``AQLMLinear`` layers with a lookup-table decode path);
   ``finetune_quantized`` (KL to the full-precision model, codebooks, scales and norms trained);
@@ -14,7 +15,6 @@ round-to-nearest and a GPTQ-style second-order method as baselines, calibrated o
 
 from seqlab.quant.aqlm import AQLMConfig, AQLMWeight, objective, quantize_aqlm
 from seqlab.quant.calibrate import LinearTarget, Moments, collect_input_moments, linear_layers
-from seqlab.quant.data import calibration_windows
 from seqlab.quant.finetune import FinetuneReport, finetune_quantized
 from seqlab.quant.gptq import layer_error, quantize_gptq
 from seqlab.quant.linear import AQLMLinear
@@ -33,7 +33,6 @@ __all__ = [
     "Moments",
     "QuantReport",
     "ScalarQuantWeight",
-    "calibration_windows",
     "collect_input_moments",
     "finetune_quantized",
     "layer_error",

@@ -11,7 +11,8 @@ import torch
 
 from seqlab.checkpoint import save_model
 from seqlab.errors import ConfigError, InputError
-from seqlab.quant import AQLMLinear, calibration_windows
+from seqlab.pipelines.calibration import calibration_windows
+from seqlab.quant import AQLMLinear
 from seqlab.testing import one_line, run_cli, tiny_config
 
 DNA = Path(__file__).parent.parent / "data" / "dna" / "NC_005816.fna"
