@@ -11,8 +11,10 @@ independently; GPTQ's paper quantizes layer by layer with inputs re-collected fr
 before, which is not done here. The model's weights are replaced only after every layer has been quantized, so a
 failure (a bad setting, an interrupt) leaves the model as it was.
 
-A layer whose input width the group size does not divide stays at full precision (e.g. a Mamba ``dt_proj`` with a
-dt rank of 12 under groups of 8); the report lists it and counts its parameters at ``full_precision_bits``.
+With ``layers=None`` (every linear map) or a name filter, a layer whose input width the group size does not
+divide stays at full precision (e.g. a Mamba ``dt_proj`` with a dt rank of 12 under groups of 8); the report lists
+it and counts its parameters at ``full_precision_bits``. Layers named one by one must all be divisible (else a
+ConfigError names them).
 """
 
 from __future__ import annotations
@@ -117,6 +119,10 @@ def _quantize_targets(
         raise InputError(f"method {method!r} is calibrated: pass calibration windows (token id tensors)")
 
     targets = select_targets(model, layers)  # the same choice collect_input_moments makes (unknown names refused)
+    if layers is not None and not callable(layers):  # layers named one by one must all be quantizable
+        bad = [f"{t.name} ({t.in_features} inputs)" for t in targets if t.in_features % width]
+        if bad:
+            raise ConfigError(f"group size {width} does not divide the input width of {', '.join(bad)}")
     moments = collect_input_moments(model, windows, layers=layers) if windows is not None else {}
     report = QuantReport(method, setting, full_precision_bits=full_precision_bits)
     done_list: list[tuple[LinearTarget, ScalarQuantWeight | AQLMWeight, torch.Tensor]] = []

@@ -231,3 +231,13 @@ def test_report_counts_every_target(quantized):
     bits = report.total_bits()
     assert bits == sum(r.bits if r.bits is not None else 16 * r.params for r in report.layers)
     assert math.isclose(report.bits_per_parameter(), bits / sum(r.params for r in report.layers))
+
+
+def test_a_named_layer_the_group_size_does_not_divide_is_an_error():
+    model = fresh("mamba1")
+    dt = "backbone.layers.0.mixer.dt_proj"  # its input is the dt rank, 1 here
+    with pytest.raises(ConfigError, match=rf"group size 8 does not divide the input width of {dt} \(1 inputs\)"):
+        quantize_model(model, windows(), "2x4g8", layers=[dt, "backbone.layers.0.mixer.out_proj"])
+    assert not any(isinstance(m, AQLMLinear) for m in model.modules())
+    report = quantize_model(model, windows(n=1), "2x4g8", aqlm_options=FAST, layers=lambda n: "layers.0." in n)
+    assert [r.name for r in report.layers if r.skipped] == [dt]  # a filter skips it, as layers=None does
