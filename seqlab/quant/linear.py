@@ -130,6 +130,7 @@ class AQLMLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._index_cache: dict[str, tuple[tuple[int, int, torch.device], torch.Tensor]] = {}
+        self._narrow_cache: tuple[tuple, torch.Tensor] | None = None
 
     # ---------------------------------------------------------------------------------------------- building
 
@@ -248,6 +249,7 @@ class AQLMLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self._index_cache.clear()  # .to(device) etc. replace the codes tensor; the caches follow on next use
+        self._narrow_cache = None
         return super()._apply(fn, recurse)
 
     # ---------------------------------------------------------------------------------------------- compute
@@ -313,9 +315,28 @@ class AQLMLinear(nn.Module):
         self._check_input(x)
         path = self.path_for(x)
         self.path_counts[path] += 1
-        if path == "gemm":
-            return self._forward_gemm(x, bias)
-        return self._forward_lut(x, bias)
+        if path == "lut":
+            return self._forward_lut(x, bias)
+        if self.is_narrow() and not torch.is_grad_enabled():
+            out = F.linear(x, self._narrow_weight())
+            return out + self.bias if bias and self.bias is not None else out
+        return self._forward_gemm(x, bias)
+
+    def is_narrow(self) -> bool:
+        """Whether the layer has fewer outputs than its codebooks have entries, with codebooks of at most 2**8
+        (a Mamba-1 ``x_proj``, or an ``out_proj`` of a model under 256 wide, under 2x8): such a layer never takes
+        the lookup table (:meth:`path_for`), and dequantising it on every decode step cost more than the step's
+        GEMV. Without gradients it computes with a cached ``W_hat`` (scales folded in; at most
+        ``256 * in_features`` floats, rebuilt when codes, codebooks or scales change). Layers at least 256 wide,
+        and every 1x16 layer, never cache: their fp32 matrix is never formed whole."""
+        return self.out_features < self.codebook_size <= 256
+
+    def _narrow_weight(self) -> torch.Tensor:
+        parts = (self.codes, self.codebooks, self.scales)
+        key = (*((t.data_ptr(), t._version) for t in parts), self.codebooks.device, self.codebooks.dtype)
+        if self._narrow_cache is None or self._narrow_cache[0] != key:
+            self._narrow_cache = (key, self.dequantize().detach())
+        return self._narrow_cache[1]
 
     def forward_lut(self, x: torch.Tensor) -> torch.Tensor:
         """The lookup-table path whatever the number of rows (for tests and benches; :meth:`forward` chooses)."""

@@ -219,6 +219,26 @@ def test_codes_written_in_place_rebuild_the_index():
         layer(x.float())
 
 
+def test_a_narrow_layer_decodes_with_a_cached_matrix_without_gradients_only():
+    layer = make_layer(out_features=10, in_features=32, m=2, bits=4, g=8, dtype=torch.float64)  # 10 < 16 codewords
+    assert layer.is_narrow() and not make_layer(out_features=16, bits=4).is_narrow()
+    assert not make_layer(out_features=5, in_features=16, m=1, bits=16).is_narrow()  # 1x16: never cached
+    x = torch.randn(1, 32, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.forward_reference(x))
+        torch.testing.assert_close(layer.matmul(x), layer.forward_reference(x) - layer.bias)
+        cached = layer._narrow_cache
+        assert cached is not None
+        layer(x)
+        assert layer._narrow_cache is cached  # reused
+        layer.codebooks.mul_(2)  # an in-place change (a fine-tune step) rebuilds it
+        torch.testing.assert_close(layer(x), layer.forward_reference(x))
+        assert layer._narrow_cache is not cached
+    layer.codebooks.grad = None
+    layer(x).sum().backward()  # with gradients: computed from the codebooks, not the cache
+    assert layer.codebooks.grad is not None and layer.codebooks.grad.abs().sum() > 0
+
+
 def test_module_state_and_accounting():
     layer = make_layer(out_features=24, in_features=32, m=2, bits=4, g=8, dtype=torch.float32)
     assert layer.codes.dtype == torch.int32 and "codes" in dict(layer.named_buffers())
