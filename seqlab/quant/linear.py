@@ -34,6 +34,10 @@ and the codebook size (:meth:`AQLMLinear.path_for`):
   weight, formed by blocks of output rows (about 2**18 weights each) so that the whole fp32 matrix never exists
   at once either; the GEMM amortises the dequantisation over the rows.
 
+A layer narrower than its codebook (``out_features < 2**B <= 256``, :meth:`AQLMLinear.is_narrow`) never takes the
+lookup table; without gradients it computes with a cached ``W_hat`` (at most 256 x in_features floats) instead of
+dequantising on every call.
+
 Both paths are plain differentiable torch ops, so gradients reach ``x``, ``codebooks``, ``scales`` and ``bias``
 (a later fine-tune trains the codebooks and scales; the codes are integers and stay fixed), equal to those of
 :meth:`AQLMLinear.forward_reference` (tested).
