@@ -115,12 +115,19 @@ def model_from_checkpoint(path: str | os.PathLike, device=None) -> tuple[torch.n
     from seqlab.checkpoint import model_file_config
 
     backbone = model_file_config(path, meta)  # a bad key or value: CorruptFileError naming the file and key
+    quantized = meta.get("quantization") is not None
     try:
         adapter = adapter_from_info(info)
-        model = adapter.build_model(backbone, **dict(info.get("model") or {}))
+        options = dict(info.get("model") or {})
+        if quantized:  # built without the fp32 weights of the quantized layers, on the device
+            from seqlab.quant.storage import build_for_quantized
+
+            model = build_for_quantized(lambda: adapter.build_model(backbone, **options), meta, device)
+        else:
+            model = adapter.build_model(backbone, **options)
     except (ConfigError, TypeError, ValueError, AttributeError) as exc:
         raise CorruptFileError(f"{path}: recorded adapter or model options do not build a model: {exc}") from None
-    if device is not None:
+    if device is not None and not quantized:
         model = model.to(device)
     load_model(path, model)
     return model.eval(), adapter

@@ -95,16 +95,11 @@ def _quantize(args) -> int:
 
     options = {k: v for k, v in (("max_rounds", args.max_rounds), ("beam_size", args.beam_size)) if v is not None}
     try:
-        layers = None
-        if args.head:
-            from seqlab.quant import linear_layers
-
-            layers = [t.name for t in linear_layers(model, head=True)]
         report = quantize_model(
             model,
             windows,
             args.aqlm,
-            layers=layers,
+            head=args.head,
             seed=args.seed,
             full_precision_bits=args.full_precision_bits,
             aqlm_options=options,

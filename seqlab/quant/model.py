@@ -27,7 +27,7 @@ from torch import nn
 
 from seqlab.errors import ConfigError, InputError
 from seqlab.quant.aqlm import AQLMConfig, AQLMWeight, quantize_aqlm
-from seqlab.quant.calibrate import LinearTarget, collect_input_moments, select_targets
+from seqlab.quant.calibrate import LinearTarget, collect_input_moments, linear_layers, select_targets
 from seqlab.quant.gptq import layer_error, quantize_gptq
 from seqlab.quant.linear import DEFAULT_LUT_MAX_ROWS
 from seqlab.quant.rtn import ScalarQuantWeight, quantize_rtn
@@ -89,6 +89,7 @@ def _quantize_targets(
     group_size: int,
     config: AQLMConfig | str | None,
     layers,
+    head: bool,
     seed: int,
     full_precision_bits: int,
     aqlm_options: dict | None,
@@ -118,12 +119,15 @@ def _quantize_targets(
     if windows is None and method != "rtn":
         raise InputError(f"method {method!r} is calibrated: pass calibration windows (token id tensors)")
 
-    targets = select_targets(model, layers)  # the same choice collect_input_moments makes (unknown names refused)
+    targets = select_targets(model, layers)  # unknown names refused
+    if head and not any(t.name == "lm_head" for t in targets):
+        targets += [t for t in linear_layers(model, head=True) if t.name == "lm_head"]
     if layers is not None and not callable(layers):  # layers named one by one must all be quantizable
         bad = [f"{t.name} ({t.in_features} inputs)" for t in targets if t.in_features % width]
         if bad:
             raise ConfigError(f"group size {width} does not divide the input width of {', '.join(bad)}")
-    moments = collect_input_moments(model, windows, layers=layers) if windows is not None else {}
+    names = [t.name for t in targets]
+    moments = collect_input_moments(model, windows, layers=names) if windows is not None else {}
     report = QuantReport(method, setting, full_precision_bits=full_precision_bits)
     done_list: list[tuple[LinearTarget, ScalarQuantWeight | AQLMWeight, torch.Tensor]] = []
     # AQLM trains its codebooks with autograd, so the loop runs with gradients enabled (weights detached)
@@ -163,6 +167,7 @@ def quantize_weights(
     group_size: int = 64,
     config: AQLMConfig | str | None = None,
     layers=None,
+    head: bool = False,
     seed: int = 0,
     full_precision_bits: int = 16,
     aqlm_options: dict | None = None,
@@ -173,10 +178,11 @@ def quantize_weights(
     ``method``: ``"rtn"`` or ``"gptq"`` (``bits`` 2..8 with per-group scales of ``group_size``) or ``"aqlm"``
     (``config``: an ``AQLMConfig`` or its name such as ``"2x8g8"``; ``aqlm_options`` go to ``quantize_aqlm``).
     ``windows``: calibration token windows (``collect_input_moments``); required by GPTQ and AQLM, optional for RTN
-    (then used only to report the calibration error). ``layers``: as in ``collect_input_moments``.
+    (then used only to report the calibration error). ``layers``: as in ``collect_input_moments``; ``head=True``
+    adds the LM head (``lm_head``; with a tied embedding the embedding table keeps its own full-precision weight).
     ``progress(name, done, total)`` after each layer."""
     report, done = _quantize_targets(
-        model, windows, method, bits=bits, group_size=group_size, config=config, layers=layers, seed=seed,
+        model, windows, method, bits=bits, group_size=group_size, config=config, layers=layers, head=head, seed=seed,
         full_precision_bits=full_precision_bits, aqlm_options=aqlm_options, progress=progress,
     )  # fmt: skip
     with torch.no_grad():  # only now: a failure above leaves the model as it was
@@ -191,6 +197,7 @@ def quantize_model(
     config: AQLMConfig | str = "2x8g8",
     *,
     layers=None,
+    head: bool = False,
     seed: int = 0,
     full_precision_bits: int = 16,
     aqlm_options: dict | None = None,
@@ -214,7 +221,7 @@ def quantize_model(
     if getattr(model, "quantization", None):
         raise ConfigError("this model is already quantized (model.quantization is set); start from the fp model")
     report, done = _quantize_targets(
-        model, windows, "aqlm", bits=None, group_size=64, config=config, layers=layers, seed=seed,
+        model, windows, "aqlm", bits=None, group_size=64, config=config, layers=layers, head=head, seed=seed,
         full_precision_bits=full_precision_bits, aqlm_options=aqlm_options, progress=progress,
     )  # fmt: skip
     weights = {target.name: q for target, q, _ in done if isinstance(q, AQLMWeight)}

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -253,6 +254,52 @@ def load_quantized(
     return meta
 
 
+def build_for_quantized(build: Callable[[], nn.Module], meta: dict, device=None) -> nn.Module:
+    """A model to :func:`load_quantized` a file's ``meta`` into, built without the full-precision weights of the
+    layers the file quantizes: ``build()`` runs under the meta device, each quantized ``nn.Linear``'s weight becomes
+    a zero-stride placeholder of its shape (no memory; the layer is swapped for an ``AQLMLinear`` on load), and
+    every other parameter and buffer is allocated empty on ``device`` (default CPU; tied parameters stay tied) to
+    be filled by the load. So loading a quantized file never holds the fp32 model: the peak is the quantized one.
+
+    Falls back to a plain ``build()`` (then moved to ``device``) when the model cannot be built on the meta device
+    or has non-persistent buffers (values computed at construction, such as attention's rotary frequencies, that
+    the file does not hold)."""
+    target = torch.device(device) if device is not None else torch.device("cpu")
+    try:
+        with torch.device("meta"):
+            model = build()
+    except Exception:  # noqa: BLE001 - a constructor that needs real tensors: build it the plain way
+        model = None
+    if model is None or any(m._non_persistent_buffers_set for m in model.modules()):
+        model = build()
+        return model.to(device) if device is not None else model
+    for name in (meta.get("quantization") or {}).get("layers", {}):
+        if _EXPERT.match(name):
+            continue
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            continue  # load_quantized names the mismatch
+        if isinstance(linear, nn.Linear):
+            placeholder = torch.zeros((), dtype=linear.weight.dtype, device=target).expand(linear.weight.shape)
+            linear.weight = nn.Parameter(placeholder, requires_grad=False)
+    made: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for key, tensor in table.items():
+                if tensor is None or tensor.device.type != "meta":
+                    continue
+                if id(tensor) not in made:  # one new tensor per old one: tied parameters stay one parameter
+                    empty = torch.empty_like(tensor, device=target)
+                    made[id(tensor)] = (
+                        nn.Parameter(empty, requires_grad=tensor.requires_grad)
+                        if isinstance(tensor, nn.Parameter)
+                        else empty
+                    )
+                table[key] = made[id(tensor)]  # type: ignore[assignment]
+    return model
+
+
 def _all_experts_quantized(name: str, tensor: torch.Tensor, layers: dict) -> bool:
     """Whether ``name`` is a stacked MoE parameter (``<moe>.gate_up`` / ``<moe>.down``) all of whose experts are in
     ``layers`` (then the file omits it)."""
@@ -261,4 +308,4 @@ def _all_experts_quantized(name: str, tensor: torch.Tensor, layers: dict) -> boo
     return all(f"{name}[{e}]" in layers for e in range(tensor.shape[0]))
 
 
-__all__ = ["QUANT_FORMAT", "install_layers", "load_quantized", "round_rest", "save_quantized"]
+__all__ = ["QUANT_FORMAT", "build_for_quantized", "install_layers", "load_quantized", "round_rest", "save_quantized"]

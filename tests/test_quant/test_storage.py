@@ -241,3 +241,33 @@ def test_a_named_layer_the_group_size_does_not_divide_is_an_error():
     assert not any(isinstance(m, AQLMLinear) for m in model.modules())
     report = quantize_model(model, windows(n=1), "2x4g8", aqlm_options=FAST, layers=lambda n: "layers.0." in n)
     assert [r.name for r in report.layers if r.skipped] == [dt]  # a filter skips it, as layers=None does
+
+
+@pytest.mark.parametrize("options", [{}, tiny_hybrid_options()], ids=["mamba", "attention_hybrid"])
+def test_model_from_checkpoint_builds_without_the_fp32_weights_of_quantized_layers(tmp_path, options):
+    from seqlab.domains.bytes import ByteAdapter
+    from seqlab.domains.registry import model_from_checkpoint
+    from seqlab.quant.storage import build_for_quantized
+    from seqlab.testing import tiny_config
+
+    torch.manual_seed(0)
+    adapter = ByteAdapter()
+    config = tiny_config(**{"d_model": 32, **options})
+    model = adapter.build_model(config).eval()
+    quantize_model(model, [torch.tensor([list(b"calibration text, calibration text")])], "2x4g8", aqlm_options=FAST)
+    path = save_model(tmp_path / "q.safetensors", model)
+    _, meta = read_tensors(path, kind="seqlab.checkpoint.model", version=2)
+    bare = build_for_quantized(lambda: adapter.build_model(config), meta)
+    linears = list(meta["quantization"]["layers"])
+    if options:  # attention's rotary frequencies are computed at construction: the plain build
+        assert all(bare.get_submodule(n).weight.stride()[0] > 0 for n in linears)
+        assert all(t.device.type == "cpu" for t in bare.state_dict().values())
+    else:  # no memory behind the quantized layers' weights; the rest allocated, the tied head still tied
+        assert all(bare.get_submodule(n).weight.stride() == (0, 0) for n in linears)
+        assert all(t.device.type == "cpu" for t in bare.state_dict().values())
+        assert bare.lm_head.weight is bare.embeddings.weight
+    loaded, _ = model_from_checkpoint(path)
+    ids = torch.tensor([list(b"calibration")])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert loaded.lm_head.weight is loaded.embeddings.weight
