@@ -85,6 +85,8 @@ class AQLMLinear(nn.Module):
     codes, zero codebooks and unit scales, to be filled by ``load_state_dict``; :meth:`from_parts` builds one from
     a quantizer's tensors. ``lut_max_rows`` is the largest number of input rows that take the lookup-table path
     (settable; 0 sends every call to dequantise-then-GEMM). ``path_counts`` counts the calls of each path.
+    ``backend``: "auto" (default: the Triton kernels of ``seqlab.kernels.aqlm`` for CUDA inputs when no gradient
+    is needed, the torch paths otherwise), "torch" or "triton"; ``triton_calls`` counts the Triton calls.
     """
 
     codes: torch.Tensor
@@ -120,6 +122,8 @@ class AQLMLinear(nn.Module):
         self.group_size = group_size
         self.lut_max_rows = lut_max_rows
         self.path_counts = {"lut": 0, "gemm": 0}
+        self.backend = "auto"
+        self.triton_calls = 0
         groups = in_features // group_size
         size = 1 << codebook_bits
         factory = {"device": device, "dtype": dtype}
@@ -315,10 +319,35 @@ class AQLMLinear(nn.Module):
         dt_proj, whose bias goes into the scan; ``seqlab.mixers.base.project_no_bias``), path as :meth:`forward`."""
         return self._run(x, bias=False)
 
+    def _use_triton(self, x: torch.Tensor) -> bool:
+        """Whether this call runs the Triton kernels (:attr:`backend`): never when a gradient is needed (they have
+        no backward); "auto" on CUDA tensors when Triton is available; "triton" always (CUDA, or CPU tensors under
+        ``TRITON_INTERPRET=1``: the suite's check)."""
+        if self.backend not in ("auto", "torch", "triton"):
+            raise ConfigError(f"AQLMLinear.backend must be 'auto', 'torch' or 'triton', got {self.backend!r}")
+        if self.backend == "torch":
+            return False
+        if torch.is_grad_enabled() and any(
+            t.requires_grad for t in (x, self.codebooks, self.scales, self.bias) if t is not None
+        ):
+            return False
+        if self.backend == "triton":
+            return True
+        from seqlab.kernels import triton_available
+
+        return x.is_cuda and triton_available()
+
     def _run(self, x: torch.Tensor, bias: bool) -> torch.Tensor:
         self._check_input(x)
         path = self.path_for(x)
         self.path_counts[path] += 1
+        if self._use_triton(x):
+            from seqlab.kernels.aqlm.triton_ops import aqlm_matmul_triton
+
+            self.triton_calls += 1
+            return aqlm_matmul_triton(
+                x, self.codes, self.codebooks, self.scales, self.bias if bias else None, self.lut_max_rows
+            )
         if path == "lut":
             return self._forward_lut(x, bias)
         if self.is_narrow() and not torch.is_grad_enabled():
