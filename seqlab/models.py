@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -253,6 +254,30 @@ class SequenceModel(_Model):
         return self._run_step(self.input_proj(x.to(self.input_proj.weight.dtype)), state)
 
 
+def _quantization_summary(model: nn.Module) -> dict | None:
+    """None for a full-precision model; for one quantized by ``seqlab.quant.quantize_model``: method, config,
+    the number of quantized layers and their exact storage in bits per weight (codebooks and scales included)."""
+    layout = getattr(model, "quantization", None)
+    if not layout:
+        return None
+    bits = weights = 0
+    for module in model.modules():
+        if callable(getattr(module, "represented_parameters", None)):
+            layer: Any = module  # a seqlab.quant.AQLMLinear (not imported: the quant package builds on this one)
+            bits += int(layer.storage_bits())
+            weights += int(layer.out_features) * int(layer.in_features)
+    for part in getattr(model, "_aqlm_experts", {}).values():
+        bits += part.storage_bits()
+        weights += part.out_features * part.in_features
+    return {
+        "method": layout.get("method"),
+        "config": layout.get("config"),
+        "layers": len(layout.get("layers", {})),
+        "bits_per_parameter": bits / weights if weights else None,
+        "full_precision_bits": layout.get("full_precision_bits"),
+    }
+
+
 def model_summary(model: nn.Module) -> dict:
     """What a model is, as plain data (``seqlab describe MODEL`` prints it): ``class``; ``fingerprint``;
     ``parameters`` ``{"total", "active"}`` (``seqlab.ffn.parameter_counts``: an MoE layer counts its router and
@@ -260,7 +285,8 @@ def model_summary(model: nn.Module) -> dict:
     dict, None for a model without one); ``moe`` (None without MoE layers, else the ``MoESettings`` fields with
     ``layers``, the indices of the MoE layers); ``mixers`` (each layer's mixer kind); ``attention`` (None without
     attention layers, else the first attention layer's ``AttentionSettings`` fields with ``layers``);
-    ``vocab_size`` for a ``LanguageModel``, ``d_input`` and
+    ``quantization`` (None, or for a model quantized by ``seqlab.quant.quantize_model`` its method, config, number
+    of quantized layers and their bits per weight); ``vocab_size`` for a ``LanguageModel``, ``d_input`` and
     ``d_output`` for a ``SequenceModel``."""
     import dataclasses
 
@@ -275,6 +301,7 @@ def model_summary(model: nn.Module) -> dict:
         "moe": None,
         "mixers": None,
         "attention": None,
+        "quantization": _quantization_summary(model),
     }
     if isinstance(config, BackboneConfig):
         summary["mixers"] = [config.layer_spec(i)[0] for i in range(config.n_layer)]

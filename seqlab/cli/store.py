@@ -88,6 +88,13 @@ def _describe_model(args) -> int:
             f"{moe['capacity_factor']:g}, jitter {moe['jitter']:g}, balance weight {moe['balance_weight']:g}, "
             f"z weight {moe['z_weight']:g}"
         )
+    quant = d.get("quantization")
+    if quant:
+        print(
+            f"quantized    {str(quant['method']).upper()} {quant['config']}: {quant['layers']} layers at "
+            f"{quant['bits_per_parameter']:.3f} bits per weight (codebooks and scales included), the rest at "
+            f"{quant['full_precision_bits']} bits"
+        )
     print(f"parameters   {parameters_text(d['parameters'])}")
     print(f"fingerprint  {d['fingerprint']}")
     return 0

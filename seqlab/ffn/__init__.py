@@ -85,9 +85,14 @@ def router_losses(model: nn.Module, clear: bool = True) -> RouterLosses | None:
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
-    """{"total": every parameter (tied ones once), "active": the parameters one token uses (an MoE layer counts
-    its router and top_k experts)}."""
+    """{"total": every parameter (tied ones once; a quantized layer's weight counts as out * in + bias, not its
+    codebooks and scales), "active": the parameters one token uses (an MoE layer counts its router and top_k
+    experts)}."""
     total = sum(p.numel() for p in model.parameters())
+    for m in model.modules():  # a quantized layer (seqlab.quant.AQLMLinear) counts the weights it stands for
+        counted = getattr(m, "represented_parameters", None)
+        if callable(counted):
+            total += counted() - sum(p.numel() for p in m.parameters())
     inactive = 0
     for m in moe_layers(model):
         layer_total, layer_active = m.parameter_counts()

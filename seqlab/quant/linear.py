@@ -438,6 +438,11 @@ class AQLMLinear(nn.Module):
         parts = self.bits_breakdown()
         return parts["codes"] + parts["codebooks"] + parts["scales"]
 
+    def represented_parameters(self) -> int:
+        """The parameters of the ``nn.Linear`` this layer stands for (``out * in`` + bias): what
+        ``seqlab.ffn.parameter_counts`` and ``seqlab describe`` count for it."""
+        return self.out_features * self.in_features + (self.out_features if self.bias is not None else 0)
+
     def bits_per_parameter(self) -> float:
         """:meth:`bits` over ``out_features * in_features``."""
         return self.storage_bits() / (self.out_features * self.in_features)

@@ -151,3 +151,17 @@ def test_head_flag_quantizes_the_lm_head_and_the_tied_embedding_stays(work, tmp_
     ids = torch.tensor([list(b"def quantize")])
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+
+
+def test_describe_names_the_quantization_and_counts_the_weights_it_stands_for(work, tmp_path, capsys):
+    out = tmp_path / "q.safetensors"
+    code, _, _ = run_cli(["quantize", work / "calib.txt", "--model", work / "model.safetensors", "--out", out,
+                          *FAST, "--quiet"], capsys)  # fmt: skip
+    assert code == 0
+    code, quantized, _ = run_cli(["describe", out], capsys)
+    assert code == 0
+    assert "quantized    AQLM 2x4g8: 6 layers at 3.0" in quantized and "the rest at 16 bits" in quantized
+    code, plain, _ = run_cli(["describe", work / "model.safetensors"], capsys)
+    assert "quantized" not in plain
+    params = [line for line in plain.splitlines() if line.startswith("parameters")]
+    assert params and params == [line for line in quantized.splitlines() if line.startswith("parameters")]
