@@ -29,7 +29,11 @@ CASES = {
     "distill.py": (["--quick", "--out", "{out}"], "teacher", ["distill.json", "distill.png"]),
     # a tiny byte model, every method (temperature, top-p, DRµGS argmax/x-B-C/sampling) at 1-2 settings x 2 seeds
     # a tiny byte model, RTN/GPTQ at 2 bits and AQLM 2x4g8: the table and its JSON in a few seconds
-    "quant_compare.py": (["--quick", "--out", "{out}"], "| method | setting | bits/param |", ["quant_compare.json"]),
+    "quant_compare.py": (
+        ["--quick", "--out", "{out}", "--plot", "{out}/quant_compare.png"],
+        "| method | setting | bits/param |",
+        ["quant_compare.json", "quant_compare.png"],
+    ),
     "drugs_diversity.py": (
         ["--quick", "--out", "{out}"],
         "greedy (no randomness)",
