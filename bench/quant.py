@@ -15,15 +15,17 @@ from the training part of the CPython docs (the last 5% is held out), and writes
 - held-out bits/byte on the first ``--held-bytes`` of the held-out text, streamed (``stream_metric``);
 - decode tokens/s at batch 1: greedy, ``model.step`` per token after a 64-byte held-out prompt, every variant
   loaded side by side in this one process and timed in interleaved rounds (A B C A B C ...); the median over
-  ``--repeats`` rounds and its ratio to fp32. A peer "lut_max_rows=0" runs the same file with every step
-  dequantising its weights (the trade-off against the lookup table);
+  ``--repeats`` rounds and its ratio to fp32. Two peers run the same file another way: "lut_max_rows=0" (every
+  step dequantises its weights: the trade-off against the lookup table) and "lookup table on every layer" (where
+  some layers have fewer outputs than codewords, which ``path_for`` keeps off the lookup table, the bench overrides
+  it for them);
 - what the quantized layers' matmuls cost per decode step: each layer at one row against the fp32 layer of the
   same name (hot: called again and again), summed over the layers, next to the whole step's time;
 - memory: one child process per variant (``--child decode``) loads the file and decodes; it reports its RSS after
   imports, its peak while loading (the loader builds the fp32 model, then swaps in the AQLM layers, so this peak
   holds the fp32 weights), its RSS after loading, its peak while decoding (the peak is reset after loading by
   writing 5 to /proc/self/clear_refs), ``ru_maxrss``, and the bytes of the model's tensors (parameters, buffers,
-  the AQLM layers' cached gather indices).
+  the AQLM layers' cached gather indices and narrow layers' cached ``W_hat``).
 
 Prints markdown tables and writes ``--out``/quant.json. Timings on a shared machine vary by tens of percent: read
 the ratios; ``--threads 1`` is the stable setting.
@@ -166,8 +168,9 @@ def uses_lut(model) -> bool:
 
 
 def narrow_layers(model) -> list:
-    """The AQLM layers with codebooks of at most 8 bits that ``path_for`` sends to dequantise+GEMM even at one row
-    because they have fewer outputs than codewords (``2**B > out_features``)."""
+    """The AQLM layers with codebooks of at most 8 bits that never take the lookup table (``path_for``) because they
+    have fewer outputs than codewords (``2**B > out_features``): they compute with a cached ``W_hat`` when no
+    gradient is needed (``AQLMLinear.is_narrow``), or dequantise at every call in older versions."""
     return [m for m in aqlm_layers(model).values() if m.codebook_bits <= 8 and m.codebook_size > m.out_features]
 
 
@@ -321,6 +324,9 @@ def tensor_bytes(model) -> int:
             total += t.untyped_storage().nbytes()
     for layer in aqlm_layers(model).values():
         total += sum(index.numel() * index.element_size() for _, index in layer._index_cache.values())
+        narrow = getattr(layer, "_narrow_cache", None)  # a narrow layer's cached W_hat (AQLMLinear.is_narrow)
+        if narrow is not None:
+            total += narrow[1].numel() * narrow[1].element_size()
     return total
 
 
@@ -504,7 +510,7 @@ def main(argv=None) -> dict | None:
     if args.memory == "child":
         print("\nmemory (MiB), one child process per variant: load the file, decode; RSS includes torch itself")
         print("| variant | RSS after imports | peak while loading | RSS after load | peak while decoding | ru_maxrss "
-              "| model tensors + gather indices |")  # fmt: skip
+              "| model tensors + indices + caches |")  # fmt: skip
         print("|---|---:|---:|---:|---:|---:|---:|")
         for name, row in rows.items():
             memory = measure_memory(files[row["config"]], args, row.get("peer"))
