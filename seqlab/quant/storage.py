@@ -18,7 +18,9 @@ quantized layer ``L``:
   order of the (out, G, M) code tensor);
 - ``L.codebooks`` (M, 2**B, g) and ``L.scales`` (out,), float16.
 
-Every other tensor of the state dict is written at ``full_precision_bits`` (float16 by default: the quantizer
+Tied parameters (a LanguageModel's LM head is its embedding table by default) are written once, the other names
+listed under ``"tied"`` (alias -> name written). Every other tensor of the state dict is written at
+``full_precision_bits`` (float16 by default: the quantizer
 rounded them to fp16 values in memory first, so a save/load round trip is exact) except integer ones and stacked
 MoE parameters all of whose experts are quantized (those are omitted, rebuilt from their experts). So the file
 holds exactly the bits :class:`~seqlab.quant.QuantReport` counts, plus the unquantized parameters and the header.
@@ -129,11 +131,18 @@ def save_quantized(path: str | os.PathLike, model: nn.Module, extra: dict | None
         tensors[f"{name}.codebooks"] = layer.codebooks.detach().cpu().to(torch.float16)
         tensors[f"{name}.scales"] = layer.scales.detach().cpu().to(torch.float16)
     expert_parts = _expert_parts(model, layout)
+    tied: dict[str, str] = {}
+    first: dict[tuple, str] = {}
     for name, tensor in model.state_dict().items():
         if name in tensors:  # an AQLMLinear's codes, codebooks, scales: written packed above
             continue
         if name in covered and len(covered[name]) == tensor.shape[0]:
             continue  # every expert is stored in its packed form
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()), tensor.device)
+        if tensor.numel() and key in first:  # a tied parameter (the LM head of the embedding): written once
+            tied[name] = first[key]
+            continue
+        first[key] = name
         tensor = tensor.detach().cpu()
         tensors[name] = tensor.to(rest) if tensor.is_floating_point() else tensor.clone()
     for name, q in expert_parts.items():
@@ -141,7 +150,7 @@ def save_quantized(path: str | os.PathLike, model: nn.Module, extra: dict | None
         tensors[f"{name}.codebooks"] = q.codebooks.to(torch.float16)
         tensors[f"{name}.scales"] = q.scales.to(torch.float16)
     meta = model_meta(model)
-    meta["quantization"] = {"format": QUANT_FORMAT, **layout}
+    meta["quantization"] = {"format": QUANT_FORMAT, **layout, "tied": tied}
     meta.update(extra or {})
     return write_tensors(path, tensors, kind=MODEL_FORMAT, version=FORMAT_VERSION, meta=meta)
 
@@ -233,6 +242,13 @@ def load_quantized(
         if not (n.endswith(".weight") and n[: -len(".weight")] in linear_names)
         and not _all_experts_quantized(n, own[n], layout["layers"])
     }
+    tied = layout.get("tied") or {}
+    if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
+        raise CorruptFileError(f"{path}: the quantization entry's 'tied' is not an object of names")
+    for alias, primary in tied.items():
+        if alias not in own or primary not in own or own[alias].shape != own[primary].shape:
+            raise CorruptFileError(f"{path}: tied weights {alias} = {primary} do not match the model")
+    expected -= set(tied)
     present = set(tensors) - packed
     missing, unexpected = sorted(expected - present), sorted(present - expected)
     if missing or unexpected:
@@ -248,9 +264,11 @@ def load_quantized(
     with torch.no_grad():
         for name in present:
             own[name].copy_(tensors[name].to(own[name].dtype))
+        for alias, primary in tied.items():  # one tensor already when the model ties them; else a copy
+            own[alias].copy_(tensors[primary].to(own[alias].dtype))
     install_layers(model, weights, lut_max_rows=lut_max_rows)  # biases: loaded above into the nn.Linear, carried over
     model._aqlm_experts = {n: q for n, q in weights.items() if _EXPERT.match(n)}  # type: ignore[assignment]
-    model.quantization = {k: v for k, v in layout.items() if k != "format"}  # type: ignore[assignment]
+    model.quantization = {k: v for k, v in layout.items() if k not in ("format", "tied")}  # type: ignore[assignment]
     return meta
 
 

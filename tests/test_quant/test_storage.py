@@ -132,6 +132,8 @@ def test_file_holds_packed_codes_fp16_parts_and_the_counted_bits(quantized, tmp_
     path = save_model(tmp_path / "q.safetensors", model)
     tensors, meta = read_tensors(path, kind="seqlab.checkpoint.model", version=2)
     assert meta["quantization"]["format"] == 1
+    # the tied LM head is the embedding table: written once
+    assert meta["quantization"]["tied"] == {"lm_head.weight": "embeddings.weight"} and "lm_head.weight" not in tensors
     quantized_bytes = 0
     for r in report.layers:
         if r.skipped is not None:
@@ -193,11 +195,14 @@ def test_bad_files_are_refused_and_leave_the_model_as_it_was(quantized, tmp_path
     no_scales = {k: v for k, v in tensors.items() if k != f"{layer}.scales"}
     future = json.loads(json.dumps(meta))
     future["quantization"]["format"] = 99
+    untied = json.loads(json.dumps(meta))
+    untied["quantization"]["tied"] = {"lm_head.weight": "backbone.norm_f.weight"}
     cases = {
         "cut.safetensors": (cut, meta, f"{layer}.codes is"),
         "shape.safetensors": (tensors, bad_shape, "does not match the model"),
         "scales.safetensors": (no_scales, meta, f"has no {layer}.scales"),
-        "future.safetensors": (future and tensors, future, "quantization format 99"),
+        "future.safetensors": (tensors, future, "quantization format 99"),
+        "untied.safetensors": (tensors, untied, "tied weights lm_head.weight = backbone.norm_f.weight do not match"),
     }
     for name, (t, m, words) in cases.items():
         target = fresh("mamba1", seed=4)
