@@ -272,25 +272,41 @@ def load_quantized(
     return meta
 
 
-def build_for_quantized(build: Callable[[], nn.Module], meta: dict, device=None) -> nn.Module:
+#: fp32 bytes of the quantized layers' weights from which ``build_for_quantized`` builds on the meta device
+LEAN_BUILD_MIN_BYTES = 256 << 20
+
+
+def build_for_quantized(
+    build: Callable[[], nn.Module], meta: dict, device=None, *, min_bytes: int = LEAN_BUILD_MIN_BYTES
+) -> nn.Module:
     """A model to :func:`load_quantized` a file's ``meta`` into, built without the full-precision weights of the
     layers the file quantizes: ``build()`` runs under the meta device, each quantized ``nn.Linear``'s weight becomes
     a zero-stride placeholder of its shape (no memory; the layer is swapped for an ``AQLMLinear`` on load), and
     every other parameter and buffer is allocated empty on ``device`` (default CPU; tied parameters stay tied) to
     be filled by the load. So loading a quantized file never holds the fp32 model: the peak is the quantized one.
 
-    Falls back to a plain ``build()`` (then moved to ``device``) when the model cannot be built on the meta device
-    or has non-persistent buffers (values computed at construction, such as attention's rotary frequencies, that
-    the file does not hold)."""
+    Builds the plain way (``build()``, then moved to ``device``) when the quantized layers' fp32 weights would take
+    less than ``min_bytes`` (256 MiB): the meta device's first use in a process imports parts of torch (sympy
+    among them) that cost about 150 MiB of memory once (measured by ``bench/quant.py``), more than a small model's
+    weights. Also when the model cannot be built on the meta device or has non-persistent buffers (values computed
+    at construction, such as attention's rotary frequencies, that the file does not hold)."""
     target = torch.device(device) if device is not None else torch.device("cpu")
-    try:
-        with torch.device("meta"):
-            model = build()
-    except Exception:  # noqa: BLE001 - a constructor that needs real tensors: build it the plain way
-        model = None
-    if model is None or any(m._non_persistent_buffers_set for m in model.modules()):
-        model = build()
-        return model.to(device) if device is not None else model
+    saved = 0
+    for name, entry in (meta.get("quantization") or {}).get("layers", {}).items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not _EXPERT.match(name) and isinstance(shape, list) and len(shape) == 2:
+            saved += 4 * int(shape[0]) * int(shape[1])
+    lean: nn.Module | None = None
+    if saved >= min_bytes:
+        try:
+            with torch.device("meta"):
+                lean = build()
+        except Exception:  # noqa: BLE001 - a constructor that needs real tensors: build it the plain way
+            lean = None
+    if lean is None or any(m._non_persistent_buffers_set for m in lean.modules()):
+        plain = build()
+        return plain.to(device) if device is not None else plain
+    model = lean
     for name in (meta.get("quantization") or {}).get("layers", {}):
         if _EXPERT.match(name):
             continue
@@ -326,4 +342,12 @@ def _all_experts_quantized(name: str, tensor: torch.Tensor, layers: dict) -> boo
     return all(f"{name}[{e}]" in layers for e in range(tensor.shape[0]))
 
 
-__all__ = ["QUANT_FORMAT", "build_for_quantized", "install_layers", "load_quantized", "round_rest", "save_quantized"]
+__all__ = [
+    "LEAN_BUILD_MIN_BYTES",
+    "QUANT_FORMAT",
+    "build_for_quantized",
+    "install_layers",
+    "load_quantized",
+    "round_rest",
+    "save_quantized",
+]
