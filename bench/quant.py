@@ -278,7 +278,11 @@ def linear_costs(fp32, models: dict, repeats: int, iters: int) -> tuple[dict[str
                 {"shape": f"{base.in_features}->{base.out_features}", "count": 0, "us": dict.fromkeys(peers, 0.0)},
             )
             kind["count"] += 1
-            kind["paths"] = {name: layer.path_for(x) for name, layer in peers.items() if name != "fp32"}
+            kind["paths"] = {  # a layer one config quantizes and another keeps (a dt_proj under g4 but not g8)
+                name: layer.path_for(x) if hasattr(layer, "path_for") else "not quantized"
+                for name, layer in peers.items()
+                if name != "fp32"
+            }
             for name, values in samples.items():
                 totals[name] += statistics.median(values)
                 kind["us"][name] += statistics.median(values)
