@@ -323,19 +323,20 @@ class AQLMLinear(nn.Module):
         """Whether this call runs the Triton kernels (:attr:`backend`): never when a gradient is needed (they have
         no backward); "auto" on CUDA tensors when Triton is available; "triton" always (CUDA, or CPU tensors under
         ``TRITON_INTERPRET=1``: the suite's check)."""
-        if self.backend not in ("auto", "torch", "triton"):
-            raise ConfigError(f"AQLMLinear.backend must be 'auto', 'torch' or 'triton', got {self.backend!r}")
-        if self.backend == "torch":
+        backend = self.backend
+        if backend == "torch" or (backend == "auto" and not x.is_cuda):  # the CPU decode path: decided first
             return False
+        if backend not in ("auto", "triton"):
+            raise ConfigError(f"AQLMLinear.backend must be 'auto', 'torch' or 'triton', got {backend!r}")
         if torch.is_grad_enabled() and any(
             t.requires_grad for t in (x, self.codebooks, self.scales, self.bias) if t is not None
         ):
             return False
-        if self.backend == "triton":
+        if backend == "triton":
             return True
         from seqlab.kernels import triton_available
 
-        return x.is_cuda and triton_available()
+        return triton_available()
 
     def _run(self, x: torch.Tensor, bias: bool) -> torch.Tensor:
         self._check_input(x)
@@ -365,10 +366,26 @@ class AQLMLinear(nn.Module):
         return self.out_features < self.codebook_size <= 256
 
     def _narrow_weight(self) -> torch.Tensor:
-        parts = (self.codes, self.codebooks, self.scales)
-        key = (*((t.data_ptr(), t._version) for t in parts), self.codebooks.device, self.codebooks.dtype)
-        if self._narrow_cache is None or self._narrow_cache[0] != key:
-            self._narrow_cache = (key, self.dequantize().detach())
+        # the key: the three tensors themselves (a replaced parameter is another object) and their version
+        # counters (an in-place write, e.g. load_state_dict or an optimizer step, bumps them)
+        codes, books, scales = self.codes, self.codebooks, self.scales
+        cache = self._narrow_cache
+        if cache is not None:
+            (c, cv), (b, bv), (s, sv) = cache[0]
+            if (
+                c is codes
+                and b is books
+                and s is scales
+                and (cv, bv, sv)
+                == (
+                    codes._version,
+                    books._version,
+                    scales._version,
+                )
+            ):
+                return cache[1]
+        key = ((codes, codes._version), (books, books._version), (scales, scales._version))
+        self._narrow_cache = (key, self.dequantize().detach())
         return self._narrow_cache[1]
 
     def forward_lut(self, x: torch.Tensor) -> torch.Tensor:
