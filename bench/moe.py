@@ -56,7 +56,7 @@ import sys
 import time
 
 import torch
-from _machine import machine_line  # (bench/ is on sys.path when a bench runs)
+from _machine import machine_line, reset_peak, status_kib  # (bench/ is on sys.path when a bench runs)
 
 TARGET = 1.5  # the issue's: the MoE layer costs at most 1.5x the dense layer's time at equal active parameters
 
@@ -295,27 +295,6 @@ def run_speed(args) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------------
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    """Reset this process's VmHWM to its current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def memory_child(args) -> None:
     """Runs in its own process: build one peer, its input and upstream gradient, run one step, print its peak."""
     mode, experts_text, shape_text = args.memory_child.split()
@@ -333,10 +312,10 @@ def memory_child(args) -> None:
     step(x[:1, :8], grad[:1, :8])  # one tiny step first: libraries, thread pools, autograd's engine paged in
     for p in layer.parameters():
         p.grad = None
-    reset = _reset_peak()
-    before = _status_kib("VmRSS")
+    reset = reset_peak()
+    before = status_kib("VmRSS")
     step(x, grad)
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     print(json.dumps({"rss_before_kib": before, "vm_hwm_kib": peak, "reset": reset}))
 
 

@@ -52,7 +52,7 @@ import types
 from pathlib import Path
 
 import torch
-from _machine import machine_line  # (bench/ is on sys.path when a bench runs)
+from _machine import machine_line, reset_peak  # (bench/ is on sys.path when a bench runs)
 
 HELD_OUT = 0.05
 DEFAULT_MODEL = Path("out/bench-decoding/target.safetensors")
@@ -306,16 +306,6 @@ def proc_status() -> dict[str, int]:
     except OSError:
         pass
     return out
-
-
-def reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs); False when not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def tensor_bytes(model) -> int:
