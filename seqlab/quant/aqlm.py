@@ -91,15 +91,25 @@ __all__ = [
 _BLOCK_ELEMENTS = 1 << 20
 
 
+#: the scale layouts of ``AQLMConfig.scales``
+SCALE_LAYOUTS = ("row", "none")
+
+
 @dataclass(frozen=True)
 class AQLMConfig:
-    """``num_codebooks`` (M) codebooks of ``2^codebook_bits`` (2^B) codewords of length ``group_size`` (g)."""
+    """``num_codebooks`` (M) codebooks of ``2^codebook_bits`` (2^B) codewords of length ``group_size`` (g), and the
+    scale layout ``scales``: ``"row"`` (one fp16 scale per output row, as AQLM does: rows of very different
+    magnitudes share the codebooks) or ``"none"`` (no scales: the codebooks carry the magnitudes; 16 bits per row
+    fewer)."""
 
     num_codebooks: int = 2
     codebook_bits: int = 8
     group_size: int = 8
+    scales: str = "row"
 
     def __post_init__(self) -> None:
+        if self.scales not in SCALE_LAYOUTS:
+            raise ConfigError(f"AQLMConfig.scales must be one of {', '.join(SCALE_LAYOUTS)}, got {self.scales!r}")
         for name, low, high in (("num_codebooks", 1, None), ("codebook_bits", 1, 16), ("group_size", 1, None)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -115,17 +125,22 @@ class AQLMConfig:
 
     @property
     def name(self) -> str:
-        """``"MxBgG"``, e.g. ``"2x8g8"``: M codebooks of B bits over groups of g."""
-        return f"{self.num_codebooks}x{self.codebook_bits}g{self.group_size}"
+        """``"MxBgG"``, e.g. ``"2x8g8"``: M codebooks of B bits over groups of g (per-row scales);
+        ``"MxBgG-noscale"`` without scales."""
+        base = f"{self.num_codebooks}x{self.codebook_bits}g{self.group_size}"
+        return base if self.scales == "row" else f"{base}-noscale"
 
     @classmethod
     def parse(cls, text: str) -> AQLMConfig:
-        """The config named ``"MxBgG"`` (e.g. ``"1x16g8"``); ``ConfigError`` naming the text otherwise."""
-        match = re.fullmatch(r"\s*(\d+)x(\d+)g(\d+)\s*", str(text))
+        """The config named ``"MxBgG"`` (e.g. ``"1x16g8"``) or ``"MxBgG-noscale"``; ``ConfigError`` naming the text
+        otherwise."""
+        match = re.fullmatch(r"\s*(\d+)x(\d+)g(\d+)(-noscale)?\s*", str(text))
         if match is None:
-            raise ConfigError(f"AQLM config {text!r} is not of the form 'MxBgG' (e.g. '2x8g8', '1x16g8')")
-        m, b, g = (int(v) for v in match.groups())
-        return cls(num_codebooks=m, codebook_bits=b, group_size=g)
+            raise ConfigError(
+                f"AQLM config {text!r} is not of the form 'MxBgG' or 'MxBgG-noscale' (e.g. '2x8g8', '1x16g8')"
+            )
+        m, b, g = (int(v) for v in match.groups()[:3])
+        return cls(num_codebooks=m, codebook_bits=b, group_size=g, scales="none" if match.group(4) else "row")
 
 
 @dataclass
@@ -160,12 +175,13 @@ class AQLMWeight:
         return _reconstruct(self.codes, codebooks, scales)
 
     def storage_bits(self) -> int:
-        """Exact storage bits: codes ``out * G * M * B``, codebooks ``M * 2^B * g * 16`` (fp16), scales ``out * 16``."""
+        """Exact storage bits: codes ``out * G * M * B``, codebooks ``M * 2^B * g * 16`` (fp16), scales ``out * 16``
+        (none with ``scales="none"``)."""
         cfg = self.config
         out, groups = int(self.codes.shape[0]), int(self.codes.shape[1])
         codes = out * groups * cfg.num_codebooks * cfg.codebook_bits
         codebooks = cfg.num_codebooks * cfg.codebook_size * cfg.group_size * 16
-        return codes + codebooks + out * 16
+        return codes + codebooks + (out * 16 if cfg.scales == "row" else 0)
 
     def bits_per_parameter(self) -> float:
         """``storage_bits() / (out * in)``: codebook and scale overhead included."""
@@ -378,11 +394,13 @@ def _adam(
     steps: int,
     lr: float,
     norm: float,
+    learn_scales: bool = True,
 ) -> tuple[Tensor, Tensor, float]:
-    """Adam on codebooks and scale multipliers with codes fixed; returns the best (codebooks, scales, loss) seen."""
+    """Adam on codebooks and (``learn_scales``) scale multipliers with codes fixed; returns the best (codebooks,
+    scales, loss) seen."""
     books = codebooks.clone().requires_grad_(True)
-    mult = torch.ones_like(scales, requires_grad=True)
-    opt = torch.optim.Adam([books, mult], lr=lr)
+    mult = torch.ones_like(scales, requires_grad=learn_scales)
+    opt = torch.optim.Adam([books, mult] if learn_scales else [books], lr=lr)
     best_books, best_scales = codebooks.clone(), scales.clone()
     best = math.inf
     for step in range(steps + 1):
@@ -497,8 +515,9 @@ def _quantize(
     norm = float(_row_losses(w, torch.zeros_like(w), h).sum())
     norm = norm if norm > 0 else 1.0
 
-    # (1) scales: row RMS, (2) residual k-means on the scaled groups
-    scales = w.pow(2).mean(dim=1).sqrt()
+    # (1) scales: row RMS (ones without scales), (2) residual k-means on the scaled groups
+    learn_scales = config.scales == "row"
+    scales = w.pow(2).mean(dim=1).sqrt() if learn_scales else torch.ones(out)
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))
     scaled = (w / scales.unsqueeze(1)).reshape(out * groups, g)
     codebooks, flat_codes = _residual_kmeans(scaled, config, kmeans_iters, gen)
@@ -536,15 +555,16 @@ def _quantize(
             current = loss_of(codes, codebooks, scales)
             # (3b) codebooks and scales by Adam (best seen, start included)
             if adam_steps > 0:
-                books, new_scales, _ = _adam(w, codes, codebooks, scales, h, adam_steps, lr, norm)
+                books, new_scales, _ = _adam(w, codes, codebooks, scales, h, adam_steps, lr, norm, learn_scales)
                 trial = loss_of(codes, books, new_scales)
                 if trial < current:
                     codebooks, scales, current = books, new_scales, trial
             # (3c) closed-form per-row scales
-            new_scales = _closed_form_scales(w, codes, codebooks, scales, h)
-            trial = loss_of(codes, codebooks, new_scales)
-            if trial < current:
-                scales, current = new_scales, trial
+            if learn_scales:
+                new_scales = _closed_form_scales(w, codes, codebooks, scales, h)
+                trial = loss_of(codes, codebooks, new_scales)
+                if trial < current:
+                    scales, current = new_scales, trial
             history.append(current)
             report(round_index)
             if previous <= 0 or (previous - current) / previous < tol:

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqlab.errors import ConfigError, InputError
+from seqlab.quant.aqlm import SCALE_LAYOUTS
 from seqlab.quant.packing import MAX_BITS, packed_nbytes
 
 #: rows (tokens) up to which forward uses the lookup table; above, dequantise-then-GEMM
@@ -100,11 +101,15 @@ class AQLMLinear(nn.Module):
         group_size: int,
         bias: bool = True,
         *,
+        scale_layout: str = "row",
         lut_max_rows: int = DEFAULT_LUT_MAX_ROWS,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if scale_layout not in SCALE_LAYOUTS:
+            raise ConfigError(f"scale_layout must be one of {', '.join(SCALE_LAYOUTS)}, got {scale_layout!r}")
+        self.scale_layout = scale_layout
         in_features = _positive_int("in_features", in_features)
         out_features = _positive_int("out_features", out_features)
         num_codebooks = _positive_int("num_codebooks", num_codebooks)
@@ -131,7 +136,11 @@ class AQLMLinear(nn.Module):
             "codes", torch.zeros(out_features, groups, num_codebooks, dtype=torch.int32, device=device)
         )
         self.codebooks = nn.Parameter(torch.zeros(num_codebooks, size, group_size, **factory))  # type: ignore[arg-type]
-        self.scales = nn.Parameter(torch.ones(out_features, **factory))  # type: ignore[arg-type]
+        self.scales: torch.Tensor
+        if scale_layout == "row":
+            self.scales = nn.Parameter(torch.ones(out_features, **factory))  # type: ignore[arg-type]
+        else:  # no scales: a constant buffer of ones (not trained, not stored)
+            self.register_buffer("scales", torch.ones(out_features, **factory))  # type: ignore[arg-type]
         self.bias: nn.Parameter | None
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, **factory))  # type: ignore[arg-type]
@@ -150,6 +159,7 @@ class AQLMLinear(nn.Module):
         scales: torch.Tensor,
         bias: torch.Tensor | None = None,
         *,
+        scale_layout: str = "row",
         lut_max_rows: int = DEFAULT_LUT_MAX_ROWS,
         dtype: torch.dtype | None = None,
     ) -> AQLMLinear:
@@ -198,10 +208,13 @@ class AQLMLinear(nn.Module):
             size.bit_length() - 1,
             group_size,
             bias=bias is not None,
+            scale_layout=scale_layout,
             lut_max_rows=lut_max_rows,
             device=codebooks.device,
             dtype=dtype,
         )
+        if scale_layout == "none" and not bool((scales == 1).all()):
+            raise InputError("scale_layout 'none' takes scales of ones (the layout has no scales)")
         with torch.no_grad():
             layer.codes.copy_(codes)
             layer.codebooks.copy_(codebooks)
@@ -445,7 +458,7 @@ class AQLMLinear(nn.Module):
         return {
             "codes": 8 * packed_nbytes(n_codes, self.codebook_bits),
             "codebooks": 16 * self.num_codebooks * self.codebook_size * self.group_size,
-            "scales": 16 * self.out_features,
+            "scales": 16 * self.out_features if self.scale_layout == "row" else 0,
             "bias": 16 * self.out_features if self.bias is not None else 0,
         }
 
@@ -454,6 +467,12 @@ class AQLMLinear(nn.Module):
         not a weight and is not counted here (it would be 16 * out_features more in fp16: :meth:`bits_breakdown`)."""
         parts = self.bits_breakdown()
         return parts["codes"] + parts["codebooks"] + parts["scales"]
+
+    @property
+    def config_name(self) -> str:
+        """The ``AQLMConfig`` name of this layer's format, e.g. ``"2x8g8"`` or ``"2x8g8-noscale"``."""
+        base = f"{self.num_codebooks}x{self.codebook_bits}g{self.group_size}"
+        return base if self.scale_layout == "row" else f"{base}-noscale"
 
     def represented_parameters(self) -> int:
         """The parameters of the ``nn.Linear`` this layer stands for (``out * in`` + bias): what
@@ -467,7 +486,7 @@ class AQLMLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"config={self.num_codebooks}x{self.codebook_bits}g{self.group_size}, bias={self.bias is not None}, "
+            f"config={self.config_name}, bias={self.bias is not None}, "
             f"lut_max_rows={self.lut_max_rows}, bits_per_parameter={self.bits_per_parameter():.3f}"
         )
 

@@ -85,6 +85,7 @@ def install_layers(
             q.codebooks.to(device=linear.weight.device),
             q.scales.to(device=linear.weight.device),
             None if linear.bias is None else linear.bias.detach(),
+            scale_layout=q.config.scales,
             lut_max_rows=lut_max_rows,
             dtype=dtype,
         )
@@ -118,6 +119,7 @@ def save_quantized(path: str | os.PathLike, model: nn.Module, extra: dict | None
         raise CorruptFileError("this model is not quantized (no model.quantization): use seqlab.checkpoint.save_model")
     rest = _rest_dtype(int(layout.get("full_precision_bits", 16)))
     tensors: dict[str, torch.Tensor] = {}
+    skipped: set[str] = set()
     covered: dict[str, set[int]] = {}
     for name in layout["layers"]:
         expert = _EXPERT.match(name)
@@ -129,12 +131,15 @@ def save_quantized(path: str | os.PathLike, model: nn.Module, extra: dict | None
             raise CorruptFileError(f"model.quantization names {name}, which is a {type(layer).__name__}")
         tensors[f"{name}.codes"] = pack_codes(layer.codes.detach().cpu(), layer.codebook_bits)
         tensors[f"{name}.codebooks"] = layer.codebooks.detach().cpu().to(torch.float16)
-        tensors[f"{name}.scales"] = layer.scales.detach().cpu().to(torch.float16)
+        if layer.scale_layout == "row":
+            tensors[f"{name}.scales"] = layer.scales.detach().cpu().to(torch.float16)
+        else:
+            skipped.add(f"{name}.scales")  # no scales: the layer's constant ones are not stored
     expert_parts = _expert_parts(model, layout)
     tied: dict[str, str] = {}
     first: dict[tuple, str] = {}
     for name, tensor in model.state_dict().items():
-        if name in tensors:  # an AQLMLinear's codes, codebooks, scales: written packed above
+        if name in tensors or name in skipped:  # an AQLMLinear's codes, codebooks, scales: written above
             continue
         if name in covered and len(covered[name]) == tensor.shape[0]:
             continue  # every expert is stored in its packed form
@@ -148,7 +153,8 @@ def save_quantized(path: str | os.PathLike, model: nn.Module, extra: dict | None
     for name, q in expert_parts.items():
         tensors[f"{name}.codes"] = pack_codes(q.codes, q.config.codebook_bits)
         tensors[f"{name}.codebooks"] = q.codebooks.to(torch.float16)
-        tensors[f"{name}.scales"] = q.scales.to(torch.float16)
+        if q.config.scales == "row":
+            tensors[f"{name}.scales"] = q.scales.to(torch.float16)
     meta = model_meta(model)
     meta["quantization"] = {"format": QUANT_FORMAT, **layout, "tied": tied}
     meta.update(extra or {})
@@ -182,8 +188,11 @@ def _read_part(path, tensors: dict, name: str, config: AQLMConfig, shape: tuple[
     want = {
         ".codes": ((packed_nbytes(out * groups * m, config.codebook_bits),), torch.uint8),
         ".codebooks": ((m, config.codebook_size, config.group_size), torch.float16),
-        ".scales": ((out,), torch.float16),
     }
+    if config.scales == "row":
+        want[".scales"] = ((out,), torch.float16)
+    elif name + ".scales" in tensors:
+        raise CorruptFileError(f"{path}: {name} is stored without scales ({config.name}) but has {name}.scales")
     for suffix, (want_shape, dtype) in want.items():
         tensor = tensors.get(name + suffix)
         if tensor is None:
@@ -193,7 +202,8 @@ def _read_part(path, tensors: dict, name: str, config: AQLMConfig, shape: tuple[
                 f"{path}: {name + suffix} is {tuple(tensor.shape)} {tensor.dtype}, expected {want_shape} {dtype}"
             )
     codes = unpack_codes(tensors[name + ".codes"], config.codebook_bits, (out, groups, m))
-    return AQLMWeight(codes, tensors[name + ".codebooks"].float(), tensors[name + ".scales"].float(), config)
+    scales = tensors[name + ".scales"].float() if config.scales == "row" else torch.ones(out)
+    return AQLMWeight(codes, tensors[name + ".codebooks"].float(), scales, config)
 
 
 def load_quantized(

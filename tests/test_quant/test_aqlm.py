@@ -64,6 +64,26 @@ def test_config_name_parse_and_validation():
         AQLMConfig.parse("2x8")
 
 
+def test_the_scale_layout_none_stores_no_scales_and_never_increases_the_objective():
+    config = AQLMConfig.parse("2x4g8-noscale")
+    assert config == AQLMConfig(2, 4, 8, scales="none") and config.name == "2x4g8-noscale"
+    assert AQLMConfig.parse(config.name) == config and AQLMConfig.parse("2x4g8").scales == "row"
+    with pytest.raises(ConfigError, match="scales must be one of row, none"):
+        AQLMConfig(scales="group")
+    with pytest.raises(ConfigError, match="MxBgG-noscale"):
+        AQLMConfig.parse("2x4g8-scale")
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(24, 32, generator=g) * torch.linspace(0.1, 3, 24).unsqueeze(1)  # rows of other sizes
+    x = torch.randn(200, 32, generator=g)
+    none = quantize_aqlm(weight, x.t() @ x, config, max_rounds=3, seed=0)
+    row = quantize_aqlm(weight, x.t() @ x, AQLMConfig(2, 4, 8), max_rounds=3, seed=0)
+    assert torch.equal(none.scales, torch.ones(24))
+    assert all(b <= a for a, b in zip(none.history, none.history[1:]))
+    assert row.storage_bits() - none.storage_bits() == 24 * 16  # the fp16 scales, and nothing else
+    # per-row scales fit rows of very different magnitudes better at the same codebooks
+    assert objective(weight, row.dequantize(), x.t() @ x) < objective(weight, none.dequantize(), x.t() @ x)
+
+
 def test_dequantize_matches_the_formula_by_a_loop():
     cfg = AQLMConfig(num_codebooks=2, codebook_bits=2, group_size=4)
     g = torch.Generator().manual_seed(0)

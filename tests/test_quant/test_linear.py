@@ -239,6 +239,21 @@ def test_a_narrow_layer_decodes_with_a_cached_matrix_without_gradients_only():
     assert layer.codebooks.grad is not None and layer.codebooks.grad.abs().sum() > 0
 
 
+def test_a_layer_without_scales_holds_constant_ones_it_neither_trains_nor_counts():
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (24, 4, 2), generator=gen)
+    books = torch.randn(2, 16, 8, generator=gen)
+    layer = AQLMLinear.from_parts(codes, books, torch.ones(24), None, scale_layout="none")
+    assert [n for n, _ in layer.named_parameters()] == ["codebooks"] and "scales" in dict(layer.named_buffers())
+    assert layer.bits_breakdown()["scales"] == 0 and layer.config_name == "2x4g8-noscale"
+    x = torch.randn(3, 32, generator=gen)
+    torch.testing.assert_close(layer(x), layer.forward_reference(x).float(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(InputError, match="scales of ones"):
+        AQLMLinear.from_parts(codes, books, torch.full((24,), 2.0), None, scale_layout="none")
+    with pytest.raises(ConfigError, match="scale_layout must be one of"):
+        AQLMLinear(32, 24, 2, 4, 8, scale_layout="group")
+
+
 def test_module_state_and_accounting():
     layer = make_layer(out_features=24, in_features=32, m=2, bits=4, g=8, dtype=torch.float32)
     assert layer.codes.dtype == torch.int32 and "codes" in dict(layer.named_buffers())

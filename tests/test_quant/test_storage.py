@@ -278,3 +278,23 @@ def test_model_from_checkpoint_builds_without_the_fp32_weights_of_quantized_laye
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
     assert loaded.lm_head.weight is loaded.embeddings.weight
+
+
+def test_a_model_without_scales_saves_no_scales_and_loads_exactly(tmp_path):
+    from seqlab.quant.finetune import trainable_parameters
+
+    model = fresh("mamba2")
+    report = quantize_model(model, windows(), "2x4g8-noscale", aqlm_options=FAST)
+    assert model.quantization["config"] == "2x4g8-noscale"
+    assert not any(n.endswith(".scales") for n in trainable_parameters(model))  # constant ones: not trained
+    path = save_model(tmp_path / "q.safetensors", model)
+    tensors, meta = read_tensors(path, kind="seqlab.checkpoint.model", version=2)
+    assert not any(n.endswith(".scales") for n in tensors)
+    stored = sum(tensors[f"{r.name}.{p}"].numel() * tensors[f"{r.name}.{p}"].element_size() for r in report.layers
+                 if r.bits is not None for p in ("codes", "codebooks"))  # fmt: skip
+    assert 8 * stored == sum(r.bits for r in report.layers if r.bits is not None)
+    loaded = fresh("mamba2", seed=2)
+    load_model(path, loaded)
+    ids = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
