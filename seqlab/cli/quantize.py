@@ -187,7 +187,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="MxBgG",
         type=aqlm_config,
         default="2x8g8",
-        help="MxBgG: M codebooks of 2^B codewords over groups of G weights (default 2x8g8; 1x16g8, 2x6g8, ...)",
+        help="MxBgG: M codebooks of 2^B codewords over groups of G weights, per-row scales (default 2x8g8; 1x16g8, "
+        "2x6g8, ...); MxBgG-noscale: without scales",
     )
     aq.add_argument(
         "--full-precision-bits",
