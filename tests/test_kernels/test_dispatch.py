@@ -46,11 +46,14 @@ def _subpackages():
 
 def test_no_op_function_shadows_a_subpackage_and_every_backend_module_imports_by_its_path():
     subpackages = _subpackages()
-    assert sorted(subpackages) == ["conv1d", "scan", "ssd"]
+    # the op families behind the dispatcher, and aqlm: the quantized layer's Triton kernels, outside the table
+    # (their reference is seqlab.quant.AQLMLinear.forward_reference; tests/test_kernels/test_triton_aqlm.py)
+    assert sorted(subpackages) == ["aqlm", "conv1d", "scan", "ssd"]
     for name in subpackages:
         assert name not in K.__all__ and not callable(getattr(K, name, None)), name
-        for module in ("ref", "chunked"):
+        for module in ("ref", "chunked") if name != "aqlm" else ():
             importlib.import_module(f"seqlab.kernels.{name}.{module}")
+    importlib.import_module("seqlab.kernels.aqlm")
     assert callable(K.selective_scan)  # still the function after its subpackage was imported
 
 
