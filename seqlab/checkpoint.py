@@ -80,6 +80,10 @@ def model_file_config(path: str | os.PathLike, meta: dict):
 def save_model(path: str | os.PathLike, model: torch.nn.Module, extra: dict | None = None) -> Path:
     """Weights of ``model`` (tied parameters are written once per name, as copies) with its fingerprint, its
     config and, for a model built by a domain adapter, the adapter's name and settings (``adapter_info``)."""
+    if getattr(model, "low_rank", None):  # a LASER'd model (seqlab.posttrain.laser): factors, not dense matrices
+        from seqlab.posttrain.laser import save_low_rank
+
+        return save_low_rank(path, model, extra)
     if getattr(model, "quantization", None):  # a model quantized by seqlab.quant.quantize_model: packed codes
         from seqlab.quant.storage import save_quantized
 
@@ -106,6 +110,10 @@ def load_model(path: str | os.PathLike, model: torch.nn.Module) -> dict:
     """Load weights written by ``save_model`` into ``model`` (in place); refuse another config's weights."""
     tensors, meta = read_model_file(path)
     require_fingerprint(meta.get("fingerprint"), model, "checkpoint", str(path))
+    if meta.get("low_rank") is not None:  # seqlab.posttrain.laser's file: low-rank layers installed, then loaded
+        from seqlab.posttrain.laser import load_low_rank
+
+        return load_low_rank(path, model, tensors, meta)
     if meta.get("quantization") is not None:  # seqlab.quant's quantized model file: the layers are swapped in
         from seqlab.quant.storage import load_quantized
 
