@@ -320,8 +320,10 @@ def _wildcard_kinds(targets: Iterable[_Target]) -> dict[tuple[int, str], list[_T
     return groups
 
 
-def _resolve(model: nn.Module, intervention: Intervention, targets: dict[str, _Target]) -> list[_Target]:
+def _resolve(model: nn.Module, intervention: Intervention | LaserCell, targets: dict[str, _Target]) -> list[_Target]:
     """The targets one intervention names (several for a ``[*]`` kind); ConfigError listing the valid ones."""
+    if isinstance(intervention, LaserCell):
+        intervention = intervention.intervention()
     if not isinstance(intervention, Intervention):
         raise ConfigError(f"interventions must be Intervention(layer, kind, rho), got {intervention!r}")
     layer, kind = intervention.layer, intervention.kind
@@ -372,7 +374,8 @@ class AppliedInterventions:
     """What :func:`apply_interventions` changed, and its exact undo: :meth:`revert` puts the original
     ``nn.Linear`` modules back (the same objects, never copied, so bit for bit) and each reduced expert slice's
     saved values, and restores ``model.low_rank``. Reverting twice is a no-op; several applications on one model
-    are reverted in reverse order (else ConfigError)."""
+    are reverted in reverse order (else ConfigError). Also a context manager: ``with apply_interventions(model,
+    [...]) as reduced:`` (``reduced`` is the model itself) reverts on exit, also when the block raises."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -383,6 +386,13 @@ class AppliedInterventions:
         self.layout: dict[str, dict] = {}
         self.reverted = False
 
+    def __enter__(self) -> nn.Module:
+        """``with apply_interventions(model, [...]) as reduced:`` gives the (reduced) model and reverts on exit."""
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        self.revert()
+
     @property
     def names(self) -> list[str]:
         """The full names of the reduced targets."""
@@ -392,6 +402,9 @@ class AppliedInterventions:
         if self.reverted:
             return
         model = self.model
+        stack = getattr(model, "_laser_undo", [])
+        if stack and stack[-1] is not self:
+            raise ConfigError("revert LASER interventions in the reverse order of applying them")
         for parent, leaf, _, installed in self.modules:
             if getattr(parent, leaf) is not installed:
                 raise ConfigError("revert LASER interventions in the reverse order of applying them")
@@ -410,12 +423,16 @@ class AppliedInterventions:
                     delattr(model, attr)
             else:
                 setattr(model, attr, value)
+        if stack:
+            stack.pop()
+        if not stack and hasattr(model, "_laser_undo"):
+            delattr(model, "_laser_undo")
         self.reverted = True
 
 
 def apply_interventions(
     model: nn.Module,
-    interventions: Iterable[Intervention] | Intervention,
+    interventions: Iterable[Intervention | LaserCell] | Intervention | LaserCell,
     *,
     method: str = "svd",
     seed: int = 0,
@@ -424,13 +441,15 @@ def apply_interventions(
 ) -> AppliedInterventions:
     """Reduce the named matrices of ``model`` in place and return the undo (:class:`AppliedInterventions`).
 
-    Each ``nn.Linear`` target becomes a :class:`LowRankLinear` of rank ``rank_for(shape, rho)``; each MoE expert
-    target's stacked slice takes the product of its factors (kept in ``model._low_rank_experts``); the layout is
-    recorded in ``model.low_rank`` (module docstring). ``method``: ``"svd"`` (the truncated SVD) or ``"random"``
-    (the control: as many singular components, chosen at random with a seed derived from ``seed`` and the target's
-    name). Everything is checked and factorized before the model changes: an unknown layer or kind, a bad rho, a
-    target named twice or already reduced, a rank whose factors would not be smaller (unless ``allow_larger``) or
-    a quantized model is a ConfigError and leaves the model as it was."""
+    ``interventions``: :class:`Intervention` objects (or a search's :class:`LaserCell` objects, e.g.
+    ``report.composed``). Each ``nn.Linear`` target becomes a :class:`LowRankLinear` of rank
+    ``rank_for(shape, rho)``; each MoE expert target's stacked slice takes the product of its factors (kept in
+    ``model._low_rank_experts``); the layout is recorded in ``model.low_rank`` (module docstring).
+    ``method``: ``"svd"`` (the truncated SVD) or ``"random"`` (the control: as many singular components, chosen
+    at random with a seed derived from ``seed`` and the target's name). Everything is checked and factorized
+    before the model changes: an unknown layer or kind, a bad rho, a target named twice or already reduced, a rank
+    whose factors would not be smaller (unless ``allow_larger``) or a quantized model is a ConfigError and leaves
+    the model as it was."""
     if method not in METHODS:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if getattr(model, "quantization", None):
@@ -438,14 +457,14 @@ def apply_interventions(
             "this model is quantized (model.quantization is set): LASER works on a full-precision model; a model "
             "both quantized and low-rank is not supported"
         )
-    if isinstance(interventions, Intervention):
+    if isinstance(interventions, (Intervention, LaserCell)):
         interventions = [interventions]
-    interventions = list(interventions)
+    wanted = [iv.intervention() if isinstance(iv, LaserCell) else iv for iv in interventions]
     targets = _targets(model)
     experts_now: dict = getattr(model, "_low_rank_experts", None) or {}
     plan: list[tuple[_Target, Intervention, int]] = []
     seen: set[str] = set()
-    for iv in interventions:
+    for iv in wanted:
         for t in _resolve(model, iv, targets):
             if t.name in seen:
                 raise ConfigError(f"{t.name} is named by more than one intervention")
@@ -490,6 +509,9 @@ def apply_interventions(
             undo.layout[t.name] = entry
     model.low_rank = layout  # type: ignore[assignment]
     model._low_rank_experts = experts  # type: ignore[assignment]
+    stack: list[AppliedInterventions] = getattr(model, "_laser_undo", None) or []
+    stack.append(undo)  # the open applications, reverted last first
+    model._laser_undo = stack  # type: ignore[assignment]
     return undo
 
 
@@ -703,8 +725,8 @@ class LaserCell:
     delta: float | None = None
     skipped: str | None = None
 
-    @property
     def intervention(self) -> Intervention:
+        """This cell's :class:`Intervention` (a cell may also be passed to :func:`apply_interventions` as is)."""
         return Intervention(self.layer, self.kind, self.rho)
 
 
@@ -731,15 +753,16 @@ class LaserReport:
     @property
     def interventions(self) -> list[Intervention]:
         """The composed interventions (apply them with :func:`apply_interventions`)."""
-        return [c.intervention for c in self.composed]
+        return [c.intervention() for c in self.composed]
 
-    def to_json(self) -> str:
-        """The report as JSON text (non-finite scores as the strings "NaN", "Infinity", "-Infinity")."""
-        return json.dumps(_encode(asdict(self)), indent=1)
+    def to_json(self) -> dict:
+        """The report as a JSON-able object (``json.dumps`` it; non-finite scores become the strings "NaN",
+        "Infinity", "-Infinity", so the text is strict JSON)."""
+        return _encode(asdict(self))
 
     @classmethod
     def from_json(cls, data: str | dict) -> LaserReport:
-        """The report :meth:`to_json` wrote (its text or the parsed object)."""
+        """The report :meth:`to_json` gave (the object, or its JSON text)."""
         raw = _decode(json.loads(data) if isinstance(data, str) else data)
         try:
             cells = [LaserCell(**c) for c in raw["cells"]]
@@ -813,8 +836,8 @@ def laser_search(
     ``torch.no_grad``; lower is better unless ``lower_is_better=False``. ``layers``: layer indices (None: all with
     reducible matrices). ``kinds``: target kinds (None: every kind of each layer, MoE experts as ``ffn.gate_up[*]``
     / ``ffn.down[*]``, one cell per part rather than per expert; name ``ffn.gate_up[3]`` to search one expert); a
-    kind is searched in the chosen layers that have it, and one that none has is a ConfigError. ``rhos``: the
-    fractions of the maximum rank (:func:`rank_for`), default :data:`DEFAULT_RHOS`.
+    kind is searched in the chosen layers that have it (in the order given), and one that none has is a
+    ConfigError. ``rhos``: the fractions of the maximum rank (:func:`rank_for`), default :data:`DEFAULT_RHOS`.
 
     Order: the baseline (the unmodified model), then every (layer, kind, rho) cell, target by target (one SVD per
     target, reused over its rhos); a cell whose factors would not be smaller than its matrix is recorded as skipped,
@@ -890,7 +913,9 @@ def laser_search(
                     cell.skipped = "the factors would not be smaller than the matrix"
                 else:
                     caches = cache if len(group) == 1 else None
-                    undo = apply_interventions(model, [cell.intervention], method=method, seed=seed, _svd_cache=caches)
+                    undo = apply_interventions(
+                        model, [cell.intervention()], method=method, seed=seed, _svd_cache=caches
+                    )
                     try:
                         cell.score = _score(score, model, f"layer {layer} {kind} rho {rho}")
                     finally:
@@ -931,7 +956,7 @@ def _compose(model, score, report: LaserReport, compose: int, method: str, seed:
     kept: list[LaserCell] = []
     best = report.baseline
     for cell in candidates:
-        trial = [c.intervention for c in [*kept, cell]]
+        trial = [c.intervention() for c in [*kept, cell]]
         undo = apply_interventions(model, trial, method=method, seed=seed)
         try:
             value = _score(score, model, f"the composition of {len(trial)} interventions")
@@ -997,8 +1022,7 @@ def plot_heatmap(report: LaserReport, path: str | os.PathLike) -> Path:
     finite = [abs(c.delta) for c in report.cells if c.delta is not None and math.isfinite(c.delta)]
     span = max(finite) if finite and max(finite) > 0 else 1.0
     norm = TwoSlopeNorm(vmin=-span, vcenter=0.0, vmax=span)
-    cmap = plt.get_cmap("RdBu_r").copy()
-    cmap.set_bad("#cccccc")
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#cccccc")
     cols = min(3, len(kinds))
     rows = math.ceil(len(kinds) / cols)
     fig, axes = plt.subplots(
