@@ -385,6 +385,7 @@ class AppliedInterventions:
         self.previous_experts: object = getattr(model, "_low_rank_experts", _MISSING)
         self.layout: dict[str, dict] = {}
         self.reverted = False
+        self.stale = False
 
     def __enter__(self) -> nn.Module:
         """``with apply_interventions(model, [...]) as reduced:`` gives the (reduced) model and reverts on exit."""
@@ -401,6 +402,8 @@ class AppliedInterventions:
     def revert(self) -> None:
         if self.reverted:
             return
+        if self.stale:
+            raise ConfigError("this model was loaded from a LASER file since these interventions: cannot revert them")
         model = self.model
         stack = getattr(model, "_laser_undo", [])
         if stack and stack[-1] is not self:
@@ -609,7 +612,12 @@ def load_low_rank(path: str | os.PathLike, model: nn.Module, tensors: dict[str, 
     checked first (names, shapes, dtypes, each recorded layer against the model), then the plain tensors are
     loaded, each recorded ``nn.Linear`` becomes a :class:`LowRankLinear` holding the file's factors (and the bias
     the file holds) and each recorded expert slice takes the product of its factors. On any mismatch a
-    ``CorruptFileError`` names the file and the tensor, and ``model`` is left as it was."""
+    ``CorruptFileError`` names the file and the tensor, and ``model`` is left as it was.
+
+    ``model`` may also be reduced already with the same layout (every recorded target at the same rank and shape:
+    resuming the fine-tune of a LASER'd model loads its checkpoint into the live model, whose factors the optimizer
+    holds); the factors are then loaded in place, and earlier :func:`apply_interventions` undos of ``model`` can no
+    longer revert (ConfigError). A model reduced otherwise is refused."""
     entry = meta.get("low_rank")
     if not isinstance(entry, dict) or not isinstance(entry.get("layers"), dict):
         raise CorruptFileError(f"{path}: the low_rank entry is not a JSON object with 'layers'")
@@ -619,9 +627,19 @@ def load_low_rank(path: str | os.PathLike, model: nn.Module, tensors: dict[str, 
         )
     if meta.get("quantization") is not None:
         raise CorruptFileError(f"{path}: records both quantization and low_rank, which seqlab does not support")
-    if getattr(model, "low_rank", None) or getattr(model, "quantization", None):
-        raise CorruptFileError(f"{path}: load a low-rank file into a freshly built model, not a reduced one")
+    if getattr(model, "quantization", None):
+        raise CorruptFileError(f"{path}: load a low-rank file into a full-precision model, not a quantized one")
     layers: dict = entry["layers"]
+    existing = getattr(model, "low_rank", None) or {}
+    if existing:
+        mine = {n: (e.get("rank"), list(e.get("shape", []))) for n, e in existing.items()}
+        theirs = {
+            n: (e.get("rank"), list(e.get("shape", []))) if isinstance(e, dict) else None for n, e in layers.items()
+        }
+        if mine != theirs:
+            raise CorruptFileError(
+                f"{path}: the model is reduced with another layout than the file's; load into a freshly built model"
+            )
     own = model.state_dict()
     factor_names: set[str] = set()
     linear_names: set[str] = set()
@@ -638,8 +656,11 @@ def load_low_rank(path: str | os.PathLike, model: nn.Module, tensors: dict[str, 
                 dtype = stacked.dtype
             else:
                 layer = model.get_submodule(name)
-                have = tuple(layer.weight.shape) if isinstance(layer, nn.Linear) else None
-                dtype = layer.weight.dtype if isinstance(layer, nn.Linear) else None
+                have, dtype = None, None
+                if isinstance(layer, nn.Linear) and name not in existing:
+                    have, dtype = tuple(layer.weight.shape), layer.weight.dtype
+                elif isinstance(layer, LowRankLinear) and name in existing and layer.rank == rank:
+                    have, dtype = (layer.out_features, layer.in_features), layer.left.dtype
         except AttributeError:
             have, dtype = None, None
         if have != shape or _PREFIX.match(name) is None:
@@ -675,8 +696,8 @@ def load_low_rank(path: str | os.PathLike, model: nn.Module, tensors: dict[str, 
             )
         if tensors[name].dtype != own[name].dtype:
             raise CorruptFileError(f"{path}: {name} has dtype {tensors[name].dtype}, the model's is {own[name].dtype}")
-    for name in tensors:  # every finite: a factor of NaN would poison the layer silently
-        if tensors[name].is_floating_point() and not bool(torch.isfinite(tensors[name]).all()):
+    for name in sorted(factor_names):  # every factor finite: a NaN would poison the whole layer silently
+        if not bool(torch.isfinite(tensors[name]).all()):
             raise CorruptFileError(f"{path}: {name} holds a NaN or an infinity")
     # everything checked: now change the model
     experts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -692,6 +713,8 @@ def load_low_rank(path: str | os.PathLike, model: nn.Module, tensors: dict[str, 
                 experts[name] = (left, right)
                 continue
             linear = model.get_submodule(name)
+            if isinstance(linear, LowRankLinear):  # reduced already (same layout): loaded in place above
+                continue
             assert isinstance(linear, nn.Linear)
             device = linear.weight.device
             layer = LowRankLinear.from_factors(
@@ -704,6 +727,10 @@ def load_low_rank(path: str | os.PathLike, model: nn.Module, tensors: dict[str, 
             layer.train(linear.training)
             parent, leaf = _parent(model, name)
             setattr(parent, leaf, layer)
+    for undo in getattr(model, "_laser_undo", None) or []:
+        undo.stale = True  # its saved originals no longer describe this model
+    if hasattr(model, "_laser_undo"):
+        delattr(model, "_laser_undo")
     model.low_rank = json.loads(json.dumps(layers))
     model._low_rank_experts = experts  # type: ignore[assignment]
     return meta

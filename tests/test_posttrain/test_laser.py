@@ -289,6 +289,29 @@ def test_model_from_checkpoint_rebuilds_a_laser_model(tmp_path):
     assert model.generate(prompt, 8).tokens == loaded.generate(prompt, 8).tokens
 
 
+def test_a_file_loads_into_a_model_reduced_with_the_same_layout(tmp_path):
+    """Resuming the fine-tune of a LASER'd model: the checkpoint loads into the live reduced model, in place."""
+    model = fresh("moe")
+    apply_interventions(model, shrinking(model, 0.25))
+    path = save_model(tmp_path / "m.safetensors", model)
+    live = fresh("moe", seed=5)
+    undo = apply_interventions(live, shrinking(live, 0.25))
+    factors = [m.left for m in live.modules() if isinstance(m, LowRankLinear)]
+    other = fresh("moe", seed=5)
+    apply_interventions(other, shrinking(other, 0.5))
+    before = snapshot(other)
+    with pytest.raises(CorruptFileError, match="another layout"):
+        load_model(path, other)
+    assert same(other, before)
+    load_model(path, live)
+    assert [m.left for m in live.modules() if isinstance(m, LowRankLinear)] == factors  # the same parameters
+    x = ids(2, 9, 2)
+    with torch.no_grad():
+        assert torch.equal(live(x).logits, model(x).logits)
+    with pytest.raises(ConfigError, match="loaded from a LASER file"):
+        undo.revert()
+
+
 def test_bad_files_are_refused_and_leave_the_model_as_it_was(tmp_path):
     model = fresh("moe")
     apply_interventions(model, shrinking(model, 0.25))
@@ -402,7 +425,8 @@ def test_search_finds_the_planted_improvement_and_leaves_the_model_unchanged(pla
     skipped = [c for c in report.cells if c.skipped]
     assert {c.kind for c in skipped} == {"mixer.dt_proj"} and all(c.score is None for c in skipped)
     scored = [c for c in report.cells if not c.skipped]
-    assert len(calls) == 1 + len(scored) + 2 or len(calls) == 1 + len(scored) + 1
+    winners = {(c.layer, c.kind) for c in scored if c.delta < 0}
+    assert len(calls) == 1 + len(scored) + min(2, len(winners))  # baseline, cells, composition trials
     best = report.best
     assert (best.layer, best.kind, best.rho, best.rank) == (1, "mixer.out_proj", 0.05, 1)
     assert best.delta < -0.5 * report.baseline and best.params_saved == 16 * 32 - 48
@@ -425,6 +449,12 @@ def test_search_finds_the_planted_improvement_and_leaves_the_model_unchanged(pla
     assert back.cells[2:] == report.cells[2:] and back.rhos == [0.05, 0.5]
     png = plot_heatmap(report, tmp_path / "heat.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and [p.name for p in tmp_path.iterdir()] == ["heat.png"]
+
+
+def test_search_progress_bar(planted, capsys):
+    model, score = planted
+    report = laser_search(model, score, layers=[1], kinds=["mixer.out_proj"], rhos=(0.05, 0.9), progress=True)
+    assert "LASER" in capsys.readouterr().err and report.cells[1].skipped  # rank 14: 672 numbers, not < 512
 
 
 def test_search_argument_errors(planted):
@@ -457,9 +487,7 @@ def test_stream_scorer_is_the_streamed_metric():
     score = stream_scorer(adapter, lambda: data.split(10))
     want, count = stream_metric(model, adapter, [data])
     assert count == len(data) - 1 and math.isclose(score(model), want, rel_tol=1e-5)
-    assert score(model) == stream_scorer(adapter, list(data.split(7)))(model) or math.isclose(
-        score(model), stream_scorer(adapter, list(data.split(7)))(model), rel_tol=1e-5
-    )
+    assert math.isclose(stream_scorer(adapter, list(data.split(7)))(model), want, rel_tol=1e-5)
     with pytest.raises(InputError, match="one-shot iterator"):
         stream_scorer(adapter, iter(data.split(10)))
     with pytest.raises(InputError, match="no position"):
