@@ -79,7 +79,9 @@ def model_file_config(path: str | os.PathLike, meta: dict):
 # ------------------------------------------------------------------------------------------------------
 def save_model(path: str | os.PathLike, model: torch.nn.Module, extra: dict | None = None) -> Path:
     """Weights of ``model`` (tied parameters are written once per name, as copies) with its fingerprint, its
-    config and, for a model built by a domain adapter, the adapter's name and settings (``adapter_info``)."""
+    config and, for a model built by a domain adapter, the adapter's name and settings (``adapter_info``). A
+    LASER'd model (``model.low_rank``, ``seqlab.posttrain.laser``) writes its factors, a quantized one
+    (``model.quantization``) its packed codes; a model carrying both is refused (ConfigError)."""
     if getattr(model, "low_rank", None):  # a LASER'd model (seqlab.posttrain.laser): factors, not dense matrices
         from seqlab.posttrain.laser import save_low_rank
 
