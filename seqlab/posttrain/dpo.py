@@ -286,8 +286,8 @@ class DPOReport:
     """What one ``train_dpo`` call did. ``steps``: the optimizer step the policy is at (the run's total; a resumed
     run counts the steps before the resume); ``start_step``: the step this call began at (0 unless resumed).
     Per step of this call: ``losses``, ``reward_accuracy``, ``reward_margin`` and the full ``records`` (step,
-    loss, the ``dpo_loss`` stats, grad_norm, epoch). ``seconds``: wall time of the call, scoring of the
-    reference included."""
+    loss, the ``dpo_loss`` stats, grad_norm, epoch, and ``pairs``: the indices of the step's pairs).
+    ``seconds``: wall time of the call, scoring of the reference included."""
 
     steps: int
     start_step: int = 0
@@ -444,7 +444,14 @@ def train_dpo(
             optimizer.step()
             scheduler.step()
             step += 1
-            record = {"step": step, "loss": float(loss.detach()), **stats, "grad_norm": grad_norm, "epoch": epoch}
+            record = {
+                "step": step,
+                "loss": float(loss.detach()),
+                **stats,
+                "grad_norm": grad_norm,
+                "epoch": epoch,
+                "pairs": list(batch),
+            }
             if out is not None and (step == total or (config.checkpoint_every and step % config.checkpoint_every == 0)):
                 _save(Path(out), step, policy, optimizer, scheduler, config, digest, ref_digest, orders[epoch], epoch)
             report.steps = step

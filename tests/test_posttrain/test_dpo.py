@@ -324,3 +324,29 @@ def test_progress_bar_and_callback(capsys):
     assert [s for s, _ in records] == [1, 2]
     assert {"loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward"} <= set(records[0][1])
     assert "dpo" in capsys.readouterr().err
+
+
+def test_each_epoch_visits_every_pair_once_in_a_seeded_shuffle():
+    reference = KINDS["mamba1"]()
+    pairs = copy_pairs(5, seed=6)
+
+    def orders(seed):
+        config = DPOConfig(epochs=3, batch_size=2, seed=seed, lr=1e-3)
+        report = train_dpo(copy.deepcopy(reference), reference, pairs, config)
+        assert report.steps == 9  # ceil(5 / 2) steps per epoch, the last batch of an epoch holds one pair
+        per_epoch = [sum((r["pairs"] for r in report.records if r["epoch"] == e), []) for e in range(3)]
+        assert [len(r["pairs"]) for r in report.records] == [2, 2, 1] * 3
+        return per_epoch
+
+    first = orders(seed=1)
+    assert all(sorted(order) == list(range(5)) for order in first)
+    assert len({tuple(order) for order in first}) > 1  # reshuffled between epochs
+    assert orders(seed=1) == first and orders(seed=2) != first
+
+
+def test_checkpoint_settings_need_a_folder():
+    reference = KINDS["mamba1"]()
+    with pytest.raises(ConfigError, match="out="):
+        train_dpo(copy.deepcopy(reference), reference, copy_pairs(2, seed=0), DPOConfig(checkpoint_every=1))
+    with pytest.raises(ConfigError, match="out="):
+        train_dpo(copy.deepcopy(reference), reference, copy_pairs(2, seed=0), resume=True)
