@@ -4,6 +4,8 @@ control, the checker kept out of the loop, bad input; and the example's quick fo
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,7 +118,7 @@ def test_shuffle_control_swaps_roles_of_the_same_pairs(tmp_path):
     plain = self_reward(model, prompts, out=tmp_path / "a", **kw)
     control = self_reward(model, prompts, out=tmp_path / "b", shuffle_pairs=True, **kw)
     a, b = _lines(tmp_path / "a/iteration-1/pairs.jsonl"), _lines(tmp_path / "b/iteration-1/pairs.jsonl")
-    assert len(a) == len(b) >= 4
+    assert len(a) == len(b) == plain.iterations[0].pairs >= 4
     assert control.iterations[0].swapped == sum(p["swapped"] for p in b)
     assert 0 < control.iterations[0].swapped < len(b)
     for x, y in zip(a, b):
@@ -176,3 +178,19 @@ def test_resume_continues_after_the_last_finished_iteration(tmp_path):
     for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
     assert [r.pairs for r in whole.iterations] == [r.pairs for r in resumed.iterations]
+
+
+def test_example_quick(tmp_path):
+    script = Path(__file__).resolve().parents[2] / "examples" / "self_reward.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick", "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| arm | model |" in proc.stdout
+    result = json.loads((tmp_path / "out" / "self_reward.json").read_text())
+    assert {r["arm"] for r in result["runs"]} == {"self-reward", "shuffled"}
+    assert all(len(r["accuracy"]) == result["settings"]["iterations"] + 1 for r in result["runs"])
+    assert (tmp_path / "out" / "self_reward.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
