@@ -220,6 +220,11 @@ def quantize_model(
 
     if getattr(model, "quantization", None):
         raise ConfigError("this model is already quantized (model.quantization is set); start from the fp model")
+    if getattr(model, "low_rank", None):  # LASER'd (seqlab.posttrain.laser): the two layouts do not combine
+        raise ConfigError(
+            "this model has low-rank (LASER) layers (model.low_rank is set): quantizing it is not supported; "
+            "quantize the full-rank model"
+        )
     report, done = _quantize_targets(
         model, windows, "aqlm", bits=None, group_size=64, config=config, layers=layers, head=head, seed=seed,
         full_precision_bits=full_precision_bits, aqlm_options=aqlm_options, progress=progress,

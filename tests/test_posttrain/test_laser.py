@@ -373,6 +373,11 @@ def test_quantized_and_low_rank_together_are_refused(tmp_path):
         laser_search(model, lambda m: 0.0, rhos=(0.25,))
     reduced = fresh("mamba1")
     apply_interventions(reduced, [Intervention(1, "mixer.in_proj", 0.25)])
+    before = {k: v.clone() for k, v in reduced.state_dict().items()}
+    with pytest.raises(ConfigError, match="low-rank"):  # quantize_model refuses a LASER'd model, model untouched
+        quantize_model(reduced, windows, "1x4g8", layers=["backbone.layers.0.mixer.out_proj"], aqlm_options=fast)
+    assert not getattr(reduced, "quantization", None)
+    assert all(torch.equal(before[k], v) for k, v in reduced.state_dict().items())
     reduced.quantization = {"method": "aqlm", "layers": {}}  # as if quantize_model had run on the LASER'd model
     with pytest.raises(ConfigError, match="both quantized and low-rank"):
         save_model(tmp_path / "both.safetensors", reduced)
