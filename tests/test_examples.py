@@ -34,6 +34,13 @@ CASES = {
         "| method | setting | bits/param |",
         ["quant_compare.json", "quant_compare.png"],
     ),
+    # a tiny byte model trained on corrupted text, the LASER search over 2 rhos, the chosen cell and its random
+    # control scored on the test slice: table, JSON, report, heatmap and plot in ~20 s
+    "laser_experiment.py": (
+        ["--quick", "--out", "{out}", "--plot", "{out}/laser.png"],
+        "| random truncation, same size |",
+        ["laser_noisy.json", "laser.png", "noisy-seed0/laser_report.json", "noisy-seed0/laser_heatmap.png"],
+    ),
     "drugs_diversity.py": (
         ["--quick", "--out", "{out}"],
         "greedy (no randomness)",
@@ -64,6 +71,10 @@ def test_example_runs(script, tmp_path):
             (f, i) for f in (0.5, 1.0) for i in ("attention", "random")
         }
         assert all(r["kl"] < r["kl_before"] for r in result["runs"])
+    if script == "laser_experiment.py":  # the chosen cell and its control have the same, smaller size
+        row = json.loads((tmp_path / "out" / "laser_noisy.json").read_text())["rows"][0]
+        assert row["laser_parameters"] == row["random_parameters"] < row["parameters"]
+        assert row["laser_test_bits"] != row["random_test_bits"]
     if script == "drugs_diversity.py":  # every method measured over both seeds; greedy samples are all alike
         result = json.loads((tmp_path / "out" / "drugs_diversity.json").read_text())
         methods = {"temperature", "top_p", "drugs_residual", "drugs_xbc", "drugs_sampling"}
