@@ -8,8 +8,9 @@ Iteration t (t = 1..T), with the current model M_{t-1} (M_0 = the model given):
    with seed ``base + i * candidates + j`` (``seqlab.generate``'s per-row seeds), ``base`` set by ``seed`` and t.
 2. **Judging.** For every candidate, ``judge_samples`` sampled generations (temperature ``judge_temperature``)
    of ``judge_prompt(prompt, candidate)``; ``parse_score`` reads a number from each text or returns None. The
-   candidate's score is the mean of its parsed scores; unparseable judgements are counted and left out; a
-   candidate with no parsed judgement has no score (and is never in a pair).
+   candidate's score is the mean of its parsed scores, pooled over every copy of the same text sampled for the
+   same prompt (one text, one score); unparseable judgements are counted and left out; a candidate with no
+   parsed judgement has no score (and is never in a pair).
 3. **Pairs.** Per prompt, among the scored candidates: chosen = the highest score, rejected = the lowest (the
    first candidate in generation order on ties), kept when the scores differ and the two texts differ.
    ``shuffle_pairs=True`` is the control: the same pairs, each with chosen and rejected exchanged on a fair
@@ -259,14 +260,13 @@ def _iteration(
     judge_rows = [judge_prompt(p, c) for p, c in zip(rows, texts) for _ in range(judge_samples)]
     judged = _sample(policy, judge_rows, judge_max_new_tokens, judge_temperature, base + 5_000_000)
     lines, scores = [], []
-    unparseable = unscored = 0
+    unparseable = 0
     for k, (prompt, candidate) in enumerate(zip(rows, texts)):
         verdicts = judged[k * judge_samples : (k + 1) * judge_samples]
         parsed = [parse_score(v) for v in verdicts]
         good = [float(s) for s in parsed if s is not None]
         unparseable += len(parsed) - len(good)
         score = sum(good) / len(good) if good else None
-        unscored += score is None
         scores.append(score)
         lines.append(
             {
@@ -280,6 +280,17 @@ def _iteration(
                 "score": score,
             }
         )
+    # one text, one score: copies of the same candidate text for a prompt pool their parsed judgements (a text
+    # sampled twice is judged twice as often, not scored twice independently), so a pair never holds one text
+    pooled: dict[tuple[int, bytes], list[float]] = {}
+    for k, line in enumerate(lines):
+        good = [float(v) for v in line["scores"] if v is not None]
+        pooled.setdefault((k // candidates, texts[k]), []).extend(good)
+    for k, line in enumerate(lines):
+        votes = pooled[(k // candidates, texts[k])]
+        scores[k] = sum(votes) / len(votes) if votes else None
+        line["score"] = scores[k]
+    unscored = sum(score is None for score in scores)
     coin = random.Random(f"seqlab.posttrain.self_reward.shuffle:{seed}:{t}")
     pairs, pair_lines = [], []
     ties = identical = swapped = 0

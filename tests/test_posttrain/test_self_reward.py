@@ -70,6 +70,10 @@ def test_loop_writes_every_record_with_consistent_counts(tmp_path):
             assert pair["chosen"] != pair["rejected"]
             mine = [c for c in cands if c["prompt_index"] == pair["prompt_index"]]
             assert pair["chosen_score"] == max(c["score"] for c in mine if c["score"] is not None)
+        for c in cands:  # one text, one score: the mean of every parsed judgement of its copies for the prompt
+            copies = [d for d in cands if (d["prompt_index"], d["candidate"]) == (c["prompt_index"], c["candidate"])]
+            votes = [float(v) for d in copies for v in d["scores"] if v is not None]
+            assert c["score"] == (sum(votes) / len(votes) if votes else None)
         assert (here / "model.safetensors").is_file() and (here / "iteration.json").is_file()
     saved = json.loads((tmp_path / "report.json").read_text())
     assert len(saved["iterations"]) == 2 and len(saved["measures"]) == 3
@@ -194,3 +198,31 @@ def test_example_quick(tmp_path):
     assert {r["arm"] for r in result["runs"]} == {"self-reward", "shuffled"}
     assert all(len(r["accuracy"]) == result["settings"]["iterations"] + 1 for r in result["runs"])
     assert (tmp_path / "out" / "self_reward.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_copies_of_one_text_pool_their_judgements(tmp_path):
+    """At a low candidate temperature a prompt's candidates repeat; each copy carries the one pooled score."""
+    model = tiny_lm(vocab=256)
+    self_reward(
+        model,
+        PROMPTS,
+        iterations=1,
+        candidates=4,
+        judge_samples=2,
+        temperature=0.01,
+        judge_temperature=1.0,
+        max_new_tokens=4,
+        judge_max_new_tokens=2,
+        parse_score=lambda text: len(text) % 3,  # always parses; different judge texts give different scores
+        dpo=DPOConfig(steps=1, batch_size=2),
+        out=tmp_path,
+    )
+    cands = _lines(tmp_path / "iteration-1" / "candidates.jsonl")
+    groups: dict = {}
+    for c in cands:
+        groups.setdefault((c["prompt_index"], c["candidate"]), []).append(c)
+    repeated = [g for g in groups.values() if len(g) > 1]
+    assert repeated, "no candidate text repeated: the pooling is not exercised"
+    for group in repeated:
+        votes = [v for c in group for v in c["scores"]]
+        assert {c["score"] for c in group} == {sum(votes) / len(votes)}
