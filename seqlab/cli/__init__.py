@@ -7,6 +7,7 @@ One module per command group, imported only when its command runs (or when ``--h
     jobs.py      score, embed, generate over a store (Ray Data)             memory.py    memory ACTION
     bench.py     bench                       demo.py    demo (its inputs and steps: demo_inputs.py, demo_steps.py)
     distill.py   distill                     quantize.py  quantize
+    laser.py     laser                       self_reward.py  self-reward
     _args.py     the flags' vocabulary       _config.py --config TOML          _errors.py   one-line errors
 
 Modules here import the library (even ``seqlab.errors``, which loads torch through ``seqlab.kernels``) inside
@@ -51,6 +52,8 @@ COMMAND_MODULES: dict[str, str] = {
     "eval": "seqlab.cli.train",
     "distill": "seqlab.cli.distill",
     "quantize": "seqlab.cli.quantize",
+    "laser": "seqlab.cli.laser",
+    "self-reward": "seqlab.cli.self_reward",
     "bench": "seqlab.cli.bench",
     "demo": "seqlab.cli.demo",
 }

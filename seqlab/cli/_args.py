@@ -397,6 +397,23 @@ VOCABULARY = {
     "head": "quantize the LM head too",
     "fine_tune_steps": "KL fine-tune steps after quantization",
     "fine_tune_lr": "KL fine-tune learning rate",
+    # seqlab laser
+    "layers": "layer indices to search",
+    "kinds": "weight matrices to search (names after backbone.layers.I.)",
+    "rhos": "fractions of the maximum rank kept",
+    "compose": "cells the greedy composition may combine",
+    "method": "how kept singular components are chosen (svd or random)",
+    "keep_best": "write the best cell even when it does not improve",
+    "report_dir": "the folder a search's report goes to",
+    # seqlab self-reward
+    "prompts": "a file of prompts, one per line",
+    "task_prompts": "prompts of the built-in byte task",
+    "measure": "measure each model on the byte task's held-out split",
+    "iterations": "self-reward iterations",
+    "candidates": "candidates sampled per prompt",
+    "judge_samples": "judgements sampled per candidate",
+    "beta": "DPO beta",
+    "epochs": "passes over the data",
 }
 
 
