@@ -270,6 +270,24 @@ def _check_run_folder(out, resume: bool) -> None:
             raise ConfigError(f"self-reward --out {out}: holds no self-reward run to --resume")
 
 
+def _check_resumed_prompts(out, prompts: list[bytes], resume: bool) -> None:
+    """Refuse to --resume a run whose first iteration saw other prompts (its candidates.jsonl says which)."""
+    import json
+
+    first = Path(out) / "iteration-1" / "candidates.jsonl"
+    if not resume or not first.is_file():
+        return
+    try:
+        seen = {json.loads(line)["prompt"].encode("latin-1") for line in first.read_text().splitlines() if line}
+    except (ValueError, KeyError, TypeError, UnicodeError) as exc:
+        raise InputError(f"{first}: not a self-reward candidates file ({exc})") from None
+    if seen != set(prompts):
+        raise ConfigError(
+            f"self-reward --resume: the run in {out} was started on other prompts ({len(seen)} of them); give the "
+            "same --prompts, or --task-prompts and --seed, or start a new --out"
+        )
+
+
 def self_reward_run(
     model_path,
     *,
@@ -334,6 +352,7 @@ def self_reward_run(
         prompts = [i.prompt for i in splits.prompts]
         test = splits.test
     _check_run_folder(out, resume)
+    _check_resumed_prompts(out, prompts, resume)
     device = runs.resolve_device(device)
     model, adapter = model_from_checkpoint(model_path, device=device)
     if getattr(adapter, "name", None) != "bytes":

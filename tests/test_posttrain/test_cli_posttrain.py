@@ -14,6 +14,7 @@ import torch
 from seqlab.checkpoint import save_model
 from seqlab.testing import one_line, run_cli, tiny_config
 
+DNA = Path(__file__).parent.parent / "data" / "dna" / "NC_005816.fna"
 FAST = ["--window", "256", "--threads", "1", "--quiet"]
 
 
@@ -116,6 +117,28 @@ def test_laser_writes_the_composition_when_it_beats_the_best_cell(work, tmp_path
     assert sorted(model.low_rank) == [f"backbone.layers.{i}.mixer.out_proj" for i in range(2)]
 
 
+def test_laser_scores_a_store_as_it_scores_the_same_file(work, tmp_path, capsys):
+    code, _, _ = run_cli(["ingest", tmp_path / "text.zarr", work / "valid.txt", "--adapter", "bytes", "--quiet"],
+                         capsys)  # fmt: skip
+    assert code == 0
+    argv = ["laser", "--model", work / "model.safetensors", "--layers", "0", "--kinds", "mixer.out_proj"]
+    argv += ["--rhos", "0.5", "--keep-best", "--json", *FAST]
+    summaries = []
+    for data, out in (([work / "valid.txt"], "a.safetensors"), (["--store", tmp_path / "text.zarr"], "b.safetensors")):
+        code, stdout, _ = run_cli([*argv, *data, "--out", tmp_path / out], capsys)
+        assert code == 0
+        summaries.append(json.loads(stdout))
+    a, b = summaries
+    assert b["baseline"] == pytest.approx(a["baseline"], rel=1e-6) and b["metric"] == pytest.approx(
+        a["metric"], rel=1e-6
+    )
+    assert (tmp_path / "b.safetensors").read_bytes() == (tmp_path / "a.safetensors").read_bytes()
+    code, _, _ = run_cli(["ingest", tmp_path / "dna.zarr", DNA, "--adapter", "dna", "--quiet"], capsys)
+    assert code == 0
+    code, _, err = run_cli([*argv, "--store", tmp_path / "dna.zarr", "--out", tmp_path / "c.safetensors"], capsys)
+    assert code == 2 and "written by adapter" in one_line(err) and not (tmp_path / "c.safetensors").exists()
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -185,6 +208,11 @@ def test_self_reward_on_task_prompts_measures_writes_and_resumes(work, tmp_path,
     assert [line.split("|")[1].strip() for line in stdout.splitlines()[2:5]] == ["0 (the model given)", "1", "2"]
     assert _digest(out / "iteration-1" / "candidates.jsonl") == first
     assert (out / "iteration-2" / "iteration.json").exists() and (out / "iteration-2" / "model.safetensors").exists()
+    # ... and only on the prompts the run started with
+    other = [a if a != "3" else "4" for a in argv]
+    code, _, err = run_cli([*other, "--iterations", "3", "--resume", *LOOP], capsys)
+    assert code == 2 and "was started on other prompts (3 of them)" in one_line(err)
+    assert not (out / "iteration-3").exists()
 
 
 def test_self_reward_on_a_prompts_file(work, tmp_path, capsys):
