@@ -1030,7 +1030,8 @@ def stream_scorer(adapter, pieces_factory, *, device=None) -> Callable[[nn.Modul
 def plot_heatmap(report: LaserReport, path: str | os.PathLike) -> Path:
     """Draw the search as a grid of heatmaps, one per kind (layers down, rhos across), coloured by delta score on
     a diverging colormap centred at 0 (blue: better than the baseline, red: worse, in the report's direction;
-    grey: skipped or not searched), each cell annotated with its delta, the best cell outlined and starred. The PNG
+    grey: skipped or not searched; symmetric-log scale, so a gain of a thousandth of the largest change still
+    shows), each cell annotated with its delta, the best cell outlined and starred. The PNG
     is written atomically (``seqlab.io.atomic_write_bytes``). Needs matplotlib (the ``demo`` extra)."""
     from seqlab._deps import require_module
     from seqlab.io import atomic_write_bytes
@@ -1038,7 +1039,7 @@ def plot_heatmap(report: LaserReport, path: str | os.PathLike) -> Path:
     matplotlib = require_module("matplotlib", "plot_heatmap")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.colors import SymLogNorm
 
     kinds = list(dict.fromkeys(c.kind for c in report.cells))
     if not kinds:
@@ -1048,12 +1049,18 @@ def plot_heatmap(report: LaserReport, path: str | os.PathLike) -> Path:
     sign = 1.0 if report.lower_is_better else -1.0  # so that blue is always "better"
     finite = [abs(c.delta) for c in report.cells if c.delta is not None and math.isfinite(c.delta)]
     span = max(finite) if finite and max(finite) > 0 else 1.0
-    norm = TwoSlopeNorm(vmin=-span, vcenter=0.0, vmax=span)
+    # Symmetric log: the few catastrophic cells (rank 1 of an early in_proj) would otherwise bleach the small
+    # gains that the search is looking for.
+    norm = SymLogNorm(linthresh=span / 1000, vmin=-span, vmax=span, base=10)
     cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#cccccc")
-    cols = min(3, len(kinds))
+    cols = 2 if len(kinds) == 4 else min(3, len(kinds))
     rows = math.ceil(len(kinds) / cols)
     fig, axes = plt.subplots(
-        rows, cols, figsize=(1.0 + 0.9 * len(rhos) * cols, 0.8 + 0.45 * len(layers) * rows), squeeze=False
+        rows,
+        cols,
+        figsize=(1.5 + 0.9 * len(rhos) * cols, 1.0 + (0.6 + 0.4 * len(layers)) * rows),
+        squeeze=False,
+        layout="constrained",
     )
     image = None
     for index, kind in enumerate(kinds):
@@ -1067,7 +1074,9 @@ def plot_heatmap(report: LaserReport, path: str | os.PathLike) -> Path:
             for j in range(len(rhos)):
                 value = float(grid[i, j])
                 if math.isfinite(value):
-                    ax.text(j, i, f"{sign * value:+.3g}", ha="center", va="center", fontsize=6)
+                    shade = float(norm(value))  # white text on the darkest cells
+                    colour = "white" if shade < 0.15 or shade > 0.85 else "black"
+                    ax.text(j, i, f"{sign * value:+.3g}", ha="center", va="center", fontsize=6, color=colour)
         best = report.best
         if best is not None and best.kind == kind and best.rho in rhos:
             i, j = layers.index(best.layer), rhos.index(best.rho)
@@ -1083,7 +1092,7 @@ def plot_heatmap(report: LaserReport, path: str | os.PathLike) -> Path:
     direction = "lower" if report.lower_is_better else "higher"
     fig.suptitle(f"LASER ({report.method}): score - baseline {report.baseline:.4g} ({direction} is better)", fontsize=9)
     if image is not None:
-        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="delta score (blue: better)")
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="delta score (symlog; blue: better)")
     buffer = io.BytesIO()
     try:
         fig.savefig(buffer, format="png", dpi=120)
