@@ -48,6 +48,23 @@ def _file_digest(data: bytes | bytearray | memoryview, start: int) -> str:
     return digest.hexdigest()
 
 
+def check_weight_names(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], present, expected
+) -> None:
+    """CorruptFileError naming ``path`` unless the file's plain weights ``present`` (names in ``tensors``) are
+    exactly the model's ``expected`` ones (names in ``own``, its state dict) with the model's shapes. Shared by the
+    loaders of files whose other entries replace some of the model's weights (quantized codes, low-rank factors);
+    each checks dtypes by its own rule."""
+    missing, unexpected = sorted(set(expected) - set(present)), sorted(set(present) - set(expected))
+    if missing or unexpected:
+        raise CorruptFileError(f"{path}: weights do not match the model (missing {missing}, unexpected {unexpected})")
+    for name in present:
+        if tuple(tensors[name].shape) != tuple(own[name].shape):
+            raise CorruptFileError(
+                f"{path}: {name} has shape {tuple(tensors[name].shape)}, the model's is {tuple(own[name].shape)}"
+            )
+
+
 def encode_tensors(
     tensors: Mapping[str, torch.Tensor], *, kind: str, version: int, meta: Mapping[str, Any]
 ) -> bytearray:

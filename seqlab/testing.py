@@ -71,6 +71,19 @@ def tiny_lm(ssm: str = "mamba1", vocab: int = 32, seed: int = 0, **kw):
     return model.eval()
 
 
+def run_chunked(model, ids: torch.Tensor, cuts):
+    """Feed ``ids`` (batch, length, ...) to ``model`` in pieces split at ``cuts``, threading the state (empty
+    pieces skipped); return the concatenated logits and the final state: the chunking half of the state contract."""
+    state, outs, start = None, [], 0
+    for stop in [*cuts, ids.shape[1]]:
+        if stop > start:
+            out = model(ids[:, start:stop], state)
+            outs.append(out.logits)
+            state = out.state
+        start = stop
+    return torch.cat(outs, dim=1), state
+
+
 def memory_model_file(folder) -> Path:
     """Save a one-layer, 16-wide memory-stream model (seed 0) to ``folder/memory.safetensors``: the model the
     memory-session tests open sessions with. Returns the path."""

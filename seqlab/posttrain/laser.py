@@ -76,6 +76,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqlab.errors import ConfigError, CorruptFileError, InputError
+from seqlab.safetensors_io import check_weight_names
 
 #: the fractions of the maximum rank the search tries by default (LASER's best cells are often very small ones)
 DEFAULT_RHOS = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9)
@@ -686,14 +687,8 @@ def load_low_rank(path: str | os.PathLike, model: nn.Module, tensors: dict[str, 
         and not (n in covered and len(covered[n]) == own[n].shape[0])
     }
     present = set(tensors) - (factor_names - set(own))
-    missing, unexpected = sorted(expected - present), sorted(present - expected)
-    if missing or unexpected:
-        raise CorruptFileError(f"{path}: weights do not match the model (missing {missing}, unexpected {unexpected})")
+    check_weight_names(path, tensors, own, present, expected)
     for name in present:
-        if tuple(tensors[name].shape) != tuple(own[name].shape):
-            raise CorruptFileError(
-                f"{path}: {name} has shape {tuple(tensors[name].shape)}, the model's is {tuple(own[name].shape)}"
-            )
         if tensors[name].dtype != own[name].dtype:
             raise CorruptFileError(f"{path}: {name} has dtype {tensors[name].dtype}, the model's is {own[name].dtype}")
     for name in sorted(factor_names):  # every factor finite: a NaN would poison the whole layer silently

@@ -44,6 +44,7 @@ from seqlab.errors import CorruptFileError
 from seqlab.quant.aqlm import AQLMConfig, AQLMWeight
 from seqlab.quant.linear import DEFAULT_LUT_MAX_ROWS, AQLMLinear
 from seqlab.quant.packing import pack_codes, packed_nbytes, unpack_codes
+from seqlab.safetensors_io import check_weight_names
 
 #: version of the "quantization" metadata entry
 QUANT_FORMAT = 1
@@ -260,14 +261,8 @@ def load_quantized(
             raise CorruptFileError(f"{path}: tied weights {alias} = {primary} do not match the model")
     expected -= set(tied)
     present = set(tensors) - packed
-    missing, unexpected = sorted(expected - present), sorted(present - expected)
-    if missing or unexpected:
-        raise CorruptFileError(f"{path}: weights do not match the model (missing {missing}, unexpected {unexpected})")
+    check_weight_names(path, tensors, own, present, expected)
     for name in present:
-        if tuple(tensors[name].shape) != tuple(own[name].shape):
-            raise CorruptFileError(
-                f"{path}: {name} has shape {tuple(tensors[name].shape)}, the model's is {tuple(own[name].shape)}"
-            )
         if tensors[name].is_floating_point() != own[name].is_floating_point():
             raise CorruptFileError(f"{path}: {name} has dtype {tensors[name].dtype}, the model's is {own[name].dtype}")
     # everything checked: now change the model

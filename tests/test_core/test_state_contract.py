@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from seqlab import RecurrentState
 from seqlab.errors import StateMismatchError
-from seqlab.testing import rel_err, tiny_hybrid_options, tiny_lm
+from seqlab.testing import rel_err, run_chunked, tiny_hybrid_options, tiny_lm
 
 SSMS = ["mamba1", "mamba2"]
 HYBRID = dict(
@@ -20,18 +20,6 @@ HYBRID = dict(
     d_ffn=24,
     layer_overrides={1: {"mixer": "mamba2", "options": {"headdim": 8, "d_state": 4, "chunk_size": 4}}},
 )
-
-
-def run_chunked(model, ids, cuts):
-    """Feed ids in pieces split at ``cuts``, threading the state; return logits and the final state."""
-    state, outs, start = None, [], 0
-    for stop in list(cuts) + [ids.shape[1]]:
-        if stop > start:
-            out = model(ids[:, start:stop], state)
-            outs.append(out.logits)
-            state = out.state
-        start = stop
-    return torch.cat(outs, dim=1), state
 
 
 def assert_states_close(a: RecurrentState, b: RecurrentState, tol: float) -> None:

@@ -28,7 +28,7 @@ from seqlab.posttrain.laser import (
     stream_scorer,
 )
 from seqlab.safetensors_io import read_tensors, write_tensors
-from seqlab.testing import rel_err, tiny_hybrid_options, tiny_lm
+from seqlab.testing import rel_err, run_chunked, tiny_hybrid_options, tiny_lm
 
 VOCAB = 32
 MOE = dict(ssm="mamba1", n_layer=2, ffn="moe", d_ffn=24, moe_experts=4, moe_top_k=2)
@@ -202,15 +202,6 @@ def test_revert_restores_the_model_bit_for_bit():
     assert same(model, before)
     with torch.no_grad():
         assert torch.equal(model(x).logits, want)
-
-
-def run_chunked(model, x, cuts):
-    state, outs, start = None, [], 0
-    for stop in [*cuts, x.shape[1]]:
-        out = model(x[:, start:stop], state)
-        outs.append(out.logits)
-        state, start = out.state, stop
-    return torch.cat(outs, dim=1), state
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

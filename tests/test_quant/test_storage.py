@@ -16,7 +16,7 @@ from seqlab.errors import ConfigError, CorruptFileError
 from seqlab.quant import AQLMLinear, linear_layers, quantize_model
 from seqlab.quant.packing import packed_nbytes
 from seqlab.safetensors_io import read_tensors
-from seqlab.testing import rel_err, tiny_hybrid_options, tiny_lm
+from seqlab.testing import rel_err, run_chunked, tiny_hybrid_options, tiny_lm
 
 VOCAB = 32
 FAST = {"max_rounds": 1, "adam_steps": 3, "kmeans_iters": 5}
@@ -66,15 +66,6 @@ def test_every_divisible_linear_becomes_an_aqlm_layer(quantized, kind):
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not name.endswith((".ffn.gate_up", ".ffn.down")):
             assert torch.equal(tensor, tensor.half().float()), name
-
-
-def run_chunked(model, ids, cuts):
-    state, outs, start = None, [], 0
-    for stop in [*cuts, ids.shape[1]]:
-        out = model(ids[:, start:stop], state)
-        outs.append(out.logits)
-        state, start = out.state, stop
-    return torch.cat(outs, dim=1), state
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
