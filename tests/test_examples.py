@@ -38,7 +38,7 @@ CASES = {
     # control scored on the test slice: table, JSON, report, heatmap and plot in ~20 s
     "laser_experiment.py": (
         ["--quick", "--out", "{out}", "--plot", "{out}/laser.png"],
-        "| random truncation, same size |",
+        "| random truncation, same size (mean of draws) |",
         ["laser_noisy.json", "laser.png", "noisy-seed0/laser_report.json", "noisy-seed0/laser_heatmap.png"],
     ),
     "drugs_diversity.py": (
@@ -75,6 +75,8 @@ def test_example_runs(script, tmp_path):
         row = json.loads((tmp_path / "out" / "laser_noisy.json").read_text())["rows"][0]
         assert row["laser_parameters"] == row["random_parameters"] < row["parameters"]
         assert row["laser_test_bits"] != row["random_test_bits"]
+        draws = row["random_test_draws"]  # three seeded draws of the control, their mean reported
+        assert len(draws) == 3 and len(set(draws)) > 1 and row["random_test_bits"] == pytest.approx(sum(draws) / 3)
     if script == "drugs_diversity.py":  # every method measured over both seeds; greedy samples are all alike
         result = json.loads((tmp_path / "out" / "drugs_diversity.json").read_text())
         methods = {"temperature", "top_p", "drugs_residual", "drugs_xbc", "drugs_sampling"}
