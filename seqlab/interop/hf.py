@@ -36,22 +36,23 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+import re
+import struct
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file as st_load_file
-from safetensors.torch import save as st_save
 from torch import nn
 
 from seqlab.config import BackboneConfig
 from seqlab.errors import ConfigError, CorruptFileError, InputError
-from seqlab.io import atomic_write_bytes
+from seqlab.io import fsync_dir, remove_stale_temps
 from seqlab.models import LanguageModel
 
-__all__ = ["load", "save", "config_from_hf", "config_to_hf"]
+__all__ = ["load", "save", "config_from_hf", "config_to_hf", "meta_model", "state_bytes", "parameter_count"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -324,22 +325,199 @@ def _resolve_dtype(dtype, default: torch.dtype) -> torch.dtype:
     return dtype
 
 
+def _resolve_device(device) -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device {device!r} is not a torch device ({exc})") from None
+
+
+# ==================================================================================================
+# safetensors files, one tensor at a time
+# ==================================================================================================
+# The safetensors format: 8 bytes little-endian header length N, N bytes of JSON {name: {"dtype", "shape",
+# "data_offsets": [begin, end]}, "__metadata__": {...}} (offsets relative to the end of the header), then the
+# tensor bytes, little-endian. Read here with plain file reads straight into the destination tensor's memory:
+# no pickle, no whole-file buffer, and no memory map either, because the pages of a mapped file that are read
+# count in the process's resident memory until the map closes (the page cache of plain reads does not).
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_ST_TAGS = {dtype: tag for tag, dtype in _ST_DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+_READ_CHUNK = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, eq=False)
+class _Stored:
+    """One tensor in a safetensors file, not read yet: its shape and dtype (all the checks need) and where its
+    bytes are (absolute offset in the file)."""
+
+    path: Path
+    name: str
+    dtype: torch.dtype
+    shape: torch.Size
+    start: int
+    nbytes: int
+
+    @property
+    def is_meta(self) -> bool:  # the checks in _build ask this of tensors
+        return False
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def read_into(self, out: torch.Tensor, handle) -> None:
+        """Fill the contiguous CPU tensor ``out`` (this dtype and shape) with the stored bytes."""
+        if self.nbytes == 0:
+            return
+        view = out.reshape(-1).view(torch.uint8).numpy().data
+        handle.seek(self.start)
+        done = 0
+        while done < self.nbytes:
+            got = handle.readinto(view[done : done + min(_READ_CHUNK, self.nbytes - done)])
+            if not got:
+                raise CorruptFileError(
+                    f"{self.path}: truncated: tensor {self.name!r} needs bytes up to {self.start + self.nbytes}, "
+                    f"the file ends at {self.start + done}"
+                )
+            done += got
+
+    def read(self) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=self.dtype)
+        with open(self.path, "rb", buffering=0) as handle:
+            self.read_into(out, handle)
+        return out
+
+
+def _read_header(path: Path) -> dict[str, _Stored]:
+    """The tensors of the safetensors file ``path``, checked (dtype, shape against byte span, every byte inside
+    the file) but not read. ``CorruptFileError`` naming the file, and the tensor where there is one."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                raise CorruptFileError(f"{path}: file is {size} bytes, too short to be a safetensors file")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(size - 8, _MAX_HEADER):
+                raise CorruptFileError(
+                    f"{path}: truncated or not a safetensors file (header length says {header_len} bytes, the "
+                    f"file has {size - 8} after it)"
+                )
+            raw = handle.read(header_len)
+    except OSError as exc:
+        raise CorruptFileError(f"{path}: not a readable safetensors file ({exc})") from None
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise CorruptFileError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CorruptFileError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    data_start = 8 + header_len
+    out: dict[str, _Stored] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict):
+            raise CorruptFileError(f"{where}: its header entry is not an object")
+        dtype = _ST_DTYPES.get(info.get("dtype"))  # type: ignore[arg-type]
+        if dtype is None:
+            raise CorruptFileError(f"{where}: dtype {info.get('dtype')!r} is not one seqlab reads")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise CorruptFileError(f"{where}: shape {shape!r} is not a list of sizes")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(o) is int and o >= 0 for o in offsets)
+            or offsets[0] > offsets[1]
+        ):
+            raise CorruptFileError(f"{where}: data_offsets {offsets!r} are not [begin, end]")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if offsets[1] - offsets[0] != nbytes:
+            raise CorruptFileError(
+                f"{where}: its bytes span {offsets[1] - offsets[0]}, but shape {shape} of {info['dtype']} needs "
+                f"{nbytes}"
+            )
+        if data_start + offsets[1] > size:
+            raise CorruptFileError(
+                f"{path}: truncated: tensor {name!r} needs bytes up to {data_start + offsets[1]}, the file has {size}"
+            )
+        out[name] = _Stored(path, name, dtype, torch.Size(shape), data_start + offsets[0], nbytes)
+    return out
+
+
+def _fill(pending: list[tuple[_Stored, torch.Tensor]]) -> None:
+    """Read each stored tensor into its destination, file by file in file order (one file open at a time). A
+    destination of another dtype or on another device gets the bytes through a temporary CPU tensor of this
+    one tensor's size."""
+    pending = sorted(pending, key=lambda item: (str(item[0].path), item[0].start))
+    handle = None
+    current: Path | None = None
+    try:
+        for stored, out in pending:
+            if out.is_meta:
+                continue
+            if stored.path != current:
+                if handle is not None:
+                    handle.close()
+                current = stored.path
+                handle = open(current, "rb", buffering=0)
+            if out.dtype == stored.dtype and out.device.type == "cpu" and out.is_contiguous():
+                stored.read_into(out, handle)
+            else:
+                staging = torch.empty(stored.shape, dtype=stored.dtype)
+                stored.read_into(staging, handle)
+                out.copy_(staging)
+                del staging
+    except OSError as exc:
+        raise CorruptFileError(f"{current}: not a readable safetensors file ({exc})") from None
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+def _read_all(stored: Mapping[str, _Stored]) -> dict[str, torch.Tensor]:
+    """Every stored tensor as a CPU tensor in its own dtype (one copy of the weights), read file by file."""
+    out = {name: torch.empty(s.shape, dtype=s.dtype) for name, s in stored.items()}
+    _fill([(s, out[name]) for name, s in stored.items()])
+    return out
+
+
+# ==================================================================================================
+# building the model
+# ==================================================================================================
 def _build(
     config: BackboneConfig,
     vocab_size: int,
     tie: bool,
-    hf_tensors: Mapping[str, torch.Tensor],
+    hf_tensors: Mapping[str, Any],
     dtype,
     where: str,
     copy: bool,
+    device: torch.device | None = None,
 ) -> LanguageModel:
-    """Check names and shapes of ``hf_tensors`` against the model ``config`` describes, then build it with them."""
+    """Check names and shapes of ``hf_tensors`` (tensors, or ``_Stored`` tensors not read yet) against the model
+    ``config`` describes, then build it with them. Everything is checked before anything is read."""
     with torch.device("meta"):
         # On the meta device nothing is allocated or randomly initialised: every parameter is replaced below.
         model = LanguageModel(config, vocab_size=vocab_size, tie_embeddings=tie)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
-    mapped: dict[str, torch.Tensor] = {}
+    mapped: dict[str, Any] = {}
     source: dict[str, str] = {}
     unexpected: list[str] = []
     for hf_name, tensor in hf_tensors.items():
@@ -353,15 +531,18 @@ def _build(
     if tie and "embeddings.weight" in mapped:
         head = mapped.get("lm_head.weight")
         embeddings = mapped["embeddings.weight"]
-        if (
-            head is not None
-            and head is not embeddings
-            and (head.shape != embeddings.shape or not torch.equal(head.to(embeddings.dtype), embeddings))
-        ):
-            raise CorruptFileError(
-                f"{where}: tie_word_embeddings is true but lm_head.weight differs from backbone.embeddings.weight; "
-                f"set tie_word_embeddings to false to load a separate LM head"
-            )
+        if head is not None and head is not embeddings:
+            if head.shape == embeddings.shape:
+                head_t = head.read() if isinstance(head, _Stored) else head
+                emb_t = embeddings.read() if isinstance(embeddings, _Stored) else embeddings
+                same = torch.equal(head_t.to(emb_t.dtype), emb_t)
+            else:
+                same = False
+            if not same:
+                raise CorruptFileError(
+                    f"{where}: tie_word_embeddings is true but lm_head.weight differs from "
+                    f"backbone.embeddings.weight; set tie_word_embeddings to false to load a separate LM head"
+                )
         mapped["lm_head.weight"] = embeddings
         source["lm_head.weight"] = source["embeddings.weight"]
 
@@ -397,6 +578,7 @@ def _build(
 
     dtype = _resolve_dtype(dtype, mapped["embeddings.weight"].dtype)
     made: dict[int, nn.Parameter] = {}
+    pending: list[tuple[_Stored, torch.Tensor]] = []
     for module_name, module in model.named_modules():
         for pname, meta_param in list(module._parameters.items()):
             if meta_param is None:
@@ -404,13 +586,22 @@ def _build(
             new = made.get(id(meta_param))  # tied parameters are one object: keep them one
             if new is None:
                 full = f"{module_name}.{pname}" if module_name else pname
-                data = mapped[full].detach().to(dtype=dtype, copy=copy).contiguous()
+                src = mapped[full]
+                if isinstance(src, _Stored):  # allocated now, filled below straight from the file
+                    data = torch.empty(src.shape, dtype=dtype, device=device or "cpu")
+                    pending.append((src, data))
+                else:
+                    data = src.detach().to(dtype=dtype, copy=copy).contiguous()
+                    if device is not None:
+                        data = data.to(device)
                 new = nn.Parameter(data, requires_grad=meta_param.requires_grad)
                 new.__dict__.update(meta_param.__dict__)  # markers such as _no_weight_decay
                 made[id(meta_param)] = new
             module._parameters[pname] = new
+    _fill(pending)
+    # Mamba and Mamba-2 models have no buffers; should one appear, it must not stay on the meta device unnoticed
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if leftover:  # pragma: no cover - every parameter is in `expected`
+    if leftover and (device is None or device.type != "meta"):  # pragma: no cover - every parameter is in `expected`
         raise CorruptFileError(f"{where}: no data for {leftover}")
     return model.eval()
 
@@ -429,32 +620,48 @@ def _read_json(path: Path, what: str) -> Any:
         raise CorruptFileError(f"{path}: not valid JSON ({exc})") from None
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return st_load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CorruptFileError(f"{path}: not a readable safetensors file ({exc})") from None
-
-
-def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], str]:
+def _read_weights(folder: Path) -> tuple[dict[str, _Stored], str]:
+    """The tensors of the directory's model.safetensors, or of the shards its model.safetensors.index.json
+    names, checked (every shard there, every indexed tensor in its shard and nothing else, every byte inside
+    its file) but not read."""
     single = folder / WEIGHTS_NAME
     index = folder / WEIGHTS_INDEX_NAME
     if single.is_file():
-        return _load_safetensors(single), str(single)
+        return _read_header(single), str(single)
     if index.is_file():
-        weight_map = _read_json(index, "weight index").get("weight_map")
-        if not isinstance(weight_map, Mapping):
+        document = _read_json(index, "weight index")
+        weight_map = document.get("weight_map") if isinstance(document, Mapping) else None
+        if not isinstance(weight_map, Mapping) or not weight_map:
             raise CorruptFileError(f"{index}: has no weight_map object")
-        tensors: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            shard_path = folder / str(shard)
-            if Path(str(shard)).name != str(shard) or not shard_path.is_file():
-                raise CorruptFileError(f"{index}: lists shard {shard!r}, which is not a file in {folder}")
-            tensors.update(_load_safetensors(shard_path))
-        absent = sorted(set(weight_map) - set(tensors))
-        if absent:
-            raise CorruptFileError(f"{index}: tensors {absent} are listed but not in their shards")
-        return tensors, str(index)
+        by_shard: dict[str, list[str]] = {}
+        for name, shard in weight_map.items():
+            if not isinstance(shard, str) or shard in ("", ".", "..") or Path(shard).name != shard:
+                raise CorruptFileError(f"{index}: tensor {name!r} is mapped to {shard!r}, not a file name")
+            by_shard.setdefault(shard, []).append(name)
+        stored: dict[str, _Stored] = {}
+        for shard in sorted(by_shard):
+            names = by_shard[shard]
+            shard_path = folder / shard
+            if not shard_path.is_file():
+                more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+                raise CorruptFileError(
+                    f"{index}: lists shard {shard!r} (with tensor {names[0]!r}{more}), which is not a file in {folder}"
+                )
+            header = _read_header(shard_path)
+            absent = [n for n in names if n not in header]
+            if absent:
+                raise CorruptFileError(
+                    f"{shard_path}: does not hold tensor(s) {', '.join(map(repr, absent))}, which "
+                    f"{WEIGHTS_INDEX_NAME} places there"
+                )
+            extra = sorted(set(header) - set(names))
+            if extra:
+                raise CorruptFileError(
+                    f"{shard_path}: holds tensor(s) {', '.join(map(repr, extra))}, which {WEIGHTS_INDEX_NAME} "
+                    f"does not place there"
+                )
+            stored.update(header)
+        return stored, str(index)
     pickles = [name for name in _PICKLE_NAMES if (folder / name).exists()]
     pickles += sorted(p.name for p in folder.glob("pytorch_model-*.bin"))
     if pickles:
@@ -470,19 +677,30 @@ def _looks_like_hf_model(obj: Any) -> bool:
     return isinstance(obj, nn.Module) and hasattr(obj, "config") and hasattr(obj.config, "to_dict")
 
 
-def load(path_or_model, *, dtype=None) -> LanguageModel:
+def load(path_or_model, *, dtype=None, device=None) -> LanguageModel:
     """A seqlab ``LanguageModel`` with the weights of a transformers ``MambaForCausalLM`` / ``Mamba2ForCausalLM``
     (or ``LlamaForCausalLM`` / ``JambaForCausalLM`` / ``BambaForCausalLM``, by model_type: ``hf_llama``,
     ``hf_hybrid``).
 
     ``path_or_model``: an in-memory transformers model (its parameters are copied; the seqlab model lives on
-    the same device) or a local directory with config.json and model.safetensors. ``dtype``: the parameter
-    dtype of the result (default: the checkpoint's embedding dtype). The model is returned in eval mode.
+    the same device unless ``device`` says otherwise) or a local directory with config.json and
+    model.safetensors, or sharded ``model-0000i-of-0000n.safetensors`` files and model.safetensors.index.json.
+
+    ``dtype``: the parameter dtype of the result; default: the checkpoint's own (its embedding's dtype), so a
+    bf16 checkpoint loads as bf16 and an fp32 one as fp32. ``device``: where the parameters go (default: the
+    CPU for a directory). The model is returned in eval mode.
+
+    A Mamba / Mamba-2 directory is loaded without a second copy of the weights: the model is built on the meta
+    device, every name, shape and shard is checked before anything is read, then each parameter is allocated
+    in its final dtype and device and filled straight from its file, shard by shard (converting one tensor at a
+    time when the dtype differs). Bad files raise ``CorruptFileError`` naming the file and tensor; nothing is
+    returned half-loaded.
     """
     if isinstance(path_or_model, LanguageModel):
         raise InputError("load converts a transformers model; this is already a seqlab LanguageModel")
     from seqlab.interop.hf_common import family_for as _family_for  # Llama, Jamba, Bamba (it imports this module)
 
+    target = _resolve_device(device)
     if _looks_like_hf_model(path_or_model):
         hf = path_or_model
         where = f"{type(hf).__name__} (in memory)"
@@ -490,14 +708,15 @@ def load(path_or_model, *, dtype=None) -> LanguageModel:
         if family is not None:
             if not hasattr(hf, "lm_head") and not hf.config.to_dict().get("tie_word_embeddings"):
                 raise ConfigError(f"{where}: has no lm_head; give a {family.architecture}")
-            return family.load(hf.config.to_dict(), dict(hf.state_dict()), dtype, where, where, copy=True)
+            model = family.load(hf.config.to_dict(), dict(hf.state_dict()), dtype, where, where, copy=True)
+            return model if target is None else model.to(target)
         config, vocab_size, tie = config_from_hf(hf.config.to_dict(), where)
         if not hasattr(hf, "lm_head") and not tie:
             raise ConfigError(f"{where}: has no lm_head; give a {_ARCHITECTURE_OF[_MODEL_TYPE_OF[config.ssm]]}")
         tensors = dict(hf.state_dict())
         if not any(k.startswith("backbone.") for k in tensors):  # a bare MambaModel / Mamba2Model
             tensors = {f"backbone.{k}": v for k, v in tensors.items()}
-        return _build(config, vocab_size, tie, tensors, dtype, where, copy=True)
+        return _build(config, vocab_size, tie, tensors, dtype, where, copy=True, device=target)
 
     if not isinstance(path_or_model, (str, os.PathLike)):
         raise InputError(
@@ -512,32 +731,251 @@ def load(path_or_model, *, dtype=None) -> LanguageModel:
     family = _family_for(hf_config, str(config_path))
     if family is not None:
         family.config_from_hf(hf_config, str(config_path))  # config errors come before reading the weights
-        tensors, weights_where = _read_weights(folder)
-        return family.load(hf_config, tensors, dtype, str(config_path), weights_where, copy=False)
+        stored, weights_where = _read_weights(folder)
+        # these families join and split tensors (fused gate/up, experts): read in the checkpoint's dtype first
+        model = family.load(hf_config, _read_all(stored), dtype, str(config_path), weights_where, copy=False)
+        return model if target is None else model.to(target)
     config, vocab_size, tie = config_from_hf(hf_config, str(config_path))
-    tensors, weights_where = _read_weights(folder)
-    return _build(config, vocab_size, tie, tensors, dtype, weights_where, copy=False)
+    stored, weights_where = _read_weights(folder)
+    return _build(config, vocab_size, tie, stored, dtype, weights_where, copy=False, device=target)
+
+
+# ==================================================================================================
+# sizes of models too large to build
+# ==================================================================================================
+def _hf_config_of(source) -> tuple[dict[str, Any], str]:
+    if isinstance(source, Mapping):
+        return dict(source), "HF config"
+    if not isinstance(source, (str, os.PathLike)):
+        raise InputError(f"expected an HF config (dict, config.json or its directory), got {type(source).__name__}")
+    path = Path(source)
+    if path.is_dir():
+        path = path / CONFIG_NAME
+    document = _read_json(path, CONFIG_NAME)
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(document).__name__}")
+    return document, str(path)
+
+
+def meta_model(config) -> LanguageModel:
+    """The ``LanguageModel`` an HF config describes (a dict, a config.json path or a model directory), built on
+    the meta device: shapes only, no memory and no initialisation, so a 7B model takes milliseconds. Use it to
+    count parameters (``parameter_count``) and size states (``state_bytes``) of models too large to build."""
+    from seqlab.interop.hf_common import family_for as _family_for
+
+    hf_config, where = _hf_config_of(config)
+    family = _family_for(hf_config, where)
+    convert = family.config_from_hf if family is not None else config_from_hf
+    backbone, vocab_size, tie = convert(hf_config, where)
+    with torch.device("meta"):
+        return LanguageModel(backbone, vocab_size=vocab_size, tie_embeddings=tie)
+
+
+def parameter_count(model: nn.Module) -> int:
+    """The number of parameters of ``model``, a tied embedding / LM head counted once (as HF counts)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def state_bytes(config, dtype=torch.float32, batch_size: int = 1) -> int:
+    """Bytes of the recurrent state (``RecurrentState``: per layer the conv state and the SSM state) for
+    ``batch_size`` sequences, with every state tensor in ``dtype``. seqlab keeps states in float32; bfloat16
+    gives the size a half-precision cache would take.
+
+    ``config``: a seqlab model, a ``BackboneConfig``, or an HF config (dict, config.json, directory). The
+    shapes come from the model's own ``init_state`` on the meta device. A KV cache (attention layers) grows
+    with the sequence and is not counted: this is the size at position 0 and, for a pure SSM, at any position.
+    """
+    from seqlab.state import state_layout
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(config, nn.Module):
+        model = config
+    elif isinstance(config, BackboneConfig):
+        with torch.device("meta"):
+            model = LanguageModel(config, vocab_size=1)
+    else:
+        model = meta_model(config)
+    itemsize = _resolve_dtype(dtype, torch.float32).itemsize
+    elements = sum(
+        math.prod(0 if d is None else d for d in shape) for layer in state_layout(model) for shape, _ in layer.values()
+    )
+    return elements * itemsize * batch_size
 
 
 # ==================================================================================================
 # writing a directory
 # ==================================================================================================
-def save(model: LanguageModel, path: str | os.PathLike) -> Path:
-    """Write ``model`` as a transformers model directory (config.json + model.safetensors) at ``path``.
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:([kmgt])(i?))?b?")
+_SIZE_POWER = {"k": 1, "m": 2, "g": 3, "t": 4}
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+_SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
-    Each file is written atomically (temp file, fsync, rename): a crash leaves the old file whole. The
-    weights are written first and config.json last. Returns the directory.
+
+def _parse_size(value) -> int | None:
+    """Bytes from an int or HF's spelling ("5GB" = 5 * 10**9, "500MiB" = 500 * 2**20); None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        match = _SIZE_RE.fullmatch(value.strip().lower())
+        if match is None:
+            raise ConfigError(f"max_shard_size {value!r}: expected bytes as an integer or e.g. '5GB', '500MiB'")
+        number, prefix, binary = match.groups()
+        value = float(number) * ((1024 if binary else 1000) ** _SIZE_POWER.get(prefix or "", 0))
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"max_shard_size must be a positive number of bytes, got {value!r}")
+    return value
+
+
+def _shard_plan(tensors: Mapping[str, torch.Tensor], max_bytes: int | None) -> list[list[str]]:
+    """Tensors in order, cut into shards of at most ``max_bytes`` (a larger tensor gets a shard of its own)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if max_bytes is not None and shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def _write_safetensors(handle, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Stream ``tensors`` to ``handle`` in the safetensors format, a tensor at a time (no whole-file buffer)."""
+    items = list(tensors)
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, tensor in items:
+        tag = _ST_TAGS.get(tensor.dtype)
+        if tag is None:
+            raise ConfigError(f"{name}: dtype {tensor.dtype} has no safetensors name seqlab writes")
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": tag, "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the tensor bytes start 8-aligned
+    handle.write(struct.pack("<Q", len(raw)))
+    handle.write(raw)
+    for _, tensor in items:
+        if tensor.numel():
+            cpu = tensor.detach().to("cpu").contiguous()
+            handle.write(cpu.reshape(-1).view(torch.uint8).numpy().data)
+
+
+def _write_files(folder: Path, files: list[tuple[str, Any]], remove: Iterable[str]) -> None:
+    """Write every ``(name, writer)`` to a temporary file in ``folder`` first (fsynced), then remove the names in
+    ``remove`` and rename the temporaries into place in order. An exception while writing removes the
+    temporaries and leaves the folder as it was; every file that ends up in the folder is whole."""
+    from seqlab.io import _umask
+
+    mode = 0o666 & ~_umask()
+    temps: list[tuple[str, str]] = []
+    try:
+        for name, writer in files:
+            remove_stale_temps(folder / name)
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.{os.getpid()}.", suffix=".tmp", dir=folder)
+            temps.append((tmp, name))
+            with os.fdopen(fd, "wb") as handle:
+                os.fchmod(handle.fileno(), mode)
+                writer(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+    except BaseException:
+        for tmp, _ in temps:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        raise
+    for name in remove:
+        try:
+            os.unlink(folder / name)
+        except FileNotFoundError:
+            pass
+    for tmp, name in temps:
+        os.replace(tmp, folder / name)
+    fsync_dir(folder)
+
+
+def write_directory(
+    folder: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    hf_config: Mapping[str, Any],
+    max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
+    """Write ``tensors`` (HF names) and ``hf_config`` as a transformers model directory: model.safetensors when
+    they fit in one shard of ``max_shard_size`` bytes (None: never shard), else HF's
+    ``model-0000i-of-0000n.safetensors`` + model.safetensors.index.json
+    (``{"metadata": {"total_size": bytes}, "weight_map": {tensor: file}}``), then config.json last.
+
+    Everything is written to temporary files first; an exception leaves the directory as it was and no
+    temporary behind. Weight files of an earlier save that the new set does not use are removed, so a stale
+    model.safetensors never shadows a new index."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: exists and is not a directory")
+    limit = _parse_size(max_shard_size)
+    for name, tensor in tensors.items():
+        if tensor.dtype not in _ST_TAGS:
+            raise ConfigError(f"{name}: dtype {tensor.dtype} has no safetensors name seqlab writes")
+    plan = _shard_plan(tensors, limit)
+    files: list[tuple[str, Any]] = []
+
+    def shard_writer(names: list[str]):
+        return lambda handle: _write_safetensors(handle, ((n, tensors[n]) for n in names))
+
+    if len(plan) == 1:
+        files.append((WEIGHTS_NAME, shard_writer(plan[0])))
+    else:
+        weight_map: dict[str, str] = {}
+        for i, names in enumerate(plan, start=1):
+            shard = f"model-{i:05d}-of-{len(plan):05d}.safetensors"
+            files.append((shard, shard_writer(names)))
+            weight_map.update(dict.fromkeys(names, shard))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        index_bytes = (json.dumps(index, indent=2) + "\n").encode("utf-8")
+        files.append((WEIGHTS_INDEX_NAME, lambda handle: handle.write(index_bytes)))
+    config_bytes = (json.dumps(dict(hf_config), indent=2, sort_keys=True) + "\n").encode("utf-8")
+    files.append((CONFIG_NAME, lambda handle: handle.write(config_bytes)))
+
+    folder.mkdir(parents=True, exist_ok=True)
+    new = {name for name, _ in files}
+    old = [
+        entry.name
+        for entry in os.scandir(folder)
+        if entry.name not in new
+        and (entry.name in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME) or _SHARD_RE.fullmatch(entry.name))
+    ]
+    _write_files(folder, files, remove=old)
+    return folder
+
+
+def save(
+    model: LanguageModel, path: str | os.PathLike, *, max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE
+) -> Path:
+    """Write ``model`` as a transformers model directory at ``path``: config.json and model.safetensors, or, when
+    the weights exceed ``max_shard_size`` (bytes, or HF's spelling: "5GB" = 5 * 10**9, "500MiB"; default
+    "5GB"; None: one file), HF's shards ``model-0000i-of-0000n.safetensors`` + model.safetensors.index.json.
+    The weights keep the model's dtype (a bf16 model is saved as bf16).
+
+    Tensors are streamed to the files one at a time (no copy of the whole model in memory). All files are
+    written to temporaries (fsynced) before any is renamed into place, config.json last: an error leaves the
+    directory as it was. Returns the directory.
     """
     if not isinstance(model, LanguageModel):
         raise ConfigError(
             f"save writes a LanguageModel as MambaForCausalLM / Mamba2ForCausalLM, got {type(model).__name__}; "
             f"transformers has no equivalent of other seqlab models"
         )
+    _parse_size(max_shard_size)
     from seqlab.interop.hf_common import family_of_config
 
     family = family_of_config(model.config)  # attention, hybrid or feed-forward stacks: Llama, Jamba, Bamba
     if family is not None:
-        return family.save(model, path)
+        return family.save(model, path, max_shard_size=max_shard_size)
     tied = model.lm_head.weight is model.embeddings.weight
     dtype = model.embeddings.weight.dtype
     hf_config = config_to_hf(model.config, model.vocab_size, tied, dtype)
@@ -545,15 +983,9 @@ def save(model: LanguageModel, path: str | os.PathLike) -> Path:
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder}: exists and is not a directory")
-    folder.mkdir(parents=True, exist_ok=True)
-
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
         if tied and name == "lm_head.weight":
             continue  # transformers re-ties it from tie_word_embeddings; safetensors refuses shared storage
-        tensors[_seqlab_to_hf_name(name)] = tensor.detach().to("cpu").contiguous()
-    data = st_save(tensors, metadata={"format": "pt"})
-    atomic_write_bytes(folder / WEIGHTS_NAME, data)
-    text = json.dumps(hf_config, indent=2, sort_keys=True) + "\n"
-    atomic_write_bytes(folder / CONFIG_NAME, text.encode("utf-8"))
-    return folder
+        tensors[_seqlab_to_hf_name(name)] = tensor.detach()
+    return write_directory(folder, tensors, hf_config, max_shard_size)

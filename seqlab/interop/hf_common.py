@@ -26,7 +26,6 @@ lm_head.weight                                           lm_head.weight (absent 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -35,21 +34,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save as st_save
 from torch import nn
 
 from seqlab.config import ROPE_SCALING_TYPES, AttentionSettings, BackboneConfig
 from seqlab.errors import ConfigError, CorruptFileError, InputError
 from seqlab.interop.hf import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
+    DEFAULT_MAX_SHARD_SIZE,
     _as_bool,
     _as_float,
     _as_int,
     _decode_float,
     _resolve_dtype,
+    write_directory,
 )
-from seqlab.io import atomic_write_bytes
 from seqlab.models import LanguageModel
 
 Tensors = list[torch.Tensor]
@@ -513,17 +510,19 @@ def hf_tensors_of(model: LanguageModel, names: Names) -> dict[str, torch.Tensor]
     return out
 
 
-def write(model: LanguageModel, path: str | os.PathLike, hf_config: dict[str, Any], names: Names) -> Path:
-    """Write config.json + model.safetensors (each atomically, weights first) at ``path``."""
+def write(
+    model: LanguageModel,
+    path: str | os.PathLike,
+    hf_config: dict[str, Any],
+    names: Names,
+    max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
+    """Write config.json + model.safetensors (or shards + index past ``max_shard_size``) at ``path``, with
+    ``seqlab.interop.hf.write_directory`` (temporaries first, config.json last)."""
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder}: exists and is not a directory")
-    tensors = hf_tensors_of(model, names)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(folder / WEIGHTS_NAME, st_save(tensors, metadata={"format": "pt"}))
-    text = json.dumps(hf_config, indent=2, sort_keys=True) + "\n"
-    atomic_write_bytes(folder / CONFIG_NAME, text.encode("utf-8"))
-    return folder
+    return write_directory(folder, hf_tensors_of(model, names), hf_config, max_shard_size)
 
 
 @dataclass(frozen=True)
@@ -540,8 +539,10 @@ class Family:
         config, vocab_size, tie = self.config_from_hf(hf_config, where)
         return build(config, vocab_size, tie, self.names, tensors, dtype, weights_where, copy)
 
-    def save(self, model: LanguageModel, path: str | os.PathLike) -> Path:
-        return write(model, path, self.config_to_hf(model), self.names)
+    def save(
+        self, model: LanguageModel, path: str | os.PathLike, max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE
+    ) -> Path:
+        return write(model, path, self.config_to_hf(model), self.names, max_shard_size)
 
 
 def common_hf_config(family: Family, model: LanguageModel) -> dict[str, Any]:
