@@ -29,6 +29,21 @@ Settings seqlab does not compute the same way are refused with a ``ConfigError``
 (activation other than SiLU, a Mamba-2 ``time_step_limit`` that clamps, ``rms_norm: false``,
 ``norm_before_gate: true``, an in_proj with Mamba-2's extra parallel-MLP rows), rather than loading a model
 that would silently compute something else.
+
+At scale (sharded checkpoints, bf16, models larger than half the memory): ``load(dir, dtype=None, device=None)``
+reads ``model.safetensors`` or HF's shards ``model-0000i-of-0000n.safetensors`` named by
+``model.safetensors.index.json``, in any of fp32 / bf16 / fp16, without ever holding two copies of the weights.
+The model is built on the meta device; every shard header, tensor name and shape is checked against the config
+first (a missing shard, a tensor the index places in a shard that lacks it, a truncated shard, a wrong shape:
+``CorruptFileError`` naming the file and the tensor, and nothing is read); then each parameter is allocated in
+its final dtype on its final device and its bytes are read straight into it, shard by shard (through one
+tensor-sized staging buffer when the dtype or device differs). ``dtype`` defaults to the checkpoint's own (its
+embedding's), as before sharding existed; ``device`` to the CPU. Files are read, not memory-mapped: pages of a
+map count in the process's resident memory while it is open, and a mapped model would depend on the file
+staying unchanged. ``save(model, dir, max_shard_size="5GB")`` writes one file or HF's shards + index, streamed a
+tensor at a time, every file to a temporary first. ``meta_model`` / ``parameter_count`` / ``state_bytes`` size a
+model from its config alone (Codestral Mamba 7B: 7,285,403,648 parameters, 276,299,776 bytes of fp32 state per
+sequence).
 """
 
 from __future__ import annotations
@@ -917,9 +932,7 @@ def write_directory(
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder}: exists and is not a directory")
     limit = _parse_size(max_shard_size)
-    for name, tensor in tensors.items():
-        if tensor.dtype not in _ST_TAGS:
-            raise ConfigError(f"{name}: dtype {tensor.dtype} has no safetensors name seqlab writes")
+    _check_writable(tensors)
     plan = _shard_plan(tensors, limit)
     files: list[tuple[str, Any]] = []
 
@@ -989,3 +1002,11 @@ def save(
             continue  # transformers re-ties it from tie_word_embeddings; safetensors refuses shared storage
         tensors[_seqlab_to_hf_name(name)] = tensor.detach()
     return write_directory(folder, tensors, hf_config, max_shard_size)
+
+
+def _check_writable(tensors: Mapping[str, torch.Tensor]) -> None:
+    for name, tensor in tensors.items():
+        if tensor.is_meta:
+            raise InputError(f"{name} is on the meta device (no data); load or initialise the weights before saving")
+        if tensor.dtype not in _ST_TAGS:
+            raise ConfigError(f"{name}: dtype {tensor.dtype} has no safetensors name seqlab writes")

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from seqlab import BackboneConfig, LanguageModel
-from seqlab.errors import ConfigError, CorruptFileError
+from seqlab.errors import ConfigError, CorruptFileError, InputError
 from seqlab.interop import hf as seqlab_hf
 from seqlab.testing import rel_err
 
@@ -201,6 +201,28 @@ def test_transformer_family_saves_sharded_too(tmp_path):
     seqlab_hf.save(model, tmp_path, max_shard_size=10_000)
     assert len(shards_of(tmp_path)) > 1 and (tmp_path / INDEX).is_file()
     assert same_parameters(seqlab_hf.load(tmp_path), model)
+    half = seqlab_hf.load(tmp_path, dtype=torch.bfloat16, device="cpu")
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())
+    assert torch.equal(half.embeddings.weight, model.embeddings.weight.to(torch.bfloat16))
+
+
+def test_a_model_without_data_is_not_saved(tmp_path):
+    with torch.device("meta"):
+        model = LanguageModel(BackboneConfig(d_model=32, n_layer=1, d_state=8, headdim=16), vocab_size=VOCAB)
+    with pytest.raises(InputError, match="meta device"):
+        seqlab_hf.save(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_load_onto_a_gpu(tmp_path):
+    model = small_model(torch.bfloat16)
+    seqlab_hf.save(model, tmp_path, max_shard_size="10KB")
+    for dtype in (None, torch.float32):
+        on_gpu = seqlab_hf.load(tmp_path, dtype=dtype, device="cuda")
+        assert all(p.device.type == "cuda" for p in on_gpu.parameters())
+        want = {k: v.to(dtype or v.dtype) for k, v in model.state_dict().items()}
+        assert all(torch.equal(v.cpu(), want[k]) for k, v in on_gpu.state_dict().items())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -387,6 +409,12 @@ def test_tiny_codestral_bf16_shards(tiny_codestral, tmp_path):
     ids = ids_of(41, seed=3)
     with torch.no_grad():
         assert rel_err(wide(ids).logits, hf_logits(reference, ids)) <= TOL
+
+
+def test_in_memory_hf_model_with_dtype_and_device(tiny_codestral):
+    model = seqlab_hf.load(tiny_codestral, dtype="bfloat16", device="cpu")
+    assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in model.parameters())
+    assert torch.equal(model.lm_head.weight, tiny_codestral.lm_head.weight.to(torch.bfloat16))
 
 
 def test_seqlab_shards_load_in_transformers(tmp_path, tiny_codestral):
