@@ -7,7 +7,7 @@ One module per command group, imported only when its command runs (or when ``--h
     jobs.py      score, embed, generate over a store (Ray Data)             memory.py    memory ACTION
     bench.py     bench                       demo.py    demo (its inputs and steps: demo_inputs.py, demo_steps.py)
     distill.py   distill                     quantize.py  quantize
-    laser.py     laser                       self_reward.py  self-reward
+    laser.py     laser                       self_reward.py  self-reward    export.py  export gguf
     _args.py     the flags' vocabulary       _config.py --config TOML          _errors.py   one-line errors
 
 Modules here import the library (even ``seqlab.errors``, which loads torch through ``seqlab.kernels``) inside
@@ -54,6 +54,7 @@ COMMAND_MODULES: dict[str, str] = {
     "quantize": "seqlab.cli.quantize",
     "laser": "seqlab.cli.laser",
     "self-reward": "seqlab.cli.self_reward",
+    "export": "seqlab.cli.export",
     "bench": "seqlab.cli.bench",
     "demo": "seqlab.cli.demo",
 }

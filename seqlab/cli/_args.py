@@ -279,6 +279,7 @@ VOCABULARY = {
     "config": "a TOML settings file",
     "command": "the command",
     "memory_command": "the memory action",
+    "export_command": "the export format",
     # data and files
     "store": "a sequence store (Zarr v3) to read",
     "out": "the output folder or store a command writes",
@@ -414,6 +415,9 @@ VOCABULARY = {
     "judge_samples": "judgements sampled per candidate",
     "beta": "DPO beta",
     "epochs": "passes over the data",
+    # seqlab export gguf
+    "outtype": "tensor type of an exported file's weight matrices",
+    "vocab": "the tokenizer an exported file carries",
 }
 
 
