@@ -774,7 +774,7 @@ def _hf_config_of(source) -> tuple[dict[str, Any], str]:
 
 def meta_model(config) -> LanguageModel:
     """The ``LanguageModel`` an HF config describes (a dict, a config.json path or a model directory), built on
-    the meta device: shapes only, no memory and no initialisation, so a 7B model takes milliseconds. Use it to
+    the meta device: shapes only, no memory and no initialisation (a 7B model builds in about a second). Use it to
     count parameters (``parameter_count``) and size states (``state_bytes``) of models too large to build."""
     from seqlab.interop.hf_common import family_for as _family_for
 
