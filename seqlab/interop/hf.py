@@ -954,6 +954,7 @@ def write_directory(
     config_bytes = (json.dumps(dict(hf_config), indent=2, sort_keys=True) + "\n").encode("utf-8")
     files.append((CONFIG_NAME, lambda handle: handle.write(config_bytes)))
 
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     new = {name for name, _ in files}
     old = [
@@ -962,7 +963,15 @@ def write_directory(
         if entry.name not in new
         and (entry.name in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME) or _SHARD_RE.fullmatch(entry.name))
     ]
-    _write_files(folder, files, remove=old)
+    try:
+        _write_files(folder, files, remove=old)
+    except BaseException:
+        if created:  # a directory this call made, left empty by the failure: remove it too
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        raise
     return folder
 
 
