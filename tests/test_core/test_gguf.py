@@ -1,6 +1,7 @@
 """GGUF export (seqlab.interop.gguf, ``seqlab export gguf``): every tensor and metadata key read back with gguf-py's
-reader against the seqlab weights (transformed as llama.cpp's converter does), refusals that write nothing, the
-CLI, and (when llama-cpp-python is installed) llama.cpp's logits against seqlab's."""
+reader against the seqlab weights (transformed as llama.cpp's converter does), llama.cpp's Mamba graph (as read from
+its source, in numpy) on the file against seqlab's logits, refusals that write nothing, the CLI, and (when
+llama-cpp-python is installed) llama.cpp's own logits against seqlab's."""
 
 from __future__ import annotations
 
@@ -396,6 +397,113 @@ def test_cli_refusals_are_one_line_and_write_nothing(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
     assert sorted(os.listdir(tmp_path)) == ["model.safetensors"]
+
+
+# ==================================================================================================
+# the file computes what the model computes (llama.cpp's graph, read from its source, in numpy)
+# ==================================================================================================
+def _gguf_arrays(reader) -> dict[str, np.ndarray]:
+    out = {}
+    for t in reader.tensors:
+        shape = tuple(int(n) for n in reversed(t.shape))
+        data = np.asarray(t.data)
+        if t.tensor_type not in (Q.F32, Q.F16):
+            data = gguf.quants.dequantize(data, t.tensor_type)
+        out[t.name] = data.astype(np.float64).reshape(shape)
+    return out
+
+
+def _rms(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * weight
+
+
+def _silu(x: np.ndarray) -> np.ndarray:
+    return x / (1 + np.exp(-x))
+
+
+def _conv(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """ggml_ssm_conv: (d_conv - 1) zero columns of state, then out[t] = sum_k w[:, k] * padded[t + k]."""
+    width = weight.shape[1]
+    padded = np.concatenate([np.zeros((width - 1, x.shape[1])), x])
+    return np.stack([(padded[t : t + width] * weight.T).sum(0) for t in range(len(x))]) + bias
+
+
+def _llama_cpp_logits(path, ids: list[int]) -> np.ndarray:
+    """Logits of llama.cpp's mamba / mamba2 graph (llm_build_mamba: attn_norm -> build_mamba(2)_layer -> residual;
+    output_norm; output or token_embd) on the GGUF file's tensors and metadata, for one sequence, in float64."""
+    reader = gguf.GGUFReader(path)
+    w = _gguf_arrays(reader)
+    meta = _fields(reader)
+    arch = meta["general.architecture"]
+    eps = meta[f"{arch}.attention.layer_norm_rms_epsilon"]
+    d_inner, d_state = meta[f"{arch}.ssm.inner_size"], meta[f"{arch}.ssm.state_size"]
+    rank = meta[f"{arch}.ssm.time_step_rank"]
+    softplus = lambda v: np.log1p(np.exp(v))  # noqa: E731
+    x = w["token_embd.weight"][ids]
+    for i in range(meta[f"{arch}.block_count"]):
+        b = f"blk.{i}."
+        h = _rms(x, w[b + "attn_norm.weight"], eps)
+        proj = h @ w[b + "ssm_in.weight"].T
+        if arch == "mamba":
+            xs, z = proj[:, :d_inner], proj[:, d_inner:]
+            xs = _silu(_conv(xs, w[b + "ssm_conv1d.weight"], w[b + "ssm_conv1d.bias"]))
+            x_db = xs @ w[b + "ssm_x.weight"].T
+            dt = softplus(x_db[:, :rank] @ w[b + "ssm_dt.weight"].T + w[b + "ssm_dt.bias"])
+            B, C = x_db[:, rank : rank + d_state], x_db[:, rank + d_state :]
+            state, ys = np.zeros((d_inner, d_state)), []
+            for t in range(len(ids)):
+                state = state * np.exp(dt[t][:, None] * w[b + "ssm_a"]) + B[t][None, :] * (xs[t] * dt[t])[:, None]
+                ys.append(state @ C[t])
+            y = (np.stack(ys) + xs * w[b + "ssm_d"]) * _silu(z)
+        else:
+            groups = meta["mamba2.ssm.group_count"]
+            heads, head_dim, conv_dim = rank, d_inner // rank, d_inner + 2 * groups * d_state
+            z, xbc, dt = proj[:, :d_inner], proj[:, d_inner : d_inner + conv_dim], proj[:, d_inner + conv_dim :]
+            xbc = _silu(_conv(xbc, w[b + "ssm_conv1d.weight"], w[b + "ssm_conv1d.bias"]))
+            xs = xbc[:, :d_inner].reshape(-1, heads, head_dim)
+            B = xbc[:, d_inner : d_inner + groups * d_state].reshape(-1, groups, d_state)
+            C = xbc[:, d_inner + groups * d_state :].reshape(-1, groups, d_state)
+            dt = softplus(dt + w[b + "ssm_dt.bias"])
+            A, D = w[b + "ssm_a"][:, 0], w[b + "ssm_d"]
+            g = np.arange(heads) // (heads // groups)  # repeat_interleave, as ggml_ssm_scan
+            state, ys = np.zeros((heads, head_dim, d_state)), []
+            for t in range(len(ids)):
+                decay = np.exp(dt[t] * A)[:, None, None]
+                state = state * decay + (xs[t] * dt[t][:, None])[:, :, None] * B[t][g][:, None, :]
+                ys.append(np.einsum("hpn,hn->hp", state, C[t][g]))
+            y = ((np.stack(ys) + xs * D[None]).reshape(len(ids), d_inner)) * _silu(z)
+            norm = w[b + "ssm_norm.weight"]
+            y = _rms(y.reshape(len(ids), groups, -1), norm, eps).reshape(len(ids), d_inner)
+        x = x + y @ w[b + "ssm_out.weight"].T
+    head = w.get("output.weight", w["token_embd.weight"])
+    return _rms(x, w["output_norm.weight"], eps) @ head.T
+
+
+@pytest.mark.parametrize(
+    "ssm, options",
+    [("mamba1", {}), ("mamba1", {"tie": False}), ("mamba2", {}), ("mamba2", {"ngroups": 2, "tie": False})],
+)
+def test_the_file_computes_the_models_logits_in_llama_cpps_graph(tmp_path, ssm, options):
+    """llama.cpp's Mamba graph as read from its source (llm_build_mamba, build_mamba_layer, build_mamba2_layer,
+    ggml_ssm_conv, ggml_ssm_scan), run in numpy on the exported f32 file: seqlab's logits to 1e-4 (the layouts of
+    in_proj, x_proj, the conv, A, D and the grouped norm all agree). A q8_0 file stays close."""
+    from seqlab.models import LanguageModel
+    from seqlab.testing import tiny_config
+
+    tie = options.pop("tie", True)
+    torch.manual_seed(4)
+    model = LanguageModel(tiny_config(ssm, d_model=32, **options), vocab_size=256, tie_embeddings=tie).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("D", "norm.weight")):
+                p.uniform_(0.5, 1.5)
+    ids = list(b"Mamba in GGUF, 24 bytes!")
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].double().numpy()
+    got = _llama_cpp_logits(export_gguf(model, tmp_path / "m.gguf", vocab=byte_vocab()), ids)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    q8 = _llama_cpp_logits(export_gguf(model, tmp_path / "q8.gguf", vocab=byte_vocab(), outtype="q8_0"), ids)
+    assert np.abs(q8 - want).max() < 0.05 * np.abs(want).max()
 
 
 # ==================================================================================================
