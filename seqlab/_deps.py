@@ -23,6 +23,7 @@ EXTRAS = {
     "transformers": "hf",
     "matplotlib": "demo",
     "tokenizers": "subword",
+    "gguf": "gguf",
 }
 
 
