@@ -81,6 +81,28 @@ class _Model(nn.Module):
             device = next(self.parameters()).device
         return self.backbone.init_state(batch_size, device)
 
+    @classmethod
+    def from_pretrained(cls, source, *, dtype=None, device=None):
+        """The model saved in ``source``: a directory written by ``save_pretrained``, a transformers directory of a
+        supported family (Mamba, Mamba-2, Llama, Jamba, Bamba; a LanguageModel), or a seqlab model file /
+        checkpoint folder. ``dtype``: the parameters' dtype (default: as stored, so a round trip is bit-exact);
+        ``device``: where they go (default: the CPU). Built on the meta device and filled tensor by tensor from
+        the files, every name and shape checked first. Returned in eval mode. The model alone: its adapter (the
+        tokenizer) comes with ``seqlab.domains.registry.from_pretrained(source) -> (model, adapter)``
+        (``seqlab.pretrained``)."""
+        from seqlab.pretrained import load_pretrained
+
+        return load_pretrained(source, dtype=dtype, device=device, expect=cls)
+
+    def save_pretrained(self, directory, *, max_shard_size: int | str | None = "5GB", files=None):
+        """Write this model as a directory in Hugging Face's conventions: seqlab's config.json (marked
+        ``"format": "seqlab.pretrained"``), the weights as ``model.safetensors``, or HF's shards and index past
+        ``max_shard_size`` (bytes, or "5GB", "500MiB"; None: one file), and ``files`` (name -> bytes) beside
+        them; all or nothing, config.json last. Returns the directory (``seqlab.pretrained``)."""
+        from seqlab.pretrained import save_pretrained
+
+        return save_pretrained(self, directory, max_shard_size=max_shard_size, files=files)
+
     def _init_weights(self) -> None:
         """Mamba's init: default linear weights with zero biases (dt_proj keeps its dt-range bias),
         embeddings normal(0, 0.02), residual output projections scaled by 1/sqrt(n_layer)."""

@@ -591,34 +591,63 @@ def _build(
             f"d_model {config.d_model}): " + "; ".join(problems)
         )
 
-    dtype = _resolve_dtype(dtype, mapped["embeddings.weight"].dtype)
-    made: dict[int, nn.Parameter] = {}
+    materialise(model, mapped, _resolve_dtype(dtype, mapped["embeddings.weight"].dtype), device, copy, where)
+    return model.eval()
+
+
+def materialise(
+    model: nn.Module,
+    sources: Mapping[str, Any],
+    dtype: torch.dtype | None,
+    device: torch.device | None,
+    copy: bool,
+    where: str,
+) -> None:
+    """Give every parameter (and persistent buffer) of ``model``, built on the meta device, its data from
+    ``sources`` (its state_dict names -> tensors, or ``_Stored`` tensors read now straight from their files, file
+    by file), in ``dtype`` (None: each source's own dtype) on ``device`` (None: the CPU for stored tensors, the
+    source's device otherwise). Tied parameters stay one object. Non-persistent buffers left on the meta device
+    (attention's rotary frequencies) are computed again. The names and shapes must have been checked."""
+    made: dict[int, torch.Tensor] = {}
     pending: list[tuple[_Stored, torch.Tensor]] = []
+
+    def data_of(full: str) -> torch.Tensor:
+        src = sources[full]
+        want = dtype or src.dtype
+        if isinstance(src, _Stored):  # allocated now, filled below straight from the file
+            data = torch.empty(src.shape, dtype=want, device=device or "cpu")
+            pending.append((src, data))
+            return data
+        data = src.detach().to(dtype=want, copy=copy).contiguous()
+        return data if device is None else data.to(device)
+
     for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
         for pname, meta_param in list(module._parameters.items()):
             if meta_param is None:
                 continue
             new = made.get(id(meta_param))  # tied parameters are one object: keep them one
             if new is None:
-                full = f"{module_name}.{pname}" if module_name else pname
-                src = mapped[full]
-                if isinstance(src, _Stored):  # allocated now, filled below straight from the file
-                    data = torch.empty(src.shape, dtype=dtype, device=device or "cpu")
-                    pending.append((src, data))
-                else:
-                    data = src.detach().to(dtype=dtype, copy=copy).contiguous()
-                    if device is not None:
-                        data = data.to(device)
-                new = nn.Parameter(data, requires_grad=meta_param.requires_grad)
+                new = nn.Parameter(data_of(prefix + pname), requires_grad=meta_param.requires_grad)
                 new.__dict__.update(meta_param.__dict__)  # markers such as _no_weight_decay
                 made[id(meta_param)] = new
             module._parameters[pname] = new
+        for bname, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.is_meta and prefix + bname in sources:
+                module._buffers[bname] = data_of(prefix + bname)
     _fill(pending)
-    # Mamba and Mamba-2 models have no buffers; should one appear, it must not stay on the meta device unnoticed
-    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if leftover and (device is None or device.type != "meta"):  # pragma: no cover - every parameter is in `expected`
-        raise CorruptFileError(f"{where}: no data for {leftover}")
-    return model.eval()
+    if device is None or device.type != "meta":
+        for module in model.modules():  # non-persistent buffers (rotary frequencies): computed again
+            for bname, buffer in list(module._buffers.items()):
+                if buffer is not None and buffer.is_meta:
+                    from seqlab.interop.hf_common import _rebuild_buffer
+
+                    _rebuild_buffer(module, bname)
+                    if device is not None:
+                        module._buffers[bname] = module._buffers[bname].to(device)  # type: ignore[union-attr]
+        leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+        if leftover:  # pragma: no cover - every parameter is in the checked sources
+            raise CorruptFileError(f"{where}: no data for {leftover}")
 
 
 # ==================================================================================================
@@ -919,11 +948,13 @@ def write_directory(
     tensors: Mapping[str, torch.Tensor],
     hf_config: Mapping[str, Any],
     max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> Path:
     """Write ``tensors`` (HF names) and ``hf_config`` as a transformers model directory: model.safetensors when
     they fit in one shard of ``max_shard_size`` bytes (None: never shard), else HF's
     ``model-0000i-of-0000n.safetensors`` + model.safetensors.index.json
-    (``{"metadata": {"total_size": bytes}, "weight_map": {tensor: file}}``), then config.json last.
+    (``{"metadata": {"total_size": bytes}, "weight_map": {tensor: file}}``), then ``extra_files`` (file name ->
+    bytes: a tokenizer.json, an adapter.json; written in the same all-or-nothing set), then config.json last.
 
     Everything is written to temporary files first; an exception leaves the directory as it was and no
     temporary behind. Weight files of an earlier save that the new set does not use are removed, so a stale
@@ -951,6 +982,10 @@ def write_directory(
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         index_bytes = (json.dumps(index, indent=2) + "\n").encode("utf-8")
         files.append((WEIGHTS_INDEX_NAME, lambda handle: handle.write(index_bytes)))
+    for extra_name, data in (extra_files or {}).items():
+        if extra_name in (CONFIG_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME) or Path(extra_name).name != extra_name:
+            raise InputError(f"{extra_name!r}: not a file name write_directory may write beside the weights")
+        files.append((extra_name, lambda handle, data=bytes(data): handle.write(data)))
     config_bytes = (json.dumps(dict(hf_config), indent=2, sort_keys=True) + "\n").encode("utf-8")
     files.append((CONFIG_NAME, lambda handle: handle.write(config_bytes)))
 
