@@ -36,6 +36,14 @@ def spread(values: list[float]) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0, help="the first seed (seeds seed..seed+seeds-1)")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="train nothing: one table and figure from the runs of several self_reward.json files (e.g. one seed "
+        "per process, run side by side)",
+    )
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--n-layer", type=int, default=4)
@@ -60,9 +68,17 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        merged = [json.loads(Path(p).read_text()) for p in args.merge]
+        iterations = {m["settings"]["iterations"] for m in merged}
+        if len(iterations) != 1:
+            parser.error(f"--merge: the files ran different numbers of iterations ({sorted(iterations)})")
+        args.iterations = iterations.pop()
+        write_report([r for m in merged for r in m["runs"]], args, out, sum(m["seconds"] for m in merged))
+        return
     started = time.perf_counter()
     runs = []
-    for seed in range(args.seeds):
+    for seed in range(args.seed, args.seed + args.seeds):
         splits = T.make_splits(args.train, args.prompts, args.test, seed=seed, min_len=3, max_len=5)
         docs = T.seed_corpus(splits.train, T.judge_examples(splits.train[: args.train // 2], seed=seed), seed=seed)
         judge_test = T.judge_examples(splits.test, seed=seed + 1000)
@@ -106,7 +122,11 @@ def main() -> None:
                 }
             )
             print(f"seed {seed} {arm}: accuracy {runs[-1]['accuracy']} agreement {runs[-1]['agreement']}", flush=True)
+    write_report(runs, args, out, time.perf_counter() - started)
 
+
+def write_report(runs: list[dict], args, out: Path, total: float) -> None:
+    """The markdown table (mean ± spread over seeds), self_reward.json and self_reward.png of ``runs``."""
     lines = ["| arm | model | task accuracy | judge agreement | pairs |", "|---|---|---|---|---|"]
     for arm in ("self-reward", "shuffled"):
         mine = [r for r in runs if r["arm"] == arm]
@@ -117,9 +137,9 @@ def main() -> None:
             lines.append(f"| {arm} | M{t} | {acc[0]:.3f} ± {acc[1]:.3f} | {agr[0]:.3f} ± {agr[1]:.3f} | {pairs} |")
     table = "\n".join(lines)
     print(table)
-    total = time.perf_counter() - started
-    print(f"wall time {total:.0f} s over {args.seeds} seed(s)")
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    seeds = sorted({r["seed"] for r in runs})
+    print(f"wall time {total:.0f} s over {len(seeds)} seed(s) {seeds}")
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "merge")}
     (out / "self_reward.json").write_text(
         json.dumps({"settings": settings, "runs": runs, "table": table, "seconds": total}, indent=1)
     )

@@ -198,6 +198,16 @@ def test_example_quick(tmp_path):
     assert {r["arm"] for r in result["runs"]} == {"self-reward", "shuffled"}
     assert all(len(r["accuracy"]) == result["settings"]["iterations"] + 1 for r in result["runs"])
     assert (tmp_path / "out" / "self_reward.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a second seed in its own process, then --merge: one table over both seeds, nothing trained
+    second = [sys.executable, str(script), "--quick", "--seed", "1", "--out", str(tmp_path / "out1")]
+    assert subprocess.run(second, capture_output=True, text=True, timeout=120).returncode == 0
+    files = [str(tmp_path / d / "self_reward.json") for d in ("out", "out1")]
+    merge = [sys.executable, str(script), "--merge", *files, "--out", str(tmp_path / "both")]
+    proc = subprocess.run(merge, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    both = json.loads((tmp_path / "both" / "self_reward.json").read_text())
+    assert sorted(r["seed"] for r in both["runs"]) == [0, 0, 1, 1] and "over 2 seed(s) [0, 1]" in proc.stdout
+    assert both["runs"] == result["runs"] + json.loads(Path(files[1]).read_text())["runs"]
 
 
 def test_copies_of_one_text_pool_their_judgements(tmp_path):
