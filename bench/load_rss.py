@@ -29,19 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from _machine import machine_line, status_kib  # (bench/ is on sys.path when a bench runs)
+
 VARIANTS = ("seqlab", "seqlab-fp32", "load_file")
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def child(folder: str, variant: str) -> None:
@@ -82,7 +72,7 @@ def child(folder: str, variant: str) -> None:
                 "baseline_kib": base_kib,
                 "warm_kib": warm_kib,
                 "peak_kib": peak_kib,
-                "vm_hwm_kib": _status_kib("VmHWM"),
+                "vm_hwm_kib": status_kib("VmHWM"),
                 "loaded_bytes": loaded,
                 "seconds": seconds,
             }
@@ -141,9 +131,6 @@ def main() -> None:
         child(*args.child)
         return
     if args.build:
-        sys.path.insert(0, str(HERE))
-        from _machine import machine_line
-
         info = build(Path(args.build), args.gb, args.shards)
         print(json.dumps({**info, "machine": machine_line()}))
         return

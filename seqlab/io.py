@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -90,16 +91,13 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes | bytearray) -> Path:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file whole or the new one whole.
-
-    The bytes go to a temporary file ``.{name}.{pid}.{random}.tmp`` in the same folder (same filesystem, so
-    the rename is atomic), are fsynced, then renamed over ``path``; the folder is fsynced so the rename itself
-    survives a power cut. On any failure the temporary file is removed and the old file is untouched; temp
-    files of earlier writers that were killed (kill -9, power cut) are removed by the next write to ``path``.
-    The file gets the mode a plain ``open(path, "wb")`` would give it: an existing file's mode, else
-    ``0o666 & ~umask``.
-    """
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` for a writer that needs a file name (a library's own writer);
+    when the block ends normally the file is fsynced, given the mode a plain ``open(path, "wb")`` would give it
+    (an existing file's mode, else ``0o666 & ~umask``) and renamed over ``path``, and the folder is fsynced; on
+    any failure the temporary file is removed and the old file is untouched. Temp files ``.{name}.{pid}.{random}
+    .tmp`` of earlier writers that were killed are removed first."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
@@ -109,12 +107,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | bytearray) -> Path
         mode = os.stat(path).st_mode & 0o777
     except OSError:
         mode = 0o666 & ~_umask()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=folder)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as handle:
+        yield tmp
+        with open(tmp, "rb+") as handle:
             os.fchmod(handle.fileno(), mode)
-            handle.write(data)
-            handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -124,7 +123,21 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | bytearray) -> Path
             pass
         raise
     fsync_dir(folder)
-    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | bytearray) -> Path:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file whole or the new one whole.
+
+    The bytes go to a temporary file ``.{name}.{pid}.{random}.tmp`` in the same folder (same filesystem, so
+    the rename is atomic), are fsynced, then renamed over ``path``; the folder is fsynced so the rename itself
+    survives a power cut. On any failure the temporary file is removed and the old file is untouched; temp
+    files of earlier writers that were killed (kill -9, power cut) are removed by the next write to ``path``.
+    The file gets the mode a plain ``open(path, "wb")`` would give it: an existing file's mode, else
+    ``0o666 & ~umask`` (:func:`atomic_output`).
+    """
+    with atomic_output(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(data)
+    return Path(path)
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

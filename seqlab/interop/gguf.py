@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +75,7 @@ import numpy as np
 import torch
 
 from seqlab.errors import ConfigError, CorruptFileError, InputError
-from seqlab.io import fsync_dir, remove_stale_temps
+from seqlab.io import atomic_output
 
 __all__ = [
     "ARCHITECTURES",
@@ -468,11 +467,7 @@ def export_gguf(
         outtype, gguf.LlamaFileType.MOSTLY_Q8_0
     )
 
-    folder = path.parent if str(path.parent) else Path(".")
-    remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:  # a failed export leaves nothing, an old file untouched
         writer = gguf.GGUFWriter(tmp, arch)
         writer.add_name(name or f"seqlab-{arch}")
         writer.add_file_type(int(file_type))
@@ -507,24 +502,7 @@ def export_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(folder)
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _add_vocab(writer, vocab: GGUFVocab) -> None:
