@@ -1,6 +1,10 @@
 """``seqlab generate``: continue ``--prompt``/``--prompt-file`` texts in this process and print them (no store, and
 Ray is never imported), or, given ``STORE OUT`` instead, continue every stored sequence as a Ray Data job
-(seqlab/cli/jobs.py). Greedy unless ``--do-sample``, like Hugging Face's and seqlab's ``generate``."""
+(seqlab/cli/jobs.py). Greedy unless ``--do-sample``, like Hugging Face's and seqlab's ``generate``.
+
+``--model`` is a model file, a run or checkpoint folder, or a pretrained directory (``save_pretrained``'s, or a
+transformers Mamba / Mamba-2 directory with a ``tokenizer.json``): ``seqlab.domains.registry.model_from_checkpoint``
+loads the model with its adapter. One prompt's continuation is streamed (``TextStreamer``)."""
 
 from __future__ import annotations
 
@@ -65,9 +69,12 @@ def _generate_prompts(args) -> int:
         from seqlab.domains.drafting import load_drafter
 
         draft = load_drafter(args.draft, model, adapter)
+    # one prompt: its continuation is printed as it is generated (several: one JSON line each, at the end)
+    streamer = TextStreamer(adapter) if len(prompts) == 1 else None
     out = model.generate(
         ids,
         args.max_new_tokens,
+        callback=streamer,
         do_sample=args.do_sample,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -77,13 +84,61 @@ def _generate_prompts(args) -> int:
         speculate=args.speculate,
         **adapter.generation_options(allow_specials=args.allow_specials),
     )
+    if streamer is not None:
+        streamer.finish()
+    else:
+        for tokens in out.tokens:
+            print(json.dumps(decoded_text(adapter, tokens)))
     if out.stats is not None and not args.quiet:
         print(_stats_line(out.stats, "bytes" if adapter.metric_name == "bits_per_byte" else "tokens"), file=sys.stderr)
-    for tokens in out.tokens:
-        value = adapter.decode(tokens)
-        text = value.decode("utf-8", errors="replace") if isinstance(value, (bytes, bytearray)) else str(value)
-        print(text if len(prompts) == 1 else json.dumps(text))
     return 0
+
+
+def decoded_text(adapter, tokens) -> str:
+    """The adapter's decoding of ``tokens`` as text (bytes as UTF-8, an unfinished or bad sequence as U+FFFD)."""
+    import torch
+
+    value = adapter.decode(torch.tensor(list(tokens), dtype=torch.long))
+    return value.decode("utf-8", errors="replace") if isinstance(value, (bytes, bytearray)) else str(value)
+
+
+class TextStreamer:
+    """``generate``'s ``callback`` that prints one continuation as it is generated: after each token the ids so
+    far are decoded and only the text that cannot change any more is written: up to the last whitespace (a
+    later token may still merge with the last word: a WordPiece ``##`` piece, a tokenizer's clean-up), never an
+    unfinished UTF-8 character (it decodes as U+FFFD until its last byte arrives), and only while the decoding
+    still extends what was written. ``finish()`` writes the rest and a newline, so the whole output is the
+    decoding of every generated id, as without streaming."""
+
+    def __init__(self, adapter, stream=None) -> None:
+        self.adapter = adapter
+        self.stream = stream if stream is not None else sys.stdout
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def _write(self, text: str) -> None:
+        if text:
+            self.stream.write(text)
+            self.stream.flush()
+            self.shown += text
+
+    def __call__(self, row: int, token: int) -> None:
+        self.ids.append(int(token))
+        text = decoded_text(self.adapter, self.ids)
+        if not text.startswith(self.shown):
+            return  # the decoding changed what was written (rare): wait for finish()
+        stable = text.rstrip("\ufffd")
+        end = len(stable)
+        while end > len(self.shown) and not stable[end - 1].isspace():  # hold back the last word
+            end -= 1
+        if end > len(self.shown):
+            self._write(stable[len(self.shown) : end])
+
+    def finish(self) -> None:
+        text = decoded_text(self.adapter, self.ids)
+        self._write(text[len(self.shown) :])
+        self.stream.write("\n")
+        self.stream.flush()
 
 
 def _stats_line(stats, unit: str) -> str:
@@ -133,7 +188,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "generate",
         help="continue prompts, or every stored sequence (Ray Data), with a model",
         description="Continue --prompt or --prompt-file texts in this process and print each "
-        "continuation (one line of JSON per prompt when there are several). With STORE OUT "
+        "continuation (one prompt: as it is generated; several: one line of JSON per prompt). --model is a model "
+        "file, a run folder, or a pretrained directory (save_pretrained's, or a transformers Mamba / Mamba-2 "
+        "directory with its tokenizer.json). With STORE OUT "
         "instead: continue each stored sequence (its last --prompt-length elements, or all of it) "
         "as a Ray Data job and write the new token ids to the OUT store. Greedy unless "
         "--do-sample.",
