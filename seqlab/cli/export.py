@@ -1,8 +1,9 @@
 """``seqlab export gguf MODEL OUT.gguf``: a Mamba-1 / Mamba-2 language model as a GGUF file for llama.cpp
 (``seqlab export gguf --help``; docs/cli.md, docs/checkpoints.md).
 
-MODEL is a seqlab model file or training checkpoint folder (rebuilt with its recorded adapter), or a transformers
-``MambaForCausalLM`` / ``Mamba2ForCausalLM`` directory (config.json + safetensors). The work is
+MODEL is a seqlab model file, training checkpoint folder or ``save_pretrained`` directory (rebuilt with its
+recorded adapter), or a transformers ``MambaForCausalLM`` / ``Mamba2ForCausalLM`` directory (config.json +
+safetensors). The work is
 ``seqlab.interop.gguf.export_gguf``; this module picks the vocabulary (``--vocab``), parses flags and prints one
 line (or JSON).
 """
@@ -21,9 +22,16 @@ VOCABS = ("auto", "bytes", "none")
 def _load(path: str):
     """(model, adapter name or None, what it is) for a seqlab model file / checkpoint or an HF directory."""
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
-        from seqlab.interop.hf import load
+        from seqlab.pretrained import is_seqlab_config, read_config
 
-        return load(path), None, "transformers directory"
+        if not is_seqlab_config(read_config(path)[0]):
+            from seqlab.interop.hf import load
+
+            return load(path), None, "transformers directory"
+        from seqlab.domains.registry import from_pretrained  # a save_pretrained directory, with its adapter
+
+        model, adapter = from_pretrained(path)
+        return model, adapter.name, f"seqlab pretrained directory ({adapter.name} adapter)"
     from seqlab.domains.registry import model_from_checkpoint
 
     model, adapter = model_from_checkpoint(path)
@@ -101,7 +109,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "The file appears only when complete.",
         epilog="example: seqlab export gguf runs/notes/model.safetensors notes-f16.gguf --outtype f16",
     )
-    g.add_argument("model", metavar="MODEL", help="model file, checkpoint folder, or transformers directory")
+    g.add_argument(
+        "model", metavar="MODEL", help="model file, checkpoint folder, save_pretrained or transformers directory"
+    )
     g.add_argument("out", metavar="OUT.gguf", help="the GGUF file to write (name ends in .gguf)")
     g.add_argument(
         "--outtype",

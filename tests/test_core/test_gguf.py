@@ -294,6 +294,21 @@ def test_cli_writes_a_byte_model_that_reads_back(tmp_path, capsys, ssm):
     _check_file(out, model, "q8_0")
 
 
+def test_cli_exports_a_save_pretrained_directory_with_its_adapter(tmp_path, capsys):
+    from seqlab.domains.bytes import ByteAdapter
+    from seqlab.domains.registry import save_pretrained
+
+    _, model = _byte_model_file(tmp_path, "mamba2")
+    folder = save_pretrained(model, tmp_path / "pretrained", adapter=ByteAdapter())
+    out = tmp_path / "p.gguf"
+    assert _cli("export", "gguf", str(folder), str(out), "--json") == 0
+    import json
+
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["vocab"].startswith("bytes")  # the recorded byte adapter picks the byte vocabulary
+    _check_file(out, model, "f32")
+
+
 def test_cli_transformers_directory_needs_vocab_none(tmp_path, capsys):
     from seqlab.interop.hf import save
 
