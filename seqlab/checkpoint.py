@@ -101,7 +101,7 @@ def model_meta(model: torch.nn.Module) -> dict[str, Any]:
     meta: dict[str, Any] = {"fingerprint": getattr(model, "fingerprint", None)}
     adapter_info = getattr(model, "adapter_info", None)
     if adapter_info is not None:
-        meta["adapter"] = _jsonable(adapter_info)
+        meta["adapter"] = jsonable(adapter_info)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         meta["config"] = config.to_dict()
@@ -137,13 +137,15 @@ def load_model(path: str | os.PathLike, model: torch.nn.Module) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------
-def _jsonable(value):
+def jsonable(value):
+    """``value`` as plain JSON values (str/int/float/bool/None, lists, str-keyed dicts; a one-element tensor as its
+    number); TypeError naming the type of anything else."""
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return value.item()
     raise TypeError(f"cannot store {type(value).__name__} in checkpoint JSON")
@@ -157,8 +159,8 @@ def _optimizer_split(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
             if isinstance(value, torch.Tensor):
                 tensors[f"optimizer.{index}.{key}"] = value
             else:
-                scalars.setdefault(str(index), {})[key] = _jsonable(value)
-    return tensors, {"param_groups": _jsonable(state_dict["param_groups"]), "scalars": scalars}
+                scalars.setdefault(str(index), {})[key] = jsonable(value)
+    return tensors, {"param_groups": jsonable(state_dict["param_groups"]), "scalars": scalars}
 
 
 def _optimizer_join(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
@@ -220,7 +222,7 @@ def save_checkpoint(
     save_model(folder / "model.safetensors", model, {"step": int(step)})
     opt_tensors, opt_meta = _optimizer_split(optimizer.state_dict())
     rng_tensors, rng_meta = rng_snapshot()
-    sched = {k: _jsonable(v) for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    sched = {k: jsonable(v) for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     states = list(states or [])
     for i, state in enumerate(states):
         if state is not None:
@@ -230,7 +232,7 @@ def save_checkpoint(
         "optimizer": opt_meta,
         "scheduler": sched,
         "rng": rng_meta,
-        "trainer": _jsonable(trainer_meta),
+        "trainer": jsonable(trainer_meta),
         "states": [s is not None for s in states],
         "fingerprint": getattr(model, "fingerprint", None),
     }

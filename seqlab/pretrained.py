@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from seqlab.checkpoint import jsonable
 from seqlab.config import BackboneConfig
 from seqlab.errors import ConfigError, CorruptFileError, FormatVersionError
 
@@ -56,13 +57,10 @@ _CLASSES = ("LanguageModel", "SequenceModel")
 
 # ------------------------------------------------------------------------------------------------------
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    raise ConfigError(f"cannot record a {type(value).__name__} in config.json")
+    try:
+        return jsonable(value)
+    except TypeError as exc:
+        raise ConfigError(f"cannot record it in config.json: {exc}") from None
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
