@@ -34,6 +34,8 @@ else:
         canonical_backend,
         causal_conv1d,
         causal_conv1d_update,
+        mamba3_scan,
+        mamba3_state_update,
         resolve_backend,
         selective_scan,
         selective_state_update,
@@ -41,6 +43,7 @@ else:
         ssd_state_update,
         triton_available,
     )
+    from ._varlen import cu_seqlens_from_seq_idx, flatten_rows, seq_idx_from_cu_seqlens  # noqa: F401
 
 __all__ = [
     "BACKENDS",
@@ -51,7 +54,12 @@ __all__ = [
     "canonical_backend",
     "causal_conv1d",
     "causal_conv1d_update",
+    "cu_seqlens_from_seq_idx",
+    "flatten_rows",
+    "mamba3_scan",
+    "mamba3_state_update",
     "resolve_backend",
+    "seq_idx_from_cu_seqlens",
     "selective_scan",
     "selective_state_update",
     "ssd_scan",

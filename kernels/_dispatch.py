@@ -10,6 +10,7 @@ import torch
 
 from ._states_at import check_positions, conv_tails, scan_in_pieces
 from ._triton import triton_available
+from ._varlen import resolve_packing
 from .errors import KernelBackendError, KernelInputError
 
 BACKENDS = ("auto", "ref", "chunked", "triton")
@@ -50,7 +51,29 @@ BACKEND_TABLE: dict[str, dict[str, str]] = {
         "chunked": "conv1d.chunked:causal_conv1d_update_chunked",
         "triton": "conv1d.triton_ops:causal_conv1d_update_triton",
     },
+    "mamba3_scan": {
+        "ref": "mamba3.ref:mamba3_scan_ref",
+        "chunked": "mamba3.chunked:mamba3_scan_chunked",
+        "triton": "mamba3.triton_ops:mamba3_scan_triton",
+    },
+    "mamba3_state_update": {
+        "ref": "mamba3.ref:mamba3_state_update_ref",
+        "chunked": "mamba3.chunked:mamba3_state_update_chunked",
+        "triton": "mamba3.triton_ops:mamba3_state_update_triton",
+    },
 }
+
+
+def _packing(cu_seqlens, seq_idx, x: torch.Tensor, length_dim: int, states_at) -> dict:
+    """The ``cu_seqlens=`` keyword an implementation gets: {} when the call is not packed (so implementations
+    without packed support are called exactly as before), else the checked int64 tensor."""
+    if cu_seqlens is None and seq_idx is None:
+        return {}
+    if not isinstance(x, torch.Tensor) or x.dim() <= length_dim:
+        return {"cu_seqlens": cu_seqlens if cu_seqlens is not None else seq_idx}  # the op's own checks name x
+    if states_at is not None:
+        raise KernelInputError("states_at cannot be combined with cu_seqlens/seq_idx (packed rows)")
+    return {"cu_seqlens": resolve_packing(cu_seqlens, seq_idx, x.shape[0], x.shape[length_dim])}
 
 
 def canonical_backend(backend: str, *, stacklevel: int = 1) -> str:
@@ -117,15 +140,22 @@ def selective_scan(
     return_final_state=False,
     *,
     states_at=None,
+    cu_seqlens=None,
+    seq_idx=None,
     backend="auto",
 ):
     """Mamba-1 selective scan. Returns y (b, d, l), or (y, final_state) with ``return_final_state``.
+
+    Packed rows (``cu_seqlens`` (N + 1,) or ``seq_idx`` (1, l); batch 1, see ``kernels/_varlen.py``): the state
+    restarts at every sequence (from zeros, or from ``initial_state`` (N, d, n)), and ``final_state`` is (N, d, n),
+    one per sequence.
 
     ``states_at`` (strictly increasing positions in 1..l): also return the states after those positions,
     (b, k, d, n), as the last item: (y, final_state, states) or (y, states). ``ref`` keeps them as it walks,
     ``chunked`` copies them out of its blocks (without autograd); ``triton`` splits the call at the positions and
     threads the state (``kernels/_states_at.py``)."""
     fn = _pick("selective_scan", backend, u)
+    packed = _packing(cu_seqlens, seq_idx, u, 2, states_at)
     if states_at is None:
         return fn(
             u,
@@ -139,6 +169,7 @@ def selective_scan(
             delta_softplus=delta_softplus,
             initial_state=initial_state,
             return_final_state=return_final_state,
+            **packed,
         )
     fixed = dict(A=A, D=D, delta_bias=delta_bias, delta_softplus=delta_softplus)
     positions = check_positions(states_at, u.shape[-1] if isinstance(u, torch.Tensor) and u.dim() == 3 else 0)
@@ -182,14 +213,19 @@ def ssd_scan(
     return_final_state=False,
     *,
     states_at=None,
+    cu_seqlens=None,
+    seq_idx=None,
     backend="auto",
 ):
     """Mamba-2 SSD scan. Returns y (b, l, h, p), or (y, final_state) with ``return_final_state``.
+
+    Packed rows (``cu_seqlens`` / ``seq_idx``, batch 1): as ``selective_scan``; states (N, h, p, n).
 
     ``states_at`` (strictly increasing positions in 1..l): also return the states after those positions,
     (b, k, h, p, n), as the last item, as ``selective_scan`` does (``chunked``: directly from the segment sums
     for short calls, ``ssd/chunked.py``; ``triton``: split and threaded)."""
     fn = _pick("ssd_scan", backend, x)
+    packed = _packing(cu_seqlens, seq_idx, x, 1, states_at)
     if states_at is None:
         return fn(
             x,
@@ -204,6 +240,7 @@ def ssd_scan(
             dt_softplus=dt_softplus,
             initial_state=initial_state,
             return_final_state=return_final_state,
+            **packed,
         )
     fixed = dict(A=A, chunk_size=chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus)
     positions = check_positions(states_at, x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 4 else 0)
@@ -241,14 +278,27 @@ def causal_conv1d(
     return_final_state=False,
     *,
     states_at=None,
+    cu_seqlens=None,
+    seq_idx=None,
     backend="auto",
 ):
     """Causal depthwise conv1d over (b, d, l). Returns y, or (y, final_state (b, d, w - 1)).
 
+    Packed rows (``cu_seqlens`` / ``seq_idx``, batch 1): no tap reaches across a boundary; sequence i starts from
+    ``initial_state[i]`` (N, d, w - 1) or zeros, and ``final_state`` is (N, d, w - 1): each sequence's last
+    w - 1 inputs (its initial state's tail where the sequence is shorter).
+
     ``states_at`` (strictly increasing positions in 1..l): also return the conv states (the last w - 1 inputs)
     after those positions, (b, k, d, w - 1), as the last item: (y, final_state, states) or (y, states)."""
+    packed = _packing(cu_seqlens, seq_idx, x, 2, states_at)
     out = _pick("causal_conv1d", backend, x)(
-        x, weight, bias=bias, activation=activation, initial_state=initial_state, return_final_state=return_final_state
+        x,
+        weight,
+        bias=bias,
+        activation=activation,
+        initial_state=initial_state,
+        return_final_state=return_final_state,
+        **packed,
     )
     if states_at is None:
         return out
@@ -260,3 +310,77 @@ def causal_conv1d(
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, *, backend="auto"):
     """One conv step: x (b, d), conv_state (b, d, w - 1) -> (y (b, d), new_state)."""
     return _pick("causal_conv1d_update", backend, x)(x, conv_state, weight, bias=bias, activation=activation)
+
+
+def mamba3_scan(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    trap,
+    angles,
+    B_bias,
+    C_bias,
+    chunk_size=64,
+    D=None,
+    z=None,
+    mimo_x=None,
+    mimo_z=None,
+    mimo_o=None,
+    initial_state=None,
+    return_final_state=False,
+    *,
+    cu_seqlens=None,
+    seq_idx=None,
+    backend="auto",
+):
+    """Mamba-3 scan (exponential-trapezoidal, rotary state, SISO or MIMO): ``kernels/mamba3/`` documents the
+    equations and shapes. Returns y, or (y, final_state) with ``return_final_state``; the state is the tuple
+    (angle, ssm, k, v). Packed rows (``cu_seqlens`` / ``seq_idx``, batch 1): one state per sequence."""
+    packed = _packing(cu_seqlens, seq_idx, x, 1, None)
+    return _pick("mamba3_scan", backend, x)(
+        x,
+        dt,
+        A,
+        B,
+        C,
+        trap,
+        angles,
+        B_bias,
+        C_bias,
+        chunk_size,
+        D=D,
+        z=z,
+        mimo_x=mimo_x,
+        mimo_z=mimo_z,
+        mimo_o=mimo_o,
+        initial_state=initial_state,
+        return_final_state=return_final_state,
+        **packed,
+    )
+
+
+def mamba3_state_update(
+    state,
+    x,
+    dt,
+    A,
+    B,
+    C,
+    trap,
+    angles,
+    B_bias,
+    C_bias,
+    D=None,
+    z=None,
+    mimo_x=None,
+    mimo_z=None,
+    mimo_o=None,
+    *,
+    backend="auto",
+):
+    """One Mamba-3 decode step: the inputs of ``mamba3_scan`` without the length dim -> (y, new_state)."""
+    return _pick("mamba3_state_update", backend, x)(
+        state, x, dt, A, B, C, trap, angles, B_bias, C_bias, D=D, z=z, mimo_x=mimo_x, mimo_z=mimo_z, mimo_o=mimo_o
+    )
