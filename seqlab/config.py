@@ -18,7 +18,7 @@ from typing import Any
 from seqlab.errors import ConfigError
 
 #: the built-in mixer kinds a config's ``ssm`` may name (its default mixer; "attention" makes a Transformer stack)
-SSM_KINDS = ("mamba1", "mamba2", "attention")
+SSM_KINDS = ("mamba1", "mamba2", "mamba3", "attention")
 #: the rope_scaling types the attention mixer implements (HF transformers' names)
 ROPE_SCALING_TYPES = ("linear", "llama3")
 #: the largest width, layer count, state size ... a config accepts (a guard against absurd values from files)
@@ -163,6 +163,84 @@ class AttentionSettings:
         )
 
 
+@dataclass(frozen=True)
+class Mamba3Settings:
+    """A Mamba-3 layer's settings (``BackboneConfig.mamba3_settings(i)``), as in mamba_ssm's ``Mamba3`` module.
+
+    From the shared fields: ``d_state`` (N, the state size per head), ``d_inner = expand * d_model``,
+    ``headdim`` (P; ``nheads = d_inner // headdim``), ``ngroups`` (the B/C groups; nheads divisible by it),
+    ``chunk_size`` (the chunked kernels' block length: compute only, not the result). The ``mamba3_*`` fields:
+    ``rope_fraction`` (0.5 or 1.0, default 0.5): the part of the state that rotates; the number of rotary angles
+    is ``floor(d_state * rope_fraction / 2)`` (at least 1). ``A_floor`` (1e-4): the data-dependent decay rate is
+    clamped to at most ``-A_floor``. ``outproj_norm`` (False): a gated RMSNorm per head before ``out_proj``
+    (``norm(y) * silu(z)``) instead of the gate ``y * silu(z)``. ``mimo_rank`` (1 = SISO; r > 1 is MIMO of rank r).
+    """
+
+    d_state: int
+    d_inner: int
+    headdim: int
+    ngroups: int
+    chunk_size: int
+    rope_fraction: float = 0.5
+    A_floor: float = 1e-4
+    outproj_norm: bool = False
+    mimo_rank: int = 1
+
+    @property
+    def nheads(self) -> int:
+        return self.d_inner // self.headdim
+
+    @property
+    def num_rope_angles(self) -> int:
+        split = int(self.d_state * self.rope_fraction)
+        return (split - split % 2) // 2
+
+    @property
+    def is_mimo(self) -> bool:
+        return self.mimo_rank > 1
+
+    @classmethod
+    def resolve(cls, d_model: int, values: Mapping[str, Any], where: str = "BackboneConfig") -> Mamba3Settings:
+        def pos_int(name: str) -> int:
+            value = values.get(name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_DIM:
+                raise ConfigError(f"{where}: {name} must be a positive int (at most {MAX_DIM}), got {value!r}")
+            return value
+
+        d_state, expand, headdim, ngroups, chunk_size = (
+            pos_int(n) for n in ("d_state", "expand", "headdim", "ngroups", "chunk_size")
+        )
+        d_inner = expand * d_model
+        if d_inner % headdim:
+            raise ConfigError(
+                f"{where}: Mamba-3 needs d_inner (expand * d_model = {d_inner}) divisible by headdim ({headdim})"
+            )
+        if (d_inner // headdim) % ngroups:
+            raise ConfigError(f"{where}: Mamba-3 needs nheads ({d_inner // headdim}) divisible by ngroups ({ngroups})")
+        fraction = values.get("mamba3_rope_fraction")
+        fraction = 0.5 if fraction is None else fraction
+        if isinstance(fraction, bool) or fraction not in (0.5, 1.0):
+            raise ConfigError(f"{where}: mamba3_rope_fraction must be 0.5 or 1.0 (as in mamba_ssm), got {fraction!r}")
+        floor = values.get("mamba3_A_floor")
+        floor = 1e-4 if floor is None else floor
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not math.isfinite(floor) or floor < 0:
+            raise ConfigError(f"{where}: mamba3_A_floor must be a finite number >= 0, got {floor!r}")
+        norm = values.get("mamba3_outproj_norm")
+        if norm is not None and not isinstance(norm, bool):
+            raise ConfigError(f"{where}: mamba3_outproj_norm must be true or false, got {norm!r}")
+        rank = values.get("mamba3_mimo_rank")
+        rank = 1 if rank is None else rank
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= 64:
+            raise ConfigError(f"{where}: mamba3_mimo_rank must be an int in [1, 64] (1 = SISO), got {rank!r}")
+        settings = cls(d_state, d_inner, headdim, ngroups, chunk_size, float(fraction), float(floor), bool(norm), rank)
+        if settings.num_rope_angles < 1:
+            raise ConfigError(
+                f"{where}: Mamba-3 needs at least one rotary angle: d_state ({d_state}) * mamba3_rope_fraction "
+                f"({fraction}) must be at least 2"
+            )
+        return settings
+
+
 def check_rope_scaling(scaling: Any, where: str) -> dict[str, Any]:
     """A checked copy of an HF-style rope_scaling mapping; unsupported types are an error naming the type."""
     if not isinstance(scaling, Mapping):
@@ -209,6 +287,11 @@ class BackboneConfig:
     ``mamba_inner_norms``: None (default) or False: the Mamba-1 mixer as in mamba_ssm; True: RMSNorms (eps
     ``norm_eps``) on its dt, B and C right after ``x_proj`` (``dt_layernorm``, ``b_layernorm``, ``c_layernorm``),
     as in Jamba. Refused when no layer is a Mamba-1 layer. ``moe_renormalize``: see ``MoESettings.renormalize``.
+
+    ``ssm="mamba3"`` (or ``layer_overrides={i: {"mixer": "mamba3", "options": {...}}}``) selects Mamba-3
+    (seqlab.mixers.mamba3): it uses ``d_state`` (128 by default), ``expand``, ``headdim``, ``ngroups`` (the B/C
+    groups), ``chunk_size`` and ``dt_min``/``dt_max``/``dt_init_floor``, plus the ``mamba3_*`` fields (see
+    ``Mamba3Settings``; refused when no layer is a Mamba-3 layer).
     """
 
     d_model: int
@@ -252,6 +335,10 @@ class BackboneConfig:
     attn_window: int | None = None
     attn_bias: bool | None = None
     attn_out_bias: bool | None = None
+    mamba3_rope_fraction: float | None = None
+    mamba3_A_floor: float | None = None
+    mamba3_outproj_norm: bool | None = None
+    mamba3_mimo_rank: int | None = None
     layer_overrides: Mapping[int, LayerOverride] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -381,6 +468,7 @@ class BackboneConfig:
             self.validate_layer(i)
         self._check_moe()
         self._check_attention()
+        self._check_mamba3()
         if self.mamba_inner_norms is not None and not any(
             self.layer_spec(i)[0] == "mamba1" for i in range(self.n_layer)
         ):
@@ -405,12 +493,39 @@ class BackboneConfig:
         for i in attn_layers:
             self.attention_settings(i)  # raises ConfigError naming the field
 
+    def _check_mamba3(self) -> None:
+        layers = [i for i in range(self.n_layer) if self.layer_spec(i)[0] == "mamba3"]
+        if not layers:
+            given = [name for name in MAMBA3_FIELDS if getattr(self, name) is not None]
+            if given:
+                raise ConfigError(
+                    f"BackboneConfig.{given[0]} is set but no layer is a Mamba-3 layer: the mamba3_* fields apply "
+                    "only with ssm='mamba3' or a layer_overrides entry with mixer='mamba3'"
+                )
+            return
+        if self.ssm == "mamba3":
+            self.mamba3_settings()  # the config-level values, checked even if every layer overrides them
+
+    def mamba3_settings(self, index: int | None = None) -> Mamba3Settings:
+        """Layer ``index``'s Mamba-3 settings (the config's fields, then that layer's options), with the defaults
+        filled in and every value checked (ConfigError naming the field)."""
+        values = {name: getattr(self, name) for name in (*MAMBA3_SHARED_FIELDS, *MAMBA3_FIELDS)}
+        where = "BackboneConfig"
+        if index is not None:
+            _, _, options = self.layer_spec(index)
+            values.update({k: v for k, v in options.items() if k in values})
+            if index in self.layer_overrides:
+                where = f"layer {index}"
+        return Mamba3Settings.resolve(self.d_model, values, where)
+
     def with_layer_options(self, kind: str, options: Mapping[str, Any]) -> BackboneConfig:
         """This config as one layer of mixer ``kind`` with ``options`` sees it: the options replace fields, and the
         other layers' kinds and attention fields drop out (a Mamba layer's options never mean attention)."""
         cleared: dict[str, Any] = {name: None for name in ATTN_FIELDS if name not in options}
         if kind != "mamba1" and "mamba_inner_norms" not in options:
             cleared["mamba_inner_norms"] = None
+        if kind != "mamba3":
+            cleared.update({name: None for name in MAMBA3_FIELDS if name not in options})
         return dataclasses.replace(self, ssm=kind, layer_overrides={}, **cleared, **options)
 
     def attention_settings(self, index: int | None = None) -> AttentionSettings:
@@ -491,6 +606,14 @@ class BackboneConfig:
 
     def validate_layer(self, index: int) -> None:
         mixer, _, options = self.layer_spec(index)
+        if mixer == "mamba3":
+            unknown = sorted(set(options) - set(MAMBA3_SHARED_FIELDS) - set(MAMBA3_FIELDS) - {"norm_eps"})
+            if unknown:
+                raise ConfigError(
+                    f"layer {index}: bad options {unknown} for mixer 'mamba3': it takes "
+                    f"{[*MAMBA3_SHARED_FIELDS, *MAMBA3_FIELDS, 'norm_eps']}"
+                )
+            self.mamba3_settings(index)
         if mixer == "mamba2":
             d_inner = options.get("expand", self.expand) * self.d_model
             headdim = options.get("headdim", self.headdim)
@@ -543,14 +666,16 @@ class BackboneConfig:
 
     def fingerprint(self) -> str:
         """Stable hash of everything that shapes the state and its meaning (not the weights, not init ranges,
-        not the MoE training-only settings; an unset moe_*, attn_* or mamba_inner_norms field leaves the hash as it
-        was before those fields existed)."""
+        not the MoE training-only settings; an unset moe_*, attn_*, mamba3_* or mamba_inner_norms field leaves the
+        hash as it was before those fields existed)."""
         arch = {
             k: v
             for k, v in self.to_dict().items()
             if k not in _INIT_ONLY
             and k not in _TRAIN_ONLY
-            and not ((k in MOE_FIELDS or k in ATTN_FIELDS or k == "mamba_inner_norms") and v is None)
+            and not (
+                (k in MOE_FIELDS or k in ATTN_FIELDS or k in MAMBA3_FIELDS or k == "mamba_inner_norms") and v is None
+            )
         }
         text = json.dumps(arch, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -568,6 +693,11 @@ ATTN_FIELDS = (
     "attn_bias",
     "attn_out_bias",
 )
+
+#: the Mamba-3 fields of BackboneConfig (all None unless a layer is a Mamba-3 layer; None = the default)
+MAMBA3_FIELDS = ("mamba3_rope_fraction", "mamba3_A_floor", "mamba3_outproj_norm", "mamba3_mimo_rank")
+#: the shared fields a Mamba-3 layer reads (and a mamba3 layer's options may override)
+MAMBA3_SHARED_FIELDS = ("d_state", "expand", "headdim", "ngroups", "chunk_size", "dt_min", "dt_max", "dt_init_floor")
 
 # Fields that only shape the random initialisation, not what a trained model computes.
 _INIT_ONLY = frozenset({"dt_min", "dt_max", "dt_init_floor", "A_init_range"})
