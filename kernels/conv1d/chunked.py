@@ -18,6 +18,14 @@ same numbers), saves only its inputs, and computes the backward with the same sh
 tap), the gradient of ``initial_state`` and of the returned final state included. This avoids the im2col /
 oneDNN paths of ``F.conv1d(groups=d)`` (slow for fp64, fp16 and bf16 on CPU) and keeps one code path for every
 dtype and layout. The backward is not itself differentiable (no double backward).
+
+Packed rows (``cu_seqlens``, batch 1; ``packed_conv``, shared with the Triton path): each sequence's w - 1
+"previous inputs" (its ``initial_state`` row, or zeros) are laid in front of it, giving one padded row of
+length l + N (w - 1) in which no tap of a sequence can reach another sequence. One ordinary conv (no initial
+state) runs over that row and the outputs at the sequences' positions are gathered back; sequence i's final
+state is the w - 1 columns ending at its last position. Building the padded row and the gathers are index
+ops (autograd routes their gradients to x and to every initial-state row), so the gradients are those of
+running each sequence alone, with no loop over sequences.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import torch.nn.functional as F
 from .._layout import channels_last as _channels_last
 from .._layout import empty_like_layout as _empty_like_layout
 from .._validate import records_grad
+from .._varlen import seq_idx_from_cu_seqlens
 from .ref import check_conv_args, check_conv_update_args, compute_dtype
 
 __all__ = ["causal_conv1d_chunked", "causal_conv1d_update_chunked"]
@@ -162,13 +171,65 @@ class _CausalConv1dFn(torch.autograd.Function):
         return g_x, g_w, g_b, g_init, None, None, None
 
 
+def packed_conv(conv, x, weight, initial_state, cu_seqlens, return_final_state, cdt):
+    """Packed rows through an unpacked conv: ``conv(xp)`` runs the op (no initial state) on the padded row
+    (module docstring). x (1, d, l), initial_state (N, d, w - 1) or None -> y (1, d, l) [, final (N, d, w - 1)]."""
+    _, d, l = x.shape
+    w = weight.shape[1]
+    dev = x.device
+    cu = cu_seqlens.to(dev, torch.int64)
+    N = cu.numel() - 1
+    state_dtype = initial_state.dtype if initial_state is not None else x.dtype
+    h = w - 1
+    if h == 0:
+        y = conv(x)
+        return (y, torch.empty(N, d, 0, dtype=state_dtype, device=dev)) if return_final_state else y
+    seq = seq_idx_from_cu_seqlens(cu)[0]
+    pos_x = torch.arange(l, device=dev) + (seq + 1) * h  # column of x's position t in the padded row
+    j = torch.arange(h, device=dev)
+    first = cu[:-1] + torch.arange(N, device=dev) * h  # column of sequence i's first history slot
+    hist = (first[:, None] + j).reshape(-1)  # (N * h,)
+    tail = ((cu[1:] + torch.arange(N, device=dev) * h)[:, None] + j).reshape(-1)  # sequence i's last h columns
+    xp = x.new_zeros(1, d, l + N * h, dtype=cdt).index_copy(2, pos_x, x.to(cdt))
+    if initial_state is not None:
+        xp = xp.index_copy(2, hist, initial_state.to(cdt).permute(1, 0, 2).reshape(1, d, N * h))
+    y = conv(xp).index_select(2, pos_x).to(x.dtype)
+    if not return_final_state:
+        return y
+    final = xp.index_select(2, tail).reshape(d, N, h).permute(1, 0, 2).to(state_dtype)
+    return y, final.contiguous()
+
+
 def causal_conv1d_chunked(
-    x, weight, bias=None, activation=None, initial_state=None, return_final_state=False, *, block_elems=None
+    x,
+    weight,
+    bias=None,
+    activation=None,
+    initial_state=None,
+    return_final_state=False,
+    *,
+    block_elems=None,
+    cu_seqlens=None,
 ):
     """Vectorised causal depthwise conv1d. Returns y (b, d, l) in x.dtype (laid out like x), or
     (y, final_state (b, d, w - 1)), the state in initial_state's dtype (x.dtype when none is given).
-    ``block_elems`` overrides the block size of the forward (tests)."""
-    b, d, l, w, silu = check_conv_args(x, weight, bias, activation, initial_state)
+    ``block_elems`` overrides the block size of the forward (tests). ``cu_seqlens`` (packed rows, batch 1):
+    ``initial_state`` and the final state are (N, d, w - 1), one row per sequence (module docstring)."""
+    b, d, l, w, silu = check_conv_args(x, weight, bias, activation, initial_state, cu_seqlens)
+    if cu_seqlens is not None:
+
+        def conv(xp):
+            return causal_conv1d_chunked(xp, weight, bias, activation, block_elems=block_elems)
+
+        return packed_conv(
+            conv,
+            x,
+            weight,
+            initial_state,
+            cu_seqlens,
+            return_final_state,
+            compute_dtype(x, weight, bias, initial_state),
+        )
     cdt = compute_dtype(x, weight, bias, initial_state)
     tensors = (x, weight, bias, initial_state)
     needs_grad = records_grad(*tensors)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .._validate import require_optional, require_same_device, require_shape, require_tensor
+from .._varlen import check_cu_seqlens
 from ..errors import KernelInputError
 
 __all__ = [
@@ -63,13 +64,20 @@ def _check_weight_bias(weight, bias, d):
     return w
 
 
-def check_conv_args(x, weight, bias=None, activation=None, initial_state=None):
-    """Validate the causal-conv arguments; returns (b, d, l, w, apply_silu)."""
+def check_conv_args(x, weight, bias=None, activation=None, initial_state=None, cu_seqlens=None):
+    """Validate the causal-conv arguments; returns (b, d, l, w, apply_silu). With ``cu_seqlens`` (packed rows)
+    it is checked too and ``initial_state`` must have one row per sequence, (N, d, w - 1)."""
     require_tensor("x", x, ndim=3)
     b, d, l = x.shape
     w = _check_weight_bias(weight, bias, d)
     silu = check_activation(activation)
-    require_optional("initial_state", initial_state, (b, d, w - 1), what="(b, d, w - 1)")
+    if cu_seqlens is None:
+        require_optional("initial_state", initial_state, (b, d, w - 1), what="(b, d, w - 1)")
+    else:
+        from ..scan.ref import check_packed_state
+
+        cu = check_cu_seqlens(cu_seqlens, b, l)
+        check_packed_state("initial_state", initial_state, cu.numel() - 1, (d, w - 1), "(N, d, w - 1)")
     require_same_device(x=x, weight=weight, bias=bias, initial_state=initial_state)
     return b, d, l, w, silu
 
@@ -86,9 +94,30 @@ def check_conv_update_args(x, conv_state, weight, bias=None, activation=None):
     return b, d, w, silu
 
 
-def causal_conv1d_ref(x, weight, bias=None, activation=None, initial_state=None, return_final_state=False):
-    """Sequential causal depthwise conv1d. Returns y (b, d, l) in x.dtype, or (y, final_state (b, d, w - 1))."""
-    b, d, l, w, silu = check_conv_args(x, weight, bias, activation, initial_state)
+def causal_conv1d_ref(
+    x, weight, bias=None, activation=None, initial_state=None, return_final_state=False, *, cu_seqlens=None
+):
+    """Sequential causal depthwise conv1d. Returns y (b, d, l) in x.dtype, or (y, final_state (b, d, w - 1)).
+
+    ``cu_seqlens`` (N + 1,) (packed rows, batch 1): each sequence is convolved on its own (the reference is
+    written as that loop), starting from ``initial_state[i]`` ((N, d, w - 1)) or zeros; the final state is
+    (N, d, w - 1), one per sequence."""
+    b, d, l, w, silu = check_conv_args(x, weight, bias, activation, initial_state, cu_seqlens)
+    if cu_seqlens is not None:
+        cu = [int(v) for v in cu_seqlens.tolist()]
+        outs = [
+            causal_conv1d_ref(
+                x[:, :, s:e],
+                weight,
+                bias,
+                activation,
+                None if initial_state is None else initial_state[i : i + 1],
+                return_final_state=True,
+            )
+            for i, (s, e) in enumerate(zip(cu[:-1], cu[1:]))
+        ]
+        y = torch.cat([o[0] for o in outs], dim=-1)
+        return (y, torch.cat([o[1] for o in outs], dim=0)) if return_final_state else y
     cdt = compute_dtype(x, weight, bias, initial_state)
     wt = weight.to(cdt)
     prev = x.new_zeros(b, d, w - 1, dtype=cdt) if initial_state is None else initial_state.to(cdt)

@@ -23,9 +23,11 @@ import torch.nn.functional as F
 from .._dt import prepare_dt
 from .._states_at import check_positions
 from .._validate import require_divisible, require_optional, require_same_device, require_shape, require_tensor
+from .._varlen import check_cu_seqlens
 from ..errors import KernelInputError
 
 __all__ = [
+    "check_packed_state",
     "check_scan_args",
     "check_state_update_args",
     "compute_dtype",
@@ -57,8 +59,21 @@ def _check_groups(name: str, X: torch.Tensor, d: int) -> int:
     return g
 
 
-def check_scan_args(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None):
-    """Validate the selective-scan arguments; returns (b, d, l, n)."""
+def check_packed_state(name: str, state, rows: int, rest: tuple, what: str) -> None:
+    """Packed rows: ``state`` (None or a tensor of ``rows`` = N rows, one per sequence of cu_seqlens, then ``rest``)."""
+    if state is None:
+        return
+    require_tensor(name, state, ndim=1 + len(rest))
+    if tuple(state.shape) != (rows, *rest):
+        raise KernelInputError(
+            f"{name} must have shape {what} = {(rows, *rest)} with packed rows: one row per sequence of "
+            f"cu_seqlens (N = {rows}), not one per batch row; got {tuple(state.shape)}"
+        )
+
+
+def check_scan_args(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None, cu_seqlens=None):
+    """Validate the selective-scan arguments; returns (b, d, l, n). With ``cu_seqlens`` (packed rows) it is
+    checked too and ``initial_state`` must have one row per sequence, (N, d, n)."""
     require_tensor("u", u, ndim=3)
     b, d, l = u.shape
     require_tensor("delta", delta, ndim=3)
@@ -78,7 +93,11 @@ def check_scan_args(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_
     require_optional("D", D, (d,), what="(d,)")
     require_optional("z", z, (b, d, l), what="(b, d, l)")
     require_optional("delta_bias", delta_bias, (d,), what="(d,)")
-    require_optional("initial_state", initial_state, (b, d, n), what="(b, d, n)")
+    if cu_seqlens is None:
+        require_optional("initial_state", initial_state, (b, d, n), what="(b, d, n)")
+    else:
+        cu = check_cu_seqlens(cu_seqlens, b, l)
+        check_packed_state("initial_state", initial_state, cu.numel() - 1, (d, n), "(N, d, n)")
     require_same_device(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state)
     return b, d, l, n
 
@@ -128,12 +147,19 @@ def selective_scan_ref(
     initial_state=None,
     return_final_state=False,
     states_at=None,
+    cu_seqlens=None,
 ):
     """Sequential Mamba-1 selective scan. Returns out (b, d, l) in u.dtype, or (out, final_state (b, d, n)).
 
     ``states_at`` (strictly increasing positions in 1..l): also return the states after those positions,
-    (b, k, d, n), as the last item: (out, final_state, states) or (out, states)."""
-    b, d, l, n = check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    (b, k, d, n), as the last item: (out, final_state, states) or (out, states).
+
+    ``cu_seqlens`` (N + 1,) (packed rows, batch 1): the walk restarts the state at every sequence start (from
+    zeros or ``initial_state[i]``, (N, d, n)) and keeps the state after every sequence's last position: the
+    final state is (N, d, n)."""
+    b, d, l, n = check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens)
+    if cu_seqlens is not None and states_at is not None:
+        raise KernelInputError("states_at cannot be combined with cu_seqlens (packed rows)")
     cdt = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     u_ = u.to(cdt)
     dt = delta.to(cdt)
@@ -144,17 +170,29 @@ def selective_scan_ref(
     A_ = A.to(cdt)
     Bd = _per_channel(B.to(cdt) if B.dim() == 4 else B.to(cdt)[:, None], d, 1)  # (b, d, n, l)
     Cd = _per_channel(C.to(cdt) if C.dim() == 4 else C.to(cdt)[:, None], d, 1)
-    h = u_.new_zeros(b, d, n) if initial_state is None else initial_state.to(cdt)
+    h = u_.new_zeros(b, d, n) if initial_state is None or cu_seqlens is not None else initial_state.to(cdt)
     wanted = set() if states_at is None else set(check_positions(states_at, l))
     kept = []
     ys = []
+    starts: dict[int, int] = {}
+    ends: dict[int, int] = {}
+    if cu_seqlens is not None:
+        cu = [int(v) for v in cu_seqlens.tolist()]
+        starts = {s: i for i, s in enumerate(cu[:-1])}
+        ends = {e - 1: i for i, e in enumerate(cu[1:])}
+        finals = [None] * len(starts)
     # unbind (not x[..., t]) so that autograd through the loop stays linear in l
     for t, (dt_t, u_t, B_t, C_t) in enumerate(zip(dt.unbind(-1), u_.unbind(-1), Bd.unbind(-1), Cd.unbind(-1))):
+        if t in starts:  # packed rows: sequence i starts here, from its own initial state
+            i = starts[t]
+            h = u_.new_zeros(b, d, n) if initial_state is None else initial_state[i : i + 1].to(cdt)
         decay = torch.exp(dt_t[:, :, None] * A_)
         h = decay * h + (dt_t * u_t)[:, :, None] * B_t
         ys.append((h * C_t).sum(-1))
         if t + 1 in wanted:
             kept.append(h)
+        if t in ends:
+            finals[ends[t]] = h
     y = torch.stack(ys, dim=-1) if ys else u_.new_zeros(b, d, 0)
     if D is not None:
         y = y + D.to(cdt)[:, None] * u_
@@ -162,6 +200,8 @@ def selective_scan_ref(
         y = y * F.silu(z.to(cdt))
     out = y.to(u.dtype)
     final = h if l or initial_state is None else h.clone()
+    if cu_seqlens is not None:
+        final = torch.cat(finals, dim=0)
     if states_at is not None:
         states = torch.stack(kept, dim=1) if kept else h.new_zeros(b, 0, d, n)
         return (out, final, states) if return_final_state else (out, states)
