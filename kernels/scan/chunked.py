@@ -60,8 +60,10 @@ from .._layout import channels_last as _channels_last
 from .._layout import empty_like_layout as _empty_like_layout
 from .._states_at import check_positions, scan_in_pieces
 from .._validate import records_grad
+from ..errors import KernelInputError
 from .chunked_blocks import (
     _LOG2E,
+    PackedRows,
     _a_layout,
     _contract_c,
     _forward_block,
@@ -131,6 +133,7 @@ def _scan_forward(
     block_elems=BLOCK_ELEMS,
     states_at=(),
     kept=None,
+    packed=None,
 ):
     """Blocked forward; B, C are (b, g, n, l). Returns (y, final_state (b, d, n), starts or None).
 
@@ -139,7 +142,10 @@ def _scan_forward(
 
     With ``out`` given, the delta preprocessing and the D / z epilogue are fused in and the result is written
     into ``out`` (b, d, l) (any dtype); otherwise y is the raw scan output ``sum_n C h`` in ``cdt`` (laid out
-    like ``u``) and ``delta`` must already be the effective delta."""
+    like ``u``) and ``delta`` must already be the effective delta.
+
+    ``packed`` (a ``PackedRows``; batch 1, ``h0`` None): the state restarts at every sequence start and the final
+    state is (N, d, n), each sequence's state after its last position (copied out of the blocks' pass 2)."""
     b, d, l = u.shape
     n = A.shape[1]
     g = B.shape[1]
@@ -161,6 +167,7 @@ def _scan_forward(
         D_c = D.to(cdt) if cl else D.to(cdt)[:, None]
     y = out if out is not None else _empty_like_layout(u, cdt)
     starts = [] if save_starts else None
+    finals = None if packed is None else torch.zeros(packed.N, g, n, dg, dtype=cdt, device=dev)
     for s0 in range(0, l, L):
         Lv = min(L, l - s0)
         Cb = -(-Lv // T)
@@ -168,7 +175,10 @@ def _scan_forward(
         if save_starts:
             starts.append(carry.clone())
         dT, duT, BT, CT, _, u_w = _stage_block(ws, s0, Lv, Lp, delta, u, B, C, cdt, bias=bias, softplus=softplus)
-        _, H, _, _ = _forward_block(ws, A2, carry, dT, duT, BT, Cb)
+        pack = None if packed is None else packed.block(s0, Lv, T, Cb)
+        _, H, _, _ = _forward_block(ws, A2, carry, dT, duT, BT, Cb, pack=pack)
+        if pack is not None:
+            finals.index_copy_(0, pack.en_seq, pack.at(H, pack.en_idx))
         if kept is not None:
             for p in states_at:
                 if s0 < p <= s0 + Lv:
@@ -191,18 +201,23 @@ def _scan_forward(
                 continue
             y_w.mul_(gate)
         y_dst.copy_(y_w)
-    final = _state_to_external(carry)
+    final = _state_to_external(carry if finals is None else finals)
     return y, final, (torch.stack(starts) if save_starts else None)
 
 
-def _scan_backward(u, delta, A, B, C, starts, gy, g_final, cdt, chunk, block_elems):
+def _scan_backward(u, delta, A, B, C, starts, gy, g_final, cdt, chunk, block_elems, packed=None):
     """Gradients of (y = sum_n C h, final_state) w.r.t. u, delta (effective), A, B, C (b, g, n, l), h0.
 
     Per block, newest first: recompute the states from the saved block start, then the adjoint
     ``mu_t = dL/dh_t = C_t * gy_t + a_{t+1} * mu_{t+1}`` by the same two-pass chunked scan run backwards
     (local adjoints from a zero carry at each chunk end; exact chunk carries; exact adjoints), then
     g_C = sum gy h,  g_B = sum mu delta u,  g_(delta u) = sum_n mu B,
-    and through a = exp(delta A) with X = mu * a * h_{t-1}:  g_delta += sum_n X A,  g_A += sum X delta."""
+    and through a = exp(delta A) with X = mu * a * h_{t-1}:  g_delta += sum_n X A,  g_A += sum X delta.
+
+    ``packed`` (a ``PackedRows``): the decays are masked at the sequence starts, the final-state gradient
+    g_final (N, d, n) enters the adjoint at each sequence's last position (a dense injection G, as J in the
+    forward), X gains mu_s J_s = mu_s a_s h0_i at the starts, and the returned dL/dh0 is (N, d, n):
+    mu_s a_s (unmasked decay) at each start."""
     b, d, l = u.shape
     n = A.shape[1]
     g = B.shape[1]
@@ -220,7 +235,12 @@ def _scan_backward(u, delta, A, B, C, starts, gy, g_final, cdt, chunk, block_ele
     gC = torch.empty(b, g, n, l, dtype=cdt, device=dev)
     gA = torch.zeros(g, n, dg, dtype=cdt, device=dev)
     K = torch.zeros(b, g, n, dg, dtype=cdt, device=dev)  # dL/d(state after the current block)
-    if g_final is not None:
+    gF = gh0 = None
+    if packed is not None:
+        gh0 = torch.zeros(packed.N, g, n, dg, dtype=cdt, device=dev)
+        if g_final is not None:
+            gF = _state_to_internal(g_final, g)
+    elif g_final is not None:
         K.copy_(_state_to_internal(g_final, g))
     nblocks = -(-l // L)
     for k in reversed(range(nblocks)):
@@ -237,7 +257,11 @@ def _scan_backward(u, delta, A, B, C, starts, gy, g_final, cdt, chunk, block_ele
             ws.to_core(gyT, _winput(ws, gy, s0, Lv, 7, cdt))
             if Lp > Lv:
                 gyT[:, Lv:].zero_()
-        a, H, P, Hs = _forward_block(ws, A2, starts[k].clone(), dT, duT, BT, Cb, H=ws.big6(1, Cb))
+        pack = None if packed is None else packed.block(s0, Lv, T, Cb)
+        a, H, P, Hs = _forward_block(ws, A2, starts[k].clone(), dT, duT, BT, Cb, H=ws.big6(1, Cb), pack=pack)
+        G = None  # packed rows: g_final at the sequences' last positions
+        if gF is not None and pack.en_idx.numel():
+            G = pack.dense(H, pack.en_idx, gF.index_select(0, pack.en_seq))
         # g_C = sum_dg gy h, as (1 x dg) @ (dg x n): ~3x faster than the (n x dg) @ (dg x 1) mat-vec form
         gCT = ws.lgnv(2, Lp)
         torch.bmm(gyT.view(M, 1, dg), H.view(M, n, dg).transpose(1, 2), out=gCT.view(M, 1, n))
@@ -247,10 +271,15 @@ def _scan_backward(u, delta, A, B, C, starts, gy, g_final, cdt, chunk, block_ele
         # e_c = a_0 * r_0 is what flows out of the start of chunk c
         if Cb > 1:
             at, gyt, Ct = a[:, 1:].unbind(2), gy6[:, 1:].unbind(2), C6[:, 1:].unbind(2)
+            Gt = G[:, 1:].unbind(2) if G is not None else None
             e = ws.chunkv(0, Cb)[:, 1:]
             torch.mul(Ct[T - 1], gyt[T - 1], out=e)
+            if Gt is not None:
+                e.add_(Gt[T - 1])
             for t in range(T - 2, -1, -1):
                 e.mul_(at[t + 1]).addcmul_(Ct[t], gyt[t])
+                if Gt is not None:
+                    e.add_(Gt[t])
             e.mul_(at[0])
         # chunk carries: Ks[c] = dL/dh at the end of chunk c from everything after it
         Ks = ws.chunkv(3, Cb)
@@ -263,12 +292,20 @@ def _scan_backward(u, delta, A, B, C, starts, gy, g_final, cdt, chunk, block_ele
         Mu = ws.big6(2, Cb)
         at, Ht, Mt = a.unbind(2), H.unbind(2), Mu.unbind(2)
         gyt, Ct = gy6.unbind(2), C6.unbind(2)
+        Gt = G.unbind(2) if G is not None else None
         torch.addcmul(Ks, Ct[T - 1], gyt[T - 1], out=Mt[T - 1])
         for t in range(T - 1, -1, -1):
             if t < T - 1:
                 torch.mul(at[t + 1], Mt[t + 1], out=Mt[t]).addcmul_(Ct[t], gyt[t])
+            if Gt is not None:
+                Mt[t].add_(Gt[t])
             torch.mul(Mt[t], at[t], out=Ht[t]).mul_(Ht[t - 1] if t > 0 else Hs)
         torch.mul(Mu[:, 0, 0], a[:, 0, 0], out=K)  # dL/d(state before this block)
+        if pack is not None and pack.keep6 is not None:
+            mu_st = pack.at(Mu, pack.st_idx)
+            gh0.index_copy_(0, pack.st_seq, mu_st * pack.a_st)  # dL/dh0_i = mu_s a_s
+            if pack.J is not None:
+                H.addcmul_(Mu, pack.J)  # X_s += mu_s a_s h0_i
         gBT = ws.lgnv(3, Lp)
         torch.bmm(duT.view(M, 1, dg), Mu.view(M, n, dg).transpose(1, 2), out=gBT.view(M, 1, n))
         gduT = ws.core(3, Lp)
@@ -289,7 +326,7 @@ def _scan_backward(u, delta, A, B, C, starts, gy, g_final, cdt, chunk, block_ele
         gB[:, :, :, s0 : s0 + Lv].copy_(gBT[:, :Lv].permute(0, 2, 3, 1))
         gC[:, :, :, s0 : s0 + Lv].copy_(gCT[:, :Lv].permute(0, 2, 3, 1))
     gA_ext = gA.transpose(1, 2).reshape(d, n)
-    return gu, gdelta, gA_ext, gB, gC, _state_to_external(K)
+    return gu, gdelta, gA_ext, gB, gC, _state_to_external(K if gh0 is None else gh0)
 
 
 class _Softplus(torch.autograd.Function):
@@ -310,11 +347,23 @@ class _SelectiveScanCore(torch.autograd.Function):
     """(u, delta_eff, A, B, C, h0) -> (y = sum_n C h, final_state); recomputing backward (see module doc)."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, h0, cdt, chunk, block_elems):
+    def forward(ctx, u, delta, A, B, C, h0, cdt, chunk, block_elems, cu_seqlens=None):
         ctx.set_materialize_grads(False)
+        packed = None if cu_seqlens is None else PackedRows(cu_seqlens, h0, B.shape[1], cdt, u.device)
         y, final, starts = _scan_forward(
-            u, delta, A, B, C, h0, cdt, save_starts=True, chunk=chunk, block_elems=block_elems
+            u,
+            delta,
+            A,
+            B,
+            C,
+            None if packed is not None else h0,
+            cdt,
+            save_starts=True,
+            chunk=chunk,
+            block_elems=block_elems,
+            packed=packed,
         )
+        ctx.packed = packed
         ctx.save_for_backward(u, delta, A, B, C, starts)
         ctx.cdt, ctx.chunk, ctx.block_elems = cdt, chunk, block_elems
         ctx.h0_meta = None if h0 is None else h0.dtype
@@ -327,7 +376,7 @@ class _SelectiveScanCore(torch.autograd.Function):
         gy_c = None if gy is None else gy.to(cdt)
         gf_c = None if g_final is None else g_final.to(cdt)
         gu, gdelta, gA, gB, gC, gh0 = _scan_backward(
-            u, delta, A, B, C, starts, gy_c, gf_c, cdt, ctx.chunk, ctx.block_elems
+            u, delta, A, B, C, starts, gy_c, gf_c, cdt, ctx.chunk, ctx.block_elems, ctx.packed
         )
         gh0 = None if ctx.h0_meta is None else gh0.to(ctx.h0_meta)
         return (
@@ -337,6 +386,7 @@ class _SelectiveScanCore(torch.autograd.Function):
             gB.to(B.dtype),
             gC.to(C.dtype),
             gh0,
+            None,
             None,
             None,
             None,
@@ -368,6 +418,7 @@ def selective_scan_chunked(
     chunk_size=None,
     block_elems=None,
     states_at=None,
+    cu_seqlens=None,
 ):
     """Vectorised Mamba-1 selective scan (see the module docstring for the algorithm).
 
@@ -378,8 +429,14 @@ def selective_scan_chunked(
 
     Returns out (b, d, l) in u.dtype, or (out, final_state (b, d, n)) with ``return_final_state``; the state
     is float32 (float64 for float64 inputs). ``chunk_size`` / ``block_elems`` override the tiling (tests).
+
+    ``cu_seqlens`` (N + 1,) (packed rows, batch 1): the state restarts at every sequence start (from zeros or
+    ``initial_state`` (N, d, n)); the final state is (N, d, n). Done inside the blocks (``PackedRows``), no loop
+    over sequences; the gradients are those of running each sequence alone.
     """
-    b, d, l, n = check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    b, d, l, n = check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens)
+    if cu_seqlens is not None and states_at is not None:
+        raise KernelInputError("states_at cannot be combined with cu_seqlens (packed rows)")
     cdt = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     needs_grad = records_grad(*tensors)
@@ -398,13 +455,14 @@ def selective_scan_chunked(
     if not needs_grad:
         kept: list | None = None if states_at is None else []
         out = _empty_like_layout(u, u.dtype)  # position-major inputs give a position-major output
+        packed = None if cu_seqlens is None else PackedRows(cu_seqlens, initial_state, B4.shape[1], cdt, u.device)
         out, final, _ = _scan_forward(
             u,
             delta,
             A,
             B4,
             C4,
-            initial_state,
+            initial_state if packed is None else None,
             cdt,
             delta_bias=delta_bias,
             softplus=delta_softplus,
@@ -415,6 +473,7 @@ def selective_scan_chunked(
             block_elems=block_elems or BLOCK_ELEMS,
             states_at=positions if kept is not None else (),
             kept=kept,
+            packed=packed,
         )
         if kept is not None:
             states = torch.stack(kept, dim=1)
@@ -425,7 +484,9 @@ def selective_scan_chunked(
         dt = dt + delta_bias.to(cdt)[:, None]
     if delta_softplus:
         dt = _Softplus.apply(dt)
-    y, final = _SelectiveScanCore.apply(u, dt, A, B4, C4, initial_state, cdt, chunk, block_elems or BLOCK_ELEMS_GRAD)
+    y, final = _SelectiveScanCore.apply(
+        u, dt, A, B4, C4, initial_state, cdt, chunk, block_elems or BLOCK_ELEMS_GRAD, cu_seqlens
+    )
     if D is not None:
         y = y + u.to(cdt) * D.to(cdt)[:, None]
     if z is not None:

@@ -191,16 +191,79 @@ def _stage_block(ws, s0, Lv, Lp, delta, u, B, C, cdt, *, bias=None, softplus=Fal
     return dT, duT, BT, CT, d_w, u_w
 
 
-def _forward_block(ws, A2, carry, dT, duT, BT, Cb, H=None):
+class PackedRows:
+    """Packed rows (``cu_seqlens``, batch 1) in the blocked scan: the sequences' starts and ends, block by block,
+    and the per-sequence initial states in the internal layout (N, g, n, dg) (None: every sequence from zeros).
+
+    The recurrence ``h_t = a_t h_{t-1} + x_t`` restarts at a start ``s`` of sequence ``i`` by taking
+    ``a_s' = 0`` and ``x_s' = x_s + a_s h0_i``: the chunked machinery is unchanged, with the decays masked at
+    the starts (a chunk holding a start has total decay 0) and the injections ``J_s = a_s h0_i`` added to the
+    drive in both passes."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, h0, g: int, cdt, device):
+        cu = cu_seqlens.detach().to("cpu", torch.int64)
+        self.N = cu.numel() - 1
+        self.starts = cu[:-1]
+        self.ends = cu[1:] - 1
+        self.h0 = None if h0 is None else _state_to_internal(h0.detach().to(device, cdt), g)
+        self.cdt, self.device = cdt, device
+
+    def block(self, s0: int, Lv: int, T: int, Cb: int) -> PackedBlock:
+        return PackedBlock(self, s0, Lv, T, Cb)
+
+
+class PackedBlock:
+    """One block's share of ``PackedRows``: st_idx / st_seq (positions in the block, sequence numbers) of the
+    starts, en_idx / en_seq of the last positions; keep6 / chunk_keep, the 0/1 masks of the decays (None when no
+    sequence starts in the block); after ``_forward_block``: a_st, the unmasked decays at the starts
+    (1, k, g, n, dg), and J, the dense injections (None without initial states)."""
+
+    def __init__(self, rows: PackedRows, s0: int, Lv: int, T: int, Cb: int):
+        dev = rows.device
+        sel = (rows.starts >= s0) & (rows.starts < s0 + Lv)
+        st = rows.starts[sel] - s0
+        self.st_idx, self.st_seq = st.to(dev), sel.nonzero().flatten().to(dev)
+        sel_e = (rows.ends >= s0) & (rows.ends < s0 + Lv)
+        self.en_idx, self.en_seq = (rows.ends[sel_e] - s0).to(dev), sel_e.nonzero().flatten().to(dev)
+        self.h0 = rows.h0
+        self.keep6 = self.chunk_keep = None
+        if st.numel():
+            keep = torch.ones(Cb * T, dtype=rows.cdt)
+            keep[st] = 0
+            self.keep6 = keep.view(1, Cb, T, 1, 1, 1).to(dev)
+            self.chunk_keep = keep.view(Cb, T).amin(1).view(1, Cb, 1, 1, 1).to(dev)
+        self.a_st = None
+        self.J = None
+
+    def at(self, X: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Rows ``idx`` (positions in the block) of a (1, Cb, T, g, n, dg) buffer: (k, g, n, dg)."""
+        return X.reshape(X.shape[1] * X.shape[2], *X.shape[3:]).index_select(0, idx)
+
+    def dense(self, like: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """A zero buffer like ``like`` (1, Cb, T, g, n, dg) holding ``values`` (k, g, n, dg) at positions idx."""
+        out = torch.zeros_like(like)
+        out.view(-1, *like.shape[3:]).index_copy_(0, idx, values)
+        return out
+
+
+def _forward_block(ws, A2, carry, dT, duT, BT, Cb, H=None, pack=None):
     """Steps 1-4 of the module docstring on one block.
 
     ``carry`` (b, g, n, dg) holds the state before the block and is updated in place to the state after it.
     Returns (a, H, P, Hs): the decays a (b, Cb, T, g, n, dg), the states H (written over ``a`` unless a
-    separate buffer is given), the chunk decays P and the chunk start states Hs (b, Cb, g, n, dg)."""
+    separate buffer is given), the chunk decays P and the chunk start states Hs (b, Cb, g, n, dg).
+    ``pack`` (a ``PackedBlock``, packed rows): the decays are masked at the sequence starts (so ``a`` comes back
+    masked) and the initial-state injections added (see ``PackedRows``)."""
     b, g, n, dg, T = ws.b, ws.g, ws.n, ws.dg, ws.T
     a = ws.big6(0, Cb)
     torch.mul(dT.view(b, Cb, T, g, 1, dg), A2, out=a)
     a.exp2_()
+    J = None
+    if pack is not None and pack.keep6 is not None:
+        pack.a_st = pack.at(a, pack.st_idx)  # the decays at the starts, before masking
+        a.mul_(pack.keep6)
+        if pack.h0 is not None:
+            J = pack.J = pack.dense(a, pack.st_idx, pack.a_st * pack.h0.index_select(0, pack.st_seq))
     du6 = duT.view(b, Cb, T, g, 1, dg)
     B6 = BT.view(b, Cb, T, g, n, 1)
     Cp = Cb - 1  # the last chunk's end state comes out of pass 2
@@ -209,14 +272,21 @@ def _forward_block(ws, A2, carry, dT, duT, BT, Cb, H=None):
         at = a[:, :Cp].unbind(2)
         dut = du6[:, :Cp].unbind(2)
         Bt = B6[:, :Cp].unbind(2)
+        Jt = J[:, :Cp].unbind(2) if J is not None else None
         s = ws.chunkv(0, Cb)[:, :Cp]
         torch.mul(dut[0], Bt[0], out=s)
+        if Jt is not None:
+            s.add_(Jt[0])
         for t in range(1, T):
             s.mul_(at[t]).addcmul_(dut[t], Bt[t])
+            if Jt is not None:
+                s.add_(Jt[t])
     # chunk decays exp(A * sum(delta)) and the true chunk start states
     P = ws.chunkv(1, Cb)
     torch.mul(dT.view(b, Cb, T, g, 1, dg).sum(2), A2, out=P)
     P.exp2_()
+    if pack is not None and pack.chunk_keep is not None:
+        P.mul_(pack.chunk_keep)
     Hs = ws.chunkv(2, Cb)
     Hs[:, 0].copy_(carry)
     if Cp:
@@ -227,9 +297,12 @@ def _forward_block(ws, A2, carry, dT, duT, BT, Cb, H=None):
     if H is None:
         H = a
     at, Ht, dut, Bt = a.unbind(2), H.unbind(2), du6.unbind(2), B6.unbind(2)
+    Jt = J.unbind(2) if J is not None else None
     prev = Hs
     for t in range(T):
         torch.mul(at[t], prev, out=Ht[t]).addcmul_(dut[t], Bt[t])
+        if Jt is not None:
+            Ht[t].add_(Jt[t])
         prev = Ht[t]
     carry.copy_(H[:, Cb - 1, T - 1])
     return a, H, P, Hs
