@@ -12,9 +12,12 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import seqlab.kernels as K
 from seqlab.kernels import KernelInputError
+from seqlab.kernels.mamba3.chunked import mamba3_scan_chunked, mamba3_state_update_chunked
 from seqlab.kernels.mamba3.ref import mamba3_scan_ref, mamba3_state_update_ref
 from seqlab.testing import rel_err as rel
 
@@ -181,15 +184,15 @@ def test_reference_matches_a_hand_computation():
             assert (state[i] - want[i]).abs().max() < 1e-12
 
 
-SCAN_BACKEND_NAMES = ["ref"]
+SCAN_BACKEND_NAMES = ["ref", "chunked"]
 
 
 def scan_backends():
-    return [mamba3_scan_ref]
+    return [mamba3_scan_ref, mamba3_scan_chunked]
 
 
 def step_backends():
-    return [mamba3_state_update_ref]
+    return [mamba3_state_update_ref, mamba3_state_update_chunked]
 
 
 # ------------------------------------------------------------------------------------------- step == scan
@@ -342,3 +345,128 @@ def test_bad_inputs_siso_refuses_mimo_weights_and_bad_packing():
         step_kw = {k: inputs[k][:, 0] for k in ("x", "dt", "A", "B", "C", "trap", "angles")}
         bad_state = tuple(t[:, :2] for t in inputs["initial_state"])
         K.mamba3_state_update(bad_state, **step_kw, B_bias=inputs["B_bias"], C_bias=inputs["C_bias"], backend="ref")
+
+
+# ------------------------------------------------------------------------------------ chunked vs reference
+
+CASES = [  # r, l, D, z, init
+    (1, 1, True, True, True),
+    (1, 7, False, False, False),
+    (1, 37, True, True, True),
+    (1, 37, True, False, False),
+    (2, 1, True, True, True),
+    (2, 7, True, False, True),
+    (2, 37, True, True, True),
+    (2, 37, False, True, False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("r, l, D, z, init", CASES)
+def test_chunked_matches_reference(r, l, D, z, init, dtype):
+    """Outputs, all four final states and the gradients of every input (incl. the initial state, the biases and
+    the MIMO weights) of the chunked path (chunk 16, g = 2 < h = 4) against the float64 reference."""
+    inputs = cast(make_inputs(b=2, l=l, r=r, D=D, z=z, init=init, seed=10 * l + r), dtype)
+    y_ref, s_ref, g_ref = run_with_grads(mamba3_scan_ref, cast(inputs, torch.float64))
+    y, s, g = run_with_grads(mamba3_scan_chunked, inputs, 16)
+    out_tol, grad_tol = (TOL64, TOL64) if dtype == torch.float64 else (OUT_TOL, GRAD_TOL)
+    assert y.dtype == dtype and all(part.dtype == dtype for part in s)
+    assert rel(y, y_ref) < out_tol
+    assert_states_close(s, s_ref, out_tol)
+    assert set(g) == set(g_ref)
+    for k in g_ref:
+        assert g[k] is not None, k
+        assert rel(g[k], g_ref[k]) < grad_tol, k
+
+
+def test_chunked_per_rank_output_matches_reference():
+    inputs = make_inputs(b=1, l=19, r=2, z=False, mimo_o=False, seed=4)
+    y_ref, s_ref, g_ref = run_with_grads(mamba3_scan_ref, inputs)
+    y, s, g = run_with_grads(mamba3_scan_chunked, inputs, 8)
+    assert y.shape == (1, 19, 2, 4, 3)
+    assert rel(y, y_ref) < TOL64
+    assert_states_close(s, s_ref, TOL64)
+    for k in g_ref:
+        assert rel(g[k], g_ref[k]) < TOL64, k
+
+
+@pytest.mark.parametrize("r", [1, 2])
+def test_chunked_bf16_inputs_compute_in_fp32(r):
+    inputs = cast(make_inputs(b=1, l=21, r=r, seed=7), torch.bfloat16)
+    y, s = run_scan(mamba3_scan_chunked, inputs, 8)
+    y_ref, s_ref = run_scan(mamba3_scan_ref, cast(inputs, torch.float64))
+    assert y.dtype == torch.bfloat16 and s[1].dtype == torch.float32
+    assert rel(y, y_ref) < 2e-2
+    assert rel(s[1], s_ref[1]) < 1e-4  # the state never left float32
+
+
+@pytest.mark.parametrize("fn", [mamba3_scan_ref, mamba3_scan_chunked], ids=["ref", "chunked"])
+@pytest.mark.parametrize("r", [1, 2])
+def test_two_calls_threading_the_state_equal_one_call(fn, r):
+    inputs = make_inputs(b=2, l=23, r=r, seed=11)
+    y, s = run_scan(fn, inputs, 8)
+    first = {k: (v[:, :10] if k in ("x", "dt", "A", "B", "C", "trap", "angles", "z") else v) for k, v in inputs.items()}
+    second = {
+        k: (v[:, 10:] if k in ("x", "dt", "A", "B", "C", "trap", "angles", "z") else v) for k, v in inputs.items()
+    }
+    y1, s1 = run_scan(fn, first, 8)
+    y2, s2 = run_scan(fn, dict(second, initial_state=s1), 8)
+    assert rel(torch.cat([y1, y2], dim=1), y) < TOL64
+    assert_states_close(s2, s, TOL64)
+
+
+# ------------------------------------------------------------------------------------ packed rows, chunked
+
+
+@pytest.mark.parametrize("r", [1, 2])
+def test_chunked_packed_equals_each_sequence_alone(r):
+    # sequences shorter than, equal to and longer than a chunk; several starting and ending inside one chunk
+    check_packed_equals_alone(mamba3_scan_chunked, [3, 1, 4, 9, 2], r, init=True, chunk_size=4, seed=12)
+    check_packed_equals_alone(mamba3_scan_chunked, [5, 8, 1], r, init=False, chunk_size=4, seed=13)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    lengths=st.lists(st.integers(min_value=1, max_value=9), min_size=1, max_size=5),
+    r=st.sampled_from([1, 2]),
+    init=st.booleans(),
+    chunk=st.sampled_from([3, 4, 16]),
+)
+def test_chunked_packed_random_mixes(lengths, r, init, chunk):
+    check_packed_equals_alone(mamba3_scan_chunked, lengths, r, init=init, chunk_size=chunk, seed=sum(lengths))
+
+
+def test_packed_chunked_matches_packed_reference_in_float32():
+    lengths = [6, 1, 13, 3]
+    inputs = cast(make_inputs(b=1, l=sum(lengths), r=2, rows=4, seed=14), torch.float32)
+    cu = torch.tensor([0, 6, 7, 20, 23])
+    y_ref, s_ref, g_ref = run_with_grads(mamba3_scan_ref, cast(inputs, torch.float64), cu_seqlens=cu)
+    y, s, g = run_with_grads(mamba3_scan_chunked, inputs, 4, cu_seqlens=cu)
+    assert rel(y, y_ref) < OUT_TOL
+    assert_states_close(s, s_ref, OUT_TOL)
+    for k in g_ref:
+        assert rel(g[k], g_ref[k]) < GRAD_TOL, k
+
+
+# ------------------------------------------------------------------------------------------- the dispatcher
+
+
+@pytest.mark.parametrize("backend", ["ref", "chunked"])
+def test_dispatcher_backends(backend):
+    inputs = make_inputs(b=1, l=9, r=2, rows=2, seed=15)
+    want_y, want_s = run_scan(mamba3_scan_ref, inputs, cu_seqlens=torch.tensor([0, 4, 9]))
+    y, s = run_scan(K.mamba3_scan, inputs, 4, cu_seqlens=torch.tensor([0, 4, 9]), backend=backend)
+    assert rel(y, want_y) < TOL64
+    assert_states_close(s, want_s, TOL64)
+    y2, _ = run_scan(K.mamba3_scan, inputs, 4, seq_idx=torch.tensor([[0] * 4 + [1] * 5]), backend=backend)
+    assert rel(y2, want_y) < TOL64
+    step_kw = {k: inputs[k][:, 0] for k in ("x", "dt", "A", "B", "C", "trap", "angles", "z")}
+    step_kw.update({k: inputs[k] for k in ("B_bias", "C_bias", "D", "mimo_x", "mimo_z", "mimo_o")})
+    state = tuple(t[:1] for t in inputs["initial_state"])
+    y_step, new_state = K.mamba3_state_update(state, **step_kw, backend=backend)
+    assert rel(y_step, want_y[:, 0]) < TOL64
+    assert all(isinstance(part, torch.Tensor) for part in new_state)
+    # not packed, the default backend ("auto" on CPU tensors: chunked)
+    unpacked = make_inputs(b=2, l=5, r=1, seed=16)
+    y_auto = K.mamba3_scan(*[unpacked[k] for k in ("x", "dt", "A", "B", "C", "trap", "angles", "B_bias", "C_bias")])
+    assert rel(y_auto, run_scan(mamba3_scan_ref, dict(unpacked, initial_state=None, D=None, z=None))[0]) < TOL64
