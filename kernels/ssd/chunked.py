@@ -29,6 +29,20 @@ Without that, strong decays produce denormals and underflows, which x86 handles 
 exp(-inf) is several times slower than exp of a normal number. Entries above the diagonal are clamped to the
 same floor and then zeroed through the lower-triangular C.B matrix, so no inf * 0 can appear (A > 0 included).
 
+Packed rows (``cu_seqlens``, batch 1, several sequences end to end; kernels/_varlen.py). The scan runs over the
+whole row with zero initial state and a constant _JUMP (1024) subtracted from the log decay dt * A at every
+sequence start. Every decay that reaches across a start (the (q, q) segment sums, the chunk-state weights
+exp(cs_end - cs_j), the chunk decay exp(cs_end) of the state passing, the state-output factor exp(cs_i)) then
+holds exp(-1024 + ...) = 0 (float32 and float64; floored to exactly 0 or to exp(-60) like any other negligible
+decay), so nothing crosses a boundary, and since the jump is a constant the gradients (through dt, A) are those
+of each sequence alone: this is mamba_ssm's seq_idx masking (cross-sequence pairs get segment sum -inf, a chunk
+does not receive the previous chunk's state across a start), folded into the running sums, so that neither the
+drivers here nor the Triton kernels need a mask of their own. What the zero-initial-state scan leaves out,
+``packed_boundary_terms`` adds with differentiable torch ops over the row (no loop over sequences): the initial
+state term exp(cs_t - base_i) C_t . h0_i for t in sequence i (before the z gate), and the final states, from
+the row's float64 running sum of dt * A. Precision: the running sums grow by 1024 per start inside a chunk
+(about 1e-12 relative in float64 with 64 starts in one chunk; float32 keeps hi + lo as before).
+
 Two drivers share this math. With autograd recording, plain differentiable ops (memory grows with l, like any
 autograd graph). Under no_grad, chunks are processed in blocks of a bounded number of elements with in-place
 ops in scratch buffers, so the working memory stays constant in l beyond the inputs and the output; the scratch
@@ -46,7 +60,7 @@ from einops import rearrange
 
 from .._states_at import check_positions, scan_in_pieces
 from .._validate import records_grad
-from .ref import check_scan_args, check_step_args, d_as_hp, prepare_dt
+from .ref import check_packed_args, check_scan_args, check_step_args, d_as_hp, prepare_dt
 
 __all__ = ["ssd_scan_chunked", "ssd_state_update_chunked"]
 
@@ -92,15 +106,20 @@ def _decay_factor(seg: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
     return torch.where(seg >= _LOG_FLOOR[cd], seg.exp(), 0.0).to(cd)
 
 
-def _decays(dtq: torch.Tensor, A: torch.Tensor, cd: torch.dtype, split: bool):
+def _decays(dtq: torch.Tensor, A: torch.Tensor, cd: torch.dtype, split: bool, jq=None):
     """Per-step decay factors of each chunk from dtq (b, c, h, q).
 
     Returns hi (b, c, h, q): running sums of dt * A in base 2 (times log2(e): exp2 is several times faster than
     exp on CPU), in float64 unless ``split``, then rounded to the compute dtype with the residue returned as
     e_lo / e_lo_neg = 2^(+-(cs2 - hi)) (None otherwise); pre = exp(cs_i) (decay from the chunk start through
     step i), post = exp(cs_end - cs_j) (decay after step j to the chunk end) and chunk = exp(cs_end) (b, c, h).
+    ``jq`` (1, c, 1, q) float64 (packed rows): _JUMP at every sequence start, subtracted from the log decay (see
+    the module docstring).
     """
-    cs = (dtq.to(torch.float64) * A.to(torch.float64)[:, None]).contiguous().cumsum(-1)
+    a = dtq.to(torch.float64) * A.to(torch.float64)[:, None]
+    if jq is not None:
+        a = a - jq
+    cs = a.contiguous().cumsum(-1)
     cs2 = cs * _LOG2E
     if cd == torch.float64 or not split:
         hi, e_lo, e_lo_neg = cs2, None, None
@@ -124,11 +143,11 @@ def _grouped(t: torch.Tensor, g: int, pattern: str) -> torch.Tensor:
 # autograd driver: differentiable ops only
 
 
-def _block_autograd(xq, dtq, A, Bq, Cq, state, bounds, Dhp, zq, cd, g):
+def _block_autograd(xq, dtq, A, Bq, Cq, state, bounds, Dhp, zq, cd, g, jq=None):
     """One block of c chunks of q steps. xq/zq (b, c, q, h, p), dtq (b, c, h, q), Bq/Cq (b, c, q, g, n),
     state (b, h, p, n). Returns y (b, c, q, h, p) and the state after the block."""
     b, c, q, h, p = xq.shape
-    hi, _, _, pre, post, chunk = _decays(dtq, A, cd, split=False)
+    hi, _, _, pre, post, chunk = _decays(dtq, A, cd, split=False, jq=jq)
     Cg = rearrange(Cq, "b c q g n -> b c g q n")
     Bg = rearrange(Bq, "b c q g n -> b c g q n")
 
@@ -214,13 +233,13 @@ def _release_if_large(ws: _Workspace) -> None:
         _workspaces.cache.pop((ws.dtype, str(ws.device)), None)
 
 
-def _block_lean(xq, dtq, A, Bq, Cq, state, bounds, Dhp, zq, cd, g, out, ws):
+def _block_lean(xq, dtq, A, Bq, Cq, state, bounds, Dhp, zq, cd, g, out, ws, jq=None):
     """As _block_autograd, but in place in the workspace ``ws``; writes y into ``out`` (a (b, c, q, g, hh, p)
     view of the output, any dtype) and returns the state after the block."""
     b, c, q, h, p = xq.shape
     n = Bq.shape[-1]
     hg = h // g
-    hi, e_lo, e_lo_neg, pre, post, chunk = _decays(dtq, A, cd, split=True)
+    hi, e_lo, e_lo_neg, pre, post, chunk = _decays(dtq, A, cd, split=True, jq=jq)
     Cg = rearrange(Cq, "b c q g n -> b c g q n")
     Bg = rearrange(Bq, "b c q g n -> b c g q n")
 
@@ -278,7 +297,7 @@ def _block_lean(xq, dtq, A, Bq, Cq, state, bounds, Dhp, zq, cd, g, out, ws):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _scan_autograd(x, dt_args, A, B, C, z, Dhp, state, spans, bounds, cd, g):
+def _scan_autograd(x, dt_args, A, B, C, z, Dhp, state, spans, bounds, cd, g, jumps=None):
     """Differentiable driver: autograd keeps every block's intermediates (some 20-30 KiB per step at h=16, p=32,
     n=64, q=64). The inputs are cut with split, whose backward is one cat, not with per-block slicing, whose
     backward would build a full-length zero gradient per block."""
@@ -291,6 +310,7 @@ def _scan_autograd(x, dt_args, A, B, C, z, Dhp, state, spans, bounds, cd, g):
     Bs = B.to(cd).split(sizes, dim=1)
     Cs = C.to(cd).split(sizes, dim=1)
     zs = z.to(cd).split(sizes, dim=1) if z is not None else [None] * len(spans)
+    js = jumps.split(sizes) if jumps is not None else [None] * len(spans)
     pieces = []
     s = state
     for i, (_, _c, q) in enumerate(spans):
@@ -306,6 +326,7 @@ def _scan_autograd(x, dt_args, A, B, C, z, Dhp, state, spans, bounds, cd, g):
             None if zs[i] is None else rearrange(zs[i], "b (c q) h p -> b c q h p", q=q),
             cd,
             g,
+            None if js[i] is None else js[i].view(1, -1, 1, q),
         )
         yq, s = _block_autograd(*args)
         pieces.append(rearrange(yq, "b c q h p -> b (c q) h p"))
@@ -313,7 +334,7 @@ def _scan_autograd(x, dt_args, A, B, C, z, Dhp, state, spans, bounds, cd, g):
     return y.to(x.dtype), s
 
 
-def _scan_lean(x, dt_args, A, B, C, z, Dhp, state, spans, bounds, cd, g):
+def _scan_lean(x, dt_args, A, B, C, z, Dhp, state, spans, bounds, cd, g, jumps=None):
     """no_grad driver: block by block in a reused workspace, y written into its final tensor; nothing but the
     output is allocated in proportion to l."""
     dt, dt_bias, dt_softplus = dt_args
@@ -329,7 +350,8 @@ def _scan_lean(x, dt_args, A, B, C, z, Dhp, state, spans, bounds, cd, g):
         Cq = rearrange(C[:, span].to(cd), "b (c q) g n -> b c q g n", q=q)
         zq = None if z is None else rearrange(z[:, span].to(cd), "b (c q) h p -> b c q h p", q=q)
         out = rearrange(y[:, span], "b (c q) (g hh) p -> b c q g hh p", q=q, g=g)
-        s = _block_lean(xq, dtq, A, Bq, Cq, s, bounds[q], Dhp, zq, cd, g, out, ws)
+        jq = None if jumps is None else jumps[span].view(1, -1, 1, q)
+        s = _block_lean(xq, dtq, A, Bq, Cq, s, bounds[q], Dhp, zq, cd, g, out, ws, jq)
     _release_if_large(ws)
     return y, s
 
@@ -348,13 +370,18 @@ def ssd_scan_chunked(
     initial_state=None,
     return_final_state=False,
     states_at=None,
+    cu_seqlens=None,
 ):
     """Chunked SSD scan; same signature and results as ``ssd_scan_ref`` (mamba_chunk_scan_combined semantics).
 
     ``chunk_size`` only changes how the work is blocked (64 or 128 is right for CPU), never the result.
     ``states_at`` (strictly increasing positions in 1..l): also return the states after those positions,
     (b, k, h, p, n), as the last item: (y, final_state, states) or (y, states); see ``_states_at_direct``.
+    ``cu_seqlens`` (packed rows, batch 1; initial and final states (N, h, p, n)): see ``_packed``.
     """
+    if cu_seqlens is not None:
+        args = (x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state, states_at, cu_seqlens)
+        return _scan_chunked_packed(*args, dt_softplus, return_final_state)
     if states_at is not None:
         positions = check_positions(states_at, x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 4 else 0)
         y, final = ssd_scan_chunked(
@@ -388,6 +415,111 @@ def ssd_scan_chunked(
     if s is initial_state:
         s = s.clone()  # l == 0: never hand back the caller's own tensor
     return (y, s) if return_final_state else y
+
+
+# --------------------------------------------------------------------------------------------------------------
+# packed rows (cu_seqlens)
+
+#: subtracted from the log decay at every sequence start: exp(-_JUMP + anything real) is exactly 0 in float32 and
+#: float64 and below every floor of _LOG_FLOOR; small, so that the in-chunk running sums stay accurate
+_JUMP = 1024.0
+#: elements of the per-position (h, p, n) tensors the boundary terms materialise at once
+_BOUNDARY_ELEMS = 1 << 22
+
+
+def packed_jumps(cu: torch.Tensor, l: int, dtype=torch.float64) -> torch.Tensor:
+    """(l,) tensor: _JUMP at every sequence start but the first, 0 elsewhere."""
+    jumps = torch.zeros(l, dtype=dtype, device=cu.device)
+    jumps[cu[1:-1]] = _JUMP
+    return jumps
+
+
+def packed_boundary_terms(x, dtc, A, B, C, cu, initial_state, want_final: bool, cd: torch.dtype):
+    """The parts of a packed scan that the jump-masked, zero-initial-state chunked scan leaves out.
+
+    With cs the running sum of dt * A over the whole row (float64), base_i = cs just before sequence i starts and
+    end_i = cs at its last position:
+
+        y_t      += exp(cs_t - base_i) C_t . h0_i                    (t in sequence i; only with initial states)
+        final_i   = exp(end_i - base_i) h0_i + sum_{s in i} exp(end_i - cs_s) dt_s outer(x_s, B_s)
+
+    Returns (y term (1, l, h, p) in cd or None, final states (N, h, p, n) in cd or None). Differentiable; the
+    per-position (h, p, n) products are formed a bounded number of positions at a time (a loop over slices of
+    positions, not over sequences)."""
+    _, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    hg = h // g
+    N = cu.numel() - 1
+    seq = torch.repeat_interleave(torch.arange(N, device=x.device), cu[1:] - cu[:-1])  # (l,)
+    cs = torch.cumsum(dtc[0].to(torch.float64) * A.to(torch.float64), dim=0)  # (l, h)
+    cs0 = torch.cat([cs.new_zeros(1, h), cs], dim=0)
+    base, end = cs0[cu[:-1]], cs0[cu[1:]]  # (N, h)
+    step = max(1, _BOUNDARY_ELEMS // max(1, h * p * n))
+    y_init = None
+    h0 = None if initial_state is None else initial_state.to(cd)
+    Ch = None
+    if h0 is not None:
+        Ch = C[0].to(cd).repeat_interleave(hg, dim=1)  # (l, h, n)
+        decay = _decay_factor(cs - base[seq], cd)  # (l, h)
+        pieces = []
+        for t0 in range(0, l, step):
+            sl = slice(t0, t0 + step)
+            hs = h0[seq[sl]]  # (s, h, p, n)
+            pieces.append(torch.einsum("shpn,shn->shp", hs, Ch[sl]) * decay[sl, :, None])
+        y_init = torch.cat(pieces, dim=0).unsqueeze(0)
+    final = None
+    if want_final:
+        Bh = B[0].to(cd).repeat_interleave(hg, dim=1)  # (l, h, n)
+        u = (_decay_factor(end[seq] - cs, cd) * dtc[0].to(cd))[..., None] * x[0].to(cd)  # (l, h, p)
+        final = torch.zeros((N, h, p, n), dtype=cd, device=x.device)
+        for t0 in range(0, l, step):
+            sl = slice(t0, t0 + step)
+            final = final.index_add(0, seq[sl], u[sl, :, :, None] * Bh[sl, :, None, :])
+        if h0 is not None:
+            final = final + _decay_factor(end - base, cd)[..., None, None] * h0
+    return y_init, final
+
+
+def _scan_chunked_packed(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state, states_at, cu_seqlens, sp, final):
+    """Packed rows natively (see the module docstring): the zero-initial-state scan with the sequence starts as
+    -_JUMP steps in the log decay, plus ``packed_boundary_terms``."""
+    dims, cu, _ = check_packed_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state, states_at, cu_seqlens)
+    b, l, h, p, g, n, cd = dims.b, dims.l, dims.h, dims.p, dims.g, dims.n, dims.compute_dtype
+    chunk_size = int(chunk_size)
+    Ac = A.to(cd)
+    Dhp = d_as_hp(D, cd)
+    state = torch.zeros((b, h, p, n), dtype=cd, device=x.device)
+    gate_after = z is not None and initial_state is not None  # the initial-state term enters before the gate
+    recording = records_grad(x, dt, A, B, C, D, z, dt_bias, initial_state)
+    spans = list(_blocks(l, chunk_size, b, h))
+    bounds = {q: _segment_bounds(q, cd, x.device) for q in {q for _, _, q in spans}}
+    run = _scan_autograd if recording else _scan_lean
+    core_dtype = cd if gate_after else x.dtype
+    y, _ = run(
+        x.to(core_dtype) if gate_after else x,
+        (dt, dt_bias, sp),
+        Ac,
+        B,
+        C,
+        None if gate_after else z,
+        Dhp,
+        state,
+        spans,
+        bounds,
+        cd,
+        g,
+        packed_jumps(cu, l),
+    )
+    if initial_state is None and not final:
+        return y
+    dtc = prepare_dt(dt, dt_bias, sp, cd)
+    y_init, s = packed_boundary_terms(x, dtc, A, B, C, cu, initial_state, final, cd)
+    if y_init is not None:
+        y = y.to(cd) + y_init
+        if z is not None:
+            y = y * F.silu(z.to(cd))
+        y = y.to(x.dtype)
+    return (y, s) if final else y
 
 
 #: largest (positions x length) for which ``_states_at_direct`` forms its (b, k, l, h) decay matrix

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from .._dt import prepare_dt  # noqa: F401  (re-exported for the chunked path)
 from .._states_at import check_positions
 from .._validate import require_divisible, require_optional, require_same_device, require_shape, require_tensor
+from .._varlen import check_cu_seqlens
 from ..errors import KernelInputError
 
 __all__ = ["ssd_scan_ref", "ssd_state_update_ref"]
@@ -77,6 +78,28 @@ def check_scan_args(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, in
     return ScanDims(b, l, h, p, g, n, cd)
 
 
+def check_packed_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state, states_at, cu_seqlens):
+    """Validate a packed call (``cu_seqlens``: batch 1, sequences end to end; see kernels/_varlen.py).
+
+    Returns (dims, cu_seqlens as int64 on x's device, number of sequences N); ``initial_state`` must have N rows
+    (N, h, p, n), one per sequence, and ``states_at`` is refused."""
+    dims = check_scan_args(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias)
+    if states_at is not None:
+        raise KernelInputError("states_at cannot be combined with cu_seqlens/seq_idx (packed rows)")
+    cu = check_cu_seqlens(cu_seqlens, dims.b, dims.l)
+    N = cu.numel() - 1
+    require_optional(
+        "initial_state",
+        initial_state,
+        (N, dims.h, dims.p, dims.n),
+        what=f"(N, h, p, n), one row per packed sequence (N = {N} from cu_seqlens)",
+    )
+    require_same_device(x=x, initial_state=initial_state)
+    cd = compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_state)
+    dims = ScanDims(dims.b, dims.l, dims.h, dims.p, dims.g, dims.n, cd)
+    return dims, cu.to(device=x.device, dtype=torch.int64), N
+
+
 def check_step_args(state, x, dt, A, B, C, D=None, z=None, dt_bias=None) -> ScanDims:
     """Validate ssd_state_update arguments (one element: l == 1 in the returned dims)."""
     require_tensor("state", state, ndim=4)
@@ -131,11 +154,18 @@ def ssd_scan_ref(
     initial_state=None,
     return_final_state=False,
     states_at=None,
+    cu_seqlens=None,
 ):
     """Sequential SSD scan, one time step at a time. ``chunk_size`` is validated and otherwise unused.
 
     ``states_at`` (strictly increasing positions in 1..l): also return the states after those positions,
-    (b, k, h, p, n), as the last item: (y, final_state, states) or (y, states)."""
+    (b, k, h, p, n), as the last item: (y, final_state, states) or (y, states).
+
+    ``cu_seqlens`` (packed rows, batch 1, kernels/_varlen.py): the walk restarts the state at every sequence start
+    (from zeros or ``initial_state[i]``, (N, h, p, n)); the final state is (N, h, p, n), one per sequence."""
+    if cu_seqlens is not None:
+        args = (x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state, states_at, cu_seqlens)
+        return _scan_ref_packed(*args, dt_softplus, return_final_state)
     dims = check_scan_args(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_state=initial_state)
     cd = dims.compute_dtype
     heads_per_group = dims.h // dims.g
@@ -171,6 +201,35 @@ def ssd_scan_ref(
         states = torch.stack(kept, dim=1) if kept else state.new_zeros(dims.b, 0, dims.h, dims.p, dims.n)
         return (y, state, states) if return_final_state else (y, states)
     return (y, state) if return_final_state else y
+
+
+def _scan_ref_packed(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state, states_at, cu_seqlens, softplus, final):
+    """The packed walk: one row of N sequences, the state reset at each start and kept at each end."""
+    dims, cu, N = check_packed_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state, states_at, cu_seqlens)
+    cd = dims.compute_dtype
+    heads_per_group = dims.h // dims.g
+    xc = x.to(cd)
+    dtc = prepare_dt(dt, dt_bias, softplus, cd)
+    Ac = A.to(cd)
+    Bh = B.to(cd).repeat_interleave(heads_per_group, dim=2)
+    Ch = C.to(cd).repeat_interleave(heads_per_group, dim=2)
+    bounds = [int(v) for v in cu.cpu()]
+    zeros = torch.zeros(1, dims.h, dims.p, dims.n, dtype=cd, device=x.device)
+    ys, finals = [], []
+    for i in range(N):
+        state = zeros if initial_state is None else initial_state[i : i + 1].to(cd)
+        for t in range(bounds[i], bounds[i + 1]):
+            y_t, state = _step(state, xc[:, t], dtc[:, t], Ac, Bh[:, t], Ch[:, t])
+            ys.append(y_t)
+        finals.append(state)
+    y = torch.stack(ys, dim=1)
+    Dc = d_as_hp(D, cd)
+    if Dc is not None:
+        y = y + xc * Dc
+    if z is not None:
+        y = y * F.silu(z.to(cd))
+    y = y.to(x.dtype)
+    return (y, torch.cat(finals, dim=0)) if final else y
 
 
 def ssd_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):

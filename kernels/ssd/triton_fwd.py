@@ -39,6 +39,7 @@ def _cumsum_fwd_kernel(
     dt_ptr,
     bias_ptr,
     A_ptr,
+    jump_ptr,
     dtp_ptr,
     cs_ptr,
     csl_ptr,
@@ -54,11 +55,17 @@ def _cumsum_fwd_kernel(
     s_A,
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
+    HAS_JUMP: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_Q: tl.constexpr,
 ):
     """grid (b * nc, cdiv(h, BLOCK_H)): one chunk of BLOCK_H heads. dt (+ bias, softplus) and its in-chunk
-    running sum of dt * A, both stored (b, h, Lp); steps past the end of the sequence get dt = 0."""
+    running sum of dt * A, both stored (b, h, Lp); steps past the end of the sequence get dt = 0.
+
+    Packed rows (HAS_JUMP): ``jump`` (l,) float32 holds a large J at every sequence start; it is subtracted from
+    the log decay there (not from dtp), so every decay that reaches across a start is exp(-J + ...) = 0: the
+    intra-chunk pairs, the chunk-state weights, the state passing and the state-output term all stop at
+    sequence boundaries without any other kernel knowing about them (forward and backward: J is a constant)."""
     pid = tl.program_id(0).to(tl.int64)
     bi = pid // nc
     ci = pid % nc
@@ -78,7 +85,10 @@ def _cumsum_fwd_kernel(
     a = tl.load(A_ptr + hh * s_A, mask=hmask, other=0.0).to(tl.float32)
     # the running sum in float64, stored as float32 hi + lo: a segment sum (hi_t - hi_s) + (lo_t - lo_s) is then
     # accurate relative to the segment, not to |cs| (hundreds under strong decay)
-    cs64 = tl.cumsum(d.to(tl.float64) * a.to(tl.float64)[:, None], axis=1)
+    a64 = d.to(tl.float64) * a.to(tl.float64)[:, None]
+    if HAS_JUMP:
+        a64 -= tl.load(jump_ptr + pos, mask=valid, other=0.0).to(tl.float64)[None, :]
+    cs64 = tl.cumsum(a64, axis=1)
     cs = cs64.to(tl.float32)
     csl = (cs64 - cs.to(tl.float64)).to(tl.float32)
     out = (bi * h + hh[:, None]) * Lp + pos[None, :]

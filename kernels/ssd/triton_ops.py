@@ -78,8 +78,8 @@ from .._validate import records_grad
 from ..errors import KernelInputError
 from . import triton_bwd as _bwd
 from . import triton_fwd as _fwd
-from .chunked import ssd_state_update_chunked
-from .ref import check_scan_args, check_step_args
+from .chunked import packed_boundary_terms, packed_jumps, ssd_state_update_chunked
+from .ref import check_packed_args, check_scan_args, check_step_args, prepare_dt
 
 __all__ = ["ssd_scan_triton", "ssd_state_update_triton"]
 
@@ -155,8 +155,9 @@ class _Geometry:
         self.t = _tiles(self.Q, self.p, self.n)
 
 
-def _forward_states(geo, x, dt, A, B, C, dt_bias, dt_softplus, initial_state, dot):
-    """Launches 1-4: dtp, cs (b, h, Lp), CB (b, nc, g, Q, Q) and S (b, nc + 1, h, p, n), all float32."""
+def _forward_states(geo, x, dt, A, B, C, dt_bias, dt_softplus, initial_state, dot, jumps=None):
+    """Launches 1-4: dtp, cs (b, h, Lp), CB (b, nc, g, Q, Q) and S (b, nc + 1, h, p, n), all float32.
+    ``jumps`` (l,) float32 (packed rows): subtracted from the log decay, see ``_cumsum_fwd_kernel``."""
     b, l, h, p, g, n, Q, nc, Lp, t = geo.b, geo.l, geo.h, geo.p, geo.g, geo.n, geo.Q, geo.nc, geo.Lp, geo.t
     dev = x.device
     f32 = torch.float32
@@ -169,6 +170,7 @@ def _forward_states(geo, x, dt, A, B, C, dt_bias, dt_softplus, initial_state, do
         dt,
         bias,
         A,
+        jumps if jumps is not None else dt,
         dtp,
         cs,
         csl,
@@ -184,6 +186,7 @@ def _forward_states(geo, x, dt, A, B, C, dt_bias, dt_softplus, initial_state, do
         A.stride(0),
         HAS_BIAS=dt_bias is not None,
         SOFTPLUS=bool(dt_softplus),
+        HAS_JUMP=jumps is not None,
         BLOCK_H=bh,
         BLOCK_Q=t["BQ"],
         num_warps=4,
@@ -249,10 +252,10 @@ def _forward_states(geo, x, dt, A, B, C, dt_bias, dt_softplus, initial_state, do
     return dtp, (cs, csl), CB, S
 
 
-def _forward(geo, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, store_pre):
+def _forward(geo, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, store_pre, jumps=None):
     """The whole forward: returns (y, final_state, y before the gate or None, dot config)."""
     dot = _dot_config(x, B, C)
-    dtp, cs, CB, S = _forward_states(geo, x, dt, A, B, C, dt_bias, dt_softplus, initial_state, dot)
+    dtp, cs, CB, S = _forward_states(geo, x, dt, A, B, C, dt_bias, dt_softplus, initial_state, dot, jumps)
     b, l, h, p, n, Q, nc, Lp, t = geo.b, geo.l, geo.h, geo.p, geo.n, geo.Q, geo.nc, geo.Lp, geo.t
     out = torch.empty((b, l, h, p), dtype=x.dtype, device=x.device)
     pre = torch.empty_like(out) if (store_pre and z is not None) else None
@@ -300,12 +303,14 @@ def _forward(geo, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, sto
 
 
 def _backward(geo, saved, dt_softplus, dout, dfinal):
-    x, dt, A, B, C, D, z, dt_bias, initial_state, pre = saved
+    x, dt, A, B, C, D, z, dt_bias, initial_state, pre, jumps = saved
     b, l, h, p, g, n, Q, nc, Lp, t = geo.b, geo.l, geo.h, geo.p, geo.g, geo.n, geo.Q, geo.nc, geo.Lp, geo.t
     dev = x.device
     f32 = torch.float32
     dot = _dot_config(x, B, C)
-    dtp, cs, CB, S = _forward_states(geo, x, dt, A, B, C, dt_bias, dt_softplus, initial_state, dot)
+    # packed rows: the same jumps, and nothing else changes below (every decay across a start is exactly 0, and
+    # J is a constant: the d(log decay) -> ddt, dA chain of _cumsum_bwd_kernel holds as it is)
+    dtp, cs, CB, S = _forward_states(geo, x, dt, A, B, C, dt_bias, dt_softplus, initial_state, dot, jumps)
     if dout is None:
         dout = torch.zeros((b, l, h, p), dtype=x.dtype, device=dev)
 
@@ -523,10 +528,12 @@ def _backward(geo, saved, dt_softplus, dout, dfinal):
 
 class _SSDScanFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_softplus):
+    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_softplus, jumps=None):
         geo = _Geometry(x, B, chunk_size)
-        y, final, pre = _forward(geo, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, store_pre=True)
-        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, pre)
+        y, final, pre = _forward(
+            geo, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, store_pre=True, jumps=jumps
+        )
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, pre, jumps)
         ctx.geo = geo
         ctx.dt_softplus = dt_softplus
         ctx.set_materialize_grads(False)
@@ -536,7 +543,7 @@ class _SSDScanFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout, dfinal):
         grads = _backward(ctx.geo, ctx.saved_tensors, ctx.dt_softplus, dout, dfinal)
-        return (*grads, None, None)
+        return (*grads, None, None, None)
 
 
 def _refuse_float64(op: str, cd: torch.dtype) -> None:
@@ -560,11 +567,20 @@ def ssd_scan_triton(
     dt_softplus=False,
     initial_state=None,
     return_final_state=False,
+    cu_seqlens=None,
 ):
     """Chunked SSD scan in Triton; same arguments, checks and results as ``ssd_scan_ref`` (float64 refused).
 
     Differentiable in every tensor input (x, dt, A, B, C, D, z, dt_bias, initial_state) through y and the
-    final state. ``chunk_size`` (64-256 on a GPU) only changes how the work is blocked."""
+    final state. ``chunk_size`` (64-256 on a GPU) only changes how the work is blocked.
+
+    ``cu_seqlens`` (packed rows, batch 1; initial and final states (N, h, p, n)): the kernels run with the
+    sequence starts as large negative steps of the log decay (``_cumsum_fwd_kernel``), which stops every decay,
+    forward and backward, at the boundaries; the per-sequence initial-state term and the final states come from
+    ``chunked.packed_boundary_terms`` (torch ops, differentiable)."""
+    if cu_seqlens is not None:
+        args = (x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state, cu_seqlens)
+        return _scan_triton_packed(*args, dt_softplus, return_final_state)
     # the shared checks first, so that every backend refuses a bad argument with the same KernelInputError
     dims = check_scan_args(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_state=initial_state)
     require_triton_device("ssd_scan", x, dt, A, B, C, D, z, dt_bias, initial_state)
@@ -586,6 +602,30 @@ def ssd_scan_triton(
         geo = _Geometry(x, B, chunk_size)
         y, s, _ = _forward(geo, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, store_pre=False)
     return (y, s) if return_final_state else y
+
+
+def _scan_triton_packed(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state, cu_seqlens, sp, final):
+    dims, cu, _ = check_packed_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state, None, cu_seqlens)
+    require_triton_device("ssd_scan", x, dt, A, B, C, D, z, dt_bias, initial_state)
+    _refuse_float64("ssd_scan", dims.compute_dtype)
+    gate_after = z is not None and initial_state is not None  # the initial-state term enters before the gate
+    zk = None if gate_after else z
+    jumps = packed_jumps(cu, dims.l, torch.float32)
+    if records_grad(x, dt, A, B, C, D, z, dt_bias, initial_state):
+        y, _ = _SSDScanFn.apply(x, dt, A, B, C, D, zk, dt_bias, None, int(chunk_size), bool(sp), jumps)
+    else:
+        geo = _Geometry(x, B, chunk_size)
+        y, _, _ = _forward(geo, x, dt, A, B, C, D, zk, dt_bias, sp, None, store_pre=False, jumps=jumps)
+    if initial_state is None and not final:
+        return y
+    f32 = torch.float32
+    y_init, s = packed_boundary_terms(x, prepare_dt(dt, dt_bias, sp, f32), A, B, C, cu, initial_state, final, f32)
+    if y_init is not None:
+        y = y.to(f32) + y_init
+        if z is not None:
+            y = y * torch.nn.functional.silu(z.to(f32))
+        y = y.to(x.dtype)
+    return (y, s) if final else y
 
 
 def ssd_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
