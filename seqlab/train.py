@@ -5,7 +5,11 @@ The pieces are a model (``model(inputs, state, return_state=True) -> output`` wi
 source of windows (a ``WindowSource``: ``SequenceSource``, ``FrameSource``, ``adapter.source(...)``, or anything
 with ``batch_size``, ``num_windows`` and ``window(i) -> (inputs, targets)``), a loss ``loss_fn(output, targets) ->
 scalar tensor`` (reported in ``loss_unit``) and a metric ``metric_fn(output, targets) -> number``.
-See docs/training.md.
+
+A packed source (``seqlab.packing.PackedSource``: documents laid end to end into full rows) is run as packed rows:
+each micro-batch's rows flattened into one row with the documents' ``cu_seqlens`` (``model(ids (1, T), None,
+return_state=False, cu_seqlens=...)``), every window from a fresh state (``carry_state=False``), the loss averaged
+over the real targets only (a document's last element predicts nothing: target -100). See docs/training.md.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from seqlab.checkpoint import has_checkpoint, latest_checkpoint, load_checkpoint
 from seqlab.errors import ConfigError, CorruptFileError, InputError
 from seqlab.ffn import RouterLosses, router_losses
 from seqlab.io import atomic_write_bytes
+from seqlab.packing import IGNORE, PackedSource
 from seqlab.windows import ArraySource, FrameSource, SequenceSource, WindowSource
 
 #: the largest step count, batch, window ... a TrainConfig accepts (as the CLI's count types)
@@ -50,6 +55,7 @@ class TrainConfig:
     batch_size: int = 8
     window: int = 256
     carry_state: bool = True
+    pack: bool = False
     bf16: bool = False
     eval_every: int = 0
     eval_windows: int = 8
@@ -122,8 +128,13 @@ class TrainConfig:
         integer("seed", 0, 2**63 - 1)
         if self.keep_checkpoints is not None:
             integer("keep_checkpoints", 1)
-        for name in ("carry_state", "bf16", "progress"):
+        for name in ("carry_state", "pack", "bf16", "progress"):
             flag(name)
+        if self.pack and self.carry_state:
+            raise ConfigError(
+                "TrainConfig.pack packs documents into rows that each start from a fresh state: it cannot carry "
+                "the state across windows (set TrainConfig.carry_state=False)"
+            )
         for name in ("log_path", "checkpoint_dir"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, os.PathLike)):
@@ -199,6 +210,16 @@ def _router_record(routers: list) -> dict:
     return out
 
 
+def _is_packed(source) -> bool:
+    """True for a packed source (``seqlab.packing.PackedSource``: rows of documents with their ``cu_seqlens``)."""
+    return source is not None and getattr(source, "packed", False) is True and hasattr(source, "cu_seqlens")
+
+
+def _flatten(inputs: torch.Tensor) -> torch.Tensor:
+    """(b, L[, d]) packed rows -> one row (1, b * L[, d])."""
+    return inputs.reshape(1, inputs.shape[0] * inputs.shape[1], *inputs.shape[2:])
+
+
 @dataclass
 class _Position:
     step: int = 0
@@ -263,6 +284,8 @@ class Trainer:
                 f"{self.train_data.batch_size}"
             )
         self.eval_data = None if eval_data is None else self._source(eval_data, "eval_data")
+        self.packed = _is_packed(self.train_data)
+        self._check_packing(model)
         self.loss_fn = loss_fn or next_token_loss
         self.metric_fn = metric_fn or bits_per_token
         self.callbacks = list(callbacks or [])
@@ -283,6 +306,45 @@ class Trainer:
         self.states: list = [None] * config.grad_accum
         self.history: list[dict] = []
         self._collapsed: set[str] = set()  # MoE layers whose router is collapsed (warned once until they recover)
+
+    def _check_packing(self, model) -> None:
+        """A packed source (rows of documents, ``cu_seqlens`` per window) needs ``carry_state=False``, a row
+        length equal to ``window`` and a model that takes ``cu_seqlens``; ``TrainConfig.pack`` needs one."""
+        c = self.config
+        if c.pack and not self.packed:
+            raise ConfigError(
+                f"TrainConfig.pack is set, but train_data is a {type(self.train_data).__name__}, not packed rows "
+                "(seqlab.packing.PackedSource)"
+            )
+        packed = [(n, s) for n, s in (("train_data", self.train_data), ("eval_data", self.eval_data)) if _is_packed(s)]
+        if not packed:
+            return
+        if c.carry_state:
+            raise ConfigError(
+                f"{packed[0][0]} is packed rows (documents laid end to end, each row starting from a fresh state): "
+                "the state cannot be carried across windows; set TrainConfig.carry_state=False"
+            )
+        if self.packed and self.train_data.window_size != c.window:
+            raise ConfigError(
+                f"TrainConfig.window is {c.window}, train_data packs rows of {self.train_data.window_size}"
+            )
+        import inspect
+
+        try:
+            takes = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):  # a builtin or C forward: let the call say
+            return
+        if "cu_seqlens" not in takes and not any(p.kind is p.VAR_KEYWORD for p in takes.values()):
+            raise ConfigError(
+                f"{packed[0][0]} is packed rows, but {type(model).__name__}.forward takes no cu_seqlens (the "
+                "documents' boundaries inside a row): train this model on unpacked windows"
+            )
+
+    @property
+    def packing(self) -> dict | None:
+        """The training source's packing counts and efficiency (``PackingStats.to_dict()``), or None when the
+        training data is not packed."""
+        return self.train_data.stats().to_dict() if self.packed and hasattr(self.train_data, "stats") else None
 
     def _source(self, data, name):
         if isinstance(data, WindowSource):
@@ -361,6 +423,12 @@ class Trainer:
         meta = read_trainer_file(trainer_file)[1].get("trainer")
         if not isinstance(meta, dict):
             raise CorruptFileError(f"{trainer_file}: trainer metadata is incomplete (no 'trainer' object)")
+        recorded = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+        if bool(recorded.get("pack", False)) != c.pack:
+            raise ConfigError(
+                f"TrainConfig.pack is {c.pack}, the checkpoint in {directory} was made with pack="
+                f"{bool(recorded.get('pack', False))}: the data position would not match"
+            )
         for key, have in (("batch_size", c.batch_size), ("window_len", c.window), ("grad_accum", c.grad_accum)):
             if meta.get(key) != have:
                 field_name = "window" if key == "window_len" else key
@@ -405,8 +473,48 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
 
+    def _packed_forward(self, source, index: int, inputs, targets, rows: slice):
+        """The model over rows ``rows`` of packed window ``index``, flattened into one row with its
+        ``cu_seqlens``: (output, flat targets (1, n_rows * window))."""
+        cu = source.cu_seqlens(index, rows).to(self.device)
+        flat_targets = targets[rows].reshape(1, -1)
+        out = self.model(_flatten(inputs[rows]), None, return_state=False, cu_seqlens=cu)
+        return out, flat_targets
+
+    def _packed_step(self) -> tuple[float, list, int]:
+        """Forward and backward of one packed window: each micro-batch's rows as one flattened row, the loss of
+        the window the mean over its real targets (each micro-batch's mean weighted by its share of them).
+        Returns (loss in nats, routers, targets)."""
+        c, source, index = self.config, self.train_data, self.pos.window
+        inputs, targets = source.window(index)
+        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        micro = c.batch_size // c.grad_accum
+        counts = [int((targets[m * micro : (m + 1) * micro] != IGNORE).sum()) for m in range(c.grad_accum)]
+        n = sum(counts)
+        total, routers = 0.0, []
+        for m in range(c.grad_accum):
+            if counts[m] == 0:  # only padding and documents' last elements: nothing to learn here
+                continue
+            rows = slice(m * micro, (m + 1) * micro)
+            with self._autocast():
+                out, flat_targets = self._packed_forward(source, index, inputs, targets, rows)
+                loss = self.loss_fn(out, flat_targets)
+            share = counts[m] / n
+            router = router_losses(self.model)
+            if router is not None:
+                routers.append(router)
+                ((loss + router.loss) * share).backward()
+            else:
+                (loss * share).backward()
+            total += float(loss.detach()) * share
+        return (total if n else math.nan), routers, n
+
     def _train_step(self) -> dict:
         c, model = self.config, self.model
+        if self.packed:
+            self.optimizer.zero_grad(set_to_none=True)
+            total, routers, trained = self._packed_step()
+            return self._finish_step(total, routers, c.batch_size * c.window, trained)
         inputs, targets = self.train_data.window(self.pos.window)
         inputs, targets = inputs.to(self.device), targets.to(self.device)
         micro = c.batch_size // c.grad_accum
@@ -428,6 +536,13 @@ class Trainer:
             total += float(loss.detach()) / c.grad_accum
             # TBPTT: the state goes on to the next window, but its graph stops here.
             self.states[m] = out.state.detach() if c.carry_state and out.state is not None else None
+        return self._finish_step(total, routers, int(targets.numel()), None)
+
+    def _finish_step(self, total: float, routers: list, elements: int, trained: int | None) -> dict:
+        """Clip, step the optimizer and the schedule, advance the data position by a window of ``elements``;
+        the step's log record (``trained``: a packed window's real targets, recorded with its packing
+        efficiency)."""
+        c = self.config
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = c.grad_clip if c.grad_clip is not None else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
@@ -435,7 +550,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.pos.step += 1
-        self.pos.tokens += int(targets.numel())
+        self.pos.tokens += elements
         self.pos.window += 1
         if self.pos.window >= self.train_data.num_windows:  # epoch wraps: back to the start, fresh state
             self.pos.window, self.pos.epoch = 0, self.pos.epoch + 1
@@ -447,6 +562,9 @@ class Trainer:
             "lr": lr,
             "grad_norm": grad_norm,
         }
+        if trained is not None:
+            record["targets"] = trained
+            record["packing_efficiency"] = trained / (c.batch_size * c.window)
         if routers:
             record.update(_router_record(routers))
         return record
@@ -460,6 +578,11 @@ class Trainer:
         n = min(windows or self.config.eval_windows, self.eval_data.num_windows)
         was_training = self.model.training
         self.model.eval()
+        if _is_packed(self.eval_data):
+            try:
+                return self._evaluate_packed(n)
+            finally:
+                self.model.train(was_training)
         state, losses, metrics = None, [], []
         try:
             for i in range(n):
@@ -475,6 +598,27 @@ class Trainer:
         finally:
             self.model.train(was_training)
         return {"eval_loss": self.report_loss(sum(losses) / n), "eval_metric": sum(metrics) / n}
+
+    def _evaluate_packed(self, n: int) -> dict:
+        """``evaluate`` over packed rows: each window's rows as one flattened row with its ``cu_seqlens``; the
+        loss and metric of each window weighted by its real targets (-100: nothing predicted)."""
+        source = self.eval_data
+        loss_sum = metric_sum = 0.0
+        count = 0
+        for i in range(n):
+            inputs, targets = source.window(i)
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            k = int((targets != IGNORE).sum())
+            if k == 0:
+                continue
+            with self._autocast():
+                out, flat_targets = self._packed_forward(source, i, inputs, targets, slice(None))
+                loss_sum += float(self.loss_fn(out, flat_targets)) * k
+                metric_sum += float(self.metric_fn(out, flat_targets)) * k
+            count += k
+        if count == 0:
+            return {"eval_loss": math.nan, "eval_metric": math.nan}
+        return {"eval_loss": self.report_loss(loss_sum / count), "eval_metric": metric_sum / count}
 
     def _warn_collapse(self, record: dict) -> None:
         """A RuntimeWarning when an MoE layer's router collapses (the log record carries ``warnings`` every step
@@ -504,7 +648,10 @@ class Trainer:
                 t0 = time.perf_counter()
                 record = self._train_step()
                 self._warn_collapse(record)
-                record["tokens_per_s"] = (c.batch_size * c.window) / max(time.perf_counter() - t0, 1e-9)
+                seconds = max(time.perf_counter() - t0, 1e-9)
+                record["tokens_per_s"] = (c.batch_size * c.window) / seconds
+                if "targets" in record:  # packed rows: the trained targets per second too
+                    record["targets_per_s"] = record["targets"] / seconds
                 record["epoch"] = self.pos.epoch
                 last = self.pos.step == c.max_steps
                 if self.eval_data is not None and c.eval_every and (self.pos.step % c.eval_every == 0 or last):
@@ -533,6 +680,7 @@ class Trainer:
 __all__ = [
     "ArraySource",
     "FrameSource",
+    "PackedSource",
     "SequenceSource",
     "TrainConfig",
     "Trainer",
