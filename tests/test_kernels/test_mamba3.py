@@ -184,6 +184,74 @@ def test_reference_matches_a_hand_computation():
             assert (state[i] - want[i]).abs().max() < 1e-12
 
 
+def test_mimo_reference_matches_a_hand_computation():
+    # h = p = g = b = l = a = 1, n = 2, r = 2: one step with a previous k, v in the state. dt = 1, A = -ln 2,
+    # trap = 0 (alpha = 1/2, beta = 1/4, gamma = 1/2), angle 0 -> pi/2 ((u, w) -> (-w, u)), D = 1, x = 1.
+    # mimo_x = (2, 1): v = x * mimo_x = (2, 1) per rank, and the previous v (x_prev = 1) projects the same: (2, 1).
+    # previous k (ranks): (1, 0), (0, 1)  ->  KV_prev = 2 (1, 0) + 1 (0, 1) = (2, 1)
+    # B + B_bias (ranks): (1, 0), (0, 1) -> k = (0, 1), (-1, 0)  ->  KV = 2 (0, 1) + 1 (-1, 0) = (-1, 2)
+    # h = beta KV_prev + gamma KV = (1/2, 1/4) + (-1/2, 1) = (0, 5/4)
+    # C + C_bias (ranks): (1, 0), (1, 1) -> q = (0, 1), (-1, 1);  y_r = h . q_r + D v_r = (5/4 + 2, 5/4 + 1)
+    # gate z = 1, mimo_z = (1, -1): y_r * silu(z * mimo_z[r]); then sum_r mimo_o[r] y_r with mimo_o = (1, -2).
+    t = lambda v, *shape: torch.tensor(v, dtype=torch.float64).view(*shape)  # noqa: E731
+    inputs = dict(
+        x=t([1.0], 1, 1, 1, 1),
+        dt=t([1.0], 1, 1, 1),
+        A=t([-math.log(2.0)], 1, 1, 1),
+        B=t([0.5, 0.0, 0.0, 2.0], 1, 1, 2, 1, 2),
+        C=t([1.0, 1.0, 1.0, 0.0], 1, 1, 2, 1, 2),
+        trap=t([0.0], 1, 1, 1),
+        angles=t([math.atanh(0.5)], 1, 1, 1),
+        B_bias=t([0.5, 0.0, 0.0, -1.0], 1, 2, 2),
+        C_bias=t([0.0, -1.0, 0.0, 1.0], 1, 2, 2),
+        D=t([1.0], 1),
+        mimo_x=t([2.0, 1.0], 1, 2, 1),
+        initial_state=(
+            t([0.0], 1, 1, 1),
+            t([0.0, 0.0], 1, 1, 1, 2),
+            t([1.0, 0.0, 0.0, 1.0], 1, 2, 1, 2),
+            t([1.0], 1, 1, 1),
+        ),
+    )
+    ranks = t([3.25, 2.25], 1, 1, 2, 1, 1)
+    silu = lambda v: v / (1.0 + math.exp(-v))  # noqa: E731
+    gated = 3.25 * silu(1.0) * 1.0 + 2.25 * silu(-1.0) * -2.0
+    want = (
+        t([math.pi / 2], 1, 1, 1),
+        t([0.0, 1.25], 1, 1, 1, 2),
+        t([0.0, 1.0, -1.0, 0.0], 1, 2, 1, 2),
+        t([1.0], 1, 1, 1),
+    )
+    with_gate = dict(inputs, z=t([1.0], 1, 1, 1, 1), mimo_z=t([1.0, -1.0], 1, 2, 1), mimo_o=t([1.0, -2.0], 1, 2, 1))
+    for fn in scan_backends():
+        y, s = run_scan(fn, inputs, chunk_size=4)
+        assert (y - ranks).abs().max() < 1e-12
+        for i in range(4):
+            assert (s[i] - want[i]).abs().max() < 1e-12, i
+        y, _ = run_scan(fn, with_gate, chunk_size=4)
+        assert abs(y.item() - gated) < 1e-12
+    for step in step_backends():
+        kw = {
+            k: (v[:, 0] if k in ("x", "dt", "A", "B", "C", "trap", "angles", "z") else v) for k, v in with_gate.items()
+        }
+        y, s = step(kw.pop("initial_state"), **kw)
+        assert abs(y.item() - gated) < 1e-12
+        for i in range(4):
+            assert (s[i] - want[i]).abs().max() < 1e-12, i
+
+
+def test_rotary_layouts():
+    # n = 8, a = 2, angles (pi/2, pi): a rotation maps (u, w) to (u cos - w sin, u sin + w cos)
+    from seqlab.kernels.mamba3.ref import rotate
+
+    v = torch.arange(8, dtype=torch.float64)
+    angle = torch.tensor([math.pi / 2, math.pi], dtype=torch.float64)
+    # SISO: interleaved pairs (0, 1) by pi/2 -> (-1, 0), (2, 3) by pi -> (-2, -3); dims 4..7 unrotated
+    assert torch.allclose(rotate(v, angle, mimo=False), torch.tensor([-1.0, 0, -2, -3, 4, 5, 6, 7], dtype=v.dtype))
+    # MIMO: halves, pairs (0, 4) by pi/2 -> (-4, 0), (1, 5) by pi -> (-1, -5); dims 2, 3, 6, 7 unrotated
+    assert torch.allclose(rotate(v, angle, mimo=True), torch.tensor([-4.0, -1, 2, 3, 0, -5, 6, 7], dtype=v.dtype))
+
+
 SCAN_BACKEND_NAMES = ["ref", "chunked"]
 
 
