@@ -9,11 +9,32 @@ from torch import nn
 
 from seqlab.blocks import BidirectionalBlock, Block
 from seqlab.config import BackboneConfig
-from seqlab.errors import ConfigError, InputError, StateError
+from seqlab.errors import ConfigError, InputError, StateError, StateMismatchError
 from seqlab.kernels import BACKENDS, KernelInputError, canonical_backend
+from seqlab.kernels._varlen import resolve_packing as _resolve_packing
 from seqlab.mixers.base import check_states_at
 from seqlab.norm import RMSNorm
 from seqlab.state import RecurrentState
+
+
+def resolve_packing(cu_seqlens, seq_idx, hidden: torch.Tensor) -> torch.Tensor | None:
+    """The checked ``cu_seqlens`` (int64, N + 1 entries) of a packed input ``hidden`` (1, T, ...), from either
+    spelling (``cu_seqlens`` (N + 1,) or ``seq_idx`` (1, T)), or None when the input is not packed. InputError
+    names the argument: both given, batch != 1, boundaries not strictly increasing from 0 to T, ..."""
+    if cu_seqlens is None and seq_idx is None:
+        return None
+    try:
+        cu = _resolve_packing(cu_seqlens, seq_idx, hidden.shape[0], hidden.shape[1])
+    except KernelInputError as exc:
+        raise InputError(str(exc)) from None
+    assert cu is not None
+    return cu
+
+
+def packed_lengths(cu_seqlens: torch.Tensor) -> list[int]:
+    """The length of every sequence of a packed row."""
+    bounds = cu_seqlens.tolist()
+    return [b - a for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 class Backbone(nn.Module):
@@ -55,21 +76,41 @@ class Backbone(nn.Module):
             raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
         return RecurrentState([layer.init_state(batch_size, device) for layer in self._blocks()], 0, self.fingerprint)
 
-    def _check_state(self, state: RecurrentState | None, hidden: torch.Tensor) -> None:
+    def _check_state(self, state: RecurrentState | None, hidden: torch.Tensor, rows: int | None = None) -> None:
         if state is None:
             return
         if self.config.bidirectional:
             raise StateError("bidirectional models cannot stream: call them on the whole sequence with state=None")
         if not isinstance(state, RecurrentState):
             raise InputError(f"state must be a RecurrentState or None, got {type(state).__name__}")
-        state.check_compatible(self, batch_size=hidden.shape[0], device=hidden.device)
+        if rows is not None and state.batch_size != rows:  # packed: one state row per sequence
+            state.check_compatible(self, device=hidden.device)
+            raise StateMismatchError(
+                f"state holds {state.batch_size} rows, the packed input {rows} sequences (cu_seqlens): give one "
+                "state row per sequence"
+            )
+        state.check_compatible(self, batch_size=hidden.shape[0] if rows is None else rows, device=hidden.device)
 
     def forward(
-        self, hidden: torch.Tensor, state: RecurrentState | None = None, return_state: bool = True, states_at=None
+        self,
+        hidden: torch.Tensor,
+        state: RecurrentState | None = None,
+        return_state: bool = True,
+        states_at=None,
+        *,
+        cu_seqlens=None,
+        seq_idx=None,
     ):
         """(hidden, new_state). With ``states_at`` (strictly increasing offsets 1..l within this call: the state
         after the first p elements), (hidden, new_state, states): one ``RecurrentState`` per position, at
-        ``position`` = start + p, from this one forward (see docs/generation.md)."""
+        ``position`` = start + p, from this one forward (see docs/generation.md).
+
+        Packed rows: ``cu_seqlens`` (N + 1,) or ``seq_idx`` (1, T) with hidden (1, T, d_model): N sequences laid
+        end to end, each run as if alone (from zeros, or from row i of ``state``, which then has N rows); the new
+        state has N rows, row i at its start position + the length of sequence i."""
+        cu = resolve_packing(cu_seqlens, seq_idx, hidden)
+        if cu is not None:
+            return self._forward_packed(hidden, state, return_state, states_at, cu)
         self._check_state(state, hidden)
         if states_at is not None:
             return self._forward_states_at(hidden, state, return_state, states_at)
@@ -81,8 +122,30 @@ class Backbone(nn.Module):
         hidden = self.norm_f(hidden.to(self.norm_f.weight.dtype))
         if not return_state:
             return hidden, None
-        position = (0 if state is None else state.position) + hidden.shape[1]
-        return hidden, RecurrentState(new_layers, position, self.fingerprint)
+        if state is None:
+            return hidden, RecurrentState(new_layers, hidden.shape[1], self.fingerprint)
+        return hidden, state.advanced(new_layers, hidden.shape[1])
+
+    def _forward_packed(self, hidden, state, return_state: bool, states_at, cu: torch.Tensor):
+        if self.config.bidirectional:
+            raise InputError(
+                "packed rows (cu_seqlens/seq_idx) need a causal model: a bidirectional model would see across "
+                "the sequence boundaries"
+            )
+        if states_at is not None:
+            raise InputError("states_at cannot be combined with packed rows (cu_seqlens/seq_idx)")
+        lengths = packed_lengths(cu)
+        self._check_state(state, hidden, rows=len(lengths))
+        new_layers = []
+        for i, layer in enumerate(self._blocks()):
+            hidden, layer_state = layer(hidden, None if state is None else state.layers[i], return_state, cu_seqlens=cu)
+            new_layers.append(layer_state)
+        hidden = self.norm_f(hidden.to(self.norm_f.weight.dtype))
+        if not return_state:
+            return hidden, None
+        if state is None:
+            return hidden, RecurrentState(new_layers, tuple(lengths), self.fingerprint)  # type: ignore[arg-type]
+        return hidden, state.advanced(new_layers, lengths)
 
     def step(self, hidden: torch.Tensor, state: RecurrentState | None):
         """One element per sequence: hidden (b, d_model)."""
@@ -94,7 +157,7 @@ class Backbone(nn.Module):
             hidden, layer_state = layer.step(hidden, state.layers[i])
             new_layers.append(layer_state)
         hidden = self.norm_f(hidden.to(self.norm_f.weight.dtype))
-        return hidden, RecurrentState(new_layers, state.position + 1, self.fingerprint)
+        return hidden, state.advanced(new_layers, 1)
 
     def _forward_states_at(self, hidden: torch.Tensor, state: RecurrentState | None, return_state: bool, states_at):
         if self.config.bidirectional:
@@ -106,10 +169,12 @@ class Backbone(nn.Module):
             new_layers.append(layer_state)
             at_layers.append(at)
         hidden = self.norm_f(hidden.to(self.norm_f.weight.dtype))
-        start = 0 if state is None else state.position
-        states = [
-            RecurrentState([at_layers[i][j] for i in range(len(at_layers))], start + p, self.fingerprint)
-            for j, p in enumerate(positions)
-        ]
-        new_state = RecurrentState(new_layers, start + hidden.shape[1], self.fingerprint) if return_state else None
+
+        def after(layers, consumed: int) -> RecurrentState:  # each row's position moved on by `consumed`
+            if state is None:
+                return RecurrentState(layers, consumed, self.fingerprint)
+            return state.advanced(layers, consumed)
+
+        states = [after([at_layers[i][j] for i in range(len(at_layers))], p) for j, p in enumerate(positions)]
+        new_state = after(new_layers, hidden.shape[1]) if return_state else None
         return hidden, new_state, states

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqlab.errors import ConfigError, StateError
+from seqlab.errors import ConfigError, InputError, StateError
 from seqlab.ffn.moe import MoEFeedForward
 from seqlab.mixers import build_mixer
 from seqlab.norm import RMSNorm
@@ -78,16 +78,23 @@ class Block(nn.Module):
             residual = residual + self.ffn(self.ffn_norm(residual.to(self.ffn_norm.weight.dtype)))
         return residual
 
-    def forward(self, residual, state=None, return_state=True, states_at=None):
-        """(residual, new_state); with ``states_at``: (residual, new_state, the layer states at those positions)."""
+    def forward(self, residual, state=None, return_state=True, states_at=None, *, cu_seqlens=None):
+        """(residual, new_state); with ``states_at``: (residual, new_state, the layer states at those positions).
+        ``cu_seqlens`` (packed rows, residual (1, T, d)): the mixer runs each sequence as if alone and returns one
+        state row per sequence; the feed-forward is per token."""
         h = self.norm(residual.to(self.norm.weight.dtype))
         perturb = self._perturb
         if perturb is not None:
             h = perturb("mixer_in", h)
         if states_at is not None:
+            if cu_seqlens is not None:
+                raise InputError("states_at cannot be combined with packed rows (cu_seqlens)")
             out, new_state, at = self.mixer(h, state, True, states_at=states_at)
             return self._output(residual, out, perturb), new_state, at
-        out, new_state = self.mixer(h, state, return_state)
+        if cu_seqlens is not None:
+            out, new_state = self.mixer(h, state, return_state, cu_seqlens=cu_seqlens)
+        else:
+            out, new_state = self.mixer(h, state, return_state)
         return self._output(residual, out, perturb), new_state
 
     def step(self, residual, state):
@@ -119,7 +126,12 @@ class BidirectionalBlock(Block):
         self.mixer_rev = build_mixer(kind, config, layer_idx, options)
         self.combine = config.bidirectional_combine
 
-    def forward(self, residual, state=None, return_state=True, states_at=None):
+    def forward(self, residual, state=None, return_state=True, states_at=None, *, cu_seqlens=None):
+        if cu_seqlens is not None:
+            raise InputError(
+                "packed rows (cu_seqlens) need a causal model: a bidirectional block would see across the sequence "
+                "boundaries"
+            )
         if states_at is not None:
             raise StateError("bidirectional blocks have no streaming state: there are no states at positions")
         if state is not None:

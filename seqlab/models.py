@@ -120,8 +120,19 @@ class _Model(nn.Module):
         raise NotImplementedError
 
     def _run(
-        self, hidden: torch.Tensor, state: RecurrentState | None, return_state: bool, states_at=None
+        self,
+        hidden: torch.Tensor,
+        state: RecurrentState | None,
+        return_state: bool,
+        states_at=None,
+        cu_seqlens=None,
+        seq_idx=None,
     ) -> ModelOutput:
+        if cu_seqlens is not None or seq_idx is not None:  # packed rows: one pass (the backbone checks them)
+            if states_at is not None:
+                raise InputError("states_at cannot be combined with packed rows (cu_seqlens/seq_idx)")
+            hidden, new_state = self.backbone(hidden, state, return_state, cu_seqlens=cu_seqlens, seq_idx=seq_idx)
+            return ModelOutput(self.head(hidden), new_state, hidden)
         if states_at is not None:
             return self._run_states_at(hidden, state, return_state, states_at)
         block = self.inference_block
@@ -206,13 +217,25 @@ class LanguageModel(_Model):
         return wide
 
     def forward(
-        self, input_ids: torch.Tensor, state: RecurrentState | None = None, return_state: bool = True, states_at=None
+        self,
+        input_ids: torch.Tensor,
+        state: RecurrentState | None = None,
+        return_state: bool = True,
+        states_at=None,
+        *,
+        cu_seqlens=None,
+        seq_idx=None,
     ) -> ModelOutput:
         """Logits (b, l, vocab) and the new state. ``states_at=[p1, p2, ...]`` (strictly increasing offsets in
         1..l): ``out.states_at`` also holds the states after the first p1, p2, ... tokens of this call, from this one
-        forward (a speculative verifier's rollback points; docs/generation.md)."""
+        forward (a speculative verifier's rollback points; docs/generation.md).
+
+        Packed rows: ``cu_seqlens`` ([0, e1, ..., T], N + 1 ints) or ``seq_idx`` ((1, T), the sequence number of
+        every token) with ``input_ids`` (1, T): N sequences end to end, each run exactly as if alone (from a fresh
+        state, or from row i of ``state``, which then has N rows). Logits (1, T, vocab); ``out.state`` has one row
+        per sequence, row i at its start position + its length (``state.positions``)."""
         input_ids = self._check_ids(input_ids, 2)
-        return self._run(self.embeddings(input_ids), state, return_state, states_at)
+        return self._run(self.embeddings(input_ids), state, return_state, states_at, cu_seqlens, seq_idx)
 
     def generate(self, input_ids=None, max_new_tokens: int = 64, **options):
         """Greedy or sampled continuation of token-id prompts; see ``seqlab.generate.generate``."""
@@ -262,11 +285,20 @@ class SequenceModel(_Model):
             raise InputError(f"x{list(where)} is {float(x[where])}: inputs must be finite")
 
     def forward(
-        self, x: torch.Tensor, state: RecurrentState | None = None, return_state: bool = True, states_at=None
+        self,
+        x: torch.Tensor,
+        state: RecurrentState | None = None,
+        return_state: bool = True,
+        states_at=None,
+        *,
+        cu_seqlens=None,
+        seq_idx=None,
     ) -> ModelOutput:
-        """Outputs (b, l, d_output) and the new state; ``states_at`` as in ``LanguageModel.forward``."""
+        """Outputs (b, l, d_output) and the new state; ``states_at`` and packed rows (``cu_seqlens`` /
+        ``seq_idx``, x (1, T, d_input)) as in ``LanguageModel.forward``."""
         self._check_x(x, 3)
-        return self._run(self.input_proj(x.to(self.input_proj.weight.dtype)), state, return_state, states_at)
+        hidden = self.input_proj(x.to(self.input_proj.weight.dtype))
+        return self._run(hidden, state, return_state, states_at, cu_seqlens, seq_idx)
 
     def step(self, x: torch.Tensor, state: RecurrentState | None = None) -> ModelOutput:
         """One element per sequence: x (b, d_input) or (b, 1, d_input)."""

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqlab.config import ATTN_FIELDS, AttentionSettings
+from seqlab.errors import InputError
 from seqlab.mixers.base import LayerState, Mixer, check_states_at
 
 
@@ -130,9 +131,25 @@ class AttentionMixer(Mixer):
         angles = torch.cat((angles, angles), dim=-1)[:, None]
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def forward(self, hidden: torch.Tensor, state: LayerState | None = None, return_state: bool = True, states_at=None):
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        state: LayerState | None = None,
+        return_state: bool = True,
+        states_at=None,
+        cu_seqlens: torch.Tensor | None = None,
+    ):
         """(out, new_state); with ``states_at`` (strictly increasing positions 1..l of this call) also the KV
-        caches after those positions: (out, new_state, [cache at p for p in states_at])."""
+        caches after those positions: (out, new_state, [cache at p for p in states_at]).
+
+        ``cu_seqlens`` (N + 1,) (packed rows: hidden (1, T, d), N sequences end to end): causal attention inside
+        each sequence only (one block-diagonal mask, one SDPA call), rotary positions from 0 per sequence, or from
+        row i's ``seen`` when ``state`` (N rows) holds a cache to continue; the new state holds one cache per
+        sequence (right-aligned, ``seen`` per row)."""
+        if cu_seqlens is not None:
+            if states_at is not None:
+                raise InputError("states_at cannot be combined with packed rows (cu_seqlens)")
+            return self._forward_packed(hidden, state, return_state, cu_seqlens)
         b, length, _ = hidden.shape
         if states_at is not None:
             states_at = check_states_at(states_at, length)
@@ -169,6 +186,79 @@ class AttentionMixer(Mixer):
         if not return_state:
             return out, None
         return out, self._cache_at(keys, values, seen, keys.shape[2], length)
+
+    def _forward_packed(self, hidden: torch.Tensor, state: LayerState | None, return_state: bool, cu: torch.Tensor):
+        """``forward`` over packed rows; see there. No loop over the sequences: every query attends through one
+        mask over [the N caches laid end to end, the T new keys]."""
+        b, length, _ = hidden.shape
+        if b != 1:
+            raise InputError(f"packed rows (cu_seqlens) need hidden of batch 1 (sequences end to end), got batch {b}")
+        device = hidden.device
+        cu = cu.to(device=device, dtype=torch.long)
+        n = cu.numel() - 1
+        if state is not None and state["seen"].shape[0] != n:
+            raise InputError(
+                f"state holds {state['seen'].shape[0]} rows, the packed input {n} sequences (cu_seqlens): give one "
+                "state row per sequence"
+            )
+        lengths = cu[1:] - cu[:-1]
+        seq = torch.repeat_interleave(torch.arange(n, device=device), lengths, output_size=length)  # (T,)
+        local = torch.arange(length, device=device) - cu[:-1][seq]  # position inside its own sequence
+        seen = torch.zeros(n, dtype=torch.long, device=device) if state is None else state["seen"].to(device)
+        query_pos = seen[seq] + local  # absolute position of every token in its own sequence (T,)
+        q = self.q_proj(hidden).view(1, length, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden).view(1, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden).view(1, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.settings.rope_dim:
+            cos, sin = self._rope(query_pos[None], torch.float32 if q.dtype != torch.float64 else q.dtype)
+            q, k = apply_rope(q, cos, sin, self.settings.rope_dim), apply_rope(k, cos, sin, self.settings.rope_dim)
+        perturb = self._perturb
+        if perturb is not None:
+            q, k, v = perturb("q", q), perturb("k", k), perturb("v", v)
+        slots = 0 if state is None else state["k"].shape[2]
+        # the keys: row i's cache slots (positions seen_i - slots .. seen_i - 1, right-aligned), all rows end to
+        # end, then the new keys; key (owner, absolute position) for the mask
+        if state is not None and slots:
+            cache_k = state["k"].to(k.dtype).permute(1, 0, 2, 3).reshape(1, self.kv_heads, n * slots, self.head_dim)
+            cache_v = state["v"].to(v.dtype).permute(1, 0, 2, 3).reshape(1, self.kv_heads, n * slots, self.head_dim)
+            keys, values = torch.cat((cache_k, k), dim=2), torch.cat((cache_v, v), dim=2)
+            slot = torch.arange(slots, device=device)
+            cache_owner = torch.arange(n, device=device).repeat_interleave(slots)
+            cache_pos = (seen[:, None] - slots + slot[None, :]).reshape(-1)
+            key_owner, key_pos = torch.cat((cache_owner, seq)), torch.cat((cache_pos, query_pos))
+        else:
+            keys, values, key_owner, key_pos = k, v, seq, query_pos
+        ok = (key_owner[None, :] == seq[:, None]) & (key_pos[None, :] >= 0) & (key_pos[None, :] <= query_pos[:, None])
+        if self.window is not None:
+            ok = ok & (key_pos[None, :] > query_pos[:, None] - self.window)
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=ok[None, None], enable_gqa=self.kv_heads != self.heads
+        )
+        if perturb is not None:
+            out = perturb("attn_out", out)
+        out = self.o_proj(out.transpose(1, 2).reshape(1, length, self.heads * self.head_dim))
+        if not return_state:
+            return out, None
+        # per sequence: its cache then its new keys, the last `keep` of them right-aligned (as a row alone keeps)
+        new_seen = seen + lengths
+        real = new_seen if self.window is None else new_seen.clamp(max=self.window)  # entries a row alone keeps
+        keep = int(real.max())
+        r = torch.arange(keep, device=device)
+        index = (slots + lengths)[:, None] - keep + r[None, :]  # index into row i's [cache, new keys] (n, keep)
+        from_cache = index < slots
+        source = torch.where(
+            from_cache,
+            torch.arange(n, device=device)[:, None] * slots + index.clamp(min=0),
+            n * slots + cu[:-1][:, None] + index - slots,
+        ).clamp(0, keys.shape[2] - 1)
+        valid = r[None, :] >= keep - real[:, None]  # older slots are padding (zeros)
+        state_dtype = torch.float64 if keys.dtype == torch.float64 else torch.float32
+
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            picked = t[0][:, source.reshape(-1)].view(self.kv_heads, n, keep, self.head_dim).transpose(0, 1)
+            return (picked * valid[:, None, :, None]).to(state_dtype).contiguous()
+
+        return out, {"k": gather(keys), "v": gather(values), "seen": new_seen}
 
     def _cache_at(
         self, keys: torch.Tensor, values: torch.Tensor, seen: torch.Tensor, end: int, consumed: int

@@ -75,9 +75,20 @@ class Mamba1Mixer(Mixer):
             dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
         return dt, B, C
 
-    def forward(self, hidden: torch.Tensor, state: LayerState | None = None, return_state: bool = True, states_at=None):
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        state: LayerState | None = None,
+        return_state: bool = True,
+        states_at=None,
+        cu_seqlens: torch.Tensor | None = None,
+    ):
         """(out, new_state); with ``states_at`` (strictly increasing positions 1..l of this call) also the layer
-        states after those positions: (out, new_state, [state at p for p in states_at])."""
+        states after those positions: (out, new_state, [state at p for p in states_at]).
+
+        ``cu_seqlens`` (N + 1,) (packed rows: hidden (1, T, d), N sequences end to end): the conv and the scan
+        restart at every sequence (from zeros, or from row i of ``state``, which then has N rows) and the new
+        state has one row per sequence."""
         if states_at is not None:
             return self._forward_states_at(hidden, state, states_at)
         x, z = (rearrange(t, "b l d -> b d l") for t in self._project_in(hidden))
@@ -88,6 +99,7 @@ class Mamba1Mixer(Mixer):
             activation="silu",
             initial_state=None if state is None else state["conv"],
             return_final_state=return_state,
+            cu_seqlens=cu_seqlens,
             backend=self.backend,
         )
         x, conv_state = conv_out if return_state else (conv_out, None)
@@ -109,6 +121,7 @@ class Mamba1Mixer(Mixer):
             delta_softplus=True,
             initial_state=None if state is None else state["ssm"],
             return_final_state=return_state,
+            cu_seqlens=cu_seqlens,
             backend=self.backend,
         )
         y, ssm_state = scan_out if return_state else (scan_out, None)
