@@ -434,7 +434,7 @@ def packed_jumps(cu: torch.Tensor, l: int, dtype=torch.float64) -> torch.Tensor:
     return jumps
 
 
-def packed_boundary_terms(x, dtc, A, B, C, cu, initial_state, want_final: bool, cd: torch.dtype):
+def packed_boundary_terms(x, dtc, A, B, C, cu, initial_state, want_final: bool, cd: torch.dtype, sums: bool = True):
     """The parts of a packed scan that the jump-masked, zero-initial-state chunked scan leaves out.
 
     With cs the running sum of dt * A over the whole row (float64), base_i = cs just before sequence i starts and
@@ -443,7 +443,8 @@ def packed_boundary_terms(x, dtc, A, B, C, cu, initial_state, want_final: bool, 
         y_t      += exp(cs_t - base_i) C_t . h0_i                    (t in sequence i; only with initial states)
         final_i   = exp(end_i - base_i) h0_i + sum_{s in i} exp(end_i - cs_s) dt_s outer(x_s, B_s)
 
-    Returns (y term (1, l, h, p) in cd or None, final states (N, h, p, n) in cd or None). Differentiable; the
+    Returns (y term (1, l, h, p) in cd or None, final states (N, h, p, n) in cd or None); ``sums=False`` leaves
+    the sums over the steps out of the final states (the Triton path has them from its kernels). Differentiable; the
     per-position (h, p, n) products are formed a bounded number of positions at a time (a loop over slices of
     positions, not over sequences)."""
     _, l, h, p = x.shape
@@ -469,12 +470,13 @@ def packed_boundary_terms(x, dtc, A, B, C, cu, initial_state, want_final: bool, 
         y_init = torch.cat(pieces, dim=0).unsqueeze(0)
     final = None
     if want_final:
-        Bh = B[0].to(cd).repeat_interleave(hg, dim=1)  # (l, h, n)
-        u = (_decay_factor(end[seq] - cs, cd) * dtc[0].to(cd))[..., None] * x[0].to(cd)  # (l, h, p)
         final = torch.zeros((N, h, p, n), dtype=cd, device=x.device)
-        for t0 in range(0, l, step):
-            sl = slice(t0, t0 + step)
-            final = final.index_add(0, seq[sl], u[sl, :, :, None] * Bh[sl, :, None, :])
+        if sums:
+            Bh = B[0].to(cd).repeat_interleave(hg, dim=1)  # (l, h, n)
+            u = (_decay_factor(end[seq] - cs, cd) * dtc[0].to(cd))[..., None] * x[0].to(cd)  # (l, h, p)
+            for t0 in range(0, l, step):
+                sl = slice(t0, t0 + step)
+                final = final.index_add(0, seq[sl], u[sl, :, :, None] * Bh[sl, :, None, :])
         if h0 is not None:
             final = final + _decay_factor(end - base, cd)[..., None, None] * h0
     return y_init, final

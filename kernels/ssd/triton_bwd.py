@@ -433,3 +433,111 @@ def _cumsum_bwd_kernel(
     tl.store(ddt_ptr + (bi * l + pos[None, :]) * h + hh[:, None], ddt, mask=m2)
     if HAS_BIAS:
         tl.store(dbias_ptr + pid * h + hh, tl.sum(ddt, axis=1), mask=hmask)
+
+
+@triton.jit
+def _final_states_bwd_kernel(
+    x_ptr,
+    B_ptr,
+    dtp_ptr,
+    cs_ptr,
+    csl_ptr,
+    S_ptr,
+    cu_ptr,
+    df_ptr,
+    dx_ptr,
+    dB_ptr,
+    ddt_ptr,
+    da_ptr,
+    h,
+    p,
+    n,
+    Q,
+    Lp,
+    hpg,
+    s_x_l,
+    s_x_h,
+    s_x_p,
+    s_b_l,
+    s_b_g,
+    s_b_n,
+    s_f_i,
+    s_f_h,
+    s_f_p,
+    s_f_n,
+    BLOCK_M: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Packed rows (batch 1), grid (N * h,): the backward of ``_final_states_fwd_kernel`` for sequence i's steps
+    lo <= s <= e of its last chunk (each step belongs to one sequence, so the programs write disjoint rows of
+    zero-initialised buffers). With F = d(loss)/d(final_i) and omega_s = exp(cs_e - cs_s):
+
+        dx_s += dt_s omega_s F B_s,   dB_s += dt_s omega_s F^T x_s (per head),   ddt_s += omega_s x_s . (F B_s)
+        da_k += sum_{lo <= s < k} dt_s omega_s x_s . (F B_s) + exp(cs_e) <F, S[c]>        (lo <= k <= e)
+
+    The gradient of S[c] (exp(cs_e) F) is added on the host. BLOCK_P and BLOCK_N cover all of p and n."""
+    pid = tl.program_id(0).to(tl.int64)
+    hi = pid % h
+    si = pid // h
+    gi = hi // hpg
+    pp = tl.arange(0, BLOCK_P)
+    nn = tl.arange(0, BLOCK_N)
+    pmask = pp < p
+    nmask = nn < n
+    pn_mask = pmask[:, None] & nmask[None, :]
+    start = tl.load(cu_ptr + si).to(tl.int64)
+    e = tl.load(cu_ptr + si + 1).to(tl.int64) - 1
+    ci = e // Q
+    lo = tl.maximum(start - ci * Q, 0)
+    qv = e - ci * Q + 1
+    cs_row = cs_ptr + hi * Lp + ci * Q
+    csl_row = csl_ptr + hi * Lp + ci * Q
+    dt_row = dtp_ptr + hi * Lp + ci * Q
+    total = tl.load(cs_row + qv - 1)
+    total_l = tl.load(csl_row + qv - 1)
+    F = tl.load(
+        df_ptr + si * s_f_i + hi * s_f_h + pp[:, None] * s_f_p + nn[None, :] * s_f_n, mask=pn_mask, other=0.0
+    ).to(tl.float32)
+    s_in = tl.load(S_ptr + (ci * h + hi) * p * n + pp[:, None] * n + nn[None, :], mask=pn_mask, other=0.0)
+    d_total = tl.exp(total + total_l) * tl.sum(tl.sum(F * s_in, axis=1), axis=0)
+    carry = d_total
+    for k0 in range(lo, qv, BLOCK_M):
+        r = k0 + tl.arange(0, BLOCK_M)
+        rmask = r < qv
+        pos = ci * Q + r
+        xr = tl.load(
+            x_ptr + pos[:, None] * s_x_l + hi * s_x_h + pp[None, :] * s_x_p,
+            mask=rmask[:, None] & pmask[None, :],
+            other=0.0,
+        )
+        br = tl.load(
+            B_ptr + pos[:, None] * s_b_l + gi * s_b_g + nn[None, :] * s_b_n,
+            mask=rmask[:, None] & nmask[None, :],
+            other=0.0,
+        )
+        seg = (total - tl.load(cs_row + r, mask=rmask, other=0.0)) + (
+            total_l - tl.load(csl_row + r, mask=rmask, other=0.0)
+        )
+        omega = tl.where(rmask, tl.exp(seg), 0.0)
+        dt_r = tl.load(dt_row + r, mask=rmask, other=0.0)
+        fb = tl.dot(br.to(DOT), tl.trans(F).to(DOT), input_precision=PREC)  # (BLOCK_M, BLOCK_P): F B_s
+        coef = omega * dt_r
+        tl.store(
+            dx_ptr + (pos[:, None] * h + hi) * p + pp[None, :],
+            fb * coef[:, None],
+            mask=rmask[:, None] & pmask[None, :],
+        )
+        fx = tl.dot(xr.to(DOT), F.to(DOT), input_precision=PREC)  # (BLOCK_M, BLOCK_N): F^T x_s
+        tl.store(
+            dB_ptr + (pos[:, None] * h + hi) * n + nn[None, :],
+            fx * coef[:, None],
+            mask=rmask[:, None] & nmask[None, :],
+        )
+        xfb = tl.sum(xr.to(tl.float32) * fb, axis=1) * omega
+        tl.store(ddt_ptr + hi * Lp + pos, xfb, mask=rmask)
+        wf = xfb * dt_r
+        tl.store(da_ptr + hi * Lp + pos, carry + tl.cumsum(wf, axis=0) - wf, mask=rmask)
+        carry += tl.sum(wf, axis=0)

@@ -467,3 +467,76 @@ def _state_update_kernel(
         zv = tl.load(z_ptr + bi * s_z_b + hi * s_z_h + pp * s_z_p, mask=pmask, other=0.0).to(tl.float32)
         y = y * zv * tl.sigmoid(zv)
     tl.store(y_ptr + pid * p + pp, y, mask=pmask)
+
+
+@triton.jit
+def _final_states_fwd_kernel(
+    x_ptr,
+    B_ptr,
+    dtp_ptr,
+    cs_ptr,
+    csl_ptr,
+    S_ptr,
+    cu_ptr,
+    out_ptr,
+    h,
+    p,
+    n,
+    Q,
+    Lp,
+    hpg,
+    s_x_l,
+    s_x_h,
+    s_x_p,
+    s_b_l,
+    s_b_g,
+    s_b_n,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Packed rows (batch 1), grid (N * h, cdiv(p, BLOCK_P), cdiv(n, BLOCK_N)): the state after the last step e of
+    sequence i, from the state entering e's chunk c and the chunk's steps up to e (mamba_ssm's varlen states):
+
+        final_i = exp(cs_e) S[c] + sum_{lo <= s <= e} exp(cs_e - cs_s) dt_s x_s B_s^T,   lo = max(start_i, cQ)
+
+    (chunk-local steps). Sequence starts are jumps of the log decay (``_cumsum_fwd_kernel``), so exp(cs_e) is 0
+    when sequence i starts inside chunk c (S[c] then belongs to an earlier sequence) and nothing reaches before
+    its start; the initial-state term is added on the host."""
+    pid = tl.program_id(0).to(tl.int64)
+    hi = pid % h
+    si = pid // h
+    gi = hi // hpg
+    pp = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    nn = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pmask = pp < p
+    nmask = nn < n
+    start = tl.load(cu_ptr + si).to(tl.int64)
+    e = tl.load(cu_ptr + si + 1).to(tl.int64) - 1
+    ci = e // Q
+    lo = tl.maximum(start - ci * Q, 0)
+    qv = e - ci * Q + 1
+    cs_row = cs_ptr + hi * Lp + ci * Q
+    csl_row = csl_ptr + hi * Lp + ci * Q
+    dt_row = dtp_ptr + hi * Lp + ci * Q
+    total = tl.load(cs_row + qv - 1)
+    total_l = tl.load(csl_row + qv - 1)
+    x_base = x_ptr + (ci * Q) * s_x_l + hi * s_x_h + pp[:, None] * s_x_p
+    y_base = B_ptr + (ci * Q) * s_b_l + gi * s_b_g + nn[None, :] * s_b_n
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for k0 in range(lo, qv, BLOCK_K):
+        t = k0 + tl.arange(0, BLOCK_K)
+        tmask = t < qv
+        xt = tl.load(x_base + t[None, :] * s_x_l, mask=pmask[:, None] & tmask[None, :], other=0.0)
+        y = tl.load(y_base + t[:, None] * s_b_l, mask=tmask[:, None] & nmask[None, :], other=0.0)
+        seg = (total - tl.load(cs_row + t, mask=tmask, other=0.0)) + (
+            total_l - tl.load(csl_row + t, mask=tmask, other=0.0)
+        )
+        w = tl.where(tmask, tl.exp(seg) * tl.load(dt_row + t, mask=tmask, other=0.0), 0.0)
+        acc += tl.dot(xt.to(DOT), (y * w[:, None]).to(DOT), input_precision=PREC)
+    m2 = pmask[:, None] & nmask[None, :]
+    s_in = tl.load(S_ptr + (ci * h + hi) * p * n + pp[:, None] * n + nn[None, :], mask=m2, other=0.0)
+    acc += tl.exp(total + total_l) * s_in
+    tl.store(out_ptr + (si * h + hi) * p * n + pp[:, None] * n + nn[None, :], acc, mask=m2)

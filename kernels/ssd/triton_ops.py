@@ -252,8 +252,9 @@ def _forward_states(geo, x, dt, A, B, C, dt_bias, dt_softplus, initial_state, do
     return dtp, (cs, csl), CB, S
 
 
-def _forward(geo, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, store_pre, jumps=None):
-    """The whole forward: returns (y, final_state, y before the gate or None, dot config)."""
+def _forward(geo, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, store_pre, jumps=None, cu=None):
+    """The whole forward: returns (y, final_state, y before the gate or None). Packed rows: ``jumps`` (see
+    ``_cumsum_fwd_kernel``), and with ``cu`` (cu_seqlens) the final state is each sequence's, (N, h, p, n)."""
     dot = _dot_config(x, B, C)
     dtp, cs, CB, S = _forward_states(geo, x, dt, A, B, C, dt_bias, dt_softplus, initial_state, dot, jumps)
     b, l, h, p, n, Q, nc, Lp, t = geo.b, geo.l, geo.h, geo.p, geo.n, geo.Q, geo.nc, geo.Lp, geo.t
@@ -298,12 +299,42 @@ def _forward(geo, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, sto
         num_warps=t["NW"],
         num_stages=_stages(dot),
     )
+    if cu is not None:
+        final = torch.empty((cu.numel() - 1, h, p, n), dtype=torch.float32, device=x.device)
+        _fwd._final_states_fwd_kernel[(final.shape[0] * h, triton.cdiv(p, t["BP"]), triton.cdiv(n, t["BN"]))](
+            x,
+            B,
+            dtp,
+            *cs,
+            S,
+            cu,
+            final,
+            h,
+            p,
+            n,
+            Q,
+            Lp,
+            geo.hpg,
+            *x.stride()[1:],
+            *B.stride()[1:],
+            BLOCK_P=t["BP"],
+            BLOCK_N=t["BN"],
+            BLOCK_K=t["BK"],
+            DOT=dot[0],
+            PREC=dot[1],
+            num_warps=t["NW"],
+            num_stages=_stages(dot),
+        )
+        return out, final, pre
     final = S[:, nc].clone()  # not a view: the (nc + 1)-state buffer is freed
     return out, final, pre
 
 
 def _backward(geo, saved, dt_softplus, dout, dfinal):
-    x, dt, A, B, C, D, z, dt_bias, initial_state, pre, jumps = saved
+    x, dt, A, B, C, D, z, dt_bias, initial_state, pre, jumps, cu = saved
+    # packed rows with per-sequence final states: their gradient enters S[c] here and the steps of each
+    # sequence's last chunk in _final_states_bwd_kernel below; S[nc] gets none
+    dfinal_seq, dfinal = (dfinal, None) if cu is not None else (None, dfinal)
     b, l, h, p, g, n, Q, nc, Lp, t = geo.b, geo.l, geo.h, geo.p, geo.g, geo.n, geo.Q, geo.nc, geo.Lp, geo.t
     dev = x.device
     f32 = torch.float32
@@ -361,6 +392,10 @@ def _backward(geo, saved, dt_softplus, dout, dfinal):
     dT = torch.empty((b, h, nc, nblk), dtype=f32, device=dev)
     dinit = torch.empty((b, h, p, n), dtype=f32, device=dev) if initial_state is not None else None
     df = dfinal if dfinal is not None else dS
+    if dfinal_seq is not None:  # d final_i / d S[c_i] = exp(cs_e) (0 when sequence i starts inside chunk c_i)
+        e = cu[1:] - 1
+        exp_e = torch.exp(cs[0][0][:, e] + cs[1][0][:, e]).transpose(0, 1)  # (N, h)
+        dS[0].index_add_(0, e // Q, exp_e[..., None, None] * dfinal_seq.to(f32))
     _bwd._state_pass_bwd_kernel[(b * h, nblk)](
         dS,
         S,
@@ -480,6 +515,43 @@ def _backward(geo, saved, dt_softplus, dout, dfinal):
     da_direct = (da.sum(3) + dT.sum(3)[..., None]).reshape(b, h, Lp)
     ddt_acc = ddt_acc.sum(0) if npb > 1 else ddt_acc[0]
     w = w.sum(0) if npb > 1 else w[0]
+    if dfinal_seq is not None:
+        dx_f = torch.zeros((l, h, p), dtype=f32, device=dev)
+        dB_f = torch.zeros((l, h, n), dtype=f32, device=dev)
+        ddt_f = torch.zeros((h, Lp), dtype=f32, device=dev)
+        da_f = torch.zeros((h, Lp), dtype=f32, device=dev)
+        _bwd._final_states_bwd_kernel[(dfinal_seq.shape[0] * h,)](
+            x,
+            B,
+            dtp,
+            *cs,
+            S,
+            cu,
+            dfinal_seq,
+            dx_f,
+            dB_f,
+            ddt_f,
+            da_f,
+            h,
+            p,
+            n,
+            Q,
+            Lp,
+            geo.hpg,
+            *x.stride()[1:],
+            *B.stride()[1:],
+            *dfinal_seq.stride(),
+            BLOCK_M=bm,
+            BLOCK_P=t["BPF"],
+            BLOCK_N=t["BNF"],
+            DOT=dot[0],
+            PREC=dot[1],
+            num_warps=4 if t["BPF"] * t["BNF"] <= 64 * 64 else 8,
+        )
+        dx = (dx.to(f32) + dx_f).to(x.dtype) if dx.dtype != f32 else dx.add_(dx_f)
+        dB_h.add_(dB_f)
+        ddt_acc = ddt_acc + ddt_f
+        da_direct = da_direct + da_f
     ddt = torch.empty((b, l, h), dtype=dt.dtype, device=dev)
     dA_part = torch.empty((b * nc, h), dtype=f32, device=dev)
     dbias_part = torch.empty((b * nc, h), dtype=f32, device=dev) if dt_bias is not None else None
@@ -528,12 +600,12 @@ def _backward(geo, saved, dt_softplus, dout, dfinal):
 
 class _SSDScanFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_softplus, jumps=None):
+    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_softplus, jumps=None, cu=None):
         geo = _Geometry(x, B, chunk_size)
         y, final, pre = _forward(
-            geo, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, store_pre=True, jumps=jumps
+            geo, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, store_pre=True, jumps=jumps, cu=cu
         )
-        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, pre, jumps)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, pre, jumps, cu)
         ctx.geo = geo
         ctx.dt_softplus = dt_softplus
         ctx.set_materialize_grads(False)
@@ -543,7 +615,7 @@ class _SSDScanFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout, dfinal):
         grads = _backward(ctx.geo, ctx.saved_tensors, ctx.dt_softplus, dout, dfinal)
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def _refuse_float64(op: str, cd: torch.dtype) -> None:
@@ -611,15 +683,19 @@ def _scan_triton_packed(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state
     gate_after = z is not None and initial_state is not None  # the initial-state term enters before the gate
     zk = None if gate_after else z
     jumps = packed_jumps(cu, dims.l, torch.float32)
+    cuk = cu if final else None  # the kernels compute the per-sequence final states only when they are wanted
     if records_grad(x, dt, A, B, C, D, z, dt_bias, initial_state):
-        y, _ = _SSDScanFn.apply(x, dt, A, B, C, D, zk, dt_bias, None, int(chunk_size), bool(sp), jumps)
+        y, s = _SSDScanFn.apply(x, dt, A, B, C, D, zk, dt_bias, None, int(chunk_size), bool(sp), jumps, cuk)
     else:
         geo = _Geometry(x, B, chunk_size)
-        y, _, _ = _forward(geo, x, dt, A, B, C, D, zk, dt_bias, sp, None, store_pre=False, jumps=jumps)
-    if initial_state is None and not final:
-        return y
+        y, s, _ = _forward(geo, x, dt, A, B, C, D, zk, dt_bias, sp, None, store_pre=False, jumps=jumps, cu=cuk)
+    if initial_state is None:
+        return (y, s) if final else y
     f32 = torch.float32
-    y_init, s = packed_boundary_terms(x, prepare_dt(dt, dt_bias, sp, f32), A, B, C, cu, initial_state, final, f32)
+    dtc = prepare_dt(dt, dt_bias, sp, f32)
+    y_init, s_init = packed_boundary_terms(x, dtc, A, B, C, cu, initial_state, final, f32, sums=False)
+    if final:
+        s = s + s_init
     if y_init is not None:
         y = y.to(f32) + y_init
         if z is not None:
