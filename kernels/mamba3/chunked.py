@@ -119,6 +119,7 @@ def mamba3_scan_chunked(
     packed = cu is not None
     Hp = None
     if packed:
+        cu = cu.to(dev)
         seq = seq_idx_from_cu_seqlens(cu)[0]  # (l,)
         starts = cu[:-1]
         st = starts[seq]  # the first position of every position's sequence

@@ -165,7 +165,7 @@ def test_reference_matches_a_hand_computation():
     want_y = t([2.0, 1.5], 1, 2, 1, 1)
     want = (t([math.pi], 1, 1, 1), t([-1.0, 1.0], 1, 1, 1, 2), t([-2.0, 0.0], 1, 1, 1, 2), t([1.0], 1, 1, 1))
     for fn in scan_backends():
-        y, s = run_scan(fn, inputs, chunk_size=1 if fn is mamba3_scan_ref else 2)
+        y, s = run_scan(fn, inputs, chunk_size=1)  # chunked: one chunk per position, the state passed between
         assert (y - want_y).abs().max() < 1e-12
         assert angle_err(s[0], want[0]) < 1e-12
         for i in range(1, 4):
