@@ -279,15 +279,29 @@ def causal_conv1d_triton(
     block_l=None,
     block_d=None,
     bwd_chunk=None,
+    cu_seqlens=None,
 ):
     """Causal depthwise conv1d on Triton. Returns y (b, d, l) in x.dtype (laid out like x), or
     (y, final_state (b, d, w - 1)), the state in initial_state's dtype (x.dtype when none is).
 
     float64 inputs are computed in float64. ``block_l`` / ``block_d`` (tile sizes, powers of two) and
-    ``bwd_chunk`` (time tiles per backward program) override the heuristics (tests)."""
+    ``bwd_chunk`` (time tiles per backward program) override the heuristics (tests).
+
+    ``cu_seqlens`` (packed rows, batch 1): ``initial_state`` and the final state are (N, d, w - 1), one row per
+    sequence; run as ``chunked.packed_conv`` lays it out (each sequence behind its own w - 1 history, one
+    unpacked launch over the padded row)."""
     require_triton_device("causal_conv1d", x, weight, bias, initial_state)
-    b, d, l, w, silu = check_conv_args(x, weight, bias, activation, initial_state)
+    b, d, l, w, silu = check_conv_args(x, weight, bias, activation, initial_state, cu_seqlens)
     cdt = compute_dtype(x, weight, bias, initial_state)
+    if cu_seqlens is not None:
+        from .chunked import packed_conv
+
+        def conv(xp):
+            return causal_conv1d_triton(
+                xp, weight, bias, activation, block_l=block_l, block_d=block_d, bwd_chunk=bwd_chunk
+            )
+
+        return packed_conv(conv, x, weight, initial_state, cu_seqlens, return_final_state, cdt)
     tensors = (x, weight, bias, initial_state)
     needs_grad = records_grad(*tensors)
     if needs_grad:

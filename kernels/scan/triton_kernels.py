@@ -46,6 +46,16 @@ def _adjoint_combine(f_late, p_late, s_late, f_early, p_early, s_early):
 
 
 @triton.jit
+def _packed_flags(seq_ptr, t, mask_t, l):
+    """Packed rows: the sequence number of each position of the chunk (-1 past the end), and whether the
+    position starts / ends its sequence (the numbers of its neighbours differ)."""
+    sq = tl.load(seq_ptr + t, mask=mask_t, other=-1)
+    sq_prev = tl.load(seq_ptr + t - 1, mask=mask_t & (t > 0), other=-1)
+    sq_next = tl.load(seq_ptr + t + 1, mask=(t + 1) < l, other=-1)
+    return sq.to(tl.int64), mask_t & (sq != sq_prev), mask_t & (sq != sq_next)
+
+
+@triton.jit
 def _ss_fwd_kernel(
     u_ptr,
     dl_ptr,
@@ -58,6 +68,9 @@ def _ss_fwd_kernel(
     out_ptr,
     h_ptr,
     st_ptr,
+    seq_ptr,
+    h0p_ptr,
+    fin_ptr,
     s_ub,
     s_ud,
     s_ul,
@@ -100,6 +113,8 @@ def _ss_fwd_kernel(
     SOFTPLUS: tl.constexpr,
     STORE_STATES: tl.constexpr,
     CDT: tl.constexpr,
+    VARLEN: tl.constexpr,
+    HAS_H0: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bi = tl.program_id(1).to(tl.int64)
@@ -148,8 +163,25 @@ def _ss_fwd_kernel(
             dt = tl.where(dl_mask, x, 0.0)  # padding: decay 1, drive 0 -> the state passes through unchanged
             dA = tl.exp(dt[:, None, :] * A[:, :, None])
             drive = (dt * uu)[:, None, :] * Bt[None, :, :]
-            a_cum, h_loc = tl.associative_scan((dA, drive), 2, _recurrence_combine)
+            if VARLEN:
+                # packed rows: at a sequence start s the decay becomes 0 and the drive gains a_s h0_i
+                sq, is_start, is_end = _packed_flags(seq_ptr, t, mask_t, l)
+                st3 = is_start[None, None, :] & dn_mask[:, :, None]
+                cell = ch[:, None, None] * n + offs_n[None, :, None]
+                if HAS_H0:
+                    h0v = tl.load(h0p_ptr + sq[None, None, :] * (d * n) + cell, mask=st3, other=0.0).to(CDT)
+                    drive = drive + dA * h0v
+                a_cum, h_loc = tl.associative_scan(
+                    (tl.where(is_start[None, None, :], 0.0, dA), drive), 2, _recurrence_combine
+                )
+            else:
+                a_cum, h_loc = tl.associative_scan((dA, drive), 2, _recurrence_combine)
             hh = h_loc + a_cum * h[:, :, None]
+            if VARLEN:
+                # each sequence's final state: the state after its last position
+                tl.store(
+                    fin_ptr + sq[None, None, :] * (d * n) + cell, hh, mask=is_end[None, None, :] & dn_mask[:, :, None]
+                )
             y = tl.sum(hh * Ct[None, :, :], axis=1)
             h = tl.sum(tl.where(offs_l[None, None, :] == BLOCK_L - 1, hh, 0.0), axis=2)
             if HAS_D:
@@ -174,6 +206,10 @@ def _ss_bwd_kernel(
     g_ptr,
     st_ptr,
     k_ptr,
+    seq_ptr,
+    h0p_ptr,
+    gfp_ptr,
+    dh0_ptr,
     du_ptr,
     ddl_ptr,
     dz_ptr,
@@ -233,6 +269,9 @@ def _ss_bwd_kernel(
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     CDT: tl.constexpr,
+    VARLEN: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    HAS_GF: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bi = tl.program_id(1).to(tl.int64)
@@ -296,7 +335,20 @@ def _ss_bwd_kernel(
             dtu = dt * uu
             dA = tl.exp(dt[:, None, :] * A[:, :, None])
             drive = dtu[:, None, :] * Bt[None, :, :]
-            a_cum, h_loc = tl.associative_scan((dA, drive), 2, _recurrence_combine)
+            if VARLEN:
+                # packed rows, as in the forward: decays masked at the starts (dA_m), a_s h0_i injected
+                sq, is_start, is_end = _packed_flags(seq_ptr, t, mask_t, l)
+                st3 = is_start[None, None, :] & dn_mask[:, :, None]
+                cell = ch[:, None, None] * n + offs_n[None, :, None]
+                dA_m = tl.where(is_start[None, None, :], 0.0, dA)
+                drive_in = drive
+                if HAS_H0:
+                    h0v = tl.load(h0p_ptr + sq[None, None, :] * (d * n) + cell, mask=st3, other=0.0).to(CDT)
+                    drive_in = drive + dA * h0v
+                a_cum, h_loc = tl.associative_scan((dA_m, drive_in), 2, _recurrence_combine)
+            else:
+                dA_m = dA
+                a_cum, h_loc = tl.associative_scan((dA, drive), 2, _recurrence_combine)
             hh = h_loc + a_cum * h0[:, :, None]
             gy = tl.load(g_base + ch[:, None] * s_gd + t[None, :] * s_gl, mask=dl_mask, other=0.0).to(CDT)
             if HAS_D:
@@ -313,14 +365,20 @@ def _ss_bwd_kernel(
                 )
                 gy = gy * zz * sz
             # adjoint mu_t = C_t gy_t + a_{t+1} mu_{t+1}, plus the adjoint K carried in from the next chunk
-            _, p_ex, s_loc = tl.associative_scan(
-                (dA, ones, Ct[None, :, :] * gy[:, None, :]), 2, _adjoint_combine, reverse=True
-            )
+            c_in = Ct[None, :, :] * gy[:, None, :]
+            if VARLEN:
+                if HAS_GF:  # each sequence's final-state gradient enters at its last position
+                    en3 = is_end[None, None, :] & dn_mask[:, :, None]
+                    c_in += tl.load(gfp_ptr + sq[None, None, :] * (d * n) + cell, mask=en3, other=0.0).to(CDT)
+            _, p_ex, s_loc = tl.associative_scan((dA_m, ones, c_in), 2, _adjoint_combine, reverse=True)
             mu = s_loc + p_ex * K[:, :, None]
+            if VARLEN:
+                # dL/dh0_i = mu_s a_s at the start s of sequence i (a_s unmasked)
+                tl.store(dh0_ptr + sq[None, None, :] * (d * n) + cell, mu * dA, mask=st3)
             dC_acc += tl.sum(hh * gy[:, None, :], axis=0)
             dB_acc += tl.sum(mu * dtu[:, None, :], axis=0)
             g_dtu = tl.sum(mu * Bt[None, :, :], axis=1)
-            X = mu * (hh - drive)  # mu_t a_t h_{t-1}
+            X = mu * (hh - drive)  # mu_t a_t h_{t-1} (packed: mu_s a_s h0_i at a start)
             g_dt = tl.sum(X * A[:, :, None], axis=1) + g_dtu * uu
             dA_c = tl.sum(X * dt[:, None, :], axis=2)
             g_u = g_dtu * dt
@@ -340,7 +398,7 @@ def _ss_bwd_kernel(
             )
             tl.store(dA_base + dn_offs, dA_old + dA_c, mask=dn_mask)
             # dL/d(state before the chunk) = a_0 mu_0
-            K_new = tl.sum(tl.where(offs_l[None, None, :] == 0, dA * mu, 0.0), axis=2)
+            K_new = tl.sum(tl.where(offs_l[None, None, :] == 0, dA_m * mu, 0.0), axis=2)
             tl.store(k_base + dn_offs, K_new, mask=dn_mask)
         tl.store(dBp_ptr + part_base + bc_offs, dB_acc, mask=bc_mask)
         tl.store(dCp_ptr + part_base + bc_offs, dC_acc, mask=bc_mask)

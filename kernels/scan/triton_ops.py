@@ -34,6 +34,15 @@ channels, accumulated in registers across its channel blocks; (b, programs, n, l
 torch afterwards), dA (per batch row, summed over b in torch), dD, ddelta_bias. ``dA_t h_{t-1}`` is taken as
 ``h_t - delta_t u_t B_t`` (no shift needed; exact when the decay is 0).
 
+Packed rows (``cu_seqlens``, batch 1; ``VARLEN``): both kernels read the sequence number of every position
+(int32, (l,)); a position whose neighbour before it has another number starts a sequence, one whose neighbour
+after it has another number ends one. At a start s of sequence i the decay fed to the scan is 0 and the
+drive gains ``a_s h0_i`` (h0_i read from the (N, d, n) initial states), so the state restarts there with no
+change to the tile scan; at an end the state is stored as sequence i's final state. The backward masks the
+same decays in the reverse adjoint scan, adds sequence i's final-state gradient to ``C_t gy_t`` at its end,
+and stores ``dL/dh0_i = mu_s a_s`` at the start (``mu_s a_s h_{s-1}`` is then ``mu_s a_s h0_i``, so dA and
+ddelta need no change). A program walks the whole row over its channels, so no loop over sequences.
+
 ``_ss_step_kernel`` (grid: batch x channel blocks). The decode step: one fused pass over the (b, d, n) state,
 reading it and writing the new state (never in place), y with D and the gate applied.
 
@@ -70,6 +79,7 @@ import triton.language as tl
 from .._layout import empty_like_layout
 from .._triton import interpreting, require_triton_device
 from .._validate import records_grad
+from .._varlen import seq_idx_from_cu_seqlens
 from .chunked import _empty_scan  # the l == 0 result, shared with the chunked path
 from .ref import check_scan_args, check_state_update_args, compute_dtype
 from .triton_kernels import _ss_bwd_kernel, _ss_fwd_kernel, _ss_step_kernel
@@ -175,13 +185,26 @@ class _Geometry:
         self.rB, self.rC = self.G // self.gB, self.G // self.gC
 
 
-def _scan_forward(u, delta, A, B4, C4, D, z, bias, h0, softplus, cdt, plan: _Plan, geo: _Geometry, store_states: bool):
+class _Packed:
+    """Packed rows for the kernels: the sequence number of every position (int32, (l,)), N, and the per-sequence
+    initial states (N, d, n) contiguous in the compute dtype (None: zeros)."""
+
+    def __init__(self, cu_seqlens, h0, cdt, device):
+        self.N = cu_seqlens.numel() - 1
+        self.seq = seq_idx_from_cu_seqlens(cu_seqlens.to(device))[0].to(torch.int32).contiguous()
+        self.h0 = None if h0 is None else h0.detach().to(device, cdt).contiguous()
+
+
+def _scan_forward(
+    u, delta, A, B4, C4, D, z, bias, h0, softplus, cdt, plan: _Plan, geo: _Geometry, store_states: bool, packed=None
+):
     b, d, l, n = geo.b, geo.d, geo.l, geo.n
     nchunks = -(-l // plan.BLOCK_L)
     out = empty_like_layout(u, u.dtype)
     h = torch.zeros(b, d, n, dtype=cdt, device=u.device)  # the carried state, per channel block; ends final
-    if h0 is not None:
+    if h0 is not None and packed is None:
         h.copy_(h0.detach())
+    fin = h if packed is None else torch.zeros(packed.N, d, n, dtype=cdt, device=u.device)
     states = (
         torch.empty(b, nchunks, d, n, dtype=cdt, device=u.device)
         if store_states
@@ -203,6 +226,9 @@ def _scan_forward(u, delta, A, B4, C4, D, z, bias, h0, softplus, cdt, plan: _Pla
         out,
         h,
         states,
+        packed.seq if packed is not None else h,
+        packed.h0 if packed is not None and packed.h0 is not None else h,
+        fin,
         *u.stride(),
         *delta.stride(),
         *A.stride(),
@@ -230,12 +256,16 @@ def _scan_forward(u, delta, A, B4, C4, D, z, bias, h0, softplus, cdt, plan: _Pla
         SOFTPLUS=bool(softplus),
         STORE_STATES=store_states,
         CDT=_tl_dtype(cdt),
+        VARLEN=packed is not None,
+        HAS_H0=packed is not None and packed.h0 is not None,
         num_warps=plan.fwd_warps,
     )
-    return out, h, (states if store_states else None)
+    return out, fin, (states if store_states else None)
 
 
-def _scan_backward(u, delta, A, B4, C4, D, z, bias, states, gout, gfinal, softplus, cdt, plan: _Plan, geo: _Geometry):
+def _scan_backward(
+    u, delta, A, B4, C4, D, z, bias, states, gout, gfinal, softplus, cdt, plan: _Plan, geo: _Geometry, packed=None
+):
     b, d, l, n = geo.b, geo.d, geo.l, geo.n
     dev = u.device
     nchunks = states.shape[1]
@@ -244,7 +274,12 @@ def _scan_backward(u, delta, A, B4, C4, D, z, bias, states, gout, gfinal, softpl
     nprog = geo.G * ppg
     f32 = dict(dtype=cdt, device=dev)
     K = torch.zeros(b, d, n, **f32)  # the carried adjoint, per channel block; ends as dL/dh0
-    if gfinal is not None:
+    gfp = dh0 = None
+    if packed is not None:  # packed rows: g_final (N, d, n) enters at the sequences' ends; dL/dh0 is (N, d, n)
+        dh0 = torch.zeros(packed.N, d, n, **f32)
+        if gfinal is not None:
+            gfp = gfinal.to(cdt).contiguous()
+    elif gfinal is not None:
         K.copy_(gfinal)
     du = empty_like_layout(u, u.dtype)
     ddelta = empty_like_layout(delta, delta.dtype)
@@ -269,6 +304,10 @@ def _scan_backward(u, delta, A, B4, C4, D, z, bias, states, gout, gfinal, softpl
         gout,
         states,
         K,
+        packed.seq if packed is not None else K,
+        packed.h0 if packed is not None and packed.h0 is not None else K,
+        gfp if gfp is not None else K,
+        dh0 if dh0 is not None else K,
         du,
         ddelta,
         dz if dz is not None else du,
@@ -307,6 +346,9 @@ def _scan_backward(u, delta, A, B4, C4, D, z, bias, states, gout, gfinal, softpl
         HAS_BIAS=bias is not None,
         SOFTPLUS=bool(softplus),
         CDT=_tl_dtype(cdt),
+        VARLEN=packed is not None,
+        HAS_H0=packed is not None and packed.h0 is not None,
+        HAS_GF=gfp is not None,
         num_warps=plan.bwd_warps,
     )
     # partial rows of one B (C) group are consecutive: lcm-group major, then programs
@@ -321,7 +363,7 @@ def _scan_backward(u, delta, A, B4, C4, D, z, bias, states, gout, gfinal, softpl
         None if dD is None else dD.sum(0),
         dz,
         None if dbias is None else dbias.sum(0),
-        K,
+        K if dh0 is None else dh0,
     )
 
 
@@ -329,11 +371,13 @@ class _SelectiveScanFn(torch.autograd.Function):
     """(u, delta, A, B, C, D, z, delta_bias, h0) -> (out, final_state); the backward is the Triton kernel."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B4, C4, D, z, bias, h0, softplus, cdt, plan, geo):
+    def forward(ctx, u, delta, A, B4, C4, D, z, bias, h0, softplus, cdt, plan, geo, cu_seqlens=None):
         ctx.set_materialize_grads(False)
+        packed = None if cu_seqlens is None else _Packed(cu_seqlens, h0, cdt, u.device)
         out, final, states = _scan_forward(
-            u, delta, A, B4, C4, D, z, bias, h0, softplus, cdt, plan, geo, store_states=True
+            u, delta, A, B4, C4, D, z, bias, h0, softplus, cdt, plan, geo, store_states=True, packed=packed
         )
+        ctx.packed = packed
         ctx.save_for_backward(u, delta, A, B4, C4, D, z, bias, states)
         ctx.meta = (softplus, cdt, plan, geo, None if h0 is None else h0.dtype)
         return out, final
@@ -343,7 +387,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         u, delta, A, B4, C4, D, z, bias, states = ctx.saved_tensors
         softplus, cdt, plan, geo, h0_dtype = ctx.meta
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _scan_backward(
-            u, delta, A, B4, C4, D, z, bias, states, gout, gfinal, softplus, cdt, plan, geo
+            u, delta, A, B4, C4, D, z, bias, states, gout, gfinal, softplus, cdt, plan, geo, ctx.packed
         )
 
         def cast(g, like):
@@ -359,6 +403,7 @@ class _SelectiveScanFn(torch.autograd.Function):
             dz,
             cast(dbias, bias),
             None if h0_dtype is None else dh0.to(h0_dtype),
+            None,
             None,
             None,
             None,
@@ -382,6 +427,7 @@ def selective_scan_triton(
     block_l=None,
     block_d=None,
     sub_blocks=None,
+    cu_seqlens=None,
 ):
     """Fused Triton Mamba-1 selective scan (see the module docstring for the kernels).
 
@@ -389,8 +435,11 @@ def selective_scan_triton(
     ``return_final_state``; the state is float32 (float64 for float64 inputs, computed in float64).
     Differentiable in every tensor argument. ``block_l`` / ``block_d`` / ``sub_blocks`` override the tiling
     (tests, tuning): positions per chunk, channels per block, channel blocks per program.
+
+    ``cu_seqlens`` (N + 1,) (packed rows, batch 1): the state restarts at every sequence start (from zeros or
+    ``initial_state`` (N, d, n)) and the final state is (N, d, n), inside the kernels (module docstring).
     """
-    b, d, l, n = check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    b, d, l, n = check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens)
     require_triton_device("selective_scan", u, delta, A, B, C, D, z, delta_bias, initial_state)
     cdt = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     if l == 0:
@@ -402,11 +451,26 @@ def selective_scan_triton(
     needs_grad = records_grad(*tensors)
     if needs_grad:
         out, final = _SelectiveScanFn.apply(
-            u, delta, A, B4, C4, D, z, delta_bias, initial_state, bool(delta_softplus), cdt, plan, geo
+            u, delta, A, B4, C4, D, z, delta_bias, initial_state, bool(delta_softplus), cdt, plan, geo, cu_seqlens
         )
     else:
+        packed = None if cu_seqlens is None else _Packed(cu_seqlens, initial_state, cdt, u.device)
         out, final, _ = _scan_forward(
-            u, delta, A, B4, C4, D, z, delta_bias, initial_state, delta_softplus, cdt, plan, geo, store_states=False
+            u,
+            delta,
+            A,
+            B4,
+            C4,
+            D,
+            z,
+            delta_bias,
+            initial_state,
+            delta_softplus,
+            cdt,
+            plan,
+            geo,
+            store_states=False,
+            packed=packed,
         )
     return (out, final) if return_final_state else out
 
