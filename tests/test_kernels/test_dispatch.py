@@ -21,6 +21,8 @@ OPS = (
     "ssd_state_update",
     "causal_conv1d",
     "causal_conv1d_update",
+    "mamba3_scan",
+    "mamba3_state_update",
 )
 
 
@@ -48,7 +50,7 @@ def test_no_op_function_shadows_a_subpackage_and_every_backend_module_imports_by
     subpackages = _subpackages()
     # the op families behind the dispatcher, and aqlm: the quantized layer's Triton kernels, outside the table
     # (their reference is seqlab.quant.AQLMLinear.forward_reference; tests/test_kernels/test_triton_aqlm.py)
-    assert sorted(subpackages) == ["aqlm", "conv1d", "scan", "ssd"]
+    assert sorted(subpackages) == ["aqlm", "conv1d", "mamba3", "scan", "ssd"]
     for name in subpackages:
         assert name not in K.__all__ and not callable(getattr(K, name, None)), name
         for module in ("ref", "chunked") if name != "aqlm" else ():
