@@ -8,6 +8,11 @@ a bytes file), which is never read whole. Where a held-out fraction splits the d
 split may fall (``Adapter.split_point``: a UTF-8 bytes adapter never cuts a character). The training source is
 ``adapter.source(...)``; nothing here depends on which adapter it is.
 
+With ``pack=True`` the training source is packed rows (``seqlab.packing.PackedSource``): each file is one
+document, or each record of a FASTA/FASTQ file for an adapter that reads records (``iter_records``: DNA); the
+documents are laid end to end into full rows, none crossing into another (docs/training.md, "Packing"). Token
+adapters only: continuous frames are refused.
+
 ``evaluate(model, adapter, inputs)`` streams every held-out input through the model with the state carried
 (``seqlab.streaming.stream_metric``: equal to one pass over the whole input, in constant memory) and gives the
 adapter's metric per input and in total.
@@ -36,8 +41,10 @@ __all__ = [
     "TrainData",
     "adapter_for",
     "check_file",
+    "check_packable",
     "check_trainable",
     "encode_files",
+    "file_documents",
     "evaluate",
     "file_inputs",
     "file_pieces",
@@ -65,7 +72,8 @@ class HeldOut:
 class TrainData:
     """A run's data: the ``adapter`` that encoded it, the Trainer's ``train`` source over ``train_elements``
     elements, ``eval_source`` for the periodic evaluation inside the Trainer (None: no held-out data), the
-    ``held_out`` inputs of the final exact evaluation, and the ``spec`` recorded in run.json (a resume reuses it)."""
+    ``held_out`` inputs of the final exact evaluation, the ``spec`` recorded in run.json (a resume reuses it), and
+    for packed rows the ``packing`` counts and efficiency."""
 
     adapter: Any
     train: Any
@@ -73,6 +81,8 @@ class TrainData:
     eval_source: Any | None
     held_out: list[HeldOut]
     spec: dict
+    #: packed rows: the training source's ``PackingStats.to_dict()`` (efficiency, the padding baseline's), else None
+    packing: dict | None = None
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -107,6 +117,16 @@ def check_trainable(adapter) -> None:
         )
 
 
+def check_packable(adapter) -> None:
+    """Refuse packing for an adapter whose inputs are continuous frames (the losses of frames have no "predicts
+    nothing" target to mark a document's end)."""
+    if adapter.continuous:
+        raise ConfigError(
+            f"--pack packs documents of token ids; the {adapter.name!r} adapter's inputs are continuous frames: "
+            "train it without --pack"
+        )
+
+
 def check_file(path: str | os.PathLike) -> str:
     """``path`` as a string; InputError when there is no such file."""
     path = os.fspath(path)
@@ -137,6 +157,59 @@ def encode_files(adapter, paths: list[str], progress=None) -> torch.Tensor:
     if not pieces:
         raise InputError(f"{', '.join(map(str, paths))}: nothing to encode")
     return torch.cat(pieces)
+
+
+def file_documents(adapter, path: str | os.PathLike) -> list[torch.Tensor]:
+    """The documents of a file, encoded: each record (an adapter that reads records, ``iter_records``: DNA's
+    FASTA/FASTQ), else the whole file as one."""
+    path = check_file(path)
+    if callable(getattr(adapter, "iter_records", None)):
+        docs = []
+        for _, windows in adapter.iter_records(path, ENCODE_WINDOW):
+            pieces = list(windows)
+            if pieces:
+                docs.append(torch.cat(pieces))
+        return docs
+    pieces = [_flat(adapter, piece) for piece in file_pieces(adapter, path, ENCODE_WINDOW)]
+    return [torch.cat(pieces)] if pieces else []
+
+
+def _documents(adapter, paths: list[str], progress=None) -> tuple[torch.Tensor, list[int]]:
+    """The documents of ``paths`` laid end to end, and their lengths."""
+    docs = []
+    for path in paths:
+        for doc in file_documents(adapter, path):
+            docs.append(doc)
+            if progress is not None:
+                progress.update(doc.shape[0])
+    if not docs or not sum(d.shape[0] for d in docs):
+        raise InputError(f"{', '.join(map(str, paths))}: nothing to encode")
+    return torch.cat(docs), [int(d.shape[0]) for d in docs]
+
+
+def cut_lengths(lengths: list[int], point: int) -> tuple[list[int], list[int]]:
+    """Document lengths of ``data[:point]`` and ``data[point:]`` (a document the cut falls in is two)."""
+    head, tail, seen = [], [], 0
+    for n in lengths:
+        if seen + n <= point:
+            head.append(n)
+        elif seen >= point:
+            tail.append(n)
+        else:
+            head.append(point - seen)
+            tail.append(seen + n - point)
+        seen += n
+    return head, tail
+
+
+def packed_source(data, lengths, batch_size: int, window: int, where: str):
+    """``PackedSource(data, lengths, batch_size, window)``; bad data raises InputError naming ``where``."""
+    from seqlab.packing import PackedSource
+
+    try:
+        return PackedSource(data, lengths, batch_size, window)
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
 
 
 def tensor_pieces(data, window: int) -> Iterator[torch.Tensor]:
@@ -178,13 +251,17 @@ def _split(adapter, data, fraction) -> int:
     return int(adapter.split_point(data, length - int(length * fraction)))
 
 
-def files_data(spec: dict, batch_size: int, window: int, progress: bool = False) -> TrainData:
+def files_data(spec: dict, batch_size: int, window: int, progress: bool = False, pack: bool = False) -> TrainData:
     """A run's data from files. ``spec``: ``{"files": [...], "domain": name, "adapter_settings": {...} | None,
-    "eval": [...], "eval_fraction": F | None}`` (the held-out data: files, or the last F of the encoded data)."""
+    "eval": [...], "eval_fraction": F | None}`` (the held-out data: files, or the last F of the encoded data).
+    ``pack``: the training (and periodic evaluation) sources are packed rows of the files' documents."""
     from tqdm.auto import tqdm
 
     adapter = adapter_for(spec["domain"], spec.get("adapter_settings"))
     check_trainable(adapter)
+    if pack:
+        check_packable(adapter)
+        return _packed_files_data(spec, adapter, batch_size, window, progress)
     files = [check_file(f) for f in spec["files"]]
     evals = [check_file(f) for f in spec.get("eval") or []]
     adapter = adapter.fitted(adapter.read(f) for f in files)  # the training files only, never held-out files
@@ -225,6 +302,53 @@ def files_data(spec: dict, batch_size: int, window: int, progress: bool = False)
             )
         eval_source = training_source(adapter, eval_data, 1, min(window, eval_data.shape[0] - 1), "held-out data")
     return TrainData(adapter, train, split, eval_source, held_out, spec)
+
+
+def _packed_files_data(spec: dict, adapter, batch_size: int, window: int, progress: bool) -> TrainData:
+    """``files_data`` with packed rows: the same held-out data (files, or the last F of the encoded data cut
+    where the adapter allows), the documents of each side packed."""
+    from tqdm.auto import tqdm
+
+    files = [check_file(f) for f in spec["files"]]
+    evals = [check_file(f) for f in spec.get("eval") or []]
+    adapter = adapter.fitted(adapter.read(f) for f in files)
+    fraction = _check_fraction(spec.get("eval_fraction"), evals)
+    mapped = adapter.map_file(files[0]) if len(files) == 1 else None
+    where = ", ".join(files)
+    if mapped is not None:  # one file, one document, memory-mapped: never read whole
+        data, lengths = mapped, [int(mapped.shape[0])]
+    else:
+        bar = tqdm(unit="el", unit_scale=True, disable=not progress, desc="encode")
+        try:
+            data, lengths = _documents(adapter, files, bar)
+        finally:
+            bar.close()
+    split = _split(adapter, data, fraction)
+    train_lengths, held_lengths = cut_lengths(lengths, split)
+    train = packed_source(data[:split], train_lengths, batch_size, window, where)
+    held_out: list[HeldOut] = []
+    eval_data, eval_lengths = None, []
+    if fraction:
+        eval_data, eval_lengths = data[split:], held_lengths
+        if eval_data.shape[0] < 2:
+            raise InputError(
+                f"--eval-fraction {fraction} leaves {eval_data.shape[0]} elements of held-out data: "
+                "at least 2 are needed"
+            )
+        held = eval_data
+        held_out.append(
+            HeldOut(f"last {fraction:g} of the data", lambda: tensor_pieces(held, EVAL_WINDOW), int(held.shape[0]))
+        )
+    held_out += file_inputs(adapter, evals, EVAL_WINDOW)
+    if evals:
+        eval_data, eval_lengths = _documents(adapter, evals)
+    eval_source = None
+    if eval_data is not None:
+        total = int(eval_data.shape[0])
+        if total < 2:
+            raise InputError(f"held-out data {', '.join(evals)} holds {total} elements: at least 2 are needed")
+        eval_source = packed_source(eval_data, eval_lengths, 1, min(window, total), "held-out data")
+    return TrainData(adapter, train, split, eval_source, held_out, spec, packing=train.stats().to_dict())
 
 
 def file_inputs(adapter, paths: list[str], window: int) -> list[HeldOut]:

@@ -365,6 +365,7 @@ VOCABULARY = {
     "keep_checkpoints": "step folders kept",
     "bf16": "bfloat16 autocast",
     "carry_state": "carry the state across windows",
+    "pack": "pack documents into full rows (no padding, nothing crossing a document)",
     "eval": "held-out files",
     "eval_fraction": "fraction held out",
     "eval_sequences": "stored sequences held out",

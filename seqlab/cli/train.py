@@ -49,7 +49,7 @@ _TRAIN_CHECKS = {
         "threads": threads,
         "subword_vocab": subword_vocab,
     },
-    "flags": ("resume", "overwrite", "quiet", "json", "bf16", "carry_state"),
+    "flags": ("resume", "overwrite", "quiet", "json", "bf16", "carry_state", "pack"),
     "lists": ("files", "eval", "sequences", "eval_sequences"),
     "texts": ("out", "adapter", "store", "device"),
 }
@@ -104,8 +104,10 @@ def _train(args) -> int:
 
     require(args, "out")
     _check_args(args, _TRAIN_CHECKS)
+    _pack_settings(args)
     _torch_threads(args)
     options = {name: getattr(args, name) for name in (*MODEL_OPTIONS, *MOE_OPTIONS, *TRAIN_OPTIONS)}
+    options["pack"] = args.pack
 
     def say(message: str) -> None:
         print(f"seqlab train: {message}", file=sys.stderr)
@@ -130,6 +132,20 @@ def _train(args) -> int:
     )
     _print_train_summary(summary, args.json)
     return 0
+
+
+def _pack_settings(args) -> None:
+    """--pack trains rows that each start from a fresh state: --carry-state is refused with it, and off unless
+    given."""
+    from seqlab.errors import ConfigError
+
+    if not args.pack:
+        return
+    if args.carry_state:
+        raise ConfigError(
+            "--pack packs documents into rows that each start from a fresh state: it cannot go with --carry-state"
+        )
+    args.carry_state = False
 
 
 def _adapter_settings(args):
@@ -202,6 +218,10 @@ def _print_train_summary(s: dict, as_json: bool) -> None:
         print(f"held-out    {_fmt(s['held_out'])} {s['metric_name']} over {s['held_out_targets']} targets{base}")
     else:
         print(f"held-out    - (no held-out data: give --eval FILE, --eval-fraction or --eval-sequences){base}")
+    if s.get("packing"):
+        from seqlab.packing import efficiency_text
+
+        print(f"packing     {efficiency_text(s['packing']).removeprefix('packing ')}")
     if "parameters" in s:
         print(f"parameters  {parameters_text(s['parameters'])}")
     print(f"model       {s['model']}")
@@ -288,7 +308,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Train a Mamba model for a domain adapter with truncated BPTT (state carried across windows "
         "and detached), from files (encoded in memory; one bytes file is memory-mapped) or from a sequence "
         "store (--store; only the chunks each window needs are read, so a chromosome or hours of audio train "
-        "without being loaded). Writes checkpoints, train.jsonl, run.json and the final model.safetensors into "
+        "without being loaded); --pack trains on documents packed into full rows instead. Writes checkpoints, "
+        "train.jsonl, run.json and the final model.safetensors into "
         "--out; --resume continues from the latest checkpoint there. The loss is shown in bits per element "
         "(a video model's in mse). Settings may come from a TOML file (seqlab train --config run.toml ...; "
         "keys of its [train] table).",
@@ -361,7 +382,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--carry-state",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="carry the state across windows (default on)",
+        help="carry the state across windows (default on; off with --pack)",
+    )
+    opt.add_argument(
+        "--pack",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="pack documents (each file, each FASTA/FASTQ record, each stored sequence) end to end into full rows "
+        "of --window: no padding, nothing crossing a document (each starts from a fresh state, its last element "
+        "predicts nothing); prints the packing efficiency (default off; token adapters)",
     )
     t.set_defaults(func=_train)
 
