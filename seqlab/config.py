@@ -512,7 +512,9 @@ class BackboneConfig:
         values = {name: getattr(self, name) for name in (*MAMBA3_SHARED_FIELDS, *MAMBA3_FIELDS)}
         where = "BackboneConfig"
         if index is not None:
-            _, _, options = self.layer_spec(index)
+            kind, _, options = self.layer_spec(index)
+            if kind != "mamba3":
+                raise ConfigError(f"layer {index} is a {kind!r} layer, not a Mamba-3 layer: it has no Mamba-3 settings")
             values.update({k: v for k, v in options.items() if k in values})
             if index in self.layer_overrides:
                 where = f"layer {index}"
