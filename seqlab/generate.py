@@ -1,9 +1,10 @@
 """Generation for any LanguageModel: greedy or sampled decoding on the recurrent state.
 
 Each new token costs one ``model.step``, constant in the context length. Prompts of different lengths are
-prefilled one by one (no padding ever enters a state), then decoded together as one batch; each prompt gets
-its own exact final state, which has consumed the prompt and every generated token, so a later call can
-continue from it (agent sessions).
+prefilled together as one packed row (``prefill``: the prompts end to end, their boundaries as ``cu_seqlens``,
+so no padding ever enters a state and each prompt's state equals the one it gets alone), then decoded together
+as one batch whose rows sit at different positions; each prompt gets its own exact final state, which has
+consumed the prompt and every generated token, so a later call can continue from it (agent sessions).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from types import FrameType
 import torch
 
 from seqlab.errors import InputError, StateError, StateMismatchError
-from seqlab.state import RecurrentState, concat_rows, state_layout
+from seqlab.state import RecurrentState, state_layout
 
 
 @dataclass(eq=False)
@@ -159,6 +160,65 @@ def _initial_states(model, state, n_prompts: int) -> list[RecurrentState | None]
     return [state.select(i) for i in range(n_prompts)]
 
 
+def _packing_unsupported(exc: TypeError) -> bool:
+    """A kernel backend (or a registered mixer) that does not take packed rows yet: its TypeError names
+    ``cu_seqlens``."""
+    return "cu_seqlens" in str(exc)
+
+
+def prefill(model, prompts, state: RecurrentState | None = None) -> tuple[torch.Tensor, RecurrentState]:
+    """Consume ``prompts`` (token ids of any lengths: a list of 1-D tensors or id lists, or a (batch, length)
+    tensor) in ONE forward: the prompts end to end in one packed row (``model(ids, state, cu_seqlens=...)``).
+
+    Returns ``(last_logits, state)``: the logits after each prompt's last token, (N, vocab), and a
+    ``RecurrentState`` with one row per prompt, row i at its start position + len(prompt i)
+    (``state.positions``); each row equals the state prompt i gets alone (a KV cache is right-aligned, padded
+    on the left to the longest row). ``state``: continue from it (a batch of 1 for every prompt, or one row per
+    prompt, at any positions). Runs under the caller's grad mode (``generate`` runs it without autograd). A model
+    whose kernels cannot take packed rows yet (a TypeError naming ``cu_seqlens``) is prefilled prompt by prompt,
+    with the same result."""
+    rows = _as_prompts(prompts)
+    if model.config.bidirectional:
+        raise StateError("bidirectional models see the whole sequence at once and have no state to prefill")
+    device = next(model.parameters()).device
+    start = _packed_start(state, len(rows))
+    lengths = torch.tensor([row.numel() for row in rows])
+    cu = torch.cat((torch.zeros(1, dtype=torch.long), lengths.cumsum(0))).to(device)
+    try:
+        out = model(torch.cat(rows).to(device)[None], start, cu_seqlens=cu)
+    except TypeError as exc:
+        if not _packing_unsupported(exc):
+            raise
+        logits, states = _prefill_each(model, rows, _initial_states(model, state, len(rows)), device)
+        return logits, RecurrentState.stack(states)
+    return out.logits[0, cu[1:] - 1], out.state
+
+
+def _packed_start(state, n_prompts: int) -> RecurrentState | None:
+    """The starting state of a packed prefill: None, or one row per prompt."""
+    if state is None:
+        return None
+    if not isinstance(state, RecurrentState):
+        raise InputError(f"state must be a RecurrentState or None, got {type(state).__name__}")
+    if state.batch_size == 1 and n_prompts > 1:
+        return RecurrentState.stack([state] * n_prompts)
+    if state.batch_size != n_prompts:
+        raise StateMismatchError(
+            f"state holds a batch of {state.batch_size}; give one row per prompt ({n_prompts}) or a batch of 1"
+        )
+    return state
+
+
+def _prefill_each(model, rows, starts, device) -> tuple[torch.Tensor, list[RecurrentState]]:
+    """Each prompt alone (the fallback of ``prefill``)."""
+    last_logits, states = [], []
+    for row, start in zip(rows, starts):
+        out = model(row[None].to(device), start)
+        last_logits.append(out.logits[:, -1])
+        states.append(out.state)
+    return torch.cat(last_logits), states
+
+
 def _user_stacklevel() -> int:
     """The ``warnings.warn`` stacklevel, from ``generate``, of the first frame outside this module,
     ``LanguageModel.generate`` and torch's ``no_grad`` wrapper: the user's call."""
@@ -279,16 +339,10 @@ def generate(
             repetition_penalty, generators, stops, suppress_tokens, eos_token_id, callback,
         )  # fmt: skip
 
-    # Prefill each prompt alone: exact, and no padding ever enters a state.
-    last_logits, row_states = [], []
-    for row, start in zip(rows, starts):
-        out = model(row[None].to(device), start)
-        last_logits.append(out.logits[:, -1])
-        row_states.append(out.state)
-    positions = [s.position for s in row_states]
-    # One decoding batch; its own position field is unused (each row's position is tracked in `positions`).
-    batch = RecurrentState(concat_rows([s.layers for s in row_states]), 0, row_states[0].fingerprint)
-    logits = torch.cat(last_logits)
+    # Prefill every prompt in one packed forward (each exactly as alone; no padding ever enters a state): one
+    # decoding batch whose rows sit at their own positions.
+    logits, batch = prefill(model, rows, state)
+    positions = list(batch.positions)
     vocab = logits.shape[-1]
     suppressed = _as_ids(suppress_tokens, "suppress_tokens", vocab)
     stops += [(i,) for i in _as_ids(eos_token_id, "eos_token_id", vocab)]
@@ -371,7 +425,7 @@ def _decode_loop(
             index = torch.tensor(keep, dtype=torch.long, device=device)
             batch = RecurrentState(
                 [{k: t.index_select(0, index) for k, t in layer.items()} for layer in out.state.layers],
-                0,
+                tuple(positions[active[j]] for j in keep),
                 out.state.fingerprint,
             )
             logits = out.logits.index_select(0, index)
