@@ -226,6 +226,7 @@ class RecurrentState:
         """Row ``index`` of the batch as a batch-of-one state (a copy, at that row's position)."""
         if not -self.batch_size <= index < self.batch_size:
             raise IndexError(f"row {index} is outside the batch of {self.batch_size}")
+        index = index % self.batch_size  # a negative index counts from the end (t[-1:0] would be empty)
         picked = self._map(lambda t: t[index : index + 1].clone())
         if isinstance(self._position, tuple):
             picked._position = self._check_rows()[index]
