@@ -1,0 +1,435 @@
+"""Mamba-3 scan (SISO): Triton kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
+
+Same signature and semantics as ``ref.py`` / ``chunked.py`` (see ``kernels/mamba3/`` for the equations). Per
+sequence, head h and position t (s = sigmoid(trap), a = A dt, alpha = exp(a), beta~ = (1 - s) dt, gamma = s dt)::
+
+    theta_t = (theta_{t-1} + pi tanh(angles_t) dt_t) mod 2 pi              (per head, a rotary pairs)
+    k_t = rot(theta_t) (B_t + B_bias),  q_t = rot(theta_t) (C_t + C_bias)     (interleaved pairs; the rest as is)
+    H_t = alpha_t (H_{t-1} + beta~_t v_{t-1} k_{t-1}') + gamma_t v_t k_t'      ((p, n); v = x)
+    y_t = (H_t q_t + D v_t) * silu(z_t)
+
+and the state (theta, H, k, v) carries theta_t, H_t, k_t (rotated) and v_t. float16 / bfloat16 / float32 inputs
+run with float32 states; float64 inputs entirely in float64 (a constexpr compute dtype), so every backend agrees
+on what float64 means. The state returned is float32 (float64 for float64 inputs).
+
+Kernels (``triton_kernels.py``)
+-------------------------------
+One program per (sequence, head, block of BLOCK_P value channels) walks the sequence's positions one after the
+other with its (BLOCK_P, n) state in registers: no chunking, no associative-scan shuffles, consecutive positions
+in one thread's registers. Packed rows are native: with ``cu_seqlens`` the program of sequence i reads
+[cu[i], cu[i+1]) of the single row and its own initial / final state row; no Python loop over sequences.
+
+``_m3_fwd_kernel`` (MODE 0): the forward; writes y and the final state. It is also the decode step (l = 1).
+
+Backward, with no stored states at all (the only saved tensors are the inputs):
+
+1. ``_m3_fwd_kernel`` (MODE 1) re-walks forward from the initial state and writes, per position, the partial
+   (over this program's channels) gradient of the rotated query dq_t = H_t' gy_t, the scalar gy_t . y~_t
+   (y~ = H q, gy = dL/dy before the gate), dz, theta_t, and at the end <dL/dH_final, H_final>.
+2. ``_m3_bwd_kernel`` walks backward carrying the adjoint G = alpha_{t+1} dL/dH_{t+1}: dH_t = G + gy_t q_t',
+   dk_t = (gamma_t dH_t + beta~_{t+1} G)' v_t, dv_t = (gamma_t dH_t + beta~_{t+1} G) k_t + D gy_t. The decay's
+   adjoint da_t = <dH_t, alpha_t (H_{t-1} + beta~_t v_{t-1} k_{t-1}')> needs H, which the backward never has:
+   with S_t = <dH_t, H_t> = R_t + gy_t . y~_t and R_{t-1} = <alpha_t dH_t, H_{t-1}> = da_t - beta~_t E_t,
+   da_t = S_t - gamma_t f_t (f_t = v_t' dH_t k_t, E_t = alpha_t v_{t-1}' dH_t k_{t-1} = dL/dbeta~_t), a scalar
+   recurrence that starts from <dL/dH_final, H_final>. Then the rotary adjoints give dB, dC and dtheta_t, whose
+   reverse running sum (reset per sequence, started from the final angle's gradient) gives dangles and dt's
+   share. Nothing divides by a decay.
+
+Everything that sums over the value channels (dB, dC, dangles, the scalars' gradients, the initial k and angle)
+is written per program as a partial and summed over channel blocks, heads of a group and the batch by torch.
+
+Memory traffic: forward reads the inputs once and writes y and the state; the backward reads the inputs twice
+(plus the previous position's B and x again, from cache) and writes per position n + a + 4 floats per channel
+block and head, then the gradients.
+
+MIMO (rank r > 1) is not in the Triton kernels: ``mamba3_scan_triton`` raises KernelBackendError for it (the
+``chunked`` backend runs it).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._triton import interpreting, require_triton_device
+from .._validate import records_grad
+from ..errors import KernelBackendError
+from .ref import check_scan_args, check_step_args
+from .triton_kernels import _m3_bwd_kernel, _m3_fwd_kernel
+
+__all__ = ["mamba3_scan_triton", "mamba3_state_update_triton"]
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+
+def _siso_only(dims) -> None:
+    if dims.mimo:
+        raise KernelBackendError(
+            f"mamba3 (triton backend): MIMO (rank r = {dims.r} > 1) is not in the Triton kernels yet; "
+            "use backend='chunked' (or 'ref') for MIMO"
+        )
+
+
+def _tl_dtype(cdt: torch.dtype):
+    return tl.float64 if cdt == torch.float64 else tl.float32
+
+
+# ----------------------------------------------------------------------------------------------- launches
+
+
+class _Geo:
+    def __init__(self, x, B, angles, cu_seqlens, block_p):
+        self.b, self.l, self.h, self.p = x.shape
+        self.g, self.n = B.shape[3], B.shape[4]
+        self.a = angles.shape[2]
+        self.packed = cu_seqlens is not None
+        self.ns = cu_seqlens.numel() - 1 if self.packed else self.b
+        self.NH = triton.next_power_of_2((self.n + 1) // 2)  # rotary pairs (an odd n: a lone last element)
+        if block_p is None:
+            if interpreting():
+                block_p = self.p  # the interpreter's cost is per op: one block per head
+            else:
+                # a (BLOCK_P, n) fp32 state of <= 2048 elements in registers
+                block_p = max(1, min(self.p, 2048 // (2 * self.NH)))
+        self.BLOCK_P = triton.next_power_of_2(block_p)
+        self.npb = triton.cdiv(self.p, self.BLOCK_P)
+
+    def grid(self):
+        return (self.ns, self.h, self.npb)
+
+
+def _strides(t, k):
+    return tuple(t.stride()) if t is not None else (0,) * k
+
+
+def _common_strides(x, dt, A, B, C, trap, angles, B_bias, C_bias, D, z):
+    B4 = B[:, :, 0]  # (b, l, g, n): rank 1
+    C4 = C[:, :, 0]
+    return (
+        *x.stride(),
+        *dt.stride(),
+        *A.stride(),
+        *B4.stride(),
+        *C4.stride(),
+        *trap.stride(),
+        *angles.stride(),
+        B_bias.stride(0),
+        B_bias.stride(2),
+        C_bias.stride(0),
+        C_bias.stride(2),
+        D.stride(0) if D is not None else 0,
+        *_strides(z, 4),
+    )
+
+
+def _forward(inputs, init, cu, geo: _Geo, cdt, mode, gout=None, gfinal_h=None):
+    x, dt, A, B, C, trap, angles, B_bias, C_bias, D, z = inputs
+    dev = x.device
+    b, l, h, p, n, a, ns, npb = geo.b, geo.l, geo.h, geo.p, geo.n, geo.a, geo.ns, geo.npb
+    dummy = x
+    th0, h0, k0, v0 = init if init is not None else (dummy, dummy, dummy, dummy)
+    k0v = k0[:, 0] if init is not None else dummy  # (ns, h, n)
+    f = dict(dtype=cdt, device=dev)
+    if mode == 0:
+        out = torch.empty(b, l, h, p, dtype=x.dtype, device=dev)
+        thf = torch.zeros(ns, h, a, **f)
+        hf = torch.empty(ns, h, p, n, **f)
+        kf = torch.empty(ns, 1, h, n, **f)
+        vf = torch.empty(ns, h, p, **f)
+        dz = dqp = gyy = thbuf = r0 = dummy
+        gout = gfinal_h = dummy
+    else:
+        out = thf = hf = kf = vf = dummy
+        dz = torch.empty(b, l, h, p, dtype=z.dtype, device=dev) if z is not None else dummy
+        dqp = torch.empty(b, l, h, npb, n, **f)
+        gyy = torch.empty(b, l, h, npb, **f)
+        thbuf = torch.empty(b, l, h, a, **f)
+        r0 = torch.empty(ns, h, npb, **f)
+    _m3_fwd_kernel[geo.grid()](
+        x,
+        dt,
+        A,
+        B,
+        C,
+        trap,
+        angles,
+        B_bias,
+        C_bias,
+        D if D is not None else dummy,
+        z if z is not None else dummy,
+        cu if cu is not None else dummy,
+        th0,
+        h0,
+        k0v,
+        v0,
+        out,
+        thf,
+        hf,
+        kf,
+        vf,
+        gout,
+        gfinal_h,
+        dz,
+        dqp,
+        gyy,
+        thbuf,
+        r0,
+        *_common_strides(x, dt, A, B, C, trap, angles, B_bias, C_bias, D, z),
+        *_strides(th0 if init is not None else None, 3),
+        *_strides(h0 if init is not None else None, 4),
+        *_strides(k0v if init is not None else None, 3),
+        *_strides(v0 if init is not None else None, 3),
+        *_strides(gout if mode == 1 else None, 4),
+        l,
+        h,
+        p,
+        n,
+        a,
+        h // geo.g,
+        npb,
+        BLOCK_P=geo.BLOCK_P,
+        NH=geo.NH,
+        HALVES=False,
+        PACKED=geo.packed,
+        HAS_INIT=init is not None,
+        HAS_D=D is not None,
+        HAS_Z=z is not None,
+        MODE=mode,
+        CDT=_tl_dtype(cdt),
+        num_warps=4,
+    )
+    if mode == 0:
+        return out, (thf, hf, kf, vf)
+    return dz if z is not None else None, dqp, gyy, thbuf, r0
+
+
+def _backward(inputs, init, cu, geo: _Geo, cdt, gout, gfinal):
+    x, dt, A, B, C, trap, angles, B_bias, C_bias, D, z = inputs
+    dev = x.device
+    b, l, h, p, n, a, g, ns, npb = geo.b, geo.l, geo.h, geo.p, geo.n, geo.a, geo.g, geo.ns, geo.npb
+    f = dict(dtype=cdt, device=dev)
+    if gout is None:
+        gout = torch.zeros(b, l, h, p, dtype=x.dtype, device=dev)
+    shapes = ((ns, h, a), (ns, h, p, n), (ns, h, n), (ns, h, p))
+    gth, gh, gk, gv = (
+        torch.zeros(s, **f) if gt is None else gt.reshape(s).to(cdt).contiguous()
+        for gt, s in zip(gfinal if gfinal is not None else (None,) * 4, shapes)
+    )
+    dz, dqp, gyy, thbuf, r0 = _forward(inputs, init, cu, geo, cdt, 1, gout=gout, gfinal_h=gh)
+
+    dummy = x
+    th0, h0, k0, v0 = init if init is not None else (dummy, dummy, dummy, dummy)
+    k0v = k0[:, 0] if init is not None else dummy
+    dx = torch.empty(b, l, h, p, dtype=x.dtype, device=dev)
+    dBp = torch.empty(b, l, h, npb, n, **f)
+    dCp = torch.empty(b, l, h, npb, n, **f)
+    dangp = torch.empty(b, l, h, npb, a, **f)
+    dscal = torch.empty(b, l, h, npb, 3, **f)
+    dDp = torch.empty(ns, h, npb, **f)
+    dth0 = torch.empty(ns, h, npb, a, **f)
+    dh0 = torch.empty(ns, h, p, n, **f)
+    dk0 = torch.empty(ns, h, npb, n, **f)
+    dv0 = torch.empty(ns, h, p, **f)
+    _m3_bwd_kernel[geo.grid()](
+        x,
+        dt,
+        A,
+        B,
+        C,
+        trap,
+        angles,
+        B_bias,
+        C_bias,
+        D if D is not None else dummy,
+        z if z is not None else dummy,
+        cu if cu is not None else dummy,
+        k0v,
+        v0,
+        gout,
+        gth,
+        gh,
+        gk,
+        gv,
+        dqp,
+        gyy,
+        thbuf,
+        r0,
+        dx,
+        dBp,
+        dCp,
+        dangp,
+        dscal,
+        dDp,
+        dth0,
+        dh0,
+        dk0,
+        dv0,
+        *_common_strides(x, dt, A, B, C, trap, angles, B_bias, C_bias, D, z),
+        *_strides(k0v if init is not None else None, 3),
+        *_strides(v0 if init is not None else None, 3),
+        *gout.stride(),
+        l,
+        h,
+        p,
+        n,
+        a,
+        h // g,
+        npb,
+        BLOCK_P=geo.BLOCK_P,
+        NH=geo.NH,
+        HALVES=False,
+        PACKED=geo.packed,
+        HAS_INIT=init is not None,
+        HAS_D=D is not None,
+        HAS_Z=z is not None,
+        CDT=_tl_dtype(cdt),
+        num_warps=4,
+    )
+    dk = dBp.sum(3)  # (b, l, h, n)
+    dq = dCp.sum(3)
+    dB = dk.view(b, l, g, h // g, n).sum(3).unsqueeze(2)
+    dC = dq.view(b, l, g, h // g, n).sum(3).unsqueeze(2)
+    dBb = dk.sum((0, 1)).unsqueeze(1)
+    dCb = dq.sum((0, 1)).unsqueeze(1)
+    dang = dangp.sum((2, 3))
+    ds = dscal.sum(3)
+    dD = dDp.sum((0, 2)) if D is not None else None
+    grads = (dx, ds[..., 0], ds[..., 1], dB, dC, ds[..., 2], dang, dBb, dCb, dD, dz)
+    dinit = (dth0.sum(2), dh0, dk0.sum(2).unsqueeze(1), dv0)
+    return grads, dinit
+
+
+class _Mamba3ScanFn(torch.autograd.Function):
+    """(x, dt, A, B, C, trap, angles, B_bias, C_bias, D, z, theta0, H0, k0, v0) -> (y, theta, H, k, v)."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, trap, angles, B_bias, C_bias, D, z, th0, h0, k0, v0, cu, geo, cdt):
+        ctx.set_materialize_grads(False)
+        inputs = (x, dt, A, B, C, trap, angles, B_bias, C_bias, D, z)
+        init = None if h0 is None else (th0, h0, k0, v0)
+        y, final = _forward(inputs, init, cu, geo, cdt, 0)
+        ctx.save_for_backward(*inputs, *(init if init is not None else (None,) * 4), cu)
+        ctx.meta = (geo, cdt)
+        return (y, *final)
+
+    @staticmethod
+    def backward(ctx, gy, gth, gh, gk, gv):
+        saved = ctx.saved_tensors
+        inputs, init, cu = saved[:11], saved[11:15], saved[15]
+        init = None if init[1] is None else init
+        geo, cdt = ctx.meta
+        gfinal = None if all(t is None for t in (gth, gh, gk, gv)) else (gth, gh, gk, gv)
+        grads, dinit = _backward(inputs, init, cu, geo, cdt, gy, gfinal)
+
+        def cast(gr, like):
+            return None if gr is None or like is None else gr.to(like.dtype)
+
+        out = [cast(gr, t) for gr, t in zip(grads, inputs)]
+        if init is None:
+            out += [None] * 4
+        else:
+            out += [cast(gr, t) for gr, t in zip(dinit, init)]
+        return (*out, None, None, None)
+
+
+def _as_cdt(t, cdt):
+    return t if t.dtype == cdt else t.to(cdt)
+
+
+def mamba3_scan_triton(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    trap,
+    angles,
+    B_bias,
+    C_bias,
+    chunk_size=64,
+    D=None,
+    z=None,
+    mimo_x=None,
+    mimo_z=None,
+    mimo_o=None,
+    initial_state=None,
+    return_final_state=False,
+    *,
+    cu_seqlens=None,
+    block_p=None,
+):
+    """Fused Triton Mamba-3 scan (SISO; see the module docstring). Returns y (b, l, h, p) in x.dtype, or
+    (y, (angle, ssm, k, v)) with ``return_final_state`` (float32 states; float64 for float64 inputs). Packed rows:
+    ``cu_seqlens`` (N + 1,) with batch 1, ``initial_state`` and the final state then have N rows. ``chunk_size``
+    is accepted for the common signature and unused (the kernels walk positions; nothing is chunked).
+    ``block_p`` overrides the value channels per program (tests, tuning). Differentiable in every tensor."""
+    dims, cu_seqlens = check_scan_args(
+        x, dt, A, B, C, trap, angles, B_bias, C_bias, chunk_size, D, z, mimo_x, mimo_z, mimo_o, initial_state,
+        cu_seqlens,
+    )  # fmt: skip
+    _siso_only(dims)
+    b, l, h, p, n, a, ns, cdt = dims.b, dims.l, dims.h, dims.p, dims.n, dims.a, dims.rows, dims.compute_dtype
+    init = tuple(initial_state) if initial_state is not None else None
+    require_triton_device("mamba3_scan", x, dt, A, B, C, trap, angles, B_bias, C_bias, D, z, *(init or ()))
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(device=x.device, dtype=torch.int64).contiguous()
+    if l == 0:
+        y = x.new_empty(b, 0, h, p)
+        if init is not None:
+            final = tuple(_as_cdt(t, cdt).clone() for t in init)
+        else:
+            final = (
+                torch.zeros(ns, h, a, dtype=cdt, device=x.device),
+                torch.zeros(ns, h, p, n, dtype=cdt, device=x.device),
+                torch.zeros(ns, 1, h, n, dtype=cdt, device=x.device),
+                torch.zeros(ns, h, p, dtype=cdt, device=x.device),
+            )
+        return (y, final) if return_final_state else y
+    geo = _Geo(x, B, angles, cu_seqlens, block_p)
+    th0, h0, k0, v0 = init if init is not None else (None,) * 4
+    tensors = (x, dt, A, B, C, trap, angles, B_bias, C_bias, D, z, th0, h0, k0, v0)
+    if records_grad(*tensors):
+        y, *final = _Mamba3ScanFn.apply(*tensors, cu_seqlens, geo, cdt)
+        final = tuple(final)
+    else:
+        y, final = _forward(tensors[:11], init, cu_seqlens, geo, cdt, 0)
+    return (y, final) if return_final_state else y
+
+
+# ----------------------------------------------------------------------------------------------- decode step
+
+
+def mamba3_state_update_triton(
+    state, x, dt, A, B, C, trap, angles, B_bias, C_bias, D=None, z=None, mimo_x=None, mimo_z=None, mimo_o=None
+):
+    """One Mamba-3 decode step: x (b, h, p), dt / A / trap (b, h), B / C (b, r, g, n), angles (b, a), z (b, h, p);
+    returns (y (b, h, p), new_state); ``state`` (angle, ssm, k, v) is never written. The step is the forward
+    kernel over one position (one program per (row, head, block of channels)); differentiable through the
+    same kernels' backward."""
+    dims = check_step_args(state, x, dt, A, B, C, trap, angles, B_bias, C_bias, D, z, mimo_x, mimo_z, mimo_o)
+    _siso_only(dims)
+
+    def one(t):
+        return None if t is None else t.unsqueeze(1)
+
+    y, new_state = mamba3_scan_triton(
+        one(x),
+        one(dt),
+        one(A),
+        one(B),
+        one(C),
+        one(trap),
+        one(angles),
+        B_bias,
+        C_bias,
+        D=D,
+        z=one(z),
+        mimo_x=mimo_x,
+        mimo_z=mimo_z,
+        mimo_o=mimo_o,
+        initial_state=state,
+        return_final_state=True,
+    )
+    return y[:, 0], new_state
