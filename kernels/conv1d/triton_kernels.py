@@ -20,6 +20,7 @@ def _load_full(
     d_idx,
     d_mask,
     pos,
+    lo,
     l,
     s_xd,
     s_xl,
@@ -29,12 +30,13 @@ def _load_full(
     HAS_INIT: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """[initial_state, x] at x-time ``pos`` (negative positions read the state), 0 outside, in ACC."""
-    in_x = (pos >= 0) & (pos < l) & d_mask
+    """[initial_state, x] at x-time ``pos`` of a sequence starting at ``lo`` (0, or per column for packed rows):
+    positions before ``lo`` read the state (row ``i_base``), 0 outside, in ACC."""
+    in_x = (pos >= lo) & (pos < l) & d_mask
     v = tl.load(x_ptr + x_base + d_idx * s_xd + pos * s_xl, mask=in_x, other=0.0).to(ACC)
     if HAS_INIT:
-        in_s = (pos < 0) & (pos >= 1 - W) & d_mask
-        v += tl.load(init_ptr + i_base + d_idx * s_id + (pos + (W - 1)) * s_il, mask=in_s, other=0.0).to(ACC)
+        in_s = (pos < lo) & (pos >= lo + 1 - W) & d_mask
+        v += tl.load(init_ptr + i_base + d_idx * s_id + (pos - lo + (W - 1)) * s_il, mask=in_s, other=0.0).to(ACC)
     return v
 
 
@@ -49,6 +51,7 @@ def _pre_act(
     d_idx,
     d_mask,
     pos,
+    lo,
     l,
     s_xd,
     s_xl,
@@ -65,7 +68,7 @@ def _pre_act(
     """bias + sum_k weight[:, k] * full[pos - (W-1) + k]: the pre-activation at ``pos``."""
     w0 = tl.load(w_ptr + d_idx * s_wd, mask=d_mask, other=0.0).to(ACC)
     acc = w0 * _load_full(
-        x_ptr, init_ptr, x_base, i_base, d_idx, d_mask, pos - (W - 1), l, s_xd, s_xl, s_id, s_il, W, HAS_INIT, ACC
+        x_ptr, init_ptr, x_base, i_base, d_idx, d_mask, pos - (W - 1), lo, l, s_xd, s_xl, s_id, s_il, W, HAS_INIT, ACC
     )
     for k in tl.static_range(1, W):
         wk = tl.load(w_ptr + d_idx * s_wd + k * s_wk, mask=d_mask, other=0.0).to(ACC)
@@ -77,6 +80,7 @@ def _pre_act(
             d_idx,
             d_mask,
             pos - (W - 1) + k,
+            lo,
             l,
             s_xd,
             s_xl,
@@ -104,6 +108,8 @@ def _grad_pre(
     d_idx,
     d_mask,
     pos,
+    lo,
+    hi,
     l,
     s_xd,
     s_xl,
@@ -120,8 +126,8 @@ def _grad_pre(
     SILU: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """dL/d(pre-activation) at ``pos``: gy * silu'(pre), 0 outside [0, l)."""
-    g = tl.load(gy_ptr + g_base + d_idx * s_gd + pos * s_gl, mask=(pos >= 0) & (pos < l) & d_mask, other=0.0).to(ACC)
+    """dL/d(pre-activation) at ``pos``: gy * silu'(pre), 0 outside the sequence [lo, hi) ([0, l) unpacked)."""
+    g = tl.load(gy_ptr + g_base + d_idx * s_gd + pos * s_gl, mask=(pos >= lo) & (pos < hi) & d_mask, other=0.0).to(ACC)
     if SILU:
         p = _pre_act(
             x_ptr,
@@ -133,6 +139,7 @@ def _grad_pre(
             d_idx,
             d_mask,
             pos,
+            lo,
             l,
             s_xd,
             s_xl,
@@ -166,6 +173,8 @@ def _grad_full(
     d_idx,
     d_mask,
     pos,
+    lo,
+    hi,
     l,
     s_xd,
     s_xl,
@@ -186,7 +195,8 @@ def _grad_full(
     HAS_GFINAL: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """dL/d full[pos] (full = [initial_state, x]) through y and through the final state."""
+    """dL/d full[pos] (full = [initial_state, x] of the sequence [lo, hi); [0, l) unpacked) through y and
+    through the final state (row ``f_base``)."""
     acc = tl.zeros_like(pos + d_idx).to(ACC)
     if HAS_GY:
         for k in tl.static_range(W):
@@ -203,6 +213,8 @@ def _grad_full(
                 d_idx,
                 d_mask,
                 pos + (W - 1 - k),
+                lo,
+                hi,
                 l,
                 s_xd,
                 s_xl,
@@ -220,7 +232,7 @@ def _grad_full(
                 ACC,
             )
     if HAS_GFINAL:
-        j = pos - l + (W - 1)  # index into the final state
+        j = pos - hi + (W - 1)  # index into the final state
         in_f = (j >= 0) & (j < W - 1) & d_mask
         acc += tl.load(gf_ptr + f_base + d_idx * s_fd + j * s_fl, mask=in_f, other=0.0).to(ACC)
     return acc
@@ -237,9 +249,12 @@ def _conv_fwd_kernel(
     b_ptr,
     y_ptr,
     fs_ptr,
+    seq_ptr,
+    cu_ptr,
     d,
     l,
     n_tblocks,
+    n_seq,
     s_xb,
     s_xd,
     s_xl,
@@ -264,6 +279,7 @@ def _conv_fwd_kernel(
     SILU: tl.constexpr,
     WRITE_STATE: tl.constexpr,
     ACC: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -271,8 +287,16 @@ def _conv_fwd_kernel(
     d_idx = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)[:, None]
     d_mask = d_idx < d
     x_base = pid_b * s_xb
-    i_base = pid_b * s_ib
     t = pid_t * BLOCK_L + tl.arange(0, BLOCK_L)[None, :]
+    if VARLEN:
+        # packed rows (batch 1): each position's taps stop at its sequence's start lo and read that sequence's
+        # row of the initial states before it
+        qseq = tl.load(seq_ptr + t, mask=t < l, other=0).to(tl.int64)
+        lo = tl.load(cu_ptr + qseq)
+        i_base = qseq * s_ib
+    else:
+        lo = 0
+        i_base = pid_b * s_ib
     acc = _pre_act(
         x_ptr,
         init_ptr,
@@ -283,6 +307,7 @@ def _conv_fwd_kernel(
         d_idx,
         d_mask,
         t,
+        lo,
         l,
         s_xd,
         s_xl,
@@ -299,7 +324,37 @@ def _conv_fwd_kernel(
     if SILU:
         acc = acc / (1.0 + tl.exp(-acc))
     tl.store(y_ptr + pid_b * s_yb + d_idx * s_yd + t * s_yl, acc.to(y_ptr.dtype.element_ty), mask=d_mask & (t < l))
-    if WRITE_STATE:
+    if WRITE_STATE and VARLEN:
+        if pid_t == 0:
+            # the final states of all N sequences, column (i, j) = state i's slot j, BLOCK_L columns at a time:
+            # full position hi_i - (W-1) + j of sequence i
+            for c0 in range(0, n_seq * SP, BLOCK_L):
+                col = c0 + tl.arange(0, BLOCK_L)[None, :]
+                si = (col // SP).to(tl.int64)
+                j = col % SP
+                ok = (si < n_seq) & (j < W - 1)
+                s_lo = tl.load(cu_ptr + si, mask=ok, other=0)
+                s_hi = tl.load(cu_ptr + si + 1, mask=ok, other=0)
+                v = _load_full(
+                    x_ptr,
+                    init_ptr,
+                    x_base,
+                    si * s_ib,
+                    d_idx,
+                    d_mask & ok,
+                    s_hi - (W - 1) + j,
+                    s_lo,
+                    l,
+                    s_xd,
+                    s_xl,
+                    s_id,
+                    s_il,
+                    W,
+                    HAS_INIT,
+                    ACC,
+                )
+                tl.store(fs_ptr + si * s_fb + d_idx * s_fd + j * s_fl, v.to(fs_ptr.dtype.element_ty), mask=d_mask & ok)
+    if WRITE_STATE and not VARLEN:
         if pid_t == n_tblocks - 1:
             j = tl.arange(0, SP)[None, :]
             v = _load_full(
@@ -310,6 +365,7 @@ def _conv_fwd_kernel(
                 d_idx,
                 d_mask,
                 l - (W - 1) + j,
+                0,
                 l,
                 s_xd,
                 s_xl,
@@ -338,10 +394,13 @@ def _conv_bwd_kernel(
     di_ptr,
     dw_ptr,
     db_ptr,
+    seq_ptr,
+    cu_ptr,
     batch,
     d,
     l,
     chunk_len,
+    n_seq,
     s_xb,
     s_xd,
     s_xl,
@@ -377,6 +436,7 @@ def _conv_bwd_kernel(
     WANT_DW: tl.constexpr,
     WANT_DB: tl.constexpr,
     ACC: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -384,9 +444,7 @@ def _conv_bwd_kernel(
     d_idx = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)[:, None]
     d_mask = d_idx < d
     x_base = pid_b * s_xb
-    i_base = pid_b * s_ib
     g_base = pid_b * s_gb
-    f_base = pid_b * s_fb
     k_col = tl.arange(0, WP)[None, :]
     dw_acc = tl.zeros([BLOCK_D, WP], dtype=ACC)
     db_acc = tl.zeros([BLOCK_D], dtype=ACC)
@@ -394,6 +452,19 @@ def _conv_bwd_kernel(
     c_end = tl.minimum(c_start + chunk_len, l)
     for t0 in range(c_start, c_end, BLOCK_L):
         t = t0 + tl.arange(0, BLOCK_L)[None, :]
+        if VARLEN:
+            # packed rows: position t belongs to the sequence [lo, hi) (row qseq of the states); only outputs of
+            # that sequence feed its gradient, and its taps read that sequence's initial state
+            qseq = tl.load(seq_ptr + t, mask=t < l, other=0).to(tl.int64)
+            lo = tl.load(cu_ptr + qseq)
+            hi = tl.load(cu_ptr + qseq + 1)
+            i_base = qseq * s_ib
+            f_base = qseq * s_fb
+        else:
+            lo = 0
+            hi = l
+            i_base = pid_b * s_ib
+            f_base = pid_b * s_fb
         dx = tl.zeros([BLOCK_D, BLOCK_L], dtype=ACC)
         if HAS_GY:
             for k in tl.static_range(W):
@@ -410,6 +481,8 @@ def _conv_bwd_kernel(
                     d_idx,
                     d_mask,
                     t + (W - 1 - k),
+                    lo,
+                    hi,
                     l,
                     s_xd,
                     s_xl,
@@ -441,6 +514,7 @@ def _conv_bwd_kernel(
                                 d_idx,
                                 d_mask,
                                 t - (W - 1) + kk,
+                                lo,
                                 l,
                                 s_xd,
                                 s_xl,
@@ -453,7 +527,7 @@ def _conv_bwd_kernel(
                             part = tl.sum(gp * xs, axis=1)
                             dw_acc += tl.where(k_col == kk, part[:, None], 0.0)
         if HAS_GFINAL:
-            j = t - l + (W - 1)
+            j = t - hi + (W - 1)
             in_f = (j >= 0) & (j < W - 1) & d_mask
             dx += tl.load(gf_ptr + f_base + d_idx * s_fd + j * s_fl, mask=in_f, other=0.0).to(ACC)
         tl.store(
@@ -465,7 +539,56 @@ def _conv_bwd_kernel(
     if WANT_DB:
         d_vec = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         tl.store(db_ptr + part_row * d + d_vec, db_acc, mask=d_vec < d)
-    if WANT_DINIT:
+    if WANT_DINIT and VARLEN:
+        if pid_c == 0:
+            # every sequence's initial state, column (i, j) = slot j of row i (full position lo_i - (W-1) + j)
+            for c0 in range(0, n_seq * SP, BLOCK_L):
+                col = c0 + tl.arange(0, BLOCK_L)[None, :]
+                si = (col // SP).to(tl.int64)
+                jj = col % SP
+                ok = (si < n_seq) & (jj < W - 1)
+                s_lo = tl.load(cu_ptr + si, mask=ok, other=0)
+                s_hi = tl.load(cu_ptr + si + 1, mask=ok, other=0)
+                g = _grad_full(
+                    x_ptr,
+                    init_ptr,
+                    w_ptr,
+                    b_ptr,
+                    gy_ptr,
+                    gf_ptr,
+                    x_base,
+                    si * s_ib,
+                    g_base,
+                    si * s_fb,
+                    d_idx,
+                    d_mask & ok,
+                    s_lo - (W - 1) + jj,
+                    s_lo,
+                    s_hi,
+                    l,
+                    s_xd,
+                    s_xl,
+                    s_id,
+                    s_il,
+                    s_wd,
+                    s_wk,
+                    s_b,
+                    s_gd,
+                    s_gl,
+                    s_fd,
+                    s_fl,
+                    W,
+                    HAS_INIT,
+                    HAS_BIAS,
+                    SILU,
+                    HAS_GY,
+                    HAS_GFINAL,
+                    ACC,
+                )
+                tl.store(
+                    di_ptr + si * s_dib + d_idx * s_did + jj * s_dil, g.to(di_ptr.dtype.element_ty), mask=d_mask & ok
+                )
+    if WANT_DINIT and not VARLEN:
         if pid_c == 0:
             jj = tl.arange(0, SP)[None, :]
             g = _grad_full(
@@ -476,12 +599,14 @@ def _conv_bwd_kernel(
                 gy_ptr,
                 gf_ptr,
                 x_base,
-                i_base,
+                pid_b * s_ib,
                 g_base,
-                f_base,
+                pid_b * s_fb,
                 d_idx,
                 d_mask,
                 jj - (W - 1),
+                0,
+                l,
                 l,
                 s_xd,
                 s_xl,

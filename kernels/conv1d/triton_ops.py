@@ -38,6 +38,14 @@ silu needs it (never stored by the forward), and produces
 [conv_state, x] is reduced against the taps, bias + silu fused, and the shifted window is written to a fresh
 state (the state passed in is never written).
 
+Packed rows (``cu_seqlens``, batch 1; ``VARLEN``): the kernels read the sequence number of every position
+(int32, (l,)) and ``cu_seqlens``. A position t of sequence i = [lo, hi) reads its taps from x down to lo and
+from row i of ``initial_state`` before it (zeros without one), so no tap crosses a boundary; in the backward
+only outputs in [lo, hi) feed dx_t, and g_final's row i enters at the last w - 1 positions before hi. The
+final states and dinitial_state (N rows) are written by the first time block of each channel block, as
+tiles of (sequence, slot) columns (so a sequence shorter than w - 1 passes part of its initial state through,
+as in the reference); no loop over sequences.
+
 Minimum bytes moved (the benchmark's roofline; s = element size of x/y, s_st of the state):
 forward ``b*d*l*(s_x + s_y) + d*w*s_w`` (+ ``2*b*d*(w-1)*s_st`` with states); forward + backward adds
 ``b*d*l*(s_x + s_gy + s_dx)`` (x is re-read, the pre-activation recomputed); decode step
@@ -63,6 +71,7 @@ from .._layout import channels_last as _channels_last
 from .._layout import empty_like_layout as _empty_like_layout
 from .._triton import interpreting, require_triton_device
 from .._validate import records_grad
+from .._varlen import seq_idx_from_cu_seqlens
 from .ref import check_conv_args, check_conv_update_args, compute_dtype
 from .triton_kernels import _conv_bwd_kernel, _conv_fwd_kernel, _conv_update_kernel
 
@@ -108,12 +117,23 @@ def _num_warps(elems: int) -> int:
     return 4 if elems <= 2048 else 8
 
 
-def _conv_forward(x, weight, bias, initial_state, silu, cdt, want_state, block_l=None, block_d=None):
+class _Packed:
+    """Packed rows for the kernels: the sequence number of every position (int32, (l,)) and cu_seqlens (int64)
+    on the inputs' device."""
+
+    def __init__(self, cu_seqlens, device):
+        self.cu = cu_seqlens.to(device, torch.int64).contiguous()
+        self.N = self.cu.numel() - 1
+        self.seq = seq_idx_from_cu_seqlens(self.cu)[0].to(torch.int32).contiguous()
+
+
+def _conv_forward(x, weight, bias, initial_state, silu, cdt, want_state, block_l=None, block_d=None, packed=None):
     b, d, l = x.shape
     w = weight.shape[1]
     y = _empty_like_layout(x, x.dtype)
     state_dtype = initial_state.dtype if initial_state is not None else x.dtype
-    final = torch.empty(b, d, w - 1, dtype=state_dtype, device=x.device) if want_state else None
+    rows = b if packed is None else packed.N
+    final = torch.empty(rows, d, w - 1, dtype=state_dtype, device=x.device) if want_state else None
     if b * d == 0:
         return y, final
     bd, bl = _tiles(x, d, l, 4096, block_l, block_d)
@@ -129,9 +149,12 @@ def _conv_forward(x, weight, bias, initial_state, silu, cdt, want_state, block_l
         _or(bias, weight),
         y,
         _or(final if write_state else None, y),
+        packed.seq if packed is not None else y,
+        packed.cu if packed is not None else y,
         d,
         l,
         n_tblocks,
+        packed.N if packed is not None else 0,
         *x.stride(),
         *_strides3(init),
         *weight.stride(),
@@ -147,13 +170,26 @@ def _conv_forward(x, weight, bias, initial_state, silu, cdt, want_state, block_l
         SILU=silu,
         WRITE_STATE=write_state,
         ACC=_acc_dtype(cdt),
+        VARLEN=packed is not None,
         num_warps=_num_warps(bd * bl),
     )
     return y, final
 
 
 def _conv_backward(
-    x, weight, bias, initial_state, gy, g_final, silu, cdt, needs, block_l=None, block_d=None, bwd_chunk=None
+    x,
+    weight,
+    bias,
+    initial_state,
+    gy,
+    g_final,
+    silu,
+    cdt,
+    needs,
+    block_l=None,
+    block_d=None,
+    bwd_chunk=None,
+    packed=None,
 ):
     """Gradients (dx, dweight, dbias, dinitial_state); ``needs`` = which of them are wanted."""
     b, d, l = x.shape
@@ -165,7 +201,7 @@ def _conv_backward(
     has_gf = g_final is not None and w > 1
     dx = _empty_like_layout(x, x.dtype)
     di = (
-        torch.empty(b, d, w - 1, dtype=initial_state.dtype, device=dev)
+        torch.empty(initial_state.shape[0], d, w - 1, dtype=initial_state.dtype, device=dev)
         if initial_state is not None and need_i
         else None
     )
@@ -211,10 +247,13 @@ def _conv_backward(
             _or(di if want_di else None, dx),
             _or(dw_part, dx),
             _or(db_part, dx),
+            packed.seq if packed is not None else dx,
+            packed.cu if packed is not None else dx,
             b,
             d,
             l,
             chunk_blocks * bl,
+            packed.N if packed is not None else 0,
             *x.stride(),
             *_strides3(init),
             *weight.stride(),
@@ -237,6 +276,7 @@ def _conv_backward(
             WANT_DW=want_dw,
             WANT_DB=want_db,
             ACC=_acc_dtype(cdt),
+            VARLEN=packed is not None,
             num_warps=_num_warps(bd * bl),
         )
     g_x = dx if need_x else None
@@ -251,11 +291,11 @@ def _conv_backward(
 
 class _CausalConv1dTritonFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, initial_state, silu, cdt, tiles):
+    def forward(ctx, x, weight, bias, initial_state, silu, cdt, tiles, packed=None):
         ctx.set_materialize_grads(False)
-        y, final = _conv_forward(x, weight, bias, initial_state, silu, cdt, True, *tiles[:2])
+        y, final = _conv_forward(x, weight, bias, initial_state, silu, cdt, True, *tiles[:2], packed=packed)
         ctx.save_for_backward(x, weight, bias, initial_state)
-        ctx.silu, ctx.cdt, ctx.tiles = silu, cdt, tiles
+        ctx.silu, ctx.cdt, ctx.tiles, ctx.packed = silu, cdt, tiles, packed
         return y, final
 
     @staticmethod
@@ -263,9 +303,9 @@ class _CausalConv1dTritonFn(torch.autograd.Function):
         x, weight, bias, initial_state = ctx.saved_tensors
         needs = ctx.needs_input_grad[:4]
         g_x, g_w, g_b, g_i = _conv_backward(
-            x, weight, bias, initial_state, gy, g_final, ctx.silu, ctx.cdt, needs, *ctx.tiles
+            x, weight, bias, initial_state, gy, g_final, ctx.silu, ctx.cdt, needs, *ctx.tiles, packed=ctx.packed
         )
-        return g_x, g_w, g_b, g_i, None, None, None
+        return g_x, g_w, g_b, g_i, None, None, None, None
 
 
 def causal_conv1d_triton(
@@ -288,30 +328,25 @@ def causal_conv1d_triton(
     ``bwd_chunk`` (time tiles per backward program) override the heuristics (tests).
 
     ``cu_seqlens`` (packed rows, batch 1): ``initial_state`` and the final state are (N, d, w - 1), one row per
-    sequence; run as ``chunked.packed_conv`` lays it out (each sequence behind its own w - 1 history, one
-    unpacked launch over the padded row)."""
+    sequence; no tap crosses a sequence start (module docstring, "Packed rows")."""
     require_triton_device("causal_conv1d", x, weight, bias, initial_state)
     b, d, l, w, silu = check_conv_args(x, weight, bias, activation, initial_state, cu_seqlens)
     cdt = compute_dtype(x, weight, bias, initial_state)
-    if cu_seqlens is not None:
-        from .chunked import packed_conv
-
-        def conv(xp):
-            return causal_conv1d_triton(
-                xp, weight, bias, activation, block_l=block_l, block_d=block_d, bwd_chunk=bwd_chunk
-            )
-
-        return packed_conv(conv, x, weight, initial_state, cu_seqlens, return_final_state, cdt)
+    packed = None if cu_seqlens is None else _Packed(cu_seqlens, x.device)
     tensors = (x, weight, bias, initial_state)
     needs_grad = records_grad(*tensors)
     if needs_grad:
-        y, final = _CausalConv1dTritonFn.apply(x, weight, bias, initial_state, silu, cdt, (block_l, block_d, bwd_chunk))
+        y, final = _CausalConv1dTritonFn.apply(
+            x, weight, bias, initial_state, silu, cdt, (block_l, block_d, bwd_chunk), packed
+        )
         return (y, final) if return_final_state else y
-    y, final = _conv_forward(x, weight, bias, initial_state, silu, cdt, return_final_state, block_l, block_d)
+    y, final = _conv_forward(
+        x, weight, bias, initial_state, silu, cdt, return_final_state, block_l, block_d, packed=packed
+    )
     if not return_final_state:
         return y
     if w == 1:
-        final = torch.empty(b, d, 0, dtype=final.dtype, device=x.device)
+        final = torch.empty(b if packed is None else packed.N, d, 0, dtype=final.dtype, device=x.device)
     return y, final
 
 

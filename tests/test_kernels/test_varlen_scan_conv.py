@@ -27,7 +27,7 @@ from seqlab.kernels.conv1d.chunked import causal_conv1d_chunked
 from seqlab.kernels.conv1d.ref import causal_conv1d_ref
 from seqlab.kernels.scan.chunked import selective_scan_chunked
 from seqlab.kernels.scan.ref import selective_scan_ref
-from seqlab.testing import assert_rel, scan_inputs
+from seqlab.testing import assert_rel, channels_last, scan_inputs
 
 TRITON = triton_available()
 DEVICE = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
@@ -412,3 +412,20 @@ def test_implementations_check_cu_seqlens_themselves(backend):
 def test_states_at_with_packing_is_refused(call):
     with pytest.raises(KernelInputError, match="states_at"):
         call("chunked", 1, 8, cu_of([3, 5]), states_at=[2])
+
+
+@needs_triton
+def test_conv_triton_many_short_sequences_position_major():
+    """Triton conv: more (sequence, slot) columns than one tile (the final / initial-state tiles loop), sequences
+    shorter than w - 1, a backward split over several programs, and a position-major x (a mixer's layout)."""
+    from seqlab.kernels.conv1d.triton_ops import causal_conv1d_triton
+
+    lengths = [1, 2, 5, 1, 3, 4]
+    inputs = conv_case(lengths, 4)
+    inputs["x"] = channels_last(inputs["x"])
+
+    def run(**kw):
+        assert kw["x"].stride(1) == 1  # position-major
+        return causal_conv1d_triton(**kw, return_final_state=True, block_l=8, block_d=4, bwd_chunk=1)
+
+    check_conv(run, inputs, lengths, dtype=torch.float32)
