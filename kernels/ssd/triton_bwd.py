@@ -541,3 +541,105 @@ def _final_states_bwd_kernel(
         wf = xfb * dt_r
         tl.store(da_ptr + hi * Lp + pos, carry + tl.cumsum(wf, axis=0) - wf, mask=rmask)
         carry += tl.sum(wf, axis=0)
+
+
+@triton.jit
+def _init_term_bwd_kernel(
+    C_ptr,
+    h0_ptr,
+    E_ptr,
+    cu_ptr,
+    send_ptr,
+    ext_ptr,
+    dy_ptr,
+    G_ptr,
+    df_ptr,
+    dC_ptr,
+    dh0_ptr,
+    da_ptr,
+    h,
+    p,
+    n,
+    Q,
+    Lp,
+    hpg,
+    s_c_l,
+    s_c_g,
+    s_c_n,
+    s_h_i,
+    s_h_h,
+    s_h_p,
+    s_h_n,
+    s_y_l,
+    s_y_h,
+    s_y_p,
+    s_f_i,
+    s_f_h,
+    s_f_p,
+    s_f_n,
+    HAS_DF: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Packed rows with initial states (batch 1), grid (N * h,): the backward of the initial state's terms over the
+    steps start_i <= t < send_i of sequence i's first chunk c. h0_i leaves that chunk with the factor E_x (E at
+    send_i - 1) either into the state leaving chunk c (the sequence goes on: X = G[c]) or into final_i (it ends
+    in chunk c: X = d final_i, or nothing). With dy the gradient of y before the gate:
+
+        dC_t += E_t dy_t h0_i,    dh0_i = E_x X + sum_t E_t dy_t^T C_t,
+        da_k += E_x <X, h0_i> + sum_{k <= t < send_i} E_t dy_t . (h0_i C_t)         (start_i <= k < send_i)
+
+    The rows of different sequences are disjoint: dC and da go to zero-initialised buffers. BLOCK_P and BLOCK_N
+    cover all of p and n."""
+    pid = tl.program_id(0).to(tl.int64)
+    hi = pid % h
+    si = pid // h
+    gi = hi // hpg
+    pp = tl.arange(0, BLOCK_P)
+    nn = tl.arange(0, BLOCK_N)
+    pmask = pp < p
+    nmask = nn < n
+    pn_mask = pmask[:, None] & nmask[None, :]
+    t0 = tl.load(cu_ptr + si).to(tl.int64)
+    send = tl.load(send_ptr + si).to(tl.int64)
+    ext = tl.load(ext_ptr + si)
+    ci = t0 // Q
+    H = tl.load(
+        h0_ptr + si * s_h_i + hi * s_h_h + pp[:, None] * s_h_p + nn[None, :] * s_h_n, mask=pn_mask, other=0.0
+    ).to(tl.float32)
+    X = tl.load(G_ptr + (ci * h + hi) * p * n + pp[:, None] * n + nn[None, :], mask=pn_mask & (ext != 0), other=0.0)
+    if HAS_DF:
+        X += tl.load(
+            df_ptr + si * s_f_i + hi * s_f_h + pp[:, None] * s_f_p + nn[None, :] * s_f_n,
+            mask=pn_mask & (ext == 0),
+            other=0.0,
+        ).to(tl.float32)
+    e_x = tl.load(E_ptr + hi * Lp + send - 1)
+    dh0 = X * e_x
+    carry = e_x * tl.sum(tl.sum(X * H, axis=1), axis=0)
+    ntiles = tl.cdiv(send - t0, BLOCK_M)
+    for j in range(0, ntiles):
+        r = t0 + (ntiles - 1 - j) * BLOCK_M + tl.arange(0, BLOCK_M)  # the tiles from the last one back
+        rmask = r < send
+        dyr = tl.load(
+            dy_ptr + r[:, None] * s_y_l + hi * s_y_h + pp[None, :] * s_y_p,
+            mask=rmask[:, None] & pmask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        cr = tl.load(
+            C_ptr + r[:, None] * s_c_l + gi * s_c_g + nn[None, :] * s_c_n,
+            mask=rmask[:, None] & nmask[None, :],
+            other=0.0,
+        )
+        er = tl.load(E_ptr + hi * Lp + r, mask=rmask, other=0.0)
+        dye = dyr * er[:, None]
+        dc = tl.dot(dye.to(DOT), H.to(DOT), input_precision=PREC)  # (BLOCK_M, BLOCK_N)
+        tl.store(dC_ptr + (r[:, None] * h + hi) * n + nn[None, :], dc, mask=rmask[:, None] & nmask[None, :])
+        dh0 += tl.dot(tl.trans(dye).to(DOT), cr.to(DOT), input_precision=PREC)
+        rr = tl.sum(dc * cr.to(tl.float32), axis=1)  # E_t dy_t . (h0 C_t)
+        tl.store(da_ptr + hi * Lp + r, carry + tl.cumsum(rr, axis=0, reverse=True), mask=rmask)
+        carry += tl.sum(rr, axis=0)
+    tl.store(dh0_ptr + (si * h + hi) * p * n + pp[:, None] * n + nn[None, :], dh0, mask=pn_mask)

@@ -286,6 +286,7 @@ def _chunk_scan_fwd_kernel(
     csl_ptr,
     out_ptr,
     pre_ptr,
+    y0_ptr,
     l,
     h,
     p,
@@ -312,6 +313,7 @@ def _chunk_scan_fwd_kernel(
     HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr,
     STORE_PRE: tl.constexpr,
+    HAS_Y0: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -323,7 +325,8 @@ def _chunk_scan_fwd_kernel(
 
         y_t = exp(cs_t) C_t . S[c]  +  sum_{s <= t} CB[t, s] exp(cs_t - cs_s) dt_s x_s  +  D x_t
 
-    then ``pre`` = y (stored when the backward needs it for dz) and out = y * silu(z_t). The causal loop visits
+    then ``pre`` = y (stored when the backward needs it for dz) and out = y * silu(z_t). HAS_Y0 (packed rows
+    with initial states): y += y0 (float32 (b, l, h, p), ``_init_term_fwd_kernel``) before D x. The causal loop visits
     only the column tiles up to the diagonal; the decay is the exp of a difference of running sums (<= 0 for
     A <= 0), masked to exp(-1e30) = 0 above the diagonal, so nothing overflows."""
     pid = tl.program_id(0).to(tl.int64)
@@ -373,11 +376,13 @@ def _chunk_scan_fwd_kernel(
         acc += tl.dot((cb * decay * dt_s[None, :]).to(DOT), xs.to(DOT), input_precision=PREC)
 
     m2 = tmask[:, None] & pmask[None, :]
+    out_off = ((bi * l + ci * Q + t[:, None]) * h + hi) * p + pp[None, :]
+    if HAS_Y0:
+        acc += tl.load(y0_ptr + out_off, mask=m2, other=0.0)
     if HAS_D:
         xt = tl.load(x_base + t[:, None] * s_x_l, mask=m2, other=0.0).to(tl.float32)
         dv = tl.load(D_ptr + hi * s_d_h + pp * s_d_p, mask=pmask, other=0.0).to(tl.float32)
         acc += xt * dv[None, :]
-    out_off = ((bi * l + ci * Q + t[:, None]) * h + hi) * p + pp[None, :]
     if STORE_PRE:
         tl.store(pre_ptr + out_off, acc, mask=m2)
     if HAS_Z:
@@ -540,3 +545,65 @@ def _final_states_fwd_kernel(
     s_in = tl.load(S_ptr + (ci * h + hi) * p * n + pp[:, None] * n + nn[None, :], mask=m2, other=0.0)
     acc += tl.exp(total + total_l) * s_in
     tl.store(out_ptr + (si * h + hi) * p * n + pp[:, None] * n + nn[None, :], acc, mask=m2)
+
+
+@triton.jit
+def _init_term_fwd_kernel(
+    C_ptr,
+    h0_ptr,
+    E_ptr,
+    cu_ptr,
+    send_ptr,
+    y0_ptr,
+    h,
+    p,
+    n,
+    Q,
+    Lp,
+    hpg,
+    s_c_l,
+    s_c_g,
+    s_c_n,
+    s_h_i,
+    s_h_h,
+    s_h_p,
+    s_h_n,
+    BLOCK_M: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Packed rows with initial states (batch 1), grid (N * h, cdiv(Q, BLOCK_M), cdiv(p, BLOCK_P)): the initial
+    state's part of y in the first chunk of sequence i, steps start_i <= t < send_i (send_i = the sequence's end or
+    its first chunk's end, whichever comes first):
+
+        y0_t = E_t C_t . h0_i,     E_t = exp(decay from start_i through t)    (E from the host, (h, Lp))
+
+    written to a zero-initialised (l, h, p) buffer that ``_chunk_scan_fwd_kernel`` adds before D and the gate.
+    Past its first chunk, h0_i reaches the outputs through the chunk states (the host adds E h0_i to the state
+    leaving that chunk before the state passing)."""
+    pid = tl.program_id(0).to(tl.int64)
+    hi = pid % h
+    si = pid // h
+    gi = hi // hpg
+    t0 = tl.load(cu_ptr + si).to(tl.int64)
+    send = tl.load(send_ptr + si).to(tl.int64)
+    r = t0 + tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = r < send
+    pp = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = pp < p
+    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    h_base = h0_ptr + si * s_h_i + hi * s_h_h + pp[None, :] * s_h_p
+    for k0 in range(0, n, BLOCK_N):
+        nn = k0 + tl.arange(0, BLOCK_N)
+        nmask = nn < n
+        c = tl.load(
+            C_ptr + r[:, None] * s_c_l + gi * s_c_g + nn[None, :] * s_c_n,
+            mask=rmask[:, None] & nmask[None, :],
+            other=0.0,
+        )
+        ht = tl.load(h_base + nn[:, None] * s_h_n, mask=nmask[:, None] & pmask[None, :], other=0.0)
+        acc += tl.dot(c.to(DOT), ht.to(DOT), input_precision=PREC)
+    acc = acc * tl.load(E_ptr + hi * Lp + r, mask=rmask, other=0.0)[:, None]
+    tl.store(y0_ptr + (r[:, None] * h + hi) * p + pp[None, :], acc, mask=rmask[:, None] & pmask[None, :])

@@ -78,8 +78,8 @@ from .._validate import records_grad
 from ..errors import KernelInputError
 from . import triton_bwd as _bwd
 from . import triton_fwd as _fwd
-from .chunked import packed_boundary_terms, packed_jumps, ssd_state_update_chunked
-from .ref import check_packed_args, check_scan_args, check_step_args, prepare_dt
+from .chunked import _JUMP, packed_jumps, ssd_state_update_chunked
+from .ref import check_packed_args, check_scan_args, check_step_args
 
 __all__ = ["ssd_scan_triton", "ssd_state_update_triton"]
 
@@ -155,9 +155,43 @@ class _Geometry:
         self.t = _tiles(self.Q, self.p, self.n)
 
 
-def _forward_states(geo, x, dt, A, B, C, dt_bias, dt_softplus, initial_state, dot, jumps=None):
+class _Pack:
+    """Packed rows (batch 1) of one call: ``cu`` (N + 1,) int64, the log-decay jumps at the sequence starts
+    (``_cumsum_fwd_kernel``), the per-sequence initial states ``h0`` (N, h, p, n) or None, and whether the
+    per-sequence final states are wanted. ``init_factors`` adds, once the running sums exist, what the initial
+    states need: E (h, Lp) float32 = exp(decay from the sequence's start through t) on the steps t of each
+    sequence's first chunk (0 elsewhere), send (N,) the end of those steps, goes_on (N,) whether the sequence
+    continues past that chunk, c0 (N,) that chunk and e_x (N, h) = E at send - 1."""
+
+    def __init__(self, cu: torch.Tensor, l: int, h0, want_final: bool):
+        self.cu, self.l, self.h0, self.want_final = cu, l, h0, bool(want_final)
+        self.jumps = packed_jumps(cu, l, torch.float32)
+
+    def init_factors(self, cs, csl, Q: int, Lp: int) -> None:
+        cu, l = self.cu, self.l
+        N = cu.numel() - 1
+        val = cs[0].to(torch.float64) + csl[0].to(torch.float64)  # (h, Lp): the in-chunk running sums, hi + lo
+        t0, end = cu[:-1], cu[1:]
+        c0 = t0 // Q
+        send = torch.minimum(end, (c0 + 1) * Q)
+        # the running sum just before the start (0 at a chunk start), less the start's own jump (none at 0)
+        before = torch.where(t0 % Q == 0, 0.0, val[:, (t0 - 1).clamp(min=0)])
+        base = before - torch.where(torch.arange(N, device=cu.device) > 0, _JUMP, 0.0)  # (h, N)
+        seq = torch.repeat_interleave(torch.arange(N, device=cu.device), end - t0)
+        first = torch.arange(l, device=cu.device) < send[seq]
+        seg = torch.where(first, val[:, :l] - base[:, seq], 0.0)
+        E = torch.zeros_like(cs[0])
+        E[:, :l] = torch.where(first, seg.exp(), 0.0).to(torch.float32)
+        self.E, self.send, self.c0 = E, send, c0
+        self.goes_on = ((end - 1) // Q > c0).to(torch.int32)
+        self.e_x = E[:, send - 1].transpose(0, 1).contiguous()  # (N, h)
+
+
+def _forward_states(geo, x, dt, A, B, C, dt_bias, dt_softplus, initial_state, dot, pack=None):
     """Launches 1-4: dtp, cs (b, h, Lp), CB (b, nc, g, Q, Q) and S (b, nc + 1, h, p, n), all float32.
-    ``jumps`` (l,) float32 (packed rows): subtracted from the log decay, see ``_cumsum_fwd_kernel``."""
+    ``pack`` (packed rows): the jumps of the log decay (``_cumsum_fwd_kernel``); with initial states, each h0_i
+    joins the state leaving its sequence's first chunk (when the sequence goes on) before the state passing."""
+    jumps = pack.jumps if pack is not None else None
     b, l, h, p, g, n, Q, nc, Lp, t = geo.b, geo.l, geo.h, geo.p, geo.g, geo.n, geo.Q, geo.nc, geo.Lp, geo.t
     dev = x.device
     f32 = torch.float32
@@ -243,6 +277,10 @@ def _forward_states(geo, x, dt, A, B, C, dt_bias, dt_softplus, initial_state, do
         num_stages=_stages(dot),
     )
 
+    if pack is not None and pack.h0 is not None:
+        pack.init_factors(cs, csl, Q, Lp)
+        scale = (pack.e_x * pack.goes_on[:, None])[..., None, None]
+        S[0].index_add_(0, pack.c0 + 1, scale * pack.h0.to(f32))
     init = initial_state if initial_state is not None else S
     init_strides = initial_state.stride() if initial_state is not None else (0, 0, 0, 0)
     block = min(_STATE_BLOCK, _np2(p * n))
@@ -252,12 +290,39 @@ def _forward_states(geo, x, dt, A, B, C, dt_bias, dt_softplus, initial_state, do
     return dtp, (cs, csl), CB, S
 
 
-def _forward(geo, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, store_pre, jumps=None, cu=None):
-    """The whole forward: returns (y, final_state, y before the gate or None). Packed rows: ``jumps`` (see
-    ``_cumsum_fwd_kernel``), and with ``cu`` (cu_seqlens) the final state is each sequence's, (N, h, p, n)."""
+def _forward(geo, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, store_pre, pack=None):
+    """The whole forward: returns (y, final_state, y before the gate or None). Packed rows (``pack``): the final
+    states are each sequence's, (N, h, p, n), or None when not wanted."""
     dot = _dot_config(x, B, C)
-    dtp, cs, CB, S = _forward_states(geo, x, dt, A, B, C, dt_bias, dt_softplus, initial_state, dot, jumps)
+    dtp, cs, CB, S = _forward_states(geo, x, dt, A, B, C, dt_bias, dt_softplus, initial_state, dot, pack)
     b, l, h, p, n, Q, nc, Lp, t = geo.b, geo.l, geo.h, geo.p, geo.n, geo.Q, geo.nc, geo.Lp, geo.t
+    y0 = None
+    if pack is not None and pack.h0 is not None:
+        h0 = pack.h0
+        N = h0.shape[0]
+        y0 = torch.zeros((l, h, p), dtype=torch.float32, device=x.device)
+        _fwd._init_term_fwd_kernel[(N * h, triton.cdiv(Q, t["BM"]), triton.cdiv(p, t["BP"]))](
+            C,
+            h0,
+            pack.E,
+            pack.cu,
+            pack.send,
+            y0,
+            h,
+            p,
+            n,
+            Q,
+            Lp,
+            geo.hpg,
+            *C.stride()[1:],
+            *h0.stride(),
+            BLOCK_M=t["BM"],
+            BLOCK_P=t["BP"],
+            BLOCK_N=t["BN"],
+            DOT=dot[0],
+            PREC=dot[1],
+            num_warps=t["NW"],
+        )
     out = torch.empty((b, l, h, p), dtype=x.dtype, device=x.device)
     pre = torch.empty_like(out) if (store_pre and z is not None) else None
     zz = z if z is not None else x
@@ -274,6 +339,7 @@ def _forward(geo, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, sto
         *cs,
         out,
         pre if pre is not None else out,
+        y0 if y0 is not None else out,
         l,
         h,
         p,
@@ -290,6 +356,7 @@ def _forward(geo, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, sto
         HAS_D=D is not None,
         HAS_Z=z is not None,
         STORE_PRE=pre is not None,
+        HAS_Y0=y0 is not None,
         BLOCK_M=t["BM"],
         BLOCK_K=t["BK"],
         BLOCK_P=t["BP"],
@@ -299,7 +366,10 @@ def _forward(geo, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, sto
         num_warps=t["NW"],
         num_stages=_stages(dot),
     )
-    if cu is not None:
+    if pack is not None:
+        if not pack.want_final:
+            return out, None, pre
+        cu = pack.cu
         final = torch.empty((cu.numel() - 1, h, p, n), dtype=torch.float32, device=x.device)
         _fwd._final_states_fwd_kernel[(final.shape[0] * h, triton.cdiv(p, t["BP"]), triton.cdiv(n, t["BN"]))](
             x,
@@ -325,23 +395,29 @@ def _forward(geo, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, sto
             num_warps=t["NW"],
             num_stages=_stages(dot),
         )
+        if pack.h0 is not None:  # a sequence that ends in its first chunk: h0 reaches its final state directly
+            final += (pack.e_x * (1 - pack.goes_on)[:, None])[..., None, None] * pack.h0.to(torch.float32)
         return out, final, pre
     final = S[:, nc].clone()  # not a view: the (nc + 1)-state buffer is freed
     return out, final, pre
 
 
-def _backward(geo, saved, dt_softplus, dout, dfinal):
-    x, dt, A, B, C, D, z, dt_bias, initial_state, pre, jumps, cu = saved
+def _backward(geo, saved, dt_softplus, dout, dfinal, packed):
+    x, dt, A, B, C, D, z, dt_bias, initial_state, pre, cu = saved
+    pack = None
+    if packed is not None:  # (want_final,): the initial_state slot holds the per-sequence initial states
+        pack = _Pack(cu, geo.l, initial_state, packed[0])
+        initial_state = None
     # packed rows with per-sequence final states: their gradient enters S[c] here and the steps of each
     # sequence's last chunk in _final_states_bwd_kernel below; S[nc] gets none
-    dfinal_seq, dfinal = (dfinal, None) if cu is not None else (None, dfinal)
+    dfinal_seq, dfinal = (dfinal, None) if pack is not None else (None, dfinal)
     b, l, h, p, g, n, Q, nc, Lp, t = geo.b, geo.l, geo.h, geo.p, geo.g, geo.n, geo.Q, geo.nc, geo.Lp, geo.t
     dev = x.device
     f32 = torch.float32
     dot = _dot_config(x, B, C)
     # packed rows: the same jumps, and nothing else changes below (every decay across a start is exactly 0, and
     # J is a constant: the d(log decay) -> ddt, dA chain of _cumsum_bwd_kernel holds as it is)
-    dtp, cs, CB, S = _forward_states(geo, x, dt, A, B, C, dt_bias, dt_softplus, initial_state, dot, jumps)
+    dtp, cs, CB, S = _forward_states(geo, x, dt, A, B, C, dt_bias, dt_softplus, initial_state, dot, pack)
     if dout is None:
         dout = torch.zeros((b, l, h, p), dtype=x.dtype, device=dev)
 
@@ -515,6 +591,48 @@ def _backward(geo, saved, dt_softplus, dout, dfinal):
     da_direct = (da.sum(3) + dT.sum(3)[..., None]).reshape(b, h, Lp)
     ddt_acc = ddt_acc.sum(0) if npb > 1 else ddt_acc[0]
     w = w.sum(0) if npb > 1 else w[0]
+    dh0 = None
+    if pack is not None and pack.h0 is not None:
+        h0 = pack.h0
+        N = h0.shape[0]
+        dC_f = torch.zeros((l, h, n), dtype=f32, device=dev)
+        dh0 = torch.empty((N, h, p, n), dtype=f32, device=dev)
+        da_i = torch.zeros((h, Lp), dtype=f32, device=dev)
+        df = dfinal_seq if dfinal_seq is not None else dh0
+        _bwd._init_term_bwd_kernel[(N * h,)](
+            C,
+            h0,
+            pack.E,
+            pack.cu,
+            pack.send,
+            pack.goes_on,
+            dy,
+            G,
+            df,
+            dC_f,
+            dh0,
+            da_i,
+            h,
+            p,
+            n,
+            Q,
+            Lp,
+            geo.hpg,
+            *C.stride()[1:],
+            *h0.stride(),
+            *dy.stride()[1:],
+            *df.stride(),
+            HAS_DF=dfinal_seq is not None,
+            BLOCK_M=bm,
+            BLOCK_P=t["BPF"],
+            BLOCK_N=t["BNF"],
+            DOT=dot[0],
+            PREC=dot[1],
+            num_warps=4 if t["BPF"] * t["BNF"] <= 64 * 64 else 8,
+        )
+        dC_h.add_(dC_f)
+        da_direct = da_direct + da_i
+        dh0 = dh0.to(h0.dtype)
     if dfinal_seq is not None:
         dx_f = torch.zeros((l, h, p), dtype=f32, device=dev)
         dB_f = torch.zeros((l, h, n), dtype=f32, device=dev)
@@ -594,18 +712,21 @@ def _backward(geo, saved, dt_softplus, dout, dfinal):
         dD = dD_part.sum(0)
         dD = (dD.sum(1) if D.dim() == 1 else dD).to(D.dtype)
     dbias = dbias_part.sum(0).to(dt_bias.dtype) if dt_bias is not None else None
-    ds0 = dinit.to(initial_state.dtype) if initial_state is not None else None
+    ds0 = dinit.to(initial_state.dtype) if initial_state is not None else dh0
     return dx, ddt, dA, dB, dC, dD, dz, dbias, ds0
 
 
 class _SSDScanFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_softplus, jumps=None, cu=None):
+    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_state, chunk_size, dt_softplus, cu=None, want_final=True):
+        """Packed rows: ``cu`` (cu_seqlens), ``initial_state`` then holds the N per-sequence states and the
+        second output is the N final states (None unless ``want_final``)."""
         geo = _Geometry(x, B, chunk_size)
-        y, final, pre = _forward(
-            geo, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, store_pre=True, jumps=jumps, cu=cu
-        )
-        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, pre, jumps, cu)
+        pack = _Pack(cu, geo.l, initial_state, want_final) if cu is not None else None
+        init = None if pack is not None else initial_state
+        y, final, pre = _forward(geo, x, dt, A, B, C, D, z, dt_bias, dt_softplus, init, store_pre=True, pack=pack)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, pre, cu)
+        ctx.packed = (want_final,) if cu is not None else None
         ctx.geo = geo
         ctx.dt_softplus = dt_softplus
         ctx.set_materialize_grads(False)
@@ -614,7 +735,7 @@ class _SSDScanFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, dfinal):
-        grads = _backward(ctx.geo, ctx.saved_tensors, ctx.dt_softplus, dout, dfinal)
+        grads = _backward(ctx.geo, ctx.saved_tensors, ctx.dt_softplus, dout, dfinal, ctx.packed)
         return (*grads, None, None, None, None)
 
 
@@ -680,27 +801,12 @@ def _scan_triton_packed(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state
     dims, cu, _ = check_packed_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state, None, cu_seqlens)
     require_triton_device("ssd_scan", x, dt, A, B, C, D, z, dt_bias, initial_state)
     _refuse_float64("ssd_scan", dims.compute_dtype)
-    gate_after = z is not None and initial_state is not None  # the initial-state term enters before the gate
-    zk = None if gate_after else z
-    jumps = packed_jumps(cu, dims.l, torch.float32)
-    cuk = cu if final else None  # the kernels compute the per-sequence final states only when they are wanted
     if records_grad(x, dt, A, B, C, D, z, dt_bias, initial_state):
-        y, s = _SSDScanFn.apply(x, dt, A, B, C, D, zk, dt_bias, None, int(chunk_size), bool(sp), jumps, cuk)
+        y, s = _SSDScanFn.apply(x, dt, A, B, C, D, z, dt_bias, initial_state, int(chunk_size), bool(sp), cu, final)
     else:
         geo = _Geometry(x, B, chunk_size)
-        y, s, _ = _forward(geo, x, dt, A, B, C, D, zk, dt_bias, sp, None, store_pre=False, jumps=jumps, cu=cuk)
-    if initial_state is None:
-        return (y, s) if final else y
-    f32 = torch.float32
-    dtc = prepare_dt(dt, dt_bias, sp, f32)
-    y_init, s_init = packed_boundary_terms(x, dtc, A, B, C, cu, initial_state, final, f32, sums=False)
-    if final:
-        s = s + s_init
-    if y_init is not None:
-        y = y.to(f32) + y_init
-        if z is not None:
-            y = y * torch.nn.functional.silu(z.to(f32))
-        y = y.to(x.dtype)
+        pack = _Pack(cu, dims.l, initial_state, final)
+        y, s, _ = _forward(geo, x, dt, A, B, C, D, z, dt_bias, sp, None, store_pre=False, pack=pack)
     return (y, s) if final else y
 
 
