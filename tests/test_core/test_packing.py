@@ -289,3 +289,24 @@ def test_the_models_packed_rows_train_like_documents_run_alone():
     assert loss == pytest.approx(want_loss, rel=1e-5)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_packing_bench_runs_quick():
+    """bench/packing.py --quick prints its table (no timing assertions)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[2] / "bench"
+    proc = subprocess.run(
+        [sys.executable, str(bench / "packing.py"), "--quick", "--threads", "1"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=bench,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("machine:") and "corpus: 60 documents" in proc.stdout
+    assert "| Mamba-1 | pad to L |" in proc.stdout and "| Mamba-1 | packed |" in proc.stdout
