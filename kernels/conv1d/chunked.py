@@ -19,13 +19,13 @@ tap), the gradient of ``initial_state`` and of the returned final state included
 oneDNN paths of ``F.conv1d(groups=d)`` (slow for fp64, fp16 and bf16 on CPU) and keeps one code path for every
 dtype and layout. The backward is not itself differentiable (no double backward).
 
-Packed rows (``cu_seqlens``, batch 1; ``packed_conv``, shared with the Triton path): each sequence's w - 1
-"previous inputs" (its ``initial_state`` row, or zeros) are laid in front of it, giving one padded row of
-length l + N (w - 1) in which no tap of a sequence can reach another sequence. One ordinary conv (no initial
-state) runs over that row and the outputs at the sequences' positions are gathered back; sequence i's final
-state is the w - 1 columns ending at its last position. Building the padded row and the gathers are index
-ops (autograd routes their gradients to x and to every initial-state row), so the gradients are those of
-running each sequence alone, with no loop over sequences.
+Packed rows (``cu_seqlens``, batch 1): the blocked conv runs over the whole row as if it were one sequence,
+then only the outputs whose taps reach back past their sequence's start (the first w - 1 positions of each
+sequence, at most N (w - 1) of them) are recomputed from the right window (the sequence's ``initial_state``
+row, or zeros, in front of its first inputs) and written over. Sequence i's final state is gathered from
+[x, initial states] by index arithmetic. The recomputation and the gathers are index ops: autograd sends the
+gradient of the overwritten outputs to the right x and initial-state entries (none to the discarded
+cross-boundary outputs), so the gradients are those of running each sequence alone; no loop over sequences.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from .._layout import channels_last as _channels_last
 from .._layout import empty_like_layout as _empty_like_layout
 from .._validate import records_grad
-from .._varlen import seq_idx_from_cu_seqlens
 from .ref import check_conv_args, check_conv_update_args, compute_dtype
 
 __all__ = ["causal_conv1d_chunked", "causal_conv1d_update_chunked"]
@@ -171,32 +170,61 @@ class _CausalConv1dFn(torch.autograd.Function):
         return g_x, g_w, g_b, g_init, None, None, None
 
 
-def packed_conv(conv, x, weight, initial_state, cu_seqlens, return_final_state, cdt):
-    """Packed rows through an unpacked conv: ``conv(xp)`` runs the op (no initial state) on the padded row
-    (module docstring). x (1, d, l), initial_state (N, d, w - 1) or None -> y (1, d, l) [, final (N, d, w - 1)]."""
+def _packed_gather(x, initial_state, cu, w, cdt):
+    """A function ``take(p, i)``: the values (d, *p.shape) in ``cdt`` at positions ``p`` of sequences ``i``
+    (broadcast together), where a position before the sequence's start reads its initial state (or 0)."""
+    _, d, l = x.shape
+    h = w - 1
+    x2 = x[0]
+    init = None if initial_state is None else initial_state.permute(1, 0, 2).reshape(d, -1)  # (d, N * h)
+
+    def take(p, i):
+        p, i = torch.broadcast_tensors(p, i)
+        start = cu[i]
+        inside = (p >= start).reshape(-1)
+        vals = x2.index_select(1, p.clamp(0, l - 1).reshape(-1)).to(cdt)
+        if init is None:
+            vals = vals * inside
+        else:
+            col = (i * h + (p - start + h)).clamp(0, init.shape[1] - 1).reshape(-1)
+            vals = torch.where(inside, vals, init.index_select(1, col).to(cdt))
+        return vals.view(d, *p.shape)
+
+    return take
+
+
+def _packed_conv(y, x, weight, bias, silu, initial_state, cu_seqlens, return_final_state, cdt):
+    """Packed rows (module docstring): ``y`` is the conv of the whole row; returns (y fixed [, final])."""
     _, d, l = x.shape
     w = weight.shape[1]
     dev = x.device
     cu = cu_seqlens.to(dev, torch.int64)
     N = cu.numel() - 1
-    state_dtype = initial_state.dtype if initial_state is not None else x.dtype
     h = w - 1
+    state_dtype = initial_state.dtype if initial_state is not None else x.dtype
     if h == 0:
-        y = conv(x)
         return (y, torch.empty(N, d, 0, dtype=state_dtype, device=dev)) if return_final_state else y
-    seq = seq_idx_from_cu_seqlens(cu)[0]
-    pos_x = torch.arange(l, device=dev) + (seq + 1) * h  # column of x's position t in the padded row
-    j = torch.arange(h, device=dev)
-    first = cu[:-1] + torch.arange(N, device=dev) * h  # column of sequence i's first history slot
-    hist = (first[:, None] + j).reshape(-1)  # (N * h,)
-    tail = ((cu[1:] + torch.arange(N, device=dev) * h)[:, None] + j).reshape(-1)  # sequence i's last h columns
-    xp = x.new_zeros(1, d, l + N * h, dtype=cdt).index_copy(2, pos_x, x.to(cdt))
-    if initial_state is not None:
-        xp = xp.index_copy(2, hist, initial_state.to(cdt).permute(1, 0, 2).reshape(1, d, N * h))
-    y = conv(xp).index_select(2, pos_x).to(x.dtype)
+    take = _packed_gather(x, initial_state, cu, w, cdt)
+    # the first h positions of every sequence (those inside it): their windows, from the right sources
+    seq = torch.arange(N, device=dev).repeat_interleave(h)
+    pos = cu[:-1].repeat_interleave(h) + torch.arange(h, device=dev).repeat(N)
+    inside = pos < cu[1:].repeat_interleave(h)
+    seq, pos = seq[inside], pos[inside]
+    taps = pos[:, None] - h + torch.arange(w, device=dev)  # (M, w)
+    windows = take(taps, seq[:, None])  # (d, M, w)
+    pre = (windows * weight.to(cdt)[:, None, :]).sum(-1)
+    if bias is not None:
+        pre = pre + bias.to(cdt)[:, None]
+    fixed = (F.silu(pre) if silu else pre).to(y.dtype)[None]
+    if records_grad(y, fixed):
+        y = y.index_copy(2, pos, fixed)
+    else:
+        y.index_copy_(2, pos, fixed)
     if not return_final_state:
         return y
-    final = xp.index_select(2, tail).reshape(d, N, h).permute(1, 0, 2).to(state_dtype)
+    # sequence i's final state: positions end_i - h .. end_i - 1 of [initial state i, sequence i]
+    last = cu[1:, None] - h + torch.arange(h, device=dev)  # (N, h)
+    final = take(last, torch.arange(N, device=dev)[:, None]).permute(1, 0, 2).to(state_dtype)
     return y, final.contiguous()
 
 
@@ -216,21 +244,10 @@ def causal_conv1d_chunked(
     ``block_elems`` overrides the block size of the forward (tests). ``cu_seqlens`` (packed rows, batch 1):
     ``initial_state`` and the final state are (N, d, w - 1), one row per sequence (module docstring)."""
     b, d, l, w, silu = check_conv_args(x, weight, bias, activation, initial_state, cu_seqlens)
-    if cu_seqlens is not None:
-
-        def conv(xp):
-            return causal_conv1d_chunked(xp, weight, bias, activation, block_elems=block_elems)
-
-        return packed_conv(
-            conv,
-            x,
-            weight,
-            initial_state,
-            cu_seqlens,
-            return_final_state,
-            compute_dtype(x, weight, bias, initial_state),
-        )
     cdt = compute_dtype(x, weight, bias, initial_state)
+    if cu_seqlens is not None:
+        y = causal_conv1d_chunked(x, weight, bias, activation, block_elems=block_elems)  # the whole row at once
+        return _packed_conv(y, x, weight, bias, silu, initial_state, cu_seqlens, return_final_state, cdt)
     tensors = (x, weight, bias, initial_state)
     needs_grad = records_grad(*tensors)
     if needs_grad:
