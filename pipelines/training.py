@@ -121,8 +121,9 @@ def train_run(
     The summary: ``steps``, ``steps_this_run``, ``tokens``, ``seconds``, ``train_loss`` (the last step's, in
     ``loss_unit``: the adapter's, bits or mse), ``metric_name``, ``uniform_baseline``, ``model`` (the final
     model file), ``out``, ``parameters`` (``{"total", "active"}``: an MoE model's active parameters are those one
-    token uses), and with held-out data ``held_out`` (the metric over it), ``held_out_targets`` and
-    ``held_out_inputs`` (per input)."""
+    token uses), with held-out data ``held_out`` (the metric over it), ``held_out_targets`` and
+    ``held_out_inputs`` (per input), and with ``options["pack"]`` (packed rows of documents, seqlab.packing)
+    ``packing`` (``PackingStats.to_dict()``: documents, targets, positions, ``efficiency``, ``padded_efficiency``)."""
     import torch
 
     from seqlab.checkpoint import has_checkpoint, save_model
@@ -192,9 +193,9 @@ def train_run(
     if "store" in spec:
         from seqlab.pipelines.train_data import store_data
 
-        data, model = store_data(spec, batch_size, window, build)
+        data, model = store_data(spec, batch_size, window, build, pack=bool(settings.get("pack")))
     else:
-        data = files_data(spec, batch_size, window, progress)
+        data = files_data(spec, batch_size, window, progress, pack=bool(settings.get("pack")))
         model = build(data.adapter)
     if adapter_info is not None and _plain(adapter_info, drop="model") != _plain(data.adapter.info()):
         raise ConfigError(
@@ -230,6 +231,8 @@ def train_run(
         "data": data.spec,
         "train_elements": data.train_elements,
     }
+    if data.packing is not None:  # packed rows (--pack): efficiency, and the padding baseline's
+        record["packing"] = data.packing
     runs.write_run(out, record)
     description = model_summary(model)
     if on_start is not None:
@@ -252,6 +255,8 @@ def train_run(
         "out": str(out),
         "parameters": description["parameters"],
     }
+    if data.packing is not None:
+        summary["packing"] = data.packing
     if data.held_out:
         model.eval()
         result = evaluate(model, data.adapter, data.held_out, device, progress)

@@ -92,6 +92,7 @@ TRAIN_OPTIONS: dict[str, str] = {
     "seed": "seed",
     "bf16": "bf16",
     "carry_state": "carry_state",
+    "pack": "pack",
     "keep_checkpoints": "keep_checkpoints",
 }
 #: a run's own defaults where they differ from TrainConfig's (a run always checkpoints; option names)
@@ -250,6 +251,8 @@ def train_settings(given: dict[str, Any], recorded: dict[str, Any], resuming: bo
         value = given.get(option)
         if value is not None:
             settings[field] = value
+    if given.get("pack") and given.get("carry_state") is None:  # packed rows start every row fresh
+        settings["carry_state"] = False
     return settings
 
 
