@@ -1,7 +1,8 @@
 """The four invariants of the state contract (docs/architecture.md), for both mixers, a hybrid stack, an MoE
 stack (top-2 routing: drop-free and token-local at evaluation, so chunking cannot change what a token gets), a
 Mamba + attention hybrid (grouped-query heads, KV cache in the state) and a sliding-window attention stack
-(window 5, shorter than most inputs: the cache stays bounded and old tokens must drop out exactly)."""
+(window 5, shorter than most inputs: the cache stays bounded and old tokens must drop out exactly), and Mamba-3
+(SISO; MIMO with the gated norm; a Mamba-1 + Mamba-3 + Mamba-2 stack)."""
 
 import pytest
 import torch
@@ -33,8 +34,28 @@ def assert_states_close(a: RecurrentState, b: RecurrentState, tol: float) -> Non
 MOE = dict(ssm="mamba1", n_layer=2, ffn="moe", d_ffn=24, moe_experts=4, moe_top_k=2)
 ATTN_HYBRID = tiny_hybrid_options()
 WINDOW = dict(ssm="attention", n_layer=2, ffn="mlp", d_ffn=24, attn_heads=2, attn_window=5, attn_bias=True)
-STACKS = {"hybrid": HYBRID, "moe": MOE, "attn_hybrid": ATTN_HYBRID, "window": WINDOW}
+# Mamba-3: SISO; MIMO (rank 2) with the gated out-proj norm and a full rotary state; Mamba-1 + Mamba-3 + Mamba-2
+MAMBA3 = dict(ssm="mamba3", headdim=8, chunk_size=8)
+MAMBA3_MIMO = dict(MAMBA3, mamba3_mimo_rank=2, mamba3_outproj_norm=True, mamba3_rope_fraction=1.0)
+HYBRID3 = dict(
+    ssm="mamba1",
+    n_layer=3,
+    layer_overrides={
+        1: {"mixer": "mamba3", "options": {"headdim": 8, "d_state": 6, "chunk_size": 8}},
+        2: {"mixer": "mamba2", "options": {"headdim": 8, "d_state": 4, "chunk_size": 4}},
+    },
+)
+STACKS = {
+    "hybrid": HYBRID,
+    "moe": MOE,
+    "attn_hybrid": ATTN_HYBRID,
+    "window": WINDOW,
+    "mamba3": MAMBA3,
+    "mamba3_mimo": MAMBA3_MIMO,
+    "hybrid3": HYBRID3,
+}
 ATTN = ["attn_hybrid", "window"]
+M3 = ["mamba3", "mamba3_mimo", "hybrid3"]
 
 
 def model_for(kind: str, seed: int = 0):
@@ -45,6 +66,17 @@ def model_for(kind: str, seed: int = 0):
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_any_chunking_equals_one_pass(kind, data):
+    check_any_chunking(kind, data)
+
+
+@pytest.mark.parametrize("kind", M3)
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_chunking_equals_one_pass_mamba3(kind, data):
+    check_any_chunking(kind, data)
+
+
+def check_any_chunking(kind, data):
     model = model_for(kind)
     batch = data.draw(st.integers(1, 2), label="batch")
     length = data.draw(st.integers(1, 70), label="length")
@@ -58,7 +90,7 @@ def test_any_chunking_equals_one_pass(kind, data):
     assert state.position == length
 
 
-@pytest.mark.parametrize("kind", SSMS + ["hybrid", "moe"] + ATTN)
+@pytest.mark.parametrize("kind", SSMS + ["hybrid", "moe"] + ATTN + M3)
 def test_step_equals_forward(kind):
     model = model_for(kind, seed=1)
     ids = torch.randint(0, 32, (2, 37), generator=torch.Generator().manual_seed(3))
@@ -83,7 +115,7 @@ def test_step_from_no_state_equals_forward_of_one_token():
     assert rel_err(a.logits, b.logits[:, 0]) <= 1e-5
 
 
-@pytest.mark.parametrize("kind", SSMS + ["moe"] + ATTN)
+@pytest.mark.parametrize("kind", SSMS + ["moe"] + ATTN + M3)
 def test_save_load_continue_is_bit_exact(kind, tmp_path):
     model = model_for(kind, seed=2)
     ids = torch.randint(0, 32, (2, 50), generator=torch.Generator().manual_seed(4))
@@ -113,12 +145,26 @@ def test_state_of_another_config_is_refused(tmp_path):
         RecurrentState.load(tmp_path / "s.safetensors", other)
 
 
+def test_mamba3_state_of_another_mamba3_config_is_refused(tmp_path):
+    # SISO and MIMO states differ in k's rank dim; a different A floor keeps every shape but changes the meaning
+    siso = model_for("mamba3")
+    with torch.no_grad():
+        state = siso(torch.zeros(1, 4, dtype=torch.long)).state
+    state.save(tmp_path / "s.safetensors")
+    for other in (model_for("mamba3_mimo"), tiny_lm(**MAMBA3, mamba3_A_floor=0.01)):
+        assert other.fingerprint != siso.fingerprint
+        with pytest.raises(StateMismatchError, match="fingerprint"):
+            other(torch.zeros(1, 4, dtype=torch.long), state)
+        with pytest.raises(StateMismatchError, match="fingerprint"):
+            RecurrentState.load(tmp_path / "s.safetensors", other)
+
+
 def test_same_config_different_weights_share_fingerprint():
     # The fingerprint names the architecture, so a fine-tuned copy can continue a state.
     assert model_for("mamba1", seed=0).fingerprint == model_for("mamba1", seed=5).fingerprint
 
 
-@pytest.mark.parametrize("kind", SSMS + ["moe"] + ATTN)
+@pytest.mark.parametrize("kind", SSMS + ["moe"] + ATTN + M3)
 def test_prefill_on_existing_state_any_length(kind):
     # Exact prefill of many new tokens on an existing state (mamba_ssm/HF cannot for Mamba-1).
     model = model_for(kind, seed=3)
