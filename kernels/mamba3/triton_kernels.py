@@ -13,8 +13,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-PI = 3.141592653589793
-TWO_PI = 6.283185307179586
+# jit code may read module globals only as constexprs
+PI = tl.constexpr(3.141592653589793)
+TWO_PI = tl.constexpr(6.283185307179586)
 
 
 # ----------------------------------------------------------------------------------------------- device helpers
