@@ -67,6 +67,7 @@ from .chunked_blocks import (
     _a_layout,
     _contract_c,
     _forward_block,
+    _inject,
     _softplus_,
     _stage_block,
     _state_to_external,
@@ -215,7 +216,7 @@ def _scan_backward(u, delta, A, B, C, starts, gy, g_final, cdt, chunk, block_ele
     and through a = exp(delta A) with X = mu * a * h_{t-1}:  g_delta += sum_n X A,  g_A += sum X delta.
 
     ``packed`` (a ``PackedRows``): the decays are masked at the sequence starts, the final-state gradient
-    g_final (N, d, n) enters the adjoint at each sequence's last position (a dense injection G, as J in the
+    g_final (N, d, n) enters the adjoint at each sequence's last position (injected at its step, as J in the
     forward), X gains mu_s J_s = mu_s a_s h0_i at the starts, and the returned dL/dh0 is (N, d, n):
     mu_s a_s (unmasked decay) at each start."""
     b, d, l = u.shape
@@ -259,9 +260,10 @@ def _scan_backward(u, delta, A, B, C, starts, gy, g_final, cdt, chunk, block_ele
                 gyT[:, Lv:].zero_()
         pack = None if packed is None else packed.block(s0, Lv, T, Cb)
         a, H, P, Hs = _forward_block(ws, A2, starts[k].clone(), dT, duT, BT, Cb, H=ws.big6(1, Cb), pack=pack)
-        G = None  # packed rows: g_final at the sequences' last positions
+        Gv = G1 = G2 = None  # packed rows: g_final at the sequences' last positions, by step
         if gF is not None and pack.en_idx.numel():
-            G = pack.dense(H, pack.en_idx, gF.index_select(0, pack.en_seq))
+            Gv = gF.index_select(0, pack.en_seq)
+            G1, G2 = pack.by_t(pack.en_cpu, 1), pack.by_t(pack.en_cpu)
         # g_C = sum_dg gy h, as (1 x dg) @ (dg x n): ~3x faster than the (n x dg) @ (dg x 1) mat-vec form
         gCT = ws.lgnv(2, Lp)
         torch.bmm(gyT.view(M, 1, dg), H.view(M, n, dg).transpose(1, 2), out=gCT.view(M, 1, n))
@@ -271,15 +273,14 @@ def _scan_backward(u, delta, A, B, C, starts, gy, g_final, cdt, chunk, block_ele
         # e_c = a_0 * r_0 is what flows out of the start of chunk c
         if Cb > 1:
             at, gyt, Ct = a[:, 1:].unbind(2), gy6[:, 1:].unbind(2), C6[:, 1:].unbind(2)
-            Gt = G[:, 1:].unbind(2) if G is not None else None
             e = ws.chunkv(0, Cb)[:, 1:]
             torch.mul(Ct[T - 1], gyt[T - 1], out=e)
-            if Gt is not None:
-                e.add_(Gt[T - 1])
+            if G1:
+                _inject(e, G1, T - 1, Gv)
             for t in range(T - 2, -1, -1):
                 e.mul_(at[t + 1]).addcmul_(Ct[t], gyt[t])
-                if Gt is not None:
-                    e.add_(Gt[t])
+                if G1:
+                    _inject(e, G1, t, Gv)
             e.mul_(at[0])
         # chunk carries: Ks[c] = dL/dh at the end of chunk c from everything after it
         Ks = ws.chunkv(3, Cb)
@@ -292,20 +293,19 @@ def _scan_backward(u, delta, A, B, C, starts, gy, g_final, cdt, chunk, block_ele
         Mu = ws.big6(2, Cb)
         at, Ht, Mt = a.unbind(2), H.unbind(2), Mu.unbind(2)
         gyt, Ct = gy6.unbind(2), C6.unbind(2)
-        Gt = G.unbind(2) if G is not None else None
         torch.addcmul(Ks, Ct[T - 1], gyt[T - 1], out=Mt[T - 1])
         for t in range(T - 1, -1, -1):
             if t < T - 1:
                 torch.mul(at[t + 1], Mt[t + 1], out=Mt[t]).addcmul_(Ct[t], gyt[t])
-            if Gt is not None:
-                Mt[t].add_(Gt[t])
+            if G2:
+                _inject(Mt[t], G2, t, Gv)
             torch.mul(Mt[t], at[t], out=Ht[t]).mul_(Ht[t - 1] if t > 0 else Hs)
         torch.mul(Mu[:, 0, 0], a[:, 0, 0], out=K)  # dL/d(state before this block)
         if pack is not None and pack.keep6 is not None:
             mu_st = pack.at(Mu, pack.st_idx)
             gh0.index_copy_(0, pack.st_seq, mu_st * pack.a_st)  # dL/dh0_i = mu_s a_s
-            if pack.J is not None:
-                H.addcmul_(Mu, pack.J)  # X_s += mu_s a_s h0_i
+            if pack.Jv is not None:  # X_s += mu_s a_s h0_i
+                H.view(-1, g, n, dg).index_add_(0, pack.st_idx, mu_st * pack.Jv)
         gBT = ws.lgnv(3, Lp)
         torch.bmm(duT.view(M, 1, dg), Mu.view(M, n, dg).transpose(1, 2), out=gBT.view(M, 1, n))
         gduT = ws.core(3, Lp)

@@ -197,8 +197,9 @@ class PackedRows:
 
     The recurrence ``h_t = a_t h_{t-1} + x_t`` restarts at a start ``s`` of sequence ``i`` by taking
     ``a_s' = 0`` and ``x_s' = x_s + a_s h0_i``: the chunked machinery is unchanged, with the decays masked at
-    the starts (a chunk holding a start has total decay 0) and the injections ``J_s = a_s h0_i`` added to the
-    drive in both passes."""
+    the starts (a chunk holding a start has total decay 0) and the injections ``J_s = a_s h0_i`` added at the
+    starts in both passes (sparse: at step t of the per-position loops, into the chunks that start a sequence
+    at t)."""
 
     def __init__(self, cu_seqlens: torch.Tensor, h0, g: int, cdt, device):
         cu = cu_seqlens.detach().to("cpu", torch.int64)
@@ -215,16 +216,20 @@ class PackedRows:
 class PackedBlock:
     """One block's share of ``PackedRows``: st_idx / st_seq (positions in the block, sequence numbers) of the
     starts, en_idx / en_seq of the last positions; keep6 / chunk_keep, the 0/1 masks of the decays (None when no
-    sequence starts in the block); after ``_forward_block``: a_st, the unmasked decays at the starts
-    (1, k, g, n, dg), and J, the dense injections (None without initial states)."""
+    sequence starts in the block); st_by_t / en_by_t: step t -> (chunks, rows of st_idx / en_idx) of the starts /
+    ends at step t of a chunk. After ``_forward_block``: a_st, the unmasked decays at the starts (k, g, n, dg),
+    and Jv, the injections a_s h0_i there (None without initial states)."""
 
     def __init__(self, rows: PackedRows, s0: int, Lv: int, T: int, Cb: int):
         dev = rows.device
+        self.device, self.T = dev, T
         sel = (rows.starts >= s0) & (rows.starts < s0 + Lv)
         st = rows.starts[sel] - s0
         self.st_idx, self.st_seq = st.to(dev), sel.nonzero().flatten().to(dev)
         sel_e = (rows.ends >= s0) & (rows.ends < s0 + Lv)
-        self.en_idx, self.en_seq = (rows.ends[sel_e] - s0).to(dev), sel_e.nonzero().flatten().to(dev)
+        en = rows.ends[sel_e] - s0
+        self.en_idx, self.en_seq = en.to(dev), sel_e.nonzero().flatten().to(dev)
+        self.st_cpu, self.en_cpu = st, en
         self.h0 = rows.h0
         self.keep6 = self.chunk_keep = None
         if st.numel():
@@ -233,17 +238,33 @@ class PackedBlock:
             self.keep6 = keep.view(1, Cb, T, 1, 1, 1).to(dev)
             self.chunk_keep = keep.view(Cb, T).amin(1).view(1, Cb, 1, 1, 1).to(dev)
         self.a_st = None
-        self.J = None
+        self.Jv = None
+
+    def by_t(self, pos: torch.Tensor, first_chunk: int = 0, last_chunk: int | None = None) -> dict:
+        """step t -> (chunk indices - first_chunk, rows of ``pos``) for the positions ``pos`` (CPU) whose chunk is
+        in [first_chunk, last_chunk); a loop over the (at most T) steps, not over sequences."""
+        c, t = pos // self.T, pos % self.T
+        ok = c >= first_chunk
+        if last_chunk is not None:
+            ok &= c < last_chunk
+        out = {}
+        for tt in t[ok].unique().tolist():
+            m = ok & (t == tt)
+            out[tt] = ((c[m] - first_chunk).to(self.device), m.nonzero().flatten().to(self.device))
+        return out
 
     def at(self, X: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Rows ``idx`` (positions in the block) of a (1, Cb, T, g, n, dg) buffer: (k, g, n, dg)."""
         return X.reshape(X.shape[1] * X.shape[2], *X.shape[3:]).index_select(0, idx)
 
-    def dense(self, like: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """A zero buffer like ``like`` (1, Cb, T, g, n, dg) holding ``values`` (k, g, n, dg) at positions idx."""
-        out = torch.zeros_like(like)
-        out.view(-1, *like.shape[3:]).index_copy_(0, idx, values)
-        return out
+
+def _inject(dst: torch.Tensor, where: dict, t: int, values: torch.Tensor) -> None:
+    """dst (1, C, g, n, dg) += values[rows] at the chunks that ``where`` (a ``PackedBlock.by_t`` map) lists for
+    step t."""
+    hit = where.get(t)
+    if hit is not None:
+        chunks, rows = hit
+        dst.index_add_(1, chunks, values.index_select(0, rows).unsqueeze(0))
 
 
 def _forward_block(ws, A2, carry, dT, duT, BT, Cb, H=None, pack=None):
@@ -258,12 +279,12 @@ def _forward_block(ws, A2, carry, dT, duT, BT, Cb, H=None, pack=None):
     a = ws.big6(0, Cb)
     torch.mul(dT.view(b, Cb, T, g, 1, dg), A2, out=a)
     a.exp2_()
-    J = None
+    Jv = None
     if pack is not None and pack.keep6 is not None:
         pack.a_st = pack.at(a, pack.st_idx)  # the decays at the starts, before masking
         a.mul_(pack.keep6)
         if pack.h0 is not None:
-            J = pack.J = pack.dense(a, pack.st_idx, pack.a_st * pack.h0.index_select(0, pack.st_seq))
+            Jv = pack.Jv = pack.a_st * pack.h0.index_select(0, pack.st_seq)
     du6 = duT.view(b, Cb, T, g, 1, dg)
     B6 = BT.view(b, Cb, T, g, n, 1)
     Cp = Cb - 1  # the last chunk's end state comes out of pass 2
@@ -272,15 +293,15 @@ def _forward_block(ws, A2, carry, dT, duT, BT, Cb, H=None, pack=None):
         at = a[:, :Cp].unbind(2)
         dut = du6[:, :Cp].unbind(2)
         Bt = B6[:, :Cp].unbind(2)
-        Jt = J[:, :Cp].unbind(2) if J is not None else None
+        J1 = pack.by_t(pack.st_cpu, 0, Cp) if Jv is not None else None
         s = ws.chunkv(0, Cb)[:, :Cp]
         torch.mul(dut[0], Bt[0], out=s)
-        if Jt is not None:
-            s.add_(Jt[0])
+        if J1:
+            _inject(s, J1, 0, Jv)
         for t in range(1, T):
             s.mul_(at[t]).addcmul_(dut[t], Bt[t])
-            if Jt is not None:
-                s.add_(Jt[t])
+            if J1:
+                _inject(s, J1, t, Jv)
     # chunk decays exp(A * sum(delta)) and the true chunk start states
     P = ws.chunkv(1, Cb)
     torch.mul(dT.view(b, Cb, T, g, 1, dg).sum(2), A2, out=P)
@@ -297,12 +318,12 @@ def _forward_block(ws, A2, carry, dT, duT, BT, Cb, H=None, pack=None):
     if H is None:
         H = a
     at, Ht, dut, Bt = a.unbind(2), H.unbind(2), du6.unbind(2), B6.unbind(2)
-    Jt = J.unbind(2) if J is not None else None
+    J2 = pack.by_t(pack.st_cpu) if Jv is not None else None
     prev = Hs
     for t in range(T):
         torch.mul(at[t], prev, out=Ht[t]).addcmul_(dut[t], Bt[t])
-        if Jt is not None:
-            Ht[t].add_(Jt[t])
+        if J2:
+            _inject(Ht[t], J2, t, Jv)
         prev = Ht[t]
     carry.copy_(H[:, Cb - 1, T - 1])
     return a, H, P, Hs
