@@ -30,18 +30,19 @@ exp(-inf) is several times slower than exp of a normal number. Entries above the
 same floor and then zeroed through the lower-triangular C.B matrix, so no inf * 0 can appear (A > 0 included).
 
 Packed rows (``cu_seqlens``, batch 1, several sequences end to end; kernels/_varlen.py). The scan runs over the
-whole row with zero initial state and a constant _JUMP (1024) subtracted from the log decay dt * A at every
-sequence start. Every decay that reaches across a start (the (q, q) segment sums, the chunk-state weights
+whole row from a zero state with a constant _JUMP (1024) subtracted from the log decay dt * A at every sequence
+start. Every decay that reaches across a start (the (q, q) segment sums, the chunk-state weights
 exp(cs_end - cs_j), the chunk decay exp(cs_end) of the state passing, the state-output factor exp(cs_i)) then
 holds exp(-1024 + ...) = 0 (float32 and float64; floored to exactly 0 or to exp(-60) like any other negligible
 decay), so nothing crosses a boundary, and since the jump is a constant the gradients (through dt, A) are those
 of each sequence alone: this is mamba_ssm's seq_idx masking (cross-sequence pairs get segment sum -inf, a chunk
 does not receive the previous chunk's state across a start), folded into the running sums, so that neither the
-drivers here nor the Triton kernels need a mask of their own. What the zero-initial-state scan leaves out,
-``packed_boundary_terms`` adds with differentiable torch ops over the row (no loop over sequences): the initial
-state term exp(cs_t - base_i) C_t . h0_i for t in sequence i (before the z gate), and the final states, from
-the row's float64 running sum of dt * A. Precision: the running sums grow by 1024 per start inside a chunk
-(about 1e-12 relative in float64 with 64 starts in one chunk; float32 keeps hi + lo as before).
+drivers here nor the Triton kernels need a mask of their own. Per sequence (no loop over sequences: batched
+over them, segments of at most one chunk padded to the longest; ``_scan_chunked_packed``): its initial state
+h0_i adds E_t C_t . h0_i on the steps of its first chunk and joins the state leaving that chunk (the state
+passing carries it on); its final state is the state entering its last chunk, decayed, plus that chunk's own
+steps. Precision: the running sums grow by 1024 per start inside a chunk (about 1e-12 relative in float64 with
+64 starts in one chunk; float32 keeps hi + lo as before).
 
 Two drivers share this math. With autograd recording, plain differentiable ops (memory grows with l, like any
 autograd graph). Under no_grad, chunks are processed in blocks of a bounded number of elements with in-place
@@ -143,9 +144,10 @@ def _grouped(t: torch.Tensor, g: int, pattern: str) -> torch.Tensor:
 # autograd driver: differentiable ops only
 
 
-def _block_autograd(xq, dtq, A, Bq, Cq, state, bounds, Dhp, zq, cd, g, jq=None):
+def _block_autograd(xq, dtq, A, Bq, Cq, state, bounds, Dhp, zq, cd, g, jq=None, inj=None):
     """One block of c chunks of q steps. xq/zq (b, c, q, h, p), dtq (b, c, h, q), Bq/Cq (b, c, q, g, n),
-    state (b, h, p, n). Returns y (b, c, q, h, p) and the state after the block."""
+    state (b, h, p, n); packed rows: ``jq`` the log-decay jumps, ``inj`` {chunk: state} added to the state
+    leaving those chunks. Returns y (b, c, q, h, p), the state after the block and the states entering its chunks."""
     b, c, q, h, p = xq.shape
     hi, _, _, pre, post, chunk = _decays(dtq, A, cd, split=False, jq=jq)
     Cg = rearrange(Cq, "b c q g n -> b c g q n")
@@ -173,6 +175,8 @@ def _block_autograd(xq, dtq, A, Bq, Cq, state, bounds, Dhp, zq, cd, g, jq=None):
     for k in range(c):
         entering.append(s)
         s = s * chunk[:, k, :, None, None] + S_local[:, k]
+        if inj is not None and k in inj:
+            s = s + inj[k]
     S_in = torch.stack(entering, dim=1)  # (b, c, h, p, n)
 
     # 4. state-to-output term
@@ -183,7 +187,7 @@ def _block_autograd(xq, dtq, A, Bq, Cq, state, bounds, Dhp, zq, cd, g, jq=None):
         y = y + xq * Dhp
     if zq is not None:
         y = y * F.silu(zq)
-    return y, s
+    return y, s, S_in
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -233,9 +237,10 @@ def _release_if_large(ws: _Workspace) -> None:
         _workspaces.cache.pop((ws.dtype, str(ws.device)), None)
 
 
-def _block_lean(xq, dtq, A, Bq, Cq, state, bounds, Dhp, zq, cd, g, out, ws, jq=None):
+def _block_lean(xq, dtq, A, Bq, Cq, state, bounds, Dhp, zq, cd, g, out, ws, jq=None, inj=None, keep=None):
     """As _block_autograd, but in place in the workspace ``ws``; writes y into ``out`` (a (b, c, q, g, hh, p)
-    view of the output, any dtype) and returns the state after the block."""
+    view of the output, any dtype) and returns the state after the block. Packed rows: ``jq``, ``inj`` as in
+    _block_autograd; ``keep`` (block-local chunk indices): also returns copies of the states entering them."""
     b, c, q, h, p = xq.shape
     n = Bq.shape[-1]
     hg = h // g
@@ -270,7 +275,12 @@ def _block_lean(xq, dtq, A, Bq, Cq, state, bounds, Dhp, zq, cd, g, out, ws, jq=N
     S_in[:, 0].copy_(state)
     for k in range(1, c):
         torch.addcmul(S_local[:, k - 1], S_in[:, k - 1], chunk[:, k - 1, :, None, None], out=S_in[:, k])
+        if inj is not None and k - 1 in inj:
+            S_in[:, k].add_(inj[k - 1])
     s_out = torch.addcmul(S_local[:, c - 1], S_in[:, c - 1], chunk[:, c - 1, :, None, None])
+    if inj is not None and c - 1 in inj:
+        s_out.add_(inj[c - 1])
+    kept = None if keep is None else S_in[:, keep].clone()
 
     # 4. state-to-output term, then the rest of y accumulated on top of it
     direct = g == 1 and out.dtype == cd and out.is_contiguous()  # then acc's layout is out's: no final copy
@@ -291,16 +301,38 @@ def _block_lean(xq, dtq, A, Bq, Cq, state, bounds, Dhp, zq, cd, g, out, ws, jq=N
         acc.mul_(gate)
     if not direct:
         out.copy_(rearrange(acc, "b c g q hh p -> b c q g hh p"))
-    return s_out
+    return s_out if keep is None else (s_out, kept)
 
 
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _scan_autograd(x, dt_args, A, B, C, z, Dhp, state, spans, bounds, cd, g, jumps=None):
+def _block_packing(start, c, Q, inject, capture):
+    """The packed-row extras of the block of chunks [start // Q, start // Q + c): the injections as {block-local
+    chunk: (h, p, n) state} (None when none falls in it; at most one per chunk, that of the sequence that goes on
+    past it) and the block-local indices of the captured chunks (None if none)."""
+    c0 = start // Q
+    inj = keep = None
+    if inject is not None:
+        idx, vals = inject
+        hit = (idx >= c0) & (idx < c0 + c)
+        if bool(hit.any()):
+            inj = dict(zip((idx[hit] - c0).tolist(), vals[hit].unbind(0)))
+    if capture is not None:
+        hit = (capture >= c0) & (capture < c0 + c)
+        if bool(hit.any()):
+            keep = capture[hit] - c0
+    return inj, keep
+
+
+def _scan_autograd(x, dt_args, A, B, C, z, Dhp, state, spans, bounds, cd, g, jumps=None, inject=None, capture=None):
     """Differentiable driver: autograd keeps every block's intermediates (some 20-30 KiB per step at h=16, p=32,
     n=64, q=64). The inputs are cut with split, whose backward is one cat, not with per-block slicing, whose
-    backward would build a full-length zero gradient per block."""
+    backward would build a full-length zero gradient per block.
+
+    Packed rows (b = 1): ``jumps`` (l,) the log-decay jumps; ``inject`` (chunk index (K,), states (K, h, p, n)):
+    added to the state leaving those chunks; ``capture`` (sorted chunk indices (U,)): the states entering those
+    chunks are returned as a third item (U, h, p, n)."""
     b, l, h, p = x.shape
     if not spans:
         return x.new_zeros((b, 0, h, p)), state
@@ -311,9 +343,11 @@ def _scan_autograd(x, dt_args, A, B, C, z, Dhp, state, spans, bounds, cd, g, jum
     Cs = C.to(cd).split(sizes, dim=1)
     zs = z.to(cd).split(sizes, dim=1) if z is not None else [None] * len(spans)
     js = jumps.split(sizes) if jumps is not None else [None] * len(spans)
-    pieces = []
+    pieces, kept = [], []
     s = state
-    for i, (_, _c, q) in enumerate(spans):
+    Q = spans[0][2]
+    for i, (start, c, q) in enumerate(spans):
+        inj, keep = _block_packing(start, c, Q, inject, capture)
         args = (
             rearrange(xs[i], "b (c q) h p -> b c q h p", q=q),
             rearrange(dts[i], "b (c q) h -> b c h q", q=q),
@@ -327,22 +361,29 @@ def _scan_autograd(x, dt_args, A, B, C, z, Dhp, state, spans, bounds, cd, g, jum
             cd,
             g,
             None if js[i] is None else js[i].view(1, -1, 1, q),
+            inj,
         )
-        yq, s = _block_autograd(*args)
+        yq, s, S_in = _block_autograd(*args)
         pieces.append(rearrange(yq, "b c q h p -> b (c q) h p"))
+        if keep is not None:
+            kept.append(S_in[0, keep])
     y = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+    if capture is not None:
+        return y.to(x.dtype), s, torch.cat(kept, dim=0)
     return y.to(x.dtype), s
 
 
-def _scan_lean(x, dt_args, A, B, C, z, Dhp, state, spans, bounds, cd, g, jumps=None):
+def _scan_lean(x, dt_args, A, B, C, z, Dhp, state, spans, bounds, cd, g, jumps=None, inject=None, capture=None):
     """no_grad driver: block by block in a reused workspace, y written into its final tensor; nothing but the
-    output is allocated in proportion to l."""
+    output is allocated in proportion to l. Packed rows: as ``_scan_autograd``."""
     dt, dt_bias, dt_softplus = dt_args
     b, l, h, p = x.shape
     ws = _workspace(cd, x.device)
     y = torch.empty((b, l, h, p), dtype=x.dtype, device=x.device)
     s = state
+    kept = []
     for start, c, q in spans:
+        inj, keep = _block_packing(start, c, spans[0][2], inject, capture)
         span = slice(start, start + c * q)
         xq = rearrange(x[:, span].to(cd), "b (c q) h p -> b c q h p", q=q)
         dtq = rearrange(prepare_dt(dt[:, span], dt_bias, dt_softplus, cd), "b (c q) h -> b c h q", q=q)
@@ -351,8 +392,13 @@ def _scan_lean(x, dt_args, A, B, C, z, Dhp, state, spans, bounds, cd, g, jumps=N
         zq = None if z is None else rearrange(z[:, span].to(cd), "b (c q) h p -> b c q h p", q=q)
         out = rearrange(y[:, span], "b (c q) (g hh) p -> b c q g hh p", q=q, g=g)
         jq = None if jumps is None else jumps[span].view(1, -1, 1, q)
-        s = _block_lean(xq, dtq, A, Bq, Cq, s, bounds[q], Dhp, zq, cd, g, out, ws, jq)
+        s = _block_lean(xq, dtq, A, Bq, Cq, s, bounds[q], Dhp, zq, cd, g, out, ws, jq, inj, keep)
+        if keep is not None:
+            s, states = s
+            kept.append(states[0])
     _release_if_large(ws)
+    if capture is not None:
+        return y, s, torch.cat(kept, dim=0) if kept else state.new_zeros((0, *state.shape[1:]))
     return y, s
 
 
@@ -423,8 +469,6 @@ def ssd_scan_chunked(
 #: subtracted from the log decay at every sequence start: exp(-_JUMP + anything real) is exactly 0 in float32 and
 #: float64 and below every floor of _LOG_FLOOR; small, so that the in-chunk running sums stay accurate
 _JUMP = 1024.0
-#: elements of the per-position (h, p, n) tensors the boundary terms materialise at once
-_BOUNDARY_ELEMS = 1 << 22
 
 
 def packed_jumps(cu: torch.Tensor, l: int, dtype=torch.float64) -> torch.Tensor:
@@ -434,73 +478,57 @@ def packed_jumps(cu: torch.Tensor, l: int, dtype=torch.float64) -> torch.Tensor:
     return jumps
 
 
-def packed_boundary_terms(x, dtc, A, B, C, cu, initial_state, want_final: bool, cd: torch.dtype, sums: bool = True):
-    """The parts of a packed scan that the jump-masked, zero-initial-state chunked scan leaves out.
-
-    With cs the running sum of dt * A over the whole row (float64), base_i = cs just before sequence i starts and
-    end_i = cs at its last position:
-
-        y_t      += exp(cs_t - base_i) C_t . h0_i                    (t in sequence i; only with initial states)
-        final_i   = exp(end_i - base_i) h0_i + sum_{s in i} exp(end_i - cs_s) dt_s outer(x_s, B_s)
-
-    Returns (y term (1, l, h, p) in cd or None, final states (N, h, p, n) in cd or None); ``sums=False`` leaves
-    the sums over the steps out of the final states (the Triton path has them from its kernels). Differentiable; the
-    per-position (h, p, n) products are formed a bounded number of positions at a time (a loop over slices of
-    positions, not over sequences)."""
-    _, l, h, p = x.shape
-    g, n = B.shape[2], B.shape[3]
-    hg = h // g
-    N = cu.numel() - 1
-    seq = torch.repeat_interleave(torch.arange(N, device=x.device), cu[1:] - cu[:-1])  # (l,)
-    cs = torch.cumsum(dtc[0].to(torch.float64) * A.to(torch.float64), dim=0)  # (l, h)
-    cs0 = torch.cat([cs.new_zeros(1, h), cs], dim=0)
-    base, end = cs0[cu[:-1]], cs0[cu[1:]]  # (N, h)
-    step = max(1, _BOUNDARY_ELEMS // max(1, h * p * n))
-    y_init = None
-    h0 = None if initial_state is None else initial_state.to(cd)
-    Ch = None
-    if h0 is not None:
-        Ch = C[0].to(cd).repeat_interleave(hg, dim=1)  # (l, h, n)
-        decay = _decay_factor(cs - base[seq], cd)  # (l, h)
-        pieces = []
-        for t0 in range(0, l, step):
-            sl = slice(t0, t0 + step)
-            hs = h0[seq[sl]]  # (s, h, p, n)
-            pieces.append(torch.einsum("shpn,shn->shp", hs, Ch[sl]) * decay[sl, :, None])
-        y_init = torch.cat(pieces, dim=0).unsqueeze(0)
-    final = None
-    if want_final:
-        final = torch.zeros((N, h, p, n), dtype=cd, device=x.device)
-        if sums:
-            Bh = B[0].to(cd).repeat_interleave(hg, dim=1)  # (l, h, n)
-            u = (_decay_factor(end[seq] - cs, cd) * dtc[0].to(cd))[..., None] * x[0].to(cd)  # (l, h, p)
-            for t0 in range(0, l, step):
-                sl = slice(t0, t0 + step)
-                final = final.index_add(0, seq[sl], u[sl, :, :, None] * Bh[sl, :, None, :])
-        if h0 is not None:
-            final = final + _decay_factor(end - base, cd)[..., None, None] * h0
-    return y_init, final
+def _gather_segments(lo: torch.Tensor, hi: torch.Tensor, l: int):
+    """Per sequence i the steps lo_i <= t < hi_i (at most one chunk), padded: indices (N, L) clamped into the
+    row and the (N, L) mask of the real ones (L = the longest segment)."""
+    width = int((hi - lo).max())
+    idx = lo[:, None] + torch.arange(width, device=lo.device)
+    return idx.clamp(max=l - 1), idx < hi[:, None]
 
 
 def _scan_chunked_packed(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state, states_at, cu_seqlens, sp, final):
-    """Packed rows natively (see the module docstring): the zero-initial-state scan with the sequence starts as
-    -_JUMP steps in the log decay, plus ``packed_boundary_terms``."""
-    dims, cu, _ = check_packed_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state, states_at, cu_seqlens)
+    """Packed rows natively (see the module docstring): the scan over the whole row from a zero state with the
+    sequence starts as -_JUMP steps of the log decay, and per sequence i (start t0, end e, first chunk c0, last
+    chunk ce; decays from the row's float64 running sum of dt * A):
+
+    - initial state h0_i: its term E_t C_t . h0_i on the steps of its first chunk (E_t = the decay from t0
+      through t), and E h0_i joins the state leaving chunk c0 (the state passing carries it on) when the
+      sequence goes on past c0;
+    - final state: the state entering chunk ce decayed to e (when the sequence started before ce) plus the sum
+      over its steps in ce (plus E_e h0_i when it never left c0).
+
+    The per-sequence terms are batched GEMMs over segments of at most one chunk, padded to the longest; the
+    entering states come out of the drivers (``capture``)."""
+    dims, cu, N = check_packed_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state, states_at, cu_seqlens)
     b, l, h, p, g, n, cd = dims.b, dims.l, dims.h, dims.p, dims.g, dims.n, dims.compute_dtype
-    chunk_size = int(chunk_size)
-    Ac = A.to(cd)
+    Q = int(chunk_size)
     Dhp = d_as_hp(D, cd)
     state = torch.zeros((b, h, p, n), dtype=cd, device=x.device)
     gate_after = z is not None and initial_state is not None  # the initial-state term enters before the gate
     recording = records_grad(x, dt, A, B, C, D, z, dt_bias, initial_state)
-    spans = list(_blocks(l, chunk_size, b, h))
+    spans = list(_blocks(l, Q, b, h))
     bounds = {q: _segment_bounds(q, cd, x.device) for q in {q for _, _, q in spans}}
     run = _scan_autograd if recording else _scan_lean
-    core_dtype = cd if gate_after else x.dtype
-    y, _ = run(
-        x.to(core_dtype) if gate_after else x,
+
+    t0, end = cu[:-1], cu[1:]
+    c0, ce = t0 // Q, (end - 1) // Q
+    goes_on = ce > c0
+    inject = h0 = cs0 = None
+    if initial_state is not None or final:
+        dtc = prepare_dt(dt, dt_bias, sp, cd)[0]  # (l, h)
+        cs0 = F.pad(torch.cumsum(dtc.to(torch.float64) * A.to(torch.float64), dim=0), (0, 0, 1, 0))  # (l + 1, h)
+    if initial_state is not None:
+        h0 = initial_state.to(cd)
+        send = torch.minimum(end, (c0 + 1) * Q)
+        e_x = _decay_factor(cs0[send] - cs0[t0], cd)  # (N, h): from t0 through send - 1
+        on = goes_on.nonzero().flatten()
+        if on.numel():
+            inject = (c0[on], e_x[on, :, None, None] * h0[on])
+    capture = torch.unique(ce) if final else None
+    out = run(
+        x.to(cd) if gate_after else x,
         (dt, dt_bias, sp),
-        Ac,
+        A.to(cd),
         B,
         C,
         None if gate_after else z,
@@ -511,17 +539,37 @@ def _scan_chunked_packed(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_stat
         cd,
         g,
         packed_jumps(cu, l),
+        inject,
+        capture,
     )
-    if initial_state is None and not final:
-        return y
-    dtc = prepare_dt(dt, dt_bias, sp, cd)
-    y_init, s = packed_boundary_terms(x, dtc, A, B, C, cu, initial_state, final, cd)
-    if y_init is not None:
-        y = y.to(cd) + y_init
+    y = out[0]
+    if initial_state is not None:  # E_t C_t . h0_i on the first-chunk steps, as (N, g, L, n) @ (N, g, n, hg p)
+        idx, real = _gather_segments(t0, send, l)
+        E = torch.where(real[..., None], _decay_factor(cs0[idx + 1] - cs0[t0][:, None], cd), 0.0)  # (N, L, h)
+        Cg = rearrange(C[0].to(cd)[idx], "i t g n -> i g t n")
+        y0 = Cg @ rearrange(h0, "i (g hh) p n -> i g n (hh p)", g=g)  # (N, g, L, hh p)
+        y0 = rearrange(y0, "i g t (hh p) -> i t (g hh) p", p=p) * E[..., None]
+        y = y.to(cd)
+        y = y.index_add_(1, idx[real], y0[real][None]) if not recording else y.index_add(1, idx[real], y0[real][None])
         if z is not None:
             y = y * F.silu(z.to(cd))
         y = y.to(x.dtype)
-    return (y, s) if final else y
+    if not final:
+        return y
+    # the state entering chunk ce, decayed to e, when the sequence started before ce
+    entering = out[2][torch.searchsorted(capture, ce)]  # (N, h, p, n)
+    into = torch.where(goes_on[:, None], _decay_factor(cs0[end] - cs0[ce * Q], cd), 0.0)
+    s = entering * into[..., None, None]
+    # its steps in ce: (N, g, hh p, L) @ (N, g, L, n)
+    lo = torch.maximum(t0, ce * Q)
+    idx, real = _gather_segments(lo, end, l)
+    w = torch.where(real[..., None], _decay_factor(cs0[end][:, None] - cs0[idx + 1], cd), 0.0) * dtc[idx]
+    xs = rearrange(x[0].to(cd)[idx] * w[..., None], "i t (g hh) p -> i g (hh p) t", g=g)
+    own = xs @ rearrange(B[0].to(cd)[idx], "i t g n -> i g t n")  # (N, g, hh p, n)
+    s = s + rearrange(own, "i g (hh p) n -> i (g hh) p n", p=p)
+    if initial_state is not None:  # never left its first chunk: h0 straight to the final state
+        s = s + torch.where(goes_on[:, None], 0.0, e_x)[..., None, None] * h0
+    return y, s
 
 
 #: largest (positions x length) for which ``_states_at_direct`` forms its (b, k, l, h) decay matrix

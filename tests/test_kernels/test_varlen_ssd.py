@@ -142,6 +142,9 @@ def test_chunked_packed_is_each_sequence_alone(case):
     truth = alone(*data)
     check(packed(ssd_scan_chunked, *data, q, torch.float64), truth, 1e-9, 1e-9, "chunked float64")
     check(packed(ssd_scan_chunked, *data, q, torch.float32), truth, 1e-5, 1e-4, "chunked float32")
+    inputs, cu, softplus, wy, wf = data
+    y_only = alone(inputs, cu, softplus, wy, torch.zeros_like(wf))
+    check(packed(ssd_scan_chunked, inputs, cu, softplus, wy, None, q, torch.float64), y_only, 1e-9, 1e-9, "y only")
     # the no_grad driver (in-place blocks, split running sums) and y without the final states
     inputs, cu, softplus = data[:3]
     for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-5)):
@@ -265,3 +268,19 @@ def test_triton_packed_multi_tile_segments_and_gradients_through_y_only(monkeypa
     y_only = alone(inputs, cu, softplus, wy, torch.zeros_like(wf))
     got = packed(ssd_scan_triton, inputs, cu, softplus, wy, None, 32, torch.float32, device)
     check(got, y_only, 1e-5, 1e-4, "triton, y only")
+
+
+def test_chunked_blocks_of_one_chunk_carry_injections_and_captures(monkeypatch):
+    """The drivers cut the row into blocks of chunks; with one chunk per block every injection (an initial state
+    joining the state leaving its first chunk) and every captured entering state crosses a block boundary."""
+    from seqlab.kernels.ssd import chunked
+
+    monkeypatch.setattr(chunked, "_BLOCK_ELEMS", 1)
+    data = make_packed([2, 9, 1, 7, 3], h=2, seed=11)
+    truth = alone(*data)
+    check(packed(ssd_scan_chunked, *data, 3, torch.float64), truth, 1e-9, 1e-9, "autograd driver")
+    inputs, cu, softplus = data[:3]
+    with torch.no_grad():
+        y, s = call(ssd_scan_chunked, inputs, 3, softplus, return_final_state=True, cu_seqlens=cu)
+    assert_rel(y, truth[0], 1e-9, "no_grad y")
+    assert_rel(s, truth[1], 1e-9, "no_grad final states")
