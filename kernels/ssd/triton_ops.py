@@ -31,6 +31,21 @@ Backward (recomputes 1-4, nothing big is saved but the inputs and, with z, y bef
   "segment" form; ``_cumsum_bwd_kernel`` d(log decay) -> ddt, dA, through softplus and dt_bias. Per-block
   partials (dA, dD, dt_bias, per-head dB/dC over a group, dT, p-block partials) are summed in torch.
 
+Packed rows (``cu_seqlens``, batch 1; initial and final states one per sequence, (N, h, p, n))
+  The same launches over the whole row, with a constant J = 1024 subtracted from the log decay at every sequence
+  start in ``_cumsum_fwd_kernel`` (not from dt): every decay across a start (intra-chunk pairs, chunk-state
+  weights, the state passing's chunk decay, the state-output factor) is exp(-J + ...) = 0, forward and backward,
+  and J being a constant, the backward kernels need no change (mamba_ssm's seq_idx masks, folded into the
+  running sums; see chunked.py for the precision). Per sequence, grid (N*h, ...):
+  ``_init_term_fwd_kernel`` (with initial states) E_t C_t . h0_i on the steps of the sequence's first chunk,
+  added by ``_chunk_scan_fwd_kernel`` before D and the gate (HAS_Y0); E h0_i joins the state leaving that chunk
+  before the state passing (host, ``_Pack``) when the sequence goes on; ``_final_states_fwd_kernel`` the state
+  after its last step from the state entering its last chunk and that chunk's steps (mamba_ssm's
+  chunk_state_varlen). Backward: ``_final_states_bwd_kernel`` and ``_init_term_bwd_kernel`` (the gradients of
+  those terms over the same one-chunk segments: dx, dB, dC, ddt, d(log decay), dh0), and d final_i joins the
+  gradient of the state entering its last chunk before ``_state_pass_bwd_kernel``. E (decays from each start,
+  on first-chunk steps) comes from the float64 sum of the running sums' hi + lo on the host.
+
 Decode step: ``_state_update_kernel`` grid (b*h, p/BP), one launch; it has no Triton backward: when grad mode
 is on and an input requires grad, ``ssd_state_update_triton`` runs the differentiable chunked path
 (``ssd_state_update_chunked``, the same numbers), since generation runs under no_grad.
@@ -767,10 +782,7 @@ def ssd_scan_triton(
     Differentiable in every tensor input (x, dt, A, B, C, D, z, dt_bias, initial_state) through y and the
     final state. ``chunk_size`` (64-256 on a GPU) only changes how the work is blocked.
 
-    ``cu_seqlens`` (packed rows, batch 1; initial and final states (N, h, p, n)): the kernels run with the
-    sequence starts as large negative steps of the log decay (``_cumsum_fwd_kernel``), which stops every decay,
-    forward and backward, at the boundaries; the per-sequence initial-state term and the final states come from
-    ``chunked.packed_boundary_terms`` (torch ops, differentiable)."""
+    ``cu_seqlens`` (packed rows, batch 1; initial and final states (N, h, p, n)): see the module docstring."""
     if cu_seqlens is not None:
         args = (x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state, cu_seqlens)
         return _scan_triton_packed(*args, dt_softplus, return_final_state)
