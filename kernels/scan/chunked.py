@@ -46,6 +46,16 @@ composed ops would store every (b, d, n) state of the sequence, i.e. the (b, d, 
 graph of O(l) nodes; the recomputing backward needs a few block buffers and is faster. The cheap (b, d, l)
 parts (delta bias + softplus, D * u, the silu(z) gate) are composed from differentiable ops around it.
 The backward is not itself differentiable (no double backward).
+
+Packed rows
+-----------
+With ``cu_seqlens`` (batch 1, N sequences end to end) the recurrence restarts at every sequence start s of
+sequence i by taking ``a_s = 0`` and adding ``a_s h0_i`` (its initial state, or nothing) to the drive
+(``chunked_blocks.PackedRows``): the masked decays make every chunk holding a start have total decay 0, so steps
+1-4 run unchanged, with the injections added at their steps in both passes; each sequence's final state is
+copied out of pass 2 at its last position. The backward masks the same decays, adds sequence i's final-state
+gradient to the adjoint at its last position, and reads ``dL/dh0_i = mu_s a_s`` at its start (the term
+``mu_s a_s h0_i`` joins X there, so g_delta and g_A need nothing else). No loop over sequences.
 """
 
 from __future__ import annotations

@@ -228,6 +228,21 @@ def test_scan_triton_bare_float64():
     )
 
 
+def test_scan_chunked_position_major_inputs():
+    """u / delta / z stored position-major (as a Mamba mixer hands them over) take the chunked path's other work
+    layout; packed rows must not care."""
+    lengths = [6, 1, 9]
+    inputs = scan_case(lengths)
+
+    def run(**kw):
+        for k in ("u", "delta", "z"):
+            kw[k] = channels_last(kw[k])
+        assert kw["u"].stride(1) == 1
+        return selective_scan_chunked(**kw, return_final_state=True, chunk_size=4)
+
+    check_scan(run, inputs, lengths, dtype=torch.float32)
+
+
 def test_scan_one_sequence_is_the_unpacked_call():
     """cu_seqlens = [0, l] is the plain call (to rounding: the initial state enters through the drive)."""
     inputs = scan_case([11])
