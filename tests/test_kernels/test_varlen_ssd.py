@@ -284,3 +284,24 @@ def test_chunked_blocks_of_one_chunk_carry_injections_and_captures(monkeypatch):
         y, s = call(ssd_scan_chunked, inputs, 3, softplus, return_final_state=True, cu_seqlens=cu)
     assert_rel(y, truth[0], 1e-9, "no_grad y")
     assert_rel(s, truth[1], 1e-9, "no_grad final states")
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_triton_packed_half_precision_and_the_dispatcher():
+    """fp16 inputs (fp16 GEMM operands, float32 states) at test_triton_ssd.py's half tolerances, and the public op
+    with seq_idx routing a packed call to the Triton kernels."""
+    from seqlab.kernels.ssd.triton_ops import ssd_scan_triton
+
+    device = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+    data = make_packed([3, 6, 2], h=2, p=4, n=4, seed=5)
+    truth = alone(*data)
+    y, s, grads = packed(ssd_scan_triton, *data, 8, torch.float16, device)
+    assert y.dtype == torch.float16 and s.dtype == torch.float32
+    assert grads["initial_state"].dtype == torch.float16
+    check((y, s, grads), truth, 2e-3, 4e-3, "fp16")
+    inputs, cu, softplus = data[:3]
+    inp = {k: (v.to(device=device, dtype=torch.float32) if v is not None else None) for k, v in inputs.items()}
+    seq_idx = K.seq_idx_from_cu_seqlens(cu).to(device)
+    y, s = call(K.ssd_scan, inp, 8, softplus, return_final_state=True, seq_idx=seq_idx, backend="triton")
+    assert_rel(y.double().cpu(), truth[0], 1e-5, "dispatcher y")
+    assert_rel(s.double().cpu(), truth[1], 1e-5, "dispatcher final states")
