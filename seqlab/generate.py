@@ -182,6 +182,9 @@ def prefill(model, prompts, state: RecurrentState | None = None) -> tuple[torch.
         raise StateError("bidirectional models see the whole sequence at once and have no state to prefill")
     device = next(model.parameters()).device
     start = _packed_start(state, len(rows))
+    if len(rows) == 1:  # one prompt: the plain forward
+        out = model(rows[0].to(device)[None], start)
+        return out.logits[:, -1], out.state
     lengths = torch.tensor([row.numel() for row in rows])
     cu = torch.cat((torch.zeros(1, dtype=torch.long), lengths.cumsum(0))).to(device)
     try:
@@ -421,6 +424,9 @@ def _decode_loop(
                 finals[i] = _row_state(model, out.state, j, positions[i])
             else:
                 keep.append(j)
+        if not keep:  # every row stopped
+            active[:] = []
+            return out.state, out.logits
         if len(keep) < len(active):
             index = torch.tensor(keep, dtype=torch.long, device=device)
             batch = RecurrentState(

@@ -27,6 +27,8 @@ MODELS = {
     "hybrid": tiny_hybrid_options(),
     "window": dict(tiny_hybrid_options(), attn_window=3),
     "moe": dict(ssm="mamba2", ffn="moe", moe_experts=3, moe_top_k=2),
+    "mamba3": dict(ssm="mamba3", headdim=8, chunk_size=4),
+    "mamba3_mimo": dict(ssm="mamba3", headdim=8, chunk_size=4, mamba3_mimo_rank=2),
 }
 
 
@@ -93,7 +95,7 @@ def initial_states(model, prefixes: list[int], seed: int) -> list[RecurrentState
 CASES = [(kind, from_state) for kind in ("mamba1", "mamba2", "hybrid", "window") for from_state in (False, True)]
 
 
-@pytest.mark.parametrize("kind, from_state", [*CASES, ("moe", True)])
+@pytest.mark.parametrize("kind, from_state", [*CASES, ("moe", True), ("mamba3", True), ("mamba3_mimo", True)])
 def test_packed_equals_alone_with_gradients(kind, from_state):
     model = model_of(kind, double=True)
     lengths = [3, 1, 6, 2]
@@ -148,7 +150,7 @@ def test_packed_equals_alone_with_gradients(kind, from_state):
     assert rel_err(embedded.grad, grad_embedded) <= tol
     # A_log, D and dt_bias enter the kernels through .float() (fp32 even in a float64 model), so their gradients
     # are rounded to fp32 once per call: one packed call vs one call per sequence differ at that level
-    rounded = ("A_log", "D", "dt_bias", "dt_proj.bias")
+    rounded = ("A_log", "D", "dt_bias", "dt_proj.bias", "B_bias", "C_bias")
     for name, p in model.named_parameters():
         if name in grads_packed:
             assert rel_err(grads_packed[name], p.grad) <= (1e-6 if name.endswith(rounded) else tol * 10), name
