@@ -100,7 +100,11 @@ class ModelCursor:
             if missing:
                 catch_up.setdefault(missing, []).append(j)
         for count, members in catch_up.items():
-            batch = RecurrentState(self._gather([chosen[j] for j in members]), 0, self.model.fingerprint)
+            batch = RecurrentState(
+                self._gather([chosen[j] for j in members]),
+                tuple(self.start_positions[rows[j]] + chosen[j].length for j in members),  # type: ignore[arg-type]
+                self.model.fingerprint,
+            )
             ids = torch.tensor(
                 [sequences[j][chosen[j].length : chosen[j].length + count] for j in members],
                 dtype=torch.long,
@@ -115,7 +119,8 @@ class ModelCursor:
                 self.tokens[i] = list(sequences[j][: point.length])
                 chosen[j] = point
         self.rows = list(rows)
-        self.state = RecurrentState(self._gather(chosen), 0, self.model.fingerprint)
+        positions = tuple(self.start_positions[i] + point.length for i, point in zip(rows, chosen))
+        self.state = RecurrentState(self._gather(chosen), positions, self.model.fingerprint)  # type: ignore[arg-type]
         self.pending = torch.tensor([[seq[-1]] for seq in sequences], dtype=torch.long, device=self.device)
         self._pending_tokens = [seq[-1] for seq in sequences]
 

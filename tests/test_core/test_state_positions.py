@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from seqlab import RecurrentState
+from seqlab.decoding.cursor import ModelCursor
 from seqlab.errors import CorruptFileError, StateError, StateMismatchError
+from seqlab.generate import generate
 from seqlab.safetensors_io import read_tensors
 from seqlab.state import FULL_CHECKSUM_SINCE, STATE_FORMAT, STATE_FORMAT_VERSION
 from seqlab.testing import rel_err, tiny_hybrid_options, tiny_lm
@@ -140,3 +142,21 @@ def test_stack_still_refuses_another_model(rows):
     other = tiny_lm("mamba1").init_state(1)
     with pytest.raises(StateMismatchError, match="another model config"):
         RecurrentState.stack([rows[0], other])
+
+
+def test_generation_from_rows_at_different_positions(hybrid, rows):
+    """generate / speculative generate continue a state whose rows sit at different positions, each row as it
+    would alone; the cursor's batches carry each row's true position."""
+    state = RecurrentState.stack(rows)
+    prompts = [[4, 5], [6], [7, 8, 9]]
+    plain = generate(hybrid, prompts, 4, state=state)
+    assert [s.position for s in plain.states] == [3 + 2 + 4, 7 + 1 + 4, 1 + 3 + 4]
+    for i, row in enumerate(rows):
+        alone = generate(hybrid, [prompts[i]], 4, state=row)
+        assert alone.tokens[0] == plain.tokens[i]
+    drafted = generate(hybrid, prompts, 4, state=state, draft=hybrid, speculate=2)
+    assert drafted.tokens == plain.tokens
+    assert [s.position for s in drafted.states] == [s.position for s in plain.states]
+    cursor = ModelCursor(hybrid, [[1, 2, 3], [4, 5]], [rows[0], rows[1]])
+    cursor.sync([[1, 2, 3], [4, 5]], [0, 1])
+    assert cursor.state is not None and cursor.state.positions == (3 + 2, 7 + 1)
