@@ -20,7 +20,12 @@ __all__ = ["ArraySource", "FrameSource", "SequenceSource", "WindowSource"]
 class WindowSource(Protocol):
     """What the ``Trainer`` reads: ``num_windows`` windows of ``batch_size`` rows, ``window(i) -> (inputs,
     targets)``. ``SequenceSource`` (token ids), ``FrameSource`` (float frames), the domain sources (DNA's
-    masked-LM and RC-augmented windows, video clips) and ``seqlab.pipelines``' ``StoreSource`` all satisfy it."""
+    masked-LM and RC-augmented windows, video clips) and ``seqlab.pipelines``' ``StoreSource`` all satisfy it.
+
+    Optional extension, packed rows (``seqlab.packing.PackedSource``): ``packed = True`` and ``cu_seqlens(i,
+    rows=None)``, the boundaries of window ``i``'s documents in its rows flattened into one row; targets are -100
+    where nothing is predicted. The ``Trainer`` runs such a source as packed rows (fresh state every window);
+    a reader that ignores ``cu_seqlens`` would let state run across documents."""
 
     batch_size: int
     num_windows: int
