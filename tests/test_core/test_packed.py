@@ -294,3 +294,16 @@ def test_prefill_falls_back_when_a_kernel_cannot_pack(monkeypatch):
     monkeypatch.setattr(type(model), "forward", no_packing)
     logits, state = prefill(model, [[1, 2], [3, 4, 5]])
     assert state.positions == (2, 3) and logits.shape == (2, 32)
+
+
+def test_sequence_model_packed():
+    from seqlab.models import SequenceModel
+    from seqlab.testing import tiny_config
+
+    torch.manual_seed(0)
+    model = SequenceModel(tiny_config("mamba2"), d_input=3, d_output=2).eval()
+    x = torch.randn(1, 9, 3)
+    out = model(x, cu_seqlens=torch.tensor([0, 4, 9]))
+    alone = [model(x[:, :4]), model(x[:, 4:])]
+    assert rel_err(out.output, torch.cat([a.output for a in alone], 1)) <= 1e-5
+    assert_rows_equal(out.state, [a.state for a in alone], 1e-5)
