@@ -192,7 +192,7 @@ class _Pack:
         # the running sum just before the start (0 at a chunk start), less the start's own jump (none at 0)
         before = torch.where(t0 % Q == 0, 0.0, val[:, (t0 - 1).clamp(min=0)])
         base = before - torch.where(torch.arange(N, device=cu.device) > 0, _JUMP, 0.0)  # (h, N)
-        seq = torch.repeat_interleave(torch.arange(N, device=cu.device), end - t0)
+        seq = torch.repeat_interleave(torch.arange(N, device=cu.device), end - t0, output_size=l)
         first = torch.arange(l, device=cu.device) < send[seq]
         seg = torch.where(first, val[:, :l] - base[:, seq], 0.0)
         E = torch.zeros_like(cs[0])

@@ -120,6 +120,7 @@ CASES = [
     ([13, 2, 9], 5, dict(softplus=False, dt_bias=False, D=None)),
     ([6, 7], 64, dict(init=False)),  # everything in one chunk
     ([1, 10, 1], 3, dict(init=False, z=False, g=2, h=2)),
+    ([1] * 20 + [5, 2] + [1] * 12, 16, dict()),  # 16 starts in one chunk: running sums down to -16 * 1024
 ]
 
 
