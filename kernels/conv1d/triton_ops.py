@@ -71,7 +71,6 @@ from .._layout import channels_last as _channels_last
 from .._layout import empty_like_layout as _empty_like_layout
 from .._triton import interpreting, require_triton_device
 from .._validate import records_grad
-from .._varlen import seq_idx_from_cu_seqlens
 from .ref import check_conv_args, check_conv_update_args, compute_dtype
 from .triton_kernels import _conv_bwd_kernel, _conv_fwd_kernel, _conv_update_kernel
 
@@ -117,14 +116,20 @@ def _num_warps(elems: int) -> int:
     return 4 if elems <= 2048 else 8
 
 
+def _sequence_numbers(cu: torch.Tensor, length: int) -> torch.Tensor:
+    """The sequence number of every position (int32, (length,)), on cu's device without a host sync."""
+    positions = torch.arange(length, device=cu.device)
+    return torch.searchsorted(cu[1:], positions, right=True).to(torch.int32)
+
+
 class _Packed:
     """Packed rows for the kernels: the sequence number of every position (int32, (l,)) and cu_seqlens (int64)
     on the inputs' device."""
 
-    def __init__(self, cu_seqlens, device):
+    def __init__(self, cu_seqlens, device, length):
         self.cu = cu_seqlens.to(device, torch.int64).contiguous()
         self.N = self.cu.numel() - 1
-        self.seq = seq_idx_from_cu_seqlens(self.cu)[0].to(torch.int32).contiguous()
+        self.seq = _sequence_numbers(self.cu, length)
 
 
 def _conv_forward(x, weight, bias, initial_state, silu, cdt, want_state, block_l=None, block_d=None, packed=None):
@@ -332,7 +337,7 @@ def causal_conv1d_triton(
     require_triton_device("causal_conv1d", x, weight, bias, initial_state)
     b, d, l, w, silu = check_conv_args(x, weight, bias, activation, initial_state, cu_seqlens)
     cdt = compute_dtype(x, weight, bias, initial_state)
-    packed = None if cu_seqlens is None else _Packed(cu_seqlens, x.device)
+    packed = None if cu_seqlens is None else _Packed(cu_seqlens, x.device, l)
     tensors = (x, weight, bias, initial_state)
     needs_grad = records_grad(*tensors)
     if needs_grad:

@@ -79,7 +79,6 @@ import triton.language as tl
 from .._layout import empty_like_layout
 from .._triton import interpreting, require_triton_device
 from .._validate import records_grad
-from .._varlen import seq_idx_from_cu_seqlens
 from .chunked import _empty_scan  # the l == 0 result, shared with the chunked path
 from .ref import check_scan_args, check_state_update_args, compute_dtype
 from .triton_kernels import _ss_bwd_kernel, _ss_fwd_kernel, _ss_step_kernel
@@ -185,13 +184,19 @@ class _Geometry:
         self.rB, self.rC = self.G // self.gB, self.G // self.gC
 
 
+def _sequence_numbers(cu: torch.Tensor, length: int) -> torch.Tensor:
+    """The sequence number of every position (int32, (length,)), on cu's device without a host sync."""
+    positions = torch.arange(length, device=cu.device)
+    return torch.searchsorted(cu[1:], positions, right=True).to(torch.int32)
+
+
 class _Packed:
     """Packed rows for the kernels: the sequence number of every position (int32, (l,)), N, and the per-sequence
     initial states (N, d, n) contiguous in the compute dtype (None: zeros)."""
 
-    def __init__(self, cu_seqlens, h0, cdt, device):
+    def __init__(self, cu_seqlens, h0, cdt, device, length):
         self.N = cu_seqlens.numel() - 1
-        self.seq = seq_idx_from_cu_seqlens(cu_seqlens.to(device))[0].to(torch.int32).contiguous()
+        self.seq = _sequence_numbers(cu_seqlens.to(device, torch.int64), length)
         self.h0 = None if h0 is None else h0.detach().to(device, cdt).contiguous()
 
 
@@ -373,7 +378,7 @@ class _SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B4, C4, D, z, bias, h0, softplus, cdt, plan, geo, cu_seqlens=None):
         ctx.set_materialize_grads(False)
-        packed = None if cu_seqlens is None else _Packed(cu_seqlens, h0, cdt, u.device)
+        packed = None if cu_seqlens is None else _Packed(cu_seqlens, h0, cdt, u.device, u.shape[-1])
         out, final, states = _scan_forward(
             u, delta, A, B4, C4, D, z, bias, h0, softplus, cdt, plan, geo, store_states=True, packed=packed
         )
@@ -454,7 +459,7 @@ def selective_scan_triton(
             u, delta, A, B4, C4, D, z, delta_bias, initial_state, bool(delta_softplus), cdt, plan, geo, cu_seqlens
         )
     else:
-        packed = None if cu_seqlens is None else _Packed(cu_seqlens, initial_state, cdt, u.device)
+        packed = None if cu_seqlens is None else _Packed(cu_seqlens, initial_state, cdt, u.device, l)
         out, final, _ = _scan_forward(
             u,
             delta,
