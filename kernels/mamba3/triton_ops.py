@@ -1,4 +1,4 @@
-"""Mamba-3 scan (SISO): Triton kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
+"""Mamba-3 scan (SISO and MIMO): Triton kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 
 Same signature and semantics as ``ref.py`` / ``chunked.py`` (see ``kernels/mamba3/`` for the equations). Per
 sequence, head h and position t (s = sigmoid(trap), a = A dt, alpha = exp(a), beta~ = (1 - s) dt, gamma = s dt)::
@@ -8,7 +8,10 @@ sequence, head h and position t (s = sigmoid(trap), a = A dt, alpha = exp(a), be
     H_t = alpha_t (H_{t-1} + beta~_t v_{t-1} k_{t-1}') + gamma_t v_t k_t'      ((p, n); v = x)
     y_t = (H_t q_t + D v_t) * silu(z_t)
 
-and the state (theta, H, k, v) carries theta_t, H_t, k_t (rotated) and v_t. float16 / bfloat16 / float32 inputs
+and the state (theta, H, k, v) carries theta_t, H_t, k_t (rotated) and v_t. MIMO (rank r > 1): per rank
+v_r = x mimo_x[r], keys / queries from B[r] / C[r] (+ their biases) rotated in the pairs (i, i + n/2), the update
+adds sum_r v_r k_r' (and the previous position's), y_r = (H q_r + D v_r) * silu(z mimo_z[r]), and the output is
+sum_r mimo_o[r] y_r, or y per rank (b, l, r, h, p) with mimo_o=None. float16 / bfloat16 / float32 inputs
 run with float32 states; float64 inputs entirely in float64 (a constexpr compute dtype), so every backend agrees
 on what float64 means. The state returned is float32 (float64 for float64 inputs).
 
@@ -36,14 +39,18 @@ Backward, with no stored states at all (the only saved tensors are the inputs):
    share. Nothing divides by a decay.
 
 Everything that sums over the value channels (dB, dC, dangles, the scalars' gradients, the initial k and angle)
-is written per program as a partial and summed over channel blocks, heads of a group and the batch by torch.
+is written per program as a partial and summed over channel blocks, heads of a group and the batch by torch;
+the MIMO weights' gradients (sums over positions) are accumulated in registers and written once per sequence.
+MIMO runs the same kernels with a rank axis of RP = next_pow2(r) lanes on the key / query / value tiles; the
+forward re-walk also accumulates dmimo_o and dmimo_z, the reverse walk dmimo_x (the initial v's share included).
 
 Memory traffic: forward reads the inputs once and writes y and the state; the backward reads the inputs twice
 (plus the previous position's B and x again, from cache) and writes per position n + a + 4 floats per channel
 block and head, then the gradients.
 
-MIMO (rank r > 1) is not in the Triton kernels: ``mamba3_scan_triton`` raises KernelBackendError for it (the
-``chunked`` backend runs it).
+Register use on sm_90 (``ptxas -v`` on the kernels compiled here for an H100 target, n = 128, fp32, 4 warps):
+SISO BLOCK_P = 16: forward 151, re-walk 168, reverse walk 253 registers; MIMO r = 4, BLOCK_P = 4: 123 / 140 /
+240; no spills beyond a few bytes. Not yet timed on a GPU.
 """
 
 from __future__ import annotations
@@ -54,7 +61,6 @@ import triton.language as tl
 
 from .._triton import interpreting, require_triton_device
 from .._validate import records_grad
-from ..errors import KernelBackendError
 from .ref import check_scan_args, check_step_args
 from .triton_kernels import _m3_bwd_kernel, _m3_fwd_kernel
 
@@ -62,14 +68,6 @@ __all__ = ["mamba3_scan_triton", "mamba3_state_update_triton"]
 
 
 # ----------------------------------------------------------------------------------------------- checks
-
-
-def _siso_only(dims) -> None:
-    if dims.mimo:
-        raise KernelBackendError(
-            f"mamba3 (triton backend): MIMO (rank r = {dims.r} > 1) is not in the Triton kernels yet; "
-            "use backend='chunked' (or 'ref') for MIMO"
-        )
 
 
 def _tl_dtype(cdt: torch.dtype):
@@ -80,9 +78,12 @@ def _tl_dtype(cdt: torch.dtype):
 
 
 class _Geo:
-    def __init__(self, x, B, angles, cu_seqlens, block_p):
+    def __init__(self, x, B, angles, cu_seqlens, block_p, mimo_o):
         self.b, self.l, self.h, self.p = x.shape
-        self.g, self.n = B.shape[3], B.shape[4]
+        self.r, self.g, self.n = B.shape[2], B.shape[3], B.shape[4]
+        self.RP = triton.next_power_of_2(self.r)
+        self.halves = self.r > 1  # MIMO pairs i with i + n / 2, SISO interleaves
+        self.per_rank = self.r > 1 and mimo_o is None
         self.a = angles.shape[2]
         self.packed = cu_seqlens is not None
         self.ns = cu_seqlens.numel() - 1 if self.packed else self.b
@@ -91,13 +92,16 @@ class _Geo:
             if interpreting():
                 block_p = self.p  # the interpreter's cost is per op: one block per head
             else:
-                # a (BLOCK_P, n) fp32 state of <= 2048 elements in registers
-                block_p = max(1, min(self.p, 2048 // (2 * self.NH)))
+                # a (BLOCK_P, n) fp32 state of <= 2048 elements in registers (no spills at n = 128, sm_90)
+                block_p = max(1, min(self.p, 2048 // (2 * self.NH * self.RP)))
         self.BLOCK_P = triton.next_power_of_2(block_p)
         self.npb = triton.cdiv(self.p, self.BLOCK_P)
 
     def grid(self):
         return (self.ns, self.h, self.npb)
+
+    def out_shape(self):
+        return (self.b, self.l, self.r, self.h, self.p) if self.per_rank else (self.b, self.l, self.h, self.p)
 
 
 def _strides(t, k):
@@ -105,48 +109,69 @@ def _strides(t, k):
 
 
 def _common_strides(x, dt, A, B, C, trap, angles, B_bias, C_bias, D, z):
-    B4 = B[:, :, 0]  # (b, l, g, n): rank 1
-    C4 = C[:, :, 0]
     return (
         *x.stride(),
         *dt.stride(),
         *A.stride(),
-        *B4.stride(),
-        *C4.stride(),
+        *B.stride(),
+        *C.stride(),
         *trap.stride(),
         *angles.stride(),
-        B_bias.stride(0),
-        B_bias.stride(2),
-        C_bias.stride(0),
-        C_bias.stride(2),
+        *B_bias.stride(),
+        *C_bias.stride(),
         D.stride(0) if D is not None else 0,
         *_strides(z, 4),
     )
 
 
-def _forward(inputs, init, cu, geo: _Geo, cdt, mode, gout=None, gfinal_h=None):
+def _flags(geo: _Geo, init, D, z, mimo):
+    mx, mz, mo = mimo
+    return dict(
+        RP=geo.RP,
+        BLOCK_P=geo.BLOCK_P,
+        NH=geo.NH,
+        HALVES=geo.halves,
+        PACKED=geo.packed,
+        HAS_INIT=init is not None,
+        HAS_D=D is not None,
+        HAS_Z=z is not None,
+        HAS_MX=mx is not None,
+        HAS_MZ=mz is not None and z is not None,
+        HAS_MO=mo is not None,  # SISO: the rank-0 output, (b, l, 1, h, p) is (b, l, h, p)
+    )
+
+
+def _sizes(geo: _Geo):
+    return (geo.l, geo.h, geo.p, geo.n, geo.a, geo.h // geo.g, geo.npb, geo.r)
+
+
+def _forward(inputs, mimo, init, cu, geo: _Geo, cdt, mode, gout=None, gfinal_h=None):
+    """mode 0: (y, final state); mode 1 (the backward's re-walk): (dz, dq partials, gy.y partials, angles,
+    <gH, H> partials, dmimo_o and dmimo_z per sequence)."""
     x, dt, A, B, C, trap, angles, B_bias, C_bias, D, z = inputs
+    mx, mz, mo = mimo
     dev = x.device
-    b, l, h, p, n, a, ns, npb = geo.b, geo.l, geo.h, geo.p, geo.n, geo.a, geo.ns, geo.npb
+    b, l, h, p, n, a, r, ns, npb = geo.b, geo.l, geo.h, geo.p, geo.n, geo.a, geo.r, geo.ns, geo.npb
     dummy = x
     th0, h0, k0, v0 = init if init is not None else (dummy, dummy, dummy, dummy)
-    k0v = k0[:, 0] if init is not None else dummy  # (ns, h, n)
     f = dict(dtype=cdt, device=dev)
     if mode == 0:
-        out = torch.empty(b, l, h, p, dtype=x.dtype, device=dev)
+        out = torch.empty(geo.out_shape(), dtype=x.dtype, device=dev)
         thf = torch.zeros(ns, h, a, **f)
         hf = torch.empty(ns, h, p, n, **f)
-        kf = torch.empty(ns, 1, h, n, **f)
+        kf = torch.empty(ns, r, h, n, **f)
         vf = torch.empty(ns, h, p, **f)
-        dz = dqp = gyy = thbuf = r0 = dummy
+        dz = dqp = gyy = thbuf = r0 = dmo = dmz = dummy
         gout = gfinal_h = dummy
     else:
         out = thf = hf = kf = vf = dummy
         dz = torch.empty(b, l, h, p, dtype=z.dtype, device=dev) if z is not None else dummy
-        dqp = torch.empty(b, l, h, npb, n, **f)
+        dqp = torch.empty(b, l, h, npb, r, n, **f)
         gyy = torch.empty(b, l, h, npb, **f)
         thbuf = torch.empty(b, l, h, a, **f)
         r0 = torch.empty(ns, h, npb, **f)
+        dmo = torch.empty(ns, h, r, p, **f) if mo is not None else dummy
+        dmz = torch.empty(ns, h, r, p, **f) if mz is not None and z is not None else dummy
     _m3_fwd_kernel[geo.grid()](
         x,
         dt,
@@ -159,10 +184,13 @@ def _forward(inputs, init, cu, geo: _Geo, cdt, mode, gout=None, gfinal_h=None):
         C_bias,
         D if D is not None else dummy,
         z if z is not None else dummy,
+        mx if mx is not None else dummy,
+        mz if mz is not None else dummy,
+        mo if mo is not None else dummy,
         cu if cu is not None else dummy,
         th0,
         h0,
-        k0v,
+        k0,
         v0,
         out,
         thf,
@@ -176,61 +204,58 @@ def _forward(inputs, init, cu, geo: _Geo, cdt, mode, gout=None, gfinal_h=None):
         gyy,
         thbuf,
         r0,
+        dmo,
+        dmz,
         *_common_strides(x, dt, A, B, C, trap, angles, B_bias, C_bias, D, z),
         *_strides(th0 if init is not None else None, 3),
         *_strides(h0 if init is not None else None, 4),
-        *_strides(k0v if init is not None else None, 3),
+        *_strides(k0 if init is not None else None, 4),
         *_strides(v0 if init is not None else None, 3),
-        *_strides(gout if mode == 1 else None, 4),
-        l,
-        h,
-        p,
-        n,
-        a,
-        h // geo.g,
-        npb,
-        BLOCK_P=geo.BLOCK_P,
-        NH=geo.NH,
-        HALVES=False,
-        PACKED=geo.packed,
-        HAS_INIT=init is not None,
-        HAS_D=D is not None,
-        HAS_Z=z is not None,
+        *_sizes(geo),
         MODE=mode,
         CDT=_tl_dtype(cdt),
         num_warps=4,
+        **_flags(geo, init, D, z, mimo),
     )
     if mode == 0:
         return out, (thf, hf, kf, vf)
-    return dz if z is not None else None, dqp, gyy, thbuf, r0
+    return (
+        dz if z is not None else None,
+        dqp,
+        gyy,
+        thbuf,
+        r0,
+        dmo.sum(0) if mo is not None else None,
+        dmz.sum(0) if mz is not None and z is not None else None,
+    )
 
 
-def _backward(inputs, init, cu, geo: _Geo, cdt, gout, gfinal):
+def _backward(inputs, mimo, init, cu, geo: _Geo, cdt, gout, gfinal):
     x, dt, A, B, C, trap, angles, B_bias, C_bias, D, z = inputs
+    mx, mz, mo = mimo
     dev = x.device
-    b, l, h, p, n, a, g, ns, npb = geo.b, geo.l, geo.h, geo.p, geo.n, geo.a, geo.g, geo.ns, geo.npb
+    b, l, h, p, n, a, g, r, ns, npb = geo.b, geo.l, geo.h, geo.p, geo.n, geo.a, geo.g, geo.r, geo.ns, geo.npb
     f = dict(dtype=cdt, device=dev)
-    if gout is None:
-        gout = torch.zeros(b, l, h, p, dtype=x.dtype, device=dev)
-    shapes = ((ns, h, a), (ns, h, p, n), (ns, h, n), (ns, h, p))
+    gout = torch.zeros(geo.out_shape(), dtype=x.dtype, device=dev) if gout is None else gout.contiguous()
+    shapes = ((ns, h, a), (ns, h, p, n), (ns, r, h, n), (ns, h, p))
     gth, gh, gk, gv = (
         torch.zeros(s, **f) if gt is None else gt.reshape(s).to(cdt).contiguous()
         for gt, s in zip(gfinal if gfinal is not None else (None,) * 4, shapes)
     )
-    dz, dqp, gyy, thbuf, r0 = _forward(inputs, init, cu, geo, cdt, 1, gout=gout, gfinal_h=gh)
+    dz, dqp, gyy, thbuf, r0, dmo, dmz = _forward(inputs, mimo, init, cu, geo, cdt, 1, gout=gout, gfinal_h=gh)
 
     dummy = x
     th0, h0, k0, v0 = init if init is not None else (dummy, dummy, dummy, dummy)
-    k0v = k0[:, 0] if init is not None else dummy
     dx = torch.empty(b, l, h, p, dtype=x.dtype, device=dev)
-    dBp = torch.empty(b, l, h, npb, n, **f)
-    dCp = torch.empty(b, l, h, npb, n, **f)
+    dBp = torch.empty(b, l, h, npb, r, n, **f)
+    dCp = torch.empty(b, l, h, npb, r, n, **f)
     dangp = torch.empty(b, l, h, npb, a, **f)
     dscal = torch.empty(b, l, h, npb, 3, **f)
     dDp = torch.empty(ns, h, npb, **f)
+    dmx = torch.empty(ns, h, r, p, **f) if mx is not None else dummy
     dth0 = torch.empty(ns, h, npb, a, **f)
     dh0 = torch.empty(ns, h, p, n, **f)
-    dk0 = torch.empty(ns, h, npb, n, **f)
+    dk0 = torch.empty(ns, h, npb, r, n, **f)
     dv0 = torch.empty(ns, h, p, **f)
     _m3_bwd_kernel[geo.grid()](
         x,
@@ -244,8 +269,11 @@ def _backward(inputs, init, cu, geo: _Geo, cdt, gout, gfinal):
         C_bias,
         D if D is not None else dummy,
         z if z is not None else dummy,
+        mx if mx is not None else dummy,
+        mz if mz is not None else dummy,
+        mo if mo is not None else dummy,
         cu if cu is not None else dummy,
-        k0v,
+        k0,
         v0,
         gout,
         gth,
@@ -262,71 +290,63 @@ def _backward(inputs, init, cu, geo: _Geo, cdt, gout, gfinal):
         dangp,
         dscal,
         dDp,
+        dmx,
         dth0,
         dh0,
         dk0,
         dv0,
         *_common_strides(x, dt, A, B, C, trap, angles, B_bias, C_bias, D, z),
-        *_strides(k0v if init is not None else None, 3),
+        *_strides(k0 if init is not None else None, 4),
         *_strides(v0 if init is not None else None, 3),
-        *gout.stride(),
-        l,
-        h,
-        p,
-        n,
-        a,
-        h // g,
-        npb,
-        BLOCK_P=geo.BLOCK_P,
-        NH=geo.NH,
-        HALVES=False,
-        PACKED=geo.packed,
-        HAS_INIT=init is not None,
-        HAS_D=D is not None,
-        HAS_Z=z is not None,
+        *_sizes(geo),
         CDT=_tl_dtype(cdt),
         num_warps=4,
+        **_flags(geo, init, D, z, mimo),
     )
-    dk = dBp.sum(3)  # (b, l, h, n)
+    dk = dBp.sum(3)  # (b, l, h, r, n)
     dq = dCp.sum(3)
-    dB = dk.view(b, l, g, h // g, n).sum(3).unsqueeze(2)
-    dC = dq.view(b, l, g, h // g, n).sum(3).unsqueeze(2)
-    dBb = dk.sum((0, 1)).unsqueeze(1)
-    dCb = dq.sum((0, 1)).unsqueeze(1)
+    dB = dk.view(b, l, g, h // g, r, n).sum(3).transpose(2, 3)  # (b, l, r, g, n)
+    dC = dq.view(b, l, g, h // g, r, n).sum(3).transpose(2, 3)
+    dBb = dk.sum((0, 1))  # (h, r, n)
+    dCb = dq.sum((0, 1))
     dang = dangp.sum((2, 3))
     ds = dscal.sum(3)
     dD = dDp.sum((0, 2)) if D is not None else None
     grads = (dx, ds[..., 0], ds[..., 1], dB, dC, ds[..., 2], dang, dBb, dCb, dD, dz)
-    dinit = (dth0.sum(2), dh0, dk0.sum(2).unsqueeze(1), dv0)
-    return grads, dinit
+    dmimo = (dmx.sum(0) if mx is not None else None, dmz, dmo)
+    dinit = (dth0.sum(2), dh0, dk0.sum(2).transpose(1, 2), dv0)
+    return grads, dmimo, dinit
 
 
 class _Mamba3ScanFn(torch.autograd.Function):
-    """(x, dt, A, B, C, trap, angles, B_bias, C_bias, D, z, theta0, H0, k0, v0) -> (y, theta, H, k, v)."""
+    """(x, dt, A, B, C, trap, angles, B_bias, C_bias, D, z, mimo_x, mimo_z, mimo_o, theta0, H0, k0, v0) ->
+    (y, theta, H, k, v)."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, trap, angles, B_bias, C_bias, D, z, th0, h0, k0, v0, cu, geo, cdt):
+    def forward(ctx, x, dt, A, B, C, trap, angles, B_bias, C_bias, D, z, mx, mz, mo, th0, h0, k0, v0, cu, geo, cdt):
         ctx.set_materialize_grads(False)
         inputs = (x, dt, A, B, C, trap, angles, B_bias, C_bias, D, z)
+        mimo = tuple(None if w is None else w.contiguous() for w in (mx, mz, mo))
         init = None if h0 is None else (th0, h0, k0, v0)
-        y, final = _forward(inputs, init, cu, geo, cdt, 0)
-        ctx.save_for_backward(*inputs, *(init if init is not None else (None,) * 4), cu)
+        y, final = _forward(inputs, mimo, init, cu, geo, cdt, 0)
+        ctx.save_for_backward(*inputs, *mimo, *(init if init is not None else (None,) * 4), cu)
         ctx.meta = (geo, cdt)
         return (y, *final)
 
     @staticmethod
     def backward(ctx, gy, gth, gh, gk, gv):
         saved = ctx.saved_tensors
-        inputs, init, cu = saved[:11], saved[11:15], saved[15]
+        inputs, mimo, init, cu = saved[:11], saved[11:14], saved[14:18], saved[18]
         init = None if init[1] is None else init
         geo, cdt = ctx.meta
         gfinal = None if all(t is None for t in (gth, gh, gk, gv)) else (gth, gh, gk, gv)
-        grads, dinit = _backward(inputs, init, cu, geo, cdt, gy, gfinal)
+        grads, dmimo, dinit = _backward(inputs, mimo, init, cu, geo, cdt, gy, gfinal)
 
         def cast(gr, like):
             return None if gr is None or like is None else gr.to(like.dtype)
 
         out = [cast(gr, t) for gr, t in zip(grads, inputs)]
+        out += [cast(gr, t) for gr, t in zip(dmimo, mimo)]
         if init is None:
             out += [None] * 4
         else:
@@ -360,7 +380,8 @@ def mamba3_scan_triton(
     cu_seqlens=None,
     block_p=None,
 ):
-    """Fused Triton Mamba-3 scan (SISO; see the module docstring). Returns y (b, l, h, p) in x.dtype, or
+    """Fused Triton Mamba-3 scan (SISO or MIMO; see the module docstring). Returns y (b, l, h, p) in x.dtype
+    ((b, l, r, h, p) for MIMO with mimo_o=None), or
     (y, (angle, ssm, k, v)) with ``return_final_state`` (float32 states; float64 for float64 inputs). Packed rows:
     ``cu_seqlens`` (N + 1,) with batch 1, ``initial_state`` and the final state then have N rows. ``chunk_size``
     is accepted for the common signature and unused (the kernels walk positions; nothing is chunked).
@@ -369,32 +390,33 @@ def mamba3_scan_triton(
         x, dt, A, B, C, trap, angles, B_bias, C_bias, chunk_size, D, z, mimo_x, mimo_z, mimo_o, initial_state,
         cu_seqlens,
     )  # fmt: skip
-    _siso_only(dims)
-    b, l, h, p, n, a, ns, cdt = dims.b, dims.l, dims.h, dims.p, dims.n, dims.a, dims.rows, dims.compute_dtype
+    l, h, p, n, a, r, ns, cdt = dims.l, dims.h, dims.p, dims.n, dims.a, dims.r, dims.rows, dims.compute_dtype
     init = tuple(initial_state) if initial_state is not None else None
-    require_triton_device("mamba3_scan", x, dt, A, B, C, trap, angles, B_bias, C_bias, D, z, *(init or ()))
+    mimo = (mimo_x, mimo_z, mimo_o)
+    require_triton_device("mamba3_scan", x, dt, A, B, C, trap, angles, B_bias, C_bias, D, z, *mimo, *(init or ()))
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(device=x.device, dtype=torch.int64).contiguous()
+    geo = _Geo(x, B, angles, cu_seqlens, block_p, mimo_o)
     if l == 0:
-        y = x.new_empty(b, 0, h, p)
+        y = x.new_empty(geo.out_shape())
         if init is not None:
             final = tuple(_as_cdt(t, cdt).clone() for t in init)
         else:
             final = (
                 torch.zeros(ns, h, a, dtype=cdt, device=x.device),
                 torch.zeros(ns, h, p, n, dtype=cdt, device=x.device),
-                torch.zeros(ns, 1, h, n, dtype=cdt, device=x.device),
+                torch.zeros(ns, r, h, n, dtype=cdt, device=x.device),
                 torch.zeros(ns, h, p, dtype=cdt, device=x.device),
             )
         return (y, final) if return_final_state else y
-    geo = _Geo(x, B, angles, cu_seqlens, block_p)
     th0, h0, k0, v0 = init if init is not None else (None,) * 4
-    tensors = (x, dt, A, B, C, trap, angles, B_bias, C_bias, D, z, th0, h0, k0, v0)
+    tensors = (x, dt, A, B, C, trap, angles, B_bias, C_bias, D, z, *mimo, th0, h0, k0, v0)
     if records_grad(*tensors):
         y, *final = _Mamba3ScanFn.apply(*tensors, cu_seqlens, geo, cdt)
         final = tuple(final)
     else:
-        y, final = _forward(tensors[:11], init, cu_seqlens, geo, cdt, 0)
+        mimo_c = tuple(None if w is None else w.contiguous() for w in mimo)
+        y, final = _forward(tensors[:11], mimo_c, init, cu_seqlens, geo, cdt, 0)
     return (y, final) if return_final_state else y
 
 
@@ -408,8 +430,7 @@ def mamba3_state_update_triton(
     returns (y (b, h, p), new_state); ``state`` (angle, ssm, k, v) is never written. The step is the forward
     kernel over one position (one program per (row, head, block of channels)); differentiable through the
     same kernels' backward."""
-    dims = check_step_args(state, x, dt, A, B, C, trap, angles, B_bias, C_bias, D, z, mimo_x, mimo_z, mimo_o)
-    _siso_only(dims)
+    check_step_args(state, x, dt, A, B, C, trap, angles, B_bias, C_bias, D, z, mimo_x, mimo_z, mimo_o)
 
     def one(t):
         return None if t is None else t.unsqueeze(1)
