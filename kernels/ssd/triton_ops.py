@@ -45,6 +45,8 @@ Packed rows (``cu_seqlens``, batch 1; initial and final states one per sequence,
   those terms over the same one-chunk segments: dx, dB, dC, ddt, d(log decay), dh0), and d final_i joins the
   gradient of the state entering its last chunk before ``_state_pass_bwd_kernel``. E (decays from each start,
   on first-chunk steps) comes from the float64 sum of the running sums' hi + lo on the host.
+  The four per-sequence kernels were compiled ahead of time like the others (sm_80, ptxas): bf16 no spills,
+  float32 (3xTF32) spills of 0.3-0.9 KiB per thread; run under the interpreter only, not on a GPU yet.
 
 Decode step: ``_state_update_kernel`` grid (b*h, p/BP), one launch; it has no Triton backward: when grad mode
 is on and an input requires grad, ``ssd_state_update_triton`` runs the differentiable chunked path
