@@ -200,3 +200,29 @@ def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     stat = float((((obs - exp) ** 2)[keep] / exp[keep]).sum())
     df = int(keep.sum()) - 1
     return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), torch.tensor(stat / 2.0)))
+
+
+def vectorised_generic_scan(self, input):
+    """A stand-in for ``triton.runtime.interpreter.ScanOps.generic_scan`` (monkeypatched in by the Triton test
+    modules). Triton's interpreter folds ``tl.associative_scan`` element by element (one Python combine call per
+    tile element, ~0.1 ms each); this folds the same way, in the same order, one call per position along the axis
+    for all the other elements at once: bitwise the same results (tests/test_kernels/test_triton_selective_scan.py
+    ``test_vectorised_interpreter_scan``), ~10x less test time."""
+    import numpy as np
+    import triton.language as tl
+
+    axis = self.axis
+    data = [np.moveaxis(arg.handle.data, axis, 0) for arg in input]
+    outs = [np.empty_like(d) for d in data]
+    acc = None
+    for i in range(data[0].shape[0]):
+        x = tuple(self.to_tensor(d[i], arg.dtype) for d, arg in zip(data, input))
+        if acc is None:
+            acc = x
+        else:
+            ret = self.combine_fn.fn(*acc, *x)
+            acc = ret if isinstance(ret, tuple) else (ret,)
+        for o, a in zip(outs, acc):
+            val = np.asarray(a.handle.data if isinstance(a, tl.core.tensor) else a)
+            o[i] = val.reshape(o[i].shape) if val.size == o[i].size else np.broadcast_to(val, o[i].shape)
+    return [self.to_tensor(np.moveaxis(o, 0, axis), arg.dtype) for o, arg in zip(outs, input)]

@@ -12,7 +12,6 @@ ulp, 2^-7), their gradients 4x that; float64 1e-12.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import triton
@@ -24,7 +23,7 @@ import seqlab.kernels as K
 from seqlab.kernels import KernelInputError
 from seqlab.kernels._triton import interpreting, triton_available
 from seqlab.kernels.scan.ref import selective_scan_ref, selective_state_update_ref
-from seqlab.testing import as_f64, assert_rel, channels_last, scan_inputs, strided
+from seqlab.testing import as_f64, assert_rel, channels_last, scan_inputs, strided, vectorised_generic_scan
 
 if not triton_available():  # pragma: no cover - triton is a dev dependency; the conftest enables the interpreter
     pytest.skip(
@@ -37,25 +36,7 @@ from seqlab.kernels.scan.triton_ops import selective_scan_triton, selective_stat
 DEVICE = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
 
 
-def _vectorised_generic_scan(self, input):
-    """Triton's interpreter folds ``tl.associative_scan`` element by element (one Python combine call per tile
-    element, ~0.1 ms each); this folds the same way, in the same order, one call per position along the axis
-    for all the other elements at once. Bitwise the same results (see test_vectorised_interpreter_scan)."""
-    axis = self.axis
-    data = [np.moveaxis(arg.handle.data, axis, 0) for arg in input]
-    outs = [np.empty_like(d) for d in data]
-    acc = None
-    for i in range(data[0].shape[0]):
-        x = tuple(self.to_tensor(d[i], arg.dtype) for d, arg in zip(data, input))
-        if acc is None:
-            acc = x
-        else:
-            ret = self.combine_fn.fn(*acc, *x)
-            acc = ret if isinstance(ret, tuple) else (ret,)
-        for o, a in zip(outs, acc):
-            val = np.asarray(a.handle.data if isinstance(a, tl.core.tensor) else a)
-            o[i] = val.reshape(o[i].shape) if val.size == o[i].size else np.broadcast_to(val, o[i].shape)
-    return [self.to_tensor(np.moveaxis(o, 0, axis), arg.dtype) for o, arg in zip(outs, input)]
+_vectorised_generic_scan = vectorised_generic_scan
 
 
 _SLOW_SCAN = None

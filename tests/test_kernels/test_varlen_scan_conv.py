@@ -15,7 +15,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,7 +26,7 @@ from seqlab.kernels.conv1d.chunked import causal_conv1d_chunked
 from seqlab.kernels.conv1d.ref import causal_conv1d_ref
 from seqlab.kernels.scan.chunked import selective_scan_chunked
 from seqlab.kernels.scan.ref import selective_scan_ref
-from seqlab.testing import assert_rel, channels_last, scan_inputs
+from seqlab.testing import assert_rel, channels_last, scan_inputs, vectorised_generic_scan
 
 TRITON = triton_available()
 DEVICE = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
@@ -38,24 +37,7 @@ SEQ = ("u", "delta", "B", "C", "z")  # the scan inputs with a length dim (last)
 needs_triton = pytest.mark.skipif(not TRITON, reason="Triton kernels cannot run here")
 
 
-def _vectorised_generic_scan(self, input):
-    """Triton's interpreter folds ``tl.associative_scan`` one element at a time; this folds in the same order, one
-    call per position along the axis for all other elements at once (as test_triton_selective_scan.py does)."""
-    axis = self.axis
-    data = [np.moveaxis(arg.handle.data, axis, 0) for arg in input]
-    outs = [np.empty_like(d) for d in data]
-    acc = None
-    for i in range(data[0].shape[0]):
-        x = tuple(self.to_tensor(d[i], arg.dtype) for d, arg in zip(data, input))
-        if acc is None:
-            acc = x
-        else:
-            ret = self.combine_fn.fn(*acc, *x)
-            acc = ret if isinstance(ret, tuple) else (ret,)
-        for o, a in zip(outs, acc):
-            val = np.asarray(a.handle.data if isinstance(a, tl.core.tensor) else a)
-            o[i] = val.reshape(o[i].shape) if val.size == o[i].size else np.broadcast_to(val, o[i].shape)
-    return [self.to_tensor(np.moveaxis(o, 0, axis), arg.dtype) for o, arg in zip(outs, input)]
+_vectorised_generic_scan = vectorised_generic_scan
 
 
 @pytest.fixture(autouse=True, scope="module")
