@@ -310,3 +310,24 @@ def test_the_packing_bench_runs_quick():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("machine:") and "corpus: 60 documents" in proc.stdout
     assert "| Mamba-1 | pad to L |" in proc.stdout and "| Mamba-1 | packed |" in proc.stdout
+
+
+def test_the_token_adapters_losses_ignore_the_ends_of_documents():
+    """What the Trainer relies on: every token adapter's loss is the mean over the targets that are not -100, so a
+    document's last element (and the padding) trains nothing; its per-position metric leaves them out (NaN)."""
+    from seqlab.domains.bytes import ByteAdapter
+    from seqlab.domains.dna import DNAAdapter
+
+    for adapter, docs in (
+        (ByteAdapter(), [np.frombuffer(b"short one", np.uint8), np.frombuffer(b"a longer second document", np.uint8)]),
+        (DNAAdapter(), [DNAAdapter().encode("ACGTTGCA"), DNAAdapter().encode("GATTACAGATTACA")]),
+    ):
+        source = PackedSource.from_documents(docs, 2, 16)
+        _, targets = source.window(0)
+        vocab = adapter.input_spec.vocab_size
+        logits = torch.randn(*targets.shape, vocab, generator=torch.Generator().manual_seed(1))
+        keep = targets != IGNORE
+        want = F.cross_entropy(logits[keep], targets[keep])
+        torch.testing.assert_close(adapter.loss(logits, targets), want)
+        bits = adapter.position_metric(logits, targets)
+        assert bool(torch.isnan(bits[~keep]).all()) and not bool(torch.isnan(bits[keep]).any())
