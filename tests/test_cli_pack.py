@@ -11,15 +11,10 @@ import os
 import numpy as np
 import pytest
 
-from seqlab import runs
 from seqlab.packing import PackedSource
 
 TINY = "--d-model 16 --n-layer 1 --d-state 4 --batch-size 2 --window 64 --threads 1 --quiet".split()
 DATA = os.path.join(os.path.dirname(__file__), "data", "dna")
-
-# --pack reaches the Trainer through the run layer (seqlab.runs.TRAIN_OPTIONS and train_run, not this helper's
-# files): until it passes the setting on, the end-to-end tests are skipped
-wired = pytest.mark.skipif("pack" not in runs.TRAIN_OPTIONS, reason="seqlab.runs / train_run do not pass 'pack' yet")
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +59,6 @@ def test_pack_refusals(capsys, tmp_path):
     assert "--carry-state" in err and not (tmp_path / "r").exists()
 
 
-@wired
 def test_pack_files_prints_and_records_the_efficiency(texts, capsys):
     root, files = texts
     out = root / "run"
@@ -104,7 +98,6 @@ def test_pack_files_prints_and_records_the_efficiency(texts, capsys):
     assert code == 2 and "--pack is False, the checkpoint" in err and "pack=True" in err
 
 
-@wired
 def test_pack_fastq_reads_and_a_store(capsys, tmp_path):
     fastq = os.path.join(DATA, "longreads_original_sanger.fastq")
     code, stdout, err = seqlab(capsys, "train", fastq, "--adapter", "dna", "--pack", "--out", tmp_path / "dna",
@@ -131,7 +124,6 @@ def test_pack_fastq_reads_and_a_store(capsys, tmp_path):
     assert json.loads(stdout)["packing"] == want.to_dict() and want.documents == 3
 
 
-@wired
 def test_pack_refuses_continuous_frames(capsys, tmp_path):
     audio = os.path.join(os.path.dirname(__file__), "data", "audio", "speech_en_22k.wav")
     code, _, err = seqlab(capsys, "train", audio, "--adapter", "audio", "--adapter-settings",
