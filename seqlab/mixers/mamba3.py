@@ -158,7 +158,7 @@ class Mamba3Mixer(Mixer):
                 y = torch.einsum("...rhp,hrp->...hp", y, self.mimo_o.to(y.dtype))
             else:
                 y = self.norm(y.flatten(-2), z.flatten(-2)).unflatten(-1, (-1, self.headdim))
-        return self.out_proj(y.flatten(-2).to(self.out_proj.weight.dtype))
+        return self.out_proj(y.flatten(-2).to(z.dtype))  # z: the projection's dtype (the model's)
 
     @staticmethod
     def _as_tuple(state: LayerState | None):
