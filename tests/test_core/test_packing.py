@@ -156,7 +156,8 @@ class OneByOne(torch.nn.Module):
 
 def tiny_model(seed=0, ssm="mamba1"):
     torch.manual_seed(seed)
-    return LanguageModel(BackboneConfig(ssm=ssm, d_model=16, n_layer=1, d_state=4), vocab_size=VOCAB)
+    extra = {"headdim": 8, "chunk_size": 8} if ssm == "mamba2" else {}
+    return LanguageModel(BackboneConfig(ssm=ssm, d_model=16, n_layer=1, d_state=4, **extra), vocab_size=VOCAB)
 
 
 def reference_loss(model, docs):
@@ -272,7 +273,8 @@ _HAS_CU = "cu_seqlens" in inspect.signature(LanguageModel.forward).parameters
 
 
 @pytest.mark.skipif(not _HAS_CU, reason="LanguageModel.forward takes no cu_seqlens yet (the model-level API)")
-def test_the_models_packed_rows_train_like_documents_run_alone():
+@pytest.mark.parametrize("ssm", ["mamba1", "mamba2"])
+def test_the_models_packed_rows_train_like_documents_run_alone(ssm):
     """The real model's cu_seqlens against the one-by-one reference on the same weights: one packed step's loss
     and gradients, with documents split across rows."""
     docs = docs_of([11, 3, 20, 1, 7, 14])
@@ -280,7 +282,7 @@ def test_the_models_packed_rows_train_like_documents_run_alone():
     config = TrainConfig(batch_size=2, window=16, carry_state=False, pack=True, progress=False, grad_clip=None)
     results = []
     for wrap in (False, True):
-        model = tiny_model(seed=3)
+        model = tiny_model(seed=3, ssm=ssm)
         trainer = Trainer(OneByOne(model) if wrap else model, config, source)
         trainer.optimizer.zero_grad(set_to_none=True)
         loss, _, _ = trainer._packed_step()
