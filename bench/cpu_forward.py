@@ -1,7 +1,8 @@
 """CPU forward speed: seqlab (chunked backend) vs HF transformers' own CPU path, on the same weights.
 
 Config (the issue's): d_model 256, 4 layers, vocab 256, batch 1, fp32; Mamba-1 (d_state 16, expand 2) and
-Mamba-2 (d_state 64, headdim 32, chunk 64). HF models get random weights; seqlab loads the same weights
+Mamba-2 (d_state 64, headdim 32, chunk 64); Mamba-3 SISO (d_state 64, headdim 32, chunk 64: the same width,
+seqlab only, as transformers has no Mamba-3). HF models get random weights; seqlab loads the same weights
 through ``seqlab.interop.hf.load``, and the logits are compared on a short input before timing.
 
 Timing: torch.no_grad, one warm-up on min(L, 1024) tokens, then the median of ``--repeats`` forwards
@@ -46,7 +47,10 @@ N_LAYER = 4
 MODELS = {
     "Mamba-1": dict(ssm="mamba1", d_state=16, expand=2),
     "Mamba-2": dict(ssm="mamba2", d_state=64, expand=2, headdim=32, chunk_size=64),
+    "Mamba-3": dict(ssm="mamba3", d_state=64, expand=2, headdim=32, chunk_size=64),
 }
+#: the models transformers implements (the others are timed on seqlab and its float64 reference only)
+HF_MODELS = ("Mamba-1", "Mamba-2")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -138,7 +142,7 @@ def build_pair(kind: str, with_hf: bool):
     from seqlab.interop import hf as seqlab_hf
 
     torch.manual_seed(0)
-    if with_hf:
+    if with_hf and kind in HF_MODELS:
         hf = build_hf(kind)
         model = seqlab_hf.load(hf)
     else:
@@ -317,7 +321,7 @@ def main(argv=None) -> None:
     print(machine_line())
     print(
         f"config: d_model {D_MODEL}, {N_LAYER} layers, vocab {VOCAB}, batch 1, fp32; "
-        f"Mamba-1 d_state 16 expand 2; Mamba-2 d_state 64 headdim 32 chunk 64; "
+        f"Mamba-1 d_state 16 expand 2; Mamba-2 and Mamba-3 (SISO) d_state 64 headdim 32 chunk 64; "
         f"median of {args.repeats} after a warm-up; HF up to L={args.hf_max_len}"
         + (" (skipped)" if args.skip_hf else "")
     )
