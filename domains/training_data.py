@@ -61,11 +61,14 @@ _HINT = "(use fewer --batch-size streams or a shorter --window)"
 @dataclass
 class HeldOut:
     """One held-out input: a name and a function giving its encoded pieces in order (``length``: its number of
-    elements when known, for a progress bar)."""
+    elements when known, for a progress bar). ``documents``: for packed runs, a function giving the input's
+    documents (encoded tensors) in order; ``evaluate`` then streams each document from a fresh state, as the
+    packed model was trained (None: the input is one stream)."""
 
     name: str
     pieces: Callable[[], Iterator[torch.Tensor]]
     length: int | None = None
+    documents: Callable[[], Iterator[torch.Tensor]] | None = None
 
 
 @dataclass
@@ -202,6 +205,16 @@ def cut_lengths(lengths: list[int], point: int) -> tuple[list[int], list[int]]:
     return head, tail
 
 
+def split_documents(data, lengths) -> Iterator[torch.Tensor]:
+    """The documents of ``data`` (laid end to end, ``lengths`` each), one tensor each (a numpy array or memmap is
+    read one document at a time)."""
+    start = 0
+    for n in lengths:
+        piece = data[start : start + n]
+        start += n
+        yield torch.from_numpy(np.asarray(piece, dtype=np.int64)) if isinstance(piece, np.ndarray) else piece
+
+
 def packed_source(data, lengths, batch_size: int, window: int, where: str):
     """``PackedSource(data, lengths, batch_size, window)``; bad data raises InputError naming ``where``."""
     from seqlab.packing import PackedSource
@@ -335,11 +348,18 @@ def _packed_files_data(spec: dict, adapter, batch_size: int, window: int, progre
                 f"--eval-fraction {fraction} leaves {eval_data.shape[0]} elements of held-out data: "
                 "at least 2 are needed"
             )
-        held = eval_data
+        held, held_lengths = eval_data, eval_lengths
         held_out.append(
-            HeldOut(f"last {fraction:g} of the data", lambda: tensor_pieces(held, EVAL_WINDOW), int(held.shape[0]))
+            HeldOut(
+                f"last {fraction:g} of the data",
+                lambda: tensor_pieces(held, EVAL_WINDOW),
+                int(held.shape[0]),
+                documents=lambda: split_documents(held, held_lengths),
+            )
         )
-    held_out += file_inputs(adapter, evals, EVAL_WINDOW)
+    for item in file_inputs(adapter, evals, EVAL_WINDOW):  # each file's documents from a fresh state
+        item.documents = lambda path=item.name: iter(file_documents(adapter, path))
+        held_out.append(item)
     if evals:
         eval_data, eval_lengths = _documents(adapter, evals)
     eval_source = None
@@ -362,8 +382,9 @@ def file_inputs(adapter, paths: list[str], window: int) -> list[HeldOut]:
 
 def evaluate(model, adapter, inputs: list[HeldOut], device=None, progress: bool = False) -> dict:
     """The adapter's metric of ``model`` per input and in total, each input streamed from a fresh state (exact:
-    one pass over it). Returns ``{"metric_name", "inputs": [{"name", "metric", "targets"}], "metric",
-    "targets", "uniform_baseline"}``; a metric is None where nothing was predicted (an input under 2 elements)."""
+    one pass over it; an input with ``documents``, of a packed run: each document from a fresh state). Returns
+    ``{"metric_name", "inputs": [{"name", "metric", "targets"}], "metric", "targets", "uniform_baseline"}``; a
+    metric is None where nothing was predicted (an input under 2 elements)."""
     from tqdm.auto import tqdm
 
     from seqlab.streaming import stream_metric
@@ -373,7 +394,10 @@ def evaluate(model, adapter, inputs: list[HeldOut], device=None, progress: bool 
     rows = []
     try:
         for item in inputs:
-            value, count = stream_metric(model, adapter, item.pieces(), device=device, progress=bar)
+            if item.documents is None:
+                value, count = stream_metric(model, adapter, item.pieces(), device=device, progress=bar)
+            else:
+                value, count = _documents_metric(model, adapter, item.documents(), device, bar)
             rows.append({"name": item.name, "metric": value, "targets": count})
     finally:
         bar.close()
@@ -386,3 +410,15 @@ def evaluate(model, adapter, inputs: list[HeldOut], device=None, progress: bool 
         "targets": n,
         "uniform_baseline": adapter.uniform_baseline(),
     }
+
+
+def _documents_metric(model, adapter, documents, device, progress) -> tuple[float | None, int]:
+    """``stream_metric`` of each document from a fresh state, combined (weighted by each one's targets)."""
+    from seqlab.streaming import stream_metric
+
+    total, count = 0.0, 0
+    for doc in documents:
+        value, n = stream_metric(model, adapter, tensor_pieces(doc, EVAL_WINDOW), device=device, progress=progress)
+        if n:
+            total, count = total + value * n, count + n
+    return (total / count if count else None), count

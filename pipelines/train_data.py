@@ -201,6 +201,8 @@ def _reencoded(store, stored, spec, names, eval_names, batch_size, window, model
         else:
             eval_source = training_source(adapter, held, 1, min(window, held.shape[0] - 1), "held-out data")
         held_out.append(HeldOut(", ".join(eval_names), lambda: tensor_pieces(held, EVAL_WINDOW), int(held.shape[0])))
+        if pack:  # a packed run's model is measured on each stored sequence from a fresh state
+            held_out[-1].documents = lambda: iter(held_docs)
     model = model_for(adapter) if model_for else None
     where = spec["store"] if "://" in str(spec["store"]) else os.path.abspath(spec["store"])
     spec = {**spec, "store": where, "sequences": names, "eval_sequences": eval_names, "domain": adapter.name}

@@ -42,7 +42,7 @@ def texts(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("pack")
     keys = sorted(topics.topics, key=lambda k: len(topics.topics[k]))
-    chosen = keys[:8] + keys[40:42] + keys[70:72]  # many short ones, a few longer (79 topics)
+    chosen = keys[70:72] + keys[40:42] + keys[:8]  # a few longer, then short ones: the held-out 10% spans several
     files = []
     for k in chosen:
         path = root / f"{k}.txt"
@@ -80,8 +80,24 @@ def test_pack_files_prints_and_records_the_efficiency(texts, capsys):
     want = PackedSource(data[:split], lengths, 2, 64).stats()
     run = json.loads((out / "run.json").read_text())
     assert run["train"]["pack"] is True and run["train"]["carry_state"] is False
+    # the final held-out metric: each held-out document (the cut one's tail, then whole files) from a fresh state
+    import torch
+
+    from seqlab.domains.base import model_from_checkpoint
+
+    model, adapter = model_from_checkpoint(out / "model.safetensors")
+    bits, count, seen = 0.0, 0, 0
+    with torch.no_grad():
+        for d in docs:
+            held = torch.from_numpy(d[max(0, split - seen) :].astype(np.int64))
+            seen += len(d)
+            if len(held) > 1:
+                values = adapter.position_metric(model(held[None, :-1]).logits, held[None, 1:]).double()
+                bits, count = bits + float(values.sum()), count + len(held) - 1
+    assert run["summary"]["held_out_targets"] == count
+    assert run["summary"]["held_out"] == pytest.approx(bits / count, rel=1e-5)
     assert run["packing"] == run["summary"]["packing"] == want.to_dict()
-    assert want.documents == 12 and want.efficiency > want.padded_efficiency
+    assert want.documents == 10 and want.efficiency > want.padded_efficiency  # 2 short files wholly held out
     assert f"{100 * want.efficiency:.1f}% of positions trained" in stdout
     assert f"whole rows: {100 * want.padded_efficiency:.1f}%" in stdout
     source = PackedSource(data[:split], lengths, 2, 64)
