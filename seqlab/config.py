@@ -174,6 +174,9 @@ class Mamba3Settings:
     is ``floor(d_state * rope_fraction / 2)`` (at least 1). ``A_floor`` (1e-4): the data-dependent decay rate is
     clamped to at most ``-A_floor``. ``outproj_norm`` (False): a gated RMSNorm per head before ``out_proj``
     (``norm(y) * silu(z)``) instead of the gate ``y * silu(z)``. ``mimo_rank`` (1 = SISO; r > 1 is MIMO of rank r).
+    ``A_activation``: how the rate's projection becomes positive before the minus sign and the floor:
+    ``"heavy_tail"`` (default; mamba_ssm's main branch: ``1 + u`` for u >= 0, ``1 / (1 - u)`` below) or
+    ``"softplus"`` (the mamba-ssm 2.3.2 release's module; for its checkpoints).
     """
 
     d_state: int
@@ -185,6 +188,7 @@ class Mamba3Settings:
     A_floor: float = 1e-4
     outproj_norm: bool = False
     mimo_rank: int = 1
+    A_activation: str = "heavy_tail"
 
     @property
     def nheads(self) -> int:
@@ -232,7 +236,13 @@ class Mamba3Settings:
         rank = 1 if rank is None else rank
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= 64:
             raise ConfigError(f"{where}: mamba3_mimo_rank must be an int in [1, 64] (1 = SISO), got {rank!r}")
-        settings = cls(d_state, d_inner, headdim, ngroups, chunk_size, float(fraction), float(floor), bool(norm), rank)
+        activation = values.get("mamba3_A_activation")
+        activation = "heavy_tail" if activation is None else activation
+        if activation not in MAMBA3_A_ACTIVATIONS:
+            raise ConfigError(f"{where}: mamba3_A_activation must be one of {MAMBA3_A_ACTIVATIONS}, got {activation!r}")
+        settings = cls(
+            d_state, d_inner, headdim, ngroups, chunk_size, float(fraction), float(floor), bool(norm), rank, activation
+        )
         if settings.num_rope_angles < 1:
             raise ConfigError(
                 f"{where}: Mamba-3 needs at least one rotary angle: d_state ({d_state}) * mamba3_rope_fraction "
@@ -339,6 +349,7 @@ class BackboneConfig:
     mamba3_A_floor: float | None = None
     mamba3_outproj_norm: bool | None = None
     mamba3_mimo_rank: int | None = None
+    mamba3_A_activation: str | None = None
     layer_overrides: Mapping[int, LayerOverride] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -697,7 +708,15 @@ ATTN_FIELDS = (
 )
 
 #: the Mamba-3 fields of BackboneConfig (all None unless a layer is a Mamba-3 layer; None = the default)
-MAMBA3_FIELDS = ("mamba3_rope_fraction", "mamba3_A_floor", "mamba3_outproj_norm", "mamba3_mimo_rank")
+MAMBA3_FIELDS = (
+    "mamba3_rope_fraction",
+    "mamba3_A_floor",
+    "mamba3_outproj_norm",
+    "mamba3_mimo_rank",
+    "mamba3_A_activation",
+)
+#: the activations of Mamba-3's data-dependent rate (BackboneConfig.mamba3_A_activation)
+MAMBA3_A_ACTIVATIONS = ("heavy_tail", "softplus")
 #: the shared fields a Mamba-3 layer reads (and a mamba3 layer's options may override)
 MAMBA3_SHARED_FIELDS = ("d_state", "expand", "headdim", "ngroups", "chunk_size", "dt_min", "dt_max", "dt_init_floor")
 

@@ -9,7 +9,8 @@ and ``out_proj``. There is no convolution. Per position and head:
 
 - ``dt = softplus(dd_dt + dt_bias)``; ``A = min(-heavy_tail(dd_A), -A_floor)`` with ``heavy_tail(u) = 1 + u``
   for u >= 0 and ``1 / (1 - u)`` below (positive, continuous, a heavier tail than exp); the decay is
-  ``exp(A * dt)``;
+  ``exp(A * dt)`` (``mamba3_A_activation="softplus"``: ``softplus(dd_A)`` in place of ``heavy_tail``, as the
+  mamba-ssm 2.3.2 release's module has it);
 - ``trap``: the trapezoid gate (pre-sigmoid) and ``angle``: the rotary rates, shared by the heads; the scan
   (``seqlab.kernels.mamba3_scan``, ``kernels/mamba3/``) does the rest.
 
@@ -77,6 +78,7 @@ class Mamba3Mixer(Mixer):
         self.mimo_rank = s.mimo_rank
         self.is_mimo = s.is_mimo
         self.A_floor = s.A_floor
+        self.A_activation = s.A_activation
         self.rope_fraction = s.rope_fraction
         self.num_rope_angles = s.num_rope_angles
         self.outproj_norm = s.outproj_norm
@@ -130,7 +132,9 @@ class Mamba3Mixer(Mixer):
             "z": z.unflatten(-1, (-1, p)),
             "x": x,
             "dt": F.softplus(dd_dt + self.dt_bias.to(dd_dt.dtype)),
-            "A": torch.clamp(-heavy_tail(dd_A), max=-self.A_floor),
+            "A": torch.clamp(
+                -(heavy_tail(dd_A) if self.A_activation == "heavy_tail" else F.softplus(dd_A)), max=-self.A_floor
+            ),
             "B": B,
             "C": C,
             "trap": trap,
