@@ -42,12 +42,12 @@ class Settings:
     n_layer: int = 2
     d_state: int = 32  # Mamba-2 and Mamba-3 (Mamba-1: 16)
     headdim: int = 16
-    steps: int = 300
+    steps: int = 200
     batch_size: int = 16
     window: int = 128
     lr: float = 4e-3
     warmup: int = 20
-    eval_every: int = 50
+    eval_every: int = 40
     bytes: int = 400_000
 
 
