@@ -75,7 +75,9 @@ def _m3_fwd_kernel(
     gout_ptr,
     gh_ptr,
     dz_ptr,
-    dqp_ptr,
+    dC_ptr,
+    dthq_ptr,
+    dCb_ptr,
     gyy_ptr,
     thbuf_ptr,
     r0_ptr,
@@ -223,6 +225,10 @@ def _m3_fwd_kernel(
     if MODE == 1:
         dmo_acc = tl.zeros([RP, BLOCK_P], CDT)
         dmz_acc = tl.zeros([RP, BLOCK_P], CDT)
+        dcb_e = tl.zeros([RP, NH], CDT)
+        dcb_o = tl.zeros([RP, NH], CDT)
+        # dB / dC rows (b, l, r, g, n): heads of a group and channel blocks add into the same row
+        bc_off = (row64 * L * R + offs_r[:, None]) * (H // HPG) * N + g * N  # + t R G N
 
     # per-position pointers (the loop adds t times the length stride); the loop bodies inline their helpers: the
     # interpreter re-patches triton.language on every device-function call
@@ -302,13 +308,23 @@ def _m3_fwd_kernel(
                 tl.store(dz_ptr + z_off, dz.to(dz_ptr.dtype.element_ty), mask=mask_p)
             else:
                 gy = gor
-            pos = ((row64 * L + t64) * H + pid_h) * NPB + pid_pb
-            dq_off = (pos * R + offs_r[:, None]) * N
-            tl.store(dqp_ptr + dq_off + idx_e[None, :], tl.sum(he[None, :, :] * gy[:, :, None], axis=1), mask=mask_re)
-            tl.store(dqp_ptr + dq_off + idx_o[None, :], tl.sum(ho[None, :, :] * gy[:, :, None], axis=1), mask=mask_ro)
+            pos_h = (row64 * L + t64) * H + pid_h
+            pos = pos_h * NPB + pid_pb
+            # the rotated queries' gradient dq = H' gy (this block's part): back through the rotation into dC and
+            # the C bias, and its share of the angle's gradient
+            dq_e = tl.sum(he[None, :, :] * gy[:, :, None], axis=1)
+            dq_o = tl.sum(ho[None, :, :] * gy[:, :, None], axis=1)
+            dqb_e = dq_e * cs + dq_o * sn
+            dqb_o = dq_o * cs - dq_e * sn
+            dcb_e += dqb_e
+            dcb_o += dqb_o
+            c_off = bc_off + t64 * (R * (H // HPG) * N)
+            tl.atomic_add(dC_ptr + c_off + idx_e[None, :], dqb_e, mask=mask_re)
+            tl.atomic_add(dC_ptr + c_off + idx_o[None, :], dqb_o, mask=mask_ro)
+            tl.atomic_add(dthq_ptr + pos_h * NANG + offs_j, tl.sum(dq_o * q_e - dq_e * q_o, axis=0), mask=mask_a)
             tl.store(gyy_ptr + pos, tl.sum(tl.sum(gy * yt, axis=1), axis=0))
             if pid_pb == 0:
-                tl.store(thbuf_ptr + ((row64 * L + t64) * H + pid_h) * NANG + offs_j, theta, mask=mask_a)
+                tl.store(thbuf_ptr + pos_h * NANG + offs_j, theta, mask=mask_a)
         kp_e = k_e
         kp_o = k_o
         xp = xv
@@ -334,6 +350,9 @@ def _m3_fwd_kernel(
             tl.store(dmo_ptr + sw_off, dmo_acc, mask=mask_rp)
         if HAS_MZ:
             tl.store(dmz_ptr + sw_off, dmz_acc, mask=mask_rp)
+        b_off = (((seq * H + pid_h) * NPB + pid_pb) * R + offs_r[:, None]) * N  # (rows, h, blocks, r, n)
+        tl.store(dCb_ptr + b_off + idx_e[None, :], dcb_e, mask=mask_re)
+        tl.store(dCb_ptr + b_off + idx_o[None, :], dcb_o, mask=mask_ro)
 
 
 # ----------------------------------------------------------------------------------------------- reverse walk
@@ -365,15 +384,15 @@ def _m3_bwd_kernel(
     gk_ptr,
     gv_ptr,
     # from the re-walk
-    dqp_ptr,
+    dthq_ptr,
     gyy_ptr,
     thbuf_ptr,
     r0_ptr,
     # outputs
     dx_ptr,
-    dBp_ptr,
-    dCp_ptr,
-    dangp_ptr,
+    dB_ptr,
+    dBb_ptr,
+    dang_ptr,
     dscal_ptr,
     dDp_ptr,
     dmx_ptr,
@@ -522,6 +541,9 @@ def _m3_bwd_kernel(
     nbt = tl.zeros((), CDT)
     dD_acc = tl.zeros((), CDT)
     dmx_acc = tl.zeros([RP, BLOCK_P], CDT)
+    dbb_e = tl.zeros([RP, NH], CDT)
+    dbb_o = tl.zeros([RP, NH], CDT)
+    bc_off = (row64 * L * R + offs_r[:, None]) * (H // HPG) * N + g * N  # + t R G N, as the re-walk's dC
 
     # per-position pointers; the loop bodies inline their helpers (see the forward)
     B_pe = B_ptr + row64 * sB_b + g * sB_g + offs_r[:, None] * sB_r + idx_e[None, :] * sB_n
@@ -617,21 +639,24 @@ def _m3_bwd_kernel(
         dA = dt * da
         dtrap = dt * (f - E) * sg * (1.0 - sg)
 
-        # rotary: back to the unrotated keys / queries, and the angle's adjoint
-        r_off = (pos * R + offs_r[:, None]) * N
-        dq_e = tl.load(dqp_ptr + r_off + idx_e[None, :], mask=mask_re, other=0.0).to(CDT)
-        dq_o = tl.load(dqp_ptr + r_off + idx_o[None, :], mask=mask_ro, other=0.0).to(CDT)
-        tl.store(dBp_ptr + r_off + idx_e[None, :], dk_e * cs + dk_o * sn, mask=mask_re)
-        tl.store(dBp_ptr + r_off + idx_o[None, :], dk_o * cs - dk_e * sn, mask=mask_ro)
-        tl.store(dCp_ptr + r_off + idx_e[None, :], dq_e * cs + dq_o * sn, mask=mask_re)
-        tl.store(dCp_ptr + r_off + idx_o[None, :], dq_o * cs - dq_e * sn, mask=mask_ro)
-        dth = tl.sum((dq_o * q_e - dq_e * q_o) + (dk_o * k_e - dk_e * k_o), axis=0)
+        # rotary: back to the unrotated keys (into dB, summed over the group's heads and the channel blocks) and
+        # the angle's adjoint (the queries' share, summed over blocks by the re-walk, is added by block 0)
+        dkb_e = dk_e * cs + dk_o * sn
+        dkb_o = dk_o * cs - dk_e * sn
+        dbb_e += dkb_e
+        dbb_o += dkb_o
+        b_off = bc_off + t64 * (R * (H // HPG) * N)
+        tl.atomic_add(dB_ptr + b_off + idx_e[None, :], dkb_e, mask=mask_re)
+        tl.atomic_add(dB_ptr + b_off + idx_o[None, :], dkb_o, mask=mask_ro)
+        dthq = tl.load(dthq_ptr + pos_h * NANG + offs_j, mask=mask_a & first_block, other=0.0).to(CDT)
+        dth = tl.sum(dk_o * k_e - dk_e * k_o, axis=0) + dthq
         Gth = Gth + tl.where(mask_a, dth, 0.0)
         raw = tl.load(ang_pa + t64 * sang_l, mask=mask_a, other=0.0).to(CDT)
         ex = tl.exp(-2.0 * tl.abs(raw))
         th = (1.0 - ex) / (1.0 + ex)
         th = tl.where(raw < 0, -th, th)
-        tl.store(dangp_ptr + pos * NANG + offs_j, Gth * (PI * dt) * (1.0 - th * th), mask=mask_a)
+        ang_off = (row64 * L + t64) * NANG + offs_j  # dangles (b, l, a): summed over heads and blocks
+        tl.atomic_add(dang_ptr + ang_off, Gth * (PI * dt) * (1.0 - th * th), mask=mask_a)
         ddt += PI * tl.sum(Gth * th, axis=0)
         tl.store(dscal_ptr + pos * 3, ddt)
         tl.store(dscal_ptr + pos * 3 + 1, dA)
@@ -660,6 +685,8 @@ def _m3_bwd_kernel(
     tl.store(dk0_ptr + k_off + idx_e[None, :], nbt * tl.sum(G_e[None, :, :] * v0r[:, :, None], axis=1), mask=mask_re)
     tl.store(dk0_ptr + k_off + idx_o[None, :], nbt * tl.sum(G_o[None, :, :] * v0r[:, :, None], axis=1), mask=mask_ro)
     tl.store(dth0_ptr + spb * NANG + offs_j, Gth, mask=mask_a)
+    tl.store(dBb_ptr + k_off + idx_e[None, :], dbb_e, mask=mask_re)
+    tl.store(dBb_ptr + k_off + idx_o[None, :], dbb_o, mask=mask_ro)
     tl.store(dDp_ptr + spb, dD_acc)
     if HAS_MX:
         sw_off = ((seq * H + pid_h) * R + offs_r[:, None]) * P + offs_p[None, :]  # (rows, h, r, p)

@@ -26,9 +26,10 @@ in one thread's registers. Packed rows are native: with ``cu_seqlens`` the progr
 
 Backward, with no stored states at all (the only saved tensors are the inputs):
 
-1. ``_m3_fwd_kernel`` (MODE 1) re-walks forward from the initial state and writes, per position, the partial
-   (over this program's channels) gradient of the rotated query dq_t = H_t' gy_t, the scalar gy_t . y~_t
-   (y~ = H q, gy = dL/dy before the gate), dz, theta_t, and at the end <dL/dH_final, H_final>.
+1. ``_m3_fwd_kernel`` (MODE 1) re-walks forward from the initial state. Per position: the gradient of the rotated
+   query dq_t = H_t' gy_t (this program's channels' part; gy = dL/dy before the gate) rotated back into dC, and
+   its share of the angle's gradient; the scalar gy_t . y~_t (y~ = H q); dz; theta_t. At the end
+   <dL/dH_final, H_final>.
 2. ``_m3_bwd_kernel`` walks backward carrying the adjoint G = alpha_{t+1} dL/dH_{t+1}: dH_t = G + gy_t q_t',
    dk_t = (gamma_t dH_t + beta~_{t+1} G)' v_t, dv_t = (gamma_t dH_t + beta~_{t+1} G) k_t + D gy_t. The decay's
    adjoint da_t = <dH_t, alpha_t (H_{t-1} + beta~_t v_{t-1} k_{t-1}')> needs H, which the backward never has:
@@ -38,19 +39,25 @@ Backward, with no stored states at all (the only saved tensors are the inputs):
    reverse running sum (reset per sequence, started from the final angle's gradient) gives dangles and dt's
    share. Nothing divides by a decay.
 
-Everything that sums over the value channels (dB, dC, dangles, the scalars' gradients, the initial k and angle)
-is written per program as a partial and summed over channel blocks, heads of a group and the batch by torch;
-the MIMO weights' gradients (sums over positions) are accumulated in registers and written once per sequence.
+Reductions. dB, dC (fp32, (b, l, r, g, n)), dangles ((b, l, a)) and the queries' angle share ((b, l, h, a)) are
+summed over the programs that share a row (the heads of a B/C group, the channel blocks) with ``tl.atomic_add``,
+so the backward's scratch is the size of B / C and a few per-(position, head) scalars, never per (position,
+head, n): with several heads per group or several channel blocks the fp32 summation order (so the last bits)
+may vary from run to run on a GPU; under the interpreter, or one head per group and one block, it is fixed.
+Sums over positions (the B/C biases, D, the initial state's k and angle, the MIMO weights) are accumulated in
+registers and written once per program; the scalars' gradients (dt, A, trap) per channel block, then summed by
+torch.
+
 MIMO runs the same kernels with a rank axis of RP = next_pow2(r) lanes on the key / query / value tiles; the
 forward re-walk also accumulates dmimo_o and dmimo_z, the reverse walk dmimo_x (the initial v's share included).
 
 Memory traffic: forward reads the inputs once and writes y and the state; the backward reads the inputs twice
-(plus the previous position's B and x again, from cache) and writes per position n + a + 4 floats per channel
-block and head, then the gradients.
+(plus the previous position's B and x again, from cache), writes theta (a floats per position and head) and 2 + 3
+scalars per position, head and channel block, adds into dB / dC / dangles, and writes the gradients.
 
 Register use on sm_90 (``ptxas -v`` on the kernels compiled here for an H100 target, n = 128, fp32, 4 warps):
-SISO BLOCK_P = 16: forward 151, re-walk 168, reverse walk 253 registers; MIMO r = 4, BLOCK_P = 4: 123 / 140 /
-240; no spills beyond a few bytes. Not yet timed on a GPU.
+SISO BLOCK_P = 16: forward 151, re-walk 185, reverse walk 255 registers; MIMO r = 4, BLOCK_P = 4: 123 / 168 /
+223; spills of at most 32 bytes. Not yet timed on a GPU.
 """
 
 from __future__ import annotations
@@ -78,7 +85,7 @@ def _tl_dtype(cdt: torch.dtype):
 
 
 class _Geo:
-    def __init__(self, x, B, angles, cu_seqlens, block_p, mimo_o):
+    def __init__(self, x, B, angles, cu_seqlens, block_p, mimo_o, cdt):
         self.b, self.l, self.h, self.p = x.shape
         self.r, self.g, self.n = B.shape[2], B.shape[3], B.shape[4]
         self.RP = triton.next_power_of_2(self.r)
@@ -92,8 +99,9 @@ class _Geo:
             if interpreting():
                 block_p = self.p  # the interpreter's cost is per op: one block per head
             else:
-                # a (BLOCK_P, n) fp32 state of <= 2048 elements in registers (no spills at n = 128, sm_90)
-                block_p = max(1, min(self.p, 2048 // (2 * self.NH * self.RP)))
+                # (RP, BLOCK_P, n) tiles of <= 2048 fp32 (1024 fp64) elements: registers, no spills at n = 128
+                budget = 1024 if cdt == torch.float64 else 2048
+                block_p = max(1, min(self.p, budget // (2 * self.NH * self.RP)))
         self.BLOCK_P = triton.next_power_of_2(block_p)
         self.npb = triton.cdiv(self.p, self.BLOCK_P)
 
@@ -161,12 +169,14 @@ def _forward(inputs, mimo, init, cu, geo: _Geo, cdt, mode, gout=None, gfinal_h=N
         hf = torch.empty(ns, h, p, n, **f)
         kf = torch.empty(ns, r, h, n, **f)
         vf = torch.empty(ns, h, p, **f)
-        dz = dqp = gyy = thbuf = r0 = dmo = dmz = dummy
+        dz = dC = dthq = dCb = gyy = thbuf = r0 = dmo = dmz = dummy
         gout = gfinal_h = dummy
     else:
         out = thf = hf = kf = vf = dummy
         dz = torch.empty(b, l, h, p, dtype=z.dtype, device=dev) if z is not None else dummy
-        dqp = torch.empty(b, l, h, npb, r, n, **f)
+        dC = torch.zeros(b, l, r, geo.g, n, **f)  # atomically summed over the group's heads and the blocks
+        dthq = torch.zeros(b, l, h, a, **f)  # atomically summed over the blocks
+        dCb = torch.empty(ns, h, npb, r, n, **f)
         gyy = torch.empty(b, l, h, npb, **f)
         thbuf = torch.empty(b, l, h, a, **f)
         r0 = torch.empty(ns, h, npb, **f)
@@ -200,7 +210,9 @@ def _forward(inputs, mimo, init, cu, geo: _Geo, cdt, mode, gout=None, gfinal_h=N
         gout,
         gfinal_h,
         dz,
-        dqp,
+        dC,
+        dthq,
+        dCb,
         gyy,
         thbuf,
         r0,
@@ -221,7 +233,9 @@ def _forward(inputs, mimo, init, cu, geo: _Geo, cdt, mode, gout=None, gfinal_h=N
         return out, (thf, hf, kf, vf)
     return (
         dz if z is not None else None,
-        dqp,
+        dC,
+        dthq,
+        dCb.sum((0, 2)),
         gyy,
         thbuf,
         r0,
@@ -242,14 +256,14 @@ def _backward(inputs, mimo, init, cu, geo: _Geo, cdt, gout, gfinal):
         torch.zeros(s, **f) if gt is None else gt.reshape(s).to(cdt).contiguous()
         for gt, s in zip(gfinal if gfinal is not None else (None,) * 4, shapes)
     )
-    dz, dqp, gyy, thbuf, r0, dmo, dmz = _forward(inputs, mimo, init, cu, geo, cdt, 1, gout=gout, gfinal_h=gh)
+    dz, dC, dthq, dCb, gyy, thbuf, r0, dmo, dmz = _forward(inputs, mimo, init, cu, geo, cdt, 1, gout=gout, gfinal_h=gh)
 
     dummy = x
     th0, h0, k0, v0 = init if init is not None else (dummy, dummy, dummy, dummy)
     dx = torch.empty(b, l, h, p, dtype=x.dtype, device=dev)
-    dBp = torch.empty(b, l, h, npb, r, n, **f)
-    dCp = torch.empty(b, l, h, npb, r, n, **f)
-    dangp = torch.empty(b, l, h, npb, a, **f)
+    dB = torch.zeros(b, l, r, g, n, **f)  # atomically summed over the group's heads and the blocks
+    dBb = torch.empty(ns, h, npb, r, n, **f)
+    dang = torch.zeros(b, l, a, **f)  # atomically summed over heads and blocks
     dscal = torch.empty(b, l, h, npb, 3, **f)
     dDp = torch.empty(ns, h, npb, **f)
     dmx = torch.empty(ns, h, r, p, **f) if mx is not None else dummy
@@ -280,14 +294,14 @@ def _backward(inputs, mimo, init, cu, geo: _Geo, cdt, gout, gfinal):
         gh,
         gk,
         gv,
-        dqp,
+        dthq,
         gyy,
         thbuf,
         r0,
         dx,
-        dBp,
-        dCp,
-        dangp,
+        dB,
+        dBb,
+        dang,
         dscal,
         dDp,
         dmx,
@@ -303,13 +317,7 @@ def _backward(inputs, mimo, init, cu, geo: _Geo, cdt, gout, gfinal):
         num_warps=4,
         **_flags(geo, init, D, z, mimo),
     )
-    dk = dBp.sum(3)  # (b, l, h, r, n)
-    dq = dCp.sum(3)
-    dB = dk.view(b, l, g, h // g, r, n).sum(3).transpose(2, 3)  # (b, l, r, g, n)
-    dC = dq.view(b, l, g, h // g, r, n).sum(3).transpose(2, 3)
-    dBb = dk.sum((0, 1))  # (h, r, n)
-    dCb = dq.sum((0, 1))
-    dang = dangp.sum((2, 3))
+    dBb = dBb.sum((0, 2))  # (h, r, n)
     ds = dscal.sum(3)
     dD = dDp.sum((0, 2)) if D is not None else None
     grads = (dx, ds[..., 0], ds[..., 1], dB, dC, ds[..., 2], dang, dBb, dCb, dD, dz)
@@ -396,7 +404,7 @@ def mamba3_scan_triton(
     require_triton_device("mamba3_scan", x, dt, A, B, C, trap, angles, B_bias, C_bias, D, z, *mimo, *(init or ()))
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(device=x.device, dtype=torch.int64).contiguous()
-    geo = _Geo(x, B, angles, cu_seqlens, block_p, mimo_o)
+    geo = _Geo(x, B, angles, cu_seqlens, block_p, mimo_o, cdt)
     if l == 0:
         y = x.new_empty(geo.out_shape())
         if init is not None:
