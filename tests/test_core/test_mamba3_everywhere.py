@@ -230,3 +230,31 @@ def test_ray_score_job_on_a_mamba3_model(tmp_path):
     got = SequenceStore(tmp_path / "out.zarr", "r").read("a", raw=True)
     assert got.shape == want.shape == (299,)
     assert float(abs(torch.as_tensor(got) - torch.as_tensor(want)).max()) <= 1e-4
+
+
+# --------------------------------------------------------------------------------------------- the example
+def test_compare_mixers_quick_runs_and_reports_every_model(tmp_path, capsys, monkeypatch):
+    """examples/compare_mixers.py --quick (the training comparison of docs/backbone.md, tiny): a table row and a
+    curve per mixer kind, parameter counts within 15% of each other."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "compare_mixers.py"
+    spec = importlib.util.spec_from_file_location("compare_mixers", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "compare_mixers", module)  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    result = module.main(["--quick", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| model | parameters | seed 0 | mean | train tokens/s |" in out
+    for label in ("| Mamba-1 |", "| Mamba-2 |", "| Mamba-3 (SISO) |"):
+        assert label in out
+    saved = json.loads((tmp_path / "compare_mixers.json").read_text())
+    assert saved["table"].keys() == {"mamba1", "mamba2", "mamba3"} == result["table"].keys()
+    counts = saved["parameters"]
+    assert max(counts.values()) <= 1.15 * min(counts.values())
+    for run in saved["runs"]:
+        assert len(run["bpb"]) == len(run["steps"]) and all(math.isfinite(v) for v in run["bpb"])
+        assert run["tokens_per_s"] > 0
