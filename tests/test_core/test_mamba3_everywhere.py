@@ -85,6 +85,27 @@ def test_speculative_drafting_keeps_greedy_outputs_and_states():
             assert rel_err(got.tensors()[key], value) <= 1e-5, key
 
 
+def test_drugs_block_sites_work_and_mixer_sites_are_refused_clearly():
+    """DRµGS rotates a Mamba-3 model's block sites (theta 0: plain decoding bit for bit); its x/B/C mixer sites
+    (the mixer calls the hook there) are refused with the layer's mixer named until seqlab.decoding.drugs maps
+    Mamba-3's vector sizes, and must change the output after."""
+    from seqlab.decoding import Drugs
+    from seqlab.errors import InputError
+
+    model = lm(seed=6)
+    prompts = [[1, 2, 3], [4, 5]]
+    plain = model.generate(prompts, 8)
+    assert model.generate(prompts, 8, drugs=Drugs(theta=0.0), seed=1).tokens == plain.tokens
+    turned = model.generate(prompts, 8, drugs=Drugs(theta=1.2, sites=("residual", "mixer_out")), seed=1)
+    assert turned.tokens != plain.tokens
+    try:  # once seqlab.decoding.drugs maps Mamba-3's sites, they must act
+        x_turned = model.generate(prompts, 8, drugs=Drugs(theta=1.2, sites=("x", "B", "C")), seed=1)
+    except InputError as err:
+        assert "Mamba3Mixer" in str(err)
+    else:
+        assert x_turned.tokens != plain.tokens
+
+
 # --------------------------------------------------------------------------------------- training, files
 def test_trainer_lowers_the_loss_and_the_checkpoint_round_trips(tmp_path):
     from seqlab.train import TrainConfig, Trainer
