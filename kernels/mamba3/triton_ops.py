@@ -85,7 +85,7 @@ def _tl_dtype(cdt: torch.dtype):
 
 
 class _Geo:
-    def __init__(self, x, B, angles, cu_seqlens, block_p, mimo_o, cdt):
+    def __init__(self, x, B, angles, cu_seqlens, block_p, mimo_o, cdt, num_warps=None):
         self.b, self.l, self.h, self.p = x.shape
         self.r, self.g, self.n = B.shape[2], B.shape[3], B.shape[4]
         self.RP = triton.next_power_of_2(self.r)
@@ -103,6 +103,7 @@ class _Geo:
                 budget = 1024 if cdt == torch.float64 else 2048
                 block_p = max(1, min(self.p, budget // (2 * self.NH * self.RP)))
         self.BLOCK_P = triton.next_power_of_2(block_p)
+        self.num_warps = 4 if num_warps is None else num_warps  # untuned: no GPU timings yet
         self.npb = triton.cdiv(self.p, self.BLOCK_P)
 
     def grid(self):
@@ -226,7 +227,7 @@ def _forward(inputs, mimo, init, cu, geo: _Geo, cdt, mode, gout=None, gfinal_h=N
         *_sizes(geo),
         MODE=mode,
         CDT=_tl_dtype(cdt),
-        num_warps=4,
+        num_warps=geo.num_warps,
         **_flags(geo, init, D, z, mimo),
     )
     if mode == 0:
@@ -314,7 +315,7 @@ def _backward(inputs, mimo, init, cu, geo: _Geo, cdt, gout, gfinal):
         *_strides(v0 if init is not None else None, 3),
         *_sizes(geo),
         CDT=_tl_dtype(cdt),
-        num_warps=4,
+        num_warps=geo.num_warps,
         **_flags(geo, init, D, z, mimo),
     )
     dBb = dBb.sum((0, 2))  # (h, r, n)
@@ -387,13 +388,15 @@ def mamba3_scan_triton(
     *,
     cu_seqlens=None,
     block_p=None,
+    num_warps=None,
 ):
     """Fused Triton Mamba-3 scan (SISO or MIMO; see the module docstring). Returns y (b, l, h, p) in x.dtype
     ((b, l, r, h, p) for MIMO with mimo_o=None), or
     (y, (angle, ssm, k, v)) with ``return_final_state`` (float32 states; float64 for float64 inputs). Packed rows:
     ``cu_seqlens`` (N + 1,) with batch 1, ``initial_state`` and the final state then have N rows. ``chunk_size``
     is accepted for the common signature and unused (the kernels walk positions; nothing is chunked).
-    ``block_p`` overrides the value channels per program (tests, tuning). Differentiable in every tensor."""
+    ``block_p`` / ``num_warps`` override the value channels per program and the warps per program (tests,
+    tuning). Differentiable in every tensor."""
     dims, cu_seqlens = check_scan_args(
         x, dt, A, B, C, trap, angles, B_bias, C_bias, chunk_size, D, z, mimo_x, mimo_z, mimo_o, initial_state,
         cu_seqlens,
@@ -404,7 +407,7 @@ def mamba3_scan_triton(
     require_triton_device("mamba3_scan", x, dt, A, B, C, trap, angles, B_bias, C_bias, D, z, *mimo, *(init or ()))
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(device=x.device, dtype=torch.int64).contiguous()
-    geo = _Geo(x, B, angles, cu_seqlens, block_p, mimo_o, cdt)
+    geo = _Geo(x, B, angles, cu_seqlens, block_p, mimo_o, cdt, num_warps)
     if l == 0:
         y = x.new_empty(geo.out_shape())
         if init is not None:
