@@ -131,6 +131,16 @@ def test_trainer_lowers_the_loss_and_the_checkpoint_round_trips(tmp_path):
         a, b = model(ids), loaded(ids)
     assert torch.equal(a.logits, b.logits)
     assert all(torch.equal(a.state.tensors()[k], v) for k, v in b.state.tensors().items())
+    # save_pretrained / from_pretrained (seqlab's directory format); transformers has no Mamba-3: refused
+    from seqlab.interop import hf
+    from seqlab.models import LanguageModel
+
+    model.save_pretrained(tmp_path / "pretrained")
+    again = LanguageModel.from_pretrained(tmp_path / "pretrained")
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, a.logits)
+    with pytest.raises(ConfigError, match="mamba3"):
+        hf.save(model, tmp_path / "hf")
     other = adapter.build_model(BackboneConfig(d_model=16, n_layer=1, **M3, d_state=8))
     with pytest.raises(Exception, match="mimo|shape|config|fingerprint"):
         load_model(path, other)
