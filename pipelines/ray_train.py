@@ -273,6 +273,11 @@ def train_data_parallel(
         raise ConfigError(f"train_data_parallel needs a TrainConfig, got {type(config).__name__}")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
         raise ConfigError(f"num_workers must be an int >= 1, got {num_workers!r}")
+    if getattr(config, "pack", False):
+        raise ConfigError(
+            "train_data_parallel cuts one token sequence into contiguous shards; packed rows of documents "
+            "(TrainConfig.pack) are not supported on Ray Train workers yet: train packed in one process (Trainer)"
+        )
     if isinstance(train_data, torch.Tensor):
         train_data = train_data.detach().cpu()
     _shard(train_data, 0, num_workers)  # fail here, not inside a worker

@@ -62,3 +62,13 @@ def test_two_workers_train_average_gradients_and_checkpoint(ray_cluster, tmp_pat
         out = model(tokens[None, :240])
     loss = torch.nn.functional.cross_entropy(out.logits[0, :-1], tokens[1:240])
     assert float(loss) < float(torch.log(torch.tensor(16.0)))
+
+
+def test_packed_rows_are_refused_before_any_worker_starts(tmp_path):
+    """Ray Train shards one token stream; a packed config would let state and targets run across documents, so it
+    is refused up front (no cluster is started: the check comes first)."""
+    from seqlab.errors import ConfigError
+
+    config = TrainConfig(max_steps=1, batch_size=1, window=8, pack=True, carry_state=False)
+    with pytest.raises(ConfigError, match="packed rows"):
+        train_data_parallel(lambda: None, config, torch.zeros(64, dtype=torch.int64), storage_path=tmp_path)
