@@ -257,8 +257,11 @@ def test_select_and_stack_hybrid_states(hybrid):
         for i, row in enumerate(rows):
             assert rel_err(hybrid(nxt[i : i + 1], row).logits, batch_logits[i : i + 1]) <= 1e-5
         shorter = hybrid(x[:1, :7]).state
-    with pytest.raises(StateMismatchError, match="position 7.*rows of one state share a position"):
-        RecurrentState.stack([rows[0], shorter])
+        mixed = RecurrentState.stack([rows[0], shorter])  # rows at different positions: one state (issue 23)
+        assert mixed.positions == (10, 7)
+        both = hybrid(nxt[:2], mixed).logits
+        assert rel_err(both[1:2], hybrid(nxt[1:2], shorter).logits) <= 1e-5
+        assert rel_err(both[:1], hybrid(nxt[:1], rows[0]).logits) <= 1e-5
     with pytest.raises(IndexError):
         state.select(3)
 
