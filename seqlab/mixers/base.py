@@ -26,7 +26,18 @@ class Mixer(nn.Module):
     def init_state(self, batch_size: int, device=None) -> LayerState:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def forward(self, hidden: torch.Tensor, state: LayerState | None = None, return_state: bool = True):
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        state: LayerState | None = None,
+        return_state: bool = True,
+        states_at=None,
+        cu_seqlens: torch.Tensor | None = None,
+    ):
+        """(out, new_state); ``states_at``: also the states after those positions; ``cu_seqlens`` (checked int64,
+        hidden of batch 1): packed rows, ``state`` and the new state with one row per sequence (docs/packing.md).
+        A mixer without packed support raises TypeError on ``cu_seqlens``; ``generate.prefill`` then falls back
+        to one prompt at a time."""
         raise NotImplementedError  # pragma: no cover - abstract
 
     def step(self, hidden: torch.Tensor, state: LayerState):  # pragma: no cover - abstract
