@@ -212,7 +212,10 @@ def _mixer_kind(mixer) -> str:
     from seqlab.mixers.attention import AttentionMixer
     from seqlab.mixers.mamba1 import Mamba1Mixer
     from seqlab.mixers.mamba2 import Mamba2Mixer
+    from seqlab.mixers.mamba3 import Mamba3Mixer
 
+    if isinstance(mixer, Mamba3Mixer):
+        return "mamba3"
     if isinstance(mixer, Mamba1Mixer):
         return "mamba1"
     if isinstance(mixer, Mamba2Mixer):
@@ -228,6 +231,8 @@ def _vector_sizes(mixer, kind: str) -> dict[str, int | None]:
         return {"x": None, "B": None, "C": None}
     if kind == "mamba2":
         return {"x": mixer.headdim, "B": mixer.d_state, "C": mixer.d_state}
+    if kind == "mamba3":  # x (..., h, p), B/C (..., r, g, n): one vector per head / rank and group
+        return {"x": None, "B": None, "C": None}
     if kind == "attention":
         return {s: None for s in ATTENTION_SITES}
     return {}
@@ -273,7 +278,7 @@ def _plan(model, drugs: Drugs) -> tuple[list, list[float], dict[int, dict[str, d
     for site in drugs.sites:
         where = [i for i in chosen if site in BLOCK_SITES or site in _vector_sizes(blocks[i].mixer, kinds[i])]
         if not where:
-            family = "a Mamba (mamba1/mamba2)" if site in MAMBA_SITES else "an attention"
+            family = "a Mamba (mamba1/mamba2/mamba3)" if site in MAMBA_SITES else "an attention"
             layers = ", ".join(f"{i}: {kinds[i]}" for i in chosen)
             raise InputError(
                 f"Drugs.sites: {site!r} is a site of {family} layer, and none of the chosen layers has one "
