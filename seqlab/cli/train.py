@@ -266,11 +266,11 @@ def _eval(args) -> int:
 _MODEL_HELP = {
     "d_model": "model width (default 128)",
     "n_layer": "layers (default 4)",
-    "d_state": "SSM state size (default 16 mamba1, 128 mamba2)",
+    "d_state": "SSM state size (default 16 mamba1, 128 mamba2 and mamba3)",
     "d_conv": "causal conv width (default 4)",
     "expand": "inner width / d_model (default 2)",
-    "headdim": "Mamba-2 head size (default 64)",
-    "chunk_size": "Mamba-2 SSD chunk (default 256)",
+    "headdim": "Mamba-2/Mamba-3 head size (default 64)",
+    "chunk_size": "Mamba-2/Mamba-3 scan chunk (default 256; compute only, not the result)",
 }
 _MOE_HELP = {
     "moe_experts": "experts per MoE layer: makes the model an MoE-Mamba (default: no MoE, a dense model)",
@@ -356,7 +356,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_quiet(run)
     add_json(run, "print the summary as one JSON object")
     model = t.add_argument_group("model (a new run; a resumed run keeps its own)")
-    model.add_argument("--ssm", choices=("mamba1", "mamba2"), default=None, help="mixer kind (default mamba1)")
+    model.add_argument(
+        "--ssm",
+        choices=("mamba1", "mamba2", "mamba3"),
+        default=None,
+        help="mixer kind (default mamba1; mamba3: SISO with mamba_ssm's defaults, docs/backbone.md)",
+    )
     for name, text in _MODEL_HELP.items():
         model.add_argument(flag(name), type=MODEL_TYPES[name], default=None, help=text)
     moe = t.add_argument_group(
