@@ -108,7 +108,7 @@ def test_bad_settings_exit_2_with_one_line(runs, capsys):
     from seqlab.cli import main
 
     for args, message in (
-        (("--ssm", "mamba3"), "argument --ssm: invalid choice: 'mamba3'"),
+        (("--ssm", "mamba4"), "argument --ssm: invalid choice: 'mamba4'"),
         (("--repeats", "0"), "argument --repeats: must be an integer in [1, 1000], got '0'"),
         (("--threads", "0"), "argument --threads: must be an integer in [1, 1024], got '0'"),
         (("--batch-size", "x"), "argument --batch-size: must be an integer in [1, 1048576], got 'x'"),

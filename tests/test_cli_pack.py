@@ -154,8 +154,9 @@ def test_mamba3_trains_packed_from_the_cli(texts, capsys, tmp_path):
 
     _, files = texts
     out = tmp_path / "m3"
-    code, stdout, err = seqlab(capsys, "train", *files[:6], "--adapter", "bytes", "--pack", "--ssm", "mamba3",
-                               "--d-state", 8, "--headdim", 8, "--out", out, "--steps", 3, "--json", *TINY[4:])  # fmt: skip
+    shape = ("--ssm", "mamba3", "--d-state", 8, "--headdim", 8)
+    code, stdout, err = seqlab(capsys, "train", *files[:6], "--adapter", "bytes", "--pack", *shape,
+                               "--out", out, "--steps", 3, "--json", *TINY[4:])  # fmt: skip
     assert code == 0, err
     summary = json.loads(stdout)
     assert summary["packing"]["efficiency"] > summary["packing"]["padded_efficiency"]

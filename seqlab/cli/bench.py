@@ -227,16 +227,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument(
         "--ssm",
         nargs="+",
-        choices=("mamba1", "mamba2"),
+        choices=("mamba1", "mamba2", "mamba3"),
         default=["mamba1", "mamba2"],
-        help="mixer kinds to time (default both)",
+        help="mixer kinds to time (default mamba1 and mamba2)",
     )
     sizes = {
         "d_model": "model width (default 256; --quick 64)",
         "n_layer": "layers (default 4; --quick 2)",
         "d_state": "SSM state size (default the mixer's)",
-        "headdim": "Mamba-2 head size (default 64)",
-        "chunk_size": "Mamba-2 SSD chunk (default 256)",
+        "headdim": "Mamba-2/Mamba-3 head size (default 64)",
+        "chunk_size": "Mamba-2/Mamba-3 scan chunk (default 256)",
         "expand": "inner width / d_model (default 2)",
     }
     for name, text in sizes.items():
