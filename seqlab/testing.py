@@ -30,11 +30,12 @@ def assert_rel(got: torch.Tensor, want: torch.Tensor, tol: float, what: str = ""
 
 
 def tiny_config(ssm: str = "mamba1", **kw):
-    """A two-layer, 16-wide ``BackboneConfig`` (Mamba-2 with head dim 8 and chunk size 8); ``kw`` overrides."""
+    """A two-layer, 16-wide ``BackboneConfig`` (Mamba-2 and Mamba-3 with head dim 8 and chunk size 8); ``kw``
+    overrides."""
     from seqlab.config import BackboneConfig
 
     base: dict[str, Any] = dict(d_model=16, n_layer=2, ssm=ssm, d_state=8)
-    if ssm == "mamba2":
+    if ssm in ("mamba2", "mamba3"):
         base.update(headdim=8, chunk_size=8)
     base.update(kw)
     return BackboneConfig(**base)

@@ -154,11 +154,14 @@ def test_mamba3_trains_packed_from_the_cli(texts, capsys, tmp_path):
 
     _, files = texts
     out = tmp_path / "m3"
-    shape = ("--ssm", "mamba3", "--d-state", 8, "--headdim", 8)
+    shape = ("--ssm", "mamba3", "--headdim", 8)
     code, stdout, err = seqlab(capsys, "train", *files[:6], "--adapter", "bytes", "--pack", *shape,
-                               "--out", out, "--steps", 3, "--json", *TINY[4:])  # fmt: skip
+                               "--out", out, "--steps", 3, "--json", *TINY)  # fmt: skip
     assert code == 0, err
     summary = json.loads(stdout)
     assert summary["packing"]["efficiency"] > summary["packing"]["padded_efficiency"]
     model = model_from_checkpoint(summary["model"])[0]
     assert model.config.ssm == "mamba3" and type(model.backbone.layers[0].mixer).__name__ == "Mamba3Mixer"
+    code, described, err = seqlab(capsys, "describe", summary["model"])
+    assert code == 0, err
+    assert "mamba3, d_model 16, n_layer 1, d_state 4, expand 2, headdim 8, SISO" in described

@@ -64,8 +64,11 @@ def _describe_model(args) -> int:
     if config:
         shape = [f"{config['ssm']}", f"d_model {config['d_model']}", f"n_layer {config['n_layer']}"]
         shape += [f"d_state {config['d_state']}", f"expand {config['expand']}"]
-        if config["ssm"] == "mamba2":
+        if config["ssm"] in ("mamba2", "mamba3"):
             shape.append(f"headdim {config['headdim']}")
+        if config["ssm"] == "mamba3":
+            rank = config.get("mamba3_mimo_rank") or 1
+            shape.append("SISO" if rank == 1 else f"MIMO rank {rank}")
         shape.append(f"ffn {config['ffn'] or 'none'}")
         if config.get("bidirectional"):
             shape.append("bidirectional")

@@ -197,6 +197,13 @@ def hf_family_of(config: BackboneConfig) -> str | None:
     reason = ", ".join(what)
     if config.bidirectional:
         raise ConfigError("bidirectional=True: transformers' causal LMs are causal only; cannot save as HF")
+    if "mamba3" in kinds:
+        layers = [i for i, (kind, _, _) in enumerate(specs) if kind == "mamba3"]
+        raise ConfigError(
+            f"Mamba-3 layers ({', '.join(map(str, layers))}): transformers has no Mamba-3 model, so this stack cannot "
+            "be saved as an HF directory; save it with model.save_pretrained(DIR) (seqlab's own directory format) "
+            "or seqlab.checkpoint.save_model"
+        )
     if {"mamba1", "mamba2"} <= kinds:
         raise ConfigError(
             f"{reason}: this stack mixes Mamba-1 and Mamba-2 layers; no transformers model does, cannot save as HF"

@@ -1,7 +1,8 @@
 """Mamba-3 models in the rest of the house: generation (greedy, sampling, speculative drafting through states_at),
-the Trainer, checkpoints, adapters (bytes; continuous audio frames), a Ray score job, a memory session, AQLM
+the Trainer, checkpoints, adapters (bytes; continuous audio frames), a memory session, AQLM
 quantization, LASER, and GGUF export's refusal. Tiny models; the mixer itself is tested in test_mamba3_mixer.py,
-the state contract in test_state_contract.py."""
+the state contract in test_state_contract.py, a Ray score job in
+tests/test_pipelines/test_ray_mamba3.py."""
 
 from __future__ import annotations
 
@@ -134,7 +135,7 @@ def test_trainer_lowers_the_loss_and_the_checkpoint_round_trips(tmp_path):
     again = LanguageModel.from_pretrained(tmp_path / "pretrained")
     with torch.no_grad():
         assert torch.equal(again(ids).logits, a.logits)
-    with pytest.raises(ConfigError, match="mamba3"):
+    with pytest.raises(ConfigError, match="transformers has no Mamba-3 model.*save_pretrained"):
         hf.save(model, tmp_path / "hf")
     other = adapter.build_model(BackboneConfig(d_model=16, n_layer=1, **M3, d_state=8))
     with pytest.raises(Exception, match="mimo|shape|config|fingerprint"):
@@ -226,36 +227,6 @@ def test_gguf_export_refuses_a_mamba3_model_in_one_line():
     model = ByteAdapter().build_model(BackboneConfig(d_model=16, n_layer=1, **M3, d_state=8))
     with pytest.raises(ConfigError, match=r"ssm='mamba3': GGUF export writes Mamba-1 \('mamba1'\) and Mamba-2"):
         check_exportable(model)
-
-
-# ---------------------------------------------------------------------------------------------------- Ray
-def test_ray_score_job_on_a_mamba3_model(tmp_path):
-    pytest.importorskip("ray")
-    from seqlab.pipelines import SequenceStore
-    from seqlab.pipelines.ray_cluster import connect
-    from seqlab.pipelines.ray_jobs import score
-
-    adapter = ByteAdapter()
-    torch.manual_seed(0)
-    model = adapter.build_model(BackboneConfig(d_model=16, n_layer=1, **M3, d_state=8)).eval()
-    save_model(tmp_path / "model.safetensors", model)
-    store = SequenceStore(tmp_path / "in.zarr", "w")
-    store.write("a", [adapter.encode(TEXT[:300])], adapter=adapter, chunk_elements=128)
-    started = connect(quiet=True, log_to_driver=False, num_cpus=2)
-    try:
-        score(str(tmp_path / "model.safetensors"), str(tmp_path / "in.zarr"), tmp_path / "out.zarr", window=64)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
-    ids = SequenceStore(tmp_path / "in.zarr", "r").read("a")
-    with torch.no_grad():
-        logits = model(ids[None]).logits[0, :-1].float()
-    want = (-torch.log_softmax(logits, -1).gather(1, ids[1:, None])[:, 0] / math.log(2)).numpy()
-    got = SequenceStore(tmp_path / "out.zarr", "r").read("a", raw=True)
-    assert got.shape == want.shape == (299,)
-    assert float(abs(torch.as_tensor(got) - torch.as_tensor(want)).max()) <= 1e-4
 
 
 # --------------------------------------------------------------------------------------------- the example
