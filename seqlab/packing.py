@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -108,6 +109,15 @@ class PackedSource:
     """
 
     packed = True
+    data: Any
+    lengths: np.ndarray
+    starts: np.ndarray
+    batch_size: int
+    window_size: int
+    pad_id: int
+    total: int
+    num_windows: int
+    rows: int
 
     def __init__(self, data, lengths, batch_size: int, window: int, *, pad_id: int = 0) -> None:
         self.batch_size, self.window_size = _count(batch_size, "batch_size"), _count(window, "window")
@@ -156,7 +166,7 @@ class PackedSource:
         return self.num_windows
 
     def _check(self, index) -> int:
-        if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= index < self.num_windows:
+        if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= int(index) < self.num_windows:
             raise IndexError(f"window {index} is outside [0, {self.num_windows})")
         return int(index)
 

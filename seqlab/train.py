@@ -423,7 +423,8 @@ class Trainer:
         meta = read_trainer_file(trainer_file)[1].get("trainer")
         if not isinstance(meta, dict):
             raise CorruptFileError(f"{trainer_file}: trainer metadata is incomplete (no 'trainer' object)")
-        recorded = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+        recorded = meta.get("config")
+        recorded = recorded if isinstance(recorded, dict) else {}
         if bool(recorded.get("pack", False)) != c.pack:
             raise ConfigError(
                 f"TrainConfig.pack is {c.pack}, the checkpoint in {directory} was made with pack="
@@ -603,6 +604,7 @@ class Trainer:
         """``evaluate`` over packed rows: each window's rows as one flattened row with its ``cu_seqlens``; the
         loss and metric of each window weighted by its real targets (-100: nothing predicted)."""
         source = self.eval_data
+        assert source is not None  # evaluate() refuses a Trainer without eval_data first
         loss_sum = metric_sum = 0.0
         count = 0
         for i in range(n):
