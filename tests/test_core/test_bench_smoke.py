@@ -98,3 +98,10 @@ def test_decoding_bench_quick_runs_and_prints_both_tables():
     for method in ("plain", "byte draft, k=2", "Max-Gram, k=4", "subword draft", "cascade"):
         assert f"| {method}" in out, method
     assert out.count("(same)") >= 5 and "DIFFERS" not in out
+
+
+def test_packed_prefill_bench_quick_runs_and_prints_the_table():
+    out = run_bench("packed_prefill.py", "--quick")
+    assert "| model | packed prefill tok/s | one by one tok/s | packed / one by one |" in out
+    for model in ("mamba1", "mamba2", "mamba3", "hybrid"):
+        assert f"| {model} | " in out, model
