@@ -18,14 +18,10 @@ def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`make test` runs two workers), every test that uses the shared local Ray cluster
     (the `ray_cluster` fixture) goes to one worker, so the suite starts one such cluster, not one per worker, and
     checks of the cluster's free CPUs see only their own jobs. Tests that start a Ray of their own (the demo, the
-    CLI walkthrough, `--address`) run on either worker. The tests that read the one ``seqlab demo --quick`` run
-    (the module fixture ``demo``) go to one worker too: split over two, each worker ran the demo (70 s) itself."""
+    CLI walkthrough, `--address`) run on either worker."""
     for item in items:
-        names = getattr(item, "fixturenames", ())
-        if "ray_cluster" in names:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("ray"))
-        elif "demo" in names and item.module.__name__.endswith("test_demo"):
-            item.add_marker(pytest.mark.xdist_group("demo"))
 
 
 @pytest.fixture

@@ -225,7 +225,7 @@ def test_config_values_are_checked_like_flags(value):
         ('[bench]\nthreads = "4"\n', "'threads' of 'seqlab bench' (--threads) must be an integer, got str '4'"),
         ("[bench]\nlength = 1.5\n", "(--length) must be an integer, got float 1.5"),
         ("[bench]\nlength = [1, 2]\n", "(--length) takes one value, got a list"),
-        ('[bench]\nssm = ["mamba3"]\n', "(--ssm) item 1 must be one of 'mamba1', 'mamba2', got 'mamba3'"),
+        ('[bench]\nssm = ["mamba4"]\n', "(--ssm) item 1 must be one of 'mamba1', 'mamba2', 'mamba3', got 'mamba4'"),
         ('[bench]\nno-ref = "yes"\n', "(--no-ref) must be true or false"),
         ("[score]\nnum-cpus = nan\n", "(--num-cpus): must be 0 or a number in [0.0001, 1024]"),
         ("[score]\nnum-gpus = 1e-300\n", "(--num-gpus): must be 0 or a number in [0.0001, 1024]"),
