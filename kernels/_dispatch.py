@@ -10,7 +10,7 @@ import torch
 
 from ._states_at import check_positions, conv_tails, scan_in_pieces
 from ._triton import triton_available
-from ._varlen import resolve_packing
+from ._varlen import cu_seqlens_from_seq_idx
 from .errors import KernelBackendError, KernelInputError
 
 BACKENDS = ("auto", "ref", "chunked", "triton")
@@ -66,14 +66,18 @@ BACKEND_TABLE: dict[str, dict[str, str]] = {
 
 def _packing(cu_seqlens, seq_idx, x: torch.Tensor, length_dim: int, states_at) -> dict:
     """The ``cu_seqlens=`` keyword an implementation gets: {} when the call is not packed (so implementations
-    without packed support are called exactly as before), else the checked int64 tensor."""
+    without packed support are called exactly as before). ``seq_idx`` becomes ``cu_seqlens`` here; the boundaries
+    themselves are checked once, by the implementation's argument checks (``ref.py``), as every argument is."""
     if cu_seqlens is None and seq_idx is None:
         return {}
-    if not isinstance(x, torch.Tensor) or x.dim() <= length_dim:
-        return {"cu_seqlens": cu_seqlens if cu_seqlens is not None else seq_idx}  # the op's own checks name x
+    if cu_seqlens is not None and seq_idx is not None:
+        raise KernelInputError("give cu_seqlens or seq_idx, not both")
     if states_at is not None:
         raise KernelInputError("states_at cannot be combined with cu_seqlens/seq_idx (packed rows)")
-    return {"cu_seqlens": resolve_packing(cu_seqlens, seq_idx, x.shape[0], x.shape[length_dim])}
+    if seq_idx is not None:
+        length = x.shape[length_dim] if isinstance(x, torch.Tensor) and x.dim() > length_dim else None
+        cu_seqlens = cu_seqlens_from_seq_idx(seq_idx, length)
+    return {"cu_seqlens": cu_seqlens}
 
 
 def canonical_backend(backend: str, *, stacklevel: int = 1) -> str:

@@ -411,6 +411,13 @@ def test_states_at_with_packing_is_refused(call):
         call("chunked", 1, 8, cu_of([3, 5]), states_at=[2])
 
 
+@pytest.mark.parametrize("call", [_scan_call, _conv_call], ids=["scan", "conv"])
+def test_both_spellings_at_once_are_refused(call):
+    """The dispatcher takes cu_seqlens or seq_idx; both at once is refused before any backend runs."""
+    with pytest.raises(KernelInputError, match="cu_seqlens or seq_idx, not both"):
+        call("chunked", 1, 8, cu_of([3, 5]), seq_idx=torch.tensor([[0] * 3 + [1] * 5]))
+
+
 @needs_triton
 def test_conv_triton_many_short_sequences_position_major():
     """Triton conv: more (sequence, slot) columns than one tile (the final / initial-state tiles loop), sequences
