@@ -1,4 +1,4 @@
-"""RMSNorm and the gated, grouped RMSNorm of Mamba-2 (normalised in fp32, returned in the input dtype).
+"""RMSNorm and the gated, grouped RMSNorm of Mamba-2 and Mamba-3 (normalised in fp32, returned in the input dtype).
 
 Both use torch's fused ``F.rms_norm``: on CPU it is about ten times faster than the composed
 pow/mean/rsqrt/mul form, which mattered in the whole-model benchmark.
@@ -26,15 +26,26 @@ class RMSNorm(nn.Module):
 
 
 class GatedRMSNorm(nn.Module):
-    """``norm(x * silu(z))`` with the RMS taken per group of ``group_size`` channels (Mamba-2's output norm)."""
+    """``norm(x * silu(z))`` with the RMS taken per group of ``group_size`` channels (Mamba-2's output norm).
 
-    def __init__(self, dim: int, group_size: int, eps: float = 1e-5) -> None:
+    ``norm_before_gate=True``: ``norm(x) * silu(z)`` instead (Mamba-3's head-wise output norm, mamba_ssm's
+    ``RMSNormGated(norm_before_gate=True)``); a float64 input is normalised in float64 there (reference runs)."""
+
+    def __init__(self, dim: int, group_size: int, eps: float = 1e-5, norm_before_gate: bool = False) -> None:
         super().__init__()
         self.eps = eps
         self.group_size = group_size
+        self.norm_before_gate = norm_before_gate
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        if self.norm_before_gate:
+            wide = x if x.dtype == torch.float64 else x.float()
+            normed = F.rms_norm(wide.unflatten(-1, (-1, self.group_size)), (self.group_size,), None, self.eps)
+            out = normed.flatten(-2) * self.weight.to(normed.dtype)
+            if z is not None:
+                out = out * F.silu(z.to(normed.dtype))
+            return out.to(x.dtype)
         x32 = x.float()
         if z is not None:
             gate = F.silu(z.float())

@@ -28,7 +28,7 @@ from torch import nn
 from seqlab import kernels
 from seqlab.errors import InputError
 from seqlab.mixers.base import LayerState, Mixer, check_states_at, init_dt_bias, project_rows
-from seqlab.norm import RMSNorm
+from seqlab.norm import GatedRMSNorm, RMSNorm
 
 STATE_NAMES = ("angle", "ssm", "k", "v")
 
@@ -42,24 +42,6 @@ def heavy_tail(u: torch.Tensor) -> torch.Tensor:
 def _wide(t: torch.Tensor) -> torch.Tensor:
     """``t`` in float32, or float64 when it already is (a float64 reference run stays float64)."""
     return t if t.dtype == torch.float64 else t.float()
-
-
-class HeadwiseGatedNorm(nn.Module):
-    """``rmsnorm(y) * weight * silu(z)`` with the RMS per head (``group_size`` channels): the normalise-then-gate
-    norm of Mamba-3's ``is_outproj_norm`` (Mamba-2's GatedRMSNorm gates first)."""
-
-    def __init__(self, dim: int, group_size: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.eps = eps
-        self.group_size = group_size
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        y32 = _wide(y)
-        grouped = y32.unflatten(-1, (-1, self.group_size))
-        normed = F.rms_norm(grouped, (self.group_size,), None, self.eps).flatten(-2)
-        out = normed * self.weight.to(normed.dtype) * F.silu(_wide(z).to(normed.dtype))
-        return out.to(y.dtype)
 
 
 class Mamba3Mixer(Mixer):
@@ -99,9 +81,9 @@ class Mamba3Mixer(Mixer):
             self.mimo_z = nn.Parameter(torch.ones(h, r, p))
             self.mimo_o = nn.Parameter(torch.full((h, r, p), 1.0 / r))
         self.D = nn.Parameter(torch.ones(h))
-        self.norm: HeadwiseGatedNorm | None = None
-        if self.outproj_norm:
-            self.norm = HeadwiseGatedNorm(self.d_inner, group_size=p, eps=cfg.norm_eps)
+        self.norm: GatedRMSNorm | None = None
+        if self.outproj_norm:  # normalise per head, then gate
+            self.norm = GatedRMSNorm(self.d_inner, group_size=p, eps=cfg.norm_eps, norm_before_gate=True)
         self.out_proj = nn.Linear(self.d_inner, self.d_model, bias=cfg.proj_bias)
         for param in (self.dt_bias, self.D):
             param._no_weight_decay = True  # type: ignore[attr-defined]

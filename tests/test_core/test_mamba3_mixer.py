@@ -298,3 +298,22 @@ def test_same_weights_as_mamba_ssms_mamba3_module(monkeypatch):
         want = theirs(u)
         got, _ = ours(u)
     assert rel_err(got, want) <= 1e-3
+
+
+def test_the_out_proj_norm_normalises_each_head_then_gates():
+    """Mamba-3's norm (GatedRMSNorm with norm_before_gate=True): y / rms(y over each head) * weight * silu(z),
+    written out here in float64; gating first (Mamba-2's order) gives something else."""
+    from seqlab.norm import GatedRMSNorm
+
+    torch.manual_seed(3)
+    y, z = torch.randn(2, 5, 12, dtype=torch.float64), torch.randn(2, 5, 12, dtype=torch.float64)
+    norm = GatedRMSNorm(12, group_size=4, eps=1e-5, norm_before_gate=True).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    heads = y.unflatten(-1, (3, 4))
+    want = (heads / torch.sqrt(heads.pow(2).mean(-1, keepdim=True) + 1e-5)).flatten(-2)
+    want = want * norm.weight * z * torch.sigmoid(z)
+    assert torch.allclose(norm(y, z), want, rtol=1e-12, atol=1e-12)
+    gate_first = GatedRMSNorm(12, group_size=4, eps=1e-5).double()
+    gate_first.load_state_dict(norm.state_dict())
+    assert not torch.allclose(gate_first(y, z), want, atol=1e-3)
