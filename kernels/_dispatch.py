@@ -335,33 +335,27 @@ def mamba3_scan(
     initial_state=None,
     return_final_state=False,
     *,
+    states_at=None,
     cu_seqlens=None,
     seq_idx=None,
     backend="auto",
 ):
     """Mamba-3 scan (exponential-trapezoidal, rotary state, SISO or MIMO): ``kernels/mamba3/`` documents the
     equations and shapes. Returns y, or (y, final_state) with ``return_final_state``; the state is the tuple
-    (angle, ssm, k, v). Packed rows (``cu_seqlens`` / ``seq_idx``, batch 1): one state per sequence."""
-    packed = _packing(cu_seqlens, seq_idx, x, 1, None)
-    return _pick("mamba3_scan", backend, x)(
-        x,
-        dt,
-        A,
-        B,
-        C,
-        trap,
-        angles,
-        B_bias,
-        C_bias,
-        chunk_size,
-        D=D,
-        z=z,
-        mimo_x=mimo_x,
-        mimo_z=mimo_z,
-        mimo_o=mimo_o,
-        initial_state=initial_state,
-        return_final_state=return_final_state,
-        **packed,
+    (angle, ssm, k, v). Packed rows (``cu_seqlens`` / ``seq_idx``, batch 1): one state per sequence.
+
+    ``states_at`` (strictly increasing positions in 1..l): also the states after those positions as the last item,
+    a tuple of the four parts each stacked on a new dim 1 ((b, k, h, a), ...): every backend splits the call at
+    the positions and threads the state (``scan_in_pieces``)."""
+    packed = _packing(cu_seqlens, seq_idx, x, 1, states_at)
+    fn = _pick("mamba3_scan", backend, x)
+    fixed = dict(B_bias=B_bias, C_bias=C_bias, chunk_size=chunk_size, D=D, mimo_x=mimo_x, mimo_z=mimo_z, mimo_o=mimo_o)
+    sequences = dict(x=x, dt=dt, A=A, B=B, C=C, trap=trap, angles=angles, z=z)
+    if states_at is None:
+        return fn(**sequences, **fixed, initial_state=initial_state, return_final_state=return_final_state, **packed)
+    positions = check_positions(states_at, x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 4 else 0)
+    return scan_in_pieces(
+        lambda **kw: fn(**kw, **fixed), sequences, 1, x.shape[1], initial_state, positions, return_final_state
     )
 
 

@@ -11,7 +11,8 @@ elements of this call (counted from ``initial_state``). The ops return them stac
   (without autograd; with autograd it splits as below).
 - The ``chunked`` Mamba-2 scan computes them from the running sums of dt * A in one contraction (short calls;
   ``ssd/chunked.py``'s ``_states_at_direct``).
-- The ``triton`` scans (and the chunked ones where the above does not apply) split the call at the positions and
+- The Mamba-3 scan (every backend) and the ``triton`` scans (and the chunked ones where the above does not apply)
+  split the call at the positions and
   thread the state from piece to piece (``scan_in_pieces``): exact by the kernels' chunking contract, the prefix
   is never re-run, and the cost is one kernel call per requested position (k + 1 small calls for a verifier).
 """
@@ -74,5 +75,12 @@ def scan_in_pieces(
         if stop in positions:
             kept.append(state)
     y_all = torch.cat(ys, dim=time_dim)
-    states = torch.stack(kept, dim=1) if kept else state.new_zeros(state.shape[0], 0, *state.shape[1:])
+    states = _stack_states(kept, state)
     return (y_all, state, states) if return_final_state else (y_all, states)
+
+
+def _stack_states(kept: list, final):
+    """The kept states on a new dim 1; a state that is a tuple of tensors (Mamba-3's) part by part."""
+    if isinstance(final, tuple):
+        return tuple(_stack_states([k[i] for k in kept], part) for i, part in enumerate(final))
+    return torch.stack(kept, dim=1) if kept else final.new_zeros(final.shape[0], 0, *final.shape[1:])

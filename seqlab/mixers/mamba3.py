@@ -154,7 +154,7 @@ class Mamba3Mixer(Mixer):
     def _as_dict(state) -> LayerState:
         return {name: _wide(t) for name, t in zip(STATE_NAMES, state)}
 
-    def _scan(self, inp: dict, initial_state, return_final_state: bool, cu_seqlens=None):
+    def _scan(self, inp: dict, initial_state, return_final_state: bool, cu_seqlens=None, states_at=None):
         packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
         return kernels.mamba3_scan(
             inp["x"],
@@ -170,6 +170,7 @@ class Mamba3Mixer(Mixer):
             **self._scan_kwargs(inp["z"]),
             initial_state=initial_state,
             return_final_state=return_final_state,
+            states_at=states_at,
             backend=self.backend,
             **packed,
         )
@@ -215,19 +216,10 @@ class Mamba3Mixer(Mixer):
         return self._output(y, inp["z"]), self._as_dict(new_state)
 
     def _forward_states_at(self, hidden: torch.Tensor, state: LayerState | None, states_at):
-        """The forward with the states after ``states_at``: the inputs are projected once, and the scan runs on
-        the pieces between the positions with the state threaded from piece to piece (exact by the kernels'
-        chunking contract; the prefix is never re-run)."""
-        length = hidden.shape[1]
-        positions = check_states_at(states_at, length)
+        """The forward with the states after ``states_at``: the inputs are projected once and the kernel's
+        ``states_at`` splits the scan at the positions, threading the state (the prefix is never re-run)."""
+        positions = check_states_at(states_at, hidden.shape[1])
         inp = self._inputs(hidden)
-        bounds = [0, *positions] + ([length] if not positions or positions[-1] < length else [])
-        current, ys, kept = self._as_tuple(state), [], []
-        for start, stop in zip(bounds[:-1], bounds[1:]):
-            piece = {name: t.narrow(1, start, stop - start) for name, t in inp.items()}
-            y, current = self._scan(piece, current, True)
-            ys.append(y)
-            if stop in positions:
-                kept.append(self._as_dict(current))
-        out = self._output(torch.cat(ys, dim=1), inp["z"])
-        return out, self._as_dict(current), kept
+        y, final, at = self._scan(inp, self._as_tuple(state), True, states_at=positions)
+        kept = [self._as_dict(tuple(part[:, i].contiguous() for part in at)) for i in range(len(positions))]
+        return self._output(y, inp["z"]), self._as_dict(final), kept

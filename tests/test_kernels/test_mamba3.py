@@ -538,3 +538,22 @@ def test_dispatcher_backends(backend):
     unpacked = make_inputs(b=2, l=5, r=1, seed=16)
     y_auto = K.mamba3_scan(*[unpacked[k] for k in ("x", "dt", "A", "B", "C", "trap", "angles", "B_bias", "C_bias")])
     assert rel(y_auto, run_scan(mamba3_scan_ref, dict(unpacked, initial_state=None, D=None, z=None))[0]) < TOL64
+
+
+@pytest.mark.parametrize("backend", ["ref", "chunked"])
+def test_dispatcher_states_at_equals_the_state_after_each_prefix(backend):
+    """``states_at``: the four state parts after positions 1, 6 and 11 of one call (each stacked on dim 1) are the
+    final states of calls over those prefixes; the output and final state are those of the plain call."""
+    inputs = make_inputs(b=2, l=11, r=2, seed=17)
+    y, s, at = run_scan(K.mamba3_scan, inputs, 4, states_at=[1, 6, 11], backend=backend)
+    want_y, want_s = run_scan(mamba3_scan_ref, inputs)
+    assert rel(y, want_y) < TOL64
+    assert_states_close(s, want_s, TOL64)
+    assert all(part.shape[1] == 3 for part in at)
+    for i, p in enumerate((1, 6, 11)):
+        prefix = {
+            k: (v[:, :p] if k in ("x", "dt", "A", "B", "C", "trap", "angles", "z") else v) for k, v in inputs.items()
+        }
+        assert_states_close(tuple(part[:, i] for part in at), run_scan(mamba3_scan_ref, prefix)[1], TOL64)
+    with pytest.raises(KernelInputError, match="states_at"):
+        run_scan(K.mamba3_scan, inputs, 4, states_at=[3], cu_seqlens=torch.tensor([0, 11]), backend=backend)
