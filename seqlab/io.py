@@ -8,7 +8,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -163,3 +163,37 @@ def tensors_checksum(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
+
+
+def atomic_write_files(folder: Path, files: list[tuple[str, Callable]], remove: Iterable[str] = ()) -> None:
+    """Write every ``(name, writer)`` to a temporary file in ``folder`` first (fsynced), then remove the names in
+    ``remove`` and rename the temporaries into place in order. An exception while writing removes the
+    temporaries and leaves the folder as it was; every file that ends up in the folder is whole. ``writer(handle)``
+    writes one file to a binary handle (a sharded checkpoint's shards and index: seqlab.interop.hf)."""
+    mode = 0o666 & ~_umask()
+    temps: list[tuple[str, str]] = []
+    try:
+        for name, writer in files:
+            remove_stale_temps(folder / name)
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.{os.getpid()}.", suffix=".tmp", dir=folder)
+            temps.append((tmp, name))
+            with os.fdopen(fd, "wb") as handle:
+                os.fchmod(handle.fileno(), mode)
+                writer(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+    except BaseException:
+        for tmp, _ in temps:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        raise
+    for name in remove:
+        try:
+            os.unlink(folder / name)
+        except FileNotFoundError:
+            pass
+    for tmp, name in temps:
+        os.replace(tmp, folder / name)
+    fsync_dir(folder)

@@ -53,7 +53,6 @@ import math
 import os
 import re
 import struct
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +63,7 @@ from torch import nn
 
 from seqlab.config import BackboneConfig
 from seqlab.errors import ConfigError, CorruptFileError, InputError
-from seqlab.io import fsync_dir, remove_stale_temps
+from seqlab.io import atomic_write_files
 from seqlab.models import LanguageModel
 
 __all__ = ["load", "save", "config_from_hf", "config_to_hf", "meta_model", "state_bytes", "parameter_count"]
@@ -908,41 +907,6 @@ def _write_safetensors(handle, tensors: Iterable[tuple[str, torch.Tensor]]) -> N
             handle.write(cpu.reshape(-1).view(torch.uint8).numpy().data)
 
 
-def _write_files(folder: Path, files: list[tuple[str, Any]], remove: Iterable[str]) -> None:
-    """Write every ``(name, writer)`` to a temporary file in ``folder`` first (fsynced), then remove the names in
-    ``remove`` and rename the temporaries into place in order. An exception while writing removes the
-    temporaries and leaves the folder as it was; every file that ends up in the folder is whole."""
-    from seqlab.io import _umask
-
-    mode = 0o666 & ~_umask()
-    temps: list[tuple[str, str]] = []
-    try:
-        for name, writer in files:
-            remove_stale_temps(folder / name)
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.{os.getpid()}.", suffix=".tmp", dir=folder)
-            temps.append((tmp, name))
-            with os.fdopen(fd, "wb") as handle:
-                os.fchmod(handle.fileno(), mode)
-                writer(handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-    except BaseException:
-        for tmp, _ in temps:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-        raise
-    for name in remove:
-        try:
-            os.unlink(folder / name)
-        except FileNotFoundError:
-            pass
-    for tmp, name in temps:
-        os.replace(tmp, folder / name)
-    fsync_dir(folder)
-
-
 def write_directory(
     folder: str | os.PathLike,
     tensors: Mapping[str, torch.Tensor],
@@ -999,7 +963,7 @@ def write_directory(
         and (entry.name in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME) or _SHARD_RE.fullmatch(entry.name))
     ]
     try:
-        _write_files(folder, files, remove=old)
+        atomic_write_files(folder, files, remove=old)
     except BaseException:
         if created:  # a directory this call made, left empty by the failure: remove it too
             try:
