@@ -9,11 +9,12 @@ from collections.abc import Callable
 import torch
 
 from ._states_at import check_positions, conv_tails, scan_in_pieces
+from ._native import native_available, native_unavailable_reason
 from ._triton import triton_available
 from ._varlen import cu_seqlens_from_seq_idx
 from .errors import KernelBackendError, KernelInputError
 
-BACKENDS = ("auto", "ref", "chunked", "triton")
+BACKENDS = ("auto", "ref", "chunked", "triton", "native")
 
 # Old spellings still accepted, with a FutureWarning naming the new one (nothing stored on disk records a backend).
 DEPRECATED_BACKENDS = {"torch": "chunked"}
@@ -25,42 +26,63 @@ BACKEND_TABLE: dict[str, dict[str, str]] = {
         "ref": "scan.ref:selective_scan_ref",
         "chunked": "scan.chunked:selective_scan_chunked",
         "triton": "scan.triton_ops:selective_scan_triton",
+        "native": "scan.native_ops:selective_scan_native",
     },
     "selective_state_update": {
         "ref": "scan.ref:selective_state_update_ref",
         "chunked": "scan.chunked:selective_state_update_chunked",
         "triton": "scan.triton_ops:selective_state_update_triton",
+        "native": "scan.native_ops:selective_state_update_native",
     },
     "ssd_scan": {
         "ref": "ssd.ref:ssd_scan_ref",
         "chunked": "ssd.chunked:ssd_scan_chunked",
         "triton": "ssd.triton_ops:ssd_scan_triton",
+        "native": "ssd.native_ops:ssd_scan_native",
     },
     "ssd_state_update": {
         "ref": "ssd.ref:ssd_state_update_ref",
         "chunked": "ssd.chunked:ssd_state_update_chunked",
         "triton": "ssd.triton_ops:ssd_state_update_triton",
+        "native": "ssd.native_ops:ssd_state_update_native",
     },
     "causal_conv1d": {
         "ref": "conv1d.ref:causal_conv1d_ref",
         "chunked": "conv1d.chunked:causal_conv1d_chunked",
         "triton": "conv1d.triton_ops:causal_conv1d_triton",
+        "native": "conv1d.native_ops:causal_conv1d_native",
     },
     "causal_conv1d_update": {
         "ref": "conv1d.ref:causal_conv1d_update_ref",
         "chunked": "conv1d.chunked:causal_conv1d_update_chunked",
         "triton": "conv1d.triton_ops:causal_conv1d_update_triton",
+        "native": "conv1d.native_ops:causal_conv1d_update_native",
     },
     "mamba3_scan": {
         "ref": "mamba3.ref:mamba3_scan_ref",
         "chunked": "mamba3.chunked:mamba3_scan_chunked",
         "triton": "mamba3.triton_ops:mamba3_scan_triton",
+        "native": "mamba3.native_ops:mamba3_scan_native",
     },
     "mamba3_state_update": {
         "ref": "mamba3.ref:mamba3_state_update_ref",
         "chunked": "mamba3.chunked:mamba3_state_update_chunked",
         "triton": "mamba3.triton_ops:mamba3_state_update_triton",
+        "native": "mamba3.native_ops:mamba3_state_update_native",
     },
+}
+
+
+# op -> the C source (in csrc/) of its compiled CPU kernels: "auto" picks "native" for CPU tensors when it builds
+NATIVE_SOURCES: dict[str, str] = {
+    "selective_scan": "scan.c",
+    "selective_state_update": "scan.c",
+    "ssd_scan": "ssd.c",
+    "ssd_state_update": "ssd.c",
+    "causal_conv1d": "conv1d.c",
+    "causal_conv1d_update": "conv1d.c",
+    "mamba3_scan": "mamba3.c",
+    "mamba3_state_update": "mamba3.c",
 }
 
 
@@ -97,13 +119,17 @@ def canonical_backend(backend: str, *, stacklevel: int = 1) -> str:
     return backend
 
 
-def resolve_backend(backend: str, *tensors: torch.Tensor, stacklevel: int = 1) -> str:
+def resolve_backend(backend: str, *tensors: torch.Tensor, op: str | None = None, stacklevel: int = 1) -> str:
     """Turn ``backend`` (one of BACKENDS) into the concrete backend for these tensors (``stacklevel``: as in
-    ``canonical_backend``)."""
+    ``canonical_backend``). "auto" is Triton for CUDA tensors (where Triton runs), else the compiled CPU kernels
+    of ``op`` for CPU tensors where they build here (``op`` None: the selective scan's), else "chunked"."""
     backend = canonical_backend(backend, stacklevel=stacklevel + 1)
+    on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
     if backend == "auto":
-        on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
-        return "triton" if on_cuda and triton_available() else "chunked"
+        if on_cuda:
+            return "triton" if triton_available() else "chunked"
+        on_cpu = all(t.device.type == "cpu" for t in tensors if isinstance(t, torch.Tensor))
+        return "native" if on_cpu and native_available(NATIVE_SOURCES[op or "selective_scan"]) else "chunked"
     if backend == "triton" and not triton_available():
         from ._triton import triton_import_error
 
@@ -112,6 +138,15 @@ def resolve_backend(backend: str, *tensors: torch.Tensor, stacklevel: int = 1) -
             f"backend='triton' was asked for, but seqlab's Triton kernels cannot run here ({reason}); "
             "use backend='chunked' (vectorised PyTorch, any device) or backend='auto'"
         )
+    if backend == "native":
+        if any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in tensors):
+            raise KernelBackendError("backend='native' runs on CPU tensors only; use backend='auto' or 'triton'")
+        source = NATIVE_SOURCES[op or "selective_scan"]
+        if not native_available(source):
+            raise KernelBackendError(
+                f"backend='native' was asked for, but seqlab's compiled CPU kernels cannot run here "
+                f"({native_unavailable_reason(source)}); use backend='chunked' or backend='auto'"
+            )
     return backend
 
 
@@ -127,7 +162,7 @@ def implementation(op: str, backend: str) -> Callable:
 
 def _pick(op: str, backend: str, tensor: torch.Tensor) -> Callable:
     # stacklevel 3: a deprecated backend's warning points at the code that called the public op
-    return implementation(op, resolve_backend(backend, tensor, stacklevel=3))
+    return implementation(op, resolve_backend(backend, tensor, op=op, stacklevel=3))
 
 
 def selective_scan(
