@@ -1,4 +1,5 @@
-"""CPU micro-benchmark of the Mamba-2 SSD scan: chunked path (no_grad forward, forward + backward), reference.
+"""CPU micro-benchmark of the Mamba-2 SSD scan: compiled C kernels ("native") against the chunked path, no_grad
+forward and forward + backward, on the same inputs in one process; the sequential reference for scale.
 
 Default shape: the Mamba-2 mixer of a d_model 256 model (b=1, h=16, p=32, n=64, g=1, chunk_size=64, float32,
 dt_bias + softplus + D), parameters initialised as mamba_ssm does (A = -uniform(1, 16), dt in [1e-3, 1e-1]).
@@ -6,8 +7,11 @@ The reference is timed at the first length only (it is a Python loop over time s
 
     python bench/kernels_cpu_ssd.py                      # l = 2048, 8192, 32768
     python bench/kernels_cpu_ssd.py --lengths 4096 --repeats 5 --no-backward
+    OMP_NUM_THREADS=2 python bench/kernels_cpu_ssd.py --lengths 8192 --no-ref   # native vs chunked only
 
 Timings are the minimum over --repeats runs (machines here are shared and noisy; the median is printed too).
+"native vs chunked" is the chunked time over the native time at the same length (above 1: native is faster).
+Where the C kernels cannot be built (no compiler, SEQLAB_NATIVE=0) the native rows are left out.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import time
 import torch
 from _machine import machine_line  # noqa: E402  (bench/ is on sys.path when a bench runs)
 
+from seqlab.kernels._native import native_available
 from seqlab.kernels.ssd.chunked import ssd_scan_chunked
+from seqlab.kernels.ssd.native_ops import ssd_scan_native
 from seqlab.kernels.ssd.ref import ssd_scan_ref
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,6 +48,7 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--no-backward", action="store_true", help="skip forward+backward")
     ap.add_argument("--no-ref", action="store_true", help="skip the reference")
+    ap.add_argument("--no-native", action="store_true", help="skip the compiled C kernels")
     ap.add_argument("--no-z", dest="z", action="store_false", help="(default) no z gate")
     ap.add_argument("--z", dest="z", action="store_true", help="also pass a z gate")
     ap.set_defaults(z=False)
@@ -106,7 +113,7 @@ def bench_forward(fn, inp, chunk_size, repeats, warmup=1):
     return time_runs(run, repeats, warmup)
 
 
-def bench_forward_backward(inp, chunk_size, repeats):
+def bench_forward_backward(inp, chunk_size, repeats, fn=ssd_scan_chunked):
     leaves = {
         k: (v.detach().clone().requires_grad_(v.is_floating_point()) if isinstance(v, torch.Tensor) else v)
         for k, v in inp.items()
@@ -117,7 +124,7 @@ def bench_forward_backward(inp, chunk_size, repeats):
         for v in leaves.values():
             if isinstance(v, torch.Tensor):
                 v.grad = None
-        y = call(ssd_scan_chunked, leaves, chunk_size)
+        y = call(fn, leaves, chunk_size)
         y.backward(grad_y)
 
     return time_runs(run, repeats)
@@ -136,6 +143,7 @@ def main(argv=None) -> int:
         f"timings: min over {args.repeats} runs (forward), {args.backward_repeats} (forward+backward); "
         "median in brackets\n"
     )
+    native = not args.no_native and native_available("ssd.c")
     rows = []
     base_fwd = None
     ref_ms = None
@@ -145,20 +153,27 @@ def main(argv=None) -> int:
         fwd, fwd_med = bench_forward(ssd_scan_chunked, inp, args.chunk_size, args.repeats)
         tok_s = l * args.batch / fwd * 1e3
         base_fwd = base_fwd or tok_s
-        rows.append((l, "chunked forward (no_grad)", fwd, fwd_med, tok_s, tok_s / base_fwd))
+        rows.append((l, "chunked forward (no_grad)", fwd, fwd_med, tok_s, tok_s / base_fwd, None))
+        if native:
+            nf, nf_med = bench_forward(ssd_scan_native, inp, args.chunk_size, args.repeats)
+            rows.append((l, "native forward (no_grad)", nf, nf_med, l * args.batch / nf * 1e3, None, fwd / nf))
         if not args.no_backward:
             fb, fb_med = bench_forward_backward(inp, args.chunk_size, args.backward_repeats)
-            rows.append((l, "chunked forward+backward", fb, fb_med, l * args.batch / fb * 1e3, None))
+            rows.append((l, "chunked forward+backward", fb, fb_med, l * args.batch / fb * 1e3, None, None))
+            if native:
+                nb, nb_med = bench_forward_backward(inp, args.chunk_size, args.backward_repeats, ssd_scan_native)
+                rows.append((l, "native forward+backward", nb, nb_med, l * args.batch / nb * 1e3, None, fb / nb))
         if i == 0 and not args.no_ref:
             ref_ms, ref_med = bench_forward(ssd_scan_ref, inp, args.chunk_size, repeats=1, warmup=0)
-            rows.append((l, "ref forward (no_grad)", ref_ms, ref_med, l * args.batch / ref_ms * 1e3, None))
+            rows.append((l, "ref forward (no_grad)", ref_ms, ref_med, l * args.batch / ref_ms * 1e3, None, None))
             ref_fwd = fwd
         del inp
-    print("| L | path | ms | Mtok/s | tok/s vs first L |")
-    print("|---|---|---|---|---|")
-    for l, path, ms, med, tok_s, vs in rows:
+    print("| L | path | ms | Mtok/s | tok/s vs first L | native vs chunked |")
+    print("|---|---|---|---|---|---|")
+    for l, path, ms, med, tok_s, vs, ratio in rows:
         vs_s = f"{vs:.2f}" if vs is not None else ""
-        print(f"| {l} | {path} | {ms:.1f} ({med:.1f}) | {tok_s / 1e6:.3f} | {vs_s} |")
+        ratio_s = f"{ratio:.2f}x" if ratio is not None else ""
+        print(f"| {l} | {path} | {ms:.1f} ({med:.1f}) | {tok_s / 1e6:.3f} | {vs_s} | {ratio_s} |")
     if ref_ms is not None:
         print(f"\nchunked forward is {ref_ms / ref_fwd:.0f}x faster than the reference at L={args.lengths[0]}")
     print(f"total bench time {time.perf_counter() - t_start:.0f} s")
