@@ -32,16 +32,35 @@ SL_EXPORT int mamba3_abi(void) { return SEQLAB_NATIVE_ABI; }
 
 /* ------------------------------------------------------------------------------------------ the recurrence */
 
+/* Small per-(sequence, head) scratch: kq[r][R] = k[r] . q[R] and vdy[r][R] = v[r] . dY[R]. */
+#define M3_DOTS(T, out, X, xs, Yv, ys, R, LEN)                                                                 \
+    do {                                                                                                       \
+        for (int64_t r_ = 0; r_ < (R); r_++)                                                                   \
+            for (int64_t R_ = 0; R_ < (R); R_++) {                                                             \
+                const T *restrict xa = (X) + r_ * (xs), *restrict yb = (Yv) + R_ * (ys);                       \
+                T acc_ = 0;                                                                                    \
+                _Pragma("omp simd reduction(+ : acc_)")                                                       \
+                for (int64_t j_ = 0; j_ < (LEN); j_++) acc_ += xa[j_] * yb[j_];                                \
+                (out)[r_ * (R) + R_] = acc_;                                                                   \
+            }                                                                                                  \
+    } while (0)
+
 #define M3_FWD(T, SUF)                                                                                         \
-    SL_EXPORT void mamba3_fwd_##SUF(int64_t nseg, const int64_t *seg_b, const int64_t *seg_start,              \
-                                    const int64_t *seg_len, const int64_t *seg_ck, int64_t L, int64_t H,       \
-                                    int64_t P, int64_t N, int64_t R, const T *Hin, const T *alpha,             \
-                                    const T *V, const T *K, const T *Q, T *Y, T *HT, T *ckpt, int64_t every,   \
-                                    int nthreads) {                                                            \
-        const int64_t PN = P * N;                                                                              \
+    SL_EXPORT int mamba3_fwd_##SUF(int64_t nseg, const int64_t *seg_b, const int64_t *seg_start,               \
+                                   const int64_t *seg_len, const int64_t *seg_ck, int64_t L, int64_t H,        \
+                                   int64_t P, int64_t N, int64_t R, const T *Hin, const T *alpha, const T *w,  \
+                                   const T *cc, const T *V, const T *K, const T *Q, T *Y, T *HT, T *ckpt,      \
+                                   int64_t every, int nthreads) {                                              \
+        const int64_t PN = P * N, RHP = R * H * P, RHN = R * H * N;                                            \
+        int failed = 0;                                                                                        \
         _Pragma("omp parallel for collapse(2) schedule(dynamic, 1) num_threads(nthreads)")                    \
         for (int64_t s = 0; s < nseg; s++) {                                                                   \
             for (int64_t hh = 0; hh < H; hh++) {                                                               \
+                T *kq = (T *)malloc(sizeof(T) * R * R);                                                        \
+                if (!kq) {                                                                                     \
+                    _Pragma("omp atomic write") failed = 1;                                                    \
+                    continue;                                                                                  \
+                }                                                                                              \
                 T *restrict u = HT + (s * H + hh) * PN;                                                        \
                 if (Hin)                                                                                       \
                     memcpy(u, Hin + (s * H + hh) * PN, sizeof(T) * PN);                                        \
@@ -52,24 +71,26 @@ SL_EXPORT int mamba3_abi(void) { return SEQLAB_NATIVE_ABI; }
                     if (ckpt && tt % every == 0)                                                               \
                         memcpy(ckpt + ((seg_ck[s] + tt / every) * H + hh) * PN, u, sizeof(T) * PN);            \
                     const int64_t bt = b * L + t0 + tt;                                                        \
-                    const T a = alpha[bt * H + hh];                                                            \
-                    const T *Vt = V + bt * R * H * P + hh * P;                                                 \
-                    const T *Kt = K + bt * R * H * N + hh * N;                                                 \
-                    const T *Qt = Q + bt * R * H * N + hh * N;                                                 \
-                    T *Yt = Y + bt * R * H * P + hh * P;                                                       \
+                    const T a = alpha[bt * H + hh], wt = w[bt * H + hh], ct = cc[bt * H + hh];                 \
+                    const T *Vt = V + bt * RHP + hh * P;                                                       \
+                    const T *Kt = K + bt * RHN + hh * N;                                                       \
+                    const T *Qt = Q + bt * RHN + hh * N;                                                       \
+                    T *Yt = Y + bt * RHP + hh * P;                                                             \
+                    M3_DOTS(T, kq, Kt, H * N, Qt, H * N, R, N);                                                \
                     if (R == 1) {                                                                              \
                         const T *restrict k0 = Kt, *restrict q0 = Qt;                                          \
+                        const T corr = ct * kq[0];                                                             \
                         for (int64_t i = 0; i < P; i++) {                                                      \
                             T *restrict ui = u + i * N;                                                        \
-                            const T v0 = Vt[i];                                                                \
+                            const T v0 = Vt[i], vw = wt * v0;                                                  \
                             T acc = 0;                                                                         \
                             _Pragma("omp simd reduction(+ : acc)")                                            \
                             for (int64_t j = 0; j < N; j++) {                                                  \
-                                const T nv = a * ui[j] + v0 * k0[j];                                           \
+                                const T nv = a * ui[j] + vw * k0[j];                                           \
                                 ui[j] = nv;                                                                    \
                                 acc += nv * q0[j];                                                             \
                             }                                                                                  \
-                            Yt[i] = acc;                                                                       \
+                            Yt[i] = acc - corr * v0;                                                           \
                         }                                                                                      \
                     } else {                                                                                   \
                         for (int64_t i = 0; i < P; i++) {                                                      \
@@ -77,40 +98,43 @@ SL_EXPORT int mamba3_abi(void) { return SEQLAB_NATIVE_ABI; }
                             _Pragma("omp simd")                                                               \
                             for (int64_t j = 0; j < N; j++) ui[j] *= a;                                        \
                             for (int64_t r = 0; r < R; r++) {                                                  \
-                                const T vr = Vt[r * H * P + i];                                                \
+                                const T vr = wt * Vt[r * H * P + i];                                           \
                                 const T *restrict kr = Kt + r * H * N;                                         \
                                 _Pragma("omp simd")                                                           \
                                 for (int64_t j = 0; j < N; j++) ui[j] += vr * kr[j];                           \
                             }                                                                                  \
-                            for (int64_t r = 0; r < R; r++) {                                                  \
-                                const T *restrict qr = Qt + r * H * N;                                         \
+                            for (int64_t R2 = 0; R2 < R; R2++) {                                               \
+                                const T *restrict qr = Qt + R2 * H * N;                                        \
                                 T acc = 0;                                                                     \
                                 _Pragma("omp simd reduction(+ : acc)")                                        \
                                 for (int64_t j = 0; j < N; j++) acc += ui[j] * qr[j];                          \
-                                Yt[r * H * P + i] = acc;                                                       \
+                                for (int64_t r = 0; r < R; r++) acc -= ct * kq[r * R + R2] * Vt[r * H * P + i]; \
+                                Yt[R2 * H * P + i] = acc;                                                      \
                             }                                                                                  \
                         }                                                                                      \
                     }                                                                                          \
                 }                                                                                              \
+                free(kq);                                                                                      \
             }                                                                                                  \
         }                                                                                                      \
+        return failed ? -1 : 0;                                                                                \
     }
 
 M3_FWD(float, f32)
 M3_FWD(double, f64)
 
-/* One position's state from the previous one (the backward's re-walk): out = a * prev + sum_r V[r] K[r]^T. */
-#define M3_STEP_STATE(T, out, prev, a, Vt, Kt)                                                                 \
+/* One position's state from the previous one (the backward's re-walk): out = a prev + wt sum_r V[r] K[r]^T. */
+#define M3_STEP_STATE(T, out, prev, a, wt, Vt, Kt)                                                             \
     do {                                                                                                       \
         for (int64_t i = 0; i < P; i++) {                                                                      \
             T *restrict oi = (out) + i * N;                                                                    \
             const T *restrict pi_ = (prev) + i * N;                                                            \
-            const T v0 = (Vt)[i];                                                                              \
+            const T v0 = (wt) * (Vt)[i];                                                                       \
             const T *restrict k0 = (Kt);                                                                       \
             _Pragma("omp simd")                                                                               \
             for (int64_t j = 0; j < N; j++) oi[j] = (a) * pi_[j] + v0 * k0[j];                                 \
             for (int64_t r = 1; r < R; r++) {                                                                  \
-                const T vr = (Vt)[r * H * P + i];                                                              \
+                const T vr = (wt) * (Vt)[r * H * P + i];                                                       \
                 const T *restrict kr = (Kt) + r * H * N;                                                       \
                 _Pragma("omp simd")                                                                           \
                 for (int64_t j = 0; j < N; j++) oi[j] += vr * kr[j];                                           \
@@ -121,21 +145,22 @@ M3_FWD(double, f64)
 #define M3_BWD(T, SUF)                                                                                         \
     SL_EXPORT int mamba3_bwd_##SUF(int64_t nseg, const int64_t *seg_b, const int64_t *seg_start,               \
                                    const int64_t *seg_len, const int64_t *seg_ck, int64_t L, int64_t H,        \
-                                   int64_t P, int64_t N, int64_t R, const T *alpha, const T *V, const T *K,    \
-                                   const T *Q, const T *ckpt, int64_t every, const T *dY, const T *dHT,        \
-                                   T *dHin, T *dalpha, T *dV, T *dK, T *dQ, int nthreads) {                    \
-        const int64_t PN = P * N;                                                                              \
+                                   int64_t P, int64_t N, int64_t R, const T *alpha, const T *w, const T *cc,   \
+                                   const T *V, const T *K, const T *Q, const T *ckpt, int64_t every,           \
+                                   const T *dY, const T *dHT, T *dHin, T *dalpha, T *dw, T *dcc, T *dV,        \
+                                   T *dK, T *dQ, int nthreads) {                                               \
+        const int64_t PN = P * N, RHP = R * H * P, RHN = R * H * N;                                            \
         int failed = 0;                                                                                        \
         _Pragma("omp parallel for collapse(2) schedule(dynamic, 1) num_threads(nthreads)")                    \
         for (int64_t s = 0; s < nseg; s++) {                                                                   \
             for (int64_t hh = 0; hh < H; hh++) {                                                               \
-                /* the adjoint state and the re-walked states of one block */                                  \
-                T *dU = (T *)malloc(sizeof(T) * PN * (every + 1));                                             \
+                /* the adjoint state, the re-walked states of one block, and kq / vdy */                       \
+                T *dU = (T *)malloc(sizeof(T) * (PN * (every + 1) + 2 * R * R));                               \
                 if (!dU) {                                                                                     \
                     _Pragma("omp atomic write") failed = 1;                                                    \
                     continue;                                                                                  \
                 }                                                                                              \
-                T *buf = dU + PN;                                                                              \
+                T *buf = dU + PN, *kq = buf + PN * every, *vdy = kq + R * R;                                   \
                 if (dHT)                                                                                       \
                     memcpy(dU, dHT + (s * H + hh) * PN, sizeof(T) * PN);                                       \
                 else                                                                                           \
@@ -147,28 +172,43 @@ M3_FWD(double, f64)
                     const T *entry = ckpt + ((seg_ck[s] + c) * H + hh) * PN;                                   \
                     for (int64_t tt = c0; tt < c1; tt++) {                                                     \
                         const int64_t bt = b * L + t0 + tt;                                                    \
-                        const T a = alpha[bt * H + hh];                                                        \
                         const T *prev = tt == c0 ? entry : buf + (tt - c0 - 1) * PN;                           \
-                        M3_STEP_STATE(T, buf + (tt - c0) * PN, prev, a, V + bt * R * H * P + hh * P,           \
-                                      K + bt * R * H * N + hh * N);                                            \
+                        M3_STEP_STATE(T, buf + (tt - c0) * PN, prev, alpha[bt * H + hh], w[bt * H + hh],       \
+                                      V + bt * RHP + hh * P, K + bt * RHN + hh * N);                           \
                     }                                                                                          \
                     for (int64_t tt = c1 - 1; tt >= c0; tt--) {                                                \
                         const int64_t bt = b * L + t0 + tt;                                                    \
-                        const T a = alpha[bt * H + hh];                                                        \
+                        const T a = alpha[bt * H + hh], wt = w[bt * H + hh], ct = cc[bt * H + hh];             \
                         const T *ut = buf + (tt - c0) * PN;                                                    \
                         const T *up = tt == c0 ? entry : buf + (tt - c0 - 1) * PN;                             \
-                        const int64_t vo = bt * R * H * P + hh * P, ko = bt * R * H * N + hh * N;              \
+                        const int64_t vo = bt * RHP + hh * P, ko = bt * RHN + hh * N;                          \
+                        /* the correction y[R] -= c sum_r (k[r] . q[R]) v[r]: its gradients first */           \
+                        M3_DOTS(T, kq, K + ko, H * N, Q + ko, H * N, R, N);                                    \
+                        M3_DOTS(T, vdy, V + vo, H * P, dY + vo, H * P, R, P);                                  \
+                        T dct = 0;                                                                             \
+                        for (int64_t x_ = 0; x_ < R * R; x_++) dct -= kq[x_] * vdy[x_];                        \
+                        dcc[bt * H + hh] = dct;                                                                \
                         for (int64_t r = 0; r < R; r++) {                                                      \
-                            memset(dQ + ko + r * H * N, 0, sizeof(T) * N);                                     \
-                            memset(dK + ko + r * H * N, 0, sizeof(T) * N);                                     \
+                            T *restrict dkr = dK + ko + r * H * N, *restrict dqr = dQ + ko + r * H * N;        \
+                            memset(dkr, 0, sizeof(T) * N);                                                     \
+                            memset(dqr, 0, sizeof(T) * N);                                                     \
+                            for (int64_t R2 = 0; R2 < R; R2++) {                                               \
+                                const T fk = -ct * vdy[r * R + R2], fq = -ct * vdy[R2 * R + r];                \
+                                const T *restrict qR = Q + ko + R2 * H * N, *restrict kR = K + ko + R2 * H * N; \
+                                _Pragma("omp simd")                                                           \
+                                for (int64_t j = 0; j < N; j++) {                                              \
+                                    dkr[j] += fk * qR[j];                                                      \
+                                    dqr[j] += fq * kR[j];                                                      \
+                                }                                                                              \
+                            }                                                                                  \
                         }                                                                                      \
-                        T da = 0;                                                                              \
+                        T da = 0, dwt = 0;                                                                     \
                         for (int64_t i = 0; i < P; i++) {                                                      \
                             T *restrict di = dU + i * N;                                                       \
                             const T *restrict uti = ut + i * N;                                                \
                             const T *restrict upi = up + i * N;                                                \
                             if (R == 1) {                                                                      \
-                                const T g0 = dY[vo + i], v0 = V[vo + i];                                       \
+                                const T g0 = dY[vo + i], v0 = V[vo + i], vw = wt * v0;                         \
                                 const T *restrict q0 = Q + ko, *restrict k0 = K + ko;                          \
                                 T *restrict dq0 = dQ + ko, *restrict dk0 = dK + ko;                            \
                                 T sdv = 0, sda = 0;                                                            \
@@ -177,17 +217,18 @@ M3_FWD(double, f64)
                                     const T d = di[j] + g0 * q0[j];                                            \
                                     dq0[j] += g0 * uti[j];                                                     \
                                     sdv += d * k0[j];                                                          \
-                                    dk0[j] += v0 * d;                                                          \
+                                    dk0[j] += vw * d;                                                          \
                                     sda += d * upi[j];                                                         \
                                     di[j] = a * d;                                                             \
                                 }                                                                              \
-                                dV[vo + i] = sdv;                                                              \
+                                dV[vo + i] = wt * sdv - ct * kq[0] * g0;                                       \
+                                dwt += v0 * sdv;                                                               \
                                 da += sda;                                                                     \
                             } else {                                                                           \
-                                for (int64_t r = 0; r < R; r++) {                                              \
-                                    const T g = dY[vo + r * H * P + i];                                        \
-                                    const T *restrict qr = Q + ko + r * H * N;                                 \
-                                    T *restrict dqr = dQ + ko + r * H * N;                                     \
+                                for (int64_t R2 = 0; R2 < R; R2++) {                                           \
+                                    const T g = dY[vo + R2 * H * P + i];                                       \
+                                    const T *restrict qr = Q + ko + R2 * H * N;                                \
+                                    T *restrict dqr = dQ + ko + R2 * H * N;                                    \
                                     _Pragma("omp simd")                                                       \
                                     for (int64_t j = 0; j < N; j++) {                                          \
                                         di[j] += g * qr[j];                                                    \
@@ -195,16 +236,20 @@ M3_FWD(double, f64)
                                     }                                                                          \
                                 }                                                                              \
                                 for (int64_t r = 0; r < R; r++) {                                              \
-                                    const T vr = V[vo + r * H * P + i];                                        \
+                                    const T vr = V[vo + r * H * P + i], vw = wt * vr;                          \
                                     const T *restrict kr = K + ko + r * H * N;                                 \
                                     T *restrict dkr = dK + ko + r * H * N;                                     \
                                     T sdv = 0;                                                                 \
                                     _Pragma("omp simd reduction(+ : sdv)")                                    \
                                     for (int64_t j = 0; j < N; j++) {                                          \
                                         sdv += di[j] * kr[j];                                                  \
-                                        dkr[j] += vr * di[j];                                                  \
+                                        dkr[j] += vw * di[j];                                                  \
                                     }                                                                          \
-                                    dV[vo + r * H * P + i] = sdv;                                              \
+                                    T corr = 0;                                                                \
+                                    for (int64_t R2 = 0; R2 < R; R2++)                                         \
+                                        corr += kq[r * R + R2] * dY[vo + R2 * H * P + i];                      \
+                                    dV[vo + r * H * P + i] = wt * sdv - ct * corr;                             \
+                                    dwt += vr * sdv;                                                           \
                                 }                                                                              \
                                 T sda = 0;                                                                     \
                                 _Pragma("omp simd reduction(+ : sda)")                                        \
@@ -216,6 +261,7 @@ M3_FWD(double, f64)
                             }                                                                                  \
                         }                                                                                      \
                         dalpha[bt * H + hh] = da;                                                              \
+                        dw[bt * H + hh] = dwt;                                                                 \
                     }                                                                                          \
                 }                                                                                              \
                 if (dHin) memcpy(dHin + (s * H + hh) * PN, dU, sizeof(T) * PN);                                \
@@ -227,6 +273,96 @@ M3_FWD(double, f64)
 
 M3_BWD(float, f32)
 M3_BWD(double, f64)
+
+/* ------------------------------------------------------------------------------ the rotations of B and C */
+
+/* K = rot(B[group of h] + Bb[h], angle[h]) and Q likewise from C, per position (b*l of them), rank and head.
+ * B, C (BL, R, G, N); Bb, Cb (H, R, N); ang (BL, H, A); K, Q (BL, R, H, N). SISO pairs (2m, 2m + 1), MIMO
+ * pairs (m, m + N/2); the other dims pass unrotated. */
+#define M3_ROT_FWD(T, SUF, COS, SIN)                                                                           \
+    SL_EXPORT void mamba3_rot_fwd_##SUF(int64_t BL, int64_t R, int64_t G, int64_t H, int64_t N, int64_t A_,    \
+                                        int mimo, const T *Bm, const T *Cm, const T *Bb, const T *Cb,          \
+                                        const T *ang, T *K, T *Q, int nthreads) {                              \
+        const int64_t hpg = H / G;                                                                             \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                                    \
+        for (int64_t bl = 0; bl < BL; bl++) {                                                                  \
+            T cs[A_ > 0 ? A_ : 1], sn[A_ > 0 ? A_ : 1];                                                        \
+            for (int64_t hh = 0; hh < H; hh++) {                                                               \
+                const T *an = ang + (bl * H + hh) * A_;                                                        \
+                for (int64_t m = 0; m < A_; m++) {                                                             \
+                    cs[m] = COS(an[m]);                                                                        \
+                    sn[m] = SIN(an[m]);                                                                        \
+                }                                                                                              \
+                for (int64_t r = 0; r < R; r++) {                                                              \
+                    for (int which = 0; which < 2; which++) {                                                  \
+                        const T *src = (which ? Cm : Bm) + ((bl * R + r) * G + hh / hpg) * N;                  \
+                        const T *bias = (which ? Cb : Bb) + (hh * R + r) * N;                                  \
+                        T *out = (which ? Q : K) + ((bl * R + r) * H + hh) * N;                                \
+                        _Pragma("omp simd")                                                                   \
+                        for (int64_t j = 0; j < N; j++) out[j] = src[j] + bias[j];                             \
+                        for (int64_t m = 0; m < A_; m++) {                                                     \
+                            const int64_t i0 = mimo ? m : 2 * m, i1 = mimo ? m + N / 2 : 2 * m + 1;            \
+                            const T x0 = out[i0], x1 = out[i1];                                                \
+                            out[i0] = x0 * cs[m] - x1 * sn[m];                                                 \
+                            out[i1] = x0 * sn[m] + x1 * cs[m];                                                 \
+                        }                                                                                      \
+                    }                                                                                          \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+    }
+
+/* The backward: dpre = rot^T(dK) (BL, R, H, N) (the gradient of B + Bb per head, summed over heads and
+ * positions by the caller), likewise dpreC, and dang (BL, H, A): for a pair (k0, k1) = rot(u0, u1),
+ * d/dangle = -dk0 k1 + dk1 k0, summed over ranks and over K and Q. dK or dQ may be NULL (no gradient). */
+#define M3_ROT_BWD(T, SUF, COS, SIN)                                                                           \
+    SL_EXPORT void mamba3_rot_bwd_##SUF(int64_t BL, int64_t R, int64_t G, int64_t H, int64_t N, int64_t A_,    \
+                                        int mimo, const T *Bm, const T *Cm, const T *Bb, const T *Cb,          \
+                                        const T *ang, const T *dK, const T *dQ, T *dpreB, T *dpreC, T *dang,   \
+                                        int nthreads) {                                                        \
+        const int64_t hpg = H / G;                                                                             \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                                    \
+        for (int64_t bl = 0; bl < BL; bl++) {                                                                  \
+            T cs[A_ > 0 ? A_ : 1], sn[A_ > 0 ? A_ : 1];                                                        \
+            for (int64_t hh = 0; hh < H; hh++) {                                                               \
+                const T *an = ang + (bl * H + hh) * A_;                                                        \
+                T *da = dang + (bl * H + hh) * A_;                                                             \
+                for (int64_t m = 0; m < A_; m++) {                                                             \
+                    cs[m] = COS(an[m]);                                                                        \
+                    sn[m] = SIN(an[m]);                                                                        \
+                    da[m] = 0;                                                                                 \
+                }                                                                                              \
+                for (int64_t r = 0; r < R; r++) {                                                              \
+                    for (int which = 0; which < 2; which++) {                                                  \
+                        const T *dsrc = which ? dQ : dK;                                                       \
+                        T *dout = (which ? dpreC : dpreB) + ((bl * R + r) * H + hh) * N;                       \
+                        if (!dsrc) {                                                                           \
+                            memset(dout, 0, sizeof(T) * N);                                                    \
+                            continue;                                                                          \
+                        }                                                                                      \
+                        const T *src = (which ? Cm : Bm) + ((bl * R + r) * G + hh / hpg) * N;                  \
+                        const T *bias = (which ? Cb : Bb) + (hh * R + r) * N;                                  \
+                        const T *d = dsrc + ((bl * R + r) * H + hh) * N;                                       \
+                        memcpy(dout, d, sizeof(T) * N);                                                        \
+                        for (int64_t m = 0; m < A_; m++) {                                                     \
+                            const int64_t i0 = mimo ? m : 2 * m, i1 = mimo ? m + N / 2 : 2 * m + 1;            \
+                            const T u0 = src[i0] + bias[i0], u1 = src[i1] + bias[i1];                          \
+                            const T k0 = u0 * cs[m] - u1 * sn[m], k1 = u0 * sn[m] + u1 * cs[m];                \
+                            const T d0 = d[i0], d1 = d[i1];                                                    \
+                            dout[i0] = d0 * cs[m] + d1 * sn[m];                                                \
+                            dout[i1] = -d0 * sn[m] + d1 * cs[m];                                               \
+                            da[m] += -d0 * k1 + d1 * k0;                                                       \
+                        }                                                                                      \
+                    }                                                                                          \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+    }
+
+M3_ROT_FWD(float, f32, cosf, sinf)
+M3_ROT_FWD(double, f64, cos, sin)
+M3_ROT_BWD(float, f32, cosf, sinf)
+M3_ROT_BWD(double, f64, cos, sin)
 
 /* ------------------------------------------------------------------------------------ the fused decode step */
 
@@ -328,3 +464,52 @@ M3_BWD(double, f64)
 
 M3_DECODE(float, f32, expf, tanhf, cosf, sinf, floorf, sl_silu_f, sl_sigmoid_f)
 M3_DECODE(double, f64, exp, tanh, cos, sin, floor, sl_silu_d, sl_sigmoid_d)
+
+/* ------------------------------------------------------------------------------------------ the angle walk */
+
+/* ang_t = (ang_{t-1} + inc_t) mod 2 pi per (sequence, head, pair), from ang0 (nseg, H, A) or 0; inc, ang
+ * (b, L, H, A). The running angle is kept in double (a float32 angle would lose its low bits over a long
+ * sequence), wrapped at every step as the reference does. The backward: the gradient of inc_t is the sum of
+ * dang_s over s >= t in the same sequence (the wrap has slope 1); dang0 is that sum at the sequence start. */
+#define M3_ANGLE(T, SUF)                                                                                       \
+    SL_EXPORT void mamba3_angle_fwd_##SUF(int64_t nseg, const int64_t *seg_b, const int64_t *seg_start,        \
+                                          const int64_t *seg_len, int64_t L, int64_t H, int64_t A_,            \
+                                          const T *inc, const T *ang0, T *ang, int nthreads) {                 \
+        _Pragma("omp parallel for collapse(2) schedule(static) num_threads(nthreads)")                        \
+        for (int64_t s = 0; s < nseg; s++) {                                                                   \
+            for (int64_t hh = 0; hh < H; hh++) {                                                               \
+                const int64_t b = seg_b[s], t0 = seg_start[s], len = seg_len[s];                               \
+                for (int64_t m = 0; m < A_; m++) {                                                             \
+                    double cur = ang0 ? (double)ang0[(s * H + hh) * A_ + m] : 0.0;                             \
+                    for (int64_t tt = 0; tt < len; tt++) {                                                     \
+                        const int64_t o = ((b * L + t0 + tt) * H + hh) * A_ + m;                               \
+                        cur += (double)inc[o];                                                                 \
+                        cur -= M3_TWO_PI * floor(cur / M3_TWO_PI);                                             \
+                        ang[o] = (T)cur;                                                                       \
+                    }                                                                                          \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+    }                                                                                                          \
+    SL_EXPORT void mamba3_angle_bwd_##SUF(int64_t nseg, const int64_t *seg_b, const int64_t *seg_start,        \
+                                          const int64_t *seg_len, int64_t L, int64_t H, int64_t A_,            \
+                                          const T *dang, T *dinc, T *dang0, int nthreads) {                    \
+        _Pragma("omp parallel for collapse(2) schedule(static) num_threads(nthreads)")                        \
+        for (int64_t s = 0; s < nseg; s++) {                                                                   \
+            for (int64_t hh = 0; hh < H; hh++) {                                                               \
+                const int64_t b = seg_b[s], t0 = seg_start[s], len = seg_len[s];                               \
+                for (int64_t m = 0; m < A_; m++) {                                                             \
+                    T g = 0;                                                                                   \
+                    for (int64_t tt = len - 1; tt >= 0; tt--) {                                                \
+                        const int64_t o = ((b * L + t0 + tt) * H + hh) * A_ + m;                               \
+                        g += dang[o];                                                                          \
+                        dinc[o] = g;                                                                           \
+                    }                                                                                          \
+                    if (dang0) dang0[(s * H + hh) * A_ + m] = g;                                               \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+    }
+
+M3_ANGLE(float, f32)
+M3_ANGLE(double, f64)

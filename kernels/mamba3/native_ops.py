@@ -22,9 +22,11 @@ Backward (``_Recurrence.backward``, also C): the forward stores the state enteri
 ``CHECKPOINT_EVERY`` positions; the backward re-walks one block from its checkpoint and walks it in reverse
 with the adjoint state. No (l, p, n) tensor is ever allocated.
 
-Angles: the running sum of tanh(angles) pi dt per sequence is taken in float64 and wrapped to [0, 2 pi) before
-the cast to the compute dtype, so long float32 sequences keep the angle's precision (the reference wraps every
-step; the two agree up to rounding).
+The angle walk (a running sum of tanh(angles) pi dt per sequence and head, wrapped to [0, 2 pi) at every step as
+in the reference) and the rotations of B + B_bias and C + C_bias are C kernels too (``_Angles``, ``_Rotate``),
+each with a C backward: they are elementwise, but as torch ops they were a dozen passes over memory, more than
+the recurrence itself costs. The walk keeps its running angle in double, so long float32 sequences keep the
+angle's precision.
 
 Packed rows (``cu_seqlens``) run natively: every sequence is its own walk from its own entry state. bf16 / fp16
 inputs compute in float32 and y comes back in x.dtype, as on the chunked path. ``l == 0`` and a process where
@@ -46,9 +48,6 @@ from .ref import (
     angle_increment,
     check_scan_args,
     check_step_args,
-    expand_groups,
-    rotate,
-    wrap_angle,
 )
 
 __all__ = ["CHECKPOINT_EVERY", "mamba3_scan_native", "mamba3_state_update_native"]
@@ -60,9 +59,17 @@ CHECKPOINT_EVERY = 32
 
 _I64 = ctypes.c_int64
 _P = ctypes.c_void_p
-_FWD_ARGS = [_I64, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64] + [_P] * 8 + [_I64, ctypes.c_int]
-_BWD_ARGS = [_I64, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64] + [_P] * 5 + [_I64] + [_P] * 7 + [ctypes.c_int]
-_STEP_ARGS = [_I64] * 7 + [_P] * 18 + [ctypes.c_int] + [_P] * 5 + [ctypes.c_int]
+_INT = ctypes.c_int
+_SEG_ARGS = [_I64, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64]
+_SIGNATURES = {  # name: (argument types, result type)
+    "mamba3_fwd": (_SEG_ARGS + [_P] * 10 + [_I64, _INT], _INT),
+    "mamba3_bwd": (_SEG_ARGS + [_P] * 7 + [_I64] + [_P] * 9 + [_INT], _INT),
+    "mamba3_rot_fwd": ([_I64] * 6 + [_INT] + [_P] * 7 + [_INT], None),
+    "mamba3_rot_bwd": ([_I64] * 6 + [_INT] + [_P] * 10 + [_INT], None),
+    "mamba3_angle_fwd": ([_I64, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _INT], None),
+    "mamba3_angle_bwd": ([_I64, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _INT], None),
+    "mamba3_step": ([_I64] * 7 + [_P] * 18 + [_INT] + [_P] * 5 + [_INT], None),
+}
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
@@ -71,16 +78,16 @@ def _library():
     lib = native_library("mamba3.c")
     if lib is not None and not getattr(lib, "_seqlab_typed", False):
         for suf in _SUFFIX.values():
-            for name, args, res in (
-                (f"mamba3_fwd_{suf}", _FWD_ARGS, None),
-                (f"mamba3_bwd_{suf}", _BWD_ARGS, ctypes.c_int),
-                (f"mamba3_step_{suf}", _STEP_ARGS, None),
-            ):
-                fn = getattr(lib, name)
+            for name, (args, res) in _SIGNATURES.items():
+                fn = getattr(lib, f"{name}_{suf}")
                 fn.argtypes = args
                 fn.restype = res
         lib._seqlab_typed = True
     return lib
+
+
+def _kernel(name: str, dtype: torch.dtype):
+    return getattr(_library(), f"{name}_{_SUFFIX[dtype]}")
 
 
 class _Segments:
@@ -107,45 +114,122 @@ class _Segments:
         return (self.count, ptr(self.rows), ptr(self.starts), ptr(self.lens), ptr(self.first_block))
 
 
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        raise MemoryError(f"mamba3 native {what}: could not allocate its per-thread buffers")
+
+
 class _Recurrence(torch.autograd.Function):
-    """u_t = alpha_t u_{t-1} + sum_r V_t[r] K_t[r]^T, Y_t[R] = u_t Q_t[R] per (sequence, head), from Hin:
-    returns (Y (b, l, r, h, p), the final u per sequence (nseg, h, p, n)). Inputs contiguous, one dtype."""
+    """Per (sequence, head), from Hin (or zeros): u_t = alpha_t u_{t-1} + w_t sum_r V_t[r] K_t[r]^T and
+    Y_t[R] = u_t Q_t[R] - c_t sum_r (K_t[r] . Q_t[R]) V_t[r]. Returns (Y (b, l, r, h, p), the final u per
+    sequence (nseg, h, p, n)). Inputs contiguous, one dtype; alpha, w, c (b, l, h)."""
 
     @staticmethod
-    def forward(ctx, Hin, alpha, V, K, Q, segs: _Segments, keep: bool):
-        lib = _library()
+    def forward(ctx, Hin, alpha, w, c, V, K, Q, segs: _Segments, keep: bool):
         b, l, r, h, p = V.shape
         n = K.shape[-1]
         Y = V.new_empty(V.shape)
         HT = V.new_empty((segs.count, h, p, n))
         ckpt = V.new_empty((segs.blocks, h, p, n)) if keep else None
-        getattr(lib, f"mamba3_fwd_{_SUFFIX[V.dtype]}")(
-            *segs.args(), l, h, p, n, r, ptr(Hin), ptr(alpha), ptr(V), ptr(K), ptr(Q), ptr(Y), ptr(HT), ptr(ckpt),
-            segs.every, num_threads(),
+        rc = _kernel("mamba3_fwd", V.dtype)(
+            *segs.args(), l, h, p, n, r, ptr(Hin), ptr(alpha), ptr(w), ptr(c), ptr(V), ptr(K), ptr(Q), ptr(Y),
+            ptr(HT), ptr(ckpt), segs.every, num_threads(),
         )  # fmt: skip
+        _check(rc, "forward")
         ctx.segs = segs
         ctx.has_hin = Hin is not None
         if keep:
-            ctx.save_for_backward(alpha, V, K, Q, ckpt)
+            ctx.save_for_backward(alpha, w, c, V, K, Q, ckpt)
         return Y, HT
 
     @staticmethod
     def backward(ctx, dY, dHT):
-        alpha, V, K, Q, ckpt = ctx.saved_tensors
+        alpha, w, c, V, K, Q, ckpt = ctx.saved_tensors
         segs = ctx.segs
         b, l, r, h, p = V.shape
         n = K.shape[-1]
         dY = V.new_zeros(V.shape) if dY is None else dY.contiguous()
         dHT = None if dHT is None else dHT.contiguous()
         dHin = V.new_empty((segs.count, h, p, n)) if ctx.has_hin else None
-        dalpha, dV, dK, dQ = torch.empty_like(alpha), torch.empty_like(V), torch.empty_like(K), torch.empty_like(Q)
-        rc = getattr(_library(), f"mamba3_bwd_{_SUFFIX[V.dtype]}")(
-            *segs.args(), l, h, p, n, r, ptr(alpha), ptr(V), ptr(K), ptr(Q), ptr(ckpt), segs.every, ptr(dY),
-            ptr(dHT), ptr(dHin), ptr(dalpha), ptr(dV), ptr(dK), ptr(dQ), num_threads(),
+        dalpha, dw, dc = torch.empty_like(alpha), torch.empty_like(w), torch.empty_like(c)
+        dV, dK, dQ = torch.empty_like(V), torch.empty_like(K), torch.empty_like(Q)
+        rc = _kernel("mamba3_bwd", V.dtype)(
+            *segs.args(), l, h, p, n, r, ptr(alpha), ptr(w), ptr(c), ptr(V), ptr(K), ptr(Q), ptr(ckpt), segs.every,
+            ptr(dY), ptr(dHT), ptr(dHin), ptr(dalpha), ptr(dw), ptr(dc), ptr(dV), ptr(dK), ptr(dQ), num_threads(),
         )  # fmt: skip
-        if rc != 0:
-            raise MemoryError("mamba3 native backward: could not allocate its per-thread state buffers")
-        return dHin, dalpha, dV, dK, dQ, None, None
+        _check(rc, "backward")
+        return dHin, dalpha, dw, dc, dV, dK, dQ, None, None
+
+
+class _Angles(torch.autograd.Function):
+    """The rotary angle after every position: ang_t = (ang_{t-1} + inc_t) mod 2 pi per sequence, from its initial
+    angle ang0 (nseg, h, a) or 0; inc (b, l, h, a) contiguous -> ang (b, l, h, a)."""
+
+    @staticmethod
+    def forward(ctx, inc, ang0, segs: _Segments):
+        b, l, h, a = inc.shape
+        ang = torch.empty_like(inc)
+        _kernel("mamba3_angle_fwd", inc.dtype)(
+            segs.count, ptr(segs.rows), ptr(segs.starts), ptr(segs.lens), l, h, a, ptr(inc), ptr(ang0), ptr(ang),
+            num_threads(),
+        )  # fmt: skip
+        ctx.segs = segs
+        ctx.has_ang0 = ang0 is not None
+        return ang
+
+    @staticmethod
+    def backward(ctx, dang):
+        segs = ctx.segs
+        dang = dang.contiguous()
+        b, l, h, a = dang.shape
+        dinc = torch.empty_like(dang)
+        dang0 = dang.new_empty((segs.count, h, a)) if ctx.has_ang0 else None
+        _kernel("mamba3_angle_bwd", dang.dtype)(
+            segs.count, ptr(segs.rows), ptr(segs.starts), ptr(segs.lens), l, h, a, ptr(dang), ptr(dinc), ptr(dang0),
+            num_threads(),
+        )  # fmt: skip
+        return dinc, dang0, None
+
+
+class _Rotate(torch.autograd.Function):
+    """K = rot(B (groups expanded) + B_bias, angle), Q = rot(C + C_bias, angle): B, C (b, l, r, g, n),
+    biases (h, r, n), angle (b, l, h, a) -> K, Q (b, l, r, h, n). Inputs contiguous, one dtype."""
+
+    @staticmethod
+    def forward(ctx, B, C, B_bias, C_bias, ang, h: int, mimo: bool):
+        b, l, r, g, n = B.shape
+        K = B.new_empty((b, l, r, h, n))
+        Q = B.new_empty((b, l, r, h, n))
+        _kernel("mamba3_rot_fwd", B.dtype)(
+            b * l, r, g, h, n, ang.shape[-1], int(mimo), ptr(B), ptr(C), ptr(B_bias), ptr(C_bias), ptr(ang), ptr(K),
+            ptr(Q), num_threads(),
+        )  # fmt: skip
+        ctx.save_for_backward(B, C, B_bias, C_bias, ang)
+        ctx.mimo = mimo
+        return K, Q
+
+    @staticmethod
+    def backward(ctx, dK, dQ):
+        B, C, B_bias, C_bias, ang = ctx.saved_tensors
+        b, l, r, g, n = B.shape
+        h = B_bias.shape[0]
+        dK = None if dK is None else dK.contiguous()
+        dQ = None if dQ is None else dQ.contiguous()
+        dpreB = B.new_empty((b, l, r, h, n))
+        dpreC = B.new_empty((b, l, r, h, n))
+        dang = torch.empty_like(ang)
+        _kernel("mamba3_rot_bwd", B.dtype)(
+            b * l, r, g, h, n, ang.shape[-1], int(ctx.mimo), ptr(B), ptr(C), ptr(B_bias), ptr(C_bias), ptr(ang),
+            ptr(dK), ptr(dQ), ptr(dpreB), ptr(dpreC), ptr(dang), num_threads(),
+        )  # fmt: skip
+
+        def per_group(d):  # heads h of group h // (h / g) read the same B row
+            return d.unflatten(3, (g, h // g)).sum(4)
+
+        def per_bias(d):  # (b, l, r, h, n) -> (h, r, n)
+            return d.sum((0, 1)).transpose(0, 1)
+
+        return per_group(dpreB), per_group(dpreC), per_bias(dpreB), per_bias(dpreC), dang, None, None
 
 
 def _ranked(t: torch.Tensor, w) -> torch.Tensor:
@@ -187,7 +271,7 @@ def mamba3_scan_native(
     cd = dims.compute_dtype
     b, l, h = dims.b, dims.l, dims.h
     mimo = dims.mimo
-    Bb, Cb, Dc, mx, mz, mo = _prepared(dims, B_bias, C_bias, D, mimo_x, mimo_z, mimo_o)
+    _, _, Dc, mx, mz, mo = _prepared(dims, B_bias, C_bias, D, mimo_x, mimo_z, mimo_o)
     bounds = None if cu is None else [int(v) for v in cu.tolist()]
     segs = _Segments(b, l, bounds, CHECKPOINT_EVERY)
 
@@ -203,25 +287,16 @@ def mamba3_scan_native(
         last[torch.tensor(bounds[1:-1]) - 1] = True
         c = c.masked_fill(last[None, :, None], 0.0)
 
-    # angles: per-sequence running sums (float64), on top of each sequence's initial angle, wrapped
-    inc = angle_increment(angles.to(cd), dtc).to(torch.float64)  # (b, l, h, a)
-    csum = torch.cumsum(inc, dim=1)
-    if bounds is None:
-        base = None if initial_state is None else initial_state[0].to(torch.float64).unsqueeze(1)
-    else:
-        # position t of sequence i: csum_t - csum_{start_i - 1} + angle0_i
-        seq = torch.repeat_interleave(torch.arange(segs.count), segs.lens)
-        before = F.pad(csum, (0, 0, 0, 0, 1, 0))[:, segs.starts]  # (1, nseg, h, a)
-        base = -before
-        if initial_state is not None:
-            base = base + initial_state[0].to(torch.float64).unsqueeze(0)
-        base = base[:, seq]
-    ang = wrap_angle(csum if base is None else csum + base).to(cd)
+    # the angles after every position, each sequence from its initial angle (wrapped at every step in C)
+    inc = angle_increment(angles.to(cd), dtc).contiguous()  # (b, l, h, a)
+    ang0 = None if initial_state is None else initial_state[0].to(cd).contiguous()
+    ang = _Angles.apply(inc, ang0, segs)
 
-    K = rotate(expand_groups(B.to(cd), h) + Bb, ang.unsqueeze(2), mimo)  # (b, l, r, h, n)
-    Q = rotate(expand_groups(C.to(cd), h) + Cb, ang.unsqueeze(2), mimo)
+    def c_(t):
+        return t.to(cd).contiguous()
+
+    K, Q = _Rotate.apply(c_(B), c_(C), c_(B_bias), c_(C_bias), ang, h, mimo)  # (b, l, r, h, n)
     V = _ranked(xc, mx)  # (b, l, r, h, p)
-    Kc = K * (gamma + c)[:, :, None, :, None]
 
     Hin = None
     if initial_state is not None:
@@ -230,14 +305,11 @@ def mamba3_scan_native(
         Hin = h0 + first[..., None, None] * torch.einsum("srhp,srhn->shpn", _ranked(v0, mx), k0)
         Hin = Hin.contiguous()
 
+    w = gamma + c
     keep = torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in (Hin, alpha, V, Kc, Q)
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (Hin, alpha, w, V, K, Q)
     )
-    Y, HT = _Recurrence.apply(Hin, alpha.contiguous(), V.contiguous(), Kc.contiguous(), Q.contiguous(), segs, keep)
-
-    # h_t q_t[R] = u_t q_t[R] - c_t sum_r (k_t[r] . q_t[R]) v_t[r]
-    kq = torch.einsum("blrhn,blRhn->blrRh", K, Q)
-    y = Y - torch.einsum("blrRh,blrhp->blRhp", kq * c[:, :, None, None, :], V)
+    y, HT = _Recurrence.apply(Hin, alpha.contiguous(), w.contiguous(), c.contiguous(), V.contiguous(), K, Q, segs, keep)
     if Dc is not None:
         y = y + Dc[:, None] * V
     if z is not None:
