@@ -6,7 +6,7 @@
  * (which reads the previous position's k and v) into a shifted state leaves one rank-r update per position:
  *
  *     u_t = alpha_t u_{t-1} + sum_r V_t[r] K_t[r]^T        (u (p, n) per head; K already scaled by the wrapper)
- *     Y_t[R] = u_t Q_t[R]                                   (R over the same r ranks)
+ *     Y_t[R] = u_t Q_t[R] - c_t sum_r (K_t[r] . Q_t[R]) V_t[r] + D V_t[R]      (R over the same r ranks)
  *
  * (kernels/mamba3/native_ops.py derives it: u_t = h_t + (1 - lam_{t+1}) dt_{t+1} KV_t.) Every (segment, head)
  * walks independently: a segment is a batch row, or one sequence of a packed row, entered from its own state.
@@ -49,7 +49,7 @@ SL_EXPORT int mamba3_abi(void) { return SEQLAB_NATIVE_ABI; }
     SL_EXPORT int mamba3_fwd_##SUF(int64_t nseg, const int64_t *seg_b, const int64_t *seg_start,               \
                                    const int64_t *seg_len, const int64_t *seg_ck, int64_t L, int64_t H,        \
                                    int64_t P, int64_t N, int64_t R, const T *Hin, const T *alpha, const T *w,  \
-                                   const T *cc, const T *V, const T *K, const T *Q, T *Y, T *HT, T *ckpt,      \
+                                   const T *cc, const T *Dh, const T *V, const T *K, const T *Q, T *Y, T *HT, T *ckpt,      \
                                    int64_t every, int nthreads) {                                              \
         const int64_t PN = P * N, RHP = R * H * P, RHN = R * H * N;                                            \
         int failed = 0;                                                                                        \
@@ -79,7 +79,7 @@ SL_EXPORT int mamba3_abi(void) { return SEQLAB_NATIVE_ABI; }
                     M3_DOTS(T, kq, Kt, H * N, Qt, H * N, R, N);                                                \
                     if (R == 1) {                                                                              \
                         const T *restrict k0 = Kt, *restrict q0 = Qt;                                          \
-                        const T corr = ct * kq[0];                                                             \
+                        const T corr = ct * kq[0] - (Dh ? Dh[hh] : (T)0);                                      \
                         for (int64_t i = 0; i < P; i++) {                                                      \
                             T *restrict ui = u + i * N;                                                        \
                             const T v0 = Vt[i], vw = wt * v0;                                                  \
@@ -109,6 +109,7 @@ SL_EXPORT int mamba3_abi(void) { return SEQLAB_NATIVE_ABI; }
                                 _Pragma("omp simd reduction(+ : acc)")                                        \
                                 for (int64_t j = 0; j < N; j++) acc += ui[j] * qr[j];                          \
                                 for (int64_t r = 0; r < R; r++) acc -= ct * kq[r * R + R2] * Vt[r * H * P + i]; \
+                                if (Dh) acc += Dh[hh] * Vt[R2 * H * P + i];                                    \
                                 Yt[R2 * H * P + i] = acc;                                                      \
                             }                                                                                  \
                         }                                                                                      \
@@ -146,9 +147,9 @@ M3_FWD(double, f64)
     SL_EXPORT int mamba3_bwd_##SUF(int64_t nseg, const int64_t *seg_b, const int64_t *seg_start,               \
                                    const int64_t *seg_len, const int64_t *seg_ck, int64_t L, int64_t H,        \
                                    int64_t P, int64_t N, int64_t R, const T *alpha, const T *w, const T *cc,   \
-                                   const T *V, const T *K, const T *Q, const T *ckpt, int64_t every,           \
+                                   const T *Dh, const T *V, const T *K, const T *Q, const T *ckpt, int64_t every,           \
                                    const T *dY, const T *dHT, T *dHin, T *dalpha, T *dw, T *dcc, T *dV,        \
-                                   T *dK, T *dQ, int nthreads) {                                               \
+                                   T *dK, T *dQ, T *dDp, int nthreads) {                                               \
         const int64_t PN = P * N, RHP = R * H * P, RHN = R * H * N;                                            \
         int failed = 0;                                                                                        \
         _Pragma("omp parallel for collapse(2) schedule(dynamic, 1) num_threads(nthreads)")                    \
@@ -167,6 +168,8 @@ M3_FWD(double, f64)
                     memset(dU, 0, sizeof(T) * PN);                                                             \
                 const int64_t b = seg_b[s], t0 = seg_start[s], len = seg_len[s];                               \
                 const int64_t nblk = (len + every - 1) / every;                                                \
+                const T Dv = Dh ? Dh[hh] : (T)0;                                                               \
+                T dDacc = 0;                                                                                   \
                 for (int64_t c = nblk - 1; c >= 0; c--) {                                                      \
                     const int64_t c0 = c * every, c1 = (c0 + every < len) ? c0 + every : len;                  \
                     const T *entry = ckpt + ((seg_ck[s] + c) * H + hh) * PN;                                   \
@@ -188,6 +191,7 @@ M3_FWD(double, f64)
                         T dct = 0;                                                                             \
                         for (int64_t x_ = 0; x_ < R * R; x_++) dct -= kq[x_] * vdy[x_];                        \
                         dcc[bt * H + hh] = dct;                                                                \
+                        for (int64_t r = 0; r < R; r++) dDacc += vdy[r * R + r];                               \
                         for (int64_t r = 0; r < R; r++) {                                                      \
                             T *restrict dkr = dK + ko + r * H * N, *restrict dqr = dQ + ko + r * H * N;        \
                             memset(dkr, 0, sizeof(T) * N);                                                     \
@@ -221,7 +225,7 @@ M3_FWD(double, f64)
                                     sda += d * upi[j];                                                         \
                                     di[j] = a * d;                                                             \
                                 }                                                                              \
-                                dV[vo + i] = wt * sdv - ct * kq[0] * g0;                                       \
+                                dV[vo + i] = wt * sdv + (Dv - ct * kq[0]) * g0;                                \
                                 dwt += v0 * sdv;                                                               \
                                 da += sda;                                                                     \
                             } else {                                                                           \
@@ -248,7 +252,7 @@ M3_FWD(double, f64)
                                     T corr = 0;                                                                \
                                     for (int64_t R2 = 0; R2 < R; R2++)                                         \
                                         corr += kq[r * R + R2] * dY[vo + R2 * H * P + i];                      \
-                                    dV[vo + r * H * P + i] = wt * sdv - ct * corr;                             \
+                                    dV[vo + r * H * P + i] = wt * sdv - ct * corr + Dv * dY[vo + r * H * P + i]; \
                                     dwt += vr * sdv;                                                           \
                                 }                                                                              \
                                 T sda = 0;                                                                     \
@@ -265,6 +269,7 @@ M3_FWD(double, f64)
                     }                                                                                          \
                 }                                                                                              \
                 if (dHin) memcpy(dHin + (s * H + hh) * PN, dU, sizeof(T) * PN);                                \
+                if (dDp) dDp[s * H + hh] = dDacc;                                                              \
                 free(dU);                                                                                      \
             }                                                                                                  \
         }                                                                                                      \
@@ -479,13 +484,16 @@ M3_DECODE(double, f64, exp, tanh, cos, sin, floor, sl_silu_d, sl_sigmoid_d)
         for (int64_t s = 0; s < nseg; s++) {                                                                   \
             for (int64_t hh = 0; hh < H; hh++) {                                                               \
                 const int64_t b = seg_b[s], t0 = seg_start[s], len = seg_len[s];                               \
-                for (int64_t m = 0; m < A_; m++) {                                                             \
-                    double cur = ang0 ? (double)ang0[(s * H + hh) * A_ + m] : 0.0;                             \
-                    for (int64_t tt = 0; tt < len; tt++) {                                                     \
-                        const int64_t o = ((b * L + t0 + tt) * H + hh) * A_ + m;                               \
-                        cur += (double)inc[o];                                                                 \
-                        cur -= M3_TWO_PI * floor(cur / M3_TWO_PI);                                             \
-                        ang[o] = (T)cur;                                                                       \
+                double cur[A_ > 0 ? A_ : 1];                                                                   \
+                for (int64_t m = 0; m < A_; m++) cur[m] = ang0 ? (double)ang0[(s * H + hh) * A_ + m] : 0.0;    \
+                for (int64_t tt = 0; tt < len; tt++) {                                                         \
+                    const int64_t o = ((b * L + t0 + tt) * H + hh) * A_;                                       \
+                    _Pragma("omp simd")                                                                       \
+                    for (int64_t m = 0; m < A_; m++) {                                                         \
+                        double v = cur[m] + (double)inc[o + m];                                                \
+                        v -= M3_TWO_PI * floor(v / M3_TWO_PI);                                                 \
+                        cur[m] = v;                                                                            \
+                        ang[o + m] = (T)v;                                                                     \
                     }                                                                                          \
                 }                                                                                              \
             }                                                                                                  \
@@ -498,15 +506,18 @@ M3_DECODE(double, f64, exp, tanh, cos, sin, floor, sl_silu_d, sl_sigmoid_d)
         for (int64_t s = 0; s < nseg; s++) {                                                                   \
             for (int64_t hh = 0; hh < H; hh++) {                                                               \
                 const int64_t b = seg_b[s], t0 = seg_start[s], len = seg_len[s];                               \
-                for (int64_t m = 0; m < A_; m++) {                                                             \
-                    T g = 0;                                                                                   \
-                    for (int64_t tt = len - 1; tt >= 0; tt--) {                                                \
-                        const int64_t o = ((b * L + t0 + tt) * H + hh) * A_ + m;                               \
-                        g += dang[o];                                                                          \
-                        dinc[o] = g;                                                                           \
+                T g[A_ > 0 ? A_ : 1];                                                                          \
+                for (int64_t m = 0; m < A_; m++) g[m] = 0;                                                     \
+                for (int64_t tt = len - 1; tt >= 0; tt--) {                                                    \
+                    const int64_t o = ((b * L + t0 + tt) * H + hh) * A_;                                       \
+                    _Pragma("omp simd")                                                                       \
+                    for (int64_t m = 0; m < A_; m++) {                                                         \
+                        g[m] += dang[o + m];                                                                   \
+                        dinc[o + m] = g[m];                                                                    \
                     }                                                                                          \
-                    if (dang0) dang0[(s * H + hh) * A_ + m] = g;                                               \
                 }                                                                                              \
+                if (dang0)                                                                                     \
+                    for (int64_t m = 0; m < A_; m++) dang0[(s * H + hh) * A_ + m] = g[m];                      \
             }                                                                                                  \
         }                                                                                                      \
     }

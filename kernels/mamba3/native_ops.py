@@ -62,8 +62,8 @@ _P = ctypes.c_void_p
 _INT = ctypes.c_int
 _SEG_ARGS = [_I64, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64]
 _SIGNATURES = {  # name: (argument types, result type)
-    "mamba3_fwd": (_SEG_ARGS + [_P] * 10 + [_I64, _INT], _INT),
-    "mamba3_bwd": (_SEG_ARGS + [_P] * 7 + [_I64] + [_P] * 9 + [_INT], _INT),
+    "mamba3_fwd": (_SEG_ARGS + [_P] * 11 + [_I64, _INT], _INT),
+    "mamba3_bwd": (_SEG_ARGS + [_P] * 8 + [_I64] + [_P] * 10 + [_INT], _INT),
     "mamba3_rot_fwd": ([_I64] * 6 + [_INT] + [_P] * 7 + [_INT], None),
     "mamba3_rot_bwd": ([_I64] * 6 + [_INT] + [_P] * 10 + [_INT], None),
     "mamba3_angle_fwd": ([_I64, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _INT], None),
@@ -121,30 +121,31 @@ def _check(rc: int, what: str) -> None:
 
 class _Recurrence(torch.autograd.Function):
     """Per (sequence, head), from Hin (or zeros): u_t = alpha_t u_{t-1} + w_t sum_r V_t[r] K_t[r]^T and
-    Y_t[R] = u_t Q_t[R] - c_t sum_r (K_t[r] . Q_t[R]) V_t[r]. Returns (Y (b, l, r, h, p), the final u per
-    sequence (nseg, h, p, n)). Inputs contiguous, one dtype; alpha, w, c (b, l, h)."""
+    Y_t[R] = u_t Q_t[R] - c_t sum_r (K_t[r] . Q_t[R]) V_t[r] + D V_t[R] (D (h,) or None). Returns
+    (Y (b, l, r, h, p), the final u per sequence (nseg, h, p, n)). Inputs contiguous, one dtype; alpha, w, c
+    (b, l, h)."""
 
     @staticmethod
-    def forward(ctx, Hin, alpha, w, c, V, K, Q, segs: _Segments, keep: bool):
+    def forward(ctx, Hin, alpha, w, c, D, V, K, Q, segs: _Segments, keep: bool):
         b, l, r, h, p = V.shape
         n = K.shape[-1]
         Y = V.new_empty(V.shape)
         HT = V.new_empty((segs.count, h, p, n))
         ckpt = V.new_empty((segs.blocks, h, p, n)) if keep else None
         rc = _kernel("mamba3_fwd", V.dtype)(
-            *segs.args(), l, h, p, n, r, ptr(Hin), ptr(alpha), ptr(w), ptr(c), ptr(V), ptr(K), ptr(Q), ptr(Y),
+            *segs.args(), l, h, p, n, r, ptr(Hin), ptr(alpha), ptr(w), ptr(c), ptr(D), ptr(V), ptr(K), ptr(Q), ptr(Y),
             ptr(HT), ptr(ckpt), segs.every, num_threads(),
         )  # fmt: skip
         _check(rc, "forward")
         ctx.segs = segs
         ctx.has_hin = Hin is not None
         if keep:
-            ctx.save_for_backward(alpha, w, c, V, K, Q, ckpt)
+            ctx.save_for_backward(alpha, w, c, D, V, K, Q, ckpt)
         return Y, HT
 
     @staticmethod
     def backward(ctx, dY, dHT):
-        alpha, w, c, V, K, Q, ckpt = ctx.saved_tensors
+        alpha, w, c, D, V, K, Q, ckpt = ctx.saved_tensors
         segs = ctx.segs
         b, l, r, h, p = V.shape
         n = K.shape[-1]
@@ -153,12 +154,14 @@ class _Recurrence(torch.autograd.Function):
         dHin = V.new_empty((segs.count, h, p, n)) if ctx.has_hin else None
         dalpha, dw, dc = torch.empty_like(alpha), torch.empty_like(w), torch.empty_like(c)
         dV, dK, dQ = torch.empty_like(V), torch.empty_like(K), torch.empty_like(Q)
+        dDp = None if D is None else V.new_empty((segs.count, h))  # per sequence: summed below
         rc = _kernel("mamba3_bwd", V.dtype)(
-            *segs.args(), l, h, p, n, r, ptr(alpha), ptr(w), ptr(c), ptr(V), ptr(K), ptr(Q), ptr(ckpt), segs.every,
-            ptr(dY), ptr(dHT), ptr(dHin), ptr(dalpha), ptr(dw), ptr(dc), ptr(dV), ptr(dK), ptr(dQ), num_threads(),
+            *segs.args(), l, h, p, n, r, ptr(alpha), ptr(w), ptr(c), ptr(D), ptr(V), ptr(K), ptr(Q), ptr(ckpt),
+            segs.every, ptr(dY), ptr(dHT), ptr(dHin), ptr(dalpha), ptr(dw), ptr(dc), ptr(dV), ptr(dK), ptr(dQ),
+            ptr(dDp), num_threads(),
         )  # fmt: skip
         _check(rc, "backward")
-        return dHin, dalpha, dw, dc, dV, dK, dQ, None, None
+        return dHin, dalpha, dw, dc, None if dDp is None else dDp.sum(0), dV, dK, dQ, None, None
 
 
 class _Angles(torch.autograd.Function):
@@ -307,11 +310,12 @@ def mamba3_scan_native(
 
     w = gamma + c
     keep = torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in (Hin, alpha, w, V, K, Q)
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (Hin, alpha, w, Dc, V, K, Q)
     )
-    y, HT = _Recurrence.apply(Hin, alpha.contiguous(), w.contiguous(), c.contiguous(), V.contiguous(), K, Q, segs, keep)
-    if Dc is not None:
-        y = y + Dc[:, None] * V
+    Dc = None if Dc is None else Dc.contiguous()
+    y, HT = _Recurrence.apply(
+        Hin, alpha.contiguous(), w.contiguous(), c.contiguous(), Dc, V.contiguous(), K, Q, segs, keep
+    )
     if z is not None:
         y = y * F.silu(_ranked(z.to(cd), mz))
     if not mimo:
