@@ -87,6 +87,8 @@ def main() -> None:
                     leaves = {k: v.clone().requires_grad_(True) for k, v in inp.items()}
 
                     def run(fn=fn, leaves=leaves):
+                        for leaf in leaves.values():  # a fresh gradient each time, as in a training step
+                            leaf.grad = None
                         y, s = call(fn, leaves, args.chunk)
                         (y.sum() + s[1].sum()).backward()
 

@@ -317,46 +317,60 @@ M3_BWD(double, f64)
         }                                                                                                      \
     }
 
-/* The backward: dpre = rot^T(dK) (BL, R, H, N) (the gradient of B + Bb per head, summed over heads and
- * positions by the caller), likewise dpreC, and dang (BL, H, A): for a pair (k0, k1) = rot(u0, u1),
- * d/dangle = -dk0 k1 + dk1 k0, summed over ranks and over K and Q. dK or dQ may be NULL (no gradient). */
+/* The backward: with dpre = rot^T(dK) per (position, rank, head), dB (BL, R, G, N) = dpre summed over the heads
+ * of each group (one thread owns a position, so no two threads write one row), dBb (nthreads, H, R, N) = dpre
+ * summed over the positions each thread ran (the caller sums the threads), likewise for C; and dang (BL, H, A):
+ * for a pair (k0, k1) = rot(u0, u1), d/dangle = -dk0 k1 + dk1 k0, summed over ranks and over K and Q. dK or dQ
+ * may be NULL (no gradient). */
 #define M3_ROT_BWD(T, SUF, COS, SIN)                                                                           \
     SL_EXPORT void mamba3_rot_bwd_##SUF(int64_t BL, int64_t R, int64_t G, int64_t H, int64_t N, int64_t A_,    \
                                         int mimo, const T *Bm, const T *Cm, const T *Bb, const T *Cb,          \
-                                        const T *ang, const T *dK, const T *dQ, T *dpreB, T *dpreC, T *dang,   \
-                                        int nthreads) {                                                        \
-        const int64_t hpg = H / G;                                                                             \
-        _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                                    \
-        for (int64_t bl = 0; bl < BL; bl++) {                                                                  \
-            T cs[A_ > 0 ? A_ : 1], sn[A_ > 0 ? A_ : 1];                                                        \
-            for (int64_t hh = 0; hh < H; hh++) {                                                               \
-                const T *an = ang + (bl * H + hh) * A_;                                                        \
-                T *da = dang + (bl * H + hh) * A_;                                                             \
-                for (int64_t m = 0; m < A_; m++) {                                                             \
-                    cs[m] = COS(an[m]);                                                                        \
-                    sn[m] = SIN(an[m]);                                                                        \
-                    da[m] = 0;                                                                                 \
-                }                                                                                              \
-                for (int64_t r = 0; r < R; r++) {                                                              \
-                    for (int which = 0; which < 2; which++) {                                                  \
-                        const T *dsrc = which ? dQ : dK;                                                       \
-                        T *dout = (which ? dpreC : dpreB) + ((bl * R + r) * H + hh) * N;                       \
-                        if (!dsrc) {                                                                           \
-                            memset(dout, 0, sizeof(T) * N);                                                    \
-                            continue;                                                                          \
-                        }                                                                                      \
-                        const T *src = (which ? Cm : Bm) + ((bl * R + r) * G + hh / hpg) * N;                  \
-                        const T *bias = (which ? Cb : Bb) + (hh * R + r) * N;                                  \
-                        const T *d = dsrc + ((bl * R + r) * H + hh) * N;                                       \
-                        memcpy(dout, d, sizeof(T) * N);                                                        \
-                        for (int64_t m = 0; m < A_; m++) {                                                     \
-                            const int64_t i0 = mimo ? m : 2 * m, i1 = mimo ? m + N / 2 : 2 * m + 1;            \
-                            const T u0 = src[i0] + bias[i0], u1 = src[i1] + bias[i1];                          \
-                            const T k0 = u0 * cs[m] - u1 * sn[m], k1 = u0 * sn[m] + u1 * cs[m];                \
-                            const T d0 = d[i0], d1 = d[i1];                                                    \
-                            dout[i0] = d0 * cs[m] + d1 * sn[m];                                                \
-                            dout[i1] = -d0 * sn[m] + d1 * cs[m];                                               \
-                            da[m] += -d0 * k1 + d1 * k0;                                                       \
+                                        const T *ang, const T *dK, const T *dQ, T *dB, T *dC, T *dBb, T *dCb,  \
+                                        T *dang, int nthreads) {                                               \
+        const int64_t hpg = H / G, HRN = H * R * N;                                                            \
+        memset(dB, 0, sizeof(T) * BL * R * G * N);                                                             \
+        memset(dC, 0, sizeof(T) * BL * R * G * N);                                                             \
+        memset(dBb, 0, sizeof(T) * nthreads * HRN);                                                            \
+        memset(dCb, 0, sizeof(T) * nthreads * HRN);                                                            \
+        _Pragma("omp parallel num_threads(nthreads)")                                                         \
+        {                                                                                                      \
+            const int tid = omp_get_thread_num();                                                              \
+            T cs[A_ > 0 ? A_ : 1], sn[A_ > 0 ? A_ : 1], tmp[N];                                                \
+            _Pragma("omp for schedule(static)")                                                               \
+            for (int64_t bl = 0; bl < BL; bl++) {                                                              \
+                for (int64_t hh = 0; hh < H; hh++) {                                                           \
+                    const T *an = ang + (bl * H + hh) * A_;                                                    \
+                    T *da = dang + (bl * H + hh) * A_;                                                         \
+                    for (int64_t m = 0; m < A_; m++) {                                                         \
+                        cs[m] = COS(an[m]);                                                                    \
+                        sn[m] = SIN(an[m]);                                                                    \
+                        da[m] = 0;                                                                             \
+                    }                                                                                          \
+                    for (int64_t r = 0; r < R; r++) {                                                          \
+                        for (int which = 0; which < 2; which++) {                                              \
+                            const T *dsrc = which ? dQ : dK;                                                   \
+                            if (!dsrc) continue;                                                               \
+                            const int64_t grow = ((bl * R + r) * G + hh / hpg) * N;                            \
+                            const T *src = (which ? Cm : Bm) + grow;                                           \
+                            const T *bias = (which ? Cb : Bb) + (hh * R + r) * N;                              \
+                            const T *d = dsrc + ((bl * R + r) * H + hh) * N;                                   \
+                            memcpy(tmp, d, sizeof(T) * N);                                                     \
+                            for (int64_t m = 0; m < A_; m++) {                                                 \
+                                const int64_t i0 = mimo ? m : 2 * m, i1 = mimo ? m + N / 2 : 2 * m + 1;        \
+                                const T u0 = src[i0] + bias[i0], u1 = src[i1] + bias[i1];                      \
+                                const T k0 = u0 * cs[m] - u1 * sn[m], k1 = u0 * sn[m] + u1 * cs[m];            \
+                                const T d0 = d[i0], d1 = d[i1];                                                \
+                                tmp[i0] = d0 * cs[m] + d1 * sn[m];                                             \
+                                tmp[i1] = -d0 * sn[m] + d1 * cs[m];                                            \
+                                da[m] += -d0 * k1 + d1 * k0;                                                   \
+                            }                                                                                  \
+                            T *restrict drow = (which ? dC : dB) + grow;                                       \
+                            T *restrict dbias = (which ? dCb : dBb) + tid * HRN + (hh * R + r) * N;            \
+                            _Pragma("omp simd")                                                               \
+                            for (int64_t j = 0; j < N; j++) {                                                  \
+                                drow[j] += tmp[j];                                                             \
+                                dbias[j] += tmp[j];                                                            \
+                            }                                                                                  \
                         }                                                                                      \
                     }                                                                                          \
                 }                                                                                              \

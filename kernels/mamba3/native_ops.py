@@ -65,7 +65,7 @@ _SIGNATURES = {  # name: (argument types, result type)
     "mamba3_fwd": (_SEG_ARGS + [_P] * 11 + [_I64, _INT], _INT),
     "mamba3_bwd": (_SEG_ARGS + [_P] * 8 + [_I64] + [_P] * 10 + [_INT], _INT),
     "mamba3_rot_fwd": ([_I64] * 6 + [_INT] + [_P] * 7 + [_INT], None),
-    "mamba3_rot_bwd": ([_I64] * 6 + [_INT] + [_P] * 10 + [_INT], None),
+    "mamba3_rot_bwd": ([_I64] * 6 + [_INT] + [_P] * 12 + [_INT], None),
     "mamba3_angle_fwd": ([_I64, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _INT], None),
     "mamba3_angle_bwd": ([_I64, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _INT], None),
     "mamba3_step": ([_I64] * 7 + [_P] * 18 + [_INT] + [_P] * 5 + [_INT], None),
@@ -218,21 +218,16 @@ class _Rotate(torch.autograd.Function):
         h = B_bias.shape[0]
         dK = None if dK is None else dK.contiguous()
         dQ = None if dQ is None else dQ.contiguous()
-        dpreB = B.new_empty((b, l, r, h, n))
-        dpreC = B.new_empty((b, l, r, h, n))
+        threads = num_threads()
+        dB, dC = torch.empty_like(B), torch.empty_like(C)
+        dBb = B.new_empty((threads, h, r, n))  # per thread: summed here
+        dCb = B.new_empty((threads, h, r, n))
         dang = torch.empty_like(ang)
         _kernel("mamba3_rot_bwd", B.dtype)(
             b * l, r, g, h, n, ang.shape[-1], int(ctx.mimo), ptr(B), ptr(C), ptr(B_bias), ptr(C_bias), ptr(ang),
-            ptr(dK), ptr(dQ), ptr(dpreB), ptr(dpreC), ptr(dang), num_threads(),
+            ptr(dK), ptr(dQ), ptr(dB), ptr(dC), ptr(dBb), ptr(dCb), ptr(dang), threads,
         )  # fmt: skip
-
-        def per_group(d):  # heads h of group h // (h / g) read the same B row
-            return d.unflatten(3, (g, h // g)).sum(4)
-
-        def per_bias(d):  # (b, l, r, h, n) -> (h, r, n)
-            return d.sum((0, 1)).transpose(0, 1)
-
-        return per_group(dpreB), per_group(dpreC), per_bias(dpreB), per_bias(dpreC), dang, None, None
+        return dB, dC, dBb.sum(0), dCb.sum(0), dang, None, None
 
 
 def _ranked(t: torch.Tensor, w) -> torch.Tensor:
