@@ -4,6 +4,8 @@ Peers, run side by side in one process on the same inputs:
 
 - ``chunked``: seqlab's vectorised path (``kernels/scan/chunked.py``), forward under ``no_grad`` and
   forward + backward;
+- ``native``: seqlab's compiled C kernels (``kernels/csrc/scan.c``, ``conv1d.c``), the same two modes, with the
+  chunked / native time ratio in the last column (``--no-native`` leaves them out; they need a C compiler);
 - ``naive``: the textbook / HF "slow path" way: materialise exp(delta A) and delta B u as full (b, d, l, n)
   tensors, then a Python loop over time (forward + backward only up to ``--naive-bwd-max``);
 - ``ref``: the float64-capable sequential reference (run in float32 here; only up to ``--ref-max``, it is slow).
@@ -31,8 +33,11 @@ import time
 
 import torch
 
+from seqlab.kernels._native import native_available
 from seqlab.kernels.conv1d.chunked import causal_conv1d_chunked
+from seqlab.kernels.conv1d.native_ops import causal_conv1d_native
 from seqlab.kernels.scan.chunked import selective_scan_chunked
+from seqlab.kernels.scan.native_ops import selective_scan_native
 from seqlab.kernels.scan.ref import selective_scan_ref
 
 
@@ -74,6 +79,10 @@ def naive_scan(u, delta, A, B, C, D, z, delta_bias):
 
 def fast_scan(**kw):
     return selective_scan_chunked(**kw, delta_softplus=True)
+
+
+def native_scan(**kw):
+    return selective_scan_native(**kw, delta_softplus=True)
 
 
 def ref_scan(**kw):
@@ -127,6 +136,7 @@ def main(argv=None):
     p.add_argument("--naive-bwd-max", type=int, default=2048, help="longest l for the naive backward")
     p.add_argument("--no-backward", action="store_true")
     p.add_argument("--no-conv", action="store_true")
+    p.add_argument("--no-native", action="store_true", help="leave out the compiled C kernels")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -137,7 +147,10 @@ def main(argv=None):
         f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.2f} at start"
     )
-    header = f"{'l':>6} {'layout':<13} {'impl':<6} {'mode':<8} {'ms':>10} {'Mtok/s':>9} {'vs naive':>9}"
+    native = not args.no_native and native_available("scan.c") and native_available("conv1d.c")
+    header = (
+        f"{'l':>6} {'layout':<13} {'impl':<11} {'mode':<8} {'ms':>10} {'Mtok/s':>9} {'vs naive':>9} {'chunked/x':>9}"
+    )
     print(header)
     print("-" * len(header))
     per_token = {}
@@ -160,9 +173,14 @@ def main(argv=None):
             ms = best_ms(run_forward(fast_scan, inputs), args.repeats)
             per_token[(l, layout)] = ms / tok
             rows.append(("chunked", "fwd", ms, naive_fwd))
+            if native:
+                rows.append(("native", "fwd", best_ms(run_forward(native_scan, inputs), args.repeats), naive_fwd, ms))
             if not args.no_backward:
                 ms = best_ms(run_backward(fast_scan, inputs), max(1, args.repeats - 1))
                 rows.append(("chunked", "fwd+bwd", ms, naive_bwd))
+                if native:
+                    nat = best_ms(run_backward(native_scan, inputs), max(1, args.repeats - 1))
+                    rows.append(("native", "fwd+bwd", nat, naive_bwd, ms))
             if not args.no_conv:
                 gen = torch.Generator().manual_seed(1)
                 conv_in = dict(
@@ -171,12 +189,24 @@ def main(argv=None):
                     bias=torch.randn(args.d, generator=gen),
                 )
                 conv = lambda **kw: causal_conv1d_chunked(**kw, activation="silu")  # noqa: E731
-                rows.append(("conv1d", "fwd", best_ms(run_forward(conv, conv_in), args.repeats), None))
+                conv_nat = lambda **kw: causal_conv1d_native(**kw, activation="silu")  # noqa: E731
+                ms = best_ms(run_forward(conv, conv_in), args.repeats)
+                rows.append(("conv1d", "fwd", ms, None))
+                if native:
+                    rows.append(("conv1d-nat", "fwd", best_ms(run_forward(conv_nat, conv_in), args.repeats), None, ms))
                 if not args.no_backward:
-                    rows.append(("conv1d", "fwd+bwd", best_ms(run_backward(conv, conv_in), args.repeats), None))
-            for impl, mode, ms, base in rows:
+                    ms = best_ms(run_backward(conv, conv_in), args.repeats)
+                    rows.append(("conv1d", "fwd+bwd", ms, None))
+                    if native:
+                        nat = best_ms(run_backward(conv_nat, conv_in), args.repeats)
+                        rows.append(("conv1d-nat", "fwd+bwd", nat, None, ms))
+            for impl, mode, ms, base, *peer in rows:
                 ratio = f"{base / ms:8.1f}x" if base else f"{'':>9}"
-                print(f"{l:>6} {layout:<13} {impl:<6} {mode:<8} {ms:>10.1f} {tok / ms / 1e3:>9.3f} {ratio}", flush=True)
+                vs = f"{peer[0] / ms:8.1f}x" if peer else f"{'':>9}"
+                print(
+                    f"{l:>6} {layout:<13} {impl:<11} {mode:<8} {ms:>10.1f} {tok / ms / 1e3:>9.3f} {ratio} {vs}",
+                    flush=True,
+                )
     if len(args.lengths) > 1:
         first, last = min(args.lengths), max(args.lengths)
         for layout in layouts:
