@@ -1,13 +1,17 @@
-"""CPU forward speed: seqlab (chunked backend) vs HF transformers' own CPU path, on the same weights.
+"""CPU forward speed: seqlab (native and chunked backends) vs HF transformers' own CPU path, on the same weights.
 
 Config (the issue's): d_model 256, 4 layers, vocab 256, batch 1, fp32; Mamba-1 (d_state 16, expand 2) and
 Mamba-2 (d_state 64, headdim 32, chunk 64); Mamba-3 SISO (d_state 64, headdim 32, chunk 64: the same width,
 seqlab only, as transformers has no Mamba-3). HF models get random weights; seqlab loads the same weights
 through ``seqlab.interop.hf.load``, and the logits are compared on a short input before timing.
 
+seqlab runs twice, on the same weights: "native" is ``set_backend("native")`` (the compiled CPU kernels of
+seqlab.kernels; where they do not build or do not cover an op the model needs, the script says why and shows
+'-') and "chunked" is ``set_backend("chunked")`` (vectorised PyTorch).
+
 Timing: torch.no_grad, one warm-up on min(L, 1024) tokens, then the median of ``--repeats`` forwards
-(time.perf_counter). HF runs with use_cache=False and seqlab with return_state=False (neither returns a
-state). HF beyond ``--hf-max-len`` tokens is skipped and shown as '-'.
+(time.perf_counter), the peers taking turns. HF runs with use_cache=False and seqlab with return_state=False
+(neither returns a state). HF beyond ``--hf-max-len`` tokens is skipped and shown as '-'.
 
 Streaming: a fresh subprocess feeds N tokens to the seqlab Mamba-1 model in chunks of 8192, threading the
 state and discarding the logits, and reports its own peak RSS (getrusage ru_maxrss); 100k and 1M tokens each
@@ -151,6 +155,44 @@ def build_pair(kind: str, with_hf: bool):
     return model.set_backend("chunked"), hf
 
 
+def native_peer(model, vocab: int = VOCAB, check_len: int = 37):
+    """(a copy of ``model`` on seqlab's compiled CPU kernels, "") or (None, why not).
+
+    ``set_backend`` itself checks nothing; a short forward (odd length) finds out whether every op the model
+    needs has a native kernel that builds here."""
+    from seqlab.kernels.errors import KernelBackendError
+
+    native = copy.deepcopy(model).set_backend("native")
+    ids = torch.randint(0, vocab, (1, check_len), generator=torch.Generator().manual_seed(3))
+    try:
+        with torch.no_grad():
+            native(ids, return_state=False)
+    except (KernelBackendError, ImportError, AttributeError, NotImplementedError) as exc:
+        # ImportError / AttributeError: a C source exists but its Python wrapper (native_ops) has not landed yet
+        return None, f"{type(exc).__name__}: {exc}"
+    return native, ""
+
+
+def native_status() -> str:
+    """One line: the commit measured and which compiled CPU kernels build here (csrc file: yes/no)."""
+    from seqlab.kernels._dispatch import NATIVE_SOURCES
+    from seqlab.kernels._native import native_available
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    sources = sorted(set(NATIVE_SOURCES.values()))
+    built = ", ".join(f"{src} {'yes' if native_available(src) else 'no'}" for src in sources)
+    return f"commit: {commit or 'unknown'}; native kernels built here: {built}"
+
+
 @torch.no_grad()
 def time_peers(fns: dict, length: int, repeats: int) -> dict:
     """Median seconds of each ``fn(ids)`` on the same ``length`` random tokens.
@@ -177,46 +219,68 @@ def fmt_rate(value: float | None) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+def _ratio(a: float | None, b: float | None, digits: int = 1) -> str:
+    return "-" if a is None or b is None else f"{a / b:.{digits}f}x"
+
+
 def run_speed(args) -> None:
     rows = []
     scaling = []
     for kind in MODELS:
         model, hf = build_pair(kind, with_hf=not args.skip_hf)
+        native, why = native_peer(model)
+        if native is None:
+            print(f"{kind}: seqlab native: unavailable ({why})", flush=True)
         if hf is not None:
             ids = torch.randint(0, VOCAB, (1, args.check_len), generator=torch.Generator().manual_seed(1))
             with torch.no_grad():
-                err = rel_err(model(ids, return_state=False).logits, hf(ids, use_cache=False).logits)
-            print(f"{kind}: seqlab vs HF logits on {args.check_len} tokens: max|diff|/max|HF| = {err:.2e}", flush=True)
+                want = hf(ids, use_cache=False).logits
+                err = rel_err(model(ids, return_state=False).logits, want)
+                native_err = (
+                    "" if native is None else f", native {rel_err(native(ids, return_state=False).logits, want):.2e}"
+                )
+            print(
+                f"{kind}: seqlab vs HF logits on {args.check_len} tokens: max|diff|/max|HF| = {err:.2e} (chunked)"
+                f"{native_err}",
+                flush=True,
+            )
         reference = copy.deepcopy(model).double().set_backend("ref")
         rates = {}
         for length in args.lengths:
-            peers = {"seqlab": lambda x: model(x, return_state=False)}
+            peers = {} if native is None else {"native": lambda x: native(x, return_state=False)}
+            peers["seqlab"] = lambda x: model(x, return_state=False)
             if hf is not None and length <= args.hf_max_len:
                 peers["hf"] = lambda x: hf(x, use_cache=False)
             seconds = time_peers(peers, length, args.repeats)
             if length <= args.ref_max_len:  # the sequential float64 truth: slow, timed once
                 seconds.update(time_peers({"ref": lambda x: reference(x, return_state=False)}, length, 1))
             rate = {name: length / s for name, s in seconds.items()}
-            rates[length] = rate["seqlab"]
-            hf_rate, ref_rate = rate.get("hf"), rate.get("ref")
-            ratio = "-" if hf_rate is None else f"{rate['seqlab'] / hf_rate:.1f}x"
-            ref_ratio = "-" if ref_rate is None else f"{rate['seqlab'] / ref_rate:.0f}x"
+            rates[length] = rate
+            chunked, nat, hf_rate, ref_rate = rate["seqlab"], rate.get("native"), rate.get("hf"), rate.get("ref")
             rows.append(
-                f"| {kind} | {length} | {fmt_rate(rate['seqlab'])} | {fmt_rate(hf_rate)} | {ratio} | "
-                f"{fmt_rate(ref_rate)} | {ref_ratio} |"
+                f"| {kind} | {length} | {fmt_rate(nat)} | {fmt_rate(chunked)} | {fmt_rate(hf_rate)} | "
+                f"{_ratio(nat, hf_rate)} | {_ratio(chunked, hf_rate)} | {_ratio(nat, chunked, 2)} | "
+                f"{fmt_rate(ref_rate)} | {_ratio(chunked, ref_rate, 0)} |"
             )
             print(
-                f"  {kind} L={length}: seqlab {fmt_rate(rate['seqlab'])} tok/s, HF {fmt_rate(hf_rate)} tok/s, "
-                f"float64 ref {fmt_rate(ref_rate)} tok/s",
+                f"  {kind} L={length}: seqlab native {fmt_rate(nat)} tok/s, chunked {fmt_rate(chunked)} tok/s, "
+                f"HF {fmt_rate(hf_rate)} tok/s, float64 ref {fmt_rate(ref_rate)} tok/s",
                 flush=True,
             )
         lo, hi = min(rates), max(rates)
         if hi != lo:
-            scaling.append(f"{kind}: seqlab tok/s at L={hi} / at L={lo} = {rates[hi] / rates[lo]:.2f}")
+            for peer, label in (("native", "native"), ("seqlab", "chunked")):
+                if peer in rates[hi] and peer in rates[lo]:
+                    scaling.append(
+                        f"{kind}: seqlab {label} tok/s at L={hi} / at L={lo} = {rates[hi][peer] / rates[lo][peer]:.2f}"
+                    )
 
     print()
-    print("| model | L | seqlab tok/s | HF tok/s | seqlab / HF | float64 ref tok/s | seqlab / ref |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| model | L | seqlab native tok/s | seqlab chunked tok/s | HF tok/s | native / HF | chunked / HF | "
+        "native / chunked | float64 ref tok/s | chunked / ref |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(row)
     print()
@@ -325,6 +389,7 @@ def main(argv=None) -> None:
         f"median of {args.repeats} after a warm-up; HF up to L={args.hf_max_len}"
         + (" (skipped)" if args.skip_hf else "")
     )
+    print(native_status())
     print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
     print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}", flush=True)
     print()

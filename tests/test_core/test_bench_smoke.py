@@ -32,10 +32,32 @@ def run_bench(script: str, *args: str) -> str:
 
 def test_cpu_forward_quick_runs_and_prints_the_table():
     out = run_bench("cpu_forward.py", "--quick")
-    assert "| model | L | seqlab tok/s | HF tok/s | seqlab / HF |" in out
+    assert "| model | L | seqlab native tok/s | seqlab chunked tok/s | HF tok/s | native / HF | chunked / HF |" in out
+    assert "native kernels built here:" in out
     assert "| Mamba-1 | 128 |" in out and "| Mamba-2 | 256 |" in out
     assert "seqlab vs HF logits" in out
     assert "| tokens | peak RSS (MiB) |" in out and "peak RSS 16,384 / 4,096 tokens" in out
+
+
+def test_train_speed_quick_runs_and_prints_the_table():
+    out = run_bench("train_speed.py", "--quick", "--lengths", "64", "--models", "Mamba-2")
+    assert "| model | L | seqlab native tok/s | seqlab chunked tok/s | HF tok/s | native / HF |" in out
+    assert "| Mamba-2 | 64 |" in out
+    assert "Mamba-2: seqlab chunked vs HF on 100 tokens: loss" in out
+
+
+def test_llamacpp_quick_runs_or_says_why_not():
+    """With llama-cpp-python: the agreement line and the table; without: one line saying so, exit status 0."""
+    out = run_bench("llamacpp.py", "--quick", "--models", "Mamba-1", "--lengths", "64", "--new-tokens", "4")
+    try:
+        import gguf  # noqa: F401
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        assert "skipped" in out
+        return
+    assert "Mamba-1: llama.cpp vs seqlab logits on 48 tokens" in out and "greedy tokens equal: 16/16" in out
+    assert "| model | metric | seqlab tok/s | llama.cpp tok/s | seqlab / llama.cpp |" in out
+    assert "| Mamba-1 | prompt 64 |" in out and "| Mamba-1 | decode b=1 (4 tokens after 64) |" in out
 
 
 def test_generate_quick_runs_and_prints_the_table():
