@@ -62,8 +62,15 @@ lock: test-latest
 	  cat $(LATEST)/versions.txt; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK)
 
+# The CPU benches at modest sizes, each printing its own machine line and tables (docs/benchmarks.md has the full
+# runs and their commands): forward (seqlab native and chunked vs HF), training forward + backward (vs HF),
+# seqlab vs llama.cpp on the same GGUF weights (says "skipped" and goes on where llama-cpp-python is not
+# installed), decode against context length. About 12 minutes on the 2-core VM when it is otherwise idle.
 bench: $(STAMP)
-	$(BIN)/python bench/cpu_forward.py
+	$(BIN)/python bench/cpu_forward.py --lengths 2048 8192 --skip-stream
+	$(BIN)/python bench/train_speed.py --lengths 512 2048
+	$(BIN)/python bench/llamacpp.py --lengths 2048
+	$(BIN)/python bench/generate.py --contexts 1024 8192
 
 clean:
 	rm -rf $(VENV) $(LATEST) build dist *.egg-info .pytest_cache .hypothesis
