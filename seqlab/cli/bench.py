@@ -1,6 +1,7 @@
 """``seqlab bench``: a quick forward-throughput comparison on this machine, in one process, on the same weights.
 
-Peers: the model's fast PyTorch path (``backend="chunked"``, float32), its float64 twin on the sequential reference
+Peers: the model's fast PyTorch path (``backend="chunked"``, float32), the compiled CPU kernels
+(``backend="native"``, float32, where they build on this machine), its float64 twin on the sequential reference
 kernels (``backend="ref"``: the truth the fast paths are tested against), and, when a CUDA GPU is present, the
 torch path and the Triton kernels on that GPU. Each peer's output is compared with the float64 reference on the
 timed input (max absolute difference). Timings are the median of ``--repeats`` forwards after a warm-up, the
@@ -32,6 +33,21 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+# the kernels each mixer runs (the native peer needs them all to build)
+NATIVE_OPS = {
+    "mamba1": ("selective_scan", "causal_conv1d"),
+    "mamba2": ("ssd_scan", "causal_conv1d"),
+    "mamba3": ("mamba3_scan",),
+}
+
+
+def _native_builds(ssm: str) -> bool:
+    from seqlab.kernels._dispatch import NATIVE_SOURCES
+    from seqlab.kernels._native import native_available
+
+    return all(native_available(NATIVE_SOURCES[op]) for op in NATIVE_OPS.get(ssm, ("selective_scan",)))
+
+
 def _peers(model, with_ref: bool) -> dict:
     """name -> (model, device) on the same weights."""
     import torch
@@ -39,6 +55,8 @@ def _peers(model, with_ref: bool) -> dict:
     from seqlab.kernels import triton_available
 
     peers = {"torch (cpu, fp32)": (model.set_backend("chunked"), torch.device("cpu"))}
+    if _native_builds(model.config.ssm):
+        peers["native (cpu, fp32)"] = (copy.deepcopy(model).set_backend("native"), torch.device("cpu"))
     if with_ref:
         peers["float64 ref (cpu)"] = (copy.deepcopy(model).double().set_backend("ref"), torch.device("cpu"))
     if torch.cuda.is_available():
@@ -83,8 +101,9 @@ def estimate_bytes(config, args) -> int:
     with torch.device("meta"):
         params = sum(p.numel() for p in LanguageModel(config, vocab_size=VOCAB).parameters())
     tokens = args.batch_size * args.length
-    peers = 1 if args.no_ref else 2
-    return params * (4 + 8 * (peers - 1)) + tokens * (8 + VOCAB * 8 * peers)
+    # the chunked and native float32 peers, and the float64 reference unless --no-ref
+    refs = 0 if args.no_ref else 1
+    return params * (8 + 8 * refs) + tokens * (8 + VOCAB * 8 * (2 + refs))
 
 
 def _gib(n: float) -> str:

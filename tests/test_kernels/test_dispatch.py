@@ -65,8 +65,12 @@ def test_no_kernel_module_is_named_like_a_top_level_package():
         assert info.name.rsplit(".", 1)[-1] not in taken, info.name
 
 
-def test_auto_picks_the_chunked_path_for_cpu_tensors():
-    assert K.resolve_backend("auto", torch.zeros(1)) == "chunked"
+def test_auto_picks_the_compiled_kernels_for_cpu_tensors_where_they_build_else_the_chunked_path():
+    from seqlab.kernels._native import native_available
+
+    for op, source in K._dispatch.NATIVE_SOURCES.items():
+        want = "native" if native_available(source) else "chunked"
+        assert K.resolve_backend("auto", torch.zeros(1), op=op) == want, op
     assert K.resolve_backend("ref", torch.zeros(1)) == "ref"
     with pytest.raises(KernelInputError, match="backend must be one of"):
         K.resolve_backend("cuda", torch.zeros(1))
