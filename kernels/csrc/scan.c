@@ -310,171 +310,202 @@ SL_EXPORT void FN(sl_scan_fwd)(const sl_scan_args *a, int nthreads) {
     }
 }
 
+static inline R FN(hsum)(SL_VEC v) {
+    R s = 0;
+    for (int c = 0; c < VL; c++) s += v[c];
+    return s;
+}
+
 SL_EXPORT void FN(sl_scan_bwd)(const sl_scan_args *a, int nthreads) {
     const int64_t d = a->d, n = a->n, g = a->g, l = a->l, K = a->K, dg = d / g, nb = (dg + VL - 1) / VL;
-    const int64_t nseq = a->cu ? a->nseq : 1, nck = (l + K - 1) / K, P = a->P;
+    const int64_t nseq = a->cu ? a->nseq : 1, nck = (l + K - 1) / K, P = a->P < nb ? a->P : nb;
     const int64_t ntask = a->b * g * P;
+    /* Tasks and memory order as in the forward: a task owns a slice of channel blocks of one (batch row,
+     * group); it walks the K-position chunks newest first and, inside a chunk, its blocks one by one (the
+     * chunk's rows of u / delta / z / dy are reused from cache by every block). */
 #pragma omp parallel num_threads(nthreads)
     {
-        const size_t nv = (size_t)n * VL;
-        R *Av = aligned_alloc(64, nv * sizeof(R) + 64);
-        R *mu = aligned_alloc(64, nv * sizeof(R) + 64);
-        R *gAv = aligned_alloc(64, nv * sizeof(R) + 64);
-        R *hst = aligned_alloc(64, nv * sizeof(R) + 64);
-        R *H = aligned_alloc(64, (size_t)K * nv * sizeof(R) + 64); /* the chunk's states */
-        R *DT = aligned_alloc(64, (size_t)K * VL * sizeof(R) + 64); /* the chunk's effective dt */
+        const int64_t maxb = (nb + P - 1) / P;
+        SL_VEC *Av = aligned_alloc(64, (size_t)(maxb * n) * sizeof(SL_VEC));
+        SL_VEC *mu = aligned_alloc(64, (size_t)(maxb * n) * sizeof(SL_VEC)); /* dL/dh after the position */
+        SL_VEC *gAv = aligned_alloc(64, (size_t)(maxb * n) * sizeof(SL_VEC));
+        SL_VEC *per = aligned_alloc(64, (size_t)(maxb * 4) * sizeof(SL_VEC)); /* D, bias, gD, gbias */
+        SL_VEC *H = aligned_alloc(64, (size_t)((K + 1) * n) * sizeof(SL_VEC)); /* start state, then states */
+        SL_VEC *AT = aligned_alloc(64, (size_t)(K * n) * sizeof(SL_VEC));      /* decays */
+        SL_VEC *gBv = aligned_alloc(64, (size_t)(2 * K * n) * sizeof(SL_VEC)); /* lane partials of gB, gC */
+        R *BC = aligned_alloc(64, (size_t)(2 * K * n) * sizeof(R) + 64);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < ntask; task++) {
             const int64_t bi = task / (g * P), gi = (task / P) % g, p = task % P;
-            const int64_t cb_lo = nb * p / P, cb_hi = nb * (p + 1) / P;
+            const int64_t cb_lo = nb * p / P, cb_hi = nb * (p + 1) / P, nbk = cb_hi - cb_lo;
+            if (nbk == 0) continue;
+            const int64_t c_lo = gi * dg + cb_lo * VL;
             const R *Bp = (const R *)a->B + bi * a->sB[0] + gi * a->sB[1];
             const R *Cp = (const R *)a->C + bi * a->sC[0] + gi * a->sC[1];
             R *gBp = (R *)a->gB + ((p * a->b + bi) * g + gi) * n * l;
             R *gCp = (R *)a->gC + ((p * a->b + bi) * g + gi) * n * l;
-            const R *z = (const R *)a->z, *gy = (const R *)a->gy;
-            for (int64_t cb = cb_lo; cb < cb_hi; cb++) {
-                const int64_t c0 = gi * dg + cb * VL;
-                const int nl = (int)(dg - cb * VL < VL ? dg - cb * VL : VL);
-                R Dv[VL], bv[VL], raw[VL], dtv[VL], uv[VL], duv[VL];
-                R gDv[VL], gbv[VL];
-                FN(load_block)(a, c0, nl, Av, Dv, bv);
-                for (size_t i = 0; i < nv; i++) gAv[i] = 0;
-                for (int c = 0; c < VL; c++) gDv[c] = gbv[c] = 0;
-                for (int64_t q = nseq - 1; q >= 0; q--) {
-                    int64_t lo, hi;
-                    FN(seq_bounds)(a, q, &lo, &hi);
-                    const int64_t row = a->cu ? q : bi;
+            SL_VEC *gCv = gBv + K * n;
+            for (int64_t kb = 0; kb < nbk; kb++) {
+                const int64_t c0 = c_lo + kb * VL, rem = gi * dg + dg - c0;
+                const int nl = (int)(rem < VL ? rem : VL);
+                R Dt[VL], bt[VL];
+                FN(load_block)(a, c0, nl, (R *)(Av + kb * n), Dt, bt);
+                memcpy(per + 4 * kb, Dt, sizeof(SL_VEC));
+                memcpy(per + 4 * kb + 1, bt, sizeof(SL_VEC));
+                per[4 * kb + 2] = per[4 * kb + 3] = (SL_VEC){};
+                for (int64_t s = 0; s < n; s++) gAv[kb * n + s] = (SL_VEC){};
+            }
+            for (int64_t q = nseq - 1; q >= 0; q--) {
+                int64_t lo, hi;
+                FN(seq_bounds)(a, q, &lo, &hi);
+                const int64_t row = a->cu ? q : bi;
+                for (int64_t kb = 0; kb < nbk; kb++) {
+                    const int64_t c0 = c_lo + kb * VL, rem = gi * dg + dg - c0;
+                    const int nl = (int)(rem < VL ? rem : VL);
                     for (int64_t s = 0; s < n; s++)
                         for (int c = 0; c < VL; c++)
-                            mu[s * VL + c] =
+                            mu[kb * n + s][c] =
                                 (a->ghT && c < nl) ? ((const R *)a->ghT)[(row * d + c0 + c) * n + s] : (R)0;
-                    if (hi > lo) {
-                        for (int64_t k = (hi - 1) / K; k >= lo / K; k--) {
-                            const int64_t t0 = k * K > lo ? k * K : lo, t1 = (k + 1) * K < hi ? (k + 1) * K : hi;
-                            /* the state before t0: the sequence's initial state, or the checkpoint */
-                            for (int64_t s = 0; s < n; s++)
-                                for (int c = 0; c < VL; c++) {
-                                    R v = 0;
-                                    if (c < nl) {
-                                        if (t0 == lo)
-                                            v = a->h0 ? ((const R *)a->h0)[(row * d + c0 + c) * n + s] : (R)0;
-                                        else
-                                            v = ((const R *)a->ckpt)[((bi * d + c0 + c) * nck + k) * n + s];
-                                    }
-                                    hst[s * VL + c] = v;
+                }
+                for (int64_t k = hi > lo ? (hi - 1) / K : 0; hi > lo && k >= lo / K; k--) {
+                    const int64_t t0 = k * K > lo ? k * K : lo, t1 = (k + 1) * K < hi ? (k + 1) * K : hi;
+                    for (int64_t t = t0; t < t1; t++)
+                        for (int64_t s = 0; s < n; s++) {
+                            BC[(t - t0) * n + s] = Bp[s * a->sB[2] + t * a->sB[3]];
+                            BC[(K + t - t0) * n + s] = Cp[s * a->sC[2] + t * a->sC[3]];
+                        }
+                    for (int64_t i = 0; i < 2 * K * n; i++) gBv[i] = (SL_VEC){};
+                    for (int64_t kb = 0; kb < nbk; kb++) {
+                        const int64_t off = kb * VL, c0 = c_lo + off, rem = gi * dg + dg - c0;
+                        const int nl = (int)(rem < VL ? rem : VL);
+                        const SL_VEC *Ak = Av + kb * n;
+                        SL_VEC *mk = mu + kb * n, *gAk = gAv + kb * n;
+                        const SL_VEC Dv = per[4 * kb], bv = per[4 * kb + 1];
+                        SL_VEC gD = per[4 * kb + 2], gbias = per[4 * kb + 3];
+                        /* the state before t0: the sequence's initial state, or the checkpoint */
+                        for (int64_t s = 0; s < n; s++)
+                            for (int c = 0; c < VL; c++) {
+                                R v = 0;
+                                if (c < nl) {
+                                    if (t0 == lo)
+                                        v = a->h0 ? ((const R *)a->h0)[(row * d + c0 + c) * n + s] : (R)0;
+                                    else
+                                        v = ((const R *)a->ckpt)[((bi * d + c0 + c) * nck + k) * n + s];
                                 }
-                            /* recompute the chunk's states */
-                            for (int64_t t = t0; t < t1; t++) {
-                                R *Ht = H + (t - t0) * nv, *Hp = t > t0 ? Ht - nv : hst;
-                                R *dtt = DT + (t - t0) * VL;
-                                FN(load_dt_u)(a, bi, c0, nl, t, bv, raw, dtt, uv);
-                                for (int c = 0; c < VL; c++) duv[c] = dtt[c] * uv[c];
-                                for (int64_t s = 0; s < n; s++) {
-                                    const R Bs = Bp[s * a->sB[2] + t * a->sB[3]];
-                                    const R *restrict As = Av + s * VL;
-                                    R *restrict hs = Ht + s * VL;
-                                    const R *restrict ps = Hp + s * VL;
-#pragma omp simd
-                                    for (int c = 0; c < VL; c++) hs[c] = SL_EXP(dtt[c] * As[c]) * ps[c] + duv[c] * Bs;
-                                }
+                                H[s][c] = v;
                             }
-                            /* the adjoint, newest position first */
-                            for (int64_t t = t1 - 1; t >= t0; t--) {
-                                const R *Ht = H + (t - t0) * nv, *Hp = t > t0 ? Ht - nv : hst;
-                                FN(load_dt_u)(a, bi, c0, nl, t, bv, raw, dtv, uv);
-                                R gys[VL], gdu[VL], gdt[VL], gu_d[VL];
-                                for (int c = 0; c < VL; c++) {
-                                    gys[c] = (gy && c < nl) ? gy[bi * a->sgy[0] + (c0 + c) * a->sgy[1] + t * a->sgy[2]]
-                                                            : (R)0;
-                                    duv[c] = dtv[c] * uv[c];
-                                    gdu[c] = gdt[c] = 0;
-                                }
-                                if (z) {
-                                    /* out = (ysc + D u) silu(z): recompute ysc for dL/dz */
-                                    R ysc[VL], zv[VL];
-                                    for (int c = 0; c < VL; c++) {
-                                        ysc[c] = Dv[c] * uv[c];
-                                        zv[c] = c < nl ? z[bi * a->sz[0] + (c0 + c) * a->sz[1] + t * a->sz[2]] : (R)0;
-                                    }
-                                    for (int64_t s = 0; s < n; s++) {
-                                        const R Cs = Cp[s * a->sC[2] + t * a->sC[3]];
-                                        for (int c = 0; c < VL; c++) ysc[c] += Ht[s * VL + c] * Cs;
-                                    }
-                                    R gzv[VL];
-#pragma omp simd
-                                    for (int c = 0; c < VL; c++) {
-                                        R sg = SL_SIGMOID(zv[c]);
-                                        R silu = zv[c] * sg;
-                                        gzv[c] = gys[c] * ysc[c] * sg * (1 + zv[c] * (1 - sg));
-                                        gys[c] *= silu;
-                                    }
-                                    if (a->gz) {
-                                        R *gzp = (R *)a->gz + bi * a->sgz[0] + c0 * a->sgz[1] + t * a->sgz[2];
-                                        for (int c = 0; c < nl; c++) gzp[c * a->sgz[1]] = gzv[c];
-                                    }
-                                }
-                                for (int c = 0; c < VL; c++) {
-                                    gDv[c] += gys[c] * uv[c];
-                                    gu_d[c] = gys[c] * Dv[c];
-                                }
-                                for (int64_t s = 0; s < n; s++) {
-                                    const R Bs = Bp[s * a->sB[2] + t * a->sB[3]], Cs = Cp[s * a->sC[2] + t * a->sC[3]];
-                                    R *restrict ms = mu + s * VL;
-                                    const R *restrict hs = Ht + s * VL, *restrict ps = Hp + s * VL;
-                                    const R *restrict As = Av + s * VL;
-                                    R *restrict gas = gAv + s * VL;
-                                    R gc = 0, gb = 0;
-#pragma omp simd reduction(+ : gc, gb)
-                                    for (int c = 0; c < VL; c++) {
-                                        R m = ms[c] + Cs * gys[c];
-                                        gc += gys[c] * hs[c];
-                                        R at = SL_EXP(dtv[c] * As[c]);
-                                        R X = m * at * ps[c];
-                                        gdt[c] += X * As[c];
-                                        gas[c] += X * dtv[c];
-                                        gb += m * duv[c];
-                                        gdu[c] += m * Bs;
-                                        ms[c] = m * at;
-                                    }
-                                    gBp[s * l + t] += gb;
-                                    gCp[s * l + t] += gc;
-                                }
-                                R *gup = (R *)a->gu + bi * a->sgu[0] + c0 * a->sgu[1] + t * a->sgu[2];
-                                R *gdp = (R *)a->gdt + bi * a->sgdt[0] + c0 * a->sgdt[1] + t * a->sgdt[2];
-                                for (int c = 0; c < VL; c++) {
-                                    R gd = gdt[c] + gdu[c] * uv[c];
-                                    if (a->softplus) gd = raw[c] > 20 ? gd : gd * SL_SIGMOID(raw[c]);
-                                    gbv[c] += c < nl ? gd : (R)0;
-                                    if (c < nl) {
-                                        gup[c * a->sgu[1]] = gdu[c] * dtv[c] + gu_d[c];
-                                        gdp[c * a->sgdt[1]] = gd;
-                                    }
-                                }
+                        /* recompute the chunk's decays and states: H[(t - t0 + 1) * n + s] = h_t */
+                        for (int64_t t = t0; t < t1; t++) {
+                            const int64_t i = t - t0;
+                            SL_VEC uv = FN(vload)((const R *)a->u + bi * a->su[0] + c0 * a->su[1] + t * a->su[2],
+                                                  a->su[1], nl);
+                            SL_VEC dtv = FN(vload)((const R *)a->dt + bi * a->sdt[0] + c0 * a->sdt[1] +
+                                                       t * a->sdt[2],
+                                                   a->sdt[1], nl) +
+                                         bv;
+                            if (a->softplus) dtv = SL_VSOFTPLUS(dtv);
+                            const SL_VEC duv = dtv * uv;
+                            const SL_VEC *hp = H + i * n;
+                            SL_VEC *hc = H + (i + 1) * n, *at = AT + i * n;
+                            const R *Bt = BC + i * n;
+                            for (int64_t s = 0; s < n; s++) {
+                                at[s] = SL_VEXP(dtv * Ak[s]);
+                                hc[s] = at[s] * hp[s] + duv * Bt[s];
                             }
                         }
+                        /* the adjoint, newest position first */
+                        for (int64_t t = t1 - 1; t >= t0; t--) {
+                            const int64_t i = t - t0;
+                            SL_VEC uv = FN(vload)((const R *)a->u + bi * a->su[0] + c0 * a->su[1] + t * a->su[2],
+                                                  a->su[1], nl);
+                            SL_VEC raw = FN(vload)((const R *)a->dt + bi * a->sdt[0] + c0 * a->sdt[1] +
+                                                       t * a->sdt[2],
+                                                   a->sdt[1], nl) +
+                                         bv;
+                            SL_VEC dtv = a->softplus ? SL_VSOFTPLUS(raw) : raw;
+                            SL_VEC gys = (SL_VEC){};
+                            if (a->gy)
+                                gys = FN(vload)((const R *)a->gy + bi * a->sgy[0] + c0 * a->sgy[1] + t * a->sgy[2],
+                                                a->sgy[1], nl);
+                            const SL_VEC *hc = H + (i + 1) * n, *hp = H + i * n, *at = AT + i * n;
+                            const R *Bt = BC + i * n, *Ct = BC + (K + i) * n;
+                            if (a->z) {
+                                /* out = (ysc + D u) silu(z): recompute ysc for dL/dz */
+                                SL_VEC zv = FN(vload)(
+                                    (const R *)a->z + bi * a->sz[0] + c0 * a->sz[1] + t * a->sz[2], a->sz[1], nl);
+                                SL_VEC ysc = Dv * uv;
+                                for (int64_t s = 0; s < n; s++) ysc += hc[s] * Ct[s];
+                                SL_VEC sg = SL_VSIGMOID(zv);
+                                SL_VEC gz = gys * ysc * sg * (1 + zv * (1 - sg));
+                                gys *= zv * sg;
+                                if (a->gz)
+                                    FN(vstore)((R *)a->gz + bi * a->sgz[0] + c0 * a->sgz[1] + t * a->sgz[2],
+                                               a->sgz[1], nl, gz);
+                            }
+                            gD += gys * uv;
+                            const SL_VEC duv = dtv * uv;
+                            SL_VEC gdu = (SL_VEC){}, gdt = (SL_VEC){};
+                            SL_VEC *gBt = gBv + i * n, *gCt = gCv + i * n;
+                            for (int64_t s = 0; s < n; s++) {
+                                SL_VEC m = mk[s] + Ct[s] * gys;
+                                gCt[s] += gys * hc[s];
+                                SL_VEC X = m * at[s] * hp[s];
+                                gdt += X * Ak[s];
+                                gAk[s] += X * dtv;
+                                gBt[s] += m * duv;
+                                gdu += m * Bt[s];
+                                mk[s] = m * at[s];
+                            }
+                            gdt += gdu * uv;
+                            if (a->softplus) {
+                                SL_VEC sg = SL_VSIGMOID(raw);
+                                for (int c = 0; c < VL; c++) gdt[c] = raw[c] > 20 ? gdt[c] : gdt[c] * sg[c];
+                            }
+                            gbias += gdt;
+                            FN(vstore)((R *)a->gu + bi * a->sgu[0] + c0 * a->sgu[1] + t * a->sgu[2], a->sgu[1], nl,
+                                       gdu * dtv + gys * Dv);
+                            FN(vstore)((R *)a->gdt + bi * a->sgdt[0] + c0 * a->sgdt[1] + t * a->sgdt[2],
+                                       a->sgdt[1], nl, gdt);
+                        }
+                        per[4 * kb + 2] = gD;
+                        per[4 * kb + 3] = gbias;
                     }
-                    if (a->gh0) {
+                    for (int64_t t = t0; t < t1; t++)
+                        for (int64_t s = 0; s < n; s++) {
+                            gBp[s * l + t] += FN(hsum)(gBv[(t - t0) * n + s]);
+                            gCp[s * l + t] += FN(hsum)(gCv[(t - t0) * n + s]);
+                        }
+                }
+                if (a->gh0) {
+                    for (int64_t kb = 0; kb < nbk; kb++) {
+                        const int64_t c0 = c_lo + kb * VL, rem = gi * dg + dg - c0;
+                        const int nl = (int)(rem < VL ? rem : VL);
                         R *gh0 = (R *)a->gh0 + (row * d + c0) * n;
                         for (int c = 0; c < nl; c++)
-                            for (int64_t s = 0; s < n; s++) gh0[c * n + s] = mu[s * VL + c];
+                            for (int64_t s = 0; s < n; s++) gh0[c * n + s] = mu[kb * n + s][c];
                     }
                 }
-                /* per-row partials (b, d, n) / (b, d): summed over the batch in Python */
+            }
+            /* per-row partials (b, d, n) / (b, d): summed over the batch in Python */
+            for (int64_t kb = 0; kb < nbk; kb++) {
+                const int64_t c0 = c_lo + kb * VL, rem = gi * dg + dg - c0;
+                const int nl = (int)(rem < VL ? rem : VL);
                 R *gA = (R *)a->gA + (bi * d + c0) * n;
-                for (int c = 0; c < nl; c++)
-                    for (int64_t s = 0; s < n; s++) gA[c * n + s] = gAv[s * VL + c];
                 for (int c = 0; c < nl; c++) {
-                    if (a->gD) ((R *)a->gD)[bi * d + c0 + c] = gDv[c];
-                    if (a->gdbias) ((R *)a->gdbias)[bi * d + c0 + c] = gbv[c];
+                    for (int64_t s = 0; s < n; s++) gA[c * n + s] = gAv[kb * n + s][c];
+                    if (a->gD) ((R *)a->gD)[bi * d + c0 + c] = per[4 * kb + 2][c];
+                    if (a->gdbias) ((R *)a->gdbias)[bi * d + c0 + c] = per[4 * kb + 3][c];
                 }
             }
         }
         free(Av);
         free(mu);
         free(gAv);
-        free(hst);
+        free(per);
         free(H);
-        free(DT);
+        free(AT);
+        free(gBv);
+        free(BC);
     }
 }
 
