@@ -8,9 +8,14 @@ a random prompt of C tokens is prefilled, then ``--new-tokens`` tokens are decod
   (what its ``generate`` does per token).
 A recurrent model's per-token cost should not depend on C.
 
+A second table sets seqlab's fused decode step (``seqlab.fused_step``, the default) against its eager per-block
+step (``model.fused_step = False``) on the same prefilled states, at batch 1 and 16 (the batch-16 state is the
+batch-1 state repeated: every row at context C), with the ratio, and batch 16's tokens/s over batch 1's.
+
     python bench/generate.py                       # contexts 1k and 64k, 128 new tokens, HF up to 8k context
     python bench/generate.py --quick               # smoke test
     python bench/generate.py --hf-max-context 65536   # HF at 64k too (its slow path prefill takes minutes)
+    python bench/generate.py --skip-hf --batches 1 16   # fused vs eager only
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--quick", action="store_true", help="short contexts and few tokens (smoke test)")
     p.add_argument("--threads", type=int)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="fused vs eager batch sizes (1 16)")
+    p.add_argument("--skip-eager", action="store_true", help="leave out the fused vs eager table")
     args = p.parse_args(argv)
     args.contexts = args.contexts or ([64, 512] if args.quick else [1024, 65536])
     args.new_tokens = args.new_tokens or (8 if args.quick else 128)
@@ -59,6 +66,33 @@ def seqlab_decode_rates(model, prompts: dict, new_tokens: int, repeats: int) -> 
 
 
 @torch.no_grad()
+def fused_vs_eager_rates(model, prompts: dict, new_tokens: int, repeats: int, batches) -> dict:
+    """{(context, batch): (fused tok/s, eager tok/s)}: greedy ``generate`` from the same prefilled state with the
+    fused step on and off, taking turns within every repeat (medians), so machine noise hits both alike."""
+    from seqlab.state import RecurrentState
+
+    states = {c: model(p[:, :-1]).state for c, p in prompts.items()}
+    times: dict = {}
+    for _ in range(repeats):
+        for c, p in prompts.items():
+            for batch in batches:
+                state = states[c] if batch == 1 else RecurrentState.stack([states[c]] * batch)
+                last = p[:, -1:].expand(batch, 1).contiguous()
+                for fused in (True, False):
+                    model.fused_step = fused
+                    start = time.perf_counter()
+                    out = model.generate(last, new_tokens, temperature=0, state=state)
+                    times.setdefault((c, batch, fused), []).append(time.perf_counter() - start)
+                    assert len(out.tokens) == batch and len(out.tokens[0]) == new_tokens
+    model.fused_step = True
+    return {
+        (c, b): tuple(b * new_tokens / statistics.median(times[(c, b, f)]) for f in (True, False))
+        for c in prompts
+        for b in batches
+    }
+
+
+@torch.no_grad()
 def hf_decode_rate(hf, prompt: torch.Tensor, new_tokens: int) -> float:
     """HF's own cached decode: prefill with ``use_cache=True``, then time one forward per greedy token."""
     out = hf(prompt, use_cache=True)
@@ -76,7 +110,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     print(machine_line())
     print(f"greedy decode of {args.new_tokens} tokens after a prompt of C tokens; HF up to C={args.hf_max_context}")
-    rows = []
+    rows, fused_rows = [], []
     for kind in MODELS:
         model, hf = build_pair(kind, with_hf=not args.skip_hf)
         prompts = {
@@ -100,11 +134,26 @@ def main(argv=None) -> None:
             )
         lo, hi = min(rates), max(rates)
         rows.append(f"| {kind} | decode tok/s at {hi} / at {lo} | {rates[hi] / rates[lo]:.2f} | | |")
+        if not args.skip_eager:
+            pairs = fused_vs_eager_rates(model, prompts, args.new_tokens, args.repeats, args.batches)
+            for (context, batch), (fused, eager) in pairs.items():
+                one = pairs[(context, 1)][0] if (context, 1) in pairs else None
+                scale = "-" if one is None or batch == 1 else f"{fused / one:.1f}x"
+                fused_rows.append(
+                    f"| {kind} | {context} | {batch} | {fused:,.0f} | {eager:,.0f} | {fused / eager:.1f}x | {scale} |"
+                )
+                print(f"  {kind} C={context} batch {batch}: fused {fused:,.0f} tok/s, eager {eager:,.0f}", flush=True)
     print()
     print("| model | context | seqlab decode tok/s | HF decode tok/s | seqlab / HF |")
     print("|---|---|---|---|---|")
     for row in rows:
         print(row)
+    if fused_rows:
+        print()
+        print("| model | context | batch | fused tok/s | eager tok/s | fused / eager | fused batch / batch 1 |")
+        print("|---|---|---|---|---|---|---|")
+        for row in fused_rows:
+            print(row)
 
 
 if __name__ == "__main__":

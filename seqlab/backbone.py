@@ -10,6 +10,7 @@ from torch import nn
 from seqlab.blocks import BidirectionalBlock, Block
 from seqlab.config import BackboneConfig
 from seqlab.errors import ConfigError, InputError, StateError, StateMismatchError
+from seqlab.fused_step import fused_step
 from seqlab.kernels import BACKENDS, KernelInputError, canonical_backend
 from seqlab.kernels._varlen import resolve_packing as _resolve_packing
 from seqlab.mixers.base import check_states_at
@@ -147,11 +148,18 @@ class Backbone(nn.Module):
             return hidden, RecurrentState(new_layers, tuple(lengths), self.fingerprint)  # type: ignore[arg-type]
         return hidden, state.advanced(new_layers, lengths)
 
-    def step(self, hidden: torch.Tensor, state: RecurrentState | None):
-        """One element per sequence: hidden (b, d_model)."""
+    def step(self, hidden: torch.Tensor, state: RecurrentState | None, *, fused: bool = True):
+        """One element per sequence: hidden (b, d_model). ``fused`` (default True): run the Mamba blocks through
+        the compiled decode step where it applies (CPU, float32/float64, no autograd, plain blocks; see
+        ``seqlab.fused_step``), else, and for every other block, each block's eager ``step``: same results."""
         if state is None:
             state = self.init_state(hidden.shape[0], hidden.device)
         self._check_state(state, hidden)
+        done = fused_step(self, hidden, state) if fused else None
+        if done is not None:
+            hidden, new_layers = done
+            hidden = self.norm_f(hidden.to(self.norm_f.weight.dtype))
+            return hidden, state.advanced(new_layers, 1)
         new_layers = []
         for i, layer in enumerate(self._blocks()):
             hidden, layer_state = layer.step(hidden, state.layers[i])

@@ -54,11 +54,18 @@ class ModelOutput:
 class _Model(nn.Module):
     """What both models share: the backbone, init, state helpers, fingerprint.
 
+    ``fused_step`` (default True; ``model.fused_step = False`` turns it off): ``step`` runs the compiled decode
+    step of ``seqlab.fused_step`` where it applies, the eager per-block steps elsewhere.
+
     ``inference_block`` (default 2048, None or 0 to turn off): without autograd, a causal model runs longer
     inputs block by block, threading its state, which keeps memory flat and the working set in cache.
     """
 
     inference_block: int | None = 2048
+    #: ``step`` (and so ``generate``) runs the compiled fused decode step where it applies (``seqlab.fused_step``:
+    #: CPU, float32/float64, no autograd, plain Mamba-1/Mamba-2 blocks; other blocks and anything unusual run
+    #: eagerly with the same results). Set ``model.fused_step = False`` for the eager step everywhere.
+    fused_step: bool = True
 
     def __init__(self, config: BackboneConfig) -> None:
         super().__init__()
@@ -169,7 +176,7 @@ class _Model(nn.Module):
         return ModelOutput(torch.cat(heads, 1), state if return_state else None, torch.cat(hiddens, 1), states)
 
     def _run_step(self, hidden: torch.Tensor, state: RecurrentState | None) -> ModelOutput:
-        hidden, new_state = self.backbone.step(hidden, state)
+        hidden, new_state = self.backbone.step(hidden, state, fused=bool(self.fused_step))
         return ModelOutput(self.head(hidden), new_state, hidden)
 
 

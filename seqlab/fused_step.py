@@ -1,0 +1,353 @@
+"""The fused CPU decode step: one compiled call per run of Mamba blocks instead of ~60 small eager ops per layer.
+
+``model.step`` (and so ``generate``) goes through ``Backbone.step``, which asks :func:`fused_step` first. At d_model
+256 the eager step's cost is almost all per-op overhead (about 2.5 ms per token for 4 layers); the compiled step
+(``kernels/csrc/step.c``) does, per block and in one OpenMP region: RMSNorm, in_proj, the conv step and SiLU, the
+Mamba-1 x_proj / dt_proj / softplus / selective state update / D skip / SiLU(z) gate, or the Mamba-2 dt softplus /
+SSD state update / D skip / gated RMSNorm, then out_proj and the residual add. Consecutive fused blocks go in one
+call; every other block (attention, Mamba-3, MoE, a block with a feed-forward) runs its own eager ``step`` in the
+same loop, so a hybrid is fused where it can be.
+
+When it applies (else the eager step runs, with the same results, silently):
+
+- CPU tensors, float32 or float64 (the float64 build follows the eager float64 path: norms in float32, the conv
+  state stored in float32, as seqlab/norm.py and the mixers do);
+- no autograd: ``torch.is_grad_enabled()`` is False, or neither the input, the state nor any parameter of the
+  block requires grad;
+- a plain block: ``Block`` with an ``RMSNorm`` and no feed-forward, a ``Mamba1Mixer`` (without Jamba's inner
+  norms) or ``Mamba2Mixer`` (ungated-before-norm output norm), every projection a plain ``nn.Linear`` (a LASER
+  low-rank or AQLM-quantized layer runs eagerly), no forward hooks, no DRµGS perturbation installed, kernel
+  backend ``"auto"`` or ``"native"`` (a model set to ``"ref"``, ``"chunked"`` or ``"triton"`` runs those kernels);
+- the compiled library builds here (``SEQLAB_NATIVE=0`` turns it off with the other compiled kernels).
+
+CUDA: not fused (CUDA graphs need a GPU to be built and tested); a model on a GPU runs the eager step.
+
+Turn it off per model with ``model.fused_step = False`` (or ``Backbone.step(..., fused=False)``). The plan (weight
+pointers, derived parameters such as ``A = -exp(A_log)``) is built once per model and checked on every step
+against the parameters' storage and version counters and the blocks' modules, so ``load_state_dict``, an in-place
+edit, ``model.to(...)``, ``model.double()`` or a replaced submodule rebuild it. :func:`fused_layers` says which
+layers run fused and why the others do not.
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import weakref
+
+import torch
+from torch import nn
+
+__all__ = ["fused_layers", "fused_step"]
+
+_KINDS = {"mamba1": 1, "mamba2": 2}
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # backbone -> _Plan (not on the module: pickling)
+_LIBRARY: list = []  # [ctypes.CDLL or None], loaded on first use
+
+
+class _Layer(ctypes.Structure):
+    """One block for step.c (``st_layer``: every field 8 bytes, in this order)."""
+
+    _fields_ = (
+        [
+            (name, ctypes.c_int64)
+            for name in (
+                "kind",
+                "d_model",
+                "d_inner",
+                "d_state",
+                "d_conv",
+                "dt_rank",
+                "nheads",
+                "headdim",
+                "ngroups",
+                "n_in",
+                "conv_ch",
+                "residual_fp32",
+                "gate_group",
+            )
+        ]
+        + [
+            ("norm_eps", ctypes.c_double),
+            ("gate_eps", ctypes.c_double),
+        ]
+        + [
+            (name, ctypes.c_void_p)
+            for name in (
+                "norm_w",
+                "in_w",
+                "in_b",
+                "conv_w",
+                "conv_b",
+                "x_w",
+                "dt_w",
+                "dt_b",
+                "A",
+                "D",
+                "gate_w",
+                "out_w",
+                "out_b",
+            )
+        ]
+    )
+
+
+def _library():
+    if not _LIBRARY:
+        from seqlab.kernels._native import native_library
+
+        lib = native_library("step.c")
+        if lib is not None:
+            for suffix in ("f32", "f64"):
+                fn = getattr(lib, f"sl_step_{suffix}")
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+                fn.argtypes += [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+                fn.restype = ctypes.c_int
+            lib.sl_step_abi.restype = ctypes.c_int
+            if lib.sl_step_abi() % 1000 != ctypes.sizeof(_Layer):  # a stale build: never call it with this layout
+                lib = None
+        _LIBRARY.append(lib)
+    return _LIBRARY[0]
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as torch_module
+
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
+
+
+def _block_reason(block, dtype: torch.dtype):
+    """(kind, None) when ``block`` can run fused in ``dtype``, else (None, why not)."""
+    from seqlab.blocks import Block
+    from seqlab.mixers.mamba1 import Mamba1Mixer
+    from seqlab.mixers.mamba2 import Mamba2Mixer
+    from seqlab.norm import GatedRMSNorm, RMSNorm
+
+    if type(block) is not Block:
+        return None, f"block is {type(block).__name__}"
+    if block.ffn is not None:
+        return None, "the block has a feed-forward"
+    mixer = block.mixer
+    if type(mixer) is Mamba1Mixer:
+        kind = "mamba1"
+        if mixer.dt_layernorm is not None:
+            return None, "Mamba-1 with inner norms (mamba_inner_norms)"
+        linears = {"in_proj": mixer.in_proj, "x_proj": mixer.x_proj, "dt_proj": mixer.dt_proj}
+    elif type(mixer) is Mamba2Mixer:
+        kind = "mamba2"
+        norm = mixer.norm
+        if type(norm) is not GatedRMSNorm or norm.norm_before_gate:
+            return None, "Mamba-2 output norm is not the gated RMSNorm (gate before norm)"
+        if mixer.nheads % mixer.ngroups or mixer.d_inner % norm.group_size:
+            return None, "Mamba-2 heads or norm groups do not divide evenly"
+        linears = {"in_proj": mixer.in_proj}
+    else:
+        return None, f"mixer is {type(mixer).__name__}"
+    linears["out_proj"] = mixer.out_proj
+    for name, layer in linears.items():
+        if type(layer) is not nn.Linear:
+            return None, f"{name} is a {type(layer).__name__}, not a plain nn.Linear"
+    if kind == "mamba1" and (linears["x_proj"].bias is not None or linears["dt_proj"].bias is None):
+        return None, "x_proj has a bias or dt_proj has none"
+    if type(mixer.conv1d) is not nn.Conv1d or type(block.norm) is not RMSNorm:
+        return None, "conv1d or the block norm is not the stock module"
+    if block._perturb is not None or mixer._perturb is not None:
+        return None, "a DRµGS perturbation is installed"
+    if any(_has_hooks(m) for m in block.modules()):
+        return None, "a forward hook is registered"
+    if mixer.backend not in ("auto", "native"):
+        return None, f"kernel backend {mixer.backend!r} was chosen"
+    for name, p in block.named_parameters():
+        if p.dtype != dtype or p.device.type != "cpu":
+            return None, f"parameter {name} is {p.dtype} on {p.device}, the input {dtype} on cpu"
+    return kind, None
+
+
+class _Plan:
+    """The compiled step's view of one backbone in one dtype: a ctypes array of ``_Layer`` per run of fused
+    blocks, the tensors it points to (kept alive), and what to check before each use."""
+
+    def __init__(self, backbone, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.blocks = list(backbone.layers)
+        self.reasons: list[str | None] = []
+        self.segments: list[tuple[str, list[int]]] = []  # ("eager", [i]) or ("fused", [i, j, ...])
+        self.keep: list[torch.Tensor] = []
+        self.structs: dict[int, ctypes.Array] = {}  # first layer of a fused segment -> its _Layer array
+        self.watched: list[tuple[dict, str, object]] = []  # (module._modules or __dict__, key, expected object)
+        self.params: list[torch.nn.Parameter] = []
+        self.hooked: list[nn.Module] = []
+        fused_specs: dict[int, _Layer] = {}
+        for i, block in enumerate(self.blocks):
+            kind, reason = _block_reason(block, dtype)
+            self.reasons.append(reason)
+            self._watch(backbone, block, i)
+            if kind is None:
+                self.segments.append(("eager", [i]))
+                continue
+            fused_specs[i] = self._spec(block, kind)
+            if self.segments and self.segments[-1][0] == "fused":
+                self.segments[-1][1].append(i)
+            else:
+                self.segments.append(("fused", [i]))
+        for kind, idx in self.segments:
+            if kind == "fused":
+                arr = (_Layer * len(idx))(*(fused_specs[i] for i in idx))
+                self.structs[idx[0]] = arr
+        self.signature = self._signature()
+
+    def _watch(self, backbone, block, i: int) -> None:
+        """Record what must stay the same for this plan to hold: the block object, its modules, DRµGS slots."""
+        self.watched.append((backbone.layers._modules, str(i), block))
+        for module in block.modules():
+            for name, child in module._modules.items():
+                self.watched.append((module._modules, name, child))
+            self.watched.append((module.__dict__, "_perturb", module.__dict__.get("_perturb")))
+            self.watched.append((module.__dict__, "backend", module.__dict__.get("backend")))
+            self.hooked.append(module)
+            for name, p in module._parameters.items():
+                self.watched.append((module._parameters, name, p))
+        self.params.extend(block.parameters())
+
+    def _signature(self) -> list[tuple[int, int, bool]]:
+        return [(p.data_ptr(), p._version, p.requires_grad) for p in self.params]
+
+    def still_valid(self) -> bool:
+        for where, key, expected in self.watched:
+            if where.get(key) is not expected:
+                return False
+        for module in self.hooked:
+            if module._forward_hooks or module._forward_pre_hooks:
+                return False
+        return self._signature() == self.signature
+
+    def _tensor(self, t: torch.Tensor | None) -> int:
+        if t is None:
+            return 0
+        t = t.detach()
+        if not t.is_contiguous():
+            t = t.contiguous()
+        self.keep.append(t)
+        return t.data_ptr()
+
+    def _spec(self, block, kind: str) -> _Layer:
+        m = block.mixer
+        dt = self.dtype
+        spec = _Layer()
+        spec.kind = _KINDS[kind]
+        spec.d_model = block.norm.weight.shape[0]
+        spec.d_inner, spec.d_state, spec.d_conv = m.d_inner, m.d_state, m.d_conv
+        spec.residual_fp32 = int(bool(block.residual_in_fp32))
+        spec.norm_eps = float(block.norm.eps)
+        spec.n_in = m.in_proj.weight.shape[0]
+        spec.norm_w = self._tensor(block.norm.weight)
+        spec.in_w, spec.in_b = self._tensor(m.in_proj.weight), self._tensor(m.in_proj.bias)
+        spec.conv_w = self._tensor(m.conv1d.weight.reshape(m.conv1d.weight.shape[0], -1))
+        spec.conv_b = self._tensor(m.conv1d.bias)
+        spec.out_w, spec.out_b = self._tensor(m.out_proj.weight), self._tensor(m.out_proj.bias)
+        with torch.no_grad():  # the derived parameters, by the very ops the eager step uses
+            A = (-torch.exp(m.A_log.float())).to(dt)
+            D = m.D.float().to(dt)
+            if kind == "mamba1":
+                spec.dt_rank, spec.conv_ch = m.dt_rank, m.d_inner
+                spec.x_w, spec.dt_w = self._tensor(m.x_proj.weight), self._tensor(m.dt_proj.weight)
+                spec.dt_b = self._tensor(m.dt_proj.bias.float().to(dt))
+            else:
+                spec.nheads, spec.headdim, spec.ngroups, spec.conv_ch = m.nheads, m.headdim, m.ngroups, m.conv_dim
+                spec.dt_b = self._tensor(m.dt_bias.float().to(dt))
+                spec.gate_group, spec.gate_eps = m.norm.group_size, float(m.norm.eps)
+                spec.gate_w = self._tensor(m.norm.weight)
+            spec.A, spec.D = self._tensor(A), self._tensor(D)
+        return spec
+
+
+def _plan(backbone, dtype: torch.dtype) -> _Plan:
+    plan = _PLANS.get(backbone)
+    if plan is None or plan.dtype != dtype or not plan.still_valid():
+        plan = _Plan(backbone, dtype)
+        _PLANS[backbone] = plan
+    return plan
+
+
+def fused_layers(model, dtype: torch.dtype | None = None) -> list[str | None]:
+    """Per layer of ``model`` (a model or its backbone): None where ``model.step`` runs it fused, else the reason
+    it runs eagerly. ``dtype``: the hidden states' dtype (default: the first parameter's)."""
+    backbone = getattr(model, "backbone", model)
+    if dtype is None:
+        dtype = next(backbone.parameters()).dtype
+    if _library() is None:
+        return ["the compiled step library is unavailable"] * len(backbone.layers)
+    if dtype not in (torch.float32, torch.float64):
+        return [f"dtype {dtype} (float32 and float64 are fused)"] * len(backbone.layers)
+    return list(_plan(backbone, dtype).reasons)
+
+
+def _grad_needed(plan: _Plan, hidden: torch.Tensor, state) -> bool:
+    if hidden.requires_grad or any(p.requires_grad for p in plan.params):
+        return True
+    return any(t.requires_grad for layer in state.layers for t in layer.values())
+
+
+def fused_step(backbone, hidden: torch.Tensor, state):
+    """``Backbone.step``'s layer loop with the fusable blocks compiled: (hidden after the last block, new layer
+    states), or None where the fused step does not apply (the caller runs the eager loop). ``state`` (a checked
+    RecurrentState of the same batch) is never modified: every new state tensor is new memory."""
+    if hidden.device.type != "cpu" or hidden.dtype not in (torch.float32, torch.float64) or hidden.dim() != 2:
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    plan = _plan(backbone, hidden.dtype)
+    if not plan.structs:
+        return None
+    if torch.is_grad_enabled() and _grad_needed(plan, hidden, state):
+        return None
+    from seqlab.kernels._native import num_threads
+
+    # hooks registered on every module at once fire in the eager step (out_proj is called as a module)
+    if _global_hooks():
+        return None
+    dtype = hidden.dtype
+    run = lib.sl_step_f32 if dtype == torch.float32 else lib.sl_step_f64
+    batch = hidden.shape[0]
+    new_layers: list = [None] * len(plan.blocks)
+    h = hidden.contiguous()
+    threads = num_threads()
+    for kind, idx in plan.segments:
+        if kind == "eager":
+            i = idx[0]
+            h, new_layers[i] = plan.blocks[i].step(h, state.layers[i])
+            h = h.contiguous()
+            continue
+        pointers = array.array("q")
+        for i in idx:
+            layer = state.layers[i]
+            conv, ssm = layer["conv"], layer["ssm"]
+            if conv.dtype != torch.float32:  # a float64 conv state feeds its float64 values: leave it to eager
+                return None
+            conv = conv.contiguous()
+            ssm = ssm.to(dtype).contiguous()  # a float64 model starts from float32 zeros, as eager widens them
+            conv_out = torch.empty(conv.shape, dtype=torch.float32)
+            ssm_out = torch.empty(ssm.shape, dtype=dtype)
+            new_layers[i] = {"conv": conv_out, "ssm": ssm_out, "_in": (conv, ssm)}
+            pointers.extend((conv.data_ptr(), conv_out.data_ptr(), ssm.data_ptr(), ssm_out.data_ptr()))
+        out = torch.empty((batch, h.shape[1]), dtype=dtype)
+        code = run(
+            ctypes.addressof(plan.structs[idx[0]]),
+            pointers.buffer_info()[0],
+            len(idx),
+            batch,
+            h.data_ptr(),
+            out.data_ptr(),
+            threads,
+        )
+        if code != 0:
+            raise MemoryError(f"the fused decode step failed (code {code}): out of memory for its workspace")
+        for i in idx:
+            del new_layers[i]["_in"]  # the converted inputs lived until the call returned
+        h = out
+    return h, new_layers

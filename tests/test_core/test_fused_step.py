@@ -1,0 +1,259 @@
+"""The fused compiled decode step (seqlab/fused_step.py, kernels/csrc/step.c) against the eager step.
+
+Every comparison runs the same model twice: ``model.fused_step = True`` (the compiled step) and ``False`` (each
+block's eager ``step``), and checks the logits and every state tensor (values, dtype, shape) and the positions.
+float64 agrees to ~1e-7 rather than 1e-12 because the eager float64 path itself normalises in float32
+(seqlab/norm.py) and keeps the conv state in float32: the two sum those float32 values in different orders.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seqlab.fused_step import fused_layers
+from seqlab.models import LanguageModel
+from seqlab.testing import assert_rel, tiny_config, tiny_lm
+
+pytestmark = pytest.mark.skipif(
+    fused_layers(tiny_lm("mamba1"))[0] is not None, reason="the compiled step library does not build here"
+)
+
+TOL = {torch.float32: 2e-5, torch.float64: 2e-6}
+
+VARIANTS = {
+    "mamba1": dict(ssm="mamba1"),
+    "mamba1-bias-noresfp32": dict(ssm="mamba1", proj_bias=True, conv_bias=False, residual_in_fp32=False, d_conv=3),
+    "mamba2": dict(ssm="mamba2"),
+    "mamba2-groups": dict(ssm="mamba2", ngroups=2, d_state=4, proj_bias=True),
+    "mamba2-conv2": dict(ssm="mamba2", d_conv=2, headdim=4),
+}
+
+
+def _model(variant: str, dtype=torch.float32, **kw) -> LanguageModel:
+    options = dict(VARIANTS[variant])
+    ssm = options.pop("ssm")
+    model = tiny_lm(ssm, seed=3, **{**options, **kw})
+    with torch.no_grad():  # biases and the conv away from their zero init, so a missed bias shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and "dt" not in name:
+                p.uniform_(-0.3, 0.3)
+    return model.to(dtype)
+
+
+def _step(model, tokens, state, fused: bool):
+    model.fused_step = fused
+    try:
+        return model.step(tokens, state)
+    finally:
+        model.fused_step = True
+
+
+def _assert_same(got, want, tol: float, what: str) -> None:
+    assert_rel(got.logits, want.logits, tol, f"{what} logits")
+    assert got.logits.dtype == want.logits.dtype
+    assert got.state.positions == want.state.positions
+    assert len(got.state.layers) == len(want.state.layers)
+    for i, (a, b) in enumerate(zip(got.state.layers, want.state.layers)):
+        assert set(a) == set(b), f"{what} layer {i}"
+        for name in b:
+            assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, f"{what} layers.{i}.{name}"
+            assert_rel(a[name], b[name], tol, f"{what} layers.{i}.{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@torch.no_grad()
+def test_fused_step_equals_eager_step(variant, batch, dtype):
+    model = _model(variant, dtype)
+    assert fused_layers(model) == [None, None]  # else this test would compare eager with eager
+    gen = torch.Generator().manual_seed(batch)
+    # from no state (position 0), then after a prefill of 7 tokens, then three steps on (the new state feeds on)
+    state = None
+    for start in ("zero", "prefill"):
+        if start == "prefill":
+            state = model(torch.randint(0, 32, (batch, 7), generator=gen)).state
+        for k in range(3):
+            tokens = torch.randint(0, 32, (batch,), generator=gen)
+            before = None if state is None else state.clone()
+            fused = _step(model, tokens, state, True)
+            eager = _step(model, tokens, state, False)
+            _assert_same(fused, eager, TOL[dtype], f"{variant} {start} step {k}")
+            if before is not None:  # the state passed in is never modified
+                for a, b in zip(state.layers, before.layers):
+                    assert all(torch.equal(a[n], b[n]) for n in b)
+                assert state.positions == before.positions
+            state = fused.state
+
+
+@pytest.mark.parametrize("variant", ["mamba1", "mamba2-groups"])
+@torch.no_grad()
+def test_step_equals_forward(variant):
+    model = _model(variant, torch.float64)
+    ids = torch.randint(0, 32, (3, 11), generator=torch.Generator().manual_seed(0))
+    want = model(ids).logits
+    state = None
+    for t in range(ids.shape[1]):
+        out = model.step(ids[:, t], state)
+        assert_rel(out.logits, want[:, t], 1e-6, f"position {t}")
+        state = out.state
+    assert state.position == ids.shape[1]
+
+
+@pytest.mark.parametrize("ssm", ["mamba1", "mamba2"])
+def test_greedy_generate_equals_step_by_step_argmax(ssm):
+    model = _model(ssm)
+    prompt = [3, 1, 4, 1, 5]
+    out = model.generate(prompt, 12, temperature=0)
+    with torch.no_grad():
+        step = model(torch.tensor([prompt]))
+        state, token = step.state, int(step.logits[0, -1].argmax())
+        tokens = [token]
+        for _ in range(11):
+            step = model.step(torch.tensor([token]), state)
+            state, token = step.state, int(step.logits[0].argmax())
+            tokens.append(token)
+    assert list(out.tokens[0]) == tokens
+
+
+def _hybrid(dtype=torch.float32) -> LanguageModel:
+    """Mamba-1, attention, Mamba-2, Mamba-1 (no feed-forward): layers 0, 2, 3 fuse, the attention is eager."""
+    torch.manual_seed(5)
+    config = tiny_config(
+        "mamba1",
+        n_layer=4,
+        attn_heads=4,
+        attn_kv_heads=2,
+        layer_overrides={1: {"mixer": "attention"}, 2: {"mixer": "mamba2", "options": {"headdim": 8}}},
+    )
+    return LanguageModel(config, vocab_size=32).eval().to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@torch.no_grad()
+def test_hybrid_fuses_its_mamba_layers_and_equals_eager(dtype):
+    model = _hybrid(dtype)
+    reasons = fused_layers(model)
+    assert reasons[0] is None and reasons[2] is None and reasons[3] is None
+    assert "AttentionMixer" in reasons[1]
+    state = model(torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(1))).state
+    for k in range(3):
+        tokens = torch.tensor([k, 7 + k])
+        fused, eager = _step(model, tokens, state, True), _step(model, tokens, state, False)
+        _assert_same(fused, eager, TOL[dtype], f"hybrid step {k}")
+        state = fused.state
+
+
+def _eager_bitwise(model, tokens, state) -> None:
+    """A model the fused step must not take: its step equals the eager step bit for bit."""
+    fused, eager = _step(model, tokens, state, True), _step(model, tokens, state, False)
+    assert torch.equal(fused.logits, eager.logits)
+    for a, b in zip(fused.state.layers, eager.state.layers):
+        assert all(torch.equal(a[n], b[n]) for n in b)
+
+
+@torch.no_grad()
+def test_low_rank_layer_runs_eagerly():
+    from seqlab.posttrain.laser import LowRankLinear
+
+    model = _model("mamba1")
+    model.backbone.layers[1].mixer.out_proj = LowRankLinear.from_linear(model.backbone.layers[1].mixer.out_proj, 2)
+    reasons = fused_layers(model)
+    assert reasons[0] is None and "LowRankLinear" in reasons[1]
+    state = model(torch.tensor([[1, 2, 3]])).state
+    _assert_same(_step(model, torch.tensor([4]), state, True), _step(model, torch.tensor([4]), state, False), 1e-5, "")
+
+
+@torch.no_grad()
+def test_perturbation_hooks_and_backends_run_eagerly():
+    model = _model("mamba2")
+    state = model(torch.tensor([[1, 2, 3]])).state
+    tokens = torch.tensor([4])
+    plain = _step(model, tokens, state, True).logits
+    mixers = [block.mixer for block in model.backbone.layers]
+    for mixer in mixers:
+        mixer._perturb = lambda site, t: t * 1.5 if site == "x" else t  # a DRµGS-like site hook
+    assert all("DRµGS" in r for r in fused_layers(model))
+    _eager_bitwise(model, tokens, state)
+    assert not torch.allclose(_step(model, tokens, state, True).logits, plain)
+    for mixer in mixers:
+        del mixer._perturb
+    handles = [m.out_proj.register_forward_hook(lambda m, args, out: out * 2) for m in mixers]
+    assert all("hook" in r for r in fused_layers(model))
+    _eager_bitwise(model, tokens, state)
+    assert not torch.allclose(_step(model, tokens, state, True).logits, plain)
+    handles.pop().remove()  # one layer left hooked: the other fuses, the hooked one still runs its hook
+    assert fused_layers(model)[1] is None and "hook" in fused_layers(model)[0]
+    _assert_same(_step(model, tokens, state, True), _step(model, tokens, state, False), 2e-5, "one hooked layer")
+    handles.pop().remove()
+    model.set_backend("chunked")
+    assert all("backend" in r for r in fused_layers(model))
+    _eager_bitwise(model, tokens, state)
+    model.set_backend("auto")
+    assert fused_layers(model) == [None, None]
+    assert torch.equal(_step(model, tokens, state, True).logits, plain)
+
+
+def test_drugs_decode_runs_eagerly():
+    from seqlab.decoding.drugs import Drugs, apply_drugs
+
+    model = _model("mamba1")
+    gen = dict(temperature=0)
+    with apply_drugs(model, Drugs(theta=0.6, sites=("residual", "x")), generator=torch.Generator().manual_seed(0)):
+        assert all("DRµGS" in r for r in fused_layers(model))
+        fused = model.generate([1, 2, 3], 6, **gen).tokens
+    model.fused_step = False
+    with apply_drugs(model, Drugs(theta=0.6, sites=("residual", "x")), generator=torch.Generator().manual_seed(0)):
+        eager = model.generate([1, 2, 3], 6, **gen).tokens
+    assert fused == eager
+    assert fused_layers(model) == [None, None]  # the hooks are gone with the context
+
+
+def test_parameters_requiring_grad_run_eagerly_when_autograd_is_on():
+    model = _model("mamba1")
+    state = model.init_state(2)
+    tokens = torch.tensor([1, 2])
+    out = model.step(tokens, state)  # autograd on, parameters require grad: the eager step, differentiable
+    assert out.state.layers[0]["ssm"].requires_grad
+    out.logits.sum().backward()
+    assert model.backbone.layers[0].mixer.A_log.grad is not None
+    with torch.no_grad():
+        assert not model.step(tokens, state).state.layers[0]["ssm"].requires_grad
+    model.requires_grad_(False)  # nothing to differentiate: the fused step runs with autograd on
+    fused = model.step(tokens, state)
+    eager = _step(model, tokens, state, False)
+    _assert_same(fused, eager, 2e-5, "no grad needed")
+
+
+@torch.no_grad()
+def test_plan_follows_weight_changes():
+    model = _model("mamba1")
+    state = model(torch.tensor([[1, 2, 3]])).state
+    tokens = torch.tensor([4])
+    first = model.step(tokens, state).logits
+    other = _model("mamba1")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.load_state_dict(other.state_dict())  # in place: the same storage, new values
+    _assert_same(_step(model, tokens, state, True), _step(model, tokens, state, False), 2e-5, "after load")
+    assert not torch.allclose(model.step(tokens, state).logits, first)
+    model.backbone.layers[0].mixer.A_log.mul_(0.5)  # a derived parameter (A = -exp(A_log)) must follow too
+    model.backbone.layers[1].norm.weight.data = torch.full_like(model.backbone.layers[1].norm.weight, 0.7)
+    _assert_same(_step(model, tokens, state, True), _step(model, tokens, state, False), 2e-5, "after edits")
+    model.double()  # new tensors in another dtype
+    wide = state.to(dtype=torch.float64)
+    wide.layers = [{**layer, "conv": layer["conv"].float()} for layer in wide.layers]
+    _assert_same(_step(model, tokens, wide, True), _step(model, tokens, wide, False), 2e-6, "after double()")
+
+
+@torch.no_grad()
+def test_fused_step_leaves_a_cuda_free_path_and_switch():
+    model = _model("mamba2")
+    assert model.fused_step is True
+    model.fused_step = False
+    state = model.init_state(1)
+    a = model.step(torch.tensor([3]), state)
+    b = model.backbone.step(model.embeddings(torch.tensor([3])), state, fused=False)
+    assert torch.equal(a.hidden, b[0])
