@@ -1,7 +1,8 @@
 """Mamba-3 scan on CPU: the compiled kernels ("native") against the chunked PyTorch path, side by side.
 
 Same inputs for both, one process, best of ``--repeats`` timings; forward and forward + backward (a sum of y and
-the final state as the loss), tokens/s and the native / chunked ratio. The shape is the Mamba-3 mixer's at
+the final state as the loss), tokens/s and the native / chunked ratio; and the one-token decode step (the state
+update alone, batch ``--batch``, best of ``--steps`` single steps). The shape is the Mamba-3 mixer's at
 d_model 256 with the config defaults (expand 2, headdim 64: 8 heads, d_state 128, rope_fraction 0.5: 32 angles,
 ngroups 1, chunk_size 256), SISO unless ``--rank`` > 1. Run it with the thread count to measure, e.g.
 
@@ -15,8 +16,8 @@ import time
 
 import torch
 
-from seqlab.kernels.mamba3.chunked import mamba3_scan_chunked
-from seqlab.kernels.mamba3.native_ops import mamba3_scan_native
+from seqlab.kernels.mamba3.chunked import mamba3_scan_chunked, mamba3_state_update_chunked
+from seqlab.kernels.mamba3.native_ops import mamba3_scan_native, mamba3_state_update_native
 
 
 def inputs(b: int, l: int, h: int, p: int, r: int, g: int, n: int, a: int, seed: int = 0) -> dict:
@@ -67,6 +68,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=1, help="MIMO rank (1: SISO)")
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=200, help="decode steps timed (best single step)")
     args = ap.parse_args()
     h, p, n, a, g = 8, 64, 128, 32, 1
     print(f"threads {torch.get_num_threads()}, b {args.batch}, h {h}, p {p}, n {n}, a {a}, r {args.rank}, fp32")
@@ -93,10 +95,28 @@ def main() -> None:
                         (y.sum() + s[1].sum()).backward()
 
                 rates[name] = tokens / best(run, args.repeats)
-            print(
-                f"{l:>6} {mode:>8} {rates['chunked']:>14.0f} {rates['native']:>13.0f} "
-                f"{rates['native'] / rates['chunked']:>6.2f}"
-            )
+            report(str(l), mode, rates)
+    step_inputs = inputs(args.batch, 1, h, p, args.rank, g, n, a, seed=1)
+    kw = {k: (v[:, 0] if k in ("x", "dt", "A", "B", "C", "trap", "angles", "z") else v) for k, v in step_inputs.items()}
+    r = args.rank
+    state = (torch.rand(args.batch, h, a), torch.randn(args.batch, h, p, n), torch.randn(args.batch, r, h, n))
+    state = (*state, torch.randn(args.batch, h, p))
+    rates = {}
+    for name, fn in (("chunked", mamba3_state_update_chunked), ("native", mamba3_state_update_native)):
+
+        def one(fn=fn):
+            with torch.no_grad():
+                fn(state, **kw)
+
+        rates[name] = args.batch / best(one, args.steps)
+    report("1", "step", rates)
+
+
+def report(length: str, mode: str, rates: dict) -> None:
+    print(
+        f"{length:>6} {mode:>8} {rates['chunked']:>14.0f} {rates['native']:>13.0f} "
+        f"{rates['native'] / rates['chunked']:>6.2f}"
+    )
 
 
 if __name__ == "__main__":
