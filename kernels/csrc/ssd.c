@@ -94,6 +94,20 @@ typedef real SFX(vec) __attribute__((vector_size(SSD_VBYTES)));
 typedef real SFX(uvec) __attribute__((vector_size(SSD_VBYTES), aligned(sizeof(real))));
 #define VL ((int64_t)(SSD_VBYTES / sizeof(real)))
 
+/* a . b summed in an order fixed by n alone. A vectorised reduction (omp simd reduction) may peel elements until
+ * a pointer is aligned, and then sums in an order that depends on the address: the same numbers passed at another
+ * offset (a view into a projection, or a copy) would round differently, and decoding with and without a hook
+ * that copies its input would not give identical logits. */
+static inline real SFX(dot)(const real *restrict a, const real *restrict b, int64_t n) {
+    SFX(vec) acc = {0};
+    int64_t j = 0;
+    for (; j + VL <= n; j += VL) acc += *(const SFX(uvec) *)(a + j) * *(const SFX(uvec) *)(b + j);
+    real s = 0;
+    for (int64_t e = 0; e < VL; e++) s += acc[e];
+    for (; j < n; j++) s += a[j] * b[j];
+    return s;
+}
+
 /* Forward walk of one segment and head when p = PV * VL: S is (n, p), rows aligned. */
 static inline __attribute__((always_inline)) void SFX(fwd_walk_vec)(
     const int PV, int64_t p, int64_t n, int64_t row, int64_t t0, int64_t t1, int64_t hh, int64_t grp, int64_t h,
@@ -293,29 +307,30 @@ static inline __attribute__((always_inline)) void SFX(bwd_block)(
             real *restrict Gi = G + i * n;
             const real *restrict Si = Snow + i * n;
             const real *restrict Qi = Sprev + i * n;
-            real r = 0;
-#pragma omp simd reduction(+ : r)
+#pragma omp simd
             for (int64_t j = 0; j < n; j++) {
                 const real gv = Gi[j] + gi * Ct[j];
                 gBa[j] += xi * gv;
                 gCa[j] += gi * Si[j];
                 dgs[j] += gv * Qi[j];
-                r += gv * Bt[j];
-                Gi[j] = a * gv;
+                Gi[j] = gv;
             }
+            const real r = SFX(dot)(Gi, Bt, n);
+#pragma omp simd
+            for (int64_t j = 0; j < n; j++) Gi[j] *= a;
             gxt[i] = (Dh ? Dh[i] * gi : (real)0) + u * r;
             xgb += xi * r;
             if (gDh) gDh[i] += gi * xi;
         }
         real *restrict gBt = gB + ((row * l + t) * g + grp) * n;
         real *restrict gCt = gC + ((row * l + t) * g + grp) * n;
-        real sgs = 0;
-#pragma omp simd reduction(+ : sgs)
+#pragma omp simd
         for (int64_t j = 0; j < n; j++) {
             gBt[j] += u * gBa[j];
             gCt[j] += gCa[j];
-            sgs += dgs[j];
         }
+        real sgs = 0;
+        for (int64_t j = 0; j < n; j++) sgs += dgs[j]; /* in order: not vectorised without reassociation */
         const real gu = xgb + Ah * a * sgs;
         *gA += u * a * sgs;
         real graw = gu;
@@ -513,14 +528,9 @@ SL_EXPORT void SFX(ssd_step)(int64_t b, int64_t h, int64_t p, int64_t g, int64_t
         real *restrict yt = y + task * p;
         for (int64_t i = 0; i < p; i++) {
             const real xi = u * xt[i];
-            real acc = 0;
-#pragma omp simd reduction(+ : acc)
-            for (int64_t j = 0; j < n; j++) {
-                const real v = a * s0[i * n + j] + xi * Bt[j];
-                s1[i * n + j] = v;
-                acc += v * Ct[j];
-            }
-            real v = acc + (D ? D[hh * p + i] * xt[i] : (real)0);
+#pragma omp simd
+            for (int64_t j = 0; j < n; j++) s1[i * n + j] = a * s0[i * n + j] + xi * Bt[j];
+            real v = SFX(dot)(s1 + i * n, Ct, n) + (D ? D[hh * p + i] * xt[i] : (real)0);
             if (z) {
                 const real zi = z[bi * st[8] + hh * st[9] + i];
                 v *= zi * SIGMOID(zi);
