@@ -32,6 +32,48 @@ SL_EXPORT int mamba3_abi(void) { return SEQLAB_NATIVE_ABI; }
 
 /* ------------------------------------------------------------------------------------------ the recurrence */
 
+/* The hot inner loops as functions: restrict on parameters is what lets gcc vectorise them without alias checks. */
+#define M3_ROWS(T, SUF)                                                                                        \
+    /* u = a u + vw k (in place); returns u . q */                                                             \
+    static inline T m3_row_fwd_##SUF(T *restrict u, const T *restrict k, const T *restrict q, T a, T vw,       \
+                                     int64_t n) {                                                              \
+        T acc = 0;                                                                                             \
+        _Pragma("omp simd reduction(+ : acc)")                                                                \
+        for (int64_t j = 0; j < n; j++) {                                                                      \
+            const T nv = a * u[j] + vw * k[j];                                                                 \
+            u[j] = nv;                                                                                         \
+            acc += nv * q[j];                                                                                  \
+        }                                                                                                      \
+        return acc;                                                                                            \
+    }                                                                                                          \
+    /* the backward of one row of m3_row_fwd (SISO): d = du + g q; dq += g ut; dk += vw d; du = a d;            \
+     * returns d . k in *sdv and d . up in *sda */                                                             \
+    static inline void m3_row_bwd_##SUF(T *restrict du, const T *restrict q, const T *restrict k,             \
+                                        const T *restrict ut, const T *restrict up, T *restrict dq,            \
+                                        T *restrict dk, T g, T vw, T a, int64_t n, T *sdv_out, T *sda_out) {   \
+        T sdv = 0, sda = 0;                                                                                    \
+        _Pragma("omp simd reduction(+ : sdv, sda)")                                                           \
+        for (int64_t j = 0; j < n; j++) {                                                                      \
+            const T d = du[j] + g * q[j];                                                                      \
+            dq[j] += g * ut[j];                                                                                \
+            sdv += d * k[j];                                                                                   \
+            dk[j] += vw * d;                                                                                   \
+            sda += d * up[j];                                                                                  \
+            du[j] = a * d;                                                                                     \
+        }                                                                                                      \
+        *sdv_out = sdv;                                                                                        \
+        *sda_out = sda;                                                                                        \
+    }                                                                                                          \
+    /* out = a prev + vw k */                                                                                  \
+    static inline void m3_row_axpby_##SUF(T *restrict out, const T *restrict prev, const T *restrict k, T a,  \
+                                          T vw, int64_t n) {                                                   \
+        _Pragma("omp simd")                                                                                   \
+        for (int64_t j = 0; j < n; j++) out[j] = a * prev[j] + vw * k[j];                                      \
+    }
+
+M3_ROWS(float, f32)
+M3_ROWS(double, f64)
+
 /* Small per-(sequence, head) scratch: kq[r][R] = k[r] . q[R] and vdy[r][R] = v[r] . dY[R]. */
 #define M3_DOTS(T, out, X, xs, Yv, ys, R, LEN)                                                                 \
     do {                                                                                                       \
@@ -80,18 +122,8 @@ SL_EXPORT int mamba3_abi(void) { return SEQLAB_NATIVE_ABI; }
                     if (R == 1) {                                                                              \
                         const T *restrict k0 = Kt, *restrict q0 = Qt;                                          \
                         const T corr = ct * kq[0] - (Dh ? Dh[hh] : (T)0);                                      \
-                        for (int64_t i = 0; i < P; i++) {                                                      \
-                            T *restrict ui = u + i * N;                                                        \
-                            const T v0 = Vt[i], vw = wt * v0;                                                  \
-                            T acc = 0;                                                                         \
-                            _Pragma("omp simd reduction(+ : acc)")                                            \
-                            for (int64_t j = 0; j < N; j++) {                                                  \
-                                const T nv = a * ui[j] + vw * k0[j];                                           \
-                                ui[j] = nv;                                                                    \
-                                acc += nv * q0[j];                                                             \
-                            }                                                                                  \
-                            Yt[i] = acc - corr * v0;                                                           \
-                        }                                                                                      \
+                        for (int64_t i = 0; i < P; i++)                                                        \
+                            Yt[i] = m3_row_fwd_##SUF(u + i * N, k0, q0, a, wt * Vt[i], N) - corr * Vt[i];      \
                     } else {                                                                                   \
                         for (int64_t i = 0; i < P; i++) {                                                      \
                             T *restrict ui = u + i * N;                                                        \
@@ -125,15 +157,12 @@ M3_FWD(float, f32)
 M3_FWD(double, f64)
 
 /* One position's state from the previous one (the backward's re-walk): out = a prev + wt sum_r V[r] K[r]^T. */
-#define M3_STEP_STATE(T, out, prev, a, wt, Vt, Kt)                                                             \
+#define M3_STEP_STATE(T, SUF, out, prev, a, wt, Vt, Kt)                                                             \
     do {                                                                                                       \
         for (int64_t i = 0; i < P; i++) {                                                                      \
             T *restrict oi = (out) + i * N;                                                                    \
             const T *restrict pi_ = (prev) + i * N;                                                            \
-            const T v0 = (wt) * (Vt)[i];                                                                       \
-            const T *restrict k0 = (Kt);                                                                       \
-            _Pragma("omp simd")                                                                               \
-            for (int64_t j = 0; j < N; j++) oi[j] = (a) * pi_[j] + v0 * k0[j];                                 \
+            m3_row_axpby_##SUF(oi, pi_, (Kt), (a), (wt) * (Vt)[i], N);                                         \
             for (int64_t r = 1; r < R; r++) {                                                                  \
                 const T vr = (wt) * (Vt)[r * H * P + i];                                                       \
                 const T *restrict kr = (Kt) + r * H * N;                                                       \
@@ -176,7 +205,7 @@ M3_FWD(double, f64)
                     for (int64_t tt = c0; tt < c1; tt++) {                                                     \
                         const int64_t bt = b * L + t0 + tt;                                                    \
                         const T *prev = tt == c0 ? entry : buf + (tt - c0 - 1) * PN;                           \
-                        M3_STEP_STATE(T, buf + (tt - c0) * PN, prev, alpha[bt * H + hh], w[bt * H + hh],       \
+                        M3_STEP_STATE(T, SUF, buf + (tt - c0) * PN, prev, alpha[bt * H + hh], w[bt * H + hh],       \
                                       V + bt * RHP + hh * P, K + bt * RHN + hh * N);                           \
                     }                                                                                          \
                     for (int64_t tt = c1 - 1; tt >= c0; tt--) {                                                \
@@ -212,19 +241,10 @@ M3_FWD(double, f64)
                             const T *restrict uti = ut + i * N;                                                \
                             const T *restrict upi = up + i * N;                                                \
                             if (R == 1) {                                                                      \
-                                const T g0 = dY[vo + i], v0 = V[vo + i], vw = wt * v0;                         \
-                                const T *restrict q0 = Q + ko, *restrict k0 = K + ko;                          \
-                                T *restrict dq0 = dQ + ko, *restrict dk0 = dK + ko;                            \
-                                T sdv = 0, sda = 0;                                                            \
-                                _Pragma("omp simd reduction(+ : sdv, sda)")                                   \
-                                for (int64_t j = 0; j < N; j++) {                                              \
-                                    const T d = di[j] + g0 * q0[j];                                            \
-                                    dq0[j] += g0 * uti[j];                                                     \
-                                    sdv += d * k0[j];                                                          \
-                                    dk0[j] += vw * d;                                                          \
-                                    sda += d * upi[j];                                                         \
-                                    di[j] = a * d;                                                             \
-                                }                                                                              \
+                                const T g0 = dY[vo + i], v0 = V[vo + i];                                       \
+                                T sdv, sda;                                                                    \
+                                m3_row_bwd_##SUF(di, Q + ko, K + ko, uti, upi, dQ + ko, dK + ko, g0, wt * v0, a, N, \
+                                                 &sdv, &sda);                                                  \
                                 dV[vo + i] = wt * sdv + (Dv - ct * kq[0]) * g0;                                \
                                 dwt += v0 * sdv;                                                               \
                                 da += sda;                                                                     \
