@@ -16,7 +16,8 @@ When it applies (else the eager step runs, with the same results, silently):
   block requires grad;
 - a plain block: ``Block`` with an ``RMSNorm`` and no feed-forward, a ``Mamba1Mixer`` (without Jamba's inner
   norms) or ``Mamba2Mixer`` (ungated-before-norm output norm), every projection a plain ``nn.Linear`` (a LASER
-  low-rank or AQLM-quantized layer runs eagerly), no forward hooks, no DRµGS perturbation installed, kernel
+  low-rank or AQLM-quantized layer runs eagerly), no forward hooks, no DRµGS perturbation rotating this step
+  (its protected steps, where the hooks are idle, fuse: they must equal plain decoding bit for bit), kernel
   backend ``"auto"`` or ``"native"`` (a model set to ``"ref"``, ``"chunked"`` or ``"triton"`` runs those kernels);
 - the compiled library builds here (``SEQLAB_NATIVE=0`` turns it off with the other compiled kernels).
 
@@ -155,8 +156,6 @@ def _block_reason(block, dtype: torch.dtype):
         return None, "x_proj has a bias or dt_proj has none"
     if type(mixer.conv1d) is not nn.Conv1d or type(block.norm) is not RMSNorm:
         return None, "conv1d or the block norm is not the stock module"
-    if block._perturb is not None or mixer._perturb is not None:
-        return None, "a DRµGS perturbation is installed"
     if any(_has_hooks(m) for m in block.modules()):
         return None, "a forward hook is registered"
     if mixer.backend not in ("auto", "native"):
@@ -167,6 +166,40 @@ def _block_reason(block, dtype: torch.dtype):
     return kind, None
 
 
+def _idle_check(perturb):
+    """A zero-argument callable saying whether the perturbation hook ``perturb`` returns every tensor unchanged
+    this step (then its block may run fused), or None when that cannot be known (the block runs eagerly).
+
+    A hook may say so itself with an ``idle`` attribute (a zero-argument callable). DRµGS's hooks
+    (seqlab.decoding.drugs) close over their ``DrugsHandle``, whose ``armed`` flag is False on protected steps
+    (``protect_prompt``, ``protect_first``): those steps must give exactly plain decoding, which is fused."""
+    idle = getattr(perturb, "idle", None)
+    if callable(idle):
+        return idle
+    for cell in getattr(perturb, "__closure__", None) or ():
+        try:
+            owner = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if type(owner).__name__ == "DrugsHandle" and isinstance(getattr(owner, "armed", None), bool):
+            return lambda: not owner.armed
+    return None
+
+
+def _perturb_checks(block) -> tuple[list, str | None]:
+    """The idle checks of the perturbation hooks on ``block`` and its mixer, or a reason it cannot fuse."""
+    checks = []
+    for module in (block, block.mixer):
+        perturb = getattr(module, "_perturb", None)
+        if perturb is None:
+            continue
+        check = _idle_check(perturb)
+        if check is None:
+            return [], "a perturbation hook (DRµGS site) is installed"
+        checks.append(check)
+    return checks, None
+
+
 class _Plan:
     """The compiled step's view of one backbone in one dtype: a ctypes array of ``_Layer`` per run of fused
     blocks, the tensors it points to (kept alive), and what to check before each use."""
@@ -175,30 +208,51 @@ class _Plan:
         self.dtype = dtype
         self.blocks = list(backbone.layers)
         self.reasons: list[str | None] = []
-        self.segments: list[tuple[str, list[int]]] = []  # ("eager", [i]) or ("fused", [i, j, ...])
+        self.fusable: list[bool] = []
+        self.idle_checks: list[list] = []  # per block: perturbation hooks that must be idle for it to fuse
         self.keep: list[torch.Tensor] = []
-        self.structs: dict[int, ctypes.Array] = {}  # first layer of a fused segment -> its _Layer array
         self.watched: list[tuple[dict, str, object]] = []  # (module._modules or __dict__, key, expected object)
         self.params: list[torch.nn.Parameter] = []
         self.hooked: list[nn.Module] = []
-        fused_specs: dict[int, _Layer] = {}
+        self.specs = (_Layer * len(self.blocks))()  # zeros where a block is not fusable (never passed to C)
         for i, block in enumerate(self.blocks):
             kind, reason = _block_reason(block, dtype)
-            self.reasons.append(reason)
+            checks: list = []
+            if kind is not None:
+                checks, reason = _perturb_checks(block)
+                if reason is not None:
+                    kind = None
             self._watch(backbone, block, i)
-            if kind is None:
-                self.segments.append(("eager", [i]))
-                continue
-            fused_specs[i] = self._spec(block, kind)
-            if self.segments and self.segments[-1][0] == "fused":
-                self.segments[-1][1].append(i)
-            else:
-                self.segments.append(("fused", [i]))
-        for kind, idx in self.segments:
-            if kind == "fused":
-                arr = (_Layer * len(idx))(*(fused_specs[i] for i in idx))
-                self.structs[idx[0]] = arr
+            self.fusable.append(kind is not None)
+            self.idle_checks.append(checks)
+            if kind is not None:
+                self.specs[i] = self._spec(block, kind)
+                if checks:
+                    reason = "fused while its DRµGS perturbation is idle, eager while it perturbs"
+            self.reasons.append(reason)
+        self.any_fusable = any(self.fusable)
+        self.conditional = any(self.idle_checks)
+        self.static_segments = self._segments(self.fusable)
+        self.base = ctypes.addressof(self.specs)
         self.signature = self._signature()
+
+    @staticmethod
+    def _segments(fused: list[bool]) -> list[tuple[bool, list[int]]]:
+        """Runs of consecutive blocks: (True, [i, i+1, ...]) fused in one call, (False, [i]) eager."""
+        segments: list[tuple[bool, list[int]]] = []
+        for i, f in enumerate(fused):
+            if f and segments and segments[-1][0]:
+                segments[-1][1].append(i)
+            else:
+                segments.append((f, [i]))
+        return segments
+
+    def segments(self) -> list[tuple[bool, list[int]]]:
+        """This step's runs: a block whose perturbation hooks are armed now runs eagerly."""
+        if not self.conditional:
+            return self.static_segments
+        fused = [f and all(check() for check in checks) for f, checks in zip(self.fusable, self.idle_checks)]
+        return self._segments(fused)
 
     def _watch(self, backbone, block, i: int) -> None:
         """Record what must stay the same for this plan to hold: the block object, its modules, DRµGS slots."""
@@ -213,8 +267,8 @@ class _Plan:
                 self.watched.append((module._parameters, name, p))
         self.params.extend(block.parameters())
 
-    def _signature(self) -> list[tuple[int, int, bool]]:
-        return [(p.data_ptr(), p._version, p.requires_grad) for p in self.params]
+    def _signature(self) -> list[tuple[int, int]]:
+        return [(p.data_ptr(), p._version) for p in self.params]
 
     def still_valid(self) -> bool:
         for where, key, expected in self.watched:
@@ -302,7 +356,7 @@ def fused_step(backbone, hidden: torch.Tensor, state):
     if lib is None:
         return None
     plan = _plan(backbone, hidden.dtype)
-    if not plan.structs:
+    if not plan.any_fusable:
         return None
     if torch.is_grad_enabled() and _grad_needed(plan, hidden, state):
         return None
@@ -317,8 +371,11 @@ def fused_step(backbone, hidden: torch.Tensor, state):
     new_layers: list = [None] * len(plan.blocks)
     h = hidden.contiguous()
     threads = num_threads()
-    for kind, idx in plan.segments:
-        if kind == "eager":
+    segments = plan.segments()
+    if not any(fused for fused, _ in segments):
+        return None
+    for fused, idx in segments:
+        if not fused:
             i = idx[0]
             h, new_layers[i] = plan.blocks[i].step(h, state.layers[i])
             h = h.contiguous()
@@ -337,7 +394,7 @@ def fused_step(backbone, hidden: torch.Tensor, state):
             pointers.extend((conv.data_ptr(), conv_out.data_ptr(), ssm.data_ptr(), ssm_out.data_ptr()))
         out = torch.empty((batch, h.shape[1]), dtype=dtype)
         code = run(
-            ctypes.addressof(plan.structs[idx[0]]),
+            plan.base + idx[0] * ctypes.sizeof(_Layer),
             pointers.buffer_info()[0],
             len(idx),
             batch,
