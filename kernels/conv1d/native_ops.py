@@ -15,6 +15,7 @@ wider than 64 taps.
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
@@ -48,6 +49,10 @@ class _StepArgs(ctypes.Structure):
     _fields_ += [(f, _P) for f in ("x", "state", "weight", "bias", "y", "new_state")]
 
 
+_STEP_WORDS = ctypes.sizeof(_StepArgs) // 8
+
+
+@functools.cache
 def _fn(name: str, cdt: torch.dtype):
     lib = native_library("conv1d.c")
     if lib is None:  # the dispatcher checks first; a direct call on a machine without a compiler lands here
@@ -174,10 +179,9 @@ def causal_conv1d_update_native(x, conv_state, weight, bias=None, activation=Non
     b_ = None if bias is None else bias.to(cdt).contiguous()
     y = torch.empty(b, d, dtype=cdt)
     new_state = torch.empty(b, d, w - 1, dtype=cdt)
-    args = _StepArgs()
-    args.b, args.d, args.w, args.silu = b, d, w, int(silu)
-    args.sx, args.sstate, args.sy, args.snew = _strides(x_, 2), _strides(st, 3), _strides(y, 2), _strides(new_state, 3)
-    args.x, args.state, args.weight, args.bias = ptr(x_), ptr(st), ptr(w_), ptr(b_)
-    args.y, args.new_state = ptr(y), ptr(new_state)
-    _fn("sl_conv_step", cdt)(ctypes.byref(args), num_threads())
+    # one flat int64 array in _StepArgs' field order (all 8-byte words): cheaper than filling a Structure
+    vals = [b, d, w, int(silu), *x_.stride(), *st.stride(), *y.stride(), *new_state.stride()]
+    vals += [0 if t is None else t.data_ptr() for t in (x_, st, w_, b_, y, new_state)]
+    args = (_I64 * _STEP_WORDS)(*vals)
+    _fn("sl_conv_step", cdt)(args, num_threads())
     return y.to(x.dtype), new_state.to(conv_state.dtype)

@@ -23,6 +23,7 @@ at the positions and threads the state (``kernels/_states_at.py``). Nothing is d
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 
 import torch
@@ -62,6 +63,9 @@ class _StepArgs(ctypes.Structure):
     _fields_ += [("softplus", _I64)]
 
 
+_STEP_WORDS = ctypes.sizeof(_StepArgs) // 8
+
+
 def _lib() -> ctypes.CDLL:
     lib = native_library("scan.c")
     if lib is None:  # the dispatcher checks first; a direct call on a machine without a compiler lands here
@@ -69,6 +73,7 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
+@functools.cache
 def _fn(name: str, cdt: torch.dtype):
     return getattr(_lib(), f"{name}_{'d' if cdt == torch.float64 else 'f'}")
 
@@ -252,13 +257,13 @@ def selective_state_update_native(state, x, dt, A, B, C, D=None, z=None, dt_bias
     bias_ = None if bias_ is None else bias_.contiguous()
     y = torch.empty(b, d, dtype=cdt)
     new_state = torch.empty(b, d, n, dtype=cdt)
-    args = _StepArgs()
-    args.b, args.d, args.n, args.g = b, d, n, B_.shape[1]
-    args.sstate, args.sx, args.sdt, args.sz = _strides(st, 3), _strides(x_, 2), _strides(dt_, 2), _strides(z_, 2)
-    args.sA, args.sB, args.sC = _strides(A_, 2), _strides(B_, 3), _strides(C_, 3)
-    args.sy, args.snew = _strides(y, 2), _strides(new_state, 3)
-    args.state, args.x, args.dt, args.A, args.B, args.C = ptr(st), ptr(x_), ptr(dt_), ptr(A_), ptr(B_), ptr(C_)
-    args.D, args.dbias, args.z, args.y, args.new_state = ptr(D_), ptr(bias_), ptr(z_), ptr(y), ptr(new_state)
-    args.softplus = int(dt_softplus)
-    _fn("sl_scan_step", cdt)(ctypes.byref(args), num_threads())
+    # One flat int64 array in _StepArgs' field order (every field is 8 bytes): a decode step is latency-bound, and
+    # filling a ctypes Structure field by field costs more than the C step itself at small sizes.
+    z_strides = z_.stride() if z_ is not None else (0, 0)
+    vals = [b, d, n, B_.shape[1], *st.stride(), *x_.stride(), *dt_.stride(), *z_strides, *A_.stride()]
+    vals += [*B_.stride(), *C_.stride(), *y.stride(), *new_state.stride()]
+    vals += [0 if t is None else t.data_ptr() for t in (st, x_, dt_, A_, B_, C_, D_, bias_, z_, y, new_state)]
+    vals.append(int(dt_softplus))
+    args = (_I64 * _STEP_WORDS)(*vals)
+    _fn("sl_scan_step", cdt)(args, num_threads())
     return y.to(x.dtype), new_state
