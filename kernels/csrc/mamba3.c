@@ -1,22 +1,24 @@
-/* Mamba-3 scan: the compiled CPU recurrence (forward, backward) and the fused one-step decode update.
+/* Mamba-3 scan on the CPU: the recurrence (forward, checkpointed backward), the angle walk and the rotations of
+ * B and C (each with its backward), and the fused one-step decode update.
  *
- * kernels/mamba3/native_ops.py does the per-position elementwise work with torch ops (angle running sums,
- * rotations of B and C, biases, the trapezoid coefficients, the D term, the gate, mimo_o) and hands this file
- * only the part eager PyTorch cannot fuse: the recurrence over positions. Folding the trapezoid's beta term
- * (which reads the previous position's k and v) into a shifted state leaves one rank-r update per position:
+ * kernels/mamba3/native_ops.py wraps each kernel in an autograd.Function and does the remaining O(l h p)
+ * elementwise work with torch ops (trapezoid coefficients, the gate, mimo_o). Folding the trapezoid's beta term
+ * (which reads the previous position's k and v) into a shifted state u_t = h_t + c_t KV_t (c_t =
+ * (1 - lam_{t+1}) dt_{t+1}, 0 at a sequence's last position) leaves one rank-r update per position:
  *
- *     u_t = alpha_t u_{t-1} + sum_r V_t[r] K_t[r]^T        (u (p, n) per head; K already scaled by the wrapper)
+ *     u_t = alpha_t u_{t-1} + w_t sum_r V_t[r] K_t[r]^T                  (u (p, n) per head; w = gamma + c)
  *     Y_t[R] = u_t Q_t[R] - c_t sum_r (K_t[r] . Q_t[R]) V_t[r] + D V_t[R]      (R over the same r ranks)
  *
- * (kernels/mamba3/native_ops.py derives it: u_t = h_t + (1 - lam_{t+1}) dt_{t+1} KV_t.) Every (segment, head)
- * walks independently: a segment is a batch row, or one sequence of a packed row, entered from its own state.
+ * Every (segment, head) walks independently: a segment is a batch row, or one sequence of a packed row,
+ * entered from its own state (Hin: the initial state with the first position's beta term folded in).
  *
- * Layouts (all contiguous, T = float or double): alpha (b, l, h); V, Y (b, l, r, h, p); K, Q (b, l, r, h, n);
- * Hin, HT (nseg, h, p, n); checkpoints (sum of ceil(len / every) over segments, h, p, n), the state entering
- * every block of `every` positions, stored when the backward will run. The backward re-walks one block at a
- * time from its checkpoint into a per-thread buffer and walks the block in reverse with the adjoint state
- * dU (p, n): dU += sum_R dY_t[R] Q_t[R]^T; dQ_t[R] = u_t^T dY_t[R]; dV_t[r] = dU K_t[r]; dK_t[r] = dU^T V_t[r];
- * dalpha_t = <dU, u_{t-1}>; dU *= alpha_t; at the segment start dHin = dU.
+ * Layouts (all contiguous, T = float or double): alpha, w, c (b, l, h); V, Y (b, l, r, h, p); K, Q
+ * (b, l, r, h, n); Hin, HT (nseg, h, p, n); checkpoints (sum of ceil(len / every) over segments, h, p, n), the
+ * state entering every block of `every` positions, stored when the backward will run. The backward re-walks
+ * one block at a time from its checkpoint into a per-thread buffer and walks the block in reverse with the
+ * adjoint state dU (p, n): dU += sum_R dY_t[R] Q_t[R]^T; dQ_t[R] = u_t^T dY_t[R]; dV_t[r] = w_t dU K_t[r];
+ * dK_t[r] = w_t dU^T V_t[r]; dw_t = sum_r V_t[r] . dU K_t[r]; dalpha_t = <dU, u_{t-1}>; dU *= alpha_t (plus
+ * the correction's and D's terms); at the segment start dHin = dU.
  *
  * The decode step (mamba3_step_*) is the whole reference step of one position in one call: angle update,
  * rotations, trapezoid update with the two rank-r terms, D, gate and MIMO projections (no autograd).

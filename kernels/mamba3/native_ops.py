@@ -1,9 +1,19 @@
 """Mamba-3 scan and decode step on the compiled CPU path (``csrc/mamba3.c``): the ``"native"`` backend.
 
-The scan splits the work by cost. The per-position parts are elementwise, O(l n) per head, and stay torch ops
-that autograd differentiates: the angle running sums, the rotations of B and C, the biases, the trapezoid
-coefficients, the D term, the gate and the MIMO projections. The recurrence, O(l p n) per head, runs in C, one
-walk per (sequence, head) with the state in cache, parallel over (sequences x heads) with OpenMP.
+The scan runs as three C kernels, each an ``autograd.Function`` with a C backward, glued by a few torch ops that
+autograd differentiates (the trapezoid coefficients, tanh(angles) pi dt, the entry state, the gate and the MIMO
+projections, all O(l h) or O(l h p) elementwise):
+
+1. ``_Angles``: the rotary angle after every position, a running sum of tanh(angles) pi dt per sequence and
+   head from its initial angle, wrapped to [0, 2 pi) at every step as in the reference (the running value is
+   kept in double, so long float32 sequences keep the angle's precision). Backward: reverse running sums.
+2. ``_Rotate``: K = rot(B + B_bias), Q = rot(C + C_bias) per head (groups expanded on the fly). Backward: the
+   inverse rotation, B and C summed over the heads of each group, the biases over positions (per-thread
+   partial sums), and the angle's gradient.
+3. ``_Recurrence``: the state walk, one per (sequence, head), parallel over (sequences x heads) with OpenMP,
+   vectorised over the state dim, the state (p, n) in cache.
+
+As torch ops, steps 1 and 2 were a dozen passes over memory, more than the recurrence itself costs.
 
 The trapezoid's beta term pairs position t with the previous position's k and v. With c_t = (1 - lam_{t+1})
 dt_{t+1} (0 at a sequence's last position) and KV_t = sum_r v_t[r] k_t[r]^T, the shifted state
@@ -13,20 +23,13 @@ u_t = h_t + c_t KV_t obeys a recurrence with one rank-r term per position:
 
 (the entry state folds the first position's beta term, which reads the initial state's k and v), and
 
-    h_t q_t[R] = u_t q_t[R] - c_t sum_r (k_t[r] . q_t[R]) v_t[r]
+    y_t[R] = h_t q_t[R] + D v_t[R] = u_t q_t[R] - c_t sum_r (k_t[r] . q_t[R]) v_t[r] + D v_t[R]
 
-so C walks ``u_t = alpha_t u_{t-1} + sum_r V_t[r] Kc_t[r]^T, Y_t[R] = u_t Q_t[R]`` (Kc = (gamma + c) k) and the
-wrapper subtracts the rank-r correction. At a sequence's last position c = 0, so the final u is the final h.
-
-Backward (``_Recurrence.backward``, also C): the forward stores the state entering every block of
-``CHECKPOINT_EVERY`` positions; the backward re-walks one block from its checkpoint and walks it in reverse
-with the adjoint state. No (l, p, n) tensor is ever allocated.
-
-The angle walk (a running sum of tanh(angles) pi dt per sequence and head, wrapped to [0, 2 pi) at every step as
-in the reference) and the rotations of B + B_bias and C + C_bias are C kernels too (``_Angles``, ``_Rotate``),
-each with a C backward: they are elementwise, but as torch ops they were a dozen passes over memory, more than
-the recurrence itself costs. The walk keeps its running angle in double, so long float32 sequences keep the
-angle's precision.
+which is what C computes, the rank-r correction and D included. At a sequence's last position c = 0, so the
+final u is the final h. The backward: the forward stores the state entering every block of
+``CHECKPOINT_EVERY`` positions; the backward re-walks one block from its checkpoint into a per-thread buffer and
+walks it in reverse with the adjoint state (the decay's gradient is <dU_t, u_{t-1}>, a scalar per position).
+No (l, p, n) tensor is ever allocated.
 
 Packed rows (``cu_seqlens``) run natively: every sequence is its own walk from its own entry state. bf16 / fp16
 inputs compute in float32 and y comes back in x.dtype, as on the chunked path. ``l == 0`` and a process where
