@@ -211,9 +211,10 @@ class _Plan:
         self.fusable: list[bool] = []
         self.idle_checks: list[list] = []  # per block: perturbation hooks that must be idle for it to fuse
         self.keep: list[torch.Tensor] = []
-        self.watched: list[tuple[dict, str, object]] = []  # (module._modules or __dict__, key, expected object)
+        self.containers: list[dict] = []  # dicts whose values must stay the same objects
+        self.hook_dicts: list[dict] = []  # forward (pre-)hooks: only whether there are any matters
+        self.attrs: list[tuple[dict, str]] = []  # (a module's __dict__, key) whose value must stay the same object
         self.params: list[torch.nn.Parameter] = []
-        self.hooked: list[nn.Module] = []
         self.specs = (_Layer * len(self.blocks))()  # zeros where a block is not fusable (never passed to C)
         for i, block in enumerate(self.blocks):
             kind, reason = _block_reason(block, dtype)
@@ -234,7 +235,8 @@ class _Plan:
         self.conditional = any(self.idle_checks)
         self.static_segments = self._segments(self.fusable)
         self.base = ctypes.addressof(self.specs)
-        self.signature = self._signature()
+        self.held = [(d, list(d.values())) for d in self.containers] + [(d, d.get(k)) for d, k in self.attrs]
+        self.key = self._key()
 
     @staticmethod
     def _segments(fused: list[bool]) -> list[tuple[bool, list[int]]]:
@@ -255,29 +257,33 @@ class _Plan:
         return self._segments(fused)
 
     def _watch(self, backbone, block, i: int) -> None:
-        """Record what must stay the same for this plan to hold: the block object, its modules, DRµGS slots."""
-        self.watched.append((backbone.layers._modules, str(i), block))
+        """Record what must stay the same for this plan to hold: the block object, the block's and mixer's
+        children, the parameters of each module, whether any module has hooks, the perturbation slots and kernel
+        backend, the parameters' storage and version counters."""
+        if i == 0:
+            self.containers.append(backbone.layers._modules)
+        self.containers += [block._modules, block.mixer._modules]  # a leaf gaining a child changes nothing
         for module in block.modules():
-            for name, child in module._modules.items():
-                self.watched.append((module._modules, name, child))
-            self.watched.append((module.__dict__, "_perturb", module.__dict__.get("_perturb")))
-            self.watched.append((module.__dict__, "backend", module.__dict__.get("backend")))
-            self.hooked.append(module)
-            for name, p in module._parameters.items():
-                self.watched.append((module._parameters, name, p))
+            if module._parameters:
+                self.containers.append(module._parameters)
+            self.hook_dicts += [module._forward_hooks, module._forward_pre_hooks]
+        self.attrs += [(block.__dict__, "_perturb"), (block.mixer.__dict__, "_perturb")]
+        self.attrs.append((block.mixer.__dict__, "backend"))
         self.params.extend(block.parameters())
 
-    def _signature(self) -> list[tuple[int, int]]:
-        return [(p.data_ptr(), p._version) for p in self.params]
+    def _key(self) -> tuple:
+        # ids, not the objects: the plan holds every watched object, so an id cannot be reused while it lives,
+        # and comparing ids never calls a tensor's elementwise ==. One comprehension per kind: this runs every step.
+        return (
+            [tuple(map(id, d.values())) for d in self.containers],
+            list(map(bool, self.hook_dicts)),
+            [id(d.get(k)) for d, k in self.attrs],
+            [p.data_ptr() for p in self.params],
+            [p._version for p in self.params],
+        )
 
     def still_valid(self) -> bool:
-        for where, key, expected in self.watched:
-            if where.get(key) is not expected:
-                return False
-        for module in self.hooked:
-            if module._forward_hooks or module._forward_pre_hooks:
-                return False
-        return self._signature() == self.signature
+        return self._key() == self.key
 
     def _tensor(self, t: torch.Tensor | None) -> int:
         if t is None:
