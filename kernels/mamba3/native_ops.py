@@ -53,12 +53,17 @@ from .ref import (
     check_step_args,
 )
 
-__all__ = ["CHECKPOINT_EVERY", "mamba3_scan_native", "mamba3_state_update_native"]
+__all__ = ["CHECKPOINT_EVERY", "SERIAL_BELOW", "mamba3_scan_native", "mamba3_state_update_native"]
 
 #: positions between the states the forward keeps for the backward: the backward re-walks a block of this many
 #: states into a per-thread buffer (32 x p x n: 1 MiB at p = 64, n = 128 in float32, about L2), and the
 #: checkpoints cost p n / 32 values per position and head
 CHECKPOINT_EVERY = 32
+
+#: below this many state elements touched per call, a kernel runs on one thread: waking an OpenMP team costs
+#: more than it saves on a decode step or a few positions (and on a busy machine a team that waits for a
+#: descheduled thread costs a scheduler time slice)
+SERIAL_BELOW = 1 << 17
 
 _I64 = ctypes.c_int64
 _P = ctypes.c_void_p
@@ -117,6 +122,11 @@ class _Segments:
         return (self.count, ptr(self.rows), ptr(self.starts), ptr(self.lens), ptr(self.first_block))
 
 
+def _threads(work: int) -> int:
+    """The thread count for a kernel call that touches ``work`` elements."""
+    return 1 if work < SERIAL_BELOW else num_threads()
+
+
 def _check(rc: int, what: str) -> None:
     if rc != 0:
         raise MemoryError(f"mamba3 native {what}: could not allocate its per-thread buffers")
@@ -137,7 +147,7 @@ class _Recurrence(torch.autograd.Function):
         ckpt = V.new_empty((segs.blocks, h, p, n)) if keep else None
         rc = _kernel("mamba3_fwd", V.dtype)(
             *segs.args(), l, h, p, n, r, ptr(Hin), ptr(alpha), ptr(w), ptr(c), ptr(D), ptr(V), ptr(K), ptr(Q), ptr(Y),
-            ptr(HT), ptr(ckpt), segs.every, num_threads(),
+            ptr(HT), ptr(ckpt), segs.every, _threads(V.numel() * n),
         )  # fmt: skip
         _check(rc, "forward")
         ctx.segs = segs
@@ -161,7 +171,7 @@ class _Recurrence(torch.autograd.Function):
         rc = _kernel("mamba3_bwd", V.dtype)(
             *segs.args(), l, h, p, n, r, ptr(alpha), ptr(w), ptr(c), ptr(D), ptr(V), ptr(K), ptr(Q), ptr(ckpt),
             segs.every, ptr(dY), ptr(dHT), ptr(dHin), ptr(dalpha), ptr(dw), ptr(dc), ptr(dV), ptr(dK), ptr(dQ),
-            ptr(dDp), num_threads(),
+            ptr(dDp), _threads(V.numel() * n),
         )  # fmt: skip
         _check(rc, "backward")
         return dHin, dalpha, dw, dc, None if dDp is None else dDp.sum(0), dV, dK, dQ, None, None
@@ -177,7 +187,7 @@ class _Angles(torch.autograd.Function):
         ang = torch.empty_like(inc)
         _kernel("mamba3_angle_fwd", inc.dtype)(
             segs.count, ptr(segs.rows), ptr(segs.starts), ptr(segs.lens), l, h, a, ptr(inc), ptr(ang0), ptr(ang),
-            num_threads(),
+            _threads(inc.numel()),
         )  # fmt: skip
         ctx.segs = segs
         ctx.has_ang0 = ang0 is not None
@@ -192,7 +202,7 @@ class _Angles(torch.autograd.Function):
         dang0 = dang.new_empty((segs.count, h, a)) if ctx.has_ang0 else None
         _kernel("mamba3_angle_bwd", dang.dtype)(
             segs.count, ptr(segs.rows), ptr(segs.starts), ptr(segs.lens), l, h, a, ptr(dang), ptr(dinc), ptr(dang0),
-            num_threads(),
+            _threads(dang.numel()),
         )  # fmt: skip
         return dinc, dang0, None
 
@@ -208,7 +218,7 @@ class _Rotate(torch.autograd.Function):
         Q = B.new_empty((b, l, r, h, n))
         _kernel("mamba3_rot_fwd", B.dtype)(
             b * l, r, g, h, n, ang.shape[-1], int(mimo), ptr(B), ptr(C), ptr(B_bias), ptr(C_bias), ptr(ang), ptr(K),
-            ptr(Q), num_threads(),
+            ptr(Q), _threads(K.numel()),
         )  # fmt: skip
         ctx.save_for_backward(B, C, B_bias, C_bias, ang)
         ctx.mimo = mimo
@@ -221,7 +231,7 @@ class _Rotate(torch.autograd.Function):
         h = B_bias.shape[0]
         dK = None if dK is None else dK.contiguous()
         dQ = None if dQ is None else dQ.contiguous()
-        threads = num_threads()
+        threads = _threads(b * l * r * h * n)
         dB, dC = torch.empty_like(B), torch.empty_like(C)
         dBb = B.new_empty((threads, h, r, n))  # per thread: summed here
         dCb = B.new_empty((threads, h, r, n))
@@ -355,6 +365,6 @@ def mamba3_state_update_native(
     inputs = [c(t) for t in (x, dt, A, B, C, trap, angles, B_bias, C_bias, D, z, mimo_x, mimo_z, mimo_o)]
     getattr(lib, f"mamba3_step_{_SUFFIX[cd]}")(
         b, h, p, n, r, dims.g, a, ptr(ang_s), ptr(ssm_s), ptr(k_s), ptr(v_s), *(ptr(t) for t in inputs),
-        int(per_rank), ptr(y), *(ptr(t) for t in out), num_threads(),
+        int(per_rank), ptr(y), *(ptr(t) for t in out), _threads(ssm_s.numel() * r),
     )  # fmt: skip
     return y.to(x.dtype), out

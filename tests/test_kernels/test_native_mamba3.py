@@ -186,6 +186,35 @@ def test_checkpoint_boundaries(monkeypatch, l):
     assert_grads_close(g, g_ref, TOL64)
 
 
+@pytest.mark.parametrize("r", [1, 2])
+def test_several_threads(monkeypatch, r):
+    """Every kernel on an OpenMP team (the suite runs single-threaded; SERIAL_BELOW = 0 parallelises even tiny
+    calls): the per-thread bias partial sums, the dynamic schedule over (sequences x heads), packed rows."""
+    monkeypatch.setattr(native_ops, "SERIAL_BELOW", 0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        inputs = make_inputs(b=3, l=37, r=r, seed=40 + r)
+        y_ref, s_ref, g_ref = run_with_grads(mamba3_scan_ref, inputs)
+        y, s, g = run_with_grads(mamba3_scan_native, inputs)
+        assert rel(y, y_ref) < TOL64
+        assert_states_close(s, s_ref, TOL64)
+        assert_grads_close(g, g_ref, TOL64)
+        packed = make_inputs(b=1, l=20, r=r, rows=3, seed=50 + r)
+        cu = torch.tensor([0, 7, 8, 20])
+        y_ref, s_ref, g_ref = run_with_grads(mamba3_scan_ref, packed, cu_seqlens=cu)
+        y, s, g = run_with_grads(mamba3_scan_native, packed, cu_seqlens=cu)
+        assert rel(y, y_ref) < TOL64
+        assert_states_close(s, s_ref, TOL64)
+        assert_grads_close(g, g_ref, TOL64)
+        y_t, new = mamba3_state_update_native(inputs["initial_state"], **step_kwargs(inputs, 0))
+        y_r, want = mamba3_state_update_ref(inputs["initial_state"], **step_kwargs(inputs, 0))
+        assert rel(y_t, y_r) < TOL64
+        assert_states_close(new, want, TOL64)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_per_rank_output_matches_reference():
     inputs = make_inputs(b=1, l=19, r=2, z=False, mimo_o=False, seed=4)
     y_ref, s_ref, g_ref = run_with_grads(mamba3_scan_ref, inputs)
