@@ -53,6 +53,12 @@ def bench_selective_scan(args, timer, device, dtype, tnote) -> list[Row]:
                     if tnote
                     else measure(timer, make(seqlab_op("selective_scan", "triton")), *tri_reps(args, reps))
                 )
+                if not bwd and not tnote:
+                    # the Triton forwards one by one (walk: the default; tile: the one it replaced)
+                    for kernel in args.scan_forwards:
+                        row.cells[f"seqlab triton {kernel}"] = measure(
+                            timer, make(scan_forward(kernel, args)), *tri_reps(args, reps)
+                        )
                 row.cells["seqlab chunked"] = (
                     Cell(note="skipped")
                     if l > args.chunked_max_len
@@ -69,6 +75,19 @@ def bench_selective_scan(args, timer, device, dtype, tnote) -> list[Row]:
                 print_progress(row)
             del inputs
     return rows
+
+
+def scan_forward(kernel: str, args):
+    """selective_scan_triton with one forward kernel (``--scan-forwards``); the walk with ``--walk-block-d`` /
+    ``--walk-chunk`` when given (None: the kernel's own tiling)."""
+    from seqlab.kernels.scan.triton_ops import selective_scan_triton
+
+    tiling = dict(block_d=args.walk_block_d, walk_chunk=args.walk_chunk) if kernel == "walk" else {}
+
+    def call(**kw):
+        return selective_scan_triton(**kw, fwd_kernel=kernel, **tiling)
+
+    return call
 
 
 def fla_ssd_inputs(inputs, h):

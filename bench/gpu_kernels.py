@@ -47,6 +47,11 @@ holds the host-side launch cost whenever the host is slower than the GPU, as it 
 the Triton steps are also timed as a captured CUDA graph of 32 steps (the "seqlab triton graph" cells in the
 progress lines): the device time of one step, which the flatness target is checked on first.
 
+The Mamba-1 forward rows also time the two Triton forwards one by one (``--scan-forwards``, default both):
+"seqlab triton walk" (the sequential walk, the dispatcher's default; ``--walk-block-d`` / ``--walk-chunk`` set
+its tiling for a sweep) and "seqlab triton tile" (the chunk-tile associative scan it replaced), in the progress
+lines, with the walk's speed-up over the tile kernel printed with the targets.
+
 Targets checked at the end: Mamba-1 scan forward >= 70% of the copy bandwidth at L >= 8k; SSD forward at least
 as fast as mamba_ssm's Triton SSD; decode-step latency flat in context length (max / min <= 1.25).
 
@@ -121,6 +126,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         dest="chunked_max_len",
         help="time the seqlab chunked path up to this length (default 16384; --torch-max-len is its old name)",
     )
+    p.add_argument(
+        "--scan-forwards",
+        nargs="*",
+        choices=("walk", "tile"),
+        default=["walk", "tile"],
+        help="Mamba-1 Triton forwards also timed one by one in the forward rows (progress lines and a ratio at the "
+        "end): walk (the default forward) and tile (the chunk-tile scan it replaced); none: only the dispatcher",
+    )
+    p.add_argument("--walk-block-d", type=int, help="channels per program of the walk cell (default: its plan)")
+    p.add_argument("--walk-chunk", type=int, help="positions the walk cell unrolls per step (default: its plan)")
     p.add_argument("--no-backward", action="store_true", help="forward rows only")
     p.add_argument("--no-peers", action="store_true", help="skip mamba_ssm / causal-conv1d / fla")
     p.add_argument(
@@ -155,6 +170,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.copy_mib = args.copy_mib if args.copy_mib is not None else (1024 if big else 64)
     for name in ("batch", "decode_batch", "repeats", "decode_repeats", "copy_mib", "conv_width", "chunk_size"):
         if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    for name in ("walk_block_d", "walk_chunk"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if any(v <= 0 for v in args.lengths + args.contexts + args.mamba1_d):
         p.error("lengths, contexts and widths must be positive")
@@ -210,6 +228,15 @@ def print_targets(rows: list[Row], copy_gbs: float, smoke: bool) -> None:
         "- SSD forward at least as fast as mamba_ssm's mamba_chunk_scan_combined: "
         + ("; ".join(lines) if lines else "no SSD rows")
     )
+    # the Mamba-1 forwards side by side (not a target: which one the dispatcher should keep)
+    pairs = []
+    for r in (r for r in rows if r.op == "selective_scan" and r.mode == "fwd"):
+        walk, tile = r.cells.get("seqlab triton walk", Cell()), r.cells.get("seqlab triton tile", Cell())
+        if walk.ms is not None and tile.ms is not None:
+            pct = 100 * r.nbytes / (walk.ms * 1e-3) / 1e9 / copy_gbs
+            pairs.append(f"{r.shape} L={r.length}: {tile.ms / walk.ms:.2f}x ({pct:.0f}% of copy BW)")
+    if pairs:
+        print("- Mamba-1 forward, walk vs tile kernel (speed-up of the walk): " + "; ".join(pairs))
     # 3. decode latency flat in context length: the device time per step (CUDA graph) when measured, and the
     # per-call time with the host's launch cost
     for cell, what in (

@@ -1,4 +1,5 @@
-"""The Mamba-1 selective scan's Triton kernels (device code): forward, backward and the decode step.
+"""The Mamba-1 selective scan's Triton kernels (device code): two forwards (the sequential walk, the default,
+and the older chunk-tile scan, kept to time them side by side on a GPU), the backward and the decode step.
 
 ``triton_ops.py`` plans the tiles, launches them and wraps them in autograd; its docstring describes the
 algorithm and the memory traffic.
@@ -9,8 +10,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+# the combine tl.sum reduces floats with; the walk calls tl.reduce with it directly: the same code on a GPU, but
+# the interpreter runs it as one numpy sum, where tl.sum is a device-function call costing milliseconds per use
+from triton.language.standard import _sum_combine
+
 #: softplus(x) = x above this (torch's and mamba_ssm's threshold)
 SOFTPLUS_THRESHOLD = 20.0
+# jit code may read module globals only as constexprs
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 # ----------------------------------------------------------------------------------------------- device helpers
@@ -191,6 +198,162 @@ def _ss_fwd_kernel(
                 y *= zz / (1.0 + tl.exp(-zz))
             tl.store(o_base + ch[:, None] * s_od + t[None, :] * s_ol, y.to(out_ptr.dtype.element_ty), mask=dl_mask)
         tl.store(h_ptrs, h, mask=dn_mask)
+
+
+@triton.jit
+def _ss_fwd_walk_kernel(
+    u_ptr,
+    dl_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    bias_ptr,
+    out_ptr,
+    h_ptr,
+    st_ptr,
+    seq_ptr,
+    h0p_ptr,
+    fin_ptr,
+    s_ub,
+    s_ud,
+    s_ul,
+    s_db,
+    s_dd,
+    s_dl,
+    s_Ad,
+    s_An,
+    s_Bb,
+    s_Bg,
+    s_Bn,
+    s_Bl,
+    s_Cb,
+    s_Cg,
+    s_Cn,
+    s_Cl,
+    s_D,
+    s_zb,
+    s_zd,
+    s_zl,
+    s_bias,
+    s_ob,
+    s_od,
+    s_ol,
+    d,
+    n,
+    l,
+    dG,
+    nblk,
+    rB,
+    rC,
+    nwalks,
+    BLOCK_D: tl.constexpr,
+    NP: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    STORE_STATES: tl.constexpr,
+    CDT: tl.constexpr,
+    VARLEN: tl.constexpr,
+    HAS_H0: tl.constexpr,
+):
+    """The forward as a sequential walk: one program owns BLOCK_D channels of one group and walks every position
+    in order with its (BLOCK_D, NP) state in registers (``triton_ops`` module docstring: why, and the cost).
+
+    The positions are unrolled CHUNK at a time (``tl.static_range``): the loads of a chunk do not depend on the
+    state, so the compiler can issue them ahead of the recurrence. With STORE_STATES the state before every
+    BLOCK_L-th position is written for the backward (the same (b, ceil(l / BLOCK_L), d, n) contract as the tile
+    kernel; CHUNK is a multiple of BLOCK_L, so which positions store is decided at compile time)."""
+    pid = tl.program_id(0)
+    bi = tl.program_id(1).to(tl.int64)
+    gi = pid // nblk
+    j = pid % nblk
+    offs_n = tl.arange(0, NP)
+    mask_n = offs_n < n
+    ch_loc = j * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = ch_loc < dG
+    ch = gi * dG + ch_loc
+    dn_mask = mask_d[:, None] & mask_n[None, :]
+    dn_offs = ch[:, None] * n + offs_n[None, :]
+    # exp(delta A) = 2^(delta A log2 e): scaling A once saves the multiply a GPU's exp does per element
+    A2 = tl.load(A_ptr + ch[:, None] * s_Ad + offs_n[None, :] * s_An, mask=dn_mask, other=0.0).to(CDT) * LOG2E
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + ch * s_bias, mask=mask_d, other=0.0).to(CDT)
+    if HAS_D:
+        Dv = tl.load(D_ptr + ch * s_D, mask=mask_d, other=0.0).to(CDT)
+    # pointers at the current position, advanced by one stride per position (no position x stride products)
+    u_p = u_ptr + bi * s_ub + ch * s_ud
+    dl_p = dl_ptr + bi * s_db + ch * s_dd
+    z_p = z_ptr + bi * s_zb + ch * s_zd
+    o_p = out_ptr + bi * s_ob + ch * s_od
+    B_p = B_ptr + bi * s_Bb + (gi // rB) * s_Bg + offs_n * s_Bn
+    C_p = C_ptr + bi * s_Cb + (gi // rC) * s_Cg + offs_n * s_Cn
+    h_ptrs = h_ptr + bi * d * n + dn_offs
+    # the next chunk state's cells, advanced by one (d, n) slab per store (pointer arithmetic is 64-bit; a chunk
+    # index times d n could pass 2^31 on long rows)
+    st_p = st_ptr + bi * ((l + BLOCK_L - 1) // BLOCK_L) * d * n + dn_offs
+    h = tl.load(h_ptrs, mask=dn_mask, other=0.0).to(CDT)
+    for c in range(nwalks):
+        t0 = c * CHUNK
+        for k in tl.static_range(CHUNK):
+            t = t0 + k
+            live = t < l
+            if STORE_STATES:
+                if k % BLOCK_L == 0:
+                    tl.store(st_p, h, mask=dn_mask & live)
+                    st_p += d * n
+            m = mask_d & live
+            m_n = mask_n & live
+            x = tl.load(dl_p, mask=m, other=0.0).to(CDT)
+            uu = tl.load(u_p, mask=m, other=0.0).to(CDT)
+            Bt = tl.load(B_p, mask=m_n, other=0.0).to(CDT)
+            Ct = tl.load(C_p, mask=m_n, other=0.0).to(CDT)
+            if HAS_BIAS:
+                x += bias
+            if SOFTPLUS:
+                # _softplus written inline (a device-function call costs milliseconds per position under the
+                # interpreter; on a GPU it is inlined either way)
+                e = tl.exp(tl.minimum(x, 20.0))
+                v = 1.0 + e
+                x = tl.where(x > 20.0, x, tl.log(v) - ((v - 1.0) - e) / v)
+            dt = tl.where(m, x, 0.0)  # past the end: decay 1, drive 0 -> the state passes through unchanged
+            dA = tl.exp2(dt[:, None] * A2)
+            drive = (dt * uu)[:, None] * Bt[None, :]
+            if VARLEN:
+                # packed rows: a sequence start replaces the carried state by its initial state (or zeros), an
+                # end stores the state as that sequence's final state
+                sq = tl.load(seq_ptr + t, mask=live, other=-1)
+                sq_prev = tl.load(seq_ptr + t - 1, mask=live & (t > 0), other=-1)
+                sq_next = tl.load(seq_ptr + t + 1, mask=(t + 1) < l, other=-1)
+                cell = sq.to(tl.int64) * (d * n) + dn_offs
+                if HAS_H0:
+                    h_start = tl.load(h0p_ptr + cell, mask=dn_mask & live & (sq != sq_prev), other=0.0).to(CDT)
+                else:
+                    h_start = tl.zeros([BLOCK_D, NP], CDT)
+                h = tl.where(live & (sq != sq_prev), h_start, h)
+                h = dA * h + drive
+                tl.store(fin_ptr + cell, h, mask=dn_mask & live & (sq != sq_next))
+            else:
+                h = dA * h + drive
+            y = tl.reduce(h * Ct[None, :], 1, _sum_combine)
+            if HAS_D:
+                y += Dv * uu
+            if HAS_Z:
+                zz = tl.load(z_p, mask=m, other=0.0).to(CDT)
+                y *= zz / (1.0 + tl.exp(-zz))
+            tl.store(o_p, y.to(out_ptr.dtype.element_ty), mask=m)
+            dl_p += s_dl
+            u_p += s_ul
+            B_p += s_Bl
+            C_p += s_Cl
+            o_p += s_ol
+            if HAS_Z:
+                z_p += s_zl
+    tl.store(h_ptrs, h, mask=dn_mask)
 
 
 @triton.jit

@@ -7,7 +7,53 @@ backend agrees on what float64 means). The state returned is float32 (float64 fo
 
 Kernels
 -------
-``_ss_fwd_kernel`` (grid: channel blocks x batch). Fused forward: reads u, delta, B, C, z once; applies
+``_ss_fwd_walk_kernel`` (the default forward, ``fwd_kernel="walk"``; grid: (groups x channel blocks) x batch). A
+program owns ``BLOCK_D`` channels of one group and walks the positions in order with its (BLOCK_D, N) state in
+registers: per position it loads u, delta, z (BLOCK_D values each) and one column of B and C (N each), applies
+delta_bias and softplus, ``h = exp(delta A) h + delta u B``, ``y = C . h + D u``, gates with ``silu(z)`` and
+stores y. The positions are unrolled ``walk_chunk`` at a time (``tl.static_range``): nothing a position loads
+depends on the state, so the loads of a step can be issued ahead of its recurrence. With a backward to follow
+it also stores the state before every ``BLOCK_L``-th position, the chunk states the backward reads (the same
+(b, ceil(l / BLOCK_L), d, n) tensor as the tile kernel; ``walk_chunk`` is a multiple of ``BLOCK_L``, so the
+stores are placed at compile time). Packed rows: at a sequence start the carried state is replaced by the
+sequence's initial state (or zeros), at an end the state is stored as its final state.
+
+Why a sequential walk (issue 24: the tile scan below costs ~20 warp shuffles per state element; the CUDA kernel
+users know scans consecutive positions per thread in registers). Two designs reach "consecutive positions in
+registers, cross-thread carry as the only shuffle": (a) this walk, parallel over channels only; (b) a chunk of
+positions laid out (lanes, K consecutive positions per lane), a sequential K-walk per lane, one small
+associative scan over the lanes for the carry, then a second pass for y. (b) parallelises over positions too,
+but in Triton the K-walk needs either a second exp per element (recompute the decays in the second pass) or K
+(BLOCK_D, N) decay tiles held in registers, and whether a lane's K positions land in one thread is up to
+Triton's layout passes, not the kernel. On an H100 the exp unit (16 per SM per clock) bounds the forward at one
+exp per (channel, state, position): at d = 5120, n = 16, l = 8192 that is 0.67 G exps, ~0.19 ms, against
+~0.11 ms to move the bf16 bytes (below); a second exp would double the bound. The walk needs exactly one, no
+shuffles for the recurrence, and its layout is simple enough to check in the compiled code.
+
+Its costs, per position, for a program of BLOCK_D channels (n = 16, compiled for sm_90 from a (1, 5120, 8192)
+bf16 launch's specialisation; the compiler's own layout: each thread holds 4 states of one channel, 8 x 4
+threads per warp, so BLOCK_D = 32 is 4 warps):
+
+- bytes: u, delta, z read and y written, 4 e per channel (e = 2 for bf16), plus 2 e n for the B and C columns,
+  read by each of the d / BLOCK_D programs of a row (L2 hits after the first). Per row that is the same
+  4 e b d l + 2 e b g n l of DRAM traffic as the tile kernel, which is the minimum.
+- registers (ptxas, sm_90, BLOCK_D = 32, walk_chunk = 32, 4 warps): 56 per thread for (b, d, l) inputs, 48 for
+  the position-major ones a mixer passes; no spills, no local memory. They hold the 4 states and 4 scaled decay
+  rates, the channel's D and bias, and the loads in flight. Per position and thread the PTX has 6 ex2 (4 decays,
+  softplus, gate), 2 shuffles, 11 global loads for (b, d, l) inputs (B / C columns are strided there) or 5
+  (position-major: vector loads), 1 store.
+- work: one exp2 per state element (exp(delta A) = 2^(delta A log2 e) with A scaled once per program), one FMA
+  for the state, one for y; the sum over n is 3 in-thread adds and 2 shuffles per channel. The per-channel work
+  (softplus, gate) is repeated by the 4 threads sharing a channel, and y passes through shared memory once
+  (one barrier pair) to reach the store's layout.
+- parallelism: b d n / 4 threads (at b = 1, d = 5120: 640 warps, ~5 per H100 SM); hiding the load latency
+  rests on the unrolled loads. Larger batches fill the GPU more; the instruction count per position (~80 per
+  thread for 4 states, about 20 per state element) is the likely limit at b = 1. Tiling (``block_d``,
+  ``walk_chunk``) is a guess until a GPU sweep; ``bench/gpu_kernels.py --scan-forwards walk tile`` times both
+  forwards side by side.
+
+``_ss_fwd_kernel`` (``fwd_kernel="tile"``, the forward before the walk, kept for side-by-side GPU timing; grid:
+channel blocks x batch). Fused forward: reads u, delta, B, C, z once; applies
 delta_bias and softplus (threshold 20, as mamba_ssm) in registers; walks the sequence in chunks of ``BLOCK_L``
 positions. For a chunk and a block of ``BLOCK_D`` channels it builds the (BLOCK_D, N, BLOCK_L) decay tile
 ``exp(delta A)`` and drive tile ``delta u B``, runs ``tl.associative_scan`` with the first-order linear recurrence
@@ -63,8 +109,9 @@ b, d, l, n, g as usual; P = programs per batch row of the backward; BLOCK_L = 32
   4 e b d; B, C 2 e b g n.
 
 Without D / z / delta_bias, their terms drop. Measured on an H100 (docs/benchmarks.md): 4-5% of copy bandwidth
-forward. The cost is the warp shuffles of the tile scan and of the reductions over N and over the chunk, not
-bytes; ``_plan``'s GPU tiling comes from ``bench/tune_selective_scan.py``.
+forward with the tile kernel. Its cost is the warp shuffles of the tile scan and of the reductions over N and over
+the chunk, not bytes; ``_plan``'s GPU tiling of the tile kernels comes from ``bench/tune_selective_scan.py``. The
+walk has not been timed on a GPU yet (issue 24; no GPU was available when it was written).
 """
 
 from __future__ import annotations
@@ -79,11 +126,16 @@ import triton.language as tl
 from .._layout import empty_like_layout
 from .._triton import interpreting, require_triton_device
 from .._validate import records_grad
+from ..errors import KernelInputError
 from .chunked import _empty_scan  # the l == 0 result, shared with the chunked path
 from .ref import check_scan_args, check_state_update_args, compute_dtype
-from .triton_kernels import _ss_bwd_kernel, _ss_fwd_kernel, _ss_step_kernel
+from .triton_kernels import _ss_bwd_kernel, _ss_fwd_kernel, _ss_fwd_walk_kernel, _ss_step_kernel
 
-__all__ = ["selective_scan_triton", "selective_state_update_triton"]
+__all__ = ["FORWARD_KERNELS", "selective_scan_triton", "selective_state_update_triton"]
+
+#: the forward kernels ``selective_scan_triton(fwd_kernel=...)`` can run: the sequential walk (default) and the
+#: chunk-tile associative scan it replaced (kept so a GPU can time both in one process, bench/gpu_kernels.py)
+FORWARD_KERNELS = ("walk", "tile")
 
 
 # ----------------------------------------------------------------------------------------------- host side
@@ -115,6 +167,10 @@ class _Plan:
     bwd_bd: int
     bwd_sub: int
     bwd_warps: int
+    fwd_kernel: str = "walk"
+    walk_bd: int = 1
+    walk_chunk: int = 1
+    walk_warps: int = 1
 
 
 def _sub_for(b: int, G: int, nblk: int, max_sub: int, min_programs: int) -> int:
@@ -125,7 +181,9 @@ def _sub_for(b: int, G: int, nblk: int, max_sub: int, min_programs: int) -> int:
     return sub
 
 
-def _plan(b, n, dG, G, device, block_l=None, block_d=None, sub_blocks=None) -> _Plan:
+def _plan(
+    b, n, dG, G, device, block_l=None, block_d=None, sub_blocks=None, fwd_kernel="walk", walk_chunk=None
+) -> _Plan:
     NP = triton.next_power_of_2(n)
     interp = interpreting()
     if block_l is None:
@@ -162,7 +220,33 @@ def _plan(b, n, dG, G, device, block_l=None, block_d=None, sub_blocks=None) -> _
         # backward: several channel blocks per program, because the dB / dC partial rows (one per program,
         # (n, l) fp32 each) cost bandwidth; it keeps >= 4 programs per SM
         bwd_sub = _sub_for(b, G, -(-dG // bwd_bd), max(1, 32 // bwd_bd), 4 * sms)
-    return _Plan(NP, BLOCK_L, fwd_bd, fwd_sub, warps(fwd_bd), bwd_bd, bwd_sub, warps(bwd_bd))
+    # the walk: channels per program (its state is BLOCK_D x NP registers spread over the program's threads).
+    # GPU: 32 channels, about 4 state elements per thread (4 warps at n = 16): d / 32 programs per batch row,
+    # enough to fill an H100 at Mamba widths (d = 5120: 160 programs, 640 warps) while the reduction over n
+    # stays mostly in-thread. A guess until a GPU sweep (bench/gpu_kernels.py --walk-block-d). Interpreter:
+    # the whole group in one program (its cost is per numpy op, not per element).
+    if block_d is not None:
+        walk_bd = triton.next_power_of_2(block_d)
+    else:
+        walk_bd = min(dGp, max(1, 2048 // NP) if interp else 32)
+    walk_warps = max(1, min(8, _pow2_floor(walk_bd * NP // 128)))
+    # positions unrolled per step of the walk (a multiple of BLOCK_L, so the chunk-state stores are static)
+    chunk = walk_chunk if walk_chunk is not None else (BLOCK_L if interp else 32)
+    walk_chunk = max(triton.next_power_of_2(chunk), BLOCK_L)
+    return _Plan(
+        NP,
+        BLOCK_L,
+        fwd_bd,
+        fwd_sub,
+        warps(fwd_bd),
+        bwd_bd,
+        bwd_sub,
+        warps(bwd_bd),
+        fwd_kernel,
+        walk_bd,
+        walk_chunk,
+        walk_warps,
+    )
 
 
 def _bcl(X: torch.Tensor) -> torch.Tensor:
@@ -215,10 +299,59 @@ def _scan_forward(
         if store_states
         else torch.empty(0, dtype=cdt, device=u.device)
     )
+    dummy = u
+    if plan.fwd_kernel == "walk":
+        nblk = -(-geo.dG // plan.walk_bd)
+        _ss_fwd_walk_kernel[(geo.G * nblk, b)](
+            u,
+            delta,
+            A,
+            B4,
+            C4,
+            D if D is not None else dummy,
+            z if z is not None else dummy,
+            bias if bias is not None else dummy,
+            out,
+            h,
+            states,
+            packed.seq if packed is not None else h,
+            packed.h0 if packed is not None and packed.h0 is not None else h,
+            fin,
+            *u.stride(),
+            *delta.stride(),
+            *A.stride(),
+            *B4.stride(),
+            *C4.stride(),
+            D.stride(0) if D is not None else 0,
+            *_strides3(z),
+            bias.stride(0) if bias is not None else 0,
+            *out.stride(),
+            d,
+            n,
+            l,
+            geo.dG,
+            nblk,
+            geo.rB,
+            geo.rC,
+            -(-l // plan.walk_chunk),
+            BLOCK_D=plan.walk_bd,
+            NP=plan.NP,
+            CHUNK=plan.walk_chunk,
+            BLOCK_L=plan.BLOCK_L,
+            HAS_D=D is not None,
+            HAS_Z=z is not None,
+            HAS_BIAS=bias is not None,
+            SOFTPLUS=bool(softplus),
+            STORE_STATES=store_states,
+            CDT=_tl_dtype(cdt),
+            VARLEN=packed is not None,
+            HAS_H0=packed is not None and packed.h0 is not None,
+            num_warps=plan.walk_warps,
+        )
+        return out, fin, (states if store_states else None)
     nblk = -(-geo.dG // plan.fwd_bd)
     ppg = -(-nblk // plan.fwd_sub)
     grid = (geo.G * ppg, b)
-    dummy = u
     _ss_fwd_kernel[grid](
         u,
         delta,
@@ -433,25 +566,37 @@ def selective_scan_triton(
     block_d=None,
     sub_blocks=None,
     cu_seqlens=None,
+    fwd_kernel="walk",
+    walk_chunk=None,
 ):
     """Fused Triton Mamba-1 selective scan (see the module docstring for the kernels).
 
     Returns out (b, d, l) in u.dtype (laid out position-major when u is), or (out, final_state (b, d, n)) with
     ``return_final_state``; the state is float32 (float64 for float64 inputs, computed in float64).
     Differentiable in every tensor argument. ``block_l`` / ``block_d`` / ``sub_blocks`` override the tiling
-    (tests, tuning): positions per chunk, channels per block, channel blocks per program.
+    (tests, tuning): positions per chunk (of the tile kernels, and of the chunk states the forward stores for the
+    backward), channels per block (of every kernel), channel blocks per program (the tile kernels).
+    ``fwd_kernel`` picks the forward: ``"walk"`` (default; the sequential walk) or ``"tile"`` (the chunk-tile
+    associative scan it replaced, kept for side-by-side GPU timing); both feed the same backward.
+    ``walk_chunk``: positions the walk unrolls per step (a power of two, raised to ``block_l`` at least).
 
     ``cu_seqlens`` (N + 1,) (packed rows, batch 1): the state restarts at every sequence start (from zeros or
     ``initial_state`` (N, d, n)) and the final state is (N, d, n), inside the kernels (module docstring).
     """
     b, d, l, n = check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens)
     require_triton_device("selective_scan", u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if fwd_kernel not in FORWARD_KERNELS:
+        raise KernelInputError(
+            f"selective_scan_triton: fwd_kernel must be one of {FORWARD_KERNELS}, got {fwd_kernel!r}"
+        )
+    if walk_chunk is not None and (isinstance(walk_chunk, bool) or not isinstance(walk_chunk, int) or walk_chunk < 1):
+        raise KernelInputError(f"selective_scan_triton: walk_chunk must be a positive int, got {walk_chunk!r}")
     cdt = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     if l == 0:
         return _empty_scan(u, initial_state, b, d, n, cdt, return_final_state)
     B4, C4 = _bcl(B), _bcl(C)
     geo = _Geometry(u, A, B4, C4)
-    plan = _plan(b, n, geo.dG, geo.G, u.device, block_l, block_d, sub_blocks)
+    plan = _plan(b, n, geo.dG, geo.G, u.device, block_l, block_d, sub_blocks, fwd_kernel, walk_chunk)
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     needs_grad = records_grad(*tensors)
     if needs_grad:
