@@ -54,14 +54,17 @@ static inline sl_vd sl_vsigmoid_d(sl_vd x) {
 #define SL_VL (SL_VBYTES / 4)
 #define SL_VEC sl_vf
 #define SL_VSIGMOID sl_vsigmoid_f
+#define SL_SIGMOID(x) sl_fast_sigmoid_f(x)
 #include "conv1d.c"
 #undef SL_REAL
 #undef SL_SFX
 #undef SL_VL
 #undef SL_VEC
 #undef SL_VSIGMOID
+#undef SL_SIGMOID
 
 #define SL_REAL double
+#define SL_SIGMOID(x) sl_sigmoid_d(x)
 #define SL_SFX _d
 #define SL_VL (SL_VBYTES / 8)
 #define SL_VEC sl_vd
@@ -125,7 +128,56 @@ static inline void FN(cv_plan)(const sl_conv_args *a, int nthreads, int64_t *nb,
     *P = p < 1 ? 1 : (p > *nb ? *nb : p);
 }
 
+/* Positions contiguous (the standard (b, d, l) layout): one channel at a time, the loop over positions
+ * vectorised by the compiler. Reading across channels there would gather every lane from another page. */
+static void FN(conv_fwd_rows)(const sl_conv_args *a, int nthreads) {
+    const int64_t d = a->d, l = a->l, w = a->w, h = w - 1;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t i = 0; i < a->b * d; i++) {
+        const int64_t bi = i / d, c = i % d;
+        const R *restrict x = (const R *)a->x + bi * a->sx[0] + c * a->sx[1];
+        R *restrict y = (R *)a->y + bi * a->sy[0] + c * a->sy[1];
+        const R *wt = (const R *)a->weight + c * w;
+        const R bias = a->bias ? ((const R *)a->bias)[c] : (R)0;
+        R wk[64];
+        for (int64_t j = 0; j < w; j++) wk[j] = wt[j];
+        const int64_t head = h < l ? h : l;
+        for (int64_t t = 0; t < head; t++) { /* taps reaching back into the initial state */
+            R acc = bias;
+            for (int64_t j = 0; j < w; j++) {
+                const int64_t q = t + j; /* index into [initial_state, x] */
+                R v = q >= h ? x[q - h] : (a->init ? ((const R *)a->init)[bi * a->sinit[0] + c * a->sinit[1] +
+                                                                          q * a->sinit[2]]
+                                                   : (R)0);
+                acc += wk[j] * v;
+            }
+            y[t] = a->silu ? acc * SL_SIGMOID(acc) : acc;
+        }
+        /* taps outer, positions inner (a vector loop for any width), in L1-sized pieces */
+        for (int64_t t0 = head; t0 < l; t0 += 512) {
+            const int64_t m = l - t0 < 512 ? l - t0 : 512;
+            R acc[512];
+            for (int64_t t = 0; t < m; t++) acc[t] = bias;
+            for (int64_t j = 0; j < w; j++) {
+                const R wj = wk[j], *restrict xs = x + t0 + j - h;
+#pragma omp simd
+                for (int64_t t = 0; t < m; t++) acc[t] += wj * xs[t];
+            }
+            if (a->silu) {
+#pragma omp simd
+                for (int64_t t = 0; t < m; t++) y[t0 + t] = acc[t] * SL_SIGMOID(acc[t]);
+            } else {
+                for (int64_t t = 0; t < m; t++) y[t0 + t] = acc[t];
+            }
+        }
+    }
+}
+
 SL_EXPORT void FN(sl_conv_fwd)(const sl_conv_args *a, int nthreads) {
+    if (a->sx[2] == 1 && a->sy[2] == 1 && a->d > 1) {
+        FN(conv_fwd_rows)(a, nthreads);
+        return;
+    }
     int64_t nb, P;
     FN(cv_plan)(a, nthreads, &nb, &P);
     const int64_t w = a->w, ntask = a->b * P;
