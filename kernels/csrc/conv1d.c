@@ -184,7 +184,7 @@ SL_EXPORT void FN(sl_conv_fwd)(const sl_conv_args *a, int nthreads) {
 #pragma omp parallel num_threads(nthreads)
     {
         const int64_t maxb = (nb + P - 1) / P;
-        SL_VEC *W = aligned_alloc(64, (size_t)(maxb * (w + 1)) * sizeof(SL_VEC));
+        SL_VEC *W = aligned_alloc(64, (size_t)(maxb * (2 * w + 1)) * sizeof(SL_VEC)); /* taps + bias, window */
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < ntask; task++) {
             const int64_t bi = task / P, p = task % P;
@@ -194,15 +194,27 @@ SL_EXPORT void FN(sl_conv_fwd)(const sl_conv_args *a, int nthreads) {
                 const int nl = (int)(a->d - c0 < VL ? a->d - c0 : VL);
                 FN(cv_taps)(a, c0, nl, W + (k - cb_lo) * (w + 1), W + (k - cb_lo) * (w + 1) + w);
             }
+            /* the last w - 1 inputs of every block (its window), carried from position to position */
+            SL_VEC *win = W + maxb * (w + 1);
+            for (int64_t k = cb_lo; k < cb_hi; k++) {
+                const int64_t c0 = k * VL;
+                const int nl = (int)(a->d - c0 < VL ? a->d - c0 : VL);
+                for (int64_t j = 0; j < w - 1; j++) win[(k - cb_lo) * w + j] = FN(cv_full)(a, bi, c0, nl, j);
+            }
+            const R *xb = (const R *)a->x + bi * a->sx[0];
+            R *yb = (R *)a->y + bi * a->sy[0];
             for (int64_t t = 0; t < a->l; t++) {
                 for (int64_t k = cb_lo; k < cb_hi; k++) {
                     const int64_t c0 = k * VL;
                     const int nl = (int)(a->d - c0 < VL ? a->d - c0 : VL);
                     const SL_VEC *Wk = W + (k - cb_lo) * (w + 1);
+                    SL_VEC *wn = win + (k - cb_lo) * w;
+                    wn[w - 1] = FN(cv_load)(xb + c0 * a->sx[1] + t * a->sx[2], a->sx[1], nl);
                     SL_VEC acc = Wk[w];
-                    for (int64_t j = 0; j < w; j++) acc += Wk[j] * FN(cv_full)(a, bi, c0, nl, t + j);
+                    for (int64_t j = 0; j < w; j++) acc += Wk[j] * wn[j];
+                    for (int64_t j = 0; j + 1 < w; j++) wn[j] = wn[j + 1];
                     if (a->silu) acc *= SL_VSIGMOID(acc);
-                    FN(cv_store)((R *)a->y + bi * a->sy[0] + c0 * a->sy[1] + t * a->sy[2], a->sy[1], nl, acc);
+                    FN(cv_store)(yb + c0 * a->sy[1] + t * a->sy[2], a->sy[1], nl, acc);
                 }
             }
         }
