@@ -74,7 +74,7 @@ def test_fused_step_equals_eager_step(variant, batch, dtype):
     for start in ("zero", "prefill"):
         if start == "prefill":
             state = model(torch.randint(0, 32, (batch, 7), generator=gen)).state
-        for k in range(3):
+        for k in range(2):
             tokens = torch.randint(0, 32, (batch,), generator=gen)
             before = None if state is None else state.clone()
             fused = _step(model, tokens, state, True)
