@@ -47,10 +47,13 @@ threads per warp, so BLOCK_D = 32 is 4 warps):
   (softplus, gate) is repeated by the 4 threads sharing a channel, and y passes through shared memory once
   (one barrier pair) to reach the store's layout.
 - parallelism: b d n / 4 threads (at b = 1, d = 5120: 640 warps, ~5 per H100 SM); hiding the load latency
-  rests on the unrolled loads. Larger batches fill the GPU more; the instruction count per position (~80 per
-  thread for 4 states, about 20 per state element) is the likely limit at b = 1. Tiling (``block_d``,
-  ``walk_chunk``) is a guess until a GPU sweep; ``bench/gpu_kernels.py --scan-forwards walk tile`` times both
-  forwards side by side.
+  rests on the unrolled loads. Larger batches fill the GPU more. At b = 1 the likely limit is instruction issue:
+  the PTX has ~130 instructions per position and thread for its 4 states (~32 per state element; the
+  per-channel softplus, gate, conversions, masks and pointer steps are repeated by the 4 threads of a channel),
+  ~220 for 16 states at one warp per 32 channels (96 registers, ~14 per state element, but a quarter of the
+  threads). That is the trade a GPU sweep has to settle: ``block_d`` and the warps the plan derives from it,
+  and ``walk_chunk``, are guesses until then; ``bench/gpu_kernels.py`` times the walk and the tile forward side
+  by side (``--scan-forwards``, ``--walk-block-d``, ``--walk-chunk``).
 
 ``_ss_fwd_kernel`` (``fwd_kernel="tile"``, the forward before the walk, kept for side-by-side GPU timing; grid:
 channel blocks x batch). Fused forward: reads u, delta, B, C, z once; applies
