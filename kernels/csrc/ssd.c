@@ -22,7 +22,9 @@
  *     dx_t = D gy'_t + u_t G_t B_t        dB_t = u_t G_t^T x_t        dC_t = S_t^T gy'_t
  *     du_t = x_t . G_t B_t + A a_t <G_t, S_{t-1}>        dA += u_t a_t <G_t, S_{t-1}>
  *
- * (gy' the gradient of the pre-gate output); the initial state's gradient is a_1 G_1.
+ * (gy' the gradient of the pre-gate output); the initial state's gradient is a_1 G_1. The vector path computes
+ * dC_t during the recompute, while S_t is in registers, so that the adjoint streams only S_{t-1}; the walk goes
+ * backward through memory, so it prefetches the rows it is about to read.
  *
  * Work is split over (segment, head) tasks with OpenMP. A segment is one sequence: a batch row, or one packed
  * sequence of a cu_seqlens row; the table seg[4 * s + ...] = (row, start, end, first checkpoint index). Heads of
@@ -33,7 +35,8 @@
  * Element strides of the strided inputs, st[15]: x (b, l, h), dt (b, l, h), B (b, l, g), C (b, l, g),
  * z (b, l, h); the last dim of x, B, C, z is contiguous. Outputs and saved tensors are contiguous.
  *
- * The template part of this file is compiled twice (float and double) by including the file itself.
+ * The template part of this file is compiled twice (float and double) by including the file itself (by name, not
+ * __FILE__, so that a build from any directory finds it).
  */
 #ifndef SSD_TEMPLATE
 
@@ -62,7 +65,7 @@ static void *ssd_alloc(size_t bytes) {
 #define EXP expf
 #define SOFTPLUS sl_softplus_f
 #define SIGMOID sl_sigmoid_f
-#include __FILE__
+#include "ssd.c" /* this file again: the template part below, for this type */
 #undef real
 #undef SFX
 #undef EXP
@@ -77,7 +80,7 @@ static void *ssd_alloc(size_t bytes) {
 #define EXP exp
 #define SOFTPLUS sl_softplus_d
 #define SIGMOID sl_sigmoid_d
-#include __FILE__
+#include "ssd.c" /* this file again: the template part below, for this type */
 #undef real
 #undef SFX
 #undef EXP
@@ -366,7 +369,6 @@ static inline __attribute__((always_inline)) void SFX(bwd_block_vec)(
     real *restrict G, real *restrict uu, real *restrict aa, real *restrict gx, real *restrict gdt,
     real *restrict gz, real *restrict gB, real *restrict gC, real *restrict gA, real *restrict gDh,
     real *restrict gbias, SFX(vec) *restrict rvec, real *restrict gyr, int64_t ts, int64_t K) {
-    const int64_t nv = n / VL;
     for (int64_t k = 0; k < m; k++) {
         const int64_t t = t0 + k;
         real u = dt[row * st[3] + t * st[4] + hh * st[5]] + bias;
@@ -387,12 +389,43 @@ static inline __attribute__((always_inline)) void SFX(bwd_block_vec)(
             SFX(prefetch)(x + row * st[0] + (t - K) * st[1] + hh * st[2], p, 0);
             SFX(prefetch)(B + row * st[6] + (t - K) * st[7] + grp * st[8], n, 0);
         }
-        const SFX(vec) *restrict prev = (const SFX(vec) *)(buf + k * p * n);
-        SFX(vec) *restrict next = (SFX(vec) *)(buf + (k + 1) * p * n);
-        for (int64_t i = 0; i < p; i++) {
-            const real xi = u * xt[i];
-            for (int64_t v = 0; v < nv; v++)
-                next[i * nv + v] = a * prev[i * nv + v] + xi * *(const SFX(uvec) *)(Bt + v * VL);
+        /* the gradient of the pre-gate output of this step (and z's), kept for the adjoint below */
+        const real *restrict gyt = gy + ((row * l + t) * h + hh) * p;
+        real *restrict gyk = gyr + k * p;
+        if (z) {
+            const real *restrict zt = z + row * st[12] + t * st[13] + hh * st[14];
+            const real *restrict rt = yraw + ((row * l + t) * h + hh) * p;
+            real *restrict gzt = gz + ((row * l + t) * h + hh) * p;
+            for (int64_t i = 0; i < p; i++) {
+                const real sg = SIGMOID(zt[i]);
+                gzt[i] = gyt[i] * rt[i] * sg * (1 + zt[i] * (1 - sg));
+                gyk[i] = gyt[i] * zt[i] * sg;
+            }
+        } else {
+            memcpy(gyk, gyt, sizeof(real) * p);
+        }
+        /* S_t from S_{t-1}, and dC_t = S_t^T gy'_t while S_t is in registers (the adjoint then reads only
+         * S_{t-1}), over column slabs of SSD_NB vectors so that the slab's dC accumulators stay in registers */
+        const real *restrict prev = buf + k * p * n;
+        real *restrict next = buf + (k + 1) * p * n;
+        real *restrict gCt = gC + ((row * l + t) * g + grp) * n;
+        for (int64_t j0 = 0; j0 < n; j0 += SSD_NB * VL) {
+            SFX(vec) Bv[SSD_NB], gCa[SSD_NB];
+            for (int v = 0; v < SSD_NB; v++) {
+                Bv[v] = *(const SFX(uvec) *)(Bt + j0 + v * VL);
+                gCa[v] = (SFX(vec)){0};
+            }
+            for (int64_t i = 0; i < p; i++) {
+                const real xi = u * xt[i], gi = gyk[i];
+                const SFX(vec) *restrict pi = (const SFX(vec) *)(prev + i * n + j0);
+                SFX(vec) *restrict ni = (SFX(vec) *)(next + i * n + j0);
+                for (int v = 0; v < SSD_NB; v++) {
+                    const SFX(vec) sv = a * pi[v] + xi * Bv[v];
+                    ni[v] = sv;
+                    gCa[v] += gi * sv;
+                }
+            }
+            for (int v = 0; v < SSD_NB; v++) *(SFX(uvec) *)(gCt + j0 + v * VL) += gCa[v];
         }
     }
     for (int64_t k = m - 1; k >= 0; k--) {
@@ -401,42 +434,26 @@ static inline __attribute__((always_inline)) void SFX(bwd_block_vec)(
         const real *restrict xt = x + row * st[0] + t * st[1] + hh * st[2];
         const real *restrict Bt = B + row * st[6] + t * st[7] + grp * st[8];
         const real *restrict Ct = C + row * st[9] + t * st[10] + grp * st[11];
-        const real *restrict gyt = gy + ((row * l + t) * h + hh) * p;
-        if (z) {
-            const real *restrict zt = z + row * st[12] + t * st[13] + hh * st[14];
-            const real *restrict rt = yraw + ((row * l + t) * h + hh) * p;
-            real *restrict gzt = gz + ((row * l + t) * h + hh) * p;
-            for (int64_t i = 0; i < p; i++) {
-                const real sg = SIGMOID(zt[i]);
-                gzt[i] = gyt[i] * rt[i] * sg * (1 + zt[i] * (1 - sg));
-                gyr[i] = gyt[i] * zt[i] * sg;
-            }
-        } else {
-            for (int64_t i = 0; i < p; i++) gyr[i] = gyt[i];
-        }
-        const real *restrict Snow = buf + (k + 1) * p * n;
+        const real *restrict gyk = gyr + k * p;
         const real *restrict Sprev = buf + k * p * n;
         real *restrict gBt = gB + ((row * l + t) * g + grp) * n;
-        real *restrict gCt = gC + ((row * l + t) * g + grp) * n;
         SFX(vec) dgs_all = {0};
         for (int64_t i = 0; i < p; i++) rvec[i] = (SFX(vec)){0};
         for (int64_t j0 = 0; j0 < n; j0 += SSD_NB * VL) {
-            SFX(vec) gBa[SSD_NB], gCa[SSD_NB], dg[SSD_NB], Bv[SSD_NB], Cv[SSD_NB];
+            SFX(vec) gBa[SSD_NB], dg[SSD_NB], Bv[SSD_NB], Cv[SSD_NB];
             for (int v = 0; v < SSD_NB; v++) {
-                gBa[v] = gCa[v] = dg[v] = (SFX(vec)){0};
+                gBa[v] = dg[v] = (SFX(vec)){0};
                 Bv[v] = *(const SFX(uvec) *)(Bt + j0 + v * VL);
                 Cv[v] = *(const SFX(uvec) *)(Ct + j0 + v * VL);
             }
             for (int64_t i = 0; i < p; i++) {
-                const real xi = xt[i], gi = gyr[i];
+                const real xi = xt[i], gi = gyk[i];
                 SFX(vec) *restrict Gi = (SFX(vec) *)(G + i * n + j0);
-                const SFX(vec) *restrict Si = (const SFX(vec) *)(Snow + i * n + j0);
                 const SFX(vec) *restrict Qi = (const SFX(vec) *)(Sprev + i * n + j0);
                 SFX(vec) rv = {0};
                 for (int v = 0; v < SSD_NB; v++) {
                     const SFX(vec) gv = Gi[v] + gi * Cv[v];
                     gBa[v] += xi * gv;
-                    gCa[v] += gi * Si[v];
                     dg[v] += gv * Qi[v];
                     rv += gv * Bv[v];
                     Gi[v] = a * gv;
@@ -444,9 +461,7 @@ static inline __attribute__((always_inline)) void SFX(bwd_block_vec)(
                 rvec[i] += rv;
             }
             for (int v = 0; v < SSD_NB; v++) {
-                SFX(uvec) *bo = (SFX(uvec) *)(gBt + j0 + v * VL), *co = (SFX(uvec) *)(gCt + j0 + v * VL);
-                *bo += u * gBa[v];
-                *co += gCa[v];
+                *(SFX(uvec) *)(gBt + j0 + v * VL) += u * gBa[v];
                 dgs_all += dg[v];
             }
         }
@@ -454,7 +469,7 @@ static inline __attribute__((always_inline)) void SFX(bwd_block_vec)(
         for (int64_t i = 0; i < p; i++) {
             real r = 0;
             for (int64_t e = 0; e < VL; e++) r += rvec[i][e];
-            const real gi = gyr[i], xi = xt[i];
+            const real gi = gyk[i], xi = xt[i];
             gx[((row * l + t) * h + hh) * p + i] = (Dh ? Dh[i] * gi : (real)0) + u * r;
             xgb += xi * r;
             if (gDh) gDh[i] += gi * xi;
@@ -487,7 +502,7 @@ SL_EXPORT void SFX(ssd_bwd)(int64_t nseg, const int64_t *seg, int64_t l, int64_t
         real *uu = ssd_alloc(sizeof(real) * K);
         real *aa = ssd_alloc(sizeof(real) * K);
         SFX(vec) *rvec = ssd_alloc(sizeof(SFX(vec)) * p);
-        real *gyr = ssd_alloc(sizeof(real) * p);
+        real *gyr = ssd_alloc(sizeof(real) * K * p); /* the gy' rows of one block */
         const int tid = omp_get_thread_num();
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < ntasks; task++) {
