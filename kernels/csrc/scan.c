@@ -4,23 +4,24 @@
  *   h_t  = exp(dt_t A) h_{t-1} + dt_t u_t B_t          per (batch, channel, state)
  *   y_t  = (sum_n C_t h_t + D u_t) silu(z_t)
  *
- * One pass over the sequence: a task owns (batch row, block of VL consecutive channels of one group of B / C) and
- * keeps that block's state (n x VL) in a small L1-resident array while it walks the positions. The inner loop runs
- * over the VL channels (16 floats / 8 doubles, one AVX-512 vector), so one position costs per state one vector
- * exp (sl_exp_f in float, libm exp in double), three FMAs and a load / store of the state; B_t and C_t are
- * scalars shared by the block (all channels of a group read the same B / C). Inputs come as raw pointers with
- * element strides, so the layout a Mamba mixer passes (the transpose of a contiguous (b, l, d): stride 1 along
- * channels) and the standard contiguous (b, d, l) are read in place. Tasks run in parallel (OpenMP) on torch's
- * thread pool.
+ * One pass over the sequence. A task owns a slice of consecutive channel blocks of one (batch row, group of B / C);
+ * a block is VL consecutive channels, one machine vector (8 floats / 4 doubles with AVX2, 16 / 8 with AVX-512,
+ * GCC vector extensions). The task walks the positions and at each position steps every block of its slice: per
+ * state one vector exp (sl_vexp_f in float, libm exp lane by lane in double), three FMAs and the state, which
+ * stays in L1 (n vectors per block). B_t and C_t are scalars shared by all the channels of a group, read once per
+ * position. Inputs come as raw pointers with element strides, so the layout a Mamba mixer passes (the transpose
+ * of a contiguous (b, l, d): stride 1 along channels, each position one contiguous run) and the standard
+ * contiguous (b, d, l) are read in place. Tasks run in parallel (OpenMP) on torch's thread pool.
  *
  * Packed rows (cu_seqlens): the walk over a row is a walk over its sequences, the state reset to the sequence's
  * initial state at each start and stored at each end; the unpacked case is one sequence per row.
  *
  * Backward: the forward stores the state before every K-th position (ckpt, (b, d, nck, n)); the backward walks
- * the K-position chunks newest first, recomputes the chunk's states into a (K, n, VL) buffer from the checkpoint,
- * then runs the adjoint recurrence mu_{t-1} = a_t mu_t + (C_t gy_t on arrival) backwards through the chunk.
- * B / C gradients are sums over the channels of a group: each task adds into its own slice of a (P, b, g, n, l)
- * buffer (P channel slices per group), summed over P in Python, so no two threads write the same element.
+ * the K-position chunks newest first and, in each, every block of its slice: recompute the chunk's decays and
+ * states into (K, n) buffers from the checkpoint, then run the adjoint recurrence mu_{t-1} = a_t (mu_t + C_t gy_t)
+ * backwards through the chunk. B / C gradients are sums over the channels of a group: lane partials per chunk,
+ * summed once per chunk into the task's own slice of a (P, b, g, n, l) buffer (summed over P in Python), so no
+ * two threads write the same element.
  *
  * The body is written once and instantiated for float and double by including this file twice (SL_REAL).
  */
@@ -50,9 +51,6 @@ typedef struct {
 } sl_step_args;
 
 SL_EXPORT int sl_scan_abi(void) { return SEQLAB_NATIVE_ABI; }
-
-/* positions ahead that the walks prefetch their inputs */
-#define SL_PREFETCH 16
 
 #define SL_CAT_(a, b) a##b
 #define SL_CAT(a, b) SL_CAT_(a, b)
@@ -125,39 +123,6 @@ static void FN(load_block)(const sl_scan_args *a, int64_t c0, int nl, R *restric
         Dv[c] = (a->D && c < nl) ? ((const R *)a->D)[c0 + c] : (R)0;
         bv[c] = (a->dbias && c < nl) ? ((const R *)a->dbias)[c0 + c] : (R)0;
     }
-}
-
-static inline void FN(softplus_lanes)(R *restrict out, const R *restrict in) {
-#pragma omp simd
-    for (int c = 0; c < VL; c++) out[c] = SL_SOFTPLUS(in[c]);
-}
-
-/* the effective step sizes and the input of position t for the block's lanes */
-static inline void FN(load_dt_u)(const sl_scan_args *a, int64_t bi, int64_t c0, int nl, int64_t t,
-                                 const R *restrict bv, R *restrict raw, R *restrict dtv, R *restrict uv) {
-    const R *dt = (const R *)a->dt, *u = (const R *)a->u;
-    const R *dp = dt + bi * a->sdt[0] + c0 * a->sdt[1] + t * a->sdt[2];
-    const R *up = u + bi * a->su[0] + c0 * a->su[1] + t * a->su[2];
-    /* Each (channel block, position) reads its own cache line of u / delta (z, B, C), a position stride apart:
-     * no hardware prefetcher follows that across pages, so without this the walk waits on memory at every
-     * position (measured: more than half the time). */
-    __builtin_prefetch(dp + SL_PREFETCH * a->sdt[2]);
-    __builtin_prefetch(up + SL_PREFETCH * a->su[2]);
-    if (nl == VL) { /* full blocks: unmasked loads (masked vector loads are slow on some CPUs) */
-        for (int c = 0; c < VL; c++) {
-            raw[c] = dp[c * a->sdt[1]] + bv[c];
-            uv[c] = up[c * a->su[1]];
-        }
-    } else {
-        for (int c = 0; c < VL; c++) {
-            raw[c] = c < nl ? dp[c * a->sdt[1]] + bv[c] : (R)0;
-            uv[c] = c < nl ? up[c * a->su[1]] : (R)0;
-        }
-    }
-    if (a->softplus)
-        FN(softplus_lanes)(dtv, raw);
-    else
-        for (int c = 0; c < VL; c++) dtv[c] = raw[c];
 }
 
 /* the sequences of row bi: [lo, hi) of sequence q; unpacked rows are one sequence */
