@@ -72,8 +72,8 @@ _SEG_ARGS = [_I64, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64]
 _SIGNATURES = {  # name: (argument types, result type)
     "mamba3_fwd": (_SEG_ARGS + [_P] * 11 + [_I64, _INT], _INT),
     "mamba3_bwd": (_SEG_ARGS + [_P] * 8 + [_I64] + [_P] * 10 + [_INT], _INT),
-    "mamba3_rot_fwd": ([_I64] * 6 + [_INT] + [_P] * 7 + [_INT], None),
-    "mamba3_rot_bwd": ([_I64] * 6 + [_INT] + [_P] * 12 + [_INT], None),
+    "mamba3_rot_fwd": ([_I64] * 6 + [_INT] + [_P] * 8 + [_INT], None),
+    "mamba3_rot_bwd": ([_I64] * 6 + [_INT] + [_P] * 14 + [_INT], None),
     "mamba3_angle_fwd": ([_I64, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _INT], None),
     "mamba3_angle_bwd": ([_I64, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _INT], None),
     "mamba3_step": ([_I64] * 7 + [_P] * 18 + [_INT] + [_P] * 5 + [_INT], None),
@@ -209,24 +209,25 @@ class _Angles(torch.autograd.Function):
 
 class _Rotate(torch.autograd.Function):
     """K = rot(B (groups expanded) + B_bias, angle), Q = rot(C + C_bias, angle): B, C (b, l, r, g, n),
-    biases (h, r, n), angle (b, l, h, a) -> K, Q (b, l, r, h, n). Inputs contiguous, one dtype."""
+    biases (h, r, n), cos and sin of the angles (b, l, h, a) -> K, Q (b, l, r, h, n). Inputs contiguous, one
+    dtype. The gradients of cos and sin go back through torch's cos and sin."""
 
     @staticmethod
-    def forward(ctx, B, C, B_bias, C_bias, ang, h: int, mimo: bool):
+    def forward(ctx, B, C, B_bias, C_bias, cos, sin, h: int, mimo: bool):
         b, l, r, g, n = B.shape
         K = B.new_empty((b, l, r, h, n))
         Q = B.new_empty((b, l, r, h, n))
         _kernel("mamba3_rot_fwd", B.dtype)(
-            b * l, r, g, h, n, ang.shape[-1], int(mimo), ptr(B), ptr(C), ptr(B_bias), ptr(C_bias), ptr(ang), ptr(K),
-            ptr(Q), _threads(K.numel()),
+            b * l, r, g, h, n, cos.shape[-1], int(mimo), ptr(B), ptr(C), ptr(B_bias), ptr(C_bias), ptr(cos), ptr(sin),
+            ptr(K), ptr(Q), _threads(K.numel()),
         )  # fmt: skip
-        ctx.save_for_backward(B, C, B_bias, C_bias, ang)
+        ctx.save_for_backward(B, C, B_bias, C_bias, cos, sin)
         ctx.mimo = mimo
         return K, Q
 
     @staticmethod
     def backward(ctx, dK, dQ):
-        B, C, B_bias, C_bias, ang = ctx.saved_tensors
+        B, C, B_bias, C_bias, cos, sin = ctx.saved_tensors
         b, l, r, g, n = B.shape
         h = B_bias.shape[0]
         dK = None if dK is None else dK.contiguous()
@@ -235,12 +236,12 @@ class _Rotate(torch.autograd.Function):
         dB, dC = torch.empty_like(B), torch.empty_like(C)
         dBb = B.new_empty((threads, h, r, n))  # per thread: summed here
         dCb = B.new_empty((threads, h, r, n))
-        dang = torch.empty_like(ang)
+        dcos, dsin = torch.empty_like(cos), torch.empty_like(sin)
         _kernel("mamba3_rot_bwd", B.dtype)(
-            b * l, r, g, h, n, ang.shape[-1], int(ctx.mimo), ptr(B), ptr(C), ptr(B_bias), ptr(C_bias), ptr(ang),
-            ptr(dK), ptr(dQ), ptr(dB), ptr(dC), ptr(dBb), ptr(dCb), ptr(dang), threads,
+            b * l, r, g, h, n, cos.shape[-1], int(ctx.mimo), ptr(B), ptr(C), ptr(B_bias), ptr(C_bias), ptr(cos),
+            ptr(sin), ptr(dK), ptr(dQ), ptr(dB), ptr(dC), ptr(dBb), ptr(dCb), ptr(dcos), ptr(dsin), threads,
         )  # fmt: skip
-        return dB, dC, dBb.sum(0), dCb.sum(0), dang, None, None
+        return dB, dC, dBb.sum(0), dCb.sum(0), dcos, dsin, None, None
 
 
 def _ranked(t: torch.Tensor, w) -> torch.Tensor:
@@ -306,7 +307,7 @@ def mamba3_scan_native(
     def c_(t):
         return t.to(cd).contiguous()
 
-    K, Q = _Rotate.apply(c_(B), c_(C), c_(B_bias), c_(C_bias), ang, h, mimo)  # (b, l, r, h, n)
+    K, Q = _Rotate.apply(c_(B), c_(C), c_(B_bias), c_(C_bias), torch.cos(ang), torch.sin(ang), h, mimo)
     V = _ranked(xc, mx)  # (b, l, r, h, p)
 
     Hin = None
