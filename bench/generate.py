@@ -38,9 +38,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--quick", action="store_true", help="short contexts and few tokens (smoke test)")
     p.add_argument("--threads", type=int)
+    p.add_argument("--models", nargs="+", default=None, help=f"a subset of {list(MODELS)} (default: all)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="fused vs eager batch sizes (1 16)")
     p.add_argument("--skip-eager", action="store_true", help="leave out the fused vs eager table")
     args = p.parse_args(argv)
+    unknown = sorted(set(args.models or ()) - set(MODELS))
+    if unknown:
+        p.error(f"--models: unknown {unknown}; choose from {list(MODELS)}")
     args.contexts = args.contexts or ([64, 512] if args.quick else [1024, 65536])
     args.new_tokens = args.new_tokens or (8 if args.quick else 128)
     args.repeats = 1 if args.quick else args.repeats
@@ -50,11 +54,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 @torch.no_grad()
-def seqlab_decode_rates(model, prompts: dict, new_tokens: int, repeats: int) -> dict:
+def seqlab_decode_rates(model, prompts: dict, states: dict, new_tokens: int, repeats: int) -> dict:
     """Median decode tok/s per context. Every context is prefilled first (its first C - 1 tokens); the
     timed ``generate`` calls from the last token then take turns across contexts, repeat after repeat, so
     a slow spell of the machine hits all of them alike. ``generate`` never changes the state it is given."""
-    states = {c: model(p[:, :-1]).state for c, p in prompts.items()}
     times = {c: [] for c in prompts}
     for _ in range(repeats):
         for c, p in prompts.items():
@@ -66,12 +69,11 @@ def seqlab_decode_rates(model, prompts: dict, new_tokens: int, repeats: int) -> 
 
 
 @torch.no_grad()
-def fused_vs_eager_rates(model, prompts: dict, new_tokens: int, repeats: int, batches) -> dict:
+def fused_vs_eager_rates(model, prompts: dict, states: dict, new_tokens: int, repeats: int, batches) -> dict:
     """{(context, batch): (fused tok/s, eager tok/s)}: greedy ``generate`` from the same prefilled state with the
     fused step on and off, taking turns within every repeat (medians), so machine noise hits both alike."""
     from seqlab.state import RecurrentState
 
-    states = {c: model(p[:, :-1]).state for c, p in prompts.items()}
     times: dict = {}
     for _ in range(repeats):
         for c, p in prompts.items():
@@ -111,13 +113,15 @@ def main(argv=None) -> None:
     print(machine_line())
     print(f"greedy decode of {args.new_tokens} tokens after a prompt of C tokens; HF up to C={args.hf_max_context}")
     rows, fused_rows = [], []
-    for kind in MODELS:
+    for kind in args.models or MODELS:
         model, hf = build_pair(kind, with_hf=not args.skip_hf)
         prompts = {
             c: torch.randint(0, VOCAB, (1, c), generator=torch.Generator().manual_seed(c)) for c in args.contexts
         }
         model.generate([1, 2, 3], 2, temperature=0)  # warm-up
-        rates = seqlab_decode_rates(model, prompts, args.new_tokens, args.repeats)
+        with torch.no_grad():  # every context prefilled once (its first C - 1 tokens), for both tables
+            states = {c: model(p[:, :-1]).state for c, p in prompts.items()}
+        rates = seqlab_decode_rates(model, prompts, states, args.new_tokens, args.repeats)
         for context, prompt in prompts.items():
             rate = rates[context]
             hf_rate = None
@@ -135,7 +139,7 @@ def main(argv=None) -> None:
         lo, hi = min(rates), max(rates)
         rows.append(f"| {kind} | decode tok/s at {hi} / at {lo} | {rates[hi] / rates[lo]:.2f} | | |")
         if not args.skip_eager:
-            pairs = fused_vs_eager_rates(model, prompts, args.new_tokens, args.repeats, args.batches)
+            pairs = fused_vs_eager_rates(model, prompts, states, args.new_tokens, args.repeats, args.batches)
             for (context, batch), (fused, eager) in pairs.items():
                 one = pairs[(context, 1)][0] if (context, 1) in pairs else None
                 scale = "-" if one is None or batch == 1 else f"{fused / one:.1f}x"
