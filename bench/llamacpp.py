@@ -234,6 +234,18 @@ def _pair(row) -> str:
     return f"seqlab {fmt_rate(row[1])} tok/s, llama.cpp {fmt_rate(row[2])} tok/s, ratio {row[1] / row[2]:.2f}"
 
 
+def fused_note(model) -> str:
+    """Which layers ``generate`` runs through seqlab's fused decode step (seqlab.fused_step), in words."""
+    try:
+        from seqlab.fused_step import fused_layers
+    except ImportError:
+        return "no fused decode step in this seqlab (eager decode)"
+    reasons = fused_layers(model)
+    fused = sum(r is None for r in reasons)
+    eager = sorted({r for r in reasons if r is not None})
+    return f"decode: fused step on {fused}/{len(reasons)} layers" + (f" (eager: {'; '.join(eager)})" if eager else "")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -268,7 +280,10 @@ def main(argv=None) -> int:
         for name in args.models:
             model = build_model(name)
             path = str(export_gguf(model, os.path.join(tmp, "model.gguf"), vocab=byte_vocab(), overwrite=True))
-            print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters", flush=True)
+            print(
+                f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; {fused_note(model)}",
+                flush=True,
+            )
             check_agreement(name, model, llama_cpp, path, args.threads)
             n_ctx = max(max(args.lengths), args.decode_context + args.new_tokens) + 16
             peer = LlamaPeer(llama_cpp, path, n_ctx=n_ctx, threads=args.threads, n_batch=args.n_batch)
