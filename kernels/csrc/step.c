@@ -75,15 +75,15 @@ static inline double st_silu_d(double x) { return x / (1.0 + exp(-x)); }
 
 /* 1 / sqrt(mean(v^2) + eps) of n values taken as float32 (torch's F.rms_norm on float32; squares summed in
  * double, so the float32 mean is the correctly rounded one). */
-#define ST_RMS_SCALE(T, SUF)                                                                                   \
-    static inline float st_rms_scale_##SUF(const T *restrict x, int64_t n, double eps) {                       \
-        double s = 0.0;                                                                                        \
-        _Pragma("omp simd reduction(+ : s)") for (int64_t i = 0; i < n; i++) {                                 \
-            float v = (float)x[i];                                                                             \
-            s += (double)(v * v);                                                                              \
-        }                                                                                                      \
-        float mean = (float)s / (float)n;                                                                      \
-        return 1.0f / sqrtf(mean + (float)eps);                                                                \
+#define ST_RMS_SCALE(T, SUF)                                                                                           \
+    static inline float st_rms_scale_##SUF(const T *restrict x, int64_t n, double eps) {                               \
+        double s = 0.0;                                                                                                \
+        _Pragma("omp simd reduction(+ : s)") for (int64_t i = 0; i < n; i++) {                                         \
+            float v = (float)x[i];                                                                                     \
+            s += (double)(v * v);                                                                                      \
+        }                                                                                                              \
+        float mean = (float)s / (float)n;                                                                              \
+        return 1.0f / sqrtf(mean + (float)eps);                                                                        \
     }
 ST_RMS_SCALE(float, f32)
 ST_RMS_SCALE(double, f64)
@@ -92,80 +92,94 @@ ST_RMS_SCALE(double, f64)
  * ldx, Y and R rows at stride ldy. Worksharing over output rows (called inside the parallel region). Four
  * batch rows share each weight load; with fewer than four rows, eight output rows go together instead, so that
  * eight independent FMA chains keep both FMA units busy. */
-#define ST_GEMV(T, SUF)                                                                                        \
-    static void st_gemv_##SUF(const T *restrict W, const T *restrict bias, const T *restrict X, int64_t ldx,   \
-                              T *restrict Y, const T *restrict R, int64_t ldy, int64_t nout, int64_t nin,      \
-                              int64_t batch) {                                                                 \
-        if (batch >= 4) {                                                                                      \
-            _Pragma("omp for schedule(static)") for (int64_t o = 0; o < nout; o++) {                           \
-                const T *restrict w = W + o * nin;                                                             \
-                T bo = bias ? bias[o] : (T)0;                                                                  \
-                int64_t b = 0;                                                                                 \
-                for (; b + 4 <= batch; b += 4) {                                                               \
-                    const T *x0 = X + b * ldx, *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;                 \
-                    T a0 = 0, a1 = 0, a2 = 0, a3 = 0;                                                          \
-                    _Pragma("omp simd reduction(+ : a0, a1, a2, a3)") for (int64_t i = 0; i < nin; i++) {      \
-                        T wi = w[i];                                                                           \
-                        a0 += wi * x0[i];                                                                      \
-                        a1 += wi * x1[i];                                                                      \
-                        a2 += wi * x2[i];                                                                      \
-                        a3 += wi * x3[i];                                                                      \
-                    }                                                                                          \
-                    T acc[4] = {a0, a1, a2, a3};                                                               \
-                    for (int j = 0; j < 4; j++) {                                                              \
-                        T v = acc[j] + bo;                                                                     \
-                        Y[(b + j) * ldy + o] = R ? R[(b + j) * ldy + o] + v : v;                               \
-                    }                                                                                          \
-                }                                                                                              \
-                for (; b < batch; b++) {                                                                       \
-                    const T *x0 = X + b * ldx;                                                                 \
-                    T a0 = 0;                                                                                  \
-                    _Pragma("omp simd reduction(+ : a0)") for (int64_t i = 0; i < nin; i++) a0 += w[i] * x0[i]; \
-                    T v = a0 + bo;                                                                             \
-                    Y[b * ldy + o] = R ? R[b * ldy + o] + v : v;                                               \
-                }                                                                                              \
-            }                                                                                                  \
-            return;                                                                                            \
-        }                                                                                                      \
-        int64_t blocks = (nout + 7) / 8;                                                                       \
-        _Pragma("omp for schedule(static)") for (int64_t ob = 0; ob < blocks; ob++) {                          \
-            int64_t o0 = ob * 8;                                                                               \
-            if (o0 + 8 <= nout) {                                                                              \
-                const T *w0 = W + o0 * nin, *w1 = w0 + nin, *w2 = w1 + nin, *w3 = w2 + nin;                    \
-                const T *w4 = w3 + nin, *w5 = w4 + nin, *w6 = w5 + nin, *w7 = w6 + nin;                        \
-                for (int64_t b = 0; b < batch; b++) {                                                          \
-                    const T *restrict x = X + b * ldx;                                                         \
-                    T a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;                          \
+#define ST_GEMV(T, SUF)                                                                                                \
+    static void st_gemv_##SUF(const T *restrict W, const T *restrict bias, const T *restrict X, int64_t ldx,           \
+                              T *restrict Y, const T *restrict R, int64_t ldy, int64_t nout, int64_t nin,              \
+                              int64_t batch) {                                                                         \
+        if (batch >= 4) { /* two output rows x four batch rows: eight independent FMA chains */                        \
+            const int64_t pairs = (nout + 1) / 2;                                                                      \
+            _Pragma("omp for schedule(static)") for (int64_t op = 0; op < pairs; op++) {                               \
+                const int64_t o = 2 * op;                                                                              \
+                const int two = o + 1 < nout;                                                                          \
+                const T *restrict w = W + o * nin, *restrict v = two ? w + nin : w;                                    \
+                const T bw = bias ? bias[o] : (T)0, bv = (bias && two) ? bias[o + 1] : (T)0;                           \
+                int64_t b = 0;                                                                                         \
+                for (; b + 4 <= batch; b += 4) {                                                                       \
+                    const T *x0 = X + b * ldx, *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;                         \
+                    T a0 = 0, a1 = 0, a2 = 0, a3 = 0, c0 = 0, c1 = 0, c2 = 0, c3 = 0;                                  \
+                    _Pragma("omp simd reduction(+ : a0, a1, a2, a3, c0, c1, c2, c3)") for (int64_t i = 0; i < nin; i++) { \
+                        T wi = w[i], vi = v[i], y0 = x0[i], y1 = x1[i], y2 = x2[i], y3 = x3[i];                        \
+                        a0 += wi * y0;                                                                                 \
+                        a1 += wi * y1;                                                                                 \
+                        a2 += wi * y2;                                                                                 \
+                        a3 += wi * y3;                                                                                 \
+                        c0 += vi * y0;                                                                                 \
+                        c1 += vi * y1;                                                                                 \
+                        c2 += vi * y2;                                                                                 \
+                        c3 += vi * y3;                                                                                 \
+                    }                                                                                                  \
+                    T acc[4] = {a0, a1, a2, a3}, acc2[4] = {c0, c1, c2, c3};                                           \
+                    for (int j = 0; j < 4; j++) {                                                                      \
+                        T *yo = Y + (b + j) * ldy + o;                                                                 \
+                        const T *ro = R ? R + (b + j) * ldy + o : NULL;                                                \
+                        yo[0] = ro ? ro[0] + (acc[j] + bw) : acc[j] + bw;                                              \
+                        if (two) yo[1] = ro ? ro[1] + (acc2[j] + bv) : acc2[j] + bv;                                   \
+                    }                                                                                                  \
+                }                                                                                                      \
+                for (; b < batch; b++) {                                                                               \
+                    const T *x0 = X + b * ldx;                                                                         \
+                    T a0 = 0, c0 = 0;                                                                                  \
+                    _Pragma("omp simd reduction(+ : a0, c0)") for (int64_t i = 0; i < nin; i++) {                      \
+                        a0 += w[i] * x0[i];                                                                            \
+                        c0 += v[i] * x0[i];                                                                            \
+                    }                                                                                                  \
+                    T *yo = Y + b * ldy + o;                                                                           \
+                    const T *ro = R ? R + b * ldy + o : NULL;                                                          \
+                    yo[0] = ro ? ro[0] + (a0 + bw) : a0 + bw;                                                          \
+                    if (two) yo[1] = ro ? ro[1] + (c0 + bv) : c0 + bv;                                                 \
+                }                                                                                                      \
+            }                                                                                                          \
+            return;                                                                                                    \
+        }                                                                                                              \
+        int64_t blocks = (nout + 7) / 8;                                                                               \
+        _Pragma("omp for schedule(static)") for (int64_t ob = 0; ob < blocks; ob++) {                                  \
+            int64_t o0 = ob * 8;                                                                                       \
+            if (o0 + 8 <= nout) {                                                                                      \
+                const T *w0 = W + o0 * nin, *w1 = w0 + nin, *w2 = w1 + nin, *w3 = w2 + nin;                            \
+                const T *w4 = w3 + nin, *w5 = w4 + nin, *w6 = w5 + nin, *w7 = w6 + nin;                                \
+                for (int64_t b = 0; b < batch; b++) {                                                                  \
+                    const T *restrict x = X + b * ldx;                                                                 \
+                    T a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;                                  \
                     _Pragma("omp simd reduction(+ : a0, a1, a2, a3, a4, a5, a6, a7)") for (int64_t i = 0; i < nin; i++) { \
-                        T xi = x[i];                                                                           \
-                        a0 += w0[i] * xi;                                                                      \
-                        a1 += w1[i] * xi;                                                                      \
-                        a2 += w2[i] * xi;                                                                      \
-                        a3 += w3[i] * xi;                                                                      \
-                        a4 += w4[i] * xi;                                                                      \
-                        a5 += w5[i] * xi;                                                                      \
-                        a6 += w6[i] * xi;                                                                      \
-                        a7 += w7[i] * xi;                                                                      \
-                    }                                                                                          \
-                    T acc[8] = {a0, a1, a2, a3, a4, a5, a6, a7};                                               \
-                    for (int j = 0; j < 8; j++) {                                                              \
-                        T v = acc[j] + (bias ? bias[o0 + j] : (T)0);                                           \
-                        Y[b * ldy + o0 + j] = R ? R[b * ldy + o0 + j] + v : v;                                 \
-                    }                                                                                          \
-                }                                                                                              \
-            } else {                                                                                           \
-                for (int64_t o = o0; o < nout; o++) {                                                          \
-                    const T *restrict w = W + o * nin;                                                         \
-                    for (int64_t b = 0; b < batch; b++) {                                                      \
-                        const T *restrict x = X + b * ldx;                                                     \
-                        T a0 = 0;                                                                              \
-                        _Pragma("omp simd reduction(+ : a0)") for (int64_t i = 0; i < nin; i++) a0 += w[i] * x[i]; \
-                        T v = a0 + (bias ? bias[o] : (T)0);                                                    \
-                        Y[b * ldy + o] = R ? R[b * ldy + o] + v : v;                                           \
-                    }                                                                                          \
-                }                                                                                              \
-            }                                                                                                  \
-        }                                                                                                      \
+                        T xi = x[i];                                                                                   \
+                        a0 += w0[i] * xi;                                                                              \
+                        a1 += w1[i] * xi;                                                                              \
+                        a2 += w2[i] * xi;                                                                              \
+                        a3 += w3[i] * xi;                                                                              \
+                        a4 += w4[i] * xi;                                                                              \
+                        a5 += w5[i] * xi;                                                                              \
+                        a6 += w6[i] * xi;                                                                              \
+                        a7 += w7[i] * xi;                                                                              \
+                    }                                                                                                  \
+                    T acc[8] = {a0, a1, a2, a3, a4, a5, a6, a7};                                                       \
+                    for (int j = 0; j < 8; j++) {                                                                      \
+                        T v = acc[j] + (bias ? bias[o0 + j] : (T)0);                                                   \
+                        Y[b * ldy + o0 + j] = R ? R[b * ldy + o0 + j] + v : v;                                         \
+                    }                                                                                                  \
+                }                                                                                                      \
+            } else {                                                                                                   \
+                for (int64_t o = o0; o < nout; o++) {                                                                  \
+                    const T *restrict w = W + o * nin;                                                                 \
+                    for (int64_t b = 0; b < batch; b++) {                                                              \
+                        const T *restrict x = X + b * ldx;                                                             \
+                        T a0 = 0;                                                                                      \
+                        _Pragma("omp simd reduction(+ : a0)") for (int64_t i = 0; i < nin; i++) a0 += w[i] * x[i];     \
+                        T v = a0 + (bias ? bias[o] : (T)0);                                                            \
+                        Y[b * ldy + o] = R ? R[b * ldy + o] + v : v;                                                   \
+                    }                                                                                                  \
+                }                                                                                                      \
+            }                                                                                                          \
+        }                                                                                                              \
     }
 ST_GEMV(float, f32)
 ST_GEMV(double, f64)
@@ -173,139 +187,139 @@ ST_GEMV(double, f64)
 /* The layers loop. Workspace (per call, malloc'd): res (the residual entering a block, rounded to float32
  * first under residual_fp32), h (normed input), proj (in_proj output), xc (conv output), xdbl (Mamba-1's x_proj
  * output), y (scan output, then Mamba-2's gated norm output), and two residual buffers that alternate. */
-#define ST_STEP(T, SUF, EXP, SOFTPLUS, SILU)                                                                   \
-    SL_EXPORT int sl_step_##SUF(const st_layer *layers, const st_io *io, int64_t n_layers, int64_t batch,      \
-                                const T *hidden_in, T *hidden_out, int nthreads) {                             \
-        int64_t dm = layers[0].d_model, w_proj = 0, w_xc = 0, w_xdbl = 0, w_y = 0;                             \
-        for (int64_t l = 0; l < n_layers; l++) {                                                               \
-            const st_layer *L = &layers[l];                                                                    \
-            if (L->d_model != dm) return -2;                                                                   \
-            w_proj = L->n_in > w_proj ? L->n_in : w_proj;                                                      \
-            w_xc = L->conv_ch > w_xc ? L->conv_ch : w_xc;                                                      \
-            int64_t xd = L->kind == 1 ? L->dt_rank + 2 * L->d_state : 0;                                       \
-            w_xdbl = xd > w_xdbl ? xd : w_xdbl;                                                                \
-            w_y = L->d_inner > w_y ? L->d_inner : w_y;                                                         \
-        }                                                                                                      \
-        size_t total = (size_t)batch * (size_t)(4 * dm + w_proj + w_xc + w_xdbl + w_y);                        \
-        T *work = (T *)malloc(total * sizeof(T));                                                              \
-        if (!work) return -1;                                                                                  \
-        T *res = work, *h = res + batch * dm, *ping = h + batch * dm, *pong = ping + batch * dm;               \
-        T *proj = pong + batch * dm, *xc = proj + batch * w_proj, *xdbl = xc + batch * w_xc;                   \
-        T *ybuf = xdbl + batch * w_xdbl;                                                                       \
-        _Pragma("omp parallel num_threads(nthreads)") {                                                        \
-            const T *cur = hidden_in;                                                                          \
-            for (int64_t l = 0; l < n_layers; l++) {                                                           \
-                const st_layer *L = &layers[l];                                                                \
-                const int64_t D = L->d_inner, N = L->d_state, W = L->d_conv, nin = L->n_in, cc = L->conv_ch;   \
-                T *next = l == n_layers - 1 ? hidden_out : (l % 2 == 0 ? ping : pong);                         \
-                const T *norm_w = (const T *)L->norm_w;                                                        \
-                /* RMSNorm in float32, times the weight in T (seqlab/norm.py) */                               \
-                _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                      \
-                    const T *x = cur + b * dm;                                                                 \
-                    float r = st_rms_scale_##SUF(x, dm, L->norm_eps);                                          \
-                    for (int64_t i = 0; i < dm; i++) {                                                         \
-                        h[b * dm + i] = (T)((float)x[i] * r) * norm_w[i];                                      \
-                        res[b * dm + i] = L->residual_fp32 ? (T)(float)x[i] : x[i];                            \
-                    }                                                                                          \
-                }                                                                                              \
-                st_gemv_##SUF((const T *)L->in_w, (const T *)L->in_b, h, dm, proj, NULL, nin, nin, dm, batch); \
-                /* conv step + SiLU on the conv channels (Mamba-1: x = proj[:D]; Mamba-2: xBC = proj[D:D+cc]) */ \
-                const int64_t conv_off = L->kind == 1 ? 0 : D;                                                 \
-                const T *cw = (const T *)L->conv_w, *cb = (const T *)L->conv_b;                                \
-                const float *cin = io[l].conv_in;                                                              \
-                float *cout = io[l].conv_out;                                                                  \
-                _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {          \
-                    for (int64_t c = 0; c < cc; c++) {                                                         \
-                        const float *si = cin + (b * cc + c) * (W - 1);                                        \
-                        float *so = cout + (b * cc + c) * (W - 1);                                             \
-                        T xin = proj[b * nin + conv_off + c];                                                  \
-                        T acc = 0;                                                                             \
-                        for (int64_t k = 0; k < W - 1; k++) acc += (T)si[k] * cw[c * W + k];                   \
-                        acc += xin * cw[c * W + W - 1];                                                        \
-                        if (cb) acc += cb[c];                                                                  \
-                        for (int64_t k = 0; k + 1 < W - 1; k++) so[k] = si[k + 1];                             \
-                        if (W > 1) so[W - 2] = (float)xin;                                                     \
-                        xc[b * cc + c] = SILU(acc);                                                            \
-                    }                                                                                          \
-                }                                                                                              \
-                const T *A = (const T *)L->A, *Dp = (const T *)L->D, *dtb = (const T *)L->dt_b;                \
-                const T *s_in = (const T *)io[l].ssm_in;                                                       \
-                T *s_out = (T *)io[l].ssm_out;                                                                 \
-                if (L->kind == 1) {                                                                            \
-                    const int64_t R = L->dt_rank, xd = R + 2 * N;                                              \
-                    st_gemv_##SUF((const T *)L->x_w, NULL, xc, cc, xdbl, NULL, xd, xd, D, batch);              \
-                    const T *dtw = (const T *)L->dt_w;                                                         \
-                    /* dt_proj + bias + softplus, the selective state update, D skip, gate silu(z) */          \
-                    _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {      \
-                        for (int64_t c = 0; c < D; c++) {                                                      \
-                            const T *xb = xdbl + b * xd;                                                       \
-                            T dt = 0;                                                                          \
-                            for (int64_t r = 0; r < R; r++) dt += dtw[c * R + r] * xb[r];                      \
-                            dt = SOFTPLUS(dt + dtb[c]);                                                        \
-                            const T xv = xc[b * cc + c], dx = dt * xv;                                         \
-                            const T *restrict Bv = xb + R, *restrict Cv = xb + R + N, *restrict Ac = A + c * N; \
-                            const T *restrict s0 = s_in + (b * D + c) * N;                                     \
-                            T *restrict s1 = s_out + (b * D + c) * N;                                          \
-                            T y = 0;                                                                           \
-                            _Pragma("omp simd reduction(+ : y)") for (int64_t n = 0; n < N; n++) {             \
-                                T s = s0[n] * EXP(dt * Ac[n]) + dx * Bv[n];                                    \
-                                s1[n] = s;                                                                     \
-                                y += s * Cv[n];                                                                \
-                            }                                                                                  \
-                            y += Dp[c] * xv;                                                                   \
-                            ybuf[b * D + c] = y * SILU(proj[b * nin + D + c]);                                 \
-                        }                                                                                      \
-                    }                                                                                          \
-                } else {                                                                                       \
-                    const int64_t H = L->nheads, P = L->headdim, G = L->ngroups, per = H / G;                  \
-                    /* dt + bias + softplus per head, the SSD state update, D skip */                          \
-                    _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {      \
-                        for (int64_t hh = 0; hh < H; hh++) {                                                   \
-                            T dt = SOFTPLUS(proj[b * nin + D + cc + hh] + dtb[hh]);                            \
-                            T dA = EXP(dt * A[hh]);                                                            \
-                            const int64_t g = hh / per;                                                        \
-                            const T *restrict Bv = xc + b * cc + D + g * N;                                    \
-                            const T *restrict Cv = xc + b * cc + D + G * N + g * N;                            \
-                            for (int64_t p = 0; p < P; p++) {                                                  \
-                                const T xv = xc[b * cc + hh * P + p], xdt = xv * dt;                           \
-                                const T *restrict s0 = s_in + ((b * H + hh) * P + p) * N;                      \
-                                T *restrict s1 = s_out + ((b * H + hh) * P + p) * N;                           \
-                                T y = 0;                                                                       \
-                                _Pragma("omp simd reduction(+ : y)") for (int64_t n = 0; n < N; n++) {         \
-                                    T s = s0[n] * dA + xdt * Bv[n];                                            \
-                                    s1[n] = s;                                                                 \
-                                    y += s * Cv[n];                                                            \
-                                }                                                                              \
-                                ybuf[b * D + hh * P + p] = y + xv * Dp[hh];                                    \
-                            }                                                                                  \
-                        }                                                                                      \
-                    }                                                                                          \
-                    /* gated RMSNorm: norm(y * silu(z)) per group, in float32, times the weight in T */        \
-                    const int64_t gs = L->gate_group, ng = D / gs;                                             \
-                    const T *gw = (const T *)L->gate_w;                                                        \
-                    _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {      \
-                        for (int64_t q = 0; q < ng; q++) {                                                     \
-                            T *yv = ybuf + b * D + q * gs;                                                     \
-                            const T *zv = proj + b * nin + q * gs;                                             \
-                            double s = 0.0;                                                                    \
-                            for (int64_t i = 0; i < gs; i++) {                                                 \
-                                float v = st_silu_f((float)zv[i]) * (float)yv[i];                              \
-                                yv[i] = (T)v;                                                                  \
-                                s += (double)(v * v);                                                          \
-                            }                                                                                  \
-                            float r = 1.0f / sqrtf((float)s / (float)gs + (float)L->gate_eps);                 \
-                            for (int64_t i = 0; i < gs; i++) yv[i] = (T)((float)yv[i] * r) * gw[q * gs + i];   \
-                        }                                                                                      \
-                    }                                                                                          \
-                }                                                                                              \
-                /* out_proj, added to the residual */                                                          \
-                st_gemv_##SUF((const T *)L->out_w, (const T *)L->out_b, ybuf, D, next, res, dm, dm, D, batch); \
-                _Pragma("omp barrier");                                                                        \
-                cur = next;                                                                                    \
-            }                                                                                                  \
-        }                                                                                                      \
-        free(work);                                                                                            \
-        return 0;                                                                                              \
+#define ST_STEP(T, SUF, EXP, SOFTPLUS, SILU)                                                                           \
+    SL_EXPORT int sl_step_##SUF(const st_layer *layers, const st_io *io, int64_t n_layers, int64_t batch,              \
+                                const T *hidden_in, T *hidden_out, int nthreads) {                                     \
+        int64_t dm = layers[0].d_model, w_proj = 0, w_xc = 0, w_xdbl = 0, w_y = 0;                                     \
+        for (int64_t l = 0; l < n_layers; l++) {                                                                       \
+            const st_layer *L = &layers[l];                                                                            \
+            if (L->d_model != dm) return -2;                                                                           \
+            w_proj = L->n_in > w_proj ? L->n_in : w_proj;                                                              \
+            w_xc = L->conv_ch > w_xc ? L->conv_ch : w_xc;                                                              \
+            int64_t xd = L->kind == 1 ? L->dt_rank + 2 * L->d_state : 0;                                               \
+            w_xdbl = xd > w_xdbl ? xd : w_xdbl;                                                                        \
+            w_y = L->d_inner > w_y ? L->d_inner : w_y;                                                                 \
+        }                                                                                                              \
+        size_t total = (size_t)batch * (size_t)(4 * dm + w_proj + w_xc + w_xdbl + w_y);                                \
+        T *work = (T *)malloc(total * sizeof(T));                                                                      \
+        if (!work) return -1;                                                                                          \
+        T *res = work, *h = res + batch * dm, *ping = h + batch * dm, *pong = ping + batch * dm;                       \
+        T *proj = pong + batch * dm, *xc = proj + batch * w_proj, *xdbl = xc + batch * w_xc;                           \
+        T *ybuf = xdbl + batch * w_xdbl;                                                                               \
+        _Pragma("omp parallel num_threads(nthreads)") {                                                                \
+            const T *cur = hidden_in;                                                                                  \
+            for (int64_t l = 0; l < n_layers; l++) {                                                                   \
+                const st_layer *L = &layers[l];                                                                        \
+                const int64_t D = L->d_inner, N = L->d_state, W = L->d_conv, nin = L->n_in, cc = L->conv_ch;           \
+                T *next = l == n_layers - 1 ? hidden_out : (l % 2 == 0 ? ping : pong);                                 \
+                const T *norm_w = (const T *)L->norm_w;                                                                \
+                /* RMSNorm in float32, times the weight in T (seqlab/norm.py) */                                       \
+                _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                              \
+                    const T *x = cur + b * dm;                                                                         \
+                    float r = st_rms_scale_##SUF(x, dm, L->norm_eps);                                                  \
+                    for (int64_t i = 0; i < dm; i++) {                                                                 \
+                        h[b * dm + i] = (T)((float)x[i] * r) * norm_w[i];                                              \
+                        res[b * dm + i] = L->residual_fp32 ? (T)(float)x[i] : x[i];                                    \
+                    }                                                                                                  \
+                }                                                                                                      \
+                st_gemv_##SUF((const T *)L->in_w, (const T *)L->in_b, h, dm, proj, NULL, nin, nin, dm, batch);         \
+                /* conv step + SiLU on the conv channels (Mamba-1: x = proj[:D]; Mamba-2: xBC = proj[D:D+cc]) */       \
+                const int64_t conv_off = L->kind == 1 ? 0 : D;                                                         \
+                const T *cw = (const T *)L->conv_w, *cb = (const T *)L->conv_b;                                        \
+                const float *cin = io[l].conv_in;                                                                      \
+                float *cout = io[l].conv_out;                                                                          \
+                _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                  \
+                    for (int64_t c = 0; c < cc; c++) {                                                                 \
+                        const float *si = cin + (b * cc + c) * (W - 1);                                                \
+                        float *so = cout + (b * cc + c) * (W - 1);                                                     \
+                        T xin = proj[b * nin + conv_off + c];                                                          \
+                        T acc = 0;                                                                                     \
+                        for (int64_t k = 0; k < W - 1; k++) acc += (T)si[k] * cw[c * W + k];                           \
+                        acc += xin * cw[c * W + W - 1];                                                                \
+                        if (cb) acc += cb[c];                                                                          \
+                        for (int64_t k = 0; k + 1 < W - 1; k++) so[k] = si[k + 1];                                     \
+                        if (W > 1) so[W - 2] = (float)xin;                                                             \
+                        xc[b * cc + c] = SILU(acc);                                                                    \
+                    }                                                                                                  \
+                }                                                                                                      \
+                const T *A = (const T *)L->A, *Dp = (const T *)L->D, *dtb = (const T *)L->dt_b;                        \
+                const T *s_in = (const T *)io[l].ssm_in;                                                               \
+                T *s_out = (T *)io[l].ssm_out;                                                                         \
+                if (L->kind == 1) {                                                                                    \
+                    const int64_t R = L->dt_rank, xd = R + 2 * N;                                                      \
+                    st_gemv_##SUF((const T *)L->x_w, NULL, xc, cc, xdbl, NULL, xd, xd, D, batch);                      \
+                    const T *dtw = (const T *)L->dt_w;                                                                 \
+                    /* dt_proj + bias + softplus, the selective state update, D skip, gate silu(z) */                  \
+                    _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {              \
+                        for (int64_t c = 0; c < D; c++) {                                                              \
+                            const T *xb = xdbl + b * xd;                                                               \
+                            T dt = 0;                                                                                  \
+                            for (int64_t r = 0; r < R; r++) dt += dtw[c * R + r] * xb[r];                              \
+                            dt = SOFTPLUS(dt + dtb[c]);                                                                \
+                            const T xv = xc[b * cc + c], dx = dt * xv;                                                 \
+                            const T *restrict Bv = xb + R, *restrict Cv = xb + R + N, *restrict Ac = A + c * N;        \
+                            const T *restrict s0 = s_in + (b * D + c) * N;                                             \
+                            T *restrict s1 = s_out + (b * D + c) * N;                                                  \
+                            T y = 0;                                                                                   \
+                            _Pragma("omp simd reduction(+ : y)") for (int64_t n = 0; n < N; n++) {                     \
+                                T s = s0[n] * EXP(dt * Ac[n]) + dx * Bv[n];                                            \
+                                s1[n] = s;                                                                             \
+                                y += s * Cv[n];                                                                        \
+                            }                                                                                          \
+                            y += Dp[c] * xv;                                                                           \
+                            ybuf[b * D + c] = y * SILU(proj[b * nin + D + c]);                                         \
+                        }                                                                                              \
+                    }                                                                                                  \
+                } else {                                                                                               \
+                    const int64_t H = L->nheads, P = L->headdim, G = L->ngroups, per = H / G;                          \
+                    /* dt + bias + softplus per head, the SSD state update, D skip */                                  \
+                    _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {              \
+                        for (int64_t hh = 0; hh < H; hh++) {                                                           \
+                            T dt = SOFTPLUS(proj[b * nin + D + cc + hh] + dtb[hh]);                                    \
+                            T dA = EXP(dt * A[hh]);                                                                    \
+                            const int64_t g = hh / per;                                                                \
+                            const T *restrict Bv = xc + b * cc + D + g * N;                                            \
+                            const T *restrict Cv = xc + b * cc + D + G * N + g * N;                                    \
+                            for (int64_t p = 0; p < P; p++) {                                                          \
+                                const T xv = xc[b * cc + hh * P + p], xdt = xv * dt;                                   \
+                                const T *restrict s0 = s_in + ((b * H + hh) * P + p) * N;                              \
+                                T *restrict s1 = s_out + ((b * H + hh) * P + p) * N;                                   \
+                                T y = 0;                                                                               \
+                                _Pragma("omp simd reduction(+ : y)") for (int64_t n = 0; n < N; n++) {                 \
+                                    T s = s0[n] * dA + xdt * Bv[n];                                                    \
+                                    s1[n] = s;                                                                         \
+                                    y += s * Cv[n];                                                                    \
+                                }                                                                                      \
+                                ybuf[b * D + hh * P + p] = y + xv * Dp[hh];                                            \
+                            }                                                                                          \
+                        }                                                                                              \
+                    }                                                                                                  \
+                    /* gated RMSNorm: norm(y * silu(z)) per group, in float32, times the weight in T */                \
+                    const int64_t gs = L->gate_group, ng = D / gs;                                                     \
+                    const T *gw = (const T *)L->gate_w;                                                                \
+                    _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {              \
+                        for (int64_t q = 0; q < ng; q++) {                                                             \
+                            T *yv = ybuf + b * D + q * gs;                                                             \
+                            const T *zv = proj + b * nin + q * gs;                                                     \
+                            double s = 0.0;                                                                            \
+                            for (int64_t i = 0; i < gs; i++) {                                                         \
+                                float v = st_silu_f((float)zv[i]) * (float)yv[i];                                      \
+                                yv[i] = (T)v;                                                                          \
+                                s += (double)(v * v);                                                                  \
+                            }                                                                                          \
+                            float r = 1.0f / sqrtf((float)s / (float)gs + (float)L->gate_eps);                         \
+                            for (int64_t i = 0; i < gs; i++) yv[i] = (T)((float)yv[i] * r) * gw[q * gs + i];           \
+                        }                                                                                              \
+                    }                                                                                                  \
+                }                                                                                                      \
+                /* out_proj, added to the residual */                                                                  \
+                st_gemv_##SUF((const T *)L->out_w, (const T *)L->out_b, ybuf, D, next, res, dm, dm, D, batch);         \
+                _Pragma("omp barrier");                                                                                \
+                cur = next;                                                                                            \
+            }                                                                                                          \
+        }                                                                                                              \
+        free(work);                                                                                                    \
+        return 0;                                                                                                      \
     }
 ST_STEP(float, f32, st_exp_f, st_softplus_f, st_silu_f)
 ST_STEP(double, f64, st_exp_d, st_softplus_d, st_silu_d)
