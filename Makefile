@@ -65,7 +65,8 @@ lock: test-latest
 # The CPU benches at modest sizes, each printing its own machine line and tables (docs/benchmarks.md has the full
 # runs and their commands): forward (seqlab native and chunked vs HF), training forward + backward (vs HF),
 # seqlab vs llama.cpp on the same GGUF weights (says "skipped" and goes on where llama-cpp-python is not
-# installed), decode against context length. About 12 minutes on the 2-core VM when it is otherwise idle.
+# installed), decode against context length. Roughly 10 minutes on the idle 2-core VM (an estimate from the
+# single benches' run times; several times longer when the machine is busy).
 bench: $(STAMP)
 	$(BIN)/python bench/cpu_forward.py --lengths 2048 8192 --skip-stream
 	$(BIN)/python bench/train_speed.py --lengths 512 2048
