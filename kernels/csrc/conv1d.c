@@ -77,25 +77,7 @@ static inline sl_vd sl_vsigmoid_d(sl_vd x) {
 #define VL SL_VL
 #define FN(name) SL_CAT(name, SL_SFX)
 
-static inline SL_VEC FN(cv_load)(const R *p, int64_t sc, int nl) {
-    SL_VEC v;
-    if (sc == 1 && nl == VL) {
-        memcpy(&v, p, sizeof v);
-    } else {
-        R tmp[VL];
-        for (int c = 0; c < VL; c++) tmp[c] = c < nl ? p[c * sc] : (R)0;
-        memcpy(&v, tmp, sizeof v);
-    }
-    return v;
-}
-
-static inline void FN(cv_store)(R *p, int64_t sc, int nl, SL_VEC v) {
-    if (sc == 1 && nl == VL) {
-        memcpy(p, &v, sizeof v);
-    } else {
-        for (int c = 0; c < nl; c++) p[c * sc] = v[c];
-    }
-}
+SL_DEFINE_LANE_IO(FN(cv_load), FN(cv_store))
 
 /* full[q] for the lanes of the block at channel c0: the initial state (or 0) for q < w - 1, else x */
 static inline SL_VEC FN(cv_full)(const sl_conv_args *a, int64_t bi, int64_t c0, int nl, int64_t q) {

@@ -138,25 +138,7 @@ static inline void FN(seq_bounds)(const sl_scan_args *a, int64_t q, int64_t *lo,
 
 /* lanes of a (b, d, l) tensor at (bi, c0 .. c0 + nl, t) as a vector (0 beyond nl); a plain vector load when the
  * channels are consecutive in memory (the mixer's layout) and the block is full */
-static inline SL_VEC FN(vload)(const R *p, int64_t sc, int nl) {
-    SL_VEC v;
-    if (sc == 1 && nl == VL) {
-        memcpy(&v, p, sizeof v);
-    } else {
-        R tmp[VL];
-        for (int c = 0; c < VL; c++) tmp[c] = c < nl ? p[c * sc] : (R)0;
-        memcpy(&v, tmp, sizeof v);
-    }
-    return v;
-}
-
-static inline void FN(vstore)(R *p, int64_t sc, int nl, SL_VEC v) {
-    if (sc == 1 && nl == VL) {
-        memcpy(p, &v, sizeof v);
-    } else {
-        for (int c = 0; c < nl; c++) p[c * sc] = v[c];
-    }
-}
+SL_DEFINE_LANE_IO(FN(vload), FN(vstore))
 
 SL_EXPORT void FN(sl_scan_fwd)(const sl_scan_args *a, int nthreads) {
     const int64_t d = a->d, n = a->n, g = a->g, dg = d / g, nb = (dg + VL - 1) / VL;

@@ -149,4 +149,29 @@ static inline sl_vf sl_vsigmoid_f(sl_vf x) { return 1.0f / (1.0f + sl_vexp_f(-x)
  * cache by a hash of the sources, so this is a second line of defence). */
 #define SEQLAB_NATIVE_ABI 1
 
+
+/* Lane load / store of a strided run of SL_VL elements (SL_VEC, SL_REAL and SL_VL are the including file's
+ * instantiation macros): a plain vector access when the elements are consecutive (stride 1) and the block is full,
+ * else a gather / scatter of the first nl lanes (the rest read as 0). Expanded once per instantiation:
+ * SL_DEFINE_LANE_IO(my_load, my_store). */
+#define SL_DEFINE_LANE_IO(LOAD, STORE)                                                    \
+    static inline SL_VEC LOAD(const SL_REAL *p, int64_t sc, int nl) {                     \
+        SL_VEC v;                                                                         \
+        if (sc == 1 && nl == SL_VL) {                                                     \
+            memcpy(&v, p, sizeof v);                                                      \
+        } else {                                                                          \
+            SL_REAL tmp[SL_VL];                                                           \
+            for (int c = 0; c < SL_VL; c++) tmp[c] = c < nl ? p[c * sc] : (SL_REAL)0;     \
+            memcpy(&v, tmp, sizeof v);                                                    \
+        }                                                                                 \
+        return v;                                                                         \
+    }                                                                                     \
+    static inline void STORE(SL_REAL *p, int64_t sc, int nl, SL_VEC v) {                  \
+        if (sc == 1 && nl == SL_VL) {                                                     \
+            memcpy(p, &v, sizeof v);                                                      \
+        } else {                                                                          \
+            for (int c = 0; c < nl; c++) p[c * sc] = v[c];                                \
+        }                                                                                 \
+    }
+
 #endif
