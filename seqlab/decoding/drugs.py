@@ -254,6 +254,9 @@ def _hook(handle: DrugsHandle, layer: int, theta: float, sizes: dict[str, int | 
         handle.rotations += 1
         return out.reshape(shape)
 
+    # seqlab.fused_step asks a hook whether it returns every tensor unchanged this step: a disarmed (protected)
+    # step must equal plain decoding, so its blocks may run the compiled step
+    perturb.idle = lambda: not handle.armed  # type: ignore[attr-defined]
     return perturb
 
 
