@@ -10,7 +10,7 @@ from torch import nn
 from seqlab.blocks import BidirectionalBlock, Block
 from seqlab.config import BackboneConfig
 from seqlab.errors import ConfigError, InputError, StateError, StateMismatchError
-from seqlab.fused_step import fused_step
+from seqlab.fused_step import fused_step, trust, trusted_plan
 from seqlab.kernels import BACKENDS, KernelInputError, canonical_backend
 from seqlab.kernels._varlen import resolve_packing as _resolve_packing
 from seqlab.mixers.base import check_states_at
@@ -154,12 +154,18 @@ class Backbone(nn.Module):
         ``seqlab.fused_step``), else, and for every other block, each block's eager ``step``: same results."""
         if state is None:
             state = self.init_state(hidden.shape[0], hidden.device)
-        self._check_state(state, hidden)
-        done = fused_step(self, hidden, state) if fused else None
+        # a state this model's fused step returned, untouched since, was checked when it went in and made to the
+        # same layout: checking it again costs more than the step's own Python
+        plan = trusted_plan(self, state, hidden) if fused and isinstance(hidden, torch.Tensor) else None
+        if plan is None:
+            self._check_state(state, hidden)
+        done = fused_step(self, hidden, state, plan) if fused else None
         if done is not None:
             hidden, new_layers = done
             hidden = self.norm_f(hidden.to(self.norm_f.weight.dtype))
-            return hidden, state.advanced(new_layers, 1)
+            new_state = state.advanced(new_layers, 1)
+            trust(self, new_state)
+            return hidden, new_state
         new_layers = []
         for i, layer in enumerate(self._blocks()):
             hidden, layer_state = layer.step(hidden, state.layers[i])

@@ -44,6 +44,9 @@ __all__ = ["fused_layers", "fused_step"]
 _KINDS = {"mamba1": 1, "mamba2": 2}
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # backbone -> _Plan (not on the module: pickling)
 _LIBRARY: list = []  # [ctypes.CDLL or None], loaded on first use
+# states this module's step returned -> (plan, position, what their tensors looked like then): the next step may
+# skip the full state check for them (a weak map, not an attribute: a state pickles and copies without it)
+_TRUSTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class _Layer(ctypes.Structure):
@@ -170,20 +173,11 @@ def _idle_check(perturb):
     """A zero-argument callable saying whether the perturbation hook ``perturb`` returns every tensor unchanged
     this step (then its block may run fused), or None when that cannot be known (the block runs eagerly).
 
-    A hook may say so itself with an ``idle`` attribute (a zero-argument callable). DRµGS's hooks
-    (seqlab.decoding.drugs) close over their ``DrugsHandle``, whose ``armed`` flag is False on protected steps
-    (``protect_prompt``, ``protect_first``): those steps must give exactly plain decoding, which is fused."""
+    A hook says so itself with an ``idle`` attribute (a zero-argument callable): DRµGS's hooks
+    (seqlab.decoding.drugs) are idle on protected steps (``protect_prompt``, ``protect_first``), which must give
+    exactly plain decoding, which is fused. Any other hook runs its block eagerly."""
     idle = getattr(perturb, "idle", None)
-    if callable(idle):
-        return idle
-    for cell in getattr(perturb, "__closure__", None) or ():
-        try:
-            owner = cell.cell_contents
-        except ValueError:  # an empty cell
-            continue
-        if type(owner).__name__ == "DrugsHandle" and isinstance(getattr(owner, "armed", None), bool):
-            return lambda: not owner.armed
-    return None
+    return idle if callable(idle) else None
 
 
 def _perturb_checks(block) -> tuple[list, str | None]:
@@ -346,22 +340,69 @@ def fused_layers(model, dtype: torch.dtype | None = None) -> list[str | None]:
     return list(_plan(backbone, dtype).reasons)
 
 
+def _state_key(state) -> list | None:
+    """Everything the full state check looks at in ``state``'s tensors (names, shapes, dtypes, devices), or None
+    when a layer no longer holds a dict of tensors (then the full check runs and names the problem)."""
+    try:
+        return [(name, t.shape, t.dtype, t.device) for layer in state.layers for name, t in layer.items()]
+    except AttributeError:
+        return None
+
+
+def trusted_plan(backbone, state, hidden: torch.Tensor) -> _Plan | None:
+    """The plan to run ``hidden`` with when ``state`` is one this backbone's fused step returned and nothing the
+    state check reads has changed since (its fingerprint, position, layer names, tensor shapes, dtypes and devices,
+    the model's parameters and modules, and the batch): then ``Backbone.step`` skips that check. Else None (the
+    full check runs). A state given by a caller, loaded, copied or edited is checked in full as before."""
+    try:
+        entry = _TRUSTED.get(state)
+    except TypeError:  # not a RecurrentState at all (unhashable or not weakly referenceable): the check says so
+        return None
+    if entry is None or hidden.device.type != "cpu":
+        return None
+    plan: _Plan = entry[0]
+    position, key = entry[1], entry[2]
+    if (
+        _PLANS.get(backbone) is not plan
+        or hidden.dtype != plan.dtype
+        or hidden.dim() != 2
+        or state.fingerprint != backbone.fingerprint
+        or state._position != position
+        or not key
+        or hidden.shape[0] != key[0][1][0]
+        or _state_key(state) != key
+        or not plan.still_valid()
+    ):
+        return None
+    return plan
+
+
+def trust(backbone, state) -> None:
+    """Remember ``state`` (just returned by a fused ``Backbone.step``) as valid for ``backbone``'s current plan."""
+    plan = _PLANS.get(backbone)
+    key = _state_key(state)
+    if plan is not None and key:
+        _TRUSTED[state] = (plan, state._position, key)
+
+
 def _grad_needed(plan: _Plan, hidden: torch.Tensor, state) -> bool:
     if hidden.requires_grad or any(p.requires_grad for p in plan.params):
         return True
     return any(t.requires_grad for layer in state.layers for t in layer.values())
 
 
-def fused_step(backbone, hidden: torch.Tensor, state):
+def fused_step(backbone, hidden: torch.Tensor, state, plan: _Plan | None = None):
     """``Backbone.step``'s layer loop with the fusable blocks compiled: (hidden after the last block, new layer
     states), or None where the fused step does not apply (the caller runs the eager loop). ``state`` (a checked
-    RecurrentState of the same batch) is never modified: every new state tensor is new memory."""
+    RecurrentState of the same batch) is never modified: every new state tensor is new memory. ``plan``: the one
+    :func:`trusted_plan` just validated (saves checking it twice)."""
     if hidden.device.type != "cpu" or hidden.dtype not in (torch.float32, torch.float64) or hidden.dim() != 2:
         return None
     lib = _library()
     if lib is None:
         return None
-    plan = _plan(backbone, hidden.dtype)
+    if plan is None:
+        plan = _plan(backbone, hidden.dtype)
     if not plan.any_fusable:
         return None
     if torch.is_grad_enabled() and _grad_needed(plan, hidden, state):

@@ -257,3 +257,44 @@ def test_fused_step_leaves_a_cuda_free_path_and_switch():
     a = model.step(torch.tensor([3]), state)
     b = model.backbone.step(model.embeddings(torch.tensor([3])), state, fused=False)
     assert torch.equal(a.hidden, b[0])
+
+
+@torch.no_grad()
+def test_a_state_from_the_fused_step_is_rechecked_once_edited():
+    """The next step skips the full state check only for a state the fused step returned and nobody changed:
+    a wrong shape, dtype, layer, fingerprint or position put into it afterwards is refused with the full
+    check's own error, and a later step (fused or eager) never changes a state returned earlier."""
+    from seqlab.errors import StateError, StateMismatchError
+
+    model = _model("mamba1")
+    tokens = torch.tensor([1, 2, 3])
+    first = model.step(tokens).state
+    kept = [{k: t.clone() for k, t in layer.items()} for layer in first.layers]
+    second = model.step(tokens, first).state
+    model.step(tokens, second)
+    _step(model, tokens, second, fused=False)
+    for layer, copy in zip(first.layers, kept):
+        for name, t in copy.items():
+            assert torch.equal(layer[name], t), name  # bit for bit: the step wrote only new memory
+
+    def refused(edit, error, match: str) -> None:
+        state = model.step(tokens, first).state
+        edit(state)
+        with pytest.raises(error, match=match):
+            model.step(tokens, state)
+        model.fused_step = False
+        try:  # the eager step (always fully checked) gives the same error
+            with pytest.raises(error, match=match):
+                model.step(tokens, state)
+        finally:
+            model.fused_step = True
+
+    conv = first.layers[1]["conv"]
+    refused(lambda s: s.layers[1].__setitem__("conv", conv[:, :-1]), StateMismatchError, r"layers\.1\.conv has shape")
+    refused(lambda s: s.layers[0].__setitem__("ssm", s.layers[0]["ssm"].half()), StateMismatchError, "dtype")
+    refused(lambda s: s.layers[0].pop("conv"), StateMismatchError, r"layers\.0 holds")
+    refused(lambda s: s.layers.pop(), StateMismatchError, "layers")
+    refused(lambda s: setattr(s, "fingerprint", "0" * 16), StateMismatchError, "fingerprint")
+    refused(lambda s: setattr(s, "_position", -1), StateError, "position")
+    with pytest.raises(StateMismatchError, match="batch"):
+        model.step(torch.tensor([1, 2]), second)  # a batch of 2 for a state of 3 rows
