@@ -214,8 +214,10 @@ class LanguageModel(_Model):
         # every integer dtype a store can hold (uint8 bytes and bases, int16, uint32, ...) is checked in int64, so
         # a comparison with the vocabulary size cannot wrap around (256 is 0 in uint8)
         wide = input_ids.to(torch.int64)
-        bad = (wide < 0) | (wide >= self.vocab_size)
-        if bool(bad.any()):
+        # one reduction (the common, valid case runs on every decoded token); the mask only to name a bad id
+        low, high = torch.aminmax(wide)
+        if int(low) < 0 or int(high) >= self.vocab_size:
+            bad = (wide < 0) | (wide >= self.vocab_size)
             where = tuple(int(i) for i in bad.nonzero()[0])
             raise InputError(
                 f"input_ids[{', '.join(map(str, where))}] = {int(wide[where])} is outside the vocabulary "
