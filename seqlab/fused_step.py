@@ -428,6 +428,7 @@ def fused_step(backbone, hidden: torch.Tensor, state, plan: _Plan | None = None)
             h = h.contiguous()
             continue
         pointers = array.array("q")
+        alive: list[torch.Tensor] = []  # the converted inputs must live until the call returns
         for i in idx:
             layer = state.layers[i]
             conv, ssm = layer["conv"], layer["ssm"]
@@ -437,7 +438,8 @@ def fused_step(backbone, hidden: torch.Tensor, state, plan: _Plan | None = None)
             ssm = ssm.to(dtype).contiguous()  # a float64 model starts from float32 zeros, as eager widens them
             conv_out = torch.empty(conv.shape, dtype=torch.float32)
             ssm_out = torch.empty(ssm.shape, dtype=dtype)
-            new_layers[i] = {"conv": conv_out, "ssm": ssm_out, "_in": (conv, ssm)}
+            new_layers[i] = {"conv": conv_out, "ssm": ssm_out}
+            alive += (conv, ssm)
             pointers.extend((conv.data_ptr(), conv_out.data_ptr(), ssm.data_ptr(), ssm_out.data_ptr()))
         out = torch.empty((batch, h.shape[1]), dtype=dtype)
         code = run(
@@ -451,7 +453,6 @@ def fused_step(backbone, hidden: torch.Tensor, state, plan: _Plan | None = None)
         )
         if code != 0:
             raise MemoryError(f"the fused decode step failed (code {code}): out of memory for its workspace")
-        for i in idx:
-            del new_layers[i]["_in"]  # the converted inputs lived until the call returned
+        del alive
         h = out
     return h, new_layers
