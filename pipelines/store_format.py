@@ -195,6 +195,9 @@ def sequence_info(
         raise bad("length", "not a count of elements")
     if not shape:
         raise CorruptFileError(f"{where}: the array is 0-dimensional, not a sequence")
+    # a flipped bit can leave zarr a chunk (or shard) shape of 0, which it accepts and every read divides by
+    if not chunks or chunks[0] < 1 or (shards and int(shards[0]) < chunks[0]):
+        raise CorruptFileError(f"{where}: chunk shape {chunks} (shards {shards}) holds no elements per chunk")
     if length > shape[0]:
         raise CorruptFileError(
             f"sequence store {store}: sequence {name!r} records length {length} but its "
