@@ -115,6 +115,9 @@ def main(argv=None) -> None:
     rows, fused_rows = [], []
     for kind in args.models or MODELS:
         model, hf = build_pair(kind, with_hf=not args.skip_hf)
+        # seqlab's default backend ("auto": the compiled kernels on CPU where they build), which the fused step needs;
+        # build_pair hands the model over on the chunked backend, where every step would run eagerly
+        model.set_backend("auto")
         prompts = {
             c: torch.randint(0, VOCAB, (1, c), generator=torch.Generator().manual_seed(c)) for c in args.contexts
         }
