@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import torch
 
-from ._states_at import check_positions, conv_tails, scan_in_pieces
 from ._native import native_available, native_unavailable_reason
+from ._states_at import check_positions, conv_tails, scan_in_pieces
 from ._triton import triton_available
 from ._varlen import cu_seqlens_from_seq_idx
 from .errors import KernelBackendError, KernelInputError
