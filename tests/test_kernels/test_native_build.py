@@ -38,7 +38,8 @@ PROBE = textwrap.dedent(
 
 
 def _probe(tmp_path, **env_changes) -> dict:
-    env = {**os.environ, "SEQLAB_NATIVE_CACHE": str(tmp_path / "cache"), **env_changes}
+    # SEQLAB_NATIVE dropped unless a test sets it: `SEQLAB_NATIVE=0 make test` must not leak into these probes
+    env = {**os.environ, "SEQLAB_NATIVE": None, "SEQLAB_NATIVE_CACHE": str(tmp_path / "cache"), **env_changes}
     env = {k: v for k, v in env.items() if v is not None}
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -88,7 +89,8 @@ def test_the_build_is_cached_by_content_and_reused_by_the_next_process(tmp_path)
 
 @needs_compiler
 def test_two_processes_building_at_once_both_get_a_working_library(tmp_path):
-    env = {**os.environ, "SEQLAB_NATIVE_CACHE": str(tmp_path / "cache")}
+    env = {k: v for k, v in os.environ.items() if k != "SEQLAB_NATIVE"}
+    env["SEQLAB_NATIVE_CACHE"] = str(tmp_path / "cache")
     procs = [
         subprocess.Popen([sys.executable, "-c", PROBE], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         for _ in range(2)
@@ -107,6 +109,7 @@ def test_a_changed_source_gets_its_own_build(tmp_path, monkeypatch):
     (csrc / "seqlab_native.h").write_text((_native.CSRC / "seqlab_native.h").read_text())
     (csrc / "probe.c").write_text('#include "seqlab_native.h"\nSL_EXPORT int probe(void) { return 1; }\n')
     monkeypatch.setattr(_native, "CSRC", csrc)
+    monkeypatch.delenv("SEQLAB_NATIVE", raising=False)
     monkeypatch.setenv("SEQLAB_NATIVE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(_native, "_libraries", {})
     assert _native.native_library("probe.c").probe() == 1
