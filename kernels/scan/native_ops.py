@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import math
 
 import torch
 
@@ -33,6 +32,7 @@ from .._native import native_library, num_threads, ptr
 from .._states_at import check_positions, scan_in_pieces
 from .._validate import records_grad
 from ..errors import KernelInputError
+from .chunked import _common_groups
 from .ref import check_scan_args, check_state_update_args, compute_dtype
 
 __all__ = ["selective_scan_native", "selective_state_update_native"]
@@ -94,14 +94,6 @@ def _c(t: torch.Tensor | None, cdt: torch.dtype, dense: bool = False) -> torch.T
 def _inputs(tensors, cdt):
     """(u, delta, A, B, C, D, z, delta_bias, h0) for C: D, delta_bias and h0 dense, the rest by strides."""
     return [_c(t, cdt, dense=i in (5, 7, 8)) for i, t in enumerate(tensors)]
-
-
-def _common_groups(B: torch.Tensor, C: torch.Tensor):
-    gB, gC = B.shape[1], C.shape[1]
-    if gB == gC:
-        return B, C
-    g = gB * gC // math.gcd(gB, gC)
-    return B.repeat_interleave(g // gB, dim=1), C.repeat_interleave(g // gC, dim=1)
 
 
 def _fill(args: _ScanArgs, u, dt, A, B, C, D, z, dbias, h0, cu, softplus: bool) -> None:
