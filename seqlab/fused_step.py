@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import array
 import ctypes
+import operator
 import weakref
+from itertools import chain
 
 import torch
 from torch import nn
 
-__all__ = ["fused_layers", "fused_step"]
+__all__ = ["fused_layers", "fused_lm_step", "fused_step"]
 
 _KINDS = {"mamba1": 1, "mamba2": 2}
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # backbone -> _Plan (not on the module: pickling)
@@ -96,6 +98,18 @@ class _Layer(ctypes.Structure):
     )
 
 
+class _LM(ctypes.Structure):
+    """The LanguageModel around the blocks for step.c's ``sl_lm_step`` (``st_lm``: every field 8 bytes)."""
+
+    _fields_ = [("vocab", ctypes.c_int64), ("d_model", ctypes.c_int64), ("norm_eps", ctypes.c_double)] + [
+        (name, ctypes.c_void_p) for name in ("emb_w", "norm_w", "head_w", "head_b")
+    ]
+
+
+_data_ptr = torch.Tensor.data_ptr
+_version = operator.attrgetter("_version")
+
+
 def _library():
     if not _LIBRARY:
         from seqlab.kernels._native import native_library
@@ -107,8 +121,13 @@ def _library():
                 fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
                 fn.argtypes += [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
                 fn.restype = ctypes.c_int
-            lib.sl_step_abi.restype = ctypes.c_int
-            if lib.sl_step_abi() % 1000 != ctypes.sizeof(_Layer):  # a stale build: never call it with this layout
+                lm = getattr(lib, f"sl_lm_step_{suffix}")
+                lm.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+                lm.argtypes += [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+                lm.restype = ctypes.c_int
+            lib.sl_step_abi.restype = lib.sl_lm_step_abi.restype = ctypes.c_int
+            # a stale build: never call it with these layouts
+            if lib.sl_step_abi() % 1000 != ctypes.sizeof(_Layer) or lib.sl_lm_step_abi() % 1000 != ctypes.sizeof(_LM):
                 lib = None
         _LIBRARY.append(lib)
     return _LIBRARY[0]
@@ -266,15 +285,7 @@ class _Plan:
         self.params.extend(block.parameters())
 
     def _key(self) -> tuple:
-        # ids, not the objects: the plan holds every watched object, so an id cannot be reused while it lives,
-        # and comparing ids never calls a tensor's elementwise ==. One comprehension per kind: this runs every step.
-        return (
-            [tuple(map(id, d.values())) for d in self.containers],
-            list(map(bool, self.hook_dicts)),
-            [id(d.get(k)) for d, k in self.attrs],
-            [p.data_ptr() for p in self.params],
-            [p._version for p in self.params],
-        )
+        return _watch_key(self.containers, self.hook_dicts, self.attrs, self.params)
 
     def still_valid(self) -> bool:
         return self._key() == self.key
@@ -319,6 +330,21 @@ class _Plan:
         return spec
 
 
+def _watch_key(containers: list[dict], hook_dicts: list[dict], attrs: list[tuple[dict, str]], params: list) -> tuple:
+    """What a plan checks before every step: the objects in ``containers`` (by id: the plan holds them, so an id
+    cannot be reused while it lives, and comparing ids never calls a tensor's elementwise ==) and how many each
+    holds, which ``hook_dicts`` are non-empty, the values of ``attrs``, the parameters' storage and version
+    counters. It runs on every decoded token: built from C-level maps, not Python loops (~10 us for 4 layers)."""
+    return (
+        list(map(id, chain.from_iterable(map(dict.values, containers)))),
+        list(map(len, containers)),
+        list(map(bool, hook_dicts)),
+        [id(d.get(k)) for d, k in attrs],
+        list(map(_data_ptr, params)),
+        list(map(_version, params)),
+    )
+
+
 def _plan(backbone, dtype: torch.dtype) -> _Plan:
     plan = _PLANS.get(backbone)
     if plan is None or plan.dtype != dtype or not plan.still_valid():
@@ -354,22 +380,28 @@ def trusted_plan(backbone, state, hidden: torch.Tensor) -> _Plan | None:
     state check reads has changed since (its fingerprint, position, layer names, tensor shapes, dtypes and devices,
     the model's parameters and modules, and the batch): then ``Backbone.step`` skips that check. Else None (the
     full check runs). A state given by a caller, loaded, copied or edited is checked in full as before."""
+    if hidden.device.type != "cpu" or hidden.dim() != 2:
+        return None
+    return _trusted(backbone, state, hidden.dtype, hidden.shape[0])
+
+
+def _trusted(backbone, state, dtype: torch.dtype, batch: int) -> _Plan | None:
+    """:func:`trusted_plan` for a step of ``batch`` rows in ``dtype`` on the CPU."""
     try:
         entry = _TRUSTED.get(state)
     except TypeError:  # not a RecurrentState at all (unhashable or not weakly referenceable): the check says so
         return None
-    if entry is None or hidden.device.type != "cpu":
+    if entry is None:
         return None
     plan: _Plan = entry[0]
     position, key = entry[1], entry[2]
     if (
         _PLANS.get(backbone) is not plan
-        or hidden.dtype != plan.dtype
-        or hidden.dim() != 2
+        or dtype != plan.dtype
         or state.fingerprint != backbone.fingerprint
         or state._position != position
         or not key
-        or hidden.shape[0] != key[0][1][0]
+        or batch != key[0][1][0]
         or _state_key(state) != key
         or not plan.still_valid()
     ):
@@ -427,20 +459,10 @@ def fused_step(backbone, hidden: torch.Tensor, state, plan: _Plan | None = None)
             h, new_layers[i] = plan.blocks[i].step(h, state.layers[i])
             h = h.contiguous()
             continue
-        pointers = array.array("q")
-        alive: list[torch.Tensor] = []  # the converted inputs must live until the call returns
-        for i in idx:
-            layer = state.layers[i]
-            conv, ssm = layer["conv"], layer["ssm"]
-            if conv.dtype != torch.float32:  # a float64 conv state feeds its float64 values: leave it to eager
-                return None
-            conv = conv.contiguous()
-            ssm = ssm.to(dtype).contiguous()  # a float64 model starts from float32 zeros, as eager widens them
-            conv_out = torch.empty(conv.shape, dtype=torch.float32)
-            ssm_out = torch.empty(ssm.shape, dtype=dtype)
-            new_layers[i] = {"conv": conv_out, "ssm": ssm_out}
-            alive += (conv, ssm)
-            pointers.extend((conv.data_ptr(), conv_out.data_ptr(), ssm.data_ptr(), ssm_out.data_ptr()))
+        io = _state_io(state, idx, dtype, new_layers)
+        if io is None:
+            return None
+        pointers, alive = io
         out = torch.empty((batch, h.shape[1]), dtype=dtype)
         code = run(
             plan.base + idx[0] * ctypes.sizeof(_Layer),
@@ -456,3 +478,144 @@ def fused_step(backbone, hidden: torch.Tensor, state, plan: _Plan | None = None)
         del alive
         h = out
     return h, new_layers
+
+
+def _state_io(state, idx: list[int], dtype: torch.dtype, new_layers: list):
+    """The step.c ``st_io`` pointers of layers ``idx`` (conv in, conv out, ssm in, ssm out per layer) and the input
+    tensors that must live until the call returns; the new state tensors go into ``new_layers``. None when a layer
+    cannot run fused (a float64 conv state feeds its float64 values: the eager step handles it)."""
+    pointers = array.array("q")
+    alive: list[torch.Tensor] = []
+    for i in idx:
+        layer = state.layers[i]
+        conv, ssm = layer["conv"], layer["ssm"]
+        if conv.dtype != torch.float32:
+            return None
+        conv = conv.contiguous()
+        if ssm.dtype != dtype:  # a float64 model starts from float32 zeros, as eager widens them
+            ssm = ssm.to(dtype)
+        ssm = ssm.contiguous()
+        # empty_like: a third of torch.empty(shape, dtype=...)'s cost, which shows at one step per token
+        conv_out, ssm_out = torch.empty_like(conv), torch.empty_like(ssm)
+        new_layers[i] = {"conv": conv_out, "ssm": ssm_out}
+        alive += (conv, ssm)
+        pointers.extend((conv.data_ptr(), conv_out.data_ptr(), ssm.data_ptr(), ssm_out.data_ptr()))
+    return pointers, alive
+
+
+_LM_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LanguageModel -> _LMPlan
+
+
+class _LMPlan:
+    """The whole-model step (embedding, every block fused, final norm, head) of one LanguageModel on top of its
+    backbone's :class:`_Plan`: applies when the embedding, final norm and head are the stock modules without hooks
+    in the plan's dtype, and every block fuses (one with DRµGS sites only on steps where they are idle)."""
+
+    def __init__(self, model, plan: _Plan) -> None:
+        from seqlab.models import LanguageModel
+        from seqlab.norm import RMSNorm
+
+        self.plan = plan
+        backbone = model.backbone
+        emb, norm, head = model.embeddings, backbone.norm_f, model.lm_head
+        modules = (emb, norm, head)
+        self.containers = [model._modules, backbone._modules] + [m._parameters for m in modules]
+        self.hook_dicts = [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)]
+        self.params = [p for m in modules for p in m.parameters()]
+        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # batch -> (hidden, logits) to copy shapes
+        self.reason = self._reason(model, LanguageModel, RMSNorm)
+        self.spec = _LM()
+        if self.reason is None:
+            self.spec.vocab, self.spec.d_model = head.weight.shape
+            self.spec.norm_eps = float(norm.eps)
+            self.spec.emb_w, self.spec.norm_w = plan._tensor(emb.weight), plan._tensor(norm.weight)
+            self.spec.head_w, self.spec.head_b = plan._tensor(head.weight), plan._tensor(head.bias)
+        self.key = self._key()
+
+    def _reason(self, model, lm_type, norm_type) -> str | None:
+        plan = self.plan
+        emb, norm, head = model.embeddings, model.backbone.norm_f, model.lm_head
+        if not all(plan.fusable):  # (a block with DRµGS sites fuses on the steps where they are idle)
+            return "not every block runs fused"
+        if type(model).head is not lm_type.head or type(model).step is not lm_type.step:
+            return "the model's head or step is overridden"
+        if type(emb) is not nn.Embedding or emb.max_norm is not None:
+            return "the embedding is not a plain nn.Embedding"
+        if type(norm) is not norm_type or type(head) is not nn.Linear:
+            return "the final norm or the head is not the stock module"
+        if any(self.hook_dicts):
+            return "a forward hook is registered on the embedding, final norm or head"
+        if head.weight.shape[1] != emb.weight.shape[1] or emb.weight.shape[0] != head.weight.shape[0]:
+            return "the embedding and the head do not share vocabulary and width"
+        if any(p.dtype != plan.dtype or p.device.type != "cpu" for p in self.params):
+            return f"the embedding, final norm or head is not {plan.dtype} on the CPU"
+        return None
+
+    def _key(self) -> tuple:
+        return _watch_key(self.containers, self.hook_dicts, [], self.params)
+
+    def still_valid(self) -> bool:
+        return self._key() == self.key
+
+
+def fused_lm_step(model, input_ids, state):
+    """``LanguageModel.step`` in one compiled call (embedding, blocks, final norm, head): (logits, new state,
+    final hidden), or None where it does not apply (the caller runs ``step`` as usual, with the same results).
+    Applies to int64 ids (b,) on the CPU continuing a state this model's fused step returned (the first step after
+    a prefill goes the usual way; its result is then trusted), every block fused, no autograd."""
+    if type(input_ids) is not torch.Tensor or input_ids.dtype != torch.int64 or input_ids.device.type != "cpu":
+        return None
+    if input_ids.dim() != 1:
+        if input_ids.dim() != 2 or input_ids.shape[1] != 1:
+            return None
+        input_ids = input_ids[:, 0]
+    lib = _library()
+    backbone = model.backbone
+    entry = _PLANS.get(backbone)
+    if lib is None or entry is None:
+        return None
+    batch = input_ids.shape[0]
+    plan = _trusted(backbone, state, entry.dtype, batch)
+    if plan is None:
+        return None
+    lm = _LM_PLANS.get(model)
+    if lm is None or lm.plan is not plan or not lm.still_valid():
+        lm = _LM_PLANS[model] = _LMPlan(model, plan)
+    if lm.reason is not None or _global_hooks():
+        return None
+    # DRµGS: its protected steps (every hook idle) must give plain decoding bit for bit, and plain decoding takes
+    # this path, so they do too; a perturbing step runs the rotated blocks eagerly
+    if plan.conditional and not all(check() for checks in plan.idle_checks for check in checks):
+        return None
+    if torch.is_grad_enabled() and (_grad_needed(plan, input_ids, state) or any(p.requires_grad for p in lm.params)):
+        return None
+    from seqlab.kernels._native import num_threads
+
+    dtype = plan.dtype
+    n = len(plan.blocks)
+    new_layers: list = [None] * n
+    io = _state_io(state, list(range(n)), dtype, new_layers)
+    if io is None:
+        return None
+    pointers, alive = io
+    ids = input_ids.contiguous()
+    like = lm.outputs.get(batch)
+    if like is None:
+        like = lm.outputs[batch] = (
+            torch.empty(batch, lm.spec.d_model, dtype=dtype),
+            torch.empty(batch, lm.spec.vocab, dtype=dtype),
+        )
+    hidden, logits = torch.empty_like(like[0]), torch.empty_like(like[1])
+    run = lib.sl_lm_step_f32 if dtype == torch.float32 else lib.sl_lm_step_f64
+    code = run(
+        plan.base, pointers.buffer_info()[0], n, batch, ctypes.addressof(lm.spec), ids.data_ptr(),
+        hidden.data_ptr(), logits.data_ptr(), num_threads(),
+    )  # fmt: skip
+    del alive
+    if code == -3:  # an id outside the vocabulary: the usual step names it
+        return None
+    if code != 0:
+        raise MemoryError(f"the fused decode step failed (code {code}): out of memory for its workspace")
+    new_state = state.advanced(new_layers, 1)
+    trust(backbone, new_state)
+    return logits, new_state, hidden

@@ -392,18 +392,14 @@ def _decode_loop(
             break
         if banned is not None:
             logits = logits.index_fill(-1, banned, float("-inf"))
-        filtered = _filter_logits(
-            logits,
-            None if seen is None else seen[active],
-            0 if greedy else temperature,
-            top_k,
-            top_p,
-            min_p,
-            repetition_penalty,
-        )
-        if greedy:
-            chosen = filtered.argmax(dim=-1)
+        if greedy and seen is None:  # plain greedy: _filter_logits would only copy to float32
+            chosen = logits.float().argmax(dim=-1)
+        elif greedy:
+            chosen = _filter_logits(logits, seen[active], 0, None, None, None, repetition_penalty).argmax(dim=-1)
         else:
+            filtered = _filter_logits(
+                logits, None if seen is None else seen[active], temperature, top_k, top_p, min_p, repetition_penalty
+            )
             probs = torch.softmax(filtered, dim=-1).cpu()
             chosen = torch.stack(
                 [torch.multinomial(probs[j], 1, generator=generators[i])[0] for j, i in enumerate(active)]
@@ -411,8 +407,9 @@ def _decode_loop(
         chosen = chosen.to(device)
         out = model.step(chosen, batch)  # every generated token enters its row's state
         keep = []
+        chosen_ids = chosen.tolist()  # one conversion, not one int(chosen[j]) per row
         for j, i in enumerate(active):
-            token = int(chosen[j])
+            token = chosen_ids[j]
             tokens[i].append(token)
             positions[i] += 1
             if seen is not None:

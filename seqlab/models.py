@@ -17,6 +17,7 @@ from torch import nn
 from seqlab.backbone import Backbone
 from seqlab.config import BackboneConfig
 from seqlab.errors import ConfigError, InputError
+from seqlab.fused_step import fused_lm_step
 from seqlab.mixers.base import check_states_at
 from seqlab.state import RecurrentState
 
@@ -254,6 +255,10 @@ class LanguageModel(_Model):
 
     def step(self, input_ids: torch.Tensor, state: RecurrentState | None = None) -> ModelOutput:
         """One token per sequence: ids (b,) or (b, 1); logits (b, vocab)."""
+        if self.fused_step and state is not None:  # the whole step in one compiled call (seqlab.fused_step)
+            done = fused_lm_step(self, input_ids, state)
+            if done is not None:
+                return ModelOutput(*done)
         if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[1] == 1:
             input_ids = input_ids[:, 0]
         input_ids = self._check_ids(input_ids, 1)

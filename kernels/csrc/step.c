@@ -44,6 +44,16 @@ typedef struct {
     void *ssm_out;
 } st_io;
 
+/* The LanguageModel around the blocks, for sl_lm_step (seqlab/fused_step.py's _LM: every field 8 bytes). */
+typedef struct {
+    int64_t vocab, d_model;
+    double norm_eps;
+    const void *emb_w;  /* (vocab, d_model) T: the embedding */
+    const void *norm_w; /* (d_model) T: the final RMSNorm's weight */
+    const void *head_w; /* (vocab, d_model) T: the LM head (the embedding itself when tied) */
+    const void *head_b; /* (vocab) T or NULL */
+} st_lm;
+
 /* exp for float, written so that a `#pragma omp simd` loop vectorises it (libm's expf does not): 2^k e^r with
  * r = x - k ln2 in two parts, e^r by its Taylor series to r^7 (|r| <= ln2/2: truncation ~6e-9 relative, below
  * float32's rounding). Decays are exp(dt A) <= 1; below -87.3 the result is 0, as the scan needs. */
@@ -184,139 +194,188 @@ ST_RMS_SCALE(double, f64)
 ST_GEMV(float, f32)
 ST_GEMV(double, f64)
 
-/* The layers loop. Workspace (per call, malloc'd): res (the residual entering a block, rounded to float32
- * first under residual_fp32), h (normed input), proj (in_proj output), xc (conv output), xdbl (Mamba-1's x_proj
- * output), y (scan output, then Mamba-2's gated norm output), and two residual buffers that alternate. */
+/* Workspace widths of a run of blocks: [proj, conv channels, x_proj output, d_inner]; -2 if the blocks do not
+ * share one d_model. */
+static int st_widths(const st_layer *layers, int64_t n_layers, int64_t w[4]) {
+    const int64_t dm = layers[0].d_model;
+    w[0] = w[1] = w[2] = w[3] = 0;
+    for (int64_t l = 0; l < n_layers; l++) {
+        const st_layer *L = &layers[l];
+        if (L->d_model != dm) return -2;
+        const int64_t xd = L->kind == 1 ? L->dt_rank + 2 * L->d_state : 0;
+        w[0] = L->n_in > w[0] ? L->n_in : w[0];
+        w[1] = L->conv_ch > w[1] ? L->conv_ch : w[1];
+        w[2] = xd > w[2] ? xd : w[2];
+        w[3] = L->d_inner > w[3] ? L->d_inner : w[3];
+    }
+    return 0;
+}
+
+/* Elements of workspace the layers loop needs: res (the residual entering a block, rounded to float32 first under
+ * residual_fp32), h (normed input), two residual buffers that alternate, proj (in_proj output), xc (conv output),
+ * xdbl (Mamba-1's x_proj output), y (scan output, then Mamba-2's gated norm output). */
+static size_t st_work_elems(const st_layer *layers, int64_t batch, const int64_t w[4]) {
+    return (size_t)batch * (size_t)(4 * layers[0].d_model + w[0] + w[1] + w[2] + w[3]);
+}
+
+/* The layers loop, run by every thread of the caller's parallel region (orphaned worksharing): hidden_in ->
+ * hidden_out through n_layers blocks, the states in io. Ends with a barrier (hidden_out is complete). */
 #define ST_STEP(T, SUF, EXP, SOFTPLUS, SILU)                                                                           \
-    SL_EXPORT int sl_step_##SUF(const st_layer *layers, const st_io *io, int64_t n_layers, int64_t batch,              \
-                                const T *hidden_in, T *hidden_out, int nthreads) {                                     \
-        int64_t dm = layers[0].d_model, w_proj = 0, w_xc = 0, w_xdbl = 0, w_y = 0;                                     \
-        for (int64_t l = 0; l < n_layers; l++) {                                                                       \
-            const st_layer *L = &layers[l];                                                                            \
-            if (L->d_model != dm) return -2;                                                                           \
-            w_proj = L->n_in > w_proj ? L->n_in : w_proj;                                                              \
-            w_xc = L->conv_ch > w_xc ? L->conv_ch : w_xc;                                                              \
-            int64_t xd = L->kind == 1 ? L->dt_rank + 2 * L->d_state : 0;                                               \
-            w_xdbl = xd > w_xdbl ? xd : w_xdbl;                                                                        \
-            w_y = L->d_inner > w_y ? L->d_inner : w_y;                                                                 \
-        }                                                                                                              \
-        size_t total = (size_t)batch * (size_t)(4 * dm + w_proj + w_xc + w_xdbl + w_y);                                \
-        T *work = (T *)malloc(total * sizeof(T));                                                                      \
-        if (!work) return -1;                                                                                          \
+    static void st_layers_##SUF(const st_layer *layers, const st_io *io, int64_t n_layers, int64_t batch,              \
+                                const T *hidden_in, T *hidden_out, T *work, const int64_t w[4]) {                      \
+        const int64_t dm = layers[0].d_model, w_proj = w[0], w_xc = w[1], w_xdbl = w[2];                               \
         T *res = work, *h = res + batch * dm, *ping = h + batch * dm, *pong = ping + batch * dm;                       \
         T *proj = pong + batch * dm, *xc = proj + batch * w_proj, *xdbl = xc + batch * w_xc;                           \
         T *ybuf = xdbl + batch * w_xdbl;                                                                               \
-        _Pragma("omp parallel num_threads(nthreads)") {                                                                \
-            const T *cur = hidden_in;                                                                                  \
-            for (int64_t l = 0; l < n_layers; l++) {                                                                   \
-                const st_layer *L = &layers[l];                                                                        \
-                const int64_t D = L->d_inner, N = L->d_state, W = L->d_conv, nin = L->n_in, cc = L->conv_ch;           \
-                T *next = l == n_layers - 1 ? hidden_out : (l % 2 == 0 ? ping : pong);                                 \
-                const T *norm_w = (const T *)L->norm_w;                                                                \
-                /* RMSNorm in float32, times the weight in T (seqlab/norm.py) */                                       \
-                _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                              \
-                    const T *x = cur + b * dm;                                                                         \
-                    float r = st_rms_scale_##SUF(x, dm, L->norm_eps);                                                  \
-                    for (int64_t i = 0; i < dm; i++) {                                                                 \
-                        h[b * dm + i] = (T)((float)x[i] * r) * norm_w[i];                                              \
-                        res[b * dm + i] = L->residual_fp32 ? (T)(float)x[i] : x[i];                                    \
-                    }                                                                                                  \
+        const T *cur = hidden_in;                                                                                      \
+        for (int64_t l = 0; l < n_layers; l++) {                                                                       \
+            const st_layer *L = &layers[l];                                                                            \
+            const int64_t D = L->d_inner, N = L->d_state, W = L->d_conv, nin = L->n_in, cc = L->conv_ch;               \
+            T *next = l == n_layers - 1 ? hidden_out : (l % 2 == 0 ? ping : pong);                                     \
+            const T *norm_w = (const T *)L->norm_w;                                                                    \
+            /* RMSNorm in float32, times the weight in T (seqlab/norm.py) */                                           \
+            _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                                  \
+                const T *x = cur + b * dm;                                                                             \
+                float r = st_rms_scale_##SUF(x, dm, L->norm_eps);                                                      \
+                for (int64_t i = 0; i < dm; i++) {                                                                     \
+                    h[b * dm + i] = (T)((float)x[i] * r) * norm_w[i];                                                  \
+                    res[b * dm + i] = L->residual_fp32 ? (T)(float)x[i] : x[i];                                        \
                 }                                                                                                      \
-                st_gemv_##SUF((const T *)L->in_w, (const T *)L->in_b, h, dm, proj, NULL, nin, nin, dm, batch);         \
-                /* conv step + SiLU on the conv channels (Mamba-1: x = proj[:D]; Mamba-2: xBC = proj[D:D+cc]) */       \
-                const int64_t conv_off = L->kind == 1 ? 0 : D;                                                         \
-                const T *cw = (const T *)L->conv_w, *cb = (const T *)L->conv_b;                                        \
-                const float *cin = io[l].conv_in;                                                                      \
-                float *cout = io[l].conv_out;                                                                          \
+            }                                                                                                          \
+            st_gemv_##SUF((const T *)L->in_w, (const T *)L->in_b, h, dm, proj, NULL, nin, nin, dm, batch);             \
+            /* conv step + SiLU on the conv channels (Mamba-1: x = proj[:D]; Mamba-2: xBC = proj[D:D+cc]) */           \
+            const int64_t conv_off = L->kind == 1 ? 0 : D;                                                             \
+            const T *cw = (const T *)L->conv_w, *cb = (const T *)L->conv_b;                                            \
+            const float *cin = io[l].conv_in;                                                                          \
+            float *cout = io[l].conv_out;                                                                              \
+            _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                      \
+                for (int64_t c = 0; c < cc; c++) {                                                                     \
+                    const float *si = cin + (b * cc + c) * (W - 1);                                                    \
+                    float *so = cout + (b * cc + c) * (W - 1);                                                         \
+                    T xin = proj[b * nin + conv_off + c];                                                              \
+                    T acc = 0;                                                                                         \
+                    for (int64_t k = 0; k < W - 1; k++) acc += (T)si[k] * cw[c * W + k];                               \
+                    acc += xin * cw[c * W + W - 1];                                                                    \
+                    if (cb) acc += cb[c];                                                                              \
+                    for (int64_t k = 0; k + 1 < W - 1; k++) so[k] = si[k + 1];                                         \
+                    if (W > 1) so[W - 2] = (float)xin;                                                                 \
+                    xc[b * cc + c] = SILU(acc);                                                                        \
+                }                                                                                                      \
+            }                                                                                                          \
+            const T *A = (const T *)L->A, *Dp = (const T *)L->D, *dtb = (const T *)L->dt_b;                            \
+            const T *s_in = (const T *)io[l].ssm_in;                                                                   \
+            T *s_out = (T *)io[l].ssm_out;                                                                             \
+            if (L->kind == 1) {                                                                                        \
+                const int64_t R = L->dt_rank, xd = R + 2 * N;                                                          \
+                st_gemv_##SUF((const T *)L->x_w, NULL, xc, cc, xdbl, NULL, xd, xd, D, batch);                          \
+                const T *dtw = (const T *)L->dt_w;                                                                     \
+                /* dt_proj + bias + softplus, the selective state update, D skip, gate silu(z) */                      \
                 _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                  \
-                    for (int64_t c = 0; c < cc; c++) {                                                                 \
-                        const float *si = cin + (b * cc + c) * (W - 1);                                                \
-                        float *so = cout + (b * cc + c) * (W - 1);                                                     \
-                        T xin = proj[b * nin + conv_off + c];                                                          \
-                        T acc = 0;                                                                                     \
-                        for (int64_t k = 0; k < W - 1; k++) acc += (T)si[k] * cw[c * W + k];                           \
-                        acc += xin * cw[c * W + W - 1];                                                                \
-                        if (cb) acc += cb[c];                                                                          \
-                        for (int64_t k = 0; k + 1 < W - 1; k++) so[k] = si[k + 1];                                     \
-                        if (W > 1) so[W - 2] = (float)xin;                                                             \
-                        xc[b * cc + c] = SILU(acc);                                                                    \
+                    for (int64_t c = 0; c < D; c++) {                                                                  \
+                        const T *xb = xdbl + b * xd;                                                                   \
+                        T dt = 0;                                                                                      \
+                        for (int64_t r = 0; r < R; r++) dt += dtw[c * R + r] * xb[r];                                  \
+                        dt = SOFTPLUS(dt + dtb[c]);                                                                    \
+                        const T xv = xc[b * cc + c], dx = dt * xv;                                                     \
+                        const T *restrict Bv = xb + R, *restrict Cv = xb + R + N, *restrict Ac = A + c * N;            \
+                        const T *restrict s0 = s_in + (b * D + c) * N;                                                 \
+                        T *restrict s1 = s_out + (b * D + c) * N;                                                      \
+                        T y = 0;                                                                                       \
+                        _Pragma("omp simd reduction(+ : y)") for (int64_t n = 0; n < N; n++) {                         \
+                            T s = s0[n] * EXP(dt * Ac[n]) + dx * Bv[n];                                                \
+                            s1[n] = s;                                                                                 \
+                            y += s * Cv[n];                                                                            \
+                        }                                                                                              \
+                        y += Dp[c] * xv;                                                                               \
+                        ybuf[b * D + c] = y * SILU(proj[b * nin + D + c]);                                             \
                     }                                                                                                  \
                 }                                                                                                      \
-                const T *A = (const T *)L->A, *Dp = (const T *)L->D, *dtb = (const T *)L->dt_b;                        \
-                const T *s_in = (const T *)io[l].ssm_in;                                                               \
-                T *s_out = (T *)io[l].ssm_out;                                                                         \
-                if (L->kind == 1) {                                                                                    \
-                    const int64_t R = L->dt_rank, xd = R + 2 * N;                                                      \
-                    st_gemv_##SUF((const T *)L->x_w, NULL, xc, cc, xdbl, NULL, xd, xd, D, batch);                      \
-                    const T *dtw = (const T *)L->dt_w;                                                                 \
-                    /* dt_proj + bias + softplus, the selective state update, D skip, gate silu(z) */                  \
-                    _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {              \
-                        for (int64_t c = 0; c < D; c++) {                                                              \
-                            const T *xb = xdbl + b * xd;                                                               \
-                            T dt = 0;                                                                                  \
-                            for (int64_t r = 0; r < R; r++) dt += dtw[c * R + r] * xb[r];                              \
-                            dt = SOFTPLUS(dt + dtb[c]);                                                                \
-                            const T xv = xc[b * cc + c], dx = dt * xv;                                                 \
-                            const T *restrict Bv = xb + R, *restrict Cv = xb + R + N, *restrict Ac = A + c * N;        \
-                            const T *restrict s0 = s_in + (b * D + c) * N;                                             \
-                            T *restrict s1 = s_out + (b * D + c) * N;                                                  \
+            } else {                                                                                                   \
+                const int64_t H = L->nheads, P = L->headdim, G = L->ngroups, per = H / G;                              \
+                /* dt + bias + softplus per head, the SSD state update, D skip */                                      \
+                _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                  \
+                    for (int64_t hh = 0; hh < H; hh++) {                                                               \
+                        T dt = SOFTPLUS(proj[b * nin + D + cc + hh] + dtb[hh]);                                        \
+                        T dA = EXP(dt * A[hh]);                                                                        \
+                        const int64_t g = hh / per;                                                                    \
+                        const T *restrict Bv = xc + b * cc + D + g * N;                                                \
+                        const T *restrict Cv = xc + b * cc + D + G * N + g * N;                                        \
+                        for (int64_t p = 0; p < P; p++) {                                                              \
+                            const T xv = xc[b * cc + hh * P + p], xdt = xv * dt;                                       \
+                            const T *restrict s0 = s_in + ((b * H + hh) * P + p) * N;                                  \
+                            T *restrict s1 = s_out + ((b * H + hh) * P + p) * N;                                       \
                             T y = 0;                                                                                   \
                             _Pragma("omp simd reduction(+ : y)") for (int64_t n = 0; n < N; n++) {                     \
-                                T s = s0[n] * EXP(dt * Ac[n]) + dx * Bv[n];                                            \
+                                T s = s0[n] * dA + xdt * Bv[n];                                                        \
                                 s1[n] = s;                                                                             \
                                 y += s * Cv[n];                                                                        \
                             }                                                                                          \
-                            y += Dp[c] * xv;                                                                           \
-                            ybuf[b * D + c] = y * SILU(proj[b * nin + D + c]);                                         \
-                        }                                                                                              \
-                    }                                                                                                  \
-                } else {                                                                                               \
-                    const int64_t H = L->nheads, P = L->headdim, G = L->ngroups, per = H / G;                          \
-                    /* dt + bias + softplus per head, the SSD state update, D skip */                                  \
-                    _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {              \
-                        for (int64_t hh = 0; hh < H; hh++) {                                                           \
-                            T dt = SOFTPLUS(proj[b * nin + D + cc + hh] + dtb[hh]);                                    \
-                            T dA = EXP(dt * A[hh]);                                                                    \
-                            const int64_t g = hh / per;                                                                \
-                            const T *restrict Bv = xc + b * cc + D + g * N;                                            \
-                            const T *restrict Cv = xc + b * cc + D + G * N + g * N;                                    \
-                            for (int64_t p = 0; p < P; p++) {                                                          \
-                                const T xv = xc[b * cc + hh * P + p], xdt = xv * dt;                                   \
-                                const T *restrict s0 = s_in + ((b * H + hh) * P + p) * N;                              \
-                                T *restrict s1 = s_out + ((b * H + hh) * P + p) * N;                                   \
-                                T y = 0;                                                                               \
-                                _Pragma("omp simd reduction(+ : y)") for (int64_t n = 0; n < N; n++) {                 \
-                                    T s = s0[n] * dA + xdt * Bv[n];                                                    \
-                                    s1[n] = s;                                                                         \
-                                    y += s * Cv[n];                                                                    \
-                                }                                                                                      \
-                                ybuf[b * D + hh * P + p] = y + xv * Dp[hh];                                            \
-                            }                                                                                          \
-                        }                                                                                              \
-                    }                                                                                                  \
-                    /* gated RMSNorm: norm(y * silu(z)) per group, in float32, times the weight in T */                \
-                    const int64_t gs = L->gate_group, ng = D / gs;                                                     \
-                    const T *gw = (const T *)L->gate_w;                                                                \
-                    _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {              \
-                        for (int64_t q = 0; q < ng; q++) {                                                             \
-                            T *yv = ybuf + b * D + q * gs;                                                             \
-                            const T *zv = proj + b * nin + q * gs;                                                     \
-                            double s = 0.0;                                                                            \
-                            for (int64_t i = 0; i < gs; i++) {                                                         \
-                                float v = st_silu_f((float)zv[i]) * (float)yv[i];                                      \
-                                yv[i] = (T)v;                                                                          \
-                                s += (double)(v * v);                                                                  \
-                            }                                                                                          \
-                            float r = 1.0f / sqrtf((float)s / (float)gs + (float)L->gate_eps);                         \
-                            for (int64_t i = 0; i < gs; i++) yv[i] = (T)((float)yv[i] * r) * gw[q * gs + i];           \
+                            ybuf[b * D + hh * P + p] = y + xv * Dp[hh];                                                \
                         }                                                                                              \
                     }                                                                                                  \
                 }                                                                                                      \
-                /* out_proj, added to the residual */                                                                  \
-                st_gemv_##SUF((const T *)L->out_w, (const T *)L->out_b, ybuf, D, next, res, dm, dm, D, batch);         \
-                _Pragma("omp barrier");                                                                                \
-                cur = next;                                                                                            \
+                /* gated RMSNorm: norm(y * silu(z)) per group, in float32, times the weight in T */                    \
+                const int64_t gs = L->gate_group, ng = D / gs;                                                         \
+                const T *gw = (const T *)L->gate_w;                                                                    \
+                _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                  \
+                    for (int64_t q = 0; q < ng; q++) {                                                                 \
+                        T *yv = ybuf + b * D + q * gs;                                                                 \
+                        const T *zv = proj + b * nin + q * gs;                                                         \
+                        double s = 0.0;                                                                                \
+                        for (int64_t i = 0; i < gs; i++) {                                                             \
+                            float v = st_silu_f((float)zv[i]) * (float)yv[i];                                          \
+                            yv[i] = (T)v;                                                                              \
+                            s += (double)(v * v);                                                                      \
+                        }                                                                                              \
+                        float r = 1.0f / sqrtf((float)s / (float)gs + (float)L->gate_eps);                             \
+                        for (int64_t i = 0; i < gs; i++) yv[i] = (T)((float)yv[i] * r) * gw[q * gs + i];               \
+                    }                                                                                                  \
+                }                                                                                                      \
             }                                                                                                          \
+            /* out_proj, added to the residual */                                                                      \
+            st_gemv_##SUF((const T *)L->out_w, (const T *)L->out_b, ybuf, D, next, res, dm, dm, D, batch);             \
+            _Pragma("omp barrier");                                                                                    \
+            cur = next;                                                                                                \
+        }                                                                                                              \
+    }                                                                                                                  \
+                                                                                                                       \
+    SL_EXPORT int sl_step_##SUF(const st_layer *layers, const st_io *io, int64_t n_layers, int64_t batch,              \
+                                const T *hidden_in, T *hidden_out, int nthreads) {                                     \
+        int64_t w[4];                                                                                                  \
+        if (st_widths(layers, n_layers, w)) return -2;                                                                 \
+        T *work = (T *)malloc(st_work_elems(layers, batch, w) * sizeof(T));                                            \
+        if (!work) return -1;                                                                                          \
+        _Pragma("omp parallel num_threads(nthreads)")                                                                  \
+            st_layers_##SUF(layers, io, n_layers, batch, hidden_in, hidden_out, work, w);                              \
+        free(work);                                                                                                    \
+        return 0;                                                                                                      \
+    }                                                                                                                  \
+                                                                                                                       \
+    /* A whole LanguageModel step: embedding rows of ids, the blocks, the final RMSNorm (hidden_out, as           \
+     * Backbone.step returns it) and the head (logits). -3 (nothing written) if an id is outside [0, vocab). */    \
+    SL_EXPORT int sl_lm_step_##SUF(const st_layer *layers, const st_io *io, int64_t n_layers, int64_t batch,           \
+                                   const st_lm *lm, const int64_t *ids, T *hidden_out, T *logits, int nthreads) {      \
+        int64_t w[4];                                                                                                  \
+        if (st_widths(layers, n_layers, w) || lm->d_model != layers[0].d_model) return -2;                             \
+        for (int64_t b = 0; b < batch; b++)                                                                            \
+            if (ids[b] < 0 || ids[b] >= lm->vocab) return -3;                                                          \
+        const int64_t dm = lm->d_model;                                                                                \
+        T *work = (T *)malloc((st_work_elems(layers, batch, w) + 2 * (size_t)(batch * dm)) * sizeof(T));               \
+        if (!work) return -1;                                                                                          \
+        T *x0 = work + st_work_elems(layers, batch, w), *x1 = x0 + batch * dm;                                         \
+        const T *emb = (const T *)lm->emb_w, *nw = (const T *)lm->norm_w;                                              \
+        _Pragma("omp parallel num_threads(nthreads)") {                                                                \
+            _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++)                                    \
+                memcpy(x0 + b * dm, emb + ids[b] * dm, (size_t)dm * sizeof(T));                                        \
+            st_layers_##SUF(layers, io, n_layers, batch, x0, x1, work, w);                                             \
+            /* norm_f: seqlab/norm.py's RMSNorm (float32 statistics, times the weight in T) */                         \
+            _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                                  \
+                const T *x = x1 + b * dm;                                                                              \
+                float r = st_rms_scale_##SUF(x, dm, lm->norm_eps);                                                     \
+                for (int64_t i = 0; i < dm; i++) hidden_out[b * dm + i] = (T)((float)x[i] * r) * nw[i];                \
+            }                                                                                                          \
+            st_gemv_##SUF((const T *)lm->head_w, (const T *)lm->head_b, hidden_out, dm, logits, NULL, lm->vocab,       \
+                          lm->vocab, dm, batch);                                                                       \
         }                                                                                                              \
         free(work);                                                                                                    \
         return 0;                                                                                                      \
@@ -325,3 +384,4 @@ ST_STEP(float, f32, st_exp_f, st_softplus_f, st_silu_f)
 ST_STEP(double, f64, st_exp_d, st_softplus_d, st_silu_d)
 
 SL_EXPORT int sl_step_abi(void) { return SEQLAB_NATIVE_ABI * 1000 + (int)sizeof(st_layer); }
+SL_EXPORT int sl_lm_step_abi(void) { return SEQLAB_NATIVE_ABI * 1000 + (int)sizeof(st_lm); }

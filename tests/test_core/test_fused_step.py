@@ -34,10 +34,12 @@ def _model(variant: str, dtype=torch.float32, **kw) -> LanguageModel:
     options = dict(VARIANTS[variant])
     ssm = options.pop("ssm")
     model = tiny_lm(ssm, seed=3, **{**options, **kw})
-    with torch.no_grad():  # biases and the conv away from their zero init, so a missed bias shows
+    with torch.no_grad():  # biases away from zero and norm weights away from one, so a missed one shows
         for name, p in model.named_parameters():
             if name.endswith("bias") and "dt" not in name:
                 p.uniform_(-0.3, 0.3)
+            elif name.endswith("norm.weight") or name.endswith("norm_f.weight"):
+                p.uniform_(0.5, 1.5)
     return model.to(dtype)
 
 
@@ -298,3 +300,102 @@ def test_a_state_from_the_fused_step_is_rechecked_once_edited():
     refused(lambda s: setattr(s, "_position", -1), StateError, "position")
     with pytest.raises(StateMismatchError, match="batch"):
         model.step(torch.tensor([1, 2]), second)  # a batch of 2 for a state of 3 rows
+
+
+def _trusted_state(model, batch: int, seed: int = 0):
+    """A state the fused step returned (so the next step may take the whole-model call)."""
+    gen = torch.Generator().manual_seed(seed)
+    state = model(torch.randint(0, 32, (batch, 5), generator=gen)).state
+    return model.step(torch.randint(0, 32, (batch,), generator=gen), state).state
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("variant", ["mamba1", "mamba1-bias-noresfp32", "mamba2-groups"])
+@torch.no_grad()
+def test_whole_model_step_is_one_call_and_equals_eager(variant, batch, dtype):
+    """After the first fused step, LanguageModel.step runs embedding, blocks, final norm and head in one compiled
+    call (fused_lm_step): logits, final hidden and states equal the eager step's, for a tied head and for an
+    untied head with a bias."""
+    from torch import nn
+
+    from seqlab.fused_step import fused_lm_step
+
+    for tied in (True, False):
+        model = _model(variant, dtype)
+        if not tied:  # an untied head with a bias
+            model.lm_head = nn.Linear(model.config.d_model, 32, bias=True).to(dtype)
+        state = _trusted_state(model, batch)
+        gen = torch.Generator().manual_seed(batch)
+        for k in range(3):
+            tokens = torch.randint(0, 32, (batch,), generator=gen)
+            assert fused_lm_step(model, tokens, state) is not None  # the one-call path is the one taken
+            fused, eager = _step(model, tokens, state, True), _step(model, tokens, state, False)
+            _assert_same(fused, eager, TOL[dtype], f"tied={tied} step {k}")
+            assert fused.hidden.dtype == eager.hidden.dtype
+            assert_rel(fused.hidden, eager.hidden, TOL[dtype], f"tied={tied} step {k} hidden")
+            state = fused.state
+        # ids as (b, 1) and in another integer dtype give the same step
+        as_column = model.step(tokens[:, None], state)
+        as_int32 = model.step(tokens.to(torch.int32), state)
+        want = model.step(tokens, state)
+        assert torch.equal(as_column.logits, want.logits)
+        assert_rel(as_int32.logits, want.logits, TOL[dtype], "int32 ids")
+
+
+@torch.no_grad()
+def test_whole_model_step_follows_embedding_head_and_hooks():
+    from torch import nn
+
+    from seqlab.fused_step import fused_lm_step
+
+    model = _model("mamba2")
+    model.lm_head = nn.Linear(model.config.d_model, 32, bias=False)  # untied: the embedding edit below is its own
+    state = _trusted_state(model, 2)
+    tokens = torch.tensor([3, 9])
+    before = model.step(tokens, state).logits
+    model.embeddings.weight.mul_(1.5)  # in place: the plan sees the version change
+    _assert_same(_step(model, tokens, state, True), _step(model, tokens, state, False), 2e-5, "edited embedding")
+    assert not torch.allclose(model.step(tokens, state).logits, before)
+    model.lm_head = nn.Linear(model.config.d_model, 32, bias=True)  # a new module
+    _assert_same(_step(model, tokens, state, True), _step(model, tokens, state, False), 2e-5, "new head")
+    model.backbone.norm_f.weight.data = torch.full_like(model.backbone.norm_f.weight, 0.5)  # new storage
+    _assert_same(_step(model, tokens, state, True), _step(model, tokens, state, False), 2e-5, "new norm weight")
+    calls = []
+    for module in (model.embeddings, model.backbone.norm_f, model.lm_head):
+        handle = module.register_forward_hook(lambda m, args, out: calls.append(type(m).__name__))
+        assert fused_lm_step(model, tokens, state) is None  # a hooked module is called as a module
+        out = model.step(tokens, state)
+        assert calls and calls[-1] == type(module).__name__  # the blocks still fuse, by the backbone's step
+        _assert_same(_step(model, tokens, state, True), _step(model, tokens, state, False), 2e-5, "hooked")
+        handle.remove()
+        assert_rel(model.step(tokens, state).logits, out.logits, 2e-5, "hook removed")
+    assert fused_lm_step(model, tokens, state) is not None
+
+    class OwnHead(LanguageModel):
+        def head(self, hidden):
+            return super().head(hidden) * 2
+
+    own = OwnHead(model.config, vocab_size=32)
+    own.lm_head = nn.Linear(model.config.d_model, 32, bias=True)
+    own.load_state_dict(model.state_dict())
+    own_state = _trusted_state(own, 2)
+    assert fused_lm_step(own, tokens, own_state) is None
+    model_state = _trusted_state(model, 2)
+    assert torch.allclose(own.step(tokens, own_state).logits, 2 * model.step(tokens, model_state).logits, atol=1e-5)
+
+
+@torch.no_grad()
+def test_whole_model_step_refuses_an_out_of_vocabulary_id_and_keeps_the_state():
+    from seqlab.errors import InputError
+
+    model = _model("mamba1")
+    state = _trusted_state(model, 3)
+    kept = state.clone()
+    with pytest.raises(InputError, match=r"input_ids\[1\] = 32 is outside the vocabulary \[0, 32\)"):
+        model.step(torch.tensor([1, 32, 2]), state)
+    with pytest.raises(InputError, match=r"input_ids\[0\] = -1"):
+        model.step(torch.tensor([-1, 3, 2]), state)
+    for a, b in zip(state.layers, kept.layers):
+        assert all(torch.equal(a[n], b[n]) for n in b)
+    assert state.positions == kept.positions
