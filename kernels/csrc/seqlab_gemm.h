@@ -38,17 +38,32 @@
 #include <stdint.h>
 #include <string.h>
 
+/* The accumulator: one machine vector register, 32 bytes with AVX, else 16 (SSE2, NEON). A wider generic vector
+ * than the registers is kept in memory by gcc (its accumulators never reach registers: ~3x slower). Fixed for a
+ * build, so a build's rows are bit-for-bit independent; two builds (AVX or not) may differ in the last bits. */
+#if defined(__AVX__)
 #define SL_GEMM_VBYTES 32
+#else
+#define SL_GEMM_VBYTES 16
+#endif
 
 /* Keep a loaded vector in a register: an empty asm that "changes" it. gcc otherwise folds every use of a weight
  * or X vector into the FMA as a memory operand, one load per FMA (15 loads per 12 FMAs in a 3 x 4 tile, more than
  * the two vector loads a cycle Zen 3 issues: ~55% of the FMA peak); loaded once each it is 7 loads per 12 FMAs
- * (~85% of the peak at long rows). It changes no value, only where the operands live. x86 with AVX only (a 32-byte
- * vector is then one register); elsewhere a no-op. */
-#if defined(__AVX__) && (defined(__x86_64__) || defined(__i386__))
+ * (~85% of the peak at long rows). It changes no value, only where the operands live. x86 only (the "x" register
+ * class holds the vector whole); elsewhere a no-op. */
+#if defined(__SSE2__) && (defined(__x86_64__) || defined(__i386__))
 #define SL_GEMM_PIN(v) __asm__("" : "+x"(v))
 #else
 #define SL_GEMM_PIN(v) ((void)0)
+#endif
+
+/* Registers a multiply-add needs beside its operands: the X vector, and without AVX (2-operand SSE: the product
+ * overwrites a copy of an operand) a scratch one. The weight vectors of a tile are pinned too where they fit. */
+#if defined(__AVX__)
+#define SL_GEMM_TMP 1
+#else
+#define SL_GEMM_TMP 2
 #endif
 
 /* Two-input lane shuffles: __builtin_shufflevector in clang and gcc >= 12, __builtin_shuffle (a mask vector) before. */
@@ -60,19 +75,28 @@
 
 /* The horizontal sums of four accumulators at once, out[j] = the sum of the lanes of the j-th, each by the fixed
  * tree (halve: lane l += lane l + VL/2, until one lane is left), so each sum is the one a lone accumulator gets:
- * float (8 lanes): ((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7)); double (4 lanes): (a0+a2) + (a1+a3). */
-#define SL_GEMM_HSUM4_f32(T, SUF)                                                                                      \
-    typedef float sl_gemm_h_##SUF __attribute__((vector_size(SL_GEMM_VBYTES / 2)));                                    \
-    typedef int32_t sl_gemm_m_##SUF __attribute__((vector_size(SL_GEMM_VBYTES / 2)));                                  \
-    static inline void sl_gemm_hsum4_##SUF(const sl_gemm_v_##SUF *a, const sl_gemm_v_##SUF *b,                         \
-                                           const sl_gemm_v_##SUF *c, const sl_gemm_v_##SUF *d, float out[4]) {         \
-        sl_gemm_h_##SUF lo[4], hi[4], p[4];                                                                            \
+ * 8 lanes: ((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7)); 4 lanes: (a0+a2) + (a1+a3); 2 lanes: a0 + a1.
+ * IT: the integer type of T's size (the shuffle masks). */
+#define SL_GEMM_HALVES(T, SUF, IT)                                                                                     \
+    typedef T sl_gemm_h_##SUF __attribute__((vector_size(SL_GEMM_VBYTES / 2)));                                        \
+    typedef IT sl_gemm_m_##SUF __attribute__((vector_size(SL_GEMM_VBYTES / 2)));                                       \
+    /* p[j] = lower half + upper half of the j-th vector */                                                            \
+    static inline void sl_gemm_fold4_##SUF(const sl_gemm_v_##SUF *a, const sl_gemm_v_##SUF *b,                         \
+                                           const sl_gemm_v_##SUF *c, const sl_gemm_v_##SUF *d, sl_gemm_h_##SUF p[4]) { \
         const sl_gemm_v_##SUF *v[4] = {a, b, c, d};                                                                    \
         for (int j = 0; j < 4; j++) {                                                                                  \
-            memcpy(&lo[j], v[j], sizeof lo[j]);                                                                        \
-            memcpy(&hi[j], (const char *)v[j] + sizeof lo[j], sizeof hi[j]);                                           \
-            p[j] = lo[j] + hi[j]; /* a_l + a_{l+4} */                                                                  \
+            sl_gemm_h_##SUF lo, hi;                                                                                    \
+            memcpy(&lo, v[j], sizeof lo);                                                                              \
+            memcpy(&hi, (const char *)v[j] + sizeof lo, sizeof hi);                                                    \
+            p[j] = lo + hi;                                                                                            \
         }                                                                                                              \
+    }
+#define SL_GEMM_HSUM4_L8(T, SUF, IT)                                                                                   \
+    SL_GEMM_HALVES(T, SUF, IT)                                                                                         \
+    static inline void sl_gemm_hsum4_##SUF(const sl_gemm_v_##SUF *a, const sl_gemm_v_##SUF *b,                         \
+                                           const sl_gemm_v_##SUF *c, const sl_gemm_v_##SUF *d, T out[4]) {             \
+        sl_gemm_h_##SUF p[4]; /* p[j] lane l: a_l + a_{l+4} */                                                         \
+        sl_gemm_fold4_##SUF(a, b, c, d, p);                                                                            \
         sl_gemm_h_##SUF ab = SL_GEMM_SHUF(sl_gemm_m_##SUF, p[0], p[1], 0, 1, 4, 5) +                                   \
                              SL_GEMM_SHUF(sl_gemm_m_##SUF, p[0], p[1], 2, 3, 6, 7);                                    \
         sl_gemm_h_##SUF cd = SL_GEMM_SHUF(sl_gemm_m_##SUF, p[2], p[3], 0, 1, 4, 5) +                                   \
@@ -81,18 +105,12 @@
                             SL_GEMM_SHUF(sl_gemm_m_##SUF, ab, cd, 1, 3, 5, 7);                                         \
         memcpy(out, &r, sizeof r);                                                                                     \
     }
-#define SL_GEMM_HSUM4_f64(T, SUF)                                                                                      \
-    typedef double sl_gemm_h_##SUF __attribute__((vector_size(SL_GEMM_VBYTES / 2)));                                   \
-    typedef int64_t sl_gemm_m_##SUF __attribute__((vector_size(SL_GEMM_VBYTES / 2)));                                  \
+#define SL_GEMM_HSUM4_L4(T, SUF, IT)                                                                                   \
+    SL_GEMM_HALVES(T, SUF, IT)                                                                                         \
     static inline void sl_gemm_hsum4_##SUF(const sl_gemm_v_##SUF *a, const sl_gemm_v_##SUF *b,                         \
-                                           const sl_gemm_v_##SUF *c, const sl_gemm_v_##SUF *d, double out[4]) {        \
-        sl_gemm_h_##SUF lo[4], hi[4], p[4];                                                                            \
-        const sl_gemm_v_##SUF *v[4] = {a, b, c, d};                                                                    \
-        for (int j = 0; j < 4; j++) {                                                                                  \
-            memcpy(&lo[j], v[j], sizeof lo[j]);                                                                        \
-            memcpy(&hi[j], (const char *)v[j] + sizeof lo[j], sizeof hi[j]);                                           \
-            p[j] = lo[j] + hi[j]; /* a_l + a_{l+2} */                                                                  \
-        }                                                                                                              \
+                                           const sl_gemm_v_##SUF *c, const sl_gemm_v_##SUF *d, T out[4]) {             \
+        sl_gemm_h_##SUF p[4]; /* p[j] lane l: a_l + a_{l+2} */                                                         \
+        sl_gemm_fold4_##SUF(a, b, c, d, p);                                                                            \
         sl_gemm_h_##SUF ab = SL_GEMM_SHUF(sl_gemm_m_##SUF, p[0], p[1], 0, 2) +                                         \
                              SL_GEMM_SHUF(sl_gemm_m_##SUF, p[0], p[1], 1, 3);                                          \
         sl_gemm_h_##SUF cd = SL_GEMM_SHUF(sl_gemm_m_##SUF, p[2], p[3], 0, 2) +                                         \
@@ -100,6 +118,23 @@
         memcpy(out, &ab, sizeof ab);                                                                                   \
         memcpy(out + 2, &cd, sizeof cd);                                                                               \
     }
+#define SL_GEMM_HSUM4_L2(T, SUF, IT)                                                                                   \
+    static inline void sl_gemm_hsum4_##SUF(const sl_gemm_v_##SUF *a, const sl_gemm_v_##SUF *b,                         \
+                                           const sl_gemm_v_##SUF *c, const sl_gemm_v_##SUF *d, T out[4]) {             \
+        const sl_gemm_v_##SUF *v[4] = {a, b, c, d};                                                                    \
+        for (int j = 0; j < 4; j++) {                                                                                  \
+            T l[2];                                                                                                    \
+            memcpy(l, v[j], sizeof l);                                                                                 \
+            out[j] = l[0] + l[1];                                                                                      \
+        }                                                                                                              \
+    }
+#if SL_GEMM_VBYTES == 32
+#define SL_GEMM_HSUM4_f32(T, SUF) SL_GEMM_HSUM4_L8(T, SUF, int32_t)
+#define SL_GEMM_HSUM4_f64(T, SUF) SL_GEMM_HSUM4_L4(T, SUF, int64_t)
+#else
+#define SL_GEMM_HSUM4_f32(T, SUF) SL_GEMM_HSUM4_L4(T, SUF, int32_t)
+#define SL_GEMM_HSUM4_f64(T, SUF) SL_GEMM_HSUM4_L2(T, SUF, int64_t)
+#endif
 
 /* One MR x NR tile: out[r][c] = W[o0 + r] . X[b0 + c] for r < mv, c < nv (rows past them repeat the last valid
  * row: computed, never stored). MR and NR are literals, so the accumulators live in registers.
@@ -126,7 +161,7 @@
             sl_gemm_v_##SUF wv[MR];                                                                                    \
             _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) {                                                     \
                 memcpy(&wv[r], w[r] + i, sizeof wv[r]);                                                                \
-                if (MR * NR + MR + 1 <= 16) SL_GEMM_PIN(wv[r]);                                                        \
+                if (MR * NR + MR + SL_GEMM_TMP <= 16) SL_GEMM_PIN(wv[r]);                                              \
             }                                                                                                          \
             _Pragma("GCC unroll 8") for (int c = 0; c < NR; c++) {                                                     \
                 sl_gemm_v_##SUF xv;                                                                                    \
