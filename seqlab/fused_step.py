@@ -480,14 +480,32 @@ def fused_step(backbone, hidden: torch.Tensor, state, plan: _Plan | None = None)
     return h, new_layers
 
 
-def _state_io(state, idx: list[int], dtype: torch.dtype, new_layers: list):
+def _reusable(spare, like: torch.Tensor) -> bool:
+    """Whether ``spare`` (a tensor of a state nobody else holds) can take the new values of ``like``'s slot."""
+    return (
+        type(spare) is torch.Tensor
+        and spare.shape == like.shape
+        and spare.dtype == like.dtype
+        and spare.device == like.device
+        and not spare.requires_grad
+        and spare.is_contiguous()
+        and spare.data_ptr() != like.data_ptr()
+    )
+
+
+def _state_io(state, idx: list[int], dtype: torch.dtype, new_layers: list, reuse=None):
     """The step.c ``st_io`` pointers of layers ``idx`` (conv in, conv out, ssm in, ssm out per layer) and the input
     tensors that must live until the call returns; the new state tensors go into ``new_layers``. None when a layer
-    cannot run fused (a float64 conv state feeds its float64 values: the eager step handles it)."""
+    cannot run fused (a float64 conv state feeds its float64 values: the eager step handles it).
+
+    ``reuse``: a state of the same layout whose tensors nobody will read again (``generate``'s state from two steps
+    back): the new values are written into its tensors instead of new memory. At batch 16 a Mamba-2 state is
+    megabytes, and memory freed and taken again every step cost hundreds of page faults per step."""
     pointers = array.array("q")
     alive: list[torch.Tensor] = []
     for i in idx:
         layer = state.layers[i]
+        spare = reuse.layers[i] if reuse is not None else None
         conv, ssm = layer["conv"], layer["ssm"]
         if conv.dtype != torch.float32:
             return None
@@ -497,6 +515,11 @@ def _state_io(state, idx: list[int], dtype: torch.dtype, new_layers: list):
         ssm = ssm.contiguous()
         # empty_like: a third of torch.empty(shape, dtype=...)'s cost, which shows at one step per token
         conv_out, ssm_out = torch.empty_like(conv), torch.empty_like(ssm)
+        if spare is not None:
+            if _reusable(spare.get("conv"), conv):
+                conv_out = spare["conv"]
+            if _reusable(spare.get("ssm"), ssm):
+                ssm_out = spare["ssm"]
         new_layers[i] = {"conv": conv_out, "ssm": ssm_out}
         alive += (conv, ssm)
         pointers.extend((conv.data_ptr(), conv_out.data_ptr(), ssm.data_ptr(), ssm_out.data_ptr()))
@@ -558,11 +581,12 @@ class _LMPlan:
         return self._key() == self.key
 
 
-def fused_lm_step(model, input_ids, state):
+def fused_lm_step(model, input_ids, state, reuse=None):
     """``LanguageModel.step`` in one compiled call (embedding, blocks, final norm, head): (logits, new state,
     final hidden), or None where it does not apply (the caller runs ``step`` as usual, with the same results).
     Applies to int64 ids (b,) on the CPU continuing a state this model's fused step returned (the first step after
-    a prefill goes the usual way; its result is then trusted), every block fused, no autograd."""
+    a prefill goes the usual way; its result is then trusted), every block fused, no autograd. ``reuse``: a state
+    whose tensors the caller guarantees nobody reads again, written over for the new state (see ``_state_io``)."""
     if type(input_ids) is not torch.Tensor or input_ids.dtype != torch.int64 or input_ids.device.type != "cpu":
         return None
     if input_ids.dim() != 1:
@@ -594,7 +618,7 @@ def fused_lm_step(model, input_ids, state):
     dtype = plan.dtype
     n = len(plan.blocks)
     new_layers: list = [None] * n
-    io = _state_io(state, list(range(n)), dtype, new_layers)
+    io = _state_io(state, list(range(n)), dtype, new_layers, reuse)
     if io is None:
         return None
     pointers, alive = io

@@ -22,6 +22,8 @@ from types import FrameType
 import torch
 
 from seqlab.errors import InputError, StateError, StateMismatchError
+from seqlab.fused_step import fused_lm_step
+from seqlab.models import LanguageModel, ModelOutput
 from seqlab.state import RecurrentState, state_layout
 
 
@@ -387,6 +389,7 @@ def _decode_loop(
 ):  # fmt: skip
     """The token-by-token loop of ``generate``; ``active`` shrinks in place as rows stop. Returns the final
     (batch, logits) of the rows still active."""
+    spare, stepped = None, False
     for _ in range(max_new_tokens):
         if not active:
             break
@@ -405,7 +408,7 @@ def _decode_loop(
                 [torch.multinomial(probs[j], 1, generator=generators[i])[0] for j, i in enumerate(active)]
             )
         chosen = chosen.to(device)
-        out = model.step(chosen, batch)  # every generated token enters its row's state
+        out = _decode_step(model, chosen, batch, spare)  # every generated token enters its row's state
         keep = []
         chosen_ids = chosen.tolist()  # one conversion, not one int(chosen[j]) per row
         for j, i in enumerate(active):
@@ -424,6 +427,7 @@ def _decode_loop(
         if not keep:  # every row stopped
             active[:] = []
             return out.state, out.logits
+        spare = None
         if len(keep) < len(active):
             index = torch.tensor(keep, dtype=torch.long, device=device)
             batch = RecurrentState(
@@ -436,8 +440,22 @@ def _decode_loop(
             if handle is not None:
                 handle.rows = list(active)  # DRµGS: row i keeps drawing from its own generator
         else:
+            # the state just consumed was made by this loop (a state handed out is a copy: _row_state clones):
+            # nobody reads it again, so the next step may write into it (not the prefill's state: spare starts None)
+            spare = batch if stepped else None
             batch, logits = out.state, out.logits
+        stepped = True
     return batch, logits
+
+
+def _decode_step(model, ids: torch.Tensor, state: RecurrentState, spare: RecurrentState | None):
+    """``model.step(ids, state)``; for a LanguageModel on the fused step, the new state goes into ``spare``'s
+    memory (a state of this loop nobody reads again) instead of new memory (seqlab.fused_step._state_io)."""
+    if spare is not None and isinstance(model, LanguageModel) and model.fused_step:
+        done = fused_lm_step(model, ids, state, reuse=spare)
+        if done is not None:
+            return ModelOutput(*done)
+    return model.step(ids, state)
 
 
 def _speculative(

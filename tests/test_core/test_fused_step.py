@@ -399,3 +399,41 @@ def test_whole_model_step_refuses_an_out_of_vocabulary_id_and_keeps_the_state():
     for a, b in zip(state.layers, kept.layers):
         assert all(torch.equal(a[n], b[n]) for n in b)
     assert state.positions == kept.positions
+
+
+@pytest.mark.parametrize("ssm", ["mamba1", "mamba2"])
+def test_generate_writes_only_into_its_own_states(ssm, monkeypatch):
+    """generate's fused loop writes each new state into the memory of the state two steps back (nobody else holds
+    it): the tokens and final states equal the eager loop's, rows that stop early keep their own states, the
+    state passed in is untouched, and no returned state shares memory with another."""
+    model = _model(ssm)
+    with torch.no_grad():
+        start = model(torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])).state
+    kept = start.clone()
+    prompts = [[3, 1], [4, 1], [5, 9]]
+    # stops that end row 0 after 3 tokens and row 1 after 12-14 (on this machine's weights), row 2 runs on
+    stop = {"mamba1": [[23, 19], [11]], "mamba2": [[10, 4], [21]]}[ssm]
+    import seqlab.fused_step as fused_step_module
+
+    reused = []
+    reusable = fused_step_module._reusable
+    monkeypatch.setattr(
+        fused_step_module, "_reusable", lambda spare, like: reused.append(reusable(spare, like)) or reused[-1]
+    )
+    fused = model.generate(prompts, 24, state=start, stop=stop)
+    assert sum(reused) > 20  # the loop did write into its old states (else this test compares plain paths)
+    model.fused_step = False
+    try:
+        eager = model.generate(prompts, 24, state=start, stop=stop)
+    finally:
+        model.fused_step = True
+    assert fused.tokens == eager.tokens
+    for a, b in zip(fused.states, eager.states):
+        assert a.position == b.position
+        for la, lb in zip(a.layers, b.layers):
+            for name in lb:
+                assert_rel(la[name], lb[name], 2e-5, f"final state {name}")
+    for a, b in zip(start.layers, kept.layers):
+        assert all(torch.equal(a[n], b[n]) for n in b)
+    pointers = [t.data_ptr() for s in fused.states for layer in s.layers for t in layer.values()]
+    assert len(set(pointers)) == len(pointers)
