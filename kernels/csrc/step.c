@@ -16,12 +16,13 @@
  *   with the same torch ops and passed in, already in the compute dtype.
  * Sums run in another order than torch's BLAS, so float32 results agree to rounding, not bit for bit.
  *
- * Batch > 1: every GEMV loops the batch rows inside, weights outermost, so each weight row is read once per
- * call for all rows. The state passed in is read only; the new states go to separate buffers.
+ * Batch > 1: every projection is one GEMM over the batch rows (seqlab_gemm.h), so each weight row is read once
+ * per call for all rows. The state passed in is read only; the new states go to separate buffers.
  */
 #include <stdlib.h>
 
 #include "seqlab_native.h"
+#include "seqlab_gemm.h"
 
 /* One block's shapes and weight pointers, filled once per model by seqlab/fused_step.py (a ctypes Structure
  * with this exact layout: every field is 8 bytes). Pointers are to T (the compute dtype) unless noted. */
@@ -98,101 +99,10 @@ static inline double st_silu_d(double x) { return x / (1.0 + exp(-x)); }
 ST_RMS_SCALE(float, f32)
 ST_RMS_SCALE(double, f64)
 
-/* Y[b, o] = W[o] . X[b] (+ bias[o]) (+ R[b, o]) for o in [0, nout): W (nout, nin) row-major, X rows at stride
- * ldx, Y and R rows at stride ldy. Worksharing over output rows (called inside the parallel region). Four
- * batch rows share each weight load; with fewer than four rows, eight output rows go together instead, so that
- * eight independent FMA chains keep both FMA units busy. */
-#define ST_GEMV(T, SUF)                                                                                                \
-    static void st_gemv_##SUF(const T *restrict W, const T *restrict bias, const T *restrict X, int64_t ldx,           \
-                              T *restrict Y, const T *restrict R, int64_t ldy, int64_t nout, int64_t nin,              \
-                              int64_t batch) {                                                                         \
-        if (batch >= 4) { /* two output rows x four batch rows: eight independent FMA chains */                        \
-            const int64_t pairs = (nout + 1) / 2;                                                                      \
-            _Pragma("omp for schedule(static)") for (int64_t op = 0; op < pairs; op++) {                               \
-                const int64_t o = 2 * op;                                                                              \
-                const int two = o + 1 < nout;                                                                          \
-                const T *restrict w = W + o * nin, *restrict v = two ? w + nin : w;                                    \
-                const T bw = bias ? bias[o] : (T)0, bv = (bias && two) ? bias[o + 1] : (T)0;                           \
-                int64_t b = 0;                                                                                         \
-                for (; b + 4 <= batch; b += 4) {                                                                       \
-                    const T *x0 = X + b * ldx, *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;                         \
-                    T a0 = 0, a1 = 0, a2 = 0, a3 = 0, c0 = 0, c1 = 0, c2 = 0, c3 = 0;                                  \
-                    _Pragma("omp simd reduction(+ : a0, a1, a2, a3, c0, c1, c2, c3)") for (int64_t i = 0; i < nin; i++) { \
-                        T wi = w[i], vi = v[i], y0 = x0[i], y1 = x1[i], y2 = x2[i], y3 = x3[i];                        \
-                        a0 += wi * y0;                                                                                 \
-                        a1 += wi * y1;                                                                                 \
-                        a2 += wi * y2;                                                                                 \
-                        a3 += wi * y3;                                                                                 \
-                        c0 += vi * y0;                                                                                 \
-                        c1 += vi * y1;                                                                                 \
-                        c2 += vi * y2;                                                                                 \
-                        c3 += vi * y3;                                                                                 \
-                    }                                                                                                  \
-                    T acc[4] = {a0, a1, a2, a3}, acc2[4] = {c0, c1, c2, c3};                                           \
-                    for (int j = 0; j < 4; j++) {                                                                      \
-                        T *yo = Y + (b + j) * ldy + o;                                                                 \
-                        const T *ro = R ? R + (b + j) * ldy + o : NULL;                                                \
-                        yo[0] = ro ? ro[0] + (acc[j] + bw) : acc[j] + bw;                                              \
-                        if (two) yo[1] = ro ? ro[1] + (acc2[j] + bv) : acc2[j] + bv;                                   \
-                    }                                                                                                  \
-                }                                                                                                      \
-                for (; b < batch; b++) {                                                                               \
-                    const T *x0 = X + b * ldx;                                                                         \
-                    T a0 = 0, c0 = 0;                                                                                  \
-                    _Pragma("omp simd reduction(+ : a0, c0)") for (int64_t i = 0; i < nin; i++) {                      \
-                        a0 += w[i] * x0[i];                                                                            \
-                        c0 += v[i] * x0[i];                                                                            \
-                    }                                                                                                  \
-                    T *yo = Y + b * ldy + o;                                                                           \
-                    const T *ro = R ? R + b * ldy + o : NULL;                                                          \
-                    yo[0] = ro ? ro[0] + (a0 + bw) : a0 + bw;                                                          \
-                    if (two) yo[1] = ro ? ro[1] + (c0 + bv) : c0 + bv;                                                 \
-                }                                                                                                      \
-            }                                                                                                          \
-            return;                                                                                                    \
-        }                                                                                                              \
-        int64_t blocks = (nout + 7) / 8;                                                                               \
-        _Pragma("omp for schedule(static)") for (int64_t ob = 0; ob < blocks; ob++) {                                  \
-            int64_t o0 = ob * 8;                                                                                       \
-            if (o0 + 8 <= nout) {                                                                                      \
-                const T *w0 = W + o0 * nin, *w1 = w0 + nin, *w2 = w1 + nin, *w3 = w2 + nin;                            \
-                const T *w4 = w3 + nin, *w5 = w4 + nin, *w6 = w5 + nin, *w7 = w6 + nin;                                \
-                for (int64_t b = 0; b < batch; b++) {                                                                  \
-                    const T *restrict x = X + b * ldx;                                                                 \
-                    T a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;                                  \
-                    _Pragma("omp simd reduction(+ : a0, a1, a2, a3, a4, a5, a6, a7)") for (int64_t i = 0; i < nin; i++) { \
-                        T xi = x[i];                                                                                   \
-                        a0 += w0[i] * xi;                                                                              \
-                        a1 += w1[i] * xi;                                                                              \
-                        a2 += w2[i] * xi;                                                                              \
-                        a3 += w3[i] * xi;                                                                              \
-                        a4 += w4[i] * xi;                                                                              \
-                        a5 += w5[i] * xi;                                                                              \
-                        a6 += w6[i] * xi;                                                                              \
-                        a7 += w7[i] * xi;                                                                              \
-                    }                                                                                                  \
-                    T acc[8] = {a0, a1, a2, a3, a4, a5, a6, a7};                                                       \
-                    for (int j = 0; j < 8; j++) {                                                                      \
-                        T v = acc[j] + (bias ? bias[o0 + j] : (T)0);                                                   \
-                        Y[b * ldy + o0 + j] = R ? R[b * ldy + o0 + j] + v : v;                                         \
-                    }                                                                                                  \
-                }                                                                                                      \
-            } else {                                                                                                   \
-                for (int64_t o = o0; o < nout; o++) {                                                                  \
-                    const T *restrict w = W + o * nin;                                                                 \
-                    for (int64_t b = 0; b < batch; b++) {                                                              \
-                        const T *restrict x = X + b * ldx;                                                             \
-                        T a0 = 0;                                                                                      \
-                        _Pragma("omp simd reduction(+ : a0)") for (int64_t i = 0; i < nin; i++) a0 += w[i] * x[i];     \
-                        T v = a0 + (bias ? bias[o] : (T)0);                                                            \
-                        Y[b * ldy + o] = R ? R[b * ldy + o] + v : v;                                                   \
-                    }                                                                                                  \
-                }                                                                                                      \
-            }                                                                                                          \
-        }                                                                                                              \
-    }
-ST_GEMV(float, f32)
-ST_GEMV(double, f64)
+/* The projections: seqlab_gemm.h's register-blocked rows GEMM (Y[b] = R[b] + W X[b] + bias), workshared over
+ * output rows inside the caller's parallel region; a row's result does not depend on the batch it is in. */
+SL_ROWS_GEMM(float, f32)
+SL_ROWS_GEMM(double, f64)
 
 /* Workspace widths of a run of blocks: [proj, conv channels, x_proj output, d_inner]; -2 if the blocks do not
  * share one d_model. */
@@ -242,7 +152,7 @@ static size_t st_work_elems(const st_layer *layers, int64_t batch, const int64_t
                     res[b * dm + i] = L->residual_fp32 ? (T)(float)x[i] : x[i];                                        \
                 }                                                                                                      \
             }                                                                                                          \
-            st_gemv_##SUF((const T *)L->in_w, (const T *)L->in_b, h, dm, proj, NULL, nin, nin, dm, batch);             \
+            sl_rows_gemm_##SUF((const T *)L->in_w, (const T *)L->in_b, h, dm, proj, NULL, nin, nin, dm, batch);             \
             /* conv step + SiLU on the conv channels (Mamba-1: x = proj[:D]; Mamba-2: xBC = proj[D:D+cc]) */           \
             const int64_t conv_off = L->kind == 1 ? 0 : D;                                                             \
             const T *cw = (const T *)L->conv_w, *cb = (const T *)L->conv_b;                                            \
@@ -267,7 +177,7 @@ static size_t st_work_elems(const st_layer *layers, int64_t batch, const int64_t
             T *s_out = (T *)io[l].ssm_out;                                                                             \
             if (L->kind == 1) {                                                                                        \
                 const int64_t R = L->dt_rank, xd = R + 2 * N;                                                          \
-                st_gemv_##SUF((const T *)L->x_w, NULL, xc, cc, xdbl, NULL, xd, xd, D, batch);                          \
+                sl_rows_gemm_##SUF((const T *)L->x_w, NULL, xc, cc, xdbl, NULL, xd, xd, D, batch);                          \
                 const T *dtw = (const T *)L->dt_w;                                                                     \
                 /* dt_proj + bias + softplus, the selective state update, D skip, gate silu(z) */                      \
                 _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                  \
@@ -333,7 +243,7 @@ static size_t st_work_elems(const st_layer *layers, int64_t batch, const int64_t
                 }                                                                                                      \
             }                                                                                                          \
             /* out_proj, added to the residual */                                                                      \
-            st_gemv_##SUF((const T *)L->out_w, (const T *)L->out_b, ybuf, D, next, res, dm, dm, D, batch);             \
+            sl_rows_gemm_##SUF((const T *)L->out_w, (const T *)L->out_b, ybuf, D, next, res, dm, dm, D, batch);             \
             _Pragma("omp barrier");                                                                                    \
             cur = next;                                                                                                \
         }                                                                                                              \
@@ -374,7 +284,7 @@ static size_t st_work_elems(const st_layer *layers, int64_t batch, const int64_t
                 float r = st_rms_scale_##SUF(x, dm, lm->norm_eps);                                                     \
                 for (int64_t i = 0; i < dm; i++) hidden_out[b * dm + i] = (T)((float)x[i] * r) * nw[i];                \
             }                                                                                                          \
-            st_gemv_##SUF((const T *)lm->head_w, (const T *)lm->head_b, hidden_out, dm, logits, NULL, lm->vocab,       \
+            sl_rows_gemm_##SUF((const T *)lm->head_w, (const T *)lm->head_b, hidden_out, dm, logits, NULL, lm->vocab,       \
                           lm->vocab, dm, batch);                                                                       \
         }                                                                                                              \
         free(work);                                                                                                    \
