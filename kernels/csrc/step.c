@@ -79,7 +79,44 @@ static inline float st_exp_f(float x) {
     return x < lo ? 0.0f : res;
 }
 static inline double st_exp_d(double x) { return exp(x); }
-static inline float st_softplus_f(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+
+/* log for float x >= 1 (finite), vectorisable: x = m 2^e with m in [sqrt(1/2), sqrt(2)), log(m) by Cephes' logf
+ * polynomial (~1 ulp), e ln2 in two parts. Only softplus below calls it, with x = 1 + exp(v). */
+static inline float st_log_f(float x) {
+    int32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    int32_t e = ((bits >> 23) & 0xff) - 127;
+    int32_t mb = (bits & 0x007fffff) | 0x3f800000; /* m in [1, 2) */
+    float m;
+    memcpy(&m, &mb, sizeof m);
+    const int big = m > 1.41421356f;
+    m = big ? 0.5f * m : m;
+    e = big ? e + 1 : e;
+    const float f = m - 1.0f, z = f * f, ef = (float)e;
+    float y = 7.0376836292e-2f;
+    y = y * f - 1.1514610310e-1f;
+    y = y * f + 1.1676998740e-1f;
+    y = y * f - 1.2420140846e-1f;
+    y = y * f + 1.4249322787e-1f;
+    y = y * f - 1.6668057665e-1f;
+    y = y * f + 2.0000714765e-1f;
+    y = y * f - 2.4999993993e-1f;
+    y = y * f + 3.3333331174e-1f;
+    y = y * f * z;
+    y += -2.12194440e-4f * ef;
+    y += -0.5f * z;
+    return f + y + 0.693359375f * ef;
+}
+
+/* softplus and silu for float built on st_exp_f / st_log_f so that loops calling them vectorise: at batch 16 the
+ * per-channel libm calls (log1pf, expf) were a tenth of the step. log1p(u - 1) is computed as log(u) * e / (u - 1)
+ * with u = 1 + e (exact where u rounds, so tiny e keep their relative accuracy); torch's threshold of 20. */
+static inline float st_softplus_vf(float x) {
+    const float e = st_exp_f(x), u = 1.0f + e, d = u - 1.0f;
+    const float l = d == 0.0f ? e : st_log_f(u) * (e / d);
+    return x > 20.0f ? x : l;
+}
+static inline float st_silu_vf(float x) { return x / (1.0f + st_exp_f(-x)); }
 static inline double st_softplus_d(double x) { return x > 20.0 ? x : log1p(exp(x)); }
 static inline float st_silu_f(float x) { return x / (1.0f + expf(-x)); }
 static inline double st_silu_d(double x) { return x / (1.0 + exp(-x)); }
@@ -98,6 +135,9 @@ static inline double st_silu_d(double x) { return x / (1.0 + exp(-x)); }
     }
 ST_RMS_SCALE(float, f32)
 ST_RMS_SCALE(double, f64)
+
+/* Channels per block in the vectorised passes (a stack array of this many per thread). */
+#define ST_BLOCK 64
 
 /* The projections: seqlab_gemm.h's register-blocked rows GEMM (Y[b] = R[b] + W X[b] + bias), workshared over
  * output rows inside the caller's parallel region; a row's result does not depend on the batch it is in. */
@@ -130,7 +170,7 @@ static size_t st_work_elems(const st_layer *layers, int64_t batch, const int64_t
 
 /* The layers loop, run by every thread of the caller's parallel region (orphaned worksharing): hidden_in ->
  * hidden_out through n_layers blocks, the states in io. Ends with a barrier (hidden_out is complete). */
-#define ST_STEP(T, SUF, EXP, SOFTPLUS, SILU)                                                                           \
+#define ST_STEP(T, SUF, EXP, SOFTPLUS, SILU, GATE_SILU)                                                                           \
     static void st_layers_##SUF(const st_layer *layers, const st_io *io, int64_t n_layers, int64_t batch,              \
                                 const T *hidden_in, T *hidden_out, T *work, const int64_t w[4]) {                      \
         const int64_t dm = layers[0].d_model, w_proj = w[0], w_xc = w[1], w_xdbl = w[2];                               \
@@ -169,8 +209,13 @@ static size_t st_work_elems(const st_layer *layers, int64_t batch, const int64_t
                     if (cb) acc += cb[c];                                                                              \
                     for (int64_t k = 0; k + 1 < W - 1; k++) so[k] = si[k + 1];                                         \
                     if (W > 1) so[W - 2] = (float)xin;                                                                 \
-                    xc[b * cc + c] = SILU(acc);                                                                        \
+                    xc[b * cc + c] = acc;                                                                              \
                 }                                                                                                      \
+            }                                                                                                          \
+            /* SiLU on the conv outputs, vectorised (a pass of its own: the conv loop's inner taps keep it scalar) */  \
+            _Pragma("omp for schedule(static)") for (int64_t q = 0; q < batch * cc; q += ST_BLOCK) {                   \
+                const int64_t qe = q + ST_BLOCK < batch * cc ? q + ST_BLOCK : batch * cc;                              \
+                _Pragma("omp simd") for (int64_t i = q; i < qe; i++) xc[i] = SILU(xc[i]);                              \
             }                                                                                                          \
             const T *A = (const T *)L->A, *Dp = (const T *)L->D, *dtb = (const T *)L->dt_b;                            \
             const T *s_in = (const T *)io[l].ssm_in;                                                                   \
@@ -179,25 +224,39 @@ static size_t st_work_elems(const st_layer *layers, int64_t batch, const int64_t
                 const int64_t R = L->dt_rank, xd = R + 2 * N;                                                          \
                 sl_rows_gemm_##SUF((const T *)L->x_w, NULL, xc, cc, xdbl, NULL, xd, xd, D, batch);                          \
                 const T *dtw = (const T *)L->dt_w;                                                                     \
-                /* dt_proj + bias + softplus, the selective state update, D skip, gate silu(z) */                      \
+                /* dt_proj + bias, then (vectorised over a block of channels) softplus and the gate silu(z); then per    \
+                 * channel the selective state update and the D skip */                                                \
+                const int64_t nblk = (D + ST_BLOCK - 1) / ST_BLOCK;                                                    \
                 _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                  \
-                    for (int64_t c = 0; c < D; c++) {                                                                  \
+                    for (int64_t blk = 0; blk < nblk; blk++) {                                                         \
+                        const int64_t c0 = blk * ST_BLOCK, c1 = c0 + ST_BLOCK < D ? c0 + ST_BLOCK : D;                 \
                         const T *xb = xdbl + b * xd;                                                                   \
-                        T dt = 0;                                                                                      \
-                        for (int64_t r = 0; r < R; r++) dt += dtw[c * R + r] * xb[r];                                  \
-                        dt = SOFTPLUS(dt + dtb[c]);                                                                    \
-                        const T xv = xc[b * cc + c], dx = dt * xv;                                                     \
-                        const T *restrict Bv = xb + R, *restrict Cv = xb + R + N, *restrict Ac = A + c * N;            \
-                        const T *restrict s0 = s_in + (b * D + c) * N;                                                 \
-                        T *restrict s1 = s_out + (b * D + c) * N;                                                      \
-                        T y = 0;                                                                                       \
-                        _Pragma("omp simd reduction(+ : y)") for (int64_t n = 0; n < N; n++) {                         \
-                            T s = s0[n] * EXP(dt * Ac[n]) + dx * Bv[n];                                                \
-                            s1[n] = s;                                                                                 \
-                            y += s * Cv[n];                                                                            \
+                        T dts[ST_BLOCK], gate[ST_BLOCK];                                                               \
+                        for (int64_t c = c0; c < c1; c++) {                                                            \
+                            T dt = 0;                                                                                  \
+                            for (int64_t r = 0; r < R; r++) dt += dtw[c * R + r] * xb[r];                              \
+                            dts[c - c0] = dt + dtb[c];                                                                 \
                         }                                                                                              \
-                        y += Dp[c] * xv;                                                                               \
-                        ybuf[b * D + c] = y * SILU(proj[b * nin + D + c]);                                             \
+                        const T *zb = proj + b * nin + D;                                                              \
+                        _Pragma("omp simd") for (int64_t c = c0; c < c1; c++) {                                        \
+                            dts[c - c0] = SOFTPLUS(dts[c - c0]);                                                       \
+                            gate[c - c0] = SILU(zb[c]);                                                                \
+                        }                                                                                              \
+                        const T *restrict Bv = xb + R, *restrict Cv = xb + R + N;                                      \
+                        for (int64_t c = c0; c < c1; c++) {                                                            \
+                            const T dt = dts[c - c0], xv = xc[b * cc + c], dx = dt * xv;                               \
+                            const T *restrict Ac = A + c * N;                                                          \
+                            const T *restrict s0 = s_in + (b * D + c) * N;                                             \
+                            T *restrict s1 = s_out + (b * D + c) * N;                                                  \
+                            T y = 0;                                                                                   \
+                            _Pragma("omp simd reduction(+ : y)") for (int64_t n = 0; n < N; n++) {                     \
+                                T s = s0[n] * EXP(dt * Ac[n]) + dx * Bv[n];                                            \
+                                s1[n] = s;                                                                             \
+                                y += s * Cv[n];                                                                        \
+                            }                                                                                          \
+                            y += Dp[c] * xv;                                                                           \
+                            ybuf[b * D + c] = y * gate[c - c0];                                                        \
+                        }                                                                                              \
                     }                                                                                                  \
                 }                                                                                                      \
             } else {                                                                                                   \
@@ -232,8 +291,8 @@ static size_t st_work_elems(const st_layer *layers, int64_t batch, const int64_t
                         T *yv = ybuf + b * D + q * gs;                                                                 \
                         const T *zv = proj + b * nin + q * gs;                                                         \
                         double s = 0.0;                                                                                \
-                        for (int64_t i = 0; i < gs; i++) {                                                             \
-                            float v = st_silu_f((float)zv[i]) * (float)yv[i];                                          \
+                        _Pragma("omp simd reduction(+ : s)") for (int64_t i = 0; i < gs; i++) {                        \
+                            float v = GATE_SILU((float)zv[i]) * (float)yv[i];                                          \
                             yv[i] = (T)v;                                                                              \
                             s += (double)(v * v);                                                                      \
                         }                                                                                              \
@@ -290,8 +349,8 @@ static size_t st_work_elems(const st_layer *layers, int64_t batch, const int64_t
         free(work);                                                                                                    \
         return 0;                                                                                                      \
     }
-ST_STEP(float, f32, st_exp_f, st_softplus_f, st_silu_f)
-ST_STEP(double, f64, st_exp_d, st_softplus_d, st_silu_d)
+ST_STEP(float, f32, st_exp_f, st_softplus_vf, st_silu_vf, st_silu_vf)
+ST_STEP(double, f64, st_exp_d, st_softplus_d, st_silu_d, st_silu_f)
 
 SL_EXPORT int sl_step_abi(void) { return SEQLAB_NATIVE_ABI * 1000 + (int)sizeof(st_layer); }
 SL_EXPORT int sl_lm_step_abi(void) { return SEQLAB_NATIVE_ABI * 1000 + (int)sizeof(st_lm); }
