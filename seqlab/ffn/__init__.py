@@ -7,11 +7,13 @@ docs/moe.md and docs/architecture.md ("where new things go").
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from seqlab.errors import ConfigError
 from seqlab.ffn.moe import MoEFeedForward, RouterStats, capacity_for, dispatch, moe_reference, route
 
 #: a router whose busiest expert takes more than this share of the tokens is reported as collapsed
@@ -86,18 +88,45 @@ def router_losses(model: nn.Module, clear: bool = True) -> RouterLosses | None:
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
     """{"total": every parameter (tied ones once; a quantized layer's weight counts as out * in + bias, not its
-    codebooks and scales), "active": the parameters one token uses (an MoE layer counts its router and top_k
-    experts)}."""
+    codebooks and scales; a LASER'd layer counts what it stands for: a ``LowRankLinear`` its factors and bias, an
+    MoE expert slice reduced in ``model.low_rank`` the rank * (out + in) numbers of its factors, not the dense
+    product its stacked parameter holds in memory), "active": the parameters one token uses (an MoE layer counts
+    its router and the ``top_k / experts`` share of its experts, ``MoEFeedForward.parameter_counts``)}."""
     total = sum(p.numel() for p in model.parameters())
     for m in model.modules():  # a quantized layer (seqlab.quant.AQLMLinear) counts the weights it stands for
         counted = getattr(m, "represented_parameters", None)
         if callable(counted):
             total += counted() - sum(p.numel() for p in m.parameters())
+    reduced = _reduced_experts(model)
     inactive = 0
-    for m in moe_layers(model):
-        layer_total, layer_active = m.parameter_counts()
+    for name, m in model.named_modules():  # each module once (a shared one under its first name)
+        if not isinstance(m, MoEFeedForward):
+            continue
+        layer_total, layer_active = m.parameter_counts(reduced.pop(name, None))
+        total -= m.parameter_counts()[0] - layer_total  # a reduced expert stands for its factors
         inactive += layer_total - layer_active
+    if reduced:
+        names = ", ".join(f"{moe}.{part}[{e}]" for moe, ranks in reduced.items() for part, e in ranks)
+        raise ConfigError(f"model.low_rank names MoE expert slices of no MoE layer of this model: {names}")
     return {"total": total, "active": total - inactive}
+
+
+_EXPERT_SLICE = re.compile(r"^(?P<moe>.+)\.(?P<part>gate_up|down)\[(?P<e>\d+)\]$")
+
+
+def _reduced_experts(model: nn.Module) -> dict[str, dict[tuple[str, int], int]]:
+    """The MoE expert slices LASER reduced (``model.low_rank``, seqlab.posttrain.laser): MoE layer name ->
+    {(part, expert): rank}."""
+    reduced: dict[str, dict[tuple[str, int], int]] = {}
+    for name, entry in (getattr(model, "low_rank", None) or {}).items():
+        match = _EXPERT_SLICE.match(name)
+        if match is None:
+            continue  # a LowRankLinear: its parameters are its factors, counted as they are
+        rank = entry.get("rank") if isinstance(entry, dict) else None
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ConfigError(f"model.low_rank entry of {name} has no positive integer rank: {entry!r}")
+        reduced.setdefault(match["moe"], {})[(match["part"], int(match["e"]))] = rank
+    return reduced
 
 
 __all__ = [

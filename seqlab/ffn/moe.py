@@ -18,7 +18,7 @@ contract (drop-free, token-local routing at evaluation so any chunking of a stre
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqlab.config import MoESettings
+from seqlab.errors import ConfigError
 
 
 @dataclass
@@ -310,7 +311,8 @@ class MoEFeedForward(nn.Module):
     Parameters: ``router.weight`` (E, d_model), ``gate_up`` (E, 2 * d_expert, d_model), ``down`` (E, d_model,
     d_expert), each expert's slice laid out like an ``nn.Linear`` weight (out, in). While training, each forward
     leaves its ``RouterStats`` in ``last_stats`` (``seqlab.ffn.router_losses`` collects them); in eval mode there
-    is no capacity, no jitter and ``last_stats`` is None.
+    is no capacity, no jitter and ``last_stats`` is None. A copy (``copy.deepcopy``, ``pickle``) leaves
+    ``last_stats`` behind (None in the copy): the stats carry the forward's autograd graph, which cannot be copied.
     """
 
     def __init__(self, config, layer_idx: int = 0) -> None:
@@ -326,12 +328,33 @@ class MoEFeedForward(nn.Module):
         nn.init.uniform_(self.down, -1 / math.sqrt(f), 1 / math.sqrt(f))
         self.last_stats: RouterStats | None = None
 
-    def parameter_counts(self) -> tuple[int, int]:
-        """(total, active per token) parameters of this layer."""
+    def __getstate__(self) -> dict:
+        # deepcopy and pickle go through here: drop the last training forward's stats, whose losses are non-leaf
+        # tensors with their graph (deepcopy refuses those; a copy has not run that forward anyway)
+        state = super().__getstate__()
+        state["last_stats"] = None
+        return state
+
+    def parameter_counts(self, ranks: Mapping[tuple[str, int], int] | None = None) -> tuple[int, int]:
+        """(total, active per token) parameters of this layer: the router, and each expert's ``gate_up`` and
+        ``down`` slice as out * in, or, for a slice named in ``ranks`` (``{("gate_up" | "down", expert): rank}``:
+        the experts LASER reduced, ``seqlab.ffn.parameter_counts``), as the rank * (out + in) numbers of its
+        factors. Active: the router and the ``top_k / experts`` share of the experts' sum (rounded to the nearest
+        integer; with experts of one size exactly ``top_k`` experts)."""
         s = self.settings
-        per_expert = (self.gate_up.numel() + self.down.numel()) // s.experts
+        ranks = ranks or {}
+        slices = {(part, e) for part in ("gate_up", "down") for e in range(s.experts)}
+        unknown = [key for key in ranks if key not in slices]
+        if unknown:
+            raise ConfigError(f"no such expert slice (part, expert) in this {s.experts}-expert layer: {unknown}")
+        experts = 0
+        for part in ("gate_up", "down"):
+            out, inp = getattr(self, part).shape[1:]
+            for e in range(s.experts):
+                rank = ranks.get((part, e))
+                experts += out * inp if rank is None else rank * (out + inp)
         router = self.router.weight.numel()
-        return router + per_expert * s.experts, router + per_expert * s.top_k
+        return router + experts, router + (2 * experts * s.top_k + s.experts) // (2 * s.experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.settings

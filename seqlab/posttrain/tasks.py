@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from seqlab.errors import ConfigError, InputError
+from seqlab.ffn import router_losses
 
 KINDS = ("reverse", "sort", "vowels", "add")
 STOP = 10  # b"\n": every answer and every judge score ends with it
@@ -309,7 +310,9 @@ def sft(
     cross-entropy on the target bytes, plus ``prompt_weight`` times that on the prompt bytes (the prompts are
     random strings; a little weight teaches the format without spending the model on them). Rows are padded on
     the right (a causal model never sees the padding from earlier positions; padded positions have no loss).
-    AdamW with linear warmup and cosine decay. Returns the loss per step (nats per target byte)."""
+    AdamW with linear warmup and cosine decay. An MoE model's router losses (``seqlab.ffn.router_losses``: the
+    weighted load-balancing and z-losses) are added to the loss each step, as the ``Trainer`` adds them. Returns
+    the loss per step (the cross-entropy alone, nats per target byte)."""
     if not docs:
         raise InputError("sft needs at least one (prompt, target) document")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -349,6 +352,9 @@ def sft(
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
         target_mask = (weights == 1.0).float()
         loss = (nll * weights.reshape(-1)).sum() / target_mask.sum()
+        router = router_losses(model)  # MoE layers: auxiliary losses (None for dense models); clears last_stats
+        if router is not None:
+            loss = loss + router.loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
