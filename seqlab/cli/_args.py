@@ -397,6 +397,7 @@ VOCABULARY = {
     "max_rounds": "AQLM rounds of code search and codebook update",
     "beam_size": "AQLM code search beam",
     "head": "quantize the LM head too",
+    "densify": "turn a LASER'd model's low-rank layers back into dense ones before quantizing",
     "fine_tune_steps": "KL fine-tune steps after quantization",
     "fine_tune_lr": "KL fine-tune learning rate",
     # seqlab laser

@@ -3,9 +3,11 @@
 
 Reads the model (``model_from_checkpoint``), draws calibration windows with the library
 (``seqlab.pipelines.calibration.calibration_windows``: files encoded by the model's adapter, or stored sequences
-written by that adapter), quantizes in place (``seqlab.quant.quantize_model``), optionally fine-tunes against the
-full-precision model (``seqlab.quant.finetune.finetune_quantized``), and writes ``--out`` with
-``seqlab.checkpoint.save_model`` (atomic: a failure leaves whatever was there). ``--out`` may never be the source
+written by that adapter), with ``--densify`` turns a LASER'd model's low-rank layers back into dense ones
+(``seqlab.posttrain.laser.densify``; without it such a model is refused), quantizes in place
+(``seqlab.quant.quantize_model``), optionally fine-tunes against the full-precision model
+(``seqlab.quant.finetune.finetune_quantized``), and writes ``--out`` with ``seqlab.checkpoint.save_model``
+(atomic: a failure leaves whatever was there). ``--out`` may never be the source
 model file; an existing ``--out`` is replaced only with ``--overwrite``.
 """
 
@@ -67,6 +69,18 @@ def _quantize(args) -> int:
     model, adapter = model_from_checkpoint(args.model, device=args.device)
     if getattr(model, "quantization", None):
         raise ConfigError(f"quantize: {args.model} is already quantized; start from the full-precision model")
+    densified = sorted(getattr(model, "low_rank", None) or {})
+    if densified:  # a LASER'd model: AQLM quantizes dense layers only
+        if not args.densify:
+            raise ConfigError(
+                f"quantize: {args.model} has {len(densified)} low-rank (LASER) layer(s), which AQLM does not quantize; "
+                "pass --densify to turn them back into dense layers first (seqlab.posttrain.laser.densify): that "
+                "keeps LASER's weights (its quality) but not its parameter saving, since AQLM stores every weight "
+                "at 2-3 bits"
+            )
+        from seqlab.posttrain.laser import densify
+
+        densify(model)
     windows = calibration_windows(
         model,
         adapter,
@@ -130,6 +144,7 @@ def _quantize(args) -> int:
         "file_bytes": os.path.getsize(path),
         "source_bytes": os.path.getsize(_source_file(args.model)),
         "seconds": round(quantized_at - started, 3),
+        "densified": densified,
         "fine_tune": None
         if tune is None
         else {"steps": tune.steps, "kl_before": tune.kl_before, "kl_after": tune.kl_after},
@@ -148,6 +163,8 @@ def _quantize(args) -> int:
         f"AQLM {report.setting} at {report.bits_per_parameter():.3f} bits per quantized parameter; "
         f"{len(windows)} calibration windows of {args.window}; {summary['seconds']:.1f} s"
     )
+    if densified:
+        print(f"densified {len(densified)} low-rank (LASER) layer(s) before quantizing: {', '.join(densified)}")
     if tune is not None:
         print(f"fine-tune: {tune.steps} steps, KL(fp || quantized) {tune.kl_before:.4g} -> {tune.kl_after:.4g}")
     return 0
@@ -198,6 +215,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="storage of everything not quantized: norms, SSM parameters, embedding (default 16)",
     )
     aq.add_argument("--head", action="store_true", help="quantize the LM head too (a tied embedding stays fp16)")
+    aq.add_argument(
+        "--densify",
+        action="store_true",
+        help="quantize a LASER'd model: turn its low-rank layers back into dense ones first (LASER's weights are "
+        "kept, its parameter saving is not; a model without low-rank layers is unaffected)",
+    )
     aq.add_argument("--max-rounds", type=count(1, 1000), help="alternating rounds of code search and codebook update")
     aq.add_argument("--beam-size", type=count(1, 1024), help="code search beam (default the quantizer's)")
     aq.add_argument("--fine-tune-steps", type=count(0), default=0, help="KL fine-tune steps after (default 0)")

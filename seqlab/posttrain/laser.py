@@ -17,6 +17,7 @@ the change when a held-out score improves. This module holds the library part, g
 * Storage: ``seqlab.checkpoint.save_model`` / ``load_model`` call :func:`save_low_rank` / :func:`load_low_rank`
   for a model with ``model.low_rank``, so the file holds the factors, not the dense matrices, and
   ``model_from_checkpoint`` rebuilds a LASER'd model like any model.
+* :func:`densify`: back to an ordinary full-rank model with the same outputs (how a LASER'd model is quantized).
 
 **The factorization.** ``torch.linalg.svd`` of W in float64 gives W = U diag(S) V^T with S sorted descending. The
 truncated SVD keeps the r largest singular components, W_r = U_r diag(S_r) V_r^T, which by Eckart–Young is the
@@ -53,8 +54,14 @@ what the file records under the metadata key ``"low_rank"`` (with a ``"format"``
 
 **Quantized models.** A model that is both quantized (``model.quantization``, ``seqlab.quant.quantize_model``) and
 low-rank is refused, not supported: :func:`apply_interventions` refuses a quantized model (``ConfigError``),
-``save_model`` refuses a model carrying both layouts and ``load_model`` a file recording both. Quantize the dense
-model, or LASER it and keep it in full precision.
+``quantize_model`` (and ``quantize_weights``) a LASER'd one, ``save_model`` a model carrying both layouts and
+``load_model`` a file recording both. They compose as "densify, then quantize": :func:`densify` turns every
+low-rank layer back into an ``nn.Linear`` holding the product ``left @ right`` (the same outputs, to float
+rounding), then ``quantize_model`` quantizes that dense model as any other (``seqlab quantize --densify`` does both).
+That keeps LASER's weights, and so its quality, but not its parameter saving: AQLM stores every weight of the
+dense matrix at its 2-3 bits, whatever its rank. The undone layout is recorded as ``model.laser_densified`` and,
+once quantized, as ``model.quantization["laser"]`` in the quantized model file. (Quantizing the factors
+themselves, which would keep both savings, is not done.)
 """
 
 from __future__ import annotations
@@ -404,7 +411,9 @@ class AppliedInterventions:
         if self.reverted:
             return
         if self.stale:
-            raise ConfigError("this model was loaded from a LASER file since these interventions: cannot revert them")
+            raise ConfigError(
+                "this model was loaded from a LASER file or densified since these interventions: cannot revert them"
+            )
         model = self.model
         stack = getattr(model, "_laser_undo", [])
         if stack and stack[-1] is not self:
@@ -555,6 +564,79 @@ def laser_applied(
         yield undo
     finally:
         undo.revert()
+
+
+# ---------------------------------------------------------------------------------------------- densify
+#: the attribute :func:`densify` leaves on a model: the ``model.low_rank`` layout it turned back into dense weights
+DENSIFIED_ATTR = "laser_densified"
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """Turn a LASER'd model back into an ordinary full-rank model, in place, and return it: "densify, then
+    quantize" is how LASER and AQLM compose (``seqlab.quant.quantize_model`` refuses a model with low-rank layers).
+
+    Every :class:`LowRankLinear` becomes an ``nn.Linear`` whose weight is the product ``left @ right`` (computed in
+    float64, rounded once to the factors' dtype; same device, the bias copied, ``requires_grad`` and the training
+    flag kept), so the model computes what the LASER'd one did, to float rounding (one matmul instead of two).
+    A reduced MoE expert's slice already holds its product in memory and is kept as it is (also when a fine-tune
+    changed it since: densify keeps what the model computes), and its stored factors are dropped. ``model.low_rank``
+    and ``model._low_rank_experts`` are removed, and undos of earlier :func:`apply_interventions` calls can no
+    longer revert (ConfigError).
+
+    What is kept: LASER's weights, hence its quality. What is not: its parameter saving; the dense model holds and
+    stores every ``out * in`` weight (and AQLM then stores each at its 2-3 bits, factors or not).
+
+    Provenance: the undone layout is kept as ``model.laser_densified`` (merged with an earlier densify's; target
+    name -> ``{"rank", "shape", "rho", "method"}``). ``quantize_model`` copies it into the quantization record as
+    ``model.quantization["laser"]``, which a quantized model file keeps (its ``"quantization"`` metadata entry) and
+    ``load_model`` restores. A densified model saved *without* quantizing is a plain full-precision file that does
+    not record it. A model with no low-rank layers is returned unchanged; a quantized one is a ConfigError."""
+    if getattr(model, "quantization", None):
+        raise ConfigError(
+            "this model is quantized (model.quantization is set): densify turns a LASER'd full-precision model "
+            "back into dense layers"
+        )
+    layout = dict(getattr(model, "low_rank", None) or {})
+    experts = getattr(model, "_low_rank_experts", None) or {}
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LowRankLinear)]
+    for name in layout:  # check the bookkeeping first: nothing changes on a malformed model
+        if _EXPERT.match(name):
+            if name not in experts:
+                raise ConfigError(f"model.low_rank names {name}, whose factors are not on the model")
+        elif not any(name == n for n, _ in layers):
+            raise ConfigError(f"model.low_rank names {name}, which is not a LowRankLinear of this model")
+    dense: list[tuple[str, nn.Linear]] = []
+    with torch.no_grad():
+        for name, layer in layers:
+            left = layer.left
+            linear = nn.utils.skip_init(
+                nn.Linear,
+                layer.in_features,
+                layer.out_features,
+                bias=layer.bias is not None,
+                device=left.device,
+                dtype=left.dtype,
+            )
+            linear.weight.copy_((left.to(torch.float64) @ layer.right.to(torch.float64)).to(left.dtype))
+            if layer.bias is not None:
+                assert linear.bias is not None
+                linear.bias.copy_(layer.bias)
+            for p in linear.parameters():
+                p.requires_grad_(left.requires_grad)
+            linear.train(layer.training)
+            dense.append((name, linear))
+    for name, linear in dense:
+        parent, leaf = _parent(model, name)
+        setattr(parent, leaf, linear)
+    for undo in getattr(model, "_laser_undo", None) or []:
+        undo.stale = True  # its saved modules and slices no longer describe this model
+    for attr in ("_laser_undo", "low_rank", "_low_rank_experts"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    if layout:
+        previous = getattr(model, DENSIFIED_ATTR, None) or {}
+        setattr(model, DENSIFIED_ATTR, {**previous, **json.loads(json.dumps(layout))})
+    return model
 
 
 # ---------------------------------------------------------------------------------------------- storage

@@ -19,6 +19,7 @@ ConfigError names them).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -180,7 +181,9 @@ def quantize_weights(
     ``windows``: calibration token windows (``collect_input_moments``); required by GPTQ and AQLM, optional for RTN
     (then used only to report the calibration error). ``layers``: as in ``collect_input_moments``; ``head=True``
     adds the LM head (``lm_head``; with a tied embedding the embedding table keeps its own full-precision weight).
-    ``progress(name, done, total)`` after each layer."""
+    ``progress(name, done, total)`` after each layer. A LASER'd model (``model.low_rank``) is refused, as by
+    :func:`quantize_model`: ``seqlab.posttrain.laser.densify`` it first."""
+    _refuse_low_rank(model)
     report, done = _quantize_targets(
         model, windows, method, bits=bits, group_size=group_size, config=config, layers=layers, head=head, seed=seed,
         full_precision_bits=full_precision_bits, aqlm_options=aqlm_options, progress=progress,
@@ -215,16 +218,17 @@ def quantize_model(
     ``windows``: calibration token windows (``collect_input_moments``). ``layers``, ``seed``, ``aqlm_options``,
     ``progress``: as in :func:`quantize_weights`. Layers whose input width the group size does not divide stay
     ``nn.Linear`` (at ``full_precision_bits``). Nothing in the model changes until every layer is quantized.
-    Returns the report (exact bits of every target)."""
+    Returns the report (exact bits of every target).
+
+    A LASER'd model (``model.low_rank``, ``seqlab.posttrain.laser``) is refused (ConfigError):
+    ``seqlab.posttrain.laser.densify(model)`` first turns it into a dense model with the same outputs, whose
+    layout it recorded (``model.laser_densified``) is then kept as ``model.quantization["laser"]``, which the
+    quantized model file stores. LASER's quality carries over, its parameter saving does not."""
     from seqlab.quant.storage import install_layers, round_rest
 
     if getattr(model, "quantization", None):
         raise ConfigError("this model is already quantized (model.quantization is set); start from the fp model")
-    if getattr(model, "low_rank", None):  # LASER'd (seqlab.posttrain.laser): the two layouts do not combine
-        raise ConfigError(
-            "this model has low-rank (LASER) layers (model.low_rank is set): quantizing it is not supported; "
-            "quantize the full-rank model"
-        )
+    _refuse_low_rank(model)
     report, done = _quantize_targets(
         model, windows, "aqlm", bits=None, group_size=64, config=config, layers=layers, head=head, seed=seed,
         full_precision_bits=full_precision_bits, aqlm_options=aqlm_options, progress=progress,
@@ -234,7 +238,7 @@ def quantize_model(
     round_rest(model, full_precision_bits)  # first: the experts' dequantized values below are stored exactly
     install_layers(model, weights, lut_max_rows=lut_max_rows)
     model._aqlm_experts = {n: q for n, q in weights.items() if "[" in n}  # type: ignore[assignment]
-    model.quantization = {  # type: ignore[assignment]
+    layout: dict = {
         "method": "aqlm",
         "config": report.setting,
         "full_precision_bits": full_precision_bits,
@@ -242,4 +246,19 @@ def quantize_model(
             name: {"config": q.config.name, "shape": [q.out_features, q.in_features]} for name, q in weights.items()
         },
     }
+    laser = getattr(model, "laser_densified", None)  # seqlab.posttrain.laser.densify's provenance: kept in the file
+    if laser:
+        layout["laser"] = json.loads(json.dumps(laser))
+    model.quantization = layout  # type: ignore[assignment]
     return report
+
+
+def _refuse_low_rank(model: nn.Module) -> None:
+    """ConfigError for a LASER'd model (``model.low_rank``, ``seqlab.posttrain.laser``): its ``LowRankLinear``
+    layers are no quantization targets and its reduced experts' factors would not follow their quantized slices."""
+    if getattr(model, "low_rank", None):
+        raise ConfigError(
+            "this model has low-rank (LASER) layers (model.low_rank is set), which AQLM does not quantize: call "
+            "seqlab.posttrain.laser.densify(model) first: it keeps LASER's weights (its quality) but not its "
+            "parameter saving, since AQLM stores every weight at 2-3 bits"
+        )
