@@ -43,8 +43,8 @@ every expert of that part. The LM head, the embedding and MoE routers are never 
 cannot hold factors. So, as AQLM does for experts, the factors of a reduced expert are kept on the model
 (``model._low_rank_experts``: target name -> (left, right)) and the stacked parameter's slice holds their product
 in memory (computed from the stored factors, so a file round trip reproduces it bit for bit); the file stores the
-factors only, and omits a stacked parameter all of whose experts are reduced. The in-memory parameter count of an
-MoE layer therefore does not shrink (the file's does); fine-tuning such a model trains the stacked slices, not the
+factors only, and omits a stacked parameter all of whose experts are reduced. The stacked tensors in memory
+therefore do not shrink (the file does, and ``seqlab.ffn.parameter_counts`` counts the factors); fine-tuning such a model trains the stacked slices, not the
 factors (the next ``save_model`` writes the stored factors, not the trained slices: reduce experts after, not
 before, a fine-tune).
 
