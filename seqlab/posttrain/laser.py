@@ -44,9 +44,9 @@ cannot hold factors. So, as AQLM does for experts, the factors of a reduced expe
 (``model._low_rank_experts``: target name -> (left, right)) and the stacked parameter's slice holds their product
 in memory (computed from the stored factors, so a file round trip reproduces it bit for bit); the file stores the
 factors only, and omits a stacked parameter all of whose experts are reduced. The stacked tensors in memory
-therefore do not shrink (the file does, and ``seqlab.ffn.parameter_counts`` counts the factors); fine-tuning such a model trains the stacked slices, not the
-factors (the next ``save_model`` writes the stored factors, not the trained slices: reduce experts after, not
-before, a fine-tune).
+therefore do not shrink (the file does, and ``seqlab.ffn.parameter_counts`` counts the factors); fine-tuning such
+a model trains the stacked slices, not the factors (the next ``save_model`` writes the stored factors, not the
+trained slices: reduce experts after, not before, a fine-tune).
 
 **The layout on the model.** ``model.low_rank`` is JSON-able: ``{target name: {"rank": r, "shape": [out, in],
 "rho": rho, "method": "svd" | "random"}}``, target names in full (``backbone.layers.1.ffn.gate_up[3]``). It is
