@@ -101,9 +101,15 @@ class _Layer(ctypes.Structure):
 class _LM(ctypes.Structure):
     """The LanguageModel around the blocks for step.c's ``sl_lm_step`` (``st_lm``: every field 8 bytes)."""
 
-    _fields_ = [("vocab", ctypes.c_int64), ("d_model", ctypes.c_int64), ("norm_eps", ctypes.c_double)] + [
-        (name, ctypes.c_void_p) for name in ("emb_w", "norm_w", "head_w", "head_b")
-    ]
+    _fields_ = (
+        ("vocab", ctypes.c_int64),
+        ("d_model", ctypes.c_int64),
+        ("norm_eps", ctypes.c_double),
+        ("emb_w", ctypes.c_void_p),
+        ("norm_w", ctypes.c_void_p),
+        ("head_w", ctypes.c_void_p),
+        ("head_b", ctypes.c_void_p),
+    )
 
 
 _data_ptr = torch.Tensor.data_ptr
