@@ -163,9 +163,9 @@ static int st_widths(const st_layer *layers, int64_t n_layers, int64_t w[4]) {
 
 /* Elements of workspace the layers loop needs: res (the residual entering a block, rounded to float32 first under
  * residual_fp32), h (normed input), two residual buffers that alternate, proj (in_proj output), xc (conv output),
- * xdbl (Mamba-1's x_proj output), y (scan output, then Mamba-2's gated norm output). */
+ * xdbl (Mamba-1's x_proj output), y (scan output, then Mamba-2's gated norm output), dt (Mamba-1's dt_proj output). */
 static size_t st_work_elems(const st_layer *layers, int64_t batch, const int64_t w[4]) {
-    return (size_t)batch * (size_t)(4 * layers[0].d_model + w[0] + w[1] + w[2] + w[3]);
+    return (size_t)batch * (size_t)(4 * layers[0].d_model + w[0] + w[1] + w[2] + 2 * w[3]);
 }
 
 /* The layers loop, run by every thread of the caller's parallel region (orphaned worksharing): hidden_in ->
@@ -176,7 +176,7 @@ static size_t st_work_elems(const st_layer *layers, int64_t batch, const int64_t
         const int64_t dm = layers[0].d_model, w_proj = w[0], w_xc = w[1], w_xdbl = w[2];                               \
         T *res = work, *h = res + batch * dm, *ping = h + batch * dm, *pong = ping + batch * dm;                       \
         T *proj = pong + batch * dm, *xc = proj + batch * w_proj, *xdbl = xc + batch * w_xc;                           \
-        T *ybuf = xdbl + batch * w_xdbl;                                                                               \
+        T *ybuf = xdbl + batch * w_xdbl, *dtbuf = ybuf + batch * w[3];                                                 \
         const T *cur = hidden_in;                                                                                      \
         for (int64_t l = 0; l < n_layers; l++) {                                                                       \
             const st_layer *L = &layers[l];                                                                            \
@@ -223,23 +223,19 @@ static size_t st_work_elems(const st_layer *layers, int64_t batch, const int64_t
             if (L->kind == 1) {                                                                                        \
                 const int64_t R = L->dt_rank, xd = R + 2 * N;                                                          \
                 sl_rows_gemm_##SUF((const T *)L->x_w, NULL, xc, cc, xdbl, NULL, xd, xd, D, batch);                          \
-                const T *dtw = (const T *)L->dt_w;                                                                     \
-                /* dt_proj + bias, then (vectorised over a block of channels) softplus and the gate silu(z); then per    \
-                 * channel the selective state update and the D skip */                                                \
+                /* dt_proj + bias as a GEMM too (a 16-term dot per channel was one long dependency chain) */           \
+                sl_rows_gemm_##SUF((const T *)L->dt_w, dtb, xdbl, xd, dtbuf, NULL, D, D, R, batch);                    \
+                /* softplus(dt) and the gate silu(z), vectorised over a block of channels; then per channel the         \
+                 * selective state update and the D skip */                                                            \
                 const int64_t nblk = (D + ST_BLOCK - 1) / ST_BLOCK;                                                    \
                 _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                  \
                     for (int64_t blk = 0; blk < nblk; blk++) {                                                         \
                         const int64_t c0 = blk * ST_BLOCK, c1 = c0 + ST_BLOCK < D ? c0 + ST_BLOCK : D;                 \
                         const T *xb = xdbl + b * xd;                                                                   \
                         T dts[ST_BLOCK], gate[ST_BLOCK];                                                               \
-                        for (int64_t c = c0; c < c1; c++) {                                                            \
-                            T dt = 0;                                                                                  \
-                            for (int64_t r = 0; r < R; r++) dt += dtw[c * R + r] * xb[r];                              \
-                            dts[c - c0] = dt + dtb[c];                                                                 \
-                        }                                                                                              \
-                        const T *zb = proj + b * nin + D;                                                              \
+                        const T *zb = proj + b * nin + D, *dtr = dtbuf + b * D;                                        \
                         _Pragma("omp simd") for (int64_t c = c0; c < c1; c++) {                                        \
-                            dts[c - c0] = SOFTPLUS(dts[c - c0]);                                                       \
+                            dts[c - c0] = SOFTPLUS(dtr[c]);                                                            \
                             gate[c - c0] = SILU(zb[c]);                                                                \
                         }                                                                                              \
                         const T *restrict Bv = xb + R, *restrict Cv = xb + R + N;                                      \
