@@ -171,6 +171,8 @@ def _packing_unsupported(exc: TypeError) -> bool:
 def prefill(model, prompts, state: RecurrentState | None = None) -> tuple[torch.Tensor, RecurrentState]:
     """Consume ``prompts`` (token ids of any lengths: a list of 1-D tensors or id lists, or a (batch, length)
     tensor) in ONE forward: the prompts end to end in one packed row (``model(ids, state, cu_seqlens=...)``).
+    Prompts of one token each go through one ``model.step`` instead (the same result to rounding, by the state
+    contract; a forward's per-layer cost was most of a short ``generate`` call).
 
     Returns ``(last_logits, state)``: the logits after each prompt's last token, (N, vocab), and a
     ``RecurrentState`` with one row per prompt, row i at its start position + len(prompt i)
@@ -184,6 +186,11 @@ def prefill(model, prompts, state: RecurrentState | None = None) -> tuple[torch.
         raise StateError("bidirectional models see the whole sequence at once and have no state to prefill")
     device = next(model.parameters()).device
     start = _packed_start(state, len(rows))
+    if isinstance(model, LanguageModel) and all(row.numel() == 1 for row in rows):
+        # one token per prompt (a chat turn's or an agent's next event, a decode resumed): one decode step for all
+        # rows, which equals the forward to rounding and costs a fraction of its per-layer overhead
+        out = model.step(torch.cat(rows).to(device), start)
+        return out.logits, out.state
     if len(rows) == 1:  # one prompt: the plain forward
         out = model(rows[0].to(device)[None], start)
         return out.logits[:, -1], out.state
@@ -269,7 +276,8 @@ def generate(
     ``temperature``, ``top_k``, ``top_p``, ``min_p`` then do not apply (a UserWarning says so when one is set).
     ``do_sample=True`` samples with them (``temperature=0`` still picks the argmax). Sampling row i draws from
     its own generator seeded ``seed + i``, so a batch samples exactly what the prompts would one by one with
-    those seeds (``seed=None``: fresh random). ``stop``: token ids or id sequences; a row stops after generating
+    those seeds (``seed=None``: seeds drawn from torch's global generator, so ``torch.manual_seed`` makes the run
+    reproducible; greedy decoding draws none). ``stop``: token ids or id sequences; a row stops after generating
     one. ``state``: continue from it (a batch of 1 for every prompt, or one row per prompt). ``suppress_tokens``:
     ids that are never generated (their logits are set to -inf before any other filter). ``eos_token_id``: an id
     (or ids) that ends a row, like a one-token stop sequence (kept in the output, stop reason "stop"). An adapter
@@ -326,7 +334,13 @@ def generate(
     stops = _as_stops(stop)
     device = next(model.parameters()).device
     starts = _initial_states(model, state, len(rows))
-    base_seed = int(torch.seed() if seed is None else seed)
+    if seed is not None:
+        base_seed = int(seed)
+    elif greedy and drugs is None:  # nothing is drawn: leave torch's global generator alone
+        base_seed = 0
+    else:  # drawn from torch's global generator, which torch.manual_seed makes reproducible (torch.seed() here
+        # reseeded that generator for the caller, and cost a millisecond a call)
+        base_seed = int(torch.randint(0, 2**62, (1,)))
     generators = [torch.Generator().manual_seed(base_seed + i) for i in range(len(rows))]
     if drugs is not None:
         from seqlab.decoding.drugs import Drugs

@@ -200,3 +200,22 @@ def test_state_select_and_stack_round_trip(model):
     assert RecurrentState.stack(rows).positions == (5, 6, 5)
     with pytest.raises(IndexError):
         state.select(3)
+
+
+def test_seed_none_draws_from_torchs_global_generator_and_greedy_draws_nothing():
+    model = tiny_lm("mamba1", seed=2)
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    generate(model, [1, 2, 3], 4)  # greedy: the caller's random stream is untouched
+    assert torch.equal(torch.rand(3), expected_next)
+    torch.manual_seed(7)
+    first = generate(model, [1, 2, 3], 8, do_sample=True).tokens
+    torch.manual_seed(7)
+    again = generate(model, [1, 2, 3], 8, do_sample=True).tokens
+    assert first == again  # torch.manual_seed makes seed=None sampling reproducible
+    torch.manual_seed(7)
+    untouched = torch.rand(3)
+    torch.manual_seed(7)
+    generate(model, [1, 2, 3], 8, do_sample=True)
+    assert not torch.equal(torch.rand(3), untouched)  # sampling drew its seeds from that stream
