@@ -41,7 +41,7 @@ from itertools import chain
 import torch
 from torch import nn
 
-__all__ = ["fused_layers", "fused_lm_step", "fused_step"]
+__all__ = ["fused_layers", "fused_lm_greedy", "fused_lm_step", "fused_step"]
 
 _KINDS = {"mamba1": 1, "mamba2": 2}
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # backbone -> _Plan (not on the module: pickling)
@@ -131,6 +131,11 @@ def _library():
                 lm.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
                 lm.argtypes += [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
                 lm.restype = ctypes.c_int
+                greedy = getattr(lib, f"sl_lm_greedy_{suffix}")
+                greedy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+                greedy.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+                greedy.argtypes += [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+                greedy.restype = ctypes.c_int64
             lib.sl_step_abi.restype = lib.sl_lm_step_abi.restype = ctypes.c_int
             # a stale build: never call it with these layouts
             if lib.sl_step_abi() % 1000 != ctypes.sizeof(_Layer) or lib.sl_lm_step_abi() % 1000 != ctypes.sizeof(_LM):
@@ -587,12 +592,9 @@ class _LMPlan:
         return self._key() == self.key
 
 
-def fused_lm_step(model, input_ids, state, reuse=None):
-    """``LanguageModel.step`` in one compiled call (embedding, blocks, final norm, head): (logits, new state,
-    final hidden), or None where it does not apply (the caller runs ``step`` as usual, with the same results).
-    Applies to int64 ids (b,) on the CPU continuing a state this model's fused step returned (the first step after
-    a prefill goes the usual way; its result is then trusted), every block fused, no autograd. ``reuse``: a state
-    whose tensors the caller guarantees nobody reads again, written over for the new state (see ``_state_io``)."""
+def _lm_ready(model, input_ids, state):
+    """(library, plan, LM plan, ids (b,)) when the whole-model compiled step applies to ``input_ids`` continuing
+    ``state``, else None (see :func:`fused_lm_step`)."""
     if type(input_ids) is not torch.Tensor or input_ids.dtype != torch.int64 or input_ids.device.type != "cpu":
         return None
     if input_ids.dim() != 1:
@@ -604,8 +606,7 @@ def fused_lm_step(model, input_ids, state, reuse=None):
     entry = _PLANS.get(backbone)
     if lib is None or entry is None:
         return None
-    batch = input_ids.shape[0]
-    plan = _trusted(backbone, state, entry.dtype, batch)
+    plan = _trusted(backbone, state, entry.dtype, input_ids.shape[0])
     if plan is None:
         return None
     lm = _LM_PLANS.get(model)
@@ -619,23 +620,39 @@ def fused_lm_step(model, input_ids, state, reuse=None):
         return None
     if torch.is_grad_enabled() and (_grad_needed(plan, input_ids, state) or any(p.requires_grad for p in lm.params)):
         return None
-    from seqlab.kernels._native import num_threads
+    return lib, plan, lm, input_ids.contiguous()
 
-    dtype = plan.dtype
-    n = len(plan.blocks)
-    new_layers: list = [None] * n
-    io = _state_io(state, list(range(n)), dtype, new_layers, reuse)
-    if io is None:
-        return None
-    pointers, alive = io
-    ids = input_ids.contiguous()
+
+def _lm_outputs(lm: _LMPlan, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """New (hidden, logits) tensors for a step of ``batch`` rows."""
     like = lm.outputs.get(batch)
     if like is None:
         like = lm.outputs[batch] = (
             torch.empty(batch, lm.spec.d_model, dtype=dtype),
             torch.empty(batch, lm.spec.vocab, dtype=dtype),
         )
-    hidden, logits = torch.empty_like(like[0]), torch.empty_like(like[1])
+    return torch.empty_like(like[0]), torch.empty_like(like[1])
+
+
+def fused_lm_step(model, input_ids, state, reuse=None):
+    """``LanguageModel.step`` in one compiled call (embedding, blocks, final norm, head): (logits, new state,
+    final hidden), or None where it does not apply (the caller runs ``step`` as usual, with the same results).
+    Applies to int64 ids (b,) on the CPU continuing a state this model's fused step returned (the first step after
+    a prefill goes the usual way; its result is then trusted), every block fused, no autograd. ``reuse``: a state
+    whose tensors the caller guarantees nobody reads again, written over for the new state (see ``_state_io``)."""
+    ready = _lm_ready(model, input_ids, state)
+    if ready is None:
+        return None
+    lib, plan, lm, ids = ready
+    from seqlab.kernels._native import num_threads
+
+    dtype, n, batch = plan.dtype, len(plan.blocks), ids.shape[0]
+    new_layers: list = [None] * n
+    io = _state_io(state, list(range(n)), dtype, new_layers, reuse)
+    if io is None:
+        return None
+    pointers, alive = io
+    hidden, logits = _lm_outputs(lm, batch, dtype)
     run = lib.sl_lm_step_f32 if dtype == torch.float32 else lib.sl_lm_step_f64
     code = run(
         plan.base, pointers.buffer_info()[0], n, batch, ctypes.addressof(lm.spec), ids.data_ptr(),
@@ -647,5 +664,50 @@ def fused_lm_step(model, input_ids, state, reuse=None):
     if code != 0:
         raise MemoryError(f"the fused decode step failed (code {code}): out of memory for its workspace")
     new_state = state.advanced(new_layers, 1)
-    trust(backbone, new_state)
+    trust(model.backbone, new_state)
     return logits, new_state, hidden
+
+
+def fused_lm_greedy(model, input_ids, state, max_steps: int, watch=()):
+    """Greedy decoding in one compiled call: feed ``input_ids`` (b,) to ``state``, then each row's argmax (of the
+    float32 logits, as ``generate`` picks it), for up to ``max_steps`` steps, returning early after the first step
+    that fed a token in ``watch`` (the caller's stop tokens). Returns (steps run, tokens (steps, b): the argmax
+    after each step, the new state, the last logits, the last hidden), or None where :func:`fused_lm_step` would
+    not apply. The state passed in is never written; the new state is new memory. ``generate`` uses it for plain
+    greedy decoding (no callback, penalty, suppressed tokens or DRµGS): one call per stop token instead of one
+    Python step per token."""
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    ready = _lm_ready(model, input_ids, state)
+    if ready is None:
+        return None
+    lib, plan, lm, ids = ready
+    from seqlab.kernels._native import num_threads
+
+    dtype, n, batch = plan.dtype, len(plan.blocks), ids.shape[0]
+    first: list = [None] * n  # X: written by steps 0, 2, 4, ...
+    io = _state_io(state, list(range(n)), dtype, first)
+    if io is None:
+        return None
+    pointers, alive = io
+    second = [{k: torch.empty_like(t) for k, t in layer.items()} for layer in first]  # Y: odd steps
+    for src, dst in ((first, second), (second, first)):
+        for a, b in zip(src, dst):
+            pointers.extend((a["conv"].data_ptr(), b["conv"].data_ptr(), a["ssm"].data_ptr(), b["ssm"].data_ptr()))
+    tokens = torch.empty((max_steps, batch), dtype=torch.int64)
+    hidden, logits = _lm_outputs(lm, batch, dtype)
+    stop = array.array("q", sorted({int(t) for t in watch}))
+    run = lib.sl_lm_greedy_f32 if dtype == torch.float32 else lib.sl_lm_greedy_f64
+    steps = run(
+        plan.base, pointers.buffer_info()[0], n, batch, ctypes.addressof(lm.spec), ids.data_ptr(), max_steps,
+        stop.buffer_info()[0] if stop else 0, len(stop), tokens.data_ptr(), hidden.data_ptr(), logits.data_ptr(),
+        num_threads(),
+    )  # fmt: skip
+    del alive
+    if steps == -3:
+        return None
+    if steps < 1:
+        raise MemoryError(f"the fused decode step failed (code {steps}): out of memory for its workspace")
+    new_state = state.advanced(first if steps % 2 else second, steps)
+    trust(model.backbone, new_state)
+    return steps, tokens[:steps], new_state, logits, hidden

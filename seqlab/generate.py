@@ -22,7 +22,7 @@ from types import FrameType
 import torch
 
 from seqlab.errors import InputError, StateError, StateMismatchError
-from seqlab.fused_step import fused_lm_step
+from seqlab.fused_step import fused_lm_greedy, fused_lm_step
 from seqlab.models import LanguageModel, ModelOutput
 from seqlab.state import RecurrentState, state_layout
 
@@ -402,9 +402,19 @@ def _decode_loop(
     top_k, top_p, min_p, repetition_penalty, seen, banned, generators, stops, callback, device, handle,
 ):  # fmt: skip
     """The token-by-token loop of ``generate``; ``active`` shrinks in place as rows stop. Returns the final
-    (batch, logits) of the rows still active."""
+    (batch, logits) of the rows still active.
+
+    Plain greedy decoding of a LanguageModel on the compiled step (no penalty, suppressed tokens, callback or
+    DRµGS) runs many steps per call (``seqlab.fused_step.fused_lm_greedy``): the call returns after a step that
+    fed the last token of a stop sequence, so stops are checked exactly where this loop checks them."""
     spare, stepped = None, False
-    for _ in range(max_new_tokens):
+    many = (
+        greedy and seen is None and banned is None and callback is None and handle is None
+        and isinstance(model, LanguageModel) and bool(model.fused_step)
+    )  # fmt: skip
+    watch = sorted({s[-1] for s in stops})
+    remaining = max_new_tokens
+    while remaining > 0:
         if not active:
             break
         if banned is not None:
@@ -422,9 +432,23 @@ def _decode_loop(
                 [torch.multinomial(probs[j], 1, generator=generators[i])[0] for j, i in enumerate(active)]
             )
         chosen = chosen.to(device)
-        out = _decode_step(model, chosen, batch, spare)  # every generated token enters its row's state
+        run = fused_lm_greedy(model, chosen, batch, remaining, watch) if many else None
+        if run is not None:
+            steps, after, new_state, new_logits, new_hidden = run
+            fed = [chosen.tolist()] + after[: steps - 1].tolist()  # the token each step fed, per row
+            for ids in fed[:-1]:  # none of these is a stop sequence's last token: the call would have returned
+                for j, i in enumerate(active):
+                    tokens[i].append(ids[j])
+                    positions[i] += 1
+            chosen_ids = fed[-1]
+            out = ModelOutput(new_logits, new_state, new_hidden)
+            remaining -= steps
+            stepped = False  # the state before this call may be the prefill's: never written into
+        else:
+            out = _decode_step(model, chosen, batch, spare)  # every generated token enters its row's state
+            chosen_ids = chosen.tolist()  # one conversion, not one int(chosen[j]) per row
+            remaining -= 1
         keep = []
-        chosen_ids = chosen.tolist()  # one conversion, not one int(chosen[j]) per row
         for j, i in enumerate(active):
             token = chosen_ids[j]
             tokens[i].append(token)
@@ -458,7 +482,7 @@ def _decode_loop(
             # nobody reads it again, so the next step may write into it (not the prefill's state: spare starts None)
             spare = batch if stepped else None
             batch, logits = out.state, out.logits
-        stepped = True
+        stepped = run is None
     return batch, logits
 
 

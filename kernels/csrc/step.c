@@ -318,32 +318,101 @@ static size_t st_work_elems(const st_layer *layers, int64_t batch, const int64_t
                                                                                                                        \
     /* A whole LanguageModel step: embedding rows of ids, the blocks, the final RMSNorm (hidden_out, as           \
      * Backbone.step returns it) and the head (logits). -3 (nothing written) if an id is outside [0, vocab). */    \
+    /* One whole LanguageModel step for every thread of the caller's parallel region: embedding rows of ids, the       \
+     * blocks, the final RMSNorm (hidden_out, as Backbone.step returns it) and the head (logits). */                   \
+    static void st_lm_body_##SUF(const st_layer *layers, const st_io *io, int64_t n_layers, int64_t batch,             \
+                                 const st_lm *lm, const int64_t *ids, T *hidden_out, T *logits, T *work, T *x0,        \
+                                 T *x1, const int64_t w[4]) {                                                          \
+        const int64_t dm = lm->d_model;                                                                                \
+        const T *emb = (const T *)lm->emb_w, *nw = (const T *)lm->norm_w;                                              \
+        _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++)                                        \
+            memcpy(x0 + b * dm, emb + ids[b] * dm, (size_t)dm * sizeof(T));                                            \
+        st_layers_##SUF(layers, io, n_layers, batch, x0, x1, work, w);                                                 \
+        /* norm_f: seqlab/norm.py's RMSNorm (float32 statistics, times the weight in T) */                             \
+        _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                                      \
+            const T *x = x1 + b * dm;                                                                                  \
+            float r = st_rms_scale_##SUF(x, dm, lm->norm_eps);                                                         \
+            for (int64_t i = 0; i < dm; i++) hidden_out[b * dm + i] = (T)((float)x[i] * r) * nw[i];                    \
+        }                                                                                                              \
+        sl_rows_gemm_##SUF((const T *)lm->head_w, (const T *)lm->head_b, hidden_out, dm, logits, NULL, lm->vocab,      \
+                           lm->vocab, dm, batch);                                                                      \
+    }                                                                                                                  \
+                                                                                                                       \
+    /* Workspace of an LM step: the layers' and two hidden buffers (NULL if out of memory or -2 shapes). */            \
+    static T *st_lm_work_##SUF(const st_layer *layers, int64_t n_layers, int64_t batch, const st_lm *lm,               \
+                               int64_t w[4], T **x0, T **x1) {                                                         \
+        if (st_widths(layers, n_layers, w) || lm->d_model != layers[0].d_model) return NULL;                           \
+        const size_t base = st_work_elems(layers, batch, w), dm = (size_t)lm->d_model;                                 \
+        T *work = (T *)malloc((base + 2 * (size_t)batch * dm) * sizeof(T));                                            \
+        if (work) {                                                                                                    \
+            *x0 = work + base;                                                                                         \
+            *x1 = *x0 + batch * dm;                                                                                    \
+        }                                                                                                              \
+        return work;                                                                                                   \
+    }                                                                                                                  \
+                                                                                                                       \
+    /* A whole LanguageModel step. -3 (nothing written) if an id is outside [0, vocab). */                             \
     SL_EXPORT int sl_lm_step_##SUF(const st_layer *layers, const st_io *io, int64_t n_layers, int64_t batch,           \
                                    const st_lm *lm, const int64_t *ids, T *hidden_out, T *logits, int nthreads) {      \
-        int64_t w[4];                                                                                                  \
-        if (st_widths(layers, n_layers, w) || lm->d_model != layers[0].d_model) return -2;                             \
         for (int64_t b = 0; b < batch; b++)                                                                            \
             if (ids[b] < 0 || ids[b] >= lm->vocab) return -3;                                                          \
-        const int64_t dm = lm->d_model;                                                                                \
-        T *work = (T *)malloc((st_work_elems(layers, batch, w) + 2 * (size_t)(batch * dm)) * sizeof(T));               \
+        int64_t w[4];                                                                                                  \
+        T *x0 = NULL, *x1 = NULL, *work = st_lm_work_##SUF(layers, n_layers, batch, lm, w, &x0, &x1);                  \
         if (!work) return -1;                                                                                          \
-        T *x0 = work + st_work_elems(layers, batch, w), *x1 = x0 + batch * dm;                                         \
-        const T *emb = (const T *)lm->emb_w, *nw = (const T *)lm->norm_w;                                              \
-        _Pragma("omp parallel num_threads(nthreads)") {                                                                \
-            _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++)                                    \
-                memcpy(x0 + b * dm, emb + ids[b] * dm, (size_t)dm * sizeof(T));                                        \
-            st_layers_##SUF(layers, io, n_layers, batch, x0, x1, work, w);                                             \
-            /* norm_f: seqlab/norm.py's RMSNorm (float32 statistics, times the weight in T) */                         \
-            _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                                  \
-                const T *x = x1 + b * dm;                                                                              \
-                float r = st_rms_scale_##SUF(x, dm, lm->norm_eps);                                                     \
-                for (int64_t i = 0; i < dm; i++) hidden_out[b * dm + i] = (T)((float)x[i] * r) * nw[i];                \
-            }                                                                                                          \
-            sl_rows_gemm_##SUF((const T *)lm->head_w, (const T *)lm->head_b, hidden_out, dm, logits, NULL, lm->vocab,       \
-                          lm->vocab, dm, batch);                                                                       \
-        }                                                                                                              \
+        _Pragma("omp parallel num_threads(nthreads)")                                                                  \
+            st_lm_body_##SUF(layers, io, n_layers, batch, lm, ids, hidden_out, logits, work, x0, x1, w);               \
         free(work);                                                                                                    \
         return 0;                                                                                                      \
+    }                                                                                                                  \
+                                                                                                                       \
+    /* Greedy decoding in one call and one parallel region: up to n_steps steps, each feeding every row's token        \
+     * (ids0 first, then the argmax of the logits before it) and writing the argmax after it to                        \
+     * next_tokens[k * batch + b] (torch's argmax of the float32 logits: the first maximum, a NaN above all).          \
+     * It returns after the first step that fed a token in watch[0..n_watch) (the last tokens of the caller's          \
+     * stop sequences) and returns the number of steps run (-1: out of memory, -3: an id of ids0 outside the           \
+     * vocabulary). io3 holds three st_io sets of n_layers: step 0 reads the caller's state and writes X (set 0),      \
+     * odd steps read X and write Y (set 1), even steps from 2 read Y and write X (set 2); hidden_out and logits       \
+     * are the last step's. */                                                                                         \
+    SL_EXPORT int64_t sl_lm_greedy_##SUF(const st_layer *layers, const st_io *io3, int64_t n_layers, int64_t batch,    \
+                                         const st_lm *lm, const int64_t *ids0, int64_t n_steps, const int64_t *watch,  \
+                                         int64_t n_watch, int64_t *next_tokens, T *hidden_out, T *logits,              \
+                                         int nthreads) {                                                               \
+        for (int64_t b = 0; b < batch; b++)                                                                            \
+            if (ids0[b] < 0 || ids0[b] >= lm->vocab) return -3;                                                        \
+        int64_t w[4], done = 0;                                                                                        \
+        int stop = 0;                                                                                                  \
+        T *x0 = NULL, *x1 = NULL, *work = st_lm_work_##SUF(layers, n_layers, batch, lm, w, &x0, &x1);                  \
+        if (!work) return -1;                                                                                          \
+        const int64_t V = lm->vocab;                                                                                   \
+        _Pragma("omp parallel num_threads(nthreads)") {                                                                \
+            for (int64_t k = 0; k < n_steps; k++) {                                                                    \
+                const st_io *io = k == 0 ? io3 : io3 + (k % 2 ? n_layers : 2 * n_layers);                              \
+                const int64_t *ids = k == 0 ? ids0 : next_tokens + (k - 1) * batch;                                    \
+                st_lm_body_##SUF(layers, io, n_layers, batch, lm, ids, hidden_out, logits, work, x0, x1, w);           \
+                _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                              \
+                    const T *x = logits + b * V;                                                                       \
+                    int64_t best = 0;                                                                                  \
+                    float bv = (float)x[0];                                                                            \
+                    for (int64_t v = 1; v < V; v++) {                                                                  \
+                        const float xv = (float)x[v];                                                                  \
+                        if (xv > bv || (xv != xv && bv == bv)) {                                                       \
+                            best = v;                                                                                  \
+                            bv = xv;                                                                                   \
+                        }                                                                                              \
+                    }                                                                                                  \
+                    next_tokens[k * batch + b] = best;                                                                 \
+                }                                                                                                      \
+                _Pragma("omp single") {                                                                                \
+                    done = k + 1;                                                                                      \
+                    for (int64_t b = 0; b < batch && !stop; b++)                                                       \
+                        for (int64_t q = 0; q < n_watch; q++)                                                          \
+                            if (ids[b] == watch[q]) stop = 1;                                                          \
+                }                                                                                                      \
+                if (stop) break; /* every thread reads the same flag: the single ends with a barrier */                \
+            }                                                                                                          \
+        }                                                                                                              \
+        free(work);                                                                                                    \
+        return done;                                                                                                   \
     }
 ST_STEP(float, f32, st_exp_f, st_softplus_vf, st_silu_vf, st_silu_vf)
 ST_STEP(double, f64, st_exp_d, st_softplus_d, st_silu_d, st_silu_f)

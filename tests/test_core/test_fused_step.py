@@ -401,11 +401,16 @@ def test_whole_model_step_refuses_an_out_of_vocabulary_id_and_keeps_the_state():
     assert state.positions == kept.positions
 
 
+@pytest.mark.parametrize("loop", ["one call per stop", "one step at a time"])
 @pytest.mark.parametrize("ssm", ["mamba1", "mamba2"])
-def test_generate_writes_only_into_its_own_states(ssm, monkeypatch):
-    """generate's fused loop writes each new state into the memory of the state two steps back (nobody else holds
-    it): the tokens and final states equal the eager loop's, rows that stop early keep their own states, the
-    state passed in is untouched, and no returned state shares memory with another."""
+def test_generate_on_the_compiled_step_equals_the_eager_loop(ssm, loop, monkeypatch):
+    """Plain greedy ``generate`` runs many steps per compiled call (fused_lm_greedy), returning after a step that
+    fed a stop sequence's last token; with a callback it steps one token at a time, writing each new state into
+    the memory of the state two steps back. Both give the eager loop's tokens and final states, rows that stop
+    early keep their own states, the state passed in is untouched, and no returned state shares memory."""
+    import seqlab.fused_step as fused_step_module
+    import seqlab.generate as generate_module
+
     model = _model(ssm)
     with torch.no_grad():
         start = model(torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])).state
@@ -413,21 +418,33 @@ def test_generate_writes_only_into_its_own_states(ssm, monkeypatch):
     prompts = [[3, 1], [4, 1], [5, 9]]
     # stops that end row 0 after 3 tokens and row 1 after 12-14 (on this machine's weights), row 2 runs on
     stop = {"mamba1": [[23, 19], [11]], "mamba2": [[10, 4], [21]]}[ssm]
-    import seqlab.fused_step as fused_step_module
+    seen: list = []
+    options: dict = dict(state=start, stop=stop)
+    if loop == "one step at a time":
+        options["callback"] = lambda row, token: seen.append((row, token))
+        reusable = fused_step_module._reusable
+        record = lambda spare, like: seen.append(reusable(spare, like)) or seen[-1]  # noqa: E731
+        monkeypatch.setattr(fused_step_module, "_reusable", record)
+    else:
+        greedy = fused_step_module.fused_lm_greedy
 
-    reused = []
-    reusable = fused_step_module._reusable
-    monkeypatch.setattr(
-        fused_step_module, "_reusable", lambda spare, like: reused.append(reusable(spare, like)) or reused[-1]
-    )
-    fused = model.generate(prompts, 24, state=start, stop=stop)
-    assert sum(reused) > 20  # the loop did write into its old states (else this test compares plain paths)
+        def counted(*args, **kwargs):
+            run = greedy(*args, **kwargs)
+            seen.append(run[0] if run else 0)
+            return run
+
+        monkeypatch.setattr(generate_module, "fused_lm_greedy", counted)
+    fused = model.generate(prompts, 24, **options)
+    if loop == "one step at a time":
+        assert sum(x is True for x in seen) > 20  # the loop wrote into its old states (else: plain paths)
+    else:
+        assert max(x for x in seen if x) > 5  # compiled calls ran several steps each
     model.fused_step = False
     try:
         eager = model.generate(prompts, 24, state=start, stop=stop)
     finally:
         model.fused_step = True
-    assert fused.tokens == eager.tokens
+    assert fused.tokens == eager.tokens and fused.stop_reasons == eager.stop_reasons
     for a, b in zip(fused.states, eager.states):
         assert a.position == b.position
         for la, lb in zip(a.layers, b.layers):
@@ -437,6 +454,54 @@ def test_generate_writes_only_into_its_own_states(ssm, monkeypatch):
         assert all(torch.equal(a[n], b[n]) for n in b)
     pointers = [t.data_ptr() for s in fused.states for layer in s.layers for t in layer.values()]
     assert len(set(pointers)) == len(pointers)
+
+
+@torch.no_grad()
+def test_fused_greedy_equals_step_by_step_argmax():
+    """fused_lm_greedy against model.step + argmax one token at a time: the same tokens, the same final state to
+    rounding, an early return right after a step that fed a watched token, the state passed in untouched."""
+    from seqlab.fused_step import fused_lm_greedy
+
+    for ssm in ("mamba1", "mamba2"):
+        model = _model(ssm, torch.float64)
+        state = _trusted_state(model, 2)
+        kept = state.clone()
+        first = torch.tensor([4, 9])
+        steps, tokens, new_state, logits, hidden = fused_lm_greedy(model, first, state, 12)
+        assert steps == 12 and new_state.position == state.position + 12
+        s, ids, want = state, first, []
+        model.fused_step = False
+        try:
+            for _ in range(12):
+                out = model.step(ids, s)
+                s, ids = out.state, out.logits.float().argmax(-1)
+                want.append(ids.tolist())
+        finally:
+            model.fused_step = True
+        assert tokens.tolist() == want
+        assert_rel(logits, out.logits, 2e-6, f"{ssm} last logits")
+        assert_rel(hidden, out.hidden, 2e-6, f"{ssm} last hidden")
+        for a, b in zip(new_state.layers, s.layers):
+            for name in b:
+                assert_rel(a[name], b[name], 2e-6, f"{ssm} state {name}")
+        for a, b in zip(state.layers, kept.layers):
+            assert all(torch.equal(a[n], b[n]) for n in b)
+        watched = want[4][1]  # row 1 feeds this at step 5 (after 4 argmax tokens): the call returns there
+        early = fused_lm_greedy(model, first, state, 12, watch=[watched])
+        fed = [first.tolist()] + want
+        expect = next(k for k in range(12) if watched in fed[k]) + 1
+        assert early[0] == expect and early[1].tolist() == want[:expect]
+        with pytest.raises(ValueError, match="max_steps"):
+            fused_lm_greedy(model, first, state, 0)
+        assert fused_lm_greedy(model, torch.tensor([4, 99]), state, 3) is None  # the usual step names the bad id
+    # ties: torch's argmax takes the first maximum; a head of zeros ties every logit, so every token is 0
+    from torch import nn
+
+    model = _model("mamba1")
+    model.lm_head = nn.Linear(model.config.d_model, 32, bias=False)
+    nn.init.zeros_(model.lm_head.weight)
+    state = _trusted_state(model, 2)
+    assert fused_lm_greedy(model, torch.tensor([4, 9]), state, 5)[1].tolist() == [[0, 0]] * 5
 
 
 @pytest.mark.parametrize("ssm", ["mamba1", "mamba2"])
