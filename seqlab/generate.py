@@ -190,6 +190,7 @@ def prefill(model, prompts, state: RecurrentState | None = None) -> tuple[torch.
         # one token per prompt (a chat turn's or an agent's next event, a decode resumed): one decode step for all
         # rows, which equals the forward to rounding and costs a fraction of its per-layer overhead
         out = model.step(torch.cat(rows).to(device), start)
+        assert out.state is not None  # a step always returns its state (bidirectional models were refused above)
         return out.logits, out.state
     if len(rows) == 1:  # one prompt: the plain forward
         out = model(rows[0].to(device)[None], start)
