@@ -41,6 +41,28 @@ def tiny_config(ssm: str = "mamba1", **kw):
     return BackboneConfig(**base)
 
 
+def shrinking_interventions(model, rho: float = 0.25) -> list:
+    """LASER interventions (``seqlab.posttrain.laser.Intervention``) for every dense target of ``model`` whose
+    factors at ``rho`` are smaller than it, and for each MoE part's experts together (``[*]``)."""
+    from seqlab.posttrain.laser import Intervention, factor_size, intervention_targets, rank_for
+
+    out, parts = [], set()
+    for layer, kind in intervention_targets(model):
+        if "[" in kind:
+            parts.add((layer, kind[: kind.index("[")] + "[*]"))
+            continue
+        shape = tuple(model.get_submodule(f"backbone.layers.{layer}.{kind}").weight.shape)
+        if factor_size(shape, rank_for(shape, rho)) < shape[0] * shape[1]:
+            out.append(Intervention(layer, kind, rho))
+    return out + [Intervention(layer, kind, rho) for layer, kind in sorted(parts)]
+
+
+def tiny_moe_options() -> dict[str, Any]:
+    """``tiny_config`` keywords of a two-layer Mamba-1 model whose blocks carry an MoE feed-forward (4 experts of
+    width 24, top 2). A fresh dict each call."""
+    return dict(ssm="mamba1", n_layer=2, ffn="moe", d_ffn=24, moe_experts=4, moe_top_k=2)
+
+
 def tiny_hybrid_options() -> dict[str, Any]:
     """``tiny_config`` keywords of a three-layer hybrid with dense MLPs: Mamba-1, then attention (4 heads over 2
     key/value heads), then Mamba-2 (head dim 8, state 4, chunk 4). A fresh dict each call."""

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from seqlab import RecurrentState
 from seqlab.errors import StateMismatchError
-from seqlab.testing import rel_err, run_chunked, tiny_hybrid_options, tiny_lm
+from seqlab.testing import rel_err, run_chunked, tiny_hybrid_options, tiny_lm, tiny_moe_options
 
 SSMS = ["mamba1", "mamba2"]
 HYBRID = dict(
@@ -31,7 +31,7 @@ def assert_states_close(a: RecurrentState, b: RecurrentState, tol: float) -> Non
         assert rel_err(ta[key], tb[key]) <= tol, key
 
 
-MOE = dict(ssm="mamba1", n_layer=2, ffn="moe", d_ffn=24, moe_experts=4, moe_top_k=2)
+MOE = tiny_moe_options()
 ATTN_HYBRID = tiny_hybrid_options()
 WINDOW = dict(ssm="attention", n_layer=2, ffn="mlp", d_ffn=24, attn_heads=2, attn_window=5, attn_bias=True)
 # Mamba-3: SISO; MIMO (rank 2) with the gated out-proj norm and a full rotary state; Mamba-1 + Mamba-3 + Mamba-2

@@ -11,9 +11,9 @@ import torch
 from seqlab import RecurrentState
 from seqlab.errors import InputError
 from seqlab.kernels import triton_available
-from seqlab.testing import rel_err, tiny_hybrid_options, tiny_lm
+from seqlab.testing import rel_err, tiny_hybrid_options, tiny_lm, tiny_moe_options
 
-MOE = dict(ssm="mamba1", n_layer=2, ffn="moe", d_ffn=24, moe_experts=4, moe_top_k=2)
+MOE = tiny_moe_options()
 ATTN_HYBRID = tiny_hybrid_options()
 WINDOW = dict(ssm="attention", n_layer=2, ffn="mlp", d_ffn=24, attn_heads=2, attn_window=5, attn_bias=True)
 STACKS = {"moe": MOE, "attn_hybrid": ATTN_HYBRID, "window": WINDOW}

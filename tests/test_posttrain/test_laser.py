@@ -18,7 +18,6 @@ from seqlab.posttrain.laser import (
     LaserReport,
     LowRankLinear,
     apply_interventions,
-    factor_size,
     factorize,
     intervention_targets,
     laser_applied,
@@ -28,10 +27,10 @@ from seqlab.posttrain.laser import (
     stream_scorer,
 )
 from seqlab.safetensors_io import read_tensors, write_tensors
-from seqlab.testing import rel_err, run_chunked, tiny_hybrid_options, tiny_lm
+from seqlab.testing import rel_err, run_chunked, shrinking_interventions, tiny_hybrid_options, tiny_lm, tiny_moe_options
 
 VOCAB = 32
-MOE = dict(ssm="mamba1", n_layer=2, ffn="moe", d_ffn=24, moe_experts=4, moe_top_k=2)
+MOE = tiny_moe_options()
 KINDS = {
     "mamba1": dict(ssm="mamba1"),
     "mamba2": dict(ssm="mamba2"),
@@ -58,17 +57,7 @@ def same(model, before: dict[str, torch.Tensor]) -> bool:
     return now.keys() == before.keys() and all(torch.equal(now[k], before[k]) for k in before)
 
 
-def shrinking(model, rho: float) -> list[Intervention]:
-    """Every dense target whose factors at ``rho`` are smaller than it, and each MoE part's experts (``[*]``)."""
-    out, parts = [], set()
-    for layer, kind in intervention_targets(model):
-        if "[" in kind:
-            parts.add((layer, kind[: kind.index("[")] + "[*]"))
-            continue
-        shape = tuple(model.get_submodule(f"backbone.layers.{layer}.{kind}").weight.shape)
-        if factor_size(shape, rank_for(shape, rho)) < shape[0] * shape[1]:
-            out.append(Intervention(layer, kind, rho))
-    return out + [Intervention(layer, kind, rho) for layer, kind in sorted(parts)]
+shrinking = shrinking_interventions
 
 
 # ---------------------------------------------------------------------------------------------- the layer

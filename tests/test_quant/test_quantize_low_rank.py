@@ -21,15 +21,21 @@ from seqlab.posttrain.laser import (
     Intervention,
     LowRankLinear,
     apply_interventions,
-    factor_size,
-    intervention_targets,
-    rank_for,
 )
 from seqlab.quant import AQLMLinear, quantize_model, quantize_weights
-from seqlab.testing import one_line, rel_err, run_cli, tiny_config, tiny_hybrid_options, tiny_lm
+from seqlab.testing import (
+    one_line,
+    rel_err,
+    run_cli,
+    shrinking_interventions,
+    tiny_config,
+    tiny_hybrid_options,
+    tiny_lm,
+    tiny_moe_options,
+)
 
 VOCAB = 32
-MOE = dict(ssm="mamba1", n_layer=2, ffn="moe", d_ffn=24, moe_experts=4, moe_top_k=2)
+MOE = tiny_moe_options()
 KINDS = {"mamba1": dict(ssm="mamba1"), "moe": MOE, "attn_hybrid": tiny_hybrid_options()}
 FAST = {"max_rounds": 1, "adam_steps": 2, "kmeans_iters": 3}
 REFUSAL = r"call seqlab\.posttrain\.laser\.densify\(model\) first: it keeps LASER's weights \(its quality\) but not"
@@ -39,17 +45,7 @@ def ids(b: int, length: int, seed: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (b, length), generator=torch.Generator().manual_seed(seed))
 
 
-def reductions(model, rho: float = 0.25) -> list[Intervention]:
-    """Every dense target whose factors at ``rho`` are smaller than it, and every MoE part's experts (``[*]``)."""
-    out, parts = [], set()
-    for layer, kind in intervention_targets(model):
-        if "[" in kind:
-            parts.add((layer, kind[: kind.index("[")] + "[*]"))
-            continue
-        shape = tuple(model.get_submodule(f"backbone.layers.{layer}.{kind}").weight.shape)
-        if factor_size(shape, rank_for(shape, rho)) < shape[0] * shape[1]:
-            out.append(Intervention(layer, kind, rho))
-    return out + [Intervention(layer, kind, rho) for layer, kind in sorted(parts)]
+reductions = shrinking_interventions
 
 
 def lasered(kind: str, seed: int = 0):

@@ -16,11 +16,11 @@ from seqlab.errors import ConfigError, CorruptFileError
 from seqlab.quant import AQLMLinear, linear_layers, quantize_model
 from seqlab.quant.packing import packed_nbytes
 from seqlab.safetensors_io import read_tensors
-from seqlab.testing import rel_err, run_chunked, tiny_hybrid_options, tiny_lm
+from seqlab.testing import rel_err, run_chunked, tiny_hybrid_options, tiny_lm, tiny_moe_options
 
 VOCAB = 32
 FAST = {"max_rounds": 1, "adam_steps": 3, "kmeans_iters": 5}
-MOE = dict(ssm="mamba1", n_layer=2, ffn="moe", d_ffn=24, moe_experts=4, moe_top_k=2)
+MOE = tiny_moe_options()
 KINDS = {
     "mamba1": dict(ssm="mamba1"),
     "mamba2": dict(ssm="mamba2"),
