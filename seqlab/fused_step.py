@@ -524,13 +524,9 @@ def _state_io(state, idx: list[int], dtype: torch.dtype, new_layers: list, reuse
         if ssm.dtype != dtype:  # a float64 model starts from float32 zeros, as eager widens them
             ssm = ssm.to(dtype)
         ssm = ssm.contiguous()
-        # empty_like: a third of torch.empty(shape, dtype=...)'s cost, which shows at one step per token
-        conv_out, ssm_out = torch.empty_like(conv), torch.empty_like(ssm)
-        if spare is not None:
-            if _reusable(spare.get("conv"), conv):
-                conv_out = spare["conv"]
-            if _reusable(spare.get("ssm"), ssm):
-                ssm_out = spare["ssm"]
+        # a spare tensor, else new memory (empty_like: a third of torch.empty(shape, dtype=...)'s cost)
+        conv_out = spare["conv"] if spare is not None and _reusable(spare.get("conv"), conv) else torch.empty_like(conv)
+        ssm_out = spare["ssm"] if spare is not None and _reusable(spare.get("ssm"), ssm) else torch.empty_like(ssm)
         new_layers[i] = {"conv": conv_out, "ssm": ssm_out}
         alive += (conv, ssm)
         pointers.extend((conv.data_ptr(), conv_out.data_ptr(), ssm.data_ptr(), ssm_out.data_ptr()))

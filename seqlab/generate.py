@@ -444,7 +444,6 @@ def _decode_loop(
             chosen_ids = fed[-1]
             out = ModelOutput(new_logits, new_state, new_hidden)
             remaining -= steps
-            stepped = False  # the state before this call may be the prefill's: never written into
         else:
             out = _decode_step(model, chosen, batch, spare)  # every generated token enters its row's state
             chosen_ids = chosen.tolist()  # one conversion, not one int(chosen[j]) per row
@@ -479,9 +478,9 @@ def _decode_loop(
             if handle is not None:
                 handle.rows = list(active)  # DRµGS: row i keeps drawing from its own generator
         else:
-            # the state just consumed was made by this loop (a state handed out is a copy: _row_state clones):
-            # nobody reads it again, so the next step may write into it (not the prefill's state: spare starts None)
-            spare = batch if stepped else None
+            # the state a step just consumed, when a step of this loop made it (a state handed out is a copy:
+            # _row_state clones), is read by nobody again: the next step may write into it (never the prefill's)
+            spare = batch if stepped and run is None else None
             batch, logits = out.state, out.logits
         stepped = run is None
     return batch, logits

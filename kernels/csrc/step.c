@@ -55,72 +55,6 @@ typedef struct {
     const void *head_b; /* (vocab) T or NULL */
 } st_lm;
 
-/* exp for float, written so that a `#pragma omp simd` loop vectorises it (libm's expf does not): 2^k e^r with
- * r = x - k ln2 in two parts, e^r by its Taylor series to r^7 (|r| <= ln2/2: truncation ~6e-9 relative, below
- * float32's rounding). Decays are exp(dt A) <= 1; below -87.3 the result is 0, as the scan needs. */
-static inline float st_exp_f(float x) {
-    const float lo = -87.3f, hi = 88.3f;
-    float xc = x < lo ? lo : (x > hi ? hi : x);
-    float k = __builtin_rintf(xc * 1.4426950408889634f);
-    float r = xc - k * 0.693145751953125f;
-    r = r - k * 1.428606765330187e-06f;
-    float p = 1.0f / 5040.0f;
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    int32_t bits = ((int32_t)k + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    float res = p * scale;
-    return x < lo ? 0.0f : res;
-}
-static inline double st_exp_d(double x) { return exp(x); }
-
-/* log for float x >= 1 (finite), vectorisable: x = m 2^e with m in [sqrt(1/2), sqrt(2)), log(m) by Cephes' logf
- * polynomial (~1 ulp), e ln2 in two parts. Only softplus below calls it, with x = 1 + exp(v). */
-static inline float st_log_f(float x) {
-    int32_t bits;
-    memcpy(&bits, &x, sizeof bits);
-    int32_t e = ((bits >> 23) & 0xff) - 127;
-    int32_t mb = (bits & 0x007fffff) | 0x3f800000; /* m in [1, 2) */
-    float m;
-    memcpy(&m, &mb, sizeof m);
-    const int big = m > 1.41421356f;
-    m = big ? 0.5f * m : m;
-    e = big ? e + 1 : e;
-    const float f = m - 1.0f, z = f * f, ef = (float)e;
-    float y = 7.0376836292e-2f;
-    y = y * f - 1.1514610310e-1f;
-    y = y * f + 1.1676998740e-1f;
-    y = y * f - 1.2420140846e-1f;
-    y = y * f + 1.4249322787e-1f;
-    y = y * f - 1.6668057665e-1f;
-    y = y * f + 2.0000714765e-1f;
-    y = y * f - 2.4999993993e-1f;
-    y = y * f + 3.3333331174e-1f;
-    y = y * f * z;
-    y += -2.12194440e-4f * ef;
-    y += -0.5f * z;
-    return f + y + 0.693359375f * ef;
-}
-
-/* softplus and silu for float built on st_exp_f / st_log_f so that loops calling them vectorise: at batch 16 the
- * per-channel libm calls (log1pf, expf) were a tenth of the step. log1p(u - 1) is computed as log(u) * e / (u - 1)
- * with u = 1 + e (exact where u rounds, so tiny e keep their relative accuracy); torch's threshold of 20. */
-static inline float st_softplus_vf(float x) {
-    const float e = st_exp_f(x), u = 1.0f + e, d = u - 1.0f;
-    const float l = d == 0.0f ? e : st_log_f(u) * (e / d);
-    return x > 20.0f ? x : l;
-}
-static inline float st_silu_vf(float x) { return x / (1.0f + st_exp_f(-x)); }
-static inline double st_softplus_d(double x) { return x > 20.0 ? x : log1p(exp(x)); }
-static inline float st_silu_f(float x) { return x / (1.0f + expf(-x)); }
-static inline double st_silu_d(double x) { return x / (1.0 + exp(-x)); }
-
 /* 1 / sqrt(mean(v^2) + eps) of n values taken as float32 (torch's F.rms_norm on float32; squares summed in
  * double, so the float32 mean is the correctly rounded one). */
 #define ST_RMS_SCALE(T, SUF)                                                                                           \
@@ -414,8 +348,10 @@ static size_t st_work_elems(const st_layer *layers, int64_t batch, const int64_t
         free(work);                                                                                                    \
         return done;                                                                                                   \
     }
-ST_STEP(float, f32, st_exp_f, st_softplus_vf, st_silu_vf, st_silu_vf)
-ST_STEP(double, f64, st_exp_d, st_softplus_d, st_silu_d, st_silu_f)
+/* float: seqlab_native.h's vectorisable exp, softplus and SiLU (at batch 16 libm's per-channel calls were a tenth
+ * of the step); double: libm, as the float64 reference runs. */
+ST_STEP(float, f32, sl_exp_f, sl_fast_softplus_f, sl_fast_silu_f, sl_fast_silu_f)
+ST_STEP(double, f64, exp, sl_softplus_d, sl_silu_d, sl_silu_f)
 
 SL_EXPORT int sl_step_abi(void) { return SEQLAB_NATIVE_ABI * 1000 + (int)sizeof(st_layer); }
 SL_EXPORT int sl_lm_step_abi(void) { return SEQLAB_NATIVE_ABI * 1000 + (int)sizeof(st_lm); }
