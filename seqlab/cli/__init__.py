@@ -57,6 +57,7 @@ COMMAND_MODULES: dict[str, str] = {
     "export": "seqlab.cli.export",
     "bench": "seqlab.cli.bench",
     "demo": "seqlab.cli.demo",
+    "ladder": "seqlab.cli.ladder",
 }
 
 EXIT_BAD_INPUT = 2

@@ -91,7 +91,9 @@ def _read_user_file(path: str, flag: str) -> bytes:
     return data
 
 
-def resolve_inputs(texts: list[str] | None = None, big: str | None = None, prompt: str | None = None) -> Inputs:
+def resolve_inputs(
+    texts: list[str] | None = None, big: str | None = None, prompt: str | None = None, command: str = "demo"
+) -> Inputs:
     """Check and read the inputs (nothing is written): the corpus from ``texts`` (default the CPython docs text)
     and either the user's ``big`` file or the parts of a 1 MiB sequence made of the corpus and stdlib sources."""
     from seqlab.errors import ConfigError, InputError
@@ -101,10 +103,10 @@ def resolve_inputs(texts: list[str] | None = None, big: str | None = None, promp
         what = ", ".join(texts) if len(texts) <= 3 else f"{texts[0]} and {len(texts) - 1} more files"
         if len(corpus) < MIN_CORPUS:
             raise InputError(
-                f"--text {what}: {len(corpus):,} bytes in all, the demo needs at least {MIN_CORPUS:,} "
+                f"--text {what}: {len(corpus):,} bytes in all, the {command} needs at least {MIN_CORPUS:,} "
                 "(a training part and a held-out tail)"
             )
-        default_prompt = corpus[-_heldout_size(len(corpus)) :][:24].decode("utf-8", errors="ignore").strip() or "The"
+        default_prompt = corpus[-heldout_size(len(corpus)) :][:24].decode("utf-8", errors="ignore").strip() or "The"
     else:
         corpus, what, default_prompt = (
             python_docs(),
@@ -144,7 +146,9 @@ def resolve_inputs(texts: list[str] | None = None, big: str | None = None, promp
     return inputs
 
 
-def _heldout_size(n: int) -> int:
+def heldout_size(n: int) -> int:
+    """The held-out tail of an ``n``-byte corpus: 5% of it, at least 2 bytes and at most 64 KiB (the demo's and
+    the ladder's split)."""
     return max(2, min(int(n * HELDOUT_FRACTION), HELDOUT_MAX))
 
 

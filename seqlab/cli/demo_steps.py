@@ -8,7 +8,7 @@ import time
 import warnings
 from pathlib import Path
 
-from seqlab.cli.demo_inputs import EVENT_TIME, LONG_BYTES, Budget, Inputs, _heldout_size, memory_events
+from seqlab.cli.demo_inputs import EVENT_TIME, LONG_BYTES, Budget, Inputs, heldout_size, memory_events
 
 
 def step_ingest(inputs: Inputs, out: Path, progress: bool) -> dict:
@@ -20,7 +20,7 @@ def step_ingest(inputs: Inputs, out: Path, progress: bool) -> dict:
     data = out / "data"
     data.mkdir(exist_ok=True)
     n = len(inputs.corpus)
-    held = _heldout_size(n)
+    held = heldout_size(n)
     adapter.write(data / "train.bin", inputs.corpus[: n - held])
     adapter.write(data / "heldout.bin", inputs.corpus[n - held :])
     paths, names = [data / "train.bin", data / "heldout.bin"], ["train", "heldout"]
