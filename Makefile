@@ -9,13 +9,14 @@ STAMP  := $(VENV)/.seqlab-installed
 LOCK   := requirements/dev-lock.txt
 LATEST := .venv-latest
 DEMO_ARGS ?=
+LADDER_ARGS ?=
 # pytest-xdist workers (2: measured on the 2-core VM, docs/development.md) and extra pytest arguments,
 # e.g. `make test TEST_WORKERS=0 PYTEST_ARGS="-k ssd"`
 TEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 PYTEST := pytest -n $(TEST_WORKERS) --dist loadgroup --durations=15 $(PYTEST_ARGS)
 
-.PHONY: demo test lint format test-latest lock bench install clean
+.PHONY: demo ladder test lint format test-latest lock bench install clean
 
 # --no-build-isolation: seqlab is built with the locked setuptools in .venv, not with whatever setuptools is newest
 $(STAMP): pyproject.toml $(LOCK)
@@ -28,6 +29,11 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/seqlab demo $(DEMO_ARGS)
+
+# every rung of the seed article on one model (docs/ladder.md): about 15 minutes on 2 cores; LADDER_ARGS="--quick"
+# for the tiny form the suite runs
+ladder: $(STAMP)
+	$(BIN)/seqlab ladder $(LADDER_ARGS)
 
 # pytest's own command (not `python -m pytest`, which puts the working directory on sys.path)
 test: $(STAMP)

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -105,6 +106,29 @@ class Ladder:
         self.parts = split_corpus(corpus)
         self.store_path = out / "store.zarr"
         self.resume = False
+        self.bar = None
+
+    # -- the rung's progress bar -----------------------------------------------------------------------------
+    def begin(self, number: int, stages: int) -> None:
+        """Rung ``number``'s bar over its ``stages`` (training, searching, measuring ...); the tools it runs show
+        their own bars below it."""
+        from tqdm.auto import tqdm
+
+        self.close()
+        self.bar = tqdm(total=stages, desc=f"rung {number}/7", unit="stage", disable=not self.progress, leave=False)
+
+    @contextmanager
+    def stage(self, what: str):
+        if self.bar is not None:
+            self.bar.set_postfix_str(what, refresh=True)
+        yield
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     # -- paths and data --------------------------------------------------------------------------------------
     def folder(self, number: int) -> Path:
@@ -239,7 +263,10 @@ def run_ladder(
         (folder / ROW_FILE).unlink(missing_ok=True)
         say(f"[{number}/7] {what}")
         t = time.perf_counter()
-        record = RUN[number](ladder, folder, records)
+        try:
+            record = RUN[number](ladder, folder, records)
+        finally:
+            ladder.close()
         record["seconds"] = time.perf_counter() - t
         record["rung"] = number
         record["name"] = name

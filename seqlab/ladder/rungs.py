@@ -89,14 +89,16 @@ def _measured(ladder, model, path, rung, label, name, seconds, *, accuracy=None,
     """A row for ``model`` saved at ``path``: every number measured here (accuracy too unless given or ``task``
     is False)."""
     s = ladder.settings
-    if accuracy is None and task:
-        accuracy = _accuracy(ladder, model)
-    rate = decode(model, _prompt(ladder), s.decode_tokens, s.decode_repeats)["bytes_per_s"]
+    with ladder.stage(f"measure {label}"):
+        if accuracy is None and task:
+            accuracy = _accuracy(ladder, model)
+        rate = decode(model, _prompt(ladder), s.decode_tokens, s.decode_repeats)["bytes_per_s"]
+        bpb = heldout_bpb(model, ladder.store())
     return row(
         rung,
         label,
         name,
-        bpb=heldout_bpb(model, ladder.store()),
+        bpb=bpb,
         accuracy=accuracy,
         params=parameters(model),
         path=path,
@@ -128,11 +130,13 @@ def rung_moe(ladder, folder: Path, records: dict) -> dict:
         ),
     ]
     out: dict = {"rows": [], "files": []}
+    ladder.begin(1, 2 * len(variants))
     for rung, key, name, config in variants:
         started = time.perf_counter()
         torch.manual_seed(ladder.seed)
         model = ByteAdapter().build_model(config)
-        trained = _train(ladder, model, folder / f"{key}-run", s.steps)
+        with ladder.stage(f"train {key}"):
+            trained = _train(ladder, model, folder / f"{key}-run", s.steps)
         path = save_model(folder / f"{key}.safetensors", model)
         seconds = time.perf_counter() - started
         note = f"{s.steps} steps of {s.batch_size}x{s.window} bytes, train loss {trained['train_loss_last20']:.3f}"
@@ -171,33 +175,36 @@ def rung_self_reward(ladder, folder: Path, records: dict) -> dict:
 
     s = ladder.settings
     splits = _splits(ladder)
+    ladder.begin(2, 4)
     started = time.perf_counter()
     m0_path = folder / "m0.safetensors"
-    if ladder.resume and m0_path.is_file():
-        m0 = _load(m0_path)
-    else:
-        m0 = _load(records[1]["final"])
-        docs = _sft_docs(ladder, splits)
-        m0.train()
-        tasks.sft(m0, docs, steps=s.sft_steps, batch_size=s.sft_batch, seed=ladder.seed)
-        m0.eval()
-        save_model(m0_path, m0)
+    with ladder.stage("SFT of M0"):
+        if ladder.resume and m0_path.is_file():
+            m0 = _load(m0_path)
+        else:
+            m0 = _load(records[1]["final"])
+            docs = _sft_docs(ladder, splits)
+            m0.train()
+            tasks.sft(m0, docs, steps=s.sft_steps, batch_size=s.sft_batch, lr=s.sft_lr, seed=ladder.seed)
+            m0.eval()
+            save_model(m0_path, m0)
     m0_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    report = self_reward(
-        m0,
-        [i.prompt for i in splits.prompts],
-        iterations=s.sr_iterations,
-        candidates=s.sr_candidates,
-        judge_samples=s.sr_judge_samples,
-        max_new_tokens=s.sr_new_tokens,
-        dpo=DPOConfig(batch_size=s.dpo_batch, lr=s.dpo_lr, seed=ladder.seed),
-        out=folder / "self-reward",
-        seed=ladder.seed,
-        measure=lambda m: tasks.evaluate_task(m, splits.test),
-        resume=ladder.resume,
-        progress=ladder.progress,
-    )
+    with ladder.stage("self-rewarding iterations"):
+        report = self_reward(
+            m0,
+            [i.prompt for i in splits.prompts],
+            iterations=s.sr_iterations,
+            candidates=s.sr_candidates,
+            judge_samples=s.sr_judge_samples,
+            max_new_tokens=s.sr_new_tokens,
+            dpo=DPOConfig(batch_size=s.dpo_batch, lr=s.dpo_lr, seed=ladder.seed),
+            out=folder / "self-reward",
+            seed=ladder.seed,
+            measure=lambda m: tasks.evaluate_task(m, splits.test),
+            resume=ladder.resume,
+            progress=ladder.progress,
+        )
     mt_path = save_model(folder / "self-reward.safetensors", report.model)
     sr_seconds = time.perf_counter() - started
     pairs = [r.pairs for r in report.iterations]
@@ -214,7 +221,8 @@ def rung_self_reward(ladder, folder: Path, records: dict) -> dict:
             "M0: MoE + SFT on the task and text",
             m0_seconds,
             accuracy=accuracies[0],
-            notes=f"{s.sft_steps} SFT steps, {len(splits.train)} task instances",
+            notes=f"{s.sft_steps} SFT steps (lr {s.sft_lr:g}) on {len(splits.train)} task instances, their judge "
+            f"examples and {s.text_docs} pieces of training text",
         ),
         _measured(
             ladder,
@@ -247,20 +255,22 @@ def rung_laser(ladder, folder: Path, records: dict) -> dict:
     from seqlab.pipelines.posttrain import laser_run
 
     s = ladder.settings
+    ladder.begin(3, 2)
     started = time.perf_counter()
     path = folder / "laser.safetensors"
-    result = laser_run(
-        records[2]["final"],
-        store=str(ladder.store_path),
-        sequences=["valid"],
-        rhos=list(s.laser_rhos),
-        compose=s.laser_compose,
-        seed=ladder.seed,
-        out=path,
-        overwrite=True,
-        keep_best=True,  # the ladder always takes the best scored intervention on: its cost is measured too
-        progress=ladder.progress,
-    )
+    with ladder.stage("LASER search"):
+        result = laser_run(
+            records[2]["final"],
+            store=str(ladder.store_path),
+            sequences=["valid"],
+            rhos=list(s.laser_rhos),
+            compose=s.laser_compose,
+            seed=ladder.seed,
+            out=path,
+            overwrite=True,
+            keep_best=True,  # the ladder always takes the best scored intervention on: its cost is measured too
+            progress=ladder.progress,
+        )
     model = _load(path)
     chosen = ", ".join(f"layer {c['layer']} {c['kind']} rho {c['rho']:g}" for c in result["chosen"])
     beat = result["metric"] is not None and result["metric"] < result["baseline"]
@@ -297,23 +307,26 @@ def rung_aqlm(ladder, folder: Path, records: dict) -> dict:
 
     s = ladder.settings
     source, adapter = model_from_checkpoint(records[3]["final"])
-    windows = calibration_windows(
-        source,
-        adapter,
-        store=ladder.store(),
-        sequences=["train"],
-        count=s.calib_windows,
-        window=s.calib_window,
-        seed=ladder.seed,
-    )
+    ladder.begin(4, 1 + 2 * len(s.aqlm))
+    with ladder.stage("calibration windows"):
+        windows = calibration_windows(
+            source,
+            adapter,
+            store=ladder.store(),
+            sequences=["train"],
+            count=s.calib_windows,
+            window=s.calib_window,
+            seed=ladder.seed,
+        )
     out: dict = {"rows": [], "files": []}
     for j, config in enumerate(s.aqlm):
         started = time.perf_counter()
         model = densify(copy.deepcopy(source))
         bar = _Bar(ladder.progress, f"AQLM {config}")
-        report = quantize_model(
-            model, windows, config, seed=ladder.seed, aqlm_options={"max_rounds": s.aqlm_rounds}, progress=bar
-        )
+        with ladder.stage(f"AQLM {config}"):
+            report = quantize_model(
+                model, windows, config, seed=ladder.seed, aqlm_options={"max_rounds": s.aqlm_rounds}, progress=bar
+            )
         bar.close()
         path = save_model(folder / f"aqlm-{config}.safetensors", model)
         reloaded = _load(path)  # every number is of the model as its file gives it back
@@ -377,30 +390,36 @@ def rung_decoding(ladder, folder: Path, records: dict) -> dict:
     base = next(r for r in records[4]["rows"] if r["file"] == final)
     prompt = _prompt(ladder)
     n, repeats = s.decode_tokens, s.decode_repeats
+    ladder.begin(5, 4)
 
     started = time.perf_counter()
-    plain = decode(target, prompt, n, repeats)
+    with ladder.stage("plain greedy"):
+        plain = decode(target, prompt, n, repeats)
     plain_seconds = time.perf_counter() - started
 
     # the subword drafter: a BPE learned on the training text, a small subword Mamba trained on it
     started = time.perf_counter()
-    sub = SubwordAdapter(vocab_size=s.subword_vocab).fitted([ladder.parts["train"]])
-    store = SequenceStore(folder / "subword.zarr", "a")
-    ingest(store, ladder.out / "data" / "train.bin", sub, names="train", overwrite=True, progress=ladder.progress)
-    torch.manual_seed(ladder.seed)
-    small = sub.build_model(BackboneConfig(d_model=s.drafter_d_model, n_layer=s.drafter_n_layer))
-    trained = _train(ladder, small, folder / "drafter-run", s.drafter_steps, store=store, adapter=sub)
-    drafter_path = save_model(folder / "drafter-subword.safetensors", small)
+    with ladder.stage("train the subword drafter"):
+        sub = SubwordAdapter(vocab_size=s.subword_vocab).fitted([ladder.parts["train"]])
+        store = SequenceStore(folder / "subword.zarr", "a")
+        train_file = ladder.out / "data" / "train.bin"
+        ingest(store, train_file, sub, names="train", overwrite=True, progress=ladder.progress)
+        torch.manual_seed(ladder.seed)
+        small = sub.build_model(BackboneConfig(d_model=s.drafter_d_model, n_layer=s.drafter_n_layer))
+        trained = _train(ladder, small, folder / "drafter-run", s.drafter_steps, store=store, adapter=sub)
+        drafter_path = save_model(folder / "drafter-subword.safetensors", small)
     drafter_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    drafter = load_drafter(drafter_path, target, ByteAdapter())  # what `seqlab generate --draft FILE` loads
-    spec = decode(target, prompt, n, repeats, draft=drafter, speculate=s.speculate)
+    with ladder.stage("speculative, subword drafter"):
+        drafter = load_drafter(drafter_path, target, ByteAdapter())  # what `seqlab generate --draft FILE` loads
+        spec = decode(target, prompt, n, repeats, draft=drafter, speculate=s.speculate)
     spec_seconds = time.perf_counter() - started
 
     # the cascade: rung 1's dense model drafts for the final model, Max-Gram at the bottom
     started = time.perf_counter()
-    dense = _load(records[1]["dense"])
-    cas = decode(target, prompt, n, repeats, draft=cascade([dense]), speculate=s.speculate)
+    with ladder.stage("cascade"):
+        dense = _load(records[1]["dense"])
+        cas = decode(target, prompt, n, repeats, draft=cascade([dense]), speculate=s.speculate)
     cas_seconds = time.perf_counter() - started
 
     def same_row(rung, label, name, result, seconds, notes, **extra):
@@ -517,13 +536,15 @@ def rung_drugs(ladder, folder: Path, records: dict) -> dict:
     }
     rows = []
     samples = {}
+    ladder.begin(6, len(runs))
     for key, (rung, label, options) in runs.items():
-        started = time.perf_counter()
-        out = generate(target, [prompt] * s.samples, s.sample_tokens, seed=ladder.seed, **options)
-        seconds = time.perf_counter() - started
-        tokens = [list(map(int, t)) for t in out.tokens]
-        samples[key] = [bytes(t).decode("utf-8", errors="replace") for t in tokens]
-        info = {**_diversity(tokens), "judge_bpb": _bits_under(judge, prompt, tokens)}
+        with ladder.stage(label):
+            started = time.perf_counter()
+            out = generate(target, [prompt] * s.samples, s.sample_tokens, seed=ladder.seed, **options)
+            seconds = time.perf_counter() - started
+            tokens = [list(map(int, t)) for t in out.tokens]
+            samples[key] = [bytes(t).decode("utf-8", errors="replace") for t in tokens]
+            info = {**_diversity(tokens), "judge_bpb": _bits_under(judge, prompt, tokens)}
         rows.append(
             row(
                 rung,
@@ -569,50 +590,56 @@ def rung_distill(ladder, folder: Path, records: dict) -> dict:
         ssm="attention",
         attn_heads=s.teacher_heads,
         attn_kv_heads=s.teacher_kv_heads,
+        attn_window=s.window,  # a sliding window as long as the training windows: streamed text stays in range
         ffn="mlp",
         d_ffn=2 * s.teacher_d_model,
     )
     torch.manual_seed(ladder.seed)
     teacher = ByteAdapter().build_model(config)
-    # attention keeps every past key and value: windows are independent (no carried state), as for any Transformer
-    trained = _train(ladder, teacher, folder / "teacher-run", s.teacher_steps, carry_state=False)
-    teacher_path = save_model(folder / "teacher.safetensors", teacher)
+    ladder.begin(7, 6)
+    # trained on independent windows (no carried state), as a Transformer is; its sliding window is that long, so
+    # held-out text streamed through it (the table's bits per byte) never asks for a distance it was not trained on
+    with ladder.stage("train the teacher"):
+        trained = _train(ladder, teacher, folder / "teacher-run", s.teacher_steps, carry_state=False)
+        teacher_path = save_model(folder / "teacher.safetensors", teacher)
     teacher_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
     run = folder / "distill"
     heldout = torch.tensor(list(ladder.parts["heldout"]), dtype=torch.long)
-    summary = distill(
-        teacher,
-        StoreSource(ladder.store(), "train", s.batch_size, s.window, model=teacher),
-        run,
-        replace=0.5,
-        stages=2,
-        steps=s.distill_steps,
-        e2e_steps=s.distill_e2e_steps,
-        train_options={"batch_size": s.batch_size, "window": s.window, "lr": s.lr, "seed": ladder.seed},
-        eval_data=heldout,
-        progress=ladder.progress,
-        resume=ladder.resume and run.exists(),
-        teacher_source=os.fspath(teacher_path),
-    )
+    with ladder.stage("distil the hybrid"):
+        summary = distill(
+            teacher,
+            StoreSource(ladder.store(), "train", s.batch_size, s.window, model=teacher),
+            run,
+            replace=0.5,
+            stages=2,
+            steps=s.distill_steps,
+            e2e_steps=s.distill_e2e_steps,
+            train_options={"batch_size": s.batch_size, "window": s.window, "lr": s.lr, "seed": ladder.seed},
+            eval_data=heldout,
+            progress=ladder.progress,
+            resume=ladder.resume and run.exists(),
+            teacher_source=os.fspath(teacher_path),
+        )
     student = _load(summary["student"])
     student_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
     laser_path = folder / "student-laser.safetensors"
-    reduced = laser_run(
-        summary["student"],
-        store=str(ladder.store_path),
-        sequences=["valid"],
-        rhos=list(s.laser_rhos),
-        compose=s.laser_compose,
-        seed=ladder.seed,
-        out=laser_path,
-        overwrite=True,
-        keep_best=True,
-        progress=ladder.progress,
-    )
+    with ladder.stage("LASER the hybrid"):
+        reduced = laser_run(
+            summary["student"],
+            store=str(ladder.store_path),
+            sequences=["valid"],
+            rhos=list(s.laser_rhos),
+            compose=s.laser_compose,
+            seed=ladder.seed,
+            out=laser_path,
+            overwrite=True,
+            keep_best=True,
+            progress=ladder.progress,
+        )
     student_laser = _load(laser_path)
     laser_seconds = time.perf_counter() - started
     kinds = sorted({c["kind"] for c in reduced["chosen"]})
@@ -623,7 +650,8 @@ def rung_distill(ladder, folder: Path, records: dict) -> dict:
             teacher_path,
             "7a",
             "teacher (attention)",
-            f"Llama-style teacher: {s.teacher_layers} GQA attention layers, d_model {s.teacher_d_model}",
+            f"Llama-style teacher: {s.teacher_layers} GQA attention layers (sliding window {s.window}), d_model "
+            f"{s.teacher_d_model}",
             teacher_seconds,
             task=False,
             notes=f"{s.teacher_steps} steps, independent windows",

@@ -36,12 +36,13 @@ class LadderSettings:
     experts: int = 4
     lr: float = 4e-3
     # rung 2: supervised seed model M0 on the instruction task, then self-rewarding iterations
-    task_train: int = 256
+    task_train: int = 512
     task_prompts: int = 32
     task_test: int = 64
-    text_docs: int = 256  # pieces of training text mixed into the SFT documents (keeps the model a text model)
-    sft_steps: int = 150
+    text_docs: int = 1024  # pieces of training text mixed into the SFT documents (keeps the model a text model)
+    sft_steps: int = 400
     sft_batch: int = 32
+    sft_lr: float = 1e-3
     sr_iterations: int = 2
     sr_candidates: int = 4
     sr_judge_samples: int = 2
@@ -63,20 +64,20 @@ class LadderSettings:
     subword_vocab: int = 512
     drafter_d_model: int = 64
     drafter_n_layer: int = 2
-    drafter_steps: int = 200
+    drafter_steps: int = 600
     # rung 6: sampling
     samples: int = 8
     sample_tokens: int = 128
     temperature: float = 1.0
     drugs_theta: float = 0.3
     # rung 7: distillation beside the ladder
-    teacher_d_model: int = 64
+    teacher_d_model: int = 128
     teacher_layers: int = 4
     teacher_heads: int = 4
     teacher_kv_heads: int = 2
-    teacher_steps: int = 300
-    distill_steps: int = 60
-    distill_e2e_steps: int = 60
+    teacher_steps: int = 600
+    distill_steps: int = 100
+    distill_e2e_steps: int = 100
 
     def with_changes(self, **changes) -> LadderSettings:
         """A copy with ``changes`` (unknown names are a ConfigError)."""
@@ -90,7 +91,7 @@ class LadderSettings:
 
 
 #: the recorded run (docs/ladder.md)
-FULL = LadderSettings(d_model=128, n_layer=4, d_ffn=256, steps=400, batch_size=16, window=256)
+FULL = LadderSettings(d_model=128, n_layer=4, d_ffn=256, steps=1000, batch_size=16, window=256)
 
 #: every rung in tiny form (the test suite runs it; its numbers only show the plumbing works)
 QUICK = LadderSettings(
