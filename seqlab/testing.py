@@ -203,6 +203,51 @@ def run_cli(argv, capsys) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+def seqlab_process(*args, cwd, timeout: float = 600):
+    """``python -m seqlab.cli ARGS`` in a subprocess (seqlab as installed: the checkout is never put on sys.path)
+    on one OpenMP thread; the finished ``subprocess.CompletedProcess`` (text output, not checked)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "seqlab.cli", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+
+
+def once_per_session(tmp_path_factory, name: str, *args) -> tuple[Path, dict]:
+    """Run ``seqlab ARGS`` once per test session whatever pytest-xdist does: the first worker to get here runs it
+    under a file lock in the session's shared temporary folder (in ``<shared>/<name>``) and records it; every later
+    call (another worker, or the same one after xdist tore a module fixture down) reads that record. Returns
+    (the folder it ran in, {"stdout", "stderr", "seconds"}); a failed run fails every caller."""
+    import json
+    import os
+    import time
+
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # one folder per session
+    cwd = shared / name
+    record = cwd / "run.json"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not record.exists():
+            cwd.mkdir(exist_ok=True)
+            started = time.perf_counter()
+            proc = seqlab_process(*args, cwd=cwd)
+            seconds = time.perf_counter() - started
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            record.write_text(json.dumps({"stdout": proc.stdout, "stderr": proc.stderr, "seconds": seconds}))
+    return cwd, json.loads(record.read_text())
+
+
 def one_line(err: str) -> str:
     """The one line a user's mistake prints on stderr (fails when there are several, or a traceback)."""
     lines = err.strip().splitlines()

@@ -16,6 +16,8 @@ ROOMS = {
     "domains": (ROOT / "domains", 2),
     "pipelines": (ROOT / "pipelines", 3),
     "cli": (ROOT / "seqlab" / "cli", 4),
+    # `seqlab ladder`'s library: it composes every room's public pieces (and the demo's corpus), as the CLI does
+    "ladder": (ROOT / "seqlab" / "ladder", 4),
 }
 # what each import prefix belongs to (longest prefix wins)
 PREFIXES = {
@@ -23,6 +25,7 @@ PREFIXES = {
     "seqlab.domains": "domains",
     "seqlab.pipelines": "pipelines",
     "seqlab.cli": "cli",
+    "seqlab.ladder": "ladder",
     "seqlab": "core",
 }
 # modules outside the rooms' rules, each with its reason
@@ -69,6 +72,7 @@ def _package_of(path: Path) -> str:
         "domains": "seqlab.domains",
         "pipelines": "seqlab.pipelines",
         "cli": "seqlab.cli",
+        "ladder": "seqlab.ladder",
     }[room]
     parts = list(path.relative_to(ROOMS[room][0]).with_suffix("").parts)
     return ".".join([base, *parts[:-1]])
@@ -117,7 +121,15 @@ def test_lower_rooms_never_import_higher_ones():
     assert not bad, "imports against the arrows of docs/architecture.md:\n" + "\n".join(sorted(set(bad)))
 
 
-PACKAGES = ["seqlab", "seqlab.kernels", "seqlab.domains", "seqlab.pipelines", "seqlab.cli", "seqlab.mixers"]
+PACKAGES = [
+    "seqlab",
+    "seqlab.kernels",
+    "seqlab.domains",
+    "seqlab.pipelines",
+    "seqlab.cli",
+    "seqlab.mixers",
+    "seqlab.ladder",
+]
 
 # in a fresh interpreter (nothing imported yet): what `from package import name` gives before and after the
 # submodule of the same name is imported must be the same object, the module itself

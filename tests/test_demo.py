@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-import time
 from argparse import Namespace
 
 import pytest
@@ -22,16 +18,9 @@ pytest.importorskip("PIL")
 
 
 def seqlab(*args, cwd, timeout=600):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # seqlab as installed: the checkout is never put on sys.path
-    return subprocess.run(
-        [sys.executable, "-m", "seqlab.cli", *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        check=False,
-    )
+    from seqlab.testing import seqlab_process
+
+    return seqlab_process(*args, cwd=cwd, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -40,21 +29,9 @@ def demo(tmp_path_factory):
     runs it under a file lock in the session's shared temporary folder, and every later setup (another worker, or
     the same worker after xdist tore the module fixture down between work chunks: it did, 70 s each time) reads
     that run's record. The tests only read the run's outputs."""
-    from filelock import FileLock
+    from seqlab.testing import once_per_session
 
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # one folder per session
-    cwd = shared / "seqlab-demo-quick"
-    record = cwd / "run.json"
-    with FileLock(str(shared / "seqlab-demo-quick.lock")):
-        if not record.exists():
-            cwd.mkdir(exist_ok=True)
-            started = time.perf_counter()
-            proc = seqlab("demo", "--quick", "--out", "demo-out", cwd=cwd)
-            seconds = time.perf_counter() - started
-            assert proc.returncode == 0, proc.stderr[-4000:]
-            record.write_text(json.dumps({"stdout": proc.stdout, "stderr": proc.stderr, "seconds": seconds}))
-    run = json.loads(record.read_text())
+    cwd, run = once_per_session(tmp_path_factory, "seqlab-demo-quick", "demo", "--quick", "--out", "demo-out")
     out = cwd / "demo-out"
     summary = json.loads((out / "summary.json").read_text())
     print(f"seqlab demo --quick: {run['seconds']:.1f} s wall in the test")

@@ -13,9 +13,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
-import time
 from argparse import Namespace
 
 import pytest
@@ -27,16 +24,9 @@ ROWS = ["1a", "1b", "2a", "2b", "3", "4a", "4b", "5a", "5b", "5c", "6a", "6b", "
 
 
 def seqlab(*args, cwd, timeout=600):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # seqlab as installed: the checkout is never put on sys.path
-    return subprocess.run(
-        [sys.executable, "-m", "seqlab.cli", *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        check=False,
-    )
+    from seqlab.testing import seqlab_process
+
+    return seqlab_process(*args, cwd=cwd, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -44,25 +34,16 @@ def ladder(tmp_path_factory):
     """One ``seqlab ladder --quick`` per test session whatever pytest-xdist does (the first worker runs it under a
     file lock in the session's shared folder; later setups read its record). The tests only read its outputs;
     the ones that resume work on a copy."""
-    from filelock import FileLock
+    from seqlab.testing import once_per_session
 
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    cwd = shared / "seqlab-ladder-quick"
-    record = cwd / "run.json"
-    with FileLock(str(shared / "seqlab-ladder-quick.lock")):
-        if not record.exists():
-            cwd.mkdir(exist_ok=True)
-            started = time.perf_counter()
-            proc = seqlab("ladder", "--quick", "--out", "ladder-out", "--threads", "1", "--quiet", cwd=cwd)
-            seconds = time.perf_counter() - started
-            assert proc.returncode == 0, proc.stderr[-4000:]
-            record.write_text(json.dumps({"stdout": proc.stdout, "stderr": proc.stderr, "seconds": seconds}))
-    run = json.loads(record.read_text())
+    args = ("ladder", "--quick", "--out", "ladder-out", "--threads", "1", "--quiet")
+    cwd, run = once_per_session(tmp_path_factory, "seqlab-ladder-quick", *args)
     out = cwd / "ladder-out"
     summary = json.loads((out / "summary.json").read_text())
     print(f"seqlab ladder --quick: {run['seconds']:.1f} s wall in the test")
-    return Namespace(cwd=cwd, out=out, stdout=run["stdout"], summary=summary, rows={r["rung"]: r for r in summary["rows"]})
+    return Namespace(
+        cwd=cwd, out=out, stdout=run["stdout"], summary=summary, rows={r["rung"]: r for r in summary["rows"]}
+    )
 
 
 @pytest.fixture
@@ -230,3 +211,24 @@ def test_settings_and_split():
         run_ladder({"steps": 1}, "x")
     with pytest.raises(InputError, match="at least 8,192"):
         run_ladder(QUICK, "x", corpus=b"short")
+
+
+def test_the_users_own_text(tmp_path):
+    """``--text FILE...``: the ladder runs on the files given (two standard-library sources here), split and
+    stored as the plan records."""
+    import hashlib
+    import sysconfig
+    from pathlib import Path
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = [stdlib / "textwrap.py", stdlib / "shlex.py"]
+    corpus = b"".join(f.read_bytes() for f in files)
+    proc = seqlab("ladder", "--quick", "--out", "mine", "--threads", "1", "--text", *files, "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["corpus"]["bytes"] == len(corpus)
+    assert summary["corpus"]["sha256"] == hashlib.sha256(corpus).hexdigest()
+    assert "textwrap.py" in summary["corpus"]["what"]
+    assert sum(summary["sequences"].values()) == len(corpus)
+    assert (tmp_path / "mine" / "data" / "heldout.bin").read_bytes() == corpus[-summary["sequences"]["heldout"] :]
+    assert [r["rung"] for r in summary["rows"]] == ROWS

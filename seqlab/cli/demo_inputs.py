@@ -155,24 +155,31 @@ def heldout_size(n: int) -> int:
 def prepare_out(out: str | os.PathLike) -> Path:
     """The output folder, ready for a run: created when missing; in an earlier demo folder (it holds the marker
     file) the demo's own outputs are removed and other files are left; any other non-empty folder is refused."""
+    return output_folder(out, MARKER, OUTPUTS, "seqlab demo")
+
+
+def output_folder(out, marker: str, outputs, what: str, *, clear: bool = True) -> Path:
+    """A command's own output folder (the demo's, the ladder's): ``out`` is created when missing; a non-empty
+    folder without the ``marker`` file is refused (InputError) before anything is written; with ``clear`` the
+    names in ``outputs`` are removed (other files are left alone). The marker is written last."""
     from seqlab.errors import InputError
 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
         raise InputError(
-            f"--out {out}: the folder is not empty and is not a seqlab demo folder (no {MARKER}); "
+            f"--out {out}: the folder is not empty and is not a {what} folder (no {marker}); "
             "choose a new or empty folder"
         )
     out.mkdir(parents=True, exist_ok=True)
-    for name in OUTPUTS:
+    for name in outputs if clear else ():
         target = out / name
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
         elif target.exists() or target.is_symlink():
             target.unlink()
-    (out / MARKER).write_text(json.dumps({"what": "seqlab demo output folder", "outputs": list(OUTPUTS)}) + "\n")
+    (out / marker).write_text(json.dumps({"what": f"{what} output folder", "outputs": list(outputs)}) + "\n")
     return out
 
 

@@ -52,27 +52,11 @@ def _digest(data: bytes) -> str:
 def prepare_out(out, resume: bool) -> Path:
     """The output folder: new or empty, or an earlier ladder folder (its marker file is there); anything else
     is refused before anything is written. Without ``resume`` the ladder's own outputs are removed."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a folder")
-    is_ladder = (out / MARKER).is_file()
-    if out.is_dir() and any(out.iterdir()) and not is_ladder:
-        raise InputError(
-            f"--out {out}: the folder is not empty and is not a seqlab ladder folder (no {MARKER}); choose a new or "
-            "empty folder"
-        )
-    if resume and not (out / "plan.json").is_file():
+    from seqlab.cli.demo_inputs import output_folder
+
+    if resume and not (Path(out) / "plan.json").is_file():
         raise InputError(f"--resume: {out} holds no ladder run to resume (no plan.json); run without --resume")
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        for name in OUTPUTS:
-            target = out / name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            elif target.exists() or target.is_symlink():
-                target.unlink()
-    (out / MARKER).write_text(json.dumps({"what": "seqlab ladder output folder", "outputs": list(OUTPUTS)}) + "\n")
-    return out
+    return output_folder(out, MARKER, OUTPUTS, "seqlab ladder", clear=not resume)
 
 
 def split_corpus(corpus: bytes) -> dict[str, bytes]:

@@ -198,7 +198,7 @@ def rung_self_reward(ladder, folder: Path, records: dict) -> dict:
             candidates=s.sr_candidates,
             judge_samples=s.sr_judge_samples,
             max_new_tokens=s.sr_new_tokens,
-            dpo=DPOConfig(batch_size=s.dpo_batch, lr=s.dpo_lr, seed=ladder.seed),
+            dpo=DPOConfig(batch_size=s.dpo_batch, lr=s.dpo_lr, epochs=s.dpo_epochs, seed=ladder.seed),
             out=folder / "self-reward",
             seed=ladder.seed,
             measure=lambda m: tasks.evaluate_task(m, splits.test),

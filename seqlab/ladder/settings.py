@@ -37,18 +37,19 @@ class LadderSettings:
     lr: float = 4e-3
     # rung 2: supervised seed model M0 on the instruction task, then self-rewarding iterations
     task_train: int = 512
-    task_prompts: int = 32
-    task_test: int = 64
+    task_prompts: int = 128
+    task_test: int = 128
     text_docs: int = 1024  # pieces of training text mixed into the SFT documents (keeps the model a text model)
     sft_steps: int = 400
     sft_batch: int = 32
     sft_lr: float = 1e-3
-    sr_iterations: int = 2
+    sr_iterations: int = 3
     sr_candidates: int = 4
-    sr_judge_samples: int = 2
+    sr_judge_samples: int = 3
     sr_new_tokens: int = 8
     dpo_batch: int = 8
     dpo_lr: float = 1e-4
+    dpo_epochs: int = 2
     # rung 3: LASER
     laser_rhos: tuple[float, ...] = (0.5, 0.25, 0.1)
     laser_compose: int = 2
