@@ -30,7 +30,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/seqlab demo $(DEMO_ARGS)
 
-# every rung of the seed article on one model (docs/ladder.md): about 15 minutes on 2 cores; LADDER_ARGS="--quick"
+# every rung of the seed article on one model (docs/ladder.md): about 18 minutes on 2 cores; LADDER_ARGS="--quick"
 # for the tiny form the suite runs
 ladder: $(STAMP)
 	$(BIN)/seqlab ladder $(LADDER_ARGS)

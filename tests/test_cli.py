@@ -244,7 +244,7 @@ def test_one_vocabulary_across_every_command():
             problems.append(f"the old spelling {old} is still there")
     assert not problems, "\n".join(problems)
     # the probe is not vacuous: every command was walked, and the shared ideas are where they belong
-    assert len(commands) == 16  # the front door + 15 commands
+    assert len(commands) == 17  # the front door + 16 commands
     assert spellings["sequences"] == {("--sequences",)} and spellings["model"] == {("--model",)}
     assert spellings["adapter"] == {("--adapter",)} and spellings["batch_size"] == {("--batch-size",)}
     assert spellings["config"] == {("--config",)}

@@ -251,26 +251,24 @@ def rung_self_reward(ladder, folder: Path, records: dict) -> dict:
 # 3. LASER
 
 
-def rung_laser(ladder, folder: Path, records: dict) -> dict:
+def _laser(ladder, source, out: Path) -> dict:
+    """``seqlab laser``'s run on ``source``, scored on the ``valid`` sequence, written to ``out``: the best scored
+    intervention (or composition) is always written, also when it does not beat the unreduced model (its row
+    says so), so the rung's cost is measured too."""
     from seqlab.pipelines.posttrain import laser_run
 
     s = ladder.settings
+    return laser_run(source, store=str(ladder.store_path), sequences=["valid"], rhos=list(s.laser_rhos),
+                     compose=s.laser_compose, seed=ladder.seed, out=out, overwrite=True, keep_best=True,
+                     progress=ladder.progress)  # fmt: skip
+
+
+def rung_laser(ladder, folder: Path, records: dict) -> dict:
     ladder.begin(3, 2)
     started = time.perf_counter()
     path = folder / "laser.safetensors"
     with ladder.stage("LASER search"):
-        result = laser_run(
-            records[2]["final"],
-            store=str(ladder.store_path),
-            sequences=["valid"],
-            rhos=list(s.laser_rhos),
-            compose=s.laser_compose,
-            seed=ladder.seed,
-            out=path,
-            overwrite=True,
-            keep_best=True,  # the ladder always takes the best scored intervention on: its cost is measured too
-            progress=ladder.progress,
-        )
+        result = _laser(ladder, records[2]["final"], path)
     model = _load(path)
     chosen = ", ".join(f"layer {c['layer']} {c['kind']} rho {c['rho']:g}" for c in result["chosen"])
     beat = result["metric"] is not None and result["metric"] < result["baseline"]
@@ -579,7 +577,6 @@ def rung_distill(ladder, folder: Path, records: dict) -> dict:
     from seqlab.config import BackboneConfig
     from seqlab.distill import distill
     from seqlab.domains.bytes import ByteAdapter
-    from seqlab.pipelines.posttrain import laser_run
     from seqlab.pipelines.store import StoreSource
 
     s = ladder.settings
@@ -628,18 +625,7 @@ def rung_distill(ladder, folder: Path, records: dict) -> dict:
     started = time.perf_counter()
     laser_path = folder / "student-laser.safetensors"
     with ladder.stage("LASER the hybrid"):
-        reduced = laser_run(
-            summary["student"],
-            store=str(ladder.store_path),
-            sequences=["valid"],
-            rhos=list(s.laser_rhos),
-            compose=s.laser_compose,
-            seed=ladder.seed,
-            out=laser_path,
-            overwrite=True,
-            keep_best=True,
-            progress=ladder.progress,
-        )
+        reduced = _laser(ladder, summary["student"], laser_path)
     student_laser = _load(laser_path)
     laser_seconds = time.perf_counter() - started
     kinds = sorted({c["kind"] for c in reduced["chosen"]})
