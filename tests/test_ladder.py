@@ -209,6 +209,8 @@ def test_settings_and_split():
         QUICK.with_changes(stepz=5)
     with pytest.raises(ConfigError, match="LadderSettings"):
         run_ladder({"steps": 1}, "x")
+    with pytest.raises(ConfigError, match="seed must be an int >= 0"):
+        run_ladder(QUICK, "x", seed=-1)
     with pytest.raises(InputError, match="at least 8,192"):
         run_ladder(QUICK, "x", corpus=b"short")
 

@@ -16,8 +16,9 @@ ROOMS = [
         8.3,
         10.6,
         1.3,
-        "seqlab.cli  (seqlab/cli/)",
-        "parse flags and TOML, show progress, print; call public library functions; import anything below, lazily",
+        "seqlab.cli  (seqlab/cli/)   beside it: seqlab.ladder  (seqlab/ladder/)",
+        "parse flags and TOML, show progress, print; call public library functions; import anything below, lazily;\n"
+        "the ladder composes every room's public pieces into one run (`seqlab ladder`)",
     ),
     (
         0.5,

@@ -22,12 +22,6 @@ def heldout_bpb(model, store, sequence: str = "heldout") -> float:
     return bits / n
 
 
-def parameters(model) -> dict:
-    from seqlab.ffn import parameter_counts
-
-    return parameter_counts(model)
-
-
 def decode(model, prompt: torch.Tensor, tokens: int, repeats: int, **options) -> dict:
     """Greedy (or ``options``) generation of ``tokens`` after ``prompt``, ``repeats`` times: the median rate, the
     last output's tokens and its speculative stats (None without a drafter)."""
@@ -45,10 +39,6 @@ def decode(model, prompt: torch.Tensor, tokens: int, repeats: int, **options) ->
         "tokens": [list(map(int, t)) for t in out.tokens],
         "stats": out.stats,
     }
-
-
-def file_bytes(path) -> int:
-    return os.path.getsize(path)
 
 
 def row(
@@ -75,7 +65,7 @@ def row(
         "params_total": None if params is None else params["total"],
         "params_active": None if params is None else params["active"],
         "file": None if path is None else os.fspath(path),
-        "bytes_on_disk": None if path is None else file_bytes(path),
+        "bytes_on_disk": None if path is None else os.path.getsize(path),
         "decode_bytes_per_s": rate,
         "seconds": seconds,
         "notes": notes,

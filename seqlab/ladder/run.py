@@ -78,18 +78,18 @@ class Ladder:
     """One run's context: the folder, settings, seed, data and how to report progress."""
 
     def __init__(
-        self, out: Path, settings: LadderSettings, seed: int, corpus: bytes, corpus_what: str, progress: bool, say
-    ) -> None:
+        self, out: Path, settings: LadderSettings, seed: int, corpus: bytes, corpus_what: str, progress: bool,
+        resume: bool,
+    ) -> None:  # fmt: skip
         self.out = out
         self.settings = settings
         self.seed = seed
         self.corpus = corpus
         self.corpus_what = corpus_what
         self.progress = progress
-        self.say = say
+        self.resume = resume  # the tools a rung runs go on from their own checkpoints in its folder
         self.parts = split_corpus(corpus)
         self.store_path = out / "store.zarr"
-        self.resume = False
         self.bar = None
 
     # -- the rung's progress bar -----------------------------------------------------------------------------
@@ -214,8 +214,7 @@ def run_ladder(
         raise InputError(f"the corpus has {len(corpus):,} bytes; the ladder needs at least {MIN_CORPUS:,}")
     started = time.perf_counter()
     out = prepare_out(out, resume).resolve()
-    ladder = Ladder(out, settings, seed, corpus, corpus_what or "the given text", progress, say)
-    ladder.resume = resume
+    ladder = Ladder(out, settings, seed, corpus, corpus_what or "the given text", progress, resume)
     plan = ladder.plan()
     plan_path = out / "plan.json"
     if resume:

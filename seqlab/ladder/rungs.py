@@ -7,15 +7,15 @@ rung to count as done) and what later rungs read (``final``: the model file the 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import random
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from seqlab.ladder.measure import decode, heldout_bpb, parameters, row
+from seqlab.ladder.measure import decode, heldout_bpb, row
 
 
 def _load(path):
@@ -88,6 +88,8 @@ def _prompt(ladder) -> torch.Tensor:
 def _measured(ladder, model, path, rung, label, name, seconds, *, accuracy=None, task=True, notes="", **extra):
     """A row for ``model`` saved at ``path``: every number measured here (accuracy too unless given or ``task``
     is False)."""
+    from seqlab.ffn import parameter_counts
+
     s = ladder.settings
     with ladder.stage(f"measure {label}"):
         if accuracy is None and task:
@@ -100,13 +102,26 @@ def _measured(ladder, model, path, rung, label, name, seconds, *, accuracy=None,
         name,
         bpb=bpb,
         accuracy=accuracy,
-        params=parameters(model),
+        params=parameter_counts(model),
         path=path,
         rate=rate,
         seconds=seconds,
         notes=notes,
         **extra,
     )
+
+
+def _final(records: dict) -> tuple[str, dict]:
+    """The model file the ladder goes on with after rung 4, and its row (the model numbers rungs 5 and 6 show)."""
+    final = records[4]["final"]
+    return final, next(r for r in records[4]["rows"] if r["file"] == final)
+
+
+def _decoder_row(base: dict, rung, label, name, rate: float, seconds: float, notes: str, **extra) -> dict:
+    """A row of one way to decode the model of ``base`` (its row): its model numbers, this decoder's speed."""
+    params = {"total": base["params_total"], "active": base["params_active"]}
+    return row(rung, label, name, bpb=base["heldout_bpb"], accuracy=base["task_accuracy"], params=params,
+               path=base["file"], rate=rate, seconds=seconds, notes=notes, **extra)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -297,6 +312,8 @@ def rung_laser(ladder, folder: Path, records: dict) -> dict:
 
 
 def rung_aqlm(ladder, folder: Path, records: dict) -> dict:
+    from tqdm.auto import tqdm
+
     from seqlab.checkpoint import save_model
     from seqlab.domains.registry import model_from_checkpoint
     from seqlab.pipelines.calibration import calibration_windows
@@ -320,12 +337,16 @@ def rung_aqlm(ladder, folder: Path, records: dict) -> dict:
     for j, config in enumerate(s.aqlm):
         started = time.perf_counter()
         model = densify(copy.deepcopy(source))
-        bar = _Bar(ladder.progress, f"AQLM {config}")
-        with ladder.stage(f"AQLM {config}"):
-            report = quantize_model(
-                model, windows, config, seed=ladder.seed, aqlm_options={"max_rounds": s.aqlm_rounds}, progress=bar
-            )
-        bar.close()
+        with ladder.stage(f"AQLM {config}"), tqdm(desc=f"AQLM {config}", unit="layer", leave=False,
+                                                   disable=not ladder.progress) as bar:  # fmt: skip
+
+            def progress(name: str, done: int, total: int, bar=bar) -> None:  # quantize_model's callback
+                bar.total = total
+                bar.set_postfix_str(name.removeprefix("backbone."), refresh=False)
+                bar.update(done - bar.n)
+
+            options = {"max_rounds": s.aqlm_rounds}
+            report = quantize_model(model, windows, config, seed=ladder.seed, aqlm_options=options, progress=progress)
         path = save_model(folder / f"aqlm-{config}.safetensors", model)
         reloaded = _load(path)  # every number is of the model as its file gives it back
         bits = report.bits_per_parameter()
@@ -347,28 +368,6 @@ def rung_aqlm(ladder, folder: Path, records: dict) -> dict:
     return out
 
 
-class _Bar:
-    """A tqdm bar driven by ``quantize_model``'s ``progress(what, done, total)`` callback."""
-
-    def __init__(self, enabled: bool, desc: str) -> None:
-        self.enabled, self.desc = enabled, desc
-        self.bar: Any = None
-
-    def __call__(self, what: str, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        if self.bar is None:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc=self.desc, unit="layer", leave=False)
-        self.bar.n = done
-        self.bar.set_postfix_str(str(what)[:40], refresh=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 # ------------------------------------------------------------------------------------------------------
 # 5. decoding
 
@@ -380,12 +379,12 @@ def rung_decoding(ladder, folder: Path, records: dict) -> dict:
     from seqlab.domains.bytes import ByteAdapter
     from seqlab.domains.drafting import load_drafter
     from seqlab.domains.subword import SubwordAdapter
+    from seqlab.ffn import parameter_counts
     from seqlab.pipelines.store import SequenceStore, ingest
 
     s = ladder.settings
-    final = records[4]["final"]
+    final, base = _final(records)
     target = _load(final)
-    base = next(r for r in records[4]["rows"] if r["file"] == final)
     prompt = _prompt(ladder)
     n, repeats = s.decode_tokens, s.decode_repeats
     ladder.begin(5, 4)
@@ -420,21 +419,6 @@ def rung_decoding(ladder, folder: Path, records: dict) -> dict:
         cas = decode(target, prompt, n, repeats, draft=cascade([dense]), speculate=s.speculate)
     cas_seconds = time.perf_counter() - started
 
-    def same_row(rung, label, name, result, seconds, notes, **extra):
-        return row(
-            rung,
-            label,
-            name,
-            bpb=base["heldout_bpb"],
-            accuracy=base["task_accuracy"],
-            params={"total": base["params_total"], "active": base["params_active"]},
-            path=final,
-            rate=result["bytes_per_s"],
-            seconds=seconds,
-            notes=notes,
-            **extra,
-        )
-
     def spec_notes(result) -> dict:
         stats = result["stats"]
         return {
@@ -453,21 +437,23 @@ def rung_decoding(ladder, folder: Path, records: dict) -> dict:
             f"{info['identical_to_plain']}"
         )
 
-    params = parameters(small)["total"]
+    params = parameter_counts(small)["total"]
     rows = [
-        same_row(
+        _decoder_row(
+            base,
             "5a",
             "plain greedy",
             "final model, plain greedy decoding",
-            plain,
+            plain["bytes_per_s"],
             plain_seconds,
             f"{n} bytes, median of {repeats}",
         ),
-        same_row(
+        _decoder_row(
+            base,
             "5b",
             "speculative (subword)",
             "final model + subword drafter",
-            spec,
+            spec["bytes_per_s"],
             spec_seconds,
             note(
                 spec_info,
@@ -478,11 +464,12 @@ def rung_decoding(ladder, folder: Path, records: dict) -> dict:
             drafter_train=trained,
             **spec_info,
         ),
-        same_row(
+        _decoder_row(
+            base,
             "5c",
             "cascade (dense+maxgram)",
             "final model + cascade: rung 1a, then Max-Gram",
-            cas,
+            cas["bytes_per_s"],
             cas_seconds,
             note(cas_info, "vertical cascade, default allocation"),
             **cas_info,
@@ -497,17 +484,19 @@ def rung_decoding(ladder, folder: Path, records: dict) -> dict:
 
 def _bits_under(judge, prompt: torch.Tensor, continuations: list[list[int]]) -> float:
     """Bits per byte of the continuations after ``prompt`` under ``judge`` (a model that did not write them)."""
+    from seqlab.domains.base import token_bits
+
     total, count = 0.0, 0
     with torch.no_grad():
         for tokens in continuations:
             if not tokens:
                 continue
             ids = torch.cat([prompt, torch.tensor(tokens, dtype=torch.long)])[None]
-            logits, _ = judge(ids[:, :-1])
-            logp = torch.log_softmax(logits[0, len(prompt) - 1 :].double(), dim=-1)
-            total -= logp.gather(-1, ids[0, len(prompt) :, None]).sum().item()
+            targets = ids[:, 1:].clone()
+            targets[:, : len(prompt) - 1] = -100  # only the continuation is scored
+            total += token_bits(judge(ids[:, :-1]), targets).nansum().item()
             count += len(tokens)
-    return total / count / 0.6931471805599453 if count else float("nan")
+    return total / count if count else float("nan")
 
 
 def _diversity(continuations: list[list[int]]) -> dict:
@@ -521,12 +510,12 @@ def _diversity(continuations: list[list[int]]) -> dict:
 def rung_drugs(ladder, folder: Path, records: dict) -> dict:
     from seqlab.decoding import Drugs
     from seqlab.generate import generate
+    from seqlab.io import atomic_write_bytes
 
     s = ladder.settings
-    final = records[4]["final"]
+    final, base = _final(records)
     target = _load(final)
     judge = _load(records[1]["dense"])
-    base = next(r for r in records[4]["rows"] if r["file"] == final)
     prompt = _prompt(ladder)
     runs = {
         "temperature": ("6a", f"temperature {s.temperature:g}", {"do_sample": True, "temperature": s.temperature}),
@@ -544,26 +533,19 @@ def rung_drugs(ladder, folder: Path, records: dict) -> dict:
             samples[key] = [bytes(t).decode("utf-8", errors="replace") for t in tokens]
             info = {**_diversity(tokens), "judge_bpb": _bits_under(judge, prompt, tokens)}
         rows.append(
-            row(
+            _decoder_row(
+                base,
                 rung,
                 label,
                 f"final model, {label}" + (" (greedy on a perturbed state)" if key == "drugs" else " sampling"),
-                bpb=base["heldout_bpb"],
-                accuracy=base["task_accuracy"],
-                params={"total": base["params_total"], "active": base["params_active"]},
-                path=final,
-                rate=sum(map(len, tokens)) / seconds,
-                seconds=seconds,
-                notes=f"{s.samples} samples of {s.sample_tokens} bytes: {info['distinct_samples']} distinct, "
+                sum(map(len, tokens)) / seconds,
+                seconds,
+                f"{s.samples} samples of {s.sample_tokens} bytes: {info['distinct_samples']} distinct, "
                 f"distinct 4-grams {info['distinct_4grams']:.2f}, bits/byte under rung 1a "
                 f"{info['judge_bpb']:.3f}",
                 **info,
             )
         )
-    import json
-
-    from seqlab.io import atomic_write_bytes
-
     atomic_write_bytes(folder / "samples.json", json.dumps(samples, indent=1, ensure_ascii=False).encode())
     return {"rows": rows, "files": [os.fspath(folder / "samples.json")], "final": final}
 
