@@ -16,17 +16,21 @@ batch-1 state repeated: every row at context C), with the ratio, and batch 16's 
     python bench/generate.py --quick               # smoke test
     python bench/generate.py --hf-max-context 65536   # HF at 64k too (its slow path prefill takes minutes)
     python bench/generate.py --skip-hf --batches 1 16   # fused vs eager only
+    python bench/generate.py --ffn mlp --models Mamba-1 Mamba-2   # blocks with a gated MLP (MambaByte's)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
 import torch
 from _machine import machine_line
-from cpu_forward import MODELS, VOCAB, build_pair
+from cpu_forward import MODELS, VOCAB, build_pair, seqlab_config
+
+from seqlab import LanguageModel
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,6 +45,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", default=None, help=f"a subset of {list(MODELS)} (default: all)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="fused vs eager batch sizes (1 16)")
     p.add_argument("--skip-eager", action="store_true", help="leave out the fused vs eager table")
+    p.add_argument(
+        "--ffn",
+        choices=["mlp"],
+        help="give every block the gated MLP feed-forward (MambaByte's blocks, d_ffn 8/3 d_model); seqlab only: "
+        "transformers has no such Mamba",
+    )
     args = p.parse_args(argv)
     unknown = sorted(set(args.models or ()) - set(MODELS))
     if unknown:
@@ -114,7 +124,12 @@ def main(argv=None) -> None:
     print(f"greedy decode of {args.new_tokens} tokens after a prompt of C tokens; HF up to C={args.hf_max_context}")
     rows, fused_rows = [], []
     for kind in args.models or MODELS:
-        model, hf = build_pair(kind, with_hf=not args.skip_hf)
+        if args.ffn:
+            torch.manual_seed(0)
+            config = dataclasses.replace(seqlab_config(kind), ffn=args.ffn)
+            model, hf, kind = LanguageModel(config, vocab_size=VOCAB).eval(), None, f"{kind} + {args.ffn.upper()}"
+        else:
+            model, hf = build_pair(kind, with_hf=not args.skip_hf)
         # seqlab's default backend ("auto": the compiled kernels on CPU where they build), which the fused step needs;
         # build_pair hands the model over on the chunked backend, where every step would run eagerly
         model.set_backend("auto")

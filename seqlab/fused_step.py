@@ -4,8 +4,9 @@
 256 the eager step's cost is almost all per-op overhead (about 2.5 ms per token for 4 layers); the compiled step
 (``kernels/csrc/step.c``) does, per block and in one OpenMP region: RMSNorm, in_proj, the conv step and SiLU, the
 Mamba-1 x_proj / dt_proj / softplus / selective state update / D skip / SiLU(z) gate, or the Mamba-2 dt softplus /
-SSD state update / D skip / gated RMSNorm, then out_proj and the residual add. Consecutive fused blocks go in one
-call; every other block (attention, Mamba-3, MoE, a block with a feed-forward) runs its own eager ``step`` in the
+SSD state update / D skip / gated RMSNorm, then out_proj and the residual add, then the gated MLP's RMSNorm,
+gate_up, SiLU gate, down and residual add where the block has one. Consecutive fused blocks go in one
+call; every other block (attention, Mamba-3, a mixture-of-experts feed-forward) runs its own eager ``step`` in the
 same loop, so a hybrid is fused where it can be.
 
 When it applies (else the eager step runs, with the same results, silently):
@@ -14,9 +15,10 @@ When it applies (else the eager step runs, with the same results, silently):
   state stored in float32, as seqlab/norm.py and the mixers do);
 - no autograd: ``torch.is_grad_enabled()`` is False, or neither the input, the state nor any parameter of the
   block requires grad;
-- a plain block: ``Block`` with an ``RMSNorm`` and no feed-forward, a ``Mamba1Mixer`` (without Jamba's inner
-  norms) or ``Mamba2Mixer`` (ungated-before-norm output norm), every projection a plain ``nn.Linear`` (a LASER
-  low-rank or AQLM-quantized layer runs eagerly), no forward hooks, no DRµGS perturbation rotating this step
+- a plain block: ``Block`` with an ``RMSNorm``, no feed-forward or the gated MLP (``GatedMLP`` after its
+  ``RMSNorm``, bias-free projections), a ``Mamba1Mixer`` (without Jamba's inner norms) or ``Mamba2Mixer``
+  (ungated-before-norm output norm), every projection a plain ``nn.Linear`` (a LASER low-rank or
+  AQLM-quantized layer runs eagerly), no forward hooks, no DRµGS perturbation rotating this step
   (its protected steps, where the hooks are idle, fuse: they must equal plain decoding bit for bit), kernel
   backend ``"auto"`` or ``"native"`` (a model set to ``"ref"``, ``"chunked"`` or ``"triton"`` runs those kernels);
 - the compiled library builds here (``SEQLAB_NATIVE=0`` turns it off with the other compiled kernels).
@@ -95,6 +97,9 @@ class _Layer(ctypes.Structure):
                 "out_b",
             )
         ]
+        # the gated MLP feed-forward (d_ffn 0: the block has none)
+        + [("d_ffn", ctypes.c_int64), ("ffn_eps", ctypes.c_double)]
+        + [(name, ctypes.c_void_p) for name in ("ffn_norm_w", "ffn_gu_w", "ffn_down_w")]
     )
 
 
@@ -156,21 +161,26 @@ def _global_hooks() -> bool:
 
 def _block_reason(block, dtype: torch.dtype):
     """(kind, None) when ``block`` can run fused in ``dtype``, else (None, why not)."""
-    from seqlab.blocks import Block
+    from seqlab.blocks import Block, GatedMLP
     from seqlab.mixers.mamba1 import Mamba1Mixer
     from seqlab.mixers.mamba2 import Mamba2Mixer
     from seqlab.norm import GatedRMSNorm, RMSNorm
 
     if type(block) is not Block:
         return None, f"block is {type(block).__name__}"
+    linears: dict[str, nn.Module] = {}
     if block.ffn is not None:
-        return None, "the block has a feed-forward"
+        if type(block.ffn) is not GatedMLP:
+            return None, f"the feed-forward is a {type(block.ffn).__name__} (the gated MLP fuses)"
+        if type(block.ffn_norm) is not RMSNorm:
+            return None, "the feed-forward's norm is not the stock RMSNorm"
+        linears = {"ffn.gate_up": block.ffn.gate_up, "ffn.down": block.ffn.down}
     mixer = block.mixer
     if type(mixer) is Mamba1Mixer:
         kind = "mamba1"
         if mixer.dt_layernorm is not None:
             return None, "Mamba-1 with inner norms (mamba_inner_norms)"
-        linears = {"in_proj": mixer.in_proj, "x_proj": mixer.x_proj, "dt_proj": mixer.dt_proj}
+        linears.update(in_proj=mixer.in_proj, x_proj=mixer.x_proj, dt_proj=mixer.dt_proj)
     elif type(mixer) is Mamba2Mixer:
         kind = "mamba2"
         norm = mixer.norm
@@ -178,13 +188,17 @@ def _block_reason(block, dtype: torch.dtype):
             return None, "Mamba-2 output norm is not the gated RMSNorm (gate before norm)"
         if mixer.nheads % mixer.ngroups or mixer.d_inner % norm.group_size:
             return None, "Mamba-2 heads or norm groups do not divide evenly"
-        linears = {"in_proj": mixer.in_proj}
+        linears["in_proj"] = mixer.in_proj
     else:
         return None, f"mixer is {type(mixer).__name__}"
     linears["out_proj"] = mixer.out_proj
     for name, layer in linears.items():
         if type(layer) is not nn.Linear:
             return None, f"{name} is a {type(layer).__name__}, not a plain nn.Linear"
+    if block.ffn is not None and (linears["ffn.gate_up"].bias is not None or linears["ffn.down"].bias is not None):
+        return None, "the feed-forward's projections have biases"
+    if block.ffn is not None and linears["ffn.gate_up"].weight.shape[0] != 2 * linears["ffn.down"].weight.shape[1]:
+        return None, "the feed-forward's gate_up is not twice down's width"
     if kind == "mamba1" and (linears["x_proj"].bias is not None or linears["dt_proj"].bias is None):
         return None, "x_proj has a bias or dt_proj has none"
     if type(mixer.conv1d) is not nn.Conv1d or type(block.norm) is not RMSNorm:
@@ -287,6 +301,8 @@ class _Plan:
         if i == 0:
             self.containers.append(backbone.layers._modules)
         self.containers += [block._modules, block.mixer._modules]  # a leaf gaining a child changes nothing
+        if block.ffn is not None:
+            self.containers.append(block.ffn._modules)
         for module in block.modules():
             if module._parameters:
                 self.containers.append(module._parameters)
@@ -325,6 +341,11 @@ class _Plan:
         spec.conv_w = self._tensor(m.conv1d.weight.reshape(m.conv1d.weight.shape[0], -1))
         spec.conv_b = self._tensor(m.conv1d.bias)
         spec.out_w, spec.out_b = self._tensor(m.out_proj.weight), self._tensor(m.out_proj.bias)
+        if block.ffn is not None:
+            spec.d_ffn = block.ffn.down.weight.shape[1]
+            spec.ffn_eps = float(block.ffn_norm.eps)
+            spec.ffn_norm_w = self._tensor(block.ffn_norm.weight)
+            spec.ffn_gu_w, spec.ffn_down_w = self._tensor(block.ffn.gate_up.weight), self._tensor(block.ffn.down.weight)
         with torch.no_grad():  # the derived parameters, by the very ops the eager step uses
             A = (-torch.exp(m.A_log.float())).to(dt)
             D = m.D.float().to(dt)

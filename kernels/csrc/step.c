@@ -2,7 +2,8 @@
  *
  * One call runs a run of consecutive Mamba-1 / Mamba-2 blocks for one token per row: per block
  *   h = RMSNorm(residual); mixer step on h; residual = residual + out_proj(...)
- * exactly as seqlab/blocks.py Block.step, Mamba1Mixer.step and Mamba2Mixer.step compute it, in one OpenMP
+ *   and, for a block with the gated MLP feed-forward, residual = residual + down(silu(gate) * up)(RMSNorm(residual))
+ * exactly as seqlab/blocks.py Block.step (and GatedMLP), Mamba1Mixer.step and Mamba2Mixer.step compute it, in one OpenMP
  * parallel region (one fork per call, a barrier between phases) instead of about sixty small eager ops per
  * layer, whose per-op cost was most of a decode step at d_model 256.
  *
@@ -35,6 +36,10 @@ typedef struct {
     int64_t gate_group;    /* Mamba-2's gated norm group size */
     double norm_eps, gate_eps;
     const void *norm_w, *in_w, *in_b, *conv_w, *conv_b, *x_w, *dt_w, *dt_b, *A, *D, *gate_w, *out_w, *out_b;
+    /* the block's gated MLP feed-forward (seqlab/blocks.py GatedMLP after its RMSNorm); d_ffn 0: none */
+    int64_t d_ffn;
+    double ffn_eps;
+    const void *ffn_norm_w, *ffn_gu_w, *ffn_down_w; /* (d_model), (2 d_ffn, d_model): gate rows then up, (d_model, d_ffn) */
 } st_layer;
 
 /* Per block and call: the state read (conv float32, ssm T) and the new state written. */
@@ -78,11 +83,12 @@ ST_RMS_SCALE(double, f64)
 SL_ROWS_GEMM(float, f32)
 SL_ROWS_GEMM(double, f64)
 
-/* Workspace widths of a run of blocks: [proj, conv channels, x_proj output, d_inner]; -2 if the blocks do not
- * share one d_model. */
-static int st_widths(const st_layer *layers, int64_t n_layers, int64_t w[4]) {
+/* Workspace widths of a run of blocks: [proj, conv channels, x_proj output, d_inner, 2 d_ffn]; -2 if the blocks
+ * do not share one d_model. */
+#define ST_WIDTHS 5
+static int st_widths(const st_layer *layers, int64_t n_layers, int64_t w[ST_WIDTHS]) {
     const int64_t dm = layers[0].d_model;
-    w[0] = w[1] = w[2] = w[3] = 0;
+    w[0] = w[1] = w[2] = w[3] = w[4] = 0;
     for (int64_t l = 0; l < n_layers; l++) {
         const st_layer *L = &layers[l];
         if (L->d_model != dm) return -2;
@@ -91,26 +97,28 @@ static int st_widths(const st_layer *layers, int64_t n_layers, int64_t w[4]) {
         w[1] = L->conv_ch > w[1] ? L->conv_ch : w[1];
         w[2] = xd > w[2] ? xd : w[2];
         w[3] = L->d_inner > w[3] ? L->d_inner : w[3];
+        w[4] = 2 * L->d_ffn > w[4] ? 2 * L->d_ffn : w[4];
     }
     return 0;
 }
 
 /* Elements of workspace the layers loop needs: res (the residual entering a block, rounded to float32 first under
  * residual_fp32), h (normed input), two residual buffers that alternate, proj (in_proj output), xc (conv output),
- * xdbl (Mamba-1's x_proj output), y (scan output, then Mamba-2's gated norm output), dt (Mamba-1's dt_proj output). */
-static size_t st_work_elems(const st_layer *layers, int64_t batch, const int64_t w[4]) {
-    return (size_t)batch * (size_t)(4 * layers[0].d_model + w[0] + w[1] + w[2] + 2 * w[3]);
+ * xdbl (Mamba-1's x_proj output), y (scan output, then Mamba-2's gated norm output), dt (Mamba-1's dt_proj output),
+ * ffn (the MLP's gate and up rows; silu(gate) * up overwrites the gate half). */
+static size_t st_work_elems(const st_layer *layers, int64_t batch, const int64_t w[ST_WIDTHS]) {
+    return (size_t)batch * (size_t)(4 * layers[0].d_model + w[0] + w[1] + w[2] + 2 * w[3] + w[4]);
 }
 
 /* The layers loop, run by every thread of the caller's parallel region (orphaned worksharing): hidden_in ->
  * hidden_out through n_layers blocks, the states in io. Ends with a barrier (hidden_out is complete). */
 #define ST_STEP(T, SUF, EXP, SOFTPLUS, SILU, GATE_SILU)                                                                           \
     static void st_layers_##SUF(const st_layer *layers, const st_io *io, int64_t n_layers, int64_t batch,              \
-                                const T *hidden_in, T *hidden_out, T *work, const int64_t w[4]) {                      \
+                                const T *hidden_in, T *hidden_out, T *work, const int64_t w[ST_WIDTHS]) {                      \
         const int64_t dm = layers[0].d_model, w_proj = w[0], w_xc = w[1], w_xdbl = w[2];                               \
         T *res = work, *h = res + batch * dm, *ping = h + batch * dm, *pong = ping + batch * dm;                       \
         T *proj = pong + batch * dm, *xc = proj + batch * w_proj, *xdbl = xc + batch * w_xc;                           \
-        T *ybuf = xdbl + batch * w_xdbl, *dtbuf = ybuf + batch * w[3];                                                 \
+        T *ybuf = xdbl + batch * w_xdbl, *dtbuf = ybuf + batch * w[3], *fbuf = dtbuf + batch * w[3];                   \
         const T *cur = hidden_in;                                                                                      \
         for (int64_t l = 0; l < n_layers; l++) {                                                                       \
             const st_layer *L = &layers[l];                                                                            \
@@ -233,6 +241,26 @@ static size_t st_work_elems(const st_layer *layers, int64_t batch, const int64_t
             }                                                                                                          \
             /* out_proj, added to the residual */                                                                      \
             sl_rows_gemm_##SUF((const T *)L->out_w, (const T *)L->out_b, ybuf, D, next, res, dm, dm, D, batch);             \
+            if (L->d_ffn > 0) {                                                                                        \
+                /* the feed-forward (Block._mix): next += down(silu(gate) * up) of the RMSNorm'd residual */           \
+                const int64_t F = L->d_ffn, F2 = 2 * L->d_ffn;                                                         \
+                const T *fnw = (const T *)L->ffn_norm_w;                                                               \
+                _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                              \
+                    const T *x = next + b * dm;                                                                        \
+                    float r = st_rms_scale_##SUF(x, dm, L->ffn_eps);                                                   \
+                    for (int64_t i = 0; i < dm; i++) h[b * dm + i] = (T)((float)x[i] * r) * fnw[i];                    \
+                }                                                                                                      \
+                sl_rows_gemm_##SUF((const T *)L->ffn_gu_w, NULL, h, dm, fbuf, NULL, F2, F2, dm, batch);                \
+                const int64_t nfb = (F + ST_BLOCK - 1) / ST_BLOCK;                                                     \
+                _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                  \
+                    for (int64_t blk = 0; blk < nfb; blk++) {                                                          \
+                        T *g = fbuf + b * F2;                                                                          \
+                        const int64_t i0 = blk * ST_BLOCK, i1 = i0 + ST_BLOCK < F ? i0 + ST_BLOCK : F;                 \
+                        _Pragma("omp simd") for (int64_t i = i0; i < i1; i++) g[i] = SILU(g[i]) * g[F + i];            \
+                    }                                                                                                  \
+                }                                                                                                      \
+                sl_rows_gemm_##SUF((const T *)L->ffn_down_w, NULL, fbuf, F2, next, next, dm, dm, F, batch);            \
+            }                                                                                                          \
             _Pragma("omp barrier");                                                                                    \
             cur = next;                                                                                                \
         }                                                                                                              \
@@ -240,7 +268,7 @@ static size_t st_work_elems(const st_layer *layers, int64_t batch, const int64_t
                                                                                                                        \
     SL_EXPORT int sl_step_##SUF(const st_layer *layers, const st_io *io, int64_t n_layers, int64_t batch,              \
                                 const T *hidden_in, T *hidden_out, int nthreads) {                                     \
-        int64_t w[4];                                                                                                  \
+        int64_t w[ST_WIDTHS];                                                                                                  \
         if (st_widths(layers, n_layers, w)) return -2;                                                                 \
         T *work = (T *)malloc(st_work_elems(layers, batch, w) * sizeof(T));                                            \
         if (!work) return -1;                                                                                          \
@@ -256,7 +284,7 @@ static size_t st_work_elems(const st_layer *layers, int64_t batch, const int64_t
      * blocks, the final RMSNorm (hidden_out, as Backbone.step returns it) and the head (logits). */                   \
     static void st_lm_body_##SUF(const st_layer *layers, const st_io *io, int64_t n_layers, int64_t batch,             \
                                  const st_lm *lm, const int64_t *ids, T *hidden_out, T *logits, T *work, T *x0,        \
-                                 T *x1, const int64_t w[4]) {                                                          \
+                                 T *x1, const int64_t w[ST_WIDTHS]) {                                                          \
         const int64_t dm = lm->d_model;                                                                                \
         const T *emb = (const T *)lm->emb_w, *nw = (const T *)lm->norm_w;                                              \
         _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++)                                        \
@@ -274,7 +302,7 @@ static size_t st_work_elems(const st_layer *layers, int64_t batch, const int64_t
                                                                                                                        \
     /* Workspace of an LM step: the layers' and two hidden buffers (NULL if out of memory or -2 shapes). */            \
     static T *st_lm_work_##SUF(const st_layer *layers, int64_t n_layers, int64_t batch, const st_lm *lm,               \
-                               int64_t w[4], T **x0, T **x1) {                                                         \
+                               int64_t w[ST_WIDTHS], T **x0, T **x1) {                                                         \
         if (st_widths(layers, n_layers, w) || lm->d_model != layers[0].d_model) return NULL;                           \
         const size_t base = st_work_elems(layers, batch, w), dm = (size_t)lm->d_model;                                 \
         T *work = (T *)malloc((base + 2 * (size_t)batch * dm) * sizeof(T));                                            \
@@ -290,7 +318,7 @@ static size_t st_work_elems(const st_layer *layers, int64_t batch, const int64_t
                                    const st_lm *lm, const int64_t *ids, T *hidden_out, T *logits, int nthreads) {      \
         for (int64_t b = 0; b < batch; b++)                                                                            \
             if (ids[b] < 0 || ids[b] >= lm->vocab) return -3;                                                          \
-        int64_t w[4];                                                                                                  \
+        int64_t w[ST_WIDTHS];                                                                                                  \
         T *x0 = NULL, *x1 = NULL, *work = st_lm_work_##SUF(layers, n_layers, batch, lm, w, &x0, &x1);                  \
         if (!work) return -1;                                                                                          \
         _Pragma("omp parallel num_threads(nthreads)")                                                                  \
@@ -313,7 +341,7 @@ static size_t st_work_elems(const st_layer *layers, int64_t batch, const int64_t
                                          int nthreads) {                                                               \
         for (int64_t b = 0; b < batch; b++)                                                                            \
             if (ids0[b] < 0 || ids0[b] >= lm->vocab) return -3;                                                        \
-        int64_t w[4], done = 0;                                                                                        \
+        int64_t w[ST_WIDTHS], done = 0;                                                                                        \
         int stop = 0;                                                                                                  \
         T *x0 = NULL, *x1 = NULL, *work = st_lm_work_##SUF(layers, n_layers, batch, lm, w, &x0, &x1);                  \
         if (!work) return -1;                                                                                          \

@@ -27,6 +27,9 @@ VARIANTS = {
     "mamba2": dict(ssm="mamba2"),
     "mamba2-groups": dict(ssm="mamba2", ngroups=2, d_state=4, proj_bias=True),
     "mamba2-conv2": dict(ssm="mamba2", d_conv=2, headdim=4),
+    # the gated MLP feed-forward after each mixer (MambaByte's blocks); d_ffn not a multiple of the 64-wide blocks
+    "mamba1-mlp": dict(ssm="mamba1", ffn="mlp", d_ffn=72, residual_in_fp32=False),
+    "mamba2-mlp": dict(ssm="mamba2", ffn="mlp", d_ffn=24, proj_bias=True),
 }
 
 
@@ -145,6 +148,47 @@ def test_hybrid_fuses_its_mamba_layers_and_equals_eager(dtype):
         fused, eager = _step(model, tokens, state, True), _step(model, tokens, state, False)
         _assert_same(fused, eager, TOL[dtype], f"hybrid step {k}")
         state = fused.state
+
+
+@torch.no_grad()
+def test_hybrid_with_feed_forwards_fuses_the_mamba_blocks_and_their_mlps():
+    torch.manual_seed(6)
+    config = tiny_config(
+        "mamba2",
+        n_layer=3,
+        ffn="mlp",
+        d_ffn=40,
+        attn_heads=4,
+        layer_overrides={1: {"mixer": "attention"}},
+    )
+    model = LanguageModel(config, vocab_size=32).eval()
+    reasons = fused_layers(model)
+    assert reasons[0] is None and reasons[2] is None and "AttentionMixer" in reasons[1]
+    state = model(torch.randint(0, 32, (3, 5), generator=torch.Generator().manual_seed(2))).state
+    for k in range(2):
+        tokens = torch.tensor([k, 9, 30 - k])
+        fused, eager = _step(model, tokens, state, True), _step(model, tokens, state, False)
+        _assert_same(fused, eager, TOL[torch.float32], f"hybrid with MLPs, step {k}")
+        state = fused.state
+
+
+@torch.no_grad()
+def test_feed_forwards_that_do_not_fuse_run_eagerly():
+    from seqlab.posttrain.laser import LowRankLinear
+
+    model = _model("mamba1-mlp")
+    state = model(torch.tensor([[1, 2, 3]])).state
+    before = _step(model, torch.tensor([4]), state, True).logits
+    ffn = model.backbone.layers[1].ffn
+    ffn.gate_up = LowRankLinear.from_linear(ffn.gate_up, 4)  # a child of the MLP replaced: the plan must see it
+    reasons = fused_layers(model)
+    assert reasons[0] is None and "ffn.gate_up is a LowRankLinear" in reasons[1]
+    after = _step(model, torch.tensor([4]), state, True)
+    assert not torch.allclose(after.logits, before)
+    _assert_same(after, _step(model, torch.tensor([4]), state, False), 1e-5, "low-rank MLP")
+    moe = tiny_lm("mamba1", seed=1, ffn="moe", moe_experts=2, moe_top_k=1, d_ffn=24)
+    assert all("MoEFeedForward" in r for r in fused_layers(moe))
+    _eager_bitwise(moe, torch.tensor([5]), moe(torch.tensor([[1, 2]])).state)
 
 
 def _eager_bitwise(model, tokens, state) -> None:
@@ -311,7 +355,7 @@ def _trusted_state(model, batch: int, seed: int = 0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("batch", [1, 4])
-@pytest.mark.parametrize("variant", ["mamba1", "mamba1-bias-noresfp32", "mamba2-groups"])
+@pytest.mark.parametrize("variant", ["mamba1", "mamba1-bias-noresfp32", "mamba2-groups", "mamba2-mlp"])
 @torch.no_grad()
 def test_whole_model_step_is_one_call_and_equals_eager(variant, batch, dtype):
     """After the first fused step, LanguageModel.step runs embedding, blocks, final norm and head in one compiled
