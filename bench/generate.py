@@ -17,6 +17,7 @@ batch-1 state repeated: every row at context C), with the ratio, and batch 16's 
     python bench/generate.py --hf-max-context 65536   # HF at 64k too (its slow path prefill takes minutes)
     python bench/generate.py --skip-hf --batches 1 16   # fused vs eager only
     python bench/generate.py --ffn mlp --models Mamba-1 Mamba-2   # blocks with a gated MLP (MambaByte's)
+    python bench/generate.py --ffn moe --models Mamba-1 Mamba-2   # blocks with a 4-expert top-1 MoE
 """
 
 from __future__ import annotations
@@ -47,9 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-eager", action="store_true", help="leave out the fused vs eager table")
     p.add_argument(
         "--ffn",
-        choices=["mlp"],
-        help="give every block the gated MLP feed-forward (MambaByte's blocks, d_ffn 8/3 d_model); seqlab only: "
-        "transformers has no such Mamba",
+        choices=["mlp", "moe"],
+        help="give every block a feed-forward: mlp, the gated MLP (MambaByte's blocks, d_ffn 8/3 d_model), or moe, "
+        "4 experts of that width, top-1 (MoE-Mamba's); seqlab only: transformers has no such Mamba",
     )
     args = p.parse_args(argv)
     unknown = sorted(set(args.models or ()) - set(MODELS))
@@ -126,7 +127,8 @@ def main(argv=None) -> None:
     for kind in args.models or MODELS:
         if args.ffn:
             torch.manual_seed(0)
-            config = dataclasses.replace(seqlab_config(kind), ffn=args.ffn)
+            moe = dict(moe_experts=4, moe_top_k=1) if args.ffn == "moe" else {}
+            config = dataclasses.replace(seqlab_config(kind), ffn=args.ffn, **moe)
             model, hf, kind = LanguageModel(config, vocab_size=VOCAB).eval(), None, f"{kind} + {args.ffn.upper()}"
         else:
             model, hf = build_pair(kind, with_hf=not args.skip_hf)

@@ -97,10 +97,16 @@ class _Layer(ctypes.Structure):
                 "out_b",
             )
         ]
-        # the gated MLP feed-forward (d_ffn 0: the block has none)
+        # the feed-forward (d_ffn 0: the block has none): the gated MLP, or the MoE when n_experts > 0
         + [("d_ffn", ctypes.c_int64), ("ffn_eps", ctypes.c_double)]
         + [(name, ctypes.c_void_p) for name in ("ffn_norm_w", "ffn_gu_w", "ffn_down_w")]
+        + [(name, ctypes.c_int64) for name in ("n_experts", "top_k", "renormalize")]
+        + [("router_w", ctypes.c_void_p)]
     )
+
+
+#: the widest top-k the compiled MoE takes (step.c's ST_MAX_TOP_K)
+_MAX_TOP_K = 16
 
 
 class _LM(ctypes.Structure):
@@ -162,6 +168,7 @@ def _global_hooks() -> bool:
 def _block_reason(block, dtype: torch.dtype):
     """(kind, None) when ``block`` can run fused in ``dtype``, else (None, why not)."""
     from seqlab.blocks import Block, GatedMLP
+    from seqlab.ffn.moe import MoEFeedForward
     from seqlab.mixers.mamba1 import Mamba1Mixer
     from seqlab.mixers.mamba2 import Mamba2Mixer
     from seqlab.norm import GatedRMSNorm, RMSNorm
@@ -169,12 +176,26 @@ def _block_reason(block, dtype: torch.dtype):
     if type(block) is not Block:
         return None, f"block is {type(block).__name__}"
     linears: dict[str, nn.Module] = {}
-    if block.ffn is not None:
-        if type(block.ffn) is not GatedMLP:
-            return None, f"the feed-forward is a {type(block.ffn).__name__} (the gated MLP fuses)"
+    ffn = block.ffn
+    if ffn is not None:
         if type(block.ffn_norm) is not RMSNorm:
             return None, "the feed-forward's norm is not the stock RMSNorm"
-        linears = {"ffn.gate_up": block.ffn.gate_up, "ffn.down": block.ffn.down}
+        if type(ffn) is GatedMLP:
+            linears = {"ffn.gate_up": ffn.gate_up, "ffn.down": ffn.down}
+            if ffn.gate_up.bias is not None or ffn.down.bias is not None:
+                return None, "the feed-forward's projections have biases"
+            if ffn.gate_up.weight.shape[0] != 2 * ffn.down.weight.shape[1]:
+                return None, "the feed-forward's gate_up is not twice down's width"
+        elif type(ffn) is MoEFeedForward:
+            linears = {"ffn.router": ffn.router}
+            if ffn.router.bias is not None:
+                return None, "the MoE router has a bias"
+            if ffn.settings.top_k > _MAX_TOP_K:
+                return None, f"MoE top_k {ffn.settings.top_k} (the compiled step takes up to {_MAX_TOP_K})"
+            if type(ffn.gate_up) is not nn.Parameter or type(ffn.down) is not nn.Parameter:
+                return None, "the MoE experts are not the stock stacked parameters"
+        else:
+            return None, f"the feed-forward is a {type(ffn).__name__} (the gated MLP and the MoE fuse)"
     mixer = block.mixer
     if type(mixer) is Mamba1Mixer:
         kind = "mamba1"
@@ -195,10 +216,6 @@ def _block_reason(block, dtype: torch.dtype):
     for name, layer in linears.items():
         if type(layer) is not nn.Linear:
             return None, f"{name} is a {type(layer).__name__}, not a plain nn.Linear"
-    if block.ffn is not None and (linears["ffn.gate_up"].bias is not None or linears["ffn.down"].bias is not None):
-        return None, "the feed-forward's projections have biases"
-    if block.ffn is not None and linears["ffn.gate_up"].weight.shape[0] != 2 * linears["ffn.down"].weight.shape[1]:
-        return None, "the feed-forward's gate_up is not twice down's width"
     if kind == "mamba1" and (linears["x_proj"].bias is not None or linears["dt_proj"].bias is None):
         return None, "x_proj has a bias or dt_proj has none"
     if type(mixer.conv1d) is not nn.Conv1d or type(block.norm) is not RMSNorm:
@@ -253,6 +270,7 @@ class _Plan:
         self.hook_dicts: list[dict] = []  # forward (pre-)hooks: only whether there are any matters
         self.attrs: list[tuple[dict, str]] = []  # (a module's __dict__, key) whose value must stay the same object
         self.params: list[torch.nn.Parameter] = []
+        self.moe: list = []  # the fused MoE layers: eager while one trains with autograd on (capacity, jitter)
         self.specs = (_Layer * len(self.blocks))()  # zeros where a block is not fusable (never passed to C)
         for i, block in enumerate(self.blocks):
             kind, reason = _block_reason(block, dtype)
@@ -309,6 +327,8 @@ class _Plan:
             self.hook_dicts += [module._forward_hooks, module._forward_pre_hooks]
         self.attrs += [(block.__dict__, "_perturb"), (block.mixer.__dict__, "_perturb")]
         self.attrs.append((block.mixer.__dict__, "backend"))
+        if block.ffn is not None:
+            self.attrs.append((block.ffn.__dict__, "settings"))  # an MoE's top_k, renormalize: new settings rebuild
         self.params.extend(block.parameters())
 
     def _key(self) -> tuple:
@@ -341,11 +361,21 @@ class _Plan:
         spec.conv_w = self._tensor(m.conv1d.weight.reshape(m.conv1d.weight.shape[0], -1))
         spec.conv_b = self._tensor(m.conv1d.bias)
         spec.out_w, spec.out_b = self._tensor(m.out_proj.weight), self._tensor(m.out_proj.bias)
-        if block.ffn is not None:
-            spec.d_ffn = block.ffn.down.weight.shape[1]
+        ffn = block.ffn
+        if ffn is not None:
             spec.ffn_eps = float(block.ffn_norm.eps)
             spec.ffn_norm_w = self._tensor(block.ffn_norm.weight)
-            spec.ffn_gu_w, spec.ffn_down_w = self._tensor(block.ffn.gate_up.weight), self._tensor(block.ffn.down.weight)
+            if isinstance(ffn.gate_up, nn.Linear):  # the gated MLP
+                spec.d_ffn = ffn.down.weight.shape[1]
+                spec.ffn_gu_w, spec.ffn_down_w = self._tensor(ffn.gate_up.weight), self._tensor(ffn.down.weight)
+            else:  # the MoE: stacked experts, the router in float32 (seqlab.ffn.moe.route)
+                self.moe.append(ffn)
+                spec.d_ffn = ffn.down.shape[2]
+                spec.ffn_gu_w, spec.ffn_down_w = self._tensor(ffn.gate_up), self._tensor(ffn.down)
+                spec.n_experts, spec.top_k = ffn.settings.experts, ffn.settings.top_k
+                renormalize = ffn.settings.renormalize
+                spec.renormalize = int(ffn.settings.top_k > 1 if renormalize is None else renormalize)
+                spec.router_w = self._tensor(ffn.router.weight.float())
         with torch.no_grad():  # the derived parameters, by the very ops the eager step uses
             A = (-torch.exp(m.A_log.float())).to(dt)
             D = m.D.float().to(dt)
@@ -455,6 +485,18 @@ def _grad_needed(plan: _Plan, hidden: torch.Tensor, state) -> bool:
     return any(t.requires_grad for layer in state.layers for t in layer.values())
 
 
+def _moe_eager(plan: _Plan) -> bool:
+    """Whether an MoE layer of ``plan`` must run its own forward this step: one in training mode with autograd on
+    routes with capacity and jitter and records its router statistics. Otherwise the eager forward would leave
+    ``last_stats`` None; so does this step."""
+    if torch.is_grad_enabled() and any(m.training for m in plan.moe):
+        return True
+    for m in plan.moe:
+        if m.last_stats is not None:
+            m.last_stats = None
+    return False
+
+
 def fused_step(backbone, hidden: torch.Tensor, state, plan: _Plan | None = None):
     """``Backbone.step``'s layer loop with the fusable blocks compiled: (hidden after the last block, new layer
     states), or None where the fused step does not apply (the caller runs the eager loop). ``state`` (a checked
@@ -470,6 +512,8 @@ def fused_step(backbone, hidden: torch.Tensor, state, plan: _Plan | None = None)
     if not plan.any_fusable:
         return None
     if torch.is_grad_enabled() and _grad_needed(plan, hidden, state):
+        return None
+    if plan.moe and _moe_eager(plan):
         return None
     from seqlab.kernels._native import num_threads
 
@@ -636,6 +680,8 @@ def _lm_ready(model, input_ids, state):
     if plan.conditional and not all(check() for checks in plan.idle_checks for check in checks):
         return None
     if torch.is_grad_enabled() and (_grad_needed(plan, input_ids, state) or any(p.requires_grad for p in lm.params)):
+        return None
+    if plan.moe and _moe_eager(plan):
         return None
     return lib, plan, lm, input_ids.contiguous()
 

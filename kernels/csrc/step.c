@@ -36,10 +36,15 @@ typedef struct {
     int64_t gate_group;    /* Mamba-2's gated norm group size */
     double norm_eps, gate_eps;
     const void *norm_w, *in_w, *in_b, *conv_w, *conv_b, *x_w, *dt_w, *dt_b, *A, *D, *gate_w, *out_w, *out_b;
-    /* the block's gated MLP feed-forward (seqlab/blocks.py GatedMLP after its RMSNorm); d_ffn 0: none */
+    /* The block's feed-forward after its RMSNorm (d_ffn 0: none): the gated MLP (seqlab/blocks.py GatedMLP) when
+     * n_experts is 0, else the mixture of experts at evaluation (seqlab/ffn/moe.py: drop-free, token-local). */
     int64_t d_ffn;
     double ffn_eps;
-    const void *ffn_norm_w, *ffn_gu_w, *ffn_down_w; /* (d_model), (2 d_ffn, d_model): gate rows then up, (d_model, d_ffn) */
+    const void *ffn_norm_w; /* (d_model) */
+    const void *ffn_gu_w;   /* MLP (2 d_ffn, d_model), MoE (n_experts, 2 d_ffn, d_model): gate rows, then up rows */
+    const void *ffn_down_w; /* MLP (d_model, d_ffn), MoE (n_experts, d_model, d_ffn) */
+    int64_t n_experts, top_k, renormalize;
+    const float *router_w; /* (n_experts, d_model) float32: the router runs in float32 whatever T (route()) */
 } st_layer;
 
 /* Per block and call: the state read (conv float32, ssm T) and the new state written. */
@@ -62,18 +67,21 @@ typedef struct {
 
 /* 1 / sqrt(mean(v^2) + eps) of n values taken as float32 (torch's F.rms_norm on float32; squares summed in
  * double, so the float32 mean is the correctly rounded one). */
-#define ST_RMS_SCALE(T, SUF)                                                                                           \
-    static inline float st_rms_scale_##SUF(const T *restrict x, int64_t n, double eps) {                               \
-        double s = 0.0;                                                                                                \
-        _Pragma("omp simd reduction(+ : s)") for (int64_t i = 0; i < n; i++) {                                         \
-            float v = (float)x[i];                                                                                     \
-            s += (double)(v * v);                                                                                      \
-        }                                                                                                              \
-        float mean = (float)s / (float)n;                                                                              \
-        return 1.0f / sqrtf(mean + (float)eps);                                                                        \
+#define ST_RMS_SCALE(T, SUF)                                                                                            \
+    static inline float st_rms_scale_##SUF(const T *restrict x, int64_t n, double eps) {                                \
+        double s = 0.0;                                                                                                 \
+        _Pragma("omp simd reduction(+ : s)") for (int64_t i = 0; i < n; i++) {                                          \
+            float v = (float)x[i];                                                                                      \
+            s += (double)(v * v);                                                                                       \
+        }                                                                                                               \
+        float mean = (float)s / (float)n;                                                                               \
+        return 1.0f / sqrtf(mean + (float)eps);                                                                         \
     }
 ST_RMS_SCALE(float, f32)
 ST_RMS_SCALE(double, f64)
+
+/* The most experts per token the fused MoE takes (seqlab/fused_step.py runs a wider top-k eagerly). */
+#define ST_MAX_TOP_K 16
 
 /* Channels per block in the vectorised passes (a stack array of this many per thread). */
 #define ST_BLOCK 64
@@ -83,12 +91,12 @@ ST_RMS_SCALE(double, f64)
 SL_ROWS_GEMM(float, f32)
 SL_ROWS_GEMM(double, f64)
 
-/* Workspace widths of a run of blocks: [proj, conv channels, x_proj output, d_inner, 2 d_ffn]; -2 if the blocks
- * do not share one d_model. */
-#define ST_WIDTHS 5
+/* Workspace widths of a run of blocks: [proj, conv channels, x_proj output, d_inner, 2 d_ffn (MLP), the MoE's T
+ * elements per row, its int64 per row, its int64 per call]; -2 if the blocks do not share one d_model. */
+#define ST_WIDTHS 8
 static int st_widths(const st_layer *layers, int64_t n_layers, int64_t w[ST_WIDTHS]) {
     const int64_t dm = layers[0].d_model;
-    w[0] = w[1] = w[2] = w[3] = w[4] = 0;
+    for (int i = 0; i < ST_WIDTHS; i++) w[i] = 0;
     for (int64_t l = 0; l < n_layers; l++) {
         const st_layer *L = &layers[l];
         if (L->d_model != dm) return -2;
@@ -97,7 +105,14 @@ static int st_widths(const st_layer *layers, int64_t n_layers, int64_t w[ST_WIDT
         w[1] = L->conv_ch > w[1] ? L->conv_ch : w[1];
         w[2] = xd > w[2] ? xd : w[2];
         w[3] = L->d_inner > w[3] ? L->d_inner : w[3];
-        w[4] = 2 * L->d_ffn > w[4] ? 2 * L->d_ffn : w[4];
+        if (L->n_experts > 0) {
+            const int64_t E = L->n_experts, K = L->top_k, per_row = dm + E + K + K * (2 * dm + 2 * L->d_ffn);
+            w[5] = per_row > w[5] ? per_row : w[5];
+            w[6] = 2 * K > w[6] ? 2 * K : w[6];
+            w[7] = E + 1 > w[7] ? E + 1 : w[7];
+        } else {
+            w[4] = 2 * L->d_ffn > w[4] ? 2 * L->d_ffn : w[4];
+        }
     }
     return 0;
 }
@@ -105,276 +120,384 @@ static int st_widths(const st_layer *layers, int64_t n_layers, int64_t w[ST_WIDT
 /* Elements of workspace the layers loop needs: res (the residual entering a block, rounded to float32 first under
  * residual_fp32), h (normed input), two residual buffers that alternate, proj (in_proj output), xc (conv output),
  * xdbl (Mamba-1's x_proj output), y (scan output, then Mamba-2's gated norm output), dt (Mamba-1's dt_proj output),
- * ffn (the MLP's gate and up rows; silu(gate) * up overwrites the gate half). */
-static size_t st_work_elems(const st_layer *layers, int64_t batch, const int64_t w[ST_WIDTHS]) {
-    return (size_t)batch * (size_t)(4 * layers[0].d_model + w[0] + w[1] + w[2] + 2 * w[3] + w[4]);
+ * ffn (the MLP's gate and up rows; silu(gate) * up overwrites the gate half), the MoE's buffers (st_moe), then its
+ * int64 indices, 8-byte aligned (the elements of T they take, plus one of slack for the alignment). */
+static size_t st_t_elems(const st_layer *layers, int64_t batch, const int64_t w[ST_WIDTHS]) {
+    return (size_t)batch * (size_t)(4 * layers[0].d_model + w[0] + w[1] + w[2] + 2 * w[3] + w[4] + w[5]);
+}
+static size_t st_work_elems(const st_layer *layers, int64_t batch, const int64_t w[ST_WIDTHS], size_t t_size) {
+    const size_t ints = (size_t)(batch * w[6] + w[7]);
+    return st_t_elems(layers, batch, w) + (ints * sizeof(int64_t) + t_size - 1) / t_size + 8 / t_size;
+}
+static inline int64_t *st_int_work(void *after) { return (int64_t *)(((uintptr_t)after + 7) & ~(uintptr_t)7); }
+
+/* The MoE's router for one row, as seqlab/ffn/moe.py route() computes it in float32: softmax of the logits
+ * lg[0..E), the top_k experts by probability (ties: the lower index first), each one's gate (renormalised over the
+ * k when asked). Writes the experts to sel and their gates to gate, in the order chosen. */
+static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *sel, float *gate) {
+    float m = lg[0];
+    for (int64_t e = 1; e < E; e++) m = lg[e] > m ? lg[e] : m;
+    float s = 0.0f;
+    for (int64_t e = 0; e < E; e++) {
+        lg[e] = expf(lg[e] - m);
+        s += lg[e];
+    }
+    for (int64_t e = 0; e < E; e++) lg[e] /= s;
+    float total = 0.0f;
+    for (int64_t j = 0; j < K; j++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; e++) {
+            int taken = 0;
+            for (int64_t q = 0; q < j; q++) taken |= sel[q] == e;
+            if (!taken && (best < 0 || lg[e] > lg[best])) best = e;
+        }
+        sel[j] = best;
+        gate[j] = lg[best];
+        total += lg[best];
+    }
+    if (renorm)
+        for (int64_t j = 0; j < K; j++) gate[j] /= total;
 }
 
 /* The layers loop, run by every thread of the caller's parallel region (orphaned worksharing): hidden_in ->
  * hidden_out through n_layers blocks, the states in io. Ends with a barrier (hidden_out is complete). */
-#define ST_STEP(T, SUF, EXP, SOFTPLUS, SILU, GATE_SILU)                                                                           \
-    static void st_layers_##SUF(const st_layer *layers, const st_io *io, int64_t n_layers, int64_t batch,              \
-                                const T *hidden_in, T *hidden_out, T *work, const int64_t w[ST_WIDTHS]) {                      \
-        const int64_t dm = layers[0].d_model, w_proj = w[0], w_xc = w[1], w_xdbl = w[2];                               \
-        T *res = work, *h = res + batch * dm, *ping = h + batch * dm, *pong = ping + batch * dm;                       \
-        T *proj = pong + batch * dm, *xc = proj + batch * w_proj, *xdbl = xc + batch * w_xc;                           \
-        T *ybuf = xdbl + batch * w_xdbl, *dtbuf = ybuf + batch * w[3], *fbuf = dtbuf + batch * w[3];                   \
-        const T *cur = hidden_in;                                                                                      \
-        for (int64_t l = 0; l < n_layers; l++) {                                                                       \
-            const st_layer *L = &layers[l];                                                                            \
-            const int64_t D = L->d_inner, N = L->d_state, W = L->d_conv, nin = L->n_in, cc = L->conv_ch;               \
-            T *next = l == n_layers - 1 ? hidden_out : (l % 2 == 0 ? ping : pong);                                     \
-            const T *norm_w = (const T *)L->norm_w;                                                                    \
-            /* RMSNorm in float32, times the weight in T (seqlab/norm.py) */                                           \
-            _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                                  \
-                const T *x = cur + b * dm;                                                                             \
-                float r = st_rms_scale_##SUF(x, dm, L->norm_eps);                                                      \
-                for (int64_t i = 0; i < dm; i++) {                                                                     \
-                    h[b * dm + i] = (T)((float)x[i] * r) * norm_w[i];                                                  \
-                    res[b * dm + i] = L->residual_fp32 ? (T)(float)x[i] : x[i];                                        \
-                }                                                                                                      \
-            }                                                                                                          \
-            sl_rows_gemm_##SUF((const T *)L->in_w, (const T *)L->in_b, h, dm, proj, NULL, nin, nin, dm, batch);             \
-            /* conv step + SiLU on the conv channels (Mamba-1: x = proj[:D]; Mamba-2: xBC = proj[D:D+cc]) */           \
-            const int64_t conv_off = L->kind == 1 ? 0 : D;                                                             \
-            const T *cw = (const T *)L->conv_w, *cb = (const T *)L->conv_b;                                            \
-            const float *cin = io[l].conv_in;                                                                          \
-            float *cout = io[l].conv_out;                                                                              \
-            _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                      \
-                for (int64_t c = 0; c < cc; c++) {                                                                     \
-                    const float *si = cin + (b * cc + c) * (W - 1);                                                    \
-                    float *so = cout + (b * cc + c) * (W - 1);                                                         \
-                    T xin = proj[b * nin + conv_off + c];                                                              \
-                    T acc = 0;                                                                                         \
-                    for (int64_t k = 0; k < W - 1; k++) acc += (T)si[k] * cw[c * W + k];                               \
-                    acc += xin * cw[c * W + W - 1];                                                                    \
-                    if (cb) acc += cb[c];                                                                              \
-                    for (int64_t k = 0; k + 1 < W - 1; k++) so[k] = si[k + 1];                                         \
-                    if (W > 1) so[W - 2] = (float)xin;                                                                 \
-                    xc[b * cc + c] = acc;                                                                              \
-                }                                                                                                      \
-            }                                                                                                          \
-            /* SiLU on the conv outputs, vectorised (a pass of its own: the conv loop's inner taps keep it scalar) */  \
-            _Pragma("omp for schedule(static)") for (int64_t q = 0; q < batch * cc; q += ST_BLOCK) {                   \
-                const int64_t qe = q + ST_BLOCK < batch * cc ? q + ST_BLOCK : batch * cc;                              \
-                _Pragma("omp simd") for (int64_t i = q; i < qe; i++) xc[i] = SILU(xc[i]);                              \
-            }                                                                                                          \
-            const T *A = (const T *)L->A, *Dp = (const T *)L->D, *dtb = (const T *)L->dt_b;                            \
-            const T *s_in = (const T *)io[l].ssm_in;                                                                   \
-            T *s_out = (T *)io[l].ssm_out;                                                                             \
-            if (L->kind == 1) {                                                                                        \
-                const int64_t R = L->dt_rank, xd = R + 2 * N;                                                          \
-                sl_rows_gemm_##SUF((const T *)L->x_w, NULL, xc, cc, xdbl, NULL, xd, xd, D, batch);                          \
-                /* dt_proj + bias as a GEMM too (a 16-term dot per channel was one long dependency chain) */           \
-                sl_rows_gemm_##SUF((const T *)L->dt_w, dtb, xdbl, xd, dtbuf, NULL, D, D, R, batch);                    \
+#define ST_STEP(T, SUF, EXP, SOFTPLUS, SILU, GATE_SILU)                                                                 \
+    /* The mixture of experts on the normed rows h (batch, d_model), added to next (seqlab/ffn/moe.py at evaluation:    \
+     * every (row, choice) pair kept). The router in float32; the pairs sorted by expert (rows in order within one),    \
+     * each expert's pairs gathered and run as two rows GEMMs (its weights read once for all its rows), then each       \
+     * row's gated expert outputs summed in expert order and added to next. Run by every thread of the region. */       \
+    static void st_moe_##SUF(const st_layer *L, int64_t batch, const T *h, T *next, T *mw, int64_t *iw) {               \
+        const int64_t dm = L->d_model, E = L->n_experts, K = L->top_k, F = L->d_ffn, F2 = 2 * F, P = batch * K;         \
+        float *hf = (float *)mw, *lg = hf + batch * dm, *gate = lg + batch * E; /* in mw's first dm + E + K */          \
+        T *xs = mw + batch * (dm + E + K), *act = xs + P * dm, *ys = act + P * F2;                                      \
+        int64_t *sel = iw, *pos = sel + P, *start = pos + P; /* start: E + 1 */                                         \
+        _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                                       \
+            for (int64_t i = 0; i < dm; i++) hf[b * dm + i] = (float)h[b * dm + i];                                     \
+        }                                                                                                               \
+        sl_rows_gemm_f32(L->router_w, NULL, hf, dm, lg, NULL, E, E, dm, batch);                                         \
+        _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++)                                         \
+            st_route(lg + b * E, E, K, L->renormalize, sel + b * K, gate + b * K);                                      \
+        _Pragma("omp single") { /* a counting sort of the pairs p = b K + j by expert */                                \
+            for (int64_t e = 0; e <= E; e++) start[e] = 0;                                                              \
+            for (int64_t p = 0; p < P; p++) start[sel[p] + 1]++;                                                        \
+            for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];                                                   \
+            for (int64_t e = 0; e < E; e++) {                                                                           \
+                int64_t at = start[e];                                                                                  \
+                for (int64_t p = 0; p < P; p++)                                                                         \
+                    if (sel[p] == e) pos[p] = at++;                                                                     \
+            }                                                                                                           \
+        }                                                                                                               \
+        _Pragma("omp for schedule(static)") for (int64_t p = 0; p < P; p++)                                             \
+            memcpy(xs + pos[p] * dm, h + (p / K) * dm, (size_t)dm * sizeof(T));                                         \
+        for (int64_t e = 0; e < E; e++) {                                                                               \
+            const int64_t n = start[e + 1] - start[e];                                                                  \
+            if (n > 0)                                                                                                  \
+                sl_rows_gemm_##SUF((const T *)L->ffn_gu_w + e * F2 * dm, NULL, xs + start[e] * dm, dm,                  \
+                                   act + start[e] * F2, NULL, F2, F2, dm, n);                                           \
+        }                                                                                                               \
+        const int64_t nfb = (F + ST_BLOCK - 1) / ST_BLOCK;                                                              \
+        _Pragma("omp for schedule(static) collapse(2)") for (int64_t r = 0; r < P; r++) {                               \
+            for (int64_t blk = 0; blk < nfb; blk++) {                                                                   \
+                T *g = act + r * F2;                                                                                    \
+                const int64_t i0 = blk * ST_BLOCK, i1 = i0 + ST_BLOCK < F ? i0 + ST_BLOCK : F;                          \
+                _Pragma("omp simd") for (int64_t i = i0; i < i1; i++) g[i] = SILU(g[i]) * g[F + i];                     \
+            }                                                                                                           \
+        }                                                                                                               \
+        for (int64_t e = 0; e < E; e++) {                                                                               \
+            const int64_t n = start[e + 1] - start[e];                                                                  \
+            if (n > 0)                                                                                                  \
+                sl_rows_gemm_##SUF((const T *)L->ffn_down_w + e * dm * F, NULL, act + start[e] * F2, F2,                \
+                                   ys + start[e] * dm, NULL, dm, dm, F, n);                                             \
+        }                                                                                                               \
+        _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                                       \
+            int64_t order[ST_MAX_TOP_K];                                                                                \
+            for (int64_t j = 0; j < K; j++) order[j] = j;                                                               \
+            for (int64_t j = 1; j < K; j++) /* this row's choices by expert (index_add_'s row order) */                 \
+                for (int64_t q = j; q > 0 && sel[b * K + order[q]] < sel[b * K + order[q - 1]]; q--) {                  \
+                    const int64_t t = order[q];                                                                         \
+                    order[q] = order[q - 1];                                                                            \
+                    order[q - 1] = t;                                                                                   \
+                }                                                                                                       \
+            for (int64_t i = 0; i < dm; i++) {                                                                          \
+                T acc = 0;                                                                                              \
+                for (int64_t j = 0; j < K; j++) {                                                                       \
+                    const int64_t p = b * K + order[j];                                                                 \
+                    acc += ys[pos[p] * dm + i] * (T)gate[p];                                                            \
+                }                                                                                                       \
+                next[b * dm + i] += acc;                                                                                \
+            }                                                                                                           \
+        }                                                                                                               \
+    }                                                                                                                   \
+                                                                                                                        \
+    static void st_layers_##SUF(const st_layer *layers, const st_io *io, int64_t n_layers, int64_t batch,               \
+                                const T *hidden_in, T *hidden_out, T *work, const int64_t w[ST_WIDTHS]) {               \
+        const int64_t dm = layers[0].d_model, w_proj = w[0], w_xc = w[1], w_xdbl = w[2];                                \
+        T *res = work, *h = res + batch * dm, *ping = h + batch * dm, *pong = ping + batch * dm;                        \
+        T *proj = pong + batch * dm, *xc = proj + batch * w_proj, *xdbl = xc + batch * w_xc;                            \
+        T *ybuf = xdbl + batch * w_xdbl, *dtbuf = ybuf + batch * w[3], *fbuf = dtbuf + batch * w[3];                    \
+        T *mw = fbuf + batch * w[4];                                                                                    \
+        int64_t *iw = st_int_work(mw + batch * w[5]);                                                                   \
+        const T *cur = hidden_in;                                                                                       \
+        for (int64_t l = 0; l < n_layers; l++) {                                                                        \
+            const st_layer *L = &layers[l];                                                                             \
+            const int64_t D = L->d_inner, N = L->d_state, W = L->d_conv, nin = L->n_in, cc = L->conv_ch;                \
+            T *next = l == n_layers - 1 ? hidden_out : (l % 2 == 0 ? ping : pong);                                      \
+            const T *norm_w = (const T *)L->norm_w;                                                                     \
+            /* RMSNorm in float32, times the weight in T (seqlab/norm.py) */                                            \
+            _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                                   \
+                const T *x = cur + b * dm;                                                                              \
+                float r = st_rms_scale_##SUF(x, dm, L->norm_eps);                                                       \
+                for (int64_t i = 0; i < dm; i++) {                                                                      \
+                    h[b * dm + i] = (T)((float)x[i] * r) * norm_w[i];                                                   \
+                    res[b * dm + i] = L->residual_fp32 ? (T)(float)x[i] : x[i];                                         \
+                }                                                                                                       \
+            }                                                                                                           \
+            sl_rows_gemm_##SUF((const T *)L->in_w, (const T *)L->in_b, h, dm, proj, NULL, nin, nin, dm, batch);         \
+            /* conv step + SiLU on the conv channels (Mamba-1: x = proj[:D]; Mamba-2: xBC = proj[D:D+cc]) */            \
+            const int64_t conv_off = L->kind == 1 ? 0 : D;                                                              \
+            const T *cw = (const T *)L->conv_w, *cb = (const T *)L->conv_b;                                             \
+            const float *cin = io[l].conv_in;                                                                           \
+            float *cout = io[l].conv_out;                                                                               \
+            _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                       \
+                for (int64_t c = 0; c < cc; c++) {                                                                      \
+                    const float *si = cin + (b * cc + c) * (W - 1);                                                     \
+                    float *so = cout + (b * cc + c) * (W - 1);                                                          \
+                    T xin = proj[b * nin + conv_off + c];                                                               \
+                    T acc = 0;                                                                                          \
+                    for (int64_t k = 0; k < W - 1; k++) acc += (T)si[k] * cw[c * W + k];                                \
+                    acc += xin * cw[c * W + W - 1];                                                                     \
+                    if (cb) acc += cb[c];                                                                               \
+                    for (int64_t k = 0; k + 1 < W - 1; k++) so[k] = si[k + 1];                                          \
+                    if (W > 1) so[W - 2] = (float)xin;                                                                  \
+                    xc[b * cc + c] = acc;                                                                               \
+                }                                                                                                       \
+            }                                                                                                           \
+            /* SiLU on the conv outputs, vectorised (a pass of its own: the conv loop's inner taps keep it scalar) */   \
+            _Pragma("omp for schedule(static)") for (int64_t q = 0; q < batch * cc; q += ST_BLOCK) {                    \
+                const int64_t qe = q + ST_BLOCK < batch * cc ? q + ST_BLOCK : batch * cc;                               \
+                _Pragma("omp simd") for (int64_t i = q; i < qe; i++) xc[i] = SILU(xc[i]);                               \
+            }                                                                                                           \
+            const T *A = (const T *)L->A, *Dp = (const T *)L->D, *dtb = (const T *)L->dt_b;                             \
+            const T *s_in = (const T *)io[l].ssm_in;                                                                    \
+            T *s_out = (T *)io[l].ssm_out;                                                                              \
+            if (L->kind == 1) {                                                                                         \
+                const int64_t R = L->dt_rank, xd = R + 2 * N;                                                           \
+                sl_rows_gemm_##SUF((const T *)L->x_w, NULL, xc, cc, xdbl, NULL, xd, xd, D, batch);                      \
+                /* dt_proj + bias as a GEMM too (a 16-term dot per channel was one long dependency chain) */            \
+                sl_rows_gemm_##SUF((const T *)L->dt_w, dtb, xdbl, xd, dtbuf, NULL, D, D, R, batch);                     \
                 /* softplus(dt) and the gate silu(z), vectorised over a block of channels; then per channel the         \
-                 * selective state update and the D skip */                                                            \
-                const int64_t nblk = (D + ST_BLOCK - 1) / ST_BLOCK;                                                    \
-                _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                  \
-                    for (int64_t blk = 0; blk < nblk; blk++) {                                                         \
-                        const int64_t c0 = blk * ST_BLOCK, c1 = c0 + ST_BLOCK < D ? c0 + ST_BLOCK : D;                 \
-                        const T *xb = xdbl + b * xd;                                                                   \
-                        T dts[ST_BLOCK], gate[ST_BLOCK];                                                               \
-                        const T *zb = proj + b * nin + D, *dtr = dtbuf + b * D;                                        \
-                        _Pragma("omp simd") for (int64_t c = c0; c < c1; c++) {                                        \
-                            dts[c - c0] = SOFTPLUS(dtr[c]);                                                            \
-                            gate[c - c0] = SILU(zb[c]);                                                                \
-                        }                                                                                              \
-                        const T *restrict Bv = xb + R, *restrict Cv = xb + R + N;                                      \
-                        for (int64_t c = c0; c < c1; c++) {                                                            \
-                            const T dt = dts[c - c0], xv = xc[b * cc + c], dx = dt * xv;                               \
-                            const T *restrict Ac = A + c * N;                                                          \
-                            const T *restrict s0 = s_in + (b * D + c) * N;                                             \
-                            T *restrict s1 = s_out + (b * D + c) * N;                                                  \
-                            T y = 0;                                                                                   \
-                            _Pragma("omp simd reduction(+ : y)") for (int64_t n = 0; n < N; n++) {                     \
-                                T s = s0[n] * EXP(dt * Ac[n]) + dx * Bv[n];                                            \
-                                s1[n] = s;                                                                             \
-                                y += s * Cv[n];                                                                        \
-                            }                                                                                          \
-                            y += Dp[c] * xv;                                                                           \
-                            ybuf[b * D + c] = y * gate[c - c0];                                                        \
-                        }                                                                                              \
-                    }                                                                                                  \
-                }                                                                                                      \
-            } else {                                                                                                   \
-                const int64_t H = L->nheads, P = L->headdim, G = L->ngroups, per = H / G;                              \
-                /* dt + bias + softplus per head, the SSD state update, D skip */                                      \
-                _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                  \
-                    for (int64_t hh = 0; hh < H; hh++) {                                                               \
-                        T dt = SOFTPLUS(proj[b * nin + D + cc + hh] + dtb[hh]);                                        \
-                        T dA = EXP(dt * A[hh]);                                                                        \
-                        const int64_t g = hh / per;                                                                    \
-                        const T *restrict Bv = xc + b * cc + D + g * N;                                                \
-                        const T *restrict Cv = xc + b * cc + D + G * N + g * N;                                        \
-                        for (int64_t p = 0; p < P; p++) {                                                              \
-                            const T xv = xc[b * cc + hh * P + p], xdt = xv * dt;                                       \
-                            const T *restrict s0 = s_in + ((b * H + hh) * P + p) * N;                                  \
-                            T *restrict s1 = s_out + ((b * H + hh) * P + p) * N;                                       \
-                            T y = 0;                                                                                   \
-                            _Pragma("omp simd reduction(+ : y)") for (int64_t n = 0; n < N; n++) {                     \
-                                T s = s0[n] * dA + xdt * Bv[n];                                                        \
-                                s1[n] = s;                                                                             \
-                                y += s * Cv[n];                                                                        \
-                            }                                                                                          \
-                            ybuf[b * D + hh * P + p] = y + xv * Dp[hh];                                                \
-                        }                                                                                              \
-                    }                                                                                                  \
-                }                                                                                                      \
-                /* gated RMSNorm: norm(y * silu(z)) per group, in float32, times the weight in T */                    \
-                const int64_t gs = L->gate_group, ng = D / gs;                                                         \
-                const T *gw = (const T *)L->gate_w;                                                                    \
-                _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                  \
-                    for (int64_t q = 0; q < ng; q++) {                                                                 \
-                        T *yv = ybuf + b * D + q * gs;                                                                 \
-                        const T *zv = proj + b * nin + q * gs;                                                         \
-                        double s = 0.0;                                                                                \
-                        _Pragma("omp simd reduction(+ : s)") for (int64_t i = 0; i < gs; i++) {                        \
-                            float v = GATE_SILU((float)zv[i]) * (float)yv[i];                                          \
-                            yv[i] = (T)v;                                                                              \
-                            s += (double)(v * v);                                                                      \
-                        }                                                                                              \
-                        float r = 1.0f / sqrtf((float)s / (float)gs + (float)L->gate_eps);                             \
-                        for (int64_t i = 0; i < gs; i++) yv[i] = (T)((float)yv[i] * r) * gw[q * gs + i];               \
-                    }                                                                                                  \
-                }                                                                                                      \
-            }                                                                                                          \
-            /* out_proj, added to the residual */                                                                      \
-            sl_rows_gemm_##SUF((const T *)L->out_w, (const T *)L->out_b, ybuf, D, next, res, dm, dm, D, batch);             \
-            if (L->d_ffn > 0) {                                                                                        \
-                /* the feed-forward (Block._mix): next += down(silu(gate) * up) of the RMSNorm'd residual */           \
-                const int64_t F = L->d_ffn, F2 = 2 * L->d_ffn;                                                         \
-                const T *fnw = (const T *)L->ffn_norm_w;                                                               \
-                _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                              \
-                    const T *x = next + b * dm;                                                                        \
-                    float r = st_rms_scale_##SUF(x, dm, L->ffn_eps);                                                   \
-                    for (int64_t i = 0; i < dm; i++) h[b * dm + i] = (T)((float)x[i] * r) * fnw[i];                    \
-                }                                                                                                      \
-                sl_rows_gemm_##SUF((const T *)L->ffn_gu_w, NULL, h, dm, fbuf, NULL, F2, F2, dm, batch);                \
-                const int64_t nfb = (F + ST_BLOCK - 1) / ST_BLOCK;                                                     \
-                _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                  \
-                    for (int64_t blk = 0; blk < nfb; blk++) {                                                          \
-                        T *g = fbuf + b * F2;                                                                          \
-                        const int64_t i0 = blk * ST_BLOCK, i1 = i0 + ST_BLOCK < F ? i0 + ST_BLOCK : F;                 \
-                        _Pragma("omp simd") for (int64_t i = i0; i < i1; i++) g[i] = SILU(g[i]) * g[F + i];            \
-                    }                                                                                                  \
-                }                                                                                                      \
-                sl_rows_gemm_##SUF((const T *)L->ffn_down_w, NULL, fbuf, F2, next, next, dm, dm, F, batch);            \
-            }                                                                                                          \
-            _Pragma("omp barrier");                                                                                    \
-            cur = next;                                                                                                \
-        }                                                                                                              \
-    }                                                                                                                  \
-                                                                                                                       \
-    SL_EXPORT int sl_step_##SUF(const st_layer *layers, const st_io *io, int64_t n_layers, int64_t batch,              \
-                                const T *hidden_in, T *hidden_out, int nthreads) {                                     \
-        int64_t w[ST_WIDTHS];                                                                                                  \
-        if (st_widths(layers, n_layers, w)) return -2;                                                                 \
-        T *work = (T *)malloc(st_work_elems(layers, batch, w) * sizeof(T));                                            \
-        if (!work) return -1;                                                                                          \
-        _Pragma("omp parallel num_threads(nthreads)")                                                                  \
-            st_layers_##SUF(layers, io, n_layers, batch, hidden_in, hidden_out, work, w);                              \
-        free(work);                                                                                                    \
-        return 0;                                                                                                      \
-    }                                                                                                                  \
-                                                                                                                       \
-    /* A whole LanguageModel step: embedding rows of ids, the blocks, the final RMSNorm (hidden_out, as           \
-     * Backbone.step returns it) and the head (logits). -3 (nothing written) if an id is outside [0, vocab). */    \
-    /* One whole LanguageModel step for every thread of the caller's parallel region: embedding rows of ids, the       \
-     * blocks, the final RMSNorm (hidden_out, as Backbone.step returns it) and the head (logits). */                   \
-    static void st_lm_body_##SUF(const st_layer *layers, const st_io *io, int64_t n_layers, int64_t batch,             \
-                                 const st_lm *lm, const int64_t *ids, T *hidden_out, T *logits, T *work, T *x0,        \
-                                 T *x1, const int64_t w[ST_WIDTHS]) {                                                          \
-        const int64_t dm = lm->d_model;                                                                                \
-        const T *emb = (const T *)lm->emb_w, *nw = (const T *)lm->norm_w;                                              \
-        _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++)                                        \
-            memcpy(x0 + b * dm, emb + ids[b] * dm, (size_t)dm * sizeof(T));                                            \
-        st_layers_##SUF(layers, io, n_layers, batch, x0, x1, work, w);                                                 \
-        /* norm_f: seqlab/norm.py's RMSNorm (float32 statistics, times the weight in T) */                             \
-        _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                                      \
-            const T *x = x1 + b * dm;                                                                                  \
-            float r = st_rms_scale_##SUF(x, dm, lm->norm_eps);                                                         \
-            for (int64_t i = 0; i < dm; i++) hidden_out[b * dm + i] = (T)((float)x[i] * r) * nw[i];                    \
-        }                                                                                                              \
-        sl_rows_gemm_##SUF((const T *)lm->head_w, (const T *)lm->head_b, hidden_out, dm, logits, NULL, lm->vocab,      \
-                           lm->vocab, dm, batch);                                                                      \
-    }                                                                                                                  \
-                                                                                                                       \
-    /* Workspace of an LM step: the layers' and two hidden buffers (NULL if out of memory or -2 shapes). */            \
-    static T *st_lm_work_##SUF(const st_layer *layers, int64_t n_layers, int64_t batch, const st_lm *lm,               \
-                               int64_t w[ST_WIDTHS], T **x0, T **x1) {                                                         \
-        if (st_widths(layers, n_layers, w) || lm->d_model != layers[0].d_model) return NULL;                           \
-        const size_t base = st_work_elems(layers, batch, w), dm = (size_t)lm->d_model;                                 \
-        T *work = (T *)malloc((base + 2 * (size_t)batch * dm) * sizeof(T));                                            \
-        if (work) {                                                                                                    \
-            *x0 = work + base;                                                                                         \
-            *x1 = *x0 + batch * dm;                                                                                    \
-        }                                                                                                              \
-        return work;                                                                                                   \
-    }                                                                                                                  \
-                                                                                                                       \
-    /* A whole LanguageModel step. -3 (nothing written) if an id is outside [0, vocab). */                             \
-    SL_EXPORT int sl_lm_step_##SUF(const st_layer *layers, const st_io *io, int64_t n_layers, int64_t batch,           \
-                                   const st_lm *lm, const int64_t *ids, T *hidden_out, T *logits, int nthreads) {      \
-        for (int64_t b = 0; b < batch; b++)                                                                            \
-            if (ids[b] < 0 || ids[b] >= lm->vocab) return -3;                                                          \
-        int64_t w[ST_WIDTHS];                                                                                                  \
-        T *x0 = NULL, *x1 = NULL, *work = st_lm_work_##SUF(layers, n_layers, batch, lm, w, &x0, &x1);                  \
-        if (!work) return -1;                                                                                          \
-        _Pragma("omp parallel num_threads(nthreads)")                                                                  \
-            st_lm_body_##SUF(layers, io, n_layers, batch, lm, ids, hidden_out, logits, work, x0, x1, w);               \
-        free(work);                                                                                                    \
-        return 0;                                                                                                      \
-    }                                                                                                                  \
-                                                                                                                       \
-    /* Greedy decoding in one call and one parallel region: up to n_steps steps, each feeding every row's token        \
-     * (ids0 first, then the argmax of the logits before it) and writing the argmax after it to                        \
-     * next_tokens[k * batch + b] (torch's argmax of the float32 logits: the first maximum, a NaN above all).          \
-     * It returns after the first step that fed a token in watch[0..n_watch) (the last tokens of the caller's          \
-     * stop sequences) and returns the number of steps run (-1: out of memory, -3: an id of ids0 outside the           \
-     * vocabulary). io3 holds three st_io sets of n_layers: step 0 reads the caller's state and writes X (set 0),      \
-     * odd steps read X and write Y (set 1), even steps from 2 read Y and write X (set 2); hidden_out and logits       \
-     * are the last step's. */                                                                                         \
-    SL_EXPORT int64_t sl_lm_greedy_##SUF(const st_layer *layers, const st_io *io3, int64_t n_layers, int64_t batch,    \
-                                         const st_lm *lm, const int64_t *ids0, int64_t n_steps, const int64_t *watch,  \
-                                         int64_t n_watch, int64_t *next_tokens, T *hidden_out, T *logits,              \
-                                         int nthreads) {                                                               \
-        for (int64_t b = 0; b < batch; b++)                                                                            \
-            if (ids0[b] < 0 || ids0[b] >= lm->vocab) return -3;                                                        \
-        int64_t w[ST_WIDTHS], done = 0;                                                                                        \
-        int stop = 0;                                                                                                  \
-        T *x0 = NULL, *x1 = NULL, *work = st_lm_work_##SUF(layers, n_layers, batch, lm, w, &x0, &x1);                  \
-        if (!work) return -1;                                                                                          \
-        const int64_t V = lm->vocab;                                                                                   \
-        _Pragma("omp parallel num_threads(nthreads)") {                                                                \
-            for (int64_t k = 0; k < n_steps; k++) {                                                                    \
-                const st_io *io = k == 0 ? io3 : io3 + (k % 2 ? n_layers : 2 * n_layers);                              \
-                const int64_t *ids = k == 0 ? ids0 : next_tokens + (k - 1) * batch;                                    \
-                st_lm_body_##SUF(layers, io, n_layers, batch, lm, ids, hidden_out, logits, work, x0, x1, w);           \
-                _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                              \
-                    const T *x = logits + b * V;                                                                       \
-                    int64_t best = 0;                                                                                  \
-                    float bv = (float)x[0];                                                                            \
-                    for (int64_t v = 1; v < V; v++) {                                                                  \
-                        const float xv = (float)x[v];                                                                  \
-                        if (xv > bv || (xv != xv && bv == bv)) {                                                       \
-                            best = v;                                                                                  \
-                            bv = xv;                                                                                   \
-                        }                                                                                              \
-                    }                                                                                                  \
-                    next_tokens[k * batch + b] = best;                                                                 \
-                }                                                                                                      \
-                _Pragma("omp single") {                                                                                \
-                    done = k + 1;                                                                                      \
-                    for (int64_t b = 0; b < batch && !stop; b++)                                                       \
-                        for (int64_t q = 0; q < n_watch; q++)                                                          \
-                            if (ids[b] == watch[q]) stop = 1;                                                          \
-                }                                                                                                      \
-                if (stop) break; /* every thread reads the same flag: the single ends with a barrier */                \
-            }                                                                                                          \
-        }                                                                                                              \
-        free(work);                                                                                                    \
-        return done;                                                                                                   \
+                 * selective state update and the D skip */                                                             \
+                const int64_t nblk = (D + ST_BLOCK - 1) / ST_BLOCK;                                                     \
+                _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                   \
+                    for (int64_t blk = 0; blk < nblk; blk++) {                                                          \
+                        const int64_t c0 = blk * ST_BLOCK, c1 = c0 + ST_BLOCK < D ? c0 + ST_BLOCK : D;                  \
+                        const T *xb = xdbl + b * xd;                                                                    \
+                        T dts[ST_BLOCK], gate[ST_BLOCK];                                                                \
+                        const T *zb = proj + b * nin + D, *dtr = dtbuf + b * D;                                         \
+                        _Pragma("omp simd") for (int64_t c = c0; c < c1; c++) {                                         \
+                            dts[c - c0] = SOFTPLUS(dtr[c]);                                                             \
+                            gate[c - c0] = SILU(zb[c]);                                                                 \
+                        }                                                                                               \
+                        const T *restrict Bv = xb + R, *restrict Cv = xb + R + N;                                       \
+                        for (int64_t c = c0; c < c1; c++) {                                                             \
+                            const T dt = dts[c - c0], xv = xc[b * cc + c], dx = dt * xv;                                \
+                            const T *restrict Ac = A + c * N;                                                           \
+                            const T *restrict s0 = s_in + (b * D + c) * N;                                              \
+                            T *restrict s1 = s_out + (b * D + c) * N;                                                   \
+                            T y = 0;                                                                                    \
+                            _Pragma("omp simd reduction(+ : y)") for (int64_t n = 0; n < N; n++) {                      \
+                                T s = s0[n] * EXP(dt * Ac[n]) + dx * Bv[n];                                             \
+                                s1[n] = s;                                                                              \
+                                y += s * Cv[n];                                                                         \
+                            }                                                                                           \
+                            y += Dp[c] * xv;                                                                            \
+                            ybuf[b * D + c] = y * gate[c - c0];                                                         \
+                        }                                                                                               \
+                    }                                                                                                   \
+                }                                                                                                       \
+            } else {                                                                                                    \
+                const int64_t H = L->nheads, P = L->headdim, G = L->ngroups, per = H / G;                               \
+                /* dt + bias + softplus per head, the SSD state update, D skip */                                       \
+                _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                   \
+                    for (int64_t hh = 0; hh < H; hh++) {                                                                \
+                        T dt = SOFTPLUS(proj[b * nin + D + cc + hh] + dtb[hh]);                                         \
+                        T dA = EXP(dt * A[hh]);                                                                         \
+                        const int64_t g = hh / per;                                                                     \
+                        const T *restrict Bv = xc + b * cc + D + g * N;                                                 \
+                        const T *restrict Cv = xc + b * cc + D + G * N + g * N;                                         \
+                        for (int64_t p = 0; p < P; p++) {                                                               \
+                            const T xv = xc[b * cc + hh * P + p], xdt = xv * dt;                                        \
+                            const T *restrict s0 = s_in + ((b * H + hh) * P + p) * N;                                   \
+                            T *restrict s1 = s_out + ((b * H + hh) * P + p) * N;                                        \
+                            T y = 0;                                                                                    \
+                            _Pragma("omp simd reduction(+ : y)") for (int64_t n = 0; n < N; n++) {                      \
+                                T s = s0[n] * dA + xdt * Bv[n];                                                         \
+                                s1[n] = s;                                                                              \
+                                y += s * Cv[n];                                                                         \
+                            }                                                                                           \
+                            ybuf[b * D + hh * P + p] = y + xv * Dp[hh];                                                 \
+                        }                                                                                               \
+                    }                                                                                                   \
+                }                                                                                                       \
+                /* gated RMSNorm: norm(y * silu(z)) per group, in float32, times the weight in T */                     \
+                const int64_t gs = L->gate_group, ng = D / gs;                                                          \
+                const T *gw = (const T *)L->gate_w;                                                                     \
+                _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                   \
+                    for (int64_t q = 0; q < ng; q++) {                                                                  \
+                        T *yv = ybuf + b * D + q * gs;                                                                  \
+                        const T *zv = proj + b * nin + q * gs;                                                          \
+                        double s = 0.0;                                                                                 \
+                        _Pragma("omp simd reduction(+ : s)") for (int64_t i = 0; i < gs; i++) {                         \
+                            float v = GATE_SILU((float)zv[i]) * (float)yv[i];                                           \
+                            yv[i] = (T)v;                                                                               \
+                            s += (double)(v * v);                                                                       \
+                        }                                                                                               \
+                        float r = 1.0f / sqrtf((float)s / (float)gs + (float)L->gate_eps);                              \
+                        for (int64_t i = 0; i < gs; i++) yv[i] = (T)((float)yv[i] * r) * gw[q * gs + i];                \
+                    }                                                                                                   \
+                }                                                                                                       \
+            }                                                                                                           \
+            /* out_proj, added to the residual */                                                                       \
+            sl_rows_gemm_##SUF((const T *)L->out_w, (const T *)L->out_b, ybuf, D, next, res, dm, dm, D, batch);         \
+            if (L->d_ffn > 0) {                                                                                         \
+                /* the feed-forward (Block._mix): next += ffn(RMSNorm(next)) */                                         \
+                const int64_t F = L->d_ffn, F2 = 2 * L->d_ffn;                                                          \
+                const T *fnw = (const T *)L->ffn_norm_w;                                                                \
+                _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                               \
+                    const T *x = next + b * dm;                                                                         \
+                    float r = st_rms_scale_##SUF(x, dm, L->ffn_eps);                                                    \
+                    for (int64_t i = 0; i < dm; i++) h[b * dm + i] = (T)((float)x[i] * r) * fnw[i];                     \
+                }                                                                                                       \
+                if (L->n_experts > 0)                                                                                   \
+                    st_moe_##SUF(L, batch, h, next, mw, iw);                                                            \
+                else {                                                                                                  \
+                /* the gated MLP: down(silu(gate) * up) */                                                              \
+                sl_rows_gemm_##SUF((const T *)L->ffn_gu_w, NULL, h, dm, fbuf, NULL, F2, F2, dm, batch);                 \
+                const int64_t nfb = (F + ST_BLOCK - 1) / ST_BLOCK;                                                      \
+                _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                   \
+                    for (int64_t blk = 0; blk < nfb; blk++) {                                                           \
+                        T *g = fbuf + b * F2;                                                                           \
+                        const int64_t i0 = blk * ST_BLOCK, i1 = i0 + ST_BLOCK < F ? i0 + ST_BLOCK : F;                  \
+                        _Pragma("omp simd") for (int64_t i = i0; i < i1; i++) g[i] = SILU(g[i]) * g[F + i];             \
+                    }                                                                                                   \
+                }                                                                                                       \
+                sl_rows_gemm_##SUF((const T *)L->ffn_down_w, NULL, fbuf, F2, next, next, dm, dm, F, batch);             \
+                }                                                                                                       \
+            }                                                                                                           \
+            _Pragma("omp barrier");                                                                                     \
+            cur = next;                                                                                                 \
+        }                                                                                                               \
+    }                                                                                                                   \
+                                                                                                                        \
+    SL_EXPORT int sl_step_##SUF(const st_layer *layers, const st_io *io, int64_t n_layers, int64_t batch,               \
+                                const T *hidden_in, T *hidden_out, int nthreads) {                                      \
+        int64_t w[ST_WIDTHS];                                                                                           \
+        if (st_widths(layers, n_layers, w)) return -2;                                                                  \
+        T *work = (T *)malloc(st_work_elems(layers, batch, w, sizeof(T)) * sizeof(T));                                  \
+        if (!work) return -1;                                                                                           \
+        _Pragma("omp parallel num_threads(nthreads)")                                                                   \
+            st_layers_##SUF(layers, io, n_layers, batch, hidden_in, hidden_out, work, w);                               \
+        free(work);                                                                                                     \
+        return 0;                                                                                                       \
+    }                                                                                                                   \
+                                                                                                                        \
+    /* A whole LanguageModel step: embedding rows of ids, the blocks, the final RMSNorm (hidden_out, as                 \
+     * Backbone.step returns it) and the head (logits). -3 (nothing written) if an id is outside [0, vocab). */         \
+    /* One whole LanguageModel step for every thread of the caller's parallel region: embedding rows of ids, the        \
+     * blocks, the final RMSNorm (hidden_out, as Backbone.step returns it) and the head (logits). */                    \
+    static void st_lm_body_##SUF(const st_layer *layers, const st_io *io, int64_t n_layers, int64_t batch,              \
+                                 const st_lm *lm, const int64_t *ids, T *hidden_out, T *logits, T *work, T *x0,         \
+                                 T *x1, const int64_t w[ST_WIDTHS]) {                                                   \
+        const int64_t dm = lm->d_model;                                                                                 \
+        const T *emb = (const T *)lm->emb_w, *nw = (const T *)lm->norm_w;                                               \
+        _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++)                                         \
+            memcpy(x0 + b * dm, emb + ids[b] * dm, (size_t)dm * sizeof(T));                                             \
+        st_layers_##SUF(layers, io, n_layers, batch, x0, x1, work, w);                                                  \
+        /* norm_f: seqlab/norm.py's RMSNorm (float32 statistics, times the weight in T) */                              \
+        _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                                       \
+            const T *x = x1 + b * dm;                                                                                   \
+            float r = st_rms_scale_##SUF(x, dm, lm->norm_eps);                                                          \
+            for (int64_t i = 0; i < dm; i++) hidden_out[b * dm + i] = (T)((float)x[i] * r) * nw[i];                     \
+        }                                                                                                               \
+        sl_rows_gemm_##SUF((const T *)lm->head_w, (const T *)lm->head_b, hidden_out, dm, logits, NULL, lm->vocab,       \
+                           lm->vocab, dm, batch);                                                                       \
+    }                                                                                                                   \
+                                                                                                                        \
+    /* Workspace of an LM step: the layers' and two hidden buffers (NULL if out of memory or -2 shapes). */             \
+    static T *st_lm_work_##SUF(const st_layer *layers, int64_t n_layers, int64_t batch, const st_lm *lm,                \
+                               int64_t w[ST_WIDTHS], T **x0, T **x1) {                                                  \
+        if (st_widths(layers, n_layers, w) || lm->d_model != layers[0].d_model) return NULL;                            \
+        const size_t base = st_work_elems(layers, batch, w, sizeof(T)), dm = (size_t)lm->d_model;                       \
+        T *work = (T *)malloc((base + 2 * (size_t)batch * dm) * sizeof(T));                                             \
+        if (work) {                                                                                                     \
+            *x0 = work + base;                                                                                          \
+            *x1 = *x0 + batch * dm;                                                                                     \
+        }                                                                                                               \
+        return work;                                                                                                    \
+    }                                                                                                                   \
+                                                                                                                        \
+    /* A whole LanguageModel step. -3 (nothing written) if an id is outside [0, vocab). */                              \
+    SL_EXPORT int sl_lm_step_##SUF(const st_layer *layers, const st_io *io, int64_t n_layers, int64_t batch,            \
+                                   const st_lm *lm, const int64_t *ids, T *hidden_out, T *logits, int nthreads) {       \
+        for (int64_t b = 0; b < batch; b++)                                                                             \
+            if (ids[b] < 0 || ids[b] >= lm->vocab) return -3;                                                           \
+        int64_t w[ST_WIDTHS];                                                                                           \
+        T *x0 = NULL, *x1 = NULL, *work = st_lm_work_##SUF(layers, n_layers, batch, lm, w, &x0, &x1);                   \
+        if (!work) return -1;                                                                                           \
+        _Pragma("omp parallel num_threads(nthreads)")                                                                   \
+            st_lm_body_##SUF(layers, io, n_layers, batch, lm, ids, hidden_out, logits, work, x0, x1, w);                \
+        free(work);                                                                                                     \
+        return 0;                                                                                                       \
+    }                                                                                                                   \
+                                                                                                                        \
+    /* Greedy decoding in one call and one parallel region: up to n_steps steps, each feeding every row's token         \
+     * (ids0 first, then the argmax of the logits before it) and writing the argmax after it to                         \
+     * next_tokens[k * batch + b] (torch's argmax of the float32 logits: the first maximum, a NaN above all).           \
+     * It returns after the first step that fed a token in watch[0..n_watch) (the last tokens of the caller's           \
+     * stop sequences) and returns the number of steps run (-1: out of memory, -3: an id of ids0 outside the            \
+     * vocabulary). io3 holds three st_io sets of n_layers: step 0 reads the caller's state and writes X (set 0),       \
+     * odd steps read X and write Y (set 1), even steps from 2 read Y and write X (set 2); hidden_out and logits        \
+     * are the last step's. */                                                                                          \
+    SL_EXPORT int64_t sl_lm_greedy_##SUF(const st_layer *layers, const st_io *io3, int64_t n_layers, int64_t batch,     \
+                                         const st_lm *lm, const int64_t *ids0, int64_t n_steps, const int64_t *watch,   \
+                                         int64_t n_watch, int64_t *next_tokens, T *hidden_out, T *logits,               \
+                                         int nthreads) {                                                                \
+        for (int64_t b = 0; b < batch; b++)                                                                             \
+            if (ids0[b] < 0 || ids0[b] >= lm->vocab) return -3;                                                         \
+        int64_t w[ST_WIDTHS], done = 0;                                                                                 \
+        int stop = 0;                                                                                                   \
+        T *x0 = NULL, *x1 = NULL, *work = st_lm_work_##SUF(layers, n_layers, batch, lm, w, &x0, &x1);                   \
+        if (!work) return -1;                                                                                           \
+        const int64_t V = lm->vocab;                                                                                    \
+        _Pragma("omp parallel num_threads(nthreads)") {                                                                 \
+            for (int64_t k = 0; k < n_steps; k++) {                                                                     \
+                const st_io *io = k == 0 ? io3 : io3 + (k % 2 ? n_layers : 2 * n_layers);                               \
+                const int64_t *ids = k == 0 ? ids0 : next_tokens + (k - 1) * batch;                                     \
+                st_lm_body_##SUF(layers, io, n_layers, batch, lm, ids, hidden_out, logits, work, x0, x1, w);            \
+                _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                               \
+                    const T *x = logits + b * V;                                                                        \
+                    int64_t best = 0;                                                                                   \
+                    float bv = (float)x[0];                                                                             \
+                    for (int64_t v = 1; v < V; v++) {                                                                   \
+                        const float xv = (float)x[v];                                                                   \
+                        if (xv > bv || (xv != xv && bv == bv)) {                                                        \
+                            best = v;                                                                                   \
+                            bv = xv;                                                                                    \
+                        }                                                                                               \
+                    }                                                                                                   \
+                    next_tokens[k * batch + b] = best;                                                                  \
+                }                                                                                                       \
+                _Pragma("omp single") {                                                                                 \
+                    done = k + 1;                                                                                       \
+                    for (int64_t b = 0; b < batch && !stop; b++)                                                        \
+                        for (int64_t q = 0; q < n_watch; q++)                                                           \
+                            if (ids[b] == watch[q]) stop = 1;                                                           \
+                }                                                                                                       \
+                if (stop) break; /* every thread reads the same flag: the single ends with a barrier */                 \
+            }                                                                                                           \
+        }                                                                                                               \
+        free(work);                                                                                                     \
+        return done;                                                                                                    \
     }
 /* float: seqlab_native.h's vectorisable exp, softplus and SiLU (at batch 16 libm's per-channel calls were a tenth
  * of the step); double: libm, as the float64 reference runs. */

@@ -30,6 +30,10 @@ VARIANTS = {
     # the gated MLP feed-forward after each mixer (MambaByte's blocks); d_ffn not a multiple of the 64-wide blocks
     "mamba1-mlp": dict(ssm="mamba1", ffn="mlp", d_ffn=72, residual_in_fp32=False),
     "mamba2-mlp": dict(ssm="mamba2", ffn="mlp", d_ffn=24, proj_bias=True),
+    # the mixture of experts (MoE-Mamba's layers): top-1 (Switch gate), top-2 renormalised, top-3 not (Jamba's rule)
+    "mamba1-moe": dict(ssm="mamba1", ffn="moe", moe_experts=4, moe_top_k=1, d_ffn=24),
+    "mamba2-moe-top2": dict(ssm="mamba2", ffn="moe", moe_experts=5, moe_top_k=2, d_ffn=72),
+    "mamba1-moe-top3-raw": dict(ssm="mamba1", ffn="moe", moe_experts=4, moe_top_k=3, moe_renormalize=False, d_ffn=8),
 }
 
 
@@ -186,9 +190,31 @@ def test_feed_forwards_that_do_not_fuse_run_eagerly():
     after = _step(model, torch.tensor([4]), state, True)
     assert not torch.allclose(after.logits, before)
     _assert_same(after, _step(model, torch.tensor([4]), state, False), 1e-5, "low-rank MLP")
-    moe = tiny_lm("mamba1", seed=1, ffn="moe", moe_experts=2, moe_top_k=1, d_ffn=24)
-    assert all("MoEFeedForward" in r for r in fused_layers(moe))
-    _eager_bitwise(moe, torch.tensor([5]), moe(torch.tensor([[1, 2]])).state)
+    wide = tiny_lm("mamba1", seed=1, ffn="moe", moe_experts=18, moe_top_k=17, d_ffn=8)  # past step.c's top-k
+    assert all("top_k 17" in r for r in fused_layers(wide))
+    _eager_bitwise(wide, torch.tensor([5]), wide(torch.tensor([[1, 2]])).state)
+
+
+def test_moe_training_with_autograd_runs_eagerly_and_evaluation_fuses():
+    """An MoE layer in training mode with autograd on routes with capacity and jitter and records its router
+    statistics: that step is the eager one. Under no_grad (or in eval mode) it is the drop-free routing, fused,
+    and leaves ``last_stats`` None as the eager forward does."""
+    from seqlab.ffn import moe_layers
+    from seqlab.fused_step import _PLANS
+
+    model = _model("mamba1-moe").train()
+    model.requires_grad_(False)  # nothing needs a gradient: only the MoE's training mode can stop the fused step
+    state = model.init_state(3)
+    tokens = torch.tensor([1, 7, 30])
+    out = model.step(tokens, state)
+    assert all(m.last_stats is not None for m in moe_layers(model))  # the eager forward ran, in training mode
+    with torch.no_grad():
+        fused = model.step(tokens, state)
+    assert all(m.last_stats is None for m in moe_layers(model))
+    assert _PLANS[model.backbone].moe  # the fused plan holds both MoE layers
+    model.eval()
+    _assert_same(fused, _step(model, tokens, state, False), TOL[torch.float32], "MoE under no_grad")
+    assert out.logits.shape == fused.logits.shape
 
 
 def _eager_bitwise(model, tokens, state) -> None:
@@ -355,7 +381,7 @@ def _trusted_state(model, batch: int, seed: int = 0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("batch", [1, 4])
-@pytest.mark.parametrize("variant", ["mamba1", "mamba1-bias-noresfp32", "mamba2-groups", "mamba2-mlp"])
+@pytest.mark.parametrize("variant", ["mamba1", "mamba1-bias-noresfp32", "mamba2-groups", "mamba2-mlp", "mamba1-moe"])
 @torch.no_grad()
 def test_whole_model_step_is_one_call_and_equals_eager(variant, batch, dtype):
     """After the first fused step, LanguageModel.step runs embedding, blocks, final norm and head in one compiled
@@ -548,7 +574,7 @@ def test_fused_greedy_equals_step_by_step_argmax():
     assert fused_lm_greedy(model, torch.tensor([4, 9]), state, 5)[1].tolist() == [[0, 0]] * 5
 
 
-@pytest.mark.parametrize("ssm", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("ssm", ["mamba1", "mamba2", "mamba2-moe-top2"])
 @torch.no_grad()
 def test_a_row_decodes_the_same_alone_or_in_a_batch(ssm):
     """The compiled step computes each row on its own (the projections' sums run in a fixed order whatever the
