@@ -4,10 +4,13 @@
 256 the eager step's cost is almost all per-op overhead (about 2.5 ms per token for 4 layers); the compiled step
 (``kernels/csrc/step.c``) does, per block and in one OpenMP region: RMSNorm, in_proj, the conv step and SiLU, the
 Mamba-1 x_proj / dt_proj / softplus / selective state update / D skip / SiLU(z) gate, or the Mamba-2 dt softplus /
-SSD state update / D skip / gated RMSNorm, then out_proj and the residual add, then the gated MLP's RMSNorm,
-gate_up, SiLU gate, down and residual add where the block has one. Consecutive fused blocks go in one
-call; every other block (attention, Mamba-3, a mixture-of-experts feed-forward) runs its own eager ``step`` in the
-same loop, so a hybrid is fused where it can be.
+SSD state update / D skip / gated RMSNorm, or Mamba-3's B/C norms, dt and rate, rotary trapezoid update (SISO or
+MIMO, ``kernels/csrc/seqlab_mamba3_head.h``, shared with its state-update kernel) and gate or per-head gated norm,
+then out_proj and the residual add, then the feed-forward where the block has one: its RMSNorm and the gated MLP
+(gate_up, SiLU gate, down) or the mixture of experts at evaluation (float32 router, top-k, each expert's rows as
+one GEMM pair), and the residual add. Consecutive fused blocks go in one call; every other block (attention, a
+LASER low-rank or AQLM projection, ...) runs its own eager ``step`` in the same loop, so a hybrid is fused where
+it can be.
 
 When it applies (else the eager step runs, with the same results, silently):
 
@@ -15,12 +18,14 @@ When it applies (else the eager step runs, with the same results, silently):
   state stored in float32, as seqlab/norm.py and the mixers do);
 - no autograd: ``torch.is_grad_enabled()`` is False, or neither the input, the state nor any parameter of the
   block requires grad;
-- a plain block: ``Block`` with an ``RMSNorm``, no feed-forward or the gated MLP (``GatedMLP`` after its
-  ``RMSNorm``, bias-free projections), a ``Mamba1Mixer`` (without Jamba's inner norms) or ``Mamba2Mixer``
-  (ungated-before-norm output norm), every projection a plain ``nn.Linear`` (a LASER low-rank or
-  AQLM-quantized layer runs eagerly), no forward hooks, no DRµGS perturbation rotating this step
-  (its protected steps, where the hooks are idle, fuse: they must equal plain decoding bit for bit), kernel
-  backend ``"auto"`` or ``"native"`` (a model set to ``"ref"``, ``"chunked"`` or ``"triton"`` runs those kernels);
+- a plain block: ``Block`` with an ``RMSNorm``; a ``Mamba1Mixer`` (without Jamba's inner norms), a
+  ``Mamba2Mixer`` (ungated-before-norm output norm) or a ``Mamba3Mixer`` (any but MIMO with the output norm); no
+  feed-forward, the gated MLP (``GatedMLP``, bias-free) or the MoE (``MoEFeedForward``, top-k up to 16; while it
+  trains with autograd on, its capacity and jitter run eagerly) after an ``RMSNorm``; every projection a plain
+  ``nn.Linear`` (a LASER low-rank or AQLM-quantized layer runs eagerly), no forward hooks, no DRµGS perturbation
+  rotating this step (its protected steps, where the hooks are idle, fuse: they must equal plain decoding bit for
+  bit), kernel backend ``"auto"`` or ``"native"`` (a model set to ``"ref"``, ``"chunked"`` or ``"triton"`` runs
+  those kernels);
 - the compiled library builds here (``SEQLAB_NATIVE=0`` turns it off with the other compiled kernels).
 
 CUDA: not fused (CUDA graphs need a GPU to be built and tested); a model on a GPU runs the eager step.
@@ -45,7 +50,7 @@ from torch import nn
 
 __all__ = ["fused_layers", "fused_lm_greedy", "fused_lm_step", "fused_step"]
 
-_KINDS = {"mamba1": 1, "mamba2": 2}
+_KINDS = {"mamba1": 1, "mamba2": 2, "mamba3": 3}
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # backbone -> _Plan (not on the module: pickling)
 _LIBRARY: list = []  # [ctypes.CDLL or None], loaded on first use
 # states this module's step returned -> (plan, position, what their tensors looked like then): the next step may
@@ -102,6 +107,13 @@ class _Layer(ctypes.Structure):
         + [(name, ctypes.c_void_p) for name in ("ffn_norm_w", "ffn_gu_w", "ffn_down_w")]
         + [(name, ctypes.c_int64) for name in ("n_experts", "top_k", "renormalize")]
         + [("router_w", ctypes.c_void_p)]
+        # Mamba-3
+        + [(name, ctypes.c_int64) for name in ("mimo_rank", "n_angles", "a_softplus", "outproj_norm")]
+        + [(name, ctypes.c_double) for name in ("a_floor", "b_eps", "c_eps")]
+        + [
+            (name, ctypes.c_void_p)
+            for name in ("b_norm_w", "c_norm_w", "b_bias", "c_bias", "mimo_x", "mimo_z", "mimo_o")
+        ]
     )
 
 
@@ -171,6 +183,7 @@ def _block_reason(block, dtype: torch.dtype):
     from seqlab.ffn.moe import MoEFeedForward
     from seqlab.mixers.mamba1 import Mamba1Mixer
     from seqlab.mixers.mamba2 import Mamba2Mixer
+    from seqlab.mixers.mamba3 import Mamba3Mixer
     from seqlab.norm import GatedRMSNorm, RMSNorm
 
     if type(block) is not Block:
@@ -210,6 +223,17 @@ def _block_reason(block, dtype: torch.dtype):
         if mixer.nheads % mixer.ngroups or mixer.d_inner % norm.group_size:
             return None, "Mamba-2 heads or norm groups do not divide evenly"
         linears["in_proj"] = mixer.in_proj
+    elif type(mixer) is Mamba3Mixer:
+        kind = "mamba3"
+        if mixer.is_mimo and mixer.outproj_norm:
+            return None, "Mamba-3 MIMO with the output norm (mamba3_outproj_norm)"
+        if mixer.A_activation not in ("heavy_tail", "softplus"):
+            return None, f"Mamba-3 rate activation {mixer.A_activation!r}"
+        if type(mixer.B_norm) is not RMSNorm or type(mixer.C_norm) is not RMSNorm:
+            return None, "Mamba-3's B or C norm is not the stock RMSNorm"
+        if mixer.norm is not None and (type(mixer.norm) is not GatedRMSNorm or not mixer.norm.norm_before_gate):
+            return None, "Mamba-3 output norm is not the per-head gated RMSNorm (norm before gate)"
+        linears["in_proj"] = mixer.in_proj
     else:
         return None, f"mixer is {type(mixer).__name__}"
     linears["out_proj"] = mixer.out_proj
@@ -218,7 +242,7 @@ def _block_reason(block, dtype: torch.dtype):
             return None, f"{name} is a {type(layer).__name__}, not a plain nn.Linear"
     if kind == "mamba1" and (linears["x_proj"].bias is not None or linears["dt_proj"].bias is None):
         return None, "x_proj has a bias or dt_proj has none"
-    if type(mixer.conv1d) is not nn.Conv1d or type(block.norm) is not RMSNorm:
+    if (kind != "mamba3" and type(mixer.conv1d) is not nn.Conv1d) or type(block.norm) is not RMSNorm:
         return None, "conv1d or the block norm is not the stock module"
     if any(_has_hooks(m) for m in block.modules()):
         return None, "a forward hook is registered"
@@ -352,15 +376,54 @@ class _Plan:
         spec = _Layer()
         spec.kind = _KINDS[kind]
         spec.d_model = block.norm.weight.shape[0]
-        spec.d_inner, spec.d_state, spec.d_conv = m.d_inner, m.d_state, m.d_conv
+        spec.d_inner, spec.d_state = m.d_inner, m.d_state
         spec.residual_fp32 = int(bool(block.residual_in_fp32))
         spec.norm_eps = float(block.norm.eps)
         spec.n_in = m.in_proj.weight.shape[0]
         spec.norm_w = self._tensor(block.norm.weight)
         spec.in_w, spec.in_b = self._tensor(m.in_proj.weight), self._tensor(m.in_proj.bias)
+        spec.out_w, spec.out_b = self._tensor(m.out_proj.weight), self._tensor(m.out_proj.bias)
+        self._ffn_spec(block, spec)
+        if kind == "mamba3":
+            self._mamba3_spec(m, spec)
+            return spec
+        spec.d_conv = m.d_conv
         spec.conv_w = self._tensor(m.conv1d.weight.reshape(m.conv1d.weight.shape[0], -1))
         spec.conv_b = self._tensor(m.conv1d.bias)
-        spec.out_w, spec.out_b = self._tensor(m.out_proj.weight), self._tensor(m.out_proj.bias)
+        with torch.no_grad():  # the derived parameters, by the very ops the eager step uses
+            A = (-torch.exp(m.A_log.float())).to(dt)
+            D = m.D.float().to(dt)
+            if kind == "mamba1":
+                spec.dt_rank, spec.conv_ch = m.dt_rank, m.d_inner
+                spec.x_w, spec.dt_w = self._tensor(m.x_proj.weight), self._tensor(m.dt_proj.weight)
+                spec.dt_b = self._tensor(m.dt_proj.bias.float().to(dt))
+            else:
+                spec.nheads, spec.headdim, spec.ngroups, spec.conv_ch = m.nheads, m.headdim, m.ngroups, m.conv_dim
+                spec.dt_b = self._tensor(m.dt_bias.float().to(dt))
+                spec.gate_group, spec.gate_eps = m.norm.group_size, float(m.norm.eps)
+                spec.gate_w = self._tensor(m.norm.weight)
+            spec.A, spec.D = self._tensor(A), self._tensor(D)
+        return spec
+
+    def _mamba3_spec(self, m, spec: _Layer) -> None:
+        """A Mamba-3 mixer's fields: its parameters as the mixer hands them to the kernel (in the model's dtype)."""
+        spec.nheads, spec.headdim, spec.ngroups = m.nheads, m.headdim, m.ngroups
+        spec.mimo_rank, spec.n_angles = m.mimo_rank, m.num_rope_angles
+        spec.conv_ch = 2 * m.mimo_rank * m.ngroups * m.d_state  # the workspace of the normed B and C
+        spec.a_softplus = int(m.A_activation == "softplus")
+        spec.a_floor = float(m.A_floor)
+        spec.b_eps, spec.c_eps = float(m.B_norm.eps), float(m.C_norm.eps)
+        spec.b_norm_w, spec.c_norm_w = self._tensor(m.B_norm.weight), self._tensor(m.C_norm.weight)
+        spec.b_bias, spec.c_bias = self._tensor(m.B_bias), self._tensor(m.C_bias)
+        spec.dt_b, spec.D = self._tensor(m.dt_bias), self._tensor(m.D)
+        # the gate inside the kernel; with the output norm, z goes to the norm, and MIMO's mimo_o then stays out
+        spec.mimo_x, spec.mimo_z, spec.mimo_o = (self._tensor(t) for t in (m.mimo_x, m.mimo_z, m.mimo_o))
+        if m.norm is not None:
+            spec.outproj_norm = 1
+            spec.gate_w, spec.gate_eps = self._tensor(m.norm.weight), float(m.norm.eps)
+
+    def _ffn_spec(self, block, spec: _Layer) -> None:
+        """The block's feed-forward fields (none, the gated MLP or the MoE)."""
         ffn = block.ffn
         if ffn is not None:
             spec.ffn_eps = float(block.ffn_norm.eps)
@@ -376,20 +439,6 @@ class _Plan:
                 renormalize = ffn.settings.renormalize
                 spec.renormalize = int(ffn.settings.top_k > 1 if renormalize is None else renormalize)
                 spec.router_w = self._tensor(ffn.router.weight.float())
-        with torch.no_grad():  # the derived parameters, by the very ops the eager step uses
-            A = (-torch.exp(m.A_log.float())).to(dt)
-            D = m.D.float().to(dt)
-            if kind == "mamba1":
-                spec.dt_rank, spec.conv_ch = m.dt_rank, m.d_inner
-                spec.x_w, spec.dt_w = self._tensor(m.x_proj.weight), self._tensor(m.dt_proj.weight)
-                spec.dt_b = self._tensor(m.dt_proj.bias.float().to(dt))
-            else:
-                spec.nheads, spec.headdim, spec.ngroups, spec.conv_ch = m.nheads, m.headdim, m.ngroups, m.conv_dim
-                spec.dt_b = self._tensor(m.dt_bias.float().to(dt))
-                spec.gate_group, spec.gate_eps = m.norm.group_size, float(m.norm.eps)
-                spec.gate_w = self._tensor(m.norm.weight)
-            spec.A, spec.D = self._tensor(A), self._tensor(D)
-        return spec
 
 
 def _watch_key(containers: list[dict], hook_dicts: list[dict], attrs: list[tuple[dict, str]], params: list) -> tuple:
@@ -569,10 +618,32 @@ def _reusable(spare, like: torch.Tensor) -> bool:
     )
 
 
+#: the state tensors of a fused layer, in step.c's st_io order: Mamba-1 / Mamba-2, Mamba-3
+_CONV_SSM = ("conv", "ssm")
+_MAMBA3_STATE = ("angle", "ssm", "k", "v")
+
+
+def _io_pointers(src: dict, dst: dict) -> tuple[int, ...]:
+    """One layer's ``st_io``: (conv or angle in, out, ssm in, out, k in, v in, k out, v out), 0 where absent."""
+    if "conv" in src:
+        return (
+            src["conv"].data_ptr(),
+            dst["conv"].data_ptr(),
+            src["ssm"].data_ptr(),
+            dst["ssm"].data_ptr(),
+            0,
+            0,
+            0,
+            0,
+        )
+    a, b = [src[n].data_ptr() for n in _MAMBA3_STATE], [dst[n].data_ptr() for n in _MAMBA3_STATE]
+    return (a[0], b[0], a[1], b[1], a[2], a[3], b[2], b[3])
+
+
 def _state_io(state, idx: list[int], dtype: torch.dtype, new_layers: list, reuse=None):
-    """The step.c ``st_io`` pointers of layers ``idx`` (conv in, conv out, ssm in, ssm out per layer) and the input
-    tensors that must live until the call returns; the new state tensors go into ``new_layers``. None when a layer
-    cannot run fused (a float64 conv state feeds its float64 values: the eager step handles it).
+    """The step.c ``st_io`` pointers of layers ``idx`` (``_io_pointers``) and the input tensors that must live until
+    the call returns; the new state tensors go into ``new_layers``. None when a layer cannot run fused (a float64
+    conv state feeds its float64 values: the eager step handles it).
 
     ``reuse``: a state of the same layout whose tensors nobody will read again (``generate``'s state from two steps
     back): the new values are written into its tensors instead of new memory. At batch 16 a Mamba-2 state is
@@ -582,19 +653,21 @@ def _state_io(state, idx: list[int], dtype: torch.dtype, new_layers: list, reuse
     for i in idx:
         layer = state.layers[i]
         spare = reuse.layers[i] if reuse is not None else None
-        conv, ssm = layer["conv"], layer["ssm"]
-        if conv.dtype != torch.float32:
+        names = _CONV_SSM if "conv" in layer else _MAMBA3_STATE
+        if "conv" in layer and layer["conv"].dtype != torch.float32:
             return None
-        conv = conv.contiguous()
-        if ssm.dtype != dtype:  # a float64 model starts from float32 zeros, as eager widens them
-            ssm = ssm.to(dtype)
-        ssm = ssm.contiguous()
-        # a spare tensor, else new memory (empty_like: a third of torch.empty(shape, dtype=...)'s cost)
-        conv_out = spare["conv"] if spare is not None and _reusable(spare.get("conv"), conv) else torch.empty_like(conv)
-        ssm_out = spare["ssm"] if spare is not None and _reusable(spare.get("ssm"), ssm) else torch.empty_like(ssm)
-        new_layers[i] = {"conv": conv_out, "ssm": ssm_out}
-        alive += (conv, ssm)
-        pointers.extend((conv.data_ptr(), conv_out.data_ptr(), ssm.data_ptr(), ssm_out.data_ptr()))
+        src: dict = {}
+        dst: dict = {}
+        for name in names:
+            t = layer[name]
+            if name != "conv" and t.dtype != dtype:  # a float64 model starts from float32 zeros, as eager widens them
+                t = t.to(dtype)
+            t = src[name] = t.contiguous()
+            # a spare tensor, else new memory (empty_like: a third of torch.empty(shape, dtype=...)'s cost)
+            dst[name] = spare[name] if spare is not None and _reusable(spare.get(name), t) else torch.empty_like(t)
+        new_layers[i] = dst
+        alive += src.values()
+        pointers.extend(_io_pointers(src, dst))
     return pointers, alive
 
 
@@ -756,7 +829,7 @@ def fused_lm_greedy(model, input_ids, state, max_steps: int, watch=()):
     second = [{k: torch.empty_like(t) for k, t in layer.items()} for layer in first]  # Y: odd steps
     for src, dst in ((first, second), (second, first)):
         for a, b in zip(src, dst):
-            pointers.extend((a["conv"].data_ptr(), b["conv"].data_ptr(), a["ssm"].data_ptr(), b["ssm"].data_ptr()))
+            pointers.extend(_io_pointers(a, b))
     tokens = torch.empty((max_steps, batch), dtype=torch.int64)
     hidden, logits = _lm_outputs(lm, batch, dtype)
     stop = array.array("q", sorted({int(t) for t in watch}))

@@ -26,9 +26,7 @@
 #include <stdlib.h>
 
 #include "seqlab_native.h"
-
-#define M3_TWO_PI 6.283185307179586476925286766559
-#define M3_PI 3.1415926535897932384626433832795
+#include "seqlab_mamba3_head.h"
 
 SL_EXPORT int mamba3_abi(void) { return SEQLAB_NATIVE_ABI; }
 
@@ -399,98 +397,34 @@ M3_ROT_BWD(double, f64)
 
 /* ------------------------------------------------------------------------------------ the fused decode step */
 
-/* Rotate the rotary pairs of u (n) by ang (a) into out: SISO pairs (2m, 2m + 1), MIMO pairs (m, m + n/2). */
-#define M3_ROTATE(T, COS, SIN, out, u, ang, A_, N_, mimo)                                                      \
-    do {                                                                                                       \
-        for (int64_t j = 0; j < (N_); j++) (out)[j] = (u)[j];                                                  \
-        for (int64_t m = 0; m < (A_); m++) {                                                                   \
-            const T cs = COS((ang)[m]), sn = SIN((ang)[m]);                                                    \
-            const int64_t i0 = (mimo) ? m : 2 * m, i1 = (mimo) ? m + (N_) / 2 : 2 * m + 1;                     \
-            const T x0 = (u)[i0], x1 = (u)[i1];                                                                \
-            (out)[i0] = x0 * cs - x1 * sn;                                                                     \
-            (out)[i1] = x0 * sn + x1 * cs;                                                                     \
-        }                                                                                                      \
-    } while (0)
-
 /* Inputs contiguous in the compute dtype: angle_s (b, h, a), ssm_s (b, h, p, n), k_s (b, r, h, n),
  * v_s (b, h, p); x, z (b, h, p); dt, A, trap (b, h); B, C (b, r, g, n); angles (b, a); Bb, Cb (h, r, n);
  * D (h) or NULL; z, mx, mz, mo (h, r, p) or NULL. Outputs: y (b, h, p), or (b, r, h, p) when per_rank;
- * the new state parts (same shapes as the old ones). */
+ * the new state parts (same shapes as the old ones). Each (row, head) is seqlab_mamba3_head.h's m3_head. */
 #define M3_DECODE(T, SUF, EXP, TANH, COS, SIN, FLOOR, SILU, SIGMOID)                                           \
+    M3_HEAD(T, SUF, EXP, TANH, COS, SIN, FLOOR, SILU, SIGMOID)                                                 \
     SL_EXPORT void mamba3_step_##SUF(                                                                          \
         int64_t Bsz, int64_t H, int64_t P, int64_t N, int64_t R, int64_t G, int64_t A_, const T *angle_s,      \
         const T *ssm_s, const T *k_s, const T *v_s, const T *x, const T *dt, const T *Arate, const T *Bm,      \
         const T *Cm, const T *trap, const T *angles, const T *Bb, const T *Cb, const T *D, const T *z,         \
         const T *mx, const T *mz, const T *mo, int per_rank, T *y, T *angle_o, T *ssm_o, T *k_o, T *v_o,       \
         int nthreads) {                                                                                        \
-        const int mimo = R > 1;                                                                                \
         const int64_t PN = P * N, hpg = H / G;                                                                 \
         _Pragma("omp parallel for collapse(2) schedule(static) num_threads(nthreads)")                        \
         for (int64_t b = 0; b < Bsz; b++) {                                                                    \
             for (int64_t hh = 0; hh < H; hh++) {                                                               \
                 const int64_t bh = b * H + hh, gi = hh / hpg;                                                  \
-                const T d = dt[bh];                                                                            \
-                T *ang = angle_o + bh * A_;                                                                    \
-                for (int64_t m = 0; m < A_; m++) {                                                             \
-                    const T v = angle_s[bh * A_ + m] + TANH(angles[b * A_ + m]) * (T)M3_PI * d;                \
-                    ang[m] = v - (T)M3_TWO_PI * FLOOR(v / (T)M3_TWO_PI);                                       \
-                }                                                                                              \
-                T *kq = (T *)malloc(sizeof(T) * (2 * R * N + 2 * R * P + N));                                  \
-                if (!kq) continue; /* unreachable in practice: a few KiB */                                    \
-                T *q = kq + R * N, *vp = q + R * N, *vn = vp + R * P, *tmp = vn + R * P;                       \
-                for (int64_t r = 0; r < R; r++) {                                                              \
-                    const T *braw = Bm + ((b * R + r) * G + gi) * N, *bb = Bb + (hh * R + r) * N;              \
-                    for (int64_t j = 0; j < N; j++) tmp[j] = braw[j] + bb[j];                                  \
-                    T *kr = k_o + ((b * R + r) * H + hh) * N;                                                  \
-                    M3_ROTATE(T, COS, SIN, kr, tmp, ang, A_, N, mimo);                                         \
-                    const T *craw = Cm + ((b * R + r) * G + gi) * N, *cb = Cb + (hh * R + r) * N;              \
-                    for (int64_t j = 0; j < N; j++) tmp[j] = craw[j] + cb[j];                                  \
-                    M3_ROTATE(T, COS, SIN, q + r * N, tmp, ang, A_, N, mimo);                                  \
-                    for (int64_t i = 0; i < P; i++) {                                                          \
-                        const T w = mx ? mx[(hh * R + r) * P + i] : (T)1;                                      \
-                        vp[r * P + i] = v_s[bh * P + i] * w;                                                   \
-                        vn[r * P + i] = x[bh * P + i] * w;                                                     \
-                    }                                                                                          \
-                }                                                                                              \
-                const T lam = SIGMOID(trap[bh]), alpha = EXP(Arate[bh] * d);                                   \
-                const T beta = ((T)1 - lam) * d * alpha, gamma = lam * d;                                      \
-                for (int64_t i = 0; i < P; i++) v_o[bh * P + i] = x[bh * P + i];                               \
-                T *hn = ssm_o + bh * PN;                                                                       \
-                const T *ho = ssm_s + bh * PN;                                                                 \
-                for (int64_t i = 0; i < P; i++) {                                                              \
-                    T *restrict hi = hn + i * N;                                                               \
-                    const T *restrict oi = ho + i * N;                                                         \
-                    _Pragma("omp simd")                                                                       \
-                    for (int64_t j = 0; j < N; j++) hi[j] = alpha * oi[j];                                     \
-                    for (int64_t r = 0; r < R; r++) {                                                          \
-                        const T cp = beta * vp[r * P + i], cn = gamma * vn[r * P + i];                         \
-                        const T *restrict kp = k_s + ((b * R + r) * H + hh) * N;                               \
-                        const T *restrict kn = k_o + ((b * R + r) * H + hh) * N;                               \
-                        _Pragma("omp simd")                                                                   \
-                        for (int64_t j = 0; j < N; j++) hi[j] += cp * kp[j] + cn * kn[j];                      \
-                    }                                                                                          \
-                }                                                                                              \
-                for (int64_t i = 0; i < P; i++) {                                                              \
-                    const T *restrict hi = hn + i * N;                                                         \
-                    T out = 0;                                                                                 \
-                    for (int64_t r = 0; r < R; r++) {                                                          \
-                        const T *restrict qr = q + r * N;                                                      \
-                        T acc = 0;                                                                             \
-                        _Pragma("omp simd reduction(+ : acc)")                                                \
-                        for (int64_t j = 0; j < N; j++) acc += hi[j] * qr[j];                                  \
-                        if (D) acc += D[hh] * vn[r * P + i];                                                   \
-                        if (z) {                                                                               \
-                            const T zz = z[bh * P + i] * (mz ? mz[(hh * R + r) * P + i] : (T)1);               \
-                            acc *= SILU(zz);                                                                   \
-                        }                                                                                      \
-                        if (per_rank)                                                                          \
-                            y[((b * R + r) * H + hh) * P + i] = acc;                                           \
-                        else                                                                                   \
-                            out += (mo ? mo[(hh * R + r) * P + i] : (T)1) * acc;                               \
-                    }                                                                                          \
-                    if (!per_rank) y[bh * P + i] = out;                                                        \
-                }                                                                                              \
-                free(kq);                                                                                      \
+                T *scratch = (T *)malloc(sizeof(T) * (2 * R * N + 2 * R * P + N));                             \
+                if (!scratch) continue; /* unreachable in practice: a few KiB */                               \
+                T *yh = per_rank ? y + (b * R * H + hh) * P : y + bh * P;                                      \
+                m3_head_##SUF(P, N, R, A_, angle_s + bh * A_, angle_o + bh * A_, ssm_s + bh * PN,              \
+                              ssm_o + bh * PN, k_s + (b * R * H + hh) * N, k_o + (b * R * H + hh) * N, H * N,  \
+                              v_s + bh * P, v_o + bh * P, x + bh * P, dt[bh], Arate[bh], trap[bh],             \
+                              angles + b * A_, Bm + (b * R * G + gi) * N, Cm + (b * R * G + gi) * N, G * N,    \
+                              Bb + hh * R * N, Cb + hh * R * N, D ? D + hh : NULL, z ? z + bh * P : NULL,      \
+                              mx ? mx + hh * R * P : NULL, mz ? mz + hh * R * P : NULL,                        \
+                              mo ? mo + hh * R * P : NULL, per_rank, yh, H * P, scratch);                      \
+                free(scratch);                                                                                 \
             }                                                                                                  \
         }                                                                                                      \
     }

@@ -1,9 +1,11 @@
 /* The fused decode step of seqlab's Mamba blocks (seqlab/fused_step.py drives it).
  *
- * One call runs a run of consecutive Mamba-1 / Mamba-2 blocks for one token per row: per block
+ * One call runs a run of consecutive Mamba-1 / Mamba-2 / Mamba-3 blocks for one token per row: per block
  *   h = RMSNorm(residual); mixer step on h; residual = residual + out_proj(...)
- *   and, for a block with the gated MLP feed-forward, residual = residual + down(silu(gate) * up)(RMSNorm(residual))
- * exactly as seqlab/blocks.py Block.step (and GatedMLP), Mamba1Mixer.step and Mamba2Mixer.step compute it, in one OpenMP
+ *   and, for a block with a feed-forward, residual = residual + ffn(RMSNorm(residual)), ffn the gated MLP
+ *   down(silu(gate) * up) or the mixture of experts (seqlab/ffn/moe.py at evaluation)
+ * exactly as seqlab/blocks.py Block.step (GatedMLP, MoEFeedForward), Mamba1Mixer.step, Mamba2Mixer.step and
+ * Mamba3Mixer.step compute it, in one OpenMP
  * parallel region (one fork per call, a barrier between phases) instead of about sixty small eager ops per
  * layer, whose per-op cost was most of a decode step at d_model 256.
  *
@@ -24,6 +26,7 @@
 
 #include "seqlab_native.h"
 #include "seqlab_gemm.h"
+#include "seqlab_mamba3_head.h"
 
 /* One block's shapes and weight pointers, filled once per model by seqlab/fused_step.py (a ctypes Structure
  * with this exact layout: every field is 8 bytes). Pointers are to T (the compute dtype) unless noted. */
@@ -45,14 +48,23 @@ typedef struct {
     const void *ffn_down_w; /* MLP (d_model, d_ffn), MoE (n_experts, d_model, d_ffn) */
     int64_t n_experts, top_k, renormalize;
     const float *router_w; /* (n_experts, d_model) float32: the router runs in float32 whatever T (route()) */
+    /* Mamba-3 (kind 3; seqlab/mixers/mamba3.py): MIMO rank, rotary angles, the rate's activation (0: heavy tail,
+     * 1: softplus), the gated RMSNorm before out_proj (its weight in gate_w, eps in gate_eps), the rate's floor,
+     * B_norm's and C_norm's eps; the norms' weights (d_state), B_bias and C_bias (nheads, rank, d_state), the MIMO
+     * projections (nheads, rank, headdim) or NULL. D and dt_b hold its D and dt_bias. */
+    int64_t mimo_rank, n_angles, a_softplus, outproj_norm;
+    double a_floor, b_eps, c_eps;
+    const void *b_norm_w, *c_norm_w, *b_bias, *c_bias, *mimo_x, *mimo_z, *mimo_o;
 } st_layer;
 
 /* Per block and call: the state read (conv float32, ssm T) and the new state written. */
 typedef struct {
-    const float *conv_in;
+    const float *conv_in; /* Mamba-3: the angle (T) */
     float *conv_out;
     const void *ssm_in;
     void *ssm_out;
+    const void *k_in, *v_in; /* Mamba-3: the previous position's key and value (T); NULL otherwise */
+    void *k_out, *v_out;
 } st_io;
 
 /* The LanguageModel around the blocks, for sl_lm_step (seqlab/fused_step.py's _LM: every field 8 bytes). */
@@ -67,15 +79,15 @@ typedef struct {
 
 /* 1 / sqrt(mean(v^2) + eps) of n values taken as float32 (torch's F.rms_norm on float32; squares summed in
  * double, so the float32 mean is the correctly rounded one). */
-#define ST_RMS_SCALE(T, SUF)                                                                                            \
-    static inline float st_rms_scale_##SUF(const T *restrict x, int64_t n, double eps) {                                \
-        double s = 0.0;                                                                                                 \
-        _Pragma("omp simd reduction(+ : s)") for (int64_t i = 0; i < n; i++) {                                          \
-            float v = (float)x[i];                                                                                      \
-            s += (double)(v * v);                                                                                       \
-        }                                                                                                               \
-        float mean = (float)s / (float)n;                                                                               \
-        return 1.0f / sqrtf(mean + (float)eps);                                                                         \
+#define ST_RMS_SCALE(T, SUF)                                                                                           \
+    static inline float st_rms_scale_##SUF(const T *restrict x, int64_t n, double eps) {                               \
+        double s = 0.0;                                                                                                \
+        _Pragma("omp simd reduction(+ : s)") for (int64_t i = 0; i < n; i++) {                                         \
+            float v = (float)x[i];                                                                                     \
+            s += (double)(v * v);                                                                                      \
+        }                                                                                                              \
+        float mean = (float)s / (float)n;                                                                              \
+        return 1.0f / sqrtf(mean + (float)eps);                                                                        \
     }
 ST_RMS_SCALE(float, f32)
 ST_RMS_SCALE(double, f64)
@@ -100,7 +112,11 @@ static int st_widths(const st_layer *layers, int64_t n_layers, int64_t w[ST_WIDT
     for (int64_t l = 0; l < n_layers; l++) {
         const st_layer *L = &layers[l];
         if (L->d_model != dm) return -2;
-        const int64_t xd = L->kind == 1 ? L->dt_rank + 2 * L->d_state : 0;
+        /* Mamba-1: x_proj's output; Mamba-3: each head's scratch (seqlab_mamba3_head.h) */
+        const int64_t R3 = L->mimo_rank, N3 = L->d_state, P3 = L->headdim;
+        const int64_t xd = L->kind == 1 ? L->dt_rank + 2 * L->d_state
+                           : L->kind == 3 ? L->nheads * (2 * R3 * N3 + 2 * R3 * P3 + N3)
+                                          : 0;
         w[0] = L->n_in > w[0] ? L->n_in : w[0];
         w[1] = L->conv_ch > w[1] ? L->conv_ch : w[1];
         w[2] = xd > w[2] ? xd : w[2];
@@ -161,346 +177,412 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
 
 /* The layers loop, run by every thread of the caller's parallel region (orphaned worksharing): hidden_in ->
  * hidden_out through n_layers blocks, the states in io. Ends with a barrier (hidden_out is complete). */
-#define ST_STEP(T, SUF, EXP, SOFTPLUS, SILU, GATE_SILU)                                                                 \
-    /* The mixture of experts on the normed rows h (batch, d_model), added to next (seqlab/ffn/moe.py at evaluation:    \
-     * every (row, choice) pair kept). The router in float32; the pairs sorted by expert (rows in order within one),    \
-     * each expert's pairs gathered and run as two rows GEMMs (its weights read once for all its rows), then each       \
-     * row's gated expert outputs summed in expert order and added to next. Run by every thread of the region. */       \
-    static void st_moe_##SUF(const st_layer *L, int64_t batch, const T *h, T *next, T *mw, int64_t *iw) {               \
-        const int64_t dm = L->d_model, E = L->n_experts, K = L->top_k, F = L->d_ffn, F2 = 2 * F, P = batch * K;         \
-        float *hf = (float *)mw, *lg = hf + batch * dm, *gate = lg + batch * E; /* in mw's first dm + E + K */          \
-        T *xs = mw + batch * (dm + E + K), *act = xs + P * dm, *ys = act + P * F2;                                      \
-        int64_t *sel = iw, *pos = sel + P, *start = pos + P; /* start: E + 1 */                                         \
-        _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                                       \
-            for (int64_t i = 0; i < dm; i++) hf[b * dm + i] = (float)h[b * dm + i];                                     \
-        }                                                                                                               \
-        sl_rows_gemm_f32(L->router_w, NULL, hf, dm, lg, NULL, E, E, dm, batch);                                         \
-        _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++)                                         \
-            st_route(lg + b * E, E, K, L->renormalize, sel + b * K, gate + b * K);                                      \
-        _Pragma("omp single") { /* a counting sort of the pairs p = b K + j by expert */                                \
-            for (int64_t e = 0; e <= E; e++) start[e] = 0;                                                              \
-            for (int64_t p = 0; p < P; p++) start[sel[p] + 1]++;                                                        \
-            for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];                                                   \
-            for (int64_t e = 0; e < E; e++) {                                                                           \
-                int64_t at = start[e];                                                                                  \
-                for (int64_t p = 0; p < P; p++)                                                                         \
-                    if (sel[p] == e) pos[p] = at++;                                                                     \
-            }                                                                                                           \
-        }                                                                                                               \
-        _Pragma("omp for schedule(static)") for (int64_t p = 0; p < P; p++)                                             \
-            memcpy(xs + pos[p] * dm, h + (p / K) * dm, (size_t)dm * sizeof(T));                                         \
-        for (int64_t e = 0; e < E; e++) {                                                                               \
-            const int64_t n = start[e + 1] - start[e];                                                                  \
-            if (n > 0)                                                                                                  \
-                sl_rows_gemm_##SUF((const T *)L->ffn_gu_w + e * F2 * dm, NULL, xs + start[e] * dm, dm,                  \
-                                   act + start[e] * F2, NULL, F2, F2, dm, n);                                           \
-        }                                                                                                               \
-        const int64_t nfb = (F + ST_BLOCK - 1) / ST_BLOCK;                                                              \
-        _Pragma("omp for schedule(static) collapse(2)") for (int64_t r = 0; r < P; r++) {                               \
-            for (int64_t blk = 0; blk < nfb; blk++) {                                                                   \
-                T *g = act + r * F2;                                                                                    \
-                const int64_t i0 = blk * ST_BLOCK, i1 = i0 + ST_BLOCK < F ? i0 + ST_BLOCK : F;                          \
-                _Pragma("omp simd") for (int64_t i = i0; i < i1; i++) g[i] = SILU(g[i]) * g[F + i];                     \
-            }                                                                                                           \
-        }                                                                                                               \
-        for (int64_t e = 0; e < E; e++) {                                                                               \
-            const int64_t n = start[e + 1] - start[e];                                                                  \
-            if (n > 0)                                                                                                  \
-                sl_rows_gemm_##SUF((const T *)L->ffn_down_w + e * dm * F, NULL, act + start[e] * F2, F2,                \
-                                   ys + start[e] * dm, NULL, dm, dm, F, n);                                             \
-        }                                                                                                               \
-        _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                                       \
-            int64_t order[ST_MAX_TOP_K];                                                                                \
-            for (int64_t j = 0; j < K; j++) order[j] = j;                                                               \
-            for (int64_t j = 1; j < K; j++) /* this row's choices by expert (index_add_'s row order) */                 \
-                for (int64_t q = j; q > 0 && sel[b * K + order[q]] < sel[b * K + order[q - 1]]; q--) {                  \
-                    const int64_t t = order[q];                                                                         \
-                    order[q] = order[q - 1];                                                                            \
-                    order[q - 1] = t;                                                                                   \
-                }                                                                                                       \
-            for (int64_t i = 0; i < dm; i++) {                                                                          \
-                T acc = 0;                                                                                              \
-                for (int64_t j = 0; j < K; j++) {                                                                       \
-                    const int64_t p = b * K + order[j];                                                                 \
-                    acc += ys[pos[p] * dm + i] * (T)gate[p];                                                            \
-                }                                                                                                       \
-                next[b * dm + i] += acc;                                                                                \
-            }                                                                                                           \
-        }                                                                                                               \
-    }                                                                                                                   \
-                                                                                                                        \
-    static void st_layers_##SUF(const st_layer *layers, const st_io *io, int64_t n_layers, int64_t batch,               \
-                                const T *hidden_in, T *hidden_out, T *work, const int64_t w[ST_WIDTHS]) {               \
-        const int64_t dm = layers[0].d_model, w_proj = w[0], w_xc = w[1], w_xdbl = w[2];                                \
-        T *res = work, *h = res + batch * dm, *ping = h + batch * dm, *pong = ping + batch * dm;                        \
-        T *proj = pong + batch * dm, *xc = proj + batch * w_proj, *xdbl = xc + batch * w_xc;                            \
-        T *ybuf = xdbl + batch * w_xdbl, *dtbuf = ybuf + batch * w[3], *fbuf = dtbuf + batch * w[3];                    \
-        T *mw = fbuf + batch * w[4];                                                                                    \
-        int64_t *iw = st_int_work(mw + batch * w[5]);                                                                   \
-        const T *cur = hidden_in;                                                                                       \
-        for (int64_t l = 0; l < n_layers; l++) {                                                                        \
-            const st_layer *L = &layers[l];                                                                             \
-            const int64_t D = L->d_inner, N = L->d_state, W = L->d_conv, nin = L->n_in, cc = L->conv_ch;                \
-            T *next = l == n_layers - 1 ? hidden_out : (l % 2 == 0 ? ping : pong);                                      \
-            const T *norm_w = (const T *)L->norm_w;                                                                     \
-            /* RMSNorm in float32, times the weight in T (seqlab/norm.py) */                                            \
-            _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                                   \
-                const T *x = cur + b * dm;                                                                              \
-                float r = st_rms_scale_##SUF(x, dm, L->norm_eps);                                                       \
-                for (int64_t i = 0; i < dm; i++) {                                                                      \
-                    h[b * dm + i] = (T)((float)x[i] * r) * norm_w[i];                                                   \
-                    res[b * dm + i] = L->residual_fp32 ? (T)(float)x[i] : x[i];                                         \
-                }                                                                                                       \
-            }                                                                                                           \
-            sl_rows_gemm_##SUF((const T *)L->in_w, (const T *)L->in_b, h, dm, proj, NULL, nin, nin, dm, batch);         \
-            /* conv step + SiLU on the conv channels (Mamba-1: x = proj[:D]; Mamba-2: xBC = proj[D:D+cc]) */            \
-            const int64_t conv_off = L->kind == 1 ? 0 : D;                                                              \
-            const T *cw = (const T *)L->conv_w, *cb = (const T *)L->conv_b;                                             \
-            const float *cin = io[l].conv_in;                                                                           \
-            float *cout = io[l].conv_out;                                                                               \
-            _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                       \
-                for (int64_t c = 0; c < cc; c++) {                                                                      \
-                    const float *si = cin + (b * cc + c) * (W - 1);                                                     \
-                    float *so = cout + (b * cc + c) * (W - 1);                                                          \
-                    T xin = proj[b * nin + conv_off + c];                                                               \
-                    T acc = 0;                                                                                          \
-                    for (int64_t k = 0; k < W - 1; k++) acc += (T)si[k] * cw[c * W + k];                                \
-                    acc += xin * cw[c * W + W - 1];                                                                     \
-                    if (cb) acc += cb[c];                                                                               \
-                    for (int64_t k = 0; k + 1 < W - 1; k++) so[k] = si[k + 1];                                          \
-                    if (W > 1) so[W - 2] = (float)xin;                                                                  \
-                    xc[b * cc + c] = acc;                                                                               \
-                }                                                                                                       \
-            }                                                                                                           \
-            /* SiLU on the conv outputs, vectorised (a pass of its own: the conv loop's inner taps keep it scalar) */   \
-            _Pragma("omp for schedule(static)") for (int64_t q = 0; q < batch * cc; q += ST_BLOCK) {                    \
-                const int64_t qe = q + ST_BLOCK < batch * cc ? q + ST_BLOCK : batch * cc;                               \
-                _Pragma("omp simd") for (int64_t i = q; i < qe; i++) xc[i] = SILU(xc[i]);                               \
-            }                                                                                                           \
-            const T *A = (const T *)L->A, *Dp = (const T *)L->D, *dtb = (const T *)L->dt_b;                             \
-            const T *s_in = (const T *)io[l].ssm_in;                                                                    \
-            T *s_out = (T *)io[l].ssm_out;                                                                              \
-            if (L->kind == 1) {                                                                                         \
-                const int64_t R = L->dt_rank, xd = R + 2 * N;                                                           \
-                sl_rows_gemm_##SUF((const T *)L->x_w, NULL, xc, cc, xdbl, NULL, xd, xd, D, batch);                      \
-                /* dt_proj + bias as a GEMM too (a 16-term dot per channel was one long dependency chain) */            \
-                sl_rows_gemm_##SUF((const T *)L->dt_w, dtb, xdbl, xd, dtbuf, NULL, D, D, R, batch);                     \
-                /* softplus(dt) and the gate silu(z), vectorised over a block of channels; then per channel the         \
-                 * selective state update and the D skip */                                                             \
-                const int64_t nblk = (D + ST_BLOCK - 1) / ST_BLOCK;                                                     \
-                _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                   \
-                    for (int64_t blk = 0; blk < nblk; blk++) {                                                          \
-                        const int64_t c0 = blk * ST_BLOCK, c1 = c0 + ST_BLOCK < D ? c0 + ST_BLOCK : D;                  \
-                        const T *xb = xdbl + b * xd;                                                                    \
-                        T dts[ST_BLOCK], gate[ST_BLOCK];                                                                \
-                        const T *zb = proj + b * nin + D, *dtr = dtbuf + b * D;                                         \
-                        _Pragma("omp simd") for (int64_t c = c0; c < c1; c++) {                                         \
-                            dts[c - c0] = SOFTPLUS(dtr[c]);                                                             \
-                            gate[c - c0] = SILU(zb[c]);                                                                 \
-                        }                                                                                               \
-                        const T *restrict Bv = xb + R, *restrict Cv = xb + R + N;                                       \
-                        for (int64_t c = c0; c < c1; c++) {                                                             \
-                            const T dt = dts[c - c0], xv = xc[b * cc + c], dx = dt * xv;                                \
-                            const T *restrict Ac = A + c * N;                                                           \
-                            const T *restrict s0 = s_in + (b * D + c) * N;                                              \
-                            T *restrict s1 = s_out + (b * D + c) * N;                                                   \
-                            T y = 0;                                                                                    \
-                            _Pragma("omp simd reduction(+ : y)") for (int64_t n = 0; n < N; n++) {                      \
-                                T s = s0[n] * EXP(dt * Ac[n]) + dx * Bv[n];                                             \
-                                s1[n] = s;                                                                              \
-                                y += s * Cv[n];                                                                         \
-                            }                                                                                           \
-                            y += Dp[c] * xv;                                                                            \
-                            ybuf[b * D + c] = y * gate[c - c0];                                                         \
-                        }                                                                                               \
-                    }                                                                                                   \
-                }                                                                                                       \
-            } else {                                                                                                    \
-                const int64_t H = L->nheads, P = L->headdim, G = L->ngroups, per = H / G;                               \
-                /* dt + bias + softplus per head, the SSD state update, D skip */                                       \
-                _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                   \
-                    for (int64_t hh = 0; hh < H; hh++) {                                                                \
-                        T dt = SOFTPLUS(proj[b * nin + D + cc + hh] + dtb[hh]);                                         \
-                        T dA = EXP(dt * A[hh]);                                                                         \
-                        const int64_t g = hh / per;                                                                     \
-                        const T *restrict Bv = xc + b * cc + D + g * N;                                                 \
-                        const T *restrict Cv = xc + b * cc + D + G * N + g * N;                                         \
-                        for (int64_t p = 0; p < P; p++) {                                                               \
-                            const T xv = xc[b * cc + hh * P + p], xdt = xv * dt;                                        \
-                            const T *restrict s0 = s_in + ((b * H + hh) * P + p) * N;                                   \
-                            T *restrict s1 = s_out + ((b * H + hh) * P + p) * N;                                        \
-                            T y = 0;                                                                                    \
-                            _Pragma("omp simd reduction(+ : y)") for (int64_t n = 0; n < N; n++) {                      \
-                                T s = s0[n] * dA + xdt * Bv[n];                                                         \
-                                s1[n] = s;                                                                              \
-                                y += s * Cv[n];                                                                         \
-                            }                                                                                           \
-                            ybuf[b * D + hh * P + p] = y + xv * Dp[hh];                                                 \
-                        }                                                                                               \
-                    }                                                                                                   \
-                }                                                                                                       \
-                /* gated RMSNorm: norm(y * silu(z)) per group, in float32, times the weight in T */                     \
-                const int64_t gs = L->gate_group, ng = D / gs;                                                          \
-                const T *gw = (const T *)L->gate_w;                                                                     \
-                _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                   \
-                    for (int64_t q = 0; q < ng; q++) {                                                                  \
-                        T *yv = ybuf + b * D + q * gs;                                                                  \
-                        const T *zv = proj + b * nin + q * gs;                                                          \
-                        double s = 0.0;                                                                                 \
-                        _Pragma("omp simd reduction(+ : s)") for (int64_t i = 0; i < gs; i++) {                         \
-                            float v = GATE_SILU((float)zv[i]) * (float)yv[i];                                           \
-                            yv[i] = (T)v;                                                                               \
-                            s += (double)(v * v);                                                                       \
-                        }                                                                                               \
-                        float r = 1.0f / sqrtf((float)s / (float)gs + (float)L->gate_eps);                              \
-                        for (int64_t i = 0; i < gs; i++) yv[i] = (T)((float)yv[i] * r) * gw[q * gs + i];                \
-                    }                                                                                                   \
-                }                                                                                                       \
-            }                                                                                                           \
-            /* out_proj, added to the residual */                                                                       \
-            sl_rows_gemm_##SUF((const T *)L->out_w, (const T *)L->out_b, ybuf, D, next, res, dm, dm, D, batch);         \
-            if (L->d_ffn > 0) {                                                                                         \
-                /* the feed-forward (Block._mix): next += ffn(RMSNorm(next)) */                                         \
-                const int64_t F = L->d_ffn, F2 = 2 * L->d_ffn;                                                          \
-                const T *fnw = (const T *)L->ffn_norm_w;                                                                \
-                _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                               \
-                    const T *x = next + b * dm;                                                                         \
-                    float r = st_rms_scale_##SUF(x, dm, L->ffn_eps);                                                    \
-                    for (int64_t i = 0; i < dm; i++) h[b * dm + i] = (T)((float)x[i] * r) * fnw[i];                     \
-                }                                                                                                       \
-                if (L->n_experts > 0)                                                                                   \
-                    st_moe_##SUF(L, batch, h, next, mw, iw);                                                            \
-                else {                                                                                                  \
-                /* the gated MLP: down(silu(gate) * up) */                                                              \
-                sl_rows_gemm_##SUF((const T *)L->ffn_gu_w, NULL, h, dm, fbuf, NULL, F2, F2, dm, batch);                 \
-                const int64_t nfb = (F + ST_BLOCK - 1) / ST_BLOCK;                                                      \
-                _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                   \
-                    for (int64_t blk = 0; blk < nfb; blk++) {                                                           \
-                        T *g = fbuf + b * F2;                                                                           \
-                        const int64_t i0 = blk * ST_BLOCK, i1 = i0 + ST_BLOCK < F ? i0 + ST_BLOCK : F;                  \
-                        _Pragma("omp simd") for (int64_t i = i0; i < i1; i++) g[i] = SILU(g[i]) * g[F + i];             \
-                    }                                                                                                   \
-                }                                                                                                       \
-                sl_rows_gemm_##SUF((const T *)L->ffn_down_w, NULL, fbuf, F2, next, next, dm, dm, F, batch);             \
-                }                                                                                                       \
-            }                                                                                                           \
-            _Pragma("omp barrier");                                                                                     \
-            cur = next;                                                                                                 \
-        }                                                                                                               \
-    }                                                                                                                   \
-                                                                                                                        \
-    SL_EXPORT int sl_step_##SUF(const st_layer *layers, const st_io *io, int64_t n_layers, int64_t batch,               \
-                                const T *hidden_in, T *hidden_out, int nthreads) {                                      \
-        int64_t w[ST_WIDTHS];                                                                                           \
-        if (st_widths(layers, n_layers, w)) return -2;                                                                  \
-        T *work = (T *)malloc(st_work_elems(layers, batch, w, sizeof(T)) * sizeof(T));                                  \
-        if (!work) return -1;                                                                                           \
-        _Pragma("omp parallel num_threads(nthreads)")                                                                   \
-            st_layers_##SUF(layers, io, n_layers, batch, hidden_in, hidden_out, work, w);                               \
-        free(work);                                                                                                     \
-        return 0;                                                                                                       \
-    }                                                                                                                   \
-                                                                                                                        \
-    /* A whole LanguageModel step: embedding rows of ids, the blocks, the final RMSNorm (hidden_out, as                 \
-     * Backbone.step returns it) and the head (logits). -3 (nothing written) if an id is outside [0, vocab). */         \
-    /* One whole LanguageModel step for every thread of the caller's parallel region: embedding rows of ids, the        \
-     * blocks, the final RMSNorm (hidden_out, as Backbone.step returns it) and the head (logits). */                    \
-    static void st_lm_body_##SUF(const st_layer *layers, const st_io *io, int64_t n_layers, int64_t batch,              \
-                                 const st_lm *lm, const int64_t *ids, T *hidden_out, T *logits, T *work, T *x0,         \
-                                 T *x1, const int64_t w[ST_WIDTHS]) {                                                   \
-        const int64_t dm = lm->d_model;                                                                                 \
-        const T *emb = (const T *)lm->emb_w, *nw = (const T *)lm->norm_w;                                               \
-        _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++)                                         \
-            memcpy(x0 + b * dm, emb + ids[b] * dm, (size_t)dm * sizeof(T));                                             \
-        st_layers_##SUF(layers, io, n_layers, batch, x0, x1, work, w);                                                  \
-        /* norm_f: seqlab/norm.py's RMSNorm (float32 statistics, times the weight in T) */                              \
-        _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                                       \
-            const T *x = x1 + b * dm;                                                                                   \
-            float r = st_rms_scale_##SUF(x, dm, lm->norm_eps);                                                          \
-            for (int64_t i = 0; i < dm; i++) hidden_out[b * dm + i] = (T)((float)x[i] * r) * nw[i];                     \
-        }                                                                                                               \
-        sl_rows_gemm_##SUF((const T *)lm->head_w, (const T *)lm->head_b, hidden_out, dm, logits, NULL, lm->vocab,       \
-                           lm->vocab, dm, batch);                                                                       \
-    }                                                                                                                   \
-                                                                                                                        \
-    /* Workspace of an LM step: the layers' and two hidden buffers (NULL if out of memory or -2 shapes). */             \
-    static T *st_lm_work_##SUF(const st_layer *layers, int64_t n_layers, int64_t batch, const st_lm *lm,                \
-                               int64_t w[ST_WIDTHS], T **x0, T **x1) {                                                  \
-        if (st_widths(layers, n_layers, w) || lm->d_model != layers[0].d_model) return NULL;                            \
-        const size_t base = st_work_elems(layers, batch, w, sizeof(T)), dm = (size_t)lm->d_model;                       \
-        T *work = (T *)malloc((base + 2 * (size_t)batch * dm) * sizeof(T));                                             \
-        if (work) {                                                                                                     \
-            *x0 = work + base;                                                                                          \
-            *x1 = *x0 + batch * dm;                                                                                     \
-        }                                                                                                               \
-        return work;                                                                                                    \
-    }                                                                                                                   \
-                                                                                                                        \
-    /* A whole LanguageModel step. -3 (nothing written) if an id is outside [0, vocab). */                              \
-    SL_EXPORT int sl_lm_step_##SUF(const st_layer *layers, const st_io *io, int64_t n_layers, int64_t batch,            \
-                                   const st_lm *lm, const int64_t *ids, T *hidden_out, T *logits, int nthreads) {       \
-        for (int64_t b = 0; b < batch; b++)                                                                             \
-            if (ids[b] < 0 || ids[b] >= lm->vocab) return -3;                                                           \
-        int64_t w[ST_WIDTHS];                                                                                           \
-        T *x0 = NULL, *x1 = NULL, *work = st_lm_work_##SUF(layers, n_layers, batch, lm, w, &x0, &x1);                   \
-        if (!work) return -1;                                                                                           \
-        _Pragma("omp parallel num_threads(nthreads)")                                                                   \
-            st_lm_body_##SUF(layers, io, n_layers, batch, lm, ids, hidden_out, logits, work, x0, x1, w);                \
-        free(work);                                                                                                     \
-        return 0;                                                                                                       \
-    }                                                                                                                   \
-                                                                                                                        \
-    /* Greedy decoding in one call and one parallel region: up to n_steps steps, each feeding every row's token         \
-     * (ids0 first, then the argmax of the logits before it) and writing the argmax after it to                         \
-     * next_tokens[k * batch + b] (torch's argmax of the float32 logits: the first maximum, a NaN above all).           \
-     * It returns after the first step that fed a token in watch[0..n_watch) (the last tokens of the caller's           \
-     * stop sequences) and returns the number of steps run (-1: out of memory, -3: an id of ids0 outside the            \
-     * vocabulary). io3 holds three st_io sets of n_layers: step 0 reads the caller's state and writes X (set 0),       \
-     * odd steps read X and write Y (set 1), even steps from 2 read Y and write X (set 2); hidden_out and logits        \
-     * are the last step's. */                                                                                          \
-    SL_EXPORT int64_t sl_lm_greedy_##SUF(const st_layer *layers, const st_io *io3, int64_t n_layers, int64_t batch,     \
-                                         const st_lm *lm, const int64_t *ids0, int64_t n_steps, const int64_t *watch,   \
-                                         int64_t n_watch, int64_t *next_tokens, T *hidden_out, T *logits,               \
-                                         int nthreads) {                                                                \
-        for (int64_t b = 0; b < batch; b++)                                                                             \
-            if (ids0[b] < 0 || ids0[b] >= lm->vocab) return -3;                                                         \
-        int64_t w[ST_WIDTHS], done = 0;                                                                                 \
-        int stop = 0;                                                                                                   \
-        T *x0 = NULL, *x1 = NULL, *work = st_lm_work_##SUF(layers, n_layers, batch, lm, w, &x0, &x1);                   \
-        if (!work) return -1;                                                                                           \
-        const int64_t V = lm->vocab;                                                                                    \
-        _Pragma("omp parallel num_threads(nthreads)") {                                                                 \
-            for (int64_t k = 0; k < n_steps; k++) {                                                                     \
-                const st_io *io = k == 0 ? io3 : io3 + (k % 2 ? n_layers : 2 * n_layers);                               \
-                const int64_t *ids = k == 0 ? ids0 : next_tokens + (k - 1) * batch;                                     \
-                st_lm_body_##SUF(layers, io, n_layers, batch, lm, ids, hidden_out, logits, work, x0, x1, w);            \
-                _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                               \
-                    const T *x = logits + b * V;                                                                        \
-                    int64_t best = 0;                                                                                   \
-                    float bv = (float)x[0];                                                                             \
-                    for (int64_t v = 1; v < V; v++) {                                                                   \
-                        const float xv = (float)x[v];                                                                   \
-                        if (xv > bv || (xv != xv && bv == bv)) {                                                        \
-                            best = v;                                                                                   \
-                            bv = xv;                                                                                    \
-                        }                                                                                               \
-                    }                                                                                                   \
-                    next_tokens[k * batch + b] = best;                                                                  \
-                }                                                                                                       \
-                _Pragma("omp single") {                                                                                 \
-                    done = k + 1;                                                                                       \
-                    for (int64_t b = 0; b < batch && !stop; b++)                                                        \
-                        for (int64_t q = 0; q < n_watch; q++)                                                           \
-                            if (ids[b] == watch[q]) stop = 1;                                                           \
-                }                                                                                                       \
-                if (stop) break; /* every thread reads the same flag: the single ends with a barrier */                 \
-            }                                                                                                           \
-        }                                                                                                               \
-        free(work);                                                                                                     \
-        return done;                                                                                                    \
+#define ST_STEP(T, SUF, EXP, SOFTPLUS, SILU, GATE_SILU)                                                                \
+    /* The Mamba-3 mixer between in_proj and out_proj (seqlab/mixers/mamba3.py Mamba3Mixer.step): proj rows            \
+     * [z, x, B, C, dd_dt, dd_A, trap, angle]; B and C RMSNormed over d_state into bc (B then C per row); dt =         \
+     * softplus(dd_dt + dt_bias), A = min(-act(dd_A), -a_floor); then per (row, head) m3_head (the gate inside         \
+     * unless the gated RMSNorm follows), y into ybuf (batch, d_inner); scratch: each head's m3_head scratch. */       \
+    static void st_mamba3_##SUF(const st_layer *L, const st_io *io, int64_t batch, const T *proj, T *bc,               \
+                                T *scratch, T *ybuf) {                                                                 \
+        const int64_t H = L->nheads, P = L->headdim, G = L->ngroups, N = L->d_state, R = L->mimo_rank;                 \
+        const int64_t NA = L->n_angles, Di = L->d_inner, nin = L->n_in, RGN = R * G * N, cc = 2 * RGN;                 \
+        const int64_t dto = 2 * Di + 2 * RGN, ao = dto + H, tro = ao + H, ango = tro + H, hpg = H / G;                 \
+        const int64_t sc = 2 * R * N + 2 * R * P + N, PN = P * N;                                                      \
+        const T *bnw = (const T *)L->b_norm_w, *cnw = (const T *)L->c_norm_w, *dtb = (const T *)L->dt_b;               \
+        const T *Bb = (const T *)L->b_bias, *Cb = (const T *)L->c_bias, *Dp = (const T *)L->D;                         \
+        const T *mx = (const T *)L->mimo_x, *mz = (const T *)L->mimo_z, *mo = (const T *)L->mimo_o;                    \
+        const T *ang_in = (const T *)(const void *)io->conv_in, *ssm_in = (const T *)io->ssm_in;                       \
+        const T *k_in = (const T *)io->k_in, *v_in = (const T *)io->v_in;                                              \
+        T *ang_out = (T *)(void *)io->conv_out, *ssm_out = (T *)io->ssm_out, *k_out = (T *)io->k_out;                  \
+        T *v_out = (T *)io->v_out;                                                                                     \
+        _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                          \
+            for (int64_t q = 0; q < 2 * R * G; q++) {                                                                  \
+                const T *src = proj + b * nin + 2 * Di + q * N;                                                        \
+                const int c = q >= R * G;                                                                              \
+                const T *w = c ? cnw : bnw;                                                                            \
+                const float r = st_rms_scale_##SUF(src, N, c ? L->c_eps : L->b_eps);                                   \
+                T *dst = bc + b * cc + q * N;                                                                          \
+                for (int64_t i = 0; i < N; i++) dst[i] = (T)((float)src[i] * r) * w[i];                                \
+            }                                                                                                          \
+        }                                                                                                              \
+        _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                          \
+            for (int64_t hh = 0; hh < H; hh++) {                                                                       \
+                const T *row = proj + b * nin;                                                                         \
+                const int64_t bh = b * H + hh, gi = hh / hpg;                                                          \
+                const T d = SOFTPLUS(row[dto + hh] + dtb[hh]), u = row[ao + hh];                                       \
+                const T act = L->a_softplus ? SOFTPLUS(u) : (u > 0 ? u : (T)0) + (T)1 / ((T)1 - (u < 0 ? u : (T)0));   \
+                const T arate = -act < (T)(-L->a_floor) ? -act : (T)(-L->a_floor);                                     \
+                m3_head_##SUF(P, N, R, NA, ang_in + bh * NA, ang_out + bh * NA, ssm_in + bh * PN, ssm_out + bh * PN,   \
+                              k_in + (b * R * H + hh) * N, k_out + (b * R * H + hh) * N, H * N, v_in + bh * P,         \
+                              v_out + bh * P, row + Di + hh * P, d, arate, row[tro + hh], row + ango,                  \
+                              bc + b * cc + gi * N, bc + b * cc + RGN + gi * N, G * N, Bb + hh * R * N,                \
+                              Cb + hh * R * N, Dp ? Dp + hh : NULL, L->outproj_norm ? NULL : row + hh * P,             \
+                              mx ? mx + hh * R * P : NULL, mz ? mz + hh * R * P : NULL, mo ? mo + hh * R * P : NULL,   \
+                              0, ybuf + b * Di + hh * P, 0, scratch + (b * H + hh) * sc);                              \
+            }                                                                                                          \
+        }                                                                                                              \
+        if (L->outproj_norm) { /* GatedRMSNorm(norm_before_gate): norm(y) per head in T's width, * w * silu(z) */      \
+            const T *gw = (const T *)L->gate_w;                                                                        \
+            _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                      \
+                for (int64_t hh = 0; hh < H; hh++) {                                                                   \
+                    T *yv = ybuf + b * Di + hh * P;                                                                    \
+                    const T *zv = proj + b * nin + hh * P;                                                             \
+                    double s2 = 0.0;                                                                                   \
+                    for (int64_t i = 0; i < P; i++) s2 += (double)yv[i] * (double)yv[i];                               \
+                    const T r = (T)(1.0 / sqrt((double)(T)(s2 / (double)P) + (double)(T)L->gate_eps));                 \
+                    for (int64_t i = 0; i < P; i++) yv[i] = yv[i] * r * gw[hh * P + i] * SILU(zv[i]);                  \
+                }                                                                                                      \
+            }                                                                                                          \
+        }                                                                                                              \
+    }                                                                                                                  \
+                                                                                                                       \
+    /* The mixture of experts on the normed rows h (batch, d_model), added to next (seqlab/ffn/moe.py at evaluation:   \
+     * every (row, choice) pair kept). The router in float32; the pairs sorted by expert (rows in order within one),   \
+     * each expert's pairs gathered and run as two rows GEMMs (its weights read once for all its rows), then each      \
+     * row's gated expert outputs summed in expert order and added to next. Run by every thread of the region. */      \
+    static void st_moe_##SUF(const st_layer *L, int64_t batch, const T *h, T *next, T *mw, int64_t *iw) {              \
+        const int64_t dm = L->d_model, E = L->n_experts, K = L->top_k, F = L->d_ffn, F2 = 2 * F, P = batch * K;        \
+        float *hf = (float *)mw, *lg = hf + batch * dm, *gate = lg + batch * E; /* in mw's first dm + E + K */         \
+        T *xs = mw + batch * (dm + E + K), *act = xs + P * dm, *ys = act + P * F2;                                     \
+        int64_t *sel = iw, *pos = sel + P, *start = pos + P; /* start: E + 1 */                                        \
+        _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                                      \
+            for (int64_t i = 0; i < dm; i++) hf[b * dm + i] = (float)h[b * dm + i];                                    \
+        }                                                                                                              \
+        sl_rows_gemm_f32(L->router_w, NULL, hf, dm, lg, NULL, E, E, dm, batch);                                        \
+        _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++)                                        \
+            st_route(lg + b * E, E, K, L->renormalize, sel + b * K, gate + b * K);                                     \
+        _Pragma("omp single") { /* a counting sort of the pairs p = b K + j by expert */                               \
+            for (int64_t e = 0; e <= E; e++) start[e] = 0;                                                             \
+            for (int64_t p = 0; p < P; p++) start[sel[p] + 1]++;                                                       \
+            for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];                                                  \
+            for (int64_t e = 0; e < E; e++) {                                                                          \
+                int64_t at = start[e];                                                                                 \
+                for (int64_t p = 0; p < P; p++)                                                                        \
+                    if (sel[p] == e) pos[p] = at++;                                                                    \
+            }                                                                                                          \
+        }                                                                                                              \
+        _Pragma("omp for schedule(static)") for (int64_t p = 0; p < P; p++)                                            \
+            memcpy(xs + pos[p] * dm, h + (p / K) * dm, (size_t)dm * sizeof(T));                                        \
+        for (int64_t e = 0; e < E; e++) {                                                                              \
+            const int64_t n = start[e + 1] - start[e];                                                                 \
+            if (n > 0)                                                                                                 \
+                sl_rows_gemm_##SUF((const T *)L->ffn_gu_w + e * F2 * dm, NULL, xs + start[e] * dm, dm,                 \
+                                   act + start[e] * F2, NULL, F2, F2, dm, n);                                          \
+        }                                                                                                              \
+        const int64_t nfb = (F + ST_BLOCK - 1) / ST_BLOCK;                                                             \
+        _Pragma("omp for schedule(static) collapse(2)") for (int64_t r = 0; r < P; r++) {                              \
+            for (int64_t blk = 0; blk < nfb; blk++) {                                                                  \
+                T *g = act + r * F2;                                                                                   \
+                const int64_t i0 = blk * ST_BLOCK, i1 = i0 + ST_BLOCK < F ? i0 + ST_BLOCK : F;                         \
+                _Pragma("omp simd") for (int64_t i = i0; i < i1; i++) g[i] = SILU(g[i]) * g[F + i];                    \
+            }                                                                                                          \
+        }                                                                                                              \
+        for (int64_t e = 0; e < E; e++) {                                                                              \
+            const int64_t n = start[e + 1] - start[e];                                                                 \
+            if (n > 0)                                                                                                 \
+                sl_rows_gemm_##SUF((const T *)L->ffn_down_w + e * dm * F, NULL, act + start[e] * F2, F2,               \
+                                   ys + start[e] * dm, NULL, dm, dm, F, n);                                            \
+        }                                                                                                              \
+        _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                                      \
+            int64_t order[ST_MAX_TOP_K];                                                                               \
+            for (int64_t j = 0; j < K; j++) order[j] = j;                                                              \
+            for (int64_t j = 1; j < K; j++) /* this row's choices by expert (index_add_'s row order) */                \
+                for (int64_t q = j; q > 0 && sel[b * K + order[q]] < sel[b * K + order[q - 1]]; q--) {                 \
+                    const int64_t t = order[q];                                                                        \
+                    order[q] = order[q - 1];                                                                           \
+                    order[q - 1] = t;                                                                                  \
+                }                                                                                                      \
+            for (int64_t i = 0; i < dm; i++) {                                                                         \
+                T acc = 0;                                                                                             \
+                for (int64_t j = 0; j < K; j++) {                                                                      \
+                    const int64_t p = b * K + order[j];                                                                \
+                    acc += ys[pos[p] * dm + i] * (T)gate[p];                                                           \
+                }                                                                                                      \
+                next[b * dm + i] += acc;                                                                               \
+            }                                                                                                          \
+        }                                                                                                              \
+    }                                                                                                                  \
+                                                                                                                       \
+    static void st_layers_##SUF(const st_layer *layers, const st_io *io, int64_t n_layers, int64_t batch,              \
+                                const T *hidden_in, T *hidden_out, T *work, const int64_t w[ST_WIDTHS]) {              \
+        const int64_t dm = layers[0].d_model, w_proj = w[0], w_xc = w[1], w_xdbl = w[2];                               \
+        T *res = work, *h = res + batch * dm, *ping = h + batch * dm, *pong = ping + batch * dm;                       \
+        T *proj = pong + batch * dm, *xc = proj + batch * w_proj, *xdbl = xc + batch * w_xc;                           \
+        T *ybuf = xdbl + batch * w_xdbl, *dtbuf = ybuf + batch * w[3], *fbuf = dtbuf + batch * w[3];                   \
+        T *mw = fbuf + batch * w[4];                                                                                   \
+        int64_t *iw = st_int_work(mw + batch * w[5]);                                                                  \
+        const T *cur = hidden_in;                                                                                      \
+        for (int64_t l = 0; l < n_layers; l++) {                                                                       \
+            const st_layer *L = &layers[l];                                                                            \
+            const int64_t D = L->d_inner, N = L->d_state, W = L->d_conv, nin = L->n_in, cc = L->conv_ch;               \
+            T *next = l == n_layers - 1 ? hidden_out : (l % 2 == 0 ? ping : pong);                                     \
+            const T *norm_w = (const T *)L->norm_w;                                                                    \
+            /* RMSNorm in float32, times the weight in T (seqlab/norm.py) */                                           \
+            _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                                  \
+                const T *x = cur + b * dm;                                                                             \
+                float r = st_rms_scale_##SUF(x, dm, L->norm_eps);                                                      \
+                for (int64_t i = 0; i < dm; i++) {                                                                     \
+                    h[b * dm + i] = (T)((float)x[i] * r) * norm_w[i];                                                  \
+                    res[b * dm + i] = L->residual_fp32 ? (T)(float)x[i] : x[i];                                        \
+                }                                                                                                      \
+            }                                                                                                          \
+            sl_rows_gemm_##SUF((const T *)L->in_w, (const T *)L->in_b, h, dm, proj, NULL, nin, nin, dm, batch);        \
+            if (L->kind == 3) {                                                                                        \
+                st_mamba3_##SUF(L, &io[l], batch, proj, xc, xdbl, ybuf);                                               \
+            } else {                                                                                                   \
+            /* conv step + SiLU on the conv channels (Mamba-1: x = proj[:D]; Mamba-2: xBC = proj[D:D+cc]) */           \
+            const int64_t conv_off = L->kind == 1 ? 0 : D;                                                             \
+            const T *cw = (const T *)L->conv_w, *cb = (const T *)L->conv_b;                                            \
+            const float *cin = io[l].conv_in;                                                                          \
+            float *cout = io[l].conv_out;                                                                              \
+            _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                      \
+                for (int64_t c = 0; c < cc; c++) {                                                                     \
+                    const float *si = cin + (b * cc + c) * (W - 1);                                                    \
+                    float *so = cout + (b * cc + c) * (W - 1);                                                         \
+                    T xin = proj[b * nin + conv_off + c];                                                              \
+                    T acc = 0;                                                                                         \
+                    for (int64_t k = 0; k < W - 1; k++) acc += (T)si[k] * cw[c * W + k];                               \
+                    acc += xin * cw[c * W + W - 1];                                                                    \
+                    if (cb) acc += cb[c];                                                                              \
+                    for (int64_t k = 0; k + 1 < W - 1; k++) so[k] = si[k + 1];                                         \
+                    if (W > 1) so[W - 2] = (float)xin;                                                                 \
+                    xc[b * cc + c] = acc;                                                                              \
+                }                                                                                                      \
+            }                                                                                                          \
+            /* SiLU on the conv outputs, vectorised (a pass of its own: the conv loop's inner taps keep it scalar) */  \
+            _Pragma("omp for schedule(static)") for (int64_t q = 0; q < batch * cc; q += ST_BLOCK) {                   \
+                const int64_t qe = q + ST_BLOCK < batch * cc ? q + ST_BLOCK : batch * cc;                              \
+                _Pragma("omp simd") for (int64_t i = q; i < qe; i++) xc[i] = SILU(xc[i]);                              \
+            }                                                                                                          \
+            const T *A = (const T *)L->A, *Dp = (const T *)L->D, *dtb = (const T *)L->dt_b;                            \
+            const T *s_in = (const T *)io[l].ssm_in;                                                                   \
+            T *s_out = (T *)io[l].ssm_out;                                                                             \
+            if (L->kind == 1) {                                                                                        \
+                const int64_t R = L->dt_rank, xd = R + 2 * N;                                                          \
+                sl_rows_gemm_##SUF((const T *)L->x_w, NULL, xc, cc, xdbl, NULL, xd, xd, D, batch);                     \
+                /* dt_proj + bias as a GEMM too (a 16-term dot per channel was one long dependency chain) */           \
+                sl_rows_gemm_##SUF((const T *)L->dt_w, dtb, xdbl, xd, dtbuf, NULL, D, D, R, batch);                    \
+                /* softplus(dt) and the gate silu(z), vectorised over a block of channels; then per channel the        \
+                 * selective state update and the D skip */                                                            \
+                const int64_t nblk = (D + ST_BLOCK - 1) / ST_BLOCK;                                                    \
+                _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                  \
+                    for (int64_t blk = 0; blk < nblk; blk++) {                                                         \
+                        const int64_t c0 = blk * ST_BLOCK, c1 = c0 + ST_BLOCK < D ? c0 + ST_BLOCK : D;                 \
+                        const T *xb = xdbl + b * xd;                                                                   \
+                        T dts[ST_BLOCK], gate[ST_BLOCK];                                                               \
+                        const T *zb = proj + b * nin + D, *dtr = dtbuf + b * D;                                        \
+                        _Pragma("omp simd") for (int64_t c = c0; c < c1; c++) {                                        \
+                            dts[c - c0] = SOFTPLUS(dtr[c]);                                                            \
+                            gate[c - c0] = SILU(zb[c]);                                                                \
+                        }                                                                                              \
+                        const T *restrict Bv = xb + R, *restrict Cv = xb + R + N;                                      \
+                        for (int64_t c = c0; c < c1; c++) {                                                            \
+                            const T dt = dts[c - c0], xv = xc[b * cc + c], dx = dt * xv;                               \
+                            const T *restrict Ac = A + c * N;                                                          \
+                            const T *restrict s0 = s_in + (b * D + c) * N;                                             \
+                            T *restrict s1 = s_out + (b * D + c) * N;                                                  \
+                            T y = 0;                                                                                   \
+                            _Pragma("omp simd reduction(+ : y)") for (int64_t n = 0; n < N; n++) {                     \
+                                T s = s0[n] * EXP(dt * Ac[n]) + dx * Bv[n];                                            \
+                                s1[n] = s;                                                                             \
+                                y += s * Cv[n];                                                                        \
+                            }                                                                                          \
+                            y += Dp[c] * xv;                                                                           \
+                            ybuf[b * D + c] = y * gate[c - c0];                                                        \
+                        }                                                                                              \
+                    }                                                                                                  \
+                }                                                                                                      \
+            } else {                                                                                                   \
+                const int64_t H = L->nheads, P = L->headdim, G = L->ngroups, per = H / G;                              \
+                /* dt + bias + softplus per head, the SSD state update, D skip */                                      \
+                _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                  \
+                    for (int64_t hh = 0; hh < H; hh++) {                                                               \
+                        T dt = SOFTPLUS(proj[b * nin + D + cc + hh] + dtb[hh]);                                        \
+                        T dA = EXP(dt * A[hh]);                                                                        \
+                        const int64_t g = hh / per;                                                                    \
+                        const T *restrict Bv = xc + b * cc + D + g * N;                                                \
+                        const T *restrict Cv = xc + b * cc + D + G * N + g * N;                                        \
+                        for (int64_t p = 0; p < P; p++) {                                                              \
+                            const T xv = xc[b * cc + hh * P + p], xdt = xv * dt;                                       \
+                            const T *restrict s0 = s_in + ((b * H + hh) * P + p) * N;                                  \
+                            T *restrict s1 = s_out + ((b * H + hh) * P + p) * N;                                       \
+                            T y = 0;                                                                                   \
+                            _Pragma("omp simd reduction(+ : y)") for (int64_t n = 0; n < N; n++) {                     \
+                                T s = s0[n] * dA + xdt * Bv[n];                                                        \
+                                s1[n] = s;                                                                             \
+                                y += s * Cv[n];                                                                        \
+                            }                                                                                          \
+                            ybuf[b * D + hh * P + p] = y + xv * Dp[hh];                                                \
+                        }                                                                                              \
+                    }                                                                                                  \
+                }                                                                                                      \
+                /* gated RMSNorm: norm(y * silu(z)) per group, in float32, times the weight in T */                    \
+                const int64_t gs = L->gate_group, ng = D / gs;                                                         \
+                const T *gw = (const T *)L->gate_w;                                                                    \
+                _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                  \
+                    for (int64_t q = 0; q < ng; q++) {                                                                 \
+                        T *yv = ybuf + b * D + q * gs;                                                                 \
+                        const T *zv = proj + b * nin + q * gs;                                                         \
+                        double s = 0.0;                                                                                \
+                        _Pragma("omp simd reduction(+ : s)") for (int64_t i = 0; i < gs; i++) {                        \
+                            float v = GATE_SILU((float)zv[i]) * (float)yv[i];                                          \
+                            yv[i] = (T)v;                                                                              \
+                            s += (double)(v * v);                                                                      \
+                        }                                                                                              \
+                        float r = 1.0f / sqrtf((float)s / (float)gs + (float)L->gate_eps);                             \
+                        for (int64_t i = 0; i < gs; i++) yv[i] = (T)((float)yv[i] * r) * gw[q * gs + i];               \
+                    }                                                                                                  \
+                }                                                                                                      \
+            }                                                                                                          \
+            }                                                                                                          \
+            /* out_proj, added to the residual */                                                                      \
+            sl_rows_gemm_##SUF((const T *)L->out_w, (const T *)L->out_b, ybuf, D, next, res, dm, dm, D, batch);        \
+            if (L->d_ffn > 0) {                                                                                        \
+                /* the feed-forward (Block._mix): next += ffn(RMSNorm(next)) */                                        \
+                const int64_t F = L->d_ffn, F2 = 2 * L->d_ffn;                                                         \
+                const T *fnw = (const T *)L->ffn_norm_w;                                                               \
+                _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                              \
+                    const T *x = next + b * dm;                                                                        \
+                    float r = st_rms_scale_##SUF(x, dm, L->ffn_eps);                                                   \
+                    for (int64_t i = 0; i < dm; i++) h[b * dm + i] = (T)((float)x[i] * r) * fnw[i];                    \
+                }                                                                                                      \
+                if (L->n_experts > 0)                                                                                  \
+                    st_moe_##SUF(L, batch, h, next, mw, iw);                                                           \
+                else {                                                                                                 \
+                /* the gated MLP: down(silu(gate) * up) */                                                             \
+                sl_rows_gemm_##SUF((const T *)L->ffn_gu_w, NULL, h, dm, fbuf, NULL, F2, F2, dm, batch);                \
+                const int64_t nfb = (F + ST_BLOCK - 1) / ST_BLOCK;                                                     \
+                _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                  \
+                    for (int64_t blk = 0; blk < nfb; blk++) {                                                          \
+                        T *g = fbuf + b * F2;                                                                          \
+                        const int64_t i0 = blk * ST_BLOCK, i1 = i0 + ST_BLOCK < F ? i0 + ST_BLOCK : F;                 \
+                        _Pragma("omp simd") for (int64_t i = i0; i < i1; i++) g[i] = SILU(g[i]) * g[F + i];            \
+                    }                                                                                                  \
+                }                                                                                                      \
+                sl_rows_gemm_##SUF((const T *)L->ffn_down_w, NULL, fbuf, F2, next, next, dm, dm, F, batch);            \
+                }                                                                                                      \
+            }                                                                                                          \
+            _Pragma("omp barrier");                                                                                    \
+            cur = next;                                                                                                \
+        }                                                                                                              \
+    }                                                                                                                  \
+                                                                                                                       \
+    SL_EXPORT int sl_step_##SUF(const st_layer *layers, const st_io *io, int64_t n_layers, int64_t batch,              \
+                                const T *hidden_in, T *hidden_out, int nthreads) {                                     \
+        int64_t w[ST_WIDTHS];                                                                                          \
+        if (st_widths(layers, n_layers, w)) return -2;                                                                 \
+        T *work = (T *)malloc(st_work_elems(layers, batch, w, sizeof(T)) * sizeof(T));                                 \
+        if (!work) return -1;                                                                                          \
+        _Pragma("omp parallel num_threads(nthreads)")                                                                  \
+            st_layers_##SUF(layers, io, n_layers, batch, hidden_in, hidden_out, work, w);                              \
+        free(work);                                                                                                    \
+        return 0;                                                                                                      \
+    }                                                                                                                  \
+                                                                                                                       \
+    /* A whole LanguageModel step: embedding rows of ids, the blocks, the final RMSNorm (hidden_out, as                \
+     * Backbone.step returns it) and the head (logits). -3 (nothing written) if an id is outside [0, vocab). */        \
+    /* One whole LanguageModel step for every thread of the caller's parallel region: embedding rows of ids, the       \
+     * blocks, the final RMSNorm (hidden_out, as Backbone.step returns it) and the head (logits). */                   \
+    static void st_lm_body_##SUF(const st_layer *layers, const st_io *io, int64_t n_layers, int64_t batch,             \
+                                 const st_lm *lm, const int64_t *ids, T *hidden_out, T *logits, T *work, T *x0,        \
+                                 T *x1, const int64_t w[ST_WIDTHS]) {                                                  \
+        const int64_t dm = lm->d_model;                                                                                \
+        const T *emb = (const T *)lm->emb_w, *nw = (const T *)lm->norm_w;                                              \
+        _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++)                                        \
+            memcpy(x0 + b * dm, emb + ids[b] * dm, (size_t)dm * sizeof(T));                                            \
+        st_layers_##SUF(layers, io, n_layers, batch, x0, x1, work, w);                                                 \
+        /* norm_f: seqlab/norm.py's RMSNorm (float32 statistics, times the weight in T) */                             \
+        _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                                      \
+            const T *x = x1 + b * dm;                                                                                  \
+            float r = st_rms_scale_##SUF(x, dm, lm->norm_eps);                                                         \
+            for (int64_t i = 0; i < dm; i++) hidden_out[b * dm + i] = (T)((float)x[i] * r) * nw[i];                    \
+        }                                                                                                              \
+        sl_rows_gemm_##SUF((const T *)lm->head_w, (const T *)lm->head_b, hidden_out, dm, logits, NULL, lm->vocab,      \
+                           lm->vocab, dm, batch);                                                                      \
+    }                                                                                                                  \
+                                                                                                                       \
+    /* Workspace of an LM step: the layers' and two hidden buffers (NULL if out of memory or -2 shapes). */            \
+    static T *st_lm_work_##SUF(const st_layer *layers, int64_t n_layers, int64_t batch, const st_lm *lm,               \
+                               int64_t w[ST_WIDTHS], T **x0, T **x1) {                                                 \
+        if (st_widths(layers, n_layers, w) || lm->d_model != layers[0].d_model) return NULL;                           \
+        const size_t base = st_work_elems(layers, batch, w, sizeof(T)), dm = (size_t)lm->d_model;                      \
+        T *work = (T *)malloc((base + 2 * (size_t)batch * dm) * sizeof(T));                                            \
+        if (work) {                                                                                                    \
+            *x0 = work + base;                                                                                         \
+            *x1 = *x0 + batch * dm;                                                                                    \
+        }                                                                                                              \
+        return work;                                                                                                   \
+    }                                                                                                                  \
+                                                                                                                       \
+    /* A whole LanguageModel step. -3 (nothing written) if an id is outside [0, vocab). */                             \
+    SL_EXPORT int sl_lm_step_##SUF(const st_layer *layers, const st_io *io, int64_t n_layers, int64_t batch,           \
+                                   const st_lm *lm, const int64_t *ids, T *hidden_out, T *logits, int nthreads) {      \
+        for (int64_t b = 0; b < batch; b++)                                                                            \
+            if (ids[b] < 0 || ids[b] >= lm->vocab) return -3;                                                          \
+        int64_t w[ST_WIDTHS];                                                                                          \
+        T *x0 = NULL, *x1 = NULL, *work = st_lm_work_##SUF(layers, n_layers, batch, lm, w, &x0, &x1);                  \
+        if (!work) return -1;                                                                                          \
+        _Pragma("omp parallel num_threads(nthreads)")                                                                  \
+            st_lm_body_##SUF(layers, io, n_layers, batch, lm, ids, hidden_out, logits, work, x0, x1, w);               \
+        free(work);                                                                                                    \
+        return 0;                                                                                                      \
+    }                                                                                                                  \
+                                                                                                                       \
+    /* Greedy decoding in one call and one parallel region: up to n_steps steps, each feeding every row's token        \
+     * (ids0 first, then the argmax of the logits before it) and writing the argmax after it to                        \
+     * next_tokens[k * batch + b] (torch's argmax of the float32 logits: the first maximum, a NaN above all).          \
+     * It returns after the first step that fed a token in watch[0..n_watch) (the last tokens of the caller's          \
+     * stop sequences) and returns the number of steps run (-1: out of memory, -3: an id of ids0 outside the           \
+     * vocabulary). io3 holds three st_io sets of n_layers: step 0 reads the caller's state and writes X (set 0),      \
+     * odd steps read X and write Y (set 1), even steps from 2 read Y and write X (set 2); hidden_out and logits       \
+     * are the last step's. */                                                                                         \
+    SL_EXPORT int64_t sl_lm_greedy_##SUF(const st_layer *layers, const st_io *io3, int64_t n_layers, int64_t batch,    \
+                                         const st_lm *lm, const int64_t *ids0, int64_t n_steps, const int64_t *watch,  \
+                                         int64_t n_watch, int64_t *next_tokens, T *hidden_out, T *logits,              \
+                                         int nthreads) {                                                               \
+        for (int64_t b = 0; b < batch; b++)                                                                            \
+            if (ids0[b] < 0 || ids0[b] >= lm->vocab) return -3;                                                        \
+        int64_t w[ST_WIDTHS], done = 0;                                                                                \
+        int stop = 0;                                                                                                  \
+        T *x0 = NULL, *x1 = NULL, *work = st_lm_work_##SUF(layers, n_layers, batch, lm, w, &x0, &x1);                  \
+        if (!work) return -1;                                                                                          \
+        const int64_t V = lm->vocab;                                                                                   \
+        _Pragma("omp parallel num_threads(nthreads)") {                                                                \
+            for (int64_t k = 0; k < n_steps; k++) {                                                                    \
+                const st_io *io = k == 0 ? io3 : io3 + (k % 2 ? n_layers : 2 * n_layers);                              \
+                const int64_t *ids = k == 0 ? ids0 : next_tokens + (k - 1) * batch;                                    \
+                st_lm_body_##SUF(layers, io, n_layers, batch, lm, ids, hidden_out, logits, work, x0, x1, w);           \
+                _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                              \
+                    const T *x = logits + b * V;                                                                       \
+                    int64_t best = 0;                                                                                  \
+                    float bv = (float)x[0];                                                                            \
+                    for (int64_t v = 1; v < V; v++) {                                                                  \
+                        const float xv = (float)x[v];                                                                  \
+                        if (xv > bv || (xv != xv && bv == bv)) {                                                       \
+                            best = v;                                                                                  \
+                            bv = xv;                                                                                   \
+                        }                                                                                              \
+                    }                                                                                                  \
+                    next_tokens[k * batch + b] = best;                                                                 \
+                }                                                                                                      \
+                _Pragma("omp single") {                                                                                \
+                    done = k + 1;                                                                                      \
+                    for (int64_t b = 0; b < batch && !stop; b++)                                                       \
+                        for (int64_t q = 0; q < n_watch; q++)                                                          \
+                            if (ids[b] == watch[q]) stop = 1;                                                          \
+                }                                                                                                      \
+                if (stop) break; /* every thread reads the same flag: the single ends with a barrier */                \
+            }                                                                                                          \
+        }                                                                                                              \
+        free(work);                                                                                                    \
+        return done;                                                                                                   \
     }
 /* float: seqlab_native.h's vectorisable exp, softplus and SiLU (at batch 16 libm's per-channel calls were a tenth
  * of the step); double: libm, as the float64 reference runs. */
+/* Mamba-3's per-head step with libm's functions, as mamba3.c's state-update kernel runs it. */
+M3_HEAD(float, f32, expf, tanhf, cosf, sinf, floorf, sl_silu_f, sl_sigmoid_f)
+M3_HEAD(double, f64, exp, tanh, cos, sin, floor, sl_silu_d, sl_sigmoid_d)
+
 ST_STEP(float, f32, sl_exp_f, sl_fast_softplus_f, sl_fast_silu_f, sl_fast_silu_f)
 ST_STEP(double, f64, exp, sl_softplus_d, sl_silu_d, sl_silu_f)
 

@@ -34,6 +34,11 @@ VARIANTS = {
     "mamba1-moe": dict(ssm="mamba1", ffn="moe", moe_experts=4, moe_top_k=1, d_ffn=24),
     "mamba2-moe-top2": dict(ssm="mamba2", ffn="moe", moe_experts=5, moe_top_k=2, d_ffn=72),
     "mamba1-moe-top3-raw": dict(ssm="mamba1", ffn="moe", moe_experts=4, moe_top_k=3, moe_renormalize=False, d_ffn=8),
+    # Mamba-3: SISO (rotary pairs interleaved), MIMO rank 2 (pairs in halves) with groups, the per-head gated norm
+    # before out_proj with the softplus rate and biases, all rotary (rope_fraction 1)
+    "mamba3": dict(ssm="mamba3"),
+    "mamba3-mimo": dict(ssm="mamba3", mamba3_mimo_rank=2, ngroups=2, d_state=6, mamba3_rope_fraction=1.0),
+    "mamba3-outnorm": dict(ssm="mamba3", mamba3_outproj_norm=True, mamba3_A_activation="softplus", proj_bias=True),
 }
 
 
@@ -96,7 +101,7 @@ def test_fused_step_equals_eager_step(variant, batch, dtype):
             state = fused.state
 
 
-@pytest.mark.parametrize("variant", ["mamba1", "mamba2-groups"])
+@pytest.mark.parametrize("variant", ["mamba1", "mamba2-groups", "mamba3-mimo"])
 @torch.no_grad()
 def test_step_equals_forward(variant):
     model = _model(variant, torch.float64)
@@ -110,7 +115,7 @@ def test_step_equals_forward(variant):
     assert state.position == ids.shape[1]
 
 
-@pytest.mark.parametrize("ssm", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("ssm", ["mamba1", "mamba2", "mamba3"])
 def test_greedy_generate_equals_step_by_step_argmax(ssm):
     model = _model(ssm)
     prompt = [3, 1, 4, 1, 5]
@@ -177,7 +182,7 @@ def test_hybrid_with_feed_forwards_fuses_the_mamba_blocks_and_their_mlps():
 
 
 @torch.no_grad()
-def test_feed_forwards_that_do_not_fuse_run_eagerly():
+def test_what_does_not_fuse_runs_eagerly():
     from seqlab.posttrain.laser import LowRankLinear
 
     model = _model("mamba1-mlp")
@@ -190,6 +195,9 @@ def test_feed_forwards_that_do_not_fuse_run_eagerly():
     after = _step(model, torch.tensor([4]), state, True)
     assert not torch.allclose(after.logits, before)
     _assert_same(after, _step(model, torch.tensor([4]), state, False), 1e-5, "low-rank MLP")
+    mimo_norm = tiny_lm("mamba3", seed=1, mamba3_mimo_rank=2, mamba3_outproj_norm=True)
+    assert all("MIMO with the output norm" in r for r in fused_layers(mimo_norm))
+    _eager_bitwise(mimo_norm, torch.tensor([5]), mimo_norm(torch.tensor([[1, 2]])).state)
     wide = tiny_lm("mamba1", seed=1, ffn="moe", moe_experts=18, moe_top_k=17, d_ffn=8)  # past step.c's top-k
     assert all("top_k 17" in r for r in fused_layers(wide))
     _eager_bitwise(wide, torch.tensor([5]), wide(torch.tensor([[1, 2]])).state)
@@ -381,7 +389,9 @@ def _trusted_state(model, batch: int, seed: int = 0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("batch", [1, 4])
-@pytest.mark.parametrize("variant", ["mamba1", "mamba1-bias-noresfp32", "mamba2-groups", "mamba2-mlp", "mamba1-moe"])
+@pytest.mark.parametrize(
+    "variant", ["mamba1", "mamba1-bias-noresfp32", "mamba2-groups", "mamba2-mlp", "mamba1-moe", "mamba3-outnorm"]
+)
 @torch.no_grad()
 def test_whole_model_step_is_one_call_and_equals_eager(variant, batch, dtype):
     """After the first fused step, LanguageModel.step runs embedding, blocks, final norm and head in one compiled
@@ -472,7 +482,7 @@ def test_whole_model_step_refuses_an_out_of_vocabulary_id_and_keeps_the_state():
 
 
 @pytest.mark.parametrize("loop", ["one call per stop", "one step at a time"])
-@pytest.mark.parametrize("ssm", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("ssm", ["mamba1", "mamba2", "mamba3"])
 def test_generate_on_the_compiled_step_equals_the_eager_loop(ssm, loop, monkeypatch):
     """Plain greedy ``generate`` runs many steps per compiled call (fused_lm_greedy), returning after a step that
     fed a stop sequence's last token; with a callback it steps one token at a time, writing each new state into
@@ -487,7 +497,7 @@ def test_generate_on_the_compiled_step_equals_the_eager_loop(ssm, loop, monkeypa
     kept = start.clone()
     prompts = [[3, 1], [4, 1], [5, 9]]
     # stops that end row 0 after 3 tokens and row 1 after 12-14 (on this machine's weights), row 2 runs on
-    stop = {"mamba1": [[23, 19], [11]], "mamba2": [[10, 4], [21]]}[ssm]
+    stop = {"mamba1": [[23, 19], [11]], "mamba2": [[10, 4], [21]], "mamba3": [[20, 0]]}[ssm]
     seen: list = []
     options: dict = dict(state=start, stop=stop)
     if loop == "one step at a time":
@@ -574,7 +584,7 @@ def test_fused_greedy_equals_step_by_step_argmax():
     assert fused_lm_greedy(model, torch.tensor([4, 9]), state, 5)[1].tolist() == [[0, 0]] * 5
 
 
-@pytest.mark.parametrize("ssm", ["mamba1", "mamba2", "mamba2-moe-top2"])
+@pytest.mark.parametrize("ssm", ["mamba1", "mamba2", "mamba2-moe-top2", "mamba3-mimo"])
 @torch.no_grad()
 def test_a_row_decodes_the_same_alone_or_in_a_batch(ssm):
     """The compiled step computes each row on its own (the projections' sums run in a fixed order whatever the
