@@ -625,18 +625,10 @@ _MAMBA3_STATE = ("angle", "ssm", "k", "v")
 
 def _io_pointers(src: dict, dst: dict) -> tuple[int, ...]:
     """One layer's ``st_io``: (conv or angle in, out, ssm in, out, k in, v in, k out, v out), 0 where absent."""
-    if "conv" in src:
-        return (
-            src["conv"].data_ptr(),
-            dst["conv"].data_ptr(),
-            src["ssm"].data_ptr(),
-            dst["ssm"].data_ptr(),
-            0,
-            0,
-            0,
-            0,
-        )
-    a, b = [src[n].data_ptr() for n in _MAMBA3_STATE], [dst[n].data_ptr() for n in _MAMBA3_STATE]
+    names = _CONV_SSM if "conv" in src else _MAMBA3_STATE
+    a, b = [src[n].data_ptr() for n in names], [dst[n].data_ptr() for n in names]
+    if len(names) == 2:
+        return (a[0], b[0], a[1], b[1], 0, 0, 0, 0)
     return (a[0], b[0], a[1], b[1], a[2], a[3], b[2], b[3])
 
 
