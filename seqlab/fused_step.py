@@ -58,6 +58,27 @@ _LIBRARY: list = []  # [ctypes.CDLL or None], loaded on first use
 _TRUSTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+class _Proj(ctypes.Structure):
+    """How a projection's weight is held (step.c's ``st_proj``): kind 0 dense, 1 low-rank (LASER), 2 AQLM."""
+
+    _fields_ = [(name, ctypes.c_int64) for name in ("kind", "rank", "n_codebooks", "code_bits", "group_size")] + [
+        (name, ctypes.c_void_p) for name in ("a", "b", "codes")
+    ]
+
+
+#: the projections that may be low-rank or AQLM-quantized: _Layer's descriptor field per module name
+_PROJ_FIELDS = {
+    "in_proj": "in_q",
+    "x_proj": "x_q",
+    "dt_proj": "dt_q",
+    "out_proj": "out_q",
+    "ffn.gate_up": "gu_q",
+    "ffn.down": "down_q",
+}
+#: the largest AQLM group size the compiled step takes (step.c's ST_AQLM_MAX_GROUP)
+_MAX_AQLM_GROUP = 64
+
+
 class _Layer(ctypes.Structure):
     """One block for step.c (``st_layer``: every field 8 bytes, in this order)."""
 
@@ -114,6 +135,7 @@ class _Layer(ctypes.Structure):
             (name, ctypes.c_void_p)
             for name in ("b_norm_w", "c_norm_w", "b_bias", "c_bias", "mimo_x", "mimo_z", "mimo_o")
         ]
+        + [(field, _Proj) for field in _PROJ_FIELDS.values()]
     )
 
 
@@ -197,7 +219,7 @@ def _block_reason(block, dtype: torch.dtype):
             linears = {"ffn.gate_up": ffn.gate_up, "ffn.down": ffn.down}
             if ffn.gate_up.bias is not None or ffn.down.bias is not None:
                 return None, "the feed-forward's projections have biases"
-            if ffn.gate_up.weight.shape[0] != 2 * ffn.down.weight.shape[1]:
+            if ffn.gate_up.out_features != 2 * ffn.down.in_features:
                 return None, "the feed-forward's gate_up is not twice down's width"
         elif type(ffn) is MoEFeedForward:
             linears = {"ffn.router": ffn.router}
@@ -238,8 +260,11 @@ def _block_reason(block, dtype: torch.dtype):
         return None, f"mixer is {type(mixer).__name__}"
     linears["out_proj"] = mixer.out_proj
     for name, layer in linears.items():
-        if type(layer) is not nn.Linear:
-            return None, f"{name} is a {type(layer).__name__}, not a plain nn.Linear"
+        if type(layer) is nn.Linear:
+            continue
+        why = _proj_reason(layer) if name in _PROJ_FIELDS else "not a plain nn.Linear"
+        if why is not None:
+            return None, f"{name} is a {type(layer).__name__}: {why}"
     if kind == "mamba1" and (linears["x_proj"].bias is not None or linears["dt_proj"].bias is None):
         return None, "x_proj has a bias or dt_proj has none"
     if (kind != "mamba3" and type(mixer.conv1d) is not nn.Conv1d) or type(block.norm) is not RMSNorm:
@@ -252,6 +277,26 @@ def _block_reason(block, dtype: torch.dtype):
         if p.dtype != dtype or p.device.type != "cpu":
             return None, f"parameter {name} is {p.dtype} on {p.device}, the input {dtype} on cpu"
     return kind, None
+
+
+def _proj_reason(layer) -> str | None:
+    """None when the compiled step runs ``layer`` (a LASER ``LowRankLinear`` or an ``AQLMLinear`` on the CPU path),
+    else why not."""
+    from seqlab.posttrain.laser import LowRankLinear
+    from seqlab.quant.linear import AQLMLinear
+
+    if type(layer) is LowRankLinear:
+        return None
+    if type(layer) is AQLMLinear:
+        if layer.backend not in ("auto", "torch"):
+            return f"its backend {layer.backend!r} was chosen"
+        if layer.group_size > _MAX_AQLM_GROUP:
+            return f"AQLM group size {layer.group_size} (the compiled step takes up to {_MAX_AQLM_GROUP})"
+        codes, scales, books = layer.codes, layer.scales, layer.codebooks
+        if codes.dtype != torch.int32 or codes.device.type != "cpu" or scales.dtype != books.dtype:
+            return f"codes {codes.dtype} on {codes.device}, scales {scales.dtype}, codebooks {books.dtype}"
+        return None
+    return "not an nn.Linear, LowRankLinear or AQLMLinear"
 
 
 def _idle_check(perturb):
@@ -354,12 +399,22 @@ class _Plan:
         if block.ffn is not None:
             self.attrs.append((block.ffn.__dict__, "settings"))  # an MoE's top_k, renormalize: new settings rebuild
         self.params.extend(block.parameters())
+        for module in block.modules():  # AQLM's codes (and its unit scales without a scale layout) are buffers
+            if module._buffers:
+                self.containers.append(module._buffers)
+                self.params.extend(t for t in module._buffers.values() if t is not None)
+            if module is not block.mixer and "backend" in module.__dict__:  # an AQLM layer's kernel choice
+                self.attrs.append((module.__dict__, "backend"))
 
     def _key(self) -> tuple:
         return _watch_key(self.containers, self.hook_dicts, self.attrs, self.params)
 
     def still_valid(self) -> bool:
         return self._key() == self.key
+
+    def _weight(self, layer) -> int:
+        """A dense projection's weight pointer; 0 for a low-rank or AQLM one (its _Proj holds its tensors)."""
+        return self._tensor(layer.weight) if type(layer) is nn.Linear else 0
 
     def _tensor(self, t: torch.Tensor | None) -> int:
         if t is None:
@@ -379,11 +434,16 @@ class _Plan:
         spec.d_inner, spec.d_state = m.d_inner, m.d_state
         spec.residual_fp32 = int(bool(block.residual_in_fp32))
         spec.norm_eps = float(block.norm.eps)
-        spec.n_in = m.in_proj.weight.shape[0]
+        spec.n_in = m.in_proj.out_features
         spec.norm_w = self._tensor(block.norm.weight)
-        spec.in_w, spec.in_b = self._tensor(m.in_proj.weight), self._tensor(m.in_proj.bias)
-        spec.out_w, spec.out_b = self._tensor(m.out_proj.weight), self._tensor(m.out_proj.bias)
+        spec.in_w, spec.in_b = self._weight(m.in_proj), self._tensor(m.in_proj.bias)
+        spec.out_w, spec.out_b = self._weight(m.out_proj), self._tensor(m.out_proj.bias)
         self._ffn_spec(block, spec)
+        for name, field in _PROJ_FIELDS.items():
+            owner, _, attr = name.rpartition(".")
+            layer = getattr(block.ffn if owner else m, attr, None)
+            if isinstance(layer, nn.Module) and type(layer) is not nn.Linear:
+                self._proj_spec(layer, getattr(spec, field))
         if kind == "mamba3":
             self._mamba3_spec(m, spec)
             return spec
@@ -395,7 +455,7 @@ class _Plan:
             D = m.D.float().to(dt)
             if kind == "mamba1":
                 spec.dt_rank, spec.conv_ch = m.dt_rank, m.d_inner
-                spec.x_w, spec.dt_w = self._tensor(m.x_proj.weight), self._tensor(m.dt_proj.weight)
+                spec.x_w, spec.dt_w = self._weight(m.x_proj), self._weight(m.dt_proj)
                 spec.dt_b = self._tensor(m.dt_proj.bias.float().to(dt))
             else:
                 spec.nheads, spec.headdim, spec.ngroups, spec.conv_ch = m.nheads, m.headdim, m.ngroups, m.conv_dim
@@ -404,6 +464,17 @@ class _Plan:
                 spec.gate_w = self._tensor(m.norm.weight)
             spec.A, spec.D = self._tensor(A), self._tensor(D)
         return spec
+
+    def _proj_spec(self, layer, proj: _Proj) -> None:
+        """A LASER low-rank or AQLM projection's descriptor (its bias goes where a dense layer's does)."""
+        if hasattr(layer, "left"):  # LowRankLinear
+            proj.kind, proj.rank = 1, layer.rank
+            proj.a, proj.b = self._tensor(layer.left), self._tensor(layer.right)
+        else:  # AQLMLinear (_proj_reason let nothing else through)
+            proj.kind, proj.n_codebooks = 2, layer.num_codebooks
+            proj.code_bits, proj.group_size = layer.codebook_bits, layer.group_size
+            proj.a, proj.b = self._tensor(layer.codebooks), self._tensor(layer.scales)
+            proj.codes = self._tensor(layer.codes)
 
     def _mamba3_spec(self, m, spec: _Layer) -> None:
         """A Mamba-3 mixer's fields: its parameters as the mixer hands them to the kernel (in the model's dtype)."""
@@ -428,9 +499,9 @@ class _Plan:
         if ffn is not None:
             spec.ffn_eps = float(block.ffn_norm.eps)
             spec.ffn_norm_w = self._tensor(block.ffn_norm.weight)
-            if isinstance(ffn.gate_up, nn.Linear):  # the gated MLP
-                spec.d_ffn = ffn.down.weight.shape[1]
-                spec.ffn_gu_w, spec.ffn_down_w = self._tensor(ffn.gate_up.weight), self._tensor(ffn.down.weight)
+            if isinstance(ffn.gate_up, nn.Module):  # the gated MLP
+                spec.d_ffn = ffn.down.in_features
+                spec.ffn_gu_w, spec.ffn_down_w = self._weight(ffn.gate_up), self._weight(ffn.down)
             else:  # the MoE: stacked experts, the router in float32 (seqlab.ffn.moe.route)
                 self.moe.append(ffn)
                 spec.d_ffn = ffn.down.shape[2]

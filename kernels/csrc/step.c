@@ -28,6 +28,16 @@
 #include "seqlab_gemm.h"
 #include "seqlab_mamba3_head.h"
 
+/* How a projection's weight is held (kind 0: the dense weight pointer of st_layer; 1: LASER's low-rank factors,
+ * seqlab/posttrain/laser.py LowRankLinear, y = left (right x) + bias; 2: AQLM codes, seqlab/quant/linear.py
+ * AQLMLinear, W[o, j g + i] = scales[o] * sum_m codebooks[m, codes[o, j, m], i]). Every field is 8 bytes. */
+typedef struct {
+    int64_t kind, rank, n_codebooks, code_bits, group_size;
+    const void *a;        /* low-rank: left (nout, rank); AQLM: codebooks (M, 2^B, g) */
+    const void *b;        /* low-rank: right (rank, nin); AQLM: scales (nout) */
+    const int32_t *codes; /* AQLM: (nout, nin / g, M) */
+} st_proj;
+
 /* One block's shapes and weight pointers, filled once per model by seqlab/fused_step.py (a ctypes Structure
  * with this exact layout: every field is 8 bytes). Pointers are to T (the compute dtype) unless noted. */
 typedef struct {
@@ -55,6 +65,8 @@ typedef struct {
     int64_t mimo_rank, n_angles, a_softplus, outproj_norm;
     double a_floor, b_eps, c_eps;
     const void *b_norm_w, *c_norm_w, *b_bias, *c_bias, *mimo_x, *mimo_z, *mimo_o;
+    /* in_proj, x_proj, dt_proj, out_proj, the MLP's gate_up and down when not dense (kind 0: in_w ... ffn_down_w) */
+    st_proj in_q, x_q, dt_q, out_q, gu_q, down_q;
 } st_layer;
 
 /* Per block and call: the state read (conv float32, ssm T) and the new state written. */
@@ -92,6 +104,11 @@ typedef struct {
 ST_RMS_SCALE(float, f32)
 ST_RMS_SCALE(double, f64)
 
+/* AQLM projections: batch rows per pass over a weight row (a stack array of this many accumulators), and the
+ * largest group size the fused step takes (seqlab/fused_step.py runs a larger one eagerly). */
+#define ST_AQLM_ROWS 16
+#define ST_AQLM_MAX_GROUP 64
+
 /* The most experts per token the fused MoE takes (seqlab/fused_step.py runs a wider top-k eagerly). */
 #define ST_MAX_TOP_K 16
 
@@ -104,8 +121,9 @@ SL_ROWS_GEMM(float, f32)
 SL_ROWS_GEMM(double, f64)
 
 /* Workspace widths of a run of blocks: [proj, conv channels, x_proj output, d_inner, 2 d_ffn (MLP), the MoE's T
- * elements per row, its int64 per row, its int64 per call]; -2 if the blocks do not share one d_model. */
-#define ST_WIDTHS 8
+ * elements per row, its int64 per row, its int64 per call, the largest low-rank projection's rank]; -2 if the
+ * blocks do not share one d_model. */
+#define ST_WIDTHS 9
 static int st_widths(const st_layer *layers, int64_t n_layers, int64_t w[ST_WIDTHS]) {
     const int64_t dm = layers[0].d_model;
     for (int i = 0; i < ST_WIDTHS; i++) w[i] = 0;
@@ -121,6 +139,9 @@ static int st_widths(const st_layer *layers, int64_t n_layers, int64_t w[ST_WIDT
         w[1] = L->conv_ch > w[1] ? L->conv_ch : w[1];
         w[2] = xd > w[2] ? xd : w[2];
         w[3] = L->d_inner > w[3] ? L->d_inner : w[3];
+        const st_proj *qs[6] = {&L->in_q, &L->x_q, &L->dt_q, &L->out_q, &L->gu_q, &L->down_q};
+        for (int q = 0; q < 6; q++)
+            if (qs[q]->kind == 1 && qs[q]->rank > w[8]) w[8] = qs[q]->rank;
         if (L->n_experts > 0) {
             const int64_t E = L->n_experts, K = L->top_k, per_row = dm + E + K + K * (2 * dm + 2 * L->d_ffn);
             w[5] = per_row > w[5] ? per_row : w[5];
@@ -136,10 +157,11 @@ static int st_widths(const st_layer *layers, int64_t n_layers, int64_t w[ST_WIDT
 /* Elements of workspace the layers loop needs: res (the residual entering a block, rounded to float32 first under
  * residual_fp32), h (normed input), two residual buffers that alternate, proj (in_proj output), xc (conv output),
  * xdbl (Mamba-1's x_proj output), y (scan output, then Mamba-2's gated norm output), dt (Mamba-1's dt_proj output),
- * ffn (the MLP's gate and up rows; silu(gate) * up overwrites the gate half), the MoE's buffers (st_moe), then its
- * int64 indices, 8-byte aligned (the elements of T they take, plus one of slack for the alignment). */
+ * ffn (the MLP's gate and up rows; silu(gate) * up overwrites the gate half), the MoE's buffers (st_moe), the
+ * low-rank projections' inner rows (st_proj_run), then the MoE's int64 indices, 8-byte aligned (the elements of T
+ * they take, plus one of slack for the alignment). */
 static size_t st_t_elems(const st_layer *layers, int64_t batch, const int64_t w[ST_WIDTHS]) {
-    return (size_t)batch * (size_t)(4 * layers[0].d_model + w[0] + w[1] + w[2] + 2 * w[3] + w[4] + w[5]);
+    return (size_t)batch * (size_t)(4 * layers[0].d_model + w[0] + w[1] + w[2] + 2 * w[3] + w[4] + w[5] + w[8]);
 }
 static size_t st_work_elems(const st_layer *layers, int64_t batch, const int64_t w[ST_WIDTHS], size_t t_size) {
     const size_t ints = (size_t)(batch * w[6] + w[7]);
@@ -178,6 +200,59 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
 /* The layers loop, run by every thread of the caller's parallel region (orphaned worksharing): hidden_in ->
  * hidden_out through n_layers blocks, the states in io. Ends with a barrier (hidden_out is complete). */
 #define ST_STEP(T, SUF, EXP, SOFTPLUS, SILU, GATE_SILU)                                                                \
+    /* AQLM rows: Y[b, o] = (R +) scales[o] * sum_j (dequantised group j of row o) . X[b, group j] + bias, the         \
+     * (nout, nin) matrix never formed: each group's g weights are summed from the M codebooks where they are used     \
+     * (the codebooks stay in L1), for up to ST_AQLM_ROWS batch rows at once. Workshared over the output rows;         \
+     * a row's result does not depend on the batch it is in. */                                                        \
+    static void st_aqlm_rows_##SUF(const st_proj *p, const T *bias, const T *X, int64_t ldx, T *Y, const T *R,         \
+                                   int64_t ldy, int64_t nout, int64_t nin, int64_t batch) {                            \
+        const int64_t g = p->group_size, M = p->n_codebooks, K = (int64_t)1 << p->code_bits, G = nin / g;              \
+        const T *cb = (const T *)p->a, *sc = (const T *)p->b;                                                          \
+        _Pragma("omp for schedule(static)") for (int64_t o = 0; o < nout; o++) {                                       \
+            const int32_t *co = p->codes + o * G * M;                                                                  \
+            for (int64_t b0 = 0; b0 < batch; b0 += ST_AQLM_ROWS) {                                                     \
+                const int64_t nb = batch - b0 < ST_AQLM_ROWS ? batch - b0 : ST_AQLM_ROWS;                              \
+                T acc[ST_AQLM_ROWS];                                                                                   \
+                for (int64_t r = 0; r < nb; r++) acc[r] = 0;                                                           \
+                for (int64_t j = 0; j < G; j++) {                                                                      \
+                    T wv[ST_AQLM_MAX_GROUP];                                                                           \
+                    const T *c0 = cb + (int64_t)co[j * M] * g;                                                         \
+                    for (int64_t i = 0; i < g; i++) wv[i] = c0[i];                                                     \
+                    for (int64_t m = 1; m < M; m++) {                                                                  \
+                        const T *cm = cb + (m * K + co[j * M + m]) * g;                                                \
+                        for (int64_t i = 0; i < g; i++) wv[i] += cm[i];                                                \
+                    }                                                                                                  \
+                    for (int64_t r = 0; r < nb; r++) {                                                                 \
+                        const T *x = X + (b0 + r) * ldx + j * g;                                                       \
+                        T d = 0;                                                                                       \
+                        for (int64_t i = 0; i < g; i++) d += wv[i] * x[i];                                             \
+                        acc[r] += d;                                                                                   \
+                    }                                                                                                  \
+                }                                                                                                      \
+                for (int64_t r = 0; r < nb; r++) {                                                                     \
+                    const int64_t at = (b0 + r) * ldy + o;                                                             \
+                    const T v = acc[r] * sc[o] + (bias ? bias[o] : (T)0);                                              \
+                    Y[at] = R ? R[at] + v : v;                                                                         \
+                }                                                                                                      \
+            }                                                                                                          \
+        }                                                                                                              \
+    }                                                                                                                  \
+                                                                                                                       \
+    /* A projection Y[b] = (R[b] +) P X[b] + bias for every batch row, P as st_proj says: the rows GEMM on the         \
+     * dense W, the low-rank's two (right into tmp, batch * rank, then left), or the AQLM rows. */                     \
+    static void st_proj_run_##SUF(const st_proj *p, const T *W, const T *bias, const T *X, int64_t ldx, T *Y,          \
+                                  const T *R, int64_t ldy, int64_t nout, int64_t nin, int64_t batch, T *tmp) {         \
+        if (p->kind == 1) {                                                                                            \
+            const int64_t k = p->rank;                                                                                 \
+            sl_rows_gemm_##SUF((const T *)p->b, NULL, X, ldx, tmp, NULL, k, k, nin, batch);                            \
+            sl_rows_gemm_##SUF((const T *)p->a, bias, tmp, k, Y, R, ldy, nout, k, batch);                              \
+        } else if (p->kind == 2) {                                                                                     \
+            st_aqlm_rows_##SUF(p, bias, X, ldx, Y, R, ldy, nout, nin, batch);                                          \
+        } else {                                                                                                       \
+            sl_rows_gemm_##SUF(W, bias, X, ldx, Y, R, ldy, nout, nin, batch);                                          \
+        }                                                                                                              \
+    }                                                                                                                  \
+                                                                                                                       \
     /* The Mamba-3 mixer between in_proj and out_proj (seqlab/mixers/mamba3.py Mamba3Mixer.step): proj rows            \
      * [z, x, B, C, dd_dt, dd_A, trap, angle]; B and C RMSNormed over d_state into bc (B then C per row); dt =         \
      * softplus(dd_dt + dt_bias), A = min(-act(dd_A), -a_floor); then per (row, head) m3_head (the gate inside         \
@@ -309,8 +384,8 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
         T *res = work, *h = res + batch * dm, *ping = h + batch * dm, *pong = ping + batch * dm;                       \
         T *proj = pong + batch * dm, *xc = proj + batch * w_proj, *xdbl = xc + batch * w_xc;                           \
         T *ybuf = xdbl + batch * w_xdbl, *dtbuf = ybuf + batch * w[3], *fbuf = dtbuf + batch * w[3];                   \
-        T *mw = fbuf + batch * w[4];                                                                                   \
-        int64_t *iw = st_int_work(mw + batch * w[5]);                                                                  \
+        T *mw = fbuf + batch * w[4], *lr = mw + batch * w[5];                                                          \
+        int64_t *iw = st_int_work(lr + batch * w[8]);                                                                  \
         const T *cur = hidden_in;                                                                                      \
         for (int64_t l = 0; l < n_layers; l++) {                                                                       \
             const st_layer *L = &layers[l];                                                                            \
@@ -326,7 +401,8 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
                     res[b * dm + i] = L->residual_fp32 ? (T)(float)x[i] : x[i];                                        \
                 }                                                                                                      \
             }                                                                                                          \
-            sl_rows_gemm_##SUF((const T *)L->in_w, (const T *)L->in_b, h, dm, proj, NULL, nin, nin, dm, batch);        \
+            st_proj_run_##SUF(&L->in_q, (const T *)L->in_w, (const T *)L->in_b, h, dm, proj, NULL, nin, nin, dm,      \
+                              batch, lr);                                                                              \
             if (L->kind == 3) {                                                                                        \
                 st_mamba3_##SUF(L, &io[l], batch, proj, xc, xdbl, ybuf);                                               \
             } else {                                                                                                   \
@@ -359,9 +435,9 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
             T *s_out = (T *)io[l].ssm_out;                                                                             \
             if (L->kind == 1) {                                                                                        \
                 const int64_t R = L->dt_rank, xd = R + 2 * N;                                                          \
-                sl_rows_gemm_##SUF((const T *)L->x_w, NULL, xc, cc, xdbl, NULL, xd, xd, D, batch);                     \
+                st_proj_run_##SUF(&L->x_q, (const T *)L->x_w, NULL, xc, cc, xdbl, NULL, xd, xd, D, batch, lr);         \
                 /* dt_proj + bias as a GEMM too (a 16-term dot per channel was one long dependency chain) */           \
-                sl_rows_gemm_##SUF((const T *)L->dt_w, dtb, xdbl, xd, dtbuf, NULL, D, D, R, batch);                    \
+                st_proj_run_##SUF(&L->dt_q, (const T *)L->dt_w, dtb, xdbl, xd, dtbuf, NULL, D, D, R, batch, lr);       \
                 /* softplus(dt) and the gate silu(z), vectorised over a block of channels; then per channel the        \
                  * selective state update and the D skip */                                                            \
                 const int64_t nblk = (D + ST_BLOCK - 1) / ST_BLOCK;                                                    \
@@ -436,7 +512,8 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
             }                                                                                                          \
             }                                                                                                          \
             /* out_proj, added to the residual */                                                                      \
-            sl_rows_gemm_##SUF((const T *)L->out_w, (const T *)L->out_b, ybuf, D, next, res, dm, dm, D, batch);        \
+            st_proj_run_##SUF(&L->out_q, (const T *)L->out_w, (const T *)L->out_b, ybuf, D, next, res, dm, dm, D,     \
+                              batch, lr);                                                                              \
             if (L->d_ffn > 0) {                                                                                        \
                 /* the feed-forward (Block._mix): next += ffn(RMSNorm(next)) */                                        \
                 const int64_t F = L->d_ffn, F2 = 2 * L->d_ffn;                                                         \
@@ -450,7 +527,7 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
                     st_moe_##SUF(L, batch, h, next, mw, iw);                                                           \
                 else {                                                                                                 \
                 /* the gated MLP: down(silu(gate) * up) */                                                             \
-                sl_rows_gemm_##SUF((const T *)L->ffn_gu_w, NULL, h, dm, fbuf, NULL, F2, F2, dm, batch);                \
+                st_proj_run_##SUF(&L->gu_q, (const T *)L->ffn_gu_w, NULL, h, dm, fbuf, NULL, F2, F2, dm, batch, lr);   \
                 const int64_t nfb = (F + ST_BLOCK - 1) / ST_BLOCK;                                                     \
                 _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                  \
                     for (int64_t blk = 0; blk < nfb; blk++) {                                                          \
@@ -459,7 +536,8 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
                         _Pragma("omp simd") for (int64_t i = i0; i < i1; i++) g[i] = SILU(g[i]) * g[F + i];            \
                     }                                                                                                  \
                 }                                                                                                      \
-                sl_rows_gemm_##SUF((const T *)L->ffn_down_w, NULL, fbuf, F2, next, next, dm, dm, F, batch);            \
+                st_proj_run_##SUF(&L->down_q, (const T *)L->ffn_down_w, NULL, fbuf, F2, next, next, dm, dm, F, batch, \
+                                  lr);                                                                                 \
                 }                                                                                                      \
             }                                                                                                          \
             _Pragma("omp barrier");                                                                                    \

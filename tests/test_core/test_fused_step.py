@@ -30,6 +30,7 @@ VARIANTS = {
     # the gated MLP feed-forward after each mixer (MambaByte's blocks); d_ffn not a multiple of the 64-wide blocks
     "mamba1-mlp": dict(ssm="mamba1", ffn="mlp", d_ffn=72, residual_in_fp32=False),
     "mamba2-mlp": dict(ssm="mamba2", ffn="mlp", d_ffn=24, proj_bias=True),
+    "mamba3-mlp": dict(ssm="mamba3", ffn="mlp", d_ffn=24, proj_bias=True),
     # the mixture of experts (MoE-Mamba's layers): top-1 (Switch gate), top-2 renormalised, top-3 not (Jamba's rule)
     "mamba1-moe": dict(ssm="mamba1", ffn="moe", moe_experts=4, moe_top_k=1, d_ffn=24),
     "mamba2-moe-top2": dict(ssm="mamba2", ffn="moe", moe_experts=5, moe_top_k=2, d_ffn=72),
@@ -182,7 +183,7 @@ def test_hybrid_with_feed_forwards_fuses_the_mamba_blocks_and_their_mlps():
 
 
 @torch.no_grad()
-def test_what_does_not_fuse_runs_eagerly():
+def test_a_replaced_mlp_child_and_what_does_not_fuse():
     from seqlab.posttrain.laser import LowRankLinear
 
     model = _model("mamba1-mlp")
@@ -190,8 +191,7 @@ def test_what_does_not_fuse_runs_eagerly():
     before = _step(model, torch.tensor([4]), state, True).logits
     ffn = model.backbone.layers[1].ffn
     ffn.gate_up = LowRankLinear.from_linear(ffn.gate_up, 4)  # a child of the MLP replaced: the plan must see it
-    reasons = fused_layers(model)
-    assert reasons[0] is None and "ffn.gate_up is a LowRankLinear" in reasons[1]
+    assert fused_layers(model) == [None, None]
     after = _step(model, torch.tensor([4]), state, True)
     assert not torch.allclose(after.logits, before)
     _assert_same(after, _step(model, torch.tensor([4]), state, False), 1e-5, "low-rank MLP")
@@ -233,16 +233,82 @@ def _eager_bitwise(model, tokens, state) -> None:
         assert all(torch.equal(a[n], b[n]) for n in b)
 
 
-@torch.no_grad()
-def test_low_rank_layer_runs_eagerly():
+def _aqlm(linear, num_codebooks=2, bits=4, group=4, layout="row", seed=0):
+    """An AQLMLinear of ``linear``'s shape, bias and dtype with random codes, codebooks and (row layout) scales."""
+    from seqlab.quant.linear import AQLMLinear
+
+    gen = torch.Generator().manual_seed(seed)
+    out, inp = linear.weight.shape
+    codes = torch.randint(0, 1 << bits, (out, inp // group, num_codebooks), generator=gen)
+    books = 0.2 * torch.randn(num_codebooks, 1 << bits, group, generator=gen)
+    scales = torch.rand(out, generator=gen) + 0.5 if layout == "row" else torch.ones(out)
+    bias = None if linear.bias is None else linear.bias.detach()
+    return AQLMLinear.from_parts(codes, books, scales, bias, scale_layout=layout, dtype=linear.weight.dtype)
+
+
+def _compressed(ssm: str, dtype=torch.float32) -> LanguageModel:
+    """A model whose projections are AQLM-quantized (2x4g4 with row scales, 1x3g8 without) or LASER low-rank, in
+    both blocks, the MLP's included: every projection kind of the compiled step, dense ones left between them."""
     from seqlab.posttrain.laser import LowRankLinear
 
-    model = _model("mamba1")
-    model.backbone.layers[1].mixer.out_proj = LowRankLinear.from_linear(model.backbone.layers[1].mixer.out_proj, 2)
-    reasons = fused_layers(model)
-    assert reasons[0] is None and "LowRankLinear" in reasons[1]
+    model = _model(f"{ssm}-mlp", dtype)
+    first, second = model.backbone.layers
+    first.mixer.in_proj = _aqlm(first.mixer.in_proj)
+    first.mixer.out_proj = LowRankLinear.from_linear(first.mixer.out_proj, 3)
+    second.ffn.gate_up = _aqlm(second.ffn.gate_up, num_codebooks=1, bits=3, group=8, layout="none")
+    second.ffn.down = LowRankLinear.from_linear(second.ffn.down, 5)
+    if ssm == "mamba1":
+        second.mixer.x_proj = _aqlm(second.mixer.x_proj, group=8)
+        second.mixer.dt_proj = LowRankLinear.from_linear(second.mixer.dt_proj, 1, allow_larger=True)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("ssm", ["mamba1", "mamba2", "mamba3"])
+@torch.no_grad()
+def test_low_rank_and_aqlm_projections_fuse_and_equal_eager(ssm, dtype):
+    """LASER's LowRankLinear and AQLM's AQLMLinear run inside the compiled step (two GEMMs; codebook sums dotted
+    with the input per group, the weight never formed): the block step and the whole-model step equal the eager
+    step, and a row gets the same bits alone as in a batch."""
+    from seqlab.fused_step import fused_lm_step
+
+    model = _compressed(ssm, dtype)
+    assert fused_layers(model) == [None, None]
+    gen = torch.Generator().manual_seed(4)
+    state = model(torch.randint(0, 32, (5, 6), generator=gen)).state
+    for k in range(2):  # the first through the fused blocks, the second the whole-model call
+        tokens = torch.randint(0, 32, (5,), generator=gen)
+        if k == 1:
+            assert fused_lm_step(model, tokens, state) is not None
+        fused, eager = _step(model, tokens, state, True), _step(model, tokens, state, False)
+        _assert_same(fused, eager, TOL[dtype], f"{ssm} compressed step {k}")
+        state = fused.state
+    # row independence: two steps from zeros (the second the whole-model call) for a batch and for row 2 alone
+    batch = model.step(tokens, model.step(tokens, model.init_state(5)).state)
+    row = model.step(tokens[2:3], model.step(tokens[2:3], model.init_state(1)).state)
+    assert torch.equal(row.logits[0], batch.logits[2]) and torch.equal(row.hidden[0], batch.hidden[2])
+
+
+@torch.no_grad()
+def test_compressed_projections_the_step_does_not_take_and_edited_codes():
+    model = _compressed("mamba2")
     state = model(torch.tensor([[1, 2, 3]])).state
-    _assert_same(_step(model, torch.tensor([4]), state, True), _step(model, torch.tensor([4]), state, False), 1e-5, "")
+    tokens = torch.tensor([4])
+    layer = model.backbone.layers[0].mixer.in_proj
+    before = model.step(tokens, state).logits
+    layer.codes[0, 0, 0] = (int(layer.codes[0, 0, 0]) + 1) % 16  # a buffer edited in place: the plan follows
+    after = _step(model, tokens, state, True)
+    assert not torch.allclose(after.logits, before)
+    _assert_same(after, _step(model, tokens, state, False), TOL[torch.float32], "edited codes")
+    layer.backend = "triton"  # the Triton kernels were asked for: that layer's block is left to them
+    assert "backend 'triton'" in fused_layers(model)[0] and fused_layers(model)[1] is None
+    layer.backend = "auto"
+    assert fused_layers(model) == [None, None]
+    wide = tiny_lm("mamba2", seed=2, d_model=128)  # an AQLM group past the compiled step's 64
+    wide.backbone.layers[1].mixer.in_proj = _aqlm(wide.backbone.layers[1].mixer.in_proj, group=128)
+    assert fused_layers(wide)[0] is None and "group size 128" in fused_layers(wide)[1]
+    state = wide(torch.tensor([[1, 2, 3]])).state
+    _assert_same(_step(wide, tokens, state, True), _step(wide, tokens, state, False), 2e-5, "one eager AQLM block")
 
 
 @torch.no_grad()
