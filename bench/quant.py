@@ -15,10 +15,13 @@ from the training part of the CPython docs (the last 5% is held out), and writes
 - held-out bits/byte on the first ``--held-bytes`` of the held-out text, streamed (``stream_metric``);
 - decode tokens/s at batch 1: greedy, ``model.step`` per token after a 64-byte held-out prompt, every variant
   loaded side by side in this one process and timed in interleaved rounds (A B C A B C ...); the median over
-  ``--repeats`` rounds and its ratio to fp32. Two peers run the same file another way: "lut_max_rows=0" (every
-  step dequantises its weights: the trade-off against the lookup table) and "lookup table on every layer" (where
+  ``--repeats`` rounds and its ratio to fp32. Each variant twice: on the default path, the compiled fused decode
+  step (``seqlab.fused_step``, which runs the AQLM layers in C: codebook sums dotted with the input, the weight
+  never formed), and on the eager step (``model.fused_step = False``), where each ``AQLMLinear`` runs its own
+  torch path. Two peers run the same file another way on the eager step: "lut_max_rows=0" (every step
+  dequantises its weights: the trade-off against the lookup table) and "lookup table on every layer" (where
   some layers have fewer outputs than codewords, which ``path_for`` keeps off the lookup table, the bench overrides
-  it for them);
+  it for them); the fused step does not read those settings, so the peers' fused column repeats their file's;
 - what the quantized layers' matmuls cost per decode step: each layer at one row against the fp32 layer of the
   same name (hot: called again and again), summed over the layers, next to the whole step's time;
 - memory: one child process per variant (``--child decode``) loads the file and decodes; it reports its RSS after
@@ -230,24 +233,38 @@ def greedy(model, prompt: torch.Tensor, tokens: int) -> tuple[float, list[int]]:
 
 
 def step_paths(model, prompt: torch.Tensor) -> dict[str, int]:
-    """How many AQLM layer calls of one decode step take each path (``AQLMLinear.path_counts``)."""
+    """How many AQLM layer calls of one eager decode step take each path (``AQLMLinear.path_counts``; the fused
+    step runs the layers in C and calls none of them)."""
     layers = aqlm_layers(model).values()
     with torch.no_grad():
         out = model(prompt, None)
         before = {key: sum(layer.path_counts[key] for layer in layers) for key in ("lut", "gemm")}
-        model.step(out.output[:, -1].argmax(-1), out.state)
+        model.fused_step = False
+        try:
+            model.step(out.output[:, -1].argmax(-1), out.state)
+        finally:
+            model.fused_step = True
     return {key: sum(layer.path_counts[key] for layer in layers) - before[key] for key in before}
 
 
-def time_decode(models: dict, prompt: torch.Tensor, tokens: int, repeats: int) -> tuple[dict, dict]:
-    """Median tokens/s of each model, interleaved rounds after one warm-up each; and each one's greedy ids."""
+def time_decode(models: dict, prompt: torch.Tensor, tokens: int, repeats: int) -> tuple[dict, dict, dict]:
+    """Median tokens/s of each model on the fused step (the default) and on the eager step, interleaved rounds after
+    one warm-up each; and each one's greedy ids (fused; the eager step's must be the same)."""
     ids = {name: greedy(model, prompt, min(tokens, 8))[1] for name, model in models.items()}  # warm-up, caches
-    samples: dict[str, list[float]] = {name: [] for name in models}
+    samples: dict[tuple[str, bool], list[float]] = {(name, f): [] for name in models for f in (True, False)}
     for _ in range(repeats):
         for name, model in models.items():
-            seconds, ids[name] = greedy(model, prompt, tokens)
-            samples[name].append(tokens / seconds)
-    return {name: statistics.median(values) for name, values in samples.items()}, ids
+            for fused in (True, False):
+                model.fused_step = fused
+                seconds, got = greedy(model, prompt, tokens)
+                samples[(name, fused)].append(tokens / seconds)
+                if fused:
+                    ids[name] = got
+                elif got != ids[name]:
+                    raise AssertionError(f"{name}: the eager step decoded other tokens than the fused step")
+            model.fused_step = True
+    rate = {key: statistics.median(values) for key, values in samples.items()}
+    return {n: rate[(n, True)] for n in models}, {n: rate[(n, False)] for n in models}, ids
 
 
 def linear_costs(fp32, models: dict, repeats: int, iters: int) -> tuple[dict[str, float], dict[str, dict]]:
@@ -465,20 +482,22 @@ def main(argv=None) -> dict | None:
 
     prompt = prompt_ids(held)
     with torch.no_grad():
-        tok_s, ids = time_decode(models, prompt, args.tokens, args.repeats)
+        tok_s, eager_tok_s, ids = time_decode(models, prompt, args.tokens, args.repeats)
     print(f"\ndecode at batch 1: greedy, {args.tokens} tokens after a {PROMPT_BYTES}-byte held-out prompt, all "
           f"variants in one process, {args.repeats} interleaved rounds, median; {args.threads} thread(s)")  # fmt: skip
-    print("| variant | tokens/s | vs fp32 | ms per token | greedy tokens equal to fp32's | AQLM layer calls per step: "
-          "lookup table / dequantise+GEMM |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---|")
+    print("| variant | tokens/s | vs fp32 | ms per token | greedy tokens equal to fp32's | AQLM layer calls per eager "
+          "step: lookup table / dequantise+GEMM | eager step tokens/s | eager vs fp32's eager |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---|---:|---:|")
     for name, model in models.items():
         same = sum(a == b for a, b in zip(ids[name], ids["fp32"], strict=True)) / len(ids["fp32"])
         counts = step_paths(model, prompt)
         paths = "-" if name == "fp32" else f"{counts['lut']} / {counts['gemm']}"
+        eager = eager_tok_s[name]
         rows[name].update(decode_tok_s=tok_s[name], decode_ratio=tok_s[name] / tok_s["fp32"], same_tokens=same,
+                          decode_eager_tok_s=eager, decode_eager_ratio=eager / eager_tok_s["fp32"],
                           lut_calls_per_step=counts["lut"], gemm_calls_per_step=counts["gemm"])  # fmt: skip
         print(f"| {name} | {tok_s[name]:,.0f} | {tok_s[name] / tok_s['fp32']:.2f} | {1e3 / tok_s[name]:.3f} "
-              f"| {same:.2f} | {paths} |")  # fmt: skip
+              f"| {same:.2f} | {paths} | {eager:,.0f} | {eager / eager_tok_s['fp32']:.2f} |")  # fmt: skip
 
     quantized = {name: model for name, model in models.items() if name != "fp32"}
     costs, kinds = linear_costs(models["fp32"], quantized, 3 if args.quick else args.repeats, 2 if args.quick else 200)
@@ -492,11 +511,11 @@ def main(argv=None) -> dict | None:
             f"{kind['us'][n]:,.1f} ({kind['paths'][n]}, {kind['us'][n] / kind['us']['fp32']:.1f}x)" for n in quantized
         ]
         print(f"| {kind_name} | {kind['shape']} | {kind['count']} | " + " | ".join(cells) + " |")
-    print("\nwhere a decode step goes: those matmuls summed over the model's layers, against the whole step")
-    print("| variant | those matmuls (us per step) | vs fp32 | whole step (us) | rest of the step (us) |")
+    print("\nwhere an eager decode step goes: those matmuls summed over the model's layers, against the whole step")
+    print("| variant | those matmuls (us per step) | vs fp32 | whole eager step (us) | rest of the step (us) |")
     print("|---|---:|---:|---:|---:|")
     for name in models:
-        step_us = 1e6 / tok_s[name]
+        step_us = 1e6 / eager_tok_s[name]
         rows[name].update(linear_us_per_step=costs[name], step_us=step_us)
         print(f"| {name} | {costs[name]:,.0f} | {costs[name] / costs['fp32']:.2f} | {step_us:,.0f} "
               f"| {step_us - costs[name]:,.0f} |")  # fmt: skip

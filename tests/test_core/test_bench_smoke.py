@@ -127,3 +127,23 @@ def test_packed_prefill_bench_quick_runs_and_prints_the_table():
     assert "| model | packed prefill tok/s | one by one tok/s | packed / one by one |" in out
     for model in ("mamba1", "mamba2", "mamba3", "hybrid"):
         assert f"| {model} | " in out, model
+
+
+def test_trained_decode_quick_runs_on_a_model_file(tmp_path):
+    """A byte model with MLP blocks written by save_model, decoded fused and eager: the table, the fused-layer
+    count and the same tokens on both paths."""
+    import torch
+
+    from seqlab.checkpoint import save_model
+    from seqlab.config import BackboneConfig
+    from seqlab.domains.bytes import ByteAdapter
+
+    torch.manual_seed(0)
+    model = ByteAdapter().build_model(BackboneConfig(d_model=16, n_layer=2, d_state=4, ffn="mlp", d_ffn=32))
+    path = save_model(tmp_path / "byte-mlp.safetensors", model)
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_bytes(b"The quick brown fox jumps over the lazy dog. " * 2)
+    out = run_bench("trained_decode.py", os.fspath(path), "--quick", "--prompt", os.fspath(prompt), "--batches", "1", "3")
+    assert "| model | layers fused | batch | fused tok/s | eager tok/s | fused / eager | same tokens |" in out
+    assert "| byte-mlp.safetensors | 2/2 | 1 |" in out and "| byte-mlp.safetensors | 2/2 | 3 |" in out
+    assert out.count("| yes |") == 2

@@ -410,7 +410,11 @@ def test_language_model_native_equals_reference_in_float64(variant):
     for name, prm in nat.named_parameters():
         assert prm.grad is not None, name
         assert rel(prm.grad, grads_r[name].grad) < TOL64, name
-    with torch.no_grad():  # the native decode step, position by position, equals the forward
+    # the native state-update kernel, position by position, equals the forward; the compiled fused step (which
+    # normalises in float32 as the eager float64 model does, but sums in another order) is held to the eager step
+    # in tests/test_core/test_fused_step.py
+    nat.fused_step = False
+    with torch.no_grad():
         state = start
         for t in range(4, 11):
             step = nat.step(ids[:, t], state)

@@ -33,7 +33,8 @@ def test_bench_quant_quick(tmp_path, monkeypatch, capsys):
     assert out.startswith("machine:")
     assert "| variant | quantize (s) | file (KiB) | file vs fp32 | bits/param, quantized layers |" in out
     assert "| variant | tokens/s | vs fp32 | ms per token | greedy tokens equal to fp32's |" in out
-    assert "| variant | those matmuls (us per step) | vs fp32 | whole step (us) |" in out
+    assert "| variant | those matmuls (us per step) | vs fp32 | whole eager step (us) |" in out
+    assert "| eager step tokens/s | eager vs fp32's eager |" in out  # the fused step and the eager AQLM paths
     assert "| variant | codes | codebooks | scales | embedding + head | other tensors | header |" in out
     assert "| layer | in->out | layers | fp32 | 2x4g8 |" in out and "| in_proj | 32->128 | 2 |" in out
     assert "| 2x4g8 lut_max_rows=0 |" in out and "| 1x6g8 |" in out
@@ -53,6 +54,7 @@ def test_bench_quant_quick(tmp_path, monkeypatch, capsys):
     assert variants["fp32"]["file_ratio"] == 1.0
     for name, row in variants.items():
         assert row["decode_tok_s"] > 0 and row["step_us"] > 0 and row["linear_us_per_step"] > 0
+        assert row["decode_eager_tok_s"] > 0
         assert 0 <= row["same_tokens"] <= 1
         assert 0 < row["bits_per_byte"] < 9  # bytes: 8 bits/byte is uniform; a few training steps do better
         if name != "fp32":
