@@ -143,7 +143,9 @@ def test_trained_decode_quick_runs_on_a_model_file(tmp_path):
     path = save_model(tmp_path / "byte-mlp.safetensors", model)
     prompt = tmp_path / "prompt.txt"
     prompt.write_bytes(b"The quick brown fox jumps over the lazy dog. " * 2)
-    out = run_bench("trained_decode.py", os.fspath(path), "--quick", "--prompt", os.fspath(prompt), "--batches", "1", "3")
+    out = run_bench(
+        "trained_decode.py", os.fspath(path), "--quick", "--prompt", os.fspath(prompt), "--batches", "1", "3"
+    )
     assert "| model | layers fused | batch | fused tok/s | eager tok/s | fused / eager | same tokens |" in out
     assert "| byte-mlp.safetensors | 2/2 | 1 |" in out and "| byte-mlp.safetensors | 2/2 | 3 |" in out
     assert out.count("| yes |") == 2
