@@ -50,15 +50,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def ladder_files(folder: Path) -> list[tuple[str, Path]]:
-    """(rungs, file) for every distinct model file a ladder run's summary.json names, in table order."""
+    """(label, file) for every distinct model file a ladder run's summary.json names, in table order: the label
+    is the rungs that use the file and the first one's name."""
     summary = folder / "summary.json"
     if not summary.is_file():
         raise SystemExit(f"--ladder {folder}: no summary.json there (run `seqlab ladder --out {folder}` first)")
-    files: dict[str, list[str]] = {}
+    files: dict[str, list[dict]] = {}
     for row in json.loads(summary.read_text())["rows"]:
         if row.get("file"):
-            files.setdefault(row["file"], []).append(row["rung"])
-    return [(" ".join(rungs), folder / name) for name, rungs in files.items()]
+            files.setdefault(row["file"], []).append(row)
+    return [
+        (f"{' '.join(r['rung'] for r in rows)} {rows[0].get('label', '')}".strip(), folder / name)
+        for name, rows in files.items()
+    ]
 
 
 def prompt_bytes(args) -> bytes:
