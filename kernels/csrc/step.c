@@ -212,22 +212,29 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
             const int32_t *co = p->codes + o * G * M;                                                                  \
             for (int64_t b0 = 0; b0 < batch; b0 += ST_AQLM_ROWS) {                                                     \
                 const int64_t nb = batch - b0 < ST_AQLM_ROWS ? batch - b0 : ST_AQLM_ROWS;                              \
-                T acc[ST_AQLM_ROWS];                                                                                   \
-                for (int64_t r = 0; r < nb; r++) acc[r] = 0;                                                           \
+                /* per row, one accumulator lane per position in a group (elementwise multiply-adds that               \
+                 * vectorise without reassociating a sum), summed in lane order at the end */                          \
+                T accv[ST_AQLM_ROWS][ST_AQLM_MAX_GROUP], acc[ST_AQLM_ROWS];                                            \
+                for (int64_t r = 0; r < nb; r++)                                                                       \
+                    for (int64_t i = 0; i < g; i++) accv[r][i] = 0;                                                    \
                 for (int64_t j = 0; j < G; j++) {                                                                      \
                     T wv[ST_AQLM_MAX_GROUP];                                                                           \
                     const T *c0 = cb + (int64_t)co[j * M] * g;                                                         \
-                    for (int64_t i = 0; i < g; i++) wv[i] = c0[i];                                                     \
+                    _Pragma("omp simd") for (int64_t i = 0; i < g; i++) wv[i] = c0[i];                                 \
                     for (int64_t m = 1; m < M; m++) {                                                                  \
                         const T *cm = cb + (m * K + co[j * M + m]) * g;                                                \
-                        for (int64_t i = 0; i < g; i++) wv[i] += cm[i];                                                \
+                        _Pragma("omp simd") for (int64_t i = 0; i < g; i++) wv[i] += cm[i];                            \
                     }                                                                                                  \
                     for (int64_t r = 0; r < nb; r++) {                                                                 \
                         const T *x = X + (b0 + r) * ldx + j * g;                                                       \
-                        T d = 0;                                                                                       \
-                        for (int64_t i = 0; i < g; i++) d += wv[i] * x[i];                                             \
-                        acc[r] += d;                                                                                   \
+                        T *av = accv[r];                                                                               \
+                        _Pragma("omp simd") for (int64_t i = 0; i < g; i++) av[i] += wv[i] * x[i];                     \
                     }                                                                                                  \
+                }                                                                                                      \
+                for (int64_t r = 0; r < nb; r++) {                                                                     \
+                    T sum = 0;                                                                                         \
+                    for (int64_t i = 0; i < g; i++) sum += accv[r][i];                                                 \
+                    acc[r] = sum;                                                                                      \
                 }                                                                                                      \
                 for (int64_t r = 0; r < nb; r++) {                                                                     \
                     const int64_t at = (b0 + r) * ldy + o;                                                             \
@@ -401,7 +408,7 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
                     res[b * dm + i] = L->residual_fp32 ? (T)(float)x[i] : x[i];                                        \
                 }                                                                                                      \
             }                                                                                                          \
-            st_proj_run_##SUF(&L->in_q, (const T *)L->in_w, (const T *)L->in_b, h, dm, proj, NULL, nin, nin, dm,      \
+            st_proj_run_##SUF(&L->in_q, (const T *)L->in_w, (const T *)L->in_b, h, dm, proj, NULL, nin, nin, dm,       \
                               batch, lr);                                                                              \
             if (L->kind == 3) {                                                                                        \
                 st_mamba3_##SUF(L, &io[l], batch, proj, xc, xdbl, ybuf);                                               \
@@ -512,7 +519,7 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
             }                                                                                                          \
             }                                                                                                          \
             /* out_proj, added to the residual */                                                                      \
-            st_proj_run_##SUF(&L->out_q, (const T *)L->out_w, (const T *)L->out_b, ybuf, D, next, res, dm, dm, D,     \
+            st_proj_run_##SUF(&L->out_q, (const T *)L->out_w, (const T *)L->out_b, ybuf, D, next, res, dm, dm, D,      \
                               batch, lr);                                                                              \
             if (L->d_ffn > 0) {                                                                                        \
                 /* the feed-forward (Block._mix): next += ffn(RMSNorm(next)) */                                        \
@@ -536,7 +543,7 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
                         _Pragma("omp simd") for (int64_t i = i0; i < i1; i++) g[i] = SILU(g[i]) * g[F + i];            \
                     }                                                                                                  \
                 }                                                                                                      \
-                st_proj_run_##SUF(&L->down_q, (const T *)L->ffn_down_w, NULL, fbuf, F2, next, next, dm, dm, F, batch, \
+                st_proj_run_##SUF(&L->down_q, (const T *)L->ffn_down_w, NULL, fbuf, F2, next, next, dm, dm, F, batch,  \
                                   lr);                                                                                 \
                 }                                                                                                      \
             }                                                                                                          \
