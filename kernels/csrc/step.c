@@ -318,6 +318,19 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
         }                                                                                                              \
     }                                                                                                                  \
                                                                                                                        \
+    /* The gated MLP's activation on rows of [gate (F), up (F)]: gate = silu(gate) * up in place, vectorised over      \
+     * blocks of channels, workshared over (row, block). */                                                            \
+    static void st_gate_##SUF(T *buf, int64_t rows, int64_t F) {                                                       \
+        const int64_t nfb = (F + ST_BLOCK - 1) / ST_BLOCK;                                                             \
+        _Pragma("omp for schedule(static) collapse(2)") for (int64_t r = 0; r < rows; r++) {                           \
+            for (int64_t blk = 0; blk < nfb; blk++) {                                                                  \
+                T *g = buf + r * 2 * F;                                                                                \
+                const int64_t i0 = blk * ST_BLOCK, i1 = i0 + ST_BLOCK < F ? i0 + ST_BLOCK : F;                         \
+                _Pragma("omp simd") for (int64_t i = i0; i < i1; i++) g[i] = SILU(g[i]) * g[F + i];                    \
+            }                                                                                                          \
+        }                                                                                                              \
+    }                                                                                                                  \
+                                                                                                                       \
     /* The mixture of experts on the normed rows h (batch, d_model), added to next (seqlab/ffn/moe.py at evaluation:   \
      * every (row, choice) pair kept). The router in float32; the pairs sorted by expert (rows in order within one),   \
      * each expert's pairs gathered and run as two rows GEMMs (its weights read once for all its rows), then each      \
@@ -351,14 +364,7 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
                 sl_rows_gemm_##SUF((const T *)L->ffn_gu_w + e * F2 * dm, NULL, xs + start[e] * dm, dm,                 \
                                    act + start[e] * F2, NULL, F2, F2, dm, n);                                          \
         }                                                                                                              \
-        const int64_t nfb = (F + ST_BLOCK - 1) / ST_BLOCK;                                                             \
-        _Pragma("omp for schedule(static) collapse(2)") for (int64_t r = 0; r < P; r++) {                              \
-            for (int64_t blk = 0; blk < nfb; blk++) {                                                                  \
-                T *g = act + r * F2;                                                                                   \
-                const int64_t i0 = blk * ST_BLOCK, i1 = i0 + ST_BLOCK < F ? i0 + ST_BLOCK : F;                         \
-                _Pragma("omp simd") for (int64_t i = i0; i < i1; i++) g[i] = SILU(g[i]) * g[F + i];                    \
-            }                                                                                                          \
-        }                                                                                                              \
+        st_gate_##SUF(act, P, F);                                                                                      \
         for (int64_t e = 0; e < E; e++) {                                                                              \
             const int64_t n = start[e + 1] - start[e];                                                                 \
             if (n > 0)                                                                                                 \
@@ -535,14 +541,7 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
                 else {                                                                                                 \
                 /* the gated MLP: down(silu(gate) * up) */                                                             \
                 st_proj_run_##SUF(&L->gu_q, (const T *)L->ffn_gu_w, NULL, h, dm, fbuf, NULL, F2, F2, dm, batch, lr);   \
-                const int64_t nfb = (F + ST_BLOCK - 1) / ST_BLOCK;                                                     \
-                _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                  \
-                    for (int64_t blk = 0; blk < nfb; blk++) {                                                          \
-                        T *g = fbuf + b * F2;                                                                          \
-                        const int64_t i0 = blk * ST_BLOCK, i1 = i0 + ST_BLOCK < F ? i0 + ST_BLOCK : F;                 \
-                        _Pragma("omp simd") for (int64_t i = i0; i < i1; i++) g[i] = SILU(g[i]) * g[F + i];            \
-                    }                                                                                                  \
-                }                                                                                                      \
+                st_gate_##SUF(fbuf, batch, F);                                                                         \
                 st_proj_run_##SUF(&L->down_q, (const T *)L->ffn_down_w, NULL, fbuf, F2, next, next, dm, dm, F, batch,  \
                                   lr);                                                                                 \
                 }                                                                                                      \
