@@ -362,3 +362,36 @@ def test_cursor_starts_grouped_rows_as_it_would_start_each_alone(kind):
             assert_same_states(got, want)
     with pytest.raises(ValueError, match="each row's start must be a batch of one, got 2"):
         ModelCursor(model, [[1, 2]], [model.init_state(2)])
+
+
+@pytest.mark.parametrize("kind", ["mamba2", "hybrid"])
+def test_cursor_feeds_a_short_draft_as_compiled_steps_and_otherwise_one_forward(kind, monkeypatch):
+    """A model whose every block runs the compiled decode step verifies a draft of up to STEP_FEED_MAX tokens step
+    by step (the logits plain decoding computes); a longer draft, or a hybrid (attention steps eagerly), goes
+    through one forward with states_at. Both give the same logits and checkpoints to rounding."""
+    from seqlab.decoding import cursor as cursor_module
+
+    model = make(kind, seed=3)
+    sequences = [[1, 2, 3], [4, 5, 6, 7]]
+    draft = torch.tensor([[9, 8, 7, 6], [5, 4, 3, 2]])
+    steps: list[int] = []
+    plain_step = model.step
+    model.step = lambda *a, **kw: steps.append(1) or plain_step(*a, **kw)  # type: ignore[method-assign]
+
+    def verify(max_steps: int):
+        monkeypatch.setattr(cursor_module, "STEP_FEED_MAX", max_steps)
+        cursor = cursor_module.ModelCursor(model, sequences, [None, None])
+        cursor.sync(sequences, [0, 1])
+        steps.clear()
+        with torch.no_grad():
+            logits = cursor.feed(draft)
+        return logits, cursor, len(steps)
+
+    stepped, by_steps, calls = verify(16)
+    forward, by_forward, none = verify(4)  # the feed is 5 tokens: over the limit
+    assert none == 0 and calls == (5 if kind == "mamba2" else 0)
+    assert rel_err(stepped, forward) <= 1e-5
+    for row in range(2):
+        for a, b in zip(by_steps.checkpoints[row], by_forward.checkpoints[row]):
+            assert a.length == b.length
+            assert_same_states(a.state.select(a.row), b.state.select(b.row))
