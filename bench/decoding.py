@@ -198,6 +198,37 @@ def call_costs(named_models, repeats: int = 200) -> dict[str, tuple[float, float
     return costs
 
 
+def verify_costs(model, lengths, repeats: int = 50) -> dict[int, tuple[float, float]]:
+    """Milliseconds to verify L tokens with their L states, batch 1, from a 64-token state: one forward with
+    ``states_at`` against L chained ``model.step`` calls (the compiled decode step), the two taking turns; per L.
+    The crossover sets ``seqlab.decoding.cursor.STEP_FEED_MAX``."""
+    out = {}
+    with torch.no_grad():
+        ids = torch.randint(0, model.vocab_size, (1, 64 + max(lengths)))
+        state = model(ids[:, :64], None).state
+        for length in lengths:
+            feed = ids[:, 64 : 64 + length]
+
+            def forward(feed=feed, length=length):
+                return model(feed, state, states_at=list(range(1, length + 1)))
+
+            def steps(feed=feed, length=length):
+                s = state
+                for m in range(length):
+                    s = model.step(feed[:, m], s).state
+                return s
+
+            times: dict[str, list[float]] = {"forward": [], "steps": []}
+            forward(), steps()
+            for _ in range(repeats):
+                for name, call in (("forward", forward), ("steps", steps)):
+                    started = time.perf_counter()
+                    call()
+                    times[name].append((time.perf_counter() - started) * 1e3)
+            out[length] = (statistics.median(times["forward"]), statistics.median(times["steps"]))
+    return out
+
+
 def inner_counts(drafter) -> tuple[int, int]:
     """(accepted, drafted) so far at a cascade's speculative draft-model levels ((0, 0) for other drafters)."""
     from seqlab.decoding import HorizontalCascade, SpeculativeDrafter
@@ -282,6 +313,11 @@ def main(argv=None) -> None:
         model = {"target": target, "byte draft": draft, "subword draft": subword}[name]
         params = sum(p.numel() for p in model.parameters())
         print(f"| {name} | {params:,} | {model.config.n_layer} | {step_ms:.3f} | {verify_ms:.3f} |")
+    verify = verify_costs(target, (2, 5, 9, 17, 33), 5 if args.quick else 50)
+    print("\nverifying L tokens with their states, target, batch 1 (median ms): one forward against L compiled steps")
+    print("| L | one forward (ms) | L steps (ms) | forward / steps |\n|---|---|---|---|")
+    for length, (forward_ms, steps_ms) in verify.items():
+        print(f"| {length} | {forward_ms:.3f} | {steps_ms:.3f} | {forward_ms / steps_ms:.2f} |")
     modes = (("greedy", {}), ("sampling T=1", {"do_sample": True, "temperature": 1.0}))
     results = []
     for mode, options in modes if not args.allocations else ():
@@ -301,7 +337,8 @@ def main(argv=None) -> None:
             print(f"\ncascade allocations (byte draft over Max-Gram), {mode}")
             results += table(target, prompts, sweep, f"allocations, {mode}", options, args)
     if args.json:
-        args.json.write_text(json.dumps({"info": info, "costs_ms": costs, "results": results}, indent=1))
+        record = {"info": info, "costs_ms": costs, "verify_ms": verify, "results": results}
+        args.json.write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

@@ -120,6 +120,8 @@ def test_decoding_bench_quick_runs_and_prints_both_tables():
     for method in ("plain", "byte draft, k=2", "Max-Gram, k=4", "subword draft", "cascade"):
         assert f"| {method}" in out, method
     assert out.count("(same)") >= 5 and "DIFFERS" not in out
+    assert "verified by one forward (same)" in out  # the peer that verifies by a forward, not compiled steps
+    assert "| L | one forward (ms) | L steps (ms) | forward / steps |" in out and "| 33 | " in out
 
 
 def test_packed_prefill_bench_quick_runs_and_prints_the_table():
