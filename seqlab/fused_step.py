@@ -22,7 +22,8 @@ When it applies (else the eager step runs, with the same results, silently):
   ``Mamba2Mixer`` (ungated-before-norm output norm) or a ``Mamba3Mixer`` (any but MIMO with the output norm); no
   feed-forward, the gated MLP (``GatedMLP``, bias-free) or the MoE (``MoEFeedForward``, top-k up to 16; while it
   trains with autograd on, its capacity and jitter run eagerly) after an ``RMSNorm``; every projection a plain
-  ``nn.Linear`` (a LASER low-rank or AQLM-quantized layer runs eagerly), no forward hooks, no DRµGS perturbation
+  ``nn.Linear``, a LASER ``LowRankLinear`` or an ``AQLMLinear`` (group size up to 64, not on the Triton backend;
+  the MoE router: ``nn.Linear``), no forward hooks, no DRµGS perturbation
   rotating this step (its protected steps, where the hooks are idle, fuse: they must equal plain decoding bit for
   bit), kernel backend ``"auto"`` or ``"native"`` (a model set to ``"ref"``, ``"chunked"`` or ``"triton"`` runs
   those kernels);
