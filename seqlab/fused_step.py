@@ -8,9 +8,9 @@ SSD state update / D skip / gated RMSNorm, or Mamba-3's B/C norms, dt and rate, 
 MIMO, ``kernels/csrc/seqlab_mamba3_head.h``, shared with its state-update kernel) and gate or per-head gated norm,
 then out_proj and the residual add, then the feed-forward where the block has one: its RMSNorm and the gated MLP
 (gate_up, SiLU gate, down) or the mixture of experts at evaluation (float32 router, top-k, each expert's rows as
-one GEMM pair), and the residual add. Consecutive fused blocks go in one call; every other block (attention, a
-LASER low-rank or AQLM projection, ...) runs its own eager ``step`` in the same loop, so a hybrid is fused where
-it can be.
+one GEMM pair), and the residual add; any projection may be dense, LASER low-rank or AQLM-quantized. Consecutive
+fused blocks go in one call; every other block (attention, a block with a hook, ...) runs its own eager ``step`` in
+the same loop, so a hybrid is fused where it can be.
 
 When it applies (else the eager step runs, with the same results, silently):
 
@@ -383,29 +383,27 @@ class _Plan:
         return self._segments(fused)
 
     def _watch(self, backbone, block, i: int) -> None:
-        """Record what must stay the same for this plan to hold: the block object, the block's and mixer's
-        children, the parameters of each module, whether any module has hooks, the perturbation slots and kernel
-        backend, the parameters' storage and version counters."""
+        """Record what must stay the same for this plan to hold: the block object, the block's, mixer's and
+        feed-forward's children, the parameters and buffers (AQLM's codes) of each module, whether any module has
+        hooks, the perturbation slots, the kernel backends (the mixer's, an AQLM layer's), an MoE's settings, the
+        parameters' and buffers' storage and version counters."""
         if i == 0:
             self.containers.append(backbone.layers._modules)
         self.containers += [block._modules, block.mixer._modules]  # a leaf gaining a child changes nothing
+        self.attrs += [(block.__dict__, "_perturb"), (block.mixer.__dict__, "_perturb")]
         if block.ffn is not None:
             self.containers.append(block.ffn._modules)
+            self.attrs.append((block.ffn.__dict__, "settings"))  # an MoE's top_k, renormalize: new settings rebuild
+        self.params.extend(block.parameters())
         for module in block.modules():
             if module._parameters:
                 self.containers.append(module._parameters)
-            self.hook_dicts += [module._forward_hooks, module._forward_pre_hooks]
-        self.attrs += [(block.__dict__, "_perturb"), (block.mixer.__dict__, "_perturb")]
-        self.attrs.append((block.mixer.__dict__, "backend"))
-        if block.ffn is not None:
-            self.attrs.append((block.ffn.__dict__, "settings"))  # an MoE's top_k, renormalize: new settings rebuild
-        self.params.extend(block.parameters())
-        for module in block.modules():  # AQLM's codes (and its unit scales without a scale layout) are buffers
             if module._buffers:
                 self.containers.append(module._buffers)
                 self.params.extend(t for t in module._buffers.values() if t is not None)
-            if module is not block.mixer and "backend" in module.__dict__:  # an AQLM layer's kernel choice
+            if "backend" in module.__dict__:
                 self.attrs.append((module.__dict__, "backend"))
+            self.hook_dicts += [module._forward_hooks, module._forward_pre_hooks]
 
     def _key(self) -> tuple:
         return _watch_key(self.containers, self.hook_dicts, self.attrs, self.params)
@@ -690,18 +688,17 @@ def _reusable(spare, like: torch.Tensor) -> bool:
     )
 
 
-#: the state tensors of a fused layer, in step.c's st_io order: Mamba-1 / Mamba-2, Mamba-3
+#: the state tensors of a fused layer, in step.c's st_io order (the dicts _state_io builds keep it): Mamba-1 /
+#: Mamba-2, Mamba-3
 _CONV_SSM = ("conv", "ssm")
 _MAMBA3_STATE = ("angle", "ssm", "k", "v")
 
 
-def _io_pointers(src: dict, dst: dict) -> tuple[int, ...]:
-    """One layer's ``st_io``: (conv or angle in, out, ssm in, out, k in, v in, k out, v out), 0 where absent."""
-    names = _CONV_SSM if "conv" in src else _MAMBA3_STATE
-    a, b = [src[n].data_ptr() for n in names], [dst[n].data_ptr() for n in names]
-    if len(names) == 2:
-        return (a[0], b[0], a[1], b[1], 0, 0, 0, 0)
-    return (a[0], b[0], a[1], b[1], a[2], a[3], b[2], b[3])
+def _io_pointers(src: dict, dst: dict) -> list[int]:
+    """One layer's ``st_io``: (in, out) for each state tensor in ``src``'s order (conv, ssm; or angle, ssm, k, v),
+    zeros for the slots a Mamba-1/2 layer does not have."""
+    pointers = [p for name in src for p in (src[name].data_ptr(), dst[name].data_ptr())]
+    return pointers + [0] * (8 - len(pointers))
 
 
 def _state_io(state, idx: list[int], dtype: torch.dtype, new_layers: list, reuse=None):

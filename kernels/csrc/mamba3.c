@@ -414,7 +414,7 @@ M3_ROT_BWD(double, f64)
         for (int64_t b = 0; b < Bsz; b++) {                                                                    \
             for (int64_t hh = 0; hh < H; hh++) {                                                               \
                 const int64_t bh = b * H + hh, gi = hh / hpg;                                                  \
-                T *scratch = (T *)malloc(sizeof(T) * (2 * R * N + 2 * R * P + N));                             \
+                T *scratch = (T *)malloc(sizeof(T) * (R * N + 2 * R * P + N));                                 \
                 if (!scratch) continue; /* unreachable in practice: a few KiB */                               \
                 T *yh = per_rank ? y + (b * R * H + hh) * P : y + bh * P;                                      \
                 m3_head_##SUF(P, N, R, A_, angle_s + bh * A_, angle_o + bh * A_, ssm_s + bh * PN,              \

@@ -7,7 +7,7 @@
  *   each); v_in, v_out (P): the previous position's key and value; x (P); d (dt), arate (A), trap (pre-sigmoid);
  *   angles (A_): this row's rotary rates; Bm, Cm (rank r at + r * bc_rs, N each): B and C before their biases;
  *   Bb, Cb (rank r at + r * N); D (this head's skip) or NULL; z (P) or NULL; mx, mz, mo (rank r at + r * P) or
- *   NULL; y: per_rank ? rank r at + r * y_rs : (P); scratch: 2 R N + 2 R P + N elements.
+ *   NULL; y: per_rank ? rank r at + r * y_rs : (P); scratch: R N + 2 R P + N elements.
  * The math is kernels/mamba3/ref.py's _step, for one head.
  */
 #ifndef SEQLAB_MAMBA3_HEAD_H
@@ -43,7 +43,7 @@
             const T v = ang_in[m] + TANH(angles[m]) * (T)M3_PI * d;                                            \
             ang_out[m] = v - (T)M3_TWO_PI * FLOOR(v / (T)M3_TWO_PI);                                           \
         }                                                                                                      \
-        T *q = scratch + R * N, *vp = q + R * N, *vn = vp + R * P, *tmp = vn + R * P;                          \
+        T *q = scratch, *vp = q + R * N, *vn = vp + R * P, *tmp = vn + R * P;                                  \
         for (int64_t r = 0; r < R; r++) {                                                                      \
             const T *braw = Bm + r * bc_rs, *bb = Bb + r * N;                                                  \
             for (int64_t j = 0; j < N; j++) tmp[j] = braw[j] + bb[j];                                          \

@@ -75,8 +75,10 @@ typedef struct {
     float *conv_out;
     const void *ssm_in;
     void *ssm_out;
-    const void *k_in, *v_in; /* Mamba-3: the previous position's key and value (T); NULL otherwise */
-    void *k_out, *v_out;
+    const void *k_in; /* Mamba-3: the previous position's key and value (T) in and out; NULL otherwise */
+    void *k_out;
+    const void *v_in;
+    void *v_out;
 } st_io;
 
 /* The LanguageModel around the blocks, for sl_lm_step (seqlab/fused_step.py's _LM: every field 8 bytes). */
@@ -133,7 +135,7 @@ static int st_widths(const st_layer *layers, int64_t n_layers, int64_t w[ST_WIDT
         /* Mamba-1: x_proj's output; Mamba-3: each head's scratch (seqlab_mamba3_head.h) */
         const int64_t R3 = L->mimo_rank, N3 = L->d_state, P3 = L->headdim;
         const int64_t xd = L->kind == 1 ? L->dt_rank + 2 * L->d_state
-                           : L->kind == 3 ? L->nheads * (2 * R3 * N3 + 2 * R3 * P3 + N3)
+                           : L->kind == 3 ? L->nheads * (R3 * N3 + 2 * R3 * P3 + N3)
                                           : 0;
         w[0] = L->n_in > w[0] ? L->n_in : w[0];
         w[1] = L->conv_ch > w[1] ? L->conv_ch : w[1];
@@ -269,7 +271,7 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
         const int64_t H = L->nheads, P = L->headdim, G = L->ngroups, N = L->d_state, R = L->mimo_rank;                 \
         const int64_t NA = L->n_angles, Di = L->d_inner, nin = L->n_in, RGN = R * G * N, cc = 2 * RGN;                 \
         const int64_t dto = 2 * Di + 2 * RGN, ao = dto + H, tro = ao + H, ango = tro + H, hpg = H / G;                 \
-        const int64_t sc = 2 * R * N + 2 * R * P + N, PN = P * N;                                                      \
+        const int64_t sc = R * N + 2 * R * P + N, PN = P * N;                                                          \
         const T *bnw = (const T *)L->b_norm_w, *cnw = (const T *)L->c_norm_w, *dtb = (const T *)L->dt_b;               \
         const T *Bb = (const T *)L->b_bias, *Cb = (const T *)L->c_bias, *Dp = (const T *)L->D;                         \
         const T *mx = (const T *)L->mimo_x, *mz = (const T *)L->mimo_z, *mo = (const T *)L->mimo_o;                    \

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from seqlab.fused_step import fused_layers
 from seqlab.models import LanguageModel
@@ -195,6 +196,17 @@ def test_a_replaced_mlp_child_and_what_does_not_fuse():
     after = _step(model, torch.tensor([4]), state, True)
     assert not torch.allclose(after.logits, before)
     _assert_same(after, _step(model, torch.tensor([4]), state, False), 1e-5, "low-rank MLP")
+    biased = _model("mamba2-mlp")  # a feed-forward projection with a bias (GatedMLP builds none)
+    gate_up = biased.backbone.layers[0].ffn.gate_up
+    biased.backbone.layers[0].ffn.gate_up = nn.Linear(gate_up.in_features, gate_up.out_features)
+    assert "have biases" in fused_layers(biased)[0] and fused_layers(biased)[1] is None
+    routed = tiny_lm("mamba1", seed=1, ffn="moe", moe_experts=2, moe_top_k=1, d_ffn=8)
+    routed.backbone.layers[1].ffn.router = nn.Linear(16, 2)  # a router with a bias
+    assert fused_layers(routed)[0] is None and "router has a bias" in fused_layers(routed)[1]
+    for model in (biased, routed):
+        state = model(torch.tensor([[1, 2]])).state
+        _assert_same(_step(model, torch.tensor([5]), state, True), _step(model, torch.tensor([5]), state, False),
+                     2e-5, "one eager block")  # fmt: skip
     mimo_norm = tiny_lm("mamba3", seed=1, mamba3_mimo_rank=2, mamba3_outproj_norm=True)
     assert all("MIMO with the output norm" in r for r in fused_layers(mimo_norm))
     _eager_bitwise(mimo_norm, torch.tensor([5]), mimo_norm(torch.tensor([[1, 2]])).state)
