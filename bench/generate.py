@@ -29,7 +29,7 @@ import time
 
 import torch
 from _machine import machine_line
-from cpu_forward import MODELS, VOCAB, build_pair, seqlab_config
+from cpu_forward import MODELS, N_LAYER, VOCAB, build_pair, seqlab_config
 
 from seqlab import LanguageModel
 
@@ -52,6 +52,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="give every block a feed-forward: mlp, the gated MLP (MambaByte's blocks, d_ffn 8/3 d_model), or moe, "
         "4 experts of that width, top-1 (MoE-Mamba's); seqlab only: transformers has no such Mamba",
     )
+    p.add_argument(
+        "--attention",
+        type=int,
+        nargs="+",
+        metavar="LAYER",
+        help="make these layers causal attention (4 heads of 64, rotary): a hybrid, its KV cache growing with the "
+        "context; seqlab only",
+    )
     args = p.parse_args(argv)
     unknown = sorted(set(args.models or ()) - set(MODELS))
     if unknown:
@@ -61,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.repeats = 1 if args.quick else args.repeats
     if args.new_tokens < 2 or any(c < 2 for c in args.contexts):
         p.error("--new-tokens and every context must be at least 2")
+    if args.attention and any(not 0 <= i < N_LAYER for i in args.attention):
+        p.error(f"--attention: layers are 0..{N_LAYER - 1}, got {args.attention}")
     return args
 
 
@@ -125,11 +135,18 @@ def main(argv=None) -> None:
     print(f"greedy decode of {args.new_tokens} tokens after a prompt of C tokens; HF up to C={args.hf_max_context}")
     rows, fused_rows = [], []
     for kind in args.models or MODELS:
-        if args.ffn:
+        if args.ffn or args.attention:
             torch.manual_seed(0)
-            moe = dict(moe_experts=4, moe_top_k=1) if args.ffn == "moe" else {}
-            config = dataclasses.replace(seqlab_config(kind), ffn=args.ffn, **moe)
-            model, hf, kind = LanguageModel(config, vocab_size=VOCAB).eval(), None, f"{kind} + {args.ffn.upper()}"
+            config = seqlab_config(kind)
+            if args.ffn:
+                moe = dict(moe_experts=4, moe_top_k=1) if args.ffn == "moe" else {}
+                config = dataclasses.replace(config, ffn=args.ffn, **moe)
+                kind = f"{kind} + {args.ffn.upper()}"
+            if args.attention:
+                overrides = {i: {"mixer": "attention"} for i in args.attention}
+                config = dataclasses.replace(config, layer_overrides=overrides, attn_heads=4)
+                kind = f"{kind}, attention in {', '.join(map(str, args.attention))}"
+            model, hf = LanguageModel(config, vocab_size=VOCAB).eval(), None
         else:
             model, hf = build_pair(kind, with_hf=not args.skip_hf)
         # seqlab's default backend ("auto": the compiled kernels on CPU where they build), which the fused step needs;

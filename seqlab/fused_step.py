@@ -1,4 +1,4 @@
-"""The fused CPU decode step: one compiled call per run of Mamba blocks instead of ~60 small eager ops per layer.
+"""The fused CPU decode step: one compiled call per run of blocks instead of ~60 small eager ops per layer.
 
 ``model.step`` (and so ``generate``) goes through ``Backbone.step``, which asks :func:`fused_step` first. At d_model
 256 the eager step's cost is almost all per-op overhead (about 2.5 ms per token for 4 layers); the compiled step
@@ -6,11 +6,13 @@
 Mamba-1 x_proj / dt_proj / softplus / selective state update / D skip / SiLU(z) gate, or the Mamba-2 dt softplus /
 SSD state update / D skip / gated RMSNorm, or Mamba-3's B/C norms, dt and rate, rotary trapezoid update (SISO or
 MIMO, ``kernels/csrc/seqlab_mamba3_head.h``, shared with its state-update kernel) and gate or per-head gated norm,
-then out_proj and the residual add, then the feed-forward where the block has one: its RMSNorm and the gated MLP
+or an attention mixer's q/k/v projections, rotary embedding at each row's position, the new KV cache (sized here,
+``_attention_io``: it grows a slot per step up to the window) and one-pass softmax attention over it, then
+out_proj (o_proj) and the residual add, then the feed-forward where the block has one: its RMSNorm and the gated MLP
 (gate_up, SiLU gate, down) or the mixture of experts at evaluation (float32 router, top-k, each expert's rows as
 one GEMM pair), and the residual add; any projection may be dense, LASER low-rank or AQLM-quantized. Consecutive
-fused blocks go in one call; every other block (attention, a block with a hook, ...) runs its own eager ``step`` in
-the same loop, so a hybrid is fused where it can be.
+fused blocks go in one call; every other block (one with a hook, ...) runs its own eager ``step`` in the same
+loop, so a model is fused where it can be.
 
 When it applies (else the eager step runs, with the same results, silently):
 
@@ -19,7 +21,8 @@ When it applies (else the eager step runs, with the same results, silently):
 - no autograd: ``torch.is_grad_enabled()`` is False, or neither the input, the state nor any parameter of the
   block requires grad;
 - a plain block: ``Block`` with an ``RMSNorm``; a ``Mamba1Mixer`` (without Jamba's inner norms), a
-  ``Mamba2Mixer`` (ungated-before-norm output norm) or a ``Mamba3Mixer`` (any but MIMO with the output norm); no
+  ``Mamba2Mixer`` (ungated-before-norm output norm), a ``Mamba3Mixer`` (any but MIMO with the output norm) or an
+  ``AttentionMixer`` (head_dim up to 256; q/k/v/o may be LASER'd or AQLM'd like the others); no
   feed-forward, the gated MLP (``GatedMLP``, bias-free) or the MoE (``MoEFeedForward``, top-k up to 16; while it
   trains with autograd on, its capacity and jitter run eagerly) after an ``RMSNorm``; every projection a plain
   ``nn.Linear``, a LASER ``LowRankLinear`` or an ``AQLMLinear`` (group size up to 64, not on the Triton backend;
@@ -51,7 +54,7 @@ from torch import nn
 
 __all__ = ["fused_layers", "fused_lm_greedy", "fused_lm_step", "fused_step"]
 
-_KINDS = {"mamba1": 1, "mamba2": 2, "mamba3": 3}
+_KINDS = {"mamba1": 1, "mamba2": 2, "mamba3": 3, "attention": 4}
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # backbone -> _Plan (not on the module: pickling)
 _LIBRARY: list = []  # [ctypes.CDLL or None], loaded on first use
 # states this module's step returned -> (plan, position, what their tensors looked like then): the next step may
@@ -75,6 +78,11 @@ _PROJ_FIELDS = {
     "out_proj": "out_q",
     "ffn.gate_up": "gu_q",
     "ffn.down": "down_q",
+    # an attention mixer's: q and o where in_proj's and out_proj's go
+    "q_proj": "in_q",
+    "k_proj": "k_q",
+    "v_proj": "v_q",
+    "o_proj": "out_q",
 }
 #: the largest AQLM group size the compiled step takes (step.c's ST_AQLM_MAX_GROUP)
 _MAX_AQLM_GROUP = 64
@@ -136,12 +144,18 @@ class _Layer(ctypes.Structure):
             (name, ctypes.c_void_p)
             for name in ("b_norm_w", "c_norm_w", "b_bias", "c_bias", "mimo_x", "mimo_z", "mimo_o")
         ]
-        + [(field, _Proj) for field in _PROJ_FIELDS.values()]
+        + [(field, _Proj) for field in ("in_q", "x_q", "dt_q", "out_q", "gu_q", "down_q")]
+        # attention
+        + [("rope_dim", ctypes.c_int64)]
+        + [(name, ctypes.c_void_p) for name in ("inv_freq", "k_w", "k_b", "v_w", "v_b")]
+        + [(field, _Proj) for field in ("k_q", "v_q")]
     )
 
 
 #: the widest top-k the compiled MoE takes (step.c's ST_MAX_TOP_K)
 _MAX_TOP_K = 16
+#: the widest attention head the compiled step takes (step.c's ST_MAX_HEAD_DIM)
+_MAX_HEAD_DIM = 256
 
 
 class _LM(ctypes.Structure):
@@ -204,6 +218,7 @@ def _block_reason(block, dtype: torch.dtype):
     """(kind, None) when ``block`` can run fused in ``dtype``, else (None, why not)."""
     from seqlab.blocks import Block, GatedMLP
     from seqlab.ffn.moe import MoEFeedForward
+    from seqlab.mixers.attention import AttentionMixer
     from seqlab.mixers.mamba1 import Mamba1Mixer
     from seqlab.mixers.mamba2 import Mamba2Mixer
     from seqlab.mixers.mamba3 import Mamba3Mixer
@@ -237,7 +252,7 @@ def _block_reason(block, dtype: torch.dtype):
         kind = "mamba1"
         if mixer.dt_layernorm is not None:
             return None, "Mamba-1 with inner norms (mamba_inner_norms)"
-        linears.update(in_proj=mixer.in_proj, x_proj=mixer.x_proj, dt_proj=mixer.dt_proj)
+        linears.update(in_proj=mixer.in_proj, x_proj=mixer.x_proj, dt_proj=mixer.dt_proj, out_proj=mixer.out_proj)
     elif type(mixer) is Mamba2Mixer:
         kind = "mamba2"
         norm = mixer.norm
@@ -245,7 +260,7 @@ def _block_reason(block, dtype: torch.dtype):
             return None, "Mamba-2 output norm is not the gated RMSNorm (gate before norm)"
         if mixer.nheads % mixer.ngroups or mixer.d_inner % norm.group_size:
             return None, "Mamba-2 heads or norm groups do not divide evenly"
-        linears["in_proj"] = mixer.in_proj
+        linears.update(in_proj=mixer.in_proj, out_proj=mixer.out_proj)
     elif type(mixer) is Mamba3Mixer:
         kind = "mamba3"
         if mixer.is_mimo and mixer.outproj_norm:
@@ -256,10 +271,14 @@ def _block_reason(block, dtype: torch.dtype):
             return None, "Mamba-3's B or C norm is not the stock RMSNorm"
         if mixer.norm is not None and (type(mixer.norm) is not GatedRMSNorm or not mixer.norm.norm_before_gate):
             return None, "Mamba-3 output norm is not the per-head gated RMSNorm (norm before gate)"
-        linears["in_proj"] = mixer.in_proj
+        linears.update(in_proj=mixer.in_proj, out_proj=mixer.out_proj)
+    elif type(mixer) is AttentionMixer:
+        kind = "attention"
+        if mixer.head_dim > _MAX_HEAD_DIM:
+            return None, f"attention head_dim {mixer.head_dim} (the compiled step takes up to {_MAX_HEAD_DIM})"
+        linears.update(q_proj=mixer.q_proj, k_proj=mixer.k_proj, v_proj=mixer.v_proj, o_proj=mixer.o_proj)
     else:
         return None, f"mixer is {type(mixer).__name__}"
-    linears["out_proj"] = mixer.out_proj
     for name, layer in linears.items():
         if type(layer) is nn.Linear:
             continue
@@ -268,7 +287,7 @@ def _block_reason(block, dtype: torch.dtype):
             return None, f"{name} is a {type(layer).__name__}: {why}"
     if kind == "mamba1" and (linears["x_proj"].bias is not None or linears["dt_proj"].bias is None):
         return None, "x_proj has a bias or dt_proj has none"
-    if (kind != "mamba3" and type(mixer.conv1d) is not nn.Conv1d) or type(block.norm) is not RMSNorm:
+    if (kind in ("mamba1", "mamba2") and type(mixer.conv1d) is not nn.Conv1d) or type(block.norm) is not RMSNorm:
         return None, "conv1d or the block norm is not the stock module"
     if any(_has_hooks(m) for m in block.modules()):
         return None, "a forward hook is registered"
@@ -341,6 +360,8 @@ class _Plan:
         self.attrs: list[tuple[dict, str]] = []  # (a module's __dict__, key) whose value must stay the same object
         self.params: list[torch.nn.Parameter] = []
         self.moe: list = []  # the fused MoE layers: eager while one trains with autograd on (capacity, jitter)
+        # per block: an attention layer's window (0: none; its new cache is sized by _state_io), else None
+        self.windows: list[int | None] = [None] * len(self.blocks)
         self.specs = (_Layer * len(self.blocks))()  # zeros where a block is not fusable (never passed to C)
         for i, block in enumerate(self.blocks):
             kind, reason = _block_reason(block, dtype)
@@ -354,10 +375,13 @@ class _Plan:
             self.idle_checks.append(checks)
             if kind is not None:
                 self.specs[i] = self._spec(block, kind)
+                if kind == "attention":
+                    self.windows[i] = block.mixer.window or 0
                 if checks:
                     reason = "fused while its DRµGS perturbation is idle, eager while it perturbs"
             self.reasons.append(reason)
         self.any_fusable = any(self.fusable)
+        self.attention = any(w is not None for w in self.windows)
         self.conditional = any(self.idle_checks)
         self.static_segments = self._segments(self.fusable)
         self.base = ctypes.addressof(self.specs)
@@ -391,6 +415,8 @@ class _Plan:
             self.containers.append(backbone.layers._modules)
         self.containers += [block._modules, block.mixer._modules]  # a leaf gaining a child changes nothing
         self.attrs += [(block.__dict__, "_perturb"), (block.mixer.__dict__, "_perturb")]
+        if "window" in block.mixer.__dict__:  # attention: its window sizes the new cache, its settings the rotation
+            self.attrs += [(block.mixer.__dict__, "window"), (block.mixer.__dict__, "settings")]
         if block.ffn is not None:
             self.containers.append(block.ffn._modules)
             self.attrs.append((block.ffn.__dict__, "settings"))  # an MoE's top_k, renormalize: new settings rebuild
@@ -430,19 +456,22 @@ class _Plan:
         spec = _Layer()
         spec.kind = _KINDS[kind]
         spec.d_model = block.norm.weight.shape[0]
-        spec.d_inner, spec.d_state = m.d_inner, m.d_state
         spec.residual_fp32 = int(bool(block.residual_in_fp32))
         spec.norm_eps = float(block.norm.eps)
-        spec.n_in = m.in_proj.out_features
         spec.norm_w = self._tensor(block.norm.weight)
-        spec.in_w, spec.in_b = self._weight(m.in_proj), self._tensor(m.in_proj.bias)
-        spec.out_w, spec.out_b = self._weight(m.out_proj), self._tensor(m.out_proj.bias)
         self._ffn_spec(block, spec)
         for name, field in _PROJ_FIELDS.items():
             owner, _, attr = name.rpartition(".")
             layer = getattr(block.ffn if owner else m, attr, None)
             if isinstance(layer, nn.Module) and type(layer) is not nn.Linear:
                 self._proj_spec(layer, getattr(spec, field))
+        if kind == "attention":
+            self._attention_spec(m, spec)
+            return spec
+        spec.d_inner, spec.d_state = m.d_inner, m.d_state
+        spec.n_in = m.in_proj.out_features
+        spec.in_w, spec.in_b = self._weight(m.in_proj), self._tensor(m.in_proj.bias)
+        spec.out_w, spec.out_b = self._weight(m.out_proj), self._tensor(m.out_proj.bias)
         if kind == "mamba3":
             self._mamba3_spec(m, spec)
             return spec
@@ -474,6 +503,21 @@ class _Plan:
             proj.code_bits, proj.group_size = layer.codebook_bits, layer.group_size
             proj.a, proj.b = self._tensor(layer.codebooks), self._tensor(layer.scales)
             proj.codes = self._tensor(layer.codes)
+
+    def _attention_spec(self, m, spec: _Layer) -> None:
+        """An attention mixer's fields: q_proj where in_proj goes, o_proj where out_proj goes, its rotary
+        frequencies in float64 (the float32 values, as the eager step takes them: ``_frequencies``)."""
+        spec.nheads, spec.ngroups, spec.headdim = m.heads, m.kv_heads, m.head_dim
+        spec.d_inner, spec.n_in = m.heads * m.head_dim, (m.heads + 2 * m.kv_heads) * m.head_dim
+        spec.in_w, spec.in_b = self._weight(m.q_proj), self._tensor(m.q_proj.bias)
+        spec.k_w, spec.k_b = self._weight(m.k_proj), self._tensor(m.k_proj.bias)
+        spec.v_w, spec.v_b = self._weight(m.v_proj), self._tensor(m.v_proj.bias)
+        spec.out_w, spec.out_b = self._weight(m.o_proj), self._tensor(m.o_proj.bias)
+        spec.rope_dim = m.settings.rope_dim
+        if spec.rope_dim:
+            from seqlab.mixers.attention import rope_inverse_frequencies
+
+            spec.inv_freq = self._tensor(rope_inverse_frequencies(m.settings).float().double())
 
     def _mamba3_spec(self, m, spec: _Layer) -> None:
         """A Mamba-3 mixer's fields: its parameters as the mixer hands them to the kernel (in the model's dtype)."""
@@ -654,7 +698,7 @@ def fused_step(backbone, hidden: torch.Tensor, state, plan: _Plan | None = None)
             h, new_layers[i] = plan.blocks[i].step(h, state.layers[i])
             h = h.contiguous()
             continue
-        io = _state_io(state, idx, dtype, new_layers)
+        io = _state_io(state, idx, dtype, new_layers, windows=plan.windows)
         if io is None:
             return None
         pointers, alive = io
@@ -701,10 +745,34 @@ def _io_pointers(src: dict, dst: dict) -> list[int]:
     return pointers + [0] * (8 - len(pointers))
 
 
-def _state_io(state, idx: list[int], dtype: torch.dtype, new_layers: list, reuse=None):
-    """The step.c ``st_io`` pointers of layers ``idx`` (``_io_pointers``) and the input tensors that must live until
-    the call returns; the new state tensors go into ``new_layers``. None when a layer cannot run fused (a float64
-    conv state feeds its float64 values: the eager step handles it).
+def _attention_io(layer: dict, window: int, dtype: torch.dtype, spare) -> tuple[list[int], dict, list] | None:
+    """An attention layer's ``st_io`` (step.c's ``st_attn_io``): k, v and seen in and out, then the old and new
+    cache sizes; the new cache holds the last min(max(seen) + 1, window, slots + 1) entries of [cache, this token],
+    as ``AttentionMixer._cache_at`` cuts it. (pointers, the new layer state, the tensors to keep alive), or None
+    (an empty batch or a seen that is not int64: the eager step handles them)."""
+    k, v, seen = layer["k"], layer["v"], layer["seen"]
+    if seen.dtype != torch.int64 or not seen.numel():
+        return None
+    slots = k.shape[2]
+    keep = min(int(seen.max()) + 1, slots + 1, window or slots + 1)
+    src = {"k": k.to(dtype).contiguous(), "v": v.to(dtype).contiguous(), "seen": seen.contiguous()}
+    dst = {}
+    for name, t in src.items():
+        old = spare.get(name) if spare is not None else None
+        if (name == "seen" or keep == slots) and _reusable(old, t):  # a windowed cache keeps its size
+            dst[name] = old
+        elif name == "seen":
+            dst[name] = torch.empty_like(t)
+        else:
+            dst[name] = t.new_empty((t.shape[0], t.shape[1], keep, t.shape[3]))
+    return _io_pointers(src, dst)[:6] + [slots, keep], dst, list(src.values())
+
+
+def _state_io(state, idx: list[int], dtype: torch.dtype, new_layers: list, reuse=None, windows=None):
+    """The step.c ``st_io`` pointers of layers ``idx`` (``_io_pointers``; ``_attention_io`` for an attention layer,
+    whose window ``windows[i]`` gives) and the input tensors that must live until the call returns; the new state
+    tensors go into ``new_layers``. None when a layer cannot run fused (a float64 conv state feeds its float64
+    values: the eager step handles it).
 
     ``reuse``: a state of the same layout whose tensors nobody will read again (``generate``'s state from two steps
     back): the new values are written into its tensors instead of new memory. At batch 16 a Mamba-2 state is
@@ -714,6 +782,14 @@ def _state_io(state, idx: list[int], dtype: torch.dtype, new_layers: list, reuse
     for i in idx:
         layer = state.layers[i]
         spare = reuse.layers[i] if reuse is not None else None
+        if "seen" in layer:
+            attention = _attention_io(layer, windows[i], dtype, spare)
+            if attention is None:
+                return None
+            io, new_layers[i], inputs = attention
+            pointers.extend(io)
+            alive += inputs
+            continue
         names = _CONV_SSM if "conv" in layer else _MAMBA3_STATE
         if "conv" in layer and layer["conv"].dtype != torch.float32:
             return None
@@ -845,7 +921,7 @@ def fused_lm_step(model, input_ids, state, reuse=None):
 
     dtype, n, batch = plan.dtype, len(plan.blocks), ids.shape[0]
     new_layers: list = [None] * n
-    io = _state_io(state, list(range(n)), dtype, new_layers, reuse)
+    io = _state_io(state, list(range(n)), dtype, new_layers, reuse, plan.windows)
     if io is None:
         return None
     pointers, alive = io
@@ -879,6 +955,8 @@ def fused_lm_greedy(model, input_ids, state, max_steps: int, watch=()):
     if ready is None:
         return None
     lib, plan, lm, ids = ready
+    if plan.attention:  # its KV cache grows every step: the caller's loop takes one fused_lm_step per token
+        return None
     from seqlab.kernels._native import num_threads
 
     dtype, n, batch = plan.dtype, len(plan.blocks), ids.shape[0]

@@ -41,7 +41,7 @@ typedef struct {
 /* One block's shapes and weight pointers, filled once per model by seqlab/fused_step.py (a ctypes Structure
  * with this exact layout: every field is 8 bytes). Pointers are to T (the compute dtype) unless noted. */
 typedef struct {
-    int64_t kind; /* 1: Mamba-1, 2: Mamba-2 */
+    int64_t kind; /* 1: Mamba-1, 2: Mamba-2, 3: Mamba-3, 4: attention */
     int64_t d_model, d_inner, d_state, d_conv, dt_rank, nheads, headdim, ngroups;
     int64_t n_in;          /* rows of in_proj */
     int64_t conv_ch;       /* conv channels: d_inner (Mamba-1) or d_inner + 2 g n (Mamba-2) */
@@ -67,6 +67,15 @@ typedef struct {
     const void *b_norm_w, *c_norm_w, *b_bias, *c_bias, *mimo_x, *mimo_z, *mimo_o;
     /* in_proj, x_proj, dt_proj, out_proj, the MLP's gate_up and down when not dense (kind 0: in_w ... ffn_down_w) */
     st_proj in_q, x_q, dt_q, out_q, gu_q, down_q;
+    /* Attention (kind 4; seqlab/mixers/attention.py): nheads query heads, ngroups key/value heads, headdim, d_inner
+     * = nheads headdim, n_in = (nheads + 2 ngroups) headdim; q_proj in in_w / in_b / in_q, o_proj in out_w / out_b /
+     * out_q, k_proj and v_proj here; rope_dim rotated dims per head with their rope_dim / 2 frequencies (double:
+     * the float32 inverse frequencies as AttentionMixer._frequencies holds them). The window needs nothing here:
+     * the caller sizes the new cache (st_attn_io). */
+    int64_t rope_dim;
+    const double *inv_freq;
+    const void *k_w, *k_b, *v_w, *v_b;
+    st_proj k_q, v_q;
 } st_layer;
 
 /* Per block and call: the state read (conv float32, ssm T) and the new state written. */
@@ -80,6 +89,22 @@ typedef struct {
     const void *v_in;
     void *v_out;
 } st_io;
+
+/* An attention block's st_io: its KV cache (batch, kv_heads, slots, headdim) in T read (slots_in slots) and
+ * written (slots_out: min(max(seen) + 1, window, slots_in + 1), sized by the caller), seen (batch) in and out. */
+typedef struct {
+    const void *k_in;
+    void *k_out;
+    const void *v_in;
+    void *v_out;
+    const int64_t *seen_in;
+    int64_t *seen_out;
+    int64_t slots_in, slots_out;
+} st_attn_io;
+_Static_assert(sizeof(st_attn_io) == sizeof(st_io), "an attention block's io takes one st_io");
+
+/* The widest attention head the fused step takes (a stack accumulator; seqlab/fused_step.py runs wider eagerly). */
+#define ST_MAX_HEAD_DIM 256
 
 /* The LanguageModel around the blocks, for sl_lm_step (seqlab/fused_step.py's _LM: every field 8 bytes). */
 typedef struct {
@@ -320,6 +345,77 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
         }                                                                                                              \
     }                                                                                                                  \
                                                                                                                        \
+    /* The attention mixer between its q/k/v projections and o_proj (seqlab/mixers/attention.py AttentionMixer.step,   \
+     * one query per row): proj rows [q (H hd), k (KV hd), v (KV hd)]; the first rope_dim dims of every q and k head   \
+     * rotated to the row's position seen[b] (angles in double, cos and sin rounded to T, HF's half-split layout);     \
+     * the new cache: the last slots_out entries of [the old cache, this token], right-aligned as _cache_at cuts it;   \
+     * then per (row, head) softmax(q k / sqrt(hd)) v over the new cache's real slots (those at positions >= 0),       \
+     * one pass with a running maximum, into ybuf (batch, H hd). */                                                    \
+    static void st_attention_##SUF(const st_layer *L, const st_attn_io *io, int64_t batch, T *proj, T *ybuf) {         \
+        const int64_t H = L->nheads, KV = L->ngroups, hd = L->headdim, nin = L->n_in, per = H / KV;                    \
+        const int64_t half = L->rope_dim / 2, si = io->slots_in, so = io->slots_out;                                   \
+        const T *k_in = (const T *)io->k_in, *v_in = (const T *)io->v_in;                                              \
+        T *k_out = (T *)io->k_out, *v_out = (T *)io->v_out;                                                            \
+        if (half > 0) {                                                                                                \
+            _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                                  \
+                T cs[ST_MAX_HEAD_DIM / 2], sn[ST_MAX_HEAD_DIM / 2];                                                    \
+                for (int64_t i = 0; i < half; i++) {                                                                   \
+                    const double a = (double)io->seen_in[b] * L->inv_freq[i];                                          \
+                    cs[i] = (T)cos(a);                                                                                 \
+                    sn[i] = (T)sin(a);                                                                                 \
+                }                                                                                                      \
+                for (int64_t q = 0; q < H + KV; q++) {                                                                 \
+                    T *x = proj + b * nin + q * hd;                                                                    \
+                    for (int64_t i = 0; i < half; i++) {                                                               \
+                        const T x0 = x[i], x1 = x[i + half];                                                           \
+                        x[i] = x0 * cs[i] + -x1 * sn[i];                                                               \
+                        x[i + half] = x1 * cs[i] + x0 * sn[i];                                                         \
+                    }                                                                                                  \
+                }                                                                                                      \
+            }                                                                                                          \
+        }                                                                                                              \
+        _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                          \
+            for (int64_t g = 0; g < KV; g++) {                                                                         \
+                const size_t bytes = (size_t)hd * sizeof(T);                                                           \
+                for (int64_t j = 0; j < so; j++) {                                                                     \
+                    const int64_t e = si + 1 - so + j; /* index into [old cache, new entry] */                         \
+                    const int64_t at = ((b * KV + g) * so + j) * hd, from = ((b * KV + g) * si + e) * hd;              \
+                    memcpy(k_out + at, e < si ? k_in + from : proj + b * nin + (H + g) * hd, bytes);                   \
+                    memcpy(v_out + at, e < si ? v_in + from : proj + b * nin + (H + KV + g) * hd, bytes);              \
+                }                                                                                                      \
+                if (g == 0) io->seen_out[b] = io->seen_in[b] + 1;                                                      \
+            }                                                                                                          \
+        }                                                                                                              \
+        const T scale = (T)(1.0 / sqrt((double)hd));                                                                   \
+        _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                          \
+            for (int64_t h = 0; h < H; h++) {                                                                          \
+                const int64_t g = h / per, real = io->seen_in[b] + 1;                                                  \
+                const int64_t j0 = so - real > 0 ? so - real : 0;                                                      \
+                const T *q = proj + b * nin + h * hd, *kb = k_out + (b * KV + g) * so * hd;                            \
+                const T *vb = v_out + (b * KV + g) * so * hd;                                                          \
+                T acc[ST_MAX_HEAD_DIM], m = 0, l = 0;                                                                  \
+                for (int64_t i = 0; i < hd; i++) acc[i] = 0;                                                           \
+                for (int64_t j = j0; j < so; j++) {                                                                    \
+                    const T *kj = kb + j * hd, *vj = vb + j * hd;                                                      \
+                    T s = 0;                                                                                           \
+                    _Pragma("omp simd reduction(+ : s)") for (int64_t i = 0; i < hd; i++) s += q[i] * kj[i];           \
+                    s *= scale;                                                                                        \
+                    if (j == j0 || s > m) { /* a new maximum: rescale what was summed so far */                        \
+                        const T c = j == j0 ? (T)0 : EXP(m - s);                                                       \
+                        l *= c;                                                                                        \
+                        _Pragma("omp simd") for (int64_t i = 0; i < hd; i++) acc[i] *= c;                              \
+                        m = s;                                                                                         \
+                    }                                                                                                  \
+                    const T p = EXP(s - m);                                                                            \
+                    l += p;                                                                                            \
+                    _Pragma("omp simd") for (int64_t i = 0; i < hd; i++) acc[i] += p * vj[i];                          \
+                }                                                                                                      \
+                T *y = ybuf + b * H * hd + h * hd;                                                                     \
+                for (int64_t i = 0; i < hd; i++) y[i] = acc[i] / l;                                                    \
+            }                                                                                                          \
+        }                                                                                                              \
+    }                                                                                                                  \
+                                                                                                                       \
     /* The gated MLP's activation on rows of [gate (F), up (F)]: gate = silu(gate) * up in place, vectorised over      \
      * blocks of channels, workshared over (row, block). */                                                            \
     static void st_gate_##SUF(T *buf, int64_t rows, int64_t F) {                                                       \
@@ -416,9 +512,19 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
                     res[b * dm + i] = L->residual_fp32 ? (T)(float)x[i] : x[i];                                        \
                 }                                                                                                      \
             }                                                                                                          \
-            st_proj_run_##SUF(&L->in_q, (const T *)L->in_w, (const T *)L->in_b, h, dm, proj, NULL, nin, nin, dm,       \
-                              batch, lr);                                                                              \
-            if (L->kind == 3) {                                                                                        \
+            if (L->kind != 4)                                                                                          \
+                st_proj_run_##SUF(&L->in_q, (const T *)L->in_w, (const T *)L->in_b, h, dm, proj, NULL, nin, nin, dm,   \
+                                  batch, lr);                                                                          \
+            if (L->kind == 4) { /* q, k and v side by side in each proj row */                                         \
+                const int64_t nq = L->nheads * L->headdim, nkv = L->ngroups * L->headdim;                              \
+                st_proj_run_##SUF(&L->in_q, (const T *)L->in_w, (const T *)L->in_b, h, dm, proj, NULL, nin, nq, dm,    \
+                                  batch, lr);                                                                          \
+                st_proj_run_##SUF(&L->k_q, (const T *)L->k_w, (const T *)L->k_b, h, dm, proj + nq, NULL, nin, nkv,     \
+                                  dm, batch, lr);                                                                      \
+                st_proj_run_##SUF(&L->v_q, (const T *)L->v_w, (const T *)L->v_b, h, dm, proj + nq + nkv, NULL, nin,    \
+                                  nkv, dm, batch, lr);                                                                 \
+                st_attention_##SUF(L, (const st_attn_io *)&io[l], batch, proj, ybuf);                                  \
+            } else if (L->kind == 3) {                                                                                 \
                 st_mamba3_##SUF(L, &io[l], batch, proj, xc, xdbl, ybuf);                                               \
             } else {                                                                                                   \
             /* conv step + SiLU on the conv channels (Mamba-1: x = proj[:D]; Mamba-2: xBC = proj[D:D+cc]) */           \

@@ -66,6 +66,13 @@ def test_generate_quick_runs_and_prints_the_table():
     assert "| Mamba-1 | 512 |" in out and "| Mamba-2 | decode tok/s at 512 / at 64 |" in out
 
 
+def test_generate_quick_on_a_hybrid_prints_fused_and_eager():
+    out = run_bench(
+        "generate.py", "--quick", "--skip-hf", "--models", "Mamba-2", "--attention", "1", "--batches", "1", "2"
+    )
+    assert "| Mamba-2, attention in 1 | 512 | 2 |" in out and "| fused tok/s | eager tok/s |" in out
+
+
 def test_gpu_kernels_bench_runs_without_a_gpu():
     """Without CUDA the GPU kernel bench falls back to its CPU smoke mode, says so, and prints the table; the
     Triton interpreter runs the conv and decode kernels here (the scans take seconds per call interpreted)."""

@@ -41,6 +41,30 @@ VARIANTS = {
     "mamba3": dict(ssm="mamba3"),
     "mamba3-mimo": dict(ssm="mamba3", mamba3_mimo_rank=2, ngroups=2, d_state=6, mamba3_rope_fraction=1.0),
     "mamba3-outnorm": dict(ssm="mamba3", mamba3_outproj_norm=True, mamba3_A_activation="softplus", proj_bias=True),
+    # attention (the KV cache grows a slot per step): grouped-query heads, a sliding window shorter than the
+    # prefill, q/k/v and output biases, a gated MLP; two heads of 12 with 4 rotated dims (linear rope scaling,
+    # head_dim not a multiple of 8) and an MoE
+    "attention-gqa-window-mlp": dict(
+        ssm="attention",
+        attn_heads=4,
+        attn_kv_heads=2,
+        attn_window=4,
+        attn_bias=True,
+        attn_out_bias=True,
+        ffn="mlp",
+        d_ffn=24,
+    ),
+    "attention-rope-moe": dict(
+        ssm="attention",
+        attn_heads=2,
+        attn_head_dim=12,
+        attn_rope_dim=4,
+        ffn="moe",
+        moe_experts=3,
+        moe_top_k=2,
+        d_ffn=8,
+        attn_rope_scaling={"rope_type": "linear", "factor": 2.0},
+    ),
 }
 
 
@@ -103,7 +127,7 @@ def test_fused_step_equals_eager_step(variant, batch, dtype):
             state = fused.state
 
 
-@pytest.mark.parametrize("variant", ["mamba1", "mamba2-groups", "mamba3-mimo"])
+@pytest.mark.parametrize("variant", ["mamba1", "mamba2-groups", "mamba3-mimo", "attention-gqa-window-mlp"])
 @torch.no_grad()
 def test_step_equals_forward(variant):
     model = _model(variant, torch.float64)
@@ -134,7 +158,7 @@ def test_greedy_generate_equals_step_by_step_argmax(ssm):
 
 
 def _hybrid(dtype=torch.float32) -> LanguageModel:
-    """Mamba-1, attention, Mamba-2, Mamba-1 (no feed-forward): layers 0, 2, 3 fuse, the attention is eager."""
+    """Mamba-1, attention (grouped-query), Mamba-2, Mamba-1 (no feed-forward)."""
     torch.manual_seed(5)
     config = tiny_config(
         "mamba1",
@@ -147,22 +171,31 @@ def _hybrid(dtype=torch.float32) -> LanguageModel:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("attention", ["fused", "eager"])
 @torch.no_grad()
-def test_hybrid_fuses_its_mamba_layers_and_equals_eager(dtype):
+def test_hybrid_equals_eager_with_its_attention_fused_or_not(attention, dtype):
+    """Every block of a hybrid fuses (one call, the whole-model step after the first); with a hook on the
+    attention mixer it steps eagerly between two fused runs of Mamba blocks. Both equal the eager step."""
+    from seqlab.fused_step import fused_lm_step
+
     model = _hybrid(dtype)
+    if attention == "eager":
+        model.backbone.layers[1].mixer.register_forward_hook(lambda module, args, out: None)
     reasons = fused_layers(model)
     assert reasons[0] is None and reasons[2] is None and reasons[3] is None
-    assert "AttentionMixer" in reasons[1]
+    assert reasons[1] is None if attention == "fused" else "forward hook" in reasons[1]
     state = model(torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(1))).state
     for k in range(3):
         tokens = torch.tensor([k, 7 + k])
+        if k:  # the whole-model call takes a state the fused step returned, when every block fuses
+            assert (fused_lm_step(model, tokens, state) is not None) == (attention == "fused")
         fused, eager = _step(model, tokens, state, True), _step(model, tokens, state, False)
         _assert_same(fused, eager, TOL[dtype], f"hybrid step {k}")
         state = fused.state
 
 
 @torch.no_grad()
-def test_hybrid_with_feed_forwards_fuses_the_mamba_blocks_and_their_mlps():
+def test_hybrid_with_feed_forwards_fuses_every_block_and_mlp():
     torch.manual_seed(6)
     config = tiny_config(
         "mamba2",
@@ -173,8 +206,7 @@ def test_hybrid_with_feed_forwards_fuses_the_mamba_blocks_and_their_mlps():
         layer_overrides={1: {"mixer": "attention"}},
     )
     model = LanguageModel(config, vocab_size=32).eval()
-    reasons = fused_layers(model)
-    assert reasons[0] is None and reasons[2] is None and "AttentionMixer" in reasons[1]
+    assert fused_layers(model) == [None, None, None]
     state = model(torch.randint(0, 32, (3, 5), generator=torch.Generator().manual_seed(2))).state
     for k in range(2):
         tokens = torch.tensor([k, 9, 30 - k])
@@ -263,10 +295,16 @@ def _compressed(ssm: str, dtype=torch.float32) -> LanguageModel:
     both blocks, the MLP's included: every projection kind of the compiled step, dense ones left between them."""
     from seqlab.posttrain.laser import LowRankLinear
 
-    model = _model(f"{ssm}-mlp", dtype)
+    model = _model("attention-gqa-window-mlp" if ssm == "attention" else f"{ssm}-mlp", dtype)
     first, second = model.backbone.layers
-    first.mixer.in_proj = _aqlm(first.mixer.in_proj)
-    first.mixer.out_proj = LowRankLinear.from_linear(first.mixer.out_proj, 3)
+    if ssm == "attention":  # q, o; k, v
+        first.mixer.q_proj = _aqlm(first.mixer.q_proj)
+        first.mixer.o_proj = LowRankLinear.from_linear(first.mixer.o_proj, 3)
+        second.mixer.k_proj = _aqlm(second.mixer.k_proj, group=8)
+        second.mixer.v_proj = LowRankLinear.from_linear(second.mixer.v_proj, 2)
+    else:
+        first.mixer.in_proj = _aqlm(first.mixer.in_proj)
+        first.mixer.out_proj = LowRankLinear.from_linear(first.mixer.out_proj, 3)
     second.ffn.gate_up = _aqlm(second.ffn.gate_up, num_codebooks=1, bits=3, group=8, layout="none")
     second.ffn.down = LowRankLinear.from_linear(second.ffn.down, 5)
     if ssm == "mamba1":
@@ -276,7 +314,7 @@ def _compressed(ssm: str, dtype=torch.float32) -> LanguageModel:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("ssm", ["mamba1", "mamba2", "mamba3"])
+@pytest.mark.parametrize("ssm", ["mamba1", "mamba2", "mamba3", "attention"])
 @torch.no_grad()
 def test_low_rank_and_aqlm_projections_fuse_and_equal_eager(ssm, dtype):
     """LASER's LowRankLinear and AQLM's AQLMLinear run inside the compiled step (two GEMMs; codebook sums dotted
@@ -468,7 +506,16 @@ def _trusted_state(model, batch: int, seed: int = 0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize(
-    "variant", ["mamba1", "mamba1-bias-noresfp32", "mamba2-groups", "mamba2-mlp", "mamba1-moe", "mamba3-outnorm"]
+    "variant",
+    [
+        "mamba1",
+        "mamba1-bias-noresfp32",
+        "mamba2-groups",
+        "mamba2-mlp",
+        "mamba1-moe",
+        "mamba3-outnorm",
+        "attention-rope-moe",
+    ],
 )
 @torch.no_grad()
 def test_whole_model_step_is_one_call_and_equals_eager(variant, batch, dtype):
@@ -614,6 +661,39 @@ def test_generate_on_the_compiled_step_equals_the_eager_loop(ssm, loop, monkeypa
     assert len(set(pointers)) == len(pointers)
 
 
+@pytest.mark.parametrize("sampling", ["greedy", "sampled"])
+def test_hybrid_generate_with_ragged_prompts_equals_the_eager_loop(sampling, monkeypatch):
+    """A hybrid decodes through the whole-model compiled step one token per call (its KV cache grows every step,
+    so plain greedy does not take the many-steps call): prompts of three lengths (rows left-padded in the cache,
+    each with its own position), one row stopping early, give the eager loop's tokens and final states."""
+    import seqlab.generate as generate_module
+    import seqlab.models as models_module
+
+    model = _hybrid()
+    prompts = [[3, 1, 4, 1, 5], [9], [2, 6, 5]]
+    options: dict = dict(temperature=0) if sampling == "greedy" else dict(temperature=1.0, seed=4)
+    options["stop"] = [model.generate(prompts, 6, **options).tokens[1][3:6]]  # row 1 stops after 6 tokens
+    calls: list = []
+    for module in (models_module, generate_module):
+        one_call = module.fused_lm_step
+        counted = lambda *a, one_call=one_call, **k: calls.append(one_call(*a, **k)) or calls[-1]  # noqa: E731
+        monkeypatch.setattr(module, "fused_lm_step", counted)
+    fused = model.generate(prompts, 14, **options)
+    assert sum(c is not None for c in calls) >= 12 and fused.stop_reasons[1] == "stop"
+    model.fused_step = False
+    try:
+        eager = model.generate(prompts, 14, **options)
+    finally:
+        model.fused_step = True
+    assert fused.tokens == eager.tokens and fused.stop_reasons == eager.stop_reasons
+    for a, b in zip(fused.states, eager.states):
+        assert a.position == b.position
+        for la, lb in zip(a.layers, b.layers):
+            for name in lb:
+                assert la[name].shape == lb[name].shape
+                assert_rel(la[name], lb[name], 2e-5, f"final state {name}")
+
+
 @torch.no_grad()
 def test_fused_greedy_equals_step_by_step_argmax():
     """fused_lm_greedy against model.step + argmax one token at a time: the same tokens, the same final state to
@@ -662,7 +742,7 @@ def test_fused_greedy_equals_step_by_step_argmax():
     assert fused_lm_greedy(model, torch.tensor([4, 9]), state, 5)[1].tolist() == [[0, 0]] * 5
 
 
-@pytest.mark.parametrize("ssm", ["mamba1", "mamba2", "mamba2-moe-top2", "mamba3-mimo"])
+@pytest.mark.parametrize("ssm", ["mamba1", "mamba2", "mamba2-moe-top2", "mamba3-mimo", "attention-gqa-window-mlp"])
 @torch.no_grad()
 def test_a_row_decodes_the_same_alone_or_in_a_batch(ssm):
     """The compiled step computes each row on its own (the projections' sums run in a fixed order whatever the
