@@ -146,7 +146,7 @@ class _Layer(ctypes.Structure):
         ]
         + [(field, _Proj) for field in ("in_q", "x_q", "dt_q", "out_q", "gu_q", "down_q")]
         # attention
-        + [("rope_dim", ctypes.c_int64)]
+        + [(name, ctypes.c_int64) for name in ("rope_dim", "window")]
         + [(name, ctypes.c_void_p) for name in ("inv_freq", "k_w", "k_b", "v_w", "v_b")]
         + [(field, _Proj) for field in ("k_q", "v_q")]
     )
@@ -513,7 +513,7 @@ class _Plan:
         spec.k_w, spec.k_b = self._weight(m.k_proj), self._tensor(m.k_proj.bias)
         spec.v_w, spec.v_b = self._weight(m.v_proj), self._tensor(m.v_proj.bias)
         spec.out_w, spec.out_b = self._weight(m.o_proj), self._tensor(m.o_proj.bias)
-        spec.rope_dim = m.settings.rope_dim
+        spec.rope_dim, spec.window = m.settings.rope_dim, m.window or 0
         if spec.rope_dim:
             from seqlab.mixers.attention import rope_inverse_frequencies
 
@@ -745,30 +745,34 @@ def _io_pointers(src: dict, dst: dict) -> list[int]:
     return pointers + [0] * (8 - len(pointers))
 
 
-def _attention_io(layer: dict, window: int, dtype: torch.dtype, spare) -> tuple[list[int], dict, list] | None:
+def _attention_io(
+    layer: dict, window: int, dtype: torch.dtype, spare, grow: int = 0
+) -> tuple[list[int], dict, list] | None:
     """An attention layer's ``st_io`` (step.c's ``st_attn_io``): k, v and seen in and out, then the old and new
     cache sizes; the new cache holds the last min(max(seen) + 1, window, slots + 1) entries of [cache, this token],
     as ``AttentionMixer._cache_at`` cuts it. (pointers, the new layer state, the tensors to keep alive), or None
-    (an empty batch or a seen that is not int64: the eager step handles them)."""
+    (an empty batch or a seen that is not int64: the eager step handles them). ``grow``: room for that many more
+    slots in the new k and v (the greedy loop's buffers, ``fused_lm_greedy``)."""
     k, v, seen = layer["k"], layer["v"], layer["seen"]
     if seen.dtype != torch.int64 or not seen.numel():
         return None
     slots = k.shape[2]
     keep = min(int(seen.max()) + 1, slots + 1, window or slots + 1)
+    room = min(keep + grow, window or keep + grow)
     src = {"k": k.to(dtype).contiguous(), "v": v.to(dtype).contiguous(), "seen": seen.contiguous()}
     dst = {}
     for name, t in src.items():
         old = spare.get(name) if spare is not None else None
-        if (name == "seen" or keep == slots) and _reusable(old, t):  # a windowed cache keeps its size
+        if (name == "seen" or keep == room == slots) and _reusable(old, t):  # a windowed cache keeps its size
             dst[name] = old
         elif name == "seen":
             dst[name] = torch.empty_like(t)
         else:
-            dst[name] = t.new_empty((t.shape[0], t.shape[1], keep, t.shape[3]))
+            dst[name] = t.new_empty((t.shape[0], t.shape[1], room, t.shape[3]))
     return _io_pointers(src, dst)[:6] + [slots, keep], dst, list(src.values())
 
 
-def _state_io(state, idx: list[int], dtype: torch.dtype, new_layers: list, reuse=None, windows=None):
+def _state_io(state, idx: list[int], dtype: torch.dtype, new_layers: list, reuse=None, windows=None, grow=0):
     """The step.c ``st_io`` pointers of layers ``idx`` (``_io_pointers``; ``_attention_io`` for an attention layer,
     whose window ``windows[i]`` gives) and the input tensors that must live until the call returns; the new state
     tensors go into ``new_layers``. None when a layer cannot run fused (a float64 conv state feeds its float64
@@ -783,7 +787,7 @@ def _state_io(state, idx: list[int], dtype: torch.dtype, new_layers: list, reuse
         layer = state.layers[i]
         spare = reuse.layers[i] if reuse is not None else None
         if "seen" in layer:
-            attention = _attention_io(layer, windows[i], dtype, spare)
+            attention = _attention_io(layer, windows[i], dtype, spare, grow)
             if attention is None:
                 return None
             io, new_layers[i], inputs = attention
@@ -955,13 +959,12 @@ def fused_lm_greedy(model, input_ids, state, max_steps: int, watch=()):
     if ready is None:
         return None
     lib, plan, lm, ids = ready
-    if plan.attention:  # its KV cache grows every step: the caller's loop takes one fused_lm_step per token
-        return None
     from seqlab.kernels._native import num_threads
 
     dtype, n, batch = plan.dtype, len(plan.blocks), ids.shape[0]
     first: list = [None] * n  # X: written by steps 0, 2, 4, ...
-    io = _state_io(state, list(range(n)), dtype, first)
+    # an attention layer's X and Y caches: room for the last step's (each step's packed at their start)
+    io = _state_io(state, list(range(n)), dtype, first, windows=plan.windows, grow=max_steps - 1)
     if io is None:
         return None
     pointers, alive = io
@@ -983,6 +986,20 @@ def fused_lm_greedy(model, input_ids, state, max_steps: int, watch=()):
         return None
     if steps < 1:
         raise MemoryError(f"the fused decode step failed (code {steps}): out of memory for its workspace")
-    new_state = state.advanced(first if steps % 2 else second, steps)
+    layers = first if steps % 2 else second
+    for i, window in enumerate(plan.windows):
+        if window is not None:  # the last step's cache, packed at the start of its buffers
+            k, seen = state.layers[i]["k"], state.layers[i]["seen"]
+            slots = min(int(seen.max()) + steps, k.shape[2] + steps, window or k.shape[2] + steps)
+            layers[i] = dict(layers[i], k=_packed(layers[i]["k"], slots), v=_packed(layers[i]["v"], slots))
+    new_state = state.advanced(layers, steps)
     trust(model.backbone, new_state)
     return steps, tokens[:steps], new_state, logits, hidden
+
+
+def _packed(buffer: torch.Tensor, slots: int) -> torch.Tensor:
+    """The (batch, kv_heads, slots, head_dim) cache the greedy loop packed at the start of ``buffer``; a copy when
+    it fills only part of it (a run that stopped early does not keep the spare room alive in its state)."""
+    b, heads, room, dim = buffer.shape
+    packed = buffer.view(-1)[: b * heads * slots * dim].view(b, heads, slots, dim)
+    return packed if slots == room else packed.clone()

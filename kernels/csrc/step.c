@@ -70,9 +70,9 @@ typedef struct {
     /* Attention (kind 4; seqlab/mixers/attention.py): nheads query heads, ngroups key/value heads, headdim, d_inner
      * = nheads headdim, n_in = (nheads + 2 ngroups) headdim; q_proj in in_w / in_b / in_q, o_proj in out_w / out_b /
      * out_q, k_proj and v_proj here; rope_dim rotated dims per head with their rope_dim / 2 frequencies (double:
-     * the float32 inverse frequencies as AttentionMixer._frequencies holds them). The window needs nothing here:
-     * the caller sizes the new cache (st_attn_io). */
-    int64_t rope_dim;
+     * the float32 inverse frequencies as AttentionMixer._frequencies holds them); window (0: none) for the greedy
+     * loop, which sizes each step's cache itself (st_attn_slots); the other calls get the sizes in st_attn_io. */
+    int64_t rope_dim, window;
     const double *inv_freq;
     const void *k_w, *k_b, *v_w, *v_b;
     st_proj k_q, v_q;
@@ -102,6 +102,15 @@ typedef struct {
     int64_t slots_in, slots_out;
 } st_attn_io;
 _Static_assert(sizeof(st_attn_io) == sizeof(st_io), "an attention block's io takes one st_io");
+
+/* The slots of the cache an attention step writes: the last min(max(seen) + 1, window, slots_in + 1) entries of
+ * [old cache, this token], as seqlab/mixers/attention.py _cache_at keeps them. */
+static int64_t st_attn_slots(const st_layer *L, const st_attn_io *a, int64_t batch) {
+    int64_t top = 0;
+    for (int64_t b = 0; b < batch; b++) top = a->seen_in[b] > top ? a->seen_in[b] : top;
+    int64_t keep = top + 1 < a->slots_in + 1 ? top + 1 : a->slots_in + 1;
+    return L->window > 0 && keep > L->window ? L->window : keep;
+}
 
 /* The widest attention head the fused step takes (a stack accumulator; seqlab/fused_step.py runs wider eagerly). */
 #define ST_MAX_HEAD_DIM 256
@@ -727,7 +736,9 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
      * stop sequences) and returns the number of steps run (-1: out of memory, -3: an id of ids0 outside the           \
      * vocabulary). io3 holds three st_io sets of n_layers: step 0 reads the caller's state and writes X (set 0),      \
      * odd steps read X and write Y (set 1), even steps from 2 read Y and write X (set 2); hidden_out and logits       \
-     * are the last step's. */                                                                                         \
+     * are the last step's. An attention layer's X and Y caches are buffers for its largest cache: step k writes       \
+     * its (batch, kv_heads, slots, headdim) cache packed at their start, slots from st_attn_slots (set 0 gives        \
+     * step 0's sizes; the caller works out the last step's as min(max(seen) + steps, window, slots + steps)). */      \
     SL_EXPORT int64_t sl_lm_greedy_##SUF(const st_layer *layers, const st_io *io3, int64_t n_layers, int64_t batch,    \
                                          const st_lm *lm, const int64_t *ids0, int64_t n_steps, const int64_t *watch,  \
                                          int64_t n_watch, int64_t *next_tokens, T *hidden_out, T *logits,              \
@@ -737,12 +748,30 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
         int64_t w[ST_WIDTHS], done = 0;                                                                                \
         int stop = 0;                                                                                                  \
         T *x0 = NULL, *x1 = NULL, *work = st_lm_work_##SUF(layers, n_layers, batch, lm, w, &x0, &x1);                  \
-        if (!work) return -1;                                                                                          \
+        /* this step's io: the set's, with an attention layer's cache sizes (its cache grows by a slot a step up to    \
+         * the window; the caller gave buffers for the largest, each step's cache packed at their start) */            \
+        st_io *io = (st_io *)malloc((size_t)n_layers * sizeof(st_io));                                                 \
+        if (!work || !io) {                                                                                            \
+            free(work);                                                                                                \
+            free(io);                                                                                                  \
+            return -1;                                                                                                 \
+        }                                                                                                              \
         const int64_t V = lm->vocab;                                                                                   \
         _Pragma("omp parallel num_threads(nthreads)") {                                                                \
             for (int64_t k = 0; k < n_steps; k++) {                                                                    \
-                const st_io *io = k == 0 ? io3 : io3 + (k % 2 ? n_layers : 2 * n_layers);                              \
+                const st_io *set = k == 0 ? io3 : io3 + (k % 2 ? n_layers : 2 * n_layers);                             \
                 const int64_t *ids = k == 0 ? ids0 : next_tokens + (k - 1) * batch;                                    \
+                _Pragma("omp single") {                                                                                \
+                    for (int64_t l = 0; l < n_layers; l++) {                                                           \
+                        const int64_t slots = k == 0 || layers[l].kind != 4 ? 0 : ((st_attn_io *)&io[l])->slots_out;   \
+                        io[l] = set[l];                                                                                \
+                        if (layers[l].kind == 4 && k > 0) {                                                            \
+                            st_attn_io *a = (st_attn_io *)&io[l];                                                      \
+                            a->slots_in = slots;                                                                       \
+                            a->slots_out = st_attn_slots(&layers[l], a, batch);                                        \
+                        }                                                                                              \
+                    }                                                                                                  \
+                }                                                                                                      \
                 st_lm_body_##SUF(layers, io, n_layers, batch, lm, ids, hidden_out, logits, work, x0, x1, w);           \
                 _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                              \
                     const T *x = logits + b * V;                                                                       \
@@ -767,6 +796,7 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
             }                                                                                                          \
         }                                                                                                              \
         free(work);                                                                                                    \
+        free(io);                                                                                                      \
         return done;                                                                                                   \
     }
 /* float: seqlab_native.h's vectorisable exp, softplus and SiLU (at batch 16 libm's per-channel calls were a tenth

@@ -663,23 +663,30 @@ def test_generate_on_the_compiled_step_equals_the_eager_loop(ssm, loop, monkeypa
 
 @pytest.mark.parametrize("sampling", ["greedy", "sampled"])
 def test_hybrid_generate_with_ragged_prompts_equals_the_eager_loop(sampling, monkeypatch):
-    """A hybrid decodes through the whole-model compiled step one token per call (its KV cache grows every step,
-    so plain greedy does not take the many-steps call): prompts of three lengths (rows left-padded in the cache,
-    each with its own position), one row stopping early, give the eager loop's tokens and final states."""
+    """A hybrid decodes on the compiled step: plain greedy many steps per call (fused_lm_greedy: each step's KV
+    cache, one slot longer than the last, packed at the start of buffers sized for the last step), sampling one
+    whole-model call per token. Prompts of three lengths (rows left-padded in the cache, each with its own
+    position), one row stopping early, give the eager loop's tokens and final states."""
     import seqlab.generate as generate_module
     import seqlab.models as models_module
 
     model = _hybrid()
     prompts = [[3, 1, 4, 1, 5], [9], [2, 6, 5]]
-    options: dict = dict(temperature=0) if sampling == "greedy" else dict(temperature=1.0, seed=4)
+    options: dict = dict(do_sample=sampling == "sampled", temperature=1.0, seed=4)
     options["stop"] = [model.generate(prompts, 6, **options).tokens[1][3:6]]  # row 1 stops after 6 tokens
     calls: list = []
     for module in (models_module, generate_module):
-        one_call = module.fused_lm_step
-        counted = lambda *a, one_call=one_call, **k: calls.append(one_call(*a, **k)) or calls[-1]  # noqa: E731
-        monkeypatch.setattr(module, "fused_lm_step", counted)
+        for name in ("fused_lm_step", "fused_lm_greedy"):
+            if hasattr(module, name):
+                one_call = getattr(module, name)
+                counted = lambda *a, one_call=one_call, **k: calls.append(one_call(*a, **k)) or calls[-1]  # noqa: E731
+                monkeypatch.setattr(module, name, counted)
     fused = model.generate(prompts, 14, **options)
-    assert sum(c is not None for c in calls) >= 12 and fused.stop_reasons[1] == "stop"
+    assert fused.stop_reasons[1] == "stop"
+    if sampling == "greedy":  # compiled calls ran several steps each
+        assert max(run[0] for run in calls if isinstance(run, tuple) and len(run) == 5) >= 5
+    else:  # one whole-model call per token after the first
+        assert sum(run is not None for run in calls) >= 12
     model.fused_step = False
     try:
         eager = model.generate(prompts, 14, **options)
@@ -697,11 +704,13 @@ def test_hybrid_generate_with_ragged_prompts_equals_the_eager_loop(sampling, mon
 @torch.no_grad()
 def test_fused_greedy_equals_step_by_step_argmax():
     """fused_lm_greedy against model.step + argmax one token at a time: the same tokens, the same final state to
-    rounding, an early return right after a step that fed a watched token, the state passed in untouched."""
+    rounding, an early return right after a step that fed a watched token, the state passed in untouched. With
+    attention: the KV cache grows a slot per step inside the call (without a window; from 6 slots up to a window of
+    10, then held there) and comes back at its eager shape, after all 12 steps and after an early return."""
     from seqlab.fused_step import fused_lm_greedy
 
-    for ssm in ("mamba1", "mamba2"):
-        model = _model(ssm, torch.float64)
+    for ssm in ("mamba1", "mamba2", "attention-rope-moe", "attention-gqa-window-mlp"):
+        model = _model(ssm, torch.float64, **({"attn_window": 10} if "window" in ssm else {}))
         state = _trusted_state(model, 2)
         kept = state.clone()
         first = torch.tensor([4, 9])
@@ -721,6 +730,7 @@ def test_fused_greedy_equals_step_by_step_argmax():
         assert_rel(hidden, out.hidden, 2e-6, f"{ssm} last hidden")
         for a, b in zip(new_state.layers, s.layers):
             for name in b:
+                assert a[name].shape == b[name].shape and a[name].is_contiguous()
                 assert_rel(a[name], b[name], 2e-6, f"{ssm} state {name}")
         for a, b in zip(state.layers, kept.layers):
             assert all(torch.equal(a[n], b[n]) for n in b)
@@ -729,6 +739,17 @@ def test_fused_greedy_equals_step_by_step_argmax():
         fed = [first.tolist()] + want
         expect = next(k for k in range(12) if watched in fed[k]) + 1
         assert early[0] == expect and early[1].tolist() == want[:expect]
+        s = state
+        model.fused_step = False
+        try:
+            for ids in fed[:expect]:
+                s = model.step(torch.tensor(ids), s).state
+        finally:
+            model.fused_step = True
+        for a, b in zip(early[2].layers, s.layers):
+            for name in b:
+                assert a[name].shape == b[name].shape
+                assert_rel(a[name], b[name], 2e-6, f"{ssm} early state {name}")
         with pytest.raises(ValueError, match="max_steps"):
             fused_lm_greedy(model, first, state, 0)
         assert fused_lm_greedy(model, torch.tensor([4, 99]), state, 3) is None  # the usual step names the bad id
