@@ -738,41 +738,66 @@ _CONV_SSM = ("conv", "ssm")
 _MAMBA3_STATE = ("angle", "ssm", "k", "v")
 
 
+#: the 8-byte fields of step.c's st_io (and st_attn_io)
+_IO_FIELDS = 10
+
+
 def _io_pointers(src: dict, dst: dict) -> list[int]:
     """One layer's ``st_io``: (in, out) for each state tensor in ``src``'s order (conv, ssm; or angle, ssm, k, v),
     zeros for the slots a Mamba-1/2 layer does not have."""
     pointers = [p for name in src for p in (src[name].data_ptr(), dst[name].data_ptr())]
-    return pointers + [0] * (8 - len(pointers))
+    return pointers + [0] * (_IO_FIELDS - len(pointers))
 
 
-def _attention_io(
-    layer: dict, window: int, dtype: torch.dtype, spare, grow: int = 0
-) -> tuple[list[int], dict, list] | None:
+def _attention_io(layer: dict, window: int, dtype: torch.dtype, spare) -> tuple[list[int], dict, list] | None:
     """An attention layer's ``st_io`` (step.c's ``st_attn_io``): k, v and seen in and out, then the old and new
     cache sizes; the new cache holds the last min(max(seen) + 1, window, slots + 1) entries of [cache, this token],
     as ``AttentionMixer._cache_at`` cuts it. (pointers, the new layer state, the tensors to keep alive), or None
-    (an empty batch or a seen that is not int64: the eager step handles them). ``grow``: room for that many more
-    slots in the new k and v (the greedy loop's buffers, ``fused_lm_greedy``)."""
+    (an empty batch or a seen that is not int64: the eager step handles them)."""
     k, v, seen = layer["k"], layer["v"], layer["seen"]
     if seen.dtype != torch.int64 or not seen.numel():
         return None
     slots = k.shape[2]
     keep = min(int(seen.max()) + 1, slots + 1, window or slots + 1)
-    room = min(keep + grow, window or keep + grow)
     src = {"k": k.to(dtype).contiguous(), "v": v.to(dtype).contiguous(), "seen": seen.contiguous()}
     dst = {}
     for name, t in src.items():
         old = spare.get(name) if spare is not None else None
-        if (name == "seen" or keep == room == slots) and _reusable(old, t):  # a windowed cache keeps its size
+        if (name == "seen" or keep == slots) and _reusable(old, t):  # a windowed cache keeps its size
             dst[name] = old
         elif name == "seen":
             dst[name] = torch.empty_like(t)
         else:
-            dst[name] = t.new_empty((t.shape[0], t.shape[1], room, t.shape[3]))
-    return _io_pointers(src, dst)[:6] + [slots, keep], dst, list(src.values())
+            dst[name] = t.new_empty((t.shape[0], t.shape[1], keep, t.shape[3]))
+    return _io_pointers(src, dst)[:6] + [slots, keep, 0, 0], dst, list(src.values())
 
 
-def _state_io(state, idx: list[int], dtype: torch.dtype, new_layers: list, reuse=None, windows=None, grow=0):
+def _attention_buffers(layer: dict, dtype: torch.dtype, steps: int) -> tuple[list[int], dict, list] | None:
+    """An attention layer's ``st_attn_io`` for the greedy loop (stride > 0): its cache copied to the start of a
+    pair of buffers with room for ``steps`` more slots, where each step appends in place (``fused_lm_greedy``)."""
+    k, v, seen = layer["k"], layer["v"], layer["seen"]
+    if seen.dtype != torch.int64 or not seen.numel():
+        return None
+    b, heads, slots, dim = k.shape
+    buffers = {}
+    for name, t in (("k", k), ("v", v)):
+        buffers[name] = t.new_empty((b, heads, slots + steps, dim), dtype=dtype)
+        buffers[name][:, :, :slots] = t
+    seen = seen.contiguous()
+    dst = {**buffers, "seen": torch.empty_like(seen)}
+    return _greedy_pointers({"seen": seen}, dst, slots), dst, [seen]
+
+
+def _greedy_pointers(src: dict, dst: dict, slots: int = 0) -> list[int]:
+    """One layer's ``st_io`` in the greedy loop: an attention layer's in-place buffers (those of ``dst``, its cache
+    at slots [0, ``slots``)) and seen from ``src`` to ``dst``; any other layer's ``_io_pointers``."""
+    if "seen" not in dst:
+        return _io_pointers(src, dst)
+    k, v = dst["k"], dst["v"]
+    return [0, k.data_ptr(), 0, v.data_ptr(), src["seen"].data_ptr(), dst["seen"].data_ptr(), slots, 0, k.shape[2], 0]
+
+
+def _state_io(state, idx: list[int], dtype: torch.dtype, new_layers: list, reuse=None, windows=None, steps=0):
     """The step.c ``st_io`` pointers of layers ``idx`` (``_io_pointers``; ``_attention_io`` for an attention layer,
     whose window ``windows[i]`` gives) and the input tensors that must live until the call returns; the new state
     tensors go into ``new_layers``. None when a layer cannot run fused (a float64 conv state feeds its float64
@@ -787,7 +812,10 @@ def _state_io(state, idx: list[int], dtype: torch.dtype, new_layers: list, reuse
         layer = state.layers[i]
         spare = reuse.layers[i] if reuse is not None else None
         if "seen" in layer:
-            attention = _attention_io(layer, windows[i], dtype, spare, grow)
+            if steps:  # the greedy loop: the cache appended to in place
+                attention = _attention_buffers(layer, dtype, steps)
+            else:
+                attention = _attention_io(layer, windows[i], dtype, spare)
             if attention is None:
                 return None
             io, new_layers[i], inputs = attention
@@ -962,16 +990,22 @@ def fused_lm_greedy(model, input_ids, state, max_steps: int, watch=()):
     from seqlab.kernels._native import num_threads
 
     dtype, n, batch = plan.dtype, len(plan.blocks), ids.shape[0]
+    windows = [w for w in plan.windows if w]
+    if windows:  # a windowed cache's buffers hold window + steps slots: a few windows' worth per call
+        max_steps = min(max_steps, max(4 * min(windows), 64))
     first: list = [None] * n  # X: written by steps 0, 2, 4, ...
-    # an attention layer's X and Y caches: room for the last step's (each step's packed at their start)
-    io = _state_io(state, list(range(n)), dtype, first, windows=plan.windows, grow=max_steps - 1)
+    io = _state_io(state, list(range(n)), dtype, first, windows=plan.windows, steps=max_steps)
     if io is None:
         return None
     pointers, alive = io
-    second = [{k: torch.empty_like(t) for k, t in layer.items()} for layer in first]  # Y: odd steps
+    # Y: odd steps (an attention layer's k and v: the same buffers, appended to in place)
+    second = [
+        {name: t if "seen" in layer and name != "seen" else torch.empty_like(t) for name, t in layer.items()}
+        for layer in first
+    ]
     for src, dst in ((first, second), (second, first)):
         for a, b in zip(src, dst):
-            pointers.extend(_io_pointers(a, b))
+            pointers.extend(_greedy_pointers(a, b))
     tokens = torch.empty((max_steps, batch), dtype=torch.int64)
     hidden, logits = _lm_outputs(lm, batch, dtype)
     stop = array.array("q", sorted({int(t) for t in watch}))
@@ -988,18 +1022,17 @@ def fused_lm_greedy(model, input_ids, state, max_steps: int, watch=()):
         raise MemoryError(f"the fused decode step failed (code {steps}): out of memory for its workspace")
     layers = first if steps % 2 else second
     for i, window in enumerate(plan.windows):
-        if window is not None:  # the last step's cache, packed at the start of its buffers
+        if window is not None:  # the last step's cache: the last entries its buffers got
             k, seen = state.layers[i]["k"], state.layers[i]["seen"]
-            slots = min(int(seen.max()) + steps, k.shape[2] + steps, window or k.shape[2] + steps)
-            layers[i] = dict(layers[i], k=_packed(layers[i]["k"], slots), v=_packed(layers[i]["v"], slots))
+            end = k.shape[2] + steps
+            slots = min(int(seen.max()) + steps, end, window or end)
+            layers[i] = dict(layers[i], k=_cut(layers[i]["k"], end, slots), v=_cut(layers[i]["v"], end, slots))
     new_state = state.advanced(layers, steps)
     trust(model.backbone, new_state)
     return steps, tokens[:steps], new_state, logits, hidden
 
 
-def _packed(buffer: torch.Tensor, slots: int) -> torch.Tensor:
-    """The (batch, kv_heads, slots, head_dim) cache the greedy loop packed at the start of ``buffer``; a copy when
-    it fills only part of it (a run that stopped early does not keep the spare room alive in its state)."""
-    b, heads, room, dim = buffer.shape
-    packed = buffer.view(-1)[: b * heads * slots * dim].view(b, heads, slots, dim)
-    return packed if slots == room else packed.clone()
+def _cut(buffer: torch.Tensor, end: int, slots: int) -> torch.Tensor:
+    """The cache of ``slots`` entries ending at slot ``end`` of a greedy loop's buffer, contiguous: the buffer
+    itself when that is all of it, else a copy (the state does not keep the buffer's other slots alive)."""
+    return buffer[:, :, end - slots : end].contiguous()

@@ -88,10 +88,15 @@ typedef struct {
     void *k_out;
     const void *v_in;
     void *v_out;
+    int64_t unused[2]; /* st_attn_io's stride and start */
 } st_io;
 
 /* An attention block's st_io: its KV cache (batch, kv_heads, slots, headdim) in T read (slots_in slots) and
- * written (slots_out: min(max(seen) + 1, window, slots_in + 1), sized by the caller), seen (batch) in and out. */
+ * written (slots_out: min(max(seen) + 1, window, slots_in + 1), sized by the caller), seen (batch) in and out.
+ * stride 0: k_in / v_in hold the old cache, k_out / v_out get the new one (a copy of the kept entries and this
+ * token's). stride > 0 (the greedy loop): k_out / v_out are buffers of (batch, kv_heads, stride, headdim) holding
+ * the old cache at slots [start, start + slots_in); this token's entry is written after it, in place, and the new
+ * cache is the last slots_out entries there (k_in / v_in unused). */
 typedef struct {
     const void *k_in;
     void *k_out;
@@ -99,7 +104,7 @@ typedef struct {
     void *v_out;
     const int64_t *seen_in;
     int64_t *seen_out;
-    int64_t slots_in, slots_out;
+    int64_t slots_in, slots_out, stride, start;
 } st_attn_io;
 _Static_assert(sizeof(st_attn_io) == sizeof(st_io), "an attention block's io takes one st_io");
 
@@ -383,12 +388,15 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
                 }                                                                                                      \
             }                                                                                                          \
         }                                                                                                              \
+        /* the new cache: slots [first, first + so) of k_out / v_out, stride slots per (row, kv head) */               \
+        const int64_t stride = io->stride > 0 ? io->stride : so, first = io->stride > 0 ? io->start + si + 1 - so : 0; \
         _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                          \
             for (int64_t g = 0; g < KV; g++) {                                                                         \
                 const size_t bytes = (size_t)hd * sizeof(T);                                                           \
-                for (int64_t j = 0; j < so; j++) {                                                                     \
+                const int64_t base = (b * KV + g) * stride;                                                            \
+                for (int64_t j = io->stride > 0 ? so - 1 : 0; j < so; j++) { /* in place: only the new entry */        \
                     const int64_t e = si + 1 - so + j; /* index into [old cache, new entry] */                         \
-                    const int64_t at = ((b * KV + g) * so + j) * hd, from = ((b * KV + g) * si + e) * hd;              \
+                    const int64_t at = (base + first + j) * hd, from = ((b * KV + g) * si + e) * hd;                   \
                     memcpy(k_out + at, e < si ? k_in + from : proj + b * nin + (H + g) * hd, bytes);                   \
                     memcpy(v_out + at, e < si ? v_in + from : proj + b * nin + (H + KV + g) * hd, bytes);              \
                 }                                                                                                      \
@@ -400,8 +408,8 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
             for (int64_t h = 0; h < H; h++) {                                                                          \
                 const int64_t g = h / per, real = io->seen_in[b] + 1;                                                  \
                 const int64_t j0 = so - real > 0 ? so - real : 0;                                                      \
-                const T *q = proj + b * nin + h * hd, *kb = k_out + (b * KV + g) * so * hd;                            \
-                const T *vb = v_out + (b * KV + g) * so * hd;                                                          \
+                const T *q = proj + b * nin + h * hd, *kb = k_out + ((b * KV + g) * stride + first) * hd;              \
+                const T *vb = v_out + ((b * KV + g) * stride + first) * hd;                                            \
                 T acc[ST_MAX_HEAD_DIM], m = 0, l = 0;                                                                  \
                 for (int64_t i = 0; i < hd; i++) acc[i] = 0;                                                           \
                 for (int64_t j = j0; j < so; j++) {                                                                    \
@@ -736,9 +744,10 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
      * stop sequences) and returns the number of steps run (-1: out of memory, -3: an id of ids0 outside the           \
      * vocabulary). io3 holds three st_io sets of n_layers: step 0 reads the caller's state and writes X (set 0),      \
      * odd steps read X and write Y (set 1), even steps from 2 read Y and write X (set 2); hidden_out and logits       \
-     * are the last step's. An attention layer's X and Y caches are buffers for its largest cache: step k writes       \
-     * its (batch, kv_heads, slots, headdim) cache packed at their start, slots from st_attn_slots (set 0 gives        \
-     * step 0's sizes; the caller works out the last step's as min(max(seen) + steps, window, slots + steps)). */      \
+     * are the last step's. An attention layer's k and v are one pair of buffers for the whole call (st_attn_io        \
+     * with stride > 0, the same in the three sets; set 0's slots_in and start say where the caller's cache was        \
+     * copied): each step appends its entry in place and its cache is the last st_attn_slots entries, so a step        \
+     * reads the cache without copying it (the caller cuts the last step's cache out of the buffers). */               \
     SL_EXPORT int64_t sl_lm_greedy_##SUF(const st_layer *layers, const st_io *io3, int64_t n_layers, int64_t batch,    \
                                          const st_lm *lm, const int64_t *ids0, int64_t n_steps, const int64_t *watch,  \
                                          int64_t n_watch, int64_t *next_tokens, T *hidden_out, T *logits,              \
@@ -763,13 +772,15 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
                 const int64_t *ids = k == 0 ? ids0 : next_tokens + (k - 1) * batch;                                    \
                 _Pragma("omp single") {                                                                                \
                     for (int64_t l = 0; l < n_layers; l++) {                                                           \
-                        const int64_t slots = k == 0 || layers[l].kind != 4 ? 0 : ((st_attn_io *)&io[l])->slots_out;   \
+                        st_attn_io *a = (st_attn_io *)&io[l];                                                          \
+                        const int64_t slots = k == 0 ? 0 : a->slots_out;                                               \
+                        const int64_t start = k == 0 ? 0 : a->start + a->slots_in + 1 - slots;                         \
                         io[l] = set[l];                                                                                \
-                        if (layers[l].kind == 4 && k > 0) {                                                            \
-                            st_attn_io *a = (st_attn_io *)&io[l];                                                      \
+                        if (layers[l].kind == 4 && k > 0) { /* the cache the last step left in the buffers */          \
                             a->slots_in = slots;                                                                       \
-                            a->slots_out = st_attn_slots(&layers[l], a, batch);                                        \
+                            a->start = start;                                                                          \
                         }                                                                                              \
+                        if (layers[l].kind == 4) a->slots_out = st_attn_slots(&layers[l], a, batch);                   \
                     }                                                                                                  \
                 }                                                                                                      \
                 st_lm_body_##SUF(layers, io, n_layers, batch, lm, ids, hidden_out, logits, work, x0, x1, w);           \

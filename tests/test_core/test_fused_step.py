@@ -701,6 +701,31 @@ def test_hybrid_generate_with_ragged_prompts_equals_the_eager_loop(sampling, mon
                 assert_rel(la[name], lb[name], 2e-5, f"final state {name}")
 
 
+def test_windowed_attention_greedy_runs_a_few_windows_per_call(monkeypatch):
+    """A sliding-window layer's greedy buffers hold window + steps slots, so a call runs at most
+    max(4 windows, 64) steps; generate calls again for the rest. 80 tokens: calls of 64 and 16 steps, the eager
+    loop's tokens and final state (the cache cut to the window)."""
+    import seqlab.generate as generate_module
+
+    model = _model("attention-gqa-window-mlp")
+    greedy = generate_module.fused_lm_greedy
+    runs: list = []
+    monkeypatch.setattr(generate_module, "fused_lm_greedy", lambda *a, **k: runs.append(greedy(*a, **k)) or runs[-1])
+    fused = model.generate([[1, 2, 3], [4, 5, 6, 7, 8, 9]], 80)
+    assert [run[0] for run in runs if run is not None] == [64, 15]  # the first token comes from the prefill
+    model.fused_step = False
+    try:
+        eager = model.generate([[1, 2, 3], [4, 5, 6, 7, 8, 9]], 80)
+    finally:
+        model.fused_step = True
+    assert fused.tokens == eager.tokens
+    for a, b in zip(fused.states, eager.states):
+        for la, lb in zip(a.layers, b.layers):
+            for name in lb:
+                assert la[name].shape == lb[name].shape
+                assert_rel(la[name], lb[name], 2e-5, f"final state {name}")
+
+
 @torch.no_grad()
 def test_fused_greedy_equals_step_by_step_argmax():
     """fused_lm_greedy against model.step + argmax one token at a time: the same tokens, the same final state to
