@@ -92,7 +92,9 @@ def seqlab_decode_rates(model, prompts: dict, states: dict, new_tokens: int, rep
 @torch.no_grad()
 def fused_vs_eager_rates(model, prompts: dict, states: dict, new_tokens: int, repeats: int, batches) -> dict:
     """{(context, batch): (fused tok/s, eager tok/s)}: greedy ``generate`` from the same prefilled state with the
-    fused step on and off, taking turns within every repeat (medians), so machine noise hits both alike."""
+    fused step on and off, taking turns within every repeat (medians), so machine noise hits both alike. Each
+    timed call follows an untimed 2-token call of the same kind: the first call after a large one (a batch of 16
+    at a long context frees hundreds of MB) ran up to 2x slower on a hybrid, whichever path it took."""
     from seqlab.state import RecurrentState
 
     times: dict = {}
@@ -103,6 +105,7 @@ def fused_vs_eager_rates(model, prompts: dict, states: dict, new_tokens: int, re
                 last = p[:, -1:].expand(batch, 1).contiguous()
                 for fused in (True, False):
                     model.fused_step = fused
+                    model.generate(last, 2, temperature=0, state=state)
                     start = time.perf_counter()
                     out = model.generate(last, new_tokens, temperature=0, state=state)
                     times.setdefault((c, batch, fused), []).append(time.perf_counter() - start)

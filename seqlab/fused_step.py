@@ -980,7 +980,9 @@ def fused_lm_greedy(model, input_ids, state, max_steps: int, watch=()):
     after each step, the new state, the last logits, the last hidden), or None where :func:`fused_lm_step` would
     not apply. The state passed in is never written; the new state is new memory. ``generate`` uses it for plain
     greedy decoding (no callback, penalty, suppressed tokens or DRµGS): one call per stop token instead of one
-    Python step per token."""
+    Python step per token. An attention layer's KV cache is appended to in place in buffers made for the call (a
+    sliding-window layer: the call runs at most max(4 windows, 64) steps, and may return before ``max_steps``
+    without a watched token; the caller calls again)."""
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     ready = _lm_ready(model, input_ids, state)
