@@ -93,8 +93,8 @@ def seqlab_decode_rates(model, prompts: dict, states: dict, new_tokens: int, rep
 def fused_vs_eager_rates(model, prompts: dict, states: dict, new_tokens: int, repeats: int, batches) -> dict:
     """{(context, batch): (fused tok/s, eager tok/s)}: greedy ``generate`` from the same prefilled state with the
     fused step on and off, taking turns within every repeat (medians), so machine noise hits both alike. Each
-    timed call follows an untimed 2-token call of the same kind: the first call after a large one (a batch of 16
-    at a long context frees hundreds of MB) ran up to 2x slower on a hybrid, whichever path it took."""
+    timed call follows an untimed 2-token call of the same kind, so one-off costs of a first call stay out of the
+    timing (docs/benchmarks.md, fourth sitting, has a slow cell this did not remove)."""
     from seqlab.state import RecurrentState
 
     times: dict = {}
