@@ -180,8 +180,8 @@ static int st_widths(const st_layer *layers, int64_t n_layers, int64_t w[ST_WIDT
         w[1] = L->conv_ch > w[1] ? L->conv_ch : w[1];
         w[2] = xd > w[2] ? xd : w[2];
         w[3] = L->d_inner > w[3] ? L->d_inner : w[3];
-        const st_proj *qs[6] = {&L->in_q, &L->x_q, &L->dt_q, &L->out_q, &L->gu_q, &L->down_q};
-        for (int q = 0; q < 6; q++)
+        const st_proj *qs[8] = {&L->in_q, &L->x_q, &L->dt_q, &L->out_q, &L->gu_q, &L->down_q, &L->k_q, &L->v_q};
+        for (int q = 0; q < 8; q++)
             if (qs[q]->kind == 1 && qs[q]->rank > w[8]) w[8] = qs[q]->rank;
         if (L->n_experts > 0) {
             const int64_t E = L->n_experts, K = L->top_k, per_row = dm + E + K + K * (2 * dm + 2 * L->d_ffn);

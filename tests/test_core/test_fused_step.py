@@ -340,6 +340,29 @@ def test_low_rank_and_aqlm_projections_fuse_and_equal_eager(ssm, dtype):
 
 
 @torch.no_grad()
+def test_low_rank_key_and_value_projections_size_the_workspace():
+    """The low-rank projections' inner rows share one workspace sized by the model's largest rank: an attention
+    layer's k_proj and v_proj count too (they were once left out, and a LASER'd hybrid wrote past the workspace:
+    the ladder's run aborted in free())."""
+    from seqlab.posttrain.laser import LowRankLinear
+
+    model = _model("attention-gqa-window-mlp")
+    for block in model.backbone.layers:  # the only low-rank layers, rank 8 (k and v: 8 x 16)
+        block.mixer.k_proj = LowRankLinear.from_linear(block.mixer.k_proj, 8, allow_larger=True)
+        block.mixer.v_proj = LowRankLinear.from_linear(block.mixer.v_proj, 8, allow_larger=True)
+    assert fused_layers(model) == [None, None]
+    gen = torch.Generator().manual_seed(2)
+    state = model(torch.randint(0, 32, (16, 5), generator=gen)).state
+    for k in range(3):
+        tokens = torch.randint(0, 32, (16,), generator=gen)
+        fused, eager = _step(model, tokens, state, True), _step(model, tokens, state, False)
+        _assert_same(fused, eager, TOL[torch.float32], f"low-rank k/v step {k}")
+        state = fused.state
+    out = model.generate([[1, 2, 3]] * 16, 20)  # the greedy loop's workspace too
+    assert all(len(t) == 20 for t in out.tokens)
+
+
+@torch.no_grad()
 def test_compressed_projections_the_step_does_not_take_and_edited_codes():
     model = _compressed("mamba2")
     state = model(torch.tensor([[1, 2, 3]])).state
