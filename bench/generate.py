@@ -60,6 +60,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="make these layers causal attention (4 heads of 64, rotary): a hybrid, its KV cache growing with the "
         "context; seqlab only",
     )
+    p.add_argument(
+        "--attn-kv-heads",
+        type=int,
+        choices=[1, 2, 4],
+        default=4,
+        help="key/value heads of those layers (default 4: one per query head; fewer is grouped-query attention)",
+    )
     args = p.parse_args(argv)
     unknown = sorted(set(args.models or ()) - set(MODELS))
     if unknown:
@@ -147,8 +154,11 @@ def main(argv=None) -> None:
                 kind = f"{kind} + {args.ffn.upper()}"
             if args.attention:
                 overrides = {i: {"mixer": "attention"} for i in args.attention}
-                config = dataclasses.replace(config, layer_overrides=overrides, attn_heads=4)
-                kind = f"{kind}, attention in {', '.join(map(str, args.attention))}"
+                config = dataclasses.replace(
+                    config, layer_overrides=overrides, attn_heads=4, attn_kv_heads=args.attn_kv_heads
+                )
+                kv = "" if args.attn_kv_heads == 4 else f" ({args.attn_kv_heads} kv heads)"
+                kind = f"{kind}, attention in {', '.join(map(str, args.attention))}{kv}"
             model, hf = LanguageModel(config, vocab_size=VOCAB).eval(), None
         else:
             model, hf = build_pair(kind, with_hf=not args.skip_hf)

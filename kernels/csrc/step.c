@@ -119,6 +119,8 @@ static int64_t st_attn_slots(const st_layer *L, const st_attn_io *a, int64_t bat
 
 /* The widest attention head the fused step takes (a stack accumulator; seqlab/fused_step.py runs wider eagerly). */
 #define ST_MAX_HEAD_DIM 256
+/* Query heads of one key/value head whose attention runs in one pass over the cache (a stack accumulator each). */
+#define ST_ATTN_HEADS 8
 
 /* The LanguageModel around the blocks, for sl_lm_step (seqlab/fused_step.py's _LM: every field 8 bytes). */
 typedef struct {
@@ -404,31 +406,48 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
             }                                                                                                          \
         }                                                                                                              \
         const T scale = (T)(1.0 / sqrt((double)hd));                                                                   \
-        _Pragma("omp for schedule(static) collapse(2)") for (int64_t b = 0; b < batch; b++) {                          \
-            for (int64_t h = 0; h < H; h++) {                                                                          \
-                const int64_t g = h / per, real = io->seen_in[b] + 1;                                                  \
-                const int64_t j0 = so - real > 0 ? so - real : 0;                                                      \
-                const T *q = proj + b * nin + h * hd, *kb = k_out + ((b * KV + g) * stride + first) * hd;              \
-                const T *vb = v_out + ((b * KV + g) * stride + first) * hd;                                            \
-                T acc[ST_MAX_HEAD_DIM], m = 0, l = 0;                                                                  \
-                for (int64_t i = 0; i < hd; i++) acc[i] = 0;                                                           \
-                for (int64_t j = j0; j < so; j++) {                                                                    \
-                    const T *kj = kb + j * hd, *vj = vb + j * hd;                                                      \
-                    T s = 0;                                                                                           \
-                    _Pragma("omp simd reduction(+ : s)") for (int64_t i = 0; i < hd; i++) s += q[i] * kj[i];           \
-                    s *= scale;                                                                                        \
-                    if (j == j0 || s > m) { /* a new maximum: rescale what was summed so far */                        \
-                        const T c = j == j0 ? (T)0 : EXP(m - s);                                                       \
-                        l *= c;                                                                                        \
-                        _Pragma("omp simd") for (int64_t i = 0; i < hd; i++) acc[i] *= c;                              \
-                        m = s;                                                                                         \
+        /* per (row, kv head, chunk of up to ST_ATTN_HEADS of the query heads sharing it): the cache's keys and        \
+         * values read once for the whole chunk (grouped-query attention reads each per / chunk times, not per         \
+         * times); chunks are halved while there are fewer of them than threads. Each head's sums run in the same      \
+         * order whatever the chunk, so a head's result does not depend on it. */                                      \
+        int64_t hc = per < ST_ATTN_HEADS ? per : ST_ATTN_HEADS;                                                        \
+        while (hc > 1 && batch * KV * ((per + hc - 1) / hc) < omp_get_num_threads()) hc = (hc + 1) / 2;                \
+        const int64_t chunks = (per + hc - 1) / hc;                                                                    \
+        _Pragma("omp for schedule(static) collapse(3)") for (int64_t b = 0; b < batch; b++) {                          \
+            for (int64_t g = 0; g < KV; g++) {                                                                         \
+                for (int64_t c = 0; c < chunks; c++) {                                                                 \
+                    const int64_t h0 = g * per + c * hc, nh = c * hc + hc <= per ? hc : per - c * hc;                  \
+                    const int64_t real = io->seen_in[b] + 1, j0 = so - real > 0 ? so - real : 0;                       \
+                    const T *kb = k_out + ((b * KV + g) * stride + first) * hd;                                        \
+                    const T *vb = v_out + ((b * KV + g) * stride + first) * hd;                                        \
+                    T acc[ST_ATTN_HEADS][ST_MAX_HEAD_DIM], m[ST_ATTN_HEADS], l[ST_ATTN_HEADS];                         \
+                    for (int64_t r = 0; r < nh; r++) {                                                                 \
+                        m[r] = l[r] = 0;                                                                               \
+                        for (int64_t i = 0; i < hd; i++) acc[r][i] = 0;                                                \
                     }                                                                                                  \
-                    const T p = EXP(s - m);                                                                            \
-                    l += p;                                                                                            \
-                    _Pragma("omp simd") for (int64_t i = 0; i < hd; i++) acc[i] += p * vj[i];                          \
+                    for (int64_t j = j0; j < so; j++) {                                                                \
+                        const T *kj = kb + j * hd, *vj = vb + j * hd;                                                  \
+                        for (int64_t r = 0; r < nh; r++) {                                                             \
+                            const T *q = proj + b * nin + (h0 + r) * hd;                                               \
+                            T *a = acc[r], s = 0;                                                                      \
+                            _Pragma("omp simd reduction(+ : s)") for (int64_t i = 0; i < hd; i++) s += q[i] * kj[i];   \
+                            s *= scale;                                                                                \
+                            if (j == j0 || s > m[r]) { /* a new maximum: rescale what was summed so far */             \
+                                const T cr = j == j0 ? (T)0 : EXP(m[r] - s);                                           \
+                                l[r] *= cr;                                                                            \
+                                _Pragma("omp simd") for (int64_t i = 0; i < hd; i++) a[i] *= cr;                       \
+                                m[r] = s;                                                                              \
+                            }                                                                                          \
+                            const T p = EXP(s - m[r]);                                                                 \
+                            l[r] += p;                                                                                 \
+                            _Pragma("omp simd") for (int64_t i = 0; i < hd; i++) a[i] += p * vj[i];                    \
+                        }                                                                                              \
+                    }                                                                                                  \
+                    for (int64_t r = 0; r < nh; r++) {                                                                 \
+                        T *y = ybuf + b * H * hd + (h0 + r) * hd;                                                      \
+                        for (int64_t i = 0; i < hd; i++) y[i] = acc[r][i] / l[r];                                      \
+                    }                                                                                                  \
                 }                                                                                                      \
-                T *y = ybuf + b * H * hd + h * hd;                                                                     \
-                for (int64_t i = 0; i < hd; i++) y[i] = acc[i] / l;                                                    \
             }                                                                                                          \
         }                                                                                                              \
     }                                                                                                                  \
