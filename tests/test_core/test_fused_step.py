@@ -89,6 +89,25 @@ def _step(model, tokens, state, fused: bool):
         model.fused_step = True
 
 
+def _generate_eagerly(model, *args, **kwargs):
+    model.fused_step = False
+    try:
+        return model.generate(*args, **kwargs)
+    finally:
+        model.fused_step = True
+
+
+def _assert_same_generations(fused, eager) -> None:
+    """Two ``generate`` outputs: the same tokens and stop reasons, final states equal to rounding (shapes too)."""
+    assert fused.tokens == eager.tokens and fused.stop_reasons == eager.stop_reasons
+    for a, b in zip(fused.states, eager.states):
+        assert a.position == b.position
+        for la, lb in zip(a.layers, b.layers):
+            for name in lb:
+                assert la[name].shape == lb[name].shape
+                assert_rel(la[name], lb[name], 2e-5, f"final state {name}")
+
+
 def _assert_same(got, want, tol: float, what: str) -> None:
     assert_rel(got.logits, want.logits, tol, f"{what} logits")
     assert got.logits.dtype == want.logits.dtype
@@ -667,17 +686,7 @@ def test_generate_on_the_compiled_step_equals_the_eager_loop(ssm, loop, monkeypa
         assert sum(x is True for x in seen) > 20  # the loop wrote into its old states (else: plain paths)
     else:
         assert max(x for x in seen if x) > 5  # compiled calls ran several steps each
-    model.fused_step = False
-    try:
-        eager = model.generate(prompts, 24, state=start, stop=stop)
-    finally:
-        model.fused_step = True
-    assert fused.tokens == eager.tokens and fused.stop_reasons == eager.stop_reasons
-    for a, b in zip(fused.states, eager.states):
-        assert a.position == b.position
-        for la, lb in zip(a.layers, b.layers):
-            for name in lb:
-                assert_rel(la[name], lb[name], 2e-5, f"final state {name}")
+    _assert_same_generations(fused, _generate_eagerly(model, prompts, 24, state=start, stop=stop))
     for a, b in zip(start.layers, kept.layers):
         assert all(torch.equal(a[n], b[n]) for n in b)
     pointers = [t.data_ptr() for s in fused.states for layer in s.layers for t in layer.values()]
@@ -686,10 +695,10 @@ def test_generate_on_the_compiled_step_equals_the_eager_loop(ssm, loop, monkeypa
 
 @pytest.mark.parametrize("sampling", ["greedy", "sampled"])
 def test_hybrid_generate_with_ragged_prompts_equals_the_eager_loop(sampling, monkeypatch):
-    """A hybrid decodes on the compiled step: plain greedy many steps per call (fused_lm_greedy: each step's KV
-    cache, one slot longer than the last, packed at the start of buffers sized for the last step), sampling one
-    whole-model call per token. Prompts of three lengths (rows left-padded in the cache, each with its own
-    position), one row stopping early, give the eager loop's tokens and final states."""
+    """A hybrid decodes on the compiled step: plain greedy many steps per call (fused_lm_greedy: each step appends
+    its key and value in place to buffers made for the call), sampling one whole-model call per token. Prompts of
+    three lengths (rows left-padded in the cache, each with its own position), one row stopping early, give the
+    eager loop's tokens and final states."""
     import seqlab.generate as generate_module
     import seqlab.models as models_module
 
@@ -710,18 +719,7 @@ def test_hybrid_generate_with_ragged_prompts_equals_the_eager_loop(sampling, mon
         assert max(run[0] for run in calls if isinstance(run, tuple) and len(run) == 5) >= 5
     else:  # one whole-model call per token after the first
         assert sum(run is not None for run in calls) >= 12
-    model.fused_step = False
-    try:
-        eager = model.generate(prompts, 14, **options)
-    finally:
-        model.fused_step = True
-    assert fused.tokens == eager.tokens and fused.stop_reasons == eager.stop_reasons
-    for a, b in zip(fused.states, eager.states):
-        assert a.position == b.position
-        for la, lb in zip(a.layers, b.layers):
-            for name in lb:
-                assert la[name].shape == lb[name].shape
-                assert_rel(la[name], lb[name], 2e-5, f"final state {name}")
+    _assert_same_generations(fused, _generate_eagerly(model, prompts, 14, **options))
 
 
 def test_windowed_attention_greedy_runs_a_few_windows_per_call(monkeypatch):
@@ -736,17 +734,7 @@ def test_windowed_attention_greedy_runs_a_few_windows_per_call(monkeypatch):
     monkeypatch.setattr(generate_module, "fused_lm_greedy", lambda *a, **k: runs.append(greedy(*a, **k)) or runs[-1])
     fused = model.generate([[1, 2, 3], [4, 5, 6, 7, 8, 9]], 80)
     assert [run[0] for run in runs if run is not None] == [64, 15]  # the first token comes from the prefill
-    model.fused_step = False
-    try:
-        eager = model.generate([[1, 2, 3], [4, 5, 6, 7, 8, 9]], 80)
-    finally:
-        model.fused_step = True
-    assert fused.tokens == eager.tokens
-    for a, b in zip(fused.states, eager.states):
-        for la, lb in zip(a.layers, b.layers):
-            for name in lb:
-                assert la[name].shape == lb[name].shape
-                assert_rel(la[name], lb[name], 2e-5, f"final state {name}")
+    _assert_same_generations(fused, _generate_eagerly(model, [[1, 2, 3], [4, 5, 6, 7, 8, 9]], 80))
 
 
 @torch.no_grad()
