@@ -52,7 +52,7 @@ from itertools import chain
 import torch
 from torch import nn
 
-__all__ = ["fused_layers", "fused_lm_greedy", "fused_lm_step", "fused_step"]
+__all__ = ["KVRoom", "fused_layers", "fused_lm_greedy", "fused_lm_step", "fused_step"]
 
 _KINDS = {"mamba1": 1, "mamba2": 2, "mamba3": 3, "attention": 4}
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # backbone -> _Plan (not on the module: pickling)
@@ -788,6 +788,47 @@ def _attention_buffers(layer: dict, dtype: torch.dtype, steps: int) -> tuple[lis
     return _greedy_pointers({"seen": seen}, dst, slots), dst, [seen]
 
 
+class KVRoom:
+    """Room to grow for the attention caches of one step-by-step decoding loop (``generate``'s): a step that
+    continues the state the loop's previous step returned appends its key and value in place, in buffers with
+    spare slots, and returns views of them as the new cache, instead of copying the whole cache every step.
+
+    Only for a loop that owns its states: the new state's k and v share memory with the state passed in (the
+    entries both hold; the step writes only after the old cache's end). A state that is not the last one this
+    room handed out for that layer (the first step, rows dropped, a step that was not taken) is copied into new
+    buffers, so a state is never written through another one. The buffers grow by doubling (a sliding-window
+    layer's stay about twice its window), so each entry is copied O(1) times on average."""
+
+    def __init__(self) -> None:
+        self.layers: dict[int, list] = {}  # layer -> [k buffer, v buffer, slots filled, the k view handed out]
+        self.copies = 0  # caches copied into new buffers (the tests count them)
+
+    def io(self, i: int, layer: dict, window: int, dtype: torch.dtype) -> tuple[list[int], dict, list] | None:
+        """Layer ``i``'s ``st_attn_io`` appending in place (stride > 0), the new layer state, the inputs to keep."""
+        k, v, seen = layer["k"], layer["v"], layer["seen"]
+        if seen.dtype != torch.int64 or not seen.numel():
+            return None
+        b, heads, slots, dim = k.shape
+        keep = min(int(seen.max()) + 1, slots + 1, window or slots + 1)
+        entry = self.layers.get(i)
+        if entry is None or entry[3] is not k or entry[2] >= entry[0].shape[2] or entry[0].dtype != dtype:
+            room = slots + max(window or slots, 64)
+            entry = [k.new_empty((b, heads, room, dim), dtype=dtype), v.new_empty((b, heads, room, dim), dtype=dtype)]
+            entry[0][:, :, :slots], entry[1][:, :, :slots] = k, v
+            entry += [slots, None]
+            self.layers[i] = entry
+            self.copies += 1
+        kb, vb, end = entry[0], entry[1], entry[2]
+        start = end - slots  # the old cache's first slot; this token's entry goes to `end`
+        entry[2] = end + 1
+        dst = {"k": kb[:, :, end + 1 - keep : end + 1], "v": vb[:, :, end + 1 - keep : end + 1]}
+        dst["seen"] = torch.empty_like(seen)
+        entry[3] = dst["k"]
+        seen = seen.contiguous()
+        pointers = [0, kb.data_ptr(), 0, vb.data_ptr(), seen.data_ptr(), dst["seen"].data_ptr()]
+        return pointers + [slots, keep, kb.shape[2], start], dst, [seen]
+
+
 def _greedy_pointers(src: dict, dst: dict, slots: int = 0) -> list[int]:
     """One layer's ``st_io`` in the greedy loop: an attention layer's in-place buffers (those of ``dst``, its cache
     at slots [0, ``slots``)) and seen from ``src`` to ``dst``; any other layer's ``_io_pointers``."""
@@ -797,7 +838,9 @@ def _greedy_pointers(src: dict, dst: dict, slots: int = 0) -> list[int]:
     return [0, k.data_ptr(), 0, v.data_ptr(), src["seen"].data_ptr(), dst["seen"].data_ptr(), slots, 0, k.shape[2], 0]
 
 
-def _state_io(state, idx: list[int], dtype: torch.dtype, new_layers: list, reuse=None, windows=None, steps=0):
+def _state_io(
+    state, idx: list[int], dtype: torch.dtype, new_layers: list, reuse=None, windows=None, steps=0, room=None
+):
     """The step.c ``st_io`` pointers of layers ``idx`` (``_io_pointers``; ``_attention_io`` for an attention layer,
     whose window ``windows[i]`` gives) and the input tensors that must live until the call returns; the new state
     tensors go into ``new_layers``. None when a layer cannot run fused (a float64 conv state feeds its float64
@@ -814,6 +857,8 @@ def _state_io(state, idx: list[int], dtype: torch.dtype, new_layers: list, reuse
         if "seen" in layer:
             if steps:  # the greedy loop: the cache appended to in place
                 attention = _attention_buffers(layer, dtype, steps)
+            elif room is not None:  # a step-by-step loop's: appended to in place where it can be
+                attention = room.io(i, layer, windows[i], dtype)
             else:
                 attention = _attention_io(layer, windows[i], dtype, spare)
             if attention is None:
@@ -939,12 +984,13 @@ def _lm_outputs(lm: _LMPlan, batch: int, dtype: torch.dtype) -> tuple[torch.Tens
     return torch.empty_like(like[0]), torch.empty_like(like[1])
 
 
-def fused_lm_step(model, input_ids, state, reuse=None):
+def fused_lm_step(model, input_ids, state, reuse=None, room: KVRoom | None = None):
     """``LanguageModel.step`` in one compiled call (embedding, blocks, final norm, head): (logits, new state,
     final hidden), or None where it does not apply (the caller runs ``step`` as usual, with the same results).
     Applies to int64 ids (b,) on the CPU continuing a state this model's fused step returned (the first step after
     a prefill goes the usual way; its result is then trusted), every block fused, no autograd. ``reuse``: a state
-    whose tensors the caller guarantees nobody reads again, written over for the new state (see ``_state_io``)."""
+    whose tensors the caller guarantees nobody reads again, written over for the new state (see ``_state_io``).
+    ``room``: the caller's :class:`KVRoom`, for a loop that owns its states (attention caches appended in place)."""
     ready = _lm_ready(model, input_ids, state)
     if ready is None:
         return None
@@ -953,7 +999,7 @@ def fused_lm_step(model, input_ids, state, reuse=None):
 
     dtype, n, batch = plan.dtype, len(plan.blocks), ids.shape[0]
     new_layers: list = [None] * n
-    io = _state_io(state, list(range(n)), dtype, new_layers, reuse, plan.windows)
+    io = _state_io(state, list(range(n)), dtype, new_layers, reuse, plan.windows, room=room)
     if io is None:
         return None
     pointers, alive = io

@@ -22,7 +22,7 @@ from types import FrameType
 import torch
 
 from seqlab.errors import InputError, StateError, StateMismatchError
-from seqlab.fused_step import fused_lm_greedy, fused_lm_step
+from seqlab.fused_step import KVRoom, fused_lm_greedy, fused_lm_step
 from seqlab.models import LanguageModel, ModelOutput
 from seqlab.state import RecurrentState, state_layout
 
@@ -408,7 +408,7 @@ def _decode_loop(
     Plain greedy decoding of a LanguageModel on the compiled step (no penalty, suppressed tokens, callback or
     DRµGS) runs many steps per call (``seqlab.fused_step.fused_lm_greedy``): the call returns after a step that
     fed the last token of a stop sequence, so stops are checked exactly where this loop checks them."""
-    spare, stepped = None, False
+    spare, stepped, room = None, False, KVRoom()
     many = (
         greedy and seen is None and banned is None and callback is None and handle is None
         and isinstance(model, LanguageModel) and bool(model.fused_step)
@@ -445,7 +445,7 @@ def _decode_loop(
             out = ModelOutput(new_logits, new_state, new_hidden)
             remaining -= steps
         else:
-            out = _decode_step(model, chosen, batch, spare)  # every generated token enters its row's state
+            out = _decode_step(model, chosen, batch, spare, room)  # every generated token enters its row's state
             chosen_ids = chosen.tolist()  # one conversion, not one int(chosen[j]) per row
             remaining -= 1
         keep = []
@@ -486,11 +486,13 @@ def _decode_loop(
     return batch, logits
 
 
-def _decode_step(model, ids: torch.Tensor, state: RecurrentState, spare: RecurrentState | None):
+def _decode_step(model, ids: torch.Tensor, state: RecurrentState, spare: RecurrentState | None, room: KVRoom):
     """``model.step(ids, state)``; for a LanguageModel on the fused step, the new state goes into ``spare``'s
-    memory (a state of this loop nobody reads again) instead of new memory (seqlab.fused_step._state_io)."""
-    if spare is not None and isinstance(model, LanguageModel) and model.fused_step:
-        done = fused_lm_step(model, ids, state, reuse=spare)
+    memory (a state of this loop nobody reads again) instead of new memory (seqlab.fused_step._state_io), and
+    attention caches are appended to in place in ``room``'s buffers (this loop's states are its own: every state
+    it hands out is a copy)."""
+    if isinstance(model, LanguageModel) and model.fused_step:
+        done = fused_lm_step(model, ids, state, reuse=spare, room=room)
         if done is not None:
             return ModelOutput(*done)
     return model.step(ids, state)

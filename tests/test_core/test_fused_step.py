@@ -722,6 +722,28 @@ def test_hybrid_generate_with_ragged_prompts_equals_the_eager_loop(sampling, mon
     _assert_same_generations(fused, _generate_eagerly(model, prompts, 14, **options))
 
 
+@pytest.mark.parametrize("variant", ["hybrid", "attention-gqa-window-mlp"])
+def test_sampling_appends_the_kv_cache_in_place(variant, monkeypatch):
+    """generate's step-by-step loop (sampling) appends each step's key and value in place in a KVRoom's buffers
+    (a state continuing the one the room handed out), so 150 tokens copy each cache into new buffers a few times
+    (when they fill: they grow by doubling, a 4-slot window's hold 68 slots), not 150 times; tokens and final
+    states equal the eager loop's, and the states it returns hold their own memory."""
+    import seqlab.generate as generate_module
+    from seqlab.fused_step import KVRoom
+
+    model = _hybrid() if variant == "hybrid" else _model(variant)
+    rooms: list = []
+    monkeypatch.setattr(generate_module, "KVRoom", lambda: rooms.append(KVRoom()) or rooms[-1])
+    prompts, options = [[1, 2, 3, 4, 5, 6, 7], [8, 9]], dict(do_sample=True, temperature=1.0, seed=3)
+    fused = model.generate(prompts, 150, **options)
+    attention = sum("seen" in layer for layer in fused.states[0].layers)
+    assert 2 * attention <= rooms[0].copies <= 4 * attention, rooms[0].copies
+    _assert_same_generations(fused, _generate_eagerly(model, prompts, 150, **options))
+    held = [t.untyped_storage().data_ptr() for st in fused.states for layer in st.layers for t in layer.values()]
+    buffers = {t.untyped_storage().data_ptr() for entry in rooms[0].layers.values() for t in entry[:2]}
+    assert len(set(held)) == len(held) and not buffers & set(held)
+
+
 def test_windowed_attention_greedy_runs_a_few_windows_per_call(monkeypatch):
     """A sliding-window layer's greedy buffers hold window + steps slots, so a call runs at most
     max(4 windows, 64) steps; generate calls again for the rest. 80 tokens: calls of 64 and 16 steps, the eager
