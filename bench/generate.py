@@ -126,6 +126,39 @@ def fused_vs_eager_rates(model, prompts: dict, states: dict, new_tokens: int, re
 
 
 @torch.no_grad()
+def sampling_cache_rates(model, prompts: dict, states: dict, new_tokens: int, repeats: int, batches) -> dict:
+    """{(context, batch): (in place tok/s, copied tok/s)}: sampled ``generate`` (its step-by-step loop, one
+    compiled call per token) with the attention caches appended in place (``seqlab.fused_step.KVRoom``, the
+    default) and with the room turned off (every step copies each cache, as before it existed), taking turns."""
+    import seqlab.generate as generate_module
+    from seqlab.fused_step import KVRoom
+    from seqlab.state import RecurrentState
+
+    times: dict = {}
+    try:
+        for _ in range(repeats):
+            for c, p in prompts.items():
+                for batch in batches:
+                    state = states[c] if batch == 1 else RecurrentState.stack([states[c]] * batch)
+                    last = p[:, -1:].expand(batch, 1).contiguous()
+                    for in_place in (True, False):
+                        generate_module.KVRoom = KVRoom if in_place else (lambda: None)  # type: ignore[assignment]
+                        options = dict(do_sample=True, temperature=1.0, seed=0, state=state)
+                        model.generate(last, 2, **options)
+                        start = time.perf_counter()
+                        out = model.generate(last, new_tokens, **options)
+                        times.setdefault((c, batch, in_place), []).append(time.perf_counter() - start)
+                        assert len(out.tokens[0]) == new_tokens
+    finally:
+        generate_module.KVRoom = KVRoom  # type: ignore[assignment]
+    return {
+        (c, b): tuple(b * new_tokens / statistics.median(times[(c, b, f)]) for f in (True, False))
+        for c in prompts
+        for b in batches
+    }
+
+
+@torch.no_grad()
 def hf_decode_rate(hf, prompt: torch.Tensor, new_tokens: int) -> float:
     """HF's own cached decode: prefill with ``use_cache=True``, then time one forward per greedy token."""
     out = hf(prompt, use_cache=True)
@@ -143,7 +176,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     print(machine_line())
     print(f"greedy decode of {args.new_tokens} tokens after a prompt of C tokens; HF up to C={args.hf_max_context}")
-    rows, fused_rows = [], []
+    rows, fused_rows, sampling_rows = [], [], []
     for kind in args.models or MODELS:
         if args.ffn or args.attention:
             torch.manual_seed(0)
@@ -197,6 +230,12 @@ def main(argv=None) -> None:
                     f"| {kind} | {context} | {batch} | {fused:,.0f} | {eager:,.0f} | {fused / eager:.1f}x | {scale} |"
                 )
                 print(f"  {kind} C={context} batch {batch}: fused {fused:,.0f} tok/s, eager {eager:,.0f}", flush=True)
+        if args.attention:
+            pairs = sampling_cache_rates(model, prompts, states, args.new_tokens, args.repeats, args.batches)
+            for (context, batch), (in_place, copied) in pairs.items():
+                sampling_rows.append(
+                    f"| {kind} | {context} | {batch} | {in_place:,.0f} | {copied:,.0f} | {in_place / copied:.2f}x |"
+                )
     print()
     print("| model | context | seqlab decode tok/s | HF decode tok/s | seqlab / HF |")
     print("|---|---|---|---|---|")
@@ -207,6 +246,13 @@ def main(argv=None) -> None:
         print("| model | context | batch | fused tok/s | eager tok/s | fused / eager | fused batch / batch 1 |")
         print("|---|---|---|---|---|---|---|")
         for row in fused_rows:
+            print(row)
+    if sampling_rows:
+        print()
+        print("sampling (T=1), the attention caches appended in place against copied every step:")
+        print("| model | context | batch | in place tok/s | copied tok/s | in place / copied |")
+        print("|---|---|---|---|---|---|")
+        for row in sampling_rows:
             print(row)
 
 

@@ -71,6 +71,7 @@ def test_generate_quick_on_a_hybrid_prints_fused_and_eager():
         "generate.py", "--quick", "--skip-hf", "--models", "Mamba-2", "--attention", "1", "--batches", "1", "2"
     )
     assert "| Mamba-2, attention in 1 | 512 | 2 |" in out and "| fused tok/s | eager tok/s |" in out
+    assert "| in place tok/s | copied tok/s | in place / copied |" in out
 
 
 def test_gpu_kernels_bench_runs_without_a_gpu():
