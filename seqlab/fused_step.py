@@ -796,8 +796,9 @@ class KVRoom:
     Only for a loop that owns its states: the new state's k and v share memory with the state passed in (the
     entries both hold; the step writes only after the old cache's end). A state that is not the last one this
     room handed out for that layer (the first step, rows dropped, a step that was not taken) is copied into new
-    buffers, so a state is never written through another one. The buffers grow by doubling (a sliding-window
-    layer's stay about twice its window), so each entry is copied O(1) times on average."""
+    buffers, so a state is never written through another one. A new buffer holds the cache and a quarter more
+    (at least 64 slots; a sliding-window layer's, its window and a quarter of it): memory up to 1.25x the cache's,
+    and a copy of the cache every quarter-cache steps, about four entries copied per new token."""
 
     def __init__(self) -> None:
         self.layers: dict[int, list] = {}  # layer -> [k buffer, v buffer, slots filled, the k view handed out]
@@ -812,7 +813,7 @@ class KVRoom:
         keep = min(int(seen.max()) + 1, slots + 1, window or slots + 1)
         entry = self.layers.get(i)
         if entry is None or entry[3] is not k or entry[2] >= entry[0].shape[2] or entry[0].dtype != dtype:
-            room = slots + max(window or slots, 64)
+            room = slots + max((window or slots) // 4, 64)
             entry = [k.new_empty((b, heads, room, dim), dtype=dtype), v.new_empty((b, heads, room, dim), dtype=dtype)]
             entry[0][:, :, :slots], entry[1][:, :, :slots] = k, v
             entry += [slots, None]

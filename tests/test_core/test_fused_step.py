@@ -726,7 +726,7 @@ def test_hybrid_generate_with_ragged_prompts_equals_the_eager_loop(sampling, mon
 def test_sampling_appends_the_kv_cache_in_place(variant, monkeypatch):
     """generate's step-by-step loop (sampling) appends each step's key and value in place in a KVRoom's buffers
     (a state continuing the one the room handed out), so 150 tokens copy each cache into new buffers a few times
-    (when they fill: they grow by doubling, a 4-slot window's hold 68 slots), not 150 times; tokens and final
+    (when they fill: 64 spare slots at these sizes), not 150 times; tokens and final
     states equal the eager loop's, and the states it returns hold their own memory."""
     import seqlab.generate as generate_module
     from seqlab.fused_step import KVRoom
