@@ -276,6 +276,9 @@ def _block_reason(block, dtype: torch.dtype):
         kind = "attention"
         if mixer.head_dim > _MAX_HEAD_DIM:
             return None, f"attention head_dim {mixer.head_dim} (the compiled step takes up to {_MAX_HEAD_DIM})"
+        why = _attention_shapes(block, mixer)
+        if why is not None:  # the eager step names the mismatch; the compiled one would read past the weights
+            return None, why
         linears.update(q_proj=mixer.q_proj, k_proj=mixer.k_proj, v_proj=mixer.v_proj, o_proj=mixer.o_proj)
     else:
         return None, f"mixer is {type(mixer).__name__}"
@@ -297,6 +300,22 @@ def _block_reason(block, dtype: torch.dtype):
         if p.dtype != dtype or p.device.type != "cpu":
             return None, f"parameter {name} is {p.dtype} on {p.device}, the input {dtype} on cpu"
     return kind, None
+
+
+def _attention_shapes(block, mixer) -> str | None:
+    """None when the attention mixer's projections have the shapes its heads give (and its rotary dims fit a head),
+    else what does not match."""
+    d, q, kv = block.norm.weight.shape[0], mixer.heads * mixer.head_dim, mixer.kv_heads * mixer.head_dim
+    for name, want in {"q_proj": (q, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, q)}.items():
+        layer = getattr(mixer, name)
+        weight = getattr(layer, "weight", None) if type(layer) is nn.Linear else None
+        got = tuple(weight.shape) if weight is not None else (layer.out_features, layer.in_features)
+        if got != want:
+            return f"{name} maps {got[1]} -> {got[0]} features, the layer's heads need {want[1]} -> {want[0]}"
+    rope = mixer.settings.rope_dim
+    if rope % 2 or rope > mixer.head_dim:
+        return f"attention rope_dim {rope} is odd or wider than head_dim {mixer.head_dim}"
+    return None
 
 
 def _proj_reason(layer) -> str | None:

@@ -382,6 +382,24 @@ def test_low_rank_key_and_value_projections_size_the_workspace():
 
 
 @torch.no_grad()
+def test_an_attention_layer_whose_shapes_do_not_match_its_heads_runs_eagerly():
+    """A projection replaced by one of another shape: the compiled step would read past its weights, so the block
+    runs eagerly, which names the mismatch; a wide head (past step.c's 256) is eager too."""
+    model = _model("attention-gqa-window-mlp")
+    state = model(torch.tensor([[1, 2, 3]])).state
+    mixer = model.backbone.layers[1].mixer
+    mixer.k_proj = nn.Linear(16, 12)  # 3 key heads' worth for a layer with 2
+    assert fused_layers(model)[0] is None and "k_proj maps 16 -> 12 features" in fused_layers(model)[1]
+    with pytest.raises(RuntimeError):
+        model.step(torch.tensor([4]), state)
+    mixer.k_proj = nn.Linear(16, 8)
+    assert fused_layers(model) == [None, None]
+    wide = tiny_lm("attention", seed=1, attn_heads=1, attn_head_dim=264)
+    assert all("head_dim 264" in reason for reason in fused_layers(wide))
+    _eager_bitwise(wide, torch.tensor([5]), wide(torch.tensor([[1, 2]])).state)
+
+
+@torch.no_grad()
 def test_compressed_projections_the_step_does_not_take_and_edited_codes():
     model = _compressed("mamba2")
     state = model(torch.tensor([[1, 2, 3]])).state
