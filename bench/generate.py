@@ -97,11 +97,11 @@ def seqlab_decode_rates(model, prompts: dict, states: dict, new_tokens: int, rep
 
 
 @torch.no_grad()
-def fused_vs_eager_rates(model, prompts: dict, states: dict, new_tokens: int, repeats: int, batches) -> dict:
-    """{(context, batch): (fused tok/s, eager tok/s)}: greedy ``generate`` from the same prefilled state with the
-    fused step on and off, taking turns within every repeat (medians), so machine noise hits both alike. Each
-    timed call follows an untimed 2-token call of the same kind, so one-off costs of a first call stay out of the
-    timing (docs/benchmarks.md, fourth sitting, has a slow cell this did not remove)."""
+def paired_rates(model, prompts: dict, states: dict, new_tokens: int, repeats: int, batches, use, **options) -> dict:
+    """{(context, batch): (tok/s after ``use(True)``, after ``use(False)``)}: ``generate`` with ``options`` from the
+    same prefilled states, the two peers taking turns within every repeat (medians), so machine noise hits both
+    alike. Each timed call follows an untimed 2-token call of the same kind, so one-off costs of a first call stay
+    out of the timing (docs/benchmarks.md, fourth sitting, has a slow cell this did not remove)."""
     from seqlab.state import RecurrentState
 
     times: dict = {}
@@ -110,14 +110,13 @@ def fused_vs_eager_rates(model, prompts: dict, states: dict, new_tokens: int, re
             for batch in batches:
                 state = states[c] if batch == 1 else RecurrentState.stack([states[c]] * batch)
                 last = p[:, -1:].expand(batch, 1).contiguous()
-                for fused in (True, False):
-                    model.fused_step = fused
-                    model.generate(last, 2, temperature=0, state=state)
+                for peer in (True, False):
+                    use(peer)
+                    model.generate(last, 2, state=state, **options)
                     start = time.perf_counter()
-                    out = model.generate(last, new_tokens, temperature=0, state=state)
-                    times.setdefault((c, batch, fused), []).append(time.perf_counter() - start)
+                    out = model.generate(last, new_tokens, state=state, **options)
+                    times.setdefault((c, batch, peer), []).append(time.perf_counter() - start)
                     assert len(out.tokens) == batch and len(out.tokens[0]) == new_tokens
-    model.fused_step = True
     return {
         (c, b): tuple(b * new_tokens / statistics.median(times[(c, b, f)]) for f in (True, False))
         for c in prompts
@@ -125,37 +124,30 @@ def fused_vs_eager_rates(model, prompts: dict, states: dict, new_tokens: int, re
     }
 
 
-@torch.no_grad()
+def fused_vs_eager_rates(model, prompts: dict, states: dict, new_tokens: int, repeats: int, batches) -> dict:
+    """{(context, batch): (fused tok/s, eager tok/s)}: greedy ``generate`` with the fused step on and off."""
+    try:
+        use = lambda fused: setattr(model, "fused_step", fused)  # noqa: E731
+        return paired_rates(model, prompts, states, new_tokens, repeats, batches, use, temperature=0)
+    finally:
+        model.fused_step = True
+
+
 def sampling_cache_rates(model, prompts: dict, states: dict, new_tokens: int, repeats: int, batches) -> dict:
     """{(context, batch): (in place tok/s, copied tok/s)}: sampled ``generate`` (its step-by-step loop, one
     compiled call per token) with the attention caches appended in place (``seqlab.fused_step.KVRoom``, the
-    default) and with the room turned off (every step copies each cache, as before it existed), taking turns."""
+    default) and with the room turned off (every step copies each cache, as before it existed)."""
     import seqlab.generate as generate_module
     from seqlab.fused_step import KVRoom
-    from seqlab.state import RecurrentState
 
-    times: dict = {}
+    def use(in_place: bool) -> None:
+        generate_module.KVRoom = KVRoom if in_place else (lambda: None)  # type: ignore[assignment]
+
     try:
-        for _ in range(repeats):
-            for c, p in prompts.items():
-                for batch in batches:
-                    state = states[c] if batch == 1 else RecurrentState.stack([states[c]] * batch)
-                    last = p[:, -1:].expand(batch, 1).contiguous()
-                    for in_place in (True, False):
-                        generate_module.KVRoom = KVRoom if in_place else (lambda: None)  # type: ignore[assignment]
-                        options = dict(do_sample=True, temperature=1.0, seed=0, state=state)
-                        model.generate(last, 2, **options)
-                        start = time.perf_counter()
-                        out = model.generate(last, new_tokens, **options)
-                        times.setdefault((c, batch, in_place), []).append(time.perf_counter() - start)
-                        assert len(out.tokens[0]) == new_tokens
+        options = dict(do_sample=True, temperature=1.0, seed=0)
+        return paired_rates(model, prompts, states, new_tokens, repeats, batches, use, **options)
     finally:
         generate_module.KVRoom = KVRoom  # type: ignore[assignment]
-    return {
-        (c, b): tuple(b * new_tokens / statistics.median(times[(c, b, f)]) for f in (True, False))
-        for c in prompts
-        for b in batches
-    }
 
 
 @torch.no_grad()
