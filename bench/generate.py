@@ -18,6 +18,8 @@ batch-1 state repeated: every row at context C), with the ratio, and batch 16's 
     python bench/generate.py --skip-hf --batches 1 16   # fused vs eager only
     python bench/generate.py --ffn mlp --models Mamba-1 Mamba-2   # blocks with a gated MLP (MambaByte's)
     python bench/generate.py --ffn moe --models Mamba-1 Mamba-2   # blocks with a 4-expert top-1 MoE
+    python bench/generate.py --skip-hf --bf16      # also a bfloat16 copy: fused vs the fp32 model and vs eager
+    python bench/generate.py --skip-hf --shape 768 24 --models Mamba-1   # mamba-130m's width and depth
 """
 
 from __future__ import annotations
@@ -67,6 +69,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=4,
         help="key/value heads of those layers (default 4: one per query head; fewer is grouped-query attention)",
     )
+    p.add_argument(
+        "--shape",
+        type=int,
+        nargs=2,
+        metavar=("D_MODEL", "N_LAYER"),
+        help="other widths and depths than the bench models' 256 x 4 (768 24: mamba-130m's shape); seqlab only",
+    )
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="also time the model converted to bfloat16 (its compiled step computes in float32 on the bfloat16 "
+        "weights): against its eager step and against the float32 model's compiled step",
+    )
     args = p.parse_args(argv)
     unknown = sorted(set(args.models or ()) - set(MODELS))
     if unknown:
@@ -76,8 +91,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.repeats = 1 if args.quick else args.repeats
     if args.new_tokens < 2 or any(c < 2 for c in args.contexts):
         p.error("--new-tokens and every context must be at least 2")
-    if args.attention and any(not 0 <= i < N_LAYER for i in args.attention):
-        p.error(f"--attention: layers are 0..{N_LAYER - 1}, got {args.attention}")
+    layers = args.shape[1] if args.shape else N_LAYER
+    if args.attention and any(not 0 <= i < layers for i in args.attention):
+        p.error(f"--attention: layers are 0..{layers - 1}, got {args.attention}")
+    if args.shape and min(args.shape) < 1:
+        p.error(f"--shape: D_MODEL and N_LAYER must be positive, got {args.shape}")
     return args
 
 
@@ -100,8 +118,9 @@ def seqlab_decode_rates(model, prompts: dict, states: dict, new_tokens: int, rep
 def paired_rates(model, prompts: dict, states: dict, new_tokens: int, repeats: int, batches, use, **options) -> dict:
     """{(context, batch): (tok/s after ``use(True)``, after ``use(False)``)}: ``generate`` with ``options`` from the
     same prefilled states, the two peers taking turns within every repeat (medians), so machine noise hits both
-    alike. Each timed call follows an untimed 2-token call of the same kind, so one-off costs of a first call stay
-    out of the timing (docs/benchmarks.md, fourth sitting, has a slow cell this did not remove)."""
+    alike. ``use(peer)`` sets the peer up; where it returns a model, that model generates instead of ``model``.
+    Each timed call follows an untimed 2-token call of the same kind, so one-off costs of a first call stay out of
+    the timing (docs/benchmarks.md, fourth sitting, has a slow cell this did not remove)."""
     from seqlab.state import RecurrentState
 
     times: dict = {}
@@ -111,10 +130,10 @@ def paired_rates(model, prompts: dict, states: dict, new_tokens: int, repeats: i
                 state = states[c] if batch == 1 else RecurrentState.stack([states[c]] * batch)
                 last = p[:, -1:].expand(batch, 1).contiguous()
                 for peer in (True, False):
-                    use(peer)
-                    model.generate(last, 2, state=state, **options)
+                    chosen = use(peer) or model
+                    chosen.generate(last, 2, state=state, **options)
                     start = time.perf_counter()
-                    out = model.generate(last, new_tokens, state=state, **options)
+                    out = chosen.generate(last, new_tokens, state=state, **options)
                     times.setdefault((c, batch, peer), []).append(time.perf_counter() - start)
                     assert len(out.tokens) == batch and len(out.tokens[0]) == new_tokens
     return {
@@ -131,6 +150,20 @@ def fused_vs_eager_rates(model, prompts: dict, states: dict, new_tokens: int, re
         return paired_rates(model, prompts, states, new_tokens, repeats, batches, use, temperature=0)
     finally:
         model.fused_step = True
+
+
+def bf16_rates(model, prompts: dict, states: dict, new_tokens: int, repeats: int, batches) -> dict:
+    """{(context, batch): (bfloat16 fused, float32 fused, bfloat16 fused, bfloat16 eager) tok/s}: greedy ``generate``
+    on a bfloat16 copy of ``model`` (the same prefilled states: a bfloat16 model's states are float32) against the
+    float32 model, then its compiled step against its eager step, each pair taking turns."""
+    import copy
+
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    against_fp32 = paired_rates(
+        model, prompts, states, new_tokens, repeats, batches, lambda peer: half if peer else model, temperature=0
+    )
+    against_eager = fused_vs_eager_rates(half, prompts, states, new_tokens, repeats, batches)
+    return {key: against_fp32[key] + against_eager[key] for key in against_fp32}
 
 
 def sampling_cache_rates(model, prompts: dict, states: dict, new_tokens: int, repeats: int, batches) -> dict:
@@ -168,11 +201,14 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     print(machine_line())
     print(f"greedy decode of {args.new_tokens} tokens after a prompt of C tokens; HF up to C={args.hf_max_context}")
-    rows, fused_rows, sampling_rows = [], [], []
+    rows, fused_rows, sampling_rows, bf16_rows = [], [], [], []
     for kind in args.models or MODELS:
-        if args.ffn or args.attention:
+        if args.ffn or args.attention or args.shape:
             torch.manual_seed(0)
             config = seqlab_config(kind)
+            if args.shape:
+                config = dataclasses.replace(config, d_model=args.shape[0], n_layer=args.shape[1])
+                kind = f"{kind} ({args.shape[0]} x {args.shape[1]})"
             if args.ffn:
                 moe = dict(moe_experts=4, moe_top_k=1) if args.ffn == "moe" else {}
                 config = dataclasses.replace(config, ffn=args.ffn, **moe)
@@ -222,6 +258,17 @@ def main(argv=None) -> None:
                     f"| {kind} | {context} | {batch} | {fused:,.0f} | {eager:,.0f} | {fused / eager:.1f}x | {scale} |"
                 )
                 print(f"  {kind} C={context} batch {batch}: fused {fused:,.0f} tok/s, eager {eager:,.0f}", flush=True)
+        if args.bf16:
+            for (context, batch), (half, single, half2, eager) in bf16_rates(
+                model, prompts, states, args.new_tokens, args.repeats, args.batches
+            ).items():
+                bf16_rows.append(
+                    f"| {kind} | {context} | {batch} | {half:,.0f} | {single:,.0f} | {half / single:.2f}x "
+                    f"| {half2:,.0f} | {eager:,.0f} | {half2 / eager:.1f}x |"
+                )
+                print(
+                    f"  {kind} C={context} batch {batch}: bf16 fused {half:,.0f} tok/s, eager {eager:,.0f}", flush=True
+                )
         if args.attention:
             pairs = sampling_cache_rates(model, prompts, states, args.new_tokens, args.repeats, args.batches)
             for (context, batch), (in_place, copied) in pairs.items():
@@ -238,6 +285,16 @@ def main(argv=None) -> None:
         print("| model | context | batch | fused tok/s | eager tok/s | fused / eager | fused batch / batch 1 |")
         print("|---|---|---|---|---|---|---|")
         for row in fused_rows:
+            print(row)
+    if bf16_rows:
+        print()
+        print("bfloat16 (greedy): its compiled step against the float32 model's, then against its eager step:")
+        print(
+            "| model | context | batch | bf16 fused | fp32 fused | bf16 / fp32 | bf16 fused | bf16 eager "
+            "| fused / eager |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
+        for row in bf16_rows:
             print(row)
     if sampling_rows:
         print()

@@ -17,7 +17,15 @@ loop, so a model is fused where it can be.
 When it applies (else the eager step runs, with the same results, silently):
 
 - CPU tensors, float32 or float64 (the float64 build follows the eager float64 path: norms in float32, the conv
-  state stored in float32, as seqlab/norm.py and the mixers do);
+  state stored in float32, as seqlab/norm.py and the mixers do), or bfloat16 for Mamba-1 and Mamba-2 blocks (and
+  the whole-model call around them): the step computes in float32, reading the dense projection weights, the
+  experts, the embedding and the head as bfloat16 (half the bytes; widened exactly in the rows GEMM) and the other
+  parameters from float32 copies made once (norms, conv, biases, A, D, LASER factors, AQLM codebooks; a
+  parameter kept in float32 is taken as it is). Hidden states and logits come back rounded to bfloat16, as the
+  eager bfloat16 step returns them (the states are float32 in both). So the result is, bit for bit, the compiled
+  step of the model converted to float32, rounded; it is closer to the float64 forward than the eager bfloat16
+  step, which rounds every op (tests/test_core/test_fused_step.py). Attention and Mamba-3 blocks in bfloat16 step
+  eagerly between the fused runs (their keys and caches stay the eager step's bfloat16);
 - no autograd: ``torch.is_grad_enabled()`` is False, or neither the input, the state nor any parameter of the
   block requires grad;
 - a plain block: ``Block`` with an ``RMSNorm``; a ``Mamba1Mixer`` (without Jamba's inner norms), a
@@ -169,8 +177,13 @@ class _LM(ctypes.Structure):
         ("norm_w", ctypes.c_void_p),
         ("head_w", ctypes.c_void_p),
         ("head_b", ctypes.c_void_p),
+        ("bf16", ctypes.c_int64),  # emb_w and head_w hold bfloat16; the logits are rounded to bfloat16
     )
 
+
+#: the hidden-state dtypes the compiled step takes -> the dtype it computes in (a bfloat16 model steps in float32:
+#: its dense weights are read as bfloat16, every other parameter converted once, see _Plan)
+_COMPUTE = {torch.float32: torch.float32, torch.float64: torch.float64, torch.bfloat16: torch.float32}
 
 _data_ptr = torch.Tensor.data_ptr
 _version = operator.attrgetter("_version")
@@ -296,8 +309,12 @@ def _block_reason(block, dtype: torch.dtype):
         return None, "a forward hook is registered"
     if mixer.backend not in ("auto", "native"):
         return None, f"kernel backend {mixer.backend!r} was chosen"
+    if dtype == torch.bfloat16 and kind in ("mamba3", "attention"):
+        return None, f"{type(mixer).__name__} in bfloat16 (Mamba-1 and Mamba-2 blocks fuse in bfloat16)"
+    # a bfloat16 model steps in float32: its parameters bfloat16 (dense weights read as such) or float32
+    allowed = (torch.bfloat16, torch.float32) if dtype == torch.bfloat16 else (dtype,)
     for name, p in block.named_parameters():
-        if p.dtype != dtype or p.device.type != "cpu":
+        if p.dtype not in allowed or p.device.type != "cpu":
             return None, f"parameter {name} is {p.dtype} on {p.device}, the input {dtype} on cpu"
     return kind, None
 
@@ -368,7 +385,8 @@ class _Plan:
     blocks, the tensors it points to (kept alive), and what to check before each use."""
 
     def __init__(self, backbone, dtype: torch.dtype) -> None:
-        self.dtype = dtype
+        self.dtype = dtype  # the hidden states'
+        self.compute = _COMPUTE[dtype]  # the compiled step's (bfloat16: float32, the dense weights read as bfloat16)
         self.blocks = list(backbone.layers)
         self.reasons: list[str | None] = []
         self.fusable: list[bool] = []
@@ -457,21 +475,41 @@ class _Plan:
         return self._key() == self.key
 
     def _weight(self, layer) -> int:
-        """A dense projection's weight pointer; 0 for a low-rank or AQLM one (its _Proj holds its tensors)."""
-        return self._tensor(layer.weight) if type(layer) is nn.Linear else 0
+        """A dense projection's weight pointer (a bfloat16 weight as it is: ``_bf16_dense`` marks it); 0 for a
+        low-rank or AQLM one (its _Proj holds its tensors)."""
+        return self._tensor(layer.weight, dense=True) if type(layer) is nn.Linear else 0
 
-    def _tensor(self, t: torch.Tensor | None) -> int:
+    def _tensor(self, t: torch.Tensor | None, dense: bool = False) -> int:
+        """``t``'s pointer, ``t`` kept alive: in the compute dtype (a bfloat16 model's norms, conv, biases, LASER
+        factors, AQLM codebooks are converted once here), except a ``dense`` bfloat16 weight, which the rows GEMM
+        reads as it is (st_proj kind 3)."""
         if t is None:
             return 0
         t = t.detach()
+        if t.dtype == torch.bfloat16 and not dense:
+            t = t.to(self.compute)
         if not t.is_contiguous():
             t = t.contiguous()
         self.keep.append(t)
         return t.data_ptr()
 
+    def _bf16_dense(self, block, spec: _Layer) -> None:
+        """Mark the dense projections whose weights are bfloat16 (st_proj kind 3: the rows GEMM widens them)."""
+        for name, field in _PROJ_FIELDS.items():
+            owner, _, attr = name.rpartition(".")
+            layer = getattr(block.ffn if owner else block.mixer, attr, None)
+            if type(layer) is nn.Linear and layer.weight.dtype == torch.bfloat16:
+                getattr(spec, field).kind = 3
+
     def _spec(self, block, kind: str) -> _Layer:
+        spec = self._fields(block, kind)
+        if self.compute != self.dtype:
+            self._bf16_dense(block, spec)
+        return spec
+
+    def _fields(self, block, kind: str) -> _Layer:
         m = block.mixer
-        dt = self.dtype
+        dt = self.compute
         spec = _Layer()
         spec.kind = _KINDS[kind]
         spec.d_model = block.norm.weight.shape[0]
@@ -567,7 +605,11 @@ class _Plan:
             else:  # the MoE: stacked experts, the router in float32 (seqlab.ffn.moe.route)
                 self.moe.append(ffn)
                 spec.d_ffn = ffn.down.shape[2]
-                spec.ffn_gu_w, spec.ffn_down_w = self._tensor(ffn.gate_up), self._tensor(ffn.down)
+                # bfloat16 experts are read as such (both or neither: one kind flag, gu_q's, says so in step.c)
+                raw = self.compute != self.dtype and ffn.gate_up.dtype == ffn.down.dtype == torch.bfloat16
+                spec.ffn_gu_w, spec.ffn_down_w = self._tensor(ffn.gate_up, raw), self._tensor(ffn.down, raw)
+                if raw:
+                    spec.gu_q.kind = spec.down_q.kind = 3
                 spec.n_experts, spec.top_k = ffn.settings.experts, ffn.settings.top_k
                 renormalize = ffn.settings.renormalize
                 spec.renormalize = int(ffn.settings.top_k > 1 if renormalize is None else renormalize)
@@ -605,8 +647,8 @@ def fused_layers(model, dtype: torch.dtype | None = None) -> list[str | None]:
         dtype = next(backbone.parameters()).dtype
     if _library() is None:
         return ["the compiled step library is unavailable"] * len(backbone.layers)
-    if dtype not in (torch.float32, torch.float64):
-        return [f"dtype {dtype} (float32 and float64 are fused)"] * len(backbone.layers)
+    if dtype not in _COMPUTE:
+        return [f"dtype {dtype} (float32, float64 and bfloat16 are fused)"] * len(backbone.layers)
     return list(_plan(backbone, dtype).reasons)
 
 
@@ -684,7 +726,7 @@ def fused_step(backbone, hidden: torch.Tensor, state, plan: _Plan | None = None)
     states), or None where the fused step does not apply (the caller runs the eager loop). ``state`` (a checked
     RecurrentState of the same batch) is never modified: every new state tensor is new memory. ``plan``: the one
     :func:`trusted_plan` just validated (saves checking it twice)."""
-    if hidden.device.type != "cpu" or hidden.dtype not in (torch.float32, torch.float64) or hidden.dim() != 2:
+    if hidden.device.type != "cpu" or hidden.dtype not in _COMPUTE or hidden.dim() != 2:
         return None
     lib = _library()
     if lib is None:
@@ -702,7 +744,7 @@ def fused_step(backbone, hidden: torch.Tensor, state, plan: _Plan | None = None)
     # hooks registered on every module at once fire in the eager step (out_proj is called as a module)
     if _global_hooks():
         return None
-    dtype = hidden.dtype
+    dtype = plan.compute  # a bfloat16 model's runs take and give float32 hidden states, rounded between them
     run = lib.sl_step_f32 if dtype == torch.float32 else lib.sl_step_f64
     batch = hidden.shape[0]
     new_layers: list = [None] * len(plan.blocks)
@@ -721,6 +763,7 @@ def fused_step(backbone, hidden: torch.Tensor, state, plan: _Plan | None = None)
         if io is None:
             return None
         pointers, alive = io
+        h = h.to(dtype)
         out = torch.empty((batch, h.shape[1]), dtype=dtype)
         code = run(
             plan.base + idx[0] * ctypes.sizeof(_Layer),
@@ -734,7 +777,7 @@ def fused_step(backbone, hidden: torch.Tensor, state, plan: _Plan | None = None)
         if code != 0:
             raise MemoryError(f"the fused decode step failed (code {code}): out of memory for its workspace")
         del alive
-        h = out
+        h = out.to(plan.dtype)
     return h, new_layers
 
 
@@ -930,8 +973,9 @@ class _LMPlan:
         if self.reason is None:
             self.spec.vocab, self.spec.d_model = head.weight.shape
             self.spec.norm_eps = float(norm.eps)
-            self.spec.emb_w, self.spec.norm_w = plan._tensor(emb.weight), plan._tensor(norm.weight)
-            self.spec.head_w, self.spec.head_b = plan._tensor(head.weight), plan._tensor(head.bias)
+            bf16 = self.spec.bf16 = int(plan.compute != plan.dtype)  # the embedding and head stay bfloat16
+            self.spec.emb_w, self.spec.norm_w = plan._tensor(emb.weight, bool(bf16)), plan._tensor(norm.weight)
+            self.spec.head_w, self.spec.head_b = plan._tensor(head.weight, bool(bf16)), plan._tensor(head.bias)
         self.key = self._key()
 
     def _reason(self, model, lm_type, norm_type) -> str | None:
@@ -1017,7 +1061,7 @@ def fused_lm_step(model, input_ids, state, reuse=None, room: KVRoom | None = Non
     lib, plan, lm, ids = ready
     from seqlab.kernels._native import num_threads
 
-    dtype, n, batch = plan.dtype, len(plan.blocks), ids.shape[0]
+    dtype, n, batch = plan.compute, len(plan.blocks), ids.shape[0]
     new_layers: list = [None] * n
     io = _state_io(state, list(range(n)), dtype, new_layers, reuse, plan.windows, room=room)
     if io is None:
@@ -1036,7 +1080,7 @@ def fused_lm_step(model, input_ids, state, reuse=None, room: KVRoom | None = Non
         raise MemoryError(f"the fused decode step failed (code {code}): out of memory for its workspace")
     new_state = state.advanced(new_layers, 1)
     trust(model.backbone, new_state)
-    return logits, new_state, hidden
+    return logits.to(plan.dtype), new_state, hidden.to(plan.dtype)
 
 
 def fused_lm_greedy(model, input_ids, state, max_steps: int, watch=()):
@@ -1057,7 +1101,7 @@ def fused_lm_greedy(model, input_ids, state, max_steps: int, watch=()):
     lib, plan, lm, ids = ready
     from seqlab.kernels._native import num_threads
 
-    dtype, n, batch = plan.dtype, len(plan.blocks), ids.shape[0]
+    dtype, n, batch = plan.compute, len(plan.blocks), ids.shape[0]
     windows = [w for w in plan.windows if w]
     if windows:  # a windowed cache's buffers hold window + steps slots: a few windows' worth per call
         max_steps = min(max_steps, max(4 * min(windows), 64))
@@ -1097,7 +1141,7 @@ def fused_lm_greedy(model, input_ids, state, max_steps: int, watch=()):
             layers[i] = dict(layers[i], k=_cut(layers[i]["k"], end, slots), v=_cut(layers[i]["v"], end, slots))
     new_state = state.advanced(layers, steps)
     trust(model.backbone, new_state)
-    return steps, tokens[:steps], new_state, logits, hidden
+    return steps, tokens[:steps], new_state, logits.to(plan.dtype), hidden.to(plan.dtype)
 
 
 def _cut(buffer: torch.Tensor, end: int, slots: int) -> torch.Tensor:

@@ -10,6 +10,7 @@
  *
  * SL_ROWS_GEMM(T, SUF) defines
  *   static void sl_rows_gemm_SUF(W, bias, X, ldx, Y, R, ldy, nout, nin, batch)
+ * and sl_rows_gemm_SUF_bf16, the same on a bfloat16 W (see the end of this file),
  * with X rows at stride ldx, Y and R rows at stride ldy, bias and R optional (NULL). It is called by every thread
  * of a parallel region, shares the output rows out with `omp for schedule(static)` and ends with that loop's
  * implicit barrier (the next phase reads Y). Outside a parallel region it runs on the calling thread alone.
@@ -148,11 +149,12 @@
 #else
 #define SL_GEMM_NOINLINE __attribute__((noinline, noclone))
 #endif
-#define SL_GEMM_TILE(T, SUF, MR, NR)                                                                                   \
-    static SL_GEMM_NOINLINE void sl_gemm_run_##SUF##_##MR##x##NR(const T *const *wp, const T *const *xp,               \
-                                                                 int64_t nvec, sl_gemm_v_##SUF *accp) {                \
+#define SL_GEMM_TILE(T, WT, SUF, NAME, LOAD, MR, NR)                                                                   \
+    static SL_GEMM_NOINLINE void sl_gemm_run_##NAME##_##MR##x##NR(const WT *const *wp, const T *const *xp,             \
+                                                                  int64_t nvec, sl_gemm_v_##SUF *accp) {               \
         enum { VL = SL_GEMM_VBYTES / sizeof(T) };                                                                      \
-        const T *w[MR], *x[NR];                                                                                        \
+        const WT *w[MR];                                                                                               \
+        const T *x[NR];                                                                                                \
         sl_gemm_v_##SUF acc[MR][NR];                                                                                   \
         _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) w[r] = wp[r];                                             \
         _Pragma("GCC unroll 8") for (int c = 0; c < NR; c++) x[c] = xp[c];                                             \
@@ -160,7 +162,7 @@
         for (int64_t i = 0; i < nvec * VL; i += VL) {                                                                  \
             sl_gemm_v_##SUF wv[MR];                                                                                    \
             _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) {                                                     \
-                memcpy(&wv[r], w[r] + i, sizeof wv[r]);                                                                \
+                LOAD(SUF, wv[r], w[r] + i);                                                                            \
                 if (MR * NR + MR + SL_GEMM_TMP <= 16) SL_GEMM_PIN(wv[r]);                                              \
             }                                                                                                          \
             _Pragma("GCC unroll 8") for (int c = 0; c < NR; c++) {                                                     \
@@ -172,20 +174,23 @@
         }                                                                                                              \
         memcpy(accp, acc, sizeof acc);                                                                                 \
     }                                                                                                                  \
-    static inline void sl_gemm_tile_##SUF##_##MR##x##NR(const T *W, int64_t nin, const T *X, int64_t ldx, int64_t o0,  \
-                                                        int mv, int64_t b0, int nv, T out[MR][NR]) {                   \
+    static inline void sl_gemm_tile_##NAME##_##MR##x##NR(const WT *W, int64_t nin, const T *X, int64_t ldx,            \
+                                                         int64_t o0, int mv, int64_t b0, int nv, T out[MR][NR]) {      \
         enum { VL = SL_GEMM_VBYTES / sizeof(T) };                                                                      \
-        const T *w[MR], *x[NR];                                                                                        \
+        const WT *w[MR];                                                                                               \
+        const T *x[NR];                                                                                                \
         sl_gemm_v_##SUF acc[MR * NR];                                                                                  \
         for (int r = 0; r < MR; r++) w[r] = W + (o0 + (r < mv ? r : mv - 1)) * nin;                                    \
         for (int c = 0; c < NR; c++) x[c] = X + (b0 + (c < nv ? c : nv - 1)) * ldx;                                    \
         memset(acc, 0, sizeof acc);                                                                                    \
         const int64_t full = nin / VL;                                                                                 \
-        sl_gemm_run_##SUF##_##MR##x##NR(w, x, full, acc);                                                              \
+        sl_gemm_run_##NAME##_##MR##x##NR(w, x, full, acc);                                                             \
         const int tail = (int)(nin - full * VL);                                                                       \
         if (tail) { /* the last partial vector, zero padded */                                                         \
-            T wt[MR][VL], xt[NR][VL];                                                                                  \
-            const T *wq[MR], *xq[NR];                                                                                  \
+            WT wt[MR][VL];                                                                                             \
+            T xt[NR][VL];                                                                                              \
+            const WT *wq[MR];                                                                                          \
+            const T *xq[NR];                                                                                           \
             memset(wt, 0, sizeof wt);                                                                                  \
             memset(xt, 0, sizeof xt);                                                                                  \
             for (int r = 0; r < MR; r++) {                                                                             \
@@ -196,7 +201,7 @@
                 for (int k = 0; k < tail; k++) xt[c][k] = x[c][full * VL + k];                                         \
                 xq[c] = xt[c];                                                                                         \
             }                                                                                                          \
-            sl_gemm_run_##SUF##_##MR##x##NR(wq, xq, 1, acc);                                                           \
+            sl_gemm_run_##NAME##_##MR##x##NR(wq, xq, 1, acc);                                                          \
         }                                                                                                              \
         /* reduced four at a time, the last group padded with the first */                                             \
         for (int k = 0; k < MR * NR; k += 4) {                                                                         \
@@ -220,24 +225,22 @@
         }                                                                                                              \
     }
 
-#define SL_GEMM_RUN(T, SUF, MR, NR)                                                                                    \
+#define SL_GEMM_RUN(T, NAME, MR, NR)                                                                                   \
     do {                                                                                                               \
         T out[MR][NR];                                                                                                 \
-        sl_gemm_tile_##SUF##_##MR##x##NR(W, nin, X, ldx, o0, mv, b0, nv, out);                                         \
+        sl_gemm_tile_##NAME##_##MR##x##NR(W, nin, X, ldx, o0, mv, b0, nv, out);                                        \
         SL_GEMM_STORE(T, MR, NR)                                                                                       \
     } while (0)
 
-#define SL_ROWS_GEMM(T, SUF)                                                                                           \
-    typedef T sl_gemm_v_##SUF __attribute__((vector_size(SL_GEMM_VBYTES)));                                            \
-    SL_GEMM_HSUM4_##SUF(T, SUF)                                                                                        \
-    SL_GEMM_TILE(T, SUF, 3, 4)                                                                                         \
-    SL_GEMM_TILE(T, SUF, 3, 3)                                                                                         \
-    SL_GEMM_TILE(T, SUF, 3, 2)                                                                                         \
-    SL_GEMM_TILE(T, SUF, 3, 1)                                                                                         \
-    SL_GEMM_TILE(T, SUF, 8, 1)                                                                                         \
-    SL_GEMM_TILE(T, SUF, 4, 2)                                                                                         \
-    SL_GEMM_TILE(T, SUF, 4, 3)                                                                                         \
-    static void sl_rows_gemm_##SUF(const T *restrict W, const T *bias, const T *restrict X, int64_t ldx, T *Y,         \
+#define SL_ROWS_GEMM_AS(T, WT, SUF, NAME, LOAD)                                                                        \
+    SL_GEMM_TILE(T, WT, SUF, NAME, LOAD, 3, 4)                                                                         \
+    SL_GEMM_TILE(T, WT, SUF, NAME, LOAD, 3, 3)                                                                         \
+    SL_GEMM_TILE(T, WT, SUF, NAME, LOAD, 3, 2)                                                                         \
+    SL_GEMM_TILE(T, WT, SUF, NAME, LOAD, 3, 1)                                                                         \
+    SL_GEMM_TILE(T, WT, SUF, NAME, LOAD, 8, 1)                                                                         \
+    SL_GEMM_TILE(T, WT, SUF, NAME, LOAD, 4, 2)                                                                         \
+    SL_GEMM_TILE(T, WT, SUF, NAME, LOAD, 4, 3)                                                                         \
+    static void sl_rows_gemm_##NAME(const WT *restrict W, const T *bias, const T *restrict X, int64_t ldx, T *Y,       \
                                    const T *R, int64_t ldy, int64_t nout, int64_t nin, int64_t batch) {                \
         if (batch >= 4) {                                                                                              \
             const int64_t blocks = (nout + 2) / 3;                                                                     \
@@ -247,15 +250,15 @@
                 int64_t b0 = 0;                                                                                        \
                 for (; b0 + 4 <= batch; b0 += 4) {                                                                     \
                     const int nv = 4;                                                                                  \
-                    SL_GEMM_RUN(T, SUF, 3, 4);                                                                         \
+                    SL_GEMM_RUN(T, NAME, 3, 4);                                                                        \
                 }                                                                                                      \
                 const int nv = (int)(batch - b0);                                                                      \
                 if (nv == 3)                                                                                           \
-                    SL_GEMM_RUN(T, SUF, 3, 3);                                                                         \
+                    SL_GEMM_RUN(T, NAME, 3, 3);                                                                        \
                 else if (nv == 2)                                                                                      \
-                    SL_GEMM_RUN(T, SUF, 3, 2);                                                                         \
+                    SL_GEMM_RUN(T, NAME, 3, 2);                                                                        \
                 else if (nv == 1)                                                                                      \
-                    SL_GEMM_RUN(T, SUF, 3, 1);                                                                         \
+                    SL_GEMM_RUN(T, NAME, 3, 1);                                                                        \
             }                                                                                                          \
             return;                                                                                                    \
         }                                                                                                              \
@@ -266,17 +269,44 @@
             if (batch == 1) {                                                                                          \
                 const int64_t o0 = 8 * ob;                                                                             \
                 const int mv = nout - o0 < 8 ? (int)(nout - o0) : 8;                                                   \
-                SL_GEMM_RUN(T, SUF, 8, 1);                                                                             \
+                SL_GEMM_RUN(T, NAME, 8, 1);                                                                            \
             } else if (batch > 1) {                                                                                    \
                 for (int64_t o0 = 8 * ob; o0 < nout && o0 < 8 * ob + 8; o0 += 4) {                                     \
                     const int mv = nout - o0 < 4 ? (int)(nout - o0) : 4;                                               \
                     if (batch == 2)                                                                                    \
-                        SL_GEMM_RUN(T, SUF, 4, 2);                                                                     \
+                        SL_GEMM_RUN(T, NAME, 4, 2);                                                                    \
                     else                                                                                               \
-                        SL_GEMM_RUN(T, SUF, 4, 3);                                                                     \
+                        SL_GEMM_RUN(T, NAME, 4, 3);                                                                    \
                 }                                                                                                      \
             }                                                                                                          \
         }                                                                                                              \
     }
+
+
+/* Weights loaded as they are (T) or as bfloat16 (the upper 16 bits of a float32: widened exactly, shifted into
+ * place, then converted to T, so a bfloat16 weight multiplies as its float32 value would). */
+#define SL_GEMM_LOAD_SAME(SUF, dst, src) memcpy(&(dst), (src), sizeof(dst))
+#define SL_GEMM_LOAD_BF16(SUF, dst, src) ((dst) = sl_gemm_bf16_##SUF(src))
+
+/* SL_ROWS_GEMM(T, SUF): sl_rows_gemm_SUF (weights in T) and sl_rows_gemm_SUF_bf16 (the same GEMM on bfloat16
+ * weights, uint16_t bits; X, bias, R and Y in T). The second runs the first's tiles and order with each weight
+ * vector widened on load, so its result is, bit for bit, the first's on the weights converted to T: a bfloat16
+ * model's projections read half the bytes and give what its float32 copy gives. */
+#define SL_ROWS_GEMM(T, SUF)                                                                                           \
+    typedef T sl_gemm_v_##SUF __attribute__((vector_size(SL_GEMM_VBYTES)));                                            \
+    typedef uint16_t sl_gemm_b_##SUF __attribute__((vector_size(SL_GEMM_VBYTES / sizeof(T) * 2)));                     \
+    typedef uint32_t sl_gemm_u_##SUF __attribute__((vector_size(SL_GEMM_VBYTES / sizeof(T) * 4)));                     \
+    typedef float sl_gemm_f_##SUF __attribute__((vector_size(SL_GEMM_VBYTES / sizeof(T) * 4)));                        \
+    static inline sl_gemm_v_##SUF sl_gemm_bf16_##SUF(const uint16_t *p) {                                              \
+        sl_gemm_b_##SUF b;                                                                                             \
+        memcpy(&b, p, sizeof b);                                                                                       \
+        const sl_gemm_u_##SUF u = __builtin_convertvector(b, sl_gemm_u_##SUF) << 16;                                   \
+        sl_gemm_f_##SUF f;                                                                                             \
+        memcpy(&f, &u, sizeof f);                                                                                      \
+        return __builtin_convertvector(f, sl_gemm_v_##SUF);                                                            \
+    }                                                                                                                  \
+    SL_GEMM_HSUM4_##SUF(T, SUF)                                                                                        \
+    SL_ROWS_GEMM_AS(T, T, SUF, SUF, SL_GEMM_LOAD_SAME)                                                                 \
+    SL_ROWS_GEMM_AS(T, uint16_t, SUF, SUF##_bf16, SL_GEMM_LOAD_BF16)
 
 #endif

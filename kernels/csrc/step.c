@@ -30,7 +30,9 @@
 
 /* How a projection's weight is held (kind 0: the dense weight pointer of st_layer; 1: LASER's low-rank factors,
  * seqlab/posttrain/laser.py LowRankLinear, y = left (right x) + bias; 2: AQLM codes, seqlab/quant/linear.py
- * AQLMLinear, W[o, j g + i] = scales[o] * sum_m codebooks[m, codes[o, j, m], i]). Every field is 8 bytes. */
+ * AQLMLinear, W[o, j g + i] = scales[o] * sum_m codebooks[m, codes[o, j, m], i]; 3: the dense weight pointer of
+ * st_layer holds bfloat16, widened to T as the rows GEMM loads it: a bfloat16 model stepped in float32). For the
+ * MoE's stacked experts, gu_q / down_q kind 3 says the same of ffn_gu_w / ffn_down_w. Every field is 8 bytes. */
 typedef struct {
     int64_t kind, rank, n_codebooks, code_bits, group_size;
     const void *a;        /* low-rank: left (nout, rank); AQLM: codebooks (M, 2^B, g) */
@@ -130,7 +132,20 @@ typedef struct {
     const void *norm_w; /* (d_model) T: the final RMSNorm's weight */
     const void *head_w; /* (vocab, d_model) T: the LM head (the embedding itself when tied) */
     const void *head_b; /* (vocab) T or NULL */
+    /* 1: emb_w and head_w hold bfloat16 (a bfloat16 model stepped in float32), and the logits are rounded to
+     * bfloat16 (round to nearest even, as torch converts), the values its eager step returns and argmaxes */
+    int64_t bf16;
 } st_lm;
+
+/* x rounded to the nearest bfloat16 (ties to even; NaN stays NaN), as a float. */
+static inline float st_round_bf16(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return x;
+    u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
 
 /* 1 / sqrt(mean(v^2) + eps) of n values taken as float32 (torch's F.rms_norm on float32; squares summed in
  * double, so the float32 mean is the correctly rounded one). */
@@ -288,8 +303,18 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
         }                                                                                                              \
     }                                                                                                                  \
                                                                                                                        \
+    /* The rows GEMM on a dense weight W in T, or in bfloat16 (bf16 != 0). */                                          \
+    static void st_dense_##SUF(const void *W, int bf16, const T *bias, const T *X, int64_t ldx, T *Y, const T *R,      \
+                               int64_t ldy, int64_t nout, int64_t nin, int64_t batch) {                                \
+        if (bf16)                                                                                                      \
+            sl_rows_gemm_##SUF##_bf16((const uint16_t *)W, bias, X, ldx, Y, R, ldy, nout, nin, batch);                 \
+        else                                                                                                           \
+            sl_rows_gemm_##SUF((const T *)W, bias, X, ldx, Y, R, ldy, nout, nin, batch);                               \
+    }                                                                                                                  \
+                                                                                                                       \
     /* A projection Y[b] = (R[b] +) P X[b] + bias for every batch row, P as st_proj says: the rows GEMM on the         \
-     * dense W, the low-rank's two (right into tmp, batch * rank, then left), or the AQLM rows. */                     \
+     * dense W (in T, or bfloat16: kind 3), the low-rank's two (right into tmp, batch * rank, then left), or the       \
+     * AQLM rows. */                                                                                                   \
     static void st_proj_run_##SUF(const st_proj *p, const T *W, const T *bias, const T *X, int64_t ldx, T *Y,          \
                                   const T *R, int64_t ldy, int64_t nout, int64_t nin, int64_t batch, T *tmp) {         \
         if (p->kind == 1) {                                                                                            \
@@ -299,7 +324,7 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
         } else if (p->kind == 2) {                                                                                     \
             st_aqlm_rows_##SUF(p, bias, X, ldx, Y, R, ldy, nout, nin, batch);                                          \
         } else {                                                                                                       \
-            sl_rows_gemm_##SUF(W, bias, X, ldx, Y, R, ldy, nout, nin, batch);                                          \
+            st_dense_##SUF(W, p->kind == 3, bias, X, ldx, Y, R, ldy, nout, nin, batch);                                \
         }                                                                                                              \
     }                                                                                                                  \
                                                                                                                        \
@@ -492,18 +517,21 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
         }                                                                                                              \
         _Pragma("omp for schedule(static)") for (int64_t p = 0; p < P; p++)                                            \
             memcpy(xs + pos[p] * dm, h + (p / K) * dm, (size_t)dm * sizeof(T));                                        \
+        /* the experts' stacked weights: in T, or bfloat16 (kind 3) */                                                 \
+        const int wb = L->gu_q.kind == 3;                                                                              \
+        const size_t es = wb ? sizeof(uint16_t) : sizeof(T);                                                           \
         for (int64_t e = 0; e < E; e++) {                                                                              \
             const int64_t n = start[e + 1] - start[e];                                                                 \
             if (n > 0)                                                                                                 \
-                sl_rows_gemm_##SUF((const T *)L->ffn_gu_w + e * F2 * dm, NULL, xs + start[e] * dm, dm,                 \
-                                   act + start[e] * F2, NULL, F2, F2, dm, n);                                          \
+                st_dense_##SUF((const char *)L->ffn_gu_w + e * F2 * dm * es, wb, NULL, xs + start[e] * dm, dm,         \
+                               act + start[e] * F2, NULL, F2, F2, dm, n);                                              \
         }                                                                                                              \
         st_gate_##SUF(act, P, F);                                                                                      \
         for (int64_t e = 0; e < E; e++) {                                                                              \
             const int64_t n = start[e + 1] - start[e];                                                                 \
             if (n > 0)                                                                                                 \
-                sl_rows_gemm_##SUF((const T *)L->ffn_down_w + e * dm * F, NULL, act + start[e] * F2, F2,               \
-                                   ys + start[e] * dm, NULL, dm, dm, F, n);                                            \
+                st_dense_##SUF((const char *)L->ffn_down_w + e * dm * F * es, wb, NULL, act + start[e] * F2, F2,       \
+                               ys + start[e] * dm, NULL, dm, dm, F, n);                                                \
         }                                                                                                              \
         _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                                      \
             int64_t order[ST_MAX_TOP_K];                                                                               \
@@ -715,9 +743,19 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
                                  const st_lm *lm, const int64_t *ids, T *hidden_out, T *logits, T *work, T *x0,        \
                                  T *x1, const int64_t w[ST_WIDTHS]) {                                                  \
         const int64_t dm = lm->d_model;                                                                                \
-        const T *emb = (const T *)lm->emb_w, *nw = (const T *)lm->norm_w;                                              \
-        _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++)                                        \
-            memcpy(x0 + b * dm, emb + ids[b] * dm, (size_t)dm * sizeof(T));                                            \
+        const T *nw = (const T *)lm->norm_w;                                                                           \
+        _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                                      \
+            if (lm->bf16) { /* a bfloat16 row, widened exactly */                                                      \
+                const uint16_t *row = (const uint16_t *)lm->emb_w + ids[b] * dm;                                       \
+                for (int64_t i = 0; i < dm; i++) {                                                                     \
+                    const uint32_t u = (uint32_t)row[i] << 16;                                                         \
+                    float f;                                                                                           \
+                    memcpy(&f, &u, sizeof f);                                                                          \
+                    x0[b * dm + i] = (T)f;                                                                             \
+                }                                                                                                      \
+            } else                                                                                                     \
+                memcpy(x0 + b * dm, (const T *)lm->emb_w + ids[b] * dm, (size_t)dm * sizeof(T));                       \
+        }                                                                                                              \
         st_layers_##SUF(layers, io, n_layers, batch, x0, x1, work, w);                                                 \
         /* norm_f: seqlab/norm.py's RMSNorm (float32 statistics, times the weight in T) */                             \
         _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                                      \
@@ -725,8 +763,12 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
             float r = st_rms_scale_##SUF(x, dm, lm->norm_eps);                                                         \
             for (int64_t i = 0; i < dm; i++) hidden_out[b * dm + i] = (T)((float)x[i] * r) * nw[i];                    \
         }                                                                                                              \
-        sl_rows_gemm_##SUF((const T *)lm->head_w, (const T *)lm->head_b, hidden_out, dm, logits, NULL, lm->vocab,      \
-                           lm->vocab, dm, batch);                                                                      \
+        st_dense_##SUF(lm->head_w, (int)lm->bf16, (const T *)lm->head_b, hidden_out, dm, logits, NULL, lm->vocab,      \
+                       lm->vocab, dm, batch);                                                                          \
+        if (lm->bf16) {                                                                                                \
+            _Pragma("omp for schedule(static)") for (int64_t j = 0; j < batch * lm->vocab; j++) logits[j] =            \
+                (T)st_round_bf16((float)logits[j]);                                                                    \
+        }                                                                                                              \
     }                                                                                                                  \
                                                                                                                        \
     /* Workspace of an LM step: the layers' and two hidden buffers (NULL if out of memory or -2 shapes). */            \

@@ -74,6 +74,14 @@ def test_generate_quick_on_a_hybrid_prints_fused_and_eager():
     assert "| in place tok/s | copied tok/s | in place / copied |" in out
 
 
+def test_generate_quick_bfloat16_prints_its_table():
+    out = run_bench(
+        "generate.py", "--quick", "--skip-hf", "--skip-eager", "--models", "Mamba-1", "--bf16", "--batches", "1", "2"
+    )
+    assert "| bf16 fused | fp32 fused | bf16 / fp32 | bf16 fused | bf16 eager | fused / eager |" in out
+    assert "| Mamba-1 | 512 | 2 |" in out
+
+
 def test_gpu_kernels_bench_runs_without_a_gpu():
     """Without CUDA the GPU kernel bench falls back to its CPU smoke mode, says so, and prints the table; the
     Triton interpreter runs the conv and decode kernels here (the scans take seconds per call interpreted)."""

@@ -19,7 +19,7 @@ if LIB is None:
     )
 
 _ARGTYPES = [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_int]
-for _fn in (LIB.sl_gemm_f32, LIB.sl_gemm_f64):
+for _fn in (LIB.sl_gemm_f32, LIB.sl_gemm_f64, LIB.sl_gemm_f32_bf16, LIB.sl_gemm_f64_bf16):
     _fn.argtypes = _ARGTYPES
     _fn.restype = ctypes.c_int
 
@@ -29,20 +29,23 @@ ODD = (1, 3, 7, 33, 255, 257)
 
 def gemm(W, X, bias=None, R=None, *, threads=1, ldx=None, ldy=None, in_place=False):
     """Run the kernel with X rows at stride ldx and Y (and R) rows at stride ldy; checks that nothing outside
-    Y's rows was written and returns Y (batch, nout)."""
+    Y's rows was written and returns Y (batch, nout). A bfloat16 W runs the bfloat16-weight kernel in X's dtype."""
     (nout, nin), batch = W.shape, X.shape[0]
+    dtype = X.dtype
     ldx = nin if ldx is None else ldx
     ldy = nout if ldy is None else ldy
-    xbuf = torch.full((batch, ldx), SENTINEL, dtype=W.dtype)
+    xbuf = torch.full((batch, ldx), SENTINEL, dtype=dtype)
     xbuf[:, :nin] = X
-    ybuf = torch.full((batch, ldy), SENTINEL, dtype=W.dtype)
+    ybuf = torch.full((batch, ldy), SENTINEL, dtype=dtype)
     rbuf = None
     if R is not None:
-        rbuf = torch.full((batch, ldy), -SENTINEL, dtype=W.dtype)
+        rbuf = torch.full((batch, ldy), -SENTINEL, dtype=dtype)
         rbuf[:, :nout] = R
         if in_place:
             ybuf = rbuf
-    fn = LIB.sl_gemm_f64 if W.dtype == torch.float64 else LIB.sl_gemm_f32
+    fn = LIB.sl_gemm_f64 if dtype == torch.float64 else LIB.sl_gemm_f32
+    if W.dtype == torch.bfloat16:
+        fn = LIB.sl_gemm_f64_bf16 if dtype == torch.float64 else LIB.sl_gemm_f32_bf16
     ptrs = [_native.ptr(t) for t in (W, bias, xbuf, ybuf, rbuf)]
     rc = fn(*ptrs[:3], ldx, *ptrs[3:], ldy, nout, nin, batch, threads)
     assert rc == 0
@@ -144,3 +147,21 @@ def test_rows_are_independent_bit_for_bit(dtype, shape):
     # and without bias and residual
     alone_plain = torch.cat([gemm(W, X[b : b + 1]) for b in range(17)])
     assert torch.equal(gemm(W, X, threads=2), alone_plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_bfloat16_weights_give_the_widened_weights_result_bit_for_bit(dtype):
+    """The bfloat16-weight kernel (a bfloat16 model's projections in the fused step) reads half the bytes and
+    returns exactly what the kernel returns on the weights converted to ``dtype``: every odd shape (the
+    zero-padded tail), every tile (batch 1 to 17), bias, residual and strides, 1 and 2 threads."""
+    seed = 0
+    for nout in ODD:
+        for nin in (*ODD, 8, 9, 16):
+            W, X, bias, R = inputs(nout, nin, 17, dtype, seed)
+            Wb = W.to(torch.bfloat16)
+            assert not torch.equal(Wb.to(dtype), W) or nin * nout < 4  # the weights really were rounded
+            for batch in (1, 2, 3, 4, 5, 7, 16, 17):
+                seed += 1
+                b, r = (bias if seed % 2 else None), (R[:batch] if seed % 3 else None)
+                got = gemm(Wb, X[:batch], b, r, threads=1 + seed % 2, ldx=nin + seed % 3)
+                assert torch.equal(got, gemm(Wb.to(dtype), X[:batch], b, r)), (nout, nin, batch)
