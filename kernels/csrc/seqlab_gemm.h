@@ -283,10 +283,35 @@
     }
 
 
+/* Eight bfloat16 widened to float32 bits in one AVX2 register: one vpmovzxwd and one shift. gcc 12's own
+ * lowering of the generic __builtin_convertvector below splits it into two 128-bit halves and an insert (four
+ * shuffle-port ops per vector), which made the bfloat16 GEMV slower per weight than the float32 one. */
+#if defined(__AVX2__)
+#include <immintrin.h>
+#define SL_GEMM_WIDEN8 1
+static inline void sl_gemm_widen8(const uint16_t *p, void *out) {
+    const __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(const void *)p)), 16);
+    memcpy(out, &w, sizeof w);
+}
+#else
+#define SL_GEMM_WIDEN8 0
+static inline void sl_gemm_widen8(const uint16_t *p, void *out) {
+    (void)p;
+    (void)out;
+}
+#endif
+
 /* Weights loaded as they are (T) or as bfloat16 (the upper 16 bits of a float32: widened exactly, shifted into
  * place, then converted to T, so a bfloat16 weight multiplies as its float32 value would). */
 #define SL_GEMM_LOAD_SAME(SUF, dst, src) memcpy(&(dst), (src), sizeof(dst))
-#define SL_GEMM_LOAD_BF16(SUF, dst, src) ((dst) = sl_gemm_bf16_##SUF(src))
+#define SL_GEMM_LOAD_BF16(SUF, dst, src)                                                                               \
+    (__builtin_prefetch((const char *)(src) + SL_GEMM_BF16_AHEAD), (dst) = sl_gemm_bf16_##SUF(src))
+/* Bytes ahead of each bfloat16 weight stream that the loop prefetches. A bfloat16 row is half as long as a float32
+ * one, and without it the bfloat16 GEMV read its weights no faster than the float32 GEMV read twice the bytes
+ * (48 (3072, 768) matrices, batch 1, 2 threads, the 2-core Xeon VM: 18.0 ms against 19.1 ms); with 256 to 4096
+ * bytes ahead it took 12.2-13.8 ms (2048: 12.2-12.5), the float32 one 17.5-19.0. The float32 loop is left as it
+ * was: the same prefetch there changed nothing measurable. */
+#define SL_GEMM_BF16_AHEAD 2048
 
 /* SL_ROWS_GEMM(T, SUF): sl_rows_gemm_SUF (weights in T) and sl_rows_gemm_SUF_bf16 (the same GEMM on bfloat16
  * weights, uint16_t bits; X, bias, R and Y in T). The second runs the first's tiles and order with each weight
@@ -298,6 +323,11 @@
     typedef uint32_t sl_gemm_u_##SUF __attribute__((vector_size(SL_GEMM_VBYTES / sizeof(T) * 4)));                     \
     typedef float sl_gemm_f_##SUF __attribute__((vector_size(SL_GEMM_VBYTES / sizeof(T) * 4)));                        \
     static inline sl_gemm_v_##SUF sl_gemm_bf16_##SUF(const uint16_t *p) {                                              \
+        if (SL_GEMM_WIDEN8 && sizeof(T) == 4 && SL_GEMM_VBYTES == 32) {                                                \
+            sl_gemm_v_##SUF v;                                                                                         \
+            sl_gemm_widen8(p, &v);                                                                                     \
+            return v;                                                                                                  \
+        }                                                                                                              \
         sl_gemm_b_##SUF b;                                                                                             \
         memcpy(&b, p, sizeof b);                                                                                       \
         const sl_gemm_u_##SUF u = __builtin_convertvector(b, sl_gemm_u_##SUF) << 16;                                   \
