@@ -13,6 +13,7 @@ step gives the eager step's tokens on real models.
     python bench/trained_decode.py --ladder ladder                     # after `make ladder`
     python bench/trained_decode.py ladder/01-moe/dense.safetensors --batches 1
     python bench/trained_decode.py FILE --quick                        # smoke test
+    python bench/trained_decode.py --ladder ladder --bf16              # the models converted to bfloat16
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timings per model and batch; the median is shown")
     p.add_argument("--threads", type=int)
     p.add_argument("--quick", action="store_true", help="few tokens, one repeat (smoke test)")
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="time each model converted to bfloat16 (attention layers step eagerly there), and count "
+        "how many of its greedy bytes at batch 1 match the float32 model's",
+    )
     args = p.parse_args(argv)
     if not args.files and args.ladder is None:
         p.error("give model files or --ladder DIR")
@@ -107,6 +114,15 @@ def main(argv=None) -> None:
     for label, path in models:
         model, _ = model_from_checkpoint(path)
         model.eval()
+        agree = ""
+        if args.bf16:  # the float32 model's greedy bytes at batch 1, then the model in bfloat16
+            with torch.no_grad():
+                want = model.generate(ids[None], args.new_tokens, temperature=0).tokens[0]
+                model.to(torch.bfloat16)
+                got = model.generate(ids[None], args.new_tokens, temperature=0).tokens[0]
+            same = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(want))
+            agree = f" | {same}/{len(want)}"
+            label = f"{label} (bf16)"
         reasons = fused_layers(model)
         eager_layers = sorted({r for r in reasons if r is not None})
         fused_note = f"{reasons.count(None)}/{len(reasons)}" + (f" ({'; '.join(eager_layers)})" if eager_layers else "")
@@ -115,12 +131,13 @@ def main(argv=None) -> None:
             fused, eager, same = rates(model, ids.expand(batch, -1).contiguous(), args.new_tokens, args.repeats)
             rows.append(
                 f"| {label} | {fused_note} | {batch} | {fused:,.0f} | {eager:,.0f} | {fused / eager:.1f}x | "
-                f"{'yes' if same else 'NO'} |"
+                f"{'yes' if same else 'NO'}{agree} |"
             )
             print(f"  {label} batch {batch}: fused {fused:,.0f} tok/s, eager {eager:,.0f}", flush=True)
     print()
-    print("| model | layers fused | batch | fused tok/s | eager tok/s | fused / eager | same tokens |")
-    print("|---|---|---|---|---|---|---|")
+    extra = " bf16 bytes = fp32 bytes before the first difference (batch 1) |" if args.bf16 else ""
+    print(f"| model | layers fused | batch | fused tok/s | eager tok/s | fused / eager | same tokens |{extra}")
+    print("|---|---|---|---|---|---|---|" + ("---|" if args.bf16 else ""))
     for row in rows:
         print(row)
 
