@@ -99,6 +99,11 @@ def rates(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> tuple[f
     return fused, eager, tokens[True] == tokens[False]
 
 
+def agreeing(got: list, want: list) -> int:
+    """How many tokens ``got`` and ``want`` share before their first difference."""
+    return next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
@@ -120,8 +125,10 @@ def main(argv=None) -> None:
                 want = model.generate(ids[None], args.new_tokens, temperature=0).tokens[0]
                 model.to(torch.bfloat16)
                 got = model.generate(ids[None], args.new_tokens, temperature=0).tokens[0]
-            same = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(want))
-            agree = f" | {same}/{len(want)}"
+                model.fused_step = False
+                got_eager = model.generate(ids[None], args.new_tokens, temperature=0).tokens[0]
+                model.fused_step = True
+            agree = f" | {agreeing(got, want)}/{len(want)} | {agreeing(got_eager, want)}/{len(want)}"
             label = f"{label} (bf16)"
         reasons = fused_layers(model)
         eager_layers = sorted({r for r in reasons if r is not None})
@@ -135,9 +142,9 @@ def main(argv=None) -> None:
             )
             print(f"  {label} batch {batch}: fused {fused:,.0f} tok/s, eager {eager:,.0f}", flush=True)
     print()
-    extra = " bf16 bytes = fp32 bytes before the first difference (batch 1) |" if args.bf16 else ""
+    extra = " bf16 fused = fp32 | bf16 eager = fp32 |" if args.bf16 else ""
     print(f"| model | layers fused | batch | fused tok/s | eager tok/s | fused / eager | same tokens |{extra}")
-    print("|---|---|---|---|---|---|---|" + ("---|" if args.bf16 else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|---|" if args.bf16 else ""))
     for row in rows:
         print(row)
 
