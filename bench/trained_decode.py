@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--bf16",
         action="store_true",
-        help="time each model converted to bfloat16 (attention layers step eagerly there), and count "
+        help="time each model converted to bfloat16, and count "
         "how many of its greedy bytes at batch 1 match the float32 model's",
     )
     args = p.parse_args(argv)

@@ -17,15 +17,14 @@ loop, so a model is fused where it can be.
 When it applies (else the eager step runs, with the same results, silently):
 
 - CPU tensors, float32 or float64 (the float64 build follows the eager float64 path: norms in float32, the conv
-  state stored in float32, as seqlab/norm.py and the mixers do), or bfloat16 for Mamba blocks (and
-  the whole-model call around them): the step computes in float32, reading the dense projection weights, the
-  experts, the embedding and the head as bfloat16 (half the bytes; widened exactly in the rows GEMM) and the other
-  parameters from float32 copies made once (norms, conv, biases, A, D, LASER factors, AQLM codebooks; a
-  parameter kept in float32 is taken as it is). Hidden states and logits come back rounded to bfloat16, as the
-  eager bfloat16 step returns them (the states are float32 in both). So the result is, bit for bit, the compiled
-  step of the model converted to float32, rounded; it is closer to the float64 forward than the eager bfloat16
-  step, which rounds every op (tests/test_core/test_fused_step.py). Attention blocks in bfloat16 step eagerly
-  between the fused runs (their KV caches stay the eager step's bfloat16);
+  state stored in float32, as seqlab/norm.py and the mixers do), or bfloat16 (every block kind above, and the
+  whole-model call): the step computes in float32, reading the dense projection weights, the experts, the
+  embedding and the head as bfloat16 (half the bytes; widened exactly in the rows GEMM) and the other parameters
+  from float32 copies made once (norms, conv, biases, A, D, LASER factors, AQLM codebooks; a parameter kept in
+  float32 is taken as it is). Hidden states and logits come back rounded to bfloat16, as the eager bfloat16 step
+  returns them (the states, attention's KV cache included, are float32 in both). So the result is, bit for bit,
+  the compiled step of the model converted to float32, rounded; it is closer to the float64 forward than the eager
+  bfloat16 step, which rounds every op (tests/test_core/test_fused_step.py). float16 is not fused;
 - no autograd: ``torch.is_grad_enabled()`` is False, or neither the input, the state nor any parameter of the
   block requires grad;
 - a plain block: ``Block`` with an ``RMSNorm``; a ``Mamba1Mixer`` (without Jamba's inner norms), a
@@ -309,8 +308,6 @@ def _block_reason(block, dtype: torch.dtype):
         return None, "a forward hook is registered"
     if mixer.backend not in ("auto", "native"):
         return None, f"kernel backend {mixer.backend!r} was chosen"
-    if dtype == torch.bfloat16 and kind == "attention":  # its eager KV cache is bfloat16; the C step's is T
-        return None, "AttentionMixer in bfloat16 (Mamba-1, Mamba-2 and Mamba-3 blocks fuse in bfloat16)"
     # a bfloat16 model steps in float32: its parameters bfloat16 (dense weights read as such) or float32
     allowed = (torch.bfloat16, torch.float32) if dtype == torch.bfloat16 else (dtype,)
     for name, p in block.named_parameters():
