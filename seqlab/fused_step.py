@@ -808,16 +808,32 @@ def _io_pointers(src: dict, dst: dict) -> list[int]:
     return pointers + [0] * (_IO_FIELDS - len(pointers))
 
 
-def _attention_io(layer: dict, window: int, dtype: torch.dtype, spare) -> tuple[list[int], dict, list] | None:
-    """An attention layer's ``st_io`` (step.c's ``st_attn_io``): k, v and seen in and out, then the old and new
-    cache sizes; the new cache holds the last min(max(seen) + 1, window, slots + 1) entries of [cache, this token],
-    as ``AttentionMixer._cache_at`` cuts it. (pointers, the new layer state, the tensors to keep alive), or None
-    (an empty batch or a seen that is not int64: the eager step handles them)."""
-    k, v, seen = layer["k"], layer["v"], layer["seen"]
+def _cache_sizes(layer: dict, window: int | None) -> tuple[int, int] | None:
+    """An attention layer's cache slots now and after this step: the new cache holds the last
+    min(max(seen) + 1, window, slots + 1) entries of [cache, this token], as ``AttentionMixer._cache_at`` cuts it.
+    None for an empty batch or a seen that is not int64 (the eager step handles them)."""
+    seen = layer["seen"]
     if seen.dtype != torch.int64 or not seen.numel():
         return None
-    slots = k.shape[2]
-    keep = min(int(seen.max()) + 1, slots + 1, window or slots + 1)
+    slots = layer["k"].shape[2]
+    return slots, min(int(seen.max()) + 1, slots + 1, window or slots + 1)
+
+
+def _in_place_io(k: torch.Tensor, v: torch.Tensor, seen_in, seen_out, slots: int, keep: int, start: int) -> list[int]:
+    """An ``st_attn_io`` appending in place (stride > 0): buffers ``k`` / ``v`` holding the old cache (``slots``
+    entries from slot ``start``), seen in and out, the new cache's size ``keep`` (0: C sizes it each step)."""
+    return [0, k.data_ptr(), 0, v.data_ptr(), seen_in.data_ptr(), seen_out.data_ptr(), slots, keep, k.shape[2], start]
+
+
+def _attention_io(layer: dict, window: int, dtype: torch.dtype, spare) -> tuple[list[int], dict, list] | None:
+    """An attention layer's ``st_io`` (step.c's ``st_attn_io``): k, v and seen in and out, then the old and new
+    cache sizes (``_cache_sizes``). (pointers, the new layer state, the tensors to keep alive), or None (the eager
+    step handles the layer)."""
+    sizes = _cache_sizes(layer, window)
+    if sizes is None:
+        return None
+    slots, keep = sizes
+    k, v, seen = layer["k"], layer["v"], layer["seen"]
     src = {"k": k.to(dtype).contiguous(), "v": v.to(dtype).contiguous(), "seen": seen.contiguous()}
     dst = {}
     for name, t in src.items():
@@ -834,9 +850,9 @@ def _attention_io(layer: dict, window: int, dtype: torch.dtype, spare) -> tuple[
 def _attention_buffers(layer: dict, dtype: torch.dtype, steps: int) -> tuple[list[int], dict, list] | None:
     """An attention layer's ``st_attn_io`` for the greedy loop (stride > 0): its cache copied to the start of a
     pair of buffers with room for ``steps`` more slots, where each step appends in place (``fused_lm_greedy``)."""
-    k, v, seen = layer["k"], layer["v"], layer["seen"]
-    if seen.dtype != torch.int64 or not seen.numel():
+    if _cache_sizes(layer, None) is None:
         return None
+    k, v, seen = layer["k"], layer["v"], layer["seen"]
     b, heads, slots, dim = k.shape
     buffers = {}
     for name, t in (("k", k), ("v", v)):
@@ -865,11 +881,12 @@ class KVRoom:
 
     def io(self, i: int, layer: dict, window: int, dtype: torch.dtype) -> tuple[list[int], dict, list] | None:
         """Layer ``i``'s ``st_attn_io`` appending in place (stride > 0), the new layer state, the inputs to keep."""
-        k, v, seen = layer["k"], layer["v"], layer["seen"]
-        if seen.dtype != torch.int64 or not seen.numel():
+        sizes = _cache_sizes(layer, window)
+        if sizes is None:
             return None
-        b, heads, slots, dim = k.shape
-        keep = min(int(seen.max()) + 1, slots + 1, window or slots + 1)
+        slots, keep = sizes
+        k, v, seen = layer["k"], layer["v"], layer["seen"]
+        b, heads, dim = k.shape[0], k.shape[1], k.shape[3]
         entry = self.layers.get(i)
         if entry is None or entry[3] is not k or entry[2] >= entry[0].shape[2] or entry[0].dtype != dtype:
             room = slots + max((window or slots) // 4, 64)
@@ -885,8 +902,7 @@ class KVRoom:
         dst["seen"] = torch.empty_like(seen)
         entry[3] = dst["k"]
         seen = seen.contiguous()
-        pointers = [0, kb.data_ptr(), 0, vb.data_ptr(), seen.data_ptr(), dst["seen"].data_ptr()]
-        return pointers + [slots, keep, kb.shape[2], start], dst, [seen]
+        return _in_place_io(kb, vb, seen, dst["seen"], slots, keep, start), dst, [seen]
 
 
 def _greedy_pointers(src: dict, dst: dict, slots: int = 0) -> list[int]:
@@ -894,8 +910,7 @@ def _greedy_pointers(src: dict, dst: dict, slots: int = 0) -> list[int]:
     at slots [0, ``slots``)) and seen from ``src`` to ``dst``; any other layer's ``_io_pointers``."""
     if "seen" not in dst:
         return _io_pointers(src, dst)
-    k, v = dst["k"], dst["v"]
-    return [0, k.data_ptr(), 0, v.data_ptr(), src["seen"].data_ptr(), dst["seen"].data_ptr(), slots, 0, k.shape[2], 0]
+    return _in_place_io(dst["k"], dst["v"], src["seen"], dst["seen"], slots, 0, 0)
 
 
 def _state_io(
