@@ -472,39 +472,25 @@ class _Plan:
         return self._key() == self.key
 
     def _weight(self, layer) -> int:
-        """A dense projection's weight pointer (a bfloat16 weight as it is: ``_bf16_dense`` marks it); 0 for a
+        """A dense projection's weight pointer (a bfloat16 weight as it is: its st_proj kind 3 says so); 0 for a
         low-rank or AQLM one (its _Proj holds its tensors)."""
-        return self._tensor(layer.weight, dense=True) if type(layer) is nn.Linear else 0
+        return self._tensor(layer.weight, keep_bf16=True) if type(layer) is nn.Linear else 0
 
-    def _tensor(self, t: torch.Tensor | None, dense: bool = False) -> int:
-        """``t``'s pointer, ``t`` kept alive: in the compute dtype (a bfloat16 model's norms, conv, biases, LASER
-        factors, AQLM codebooks are converted once here), except a ``dense`` bfloat16 weight, which the rows GEMM
-        reads as it is (st_proj kind 3)."""
+    def _tensor(self, t: torch.Tensor | None, keep_bf16: bool = False) -> int:
+        """``t``'s pointer, ``t`` kept alive: a bfloat16 ``t`` converted to the compute dtype once here (a bfloat16
+        model's norms, conv, biases, LASER factors, AQLM codebooks) unless ``keep_bf16`` (a dense weight the rows
+        GEMM reads as it is)."""
         if t is None:
             return 0
         t = t.detach()
-        if t.dtype == torch.bfloat16 and not dense:
+        if t.dtype == torch.bfloat16 and not keep_bf16:
             t = t.to(self.compute)
         if not t.is_contiguous():
             t = t.contiguous()
         self.keep.append(t)
         return t.data_ptr()
 
-    def _bf16_dense(self, block, spec: _Layer) -> None:
-        """Mark the dense projections whose weights are bfloat16 (st_proj kind 3: the rows GEMM widens them)."""
-        for name, field in _PROJ_FIELDS.items():
-            owner, _, attr = name.rpartition(".")
-            layer = getattr(block.ffn if owner else block.mixer, attr, None)
-            if type(layer) is nn.Linear and layer.weight.dtype == torch.bfloat16:
-                getattr(spec, field).kind = 3
-
     def _spec(self, block, kind: str) -> _Layer:
-        spec = self._fields(block, kind)
-        if self.compute != self.dtype:
-            self._bf16_dense(block, spec)
-        return spec
-
-    def _fields(self, block, kind: str) -> _Layer:
         m = block.mixer
         dt = self.compute
         spec = _Layer()
@@ -519,6 +505,8 @@ class _Plan:
             layer = getattr(block.ffn if owner else m, attr, None)
             if isinstance(layer, nn.Module) and type(layer) is not nn.Linear:
                 self._proj_spec(layer, getattr(spec, field))
+            elif type(layer) is nn.Linear and layer.weight.dtype == torch.bfloat16:  # read as such by the GEMM
+                getattr(spec, field).kind = 3
         if kind == "attention":
             self._attention_spec(m, spec)
             return spec
@@ -985,9 +973,10 @@ class _LMPlan:
         if self.reason is None:
             self.spec.vocab, self.spec.d_model = head.weight.shape
             self.spec.norm_eps = float(norm.eps)
-            bf16 = self.spec.bf16 = int(plan.compute != plan.dtype)  # the embedding and head stay bfloat16
-            self.spec.emb_w, self.spec.norm_w = plan._tensor(emb.weight, bool(bf16)), plan._tensor(norm.weight)
-            self.spec.head_w, self.spec.head_b = plan._tensor(head.weight, bool(bf16)), plan._tensor(head.bias)
+            bf16 = plan.compute != plan.dtype  # the embedding and head stay bfloat16 (_reason: all in plan.dtype)
+            self.spec.bf16 = int(bf16)
+            self.spec.emb_w, self.spec.norm_w = plan._tensor(emb.weight, bf16), plan._tensor(norm.weight)
+            self.spec.head_w, self.spec.head_b = plan._tensor(head.weight, bf16), plan._tensor(head.bias)
         self.key = self._key()
 
     def _reason(self, model, lm_type, norm_type) -> str | None:

@@ -884,7 +884,8 @@ BF16_VARIANTS = [
 
 def _bf16_pair(variant: str):
     """(the variant in bfloat16, its float32 copy); "compressed-mamba1/2": LASER and AQLM projections too;
-    "+fp32-ssm": A_log, D and the dt bias kept in float32, as Mamba checkpoints often keep them."""
+    "+fp32-ssm": A_log, D and the dt bias kept in float32, as Mamba checkpoints often keep them; "+fp32-down": an
+    MoE's stacked down experts in float32 beside bfloat16 gate_up (then both are taken in float32)."""
     import copy
 
     name, _, extra = variant.partition("+")
@@ -898,6 +899,9 @@ def _bf16_pair(variant: str):
                 p = getattr(block.mixer, attr, None)
                 if p is not None:
                     p.data = p.data.float()
+    if extra == "fp32-down":
+        for block in model.backbone.layers:
+            block.ffn.down.data = block.ffn.down.data.float()
     return model, copy.deepcopy(model).float()
 
 
@@ -920,6 +924,7 @@ def _same_layers(a, b) -> bool:
         "compressed-attention",
         "mamba2-mlp+fp32-ssm",
         "mamba1+fp32-ssm",
+        "mamba2-moe-top2+fp32-down",
     ],
 )
 @torch.no_grad()
