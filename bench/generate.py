@@ -20,6 +20,7 @@ batch-1 state repeated: every row at context C), with the ratio, and batch 16's 
     python bench/generate.py --ffn moe --models Mamba-1 Mamba-2   # blocks with a 4-expert top-1 MoE
     python bench/generate.py --skip-hf --bf16      # also a bfloat16 copy: fused vs the fp32 model and vs eager
     python bench/generate.py --skip-hf --shape 768 24 --models Mamba-1   # mamba-130m's width and depth
+    python bench/generate.py --skip-hf --sampling  # sampled decoding: many steps per call vs one per token
 """
 
 from __future__ import annotations
@@ -81,6 +82,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="also time the model converted to bfloat16 (its compiled step computes in float32 on the bfloat16 "
         "weights): against its eager step and against the float32 model's compiled step",
+    )
+    p.add_argument(
+        "--sampling",
+        action="store_true",
+        help="also time sampled decoding (temperature 0.8, top-k 50, top-p 0.95): the many-steps compiled call "
+        "(sampling in C) against one compiled step per token",
     )
     args = p.parse_args(argv)
     unknown = sorted(set(args.models or ()) - set(MODELS))
@@ -166,10 +173,33 @@ def bf16_rates(model, prompts: dict, states: dict, new_tokens: int, repeats: int
     return {key: against_fp32[key] + against_eager[key] for key in against_fp32}
 
 
+#: what --sampling samples with (a common setting)
+SAMPLING = dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.95, seed=0)
+
+
+def sampled_rates(model, prompts: dict, states: dict, new_tokens: int, repeats: int, batches) -> dict:
+    """{(context, batch): (many tok/s, one tok/s)}: sampled ``generate`` (``SAMPLING``) with its many-steps
+    compiled call (the default: steps and sampling in C until a stop token) against its step-by-step loop (one
+    compiled step and one compiled sample per token, which is what a callback, penalty or suppressed tokens
+    run; before the many-steps call sampled too, every sampled token took this loop)."""
+    import seqlab.generate as generate_module
+
+    many = generate_module.fused_lm_greedy
+
+    def use(peer: bool) -> None:
+        generate_module.fused_lm_greedy = many if peer else (lambda *a, **k: None)  # type: ignore[assignment]
+
+    try:
+        return paired_rates(model, prompts, states, new_tokens, repeats, batches, use, **SAMPLING)
+    finally:
+        generate_module.fused_lm_greedy = many  # type: ignore[assignment]
+
+
 def sampling_cache_rates(model, prompts: dict, states: dict, new_tokens: int, repeats: int, batches) -> dict:
-    """{(context, batch): (in place tok/s, copied tok/s)}: sampled ``generate`` (its step-by-step loop, one
-    compiled call per token) with the attention caches appended in place (``seqlab.fused_step.KVRoom``, the
-    default) and with the room turned off (every step copies each cache, as before it existed)."""
+    """{(context, batch): (in place tok/s, copied tok/s)}: sampled ``generate`` on its step-by-step loop (a
+    callback keeps it there: one compiled call per token) with the attention caches appended in place
+    (``seqlab.fused_step.KVRoom``, the default) and with the room turned off (every step copies each cache, as
+    before it existed)."""
     import seqlab.generate as generate_module
     from seqlab.fused_step import KVRoom
 
@@ -177,7 +207,7 @@ def sampling_cache_rates(model, prompts: dict, states: dict, new_tokens: int, re
         generate_module.KVRoom = KVRoom if in_place else (lambda: None)  # type: ignore[assignment]
 
     try:
-        options = dict(do_sample=True, temperature=1.0, seed=0)
+        options = dict(do_sample=True, temperature=1.0, seed=0, callback=lambda row, token: None)
         return paired_rates(model, prompts, states, new_tokens, repeats, batches, use, **options)
     finally:
         generate_module.KVRoom = KVRoom  # type: ignore[assignment]
@@ -201,7 +231,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     print(machine_line())
     print(f"greedy decode of {args.new_tokens} tokens after a prompt of C tokens; HF up to C={args.hf_max_context}")
-    rows, fused_rows, sampling_rows, bf16_rows = [], [], [], []
+    rows, fused_rows, sampling_rows, bf16_rows, sampled_rows = [], [], [], [], []
+    greedy_fused: dict = {}
     for kind in args.models or MODELS:
         if args.ffn or args.attention or args.shape:
             torch.manual_seed(0)
@@ -252,6 +283,7 @@ def main(argv=None) -> None:
         if not args.skip_eager:
             pairs = fused_vs_eager_rates(model, prompts, states, args.new_tokens, args.repeats, args.batches)
             for (context, batch), (fused, eager) in pairs.items():
+                greedy_fused[(kind, context, batch)] = fused
                 one = pairs[(context, 1)][0] if (context, 1) in pairs else None
                 scale = "-" if one is None or batch == 1 else f"{fused / one:.1f}x"
                 fused_rows.append(
@@ -269,6 +301,15 @@ def main(argv=None) -> None:
                 print(
                     f"  {kind} C={context} batch {batch}: bf16 fused {half:,.0f} tok/s, eager {eager:,.0f}", flush=True
                 )
+        if args.sampling:
+            pairs = sampled_rates(model, prompts, states, args.new_tokens, args.repeats, args.batches)
+            for (context, batch), (many, one) in pairs.items():
+                greedy = greedy_fused.get((kind, context, batch))
+                against = "- | -" if greedy is None else f"{greedy:,.0f} | {many / greedy:.2f}x"
+                sampled_rows.append(
+                    f"| {kind} | {context} | {batch} | {many:,.0f} | {one:,.0f} | {many / one:.2f}x | {against} |"
+                )
+                print(f"  {kind} C={context} batch {batch}: sampled {many:,.0f} tok/s, per step {one:,.0f}", flush=True)
         if args.attention:
             pairs = sampling_cache_rates(model, prompts, states, args.new_tokens, args.repeats, args.batches)
             for (context, batch), (in_place, copied) in pairs.items():
@@ -296,9 +337,22 @@ def main(argv=None) -> None:
         print("|---|---|---|---|---|---|---|---|---|")
         for row in bf16_rows:
             print(row)
+    if sampled_rows:
+        print()
+        print(
+            "sampled (T 0.8, top-k 50, top-p 0.95): many steps per compiled call against one compiled step per "
+            "token; greedy fused from the table above (another turn):"
+        )
+        print(
+            "| model | context | batch | sampled, many steps tok/s | sampled, step by step tok/s | many / step "
+            "| greedy fused tok/s | sampled / greedy |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        for row in sampled_rows:
+            print(row)
     if sampling_rows:
         print()
-        print("sampling (T=1), the attention caches appended in place against copied every step:")
+        print("sampling (T=1, step by step), the attention caches appended in place against copied every step:")
         print("| model | context | batch | in place tok/s | copied tok/s | in place / copied |")
         print("|---|---|---|---|---|---|")
         for row in sampling_rows:

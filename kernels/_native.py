@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-HEADERS = ("seqlab_native.h", "seqlab_gemm.h", "seqlab_mamba3_head.h")
+HEADERS = ("seqlab_native.h", "seqlab_gemm.h", "seqlab_mamba3_head.h", "seqlab_sample.h")
 BASE_FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-Wall")
 ARCH_FLAGS = ("-march=native",)
 

@@ -180,6 +180,17 @@ class _LM(ctypes.Structure):
     )
 
 
+class _Sampling(ctypes.Structure):
+    """Sampling options for step.c's sampler (seqlab_sample.h's ``st_sampling``: every field 8 bytes)."""
+
+    _fields_ = (
+        ("temperature", ctypes.c_double),  # > 0
+        ("top_k", ctypes.c_int64),  # 0: none
+        ("top_p", ctypes.c_double),  # >= 1: none
+        ("min_p", ctypes.c_double),  # <= 0: none
+    )
+
+
 #: the hidden-state dtypes the compiled step takes -> the dtype it computes in (a bfloat16 model steps in float32:
 #: its dense weights are read as bfloat16, every other parameter converted once, see _Plan)
 _COMPUTE = {torch.float32: torch.float32, torch.float64: torch.float64, torch.bfloat16: torch.float32}
@@ -206,11 +217,18 @@ def _library():
                 greedy = getattr(lib, f"sl_lm_greedy_{suffix}")
                 greedy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
                 greedy.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+                greedy.argtypes += [ctypes.c_void_p, ctypes.c_void_p]  # sampling options (NULL: argmax), uniforms
                 greedy.argtypes += [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
                 greedy.restype = ctypes.c_int64
-            lib.sl_step_abi.restype = lib.sl_lm_step_abi.restype = ctypes.c_int
+                sample = getattr(lib, f"sl_sample_{suffix}")
+                sample.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+                sample.argtypes += [ctypes.c_void_p, ctypes.c_void_p]
+                sample.restype = ctypes.c_int64
+            abi = (lib.sl_step_abi, lib.sl_lm_step_abi, lib.sl_sample_abi)
+            for fn in abi:
+                fn.restype = ctypes.c_int
             # a stale build: never call it with these layouts
-            if lib.sl_step_abi() % 1000 != ctypes.sizeof(_Layer) or lib.sl_lm_step_abi() % 1000 != ctypes.sizeof(_LM):
+            if [fn() % 1000 for fn in abi] != [ctypes.sizeof(t) for t in (_Layer, _LM, _Sampling)]:
                 lib = None
         _LIBRARY.append(lib)
     return _LIBRARY[0]
@@ -1084,7 +1102,7 @@ def fused_lm_step(model, input_ids, state, reuse=None, room: KVRoom | None = Non
     return logits.to(plan.dtype), new_state, hidden.to(plan.dtype)
 
 
-def fused_lm_greedy(model, input_ids, state, max_steps: int, watch=()):
+def fused_lm_greedy(model, input_ids, state, max_steps: int, watch=(), sampling=None, uniforms=None):
     """Greedy decoding in one compiled call: feed ``input_ids`` (b,) to ``state``, then each row's argmax (of the
     float32 logits, as ``generate`` picks it), for up to ``max_steps`` steps, returning early after the first step
     that fed a token in ``watch`` (the caller's stop tokens). Returns (steps run, tokens (steps, b): the argmax
@@ -1093,9 +1111,16 @@ def fused_lm_greedy(model, input_ids, state, max_steps: int, watch=()):
     greedy decoding (no callback, penalty, suppressed tokens or DRµGS): one call per stop token instead of one
     Python step per token. An attention layer's KV cache is appended to in place in buffers made for the call (a
     sliding-window layer: the call runs at most max(4 windows, 64) steps, and may return before ``max_steps``
-    without a watched token; the caller calls again)."""
+    without a watched token; the caller calls again).
+
+    ``sampling`` (a :class:`seqlab.sampling.SamplingOptions`) with ``uniforms`` (b, max_steps) float64: sampled
+    decoding instead, the token after step k of row j drawn with ``uniforms[j, k]`` by the rule of
+    :func:`seqlab.sampling.sample` (the same C code), so the tokens equal a step-by-step loop that samples each
+    step's logits with the same uniforms. Logits that cannot be sampled (NaN, +inf) raise InputError."""
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    if sampling is not None and (uniforms is None or tuple(uniforms.shape) != (len(input_ids), max_steps)):
+        raise ValueError(f"uniforms must be (batch, max_steps) = ({len(input_ids)}, {max_steps}) when sampling")
     ready = _lm_ready(model, input_ids, state)
     if ready is None:
         return None
@@ -1122,10 +1147,15 @@ def fused_lm_greedy(model, input_ids, state, max_steps: int, watch=()):
     tokens = torch.empty((max_steps, batch), dtype=torch.int64)
     hidden, logits = _lm_outputs(lm, batch, dtype)
     stop = array.array("q", sorted({int(t) for t in watch}))
+    options, draws = None, None
+    if sampling is not None:
+        options = sampling.struct()
+        draws = uniforms[:, :max_steps].to(torch.float64).contiguous()  # (a windowed cache may have cut max_steps)
     run = lib.sl_lm_greedy_f32 if dtype == torch.float32 else lib.sl_lm_greedy_f64
     steps = run(
         plan.base, pointers.buffer_info()[0], n, batch, ctypes.addressof(lm.spec), ids.data_ptr(), max_steps,
-        stop.buffer_info()[0] if stop else 0, len(stop), tokens.data_ptr(), hidden.data_ptr(), logits.data_ptr(),
+        stop.buffer_info()[0] if stop else 0, len(stop), None if options is None else ctypes.addressof(options),
+        None if draws is None else draws.data_ptr(), tokens.data_ptr(), hidden.data_ptr(), logits.data_ptr(),
         num_threads(),
     )  # fmt: skip
     del alive
@@ -1133,6 +1163,10 @@ def fused_lm_greedy(model, input_ids, state, max_steps: int, watch=()):
         return None
     if steps < 1:
         raise MemoryError(f"the fused decode step failed (code {steps}): out of memory for its workspace")
+    if sampling is not None and bool((tokens[steps - 1] < 0).any()):
+        from seqlab.sampling import unsampleable
+
+        raise unsampleable(int((tokens[steps - 1] < 0).nonzero()[0, 0]))
     layers = first if steps % 2 else second
     for i, window in enumerate(plan.windows):
         if window is not None:  # the last step's cache: the last entries its buffers got

@@ -24,6 +24,7 @@ import torch
 from seqlab.errors import InputError, StateError, StateMismatchError
 from seqlab.fused_step import KVRoom, fused_lm_greedy, fused_lm_step
 from seqlab.models import LanguageModel, ModelOutput
+from seqlab.sampling import SamplingOptions, Uniforms, sample
 from seqlab.state import RecurrentState, state_layout
 
 
@@ -398,6 +399,10 @@ def generate(
     return GenerationOutput(tokens, states, reasons)
 
 
+#: the most steps one compiled sampling call runs (its uniforms are drawn ahead: 8 bytes a step and row)
+_SAMPLED_STEPS = 4096
+
+
 def _decode_loop(
     model, batch, logits, rows, active, tokens, positions, finals, reasons, max_new_tokens, greedy, temperature,
     top_k, top_p, min_p, repetition_penalty, seen, banned, generators, stops, callback, device, handle,
@@ -405,35 +410,38 @@ def _decode_loop(
     """The token-by-token loop of ``generate``; ``active`` shrinks in place as rows stop. Returns the final
     (batch, logits) of the rows still active.
 
-    Plain greedy decoding of a LanguageModel on the compiled step (no penalty, suppressed tokens, callback or
-    DRµGS) runs many steps per call (``seqlab.fused_step.fused_lm_greedy``): the call returns after a step that
-    fed the last token of a stop sequence, so stops are checked exactly where this loop checks them."""
+    Plain greedy or sampled decoding of a LanguageModel on the compiled step (no penalty, suppressed tokens,
+    callback or DRµGS) runs many steps per call (``seqlab.fused_step.fused_lm_greedy``): the call returns after a
+    step that fed the last token of a stop sequence, so stops are checked exactly where this loop checks them.
+    Sampling draws by ``seqlab.sampling``'s rule with row i's t-th uniform for its t-th token, here and in the
+    compiled call alike, so how many steps a call runs never changes a token."""
     spare, stepped, room = None, False, KVRoom()
     many = (
-        greedy and seen is None and banned is None and callback is None and handle is None
+        seen is None and banned is None and callback is None and handle is None
         and isinstance(model, LanguageModel) and bool(model.fused_step)
     )  # fmt: skip
+    options = None if greedy else SamplingOptions(temperature, top_k, top_p, min_p)
+    uniforms = None if greedy else Uniforms(generators)  # row i's t-th token: its generator's t-th uniform
     watch = sorted({s[-1] for s in stops})
     remaining = max_new_tokens
     while remaining > 0:
         if not active:
             break
+        done = max_new_tokens - remaining  # tokens every active row has generated
         if banned is not None:
             logits = logits.index_fill(-1, banned, float("-inf"))
-        if greedy and seen is None:  # plain greedy: _filter_logits would only copy to float32
+        if seen is not None:  # the repetition penalty (float32, as before any other filter)
+            logits = _filter_logits(logits, seen[active], 0, None, None, None, repetition_penalty)
+        if greedy:
             chosen = logits.float().argmax(dim=-1)
-        elif greedy:
-            chosen = _filter_logits(logits, seen[active], 0, None, None, None, repetition_penalty).argmax(dim=-1)
-        else:
-            filtered = _filter_logits(
-                logits, None if seen is None else seen[active], temperature, top_k, top_p, min_p, repetition_penalty
-            )
-            probs = torch.softmax(filtered, dim=-1).cpu()
-            chosen = torch.stack(
-                [torch.multinomial(probs[j], 1, generator=generators[i])[0] for j, i in enumerate(active)]
-            )
+        else:  # seqlab.sampling's rule, the same C code the many-steps call below samples with
+            chosen = sample(logits, uniforms.take(active, done, 1)[:, 0], options)
         chosen = chosen.to(device)
-        run = fused_lm_greedy(model, chosen, batch, remaining, watch) if many else None
+        run = None
+        if many:
+            steps = remaining if greedy else min(remaining, _SAMPLED_STEPS)
+            draws = None if greedy else uniforms.take(active, done + 1, steps)
+            run = fused_lm_greedy(model, chosen, batch, steps, watch, options, draws)
         if run is not None:
             steps, after, new_state, new_logits, new_hidden = run
             fed = [chosen.tolist()] + after[: steps - 1].tolist()  # the token each step fed, per row

@@ -27,6 +27,7 @@
 #include "seqlab_native.h"
 #include "seqlab_gemm.h"
 #include "seqlab_mamba3_head.h"
+#include "seqlab_sample.h"
 
 /* How a projection's weight is held (kind 0: the dense weight pointer of st_layer; 1: LASER's low-rank factors,
  * seqlab/posttrain/laser.py LowRankLinear, y = left (right x) + bias; 2: AQLM codes, seqlab/quant/linear.py
@@ -798,9 +799,11 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
         return 0;                                                                                                      \
     }                                                                                                                  \
                                                                                                                        \
-    /* Greedy decoding in one call and one parallel region: up to n_steps steps, each feeding every row's token        \
-     * (ids0 first, then the argmax of the logits before it) and writing the argmax after it to                        \
-     * next_tokens[k * batch + b] (torch's argmax of the float32 logits: the first maximum, a NaN above all).          \
+    /* Greedy or sampled decoding in one call and one parallel region: up to n_steps steps, each feeding every row's   \
+     * token (ids0 first, then the token chosen from the logits before it) and writing the token chosen after it to    \
+     * next_tokens[k * batch + b]. smp NULL: the argmax (torch's argmax of the float32 logits: the first maximum, a    \
+     * NaN above all); else sampled (seqlab_sample.h) with row b's uniform uniforms[b * n_steps + k], and a row        \
+     * whose logits cannot be sampled gets -1 and ends the call after that step.                                       \
      * It returns after the first step that fed a token in watch[0..n_watch) (the last tokens of the caller's          \
      * stop sequences) and returns the number of steps run (-1: out of memory, -3: an id of ids0 outside the           \
      * vocabulary). io3 holds three st_io sets of n_layers: step 0 reads the caller's state and writes X (set 0),      \
@@ -811,8 +814,8 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
      * reads the cache without copying it (the caller cuts the last step's cache out of the buffers). */               \
     SL_EXPORT int64_t sl_lm_greedy_##SUF(const st_layer *layers, const st_io *io3, int64_t n_layers, int64_t batch,    \
                                          const st_lm *lm, const int64_t *ids0, int64_t n_steps, const int64_t *watch,  \
-                                         int64_t n_watch, int64_t *next_tokens, T *hidden_out, T *logits,              \
-                                         int nthreads) {                                                               \
+                                         int64_t n_watch, const st_sampling *smp, const double *uniforms,              \
+                                         int64_t *next_tokens, T *hidden_out, T *logits, int nthreads) {               \
         for (int64_t b = 0; b < batch; b++)                                                                            \
             if (ids0[b] < 0 || ids0[b] >= lm->vocab) return -3;                                                        \
         int64_t w[ST_WIDTHS], done = 0;                                                                                \
@@ -821,12 +824,18 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
         /* this step's io: the set's, with an attention layer's cache sizes (its cache grows by a slot a step up to    \
          * the window; the caller gave buffers for the largest, each step's cache packed at their start) */            \
         st_io *io = (st_io *)malloc((size_t)n_layers * sizeof(st_io));                                                 \
-        if (!work || !io) {                                                                                            \
+        const int64_t V = lm->vocab;                                                                                   \
+        /* sampling: each row's probabilities and ranking room (seqlab_sample.h) */                                    \
+        double *probs = smp ? (double *)malloc((size_t)(batch * V) * sizeof(double)) : NULL;                           \
+        st_ranked *ranked = smp ? (st_ranked *)malloc((size_t)(batch * V) * sizeof(st_ranked)) : NULL;                 \
+        if (!work || !io || (smp && (!probs || !ranked))) {                                                            \
             free(work);                                                                                                \
             free(io);                                                                                                  \
+            free(probs);                                                                                               \
+            free(ranked);                                                                                              \
             return -1;                                                                                                 \
         }                                                                                                              \
-        const int64_t V = lm->vocab;                                                                                   \
+        int bad = 0;                                                                                                   \
         _Pragma("omp parallel num_threads(nthreads)") {                                                                \
             for (int64_t k = 0; k < n_steps; k++) {                                                                    \
                 const st_io *set = k == 0 ? io3 : io3 + (k % 2 ? n_layers : 2 * n_layers);                             \
@@ -847,6 +856,16 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
                 st_lm_body_##SUF(layers, io, n_layers, batch, lm, ids, hidden_out, logits, work, x0, x1, w);           \
                 _Pragma("omp for schedule(static)") for (int64_t b = 0; b < batch; b++) {                              \
                     const T *x = logits + b * V;                                                                       \
+                    if (smp) { /* row b's token k: its uniform k (seqlab_sample.h; -1: NaN or +inf logits) */          \
+                        double *p = probs + b * V;                                                                     \
+                        for (int64_t v = 0; v < V; v++) p[v] = (double)x[v];                                           \
+                        const int64_t t = st_sample_row(p, V, smp, uniforms[b * n_steps + k], ranked + b * V);         \
+                        next_tokens[k * batch + b] = t;                                                                \
+                        if (t < 0) {                                                                                   \
+                            _Pragma("omp atomic write") bad = 1;                                                       \
+                        }                                                                                              \
+                        continue;                                                                                      \
+                    }                                                                                                  \
                     int64_t best = 0;                                                                                  \
                     float bv = (float)x[0];                                                                            \
                     for (int64_t v = 1; v < V; v++) {                                                                  \
@@ -860,6 +879,7 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
                 }                                                                                                      \
                 _Pragma("omp single") {                                                                                \
                     done = k + 1;                                                                                      \
+                    if (bad) stop = 1; /* a row could not sample: never feed its -1 */                                 \
                     for (int64_t b = 0; b < batch && !stop; b++)                                                       \
                         for (int64_t q = 0; q < n_watch; q++)                                                          \
                             if (ids[b] == watch[q]) stop = 1;                                                          \
@@ -869,7 +889,27 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
         }                                                                                                              \
         free(work);                                                                                                    \
         free(io);                                                                                                      \
+        free(probs);                                                                                                   \
+        free(ranked);                                                                                                  \
         return done;                                                                                                   \
+    }                                                                                                                  \
+                                                                                                                       \
+    /* One sampled token per row of logits (rows, V), row b with uniforms[b] (seqlab_sample.h), as the loop above      \
+     * samples: generate's step-by-step loop calls it, so both loops choose alike. 0, or 1 + the first row whose       \
+     * logits cannot be sampled (NaN or +inf, or all -inf), or -1 out of memory. */                                    \
+    SL_EXPORT int64_t sl_sample_##SUF(const T *logits, int64_t rows, int64_t V, const st_sampling *smp,                \
+                                      const double *uniforms, int64_t *out) {                                          \
+        double *p = (double *)malloc((size_t)V * sizeof(double));                                                      \
+        st_ranked *ranked = (st_ranked *)malloc((size_t)V * sizeof(st_ranked));                                        \
+        int64_t code = p && ranked ? 0 : -1;                                                                           \
+        for (int64_t b = 0; b < rows && code == 0; b++) {                                                              \
+            for (int64_t v = 0; v < V; v++) p[v] = (double)logits[b * V + v];                                          \
+            out[b] = st_sample_row(p, V, smp, uniforms[b], ranked);                                                    \
+            if (out[b] < 0) code = 1 + b;                                                                              \
+        }                                                                                                              \
+        free(p);                                                                                                       \
+        free(ranked);                                                                                                  \
+        return code;                                                                                                   \
     }
 /* float: seqlab_native.h's vectorisable exp, softplus and SiLU (at batch 16 libm's per-channel calls were a tenth
  * of the step); double: libm, as the float64 reference runs. */
@@ -882,3 +922,4 @@ ST_STEP(double, f64, exp, sl_softplus_d, sl_silu_d, sl_silu_f)
 
 SL_EXPORT int sl_step_abi(void) { return SEQLAB_NATIVE_ABI * 1000 + (int)sizeof(st_layer); }
 SL_EXPORT int sl_lm_step_abi(void) { return SEQLAB_NATIVE_ABI * 1000 + (int)sizeof(st_lm); }
+SL_EXPORT int sl_sample_abi(void) { return SEQLAB_NATIVE_ABI * 1000 + (int)sizeof(st_sampling); }

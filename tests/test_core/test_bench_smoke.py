@@ -80,11 +80,14 @@ def test_generate_quick_bfloat16_prints_its_table():
     )
     assert "| bf16 fused | fp32 fused | bf16 / fp32 | bf16 fused | bf16 eager | fused / eager |" in out
     assert "| Mamba-1 | 512 | 2 |" in out
-    # another width and depth (--shape), the model's label says which
+    # another width and depth (--shape), the model's label says which; sampled decoding's table (--sampling)
     out = run_bench(
-        "generate.py", "--quick", "--skip-hf", "--models", "Mamba-2", "--shape", "64", "3", "--batches", "1"
-    )
+        "generate.py", "--quick", "--skip-hf", "--models", "Mamba-2", "--shape", "64", "3", "--batches", "1",
+        "--sampling",
+    )  # fmt: skip
     assert "| Mamba-2 (64 x 3) | 512 | 1 |" in out
+    assert "| sampled, many steps tok/s | sampled, step by step tok/s | many / step |" in out
+    assert len([line for line in out.splitlines() if line.startswith("| Mamba-2 (64 x 3) | 512 | 1 |")]) == 2
 
 
 def test_gpu_kernels_bench_runs_without_a_gpu():
