@@ -180,7 +180,7 @@ SAMPLING = dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.95, seed=0)
 def sampled_rates(model, prompts: dict, states: dict, new_tokens: int, repeats: int, batches) -> dict:
     """{(context, batch): (many tok/s, one tok/s)}: sampled ``generate`` (``SAMPLING``) with its many-steps
     compiled call (the default: steps and sampling in C until a stop token) against its step-by-step loop (one
-    compiled step and one compiled sample per token, which is what a callback, penalty or suppressed tokens
+    compiled step and one compiled sample per token, which is what a callback, penalty or DRµGS
     run; before the many-steps call sampled too, every sampled token took this loop)."""
     import seqlab.generate as generate_module
 

@@ -14,6 +14,7 @@ step gives the eager step's tokens on real models.
     python bench/trained_decode.py ladder/01-moe/dense.safetensors --batches 1
     python bench/trained_decode.py FILE --quick                        # smoke test
     python bench/trained_decode.py --ladder ladder --bf16              # the models converted to bfloat16
+    python bench/trained_decode.py --ladder ladder --sample            # sampled decoding instead of greedy
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="time each model converted to bfloat16, and count "
         "how many of its greedy bytes at batch 1 match the float32 model's",
+    )
+    p.add_argument(
+        "--sample",
+        action="store_true",
+        help=f"sampled decoding ({', '.join(f'{k} {v}' for k, v in SAMPLING.items() if k != 'do_sample')}) "
+        "instead of greedy",
     )
     args = p.parse_args(argv)
     if not args.files and args.ladder is None:
@@ -81,16 +88,21 @@ def prompt_bytes(args) -> bytes:
     return source.read_bytes()[: args.prompt_bytes]
 
 
+#: what --sample decodes with
+SAMPLING = dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.95, seed=0)
+
+
 @torch.no_grad()
-def rates(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> tuple[float, float, bool]:
-    """(fused tok/s, eager tok/s, same tokens) for greedy decoding of ``prompt`` (batch, length)."""
+def rates(model, prompt: torch.Tensor, new_tokens: int, repeats: int, **options) -> tuple[float, float, bool]:
+    """(fused tok/s, eager tok/s, same tokens) for decoding ``prompt`` (batch, length): greedy, or ``options``."""
+    options = options or dict(temperature=0)
     times: dict[bool, list[float]] = {True: [], False: []}
     tokens: dict[bool, list] = {}
     for _ in range(repeats):
         for fused in (True, False):
             model.fused_step = fused
             start = time.perf_counter()
-            out = model.generate(prompt, new_tokens, temperature=0)
+            out = model.generate(prompt, new_tokens, **options)
             times[fused].append(time.perf_counter() - start)
             tokens[fused] = out.tokens
     model.fused_step = True
@@ -114,7 +126,12 @@ def main(argv=None) -> None:
     print(machine_line())
     models = [(os.fspath(f.name), f) for f in args.files] + (ladder_files(args.ladder) if args.ladder else [])
     ids = torch.tensor(list(prompt_bytes(args)), dtype=torch.int64)
-    print(f"greedy decode of {args.new_tokens} bytes after a {ids.numel()}-byte prompt, median of {args.repeats}")
+    mode = "sampled (" + ", ".join(f"{k} {v}" for k, v in SAMPLING.items() if k != "do_sample") + ")"
+    options = SAMPLING if args.sample else {}
+    print(
+        f"{mode if args.sample else 'greedy'} decode of {args.new_tokens} bytes after a {ids.numel()}-byte prompt, "
+        f"median of {args.repeats}"
+    )
     rows = []
     for label, path in models:
         model, _ = model_from_checkpoint(path)
@@ -135,7 +152,8 @@ def main(argv=None) -> None:
         fused_note = f"{reasons.count(None)}/{len(reasons)}" + (f" ({'; '.join(eager_layers)})" if eager_layers else "")
         model.generate(ids[None, :4], 2, temperature=0)  # warm-up (builds the plan and the compiled library)
         for batch in args.batches:
-            fused, eager, same = rates(model, ids.expand(batch, -1).contiguous(), args.new_tokens, args.repeats)
+            prompt = ids.expand(batch, -1).contiguous()
+            fused, eager, same = rates(model, prompt, args.new_tokens, args.repeats, **options)
             rows.append(
                 f"| {label} | {fused_note} | {batch} | {fused:,.0f} | {eager:,.0f} | {fused / eager:.1f}x | "
                 f"{'yes' if same else 'NO'}{agree} |"

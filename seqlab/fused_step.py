@@ -217,6 +217,7 @@ def _library():
                 greedy = getattr(lib, f"sl_lm_greedy_{suffix}")
                 greedy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
                 greedy.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+                greedy.argtypes += [ctypes.c_void_p, ctypes.c_int64]  # banned ids
                 greedy.argtypes += [ctypes.c_void_p, ctypes.c_void_p]  # sampling options (NULL: argmax), uniforms
                 greedy.argtypes += [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
                 greedy.restype = ctypes.c_int64
@@ -1102,13 +1103,13 @@ def fused_lm_step(model, input_ids, state, reuse=None, room: KVRoom | None = Non
     return logits.to(plan.dtype), new_state, hidden.to(plan.dtype)
 
 
-def fused_lm_greedy(model, input_ids, state, max_steps: int, watch=(), sampling=None, uniforms=None):
+def fused_lm_greedy(model, input_ids, state, max_steps: int, watch=(), sampling=None, uniforms=None, banned=()):
     """Greedy decoding in one compiled call: feed ``input_ids`` (b,) to ``state``, then each row's argmax (of the
     float32 logits, as ``generate`` picks it), for up to ``max_steps`` steps, returning early after the first step
     that fed a token in ``watch`` (the caller's stop tokens). Returns (steps run, tokens (steps, b): the argmax
     after each step, the new state, the last logits, the last hidden), or None where :func:`fused_lm_step` would
     not apply. The state passed in is never written; the new state is new memory. ``generate`` uses it for plain
-    greedy decoding (no callback, penalty, suppressed tokens or DRµGS): one call per stop token instead of one
+    greedy and sampled decoding (no callback, penalty or DRµGS): one call per stop token instead of one
     Python step per token. An attention layer's KV cache is appended to in place in buffers made for the call (a
     sliding-window layer: the call runs at most max(4 windows, 64) steps, and may return before ``max_steps``
     without a watched token; the caller calls again).
@@ -1116,7 +1117,10 @@ def fused_lm_greedy(model, input_ids, state, max_steps: int, watch=(), sampling=
     ``sampling`` (a :class:`seqlab.sampling.SamplingOptions`) with ``uniforms`` (b, max_steps) float64: sampled
     decoding instead, the token after step k of row j drawn with ``uniforms[j, k]`` by the rule of
     :func:`seqlab.sampling.sample` (the same C code), so the tokens equal a step-by-step loop that samples each
-    step's logits with the same uniforms. Logits that cannot be sampled (NaN, +inf) raise InputError."""
+    step's logits with the same uniforms. Logits that cannot be sampled (NaN, +inf) raise InputError.
+
+    ``banned``: ids never chosen (``generate``'s suppress_tokens): their logits count as -inf when a token is
+    chosen, greedy or sampled, as ``generate`` fills them before choosing; the logits returned are the model's."""
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     if sampling is not None and (uniforms is None or tuple(uniforms.shape) != (len(input_ids), max_steps)):
@@ -1147,6 +1151,9 @@ def fused_lm_greedy(model, input_ids, state, max_steps: int, watch=(), sampling=
     tokens = torch.empty((max_steps, batch), dtype=torch.int64)
     hidden, logits = _lm_outputs(lm, batch, dtype)
     stop = array.array("q", sorted({int(t) for t in watch}))
+    ban = array.array("q", sorted({int(t) for t in banned}))
+    if ban and not 0 <= ban[0] <= ban[-1] < lm.spec.vocab:
+        raise ValueError(f"banned ids must be in [0, {lm.spec.vocab}), got {list(ban)}")
     options, draws = None, None
     if sampling is not None:
         options = sampling.struct()
@@ -1154,7 +1161,8 @@ def fused_lm_greedy(model, input_ids, state, max_steps: int, watch=(), sampling=
     run = lib.sl_lm_greedy_f32 if dtype == torch.float32 else lib.sl_lm_greedy_f64
     steps = run(
         plan.base, pointers.buffer_info()[0], n, batch, ctypes.addressof(lm.spec), ids.data_ptr(), max_steps,
-        stop.buffer_info()[0] if stop else 0, len(stop), None if options is None else ctypes.addressof(options),
+        stop.buffer_info()[0] if stop else 0, len(stop), ban.buffer_info()[0] if ban else 0, len(ban),
+        None if options is None else ctypes.addressof(options),
         None if draws is None else draws.data_ptr(), tokens.data_ptr(), hidden.data_ptr(), logits.data_ptr(),
         num_threads(),
     )  # fmt: skip

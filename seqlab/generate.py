@@ -410,16 +410,17 @@ def _decode_loop(
     """The token-by-token loop of ``generate``; ``active`` shrinks in place as rows stop. Returns the final
     (batch, logits) of the rows still active.
 
-    Plain greedy or sampled decoding of a LanguageModel on the compiled step (no penalty, suppressed tokens,
+    Greedy or sampled decoding of a LanguageModel on the compiled step (suppressed tokens included; no penalty,
     callback or DRµGS) runs many steps per call (``seqlab.fused_step.fused_lm_greedy``): the call returns after a
     step that fed the last token of a stop sequence, so stops are checked exactly where this loop checks them.
     Sampling draws by ``seqlab.sampling``'s rule with row i's t-th uniform for its t-th token, here and in the
     compiled call alike, so how many steps a call runs never changes a token."""
     spare, stepped, room = None, False, KVRoom()
     many = (
-        seen is None and banned is None and callback is None and handle is None
+        seen is None and callback is None and handle is None
         and isinstance(model, LanguageModel) and bool(model.fused_step)
     )  # fmt: skip
+    suppressed = () if banned is None else banned.tolist()
     options = None if greedy else SamplingOptions(temperature, top_k, top_p, min_p)
     uniforms = None if greedy else Uniforms(generators)  # row i's t-th token: its generator's t-th uniform
     watch = sorted({s[-1] for s in stops})
@@ -441,7 +442,7 @@ def _decode_loop(
         if many:
             steps = remaining if greedy else min(remaining, _SAMPLED_STEPS)
             draws = None if greedy else uniforms.take(active, done + 1, steps)
-            run = fused_lm_greedy(model, chosen, batch, steps, watch, options, draws)
+            run = fused_lm_greedy(model, chosen, batch, steps, watch, options, draws, suppressed)
         if run is not None:
             steps, after, new_state, new_logits, new_hidden = run
             fed = [chosen.tolist()] + after[: steps - 1].tolist()  # the token each step fed, per row

@@ -803,7 +803,8 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
      * token (ids0 first, then the token chosen from the logits before it) and writing the token chosen after it to    \
      * next_tokens[k * batch + b]. smp NULL: the argmax (torch's argmax of the float32 logits: the first maximum, a    \
      * NaN above all); else sampled (seqlab_sample.h) with row b's uniform uniforms[b * n_steps + k], and a row        \
-     * whose logits cannot be sampled gets -1 and ends the call after that step.                                       \
+     * whose logits cannot be sampled gets -1 and ends the call after that step. banned[0..n_banned): ids whose        \
+     * logits count as -inf when choosing (generate's suppress_tokens; the logits written are the model's).            \
      * It returns after the first step that fed a token in watch[0..n_watch) (the last tokens of the caller's          \
      * stop sequences) and returns the number of steps run (-1: out of memory, -3: an id of ids0 outside the           \
      * vocabulary). io3 holds three st_io sets of n_layers: step 0 reads the caller's state and writes X (set 0),      \
@@ -814,8 +815,9 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
      * reads the cache without copying it (the caller cuts the last step's cache out of the buffers). */               \
     SL_EXPORT int64_t sl_lm_greedy_##SUF(const st_layer *layers, const st_io *io3, int64_t n_layers, int64_t batch,    \
                                          const st_lm *lm, const int64_t *ids0, int64_t n_steps, const int64_t *watch,  \
-                                         int64_t n_watch, const st_sampling *smp, const double *uniforms,              \
-                                         int64_t *next_tokens, T *hidden_out, T *logits, int nthreads) {               \
+                                         int64_t n_watch, const int64_t *banned, int64_t n_banned,                     \
+                                         const st_sampling *smp, const double *uniforms, int64_t *next_tokens,         \
+                                         T *hidden_out, T *logits, int nthreads) {                                     \
         for (int64_t b = 0; b < batch; b++)                                                                            \
             if (ids0[b] < 0 || ids0[b] >= lm->vocab) return -3;                                                        \
         int64_t w[ST_WIDTHS], done = 0;                                                                                \
@@ -828,13 +830,18 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
         /* sampling: each row's probabilities and ranking room (seqlab_sample.h) */                                    \
         double *probs = smp ? (double *)malloc((size_t)(batch * V) * sizeof(double)) : NULL;                           \
         st_ranked *ranked = smp ? (st_ranked *)malloc((size_t)(batch * V) * sizeof(st_ranked)) : NULL;                 \
-        if (!work || !io || (smp && (!probs || !ranked))) {                                                            \
+        /* the banned ids (generate's suppress_tokens): their logits count as -inf when a token is chosen */           \
+        uint8_t *ban = n_banned > 0 ? (uint8_t *)calloc((size_t)V, 1) : NULL;                                          \
+        if (!work || !io || (smp && (!probs || !ranked)) || (n_banned > 0 && !ban)) {                                  \
             free(work);                                                                                                \
             free(io);                                                                                                  \
             free(probs);                                                                                               \
             free(ranked);                                                                                              \
+            free(ban);                                                                                                 \
             return -1;                                                                                                 \
         }                                                                                                              \
+        for (int64_t q = 0; q < n_banned; q++)                                                                         \
+            if (banned[q] >= 0 && banned[q] < V) ban[banned[q]] = 1;                                                   \
         int bad = 0;                                                                                                   \
         _Pragma("omp parallel num_threads(nthreads)") {                                                                \
             for (int64_t k = 0; k < n_steps; k++) {                                                                    \
@@ -858,7 +865,7 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
                     const T *x = logits + b * V;                                                                       \
                     if (smp) { /* row b's token k: its uniform k (seqlab_sample.h; -1: NaN or +inf logits) */          \
                         double *p = probs + b * V;                                                                     \
-                        for (int64_t v = 0; v < V; v++) p[v] = (double)x[v];                                           \
+                        for (int64_t v = 0; v < V; v++) p[v] = ban && ban[v] ? -INFINITY : (double)x[v];               \
                         const int64_t t = st_sample_row(p, V, smp, uniforms[b * n_steps + k], ranked + b * V);         \
                         next_tokens[k * batch + b] = t;                                                                \
                         if (t < 0) {                                                                                   \
@@ -867,9 +874,9 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
                         continue;                                                                                      \
                     }                                                                                                  \
                     int64_t best = 0;                                                                                  \
-                    float bv = (float)x[0];                                                                            \
+                    float bv = ban && ban[0] ? -INFINITY : (float)x[0];                                                \
                     for (int64_t v = 1; v < V; v++) {                                                                  \
-                        const float xv = (float)x[v];                                                                  \
+                        const float xv = ban && ban[v] ? -INFINITY : (float)x[v];                                      \
                         if (xv > bv || (xv != xv && bv == bv)) {                                                       \
                             best = v;                                                                                  \
                             bv = xv;                                                                                   \
@@ -891,6 +898,7 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
         free(io);                                                                                                      \
         free(probs);                                                                                                   \
         free(ranked);                                                                                                  \
+        free(ban);                                                                                                     \
         return done;                                                                                                   \
     }                                                                                                                  \
                                                                                                                        \

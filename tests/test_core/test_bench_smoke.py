@@ -175,3 +175,9 @@ def test_trained_decode_quick_runs_on_a_model_file(tmp_path):
     assert "| model | layers fused | batch | fused tok/s | eager tok/s | fused / eager | same tokens |" in out
     assert "| byte-mlp.safetensors | 2/2 | 1 |" in out and "| byte-mlp.safetensors | 2/2 | 3 |" in out
     assert out.count("| yes |") == 2
+    # sampled decoding: the compiled many-steps call samples the eager loop's tokens
+    out = run_bench(
+        "trained_decode.py", os.fspath(path), "--quick", "--prompt", os.fspath(prompt), "--batches", "3", "--sample"
+    )
+    assert "sampled (temperature 0.8, top_k 50, top_p 0.95, seed 0) decode" in out
+    assert "| byte-mlp.safetensors | 2/2 | 3 |" in out and out.count("| yes |") == 1

@@ -199,3 +199,36 @@ def test_compiled_sampling_call_raises_on_broken_logits():
             fused_lm_greedy(model, torch.tensor([1, 2]), state, 5, sampling=SamplingOptions(), uniforms=u)
         with pytest.raises(ValueError, match="uniforms"):
             fused_lm_greedy(model, torch.tensor([1, 2]), state, 5, sampling=SamplingOptions(), uniforms=u[:, :3])
+
+
+@pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampled"])
+def test_suppressed_tokens_run_in_the_compiled_loop(do_sample, monkeypatch):
+    """suppress_tokens (what an adapter's generation_options gives) no longer sends generate to its step-by-step
+    loop: the many-steps call never chooses a suppressed id, and its tokens equal the step-by-step loop's (a
+    callback keeps generate there) and the eager step's."""
+    import seqlab.generate as generate_module
+
+    model = tiny_lm("mamba2", seed=6)
+    prompts = [[1, 2, 3], [7]]
+    top = model.generate(prompts, 30, do_sample=do_sample, seed=2).tokens
+    banned = sorted({t for row in top for t in row})[:6]  # ids it would choose
+    kw = dict(do_sample=do_sample, seed=2, suppress_tokens=banned, **({"temperature": 1.2} if do_sample else {}))
+    calls: list = []
+    many = generate_module.fused_lm_greedy
+    monkeypatch.setattr(generate_module, "fused_lm_greedy", lambda *a, **k: calls.append(many(*a, **k)) or calls[-1])
+    out = model.generate(prompts, 30, **kw)
+    if _library() is not None:
+        assert max(run[0] for run in calls if run is not None) >= 20
+    assert not {t for row in out.tokens for t in row} & set(banned)
+    assert model.generate(prompts, 30, callback=lambda row, token: None, **kw).tokens == out.tokens
+    model.fused_step = False
+    try:
+        assert model.generate(prompts, 30, **kw).tokens == out.tokens
+    finally:
+        model.fused_step = True
+    if _library() is not None:
+        with torch.no_grad():
+            state = model.step(torch.tensor([1]), model(torch.tensor([[1, 2]])).state).state
+            assert many(model, torch.tensor([3]), state, 4, banned=banned) is not None
+            with pytest.raises(ValueError, match="banned ids"):
+                many(model, torch.tensor([3]), state, 4, banned=[model.lm_head.out_features])
