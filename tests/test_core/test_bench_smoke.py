@@ -90,6 +90,12 @@ def test_generate_quick_bfloat16_prints_its_table():
     assert len([line for line in out.splitlines() if line.startswith("| Mamba-2 (64 x 3) | 512 | 1 |")]) == 2
 
 
+def test_sampling_bench_quick_prints_its_table():
+    out = run_bench("sampling.py", "--quick", "--vocab", "256", "40")
+    assert "| vocab | options | compiled us | PyTorch twin us | filters + multinomial (before) us |" in out
+    assert "| 256 | T 0.8, top-k 50, top-p 0.95 |" in out and "| 40 | T 1, top-p 0.9, min-p 0.05 |" in out
+
+
 def test_gpu_kernels_bench_runs_without_a_gpu():
     """Without CUDA the GPU kernel bench falls back to its CPU smoke mode, says so, and prints the table; the
     Triton interpreter runs the conv and decode kernels here (the scans take seconds per call interpreted)."""
