@@ -3,7 +3,7 @@
 One rule for every decode loop, so a sampled run is the same whichever loop runs it:
 
     s = (logits - max) / temperature, p = exp(s)      (float64; the top token's p is exactly 1)
-    top_k  keeps p >= the k-th largest p              (ties with it stay)
+    top_k  keeps s >= the k-th largest s              (ties with it stay)
     top_p  ranks the tokens by (p descending, id ascending) and keeps those whose mass ranked above them is
            < top_p * Z, Z the sum of p (the top token always stays)
     min_p  keeps p >= min_p                             (min_p times the top token's probability)
@@ -83,11 +83,12 @@ def _checked(logits: torch.Tensor) -> torch.Tensor:
 
 def _weights(x: torch.Tensor, options: SamplingOptions) -> torch.Tensor:
     """(rows, V) float64 logits -> the unnormalised kept weights p of the module's rule."""
-    p = torch.exp((x - x.max(dim=-1, keepdim=True).values) / options.temperature)
+    s = (x - x.max(dim=-1, keepdim=True).values) / options.temperature
+    p = torch.exp(s)
     vocab = x.shape[-1]
     if options.top_k is not None and options.top_k < vocab:
-        kth = torch.topk(p, options.top_k, dim=-1).values[:, -1:]
-        p = p.masked_fill(p < kth, 0.0)
+        kth = torch.topk(s, options.top_k, dim=-1).values[:, -1:]
+        p = p.masked_fill(s < kth, 0.0)
     if options.top_p is not None and options.top_p < 1:
         total = p.cumsum(dim=-1)[:, -1:]  # summed in id order, as the C code sums
         ranked, order = torch.sort(p, dim=-1, descending=True, stable=True)  # ties: the lower id first

@@ -4,7 +4,7 @@
  *
  * The rule (seqlab/sampling.py's sample_reference is its float64 PyTorch twin; docs/generation.md):
  *   s = (logit - max logit) / temperature, p = exp(s)             (so the top token's p is exactly 1)
- *   top_k:  p = 0 where p < the k-th largest p                   (ties with it stay)
+ *   top_k:  p = 0 where s < the k-th largest s                   (ties with it stay)
  *   top_p:  rank the tokens by (p descending, id ascending); p = 0 for every token whose mass ranked above it
  *           (summed in that order) is >= top_p * Z, Z the sum of p in id order (the top token always stays)
  *   min_p:  p = 0 where p < min_p                                  (min_p times the top token's p, which is 1)
@@ -17,6 +17,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* seqlab/fused_step.py's _Sampling: every field 8 bytes. */
 typedef struct {
@@ -72,28 +73,41 @@ static int64_t st_sample_row(double *p, int64_t V, const st_sampling *s, double 
         if (p[v] > m) m = p[v];
     }
     if (m == -INFINITY) return -1;
-    for (int64_t v = 0; v < V; v++) p[v] = exp((p[v] - m) / s->temperature);
-    if (s->top_k > 0 && s->top_k < V) {
+    const double T = s->temperature;
+    if (s->top_k > 0 && s->top_k < V) { /* on s: exp runs only for the tokens kept */
         double *copy = (double *)ranked; /* room for V doubles */
-        memcpy(copy, p, (size_t)V * sizeof(double));
+        for (int64_t v = 0; v < V; v++) copy[v] = (p[v] - m) / T;
         const double kth = st_kth_largest(copy, V, s->top_k);
-        for (int64_t v = 0; v < V; v++)
-            if (p[v] < kth) p[v] = 0;
+        for (int64_t v = 0; v < V; v++) {
+            const double sv = (p[v] - m) / T;
+            p[v] = sv < kth ? 0 : exp(sv);
+        }
+    } else {
+        for (int64_t v = 0; v < V; v++) p[v] = exp((p[v] - m) / T);
     }
     if (s->top_p < 1) {
         double z = 0;
         for (int64_t v = 0; v < V; v++) z += p[v];
         const double bound = s->top_p * z;
         /* Only the tokens with p >= t need ranking when their mass reaches the bound: every other token ranks
-         * below all of them, so the mass above it is >= the bound and it is dropped. t: the largest of 1/10^j
-         * that qualifies (0 at worst: every token with p > 0). */
-        double t = 0;
-        for (double c = 0.1; c > 1e-30; c *= 0.01) {
-            double mass = 0;
-            for (int64_t v = 0; v < V; v++)
-                if (p[v] >= c) mass += p[v];
-            if (mass >= bound) {
-                t = c;
+         * below all of them, so the mass above it is >= the bound and it is dropped. t: the lower edge of a
+         * power-of-two band of p, from one pass that sums each band's mass (band j: p in [2^-(j+1), 2^-j), the
+         * top one holding p = 1, the last everything below 2^-63); a margin of 1e-9 covers the other order of
+         * summation. t = 0 at worst: every token with p > 0. */
+        double band[64] = {0};
+        for (int64_t v = 0; v < V; v++) {
+            if (p[v] > 0) {
+                uint64_t bits;
+                memcpy(&bits, &p[v], sizeof bits);
+                int64_t j = 1022 - (int64_t)((bits >> 52) & 0x7ff);
+                band[j < 0 ? 0 : j > 63 ? 63 : j] += p[v];
+            }
+        }
+        double t = 0, mass = 0;
+        for (int j = 0; j < 63; j++) {
+            mass += band[j];
+            if (mass >= bound * (1 + 1e-9)) {
+                t = ldexp(1.0, -(j + 1));
                 break;
             }
         }

@@ -23,9 +23,9 @@ OPTIONS = [
 needs_library = pytest.mark.skipif(_library() is None, reason="the native kernels do not build here")
 
 
-def _logits(rows: int, vocab: int, seed: int, dtype=torch.float32) -> torch.Tensor:
+def _logits(rows: int, vocab: int, seed: int, dtype=torch.float32, scale: float = 3.0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(rows, vocab, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    return (torch.randn(rows, vocab, generator=gen, dtype=torch.float64) * scale).to(dtype)
 
 
 def _boundary_gap(logits, uniforms, options) -> torch.Tensor:
@@ -41,10 +41,11 @@ def _boundary_gap(logits, uniforms, options) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
 def test_compiled_sampler_equals_its_pytorch_twin(vocab, dtype):
     """The C sampler and sample_reference pick the same token for the same logits and uniform, for every option
-    set; where they differ (different exp roundings), u * Z lies within rounding of a boundary."""
+    set, on flat and on peaked logits (top-p's candidate bands); where they differ (different exp roundings),
+    u * Z lies within rounding of a boundary."""
     rows = 200
-    for k, options in enumerate(OPTIONS):
-        logits = _logits(rows, vocab, seed=k, dtype=dtype)
+    for k, (options, scale) in enumerate((o, scale) for o in OPTIONS for scale in (1.0, 30.0)):
+        logits = _logits(rows, vocab, seed=k, dtype=dtype, scale=scale)
         uniforms = torch.rand(rows, generator=torch.Generator().manual_seed(100 + k), dtype=torch.float64)
         compiled, reference = sample(logits, uniforms, options), sample_reference(logits, uniforms, options)
         differ = compiled != reference
