@@ -74,7 +74,7 @@ def unsampleable(row: int) -> InputError:
 def _checked(logits: torch.Tensor) -> torch.Tensor:
     if logits.dim() != 2:
         raise InputError(f"logits must be (rows, vocab), got shape {tuple(logits.shape)}")
-    x = logits.detach().to("cpu", torch.float64)
+    x = logits.detach().to(torch.float64)
     bad = x.isnan().any(-1) | (x == math.inf).any(-1) | (x == -math.inf).all(-1)
     if bool(bad.any()):
         raise unsampleable(int(bad.nonzero()[0, 0]))
@@ -102,7 +102,8 @@ def _weights(x: torch.Tensor, options: SamplingOptions) -> torch.Tensor:
 
 
 def probabilities(logits: torch.Tensor, options: SamplingOptions) -> torch.Tensor:
-    """(rows, V) logits -> (rows, V) float64: the distribution :func:`sample` draws each row's token from."""
+    """(rows, V) logits -> (rows, V) float64 on their device: the distribution :func:`sample` draws each row's
+    token from (speculative decoding's target law too, ``seqlab.decoding.acceptance.Sampling``)."""
     p = _weights(_checked(logits), options)
     return p / p.sum(dim=-1, keepdim=True)
 
@@ -112,7 +113,7 @@ def sample_reference(logits: torch.Tensor, uniforms: torch.Tensor, options: Samp
     ``uniforms[j]`` in [0, 1). Returns (rows,) int64."""
     p = _weights(_checked(logits), options)
     running = p.cumsum(dim=-1)
-    u = uniforms.detach().to("cpu", torch.float64).reshape(-1, 1)
+    u = uniforms.detach().to(running.device, torch.float64).reshape(-1, 1)
     if u.shape[0] != p.shape[0]:
         raise InputError(f"uniforms must hold one value per row ({p.shape[0]}), got {uniforms.numel()}")
     chosen = torch.searchsorted(running, u * running[:, -1:], right=True)[:, 0]  # first id with running > u Z

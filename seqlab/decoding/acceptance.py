@@ -31,22 +31,20 @@ class Sampling:
     banned: tuple[int, ...] = ()
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """(..., V) logits -> (..., V) float64 probabilities: one-hot at the argmax when greedy."""
-        from seqlab.generate import _filter_logits
+        """(..., V) logits -> (..., V) float64 probabilities: one-hot at the argmax when greedy, else the law
+        ``generate`` samples from (``seqlab.sampling.probabilities``)."""
+        from seqlab.sampling import SamplingOptions, probabilities
 
         shape = logits.shape
         flat = logits.reshape(-1, shape[-1])
         if self.banned:
             index = torch.tensor(self.banned, dtype=torch.long, device=flat.device)
             flat = flat.index_fill(-1, index, float("-inf"))
-        filtered = _filter_logits(
-            flat, None, 0 if self.greedy else self.temperature, self.top_k, self.top_p, self.min_p, 1.0
-        )
         if self.greedy:
             out = torch.zeros(flat.shape, dtype=torch.float64, device=flat.device)
-            out.scatter_(-1, filtered.argmax(-1, keepdim=True), 1.0)
+            out.scatter_(-1, flat.float().argmax(-1, keepdim=True), 1.0)
         else:
-            out = torch.softmax(filtered.double(), dim=-1)
+            out = probabilities(flat, SamplingOptions(self.temperature, self.top_k, self.top_p, self.min_p))
         return out.reshape(shape)
 
     def draw(self, probs: torch.Tensor, generator: torch.Generator) -> int:

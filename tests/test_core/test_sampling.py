@@ -73,8 +73,10 @@ def test_sampling_is_an_exact_inverse_cdf(sampler):
 
 
 def test_the_rule_is_generates_previous_filters():
-    """probabilities() is the distribution of the float32 filters generate applied before (and speculative
-    decoding's Sampling.probs still applies): temperature, top-k, top-p, min-p, then softmax."""
+    """probabilities() is, to rounding, the distribution of the float32 filters generate applied before
+    (temperature, top-k, top-p, min-p, then softmax), and speculative decoding's target law is exactly it."""
+    from seqlab.decoding.acceptance import Sampling
+
     logits = _logits(50, 300, seed=5)
     for options in OPTIONS:
         old = torch.softmax(
@@ -82,6 +84,8 @@ def test_the_rule_is_generates_previous_filters():
             .double(), dim=-1,
         )  # fmt: skip
         assert float((probabilities(logits, options) - old).abs().max()) < 1e-5, options
+        law = Sampling(False, options.temperature, options.top_k, options.top_p, options.min_p).probs(logits)
+        assert torch.equal(law, probabilities(logits, options))
 
 
 def test_filters_at_their_limits_and_ties():
