@@ -180,8 +180,8 @@ SAMPLING = dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.95, seed=0)
 def sampled_rates(model, prompts: dict, states: dict, new_tokens: int, repeats: int, batches) -> dict:
     """{(context, batch): (many tok/s, one tok/s)}: sampled ``generate`` (``SAMPLING``) with its many-steps
     compiled call (the default: steps and sampling in C until a stop token) against its step-by-step loop (one
-    compiled step and one compiled sample per token, which is what a callback, penalty or DRµGS
-    run; before the many-steps call sampled too, every sampled token took this loop)."""
+    compiled step and one compiled sample per token, which is what a repetition penalty or DRµGS run; before
+    the many-steps call sampled too, every sampled token took this loop)."""
     import seqlab.generate as generate_module
 
     many = generate_module.fused_lm_greedy
@@ -196,21 +196,25 @@ def sampled_rates(model, prompts: dict, states: dict, new_tokens: int, repeats: 
 
 
 def sampling_cache_rates(model, prompts: dict, states: dict, new_tokens: int, repeats: int, batches) -> dict:
-    """{(context, batch): (in place tok/s, copied tok/s)}: sampled ``generate`` on its step-by-step loop (a
-    callback keeps it there: one compiled call per token) with the attention caches appended in place
-    (``seqlab.fused_step.KVRoom``, the default) and with the room turned off (every step copies each cache, as
-    before it existed)."""
+    """{(context, batch): (in place tok/s, copied tok/s)}: sampled ``generate`` on its step-by-step loop (the
+    many-steps call switched off: one compiled call per token, as a repetition penalty runs) with the attention
+    caches appended in place (``seqlab.fused_step.KVRoom``, the default) and with the room turned off (every step
+    copies each cache, as before it existed)."""
     import seqlab.generate as generate_module
     from seqlab.fused_step import KVRoom
+
+    many = generate_module.fused_lm_greedy
 
     def use(in_place: bool) -> None:
         generate_module.KVRoom = KVRoom if in_place else (lambda: None)  # type: ignore[assignment]
 
     try:
-        options = dict(do_sample=True, temperature=1.0, seed=0, callback=lambda row, token: None)
+        generate_module.fused_lm_greedy = lambda *a, **k: None  # type: ignore[assignment]
+        options = dict(do_sample=True, temperature=1.0, seed=0)
         return paired_rates(model, prompts, states, new_tokens, repeats, batches, use, **options)
     finally:
         generate_module.KVRoom = KVRoom  # type: ignore[assignment]
+        generate_module.fused_lm_greedy = many  # type: ignore[assignment]
 
 
 @torch.no_grad()

@@ -1109,7 +1109,7 @@ def fused_lm_greedy(model, input_ids, state, max_steps: int, watch=(), sampling=
     that fed a token in ``watch`` (the caller's stop tokens). Returns (steps run, tokens (steps, b): the argmax
     after each step, the new state, the last logits, the last hidden), or None where :func:`fused_lm_step` would
     not apply. The state passed in is never written; the new state is new memory. ``generate`` uses it for plain
-    greedy and sampled decoding (no callback, penalty or DRµGS): one call per stop token instead of one
+    greedy and sampled decoding (no penalty or DRµGS): one call per stop token instead of one
     Python step per token. An attention layer's KV cache is appended to in place in buffers made for the call (a
     sliding-window layer: the call runs at most max(4 windows, 64) steps, and may return before ``max_steps``
     without a watched token; the caller calls again).

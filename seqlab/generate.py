@@ -14,6 +14,7 @@ import math
 import numbers
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -401,6 +402,8 @@ def generate(
 
 #: the most steps one compiled sampling call runs (its uniforms are drawn ahead: 8 bytes a step and row)
 _SAMPLED_STEPS = 4096
+#: with a callback, compiled calls are sized to take about this long (seconds), so tokens stream in small bursts
+_STREAM_SECONDS = 0.05
 
 
 def _decode_loop(
@@ -410,16 +413,16 @@ def _decode_loop(
     """The token-by-token loop of ``generate``; ``active`` shrinks in place as rows stop. Returns the final
     (batch, logits) of the rows still active.
 
-    Greedy or sampled decoding of a LanguageModel on the compiled step (suppressed tokens included; no penalty,
-    callback or DRµGS) runs many steps per call (``seqlab.fused_step.fused_lm_greedy``): the call returns after a
-    step that fed the last token of a stop sequence, so stops are checked exactly where this loop checks them.
+    Greedy or sampled decoding of a LanguageModel on the compiled step (suppressed tokens included; no penalty or
+    DRµGS) runs many steps per call (``seqlab.fused_step.fused_lm_greedy``): the call returns after a step that
+    fed the last token of a stop sequence, so stops are checked exactly where this loop checks them. With a
+    callback, a call runs as many steps as take about ``_STREAM_SECONDS`` (8 at first), and the callback then
+    sees its tokens in the order the step-by-step loop would call it.
     Sampling draws by ``seqlab.sampling``'s rule with row i's t-th uniform for its t-th token, here and in the
     compiled call alike, so how many steps a call runs never changes a token."""
     spare, stepped, room = None, False, KVRoom()
-    many = (
-        seen is None and callback is None and handle is None
-        and isinstance(model, LanguageModel) and bool(model.fused_step)
-    )  # fmt: skip
+    many = seen is None and handle is None and isinstance(model, LanguageModel) and bool(model.fused_step)
+    chunk = 8  # with a callback: steps per compiled call, then sized by the calls' speed (_STREAM_SECONDS)
     suppressed = () if banned is None else banned.tolist()
     options = None if greedy else SamplingOptions(temperature, top_k, top_p, min_p)
     uniforms = None if greedy else Uniforms(generators)  # row i's t-th token: its generator's t-th uniform
@@ -441,8 +444,14 @@ def _decode_loop(
         run = None
         if many:
             steps = remaining if greedy else min(remaining, _SAMPLED_STEPS)
+            if callback is not None:
+                steps = min(steps, chunk)
             draws = None if greedy else uniforms.take(active, done + 1, steps)
+            began = time.perf_counter()
             run = fused_lm_greedy(model, chosen, batch, steps, watch, options, draws, suppressed)
+            if run is not None and callback is not None:
+                per_step = max(time.perf_counter() - began, 1e-9) / run[0]
+                chunk = max(1, min(_SAMPLED_STEPS, int(_STREAM_SECONDS / per_step)))
         if run is not None:
             steps, after, new_state, new_logits, new_hidden = run
             fed = [chosen.tolist()] + after[: steps - 1].tolist()  # the token each step fed, per row
@@ -450,6 +459,8 @@ def _decode_loop(
                 for j, i in enumerate(active):
                     tokens[i].append(ids[j])
                     positions[i] += 1
+                    if callback is not None:
+                        callback(i, ids[j])
             chosen_ids = fed[-1]
             out = ModelOutput(new_logits, new_state, new_hidden)
             remaining -= steps

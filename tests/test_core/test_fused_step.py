@@ -670,7 +670,7 @@ def test_whole_model_step_refuses_an_out_of_vocabulary_id_and_keeps_the_state():
 @pytest.mark.parametrize("ssm", ["mamba1", "mamba2", "mamba3"])
 def test_generate_on_the_compiled_step_equals_the_eager_loop(ssm, loop, monkeypatch):
     """Plain greedy ``generate`` runs many steps per compiled call (fused_lm_greedy), returning after a step that
-    fed a stop sequence's last token; with a callback it steps one token at a time, writing each new state into
+    fed a stop sequence's last token; with that call off it steps one token at a time, writing each new state into
     the memory of the state two steps back. Both give the eager loop's tokens and final states, rows that stop
     early keep their own states, the state passed in is untouched, and no returned state shares memory."""
     import seqlab.fused_step as fused_step_module
@@ -686,7 +686,7 @@ def test_generate_on_the_compiled_step_equals_the_eager_loop(ssm, loop, monkeypa
     seen: list = []
     options: dict = dict(state=start, stop=stop)
     if loop == "one step at a time":
-        options["callback"] = lambda row, token: seen.append((row, token))
+        monkeypatch.setattr(generate_module, "fused_lm_greedy", lambda *a, **k: None)
         reusable = fused_step_module._reusable
         record = lambda spare, like: seen.append(reusable(spare, like)) or seen[-1]  # noqa: E731
         monkeypatch.setattr(fused_step_module, "_reusable", record)
@@ -739,8 +739,8 @@ def test_hybrid_generate_with_ragged_prompts_equals_the_eager_loop(sampling, mon
 
 @pytest.mark.parametrize("variant", ["hybrid", "attention-gqa-window-mlp"])
 def test_sampling_appends_the_kv_cache_in_place(variant, monkeypatch):
-    """generate's step-by-step loop (sampling with a callback) appends each step's key and value in place in a
-    KVRoom's buffers
+    """generate's step-by-step loop (sampling with the many-steps call off) appends each step's key and value in
+    place in a KVRoom's buffers
     (a state continuing the one the room handed out), so 150 tokens copy each cache into new buffers a few times
     (when they fill: 64 spare slots at these sizes), not 150 times; tokens and final
     states equal the eager loop's, and the states it returns hold their own memory."""
@@ -750,11 +750,12 @@ def test_sampling_appends_the_kv_cache_in_place(variant, monkeypatch):
     model = _hybrid() if variant == "hybrid" else _model(variant)
     rooms: list = []
     monkeypatch.setattr(generate_module, "KVRoom", lambda: rooms.append(KVRoom()) or rooms[-1])
-    seen: list = []  # a callback keeps generate on its step-by-step loop
-    options = dict(do_sample=True, temperature=1.0, seed=3, callback=lambda row, token: seen.append(token))
+    many = generate_module.fused_lm_greedy
+    monkeypatch.setattr(generate_module, "fused_lm_greedy", lambda *a, **k: None)  # the step-by-step loop
+    options = dict(do_sample=True, temperature=1.0, seed=3)
     prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9]]
     fused = model.generate(prompts, 150, **options)
-    assert len(seen) == 300
+    monkeypatch.setattr(generate_module, "fused_lm_greedy", many)
     attention = sum("seen" in layer for layer in fused.states[0].layers)
     assert 2 * attention <= rooms[0].copies <= 4 * attention, rooms[0].copies
     _assert_same_generations(fused, _generate_eagerly(model, prompts, 150, **options))

@@ -209,8 +209,8 @@ def test_compiled_sampling_call_raises_on_broken_logits():
 @pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampled"])
 def test_suppressed_tokens_run_in_the_compiled_loop(do_sample, monkeypatch):
     """suppress_tokens (what an adapter's generation_options gives) no longer sends generate to its step-by-step
-    loop: the many-steps call never chooses a suppressed id, and its tokens equal the step-by-step loop's (a
-    callback keeps generate there) and the eager step's."""
+    loop: the many-steps call never chooses a suppressed id, and its tokens equal the step-by-step loop's and the
+    eager step's."""
     import seqlab.generate as generate_module
 
     model = tiny_lm("mamba2", seed=6)
@@ -225,7 +225,9 @@ def test_suppressed_tokens_run_in_the_compiled_loop(do_sample, monkeypatch):
     if _library() is not None:
         assert max(run[0] for run in calls if run is not None) >= 20
     assert not {t for row in out.tokens for t in row} & set(banned)
-    assert model.generate(prompts, 30, callback=lambda row, token: None, **kw).tokens == out.tokens
+    monkeypatch.setattr(generate_module, "fused_lm_greedy", lambda *a, **k: None)  # the step-by-step loop
+    assert model.generate(prompts, 30, **kw).tokens == out.tokens
+    monkeypatch.setattr(generate_module, "fused_lm_greedy", many)
     model.fused_step = False
     try:
         assert model.generate(prompts, 30, **kw).tokens == out.tokens
@@ -237,3 +239,40 @@ def test_suppressed_tokens_run_in_the_compiled_loop(do_sample, monkeypatch):
             assert many(model, torch.tensor([3]), state, 4, banned=banned) is not None
             with pytest.raises(ValueError, match="banned ids"):
                 many(model, torch.tensor([3]), state, 4, banned=[model.lm_head.out_features])
+
+
+def _first_end(tokens: list, pair: list) -> int:
+    return next(i + 1 for i in range(len(tokens) - 1) if tokens[i : i + 2] == pair)
+
+
+@pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampled"])
+def test_a_streaming_callback_runs_in_the_compiled_loop(do_sample, monkeypatch):
+    """With a callback (the CLI streams one prompt's text through one) generate still runs many steps per
+    compiled call: the first call 8 steps, then as many as take about _STREAM_SECONDS; the callback sees every
+    token, row by row and step by step, in the order and with the tokens of the step-by-step loop, stops
+    included."""
+    import seqlab.generate as generate_module
+
+    model = tiny_lm("mamba2", seed=0)  # its greedy rows do not settle into one repeated token
+    prompts = [[5, 6, 7], [1], [2, 2]]
+    plain = model.generate(prompts, 60, do_sample=do_sample, seed=1)
+    # a stop: the first pair of tokens, in some row, whose first occurrence ends at its 12th token or later
+    ends = [(e, row) for row in plain.tokens for e in range(11, 60) if _first_end(row, row[e - 1 : e + 1]) == e]
+    assert ends, plain.tokens
+    end, row = ends[0]
+    stop, stopping = [row[end - 1 : end + 1]], plain.tokens.index(row)
+    calls: list = []
+    many = generate_module.fused_lm_greedy
+    monkeypatch.setattr(generate_module, "fused_lm_greedy", lambda *a, **k: calls.append(a[3]) or many(*a, **k))
+    seen: list = []
+    out = model.generate(prompts, 60, do_sample=do_sample, seed=1, stop=stop, callback=lambda r, t: seen.append((r, t)))
+    assert out.stop_reasons[stopping] == "stop" and out.tokens[stopping] == row[: end + 1]
+    if _library() is not None:
+        assert calls[0] == 8 and max(calls) > 8  # the steps asked of each call
+    monkeypatch.setattr(generate_module, "fused_lm_greedy", lambda *a, **k: None)  # the step-by-step loop
+    one: list = []
+    alone = model.generate(
+        prompts, 60, do_sample=do_sample, seed=1, stop=stop, callback=lambda r, t: one.append((r, t))
+    )
+    assert out.tokens == alone.tokens and seen == one
+    assert [t for r, t in seen if r == 0] == out.tokens[0]
