@@ -180,7 +180,7 @@ SAMPLING = dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.95, seed=0)
 def sampled_rates(model, prompts: dict, states: dict, new_tokens: int, repeats: int, batches) -> dict:
     """{(context, batch): (many tok/s, one tok/s)}: sampled ``generate`` (``SAMPLING``) with its many-steps
     compiled call (the default: steps and sampling in C until a stop token) against its step-by-step loop (one
-    compiled step and one compiled sample per token, which is what a repetition penalty or DRµGS run; before
+    compiled step and one compiled sample per token, which is what DRµGS runs; before
     the many-steps call sampled too, every sampled token took this loop)."""
     import seqlab.generate as generate_module
 
@@ -197,7 +197,7 @@ def sampled_rates(model, prompts: dict, states: dict, new_tokens: int, repeats: 
 
 def sampling_cache_rates(model, prompts: dict, states: dict, new_tokens: int, repeats: int, batches) -> dict:
     """{(context, batch): (in place tok/s, copied tok/s)}: sampled ``generate`` on its step-by-step loop (the
-    many-steps call switched off: one compiled call per token, as a repetition penalty runs) with the attention
+    many-steps call switched off: one compiled call per token, as DRµGS runs) with the attention
     caches appended in place (``seqlab.fused_step.KVRoom``, the default) and with the room turned off (every step
     copies each cache, as before it existed)."""
     import seqlab.generate as generate_module

@@ -218,6 +218,7 @@ def _library():
                 greedy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
                 greedy.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
                 greedy.argtypes += [ctypes.c_void_p, ctypes.c_int64]  # banned ids
+                greedy.argtypes += [ctypes.c_void_p, ctypes.c_double]  # seen ids (NULL: none), repetition penalty
                 greedy.argtypes += [ctypes.c_void_p, ctypes.c_void_p]  # sampling options (NULL: argmax), uniforms
                 greedy.argtypes += [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
                 greedy.restype = ctypes.c_int64
@@ -1103,13 +1104,15 @@ def fused_lm_step(model, input_ids, state, reuse=None, room: KVRoom | None = Non
     return logits.to(plan.dtype), new_state, hidden.to(plan.dtype)
 
 
-def fused_lm_greedy(model, input_ids, state, max_steps: int, watch=(), sampling=None, uniforms=None, banned=()):
+def fused_lm_greedy(
+    model, input_ids, state, max_steps: int, watch=(), sampling=None, uniforms=None, banned=(), penalty=1.0, seen=None
+):
     """Greedy decoding in one compiled call: feed ``input_ids`` (b,) to ``state``, then each row's argmax (of the
     float32 logits, as ``generate`` picks it), for up to ``max_steps`` steps, returning early after the first step
     that fed a token in ``watch`` (the caller's stop tokens). Returns (steps run, tokens (steps, b): the argmax
     after each step, the new state, the last logits, the last hidden), or None where :func:`fused_lm_step` would
     not apply. The state passed in is never written; the new state is new memory. ``generate`` uses it for plain
-    greedy and sampled decoding (no penalty or DRµGS): one call per stop token instead of one
+    greedy and sampled decoding (not with DRµGS): one call per stop token instead of one
     Python step per token. An attention layer's KV cache is appended to in place in buffers made for the call (a
     sliding-window layer: the call runs at most max(4 windows, 64) steps, and may return before ``max_steps``
     without a watched token; the caller calls again).
@@ -1120,7 +1123,10 @@ def fused_lm_greedy(model, input_ids, state, max_steps: int, watch=(), sampling=
     step's logits with the same uniforms. Logits that cannot be sampled (NaN, +inf) raise InputError.
 
     ``banned``: ids never chosen (``generate``'s suppress_tokens): their logits count as -inf when a token is
-    chosen, greedy or sampled, as ``generate`` fills them before choosing; the logits returned are the model's."""
+    chosen, greedy or sampled, as ``generate`` fills them before choosing; the logits returned are the model's.
+    ``seen`` (b, V) bool with ``penalty`` != 1: ``generate``'s repetition penalty on the ids each row has seen (its
+    prompt and the tokens before ``input_ids``; ``input_ids`` and every chosen id join them as the call goes),
+    applied to the float32 logits as ``generate`` applies it before choosing."""
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     if sampling is not None and (uniforms is None or tuple(uniforms.shape) != (len(input_ids), max_steps)):
@@ -1154,6 +1160,12 @@ def fused_lm_greedy(model, input_ids, state, max_steps: int, watch=(), sampling=
     ban = array.array("q", sorted({int(t) for t in banned}))
     if ban and not 0 <= ban[0] <= ban[-1] < lm.spec.vocab:
         raise ValueError(f"banned ids must be in [0, {lm.spec.vocab}), got {list(ban)}")
+    marks = None
+    if seen is not None and penalty != 1.0:
+        if tuple(seen.shape) != (batch, lm.spec.vocab):
+            raise ValueError(f"seen must be (batch, vocab) = ({batch}, {lm.spec.vocab}), got {tuple(seen.shape)}")
+        marks = seen.to(torch.uint8).contiguous().clone()  # the C loop marks each chosen id in its own copy
+        marks[torch.arange(batch), ids] = 1
     options, draws = None, None
     if sampling is not None:
         options = sampling.struct()
@@ -1162,6 +1174,7 @@ def fused_lm_greedy(model, input_ids, state, max_steps: int, watch=(), sampling=
     steps = run(
         plan.base, pointers.buffer_info()[0], n, batch, ctypes.addressof(lm.spec), ids.data_ptr(), max_steps,
         stop.buffer_info()[0] if stop else 0, len(stop), ban.buffer_info()[0] if ban else 0, len(ban),
+        None if marks is None else marks.data_ptr(), float(penalty),
         None if options is None else ctypes.addressof(options),
         None if draws is None else draws.data_ptr(), tokens.data_ptr(), hidden.data_ptr(), logits.data_ptr(),
         num_threads(),

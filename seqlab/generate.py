@@ -413,15 +413,15 @@ def _decode_loop(
     """The token-by-token loop of ``generate``; ``active`` shrinks in place as rows stop. Returns the final
     (batch, logits) of the rows still active.
 
-    Greedy or sampled decoding of a LanguageModel on the compiled step (suppressed tokens included; no penalty or
-    DRµGS) runs many steps per call (``seqlab.fused_step.fused_lm_greedy``): the call returns after a step that
-    fed the last token of a stop sequence, so stops are checked exactly where this loop checks them. With a
-    callback, a call runs as many steps as take about ``_STREAM_SECONDS`` (8 at first), and the callback then
-    sees its tokens in the order the step-by-step loop would call it.
+    Greedy or sampled decoding of a LanguageModel on the compiled step (suppressed tokens, a repetition penalty
+    and a callback included; not DRµGS) runs many steps per call (``seqlab.fused_step.fused_lm_greedy``): the
+    call returns after a step that fed the last token of a stop sequence, so stops are checked exactly where this
+    loop checks them. With a callback, a call runs as many steps as take about ``_STREAM_SECONDS`` (8 at first),
+    and the callback then sees its tokens in the order the step-by-step loop would call it.
     Sampling draws by ``seqlab.sampling``'s rule with row i's t-th uniform for its t-th token, here and in the
     compiled call alike, so how many steps a call runs never changes a token."""
     spare, stepped, room = None, False, KVRoom()
-    many = seen is None and handle is None and isinstance(model, LanguageModel) and bool(model.fused_step)
+    many = handle is None and isinstance(model, LanguageModel) and bool(model.fused_step)
     chunk = 8  # with a callback: steps per compiled call, then sized by the calls' speed (_STREAM_SECONDS)
     suppressed = () if banned is None else banned.tolist()
     options = None if greedy else SamplingOptions(temperature, top_k, top_p, min_p)
@@ -448,7 +448,10 @@ def _decode_loop(
                 steps = min(steps, chunk)
             draws = None if greedy else uniforms.take(active, done + 1, steps)
             began = time.perf_counter()
-            run = fused_lm_greedy(model, chosen, batch, steps, watch, options, draws, suppressed)
+            marks = None if seen is None else seen[active]
+            run = fused_lm_greedy(
+                model, chosen, batch, steps, watch, options, draws, suppressed, repetition_penalty, marks
+            )
             if run is not None and callback is not None:
                 per_step = max(time.perf_counter() - began, 1e-9) / run[0]
                 chunk = max(1, min(_SAMPLED_STEPS, int(_STREAM_SECONDS / per_step)))
@@ -459,6 +462,8 @@ def _decode_loop(
                 for j, i in enumerate(active):
                     tokens[i].append(ids[j])
                     positions[i] += 1
+                    if seen is not None:
+                        seen[i, ids[j]] = True
                     if callback is not None:
                         callback(i, ids[j])
             chosen_ids = fed[-1]

@@ -138,6 +138,13 @@ typedef struct {
     int64_t bf16;
 } st_lm;
 
+/* generate's repetition penalty on a float32 logit of an id already seen: divided by the penalty when positive,
+ * else multiplied, in float32 (seqlab/generate.py _filter_logits; torch divides a float32 tensor by a Python float
+ * in float32). */
+static inline float st_penalised(float x, int seen, float penalty) {
+    return !seen ? x : x > 0 ? x / penalty : x * penalty;
+}
+
 /* x rounded to the nearest bfloat16 (ties to even; NaN stays NaN), as a float. */
 static inline float st_round_bf16(float x) {
     uint32_t u;
@@ -804,7 +811,9 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
      * next_tokens[k * batch + b]. smp NULL: the argmax (torch's argmax of the float32 logits: the first maximum, a    \
      * NaN above all); else sampled (seqlab_sample.h) with row b's uniform uniforms[b * n_steps + k], and a row        \
      * whose logits cannot be sampled gets -1 and ends the call after that step. banned[0..n_banned): ids whose        \
-     * logits count as -inf when choosing (generate's suppress_tokens; the logits written are the model's).            \
+     * logits count as -inf when choosing (generate's suppress_tokens; the logits written are the model's). seen       \
+     * (batch, V), or NULL: the repetition penalty, applied to the float32 logits of the ids marked (generate's        \
+     * _filter_logits), each chosen id marked as the loop goes (the caller marks the prompt's ids and ids0).           \
      * It returns after the first step that fed a token in watch[0..n_watch) (the last tokens of the caller's          \
      * stop sequences) and returns the number of steps run (-1: out of memory, -3: an id of ids0 outside the           \
      * vocabulary). io3 holds three st_io sets of n_layers: step 0 reads the caller's state and writes X (set 0),      \
@@ -815,8 +824,9 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
      * reads the cache without copying it (the caller cuts the last step's cache out of the buffers). */               \
     SL_EXPORT int64_t sl_lm_greedy_##SUF(const st_layer *layers, const st_io *io3, int64_t n_layers, int64_t batch,    \
                                          const st_lm *lm, const int64_t *ids0, int64_t n_steps, const int64_t *watch,  \
-                                         int64_t n_watch, const int64_t *banned, int64_t n_banned,                     \
-                                         const st_sampling *smp, const double *uniforms, int64_t *next_tokens,         \
+                                         int64_t n_watch, const int64_t *banned, int64_t n_banned, uint8_t *seen,      \
+                                         double penalty, const st_sampling *smp, const double *uniforms,               \
+                                         int64_t *next_tokens,                                                         \
                                          T *hidden_out, T *logits, int nthreads) {                                     \
         for (int64_t b = 0; b < batch; b++)                                                                            \
             if (ids0[b] < 0 || ids0[b] >= lm->vocab) return -3;                                                        \
@@ -843,6 +853,7 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
         for (int64_t q = 0; q < n_banned; q++)                                                                         \
             if (banned[q] >= 0 && banned[q] < V) ban[banned[q]] = 1;                                                   \
         int bad = 0;                                                                                                   \
+        const float pen = (float)penalty; /* as torch divides a float32 tensor by a Python float */                    \
         _Pragma("omp parallel num_threads(nthreads)") {                                                                \
             for (int64_t k = 0; k < n_steps; k++) {                                                                    \
                 const st_io *set = k == 0 ? io3 : io3 + (k % 2 ? n_layers : 2 * n_layers);                             \
@@ -865,24 +876,30 @@ static void st_route(float *lg, int64_t E, int64_t K, int64_t renorm, int64_t *s
                     const T *x = logits + b * V;                                                                       \
                     if (smp) { /* row b's token k: its uniform k (seqlab_sample.h; -1: NaN or +inf logits) */          \
                         double *p = probs + b * V;                                                                     \
-                        for (int64_t v = 0; v < V; v++) p[v] = ban && ban[v] ? -INFINITY : (double)x[v];               \
+                        for (int64_t v = 0; v < V; v++)                                                                \
+                            p[v] = ban && ban[v] ? -INFINITY                                                           \
+                                   : seen      ? (double)st_penalised((float)x[v], seen[b * V + v], pen)               \
+                                               : (double)x[v];                                                         \
                         const int64_t t = st_sample_row(p, V, smp, uniforms[b * n_steps + k], ranked + b * V);         \
                         next_tokens[k * batch + b] = t;                                                                \
+                        if (seen && t >= 0) seen[b * V + t] = 1;                                                       \
                         if (t < 0) {                                                                                   \
                             _Pragma("omp atomic write") bad = 1;                                                       \
                         }                                                                                              \
                         continue;                                                                                      \
                     }                                                                                                  \
                     int64_t best = 0;                                                                                  \
-                    float bv = ban && ban[0] ? -INFINITY : (float)x[0];                                                \
+                    const uint8_t *was = seen ? seen + b * V : NULL;                                                   \
+                    float bv = ban && ban[0] ? -INFINITY : st_penalised((float)x[0], was && was[0], pen);              \
                     for (int64_t v = 1; v < V; v++) {                                                                  \
-                        const float xv = ban && ban[v] ? -INFINITY : (float)x[v];                                      \
+                        const float xv = ban && ban[v] ? -INFINITY : st_penalised((float)x[v], was && was[v], pen);    \
                         if (xv > bv || (xv != xv && bv == bv)) {                                                       \
                             best = v;                                                                                  \
                             bv = xv;                                                                                   \
                         }                                                                                              \
                     }                                                                                                  \
                     next_tokens[k * batch + b] = best;                                                                 \
+                    if (seen) seen[b * V + best] = 1;                                                                  \
                 }                                                                                                      \
                 _Pragma("omp single") {                                                                                \
                     done = k + 1;                                                                                      \

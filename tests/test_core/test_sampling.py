@@ -276,3 +276,32 @@ def test_a_streaming_callback_runs_in_the_compiled_loop(do_sample, monkeypatch):
     )
     assert out.tokens == alone.tokens and seen == one
     assert [t for r, t in seen if r == 0] == out.tokens[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampled"])
+def test_a_repetition_penalty_runs_in_the_compiled_loop(do_sample, dtype, monkeypatch):
+    """The repetition penalty (float32, on the ids of the prompt and of every token so far) is applied in the
+    many-steps call too: the tokens equal the step-by-step loop's and the eager step's, and the penalty changes
+    them (it is not ignored)."""
+    import seqlab.generate as generate_module
+
+    model = tiny_lm("mamba2", seed=0).to(dtype)
+    prompts = [[5, 6, 7, 5], [1], [2, 2, 9]]
+    kw = dict(do_sample=do_sample, seed=5, suppress_tokens=[3], **({"temperature": 0.7} if do_sample else {}))
+    calls: list = []
+    many = generate_module.fused_lm_greedy
+    monkeypatch.setattr(generate_module, "fused_lm_greedy", lambda *a, **k: calls.append(many(*a, **k)) or calls[-1])
+    plain = model.generate(prompts, 40, **kw).tokens
+    out = model.generate(prompts, 40, repetition_penalty=1.8, **kw).tokens
+    assert out != plain
+    if _library() is not None:
+        assert max(run[0] for run in calls if run is not None) >= 20
+    monkeypatch.setattr(generate_module, "fused_lm_greedy", lambda *a, **k: None)  # the step-by-step loop
+    assert model.generate(prompts, 40, repetition_penalty=1.8, **kw).tokens == out
+    monkeypatch.setattr(generate_module, "fused_lm_greedy", many)
+    model.fused_step = False
+    try:
+        assert model.generate(prompts, 40, repetition_penalty=1.8, **kw).tokens == out
+    finally:
+        model.fused_step = True
