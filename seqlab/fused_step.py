@@ -1162,6 +1162,8 @@ def fused_lm_greedy(
         raise ValueError(f"banned ids must be in [0, {lm.spec.vocab}), got {list(ban)}")
     marks = None
     if seen is not None and penalty != 1.0:
+        if bool(((ids < 0) | (ids >= lm.spec.vocab)).any()):
+            return None  # an id outside the vocabulary: the usual step names it (as the C call's -3 says)
         if tuple(seen.shape) != (batch, lm.spec.vocab):
             raise ValueError(f"seen must be (batch, vocab) = ({batch}, {lm.spec.vocab}), got {tuple(seen.shape)}")
         marks = seen.to(torch.uint8).contiguous().clone()  # the C loop marks each chosen id in its own copy

@@ -239,6 +239,11 @@ def test_suppressed_tokens_run_in_the_compiled_loop(do_sample, monkeypatch):
             assert many(model, torch.tensor([3]), state, 4, banned=banned) is not None
             with pytest.raises(ValueError, match="banned ids"):
                 many(model, torch.tensor([3]), state, 4, banned=[model.lm_head.out_features])
+            seen = torch.zeros(1, model.lm_head.out_features, dtype=torch.bool)
+            with pytest.raises(ValueError, match="seen must be"):
+                many(model, torch.tensor([3]), state, 4, penalty=1.3, seen=seen[:, :5])
+            bad = torch.tensor([model.lm_head.out_features])  # the usual step names it
+            assert many(model, bad, state, 4, penalty=1.3, seen=seen) is None
 
 
 def _first_end(tokens: list, pair: list) -> int:
