@@ -278,8 +278,9 @@ def generate(
     is greedy decoding: the argmax after ``repetition_penalty`` and ``suppress_tokens``; the sampling options
     ``temperature``, ``top_k``, ``top_p``, ``min_p`` then do not apply (a UserWarning says so when one is set).
     ``do_sample=True`` samples with them (``temperature=0`` still picks the argmax). Sampling row i draws from
-    its own generator seeded ``seed + i``, so a batch samples exactly what the prompts would one by one with
-    those seeds (``seed=None``: seeds drawn from torch's global generator, so ``torch.manual_seed`` makes the run
+    its own generator seeded ``seed + i`` (its t-th token with the generator's t-th uniform, by the rule of
+    ``seqlab.sampling``), so a batch samples exactly what the prompts would one by one with those seeds
+    (``seed=None``: seeds drawn from torch's global generator, so ``torch.manual_seed`` makes the run
     reproducible; greedy decoding draws none). ``stop``: token ids or id sequences; a row stops after generating
     one. ``state``: continue from it (a batch of 1 for every prompt, or one row per prompt). ``suppress_tokens``:
     ids that are never generated (their logits are set to -inf before any other filter). ``eos_token_id``: an id
