@@ -1107,15 +1107,15 @@ def fused_lm_step(model, input_ids, state, reuse=None, room: KVRoom | None = Non
 def fused_lm_greedy(
     model, input_ids, state, max_steps: int, watch=(), sampling=None, uniforms=None, banned=(), penalty=1.0, seen=None
 ):
-    """Greedy decoding in one compiled call: feed ``input_ids`` (b,) to ``state``, then each row's argmax (of the
-    float32 logits, as ``generate`` picks it), for up to ``max_steps`` steps, returning early after the first step
-    that fed a token in ``watch`` (the caller's stop tokens). Returns (steps run, tokens (steps, b): the argmax
-    after each step, the new state, the last logits, the last hidden), or None where :func:`fused_lm_step` would
-    not apply. The state passed in is never written; the new state is new memory. ``generate`` uses it for plain
-    greedy and sampled decoding (not with DRµGS): one call per stop token instead of one
-    Python step per token. An attention layer's KV cache is appended to in place in buffers made for the call (a
-    sliding-window layer: the call runs at most max(4 windows, 64) steps, and may return before ``max_steps``
-    without a watched token; the caller calls again).
+    """Greedy (or, with ``sampling``, sampled) decoding in one compiled call: feed ``input_ids`` (b,) to ``state``,
+    then each row's argmax (of the float32 logits, as ``generate`` picks it), for up to ``max_steps`` steps,
+    returning early after the first step that fed a token in ``watch`` (the caller's stop tokens). Returns (steps
+    run, tokens (steps, b): the token chosen after each step, the new state, the last logits, the last hidden), or
+    None where :func:`fused_lm_step` would not apply. The state passed in is never written; the new state is new
+    memory. ``generate`` uses it for greedy and sampled decoding (not with DRµGS): one call per stop token
+    instead of one Python step per token. An attention layer's KV cache is appended to in place in buffers made
+    for the call (a sliding-window layer: the call runs at most max(4 windows, 64) steps, and may return before
+    ``max_steps`` without a watched token; the caller calls again).
 
     ``sampling`` (a :class:`seqlab.sampling.SamplingOptions`) with ``uniforms`` (b, max_steps) float64: sampled
     decoding instead, the token after step k of row j drawn with ``uniforms[j, k]`` by the rule of

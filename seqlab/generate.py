@@ -25,7 +25,7 @@ import torch
 from seqlab.errors import InputError, StateError, StateMismatchError
 from seqlab.fused_step import KVRoom, fused_lm_greedy, fused_lm_step
 from seqlab.models import LanguageModel, ModelOutput
-from seqlab.sampling import SamplingOptions, Uniforms, sample
+from seqlab.sampling import SamplingOptions, Uniforms, check_filters, sample
 from seqlab.state import RecurrentState, state_layout
 
 
@@ -108,12 +108,7 @@ def _check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition
         raise InputError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if not 0 <= temperature < math.inf:
         raise InputError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise InputError(f"top_k must be a positive int or None, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
-    if min_p is not None and not 0 <= min_p < 1:
-        raise InputError(f"min_p must be in [0, 1), got {min_p!r}")
+    check_filters(top_k, top_p, min_p)
     if not 1e-6 <= repetition_penalty <= 1e6:  # beyond these a float32 logit overflows to inf, or all go to -inf
         raise InputError(f"repetition_penalty must be in [1e-6, 1e6] (1 = none), got {repetition_penalty!r}")
 

@@ -44,14 +44,7 @@ class SamplingOptions:
     def __post_init__(self) -> None:
         if not 0 < self.temperature < math.inf:
             raise InputError(f"temperature must be finite and > 0 to sample, got {self.temperature!r}")
-        if self.top_k is not None and (
-            isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1
-        ):
-            raise InputError(f"top_k must be a positive int or None, got {self.top_k!r}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.min_p is not None and not 0 <= self.min_p < 1:
-            raise InputError(f"min_p must be in [0, 1), got {self.min_p!r}")
+        check_filters(self.top_k, self.top_p, self.min_p)
 
     def struct(self):
         """The options as step.c's ``st_sampling``."""
@@ -63,6 +56,17 @@ class SamplingOptions:
             1.0 if self.top_p is None else float(self.top_p),
             0.0 if self.min_p is None else float(self.min_p),
         )
+
+
+def check_filters(top_k, top_p, min_p) -> None:
+    """InputError naming the first of ``top_k``, ``top_p``, ``min_p`` out of its range (``generate`` checks its
+    arguments with it too)."""
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise InputError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
+    if min_p is not None and not 0 <= min_p < 1:
+        raise InputError(f"min_p must be in [0, 1), got {min_p!r}")
 
 
 def unsampleable(row: int) -> InputError:
@@ -79,6 +83,13 @@ def _checked(logits: torch.Tensor) -> torch.Tensor:
     if bool(bad.any()):
         raise unsampleable(int(bad.nonzero()[0, 0]))
     return x
+
+
+def _per_row(uniforms: torch.Tensor, rows: int, device) -> torch.Tensor:
+    """(rows,) contiguous float64 uniforms on ``device``, or InputError if there is not one per row."""
+    if uniforms.numel() != rows:
+        raise InputError(f"uniforms must hold one value per row ({rows}), got {uniforms.numel()}")
+    return uniforms.detach().to(device, torch.float64).contiguous().reshape(-1)
 
 
 def _weights(x: torch.Tensor, options: SamplingOptions) -> torch.Tensor:
@@ -113,9 +124,7 @@ def sample_reference(logits: torch.Tensor, uniforms: torch.Tensor, options: Samp
     ``uniforms[j]`` in [0, 1). Returns (rows,) int64."""
     p = _weights(_checked(logits), options)
     running = p.cumsum(dim=-1)
-    u = uniforms.detach().to(running.device, torch.float64).reshape(-1, 1)
-    if u.shape[0] != p.shape[0]:
-        raise InputError(f"uniforms must hold one value per row ({p.shape[0]}), got {uniforms.numel()}")
+    u = _per_row(uniforms, p.shape[0], running.device)[:, None]
     chosen = torch.searchsorted(running, u * running[:, -1:], right=True)[:, 0]  # first id with running > u Z
     return chosen.clamp_max(p.shape[-1] - 1)
 
@@ -131,9 +140,7 @@ def sample(logits: torch.Tensor, uniforms: torch.Tensor, options: SamplingOption
         return sample_reference(logits, uniforms, options).to(logits.device)
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32  # bfloat16 and float16: exact in float32
     x = logits.detach().to(dtype).contiguous()
-    u = uniforms.detach().to("cpu", torch.float64).contiguous().reshape(-1)
-    if u.numel() != x.shape[0]:
-        raise InputError(f"uniforms must hold one value per row ({x.shape[0]}), got {u.numel()}")
+    u = _per_row(uniforms, x.shape[0], torch.device("cpu"))
     out = torch.empty(x.shape[0], dtype=torch.int64)
     run = lib.sl_sample_f64 if dtype == torch.float64 else lib.sl_sample_f32
     options_struct = options.struct()

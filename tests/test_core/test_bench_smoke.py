@@ -96,6 +96,11 @@ def test_sampling_bench_quick_prints_its_table():
     assert "| 256 | T 0.8, top-k 50, top-p 0.95 |" in out and "| 40 | T 1, top-p 0.9, min-p 0.05 |" in out
 
 
+def test_decode_modes_bench_quick_prints_its_table():
+    out = run_bench("decode_modes.py", "--quick", "--batches", "1", "2")
+    assert "| batch | mode | tok/s |" in out and "| 2 | T 0.8, top-k 50, top-p 0.9 |" in out and "| 1 | greedy |" in out
+
+
 def test_gpu_kernels_bench_runs_without_a_gpu():
     """Without CUDA the GPU kernel bench falls back to its CPU smoke mode, says so, and prints the table; the
     Triton interpreter runs the conv and decode kernels here (the scans take seconds per call interpreted)."""

@@ -122,8 +122,15 @@ def test_unsampleable_logits_name_the_row():
     y[1] = float("-inf")
     with pytest.raises(InputError, match="row 1"):
         sample(y, u, SamplingOptions())
-    with pytest.raises(InputError, match="uniforms"):
-        sample(x, u[:2], SamplingOptions())
+    for draw in (sample, sample_reference):
+        with pytest.raises(InputError, match="uniforms must hold one value per row"):
+            draw(x, u[:2], SamplingOptions())
+        with pytest.raises(InputError, match=r"logits must be \(rows, vocab\)"):
+            draw(x[0], u[:1], SamplingOptions())
+    with pytest.raises(InputError, match="top_k"):
+        SamplingOptions(top_k=0)
+    with pytest.raises(InputError, match="min_p"):
+        SamplingOptions(min_p=1.0)
     with pytest.raises(InputError, match="temperature"):
         SamplingOptions(temperature=0)
     with pytest.raises(InputError, match="top_p"):
