@@ -2,6 +2,7 @@
 segments vs exact, bad input. One local Ray cluster for the module; tiny byte models."""
 
 import math
+import os
 import re
 import shutil
 import zlib
@@ -467,7 +468,6 @@ def test_each_run_gets_a_fresh_end_marker_and_old_ones_are_removed(tmp_path):
     """The end markers of job runs (the actors' signal to end, _end_with_the_job) live in _staging/_jobs: a run gets a
     new one, markers old enough for every actor to have seen them are removed, recent ones are left for their actors,
     and the folder holds no zarr array (the staging store's listing does not change)."""
-    import os
     import time
 
     out = tmp_path / "out.zarr"
@@ -511,11 +511,35 @@ def test_sequence_store_datasource_yields_the_work_rows(ray_cluster):
     assert sorted(rows, key=lambda r: r["name"]) == items
 
 
+def kill_session(process) -> None:
+    """SIGKILL ``process`` (started with ``start_new_session=True``) and every process of its session: a Ray head
+    started with ``ray start --block`` and its daemons share its process group, and the workers it starts have
+    groups of their own in the same session. (SIGTERM makes ``ray start`` shut down gracefully, which took 30 s
+    here; the cluster is thrown away, so nothing needs saving.)"""
+    import signal
+
+    sid = process.pid
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            # /proc/PID/stat: "pid (comm) state ppid pgrp session ..."; comm may hold spaces and parentheses
+            session = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[3])
+        except (OSError, IndexError, ValueError):
+            continue
+        if session == sid:
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # also where there is no /proc
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=60)
+
+
 def test_cli_score_joins_a_running_cluster_by_address(setup, tmp_path):
     """`seqlab score --address HOST:PORT` joins a cluster started separately with `ray start --head` (its own
     processes, ports and temp dir, as a real cluster's head would be) and writes the same bits as a direct pass."""
-    import os
-    import signal
     import socket
     import subprocess
     import sys
@@ -607,7 +631,9 @@ def test_cli_score_joins_a_running_cluster_by_address(setup, tmp_path):
                 f"127.0.0.1:{port}",
                 "--quiet",
             ],
-            env={**env, "RAY_AUTH_TOKEN": "0" * 32},
+            # Ray retries a refused token 20 times a second apart (its GCS connect loop, the same for every
+            # error); 2 tries say the same thing
+            env={**env, "RAY_AUTH_TOKEN": "0" * 32, "RAY_gcs_server_port_wait_time_s": "2"},
             capture_output=True,
             text=True,
             timeout=300,
@@ -618,16 +644,8 @@ def test_cli_score_joins_a_running_cluster_by_address(setup, tmp_path):
             .splitlines()[-1]
             .startswith(f"seqlab score: error: cannot join the Ray cluster at '127.0.0.1:{port}'")
         ), bad.stderr[-3000:]
-    finally:  # stop the head and everything it started (its own process group), never the test's cluster
-        for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, None)):
-            try:
-                os.killpg(head.pid, sig)
-                head.wait(timeout=wait)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
+    finally:  # stop the head and everything it started, never the test's cluster
+        kill_session(head)
         shutil.rmtree(temp, ignore_errors=True)
     store = SequenceStore(setup["store"], "r")
     got = outputs(tmp_path / "o.zarr")
