@@ -16,6 +16,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -126,6 +127,42 @@ def _average_moe(record: dict, world: int, all_reduce: Callable[[torch.Tensor], 
     return out
 
 
+#: Ray Train's controller collects one report per worker each time it polls the workers (its health check,
+#: ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by default), and a worker's ``ray.train.report`` waits while the
+#: previous report is still uncollected (a queue of one). Reporting every step therefore held training to one
+#: step per poll (measured: 2.0 s a step for a model whose steps take milliseconds).
+RAY_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+RAY_POLL_DEFAULT_S = 2.0
+
+
+def _ray_poll_seconds() -> float:
+    try:
+        value = float(os.environ.get(RAY_POLL_ENV, RAY_POLL_DEFAULT_S))
+    except ValueError:
+        return RAY_POLL_DEFAULT_S
+    return value if math.isfinite(value) and value >= 0 else RAY_POLL_DEFAULT_S
+
+
+class _ReportPace:
+    """Which steps report to Ray: every checkpoint step and the last one, and otherwise a step when at least
+    ``seconds`` passed since the last report (0: every step). ``clock`` is the time in seconds. Each rank asks
+    ``wants`` with its own clock; the ranks then agree (a step reports when any rank wants it), so all of them
+    call ``ray.train.report`` together."""
+
+    def __init__(self, seconds: float, checkpoint_every: int, max_steps: int, clock: Callable[[], float]):
+        self.seconds, self.every, self.max_steps, self.clock = seconds, checkpoint_every, max_steps, clock
+        self.last = clock()
+
+    def checkpoint(self, step: int) -> bool:
+        return bool(self.every and step % self.every == 0) or step == self.max_steps
+
+    def wants(self, step: int) -> bool:
+        return self.checkpoint(step) or self.clock() - self.last >= self.seconds
+
+    def reported(self) -> None:
+        self.last = self.clock()
+
+
 def _train_loop(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -153,24 +190,31 @@ def _train_loop(loop_config: dict) -> None:
     trainer = Trainer(
         ddp, config, shard, loop_config["eval_data"], loss_fn=loop_config["loss_fn"], metric_fn=loop_config["metric_fn"]
     )
-    every, max_steps = loop_config["checkpoint_every"], user_config.max_steps
+    max_steps = user_config.max_steps
+    pace = _ReportPace(loop_config["report_seconds"], loop_config["checkpoint_every"], max_steps, time.monotonic)
     losses: list[float] = []
+    reports = 0
 
     def report(tr: Trainer, record: dict) -> None:
-        loss = torch.tensor([record["loss"]], dtype=torch.float64)
-        dist.all_reduce(loss)  # the mean of the ranks' losses (each on its own shard)
-        losses.append(float(loss) / world)
+        nonlocal reports
+        step = tr.step
+        # one all-reduce: the sum of the ranks' losses (each on its own shard) and whether any rank wants a report
+        summed = torch.tensor([record["loss"], float(pace.wants(step))], dtype=torch.float64)
+        dist.all_reduce(summed)
+        losses.append(float(summed[0]) / world)
+        if not summed[1] > 0:
+            return
+        reports += 1
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
-        metrics.update(loss=losses[-1], rank0_loss=record["loss"], world_size=world)
+        metrics.update(loss=losses[-1], rank0_loss=record["loss"], world_size=world, reports=reports)
         # MoE: the router's losses and utilisation of the global batch, not rank 0's share of it
         metrics.update(_average_moe(record, world, dist.all_reduce))
-        step = tr.step
         last = step == max_steps
         if last:
             sums = [None] * world
             dist.all_gather_object(sums, _weight_checksum(inner))
             metrics.update(weight_checksums=sums, losses=list(losses))
-        if (every and step % every == 0) or last:
+        if pace.checkpoint(step):
             with tempfile.TemporaryDirectory() as tmp:
                 checkpoint = None
                 if rank == 0:
@@ -194,6 +238,7 @@ def _train_loop(loop_config: dict) -> None:
                 ray.train.report(metrics, checkpoint=checkpoint)
         else:
             ray.train.report(metrics)
+        pace.reported()
 
     trainer.callbacks.append(report)
     trainer.fit()
@@ -244,6 +289,7 @@ def train_data_parallel(
     checkpoint_every: int | None = None,
     backend: str | None = None,
     resources_per_worker: dict | None = None,
+    report_seconds: float | None = None,
     quiet: bool = False,
 ):
     """Train ``model_factory()`` on ``train_data`` with ``num_workers`` data-parallel Ray Train workers.
@@ -257,14 +303,18 @@ def train_data_parallel(
     ``~/ray_results``) and ``name``: where Ray keeps the run and its checkpoints. ``checkpoint_every``: rank 0
     reports a checkpoint every that many steps (default ``config.checkpoint_every``) and always at the last
     step; ``config.checkpoint_dir`` is not used (Ray storage holds the checkpoints). ``backend``: the
-    torch.distributed backend (default gloo on CPU, nccl on GPU). ``quiet``: Ray's own log lines off (start-up
-    notices, Ray Train's progress reports and status tables: ``seqlab.pipelines.ray_cluster``).
+    torch.distributed backend (default gloo on CPU, nccl on GPU). ``report_seconds``: the least time between two
+    reports to Ray (``ray.train.report``) other than the checkpoint steps and the last step, which always report;
+    default Ray Train's poll interval (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s), since a worker waits for the
+    controller's next poll when it reports again sooner; 0 reports every step, at most one step per poll.
+    ``quiet``: Ray's own log lines off (start-up notices, Ray Train's progress reports and status tables:
+    ``seqlab.pipelines.ray_cluster``).
 
     Returns Ray's ``Result``: ``result.metrics`` (rank 0's last report: ``loss`` averaged over ranks,
-    ``losses`` per step, ``weight_checksums`` per rank; an MoE model's ``moe_balance_loss``, ``moe_z_loss``,
-    ``moe_dropped_fraction``, ``moe_max_expert_fraction`` and per-layer ``moe_expert_fraction`` averaged over
-    ranks, with ``warnings`` when a layer's router collapsed), ``result.checkpoint`` (the final seqlab checkpoint;
-    ``load_trained_model(result)`` loads it), ``result.path``.
+    ``losses`` per step, ``weight_checksums`` per rank, ``reports`` how many reports the run made; an MoE model's
+    ``moe_balance_loss``, ``moe_z_loss``, ``moe_dropped_fraction``, ``moe_max_expert_fraction`` and per-layer
+    ``moe_expert_fraction`` averaged over ranks, with ``warnings`` when a layer's router collapsed),
+    ``result.checkpoint`` (the final seqlab checkpoint; ``load_trained_model(result)`` loads it), ``result.path``.
     """
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -284,6 +334,15 @@ def train_data_parallel(
     every = config.checkpoint_every if checkpoint_every is None else checkpoint_every
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
         raise ConfigError(f"checkpoint_every must be an int >= 0, got {every!r}")
+    if report_seconds is None:
+        report_seconds = _ray_poll_seconds()
+    if (
+        isinstance(report_seconds, bool)
+        or not isinstance(report_seconds, (int, float))
+        or not math.isfinite(report_seconds)
+        or report_seconds < 0
+    ):
+        raise ConfigError(f"report_seconds must be a finite number of seconds >= 0, got {report_seconds!r}")
     connect(address, quiet=quiet, log_to_driver=False)
     scaling = ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker)
     _check_cluster(scaling, num_workers, address)
@@ -298,6 +357,7 @@ def train_data_parallel(
             "loss_fn": loss_fn,
             "metric_fn": metric_fn,
             "checkpoint_every": every,
+            "report_seconds": float(report_seconds),
         },
         torch_config=TorchConfig(backend=backend or ("nccl" if use_gpu else "gloo")),
         scaling_config=scaling,

@@ -39,12 +39,14 @@ def test_two_workers_train_average_gradients_and_checkpoint(ray_cluster, tmp_pat
         storage_path=os.fspath(tmp_path / "ray"),
         name="ddp-smoke",
         checkpoint_every=10,
+        report_seconds=3600,  # no report but the checkpoint steps' within the hour
     )
 
     assert result.error is None
     metrics = result.metrics
     assert metrics["step"] == 20 and metrics["world_size"] == 2
-    losses = metrics["losses"]
+    assert metrics["reports"] == 2  # steps 10 and 20
+    losses = metrics["losses"]  # every step's, reported or not
     assert len(losses) == 20 and losses[-1] < losses[0]
     # Each rank trained on its own shard, yet the weights are the same: DDP averaged the gradients.
     sums = metrics["weight_checksums"]
@@ -72,3 +74,40 @@ def test_packed_rows_are_refused_before_any_worker_starts(tmp_path):
     config = TrainConfig(max_steps=1, batch_size=1, window=8, pack=True, carry_state=False)
     with pytest.raises(ConfigError, match="packed rows"):
         train_data_parallel(lambda: None, config, torch.zeros(64, dtype=torch.int64), storage_path=tmp_path)
+
+
+def test_reports_are_paced_so_ray_never_holds_a_step_back():
+    """Ray Train's controller takes one report per worker each time it polls them (every 2 s by default), and a
+    worker that reports again before that waits: reporting every step held training to one step per poll. A step
+    reports when ``report_seconds`` passed since the last report, and always at a checkpoint step and the last."""
+    from seqlab.pipelines.ray_train import _ReportPace
+
+    now = [100.0]
+    pace = _ReportPace(2.0, 10, 25, lambda: now[0])
+    chosen = []
+    for step in range(1, 26):
+        now[0] += 0.3  # a step takes 0.3 s
+        if pace.wants(step):
+            chosen.append(step)
+            pace.reported()
+    # 0.3 s steps: 2 s have passed at every 7th step after a report; 10, 20 (checkpoints) and 25 (last) always
+    assert chosen == [7, 10, 17, 20, 25]
+    every_step = _ReportPace(0.0, 0, 5, lambda: now[0])
+    assert [s for s in range(1, 6) if every_step.wants(s)] == [1, 2, 3, 4, 5]
+    never = _ReportPace(float("inf"), 0, 5, lambda: now[0])
+    assert [s for s in range(1, 6) if never.wants(s)] == [5]
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "2", True])
+def test_a_bad_report_interval_is_refused_before_any_worker_starts(bad, tmp_path):
+    from seqlab.errors import ConfigError
+
+    config = TrainConfig(max_steps=1, batch_size=1, window=8)
+    with pytest.raises(ConfigError, match="report_seconds must be a finite number of seconds >= 0"):
+        train_data_parallel(
+            (BackboneConfig(d_model=8, n_layer=1).to_dict(), 4),
+            config,
+            torch.zeros(64, dtype=torch.int64),
+            storage_path=tmp_path,
+            report_seconds=bad,
+        )
