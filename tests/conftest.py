@@ -14,14 +14,24 @@ torch.manual_seed(0)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+#: (test file, fixture) -> xdist group: module fixtures that run a whole `seqlab` command once per session
+#: (seqlab.testing.once_per_session). Their tests share one worker; split over two, the second worker sat idle on
+#: the file lock for as long as the run took (about 20 s each for the demo and the ladder).
+ONE_WORKER_FIXTURES = {("test_demo.py", "demo"): "demo", ("test_ladder.py", "ladder"): "ladder"}
+
+
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`make test` runs two workers), every test that uses the shared local Ray cluster
     (the `ray_cluster` fixture) goes to one worker, so the suite starts one such cluster, not one per worker, and
     checks of the cluster's free CPUs see only their own jobs. Tests that start a Ray of their own (the demo, the
-    CLI walkthrough, `--address`) run on either worker."""
+    CLI walkthrough, `--address`) run on either worker. The tests of ONE_WORKER_FIXTURES go to one worker each."""
     for item in items:
-        if "ray_cluster" in getattr(item, "fixturenames", ()):
+        names = getattr(item, "fixturenames", ())
+        if "ray_cluster" in names:
             item.add_marker(pytest.mark.xdist_group("ray"))
+        for (file, fixture), group in ONE_WORKER_FIXTURES.items():
+            if item.path.name == file and fixture in names:
+                item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture
