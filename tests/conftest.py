@@ -20,6 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ONE_WORKER_FIXTURES = {("test_demo.py", "demo"): "demo", ("test_ladder.py", "ladder"): "ladder"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups into the node ids
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`make test` runs two workers), every test that uses the shared local Ray cluster
     (the `ray_cluster` fixture) goes to one worker, so the suite starts one such cluster, not one per worker, and
