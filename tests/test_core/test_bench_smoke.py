@@ -126,6 +126,16 @@ def test_pipeline_scale_benches_quick(script):
     assert ("peak RSS" if script == "stream_scale.py" else "overhead vs in-process") in out
 
 
+def test_ray_train_bench_quick_runs_and_prints_the_table():
+    pytest.importorskip("ray")
+    out = run_bench("ray_train.py", "--quick")
+    assert "Ray Train poll 0.25 s" in out  # --quick's poll reached the cluster the script started
+    assert "both Ray runs end on the same per-step losses: yes" in out
+    assert "| run | seconds | steps/s | reports to Ray | every-step time / this run's |" in out
+    assert "| Ray Train, a report every step |" in out and "| 6 | 1.00x |" in out  # 6 steps, 6 reports
+    assert "| Ray Train, paced reports |" in out
+
+
 def test_moe_bench_quick_runs_and_prints_the_table():
     out = run_bench("moe.py", "--quick")
     assert "| experts | batch x length | mode | MoE tok/s | dense tok/s | MoE / dense time" in out
