@@ -4,6 +4,7 @@ control, the checker kept out of the loop, bad input; and the example's quick fo
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -191,6 +192,7 @@ def test_example_quick(tmp_path):
         capture_output=True,
         text=True,
         timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},  # one torch thread, as in every test: the cores are shared
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| arm | model |" in proc.stdout
