@@ -3,10 +3,13 @@
 ``train_data_parallel(model_factory, config, train_data)`` starts ``num_workers`` Ray Train workers. Each one
 builds the model, wraps it in DistributedDataParallel (gloo on CPU, NCCL on GPU), takes its own contiguous,
 equal-sized slice of the token sequence and runs seqlab's ``Trainer`` on it; DDP averages the gradients, so
-every rank holds the same weights after every step. All ranks report each step's rank-averaged loss (and, for
-an MoE model, the rank-averaged ``moe_*`` router fields: auxiliary losses and expert utilisation); rank 0
-attaches seqlab checkpoints (safetensors, ``seqlab.checkpoint`` layout) every ``config.checkpoint_every`` steps
-and at the end. ``load_trained_model(result)`` rebuilds a ``LanguageModel`` from the final checkpoint.
+every rank holds the same weights after every step. The ranks average every step's loss and report to Ray
+(the rank-averaged loss and, for an MoE model, the rank-averaged ``moe_*`` router fields: auxiliary losses and
+expert utilisation) once ``report_seconds`` have passed since the last report, at checkpoint steps and at the last
+step, whose report holds every step's loss: Ray Train collects one report per worker per poll, so reporting
+every step held training to one step per poll (``_ReportPace``). Rank 0 attaches seqlab checkpoints
+(safetensors, ``seqlab.checkpoint`` layout) every ``config.checkpoint_every`` steps and at the end.
+``load_trained_model(result)`` rebuilds a ``LanguageModel`` from the final checkpoint.
 See docs/training.md ("Data-parallel training with Ray Train").
 """
 
