@@ -74,10 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def corpus_tokens(n: int) -> torch.Tensor:
-    from pydoc_data import topics
+    from seqlab.cli.demo_inputs import python_docs
 
-    text = "\n".join(topics.topics[k] for k in sorted(topics.topics)).encode()
-    return torch.tensor(list(text[:n]), dtype=torch.long)
+    return torch.tensor(list(python_docs()[:n]), dtype=torch.long)
 
 
 def main(argv=None) -> int:

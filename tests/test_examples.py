@@ -56,9 +56,8 @@ CASES = {
 TWO_THREADS_BY_DEFAULT = {"distill.py", "laser_experiment.py"}
 
 
-def one_thread_env() -> dict[str, str]:
-    """The environment for an example's process: torch's default thread count (examples that leave it alone) 1."""
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
+#: and the examples that leave the thread count to torch get one thread from OpenMP's variable
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.mark.parametrize("script", sorted(CASES))
@@ -73,7 +72,7 @@ def test_example_runs(script, tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
-        env=one_thread_env(),
+        env=ENV,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert expect in proc.stdout, proc.stdout[-2000:]
